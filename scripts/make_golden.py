@@ -24,7 +24,7 @@ CASES = [
     # name, config class, model class, config kwargs, storage dtype, shard size, prompt length
     dict(name="qwen2-tied-f32", cfg=Qwen2Config, model=Qwen2ForCausalLM, storage=torch.float32,
          shard=None, prompt_len=40, eos=[7],
-         kwargs=dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+         kwargs=dict(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                      rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
     # Llama 3.1 style: llama3 rope scaling whose original_max_position_embeddings (32) the prompt

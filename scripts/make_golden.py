@@ -9,7 +9,14 @@ every prompt position plus a 32-token greedy continuation. Kestrel's own output 
     python3 scripts/make_golden.py OUT_DIR
 
 writes OUT_DIR/<case>/{config.json, generation_config.json, model*.safetensors,
-reference.json, logits.f32}. logits.f32 is little-endian float32, row-major [prompt_len, vocab].
+reference.json, logits.f32, logits_<format>_b<block>.f32}. Logits files are little-endian float32,
+row-major [prompt_len, vocab].
+
+The logits_<format>_b<block>.f32 files are HF's float32 logits with every linear weight and the
+embedding replaced by its quantize-dequantize image under Kestrel's documented quantization rules
+(src/quant/format.h), implemented here independently in torch. Against them, Kestrel's integer
+formats are checked for everything but the rounding of activations, with bounds far tighter than
+the raw quantization noise of these small random models allows against plain float32.
 """
 import json
 import os
@@ -49,6 +56,55 @@ CASES = [
 ]
 
 GREEDY_TOKENS = 32
+
+# (format, block) pairs whose fake-quantized reference logits are recorded.
+FAKE_QUANT = [("sym_int8", 32), ("sym_int4", 32), ("asym_int4", 32), ("sym_int4", 64)]
+
+
+def fp16_round(x):
+    return x.to(torch.float16).to(torch.float32)
+
+
+def fake_quant(w, fmt, block):
+    """Quantize-dequantize a [rows, cols] float32 weight per format.h's rules."""
+    rows, cols = w.shape
+    b = w.reshape(rows, cols // block, block)
+    if fmt == "sym_int4":
+        idx = b.abs().argmax(dim=-1, keepdim=True)
+        amax = torch.gather(b, -1, idx)  # signed value of largest magnitude
+        d = fp16_round(amax / -8.0)
+        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+        q = torch.clamp(torch.round(b * inv), -8, 7)
+        out = q * d
+    elif fmt == "sym_int8":
+        d = fp16_round(b.abs().amax(dim=-1, keepdim=True) / 127.0)
+        safe = torch.where(d != 0, d, torch.ones_like(d))
+        q = torch.where(d != 0, torch.clamp(torch.round(b / safe), -127, 127), torch.zeros_like(b))
+        out = q * d
+    elif fmt == "asym_int4":
+        lo = b.amin(dim=-1, keepdim=True)
+        hi = b.amax(dim=-1, keepdim=True)
+        m = fp16_round(lo)
+        d = fp16_round((hi - lo) / 15.0)
+        safe = torch.where(d != 0, d, torch.ones_like(d))
+        q = torch.where(d != 0, torch.clamp(torch.round((b - m) / safe), 0, 15),
+                        torch.zeros_like(b))
+        out = q * d + m
+    else:
+        raise ValueError(fmt)
+    return out.reshape(rows, cols)
+
+
+def fake_quant_logits(model, prompt, fmt, block):
+    import copy
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in q.named_parameters():
+            if p.dim() == 2:  # every linear weight and the embedding table (lm_head when tied)
+                if p.shape[1] % block:
+                    return None
+                p.copy_(fake_quant(p.detach().float(), fmt, block))
+        return q(torch.tensor([prompt])).logits[0].float().contiguous()
 
 
 def randomize(model, generator):
@@ -109,16 +165,26 @@ def make_case(case, out_root):
             margins.append(float(top2.values[0] - top2.values[1]))
             ids.append(int(torch.argmax(last)))
     logits.numpy().astype("<f4").tofile(os.path.join(out, "logits.f32"))
+    fake = {}
+    for fmt, block in FAKE_QUANT:
+        fq = fake_quant_logits(ref, prompt, fmt, block)
+        if fq is None:
+            continue
+        name = f"logits_{fmt}_b{block}.f32"
+        fq.numpy().astype("<f4").tofile(os.path.join(out, name))
+        rel = float((fq - logits).norm() / logits.norm())
+        fake[f"{fmt}_b{block}"] = dict(file=name, rel_error_vs_fp32=rel)
     files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     reference = dict(
         case=case["name"], transformers=transformers.__version__, torch=torch.__version__,
         prompt=prompt, greedy=ids[len(prompt):], vocab_size=vocab,
         logits_shape=[len(prompt), vocab], min_greedy_margin=min(margins),
-        storage=str(case["storage"]).replace("torch.", ""), files=files)
+        storage=str(case["storage"]).replace("torch.", ""), files=files, fake_quant=fake)
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(reference, f, indent=1)
     print(f"{case['name']}: files={files} min greedy top1-top2 margin={min(margins):.4g} "
-          f"logits std={float(logits.std()):.3f}")
+          f"logits std={float(logits.std()):.3f} fake-quant vs fp32: "
+          + ", ".join(f"{k} {v['rel_error_vs_fp32']:.3g}" for k, v in fake.items()))
 
 
 def main():

@@ -38,8 +38,10 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;  // q/k/v projections carry a bias (always for Qwen2)
-  std::string torch_dtype;      // informational
+  // q/k/v projections carry a bias (always for Qwen2); a Llama with attention_bias has an o_proj
+  // bias too, as in HF's LlamaAttention.
+  bool attention_bias = false;
+  std::string torch_dtype;  // informational
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;  // generation_config.json wins over config.json
 

@@ -36,8 +36,8 @@ class SafetensorsFile {
  public:
   static Result<SafetensorsFile> open(const std::string& path);
   // Parses an in-memory image (the fuzz target and tests use this); `path` names it in errors.
-  static Result<SafetensorsFile> parse(std::shared_ptr<const MappedFile> file,
-                                       const uint8_t* bytes, size_t size, const std::string& path);
+  static Result<SafetensorsFile> parse(std::shared_ptr<const MappedFile> file, const uint8_t* bytes,
+                                       size_t size, const std::string& path);
 
   const std::string& path() const { return path_; }
   const std::map<std::string, TensorRef>& tensors() const { return tensors_; }
@@ -79,9 +79,11 @@ struct TensorToWrite {
   size_t nbytes = 0;
 };
 
-// Writes a safetensors file whose tensor data starts 64-byte aligned (the header is padded with
-// spaces, which the format allows) and each tensor at a 64-byte aligned offset, so a mapped file
-// can be used in place by the kernels. Writes to a temporary name and renames on success.
+// Writes a safetensors file whose data region starts 64-byte aligned (the header is padded with
+// spaces, which the format allows). Tensors lie back to back with no gaps, as HF's safetensors
+// library requires; those whose size is a multiple of 64 bytes come first, so they all start
+// 64-byte aligned and a mapped file can be used in place by the kernels. Writes to a temporary
+// name and renames on success.
 Status write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
                          const std::map<std::string, std::string>& metadata);
 

@@ -1,0 +1,135 @@
+// Kestrel's library API: load a model onto a backend and run it.
+//
+//   kestrel::EngineOptions options;
+//   options.model = "synthetic:qwen2-1.5b";
+//   auto engine = kestrel::Engine::create(options);
+//   auto result = (*engine)->generate_greedy({1, 2, 3}, 32);
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/status.h"
+#include "io/config.h"
+#include "model/forward.h"
+#include "model/weights.h"
+#include "quant/format.h"
+
+namespace kestrel {
+
+struct EngineOptions {
+  std::string model;  // HF directory, converted directory, or synthetic:NAME
+  WeightFormat format = WeightFormat::sym_int4;
+  bool format_explicit = false;
+  int block = 32;
+  std::string device = "cpu";
+  int threads = 0;              // 0: all hardware threads
+  int64_t max_context = 0;      // 0: min(max_position_embeddings, 4096)
+  int64_t max_seqs = 1;         // sequences decoded together
+  int64_t prefill_chunk = 512;  // prompt tokens per forward call
+  bool progress = true;
+  // A reservation decided beforehand (runtime/planner.h). When run_shape.max_batch_tokens > 0
+  // the backend reserves exactly this shape, max_context and max_seqs above are ignored, and
+  // prefill chunks are at most run_shape.max_batch_tokens tokens.
+  RunShape run_shape;
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // generated ids (not including the prompt)
+  double prefill_seconds = 0;   // prompt through the first generated token's logits
+  double decode_seconds = 0;    // the remaining steps
+  int64_t decode_steps = 0;
+};
+
+// generate_batch: `batch_size` copies of one prompt, each its own sequence, decoded together.
+struct BatchGenerateParams {
+  int64_t batch_size = 1;
+  int64_t num_beams = 1;  // > 1: beam search for each copy (sum of log-probabilities)
+  int64_t n_new = 1;      // tokens per copy, exactly: eos is an ordinary token here
+};
+
+// One forward call of generate_batch, seen by its hooks.
+struct StepInfo {
+  bool prefill = false;  // a prompt chunk of one copy; else a decode step of all sequences
+  int64_t index = 0;     // prefill: chunk number over all copies (0-based); decode: 1-based step
+  int64_t count = 0;     // prefill: chunks in all; decode: decode steps in all (n_new - 1)
+  int64_t n_tokens = 0;  // tokens in the call
+  int64_t context = 0;   // positions each sequence of the call holds once it is done
+  std::string describe() const;  // "prefill chunk 3 of 8 (512 tokens)", "decode step 7 of 127"
+};
+
+// Callbacks around every forward call (the benchmark arms its watchdog and checks for Ctrl-C
+// here). An error from either stops generation and is returned.
+struct StepHooks {
+  std::function<Status(const StepInfo&)> before;
+  std::function<Status(const StepInfo&, double seconds)> after;
+};
+
+struct BatchGenerateResult {
+  std::vector<std::vector<int32_t>> tokens;  // [batch_size][n_new]: each copy's best beam
+  std::vector<double> scores;                // [batch_size]: its sum of log-probabilities
+  double first_token_seconds = 0;            // every copy's prefill through its first sampled token
+  std::vector<double> step_seconds;          // [n_new - 1]: each later step (forward + sampling)
+};
+
+class Engine {
+ public:
+  static Result<std::unique_ptr<Engine>> create(const EngineOptions& options);
+  // The same, on a backend made beforehand (the planner asks it for free memory first).
+  static Result<std::unique_ptr<Engine>> create(const EngineOptions& options,
+                                                std::unique_ptr<Backend> backend);
+
+  const ModelConfig& config() const { return weights_.config; }
+  const ModelWeights& weights() const { return weights_; }
+  Backend& backend() { return *backend_; }
+  const EngineOptions& options() const { return options_; }
+  double load_seconds() const { return load_seconds_; }
+  const RunShape& run_shape() const { return run_shape_; }
+
+  // Replaces the backend's reservation (KV cache and workspace) with one for `shape`; the
+  // weights stay. Cached sequences are lost.
+  Status reserve(const RunShape& shape);
+
+  // Logits of every position of `ids` ([ids.size(), vocab]), run from position 0 of `seq`.
+  Result<std::vector<float>> prompt_logits(const std::vector<int32_t>& ids, int32_t seq = 0);
+  // Runs `ids` from position 0 of `seq` in chunks; returns the last position's logits.
+  Result<std::vector<float>> prefill(const std::vector<int32_t>& ids, int32_t seq = 0);
+  // Runs any batch (decode steps of several sequences, or a prefill chunk).
+  Status run(const Batch& batch, std::vector<float>* logits);
+  // As run, but returns the argmax token of each logit row (computed on the backend's device).
+  Status run_argmax(const Batch& batch, std::vector<int32_t>* tokens);
+
+  // Greedy continuation of `prompt`: exactly `n_new` tokens unless `stop_at_eos` and an eos id
+  // from generation_config.json comes first. `on_token` sees each token as it is produced.
+  Result<GenerateResult> generate_greedy(const std::vector<int32_t>& prompt, int64_t n_new,
+                                         bool stop_at_eos = false,
+                                         const std::function<void(int32_t)>& on_token = {});
+
+  // Greedy (num_beams 1) or beam search continuation of `batch_size` copies of `prompt`: each
+  // copy is prefilled on its own, then one decode step carries every sequence. Needs
+  // batch_size * num_beams sequence slots and decode batches of that many tokens.
+  Result<BatchGenerateResult> generate_batch(const std::vector<int32_t>& prompt,
+                                             const BatchGenerateParams& params,
+                                             const StepHooks& hooks = {});
+
+ private:
+  Engine() = default;
+  EngineOptions options_;
+  ModelWeights weights_;
+  std::unique_ptr<Backend> backend_;
+  // Prompt tokens per forward call: the wanted chunk within what was reserved.
+  int64_t chunk_tokens() const;
+
+  int64_t max_context_ = 0;
+  RunShape run_shape_;
+  double load_seconds_ = 0;
+};
+
+// Index of the largest value (the lowest index among ties), as torch.argmax.
+int32_t argmax(const float* values, int64_t n);
+
+}  // namespace kestrel

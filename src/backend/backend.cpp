@@ -1,0 +1,33 @@
+#include "backend/backend.h"
+
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/matmul.h"
+
+namespace kestrel {
+
+#if defined(KESTREL_HAVE_CUDA)
+// Defined in src/backend/cuda/ when the CUDA backend is compiled in.
+Result<std::unique_ptr<Backend>> make_cuda_backend();
+#endif
+
+Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads) {
+  if (device == "cpu") return make_cpu_backend(threads);
+  if (device == "cuda") {
+#if defined(KESTREL_HAVE_CUDA)
+    return make_cuda_backend();
+#else
+    return Status::error("--device cuda: this build has no CUDA backend (built without nvcc)");
+#endif
+  }
+  return Status::error("unknown --device '" + device + "' (use cpu or cuda)");
+}
+
+std::string compiled_backends() {
+  std::string list = std::string("cpu (") + cpu::matmul_isa() + ")";
+#if defined(KESTREL_HAVE_CUDA)
+  list += ", cuda";
+#endif
+  return list;
+}
+
+}  // namespace kestrel

@@ -1,0 +1,141 @@
+// The ops the model is written against. Each backend implements them; the CPU backend is the
+// numerical reference for every other. Nothing here names a device API: tensors are opaque
+// pointers into memory the backend owns.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "backend/workspace.h"
+#include "core/status.h"
+#include "model/weights.h"
+
+namespace kestrel {
+
+// A 2-D activation tensor, row-major [rows, cols], in the backend's activation type.
+struct Tensor {
+  void* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// The tokens of one forward call (host memory; device backends copy it in begin_batch).
+struct BatchView {
+  int64_t n_tokens = 0;
+  const int32_t* tokens = nullptr;     // [n_tokens]
+  const int32_t* positions = nullptr;  // [n_tokens] position of each token in its sequence
+  const int32_t* seq_ids = nullptr;    // [n_tokens] KV cache slot of each token's sequence
+  // The rows whose logits the call will produce (a device backend keys its captured decode
+  // graphs on them); empty when the call ends without logits.
+  int64_t n_logit_rows = 0;
+  const int32_t* logit_rows = nullptr;  // [n_logit_rows]
+};
+
+// What the backend must hold for a run, decided before the first step.
+struct RunShape {
+  int64_t max_seqs = 1;          // KV cache slots
+  int64_t max_context = 0;       // positions per slot
+  int64_t max_batch_tokens = 0;  // tokens per forward call (prefill chunk or decode batch)
+  int64_t max_logit_rows = 0;    // rows of logits per forward call
+};
+
+struct RopeParams {
+  int64_t head_dim = 0;
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // Makes the weights usable by this backend (one upload; CPU uses them in place).
+  virtual Status upload(ModelWeights& weights) = 0;
+  // Allocates the KV cache and the activation workspace for `shape`. May be called again with
+  // another shape; the previous reservation is released first, so the peak is one reservation.
+  virtual Status reserve(const ModelConfig& config, const RunShape& shape) = 0;
+  // What reserve(config, shape) would allocate, without allocating: the memory planner's input.
+  // Backends compute it with workspace_layout() and size their buffers from the same result.
+  virtual Result<WorkspaceLayout> reserve_layout(const ModelConfig& config,
+                                                 const RunShape& shape) const {
+    (void)config;
+    (void)shape;
+    return Status::error(name() + " backend does not report its reservation (reserve_layout)");
+  }
+  // Free memory of the device in bytes; 0 when the backend has no memory of its own (the CPU)
+  // or cannot tell. The planner compares plans with it; the benchmark measures peaks with it.
+  virtual size_t free_memory() const { return 0; }
+  // Copies the KV cache entries of positions [0, n_positions) of sequence slot `src` into slot
+  // `dst`, every layer (beam search forks a sequence this way).
+  virtual Status copy_sequence(int32_t src, int32_t dst, int64_t n_positions) {
+    (void)src;
+    (void)dst;
+    (void)n_positions;
+    return Status::error(name() + " backend cannot copy sequences (copy_sequence)");
+  }
+
+  // Starts a forward call: frees the previous call's scratch tensors and takes the batch.
+  virtual Status begin_batch(const BatchView& batch) = 0;
+  // A scratch activation tensor valid until the next begin_batch.
+  virtual Result<Tensor> scratch(int64_t rows, int64_t cols) = 0;
+
+  // out[n, hidden] = table rows of batch tokens
+  virtual Status embed(Tensor out, const QuantWeight& table) = 0;
+  // out = x / rms(x) * w, per row
+  virtual Status rms_norm(Tensor out, Tensor x, const Vector& w, float eps) = 0;
+  // out[n, w.rows] = x[n, w.cols] · wᵀ + bias
+  virtual Status matmul(Tensor out, Tensor x, const Linear& w) = 0;
+  // outs[i] = x · weights[i]ᵀ + bias for each i: projections of one input (q/k/v, gate/up),
+  // which a device backend runs as one launch. By default, one matmul after another.
+  virtual Status matmul_multi(std::span<const Tensor> outs, Tensor x,
+                              std::span<const Linear* const> weights) {
+    if (outs.size() != weights.size()) return Status::error("matmul_multi: outputs != weights");
+    for (size_t i = 0; i < outs.size(); ++i) KS_RETURN_IF_ERROR(matmul(outs[i], x, *weights[i]));
+    return Status::ok();
+  }
+  // Rotates q [n, n_heads*head_dim] and k [n, n_kv_heads*head_dim] in place at batch positions.
+  virtual Status rope(Tensor q, Tensor k, const RopeParams& params) = 0;
+  // Writes k, v [n, kv_dim] of batch tokens into `layer`'s cache at their positions, then
+  // out[n, n_heads*head_dim] = causal softmax(q·Kᵀ/√d)·V over each token's sequence so far.
+  virtual Status attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
+                           const RopeParams& params) = 0;
+  // out = silu(gate) * up
+  virtual Status swiglu(Tensor out, Tensor gate, Tensor up) = 0;
+  // x += y
+  virtual Status add(Tensor x, Tensor y) = 0;
+  // out[i] = x[rows[i]]; rows in host memory.
+  virtual Status gather_rows(Tensor out, Tensor x, const int32_t* rows, int64_t n) = 0;
+  // Copies t to host fp32 [rows, cols].
+  virtual Status read(Tensor t, float* host) = 0;
+  // out[r] = index of the largest value of row r of t (the lowest index among ties), to host.
+  // Device backends compute it in place and copy back one int per row; by default, via read().
+  virtual Status argmax_rows(Tensor t, int32_t* out) {
+    std::vector<float> values(size_t(t.rows * t.cols));
+    KS_RETURN_IF_ERROR(read(t, values.data()));
+    for (int64_t r = 0; r < t.rows; ++r) {
+      const float* row = values.data() + r * t.cols;
+      int64_t best = 0;
+      for (int64_t i = 1; i < t.cols; ++i) {
+        if (row[i] > row[best]) best = i;
+      }
+      out[r] = int32_t(best);
+    }
+    return Status::ok();
+  }
+
+  // Bytes of device memory this backend holds now, and its high-water mark.
+  virtual size_t memory_in_use() const = 0;
+  virtual size_t peak_memory() const = 0;
+};
+
+// "cpu", or "cuda" when compiled in. `threads` applies to the CPU backend.
+Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads);
+
+// The backends compiled into this binary, e.g. "cpu (avx512-vnni), cuda".
+std::string compiled_backends();
+
+}  // namespace kestrel

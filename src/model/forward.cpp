@@ -1,0 +1,79 @@
+#include "model/forward.h"
+
+namespace kestrel {
+
+namespace {
+
+// The whole model up to the logits of batch.logit_rows: [logit_rows.size(), vocab], or a tensor
+// of no rows when none are wanted.
+Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, const Batch& batch) {
+  const ModelConfig& c = weights.config;
+  const int64_t n = batch.size();
+  KS_RETURN_IF_ERROR(backend.begin_batch(
+      BatchView{n, batch.tokens.data(), batch.positions.data(), batch.seq_ids.data(),
+                int64_t(batch.logit_rows.size()), batch.logit_rows.data()}));
+  const RopeParams rope{c.head_dim, c.n_heads, c.n_kv_heads};
+  const float eps = float(c.rms_norm_eps);
+
+  KS_ASSIGN_OR_RETURN(Tensor x, backend.scratch(n, c.hidden_size));  // residual stream
+  KS_ASSIGN_OR_RETURN(Tensor h, backend.scratch(n, c.hidden_size));  // normed input
+  KS_ASSIGN_OR_RETURN(Tensor q, backend.scratch(n, c.q_dim()));
+  KS_ASSIGN_OR_RETURN(Tensor k, backend.scratch(n, c.kv_dim()));
+  KS_ASSIGN_OR_RETURN(Tensor v, backend.scratch(n, c.kv_dim()));
+  KS_ASSIGN_OR_RETURN(Tensor attn, backend.scratch(n, c.q_dim()));
+  KS_ASSIGN_OR_RETURN(Tensor proj, backend.scratch(n, c.hidden_size));
+  KS_ASSIGN_OR_RETURN(Tensor gate, backend.scratch(n, c.intermediate_size));
+  KS_ASSIGN_OR_RETURN(Tensor up, backend.scratch(n, c.intermediate_size));
+
+  KS_RETURN_IF_ERROR(backend.embed(x, weights.tok_embd));
+  for (int64_t il = 0; il < c.n_layers; ++il) {
+    const LayerWeights& l = weights.layers[size_t(il)];
+    KS_RETURN_IF_ERROR(backend.rms_norm(h, x, l.attn_norm, eps));
+    const Tensor qkv[] = {q, k, v};
+    const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
+    KS_RETURN_IF_ERROR(backend.matmul_multi(qkv, h, qkv_weights));
+    KS_RETURN_IF_ERROR(backend.rope(q, k, rope));
+    KS_RETURN_IF_ERROR(backend.attention(attn, q, k, v, il, rope));
+    KS_RETURN_IF_ERROR(backend.matmul(proj, attn, l.wo));
+    KS_RETURN_IF_ERROR(backend.add(x, proj));
+
+    KS_RETURN_IF_ERROR(backend.rms_norm(h, x, l.ffn_norm, eps));
+    const Tensor gate_up[] = {gate, up};
+    const Linear* const gate_up_weights[] = {&l.w_gate, &l.w_up};
+    KS_RETURN_IF_ERROR(backend.matmul_multi(gate_up, h, gate_up_weights));
+    KS_RETURN_IF_ERROR(backend.swiglu(gate, gate, up));
+    KS_RETURN_IF_ERROR(backend.matmul(proj, gate, l.w_down));
+    KS_RETURN_IF_ERROR(backend.add(x, proj));
+  }
+
+  // The final norm and lm_head run only on the rows whose logits are wanted.
+  const int64_t n_out = int64_t(batch.logit_rows.size());
+  if (n_out == 0) return Tensor{};
+  KS_ASSIGN_OR_RETURN(Tensor last, backend.scratch(n_out, c.hidden_size));
+  KS_ASSIGN_OR_RETURN(Tensor normed, backend.scratch(n_out, c.hidden_size));
+  KS_ASSIGN_OR_RETURN(Tensor out, backend.scratch(n_out, c.vocab_size));
+  KS_RETURN_IF_ERROR(backend.gather_rows(last, x, batch.logit_rows.data(), n_out));
+  KS_RETURN_IF_ERROR(backend.rms_norm(normed, last, weights.output_norm, eps));
+  KS_RETURN_IF_ERROR(backend.matmul(out, normed, weights.output));
+  return out;
+}
+
+}  // namespace
+
+Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch,
+               std::vector<float>* logits) {
+  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch));
+  if (out.rows == 0) return Status::ok();
+  logits->resize(size_t(out.rows * out.cols));
+  return backend.read(out, logits->data());
+}
+
+Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
+                      std::vector<int32_t>* tokens) {
+  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch));
+  tokens->resize(size_t(out.rows));
+  if (out.rows == 0) return Status::ok();
+  return backend.argmax_rows(out, tokens->data());
+}
+
+}  // namespace kestrel

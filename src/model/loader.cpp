@@ -1,0 +1,530 @@
+#include "model/loader.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+
+#include "core/half.h"
+#include "core/progress.h"
+#include "io/safetensors.h"
+
+namespace kestrel {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kConvertedVersionKey = "kestrel.format_version";
+constexpr const char* kConvertedVersion = "1";
+
+std::string shape_str(int64_t rows, int64_t cols) {
+  return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+}
+
+// The producers of one model's tensors. Matrices arrive in their final format; vectors as fp32.
+struct TensorMaker {
+  std::function<Result<QuantWeight>(const std::string& name, int64_t rows, int64_t cols)> matrix;
+  std::function<Result<Blob>(const std::string& name, int64_t n)> vector;
+  // Whether an optional tensor (the q/k/v biases of a Llama model) is present.
+  std::function<bool(const std::string& name)> has;
+};
+
+Result<Linear> make_linear(TensorMaker& maker, const std::string& name, int64_t rows, int64_t cols,
+                           bool bias) {
+  Linear linear;
+  KS_ASSIGN_OR_RETURN(linear.w, maker.matrix(name, rows, cols));
+  if (bias) {
+    KS_ASSIGN_OR_RETURN(linear.bias, maker.vector(name + ".bias", rows));
+  }
+  return linear;
+}
+
+Result<Vector> make_vector(TensorMaker& maker, const std::string& name, int64_t n) {
+  Vector v;
+  v.n = n;
+  KS_ASSIGN_OR_RETURN(v.data, maker.vector(name, n));
+  return v;
+}
+
+// Walks the architecture top to bottom, asking `maker` for every tensor.
+Result<ModelWeights> build_weights(const ModelConfig& c, WeightFormat format, int block,
+                                   TensorMaker& maker) {
+  ModelWeights w;
+  w.config = c;
+  w.format = format;
+  w.block = is_quantized(format) ? block : 0;
+  KS_ASSIGN_OR_RETURN(w.tok_embd, maker.matrix("tok_embd", c.vocab_size, c.hidden_size));
+  // Qwen2 has q/k/v biases; a Llama config with attention_bias has them on o_proj too.
+  const bool qkv_bias = c.attention_bias || maker.has("blk.0.wq.bias");
+  const bool o_bias = c.arch == Architecture::llama && c.attention_bias;
+  for (int64_t i = 0; i < c.n_layers; ++i) {
+    const std::string p = "blk." + std::to_string(i) + ".";
+    LayerWeights l;
+    KS_ASSIGN_OR_RETURN(l.attn_norm, make_vector(maker, p + "attn_norm", c.hidden_size));
+    KS_ASSIGN_OR_RETURN(l.wq, make_linear(maker, p + "wq", c.q_dim(), c.hidden_size, qkv_bias));
+    KS_ASSIGN_OR_RETURN(l.wk, make_linear(maker, p + "wk", c.kv_dim(), c.hidden_size, qkv_bias));
+    KS_ASSIGN_OR_RETURN(l.wv, make_linear(maker, p + "wv", c.kv_dim(), c.hidden_size, qkv_bias));
+    KS_ASSIGN_OR_RETURN(l.wo, make_linear(maker, p + "wo", c.hidden_size, c.q_dim(), o_bias));
+    KS_ASSIGN_OR_RETURN(l.ffn_norm, make_vector(maker, p + "ffn_norm", c.hidden_size));
+    KS_ASSIGN_OR_RETURN(
+        l.w_gate, make_linear(maker, p + "w_gate", c.intermediate_size, c.hidden_size, false));
+    KS_ASSIGN_OR_RETURN(l.w_up,
+                        make_linear(maker, p + "w_up", c.intermediate_size, c.hidden_size, false));
+    KS_ASSIGN_OR_RETURN(
+        l.w_down, make_linear(maker, p + "w_down", c.hidden_size, c.intermediate_size, false));
+    w.layers.push_back(std::move(l));
+  }
+  KS_ASSIGN_OR_RETURN(w.output_norm, make_vector(maker, "output_norm", c.hidden_size));
+  if (c.tie_word_embeddings) {
+    w.output.w = w.tok_embd;  // Blobs share storage
+  } else {
+    KS_ASSIGN_OR_RETURN(w.output.w, maker.matrix("output", c.vocab_size, c.hidden_size));
+  }
+  return w;
+}
+
+int64_t total_matrix_elements(const ModelConfig& c) {
+  const int64_t per_layer = c.q_dim() * c.hidden_size * 2 + c.kv_dim() * c.hidden_size * 2 +
+                            c.intermediate_size * c.hidden_size * 3;
+  return c.vocab_size * c.hidden_size * (c.tie_word_embeddings ? 1 : 2) + per_layer * c.n_layers;
+}
+
+Status check_all_shapes(const ModelConfig& c, WeightFormat format, int block) {
+  if (!is_quantized(format)) return Status::ok();
+  const std::pair<const char*, int64_t> widths[] = {{"hidden_size", c.hidden_size},
+                                                    {"q_dim (heads x head_dim)", c.q_dim()},
+                                                    {"intermediate_size", c.intermediate_size}};
+  for (const auto& [what, cols] : widths) {
+    if (cols % block != 0) {
+      return Status::error(std::string(what) + " = " + std::to_string(cols) +
+                           " is not a multiple of the " + format_name(format) + " block " +
+                           std::to_string(block) + "; use --low-bit fp16 or another block size");
+    }
+  }
+  return Status::ok();
+}
+
+// Converts `rows` rows produced by `fill_row` into `format`, in parallel, with progress.
+Result<QuantWeight> quantize_rows(WeightFormat format, int block, int64_t rows, int64_t cols,
+                                  ThreadPool& pool, Progress& progress,
+                                  const std::function<void(int64_t, float*)>& fill_row,
+                                  const std::string& name) {
+  KS_RETURN_IF_ERROR(check_weight_shape(format, rows, cols, block, name));
+  QuantWeight w = allocate_weight(format, rows, cols, is_quantized(format) ? block : 0);
+  pool.parallel_for(rows, 8, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> row(static_cast<size_t>(cols));
+    for (int64_t r = begin; r < end; ++r) {
+      fill_row(r, row.data());
+      quantize_row(w, r, row.data());
+    }
+    progress.advance((end - begin) * cols);
+  });
+  return w;
+}
+
+void to_f32(const TensorRef& t, int64_t offset, int64_t n, float* out) {
+  switch (t.dtype) {
+    case DType::f32:
+      std::memcpy(out, t.data + size_t(offset) * 4, size_t(n) * 4);
+      break;
+    case DType::f16: {
+      const uint8_t* p = t.data + size_t(offset) * 2;
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, p + 2 * i, 2);
+        out[i] = fp16_to_float(h);
+      }
+      break;
+    }
+    case DType::bf16: {
+      const uint8_t* p = t.data + size_t(offset) * 2;
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, p + 2 * i, 2);
+        out[i] = bf16_to_float(h);
+      }
+      break;
+    }
+    default:
+      break;  // rejected by check_hf_tensor
+  }
+}
+
+Status check_hf_tensor(const TensorSource& source, const TensorRef& t,
+                       const std::vector<int64_t>& shape) {
+  if (t.dtype != DType::f32 && t.dtype != DType::f16 && t.dtype != DType::bf16) {
+    return Status::error(source.where() + ": tensor '" + t.name + "' has dtype " +
+                         dtype_name(t.dtype) + "; weights must be F32, F16 or BF16");
+  }
+  if (t.shape != shape) {
+    std::string got = "[";
+    for (size_t i = 0; i < t.shape.size(); ++i) got += (i ? ", " : "") + std::to_string(t.shape[i]);
+    got += "]";
+    std::string want = "[";
+    for (size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+    want += "]";
+    return Status::error(source.where() + ": tensor '" + t.name + "' has shape " + got +
+                         ", config.json implies " + want);
+  }
+  return Status::ok();
+}
+
+Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
+                             const LoadOptions& options, ThreadPool& pool) {
+  KS_ASSIGN_OR_RETURN(TensorSource source, TensorSource::open_dir(dir));
+  KS_RETURN_IF_ERROR(check_all_shapes(config, options.format, options.block));
+  Progress progress("convert to " + std::string(format_name(options.format)),
+                    total_matrix_elements(config), options.progress);
+  TensorMaker maker;
+  maker.has = [&](const std::string& name) { return source.find(hf_tensor_name(name)) != nullptr; };
+  maker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(hf_tensor_name(name)));
+    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, {rows, cols}));
+    const bool same_float = (options.format == WeightFormat::fp32 && t->dtype == DType::f32) ||
+                            (options.format == WeightFormat::fp16 && t->dtype == DType::f16) ||
+                            (options.format == WeightFormat::bf16 && t->dtype == DType::bf16);
+    if (same_float) {
+      // Already in the wanted layout: use the mapped bytes in place.
+      QuantWeight w;
+      w.format = options.format;
+      w.rows = rows;
+      w.cols = cols;
+      w.data = t->blob();
+      progress.advance(rows * cols);
+      return w;
+    }
+    return quantize_rows(
+        options.format, options.block, rows, cols, pool, progress,
+        [&](int64_t r, float* out) { to_f32(*t, r * cols, cols, out); }, t->name);
+  };
+  maker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(hf_tensor_name(name)));
+    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, {n}));
+    Blob b = Blob::allocate(size_t(n) * sizeof(float));
+    to_f32(*t, 0, n, b.as_mutable<float>());
+    return b;
+  };
+  auto weights = build_weights(config, options.format, options.block, maker);
+  progress.finish();
+  return weights;
+}
+
+// The dtype and shape each array of a weight has in a converted file.
+struct StoredArray {
+  DType dtype;
+  std::vector<int64_t> shape;
+};
+
+StoredArray stored_data(const QuantWeight& w) {
+  switch (w.format) {
+    case WeightFormat::fp32:
+      return {DType::f32, {w.rows, w.cols}};
+    case WeightFormat::fp16:
+      return {DType::f16, {w.rows, w.cols}};
+    case WeightFormat::bf16:
+      return {DType::bf16, {w.rows, w.cols}};
+    case WeightFormat::sym_int8:
+      return {DType::i8, {w.rows, w.cols}};
+    case WeightFormat::sym_int4:
+    case WeightFormat::asym_int4:
+      return {DType::u8, {w.rows, w.cols / 2}};
+  }
+  return {DType::u8, {}};
+}
+
+Result<ModelWeights> load_converted(const std::string& dir, const TensorSource& source,
+                                    const LoadOptions& options) {
+  const auto& meta = source.metadata();
+  auto get_meta = [&](const std::string& key) -> Result<std::string> {
+    auto it = meta.find(key);
+    if (it == meta.end()) {
+      return Status::error(source.where() + ": converted model metadata lacks '" + key + "'");
+    }
+    return it->second;
+  };
+  KS_ASSIGN_OR_RETURN(std::string version, get_meta(kConvertedVersionKey));
+  if (version != kConvertedVersion) {
+    return Status::error(source.where() + ": converted format version " + version +
+                         " is not supported (this build reads version " + kConvertedVersion + ")");
+  }
+  KS_ASSIGN_OR_RETURN(std::string format_text, get_meta("kestrel.low_bit"));
+  KS_ASSIGN_OR_RETURN(WeightFormat format, parse_format(format_text));
+  KS_ASSIGN_OR_RETURN(std::string block_text, get_meta("kestrel.block"));
+  int block = 0;
+  try {
+    block = std::stoi(block_text);
+  } catch (...) {
+    return Status::error(source.where() + ": metadata kestrel.block '" + block_text +
+                         "' is not a number");
+  }
+  if (options.format_explicit && options.format != format) {
+    return Status::error(dir + " is already converted to " + format_text + "; --low-bit " +
+                         format_name(options.format) + " needs the original HF model");
+  }
+  KS_ASSIGN_OR_RETURN(ModelConfig config, load_model_config(dir));
+  KS_RETURN_IF_ERROR(check_all_shapes(config, format, block));
+
+  auto array = [&](const std::string& name, const StoredArray& want) -> Result<Blob> {
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(name));
+    if (t->dtype != want.dtype || t->shape != want.shape) {
+      return Status::error(source.where() + ": tensor '" + name + "' has dtype " +
+                           dtype_name(t->dtype) + " and " + std::to_string(t->shape.size()) +
+                           "-d shape that do not match the model's config and format");
+    }
+    return t->blob();
+  };
+  TensorMaker maker;
+  maker.has = [&](const std::string& name) { return source.find(name) != nullptr; };
+  maker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
+    QuantWeight w;
+    w.format = format;
+    w.rows = rows;
+    w.cols = cols;
+    w.block = is_quantized(format) ? block : 0;
+    KS_ASSIGN_OR_RETURN(w.data, array(name + ".data", stored_data(w)));
+    if (is_quantized(format)) {
+      const StoredArray scales{DType::f16, {rows, cols / block}};
+      KS_ASSIGN_OR_RETURN(w.scales, array(name + ".scales", scales));
+      if (format == WeightFormat::asym_int4) {
+        KS_ASSIGN_OR_RETURN(w.mins, array(name + ".mins", scales));
+      }
+    }
+    return w;
+  };
+  maker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
+    return array(name, StoredArray{DType::f32, {n}});
+  };
+  return build_weights(config, format, block, maker);
+}
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+uint64_t name_hash(const std::string& name) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char ch : name) h = (h ^ ch) * 1099511628211ull;
+  return h;
+}
+
+// Approximately normal values (a sum of four uniforms), seeded by tensor name and row so that the
+// weights do not depend on the thread count.
+void random_row(const std::string& name, int64_t row, float mean, float stddev, float* out,
+                int64_t n) {
+  uint64_t state = name_hash(name) ^ (uint64_t(row) * 0x9e3779b97f4a7c15ull);
+  constexpr float kScale = 1.7320508f / 65536.0f;  // sqrt(3) normalizes the Irwin-Hall variance
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t r = splitmix64(state);
+    const float sum =
+        float(r & 0xffff) + float((r >> 16) & 0xffff) + float((r >> 32) & 0xffff) + float(r >> 48);
+    out[i] = mean + stddev * (sum - 2.0f * 65535.0f) * kScale;
+  }
+}
+
+Result<ModelWeights> make_synthetic(const std::string& name, const LoadOptions& options,
+                                    ThreadPool& pool) {
+  KS_ASSIGN_OR_RETURN(ModelConfig config, synthetic_config(name));
+  KS_RETURN_IF_ERROR(check_all_shapes(config, options.format, options.block));
+  Progress progress("build synthetic:" + name + " " + format_name(options.format),
+                    total_matrix_elements(config), options.progress);
+  TensorMaker maker;
+  maker.has = [&](const std::string& tensor) {
+    return config.attention_bias && tensor.find(".bias") != std::string::npos;
+  };
+  maker.matrix = [&](const std::string& tensor, int64_t rows, int64_t cols) -> Result<QuantWeight> {
+    const float stddev = tensor == "tok_embd" ? 1.0f : 1.0f / std::sqrt(float(cols));
+    return quantize_rows(
+        options.format, options.block, rows, cols, pool, progress,
+        [&](int64_t r, float* out) { random_row(tensor, r, 0.0f, stddev, out, cols); }, tensor);
+  };
+  maker.vector = [&](const std::string& tensor, int64_t n) -> Result<Blob> {
+    Blob b = Blob::allocate(size_t(n) * sizeof(float));
+    const bool is_bias = tensor.find(".bias") != std::string::npos;
+    random_row(tensor, 0, is_bias ? 0.0f : 1.0f, 0.1f, b.as_mutable<float>(), n);
+    return b;
+  };
+  auto weights = build_weights(config, options.format, options.block, maker);
+  progress.finish();
+  return weights;
+}
+
+bool is_converted_dir(const TensorSource& source) {
+  return source.metadata().count(kConvertedVersionKey) != 0;
+}
+
+constexpr const char* kSyntheticPrefix = "synthetic:";
+
+}  // namespace
+
+std::vector<std::string> synthetic_names() {
+  return {"tiny-qwen2", "tiny-llama",  "qwen2-0.5b", "qwen2-1.5b",
+          "qwen2-7b",   "llama3.2-1b", "llama3.1-8b"};
+}
+
+Result<ModelConfig> synthetic_config(const std::string& name) {
+  ModelConfig c;
+  auto qwen2 = [&](int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                   int64_t vocab, bool tied) {
+    c.arch = Architecture::qwen2;
+    c.hidden_size = hidden;
+    c.intermediate_size = inter;
+    c.n_layers = layers;
+    c.n_heads = heads;
+    c.n_kv_heads = kv;
+    c.vocab_size = vocab;
+    c.tie_word_embeddings = tied;
+    c.attention_bias = true;
+    c.rope_theta = 1000000.0;
+    c.rms_norm_eps = 1e-6;
+    c.max_position_embeddings = 32768;
+    c.bos_token_id = 151643;
+    c.eos_token_ids = {151643, 151645};
+  };
+  auto llama = [&](int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                   int64_t vocab, bool tied, double factor) {
+    c.arch = Architecture::llama;
+    c.hidden_size = hidden;
+    c.intermediate_size = inter;
+    c.n_layers = layers;
+    c.n_heads = heads;
+    c.n_kv_heads = kv;
+    c.vocab_size = vocab;
+    c.tie_word_embeddings = tied;
+    c.rope_theta = 500000.0;
+    c.rms_norm_eps = 1e-5;
+    c.max_position_embeddings = 131072;
+    c.rope_scaling = RopeScaling{RopeType::llama3, factor, 1.0, 4.0, 8192};
+    c.bos_token_id = 128000;
+    c.eos_token_ids = {128001, 128008, 128009};
+  };
+  if (name == "tiny-qwen2") {
+    qwen2(128, 384, 2, 4, 2, 1024, true);
+    c.bos_token_id = 1;
+    c.eos_token_ids = {2};
+  } else if (name == "tiny-llama") {
+    llama(128, 320, 2, 4, 1, 1024, false, 8.0);
+    c.rope_scaling.original_max_position_embeddings = 64;
+    c.bos_token_id = 1;
+    c.eos_token_ids = {2};
+  } else if (name == "qwen2-0.5b") {
+    qwen2(896, 4864, 24, 14, 2, 151936, true);
+  } else if (name == "qwen2-1.5b") {
+    qwen2(1536, 8960, 28, 12, 2, 151936, true);
+  } else if (name == "qwen2-7b") {
+    qwen2(3584, 18944, 28, 28, 4, 152064, false);
+  } else if (name == "llama3.2-1b") {
+    llama(2048, 8192, 16, 32, 8, 128256, true, 32.0);
+  } else if (name == "llama3.1-8b") {
+    llama(4096, 14336, 32, 32, 8, 128256, false, 8.0);
+  } else {
+    std::string known;
+    for (const auto& n : synthetic_names()) known += (known.empty() ? "" : ", ") + n;
+    return Status::error("unknown synthetic model '" + name + "' (known: " + known + ")");
+  }
+  c.head_dim = c.hidden_size / c.n_heads;
+  c.torch_dtype = "bfloat16";
+  return c;
+}
+
+Result<ModelConfig> load_model_config_of(const std::string& source) {
+  if (source.rfind(kSyntheticPrefix, 0) == 0) {
+    return synthetic_config(source.substr(std::string(kSyntheticPrefix).size()));
+  }
+  return load_model_config(source);
+}
+
+Result<ModelWeights> load_model(const std::string& source, const LoadOptions& options,
+                                ThreadPool& pool) {
+  if (source.rfind(kSyntheticPrefix, 0) == 0) {
+    return make_synthetic(source.substr(std::string(kSyntheticPrefix).size()), options, pool);
+  }
+  if (!fs::is_directory(source)) {
+    return Status::error(source + ": not a model directory (or synthetic:NAME)");
+  }
+  // A converted model is one model.safetensors carrying Kestrel's metadata.
+  const std::string single = (fs::path(source) / "model.safetensors").string();
+  if (fs::exists(single) && !fs::exists(fs::path(source) / "model.safetensors.index.json")) {
+    KS_ASSIGN_OR_RETURN(TensorSource file, TensorSource::open_file(single));
+    if (is_converted_dir(file)) return load_converted(source, file, options);
+  }
+  KS_ASSIGN_OR_RETURN(ModelConfig config, load_model_config(source));
+  return load_hf(source, config, options, pool);
+}
+
+Status save_converted(const ModelWeights& weights, const std::string& source_dir,
+                      const std::string& out_dir) {
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) return Status::error(out_dir + ": cannot create directory: " + ec.message());
+
+  std::vector<TensorToWrite> tensors;
+  auto add_blob = [&](const std::string& name, DType dtype, std::vector<int64_t> shape,
+                      const Blob& blob) {
+    tensors.push_back(TensorToWrite{name, dtype, std::move(shape), blob.data(), blob.size()});
+  };
+  auto add_matrix = [&](const std::string& name, const QuantWeight& w) {
+    const StoredArray data = stored_data(w);
+    add_blob(name + ".data", data.dtype, data.shape, w.data);
+    if (is_quantized(w.format))
+      add_blob(name + ".scales", DType::f16, {w.rows, w.blocks_per_row()}, w.scales);
+    if (w.format == WeightFormat::asym_int4)
+      add_blob(name + ".mins", DType::f16, {w.rows, w.blocks_per_row()}, w.mins);
+  };
+  auto add_linear = [&](const std::string& name, const Linear& l) {
+    add_matrix(name, l.w);
+    if (!l.bias.empty()) add_blob(name + ".bias", DType::f32, {l.w.rows}, l.bias);
+  };
+  auto add_vector = [&](const std::string& name, const Vector& v) {
+    add_blob(name, DType::f32, {v.n}, v.data);
+  };
+  add_matrix("tok_embd", weights.tok_embd);
+  for (size_t i = 0; i < weights.layers.size(); ++i) {
+    const std::string p = "blk." + std::to_string(i) + ".";
+    const LayerWeights& l = weights.layers[i];
+    add_vector(p + "attn_norm", l.attn_norm);
+    add_linear(p + "wq", l.wq);
+    add_linear(p + "wk", l.wk);
+    add_linear(p + "wv", l.wv);
+    add_linear(p + "wo", l.wo);
+    add_vector(p + "ffn_norm", l.ffn_norm);
+    add_linear(p + "w_gate", l.w_gate);
+    add_linear(p + "w_up", l.w_up);
+    add_linear(p + "w_down", l.w_down);
+  }
+  add_vector("output_norm", weights.output_norm);
+  if (!weights.config.tie_word_embeddings) add_matrix("output", weights.output.w);
+
+  const std::map<std::string, std::string> metadata = {
+      {kConvertedVersionKey, kConvertedVersion},
+      {"kestrel.low_bit", format_name(weights.format)},
+      {"kestrel.block", std::to_string(weights.block)},
+      {"format", "kestrel"},
+  };
+  KS_RETURN_IF_ERROR(
+      write_safetensors((fs::path(out_dir) / "model.safetensors").string(), tensors, metadata));
+
+  const std::string config_path = (fs::path(out_dir) / "config.json").string();
+  std::ofstream config_file(config_path, std::ios::binary | std::ios::trunc);
+  config_file << model_config_to_json(weights.config);
+  if (!config_file) return Status::error(config_path + ": cannot write");
+  config_file.close();
+  // generation_config.json and the tokenizer travel unchanged when the source has them.
+  if (!source_dir.empty()) {
+    for (const char* name : {"generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                             "special_tokens_map.json"}) {
+      const fs::path from = fs::path(source_dir) / name;
+      if (!fs::exists(from)) continue;
+      fs::copy_file(from, fs::path(out_dir) / name, fs::copy_options::overwrite_existing, ec);
+      if (ec) return Status::error(from.string() + ": cannot copy: " + ec.message());
+    }
+  }
+  return Status::ok();
+}
+
+}  // namespace kestrel

@@ -1,0 +1,37 @@
+// Building ModelWeights from a Hugging Face directory, a Kestrel-converted directory or a
+// synthetic preset, and saving converted models.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "core/thread_pool.h"
+#include "model/weights.h"
+
+namespace kestrel {
+
+struct LoadOptions {
+  WeightFormat format = WeightFormat::sym_int4;
+  int block = 32;
+  // False when the caller did not ask for a format: a converted model then keeps its own.
+  bool format_explicit = false;
+  bool progress = true;
+};
+
+// `source` is a model directory (HF or converted) or "synthetic:NAME".
+Result<ModelWeights> load_model(const std::string& source, const LoadOptions& options,
+                                ThreadPool& pool);
+
+// Just the config of `source`, without touching weights (the memory planner uses this).
+Result<ModelConfig> load_model_config_of(const std::string& source);
+
+// Writes `weights` to OUT_DIR: model.safetensors (Kestrel layout plus metadata), config.json,
+// generation_config.json, and the tokenizer files of `source_dir` when it has them.
+Status save_converted(const ModelWeights& weights, const std::string& source_dir,
+                      const std::string& out_dir);
+
+// Synthetic presets: real architecture configs, seeded random weights.
+std::vector<std::string> synthetic_names();
+Result<ModelConfig> synthetic_config(const std::string& name);
+
+}  // namespace kestrel

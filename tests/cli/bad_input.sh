@@ -86,7 +86,7 @@ d=$(fresh); rewrite_header "$d/model.safetensors" \
 expect_error offsets_past_end "$d" "model.safetensors" "model.norm.weight"
 
 d=$(fresh); rewrite_header "$d/model.safetensors" \
-  "k = [x for x in h if x != '__metadata__']; h[k[1]]['data_offsets'] = h[k[0]]['data_offsets']"
+  "a = h['model.layers.0.input_layernorm.weight']['data_offsets'][0]; h['model.layers.0.post_attention_layernorm.weight']['data_offsets'] = [a + 4, a + 260]"
 expect_error overlapping "$d" "model.safetensors" "overlap"
 
 d=$(fresh); rewrite_header "$d/model.safetensors" \

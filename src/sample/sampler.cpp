@@ -1,0 +1,235 @@
+#include "sample/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <string>
+
+namespace kestrel {
+namespace {
+
+std::string number(float v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+  return buf;
+}
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+uint64_t rotl(uint64_t x, int k) {
+  return (x << k) | (x >> (64 - k));
+}
+
+}  // namespace
+
+Status validate_sampling_params(const SamplingParams& p) {
+  if (!std::isfinite(p.temperature) || p.temperature < 0) {
+    return Status::error("temperature must be a number >= 0 (got " + number(p.temperature) + ")");
+  }
+  if (p.top_k < 0) return Status::error("top_k must be >= 0 (got " + std::to_string(p.top_k) + ")");
+  if (!std::isfinite(p.top_p) || p.top_p <= 0 || p.top_p > 1) {
+    return Status::error("top_p must be in (0, 1] (got " + number(p.top_p) + ")");
+  }
+  if (!std::isfinite(p.min_p) || p.min_p < 0 || p.min_p > 1) {
+    return Status::error("min_p must be in [0, 1] (got " + number(p.min_p) + ")");
+  }
+  if (!std::isfinite(p.repetition_penalty) || p.repetition_penalty <= 0) {
+    return Status::error("repetition_penalty must be > 0 (got " + number(p.repetition_penalty) +
+                         ")");
+  }
+  if (!std::isfinite(p.presence_penalty)) {
+    return Status::error("presence_penalty must be a finite number");
+  }
+  return Status::ok();
+}
+
+SamplingRng::SamplingRng(uint64_t seed) {
+  uint64_t state = seed;
+  for (uint64_t& s : s_) s = splitmix64(state);
+}
+
+uint64_t SamplingRng::next() {
+  const uint64_t result = rotl(s_[1] * 5, 7) * 9;
+  const uint64_t t = s_[1] << 17;
+  s_[2] ^= s_[0];
+  s_[3] ^= s_[1];
+  s_[1] ^= s_[2];
+  s_[0] ^= s_[3];
+  s_[2] ^= t;
+  s_[3] = rotl(s_[3], 45);
+  return result;
+}
+
+double SamplingRng::uniform() {
+  return static_cast<double>(next() >> 11) * 0x1.0p-53;
+}
+
+Sampler::Sampler(const SamplingParams& params, int32_t vocab_size)
+    : params_(params), vocab_size_(std::max<int32_t>(vocab_size, 0)), rng_(params.seed) {
+  // Out-of-range settings fall back to the nearest well-defined behaviour.
+  if (!(params_.temperature > 0) || !std::isfinite(params_.temperature)) params_.temperature = 0;
+  if (params_.top_k < 0) params_.top_k = 0;
+  if (!(params_.top_p > 0)) params_.top_p = 0;  // keeps only the most probable token
+  if (params_.top_p > 1) params_.top_p = 1;
+  if (!(params_.min_p >= 0)) params_.min_p = 0;
+  if (params_.min_p > 1) params_.min_p = 1;
+  if (!(params_.repetition_penalty > 0) || !std::isfinite(params_.repetition_penalty)) {
+    params_.repetition_penalty = 1;
+  }
+  if (!std::isfinite(params_.presence_penalty)) params_.presence_penalty = 0;
+  work_.resize(static_cast<size_t>(vocab_size_));
+  seen_.assign(static_cast<size_t>(vocab_size_), 0);
+}
+
+bool Sampler::greedy() const {
+  return params_.temperature == 0 || params_.top_k == 1;
+}
+
+void Sampler::apply_penalties(std::span<float> logits, std::span<const int32_t> history) {
+  const float rep = params_.repetition_penalty;
+  const float presence = params_.presence_penalty;
+  if (rep == 1.0f && presence == 0.0f) return;
+  const size_t n = std::min(logits.size(), static_cast<size_t>(vocab_size_));
+  if (++stamp_ == 0) {  // wrapped: forget old stamps
+    std::fill(seen_.begin(), seen_.end(), 0);
+    stamp_ = 1;
+  }
+  for (const int32_t id : history) {
+    if (id < 0 || static_cast<size_t>(id) >= n || seen_[id] == stamp_) continue;
+    seen_[id] = stamp_;
+    float l = logits[id];
+    if (rep != 1.0f) l = l > 0 ? l / rep : l * rep;
+    logits[id] = l - presence;
+  }
+}
+
+size_t Sampler::prepare(std::span<const float> logits, std::span<const int32_t> history) {
+  const size_t n = std::min(logits.size(), static_cast<size_t>(vocab_size_));
+  for (size_t i = 0; i < n; ++i) {
+    const float l = logits[i];
+    work_[i] = std::isnan(l) ? -std::numeric_limits<float>::infinity() : l;
+  }
+  apply_penalties(std::span<float>(work_.data(), n), history);
+  return n;
+}
+
+int32_t Sampler::argmax(size_t n) const {
+  size_t best = 0;
+  for (size_t i = 1; i < n; ++i) {
+    if (work_[i] > work_[best]) best = i;
+  }
+  return static_cast<int32_t>(best);
+}
+
+double Sampler::filter(size_t n) {
+  candidates_.clear();
+  const double inv_t = 1.0 / static_cast<double>(params_.temperature);
+  for (size_t i = 0; i < n; ++i) {
+    float l = work_[i];
+    if (l == -std::numeric_limits<float>::infinity()) continue;
+    if (l == std::numeric_limits<float>::infinity()) l = std::numeric_limits<float>::max();
+    candidates_.push_back({static_cast<double>(l) * inv_t, static_cast<int32_t>(i)});
+  }
+  if (candidates_.empty()) return 0;
+  auto more_probable = [](const Candidate& a, const Candidate& b) {
+    return a.logit != b.logit ? a.logit > b.logit : a.id < b.id;
+  };
+
+  const size_t k = static_cast<size_t>(params_.top_k);
+  if (k > 0 && k < candidates_.size()) {
+    std::nth_element(candidates_.begin(), candidates_.begin() + static_cast<ptrdiff_t>(k - 1),
+                     candidates_.end(), more_probable);
+    const double kth = candidates_[k - 1].logit;
+    candidates_.erase(std::remove_if(candidates_.begin(), candidates_.end(),
+                                     [kth](const Candidate& c) { return c.logit < kth; }),
+                      candidates_.end());
+  }
+
+  double max_logit = -std::numeric_limits<double>::infinity();
+  for (const Candidate& c : candidates_) max_logit = std::max(max_logit, c.logit);
+  double total = 0;
+  for (Candidate& c : candidates_) {
+    c.logit = std::exp(c.logit - max_logit);  // now an unnormalized probability; max is 1
+    total += c.logit;
+  }
+
+  if (params_.top_p < 1.0f) {
+    // Sort only as much of the list as the nucleus needs: it is usually a few hundred tokens
+    // out of a vocabulary of 150k.
+    const double target = static_cast<double>(params_.top_p) * total;
+    size_t sorted = std::min<size_t>(candidates_.size(), 256);
+    size_t keep = candidates_.size();
+    while (true) {
+      std::partial_sort(candidates_.begin(), candidates_.begin() + static_cast<ptrdiff_t>(sorted),
+                        candidates_.end(), more_probable);
+      double before = 0;  // probability of the tokens ahead of candidate i
+      size_t i = 0;
+      for (; i < sorted; ++i) {
+        if (i > 0 && before >= target) break;
+        before += candidates_[i].logit;
+      }
+      if (i < sorted || sorted == candidates_.size()) {
+        keep = i;
+        break;
+      }
+      sorted = std::min(candidates_.size(), sorted * 4);
+    }
+    candidates_.resize(std::max<size_t>(keep, 1));
+  }
+
+  if (params_.min_p > 0.0f) {
+    const double threshold = static_cast<double>(params_.min_p);  // times the top probability, 1
+    candidates_.erase(
+        std::remove_if(candidates_.begin(), candidates_.end(),
+                       [threshold](const Candidate& c) { return c.logit < threshold; }),
+        candidates_.end());
+  }
+
+  total = 0;
+  for (const Candidate& c : candidates_) total += c.logit;
+  return total;
+}
+
+int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> history) {
+  const size_t n = prepare(logits, history);
+  if (n == 0) return 0;
+  if (greedy()) return argmax(n);
+  const double total = filter(n);
+  if (candidates_.empty() || !(total > 0)) return argmax(n);
+  const double target = rng_.uniform() * total;
+  double cumulative = 0;
+  for (const Candidate& c : candidates_) {
+    cumulative += c.logit;
+    if (target < cumulative) return c.id;
+  }
+  return candidates_.back().id;  // rounding left the target at the very end
+}
+
+std::vector<std::pair<int32_t, double>> Sampler::distribution(std::span<const float> logits,
+                                                              std::span<const int32_t> history) {
+  std::vector<std::pair<int32_t, double>> out;
+  const size_t n = prepare(logits, history);
+  if (n == 0) return out;
+  if (greedy()) {
+    out.emplace_back(argmax(n), 1.0);
+    return out;
+  }
+  const double total = filter(n);
+  if (candidates_.empty() || !(total > 0)) {
+    out.emplace_back(argmax(n), 1.0);
+    return out;
+  }
+  std::sort(candidates_.begin(), candidates_.end(), [](const Candidate& a, const Candidate& b) {
+    return a.logit != b.logit ? a.logit > b.logit : a.id < b.id;
+  });
+  for (const Candidate& c : candidates_) out.emplace_back(c.id, c.logit / total);
+  return out;
+}
+
+}  // namespace kestrel

@@ -1,0 +1,369 @@
+#include "sample/sampler.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "sample/stop.h"
+
+namespace kestrel {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+std::vector<float> random_logits(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 3.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// Logits whose softmax is exactly `probs` (up to rounding).
+std::vector<float> logits_for(const std::vector<double>& probs) {
+  std::vector<float> v;
+  for (double p : probs) v.push_back(p > 0 ? static_cast<float>(std::log(p)) : kNegInf);
+  return v;
+}
+
+std::map<int32_t, int> histogram(Sampler& s, const std::vector<float>& logits, int draws) {
+  std::map<int32_t, int> counts;
+  for (int i = 0; i < draws; ++i) ++counts[s.sample(logits, {})];
+  return counts;
+}
+
+SamplingParams sampling(float temperature, uint64_t seed = 1) {
+  SamplingParams p;
+  p.temperature = temperature;
+  p.seed = seed;
+  return p;
+}
+
+TEST(Sampler, GreedyTakesTheLowestIdAmongTheMaxima) {
+  Sampler s(SamplingParams{}, 6);
+  const std::vector<float> logits = {0.5f, 2.0f, -1.0f, 2.0f, 1.9f, 2.0f};
+  EXPECT_EQ(s.sample(logits, {}), 1);
+  Sampler big(SamplingParams{}, 1000);
+  for (uint32_t seed = 0; seed < 20; ++seed) {
+    const auto l = random_logits(1000, seed);
+    const int32_t expected = static_cast<int32_t>(std::max_element(l.begin(), l.end()) - l.begin());
+    EXPECT_EQ(big.sample(l, {}), expected);
+  }
+}
+
+TEST(Sampler, TopKOfOneIsGreedyAtAnyTemperature) {
+  SamplingParams p = sampling(1.5f, 99);
+  p.top_k = 1;
+  Sampler s(p, 5000);
+  for (uint32_t seed = 0; seed < 50; ++seed) {
+    const auto l = random_logits(5000, seed);
+    EXPECT_EQ(s.sample(l, {}), std::max_element(l.begin(), l.end()) - l.begin());
+  }
+}
+
+TEST(Sampler, SameSeedSameTokensDifferentSeedsDiffer) {
+  const auto logits = random_logits(8000, 7);
+  std::vector<int32_t> a, b, c;
+  Sampler s1(sampling(1.0f, 42), 8000), s2(sampling(1.0f, 42), 8000), s3(sampling(1.0f, 43), 8000);
+  for (int i = 0; i < 200; ++i) {
+    a.push_back(s1.sample(logits, {}));
+    b.push_back(s2.sample(logits, {}));
+    c.push_back(s3.sample(logits, {}));
+  }
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  EXPECT_GT(std::set<int32_t>(a.begin(), a.end()).size(), 10u);  // it is not stuck on one token
+}
+
+TEST(Sampler, RngIsTheReferenceXoshiro256StarStar) {
+  // splitmix64(0) seeds, then xoshiro256**: these values are fixed by the algorithms, so a
+  // platform or library change cannot silently change sampled tokens.
+  SamplingRng rng(0);
+  uint64_t state = 0;
+  uint64_t s[4];
+  for (uint64_t& x : s) {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    x = z ^ (z >> 31);
+  }
+  EXPECT_EQ(s[0], 0xe220a8397b1dcdafull);  // splitmix64's published first output for seed 0
+  for (int i = 0; i < 5; ++i) {
+    const uint64_t x = s[1] * 5;
+    const uint64_t expected = ((x << 7) | (x >> 57)) * 9;
+    const uint64_t t = s[1] << 17;
+    s[2] ^= s[0], s[3] ^= s[1], s[1] ^= s[2], s[0] ^= s[3], s[2] ^= t;
+    s[3] = (s[3] << 45) | (s[3] >> 19);
+    EXPECT_EQ(rng.next(), expected);
+  }
+  SamplingRng u(5);
+  for (int i = 0; i < 1000; ++i) {
+    const double x = u.uniform();
+    EXPECT_GE(x, 0.0);
+    EXPECT_LT(x, 1.0);
+  }
+}
+
+TEST(Sampler, DrawsFollowTheSoftmax) {
+  const std::vector<double> probs = {0.4, 0.3, 0.2, 0.1};
+  Sampler s(sampling(1.0f, 3), 4);
+  const int draws = 40000;
+  const auto counts = histogram(s, logits_for(probs), draws);
+  for (int i = 0; i < 4; ++i) {
+    const double p = probs[i];
+    const double sigma = std::sqrt(p * (1 - p) / draws);
+    EXPECT_NEAR(counts.count(i) ? counts.at(i) / double(draws) : 0.0, p, 5 * sigma) << i;
+  }
+}
+
+TEST(Sampler, TemperatureScalesLogits) {
+  // Logits 0 and 1 at T = 2 give p(1) = e^0.5 / (1 + e^0.5).
+  Sampler s(sampling(2.0f, 11), 2);
+  const int draws = 40000;
+  const auto counts = histogram(s, {0.0f, 1.0f}, draws);
+  const double expected = std::exp(0.5) / (1 + std::exp(0.5));
+  EXPECT_NEAR(counts.at(1) / double(draws), expected, 5 * std::sqrt(0.25 / draws));
+  // A low temperature concentrates on the top token.
+  Sampler cold(sampling(0.05f, 11), 2);
+  EXPECT_GT(histogram(cold, {0.0f, 1.0f}, 1000).at(1), 995);
+  const auto d = cold.distribution(std::vector<float>{0.0f, 1.0f}, {});
+  EXPECT_NEAR(d[0].second, 1 / (1 + std::exp(-20.0)), 1e-12);
+}
+
+TEST(Sampler, TopPKeepsTheSmallestNucleus) {
+  SamplingParams p = sampling(1.0f, 5);
+  p.top_p = 0.75f;  // 0.5 + 0.3 reaches it: tokens 2 and 3 are dropped
+  Sampler s(p, 4);
+  const auto logits = logits_for({0.5, 0.3, 0.15, 0.05});
+  const auto d = s.distribution(logits, {});
+  ASSERT_EQ(d.size(), 2u);
+  EXPECT_EQ(d[0].first, 0);
+  EXPECT_NEAR(d[0].second, 0.5 / 0.8, 1e-6);
+  EXPECT_EQ(d[1].first, 1);
+  const int draws = 20000;
+  const auto counts = histogram(s, logits, draws);
+  EXPECT_EQ(counts.count(2) + counts.count(3), 0u);
+  EXPECT_NEAR(counts.at(0) / double(draws), 0.625, 5 * std::sqrt(0.625 * 0.375 / draws));
+  // Just above 0.8 the third token is needed.
+  p.top_p = 0.81f;
+  Sampler wider(p, 4);
+  EXPECT_EQ(wider.distribution(logits, {}).size(), 3u);
+}
+
+TEST(Sampler, TopPOnALargeVocabularyMatchesAFullSort) {
+  const size_t vocab = 50000;
+  const auto logits = random_logits(vocab, 21);
+  SamplingParams p = sampling(0.8f, 1);
+  p.top_p = 0.95f;
+  Sampler s(p, static_cast<int32_t>(vocab));
+  const auto d = s.distribution(logits, {});
+  // Independent reference: sort everything, keep while the mass before a token is < top_p.
+  std::vector<std::pair<double, int32_t>> all;
+  double maxl = -1e30;
+  for (float l : logits) maxl = std::max(maxl, l / 0.8);
+  double total = 0;
+  for (size_t i = 0; i < vocab; ++i) {
+    all.emplace_back(std::exp(logits[i] / 0.8 - maxl), static_cast<int32_t>(i));
+    total += all.back().first;
+  }
+  std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first > b.first; });
+  size_t keep = 0;
+  double before = 0;
+  while (keep < all.size() && (keep == 0 || before < 0.95 * total)) before += all[keep++].first;
+  ASSERT_EQ(d.size(), keep);
+  EXPECT_GT(keep, 256u);  // exercises the incremental sort beyond its first block
+  for (size_t i = 0; i < keep; ++i) EXPECT_EQ(d[i].first, all[i].second) << i;
+}
+
+TEST(Sampler, TopKKeepsTiesAtTheBoundary) {
+  SamplingParams p = sampling(1.0f);
+  p.top_k = 2;
+  Sampler s(p, 5);
+  const auto d = s.distribution(std::vector<float>{1.0f, 3.0f, 2.0f, 2.0f, 0.0f}, {});
+  std::set<int32_t> ids;
+  for (auto& [id, prob] : d) ids.insert(id);
+  EXPECT_EQ(ids, (std::set<int32_t>{1, 2, 3}));  // HF keeps every logit equal to the k-th
+}
+
+TEST(Sampler, MinPDropsTokensBelowTheThreshold) {
+  SamplingParams p = sampling(1.0f, 9);
+  p.min_p = 0.09f;  // threshold 0.09 * 0.6 = 0.054: keeps 0.06, drops 0.04
+  Sampler s(p, 4);
+  const auto logits = logits_for({0.6, 0.3, 0.06, 0.04});
+  const auto d = s.distribution(logits, {});
+  ASSERT_EQ(d.size(), 3u);
+  EXPECT_NEAR(d[2].second, 0.06 / 0.96, 1e-6);
+  const auto counts = histogram(s, logits, 20000);
+  EXPECT_EQ(counts.count(3), 0u);
+  EXPECT_GT(counts.at(2), 0);
+}
+
+TEST(Sampler, PenaltiesFollowHfAndOpenAi) {
+  SamplingParams p;
+  p.repetition_penalty = 2.0f;
+  Sampler rep(p, 5);
+  std::vector<float> logits = {2.0f, -2.0f, 3.0f, 0.5f, 0.0f};
+  const std::vector<int32_t> history = {0, 1, 1, 4, 77, -3};  // repeats and out-of-range ids
+  rep.apply_penalties(logits, history);
+  EXPECT_EQ(logits, (std::vector<float>{1.0f, -4.0f, 3.0f, 0.5f, 0.0f}));
+
+  p.repetition_penalty = 1.0f;
+  p.presence_penalty = 0.5f;
+  Sampler presence(p, 5);
+  logits = {2.0f, -2.0f, 3.0f, 0.5f, 0.0f};
+  presence.apply_penalties(logits, history);
+  EXPECT_EQ(logits, (std::vector<float>{1.5f, -2.5f, 3.0f, 0.5f, -0.5f}));
+
+  // Greedy sees the penalized logits: token 2 wins once token 0 is penalized enough.
+  p.presence_penalty = 0.0f;
+  p.repetition_penalty = 1.6f;
+  Sampler greedy(p, 3);
+  const std::vector<float> l = {4.0f, 0.0f, 3.0f};
+  EXPECT_EQ(greedy.sample(l, {}), 0);
+  const std::vector<int32_t> seen = {0};
+  EXPECT_EQ(greedy.sample(l, seen), 2);
+}
+
+TEST(Sampler, NanAndPaddingLogitsAreNeverChosen) {
+  Sampler s(sampling(1.0f, 4), 3);  // the lm_head has 5 rows, the vocabulary 3
+  const std::vector<float> logits = {std::nanf(""), 0.0f, 1.0f, 50.0f, 60.0f};
+  for (int i = 0; i < 2000; ++i) {
+    const int32_t t = s.sample(logits, {});
+    EXPECT_TRUE(t == 1 || t == 2) << t;
+  }
+  Sampler g(SamplingParams{}, 3);
+  EXPECT_EQ(g.sample(logits, {}), 2);
+}
+
+TEST(Sampler, ValidationNamesTheParameter) {
+  EXPECT_TRUE(validate_sampling_params(SamplingParams{}).is_ok());
+  SamplingParams p;
+  p.top_p = 0;
+  EXPECT_NE(validate_sampling_params(p).message().find("top_p"), std::string::npos);
+  p = {};
+  p.temperature = -1;
+  EXPECT_NE(validate_sampling_params(p).message().find("temperature"), std::string::npos);
+  p = {};
+  p.min_p = 1.5f;
+  EXPECT_NE(validate_sampling_params(p).message().find("min_p"), std::string::npos);
+  p = {};
+  p.repetition_penalty = 0;
+  EXPECT_NE(validate_sampling_params(p).message().find("repetition_penalty"), std::string::npos);
+  p = {};
+  p.top_k = -2;
+  EXPECT_NE(validate_sampling_params(p).message().find("top_k"), std::string::npos);
+}
+
+// --- stop conditions --------------------------------------------------------------------------
+
+StopConditions stops(std::vector<int32_t> eos, std::vector<std::string> strings,
+                     int64_t max_new = -1, int64_t min_new = 0) {
+  StopConditions c;
+  c.eos_ids = std::move(eos);
+  c.stop_strings = std::move(strings);
+  c.max_new_tokens = max_new;
+  c.min_new_tokens = min_new;
+  return c;
+}
+
+TEST(StopChecker, StopsOnAnyEosId) {
+  StopChecker c(stops({7, 9}, {}));
+  EXPECT_EQ(c.add(1, "a"), StopReason::none);
+  EXPECT_EQ(c.add(9, "<eos>"), StopReason::eos);
+  EXPECT_TRUE(c.done());
+  EXPECT_EQ(c.text(), "a");  // the eos token's text is not output
+}
+
+TEST(StopChecker, MinNewTokensSuppressesEos) {
+  StopChecker c(stops({2, 4}, {}, -1, 2));
+  std::vector<float> logits(6, 1.0f);
+  c.suppress_eos(logits);
+  EXPECT_EQ(logits, (std::vector<float>{1, 1, kNegInf, 1, kNegInf, 1}));
+  c.add(0, "x");
+  logits.assign(6, 1.0f);
+  c.suppress_eos(logits);
+  EXPECT_EQ(logits[2], kNegInf);
+  c.add(0, "y");
+  logits.assign(6, 1.0f);
+  c.suppress_eos(logits);
+  EXPECT_EQ(logits, std::vector<float>(6, 1.0f));
+}
+
+TEST(StopChecker, MaxNewTokens) {
+  StopChecker c(stops({}, {}, 3));
+  EXPECT_EQ(c.add(1, "a"), StopReason::none);
+  EXPECT_EQ(c.add(1, "b"), StopReason::none);
+  EXPECT_FALSE(c.done());
+  EXPECT_EQ(c.add(1, "c"), StopReason::max_tokens);
+  EXPECT_TRUE(c.done());
+  EXPECT_TRUE(StopChecker(stops({}, {}, 0)).done());
+}
+
+TEST(StopChecker, StopStringAcrossTokensIsHeldBackThenCut) {
+  StopChecker c(stops({}, {"o Wo"}));
+  std::string streamed;
+  EXPECT_EQ(c.add(1, "Hel"), StopReason::none);
+  streamed += c.take_ready_text();
+  EXPECT_EQ(streamed, "Hel");
+  EXPECT_EQ(c.add(2, "lo W"), StopReason::none);
+  EXPECT_EQ(c.held_back_bytes(), 3u);  // "o W" may become "o Wo"
+  streamed += c.take_ready_text();
+  EXPECT_EQ(streamed, "Hell");
+  EXPECT_EQ(c.add(3, "orld"), StopReason::stop_string);
+  streamed += c.take_ready_text() + c.take_remaining_text();
+  EXPECT_EQ(streamed, "Hell");
+  EXPECT_EQ(c.text(), "Hell");
+  EXPECT_EQ(c.add(4, "more"), StopReason::stop_string);  // stays stopped
+}
+
+TEST(StopChecker, EarliestOfSeveralStopStringsWins) {
+  StopChecker c(stops({}, {"END", "\n\n", "ND!"}));
+  EXPECT_EQ(c.add(1, "abc\n"), StopReason::none);
+  EXPECT_EQ(c.add(2, "\nxEND!"), StopReason::stop_string);
+  EXPECT_EQ(c.text(), "abc");
+}
+
+TEST(StopChecker, HeldBackTextIsReleasedWhenItCannotMatch) {
+  StopChecker c(stops({}, {"STOP"}, 2));
+  c.add(1, "abcST");
+  EXPECT_EQ(c.take_ready_text(), "abc");
+  EXPECT_EQ(c.add(2, "AR"), StopReason::max_tokens);  // "STAR" is not "STOP"
+  EXPECT_EQ(c.take_ready_text() + c.take_remaining_text(), "STAR");
+}
+
+TEST(StopChecker, StopStringsCountOnlyAfterMinNewTokens) {
+  StopChecker c(stops({}, {"##"}, -1, 2));
+  EXPECT_EQ(c.add(1, "a##b"), StopReason::none);  // too early
+  EXPECT_EQ(c.add(2, "c#"), StopReason::none);
+  EXPECT_EQ(c.add(3, "#d"), StopReason::stop_string);  // spans tokens 2 and 3
+  EXPECT_EQ(c.text(), "a##bc");
+}
+
+TEST(StopChecker, RandomSplitsGiveTheSameResultAsWholeText) {
+  const std::string text = "The kestrel hovers; it STOPs, then dives. STOP here";
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 200; ++trial) {
+    StopChecker c(stops({}, {"STOP", "dives."}));
+    std::string streamed;
+    size_t pos = 0;
+    StopReason r = StopReason::none;
+    while (pos < text.size() && r == StopReason::none) {
+      const size_t len = 1 + rng() % 6;
+      r = c.add(1, std::string_view(text).substr(pos, len));
+      pos += len;
+      streamed += c.take_ready_text();
+    }
+    streamed += c.take_remaining_text();
+    EXPECT_EQ(r, StopReason::stop_string);
+    EXPECT_EQ(streamed, "The kestrel hovers; it ");
+  }
+}
+
+}  // namespace
+}  // namespace kestrel

@@ -87,6 +87,8 @@ class Engine {
   const ModelWeights& weights() const { return weights_; }
   Backend& backend() { return *backend_; }
   const EngineOptions& options() const { return options_; }
+  // Positions each sequence can hold (the KV cache's length).
+  int64_t max_context() const { return max_context_; }
   double load_seconds() const { return load_seconds_; }
   const RunShape& run_shape() const { return run_shape_; }
 

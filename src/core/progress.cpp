@@ -28,8 +28,9 @@ void Progress::finish() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (finished_) return;
   finished_ = true;
+  const bool already_shown = !tty_ && last_percent_ == 100;
   done_ = total_;
-  draw(true);
+  if (!already_shown) draw(true);
 }
 
 void Progress::draw(bool final_line) {

@@ -338,7 +338,9 @@ Result<ModelWeights> make_synthetic(const std::string& name, const LoadOptions& 
     return config.attention_bias && tensor.find(".bias") != std::string::npos;
   };
   maker.matrix = [&](const std::string& tensor, int64_t rows, int64_t cols) -> Result<QuantWeight> {
-    const float stddev = tensor == "tok_embd" ? 1.0f : 1.0f / std::sqrt(float(cols));
+    // Every matrix, the embedding included, has std 1/sqrt(fan_in): with tied embeddings a
+    // larger table makes each token's own logit dominate and the model repeat its input.
+    const float stddev = 1.0f / std::sqrt(float(cols));
     return quantize_rows(
         options.format, options.block, rows, cols, pool, progress,
         [&](int64_t r, float* out) { random_row(tensor, r, 0.0f, stddev, out, cols); }, tensor);
@@ -403,15 +405,13 @@ Result<ModelConfig> synthetic_config(const std::string& name) {
     c.bos_token_id = 128000;
     c.eos_token_ids = {128001, 128008, 128009};
   };
+  // The tiny presets keep their family's real vocabulary so they pair with the real tokenizers
+  // (tests drive `run -p` and `chat` with them); everything else is small.
   if (name == "tiny-qwen2") {
-    qwen2(128, 384, 2, 4, 2, 1024, true);
-    c.bos_token_id = 1;
-    c.eos_token_ids = {2};
+    qwen2(128, 384, 2, 4, 2, 151936, true);
   } else if (name == "tiny-llama") {
-    llama(128, 320, 2, 4, 1, 1024, false, 8.0);
+    llama(128, 320, 2, 4, 1, 128256, false, 8.0);
     c.rope_scaling.original_max_position_embeddings = 64;
-    c.bos_token_id = 1;
-    c.eos_token_ids = {2};
   } else if (name == "qwen2-0.5b") {
     qwen2(896, 4864, 24, 14, 2, 151936, true);
   } else if (name == "qwen2-1.5b") {

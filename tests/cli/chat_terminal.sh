@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# `kestrel chat` driven in a real terminal (tmux) the way a person uses it: type a message, read
+# the streamed reply, type another (the second turn reuses the first turn's KV cache), then quit.
+# Also `run -p` streams text and ends with the speed line.
+set -euo pipefail
+kestrel="$1"
+src="$2"
+tokenizer="$src/.cache/tokenizers/qwen3/models"
+[ -f "$tokenizer/tokenizer.json" ] || { echo "missing $tokenizer: run scripts/fetch_tokenizers.sh"; exit 1; }
+
+out=$("$kestrel" run -m synthetic:tiny-qwen2 --tokenizer "$tokenizer" -p "Once upon a time" -n 12 \
+  --temp 0.7 --seed 5 -q 2>&1)
+echo "$out" | grep -q "decode 11 tokens" || { echo "run -p: no speed line:"; echo "$out"; exit 1; }
+again=$("$kestrel" run -m synthetic:tiny-qwen2 --tokenizer "$tokenizer" -p "Once upon a time" \
+  -n 12 --temp 0.7 --seed 5 -q 2>/dev/null)
+[ "$again" = "$("$kestrel" run -m synthetic:tiny-qwen2 --tokenizer "$tokenizer" \
+  -p "Once upon a time" -n 12 --temp 0.7 --seed 5 -q 2>/dev/null)" ] || { echo "same seed, different text"; exit 1; }
+echo "ok run -p streams text; same seed gives the same text"
+
+session="kestrel-chat-$$"
+tmux kill-session -t "$session" 2>/dev/null || true
+tmux new-session -d -s "$session" -x 200 -y 50 \
+  "$kestrel chat -m synthetic:tiny-qwen2 --tokenizer $tokenizer -n 6 --system 'Be brief.'; echo CHAT-EXITED; sleep 30"
+trap 'tmux kill-session -t "$session" 2>/dev/null || true' EXIT
+
+# wait_for PATTERN: polls the pane for up to 30 s.
+wait_for() {
+  for _ in $(seq 300); do
+    tmux capture-pane -p -t "$session" | grep -q -- "$1" && return 0
+    sleep 0.1
+  done
+  echo "terminal never showed '$1':"; tmux capture-pane -p -t "$session"; exit 1
+}
+
+# wait_for_count PATTERN N: until N lines of the pane match.
+wait_for_count() {
+  for _ in $(seq 300); do
+    [ "$(tmux capture-pane -p -t "$session" | grep -c -- "$1")" -ge "$2" ] && return 0
+    sleep 0.1
+  done
+  echo "terminal never showed $2 x '$1':"; tmux capture-pane -p -t "$session"; exit 1
+}
+
+wait_for "^>"
+tmux send-keys -t "$session" "Hello, who are you?" Enter
+wait_for_count "6 generated" 1
+tmux send-keys -t "$session" "Tell me more." Enter
+wait_for_count "6 generated" 2
+pane=$(tmux capture-pane -p -t "$session")
+echo "$pane" | grep -q "Hello, who are you?" || { echo "typed text not echoed"; exit 1; }
+# The second turn must reuse the first turn's cache: "(N reused)" with N > 0.
+echo "$pane" | grep -Eq "\(([1-9][0-9]*) reused\)" || { echo "second turn reused nothing:"; echo "$pane"; exit 1; }
+tmux send-keys -t "$session" "/exit" Enter
+wait_for "CHAT-EXITED"
+echo "ok chat in a terminal: two turns, cache reused, /exit quits"

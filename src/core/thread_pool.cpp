@@ -53,7 +53,12 @@ void ThreadPool::worker_loop(int index) {
     // Spin for a short while (a decode step issues loops back to back), then sleep.
     int spins = 0;
     while (generation_.load(std::memory_order_acquire) == seen && spins < 20000) {
-      cpu_relax();
+      // Yield now and then so an oversubscribed machine's other threads get this core.
+      if (spins % 256 == 255) {
+        std::this_thread::yield();
+      } else {
+        cpu_relax();
+      }
       ++spins;
     }
     if (generation_.load(std::memory_order_acquire) == seen) {
@@ -91,7 +96,16 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
   }
   wake_.notify_all();
   run_chunks(0);
-  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+  // Spin briefly for the workers' last chunks, then yield: when the machine is oversubscribed a
+  // worker may be waiting for this very core, and spinning would starve it for a whole
+  // scheduler slice (seen: 10x slower decode with one other busy process on 2 cores).
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 2000) {
+      cpu_relax();
+    } else {
+      std::this_thread::yield();
+    }
+  }
   job_ = nullptr;
 }
 

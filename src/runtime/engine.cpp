@@ -315,6 +315,7 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
   BatchGenerateResult result;
   std::vector<std::vector<Beam>> beams(static_cast<size_t>(copies));
   std::vector<float> logits;
+  std::vector<int32_t> next_tokens;
   const int64_t chunk = chunk_tokens();
   const int64_t chunks_per_copy = (prompt_len + chunk - 1) / chunk;
 
@@ -336,13 +337,17 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
       for (int64_t i = begin; i < end; ++i) {
         batch.add(prompt[size_t(i)], int32_t(i), slot, i + 1 == prompt_len);
       }
-      KS_RETURN_IF_ERROR(run(batch, &logits));
-      if (end == prompt_len) {
+      if (end < prompt_len) {
+        KS_RETURN_IF_ERROR(run(batch, &logits));  // no logit rows: nothing comes back
+      } else {
         std::vector<Beam>& live = beams[size_t(c)];
         live.assign(1, Beam{slot, 0.0, {}});
         if (n_beams == 1) {
-          live[0].tokens.push_back(argmax(logits.data(), vocab));
+          // Greedy needs only the argmax, which a device backend computes in place.
+          KS_RETURN_IF_ERROR(run_argmax(batch, &next_tokens));
+          live[0].tokens.push_back(next_tokens.at(0));
         } else {
+          KS_RETURN_IF_ERROR(run(batch, &logits));
           KS_RETURN_IF_ERROR(
               advance_beams(*backend_, live, logits.data(), vocab, n_beams, slot, prompt_len));
         }
@@ -368,18 +373,21 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
         batch.add(beam.tokens.back(), int32_t(prompt_len + s - 1), beam.slot, true);
       }
     }
-    KS_RETURN_IF_ERROR(run(batch, &logits));
-    const float* rows = logits.data();
-    for (int64_t c = 0; c < copies; ++c) {
-      std::vector<Beam>& live = beams[size_t(c)];
-      const int64_t n_rows = int64_t(live.size());
-      if (n_beams == 1) {
-        live[0].tokens.push_back(argmax(rows, vocab));
-      } else {
+    if (n_beams == 1) {
+      KS_RETURN_IF_ERROR(run_argmax(batch, &next_tokens));
+      for (int64_t c = 0; c < copies; ++c) {
+        beams[size_t(c)][0].tokens.push_back(next_tokens[size_t(c)]);
+      }
+    } else {
+      KS_RETURN_IF_ERROR(run(batch, &logits));
+      const float* rows = logits.data();
+      for (int64_t c = 0; c < copies; ++c) {
+        std::vector<Beam>& live = beams[size_t(c)];
+        const int64_t n_rows = int64_t(live.size());
         KS_RETURN_IF_ERROR(advance_beams(*backend_, live, rows, vocab, n_beams,
                                          int32_t(c * n_beams), prompt_len + s));
+        rows += n_rows * vocab;
       }
-      rows += n_rows * vocab;
     }
     const double seconds = seconds_since(start);
     result.step_seconds.push_back(seconds);

@@ -32,7 +32,15 @@ class CpuBackend final : public Backend {
 
   Result<WorkspaceLayout> reserve_layout(const ModelConfig& config,
                                          const RunShape& shape) const override {
-    return workspace_layout(config, shape, workspace_types());
+    WorkspaceLayout layout = workspace_layout(config, shape, workspace_types());
+    // cpu::matmul quantizes each call's activations into a buffer its calling thread keeps: per
+    // token, an int8 and up to 6 floats per 32 inputs of the widest matmul input, the groups
+    // rounded up to 16 (matmul.cpp, quantize_activations).
+    const int64_t widest = std::max({config.hidden_size, config.q_dim(), config.intermediate_size});
+    const int64_t groups_padded = ((widest + 31) / 32 + 15) / 16 * 16;
+    layout.kernel_scratch_bytes =
+        size_t(shape.max_batch_tokens) * size_t(groups_padded) * (32 + 6 * sizeof(float));
+    return layout;
   }
 
   Status reserve(const ModelConfig& config, const RunShape& shape) override {

@@ -1,0 +1,121 @@
+#include "backend/cuda/act.cuh"
+#include "backend/cuda/cuda_check.cuh"
+
+namespace kestrel::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+unsigned blocks_for(int64_t n) {
+  return unsigned(ceil_div(n, kThreads));
+}
+
+// Walks [rows, width] where width is the shadow's padded row (or cols without a shadow).
+__global__ void swiglu_kernel(float* out, const float* gate, const float* up, int64_t rows,
+                              int64_t cols, ShadowOut shadow) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t width = shadow.data != nullptr ? shadow.row_stride : cols;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * width) return;
+  const int64_t r = idx / width;
+  const int64_t c = idx % width;
+  float value = 0.0f;
+  if (c < cols) {
+    const float g = gate[r * cols + c];
+    value = g / (1.0f + expf(-g)) * up[r * cols + c];
+    out[r * cols + c] = value;
+  }
+  if (shadow.data != nullptr) {
+    shadow.data[shadow_index(r, c, shadow.row_stride, shadow.permuted)] = __float2half_rn(value);
+  }
+}
+
+__global__ void add_kernel(float* x, const float* y, int64_t n) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx < n) x[idx] += y[idx];
+}
+
+__global__ void add4_kernel(float4* x, const float4* y, int64_t n4) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx < n4) {
+    float4 a = x[idx];
+    const float4 b = y[idx];
+    a.x += b.x;
+    a.y += b.y;
+    a.z += b.z;
+    a.w += b.w;
+    x[idx] = a;
+  }
+}
+
+__global__ void gather_rows_kernel(float* out, const float* x, const int32_t* rows, int64_t cols) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t i = blockIdx.x;
+  const float* src = x + int64_t(rows[i]) * cols;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) out[i * cols + c] = src[c];
+}
+
+__global__ void write_shadow_kernel(const float* x, int64_t rows, int64_t cols, ShadowOut shadow) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * shadow.row_stride) return;
+  const int64_t r = idx / shadow.row_stride;
+  const int64_t c = idx % shadow.row_stride;
+  const float value = c < cols ? x[r * cols + c] : 0.0f;
+  shadow.data[shadow_index(r, c, shadow.row_stride, shadow.permuted)] = __float2half_rn(value);
+}
+
+}  // namespace
+
+Status swiglu(float* out, const float* gate, const float* up, int64_t rows, int64_t cols,
+              ShadowOut shadow, cudaStream_t stream) {
+  const int64_t width = shadow.data != nullptr ? shadow.row_stride : cols;
+  if (rows * width == 0) return Status::ok();
+  KS_CUDA_CHECK("swiglu", launch_pdl(swiglu_kernel, dim3(blocks_for(rows * width)), dim3(kThreads),
+                                     0, stream, out, gate, up, rows, cols, shadow));
+  KS_CUDA_CHECK_LAUNCH("swiglu", "swiglu_kernel");
+  return Status::ok();
+}
+
+Status add(float* x, const float* y, int64_t n, cudaStream_t stream) {
+  if (n == 0) return Status::ok();
+  const bool aligned = (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y)) % 16 == 0;
+  if (aligned && n % 4 == 0) {
+    KS_CUDA_CHECK(
+        "add", launch_pdl(add4_kernel, dim3(blocks_for(n / 4)), dim3(kThreads), 0, stream,
+                          reinterpret_cast<float4*>(x), reinterpret_cast<const float4*>(y), n / 4));
+  } else {
+    KS_CUDA_CHECK("add",
+                  launch_pdl(add_kernel, dim3(blocks_for(n)), dim3(kThreads), 0, stream, x, y, n));
+  }
+  KS_CUDA_CHECK_LAUNCH("add", "add_kernel");
+  return Status::ok();
+}
+
+Status gather_rows(float* out, const float* x, const int32_t* rows, int64_t n, int64_t cols,
+                   cudaStream_t stream) {
+  if (n == 0) return Status::ok();
+  KS_CUDA_CHECK("gather_rows", launch_pdl(gather_rows_kernel, dim3(unsigned(n)), dim3(kThreads), 0,
+                                          stream, out, x, rows, cols));
+  KS_CUDA_CHECK_LAUNCH("gather_rows", "gather_rows_kernel");
+  return Status::ok();
+}
+
+Status write_shadow(const float* x, int64_t rows, int64_t cols, ShadowOut shadow,
+                    cudaStream_t stream) {
+  if (rows == 0) return Status::ok();
+  KS_CUDA_CHECK("matmul",
+                launch_pdl(write_shadow_kernel, dim3(blocks_for(rows * shadow.row_stride)),
+                           dim3(kThreads), 0, stream, x, rows, cols, shadow));
+  KS_CUDA_CHECK_LAUNCH("matmul", "write_shadow_kernel");
+  return Status::ok();
+}
+
+}  // namespace kestrel::cuda

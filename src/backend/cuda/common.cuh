@@ -1,0 +1,164 @@
+// Types and device helpers shared by the CUDA kernel families.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "quant/format.h"
+
+namespace kestrel::cuda {
+
+// A weight as the kernels see it. On the device every float format is fp16 (fp32 and bf16
+// weights are converted at upload), quantized formats keep the planar layout of quant/format.h.
+struct DeviceWeight {
+  WeightFormat format = WeightFormat::fp16;  // fp16, sym_int8, sym_int4 or asym_int4
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int block = 0;                   // weights per scale; 0 for fp16
+  int64_t row_bytes = 0;           // bytes per row of `data`; fp16 rows are padded to 32 values
+  const uint8_t* data = nullptr;   // [rows, row_bytes]
+  const __half* scales = nullptr;  // [rows, cols / block]
+  const __half* mins = nullptr;    // [rows, cols / block], asym_int4 only
+  const float* bias = nullptr;     // [rows] or null
+};
+
+constexpr int kGroup = 32;          // int4 packing group, and the unit of the permuted layout
+constexpr int kMaxGemvTokens = 16;  // tokens a GEMV call handles (two mma n-tiles)
+
+inline int64_t round_up(int64_t v, int64_t m) {
+  return (v + m - 1) / m * m;
+}
+inline int64_t ceil_div(int64_t v, int64_t m) {
+  return (v + m - 1) / m;
+}
+
+// Activations are fp32 tensors; matrix products read an fp16 "shadow" of their input written
+// by the producing op. Two layouts, both [rows, round_up(cols, 32)] with zeros past cols:
+//  - natural: element k at column k (cuBLAS prefill GEMMs);
+//  - permuted: within every group of 32 columns, slot s holds element perm(s) where, for
+//    u = s / 8 and t = s % 8, perm(s) = 4u + (t < 4 ? 0 : 16) + {0, 2, 1, 3}[t % 4]. This is the
+//    order in which the GEMV's mma fragments pair up the nibbles of one 16-byte int4 group
+//    (gemv.cu), so a lane reads its B fragments as one 16-byte load.
+__host__ __device__ inline int permuted_slot(int k_in_group) {
+  const int hi = k_in_group >= 16 ? 1 : 0;
+  const int o = k_in_group - 16 * hi;
+  const int u = o >> 2;
+  const int t = o & 3;
+  return u * 8 + hi * 4 + ((t >> 1) | ((t & 1) << 1));
+}
+
+__host__ __device__ inline int64_t shadow_index(int64_t row, int64_t k, int64_t row_stride,
+                                                bool permuted) {
+  if (!permuted) return row * row_stride + k;
+  return row * row_stride + (k & ~int64_t(kGroup - 1)) + permuted_slot(int(k & (kGroup - 1)));
+}
+
+// Where an op writes the fp16 copy of its output; data == nullptr when none is wanted.
+struct ShadowOut {
+  __half* data = nullptr;
+  int64_t row_stride = 0;  // round_up(cols, 32)
+  bool permuted = false;
+};
+
+// Programmatic dependent launch: kernels of a decode step are launched so that the next one
+// may start while the previous drains (its blocks can prefetch weights, which no kernel
+// writes). Every kernel calls pdl_wait() before it reads or writes activations; pdl_wait()
+// returns once the previous kernel has finished and its writes are visible, and is a no-op
+// for a kernel launched without the attribute.
+__device__ inline void pdl_wait() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
+// Lets the next kernel's blocks be scheduled (they still wait for this grid to finish).
+__device__ inline void pdl_trigger() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization.
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+__device__ inline float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ inline float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds 32 floats.
+__device__ inline float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  const int n_warps = (blockDim.x + 31) >> 5;
+  float total = lane < n_warps ? scratch[lane] : 0.0f;
+  return warp_sum(total);
+}
+
+__device__ inline uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// D[16x8] += A[16x16] · B[16x8], fp16 inputs, fp32 accumulators (PTX fragment layouts).
+__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One weight of row `row`, column `k`, dequantized to fp32 exactly as quant/format.cpp does.
+__device__ inline float dequant_one(const DeviceWeight& w, int64_t row, int64_t k) {
+  const uint8_t* data = w.data + row * w.row_bytes;
+  switch (w.format) {
+    case WeightFormat::fp16:
+      return __half2float(reinterpret_cast<const __half*>(data)[k]);
+    case WeightFormat::sym_int8: {
+      const float d = __half2float(w.scales[row * (w.cols / w.block) + k / w.block]);
+      return float(reinterpret_cast<const int8_t*>(data)[k]) * d;
+    }
+    case WeightFormat::sym_int4:
+    case WeightFormat::asym_int4: {
+      const int64_t g = k / kGroup;
+      const int j = int(k % kGroup);
+      const uint8_t byte = data[g * (kGroup / 2) + (j & 15)];
+      const int code = j < 16 ? (byte & 0x0f) : (byte >> 4);
+      const int64_t s = row * (w.cols / w.block) + k / w.block;
+      const float d = __half2float(w.scales[s]);
+      if (w.format == WeightFormat::sym_int4) return float(code - 8) * d;
+      // Separate multiply and add, as the CPU does (no fused rounding).
+      return __fadd_rn(__fmul_rn(float(code), d), __half2float(w.mins[s]));
+    }
+    default:
+      return 0.0f;
+  }
+}
+
+}  // namespace kestrel::cuda

@@ -1,0 +1,1165 @@
+// The CUDA backend: fp32 activations in one scratch arena, fp16 shadows of matrix-product inputs,
+// an fp16 KV cache, weights uploaded once. Every buffer is allocated in upload() or reserve();
+// a forward call allocates nothing.
+//
+// Decode steps (at most 16 tokens with logits wanted) run as CUDA graphs: the first call of a
+// shape is captured while the ops are issued, later calls with the same shape skip the launches
+// and replay the graph. Kernels read tokens, positions and sequence ids from fixed device
+// buffers that begin_batch fills before the replay, so one graph serves every position. While
+// replaying, the ops still do their host-side bookkeeping (scratch offsets, shadow ownership)
+// and fold their arguments into a fingerprint that must equal the captured one.
+//
+// Small peephole fusions cut a decode step's launches: a matmul of at most 16 tokens is held
+// back until the next op arrives, and becomes one launch with a following add (the residual
+// update rides in the GEMV epilogue) or swiglu (gate and up rows meet in one block); a rope is
+// held back and merged with the next attention's cache write. Any other op launches what is
+// held first, so every op still sees its inputs computed. An rms_norm of at most a few tokens
+// is held back too and becomes the input stage of the next matmul's GEMV (gemv.cuh NormInput):
+// the GEMV's blocks normalize the activation themselves, and a decode step loses the two norm
+// launches of every layer.
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <unordered_map>
+
+#include "backend/cuda/act.cuh"
+#include "backend/cuda/attention.cuh"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_check.cuh"
+#include "backend/cuda/gemm.cuh"
+#include "backend/cuda/gemv.cuh"
+#include "backend/cuda/norm.cuh"
+#include "backend/cuda/rope.cuh"
+#include "backend/cuda/sample.cuh"
+#include "core/half.h"
+#include "model/rope.h"
+
+namespace kestrel {
+namespace cuda {
+namespace {
+
+constexpr size_t kAlignFloats = 16;  // scratch tensors start on 64-byte boundaries
+constexpr size_t kCublasWorkspaceBytes = 32u << 20;
+constexpr int kMaxTimedEvents = 8192;
+
+float* f32(Tensor t) {
+  return static_cast<float*>(t.data);
+}
+
+enum class Mode { eager, capture, replay };
+
+// The host-side record of which activation the shadow buffer currently mirrors.
+struct ShadowState {
+  const void* owner = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  bool permuted = false;
+  int buffer = 0;  // which of the two shadow buffers holds it
+};
+
+// A GEMV held back for fusion with the op after it.
+struct PendingMatmul {
+  GemvJob jobs[kMaxGemvJobs];
+  Tensor outs[kMaxGemvJobs];
+  int n_jobs = 0;
+  NormInput norm;             // set: the input is this RMSNorm, x is null
+  const __half* x = nullptr;  // the input's permuted shadow
+  int64_t x_stride = 0;
+  int n_tokens = 0;
+};
+
+struct PendingNorm {
+  Tensor out;
+  Tensor x;
+  const float* w = nullptr;
+  float eps = 0.0f;
+};
+
+struct PendingRope {
+  Tensor q;
+  Tensor k;
+  RopeParams params;
+};
+
+struct StepGraph {
+  cudaGraphExec_t exec = nullptr;
+  uint64_t fingerprint = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  static Result<std::unique_ptr<Backend>> create() {
+    int count = 0;
+    KS_CUDA_CHECK("init", cudaGetDeviceCount(&count));
+    if (count == 0) return Status::error("cuda init: no CUDA device");
+    std::unique_ptr<CudaBackend> backend(new CudaBackend());
+    KS_CUDA_CHECK("init", cudaSetDevice(0));
+    KS_CUDA_CHECK("init", cudaGetDeviceProperties(&backend->props_, 0));
+    KS_CUDA_CHECK("init", cudaStreamCreateWithFlags(&backend->stream_, cudaStreamNonBlocking));
+    KS_CUBLAS_CHECK("init", cublasCreate(&backend->cublas_));
+    KS_CUBLAS_CHECK("init", cublasSetStream(backend->cublas_, backend->stream_));
+    return std::unique_ptr<Backend>(std::move(backend));
+  }
+
+  ~CudaBackend() override {
+    abort_capture();
+    clear_graphs();
+    for (cudaEvent_t e : timing_events_) cudaEventDestroy(e);
+    for (auto& [ptr, bytes] : allocations_) cudaFree(ptr);
+    for (void* p : pinned_) cudaFreeHost(p);
+    if (cublas_ != nullptr) cublasDestroy(cublas_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return std::string("cuda (") + props_.name + ")"; }
+
+  Status upload(ModelWeights& weights) override {
+    KS_RETURN_IF_ERROR(release_weights());
+    weights_format_ = weights.format;
+    embed_host_ = weights.tok_embd.data.data();
+    KS_ASSIGN_OR_RETURN(embed_, upload_weight(weights.tok_embd, "tok_embd"));
+    for (size_t i = 0; i < weights.layers.size(); ++i) {
+      LayerWeights& l = weights.layers[i];
+      const std::string p = "blk." + std::to_string(i) + ".";
+      KS_RETURN_IF_ERROR(upload_vector(l.attn_norm, p + "attn_norm"));
+      KS_RETURN_IF_ERROR(upload_vector(l.ffn_norm, p + "ffn_norm"));
+      KS_RETURN_IF_ERROR(upload_linear(l.wq, p + "wq"));
+      KS_RETURN_IF_ERROR(upload_linear(l.wk, p + "wk"));
+      KS_RETURN_IF_ERROR(upload_linear(l.wv, p + "wv"));
+      KS_RETURN_IF_ERROR(upload_linear(l.wo, p + "wo"));
+      KS_RETURN_IF_ERROR(upload_linear(l.w_gate, p + "w_gate"));
+      KS_RETURN_IF_ERROR(upload_linear(l.w_up, p + "w_up"));
+      KS_RETURN_IF_ERROR(upload_linear(l.w_down, p + "w_down"));
+    }
+    KS_RETURN_IF_ERROR(upload_vector(weights.output_norm, "output_norm"));
+    if (weights.output.w.rows > 0 && weights.output.w.data.data() == embed_host_ &&
+        weights.output.bias.empty()) {
+      // Tied embeddings: lm_head reads the embedding table's device copy.
+      weights.output.backend_slot = int(linears_.size());
+      linears_.push_back(embed_);
+    } else {
+      KS_RETURN_IF_ERROR(upload_linear(weights.output, "output"));
+    }
+    return Status::ok();
+  }
+
+  Result<WorkspaceLayout> reserve_layout(const ModelConfig& config,
+                                         const RunShape& shape) const override {
+    return workspace_layout(config, shape, workspace_types(config, shape));
+  }
+
+  size_t free_memory() const override {
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) return 0;
+    return free_bytes;
+  }
+
+  Status reserve(const ModelConfig& config, const RunShape& shape) override {
+    if (shape.max_context <= 0 || shape.max_seqs <= 0 || shape.max_batch_tokens <= 0 ||
+        shape.max_logit_rows <= 0) {
+      return Status::error(
+          "cuda backend: run shape needs positive context, sequences, tokens "
+          "and logit rows");
+    }
+    if (config.head_dim % 2 != 0 || config.n_kv_heads <= 0 ||
+        config.n_heads % config.n_kv_heads != 0) {
+      return Status::error("cuda backend: head_dim must be even and heads a multiple of KV heads");
+    }
+    if (config.n_heads / config.n_kv_heads > kMaxHeadGroup) {
+      return Status::error("cuda backend: more than " + std::to_string(kMaxHeadGroup) +
+                           " query heads per KV head");
+    }
+    abort_capture();
+    clear_graphs();
+    KS_CUDA_CHECK("reserve", cudaStreamSynchronize(stream_));
+    for (void* p : reservation_) KS_RETURN_IF_ERROR(free_device(p));
+    reservation_.clear();
+    for (void* p : pinned_) KS_CUDA_CHECK("reserve", cudaFreeHost(p));
+    pinned_.clear();
+
+    config_ = config;
+    shape_ = shape;
+    const WorkspaceLayout layout = workspace_layout(config, shape, workspace_types(config, shape));
+    const Extras extras = extras_for(config, shape);
+
+    cache_ = KvCache{};
+    cache_.max_seqs = shape.max_seqs;
+    cache_.max_context = shape.max_context;
+    cache_.n_kv_heads = int(config.n_kv_heads);
+    cache_.head_dim = int(config.head_dim);
+    const size_t kv_bytes = layout.kv_cache_elements * sizeof(__half);
+    KS_ASSIGN_OR_RETURN(cache_.k, reserve_device<__half>(kv_bytes, "K cache"));
+    KS_ASSIGN_OR_RETURN(cache_.v, reserve_device<__half>(kv_bytes, "V cache"));
+    // Zeroed so that reads of positions no sequence wrote are finite.
+    KS_CUDA_CHECK("reserve", cudaMemsetAsync(cache_.k, 0, kv_bytes, stream_));
+    KS_CUDA_CHECK("reserve", cudaMemsetAsync(cache_.v, 0, kv_bytes, stream_));
+
+    arena_floats_ = layout.scratch_elements;
+    KS_ASSIGN_OR_RETURN(arena_, reserve_device<float>(arena_floats_ * sizeof(float), "scratch"));
+    shadow_rows_ = extras.shadow_rows;
+    shadow_cols_ = extras.shadow_cols;
+    for (__half*& buffer : shadow_buffers_) {
+      KS_ASSIGN_OR_RETURN(buffer,
+                          reserve_device<__half>(extras.shadow_bytes, "fp16 activation shadow"));
+    }
+    gemm_ws_ = GemmWorkspace{};
+    gemm_ws_.cublas = cublas_;
+    if (extras.dequant_bytes > 0) {
+      gemm_ws_.dequant_elems = int64_t(extras.dequant_bytes / sizeof(__half));
+      KS_ASSIGN_OR_RETURN(gemm_ws_.dequant,
+                          reserve_device<__half>(extras.dequant_bytes, "prefill dequant scratch"));
+    }
+    if (extras.cublas_bytes > 0) {
+      KS_ASSIGN_OR_RETURN(void* ws, reserve_device<uint8_t>(extras.cublas_bytes, "cuBLAS"));
+      KS_CUBLAS_CHECK("reserve", cublasSetWorkspace(cublas_, ws, extras.cublas_bytes));
+    }
+    decode_ws_ = DecodeWorkspace{};
+    decode_ws_.max_splits = extras.max_splits;
+    KS_ASSIGN_OR_RETURN(decode_ws_.o,
+                        reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
+    KS_ASSIGN_OR_RETURN(decode_ws_.ml,
+                        reserve_device<float>(extras.split_ml_bytes, "attention partial maxima"));
+    KS_ASSIGN_OR_RETURN(meta_, reserve_device<int32_t>(extras.meta_bytes, "batch metadata"));
+    KS_ASSIGN_OR_RETURN(gather_rows_, reserve_device<int32_t>(extras.rows_bytes, "gather rows"));
+    KS_ASSIGN_OR_RETURN(argmax_out_, reserve_device<int32_t>(extras.rows_bytes, "argmax"));
+    const std::vector<float> inv_freq = rope_inv_freq(config);
+    KS_ASSIGN_OR_RETURN(inv_freq_,
+                        reserve_device<float>(inv_freq.size() * sizeof(float), "rope frequencies"));
+    KS_CUDA_CHECK("reserve", cudaMemcpy(inv_freq_, inv_freq.data(), inv_freq.size() * sizeof(float),
+                                        cudaMemcpyHostToDevice));
+
+    KS_ASSIGN_OR_RETURN(host_meta_, pinned<int32_t>(extras.meta_bytes));
+    KS_ASSIGN_OR_RETURN(host_rows_, pinned<int32_t>(extras.rows_bytes));
+    KS_ASSIGN_OR_RETURN(host_argmax_, pinned<int32_t>(extras.rows_bytes));
+    host_read_floats_ = size_t(kMaxGemvTokens) * size_t(config.vocab_size);
+    KS_ASSIGN_OR_RETURN(host_read_, pinned<float>(host_read_floats_ * sizeof(float)));
+    KS_CUDA_CHECK("reserve", cudaStreamSynchronize(stream_));
+    reserved_ = true;
+    return Status::ok();
+  }
+
+  Status copy_sequence(int32_t src, int32_t dst, int64_t n_positions) override {
+    if (src < 0 || src >= shape_.max_seqs || dst < 0 || dst >= shape_.max_seqs) {
+      return Status::error("cuda backend: copy_sequence slots " + std::to_string(src) + " -> " +
+                           std::to_string(dst) + " outside the " + std::to_string(shape_.max_seqs) +
+                           " reserved");
+    }
+    if (n_positions < 0 || n_positions > shape_.max_context) {
+      return Status::error("cuda backend: copy_sequence of " + std::to_string(n_positions) +
+                           " positions outside the context of " +
+                           std::to_string(shape_.max_context));
+    }
+    if (src == dst || n_positions == 0) return Status::ok();
+    KS_RETURN_IF_ERROR(flush());
+    const int64_t d = config_.head_dim;
+    const size_t pitch = size_t(shape_.max_context * d) * sizeof(__half);
+    const size_t width = size_t(n_positions * d) * sizeof(__half);
+    for (int64_t layer = 0; layer < config_.n_layers; ++layer) {
+      const int64_t from =
+          ((layer * shape_.max_seqs + src) * config_.n_kv_heads) * shape_.max_context * d;
+      const int64_t to =
+          ((layer * shape_.max_seqs + dst) * config_.n_kv_heads) * shape_.max_context * d;
+      for (__half* cache : {cache_.k, cache_.v}) {
+        KS_CUDA_CHECK("copy_sequence", cudaMemcpy2DAsync(cache + to, pitch, cache + from, pitch,
+                                                         width, size_t(config_.n_kv_heads),
+                                                         cudaMemcpyDeviceToDevice, stream_));
+      }
+    }
+    return Status::ok();
+  }
+
+  Status begin_batch(const BatchView& batch) override {
+    // What the last call held back runs now; a call that failed while being captured or
+    // replayed left its held ops, and the capture, to be dropped.
+    if (mode_ == Mode::eager) {
+      KS_RETURN_IF_ERROR(flush());
+    } else {
+      pending_matmul_.reset();
+      pending_rope_.reset();
+      pending_norm_.reset();
+    }
+    abort_capture();
+    mode_ = Mode::eager;
+    if (!reserved_) return Status::error("cuda backend: begin_batch before reserve");
+    const int64_t n = batch.n_tokens;
+    if (n <= 0 || n > shape_.max_batch_tokens) {
+      return Status::error("cuda backend: batch of " + std::to_string(n) + " tokens (reserved " +
+                           std::to_string(shape_.max_batch_tokens) + ")");
+    }
+    if (batch.n_logit_rows > shape_.max_logit_rows) {
+      return Status::error("cuda backend: " + std::to_string(batch.n_logit_rows) +
+                           " logit rows (reserved " + std::to_string(shape_.max_logit_rows) + ")");
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      if (batch.seq_ids[i] < 0 || batch.seq_ids[i] >= shape_.max_seqs) {
+        return Status::error("cuda backend: sequence id " + std::to_string(batch.seq_ids[i]) +
+                             " outside the " + std::to_string(shape_.max_seqs) + " reserved");
+      }
+      if (batch.positions[i] < 0 || batch.positions[i] >= shape_.max_context) {
+        return Status::error("cuda backend: position " + std::to_string(batch.positions[i]) +
+                             " outside the context of " + std::to_string(shape_.max_context));
+      }
+      if (batch.tokens[i] < 0 || batch.tokens[i] >= config_.vocab_size) {
+        return Status::error("token id " + std::to_string(batch.tokens[i]) +
+                             " outside the vocabulary of " + std::to_string(config_.vocab_size));
+      }
+    }
+    // The previous call's copies out of the pinned buffers must be done before they are reused.
+    KS_CUDA_CHECK("begin_batch", cudaStreamSynchronize(stream_));
+    const int64_t cap = shape_.max_batch_tokens;
+    std::memcpy(host_meta_, batch.tokens, size_t(n) * sizeof(int32_t));
+    std::memcpy(host_meta_ + cap, batch.positions, size_t(n) * sizeof(int32_t));
+    std::memcpy(host_meta_ + 2 * cap, batch.seq_ids, size_t(n) * sizeof(int32_t));
+    KS_CUDA_CHECK("begin_batch",
+                  cudaMemcpyAsync(meta_, host_meta_, size_t(2 * cap + n) * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice, stream_));
+    batch_ = batch;
+    scratch_used_ = 0;
+    shadow_ = ShadowState{};
+    single_run_ = true;
+    for (int64_t i = 1; i < n; ++i) {
+      single_run_ = single_run_ && batch.seq_ids[i] == batch.seq_ids[0] &&
+                    batch.positions[i] == batch.positions[0] + i;
+    }
+
+    const bool graph = !timing_ && n <= kMaxGemvTokens && batch.n_logit_rows > 0 &&
+                       batch.n_logit_rows <= kMaxGemvTokens;
+    if (graph) {
+      graph_key_.assign(1, int32_t(n));
+      graph_key_.insert(graph_key_.end(), batch.logit_rows, batch.logit_rows + batch.n_logit_rows);
+      fingerprint_ = 1469598103934665603ull;
+      if (graphs_.count(graph_key_) != 0) {
+        mode_ = Mode::replay;
+      } else {
+        KS_CUDA_CHECK("begin_batch",
+                      cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+        mode_ = Mode::capture;
+      }
+    }
+    return Status::ok();
+  }
+
+  Result<Tensor> scratch(int64_t rows, int64_t cols) override {
+    const size_t n = (size_t(rows * cols) + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
+    if (scratch_used_ + n > arena_floats_) {
+      return Status::error("cuda backend: scratch workspace exhausted (planner bug)");
+    }
+    Tensor t{arena_ + scratch_used_, rows, cols};
+    scratch_used_ += n;
+    return t;
+  }
+
+  Status embed(Tensor out, const QuantWeight& table) override {
+    if (table.data.data() != embed_host_ || table.cols != out.cols) {
+      return Status::error("cuda embed: the embedding table was not uploaded to this backend");
+    }
+    KS_RETURN_IF_ERROR(flush());
+    trace({1, addr(out.data), uint64_t(batch_.n_tokens)});
+    note_write(out);
+    if (mode_ == Mode::replay) return Status::ok();
+    const auto timer = time_op("embed");
+    return embed_rows(embed_, tokens_device(), batch_.n_tokens, f32(out), stream_);
+  }
+
+  Status rms_norm(Tensor out, Tensor x, const Vector& w, float eps) override {
+    KS_RETURN_IF_ERROR(flush());
+    KS_ASSIGN_OR_RETURN(const float* weight, vector_of(w, "rms_norm"));
+    if (x.cols != w.n || out.rows != x.rows || out.cols != x.cols) {
+      return Status::error("cuda rms_norm: shapes do not match");
+    }
+    note_write(out);
+    const PendingNorm norm{out, x, weight, eps};
+    if (gemv_fuses_norm(x.cols, x.rows)) {
+      pending_norm_ = norm;  // the next matmul's input stage, or launched alone by flush()
+      return Status::ok();
+    }
+    return launch_norm(norm);
+  }
+
+  Status matmul(Tensor out, Tensor x, const Linear& w) override {
+    const Tensor outs[] = {out};
+    const Linear* const weights[] = {&w};
+    return matmul_multi(outs, x, weights);
+  }
+
+  Status matmul_multi(std::span<const Tensor> outs, Tensor x,
+                      std::span<const Linear* const> weights) override {
+    std::optional<PendingNorm> norm;
+    if (pending_norm_ && pending_norm_->out.data == x.data && pending_norm_->out.rows == x.rows &&
+        pending_norm_->out.cols == x.cols) {
+      norm = pending_norm_;
+      pending_norm_.reset();
+    }
+    KS_RETURN_IF_ERROR(flush());
+    if (outs.size() != weights.size() || outs.empty() || outs.size() > size_t(kMaxGemvJobs)) {
+      return Status::error("cuda matmul: 1 to 3 weights per call, one output each");
+    }
+    PendingMatmul m;
+    m.n_jobs = int(outs.size());
+    for (size_t i = 0; i < outs.size(); ++i) {
+      KS_ASSIGN_OR_RETURN(const DeviceWeight* w, linear_of(*weights[i]));
+      if (x.cols != w->cols || outs[i].cols != w->rows || outs[i].rows != x.rows) {
+        return Status::error("cuda matmul: x [" + std::to_string(x.rows) + ", " +
+                             std::to_string(x.cols) + "] · w [" + std::to_string(w->rows) + ", " +
+                             std::to_string(w->cols) + "]ᵀ does not fit out [" +
+                             std::to_string(outs[i].rows) + ", " + std::to_string(outs[i].cols) +
+                             "]");
+      }
+      m.jobs[i] = GemvJob{*w, f32(outs[i])};
+      m.outs[i] = outs[i];
+    }
+    m.x_stride = round_up(x.cols, kGroup);
+    m.n_tokens = int(x.rows);
+    if (norm) {
+      // The GEMV reads the norm's input and writes `x` (the norm's output) itself.
+      m.norm = NormInput{f32(norm->x), norm->w, f32(norm->out), norm->eps};
+      for (size_t i = 0; i < outs.size(); ++i) note_write(outs[i]);
+      pending_matmul_ = m;
+      return Status::ok();
+    }
+    KS_RETURN_IF_ERROR(ensure_shadow(x));
+    for (size_t i = 0; i < outs.size(); ++i) note_write(outs[i]);
+    m.x = shadow_buffers_[shadow_.buffer];
+    if (x.rows <= kMaxGemvTokens) {
+      pending_matmul_ = m;  // launched by the next op, fused with it where it can be
+      return Status::ok();
+    }
+    for (int i = 0; i < m.n_jobs; ++i) {
+      trace({3, addr(m.jobs[i].y), addr(x.data), uint64_t(x.rows), addr(m.jobs[i].w.data)});
+    }
+    if (mode_ == Mode::replay) return Status::ok();
+    const auto timer = time_op("matmul (prefill)");
+    for (int i = 0; i < m.n_jobs; ++i) {
+      KS_RETURN_IF_ERROR(
+          gemm(m.jobs[i].w, m.x, m.x_stride, x.rows, m.jobs[i].y, gemm_ws_, stream_));
+    }
+    return Status::ok();
+  }
+
+  Status rope(Tensor q, Tensor k, const RopeParams& p) override {
+    KS_RETURN_IF_ERROR(flush());
+    if (q.rows != batch_.n_tokens || k.rows != batch_.n_tokens ||
+        q.cols != p.n_heads * p.head_dim || k.cols != p.n_kv_heads * p.head_dim ||
+        p.head_dim != config_.head_dim) {
+      return Status::error("cuda rope: shapes do not match the batch and heads");
+    }
+    note_write(q);
+    note_write(k);
+    pending_rope_ = PendingRope{q, k, p};  // merged with the next attention's cache write
+    return Status::ok();
+  }
+
+  Status attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
+                   const RopeParams& p) override {
+    std::optional<PendingRope> rope;
+    if (pending_rope_ && pending_rope_->q.data == q.data && pending_rope_->k.data == k.data) {
+      rope = pending_rope_;
+      pending_rope_.reset();
+    }
+    KS_RETURN_IF_ERROR(flush());
+    if (layer < 0 || layer >= config_.n_layers || p.head_dim != config_.head_dim ||
+        p.n_kv_heads != config_.n_kv_heads || p.n_heads != config_.n_heads ||
+        q.rows != batch_.n_tokens || out.cols != p.n_heads * p.head_dim ||
+        k.cols != p.n_kv_heads * p.head_dim || v.cols != k.cols) {
+      return Status::error("cuda attention: shapes do not match the reserved model");
+    }
+    note_write(out);
+    AttentionArgs args;
+    args.q = f32(q);
+    args.k = f32(k);
+    args.v = f32(v);
+    args.out = f32(out);
+    args.n_tokens = q.rows;
+    args.n_heads = int(p.n_heads);
+    args.layer = layer;
+    args.positions = positions_device();
+    args.seq_ids = seq_ids_device();
+    const bool prefill =
+        q.rows > kMaxGemvTokens && single_run_ && prefill_supports(int(p.head_dim));
+    if (prefill && round_up(out.cols, kGroup) != out.cols) {
+      return Status::error("cuda attention: prefill output width not a multiple of 32");
+    }
+    args.shadow = produce_shadow(out);
+    trace({5, addr(out.data), addr(q.data), addr(k.data), addr(v.data), uint64_t(layer),
+           uint64_t(q.rows), rope ? 1u : 0u});
+    if (mode_ == Mode::replay) return Status::ok();
+    if (rope) {
+      const auto timer = time_op("rope + cache write");
+      KS_RETURN_IF_ERROR(rope_kv_cache_write(f32(q), f32(k), args, cache_, inv_freq_, stream_));
+    } else {
+      const auto timer = time_op("cache write");
+      KS_RETURN_IF_ERROR(kv_cache_write(args, cache_, stream_));
+    }
+    const auto timer = time_op("attention");
+    if (prefill) return attention_prefill(args, cache_, stream_);
+    return attention_decode(args, cache_, decode_ws_, stream_);
+  }
+
+  Status swiglu(Tensor out, Tensor gate, Tensor up) override {
+    if (gate.rows != up.rows || gate.cols != up.cols || out.rows != gate.rows ||
+        out.cols != gate.cols) {
+      return Status::error("cuda swiglu: shapes do not match");
+    }
+    if (pending_matmul_ && pending_matmul_->n_jobs == 2 && out.data == gate.data &&
+        pending_matmul_->outs[0].data == gate.data && pending_matmul_->outs[1].data == up.data) {
+      // gate, up = x · [w_gate, w_up]ᵀ and gate = silu(gate) * up in one launch.
+      PendingMatmul m = *pending_matmul_;
+      pending_matmul_.reset();
+      note_write(out);
+      const ShadowOut shadow = produce_shadow(out);
+      return launch_gemv(m, GemvEpilogue::swiglu, shadow);
+    }
+    KS_RETURN_IF_ERROR(flush());
+    note_write(out);
+    const ShadowOut shadow = produce_shadow(out);
+    trace({6, addr(out.data), addr(gate.data), addr(up.data), uint64_t(gate.rows),
+           uint64_t(gate.cols)});
+    if (mode_ == Mode::replay) return Status::ok();
+    const auto timer = time_op("swiglu");
+    return cuda::swiglu(f32(out), f32(gate), f32(up), gate.rows, gate.cols, shadow, stream_);
+  }
+
+  Status add(Tensor x, Tensor y) override {
+    if (x.rows != y.rows || x.cols != y.cols) return Status::error("cuda add: shapes differ");
+    if (pending_matmul_ && pending_matmul_->n_jobs == 1 &&
+        pending_matmul_->outs[0].data == y.data && x.data != y.data) {
+      // y = a · wᵀ and x += y in one launch.
+      PendingMatmul m = *pending_matmul_;
+      pending_matmul_.reset();
+      m.jobs[0].residual = f32(x);
+      note_write(x);
+      return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
+    }
+    KS_RETURN_IF_ERROR(flush());
+    note_write(x);
+    trace({7, addr(x.data), addr(y.data), uint64_t(x.rows * x.cols)});
+    if (mode_ == Mode::replay) return Status::ok();
+    const auto timer = time_op("add");
+    return cuda::add(f32(x), f32(y), x.rows * x.cols, stream_);
+  }
+
+  Status gather_rows(Tensor out, Tensor x, const int32_t* rows, int64_t n) override {
+    KS_RETURN_IF_ERROR(flush());
+    if (n > shape_.max_logit_rows && n > shape_.max_batch_tokens) {
+      return Status::error("cuda gather_rows: more rows than reserved");
+    }
+    if (out.rows != n || out.cols != x.cols) {
+      return Status::error("cuda gather_rows: output shape does not match");
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      if (rows[i] < 0 || rows[i] >= x.rows) {
+        return Status::error("cuda gather_rows: row " + std::to_string(rows[i]) + " outside " +
+                             std::to_string(x.rows));
+      }
+    }
+    // The rows travel through a pinned buffer: a replayed graph copies whatever it holds now.
+    std::memcpy(host_rows_, rows, size_t(n) * sizeof(int32_t));
+    note_write(out);
+    trace({8, addr(out.data), addr(x.data), uint64_t(n), uint64_t(x.cols)});
+    if (mode_ == Mode::replay) return Status::ok();
+    const auto timer = time_op("gather_rows");
+    KS_CUDA_CHECK("gather_rows",
+                  cudaMemcpyAsync(gather_rows_, host_rows_, size_t(n) * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice, stream_));
+    return cuda::gather_rows(f32(out), f32(x), gather_rows_, n, x.cols, stream_);
+  }
+
+  Status read(Tensor t, float* host) override {
+    KS_RETURN_IF_ERROR(flush());
+    KS_RETURN_IF_ERROR(finish_graph());
+    const size_t n = size_t(t.rows * t.cols);
+    if (n <= host_read_floats_) {
+      KS_CUDA_CHECK("read", cudaMemcpyAsync(host_read_, t.data, n * sizeof(float),
+                                            cudaMemcpyDeviceToHost, stream_));
+      KS_CUDA_CHECK("read", cudaStreamSynchronize(stream_));
+      std::memcpy(host, host_read_, n * sizeof(float));
+    } else {
+      KS_CUDA_CHECK("read", cudaMemcpyAsync(host, t.data, n * sizeof(float), cudaMemcpyDeviceToHost,
+                                            stream_));
+      KS_CUDA_CHECK("read", cudaStreamSynchronize(stream_));
+    }
+    return collect_timings();
+  }
+
+  Status argmax_rows(Tensor t, int32_t* out) override {
+    KS_RETURN_IF_ERROR(flush());
+    KS_RETURN_IF_ERROR(finish_graph());
+    if (t.rows > shape_.max_logit_rows && t.rows > shape_.max_batch_tokens) {
+      return Status::error("cuda argmax_rows: more rows than reserved");
+    }
+    {
+      const auto timer = time_op("argmax");
+      KS_RETURN_IF_ERROR(cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, stream_));
+    }
+    KS_CUDA_CHECK("argmax_rows",
+                  cudaMemcpyAsync(host_argmax_, argmax_out_, size_t(t.rows) * sizeof(int32_t),
+                                  cudaMemcpyDeviceToHost, stream_));
+    KS_CUDA_CHECK("argmax_rows", cudaStreamSynchronize(stream_));
+    std::memcpy(out, host_argmax_, size_t(t.rows) * sizeof(int32_t));
+    return collect_timings();
+  }
+
+  size_t memory_in_use() const override { return in_use_; }
+  size_t peak_memory() const override { return peak_; }
+
+  // Test and benchmark hooks (cuda_backend.h).
+  Status write(Tensor t, const float* host) {
+    if (mode_ != Mode::eager) return Status::error("cuda write_tensor: not during a captured step");
+    KS_RETURN_IF_ERROR(flush());
+    note_write(t);
+    KS_CUDA_CHECK("write_tensor", cudaMemcpyAsync(t.data, host, size_t(t.rows * t.cols) * 4,
+                                                  cudaMemcpyHostToDevice, stream_));
+    KS_CUDA_CHECK("write_tensor", cudaStreamSynchronize(stream_));
+    return Status::ok();
+  }
+
+  Status set_timing(bool enabled) {
+    if (enabled && timing_events_.empty()) {
+      timing_events_.resize(kMaxTimedEvents);
+      for (cudaEvent_t& e : timing_events_) KS_CUDA_CHECK("op timing", cudaEventCreate(&e));
+    }
+    timing_ = enabled;
+    op_times_.clear();
+    pending_.clear();
+    return Status::ok();
+  }
+
+  std::vector<OpTime> timings() const {
+    std::vector<OpTime> out;
+    for (const auto& [op, t] : op_times_) out.push_back(t);
+    std::sort(out.begin(), out.end(),
+              [](const OpTime& a, const OpTime& b) { return a.milliseconds > b.milliseconds; });
+    return out;
+  }
+
+  GraphStats graph_stats() const { return stats_; }
+
+ private:
+  CudaBackend() = default;
+
+  // What reserve() allocates beyond the KV cache and the scratch arena.
+  struct Extras {
+    int64_t shadow_rows = 0;
+    int64_t shadow_cols = 0;
+    size_t shadow_bytes = 0;
+    size_t dequant_bytes = 0;
+    size_t cublas_bytes = 0;
+    int max_splits = 0;
+    size_t split_o_bytes = 0;
+    size_t split_ml_bytes = 0;
+    size_t meta_bytes = 0;
+    size_t rows_bytes = 0;
+    size_t total() const {
+      return 2 * shadow_bytes + dequant_bytes + cublas_bytes + split_o_bytes + split_ml_bytes +
+             meta_bytes + 2 * rows_bytes;
+    }
+  };
+
+  Extras extras_for(const ModelConfig& c, const RunShape& shape) const {
+    Extras e;
+    const int64_t widest = std::max({c.hidden_size, c.q_dim(), c.intermediate_size});
+    e.shadow_rows =
+        std::max({shape.max_batch_tokens, shape.max_logit_rows, int64_t(kMaxGemvTokens)});
+    e.shadow_cols = round_up(widest, kGroup);
+    e.shadow_bytes = size_t(e.shadow_rows * e.shadow_cols) * sizeof(__half);
+    const bool prefill_gemm =
+        shape.max_batch_tokens > kMaxGemvTokens || shape.max_logit_rows > kMaxGemvTokens;
+    // fp16 weights go to cuBLAS as they are; before upload the format is unknown, so the
+    // planner is given the quantized (larger) figure.
+    if (prefill_gemm && !(weights_uploaded() && weights_format_ == WeightFormat::fp16)) {
+      // One fp16 copy of the largest layer weight (lm_head, when prefill asks for many logit
+      // rows, goes through it in slices of rows). Measured on the H100: slices of 16 MB, meant
+      // to keep the copy in L2, made Llama-3.1-8B's 1024-token prefill twice as slow (cuBLAS on
+      // thin slices), so whole weights it is.
+      const int64_t largest = std::max({c.q_dim() * c.hidden_size, c.kv_dim() * c.hidden_size,
+                                        c.intermediate_size * c.hidden_size});
+      e.dequant_bytes = size_t(largest) * sizeof(__half);
+    }
+    if (prefill_gemm) e.cublas_bytes = kCublasWorkspaceBytes;
+    e.max_splits = int(ceil_div(shape.max_context, kDecodeSplit));
+    const size_t partials = size_t(kMaxGemvTokens) * size_t(c.n_heads) * size_t(e.max_splits);
+    e.split_o_bytes = partials * size_t(c.head_dim) * sizeof(float);
+    e.split_ml_bytes = partials * 2 * sizeof(float);
+    e.meta_bytes = size_t(3 * shape.max_batch_tokens) * sizeof(int32_t);
+    e.rows_bytes = size_t(std::max(shape.max_logit_rows, shape.max_batch_tokens)) * sizeof(int32_t);
+    return e;
+  }
+
+  WorkspaceTypes workspace_types(const ModelConfig& c, const RunShape& shape) const {
+    WorkspaceTypes types;
+    types.kv_element_bytes = sizeof(__half);
+    types.activation_element_bytes = sizeof(float);
+    types.score_rows = 0;
+    types.fixed_bytes = extras_for(c, shape).total() + size_t(c.head_dim) * sizeof(float);
+    return types;
+  }
+
+  bool weights_uploaded() const { return embed_.data != nullptr; }
+
+  const int32_t* tokens_device() const { return meta_; }
+  const int32_t* positions_device() const { return meta_ + shape_.max_batch_tokens; }
+  const int32_t* seq_ids_device() const { return meta_ + 2 * shape_.max_batch_tokens; }
+
+  static uint64_t addr(const void* p) { return uint64_t(reinterpret_cast<uintptr_t>(p)); }
+
+  void trace(std::initializer_list<uint64_t> values) {
+    if (mode_ == Mode::eager) return;
+    for (uint64_t v : values) {
+      fingerprint_ ^= v;
+      fingerprint_ *= 1099511628211ull;
+    }
+  }
+
+  // --- fp16 shadows -------------------------------------------------------------------------
+
+  ShadowOut shadow_out(int buffer, int64_t rows, int64_t cols) const {
+    const bool permuted = rows <= kMaxGemvTokens;
+    return ShadowOut{shadow_buffers_[buffer], round_up(cols, kGroup), permuted};
+  }
+
+  bool shadow_fits(Tensor t) const {
+    return t.rows <= shadow_rows_ && round_up(t.cols, kGroup) <= shadow_cols_;
+  }
+
+  // The shadow `out`'s producer writes alongside it (none when `out` cannot be a matmul input).
+  // Shadows alternate between two buffers, so a producer never overwrites the shadow its own
+  // kernel may still be reading (the fused gate/up/swiglu GEMV).
+  ShadowOut produce_shadow(Tensor out) {
+    if (!shadow_fits(out)) return ShadowOut{};
+    const int buffer = 1 - shadow_.buffer;
+    shadow_ = ShadowState{out.data, out.rows, out.cols, out.rows <= kMaxGemvTokens, buffer};
+    return shadow_out(buffer, out.rows, out.cols);
+  }
+
+  Status ensure_shadow(Tensor x) {
+    if (!shadow_fits(x)) {
+      return Status::error("cuda matmul: input [" + std::to_string(x.rows) + ", " +
+                           std::to_string(x.cols) + "] exceeds the reserved shadow");
+    }
+    const bool permuted = x.rows <= kMaxGemvTokens;
+    if (shadow_.owner == x.data && shadow_.rows == x.rows && shadow_.cols == x.cols &&
+        shadow_.permuted == permuted) {
+      return Status::ok();
+    }
+    const int buffer = 1 - shadow_.buffer;
+    shadow_ = ShadowState{x.data, x.rows, x.cols, permuted, buffer};
+    trace({9, addr(x.data), uint64_t(x.rows), uint64_t(x.cols), uint64_t(buffer)});
+    if (mode_ == Mode::replay) return Status::ok();
+    const auto timer = time_op("shadow");
+    return write_shadow(f32(x), x.rows, x.cols, shadow_out(buffer, x.rows, x.cols), stream_);
+  }
+
+  // An op wrote `t` without refreshing the shadow: forget a shadow of memory it overlaps.
+  void note_write(Tensor t) {
+    if (shadow_.owner == nullptr) return;
+    const auto* begin = static_cast<const char*>(t.data);
+    const auto* end = begin + t.rows * t.cols * int64_t(sizeof(float));
+    const auto* s_begin = static_cast<const char*>(shadow_.owner);
+    const auto* s_end = s_begin + shadow_.rows * shadow_.cols * int64_t(sizeof(float));
+    if (begin < s_end && s_begin < end) shadow_.owner = nullptr;
+  }
+
+  // --- held-back ops --------------------------------------------------------------------------
+
+  Status launch_gemv(const PendingMatmul& m, GemvEpilogue epilogue, ShadowOut shadow) {
+    for (int i = 0; i < m.n_jobs; ++i) {
+      trace({3, addr(m.jobs[i].y), addr(m.x), uint64_t(m.n_tokens), addr(m.jobs[i].w.data),
+             addr(m.jobs[i].residual), uint64_t(epilogue), addr(shadow.data), addr(m.norm.x),
+             addr(m.norm.w), addr(m.norm.out)});
+    }
+    if (mode_ == Mode::replay) return Status::ok();
+    const bool norm = m.norm.x != nullptr;
+    const auto timer = time_op(epilogue == GemvEpilogue::swiglu
+                                   ? (norm ? "rms_norm + matmul + swiglu" : "matmul + swiglu")
+                               : m.jobs[0].residual != nullptr ? "matmul + add"
+                               : norm                          ? "rms_norm + matmul"
+                                                               : "matmul");
+    return gemv(m.jobs, m.n_jobs, m.x, m.x_stride, m.n_tokens, props_.multiProcessorCount, stream_,
+                epilogue, shadow, m.norm);
+  }
+
+  Status launch_norm(const PendingNorm& n) {
+    const ShadowOut shadow = produce_shadow(n.out);
+    uint32_t eps_bits;
+    std::memcpy(&eps_bits, &n.eps, 4);
+    trace({2, addr(n.out.data), addr(n.x.data), uint64_t(n.x.rows), uint64_t(n.x.cols), addr(n.w),
+           eps_bits});
+    if (mode_ == Mode::replay) return Status::ok();
+    const auto timer = time_op("rms_norm");
+    return cuda::rms_norm(f32(n.out), f32(n.x), n.w, n.eps, n.x.rows, n.x.cols, shadow, stream_);
+  }
+
+  // Launches whatever is held back, unfused.
+  Status flush() {
+    if (pending_norm_) {
+      const PendingNorm n = *pending_norm_;
+      pending_norm_.reset();
+      KS_RETURN_IF_ERROR(launch_norm(n));
+    }
+    if (pending_matmul_) {
+      const PendingMatmul m = *pending_matmul_;
+      pending_matmul_.reset();
+      KS_RETURN_IF_ERROR(launch_gemv(m, GemvEpilogue::store, ShadowOut{}));
+    }
+    if (pending_rope_) {
+      const PendingRope r = *pending_rope_;
+      pending_rope_.reset();
+      trace({4, addr(r.q.data), addr(r.k.data), uint64_t(r.q.rows)});
+      if (mode_ == Mode::replay) return Status::ok();
+      const auto timer = time_op("rope");
+      return cuda::rope(f32(r.q), f32(r.k), r.q.rows, int(r.params.n_heads),
+                        int(r.params.n_kv_heads), int(r.params.head_dim), positions_device(),
+                        inv_freq_, stream_);
+    }
+    return Status::ok();
+  }
+
+  // --- graphs -------------------------------------------------------------------------------
+
+  void abort_capture() {
+    if (mode_ != Mode::capture || stream_ == nullptr) return;
+    cudaGraph_t graph = nullptr;
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();  // the aborted capture's error is not the next call's
+    mode_ = Mode::eager;
+  }
+
+  void clear_graphs() {
+    for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);
+    graphs_.clear();
+  }
+
+  Status finish_graph() {
+    const Mode mode = mode_;
+    mode_ = Mode::eager;
+    if (mode == Mode::capture) {
+      cudaGraph_t graph = nullptr;
+      KS_CUDA_CHECK("decode graph", cudaStreamEndCapture(stream_, &graph));
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      KS_CUDA_CHECK("decode graph", err);
+      graphs_[graph_key_] = StepGraph{exec, fingerprint_};
+      ++stats_.captured;
+      KS_CUDA_CHECK("decode graph", cudaGraphLaunch(exec, stream_));
+    } else if (mode == Mode::replay) {
+      const StepGraph& g = graphs_.at(graph_key_);
+      if (g.fingerprint != fingerprint_) {
+        return Status::error(
+            "cuda decode graph: this call's ops differ from the captured step "
+            "of the same shape");
+      }
+      ++stats_.replayed;
+      KS_CUDA_CHECK("decode graph", cudaGraphLaunch(g.exec, stream_));
+    }
+    return Status::ok();
+  }
+
+  // --- per-op timing ------------------------------------------------------------------------
+
+  struct PendingTiming {
+    const char* op;
+    cudaEvent_t start;
+    cudaEvent_t end;
+  };
+
+  class ScopedTimer {
+   public:
+    ScopedTimer(CudaBackend* backend, const char* op) : backend_(backend), op_(op) {
+      if (backend_ == nullptr) return;
+      const size_t i = 2 * backend_->pending_.size();
+      if (i + 1 >= backend_->timing_events_.size()) {
+        backend_ = nullptr;
+        return;
+      }
+      start_ = backend_->timing_events_[i];
+      end_ = backend_->timing_events_[i + 1];
+      cudaEventRecord(start_, backend_->stream_);
+    }
+    ~ScopedTimer() {
+      if (backend_ == nullptr) return;
+      cudaEventRecord(end_, backend_->stream_);
+      backend_->pending_.push_back(PendingTiming{op_, start_, end_});
+    }
+    ScopedTimer(const ScopedTimer&) = delete;
+    ScopedTimer& operator=(const ScopedTimer&) = delete;
+
+   private:
+    CudaBackend* backend_;
+    const char* op_;
+    cudaEvent_t start_ = nullptr;
+    cudaEvent_t end_ = nullptr;
+  };
+
+  ScopedTimer time_op(const char* op) { return ScopedTimer(timing_ ? this : nullptr, op); }
+
+  Status collect_timings() {
+    for (const PendingTiming& p : pending_) {
+      float ms = 0;
+      KS_CUDA_CHECK("op timing", cudaEventElapsedTime(&ms, p.start, p.end));
+      OpTime& t = op_times_[p.op];
+      t.op = p.op;
+      t.milliseconds += ms;
+      ++t.calls;
+    }
+    pending_.clear();
+    return Status::ok();
+  }
+
+  // --- memory -------------------------------------------------------------------------------
+
+  Result<void*> allocate(size_t bytes, const std::string& what) {
+    void* p = nullptr;
+    const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 16));
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return Status::error("cuda backend: cannot allocate " + std::to_string(bytes >> 20) +
+                           " MiB for " + what + " (" + cudaGetErrorString(err) + "; " +
+                           std::to_string(free_memory() >> 20) + " MiB free)");
+    }
+    allocations_[p] = bytes;
+    in_use_ += bytes;
+    peak_ = std::max(peak_, in_use_);
+    return p;
+  }
+
+  Status free_device(void* p) {
+    auto it = allocations_.find(p);
+    if (it == allocations_.end()) return Status::ok();
+    in_use_ -= it->second;
+    allocations_.erase(it);
+    KS_CUDA_CHECK("free", cudaFree(p));
+    return Status::ok();
+  }
+
+  template <typename T>
+  Result<T*> reserve_device(size_t bytes, const std::string& what) {
+    KS_ASSIGN_OR_RETURN(void* p, allocate(bytes, what));
+    reservation_.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+  template <typename T>
+  Result<T*> pinned(size_t bytes) {
+    void* p = nullptr;
+    KS_CUDA_CHECK("reserve", cudaMallocHost(&p, std::max<size_t>(bytes, 16)));
+    pinned_.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+  Status release_weights() {
+    KS_CUDA_CHECK("upload", cudaStreamSynchronize(stream_));
+    abort_capture();
+    clear_graphs();
+    for (void* p : weight_allocations_) KS_RETURN_IF_ERROR(free_device(p));
+    weight_allocations_.clear();
+    linears_.clear();
+    vectors_.clear();
+    embed_ = DeviceWeight{};
+    embed_host_ = nullptr;
+    return Status::ok();
+  }
+
+  Result<void*> weight_memory(size_t bytes, const std::string& what) {
+    KS_ASSIGN_OR_RETURN(void* p, allocate(bytes, what));
+    weight_allocations_.push_back(p);
+    return p;
+  }
+
+  Result<DeviceWeight> upload_weight(const QuantWeight& w, const std::string& what) {
+    DeviceWeight d;
+    d.rows = w.rows;
+    d.cols = w.cols;
+    if (w.rows <= 0) return d;
+    if (is_quantized(w.format)) {
+      if (w.cols % kGroup != 0 || (w.block != 32 && w.block != 64)) {
+        return Status::error("cuda upload " + what + ": quantized width " + std::to_string(w.cols) +
+                             " / block " + std::to_string(w.block) + " unsupported");
+      }
+      d.format = w.format;
+      d.block = w.block;
+      d.row_bytes = int64_t(w.data_row_bytes());
+      const size_t data_bytes = w.data.size();
+      const size_t scale_at = round_up(int64_t(data_bytes), 256);
+      const size_t min_at = scale_at + round_up(int64_t(w.scales.size()), 256);
+      KS_ASSIGN_OR_RETURN(void* mem, weight_memory(min_at + w.mins.size(), what));
+      auto* base = static_cast<uint8_t*>(mem);
+      KS_CUDA_CHECK("upload", cudaMemcpy(base, w.data.data(), data_bytes, cudaMemcpyHostToDevice));
+      KS_CUDA_CHECK("upload", cudaMemcpy(base + scale_at, w.scales.data(), w.scales.size(),
+                                         cudaMemcpyHostToDevice));
+      if (!w.mins.empty()) {
+        KS_CUDA_CHECK("upload", cudaMemcpy(base + min_at, w.mins.data(), w.mins.size(),
+                                           cudaMemcpyHostToDevice));
+        d.mins = reinterpret_cast<const __half*>(base + min_at);
+      }
+      d.data = base;
+      d.scales = reinterpret_cast<const __half*>(base + scale_at);
+      return d;
+    }
+    // Float formats become fp16 rows padded to a multiple of 32 values (zeros), which the GEMV
+    // reads in whole groups and cuBLAS reads with a leading dimension.
+    d.format = WeightFormat::fp16;
+    const int64_t padded = round_up(w.cols, kGroup);
+    d.row_bytes = padded * int64_t(sizeof(uint16_t));
+    std::vector<uint16_t> host(size_t(w.rows * padded), 0);
+    for (int64_t r = 0; r < w.rows; ++r) {
+      uint16_t* dst = host.data() + r * padded;
+      const uint8_t* src = w.data.data() + size_t(r) * w.data_row_bytes();
+      for (int64_t c = 0; c < w.cols; ++c) {
+        switch (w.format) {
+          case WeightFormat::fp16:
+            std::memcpy(&dst[c], src + 2 * c, 2);
+            break;
+          case WeightFormat::bf16: {
+            uint16_t b;
+            std::memcpy(&b, src + 2 * c, 2);
+            dst[c] = float_to_fp16(bf16_to_float(b));
+            break;
+          }
+          default: {
+            float f;
+            std::memcpy(&f, src + 4 * c, 4);
+            dst[c] = float_to_fp16(f);
+            break;
+          }
+        }
+      }
+    }
+    KS_ASSIGN_OR_RETURN(void* mem, weight_memory(host.size() * sizeof(uint16_t), what));
+    KS_CUDA_CHECK("upload", cudaMemcpy(mem, host.data(), host.size() * sizeof(uint16_t),
+                                       cudaMemcpyHostToDevice));
+    d.data = static_cast<const uint8_t*>(mem);
+    return d;
+  }
+
+  Status upload_linear(Linear& linear, const std::string& what) {
+    KS_ASSIGN_OR_RETURN(DeviceWeight d, upload_weight(linear.w, what));
+    if (!linear.bias.empty()) {
+      KS_ASSIGN_OR_RETURN(void* mem, weight_memory(linear.bias.size(), what + ".bias"));
+      KS_CUDA_CHECK("upload", cudaMemcpy(mem, linear.bias.data(), linear.bias.size(),
+                                         cudaMemcpyHostToDevice));
+      d.bias = static_cast<const float*>(mem);
+    }
+    linear.backend_slot = int(linears_.size());
+    linears_.push_back(d);
+    return Status::ok();
+  }
+
+  Status upload_vector(Vector& v, const std::string& what) {
+    KS_ASSIGN_OR_RETURN(void* mem, weight_memory(v.data.size(), what));
+    KS_CUDA_CHECK("upload", cudaMemcpy(mem, v.data.data(), v.data.size(), cudaMemcpyHostToDevice));
+    v.backend_slot = int(vectors_.size());
+    vectors_.push_back(static_cast<const float*>(mem));
+    return Status::ok();
+  }
+
+  Result<const DeviceWeight*> linear_of(const Linear& l) const {
+    if (l.backend_slot < 0 || size_t(l.backend_slot) >= linears_.size()) {
+      return Status::error("cuda matmul: weight was not uploaded to this backend");
+    }
+    return &linears_[size_t(l.backend_slot)];
+  }
+
+  Result<const float*> vector_of(const Vector& v, const char* op) const {
+    if (v.backend_slot < 0 || size_t(v.backend_slot) >= vectors_.size()) {
+      return Status::error(std::string("cuda ") + op + ": weight was not uploaded to this backend");
+    }
+    return vectors_[size_t(v.backend_slot)];
+  }
+
+  cudaDeviceProp props_{};
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+
+  std::unordered_map<void*, size_t> allocations_;
+  size_t in_use_ = 0;
+  size_t peak_ = 0;
+  std::vector<void*> weight_allocations_;
+  std::vector<void*> reservation_;
+  std::vector<void*> pinned_;
+
+  WeightFormat weights_format_ = WeightFormat::sym_int4;
+  const uint8_t* embed_host_ = nullptr;
+  DeviceWeight embed_;
+  std::vector<DeviceWeight> linears_;
+  std::vector<const float*> vectors_;
+
+  bool reserved_ = false;
+  ModelConfig config_;
+  RunShape shape_;
+  KvCache cache_;
+  float* arena_ = nullptr;
+  size_t arena_floats_ = 0;
+  size_t scratch_used_ = 0;
+  __half* shadow_buffers_[2] = {nullptr, nullptr};
+  int64_t shadow_rows_ = 0;
+  int64_t shadow_cols_ = 0;
+  ShadowState shadow_;
+  std::optional<PendingMatmul> pending_matmul_;
+  std::optional<PendingRope> pending_rope_;
+  std::optional<PendingNorm> pending_norm_;
+  GemmWorkspace gemm_ws_;
+  DecodeWorkspace decode_ws_;
+  int32_t* meta_ = nullptr;         // [3, max_batch_tokens]: tokens, positions, sequence ids
+  int32_t* gather_rows_ = nullptr;  // [max rows]
+  int32_t* argmax_out_ = nullptr;   // [max rows]
+  float* inv_freq_ = nullptr;       // [head_dim / 2]
+  int32_t* host_meta_ = nullptr;    // pinned twins of the above
+  int32_t* host_rows_ = nullptr;
+  int32_t* host_argmax_ = nullptr;
+  float* host_read_ = nullptr;  // pinned [16, vocab]: decode logits come back through it
+  size_t host_read_floats_ = 0;
+
+  BatchView batch_;
+  bool single_run_ = false;  // the batch is one sequence at consecutive positions
+
+  Mode mode_ = Mode::eager;
+  std::vector<int32_t> graph_key_;  // n_tokens, then the logit rows
+  uint64_t fingerprint_ = 0;
+  std::map<std::vector<int32_t>, StepGraph> graphs_;
+  GraphStats stats_;
+
+  bool timing_ = false;
+  std::vector<cudaEvent_t> timing_events_;
+  std::vector<PendingTiming> pending_;
+  std::map<std::string, OpTime> op_times_;
+};
+
+CudaBackend* as_cuda(Backend& backend) {
+  return dynamic_cast<CudaBackend*>(&backend);
+}
+
+}  // namespace
+
+Status write_tensor(Backend& backend, Tensor t, const float* host) {
+  CudaBackend* cuda = as_cuda(backend);
+  if (cuda == nullptr) return Status::error("write_tensor: not a CUDA backend");
+  return cuda->write(t, host);
+}
+
+Status set_op_timing(Backend& backend, bool enabled) {
+  CudaBackend* cuda = as_cuda(backend);
+  if (cuda == nullptr) return Status::error("set_op_timing: not a CUDA backend");
+  return cuda->set_timing(enabled);
+}
+
+std::vector<OpTime> op_times(Backend& backend) {
+  CudaBackend* cuda = as_cuda(backend);
+  return cuda != nullptr ? cuda->timings() : std::vector<OpTime>{};
+}
+
+GraphStats graph_stats(Backend& backend) {
+  CudaBackend* cuda = as_cuda(backend);
+  return cuda != nullptr ? cuda->graph_stats() : GraphStats{};
+}
+
+}  // namespace cuda
+
+Result<std::unique_ptr<Backend>> make_cuda_backend() {
+  return cuda::CudaBackend::create();
+}
+
+}  // namespace kestrel

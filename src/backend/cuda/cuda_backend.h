@@ -1,0 +1,41 @@
+// The CUDA backend's entry points for code outside src/backend/cuda/ (no CUDA types here).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/status.h"
+
+namespace kestrel {
+
+// The CUDA backend on device 0; fails with the runtime's message when there is no usable GPU.
+Result<std::unique_ptr<Backend>> make_cuda_backend();
+
+namespace cuda {
+
+// Copies host fp32 [t.rows, t.cols] into a scratch tensor of a CUDA backend: tests feed ops
+// their inputs this way.
+Status write_tensor(Backend& backend, Tensor t, const float* host);
+
+// Per-op device time for benchmarks. While enabled, forward calls run eagerly (no CUDA graph)
+// with events around every op; op_times() returns the accumulated milliseconds and calls per op
+// name since the last reset.
+struct OpTime {
+  std::string op;
+  double milliseconds = 0;
+  int64_t calls = 0;
+};
+Status set_op_timing(Backend& backend, bool enabled);
+std::vector<OpTime> op_times(Backend& backend);
+
+// How many decode steps replayed a captured graph, and how many graphs were captured.
+struct GraphStats {
+  int64_t captured = 0;
+  int64_t replayed = 0;
+};
+GraphStats graph_stats(Backend& backend);
+
+}  // namespace cuda
+}  // namespace kestrel

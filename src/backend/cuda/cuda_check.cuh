@@ -1,0 +1,52 @@
+// Every CUDA call and kernel launch is checked; a failure becomes a Status naming the op, the
+// call and where it was made, e.g. "cuda matmul: cudaMemcpyAsync(...) failed: invalid argument
+// (src/backend/cuda/cuda_backend.cu:412)".
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "core/status.h"
+
+namespace kestrel::cuda {
+
+inline Status cuda_error(const char* op, const char* call, const std::string& what,
+                         const char* file, int line) {
+  return Status::error(std::string("cuda ") + op + ": " + call + " failed: " + what + " (" + file +
+                       ":" + std::to_string(line) + ")");
+}
+
+}  // namespace kestrel::cuda
+
+// Returns a Status from the enclosing function when the CUDA runtime call `expr` fails.
+#define KS_CUDA_CHECK(op, expr)                                                                 \
+  do {                                                                                          \
+    const cudaError_t ks_cuda_err_ = (expr);                                                    \
+    if (ks_cuda_err_ != cudaSuccess) {                                                          \
+      return ::kestrel::cuda::cuda_error(op, #expr, cudaGetErrorString(ks_cuda_err_), __FILE__, \
+                                         __LINE__);                                             \
+    }                                                                                           \
+  } while (0)
+
+// Checks the launch just made (bad configuration, missing kernel image, sticky errors);
+// `kernel` is a string literal naming the kernel.
+#define KS_CUDA_CHECK_LAUNCH(op, kernel)                                                        \
+  do {                                                                                          \
+    const cudaError_t ks_cuda_err_ = cudaGetLastError();                                        \
+    if (ks_cuda_err_ != cudaSuccess) {                                                          \
+      return ::kestrel::cuda::cuda_error(op, "launch of " kernel,                               \
+                                         cudaGetErrorString(ks_cuda_err_), __FILE__, __LINE__); \
+    }                                                                                           \
+  } while (0)
+
+#define KS_CUBLAS_CHECK(op, expr)                                                                  \
+  do {                                                                                             \
+    const cublasStatus_t ks_cublas_st_ = (expr);                                                   \
+    if (ks_cublas_st_ != CUBLAS_STATUS_SUCCESS) {                                                  \
+      return ::kestrel::cuda::cuda_error(                                                          \
+          op, #expr, std::string("cuBLAS status ") + std::to_string(int(ks_cublas_st_)), __FILE__, \
+          __LINE__);                                                                               \
+    }                                                                                              \
+  } while (0)

@@ -1,0 +1,576 @@
+// The decode GEMV on mma.sync m16n8k16: weights are the A operand (16 rows per m-tile), tokens
+// the B operand (8 per n-tile), so one pass over the weights serves up to 16 tokens and the
+// arithmetic of 16 tokens stays far below the tensor cores' rate (CUDA-core FMAs would make
+// batch-16 decode compute-bound).
+//
+// Work split: a block of 8 warps owns 16 * MT consecutive rows of one weight (in swiglu mode,
+// the same 16 rows of the gate and of the up weight, so the epilogue sees both); its warps stride
+// over the columns in chunks of 128 (4 groups of 32), lane c = lane % 4 taking group c of the
+// chunk for rows lane / 4 and lane / 4 + 8 of each m-tile. The 8 warps' partial sums meet in
+// shared memory at the end. A lane's 16-byte int4 group holds weight j in the low nibble and
+// j + 16 in the high nibble of byte j; the mask-and-or trick turns nibble pairs at bits 0/16
+// into two fp16 values 1024 + q, so a 32-bit word yields the A fragment halves
+// (4u, 4u+2), (4u+1, 4u+3), (16+4u, 16+4u+2), (16+4u+1, 16+4u+3) for word u. The k order that
+// results is the "permuted" shadow layout of common.cuh, so the matching B fragment of
+// token lane / 4 is one 16-byte load. int8 and fp16 rows are unpacked into the same order with
+// byte permutes.
+//
+// With a NormInput, the input is RMSNorm(x) · w of an fp32 activation: every block computes it
+// (each block needs all of it, and reading 8-16 KB from L2 costs less than a kernel boundary)
+// into shared memory in the permuted fp16 layout, so the separate norm kernel, its fp16 shadow
+// in global memory and one dependent launch drop out of a decode step.
+#include <algorithm>
+
+#include "backend/cuda/cuda_check.cuh"
+#include "backend/cuda/gemv.cuh"
+
+namespace kestrel::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunkGroups = 4;  // groups of 32 columns per warp iteration (one per lane of a quad)
+
+struct GemvParams {
+  GemvJob jobs[kMaxGemvJobs];
+  int first_block[kMaxGemvJobs];
+  int n_jobs = 0;
+  ShadowOut shadow;           // swiglu mode: fp16 shadow of jobs[0].y
+  NormInput norm;             // when norm.x is set, the input is computed from it, x is null
+  const __half* x = nullptr;  // [n_tokens, x_stride] permuted fp16
+  int64_t x_stride = 0;
+  int64_t n_groups = 0;  // x_stride / 32
+  int n_tokens = 0;
+};
+
+// 32-bit words a lane reads per row per group of 32 weights.
+template <WeightFormat F>
+constexpr int words_per_group() {
+  return F == WeightFormat::fp16 ? 16 : F == WeightFormat::sym_int8 ? 8 : 4;
+}
+
+__device__ inline uint32_t half2_bits(__half2 h) {
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+__device__ inline __half2 bits_half2(uint32_t b) {
+  return *reinterpret_cast<__half2*>(&b);
+}
+
+// Dequantizes word set u of one lane's group into the four A-fragment halves described above.
+template <WeightFormat F>
+__device__ inline void dequant_quarter(const uint32_t (&w)[words_per_group<F>()], int u,
+                                       __half2 scale, __half2 min, uint32_t (&out)[4]) {
+  if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
+    const uint32_t q = w[u];
+    const uint32_t parts[4] = {
+        ((q >> 0) & 0x000f000fu) | 0x64006400u, ((q >> 8) & 0x000f000fu) | 0x64006400u,
+        ((q >> 4) & 0x000f000fu) | 0x64006400u, ((q >> 12) & 0x000f000fu) | 0x64006400u};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (F == WeightFormat::sym_int4) {
+        // (1024 + q) - 1032 = q - 8 exactly; one rounding in the multiply.
+        const __half2 v = __hsub2(bits_half2(parts[i]), __half2half2(__ushort_as_half(0x6408)));
+        out[i] = half2_bits(__hmul2(v, scale));
+      } else {
+        const __half2 v = __hsub2(bits_half2(parts[i]), __half2half2(__ushort_as_half(0x6400)));
+        out[i] = half2_bits(__hfma2(v, scale, min));
+      }
+    }
+  } else if constexpr (F == WeightFormat::sym_int8) {
+    // Bias the signed bytes by 128 and place each under a 0x64 high byte: 1024 + 128 + q.
+    const uint32_t lo = w[u] ^ 0x80808080u;
+    const uint32_t hi = w[4 + u] ^ 0x80808080u;
+    const uint32_t parts[4] = {
+        __byte_perm(lo, 0x64646464u, 0x4240), __byte_perm(lo, 0x64646464u, 0x4341),
+        __byte_perm(hi, 0x64646464u, 0x4240), __byte_perm(hi, 0x64646464u, 0x4341)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __half2 v = __hsub2(bits_half2(parts[i]), __half2half2(__ushort_as_half(0x6480)));
+      out[i] = half2_bits(__hmul2(v, scale));
+    }
+  } else {
+    out[0] = __byte_perm(w[2 * u], w[2 * u + 1], 0x5410);
+    out[1] = __byte_perm(w[2 * u], w[2 * u + 1], 0x7632);
+    out[2] = __byte_perm(w[8 + 2 * u], w[9 + 2 * u], 0x5410);
+    out[3] = __byte_perm(w[8 + 2 * u], w[9 + 2 * u], 0x7632);
+  }
+}
+
+// The weight pipeline: every warp streams its chunks through its own ring of shared-memory
+// stages filled with cp.async, so many chunks are in flight without holding registers. A lane
+// copies, and later reads, only its own bytes (its two rows' 16-byte pieces of the group and
+// their scales), so a stage needs no barrier: cp.async.wait_group alone says it has landed.
+template <WeightFormat F, int MT>
+struct Pipe {
+  static constexpr bool kAsym = F == WeightFormat::asym_int4;
+  static constexpr int kWords = words_per_group<F>();  // per row per group
+  static constexpr int kPieces = MT * 2 * kWords / 4;  // 16-byte pieces per lane per chunk
+  static constexpr int kScaleWords = F == WeightFormat::fp16 ? 0 : MT * 2 * (kAsym ? 2 : 1);
+  // Deep enough to cover DRAM latency, small enough that three or four blocks share an SM
+  // (a stage is 1 KB a warp for int4 with one m-tile).
+  static constexpr int kStages = (F == WeightFormat::sym_int4 || kAsym) ? (MT == 1 ? 5 : 3)
+                                 : F == WeightFormat::sym_int8          ? (MT == 1 ? 4 : 2)
+                                                                        : (MT == 1 ? 3 : 2);
+  static constexpr int kLaneBytes = kPieces * 16 + kScaleWords * 4;
+  static constexpr int kWarpStageBytes = kLaneBytes * 32;
+  static constexpr int kBytes = kWarps * kStages * kWarpStageBytes;
+};
+
+__device__ inline void cp_async_16(void* smem, const void* global) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  // .cg: weights are read once, L1 would only be polluted.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(global));
+}
+
+__device__ inline void cp_async_4(void* smem, const void* global) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(global));
+}
+
+__device__ inline void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int kPending>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// The NormInput prologue: xs [n_tokens, x_stride] fp16 permuted = rms_norm(norm.x) * norm.w,
+// with the rms_norm kernel's arithmetic (norm.cu) for each value; block 0 also stores the fp32
+// rows in norm.out. x_stride equals cols here (gemv_fuses_norm).
+__device__ void normalize_input(const GemvParams& p, __half* xs) {
+  __shared__ float partial[kWarps][kMaxGemvTokens];
+  __shared__ float inv_rms[kMaxGemvTokens];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t cols = p.x_stride;
+  const int n4 = int(cols / 4);
+  for (int t = 0; t < p.n_tokens; ++t) {
+    const float4* row = reinterpret_cast<const float4*>(p.norm.x + t * cols);
+    float sum = 0.0f;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < n4; i += kThreads) {
+      const float4 v = row[i];
+      sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) partial[warp][t] = sum;
+  }
+  __syncthreads();
+  if (int(threadIdx.x) < p.n_tokens) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][threadIdx.x];
+    inv_rms[threadIdx.x] = 1.0f / sqrtf(sum / float(cols) + p.norm.eps);
+  }
+  __syncthreads();
+  const float4* w4 = reinterpret_cast<const float4*>(p.norm.w);
+  uint32_t* xs32 = reinterpret_cast<uint32_t*>(xs);
+  for (int e = threadIdx.x; e < p.n_tokens * n4; e += kThreads) {
+    const int t = e / n4;
+    const int j = e - t * n4;  // columns 4j .. 4j + 3
+    const float4 v = reinterpret_cast<const float4*>(p.norm.x + t * cols)[j];
+    const float4 g = w4[j];
+    const float scale = inv_rms[t];
+    const float a0 = g.x * (v.x * scale);
+    const float a1 = g.y * (v.y * scale);
+    const float a2 = g.z * (v.z * scale);
+    const float a3 = g.w * (v.w * scale);
+    if (blockIdx.x == 0) {
+      reinterpret_cast<float4*>(p.norm.out + t * cols)[j] = make_float4(a0, a1, a2, a3);
+    }
+    // Group offset o = 4(j % 8): columns o .. o + 3 go to permuted slots b, b + 2, b + 1, b + 3
+    // (common.cuh), so two 32-bit stores hold (o, o + 2) and (o + 1, o + 3).
+    const int o = (j & 7) * 4;
+    const int64_t slot = t * cols + (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
+    xs32[slot / 2] = pack_half2(a0, a2);
+    xs32[slot / 2 + 1] = pack_half2(a1, a3);
+  }
+  __syncthreads();
+}
+
+// One lane's weights of one chunk in registers: rows (lane/4, lane/4 + 8) of each m-tile.
+template <WeightFormat F, int MT>
+struct Fragment {
+  uint32_t words[MT][2][words_per_group<F>()];
+  __half2 scale[MT][2];
+  __half2 min[MT][2];
+};
+
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm>
+__global__ void __launch_bounds__(kThreads, kNorm && NT == 1 ? 3 : 1)
+    gemv_kernel(const __grid_constant__ GemvParams p) {
+  static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
+  int job = 0;
+  const DeviceWeight* ws[MT];
+  int64_t row_base;
+  if constexpr (kSwiglu) {
+    ws[0] = &p.jobs[0].w;
+    ws[1] = &p.jobs[1].w;
+    row_base = int64_t(blockIdx.x) * 16;
+  } else {
+#pragma unroll
+    for (int j = 1; j < kMaxGemvJobs; ++j) {
+      if (j < p.n_jobs && int(blockIdx.x) >= p.first_block[j]) job = j;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ws[mt] = &p.jobs[job].w;
+    row_base = int64_t(int(blockIdx.x) - p.first_block[job]) * 16 * MT;
+  }
+  const int64_t n_rows = ws[0]->rows;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int quad_row = lane >> 2;
+  const int quad_col = lane & 3;
+
+  int64_t rows[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // Rows past the end read the last row; their sums are never stored.
+      const int64_t tile_row = kSwiglu ? 0 : mt * 16;
+      rows[mt][h] = min(row_base + tile_row + quad_row + 8 * h, n_rows - 1);
+    }
+  }
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+
+  const int64_t n_chunks = (p.n_groups + kChunkGroups - 1) / kChunkGroups;
+  using P = Pipe<F, MT>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* pipe = smem + warp * P::kStages * P::kWarpStageBytes;
+  // NormInput mode: [n_tokens, x_stride] fp16 permuted input, after the pipeline's stages.
+  __half* xs = reinterpret_cast<__half*>(smem + P::kBytes);
+  auto pieces = [&](int stage) {  // [kPieces][32 lanes] uint4
+    return reinterpret_cast<uint4*>(pipe + stage * P::kWarpStageBytes);
+  };
+  auto scale_words = [&](int stage) {  // [kScaleWords][32 lanes] uint32
+    return reinterpret_cast<uint32_t*>(pipe + stage * P::kWarpStageBytes + P::kPieces * 16 * 32);
+  };
+  // Per-row offsets computed once: no division or 64-bit multiply per chunk (the launcher
+  // checks that a weight's data and scales fit 32-bit offsets). Scales are fp16, two to a
+  // 32-bit word; the copy takes the aligned word and the read picks the half.
+  const int block_shift = ws[0]->block == 64 ? 1 : 0;
+  uint32_t data_offset[MT][2];
+  uint32_t scale_offset[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      data_offset[mt][h] = uint32_t(rows[mt][h] * ws[mt]->row_bytes);
+      scale_offset[mt][h] =
+          P::kScaleWords > 0 ? uint32_t(rows[mt][h] * (ws[mt]->cols >> (5 + block_shift))) : 0u;
+    }
+  }
+  auto issue = [&](int stage, int64_t chunk) {
+    const int64_t group = chunk * kChunkGroups + quad_col;
+    if (chunk < n_chunks && group < p.n_groups) {
+      const uint32_t g = uint32_t(group);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const DeviceWeight& w = *ws[mt];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* src = w.data + (data_offset[mt][h] + g * uint32_t(P::kWords * 4));
+#pragma unroll
+          for (int i = 0; i < P::kWords / 4; ++i) {
+            cp_async_16(&pieces(stage)[((mt * 2 + h) * (P::kWords / 4) + i) * 32 + lane],
+                        src + 16 * i);
+          }
+          if constexpr (P::kScaleWords > 0) {
+            const uint32_t si = (scale_offset[mt][h] + (g >> block_shift)) & ~1u;
+            cp_async_4(&scale_words(stage)[(mt * 2 + h) * 32 + lane], w.scales + si);
+            if constexpr (P::kAsym) {
+              cp_async_4(&scale_words(stage)[(MT * 2 + mt * 2 + h) * 32 + lane], w.mins + si);
+            }
+          }
+        }
+      }
+    }
+    cp_async_commit();  // one group per chunk, empty or not, keeps the wait counts uniform
+  };
+  auto consume = [&](int stage, int64_t chunk, Fragment<F, MT>& f) {
+    const int64_t group = chunk * kChunkGroups + quad_col;
+    const bool valid = group < p.n_groups;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int i = 0; i < P::kWords / 4; ++i) {
+          // A lane past the last group copied nothing: zeros, never stale bytes.
+          const uint4 v = valid ? pieces(stage)[((mt * 2 + h) * (P::kWords / 4) + i) * 32 + lane]
+                                : make_uint4(0, 0, 0, 0);
+          f.words[mt][h][4 * i + 0] = v.x;
+          f.words[mt][h][4 * i + 1] = v.y;
+          f.words[mt][h][4 * i + 2] = v.z;
+          f.words[mt][h][4 * i + 3] = v.w;
+        }
+        if constexpr (P::kScaleWords > 0) {
+          const bool high = ((scale_offset[mt][h] + (uint32_t(group) >> block_shift)) & 1u) != 0;
+          const uint32_t sw = valid ? scale_words(stage)[(mt * 2 + h) * 32 + lane] : 0u;
+          f.scale[mt][h] = __half2half2(__ushort_as_half(uint16_t(high ? sw >> 16 : sw)));
+          if constexpr (P::kAsym) {
+            const uint32_t mw = valid ? scale_words(stage)[(MT * 2 + mt * 2 + h) * 32 + lane] : 0u;
+            f.min[mt][h] = __half2half2(__ushort_as_half(uint16_t(high ? mw >> 16 : mw)));
+          }
+        }
+      }
+    }
+  };
+  // Activations (the B fragments) come from L1/L2 and are loaded one chunk ahead.
+  auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
+    const int64_t group = chunk * kChunkGroups + quad_col;
+    const bool valid = chunk < n_chunks && group < p.n_groups;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int token = nt * 8 + quad_row;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (valid && token < p.n_tokens) {
+          const __half* src = (kNorm ? xs : p.x) + token * p.x_stride + group * kGroup + u * 8;
+          const uint4 v = *reinterpret_cast<const uint4*>(src);
+          b[nt][u][0] = v.x;
+          b[nt][u][1] = v.y;
+          b[nt][u][2] = v.z;
+          b[nt][u][3] = v.w;
+        } else {
+          b[nt][u][0] = b[nt][u][1] = b[nt][u][2] = b[nt][u][3] = 0;
+        }
+      }
+    }
+  };
+
+  // Weights depend on no earlier kernel: the whole ring is requested before the wait.
+#pragma unroll
+  for (int stage = 0; stage < P::kStages; ++stage) issue(stage, warp + int64_t(stage) * kWarps);
+  pdl_wait();
+  if constexpr (kNorm) normalize_input(p, xs);
+  uint32_t b_cur[NT][4][4];
+  load_b(warp, b_cur);
+  int stage = 0;
+  for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
+    uint32_t b_next[NT][4][4];
+    load_b(chunk + kWarps, b_next);
+    cp_async_wait<P::kStages - 1>();
+    Fragment<F, MT> f;
+    consume(stage, chunk, f);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        uint32_t top[4], bottom[4];
+        dequant_quarter<F>(f.words[mt][0], u, f.scale[mt][0], f.min[mt][0], top);
+        dequant_quarter<F>(f.words[mt][1], u, f.scale[mt][1], f.min[mt][1], bottom);
+        const uint32_t a_low[4] = {top[0], bottom[0], top[1], bottom[1]};
+        const uint32_t a_high[4] = {top[2], bottom[2], top[3], bottom[3]};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          mma_16816(acc[mt][nt], a_low, b_cur[nt][u][0], b_cur[nt][u][1]);
+          mma_16816(acc[mt][nt], a_high, b_cur[nt][u][2], b_cur[nt][u][3]);
+        }
+      }
+    }
+    // The stage's bytes are in registers now; refill it with the chunk kStages ahead.
+    issue(stage, chunk + int64_t(P::kStages) * kWarps);
+    stage = stage + 1 == P::kStages ? 0 : stage + 1;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) b_cur[nt][u][i] = b_next[nt][u][i];
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
+  pdl_trigger();
+
+  constexpr int kValues = MT * NT * 4;
+  auto partial = reinterpret_cast<float(*)[kValues][32]>(smem);  // [kWarps][kValues][32]
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[warp][(mt * NT + nt) * 4 + i][lane] = acc[mt][nt][i];
+  __syncthreads();
+  if constexpr (kSwiglu) {
+    const GemvJob& gate = p.jobs[0];
+    const GemvJob& up = p.jobs[1];
+    for (int e = threadIdx.x; e < NT * 4 * 32; e += kThreads) {
+      const int l = e & 31;
+      const int idx = e >> 5;  // (nt, i) of the gate tile; the up tile follows at + NT * 4
+      float g = 0.0f, u = 0.0f;
+#pragma unroll
+      for (int wp = 0; wp < kWarps; ++wp) {
+        g += partial[wp][idx][l];
+        u += partial[wp][NT * 4 + idx][l];
+      }
+      const int i = idx & 3;
+      const int nt = idx >> 2;
+      const int64_t row = row_base + (l >> 2) + (i >= 2 ? 8 : 0);
+      const int token = nt * 8 + (l & 3) * 2 + (i & 1);
+      if (row < n_rows && token < p.n_tokens) {
+        if (gate.w.bias != nullptr) g += gate.w.bias[row];
+        if (up.w.bias != nullptr) u += up.w.bias[row];
+        const float value = g / (1.0f + expf(-g)) * u;
+        up.y[int64_t(token) * n_rows + row] = u;
+        gate.y[int64_t(token) * n_rows + row] = value;
+        if (p.shadow.data != nullptr) {
+          p.shadow.data[shadow_index(token, row, p.shadow.row_stride, p.shadow.permuted)] =
+              __float2half_rn(value);
+        }
+      }
+    }
+    // The shadow's padding past the last row (when rows is not a multiple of 32) is zero.
+    if (p.shadow.data != nullptr && blockIdx.x == gridDim.x - 1) {
+      const int64_t pad = p.shadow.row_stride - n_rows;
+      for (int64_t e = threadIdx.x; e < pad * p.n_tokens; e += kThreads) {
+        const int64_t token = e / pad;
+        const int64_t col = n_rows + e % pad;
+        p.shadow.data[shadow_index(token, col, p.shadow.row_stride, p.shadow.permuted)] =
+            __float2half_rn(0.0f);
+      }
+    }
+  } else {
+    const GemvJob& out = p.jobs[job];
+    for (int e = threadIdx.x; e < kValues * 32; e += kThreads) {
+      const int l = e & 31;
+      const int idx = e >> 5;
+      float sum = 0.0f;
+#pragma unroll
+      for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][idx][l];
+      const int i = idx & 3;
+      const int nt = (idx >> 2) % NT;
+      const int mt = (idx >> 2) / NT;
+      const int64_t row = row_base + mt * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
+      const int token = nt * 8 + (l & 3) * 2 + (i & 1);
+      if (row < n_rows && token < p.n_tokens) {
+        const float value = sum + (out.w.bias != nullptr ? out.w.bias[row] : 0.0f);
+        const int64_t at = int64_t(token) * n_rows + row;
+        out.y[at] = value;
+        if (out.residual != nullptr) out.residual[at] += value;
+      }
+    }
+  }
+}
+
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm>
+Status launch_kernel(const GemvParams& p, int blocks, cudaStream_t stream) {
+  constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
+  constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
+  constexpr int kMaxSmem = std::max(kPipeBytes + (kNorm ? int(kMaxNormInputBytes) : 0), kReduceBytes);
+  const int input_bytes = kNorm ? int(p.n_tokens * p.x_stride * int64_t(sizeof(__half))) : 0;
+  const int smem = std::max(kPipeBytes + input_bytes, kReduceBytes);
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm>;
+  static bool attribute_set = false;  // once per instantiation
+  if (!attribute_set) {
+    KS_CUDA_CHECK("matmul", cudaFuncSetAttribute(
+                                kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
+    attribute_set = true;
+  }
+  KS_CUDA_CHECK("matmul", launch_pdl(kernel, dim3(unsigned(blocks)), dim3(kThreads), size_t(smem),
+                                     stream, p));
+  KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
+  return Status::ok();
+}
+
+template <WeightFormat F, int MT, bool kSwiglu>
+Status launch_mt(const GemvParams& p, int blocks, cudaStream_t stream) {
+  if (p.norm.x != nullptr) {
+    if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, true>(p, blocks, stream);
+    return launch_kernel<F, MT, 2, kSwiglu, true>(p, blocks, stream);
+  }
+  if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false>(p, blocks, stream);
+  return launch_kernel<F, MT, 2, kSwiglu, false>(p, blocks, stream);
+}
+
+template <WeightFormat F>
+Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStream_t stream) {
+  auto count_blocks = [&](int rows_per_block) {
+    int total = 0;
+    for (int j = 0; j < p.n_jobs; ++j) {
+      p.first_block[j] = total;
+      total += int(ceil_div(p.jobs[j].w.rows, rows_per_block));
+    }
+    return total;
+  };
+  if (epilogue == GemvEpilogue::swiglu) {
+    return launch_mt<F, 2, true>(p, int(ceil_div(p.jobs[0].w.rows, 16)), stream);
+  }
+  // Two m-tiles per warp halve the B-fragment traffic, but only while there are enough blocks
+  // to keep every SM streaming; fp16 rows are 4x wider in registers, so they keep one.
+  if constexpr (F != WeightFormat::fp16) {
+    const int blocks32 = count_blocks(32);
+    if (blocks32 >= 2 * sm_count) return launch_mt<F, 2, false>(p, blocks32, stream);
+  }
+  const int blocks16 = count_blocks(16);
+  return launch_mt<F, 1, false>(p, blocks16, stream);
+}
+
+}  // namespace
+
+Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
+            int sm_count, cudaStream_t stream, GemvEpilogue epilogue, ShadowOut swiglu_shadow,
+            NormInput norm) {
+  if (n_jobs < 1 || n_jobs > kMaxGemvJobs) {
+    return Status::error("cuda matmul: " + std::to_string(n_jobs) + " weights in one GEMV");
+  }
+  if (n_tokens < 1 || n_tokens > kMaxGemvTokens) {
+    return Status::error("cuda matmul: GEMV takes 1 to 16 tokens, got " + std::to_string(n_tokens));
+  }
+  GemvParams p;
+  p.n_jobs = n_jobs;
+  const WeightFormat format = jobs[0].w.format;
+  for (int j = 0; j < n_jobs; ++j) {
+    if (jobs[j].w.rows * jobs[j].w.row_bytes >= (int64_t(1) << 32)) {
+      return Status::error("cuda matmul: a weight of 4 GiB or more needs 64-bit GEMV offsets");
+    }
+    if (jobs[j].w.format != format || jobs[j].w.cols != jobs[0].w.cols) {
+      return Status::error("cuda matmul: weights launched together differ in format or width");
+    }
+    p.jobs[j] = jobs[j];
+  }
+  if (epilogue == GemvEpilogue::swiglu &&
+      (n_jobs != 2 || jobs[0].w.rows != jobs[1].w.rows || jobs[0].residual != nullptr)) {
+    return Status::error("cuda matmul: swiglu GEMV needs gate and up weights of equal rows");
+  }
+  if (norm.x != nullptr) {
+    if (!gemv_fuses_norm(jobs[0].w.cols, n_tokens) || x_stride != jobs[0].w.cols ||
+        norm.w == nullptr || norm.out == nullptr) {
+      return Status::error("cuda matmul: an RMSNorm input of " + std::to_string(n_tokens) + " x " +
+                           std::to_string(jobs[0].w.cols) + " cannot be fused into the GEMV");
+    }
+  } else if (x == nullptr) {
+    return Status::error("cuda matmul: GEMV without an input");
+  }
+  p.shadow = swiglu_shadow;
+  p.norm = norm;
+  p.x = x;
+  p.x_stride = x_stride;
+  p.n_groups = x_stride / kGroup;
+  p.n_tokens = n_tokens;
+  switch (format) {
+    case WeightFormat::fp16:
+      return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);
+    case WeightFormat::sym_int8:
+      return launch_format<WeightFormat::sym_int8>(p, epilogue, sm_count, stream);
+    case WeightFormat::sym_int4:
+      return launch_format<WeightFormat::sym_int4>(p, epilogue, sm_count, stream);
+    case WeightFormat::asym_int4:
+      return launch_format<WeightFormat::asym_int4>(p, epilogue, sm_count, stream);
+    default:
+      return Status::error(std::string("cuda matmul: no GEMV for device format ") +
+                           format_name(format));
+  }
+}
+
+}  // namespace kestrel::cuda

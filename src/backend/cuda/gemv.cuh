@@ -1,0 +1,53 @@
+// Decode matrix products: y[n, rows] = x[n, cols] · wᵀ (+ bias) for 1..16 tokens, reading every
+// weight byte once per call whatever n is, dequantizing in registers, on the tensor cores.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "backend/cuda/common.cuh"
+#include "core/status.h"
+
+namespace kestrel::cuda {
+
+constexpr int kMaxGemvJobs = 3;  // q/k/v share one input: one launch
+
+struct GemvJob {
+  DeviceWeight w;
+  float* y = nullptr;         // [n_tokens, w.rows]
+  float* residual = nullptr;  // [n_tokens, w.rows]: when set, also residual += y (fused add)
+};
+
+// The GEMV's input as the RMSNorm of an fp32 activation, computed by every block into shared
+// memory (fp16, permuted) instead of by a separate kernel and an fp16 shadow in global memory.
+struct NormInput {
+  const float* x = nullptr;  // [n_tokens, cols] fp32, the norm's input; null: no norm
+  const float* w = nullptr;  // [cols] norm weight
+  float* out = nullptr;      // [n_tokens, cols] fp32 normalized rows (block 0 writes them)
+  float eps = 0.0f;
+};
+
+// Largest fp16 copy of the normalized input a block holds: batch-1/2 decode of hidden sizes up
+// to 4096 (beyond, the copy would cost the GEMV resident blocks).
+constexpr int64_t kMaxNormInputBytes = 16 * 1024;
+
+// Whether gemv() can take a NormInput for `n_tokens` rows of `cols` columns.
+inline bool gemv_fuses_norm(int64_t cols, int64_t n_tokens) {
+  return cols > 0 && cols % kGroup == 0 && n_tokens >= 1 && n_tokens <= kMaxGemvTokens &&
+         n_tokens * cols * 2 <= kMaxNormInputBytes;
+}
+
+enum class GemvEpilogue {
+  store,   // y_j = x · w_jᵀ + bias_j
+  swiglu,  // two jobs of equal rows (gate, up): y_1 = up, y_0 = silu(gate) * up, plus its shadow
+};
+
+// Runs every job against the same input: `x` is the permuted fp16 shadow [n_tokens, x_stride]
+// (common.cuh) of an activation with w.cols columns; all jobs share format and cols.
+// n_tokens in [1, 16]. `swiglu_shadow` receives the fp16 shadow of y_0 in swiglu mode. With
+// `norm.x` set, the input is rms_norm(norm.x) * norm.w instead and `x` is unused (null);
+// gemv_fuses_norm(cols, n_tokens) must hold.
+Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
+            int sm_count, cudaStream_t stream, GemvEpilogue epilogue = GemvEpilogue::store,
+            ShadowOut swiglu_shadow = {}, NormInput norm = {});
+
+}  // namespace kestrel::cuda

@@ -1,0 +1,291 @@
+#include "bench/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace kestrel::bench {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kKnownKeys[] = {"repo_id",    "local_model_hub", "warm_up",
+                                      "num_trials", "num_beams",       "low_bit",
+                                      "batch_size", "in_out_pairs",    "exclude"};
+// Keys of the all-in-one benchmark that select its Python APIs and options; Kestrel's device
+// comes from --device and the rest has no counterpart.
+constexpr const char* kAllInOneOnlyKeys[] = {"test_api",
+                                             "cpu_embedding",
+                                             "streaming",
+                                             "use_fp16_torch_dtype",
+                                             "task",
+                                             "n_gpu",
+                                             "group_size",
+                                             "lookahead",
+                                             "max_matching_ngram_size",
+                                             "transpose_value_cache",
+                                             "optimize_model",
+                                             "save_model",
+                                             "deepspeed_optimize_model"};
+
+template <size_t N>
+bool contains(const char* const (&list)[N], const std::string& key) {
+  return std::find_if(std::begin(list), std::end(list), [&](const char* k) { return key == k; }) !=
+         std::end(list);
+}
+
+std::string known_keys() {
+  std::string text;
+  for (const char* key : kKnownKeys) text += (text.empty() ? "" : ", ") + std::string(key);
+  return text;
+}
+
+// Parses a whole decimal integer (no sign, no trailing text).
+bool parse_count(const std::string& text, int64_t* value) {
+  if (text.empty() || text.size() > 18) return false;
+  int64_t v = 0;
+  for (char ch : text) {
+    if (ch < '0' || ch > '9') return false;
+    v = v * 10 + (ch - '0');
+  }
+  *value = v;
+  return true;
+}
+
+class KeyReader {
+ public:
+  KeyReader(const std::string& path, const std::string& key) : where_(path + ": " + key) {}
+
+  Result<std::string> string(const YAML::Node& node) const {
+    if (!node.IsScalar()) return Status::error(where_ + " must be a string");
+    return node.Scalar();
+  }
+
+  Result<int64_t> integer(const YAML::Node& node, int64_t min_value) const {
+    int64_t value = 0;
+    if (!node.IsScalar() || !parse_count(node.Scalar(), &value) || value < min_value) {
+      return Status::error(where_ + " must be an integer >= " + std::to_string(min_value) +
+                           (node.IsScalar() ? ", got '" + node.Scalar() + "'" : ""));
+    }
+    return value;
+  }
+
+  // A scalar or a list of scalars, as strings.
+  Result<std::vector<std::string>> strings(const YAML::Node& node) const {
+    std::vector<std::string> values;
+    if (node.IsNull()) return values;
+    if (node.IsScalar()) {
+      values.push_back(node.Scalar());
+      return values;
+    }
+    if (!node.IsSequence()) return Status::error(where_ + " must be a string or a list of them");
+    for (const YAML::Node& item : node) {
+      if (!item.IsScalar()) return Status::error(where_ + " must be a list of strings");
+      values.push_back(item.Scalar());
+    }
+    return values;
+  }
+
+  const std::string& where() const { return where_; }
+
+ private:
+  std::string where_;
+};
+
+}  // namespace
+
+std::string InOut::text() const {
+  return std::to_string(in_len) + "-" + std::to_string(out_len);
+}
+
+Result<InOut> parse_in_out(const std::string& text) {
+  const size_t dash = text.find('-');
+  InOut pair;
+  if (dash == std::string::npos || !parse_count(text.substr(0, dash), &pair.in_len) ||
+      !parse_count(text.substr(dash + 1), &pair.out_len) || pair.in_len <= 0 || pair.out_len <= 0) {
+    return Status::error("'" + text + "' is not an IN-OUT pair of positive token counts, e.g. " +
+                         "'1024-128'");
+  }
+  return pair;
+}
+
+Result<BenchConfig> parse_bench_config(const std::string& text, const std::string& path) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    return Status::error(path + ":" + std::to_string(e.mark.line + 1) + ":" +
+                         std::to_string(e.mark.column + 1) + ": not valid YAML: " + e.msg);
+  }
+  if (!root.IsMap()) return Status::error(path + ": expected a mapping of benchmark keys");
+
+  BenchConfig config;
+  bool has_in_out = false;
+  try {
+    for (const auto& entry : root) {
+      const std::string key = entry.first.as<std::string>();
+      const YAML::Node& value = entry.second;
+      const KeyReader read(path, key);
+      if (key == "repo_id") {
+        KS_ASSIGN_OR_RETURN(config.repo_ids, read.strings(value));
+      } else if (key == "local_model_hub") {
+        if (!value.IsNull()) {
+          KS_ASSIGN_OR_RETURN(config.local_model_hub, read.string(value));
+        }
+      } else if (key == "warm_up") {
+        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 0));
+        config.warm_up = int(std::min<int64_t>(v, 1000000));
+      } else if (key == "num_trials") {
+        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1));
+        config.num_trials = int(std::min<int64_t>(v, 1000000));
+      } else if (key == "num_beams") {
+        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1));
+        config.num_beams = int(std::min<int64_t>(v, 1000000));
+      } else if (key == "low_bit") {
+        KS_ASSIGN_OR_RETURN(std::string name, read.string(value));
+        auto format = parse_format(name);
+        if (!format.is_ok()) return format.status().with_context(read.where());
+        config.low_bit = *format;
+        config.low_bit_given = true;
+      } else if (key == "batch_size") {
+        config.batch_sizes.clear();
+        if (value.IsSequence()) {
+          for (const YAML::Node& item : value) {
+            KS_ASSIGN_OR_RETURN(int64_t v, read.integer(item, 1));
+            config.batch_sizes.push_back(v);
+          }
+        } else {
+          KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1));
+          config.batch_sizes.push_back(v);
+        }
+        if (config.batch_sizes.empty()) return Status::error(read.where() + " is an empty list");
+      } else if (key == "in_out_pairs") {
+        KS_ASSIGN_OR_RETURN(std::vector<std::string> pairs, read.strings(value));
+        for (const std::string& text : pairs) {
+          auto pair = parse_in_out(text);
+          if (!pair.is_ok()) return pair.status().with_context(read.where());
+          config.in_out_pairs.push_back(*pair);
+        }
+        has_in_out = true;
+      } else if (key == "exclude") {
+        KS_ASSIGN_OR_RETURN(config.exclude, read.strings(value));
+      } else if (contains(kAllInOneOnlyKeys, key)) {
+        config.ignored_keys.push_back(key);
+      } else {
+        return Status::error(path + ": unknown key '" + key + "' (known: " + known_keys() + ")");
+      }
+    }
+  } catch (const YAML::Exception& e) {
+    return Status::error(path + ":" + std::to_string(e.mark.line + 1) + ": " + e.msg);
+  }
+  if (config.repo_ids.empty()) return Status::error(path + ": repo_id lists no model");
+  if (!has_in_out || config.in_out_pairs.empty()) {
+    return Status::error(path + ": in_out_pairs lists no 'IN-OUT' pair");
+  }
+  return config;
+}
+
+Result<BenchConfig> load_bench_config(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return Status::error(path + ": cannot open the benchmark config");
+  std::stringstream text;
+  text << file.rdbuf();
+  return parse_bench_config(text.str(), path);
+}
+
+std::string model_source(const std::string& repo_id, const std::string& local_model_hub) {
+  if (repo_id.rfind("synthetic:", 0) == 0) return repo_id;
+  const fs::path path(repo_id);
+  std::error_code ec;
+  if (path.is_absolute() || fs::is_directory(path, ec) || local_model_hub.empty()) return repo_id;
+  // The all-in-one benchmark's rule: the hub folder holds models by their repository name.
+  std::string name = repo_id;
+  while (!name.empty() && name.back() == '/') name.pop_back();
+  const size_t slash = name.rfind('/');
+  if (slash != std::string::npos) name = name.substr(slash + 1);
+  return (fs::path(local_model_hub) / name).string();
+}
+
+std::vector<BenchCase> expand_cases(const BenchConfig& config, std::vector<std::string>* excluded) {
+  std::vector<BenchCase> cases;
+  auto is_excluded = [&](const std::string& model, const InOut& pair, int64_t batch) {
+    const std::string in = model + ":" + std::to_string(pair.in_len);
+    const std::string in_batch = in + ":" + std::to_string(batch);
+    for (const std::string& rule : config.exclude) {
+      if (rule == model || rule == in || rule == in_batch) return true;
+    }
+    return false;
+  };
+  for (const std::string& model : config.repo_ids) {
+    for (int64_t batch : config.batch_sizes) {
+      for (const InOut& pair : config.in_out_pairs) {
+        if (is_excluded(model, pair, batch)) {
+          if (excluded != nullptr) {
+            excluded->push_back(model + " " + pair.text() + " batch " + std::to_string(batch));
+          }
+          continue;
+        }
+        BenchCase c;
+        c.model = model;
+        c.source = model_source(model, config.local_model_hub);
+        c.format = config.low_bit;
+        c.format_explicit = config.low_bit_given;
+        c.in_len = pair.in_len;
+        c.out_len = pair.out_len;
+        c.batch_size = batch;
+        c.num_beams = config.num_beams;
+        c.warm_up = config.warm_up;
+        c.num_trials = config.num_trials;
+        cases.push_back(c);
+      }
+    }
+  }
+  return cases;
+}
+
+Result<size_t> parse_size(const std::string& text) {
+  size_t used = 0;
+  double value = -1;
+  try {
+    value = std::stod(text, &used);
+  } catch (...) {
+    used = 0;
+  }
+  std::string unit = text.substr(used);
+  while (!unit.empty() && unit.front() == ' ') unit.erase(unit.begin());
+  std::transform(unit.begin(), unit.end(), unit.begin(),
+                 [](unsigned char ch) { return char(std::tolower(ch)); });
+  struct Unit {
+    const char* name;
+    double scale;
+  };
+  static const Unit kUnits[] = {{"", 1},
+                                {"b", 1},
+                                {"kb", 1e3},
+                                {"mb", 1e6},
+                                {"gb", 1e9},
+                                {"tb", 1e12},
+                                {"kib", 1024.0},
+                                {"mib", 1048576.0},
+                                {"gib", 1073741824.0},
+                                {"tib", 1099511627776.0},
+                                {"k", 1024.0},
+                                {"m", 1048576.0},
+                                {"g", 1073741824.0},
+                                {"t", 1099511627776.0}};
+  if (used > 0 && std::isfinite(value) && value >= 0) {
+    for (const Unit& u : kUnits) {
+      if (unit == u.name && value * u.scale < 1.8e19) return size_t(value * u.scale);
+    }
+  }
+  return Status::error("'" + text +
+                       "' is not a memory size (e.g. 24GB, 512MiB, 1.5G or a byte count)");
+}
+
+}  // namespace kestrel::bench

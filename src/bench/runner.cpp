@@ -1,0 +1,407 @@
+#include "bench/runner.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+#include "model/loader.h"
+
+namespace kestrel::bench {
+
+namespace {
+
+// A field of /proc/self/status in bytes ("VmRSS", "VmHWM").
+Result<size_t> process_status_bytes(const std::string& key) {
+  std::ifstream file("/proc/self/status");
+  std::string line;
+  while (std::getline(file, line)) {
+    if (line.rfind(key + ":", 0) != 0) continue;
+    std::istringstream fields(line.substr(key.size() + 1));
+    uint64_t kib = 0;
+    if (fields >> kib) return size_t(kib) * 1024;
+  }
+  return Status::error("/proc/self/status: no " + key + " line");
+}
+
+// Sets the process's peak resident set (VmHWM) to its current resident set.
+bool reset_peak_rss() {
+  std::ofstream file("/proc/self/clear_refs");
+  file << "5";
+  file.close();
+  return bool(file);
+}
+
+double mean(const std::vector<double>& values) {
+  double sum = 0;
+  for (double v : values) sum += v;
+  return values.empty() ? 0.0 : sum / double(values.size());
+}
+
+std::string engine_key(const BenchCase& c) {
+  return c.source + "|" + format_name(c.format) + (c.format_explicit ? "|explicit" : "");
+}
+
+std::string seconds_text(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.2f s", seconds);
+  return text;
+}
+
+// KV cache element size of `backend`, from its own reservation layout.
+size_t kv_element_bytes(const Backend& backend, const ModelConfig& config) {
+  RunShape one;
+  one.max_seqs = one.max_context = one.max_batch_tokens = one.max_logit_rows = 1;
+  auto layout = backend.reserve_layout(config, one);
+  return layout.is_ok() ? layout->types.kv_element_bytes : sizeof(uint16_t);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
+  if (options.prompt_text.empty()) return Status::error("the benchmark needs a prompt text");
+  std::unique_ptr<Runner> runner(new Runner(std::move(options)));
+  const RunnerOptions& o = runner->options_;
+  KS_ASSIGN_OR_RETURN(runner->profile_, device_profile(o.device, o.threads));
+  runner->roofline_gbs_ = o.roofline_gbs > 0 ? o.roofline_gbs : runner->profile_.bandwidth_gbs;
+  Runner* self = runner.get();
+  runner->watchdog_ = std::make_unique<Watchdog>(
+      [self](const std::string& step, double deadline_s, double elapsed_s) {
+        self->on_hang(step, deadline_s, elapsed_s);
+      },
+      o.hang_grace_s);
+  // A device this build lacks fails here, once, rather than on every row.
+  KS_RETURN_IF_ERROR(runner->ensure_backend());
+  return runner;
+}
+
+Runner::~Runner() {
+  // The engine goes before the watchdog thread stops, so a hang during teardown is still seen.
+  engine_.reset();
+  spare_backend_.reset();
+}
+
+Status Runner::ensure_backend() {
+  if (engine_ || spare_backend_) return Status::ok();
+  KS_ASSIGN_OR_RETURN(spare_backend_, make_backend(options_.device, options_.threads));
+  return Status::ok();
+}
+
+double Runner::step_deadline(double expected_s) const {
+  if (options_.step_timeout_s > 0) return options_.step_timeout_s;
+  return step_deadline_seconds(expected_s, options_.deadline_factor, profile_.deadline_floor_s);
+}
+
+void Runner::on_hang(const std::string& step, double deadline_s, double elapsed_s) {
+  CaseResult result;
+  {
+    std::lock_guard<std::mutex> lock(current_mutex_);
+    result = current_;
+  }
+  result.ok = false;
+  result.status = "error: watchdog: " + step + " still running after " + seconds_text(elapsed_s) +
+                  " (deadline " + seconds_text(deadline_s) + "); the run was stopped";
+  if (options_.on_hang) options_.on_hang(result);
+}
+
+Result<MemoryBudget> Runner::budget_for(const std::string& key) {
+  MemoryBudget budget;
+  budget.bytes = std::numeric_limits<size_t>::max();
+  budget.source = "free memory unknown";
+  const bool reuse = engine_ != nullptr && engine_key_ == key;
+  if (profile_.host_memory) {
+    auto available = host_available_memory();
+    if (available.is_ok()) {
+      size_t held = 0;  // the loaded model and reservation this configuration takes over
+      if (reuse) {
+        auto rss = process_status_bytes("VmRSS");
+        if (rss.is_ok() && *rss > baseline_rss_) held = *rss - baseline_rss_;
+      }
+      budget.bytes = *available + held;
+      budget.source = "MemAvailable of /proc/meminfo";
+    }
+  } else {
+    const Backend& backend = engine_ ? engine_->backend() : *spare_backend_;
+    const size_t free_now = backend.free_memory();
+    if (free_now > 0) {
+      budget.bytes = reuse && baseline_free_ > 0 ? baseline_free_ : free_now;
+      budget.source = "free device memory";
+    }
+  }
+  if (options_.max_memory > 0 && options_.max_memory <= budget.bytes) {
+    budget.bytes = options_.max_memory;
+    budget.source = "--max-memory " + options_.max_memory_text;
+    budget.from_flag = true;
+  }
+  return budget;
+}
+
+double Runner::expected_seconds(const BenchCase& c) {
+  auto spec = weight_spec_of(c.source, c.format, c.format_explicit, options_.block);
+  if (!spec.is_ok() || !ensure_backend().is_ok()) return 0;
+  const Backend& backend = engine_ ? engine_->backend() : *spare_backend_;
+  const size_t kv_bytes = kv_element_bytes(backend, spec->config);
+  const int64_t chunk = std::max<int64_t>(1, std::min(options_.prefill_chunk, c.in_len));
+  double trial = 0;
+  for (int64_t begin = 0; begin < c.in_len; begin += chunk) {
+    const int64_t end = std::min(c.in_len, begin + chunk);
+    trial += kestrel::expected_seconds(prefill_cost(*spec, end - begin, end, kv_bytes), profile_);
+  }
+  trial *= double(c.batch_size);
+  for (int64_t s = 1; s < c.out_len; ++s) {
+    trial += kestrel::expected_seconds(
+        decode_cost(*spec, c.batch_size * c.num_beams, c.in_len + s, kv_bytes), profile_);
+  }
+  return trial * double(c.warm_up + c.num_trials);
+}
+
+Result<std::vector<int32_t>> Runner::prompt_for(const std::string& source, int64_t n_tokens,
+                                                int64_t vocab_size) {
+  Tokenize tokenize;
+  if (options_.tokenizer_for) {
+    auto cached = tokenized_text_.find(source);
+    if (cached == tokenized_text_.end()) {
+      KS_ASSIGN_OR_RETURN(Tokenize tokenizer, options_.tokenizer_for(source));
+      if (tokenizer) {
+        KS_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tokenizer(options_.prompt_text));
+        cached = tokenized_text_.emplace(source, std::move(ids)).first;
+      }
+    }
+    if (cached != tokenized_text_.end()) {
+      const std::vector<int32_t>& ids = cached->second;
+      tokenize = [&ids](const std::string&) -> Result<std::vector<int32_t>> { return ids; };
+    }
+  }
+  return prompt_tokens(options_.prompt_text, n_tokens, vocab_size, tokenize);
+}
+
+CaseResult Runner::run(const BenchCase& c) {
+  CaseResult result;
+  result.bench_case = c;
+  result.commit = options_.commit;
+  result.device = engine_          ? engine_->backend().name()
+                  : spare_backend_ ? spare_backend_->name()
+                                   : options_.device;
+  {
+    std::lock_guard<std::mutex> lock(current_mutex_);
+    current_ = result;
+  }
+  const double expected = options_.on_progress ? expected_seconds(c) : 0.0;
+  progress_reported_ = 0;
+  const Status status = run_case(c, result);
+  if (status.is_ok()) {
+    result.ok = true;
+    result.status = "ok";
+  } else {
+    result.ok = false;
+    result.status = "error: " + status.message();
+  }
+  if (options_.on_progress && expected > progress_reported_) {
+    options_.on_progress(expected - progress_reported_);
+  }
+  return result;
+}
+
+Status Runner::run_case(const BenchCase& c, CaseResult& result) {
+  KS_ASSIGN_OR_RETURN(WeightSpec spec,
+                      weight_spec_of(c.source, c.format, c.format_explicit, options_.block));
+  result.weight_bytes = planned_weight_bytes(spec);
+  result.decode_bytes = planned_decode_bytes(spec);
+  const std::string key = engine_key(c);
+  if (engine_ && engine_key_ != key) {
+    engine_.reset();
+    engine_key_.clear();
+  }
+  KS_RETURN_IF_ERROR(ensure_backend());
+  {
+    const Backend& backend = engine_ ? engine_->backend() : *spare_backend_;
+    result.device = backend.name();
+  }
+
+  // Plan before anything is built.
+  KS_ASSIGN_OR_RETURN(MemoryBudget budget, budget_for(key));
+  PlanInputs inputs;
+  inputs.weights = spec;
+  inputs.batch_size = c.batch_size;
+  inputs.num_beams = c.num_beams;
+  inputs.in_len = c.in_len;
+  inputs.out_len = c.out_len;
+  inputs.prefill_chunk = options_.prefill_chunk;
+  inputs.reserve_bytes = profile_.reserve_bytes;
+  inputs.host_logits = profile_.host_memory;
+  const LayoutOf layout_of = [&](const RunShape& shape) {
+    const Backend& backend = engine_ ? engine_->backend() : *spare_backend_;
+    return backend.reserve_layout(spec.config, shape);
+  };
+  auto plan = plan_memory(inputs, budget, layout_of);
+  if (!plan.is_ok()) {
+    // The row still records what the configuration would need at the smallest chunk.
+    PlanInputs smallest = inputs;
+    smallest.prefill_chunk = kMinPrefillChunk;
+    MemoryBudget unlimited;
+    unlimited.bytes = std::numeric_limits<size_t>::max();
+    auto needed = plan_memory(smallest, unlimited, layout_of);
+    if (needed.is_ok()) result.planned_bytes = needed->total_bytes();
+    return plan.status();
+  }
+  result.planned_bytes = plan->total_bytes();
+  result.prefill_chunk = std::min(options_.prefill_chunk, plan->shape.max_batch_tokens);
+  {
+    std::lock_guard<std::mutex> lock(current_mutex_);
+    current_ = result;
+  }
+
+  const std::string label =
+      c.model + " " + InOut{c.in_len, c.out_len}.text() + " batch " + std::to_string(c.batch_size);
+  if (!engine_) {
+    if (!profile_.host_memory) {
+      // The weights are built on the host before they are uploaded.
+      auto available = host_available_memory();
+      if (available.is_ok() && *available < result.weight_bytes) {
+        return Status::error("building the weights needs " + format_bytes(result.weight_bytes) +
+                             " of host memory but only " + format_bytes(*available) +
+                             " is available (MemAvailable)");
+      }
+    }
+    auto rss = process_status_bytes("VmRSS");
+    baseline_rss_ = rss.is_ok() ? *rss : 0;
+    baseline_free_ = spare_backend_->free_memory();
+    EngineOptions engine_options;
+    engine_options.model = c.source;
+    engine_options.format = c.format;
+    engine_options.format_explicit = c.format_explicit;
+    engine_options.block = options_.block;
+    engine_options.device = options_.device;
+    engine_options.threads = options_.threads;
+    engine_options.prefill_chunk = options_.prefill_chunk;
+    engine_options.progress = false;
+    engine_options.run_shape = plan->shape;
+    // Building weights: a few nanoseconds a weight on each core, generously.
+    const double n_weights = double(layer_matrix_params(spec.config)) +
+                             2.0 * double(spec.config.vocab_size * spec.config.hidden_size);
+    const double workers = std::max(1.0, profile_.compute_gflops / 4.0);
+    // --step-timeout is for forward calls only; building keeps its estimate-based deadline.
+    watchdog_->arm("building the weights of " + c.model,
+                   step_deadline_seconds(n_weights * 20e-9 / workers, options_.deadline_factor,
+                                         profile_.deadline_floor_s));
+    auto engine = Engine::create(engine_options, std::move(spare_backend_));
+    const Status load_status = watchdog_->disarm();
+    if (!engine.is_ok()) return engine.status();
+    engine_ = std::move(*engine);
+    engine_key_ = key;
+    KS_RETURN_IF_ERROR(load_status);
+  } else {
+    const RunShape& now = engine_->run_shape();
+    const RunShape& want = plan->shape;
+    if (now.max_seqs != want.max_seqs || now.max_context != want.max_context ||
+        now.max_batch_tokens != want.max_batch_tokens ||
+        now.max_logit_rows != want.max_logit_rows) {
+      KS_RETURN_IF_ERROR(engine_->reserve(want));
+    }
+  }
+  result.load_seconds = engine_->load_seconds();
+  Backend& backend = engine_->backend();
+
+  // Measure from here: the weights and this configuration's reservation exist.
+  const bool rss_peak = profile_.host_memory && reset_peak_rss();
+  min_free_ = backend.free_memory();
+
+  KS_ASSIGN_OR_RETURN(std::vector<int32_t> prompt,
+                      prompt_for(c.source, c.in_len, spec.config.vocab_size));
+  const size_t kv_bytes = kv_element_bytes(backend, spec.config);
+  const int n_runs = c.warm_up + c.num_trials;
+  bool interrupted = false;
+  int run_index = 0;
+  StepHooks hooks;
+  hooks.before = [&](const StepInfo& info) -> Status {
+    const std::string step =
+        label + ", " +
+        (run_index < c.warm_up ? "warm-up " + std::to_string(run_index + 1)
+                               : "trial " + std::to_string(run_index - c.warm_up + 1)) +
+        ", " + info.describe();
+    if (options_.stop != nullptr && options_.stop->load()) {
+      interrupted = true;
+      return Status::error("interrupted (Ctrl-C) before " + step);
+    }
+    const StepCost cost = info.prefill ? prefill_cost(spec, info.n_tokens, info.context, kv_bytes)
+                                       : decode_cost(spec, info.n_tokens, info.context, kv_bytes);
+    watchdog_->arm(step, step_deadline(kestrel::expected_seconds(cost, profile_)));
+    return Status::ok();
+  };
+  hooks.after = [&](const StepInfo& info, double) -> Status {
+    KS_RETURN_IF_ERROR(watchdog_->disarm());
+    // Nothing allocates in the steps, so the first calls and the last show the peak.
+    if (!profile_.host_memory && (info.prefill || info.index == 1 || info.index == info.count)) {
+      const size_t free_now = backend.free_memory();
+      if (free_now > 0) min_free_ = std::min(min_free_, free_now);
+    }
+    if (options_.on_progress) {
+      const StepCost cost = info.prefill ? prefill_cost(spec, info.n_tokens, info.context, kv_bytes)
+                                         : decode_cost(spec, info.n_tokens, info.context, kv_bytes);
+      const double done = kestrel::expected_seconds(cost, profile_);
+      progress_reported_ += done;
+      options_.on_progress(done);
+    }
+    return Status::ok();
+  };
+
+  BatchGenerateParams params;
+  params.batch_size = c.batch_size;
+  params.num_beams = c.num_beams;
+  params.n_new = c.out_len;
+  for (run_index = 0; run_index < n_runs; ++run_index) {
+    auto generated = engine_->generate_batch(prompt, params, hooks);
+    if (!generated.is_ok()) {
+      // The backend may be left mid-step; the next configuration builds a fresh one.
+      (void)watchdog_->disarm();
+      result.interrupted = interrupted;
+      if (!interrupted) {
+        engine_.reset();
+        engine_key_.clear();
+      }
+      return generated.status();
+    }
+    if (run_index < c.warm_up) continue;
+    result.trial_first_token_s.push_back(generated->first_token_seconds);
+    if (!generated->step_seconds.empty()) {
+      result.trial_next_token_s.push_back(mean(generated->step_seconds));
+    }
+    result.actual_in = int64_t(prompt.size());
+    result.actual_out = int64_t(generated->tokens[0].size());
+  }
+
+  if (rss_peak) {
+    auto hwm = process_status_bytes("VmHWM");
+    if (hwm.is_ok() && *hwm > baseline_rss_) result.peak_bytes = *hwm - baseline_rss_;
+  } else if (profile_.host_memory) {
+    // No resettable peak: count the buffers the process holds for this configuration.
+    result.peak_bytes = backend.peak_memory() + engine_->weights().resident_bytes() +
+                        size_t(c.batch_size * c.num_beams * spec.config.vocab_size) * sizeof(float);
+  } else if (baseline_free_ > 0 && min_free_ > 0 && baseline_free_ > min_free_) {
+    result.peak_bytes = baseline_free_ - min_free_;
+  } else {
+    result.peak_bytes = backend.peak_memory();
+  }
+
+  result.has_timings = true;
+  result.first_token_ms = mean(result.trial_first_token_s) * 1e3;
+  if (!result.trial_next_token_s.empty()) {
+    const double next_s = mean(result.trial_next_token_s);
+    const ModelConfig& m = spec.config;
+    result.has_next_token = true;
+    result.next_token_ms = next_s * 1e3;
+    result.decode_tps = double(c.batch_size) / next_s;
+    // Decode step s reads the caches of every sequence up to position in_len + s; over steps
+    // 1 .. out_len - 1 that is in_len + out_len / 2 positions on average.
+    const double mean_context = double(c.in_len) + double(c.out_len) / 2.0;
+    const double kv_read = double(c.batch_size * c.num_beams) * mean_context * double(m.n_layers) *
+                           2.0 * double(m.kv_dim()) * double(kv_bytes);
+    result.step_bytes = double(result.decode_bytes) + kv_read;
+    result.achieved_gbs = result.step_bytes / next_s / 1e9;
+    result.roofline_pct = result.achieved_gbs / roofline_gbs_ * 100.0;
+  }
+  return Status::ok();
+}
+
+}  // namespace kestrel::bench

@@ -1,0 +1,312 @@
+#include "runtime/planner.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "io/safetensors.h"
+#include "model/loader.h"
+
+namespace kestrel {
+
+namespace {
+
+constexpr const char* kSyntheticPrefix = "synthetic:";
+// Metadata keys of a converted model (model/loader.cpp writes them).
+constexpr const char* kConvertedVersionKey = "kestrel.format_version";
+constexpr const char* kConvertedFormatKey = "kestrel.low_bit";
+constexpr const char* kConvertedBlockKey = "kestrel.block";
+
+Status check_matrix_shapes(const WeightSpec& spec) {
+  const ModelConfig& c = spec.config;
+  struct Matrix {
+    const char* name;
+    int64_t rows;
+    int64_t cols;
+  };
+  const Matrix matrices[] = {
+      {"tok_embd", c.vocab_size, c.hidden_size},
+      {"wq", c.q_dim(), c.hidden_size},
+      {"wk", c.kv_dim(), c.hidden_size},
+      {"wo", c.hidden_size, c.q_dim()},
+      {"w_gate", c.intermediate_size, c.hidden_size},
+      {"w_down", c.hidden_size, c.intermediate_size},
+  };
+  for (const Matrix& m : matrices) {
+    KS_RETURN_IF_ERROR(check_weight_shape(spec.format, m.rows, m.cols, spec.block, m.name));
+  }
+  return Status::ok();
+}
+
+// The converted model's own format and block, or nothing for an HF directory.
+Status read_converted_format(const TensorSource& source, WeightSpec& spec, bool* converted) {
+  const auto& meta = source.metadata();
+  *converted = meta.count(kConvertedVersionKey) != 0;
+  if (!*converted) return Status::ok();
+  const auto format_it = meta.find(kConvertedFormatKey);
+  const auto block_it = meta.find(kConvertedBlockKey);
+  if (format_it == meta.end() || block_it == meta.end()) {
+    return Status::error(source.where() + ": converted model metadata lacks " +
+                         kConvertedFormatKey + " or " + kConvertedBlockKey);
+  }
+  KS_ASSIGN_OR_RETURN(spec.format, parse_format(format_it->second));
+  try {
+    spec.block = std::stoi(block_it->second);
+  } catch (...) {
+    return Status::error(source.where() + ": metadata " + kConvertedBlockKey + " '" +
+                         block_it->second + "' is not a number");
+  }
+  return Status::ok();
+}
+
+size_t fp32_bytes(int64_t n) {
+  return size_t(n) * sizeof(float);
+}
+
+}  // namespace
+
+Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format,
+                                  bool format_explicit, int block) {
+  WeightSpec spec;
+  spec.format = format;
+  spec.block = block;
+  KS_ASSIGN_OR_RETURN(spec.config, load_model_config_of(source));
+  if (source.rfind(kSyntheticPrefix, 0) == 0) {
+    spec.qkv_bias = spec.config.attention_bias;
+  } else {
+    if (!std::filesystem::is_directory(source)) {
+      return Status::error(source + ": not a model directory (or synthetic:NAME)");
+    }
+    // Only the headers are parsed; the tensor data stays unread in the mapping.
+    KS_ASSIGN_OR_RETURN(TensorSource tensors, TensorSource::open_dir(source));
+    bool converted = false;
+    KS_RETURN_IF_ERROR(read_converted_format(tensors, spec, &converted));
+    if (converted && format_explicit && spec.format != format) {
+      return Status::error(source + " is already converted to " + format_name(spec.format) +
+                           "; --low-bit " + format_name(format) + " needs the original HF model");
+    }
+    const char* bias_name = converted ? "blk.0.wq.bias" : "model.layers.0.self_attn.q_proj.bias";
+    spec.qkv_bias = spec.config.attention_bias || tensors.find(bias_name) != nullptr;
+  }
+  // As model/loader.cpp decides it: HF's LlamaAttention puts the bias on o_proj too.
+  spec.o_bias = spec.config.arch == Architecture::llama && spec.config.attention_bias;
+  KS_RETURN_IF_ERROR(check_matrix_shapes(spec));
+  return spec;
+}
+
+size_t matrix_bytes(WeightFormat format, int64_t rows, int64_t cols, int block) {
+  size_t bytes = size_t(rows) * size_t(double(cols) * data_bytes_per_weight(format));
+  if (is_quantized(format)) {
+    const size_t scale_bytes = size_t(rows) * size_t(cols / block) * sizeof(uint16_t);
+    bytes += scale_bytes;
+    if (format == WeightFormat::asym_int4) bytes += scale_bytes;  // mins
+  }
+  return bytes;
+}
+
+namespace {
+
+size_t layer_bytes(const WeightSpec& spec) {
+  const ModelConfig& c = spec.config;
+  auto matrix = [&](int64_t rows, int64_t cols) {
+    return matrix_bytes(spec.format, rows, cols, spec.block);
+  };
+  size_t bytes = 2 * fp32_bytes(c.hidden_size);  // attn_norm, ffn_norm
+  bytes += matrix(c.q_dim(), c.hidden_size) + 2 * matrix(c.kv_dim(), c.hidden_size) +
+           matrix(c.hidden_size, c.q_dim());
+  bytes +=
+      2 * matrix(c.intermediate_size, c.hidden_size) + matrix(c.hidden_size, c.intermediate_size);
+  if (spec.qkv_bias) bytes += fp32_bytes(c.q_dim() + 2 * c.kv_dim());
+  if (spec.o_bias) bytes += fp32_bytes(c.hidden_size);
+  return bytes;
+}
+
+}  // namespace
+
+size_t planned_weight_bytes(const WeightSpec& spec) {
+  const ModelConfig& c = spec.config;
+  const size_t embedding = matrix_bytes(spec.format, c.vocab_size, c.hidden_size, spec.block);
+  size_t bytes = embedding + size_t(c.n_layers) * layer_bytes(spec) + fp32_bytes(c.hidden_size);
+  if (!c.tie_word_embeddings) bytes += embedding;  // a separate lm_head
+  return bytes;
+}
+
+size_t planned_decode_bytes(const WeightSpec& spec) {
+  const ModelConfig& c = spec.config;
+  const size_t embedding = matrix_bytes(spec.format, c.vocab_size, c.hidden_size, spec.block);
+  // One embedding row, every layer, the final norm and the lm_head (tied or not).
+  return embedding / size_t(c.vocab_size) + size_t(c.n_layers) * layer_bytes(spec) +
+         fp32_bytes(c.hidden_size) + embedding;
+}
+
+int64_t layer_matrix_params(const ModelConfig& c) {
+  return c.n_layers * (2 * c.q_dim() * c.hidden_size + 2 * c.kv_dim() * c.hidden_size +
+                       3 * c.intermediate_size * c.hidden_size);
+}
+
+std::string format_bytes(size_t bytes) {
+  char text[32];
+  const double b = double(bytes);
+  if (b >= 1e9) {
+    std::snprintf(text, sizeof(text), "%.2f GB", b / 1e9);
+  } else if (b >= 1e6) {
+    std::snprintf(text, sizeof(text), "%.1f MB", b / 1e6);
+  } else {
+    std::snprintf(text, sizeof(text), "%.0f kB", b / 1e3);
+  }
+  return text;
+}
+
+std::string MemoryPlan::summary() const {
+  return format_bytes(total_bytes()) + " (weights " + format_bytes(weight_bytes) + " + KV cache " +
+         format_bytes(kv_cache_bytes) + " for " + std::to_string(shape.max_seqs) + " sequences x " +
+         std::to_string(shape.max_context) + " positions + workspace " +
+         format_bytes(workspace_bytes) + " at prefill chunk " + std::to_string(prefill_chunk) +
+         " + logits " + format_bytes(logits_bytes) + " + reserve " + format_bytes(reserve_bytes) +
+         ")";
+}
+
+Result<MemoryPlan> plan_memory(const PlanInputs& in, const MemoryBudget& budget,
+                               const LayoutOf& layout_of) {
+  if (in.batch_size <= 0 || in.num_beams <= 0) {
+    return Status::error("batch_size and num_beams must be positive");
+  }
+  if (in.in_len <= 0 || in.out_len <= 0) {
+    return Status::error("input and output lengths must be positive (in_out_pairs)");
+  }
+  if (in.prefill_chunk <= 0) return Status::error("prefill chunk must be positive");
+  const ModelConfig& c = in.weights.config;
+  const int64_t n_seqs = in.batch_size * in.num_beams;
+  const int64_t context = in.in_len + in.out_len;
+  if (c.max_position_embeddings > 0 && context > c.max_position_embeddings) {
+    return Status::error("input + output = " + std::to_string(context) +
+                         " tokens exceed the model's max_position_embeddings (" +
+                         std::to_string(c.max_position_embeddings) + "); lower in_out_pairs");
+  }
+  const size_t weights = planned_weight_bytes(in.weights);
+
+  auto plan_for = [&](int64_t chunk) -> Result<MemoryPlan> {
+    MemoryPlan plan;
+    plan.prefill_chunk = chunk;
+    plan.shape.max_seqs = n_seqs;
+    plan.shape.max_context = context;
+    // A decode step carries every sequence in one call; a prefill chunk carries one sequence.
+    plan.shape.max_batch_tokens = std::max(chunk, n_seqs);
+    plan.shape.max_logit_rows = n_seqs;
+    KS_ASSIGN_OR_RETURN(WorkspaceLayout layout, layout_of(plan.shape));
+    plan.weight_bytes = weights;
+    plan.kv_cache_bytes = layout.kv_cache_bytes();
+    plan.workspace_bytes = layout.workspace_bytes();
+    plan.logits_bytes = layout.logits_bytes();
+    if (in.host_logits) plan.logits_bytes += fp32_bytes(n_seqs * c.vocab_size);
+    plan.reserve_bytes = in.reserve_bytes;
+    plan.budget_bytes = budget.bytes;
+    return plan;
+  };
+
+  int64_t chunk = std::min(in.prefill_chunk, in.in_len);
+  for (;;) {
+    KS_ASSIGN_OR_RETURN(MemoryPlan plan, plan_for(chunk));
+    if (plan.total_bytes() <= budget.bytes) return plan;
+    if (chunk <= kMinPrefillChunk) {
+      std::string message = "needs " + plan.summary() + " but ";
+      if (budget.from_flag) {
+        message += budget.source + " allows " + format_bytes(budget.bytes) +
+                   "; raise --max-memory, or lower batch_size or in_out_pairs";
+      } else {
+        message += "only " + format_bytes(budget.bytes) + " is available (" + budget.source +
+                   "); lower batch_size or in_out_pairs, or choose a smaller low_bit";
+      }
+      return Status::error(message);
+    }
+    chunk = std::max(chunk / 2, kMinPrefillChunk);
+  }
+}
+
+Result<DeviceProfile> device_profile(const std::string& device, int threads) {
+  DeviceProfile profile;
+  profile.device = device;
+  if (device == "cpu") {
+    const int workers =
+        threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
+    // Read bandwidth measured with 2 threads on the development machine (DESIGN.md); pass
+    // --roofline-gbs to the benchmark for another machine.
+    profile.bandwidth_gbs = 31.0;
+    profile.compute_gflops = 4.0 * workers;
+    // Code pages first touched by a run, thread stacks, allocator arenas and small buffers: the
+    // process's peak resident set grew 0.6 to 1.5 MB beyond the planned buffers in tiny-model
+    // runs on the development machine.
+    profile.reserve_bytes = size_t(1) << 20;
+    profile.host_memory = true;
+    profile.deadline_floor_s = 30.0;
+    return profile;
+  }
+  if (device == "cuda") {
+    // H100 device-to-device copy rate (DESIGN.md).
+    profile.bandwidth_gbs = 3000.0;
+    profile.compute_gflops = 50000.0;
+    // Beyond the backend's own reservation (its layout counts cuBLAS's workspace): kernel
+    // modules loaded at their first launch, CUDA graph memory and 2 MiB allocation granularity.
+    profile.reserve_bytes = size_t(64) << 20;
+    profile.host_memory = false;
+    profile.deadline_floor_s = 10.0;
+    return profile;
+  }
+  return Status::error("unknown --device '" + device + "' (use cpu or cuda)");
+}
+
+StepCost prefill_cost(const WeightSpec& spec, int64_t n_tokens, int64_t context_end,
+                      size_t kv_element_bytes) {
+  const ModelConfig& c = spec.config;
+  const double per_position_kv =
+      double(c.n_layers) * 2.0 * double(c.kv_dim()) * double(kv_element_bytes);
+  // Token at position p attends to p + 1 positions: q·K and p·V, 2 flops each, every layer.
+  const double first = double(context_end - n_tokens + 1);
+  const double last = double(context_end);
+  const double attended = (first + last) * double(n_tokens) / 2.0;
+  StepCost cost;
+  cost.bytes = double(planned_decode_bytes(spec)) + per_position_kv * double(context_end);
+  cost.flops = 2.0 * double(layer_matrix_params(c)) * double(n_tokens) +
+               2.0 * double(c.vocab_size) * double(c.hidden_size) +
+               4.0 * double(c.q_dim()) * double(c.n_layers) * attended;
+  return cost;
+}
+
+StepCost decode_cost(const WeightSpec& spec, int64_t n_seqs, int64_t context,
+                     size_t kv_element_bytes) {
+  const ModelConfig& c = spec.config;
+  const double per_position_kv =
+      double(c.n_layers) * 2.0 * double(c.kv_dim()) * double(kv_element_bytes);
+  StepCost cost;
+  cost.bytes =
+      double(planned_decode_bytes(spec)) + per_position_kv * double(context) * double(n_seqs);
+  cost.flops =
+      2.0 * double(layer_matrix_params(c) + c.vocab_size * c.hidden_size) * double(n_seqs) +
+      4.0 * double(c.q_dim()) * double(c.n_layers) * double(context) * double(n_seqs);
+  return cost;
+}
+
+double expected_seconds(const StepCost& cost, const DeviceProfile& profile) {
+  return std::max(cost.bytes / (profile.bandwidth_gbs * 1e9),
+                  cost.flops / (profile.compute_gflops * 1e9));
+}
+
+Result<size_t> host_available_memory() {
+  std::ifstream file("/proc/meminfo");
+  if (!file) return Status::error("/proc/meminfo: cannot read (needed for free host memory)");
+  std::string line;
+  while (std::getline(file, line)) {
+    if (line.rfind("MemAvailable:", 0) != 0) continue;
+    std::istringstream fields(line.substr(13));
+    uint64_t kib = 0;
+    std::string unit;
+    if (!(fields >> kib >> unit) || unit != "kB") break;
+    return size_t(kib) * 1024;
+  }
+  return Status::error("/proc/meminfo: no MemAvailable line (needed for free host memory)");
+}
+
+}  // namespace kestrel

@@ -1,0 +1,137 @@
+// The memory plan: before a configuration runs, before its weights are even built, predict its
+// peak memory and choose the prefill chunk, or fail at once with the numbers and what to change.
+//
+//   peak = weights                      exactly what the loader allocates (planned_weight_bytes)
+//        + KV cache                     batch x beams x (in + out) x layers x 2 x kv_dim x bytes
+//        + workspace of one chunk       the backend's scratch and attention rows for the chunk
+//        + logits                       the final head's rows, and their host copy when the
+//                                       device's memory is the host's (CPU)
+//        + reserve                      what the process or device adds beyond those buffers
+//
+// The KV cache and workspace come from the backend's reserve_layout(), the function its
+// reserve() allocates from, so the plan and the allocation cannot drift. The benchmark records
+// the plan next to the measured peak of every configuration (bench/runner.h says how it
+// measures).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "backend/backend.h"
+#include "core/status.h"
+#include "io/config.h"
+#include "quant/format.h"
+
+namespace kestrel {
+
+// What load_model() will build for a source: enough to count its bytes without building it.
+struct WeightSpec {
+  ModelConfig config;
+  WeightFormat format = WeightFormat::sym_int4;
+  int block = 32;         // weights per scale; ignored for fp32/fp16/bf16
+  bool qkv_bias = false;  // q/k/v projections carry fp32 biases
+  bool o_bias = false;    // so does o_proj (a Llama config with attention_bias)
+};
+
+// Reads the config (and, for directories, the safetensors headers: whether q/k/v biases exist,
+// and a converted model's own format) of `source`, as load_model(source, ...) will see it.
+// `format`/`format_explicit`/`block` are the LoadOptions the load will get. Checks that every
+// matrix can be stored in the format, with the loader's message when not.
+Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format,
+                                  bool format_explicit, int block);
+
+// Bytes of one [rows, cols] matrix in `format`: data, plus fp16 scales (and mins) per block.
+size_t matrix_bytes(WeightFormat format, int64_t rows, int64_t cols, int block);
+// What the loader allocates for `spec`: every matrix, fp32 norms and biases, tied embeddings
+// once. Equal to ModelWeights::resident_bytes() of the loaded model.
+size_t planned_weight_bytes(const WeightSpec& spec);
+// Bytes one decode step streams: ModelWeights::decode_bytes() of the loaded model.
+size_t planned_decode_bytes(const WeightSpec& spec);
+// Multiply-accumulate weights of the layers and of the lm_head (for the compute estimates).
+int64_t layer_matrix_params(const ModelConfig& config);
+
+// The memory a run may use and where that limit comes from (named in failures).
+struct MemoryBudget {
+  size_t bytes = 0;
+  std::string source;      // "--max-memory 4GiB", "MemAvailable", "free device memory"
+  bool from_flag = false;  // the failure then says to raise --max-memory
+};
+
+struct PlanInputs {
+  WeightSpec weights;
+  int64_t batch_size = 1;
+  int64_t num_beams = 1;
+  int64_t in_len = 0;
+  int64_t out_len = 0;
+  int64_t prefill_chunk = 512;  // wanted; halved while the plan does not fit
+  size_t reserve_bytes = 0;
+  bool host_logits = true;  // the host copy of the logits lives in the planned memory (CPU)
+};
+
+struct MemoryPlan {
+  RunShape shape;  // what reserve() gets; shape.max_batch_tokens bounds the prefill chunk
+  int64_t prefill_chunk = 0;
+  size_t weight_bytes = 0;
+  size_t kv_cache_bytes = 0;
+  size_t workspace_bytes = 0;
+  size_t logits_bytes = 0;
+  size_t reserve_bytes = 0;
+  size_t budget_bytes = 0;
+
+  size_t total_bytes() const {
+    return weight_bytes + kv_cache_bytes + workspace_bytes + logits_bytes + reserve_bytes;
+  }
+  // "1.23 GB (weights 980.0 MB + KV cache 200.0 MB + workspace 30.0 MB at prefill chunk 512 +
+  // logits 10.0 MB + reserve 8.0 MB)"
+  std::string summary() const;
+};
+
+// Prefill chunks are not shrunk below this: smaller chunks make prefill a series of
+// decode-sized calls while saving almost nothing once the chunk's workspace is small.
+constexpr int64_t kMinPrefillChunk = 16;
+
+// The reservation of `shape` in the backend that will run it.
+using LayoutOf = std::function<Result<WorkspaceLayout>(const RunShape& shape)>;
+
+// The plan with the largest prefill chunk (the wanted one, halved down to kMinPrefillChunk) whose
+// peak fits `budget`. When none fits, the error names the smallest peak, its parts, the budget
+// and the setting to change.
+Result<MemoryPlan> plan_memory(const PlanInputs& inputs, const MemoryBudget& budget,
+                               const LayoutOf& layout_of);
+
+// What a device offers, for roofline figures and step deadlines.
+struct DeviceProfile {
+  std::string device;           // "cpu" or "cuda"
+  double bandwidth_gbs = 0;     // memory bandwidth roofline of a decode step
+  double compute_gflops = 0;    // a deliberately low sustained rate: deadlines, not rooflines
+  size_t reserve_bytes = 0;     // planned beyond the buffers (runtime, allocator, libraries)
+  bool host_memory = true;      // buffers and the host's logits share one memory
+  double deadline_floor_s = 0;  // added to every step deadline (first-call setup, scheduling)
+};
+
+// The profile of "cpu" (with `threads` workers) or "cuda"; an error for other devices.
+Result<DeviceProfile> device_profile(const std::string& device, int threads);
+
+// Bytes and floating-point operations of one forward call.
+struct StepCost {
+  double bytes = 0;
+  double flops = 0;
+};
+// A prefill chunk of `n_tokens` ending at position `context_end` of one sequence.
+StepCost prefill_cost(const WeightSpec& spec, int64_t n_tokens, int64_t context_end,
+                      size_t kv_element_bytes);
+// A decode step of `n_seqs` sequences whose caches hold `context` positions after the step.
+StepCost decode_cost(const WeightSpec& spec, int64_t n_seqs, int64_t context,
+                     size_t kv_element_bytes);
+// The time a step needs at the profile's rates: the larger of its memory and compute times.
+double expected_seconds(const StepCost& cost, const DeviceProfile& profile);
+
+// Bytes of memory the host could give this process now (MemAvailable of /proc/meminfo).
+Result<size_t> host_available_memory();
+
+// "1.50 GB", "12.3 MB", "512 kB" (decimal units, as the benchmark's columns).
+std::string format_bytes(size_t bytes);
+
+}  // namespace kestrel

@@ -1,0 +1,161 @@
+// Shared helpers of the CUDA tests: random weights, the CPU/CUDA backend pair, error norms.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/cuda_backend.h"
+#include "model/weights.h"
+#include "quant/format.h"
+
+namespace kestrel::cuda_test {
+
+inline std::vector<float> random_values(size_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+inline QuantWeight random_weight(WeightFormat format, int64_t rows, int64_t cols, int block,
+                                 uint64_t seed) {
+  QuantWeight w = allocate_weight(format, rows, cols, block);
+  const std::vector<float> values =
+      random_values(size_t(rows * cols), seed, 1.0f / std::sqrt(float(cols)));
+  for (int64_t r = 0; r < rows; ++r) quantize_row(w, r, values.data() + r * cols);
+  return w;
+}
+
+inline Linear random_linear(WeightFormat format, int64_t rows, int64_t cols, int block, bool bias,
+                            uint64_t seed) {
+  Linear l;
+  l.w = random_weight(format, rows, cols, block, seed);
+  if (bias) {
+    l.bias = Blob::allocate(size_t(rows) * sizeof(float));
+    const std::vector<float> b = random_values(size_t(rows), seed + 1, 0.1f);
+    std::copy(b.begin(), b.end(), l.bias.as_mutable<float>());
+  }
+  return l;
+}
+
+inline Vector random_vector(int64_t n, uint64_t seed) {
+  Vector v;
+  v.n = n;
+  v.data = Blob::allocate(size_t(n) * sizeof(float));
+  const std::vector<float> values = random_values(size_t(n), seed, 0.2f);
+  for (int64_t i = 0; i < n; ++i) v.data.as_mutable<float>()[i] = 1.0f + values[size_t(i)];
+  return v;
+}
+
+// A model of `config`'s shape with random weights in `format` (every linear may carry a bias).
+inline ModelWeights random_model(const ModelConfig& config, WeightFormat format, int block,
+                                 bool bias, uint64_t seed) {
+  ModelWeights w;
+  w.config = config;
+  w.format = format;
+  w.block = block;
+  w.tok_embd = random_weight(format, config.vocab_size, config.hidden_size, block, seed++);
+  for (int64_t i = 0; i < config.n_layers; ++i) {
+    LayerWeights l;
+    const int64_t h = config.hidden_size;
+    l.attn_norm = random_vector(h, seed++);
+    l.ffn_norm = random_vector(h, seed++);
+    l.wq = random_linear(format, config.q_dim(), h, block, bias, seed++);
+    l.wk = random_linear(format, config.kv_dim(), h, block, bias, seed++);
+    l.wv = random_linear(format, config.kv_dim(), h, block, bias, seed++);
+    l.wo = random_linear(format, h, config.q_dim(), block, bias, seed++);
+    l.w_gate = random_linear(format, config.intermediate_size, h, block, bias, seed++);
+    l.w_up = random_linear(format, config.intermediate_size, h, block, bias, seed++);
+    l.w_down = random_linear(format, h, config.intermediate_size, block, bias, seed++);
+    w.layers.push_back(std::move(l));
+  }
+  w.output_norm = random_vector(config.hidden_size, seed++);
+  w.output.w = random_weight(format, config.vocab_size, config.hidden_size, block, seed++);
+  return w;
+}
+
+inline ModelConfig small_config(int64_t hidden, int64_t intermediate, int64_t heads,
+                                int64_t kv_heads, int64_t head_dim, int64_t vocab) {
+  ModelConfig c;
+  c.arch = Architecture::llama;
+  c.hidden_size = hidden;
+  c.intermediate_size = intermediate;
+  c.n_layers = 2;
+  c.n_heads = heads;
+  c.n_kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.vocab_size = vocab;
+  c.max_position_embeddings = 4096;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 10000.0;
+  return c;
+}
+
+// ||a - b|| / ||b||, and infinity when either holds a NaN (unwritten poisoned output).
+inline double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    if (std::isnan(a[i]) || std::isnan(b[i])) return INFINITY;
+    diff += (double(a[i]) - double(b[i])) * (double(a[i]) - double(b[i]));
+    norm += double(b[i]) * double(b[i]);
+  }
+  return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+// A CPU and a CUDA backend holding the same weights and reservation; ops run on both with the
+// same inputs.
+struct BackendPair {
+  std::unique_ptr<Backend> cpu;
+  std::unique_ptr<Backend> gpu;
+
+  // Fails the test (returns false) when no CUDA device works.
+  bool init(ModelWeights& weights, const RunShape& shape) {
+    cpu = make_cpu_backend(2);
+    auto g = make_cuda_backend();
+    EXPECT_TRUE(g.is_ok()) << g.status().message();
+    if (!g.is_ok()) return false;
+    gpu = std::move(g).value();
+    for (Backend* b : {cpu.get(), gpu.get()}) {
+      Status s = b->upload(weights);
+      EXPECT_TRUE(s.is_ok()) << s.message();
+      s = b->reserve(weights.config, shape);
+      EXPECT_TRUE(s.is_ok()) << s.message();
+      if (!s.is_ok()) return false;
+    }
+    return true;
+  }
+};
+
+// Copies host values into a tensor of either backend.
+inline void fill(Backend& backend, Tensor t, const std::vector<float>& values) {
+  ASSERT_EQ(values.size(), size_t(t.rows * t.cols));
+  if (backend.name().rfind("cuda", 0) == 0) {
+    const Status s = cuda::write_tensor(backend, t, values.data());
+    ASSERT_TRUE(s.is_ok()) << s.message();
+  } else {
+    std::copy(values.begin(), values.end(), static_cast<float*>(t.data));
+  }
+}
+
+inline std::vector<float> fetch(Backend& backend, Tensor t) {
+  std::vector<float> out(size_t(t.rows * t.cols));
+  const Status s = backend.read(t, out.data());
+  EXPECT_TRUE(s.is_ok()) << s.message();
+  return out;
+}
+
+// Fills a tensor with NaN so that any element an op fails to write shows up in the comparison.
+inline void poison(Backend& backend, Tensor t) {
+  fill(backend, t, std::vector<float>(size_t(t.rows * t.cols), NAN));
+}
+
+}  // namespace kestrel::cuda_test

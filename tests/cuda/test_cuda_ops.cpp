@@ -1,0 +1,643 @@
+// Every CUDA op against the CPU backend (the reference) on fresh random inputs, outputs poisoned
+// with NaN beforehand so an unwritten element fails the comparison.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "cuda_test_util.h"
+
+namespace kestrel::cuda_test {
+namespace {
+
+// --- matmul ----------------------------------------------------------------------------------
+
+struct FormatCase {
+  WeightFormat format;
+  int block;
+};
+
+std::string format_case_name(const ::testing::TestParamInfo<FormatCase>& info) {
+  return std::string(format_name(info.param.format)) + "_b" + std::to_string(info.param.block);
+}
+
+const FormatCase kFormats[] = {
+    {WeightFormat::sym_int4, 32},  {WeightFormat::sym_int4, 64}, {WeightFormat::asym_int4, 32},
+    {WeightFormat::asym_int4, 64}, {WeightFormat::sym_int8, 32}, {WeightFormat::fp16, 0},
+    {WeightFormat::bf16, 0},       {WeightFormat::fp32, 0},
+};
+
+// y = x · wᵀ + b in double over the weight's own dequantized values.
+std::vector<float> reference_matmul(const Linear& l, const std::vector<float>& x, int64_t n) {
+  const QuantWeight& w = l.w;
+  std::vector<float> row(size_t(w.cols));
+  std::vector<float> y(size_t(n * w.rows));
+  for (int64_t r = 0; r < w.rows; ++r) {
+    dequantize_row(w, r, row.data());
+    for (int64_t t = 0; t < n; ++t) {
+      double acc = l.bias.empty() ? 0.0 : double(l.bias.as<float>()[r]);
+      for (int64_t k = 0; k < w.cols; ++k)
+        acc += double(row[size_t(k)]) * double(x[size_t(t * w.cols + k)]);
+      y[size_t(t * w.rows + r)] = float(acc);
+    }
+  }
+  return y;
+}
+
+BatchView batch_of(int64_t n, std::vector<int32_t>& storage, int32_t first_pos = 0,
+                   int32_t seq = 0) {
+  storage.assign(size_t(3 * n), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    storage[size_t(i)] = int32_t(i % 7);
+    storage[size_t(n + i)] = first_pos + int32_t(i);
+    storage[size_t(2 * n + i)] = seq;
+  }
+  return BatchView{n, storage.data(), storage.data() + n, storage.data() + 2 * n};
+}
+
+class CudaMatmul : public ::testing::TestWithParam<FormatCase> {};
+
+// Shapes with rows not a multiple of 16 or 32 and columns not a multiple of the 128-column
+// chunk, token counts on both sides of the GEMV/GEMM switch at 16 and of the n-tile at 8.
+TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
+  const FormatCase fc = GetParam();
+  const int64_t shapes[][2] = {{200, 192}, {72, 128}, {1040, 576}};
+  uint64_t seed = 100 + uint64_t(fc.format) * 10 + uint64_t(fc.block);
+  for (const auto& shape : shapes) {
+    const int64_t rows = shape[0], cols = shape[1];
+    ModelWeights weights;
+    weights.config = small_config(cols, rows, 1, 1, 64, 16);
+    weights.config.n_layers = 1;
+    weights.format = fc.format;
+    weights.layers.resize(1);
+    weights.layers[0].w_gate = random_linear(fc.format, rows, cols, fc.block, true, seed++);
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    const Linear& w = weights.layers[0].w_gate;
+    for (int64_t n : {1, 3, 8, 9, 16, 17, 45}) {
+      const std::vector<float> x = random_values(size_t(n * cols), seed++);
+      const std::vector<float> ref = reference_matmul(w, x, n);
+      std::vector<float> outs[2];
+      int i = 0;
+      for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+        std::vector<int32_t> meta;
+        ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+        auto xt = b->scratch(n, cols);
+        auto yt = b->scratch(n, rows);
+        ASSERT_TRUE(xt.is_ok() && yt.is_ok());
+        fill(*b, *xt, x);
+        poison(*b, *yt);
+        const Status s = b->matmul(*yt, *xt, w);
+        ASSERT_TRUE(s.is_ok()) << s.message();
+        outs[i++] = fetch(*b, *yt);
+      }
+      const double vs_ref = rel_error(outs[1], ref);
+      const double vs_cpu = rel_error(outs[1], outs[0]);
+      // fp16 activations (2^-11 relative) and fp16 products of scale and code: ~3e-4 observed
+      // kind of error; the CPU's integer paths quantize activations to int8 (~1e-2).
+      EXPECT_LE(vs_ref, 2e-3) << rows << "x" << cols << " n=" << n;
+      EXPECT_LE(vs_cpu, is_quantized(fc.format) ? 3e-2 : 2e-3) << rows << "x" << cols << " n=" << n;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, CudaMatmul, ::testing::ValuesIn(kFormats), format_case_name);
+
+// q, k and v of one input in one launch, each checked against its own reference.
+TEST(CudaOps, MatmulMultiRunsEveryWeight) {
+  const int64_t cols = 256;
+  const int64_t rows[3] = {256, 64, 96};
+  ModelWeights weights;
+  weights.config = small_config(cols, 256, 4, 1, 64, 16);
+  weights.config.n_layers = 1;
+  weights.format = WeightFormat::sym_int4;
+  weights.layers.resize(1);
+  LayerWeights& l = weights.layers[0];
+  l.wq = random_linear(WeightFormat::sym_int4, rows[0], cols, 32, true, 1);
+  l.wk = random_linear(WeightFormat::sym_int4, rows[1], cols, 32, true, 2);
+  l.wv = random_linear(WeightFormat::sym_int4, rows[2], cols, 32, false, 3);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+  for (int64_t n : {1, 7, 16, 33}) {
+    const std::vector<float> x = random_values(size_t(n * cols), 40 + uint64_t(n));
+    Backend& b = *pair.gpu;
+    std::vector<int32_t> meta;
+    ASSERT_TRUE(b.begin_batch(batch_of(n, meta)).is_ok());
+    auto xt = b.scratch(n, cols);
+    ASSERT_TRUE(xt.is_ok());
+    fill(b, *xt, x);
+    Tensor outs[3];
+    for (int i = 0; i < 3; ++i) {
+      auto t = b.scratch(n, rows[i]);
+      ASSERT_TRUE(t.is_ok());
+      outs[i] = *t;
+      poison(b, outs[i]);
+    }
+    const Linear* const ws[] = {&l.wq, &l.wk, &l.wv};
+    const Status s = b.matmul_multi(outs, *xt, ws);
+    ASSERT_TRUE(s.is_ok()) << s.message();
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_LE(rel_error(fetch(b, outs[i]), reference_matmul(*ws[i], x, n)), 2e-3)
+          << "weight " << i << " n=" << n;
+    }
+  }
+}
+
+// --- elementwise ops and norms ---------------------------------------------------------------
+
+class CudaElementwise : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    weights_.config = small_config(300, 352, 4, 2, 64, 50);
+    weights_.config.n_layers = 1;
+    weights_.format = WeightFormat::fp16;
+    weights_.layers.resize(1);
+    weights_.layers[0].attn_norm = random_vector(300, 7);
+    weights_.layers[0].w_gate = random_linear(WeightFormat::fp16, 352, 300, 0, false, 8);
+    weights_.layers[0].w_down = random_linear(WeightFormat::sym_int4, 300, 352, 32, false, 9);
+    ASSERT_TRUE(pair_.init(weights_, RunShape{2, 4096, 64, 64}));
+  }
+
+  // Runs `op` on both backends with the same fresh inputs; returns {cpu, gpu} outputs.
+  template <typename Op>
+  std::pair<std::vector<float>, std::vector<float>> run_both(
+      int64_t n, const std::vector<std::pair<int64_t, std::vector<float>>>& inputs,
+      int64_t out_cols, Op op, const BatchView* batch = nullptr) {
+    std::vector<float> results[2];
+    int i = 0;
+    for (Backend* b : {pair_.cpu.get(), pair_.gpu.get()}) {
+      std::vector<int32_t> meta;
+      EXPECT_TRUE(b->begin_batch(batch != nullptr ? *batch : batch_of(n, meta)).is_ok());
+      std::vector<Tensor> ts;
+      for (const auto& [cols, values] : inputs) {
+        auto t = b->scratch(n, cols);
+        EXPECT_TRUE(t.is_ok());
+        fill(*b, *t, values);
+        ts.push_back(*t);
+      }
+      auto out = b->scratch(n, out_cols);
+      EXPECT_TRUE(out.is_ok());
+      poison(*b, *out);
+      const Status s = op(*b, *out, ts);
+      EXPECT_TRUE(s.is_ok()) << s.message();
+      results[i++] = fetch(*b, *out);
+    }
+    return {results[0], results[1]};
+  }
+
+  ModelWeights weights_;
+  BackendPair pair_;
+};
+
+TEST_F(CudaElementwise, RmsNorm) {
+  for (int64_t n : {1, 5, 40}) {
+    const auto [cpu, gpu] =
+        run_both(n, {{300, random_values(size_t(n * 300), 11 + uint64_t(n), 3.0f)}}, 300,
+                 [&](Backend& b, Tensor out, std::vector<Tensor>& in) {
+                   return b.rms_norm(out, in[0], weights_.layers[0].attn_norm, 1e-5f);
+                 });
+    EXPECT_LE(rel_error(gpu, cpu), 1e-6) << "n=" << n;
+  }
+}
+
+// The fp16 shadow rms_norm writes is what the next matmul reads (width 300: padded groups).
+TEST_F(CudaElementwise, RmsNormShadowFeedsMatmul) {
+  for (int64_t n : {2, 16, 24}) {
+    const auto [cpu, gpu] =
+        run_both(n, {{300, random_values(size_t(n * 300), 21 + uint64_t(n))}}, 352,
+                 [&](Backend& b, Tensor out, std::vector<Tensor>& in) {
+                   auto h = b.scratch(n, 300);
+                   if (!h.is_ok()) return h.status();
+                   KS_RETURN_IF_ERROR(b.rms_norm(*h, in[0], weights_.layers[0].attn_norm, 1e-5f));
+                   return b.matmul(out, *h, weights_.layers[0].w_gate);
+                 });
+    EXPECT_LE(rel_error(gpu, cpu), 2e-3) << "n=" << n;
+  }
+}
+
+TEST_F(CudaElementwise, SwigluAndItsShadowFeedMatmul) {
+  for (int64_t n : {3, 20}) {
+    const auto inputs = std::vector<std::pair<int64_t, std::vector<float>>>{
+        {352, random_values(size_t(n * 352), 31 + uint64_t(n), 2.0f)},
+        {352, random_values(size_t(n * 352), 32 + uint64_t(n))}};
+    const auto [cpu, gpu] =
+        run_both(n, inputs, 352, [](Backend& b, Tensor out, std::vector<Tensor>& in) {
+          return b.swiglu(out, in[0], in[1]);
+        });
+    EXPECT_LE(rel_error(gpu, cpu), 1e-6) << "n=" << n;
+    // In place, as the forward pass calls it, then the down projection reads the shadow.
+    const auto [cpu2, gpu2] =
+        run_both(n, inputs, 300, [&](Backend& b, Tensor out, std::vector<Tensor>& in) {
+          KS_RETURN_IF_ERROR(b.swiglu(in[0], in[0], in[1]));
+          return b.matmul(out, in[0], weights_.layers[0].w_down);
+        });
+    EXPECT_LE(rel_error(gpu2, cpu2), 3e-2) << "n=" << n;
+  }
+}
+
+TEST_F(CudaElementwise, AddAndGather) {
+  const int64_t n = 9;
+  const auto x = random_values(size_t(n * 300), 41);
+  const auto y = random_values(size_t(n * 300), 42);
+  const auto [cpu, gpu] =
+      run_both(n, {{300, x}, {300, y}}, 300, [](Backend& b, Tensor out, std::vector<Tensor>& in) {
+        KS_RETURN_IF_ERROR(b.add(in[0], in[1]));
+        const int32_t rows[] = {0, 1, 2, 3, 4, 5, 6, 7, 8};
+        return b.gather_rows(out, in[0], rows, 9);
+      });
+  EXPECT_EQ(gpu, cpu);
+  const int32_t picks[] = {8, 0, 3, 3};
+  std::vector<float> results[2];
+  int i = 0;
+  for (Backend* b : {pair_.cpu.get(), pair_.gpu.get()}) {
+    std::vector<int32_t> meta;
+    ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+    auto src = b->scratch(n, 300);
+    auto out = b->scratch(4, 300);
+    ASSERT_TRUE(src.is_ok() && out.is_ok());
+    fill(*b, *src, x);
+    poison(*b, *out);
+    ASSERT_TRUE(b->gather_rows(*out, *src, picks, 4).is_ok());
+    results[i++] = fetch(*b, *out);
+  }
+  EXPECT_EQ(results[1], results[0]);
+}
+
+TEST_F(CudaElementwise, ArgmaxRowsTakesTheFirstOfTies) {
+  const int64_t n = 5, cols = 151936;
+  std::vector<float> v = random_values(size_t(n * cols), 51);
+  v[size_t(0 * cols + 70000)] = 50.0f;
+  v[size_t(0 * cols + 90000)] = 50.0f;  // tie: the lower index wins
+  v[size_t(1 * cols + cols - 1)] = 60.0f;
+  v[size_t(2 * cols + 0)] = 60.0f;
+  std::vector<int32_t> results[2];
+  // The fixture's reservation holds logits of a 50-token vocabulary; this needs a real one.
+  ModelWeights big;
+  big.config = small_config(64, 64, 1, 1, 64, cols);
+  big.config.n_layers = 1;
+  big.layers.resize(1);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(big, RunShape{1, 16, 8, 8}));
+  int i = 0;
+  for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+    std::vector<int32_t> meta;
+    ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+    auto t = b->scratch(n, cols);
+    ASSERT_TRUE(t.is_ok());
+    fill(*b, *t, v);
+    results[i].assign(size_t(n), -1);
+    ASSERT_TRUE(b->argmax_rows(*t, results[i].data()).is_ok());
+    i++;
+  }
+  EXPECT_EQ(results[1], results[0]);
+  EXPECT_EQ(results[1][0], 70000);
+  EXPECT_EQ(results[1][1], cols - 1);
+  EXPECT_EQ(results[1][2], 0);
+}
+
+class CudaRope : public ::testing::TestWithParam<bool> {};
+
+TEST_P(CudaRope, MatchesCpuAtLargePositions) {
+  ModelWeights weights;
+  weights.config = small_config(256, 256, 4, 2, 64, 16);
+  weights.config.n_layers = 1;
+  if (GetParam()) {
+    weights.config.rope_theta = 500000.0;
+    weights.config.rope_scaling = RopeScaling{RopeType::llama3, 8.0, 1.0, 4.0, 512};
+  }
+  weights.layers.resize(1);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 4096, 16, 16}));
+  const int64_t n = 7;
+  const int32_t positions[n] = {0, 1, 17, 511, 1000, 2047, 4095};
+  const int32_t tokens[n] = {1, 2, 3, 4, 5, 6, 7};
+  const int32_t seqs[n] = {0, 0, 0, 0, 0, 0, 0};
+  const auto q = random_values(size_t(n * 256), 61);
+  const auto k = random_values(size_t(n * 128), 62);
+  std::vector<float> results[2][2];
+  int i = 0;
+  for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+    ASSERT_TRUE(b->begin_batch(BatchView{n, tokens, positions, seqs}).is_ok());
+    auto qt = b->scratch(n, 256);
+    auto kt = b->scratch(n, 128);
+    ASSERT_TRUE(qt.is_ok() && kt.is_ok());
+    fill(*b, *qt, q);
+    fill(*b, *kt, k);
+    ASSERT_TRUE(b->rope(*qt, *kt, RopeParams{64, 4, 2}).is_ok());
+    results[i][0] = fetch(*b, *qt);
+    results[i][1] = fetch(*b, *kt);
+    i++;
+  }
+  EXPECT_LE(rel_error(results[1][0], results[0][0]), 1e-6);
+  EXPECT_LE(rel_error(results[1][1], results[0][1]), 1e-6);
+  EXPECT_NE(results[1][0], q);  // it did rotate
+}
+
+INSTANTIATE_TEST_SUITE_P(PlainAndLlama3, CudaRope, ::testing::Bool());
+
+class CudaEmbed : public ::testing::TestWithParam<FormatCase> {};
+
+TEST_P(CudaEmbed, RowsMatchCpu) {
+  const FormatCase fc = GetParam();
+  ModelWeights weights;
+  weights.config = small_config(192, 64, 1, 1, 64, 300);
+  weights.config.n_layers = 1;
+  weights.format = fc.format;
+  weights.layers.resize(1);
+  weights.tok_embd = random_weight(fc.format, 300, 192, fc.block, 71);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 16, 16}));
+  const int64_t n = 6;
+  const int32_t tokens[n] = {299, 0, 17, 17, 150, 1};
+  const int32_t positions[n] = {0, 1, 2, 3, 4, 5};
+  const int32_t seqs[n] = {0, 0, 0, 0, 0, 0};
+  std::vector<float> results[2];
+  int i = 0;
+  for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+    ASSERT_TRUE(b->begin_batch(BatchView{n, tokens, positions, seqs}).is_ok());
+    auto out = b->scratch(n, 192);
+    ASSERT_TRUE(out.is_ok());
+    poison(*b, *out);
+    ASSERT_TRUE(b->embed(*out, weights.tok_embd).is_ok());
+    results[i++] = fetch(*b, *out);
+  }
+  // fp32 tables are fp16 on the device; every other format is reproduced exactly.
+  EXPECT_LE(rel_error(results[1], results[0]), fc.format == WeightFormat::fp32 ? 1e-3 : 0.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, CudaEmbed, ::testing::ValuesIn(kFormats), format_case_name);
+
+// --- attention -------------------------------------------------------------------------------
+
+class CudaAttention : public ::testing::TestWithParam<int> {};
+
+// One model-shaped sequence of calls on both backends: two prefill chunks of one sequence
+// (flash path for head_dim 64/128), prompts of two more sequences, a mixed decode batch of all
+// three, and a 20-token batch interleaving two sequences (the general path above 16 tokens).
+TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
+  const int head_dim = GetParam();
+  const int n_heads = 8, n_kv = 2;
+  ModelWeights weights;
+  weights.config = small_config(n_heads * head_dim, 64, n_heads, n_kv, head_dim, 16);
+  weights.layers.resize(2);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{3, 512, 160, 160}));
+  const RopeParams p{head_dim, n_heads, n_kv};
+  const int64_t q_dim = n_heads * head_dim, kv_dim = n_kv * head_dim;
+
+  struct Call {
+    std::vector<int32_t> positions, seqs;
+  };
+  std::vector<Call> calls;
+  auto run_of = [](int32_t seq, int32_t first, int32_t n) {
+    Call c;
+    for (int32_t i = 0; i < n; ++i) {
+      c.positions.push_back(first + i);
+      c.seqs.push_back(seq);
+    }
+    return c;
+  };
+  calls.push_back(run_of(0, 0, 100));
+  calls.push_back(run_of(0, 100, 37));
+  calls.push_back(run_of(1, 0, 40));
+  calls.push_back(run_of(2, 0, 5));
+  calls.push_back(Call{{137, 40, 5}, {0, 1, 2}});
+  Call mixed;
+  for (int32_t i = 0; i < 10; ++i) {
+    mixed.positions.push_back(138 + i);
+    mixed.seqs.push_back(0);
+    mixed.positions.push_back(41 + i);
+    mixed.seqs.push_back(1);
+  }
+  calls.push_back(mixed);
+  calls.push_back(Call{{148}, {0}});
+
+  uint64_t seed = 1000 + uint64_t(head_dim);
+  for (size_t ci = 0; ci < calls.size(); ++ci) {
+    const Call& c = calls[ci];
+    const int64_t n = int64_t(c.positions.size());
+    const std::vector<int32_t> tokens(size_t(n), 1);
+    const auto q = random_values(size_t(n * q_dim), seed++);
+    const auto k = random_values(size_t(n * kv_dim), seed++);
+    const auto v = random_values(size_t(n * kv_dim), seed++);
+    for (int64_t layer : {0, 1}) {
+      std::vector<float> results[2];
+      int i = 0;
+      for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+        ASSERT_TRUE(
+            b->begin_batch(BatchView{n, tokens.data(), c.positions.data(), c.seqs.data()}).is_ok());
+        auto qt = b->scratch(n, q_dim);
+        auto kt = b->scratch(n, kv_dim);
+        auto vt = b->scratch(n, kv_dim);
+        auto out = b->scratch(n, q_dim);
+        ASSERT_TRUE(qt.is_ok() && kt.is_ok() && vt.is_ok() && out.is_ok());
+        fill(*b, *qt, q);
+        // Layer 1 gets other keys than layer 0: the layers' caches must not mix.
+        std::vector<float> kl = k, vl = v;
+        if (layer == 1) {
+          for (float& x : kl) x = -x;
+          for (float& x : vl) x *= 0.5f;
+        }
+        fill(*b, *kt, kl);
+        fill(*b, *vt, vl);
+        poison(*b, *out);
+        // As the forward pass: rope, then attention (on CUDA one launch rotates and caches).
+        ASSERT_TRUE(b->rope(*qt, *kt, p).is_ok());
+        const Status s = b->attention(*out, *qt, *kt, *vt, layer, p);
+        ASSERT_TRUE(s.is_ok()) << s.message();
+        results[i++] = fetch(*b, *out);
+      }
+      // fp16 queries, keys, values and probabilities: ~1e-3.
+      EXPECT_LE(rel_error(results[1], results[0]), 5e-3)
+          << "call " << ci << " (" << n << " tokens) layer " << layer;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(HeadDims, CudaAttention, ::testing::Values(64, 128, 24));
+
+// The decode step's fused launches: matmul + residual add, gate/up + swiglu (its shadow feeding
+// the down projection), against the CPU's separate ops; every intermediate is compared too.
+class CudaFusedDecode : public ::testing::TestWithParam<FormatCase> {};
+
+TEST_P(CudaFusedDecode, MatchesCpu) {
+  const FormatCase fc = GetParam();
+  // fp16 takes an intermediate size off the 32-column grid: the swiglu shadow's padding.
+  const int64_t hidden = 256, inter = fc.format == WeightFormat::fp16 ? 200 : 352;
+  ModelWeights weights;
+  weights.config = small_config(hidden, inter, 4, 1, 64, 16);
+  weights.config.n_layers = 1;
+  weights.format = fc.format;
+  weights.layers.resize(1);
+  LayerWeights& l = weights.layers[0];
+  l.wo = random_linear(fc.format, hidden, hidden, fc.block, false, 81);
+  l.w_gate = random_linear(fc.format, inter, hidden, fc.block, true, 82);
+  l.w_up = random_linear(fc.format, inter, hidden, fc.block, false, 83);
+  l.w_down = random_linear(fc.format, hidden, inter, fc.block, false, 84);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+  for (int64_t n : {1, 5, 16}) {
+    const auto a = random_values(size_t(n * hidden), 90 + uint64_t(n));
+    const auto x0 = random_values(size_t(n * hidden), 91 + uint64_t(n));
+    std::vector<float> results[2][5];
+    int i = 0;
+    for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+      std::vector<int32_t> meta;
+      ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+      auto at = b->scratch(n, hidden);
+      auto xt = b->scratch(n, hidden);
+      auto proj = b->scratch(n, hidden);
+      auto gate = b->scratch(n, inter);
+      auto up = b->scratch(n, inter);
+      ASSERT_TRUE(at.is_ok() && xt.is_ok() && proj.is_ok() && gate.is_ok() && up.is_ok());
+      fill(*b, *at, a);
+      fill(*b, *xt, x0);
+      for (Tensor t : {*proj, *gate, *up}) poison(*b, t);
+      ASSERT_TRUE(b->matmul(*proj, *at, l.wo).is_ok());
+      ASSERT_TRUE(b->add(*xt, *proj).is_ok());
+      const Tensor gate_up[] = {*gate, *up};
+      const Linear* const ws[] = {&l.w_gate, &l.w_up};
+      ASSERT_TRUE(b->matmul_multi(gate_up, *at, ws).is_ok());
+      ASSERT_TRUE(b->swiglu(*gate, *gate, *up).is_ok());
+      results[i][0] = fetch(*b, *proj);
+      results[i][1] = fetch(*b, *xt);
+      results[i][2] = fetch(*b, *gate);
+      results[i][3] = fetch(*b, *up);
+      ASSERT_TRUE(b->matmul(*proj, *gate, l.w_down).is_ok());
+      ASSERT_TRUE(b->add(*xt, *proj).is_ok());
+      results[i][4] = fetch(*b, *xt);
+      i++;
+    }
+    const double bound = is_quantized(fc.format) ? 3e-2 : 2e-3;
+    const char* names[] = {"proj", "x + proj", "silu(gate) * up", "up", "x + down"};
+    for (int k = 0; k < 5; ++k) {
+      EXPECT_LE(rel_error(results[1][k], results[0][k]), bound) << names[k] << " n=" << n;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, CudaFusedDecode,
+                         ::testing::Values(FormatCase{WeightFormat::sym_int4, 32},
+                                           FormatCase{WeightFormat::fp16, 0}),
+                         format_case_name);
+
+// A decode-sized rms_norm becomes the input stage of the next GEMV (q/k/v with biases, gate/up +
+// swiglu, a single weight): outputs and the norm's own output match the CPU's separate ops, and
+// op timing shows no rms_norm launched on its own. 512 columns: 16 tokens still fuse (16 KB),
+// and a 5-token run covers the 8-token mma tile with idle rows.
+class CudaNormFusion : public ::testing::TestWithParam<FormatCase> {};
+
+TEST_P(CudaNormFusion, MatchesCpu) {
+  const FormatCase fc = GetParam();
+  const int64_t hidden = 512, inter = 288, q_dim = 256, kv_dim = 64;
+  ModelWeights weights;
+  weights.config = small_config(hidden, inter, 4, 1, 64, 16);
+  weights.config.n_layers = 1;
+  weights.format = fc.format;
+  weights.layers.resize(1);
+  LayerWeights& l = weights.layers[0];
+  l.attn_norm = random_vector(hidden, 101);
+  l.ffn_norm = random_vector(hidden, 102);
+  l.wq = random_linear(fc.format, q_dim, hidden, fc.block, true, 103);
+  l.wk = random_linear(fc.format, kv_dim, hidden, fc.block, true, 104);
+  l.wv = random_linear(fc.format, kv_dim, hidden, fc.block, true, 105);
+  l.w_gate = random_linear(fc.format, inter, hidden, fc.block, false, 106);
+  l.w_up = random_linear(fc.format, inter, hidden, fc.block, false, 107);
+  l.wo = random_linear(fc.format, hidden, hidden, fc.block, false, 108);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+  ASSERT_TRUE(cuda::set_op_timing(*pair.gpu, true).is_ok());
+  for (int64_t n : {1, 5, 16}) {
+    const auto x0 = random_values(size_t(n * hidden), 110 + uint64_t(n), 2.0f);
+    std::vector<float> results[2][8];
+    int i = 0;
+    for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+      std::vector<int32_t> meta;
+      ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+      auto x = b->scratch(n, hidden);
+      auto h = b->scratch(n, hidden);
+      auto q = b->scratch(n, q_dim);
+      auto k = b->scratch(n, kv_dim);
+      auto v = b->scratch(n, kv_dim);
+      auto gate = b->scratch(n, inter);
+      auto up = b->scratch(n, inter);
+      auto y = b->scratch(n, hidden);
+      ASSERT_TRUE(x.is_ok() && h.is_ok() && q.is_ok() && k.is_ok() && v.is_ok() && gate.is_ok() &&
+                  up.is_ok() && y.is_ok());
+      fill(*b, *x, x0);
+      for (Tensor t : {*h, *q, *k, *v, *gate, *up, *y}) poison(*b, t);
+      ASSERT_TRUE(b->rms_norm(*h, *x, l.attn_norm, 1e-5f).is_ok());
+      const Tensor qkv[] = {*q, *k, *v};
+      const Linear* const qkv_w[] = {&l.wq, &l.wk, &l.wv};
+      ASSERT_TRUE(b->matmul_multi(qkv, *h, qkv_w).is_ok());
+      results[i][0] = fetch(*b, *q);
+      results[i][1] = fetch(*b, *k);
+      results[i][2] = fetch(*b, *v);
+      results[i][3] = fetch(*b, *h);
+      ASSERT_TRUE(b->rms_norm(*h, *x, l.ffn_norm, 1e-5f).is_ok());
+      const Tensor gate_up[] = {*gate, *up};
+      const Linear* const gate_up_w[] = {&l.w_gate, &l.w_up};
+      ASSERT_TRUE(b->matmul_multi(gate_up, *h, gate_up_w).is_ok());
+      ASSERT_TRUE(b->swiglu(*gate, *gate, *up).is_ok());
+      results[i][4] = fetch(*b, *gate);
+      results[i][5] = fetch(*b, *up);
+      results[i][6] = fetch(*b, *h);
+      ASSERT_TRUE(b->rms_norm(*h, *x, l.attn_norm, 1e-5f).is_ok());
+      ASSERT_TRUE(b->matmul(*y, *h, l.wo).is_ok());
+      results[i][7] = fetch(*b, *y);
+      i++;
+    }
+    const double bound = is_quantized(fc.format) ? 3e-2 : 2e-3;
+    const char* names[] = {"q", "k", "v", "attn_norm(x)", "silu(gate) * up", "up", "ffn_norm(x)",
+                           "x-norm · wo"};
+    for (int r = 0; r < 8; ++r) {
+      // The norm outputs are fp32 on both sides: only summation order differs.
+      const double limit = (r == 3 || r == 6) ? 1e-5 : bound;
+      EXPECT_LE(rel_error(results[1][r], results[0][r]), limit) << names[r] << " n=" << n;
+    }
+  }
+  int64_t fused = 0;
+  for (const cuda::OpTime& t : cuda::op_times(*pair.gpu)) {
+    EXPECT_NE(t.op, "rms_norm") << "an rms_norm ran on its own";
+    if (t.op.rfind("rms_norm + matmul", 0) == 0) fused += t.calls;
+  }
+  EXPECT_EQ(fused, 9);  // three per token count
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, CudaNormFusion,
+                         ::testing::Values(FormatCase{WeightFormat::sym_int4, 32},
+                                           FormatCase{WeightFormat::asym_int4, 64},
+                                           FormatCase{WeightFormat::sym_int8, 32},
+                                           FormatCase{WeightFormat::fp16, 0}),
+                         format_case_name);
+
+TEST(CudaBackend, ReportsMemoryAndRejectsBadBatches) {
+  ModelWeights weights;
+  weights.config = small_config(128, 128, 2, 1, 64, 32);
+  weights.config.n_layers = 1;
+  weights.layers.resize(1);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{2, 128, 32, 32}));
+  Backend& b = *pair.gpu;
+  EXPECT_GT(b.memory_in_use(), 0u);
+  EXPECT_GE(b.peak_memory(), b.memory_in_use());
+  auto layout = b.reserve_layout(weights.config, RunShape{2, 128, 32, 32});
+  ASSERT_TRUE(layout.is_ok());
+  EXPECT_GE(layout->total_bytes(), b.memory_in_use() / 2);
+  const int32_t token = 99, pos = 0, seq = 0, bad_seq = 2, bad_pos = 128;
+  EXPECT_FALSE(b.begin_batch(BatchView{1, &token, &pos, &seq}).is_ok());
+  const int32_t ok_token = 3;
+  EXPECT_FALSE(b.begin_batch(BatchView{1, &ok_token, &pos, &bad_seq}).is_ok());
+  EXPECT_FALSE(b.begin_batch(BatchView{1, &ok_token, &bad_pos, &seq}).is_ok());
+  EXPECT_TRUE(b.begin_batch(BatchView{1, &ok_token, &pos, &seq}).is_ok());
+  Linear not_uploaded = random_linear(WeightFormat::fp16, 8, 128, 0, false, 5);
+  auto x = b.scratch(1, 128);
+  auto y = b.scratch(1, 8);
+  ASSERT_TRUE(x.is_ok() && y.is_ok());
+  const Status s = b.matmul(*y, *x, not_uploaded);
+  EXPECT_FALSE(s.is_ok());
+  EXPECT_NE(s.message().find("matmul"), std::string::npos) << s.message();
+}
+
+}  // namespace
+}  // namespace kestrel::cuda_test

@@ -1,0 +1,215 @@
+// Engine::generate_batch (batched greedy decoding and beam search) and the KV cache copy it needs
+// (Backend::copy_sequence), on a tiny synthetic model.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <tuple>
+
+#include "kestrel/engine.h"
+
+namespace kestrel {
+namespace {
+
+std::unique_ptr<Engine> make_engine(WeightFormat format, int64_t max_seqs, int64_t max_context,
+                                    int64_t max_batch_tokens,
+                                    const std::string& model = "synthetic:tiny-qwen2") {
+  EngineOptions options;
+  options.model = model;
+  options.format = format;
+  options.format_explicit = true;
+  options.threads = 2;
+  options.progress = false;
+  options.prefill_chunk = 512;
+  options.run_shape.max_seqs = max_seqs;
+  options.run_shape.max_context = max_context;
+  options.run_shape.max_batch_tokens = max_batch_tokens;
+  options.run_shape.max_logit_rows = max_batch_tokens;
+  auto engine = Engine::create(options);
+  EXPECT_TRUE(engine.is_ok()) << engine.status().message();
+  return std::move(engine).value();
+}
+
+std::vector<int32_t> random_prompt(size_t n, uint32_t seed, int32_t vocab) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> id(3, vocab - 1);
+  std::vector<int32_t> ids(n);
+  for (auto& v : ids) v = id(rng);
+  return ids;
+}
+
+TEST(BatchGenerate, CopySequenceReplicatesTheCache) {
+  auto engine = make_engine(WeightFormat::fp32, 3, 32, 16);
+  const int32_t vocab = int32_t(engine->config().vocab_size);
+  const std::vector<int32_t> prompt = random_prompt(9, 11, vocab);
+  ASSERT_TRUE(engine->prefill(prompt, 0).is_ok());
+  // Slot 2 holds a different history, then receives slot 0's.
+  ASSERT_TRUE(engine->prefill(random_prompt(9, 12, vocab), 2).is_ok());
+  ASSERT_TRUE(engine->backend().copy_sequence(0, 2, int64_t(prompt.size())).is_ok());
+
+  // The same next token on slots 0 and 2 must now see the same cache.
+  Batch batch;
+  batch.add(42, int32_t(prompt.size()), 0, true);
+  batch.add(42, int32_t(prompt.size()), 2, true);
+  std::vector<float> logits;
+  ASSERT_TRUE(engine->run(batch, &logits).is_ok());
+  const int64_t v = engine->config().vocab_size;
+  for (int64_t i = 0; i < v; ++i) ASSERT_EQ(logits[size_t(i)], logits[size_t(v + i)]) << i;
+
+  // And slot 1, never filled, sees a different one.
+  Batch other;
+  other.add(42, int32_t(prompt.size()), 0, true);
+  other.add(42, int32_t(prompt.size()), 1, true);
+  ASSERT_TRUE(engine->run(other, &logits).is_ok());
+  bool differs = false;
+  for (int64_t i = 0; i < v; ++i) differs |= logits[size_t(i)] != logits[size_t(v + i)];
+  EXPECT_TRUE(differs);
+
+  EXPECT_FALSE(engine->backend().copy_sequence(0, 3, 4).is_ok());   // slot out of range
+  EXPECT_FALSE(engine->backend().copy_sequence(0, 1, 33).is_ok());  // beyond the context
+}
+
+TEST(BatchGenerate, GreedyCopiesMatchSingleSequenceDecoding) {
+  auto engine = make_engine(WeightFormat::sym_int4, 4, 64, 32);
+  const std::vector<int32_t> prompt = random_prompt(21, 5, int32_t(engine->config().vocab_size));
+  auto single = engine->generate_greedy(prompt, 12);
+  ASSERT_TRUE(single.is_ok()) << single.status().message();
+
+  BatchGenerateParams params;
+  params.batch_size = 4;
+  params.n_new = 12;
+  int prefills = 0, decodes = 0;
+  StepHooks hooks;
+  hooks.after = [&](const StepInfo& info, double seconds) {
+    EXPECT_GE(seconds, 0.0);
+    if (info.prefill) {
+      EXPECT_EQ(info.count, 4);
+      ++prefills;
+    } else {
+      EXPECT_EQ(info.n_tokens, 4);
+      EXPECT_EQ(info.context, 21 + info.index);
+      ++decodes;
+    }
+    return Status::ok();
+  };
+  auto batched = engine->generate_batch(prompt, params, hooks);
+  ASSERT_TRUE(batched.is_ok()) << batched.status().message();
+  ASSERT_EQ(batched->tokens.size(), 4u);
+  for (const auto& tokens : batched->tokens) EXPECT_EQ(tokens, single->tokens);
+  EXPECT_EQ(prefills, 4);
+  EXPECT_EQ(decodes, 11);
+  EXPECT_EQ(batched->step_seconds.size(), 11u);
+  EXPECT_GT(batched->first_token_seconds, 0.0);
+}
+
+// Beam search by brute force: every hypothesis is scored from a fresh full forward of the
+// prompt and its tokens, so no cache is reused or copied.
+std::vector<std::pair<std::vector<int32_t>, double>> reference_beam_search(
+    Engine& engine, const std::vector<int32_t>& prompt, int64_t n_beams, int64_t n_new) {
+  const int64_t vocab = engine.config().vocab_size;
+  std::vector<std::pair<std::vector<int32_t>, double>> hyps = {{{}, 0.0}};
+  for (int64_t step = 0; step < n_new; ++step) {
+    std::vector<std::tuple<double, int32_t, int32_t>> candidates;  // score, hyp, token
+    for (size_t h = 0; h < hyps.size(); ++h) {
+      std::vector<int32_t> ids = prompt;
+      ids.insert(ids.end(), hyps[h].first.begin(), hyps[h].first.end());
+      auto logits = engine.prompt_logits(ids, 0);
+      EXPECT_TRUE(logits.is_ok());
+      const float* row = logits->data() + (ids.size() - 1) * size_t(vocab);
+      double max_value = row[0];
+      for (int64_t i = 1; i < vocab; ++i) max_value = std::max(max_value, double(row[i]));
+      double sum = 0;
+      for (int64_t i = 0; i < vocab; ++i) sum += std::exp(double(row[i]) - max_value);
+      const double log_z = max_value + std::log(sum);
+      for (int64_t t = 0; t < vocab; ++t) {
+        candidates.emplace_back(hyps[h].second + double(row[t]) - log_z, int32_t(h), int32_t(t));
+      }
+    }
+    std::sort(candidates.begin(), candidates.end(), [](const auto& a, const auto& b) {
+      if (std::get<0>(a) != std::get<0>(b)) return std::get<0>(a) > std::get<0>(b);
+      if (std::get<1>(a) != std::get<1>(b)) return std::get<1>(a) < std::get<1>(b);
+      return std::get<2>(a) < std::get<2>(b);
+    });
+    std::vector<std::pair<std::vector<int32_t>, double>> next;
+    for (int64_t i = 0; i < n_beams; ++i) {
+      const auto& [score, h, token] = candidates[size_t(i)];
+      std::vector<int32_t> tokens = hyps[size_t(h)].first;
+      tokens.push_back(token);
+      next.emplace_back(tokens, score);
+    }
+    hyps = next;
+  }
+  return hyps;
+}
+
+TEST(BatchGenerate, BeamSearchMatchesBruteForce) {
+  // Slots: 2 copies x 3 beams for generate_batch; the reference runs in slot 0 beforehand.
+  // tiny-llama's untied lm_head gives flat distributions, where beams and greedy part ways
+  // (tiny-qwen2's tied one repeats a token with near certainty).
+  auto engine = make_engine(WeightFormat::fp32, 6, 64, 32, "synthetic:tiny-llama");
+  const std::vector<int32_t> prompt = random_prompt(7, 21, int32_t(engine->config().vocab_size));
+  const auto reference = reference_beam_search(*engine, prompt, 3, 6);
+
+  BatchGenerateParams params;
+  params.batch_size = 2;
+  params.num_beams = 3;
+  params.n_new = 6;
+  auto result = engine->generate_batch(prompt, params);
+  ASSERT_TRUE(result.is_ok()) << result.status().message();
+  ASSERT_EQ(result->tokens.size(), 2u);
+  for (size_t c = 0; c < 2; ++c) {
+    EXPECT_EQ(result->tokens[c], reference[0].first) << "copy " << c;
+    EXPECT_NEAR(result->scores[c], reference[0].second, 1e-3) << "copy " << c;
+  }
+  // Beam search must have left greedy's path somewhere, or this test checks nothing greedy
+  // would not.
+  auto greedy = engine->generate_greedy(prompt, 6);
+  ASSERT_TRUE(greedy.is_ok());
+  EXPECT_NE(greedy->tokens, reference[0].first);
+}
+
+TEST(BatchGenerate, OneBeamIsGreedy) {
+  auto engine = make_engine(WeightFormat::sym_int8, 2, 48, 16);
+  const std::vector<int32_t> prompt = random_prompt(30, 8, int32_t(engine->config().vocab_size));
+  auto greedy = engine->generate_greedy(prompt, 9);
+  ASSERT_TRUE(greedy.is_ok());
+  BatchGenerateParams params;
+  params.num_beams = 1;
+  params.n_new = 9;
+  auto result = engine->generate_batch(prompt, params);
+  ASSERT_TRUE(result.is_ok()) << result.status().message();
+  EXPECT_EQ(result->tokens[0], greedy->tokens);
+}
+
+TEST(BatchGenerate, HooksCanStopAndLimitsAreChecked) {
+  auto engine = make_engine(WeightFormat::sym_int4, 4, 40, 8);
+  const std::vector<int32_t> prompt = random_prompt(20, 3, int32_t(engine->config().vocab_size));
+  BatchGenerateParams params;
+  params.batch_size = 2;
+  params.n_new = 10;
+  int calls = 0;
+  StepHooks hooks;
+  hooks.before = [&](const StepInfo& info) {
+    ++calls;
+    if (!info.prefill && info.index == 3) return Status::error("stop at " + info.describe());
+    return Status::ok();
+  };
+  auto stopped = engine->generate_batch(prompt, params, hooks);
+  ASSERT_FALSE(stopped.is_ok());
+  EXPECT_NE(stopped.status().message().find("decode step 3 of 9"), std::string::npos)
+      << stopped.status().message();
+  // Chunks of 8: 3 per copy, then decode steps 1, 2 and the refused 3.
+  EXPECT_EQ(calls, 2 * 3 + 3);
+
+  params.batch_size = 3;
+  params.num_beams = 2;  // 6 sequences > 4 slots
+  EXPECT_FALSE(engine->generate_batch(prompt, params).is_ok());
+  params.batch_size = 1;
+  params.num_beams = 1;
+  params.n_new = 21;  // 20 + 21 > 40 positions
+  EXPECT_FALSE(engine->generate_batch(prompt, params).is_ok());
+}
+
+}  // namespace
+}  // namespace kestrel

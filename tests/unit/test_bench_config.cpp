@@ -1,0 +1,317 @@
+// The benchmark's YAML configuration, its expansion into rows, the prompt source, sizes, and
+// the CSV and quick-mode writers.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <set>
+
+#include "bench/config.h"
+#include "bench/prompt.h"
+#include "bench/report.h"
+
+namespace kestrel::bench {
+namespace {
+
+const char* kAllInOne = R"(
+repo_id:
+  - 'Qwen/Qwen2-1.5B-Instruct'
+  - 'synthetic:qwen2-1.5b'
+local_model_hub: '/mnt/disk1/models'
+warm_up: 2
+num_trials: 5
+num_beams: 1
+low_bit: 'asym_int4'
+batch_size: [1, 4, 16]
+in_out_pairs:
+  - '32-32'
+  - '1024-128'
+test_api:
+  - "transformer_int4_gpu"
+cpu_embedding: False
+exclude:
+  - 'synthetic:qwen2-1.5b:1024'
+  - 'Qwen/Qwen2-1.5B-Instruct:32:16'
+)";
+
+TEST(BenchConfig, ReadsTheAllInOneKeys) {
+  auto config = parse_bench_config(kAllInOne, "config.yaml");
+  ASSERT_TRUE(config.is_ok()) << config.status().message();
+  EXPECT_EQ(config->repo_ids,
+            (std::vector<std::string>{"Qwen/Qwen2-1.5B-Instruct", "synthetic:qwen2-1.5b"}));
+  EXPECT_EQ(config->local_model_hub, "/mnt/disk1/models");
+  EXPECT_EQ(config->warm_up, 2);
+  EXPECT_EQ(config->num_trials, 5);
+  EXPECT_EQ(config->num_beams, 1);
+  EXPECT_EQ(config->low_bit, WeightFormat::asym_int4);
+  EXPECT_TRUE(config->low_bit_given);
+  EXPECT_EQ(config->batch_sizes, (std::vector<int64_t>{1, 4, 16}));
+  ASSERT_EQ(config->in_out_pairs.size(), 2u);
+  EXPECT_EQ(config->in_out_pairs[1].in_len, 1024);
+  EXPECT_EQ(config->in_out_pairs[1].out_len, 128);
+  EXPECT_EQ(config->ignored_keys, (std::vector<std::string>{"test_api", "cpu_embedding"}));
+
+  std::vector<std::string> excluded;
+  const std::vector<BenchCase> cases = expand_cases(*config, &excluded);
+  // 2 models x 3 batches x 2 pairs = 12, minus synthetic 1024-in at every batch (3) and the
+  // hub model's 32-in at batch 16 (1).
+  ASSERT_EQ(cases.size(), 8u);
+  EXPECT_EQ(excluded.size(), 4u);
+  EXPECT_EQ(cases[0].model, "Qwen/Qwen2-1.5B-Instruct");
+  EXPECT_EQ(cases[0].source, "/mnt/disk1/models/Qwen2-1.5B-Instruct");
+  EXPECT_EQ(cases[0].batch_size, 1);
+  EXPECT_EQ(cases[0].in_len, 32);
+  EXPECT_EQ(cases[1].in_len, 1024);  // pairs vary fastest, then batch sizes
+  EXPECT_EQ(cases[2].batch_size, 4);
+  EXPECT_EQ(cases[4].batch_size, 16);
+  EXPECT_EQ(cases[4].in_len, 1024);
+  EXPECT_EQ(cases[5].source, "synthetic:qwen2-1.5b");
+  for (const BenchCase& c : cases) {
+    EXPECT_EQ(c.format, WeightFormat::asym_int4);
+    EXPECT_EQ(c.warm_up, 2);
+    EXPECT_EQ(c.num_trials, 5);
+    EXPECT_FALSE(c.source == "synthetic:qwen2-1.5b" && c.in_len == 1024);
+  }
+}
+
+TEST(BenchConfig, DefaultsAndScalarForms) {
+  auto config = parse_bench_config(
+      "repo_id: synthetic:tiny-qwen2\nin_out_pairs: '8-4'\n"
+      "batch_size: 3\nexclude:\n",
+      "c.yaml");
+  ASSERT_TRUE(config.is_ok()) << config.status().message();
+  EXPECT_EQ(config->warm_up, 1);
+  EXPECT_EQ(config->num_trials, 3);
+  EXPECT_EQ(config->low_bit, WeightFormat::sym_int4);
+  EXPECT_FALSE(config->low_bit_given);
+  EXPECT_EQ(config->batch_sizes, (std::vector<int64_t>{3}));
+  const auto cases = expand_cases(*config);
+  ASSERT_EQ(cases.size(), 1u);
+  EXPECT_EQ(cases[0].out_len, 4);
+}
+
+void expect_error(const std::string& yaml, const std::string& needle) {
+  auto config = parse_bench_config(yaml, "bench.yaml");
+  ASSERT_FALSE(config.is_ok()) << yaml;
+  EXPECT_NE(config.status().message().find(needle), std::string::npos)
+      << "message: " << config.status().message() << "\nwanted: " << needle;
+  EXPECT_NE(config.status().message().find("bench.yaml"), std::string::npos);
+}
+
+TEST(BenchConfig, ReportsWhatIsWrongAndWhere) {
+  const std::string base = "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-4']\n";
+  expect_error(base + "batch: 4\n", "unknown key 'batch'");
+  expect_error(base + "num_trails: 4\n", "unknown key 'num_trails'");
+  expect_error(base + "batch_size: 0\n", "batch_size must be an integer >= 1");
+  expect_error(base + "batch_size: [1, two]\n", "got 'two'");
+  expect_error(base + "batch_size: []\n", "batch_size is an empty list");
+  expect_error(base + "warm_up: -1\n", "warm_up must be an integer >= 0");
+  expect_error(base + "num_beams: 1.5\n", "num_beams");
+  expect_error(base + "low_bit: int3\n", "low_bit: unknown weight format 'int3'");
+  expect_error("repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['1024x512']\n", "'1024x512'");
+  expect_error("repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['0-8']\n", "'0-8'");
+  expect_error("repo_id: [synthetic:tiny-qwen2]\n", "in_out_pairs lists no");
+  expect_error("in_out_pairs: ['8-8']\n", "repo_id lists no model");
+  expect_error("repo_id: [a\nin_out_pairs: ['8-8']\n", "not valid YAML");
+  expect_error("- just\n- a list\n", "expected a mapping");
+  expect_error(base + "repo_id: {a: b}\n", "repo_id must be a string or a list");
+}
+
+TEST(BenchConfig, ModelSources) {
+  EXPECT_EQ(model_source("synthetic:qwen2-7b", "/hub"), "synthetic:qwen2-7b");
+  EXPECT_EQ(model_source("meta-llama/Llama-3.1-8B", "/hub"), "/hub/Llama-3.1-8B");
+  EXPECT_EQ(model_source("meta-llama/Llama-3.1-8B/", "/hub/"), "/hub/Llama-3.1-8B");
+  EXPECT_EQ(model_source("meta-llama/Llama-3.1-8B", ""), "meta-llama/Llama-3.1-8B");
+  EXPECT_EQ(model_source("/models/qwen", "/hub"), "/models/qwen");
+}
+
+TEST(BenchConfig, Sizes) {
+  EXPECT_EQ(*parse_size("24GB"), size_t(24000000000ull));
+  EXPECT_EQ(*parse_size("512MiB"), size_t(512) << 20);
+  EXPECT_EQ(*parse_size("1.5G"), size_t(1536) << 20);
+  EXPECT_EQ(*parse_size("2 gib"), size_t(2) << 30);
+  EXPECT_EQ(*parse_size("1000"), size_t(1000));
+  EXPECT_EQ(*parse_size("64kB"), size_t(64000));
+  for (const char* bad : {"", "GB", "-1GB", "12 parsecs", "1e30TB", "nan"}) {
+    EXPECT_FALSE(parse_size(bad).is_ok()) << bad;
+  }
+}
+
+TEST(BenchPrompt, ExactLengthsFromTheText) {
+  const std::string text =
+      "It is a truth universally acknowledged, that a single man\n"
+      "in possession of a good fortune, must be in want of a wife.";
+  const auto pieces = split_pieces(text);
+  // Words keep their leading space; punctuation and the line break are pieces of their own.
+  EXPECT_EQ(pieces[0], "It");
+  EXPECT_EQ(pieces[1], " is");
+  EXPECT_EQ(pieces[6], ",");
+  EXPECT_EQ(pieces[11], "\n");
+  std::string joined;
+  for (const auto& p : pieces) joined += p;
+  EXPECT_EQ(joined, text);
+
+  const int64_t vocab = 1000;
+  auto short_ids = prompt_tokens(text, 5, vocab);
+  auto long_ids = prompt_tokens(text, 1000, vocab);
+  ASSERT_TRUE(short_ids.is_ok());
+  ASSERT_TRUE(long_ids.is_ok());
+  ASSERT_EQ(short_ids->size(), 5u);
+  ASSERT_EQ(long_ids->size(), 1000u);
+  EXPECT_TRUE(std::equal(short_ids->begin(), short_ids->end(), long_ids->begin()));
+  // "a" recurs in the text: the same piece, the same id.
+  EXPECT_EQ((*long_ids)[2], piece_id(" a", vocab));
+  EXPECT_EQ((*long_ids)[8], (*long_ids)[2]);
+  // Past the end the text starts again.
+  EXPECT_EQ((*long_ids)[pieces.size()], (*long_ids)[0]);
+  std::set<int32_t> distinct(long_ids->begin(), long_ids->end());
+  EXPECT_GT(distinct.size(), 15u);
+  for (int32_t id : *long_ids) {
+    EXPECT_GE(id, 0);
+    EXPECT_LT(id, vocab);
+  }
+  EXPECT_EQ(prompt_tokens(text, 0, vocab)->size(), 0u);
+  EXPECT_FALSE(prompt_tokens("", 3, vocab).is_ok());
+}
+
+TEST(BenchPrompt, UsesATokenizerWhenGiven) {
+  int calls = 0;
+  const Tokenize bytes = [&](const std::string& text) -> Result<std::vector<int32_t>> {
+    ++calls;
+    std::vector<int32_t> ids;
+    for (unsigned char ch : text) ids.push_back(ch);
+    return ids;
+  };
+  auto ids = prompt_tokens("abc", 7, 256, bytes);
+  ASSERT_TRUE(ids.is_ok());
+  EXPECT_EQ(*ids, (std::vector<int32_t>{'a', 'b', 'c', 'a', 'b', 'c', 'a'}));
+  EXPECT_EQ(calls, 1);
+  auto outside = prompt_tokens("abc", 2, 99, bytes);  // 'c' = 99 is not below 99
+  ASSERT_FALSE(outside.is_ok());
+  EXPECT_NE(outside.status().message().find("99"), std::string::npos);
+}
+
+TEST(BenchPrompt, ShippedTextIsLongEnough) {
+  auto text = load_prompt_text(std::string(KESTREL_SOURCE_DIR) + "/bench/prompt.txt");
+  ASSERT_TRUE(text.is_ok()) << text.status().message();
+  // The sweep's longest prompt, 8192 tokens, without repeating the text.
+  EXPECT_GE(split_pieces(*text).size(), 8192u);
+  EXPECT_FALSE(load_prompt_text("/nonexistent/prompt.txt").is_ok());
+  auto missing = load_prompt_text("");
+  ASSERT_FALSE(missing.is_ok());
+  EXPECT_NE(missing.status().message().find("--prompt-file"), std::string::npos);
+}
+
+TEST(BenchReport, CsvColumnsInTheIssuesOrder) {
+  const std::vector<std::string> want = {"model",
+                                         "1st token avg latency (ms)",
+                                         "2+ avg latency (ms/token)",
+                                         "encoder time (ms)",
+                                         "input/output tokens",
+                                         "batch_size",
+                                         "actual input/output tokens",
+                                         "num_beams",
+                                         "low_bit",
+                                         "model loading time (s)",
+                                         "peak mem (GB)",
+                                         "decode tok/s",
+                                         "achieved GB/s",
+                                         "roofline %",
+                                         "planned mem (GB)",
+                                         "status",
+                                         "device",
+                                         "commit"};
+  EXPECT_EQ(csv_columns(), want);
+}
+
+TEST(BenchReport, CsvRows) {
+  EXPECT_EQ(csv_line({"a", "b,c", "say \"hi\"", ""}), "a,\"b,c\",\"say \"\"hi\"\"\",\n");
+
+  CaseResult ok;
+  ok.bench_case.model = "synthetic:qwen2-1.5b";
+  ok.bench_case.in_len = 1024;
+  ok.bench_case.out_len = 128;
+  ok.bench_case.batch_size = 4;
+  ok.ok = true;
+  ok.status = "ok";
+  ok.device = "cpu (avx2)";
+  ok.commit = "abc123";
+  ok.has_timings = ok.has_next_token = true;
+  ok.first_token_ms = 1234.567;
+  ok.next_token_ms = 45.678;
+  ok.actual_in = 1024;
+  ok.actual_out = 128;
+  ok.load_seconds = 3.21;
+  ok.peak_bytes = 1234567890;
+  ok.planned_bytes = 1300000000;
+  ok.decode_tps = 87.57;
+  ok.achieved_gbs = 25.1;
+  ok.roofline_pct = 80.96;
+  EXPECT_EQ(csv_line(csv_fields(ok)),
+            "synthetic:qwen2-1.5b,1234.57,45.68,0.00,1024-128,4,1024-128,1,sym_int4,3.21,1.2346,"
+            "87.57,25.10,81.0,1.3000,ok,cpu (avx2),abc123\n");
+
+  CaseResult failed;
+  failed.bench_case = ok.bench_case;
+  failed.status = "error: needs 5.00 GB, but --max-memory 1GB allows 1.00 GB";
+  failed.planned_bytes = 5000000000;
+  failed.device = "cpu (avx2)";
+  const auto fields = csv_fields(failed);
+  ASSERT_EQ(fields.size(), csv_columns().size());
+  EXPECT_EQ(fields[1], "");   // no latency
+  EXPECT_EQ(fields[10], "");  // no measured peak
+  EXPECT_EQ(fields[14], "5.0000");
+  EXPECT_EQ(fields[15], failed.status);
+}
+
+TEST(BenchReport, QuickModeFormats) {
+  QuickRow pp;
+  pp.model = "synthetic:tiny-qwen2";
+  pp.low_bit = "sym_int4";
+  pp.backend = "cpu (avx2)";
+  pp.threads = 2;
+  pp.test = "pp512";
+  pp.ok = true;
+  pp.status = "ok";
+  pp.tps_mean = 1000.5;
+  pp.tps_stddev = 2.25;
+  pp.tflops = 0.0123;
+  QuickRow tg = pp;
+  tg.test = "tg128";
+  tg.tflops = -1;
+  tg.gbs = 21.5;
+  tg.roofline_pct = 69.4;
+  QuickRow failed = pp;
+  failed.ok = false;
+  failed.status = "error: no memory";
+
+  auto md = render_quick({pp, tg, failed}, "md");
+  ASSERT_TRUE(md.is_ok());
+  EXPECT_NE(md->find("| model "), std::string::npos) << *md;
+  EXPECT_NE(md->find("1000.50 ± 2.25"), std::string::npos) << *md;
+  EXPECT_NE(md->find("21.5"), std::string::npos);
+  EXPECT_NE(md->find("69.4"), std::string::npos);
+  EXPECT_NE(md->find("failed"), std::string::npos);
+  EXPECT_EQ(std::count(md->begin(), md->end(), '\n'), 5);  // header, rule, 3 rows
+
+  auto csv = render_quick({pp, tg}, "csv");
+  ASSERT_TRUE(csv.is_ok());
+  EXPECT_EQ(csv->substr(0, csv->find('\n')),
+            "model,low_bit,size (GiB),params (B),backend,threads,batch,test,t/s,t/s stddev,GB/s,"
+            "TFLOP/s,roofline %,status");
+  EXPECT_NE(csv->find("tg128,1000.50,2.25,21.5,,69.4,ok"), std::string::npos) << *csv;
+
+  auto json = render_quick({pp, tg, failed}, "json");
+  ASSERT_TRUE(json.is_ok());
+  const auto parsed = nlohmann::json::parse(*json);
+  ASSERT_EQ(parsed.size(), 3u);
+  EXPECT_DOUBLE_EQ(parsed[0]["tokens_per_second"].get<double>(), 1000.5);
+  EXPECT_DOUBLE_EQ(parsed[1]["achieved_gbs"].get<double>(), 21.5);
+  EXPECT_FALSE(parsed[1].contains("achieved_tflops"));
+  EXPECT_FALSE(parsed[2].contains("tokens_per_second"));
+  EXPECT_EQ(parsed[2]["status"], "error: no memory");
+
+  EXPECT_FALSE(render_quick({pp}, "html").is_ok());
+}
+
+}  // namespace
+}  // namespace kestrel::bench

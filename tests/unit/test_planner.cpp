@@ -1,0 +1,341 @@
+// The memory planner: weight bytes against loaded models, KV cache and workspace against what
+// the CPU backend allocates and hand-computed sizes, chunk shrinking and failure messages.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <limits>
+#include <random>
+
+#include "backend/backend.h"
+#include "core/thread_pool.h"
+#include "kestrel/engine.h"
+#include "model/loader.h"
+#include "runtime/planner.h"
+
+namespace kestrel {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct FormatCase {
+  WeightFormat format;
+  int block;
+};
+
+const FormatCase kFormats[] = {
+    {WeightFormat::sym_int4, 32},  {WeightFormat::sym_int4, 64}, {WeightFormat::asym_int4, 32},
+    {WeightFormat::asym_int4, 64}, {WeightFormat::sym_int8, 32}, {WeightFormat::fp16, 32},
+    {WeightFormat::bf16, 32},      {WeightFormat::fp32, 32},
+};
+
+TEST(Planner, WeightBytesEqualWhatTheLoaderAllocates) {
+  ThreadPool pool(2);
+  for (const char* model : {"synthetic:tiny-qwen2", "synthetic:tiny-llama"}) {
+    for (const FormatCase& f : kFormats) {
+      LoadOptions load;
+      load.format = f.format;
+      load.block = f.block;
+      load.format_explicit = true;
+      load.progress = false;
+      auto weights = load_model(model, load, pool);
+      ASSERT_TRUE(weights.is_ok()) << weights.status().message();
+      auto spec = weight_spec_of(model, f.format, true, f.block);
+      ASSERT_TRUE(spec.is_ok()) << spec.status().message();
+      SCOPED_TRACE(std::string(model) + " " + format_name(f.format) + " block " +
+                   std::to_string(f.block));
+      EXPECT_EQ(planned_weight_bytes(*spec), weights->resident_bytes());
+      EXPECT_EQ(planned_decode_bytes(*spec), weights->decode_bytes());
+    }
+  }
+}
+
+TEST(Planner, Qwen2OnePointFiveBSymInt4ByHand) {
+  auto spec = weight_spec_of("synthetic:qwen2-1.5b", WeightFormat::sym_int4, true, 32);
+  ASSERT_TRUE(spec.is_ok());
+  // Half a byte per weight plus an fp16 scale per 32 weights; the embedding counted once (tied);
+  // per layer two fp32 norms of 1536 and fp32 q/k/v biases of 1536 + 256 + 256.
+  auto int4 = [](int64_t rows, int64_t cols) { return rows * cols / 2 + rows * (cols / 32) * 2; };
+  const int64_t per_layer = int4(1536, 1536) * 2 + int4(256, 1536) * 2 + int4(8960, 1536) * 2 +
+                            int4(1536, 8960) + 2 * 1536 * 4 + (1536 + 512) * 4;
+  const int64_t expected = int4(151936, 1536) + 28 * per_layer + 1536 * 4;
+  EXPECT_EQ(int64_t(planned_weight_bytes(*spec)), expected);
+  EXPECT_EQ(int64_t(planned_decode_bytes(*spec)), expected + int4(151936, 1536) / 151936);
+}
+
+TEST(Planner, WeightSpecReadsHfAndConvertedDirectories) {
+  ThreadPool pool(2);
+  const std::string source_dir = KESTREL_SOURCE_DIR;
+  // A Llama with attention_bias: q/k/v and o_proj biases.
+  const std::string hf = source_dir + "/tests/golden/models/llama-tied-bias-f16";
+  auto spec = weight_spec_of(hf, WeightFormat::sym_int8, true, 32);
+  ASSERT_TRUE(spec.is_ok()) << spec.status().message();
+  EXPECT_TRUE(spec->qkv_bias);
+  EXPECT_TRUE(spec->o_bias);
+  LoadOptions load;
+  load.format = WeightFormat::sym_int8;
+  load.format_explicit = true;
+  load.progress = false;
+  auto weights = load_model(hf, load, pool);
+  ASSERT_TRUE(weights.is_ok()) << weights.status().message();
+  EXPECT_EQ(planned_weight_bytes(*spec), weights->resident_bytes());
+
+  // A converted directory keeps its own format when none is asked for.
+  const fs::path out =
+      fs::temp_directory_path() / ("kestrel_planner_" + std::to_string(::getpid()));
+  ASSERT_TRUE(save_converted(*weights, hf, out.string()).is_ok());
+  auto converted = weight_spec_of(out.string(), WeightFormat::sym_int4, false, 32);
+  ASSERT_TRUE(converted.is_ok()) << converted.status().message();
+  EXPECT_EQ(converted->format, WeightFormat::sym_int8);
+  EXPECT_EQ(planned_weight_bytes(*converted), weights->resident_bytes());
+  EXPECT_FALSE(weight_spec_of(out.string(), WeightFormat::sym_int4, true, 32).is_ok());
+  fs::remove_all(out);
+
+  EXPECT_FALSE(weight_spec_of("/nonexistent/model", WeightFormat::sym_int4, true, 32).is_ok());
+  // tiny-qwen2's hidden size 128 is a multiple of 64 but its intermediate 384 is too; block 48
+  // is no block at all.
+  EXPECT_FALSE(weight_spec_of("synthetic:tiny-qwen2", WeightFormat::sym_int4, true, 48).is_ok());
+}
+
+TEST(Planner, WeightBytesOfEveryGoldenFixture) {
+  ThreadPool pool(2);
+  const fs::path models = fs::path(KESTREL_SOURCE_DIR) / "tests/golden/models";
+  int checked = 0;
+  for (const auto& entry : fs::directory_iterator(models)) {
+    for (WeightFormat format : {WeightFormat::fp32, WeightFormat::fp16, WeightFormat::bf16,
+                                WeightFormat::sym_int4, WeightFormat::asym_int4}) {
+      const std::string dir = entry.path().string();
+      SCOPED_TRACE(dir + " " + format_name(format));
+      auto spec = weight_spec_of(dir, format, true, 32);
+      ASSERT_TRUE(spec.is_ok()) << spec.status().message();
+      LoadOptions load;
+      load.format = format;
+      load.format_explicit = true;
+      load.progress = false;
+      auto weights = load_model(dir, load, pool);
+      ASSERT_TRUE(weights.is_ok()) << weights.status().message();
+      EXPECT_EQ(planned_weight_bytes(*spec), weights->resident_bytes());
+      EXPECT_EQ(planned_decode_bytes(*spec), weights->decode_bytes());
+      ++checked;
+    }
+  }
+  EXPECT_GE(checked, 15);
+}
+
+PlanInputs inputs_for(const WeightSpec& spec, int64_t batch, int64_t in, int64_t out) {
+  PlanInputs inputs;
+  inputs.weights = spec;
+  inputs.batch_size = batch;
+  inputs.in_len = in;
+  inputs.out_len = out;
+  inputs.prefill_chunk = 512;
+  inputs.reserve_bytes = 3 << 20;
+  return inputs;
+}
+
+MemoryBudget unlimited() {
+  MemoryBudget budget;
+  budget.bytes = std::numeric_limits<size_t>::max();
+  budget.source = "test";
+  return budget;
+}
+
+TEST(Planner, KvCacheAndPartsByHand) {
+  auto backend = make_backend("cpu", 2);
+  ASSERT_TRUE(backend.is_ok());
+  auto spec = weight_spec_of("synthetic:qwen2-1.5b", WeightFormat::sym_int4, true, 32);
+  ASSERT_TRUE(spec.is_ok());
+  const LayoutOf layout_of = [&](const RunShape& shape) {
+    return (*backend)->reserve_layout(spec->config, shape);
+  };
+  PlanInputs inputs = inputs_for(*spec, 4, 1024, 512);
+  inputs.num_beams = 2;
+  auto plan = plan_memory(inputs, unlimited(), layout_of);
+  ASSERT_TRUE(plan.is_ok()) << plan.status().message();
+  // batch x beams x (in + out) x layers x (K and V) x kv_dim x fp32
+  EXPECT_EQ(plan->kv_cache_bytes, size_t(4) * 2 * 1536 * 28 * 2 * 256 * 4);
+  EXPECT_EQ(plan->shape.max_seqs, 8);
+  EXPECT_EQ(plan->shape.max_context, 1536);
+  EXPECT_EQ(plan->shape.max_batch_tokens, 512);
+  EXPECT_EQ(plan->shape.max_logit_rows, 8);
+  EXPECT_EQ(plan->prefill_chunk, 512);
+  EXPECT_EQ(plan->weight_bytes, planned_weight_bytes(*spec));
+  EXPECT_EQ(plan->reserve_bytes, size_t(3) << 20);
+  // The final head's rows (8 x (vocab + 2 hidden)) and the host's logits (8 x vocab), fp32.
+  EXPECT_EQ(plan->logits_bytes, size_t(8) * (151936 + 2 * 1536) * 4 + size_t(8) * 151936 * 4);
+  EXPECT_EQ(plan->total_bytes(), plan->weight_bytes + plan->kv_cache_bytes + plan->workspace_bytes +
+                                     plan->logits_bytes + plan->reserve_bytes);
+
+  inputs.in_len = 32760;  // + 512 > max_position_embeddings 32768
+  auto too_long = plan_memory(inputs, unlimited(), layout_of);
+  ASSERT_FALSE(too_long.is_ok());
+  EXPECT_NE(too_long.status().message().find("max_position_embeddings"), std::string::npos);
+}
+
+TEST(Planner, CpuBackendAllocatesItsLayout) {
+  std::mt19937 rng(7);
+  auto config = synthetic_config("tiny-llama");
+  ASSERT_TRUE(config.is_ok());
+  for (int threads : {1, 2, 3}) {
+    auto backend = make_backend("cpu", threads);
+    ASSERT_TRUE(backend.is_ok());
+    for (int trial = 0; trial < 4; ++trial) {
+      RunShape shape;
+      shape.max_seqs = std::uniform_int_distribution<int64_t>(1, 9)(rng);
+      shape.max_context = std::uniform_int_distribution<int64_t>(1, 700)(rng);
+      shape.max_batch_tokens = std::uniform_int_distribution<int64_t>(1, 300)(rng);
+      shape.max_logit_rows = std::uniform_int_distribution<int64_t>(1, 9)(rng);
+      auto layout = (*backend)->reserve_layout(*config, shape);
+      ASSERT_TRUE(layout.is_ok());
+      ASSERT_TRUE((*backend)->reserve(*config, shape).is_ok());
+      // Everything but the matmul's own activation buffer is allocated by reserve().
+      EXPECT_EQ((*backend)->memory_in_use(), layout->total_bytes() - layout->kernel_scratch_bytes);
+      // K and V of every layer, slot and position.
+      EXPECT_EQ(layout->kv_cache_bytes(),
+                size_t(2 * 2 * shape.max_seqs * shape.max_context * 32 * 4));
+      // The widest matmul input (intermediate 320) is 10 groups of 32, padded to 16 groups of an
+      // int8 32-vector and 6 floats each.
+      EXPECT_EQ(layout->kernel_scratch_bytes, size_t(shape.max_batch_tokens) * 16 * (32 + 24));
+    }
+  }
+}
+
+TEST(Planner, PlannedShapeRunsTheForwardPass) {
+  // A plan at a shrunken chunk must still give forward() all the scratch it asks for.
+  auto spec = weight_spec_of("synthetic:tiny-qwen2", WeightFormat::sym_int4, true, 32);
+  ASSERT_TRUE(spec.is_ok());
+  auto backend = make_backend("cpu", 2);
+  ASSERT_TRUE(backend.is_ok());
+  const LayoutOf layout_of = [&](const RunShape& shape) {
+    return (*backend)->reserve_layout(spec->config, shape);
+  };
+  PlanInputs inputs = inputs_for(*spec, 3, 100, 9);
+  inputs.prefill_chunk = 32;
+  auto plan = plan_memory(inputs, unlimited(), layout_of);
+  ASSERT_TRUE(plan.is_ok());
+  EngineOptions options;
+  options.model = "synthetic:tiny-qwen2";
+  options.progress = false;
+  options.run_shape = plan->shape;
+  auto engine = Engine::create(options, std::move(*backend));
+  ASSERT_TRUE(engine.is_ok()) << engine.status().message();
+  EXPECT_EQ((*engine)->weights().resident_bytes(), plan->weight_bytes);
+  std::vector<int32_t> prompt(100);
+  std::mt19937 rng(3);
+  for (auto& id : prompt) id = std::uniform_int_distribution<int32_t>(0, 1023)(rng);
+  BatchGenerateParams params;
+  params.batch_size = 3;
+  params.n_new = 9;
+  auto result = (*engine)->generate_batch(prompt, params);
+  ASSERT_TRUE(result.is_ok()) << result.status().message();
+  EXPECT_EQ(result->tokens[2].size(), 9u);
+}
+
+TEST(Planner, ShrinksTheChunkToFitAndFailsWithTheNumbers) {
+  auto backend = make_backend("cpu", 2);
+  ASSERT_TRUE(backend.is_ok());
+  auto spec = weight_spec_of("synthetic:qwen2-0.5b", WeightFormat::sym_int4, true, 32);
+  ASSERT_TRUE(spec.is_ok());
+  const LayoutOf layout_of = [&](const RunShape& shape) {
+    return (*backend)->reserve_layout(spec->config, shape);
+  };
+  auto total_at = [&](int64_t chunk) {
+    PlanInputs inputs = inputs_for(*spec, 2, 2048, 128);
+    inputs.prefill_chunk = chunk;
+    auto plan = plan_memory(inputs, unlimited(), layout_of);
+    EXPECT_TRUE(plan.is_ok());
+    EXPECT_EQ(plan->prefill_chunk, chunk);
+    return plan->total_bytes();
+  };
+  const size_t t512 = total_at(512), t128 = total_at(128), t64 = total_at(64), t16 = total_at(16);
+  ASSERT_GT(t512, t128);
+  ASSERT_GT(t128, t64);
+  ASSERT_GT(t64, t16);
+
+  const PlanInputs inputs = inputs_for(*spec, 2, 2048, 128);
+  MemoryBudget budget;
+  budget.source = "--max-memory 1GB";
+  budget.from_flag = true;
+  budget.bytes = t64 + (t128 - t64) / 2;  // 128 does not fit, 64 does
+  auto shrunk = plan_memory(inputs, budget, layout_of);
+  ASSERT_TRUE(shrunk.is_ok()) << shrunk.status().message();
+  EXPECT_EQ(shrunk->prefill_chunk, 64);
+  EXPECT_EQ(shrunk->total_bytes(), t64);
+  EXPECT_EQ(shrunk->budget_bytes, budget.bytes);
+
+  budget.bytes = t512;  // exactly enough
+  auto exact = plan_memory(inputs, budget, layout_of);
+  ASSERT_TRUE(exact.is_ok());
+  EXPECT_EQ(exact->prefill_chunk, 512);
+
+  budget.bytes = t16 - 1;
+  auto failed = plan_memory(inputs, budget, layout_of);
+  ASSERT_FALSE(failed.is_ok());
+  const std::string message = failed.status().message();
+  EXPECT_NE(message.find("needs " + format_bytes(t16)), std::string::npos) << message;
+  EXPECT_NE(message.find("--max-memory 1GB allows " + format_bytes(t16 - 1)), std::string::npos)
+      << message;
+  EXPECT_NE(message.find("raise --max-memory"), std::string::npos) << message;
+  EXPECT_NE(message.find("prefill chunk 16"), std::string::npos) << message;
+
+  budget.from_flag = false;
+  budget.source = "free device memory";
+  auto no_memory = plan_memory(inputs, budget, layout_of);
+  ASSERT_FALSE(no_memory.is_ok());
+  EXPECT_EQ(no_memory.status().message().find("--max-memory"), std::string::npos);
+  EXPECT_NE(no_memory.status().message().find("lower batch_size"), std::string::npos);
+}
+
+TEST(Planner, BackendsWithoutALayoutCannotBePlanned) {
+  auto spec = weight_spec_of("synthetic:tiny-qwen2", WeightFormat::sym_int4, true, 32);
+  ASSERT_TRUE(spec.is_ok());
+  const LayoutOf no_layout = [](const RunShape&) -> Result<WorkspaceLayout> {
+    return Status::error("no layout");
+  };
+  auto plan = plan_memory(inputs_for(*spec, 1, 8, 8), unlimited(), no_layout);
+  ASSERT_FALSE(plan.is_ok());
+  EXPECT_EQ(plan.status().message(), "no layout");
+}
+
+TEST(Planner, StepCostsAndDeadlines) {
+  auto spec = weight_spec_of("synthetic:tiny-qwen2", WeightFormat::sym_int4, true, 32);
+  ASSERT_TRUE(spec.is_ok());
+  const ModelConfig& c = spec->config;
+  // tiny-qwen2: 2 layers, kv_dim 64, q_dim 128; a decode step of 3 sequences at context 10.
+  const StepCost decode = decode_cost(*spec, 3, 10, 4);
+  EXPECT_DOUBLE_EQ(decode.bytes, double(planned_decode_bytes(*spec)) + 3.0 * 10 * 2 * 2 * 64 * 4);
+  const double matrix_params = double(layer_matrix_params(c) + c.vocab_size * c.hidden_size);
+  EXPECT_DOUBLE_EQ(decode.flops, 2.0 * matrix_params * 3 + 4.0 * 128 * 2 * 10 * 3);
+  // A prefill chunk of 4 tokens ending at 6 attends to 3 + 4 + 5 + 6 positions.
+  const StepCost prefill = prefill_cost(*spec, 4, 6, 4);
+  EXPECT_DOUBLE_EQ(prefill.flops, 2.0 * double(layer_matrix_params(c)) * 4 +
+                                      2.0 * double(c.vocab_size * c.hidden_size) +
+                                      4.0 * 128 * 2 * (3 + 4 + 5 + 6));
+  DeviceProfile profile;
+  profile.bandwidth_gbs = 10;
+  profile.compute_gflops = 1;
+  EXPECT_DOUBLE_EQ(expected_seconds(StepCost{2e9, 1e6}, profile), 0.2);
+  EXPECT_DOUBLE_EQ(expected_seconds(StepCost{2e6, 3e9}, profile), 3.0);
+
+  auto cpu = device_profile("cpu", 2);
+  ASSERT_TRUE(cpu.is_ok());
+  EXPECT_DOUBLE_EQ(cpu->bandwidth_gbs, 31.0);
+  EXPECT_TRUE(cpu->host_memory);
+  auto cuda = device_profile("cuda", 0);
+  ASSERT_TRUE(cuda.is_ok());
+  EXPECT_DOUBLE_EQ(cuda->bandwidth_gbs, 3000.0);
+  EXPECT_FALSE(cuda->host_memory);
+  EXPECT_FALSE(device_profile("tpu", 0).is_ok());
+}
+
+TEST(Planner, HostMemoryAndFormatting) {
+  auto available = host_available_memory();
+  ASSERT_TRUE(available.is_ok()) << available.status().message();
+  EXPECT_GT(*available, size_t(1) << 20);
+  EXPECT_EQ(format_bytes(1500000000), "1.50 GB");
+  EXPECT_EQ(format_bytes(12345678), "12.3 MB");
+  EXPECT_EQ(format_bytes(512000), "512 kB");
+}
+
+}  // namespace
+}  // namespace kestrel

@@ -18,7 +18,8 @@ Blob Blob::allocate(size_t size) {
   const size_t rounded = (std::max<size_t>(size, 1) + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded);
   if (p == nullptr) throw std::bad_alloc();
-  blob.owner_ = std::shared_ptr<const void>(p, [](const void* q) { std::free(const_cast<void*>(q)); });
+  blob.owner_ =
+      std::shared_ptr<const void>(p, [](const void* q) { std::free(const_cast<void*>(q)); });
   blob.data_ = static_cast<const uint8_t*>(p);
   blob.size_ = size;
   blob.writable_ = true;

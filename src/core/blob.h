@@ -25,9 +25,13 @@ class Blob {
   size_t size() const { return size_; }
   bool empty() const { return size_ == 0; }
   template <typename T>
-  const T* as() const { return reinterpret_cast<const T*>(data_); }
+  const T* as() const {
+    return reinterpret_cast<const T*>(data_);
+  }
   template <typename T>
-  T* as_mutable() { return reinterpret_cast<T*>(mutable_data()); }
+  T* as_mutable() {
+    return reinterpret_cast<T*>(mutable_data());
+  }
 
  private:
   std::shared_ptr<const void> owner_;

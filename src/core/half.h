@@ -17,7 +17,9 @@ inline uint32_t float_to_bits(float f) {
   return bits;
 }
 
-inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+inline float bf16_to_float(uint16_t h) {
+  return bits_to_float(uint32_t(h) << 16);
+}
 
 inline uint16_t float_to_bf16(float f) {
   uint32_t bits = float_to_bits(f);
@@ -44,7 +46,7 @@ inline uint16_t float_to_fp16(float f) {
   uint32_t bits = float_to_bits(f);
   const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
   bits &= 0x7fffffffu;
-  if (bits > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN
+  if (bits > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
   if (bits >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // overflow rounds to inf
   if (bits < 0x38800000u) {
     // Subnormal or zero in fp16: round |f| * 2^24 to an integer, ties to even.

@@ -30,7 +30,7 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}          // NOLINT: implicit by design
   Result(Status status) : status_(std::move(status)) {}  // NOLINT: implicit by design
 
   bool is_ok() const { return value_.has_value(); }
@@ -53,10 +53,10 @@ class [[nodiscard]] Result {
 #define KS_CONCAT(a, b) KS_CONCAT_INNER(a, b)
 
 // Returns the Status from the enclosing function when `expr` fails.
-#define KS_RETURN_IF_ERROR(expr)                        \
-  do {                                                  \
-    ::kestrel::Status ks_status_ = (expr);              \
-    if (!ks_status_.is_ok()) return ks_status_;         \
+#define KS_RETURN_IF_ERROR(expr)                \
+  do {                                          \
+    ::kestrel::Status ks_status_ = (expr);      \
+    if (!ks_status_.is_ok()) return ks_status_; \
   } while (0)
 
 // `KS_ASSIGN_OR_RETURN(auto x, make_x());` unwraps a Result or returns its Status.

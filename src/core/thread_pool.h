@@ -25,8 +25,7 @@ class ThreadPool {
 
   // Calls fn(begin, end, thread_index) over [0, n) split into contiguous chunks whose starts are
   // multiples of `grain`; blocks until every chunk is done. The caller's thread does work too.
-  void parallel_for(int64_t n, int64_t grain,
-                    const std::function<void(int64_t, int64_t, int)>& fn);
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t, int)>& fn);
 
   // The process-wide pool used by the engine; created on first use with `n_threads`.
   static ThreadPool& global(int n_threads = 0);

@@ -33,8 +33,7 @@ const char* format_name(WeightFormat format);
 // Accepts the names above (as used by --low-bit).
 Result<WeightFormat> parse_format(const std::string& name);
 inline bool is_quantized(WeightFormat f) {
-  return f == WeightFormat::sym_int8 || f == WeightFormat::sym_int4 ||
-         f == WeightFormat::asym_int4;
+  return f == WeightFormat::sym_int8 || f == WeightFormat::sym_int4 || f == WeightFormat::asym_int4;
 }
 // Bytes of the `data` array per weight (0.5 for int4).
 double data_bytes_per_weight(WeightFormat format);

@@ -588,8 +588,8 @@ TEST_P(CudaNormFusion, MatchesCpu) {
       i++;
     }
     const double bound = is_quantized(fc.format) ? 3e-2 : 2e-3;
-    const char* names[] = {"q", "k", "v", "attn_norm(x)", "silu(gate) * up", "up", "ffn_norm(x)",
-                           "x-norm · wo"};
+    const char* names[] = {"q",  "k",           "v",          "attn_norm(x)", "silu(gate) * up",
+                           "up", "ffn_norm(x)", "x-norm · wo"};
     for (int r = 0; r < 8; ++r) {
       // The norm outputs are fp32 on both sides: only summation order differs.
       const double limit = (r == 3 || r == 6) ? 1e-5 : bound;

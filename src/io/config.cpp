@@ -14,6 +14,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/quote.h"
+
 namespace kestrel {
 namespace {
 
@@ -30,24 +32,6 @@ constexpr int64_t kMaxLayers = 1024;
 constexpr int64_t kMaxHeads = 4096;
 constexpr int64_t kMaxHeadDim = 4096;
 constexpr int64_t kMaxPositions = int64_t(1) << 30;
-
-// Strings from the file go into one-line messages: escape control bytes and bound the length.
-std::string quote_text(std::string_view text) {
-  constexpr size_t kMaxShown = 80;
-  std::string out = "'";
-  for (size_t i = 0; i < text.size() && i < kMaxShown; ++i) {
-    const unsigned char c = static_cast<unsigned char>(text[i]);
-    if (c < 0x20 || c == 0x7f) {
-      char buf[5];
-      std::snprintf(buf, sizeof(buf), "\\x%02x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (text.size() > kMaxShown) out += "...";
-  return out + "'";
-}
 
 Result<json> parse_json_object(const std::string& text, const std::string& path) {
   json root;
@@ -174,7 +158,7 @@ Result<Architecture> parse_architecture(const Fields& top, const std::string& pa
     const std::string& name = (*archs)[0].get_ref<const std::string&>();
     if (name == "LlamaForCausalLM") return Architecture::llama;
     if (name == "Qwen2ForCausalLM") return Architecture::qwen2;
-    return Status::error(path + ": unsupported architecture " + quote_text(name) +
+    return Status::error(path + ": unsupported architecture " + quote_untrusted(name) +
                          " (supported: LlamaForCausalLM, Qwen2ForCausalLM)");
   }
   std::string model_type;
@@ -184,7 +168,7 @@ Result<Architecture> parse_architecture(const Fields& top, const std::string& pa
   }
   if (model_type == "llama") return Architecture::llama;
   if (model_type == "qwen2") return Architecture::qwen2;
-  return Status::error(path + ": unsupported model_type " + quote_text(model_type) +
+  return Status::error(path + ": unsupported model_type " + quote_untrusted(model_type) +
                        " (supported: llama, qwen2)");
 }
 
@@ -216,7 +200,7 @@ Status parse_rope(const Fields& top, const std::string& path, ModelConfig& confi
   }
   if (type == "default") return Status::ok();
   if (type != "llama3") {
-    return Status::error(path + ": unsupported " + key + " type " + quote_text(type));
+    return Status::error(path + ": unsupported " + key + " type " + quote_untrusted(type));
   }
 
   RopeScaling& s = config.rope_scaling;
@@ -331,7 +315,7 @@ Result<ModelConfig> parse_model_config(const std::string& text, const std::strin
   std::string hidden_act = "silu";
   KS_RETURN_IF_ERROR(top.string("hidden_act", hidden_act));
   if (hidden_act != "silu") {
-    return Status::error(path + ": unsupported hidden_act " + quote_text(hidden_act) +
+    return Status::error(path + ": unsupported hidden_act " + quote_untrusted(hidden_act) +
                          " (supported: silu)");
   }
   bool mlp_bias = false;

@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/quote.h"
 #include "io/config.h"
 
 namespace kestrel {
@@ -26,25 +27,6 @@ using nlohmann::json;
 // gigabytes of JSON.
 constexpr uint64_t kMaxHeaderBytes = 100ull * 1024 * 1024;
 constexpr size_t kAlignment = 64;
-
-// Names come from untrusted files: keep messages on one line and of bounded length.
-std::string quote_name(std::string_view text) {
-  constexpr size_t kMaxShown = 120;
-  std::string out = "'";
-  for (size_t i = 0; i < text.size() && i < kMaxShown; ++i) {
-    const unsigned char c = static_cast<unsigned char>(text[i]);
-    if (c < 0x20 || c == 0x7f) {
-      char buf[5];
-      std::snprintf(buf, sizeof(buf), "\\x%02x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (text.size() > kMaxShown) out += "...";
-  out += "'";
-  return out;
-}
 
 std::string shape_string(const std::vector<int64_t>& shape) {
   std::string out = "[";
@@ -92,7 +74,7 @@ struct Extent {
 
 Status parse_tensor_entry(const std::string& path, const std::string& name, const json& entry,
                           uint64_t data_size, TensorRef& ref, Extent& extent) {
-  const std::string where = path + ": tensor " + quote_name(name);
+  const std::string where = path + ": tensor " + quote_untrusted(name);
   if (!entry.is_object()) return Status::error(where + ": entry is not a JSON object");
 
   const auto dtype_it = entry.find("dtype");
@@ -100,7 +82,7 @@ Status parse_tensor_entry(const std::string& path, const std::string& name, cons
   if (!dtype_it->is_string()) return Status::error(where + ": \"dtype\" must be a string");
   const std::string& dtype_text = dtype_it->get_ref<const std::string&>();
   if (!parse_dtype(dtype_text, ref.dtype)) {
-    return Status::error(where + ": unsupported dtype " + quote_name(dtype_text));
+    return Status::error(where + ": unsupported dtype " + quote_untrusted(dtype_text));
   }
 
   const auto shape_it = entry.find("shape");
@@ -168,7 +150,7 @@ Status parse_metadata(const std::string& path, const json& value,
   if (!value.is_object()) return Status::error(path + ": \"__metadata__\" must be a JSON object");
   for (const auto& [key, item] : value.items()) {
     if (!item.is_string()) {
-      return Status::error(path + ": \"__metadata__\" value for " + quote_name(key) +
+      return Status::error(path + ": \"__metadata__\" value for " + quote_untrusted(key) +
                            " must be a string");
     }
     metadata.emplace(key, item.get<std::string>());
@@ -185,8 +167,8 @@ Status check_no_overlap(const std::string& path, std::vector<Extent>& extents) {
   for (const Extent& e : extents) {
     if (e.begin == e.end) continue;
     if (furthest != nullptr && e.begin < furthest->end) {
-      return Status::error(path + ": tensor " + quote_name(*e.name) + " overlaps tensor " +
-                           quote_name(*furthest->name));
+      return Status::error(path + ": tensor " + quote_untrusted(*e.name) + " overlaps tensor " +
+                           quote_untrusted(*furthest->name));
     }
     if (furthest == nullptr || e.end > furthest->end) furthest = &e;
   }
@@ -377,15 +359,15 @@ Result<TensorSource> TensorSource::open_dir(const std::string& dir) {
   std::map<std::string, std::vector<std::string>> shards;
   for (const auto& [tensor, shard] : map_it->items()) {
     if (!shard.is_string()) {
-      return Status::error(index_path + ": shard of tensor " + quote_name(tensor) +
+      return Status::error(index_path + ": shard of tensor " + quote_untrusted(tensor) +
                            " must be a string");
     }
     const std::string& shard_name = shard.get_ref<const std::string&>();
     // The index comes from the download; it must not send us outside the model directory.
     if (shard_name.empty() || shard_name == "." || shard_name == ".." ||
         shard_name.find('/') != std::string::npos || shard_name.find('\0') != std::string::npos) {
-      return Status::error(index_path + ": tensor " + quote_name(tensor) + " names shard " +
-                           quote_name(shard_name) + ", which is not a plain file name");
+      return Status::error(index_path + ": tensor " + quote_untrusted(tensor) + " names shard " +
+                           quote_untrusted(shard_name) + ", which is not a plain file name");
     }
     shards[shard_name].push_back(tensor);
   }
@@ -398,13 +380,13 @@ Result<TensorSource> TensorSource::open_dir(const std::string& dir) {
     const std::string shard_path = (fs::path(dir) / shard_name).string();
     auto file = SafetensorsFile::open(shard_path);
     if (!file.is_ok()) {
-      return Status::error(index_path + ": shard " + quote_name(shard_name) +
+      return Status::error(index_path + ": shard " + quote_untrusted(shard_name) +
                            " cannot be loaded: " + file.status().message());
     }
     for (const std::string& tensor : listed) {
       if (file->find(tensor) == nullptr) {
-        return Status::error(index_path + ": tensor " + quote_name(tensor) +
-                             " is listed in shard " + quote_name(shard_name) +
+        return Status::error(index_path + ": tensor " + quote_untrusted(tensor) +
+                             " is listed in shard " + quote_untrusted(shard_name) +
                              " but that shard does not contain it");
       }
     }
@@ -412,8 +394,9 @@ Result<TensorSource> TensorSource::open_dir(const std::string& dir) {
     for (const auto& [name, ref] : source.files_.back()->tensors()) {
       const auto [it, inserted] = shard_of.emplace(name, shard_name);
       if (!inserted) {
-        return Status::error(dir + ": tensor " + quote_name(name) + " appears in both shard " +
-                             quote_name(it->second) + " and shard " + quote_name(shard_name));
+        return Status::error(dir + ": tensor " + quote_untrusted(name) + " appears in both shard " +
+                             quote_untrusted(it->second) + " and shard " +
+                             quote_untrusted(shard_name));
       }
       source.index_.emplace(name, &ref);
     }
@@ -428,7 +411,7 @@ const TensorRef* TensorSource::find(const std::string& name) const {
 
 Result<const TensorRef*> TensorSource::get(const std::string& name) const {
   const TensorRef* ref = find(name);
-  if (ref == nullptr) return Status::error(where_ + ": missing tensor " + quote_name(name));
+  if (ref == nullptr) return Status::error(where_ + ": missing tensor " + quote_untrusted(name));
   return ref;
 }
 
@@ -457,9 +440,9 @@ Status write_safetensors(const std::string& path, const std::vector<TensorToWrit
   size_t data_size = 0;
   for (size_t index : order) {
     const TensorToWrite& t = tensors[index];
-    const std::string where = path + ": tensor " + quote_name(t.name);
+    const std::string where = path + ": tensor " + quote_untrusted(t.name);
     if (t.name.empty() || t.name == "__metadata__") {
-      return Status::error(path + ": invalid tensor name " + quote_name(t.name));
+      return Status::error(path + ": invalid tensor name " + quote_untrusted(t.name));
     }
     if (header.contains(t.name)) return Status::error(where + ": written twice");
     uint64_t numel = 1;

@@ -371,9 +371,9 @@ std::vector<std::string> synthetic_names() {
 
 Result<ModelConfig> synthetic_config(const std::string& name) {
   ModelConfig c;
-  auto qwen2 = [&](int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+  // The shape every preset sets; the family lambdas add what their configs share.
+  auto shape = [&](int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
                    int64_t vocab, bool tied) {
-    c.arch = Architecture::qwen2;
     c.hidden_size = hidden;
     c.intermediate_size = inter;
     c.n_layers = layers;
@@ -381,6 +381,11 @@ Result<ModelConfig> synthetic_config(const std::string& name) {
     c.n_kv_heads = kv;
     c.vocab_size = vocab;
     c.tie_word_embeddings = tied;
+  };
+  auto qwen2 = [&](int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
+                   int64_t vocab, bool tied) {
+    shape(hidden, inter, layers, heads, kv, vocab, tied);
+    c.arch = Architecture::qwen2;
     c.attention_bias = true;
     c.rope_theta = 1000000.0;
     c.rms_norm_eps = 1e-6;
@@ -390,14 +395,8 @@ Result<ModelConfig> synthetic_config(const std::string& name) {
   };
   auto llama = [&](int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv,
                    int64_t vocab, bool tied, double factor) {
+    shape(hidden, inter, layers, heads, kv, vocab, tied);
     c.arch = Architecture::llama;
-    c.hidden_size = hidden;
-    c.intermediate_size = inter;
-    c.n_layers = layers;
-    c.n_heads = heads;
-    c.n_kv_heads = kv;
-    c.vocab_size = vocab;
-    c.tie_word_embeddings = tied;
     c.rope_theta = 500000.0;
     c.rms_norm_eps = 1e-5;
     c.max_position_embeddings = 131072;

@@ -35,27 +35,31 @@ __global__ void kv_write_kernel(AttentionArgs a, KvCache c) {
   }
 }
 
-// rope_kernel (rope.cu) and kv_write_kernel fused: one block per (head, token), a thread per
-// rotated pair, so the launch is one round of loads and stores (a block per token looped over
-// all heads: ten dependent rounds for 40 heads of 128, ~10 us of an 8B decode layer's ~100).
-// Blocks of the KV heads also write their head's V row.
+// rope_kernel (rope.cu) and kv_write_kernel fused. Blocks are (token, group of heads_per_block
+// heads: query heads, then KV heads); KV heads also write their V row. Decode launches a block
+// per head, a thread per rotated pair, so the launch is one round of loads and stores (a block
+// per token looping over 40 heads of 128 took ten dependent rounds, ~10 us of an 8B decode
+// layer); prefill keeps a block per token, whose loop is already wide enough.
 __global__ void rope_kv_write_kernel(float* q, float* k, AttentionArgs a, KvCache c,
-                                     const float* inv_freq) {
+                                     const float* inv_freq, int heads_per_block) {
   pdl_wait();
   pdl_trigger();
   const int64_t t = blockIdx.x;
-  const int head = blockIdx.y;  // query heads, then KV heads
   const int64_t pos = a.positions[t];
   const int64_t seq = a.seq_ids[t];
   const int head_dim = c.head_dim;
   const int half = head_dim / 2;
-  const bool is_q = head < a.n_heads;
-  const int kvh = head - a.n_heads;
-  float* base =
-      is_q ? q + (t * a.n_heads + head) * head_dim : k + (t * c.n_kv_heads + kvh) * head_dim;
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+  const int first = int(blockIdx.y) * heads_per_block;
+  const int n = min(heads_per_block, a.n_heads + c.n_kv_heads - first);
+  for (int idx = threadIdx.x; idx < n * half; idx += blockDim.x) {
+    const int head = first + idx / half;
+    const int i = idx % half;
     float sin_v, cos_v;
     sincosf(float(pos) * inv_freq[i], &sin_v, &cos_v);
+    const bool is_q = head < a.n_heads;
+    const int kvh = head - a.n_heads;
+    float* base =
+        is_q ? q + (t * a.n_heads + head) * head_dim : k + (t * c.n_kv_heads + kvh) * head_dim;
     const float x0 = base[i];
     const float x1 = base[i + half];
     const float r0 = x0 * cos_v - x1 * sin_v;
@@ -68,10 +72,12 @@ __global__ void rope_kv_write_kernel(float* q, float* k, AttentionArgs a, KvCach
       dst[i + half] = __float2half_rn(r1);
     }
   }
-  if (!is_q) {
-    const float* v = a.v + (t * c.n_kv_heads + kvh) * head_dim;
-    __half* dst = c.v + cache_offset(c, a.layer, seq, kvh, pos);
-    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) dst[i] = __float2half_rn(v[i]);
+  const int kv_first = max(first, a.n_heads);  // this block's KV heads write their V rows
+  for (int idx = threadIdx.x; idx < (first + n - kv_first) * head_dim; idx += blockDim.x) {
+    const int kvh = kv_first - a.n_heads + idx / head_dim;
+    const int d = idx % head_dim;
+    c.v[cache_offset(c, a.layer, seq, kvh, pos) + d] =
+        __float2half_rn(a.v[(t * c.n_kv_heads + kvh) * head_dim + d]);
   }
 }
 
@@ -444,12 +450,15 @@ Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStrea
 
 Status rope_kv_cache_write(float* q, float* k, const AttentionArgs& args, const KvCache& cache,
                            const float* inv_freq, cudaStream_t stream) {
-  const int half = cache.head_dim / 2;
-  const int threads = std::min(256, std::max(32, (half + 31) / 32 * 32));
-  KS_CUDA_CHECK("attention",
-                launch_pdl(rope_kv_write_kernel,
-                           dim3(unsigned(args.n_tokens), unsigned(args.n_heads + cache.n_kv_heads)),
-                           dim3(unsigned(threads)), 0, stream, q, k, args, cache, inv_freq));
+  const int heads = args.n_heads + cache.n_kv_heads;
+  const bool decode = args.n_tokens <= kMaxGemvTokens;
+  const int heads_per_block = decode ? 1 : heads;
+  const int threads = decode ? std::min(256, (cache.head_dim / 2 + 31) / 32 * 32) : 256;
+  KS_CUDA_CHECK(
+      "attention",
+      launch_pdl(rope_kv_write_kernel,
+                 dim3(unsigned(args.n_tokens), unsigned(heads / heads_per_block)),
+                 dim3(unsigned(threads)), 0, stream, q, k, args, cache, inv_freq, heads_per_block));
   KS_CUDA_CHECK_LAUNCH("attention", "rope_kv_write_kernel");
   return Status::ok();
 }

@@ -15,10 +15,10 @@
 // token lane / 4 is one 16-byte load. int8 and fp16 rows are unpacked into the same order with
 // byte permutes.
 //
-// With a NormInput, the input is RMSNorm(x) · w of an fp32 activation: every block computes it
-// (each block needs all of it, and reading 8-16 KB from L2 costs less than a kernel boundary)
-// into shared memory in the permuted fp16 layout, so the separate norm kernel, its fp16 shadow
-// in global memory and one dependent launch drop out of a decode step.
+// With a NormInput (batch-1 decode), the input is RMSNorm(x) · w of an fp32 activation: every
+// block computes it (each needs all of it: 32 KB of x and w from L2 at 4096 columns) into shared
+// memory in the permuted fp16 layout, so the separate norm kernel, its fp16 shadow in global
+// memory and one dependent launch drop out of a decode step, twice a layer.
 #include <algorithm>
 
 #include "backend/cuda/cuda_check.cuh"
@@ -136,56 +136,53 @@ __device__ inline void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// The NormInput prologue: xs [n_tokens, x_stride] fp16 permuted = rms_norm(norm.x) * norm.w,
+// The NormInput prologue (one token): xs [x_stride] fp16 permuted = rms_norm(norm.x) * norm.w
 // with the rms_norm kernel's arithmetic (norm.cu) for each value; block 0 also stores the fp32
-// rows in norm.out. x_stride equals cols here (gemv_fuses_norm).
+// row in norm.out. Each thread keeps its columns in registers from the sum of squares to the
+// scaling, so the prologue is one round trip to L2 and two barriers.
 __device__ void normalize_input(const GemvParams& p, __half* xs) {
-  __shared__ float partial[kWarps][kMaxGemvTokens];
-  __shared__ float inv_rms[kMaxGemvTokens];
+  constexpr int kPerThread = int(kMaxNormInputCols / 4 / kThreads);  // float4 per thread
+  __shared__ float partial[kWarps];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int64_t cols = p.x_stride;
-  const int n4 = int(cols / 4);
-  for (int t = 0; t < p.n_tokens; ++t) {
-    const float4* row = reinterpret_cast<const float4*>(p.norm.x + t * cols);
-    float sum = 0.0f;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < n4; i += kThreads) {
-      const float4 v = row[i];
-      sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) partial[warp][t] = sum;
-  }
-  __syncthreads();
-  if (int(threadIdx.x) < p.n_tokens) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][threadIdx.x];
-    inv_rms[threadIdx.x] = 1.0f / sqrtf(sum / float(cols) + p.norm.eps);
-  }
-  __syncthreads();
+  const int n4 = int(p.x_stride / 4);
+  const float4* x4 = reinterpret_cast<const float4*>(p.norm.x);
   const float4* w4 = reinterpret_cast<const float4*>(p.norm.w);
-  uint32_t* xs32 = reinterpret_cast<uint32_t*>(xs);
-  for (int e = threadIdx.x; e < p.n_tokens * n4; e += kThreads) {
-    const int t = e / n4;
-    const int j = e - t * n4;  // columns 4j .. 4j + 3
-    const float4 v = reinterpret_cast<const float4*>(p.norm.x + t * cols)[j];
-    const float4 g = w4[j];
-    const float scale = inv_rms[t];
-    const float a0 = g.x * (v.x * scale);
-    const float a1 = g.y * (v.y * scale);
-    const float a2 = g.z * (v.z * scale);
-    const float a3 = g.w * (v.w * scale);
-    if (blockIdx.x == 0) {
-      reinterpret_cast<float4*>(p.norm.out + t * cols)[j] = make_float4(a0, a1, a2, a3);
+  float4 v[kPerThread], g[kPerThread];
+  float sum = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kPerThread; ++r) {
+    const int j = int(threadIdx.x) + r * kThreads;
+    if (j < n4) {
+      v[r] = x4[j];
+      g[r] = w4[j];
+      sum += v[r].x * v[r].x + v[r].y * v[r].y + v[r].z * v[r].z + v[r].w * v[r].w;
     }
-    // Group offset o = 4(j % 8): columns o .. o + 3 go to permuted slots b, b + 2, b + 1, b + 3
-    // (common.cuh), so two 32-bit stores hold (o, o + 2) and (o + 1, o + 3).
-    const int o = (j & 7) * 4;
-    const int64_t slot = t * cols + (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
-    xs32[slot / 2] = pack_half2(a0, a2);
-    xs32[slot / 2 + 1] = pack_half2(a1, a3);
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) partial[warp] = sum;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int wp = 0; wp < kWarps; ++wp) total += partial[wp];
+  const float scale = 1.0f / sqrtf(total / float(p.x_stride) + p.norm.eps);
+  uint32_t* xs32 = reinterpret_cast<uint32_t*>(xs);
+#pragma unroll
+  for (int r = 0; r < kPerThread; ++r) {
+    const int j = int(threadIdx.x) + r * kThreads;  // columns 4j .. 4j + 3
+    if (j < n4) {
+      const float a0 = g[r].x * (v[r].x * scale);
+      const float a1 = g[r].y * (v[r].y * scale);
+      const float a2 = g[r].z * (v[r].z * scale);
+      const float a3 = g[r].w * (v[r].w * scale);
+      if (blockIdx.x == 0) reinterpret_cast<float4*>(p.norm.out)[j] = make_float4(a0, a1, a2, a3);
+      // Group offset o = 4(j % 8): columns o .. o + 3 go to permuted slots b, b + 2, b + 1,
+      // b + 3 (common.cuh), so two 32-bit stores hold (o, o + 2) and (o + 1, o + 3).
+      const int o = (j & 7) * 4;
+      const int slot = (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
+      xs32[slot / 2] = pack_half2(a0, a2);
+      xs32[slot / 2 + 1] = pack_half2(a1, a3);
+    }
   }
   __syncthreads();
 }
@@ -199,7 +196,7 @@ struct Fragment {
 };
 
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm>
-__global__ void __launch_bounds__(kThreads, kNorm && NT == 1 ? 3 : 1)
+__global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   int job = 0;
@@ -247,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, kNorm && NT == 1 ? 3 : 1)
   using P = Pipe<F, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* pipe = smem + warp * P::kStages * P::kWarpStageBytes;
-  // NormInput mode: [n_tokens, x_stride] fp16 permuted input, after the pipeline's stages.
+  // NormInput mode: [1, x_stride] fp16 permuted input, after the pipeline's stages.
   __half* xs = reinterpret_cast<__half*>(smem + P::kBytes);
   auto pieces = [&](int stage) {  // [kPieces][32 lanes] uint4
     return reinterpret_cast<uint4*>(pipe + stage * P::kWarpStageBytes);
@@ -467,8 +464,9 @@ template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm>
 Status launch_kernel(const GemvParams& p, int blocks, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
-  constexpr int kMaxSmem = std::max(kPipeBytes + (kNorm ? int(kMaxNormInputBytes) : 0), kReduceBytes);
-  const int input_bytes = kNorm ? int(p.n_tokens * p.x_stride * int64_t(sizeof(__half))) : 0;
+  constexpr int kMaxInputBytes = kNorm ? int(kMaxNormInputCols * sizeof(__half)) : 0;
+  constexpr int kMaxSmem = std::max(kPipeBytes + kMaxInputBytes, kReduceBytes);
+  const int input_bytes = kNorm ? int(p.x_stride * int64_t(sizeof(__half))) : 0;
   const int smem = std::max(kPipeBytes + input_bytes, kReduceBytes);
   auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm>;
   static bool attribute_set = false;  // once per instantiation
@@ -485,10 +483,7 @@ Status launch_kernel(const GemvParams& p, int blocks, cudaStream_t stream) {
 
 template <WeightFormat F, int MT, bool kSwiglu>
 Status launch_mt(const GemvParams& p, int blocks, cudaStream_t stream) {
-  if (p.norm.x != nullptr) {
-    if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, true>(p, blocks, stream);
-    return launch_kernel<F, MT, 2, kSwiglu, true>(p, blocks, stream);
-  }
+  if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true>(p, blocks, stream);
   if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false>(p, blocks, stream);
   return launch_kernel<F, MT, 2, kSwiglu, false>(p, blocks, stream);
 }

@@ -7,6 +7,7 @@
 
 #include "backend/backend.h"
 #include "core/status.h"
+#include "quant/format.h"
 
 namespace kestrel {
 
@@ -36,6 +37,19 @@ struct GraphStats {
   int64_t replayed = 0;
 };
 GraphStats graph_stats(Backend& backend);
+
+// Device-to-device copy bandwidth of device 0 in GB/s, counting bytes read and written (1 GiB,
+// median of 7 graph replays): the decode roofline the benchmarks report against.
+Result<double> measure_copy_gbs();
+
+// The decode GEMV alone: one weight of `rows` x `cols` (random values) times `n_tokens` tokens,
+// 64 calls captured in a graph over enough copies of the weight to miss the L2; the median
+// device time of one call and the weight's bytes.
+struct GemvTiming {
+  double microseconds = 0;
+  double bytes = 0;
+};
+Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, int n_tokens);
 
 }  // namespace cuda
 }  // namespace kestrel

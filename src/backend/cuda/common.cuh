@@ -7,23 +7,36 @@
 #include <cstdint>
 #include <utility>
 
+#include "backend/cuda/int4_tiles.h"
 #include "quant/format.h"
 
 namespace kestrel::cuda {
 
 // A weight as the kernels see it. On the device every float format is fp16 (fp32 and bf16
-// weights are converted at upload), quantized formats keep the planar layout of quant/format.h.
+// weights are converted at upload); sym_int8 keeps the planar layout of quant/format.h and the
+// int4 formats are stored in tiles (int4_tiles.h).
 struct DeviceWeight {
   WeightFormat format = WeightFormat::fp16;  // fp16, sym_int8, sym_int4 or asym_int4
   int64_t rows = 0;
   int64_t cols = 0;
   int block = 0;                   // weights per scale; 0 for fp16
-  int64_t row_bytes = 0;           // bytes per row of `data`; fp16 rows are padded to 32 values
-  const uint8_t* data = nullptr;   // [rows, row_bytes]
-  const __half* scales = nullptr;  // [rows, cols / block]
-  const __half* mins = nullptr;    // [rows, cols / block], asym_int4 only
+  int64_t row_bytes = 0;           // fp16 and sym_int8: bytes per row of `data` (fp16 rows are
+                                   // padded to 32 values); 0 for the tiled int4 formats
+  Int4Tiles tiles;                 // int4 formats: the tiling of data, scales and mins
+  const uint8_t* data = nullptr;   // [rows, row_bytes], or tiles.data_bytes()
+  const __half* scales = nullptr;  // [rows, cols / block], or tiles.scale_halves()
+  const __half* mins = nullptr;    // as scales, asym_int4 only
   const float* bias = nullptr;     // [rows] or null
 };
+
+__host__ __device__ inline bool is_tiled(WeightFormat f) {
+  return f == WeightFormat::sym_int4 || f == WeightFormat::asym_int4;
+}
+
+// Bytes of a device weight's `data` array.
+__host__ __device__ inline int64_t data_bytes(const DeviceWeight& w) {
+  return is_tiled(w.format) ? w.tiles.data_bytes() : w.rows * w.row_bytes;
+}
 
 constexpr int kGroup = 32;          // int4 packing group, and the unit of the permuted layout
 constexpr int kMaxGemvTokens = 16;  // tokens a GEMV call handles (two mma n-tiles)
@@ -136,7 +149,7 @@ __device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t
 
 // One weight of row `row`, column `k`, dequantized to fp32 exactly as quant/format.cpp does.
 __device__ inline float dequant_one(const DeviceWeight& w, int64_t row, int64_t k) {
-  const uint8_t* data = w.data + row * w.row_bytes;
+  const uint8_t* data = w.data + row * w.row_bytes;  // fp16 and sym_int8
   switch (w.format) {
     case WeightFormat::fp16:
       return __half2float(reinterpret_cast<const __half*>(data)[k]);
@@ -148,9 +161,9 @@ __device__ inline float dequant_one(const DeviceWeight& w, int64_t row, int64_t 
     case WeightFormat::asym_int4: {
       const int64_t g = k / kGroup;
       const int j = int(k % kGroup);
-      const uint8_t byte = data[g * (kGroup / 2) + (j & 15)];
+      const uint8_t byte = w.data[w.tiles.group_offset(row, g) + (j & 15)];
       const int code = j < 16 ? (byte & 0x0f) : (byte >> 4);
-      const int64_t s = row * (w.cols / w.block) + k / w.block;
+      const int64_t s = w.tiles.scale_index(row, g);
       const float d = __half2float(w.scales[s]);
       if (w.format == WeightFormat::sym_int4) return float(code - 8) * d;
       // Separate multiply and add, as the CPU does (no fused rounding).

@@ -969,6 +969,29 @@ class CudaBackend final : public Backend {
     return p;
   }
 
+  // An int4 weight in the GEMV's tiles (int4_tiles.h): rearranged on the host, one copy up.
+  Result<DeviceWeight> upload_tiled(const QuantWeight& w, DeviceWeight d, const std::string& what) {
+    const TiledInt4 t = tile_int4(w);
+    d.tiles = t.tiles;
+    const size_t data_bytes = t.data.size();
+    const size_t scale_bytes = t.scales.size() * sizeof(uint16_t);
+    const size_t scale_at = size_t(round_up(int64_t(data_bytes), 256));
+    const size_t min_at = scale_at + size_t(round_up(int64_t(scale_bytes), 256));
+    KS_ASSIGN_OR_RETURN(void* mem, weight_memory(min_at + t.mins.size() * sizeof(uint16_t), what));
+    auto* base = static_cast<uint8_t*>(mem);
+    KS_CUDA_CHECK("upload", cudaMemcpy(base, t.data.data(), data_bytes, cudaMemcpyHostToDevice));
+    KS_CUDA_CHECK("upload", cudaMemcpy(base + scale_at, t.scales.data(), scale_bytes,
+                                       cudaMemcpyHostToDevice));
+    if (!t.mins.empty()) {
+      KS_CUDA_CHECK("upload",
+                    cudaMemcpy(base + min_at, t.mins.data(), scale_bytes, cudaMemcpyHostToDevice));
+      d.mins = reinterpret_cast<const __half*>(base + min_at);
+    }
+    d.data = base;
+    d.scales = reinterpret_cast<const __half*>(base + scale_at);
+    return d;
+  }
+
   Result<DeviceWeight> upload_weight(const QuantWeight& w, const std::string& what) {
     DeviceWeight d;
     d.rows = w.rows;
@@ -981,20 +1004,15 @@ class CudaBackend final : public Backend {
       }
       d.format = w.format;
       d.block = w.block;
+      if (is_tiled(w.format)) return upload_tiled(w, d, what);
       d.row_bytes = int64_t(w.data_row_bytes());
       const size_t data_bytes = w.data.size();
       const size_t scale_at = round_up(int64_t(data_bytes), 256);
-      const size_t min_at = scale_at + round_up(int64_t(w.scales.size()), 256);
-      KS_ASSIGN_OR_RETURN(void* mem, weight_memory(min_at + w.mins.size(), what));
+      KS_ASSIGN_OR_RETURN(void* mem, weight_memory(scale_at + w.scales.size(), what));
       auto* base = static_cast<uint8_t*>(mem);
       KS_CUDA_CHECK("upload", cudaMemcpy(base, w.data.data(), data_bytes, cudaMemcpyHostToDevice));
       KS_CUDA_CHECK("upload", cudaMemcpy(base + scale_at, w.scales.data(), w.scales.size(),
                                          cudaMemcpyHostToDevice));
-      if (!w.mins.empty()) {
-        KS_CUDA_CHECK("upload", cudaMemcpy(base + min_at, w.mins.data(), w.mins.size(),
-                                           cudaMemcpyHostToDevice));
-        d.mins = reinterpret_cast<const __half*>(base + min_at);
-      }
       d.data = base;
       d.scales = reinterpret_cast<const __half*>(base + scale_at);
       return d;

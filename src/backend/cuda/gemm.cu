@@ -16,19 +16,21 @@ __global__ void dequantize_fp16_kernel(DeviceWeight w, int64_t row_begin, int64_
   const int64_t r = idx / groups_per_row;
   const int64_t g = idx % groups_per_row;
   const int64_t row = row_begin + r;
-  const int64_t blocks_per_row = w.cols / w.block;
-  const int64_t s = row * blocks_per_row + g * kGroup / w.block;
+  const bool tiled = is_tiled(w.format);
+  const int64_t s =
+      tiled ? w.tiles.scale_index(row, g) : row * (w.cols / w.block) + g * kGroup / w.block;
   const __half2 scale = __half2half2(w.scales[s]);
   __align__(16) __half2 values[kGroup / 2];
-  const uint8_t* src = w.data + row * w.row_bytes;
+  const uint8_t* src =
+      w.data + (tiled ? w.tiles.group_offset(row, g) : row * w.row_bytes + g * kGroup);
   if (w.format == WeightFormat::sym_int8) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(src) + g * kGroup;
+    const int8_t* q = reinterpret_cast<const int8_t*>(src);
 #pragma unroll
     for (int i = 0; i < kGroup / 2; ++i) {
       values[i] = __hmul2(__floats2half2_rn(float(q[2 * i]), float(q[2 * i + 1])), scale);
     }
   } else {
-    const uint4 packed = *reinterpret_cast<const uint4*>(src + g * (kGroup / 2));
+    const uint4 packed = *reinterpret_cast<const uint4*>(src);
     const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&packed);
     const bool asym = w.format == WeightFormat::asym_int4;
     const __half2 min = asym ? __half2half2(w.mins[s]) : __float2half2_rn(0.0f);

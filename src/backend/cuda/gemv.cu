@@ -105,7 +105,11 @@ struct Pipe {
   static constexpr bool kAsym = F == WeightFormat::asym_int4;
   static constexpr int kWords = words_per_group<F>();  // per row per group
   static constexpr int kPieces = MT * 2 * kWords / 4;  // 16-byte pieces per lane per chunk
-  static constexpr int kScaleWords = F == WeightFormat::fp16 ? 0 : MT * 2 * (kAsym ? 2 : 1);
+  static constexpr bool kTiled = F == WeightFormat::sym_int4 || kAsym;
+  // Per lane and chunk: the host layout needs one word per row (mt, h); the tiled layout holds
+  // both rows' scales (h = 0, 1) in one word per m-tile. Mins follow the scales.
+  static constexpr int kScaleWordsPerKind = F == WeightFormat::fp16 ? 0 : kTiled ? MT : MT * 2;
+  static constexpr int kScaleWords = kScaleWordsPerKind * (kAsym ? 2 : 1);
   // Deep enough to cover DRAM latency, small enough that three or four blocks share an SM
   // (a stage is 1 KB a warp for int4 with one m-tile).
   static constexpr int kStages = (F == WeightFormat::sym_int4 || kAsym) ? (MT == 1 ? 5 : 3)
@@ -253,8 +257,10 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
     return reinterpret_cast<uint32_t*>(pipe + stage * P::kWarpStageBytes + P::kPieces * 16 * 32);
   };
   // Per-row offsets computed once: no division or 64-bit multiply per chunk (the launcher
-  // checks that a weight's data and scales fit 32-bit offsets). Scales are fp16, two to a
-  // 32-bit word; the copy takes the aligned word and the read picks the half.
+  // checks that a weight's data and scales fit 32-bit offsets). Host layout: scales are fp16,
+  // two to a 32-bit word; the copy takes the aligned word and the read picks the half. Tiled
+  // layout (int4_tiles.h): a lane's piece of chunk c is at data_offset + c * 1024 and the word
+  // with both of its rows' scales at scale_offset + c * chunk_scale_words.
   const int block_shift = ws[0]->block == 64 ? 1 : 0;
   uint32_t data_offset[MT][2];
   uint32_t scale_offset[MT][2];
@@ -262,32 +268,48 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      data_offset[mt][h] = uint32_t(rows[mt][h] * ws[mt]->row_bytes);
-      scale_offset[mt][h] =
-          P::kScaleWords > 0 ? uint32_t(rows[mt][h] * (ws[mt]->cols >> (5 + block_shift))) : 0u;
+      if constexpr (P::kTiled) {
+        const Int4Tiles& t = ws[mt]->tiles;
+        const int64_t tile = min((row_base + (kSwiglu ? 0 : mt * 16)) / kTileRows, t.n_tiles - 1);
+        data_offset[mt][h] = uint32_t(tile * t.n_chunks * kTileChunkBytes + h * 512 + lane * 16);
+        scale_offset[mt][h] = uint32_t(tile * t.n_chunks * t.chunk_scale_words() +
+                                       (quad_col >> block_shift) * 8 + quad_row);
+      } else {
+        data_offset[mt][h] = uint32_t(rows[mt][h] * ws[mt]->row_bytes);
+        scale_offset[mt][h] =
+            P::kScaleWords > 0 ? uint32_t(rows[mt][h] * (ws[mt]->cols >> (5 + block_shift))) : 0u;
+      }
     }
   }
+  const uint32_t chunk_scale_words = uint32_t(32 >> block_shift);
   auto issue = [&](int stage, int64_t chunk) {
     const int64_t group = chunk * kChunkGroups + quad_col;
     if (chunk < n_chunks && group < p.n_groups) {
       const uint32_t g = uint32_t(group);
+      const uint32_t c = uint32_t(chunk);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         const DeviceWeight& w = *ws[mt];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const uint8_t* src = w.data + (data_offset[mt][h] + g * uint32_t(P::kWords * 4));
+          const uint8_t* src =
+              w.data + (P::kTiled ? data_offset[mt][h] + c * uint32_t(kTileChunkBytes)
+                                  : data_offset[mt][h] + g * uint32_t(P::kWords * 4));
 #pragma unroll
           for (int i = 0; i < P::kWords / 4; ++i) {
             cp_async_16(&pieces(stage)[((mt * 2 + h) * (P::kWords / 4) + i) * 32 + lane],
                         src + 16 * i);
           }
-          if constexpr (P::kScaleWords > 0) {
+          if constexpr (P::kScaleWords > 0 && !P::kTiled) {
             const uint32_t si = (scale_offset[mt][h] + (g >> block_shift)) & ~1u;
             cp_async_4(&scale_words(stage)[(mt * 2 + h) * 32 + lane], w.scales + si);
-            if constexpr (P::kAsym) {
-              cp_async_4(&scale_words(stage)[(MT * 2 + mt * 2 + h) * 32 + lane], w.mins + si);
-            }
+          }
+        }
+        if constexpr (P::kTiled) {
+          const uint32_t si = 2 * (scale_offset[mt][0] + c * chunk_scale_words);
+          cp_async_4(&scale_words(stage)[mt * 32 + lane], w.scales + si);
+          if constexpr (P::kAsym) {
+            cp_async_4(&scale_words(stage)[(MT + mt) * 32 + lane], w.mins + si);
           }
         }
       }
@@ -311,14 +333,17 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
           f.words[mt][h][4 * i + 2] = v.z;
           f.words[mt][h][4 * i + 3] = v.w;
         }
-        if constexpr (P::kScaleWords > 0) {
+        if constexpr (P::kTiled) {
+          const uint32_t sw = valid ? scale_words(stage)[mt * 32 + lane] : 0u;
+          f.scale[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? sw >> 16 : sw)));
+          if constexpr (P::kAsym) {
+            const uint32_t mw = valid ? scale_words(stage)[(MT + mt) * 32 + lane] : 0u;
+            f.min[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? mw >> 16 : mw)));
+          }
+        } else if constexpr (P::kScaleWords > 0) {
           const bool high = ((scale_offset[mt][h] + (uint32_t(group) >> block_shift)) & 1u) != 0;
           const uint32_t sw = valid ? scale_words(stage)[(mt * 2 + h) * 32 + lane] : 0u;
           f.scale[mt][h] = __half2half2(__ushort_as_half(uint16_t(high ? sw >> 16 : sw)));
-          if constexpr (P::kAsym) {
-            const uint32_t mw = valid ? scale_words(stage)[(MT * 2 + mt * 2 + h) * 32 + lane] : 0u;
-            f.min[mt][h] = __half2half2(__ushort_as_half(uint16_t(high ? mw >> 16 : mw)));
-          }
         }
       }
     }
@@ -526,7 +551,7 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
   p.n_jobs = n_jobs;
   const WeightFormat format = jobs[0].w.format;
   for (int j = 0; j < n_jobs; ++j) {
-    if (jobs[j].w.rows * jobs[j].w.row_bytes >= (int64_t(1) << 32)) {
+    if (data_bytes(jobs[j].w) >= (int64_t(1) << 32)) {
       return Status::error("cuda matmul: a weight of 4 GiB or more needs 64-bit GEMV offsets");
     }
     if (jobs[j].w.format != format || jobs[j].w.cols != jobs[0].w.cols) {

@@ -133,8 +133,12 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
   const int64_t row_bytes = format == WeightFormat::fp16       ? cols * 2
                             : format == WeightFormat::sym_int8 ? cols
                                                                : cols / 2;
-  const size_t data_bytes = size_t(rows * row_bytes);
-  const size_t scale_bytes = quantized ? size_t(rows * (cols / block) * 2) : 0;
+  const bool tiled = is_tiled(format);
+  const Int4Tiles tiles = Int4Tiles::of(rows, cols, block);
+  const size_t data_bytes = size_t(tiled ? tiles.data_bytes() : rows * row_bytes);
+  const size_t scale_bytes = !quantized ? 0
+                             : tiled    ? size_t(tiles.scale_halves() * 2)
+                                        : size_t(rows * (cols / block) * 2);
   const size_t min_bytes = format == WeightFormat::asym_int4 ? scale_bytes : 0;
   const size_t weight_bytes = data_bytes + scale_bytes + min_bytes;
   // Enough copies of the weight that one pass over them is several times the 60 MB L2, so
@@ -152,7 +156,8 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
     w.rows = rows;
     w.cols = cols;
     w.block = quantized ? block : 0;
-    w.row_bytes = row_bytes;
+    w.row_bytes = tiled ? 0 : row_bytes;
+    w.tiles = tiles;
     KS_ASSIGN_OR_RETURN(void* d, a.alloc(data_bytes));
     // fp16 weights: values in [2^-7, 2^-6) with random signs; quantized: random codes.
     KS_RETURN_IF_ERROR(

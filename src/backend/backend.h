@@ -42,6 +42,13 @@ struct RunShape {
   int64_t max_logit_rows = 0;    // rows of logits per forward call
 };
 
+// The memory-bandwidth ceiling a decode step is measured against, and where the figure comes
+// from (a measurement on this machine, or a documented figure).
+struct Roofline {
+  double bandwidth_gbs = 0;  // 0: unknown
+  std::string source;
+};
+
 struct RopeParams {
   int64_t head_dim = 0;
   int64_t n_heads = 0;
@@ -66,6 +73,9 @@ class Backend {
     (void)shape;
     return Status::error(name() + " backend does not report its reservation (reserve_layout)");
   }
+  // This device's bandwidth roofline. Device backends measure it (once per backend: it takes a
+  // few milliseconds of device time); the default knows none.
+  virtual Roofline roofline() { return {}; }
   // Free memory of the device in bytes; 0 when the backend has no memory of its own (the CPU)
   // or cannot tell. The planner compares plans with it; the benchmark measures peaks with it.
   virtual size_t free_memory() const { return 0; }

@@ -64,7 +64,6 @@ Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
   std::unique_ptr<Runner> runner(new Runner(std::move(options)));
   const RunnerOptions& o = runner->options_;
   KS_ASSIGN_OR_RETURN(runner->profile_, device_profile(o.device, o.threads));
-  runner->roofline_gbs_ = o.roofline_gbs > 0 ? o.roofline_gbs : runner->profile_.bandwidth_gbs;
   Runner* self = runner.get();
   runner->watchdog_ = std::make_unique<Watchdog>(
       [self](const std::string& step, double deadline_s, double elapsed_s) {
@@ -73,6 +72,15 @@ Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
       o.hang_grace_s);
   // A device this build lacks fails here, once, rather than on every row.
   KS_RETURN_IF_ERROR(runner->ensure_backend());
+  if (o.roofline_gbs > 0) {
+    runner->roofline_ = Roofline{o.roofline_gbs, "given"};
+  } else {
+    runner->roofline_ = runner->spare_backend_->roofline();
+    if (runner->roofline_.bandwidth_gbs <= 0) {
+      runner->roofline_ = Roofline{runner->profile_.bandwidth_gbs,
+                                   "device profile (" + runner->roofline_.source + ")"};
+    }
+  }
   return runner;
 }
 
@@ -399,7 +407,7 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
                            2.0 * double(m.kv_dim()) * double(kv_bytes);
     result.step_bytes = double(result.decode_bytes) + kv_read;
     result.achieved_gbs = result.step_bytes / next_s / 1e9;
-    result.roofline_pct = result.achieved_gbs / roofline_gbs_ * 100.0;
+    result.roofline_pct = result.achieved_gbs / roofline_.bandwidth_gbs * 100.0;
   }
   return Status::ok();
 }

@@ -67,7 +67,7 @@ struct RunnerOptions {
   int threads = 0;              // CPU workers, 0: all
   size_t max_memory = 0;        // --max-memory in bytes; 0: only free memory limits
   std::string max_memory_text;  // as given, for messages
-  double roofline_gbs = 0;      // 0: the device profile's bandwidth
+  double roofline_gbs = 0;      // 0: the backend's own (measured on CUDA)
   int64_t prefill_chunk = 512;  // wanted; the planner may shrink it
   int block = 32;
   double deadline_factor = 10;  // step deadline = factor x expected time + the device's floor
@@ -99,7 +99,9 @@ class Runner {
   double expected_seconds(const BenchCase& bench_case);
 
   const DeviceProfile& profile() const { return profile_; }
-  double roofline_gbs() const { return roofline_gbs_; }
+  // The bandwidth the decode rows are compared with, and where that figure comes from.
+  double roofline_gbs() const { return roofline_.bandwidth_gbs; }
+  const Roofline& roofline() const { return roofline_; }
   // The loaded engine (quick mode reports its model); null before the first configuration.
   const Engine* engine() const { return engine_.get(); }
 
@@ -115,7 +117,7 @@ class Runner {
 
   RunnerOptions options_;
   DeviceProfile profile_;
-  double roofline_gbs_ = 0;
+  Roofline roofline_;
   std::unique_ptr<Watchdog> watchdog_;
   std::unique_ptr<Backend> spare_backend_;  // made for planning, handed to the next engine
   std::unique_ptr<Engine> engine_;

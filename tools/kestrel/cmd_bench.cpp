@@ -176,6 +176,14 @@ class BenchCommand {
     std::fflush(stderr);
   }
 
+  void say_roofline(const bench::Runner& runner) {
+    if (flags_.quiet) return;
+    char text[256];
+    std::snprintf(text, sizeof(text), "roofline: %.0f GB/s (%s)", runner.roofline().bandwidth_gbs,
+                  runner.roofline().source.c_str());
+    say(text);
+  }
+
   static std::string describe(const bench::CaseResult& r, double roofline_gbs) {
     char text[512];
     if (!r.ok) return r.status;
@@ -255,6 +263,7 @@ class BenchCommand {
       std::_Exit(3);
     };
     std::unique_ptr<bench::Runner> runner = unwrap(bench::Runner::create(std::move(options)));
+    say_roofline(*runner);
 
     size_t failed = 0, written = 0;
     const bool stopped = run_cases(*runner, cases, [&](const bench::CaseResult& result) {
@@ -326,6 +335,7 @@ class BenchCommand {
       std::_Exit(3);
     };
     std::unique_ptr<bench::Runner> runner = unwrap(bench::Runner::create(std::move(options)));
+    say_roofline(*runner);
     const WeightSpec spec =
         unwrap(weight_spec_of(base.source, base.format, base.format_explicit, flags_.block));
     const ModelConfig& m = spec.config;
@@ -416,7 +426,8 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
   bench->add_option("--prefill-chunk", flags->prefill_chunk,
                     "prompt tokens per forward call; the planner halves it to fit memory");
   bench->add_option("--roofline-gbs", flags->roofline_gbs,
-                    "memory bandwidth roofline in GB/s (default: cpu 31, cuda 3000)");
+                    "memory bandwidth roofline in GB/s (default: cpu 31, cuda measured once "
+                    "per run)");
   bench->add_option("--deadline-factor", flags->deadline_factor,
                     "watchdog: a step's deadline is this times its expected time plus a floor");
   bench->add_option("--step-timeout", flags->step_timeout,

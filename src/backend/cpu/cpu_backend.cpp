@@ -19,6 +19,11 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int threads) : pool_(threads) {}
 
   std::string name() const override { return std::string("cpu (") + cpu::matmul_isa() + ")"; }
+  // Not measured at run time: a 1 GiB read would cost a CPU benchmark seconds and the figure
+  // depends on the thread count; DESIGN.md's is the development machine's.
+  Roofline roofline() override {
+    return {31.0, "2-thread read bandwidth of the development machine (DESIGN.md)"};
+  }
 
   Status upload(ModelWeights&) override { return Status::ok(); }
 

@@ -115,6 +115,15 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return std::string("cuda (") + props_.name + ")"; }
 
+  Roofline roofline() override {
+    if (!roofline_) {
+      auto gbs = measure_copy_gbs();
+      roofline_ = gbs.is_ok() ? Roofline{*gbs, "measured: device-to-device copy, read + write"}
+                              : Roofline{0, "not measured: " + gbs.status().message()};
+    }
+    return *roofline_;
+  }
+
   Status upload(ModelWeights& weights) override {
     KS_RETURN_IF_ERROR(release_weights());
     weights_format_ = weights.format;
@@ -1100,6 +1109,7 @@ class CudaBackend final : public Backend {
   std::vector<void*> pinned_;
 
   WeightFormat weights_format_ = WeightFormat::sym_int4;
+  std::optional<Roofline> roofline_;
   const uint8_t* embed_host_ = nullptr;
   DeviceWeight embed_;
   std::vector<DeviceWeight> linears_;

@@ -54,9 +54,10 @@ struct BatchGenerateParams {
 
 // One forward call of generate_batch, seen by its hooks.
 struct StepInfo {
-  bool prefill = false;  // a prompt chunk of one copy; else a decode step of all sequences
-  int64_t index = 0;     // prefill: chunk number over all copies (0-based); decode: 1-based step
-  int64_t count = 0;     // prefill: chunks in all; decode: decode steps in all (n_new - 1)
+  bool prefill = false;  // a call of prompt tokens (the copies' prompts packed back to back, up
+                         // to the prefill chunk); else a decode step of all sequences
+  int64_t index = 0;     // prefill: call number (0-based); decode: 1-based step
+  int64_t count = 0;     // prefill: calls in all; decode: decode steps in all (n_new - 1)
   int64_t n_tokens = 0;  // tokens in the call
   int64_t context = 0;   // positions each sequence of the call holds once it is done
   std::string describe() const;  // "prefill chunk 3 of 8 (512 tokens)", "decode step 7 of 127"

@@ -62,6 +62,9 @@ size_t kv_element_bytes(const Backend& backend, const ModelConfig& config) {
 Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
   if (options.prompt_text.empty()) return Status::error("the benchmark needs a prompt text");
   std::unique_ptr<Runner> runner(new Runner(std::move(options)));
+  if (runner->options_.prefill_chunk <= 0) {
+    runner->options_.prefill_chunk = runner->options_.device == "cpu" ? 512 : 4096;
+  }
   const RunnerOptions& o = runner->options_;
   KS_ASSIGN_OR_RETURN(runner->profile_, device_profile(o.device, o.threads));
   Runner* self = runner.get();

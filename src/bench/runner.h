@@ -68,7 +68,9 @@ struct RunnerOptions {
   size_t max_memory = 0;        // --max-memory in bytes; 0: only free memory limits
   std::string max_memory_text;  // as given, for messages
   double roofline_gbs = 0;      // 0: the backend's own (measured on CUDA)
-  int64_t prefill_chunk = 512;  // wanted; the planner may shrink it
+  // Wanted; the planner may shrink it. 0: 512 tokens on the CPU, 4096 on a GPU, where a call of
+  // several prompts shares one dequantization of every weight (bench rows of batch > 1).
+  int64_t prefill_chunk = 0;
   int block = 32;
   double deadline_factor = 10;  // step deadline = factor x expected time + the device's floor
   double step_timeout_s = 0;    // > 0: this deadline for every step instead

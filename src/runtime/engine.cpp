@@ -317,45 +317,62 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
   std::vector<float> logits;
   std::vector<int32_t> next_tokens;
   const int64_t chunk = chunk_tokens();
-  const int64_t chunks_per_copy = (prompt_len + chunk - 1) / chunk;
+  const int64_t n_calls = (copies * prompt_len + chunk - 1) / chunk;
 
-  // Prefill every copy on its own, then pick its first token(s).
-  for (int64_t c = 0; c < copies; ++c) {
-    const int32_t slot = int32_t(c * n_beams);
-    for (int64_t k = 0; k < chunks_per_copy; ++k) {
-      const int64_t begin = k * chunk;
-      const int64_t end = std::min(prompt_len, begin + chunk);
-      StepInfo info;
-      info.prefill = true;
-      info.index = c * chunks_per_copy + k;
-      info.count = copies * chunks_per_copy;
-      info.n_tokens = end - begin;
-      info.context = end;
-      KS_RETURN_IF_ERROR(before(info));
-      const auto start = std::chrono::steady_clock::now();
-      Batch batch;
-      for (int64_t i = begin; i < end; ++i) {
+  // Prefill: the copies' prompts are packed back to back into calls of up to `chunk` tokens,
+  // so a call can hold several prompts and their matrix products share one pass over the
+  // weights (one dequantization of each on a GPU). Each copy's last prompt token asks for
+  // its logits; the copies whose prompts end in a call pick their first token(s) from it.
+  int64_t next_copy = 0;
+  int64_t next_pos = 0;
+  for (int64_t call = 0; next_copy < copies; ++call) {
+    Batch batch;
+    std::vector<int64_t> finished;  // copies whose last prompt token is in this call
+    int64_t context = 0;
+    while (batch.size() < chunk && next_copy < copies) {
+      const int64_t take = std::min(chunk - batch.size(), prompt_len - next_pos);
+      const int32_t slot = int32_t(next_copy * n_beams);
+      for (int64_t i = next_pos; i < next_pos + take; ++i) {
         batch.add(prompt[size_t(i)], int32_t(i), slot, i + 1 == prompt_len);
       }
-      if (end < prompt_len) {
-        KS_RETURN_IF_ERROR(run(batch, &logits));  // no logit rows: nothing comes back
-      } else {
-        std::vector<Beam>& live = beams[size_t(c)];
-        live.assign(1, Beam{slot, 0.0, {}});
-        if (n_beams == 1) {
-          // Greedy needs only the argmax, which a device backend computes in place.
-          KS_RETURN_IF_ERROR(run_argmax(batch, &next_tokens));
-          live[0].tokens.push_back(next_tokens.at(0));
-        } else {
-          KS_RETURN_IF_ERROR(run(batch, &logits));
-          KS_RETURN_IF_ERROR(
-              advance_beams(*backend_, live, logits.data(), vocab, n_beams, slot, prompt_len));
-        }
+      next_pos += take;
+      context = std::max(context, next_pos);
+      if (next_pos == prompt_len) {
+        finished.push_back(next_copy);
+        ++next_copy;
+        next_pos = 0;
       }
-      const double seconds = seconds_since(start);
-      result.first_token_seconds += seconds;
-      KS_RETURN_IF_ERROR(after(info, seconds));
     }
+    StepInfo info;
+    info.prefill = true;
+    info.index = call;
+    info.count = n_calls;
+    info.n_tokens = batch.size();
+    info.context = context;
+    KS_RETURN_IF_ERROR(before(info));
+    const auto start = std::chrono::steady_clock::now();
+    if (finished.empty()) {
+      KS_RETURN_IF_ERROR(run(batch, &logits));  // no logit rows: nothing comes back
+    } else if (n_beams == 1) {
+      // Greedy needs only the argmax, which a device backend computes in place.
+      KS_RETURN_IF_ERROR(run_argmax(batch, &next_tokens));
+      for (size_t j = 0; j < finished.size(); ++j) {
+        const int32_t slot = int32_t(finished[j] * n_beams);
+        beams[size_t(finished[j])].assign(1, Beam{slot, 0.0, {next_tokens.at(j)}});
+      }
+    } else {
+      KS_RETURN_IF_ERROR(run(batch, &logits));
+      for (size_t j = 0; j < finished.size(); ++j) {
+        const int32_t slot = int32_t(finished[j] * n_beams);
+        std::vector<Beam>& live = beams[size_t(finished[j])];
+        live.assign(1, Beam{slot, 0.0, {}});
+        KS_RETURN_IF_ERROR(advance_beams(*backend_, live, logits.data() + j * size_t(vocab), vocab,
+                                         n_beams, slot, prompt_len));
+      }
+    }
+    const double seconds = seconds_since(start);
+    result.first_token_seconds += seconds;
+    KS_RETURN_IF_ERROR(after(info, seconds));
   }
 
   // Decode: step s feeds each sequence's token s - 1 at position prompt_len + s - 1.

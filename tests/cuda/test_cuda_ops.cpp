@@ -373,7 +373,8 @@ class CudaAttention : public ::testing::TestWithParam<int> {};
 
 // One model-shaped sequence of calls on both backends: two prefill chunks of one sequence
 // (flash path for head_dim 64/128), prompts of two more sequences, a mixed decode batch of all
-// three, and a 20-token batch interleaving two sequences (the general path above 16 tokens).
+// three, a 20-token batch interleaving two sequences (twenty one-token runs), and the chunks of
+// two prompts packed into one call (two runs, each its own flash launch).
 TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
   const int head_dim = GetParam();
   const int n_heads = 8, n_kv = 2;
@@ -410,6 +411,11 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     mixed.seqs.push_back(1);
   }
   calls.push_back(mixed);
+  Call packed = run_of(1, 51, 40);
+  const Call second = run_of(2, 6, 70);
+  packed.positions.insert(packed.positions.end(), second.positions.begin(), second.positions.end());
+  packed.seqs.insert(packed.seqs.end(), second.seqs.begin(), second.seqs.end());
+  calls.push_back(packed);
   calls.push_back(Call{{148}, {0}});
 
   uint64_t seed = 1000 + uint64_t(head_dim);

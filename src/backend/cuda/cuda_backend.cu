@@ -327,10 +327,16 @@ class CudaBackend final : public Backend {
     batch_ = batch;
     scratch_used_ = 0;
     shadow_ = ShadowState{};
-    single_run_ = true;
-    for (int64_t i = 1; i < n; ++i) {
-      single_run_ = single_run_ && batch.seq_ids[i] == batch.seq_ids[0] &&
-                    batch.positions[i] == batch.positions[0] + i;
+    // Runs: maximal spans of one sequence at consecutive positions (a prompt chunk, or a
+    // decode token). Several prompts prefilled in one call are several runs.
+    runs_.clear();
+    for (int64_t i = 0; i < n; ++i) {
+      if (i > 0 && batch.seq_ids[i] == batch.seq_ids[i - 1] &&
+          batch.positions[i] == batch.positions[i - 1] + 1) {
+        ++runs_.back().second;
+      } else {
+        runs_.emplace_back(i, 1);
+      }
     }
 
     const bool graph = !timing_ && n <= kMaxGemvTokens && batch.n_logit_rows > 0 &&
@@ -485,8 +491,7 @@ class CudaBackend final : public Backend {
     args.layer = layer;
     args.positions = positions_device();
     args.seq_ids = seq_ids_device();
-    const bool prefill =
-        q.rows > kMaxGemvTokens && single_run_ && prefill_supports(int(p.head_dim));
+    const bool prefill = q.rows > kMaxGemvTokens && prefill_supports(int(p.head_dim));
     if (prefill && round_up(out.cols, kGroup) != out.cols) {
       return Status::error("cuda attention: prefill output width not a multiple of 32");
     }
@@ -502,8 +507,21 @@ class CudaBackend final : public Backend {
       KS_RETURN_IF_ERROR(kv_cache_write(args, cache_, stream_));
     }
     const auto timer = time_op("attention");
-    if (prefill) return attention_prefill(args, cache_, stream_);
-    return attention_decode(args, cache_, decode_ws_, stream_);
+    if (!prefill) return attention_decode(args, cache_, decode_ws_, stream_);
+    // The flash kernel walks one sequence's keys per launch: one launch per run.
+    for (const auto& [begin, length] : runs_) {
+      AttentionArgs run = args;
+      run.q = args.q + begin * q.cols;
+      run.k = args.k + begin * k.cols;
+      run.v = args.v + begin * v.cols;
+      run.out = args.out + begin * out.cols;
+      if (run.shadow.data != nullptr) run.shadow.data += begin * run.shadow.row_stride;
+      run.n_tokens = length;
+      run.positions = args.positions + begin;
+      run.seq_ids = args.seq_ids + begin;
+      KS_RETURN_IF_ERROR(attention_prefill(run, cache_, stream_));
+    }
+    return Status::ok();
   }
 
   Status swiglu(Tensor out, Tensor gate, Tensor up) override {
@@ -1142,7 +1160,8 @@ class CudaBackend final : public Backend {
   size_t host_read_floats_ = 0;
 
   BatchView batch_;
-  bool single_run_ = false;  // the batch is one sequence at consecutive positions
+  // [begin, length] of each run of the batch: one sequence at consecutive positions
+  std::vector<std::pair<int64_t, int64_t>> runs_;
 
   Mode mode_ = Mode::eager;
   std::vector<int32_t> graph_key_;  // n_tokens, then the logit rows

@@ -20,10 +20,6 @@ namespace fs = std::filesystem;
 constexpr const char* kConvertedVersionKey = "kestrel.format_version";
 constexpr const char* kConvertedVersion = "1";
 
-std::string shape_str(int64_t rows, int64_t cols) {
-  return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
-}
-
 // The producers of one model's tensors. Matrices arrive in their final format; vectors as fp32.
 struct TensorMaker {
   std::function<Result<QuantWeight>(const std::string& name, int64_t rows, int64_t cols)> matrix;

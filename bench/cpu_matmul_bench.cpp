@@ -2,13 +2,8 @@
 // and weight bandwidth against the machine's read roofline, a whole decode step's matmuls
 // (28 layers + lm_head, every weight distinct, as in a real step), and prefill GFLOP/s.
 //
-// Build (from the repository root; two commands because the AVX-512 file has its own flags):
-//   g++ -std=c++20 -O2 -mavx2 -mfma -mf16c -mbmi2 -mavx512f -mavx512bw -mavx512vl -mavx512dq
-//       -mavx512vnni -mavx512bf16 -Isrc -c src/backend/cpu/matmul_avx512.cpp -o /tmp/mm512.o
-//   g++ -std=c++20 -O2 -mavx2 -mfma -mf16c -mbmi2 -Isrc bench/cpu_matmul_bench.cpp
-//       src/backend/cpu/matmul.cpp src/backend/cpu/cpu_features.cpp src/quant/format.cpp
-//       src/core/thread_pool.cpp src/core/blob.cpp /tmp/mm512.o -pthread -o /tmp/cpu_matmul_bench
-// Run: /tmp/cpu_matmul_bench [--threads 2] [--format sym_int4] [--block 32] [--prefill-n 128]
+// Build: `cmake --build build --target cpu_matmul_bench`.
+// Run: build/cpu_matmul_bench [--threads 2] [--format sym_int4] [--block 32] [--prefill-n 128]
 //                            [--roofline-gbs 31] [--avx2]
 #include <algorithm>
 #include <chrono>

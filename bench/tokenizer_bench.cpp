@@ -1,11 +1,10 @@
 // Tokenizer encode throughput, single thread, for the Llama 3.1 and Qwen3 vocabularies.
 //
-// Build (from the repository root; needs the tokenizer files from scripts/fetch_tokenizers.sh):
-//   g++ -std=c++20 -O2 -mavx2 -mfma -mf16c -mbmi2 -Isrc bench/tokenizer_bench.cpp \
-//     src/tokenizer/{tokenizer,bpe,regex,unicode,unicode_tables,added_tokens}.cpp \
-//     -lpcre2-8 -o /tmp/tokenizer_bench
-// Run:
-//   /tmp/tokenizer_bench [--cache .cache/tokenizers] [--golden tests/golden/tokenizer/golden.jsonl]
+// Build: `cmake --build build --target tokenizer_bench` (needs the tokenizer files from
+// scripts/fetch_tokenizers.sh to run).
+// Run (from the repository root):
+//   build/tokenizer_bench [--cache .cache/tokenizers] [--golden
+//   tests/golden/tokenizer/golden.jsonl]
 //                        [--mb 4] [--reps 3]
 //
 // Workload (the same as bench/tokenizer_bench_hf.py, the HF reference): the texts of the golden

@@ -1,30 +1,44 @@
-// Kestrel's library API: load a model onto a backend and run it.
+// Kestrel's library API: load a model onto a backend and run it. Only include/ is needed to
+// compile against it; link kestrel::kestrel (find_package(kestrel)).
 //
 //   kestrel::EngineOptions options;
 //   options.model = "synthetic:qwen2-1.5b";
 //   auto engine = kestrel::Engine::create(options);
+//   if (!engine.is_ok()) { /* engine.status().message() says why */ }
 //   auto result = (*engine)->generate_greedy({1, 2, 3}, 32);
+//
+// Thread safety: an Engine is used by one thread at a time. It owns one backend whose KV cache
+// and scratch memory every call uses, so concurrent calls on the same Engine (even const ones
+// during a generate) are not allowed; guard it with a mutex or give each thread its own Engine.
+// Distinct Engines are independent and may run on different threads at once, and
+// Engine::create may be called from several threads. Callbacks (on_token, StepHooks) run on the
+// calling thread, inside the call.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
-#include "backend/backend.h"
-#include "core/status.h"
-#include "io/config.h"
-#include "model/forward.h"
-#include "model/weights.h"
-#include "quant/format.h"
+#include "kestrel/status.h"
+#include "kestrel/types.h"
 
 namespace kestrel {
 
+// Defined in the library's internal headers; in-tree code (the CLI, benchmarks, tests) reaches
+// them through Engine::config(), weights() and backend(). They are not part of the installed API.
+class Backend;
+struct ModelConfig;
+struct ModelWeights;
+
 struct EngineOptions {
   std::string model;  // HF directory, converted directory, or synthetic:NAME
-  WeightFormat format = WeightFormat::sym_int4;
-  bool format_explicit = false;
+  // Unset: sym_int4, or the format a converted directory holds. Set: that format; for a
+  // converted directory it must be the one it holds.
+  std::optional<WeightFormat> format;
   int block = 32;
   std::string device = "cpu";
   int threads = 0;              // 0: all hardware threads
@@ -77,15 +91,37 @@ struct BatchGenerateResult {
   std::vector<double> step_seconds;          // [n_new - 1]: each later step (forward + sampling)
 };
 
+// What a loaded model is, in the user's terms.
+struct ModelInfo {
+  std::string architecture;  // "Qwen2ForCausalLM", "LlamaForCausalLM"
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t n_layers = 0;
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_position_embeddings = 0;
+  int64_t bos_token_id = -1;
+  std::vector<int64_t> eos_token_ids;
+  WeightFormat format = WeightFormat::sym_int4;
+  size_t weight_bytes = 0;  // resident weight memory
+  std::string backend;      // "cpu (avx2)", "cuda (NVIDIA H200)"
+};
+
 class Engine {
  public:
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
   static Result<std::unique_ptr<Engine>> create(const EngineOptions& options);
   // The same, on a backend made beforehand (the planner asks it for free memory first).
   static Result<std::unique_ptr<Engine>> create(const EngineOptions& options,
                                                 std::unique_ptr<Backend> backend);
 
-  const ModelConfig& config() const { return weights_.config; }
-  const ModelWeights& weights() const { return weights_; }
+  ModelInfo info() const;
+  const ModelConfig& config() const;
+  const ModelWeights& weights() const { return *weights_; }
   Backend& backend() { return *backend_; }
   const EngineOptions& options() const { return options_; }
   // Positions each sequence can hold (the KV cache's length).
@@ -120,9 +156,9 @@ class Engine {
                                              const StepHooks& hooks = {});
 
  private:
-  Engine() = default;
+  Engine();
   EngineOptions options_;
-  ModelWeights weights_;
+  std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<Backend> backend_;
   // Prompt tokens per forward call: the wanted chunk within what was reserved.
   int64_t chunk_tokens() const;

@@ -11,6 +11,7 @@
 
 #include "backend/workspace.h"
 #include "core/status.h"
+#include "kestrel/types.h"
 #include "model/weights.h"
 
 namespace kestrel {
@@ -32,14 +33,6 @@ struct BatchView {
   // graphs on them); empty when the call ends without logits.
   int64_t n_logit_rows = 0;
   const int32_t* logit_rows = nullptr;  // [n_logit_rows]
-};
-
-// What the backend must hold for a run, decided before the first step.
-struct RunShape {
-  int64_t max_seqs = 1;          // KV cache slots
-  int64_t max_context = 0;       // positions per slot
-  int64_t max_batch_tokens = 0;  // tokens per forward call (prefill chunk or decode batch)
-  int64_t max_logit_rows = 0;    // rows of logits per forward call
 };
 
 // The memory-bandwidth ceiling a decode step is measured against, and where the figure comes

@@ -280,8 +280,7 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
     baseline_free_ = spare_backend_->free_memory();
     EngineOptions engine_options;
     engine_options.model = c.source;
-    engine_options.format = c.format;
-    engine_options.format_explicit = c.format_explicit;
+    if (c.format_explicit) engine_options.format = c.format;
     engine_options.block = options_.block;
     engine_options.device = options_.device;
     engine_options.threads = options_.threads;

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "bench/config.h"
+#include "bench/profile.h"
 #include "bench/prompt.h"
 #include "kestrel/engine.h"
 #include "runtime/planner.h"

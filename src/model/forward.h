@@ -5,25 +5,10 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "kestrel/types.h"
 #include "model/weights.h"
 
 namespace kestrel {
-
-// One forward call: tokens of one or more sequences (prefill chunks and decode steps alike).
-struct Batch {
-  std::vector<int32_t> tokens;
-  std::vector<int32_t> positions;
-  std::vector<int32_t> seq_ids;
-  std::vector<int32_t> logit_rows;  // indices into `tokens` whose logits are wanted
-
-  void add(int32_t token, int32_t position, int32_t seq_id, bool want_logits) {
-    if (want_logits) logit_rows.push_back(int32_t(tokens.size()));
-    tokens.push_back(token);
-    positions.push_back(position);
-    seq_ids.push_back(seq_id);
-  }
-  int64_t size() const { return int64_t(tokens.size()); }
-};
 
 // Runs `batch` through the model; writes fp32 logits [logit_rows.size(), vocab] to `logits`.
 Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch,

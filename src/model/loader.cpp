@@ -20,10 +20,6 @@ namespace fs = std::filesystem;
 constexpr const char* kConvertedVersionKey = "kestrel.format_version";
 constexpr const char* kConvertedVersion = "1";
 
-std::string shape_str(int64_t rows, int64_t cols) {
-  return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
-}
-
 // The producers of one model's tensors. Matrices arrive in their final format; vectors as fp32.
 struct TensorMaker {
   std::function<Result<QuantWeight>(const std::string& name, int64_t rows, int64_t cols)> matrix;
@@ -101,7 +97,7 @@ Status check_all_shapes(const ModelConfig& c, WeightFormat format, int block) {
     if (cols % block != 0) {
       return Status::error(std::string(what) + " = " + std::to_string(cols) +
                            " is not a multiple of the " + format_name(format) + " block " +
-                           std::to_string(block) + "; use --low-bit fp16 or another block size");
+                           std::to_string(block) + "; use the fp16 format or another block size");
     }
   }
   return Status::ok();
@@ -261,7 +257,7 @@ Result<ModelWeights> load_converted(const std::string& dir, const TensorSource& 
                          "' is not a number");
   }
   if (options.format_explicit && options.format != format) {
-    return Status::error(dir + " is already converted to " + format_text + "; --low-bit " +
+    return Status::error(dir + " is already converted to " + format_text + "; converting to " +
                          format_name(options.format) + " needs the original HF model");
   }
   KS_ASSIGN_OR_RETURN(ModelConfig config, load_model_config(dir));

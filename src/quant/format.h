@@ -24,14 +24,11 @@
 
 #include "core/blob.h"
 #include "core/status.h"
+#include "kestrel/types.h"
 
 namespace kestrel {
 
-enum class WeightFormat : uint8_t { fp32, fp16, bf16, sym_int8, sym_int4, asym_int4 };
-
-const char* format_name(WeightFormat format);
-// Accepts the names above (as used by --low-bit).
-Result<WeightFormat> parse_format(const std::string& name);
+// WeightFormat, format_name() and parse_format() are public (kestrel/types.h).
 inline bool is_quantized(WeightFormat f) {
   return f == WeightFormat::sym_int8 || f == WeightFormat::sym_int4 || f == WeightFormat::asym_int4;
 }

@@ -5,8 +5,13 @@
 #include <cmath>
 #include <string>
 
+#include "backend/backend.h"
 #include "core/thread_pool.h"
+#include "io/config.h"
+#include "model/forward.h"
 #include "model/loader.h"
+#include "model/weights.h"
+#include "sample/beam.h"
 
 namespace kestrel {
 
@@ -22,6 +27,32 @@ int32_t argmax(const float* values, int64_t n) {
     if (values[i] > values[best]) best = i;
   }
   return int32_t(best);
+}
+
+Engine::Engine() : weights_(std::make_unique<ModelWeights>()) {}
+Engine::~Engine() = default;
+
+const ModelConfig& Engine::config() const {
+  return weights_->config;
+}
+
+ModelInfo Engine::info() const {
+  const ModelConfig& c = weights_->config;
+  ModelInfo info;
+  info.architecture = architecture_name(c.arch);
+  info.vocab_size = c.vocab_size;
+  info.hidden_size = c.hidden_size;
+  info.n_layers = c.n_layers;
+  info.n_heads = c.n_heads;
+  info.n_kv_heads = c.n_kv_heads;
+  info.head_dim = c.head_dim;
+  info.max_position_embeddings = c.max_position_embeddings;
+  info.bos_token_id = c.bos_token_id;
+  info.eos_token_ids = c.eos_token_ids;
+  info.format = weights_->format;
+  info.weight_bytes = weights_->resident_bytes();
+  info.backend = backend_->name();
+  return info;
 }
 
 Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
@@ -42,19 +73,19 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
   {
     ThreadPool load_pool(options.threads);
     LoadOptions load;
-    load.format = options.format;
-    load.format_explicit = options.format_explicit;
+    load.format = options.format.value_or(WeightFormat::sym_int4);
+    load.format_explicit = options.format.has_value();
     load.block = options.block;
     load.progress = options.progress;
-    KS_ASSIGN_OR_RETURN(engine->weights_, load_model(options.model, load, load_pool));
+    KS_ASSIGN_OR_RETURN(*engine->weights_, load_model(options.model, load, load_pool));
   }
-  const ModelConfig& c = engine->weights_.config;
+  const ModelConfig& c = engine->weights_->config;
   int64_t max_context = options.max_context;
   if (max_context <= 0) {
     max_context =
         c.max_position_embeddings > 0 ? std::min<int64_t>(c.max_position_embeddings, 4096) : 4096;
   }
-  KS_RETURN_IF_ERROR(engine->backend_->upload(engine->weights_));
+  KS_RETURN_IF_ERROR(engine->backend_->upload(*engine->weights_));
   RunShape shape = options.run_shape;
   if (shape.max_batch_tokens <= 0) {
     shape.max_seqs = options.max_seqs;
@@ -84,11 +115,11 @@ int64_t Engine::chunk_tokens() const {
 }
 
 Status Engine::run(const Batch& batch, std::vector<float>* logits) {
-  return forward(*backend_, weights_, batch, logits);
+  return forward(*backend_, *weights_, batch, logits);
 }
 
 Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens) {
-  return forward_argmax(*backend_, weights_, batch, tokens);
+  return forward_argmax(*backend_, *weights_, batch, tokens);
 }
 
 Result<std::vector<float>> Engine::prompt_logits(const std::vector<int32_t>& ids, int32_t seq) {
@@ -96,7 +127,7 @@ Result<std::vector<float>> Engine::prompt_logits(const std::vector<int32_t>& ids
   if (int64_t(ids.size()) > max_context_) {
     return Status::error("prompt of " + std::to_string(ids.size()) +
                          " tokens exceeds the context of " + std::to_string(max_context_) +
-                         " (raise -c)");
+                         " positions (EngineOptions::max_context)");
   }
   std::vector<float> all;
   all.reserve(ids.size() * size_t(config().vocab_size));
@@ -118,7 +149,7 @@ Result<std::vector<float>> Engine::prefill(const std::vector<int32_t>& ids, int3
   if (int64_t(ids.size()) > max_context_) {
     return Status::error("prompt of " + std::to_string(ids.size()) +
                          " tokens exceeds the context of " + std::to_string(max_context_) +
-                         " (raise -c)");
+                         " positions (EngineOptions::max_context)");
   }
   std::vector<float> logits;
   const size_t chunk = size_t(chunk_tokens());
@@ -140,7 +171,8 @@ Result<GenerateResult> Engine::generate_greedy(const std::vector<int32_t>& promp
   if (int64_t(prompt.size()) + n_new > max_context_) {
     return Status::error("prompt (" + std::to_string(prompt.size()) + ") + new tokens (" +
                          std::to_string(n_new) + ") exceed the context of " +
-                         std::to_string(max_context_) + " (raise -c or lower -n)");
+                         std::to_string(max_context_) +
+                         " positions (raise EngineOptions::max_context or generate fewer tokens)");
   }
   const auto& eos = config().eos_token_ids;
   auto start = std::chrono::steady_clock::now();
@@ -182,101 +214,6 @@ std::string StepInfo::describe() const {
          std::to_string(n_tokens) + " sequences at context " + std::to_string(context) + ")";
 }
 
-namespace {
-
-// One hypothesis of beam search, or the one sequence of a greedy copy.
-struct Beam {
-  int32_t slot = 0;
-  double score = 0;  // sum of log-probabilities of `tokens`
-  std::vector<int32_t> tokens;
-};
-
-// log(sum(exp(row))) in double, stable.
-double log_sum_exp(const float* row, int64_t n) {
-  float max_value = row[0];
-  for (int64_t i = 1; i < n; ++i) max_value = std::max(max_value, row[i]);
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(double(row[i]) - double(max_value));
-  return double(max_value) + std::log(sum);
-}
-
-// Indices of the k largest values of row (ties: the lower index first), best first.
-std::vector<int32_t> top_k(const float* row, int64_t n, int64_t k) {
-  std::vector<int32_t> best;
-  best.reserve(size_t(k) + 1);
-  auto better = [&](int32_t a, int32_t b) {
-    return row[a] > row[b] || (row[a] == row[b] && a < b);
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    if (int64_t(best.size()) == k && !better(int32_t(i), best.back())) continue;
-    auto at = std::upper_bound(best.begin(), best.end(), int32_t(i), better);
-    best.insert(at, int32_t(i));
-    if (int64_t(best.size()) > k) best.pop_back();
-  }
-  return best;
-}
-
-// One beam search step of one copy: `rows` holds the logits of each live beam ([live, vocab]).
-// Keeps the `n_beams` best extensions over all beams (ties: lower parent, then lower token), best
-// first. A parent's first child inherits its cache slot; further children get a slot no survivor
-// holds and a copy of the parent's first `n_positions` cache positions.
-Status advance_beams(Backend& backend, std::vector<Beam>& live, const float* rows, int64_t vocab,
-                     int64_t n_beams, int32_t first_slot, int64_t n_positions) {
-  struct Candidate {
-    double score;
-    int32_t parent;
-    int32_t token;
-  };
-  std::vector<Candidate> candidates;
-  for (size_t p = 0; p < live.size(); ++p) {
-    const float* row = rows + int64_t(p) * vocab;
-    const double lse = log_sum_exp(row, vocab);
-    for (int32_t token : top_k(row, vocab, n_beams)) {
-      candidates.push_back({live[p].score + double(row[token]) - lse, int32_t(p), token});
-    }
-  }
-  std::sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) {
-    if (a.score != b.score) return a.score > b.score;
-    if (a.parent != b.parent) return a.parent < b.parent;
-    return a.token < b.token;
-  });
-  candidates.resize(size_t(std::min<int64_t>(n_beams, int64_t(candidates.size()))));
-
-  std::vector<bool> has_child(live.size(), false);
-  for (const Candidate& c : candidates) has_child[size_t(c.parent)] = true;
-  std::vector<bool> slot_kept(size_t(n_beams), false);
-  for (size_t p = 0; p < live.size(); ++p) {
-    if (has_child[p]) slot_kept[size_t(live[p].slot - first_slot)] = true;
-  }
-  std::vector<int32_t> free_slots;
-  for (int64_t i = n_beams - 1; i >= 0; --i) {
-    if (!slot_kept[size_t(i)]) free_slots.push_back(first_slot + int32_t(i));
-  }
-  std::vector<bool> slot_taken(live.size(), false);
-  std::vector<Beam> next;
-  next.reserve(candidates.size());
-  for (const Candidate& c : candidates) {
-    const Beam& parent = live[size_t(c.parent)];
-    Beam beam;
-    if (!slot_taken[size_t(c.parent)]) {
-      slot_taken[size_t(c.parent)] = true;
-      beam.slot = parent.slot;
-    } else {
-      beam.slot = free_slots.back();
-      free_slots.pop_back();
-      KS_RETURN_IF_ERROR(backend.copy_sequence(parent.slot, beam.slot, n_positions));
-    }
-    beam.score = c.score;
-    beam.tokens = parent.tokens;
-    beam.tokens.push_back(c.token);
-    next.push_back(std::move(beam));
-  }
-  live = std::move(next);
-  return Status::ok();
-}
-
-}  // namespace
-
 Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& prompt,
                                                    const BatchGenerateParams& params,
                                                    const StepHooks& hooks) {
@@ -310,6 +247,13 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
   };
   auto after = [&](const StepInfo& info, double seconds) {
     return hooks.after ? hooks.after(info, seconds) : Status::ok();
+  };
+
+  // A beam forked into a new slot takes the cache of its parent's first `n_positions`.
+  auto copy_slot = [this](int64_t n_positions) {
+    return [this, n_positions](int32_t src, int32_t dst) {
+      return backend_->copy_sequence(src, dst, n_positions);
+    };
   };
 
   BatchGenerateResult result;
@@ -366,8 +310,8 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
         const int32_t slot = int32_t(finished[j] * n_beams);
         std::vector<Beam>& live = beams[size_t(finished[j])];
         live.assign(1, Beam{slot, 0.0, {}});
-        KS_RETURN_IF_ERROR(advance_beams(*backend_, live, logits.data() + j * size_t(vocab), vocab,
-                                         n_beams, slot, prompt_len));
+        KS_RETURN_IF_ERROR(advance_beams(live, logits.data() + j * size_t(vocab), vocab, n_beams,
+                                         slot, copy_slot(prompt_len)));
       }
     }
     const double seconds = seconds_since(start);
@@ -401,8 +345,8 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
       for (int64_t c = 0; c < copies; ++c) {
         std::vector<Beam>& live = beams[size_t(c)];
         const int64_t n_rows = int64_t(live.size());
-        KS_RETURN_IF_ERROR(advance_beams(*backend_, live, rows, vocab, n_beams,
-                                         int32_t(c * n_beams), prompt_len + s));
+        KS_RETURN_IF_ERROR(advance_beams(live, rows, vocab, n_beams, int32_t(c * n_beams),
+                                         copy_slot(prompt_len + s)));
         rows += n_rows * vocab;
       }
     }

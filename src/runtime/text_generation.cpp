@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <chrono>
 
+#include "io/config.h"
+
 namespace kestrel {
 
 namespace {
@@ -30,9 +32,10 @@ Result<TextGenerationStats> TextSession::generate(
   }
   const int64_t limit = engine_.max_context();
   if (int64_t(prompt_ids.size()) + params.max_new_tokens > limit) {
-    return Status::error("prompt (" + std::to_string(prompt_ids.size()) + " tokens) + -n " +
-                         std::to_string(params.max_new_tokens) + " exceed the context of " +
-                         std::to_string(limit) + " (raise -c or lower -n)");
+    return Status::error("prompt (" + std::to_string(prompt_ids.size()) + " tokens) + " +
+                         std::to_string(params.max_new_tokens) +
+                         " new tokens exceed the context of " + std::to_string(limit) +
+                         " positions (raise EngineOptions::max_context or generate fewer tokens)");
   }
 
   // Reuse the cache for the longest common prefix; at least the last prompt token is rerun so

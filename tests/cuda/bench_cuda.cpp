@@ -104,7 +104,6 @@ void bench_model(const std::string& name) {
   EngineOptions options;
   options.model = "synthetic:" + name;
   options.format = WeightFormat::sym_int4;
-  options.format_explicit = true;
   options.device = "cuda";
   options.max_seqs = 16;
   options.max_context = kPrompt + 128;

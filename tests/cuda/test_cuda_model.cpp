@@ -19,7 +19,6 @@ std::unique_ptr<Engine> make_engine(const std::string& model, WeightFormat forma
   EngineOptions options;
   options.model = model;
   options.format = format;
-  options.format_explicit = true;
   options.block = block;
   options.device = device;
   options.threads = 0;

@@ -50,7 +50,6 @@ std::unique_ptr<Engine> make_engine(const std::string& model, WeightFormat forma
   EngineOptions options;
   options.model = model;
   options.format = format;
-  options.format_explicit = true;
   options.block = block;
   options.threads = 2;
   options.progress = false;
@@ -209,8 +208,7 @@ TEST(Convert, ReloadIsBitIdenticalForEveryFormat) {
 
     // Asking a converted model for another format is refused: that needs the original weights.
     options.format = bound.format == WeightFormat::fp32 ? WeightFormat::fp16 : WeightFormat::fp32;
-    options.format_explicit = true;
-    auto refused = Engine::create(options);
+      auto refused = Engine::create(options);
     EXPECT_FALSE(refused.is_ok());
     fs::remove_all(out);
   }

@@ -7,7 +7,10 @@
 #include <random>
 #include <tuple>
 
+#include "backend/backend.h"
 #include "kestrel/engine.h"
+#include "model/forward.h"
+#include "model/weights.h"
 
 namespace kestrel {
 namespace {
@@ -18,7 +21,6 @@ std::unique_ptr<Engine> make_engine(WeightFormat format, int64_t max_seqs, int64
   EngineOptions options;
   options.model = model;
   options.format = format;
-  options.format_explicit = true;
   options.threads = 2;
   options.progress = false;
   options.prefill_chunk = 512;

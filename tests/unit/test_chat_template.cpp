@@ -381,7 +381,9 @@ TEST(ChatTemplate, RandomTemplatesNeverCrash) {
     const int n = 1 + static_cast<int>(rng() % 40);
     for (int k = 0; k < n; ++k) tmpl += pieces[rng() % pieces.size()];
     auto r = render_chat_template(tmpl, ctx["messages"], true, ctx, options);
-    if (!r.is_ok()) EXPECT_FALSE(r.status().message().empty()) << tmpl;
+    if (!r.is_ok()) {
+      EXPECT_FALSE(r.status().message().empty()) << tmpl;
+    }
   }
 }
 

@@ -8,6 +8,7 @@
 #include <random>
 
 #include "backend/backend.h"
+#include "bench/profile.h"
 #include "core/thread_pool.h"
 #include "kestrel/engine.h"
 #include "model/loader.h"

@@ -38,9 +38,10 @@ void write_text(const std::string& path, const std::string& text) {
 // A safetensors image put together by hand, the way the format describes it, independent of
 // write_safetensors.
 std::vector<uint8_t> make_image(const std::string& header, const std::vector<uint8_t>& data) {
-  std::vector<uint8_t> out(8);
   const uint64_t n = header.size();
-  for (int i = 0; i < 8; ++i) out[i] = uint8_t(n >> (8 * i));
+  std::vector<uint8_t> out;
+  out.reserve(8 + header.size() + data.size());
+  for (int i = 0; i < 8; ++i) out.push_back(uint8_t(n >> (8 * i)));
   out.insert(out.end(), header.begin(), header.end());
   out.insert(out.end(), data.begin(), data.end());
   return out;
@@ -180,7 +181,9 @@ TEST(Safetensors, WriteThenOpenRoundTrips) {
     ASSERT_NE(t->file, nullptr);
     const size_t offset = size_t(t->data - t->file->data());
     // Tensors whose size is a multiple of 64 bytes are written first and so start aligned.
-    if (t->nbytes % 64 == 0) EXPECT_EQ(offset % 64, 0u) << specs[i].name;
+    if (t->nbytes % 64 == 0) {
+      EXPECT_EQ(offset % 64, 0u) << specs[i].name;
+    }
     extents.emplace_back(offset, offset + t->nbytes);
   }
   // Tensors lie back to back with no gaps (HF's safetensors library rejects gaps), and the last

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "bench/config.h"
+#include "bench/profile.h"
 #include "bench/prompt.h"
 #include "bench/report.h"
 #include "bench/runner.h"
@@ -297,7 +298,7 @@ class BenchCommand {
     base.model = flags_.model;
     base.source = flags_.model;
     if (!flags_.low_bit.empty()) {
-      base.format = unwrap(parse_format(flags_.low_bit));
+      base.format = unwrap(parse_format(flags_.low_bit), "--low-bit");
       base.format_explicit = true;
     }
     base.warm_up = 1;

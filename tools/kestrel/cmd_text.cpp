@@ -6,8 +6,10 @@
 #include <iterator>
 #include <nlohmann/json.hpp>
 
+#include "backend/backend.h"
 #include "commands.h"
 #include "io/config.h"
+#include "model/weights.h"
 #include "runtime/text_generation.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"

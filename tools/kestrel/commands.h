@@ -27,6 +27,12 @@ T unwrap(Result<T> result) {
   if (!result.is_ok()) fail(result.status().message());
   return std::move(result).value();
 }
+// As unwrap, for a value the library refused: the library's message does not know the flag.
+template <typename T>
+T unwrap(Result<T> result, const std::string& flag) {
+  if (!result.is_ok()) fail(flag + ": " + result.status().message());
+  return std::move(result).value();
+}
 
 // Model, format and device flags shared by the subcommands that load a model.
 struct ModelFlags {

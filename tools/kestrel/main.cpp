@@ -56,10 +56,7 @@ void ModelFlags::add_to(CLI::App* app) {
 EngineOptions ModelFlags::engine_options() const {
   EngineOptions options;
   options.model = model;
-  if (!low_bit.empty()) {
-    options.format = unwrap(parse_format(low_bit));
-    options.format_explicit = true;
-  }
+  if (!low_bit.empty()) options.format = unwrap(parse_format(low_bit), "--low-bit");
   options.block = block;
   options.device = device;
   options.threads = threads;
@@ -96,8 +93,8 @@ void cmd_convert(const ModelFlags& flags, const std::string& out) {
   kestrel::ThreadPool pool(flags.threads);
   kestrel::LoadOptions load;
   const kestrel::EngineOptions options = flags.engine_options();
-  load.format = options.format;
-  load.format_explicit = options.format_explicit;
+  load.format = options.format.value_or(kestrel::WeightFormat::sym_int4);
+  load.format_explicit = options.format.has_value();
   load.block = flags.block;
   load.progress = !flags.quiet;
   const kestrel::ModelWeights weights = unwrap(kestrel::load_model(flags.model, load, pool));

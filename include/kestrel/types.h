@@ -1,0 +1,45 @@
+// Plain types of the public API: weight formats, a run's reservation and a forward call's batch.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kestrel/status.h"
+
+namespace kestrel {
+
+// How weights are stored (the packed layouts are in src/quant/format.h).
+enum class WeightFormat : uint8_t { fp32, fp16, bf16, sym_int8, sym_int4, asym_int4 };
+
+// "fp32", "fp16", "bf16", "sym_int8", "sym_int4", "asym_int4".
+const char* format_name(WeightFormat format);
+// Accepts the names format_name() gives.
+Result<WeightFormat> parse_format(const std::string& name);
+
+// What a backend holds for a run (KV cache slots and lengths, workspace), decided before the
+// first step.
+struct RunShape {
+  int64_t max_seqs = 1;          // KV cache slots
+  int64_t max_context = 0;       // positions per slot
+  int64_t max_batch_tokens = 0;  // tokens per forward call (prefill chunk or decode batch)
+  int64_t max_logit_rows = 0;    // rows of logits per forward call
+};
+
+// One forward call: tokens of one or more sequences (prefill chunks and decode steps alike).
+struct Batch {
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> positions;
+  std::vector<int32_t> seq_ids;
+  std::vector<int32_t> logit_rows;  // indices into `tokens` whose logits are wanted
+
+  void add(int32_t token, int32_t position, int32_t seq_id, bool want_logits) {
+    if (want_logits) logit_rows.push_back(int32_t(tokens.size()));
+    tokens.push_back(token);
+    positions.push_back(position);
+    seq_ids.push_back(seq_id);
+  }
+  int64_t size() const { return int64_t(tokens.size()); }
+};
+
+}  // namespace kestrel

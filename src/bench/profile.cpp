@@ -1,0 +1,95 @@
+#include "bench/profile.h"
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "io/config.h"
+
+namespace kestrel {
+
+Result<DeviceProfile> device_profile(const std::string& device, int threads) {
+  DeviceProfile profile;
+  profile.device = device;
+  if (device == "cpu") {
+    const int workers =
+        threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
+    // Read bandwidth measured with 2 threads on the development machine (DESIGN.md); pass
+    // --roofline-gbs to the benchmark for another machine.
+    profile.bandwidth_gbs = 31.0;
+    profile.compute_gflops = 4.0 * workers;
+    // Code pages first touched by a run, thread stacks, allocator arenas and small buffers: the
+    // process's peak resident set grew 0.6 to 1.5 MB beyond the planned buffers in tiny-model
+    // runs on the development machine.
+    profile.reserve_bytes = size_t(1) << 20;
+    profile.host_memory = true;
+    profile.deadline_floor_s = 30.0;
+    return profile;
+  }
+  if (device == "cuda") {
+    // H100 device-to-device copy rate (DESIGN.md).
+    profile.bandwidth_gbs = 3000.0;
+    profile.compute_gflops = 50000.0;
+    // Beyond the backend's own reservation (its layout counts cuBLAS's workspace): kernel
+    // modules loaded at their first launch, CUDA graph memory and 2 MiB allocation granularity.
+    profile.reserve_bytes = size_t(64) << 20;
+    profile.host_memory = false;
+    profile.deadline_floor_s = 10.0;
+    return profile;
+  }
+  return Status::error("unknown device '" + device + "' (expected cpu or cuda)");
+}
+
+StepCost prefill_cost(const WeightSpec& spec, int64_t n_tokens, int64_t context_end,
+                      size_t kv_element_bytes) {
+  const ModelConfig& c = spec.config;
+  const double per_position_kv =
+      double(c.n_layers) * 2.0 * double(c.kv_dim()) * double(kv_element_bytes);
+  // Token at position p attends to p + 1 positions: q·K and p·V, 2 flops each, every layer.
+  const double first = double(context_end - n_tokens + 1);
+  const double last = double(context_end);
+  const double attended = (first + last) * double(n_tokens) / 2.0;
+  StepCost cost;
+  cost.bytes = double(planned_decode_bytes(spec)) + per_position_kv * double(context_end);
+  cost.flops = 2.0 * double(layer_matrix_params(c)) * double(n_tokens) +
+               2.0 * double(c.vocab_size) * double(c.hidden_size) +
+               4.0 * double(c.q_dim()) * double(c.n_layers) * attended;
+  return cost;
+}
+
+StepCost decode_cost(const WeightSpec& spec, int64_t n_seqs, int64_t context,
+                     size_t kv_element_bytes) {
+  const ModelConfig& c = spec.config;
+  const double per_position_kv =
+      double(c.n_layers) * 2.0 * double(c.kv_dim()) * double(kv_element_bytes);
+  StepCost cost;
+  cost.bytes =
+      double(planned_decode_bytes(spec)) + per_position_kv * double(context) * double(n_seqs);
+  cost.flops =
+      2.0 * double(layer_matrix_params(c) + c.vocab_size * c.hidden_size) * double(n_seqs) +
+      4.0 * double(c.q_dim()) * double(c.n_layers) * double(context) * double(n_seqs);
+  return cost;
+}
+
+double expected_seconds(const StepCost& cost, const DeviceProfile& profile) {
+  return std::max(cost.bytes / (profile.bandwidth_gbs * 1e9),
+                  cost.flops / (profile.compute_gflops * 1e9));
+}
+
+Result<size_t> host_available_memory() {
+  std::ifstream file("/proc/meminfo");
+  if (!file) return Status::error("/proc/meminfo: cannot read (needed for free host memory)");
+  std::string line;
+  while (std::getline(file, line)) {
+    if (line.rfind("MemAvailable:", 0) != 0) continue;
+    std::istringstream fields(line.substr(13));
+    uint64_t kib = 0;
+    std::string unit;
+    if (!(fields >> kib >> unit) || unit != "kB") break;
+    return size_t(kib) * 1024;
+  }
+  return Status::error("/proc/meminfo: no MemAvailable line (needed for free host memory)");
+}
+
+}  // namespace kestrel

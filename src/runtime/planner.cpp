@@ -191,7 +191,8 @@ Result<MemoryPlan> plan_memory(const PlanInputs& in, const MemoryBudget& budget,
     plan.prefill_chunk = chunk;
     plan.shape.max_seqs = n_seqs;
     plan.shape.max_context = context;
-    // A decode step carries every sequence in one call; a prefill chunk carries one sequence.
+    // A decode step carries every sequence in one call; a prefill chunk carries the prompts of
+    // one or more sequences packed back to back (Engine::generate_batch).
     plan.shape.max_batch_tokens = std::max(chunk, n_seqs);
     plan.shape.max_logit_rows = n_seqs;
     KS_ASSIGN_OR_RETURN(WorkspaceLayout layout, layout_of(plan.shape));
@@ -205,7 +206,7 @@ Result<MemoryPlan> plan_memory(const PlanInputs& in, const MemoryBudget& budget,
     return plan;
   };
 
-  int64_t chunk = std::min(in.prefill_chunk, in.in_len);
+  int64_t chunk = std::min(in.prefill_chunk, in.in_len * in.batch_size);
   for (;;) {
     KS_ASSIGN_OR_RETURN(MemoryPlan plan, plan_for(chunk));
     if (plan.total_bytes() <= budget.bytes) return plan;

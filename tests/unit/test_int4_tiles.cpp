@@ -72,12 +72,16 @@ TEST(Int4Tiles, HoldsEveryWeightOfTheHostLayout) {
     }
     for (size_t i = 0; i < t.data.size(); ++i) {
       ASSERT_LE(data_hits[i], 1) << "data byte " << i << " belongs to two weights";
-      if (data_hits[i] == 0) ASSERT_EQ(t.data[i], 0) << "padding byte " << i;
+      if (data_hits[i] == 0) {
+        ASSERT_EQ(t.data[i], 0) << "padding byte " << i;
+      }
     }
     const int sharing = c.block / 32;  // groups sharing one scale
     for (size_t i = 0; i < t.scales.size(); ++i) {
       ASSERT_TRUE(scale_hits[i] == 0 || scale_hits[i] == sharing) << "scale " << i;
-      if (scale_hits[i] == 0) ASSERT_EQ(t.scales[i], 0) << "padding scale " << i;
+      if (scale_hits[i] == 0) {
+        ASSERT_EQ(t.scales[i], 0) << "padding scale " << i;
+      }
     }
   }
 }

@@ -1,5 +1,7 @@
 #include "backend/backend.h"
 
+#include <filesystem>
+
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/matmul.h"
 
@@ -10,9 +12,24 @@ namespace kestrel {
 Result<std::unique_ptr<Backend>> make_cuda_backend();
 #endif
 
+namespace {
+// Without a loaded NVIDIA driver the CUDA runtime reports "driver version is insufficient for
+// CUDA runtime version", which sends users looking for a driver update; say what is true.
+bool nvidia_driver_loaded() {
+  std::error_code ec;
+  return std::filesystem::exists("/proc/driver/nvidia/version", ec) ||
+         std::filesystem::exists("/dev/nvidiactl", ec);
+}
+}  // namespace
+
 Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads) {
   if (device == "cpu") return make_cpu_backend(threads);
   if (device == "cuda") {
+    if (!nvidia_driver_loaded()) {
+      return Status::error(
+          "--device cuda: this machine has no CUDA device (no NVIDIA driver is loaded); use "
+          "--device cpu");
+    }
 #if defined(KESTREL_HAVE_CUDA)
     return make_cuda_backend();
 #else

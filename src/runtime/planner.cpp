@@ -53,12 +53,11 @@ Status read_converted_format(const TensorSource& source, WeightSpec& spec, bool*
                          kConvertedFormatKey + " or " + kConvertedBlockKey);
   }
   KS_ASSIGN_OR_RETURN(spec.format, parse_format(format_it->second));
-  try {
-    spec.block = std::stoi(block_it->second);
-  } catch (...) {
-    return Status::error(source.where() + ": metadata " + kConvertedBlockKey + " '" +
-                         block_it->second + "' is not a number");
+  Result<int> block = parse_block(block_it->second);
+  if (!block.is_ok()) {
+    return block.status().with_context(source.where() + ": metadata " + kConvertedBlockKey);
   }
+  spec.block = *block;
   return Status::ok();
 }
 
@@ -77,9 +76,6 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
   if (source.rfind(kSyntheticPrefix, 0) == 0) {
     spec.qkv_bias = spec.config.attention_bias;
   } else {
-    if (!std::filesystem::is_directory(source)) {
-      return Status::error(source + ": not a model directory (or synthetic:NAME)");
-    }
     // Only the headers are parsed; the tensor data stays unread in the mapping.
     KS_ASSIGN_OR_RETURN(TensorSource tensors, TensorSource::open_dir(source));
     bool converted = false;
@@ -88,8 +84,7 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
       return Status::error(source + " is already converted to " + format_name(spec.format) +
                            "; --low-bit " + format_name(format) + " needs the original HF model");
     }
-    const char* bias_name = converted ? "blk.0.wq.bias" : "model.layers.0.self_attn.q_proj.bias";
-    spec.qkv_bias = spec.config.attention_bias || tensors.find(bias_name) != nullptr;
+    spec.qkv_bias = spec.config.attention_bias;
   }
   // As model/loader.cpp decides it: HF's LlamaAttention puts the bias on o_proj too.
   spec.o_bias = spec.config.arch == Architecture::llama && spec.config.attention_bias;
@@ -242,6 +237,9 @@ Result<DeviceProfile> device_profile(const std::string& device, int threads) {
     profile.reserve_bytes = size_t(1) << 20;
     profile.host_memory = true;
     profile.deadline_floor_s = 30.0;
+    profile.first_call_s = 10.0;
+    // Conversion counts its rows every few milliseconds; a minute without one is a stall.
+    profile.load_stall_s = 60.0;
     return profile;
   }
   if (device == "cuda") {
@@ -253,6 +251,9 @@ Result<DeviceProfile> device_profile(const std::string& device, int threads) {
     profile.reserve_bytes = size_t(64) << 20;
     profile.host_memory = false;
     profile.deadline_floor_s = 10.0;
+    // A shape's first call captures a CUDA graph and lets cuBLAS choose its algorithms.
+    profile.first_call_s = 30.0;
+    profile.load_stall_s = 60.0;
     return profile;
   }
   return Status::error("unknown --device '" + device + "' (use cpu or cuda)");

@@ -108,7 +108,9 @@ struct DeviceProfile {
   double compute_gflops = 0;    // a deliberately low sustained rate: deadlines, not rooflines
   size_t reserve_bytes = 0;     // planned beyond the buffers (runtime, allocator, libraries)
   bool host_memory = true;      // buffers and the host's logits share one memory
-  double deadline_floor_s = 0;  // added to every step deadline (first-call setup, scheduling)
+  double deadline_floor_s = 0;  // added to every step deadline (scheduling, page faults)
+  double first_call_s = 0;      // added to the first call of each shape (graph capture, autotune)
+  double load_stall_s = 0;      // building the weights fails after this long without progress
 };
 
 // The profile of "cpu" (with `threads` workers) or "cuda"; an error for other devices.

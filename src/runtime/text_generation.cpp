@@ -85,6 +85,7 @@ Result<TextGenerationStats> TextSession::generate(
       first = false;
     }
     history.push_back(token);
+    stats.tokens.push_back(token);
     ++stats.generated_tokens;
     const StopReason reason = stop.add(token, decoder.feed(token));
     if (on_text) {

@@ -29,7 +29,8 @@ struct TextGenerationStats {
   double prefill_seconds = 0;  // prefill through the first token's logits
   double decode_seconds = 0;   // later steps
   StopReason stop_reason = StopReason::none;
-  std::string text;  // the generated text (stop string excluded)
+  std::string text;             // the generated text (stop string excluded)
+  std::vector<int32_t> tokens;  // every generated id; the last is not in the cache
 };
 
 // One conversation on sequence slot 0 of `engine`. It remembers which tokens its KV cache holds,

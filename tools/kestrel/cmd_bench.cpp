@@ -67,7 +67,8 @@ std::string source_commit(const std::string& executable) {
 }
 
 // "1,4,16" -> {1, 4, 16}; each a positive integer.
-std::vector<int64_t> parse_counts(const std::string& text, const std::string& flag) {
+std::vector<int64_t> parse_counts(const std::string& text, const std::string& flag,
+                                  int64_t max_value) {
   std::vector<int64_t> values;
   std::stringstream stream(text);
   std::string item;
@@ -81,6 +82,9 @@ std::vector<int64_t> parse_counts(const std::string& text, const std::string& fl
     }
     if (used == 0 || used != item.size() || value <= 0) {
       fail(flag + ": '" + item + "' is not a positive integer (expected e.g. 1,4,16)");
+    }
+    if (value > max_value) {
+      fail(flag + ": " + item + " is past the limit of " + std::to_string(max_value));
     }
     values.push_back(value);
   }
@@ -109,6 +113,8 @@ struct BenchFlags {
   std::string prompt_file;
   std::string commit;
   bool quiet = false;
+  bool max_memory_given = false;
+  bool roofline_given = false;
 };
 
 class BenchCommand {
@@ -135,19 +141,26 @@ class BenchCommand {
   bench::RunnerOptions runner_options() {
     bench::RunnerOptions o;
     o.device = flags_.device;
+    check_range("-t", flags_.threads, 0, kMaxThreads);
     o.threads = flags_.threads;
-    if (!flags_.max_memory.empty()) {
-      o.max_memory = unwrap(bench::parse_size(flags_.max_memory));
+    if (flags_.max_memory_given) {
+      auto size = bench::parse_size(flags_.max_memory);
+      if (!size.is_ok()) fail("--max-memory: " + size.status().message());
+      o.max_memory = *size;
       if (o.max_memory == 0) fail("--max-memory: must be more than 0 bytes");
       o.max_memory_text = flags_.max_memory;
     }
-    if (flags_.prefill_chunk <= 0) fail("--prefill-chunk: must be positive");
+    check_range("--prefill-chunk", double(flags_.prefill_chunk), 0, 1 << 20, true);
+    // 0 (the default) means the device's own figure; given, it must be a bandwidth.
+    if (flags_.roofline_given) check_range("--roofline-gbs", flags_.roofline_gbs, 0, 1e6, true);
+    check_range("--deadline-factor", flags_.deadline_factor, 0, 1e6, true);
+    check_range("--step-timeout", flags_.step_timeout, 0, 1e7);
+    check_range("--hang-grace", flags_.hang_grace, 0, 1e7, true);
     o.roofline_gbs = flags_.roofline_gbs;
     o.prefill_chunk = flags_.prefill_chunk;
     o.block = flags_.block;
     o.deadline_factor = flags_.deadline_factor;
     o.step_timeout_s = flags_.step_timeout;
-    if (flags_.hang_grace <= 0) fail("--hang-grace: must be positive");
     o.hang_grace_s = flags_.hang_grace;
     const std::string executable = executable_path();
     o.commit = flags_.commit.empty() ? source_commit(executable) : flags_.commit;
@@ -174,6 +187,14 @@ class BenchCommand {
     // On a terminal the progress bar owns the current line: clear it, print, let it redraw.
     std::fprintf(stderr, "%s%s\n", tty_ ? "\r\033[K" : "", line.c_str());
     std::fflush(stderr);
+  }
+
+  // A hung step cannot be cancelled: say so in one line and end the process at once.
+  [[noreturn]] void report_hang(const bench::CaseResult& result, const std::string& note) {
+    std::string status = result.status;
+    if (status.rfind("error: ", 0) == 0) status.erase(0, 7);  // the CSV column's prefix
+    say("kestrel: error: " + status + note);
+    std::_Exit(3);
   }
 
   static std::string describe(const bench::CaseResult& r, double roofline_gbs) {
@@ -247,12 +268,9 @@ class BenchCommand {
     options.on_progress = [this](double seconds) {
       if (progress_) progress_(seconds);
     };
-    options.on_hang = [csv](const bench::CaseResult& result) {
+    options.on_hang = [this, csv](const bench::CaseResult& result) {
       const Status written = csv->write(result);
-      std::fprintf(stderr, "\nkestrel: error: %s%s\n", result.status.c_str(),
-                   written.is_ok() ? "" : (" (" + written.message() + ")").c_str());
-      std::fflush(stderr);
-      std::_Exit(3);
+      report_hang(result, written.is_ok() ? "" : " (" + written.message() + ")");
     };
     std::unique_ptr<bench::Runner> runner = unwrap(bench::Runner::create(std::move(options)));
 
@@ -280,10 +298,10 @@ class BenchCommand {
     if (format != "md" && format != "csv" && format != "json") {
       fail("-o: with -m the output is a format: md, csv or json (got '" + format + "')");
     }
-    if (flags_.repetitions <= 0) fail("-r: repetitions must be positive");
-    const std::vector<int64_t> prompts = parse_counts(flags_.prompt_lengths, "-p");
-    const std::vector<int64_t> gens = parse_counts(flags_.gen_lengths, "-n");
-    const std::vector<int64_t> batches = parse_counts(flags_.batches, "-b");
+    check_range("-r", flags_.repetitions, 1, double(bench::kMaxTrials));
+    const std::vector<int64_t> prompts = parse_counts(flags_.prompt_lengths, "-p", INT32_MAX);
+    const std::vector<int64_t> gens = parse_counts(flags_.gen_lengths, "-n", INT32_MAX);
+    const std::vector<int64_t> batches = parse_counts(flags_.batches, "-b", bench::kMaxBatchSize);
     bench::BenchCase base;
     base.model = flags_.model;
     base.source = flags_.model;
@@ -320,11 +338,7 @@ class BenchCommand {
     options.on_progress = [this](double seconds) {
       if (progress_) progress_(seconds);
     };
-    options.on_hang = [](const bench::CaseResult& result) {
-      std::fprintf(stderr, "\nkestrel: error: %s\n", result.status.c_str());
-      std::fflush(stderr);
-      std::_Exit(3);
-    };
+    options.on_hang = [this](const bench::CaseResult& result) { report_hang(result, ""); };
     std::unique_ptr<bench::Runner> runner = unwrap(bench::Runner::create(std::move(options)));
     const WeightSpec spec =
         unwrap(weight_spec_of(base.source, base.format, base.format_explicit, flags_.block));
@@ -428,7 +442,13 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
   bench->add_option("--commit", flags->commit,
                     "the commit column (default: git describe of the build's tree)");
   bench->add_flag("-q,--quiet", flags->quiet, "no progress output");
-  commands.push_back({bench, [flags] { BenchCommand(*flags).run(); }});
+  CLI::Option* max_memory = bench->get_option("--max-memory");
+  CLI::Option* roofline = bench->get_option("--roofline-gbs");
+  commands.push_back({bench, [flags, max_memory, roofline] {
+                        flags->max_memory_given = max_memory->count() > 0;
+                        flags->roofline_given = roofline->count() > 0;
+                        BenchCommand(*flags).run();
+                      }});
 }
 
 }  // namespace kestrel::cli

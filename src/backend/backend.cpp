@@ -39,6 +39,13 @@ Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int thr
   return Status::error("unknown --device '" + device + "' (use cpu or cuda)");
 }
 
+std::string default_device() {
+#if defined(KESTREL_HAVE_CUDA)
+  if (nvidia_driver_loaded()) return "cuda";
+#endif
+  return "cpu";
+}
+
 std::string compiled_backends() {
   std::string list = std::string("cpu (") + cpu::matmul_isa() + ")";
 #if defined(KESTREL_HAVE_CUDA)

@@ -333,7 +333,7 @@ Result<ModelWeights> load_converted(const std::string& dir, const TensorSource& 
   KS_ASSIGN_OR_RETURN(std::string format_text, get_meta("kestrel.low_bit"));
   KS_ASSIGN_OR_RETURN(WeightFormat format, parse_format(format_text));
   KS_ASSIGN_OR_RETURN(std::string block_text, get_meta("kestrel.block"));
-  Result<int> block_parsed = parse_block(block_text);
+  Result<int> block_parsed = parse_block(block_text, format);
   if (!block_parsed.is_ok()) {
     return block_parsed.status().with_context(source.where() + ": metadata kestrel.block");
   }
@@ -592,6 +592,17 @@ Status check_convert_target(const std::string& source_dir, const std::string& ou
     return Status::error(out_dir +
                          ": directory is not empty (choose a new directory, or pass "
                          "--force to replace it)");
+  }
+  // Replacing OUT_DIR removes it whole: the source must not be inside it.
+  if (!source_dir.empty()) {
+    const fs::path out = fs::weakly_canonical(out_dir, ec);
+    for (fs::path p = fs::weakly_canonical(source_dir, ec); !p.empty() && p != p.parent_path();
+         p = p.parent_path()) {
+      if (p == out) {
+        return Status::error(out_dir + ": holds the source model " + source_dir +
+                             "; replacing it would delete the original weights");
+      }
+    }
   }
   return Status::ok();
 }

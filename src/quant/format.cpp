@@ -159,7 +159,12 @@ Status check_block(WeightFormat format, int block) {
                        std::to_string(block));
 }
 
-Result<int> parse_block(const std::string& text) {
+Result<int> parse_block(const std::string& text, WeightFormat format) {
+  if (!is_quantized(format)) {
+    if (text == "0") return 0;
+    return Status::error("block " + quote_untrusted(text, 40) + " is not 0, as " +
+                         format_name(format) + " has no blocks");
+  }
   if (text == "32" || text == "64") return std::stoi(text);
   return Status::error("block " + quote_untrusted(text, 40) + " is neither 32 nor 64");
 }

@@ -53,7 +53,7 @@ Status read_converted_format(const TensorSource& source, WeightSpec& spec, bool*
                          kConvertedFormatKey + " or " + kConvertedBlockKey);
   }
   KS_ASSIGN_OR_RETURN(spec.format, parse_format(format_it->second));
-  Result<int> block = parse_block(block_it->second);
+  Result<int> block = parse_block(block_it->second, spec.format);
   if (!block.is_ok()) {
     return block.status().with_context(source.where() + ": metadata " + kConvertedBlockKey);
   }

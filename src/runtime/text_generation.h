@@ -2,6 +2,7 @@
 // of an Engine. `kestrel run -p` and `kestrel chat` are thin layers over this.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -20,6 +21,8 @@ struct TextGenerationParams {
   int64_t min_new_tokens = 0;
   std::vector<std::string> stop_strings;
   bool stop_at_eos = true;  // eos ids from generation_config.json
+  // Set by another thread or a signal handler (Ctrl-C): generation stops after the current token.
+  const std::atomic<bool>* interrupt = nullptr;
 };
 
 struct TextGenerationStats {

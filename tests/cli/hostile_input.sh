@@ -103,6 +103,10 @@ if "$kestrel" convert -m "$good" -o "$tmp/busy" --force -q 2>"$tmp/stderr" &&
 else
   fail_case "convert --force" "$tmp/stderr"
 fi
+mkdir -p "$tmp/outer" && cp -r "$good" "$tmp/outer/model"
+expect_error "convert --force over the source's parent" "holds the source model" \
+  "$kestrel" convert -m "$tmp/outer/model" -o "$tmp/outer" --force -q
+[ -f "$tmp/outer/model/model.safetensors" ] || fail_case "convert --force deleted its source"
 # A conversion that fails at its very end (here: the tokenizer cannot be copied) leaves nothing
 # that loads where the output was asked for.
 d=$(fresh); mkdir "$d/tokenizer.json"

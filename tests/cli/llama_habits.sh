@@ -79,8 +79,17 @@ cli_check "-c past max_position_embeddings warns (run)" grep -q "warning: -c 400
 "$kestrel" logits -m synthetic:tiny-qwen2 --ids 1 -c 40000 -q -o "$tmp/l.f32" 2>"$tmp/err"
 cli_check "-c past max_position_embeddings warns (logits)" grep -q "warning: -c 40000 is past" "$tmp/err"
 
+# The default device is CUDA when built in and present, else the CPU, and the load line says which.
+"$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -n 1 2>"$tmp/err" >/dev/null
+if "$kestrel" --version | grep -q cuda && { [ -e /dev/nvidiactl ] || [ -e /proc/driver/nvidia/version ]; }; then
+  cli_check "default device: cuda here" grep -q "loaded in .* on cuda" "$tmp/err"
+else
+  cli_check "default device: cpu here" grep -q "loaded in .* on cpu" "$tmp/err"
+fi
+
 # --help shows the defaults.
 "$kestrel" run --help >"$tmp/help"
 cli_check "--help shows defaults" grep -q -- "-n,--n-predict INT=128" "$tmp/help"
+cli_check "--help shows the default device" grep -q -- "--device TEXT=auto" "$tmp/help"
 
 cli_finish

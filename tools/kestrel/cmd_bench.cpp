@@ -29,20 +29,6 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 
-extern "C" void on_sigint(int) {
-  g_stop.store(true);
-}
-
-// Ctrl-C asks the run to stop before its next step; a second Ctrl-C ends it at once (the
-// handler resets itself).
-void install_sigint_handler() {
-  struct sigaction action = {};
-  action.sa_handler = on_sigint;
-  action.sa_flags = SA_RESETHAND;
-  sigemptyset(&action.sa_mask);
-  sigaction(SIGINT, &action, nullptr);
-}
-
 std::string executable_path() {
   std::error_code ec;
   const auto path = std::filesystem::read_symlink("/proc/self/exe", ec);
@@ -96,7 +82,7 @@ struct BenchFlags {
   std::string config;
   std::string model;
   std::string output;
-  std::string device = "cpu";
+  std::string device = "auto";
   std::string max_memory;
   std::string low_bit;
   int block = 32;
@@ -128,7 +114,8 @@ class BenchCommand {
     // Reservations of 1 MiB and more come straight from mmap and go back to the system when
     // freed, so one configuration's buffers never linger in the next one's measured peak.
     mallopt(M_MMAP_THRESHOLD, 1 << 20);
-    install_sigint_handler();
+    // Ctrl-C asks the run to stop before its next step; a second Ctrl-C ends it at once.
+    catch_sigint(&g_stop, /*once=*/true);
     tty_ = isatty(STDERR_FILENO) != 0;
     if (flags_.config.empty()) {
       run_quick();
@@ -140,7 +127,7 @@ class BenchCommand {
  private:
   bench::RunnerOptions runner_options() {
     bench::RunnerOptions o;
-    o.device = flags_.device;
+    o.device = flags_.device == "auto" ? default_device() : flags_.device;
     check_range("-t", flags_.threads, 0, kMaxThreads);
     o.threads = flags_.threads;
     if (flags_.max_memory_given) {
@@ -358,7 +345,7 @@ class BenchCommand {
       row.size_gib = double(planned_weight_bytes(spec)) / double(1ull << 30);
       row.params_b = params / 1e9;
       row.backend = r.device;
-      row.threads = flags_.device == "cpu" ? threads : 0;
+      row.threads = runner->profile().device == "cpu" ? threads : 0;
       row.batch = r.bench_case.batch_size;
       row.test = tests[i];
       row.ok = r.ok;
@@ -414,7 +401,8 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
                     "quick mode: HF model dir, converted dir or synthetic:NAME");
   bench->add_option("-o,--output", flags->output,
                     "--config: the CSV file (default: standard output); -m: md, csv or json");
-  bench->add_option("--device", flags->device, "cpu or cuda");
+  bench->add_option("--device", flags->device, "cpu, cuda, or auto: cuda when built in and present")
+      ->capture_default_str();
   bench->add_option(
       "--max-memory", flags->max_memory,
       "memory a configuration may plan for, e.g. 24GB or 512MiB (default: free memory)");

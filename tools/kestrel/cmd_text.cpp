@@ -1,6 +1,8 @@
 // Text-facing subcommands: run, chat, tokenize and template.
 #include <unistd.h>
 
+#include <atomic>
+
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -285,6 +287,8 @@ void run_generate(const GenerateFlags& flags, const std::string& prompt_flag,
               stats.decode_seconds);
 }
 
+std::atomic<bool> g_chat_interrupt{false};
+
 // Interactive chat: each line of stdin is a user turn; the conversation is rendered with the
 // model's chat template and only the new tokens of each turn are prefilled.
 void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
@@ -292,22 +296,36 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
   const Tokenizer tokenizer = unwrap(Tokenizer::load(source));
   const ChatTemplateConfig chat_template = unwrap(load_chat_template(source));
   auto engine = load_engine(flags.model);
-  const TextGenerationParams params = flags.params();
+  TextGenerationParams params = flags.params();
+  params.interrupt = &g_chat_interrupt;
   TextSession session(*engine, tokenizer);
   nlohmann::ordered_json messages = nlohmann::ordered_json::array();
   if (!system_prompt.empty()) messages.push_back({{"role", "system"}, {"content", system_prompt}});
   const bool interactive = isatty(STDIN_FILENO) != 0;
   if (interactive) {
+    // Ctrl-C stops the reply being written, not the program; at the prompt the read returns.
+    catch_sigint(&g_chat_interrupt, /*once=*/false);
     std::fprintf(stderr,
-                 "chat: type a message and press Enter; /reset clears the history, /help "
-                 "lists the commands, /exit or Ctrl-D quits\n");
+                 "chat: type a message and press Enter; Ctrl-C stops a reply; /reset clears the "
+                 "history, /help lists the commands, /exit, Ctrl-D or Ctrl-C twice quits\n");
   }
   std::string line;
   int64_t failed_turns = 0;
+  bool interrupted_at_prompt = false;
   for (;;) {
     std::printf("> ");
     std::fflush(stdout);
-    if (!std::getline(std::cin, line)) break;
+    if (!std::getline(std::cin, line)) {
+      if (!g_chat_interrupt.exchange(false)) break;  // end of input
+      std::cin.clear();
+      clearerr(stdin);
+      std::printf("\n");
+      if (interrupted_at_prompt) break;
+      interrupted_at_prompt = true;
+      std::printf("(Ctrl-C again quits; /help lists the commands)\n");
+      continue;
+    }
+    interrupted_at_prompt = false;
     if (line == "/exit" || line == "/quit") break;
     if (line == "/help") {
       std::printf("/reset clears the conversation (the system prompt stays), /exit quits\n");
@@ -324,10 +342,12 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
     messages.push_back({{"role", "user"}, {"content", line}});
     const std::string rendered = unwrap(render_chat_template(chat_template, messages, true));
     const std::vector<int32_t> ids = unwrap(tokenizer.encode(rendered, false));
+    g_chat_interrupt.store(false);
     auto stats = session.generate(ids, params, [](const std::string& text) {
       std::fwrite(text.data(), 1, text.size(), stdout);
       std::fflush(stdout);
     });
+    if (g_chat_interrupt.exchange(false)) std::printf(" (stopped)");
     std::printf("\n");
     if (!stats.is_ok()) {
       // The turn failed (e.g. the context is full); the conversation stays usable after /reset.

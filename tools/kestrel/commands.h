@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <atomic>
 #include <functional>
 #include <string>
 #include <vector>
@@ -34,7 +35,7 @@ struct ModelFlags {
   std::string model;
   std::string low_bit;
   int block = 32;
-  std::string device = "cpu";
+  std::string device = "auto";
   int threads = 0;
   int64_t context = 0;
   int64_t batch = 512;      // prompt tokens per forward call (llama.cpp's -b)
@@ -52,6 +53,10 @@ void check_range(const std::string& flag, double value, double min, double max,
 // Exits with an error when what was written to standard output could not be (a full disk, a
 // closed pipe): the output is the product, so losing it is a failure.
 void check_stdout_written();
+
+// Ctrl-C sets `*flag` instead of ending the process. With `once`, a second Ctrl-C ends it. The
+// handler does not restart system calls, so a read waiting for input returns as well.
+void catch_sigint(std::atomic<bool>* flag, bool once);
 
 // Prints what the loader went past ("kestrel: warning: ...") on stderr.
 void print_warnings(const ModelWeights& weights);

@@ -6,9 +6,9 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <limits>
@@ -61,6 +61,22 @@ void check_range(const std::string& flag, double value, double min, double max,
   }
 }
 
+namespace {
+std::atomic<std::atomic<bool>*> g_sigint_flag{nullptr};
+extern "C" void on_sigint(int) {
+  if (std::atomic<bool>* flag = g_sigint_flag.load()) flag->store(true);
+}
+}  // namespace
+
+void catch_sigint(std::atomic<bool>* flag, bool once) {
+  g_sigint_flag.store(flag);
+  struct sigaction action = {};
+  action.sa_handler = on_sigint;
+  action.sa_flags = once ? SA_RESETHAND : 0;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGINT, &action, nullptr);
+}
+
 void check_stdout_written() {
   if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
     fail(std::string("cannot write to standard output: ") + std::strerror(errno));
@@ -91,7 +107,8 @@ void ModelFlags::add_to(CLI::App* app) {
       ->default_str("sym_int4");
   app->add_option("--block", block, "weights per scale for quantized formats (32 or 64)")
       ->capture_default_str();
-  app->add_option("--device", device, "cpu or cuda")->capture_default_str();
+  app->add_option("--device", device, "cpu, cuda, or auto: cuda when built in and present")
+      ->capture_default_str();
   app->add_option("--n-gpu-layers,--gpu-layers", gpu_layers,
                   "(-ngl N) llama.cpp habit: any N > 0 runs every layer on CUDA, 0 on the CPU");
   app->add_option("-t,--threads", threads, "CPU threads (0: all)")->capture_default_str();
@@ -114,7 +131,7 @@ EngineOptions ModelFlags::engine_options() const {
   check_range("-c", double(context), 0, std::numeric_limits<int32_t>::max());
   check_range("-b", double(batch), 0, 1 << 20, /*min_exclusive=*/true);
   options.block = block;
-  options.device = device;
+  options.device = device == "auto" ? default_device() : device;
   if (gpu_layers >= 0) options.device = gpu_layers > 0 ? "cuda" : "cpu";
   options.threads = threads;
   options.max_context = context;
@@ -134,26 +151,26 @@ std::vector<std::string> translate_llama_flags(int argc, char** argv) {
       {"-no-cnv", ""},  // run is already one prompt, one continuation
   };
   static const std::map<std::string, std::string> refused = {
-      {"-fa", ""},
+      {"-fa", "(attention kernels are chosen per backend)"},
       {"--flash-attn", "(attention kernels are chosen per backend)"},
-      {"-ctk", ""},
+      {"-ctk", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
       {"--cache-type-k", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
-      {"-ctv", ""},
+      {"-ctv", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
       {"--cache-type-v", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
       {"--mlock", ""},
       {"--no-mmap", ""},
-      {"-mg", ""},
+      {"-mg", "(one GPU is used)"},
       {"--main-gpu", "(one GPU is used)"},
-      {"-ts", ""},
+      {"-ts", "(one GPU is used)"},
       {"--tensor-split", "(one GPU is used)"},
-      {"-sm", ""},
+      {"-sm", "(one GPU is used)"},
       {"--split-mode", "(one GPU is used)"},
-      {"-ub", ""},
+      {"-ub", "(use -b)"},
       {"--ubatch-size", "(use -b)"},
       {"--numa", ""},
-      {"-hf", ""},
+      {"-hf", "(download the model and pass -m DIR)"},
       {"--hf-repo", "(download the model and pass -m DIR)"},
-      {"-r", ""},
+      {"-r", "(use --stop TEXT)"},
       {"--reverse-prompt", "(use --stop TEXT)"},
       {"-s", "(use --seed N)"},
       {"-e", ""},

@@ -140,5 +140,7 @@ Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int thr
 
 // The backends compiled into this binary, e.g. "cpu (avx512-vnni), cuda".
 std::string compiled_backends();
+// "cuda" when this build has the CUDA backend and the machine an NVIDIA driver, else "cpu".
+std::string default_device();
 
 }  // namespace kestrel

@@ -7,7 +7,11 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
+
+#include "core/quote.h"
+#include "io/config.h"
 
 namespace kestrel::bench {
 
@@ -67,11 +71,13 @@ class KeyReader {
     return node.Scalar();
   }
 
-  Result<int64_t> integer(const YAML::Node& node, int64_t min_value) const {
+  Result<int64_t> integer(const YAML::Node& node, int64_t min_value, int64_t max_value) const {
     int64_t value = 0;
-    if (!node.IsScalar() || !parse_count(node.Scalar(), &value) || value < min_value) {
-      return Status::error(where_ + " must be an integer >= " + std::to_string(min_value) +
-                           (node.IsScalar() ? ", got '" + node.Scalar() + "'" : ""));
+    if (!node.IsScalar() || !parse_count(node.Scalar(), &value) || value < min_value ||
+        value > max_value) {
+      return Status::error(where_ + " must be an integer from " + std::to_string(min_value) +
+                           " to " + std::to_string(max_value) +
+                           (node.IsScalar() ? ", got " + quote_untrusted(node.Scalar(), 40) : ""));
     }
     return value;
   }
@@ -127,11 +133,16 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
 
   BenchConfig config;
   bool has_in_out = false;
+  std::set<std::string> seen;
   try {
     for (const auto& entry : root) {
       const std::string key = entry.first.as<std::string>();
       const YAML::Node& value = entry.second;
       const KeyReader read(path, key);
+      // yaml-cpp keeps both entries of a repeated key; which one wins would be silent.
+      if (!seen.insert(key).second) {
+        return Status::error(path + ": key " + quote_untrusted(key, 60) + " is given twice");
+      }
       if (key == "repo_id") {
         KS_ASSIGN_OR_RETURN(config.repo_ids, read.strings(value));
       } else if (key == "local_model_hub") {
@@ -139,14 +150,14 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
           KS_ASSIGN_OR_RETURN(config.local_model_hub, read.string(value));
         }
       } else if (key == "warm_up") {
-        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 0));
-        config.warm_up = int(std::min<int64_t>(v, 1000000));
+        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 0, kMaxTrials));
+        config.warm_up = int(v);
       } else if (key == "num_trials") {
-        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1));
-        config.num_trials = int(std::min<int64_t>(v, 1000000));
+        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1, kMaxTrials));
+        config.num_trials = int(v);
       } else if (key == "num_beams") {
-        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1));
-        config.num_beams = int(std::min<int64_t>(v, 1000000));
+        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1, kMaxBeams));
+        config.num_beams = int(v);
       } else if (key == "low_bit") {
         KS_ASSIGN_OR_RETURN(std::string name, read.string(value));
         auto format = parse_format(name);
@@ -157,11 +168,11 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
         config.batch_sizes.clear();
         if (value.IsSequence()) {
           for (const YAML::Node& item : value) {
-            KS_ASSIGN_OR_RETURN(int64_t v, read.integer(item, 1));
+            KS_ASSIGN_OR_RETURN(int64_t v, read.integer(item, 1, kMaxBatchSize));
             config.batch_sizes.push_back(v);
           }
         } else {
-          KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1));
+          KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1, kMaxBatchSize));
           config.batch_sizes.push_back(v);
         }
         if (config.batch_sizes.empty()) return Status::error(read.where() + " is an empty list");
@@ -178,7 +189,8 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
       } else if (contains(kAllInOneOnlyKeys, key)) {
         config.ignored_keys.push_back(key);
       } else {
-        return Status::error(path + ": unknown key '" + key + "' (known: " + known_keys() + ")");
+        return Status::error(path + ": unknown key " + quote_untrusted(key, 60) +
+                             " (known: " + known_keys() + ")");
       }
     }
   } catch (const YAML::Exception& e) {
@@ -192,11 +204,8 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
 }
 
 Result<BenchConfig> load_bench_config(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) return Status::error(path + ": cannot open the benchmark config");
-  std::stringstream text;
-  text << file.rdbuf();
-  return parse_bench_config(text.str(), path);
+  KS_ASSIGN_OR_RETURN(const std::string text, read_text_file(path));
+  return parse_bench_config(text, path);
 }
 
 std::string model_source(const std::string& repo_id, const std::string& local_model_hub) {

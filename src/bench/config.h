@@ -32,6 +32,12 @@ struct InOut {
 // "1024-512" -> {1024, 512}; both positive.
 Result<InOut> parse_in_out(const std::string& text);
 
+// Stated limits of the numbers a configuration may ask for: far above any useful benchmark, and
+// small enough that a typo fails at once instead of running for days.
+constexpr int64_t kMaxTrials = 10000;    // warm_up, num_trials (and bench -r)
+constexpr int64_t kMaxBeams = 64;        // num_beams
+constexpr int64_t kMaxBatchSize = 4096;  // batch_size (and bench -b)
+
 struct BenchConfig {
   std::vector<std::string> repo_ids;
   std::string local_model_hub;

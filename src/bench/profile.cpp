@@ -1,8 +1,6 @@
 #include "bench/profile.h"
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 #include <thread>
 
 #include "io/config.h"
@@ -25,6 +23,9 @@ Result<DeviceProfile> device_profile(const std::string& device, int threads) {
     profile.reserve_bytes = size_t(1) << 20;
     profile.host_memory = true;
     profile.deadline_floor_s = 30.0;
+    profile.first_call_s = 10.0;
+    // Conversion counts its rows every few milliseconds; a minute without one is a stall.
+    profile.load_stall_s = 60.0;
     return profile;
   }
   if (device == "cuda") {
@@ -36,6 +37,9 @@ Result<DeviceProfile> device_profile(const std::string& device, int threads) {
     profile.reserve_bytes = size_t(64) << 20;
     profile.host_memory = false;
     profile.deadline_floor_s = 10.0;
+    // A shape's first call captures a CUDA graph and lets cuBLAS choose its algorithms.
+    profile.first_call_s = 30.0;
+    profile.load_stall_s = 60.0;
     return profile;
   }
   return Status::error("unknown device '" + device + "' (expected cpu or cuda)");
@@ -75,21 +79,6 @@ StepCost decode_cost(const WeightSpec& spec, int64_t n_seqs, int64_t context,
 double expected_seconds(const StepCost& cost, const DeviceProfile& profile) {
   return std::max(cost.bytes / (profile.bandwidth_gbs * 1e9),
                   cost.flops / (profile.compute_gflops * 1e9));
-}
-
-Result<size_t> host_available_memory() {
-  std::ifstream file("/proc/meminfo");
-  if (!file) return Status::error("/proc/meminfo: cannot read (needed for free host memory)");
-  std::string line;
-  while (std::getline(file, line)) {
-    if (line.rfind("MemAvailable:", 0) != 0) continue;
-    std::istringstream fields(line.substr(13));
-    uint64_t kib = 0;
-    std::string unit;
-    if (!(fields >> kib >> unit) || unit != "kB") break;
-    return size_t(kib) * 1024;
-  }
-  return Status::error("/proc/meminfo: no MemAvailable line (needed for free host memory)");
 }
 
 }  // namespace kestrel

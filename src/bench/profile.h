@@ -19,7 +19,9 @@ struct DeviceProfile {
   double compute_gflops = 0;    // a deliberately low sustained rate: deadlines, not rooflines
   size_t reserve_bytes = 0;     // planned beyond the buffers (runtime, allocator, libraries)
   bool host_memory = true;      // buffers and the host's logits share one memory
-  double deadline_floor_s = 0;  // added to every step deadline (first-call setup, scheduling)
+  double deadline_floor_s = 0;  // added to every step deadline (scheduling, page faults)
+  double first_call_s = 0;      // added to the first call of each shape (graph capture, autotune)
+  double load_stall_s = 0;      // building the weights fails after this long without progress
 };
 
 // The profile of "cpu" (with `threads` workers) or "cuda"; an error for other devices.
@@ -38,8 +40,5 @@ StepCost decode_cost(const WeightSpec& spec, int64_t n_seqs, int64_t context,
                      size_t kv_element_bytes);
 // The time a step needs at the profile's rates: the larger of its memory and compute times.
 double expected_seconds(const StepCost& cost, const DeviceProfile& profile);
-
-// Bytes of memory the host could give this process now (MemAvailable of /proc/meminfo).
-Result<size_t> host_available_memory();
 
 }  // namespace kestrel

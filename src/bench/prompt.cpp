@@ -6,6 +6,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "io/config.h"
+
 namespace kestrel::bench {
 
 namespace {
@@ -78,11 +80,9 @@ Result<std::string> load_prompt_text(const std::string& path) {
         "bench/prompt.txt was not found next to the binary's source tree or in "
         "the working directory; give it with --prompt-file FILE");
   }
-  std::ifstream file(path, std::ios::binary);
-  if (!file) return Status::error(path + ": cannot read the prompt text (--prompt-file)");
-  std::stringstream text;
-  text << file.rdbuf();
-  return text.str();
+  Result<std::string> text = read_text_file(path);
+  if (!text.is_ok()) return text.status().with_context("--prompt-file");
+  return text;
 }
 
 std::string default_prompt_path(const std::string& executable) {

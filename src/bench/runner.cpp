@@ -1,5 +1,7 @@
 #include "bench/runner.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -99,9 +101,10 @@ Status Runner::ensure_backend() {
   return Status::ok();
 }
 
-double Runner::step_deadline(double expected_s) const {
+double Runner::step_deadline(double expected_s, bool first_call) const {
   if (options_.step_timeout_s > 0) return options_.step_timeout_s;
-  return step_deadline_seconds(expected_s, options_.deadline_factor, profile_.deadline_floor_s);
+  return step_deadline_seconds(expected_s, options_.deadline_factor, profile_.deadline_floor_s) +
+         (first_call ? profile_.first_call_s : 0.0);
 }
 
 void Runner::on_hang(const std::string& step, double deadline_s, double elapsed_s) {
@@ -265,6 +268,14 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
 
   const std::string label =
       c.model + " " + InOut{c.in_len, c.out_len}.text() + " batch " + std::to_string(c.batch_size);
+  // The prompt is tokenized before anything is measured: loading a tokenizer (a 150k-entry
+  // vocabulary parsed from JSON) takes more memory than a small model, and none of it is the
+  // configuration's.
+  KS_ASSIGN_OR_RETURN(std::vector<int32_t> prompt,
+                      prompt_for(c.source, c.in_len, spec.config.vocab_size));
+  // What the tokenizer freed goes back to the system, or the weights would be built in it and
+  // the resident set, which the peak is measured against, would not grow.
+  malloc_trim(0);
   if (!engine_) {
     if (!profile_.host_memory) {
       // The weights are built on the host before they are uploaded.
@@ -287,19 +298,15 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
     engine_options.prefill_chunk = options_.prefill_chunk;
     engine_options.progress = false;
     engine_options.run_shape = plan->shape;
-    // Building weights: a few nanoseconds a weight on each core, generously.
-    const double n_weights = double(layer_matrix_params(spec.config)) +
-                             2.0 * double(spec.config.vocab_size * spec.config.hidden_size);
-    const double workers = std::max(1.0, profile_.compute_gflops / 4.0);
-    // --step-timeout is for forward calls only; building keeps its estimate-based deadline.
-    watchdog_->arm("building the weights of " + c.model,
-                   step_deadline_seconds(n_weights * 20e-9 / workers, options_.deadline_factor,
-                                         profile_.deadline_floor_s));
+    // Building the weights reads the disk and converts rows, whose speed no estimate knows: it
+    // is watched for stalls, not held to a deadline (--step-timeout is for forward calls).
+    watchdog_->arm_until_stall("building the weights of " + c.model, profile_.load_stall_s);
     auto engine = Engine::create(engine_options, std::move(spare_backend_));
     const Status load_status = watchdog_->disarm();
     if (!engine.is_ok()) return engine.status();
     engine_ = std::move(*engine);
     engine_key_ = key;
+    called_shapes_.clear();
     KS_RETURN_IF_ERROR(load_status);
   } else {
     const RunShape& now = engine_->run_shape();
@@ -317,8 +324,6 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
   const bool rss_peak = profile_.host_memory && reset_peak_rss();
   min_free_ = backend.free_memory();
 
-  KS_ASSIGN_OR_RETURN(std::vector<int32_t> prompt,
-                      prompt_for(c.source, c.in_len, spec.config.vocab_size));
   const size_t kv_bytes = kv_element_bytes(backend, spec.config);
   const int n_runs = c.warm_up + c.num_trials;
   bool interrupted = false;
@@ -336,7 +341,8 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
     }
     const StepCost cost = info.prefill ? prefill_cost(spec, info.n_tokens, info.context, kv_bytes)
                                        : decode_cost(spec, info.n_tokens, info.context, kv_bytes);
-    watchdog_->arm(step, step_deadline(kestrel::expected_seconds(cost, profile_)));
+    const bool first_call = called_shapes_.insert({info.prefill, info.n_tokens}).second;
+    watchdog_->arm(step, step_deadline(kestrel::expected_seconds(cost, profile_), first_call));
     return Status::ok();
   };
   hooks.after = [&](const StepInfo& info, double) -> Status {

@@ -24,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -116,7 +117,9 @@ class Runner {
   Result<MemoryBudget> budget_for(const std::string& engine_key);
   Status ensure_backend();
   void on_hang(const std::string& step, double deadline_s, double elapsed_s);
-  double step_deadline(double expected_s) const;
+  // `first_call`: the first forward call of its shape on this engine, which gets the profile's
+  // first_call_s on top (graph capture, library autotuning).
+  double step_deadline(double expected_s, bool first_call) const;
 
   RunnerOptions options_;
   DeviceProfile profile_;
@@ -124,9 +127,10 @@ class Runner {
   std::unique_ptr<Watchdog> watchdog_;
   std::unique_ptr<Backend> spare_backend_;  // made for planning, handed to the next engine
   std::unique_ptr<Engine> engine_;
-  std::string engine_key_;        // source and format of engine_'s weights
-  size_t baseline_rss_ = 0;       // process RSS before engine_ was built
-  size_t baseline_free_ = 0;      // free device memory before engine_ was built
+  std::string engine_key_;                            // source and format of engine_'s weights
+  std::set<std::pair<bool, int64_t>> called_shapes_;  // (prefill?, tokens) run on engine_
+  size_t baseline_rss_ = 0;                           // process RSS before engine_ was built
+  size_t baseline_free_ = 0;                          // free device memory before engine_ was built
   size_t min_free_ = 0;           // least free device memory seen in the running configuration
   double progress_reported_ = 0;  // progress units reported for the running configuration
 

@@ -2,9 +2,22 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 
 namespace kestrel {
+
+namespace {
+std::atomic<uint64_t> g_work_done{0};
+}  // namespace
+
+uint64_t work_done() {
+  return g_work_done.load(std::memory_order_relaxed);
+}
+
+void note_work_done(int64_t units) {
+  if (units > 0) g_work_done.fetch_add(uint64_t(units), std::memory_order_relaxed);
+}
 
 Progress::Progress(std::string label, int64_t total, bool enabled)
     : label_(std::move(label)),
@@ -19,6 +32,7 @@ Progress::~Progress() {
 }
 
 void Progress::advance(int64_t n) {
+  note_work_done(n);
   if (!enabled_) return;
   std::lock_guard<std::mutex> lock(mutex_);
   done_ += n;

@@ -8,12 +8,18 @@
 
 namespace kestrel {
 
+// Units of work every Progress in the process has counted so far, shown or not (and other long
+// loops that note their work). A watchdog reads it to tell a stalled job, whose count stops,
+// from a slow one.
+uint64_t work_done();
+void note_work_done(int64_t units);
+
 class Progress {
  public:
   // `total` units of work labelled `label`; `enabled` false makes every call a no-op.
   Progress(std::string label, int64_t total, bool enabled = true);
   ~Progress();
-  // Thread-safe: adds `n` completed units.
+  // Thread-safe: adds `n` completed units (to work_done() too).
   void advance(int64_t n);
   void finish();
 

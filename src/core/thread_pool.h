@@ -13,9 +13,13 @@
 
 namespace kestrel {
 
+// The most threads a pool takes: far above the cores of any machine, small enough that a typo
+// (-t 100000) cannot spend gigabytes on thread stacks.
+constexpr int kMaxThreads = 1024;
+
 class ThreadPool {
  public:
-  // n_threads <= 0 means one per hardware thread.
+  // n_threads <= 0 means one per hardware thread; more than kMaxThreads means kMaxThreads.
   explicit ThreadPool(int n_threads = 0);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;

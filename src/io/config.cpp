@@ -21,8 +21,6 @@ namespace {
 
 using nlohmann::json;
 
-constexpr size_t kMaxTextFileBytes = 64u * 1024 * 1024;
-
 // Upper bounds well above every released model of these families; they keep a corrupt or
 // hostile config from overflowing the size arithmetic done later with these numbers.
 constexpr int64_t kMaxVocab = int64_t(1) << 22;
@@ -283,6 +281,19 @@ Result<ModelConfig> parse_model_config(const std::string& text, const std::strin
   const Fields top(root, path);
   ModelConfig c;
   KS_ASSIGN_OR_RETURN(c.arch, parse_architecture(top, path));
+  // AWQ, GPTQ and other pre-quantized checkpoints store packed integer tensors under other names;
+  // loading them as floats would convert for minutes and then miss a tensor.
+  if (root.contains("quantization_config")) {
+    const json& q = root["quantization_config"];
+    const std::string method =
+        q.is_object() && q.contains("quant_method") && q["quant_method"].is_string()
+            ? q["quant_method"].get<std::string>()
+            : std::string("unknown");
+    return Status::error(path + ": a pre-quantized checkpoint (quantization_config, quant_method " +
+                         quote_untrusted(method, 40) +
+                         ") is not supported; give the original fp32/fp16/bf16 checkpoint, "
+                         "which Kestrel quantizes itself (--low-bit)");
+  }
 
   KS_RETURN_IF_ERROR(top.integer("vocab_size", c.vocab_size, true));
   KS_RETURN_IF_ERROR(top.integer("hidden_size", c.hidden_size, true));
@@ -395,18 +406,20 @@ std::string model_config_to_json(const ModelConfig& c) {
   return j.dump(2) + "\n";
 }
 
-Result<std::string> read_text_file(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+Result<std::string> read_text_file(const std::string& path, size_t max_bytes) {
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; the type
+  // check below refuses it before any read.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) return Status::error(path + ": cannot open: " + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
     return Status::error(path + ": not a regular file");
   }
-  if (size_t(st.st_size) > kMaxTextFileBytes) {
+  if (uint64_t(st.st_size) > max_bytes) {
     ::close(fd);
-    return Status::error(path + ": " + std::to_string(st.st_size) +
-                         " bytes is larger than the 64 MB limit for a text file");
+    return Status::error(path + ": " + std::to_string(st.st_size) + " bytes is larger than the " +
+                         std::to_string(max_bytes >> 20) + " MiB limit for this file");
   }
   std::string text(size_t(st.st_size), '\0');
   size_t done = 0;
@@ -423,6 +436,13 @@ Result<std::string> read_text_file(const std::string& path) {
   }
   ::close(fd);
   text.resize(done);
+  // JSON, YAML and templates never hold a raw NUL; parsers that stop at one would silently
+  // ignore the rest of the file.
+  const size_t nul = text.find('\0');
+  if (nul != std::string::npos) {
+    return Status::error(path + ": NUL byte at offset " + std::to_string(nul) +
+                         " (not a text file)");
+  }
   return text;
 }
 

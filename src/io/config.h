@@ -66,6 +66,11 @@ Result<ModelConfig> load_model_config(const std::string& dir);
 // config.json text describing `config` (written next to converted models).
 std::string model_config_to_json(const ModelConfig& config);
 
-Result<std::string> read_text_file(const std::string& path);
+// Text files Kestrel reads (configs, tokenizer.json, templates, YAML) are far below this.
+constexpr size_t kMaxTextFileBytes = 64u * 1024 * 1024;
+
+// The whole of a regular file of at most `max_bytes`. FIFOs, devices and directories are refused
+// without blocking on them, and so is text holding a NUL byte.
+Result<std::string> read_text_file(const std::string& path, size_t max_bytes = kMaxTextFileBytes);
 
 }  // namespace kestrel

@@ -1,5 +1,6 @@
 #include "model/loader.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -24,8 +25,6 @@ constexpr const char* kConvertedVersion = "1";
 struct TensorMaker {
   std::function<Result<QuantWeight>(const std::string& name, int64_t rows, int64_t cols)> matrix;
   std::function<Result<Blob>(const std::string& name, int64_t n)> vector;
-  // Whether an optional tensor (the q/k/v biases of a Llama model) is present.
-  std::function<bool(const std::string& name)> has;
 };
 
 Result<Linear> make_linear(TensorMaker& maker, const std::string& name, int64_t rows, int64_t cols,
@@ -53,8 +52,9 @@ Result<ModelWeights> build_weights(const ModelConfig& c, WeightFormat format, in
   w.format = format;
   w.block = is_quantized(format) ? block : 0;
   KS_ASSIGN_OR_RETURN(w.tok_embd, maker.matrix("tok_embd", c.vocab_size, c.hidden_size));
-  // Qwen2 has q/k/v biases; a Llama config with attention_bias has them on o_proj too.
-  const bool qkv_bias = c.attention_bias || maker.has("blk.0.wq.bias");
+  // Qwen2 has q/k/v biases; a Llama config with attention_bias has them on o_proj too. Bias
+  // tensors the config does not ask for are ignored, as transformers ignores them.
+  const bool qkv_bias = c.attention_bias;
   const bool o_bias = c.arch == Architecture::llama && c.attention_bias;
   for (int64_t i = 0; i < c.n_layers; ++i) {
     const std::string p = "blk." + std::to_string(i) + ".";
@@ -90,6 +90,7 @@ int64_t total_matrix_elements(const ModelConfig& c) {
 
 Status check_all_shapes(const ModelConfig& c, WeightFormat format, int block) {
   if (!is_quantized(format)) return Status::ok();
+  KS_RETURN_IF_ERROR(check_block(format, block));
   const std::pair<const char*, int64_t> widths[] = {{"hidden_size", c.hidden_size},
                                                     {"q_dim (heads x head_dim)", c.q_dim()},
                                                     {"intermediate_size", c.intermediate_size}};
@@ -103,6 +104,25 @@ Status check_all_shapes(const ModelConfig& c, WeightFormat format, int block) {
   return Status::ok();
 }
 
+// Whether every one of `n` values of `dtype` at `data` is finite (fp16/bf16 by their exponent).
+bool all_finite(DType dtype, const uint8_t* data, int64_t n) {
+  if (dtype == DType::f32) {
+    for (int64_t i = 0; i < n; ++i) {
+      float v;
+      std::memcpy(&v, data + 4 * i, 4);
+      if (!std::isfinite(v)) return false;
+    }
+    return true;
+  }
+  const uint16_t exponent = dtype == DType::f16 ? 0x7c00 : 0x7f80;
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, data + 2 * i, 2);
+    if ((h & exponent) == exponent) return false;
+  }
+  return true;
+}
+
 // Converts `rows` rows produced by `fill_row` into `format`, in parallel, with progress.
 Result<QuantWeight> quantize_rows(WeightFormat format, int block, int64_t rows, int64_t cols,
                                   ThreadPool& pool, Progress& progress,
@@ -110,14 +130,25 @@ Result<QuantWeight> quantize_rows(WeightFormat format, int block, int64_t rows, 
                                   const std::string& name) {
   KS_RETURN_IF_ERROR(check_weight_shape(format, rows, cols, block, name));
   QuantWeight w = allocate_weight(format, rows, cols, is_quantized(format) ? block : 0);
+  std::atomic<int64_t> bad_row{rows};
   pool.parallel_for(rows, 8, [&](int64_t begin, int64_t end, int) {
     std::vector<float> row(static_cast<size_t>(cols));
     for (int64_t r = begin; r < end; ++r) {
       fill_row(r, row.data());
+      // The conversion reads every value anyway; NaN or Inf would make every logit NaN.
+      if (!all_finite(DType::f32, reinterpret_cast<const uint8_t*>(row.data()), cols)) {
+        int64_t seen = bad_row.load();
+        while (r < seen && !bad_row.compare_exchange_weak(seen, r)) {
+        }
+      }
       quantize_row(w, r, row.data());
     }
     progress.advance((end - begin) * cols);
   });
+  if (bad_row.load() < rows) {
+    return Status::error("tensor '" + name + "' holds NaN or Inf (row " +
+                         std::to_string(bad_row.load()) + "); refusing to load it");
+  }
   return w;
 }
 
@@ -149,6 +180,28 @@ void to_f32(const TensorRef& t, int64_t offset, int64_t n, float* out) {
   }
 }
 
+// NaN or Inf in a weight turns every logit into NaN and every sampled id into 0, silently; the
+// loader refuses it instead, naming the tensor. `rows` x `cols` values, scanned row-parallel.
+Status check_finite(DType dtype, const uint8_t* data, int64_t rows, int64_t cols, ThreadPool& pool,
+                    const std::string& where, const std::string& name) {
+  std::atomic<int64_t> bad_row{rows};
+  const size_t row_bytes = size_t(cols) * (dtype == DType::f32 ? 4 : 2);
+  pool.parallel_for(rows, 64, [&](int64_t begin, int64_t end, int) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (!all_finite(dtype, data + size_t(r) * row_bytes, cols)) {
+        int64_t seen = bad_row.load();
+        while (r < seen && !bad_row.compare_exchange_weak(seen, r)) {
+        }
+        return;
+      }
+    }
+    note_work_done((end - begin) * cols);  // reading a mapped file can be slow, not stalled
+  });
+  if (bad_row.load() == rows) return Status::ok();
+  return Status::error(where + ": tensor '" + name + "' holds NaN or Inf (row " +
+                       std::to_string(bad_row.load()) + "); refusing to load it");
+}
+
 Status check_hf_tensor(const TensorSource& source, const TensorRef& t,
                        const std::vector<int64_t>& shape) {
   if (t.dtype != DType::f32 && t.dtype != DType::f16 && t.dtype != DType::bf16) {
@@ -172,13 +225,29 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
                              const LoadOptions& options, ThreadPool& pool) {
   KS_ASSIGN_OR_RETURN(TensorSource source, TensorSource::open_dir(dir));
   KS_RETURN_IF_ERROR(check_all_shapes(config, options.format, options.block));
+  // Every tensor's presence, dtype and shape first: a bad file fails before minutes of conversion.
+  auto checked = [&](const std::string& name,
+                     const std::vector<int64_t>& shape) -> Result<const TensorRef*> {
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(hf_tensor_name(name)));
+    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, shape));
+    return t;
+  };
+  TensorMaker checker;
+  checker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
+    KS_RETURN_IF_ERROR(checked(name, {rows, cols}).status());
+    return QuantWeight();
+  };
+  checker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
+    KS_RETURN_IF_ERROR(checked(name, {n}).status());
+    return Blob();
+  };
+  KS_RETURN_IF_ERROR(build_weights(config, options.format, options.block, checker).status());
+
   Progress progress("convert to " + std::string(format_name(options.format)),
                     total_matrix_elements(config), options.progress);
   TensorMaker maker;
-  maker.has = [&](const std::string& name) { return source.find(hf_tensor_name(name)) != nullptr; };
   maker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
     KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(hf_tensor_name(name)));
-    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, {rows, cols}));
     const bool same_float = (options.format == WeightFormat::fp32 && t->dtype == DType::f32) ||
                             (options.format == WeightFormat::fp16 && t->dtype == DType::f16) ||
                             (options.format == WeightFormat::bf16 && t->dtype == DType::bf16);
@@ -189,22 +258,33 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
       w.rows = rows;
       w.cols = cols;
       w.data = t->blob();
+      KS_RETURN_IF_ERROR(
+          check_finite(t->dtype, t->data, rows, cols, pool, source.where(), t->name));
       progress.advance(rows * cols);
       return w;
     }
-    return quantize_rows(
+    Result<QuantWeight> w = quantize_rows(
         options.format, options.block, rows, cols, pool, progress,
         [&](int64_t r, float* out) { to_f32(*t, r * cols, cols, out); }, t->name);
+    if (!w.is_ok()) return w.status().with_context(source.where());
+    return w;
   };
   maker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
     KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(hf_tensor_name(name)));
-    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, {n}));
     Blob b = Blob::allocate(size_t(n) * sizeof(float));
     to_f32(*t, 0, n, b.as_mutable<float>());
+    KS_RETURN_IF_ERROR(check_finite(DType::f32, b.data(), 1, n, pool, source.where(), t->name));
     return b;
   };
-  auto weights = build_weights(config, options.format, options.block, maker);
+  Result<ModelWeights> weights = build_weights(config, options.format, options.block, maker);
   progress.finish();
+  if (weights.is_ok() && !config.attention_bias &&
+      source.find("model.layers.0.self_attn.q_proj.bias") != nullptr) {
+    weights->warnings.push_back(
+        source.where() +
+        ": has q/k/v_proj bias tensors but config.json says attention_bias false; they are "
+        "ignored, as transformers ignores them");
+  }
   return weights;
 }
 
@@ -232,7 +312,7 @@ StoredArray stored_data(const QuantWeight& w) {
 }
 
 Result<ModelWeights> load_converted(const std::string& dir, const TensorSource& source,
-                                    const LoadOptions& options) {
+                                    const LoadOptions& options, ThreadPool& pool) {
   const auto& meta = source.metadata();
   auto get_meta = [&](const std::string& key) -> Result<std::string> {
     auto it = meta.find(key);
@@ -249,13 +329,11 @@ Result<ModelWeights> load_converted(const std::string& dir, const TensorSource& 
   KS_ASSIGN_OR_RETURN(std::string format_text, get_meta("kestrel.low_bit"));
   KS_ASSIGN_OR_RETURN(WeightFormat format, parse_format(format_text));
   KS_ASSIGN_OR_RETURN(std::string block_text, get_meta("kestrel.block"));
-  int block = 0;
-  try {
-    block = std::stoi(block_text);
-  } catch (...) {
-    return Status::error(source.where() + ": metadata kestrel.block '" + block_text +
-                         "' is not a number");
+  Result<int> block_parsed = parse_block(block_text, format);
+  if (!block_parsed.is_ok()) {
+    return block_parsed.status().with_context(source.where() + ": metadata kestrel.block");
   }
+  const int block = *block_parsed;
   if (options.format_explicit && options.format != format) {
     return Status::error(dir + " is already converted to " + format_text + "; converting to " +
                          format_name(options.format) + " needs the original HF model");
@@ -273,25 +351,34 @@ Result<ModelWeights> load_converted(const std::string& dir, const TensorSource& 
     return t->blob();
   };
   TensorMaker maker;
-  maker.has = [&](const std::string& name) { return source.find(name) != nullptr; };
   maker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
     QuantWeight w;
     w.format = format;
     w.rows = rows;
     w.cols = cols;
     w.block = is_quantized(format) ? block : 0;
-    KS_ASSIGN_OR_RETURN(w.data, array(name + ".data", stored_data(w)));
-    if (is_quantized(format)) {
+    const StoredArray data = stored_data(w);
+    KS_ASSIGN_OR_RETURN(w.data, array(name + ".data", data));
+    if (!is_quantized(format)) {
+      KS_RETURN_IF_ERROR(check_finite(data.dtype, w.data.data(), rows, cols, pool, source.where(),
+                                      name + ".data"));
+    } else {
       const StoredArray scales{DType::f16, {rows, cols / block}};
       KS_ASSIGN_OR_RETURN(w.scales, array(name + ".scales", scales));
+      KS_RETURN_IF_ERROR(check_finite(DType::f16, w.scales.data(), rows, cols / block, pool,
+                                      source.where(), name + ".scales"));
       if (format == WeightFormat::asym_int4) {
         KS_ASSIGN_OR_RETURN(w.mins, array(name + ".mins", scales));
+        KS_RETURN_IF_ERROR(check_finite(DType::f16, w.mins.data(), rows, cols / block, pool,
+                                        source.where(), name + ".mins"));
       }
     }
     return w;
   };
   maker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
-    return array(name, StoredArray{DType::f32, {n}});
+    KS_ASSIGN_OR_RETURN(Blob b, array(name, StoredArray{DType::f32, {n}}));
+    KS_RETURN_IF_ERROR(check_finite(DType::f32, b.data(), 1, n, pool, source.where(), name));
+    return b;
   };
   return build_weights(config, format, block, maker);
 }
@@ -330,9 +417,6 @@ Result<ModelWeights> make_synthetic(const std::string& name, const LoadOptions& 
   Progress progress("build synthetic:" + name + " " + format_name(options.format),
                     total_matrix_elements(config), options.progress);
   TensorMaker maker;
-  maker.has = [&](const std::string& tensor) {
-    return config.attention_bias && tensor.find(".bias") != std::string::npos;
-  };
   maker.matrix = [&](const std::string& tensor, int64_t rows, int64_t cols) -> Result<QuantWeight> {
     // Every matrix, the embedding included, has std 1/sqrt(fan_in): with tied embeddings a
     // larger table makes each token's own logit dominate and the model repeat its input.
@@ -427,10 +511,30 @@ Result<ModelConfig> synthetic_config(const std::string& name) {
   return c;
 }
 
+Status check_model_source(const std::string& source) {
+  std::error_code ec;
+  if (fs::is_directory(source, ec)) return Status::ok();
+  const std::string supported =
+      "Kestrel loads a Hugging Face directory (config.json + safetensors), a directory written by "
+      "kestrel convert, or synthetic:NAME";
+  char magic[4] = {};
+  if (fs::is_regular_file(source, ec)) {
+    std::ifstream file(source, std::ios::binary);
+    file.read(magic, sizeof(magic));
+  }
+  const bool gguf_name = fs::path(source).extension() == ".gguf";
+  if (gguf_name || std::memcmp(magic, "GGUF", 4) == 0) {
+    return Status::error(source + ": a GGUF file is not supported; " + supported);
+  }
+  if (!fs::exists(source, ec)) return Status::error(source + ": no such directory; " + supported);
+  return Status::error(source + ": not a model directory; " + supported);
+}
+
 Result<ModelConfig> load_model_config_of(const std::string& source) {
   if (source.rfind(kSyntheticPrefix, 0) == 0) {
     return synthetic_config(source.substr(std::string(kSyntheticPrefix).size()));
   }
+  KS_RETURN_IF_ERROR(check_model_source(source));
   return load_model_config(source);
 }
 
@@ -439,21 +543,90 @@ Result<ModelWeights> load_model(const std::string& source, const LoadOptions& op
   if (source.rfind(kSyntheticPrefix, 0) == 0) {
     return make_synthetic(source.substr(std::string(kSyntheticPrefix).size()), options, pool);
   }
-  if (!fs::is_directory(source)) {
-    return Status::error(source + ": not a model directory (or synthetic:NAME)");
-  }
+  KS_RETURN_IF_ERROR(check_model_source(source));
   // A converted model is one model.safetensors carrying Kestrel's metadata.
   const std::string single = (fs::path(source) / "model.safetensors").string();
   if (fs::exists(single) && !fs::exists(fs::path(source) / "model.safetensors.index.json")) {
     KS_ASSIGN_OR_RETURN(TensorSource file, TensorSource::open_file(single));
-    if (is_converted_dir(file)) return load_converted(source, file, options);
+    if (is_converted_dir(file)) return load_converted(source, file, options, pool);
   }
   KS_ASSIGN_OR_RETURN(ModelConfig config, load_model_config(source));
   return load_hf(source, config, options, pool);
 }
 
+namespace {
+
+// Where a conversion to `out_dir` goes first: beside it, so the final rename stays on one file
+// system, and hidden, so nobody mistakes it for a model.
+fs::path partial_dir_of(const fs::path& out_dir) {
+  const fs::path absolute = fs::absolute(out_dir).lexically_normal();
+  fs::path name = absolute.filename();
+  if (name.empty()) name = absolute.parent_path().filename();
+  const fs::path parent =
+      absolute.filename().empty() ? absolute.parent_path().parent_path() : absolute.parent_path();
+  return parent / ("." + name.string() + ".kestrel-partial");
+}
+
+Status write_converted(const ModelWeights& weights, const std::string& source_dir,
+                       const std::string& out_dir);
+
+}  // namespace
+
+Status check_convert_target(const std::string& source_dir, const std::string& out_dir,
+                            bool replace_existing) {
+  std::error_code ec;
+  if (!fs::exists(out_dir, ec)) return Status::ok();
+  if (!fs::is_directory(out_dir, ec)) {
+    return Status::error(out_dir + ": exists and is not a directory");
+  }
+  if (!source_dir.empty() && fs::equivalent(source_dir, out_dir, ec)) {
+    return Status::error(out_dir +
+                         ": is the source model's own directory; converting into it would "
+                         "overwrite the original weights (choose another output directory)");
+  }
+  if (!fs::is_empty(out_dir, ec) && !replace_existing) {
+    return Status::error(out_dir +
+                         ": directory is not empty (choose a new directory, or pass "
+                         "--force to replace it)");
+  }
+  // Replacing OUT_DIR removes it whole: the source must not be inside it.
+  if (!source_dir.empty()) {
+    const fs::path out = fs::weakly_canonical(out_dir, ec);
+    for (fs::path p = fs::weakly_canonical(source_dir, ec); !p.empty() && p != p.parent_path();
+         p = p.parent_path()) {
+      if (p == out) {
+        return Status::error(out_dir + ": holds the source model " + source_dir +
+                             "; replacing it would delete the original weights");
+      }
+    }
+  }
+  return Status::ok();
+}
+
 Status save_converted(const ModelWeights& weights, const std::string& source_dir,
-                      const std::string& out_dir) {
+                      const std::string& out_dir, bool replace_existing) {
+  KS_RETURN_IF_ERROR(check_convert_target(source_dir, out_dir, replace_existing));
+  const fs::path partial = partial_dir_of(out_dir);
+  std::error_code ec;
+  fs::remove_all(partial, ec);
+  Status status = write_converted(weights, source_dir, partial.string());
+  if (status.is_ok() && fs::exists(out_dir, ec)) {
+    // Only now, with the new model complete, does the old directory go.
+    fs::remove_all(out_dir, ec);
+    if (ec) status = Status::error(out_dir + ": cannot replace: " + ec.message());
+  }
+  if (status.is_ok()) {
+    fs::rename(partial, out_dir, ec);
+    if (ec) status = Status::error(out_dir + ": cannot rename into place: " + ec.message());
+  }
+  if (!status.is_ok()) fs::remove_all(partial, ec);
+  return status;
+}
+
+namespace {
+
+Status write_converted(const ModelWeights& weights, const std::string& source_dir,
+                       const std::string& out_dir) {
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) return Status::error(out_dir + ": cannot create directory: " + ec.message());
@@ -521,5 +694,7 @@ Status save_converted(const ModelWeights& weights, const std::string& source_dir
   }
   return Status::ok();
 }
+
+}  // namespace
 
 }  // namespace kestrel

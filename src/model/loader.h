@@ -26,9 +26,15 @@ Result<ModelWeights> load_model(const std::string& source, const LoadOptions& op
 Result<ModelConfig> load_model_config_of(const std::string& source);
 
 // Writes `weights` to OUT_DIR: model.safetensors (Kestrel layout plus metadata), config.json,
-// generation_config.json, and the tokenizer files of `source_dir` when it has them.
+// generation_config.json, and the tokenizer files of `source_dir` when it has them. Everything is
+// written into a temporary sibling directory renamed to OUT_DIR at the end, so an interrupted
+// conversion never leaves a half-written model there. OUT_DIR must not be `source_dir`; an
+// OUT_DIR with files in it is replaced only when `replace_existing`.
+// The checks save_converted makes before writing, to run before a long conversion.
+Status check_convert_target(const std::string& source_dir, const std::string& out_dir,
+                            bool replace_existing);
 Status save_converted(const ModelWeights& weights, const std::string& source_dir,
-                      const std::string& out_dir);
+                      const std::string& out_dir, bool replace_existing = false);
 
 // Synthetic presets: real architecture configs, seeded random weights.
 std::vector<std::string> synthetic_names();

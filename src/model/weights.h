@@ -42,6 +42,8 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
   Vector output_norm;  // [hidden]
   Linear output;       // [vocab, hidden]; shares tok_embd's storage when embeddings are tied
+  // What the loader noticed and went past (tensors the config does not use), for the user.
+  std::vector<std::string> warnings;
 
   // Bytes of weights streamed by one decode step (every linear once, plus one embedding row).
   size_t decode_bytes() const;

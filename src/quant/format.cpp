@@ -24,6 +24,7 @@
 #include <cstring>
 
 #include "core/half.h"
+#include "core/quote.h"
 
 namespace kestrel {
 
@@ -152,6 +153,22 @@ Result<WeightFormat> parse_format(const std::string& name) {
                        "' (expected sym_int4, asym_int4, sym_int8, fp16, bf16 or fp32)");
 }
 
+Status check_block(WeightFormat format, int block) {
+  if (!is_quantized(format) || block == 32 || block == 64) return Status::ok();
+  return Status::error(std::string(format_name(format)) + " needs block 32 or 64, got " +
+                       std::to_string(block));
+}
+
+Result<int> parse_block(const std::string& text, WeightFormat format) {
+  if (!is_quantized(format)) {
+    if (text == "0") return 0;
+    return Status::error("block " + quote_untrusted(text, 40) + " is not 0, as " +
+                         format_name(format) + " has no blocks");
+  }
+  if (text == "32" || text == "64") return std::stoi(text);
+  return Status::error("block " + quote_untrusted(text, 40) + " is neither 32 nor 64");
+}
+
 double data_bytes_per_weight(WeightFormat format) {
   switch (format) {
     case WeightFormat::fp32:
@@ -180,10 +197,7 @@ Status check_weight_shape(WeightFormat format, int64_t rows, int64_t cols, int b
   }
   // Float formats have no blocks; whatever block the caller configured does not apply to them.
   if (!is_quantized(format)) return Status::ok();
-  if (block != 32 && block != 64) {
-    return Status::error(what + ": " + format_name(format) + " needs block 32 or 64, got " +
-                         std::to_string(block));
-  }
+  KS_RETURN_IF_ERROR(check_block(format, block).with_context(what));
   if (cols % block != 0) {
     return Status::error(what + ": shape " + shape_string(rows, cols) + " cannot be stored as " +
                          format_name(format) + " with block " + std::to_string(block) + ": cols (" +

@@ -32,6 +32,11 @@ namespace kestrel {
 inline bool is_quantized(WeightFormat f) {
   return f == WeightFormat::sym_int8 || f == WeightFormat::sym_int4 || f == WeightFormat::asym_int4;
 }
+// Quantized formats keep one scale per `block` weights of a row: 32 or 64.
+Status check_block(WeightFormat format, int block);
+// A block written as text (a converted model's metadata): exactly "32" or "64" for quantized
+// formats, "0" for float formats.
+Result<int> parse_block(const std::string& text, WeightFormat format);
 // Bytes of the `data` array per weight (0.5 for int4).
 double data_bytes_per_weight(WeightFormat format);
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "backend/backend.h"
@@ -11,6 +12,7 @@
 #include "model/forward.h"
 #include "model/loader.h"
 #include "model/weights.h"
+#include "runtime/planner.h"
 #include "sample/beam.h"
 
 namespace kestrel {
@@ -19,6 +21,29 @@ namespace {
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
+// Refuses a reservation larger than the memory it would come from, before allocating any of it:
+// a huge context must fail with its numbers, not with std::bad_alloc or the OOM killer.
+Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
+                              const RunShape& shape) {
+  Result<WorkspaceLayout> layout = backend.reserve_layout(config, shape);
+  if (!layout.is_ok()) return Status::ok();  // a backend that cannot tell checks for itself
+  size_t available = backend.free_memory();
+  std::string where = "free device memory";
+  if (available == 0) {
+    Result<size_t> host = host_available_memory();
+    if (!host.is_ok()) return Status::ok();
+    available = *host;
+    where = "MemAvailable of the host";
+  }
+  const size_t needed = layout->total_bytes();
+  if (needed <= available) return Status::ok();
+  return Status::error("the KV cache (" + format_bytes(layout->kv_cache_bytes()) + " for " +
+                       std::to_string(shape.max_seqs) + " sequences x " +
+                       std::to_string(shape.max_context) + " positions) and workspace need " +
+                       format_bytes(needed) + " but only " + format_bytes(available) +
+                       " is free (" + where + "); lower the context length (-c)");
+}
+
 }  // namespace
 
 int32_t argmax(const float* values, int64_t n) {
@@ -54,8 +79,16 @@ ModelInfo Engine::info() const {
   info.backend = backend_->name();
   return info;
 }
+namespace {
+Status check_threads(int threads) {
+  if (threads >= 0 && threads <= kMaxThreads) return Status::ok();
+  return Status::error("threads must be between 0 (all) and " + std::to_string(kMaxThreads) +
+                       ", got " + std::to_string(threads));
+}
+}  // namespace
 
 Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
+  KS_RETURN_IF_ERROR(check_threads(options.threads));
   KS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
                       make_backend(options.device, options.threads));
   return create(options, std::move(backend));
@@ -66,6 +99,7 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
   const auto start = std::chrono::steady_clock::now();
   std::unique_ptr<Engine> engine(new Engine());
   engine->options_ = options;
+  KS_RETURN_IF_ERROR(check_threads(options.threads));
   if (options.max_seqs <= 0) return Status::error("max sequences must be positive");
   if (options.prefill_chunk <= 0) return Status::error("prefill chunk must be positive");
   if (backend == nullptr) return Status::error("engine needs a backend");
@@ -104,6 +138,12 @@ Status Engine::reserve(const RunShape& shape) {
     return Status::error(
         "run shape needs positive sequences, context, batch tokens and logit rows");
   }
+  if (shape.max_context > std::numeric_limits<int32_t>::max()) {
+    return Status::error("context length " + std::to_string(shape.max_context) +
+                         " is past the limit of " +
+                         std::to_string(std::numeric_limits<int32_t>::max()) + " positions");
+  }
+  KS_RETURN_IF_ERROR(check_reservation_fits(*backend_, config(), shape));
   KS_RETURN_IF_ERROR(backend_->reserve(config(), shape));
   run_shape_ = shape;
   max_context_ = shape.max_context;

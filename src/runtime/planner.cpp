@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "io/safetensors.h"
 #include "model/loader.h"
@@ -50,12 +52,11 @@ Status read_converted_format(const TensorSource& source, WeightSpec& spec, bool*
                          kConvertedFormatKey + " or " + kConvertedBlockKey);
   }
   KS_ASSIGN_OR_RETURN(spec.format, parse_format(format_it->second));
-  try {
-    spec.block = std::stoi(block_it->second);
-  } catch (...) {
-    return Status::error(source.where() + ": metadata " + kConvertedBlockKey + " '" +
-                         block_it->second + "' is not a number");
+  Result<int> block = parse_block(block_it->second, spec.format);
+  if (!block.is_ok()) {
+    return block.status().with_context(source.where() + ": metadata " + kConvertedBlockKey);
   }
+  spec.block = *block;
   return Status::ok();
 }
 
@@ -74,9 +75,6 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
   if (source.rfind(kSyntheticPrefix, 0) == 0) {
     spec.qkv_bias = spec.config.attention_bias;
   } else {
-    if (!std::filesystem::is_directory(source)) {
-      return Status::error(source + ": not a model directory (or synthetic:NAME)");
-    }
     // Only the headers are parsed; the tensor data stays unread in the mapping.
     KS_ASSIGN_OR_RETURN(TensorSource tensors, TensorSource::open_dir(source));
     bool converted = false;
@@ -86,8 +84,7 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
                            "; converting to " + format_name(format) +
                            " needs the original HF model");
     }
-    const char* bias_name = converted ? "blk.0.wq.bias" : "model.layers.0.self_attn.q_proj.bias";
-    spec.qkv_bias = spec.config.attention_bias || tensors.find(bias_name) != nullptr;
+    spec.qkv_bias = spec.config.attention_bias;
   }
   // As model/loader.cpp decides it: HF's LlamaAttention puts the bias on o_proj too.
   spec.o_bias = spec.config.arch == Architecture::llama && spec.config.attention_bias;
@@ -223,6 +220,21 @@ Result<MemoryPlan> plan_memory(const PlanInputs& in, const MemoryBudget& budget,
     }
     chunk = std::max(chunk / 2, kMinPrefillChunk);
   }
+}
+
+Result<size_t> host_available_memory() {
+  std::ifstream file("/proc/meminfo");
+  if (!file) return Status::error("/proc/meminfo: cannot read (needed for free host memory)");
+  std::string line;
+  while (std::getline(file, line)) {
+    if (line.rfind("MemAvailable:", 0) != 0) continue;
+    std::istringstream fields(line.substr(13));
+    uint64_t kib = 0;
+    std::string unit;
+    if (!(fields >> kib >> unit) || unit != "kB") break;
+    return size_t(kib) * 1024;
+  }
+  return Status::error("/proc/meminfo: no MemAvailable line (needed for free host memory)");
 }
 
 }  // namespace kestrel

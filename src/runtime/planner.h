@@ -101,6 +101,10 @@ using LayoutOf = std::function<Result<WorkspaceLayout>(const RunShape& shape)>;
 Result<MemoryPlan> plan_memory(const PlanInputs& inputs, const MemoryBudget& budget,
                                const LayoutOf& layout_of);
 
+// Bytes of memory the host could give this process now (MemAvailable of /proc/meminfo): the
+// engine checks host reservations against it, the benchmark plans with it.
+Result<size_t> host_available_memory();
+
 // "1.50 GB", "12.3 MB", "512 kB" (decimal units, as the benchmark's columns).
 std::string format_bytes(size_t bytes);
 

@@ -79,6 +79,7 @@ Result<TextGenerationStats> TextSession::generate(
   }
 
   bool first = true;
+  bool interrupted = false;
   while (!stop.done()) {
     stop.suppress_eos(logits);
     const int32_t token = sampler.sample(logits, history);
@@ -88,6 +89,7 @@ Result<TextGenerationStats> TextSession::generate(
       first = false;
     }
     history.push_back(token);
+    stats.tokens.push_back(token);
     ++stats.generated_tokens;
     const StopReason reason = stop.add(token, decoder.feed(token));
     if (on_text) {
@@ -95,6 +97,10 @@ Result<TextGenerationStats> TextSession::generate(
       if (!ready.empty()) on_text(ready);
     }
     if (reason != StopReason::none || stop.done()) break;
+    if (params.interrupt != nullptr && params.interrupt->load()) {
+      interrupted = true;
+      break;
+    }
     Batch batch;
     batch.add(token, int32_t(history.size() - 1), 0, true);
     KS_RETURN_IF_ERROR(engine_.run(batch, &logits));
@@ -111,7 +117,9 @@ Result<TextGenerationStats> TextSession::generate(
     stats.text += tail;
   }
   if (on_text && !rest.empty()) on_text(rest);
-  stats.stop_reason = stop.reason() == StopReason::none ? StopReason::max_tokens : stop.reason();
+  stats.stop_reason = interrupted                         ? StopReason::interrupted
+                      : stop.reason() == StopReason::none ? StopReason::max_tokens
+                                                          : stop.reason();
   return stats;
 }
 

@@ -2,6 +2,7 @@
 // of an Engine. `kestrel run -p` and `kestrel chat` are thin layers over this.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -20,6 +21,8 @@ struct TextGenerationParams {
   int64_t min_new_tokens = 0;
   std::vector<std::string> stop_strings;
   bool stop_at_eos = true;  // eos ids from generation_config.json
+  // Set by another thread or a signal handler (Ctrl-C): generation stops after the current token.
+  const std::atomic<bool>* interrupt = nullptr;
 };
 
 struct TextGenerationStats {
@@ -29,7 +32,8 @@ struct TextGenerationStats {
   double prefill_seconds = 0;  // prefill through the first token's logits
   double decode_seconds = 0;   // later steps
   StopReason stop_reason = StopReason::none;
-  std::string text;  // the generated text (stop string excluded)
+  std::string text;             // the generated text (stop string excluded)
+  std::vector<int32_t> tokens;  // every generated id; the last is not in the cache
 };
 
 // One conversation on sequence slot 0 of `engine`. It remembers which tokens its KV cache holds,

@@ -39,11 +39,16 @@ class Watchdog {
 
   // Starts watching `step`; it must end (disarm) within `deadline_s` seconds.
   void arm(const std::string& step, double deadline_s);
+  // Starts watching `step`, a long job that counts its work (work_done() of core/progress.h):
+  // it fails only when the count stands still for `stall_s` seconds, however long the whole job
+  // takes. Disks and networks vary by 10x, so a load's total time is no deadline.
+  void arm_until_stall(const std::string& step, double stall_s);
   // Stops watching; an error naming the step and both times when it outlived its deadline.
   Status disarm();
 
  private:
   void watch();
+  void start(const std::string& step, double deadline_s, bool stall_mode);
 
   using Clock = std::chrono::steady_clock;
   HangHandler on_hang_;
@@ -55,8 +60,14 @@ class Watchdog {
   bool hang_reported_ = false;
   uint64_t generation_ = 0;  // counts arm() calls so the thread can tell steps apart
   std::string step_;
-  double deadline_s_ = 0;
+  double deadline_s_ = 0;  // until the end, or (stall mode) between two advances of the work
   Clock::time_point start_;
+  bool stall_mode_ = false;
+  uint64_t last_work_ = 0;           // work_done() when last seen to change
+  Clock::time_point last_progress_;  // when that was
+  double longest_stall_s_ = 0;       // longest time the work stood still in this step
+  // Stall mode: samples work_done(); returns how long it has stood still.
+  double sample_work(Clock::time_point now);
   std::thread thread_;
 };
 

@@ -16,6 +16,8 @@ const char* stop_reason_name(StopReason reason) {
       return "stop_string";
     case StopReason::max_tokens:
       return "max_tokens";
+    case StopReason::interrupted:
+      return "interrupted";
   }
   return "unknown";
 }

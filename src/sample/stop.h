@@ -27,7 +27,8 @@ struct StopConditions {
   int64_t min_new_tokens = 0;
 };
 
-enum class StopReason : uint8_t { none, eos, stop_string, max_tokens };
+// interrupted: the caller asked generation to stop (Ctrl-C in a chat).
+enum class StopReason : uint8_t { none, eos, stop_string, max_tokens, interrupted };
 
 const char* stop_reason_name(StopReason reason);
 

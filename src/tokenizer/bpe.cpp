@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/quote.h"
 #include "tokenizer/unicode.h"
 
 namespace kestrel {
@@ -139,7 +140,7 @@ Result<std::unique_ptr<BpeModel>> BpeModel::from_json(const nlohmann::json& mode
   if (!model.is_object()) return Status::error("\"model\" is not an object");
   const std::string type = model.value("type", std::string("BPE"));
   if (type != "BPE") {
-    return Status::error("model type \"" + type + "\" is not supported (only BPE)");
+    return Status::error("model type " + quote_untrusted(type) + " is not supported (only BPE)");
   }
   auto null_or = [&](const char* key, auto pred) {
     return !model.contains(key) || model[key].is_null() || pred(model[key]);
@@ -168,9 +169,14 @@ Result<std::unique_ptr<BpeModel>> BpeModel::from_json(const nlohmann::json& mode
   const json& vocab = model["vocab"];
   int32_t max_id = -1;
   for (const auto& [token, id] : vocab.items()) {
-    if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
-        id.get<int64_t>() > std::numeric_limits<int32_t>::max() / 2) {
-      return Status::error("vocab entry \"" + token + "\" has an invalid id");
+    if (!id.is_number_integer() || id.get<int64_t>() < 0) {
+      return Status::error("vocab entry " + quote_untrusted(token) + " has an invalid id");
+    }
+    // Ids index dense tables, so one huge id would cost memory for every id below it.
+    if (id.get<int64_t>() >= kMaxTokenIds) {
+      return Status::error("vocab entry " + quote_untrusted(token) + " has id " +
+                           std::to_string(id.get<int64_t>()) + ", past the limit of " +
+                           std::to_string(kMaxTokenIds) + " token ids");
     }
     max_id = std::max(max_id, id.get<int32_t>());
   }
@@ -217,8 +223,8 @@ Result<std::unique_ptr<BpeModel>> BpeModel::from_json(const nlohmann::json& mode
       if (line.starts_with("#version")) continue;  // header line of merges.txt files
       const size_t space = line.find(' ');
       if (space == std::string::npos || line.find(' ', space + 1) != std::string::npos) {
-        return Status::error("merge " + std::to_string(i) + " (\"" + line +
-                             "\") is not two tokens separated by one space");
+        return Status::error("merge " + std::to_string(i) + " (" + quote_untrusted(line) +
+                             ") is not two tokens separated by one space");
       }
       left = line.substr(0, space);
       right = line.substr(space + 1);
@@ -234,8 +240,8 @@ Result<std::unique_ptr<BpeModel>> BpeModel::from_json(const nlohmann::json& mode
     left.resize(left.size() - right.size());
     if (a < 0 || b < 0 || merged < 0) {
       const std::string& missing = a < 0 ? left : b < 0 ? right : left + right;
-      return Status::error("merge " + std::to_string(i) + " uses \"" + missing +
-                           "\", which is not in the vocab");
+      return Status::error("merge " + std::to_string(i) + " uses " + quote_untrusted(missing) +
+                           ", which is not in the vocab");
     }
     bpe->add_merge(a, b, rank++, merged);
   }

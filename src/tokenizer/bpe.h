@@ -49,6 +49,9 @@ class StringIdMap {
   size_t size_ = 0;
 };
 
+// Vocabulary ids are below this (4M, far above every released vocabulary of ~256k).
+constexpr int64_t kMaxTokenIds = int64_t(1) << 22;
+
 class BpeModel {
  public:
   // Parses tokenizer.json's "model" object. Only what byte-level BPE needs is accepted: no

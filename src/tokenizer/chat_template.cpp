@@ -4,30 +4,13 @@
 #include <fstream>
 #include <sstream>
 
+#include "io/config.h"
 #include "tokenizer/jinja_ast.h"
 #include "tokenizer/jinja_interp.h"
 #include "tokenizer/jinja_value.h"
 
 namespace kestrel {
 namespace {
-
-constexpr uintmax_t kMaxConfigBytes = 64u << 20;
-
-Result<std::string> read_file(const std::filesystem::path& path) {
-  std::error_code ec;
-  const uintmax_t size = std::filesystem::file_size(path, ec);
-  if (ec) return Status::error(path.string() + ": cannot read: " + ec.message());
-  if (size > kMaxConfigBytes) {
-    return Status::error(path.string() + ": file is too large (" + std::to_string(size) +
-                         " bytes)");
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Status::error(path.string() + ": cannot open");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return Status::error(path.string() + ": read error");
-  return ss.str();
-}
 
 // A special token as tokenizer_config.json writes it: a string, or an AddedToken object
 // {"content": "...", ...}; null when unset.
@@ -89,10 +72,13 @@ Result<ChatTemplateConfig> load_chat_template(const std::string& path, const std
   fs::path config_path = path;
   std::optional<std::string> jinja_file_text;
   std::error_code ec;
+  // Given the tokenizer.json (as --tokenizer takes it), the template sits beside it.
+  if (config_path.filename() == "tokenizer.json") config_path = config_path.parent_path();
+  if (config_path.empty()) config_path = ".";
   if (fs::is_directory(config_path, ec)) {
     const fs::path jinja_path = config_path / "chat_template.jinja";
     if (fs::exists(jinja_path, ec)) {
-      KS_ASSIGN_OR_RETURN(std::string text, read_file(jinja_path));
+      KS_ASSIGN_OR_RETURN(std::string text, read_text_file(jinja_path.string()));
       jinja_file_text = std::move(text);
     }
     config_path /= "tokenizer_config.json";
@@ -100,7 +86,7 @@ Result<ChatTemplateConfig> load_chat_template(const std::string& path, const std
   ChatTemplateConfig config;
   nlohmann::ordered_json j = nlohmann::ordered_json::object();
   if (!jinja_file_text || fs::exists(config_path, ec)) {
-    KS_ASSIGN_OR_RETURN(std::string text, read_file(config_path));
+    KS_ASSIGN_OR_RETURN(std::string text, read_text_file(config_path.string()));
     j = nlohmann::ordered_json::parse(text, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded() || !j.is_object()) {
       return Status::error(config_path.string() + ": not a JSON object");

@@ -95,6 +95,7 @@ struct Expr {
   std::vector<ExprPtr> children;
   std::vector<Op> compare_ops;
   std::vector<std::pair<std::string, ExprPtr>> kwargs;
+  int height = 1;  // levels from here to the deepest leaf (set by the parser)
 };
 
 struct Node;

@@ -206,7 +206,7 @@ Result<std::string> py_replace(Interpreter& in, const std::string& s, const std:
         ++done;
       }
       append_utf8(out, c);
-      KS_RETURN_IF_ERROR(in.check_string_size(out.size()));
+      KS_RETURN_IF_ERROR(in.check_growing_size(out.size()));
     }
     if (count < 0 || done < count) out += repl;
     KS_RETURN_IF_ERROR(in.check_string_size(out.size()));
@@ -221,7 +221,7 @@ Result<std::string> py_replace(Interpreter& in, const std::string& s, const std:
     out += repl;
     start = p + old.size();
     ++done;
-    if (repl.size() > old.size()) KS_RETURN_IF_ERROR(in.check_string_size(out.size()));
+    if (repl.size() > old.size()) KS_RETURN_IF_ERROR(in.check_growing_size(out.size()));
   }
   out.append(s, start, std::string::npos);
   KS_RETURN_IF_ERROR(in.check_string_size(out.size()));
@@ -469,8 +469,9 @@ Result<Value> m_join(Interpreter& in, const Value& self, CallArgs& a) {
     }
     if (i) out += self.as_string();
     out += items[i].as_string();
-    KS_RETURN_IF_ERROR(in.check_string_size(out.size()));
+    KS_RETURN_IF_ERROR(in.check_growing_size(out.size()));
   }
+  KS_RETURN_IF_ERROR(in.check_string_size(out.size()));
   return Value::string(std::move(out));
 }
 
@@ -1034,8 +1035,9 @@ Result<Value> f_join(Interpreter& in, const Value& v, CallArgs& a) {
     }
     if (i) out += sep;
     out += soft_str(item);
-    KS_RETURN_IF_ERROR(in.check_string_size(out.size()));
+    KS_RETURN_IF_ERROR(in.check_growing_size(out.size()));
   }
+  KS_RETURN_IF_ERROR(in.check_string_size(out.size()));
   return Value::string(std::move(out));
 }
 
@@ -1213,6 +1215,7 @@ Result<Value> f_tojson(Interpreter& in, const Value& v, CallArgs& a) {
     KS_ASSIGN_OR_RETURN(fmt.key_separator, want_string(b[2]->as_list().items[1], "separator"));
   }
   fmt.sort_keys = b[3] && truthy(*b[3]);
+  fmt.max_bytes = in.limits().max_output_bytes;
   KS_ASSIGN_OR_RETURN(std::string json, to_json(v, fmt));
   KS_RETURN_IF_ERROR(in.check_string_size(json.size()));
   return Value::string(std::move(json));

@@ -467,11 +467,16 @@ Status Interpreter::charge_iteration() {
   return Status::ok();
 }
 
-Status Interpreter::check_string_size(uint64_t bytes) {
+Status Interpreter::check_growing_size(uint64_t bytes) const {
   if (bytes > limits_.max_output_bytes) {
     return Status::error("a string of " + std::to_string(bytes) + " bytes exceeds the limit of " +
                          std::to_string(limits_.max_output_bytes) + " bytes");
   }
+  return Status::ok();
+}
+
+Status Interpreter::check_string_size(uint64_t bytes) {
+  KS_RETURN_IF_ERROR(check_growing_size(bytes));
   return charge_work(bytes);
 }
 

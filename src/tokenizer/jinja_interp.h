@@ -58,6 +58,10 @@ class Interpreter {
   Status charge_iteration();
   // A string value about to be built of `bytes` bytes: within the limits?
   Status check_string_size(uint64_t bytes);
+  // A string being built piece by piece has reached `bytes`: within the size limit? Charges no
+  // work (charging each partial size would count the string quadratically); the finished string
+  // goes through check_string_size once.
+  Status check_growing_size(uint64_t bytes) const;
   // Refuses values nested deeper than kMaxValueDepth.
   Status check_value(const Value& v) const;
 

@@ -198,8 +198,10 @@ class Lexer {
       if (sign == '-') {
         text_end = rstrip_end(src_, pos_, tag);
       } else if (sign != '+' && kind != '{') {
-        size_t line_start = src_.rfind('\n', tag == 0 ? 0 : tag - 1);
-        line_start = (line_start == std::string::npos || line_start < pos_) ? pos_ : line_start + 1;
+        // Back to the line's start, but no further than the text not yet emitted: searching the
+        // whole line would make a line of many tags quadratic.
+        size_t line_start = tag;
+        while (line_start > pos_ && src_[line_start - 1] != '\n') --line_start;
         const bool at_line_start = line_start > pos_ || line_starting_;
         bool only_blanks = true;
         for (size_t i = line_start; i < tag; ++i) {

@@ -13,6 +13,11 @@ namespace {
 // Deeper nesting than this is refused so that neither the parser nor the evaluator (which
 // recurses along the same tree) can exhaust the stack on hostile input.
 constexpr int kMaxParseDepth = 200;
+// Every visitor after the parser (evaluation, the tree's destructor) recurses once per level of
+// an expression tree. Nesting is bounded by kMaxParseDepth as it is parsed, but chains
+// (a + b + c ..., x|f|g ..., a.b.c ...) are parsed in loops and grow a tree as tall as they are
+// long, so the tree's height is bounded too, link by link.
+constexpr int kMaxExprHeight = 500;
 
 class Parser {
  public:
@@ -114,6 +119,23 @@ class Parser {
     std::string name = cur().text;
     next();
     return name;
+  }
+
+  // Sets e's height from its children; an error once it passes kMaxExprHeight.
+  Result<ExprPtr> sealed(ExprPtr e) {
+    int below = 0;
+    for (const ExprPtr& child : e->children) {
+      if (child) below = std::max(below, child->height);
+    }
+    for (const auto& [name, value] : e->kwargs) {
+      if (value) below = std::max(below, value->height);
+    }
+    e->height = below + 1;
+    if (e->height > kMaxExprHeight) {
+      return error_at(e->line, "expression nests too deeply (more than " +
+                                   std::to_string(kMaxExprHeight) + " levels, chains included)");
+    }
+    return e;
   }
 
   ExprPtr make(ExprKind kind, int line) {
@@ -454,7 +476,8 @@ class Parser {
   Result<ExprPtr> parse_expression(bool with_condexpr) {
     DepthGuard guard(depth_);
     if (guard.exceeded()) return error("expression nests too deeply");
-    return with_condexpr ? parse_condexpr() : parse_or();
+    KS_ASSIGN_OR_RETURN(ExprPtr e, with_condexpr ? parse_condexpr() : parse_or());
+    return sealed(std::move(e));
   }
 
   Result<ExprPtr> parse_condexpr() {
@@ -476,7 +499,7 @@ class Parser {
       c->children.push_back(std::move(expr));
       c->children.push_back(std::move(cond));
       c->children.push_back(std::move(otherwise));
-      expr = std::move(c);
+      KS_ASSIGN_OR_RETURN(expr, sealed(std::move(c)));
     }
     return expr;
   }
@@ -490,7 +513,7 @@ class Parser {
       ExprPtr e = make(ExprKind::logical_or, line);
       e->children.push_back(std::move(left));
       e->children.push_back(std::move(right));
-      left = std::move(e);
+      KS_ASSIGN_OR_RETURN(left, sealed(std::move(e)));
     }
     return left;
   }
@@ -504,7 +527,7 @@ class Parser {
       ExprPtr e = make(ExprKind::logical_and, line);
       e->children.push_back(std::move(left));
       e->children.push_back(std::move(right));
-      left = std::move(e);
+      KS_ASSIGN_OR_RETURN(left, sealed(std::move(e)));
     }
     return left;
   }
@@ -519,7 +542,7 @@ class Parser {
       ExprPtr e = make(ExprKind::unary, line);
       e->op = Op::logical_not;
       e->children.push_back(std::move(operand));
-      return e;
+      return sealed(std::move(e));
     }
     return parse_compare();
   }
@@ -559,7 +582,7 @@ class Parser {
       cmp->compare_ops.push_back(op);
       cmp->children.push_back(std::move(operand));
     }
-    if (cmp) return cmp;
+    if (cmp) return sealed(std::move(cmp));
     return first;
   }
 
@@ -578,7 +601,7 @@ class Parser {
       const int line = cur().line;
       next();
       KS_ASSIGN_OR_RETURN(ExprPtr right, parse_concat());
-      left = binary(op, std::move(left), std::move(right), line);
+      KS_ASSIGN_OR_RETURN(left, sealed(binary(op, std::move(left), std::move(right), line)));
     }
     return left;
   }
@@ -589,7 +612,8 @@ class Parser {
       const int line = cur().line;
       next();
       KS_ASSIGN_OR_RETURN(ExprPtr right, parse_math2());
-      left = binary(Op::concat, std::move(left), std::move(right), line);
+      KS_ASSIGN_OR_RETURN(left,
+                          sealed(binary(Op::concat, std::move(left), std::move(right), line)));
     }
     return left;
   }
@@ -602,7 +626,7 @@ class Parser {
       const int line = cur().line;
       next();
       KS_ASSIGN_OR_RETURN(ExprPtr right, parse_pow());
-      left = binary(op, std::move(left), std::move(right), line);
+      KS_ASSIGN_OR_RETURN(left, sealed(binary(op, std::move(left), std::move(right), line)));
     }
     return left;
   }
@@ -613,7 +637,7 @@ class Parser {
       const int line = cur().line;
       next();
       KS_ASSIGN_OR_RETURN(ExprPtr right, parse_unary(true));
-      left = binary(Op::pow, std::move(left), std::move(right), line);
+      KS_ASSIGN_OR_RETURN(left, sealed(binary(Op::pow, std::move(left), std::move(right), line)));
     }
     return left;
   }
@@ -633,6 +657,7 @@ class Parser {
     } else {
       KS_ASSIGN_OR_RETURN(node, parse_primary());
     }
+    KS_ASSIGN_OR_RETURN(node, sealed(std::move(node)));
     KS_ASSIGN_OR_RETURN(node, parse_postfix(std::move(node)));
     if (with_filter) {
       KS_ASSIGN_OR_RETURN(node, parse_filter_expr(std::move(node)));
@@ -736,6 +761,7 @@ class Parser {
       } else {
         return node;
       }
+      KS_ASSIGN_OR_RETURN(node, sealed(std::move(node)));
     }
   }
 
@@ -751,6 +777,7 @@ class Parser {
       } else {
         return node;
       }
+      KS_ASSIGN_OR_RETURN(node, sealed(std::move(node)));
     }
   }
 

@@ -321,9 +321,9 @@ std::string repr_string(const std::string& s) {
   return out;
 }
 
-void append_repr(std::string& out, const Value& v);
+void append_repr(std::string& out, const Value& v, size_t max);
 
-void append_str(std::string& out, const Value& v) {
+void append_str(std::string& out, const Value& v, size_t max) {
   switch (v.kind()) {
     case Value::Kind::undefined:
       return;
@@ -331,11 +331,14 @@ void append_str(std::string& out, const Value& v) {
       out += v.as_string();
       return;
     default:
-      append_repr(out, v);
+      append_repr(out, v, max);
   }
 }
 
-void append_repr(std::string& out, const Value& v) {
+void append_repr(std::string& out, const Value& v, size_t max) {
+  // Values share their lists, so a small value can stand for an enormous text ([x, x] nested 60
+  // times): stop once past `max`, which the caller's size check then refuses.
+  if (out.size() > max) return;
   switch (v.kind()) {
     case Value::Kind::undefined:
       out += "Undefined";
@@ -365,7 +368,7 @@ void append_repr(std::string& out, const Value& v) {
       out += l.is_tuple ? '(' : '[';
       for (size_t i = 0; i < l.items.size(); ++i) {
         if (i) out += ", ";
-        append_repr(out, l.items[i]);
+        append_repr(out, l.items[i], max);
       }
       if (l.is_tuple && l.items.size() == 1) out += ',';
       out += l.is_tuple ? ')' : ']';
@@ -377,9 +380,9 @@ void append_repr(std::string& out, const Value& v) {
       out += '{';
       for (size_t i = 0; i < d.entries.size(); ++i) {
         if (i) out += ", ";
-        append_repr(out, d.entries[i].first);
+        append_repr(out, d.entries[i].first, max);
         out += ": ";
-        append_repr(out, d.entries[i].second);
+        append_repr(out, d.entries[i].second, max);
       }
       out += '}';
       return;
@@ -391,7 +394,7 @@ void append_repr(std::string& out, const Value& v) {
         if (i) out += ", ";
         out += repr_string(attrs[i].first);
         out += ": ";
-        append_repr(out, attrs[i].second);
+        append_repr(out, attrs[i].second, max);
       }
       out += "}>";
       return;
@@ -404,15 +407,15 @@ void append_repr(std::string& out, const Value& v) {
 
 }  // namespace
 
-std::string to_str(const Value& v) {
+std::string to_str(const Value& v, size_t max_bytes) {
   std::string out;
-  append_str(out, v);
+  append_str(out, v, max_bytes);
   return out;
 }
 
-std::string repr(const Value& v) {
+std::string repr(const Value& v, size_t max_bytes) {
   std::string out;
-  append_repr(out, v);
+  append_repr(out, v, max_bytes);
   return out;
 }
 
@@ -617,6 +620,10 @@ Result<std::string> json_key(const Value& k) {
 }
 
 Status append_json(std::string& out, const Value& v, const JsonFormat& fmt, int level) {
+  if (out.size() > fmt.max_bytes) {
+    return Status::error("tojson(): the JSON text is longer than " + std::to_string(fmt.max_bytes) +
+                         " bytes");
+  }
   auto newline = [&](int lvl) {
     out.push_back('\n');
     for (int i = 0; i < lvl; ++i) out += fmt.indent_unit;

@@ -171,9 +171,12 @@ bool truthy(const Value& v);
 // Python's type name, as used in its error messages ("str", "NoneType", ...).
 std::string type_name(const Value& v);
 // Python's str(): what `{{ v }}` prints. Undefined prints as nothing.
-std::string to_str(const Value& v);
+// Text of values beyond this size is cut off there; every caller's own size limit is smaller
+// and refuses it.
+constexpr size_t kMaxValueTextBytes = 64u << 20;
+std::string to_str(const Value& v, size_t max_bytes = kMaxValueTextBytes);
 // Python's repr().
-std::string repr(const Value& v);
+std::string repr(const Value& v, size_t max_bytes = kMaxValueTextBytes);
 // Python's repr() of a float: the shortest string that round-trips ("0.1", "1e-05", "1e+16").
 std::string float_repr(double f);
 // Python's == (1 == 1.0 == True; lists and tuples never equal each other).
@@ -187,7 +190,8 @@ struct JsonFormat {
   std::string item_separator = ", ";
   std::string key_separator = ": ";
   bool sort_keys = false;
-  bool ensure_ascii = false;  // escape non-ASCII as \uXXXX
+  bool ensure_ascii = false;              // escape non-ASCII as \uXXXX
+  size_t max_bytes = kMaxValueTextBytes;  // an error past this
 };
 // json.dumps(v, ensure_ascii=False, ...) as transformers' `tojson` filter calls it.
 Result<std::string> to_json(const Value& v, const JsonFormat& format);

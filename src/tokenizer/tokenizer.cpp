@@ -10,6 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/quote.h"
+#include "io/config.h"
 #include "tokenizer/added_tokens.h"
 #include "tokenizer/bpe.h"
 #include "tokenizer/regex.h"
@@ -68,8 +70,8 @@ Status parse_pre_tokenizer(const json& j, std::vector<PreTokenizerStep>& steps) 
     if (behavior == "Removed") {
       step.remove_matches = true;
     } else if (behavior != "Isolated") {
-      return Status::error("pre_tokenizer Split behavior \"" + behavior +
-                           "\" is not supported (Isolated and Removed are)");
+      return Status::error("pre_tokenizer Split behavior " + quote_untrusted(behavior) +
+                           " is not supported (Isolated and Removed are)");
     }
     step.invert = flag(j, "invert", false);
     steps.push_back(std::move(step));
@@ -86,8 +88,8 @@ Status parse_pre_tokenizer(const json& j, std::vector<PreTokenizerStep>& steps) 
     steps.push_back(std::move(step));
     return Status::ok();
   }
-  return Status::error("pre_tokenizer type \"" + type +
-                       "\" is not supported (Sequence, Split and ByteLevel are)");
+  return Status::error("pre_tokenizer type " + quote_untrusted(type) +
+                       " is not supported (Sequence, Split and ByteLevel are)");
 }
 
 // Adds the tokens a post-processor puts around a single sequence; Sequence applies its
@@ -115,16 +117,16 @@ Status parse_post_processor(const json& j, std::vector<int32_t>& prefix,
       if (piece.contains("Sequence")) {
         const std::string seq = piece["Sequence"].value("id", std::string("A"));
         if (seq != "A" || seen_sequence) {
-          return Status::error("TemplateProcessing single template uses sequence \"" + seq +
-                               "\"; only one sequence A is possible");
+          return Status::error("TemplateProcessing single template uses sequence " +
+                               quote_untrusted(seq) + "; only one sequence A is possible");
         }
         seen_sequence = true;
       } else if (piece.contains("SpecialToken")) {
         const std::string name = piece["SpecialToken"].value("id", std::string());
         if (!specials.contains(name) || !specials[name].contains("ids") ||
             !specials[name]["ids"].is_array()) {
-          return Status::error("TemplateProcessing uses special token \"" + name +
-                               "\" that special_tokens does not define");
+          return Status::error("TemplateProcessing uses special token " + quote_untrusted(name) +
+                               " that special_tokens does not define");
         }
         for (const json& id : specials[name]["ids"]) {
           (seen_sequence ? after : before).push_back(id.get<int32_t>());
@@ -149,7 +151,7 @@ Status parse_post_processor(const json& j, std::vector<int32_t>& prefix,
     suffix.push_back(sep[1].get<int32_t>());
     return Status::ok();
   }
-  return Status::error("post_processor type \"" + type + "\" is not supported");
+  return Status::error("post_processor type " + quote_untrusted(type) + " is not supported");
 }
 
 Status parse_normalizer(const json& j, bool& nfc) {
@@ -163,7 +165,7 @@ Status parse_normalizer(const json& j, bool& nfc) {
     for (const json& n : j["normalizers"]) KS_RETURN_IF_ERROR(parse_normalizer(n, nfc));
     return Status::ok();
   }
-  return Status::error("normalizer type \"" + type + "\" is not supported (only NFC)");
+  return Status::error("normalizer type " + quote_untrusted(type) + " is not supported (only NFC)");
 }
 
 }  // namespace
@@ -271,12 +273,8 @@ Result<Tokenizer> Tokenizer::load(const std::string& path) {
       return Status::error(path + ": directory has no tokenizer.json");
     }
   }
-  std::ifstream in(file, std::ios::binary);
-  if (!in) return Status::error(file.string() + ": cannot open");
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  if (!in.good() && !in.eof()) return Status::error(file.string() + ": read failed");
-  return from_json(buffer.str(), file.string());
+  KS_ASSIGN_OR_RETURN(const std::string text, read_text_file(file.string()));
+  return from_json(text, file.string());
 }
 
 Result<Tokenizer> Tokenizer::from_json(std::string_view json_text, const std::string& origin) {
@@ -316,8 +314,8 @@ Result<Tokenizer> Tokenizer::from_json(std::string_view json_text, const std::st
   if (decoder.is_null()) {
     impl->byte_level_decoder = false;
   } else if (type_of(decoder) != "ByteLevel") {
-    return fail(Status::error("decoder type \"" + type_of(decoder) +
-                              "\" is not supported (only ByteLevel)"));
+    return fail(Status::error("decoder type " + quote_untrusted(type_of(decoder)) +
+                              " is not supported (only ByteLevel)"));
   }
 
   // Added tokens get their ids the way HF's AddedVocabulary::add_tokens assigns them: an existing

@@ -13,7 +13,6 @@ cd "$tmp"  # the binary finds bench/prompt.txt from its own location, not the wo
 
 header='model,1st token avg latency (ms),2+ avg latency (ms/token),encoder time (ms),input/output tokens,batch_size,actual input/output tokens,num_beams,low_bit,model loading time (s),peak mem (GB),decode tok/s,achieved GB/s,roofline %,planned mem (GB),status,device,commit'
 
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 # check_csv FILE ROWS STATUS_REGEX: the header, ROWS rows, every status matching STATUS_REGEX.
 check_csv() {
@@ -86,11 +85,9 @@ warm_up: 0
 num_trials: 1
 in_out_pairs: ['32-8', '64-8']
 EOF
-start=$(now_ms)
 status=0
 "$kestrel" bench --config "$tmp/mixed.yaml" --max-memory 64MB -q -o "$tmp/mixed.csv" \
   2>"$tmp/mixed.err" || status=$?
-elapsed=$(($(now_ms) - start))
 [ "$status" -ne 0 ] || { echo "exit status 0 although rows failed"; exit 1; }
 check_csv "$tmp/mixed.csv" 4 '^(ok|error: needs .* but --max-memory 64MB allows 64\.0 MB; raise --max-memory.*)$'
 python3 - "$tmp/mixed.csv" <<'PY'
@@ -99,11 +96,12 @@ rows = list(csv.DictReader(open(sys.argv[1], newline="")))
 assert [r["status"] == "ok" for r in rows] == [False, False, True, True], [r["status"] for r in rows]
 for r in rows[:2]:
     assert "weights 4." in r["status"], r["status"]  # the 7B model's ~4.5 GB of sym_int4
+    # Failed at the plan: no weights were built (no loading time), nothing ran (no peak).
     assert r["peak mem (GB)"] == "" and float(r["planned mem (GB)"]) > 4, r
+    assert r["model loading time (s)"] in ("", "0", "0.00", "0.000"), r
 PY
 grep -q "2 of 4 configurations failed" "$tmp/mixed.err"
-[ "$elapsed" -lt 20000 ] || { echo "the failing rows took ${elapsed} ms"; exit 1; }
-echo "ok too-small --max-memory fails the 7B rows in ${elapsed} ms and the run goes on"
+echo "ok too-small --max-memory fails the 7B rows before building them and the run goes on"
 
 # 4. Unknown keys are errors that name the key; nothing runs.
 printf "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-8']\nbatch: 4\n" >"$tmp/bad.yaml"

@@ -53,3 +53,20 @@ echo "$pane" | grep -Eq "\(([1-9][0-9]*) reused\)" || { echo "second turn reused
 tmux send-keys -t "$session" "/exit" Enter
 wait_for "CHAT-EXITED"
 echo "ok chat in a terminal: two turns, cache reused, /exit quits"
+
+# Ctrl-C stops a long reply and returns to the prompt; at an empty prompt, Ctrl-C twice quits.
+tmux kill-session -t "$session" 2>/dev/null || true
+tmux new-session -d -s "$session" -x 200 -y 50 \
+  "$kestrel chat -m synthetic:tiny-qwen2 --tokenizer $tokenizer -n 3000 --ignore-eos; echo CHAT-EXITED; sleep 30"
+wait_for "^>"
+tmux send-keys -t "$session" "Tell me a very long story." Enter
+sleep 1
+tmux send-keys -t "$session" C-c
+wait_for "(stopped)"
+wait_for "interrupted\]"
+wait_for_count "^>" 2
+tmux send-keys -t "$session" C-c
+wait_for "Ctrl-C again quits"
+tmux send-keys -t "$session" C-c
+wait_for "CHAT-EXITED"
+echo "ok Ctrl-C stops a reply, and twice at the prompt quits"

@@ -217,5 +217,31 @@ TEST(BatchGenerate, HooksCanStopAndLimitsAreChecked) {
   EXPECT_FALSE(engine->generate_batch(prompt, params).is_ok());
 }
 
+// A context too large for memory fails before anything is allocated, naming the number to
+// change, rather than throwing std::bad_alloc (or waking the OOM killer).
+TEST(Engine, ContextPastMemoryIsRefusedWithTheNumbers) {
+  EngineOptions options;
+  options.model = "synthetic:tiny-qwen2";
+  options.threads = 2;
+  options.progress = false;
+  options.max_context = 100000000;
+  auto engine = Engine::create(options);
+  ASSERT_FALSE(engine.is_ok());
+  const std::string& message = engine.status().message();
+  EXPECT_NE(message.find("100000000 positions"), std::string::npos) << message;
+  EXPECT_NE(message.find("lower the context length"), std::string::npos) << message;
+
+  options.max_context = int64_t(1) << 40;
+  engine = Engine::create(options);
+  ASSERT_FALSE(engine.is_ok());
+  EXPECT_NE(engine.status().message().find("past the limit"), std::string::npos);
+
+  options.max_context = 0;
+  options.threads = 100000;
+  engine = Engine::create(options);
+  ASSERT_FALSE(engine.is_ok());
+  EXPECT_NE(engine.status().message().find("threads"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace kestrel

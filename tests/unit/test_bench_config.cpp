@@ -101,10 +101,13 @@ TEST(BenchConfig, ReportsWhatIsWrongAndWhere) {
   const std::string base = "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-4']\n";
   expect_error(base + "batch: 4\n", "unknown key 'batch'");
   expect_error(base + "num_trails: 4\n", "unknown key 'num_trails'");
-  expect_error(base + "batch_size: 0\n", "batch_size must be an integer >= 1");
+  expect_error(base + "batch_size: 0\n", "batch_size must be an integer from 1 to 4096");
   expect_error(base + "batch_size: [1, two]\n", "got 'two'");
   expect_error(base + "batch_size: []\n", "batch_size is an empty list");
-  expect_error(base + "warm_up: -1\n", "warm_up must be an integer >= 0");
+  expect_error(base + "warm_up: -1\n", "warm_up must be an integer from 0 to 10000");
+  expect_error(base + "num_trials: 1000000000\n", "num_trials must be an integer from 1 to 10000");
+  expect_error(base + "batch_size: [1, 100000]\n", "got '100000'");
+  expect_error(base + "num_trials: 2\nnum_trials: 3\n", "key 'num_trials' is given twice");
   expect_error(base + "num_beams: 1.5\n", "num_beams");
   expect_error(base + "low_bit: int3\n", "low_bit: unknown weight format 'int3'");
   expect_error("repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['1024x512']\n", "'1024x512'");
@@ -113,7 +116,7 @@ TEST(BenchConfig, ReportsWhatIsWrongAndWhere) {
   expect_error("in_out_pairs: ['8-8']\n", "repo_id lists no model");
   expect_error("repo_id: [a\nin_out_pairs: ['8-8']\n", "not valid YAML");
   expect_error("- just\n- a list\n", "expected a mapping");
-  expect_error(base + "repo_id: {a: b}\n", "repo_id must be a string or a list");
+  expect_error("in_out_pairs: ['8-4']\nrepo_id: {a: b}\n", "repo_id must be a string or a list");
 }
 
 TEST(BenchConfig, ModelSources) {

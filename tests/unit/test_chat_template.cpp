@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -360,6 +361,59 @@ TEST(ChatTemplate, LimitsBoundLoopsRecursionAndOutput) {
       "{% set ns = namespace(v=[]) %}{% for i in range(1000) %}{% set ns.v = [ns.v] %}"
       "{% endfor %}");
   EXPECT_NE(err.find("nests deeper"), std::string::npos) << err;
+}
+
+// Chains are parsed in loops, not by recursion, so the nesting guard never sees them; each shape
+// of chain must still stop at a height every later visitor can recurse through.
+TEST(ChatTemplate, LongChainsAreRefusedNotAStackOverflow) {
+  auto chain = [](const std::string& first, const std::string& link, int n) {
+    std::string text = "{{ " + first;
+    for (int i = 0; i < n; ++i) text += link;
+    return text + " }}";
+  };
+  const std::vector<std::string> templates = {
+      chain("1", " + 1", 100000),
+      chain("1", " ~ 1", 100000),
+      chain("1", " * 1", 100000),
+      chain("true", " and true", 100000),
+      chain("false", " or false", 100000),
+      chain("x", ".a", 100000),
+      chain("'a'", " | lower", 100000),
+      chain("x", "[0]", 100000),
+      chain("1", " if true else 1", 100000),
+  };
+  for (const std::string& tmpl : templates) {
+    const std::string err = error_of(tmpl);
+    EXPECT_NE(err.find("nests too deeply"), std::string::npos) << tmpl.substr(0, 40) << ": " << err;
+  }
+  // Ordinary chains are untouched.
+  EXPECT_EQ(ok(chain("1", " + 1", 300)), "301");
+}
+
+// A line of many tags used to be parsed in time quadratic in the tags (each one searched back to
+// the start of its line): 100k pairs took minutes. Linear, it takes well under a second; the bound
+// below is far above that, to hold on a busy machine.
+TEST(ChatTemplate, ManyTagsOnOneLineParseInLinearTime) {
+  std::string line;
+  for (int i = 0; i < 100000; ++i) line += "{% if true %}{% endif %}";
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(ok(line + "done"), "done");
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 25.0);
+}
+
+TEST(ChatTemplate, SharedValuesCannotExpandPastTheLimits) {
+  // [x, x] sixty times over is a small value standing for 2^60 items.
+  const std::string doubled =
+      "{% set ns = namespace(v=[1]) %}{% for i in range(60) %}{% set ns.v = [ns.v, ns.v] %}"
+      "{% endfor %}";
+  for (const char* use : {"{{ ns.v | tojson }}", "{{ ns.v }}", "{{ ns.v | string }}"}) {
+    const std::string err = error_of(doubled + use);
+    EXPECT_FALSE(err.empty()) << use;
+  }
+  // jinja2 renders a 150 kB join; building it piece by piece is not quadratic work.
+  const Result<std::string> joined = render("{{ (['abcdefghij'] * 15000) | join('') }}");
+  ASSERT_TRUE(joined.is_ok()) << joined.status().message();
+  EXPECT_EQ(joined->size(), 150000u);
 }
 
 // Random fragments of real template syntax: every one must render or fail cleanly.

@@ -2,6 +2,7 @@
 #include "test_util.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -531,14 +532,48 @@ TEST(ReadTextFile, ErrorsNameThePath) {
   result = read_text_file(big);
   ASSERT_FALSE(result.is_ok());
   EXPECT_NE(result.status().message().find(big), std::string::npos);
-  EXPECT_NE(result.status().message().find("64 MB"), std::string::npos);
+  EXPECT_NE(result.status().message().find("64 MiB"), std::string::npos);
 
   const std::string small = dir.file("small.txt");
-  const std::string text = std::string("line one\nline two\0with nul", 26);
+  const std::string text = "line one\nline two\n";
   write_text(small, text);
   result = read_text_file(small);
   ASSERT_TRUE(result.is_ok()) << result.status().message();
   EXPECT_EQ(result.value(), text);
+}
+
+// JSON parsers stop at a NUL, so whatever follows one would be silently ignored.
+TEST(ReadTextFile, RefusesNulBytes) {
+  TempDir dir;
+  const std::string path = dir.file("config.json");
+  write_text(path, std::string("{\"a\": 1}\0{\"b\": 2}", 18));
+  auto result = read_text_file(path);
+  ASSERT_FALSE(result.is_ok());
+  EXPECT_NE(result.status().message().find("NUL byte at offset 8"), std::string::npos)
+      << result.status().message();
+}
+
+// Opening a FIFO for reading waits for a writer that never comes; it must be refused at once.
+TEST(ReadTextFile, RefusesAFifoWithoutBlocking) {
+  TempDir dir;
+  const std::string path = dir.file("config.json");
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  auto result = read_text_file(path);
+  ASSERT_FALSE(result.is_ok());
+  EXPECT_NE(result.status().message().find("not a regular file"), std::string::npos);
+  auto config = load_model_config(dir.str());
+  ASSERT_FALSE(config.is_ok());
+  EXPECT_NE(config.status().message().find(path), std::string::npos);
+}
+
+TEST(ModelConfigErrors, PreQuantizedCheckpointsAreRefused) {
+  auto config = nlohmann::json::parse(kLlama31Config);
+  config["quantization_config"] = {{"quant_method", "awq"}, {"bits", 4}};
+  auto c = parse_model_config(config.dump(), "config.json");
+  ASSERT_FALSE(c.is_ok());
+  EXPECT_NE(c.status().message().find("quant_method 'awq'"), std::string::npos)
+      << c.status().message();
+  EXPECT_NE(c.status().message().find("not supported"), std::string::npos);
 }
 
 }  // namespace

@@ -116,6 +116,22 @@ TEST(QuantFormat, CheckWeightShape) {
 
   EXPECT_FALSE(check_weight_shape(WeightFormat::fp32, 0, 16, 0, "w").is_ok());
   EXPECT_FALSE(check_weight_shape(WeightFormat::sym_int4, 4, -32, 32, "w").is_ok());
+  // Block 0 used to reach `cols % block` (SIGFPE).
+  EXPECT_FALSE(check_weight_shape(WeightFormat::sym_int4, 8, 128, 0, "w").is_ok());
+}
+
+TEST(QuantFormat, BlocksAre32Or64Exactly) {
+  EXPECT_TRUE(check_block(WeightFormat::sym_int4, 64).is_ok());
+  EXPECT_TRUE(check_block(WeightFormat::fp16, 0).is_ok());  // float formats have no blocks
+  EXPECT_FALSE(check_block(WeightFormat::sym_int8, 0).is_ok());
+  EXPECT_FALSE(check_block(WeightFormat::asym_int4, -32).is_ok());
+  EXPECT_EQ(*parse_block("32", WeightFormat::sym_int4), 32);
+  EXPECT_EQ(*parse_block("64", WeightFormat::asym_int4), 64);
+  EXPECT_EQ(*parse_block("0", WeightFormat::fp16), 0);  // what convert writes for floats
+  for (const char* text : {"32x", "0", "", " 32", "+32", "3.2e1", "128"}) {
+    EXPECT_FALSE(parse_block(text, WeightFormat::sym_int8).is_ok()) << text;
+  }
+  EXPECT_FALSE(parse_block("0x", WeightFormat::fp32).is_ok());
 }
 
 // A row whose sym_int4 codes are known: values are integers in [-8, 7] with -8 first, so

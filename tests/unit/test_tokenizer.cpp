@@ -620,5 +620,33 @@ TEST(TokenizerLoad, RejectsUnsupportedFilesClearly) {
   EXPECT_NE(missing.status().message().find("cannot open"), std::string::npos);
 }
 
+// Ids index dense tables: one huge id must be refused, not allocated for.
+TEST(TokenizerLoad, RefusesIdsPastTheLimit) {
+  json j = small_tokenizer({}, {});
+  j["model"]["vocab"]["zz"] = 100000000;
+  auto tok = Tokenizer::from_json(j.dump(), "test.json");
+  ASSERT_FALSE(tok.is_ok());
+  EXPECT_NE(tok.status().message().find("id 100000000, past the limit"), std::string::npos)
+      << tok.status().message();
+}
+
+// Text from the file is quoted with control bytes escaped and its length bounded: one line, and
+// nothing a terminal would act on.
+TEST(TokenizerLoad, UntrustedTextInErrorsIsEscapedAndBounded) {
+  json j = small_tokenizer({}, {});
+  j["model"]["type"] =
+      "\x1b[2J\x07"
+      "evil\n" +
+      std::string(1 << 20, 'x');
+  auto tok = Tokenizer::from_json(j.dump(), "test.json");
+  ASSERT_FALSE(tok.is_ok());
+  const std::string& message = tok.status().message();
+  EXPECT_LT(message.size(), 400u);
+  EXPECT_EQ(message.find('\x1b'), std::string::npos);
+  EXPECT_EQ(message.find('\x07'), std::string::npos);
+  EXPECT_EQ(message.find('\n'), std::string::npos);
+  EXPECT_NE(message.find("\\x1b[2J\\x07evil\\x0a"), std::string::npos) << message;
+}
+
 }  // namespace
 }  // namespace kestrel

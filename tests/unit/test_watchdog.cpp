@@ -6,6 +6,7 @@
 #include <chrono>
 #include <thread>
 
+#include "core/progress.h"
 #include "runtime/watchdog.h"
 
 namespace kestrel {
@@ -73,6 +74,36 @@ TEST(Watchdog, StuckStepReachesTheHangHandlerOnce) {
   }
   EXPECT_EQ(hangs.load(), 2);
   EXPECT_EQ(hung_step, "decode step 38 of 511");
+}
+
+// A load on a slow disk runs far past any estimate but keeps counting its work: no failure. Only
+// a count that stands still is a stall.
+TEST(Watchdog, SlowButProgressingJobIsNotAStall) {
+  std::atomic<int> hangs{0};
+  Watchdog watchdog([&](const std::string&, double, double) { ++hangs; }, 0.5);
+  watchdog.arm_until_stall("building the weights of DIR", 0.5);
+  // Runs 4x the stall limit, advancing every 10 ms.
+  const auto start = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - start < milliseconds(2000)) {
+    note_work_done(1);
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  EXPECT_TRUE(watchdog.disarm().is_ok());
+  EXPECT_EQ(hangs.load(), 0);
+}
+
+TEST(Watchdog, JobWhoseWorkStandsStillIsAStall) {
+  std::atomic<int> hangs{0};
+  Watchdog watchdog([&](const std::string&, double, double) { ++hangs; }, 10.0);
+  watchdog.arm_until_stall("building the weights of DIR", 0.05);
+  note_work_done(1);
+  std::this_thread::sleep_for(milliseconds(200));
+  const Status status = watchdog.disarm();
+  ASSERT_FALSE(status.is_ok());
+  EXPECT_NE(status.message().find("building the weights of DIR made no progress"),
+            std::string::npos)
+      << status.message();
+  EXPECT_EQ(hangs.load(), 0);  // within the grace period
 }
 
 TEST(Watchdog, DeadlinesScaleTheExpectedTime) {

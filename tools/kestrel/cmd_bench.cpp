@@ -30,20 +30,6 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 
-extern "C" void on_sigint(int) {
-  g_stop.store(true);
-}
-
-// Ctrl-C asks the run to stop before its next step; a second Ctrl-C ends it at once (the
-// handler resets itself).
-void install_sigint_handler() {
-  struct sigaction action = {};
-  action.sa_handler = on_sigint;
-  action.sa_flags = SA_RESETHAND;
-  sigemptyset(&action.sa_mask);
-  sigaction(SIGINT, &action, nullptr);
-}
-
 std::string executable_path() {
   std::error_code ec;
   const auto path = std::filesystem::read_symlink("/proc/self/exe", ec);
@@ -68,7 +54,8 @@ std::string source_commit(const std::string& executable) {
 }
 
 // "1,4,16" -> {1, 4, 16}; each a positive integer.
-std::vector<int64_t> parse_counts(const std::string& text, const std::string& flag) {
+std::vector<int64_t> parse_counts(const std::string& text, const std::string& flag,
+                                  int64_t max_value) {
   std::vector<int64_t> values;
   std::stringstream stream(text);
   std::string item;
@@ -83,6 +70,9 @@ std::vector<int64_t> parse_counts(const std::string& text, const std::string& fl
     if (used == 0 || used != item.size() || value <= 0) {
       fail(flag + ": '" + item + "' is not a positive integer (expected e.g. 1,4,16)");
     }
+    if (value > max_value) {
+      fail(flag + ": " + item + " is past the limit of " + std::to_string(max_value));
+    }
     values.push_back(value);
   }
   if (values.empty()) fail(flag + ": no values given");
@@ -93,7 +83,7 @@ struct BenchFlags {
   std::string config;
   std::string model;
   std::string output;
-  std::string device = "cpu";
+  std::string device = "auto";
   std::string max_memory;
   std::string low_bit;
   int block = 32;
@@ -110,6 +100,8 @@ struct BenchFlags {
   std::string prompt_file;
   std::string commit;
   bool quiet = false;
+  bool max_memory_given = false;
+  bool roofline_given = false;
 };
 
 class BenchCommand {
@@ -123,7 +115,8 @@ class BenchCommand {
     // Reservations of 1 MiB and more come straight from mmap and go back to the system when
     // freed, so one configuration's buffers never linger in the next one's measured peak.
     mallopt(M_MMAP_THRESHOLD, 1 << 20);
-    install_sigint_handler();
+    // Ctrl-C asks the run to stop before its next step; a second Ctrl-C ends it at once.
+    catch_sigint(&g_stop, /*once=*/true);
     tty_ = isatty(STDERR_FILENO) != 0;
     if (flags_.config.empty()) {
       run_quick();
@@ -135,20 +128,28 @@ class BenchCommand {
  private:
   bench::RunnerOptions runner_options() {
     bench::RunnerOptions o;
-    o.device = flags_.device;
+    o.device = flags_.device == "auto" ? default_device() : flags_.device;
+    check_range("-t", flags_.threads, 0, kMaxThreads);
     o.threads = flags_.threads;
-    if (!flags_.max_memory.empty()) {
-      o.max_memory = unwrap(bench::parse_size(flags_.max_memory));
+    if (flags_.max_memory_given) {
+      auto size = bench::parse_size(flags_.max_memory);
+      if (!size.is_ok()) fail("--max-memory: " + size.status().message());
+      o.max_memory = *size;
       if (o.max_memory == 0) fail("--max-memory: must be more than 0 bytes");
       o.max_memory_text = flags_.max_memory;
     }
-    if (flags_.prefill_chunk < 0) fail("--prefill-chunk: must be positive");
+    // 0 (the default): the device's own chunk.
+    check_range("--prefill-chunk", double(flags_.prefill_chunk), 0, 1 << 20);
+    // 0 (the default) means the device's own figure; given, it must be a bandwidth.
+    if (flags_.roofline_given) check_range("--roofline-gbs", flags_.roofline_gbs, 0, 1e6, true);
+    check_range("--deadline-factor", flags_.deadline_factor, 0, 1e6, true);
+    check_range("--step-timeout", flags_.step_timeout, 0, 1e7);
+    check_range("--hang-grace", flags_.hang_grace, 0, 1e7, true);
     o.roofline_gbs = flags_.roofline_gbs;
     o.prefill_chunk = flags_.prefill_chunk;
     o.block = flags_.block;
     o.deadline_factor = flags_.deadline_factor;
     o.step_timeout_s = flags_.step_timeout;
-    if (flags_.hang_grace <= 0) fail("--hang-grace: must be positive");
     o.hang_grace_s = flags_.hang_grace;
     const std::string executable = executable_path();
     o.commit = flags_.commit.empty() ? source_commit(executable) : flags_.commit;
@@ -183,6 +184,14 @@ class BenchCommand {
     std::snprintf(text, sizeof(text), "roofline: %.0f GB/s (%s)", runner.roofline().bandwidth_gbs,
                   runner.roofline().source.c_str());
     say(text);
+  }
+
+  // A hung step cannot be cancelled: say so in one line and end the process at once.
+  [[noreturn]] void report_hang(const bench::CaseResult& result, const std::string& note) {
+    std::string status = result.status;
+    if (status.rfind("error: ", 0) == 0) status.erase(0, 7);  // the CSV column's prefix
+    say("kestrel: error: " + status + note);
+    std::_Exit(3);
   }
 
   static std::string describe(const bench::CaseResult& r, double roofline_gbs) {
@@ -256,12 +265,9 @@ class BenchCommand {
     options.on_progress = [this](double seconds) {
       if (progress_) progress_(seconds);
     };
-    options.on_hang = [csv](const bench::CaseResult& result) {
+    options.on_hang = [this, csv](const bench::CaseResult& result) {
       const Status written = csv->write(result);
-      std::fprintf(stderr, "\nkestrel: error: %s%s\n", result.status.c_str(),
-                   written.is_ok() ? "" : (" (" + written.message() + ")").c_str());
-      std::fflush(stderr);
-      std::_Exit(3);
+      report_hang(result, written.is_ok() ? "" : " (" + written.message() + ")");
     };
     std::unique_ptr<bench::Runner> runner = unwrap(bench::Runner::create(std::move(options)));
     say_roofline(*runner);
@@ -290,10 +296,10 @@ class BenchCommand {
     if (format != "md" && format != "csv" && format != "json") {
       fail("-o: with -m the output is a format: md, csv or json (got '" + format + "')");
     }
-    if (flags_.repetitions <= 0) fail("-r: repetitions must be positive");
-    const std::vector<int64_t> prompts = parse_counts(flags_.prompt_lengths, "-p");
-    const std::vector<int64_t> gens = parse_counts(flags_.gen_lengths, "-n");
-    const std::vector<int64_t> batches = parse_counts(flags_.batches, "-b");
+    check_range("-r", flags_.repetitions, 1, double(bench::kMaxTrials));
+    const std::vector<int64_t> prompts = parse_counts(flags_.prompt_lengths, "-p", INT32_MAX);
+    const std::vector<int64_t> gens = parse_counts(flags_.gen_lengths, "-n", INT32_MAX);
+    const std::vector<int64_t> batches = parse_counts(flags_.batches, "-b", bench::kMaxBatchSize);
     bench::BenchCase base;
     base.model = flags_.model;
     base.source = flags_.model;
@@ -330,11 +336,7 @@ class BenchCommand {
     options.on_progress = [this](double seconds) {
       if (progress_) progress_(seconds);
     };
-    options.on_hang = [](const bench::CaseResult& result) {
-      std::fprintf(stderr, "\nkestrel: error: %s\n", result.status.c_str());
-      std::fflush(stderr);
-      std::_Exit(3);
-    };
+    options.on_hang = [this](const bench::CaseResult& result) { report_hang(result, ""); };
     std::unique_ptr<bench::Runner> runner = unwrap(bench::Runner::create(std::move(options)));
     say_roofline(*runner);
     const WeightSpec spec =
@@ -355,7 +357,7 @@ class BenchCommand {
       row.size_gib = double(planned_weight_bytes(spec)) / double(1ull << 30);
       row.params_b = params / 1e9;
       row.backend = r.device;
-      row.threads = flags_.device == "cpu" ? threads : 0;
+      row.threads = runner->profile().device == "cpu" ? threads : 0;
       row.batch = r.bench_case.batch_size;
       row.test = tests[i];
       row.ok = r.ok;
@@ -411,7 +413,8 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
                     "quick mode: HF model dir, converted dir or synthetic:NAME");
   bench->add_option("-o,--output", flags->output,
                     "--config: the CSV file (default: standard output); -m: md, csv or json");
-  bench->add_option("--device", flags->device, "cpu or cuda");
+  bench->add_option("--device", flags->device, "cpu, cuda, or auto: cuda when built in and present")
+      ->capture_default_str();
   bench->add_option(
       "--max-memory", flags->max_memory,
       "memory a configuration may plan for, e.g. 24GB or 512MiB (default: free memory)");
@@ -441,7 +444,13 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
   bench->add_option("--commit", flags->commit,
                     "the commit column (default: git describe of the build's tree)");
   bench->add_flag("-q,--quiet", flags->quiet, "no progress output");
-  commands.push_back({bench, [flags] { BenchCommand(*flags).run(); }});
+  CLI::Option* max_memory = bench->get_option("--max-memory");
+  CLI::Option* roofline = bench->get_option("--roofline-gbs");
+  commands.push_back({bench, [flags, max_memory, roofline] {
+                        flags->max_memory_given = max_memory->count() > 0;
+                        flags->roofline_given = roofline->count() > 0;
+                        BenchCommand(*flags).run();
+                      }});
 }
 
 }  // namespace kestrel::cli

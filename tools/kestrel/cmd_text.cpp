@@ -1,10 +1,15 @@
 // Text-facing subcommands: run, chat, tokenize and template.
 #include <unistd.h>
 
+#include <atomic>
+
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <iterator>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <random>
 
 #include "backend/backend.h"
 #include "commands.h"
@@ -27,17 +32,50 @@ void print_ids(const std::vector<int32_t>& ids) {
   std::fwrite(line.data(), 1, line.size(), stdout);
 }
 
+// Standard input is read whole (a prompt, a text to tokenize) up to this size, so an endless
+// stream (/dev/zero) fails with a message instead of growing until memory runs out.
+constexpr size_t kMaxStdinBytes = 64u << 20;
+
+std::string read_stdin(const std::string& what) {
+  std::string text;
+  char buffer[1 << 16];
+  size_t n = 0;
+  while ((n = std::fread(buffer, 1, sizeof(buffer), stdin)) > 0) {
+    if (text.size() + n > kMaxStdinBytes) {
+      fail(what + ": standard input is larger than the " + std::to_string(kMaxStdinBytes >> 20) +
+           " MiB limit");
+    }
+    text.append(buffer, n);
+  }
+  return text;
+}
+
+// std::getline with a bound on the line's length.
+bool read_line(std::istream& in, std::string& line, size_t max_bytes) {
+  line.clear();
+  char c = 0;
+  bool any = false;
+  while (in.get(c)) {
+    any = true;
+    if (c == '\n') return true;
+    if (line.size() == max_bytes) {
+      fail("standard input: a line is longer than the " + std::to_string(max_bytes >> 20) +
+           " MiB limit");
+    }
+    line.push_back(c);
+  }
+  return any;
+}
+
 void run_tokenize(const std::string& path, bool jsonl, bool add_special) {
   const Tokenizer tokenizer = unwrap(Tokenizer::load(path));
   if (!jsonl) {
-    const std::string text((std::istreambuf_iterator<char>(std::cin)),
-                           std::istreambuf_iterator<char>());
-    print_ids(unwrap(tokenizer.encode(text, add_special)));
+    print_ids(unwrap(tokenizer.encode(read_stdin("tokenize"), add_special)));
     return;
   }
   std::string line;
   int64_t line_number = 0;
-  while (std::getline(std::cin, line)) {
+  while (read_line(std::cin, line, kMaxStdinBytes)) {
     ++line_number;
     const auto parsed = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (!parsed.is_string()) {
@@ -78,22 +116,40 @@ struct GenerateFlags {
   std::string tokenizer;  // defaults to the model directory
   int64_t n_predict = 128;
   SamplingParams sampling;
+  std::string seed;  // text: "-1" (random) parses as a value, not as a flag
+  bool ignore_eos = false;
   std::vector<std::string> stop;
 
   void add_to(CLI::App* app) {
     model.add_to(app);
     app->add_option("--tokenizer", tokenizer,
                     "tokenizer.json or a directory with it (default: the model directory)");
-    app->add_option("-n,--n-predict", n_predict, "maximum tokens to generate");
-    app->add_option("--temp", sampling.temperature, "temperature (0: greedy)");
-    app->add_option("--top-k", sampling.top_k, "keep the k most likely tokens (0: off)");
-    app->add_option("--top-p", sampling.top_p, "nucleus sampling threshold (1: off)");
-    app->add_option("--min-p", sampling.min_p, "drop tokens below min-p x the top probability");
+    app->add_option("-n,--n-predict", n_predict, "maximum tokens to generate")
+        ->capture_default_str();
+    app->add_option("--temp", sampling.temperature, "temperature (0: greedy)")
+        ->capture_default_str();
+    app->add_option("--top-k", sampling.top_k, "keep the k most likely tokens (0: off)")
+        ->capture_default_str();
+    app->add_option("--top-p", sampling.top_p, "nucleus sampling threshold (1: off)")
+        ->capture_default_str();
+    app->add_option("--min-p", sampling.min_p, "drop tokens below min-p x the top probability")
+        ->capture_default_str();
     app->add_option("--repeat-penalty", sampling.repetition_penalty,
-                    "HF repetition penalty (1: off)");
-    app->add_option("--presence-penalty", sampling.presence_penalty, "(0: off)");
-    app->add_option("--seed", sampling.seed, "sampling seed");
+                    "HF repetition penalty (1: off)")
+        ->capture_default_str();
+    app->add_option("--presence-penalty", sampling.presence_penalty, "(0: off)")
+        ->capture_default_str();
+    app->add_option("--seed", seed, "sampling seed (-1 or none: random, printed)");
+    app->add_flag("--ignore-eos", ignore_eos, "keep generating past end-of-sequence tokens");
     app->add_option("--stop", stop, "stop string (repeatable)");
+  }
+
+  // Whether text can be shown: --tokenizer, or a model directory with a tokenizer.json.
+  bool has_tokenizer() const {
+    if (!tokenizer.empty()) return true;
+    if (model.model.rfind("synthetic:", 0) == 0) return false;
+    std::error_code ec;
+    return std::filesystem::exists(std::filesystem::path(model.model) / "tokenizer.json", ec);
   }
 
   std::string tokenizer_source() const {
@@ -112,15 +168,39 @@ struct GenerateFlags {
     if (n_predict <= 0) fail("-n must be positive");
     TextGenerationParams p;
     p.sampling = sampling;
+    p.sampling.seed = sampling_seed();
     p.max_new_tokens = n_predict;
     p.stop_strings = stop;
+    p.stop_at_eos = !ignore_eos;
     return p;
+  }
+
+  // --seed N, or with none (or -1) a random one, printed so that the run can be repeated.
+  uint64_t sampling_seed() const {
+    if (!seed.empty() && seed != "-1") {
+      size_t used = 0;
+      unsigned long long value = 0;
+      try {
+        value = std::stoull(seed, &used);
+      } catch (...) {
+        used = 0;
+      }
+      if (used == 0 || used != seed.size() || seed[0] == '-' || seed[0] == '+') {
+        fail("--seed: '" + seed + "' is not a seed (a non-negative integer, or -1 for random)");
+      }
+      return value;
+    }
+    if (sampling.temperature == 0.0f) return 0;  // greedy draws nothing
+    const uint64_t value = (uint64_t(std::random_device{}()) << 32) | std::random_device{}();
+    std::fprintf(stderr, "sampling seed %llu (pass --seed to repeat)\n", (unsigned long long)value);
+    return value;
   }
 };
 
 std::unique_ptr<Engine> load_engine(const ModelFlags& flags) {
   auto engine = unwrap(Engine::create(flags.engine_options()));
   const ModelWeights& w = engine->weights();
+  print_load_warnings(*engine);
   if (!flags.quiet) {
     std::fprintf(stderr, "model %s: %s, %lld layers, %.2f GB in %s, loaded in %.2fs on %s\n",
                  flags.model.c_str(), architecture_name(w.config.arch),
@@ -143,22 +223,47 @@ void print_speed(const Engine& engine, int64_t prompt_tokens, double prefill_sec
                decode_tps * double(engine.weights().decode_bytes()) / 1e9);
 }
 
-void run_generate(const GenerateFlags& flags, const std::string& prompt, const std::string& ids,
-                  bool print_ids) {
-  if (prompt.empty() == ids.empty()) fail("run: give exactly one of -p TEXT or --ids 1,2,3");
+void run_generate(const GenerateFlags& flags, const std::string& prompt_flag,
+                  const std::string& prompt_file, const std::string& ids, bool print_ids) {
+  if (int(!prompt_flag.empty()) + int(!prompt_file.empty()) + int(!ids.empty()) != 1) {
+    fail("run: give exactly one of -p TEXT (-p - reads standard input), -f FILE or --ids 1,2,3");
+  }
+  std::string prompt = prompt_flag;
+  if (prompt_flag == "-") prompt = read_stdin("-p -");
+  if (!prompt_file.empty()) prompt = unwrap(read_text_file(prompt_file));
+  if (prompt.empty() && ids.empty()) fail("run: the prompt is empty");
   const TextGenerationParams params = flags.params();
   if (!ids.empty()) {
     // Token ids in, token ids out: no tokenizer involved (greedy only).
     if (params.sampling.temperature != 0.0f) fail("run --ids: only --temp 0 (greedy) is supported");
     const std::vector<int32_t> prompt_ids = parse_ids(ids, "--ids");
     auto engine = load_engine(flags.model);
-    auto result = unwrap(
-        engine->generate_greedy(prompt_ids, params.max_new_tokens, false, [&](int32_t token) {
-          if (!print_ids) return;
-          std::printf("%d ", token);
+    // Without --print-ids the ids still come out when there is no tokenizer to show text.
+    const bool show_ids = print_ids || !flags.has_tokenizer();
+    if (!print_ids && show_ids && !flags.model.quiet) {
+      std::fprintf(stderr, "run --ids: no tokenizer for %s; printing token ids\n",
+                   flags.model.model.c_str());
+    }
+    std::optional<Tokenizer> tokenizer;
+    if (!show_ids) tokenizer = unwrap(Tokenizer::load(flags.tokenizer_source()));
+    std::optional<StreamDecoder> decoder;
+    if (tokenizer) decoder.emplace(*tokenizer, /*skip_special_tokens=*/true);
+    auto result = unwrap(engine->generate_greedy(
+        prompt_ids, params.max_new_tokens, params.stop_at_eos, [&](int32_t token) {
+          if (show_ids) {
+            std::printf("%d ", token);
+          } else {
+            const std::string text = decoder->feed(token);
+            std::fwrite(text.data(), 1, text.size(), stdout);
+          }
           std::fflush(stdout);
         }));
-    if (print_ids) std::printf("\n");
+    if (decoder) {
+      const std::string rest = decoder->finish();
+      std::fwrite(rest.data(), 1, rest.size(), stdout);
+    }
+    std::printf("\n");
+    check_stdout_written();
     print_speed(*engine, int64_t(prompt_ids.size()), result.prefill_seconds,
                 int64_t(result.tokens.size()), result.decode_seconds);
     return;
@@ -176,13 +281,15 @@ void run_generate(const GenerateFlags& flags, const std::string& prompt, const s
   std::printf("\n");
   std::fflush(stdout);
   if (print_ids) {
-    const auto& cached = session.cached_tokens();
-    for (size_t i = prompt_ids.size(); i < cached.size(); ++i) std::printf("%d ", cached[i]);
+    for (int32_t id : stats.tokens) std::printf("%d ", id);
     std::printf("\n");
   }
+  check_stdout_written();
   print_speed(*engine, stats.prompt_tokens, stats.prefill_seconds, stats.generated_tokens,
               stats.decode_seconds);
 }
+
+std::atomic<bool> g_chat_interrupt{false};
 
 // Interactive chat: each line of stdin is a user turn; the conversation is rendered with the
 // model's chat template and only the new tokens of each turn are prefilled.
@@ -191,22 +298,41 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
   const Tokenizer tokenizer = unwrap(Tokenizer::load(source));
   const ChatTemplateConfig chat_template = unwrap(load_chat_template(source));
   auto engine = load_engine(flags.model);
-  const TextGenerationParams params = flags.params();
+  TextGenerationParams params = flags.params();
+  params.interrupt = &g_chat_interrupt;
   TextSession session(*engine, tokenizer);
   nlohmann::ordered_json messages = nlohmann::ordered_json::array();
   if (!system_prompt.empty()) messages.push_back({{"role", "system"}, {"content", system_prompt}});
   const bool interactive = isatty(STDIN_FILENO) != 0;
   if (interactive) {
+    // Ctrl-C stops the reply being written, not the program; at the prompt the read returns.
+    catch_sigint(&g_chat_interrupt, /*once=*/false);
     std::fprintf(stderr,
-                 "chat: type a message and press Enter; /reset clears the history, "
-                 "/exit or Ctrl-D quits\n");
+                 "chat: type a message and press Enter; Ctrl-C stops a reply; /reset clears the "
+                 "history, /help lists the commands, /exit, Ctrl-D or Ctrl-C twice quits\n");
   }
   std::string line;
+  int64_t failed_turns = 0;
+  bool interrupted_at_prompt = false;
   for (;;) {
     std::printf("> ");
     std::fflush(stdout);
-    if (!std::getline(std::cin, line)) break;
+    if (!std::getline(std::cin, line)) {
+      if (!g_chat_interrupt.exchange(false)) break;  // end of input
+      std::cin.clear();
+      clearerr(stdin);
+      std::printf("\n");
+      if (interrupted_at_prompt) break;
+      interrupted_at_prompt = true;
+      std::printf("(Ctrl-C again quits; /help lists the commands)\n");
+      continue;
+    }
+    interrupted_at_prompt = false;
     if (line == "/exit" || line == "/quit") break;
+    if (line == "/help") {
+      std::printf("/reset clears the conversation (the system prompt stays), /exit quits\n");
+      continue;
+    }
     if (line == "/reset") {
       messages = nlohmann::ordered_json::array();
       if (!system_prompt.empty())
@@ -218,15 +344,24 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
     messages.push_back({{"role", "user"}, {"content", line}});
     const std::string rendered = unwrap(render_chat_template(chat_template, messages, true));
     const std::vector<int32_t> ids = unwrap(tokenizer.encode(rendered, false));
+    g_chat_interrupt.store(false);
     auto stats = session.generate(ids, params, [](const std::string& text) {
       std::fwrite(text.data(), 1, text.size(), stdout);
       std::fflush(stdout);
     });
+    if (g_chat_interrupt.exchange(false)) std::printf(" (stopped)");
     std::printf("\n");
     if (!stats.is_ok()) {
       // The turn failed (e.g. the context is full); the conversation stays usable after /reset.
       std::fprintf(stderr, "kestrel: error: %s\n", stats.status().message().c_str());
+      if (int64_t(ids.size()) + params.max_new_tokens > engine->max_context()) {
+        std::fprintf(stderr,
+                     "the conversation fills the context of %lld tokens: /reset starts a new one "
+                     "(or raise -c)\n",
+                     (long long)engine->max_context());
+      }
       messages.erase(messages.end() - 1);
+      ++failed_turns;
       continue;
     }
     messages.push_back({{"role", "assistant"}, {"content", stats->text}});
@@ -241,6 +376,8 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
                    stop_reason_name(stats->stop_reason));
     }
   }
+  // Each failure was reported when it happened; the status tells a script that one did.
+  if (failed_turns > 0) std::exit(1);
 }
 
 }  // namespace
@@ -248,20 +385,40 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
 void add_text_commands(CLI::App& app, std::vector<Command>& commands) {
   static GenerateFlags run_flags;
   static std::string run_prompt;
+  static std::string run_prompt_file;
   static std::string run_ids;
+  static std::string run_system;
   static bool run_print_ids = false;
+  static bool run_conversation = false;
   CLI::App* run = app.add_subcommand("run", "generate a continuation of a prompt");
   run_flags.add_to(run);
-  run->add_option("-p,--prompt", run_prompt, "prompt text");
+  run->add_option("-p,--prompt", run_prompt, "prompt text (-: read standard input)");
+  run->add_option("-f,--file", run_prompt_file, "read the prompt from a file");
   run->add_option("--ids", run_ids, "prompt token ids, comma-separated (instead of -p)");
   run->add_flag("--print-ids", run_print_ids, "print the generated token ids");
-  commands.push_back({run, [] { run_generate(run_flags, run_prompt, run_ids, run_print_ids); }});
+  run->add_flag("-i,--interactive,--conversation", run_conversation,
+                "llama.cpp habit: chat instead (as kestrel chat; -p becomes the system prompt)");
+  run->add_option("--system,--system-prompt", run_system, "system prompt (implies --conversation)");
+  commands.push_back({run, [] {
+                        if (run_conversation || !run_system.empty()) {
+                          if (!run_ids.empty() || !run_prompt_file.empty()) {
+                            fail("run --conversation: --ids and -f have no meaning in a chat");
+                          }
+                          run_chat(run_flags, run_system.empty() ? run_prompt : run_system);
+                          return;
+                        }
+                        run_generate(run_flags, run_prompt, run_prompt_file, run_ids,
+                                     run_print_ids);
+                      }});
 
   static GenerateFlags chat_flags;
   static std::string system_prompt;
+  static bool chat_conversation = false;
   CLI::App* chat = app.add_subcommand("chat", "interactive chat with the model's chat template");
   chat_flags.add_to(chat);
-  chat->add_option("--system", system_prompt, "system prompt");
+  chat->add_option("--system,--system-prompt", system_prompt, "system prompt");
+  chat->add_flag("-i,--interactive,--conversation", chat_conversation,
+                 "llama.cpp habit: chat is always a conversation");
   commands.push_back({chat, [] { run_chat(chat_flags, system_prompt); }});
 
   static std::string tokenizer_path;

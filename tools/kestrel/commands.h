@@ -3,11 +3,13 @@
 
 #include <CLI/CLI.hpp>
 
+#include <atomic>
 #include <functional>
 #include <string>
 #include <vector>
 
 #include "core/status.h"
+#include "core/thread_pool.h"
 #include "kestrel/engine.h"
 
 namespace kestrel::cli {
@@ -39,14 +41,33 @@ struct ModelFlags {
   std::string model;
   std::string low_bit;
   int block = 32;
-  std::string device = "cpu";
+  std::string device = "auto";
   int threads = 0;
   int64_t context = 0;
+  int64_t batch = 512;      // prompt tokens per forward call (llama.cpp's -b)
+  int64_t gpu_layers = -1;  // llama.cpp's -ngl: > 0 asks for CUDA, 0 for the CPU
   bool quiet = false;
 
   void add_to(CLI::App* app);
   EngineOptions engine_options() const;
 };
+
+// Checks a number-valued flag: finite and within [min, max] (or above min when `min_exclusive`).
+void check_range(const std::string& flag, double value, double min, double max,
+                 bool min_exclusive = false);
+
+// Exits with an error when what was written to standard output could not be (a full disk, a
+// closed pipe): the output is the product, so losing it is a failure.
+void check_stdout_written();
+
+// Ctrl-C sets `*flag` instead of ending the process. With `once`, a second Ctrl-C ends it. The
+// handler does not restart system calls, so a read waiting for input returns as well.
+void catch_sigint(std::atomic<bool>* flag, bool once);
+
+// Prints what the loader went past ("kestrel: warning: ...") on stderr.
+void print_warnings(const ModelWeights& weights);
+// The same, and a context (-c) past the model's trained one.
+void print_load_warnings(const Engine& engine);
 
 // "1,2,3" -> ids; exits with an error naming `flag` on anything but non-negative integers.
 std::vector<int32_t> parse_ids(const std::string& text, const std::string& flag);

@@ -2,10 +2,18 @@
 // llama.cpp where one exists. Errors print one line on stderr and exit non-zero.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cmath>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iostream>
+#include <limits>
+#include <map>
+#include <set>
 #include <sstream>
 
 #include "backend/backend.h"
@@ -42,14 +50,72 @@ std::vector<int32_t> parse_ids(const std::string& text, const std::string& flag)
   return ids;
 }
 
+void check_range(const std::string& flag, double value, double min, double max,
+                 bool min_exclusive) {
+  const bool low = min_exclusive ? !(value > min) : !(value >= min);
+  if (!std::isfinite(value) || low || value > max) {
+    char text[160];
+    std::snprintf(text, sizeof(text), "%s: %.10g is outside %s%.10g, %.10g]", flag.c_str(), value,
+                  min_exclusive ? "(" : "[", min, max);
+    fail(text);
+  }
+}
+
+namespace {
+std::atomic<std::atomic<bool>*> g_sigint_flag{nullptr};
+extern "C" void on_sigint(int) {
+  if (std::atomic<bool>* flag = g_sigint_flag.load()) flag->store(true);
+}
+}  // namespace
+
+void catch_sigint(std::atomic<bool>* flag, bool once) {
+  g_sigint_flag.store(flag);
+  struct sigaction action = {};
+  action.sa_handler = on_sigint;
+  action.sa_flags = once ? SA_RESETHAND : 0;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGINT, &action, nullptr);
+}
+
+void check_stdout_written() {
+  if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
+    fail(std::string("cannot write to standard output: ") + std::strerror(errno));
+  }
+}
+
+void print_warnings(const ModelWeights& weights) {
+  for (const std::string& warning : weights.warnings) {
+    std::fprintf(stderr, "kestrel: warning: %s\n", warning.c_str());
+  }
+}
+
+void print_load_warnings(const Engine& engine) {
+  print_warnings(engine.weights());
+  const int64_t trained = engine.config().max_position_embeddings;
+  if (trained > 0 && engine.max_context() > trained) {
+    std::fprintf(stderr,
+                 "kestrel: warning: -c %lld is past the model's trained context of %lld "
+                 "positions (max_position_embeddings); quality degrades beyond it\n",
+                 (long long)engine.max_context(), (long long)trained);
+  }
+}
+
 void ModelFlags::add_to(CLI::App* app) {
   app->add_option("-m,--model", model, "HF model dir, converted dir or synthetic:NAME")->required();
   app->add_option("--low-bit", low_bit,
-                  "weight format: sym_int4 (default), asym_int4, sym_int8, fp16, bf16, fp32");
-  app->add_option("--block", block, "weights per scale for quantized formats (32 or 64)");
-  app->add_option("--device", device, "cpu or cuda");
-  app->add_option("-t,--threads", threads, "CPU threads (0: all)");
-  app->add_option("-c,--ctx-size", context, "context length (0: min(model max, 4096))");
+                  "weight format: sym_int4, asym_int4, sym_int8, fp16, bf16, fp32")
+      ->default_str("sym_int4");
+  app->add_option("--block", block, "weights per scale for quantized formats (32 or 64)")
+      ->capture_default_str();
+  app->add_option("--device", device, "cpu, cuda, or auto: cuda when built in and present")
+      ->capture_default_str();
+  app->add_option("--n-gpu-layers,--gpu-layers", gpu_layers,
+                  "(-ngl N) llama.cpp habit: any N > 0 runs every layer on CUDA, 0 on the CPU");
+  app->add_option("-t,--threads", threads, "CPU threads (0: all)")->capture_default_str();
+  app->add_option("-c,--ctx-size", context, "context length (0: min(model max, 4096))")
+      ->capture_default_str();
+  app->add_option("-b,--batch-size", batch, "prompt tokens per forward call")
+      ->capture_default_str();
   app->add_flag("-q,--quiet", quiet, "no progress output");
 }
 
@@ -57,12 +123,101 @@ EngineOptions ModelFlags::engine_options() const {
   EngineOptions options;
   options.model = model;
   if (!low_bit.empty()) options.format = unwrap(parse_format(low_bit), "--low-bit");
+  check(
+      check_block(options.format.value_or(WeightFormat::sym_int4), block).with_context("--block"));
+  check_range("-t", threads, 0, kMaxThreads);
+  check_range("-c", double(context), 0, std::numeric_limits<int32_t>::max());
+  check_range("-b", double(batch), 0, 1 << 20, /*min_exclusive=*/true);
   options.block = block;
-  options.device = device;
+  options.device = device == "auto" ? default_device() : device;
+  if (gpu_layers >= 0) options.device = gpu_layers > 0 ? "cuda" : "cpu";
   options.threads = threads;
   options.max_context = context;
+  options.prefill_chunk = batch;
   options.progress = !quiet;
   return options;
+}
+
+// llama.cpp users type its spellings. CLI11 reads a single dash and several letters as short
+// flags (-ngl as -n gl), so the ones Kestrel has a feature for are renamed to long options here,
+// and the ones it has none for are refused by name, with Kestrel's nearest flag when there is one.
+std::vector<std::string> translate_llama_flags(int argc, char** argv) {
+  static const std::map<std::string, std::string> renamed = {
+      {"-ngl", "--n-gpu-layers"},
+      {"-cnv", "--conversation"},
+      {"-sys", "--system-prompt"},
+      {"-no-cnv", ""},  // run is already one prompt, one continuation
+  };
+  static const std::map<std::string, std::string> refused = {
+      {"-fa", "(attention kernels are chosen per backend)"},
+      {"--flash-attn", "(attention kernels are chosen per backend)"},
+      {"-ctk", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
+      {"--cache-type-k", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
+      {"-ctv", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
+      {"--cache-type-v", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
+      {"--mlock", ""},
+      {"--no-mmap", ""},
+      {"-mg", "(one GPU is used)"},
+      {"--main-gpu", "(one GPU is used)"},
+      {"-ts", "(one GPU is used)"},
+      {"--tensor-split", "(one GPU is used)"},
+      {"-sm", "(one GPU is used)"},
+      {"--split-mode", "(one GPU is used)"},
+      {"-ub", "(use -b)"},
+      {"--ubatch-size", "(use -b)"},
+      {"--numa", ""},
+      {"-hf", "(download the model and pass -m DIR)"},
+      {"--hf-repo", "(download the model and pass -m DIR)"},
+      {"-r", "(use --stop TEXT)"},
+      {"--reverse-prompt", "(use --stop TEXT)"},
+      {"-s", "(use --seed N)"},
+      {"-e", ""},
+      {"--escape", ""},
+      {"--color", ""},
+      {"--mirostat", ""},
+      {"--grammar", ""},
+      {"--grammar-file", ""},
+      {"--lora", ""},
+      {"--keep", ""},
+      {"--rope-freq-base", "(read from config.json)"},
+      {"--rope-scaling", "(read from config.json)"},
+      {"-np", ""},
+      {"-cb", ""},
+      {"-v", ""},
+      {"--verbose", ""},
+      {"--in-prefix", ""},
+      {"--in-suffix", ""},
+      {"--prompt-cache", ""},
+      {"--logit-bias", ""},
+      {"--samplers", ""},
+      {"--typical", ""},
+      {"-nkvo", ""},
+      {"--no-kv-offload", ""},
+  };
+  // Values that may look like flags: the text after -p, --system, --stop.
+  static const std::set<std::string> text_valued = {
+      "-p", "--prompt", "--system", "--system-prompt", "-sys", "--stop"};
+  std::vector<std::string> args;
+  const std::string command = argc > 1 ? argv[1] : "";
+  for (int i = 0; i < argc; ++i) {
+    std::string arg = argv[i];
+    const bool is_value = i > 0 && text_valued.count(argv[i - 1]) != 0;
+    if (i > 0 && !is_value) {
+      // -r is bench's --repetitions.
+      if (refused.count(arg) && !(command == "bench" && arg == "-r")) {
+        const std::string& hint = refused.at(arg);
+        fail(arg + " is a llama.cpp flag that Kestrel does not have" +
+             (hint.empty() ? std::string() : " " + hint) + "; see kestrel " + command + " --help");
+      }
+      const auto it = renamed.find(arg);
+      if (it != renamed.end()) {
+        if (!it->second.empty()) args.push_back(it->second);
+        continue;
+      }
+    }
+    args.push_back(arg);
+  }
+  return args;
 }
 
 }  // namespace kestrel::cli
@@ -73,12 +228,14 @@ using kestrel::cli::check;
 using kestrel::cli::fail;
 using kestrel::cli::ModelFlags;
 using kestrel::cli::parse_ids;
+using kestrel::cli::print_warnings;
 using kestrel::cli::unwrap;
 
 void cmd_logits(const ModelFlags& flags, const std::string& ids_text, const std::string& out) {
   if (out.empty()) fail("logits: -o FILE is required");
   const std::vector<int32_t> ids = parse_ids(ids_text, "--ids");
   auto engine = unwrap(kestrel::Engine::create(flags.engine_options()));
+  kestrel::cli::print_load_warnings(*engine);
   const std::vector<float> logits = unwrap(engine->prompt_logits(ids));
   std::ofstream file(out, std::ios::binary | std::ios::trunc);
   file.write(reinterpret_cast<const char*>(logits.data()),
@@ -88,18 +245,20 @@ void cmd_logits(const ModelFlags& flags, const std::string& ids_text, const std:
                (long long)engine->config().vocab_size, out.c_str());
 }
 
-void cmd_convert(const ModelFlags& flags, const std::string& out) {
+void cmd_convert(const ModelFlags& flags, const std::string& out, bool force) {
   const auto start = std::chrono::steady_clock::now();
-  kestrel::ThreadPool pool(flags.threads);
-  kestrel::LoadOptions load;
+  const bool from_dir = flags.model.rfind("synthetic:", 0) != 0;
+  check(kestrel::check_convert_target(from_dir ? flags.model : "", out, force));
   const kestrel::EngineOptions options = flags.engine_options();
+  kestrel::ThreadPool pool(options.threads);
+  kestrel::LoadOptions load;
   load.format = options.format.value_or(kestrel::WeightFormat::sym_int4);
   load.format_explicit = options.format.has_value();
   load.block = flags.block;
   load.progress = !flags.quiet;
   const kestrel::ModelWeights weights = unwrap(kestrel::load_model(flags.model, load, pool));
-  const bool from_dir = flags.model.rfind("synthetic:", 0) != 0;
-  check(kestrel::save_converted(weights, from_dir ? flags.model : "", out));
+  print_warnings(weights);
+  check(kestrel::save_converted(weights, from_dir ? flags.model : "", out, force));
   std::fprintf(stderr, "converted %s to %s (%.2f GB) in %s in %.1fs\n", flags.model.c_str(),
                kestrel::format_name(weights.format), double(weights.resident_bytes()) / 1e9,
                out.c_str(),
@@ -126,16 +285,22 @@ int main(int argc, char** argv) {
   CLI::App* convert = app.add_subcommand("convert", "save a model converted to a low-bit format");
   convert_flags.add_to(convert);
   convert->add_option("-o,--output", convert_out, "output directory")->required();
+  bool convert_force = false;
+  convert->add_flag("--force", convert_force, "replace an output directory that has files in it");
 
   std::vector<kestrel::cli::Command> commands = {
       {logits, [&] { cmd_logits(logits_flags, logits_ids, logits_out); }},
-      {convert, [&] { cmd_convert(convert_flags, convert_out); }},
+      {convert, [&] { cmd_convert(convert_flags, convert_out, convert_force); }},
   };
   kestrel::cli::add_text_commands(app, commands);
   kestrel::cli::add_bench_command(app, commands);
 
+  std::vector<std::string> args = kestrel::cli::translate_llama_flags(argc, argv);
+  // CLI11 takes the arguments last to first.
+  std::reverse(args.begin() + 1, args.end());
+  args.erase(args.begin());
   try {
-    app.parse(argc, argv);
+    app.parse(args);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
@@ -148,6 +313,7 @@ int main(int argc, char** argv) {
     for (const auto& command : commands) {
       if (command.app->parsed()) {
         command.run();
+        kestrel::cli::check_stdout_written();
         return 0;
       }
     }

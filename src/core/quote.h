@@ -7,9 +7,9 @@
 
 namespace kestrel {
 
-// 'text' with control bytes escaped and the length bounded, so every message stays one line.
-inline std::string quote_untrusted(std::string_view text, size_t max_shown = 120) {
-  std::string out = "'";
+// text with control bytes escaped and the length bounded, so every message stays one line.
+inline std::string escape_untrusted(std::string_view text, size_t max_shown) {
+  std::string out;
   for (size_t i = 0; i < text.size() && i < max_shown; ++i) {
     const unsigned char c = static_cast<unsigned char>(text[i]);
     if (c < 0x20 || c == 0x7f) {
@@ -21,7 +21,12 @@ inline std::string quote_untrusted(std::string_view text, size_t max_shown = 120
     }
   }
   if (text.size() > max_shown) out += "...";
-  return out + "'";
+  return out;
+}
+
+// 'text', escaped and bounded as escape_untrusted does.
+inline std::string quote_untrusted(std::string_view text, size_t max_shown = 120) {
+  return "'" + escape_untrusted(text, max_shown) + "'";
 }
 
 }  // namespace kestrel

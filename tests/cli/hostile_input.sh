@@ -7,6 +7,7 @@ source "$(dirname "$0")/common.bash"
 cli_setup "$@"
 good="$src/tests/golden/models/qwen2-tied-f32"
 qwen_tok="$src/.cache/tokenizers/qwen3/models"
+echo '[{"role": "user", "content": "hi"}]' >"$tmp/messages.json"
 
 fail_case() {
   echo "FAIL $1"; shift
@@ -187,8 +188,17 @@ else
   fail_case "unused bias tensors" "$tmp/nobias-with.err"
 fi
 
+# Text a template raises is escaped and bounded: still one line.
+mkdir -p "$tmp/raise"
+python3 - "$tmp/raise/tokenizer_config.json" <<'PY'
+import json, sys
+json.dump({"chat_template": "{{ raise_exception('bad\\nline\\x1b[2J' * 100000) }}"}, open(sys.argv[1], "w"))
+PY
+expect_error "raise_exception text" "template raised an exception: bad\x0aline\x1b[2J" \
+  "$kestrel" template -m "$tmp/raise" --messages "$tmp/messages.json"
+grep -q $'\x1b' "$tmp/stderr" && fail_case "raw ESC on stderr"
+
 # Output that cannot be written is a failure.
-echo '[{"role": "user", "content": "hi"}]' >"$tmp/messages.json"
 expect_error "run > /dev/full" "standard output" \
   sh -c "'$kestrel' run -m synthetic:tiny-qwen2 --ids 1,2 -n 2 --print-ids -q >/dev/full"
 expect_error "tokenize > /dev/full" "standard output" \

@@ -18,6 +18,7 @@
 
 #include "backend/backend.h"
 #include "commands.h"
+#include "core/quote.h"
 #include "core/thread_pool.h"
 #include "kestrel/engine.h"
 #include "model/loader.h"
@@ -25,7 +26,9 @@
 namespace kestrel::cli {
 
 void fail(const std::string& message) {
-  std::fprintf(stderr, "kestrel: error: %s\n", message.c_str());
+  // Messages may carry text from files (a template's raise_exception, a config value): one line,
+  // no terminal control bytes, bounded, whatever they hold.
+  std::fprintf(stderr, "kestrel: error: %s\n", escape_untrusted(message, 2000).c_str());
   std::exit(1);
 }
 

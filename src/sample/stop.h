@@ -18,6 +18,8 @@
 #include <string_view>
 #include <vector>
 
+#include "kestrel/sampling.h"
+
 namespace kestrel {
 
 struct StopConditions {
@@ -27,9 +29,7 @@ struct StopConditions {
   int64_t min_new_tokens = 0;
 };
 
-enum class StopReason : uint8_t { none, eos, stop_string, max_tokens };
-
-const char* stop_reason_name(StopReason reason);
+// StopReason and stop_reason_name() are public (kestrel/sampling.h).
 
 class StopChecker {
  public:

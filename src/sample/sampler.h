@@ -24,18 +24,11 @@
 #include <vector>
 
 #include "core/status.h"
+#include "kestrel/sampling.h"
 
 namespace kestrel {
 
-struct SamplingParams {
-  float temperature = 0.0f;         // 0: greedy
-  int top_k = 0;                    // 0: off
-  float top_p = 1.0f;               // 1: off
-  float min_p = 0.0f;               // 0: off
-  float repetition_penalty = 1.0f;  // 1: off
-  float presence_penalty = 0.0f;    // 0: off
-  uint64_t seed = 0;
-};
+// SamplingParams is public (kestrel/sampling.h).
 
 // Rejects values no sampler accepts (negative temperature, top_p outside (0, 1], ...), naming
 // the parameter.

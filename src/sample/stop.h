@@ -18,6 +18,8 @@
 #include <string_view>
 #include <vector>
 
+#include "kestrel/sampling.h"
+
 namespace kestrel {
 
 struct StopConditions {
@@ -27,10 +29,7 @@ struct StopConditions {
   int64_t min_new_tokens = 0;
 };
 
-// interrupted: the caller asked generation to stop (Ctrl-C in a chat).
-enum class StopReason : uint8_t { none, eos, stop_string, max_tokens, interrupted };
-
-const char* stop_reason_name(StopReason reason);
+// StopReason and stop_reason_name() are public (kestrel/sampling.h).
 
 class StopChecker {
  public:

@@ -34,4 +34,10 @@ pkgconf=$(cache_value PKG_CONFIG_EXECUTABLE)
   >"$tmp/configure.log" 2>&1 ||
   { cat "$tmp/configure.log"; exit 1; }
 "$cmake" --build "$tmp/build" >"$tmp/build.log" 2>&1 || { cat "$tmp/build.log"; exit 1; }
-"$tmp/build/consumer"
+tokenizer="$src/.cache/tokenizers/qwen3/models"
+if [ -f "$tokenizer/tokenizer.json" ]; then
+  "$tmp/build/consumer" "$tokenizer"
+else
+  echo "note: $tokenizer missing (scripts/setup fetches it); the text path is not checked"
+  "$tmp/build/consumer"
+fi

@@ -1,10 +1,53 @@
 // Runs a tiny synthetic model through the installed API and checks what a user would rely on.
+// With a tokenizer directory as its argument (Qwen's, which matches tiny-qwen2's vocabulary), the
+// text path too.
 #include <kestrel/engine.h>
+#include <kestrel/text.h>
 
 #include <cstdio>
 #include <string>
 
-int main() {
+namespace {
+
+int check_text_path(kestrel::Engine& engine, const std::string& tokenizer_dir) {
+  auto text = kestrel::TextGenerator::create(engine, tokenizer_dir);
+  if (!text.is_ok()) {
+    std::fprintf(stderr, "FAIL text: %s\n", text.status().message().c_str());
+    return 1;
+  }
+  auto ids = (*text)->encode("Hello world", false);
+  if (!ids.is_ok() || ids->empty() || (*text)->decode(*ids) != "Hello world") {
+    std::fprintf(stderr, "FAIL encode/decode round trip\n");
+    return 1;
+  }
+  auto rendered = (*text)->render_chat({{"user", "Hi"}}, true);
+  if (!rendered.is_ok() || rendered->find("Hi") == std::string::npos) {
+    std::fprintf(stderr, "FAIL render_chat: %s\n",
+                 rendered.is_ok() ? rendered->c_str() : rendered.status().message().c_str());
+    return 1;
+  }
+  kestrel::TextGenerationParams params;
+  params.max_new_tokens = 5;
+  params.sampling.temperature = 0.8f;
+  params.sampling.seed = 7;
+  std::string streamed;
+  auto stats =
+      (*text)->chat({{"user", "Hi"}}, params, [&](const std::string& piece) { streamed += piece; });
+  if (!stats.is_ok() || stats->generated_tokens < 1 || stats->generated_tokens > 5 ||
+      streamed != stats->text) {
+    std::fprintf(
+        stderr, "FAIL chat: %s\n",
+        stats.is_ok() ? "stats disagree with the stream" : stats.status().message().c_str());
+    return 1;
+  }
+  std::printf("ok text path: %lld tokens, stopped by %s\n", (long long)stats->generated_tokens,
+              kestrel::stop_reason_name(stats->stop_reason));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
   kestrel::EngineOptions options;
   options.model = "synthetic:tiny-qwen2";
   options.threads = 2;
@@ -33,6 +76,7 @@ int main() {
       return 1;
     }
   }
+  if (argc > 1 && check_text_path(**engine, argv[1]) != 0) return 1;
   // Library errors speak in the API's terms, not the command line's.
   options.device = "tpu";
   auto refused = kestrel::Engine::create(options);

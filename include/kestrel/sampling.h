@@ -1,0 +1,26 @@
+// Sampling parameters and why generation stopped: plain types of the public text API
+// (kestrel/text.h). The order in which the parameters apply is that of Hugging Face
+// transformers; src/sample/sampler.h spells it out.
+#pragma once
+
+#include <cstdint>
+
+namespace kestrel {
+
+struct SamplingParams {
+  float temperature = 0.0f;         // 0: greedy
+  int top_k = 0;                    // 0: off
+  float top_p = 1.0f;               // 1: off
+  float min_p = 0.0f;               // 0: off
+  float repetition_penalty = 1.0f;  // 1: off
+  float presence_penalty = 0.0f;    // 0: off
+  uint64_t seed = 0;
+};
+
+// interrupted: the caller asked generation to stop (Ctrl-C in a chat).
+enum class StopReason : uint8_t { none, eos, stop_string, max_tokens, interrupted };
+
+// "none", "eos", "stop_string", "max_tokens".
+const char* stop_reason_name(StopReason reason);
+
+}  // namespace kestrel

@@ -136,6 +136,7 @@ int main(int argc, char** argv) {
   };
   kestrel::cli::add_text_commands(app, commands);
   kestrel::cli::add_bench_command(app, commands);
+  kestrel::cli::add_serve_command(app, commands);
 
   try {
     app.parse(argc, argv);

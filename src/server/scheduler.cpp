@@ -163,6 +163,7 @@ void Scheduler::loop() {
     publish_gauges();
     step();
     std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->done; });
+    publish_gauges();
   }
   publish_gauges();
 }

@@ -56,8 +56,23 @@ Result<json> parse_body(const std::string& body) {
 
 }  // namespace
 
+// Counts a generation request from its admission until its response object is gone. httplib
+// stops writing a chunked response as soon as the listening socket closes, so stop() waits for
+// this count to reach zero first: the final event of every stream gets out.
+class InFlight {
+ public:
+  explicit InFlight(std::atomic<int64_t>& count) : count_(count) { count_.fetch_add(1); }
+  ~InFlight() { count_.fetch_sub(1); }
+  InFlight(const InFlight&) = delete;
+  InFlight& operator=(const InFlight&) = delete;
+
+ private:
+  std::atomic<int64_t>& count_;
+};
+
 struct Server::Impl {
   ServerOptions options;
+  std::atomic<int64_t> in_flight{0};
   Metrics& metrics;
   httplib::Server http;
   std::thread thread;
@@ -286,6 +301,7 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   }
   if (!request.seed_given) request.sampling.seed = std::random_device{}();
 
+  auto in_flight_guard = std::make_shared<InFlight>(in_flight);
   auto channel = std::make_shared<RequestChannel>();
   ScheduledRequest scheduled;
   scheduled.prompt = std::move(prompt);
@@ -334,7 +350,8 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   auto first = std::make_shared<bool>(true);
   res.set_chunked_content_provider(
       "text/event-stream",
-      [channel, header, endpoint, include_usage, first](size_t, httplib::DataSink& sink) {
+      [channel, header, endpoint, include_usage, first, in_flight_guard](size_t,
+                                                                         httplib::DataSink& sink) {
         auto send = [&](const std::string& data) {
           if (sink.write(data.data(), data.size())) return true;
           channel->cancel();  // the client is gone: free the slot at the next step
@@ -418,6 +435,13 @@ void Server::attach(const ServingModel& model) {
 
 void Server::stop() {
   if (!impl_) return;
+  // Responses still being written get their last bytes out first; a client that stopped
+  // reading is cut off by the write timeout.
+  const auto limit = std::chrono::steady_clock::now() +
+                     std::chrono::seconds(impl_->options.write_timeout_seconds + 1);
+  while (impl_->in_flight.load() > 0 && std::chrono::steady_clock::now() < limit) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   if (impl_->http.is_running()) impl_->http.stop();
   if (impl_->thread.joinable()) impl_->thread.join();
 }

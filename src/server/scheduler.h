@@ -8,8 +8,9 @@
 // only to a free slot after the server checked that prompt + max_tokens fits the context, so a
 // running request can always finish (no stream fails half-way for lack of KV cache).
 //
-// Each request samples with its own Sampler and seed, and the engine computes every row of a
-// batch independently of the others, so a request's tokens do not depend on what else runs.
+// Each request samples with its own Sampler and seed, and each token attends only to its own
+// slot, so other requests change a request's logits by float rounding at most (the CPU matmul's
+// accumulation order follows the step's token count; docs/ARCHITECTURE.md).
 #pragma once
 
 #include <atomic>

@@ -84,7 +84,10 @@ Scheduler::Admission Scheduler::submit(ScheduledRequest request) {
   {
     std::lock_guard lock(mutex_);
     if (stopping_) return Admission::shutting_down;
-    if (int64_t(waiting_.size()) >= options_.max_queue) return Admission::queue_full;
+    // Free slots take requests at the next step; the queue holds those beyond them.
+    if (int64_t(waiting_.size()) + active_ >= n_slots_ + options_.max_queue) {
+      return Admission::queue_full;
+    }
     waiting_.push_back(std::move(request));
   }
   wake_.notify_one();
@@ -153,6 +156,7 @@ void Scheduler::loop() {
                                                       std::move(conditions),
                                                       int32_t(engine_.config().vocab_size)));
       }
+      active_ = int64_t(running_.size());
     }
     if (deadline && std::chrono::steady_clock::now() >= *deadline) {
       for (auto& seq : running_) {
@@ -163,6 +167,10 @@ void Scheduler::loop() {
     publish_gauges();
     step();
     std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->done; });
+    {
+      std::lock_guard lock(mutex_);
+      active_ = int64_t(running_.size());
+    }
     publish_gauges();
   }
   publish_gauges();

@@ -73,7 +73,7 @@ struct ScheduledRequest {
 };
 
 struct SchedulerOptions {
-  int64_t max_queue = 64;  // waiting requests beyond the running ones; more are refused
+  int64_t max_queue = 64;  // requests waiting while every slot is busy; more are refused
 };
 
 class Scheduler {
@@ -115,6 +115,7 @@ class Scheduler {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::deque<ScheduledRequest> waiting_;
+  int64_t active_ = 0;  // requests holding a slot (running_.size(), readable under mutex_)
   bool stopping_ = false;
   std::optional<std::chrono::steady_clock::time_point> deadline_;
   std::thread thread_;

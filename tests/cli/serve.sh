@@ -28,7 +28,7 @@ stop_server "$pid" "$work/main.log"
 echo "ok server exits 0 on SIGTERM"
 
 start_server "$work/busy.log" --parallel 1 --max-queue 1 -c 8192 --max-tokens 8000 \
-  --shutdown-grace 1
+  --shutdown-grace 1 --timeout 3
 python3 "$client" busy "$port" "$pid" || { cat "$work/busy.log"; exit 1; }
 wait_exit "$pid" "$work/busy.log"
 grep -q "kestrel serve: stopped" "$work/busy.log" || { cat "$work/busy.log"; exit 1; }

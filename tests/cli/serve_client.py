@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -324,6 +325,21 @@ def run_busy(port, pid):
     """Server with 1 slot and a queue of 1: a long stream runs, one request waits, the next is
     refused with 429; then SIGTERM ends the stream with a final event and the waiter with 503."""
     client = Client(port)
+
+    # A client that sends half its headers and stalls is dropped after --timeout (3 s here), not
+    # held forever; TIMEOUT bounds the wait.
+    slow = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    try:
+        while slow.recv(4096):
+            pass
+    except socket.timeout:
+        fail(f"the server held a stalled client for {TIMEOUT} s")
+    except ConnectionResetError:
+        pass
+    slow.close()
+    print("ok a client that stalls mid-headers is dropped", flush=True)
+
     long_events = []
     started = threading.Event()
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `kestrel serve` on a tiny synthetic model, driven over HTTP by tests/cli/serve_client.py: the
 # OpenAI routes streamed and not, stop strings, usage, every error status, a client that hangs
-# up, greedy and seeded output under 8 concurrent requests against single runs, then a second
-# server for the full queue (429) and SIGTERM (503, final stream event, exit 0).
+# up, greedy and seeded output under 8 concurrent requests against single runs, a load test (64
+# concurrent streaming clients, 192 requests), then a second server for a stalled client, the
+# full queue (429) and SIGTERM (503, final stream event, exit 0), and /health while loading.
 set -euo pipefail
 kestrel="$1"
 src="$2"

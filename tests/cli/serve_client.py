@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A small OpenAI-API client (Python standard library only) that drives `kestrel serve` for
 tests/cli/serve.sh. `main PORT KEY` checks the routes, errors, streaming, stop strings, a client
-disconnect and determinism under concurrency; `busy PORT PID` checks the full queue (429) and the
+disconnect, determinism under concurrency and a 64-client load test; `busy PORT PID` checks the full queue (429) and the
 shutdown on SIGTERM. Every wait is bounded; any failed check exits non-zero with a message."""
 import http.client
 import json
@@ -307,6 +307,8 @@ def run_main(port, key):
     print(f"ok 8 concurrent greedy requests equal their single runs (seeded sampling under "
           f"load: {agree} of 2 equal)", flush=True)
 
+    run_load(client)
+
     text = metrics(client)
     for needle in ['kestrel_http_responses_total{status="200"}',
                    'kestrel_http_responses_total{status="401"}',
@@ -319,6 +321,53 @@ def run_main(port, key):
     check((metric_value(text, "kestrel_generation_tokens_total") or 0) > 100,
           "generation tokens not counted")
     print("ok /metrics", flush=True)
+
+
+def run_load(client):
+    """64 concurrent streaming clients, 192 requests over 16 prompts: every response arrives,
+    complete and equal to its prompt's single-run output (greedy), and the server is healthy
+    after."""
+    prompts = [f"Load test prompt {i}: " + "more " * (i * 3) for i in range(16)]
+    alone = {}
+    for p in prompts:
+        status, _, r = client.post("/v1/completions", {"prompt": p, "max_tokens": 8,
+                                                       "temperature": 0})
+        check(status == 200, f"load alone: {r}")
+        alone[p] = r["choices"][0]["text"]
+    jobs = [prompts[i % len(prompts)] for i in range(192)]
+    results = [None] * len(jobs)
+    lock = threading.Lock()
+    next_job = [0]
+
+    def client_thread():
+        while True:
+            with lock:
+                i = next_job[0]
+                next_job[0] += 1
+            if i >= len(jobs):
+                return
+            events = client.stream("/v1/completions", {"prompt": jobs[i], "max_tokens": 8,
+                                                       "temperature": 0, "stream": True,
+                                                       "stream_options": {"include_usage": True}})
+            text, reason, usage = stream_text(events, "text")
+            results[i] = (text, reason, usage["completion_tokens"] if usage else None)
+
+    threads = [threading.Thread(target=client_thread) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT * 3)
+    for i, job in enumerate(jobs):
+        check(results[i] is not None, f"load: request {i} got no response")
+        text, reason, completion_tokens = results[i]
+        check(text == alone[job], f"load: request {i}: {text!r} != alone {alone[job]!r}")
+        check(reason in ("length", "stop") and completion_tokens is not None,
+              f"load: request {i}: finish {reason}, usage {completion_tokens}")
+    check(client.request("GET", "/health")[0] == 200, "load: /health after the load test")
+    wait_for("no running requests after the load test",
+             lambda: metric_value(metrics(client), "kestrel_requests_running") == 0)
+    print("ok load: 64 concurrent streaming clients, 192 requests, all complete and equal to "
+          "their single runs", flush=True)
 
 
 def run_busy(port, pid):

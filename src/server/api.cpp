@@ -126,15 +126,6 @@ Status parse_common(const json& body, GenerationRequest& r) {
     KS_RETURN_IF_ERROR(
         read_bool(*options, "include_usage", &r.include_usage).with_context("stream_options"));
   }
-  if (const json* logprobs = field(body, "logprobs")) {
-    // Chat sends a bool, completions an integer; only "none wanted" is served for now.
-    if (!(logprobs->is_boolean() && !logprobs->get<bool>())) {
-      return Status::error("logprobs is not supported by this server");
-    }
-  }
-  if (field(body, "top_logprobs") != nullptr) {
-    return Status::error("top_logprobs is not supported by this server");
-  }
   return validate_sampling_params(r.sampling);
 }
 
@@ -182,6 +173,12 @@ Result<GenerationRequest> parse_chat_request(const nlohmann::json& body) {
   GenerationRequest r;
   r.endpoint = Endpoint::chat;
   KS_RETURN_IF_ERROR(parse_common(body, r));
+  bool logprobs = false;
+  KS_RETURN_IF_ERROR(read_bool(body, "logprobs", &logprobs));
+  std::optional<int64_t> top;
+  KS_RETURN_IF_ERROR(read_integer(body, "top_logprobs", 0, 20, &top));
+  if (top && !logprobs) return Status::error("top_logprobs needs logprobs: true");
+  if (logprobs) r.top_logprobs = int(top.value_or(0));
   const json* messages = field(body, "messages");
   if (messages == nullptr) return Status::error("messages is required");
   if (!messages->is_array() || messages->empty()) {
@@ -216,6 +213,9 @@ Result<GenerationRequest> parse_completion_request(const nlohmann::json& body) {
   GenerationRequest r;
   r.endpoint = Endpoint::completion;
   KS_RETURN_IF_ERROR(parse_common(body, r));
+  std::optional<int64_t> logprobs;
+  KS_RETURN_IF_ERROR(read_integer(body, "logprobs", 0, 5, &logprobs));
+  if (logprobs) r.top_logprobs = int(*logprobs);
   const json* prompt = field(body, "prompt");
   if (prompt == nullptr) return Status::error("prompt is required");
   // OpenAI takes a batch of prompts; a list holding one prompt is that prompt.
@@ -271,12 +271,56 @@ json base_object(Endpoint endpoint, const ResponseHeader& header, bool chunk) {
 }
 }  // namespace
 
+namespace {
+json utf8_bytes(const std::string& text) {
+  json bytes = json::array();
+  for (unsigned char c : text) bytes.push_back(int(c));
+  return bytes;
+}
+}  // namespace
+
+nlohmann::json logprobs_json(Endpoint endpoint, const std::vector<TokenLogprob>& tokens,
+                             const TokenText& token_text, size_t text_offset, bool wanted) {
+  if (!wanted) return nullptr;
+  if (endpoint == Endpoint::chat) {
+    json content = json::array();
+    for (const TokenLogprob& t : tokens) {
+      const std::string text = token_text(t.token);
+      json top = json::array();
+      for (const auto& [id, lp] : t.top) {
+        const std::string alt = token_text(id);
+        top.push_back({{"token", alt}, {"logprob", lp}, {"bytes", utf8_bytes(alt)}});
+      }
+      content.push_back({{"token", text},
+                         {"logprob", t.logprob},
+                         {"bytes", utf8_bytes(text)},
+                         {"top_logprobs", top}});
+    }
+    return {{"content", content}};
+  }
+  json out = {{"tokens", json::array()},
+              {"token_logprobs", json::array()},
+              {"top_logprobs", json::array()},
+              {"text_offset", json::array()}};
+  for (const TokenLogprob& t : tokens) {
+    const std::string text = token_text(t.token);
+    json top = json::object();
+    for (const auto& [id, lp] : t.top) top[token_text(id)] = lp;
+    out["tokens"].push_back(text);
+    out["token_logprobs"].push_back(t.logprob);
+    out["top_logprobs"].push_back(top);
+    out["text_offset"].push_back(text_offset);
+    text_offset += text.size();
+  }
+  return out;
+}
+
 nlohmann::json completion_response(Endpoint endpoint, const ResponseHeader& header,
-                                   const std::string& text, FinishReason reason,
-                                   const Usage& usage) {
+                                   const std::string& text, FinishReason reason, const Usage& usage,
+                                   const nlohmann::json& logprobs) {
   json out = base_object(endpoint, header, false);
   json choice = {
-      {"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_reason_name(reason)}};
+      {"index", 0}, {"logprobs", logprobs}, {"finish_reason", finish_reason_name(reason)}};
   if (endpoint == Endpoint::chat) {
     choice["message"] = {{"role", "assistant"}, {"content", text}};
   } else {
@@ -289,9 +333,9 @@ nlohmann::json completion_response(Endpoint endpoint, const ResponseHeader& head
 
 nlohmann::json stream_chunk(Endpoint endpoint, const ResponseHeader& header, bool first,
                             const std::string& text, std::optional<FinishReason> reason,
-                            bool include_usage) {
+                            bool include_usage, const nlohmann::json& logprobs) {
   json out = base_object(endpoint, header, true);
-  json choice = {{"index", 0}, {"logprobs", nullptr}};
+  json choice = {{"index", 0}, {"logprobs", logprobs}};
   choice["finish_reason"] = reason ? json(finish_reason_name(*reason)) : json(nullptr);
   if (endpoint == Endpoint::chat) {
     json delta = json::object();

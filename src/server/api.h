@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -32,7 +33,19 @@ struct GenerationRequest {
   std::vector<std::string> stop;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
+  // -1: no logprobs. Else each generated token's log-probability with this many alternatives
+  // (chat: logprobs true + top_logprobs 0..20; completions: logprobs 0..5).
+  int top_logprobs = -1;
 };
+
+// A generated token's log-probability under the model (log-softmax of the raw logits, before
+// penalties and temperature, as vLLM reports them) and the most likely alternatives.
+struct TokenLogprob {
+  int32_t token = 0;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;  // most likely first
+};
+using TokenText = std::function<std::string(int32_t)>;
 
 // POST /v1/chat/completions.
 Result<GenerationRequest> parse_chat_request(const nlohmann::json& body);
@@ -56,15 +69,20 @@ struct ResponseHeader {
 };
 
 nlohmann::json usage_json(const Usage& usage);
-// The whole non-streamed response.
+// A choice's "logprobs" object: chat {"content": [...]}, completions {"tokens",
+// "token_logprobs", "top_logprobs", "text_offset"}; `text_offset` is where the first token's text
+// starts in the choice's text. Null when logprobs were not asked for.
+nlohmann::json logprobs_json(Endpoint endpoint, const std::vector<TokenLogprob>& tokens,
+                             const TokenText& token_text, size_t text_offset, bool wanted);
+// The whole non-streamed response; `logprobs` is logprobs_json's result.
 nlohmann::json completion_response(Endpoint endpoint, const ResponseHeader& header,
-                                   const std::string& text, FinishReason reason,
-                                   const Usage& usage);
+                                   const std::string& text, FinishReason reason, const Usage& usage,
+                                   const nlohmann::json& logprobs = nullptr);
 // One streamed chunk: `text` as the delta; `reason` set on the last chunk of a choice. With
 // include_usage every chunk carries "usage": null, as OpenAI's do.
 nlohmann::json stream_chunk(Endpoint endpoint, const ResponseHeader& header, bool first,
                             const std::string& text, std::optional<FinishReason> reason,
-                            bool include_usage);
+                            bool include_usage, const nlohmann::json& logprobs = nullptr);
 // The usage chunk after the last choice chunk (stream_options.include_usage): no choices.
 nlohmann::json stream_usage_chunk(Endpoint endpoint, const ResponseHeader& header,
                                   const Usage& usage);

@@ -1,6 +1,7 @@
 #include "server/scheduler.h"
 
 #include <algorithm>
+#include <cmath>
 #include <span>
 
 #include "sample/stop.h"
@@ -8,6 +9,31 @@
 namespace kestrel::server {
 
 namespace {
+// log(sum(exp(row))) in double, stable.
+double log_sum_exp(std::span<const float> row) {
+  float max_value = -INFINITY;
+  for (float v : row) max_value = std::max(max_value, v);
+  double sum = 0;
+  for (float v : row) sum += std::exp(double(v) - double(max_value));
+  return double(max_value) + std::log(sum);
+}
+
+// The k most likely tokens of `row` (ties: lower id) with their log-probabilities.
+std::vector<std::pair<int32_t, float>> top_tokens(std::span<const float> row, int k, double lse) {
+  std::vector<int32_t> best;
+  auto better = [&](int32_t a, int32_t b) {
+    return row[size_t(a)] > row[size_t(b)] || (row[size_t(a)] == row[size_t(b)] && a < b);
+  };
+  for (int32_t i = 0; k > 0 && i < int32_t(row.size()); ++i) {
+    if (int(best.size()) == k && !better(i, best.back())) continue;
+    best.insert(std::upper_bound(best.begin(), best.end(), i, better), i);
+    if (int(best.size()) > k) best.pop_back();
+  }
+  std::vector<std::pair<int32_t, float>> out;
+  for (int32_t id : best) out.push_back({id, float(double(row[size_t(id)]) - lse)});
+  return out;
+}
+
 double seconds_between(std::chrono::steady_clock::time_point a,
                        std::chrono::steady_clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
@@ -56,6 +82,7 @@ struct Scheduler::Sequence {
   StopChecker stop;
   StreamDecoder decoder;
   std::chrono::steady_clock::time_point last_token;
+  std::vector<TokenLogprob> pending_logprobs;  // generated since the last event
   bool done = false;
 
   bool decoding() const { return prefilled == request.prompt.size(); }
@@ -226,9 +253,21 @@ bool Scheduler::step() {
   for (size_t i = 0; i < sampled.size(); ++i) {
     Sequence& seq = *sampled[i];
     std::span<float> row(logits.data() + int64_t(i) * vocab, size_t(vocab));
+    // Log-probabilities come from the raw row, before suppress_eos edits it.
+    std::optional<double> lse;
+    std::vector<std::pair<int32_t, float>> top;
+    if (seq.request.top_logprobs >= 0) {
+      lse = log_sum_exp(row);
+      top = top_tokens(row, seq.request.top_logprobs, *lse);
+    }
     seq.stop.suppress_eos(row);
     // OpenAI's presence and frequency penalties count the generated tokens only.
     const int32_t token = seq.sampler.sample(row, seq.generated);
+    if (lse) {
+      // suppress_eos only lowers eos ids to -inf, which are never sampled: row[token] is raw.
+      seq.pending_logprobs.push_back(
+          {token, float(double(row[size_t(token)]) - *lse), std::move(top)});
+    }
     if (seq.generated.empty()) {
       metrics_.record_first_token(seconds_between(seq.request.arrival, now));
     } else {
@@ -250,6 +289,8 @@ bool Scheduler::step() {
     if (!ready.empty()) {
       StreamEvent text;
       text.text = std::move(ready);
+      text.logprobs = std::move(seq.pending_logprobs);
+      seq.pending_logprobs.clear();
       seq.request.channel->push(std::move(text));
     }
     if (end) {
@@ -260,6 +301,7 @@ bool Scheduler::step() {
       done.reason = why == StopReason::max_tokens ? FinishReason::length : FinishReason::stop;
       done.usage.prompt_tokens = int64_t(seq.request.prompt.size());
       done.usage.completion_tokens = int64_t(seq.generated.size());
+      done.logprobs = std::move(seq.pending_logprobs);
       const std::string metric_reason = finish_reason_name(done.reason);
       finish(seq, std::move(done), metric_reason);
     }

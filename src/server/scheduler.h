@@ -41,6 +41,8 @@ struct StreamEvent {
   Usage usage;                               // finished
   int status = 0;                            // failed: the HTTP status that fits
   std::string message;                       // failed
+  // text, finished: the tokens generated since the last event, when logprobs were asked for.
+  std::vector<TokenLogprob> logprobs;
 };
 
 // The channel between one request's HTTP worker and the scheduler thread.
@@ -68,6 +70,7 @@ struct ScheduledRequest {
   int64_t max_tokens = 1;
   SamplingParams sampling;
   std::vector<std::string> stop;
+  int top_logprobs = -1;  // -1: none; else alternatives per token (GenerationRequest's)
   std::shared_ptr<RequestChannel> channel;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };

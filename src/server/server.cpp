@@ -308,6 +308,7 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   scheduled.max_tokens = max_tokens;
   scheduled.sampling = request.sampling;
   scheduled.stop = request.stop;
+  scheduled.top_logprobs = request.top_logprobs;
   scheduled.channel = channel;
   switch (model.scheduler->submit(std::move(scheduled))) {
     case Scheduler::Admission::queued:
@@ -326,18 +327,25 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   header.model = request.model.empty() ? options.model_name : request.model;
   header.created = int64_t(std::time(nullptr));
 
+  const Tokenizer* tokenizer = model.tokenizer;
+  const TokenText token_text = [tokenizer](int32_t id) { return tokenizer->decode({id}); };
+  const bool logprobs = request.top_logprobs >= 0;
   if (!request.stream) {
     // The scheduler always ends a request with finished or failed, so this wait is bounded by
     // the request's own max_tokens (or the shutdown grace period).
     std::string text;
+    std::vector<TokenLogprob> tokens;
     for (;;) {
       auto event = channel->pop(std::chrono::milliseconds(500));
       if (!event) continue;
+      tokens.insert(tokens.end(), event->logprobs.begin(), event->logprobs.end());
       if (event->kind == StreamEvent::Kind::text) {
         text += event->text;
       } else if (event->kind == StreamEvent::Kind::finished) {
-        return send_json(res, 200,
-                         completion_response(endpoint, header, text, event->reason, event->usage));
+        return send_json(
+            res, 200,
+            completion_response(endpoint, header, text, event->reason, event->usage,
+                                logprobs_json(endpoint, tokens, token_text, 0, logprobs)));
       } else {
         return send_error(res, event->status, event->message);
       }
@@ -348,10 +356,16 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   res.set_header("X-Accel-Buffering", "no");
   const bool include_usage = request.include_usage;
   auto first = std::make_shared<bool>(true);
+  auto offset = std::make_shared<size_t>(0);  // completions' text_offset of the next token
   res.set_chunked_content_provider(
       "text/event-stream",
-      [channel, header, endpoint, include_usage, first, in_flight_guard](size_t,
-                                                                         httplib::DataSink& sink) {
+      [channel, header, endpoint, include_usage, first, offset, token_text, logprobs,
+       in_flight_guard](size_t, httplib::DataSink& sink) {
+        auto chunk_logprobs = [&](const StreamEvent& e) {
+          json out = logprobs_json(endpoint, e.logprobs, token_text, *offset, logprobs);
+          for (const TokenLogprob& t : e.logprobs) *offset += token_text(t.token).size();
+          return out;
+        };
         auto send = [&](const std::string& data) {
           if (sink.write(data.data(), data.size())) return true;
           channel->cancel();  // the client is gone: free the slot at the next step
@@ -369,12 +383,13 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
           if (event->kind == StreamEvent::Kind::text) {
             const bool was_first = *first;
             *first = false;
-            return send(sse_event(stream_chunk(endpoint, header, was_first, event->text,
-                                               std::nullopt, include_usage)));
+            return send(
+                sse_event(stream_chunk(endpoint, header, was_first, event->text, std::nullopt,
+                                       include_usage, chunk_logprobs(*event))));
           }
           if (event->kind == StreamEvent::Kind::finished) {
-            std::string out =
-                sse_event(stream_chunk(endpoint, header, *first, "", event->reason, include_usage));
+            std::string out = sse_event(stream_chunk(endpoint, header, *first, "", event->reason,
+                                                     include_usage, chunk_logprobs(*event)));
             if (include_usage) out += sse_event(stream_usage_chunk(endpoint, header, event->usage));
             out += "data: [DONE]\n\n";
             if (!send(out)) return false;

@@ -233,12 +233,35 @@ def run_main(port, key):
                  {"prompt": list(range(200)), "max_tokens": 400}, contains=["512", "600", "200"])
     expect_error(client, 400, "POST", "/v1/completions", {"prompt": [5, 999999999]},
                  contains=["prompt[1]"])
-    expect_error(client, 400, "POST", "/v1/completions", {"prompt": "hi", "logprobs": 2},
+    expect_error(client, 400, "POST", "/v1/completions", {"prompt": "hi", "logprobs": 6},
                  contains=["logprobs"])
     expect_error(client, 404, "GET", "/v2/nothing", contains=["/v2/nothing"])
     expect_error(client, 413, "POST", "/v1/completions",
                  raw=json.dumps({"prompt": "x" * 70000}), contains=["65536"])
     print("ok errors: 400 (json, fields, context with numbers), 401, 404, 413", flush=True)
+
+    # Logprobs: one entry per generated token; greedy picks the most likely alternative.
+    lp_body = chat_body("Hello there", max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    status, _, r = client.post("/v1/chat/completions", lp_body)
+    check(status == 200, f"logprobs: {r}")
+    content = r["choices"][0]["logprobs"]["content"]
+    check(len(content) == 6, f"logprobs: {len(content)} entries for 6 tokens")
+    for entry in content:
+        check(entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2, f"logprobs: {entry}")
+        check(entry["top_logprobs"][0]["logprob"] == entry["logprob"] and
+              entry["top_logprobs"][0]["token"] == entry["token"] and
+              entry["top_logprobs"][1]["logprob"] <= entry["logprob"],
+              f"greedy token is not the top alternative: {entry}")
+    events = client.stream("/v1/chat/completions", dict(lp_body, stream=True))
+    streamed = [x for e in events[:-1] for c in e["choices"] if c.get("logprobs")
+                for x in c["logprobs"]["content"]]
+    check(streamed == content, "streamed logprobs differ from the whole response's")
+    status, _, r = client.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 4,
+                                                   "temperature": 0, "logprobs": 1})
+    lp = r["choices"][0]["logprobs"]
+    check(status == 200 and len(lp["tokens"]) == 4 and len(lp["token_logprobs"]) == 4 and
+          lp["text_offset"][0] == 0, f"completion logprobs: {r}")
+    print("ok logprobs: chat and completions, streamed and not", flush=True)
 
     status, _, tok = client.post("/tokenize", {"content": "Hello world"})
     check(status == 200 and tok["tokens"], f"/tokenize: {tok}")

@@ -104,7 +104,10 @@ TEST(ServerApi, ChatErrorsNameTheField) {
       chat_error(chat({{"stream_options", {{"include_usage", true}}}})).find("stream_options"),
       std::string::npos);
   EXPECT_NE(chat_error(chat({{"stream", "yes"}})).find("stream"), std::string::npos);
-  EXPECT_NE(chat_error(chat({{"logprobs", true}})).find("logprobs"), std::string::npos);
+  EXPECT_NE(chat_error(chat({{"logprobs", "yes"}})).find("logprobs"), std::string::npos);
+  EXPECT_NE(chat_error(chat({{"top_logprobs", 2}})).find("top_logprobs"), std::string::npos);
+  EXPECT_NE(chat_error(chat({{"logprobs", true}, {"top_logprobs", 21}})).find("top_logprobs"),
+            std::string::npos);
   EXPECT_NE(chat_error(chat({{"presence_penalty", 2.5}})).find("presence_penalty"),
             std::string::npos);
 }
@@ -131,6 +134,31 @@ TEST(ServerApi, CompletionPromptForms) {
         json{{"prompt", "x"}, {"best_of", 2}}, json::object()}) {
     EXPECT_FALSE(parse_completion_request(bad).is_ok()) << bad.dump();
   }
+}
+
+TEST(ServerApi, LogprobsAreAskedForPerEndpoint) {
+  EXPECT_EQ(parse_chat_request(chat())->top_logprobs, -1);
+  EXPECT_EQ(parse_chat_request(chat({{"logprobs", true}}))->top_logprobs, 0);
+  EXPECT_EQ(parse_chat_request(chat({{"logprobs", true}, {"top_logprobs", 3}}))->top_logprobs, 3);
+  EXPECT_EQ(parse_completion_request({{"prompt", "x"}})->top_logprobs, -1);
+  EXPECT_EQ(parse_completion_request({{"prompt", "x"}, {"logprobs", 0}})->top_logprobs, 0);
+  EXPECT_EQ(parse_completion_request({{"prompt", "x"}, {"logprobs", 5}})->top_logprobs, 5);
+  EXPECT_FALSE(parse_completion_request({{"prompt", "x"}, {"logprobs", 6}}).is_ok());
+
+  const std::vector<TokenLogprob> tokens = {{7, -0.5f, {{7, -0.5f}, {8, -1.5f}}},
+                                            {8, -0.25f, {{8, -0.25f}, {7, -2.0f}}}};
+  const TokenText text = [](int32_t id) { return id == 7 ? std::string("ab") : std::string("c"); };
+  EXPECT_TRUE(logprobs_json(Endpoint::chat, tokens, text, 0, false).is_null());
+  const json chat_lp = logprobs_json(Endpoint::chat, tokens, text, 0, true);
+  EXPECT_EQ(chat_lp["content"][0]["token"], "ab");
+  EXPECT_EQ(chat_lp["content"][0]["bytes"], json({97, 98}));
+  EXPECT_EQ(chat_lp["content"][1]["logprob"], -0.25);
+  EXPECT_EQ(chat_lp["content"][1]["top_logprobs"][1]["token"], "ab");
+  const json comp_lp = logprobs_json(Endpoint::completion, tokens, text, 10, true);
+  EXPECT_EQ(comp_lp["tokens"], json({"ab", "c"}));
+  EXPECT_EQ(comp_lp["token_logprobs"], json({-0.5, -0.25}));
+  EXPECT_EQ(comp_lp["text_offset"], json({10, 12}));
+  EXPECT_EQ(comp_lp["top_logprobs"][0]["c"], -1.5);
 }
 
 TEST(ServerApi, ResponsesHaveOpenAiShapes) {

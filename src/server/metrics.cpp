@@ -95,16 +95,6 @@ void Metrics::set_queue(int64_t running, int64_t waiting, int64_t slots) {
   slots_ = slots;
 }
 
-int64_t Metrics::running() const {
-  std::lock_guard lock(mutex_);
-  return running_;
-}
-
-int64_t Metrics::waiting() const {
-  std::lock_guard lock(mutex_);
-  return waiting_;
-}
-
 std::string Metrics::render() const {
   std::lock_guard lock(mutex_);
   std::string out;

@@ -37,8 +37,6 @@ class Metrics {
   void record_finished(const std::string& reason);  // stop, length, abort, error
   void set_queue(int64_t running, int64_t waiting, int64_t slots);
 
-  int64_t running() const;
-  int64_t waiting() const;
   std::string render() const;
 
  private:

@@ -97,8 +97,6 @@ class Scheduler {
   // has passed, then ends them with a failed event; returns once the thread has stopped.
   void shutdown(std::chrono::milliseconds grace);
 
-  int64_t slots() const { return n_slots_; }
-
  private:
   struct Sequence;
   void loop();

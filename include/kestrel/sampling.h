@@ -14,6 +14,7 @@ struct SamplingParams {
   float min_p = 0.0f;               // 0: off
   float repetition_penalty = 1.0f;  // 1: off
   float presence_penalty = 0.0f;    // 0: off
+  float frequency_penalty = 0.0f;   // 0: off; subtracted once per earlier occurrence
   uint64_t seed = 0;
 };
 

@@ -46,6 +46,9 @@ Status validate_sampling_params(const SamplingParams& p) {
   if (!std::isfinite(p.presence_penalty)) {
     return Status::error("presence_penalty must be a finite number");
   }
+  if (!std::isfinite(p.frequency_penalty)) {
+    return Status::error("frequency_penalty must be a finite number");
+  }
   return Status::ok();
 }
 
@@ -83,6 +86,7 @@ Sampler::Sampler(const SamplingParams& params, int32_t vocab_size)
     params_.repetition_penalty = 1;
   }
   if (!std::isfinite(params_.presence_penalty)) params_.presence_penalty = 0;
+  if (!std::isfinite(params_.frequency_penalty)) params_.frequency_penalty = 0;
   work_.resize(static_cast<size_t>(vocab_size_));
   seen_.assign(static_cast<size_t>(vocab_size_), 0);
 }
@@ -94,18 +98,24 @@ bool Sampler::greedy() const {
 void Sampler::apply_penalties(std::span<float> logits, std::span<const int32_t> history) {
   const float rep = params_.repetition_penalty;
   const float presence = params_.presence_penalty;
-  if (rep == 1.0f && presence == 0.0f) return;
+  const float frequency = params_.frequency_penalty;
+  if (rep == 1.0f && presence == 0.0f && frequency == 0.0f) return;
   const size_t n = std::min(logits.size(), static_cast<size_t>(vocab_size_));
   if (++stamp_ == 0) {  // wrapped: forget old stamps
     std::fill(seen_.begin(), seen_.end(), 0);
     stamp_ = 1;
   }
   for (const int32_t id : history) {
-    if (id < 0 || static_cast<size_t>(id) >= n || seen_[id] == stamp_) continue;
-    seen_[id] = stamp_;
-    float l = logits[id];
-    if (rep != 1.0f) l = l > 0 ? l / rep : l * rep;
-    logits[id] = l - presence;
+    if (id < 0 || static_cast<size_t>(id) >= n) continue;
+    // The multiplicative penalty and the presence penalty act once per distinct token, before
+    // the per-occurrence frequency penalty (OpenAI's order: logit - count * f - present * p).
+    if (seen_[id] != stamp_) {
+      seen_[id] = stamp_;
+      float l = logits[id];
+      if (rep != 1.0f) l = l > 0 ? l / rep : l * rep;
+      logits[id] = l - presence;
+    }
+    logits[id] -= frequency;
   }
 }
 

@@ -5,7 +5,8 @@
 // generate() builds them):
 //   1. penalties  repetition_penalty (HF): for each distinct token in `history`, a logit l
 //                 becomes l / p when l > 0, else l * p; presence_penalty (OpenAI): subtract it
-//                 once from the logit of each distinct token in `history`;
+//                 once from the logit of each distinct token in `history`; frequency_penalty
+//                 (OpenAI): subtract it once per occurrence of a token in `history`;
 //   2. greedy     temperature == 0 (or top_k == 1): the highest logit, lowest id on ties;
 //   3. temperature  l / T;
 //   4. top-k      keep the k highest logits and every logit tied with the k-th (as HF does);

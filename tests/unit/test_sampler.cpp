@@ -220,6 +220,15 @@ TEST(Sampler, PenaltiesFollowHfAndOpenAi) {
   presence.apply_penalties(logits, history);
   EXPECT_EQ(logits, (std::vector<float>{1.5f, -2.5f, 3.0f, 0.5f, -0.5f}));
 
+  // Frequency counts every occurrence: token 1 appears twice.
+  p.presence_penalty = 0.0f;
+  p.frequency_penalty = 0.25f;
+  Sampler frequency(p, 5);
+  logits = {2.0f, -2.0f, 3.0f, 0.5f, 0.0f};
+  frequency.apply_penalties(logits, history);
+  EXPECT_EQ(logits, (std::vector<float>{1.75f, -2.5f, 3.0f, 0.5f, -0.25f}));
+  p.frequency_penalty = 0.0f;
+
   // Greedy sees the penalized logits: token 2 wins once token 0 is penalized enough.
   p.presence_penalty = 0.0f;
   p.repetition_penalty = 1.6f;

@@ -78,4 +78,7 @@ void add_text_commands(CLI::App& app, std::vector<Command>& commands);
 // `kestrel bench` (tools/kestrel/cmd_bench.cpp).
 void add_bench_command(CLI::App& app, std::vector<Command>& commands);
 
+// `kestrel serve` (tools/kestrel/cmd_serve.cpp).
+void add_serve_command(CLI::App& app, std::vector<Command>& commands);
+
 }  // namespace kestrel::cli

@@ -297,6 +297,7 @@ int main(int argc, char** argv) {
   };
   kestrel::cli::add_text_commands(app, commands);
   kestrel::cli::add_bench_command(app, commands);
+  kestrel::cli::add_serve_command(app, commands);
 
   std::vector<std::string> args = kestrel::cli::translate_llama_flags(argc, argv);
   // CLI11 takes the arguments last to first.

@@ -1,0 +1,127 @@
+#include "server/metrics.h"
+
+#include <cstdio>
+
+namespace kestrel::server {
+
+namespace {
+std::string number(double value) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.9g", value);
+  return buf;
+}
+
+void line(std::string& out, const std::string& text) {
+  out += text;
+  out += '\n';
+}
+
+void header(std::string& out, const std::string& name, const char* type, const char* help) {
+  line(out, "# HELP " + name + " " + help);
+  line(out, "# TYPE " + name + " " + type);
+}
+
+template <typename T>
+void scalar(std::string& out, const std::string& name, const char* type, const char* help,
+            T value) {
+  header(out, name, type, help);
+  line(out, name + " " + std::to_string(value));
+}
+}  // namespace
+
+Histogram::Histogram(std::vector<double> bounds)
+    : bounds_(std::move(bounds)), counts_(bounds_.size() + 1, 0) {}
+
+void Histogram::observe(double value) {
+  size_t i = 0;
+  while (i < bounds_.size() && value > bounds_[i]) ++i;
+  ++counts_[i];
+  sum_ += value;
+  ++count_;
+}
+
+void Histogram::render(const std::string& name, std::string& out) const {
+  uint64_t cumulative = 0;
+  for (size_t i = 0; i < bounds_.size(); ++i) {
+    cumulative += counts_[i];
+    line(out, name + "_bucket{le=\"" + number(bounds_[i]) + "\"} " + std::to_string(cumulative));
+  }
+  line(out, name + "_bucket{le=\"+Inf\"} " + std::to_string(count_));
+  line(out, name + "_sum " + number(sum_));
+  line(out, name + "_count " + std::to_string(count_));
+}
+
+// Buckets span a GPU's milliseconds to a loaded CPU's seconds (vLLM uses similar ranges).
+Metrics::Metrics()
+    : first_token_({0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5,
+                    7.5, 10, 20, 40, 80}),
+      token_gap_({0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                  0.75, 1, 2.5, 5, 10}) {}
+
+void Metrics::record_response(int status) {
+  std::lock_guard lock(mutex_);
+  ++responses_[status];
+}
+
+void Metrics::record_prompt_tokens(int64_t n) {
+  std::lock_guard lock(mutex_);
+  prompt_tokens_ += uint64_t(n);
+}
+
+void Metrics::record_generated_tokens(int64_t n) {
+  std::lock_guard lock(mutex_);
+  generated_tokens_ += uint64_t(n);
+}
+
+void Metrics::record_first_token(double seconds) {
+  std::lock_guard lock(mutex_);
+  first_token_.observe(seconds);
+}
+
+void Metrics::record_token_gap(double seconds) {
+  std::lock_guard lock(mutex_);
+  token_gap_.observe(seconds);
+}
+
+void Metrics::record_finished(const std::string& reason) {
+  std::lock_guard lock(mutex_);
+  ++finished_[reason];
+}
+
+void Metrics::set_queue(int64_t running, int64_t waiting, int64_t slots) {
+  std::lock_guard lock(mutex_);
+  running_ = running;
+  waiting_ = waiting;
+  slots_ = slots;
+}
+
+std::string Metrics::render() const {
+  std::lock_guard lock(mutex_);
+  std::string out;
+  header(out, "kestrel_http_responses_total", "counter", "HTTP responses by status code.");
+  for (const auto& [status, count] : responses_) {
+    line(out, "kestrel_http_responses_total{status=\"" + std::to_string(status) + "\"} " +
+                  std::to_string(count));
+  }
+  header(out, "kestrel_requests_finished_total", "counter",
+         "Generation requests by how they ended.");
+  for (const auto& [reason, count] : finished_) {
+    line(out,
+         "kestrel_requests_finished_total{reason=\"" + reason + "\"} " + std::to_string(count));
+  }
+  scalar(out, "kestrel_prompt_tokens_total", "counter", "Prompt tokens prefilled.", prompt_tokens_);
+  scalar(out, "kestrel_generation_tokens_total", "counter", "Tokens generated.", generated_tokens_);
+  header(out, "kestrel_time_to_first_token_seconds", "histogram",
+         "Arrival to the first generated token.");
+  first_token_.render("kestrel_time_to_first_token_seconds", out);
+  header(out, "kestrel_time_per_output_token_seconds", "histogram",
+         "Time between generated tokens.");
+  token_gap_.render("kestrel_time_per_output_token_seconds", out);
+  scalar(out, "kestrel_requests_running", "gauge", "Requests holding a sequence slot.", running_);
+  scalar(out, "kestrel_requests_waiting", "gauge", "Requests queued for a slot.", waiting_);
+  scalar(out, "kestrel_slots", "gauge", "Sequence slots (KV cache of the full context each).",
+         slots_);
+  return out;
+}
+
+}  // namespace kestrel::server

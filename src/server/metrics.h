@@ -1,0 +1,55 @@
+// The server's counters in Prometheus text format (GET /metrics). Thread-safe: HTTP workers and
+// the scheduler thread record into one Metrics.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace kestrel::server {
+
+// A cumulative histogram with fixed upper bounds (seconds), as Prometheus expects.
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> bounds);
+  void observe(double value);
+  // "NAME_bucket{le=...} N" lines, NAME_sum and NAME_count.
+  void render(const std::string& name, std::string& out) const;
+
+ private:
+  std::vector<double> bounds_;
+  std::vector<uint64_t> counts_;  // [bounds_.size() + 1]: the last is +Inf
+  double sum_ = 0;
+  uint64_t count_ = 0;
+};
+
+class Metrics {
+ public:
+  Metrics();
+
+  void record_response(int status);
+  void record_prompt_tokens(int64_t n);
+  void record_generated_tokens(int64_t n);
+  void record_first_token(double seconds);          // arrival to the first generated token
+  void record_token_gap(double seconds);            // between two generated tokens of one request
+  void record_finished(const std::string& reason);  // stop, length, abort, error
+  void set_queue(int64_t running, int64_t waiting, int64_t slots);
+
+  std::string render() const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::map<int, uint64_t> responses_;  // by HTTP status
+  std::map<std::string, uint64_t> finished_;
+  uint64_t prompt_tokens_ = 0;
+  uint64_t generated_tokens_ = 0;
+  Histogram first_token_;
+  Histogram token_gap_;
+  int64_t running_ = 0;
+  int64_t waiting_ = 0;
+  int64_t slots_ = 0;
+};
+
+}  // namespace kestrel::server

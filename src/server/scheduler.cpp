@@ -1,0 +1,313 @@
+#include "server/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <span>
+
+#include "io/config.h"
+#include "sample/stop.h"
+
+namespace kestrel::server {
+
+namespace {
+// log(sum(exp(row))) in double, stable.
+double log_sum_exp(std::span<const float> row) {
+  float max_value = -INFINITY;
+  for (float v : row) max_value = std::max(max_value, v);
+  double sum = 0;
+  for (float v : row) sum += std::exp(double(v) - double(max_value));
+  return double(max_value) + std::log(sum);
+}
+
+// The k most likely tokens of `row` (ties: lower id) with their log-probabilities.
+std::vector<std::pair<int32_t, float>> top_tokens(std::span<const float> row, int k, double lse) {
+  std::vector<int32_t> best;
+  auto better = [&](int32_t a, int32_t b) {
+    return row[size_t(a)] > row[size_t(b)] || (row[size_t(a)] == row[size_t(b)] && a < b);
+  };
+  for (int32_t i = 0; k > 0 && i < int32_t(row.size()); ++i) {
+    if (int(best.size()) == k && !better(i, best.back())) continue;
+    best.insert(std::upper_bound(best.begin(), best.end(), i, better), i);
+    if (int(best.size()) > k) best.pop_back();
+  }
+  std::vector<std::pair<int32_t, float>> out;
+  for (int32_t id : best) out.push_back({id, float(double(row[size_t(id)]) - lse)});
+  return out;
+}
+
+double seconds_between(std::chrono::steady_clock::time_point a,
+                       std::chrono::steady_clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+StreamEvent failed(int status, std::string message) {
+  StreamEvent e;
+  e.kind = StreamEvent::Kind::failed;
+  e.status = status;
+  e.message = std::move(message);
+  return e;
+}
+}  // namespace
+
+void RequestChannel::push(StreamEvent event) {
+  {
+    std::lock_guard lock(mutex_);
+    events_.push_back(std::move(event));
+  }
+  ready_.notify_one();
+}
+
+std::optional<StreamEvent> RequestChannel::pop(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mutex_);
+  if (!ready_.wait_for(lock, timeout, [&] { return !events_.empty(); })) return std::nullopt;
+  StreamEvent e = std::move(events_.front());
+  events_.pop_front();
+  return e;
+}
+
+// A request holding a slot: its prompt goes in over one or more steps, then one token a step.
+struct Scheduler::Sequence {
+  Sequence(ScheduledRequest r, int32_t s, const Tokenizer& tokenizer, StopConditions conditions,
+           int32_t vocab)
+      : request(std::move(r)),
+        slot(s),
+        sampler(request.sampling, vocab),
+        stop(std::move(conditions)),
+        decoder(tokenizer, /*skip_special_tokens=*/true) {}
+
+  ScheduledRequest request;
+  int32_t slot;
+  size_t prefilled = 0;  // prompt tokens whose keys and values the slot holds
+  std::vector<int32_t> generated;
+  Sampler sampler;
+  StopChecker stop;
+  StreamDecoder decoder;
+  std::chrono::steady_clock::time_point last_token;
+  std::vector<TokenLogprob> pending_logprobs;  // generated since the last event
+  bool done = false;
+
+  bool decoding() const { return prefilled == request.prompt.size(); }
+};
+
+Scheduler::Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metrics,
+                     SchedulerOptions options)
+    : engine_(engine), tokenizer_(tokenizer), metrics_(metrics), options_(options) {
+  n_slots_ = engine_.run_shape().max_seqs;
+  // Every step's logit rows are a subset of its tokens, so the budget is the smaller of the two.
+  budget_ = std::min(engine_.run_shape().max_batch_tokens, engine_.run_shape().max_logit_rows);
+  for (int64_t id : engine_.config().eos_token_ids) eos_ids_.push_back(int32_t(id));
+  slot_busy_.assign(size_t(n_slots_), false);
+}
+
+Scheduler::~Scheduler() {
+  shutdown(std::chrono::milliseconds(0));
+}
+
+void Scheduler::start() {
+  publish_gauges();
+  thread_ = std::thread([this] { loop(); });
+}
+
+Scheduler::Admission Scheduler::submit(ScheduledRequest request) {
+  {
+    std::lock_guard lock(mutex_);
+    if (stopping_) return Admission::shutting_down;
+    // Free slots take requests at the next step; the queue holds those beyond them.
+    if (int64_t(waiting_.size()) + active_ >= n_slots_ + options_.max_queue) {
+      return Admission::queue_full;
+    }
+    waiting_.push_back(std::move(request));
+  }
+  wake_.notify_one();
+  return Admission::queued;
+}
+
+void Scheduler::shutdown(std::chrono::milliseconds grace) {
+  {
+    std::lock_guard lock(mutex_);
+    if (!stopping_) {
+      stopping_ = true;
+      deadline_ = std::chrono::steady_clock::now() + grace;
+    }
+  }
+  wake_.notify_one();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Scheduler::publish_gauges() {
+  int64_t waiting = 0;
+  {
+    std::lock_guard lock(mutex_);
+    waiting = int64_t(waiting_.size());
+  }
+  metrics_.set_queue(int64_t(running_.size()), waiting, n_slots_);
+}
+
+void Scheduler::finish(Sequence& seq, StreamEvent event, const std::string& metric_reason) {
+  seq.done = true;
+  slot_busy_[size_t(seq.slot)] = false;
+  metrics_.record_finished(metric_reason);
+  seq.request.channel->push(std::move(event));
+}
+
+void Scheduler::loop() {
+  for (;;) {
+    std::optional<std::chrono::steady_clock::time_point> deadline;
+    {
+      std::unique_lock lock(mutex_);
+      wake_.wait(lock, [&] { return stopping_ || !waiting_.empty() || !running_.empty(); });
+      if (stopping_) {
+        for (ScheduledRequest& r : waiting_) {
+          r.channel->push(failed(503, "the server is shutting down"));
+          metrics_.record_finished("shutdown");
+        }
+        waiting_.clear();
+        if (running_.empty()) break;
+      }
+      deadline = deadline_;
+      // First come, first served: the queue's head takes the next free slot.
+      while (!waiting_.empty() && int64_t(running_.size()) < n_slots_) {
+        ScheduledRequest r = std::move(waiting_.front());
+        waiting_.pop_front();
+        if (r.channel->cancelled()) {
+          metrics_.record_finished("abort");
+          continue;
+        }
+        const auto free_slot = std::find(slot_busy_.begin(), slot_busy_.end(), false);
+        const int32_t slot = int32_t(free_slot - slot_busy_.begin());
+        slot_busy_[size_t(slot)] = true;
+        StopConditions conditions;
+        conditions.eos_ids = eos_ids_;
+        conditions.stop_strings = r.stop;
+        conditions.max_new_tokens = r.max_tokens;
+        running_.push_back(std::make_unique<Sequence>(std::move(r), slot, tokenizer_,
+                                                      std::move(conditions),
+                                                      int32_t(engine_.config().vocab_size)));
+      }
+      active_ = int64_t(running_.size());
+    }
+    if (deadline && std::chrono::steady_clock::now() >= *deadline) {
+      for (auto& seq : running_) {
+        finish(*seq, failed(503, "the server is shutting down"), "shutdown");
+      }
+      running_.clear();
+    }
+    publish_gauges();
+    step();
+    std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->done; });
+    {
+      std::lock_guard lock(mutex_);
+      active_ = int64_t(running_.size());
+    }
+    publish_gauges();
+  }
+  publish_gauges();
+}
+
+bool Scheduler::step() {
+  for (auto& seq : running_) {
+    // The slot is simply forgotten: the next request in it starts at position 0 and attention
+    // never reads positions beyond the token being computed.
+    if (seq->request.channel->cancelled()) finish(*seq, failed(499, "client went away"), "abort");
+  }
+  std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->done; });
+  if (running_.empty()) return false;
+
+  Batch batch;
+  std::vector<Sequence*> sampled;  // in the order of the batch's logit rows
+  int64_t budget = budget_;
+  // Decode tokens first, so running streams advance every step whatever prompts are waiting.
+  for (auto& seq : running_) {
+    if (!seq->decoding()) continue;
+    const size_t position = seq->request.prompt.size() + seq->generated.size() - 1;
+    batch.add(seq->generated.back(), int32_t(position), seq->slot, true);
+    sampled.push_back(seq.get());
+    --budget;
+  }
+  // Then prompt chunks in admission order, in what the budget leaves.
+  for (auto& seq : running_) {
+    if (seq->decoding() || budget <= 0) continue;
+    const std::vector<int32_t>& prompt = seq->request.prompt;
+    const size_t n = std::min(prompt.size() - seq->prefilled, size_t(budget));
+    for (size_t i = seq->prefilled; i < seq->prefilled + n; ++i) {
+      batch.add(prompt[i], int32_t(i), seq->slot, i + 1 == prompt.size());
+    }
+    seq->prefilled += n;
+    budget -= int64_t(n);
+    metrics_.record_prompt_tokens(int64_t(n));
+    if (seq->decoding()) sampled.push_back(seq.get());
+  }
+
+  std::vector<float> logits;
+  const Status status = engine_.run(batch, &logits);
+  if (!status.is_ok()) {
+    // A backend failure is the server's fault, and it is not known which rows it spoiled: every
+    // sequence of the step ends.
+    for (auto& seq : running_) {
+      finish(*seq, failed(500, "generation failed: " + status.message()), "error");
+    }
+    return true;
+  }
+
+  const int64_t vocab = engine_.config().vocab_size;
+  const auto now = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < sampled.size(); ++i) {
+    Sequence& seq = *sampled[i];
+    std::span<float> row(logits.data() + int64_t(i) * vocab, size_t(vocab));
+    // Log-probabilities come from the raw row, before suppress_eos edits it.
+    std::optional<double> lse;
+    std::vector<std::pair<int32_t, float>> top;
+    if (seq.request.top_logprobs >= 0) {
+      lse = log_sum_exp(row);
+      top = top_tokens(row, seq.request.top_logprobs, *lse);
+    }
+    seq.stop.suppress_eos(row);
+    // OpenAI's presence and frequency penalties count the generated tokens only.
+    const int32_t token = seq.sampler.sample(row, seq.generated);
+    if (lse) {
+      // suppress_eos only lowers eos ids to -inf, which are never sampled: row[token] is raw.
+      seq.pending_logprobs.push_back(
+          {token, float(double(row[size_t(token)]) - *lse), std::move(top)});
+    }
+    if (seq.generated.empty()) {
+      metrics_.record_first_token(seconds_between(seq.request.arrival, now));
+    } else {
+      metrics_.record_token_gap(seconds_between(seq.last_token, now));
+    }
+    seq.last_token = now;
+    seq.generated.push_back(token);
+    metrics_.record_generated_tokens(1);
+
+    const StopReason reason = seq.stop.add(token, seq.decoder.feed(token));
+    std::string ready = seq.stop.take_ready_text();
+    const bool end = reason != StopReason::none || seq.stop.done();
+    if (end) {
+      ready += seq.stop.take_remaining_text();
+      // A budget that ran out mid-character shows the partial character, as HF's decode does;
+      // after a stop string the decoder's tail belongs to the cut-off text.
+      if (seq.stop.reason() != StopReason::stop_string) ready += seq.decoder.finish();
+    }
+    if (!ready.empty()) {
+      StreamEvent text;
+      text.text = std::move(ready);
+      text.logprobs = std::move(seq.pending_logprobs);
+      seq.pending_logprobs.clear();
+      seq.request.channel->push(std::move(text));
+    }
+    if (end) {
+      const StopReason why =
+          seq.stop.reason() == StopReason::none ? StopReason::max_tokens : seq.stop.reason();
+      StreamEvent done;
+      done.kind = StreamEvent::Kind::finished;
+      done.reason = why == StopReason::max_tokens ? FinishReason::length : FinishReason::stop;
+      done.usage.prompt_tokens = int64_t(seq.request.prompt.size());
+      done.usage.completion_tokens = int64_t(seq.generated.size());
+      done.logprobs = std::move(seq.pending_logprobs);
+      const std::string metric_reason = finish_reason_name(done.reason);
+      finish(seq, std::move(done), metric_reason);
+    }
+  }
+  return true;
+}
+
+}  // namespace kestrel::server

@@ -1,0 +1,129 @@
+// Continuous batching: one thread owns the Engine and runs steps. A step carries the next token
+// of every sequence that is decoding plus chunks of prompts still being prefilled, within a
+// token budget, so a long prompt never stalls the running streams. Requests join between steps,
+// first come first served, from a bounded queue; a request whose client has gone frees its slot
+// at the next step.
+//
+// Memory: each of the engine's sequence slots holds the full context, and a request is admitted
+// only to a free slot after the server checked that prompt + max_tokens fits the context, so a
+// running request can always finish (no stream fails half-way for lack of KV cache).
+//
+// Each request samples with its own Sampler and seed, and each token attends only to its own
+// slot, so other requests change a request's logits by float rounding at most (the CPU matmul's
+// accumulation order follows the step's token count; docs/ARCHITECTURE.md).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kestrel/engine.h"
+#include "sample/sampler.h"
+#include "server/api.h"
+#include "server/metrics.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kestrel::server {
+
+// What the scheduler tells the request's HTTP worker.
+struct StreamEvent {
+  enum class Kind : uint8_t { text, finished, failed } kind = Kind::text;
+  std::string text;                          // text: the next piece of output
+  FinishReason reason = FinishReason::stop;  // finished
+  Usage usage;                               // finished
+  int status = 0;                            // failed: the HTTP status that fits
+  std::string message;                       // failed
+  // text, finished: the tokens generated since the last event, when logprobs were asked for.
+  std::vector<TokenLogprob> logprobs;
+};
+
+// The channel between one request's HTTP worker and the scheduler thread.
+class RequestChannel {
+ public:
+  // Scheduler side.
+  void push(StreamEvent event);
+  bool cancelled() const { return cancelled_.load(); }
+
+  // HTTP side: the next event, or nullopt after `timeout`.
+  std::optional<StreamEvent> pop(std::chrono::milliseconds timeout);
+  // The client is gone: the scheduler drops the request at its next step.
+  void cancel() { cancelled_.store(true); }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<StreamEvent> events_;
+  std::atomic<bool> cancelled_{false};
+};
+
+// A request the server has validated: the prompt fits the context with max_tokens.
+struct ScheduledRequest {
+  std::vector<int32_t> prompt;  // token ids, each inside the model's vocabulary
+  int64_t max_tokens = 1;
+  SamplingParams sampling;
+  std::vector<std::string> stop;
+  int top_logprobs = -1;  // -1: none; else alternatives per token (GenerationRequest's)
+  std::shared_ptr<RequestChannel> channel;
+  std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
+};
+
+struct SchedulerOptions {
+  int64_t max_queue = 64;  // requests waiting while every slot is busy; more are refused
+};
+
+class Scheduler {
+ public:
+  // `engine` must have been created with its sequence slots (max_seqs) and a batch of at least
+  // max_seqs tokens; the scheduler uses all of them.
+  Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metrics, SchedulerOptions options);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  void start();
+
+  enum class Admission : uint8_t { queued, queue_full, shutting_down };
+  Admission submit(ScheduledRequest request);
+
+  // Stops taking requests (queued ones fail with 503), lets running ones go on until `grace`
+  // has passed, then ends them with a failed event; returns once the thread has stopped.
+  void shutdown(std::chrono::milliseconds grace);
+
+ private:
+  struct Sequence;
+  void loop();
+  // One forward call over the running sequences; false when there was nothing to run.
+  bool step();
+  void finish(Sequence& seq, StreamEvent event, const std::string& metric_reason);
+  void publish_gauges();
+
+  Engine& engine_;
+  const Tokenizer& tokenizer_;
+  Metrics& metrics_;
+  SchedulerOptions options_;
+  int64_t n_slots_ = 0;
+  int64_t budget_ = 0;  // tokens per step
+  std::vector<int32_t> eos_ids_;
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<ScheduledRequest> waiting_;
+  int64_t active_ = 0;  // requests holding a slot (running_.size(), readable under mutex_)
+  bool stopping_ = false;
+  std::optional<std::chrono::steady_clock::time_point> deadline_;
+  std::thread thread_;
+
+  // Scheduler-thread state.
+  std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
+  std::vector<bool> slot_busy_;
+};
+
+}  // namespace kestrel::server

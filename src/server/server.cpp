@@ -1,0 +1,465 @@
+#include "server/server.h"
+
+#include <httplib.h>
+
+#include <atomic>
+#include <ctime>
+#include <random>
+
+#include "core/quote.h"
+#include "io/config.h"
+#include "server/api.h"
+
+namespace kestrel::server {
+
+using nlohmann::json;
+
+bool constant_time_equal(const std::string& a, const std::string& b) {
+  // Every byte of the longer string is visited whatever the contents.
+  const size_t n = std::max(a.size(), b.size());
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= static_cast<unsigned char>(x ^ y);
+  }
+  return diff == 0;
+}
+
+namespace {
+
+void send_json(httplib::Response& res, int status, const json& body) {
+  res.status = status;
+  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
+}
+
+void send_error(httplib::Response& res, int status, const std::string& message) {
+  send_json(res, status, error_json(status, message));
+}
+
+std::string random_id(const char* prefix) {
+  static std::atomic<uint64_t> counter{0};
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%s%016llx%04llx", prefix, (unsigned long long)rng(),
+                (unsigned long long)(counter.fetch_add(1) & 0xffff));
+  return buf;
+}
+
+// Parses a request body as JSON; the error names where the JSON broke.
+Result<json> parse_body(const std::string& body) {
+  try {
+    return json::parse(body);
+  } catch (const json::parse_error& e) {
+    return Status::error(std::string("the request body is not valid JSON: ") + e.what());
+  }
+}
+
+}  // namespace
+
+// Counts a generation request from its admission until its response object is gone. httplib
+// stops writing a chunked response as soon as the listening socket closes, so stop() waits for
+// this count to reach zero first: the final event of every stream gets out.
+class InFlight {
+ public:
+  explicit InFlight(std::atomic<int64_t>& count) : count_(count) { count_.fetch_add(1); }
+  ~InFlight() { count_.fetch_sub(1); }
+  InFlight(const InFlight&) = delete;
+  InFlight& operator=(const InFlight&) = delete;
+
+ private:
+  std::atomic<int64_t>& count_;
+};
+
+struct Server::Impl {
+  ServerOptions options;
+  std::atomic<int64_t> in_flight{0};
+  Metrics& metrics;
+  httplib::Server http;
+  std::thread thread;
+  std::atomic<bool> ready{false};
+  ServingModel model;
+  Server* owner = nullptr;
+
+  Impl(ServerOptions o, Metrics& m) : options(std::move(o)), metrics(m) {}
+
+  bool authorized(const httplib::Request& req) const {
+    if (options.api_key.empty()) return true;
+    const std::string header = req.get_header_value("Authorization");
+    const std::string prefix = "Bearer ";
+    if (header.compare(0, prefix.size(), prefix) != 0) return false;
+    return constant_time_equal(header.substr(prefix.size()), options.api_key);
+  }
+
+  // 503 unless the model is loaded and the server is not stopping; true when it answered.
+  bool unavailable(httplib::Response& res) const {
+    if (owner->shutting_down_.load()) {
+      send_error(res, 503, "the server is shutting down");
+      return true;
+    }
+    if (!ready.load()) {
+      send_error(res, 503, "the model is loading");
+      res.set_header("Retry-After", "1");
+      return true;
+    }
+    return false;
+  }
+
+  void routes();
+  void generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint);
+  void tokenize(const httplib::Request& req, httplib::Response& res);
+  void detokenize(const httplib::Request& req, httplib::Response& res);
+};
+
+void Server::Impl::routes() {
+  http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    // /health and /metrics stay open so probes and scrapers need no secret.
+    const bool open = req.path == "/health" || req.path == "/metrics";
+    if (open || authorized(req)) return httplib::Server::HandlerResponse::Unhandled;
+    send_error(res, 401, "missing or wrong API key (Authorization: Bearer KEY)");
+    res.set_header("WWW-Authenticate", "Bearer");
+    return httplib::Server::HandlerResponse::Handled;
+  });
+  // httplib's own refusals (no route, body too large, malformed request) arrive without a body.
+  http.set_error_handler(httplib::Server::HandlerWithResponse(
+      [this](const httplib::Request& req, httplib::Response& res) {
+        if (!res.body.empty()) {
+          return httplib::Server::HandlerResponse::Unhandled;
+        }
+        std::string message = "request failed";
+        if (res.status == 404) {
+          message = "no route " + req.method + " " + quote_untrusted(req.path);
+        } else if (res.status == 413) {
+          message = "the request body exceeds the server's limit of " +
+                    std::to_string(options.max_body_bytes) + " bytes";
+        } else if (res.status == 400) {
+          message = "malformed HTTP request";
+        } else if (res.status == 405) {
+          message = "method " + req.method + " is not allowed on " + quote_untrusted(req.path);
+        }
+        send_error(res, res.status, message);
+        return httplib::Server::HandlerResponse::Handled;
+      }));
+  http.set_exception_handler(
+      [](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+        std::string what = "unknown error";
+        try {
+          if (ep) std::rethrow_exception(ep);
+        } catch (const std::exception& e) {
+          what = e.what();
+        } catch (...) {
+        }
+        send_error(res, 500, "internal error: " + what);
+      });
+  http.set_logger([this](const httplib::Request&, const httplib::Response& res) {
+    metrics.record_response(res.status);
+  });
+
+  http.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+    if (owner->shutting_down_.load()) {
+      send_json(res, 503, {{"status", "shutting down"}});
+    } else if (!ready.load()) {
+      send_json(res, 503, {{"status", "loading"}});
+    } else {
+      send_json(res, 200, {{"status", "ok"}});
+    }
+  });
+  http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics.render(), "text/plain; version=0.0.4");
+  });
+  http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    if (unavailable(res)) return;
+    json entry = {{"id", options.model_name},
+                  {"object", "model"},
+                  {"created", int64_t(std::time(nullptr))},
+                  {"owned_by", "kestrel"},
+                  {"max_model_len", model.engine->max_context()}};
+    send_json(res, 200, {{"object", "list"}, {"data", json::array({entry})}});
+  });
+  http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    generate(req, res, Endpoint::chat);
+  });
+  http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    generate(req, res, Endpoint::completion);
+  });
+  http.Post("/tokenize",
+            [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res); });
+  http.Post("/detokenize",
+            [this](const httplib::Request& req, httplib::Response& res) { detokenize(req, res); });
+}
+
+void Server::Impl::tokenize(const httplib::Request& req, httplib::Response& res) {
+  if (unavailable(res)) return;
+  auto body = parse_body(req.body);
+  if (!body.is_ok()) return send_error(res, 400, body.status().message());
+  if (!body->is_object()) return send_error(res, 400, "the request body must be a JSON object");
+  // llama.cpp names the text "content", vLLM "prompt"; both are accepted.
+  const char* key = body->contains("content") ? "content" : "prompt";
+  auto text = body->find(key);
+  if (text == body->end() || !text->is_string()) {
+    return send_error(res, 400, "content must be a string");
+  }
+  bool add_special = false;
+  if (auto a = body->find("add_special"); a != body->end() && !a->is_null()) {
+    if (!a->is_boolean()) return send_error(res, 400, "add_special must be true or false");
+    add_special = a->get<bool>();
+  }
+  auto ids = model.tokenizer->encode(text->get<std::string>(), add_special);
+  if (!ids.is_ok()) return send_error(res, 400, "content: " + ids.status().message());
+  send_json(
+      res, 200,
+      {{"tokens", *ids}, {"count", ids->size()}, {"max_model_len", model.engine->max_context()}});
+}
+
+void Server::Impl::detokenize(const httplib::Request& req, httplib::Response& res) {
+  if (unavailable(res)) return;
+  auto body = parse_body(req.body);
+  if (!body.is_ok()) return send_error(res, 400, body.status().message());
+  if (!body->is_object()) return send_error(res, 400, "the request body must be a JSON object");
+  auto tokens = body->find("tokens");
+  if (tokens == body->end() || !tokens->is_array()) {
+    return send_error(res, 400, "tokens must be a list of token ids");
+  }
+  std::vector<int32_t> ids;
+  const int64_t vocab = int64_t(model.tokenizer->vocab_size());
+  for (size_t i = 0; i < tokens->size(); ++i) {
+    const json& v = (*tokens)[i];
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= vocab) {
+      return send_error(
+          res, 400,
+          "tokens[" + std::to_string(i) + "] is not a token id below " + std::to_string(vocab));
+    }
+    ids.push_back(int32_t(v.get<int64_t>()));
+  }
+  send_json(res, 200, {{"content", model.tokenizer->decode(ids)}});
+}
+
+void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
+                            Endpoint endpoint) {
+  if (unavailable(res)) return;
+  auto body = parse_body(req.body);
+  if (!body.is_ok()) return send_error(res, 400, body.status().message());
+  auto parsed =
+      endpoint == Endpoint::chat ? parse_chat_request(*body) : parse_completion_request(*body);
+  if (!parsed.is_ok()) return send_error(res, 400, parsed.status().message());
+  GenerationRequest& request = *parsed;
+
+  std::vector<int32_t> prompt;
+  if (endpoint == Endpoint::chat) {
+    if (model.chat_template == nullptr) {
+      return send_error(res, 400, "the model has no chat template: use /v1/completions");
+    }
+    // The template may reject a conversation (roles out of order): the client's to fix.
+    auto rendered = render_chat_template(*model.chat_template, request.messages, true);
+    if (!rendered.is_ok()) {
+      return send_error(res, 400, "messages: " + rendered.status().message());
+    }
+    auto ids = model.tokenizer->encode(*rendered, false);
+    if (!ids.is_ok()) return send_error(res, 400, "messages: " + ids.status().message());
+    prompt = std::move(*ids);
+  } else if (request.prompt_is_ids) {
+    prompt = request.prompt_ids;
+    const int64_t vocab = model.engine->config().vocab_size;
+    for (size_t i = 0; i < prompt.size(); ++i) {
+      if (prompt[i] >= vocab) {
+        return send_error(res, 400,
+                          "prompt[" + std::to_string(i) + "] = " + std::to_string(prompt[i]) +
+                              " is outside the model's vocabulary of " + std::to_string(vocab));
+      }
+    }
+  } else {
+    auto ids = model.tokenizer->encode(request.prompt_text, true);
+    if (!ids.is_ok()) return send_error(res, 400, "prompt: " + ids.status().message());
+    prompt = std::move(*ids);
+  }
+  if (prompt.empty()) return send_error(res, 400, "the prompt encodes to no tokens");
+
+  const int64_t context = model.engine->max_context();
+  const int64_t n_prompt = int64_t(prompt.size());
+  int64_t max_tokens = 0;
+  if (request.max_tokens) {
+    max_tokens = *request.max_tokens;
+    if (max_tokens > options.max_tokens) {
+      return send_error(res, 400,
+                        "max_tokens " + std::to_string(max_tokens) +
+                            " exceeds the server's limit of " + std::to_string(options.max_tokens));
+    }
+    if (n_prompt + max_tokens > context) {
+      return send_error(
+          res, 400,
+          "this model's context is " + std::to_string(context) + " tokens, but the request needs " +
+              std::to_string(n_prompt + max_tokens) + " (" + std::to_string(n_prompt) +
+              " in the prompt + " + std::to_string(max_tokens) + " max_tokens)");
+    }
+  } else {
+    max_tokens = std::min(options.max_tokens, context - n_prompt);
+    if (max_tokens <= 0) {
+      return send_error(res, 400,
+                        "this model's context is " + std::to_string(context) +
+                            " tokens, but the prompt alone has " + std::to_string(n_prompt) +
+                            " (no room to generate)");
+    }
+  }
+  if (!request.seed_given) request.sampling.seed = std::random_device{}();
+
+  auto in_flight_guard = std::make_shared<InFlight>(in_flight);
+  auto channel = std::make_shared<RequestChannel>();
+  ScheduledRequest scheduled;
+  scheduled.prompt = std::move(prompt);
+  scheduled.max_tokens = max_tokens;
+  scheduled.sampling = request.sampling;
+  scheduled.stop = request.stop;
+  scheduled.top_logprobs = request.top_logprobs;
+  scheduled.channel = channel;
+  switch (model.scheduler->submit(std::move(scheduled))) {
+    case Scheduler::Admission::queued:
+      break;
+    case Scheduler::Admission::queue_full:
+      res.set_header("Retry-After", "1");
+      return send_error(res, 429,
+                        "the server is busy: " + std::to_string(options.max_queue) +
+                            " requests are already waiting; retry later");
+    case Scheduler::Admission::shutting_down:
+      return send_error(res, 503, "the server is shutting down");
+  }
+
+  ResponseHeader header;
+  header.id = random_id(endpoint == Endpoint::chat ? "chatcmpl-" : "cmpl-");
+  header.model = request.model.empty() ? options.model_name : request.model;
+  header.created = int64_t(std::time(nullptr));
+
+  const Tokenizer* tokenizer = model.tokenizer;
+  const TokenText token_text = [tokenizer](int32_t id) { return tokenizer->decode({id}); };
+  const bool logprobs = request.top_logprobs >= 0;
+  if (!request.stream) {
+    // The scheduler always ends a request with finished or failed, so this wait is bounded by
+    // the request's own max_tokens (or the shutdown grace period).
+    std::string text;
+    std::vector<TokenLogprob> tokens;
+    for (;;) {
+      auto event = channel->pop(std::chrono::milliseconds(500));
+      if (!event) continue;
+      tokens.insert(tokens.end(), event->logprobs.begin(), event->logprobs.end());
+      if (event->kind == StreamEvent::Kind::text) {
+        text += event->text;
+      } else if (event->kind == StreamEvent::Kind::finished) {
+        return send_json(
+            res, 200,
+            completion_response(endpoint, header, text, event->reason, event->usage,
+                                logprobs_json(endpoint, tokens, token_text, 0, logprobs)));
+      } else {
+        return send_error(res, event->status, event->message);
+      }
+    }
+  }
+
+  res.set_header("Cache-Control", "no-cache");
+  res.set_header("X-Accel-Buffering", "no");
+  const bool include_usage = request.include_usage;
+  auto first = std::make_shared<bool>(true);
+  auto offset = std::make_shared<size_t>(0);  // completions' text_offset of the next token
+  res.set_chunked_content_provider(
+      "text/event-stream",
+      [channel, header, endpoint, include_usage, first, offset, token_text, logprobs,
+       in_flight_guard](size_t, httplib::DataSink& sink) {
+        auto chunk_logprobs = [&](const StreamEvent& e) {
+          json out = logprobs_json(endpoint, e.logprobs, token_text, *offset, logprobs);
+          for (const TokenLogprob& t : e.logprobs) *offset += token_text(t.token).size();
+          return out;
+        };
+        auto send = [&](const std::string& data) {
+          if (sink.write(data.data(), data.size())) return true;
+          channel->cancel();  // the client is gone: free the slot at the next step
+          return false;
+        };
+        for (;;) {
+          auto event = channel->pop(std::chrono::milliseconds(200));
+          if (!event) {
+            if (!sink.is_writable()) {
+              channel->cancel();
+              return false;
+            }
+            continue;
+          }
+          if (event->kind == StreamEvent::Kind::text) {
+            const bool was_first = *first;
+            *first = false;
+            return send(
+                sse_event(stream_chunk(endpoint, header, was_first, event->text, std::nullopt,
+                                       include_usage, chunk_logprobs(*event))));
+          }
+          if (event->kind == StreamEvent::Kind::finished) {
+            std::string out = sse_event(stream_chunk(endpoint, header, *first, "", event->reason,
+                                                     include_usage, chunk_logprobs(*event)));
+            if (include_usage) out += sse_event(stream_usage_chunk(endpoint, header, event->usage));
+            out += "data: [DONE]\n\n";
+            if (!send(out)) return false;
+          } else {
+            // The status line is long sent; the error travels as the stream's last event.
+            std::string out = sse_event(error_json(event->status, event->message));
+            out += "data: [DONE]\n\n";
+            if (!send(out)) return false;
+          }
+          sink.done();
+          return true;
+        }
+      },
+      [channel](bool success) {
+        if (!success) channel->cancel();
+      });
+}
+
+Server::Server(ServerOptions options, Metrics& metrics)
+    : impl_(std::make_unique<Impl>(std::move(options), metrics)) {
+  impl_->owner = this;
+}
+
+Server::~Server() {
+  stop();
+}
+
+Status Server::start() {
+  ServerOptions& o = impl_->options;
+  httplib::Server& http = impl_->http;
+  // Every running or queued request holds a worker while it waits for its tokens.
+  const size_t threads =
+      o.http_threads > 0 ? size_t(o.http_threads) : size_t(o.slots + o.max_queue + 8);
+  http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  http.set_payload_max_length(o.max_body_bytes);
+  http.set_read_timeout(o.read_timeout_seconds, 0);
+  http.set_write_timeout(o.write_timeout_seconds, 0);
+  http.set_keep_alive_timeout(5);
+  impl_->routes();
+  if (o.port == 0) {
+    port_ = http.bind_to_any_port(o.host);
+    if (port_ < 0) return Status::error("cannot bind " + o.host + " to any port");
+  } else {
+    if (!http.bind_to_port(o.host, o.port)) {
+      return Status::error("cannot bind " + o.host + ":" + std::to_string(o.port) +
+                           " (in use, or not an address of this machine)");
+    }
+    port_ = o.port;
+  }
+  impl_->thread = std::thread([this] { impl_->http.listen_after_bind(); });
+  return Status::ok();
+}
+
+void Server::attach(const ServingModel& model) {
+  impl_->model = model;
+  impl_->ready.store(true);
+}
+
+void Server::stop() {
+  if (!impl_) return;
+  // Responses still being written get their last bytes out first; a client that stopped
+  // reading is cut off by the write timeout.
+  const auto limit = std::chrono::steady_clock::now() +
+                     std::chrono::seconds(impl_->options.write_timeout_seconds + 1);
+  while (impl_->in_flight.load() > 0 && std::chrono::steady_clock::now() < limit) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (impl_->http.is_running()) impl_->http.stop();
+  if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+}  // namespace kestrel::server

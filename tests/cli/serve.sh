@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# `kestrel serve` on a tiny synthetic model, driven over HTTP by tests/cli/serve_client.py: the
+# OpenAI routes streamed and not, stop strings, usage, every error status, a client that hangs
+# up, greedy and seeded output under 8 concurrent requests against single runs, a load test (64
+# concurrent streaming clients, 192 requests), then a second server for a stalled client, the
+# full queue (429) and SIGTERM (503, final stream event, exit 0), and /health while loading.
+set -euo pipefail
+kestrel="$1"
+src="$2"
+tokenizer="$src/.cache/tokenizers/qwen3/models"
+[ -f "$tokenizer/tokenizer.json" ] || { echo "missing $tokenizer: run scripts/fetch_tokenizers.sh"; exit 1; }
+client="$src/tests/cli/serve_client.py"
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# shellcheck source=tests/cli/serve_lib.bash
+source "$src/tests/cli/serve_lib.bash"
+
+start_server "$work/main.log" --api-key secret-key --parallel 4 -c 512 --max-body 65536 \
+  --max-tokens 400 --batch-tokens 64
+curl -sf "http://127.0.0.1:$port/health" | grep -q '"ok"' || { echo "curl /health failed"; exit 1; }
+python3 "$client" main "$port" secret-key || { cat "$work/main.log"; exit 1; }
+stop_server "$pid" "$work/main.log"
+echo "ok server exits 0 on SIGTERM"
+
+start_server "$work/busy.log" --parallel 1 --max-queue 1 -c 8192 --max-tokens 8000 \
+  --shutdown-grace 1 --timeout 3
+python3 "$client" busy "$port" "$pid" || { cat "$work/busy.log"; exit 1; }
+wait_exit "$pid" "$work/busy.log"
+grep -q "kestrel serve: stopped" "$work/busy.log" || { cat "$work/busy.log"; exit 1; }
+echo "ok busy server drained and exited 0"
+
+# While the model loads, the server already answers: /health and generation say 503 "loading".
+# (qwen2-0.5b takes seconds to build; the check runs as soon as the server has bound its port.)
+"$kestrel" serve -m synthetic:qwen2-0.5b --tokenizer "$tokenizer" --port 0 --parallel 1 -c 64 \
+  >"$work/load.log" 2>&1 &
+pid=$!
+pids+=("$pid")
+for _ in $(seq 600); do grep -q "listening on" "$work/load.log" && break; sleep 0.05; done
+port=$(sed -n 's|.*listening on http://127.0.0.1:\([0-9]*\).*|\1|p' "$work/load.log" | head -1)
+[ -n "$port" ] || { echo "no port:"; cat "$work/load.log"; exit 1; }
+health=$(curl -s -w ' %{http_code}' "http://127.0.0.1:$port/health")
+[ "$health" = '{"status":"loading"} 503' ] || { echo "/health while loading: $health"; exit 1; }
+early=$(curl -s -o /dev/null -w '%{http_code}' -d '{"prompt": "x"}' "http://127.0.0.1:$port/v1/completions")
+[ "$early" = 503 ] || { echo "completion while loading: $early"; exit 1; }
+for _ in $(seq 1200); do grep -q "ready:" "$work/load.log" && break; sleep 0.1; done
+[ "$(curl -s -w ' %{http_code}' "http://127.0.0.1:$port/health")" = '{"status":"ok"} 200' ] ||
+  { echo "/health after loading is not 200:"; cat "$work/load.log"; exit 1; }
+stop_server "$pid" "$work/load.log"
+echo "ok /health says 503 loading, then 200"
+
+# The defaults bind the loopback address only.
+"$kestrel" serve --help | grep -q "127.0.0.1" || { echo "serve --help does not show the default host"; exit 1; }

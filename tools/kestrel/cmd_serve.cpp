@@ -1,0 +1,166 @@
+// `kestrel serve`: the OpenAI-compatible HTTP server (src/server/). It listens first, so
+// /health answers 503 while the model loads, then serves until SIGTERM or SIGINT: new requests
+// get 503, running ones may finish within --shutdown-grace, the rest end with a final event,
+// and the process exits 0.
+#include <pthread.h>
+
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include "backend/backend.h"
+#include "commands.h"
+#include "server/metrics.h"
+#include "server/scheduler.h"
+#if defined(KESTREL_HAVE_SERVER)
+#include "server/server.h"
+#endif
+#include "io/config.h"
+#include "tokenizer/chat_template.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kestrel::cli {
+
+namespace {
+
+struct ServeFlags {
+  ModelFlags model;
+  std::string tokenizer;
+  std::string alias;
+  std::string host = "127.0.0.1";
+  int port = 8080;
+  int64_t parallel = 4;
+  int64_t batch_tokens = 512;
+  int64_t max_queue = 64;
+  int64_t max_tokens = 4096;
+  size_t max_body = 4u << 20;
+  int timeout = 30;
+  double shutdown_grace = 5;
+  std::string api_key;
+};
+
+void run_serve(const ServeFlags& flags) {
+#if !defined(KESTREL_HAVE_SERVER)
+  (void)flags;
+  fail(
+      "this build has no HTTP server: cpp-httplib (Debian's libcpp-httplib-dev) was not found "
+      "when it was configured");
+#else
+  if (flags.parallel <= 0) fail("--parallel must be positive");
+  if (flags.batch_tokens < flags.parallel) {
+    fail("--batch-tokens must be at least --parallel (every running sequence decodes each step)");
+  }
+  if (flags.max_queue < 0) fail("--max-queue must be >= 0");
+  if (flags.max_tokens <= 0) fail("--max-tokens must be positive");
+  if (flags.timeout <= 0) fail("--timeout must be positive");
+  if (flags.port < 0 || flags.port > 65535) fail("--port must be in [0, 65535]");
+  std::string tokenizer_source = flags.tokenizer;
+  if (tokenizer_source.empty()) {
+    if (flags.model.model.rfind("synthetic:", 0) == 0) {
+      fail("synthetic models have no tokenizer: pass --tokenizer FILE|DIR");
+    }
+    tokenizer_source = flags.model.model;
+  }
+
+  // Signals are taken by one thread with sigwait; every thread started after this inherits the
+  // mask, so SIGTERM never interrupts a worker. A client that hangs up must not kill the server.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  const Tokenizer tokenizer = unwrap(Tokenizer::load(tokenizer_source));
+  std::unique_ptr<ChatTemplateConfig> chat_template;
+  if (auto loaded = load_chat_template(tokenizer_source); loaded.is_ok()) {
+    chat_template = std::make_unique<ChatTemplateConfig>(std::move(loaded).value());
+  } else {
+    std::fprintf(stderr, "kestrel serve: no chat template (%s); /v1/chat/completions answers 400\n",
+                 loaded.status().message().c_str());
+  }
+
+  server::Metrics metrics;
+  server::ServerOptions options;
+  options.host = flags.host;
+  options.port = flags.port;
+  options.api_key = flags.api_key;
+  options.model_name = !flags.alias.empty()
+                           ? flags.alias
+                           : std::filesystem::path(flags.model.model).filename().string();
+  if (options.model_name.empty()) options.model_name = flags.model.model;
+  options.max_body_bytes = flags.max_body;
+  options.max_tokens = flags.max_tokens;
+  options.max_queue = flags.max_queue;
+  options.slots = flags.parallel;
+  options.read_timeout_seconds = flags.timeout;
+  options.write_timeout_seconds = flags.timeout;
+  server::Server http(options, metrics);
+  check(http.start());
+  std::fprintf(stderr, "kestrel serve: listening on http://%s:%d (loading %s)\n",
+               flags.host.c_str(), http.bound_port(), flags.model.model.c_str());
+  std::fflush(stderr);
+
+  EngineOptions engine_options = flags.model.engine_options();
+  engine_options.max_seqs = flags.parallel;
+  engine_options.prefill_chunk = flags.batch_tokens;
+  engine_options.progress = false;
+  auto engine = unwrap(Engine::create(engine_options));
+  server::SchedulerOptions scheduler_options;
+  scheduler_options.max_queue = flags.max_queue;
+  server::Scheduler scheduler(*engine, tokenizer, metrics, scheduler_options);
+  scheduler.start();
+  server::ServingModel serving;
+  serving.engine = engine.get();
+  serving.tokenizer = &tokenizer;
+  serving.chat_template = chat_template.get();
+  serving.scheduler = &scheduler;
+  http.attach(serving);
+  std::fprintf(
+      stderr, "kestrel serve: ready: %s on %s, %lld slots of %lld positions, model name '%s'\n",
+      flags.model.model.c_str(), engine->backend().name().c_str(), (long long)flags.parallel,
+      (long long)engine->max_context(), options.model_name.c_str());
+  std::fflush(stderr);
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  std::fprintf(stderr, "kestrel serve: %s: stopping\n",
+               signal_number == SIGINT ? "SIGINT" : "SIGTERM");
+  http.begin_shutdown();
+  scheduler.shutdown(std::chrono::milliseconds(int64_t(flags.shutdown_grace * 1000)));
+  http.stop();
+  std::fprintf(stderr, "kestrel serve: stopped\n");
+#endif
+}
+
+}  // namespace
+
+void add_serve_command(CLI::App& app, std::vector<Command>& commands) {
+  auto flags = std::make_shared<ServeFlags>();
+  CLI::App* serve =
+      app.add_subcommand("serve", "OpenAI-compatible HTTP server with continuous batching");
+  flags->model.add_to(serve);
+  serve->add_option("--tokenizer", flags->tokenizer,
+                    "tokenizer.json or a directory with it (default: the model directory)");
+  serve->add_option("--host", flags->host, "address to listen on (default 127.0.0.1)");
+  serve->add_option("--port", flags->port, "port (default 8080; 0: any free port)");
+  serve->add_option("--parallel", flags->parallel,
+                    "sequences generated together, each with a KV cache of the full context");
+  serve->add_option("--batch-tokens", flags->batch_tokens,
+                    "tokens per step: decode tokens plus prompt chunks (default 512)");
+  serve->add_option("--max-queue", flags->max_queue,
+                    "requests waiting for a slot before the server answers 429 (default 64)");
+  serve->add_option("--max-tokens", flags->max_tokens,
+                    "the most tokens one request may generate (default 4096)");
+  serve->add_option("--max-body", flags->max_body, "largest request body in bytes (default 4 MiB)");
+  serve->add_option("--timeout", flags->timeout,
+                    "seconds a read or write of a connection may take (default 30)");
+  serve->add_option("--shutdown-grace", flags->shutdown_grace,
+                    "seconds running requests may go on after SIGTERM (default 5)");
+  serve->add_option("--api-key", flags->api_key, "require Authorization: Bearer KEY");
+  serve->add_option("-a,--alias", flags->alias, "model name for /v1/models (default: its path)");
+  commands.push_back({serve, [flags] { run_serve(*flags); }});
+}
+
+}  // namespace kestrel::cli

@@ -208,7 +208,7 @@ TEST(Convert, ReloadIsBitIdenticalForEveryFormat) {
 
     // Asking a converted model for another format is refused: that needs the original weights.
     options.format = bound.format == WeightFormat::fp32 ? WeightFormat::fp16 : WeightFormat::fp32;
-      auto refused = Engine::create(options);
+    auto refused = Engine::create(options);
     EXPECT_FALSE(refused.is_ok());
     fs::remove_all(out);
   }

@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
       }
     }
   }
-  const uint32_t chunk_scale_words = uint32_t(32 >> block_shift);
+  const uint32_t chunk_scale_words = uint32_t(ws[0]->tiles.chunk_scale_words());
   auto issue = [&](int stage, int64_t chunk) {
     const int64_t group = chunk * kChunkGroups + quad_col;
     if (chunk < n_chunks && group < p.n_groups) {

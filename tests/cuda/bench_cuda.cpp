@@ -218,7 +218,7 @@ void bench_model(const std::string& name) {
 }
 
 // One weight's decode matrix product alone (cuda::time_gemv: graph-replayed, from device memory),
-// for every weight shape of Llama-3.1-8B and Qwen2-1.5B, at 1 and 16 tokens.
+// for every weight shape of Llama-3.1-8B and Qwen2-1.5B, at 1 to 16 tokens.
 TEST(CudaBench, DISABLED_Gemv) {
   struct Shape {
     const char* what;
@@ -235,7 +235,7 @@ TEST(CudaBench, DISABLED_Gemv) {
       "|\n|---|---|---|---|---|\n",
       roofline);
   for (const Shape& shape : shapes) {
-    for (int n : {1, 16}) {
+    for (int n : {1, 2, 4, 8, 16}) {
       auto t = cuda::time_gemv(WeightFormat::sym_int4, shape.rows, shape.cols, n);
       ASSERT_TRUE(t.is_ok()) << t.status().message();
       const double gbs = t->bytes / (t->microseconds * 1e-6) / 1e9;

@@ -658,8 +658,7 @@ Status launch_mt(const GemvParams& p, int blocks, cudaStream_t stream) {
     if (gemv_uses_dp4a(p.n_tokens, p.x_stride)) {
       if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, blocks, stream);
       if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, blocks, stream);
-      if (p.n_tokens == 2) return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, blocks, stream);
-      return launch_kernel<F, MT, 1, kSwiglu, false, 4>(p, blocks, stream);
+      return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, blocks, stream);
     }
   }
   if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, blocks, stream);
@@ -684,7 +683,13 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
   // to keep every SM streaming; fp16 rows are 4x wider in registers, so they keep one.
   if constexpr (F != WeightFormat::fp16) {
     const int blocks32 = count_blocks(32);
-    if (blocks32 >= 2 * sm_count) return launch_mt<F, 2, false>(p, blocks32, stream);
+    // Past 8 tokens (two n-tiles) every block also reads 8 KB of input per token from L2, as
+    // much as its weights at 16 tokens: 32-row blocks halve that, worth it down to half a wave
+    // of blocks (H200, 8B at 16 tokens: wo 9.5 -> 8.4 us, down 24.8 -> 20.8 us; the 1.5B's
+    // 48-block weights lose 25%).
+    if (blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count)) {
+      return launch_mt<F, 2, false>(p, blocks32, stream);
+    }
   }
   const int blocks16 = count_blocks(16);
   return launch_mt<F, 1, false>(p, blocks16, stream);

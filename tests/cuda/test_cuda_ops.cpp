@@ -241,6 +241,15 @@ TEST_F(CudaElementwise, SwigluAndItsShadowFeedMatmul) {
           return b.swiglu(out, in[0], in[1]);
         });
     EXPECT_LE(rel_error(gpu, cpu), 1e-6) << "n=" << n;
+    // A width off the 4-column grid takes the scalar kernel.
+    const auto odd = std::vector<std::pair<int64_t, std::vector<float>>>{
+        {350, random_values(size_t(n * 350), 33 + uint64_t(n), 2.0f)},
+        {350, random_values(size_t(n * 350), 34 + uint64_t(n))}};
+    const auto [cpu_odd, gpu_odd] =
+        run_both(n, odd, 350, [](Backend& b, Tensor out, std::vector<Tensor>& in) {
+          return b.swiglu(out, in[0], in[1]);
+        });
+    EXPECT_LE(rel_error(gpu_odd, cpu_odd), 1e-6) << "n=" << n << ", 350 columns";
     // In place, as the forward pass calls it, then the down projection reads the shadow.
     const auto [cpu2, gpu2] =
         run_both(n, inputs, 300, [&](Backend& b, Tensor out, std::vector<Tensor>& in) {

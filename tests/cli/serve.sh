@@ -3,7 +3,8 @@
 # OpenAI routes streamed and not, stop strings, usage, every error status, a client that hangs
 # up, greedy and seeded output under 8 concurrent requests against single runs, a load test (64
 # concurrent streaming clients, 192 requests), then a second server for a stalled client, the
-# full queue (429) and SIGTERM (503, final stream event, exit 0), and /health while loading.
+# full queue (429) and SIGTERM (503, final stream event, exit 0), and /health while loading; a
+# server with a small KV pool for the prefix cache and requests that wait for blocks.
 set -euo pipefail
 kestrel="$1"
 src="$2"
@@ -27,6 +28,11 @@ curl -sf "http://127.0.0.1:$port/health" | grep -q '"ok"' || { echo "curl /healt
 python3 "$client" main "$port" secret-key || { cat "$work/main.log"; exit 1; }
 stop_server "$pid" "$work/main.log"
 echo "ok server exits 0 on SIGTERM"
+
+start_server "$work/paged.log" --parallel 4 -c 256 --kv-blocks 16 --max-tokens 240
+python3 "$client" paged "$port" || { cat "$work/paged.log"; exit 1; }
+stop_server "$pid" "$work/paged.log"
+echo "ok paged KV cache: prefix reuse and waiting for blocks"
 
 start_server "$work/busy.log" --parallel 1 --max-queue 1 -c 8192 --max-tokens 8000 \
   --shutdown-grace 1 --timeout 3

@@ -165,7 +165,7 @@ void bench_model(const std::string& name) {
   }
   ASSERT_TRUE(engine.run_argmax(context, &next).is_ok());
   for (int32_t s = 1; s < 16; ++s) {
-    ASSERT_TRUE(engine.backend().copy_sequence(0, s, kDecodeContext).is_ok());
+    ASSERT_TRUE(engine.copy_sequence(0, s, kDecodeContext).is_ok());
   }
   double batch1_tps = 0;
   for (int64_t batch : {1, 4, 16}) {

@@ -14,9 +14,12 @@ constexpr int kPrefillRows = 64;
 constexpr int kPrefillKeys = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Element offset of (layer, slot, KV head, position) in K or V, through the slot's block table.
 __device__ inline int64_t cache_offset(const KvCache& c, int64_t layer, int64_t seq, int64_t kvh,
                                        int64_t pos) {
-  return (((layer * c.max_seqs + seq) * c.n_kv_heads + kvh) * c.max_context + pos) * c.head_dim;
+  const int64_t block = c.block_tables[seq * c.table_stride + pos / kKvBlockSize];
+  return (((layer * c.n_blocks + block) * c.n_kv_heads + kvh) * kKvBlockSize + pos % kKvBlockSize) *
+         c.head_dim;
 }
 
 __global__ void kv_write_kernel(AttentionArgs a, KvCache c) {
@@ -123,25 +126,26 @@ __global__ void __launch_bounds__(kDecodeThreads)
   uint32_t* k_s = reinterpret_cast<uint32_t*>(p_s + G * kDecodeSplit);  // [32, stride] half2
   uint32_t* v_s = k_s + kDecodeSplit * stride;                          // [32, stride] half2
 
+  // A split of 32 keys spans two blocks of the cache; each row is found through the table.
   const int64_t seq = a.seq_ids[t];
-  const __half* k_base = c.k + cache_offset(c, a.layer, seq, kvh, key_begin);
-  const __half* v_base = c.v + cache_offset(c, a.layer, seq, kvh, key_begin);
   if (D % 8 == 0) {
     const int chunks = D / 8;  // 16-byte pieces per row
     for (int i = tid; i < n_keys * chunks; i += kDecodeThreads) {
       const int j = i / chunks;
       const int ch = i % chunks;
+      const int64_t off = cache_offset(c, a.layer, seq, kvh, key_begin + j) + ch * 8;
       *reinterpret_cast<uint4*>(k_s + j * stride + ch * 4) =
-          *reinterpret_cast<const uint4*>(k_base + int64_t(j) * D + ch * 8);
+          *reinterpret_cast<const uint4*>(c.k + off);
       *reinterpret_cast<uint4*>(v_s + j * stride + ch * 4) =
-          *reinterpret_cast<const uint4*>(v_base + int64_t(j) * D + ch * 8);
+          *reinterpret_cast<const uint4*>(c.v + off);
     }
   } else {
     for (int i = tid; i < n_keys * (D / 2); i += kDecodeThreads) {
       const int j = i / (D / 2);
       const int pr = i % (D / 2);
-      k_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(k_base + int64_t(j) * D)[pr];
-      v_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(v_base + int64_t(j) * D)[pr];
+      const int64_t off = cache_offset(c, a.layer, seq, kvh, key_begin + j);
+      k_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(c.k + off)[pr];
+      v_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(c.v + off)[pr];
     }
   }
   const float scale = 1.0f / sqrtf(float(D));
@@ -310,8 +314,6 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int64_t last_row =
       (a.n_tokens < tile_begin + kPrefillRows ? a.n_tokens : tile_begin + kPrefillRows) - 1;
   const int64_t kv_len = p0 + last_row + 1;
-  const __half* k_base = c.k + cache_offset(c, a.layer, seq, kvh, 0);
-  const __half* v_base = c.v + cache_offset(c, a.layer, seq, kvh, 0);
 
   for (int64_t key0 = 0; key0 < kv_len; key0 += kPrefillKeys) {
     __syncthreads();
@@ -324,8 +326,9 @@ __global__ void __launch_bounds__(kPrefillThreads)
       // Keys past the block's last query are zero-filled: unwritten cache memory could hold
       // NaN patterns, and 0 * NaN would poison the P·V product.
       if (key < kv_len) {
-        kv = *reinterpret_cast<const uint4*>(k_base + key * D + ch * 8);
-        vv = *reinterpret_cast<const uint4*>(v_base + key * D + ch * 8);
+        const int64_t off = cache_offset(c, a.layer, seq, kvh, key) + ch * 8;
+        kv = *reinterpret_cast<const uint4*>(c.k + off);
+        vv = *reinterpret_cast<const uint4*>(c.v + off);
       }
       *reinterpret_cast<uint4*>(&k_s[r * kStride + ch * 8]) = kv;
       *reinterpret_cast<uint4*>(&v_s[r * kStride + ch * 8]) = vv;

@@ -6,21 +6,10 @@
 # full queue (429) and SIGTERM (503, final stream event, exit 0), and /health while loading; a
 # server with a small KV pool for the prefix cache and requests that wait for blocks.
 set -euo pipefail
-kestrel="$1"
-src="$2"
-tokenizer="$src/.cache/tokenizers/qwen3/models"
-[ -f "$tokenizer/tokenizer.json" ] || { echo "missing $tokenizer: run scripts/fetch_tokenizers.sh"; exit 1; }
-client="$src/tests/cli/serve_client.py"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
 # shellcheck source=tests/cli/serve_lib.bash
-source "$src/tests/cli/serve_lib.bash"
+source "$2/tests/cli/serve_lib.bash"
+serve_test_init "$1" "$2"
+client="$src/tests/cli/serve_client.py"
 
 start_server "$work/main.log" --api-key secret-key --parallel 4 -c 512 --max-body 65536 \
   --max-tokens 400 --batch-tokens 64

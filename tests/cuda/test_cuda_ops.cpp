@@ -88,7 +88,7 @@ TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
       int i = 0;
       for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
         std::vector<int32_t> meta;
-        ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+        ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
         auto xt = b->scratch(n, cols);
         auto yt = b->scratch(n, rows);
         ASSERT_TRUE(xt.is_ok() && yt.is_ok());
@@ -137,7 +137,7 @@ TEST(CudaOps, MatmulMultiRunsEveryWeight) {
     const std::vector<float> x = random_values(size_t(n * cols), 40 + uint64_t(n));
     Backend& b = *pair.gpu;
     std::vector<int32_t> meta;
-    ASSERT_TRUE(b.begin_batch(batch_of(n, meta)).is_ok());
+    ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
     auto xt = b.scratch(n, cols);
     ASSERT_TRUE(xt.is_ok());
     fill(b, *xt, x);
@@ -183,7 +183,8 @@ class CudaElementwise : public ::testing::Test {
     int i = 0;
     for (Backend* b : {pair_.cpu.get(), pair_.gpu.get()}) {
       std::vector<int32_t> meta;
-      EXPECT_TRUE(b->begin_batch(batch != nullptr ? *batch : batch_of(n, meta)).is_ok());
+      EXPECT_TRUE(
+          b->begin_batch(pair_.paged(batch != nullptr ? *batch : batch_of(n, meta))).is_ok());
       std::vector<Tensor> ts;
       for (const auto& [cols, values] : inputs) {
         auto t = b->scratch(n, cols);
@@ -276,7 +277,7 @@ TEST_F(CudaElementwise, AddAndGather) {
   int i = 0;
   for (Backend* b : {pair_.cpu.get(), pair_.gpu.get()}) {
     std::vector<int32_t> meta;
-    ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+    ASSERT_TRUE(b->begin_batch(pair_.paged(batch_of(n, meta))).is_ok());
     auto src = b->scratch(n, 300);
     auto out = b->scratch(4, 300);
     ASSERT_TRUE(src.is_ok() && out.is_ok());
@@ -306,7 +307,7 @@ TEST_F(CudaElementwise, ArgmaxRowsTakesTheFirstOfTies) {
   int i = 0;
   for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
     std::vector<int32_t> meta;
-    ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+    ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
     auto t = b->scratch(n, cols);
     ASSERT_TRUE(t.is_ok());
     fill(*b, *t, v);
@@ -342,7 +343,7 @@ TEST_P(CudaRope, MatchesCpuAtLargePositions) {
   std::vector<float> results[2][2];
   int i = 0;
   for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
-    ASSERT_TRUE(b->begin_batch(BatchView{n, tokens, positions, seqs}).is_ok());
+    ASSERT_TRUE(b->begin_batch(pair.paged(BatchView{n, tokens, positions, seqs})).is_ok());
     auto qt = b->scratch(n, 256);
     auto kt = b->scratch(n, 128);
     ASSERT_TRUE(qt.is_ok() && kt.is_ok());
@@ -379,7 +380,7 @@ TEST_P(CudaEmbed, RowsMatchCpu) {
   std::vector<float> results[2];
   int i = 0;
   for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
-    ASSERT_TRUE(b->begin_batch(BatchView{n, tokens, positions, seqs}).is_ok());
+    ASSERT_TRUE(b->begin_batch(pair.paged(BatchView{n, tokens, positions, seqs})).is_ok());
     auto out = b->scratch(n, 192);
     ASSERT_TRUE(out.is_ok());
     poison(*b, *out);
@@ -455,8 +456,9 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
       std::vector<float> results[2];
       int i = 0;
       for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
-        ASSERT_TRUE(
-            b->begin_batch(BatchView{n, tokens.data(), c.positions.data(), c.seqs.data()}).is_ok());
+        ASSERT_TRUE(b->begin_batch(
+                         pair.paged(BatchView{n, tokens.data(), c.positions.data(), c.seqs.data()}))
+                        .is_ok());
         auto qt = b->scratch(n, q_dim);
         auto kt = b->scratch(n, kv_dim);
         auto vt = b->scratch(n, kv_dim);
@@ -514,7 +516,7 @@ TEST_P(CudaFusedDecode, MatchesCpu) {
     int i = 0;
     for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
       std::vector<int32_t> meta;
-      ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+      ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
       auto at = b->scratch(n, hidden);
       auto xt = b->scratch(n, hidden);
       auto proj = b->scratch(n, hidden);
@@ -583,7 +585,7 @@ TEST_P(CudaNormFusion, MatchesCpu) {
     int i = 0;
     for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
       std::vector<int32_t> meta;
-      ASSERT_TRUE(b->begin_batch(batch_of(n, meta)).is_ok());
+      ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
       auto x = b->scratch(n, hidden);
       auto h = b->scratch(n, hidden);
       auto q = b->scratch(n, q_dim);
@@ -656,11 +658,18 @@ TEST(CudaBackend, ReportsMemoryAndRejectsBadBatches) {
   ASSERT_TRUE(layout.is_ok());
   EXPECT_GE(layout->total_bytes(), b.memory_in_use() / 2);
   const int32_t token = 99, pos = 0, seq = 0, bad_seq = 2, bad_pos = 128;
-  EXPECT_FALSE(b.begin_batch(BatchView{1, &token, &pos, &seq}).is_ok());
+  EXPECT_FALSE(b.begin_batch(pair.paged(BatchView{1, &token, &pos, &seq})).is_ok());
   const int32_t ok_token = 3;
-  EXPECT_FALSE(b.begin_batch(BatchView{1, &ok_token, &pos, &bad_seq}).is_ok());
-  EXPECT_FALSE(b.begin_batch(BatchView{1, &ok_token, &bad_pos, &seq}).is_ok());
-  EXPECT_TRUE(b.begin_batch(BatchView{1, &ok_token, &pos, &seq}).is_ok());
+  EXPECT_FALSE(b.begin_batch(pair.paged(BatchView{1, &ok_token, &pos, &bad_seq})).is_ok());
+  EXPECT_FALSE(b.begin_batch(pair.paged(BatchView{1, &ok_token, &bad_pos, &seq})).is_ok());
+  EXPECT_TRUE(b.begin_batch(pair.paged(BatchView{1, &ok_token, &pos, &seq})).is_ok());
+  // A table entry outside the pool, and no table at all.
+  BatchView outside = pair.paged(BatchView{1, &ok_token, &pos, &seq});
+  std::vector<int32_t> bad_table(pair.tables.entries);
+  bad_table[0] = int32_t(RunShape{2, 128, 32, 32}.pool_blocks());
+  outside.block_tables = bad_table.data();
+  EXPECT_FALSE(b.begin_batch(outside).is_ok());
+  EXPECT_FALSE(b.begin_batch(BatchView{1, &ok_token, &pos, &seq}).is_ok());
   Linear not_uploaded = random_linear(WeightFormat::fp16, 8, 128, 0, false, 5);
   auto x = b.scratch(1, 128);
   auto y = b.scratch(1, 8);

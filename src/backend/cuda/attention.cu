@@ -14,9 +14,12 @@ constexpr int kPrefillRows = 64;
 constexpr int kPrefillKeys = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Element offset of (layer, slot, KV head, position) in K or V, through the slot's block table.
 __device__ inline int64_t cache_offset(const KvCache& c, int64_t layer, int64_t seq, int64_t kvh,
                                        int64_t pos) {
-  return (((layer * c.max_seqs + seq) * c.n_kv_heads + kvh) * c.max_context + pos) * c.head_dim;
+  const int64_t block = c.block_tables[seq * c.table_stride + pos / kKvBlockSize];
+  return (((layer * c.n_blocks + block) * c.n_kv_heads + kvh) * kKvBlockSize + pos % kKvBlockSize) *
+         c.head_dim;
 }
 
 __global__ void kv_write_kernel(AttentionArgs a, KvCache c) {
@@ -123,25 +126,26 @@ __global__ void __launch_bounds__(kDecodeThreads)
   uint32_t* k_s = reinterpret_cast<uint32_t*>(p_s + G * kDecodeSplit);  // [32, stride] half2
   uint32_t* v_s = k_s + kDecodeSplit * stride;                          // [32, stride] half2
 
+  // A split of 32 keys spans two blocks of the cache; each row is found through the table.
   const int64_t seq = a.seq_ids[t];
-  const __half* k_base = c.k + cache_offset(c, a.layer, seq, kvh, key_begin);
-  const __half* v_base = c.v + cache_offset(c, a.layer, seq, kvh, key_begin);
   if (D % 8 == 0) {
     const int chunks = D / 8;  // 16-byte pieces per row
     for (int i = tid; i < n_keys * chunks; i += kDecodeThreads) {
       const int j = i / chunks;
       const int ch = i % chunks;
+      const int64_t off = cache_offset(c, a.layer, seq, kvh, key_begin + j) + ch * 8;
       *reinterpret_cast<uint4*>(k_s + j * stride + ch * 4) =
-          *reinterpret_cast<const uint4*>(k_base + int64_t(j) * D + ch * 8);
+          *reinterpret_cast<const uint4*>(c.k + off);
       *reinterpret_cast<uint4*>(v_s + j * stride + ch * 4) =
-          *reinterpret_cast<const uint4*>(v_base + int64_t(j) * D + ch * 8);
+          *reinterpret_cast<const uint4*>(c.v + off);
     }
   } else {
     for (int i = tid; i < n_keys * (D / 2); i += kDecodeThreads) {
       const int j = i / (D / 2);
       const int pr = i % (D / 2);
-      k_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(k_base + int64_t(j) * D)[pr];
-      v_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(v_base + int64_t(j) * D)[pr];
+      const int64_t off = cache_offset(c, a.layer, seq, kvh, key_begin + j);
+      k_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(c.k + off)[pr];
+      v_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(c.v + off)[pr];
     }
   }
   const float scale = 1.0f / sqrtf(float(D));
@@ -327,8 +331,6 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int64_t last_row =
       (a.n_tokens < tile_begin + kPrefillRows ? a.n_tokens : tile_begin + kPrefillRows) - 1;
   const int64_t kv_len = p0 + last_row + 1;
-  const __half* k_base = c.k + cache_offset(c, a.layer, seq, kvh, 0);
-  const __half* v_base = c.v + cache_offset(c, a.layer, seq, kvh, 0);
 
   // Copies the K and V rows of keys key0 .. key0 + 63 into `stage`. Keys past the block's last
   // query are zero-filled (src-size 0): unwritten cache memory could hold NaN patterns, and
@@ -341,13 +343,13 @@ __global__ void __launch_bounds__(kPrefillThreads)
       const int ch = idx % (D / 8);
       const int64_t key = key0 + r;
       const bool live = key < kv_len;
-      const int64_t at = (live ? key : 0) * D + ch * 8;
+      const int64_t at = cache_offset(c, a.layer, seq, kvh, live ? key : 0) + ch * 8;
       const uint32_t bytes = live ? 16u : 0u;
       const uint32_t ks = uint32_t(__cvta_generic_to_shared(&k_s[r * kStride + ch * 8]));
       const uint32_t vs = uint32_t(__cvta_generic_to_shared(&v_s[r * kStride + ch * 8]));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(ks), "l"(k_base + at),
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(ks), "l"(c.k + at),
                    "r"(bytes));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(vs), "l"(v_base + at),
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(vs), "l"(c.v + at),
                    "r"(bytes));
     }
     asm volatile("cp.async.commit_group;\n" ::);

@@ -135,7 +135,8 @@ class Backend {
   virtual size_t peak_memory() const = 0;
 };
 
-// "cpu", or "cuda" when compiled in. `threads` applies to the CPU backend.
+// "cpu", "cuda" when compiled in, or "auto" (default_device()). `threads` applies to the CPU
+// backend.
 Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads);
 
 // The backends compiled into this binary, e.g. "cpu (avx512-vnni), cuda".

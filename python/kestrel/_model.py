@@ -7,6 +7,7 @@ import struct
 
 from . import _kestrel
 from ._arrays import TokenInput
+from ._files import read_json_object
 
 LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int8", "fp16", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -15,22 +16,11 @@ _CONVERTED_KEY = "kestrel.format_version"
 _MAX_HEADER_BYTES = 100 << 20
 
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return value
-
-
 def _converted_format(directory):
     """The low-bit format a Kestrel-converted directory holds, or None when it is not one."""
     path = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(path):
+        return None
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -97,7 +87,7 @@ class GenerationConfig(KestrelConfig):
 def _model_config(info, directory):
     fields = {}
     if directory is not None:
-        fields.update(_read_json(os.path.join(directory, "config.json")) or {})
+        fields.update(read_json_object(os.path.join(directory, "config.json")) or {})
     eos = info["eos_token_ids"]
     fields.update(
         {
@@ -273,7 +263,7 @@ class KestrelForCausalLM:
         self.config = _model_config(info, directory)
         gen = {}
         if directory is not None:
-            gen = _read_json(os.path.join(directory, "generation_config.json")) or {}
+            gen = read_json_object(os.path.join(directory, "generation_config.json")) or {}
         gen = {k: v for k, v in gen.items() if k in GenerationConfig.DEFAULTS}
         gen.setdefault("bos_token_id", self.config.bos_token_id)
         gen.setdefault("eos_token_id", self.config.eos_token_id)

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import _kestrel
 from ._arrays import is_torch_tensor
+from ._files import read_json_object
 
 _SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -56,15 +57,9 @@ class KestrelTokenizer:
         directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
         config = {}
         for candidate in (directory, os.path.join(directory, "models")):
-            config_path = os.path.join(candidate, "tokenizer_config.json")
-            if os.path.isfile(config_path):
-                try:
-                    with open(config_path, encoding="utf-8") as f:
-                        config = json.load(f)
-                except (OSError, ValueError) as e:
-                    raise ValueError(f"{config_path}: cannot read: {e}") from None
-                if not isinstance(config, dict):
-                    raise ValueError(f"{config_path}: not a JSON object")
+            found = read_json_object(os.path.join(candidate, "tokenizer_config.json"))
+            if found is not None:
+                config = found
                 break
         for role in _SPECIAL_ROLES:
             setattr(self, role, _special_token_text(config.get(role)))

@@ -262,6 +262,8 @@ def test_bad_arguments(golden_dir):
     # The engine's own checks arrive with its message.
     with pytest.raises(kestrel.KestrelError, match="context of 64"):
         model.generate(p, max_new_tokens=100)
+    with pytest.raises(kestrel.KestrelError, match="context of 64"):
+        model.generate(p, max_new_tokens=2**63 - 1)
     with pytest.raises(kestrel.KestrelError, match="vocabulary"):
         model.generate([1, 2, 5000], max_new_tokens=2)
     with pytest.raises(kestrel.KestrelError, match="top_p"):

@@ -141,3 +141,7 @@ def test_bad_arguments(source_dir, tmp_path):
     assert bare.encode("Hello") == tok.encode("Hello")
     with pytest.raises(kestrel.KestrelError, match="tokenizer_config.json"):
         bare.apply_chat_template([{"role": "user", "content": "Hello"}])
+    # A FIFO where tokenizer_config.json belongs is refused, not waited on.
+    os.mkfifo(tmp_path / "tokenizer_config.json")
+    with pytest.raises(ValueError, match="not a regular file"):
+        kestrel.AutoTokenizer.from_pretrained(str(tmp_path))

@@ -51,7 +51,8 @@ Status check_prompts(const Engine& engine, const std::vector<std::vector<int32_t
                              "-token vocabulary");
       }
     }
-    if (int64_t(prompt.size()) + params.max_new_tokens > engine.max_context()) {
+    // Written as a difference: max_new_tokens may be anything a caller passes.
+    if (params.max_new_tokens > engine.max_context() - int64_t(prompt.size())) {
       return Status::error("prompt " + std::to_string(p) + " (" + std::to_string(prompt.size()) +
                            " tokens) + " + std::to_string(params.max_new_tokens) +
                            " new tokens exceed the context of " +

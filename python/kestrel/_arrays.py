@@ -53,10 +53,7 @@ class TokenInput:
             else:
                 raise ValueError(f"{name} must be a list of ints or a list of lists of ints")
             if attention_mask is not None:
-                raise ValueError(
-                    "attention_mask applies to a padded array of input_ids; "
-                    "a list of lists needs no padding"
-                )
+                self._check_list_mask(attention_mask, input_ids)
         else:
             raise ValueError(
                 f"{name} must be a list, a list of lists, a NumPy array or a torch tensor, "
@@ -70,6 +67,21 @@ class TokenInput:
             if not p:
                 raise ValueError(f"{name}: prompt {i} is empty")
 
+    def _check_list_mask(self, mask, input_ids):
+        """Lists carry no padding, so their mask (a tokenizer's output passed on with **) can only
+        be all ones of the same shape."""
+        rows = [input_ids] if self.kind == "list" else input_ids
+        masks = [mask] if self.kind == "list" else mask
+        ok = isinstance(masks, (list, tuple)) and len(masks) == len(rows)
+        for row, m in zip(rows, masks if ok else []):
+            ok = ok and isinstance(m, (list, tuple)) and len(m) == len(row)
+            ok = ok and all(v == 1 for v in m)
+        if not ok:
+            raise ValueError(
+                "attention_mask with lists of ids must be all ones of the same shape (lists are "
+                "not padded); pass a padded array for a mask with zeros"
+            )
+
     def _from_array(self, array, attention_mask, name):
         if not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"{name} must hold integers, not {array.dtype}")
@@ -79,6 +91,7 @@ class TokenInput:
         elif array.ndim != 2:
             raise ValueError(f"{name} must have 1 or 2 dimensions, not {array.ndim}")
         self.dtype = array.dtype
+        self.array = array  # [rows, width]: the prompt part of the output, padding as given
         self.rows, self.width = array.shape
         if attention_mask is None:
             mask = np.ones_like(array)
@@ -109,19 +122,18 @@ class TokenInput:
             self.prompts.append([int(t) for t in array[r, pad:]])
 
     def sequences(self, generated, pad_token_id):
-        """Prompt + generated tokens of every row, in the input's type: arrays keep the left
-        padding and are padded on the right with `pad_token_id` to the longest row."""
+        """Prompt + generated tokens of every row, in the input's type: arrays keep their input
+        (left padding included) and are padded on the right with `pad_token_id` to the longest
+        row, as transformers returns them."""
         if self.kind == "list":
             return self.prompts[0] + generated[0]
         if self.kind == "lists":
             return [p + g for p, g in zip(self.prompts, generated)]
         longest = max(len(g) for g in generated)
         out = np.full((self.rows, self.width + longest), pad_token_id, dtype=self.dtype)
-        for r, (prompt, gen) in enumerate(zip(self.prompts, generated)):
-            pad = self.pad_left[r]
-            out[r, pad : self.width] = prompt
+        out[:, : self.width] = self.array
+        for r, gen in enumerate(generated):
             out[r, self.width : self.width + len(gen)] = gen
-            out[r, :pad] = pad_token_id
         return self._as_input_type(out[0] if self.one_dim else out)
 
     def logits(self, rows_logits):

@@ -114,13 +114,14 @@ def test_batches_of_different_lengths_equal_each_prompt_alone(golden_dir):
     for r, q in enumerate(prompts):
         ids[r, width - len(q):] = q
         mask[r, width - len(q):] = 1
+    ids[mask == 0] = 3  # the padding's ids come back as given
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None,
                          pad_token_id=0)
     assert isinstance(out, np.ndarray) and out.dtype == np.int32
     assert out.shape == (3, width + 12)
     for r, q in enumerate(prompts):
         assert out[r, width - len(q):].tolist() == alone[r]
-        assert (out[r, : width - len(q)] == 0).all()
+        assert (out[r, : width - len(q)] == 3).all()
     # Logits of a padded batch equal each prompt's own (padding positions are zero).
     logits = model(ids, attention_mask=mask).logits
     for r, q in enumerate(prompts):
@@ -166,6 +167,10 @@ def test_input_types_come_back_as_given(golden_dir):
     assert isinstance(one_dim, np.ndarray) and one_dim.ndim == 1 and one_dim.tolist() == as_list
     two_dim = model.generate(np.asarray([p]), max_new_tokens=5, eos_token_id=None)
     assert two_dim.shape == (1, 14) and two_dim[0].tolist() == as_list
+    # A tokenizer's output passed on with ** (lists with an all-ones mask).
+    assert model.generate(p, attention_mask=[1] * 9, max_new_tokens=5, eos_token_id=None) == as_list
+    with pytest.raises(ValueError, match="all ones"):
+        model.generate(p, attention_mask=[0] + [1] * 8, max_new_tokens=5)
     # max_length counts the prompt, as in transformers.
     assert len(model.generate(p, max_length=12, eos_token_id=None)) == 12
 

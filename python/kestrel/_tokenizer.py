@@ -53,14 +53,15 @@ class KestrelTokenizer:
 
     def __init__(self, path, padding_side=None):
         self.name_or_path = path
+        # The npm tokenizer packages keep their files in models/ (the C++ loader knows it too).
+        nested = os.path.join(path, "models")
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")) and os.path.isfile(
+            os.path.join(nested, "tokenizer.json")
+        ):
+            path = nested
         self._tokenizer = _kestrel.Tokenizer(path)
         directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
-        config = {}
-        for candidate in (directory, os.path.join(directory, "models")):
-            found = read_json_object(os.path.join(candidate, "tokenizer_config.json"))
-            if found is not None:
-                config = found
-                break
+        config = read_json_object(os.path.join(directory, "tokenizer_config.json")) or {}
         for role in _SPECIAL_ROLES:
             setattr(self, role, _special_token_text(config.get(role)))
         side = padding_side or config.get("padding_side") or "right"
@@ -98,6 +99,8 @@ class KestrelTokenizer:
 
     @property
     def chat_template(self):
+        """True when the tokenizer has a chat template, else None (transformers gives its text;
+        `if tokenizer.chat_template:` reads the same)."""
         return self._tokenizer.has_chat_template() or None
 
     def __len__(self):

@@ -105,6 +105,15 @@ def test_chat_template_matches_transformers(vocab, source_dir, golden_dir):
     assert arr.shape[0] == 1 and arr.dtype == np.int64
 
 
+def test_npm_package_root_is_a_tokenizer_directory(source_dir):
+    models = tokenizer_dir(source_dir, "qwen3")
+    root = kestrel.AutoTokenizer.from_pretrained(os.path.dirname(models))
+    assert root.eos_token_id == 151645 and root.chat_template
+    assert root.encode("Hello world") == kestrel.AutoTokenizer.from_pretrained(models).encode(
+        "Hello world"
+    )
+
+
 def test_padding_and_tensors(source_dir):
     tok = kestrel.AutoTokenizer.from_pretrained(tokenizer_dir(source_dir, "qwen3"), padding_side="left")
     texts = ["Hello", "Hello there, how are you today?"]

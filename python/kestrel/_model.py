@@ -1,9 +1,11 @@
 """kestrel.AutoModelForCausalLM: from_pretrained / load_low_bit / save_low_bit / generate /
 __call__ with the argument names of transformers (and of ipex-llm's low-bit loading)."""
 
+import contextlib
 import json
 import os
 import struct
+import threading
 
 from . import _kestrel
 from ._arrays import TokenInput
@@ -256,6 +258,10 @@ class KestrelForCausalLM:
 
     def __init__(self, engine, path, device):
         self._engine = engine
+        # The engine runs without the GIL and serves one call at a time: calls from several
+        # Python threads wait for each other here instead of racing inside it.
+        self._lock = threading.Lock()
+        self._owner = None  # the thread inside the engine
         self.name_or_path = path
         directory = path if os.path.isdir(path) else None
         info = engine.info()
@@ -270,6 +276,18 @@ class KestrelForCausalLM:
         self.generation_config = GenerationConfig(gen)
         self.device = "cuda" if info["backend"].startswith("cuda") else "cpu"
         self.last_generate_stats = None
+
+    @contextlib.contextmanager
+    def _engine_call(self):
+        if self._owner == threading.get_ident():
+            # A streamer calling the model from inside generate() would wait on itself.
+            raise RuntimeError("the model is already running on this thread (inside generate)")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     @classmethod
     def _load(cls, path, options):
@@ -322,7 +340,8 @@ class KestrelForCausalLM:
         """Writes the loaded low-bit weights with config, generation config and tokenizer files
         (Kestrel's converted format; load it with AutoModelForCausalLM.load_low_bit).
         A directory with files in it is replaced only with overwrite=True."""
-        self._engine.save_converted(str(save_directory), bool(overwrite))
+        with self._engine_call():
+            self._engine.save_converted(str(save_directory), bool(overwrite))
 
     def __call__(self, input_ids, attention_mask=None, **kwargs):
         """Logits of every position: an object whose `.logits` is [batch, positions, vocab]
@@ -331,7 +350,8 @@ class KestrelForCausalLM:
         if kwargs:
             _check_kwargs("model()", kwargs, ())
         tokens = TokenInput(input_ids, attention_mask)
-        rows = [self._engine.prompt_logits(p) for p in tokens.prompts]
+        with self._engine_call():
+            rows = [self._engine.prompt_logits(p) for p in tokens.prompts]
         return CausalLMOutput(tokens.logits(rows))
 
     forward = __call__
@@ -415,23 +435,24 @@ class KestrelForCausalLM:
             def on_step(step_tokens):
                 streamer.put(np.asarray(step_tokens, dtype=np.int64))
 
-        if len(prompts) > self._engine.max_seqs:
-            self._engine.reserve_sequences(len(prompts))
         try:
-            generated, reasons, stats = self._engine.generate(
-                prompts=prompts,
-                max_new_tokens=max_new,
-                min_new_tokens=min_new,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-                eos_token_ids=eos_ids,
-                stop_at_eos=bool(eos_ids),
-                on_step=on_step,
-            )
+            with self._engine_call():
+                if len(prompts) > self._engine.max_seqs:
+                    self._engine.reserve_sequences(len(prompts))
+                generated, reasons, stats = self._engine.generate(
+                    prompts=prompts,
+                    max_new_tokens=max_new,
+                    min_new_tokens=min_new,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    min_p=min_p,
+                    repetition_penalty=repetition_penalty,
+                    seed=seed,
+                    eos_token_ids=eos_ids,
+                    stop_at_eos=bool(eos_ids),
+                    on_step=on_step,
+                )
         finally:
             if streamer is not None:
                 streamer.end()

@@ -152,6 +152,12 @@ class PyEngine {
       } catch (py::error_already_set& e) {
         python_error.emplace(std::move(e));
         return kestrel::Status::error("stopped by Python");
+      } catch (const std::exception& e) {
+        // A conversion error of pybind11 itself: raised as a Python exception all the same,
+        // since no C++ exception may unwind through the library.
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+        python_error.emplace();
+        return kestrel::Status::error("stopped by Python");
       }
       return kestrel::Status::ok();
     };

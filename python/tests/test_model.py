@@ -271,6 +271,8 @@ def test_bad_arguments(golden_dir):
         model.generate(p, max_new_tokens=2**63 - 1)
     with pytest.raises(kestrel.KestrelError, match="vocabulary"):
         model.generate([1, 2, 5000], max_new_tokens=2)
+    with pytest.raises(kestrel.KestrelError, match="vocabulary"):
+        model([1, 2, 5000])
     with pytest.raises(kestrel.KestrelError, match="top_p"):
         model.generate(p, do_sample=True, top_p=0.0, max_new_tokens=2)
     # After errors the model still works.

@@ -106,3 +106,33 @@ def test_streamer_exceptions_propagate(model, tokenizer):
         )
     with pytest.raises(ValueError, match="batch of one"):
         model.generate([[1, 2], [3]], max_new_tokens=2, streamer=Broken(tokenizer))
+
+
+def test_threads_take_turns_and_a_streamer_cannot_reenter(model):
+    prompt = [11, 12, 13]
+    expected = model.generate(prompt, max_new_tokens=10, eos_token_id=None)
+    results = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(model.generate(prompt, max_new_tokens=10,
+                                                         eos_token_id=None))
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 3
+
+    class Reentrant:
+        def put(self, value):
+            if len(value) == 1:  # a new token, not the prompt
+                model.generate(prompt, max_new_tokens=2)
+
+        def end(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="already running on this thread"):
+        model.generate(prompt, max_new_tokens=4, streamer=Reentrant())
+    assert model.generate(prompt, max_new_tokens=10, eos_token_id=None) == expected

@@ -41,7 +41,7 @@ struct EngineOptions {
   // converted directory it must be the one it holds.
   std::optional<WeightFormat> format;
   int block = 32;
-  std::string device = "cpu";
+  std::string device = "cpu";   // "cpu", "cuda", or "auto" (CUDA when there is a device)
   int threads = 0;              // 0: all hardware threads
   int64_t max_context = 0;      // 0: min(max_position_embeddings, 4096)
   int64_t max_seqs = 1;         // sequences decoded together
@@ -110,6 +110,10 @@ struct ModelInfo {
   int64_t n_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t max_position_embeddings = 0;
+  int64_t intermediate_size = 0;
+  double rms_norm_eps = 0;
+  double rope_theta = 0;
+  bool tie_word_embeddings = false;
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
   WeightFormat format = WeightFormat::sym_int4;

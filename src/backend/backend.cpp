@@ -67,6 +67,7 @@ Status check_kv_block_copy(int32_t src, int32_t dst, const RunShape& shape,
 }
 
 Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads) {
+  if (device == "auto") return make_backend(default_device(), threads);
   if (device == "cpu") return make_cpu_backend(threads);
   if (device == "cuda") {
     if (!nvidia_driver_loaded()) {
@@ -76,7 +77,7 @@ Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int thr
     }
     return load_cuda_backend();
   }
-  return Status::error("unknown device '" + device + "' (expected cpu or cuda)");
+  return Status::error("unknown device '" + device + "' (expected auto, cpu or cuda)");
 }
 
 std::string default_device() {

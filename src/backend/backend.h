@@ -144,7 +144,8 @@ Status check_batch_slots(const BatchView& batch, const RunShape& shape, const st
 // Checks the blocks of a copy_kv_block call against the pool of `shape`.
 Status check_kv_block_copy(int32_t src, int32_t dst, const RunShape& shape, const std::string& who);
 
-// "cpu", or "cuda" when compiled in. `threads` applies to the CPU backend.
+// "cpu", "cuda" when compiled in, or "auto" (default_device()). `threads` applies to the CPU
+// backend.
 Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads);
 
 // The backends compiled into this binary, e.g. "cpu (avx512-vnni), cuda".

@@ -75,6 +75,10 @@ ModelInfo Engine::info() const {
   info.n_kv_heads = c.n_kv_heads;
   info.head_dim = c.head_dim;
   info.max_position_embeddings = c.max_position_embeddings;
+  info.intermediate_size = c.intermediate_size;
+  info.rms_norm_eps = c.rms_norm_eps;
+  info.rope_theta = c.rope_theta;
+  info.tie_word_embeddings = c.tie_word_embeddings;
   info.bos_token_id = c.bos_token_id;
   info.eos_token_ids = c.eos_token_ids;
   info.format = weights_->format;

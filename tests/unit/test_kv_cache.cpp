@@ -10,6 +10,7 @@
 #include "kestrel/engine.h"
 #include "model/weights.h"
 #include "runtime/kv_cache.h"
+#include "runtime/planner.h"
 #include "scrambled_tables.h"
 
 namespace kestrel {
@@ -279,6 +280,32 @@ TEST(PagedEngine, RunsFailCleanlyWhenThePoolIsFull) {
   options.max_context = 64;
   options.kv_blocks = 3;
   EXPECT_FALSE(Engine::create(options).is_ok());
+}
+
+TEST(PagedEngine, PoolIsSizedFromTheMemoryLeft) {
+  AttentionRig rig;
+  const RunShape shape = rig.shape;  // 2 slots of 64 positions: 4 blocks a table
+  const LayoutOf layout_of = [&](const RunShape& s) {
+    return rig.backend->reserve_layout(rig.config, s);
+  };
+  RunShape one_block = shape;
+  one_block.kv_blocks = 1;
+  const WorkspaceLayout base = *layout_of(one_block);
+  const size_t per_block = base.kv_cache_bytes();
+  const size_t fixed = base.total_bytes() - per_block;
+  // Exactly 10 blocks beside the workspace at half of the memory.
+  auto blocks = kv_blocks_that_fit(layout_of, shape, 2 * (fixed + 10 * per_block), 0.5, "test");
+  ASSERT_TRUE(blocks.is_ok()) << blocks.status().message();
+  EXPECT_EQ(*blocks, 10);
+  RunShape sized = shape;
+  sized.kv_blocks = *blocks;
+  EXPECT_LE(layout_of(sized)->total_bytes(), fixed + 10 * per_block);
+  // Less than one full context (4 blocks) is refused, naming the numbers.
+  auto small = kv_blocks_that_fit(layout_of, shape, fixed + 3 * per_block, 1.0, "test memory");
+  ASSERT_FALSE(small.is_ok());
+  EXPECT_NE(small.status().message().find("test memory"), std::string::npos);
+  EXPECT_NE(small.status().message().find("4 needed"), std::string::npos)
+      << small.status().message();
 }
 
 TEST(PagedEngine, CopySequenceSharesFullBlocks) {

@@ -1,5 +1,6 @@
 #include "backend/backend.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "backend/cpu/cpu_backend.h"
@@ -17,6 +18,53 @@ bool nvidia_driver_loaded() {
          std::filesystem::exists("/dev/nvidiactl", ec);
 }
 }  // namespace
+
+Status check_batch_slots(const BatchView& batch, const RunShape& shape, const std::string& who) {
+  // The highest position each slot reaches in the call: its table entries up to that one are
+  // read.
+  std::vector<int32_t> last_position(size_t(shape.max_seqs), -1);
+  for (int64_t i = 0; i < batch.n_tokens; ++i) {
+    const int32_t seq = batch.seq_ids[i];
+    const int32_t pos = batch.positions[i];
+    if (seq < 0 || seq >= shape.max_seqs) {
+      return Status::error(who + ": sequence id " + std::to_string(seq) + " outside the " +
+                           std::to_string(shape.max_seqs) + " reserved");
+    }
+    if (pos < 0 || pos >= shape.max_context) {
+      return Status::error(who + ": position " + std::to_string(pos) + " outside the context of " +
+                           std::to_string(shape.max_context));
+    }
+    last_position[size_t(seq)] = std::max(last_position[size_t(seq)], pos);
+  }
+  if (batch.n_tokens > 0 &&
+      (batch.block_tables == nullptr || batch.block_table_stride < shape.blocks_per_seq())) {
+    return Status::error(who + ": the batch has no block table of " +
+                         std::to_string(shape.blocks_per_seq()) + " entries a slot");
+  }
+  const int64_t n_blocks = shape.pool_blocks();
+  for (int64_t seq = 0; seq < shape.max_seqs; ++seq) {
+    const int32_t* table = batch.block_tables + seq * batch.block_table_stride;
+    for (int64_t b = 0;
+         b <= int64_t(last_position[size_t(seq)]) / kKvBlockSize && last_position[size_t(seq)] >= 0;
+         ++b) {
+      if (table[b] < 0 || table[b] >= n_blocks) {
+        return Status::error(who + ": block table entry " + std::to_string(b) + " of slot " +
+                             std::to_string(seq) + " is " + std::to_string(table[b]) +
+                             ", outside the pool of " + std::to_string(n_blocks) + " blocks");
+      }
+    }
+  }
+  return Status::ok();
+}
+
+Status check_kv_block_copy(int32_t src, int32_t dst, const RunShape& shape,
+                           const std::string& who) {
+  const int64_t n_blocks = shape.pool_blocks();
+  if (src >= 0 && src < n_blocks && dst >= 0 && dst < n_blocks) return Status::ok();
+  return Status::error(who + ": copy_kv_block " + std::to_string(src) + " -> " +
+                       std::to_string(dst) + " outside the pool of " + std::to_string(n_blocks) +
+                       " blocks");
+}
 
 Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads) {
   if (device == "auto") return make_backend(default_device(), threads);

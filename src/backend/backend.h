@@ -28,7 +28,13 @@ struct BatchView {
   int64_t n_tokens = 0;
   const int32_t* tokens = nullptr;     // [n_tokens]
   const int32_t* positions = nullptr;  // [n_tokens] position of each token in its sequence
-  const int32_t* seq_ids = nullptr;    // [n_tokens] KV cache slot of each token's sequence
+  const int32_t* seq_ids = nullptr;    // [n_tokens] sequence slot of each token
+  // [max_seqs, block_table_stride] the KV cache block of each slot's positions
+  // [kKvBlockSize b, kKvBlockSize (b + 1)) at entry b; the entry of every position a token writes
+  // or reads must be a block of the pool (begin_batch checks it). Blocks may repeat across slots
+  // (shared prefixes): a call writes only blocks no other slot of the call reads.
+  const int32_t* block_tables = nullptr;
+  int64_t block_table_stride = 0;
   // The rows whose logits the call will produce (a device backend keys its captured decode
   // graphs on them); empty when the call ends without logits.
   int64_t n_logit_rows = 0;
@@ -72,14 +78,9 @@ class Backend {
   // Free memory of the device in bytes; 0 when the backend has no memory of its own (the CPU)
   // or cannot tell. The planner compares plans with it; the benchmark measures peaks with it.
   virtual size_t free_memory() const { return 0; }
-  // Copies the KV cache entries of positions [0, n_positions) of sequence slot `src` into slot
-  // `dst`, every layer (beam search forks a sequence this way).
-  virtual Status copy_sequence(int32_t src, int32_t dst, int64_t n_positions) {
-    (void)src;
-    (void)dst;
-    (void)n_positions;
-    return Status::error(name() + " backend cannot copy sequences (copy_sequence)");
-  }
+  // Copies KV cache block `src` into block `dst`, every layer, K and V (a sequence forked in
+  // the middle of a block gets a private copy of that block).
+  virtual Status copy_kv_block(int32_t src, int32_t dst) = 0;
 
   // Starts a forward call: frees the previous call's scratch tensors and takes the batch.
   virtual Status begin_batch(const BatchView& batch) = 0;
@@ -134,6 +135,14 @@ class Backend {
   virtual size_t memory_in_use() const = 0;
   virtual size_t peak_memory() const = 0;
 };
+
+// Checks a batch against a reservation: every token's slot and position inside `shape`, and the
+// block table entries of every position a token reads (0 up to its own) blocks of the pool.
+// `who` begins the error ("cpu backend").
+Status check_batch_slots(const BatchView& batch, const RunShape& shape, const std::string& who);
+
+// Checks the blocks of a copy_kv_block call against the pool of `shape`.
+Status check_kv_block_copy(int32_t src, int32_t dst, const RunShape& shape, const std::string& who);
 
 // "cpu", "cuda" when compiled in, or "auto" (default_device()). `threads` applies to the CPU
 // backend.

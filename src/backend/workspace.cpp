@@ -16,8 +16,8 @@ WorkspaceLayout workspace_layout(const ModelConfig& config, const RunShape& shap
                                  const WorkspaceTypes& types) {
   WorkspaceLayout layout;
   layout.types = types;
-  layout.kv_cache_elements = size_t(config.n_layers) * size_t(shape.max_seqs) *
-                             size_t(shape.max_context) * size_t(config.kv_dim());
+  layout.kv_cache_elements = size_t(config.n_layers) * size_t(shape.pool_blocks()) *
+                             size_t(kKvBlockSize) * size_t(config.kv_dim());
   const int64_t widest = std::max({config.hidden_size, config.q_dim(), config.intermediate_size});
   const int64_t per_token = 3 * config.hidden_size + 2 * config.q_dim() + 2 * config.kv_dim() +
                             2 * config.intermediate_size + widest;

@@ -44,7 +44,7 @@ struct WorkspaceLayout {
 };
 
 // The buffers of one reservation:
-//   K and V caches   [n_layers, max_seqs, max_context, kv_dim] each
+//   K and V caches   [n_layers, pool_blocks, n_kv_heads, kKvBlockSize, head_dim] each
 //   scratch          max_batch_tokens x (3 hidden + 2 q_dim + 2 kv_dim + 2 intermediate + the
 //                    widest of them, a spare row for a backend's temporaries)
 //                    + max_logit_rows x (vocab + 2 hidden) + 16 elements of alignment a tensor

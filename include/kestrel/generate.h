@@ -6,8 +6,9 @@
 //   auto result = kestrel::generate_tokens(*engine, {{1, 2, 3}, {4, 5}}, params);
 //   // result->tokens[0]: the continuation of {1, 2, 3}; result->tokens[1]: that of {4, 5}
 //
-// Prompt i runs in sequence slot i of the engine, so the engine must have been reserved for at
-// least as many sequences (EngineOptions::max_seqs or Engine::reserve). Its prompt is prefilled
+// Prompt i runs in sequence slot i of the engine (whose KV cache blocks it releases first), so
+// the engine must have been reserved for at least as many sequences (EngineOptions::max_seqs or
+// Engine::reserve). Its prompt is prefilled
 // packed with the others into calls of up to the prefill chunk, then one decode step carries
 // every sequence that has not stopped. Each sequence attends only to its own slot, so a prompt's
 // continuation does not depend on the others beyond float rounding.

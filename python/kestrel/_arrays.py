@@ -66,6 +66,10 @@ class TokenInput:
         for i, p in enumerate(self.prompts):
             if not p:
                 raise ValueError(f"{name}: prompt {i} is empty")
+            # The engine names ids outside the model's vocabulary; these do not fit its type.
+            if min(p) < 0 or max(p) >= 2**31:
+                bad = next(t for t in p if t < 0 or t >= 2**31)
+                raise ValueError(f"{name}: prompt {i}: token id {bad} is not a token id")
 
     def _check_list_mask(self, mask, input_ids):
         """Lists carry no padding, so their mask (a tokenizer's output passed on with **) can only

@@ -260,6 +260,10 @@ def test_bad_arguments(golden_dir):
         model.generate(np.asarray([[1, 2, 0]]), attention_mask=np.asarray([[1, 1, 0]]))
     with pytest.raises(ValueError, match="list of ints"):
         model.generate([1, "2"])
+    with pytest.raises(ValueError, match="token id -1"):
+        model.generate([1, -1, 2])
+    with pytest.raises(ValueError, match="token id 4294967296"):
+        model(np.asarray([[1, 2**32]]))
     with pytest.raises(ValueError, match="integers"):
         model.generate(np.asarray([1.0, 2.0]))
     with pytest.raises(ValueError, match="seed"):

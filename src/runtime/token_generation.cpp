@@ -108,6 +108,8 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     seqs.push_back(
         Sequence{Sampler(sampling, int32_t(vocab)), StopChecker(conditions), prompts[i], -1, true});
   }
+  // Each prompt starts its slot afresh: blocks a slot held from earlier calls go back to the pool.
+  for (size_t i = 0; i < n; ++i) engine.release_sequence(int32_t(i));
   TokenGenerationResult result;
   result.tokens.assign(n, {});
   result.stop_reasons.assign(n, StopReason::max_tokens);

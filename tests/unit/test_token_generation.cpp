@@ -10,7 +10,8 @@
 namespace kestrel {
 namespace {
 
-std::unique_ptr<Engine> make_engine(int64_t max_seqs, int64_t prefill_chunk) {
+std::unique_ptr<Engine> make_engine(int64_t max_seqs, int64_t prefill_chunk,
+                                    int64_t kv_blocks = 0) {
   EngineOptions options;
   options.model = "synthetic:tiny-llama";
   options.format = WeightFormat::fp32;
@@ -19,6 +20,7 @@ std::unique_ptr<Engine> make_engine(int64_t max_seqs, int64_t prefill_chunk) {
   options.max_context = 96;
   options.max_seqs = max_seqs;
   options.prefill_chunk = prefill_chunk;
+  options.kv_blocks = kv_blocks;
   auto engine = Engine::create(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().message();
   return std::move(engine).value();
@@ -105,6 +107,24 @@ TEST(TokenGeneration, SamplingIsSeededPerSequence) {
   auto next_seed = generate_tokens(*engine, {prompt}, params);
   ASSERT_TRUE(next_seed.is_ok());
   EXPECT_EQ(pair->tokens[1], next_seed->tokens[0]);  // sequence 1 with seed + 1
+}
+
+TEST(TokenGeneration, SlotsGiveBackTheirKvBlocksBetweenCalls) {
+  // A pool of one full context (96 positions = 6 blocks of 16) shared by two slots: a long
+  // generation in slot 0 takes all of it, and the next call fits only if slot 0 starts afresh.
+  auto engine = make_engine(2, 512, 6);
+  TokenGenerationParams params;
+  params.stop_at_eos = false;
+  params.max_new_tokens = 30;
+  auto long_run = generate_tokens(*engine, {random_prompt(60, 8)}, params);
+  ASSERT_TRUE(long_run.is_ok()) << long_run.status().message();
+  params.max_new_tokens = 10;
+  const std::vector<std::vector<int32_t>> prompts = {random_prompt(20, 9), random_prompt(18, 10)};
+  auto two = generate_tokens(*engine, prompts, params);
+  ASSERT_TRUE(two.is_ok()) << two.status().message();
+  auto again = generate_tokens(*engine, prompts, params);
+  ASSERT_TRUE(again.is_ok()) << again.status().message();
+  EXPECT_EQ(two->tokens, again->tokens);
 }
 
 TEST(TokenGeneration, RefusesWhatDoesNotFitAndStopsWhenTheCallbackSays) {

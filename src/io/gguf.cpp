@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 
@@ -425,6 +426,7 @@ Result<GgufFile> GgufFile::parse(std::shared_ptr<const MappedFile> file, const u
   KS_RETURN_IF_ERROR(in.read(magic, "the GGUF magic"));
   if (magic != kMagic) return Status::error(path + ": not a GGUF file (no 'GGUF' magic)");
   GgufFile out;
+  out.mapping_ = file;
   out.path_ = path;
   KS_RETURN_IF_ERROR(in.read(out.version_, "the version"));
   if (out.version_ == 1) {
@@ -638,6 +640,9 @@ Result<std::vector<float>> GgufFile::get_float_array(const std::string& key) con
 }
 
 bool has_gguf_magic(const std::string& path) {
+  // Opening a FIFO for reading would block until a writer appears.
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) return false;
   std::ifstream file(path, std::ios::binary);
   char magic[4] = {};
   file.read(magic, sizeof(magic));

@@ -116,6 +116,7 @@ class GgufFile {
  public:
   static Result<GgufFile> open(const std::string& path);
   // Parses an in-memory image (the fuzz target and tests use this); `path` names it in errors.
+  // `file`, when given, owns `bytes` and is kept alive by the result.
   static Result<GgufFile> parse(std::shared_ptr<const MappedFile> file, const uint8_t* bytes,
                                 size_t size, const std::string& path);
 
@@ -137,6 +138,7 @@ class GgufFile {
   Result<std::vector<float>> get_float_array(const std::string& key) const;
 
  private:
+  std::shared_ptr<const MappedFile> mapping_;  // keeps metadata arrays' `raw` valid
   std::string path_;
   uint32_t version_ = 0;
   uint64_t alignment_ = 32;
@@ -145,7 +147,8 @@ class GgufFile {
   std::map<std::string, size_t> tensor_index_;
 };
 
-// Whether the first bytes of `path` are the GGUF magic (false for unreadable files).
+// Whether `path` is a regular file starting with the GGUF magic (false for unreadable files,
+// without opening FIFOs or devices).
 bool has_gguf_magic(const std::string& path);
 
 }  // namespace kestrel

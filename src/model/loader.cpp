@@ -12,6 +12,8 @@
 #include "core/half.h"
 #include "core/progress.h"
 #include "io/safetensors.h"
+#include "model/gguf_model.h"
+#include "tokenizer/gguf_tokenizer.h"
 
 namespace kestrel {
 namespace {
@@ -288,6 +290,72 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
   return weights;
 }
 
+// A GGUF file: tensors whose ggml type a Kestrel format holds block for block are copied
+// (gguf_model.h says which, and where the arithmetic differs); the rest are dequantized with
+// ggml's formulas and quantized into the load's format. One format per model, as for HF sources.
+Result<ModelWeights> load_gguf(const std::string& path, const LoadOptions& options,
+                               ThreadPool& pool) {
+  KS_ASSIGN_OR_RETURN(GgufModel model, GgufModel::open(path));
+  const ModelConfig& config = model.config();
+  const auto [format, block] =
+      model.load_format(options.format, options.format_explicit, options.block);
+  KS_RETURN_IF_ERROR(check_all_shapes(config, format, block).with_context(path));
+  TensorMaker checker;
+  checker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
+    KS_RETURN_IF_ERROR(model.tensor(name, rows, cols).status());
+    return QuantWeight();
+  };
+  checker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
+    KS_RETURN_IF_ERROR(model.tensor(name, 1, n).status());
+    return Blob();
+  };
+  KS_RETURN_IF_ERROR(build_weights(config, format, block, checker).status());
+
+  Progress progress("load " + std::string(format_name(format)), total_matrix_elements(config),
+                    options.progress);
+  TensorMaker maker;
+  maker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
+    KS_ASSIGN_OR_RETURN(const GgufTensor* t, model.tensor(name, rows, cols));
+    if (!GgufModel::copies_into(t->type, format, block)) {
+      Result<QuantWeight> w = quantize_rows(
+          format, block, rows, cols, pool, progress,
+          [&](int64_t r, float* out) { model.dequantize_row(name, *t, r, out); }, t->name);
+      if (!w.is_ok()) return w.status().with_context(path);
+      return w;
+    }
+    QuantWeight w = allocate_weight(format, rows, cols, is_quantized(format) ? block : 0);
+    pool.parallel_for(rows, 8, [&](int64_t begin, int64_t end, int) {
+      for (int64_t r = begin; r < end; ++r) model.copy_row(name, *t, r, w);
+      progress.advance((end - begin) * cols);
+    });
+    if (!is_quantized(format)) {
+      const DType dtype = format == WeightFormat::fp32   ? DType::f32
+                          : format == WeightFormat::fp16 ? DType::f16
+                                                         : DType::bf16;
+      KS_RETURN_IF_ERROR(check_finite(dtype, w.data.data(), rows, cols, pool, path, t->name));
+    } else {
+      KS_RETURN_IF_ERROR(check_finite(DType::f16, w.scales.data(), rows, w.blocks_per_row(), pool,
+                                      path, t->name + " (scales)"));
+      if (!w.mins.empty()) {
+        KS_RETURN_IF_ERROR(check_finite(DType::f16, w.mins.data(), rows, w.blocks_per_row(), pool,
+                                        path, t->name + " (mins)"));
+      }
+    }
+    return w;
+  };
+  maker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
+    KS_ASSIGN_OR_RETURN(const GgufTensor* t, model.tensor(name, 1, n));
+    Blob b = Blob::allocate(size_t(n) * sizeof(float));
+    model.dequantize_row(name, *t, 0, b.as_mutable<float>());
+    KS_RETURN_IF_ERROR(check_finite(DType::f32, b.data(), 1, n, pool, path, t->name));
+    return b;
+  };
+  Result<ModelWeights> weights = build_weights(config, format, block, maker);
+  progress.finish();
+  if (weights.is_ok()) weights->notes.push_back(path + ": " + model.load_report(format, block));
+  return weights;
+}
+
 // The dtype and shape each array of a weight has in a converted file.
 struct StoredArray {
   DType dtype;
@@ -516,16 +584,7 @@ Status check_model_source(const std::string& source) {
   if (fs::is_directory(source, ec)) return Status::ok();
   const std::string supported =
       "Kestrel loads a Hugging Face directory (config.json + safetensors), a directory written by "
-      "kestrel convert, or synthetic:NAME";
-  char magic[4] = {};
-  if (fs::is_regular_file(source, ec)) {
-    std::ifstream file(source, std::ios::binary);
-    file.read(magic, sizeof(magic));
-  }
-  const bool gguf_name = fs::path(source).extension() == ".gguf";
-  if (gguf_name || std::memcmp(magic, "GGUF", 4) == 0) {
-    return Status::error(source + ": a GGUF file is not supported; " + supported);
-  }
+      "kestrel convert, a GGUF file, or synthetic:NAME";
   if (!fs::exists(source, ec)) return Status::error(source + ": no such directory; " + supported);
   return Status::error(source + ": not a model directory; " + supported);
 }
@@ -533,6 +592,10 @@ Status check_model_source(const std::string& source) {
 Result<ModelConfig> load_model_config_of(const std::string& source) {
   if (source.rfind(kSyntheticPrefix, 0) == 0) {
     return synthetic_config(source.substr(std::string(kSyntheticPrefix).size()));
+  }
+  if (is_gguf_source(source)) {
+    KS_ASSIGN_OR_RETURN(GgufModel model, GgufModel::open(source));
+    return model.config();
   }
   KS_RETURN_IF_ERROR(check_model_source(source));
   return load_model_config(source);
@@ -543,6 +606,7 @@ Result<ModelWeights> load_model(const std::string& source, const LoadOptions& op
   if (source.rfind(kSyntheticPrefix, 0) == 0) {
     return make_synthetic(source.substr(std::string(kSyntheticPrefix).size()), options, pool);
   }
+  if (is_gguf_source(source)) return load_gguf(source, options, pool);
   KS_RETURN_IF_ERROR(check_model_source(source));
   // A converted model is one model.safetensors carrying Kestrel's metadata.
   const std::string single = (fs::path(source) / "model.safetensors").string();
@@ -625,6 +689,14 @@ Status save_converted(const ModelWeights& weights, const std::string& source_dir
 
 namespace {
 
+Status write_text(const fs::path& path, const std::string& text) {
+  std::ofstream file(path, std::ios::binary | std::ios::trunc);
+  file << text;
+  file.close();
+  if (!file) return Status::error(path.string() + ": cannot write");
+  return Status::ok();
+}
+
 Status write_converted(const ModelWeights& weights, const std::string& source_dir,
                        const std::string& out_dir) {
   std::error_code ec;
@@ -682,6 +754,23 @@ Status write_converted(const ModelWeights& weights, const std::string& source_di
   config_file << model_config_to_json(weights.config);
   if (!config_file) return Status::error(config_path + ": cannot write");
   config_file.close();
+  // A GGUF file's tokenizer and chat template become tokenizer.json and tokenizer_config.json
+  // (when the file has a tokenizer Kestrel reads; otherwise the model converts without one).
+  if (!source_dir.empty() && has_gguf_magic(source_dir)) {
+    KS_ASSIGN_OR_RETURN(const GgufFile gguf, GgufFile::open(source_dir));
+    Result<std::string> tokenizer = gguf_tokenizer_json(gguf);
+    if (tokenizer.is_ok()) {
+      KS_RETURN_IF_ERROR(write_text(fs::path(out_dir) / "tokenizer.json", *tokenizer));
+    }
+    Result<ChatTemplateConfig> chat = gguf_chat_template(gguf);
+    if (chat.is_ok()) {
+      nlohmann::ordered_json config = chat->special_tokens;
+      config["chat_template"] = chat->template_text;
+      KS_RETURN_IF_ERROR(
+          write_text(fs::path(out_dir) / "tokenizer_config.json", config.dump(2) + "\n"));
+    }
+    return Status::ok();
+  }
   // generation_config.json and the tokenizer travel unchanged when the source has them.
   if (!source_dir.empty()) {
     for (const char* name : {"generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -44,6 +44,9 @@ struct ModelWeights {
   Linear output;       // [vocab, hidden]; shares tok_embd's storage when embeddings are tied
   // What the loader noticed and went past (tensors the config does not use), for the user.
   std::vector<std::string> warnings;
+  // What the loader did that the user may want to know (a GGUF file's types and what became of
+  // them), printed once at load.
+  std::vector<std::string> notes;
 
   // Bytes of weights streamed by one decode step (every linear once, plus one embedding row).
   size_t decode_bytes() const;

@@ -5,8 +5,10 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
 #include "io/safetensors.h"
+#include "model/gguf_model.h"
 #include "model/loader.h"
 
 namespace kestrel {
@@ -73,6 +75,10 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
   spec.block = block;
   KS_ASSIGN_OR_RETURN(spec.config, load_model_config_of(source));
   if (source.rfind(kSyntheticPrefix, 0) == 0) {
+    spec.qkv_bias = spec.config.attention_bias;
+  } else if (is_gguf_source(source)) {
+    KS_ASSIGN_OR_RETURN(GgufModel model, GgufModel::open(source));
+    std::tie(spec.format, spec.block) = model.load_format(format, format_explicit, block);
     spec.qkv_bias = spec.config.attention_bias;
   } else {
     // Only the headers are parsed; the tensor data stays unread in the mapping.

@@ -1,5 +1,6 @@
 // The GGUF container reader against images assembled byte by byte here, following the published
 // layout (header, key/values, tensor infos, aligned data), and against corrupt variants of them.
+#include "gguf_image.h"
 #include "io/gguf.h"
 
 #include <gtest/gtest.h>
@@ -11,48 +12,17 @@
 namespace kestrel {
 namespace {
 
-class Image {
- public:
-  template <typename T>
-  Image& put(T v) {
-    const size_t at = bytes.size();
-    bytes.resize(at + sizeof(T));
-    std::memcpy(bytes.data() + at, &v, sizeof(T));
-    return *this;
-  }
-  Image& str(const std::string& s) {
-    put<uint64_t>(s.size());
-    bytes.insert(bytes.end(), s.begin(), s.end());
-    return *this;
-  }
-  Image& kv_u32(const std::string& key, uint32_t v) {
-    return str(key).put<uint32_t>(4).put<uint32_t>(v);
-  }
-  Image& kv_str(const std::string& key, const std::string& v) {
-    return str(key).put<uint32_t>(8).str(v);
-  }
-  Image& tensor(const std::string& name, std::vector<uint64_t> dims, uint32_t type,
-                uint64_t offset) {
-    str(name).put<uint32_t>(uint32_t(dims.size()));
-    for (uint64_t d : dims) put<uint64_t>(d);
-    return put<uint32_t>(type).put<uint64_t>(offset);
-  }
-  Image& align(size_t a) {
-    bytes.resize((bytes.size() + a - 1) / a * a, 0);
-    return *this;
-  }
-  std::vector<uint8_t> bytes;
-};
+using testing::GgufImage;
 
-Image header(uint64_t n_tensors, uint64_t n_kv, uint32_t version = 3) {
-  Image im;
+GgufImage header(uint64_t n_tensors, uint64_t n_kv, uint32_t version = 3) {
+  GgufImage im;
   im.put<uint32_t>(0x46554747).put<uint32_t>(version).put<uint64_t>(n_tensors).put<uint64_t>(n_kv);
   return im;
 }
 
 // Two tensors (an F32 [2, 3] and a Q8_0 [32, 2]) and metadata of several kinds.
 std::vector<uint8_t> valid_image() {
-  Image im = header(2, 4);
+  GgufImage im = header(2, 4);
   im.kv_str("general.architecture", "llama");
   im.kv_u32("llama.block_count", 7);
   im.str("tokenizer.ggml.tokens").put<uint32_t>(9).put<uint32_t>(8).put<uint64_t>(2);
@@ -139,50 +109,50 @@ TEST(Gguf, RejectsBadMagicAndVersions) {
 TEST(Gguf, RejectsCountsBeyondTheFile) {
   expect_error(header(0, uint64_t(1) << 60).bytes, "metadata count");
   expect_error(header(uint64_t(1) << 60, 0).bytes, "tensor count");
-  Image huge_string = header(0, 1);
+  GgufImage huge_string = header(0, 1);
   huge_string.str("k").put<uint32_t>(8).put<uint64_t>(uint64_t(1) << 40);
   expect_error(huge_string.bytes, "exceeds the limit");
-  Image long_string = header(0, 1);
+  GgufImage long_string = header(0, 1);
   long_string.str("k").put<uint32_t>(8).put<uint64_t>(100).put<uint32_t>(0);
   expect_error(long_string.bytes, "truncated");
-  Image huge_array = header(0, 1);
+  GgufImage huge_array = header(0, 1);
   huge_array.str("k").put<uint32_t>(9).put<uint32_t>(6).put<uint64_t>(uint64_t(1) << 62);
   expect_error(huge_array.bytes, "does not fit");
-  Image string_array = header(0, 1);
+  GgufImage string_array = header(0, 1);
   string_array.str("k").put<uint32_t>(9).put<uint32_t>(8).put<uint64_t>(1000).put<uint64_t>(0);
   expect_error(string_array.bytes, "does not fit");
 }
 
 TEST(Gguf, RejectsBadValueTypesAndNesting) {
-  Image bad_type = header(0, 1);
+  GgufImage bad_type = header(0, 1);
   bad_type.str("k").put<uint32_t>(13).put<uint32_t>(0);
   expect_error(bad_type.bytes, "unknown value type 13");
-  Image bad_element = header(0, 1);
+  GgufImage bad_element = header(0, 1);
   bad_element.str("k").put<uint32_t>(9).put<uint32_t>(77).put<uint64_t>(0);
   expect_error(bad_element.bytes, "unknown array element type");
-  Image deep = header(0, 1);
+  GgufImage deep = header(0, 1);
   deep.str("k").put<uint32_t>(9);
   for (int i = 0; i < 6; ++i) deep.put<uint32_t>(9).put<uint64_t>(1);
   deep.put<uint32_t>(4).put<uint64_t>(0);
   expect_error(deep.bytes, "nested deeper");
-  Image twice = header(0, 2);
+  GgufImage twice = header(0, 2);
   twice.kv_u32("k", 1).kv_u32("k", 2);
   expect_error(twice.bytes, "appears twice");
 }
 
 TEST(Gguf, ChecksAlignment) {
-  Image wrong_type = header(0, 1);
+  GgufImage wrong_type = header(0, 1);
   wrong_type.str("general.alignment").put<uint32_t>(10).put<uint64_t>(64);
   expect_error(wrong_type.bytes, "must be uint32");
-  Image odd = header(0, 1);
+  GgufImage odd = header(0, 1);
   odd.kv_u32("general.alignment", 48);
   expect_error(odd.bytes, "power of two");
-  Image zero = header(0, 1);
+  GgufImage zero = header(0, 1);
   zero.kv_u32("general.alignment", 0);
   expect_error(zero.bytes, "power of two");
 
   // With alignment 64 the data starts at 64 and a tensor at offset 32 is misaligned.
-  Image im = header(1, 1);
+  GgufImage im = header(1, 1);
   im.kv_u32("general.alignment", 64);
   im.tensor("t", {4}, 0, 32);
   im.align(64);
@@ -192,7 +162,7 @@ TEST(Gguf, ChecksAlignment) {
 
 TEST(Gguf, RejectsBadTensorInfos) {
   auto one = [](std::vector<uint64_t> dims, uint32_t type, uint64_t offset, size_t data) {
-    Image im = header(1, 0);
+    GgufImage im = header(1, 0);
     im.tensor("t", std::move(dims), type, offset);
     im.align(32);
     for (size_t i = 0; i < data; ++i) im.put<uint8_t>(0);
@@ -208,12 +178,12 @@ TEST(Gguf, RejectsBadTensorInfos) {
   expect_error(one({4}, 0, 64, 64), "past the end");
   expect_error(one({4}, 0, uint64_t(-32), 64), "past the end");
 
-  Image dup = header(2, 0);
+  GgufImage dup = header(2, 0);
   dup.tensor("t", {4}, 0, 0).tensor("t", {4}, 0, 32).align(32);
   for (int i = 0; i < 64; ++i) dup.put<uint8_t>(0);
   expect_error(dup.bytes, "appears twice");
 
-  Image overlap = header(2, 0);
+  GgufImage overlap = header(2, 0);
   overlap.tensor("a", {16}, 0, 0).tensor("b", {4}, 0, 32).align(32);
   for (int i = 0; i < 64; ++i) overlap.put<uint8_t>(0);
   expect_error(overlap.bytes, "overlaps");

@@ -87,6 +87,7 @@ void check_stdout_written() {
 }
 
 void print_warnings(const ModelWeights& weights) {
+  for (const std::string& note : weights.notes) std::fprintf(stderr, "kestrel: %s\n", note.c_str());
   for (const std::string& warning : weights.warnings) {
     std::fprintf(stderr, "kestrel: warning: %s\n", warning.c_str());
   }

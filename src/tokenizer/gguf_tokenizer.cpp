@@ -39,6 +39,12 @@ Result<std::string> token_string(const GgufFile& file, const std::vector<std::st
 
 }  // namespace
 
+bool gguf_has_tokenizer(const std::string& path) {
+  if (!has_gguf_magic(path)) return false;
+  auto file = GgufFile::open(path);
+  return file.is_ok() && file->find("tokenizer.ggml.model") != nullptr;
+}
+
 Result<std::string> gguf_tokenizer_json(const GgufFile& file) {
   const std::string& path = file.path();
   if (file.find("tokenizer.ggml.model") == nullptr) {

@@ -17,6 +17,9 @@
 
 namespace kestrel {
 
+// Whether `path` is a GGUF file that carries a tokenizer (tokenizer.ggml.model).
+bool gguf_has_tokenizer(const std::string& path);
+
 // tokenizer.json text equivalent to the file's tokenizer metadata.
 Result<std::string> gguf_tokenizer_json(const GgufFile& file);
 

@@ -425,8 +425,12 @@ void GgufModel::copy_row(const std::string& name, const GgufTensor& t, int64_t r
           int sc = 0, m = 0;
           q4_k_scale_min(j, in + 4, sc, m);
           const int64_t b = s * 8 + j;
-          scales[b] = to_half_clamped(d * float(sc));
-          mins[b] = to_half_clamped(-(dmin * float(m)));
+          // A non-finite super-scale stays non-finite, so the loader's finiteness check refuses
+          // the tensor instead of clamping it into a wrong finite scale.
+          const float scale = d * float(sc);
+          const float min = -(dmin * float(m));
+          scales[b] = std::isfinite(scale) ? to_half_clamped(scale) : float_to_fp16(scale);
+          mins[b] = std::isfinite(min) ? to_half_clamped(min) : float_to_fp16(min);
           uint8_t codes[32];
           q4_k_codes(in, j, codes);
           uint8_t* group = data + b * 16;

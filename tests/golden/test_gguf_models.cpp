@@ -6,11 +6,13 @@
 
 #include <cmath>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 
 #include "kestrel/engine.h"
 #include "model/gguf_model.h"
 #include "model/weights.h"
+#include "../unit/test_util.h"
 
 namespace kestrel {
 namespace {
@@ -201,6 +203,39 @@ TEST(GgufVsHf, FloatFilesEqualTheHfDirectory) {
     auto b = hf->prompt_logits(f.prompt);
     ASSERT_TRUE(a.is_ok() && b.is_ok());
     EXPECT_EQ(*a, *b) << c.fixture;
+  }
+}
+
+// A super-block scale of Inf in a copied Q4_K tensor is refused by name, not clamped into a
+// finite scale; the same for a Q4_0 scale and for a requantized load.
+TEST(GgufCopies, NonFiniteScalesAreRefused) {
+  for (const char* fixture : {"kquant-llama.Q4_K", "qwen2-tied.Q4_0"}) {
+    std::ifstream in(kDir + fixture + ".gguf", std::ios::binary);
+    std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    auto parsed = GgufFile::parse(nullptr, bytes.data(), bytes.size(), fixture);
+    ASSERT_TRUE(parsed.is_ok()) << parsed.status().message();
+    const GgufTensor* t = parsed->find_tensor("blk.0.ffn_up.weight");
+    ASSERT_NE(t, nullptr);
+    const size_t at = size_t(t->data - bytes.data());
+    bytes[at] = 0x00;
+    bytes[at + 1] = 0x7c;  // fp16 +Inf: the first block's d
+    testing::TempDir dir;
+    const std::string path = dir.file("inf.gguf");
+    std::ofstream(path, std::ios::binary)
+        .write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+    for (std::optional<WeightFormat> format : {std::optional<WeightFormat>(), std::optional<WeightFormat>(WeightFormat::fp16)}) {
+      EngineOptions options;
+      options.model = path;
+      options.format = format;
+      options.threads = 2;
+      options.progress = false;
+      auto engine = Engine::create(options);
+      ASSERT_FALSE(engine.is_ok()) << fixture;
+      EXPECT_NE(engine.status().message().find("blk.0.ffn_up.weight"), std::string::npos)
+          << engine.status().message();
+      EXPECT_NE(engine.status().message().find("NaN or Inf"), std::string::npos)
+          << engine.status().message();
+    }
   }
 }
 

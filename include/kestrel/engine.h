@@ -36,8 +36,9 @@ struct ModelConfig;
 struct ModelWeights;
 
 struct EngineOptions {
-  std::string model;  // HF directory, converted directory, or synthetic:NAME
-  // Unset: sym_int4, or the format a converted directory holds. Set: that format; for a
+  std::string model;  // HF directory, converted directory, GGUF file, or synthetic:NAME
+  // Unset: sym_int4, the format a converted directory holds, or the format a GGUF file's weights
+  // copy into (Q4_0: sym_int4, Q8_0: sym_int8, Q4_K: asym_int4, ...). Set: that format; for a
   // converted directory it must be the one it holds.
   std::optional<WeightFormat> format;
   int block = 32;

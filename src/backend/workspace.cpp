@@ -12,18 +12,61 @@ namespace {
 constexpr size_t kAlignmentSlackElements = 64 * 16;
 }  // namespace
 
+namespace forward_scratch {
+
+int64_t width(const ModelConfig& c, Token tensor) {
+  switch (tensor) {
+    case residual:
+    case normed:
+    case proj:
+      return c.hidden_size;
+    case q:
+    case attn:
+      return c.q_dim();
+    case k:
+    case v:
+      return c.kv_dim();
+    case gate:
+    case up:
+      return c.intermediate_size;
+    case kTokenTensors:
+      break;
+  }
+  return 0;
+}
+
+int64_t width(const ModelConfig& c, Head tensor) {
+  switch (tensor) {
+    case last:
+    case head_normed:
+      return c.hidden_size;
+    case logits:
+      return c.vocab_size;
+    case kHeadTensors:
+      break;
+  }
+  return 0;
+}
+
+}  // namespace forward_scratch
+
 WorkspaceLayout workspace_layout(const ModelConfig& config, const RunShape& shape,
                                  const WorkspaceTypes& types) {
   WorkspaceLayout layout;
   layout.types = types;
   layout.kv_cache_elements = size_t(config.n_layers) * size_t(shape.pool_blocks()) *
                              size_t(kKvBlockSize) * size_t(config.kv_dim());
-  const int64_t widest = std::max({config.hidden_size, config.q_dim(), config.intermediate_size});
-  const int64_t per_token = 3 * config.hidden_size + 2 * config.q_dim() + 2 * config.kv_dim() +
-                            2 * config.intermediate_size + widest;
-  layout.activation_elements = size_t(shape.max_batch_tokens) * size_t(per_token);
-  layout.logits_elements =
-      size_t(shape.max_logit_rows) * size_t(config.vocab_size + 2 * config.hidden_size);
+  int64_t per_token = 0, widest = 0, per_logit_row = 0;
+  for (int i = 0; i < forward_scratch::kTokenTensors; ++i) {
+    const int64_t width = forward_scratch::width(config, forward_scratch::Token(i));
+    per_token += width;
+    widest = std::max(widest, width);
+  }
+  for (int i = 0; i < forward_scratch::kHeadTensors; ++i) {
+    per_logit_row += forward_scratch::width(config, forward_scratch::Head(i));
+  }
+  layout.activation_elements = size_t(shape.max_batch_tokens) * size_t(per_token + widest);
+  layout.logits_elements = size_t(shape.max_logit_rows) * size_t(per_logit_row);
   layout.scratch_elements =
       layout.activation_elements + layout.logits_elements + kAlignmentSlackElements;
   layout.score_elements =

@@ -13,6 +13,17 @@ namespace kestrel {
 
 struct RunShape;
 
+// The scratch tensors of one forward call, in one list: model/forward.cpp takes exactly these
+// from the backend and workspace_layout() sizes the scratch arena from the same widths.
+namespace forward_scratch {
+// Per token of the call ([tokens, width]).
+enum Token : int { residual, normed, q, k, v, attn, proj, gate, up, kTokenTensors };
+// Per row whose logits are wanted ([logit rows, width]): the final norm and the lm_head.
+enum Head : int { last, head_normed, logits, kHeadTensors };
+int64_t width(const ModelConfig& config, Token tensor);
+int64_t width(const ModelConfig& config, Head tensor);
+}  // namespace forward_scratch
+
 // The element sizes and per-backend extras that turn a shape into bytes.
 struct WorkspaceTypes {
   size_t kv_element_bytes = 4;          // KV cache entries (CPU fp32, CUDA fp16)
@@ -45,11 +56,11 @@ struct WorkspaceLayout {
 
 // The buffers of one reservation:
 //   K and V caches   [n_layers, pool_blocks, n_kv_heads, kKvBlockSize, head_dim] each
-//   scratch          max_batch_tokens x (3 hidden + 2 q_dim + 2 kv_dim + 2 intermediate + the
-//                    widest of them, a spare row for a backend's temporaries)
-//                    + max_logit_rows x (vocab + 2 hidden) + 16 elements of alignment a tensor
+//   scratch          max_batch_tokens x (the forward_scratch::Token widths + the widest of
+//                    them, a spare row for a backend's temporaries)
+//                    + max_logit_rows x (the forward_scratch::Head widths)
+//                    + 16 elements of alignment a tensor
 //   scores           score_rows x max_context
-// model/forward.cpp's scratch() calls are what the scratch term must cover.
 WorkspaceLayout workspace_layout(const ModelConfig& config, const RunShape& shape,
                                  const WorkspaceTypes& types);
 

@@ -1,5 +1,7 @@
 #include "model/forward.h"
 
+#include <array>
+
 namespace kestrel {
 
 namespace {
@@ -23,15 +25,14 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
   const RopeParams rope{c.head_dim, c.n_heads, c.n_kv_heads};
   const float eps = float(c.rms_norm_eps);
 
-  KS_ASSIGN_OR_RETURN(Tensor x, backend.scratch(n, c.hidden_size));  // residual stream
-  KS_ASSIGN_OR_RETURN(Tensor h, backend.scratch(n, c.hidden_size));  // normed input
-  KS_ASSIGN_OR_RETURN(Tensor q, backend.scratch(n, c.q_dim()));
-  KS_ASSIGN_OR_RETURN(Tensor k, backend.scratch(n, c.kv_dim()));
-  KS_ASSIGN_OR_RETURN(Tensor v, backend.scratch(n, c.kv_dim()));
-  KS_ASSIGN_OR_RETURN(Tensor attn, backend.scratch(n, c.q_dim()));
-  KS_ASSIGN_OR_RETURN(Tensor proj, backend.scratch(n, c.hidden_size));
-  KS_ASSIGN_OR_RETURN(Tensor gate, backend.scratch(n, c.intermediate_size));
-  KS_ASSIGN_OR_RETURN(Tensor up, backend.scratch(n, c.intermediate_size));
+  // The scratch tensors, as forward_scratch lists them (the workspace is sized from that list).
+  namespace fs = forward_scratch;
+  std::array<Tensor, fs::kTokenTensors> s;
+  for (int i = 0; i < fs::kTokenTensors; ++i) {
+    KS_ASSIGN_OR_RETURN(s[size_t(i)], backend.scratch(n, fs::width(c, fs::Token(i))));
+  }
+  const Tensor x = s[fs::residual], h = s[fs::normed], q = s[fs::q], k = s[fs::k], v = s[fs::v],
+               attn = s[fs::attn], proj = s[fs::proj], gate = s[fs::gate], up = s[fs::up];
 
   KS_RETURN_IF_ERROR(backend.embed(x, weights.tok_embd));
   for (int64_t il = 0; il < c.n_layers; ++il) {
@@ -57,9 +58,11 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
   // The final norm and lm_head run only on the rows whose logits are wanted.
   const int64_t n_out = int64_t(batch.logit_rows.size());
   if (n_out == 0) return Tensor{};
-  KS_ASSIGN_OR_RETURN(Tensor last, backend.scratch(n_out, c.hidden_size));
-  KS_ASSIGN_OR_RETURN(Tensor normed, backend.scratch(n_out, c.hidden_size));
-  KS_ASSIGN_OR_RETURN(Tensor out, backend.scratch(n_out, c.vocab_size));
+  std::array<Tensor, fs::kHeadTensors> head;
+  for (int i = 0; i < fs::kHeadTensors; ++i) {
+    KS_ASSIGN_OR_RETURN(head[size_t(i)], backend.scratch(n_out, fs::width(c, fs::Head(i))));
+  }
+  const Tensor last = head[fs::last], normed = head[fs::head_normed], out = head[fs::logits];
   KS_RETURN_IF_ERROR(backend.gather_rows(last, x, batch.logit_rows.data(), n_out));
   KS_RETURN_IF_ERROR(backend.rms_norm(normed, last, weights.output_norm, eps));
   KS_RETURN_IF_ERROR(backend.matmul(out, normed, weights.output));

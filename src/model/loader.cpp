@@ -8,10 +8,13 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <type_traits>
 
 #include "core/half.h"
 #include "core/progress.h"
 #include "io/safetensors.h"
+#include "model/gguf_model.h"
+#include "tokenizer/gguf_tokenizer.h"
 
 namespace kestrel {
 namespace {
@@ -20,73 +23,6 @@ namespace fs = std::filesystem;
 
 constexpr const char* kConvertedVersionKey = "kestrel.format_version";
 constexpr const char* kConvertedVersion = "1";
-
-// The producers of one model's tensors. Matrices arrive in their final format; vectors as fp32.
-struct TensorMaker {
-  std::function<Result<QuantWeight>(const std::string& name, int64_t rows, int64_t cols)> matrix;
-  std::function<Result<Blob>(const std::string& name, int64_t n)> vector;
-};
-
-Result<Linear> make_linear(TensorMaker& maker, const std::string& name, int64_t rows, int64_t cols,
-                           bool bias) {
-  Linear linear;
-  KS_ASSIGN_OR_RETURN(linear.w, maker.matrix(name, rows, cols));
-  if (bias) {
-    KS_ASSIGN_OR_RETURN(linear.bias, maker.vector(name + ".bias", rows));
-  }
-  return linear;
-}
-
-Result<Vector> make_vector(TensorMaker& maker, const std::string& name, int64_t n) {
-  Vector v;
-  v.n = n;
-  KS_ASSIGN_OR_RETURN(v.data, maker.vector(name, n));
-  return v;
-}
-
-// Walks the architecture top to bottom, asking `maker` for every tensor.
-Result<ModelWeights> build_weights(const ModelConfig& c, WeightFormat format, int block,
-                                   TensorMaker& maker) {
-  ModelWeights w;
-  w.config = c;
-  w.format = format;
-  w.block = is_quantized(format) ? block : 0;
-  KS_ASSIGN_OR_RETURN(w.tok_embd, maker.matrix("tok_embd", c.vocab_size, c.hidden_size));
-  // Qwen2 has q/k/v biases; a Llama config with attention_bias has them on o_proj too. Bias
-  // tensors the config does not ask for are ignored, as transformers ignores them.
-  const bool qkv_bias = c.attention_bias;
-  const bool o_bias = c.arch == Architecture::llama && c.attention_bias;
-  for (int64_t i = 0; i < c.n_layers; ++i) {
-    const std::string p = "blk." + std::to_string(i) + ".";
-    LayerWeights l;
-    KS_ASSIGN_OR_RETURN(l.attn_norm, make_vector(maker, p + "attn_norm", c.hidden_size));
-    KS_ASSIGN_OR_RETURN(l.wq, make_linear(maker, p + "wq", c.q_dim(), c.hidden_size, qkv_bias));
-    KS_ASSIGN_OR_RETURN(l.wk, make_linear(maker, p + "wk", c.kv_dim(), c.hidden_size, qkv_bias));
-    KS_ASSIGN_OR_RETURN(l.wv, make_linear(maker, p + "wv", c.kv_dim(), c.hidden_size, qkv_bias));
-    KS_ASSIGN_OR_RETURN(l.wo, make_linear(maker, p + "wo", c.hidden_size, c.q_dim(), o_bias));
-    KS_ASSIGN_OR_RETURN(l.ffn_norm, make_vector(maker, p + "ffn_norm", c.hidden_size));
-    KS_ASSIGN_OR_RETURN(
-        l.w_gate, make_linear(maker, p + "w_gate", c.intermediate_size, c.hidden_size, false));
-    KS_ASSIGN_OR_RETURN(l.w_up,
-                        make_linear(maker, p + "w_up", c.intermediate_size, c.hidden_size, false));
-    KS_ASSIGN_OR_RETURN(
-        l.w_down, make_linear(maker, p + "w_down", c.hidden_size, c.intermediate_size, false));
-    w.layers.push_back(std::move(l));
-  }
-  KS_ASSIGN_OR_RETURN(w.output_norm, make_vector(maker, "output_norm", c.hidden_size));
-  if (c.tie_word_embeddings) {
-    w.output.w = w.tok_embd;  // Blobs share storage
-  } else {
-    KS_ASSIGN_OR_RETURN(w.output.w, maker.matrix("output", c.vocab_size, c.hidden_size));
-  }
-  return w;
-}
-
-int64_t total_matrix_elements(const ModelConfig& c) {
-  const int64_t per_layer = c.q_dim() * c.hidden_size * 2 + c.kv_dim() * c.hidden_size * 2 +
-                            c.intermediate_size * c.hidden_size * 3;
-  return c.vocab_size * c.hidden_size * (c.tie_word_embeddings ? 1 : 2) + per_layer * c.n_layers;
-}
 
 Status check_all_shapes(const ModelConfig& c, WeightFormat format, int block) {
   if (!is_quantized(format)) return Status::ok();
@@ -226,28 +162,25 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
   KS_ASSIGN_OR_RETURN(TensorSource source, TensorSource::open_dir(dir));
   KS_RETURN_IF_ERROR(check_all_shapes(config, options.format, options.block));
   // Every tensor's presence, dtype and shape first: a bad file fails before minutes of conversion.
-  auto checked = [&](const std::string& name,
-                     const std::vector<int64_t>& shape) -> Result<const TensorRef*> {
-    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(hf_tensor_name(name)));
-    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, shape));
-    return t;
-  };
   TensorMaker checker;
-  checker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
-    KS_RETURN_IF_ERROR(checked(name, {rows, cols}).status());
+  checker.matrix = [&](const TensorInfo& tensor) -> Result<QuantWeight> {
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
+    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, {tensor.rows, tensor.cols}));
     return QuantWeight();
   };
-  checker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
-    KS_RETURN_IF_ERROR(checked(name, {n}).status());
+  checker.vector = [&](const TensorInfo& tensor) -> Result<Blob> {
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
+    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, {tensor.rows}));
     return Blob();
   };
   KS_RETURN_IF_ERROR(build_weights(config, options.format, options.block, checker).status());
 
   Progress progress("convert to " + std::string(format_name(options.format)),
-                    total_matrix_elements(config), options.progress);
+                    matrix_elements(config, true), options.progress);
   TensorMaker maker;
-  maker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
-    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(hf_tensor_name(name)));
+  maker.matrix = [&](const TensorInfo& tensor) -> Result<QuantWeight> {
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
+    const int64_t rows = tensor.rows, cols = tensor.cols;
     const bool same_float = (options.format == WeightFormat::fp32 && t->dtype == DType::f32) ||
                             (options.format == WeightFormat::fp16 && t->dtype == DType::f16) ||
                             (options.format == WeightFormat::bf16 && t->dtype == DType::bf16);
@@ -269,8 +202,9 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
     if (!w.is_ok()) return w.status().with_context(source.where());
     return w;
   };
-  maker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
-    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(hf_tensor_name(name)));
+  maker.vector = [&](const TensorInfo& tensor) -> Result<Blob> {
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
+    const int64_t n = tensor.rows;
     Blob b = Blob::allocate(size_t(n) * sizeof(float));
     to_f32(*t, 0, n, b.as_mutable<float>());
     KS_RETURN_IF_ERROR(check_finite(DType::f32, b.data(), 1, n, pool, source.where(), t->name));
@@ -278,13 +212,92 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
   };
   Result<ModelWeights> weights = build_weights(config, options.format, options.block, maker);
   progress.finish();
-  if (weights.is_ok() && !config.attention_bias &&
-      source.find("model.layers.0.self_attn.q_proj.bias") != nullptr) {
-    weights->warnings.push_back(
-        source.where() +
-        ": has q/k/v_proj bias tensors but config.json says attention_bias false; they are "
-        "ignored, as transformers ignores them");
+  // Bias tensors the config does not ask for (looked up by the tensor list's own names).
+  std::string unused_bias;
+  if (weights.is_ok()) {
+    (void)for_each_tensor(*weights, [&](const TensorInfo& t, const auto&) -> Status {
+      if (unused_bias.empty() && t.is_matrix() && !t.bias && !t.tied &&
+          source.find(t.bias_info().hf_name) != nullptr) {
+        unused_bias = t.bias_info().hf_name;
+      }
+      return Status::ok();
+    });
   }
+  if (!unused_bias.empty() && !config.attention_bias) {
+    weights->warnings.push_back(source.where() + ": has bias tensors (" + unused_bias +
+                                ", ...) but config.json says attention_bias false; they are "
+                                "ignored, as transformers ignores them");
+  }
+  return weights;
+}
+
+// A GGUF file: tensors whose ggml type a Kestrel format holds block for block are copied
+// (gguf_model.h says which, and where the arithmetic differs); the rest are dequantized with
+// ggml's formulas and quantized into the load's format. One format per model, as for HF sources.
+Result<ModelWeights> load_gguf(const std::string& path, const LoadOptions& options,
+                               ThreadPool& pool) {
+  KS_ASSIGN_OR_RETURN(GgufModel model, GgufModel::open(path));
+  const ModelConfig& config = model.config();
+  const auto [format, block] =
+      model.load_format(options.format, options.format_explicit, options.block);
+  KS_RETURN_IF_ERROR(check_all_shapes(config, format, block).with_context(path));
+  TensorMaker checker;
+  checker.matrix = [&](const TensorInfo& tensor) -> Result<QuantWeight> {
+    KS_RETURN_IF_ERROR(model.tensor(tensor.name, tensor.rows, tensor.cols).status());
+    return QuantWeight();
+  };
+  checker.vector = [&](const TensorInfo& tensor) -> Result<Blob> {
+    KS_RETURN_IF_ERROR(model.tensor(tensor.name, 1, tensor.rows).status());
+    return Blob();
+  };
+  KS_RETURN_IF_ERROR(build_weights(config, format, block, checker).status());
+
+  Progress progress("load " + std::string(format_name(format)), matrix_elements(config, true),
+                    options.progress);
+  TensorMaker maker;
+  maker.matrix = [&](const TensorInfo& tensor) -> Result<QuantWeight> {
+    const std::string& name = tensor.name;
+    const int64_t rows = tensor.rows, cols = tensor.cols;
+    KS_ASSIGN_OR_RETURN(const GgufTensor* t, model.tensor(name, rows, cols));
+    if (!GgufModel::copies_into(t->type, format, block)) {
+      Result<QuantWeight> w = quantize_rows(
+          format, block, rows, cols, pool, progress,
+          [&](int64_t r, float* out) { model.dequantize_row(name, *t, r, out); }, t->name);
+      if (!w.is_ok()) return w.status().with_context(path);
+      return w;
+    }
+    QuantWeight w = allocate_weight(format, rows, cols, is_quantized(format) ? block : 0);
+    pool.parallel_for(rows, 8, [&](int64_t begin, int64_t end, int) {
+      for (int64_t r = begin; r < end; ++r) model.copy_row(name, *t, r, w);
+      progress.advance((end - begin) * cols);
+    });
+    if (!is_quantized(format)) {
+      const DType dtype = format == WeightFormat::fp32   ? DType::f32
+                          : format == WeightFormat::fp16 ? DType::f16
+                                                         : DType::bf16;
+      KS_RETURN_IF_ERROR(check_finite(dtype, w.data.data(), rows, cols, pool, path, t->name));
+    } else {
+      KS_RETURN_IF_ERROR(check_finite(DType::f16, w.scales.data(), rows, w.blocks_per_row(), pool,
+                                      path, t->name + " (scales)"));
+      if (!w.mins.empty()) {
+        KS_RETURN_IF_ERROR(check_finite(DType::f16, w.mins.data(), rows, w.blocks_per_row(), pool,
+                                        path, t->name + " (mins)"));
+      }
+    }
+    return w;
+  };
+  maker.vector = [&](const TensorInfo& tensor) -> Result<Blob> {
+    const std::string& name = tensor.name;
+    const int64_t n = tensor.rows;
+    KS_ASSIGN_OR_RETURN(const GgufTensor* t, model.tensor(name, 1, n));
+    Blob b = Blob::allocate(size_t(n) * sizeof(float));
+    model.dequantize_row(name, *t, 0, b.as_mutable<float>());
+    KS_RETURN_IF_ERROR(check_finite(DType::f32, b.data(), 1, n, pool, path, t->name));
+    return b;
+  };
+  Result<ModelWeights> weights = build_weights(config, format, block, maker);
+  progress.finish();
+  if (weights.is_ok()) weights->notes.push_back(path + ": " + model.load_report(format, block));
   return weights;
 }
 
@@ -351,7 +364,9 @@ Result<ModelWeights> load_converted(const std::string& dir, const TensorSource& 
     return t->blob();
   };
   TensorMaker maker;
-  maker.matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> Result<QuantWeight> {
+  maker.matrix = [&](const TensorInfo& tensor) -> Result<QuantWeight> {
+    const std::string& name = tensor.name;
+    const int64_t rows = tensor.rows, cols = tensor.cols;
     QuantWeight w;
     w.format = format;
     w.rows = rows;
@@ -375,9 +390,10 @@ Result<ModelWeights> load_converted(const std::string& dir, const TensorSource& 
     }
     return w;
   };
-  maker.vector = [&](const std::string& name, int64_t n) -> Result<Blob> {
-    KS_ASSIGN_OR_RETURN(Blob b, array(name, StoredArray{DType::f32, {n}}));
-    KS_RETURN_IF_ERROR(check_finite(DType::f32, b.data(), 1, n, pool, source.where(), name));
+  maker.vector = [&](const TensorInfo& tensor) -> Result<Blob> {
+    const int64_t n = tensor.rows;
+    KS_ASSIGN_OR_RETURN(Blob b, array(tensor.name, StoredArray{DType::f32, {n}}));
+    KS_RETURN_IF_ERROR(check_finite(DType::f32, b.data(), 1, n, pool, source.where(), tensor.name));
     return b;
   };
   return build_weights(config, format, block, maker);
@@ -415,9 +431,11 @@ Result<ModelWeights> make_synthetic(const std::string& name, const LoadOptions& 
   KS_ASSIGN_OR_RETURN(ModelConfig config, synthetic_config(name));
   KS_RETURN_IF_ERROR(check_all_shapes(config, options.format, options.block));
   Progress progress("build synthetic:" + name + " " + format_name(options.format),
-                    total_matrix_elements(config), options.progress);
+                    matrix_elements(config, true), options.progress);
   TensorMaker maker;
-  maker.matrix = [&](const std::string& tensor, int64_t rows, int64_t cols) -> Result<QuantWeight> {
+  maker.matrix = [&](const TensorInfo& t) -> Result<QuantWeight> {
+    const std::string& tensor = t.name;
+    const int64_t rows = t.rows, cols = t.cols;
     // Every matrix, the embedding included, has std 1/sqrt(fan_in): with tied embeddings a
     // larger table makes each token's own logit dominate and the model repeat its input.
     const float stddev = 1.0f / std::sqrt(float(cols));
@@ -425,10 +443,11 @@ Result<ModelWeights> make_synthetic(const std::string& name, const LoadOptions& 
         options.format, options.block, rows, cols, pool, progress,
         [&](int64_t r, float* out) { random_row(tensor, r, 0.0f, stddev, out, cols); }, tensor);
   };
-  maker.vector = [&](const std::string& tensor, int64_t n) -> Result<Blob> {
+  maker.vector = [&](const TensorInfo& t) -> Result<Blob> {
+    const int64_t n = t.rows;
     Blob b = Blob::allocate(size_t(n) * sizeof(float));
-    const bool is_bias = tensor.find(".bias") != std::string::npos;
-    random_row(tensor, 0, is_bias ? 0.0f : 1.0f, 0.1f, b.as_mutable<float>(), n);
+    const bool is_bias = t.name.find(".bias") != std::string::npos;
+    random_row(t.name, 0, is_bias ? 0.0f : 1.0f, 0.1f, b.as_mutable<float>(), n);
     return b;
   };
   auto weights = build_weights(config, options.format, options.block, maker);
@@ -516,16 +535,7 @@ Status check_model_source(const std::string& source) {
   if (fs::is_directory(source, ec)) return Status::ok();
   const std::string supported =
       "Kestrel loads a Hugging Face directory (config.json + safetensors), a directory written by "
-      "kestrel convert, or synthetic:NAME";
-  char magic[4] = {};
-  if (fs::is_regular_file(source, ec)) {
-    std::ifstream file(source, std::ios::binary);
-    file.read(magic, sizeof(magic));
-  }
-  const bool gguf_name = fs::path(source).extension() == ".gguf";
-  if (gguf_name || std::memcmp(magic, "GGUF", 4) == 0) {
-    return Status::error(source + ": a GGUF file is not supported; " + supported);
-  }
+      "kestrel convert, a GGUF file, or synthetic:NAME";
   if (!fs::exists(source, ec)) return Status::error(source + ": no such directory; " + supported);
   return Status::error(source + ": not a model directory; " + supported);
 }
@@ -533,6 +543,10 @@ Status check_model_source(const std::string& source) {
 Result<ModelConfig> load_model_config_of(const std::string& source) {
   if (source.rfind(kSyntheticPrefix, 0) == 0) {
     return synthetic_config(source.substr(std::string(kSyntheticPrefix).size()));
+  }
+  if (is_gguf_source(source)) {
+    KS_ASSIGN_OR_RETURN(GgufModel model, GgufModel::open(source));
+    return model.config();
   }
   KS_RETURN_IF_ERROR(check_model_source(source));
   return load_model_config(source);
@@ -543,6 +557,7 @@ Result<ModelWeights> load_model(const std::string& source, const LoadOptions& op
   if (source.rfind(kSyntheticPrefix, 0) == 0) {
     return make_synthetic(source.substr(std::string(kSyntheticPrefix).size()), options, pool);
   }
+  if (is_gguf_source(source)) return load_gguf(source, options, pool);
   KS_RETURN_IF_ERROR(check_model_source(source));
   // A converted model is one model.safetensors carrying Kestrel's metadata.
   const std::string single = (fs::path(source) / "model.safetensors").string();
@@ -625,6 +640,14 @@ Status save_converted(const ModelWeights& weights, const std::string& source_dir
 
 namespace {
 
+Status write_text(const fs::path& path, const std::string& text) {
+  std::ofstream file(path, std::ios::binary | std::ios::trunc);
+  file << text;
+  file.close();
+  if (!file) return Status::error(path.string() + ": cannot write");
+  return Status::ok();
+}
+
 Status write_converted(const ModelWeights& weights, const std::string& source_dir,
                        const std::string& out_dir) {
   std::error_code ec;
@@ -644,29 +667,19 @@ Status write_converted(const ModelWeights& weights, const std::string& source_di
     if (w.format == WeightFormat::asym_int4)
       add_blob(name + ".mins", DType::f16, {w.rows, w.blocks_per_row()}, w.mins);
   };
-  auto add_linear = [&](const std::string& name, const Linear& l) {
-    add_matrix(name, l.w);
-    if (!l.bias.empty()) add_blob(name + ".bias", DType::f32, {l.w.rows}, l.bias);
-  };
-  auto add_vector = [&](const std::string& name, const Vector& v) {
-    add_blob(name, DType::f32, {v.n}, v.data);
-  };
-  add_matrix("tok_embd", weights.tok_embd);
-  for (size_t i = 0; i < weights.layers.size(); ++i) {
-    const std::string p = "blk." + std::to_string(i) + ".";
-    const LayerWeights& l = weights.layers[i];
-    add_vector(p + "attn_norm", l.attn_norm);
-    add_linear(p + "wq", l.wq);
-    add_linear(p + "wk", l.wk);
-    add_linear(p + "wv", l.wv);
-    add_linear(p + "wo", l.wo);
-    add_vector(p + "ffn_norm", l.ffn_norm);
-    add_linear(p + "w_gate", l.w_gate);
-    add_linear(p + "w_up", l.w_up);
-    add_linear(p + "w_down", l.w_down);
-  }
-  add_vector("output_norm", weights.output_norm);
-  if (!weights.config.tie_word_embeddings) add_matrix("output", weights.output.w);
+  KS_RETURN_IF_ERROR(for_each_tensor(weights, [&](const TensorInfo& t, const auto& m) -> Status {
+    using Member = std::remove_cvref_t<decltype(m)>;
+    if constexpr (std::is_same_v<Member, QuantWeight>) {
+      add_matrix(t.name, m);
+    } else if constexpr (std::is_same_v<Member, Linear>) {
+      if (t.tied) return Status::ok();  // the embedding table, stored once
+      add_matrix(t.name, m.w);
+      if (!m.bias.empty()) add_blob(t.name + ".bias", DType::f32, {m.w.rows}, m.bias);
+    } else {
+      add_blob(t.name, DType::f32, {m.n}, m.data);
+    }
+    return Status::ok();
+  }));
 
   const std::map<std::string, std::string> metadata = {
       {kConvertedVersionKey, kConvertedVersion},
@@ -682,6 +695,23 @@ Status write_converted(const ModelWeights& weights, const std::string& source_di
   config_file << model_config_to_json(weights.config);
   if (!config_file) return Status::error(config_path + ": cannot write");
   config_file.close();
+  // A GGUF file's tokenizer and chat template become tokenizer.json and tokenizer_config.json
+  // (when the file has a tokenizer Kestrel reads; otherwise the model converts without one).
+  if (!source_dir.empty() && has_gguf_magic(source_dir)) {
+    KS_ASSIGN_OR_RETURN(const GgufFile gguf, GgufFile::open(source_dir));
+    Result<std::string> tokenizer = gguf_tokenizer_json(gguf);
+    if (tokenizer.is_ok()) {
+      KS_RETURN_IF_ERROR(write_text(fs::path(out_dir) / "tokenizer.json", *tokenizer));
+    }
+    Result<ChatTemplateConfig> chat = gguf_chat_template(gguf);
+    if (chat.is_ok()) {
+      nlohmann::ordered_json config = chat->special_tokens;
+      config["chat_template"] = chat->template_text;
+      KS_RETURN_IF_ERROR(
+          write_text(fs::path(out_dir) / "tokenizer_config.json", config.dump(2) + "\n"));
+    }
+    return Status::ok();
+  }
   // generation_config.json and the tokenizer travel unchanged when the source has them.
   if (!source_dir.empty()) {
     for (const char* name : {"generation_config.json", "tokenizer.json", "tokenizer_config.json",

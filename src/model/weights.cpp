@@ -1,58 +1,103 @@
 #include "model/weights.h"
 
-#include <array>
+#include <type_traits>
 #include <utility>
 
 namespace kestrel {
 
+namespace weights_detail {
+
+TensorInfo tensor_info(const std::string& name, const std::string& hf_name, int64_t layer,
+                       int64_t rows, int64_t cols, bool bias) {
+  TensorInfo t;
+  t.name = name;
+  t.hf_name = hf_name + ".weight";
+  t.layer = layer;
+  t.rows = rows;
+  t.cols = cols;
+  t.bias = bias;
+  return t;
+}
+
+}  // namespace weights_detail
+
+TensorInfo TensorInfo::bias_info() const {
+  TensorInfo b;
+  b.name = name + ".bias";
+  const std::string suffix = ".weight";
+  b.hf_name = hf_name.substr(0, hf_name.size() - suffix.size()) + ".bias";
+  b.layer = layer;
+  b.rows = rows;
+  return b;
+}
+
+namespace {
+
+// The bytes a built tensor holds: data, scales and mins of a matrix, a linear's bias.
+size_t built_bytes(const QuantWeight& w) {
+  return w.total_bytes();
+}
+size_t built_bytes(const Linear& l) {
+  return l.w.total_bytes() + l.bias.size();
+}
+size_t built_bytes(const Vector& v) {
+  return v.data.size();
+}
+
+}  // namespace
+
 size_t ModelWeights::decode_bytes() const {
-  auto linear = [](const Linear& l) { return l.w.total_bytes() + l.bias.size(); };
-  size_t bytes = tok_embd.total_bytes() / size_t(tok_embd.rows > 0 ? tok_embd.rows : 1);
-  for (const LayerWeights& l : layers) {
-    bytes += linear(l.wq) + linear(l.wk) + linear(l.wv) + linear(l.wo) + linear(l.w_gate) +
-             linear(l.w_up) + linear(l.w_down) + l.attn_norm.data.size() + l.ffn_norm.data.size();
-  }
-  return bytes + output_norm.data.size() + linear(output);
+  return count_weight_bytes(*this, [](const TensorInfo&, const auto& m) { return built_bytes(m); })
+      .decode;
 }
 
 size_t ModelWeights::resident_bytes() const {
-  size_t bytes =
-      decode_bytes() - tok_embd.total_bytes() / size_t(tok_embd.rows > 0 ? tok_embd.rows : 1);
-  if (!config.tie_word_embeddings) bytes += tok_embd.total_bytes();
-  return bytes;
+  return count_weight_bytes(*this, [](const TensorInfo&, const auto& m) { return built_bytes(m); })
+      .resident;
 }
 
-std::string hf_tensor_name(const std::string& canonical) {
-  static const std::array<std::pair<const char*, const char*>, 13> kLayerNames = {{
-      {"attn_norm", "input_layernorm.weight"},
-      {"wq", "self_attn.q_proj.weight"},
-      {"wk", "self_attn.k_proj.weight"},
-      {"wv", "self_attn.v_proj.weight"},
-      {"wq.bias", "self_attn.q_proj.bias"},
-      {"wk.bias", "self_attn.k_proj.bias"},
-      {"wv.bias", "self_attn.v_proj.bias"},
-      {"wo", "self_attn.o_proj.weight"},
-      {"wo.bias", "self_attn.o_proj.bias"},
-      {"ffn_norm", "post_attention_layernorm.weight"},
-      {"w_gate", "mlp.gate_proj.weight"},
-      {"w_up", "mlp.up_proj.weight"},
-      {"w_down", "mlp.down_proj.weight"},
-  }};
-  if (canonical == "tok_embd") return "model.embed_tokens.weight";
-  if (canonical == "output_norm") return "model.norm.weight";
-  if (canonical == "output") return "lm_head.weight";
-  // "blk.{i}.{name}"
-  if (canonical.rfind("blk.", 0) == 0) {
-    const size_t dot = canonical.find('.', 4);
-    if (dot != std::string::npos) {
-      const std::string layer = canonical.substr(4, dot - 4);
-      const std::string name = canonical.substr(dot + 1);
-      for (const auto& [ours, theirs] : kLayerNames) {
-        if (name == ours) return "model.layers." + layer + "." + theirs;
+ModelWeights weights_skeleton(const ModelConfig& config) {
+  ModelWeights w;
+  w.config = config;
+  w.layers.resize(size_t(config.n_layers > 0 ? config.n_layers : 0));
+  return w;
+}
+
+int64_t matrix_elements(const ModelConfig& config, bool with_head) {
+  const ModelWeights skeleton = weights_skeleton(config);
+  int64_t total = 0;
+  (void)for_each_tensor(skeleton, [&](const TensorInfo& t, const auto&) -> Status {
+    if (t.is_matrix() && !t.tied && (with_head || t.layer >= 0)) total += t.rows * t.cols;
+    return Status::ok();
+  });
+  return total;
+}
+
+Result<ModelWeights> build_weights(const ModelConfig& config, WeightFormat format, int block,
+                                   TensorMaker& maker) {
+  ModelWeights w = weights_skeleton(config);
+  w.format = format;
+  w.block = is_quantized(format) ? block : 0;
+  KS_RETURN_IF_ERROR(for_each_tensor(w, [&](const TensorInfo& t, auto& member) -> Status {
+    using Member = std::remove_cvref_t<decltype(member)>;
+    if constexpr (std::is_same_v<Member, QuantWeight>) {
+      KS_ASSIGN_OR_RETURN(member, maker.matrix(t));
+    } else if constexpr (std::is_same_v<Member, Linear>) {
+      if (t.tied) {
+        member.w = w.tok_embd;  // Blobs share storage
+        return Status::ok();
       }
+      KS_ASSIGN_OR_RETURN(member.w, maker.matrix(t));
+      if (t.bias) {
+        KS_ASSIGN_OR_RETURN(member.bias, maker.vector(t.bias_info()));
+      }
+    } else {
+      member.n = t.rows;
+      KS_ASSIGN_OR_RETURN(member.data, maker.vector(t));
     }
-  }
-  return "";
+    return Status::ok();
+  }));
+  return w;
 }
 
 }  // namespace kestrel

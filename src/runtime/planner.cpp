@@ -5,8 +5,10 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <tuple>
 
 #include "io/safetensors.h"
+#include "model/gguf_model.h"
 #include "model/loader.h"
 
 namespace kestrel {
@@ -19,25 +21,13 @@ constexpr const char* kConvertedVersionKey = "kestrel.format_version";
 constexpr const char* kConvertedFormatKey = "kestrel.low_bit";
 constexpr const char* kConvertedBlockKey = "kestrel.block";
 
+// Every matrix of the tensor list can be stored in the format (the loader's check and message).
 Status check_matrix_shapes(const WeightSpec& spec) {
-  const ModelConfig& c = spec.config;
-  struct Matrix {
-    const char* name;
-    int64_t rows;
-    int64_t cols;
-  };
-  const Matrix matrices[] = {
-      {"tok_embd", c.vocab_size, c.hidden_size},
-      {"wq", c.q_dim(), c.hidden_size},
-      {"wk", c.kv_dim(), c.hidden_size},
-      {"wo", c.hidden_size, c.q_dim()},
-      {"w_gate", c.intermediate_size, c.hidden_size},
-      {"w_down", c.hidden_size, c.intermediate_size},
-  };
-  for (const Matrix& m : matrices) {
-    KS_RETURN_IF_ERROR(check_weight_shape(spec.format, m.rows, m.cols, spec.block, m.name));
-  }
-  return Status::ok();
+  const ModelWeights skeleton = weights_skeleton(spec.config);
+  return for_each_tensor(skeleton, [&](const TensorInfo& t, const auto&) -> Status {
+    if (!t.is_matrix() || t.tied) return Status::ok();
+    return check_weight_shape(spec.format, t.rows, t.cols, spec.block, t.name);
+  });
 }
 
 // The converted model's own format and block, or nothing for an HF directory.
@@ -72,9 +62,10 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
   spec.format = format;
   spec.block = block;
   KS_ASSIGN_OR_RETURN(spec.config, load_model_config_of(source));
-  if (source.rfind(kSyntheticPrefix, 0) == 0) {
-    spec.qkv_bias = spec.config.attention_bias;
-  } else {
+  if (is_gguf_source(source)) {
+    KS_ASSIGN_OR_RETURN(GgufModel model, GgufModel::open(source));
+    std::tie(spec.format, spec.block) = model.load_format(format, format_explicit, block);
+  } else if (source.rfind(kSyntheticPrefix, 0) != 0) {
     // Only the headers are parsed; the tensor data stays unread in the mapping.
     KS_ASSIGN_OR_RETURN(TensorSource tensors, TensorSource::open_dir(source));
     bool converted = false;
@@ -84,10 +75,7 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
                            "; converting to " + format_name(format) +
                            " needs the original HF model");
     }
-    spec.qkv_bias = spec.config.attention_bias;
   }
-  // As model/loader.cpp decides it: HF's LlamaAttention puts the bias on o_proj too.
-  spec.o_bias = spec.config.arch == Architecture::llama && spec.config.attention_bias;
   KS_RETURN_IF_ERROR(check_matrix_shapes(spec));
   return spec;
 }
@@ -104,42 +92,28 @@ size_t matrix_bytes(WeightFormat format, int64_t rows, int64_t cols, int block) 
 
 namespace {
 
-size_t layer_bytes(const WeightSpec& spec) {
-  const ModelConfig& c = spec.config;
-  auto matrix = [&](int64_t rows, int64_t cols) {
-    return matrix_bytes(spec.format, rows, cols, spec.block);
-  };
-  size_t bytes = 2 * fp32_bytes(c.hidden_size);  // attn_norm, ffn_norm
-  bytes += matrix(c.q_dim(), c.hidden_size) + 2 * matrix(c.kv_dim(), c.hidden_size) +
-           matrix(c.hidden_size, c.q_dim());
-  bytes +=
-      2 * matrix(c.intermediate_size, c.hidden_size) + matrix(c.hidden_size, c.intermediate_size);
-  if (spec.qkv_bias) bytes += fp32_bytes(c.q_dim() + 2 * c.kv_dim());
-  if (spec.o_bias) bytes += fp32_bytes(c.hidden_size);
-  return bytes;
+// What the loader will build for `spec`, counted from the tensor list without building it.
+WeightBytes planned_bytes(const WeightSpec& spec) {
+  const ModelWeights skeleton = weights_skeleton(spec.config);
+  return count_weight_bytes(skeleton, [&](const TensorInfo& t, const auto&) {
+    if (!t.is_matrix()) return fp32_bytes(t.rows);
+    return matrix_bytes(spec.format, t.rows, t.cols, spec.block) +
+           (t.bias ? fp32_bytes(t.rows) : 0);
+  });
 }
 
 }  // namespace
 
 size_t planned_weight_bytes(const WeightSpec& spec) {
-  const ModelConfig& c = spec.config;
-  const size_t embedding = matrix_bytes(spec.format, c.vocab_size, c.hidden_size, spec.block);
-  size_t bytes = embedding + size_t(c.n_layers) * layer_bytes(spec) + fp32_bytes(c.hidden_size);
-  if (!c.tie_word_embeddings) bytes += embedding;  // a separate lm_head
-  return bytes;
+  return planned_bytes(spec).resident;
 }
 
 size_t planned_decode_bytes(const WeightSpec& spec) {
-  const ModelConfig& c = spec.config;
-  const size_t embedding = matrix_bytes(spec.format, c.vocab_size, c.hidden_size, spec.block);
-  // One embedding row, every layer, the final norm and the lm_head (tied or not).
-  return embedding / size_t(c.vocab_size) + size_t(c.n_layers) * layer_bytes(spec) +
-         fp32_bytes(c.hidden_size) + embedding;
+  return planned_bytes(spec).decode;
 }
 
 int64_t layer_matrix_params(const ModelConfig& c) {
-  return c.n_layers * (2 * c.q_dim() * c.hidden_size + 2 * c.kv_dim() * c.hidden_size +
-                       3 * c.intermediate_size * c.hidden_size);
+  return matrix_elements(c, false);
 }
 
 std::string format_bytes(size_t bytes) {

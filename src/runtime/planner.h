@@ -30,13 +30,12 @@ namespace kestrel {
 struct WeightSpec {
   ModelConfig config;
   WeightFormat format = WeightFormat::sym_int4;
-  int block = 32;         // weights per scale; ignored for fp32/fp16/bf16
-  bool qkv_bias = false;  // q/k/v projections carry fp32 biases
-  bool o_bias = false;    // so does o_proj (a Llama config with attention_bias)
+  int block = 32;  // weights per scale; ignored for fp32/fp16/bf16
 };
 
-// Reads the config (and, for directories, the safetensors headers: whether q/k/v biases exist,
-// and a converted model's own format) of `source`, as load_model(source, ...) will see it.
+// Reads the config (and, for a converted directory, its own format from the safetensors
+// header) of `source`, as load_model(source, ...) will see it; which tensors exist, biases
+// included, follows from the config through the tensor list (model/weights.h).
 // `format`/`format_explicit`/`block` are the LoadOptions the load will get. Checks that every
 // matrix can be stored in the format, with the loader's message when not.
 Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format,
@@ -44,8 +43,9 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
 
 // Bytes of one [rows, cols] matrix in `format`: data, plus fp16 scales (and mins) per block.
 size_t matrix_bytes(WeightFormat format, int64_t rows, int64_t cols, int block);
-// What the loader allocates for `spec`: every matrix, fp32 norms and biases, tied embeddings
-// once. Equal to ModelWeights::resident_bytes() of the loaded model.
+// What the loader allocates for `spec`: the tensor list of its config counted with
+// matrix_bytes() and fp32 vectors (count_weight_bytes). Equal to ModelWeights::resident_bytes()
+// of the loaded model.
 size_t planned_weight_bytes(const WeightSpec& spec);
 // Bytes one decode step streams: ModelWeights::decode_bytes() of the loaded model.
 size_t planned_decode_bytes(const WeightSpec& spec);

@@ -5,6 +5,8 @@
 #include <sstream>
 
 #include "io/config.h"
+#include "io/gguf.h"
+#include "tokenizer/gguf_tokenizer.h"
 #include "tokenizer/jinja_ast.h"
 #include "tokenizer/jinja_interp.h"
 #include "tokenizer/jinja_value.h"
@@ -72,6 +74,10 @@ Result<ChatTemplateConfig> load_chat_template(const std::string& path, const std
   fs::path config_path = path;
   std::optional<std::string> jinja_file_text;
   std::error_code ec;
+  if (!fs::is_directory(config_path, ec) && has_gguf_magic(path)) {
+    KS_ASSIGN_OR_RETURN(const GgufFile gguf, GgufFile::open(path));
+    return gguf_chat_template(gguf);
+  }
   // Given the tokenizer.json (as --tokenizer takes it), the template sits beside it.
   if (config_path.filename() == "tokenizer.json") config_path = config_path.parent_path();
   if (config_path.empty()) config_path = ".";

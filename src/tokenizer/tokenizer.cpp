@@ -12,8 +12,10 @@
 
 #include "core/quote.h"
 #include "io/config.h"
+#include "io/gguf.h"
 #include "tokenizer/added_tokens.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/gguf_tokenizer.h"
 #include "tokenizer/regex.h"
 #include "tokenizer/unicode.h"
 
@@ -272,6 +274,11 @@ Result<Tokenizer> Tokenizer::load(const std::string& path) {
     } else {
       return Status::error(path + ": directory has no tokenizer.json");
     }
+  }
+  if (!fs::is_directory(file, ec) && has_gguf_magic(file.string())) {
+    KS_ASSIGN_OR_RETURN(const GgufFile gguf, GgufFile::open(file.string()));
+    KS_ASSIGN_OR_RETURN(const std::string text, gguf_tokenizer_json(gguf));
+    return from_json(text, file.string());
   }
   KS_ASSIGN_OR_RETURN(const std::string text, read_text_file(file.string()));
   return from_json(text, file.string());

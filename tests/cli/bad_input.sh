@@ -130,4 +130,36 @@ else
   echo "ok   id_out_of_vocab: $(cat "$tmp/stderr")"
 fi
 
+# --- GGUF files: a copy of a fixture, corrupted -------------------------------------------------
+gguf="$src/tests/golden/gguf/qwen2-tied.Q4_0.gguf"
+# gguf_case NAME PATTERN... with the patch as a Python snippet on stdin (b: the file's bytearray).
+gguf_case() {
+  local name="$1"
+  shift
+  cp "$gguf" "$tmp/m.gguf"
+  python3 -c "import struct, sys
+p = sys.argv[1]; b = bytearray(open(p, 'rb').read())
+def at(name): return b.index(name.encode()) + len(name)
+$(cat)
+open(p, 'wb').write(b)" "$tmp/m.gguf"
+  expect_error "gguf_$name" "$tmp/m.gguf" "m.gguf" "$@"
+}
+echo 'b[:] = b[:100]' | gguf_case truncated "does not fit in the file (100 bytes)"
+echo 'b[:] = b[:900]' | gguf_case truncated_infos "truncated: tensor info"
+echo 'b[:] = b[:-600]' | gguf_case data_cut_short "past the end of the data section"
+echo 'b[8:16] = struct.pack("<Q", 1 << 60)' | gguf_case tensor_count "tensor count"
+echo 'b[24:32] = struct.pack("<Q", 1 << 40)' | gguf_case key_length "exceeds the limit"
+# general.architecture "qwen2" -> "gemma" (same length)
+echo 'i = at("general.architecture") + 12; b[i:i + 5] = b"gemma"' |
+  gguf_case architecture "architecture 'gemma' is not supported"
+# token_embd's type Q4_0 -> IQ4_NL (the same block size, so only the loader can refuse it)
+echo 'i = at("token_embd.weight") + 4 + 16; b[i:i + 4] = struct.pack("<I", 20)' |
+  gguf_case tensor_type "IQ4_NL; Kestrel reads F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K"
+# a tensor's offset moved off the alignment
+echo 'i = at("output_norm.weight") + 4 + 8 + 4; b[i:i + 8] = struct.pack("<Q", 3)' |
+  gguf_case misaligned "not a multiple of the alignment 32"
+# blk.0.attn_q's rows claimed twice as many: past the data or into the next tensor
+echo 'i = at("blk.0.attn_q.weight") + 4 + 8; b[i:i + 8] = struct.pack("<Q", 128)' |
+  gguf_case shape "blk.0.attn_q.weight"
+
 cli_finish

@@ -220,9 +220,11 @@ fi
 
 # --- misleading: formats Kestrel does not read are named at once ------------------------------
 printf 'GGUF\003\000\000\000' >"$tmp/model.gguf"
-expect_error "a .gguf file" "GGUF" "$kestrel" run -m "$tmp/model.gguf" --ids 1 -q
+expect_error "a .gguf file" "truncated" "$kestrel" run -m "$tmp/model.gguf" --ids 1 -q
 cp "$tmp/model.gguf" "$tmp/weights.bin"
-expect_error "GGUF by its magic" "GGUF" "$kestrel" logits -m "$tmp/weights.bin" --ids 1 -q -o "$tmp/o"
+expect_error "GGUF by its magic" "truncated" "$kestrel" logits -m "$tmp/weights.bin" --ids 1 -q -o "$tmp/o"
+printf 'not a model' >"$tmp/fake.gguf"
+expect_error "a .gguf file without the magic" "not a GGUF file" "$kestrel" run -m "$tmp/fake.gguf" --ids 1 -q
 d=$(fresh); python3 - "$d/config.json" <<'PY'
 import json, sys
 p = sys.argv[1]; c = json.load(open(p))

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "../unit/scrambled_tables.h"
@@ -56,30 +57,27 @@ inline Vector random_vector(int64_t n, uint64_t seed) {
   return v;
 }
 
-// A model of `config`'s shape with random weights in `format` (every linear may carry a bias).
+// A model of `config`'s shape with random weights in `format`, every tensor of the tensor list
+// (model/weights.h); `bias`: every linear carries a bias, whatever the config says.
 inline ModelWeights random_model(const ModelConfig& config, WeightFormat format, int block,
                                  bool bias, uint64_t seed) {
-  ModelWeights w;
-  w.config = config;
+  ModelWeights w = weights_skeleton(config);
   w.format = format;
   w.block = block;
-  w.tok_embd = random_weight(format, config.vocab_size, config.hidden_size, block, seed++);
-  for (int64_t i = 0; i < config.n_layers; ++i) {
-    LayerWeights l;
-    const int64_t h = config.hidden_size;
-    l.attn_norm = random_vector(h, seed++);
-    l.ffn_norm = random_vector(h, seed++);
-    l.wq = random_linear(format, config.q_dim(), h, block, bias, seed++);
-    l.wk = random_linear(format, config.kv_dim(), h, block, bias, seed++);
-    l.wv = random_linear(format, config.kv_dim(), h, block, bias, seed++);
-    l.wo = random_linear(format, h, config.q_dim(), block, bias, seed++);
-    l.w_gate = random_linear(format, config.intermediate_size, h, block, bias, seed++);
-    l.w_up = random_linear(format, config.intermediate_size, h, block, bias, seed++);
-    l.w_down = random_linear(format, h, config.intermediate_size, block, bias, seed++);
-    w.layers.push_back(std::move(l));
-  }
-  w.output_norm = random_vector(config.hidden_size, seed++);
-  w.output.w = random_weight(format, config.vocab_size, config.hidden_size, block, seed++);
+  const Status s = for_each_tensor(w, [&](const TensorInfo& t, auto& member) -> Status {
+    using Member = std::remove_cvref_t<decltype(member)>;
+    if constexpr (std::is_same_v<Member, QuantWeight>) {
+      member = random_weight(format, t.rows, t.cols, block, seed++);
+    } else if constexpr (std::is_same_v<Member, Linear>) {
+      // The lm_head gets its own table even when the config ties it: the tests compare the
+      // backends, not the tying.
+      member = random_linear(format, t.rows, t.cols, block, bias && t.layer >= 0, seed++);
+    } else {
+      member = random_vector(t.rows, seed++);
+    }
+    return Status::ok();
+  });
+  EXPECT_TRUE(s.is_ok()) << s.message();
   return w;
 }
 

@@ -4,9 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
-#include <fstream>
-#include <nlohmann/json.hpp>
 
+#include "../golden/hf_fixture.h"
 #include "cuda_test_util.h"
 #include "kestrel/engine.h"
 
@@ -38,27 +37,8 @@ std::vector<int32_t> prompt_of(int64_t n, int64_t vocab, uint64_t seed) {
   return ids;
 }
 
-// Worst per-position normalized error and top-1 agreement of [positions, vocab] logits.
-struct Comparison {
-  double max_rel_error = 0;
-  double top1_agreement = 0;
-};
-
-Comparison compare(const std::vector<float>& ours, const std::vector<float>& ref, int64_t vocab) {
-  Comparison c;
-  EXPECT_EQ(ours.size(), ref.size());
-  const size_t n = ref.size() / size_t(vocab);
-  int agree = 0;
-  for (size_t p = 0; p < n; ++p) {
-    const std::vector<float> a(ours.begin() + long(p * vocab),
-                               ours.begin() + long((p + 1) * vocab));
-    const std::vector<float> b(ref.begin() + long(p * vocab), ref.begin() + long((p + 1) * vocab));
-    c.max_rel_error = std::max(c.max_rel_error, rel_error(a, b));
-    agree += argmax(a.data(), vocab) == argmax(b.data(), vocab);
-  }
-  c.top1_agreement = double(agree) / double(n);
-  return c;
-}
+using hf_fixture::compare;
+using hf_fixture::Comparison;
 
 // Per-format bounds of CUDA against CPU logits. The CPU's integer formats quantize activations
 // to int8 (its own golden bound against HF's fake-quantized logits is 0.12), CUDA rounds them
@@ -221,34 +201,9 @@ TEST(CudaModel, ForkedSequencesDecodeThroughSharedBlocks) {
 
 // --- Hugging Face fixtures -------------------------------------------------------------------
 
-struct Fixture {
-  std::string dir;
-  std::vector<int32_t> prompt;
-  std::vector<int32_t> greedy;
-  int64_t vocab = 0;
-  std::vector<float> logits;  // [prompt, vocab]
-};
-
-Fixture load_fixture(const std::string& name) {
-  Fixture f;
-  f.dir = std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + name;
-  std::ifstream ref_file(f.dir + "/reference.json");
-  EXPECT_TRUE(ref_file.good()) << f.dir;
-  const auto ref = nlohmann::json::parse(ref_file);
-  f.prompt = ref["prompt"].get<std::vector<int32_t>>();
-  f.greedy = ref["greedy"].get<std::vector<int32_t>>();
-  f.vocab = ref["vocab_size"].get<int64_t>();
-  f.logits.resize(f.prompt.size() * size_t(f.vocab));
-  std::ifstream logits_file(f.dir + "/logits.f32", std::ios::binary);
-  logits_file.read(reinterpret_cast<char*>(f.logits.data()),
-                   std::streamsize(f.logits.size() * sizeof(float)));
-  EXPECT_TRUE(logits_file.good()) << "logits.f32 of " << name;
-  return f;
-}
-
 // Against HF float32 logits: float formats on the original weights, integer formats on weights
 // quantize-dequantized by make_golden.py's independent implementation of format.h
-// (logits_<format>_b<block>.f32), as in tests/golden/test_hf_models.cpp. CUDA keeps fp32 and
+// (hf_fixture.h's reference_logits), as in tests/golden/test_hf_models.cpp. CUDA keeps fp32 and
 // bf16 weights as fp16 and multiplies fp16 activations, so fp32 gets the fp16 bound; integer
 // formats keep the CPU's bounds (CUDA rounds activations to fp16, finer than the CPU's int8).
 struct HfBound {
@@ -265,28 +220,18 @@ const HfBound kVsHf[] = {
     {WeightFormat::asym_int4, 32, 0.12, 0.8},
 };
 
-std::vector<float> reference_logits(const Fixture& f, const HfBound& bound) {
-  if (!is_quantized(bound.format)) return f.logits;
-  const std::string path =
-      f.dir + "/logits_" + format_name(bound.format) + "_b" + std::to_string(bound.block) + ".f32";
-  std::vector<float> logits(f.logits.size());
-  std::ifstream file(path, std::ios::binary);
-  file.read(reinterpret_cast<char*>(logits.data()), std::streamsize(logits.size() * sizeof(float)));
-  EXPECT_TRUE(file.good()) << path;
-  return logits;
-}
-
 class CudaHfGolden : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(CudaHfGolden, EveryFormatWithinItsBound) {
-  const Fixture f = load_fixture(GetParam());
+  const hf_fixture::Fixture f = hf_fixture::load(GetParam());
   for (const HfBound& bound : kVsHf) {
     if (bound.block == 64 && std::string(GetParam()) != "qwen2-tied-f32") continue;
     auto engine = make_engine(f.dir, bound.format, "cuda", 16, std::max(bound.block, 32));
     ASSERT_TRUE(engine);
     auto logits = engine->prompt_logits(f.prompt);
     ASSERT_TRUE(logits.is_ok()) << logits.status().message();
-    const Comparison c = compare(*logits, reference_logits(f, bound), f.vocab);
+    const Comparison c =
+        compare(*logits, hf_fixture::reference_logits(f, bound.format, bound.block), f.vocab);
     std::printf("[ %s %s b%d ] CUDA vs HF max rel error %.3g, top-1 agreement %.2f\n", GetParam(),
                 format_name(bound.format), bound.block, c.max_rel_error, c.top1_agreement);
     EXPECT_LE(c.max_rel_error, bound.max_rel_error) << format_name(bound.format);
@@ -297,7 +242,7 @@ TEST_P(CudaHfGolden, EveryFormatWithinItsBound) {
 // The greedy continuation (prefill, then captured decode steps with the argmax on the device)
 // is HF's, token for token, for the float formats.
 TEST_P(CudaHfGolden, GreedyMatchesHf) {
-  const Fixture f = load_fixture(GetParam());
+  const hf_fixture::Fixture f = hf_fixture::load(GetParam());
   for (WeightFormat format : {WeightFormat::fp32, WeightFormat::fp16}) {
     auto engine = make_engine(f.dir, format, "cuda", 16);
     ASSERT_TRUE(engine);
@@ -307,16 +252,8 @@ TEST_P(CudaHfGolden, GreedyMatchesHf) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, CudaHfGolden,
-                         ::testing::Values("qwen2-tied-f32", "llama3-scaled-bf16-sharded",
-                                           "llama-tied-bias-f16"),
-                         [](const auto& info) {
-                           std::string name = info.param;
-                           for (char& ch : name) {
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           }
-                           return name;
-                         });
+INSTANTIATE_TEST_SUITE_P(Models, CudaHfGolden, ::testing::ValuesIn(hf_fixture::kNames),
+                         [](const auto& info) { return hf_fixture::param_name(info.param); });
 
 }  // namespace
 }  // namespace kestrel::cuda_test

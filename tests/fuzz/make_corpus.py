@@ -3,11 +3,16 @@
 
 corpus_safetensors/: small valid safetensors files in the layouts real writers produce.
 corpus_config/: the published config.json of Qwen2.5-1.5B and Llama-3.1-8B-Instruct.
+corpus_gguf/: small GGUF files with the metadata kinds and tensor types real files carry.
 """
 import json
 import os
 import random
 import struct
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+import gguf_writer as gw  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -80,6 +85,34 @@ def main():
     write(os.path.join(cfg, "generation_config.json"),
           b'{"bos_token_id": 128000, "do_sample": true, "eos_token_id": [128001, 128008, 128009],'
           b' "temperature": 0.6, "top_p": 0.9}\n')
+
+    gg = os.path.join(HERE, "corpus_gguf")
+    rng = random.Random(7)
+    w = gw.GgufWriter()
+    w.add("general.architecture", gw.STRING, "llama")
+    w.add("general.alignment", gw.U32, 32)
+    w.add("llama.block_count", gw.U32, 1)
+    w.add("llama.rope.freq_base", gw.F32, 500000.0)
+    w.add("tokenizer.ggml.tokens", gw.ARRAY, (gw.STRING, ["a", "b", "ab"]))
+    w.add("tokenizer.ggml.token_type", gw.ARRAY, (gw.I32, [1, 1, 3]))
+    w.add("tokenizer.ggml.merges", gw.ARRAY, (gw.STRING, ["a b"]))
+    w.add("nested", gw.ARRAY, (gw.ARRAY, [(gw.U8, [1, 2]), (gw.F64, [0.5])]))
+    w.add("flag", gw.BOOL, True)
+    w.add("big", gw.U64, 1 << 40)
+    for name, ggml_type, dims in (("token_embd.weight", gw.GGML_Q4_0, [32, 3]),
+                                  ("output_norm.weight", gw.GGML_F32, [32]),
+                                  ("blk.0.attn_q.weight", gw.GGML_Q8_0, [32, 2]),
+                                  ("blk.0.ffn_up.weight", gw.GGML_Q4_K, [256, 1]),
+                                  ("blk.0.ffn_down.weight", gw.GGML_Q6_K, [256, 1]),
+                                  ("blk.0.attn_v.weight", gw.GGML_F16, [4, 2]),
+                                  ("blk.0.attn_k.weight", gw.GGML_BF16, [4, 2])):
+        block, block_bytes = gw.GGML_BLOCK[ggml_type]
+        n = dims[0] * (dims[1] if len(dims) > 1 else 1) // block * block_bytes
+        w.add_tensor(name, dims, ggml_type, bytes(rng.randrange(256) for _ in range(n)))
+    write(os.path.join(gg, "mixed.gguf"), w.to_bytes())
+    w = gw.GgufWriter(alignment=64)
+    w.add("general.alignment", gw.U32, 64)
+    write(os.path.join(gg, "empty_aligned.gguf"), w.to_bytes())
 
 
 if __name__ == "__main__":

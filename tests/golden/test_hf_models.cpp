@@ -1,15 +1,12 @@
-// The whole model against Hugging Face transformers: fixtures made by scripts/make_golden.py
-// (tiny random Qwen2 and Llama checkpoints, HF float32 logits of every prompt position and a
-// 32-token greedy continuation). Kestrel's own output is never the reference.
+// The whole model against Hugging Face transformers, on the fixtures of hf_fixture.h. Kestrel's
+// own output is never the reference.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
-#include <cmath>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <nlohmann/json.hpp>
 
+#include "hf_fixture.h"
 #include "kestrel/engine.h"
 #include "model/loader.h"
 
@@ -18,33 +15,8 @@ namespace {
 
 namespace fs = std::filesystem;
 
-const char* const kCases[] = {"qwen2-tied-f32", "llama3-scaled-bf16-sharded",
-                              "llama-tied-bias-f16"};
-
-struct Fixture {
-  std::string dir;
-  std::vector<int32_t> prompt;
-  std::vector<int32_t> greedy;
-  int64_t vocab = 0;
-  std::vector<float> logits;  // [prompt, vocab]
-};
-
-Fixture load_fixture(const std::string& name) {
-  Fixture f;
-  f.dir = std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + name;
-  std::ifstream ref_file(f.dir + "/reference.json");
-  EXPECT_TRUE(ref_file.good()) << f.dir;
-  const auto ref = nlohmann::json::parse(ref_file);
-  f.prompt = ref["prompt"].get<std::vector<int32_t>>();
-  f.greedy = ref["greedy"].get<std::vector<int32_t>>();
-  f.vocab = ref["vocab_size"].get<int64_t>();
-  f.logits.resize(f.prompt.size() * size_t(f.vocab));
-  std::ifstream logits_file(f.dir + "/logits.f32", std::ios::binary);
-  logits_file.read(reinterpret_cast<char*>(f.logits.data()),
-                   std::streamsize(f.logits.size() * sizeof(float)));
-  EXPECT_TRUE(logits_file.good()) << "logits.f32 of " << name;
-  return f;
-}
+using hf_fixture::Comparison;
+using hf_fixture::Fixture;
 
 std::unique_ptr<Engine> make_engine(const std::string& model, WeightFormat format, int block = 32) {
   EngineOptions options;
@@ -58,32 +30,6 @@ std::unique_ptr<Engine> make_engine(const std::string& model, WeightFormat forma
   auto engine = Engine::create(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().message();
   return engine.is_ok() ? std::move(engine).value() : nullptr;
-}
-
-// The worst per-position ||ours - hf|| / ||hf||, and how often the top-1 token agrees.
-struct Comparison {
-  double max_rel_error = 0;
-  double top1_agreement = 0;
-};
-
-Comparison compare(const std::vector<float>& ours, const Fixture& f,
-                   const std::vector<float>& reference) {
-  Comparison c;
-  int agree = 0;
-  const size_t n = f.prompt.size();
-  for (size_t p = 0; p < n; ++p) {
-    const float* a = ours.data() + p * size_t(f.vocab);
-    const float* b = reference.data() + p * size_t(f.vocab);
-    double diff = 0, norm = 0;
-    for (int64_t i = 0; i < f.vocab; ++i) {
-      diff += double(a[i] - b[i]) * double(a[i] - b[i]);
-      norm += double(b[i]) * double(b[i]);
-    }
-    c.max_rel_error = std::max(c.max_rel_error, std::sqrt(diff / norm));
-    agree += argmax(a, f.vocab) == argmax(b, f.vocab);
-  }
-  c.top1_agreement = double(agree) / double(n);
-  return c;
 }
 
 // Per-format bounds on the worst position's normalized logit error, and on top-1 agreement.
@@ -113,27 +59,15 @@ const FormatBound kBounds[] = {
     {WeightFormat::sym_int4, 32, 0.12, 0.8}, {WeightFormat::asym_int4, 32, 0.12, 0.8},
 };
 
-// The reference a format is compared with: HF float32 logits, or the fake-quantized ones.
-std::vector<float> reference_logits(const Fixture& f, WeightFormat format, int block) {
-  if (!is_quantized(format)) return f.logits;
-  const std::string path =
-      f.dir + "/logits_" + format_name(format) + "_b" + std::to_string(block) + ".f32";
-  std::vector<float> logits(f.logits.size());
-  std::ifstream file(path, std::ios::binary);
-  file.read(reinterpret_cast<char*>(logits.data()), std::streamsize(logits.size() * sizeof(float)));
-  EXPECT_TRUE(file.good()) << path;
-  return logits;
-}
-
 class HfGolden : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(HfGolden, Fp32LogitsAndGreedyMatchHf) {
-  const Fixture f = load_fixture(GetParam());
+  const Fixture f = hf_fixture::load(GetParam());
   auto engine = make_engine(f.dir, WeightFormat::fp32);
   ASSERT_TRUE(engine);
   auto logits = engine->prompt_logits(f.prompt);
   ASSERT_TRUE(logits.is_ok()) << logits.status().message();
-  const Comparison c = compare(*logits, f, f.logits);
+  const Comparison c = hf_fixture::compare(*logits, f.logits, f.vocab);
   EXPECT_LE(c.max_rel_error, 1e-3);
   EXPECT_EQ(c.top1_agreement, 1.0);
   std::printf("[ %s fp32 ] max rel error %.3g\n", GetParam(), c.max_rel_error);
@@ -144,13 +78,14 @@ TEST_P(HfGolden, Fp32LogitsAndGreedyMatchHf) {
 }
 
 TEST_P(HfGolden, EveryFormatWithinItsBound) {
-  const Fixture f = load_fixture(GetParam());
+  const Fixture f = hf_fixture::load(GetParam());
   for (const FormatBound& bound : kBounds) {
     auto engine = make_engine(f.dir, bound.format, bound.block);
     ASSERT_TRUE(engine);
     auto logits = engine->prompt_logits(f.prompt);
     ASSERT_TRUE(logits.is_ok()) << logits.status().message();
-    const Comparison c = compare(*logits, f, reference_logits(f, bound.format, bound.block));
+    const Comparison c = hf_fixture::compare(
+        *logits, hf_fixture::reference_logits(f, bound.format, bound.block), f.vocab);
     std::printf("[ %s %s ] max rel error %.3g, top-1 agreement %.2f\n", GetParam(),
                 format_name(bound.format), c.max_rel_error, c.top1_agreement);
     EXPECT_LE(c.max_rel_error, bound.max_rel_error) << format_name(bound.format);
@@ -158,20 +93,17 @@ TEST_P(HfGolden, EveryFormatWithinItsBound) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, HfGolden, ::testing::ValuesIn(kCases), [](const auto& info) {
-  std::string name = info.param;
-  for (char& ch : name)
-    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  return name;
-});
+INSTANTIATE_TEST_SUITE_P(Models, HfGolden, ::testing::ValuesIn(hf_fixture::kNames),
+                         [](const auto& info) { return hf_fixture::param_name(info.param); });
 
 TEST(HfGolden, Block64Int4WithinBound) {
-  const Fixture f = load_fixture("qwen2-tied-f32");
+  const Fixture f = hf_fixture::load("qwen2-tied-f32");
   auto engine = make_engine(f.dir, WeightFormat::sym_int4, 64);
   ASSERT_TRUE(engine);
   auto logits = engine->prompt_logits(f.prompt);
   ASSERT_TRUE(logits.is_ok()) << logits.status().message();
-  const Comparison c = compare(*logits, f, reference_logits(f, WeightFormat::sym_int4, 64));
+  const Comparison c = hf_fixture::compare(
+      *logits, hf_fixture::reference_logits(f, WeightFormat::sym_int4, 64), f.vocab);
   std::printf("[ qwen2-tied-f32 sym_int4 block 64 ] max rel error %.3g, top-1 agreement %.2f\n",
               c.max_rel_error, c.top1_agreement);
   EXPECT_LE(c.max_rel_error, 0.12);
@@ -180,7 +112,7 @@ TEST(HfGolden, Block64Int4WithinBound) {
 
 // A converted model must load without re-quantizing and give bit-identical logits.
 TEST(Convert, ReloadIsBitIdenticalForEveryFormat) {
-  const Fixture f = load_fixture("llama3-scaled-bf16-sharded");
+  const Fixture f = hf_fixture::load("llama3-scaled-bf16-sharded");
   for (const FormatBound& bound : kBounds) {
     auto direct = make_engine(f.dir, bound.format, bound.block);
     ASSERT_TRUE(direct);

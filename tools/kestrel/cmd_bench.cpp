@@ -22,6 +22,7 @@
 #include "commands.h"
 #include "core/progress.h"
 #include "runtime/planner.h"
+#include "tokenizer/gguf_tokenizer.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kestrel::cli {
@@ -160,7 +161,8 @@ class BenchCommand {
     // tokenizer adds (Llama 3's <|begin_of_text|>), as the all-in-one benchmark encodes them.
     o.tokenizer_for = [](const std::string& source) -> Result<bench::Tokenize> {
       if (source.rfind("synthetic:", 0) == 0 ||
-          !std::filesystem::exists(std::filesystem::path(source) / "tokenizer.json")) {
+          (!gguf_has_tokenizer(source) &&
+           !std::filesystem::exists(std::filesystem::path(source) / "tokenizer.json"))) {
         return bench::Tokenize();
       }
       KS_ASSIGN_OR_RETURN(Tokenizer tokenizer, Tokenizer::load(source));
@@ -410,7 +412,7 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
       "bench", "benchmark: --config FILE.yaml (all-in-one CSV) or -m MODEL (llama-bench style)");
   bench->add_option("--config", flags->config, "all-in-one style YAML configuration");
   bench->add_option("-m,--model", flags->model,
-                    "quick mode: HF model dir, converted dir or synthetic:NAME");
+                    "quick mode: HF model dir, converted dir, GGUF file or synthetic:NAME");
   bench->add_option("-o,--output", flags->output,
                     "--config: the CSV file (default: standard output); -m: md, csv or json");
   bench->add_option("--device", flags->device, "cpu, cuda, or auto: cuda when built in and present")

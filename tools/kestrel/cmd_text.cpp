@@ -17,6 +17,7 @@
 #include "model/weights.h"
 #include "runtime/text_generation.h"
 #include "tokenizer/chat_template.h"
+#include "tokenizer/gguf_tokenizer.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kestrel::cli {
@@ -144,10 +145,12 @@ struct GenerateFlags {
     app->add_option("--stop", stop, "stop string (repeatable)");
   }
 
-  // Whether text can be shown: --tokenizer, or a model directory with a tokenizer.json.
+  // Whether text can be shown: --tokenizer, a model directory with a tokenizer.json, or a GGUF
+  // file with a tokenizer.
   bool has_tokenizer() const {
     if (!tokenizer.empty()) return true;
     if (model.model.rfind("synthetic:", 0) == 0) return false;
+    if (gguf_has_tokenizer(model.model)) return true;
     std::error_code ec;
     return std::filesystem::exists(std::filesystem::path(model.model) / "tokenizer.json", ec);
   }

@@ -87,6 +87,7 @@ void check_stdout_written() {
 }
 
 void print_warnings(const ModelWeights& weights) {
+  for (const std::string& note : weights.notes) std::fprintf(stderr, "kestrel: %s\n", note.c_str());
   for (const std::string& warning : weights.warnings) {
     std::fprintf(stderr, "kestrel: warning: %s\n", warning.c_str());
   }
@@ -104,7 +105,8 @@ void print_load_warnings(const Engine& engine) {
 }
 
 void ModelFlags::add_to(CLI::App* app) {
-  app->add_option("-m,--model", model, "HF model dir, converted dir or synthetic:NAME")->required();
+  app->add_option("-m,--model", model, "HF model dir, converted dir, GGUF file or synthetic:NAME")
+      ->required();
   app->add_option("--low-bit", low_bit,
                   "weight format: sym_int4, asym_int4, sym_int8, fp16, bf16, fp32")
       ->default_str("sym_int4");

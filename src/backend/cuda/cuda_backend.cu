@@ -22,6 +22,7 @@
 #include <cstring>
 #include <map>
 #include <optional>
+#include <type_traits>
 #include <unordered_map>
 
 #include "backend/cuda/act.cuh"
@@ -128,30 +129,22 @@ class CudaBackend final : public Backend {
     KS_RETURN_IF_ERROR(release_weights());
     weights_format_ = weights.format;
     embed_host_ = weights.tok_embd.data.data();
-    KS_ASSIGN_OR_RETURN(embed_, upload_weight(weights.tok_embd, "tok_embd"));
-    for (size_t i = 0; i < weights.layers.size(); ++i) {
-      LayerWeights& l = weights.layers[i];
-      const std::string p = "blk." + std::to_string(i) + ".";
-      KS_RETURN_IF_ERROR(upload_vector(l.attn_norm, p + "attn_norm"));
-      KS_RETURN_IF_ERROR(upload_vector(l.ffn_norm, p + "ffn_norm"));
-      KS_RETURN_IF_ERROR(upload_linear(l.wq, p + "wq"));
-      KS_RETURN_IF_ERROR(upload_linear(l.wk, p + "wk"));
-      KS_RETURN_IF_ERROR(upload_linear(l.wv, p + "wv"));
-      KS_RETURN_IF_ERROR(upload_linear(l.wo, p + "wo"));
-      KS_RETURN_IF_ERROR(upload_linear(l.w_gate, p + "w_gate"));
-      KS_RETURN_IF_ERROR(upload_linear(l.w_up, p + "w_up"));
-      KS_RETURN_IF_ERROR(upload_linear(l.w_down, p + "w_down"));
-    }
-    KS_RETURN_IF_ERROR(upload_vector(weights.output_norm, "output_norm"));
-    if (weights.output.w.rows > 0 && weights.output.w.data.data() == embed_host_ &&
-        weights.output.bias.empty()) {
-      // Tied embeddings: lm_head reads the embedding table's device copy.
-      weights.output.backend_slot = int(linears_.size());
-      linears_.push_back(embed_);
-    } else {
-      KS_RETURN_IF_ERROR(upload_linear(weights.output, "output"));
-    }
-    return Status::ok();
+    // Every tensor of the model's tensor list (model/weights.h), in its order.
+    return for_each_tensor(weights, [&](const TensorInfo& t, auto& member) -> Status {
+      using Member = std::remove_cvref_t<decltype(member)>;
+      if constexpr (std::is_same_v<Member, QuantWeight>) {
+        KS_ASSIGN_OR_RETURN(embed_, upload_weight(member, t.name));
+      } else if constexpr (std::is_same_v<Member, Vector>) {
+        KS_RETURN_IF_ERROR(upload_vector(member, t.name));
+      } else if (member.w.rows > 0 && member.w.data.data() == embed_host_ && member.bias.empty()) {
+        // Tied embeddings: lm_head reads the embedding table's device copy.
+        member.backend_slot = int(linears_.size());
+        linears_.push_back(embed_);
+      } else {
+        KS_RETURN_IF_ERROR(upload_linear(member, t.name));
+      }
+      return Status::ok();
+    });
   }
 
   Result<WorkspaceLayout> reserve_layout(const ModelConfig& config,

@@ -16,7 +16,7 @@
 #include "io/config.h"
 #include "model/weights.h"
 #include "runtime/text_generation.h"
-#include "tokenizer/chat_template.h"
+#include "template/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kestrel::cli {

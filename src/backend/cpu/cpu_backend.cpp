@@ -48,10 +48,7 @@ class CpuBackend final : public Backend {
     return layout;
   }
 
-  Status reserve(const ModelConfig& config, const RunShape& shape) override {
-    if (shape.max_context <= 0 || shape.max_seqs <= 0 || shape.max_batch_tokens <= 0) {
-      return Status::error("cpu backend: run shape needs positive context, sequences and tokens");
-    }
+  Status do_reserve(const ModelConfig& config, const RunShape& shape) override {
     // Release the previous reservation before allocating the next, so that a re-reserve never
     // holds both.
     std::vector<float>().swap(k_cache_);
@@ -70,17 +67,7 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
-  Status copy_sequence(int32_t src, int32_t dst, int64_t n_positions) override {
-    if (src < 0 || src >= shape_.max_seqs || dst < 0 || dst >= shape_.max_seqs) {
-      return Status::error("cpu backend: copy_sequence slots " + std::to_string(src) + " -> " +
-                           std::to_string(dst) + " outside the " + std::to_string(shape_.max_seqs) +
-                           " reserved");
-    }
-    if (n_positions < 0 || n_positions > shape_.max_context) {
-      return Status::error("cpu backend: copy_sequence of " + std::to_string(n_positions) +
-                           " positions outside the context of " +
-                           std::to_string(shape_.max_context));
-    }
+  Status do_copy_sequence(int32_t src, int32_t dst, int64_t n_positions) override {
     if (src == dst || n_positions == 0) return Status::ok();
     const size_t bytes = size_t(n_positions) * size_t(config_.kv_dim()) * sizeof(float);
     for (int64_t layer = 0; layer < config_.n_layers; ++layer) {
@@ -90,17 +77,7 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
-  Status begin_batch(const BatchView& batch) override {
-    for (int64_t i = 0; i < batch.n_tokens; ++i) {
-      if (batch.seq_ids[i] < 0 || batch.seq_ids[i] >= shape_.max_seqs) {
-        return Status::error("cpu backend: sequence id " + std::to_string(batch.seq_ids[i]) +
-                             " outside the " + std::to_string(shape_.max_seqs) + " reserved");
-      }
-      if (batch.positions[i] < 0 || batch.positions[i] >= shape_.max_context) {
-        return Status::error("cpu backend: position " + std::to_string(batch.positions[i]) +
-                             " outside the context of " + std::to_string(shape_.max_context));
-      }
-    }
+  Status do_begin_batch(const BatchView& batch) override {
     batch_ = batch;
     scratch_used_ = 0;
     return Status::ok();

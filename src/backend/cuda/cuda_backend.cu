@@ -158,12 +158,9 @@ class CudaBackend final : public Backend {
     return free_bytes;
   }
 
-  Status reserve(const ModelConfig& config, const RunShape& shape) override {
-    if (shape.max_context <= 0 || shape.max_seqs <= 0 || shape.max_batch_tokens <= 0 ||
-        shape.max_logit_rows <= 0) {
-      return Status::error(
-          "cuda backend: run shape needs positive context, sequences, tokens "
-          "and logit rows");
+  Status do_reserve(const ModelConfig& config, const RunShape& shape) override {
+    if (shape.max_logit_rows <= 0) {
+      return Status::error("cuda backend: run shape needs positive logit rows");
     }
     if (config.head_dim % 2 != 0 || config.n_kv_heads <= 0 ||
         config.n_heads % config.n_kv_heads != 0) {
@@ -242,17 +239,7 @@ class CudaBackend final : public Backend {
     return Status::ok();
   }
 
-  Status copy_sequence(int32_t src, int32_t dst, int64_t n_positions) override {
-    if (src < 0 || src >= shape_.max_seqs || dst < 0 || dst >= shape_.max_seqs) {
-      return Status::error("cuda backend: copy_sequence slots " + std::to_string(src) + " -> " +
-                           std::to_string(dst) + " outside the " + std::to_string(shape_.max_seqs) +
-                           " reserved");
-    }
-    if (n_positions < 0 || n_positions > shape_.max_context) {
-      return Status::error("cuda backend: copy_sequence of " + std::to_string(n_positions) +
-                           " positions outside the context of " +
-                           std::to_string(shape_.max_context));
-    }
+  Status do_copy_sequence(int32_t src, int32_t dst, int64_t n_positions) override {
     if (src == dst || n_positions == 0) return Status::ok();
     KS_RETURN_IF_ERROR(flush());
     const int64_t d = config_.head_dim;
@@ -272,7 +259,7 @@ class CudaBackend final : public Backend {
     return Status::ok();
   }
 
-  Status begin_batch(const BatchView& batch) override {
+  Status do_begin_batch(const BatchView& batch) override {
     // What the last call held back runs now; a call that failed while being captured or
     // replayed left its held ops, and the capture, to be dropped.
     if (mode_ == Mode::eager) {
@@ -285,29 +272,7 @@ class CudaBackend final : public Backend {
     abort_capture();
     mode_ = Mode::eager;
     if (!reserved_) return Status::error("cuda backend: begin_batch before reserve");
-    const int64_t n = batch.n_tokens;
-    if (n <= 0 || n > shape_.max_batch_tokens) {
-      return Status::error("cuda backend: batch of " + std::to_string(n) + " tokens (reserved " +
-                           std::to_string(shape_.max_batch_tokens) + ")");
-    }
-    if (batch.n_logit_rows > shape_.max_logit_rows) {
-      return Status::error("cuda backend: " + std::to_string(batch.n_logit_rows) +
-                           " logit rows (reserved " + std::to_string(shape_.max_logit_rows) + ")");
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      if (batch.seq_ids[i] < 0 || batch.seq_ids[i] >= shape_.max_seqs) {
-        return Status::error("cuda backend: sequence id " + std::to_string(batch.seq_ids[i]) +
-                             " outside the " + std::to_string(shape_.max_seqs) + " reserved");
-      }
-      if (batch.positions[i] < 0 || batch.positions[i] >= shape_.max_context) {
-        return Status::error("cuda backend: position " + std::to_string(batch.positions[i]) +
-                             " outside the context of " + std::to_string(shape_.max_context));
-      }
-      if (batch.tokens[i] < 0 || batch.tokens[i] >= config_.vocab_size) {
-        return Status::error("token id " + std::to_string(batch.tokens[i]) +
-                             " outside the vocabulary of " + std::to_string(config_.vocab_size));
-      }
-    }
+    const int64_t n = batch.n_tokens;  // checked by Backend::begin_batch against the reservation
     // The previous call's copies out of the pinned buffers must be done before they are reused.
     KS_CUDA_CHECK("begin_batch", cudaStreamSynchronize(stream_));
     const int64_t cap = shape_.max_batch_tokens;

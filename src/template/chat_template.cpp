@@ -1,13 +1,13 @@
-#include "tokenizer/chat_template.h"
+#include "template/chat_template.h"
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include "io/config.h"
-#include "tokenizer/jinja_ast.h"
-#include "tokenizer/jinja_interp.h"
-#include "tokenizer/jinja_value.h"
+#include "template/jinja_ast.h"
+#include "template/jinja_interp.h"
+#include "template/jinja_value.h"
 
 namespace kestrel {
 namespace {

@@ -31,6 +31,7 @@ namespace kestrel {
 // Defined in the library's internal headers; in-tree code (the CLI, benchmarks, tests) reaches
 // them through Engine::config(), weights() and backend(). They are not part of the installed API.
 class Backend;
+class PagedKvCache;
 struct ModelConfig;
 struct ModelWeights;
 
@@ -40,14 +41,22 @@ struct EngineOptions {
   // converted directory it must be the one it holds.
   std::optional<WeightFormat> format;
   int block = 32;
-  std::string device = "cpu";
+  std::string device = "cpu";   // "cpu", "cuda", or "auto" (CUDA when there is a device)
   int threads = 0;              // 0: all hardware threads
   int64_t max_context = 0;      // 0: min(max_position_embeddings, 4096)
   int64_t max_seqs = 1;         // sequences decoded together
   int64_t prefill_chunk = 512;  // prompt tokens per forward call
+  // The KV cache is a pool of blocks of kKvBlockSize positions that the sequences share.
+  // kv_blocks: its size; 0: enough for every sequence's full context.
+  int64_t kv_blocks = 0;
+  // When above 0, the pool instead takes this fraction of the memory left after the weights
+  // (free device memory, or the host's available memory on the CPU) beside the workspace; at
+  // least one full context, or Engine::create fails.
+  double kv_memory_fraction = 0;
   bool progress = true;
   // A reservation decided beforehand (runtime/planner.h). When run_shape.max_batch_tokens > 0
-  // the backend reserves exactly this shape, max_context and max_seqs above are ignored, and
+  // the backend reserves exactly this shape, max_context, max_seqs and the KV pool settings
+  // above are ignored, and
   // prefill chunks are at most run_shape.max_batch_tokens tokens.
   RunShape run_shape;
 };
@@ -101,6 +110,10 @@ struct ModelInfo {
   int64_t n_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t max_position_embeddings = 0;
+  int64_t intermediate_size = 0;
+  double rms_norm_eps = 0;
+  double rope_theta = 0;
+  bool tie_word_embeddings = false;
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
   WeightFormat format = WeightFormat::sym_int4;
@@ -123,6 +136,9 @@ class Engine {
   const ModelConfig& config() const;
   const ModelWeights& weights() const { return *weights_; }
   Backend& backend() { return *backend_; }
+  // Which KV cache blocks each sequence slot holds (runtime/kv_cache.h). run() gives a slot the
+  // blocks its batch's positions need; a caller may reserve them beforehand (the server does).
+  PagedKvCache& kv_cache() { return *kv_cache_; }
   const EngineOptions& options() const { return options_; }
   // Positions each sequence can hold (the KV cache's length).
   int64_t max_context() const { return max_context_; }
@@ -137,10 +153,18 @@ class Engine {
   Result<std::vector<float>> prompt_logits(const std::vector<int32_t>& ids, int32_t seq = 0);
   // Runs `ids` from position 0 of `seq` in chunks; returns the last position's logits.
   Result<std::vector<float>> prefill(const std::vector<int32_t>& ids, int32_t seq = 0);
-  // Runs any batch (decode steps of several sequences, or a prefill chunk).
+  // Runs any batch (decode steps of several sequences, or a prefill chunk). Each slot first gets
+  // KV cache blocks up to the positions its tokens write; fails, before running anything, when
+  // the pool has too few blocks left.
   Status run(const Batch& batch, std::vector<float>* logits);
   // As run, but returns the argmax token of each logit row (computed on the backend's device).
   Status run_argmax(const Batch& batch, std::vector<int32_t>* tokens);
+
+  // Slot `dst` takes the cached positions [0, n_positions) of slot `src`: the full blocks are
+  // shared, a partly filled last block is copied (beam search forks a sequence this way).
+  Status copy_sequence(int32_t src, int32_t dst, int64_t n_positions);
+  // Frees the KV cache blocks of a slot (blocks other slots share stay).
+  void release_sequence(int32_t seq);
 
   // Greedy continuation of `prompt`: exactly `n_new` tokens unless `stop_at_eos` and an eos id
   // from generation_config.json comes first. `on_token` sees each token as it is produced.
@@ -160,6 +184,9 @@ class Engine {
   EngineOptions options_;
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<PagedKvCache> kv_cache_;
+  // Gives the batch's slots the blocks it writes (copying shared ones first).
+  Status prepare_kv_cache(const Batch& batch);
   // Prompt tokens per forward call: the wanted chunk within what was reserved.
   int64_t chunk_tokens() const;
 

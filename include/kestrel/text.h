@@ -57,6 +57,45 @@ struct ChatMessage {
 // Receives generated text as soon as it can no longer turn out to be part of a stop string.
 using TextCallback = std::function<void(const std::string& text)>;
 
+// A model's tokenizer and chat template without an Engine (what AutoTokenizer
+// is in transformers). Every method only reads: one TextTokenizer may be used from several threads
+// at once.
+class TextTokenizer {
+ public:
+  // `path`: a model directory (tokenizer.json; the chat template from chat_template.jinja or
+  // tokenizer_config.json, when it has one) or a tokenizer.json file (the template is looked
+  // for beside it).
+  static Result<std::unique_ptr<TextTokenizer>> load(const std::string& path);
+  ~TextTokenizer();
+  TextTokenizer(const TextTokenizer&) = delete;
+  TextTokenizer& operator=(const TextTokenizer&) = delete;
+
+  // As Hugging Face tokenizers' encode/decode (see TextGenerator).
+  Result<std::vector<int32_t>> encode(const std::string& text, bool add_special_tokens) const;
+  std::string decode(const std::vector<int32_t>& ids, bool skip_special_tokens = false) const;
+  // The id of a token as HF spells it ("<|im_end|>", "Ġthe"), or -1.
+  int32_t token_to_id(const std::string& token) const;
+  // The token of `id` as HF spells it, or "" when there is none.
+  std::string id_to_token(int32_t id) const;
+  size_t vocab_size() const;  // added tokens included
+  bool is_special(int32_t id) const;
+
+  bool has_chat_template() const;
+  Result<std::string> render_chat(const std::vector<ChatMessage>& messages,
+                                  bool add_generation_prompt) const;
+  // The same with the messages as a JSON array text (any fields the template reads: tool calls,
+  // ...) and `extra_context_json`, a JSON object of further template variables (tools,
+  // enable_thinking, ...), as transformers' apply_chat_template takes them.
+  Result<std::string> render_chat_json(const std::string& messages_json, bool add_generation_prompt,
+                                       const std::string& extra_context_json = "{}") const;
+
+ private:
+  friend class TextGenerator;
+  struct Impl;
+  explicit TextTokenizer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
 class TextGenerator {
  public:
   // Loads the tokenizer (tokenizer.json) and, when there is one, the chat template

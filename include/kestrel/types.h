@@ -17,13 +17,22 @@ const char* format_name(WeightFormat format);
 // Accepts the names format_name() gives.
 Result<WeightFormat> parse_format(const std::string& name);
 
-// What a backend holds for a run (KV cache slots and lengths, workspace), decided before the
-// first step.
+// Positions per block of the KV cache: the cache is a pool of such blocks, and each sequence
+// slot's block table says which block holds its positions [16 b, 16 b + 16).
+constexpr int64_t kKvBlockSize = 16;
+
+// What a backend holds for a run (KV cache blocks, sequence slots and lengths, workspace),
+// decided before the first step.
 struct RunShape {
-  int64_t max_seqs = 1;          // KV cache slots
+  int64_t max_seqs = 1;          // sequence slots (block tables)
   int64_t max_context = 0;       // positions per slot
   int64_t max_batch_tokens = 0;  // tokens per forward call (prefill chunk or decode batch)
   int64_t max_logit_rows = 0;    // rows of logits per forward call
+  int64_t kv_blocks = 0;         // blocks of the KV cache pool; 0: every slot's full context
+
+  // Entries of one slot's block table.
+  int64_t blocks_per_seq() const { return (max_context + kKvBlockSize - 1) / kKvBlockSize; }
+  int64_t pool_blocks() const { return kv_blocks > 0 ? kv_blocks : max_seqs * blocks_per_seq(); }
 };
 
 // One forward call: tokens of one or more sequences (prefill chunks and decode steps alike).

@@ -1,5 +1,6 @@
 #include "backend/backend.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "backend/cpu/cpu_backend.h"
@@ -33,19 +34,10 @@ Status Backend::reserve(const ModelConfig& config, const RunShape& shape) {
   return Status::ok();
 }
 
-Status Backend::copy_sequence(int32_t src, int32_t dst, int64_t n_positions) {
-  if (!reserved_) return Status::error(name() + " backend: copy_sequence before reserve");
-  const RunShape& shape = reserved_shape_;
-  if (src < 0 || src >= shape.max_seqs || dst < 0 || dst >= shape.max_seqs) {
-    return Status::error(name() + " backend: copy_sequence slots " + std::to_string(src) + " -> " +
-                         std::to_string(dst) + " outside the " + std::to_string(shape.max_seqs) +
-                         " reserved");
-  }
-  if (n_positions < 0 || n_positions > shape.max_context) {
-    return Status::error(name() + " backend: copy_sequence of " + std::to_string(n_positions) +
-                         " positions outside the context of " + std::to_string(shape.max_context));
-  }
-  return do_copy_sequence(src, dst, n_positions);
+Status Backend::copy_kv_block(int32_t src, int32_t dst) {
+  if (!reserved_) return Status::error(name() + " backend: copy_kv_block before reserve");
+  KS_RETURN_IF_ERROR(check_kv_block_copy(src, dst, reserved_shape_, name() + " backend"));
+  return do_copy_kv_block(src, dst);
 }
 
 Status Backend::begin_batch(const BatchView& batch) {
@@ -60,15 +52,8 @@ Status Backend::begin_batch(const BatchView& batch) {
     return Status::error(name() + " backend: " + std::to_string(batch.n_logit_rows) +
                          " logit rows (reserved " + std::to_string(shape.max_logit_rows) + ")");
   }
+  KS_RETURN_IF_ERROR(check_batch_slots(batch, shape, name() + " backend"));
   for (int64_t i = 0; i < n; ++i) {
-    if (batch.seq_ids[i] < 0 || batch.seq_ids[i] >= shape.max_seqs) {
-      return Status::error(name() + " backend: sequence id " + std::to_string(batch.seq_ids[i]) +
-                           " outside the " + std::to_string(shape.max_seqs) + " reserved");
-    }
-    if (batch.positions[i] < 0 || batch.positions[i] >= shape.max_context) {
-      return Status::error(name() + " backend: position " + std::to_string(batch.positions[i]) +
-                           " outside the context of " + std::to_string(shape.max_context));
-    }
     if (batch.tokens[i] < 0 || batch.tokens[i] >= reserved_vocab_) {
       return Status::error("token id " + std::to_string(batch.tokens[i]) +
                            " outside the vocabulary of " + std::to_string(reserved_vocab_));
@@ -83,7 +68,55 @@ Status Backend::begin_batch(const BatchView& batch) {
   return do_begin_batch(batch);
 }
 
+Status check_batch_slots(const BatchView& batch, const RunShape& shape, const std::string& who) {
+  // The highest position each slot reaches in the call: its table entries up to that one are
+  // read.
+  std::vector<int32_t> last_position(size_t(shape.max_seqs), -1);
+  for (int64_t i = 0; i < batch.n_tokens; ++i) {
+    const int32_t seq = batch.seq_ids[i];
+    const int32_t pos = batch.positions[i];
+    if (seq < 0 || seq >= shape.max_seqs) {
+      return Status::error(who + ": sequence id " + std::to_string(seq) + " outside the " +
+                           std::to_string(shape.max_seqs) + " reserved");
+    }
+    if (pos < 0 || pos >= shape.max_context) {
+      return Status::error(who + ": position " + std::to_string(pos) + " outside the context of " +
+                           std::to_string(shape.max_context));
+    }
+    last_position[size_t(seq)] = std::max(last_position[size_t(seq)], pos);
+  }
+  if (batch.n_tokens > 0 &&
+      (batch.block_tables == nullptr || batch.block_table_stride < shape.blocks_per_seq())) {
+    return Status::error(who + ": the batch has no block table of " +
+                         std::to_string(shape.blocks_per_seq()) + " entries a slot");
+  }
+  const int64_t n_blocks = shape.pool_blocks();
+  for (int64_t seq = 0; seq < shape.max_seqs; ++seq) {
+    const int32_t* table = batch.block_tables + seq * batch.block_table_stride;
+    for (int64_t b = 0;
+         b <= int64_t(last_position[size_t(seq)]) / kKvBlockSize && last_position[size_t(seq)] >= 0;
+         ++b) {
+      if (table[b] < 0 || table[b] >= n_blocks) {
+        return Status::error(who + ": block table entry " + std::to_string(b) + " of slot " +
+                             std::to_string(seq) + " is " + std::to_string(table[b]) +
+                             ", outside the pool of " + std::to_string(n_blocks) + " blocks");
+      }
+    }
+  }
+  return Status::ok();
+}
+
+Status check_kv_block_copy(int32_t src, int32_t dst, const RunShape& shape,
+                           const std::string& who) {
+  const int64_t n_blocks = shape.pool_blocks();
+  if (src >= 0 && src < n_blocks && dst >= 0 && dst < n_blocks) return Status::ok();
+  return Status::error(who + ": copy_kv_block " + std::to_string(src) + " -> " +
+                       std::to_string(dst) + " outside the pool of " + std::to_string(n_blocks) +
+                       " blocks");
+}
+
 Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads) {
+  if (device == "auto") return make_backend(default_device(), threads);
   if (device == "cpu") return make_cpu_backend(threads);
   if (device == "cuda") {
     if (!nvidia_driver_loaded()) {
@@ -93,7 +126,7 @@ Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int thr
     }
     return load_cuda_backend();
   }
-  return Status::error("unknown device '" + device + "' (expected cpu or cuda)");
+  return Status::error("unknown device '" + device + "' (expected auto, cpu or cuda)");
 }
 
 std::string default_device() {

@@ -28,7 +28,13 @@ struct BatchView {
   int64_t n_tokens = 0;
   const int32_t* tokens = nullptr;     // [n_tokens]
   const int32_t* positions = nullptr;  // [n_tokens] position of each token in its sequence
-  const int32_t* seq_ids = nullptr;    // [n_tokens] KV cache slot of each token's sequence
+  const int32_t* seq_ids = nullptr;    // [n_tokens] sequence slot of each token
+  // [max_seqs, block_table_stride] the KV cache block of each slot's positions
+  // [kKvBlockSize b, kKvBlockSize (b + 1)) at entry b; the entry of every position a token writes
+  // or reads must be a block of the pool (begin_batch checks it). Blocks may repeat across slots
+  // (shared prefixes): a call writes only blocks no other slot of the call reads.
+  const int32_t* block_tables = nullptr;
+  int64_t block_table_stride = 0;
   // The rows whose logits the call will produce (a device backend keys its captured decode
   // graphs on them); empty when the call ends without logits.
   int64_t n_logit_rows = 0;
@@ -57,21 +63,20 @@ class Backend {
   virtual Status upload(ModelWeights& weights) = 0;
 
   // --- Checked entry points. Not virtual: each checks its arguments against the reservation,
-  // once for every backend, and only then calls the backend's op (do_reserve, do_copy_sequence,
+  // once for every backend, and only then calls the backend's op (do_reserve, do_copy_kv_block,
   // do_begin_batch below), which may rely on what was checked.
 
   // Allocates the KV cache and the activation workspace for `shape` (positive context,
   // sequences and tokens per call). May be called again with another shape; the previous
   // reservation is released first, so the peak is one reservation.
   Status reserve(const ModelConfig& config, const RunShape& shape);
-  // Copies the KV cache entries of positions [0, n_positions) of sequence slot `src` into slot
-  // `dst`, every layer (beam search forks a sequence this way). Slots within the reserved
-  // sequences, n_positions within the context.
-  Status copy_sequence(int32_t src, int32_t dst, int64_t n_positions);
+  // Copies KV cache block `src` into block `dst`, every layer, K and V (a sequence forked in
+  // the middle of a block gets a private copy of that block). Both blocks of the pool.
+  Status copy_kv_block(int32_t src, int32_t dst);
   // Starts a forward call: frees the previous call's scratch tensors and takes the batch. Checks
   // that the batch fits the reservation: 1 to max_batch_tokens tokens, each a sequence slot,
-  // position and token id in range, and at most max_logit_rows logit rows, each a row of the
-  // batch.
+  // position and token id in range with its block table entries in the pool
+  // (check_batch_slots), and at most max_logit_rows logit rows, each a row of the batch.
   Status begin_batch(const BatchView& batch);
 
   // What reserve(config, shape) would allocate, without allocating: the memory planner's input.
@@ -142,12 +147,7 @@ class Backend {
  protected:
   // The ops behind the checked entry points above, called only with checked arguments.
   virtual Status do_reserve(const ModelConfig& config, const RunShape& shape) = 0;
-  virtual Status do_copy_sequence(int32_t src, int32_t dst, int64_t n_positions) {
-    (void)src;
-    (void)dst;
-    (void)n_positions;
-    return Status::error(name() + " backend cannot copy sequences (copy_sequence)");
-  }
+  virtual Status do_copy_kv_block(int32_t src, int32_t dst) = 0;
   virtual Status do_begin_batch(const BatchView& batch) = 0;
 
  private:
@@ -157,7 +157,16 @@ class Backend {
   RunShape reserved_shape_;
 };
 
-// "cpu", or "cuda" when compiled in. `threads` applies to the CPU backend.
+// Checks a batch against a reservation: every token's slot and position inside `shape`, and the
+// block table entries of every position a token reads (0 up to its own) blocks of the pool.
+// `who` begins the error ("cpu backend").
+Status check_batch_slots(const BatchView& batch, const RunShape& shape, const std::string& who);
+
+// Checks the blocks of a copy_kv_block call against the pool of `shape`.
+Status check_kv_block_copy(int32_t src, int32_t dst, const RunShape& shape, const std::string& who);
+
+// "cpu", "cuda" when compiled in, or "auto" (default_device()). `threads` applies to the CPU
+// backend.
 Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads);
 
 // The backends compiled into this binary, e.g. "cpu (avx512-vnni), cuda".

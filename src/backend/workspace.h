@@ -55,7 +55,7 @@ struct WorkspaceLayout {
 };
 
 // The buffers of one reservation:
-//   K and V caches   [n_layers, max_seqs, max_context, kv_dim] each
+//   K and V caches   [n_layers, pool_blocks, n_kv_heads, kKvBlockSize, head_dim] each
 //   scratch          max_batch_tokens x (the forward_scratch::Token widths + the widest of
 //                    them, a spare row for a backend's temporaries)
 //                    + max_logit_rows x (the forward_scratch::Head widths)

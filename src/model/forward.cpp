@@ -8,12 +8,20 @@ namespace {
 
 // The whole model up to the logits of batch.logit_rows: [logit_rows.size(), vocab], or a tensor
 // of no rows when none are wanted.
-Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, const Batch& batch) {
+Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, const Batch& batch,
+                              const BlockTables& tables) {
   const ModelConfig& c = weights.config;
   const int64_t n = batch.size();
-  KS_RETURN_IF_ERROR(backend.begin_batch(
-      BatchView{n, batch.tokens.data(), batch.positions.data(), batch.seq_ids.data(),
-                int64_t(batch.logit_rows.size()), batch.logit_rows.data()}));
+  BatchView view;
+  view.n_tokens = n;
+  view.tokens = batch.tokens.data();
+  view.positions = batch.positions.data();
+  view.seq_ids = batch.seq_ids.data();
+  view.block_tables = tables.data;
+  view.block_table_stride = tables.stride;
+  view.n_logit_rows = int64_t(batch.logit_rows.size());
+  view.logit_rows = batch.logit_rows.data();
+  KS_RETURN_IF_ERROR(backend.begin_batch(view));
   const RopeParams rope{c.head_dim, c.n_heads, c.n_kv_heads};
   const float eps = float(c.rms_norm_eps);
 
@@ -64,16 +72,16 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
 }  // namespace
 
 Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch,
-               std::vector<float>* logits) {
-  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch));
+               const BlockTables& tables, std::vector<float>* logits) {
+  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch, tables));
   if (out.rows == 0) return Status::ok();
   logits->resize(size_t(out.rows * out.cols));
   return backend.read(out, logits->data());
 }
 
 Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
-                      std::vector<int32_t>* tokens) {
-  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch));
+                      const BlockTables& tables, std::vector<int32_t>* tokens) {
+  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch, tables));
   tokens->resize(size_t(out.rows));
   if (out.rows == 0) return Status::ok();
   return backend.argmax_rows(out, tokens->data());

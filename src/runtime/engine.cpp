@@ -12,6 +12,7 @@
 #include "model/forward.h"
 #include "model/loader.h"
 #include "model/weights.h"
+#include "runtime/kv_cache.h"
 #include "runtime/planner.h"
 #include "sample/beam.h"
 
@@ -38,6 +39,8 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
   const size_t needed = layout->total_bytes();
   if (needed <= available) return Status::ok();
   return Status::error("the KV cache (" + format_bytes(layout->kv_cache_bytes()) + " for " +
+                       std::to_string(shape.pool_blocks()) + " blocks of " +
+                       std::to_string(kKvBlockSize) + " positions; " +
                        std::to_string(shape.max_seqs) + " sequences x " +
                        std::to_string(shape.max_context) + " positions) and workspace need " +
                        format_bytes(needed) + " but only " + format_bytes(available) +
@@ -72,6 +75,10 @@ ModelInfo Engine::info() const {
   info.n_kv_heads = c.n_kv_heads;
   info.head_dim = c.head_dim;
   info.max_position_embeddings = c.max_position_embeddings;
+  info.intermediate_size = c.intermediate_size;
+  info.rms_norm_eps = c.rms_norm_eps;
+  info.rope_theta = c.rope_theta;
+  info.tie_word_embeddings = c.tie_word_embeddings;
   info.bos_token_id = c.bos_token_id;
   info.eos_token_ids = c.eos_token_ids;
   info.format = weights_->format;
@@ -126,6 +133,24 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
     shape.max_context = max_context;
     shape.max_batch_tokens = std::max(options.prefill_chunk, options.max_seqs);
     shape.max_logit_rows = shape.max_batch_tokens;
+    shape.kv_blocks = options.kv_blocks;
+    if (options.kv_memory_fraction > 0) {
+      if (options.kv_memory_fraction > 1) {
+        return Status::error("KV memory fraction must be in (0, 1], got " +
+                             std::to_string(options.kv_memory_fraction));
+      }
+      size_t available = engine->backend_->free_memory();
+      std::string where = "free device memory";
+      if (available == 0) {
+        KS_ASSIGN_OR_RETURN(available, host_available_memory());
+        where = "MemAvailable of the host";
+      }
+      const Backend& backend = *engine->backend_;
+      KS_ASSIGN_OR_RETURN(
+          shape.kv_blocks,
+          kv_blocks_that_fit([&](const RunShape& s) { return backend.reserve_layout(c, s); }, shape,
+                             available, options.kv_memory_fraction, where));
+    }
   }
   KS_RETURN_IF_ERROR(engine->reserve(shape));
   engine->load_seconds_ = seconds_since(start);
@@ -138,13 +163,27 @@ Status Engine::reserve(const RunShape& shape) {
     return Status::error(
         "run shape needs positive sequences, context, batch tokens and logit rows");
   }
+  if (shape.kv_blocks < 0 || (shape.kv_blocks > 0 && shape.kv_blocks < shape.blocks_per_seq())) {
+    return Status::error("a KV cache pool of " + std::to_string(shape.kv_blocks) +
+                         " blocks cannot hold one full context (" +
+                         std::to_string(shape.blocks_per_seq()) + " blocks of " +
+                         std::to_string(kKvBlockSize) + " positions)");
+  }
+  if (shape.pool_blocks() > std::numeric_limits<int32_t>::max()) {
+    return Status::error("a KV cache pool of " + std::to_string(shape.pool_blocks()) +
+                         " blocks is past the limit of " +
+                         std::to_string(std::numeric_limits<int32_t>::max()));
+  }
   if (shape.max_context > std::numeric_limits<int32_t>::max()) {
     return Status::error("context length " + std::to_string(shape.max_context) +
                          " is past the limit of " +
                          std::to_string(std::numeric_limits<int32_t>::max()) + " positions");
   }
   KS_RETURN_IF_ERROR(check_reservation_fits(*backend_, config(), shape));
+  kv_cache_.reset();
   KS_RETURN_IF_ERROR(backend_->reserve(config(), shape));
+  kv_cache_ =
+      std::make_unique<PagedKvCache>(shape.pool_blocks(), shape.max_seqs, shape.blocks_per_seq());
   run_shape_ = shape;
   max_context_ = shape.max_context;
   return Status::ok();
@@ -154,12 +193,94 @@ int64_t Engine::chunk_tokens() const {
   return std::min(options_.prefill_chunk, run_shape_.max_batch_tokens);
 }
 
+Status Engine::prepare_kv_cache(const Batch& batch) {
+  if (!kv_cache_) return Status::error("engine has no reservation");
+  // The span of positions each slot writes; slots and positions out of range are left to the
+  // backend's begin_batch, which names them.
+  std::vector<std::pair<int32_t, int32_t>> span(size_t(run_shape_.max_seqs), {-1, -1});
+  for (int64_t i = 0; i < batch.size(); ++i) {
+    const int32_t seq = batch.seq_ids[size_t(i)];
+    const int32_t pos = batch.positions[size_t(i)];
+    if (seq < 0 || seq >= run_shape_.max_seqs || pos < 0 || pos >= run_shape_.max_context) continue;
+    auto& [first, last] = span[size_t(seq)];
+    first = first < 0 ? pos : std::min(first, pos);
+    last = std::max(last, pos);
+  }
+  // Every block the call takes, new ones and private copies of shared ones, is counted first,
+  // so a call the pool cannot serve fails with nothing taken.
+  int64_t needed = 0;
+  for (int32_t seq = 0; seq < int32_t(span.size()); ++seq) {
+    const auto [first, last] = span[size_t(seq)];
+    if (last < 0) continue;
+    const int64_t held = int64_t(kv_cache_->table(seq).size());
+    needed += std::max<int64_t>(0, last / kKvBlockSize + 1 - held);
+    for (int64_t b = first / kKvBlockSize; b <= last / kKvBlockSize && b < held; ++b) {
+      needed += kv_cache_->is_shared(seq, b) ? 1 : 0;
+    }
+  }
+  if (needed > kv_cache_->available_blocks()) {
+    return Status::error("the KV cache is full: the call needs " + std::to_string(needed) +
+                         " more blocks of " + std::to_string(kKvBlockSize) +
+                         " positions and only " + std::to_string(kv_cache_->available_blocks()) +
+                         " of " + std::to_string(kv_cache_->n_blocks()) + " are free");
+  }
+  for (int32_t seq = 0; seq < int32_t(span.size()); ++seq) {
+    const auto [first, last] = span[size_t(seq)];
+    if (last < 0) continue;
+    if (!kv_cache_->reserve(seq, int64_t(last) + 1)) {
+      return Status::error("the KV cache could not give slot " + std::to_string(seq) +
+                           " blocks up to position " + std::to_string(last));
+    }
+    for (int64_t b = first / kKvBlockSize; b <= last / kKvBlockSize; ++b) {
+      KS_ASSIGN_OR_RETURN(auto copy, kv_cache_->make_writable(seq, b));
+      if (copy) KS_RETURN_IF_ERROR(backend_->copy_kv_block(copy->first, copy->second));
+    }
+  }
+  return Status::ok();
+}
+
 Status Engine::run(const Batch& batch, std::vector<float>* logits) {
-  return forward(*backend_, *weights_, batch, logits);
+  KS_RETURN_IF_ERROR(prepare_kv_cache(batch));
+  return forward(*backend_, *weights_, batch, {kv_cache_->tables(), kv_cache_->blocks_per_seq()},
+                 logits);
 }
 
 Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens) {
-  return forward_argmax(*backend_, *weights_, batch, tokens);
+  KS_RETURN_IF_ERROR(prepare_kv_cache(batch));
+  return forward_argmax(*backend_, *weights_, batch,
+                        {kv_cache_->tables(), kv_cache_->blocks_per_seq()}, tokens);
+}
+
+Status Engine::copy_sequence(int32_t src, int32_t dst, int64_t n_positions) {
+  if (src < 0 || src >= run_shape_.max_seqs || dst < 0 || dst >= run_shape_.max_seqs) {
+    return Status::error("copy_sequence: slots " + std::to_string(src) + " -> " +
+                         std::to_string(dst) + " outside the " +
+                         std::to_string(run_shape_.max_seqs) + " reserved");
+  }
+  if (n_positions < 0 || n_positions > max_context_) {
+    return Status::error("copy_sequence of " + std::to_string(n_positions) +
+                         " positions outside the context of " + std::to_string(max_context_));
+  }
+  const int64_t held = int64_t(kv_cache_->table(src).size()) * kKvBlockSize;
+  if (n_positions > held) {
+    return Status::error("copy_sequence: slot " + std::to_string(src) + " holds " +
+                         std::to_string(held) + " positions, not " + std::to_string(n_positions));
+  }
+  if (src == dst) return Status::ok();
+  const int64_t full = n_positions / kKvBlockSize;
+  kv_cache_->share(src, dst, full);
+  if (n_positions % kKvBlockSize == 0) return Status::ok();
+  if (!kv_cache_->reserve(dst, n_positions)) {
+    return Status::error("the KV cache is full: no block for a copy of slot " +
+                         std::to_string(src) + "'s last " +
+                         std::to_string(n_positions % kKvBlockSize) + " positions");
+  }
+  return backend_->copy_kv_block(kv_cache_->table(src)[size_t(full)],
+                                 kv_cache_->table(dst)[size_t(full)]);
+}
+
+void Engine::release_sequence(int32_t seq) {
+  kv_cache_->release(seq);
 }
 
 Result<std::vector<float>> Engine::prompt_logits(const std::vector<int32_t>& ids, int32_t seq) {
@@ -169,6 +290,7 @@ Result<std::vector<float>> Engine::prompt_logits(const std::vector<int32_t>& ids
                          " tokens exceeds the context of " + std::to_string(max_context_) +
                          " positions (EngineOptions::max_context)");
   }
+  release_sequence(seq);
   std::vector<float> all;
   all.reserve(ids.size() * size_t(config().vocab_size));
   std::vector<float> chunk_logits;
@@ -191,6 +313,7 @@ Result<std::vector<float>> Engine::prefill(const std::vector<int32_t>& ids, int3
                          " tokens exceeds the context of " + std::to_string(max_context_) +
                          " positions (EngineOptions::max_context)");
   }
+  release_sequence(seq);
   std::vector<float> logits;
   const size_t chunk = size_t(chunk_tokens());
   for (size_t begin = 0; begin < ids.size(); begin += chunk) {
@@ -217,6 +340,7 @@ Result<GenerateResult> Engine::generate_greedy(const std::vector<int32_t>& promp
   const auto& eos = config().eos_token_ids;
   auto start = std::chrono::steady_clock::now();
   if (prompt.empty()) return Status::error("prompt is empty");
+  release_sequence(0);
   // The prompt in chunks; the last one yields the first token (chosen on the backend's device).
   std::vector<int32_t> next;
   const size_t chunk = size_t(chunk_tokens());
@@ -292,9 +416,10 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
   // A beam forked into a new slot takes the cache of its parent's first `n_positions`.
   auto copy_slot = [this](int64_t n_positions) {
     return [this, n_positions](int32_t src, int32_t dst) {
-      return backend_->copy_sequence(src, dst, n_positions);
+      return copy_sequence(src, dst, n_positions);
     };
   };
+  for (int64_t s = 0; s < n_seqs; ++s) release_sequence(int32_t(s));
 
   BatchGenerateResult result;
   std::vector<std::vector<Beam>> beams(static_cast<size_t>(copies));

@@ -191,6 +191,28 @@ Result<MemoryPlan> plan_memory(const PlanInputs& in, const MemoryBudget& budget,
   }
 }
 
+Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape, size_t available,
+                                   double fraction, const std::string& where) {
+  shape.kv_blocks = 1;
+  KS_ASSIGN_OR_RETURN(const WorkspaceLayout one, layout_of(shape));
+  shape.kv_blocks = 2;
+  KS_ASSIGN_OR_RETURN(const WorkspaceLayout two, layout_of(shape));
+  const size_t per_block = two.kv_cache_bytes() - one.kv_cache_bytes();
+  const size_t fixed = one.total_bytes() - one.kv_cache_bytes();
+  const size_t budget = size_t(double(available) * fraction);
+  const int64_t blocks =
+      budget > fixed && per_block > 0 ? int64_t((budget - fixed) / per_block) : 0;
+  if (blocks < shape.blocks_per_seq()) {
+    return Status::error(
+        "the KV cache cannot hold one full context: " + format_bytes(budget) + " (" +
+        std::to_string(int(fraction * 100)) + "% of the " + format_bytes(available) + " of " +
+        where + ") less the workspace's " + format_bytes(fixed) + " leaves " +
+        std::to_string(blocks) + " blocks of " + std::to_string(kKvBlockSize) + " positions, " +
+        std::to_string(shape.blocks_per_seq()) + " needed; lower the context length");
+  }
+  return blocks;
+}
+
 Result<size_t> host_available_memory() {
   std::ifstream file("/proc/meminfo");
   if (!file) return Status::error("/proc/meminfo: cannot read (needed for free host memory)");

@@ -101,6 +101,12 @@ using LayoutOf = std::function<Result<WorkspaceLayout>(const RunShape& shape)>;
 Result<MemoryPlan> plan_memory(const PlanInputs& inputs, const MemoryBudget& budget,
                                const LayoutOf& layout_of);
 
+// The KV cache pool for `shape` (its kv_blocks ignored): the most blocks whose reservation, with
+// the shape's workspace, takes at most `fraction` of `available` bytes (`where` names that
+// memory in the error). Fails when that is less than one full context.
+Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape, size_t available,
+                                   double fraction, const std::string& where);
+
 // Bytes of memory the host could give this process now (MemAvailable of /proc/meminfo): the
 // engine checks host reservations against it, the benchmark plans with it.
 Result<size_t> host_available_memory();

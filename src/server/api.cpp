@@ -99,6 +99,9 @@ Status parse_common(const json& body, GenerationRequest& r) {
   KS_RETURN_IF_ERROR(
       read_integer(body, "best_of", 1, std::numeric_limits<int64_t>::max(), &best_of));
   if (best_of && *best_of != 1) return Status::error("best_of must be 1");
+  // vLLM's extension: end-of-sequence tokens are ordinary tokens (benchmarks ask for exact
+  // output lengths this way).
+  KS_RETURN_IF_ERROR(read_bool(body, "ignore_eos", &r.ignore_eos));
 
   if (const json* stop = field(body, "stop")) {
     if (stop->is_string()) {

@@ -31,6 +31,7 @@ struct GenerationRequest {
   SamplingParams sampling;            // OpenAI defaults: temperature 1, top_p 1
   bool seed_given = false;
   std::vector<std::string> stop;
+  bool ignore_eos = false;  // vLLM's extension: generate past end-of-sequence tokens
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
   // -1: no logprobs. Else each generated token's log-probability with this many alternatives

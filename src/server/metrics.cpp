@@ -95,6 +95,19 @@ void Metrics::set_queue(int64_t running, int64_t waiting, int64_t slots) {
   slots_ = slots;
 }
 
+void Metrics::record_prefix_cache(int64_t queried_blocks, int64_t hit_blocks) {
+  std::lock_guard lock(mutex_);
+  prefix_queries_ += uint64_t(queried_blocks);
+  prefix_hits_ += uint64_t(hit_blocks);
+}
+
+void Metrics::set_kv_blocks(int64_t used, int64_t free, int64_t cached) {
+  std::lock_guard lock(mutex_);
+  kv_used_ = used;
+  kv_free_ = free;
+  kv_cached_ = cached;
+}
+
 std::string Metrics::render() const {
   std::lock_guard lock(mutex_);
   std::string out;
@@ -119,8 +132,18 @@ std::string Metrics::render() const {
   token_gap_.render("kestrel_time_per_output_token_seconds", out);
   scalar(out, "kestrel_requests_running", "gauge", "Requests holding a sequence slot.", running_);
   scalar(out, "kestrel_requests_waiting", "gauge", "Requests queued for a slot.", waiting_);
-  scalar(out, "kestrel_slots", "gauge", "Sequence slots (KV cache of the full context each).",
-         slots_);
+  scalar(out, "kestrel_slots", "gauge", "Sequence slots.", slots_);
+  scalar(out, "kestrel_kv_blocks_used", "gauge", "KV cache blocks held by running requests.",
+         kv_used_);
+  scalar(out, "kestrel_kv_blocks_free", "gauge",
+         "KV cache blocks free to take (including cached prefix blocks no request holds).",
+         kv_free_);
+  scalar(out, "kestrel_kv_blocks_cached", "gauge", "KV cache blocks the prefix cache offers.",
+         kv_cached_);
+  scalar(out, "kestrel_prefix_cache_queries_total", "counter",
+         "Full prompt blocks looked up in the prefix cache.", prefix_queries_);
+  scalar(out, "kestrel_prefix_cache_hits_total", "counter",
+         "Prompt blocks found in the prefix cache (not prefilled).", prefix_hits_);
   return out;
 }
 

@@ -36,6 +36,10 @@ class Metrics {
   void record_token_gap(double seconds);            // between two generated tokens of one request
   void record_finished(const std::string& reason);  // stop, length, abort, error
   void set_queue(int64_t running, int64_t waiting, int64_t slots);
+  // Full prompt blocks looked up in the prefix cache at admission, and those found.
+  void record_prefix_cache(int64_t queried_blocks, int64_t hit_blocks);
+  // KV cache blocks: held by requests, available, offered by the prefix cache.
+  void set_kv_blocks(int64_t used, int64_t free, int64_t cached);
 
   std::string render() const;
 
@@ -50,6 +54,11 @@ class Metrics {
   int64_t running_ = 0;
   int64_t waiting_ = 0;
   int64_t slots_ = 0;
+  uint64_t prefix_queries_ = 0;
+  uint64_t prefix_hits_ = 0;
+  int64_t kv_used_ = 0;
+  int64_t kv_free_ = 0;
+  int64_t kv_cached_ = 0;
 };
 
 }  // namespace kestrel::server

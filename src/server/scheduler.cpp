@@ -5,6 +5,7 @@
 #include <span>
 
 #include "io/config.h"
+#include "runtime/kv_cache.h"
 #include "sample/stop.h"
 
 namespace kestrel::server {
@@ -77,7 +78,10 @@ struct Scheduler::Sequence {
 
   ScheduledRequest request;
   int32_t slot;
-  size_t prefilled = 0;  // prompt tokens whose keys and values the slot holds
+  size_t prefilled = 0;   // prompt tokens whose keys and values the slot holds
+  size_t cached = 0;      // positions whose keys and values the slot holds (prompt, then output)
+  int64_t published = 0;  // full blocks offered to the prefix cache
+  uint64_t chain = 0;     // the chained hash of those blocks
   std::vector<int32_t> generated;
   Sampler sampler;
   StopChecker stop;
@@ -87,6 +91,10 @@ struct Scheduler::Sequence {
   bool done = false;
 
   bool decoding() const { return prefilled == request.prompt.size(); }
+  int32_t token_at(size_t position) const {
+    const size_t n = request.prompt.size();
+    return position < n ? request.prompt[position] : generated[position - n];
+  }
 };
 
 Scheduler::Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metrics,
@@ -141,11 +149,14 @@ void Scheduler::publish_gauges() {
     waiting = int64_t(waiting_.size());
   }
   metrics_.set_queue(int64_t(running_.size()), waiting, n_slots_);
+  const PagedKvCache& kv = engine_.kv_cache();
+  metrics_.set_kv_blocks(kv.used_blocks(), kv.available_blocks(), kv.cached_blocks());
 }
 
 void Scheduler::finish(Sequence& seq, StreamEvent event, const std::string& metric_reason) {
   seq.done = true;
   slot_busy_[size_t(seq.slot)] = false;
+  engine_.kv_cache().release(seq.slot);
   metrics_.record_finished(metric_reason);
   seq.request.channel->push(std::move(event));
 }
@@ -165,24 +176,16 @@ void Scheduler::loop() {
         if (running_.empty()) break;
       }
       deadline = deadline_;
-      // First come, first served: the queue's head takes the next free slot.
+      // First come, first served: the queue's head takes the next free slot once the pool has
+      // the blocks it can need; until then everything behind it waits too.
       while (!waiting_.empty() && int64_t(running_.size()) < n_slots_) {
-        ScheduledRequest r = std::move(waiting_.front());
-        waiting_.pop_front();
-        if (r.channel->cancelled()) {
+        if (waiting_.front().channel->cancelled()) {
+          waiting_.pop_front();
           metrics_.record_finished("abort");
           continue;
         }
-        const auto free_slot = std::find(slot_busy_.begin(), slot_busy_.end(), false);
-        const int32_t slot = int32_t(free_slot - slot_busy_.begin());
-        slot_busy_[size_t(slot)] = true;
-        StopConditions conditions;
-        conditions.eos_ids = eos_ids_;
-        conditions.stop_strings = r.stop;
-        conditions.max_new_tokens = r.max_tokens;
-        running_.push_back(std::make_unique<Sequence>(std::move(r), slot, tokenizer_,
-                                                      std::move(conditions),
-                                                      int32_t(engine_.config().vocab_size)));
+        if (!admit(waiting_.front())) break;
+        waiting_.pop_front();
       }
       active_ = int64_t(running_.size());
     }
@@ -204,10 +207,59 @@ void Scheduler::loop() {
   publish_gauges();
 }
 
+bool Scheduler::admit(ScheduledRequest& r) {
+  PagedKvCache& kv = engine_.kv_cache();
+  // Blocks of the prompt already computed by earlier requests; at least the prompt's last token
+  // is computed here, for its logits.
+  const int64_t prompt_len = int64_t(r.prompt.size());
+  const int64_t queried = (prompt_len - 1) / kKvBlockSize;
+  const std::vector<int32_t> reused = kv.lookup(r.prompt, queried);
+  const int64_t n_reused = int64_t(reused.size());
+  const int64_t blocks = (prompt_len + r.max_tokens + kKvBlockSize - 1) / kKvBlockSize;
+  if (kv.available_blocks() - kv.unheld(reused) < blocks - n_reused) return false;
+
+  const auto free_slot = std::find(slot_busy_.begin(), slot_busy_.end(), false);
+  const int32_t slot = int32_t(free_slot - slot_busy_.begin());
+  kv.attach(slot, reused);
+  if (!kv.reserve(slot, prompt_len + r.max_tokens)) {
+    kv.release(slot);  // unreachable: the count above is what reserve takes
+    return false;
+  }
+  slot_busy_[size_t(slot)] = true;
+  metrics_.record_prefix_cache(queried, n_reused);
+  StopConditions conditions;
+  if (!r.ignore_eos) conditions.eos_ids = eos_ids_;
+  conditions.stop_strings = r.stop;
+  conditions.max_new_tokens = r.max_tokens;
+  auto seq = std::make_unique<Sequence>(std::move(r), slot, tokenizer_, std::move(conditions),
+                                        int32_t(engine_.config().vocab_size));
+  seq->prefilled = size_t(n_reused * kKvBlockSize);
+  seq->cached = seq->prefilled;
+  seq->published = n_reused;
+  for (int64_t b = 0; b < n_reused; ++b) {
+    seq->chain = PagedKvCache::chain_hash(
+        seq->chain,
+        std::span(seq->request.prompt).subspan(size_t(b * kKvBlockSize), size_t(kKvBlockSize)));
+  }
+  running_.push_back(std::move(seq));
+  return true;
+}
+
+void Scheduler::publish_blocks(Sequence& seq) {
+  PagedKvCache& kv = engine_.kv_cache();
+  std::vector<int32_t> tokens(static_cast<size_t>(kKvBlockSize));
+  while (int64_t(seq.cached) >= (seq.published + 1) * kKvBlockSize) {
+    const size_t begin = size_t(seq.published * kKvBlockSize);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = seq.token_at(begin + i);
+    seq.chain = PagedKvCache::chain_hash(seq.chain, tokens);
+    kv.publish(seq.slot, seq.published, seq.chain, tokens);
+    ++seq.published;
+  }
+}
+
 bool Scheduler::step() {
   for (auto& seq : running_) {
-    // The slot is simply forgotten: the next request in it starts at position 0 and attention
-    // never reads positions beyond the token being computed.
+    // finish() gives the slot's blocks back to the pool.
     if (seq->request.channel->cancelled()) finish(*seq, failed(499, "client went away"), "abort");
   }
   std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->done; });
@@ -221,6 +273,7 @@ bool Scheduler::step() {
     if (!seq->decoding()) continue;
     const size_t position = seq->request.prompt.size() + seq->generated.size() - 1;
     batch.add(seq->generated.back(), int32_t(position), seq->slot, true);
+    seq->cached = position + 1;
     sampled.push_back(seq.get());
     --budget;
   }
@@ -233,6 +286,7 @@ bool Scheduler::step() {
       batch.add(prompt[i], int32_t(i), seq->slot, i + 1 == prompt.size());
     }
     seq->prefilled += n;
+    seq->cached = seq->prefilled;
     budget -= int64_t(n);
     metrics_.record_prompt_tokens(int64_t(n));
     if (seq->decoding()) sampled.push_back(seq.get());
@@ -248,6 +302,7 @@ bool Scheduler::step() {
     }
     return true;
   }
+  for (auto& seq : running_) publish_blocks(*seq);
 
   const int64_t vocab = engine_.config().vocab_size;
   const auto now = std::chrono::steady_clock::now();

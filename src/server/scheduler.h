@@ -4,9 +4,12 @@
 // first come first served, from a bounded queue; a request whose client has gone frees its slot
 // at the next step.
 //
-// Memory: each of the engine's sequence slots holds the full context, and a request is admitted
-// only to a free slot after the server checked that prompt + max_tokens fits the context, so a
-// running request can always finish (no stream fails half-way for lack of KV cache).
+// Memory: the engine's KV cache is a pool of blocks (runtime/kv_cache.h). A request is admitted
+// to a free slot only when the pool can give it every block it can need (prompt + max_tokens,
+// less the prompt blocks the prefix cache already holds), and it takes them at once, so a running
+// request can always finish (no stream fails half-way for lack of KV cache); until then it and
+// everything behind it waits. Full blocks a sequence has computed are published to the prefix
+// cache, so a later prompt with the same beginning skips computing them.
 //
 // Each request samples with its own Sampler and seed, and each token attends only to its own
 // slot, so other requests change a request's logits by float rounding at most (the CPU matmul's
@@ -70,7 +73,8 @@ struct ScheduledRequest {
   int64_t max_tokens = 1;
   SamplingParams sampling;
   std::vector<std::string> stop;
-  int top_logprobs = -1;  // -1: none; else alternatives per token (GenerationRequest's)
+  bool ignore_eos = false;  // end-of-sequence tokens do not end the request
+  int top_logprobs = -1;    // -1: none; else alternatives per token (GenerationRequest's)
   std::shared_ptr<RequestChannel> channel;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
@@ -102,6 +106,10 @@ class Scheduler {
   void loop();
   // One forward call over the running sequences; false when there was nothing to run.
   bool step();
+  // Admits the request into a free slot if the pool has the blocks it can need.
+  bool admit(ScheduledRequest& request);
+  // Publishes the sequence's newly completed full blocks to the prefix cache.
+  void publish_blocks(Sequence& seq);
   void finish(Sequence& seq, StreamEvent event, const std::string& metric_reason);
   void publish_gauges();
 

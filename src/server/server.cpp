@@ -9,6 +9,7 @@
 #include "core/quote.h"
 #include "io/config.h"
 #include "server/api.h"
+#include "server/chat_page.h"
 
 namespace kestrel::server {
 
@@ -113,8 +114,9 @@ struct Server::Impl {
 
 void Server::Impl::routes() {
   http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    // /health and /metrics stay open so probes and scrapers need no secret.
-    const bool open = req.path == "/health" || req.path == "/metrics";
+    // /health and /metrics stay open so probes and scrapers need no secret; so does the chat
+    // page, which holds none (it asks for the key and sends it with each request).
+    const bool open = req.path == "/health" || req.path == "/metrics" || req.path == "/";
     if (open || authorized(req)) return httplib::Server::HandlerResponse::Unhandled;
     send_error(res, 401, "missing or wrong API key (Authorization: Bearer KEY)");
     res.set_header("WWW-Authenticate", "Bearer");
@@ -155,6 +157,9 @@ void Server::Impl::routes() {
     metrics.record_response(res.status);
   });
 
+  http.Get("/", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content(chat_page_html(), "text/html; charset=utf-8");
+  });
   http.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
     if (owner->shutting_down_.load()) {
       send_json(res, 503, {{"status", "shutting down"}});
@@ -309,6 +314,7 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   scheduled.max_tokens = max_tokens;
   scheduled.sampling = request.sampling;
   scheduled.stop = request.stop;
+  scheduled.ignore_eos = request.ignore_eos;
   scheduled.top_logprobs = request.top_logprobs;
   scheduled.channel = channel;
   switch (model.scheduler->submit(std::move(scheduled))) {

@@ -3,23 +3,13 @@
 # OpenAI routes streamed and not, stop strings, usage, every error status, a client that hangs
 # up, greedy and seeded output under 8 concurrent requests against single runs, a load test (64
 # concurrent streaming clients, 192 requests), then a second server for a stalled client, the
-# full queue (429) and SIGTERM (503, final stream event, exit 0), and /health while loading.
+# full queue (429) and SIGTERM (503, final stream event, exit 0), and /health while loading; a
+# server with a small KV pool for the prefix cache and requests that wait for blocks.
 set -euo pipefail
-kestrel="$1"
-src="$2"
-tokenizer="$src/.cache/tokenizers/qwen3/models"
-[ -f "$tokenizer/tokenizer.json" ] || { echo "missing $tokenizer: run scripts/fetch_tokenizers.sh"; exit 1; }
-client="$src/tests/cli/serve_client.py"
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
 # shellcheck source=tests/cli/serve_lib.bash
-source "$src/tests/cli/serve_lib.bash"
+source "$2/tests/cli/serve_lib.bash"
+serve_test_init "$1" "$2"
+client="$src/tests/cli/serve_client.py"
 
 start_server "$work/main.log" --api-key secret-key --parallel 4 -c 512 --max-body 65536 \
   --max-tokens 400 --batch-tokens 64
@@ -27,6 +17,11 @@ curl -sf "http://127.0.0.1:$port/health" | grep -q '"ok"' || { echo "curl /healt
 python3 "$client" main "$port" secret-key || { cat "$work/main.log"; exit 1; }
 stop_server "$pid" "$work/main.log"
 echo "ok server exits 0 on SIGTERM"
+
+start_server "$work/paged.log" --parallel 4 -c 256 --kv-blocks 16 --max-tokens 240
+python3 "$client" paged "$port" || { cat "$work/paged.log"; exit 1; }
+stop_server "$pid" "$work/paged.log"
+echo "ok paged KV cache: prefix reuse and waiting for blocks"
 
 start_server "$work/busy.log" --parallel 1 --max-queue 1 -c 8192 --max-tokens 8000 \
   --shutdown-grace 1 --timeout 3

@@ -455,10 +455,92 @@ def run_busy(port, pid):
           flush=True)
 
 
+def run_paged(port):
+    """Server whose KV cache pool holds one full context (--kv-blocks 16, -c 256): a repeated
+    prompt reuses its cached blocks (fewer prompt tokens prefilled, the same greedy output), and
+    requests that together need more blocks than the pool has wait for them instead of failing:
+    every one completes with its single-run output."""
+    client = Client(port)
+    prompt = "The paged cache keeps blocks of sixteen positions. " * 6
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    before = metrics(client)
+    status, _, first = client.post("/v1/completions", body)
+    check(status == 200, f"paged: first request: {first}")
+    middle = metrics(client)
+    status, _, second = client.post("/v1/completions", body)
+    check(status == 200, f"paged: second request: {second}")
+    after = metrics(client)
+    n_prompt = first["usage"]["prompt_tokens"]
+    check(n_prompt > 40, f"paged: prompt of only {n_prompt} tokens")
+    check(second["choices"][0]["text"] == first["choices"][0]["text"],
+          f"paged: cached prefix changed the output: {second['choices'][0]['text']!r} != "
+          f"{first['choices'][0]['text']!r}")
+
+    def delta(a, b, name):
+        return (metric_value(b, name) or 0) - (metric_value(a, name) or 0)
+    first_prefill = delta(before, middle, "kestrel_prompt_tokens_total")
+    second_prefill = delta(middle, after, "kestrel_prompt_tokens_total")
+    hits = delta(middle, after, "kestrel_prefix_cache_hits_total")
+    check(first_prefill == n_prompt, f"paged: first request prefilled {first_prefill} of {n_prompt}")
+    check(hits == (n_prompt - 1) // 16, f"paged: {hits} prefix cache hits for {n_prompt} tokens")
+    check(second_prefill == n_prompt - 16 * hits,
+          f"paged: second request prefilled {second_prefill} tokens, {hits} blocks cached")
+    check(metric_value(after, "kestrel_kv_blocks_cached") >= hits, "paged: no cached blocks")
+    print(f"ok prefix cache: the repeated prompt prefilled {int(second_prefill)} of {n_prompt} "
+          "tokens, same output", flush=True)
+
+    # Each request can need 240 / 16 = 15 of the 16 blocks: one runs at a time, the rest wait.
+    prompts = [f"Request {i} waits for blocks." for i in range(3)]
+    alone = []
+    for p in prompts:
+        status, _, r = client.post("/v1/completions", {"prompt": p, "max_tokens": 225,
+                                                       "temperature": 0})
+        check(status == 200, f"paged alone: {r}")
+        alone.append(r["choices"][0]["text"])
+    results = [None] * len(prompts)
+    started = threading.Event()
+
+    def worker(i):
+        def note(conn, event):
+            started.set()
+            return True
+        events = client.stream("/v1/completions",
+                               {"prompt": prompts[i], "max_tokens": 225, "temperature": 0,
+                                "stream": True}, note if i == 0 else None)
+        results[i] = stream_text(events, "text")[0]
+
+    threads = [threading.Thread(target=worker, args=(0,))]
+    threads[0].start()
+    check(started.wait(TIMEOUT), "paged: the first stream never started")
+    threads += [threading.Thread(target=worker, args=(i,)) for i in (1, 2)]
+    for t in threads[1:]:
+        t.start()
+    waited = [False]
+
+    def one_runs_others_wait():
+        text = metrics(client)
+        if (metric_value(text, "kestrel_requests_waiting") or 0) >= 1:
+            waited[0] = True
+            check(metric_value(text, "kestrel_requests_running") <= 1,
+                  "paged: two requests run in a pool that holds one")
+        return all(r is not None for r in results)
+    wait_for("the requests that wait for blocks", one_runs_others_wait, seconds=TIMEOUT * 3)
+    for t in threads:
+        t.join(TIMEOUT)
+    for i in range(len(prompts)):
+        check(results[i] == alone[i], f"paged: request {i}: {results[i]!r} != alone {alone[i]!r}")
+    check(waited[0], "paged: no request was seen waiting for blocks")
+    check(metric_value(metrics(client), "kestrel_kv_blocks_used") == 0,
+          "paged: blocks still used after every request ended")
+    print("ok a pool too small for every request at once queues them; all complete", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "main":
         run_main(int(sys.argv[2]), sys.argv[3])
     elif sys.argv[1] == "busy":
         run_busy(int(sys.argv[2]), int(sys.argv[3]))
+    elif sys.argv[1] == "paged":
+        run_paged(int(sys.argv[2]))
     else:
-        fail("usage: serve_client.py main PORT KEY | busy PORT PID")
+        fail("usage: serve_client.py main PORT KEY | busy PORT PID | paged PORT")

@@ -1,6 +1,20 @@
 # Shared by the server tests (sourced; not a test itself): start and stop `kestrel serve` on the
 # tiny synthetic model. Needs $kestrel and $tokenizer; appends started pids to $pids.
 
+# serve_test_init KESTREL SRC: sets $kestrel, $src, $tokenizer (failing when the tokenizer data is
+# missing), a scratch directory $work, and an exit trap that kills the started servers and
+# removes $work.
+serve_test_init() {
+  kestrel="$1"
+  src="$2"
+  tokenizer="$src/.cache/tokenizers/qwen3/models"
+  [ -f "$tokenizer/tokenizer.json" ] ||
+    { echo "missing $tokenizer: run scripts/fetch_tokenizers.sh"; exit 1; }
+  work=$(mktemp -d)
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+}
+
 # start_server LOG ARGS...: starts the server on a free port; sets $port and $pid once it says
 # it is ready (up to 120 s).
 start_server() {

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../unit/scrambled_tables.h"
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
@@ -114,6 +115,9 @@ inline double rel_error(const std::vector<float>& a, const std::vector<float>& b
 struct BackendPair {
   std::unique_ptr<Backend> cpu;
   std::unique_ptr<Backend> gpu;
+  // Both backends read and write the KV cache through the same shuffled block tables.
+  testing::ScrambledBlockTables tables;
+  BatchView paged(BatchView view) const { return tables(view); }
 
   // Fails the test (returns false) when no CUDA device works.
   bool init(ModelWeights& weights, const RunShape& shape) {
@@ -122,6 +126,7 @@ struct BackendPair {
     EXPECT_TRUE(g.is_ok()) << g.status().message();
     if (!g.is_ok()) return false;
     gpu = std::move(g).value();
+    tables = testing::ScrambledBlockTables(shape, 0x5eed + uint64_t(shape.max_context));
     for (Backend* b : {cpu.get(), gpu.get()}) {
       Status s = b->upload(weights);
       EXPECT_TRUE(s.is_ok()) << s.message();

@@ -1,5 +1,5 @@
 // Engine::generate_batch (batched greedy decoding and beam search) and the KV cache copy it needs
-// (Backend::copy_sequence), on a tiny synthetic model.
+// (Engine::copy_sequence: shared blocks, a copied partial block), on a tiny synthetic model.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -48,7 +48,7 @@ TEST(BatchGenerate, CopySequenceReplicatesTheCache) {
   ASSERT_TRUE(engine->prefill(prompt, 0).is_ok());
   // Slot 2 holds a different history, then receives slot 0's.
   ASSERT_TRUE(engine->prefill(random_prompt(9, 12, vocab), 2).is_ok());
-  ASSERT_TRUE(engine->backend().copy_sequence(0, 2, int64_t(prompt.size())).is_ok());
+  ASSERT_TRUE(engine->copy_sequence(0, 2, int64_t(prompt.size())).is_ok());
 
   // The same next token on slots 0 and 2 must now see the same cache.
   Batch batch;
@@ -68,8 +68,8 @@ TEST(BatchGenerate, CopySequenceReplicatesTheCache) {
   for (int64_t i = 0; i < v; ++i) differs |= logits[size_t(i)] != logits[size_t(v + i)];
   EXPECT_TRUE(differs);
 
-  EXPECT_FALSE(engine->backend().copy_sequence(0, 3, 4).is_ok());   // slot out of range
-  EXPECT_FALSE(engine->backend().copy_sequence(0, 1, 33).is_ok());  // beyond the context
+  EXPECT_FALSE(engine->copy_sequence(0, 3, 4).is_ok());   // slot out of range
+  EXPECT_FALSE(engine->copy_sequence(0, 1, 33).is_ok());  // beyond the context
 }
 
 TEST(BatchGenerate, GreedyCopiesMatchSingleSequenceDecoding) {

@@ -191,9 +191,10 @@ TEST(Planner, CpuBackendAllocatesItsLayout) {
       ASSERT_TRUE((*backend)->reserve(*config, shape).is_ok());
       // Everything but the matmul's own activation buffer is allocated by reserve().
       EXPECT_EQ((*backend)->memory_in_use(), layout->total_bytes() - layout->kernel_scratch_bytes);
-      // K and V of every layer, slot and position.
+      // K and V of every layer, slot and position, the context rounded up to whole blocks.
+      const int64_t blocks = (shape.max_context + kKvBlockSize - 1) / kKvBlockSize;
       EXPECT_EQ(layout->kv_cache_bytes(),
-                size_t(2 * 2 * shape.max_seqs * shape.max_context * 32 * 4));
+                size_t(2 * 2 * shape.max_seqs * blocks * kKvBlockSize * 32 * 4));
       // The widest matmul input (intermediate 320) is 10 groups of 32, padded to 16 groups of an
       // int8 32-vector and 6 floats each.
       EXPECT_EQ(layout->kernel_scratch_bytes, size_t(shape.max_batch_tokens) * 16 * (32 + 24));

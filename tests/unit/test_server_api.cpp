@@ -31,6 +31,7 @@ TEST(ServerApi, ChatDefaultsFollowOpenAi) {
   EXPECT_FALSE(r->max_tokens.has_value());
   EXPECT_FALSE(r->stream);
   EXPECT_FALSE(r->seed_given);
+  EXPECT_FALSE(r->ignore_eos);
   EXPECT_EQ(r->messages, (nlohmann::ordered_json::parse(R"([{"role":"user","content":"hi"}])")));
 }
 
@@ -96,6 +97,7 @@ TEST(ServerApi, ChatErrorsNameTheField) {
   EXPECT_NE(chat_error(chat({{"max_tokens", 18446744073709551615ull}})).find("max_tokens"),
             std::string::npos);
   EXPECT_NE(chat_error(chat({{"n", 2}})).find("n must be 1"), std::string::npos);
+  EXPECT_NE(chat_error(chat({{"ignore_eos", "yes"}})).find("ignore_eos"), std::string::npos);
   EXPECT_NE(chat_error(chat({{"stop", {"a", 1}}})).find("stop[1]"), std::string::npos);
   EXPECT_NE(chat_error(chat({{"stop", {"a", "b", "c", "d", "e"}}})).find("stop"),
             std::string::npos);
@@ -121,6 +123,9 @@ TEST(ServerApi, CompletionPromptForms) {
   ASSERT_TRUE(ids.is_ok());
   EXPECT_TRUE(ids->prompt_is_ids);
   EXPECT_EQ(ids->prompt_ids, (std::vector<int32_t>{1, 2, 3}));
+  auto no_eos = parse_completion_request({{"prompt", "Once"}, {"ignore_eos", true}});
+  ASSERT_TRUE(no_eos.is_ok());
+  EXPECT_TRUE(no_eos->ignore_eos);
   auto one_of_batch = parse_completion_request({{"prompt", {"Once"}}});
   ASSERT_TRUE(one_of_batch.is_ok());
   EXPECT_EQ(one_of_batch->prompt_text, "Once");

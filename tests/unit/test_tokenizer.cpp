@@ -55,12 +55,14 @@ const Tokenizer* real_tokenizer(const std::string& vocab, std::string* error) {
   return &it->second.value();
 }
 
-const std::vector<json>& jsonl(const std::string& name) {
+// Takes a C string: with a std::string temporary at the call sites, GCC 13's
+// -Wdangling-reference flags the returned reference (into the cache) as dangling.
+const std::vector<json>& jsonl(const char* name) {
   static std::map<std::string, std::vector<json>> cache;
   auto it = cache.find(name);
   if (it != cache.end()) return it->second;
   std::vector<json> rows;
-  std::ifstream in(source_path("tests/golden/tokenizer/" + name));
+  std::ifstream in(source_path(std::string("tests/golden/tokenizer/") + name));
   std::string line;
   while (std::getline(in, line)) rows.push_back(json::parse(line));
   return cache.emplace(name, std::move(rows)).first->second;

@@ -429,7 +429,7 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
   bench->add_option("-r,--repetitions", flags->repetitions, "quick mode trials after one warm-up");
   bench->add_option("--prefill-chunk", flags->prefill_chunk,
                     "prompt tokens per forward call, several prompts packed into one (default: "
-                    "512 on the CPU, 4096 on CUDA); the planner halves it to fit memory");
+                    "512 on the CPU, 16384 on CUDA); the planner halves it to fit memory");
   bench->add_option("--roofline-gbs", flags->roofline_gbs,
                     "memory bandwidth roofline in GB/s (default: cpu 31, cuda measured once "
                     "per run)");

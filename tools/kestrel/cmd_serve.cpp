@@ -33,6 +33,8 @@ struct ServeFlags {
   int64_t parallel = 4;
   int64_t batch_tokens = 512;
   int64_t max_queue = 64;
+  int64_t kv_blocks = 0;
+  double kv_memory_fraction = -1;  // unset: 0.9 on a device, 0 (kv_blocks) on the CPU
   int64_t max_tokens = 4096;
   size_t max_body = 4u << 20;
   int timeout = 30;
@@ -52,6 +54,8 @@ void run_serve(const ServeFlags& flags) {
     fail("--batch-tokens must be at least --parallel (every running sequence decodes each step)");
   }
   if (flags.max_queue < 0) fail("--max-queue must be >= 0");
+  if (flags.kv_blocks < 0) fail("--kv-blocks must be >= 0");
+  if (flags.kv_memory_fraction > 1) fail("--kv-memory-fraction must be in [0, 1] (0: --kv-blocks)");
   if (flags.max_tokens <= 0) fail("--max-tokens must be positive");
   if (flags.timeout <= 0) fail("--timeout must be positive");
   if (flags.port < 0 || flags.port > 65535) fail("--port must be in [0, 65535]");
@@ -106,6 +110,13 @@ void run_serve(const ServeFlags& flags) {
   engine_options.max_seqs = flags.parallel;
   engine_options.prefill_chunk = flags.batch_tokens;
   engine_options.progress = false;
+  engine_options.kv_blocks = flags.kv_blocks;
+  // A GPU's memory is there to be used: the pool takes what the weights leave. On the CPU the
+  // host's memory is shared with everything else, so the pool holds every slot's full context.
+  engine_options.kv_memory_fraction = flags.kv_memory_fraction >= 0 ? flags.kv_memory_fraction
+                                      : flags.kv_blocks == 0 && engine_options.device != "cpu"
+                                          ? 0.9
+                                          : 0.0;
   auto engine = unwrap(Engine::create(engine_options));
   server::SchedulerOptions scheduler_options;
   scheduler_options.max_queue = flags.max_queue;
@@ -118,9 +129,12 @@ void run_serve(const ServeFlags& flags) {
   serving.scheduler = &scheduler;
   http.attach(serving);
   std::fprintf(
-      stderr, "kestrel serve: ready: %s on %s, %lld slots of %lld positions, model name '%s'\n",
+      stderr,
+      "kestrel serve: ready: %s on %s, %lld slots of up to %lld positions, KV cache of %lld "
+      "blocks of %lld positions, model name '%s'\n",
       flags.model.model.c_str(), engine->backend().name().c_str(), (long long)flags.parallel,
-      (long long)engine->max_context(), options.model_name.c_str());
+      (long long)engine->max_context(), (long long)engine->run_shape().pool_blocks(),
+      (long long)kKvBlockSize, options.model_name.c_str());
   std::fflush(stderr);
 
   int signal_number = 0;
@@ -145,8 +159,13 @@ void add_serve_command(CLI::App& app, std::vector<Command>& commands) {
                     "tokenizer.json or a directory with it (default: the model directory)");
   serve->add_option("--host", flags->host, "address to listen on (default 127.0.0.1)");
   serve->add_option("--port", flags->port, "port (default 8080; 0: any free port)");
-  serve->add_option("--parallel", flags->parallel,
-                    "sequences generated together, each with a KV cache of the full context");
+  serve->add_option("--parallel", flags->parallel, "sequences generated together (default 4)");
+  serve->add_option("--kv-blocks", flags->kv_blocks,
+                    "KV cache blocks of 16 positions shared by all requests (default on the "
+                    "CPU: every slot's full context)");
+  serve->add_option("--kv-memory-fraction", flags->kv_memory_fraction,
+                    "size the KV cache to this fraction of the memory the weights leave "
+                    "(default 0.9 on CUDA)");
   serve->add_option("--batch-tokens", flags->batch_tokens,
                     "tokens per step: decode tokens plus prompt chunks (default 512)");
   serve->add_option("--max-queue", flags->max_queue,

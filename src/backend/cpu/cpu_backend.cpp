@@ -67,12 +67,14 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
-  Status do_copy_sequence(int32_t src, int32_t dst, int64_t n_positions) override {
-    if (src == dst || n_positions == 0) return Status::ok();
-    const size_t bytes = size_t(n_positions) * size_t(config_.kv_dim()) * sizeof(float);
+  Status do_copy_kv_block(int32_t src, int32_t dst) override {
+    if (src == dst) return Status::ok();
+    const size_t block = size_t(kKvBlockSize * config_.kv_dim());
     for (int64_t layer = 0; layer < config_.n_layers; ++layer) {
-      std::memcpy(cache_row(k_cache_, layer, dst, 0), cache_row(k_cache_, layer, src, 0), bytes);
-      std::memcpy(cache_row(v_cache_, layer, dst, 0), cache_row(v_cache_, layer, src, 0), bytes);
+      for (std::vector<float>* cache : {&k_cache_, &v_cache_}) {
+        std::memcpy(kv_row(*cache, layer, dst, 0, 0), kv_row(*cache, layer, src, 0, 0),
+                    block * sizeof(float));
+      }
     }
     return Status::ok();
   }
@@ -155,23 +157,36 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
-  float* cache_row(std::vector<float>& cache, int64_t layer, int64_t seq, int64_t pos) {
-    const int64_t kv_dim = config_.kv_dim();
-    return cache.data() + ((layer * shape_.max_seqs + seq) * shape_.max_context + pos) * kv_dim;
+  // K or V of (layer, block, KV head, row of the block): head_dim contiguous floats.
+  float* kv_row(std::vector<float>& cache, int64_t layer, int64_t block, int64_t kv_head,
+                int64_t row) {
+    const int64_t d = config_.head_dim;
+    return cache.data() +
+           (((layer * shape_.pool_blocks() + block) * config_.n_kv_heads + kv_head) * kKvBlockSize +
+            row) *
+               d;
+  }
+  // Where position `pos` of slot `seq` lives: (block, row).
+  std::pair<int64_t, int64_t> kv_place(int64_t seq, int64_t pos) const {
+    const int32_t* table = batch_.block_tables + seq * batch_.block_table_stride;
+    return {table[pos / kKvBlockSize], pos % kKvBlockSize};
   }
 
   Status attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
                    const RopeParams& p) override {
     const int64_t kv_dim = config_.kv_dim();
+    const int64_t d = p.head_dim;
     for (int64_t t = 0; t < batch_.n_tokens; ++t) {
-      std::memcpy(cache_row(k_cache_, layer, batch_.seq_ids[t], batch_.positions[t]),
-                  f32(k) + t * kv_dim, size_t(kv_dim) * sizeof(float));
-      std::memcpy(cache_row(v_cache_, layer, batch_.seq_ids[t], batch_.positions[t]),
-                  f32(v) + t * kv_dim, size_t(kv_dim) * sizeof(float));
+      const auto [block, row] = kv_place(batch_.seq_ids[t], batch_.positions[t]);
+      for (int64_t kv_h = 0; kv_h < p.n_kv_heads; ++kv_h) {
+        std::memcpy(kv_row(k_cache_, layer, block, kv_h, row), f32(k) + t * kv_dim + kv_h * d,
+                    size_t(d) * sizeof(float));
+        std::memcpy(kv_row(v_cache_, layer, block, kv_h, row), f32(v) + t * kv_dim + kv_h * d,
+                    size_t(d) * sizeof(float));
+      }
     }
     const int64_t group = p.n_heads / p.n_kv_heads;
     const float scale = 1.0f / std::sqrt(float(p.head_dim));
-    const int64_t d = p.head_dim;
     // One unit of work is one (token, head) pair; it reads the positions 0..pos of its sequence.
     pool_.parallel_for(batch_.n_tokens * p.n_heads, 1, [&](int64_t begin, int64_t end, int tid) {
       float* scores = scores_.data() + size_t(tid) * size_t(shape_.max_context);
@@ -184,7 +199,8 @@ class CpuBackend final : public Backend {
         const float* qh = f32(q) + t * q.cols + h * d;
         float max_score = -INFINITY;
         for (int64_t j = 0; j < n_ctx; ++j) {
-          const float* kj = cache_row(k_cache_, layer, seq, j) + kv_h * d;
+          const auto [block, row] = kv_place(seq, j);
+          const float* kj = kv_row(k_cache_, layer, block, kv_h, row);
           float dot = 0.0f;
           for (int64_t i = 0; i < d; ++i) dot += qh[i] * kj[i];
           scores[j] = dot * scale;
@@ -200,7 +216,8 @@ class CpuBackend final : public Backend {
         std::fill(o, o + d, 0.0f);
         for (int64_t j = 0; j < n_ctx; ++j) {
           const float pj = scores[j] * inv_denom;
-          const float* vj = cache_row(v_cache_, layer, seq, j) + kv_h * d;
+          const auto [block, row] = kv_place(seq, j);
+          const float* vj = kv_row(v_cache_, layer, block, kv_h, row);
           for (int64_t i = 0; i < d; ++i) o[i] += pj * vj[i];
         }
       }
@@ -249,8 +266,8 @@ class CpuBackend final : public Backend {
   RunShape shape_;
   BatchView batch_;
   std::vector<float> inv_freq_;
-  std::vector<float> k_cache_;  // [layer, seq, pos, kv_dim]
-  std::vector<float> v_cache_;  // [layer, seq, pos, kv_dim]
+  std::vector<float> k_cache_;  // [layer, block, kv_head, kKvBlockSize, head_dim]
+  std::vector<float> v_cache_;  // [layer, block, kv_head, kKvBlockSize, head_dim]
   std::vector<float> scratch_;
   size_t scratch_used_ = 0;
   std::vector<float> scores_;  // [thread, max_context]

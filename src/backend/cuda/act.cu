@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "backend/cuda/act.cuh"
 #include "backend/cuda/cuda_check.cuh"
 
@@ -10,24 +12,68 @@ unsigned blocks_for(int64_t n) {
   return unsigned(ceil_div(n, kThreads));
 }
 
-// Walks [rows, width] where width is the shadow's padded row (or cols without a shadow).
+// Elementwise kernels over [rows, width] (width: the shadow's padded row, or cols without a
+// shadow) take a 2-D grid, columns on x and rows on y (grid-strided past 65535 rows), so no
+// thread divides a 64-bit flat index. `per_thread` columns per thread.
+dim3 grid_2d(int64_t rows, int64_t width, int per_thread = 1) {
+  return dim3(unsigned(ceil_div(width, int64_t(kThreads) * per_thread)),
+              unsigned(std::min<int64_t>(rows, 65535)));
+}
+
+__device__ inline float silu_times(float g, float u) {
+  return g / (1.0f + expf(-g)) * u;
+}
+
+// swiglu_kernel with four columns a thread (cols a multiple of 4): 16-byte loads and stores,
+// and an 8-byte store of the shadow's four halves when it is in natural order. The prefill
+// SwiGLU of 1024 x 14336 moves 205 MB (gate, up, out in fp32, the fp16 shadow): the scalar
+// kernel took 88 us on the H200, 60% of the copy bandwidth.
+__global__ void swiglu4_kernel(float* out, const float* gate, const float* up, int64_t rows,
+                               int64_t cols, ShadowOut shadow) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t width = shadow.data != nullptr ? shadow.row_stride : cols;
+  const int64_t c = 4 * (int64_t(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (c >= width) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (c < cols) {
+      const float4 g = *reinterpret_cast<const float4*>(gate + r * cols + c);
+      const float4 u = *reinterpret_cast<const float4*>(up + r * cols + c);
+      v = make_float4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z),
+                      silu_times(g.w, u.w));
+      *reinterpret_cast<float4*>(out + r * cols + c) = v;
+    }
+    if (shadow.data == nullptr) continue;
+    if (!shadow.permuted) {
+      *reinterpret_cast<uint2*>(shadow.data + r * shadow.row_stride + c) =
+          make_uint2(pack_half2(v.x, v.y), pack_half2(v.z, v.w));
+    } else {
+      const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        shadow.data[shadow_index(r, c + i, shadow.row_stride, true)] = __float2half_rn(vals[i]);
+      }
+    }
+  }
+}
+
 __global__ void swiglu_kernel(float* out, const float* gate, const float* up, int64_t rows,
                               int64_t cols, ShadowOut shadow) {
   pdl_wait();
   pdl_trigger();
   const int64_t width = shadow.data != nullptr ? shadow.row_stride : cols;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= rows * width) return;
-  const int64_t r = idx / width;
-  const int64_t c = idx % width;
-  float value = 0.0f;
-  if (c < cols) {
-    const float g = gate[r * cols + c];
-    value = g / (1.0f + expf(-g)) * up[r * cols + c];
-    out[r * cols + c] = value;
-  }
-  if (shadow.data != nullptr) {
-    shadow.data[shadow_index(r, c, shadow.row_stride, shadow.permuted)] = __float2half_rn(value);
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= width) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    float value = 0.0f;
+    if (c < cols) {
+      value = silu_times(gate[r * cols + c], up[r * cols + c]);
+      out[r * cols + c] = value;
+    }
+    if (shadow.data != nullptr) {
+      shadow.data[shadow_index(r, c, shadow.row_stride, shadow.permuted)] = __float2half_rn(value);
+    }
   }
 }
 
@@ -64,12 +110,12 @@ __global__ void gather_rows_kernel(float* out, const float* x, const int32_t* ro
 __global__ void write_shadow_kernel(const float* x, int64_t rows, int64_t cols, ShadowOut shadow) {
   pdl_wait();
   pdl_trigger();
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= rows * shadow.row_stride) return;
-  const int64_t r = idx / shadow.row_stride;
-  const int64_t c = idx % shadow.row_stride;
-  const float value = c < cols ? x[r * cols + c] : 0.0f;
-  shadow.data[shadow_index(r, c, shadow.row_stride, shadow.permuted)] = __float2half_rn(value);
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= shadow.row_stride) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const float value = c < cols ? x[r * cols + c] : 0.0f;
+    shadow.data[shadow_index(r, c, shadow.row_stride, shadow.permuted)] = __float2half_rn(value);
+  }
 }
 
 }  // namespace
@@ -78,8 +124,18 @@ Status swiglu(float* out, const float* gate, const float* up, int64_t rows, int6
               ShadowOut shadow, cudaStream_t stream) {
   const int64_t width = shadow.data != nullptr ? shadow.row_stride : cols;
   if (rows * width == 0) return Status::ok();
-  KS_CUDA_CHECK("swiglu", launch_pdl(swiglu_kernel, dim3(blocks_for(rows * width)), dim3(kThreads),
-                                     0, stream, out, gate, up, rows, cols, shadow));
+  const bool aligned =
+      (reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(gate) |
+       reinterpret_cast<uintptr_t>(up) | reinterpret_cast<uintptr_t>(shadow.data)) %
+          16 ==
+      0;
+  if (aligned && cols % 4 == 0 && width % 4 == 0) {
+    KS_CUDA_CHECK("swiglu", launch_pdl(swiglu4_kernel, grid_2d(rows, width, 4), dim3(kThreads), 0,
+                                       stream, out, gate, up, rows, cols, shadow));
+  } else {
+    KS_CUDA_CHECK("swiglu", launch_pdl(swiglu_kernel, grid_2d(rows, width), dim3(kThreads), 0,
+                                       stream, out, gate, up, rows, cols, shadow));
+  }
   KS_CUDA_CHECK_LAUNCH("swiglu", "swiglu_kernel");
   return Status::ok();
 }
@@ -111,9 +167,8 @@ Status gather_rows(float* out, const float* x, const int32_t* rows, int64_t n, i
 Status write_shadow(const float* x, int64_t rows, int64_t cols, ShadowOut shadow,
                     cudaStream_t stream) {
   if (rows == 0) return Status::ok();
-  KS_CUDA_CHECK("matmul",
-                launch_pdl(write_shadow_kernel, dim3(blocks_for(rows * shadow.row_stride)),
-                           dim3(kThreads), 0, stream, x, rows, cols, shadow));
+  KS_CUDA_CHECK("matmul", launch_pdl(write_shadow_kernel, grid_2d(rows, shadow.row_stride),
+                                     dim3(kThreads), 0, stream, x, rows, cols, shadow));
   KS_CUDA_CHECK_LAUNCH("matmul", "write_shadow_kernel");
   return Status::ok();
 }

@@ -14,9 +14,12 @@ constexpr int kPrefillRows = 64;
 constexpr int kPrefillKeys = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Element offset of (layer, slot, KV head, position) in K or V, through the slot's block table.
 __device__ inline int64_t cache_offset(const KvCache& c, int64_t layer, int64_t seq, int64_t kvh,
                                        int64_t pos) {
-  return (((layer * c.max_seqs + seq) * c.n_kv_heads + kvh) * c.max_context + pos) * c.head_dim;
+  const int64_t block = c.block_tables[seq * c.table_stride + pos / kKvBlockSize];
+  return (((layer * c.n_blocks + block) * c.n_kv_heads + kvh) * kKvBlockSize + pos % kKvBlockSize) *
+         c.head_dim;
 }
 
 __global__ void kv_write_kernel(AttentionArgs a, KvCache c) {
@@ -123,25 +126,26 @@ __global__ void __launch_bounds__(kDecodeThreads)
   uint32_t* k_s = reinterpret_cast<uint32_t*>(p_s + G * kDecodeSplit);  // [32, stride] half2
   uint32_t* v_s = k_s + kDecodeSplit * stride;                          // [32, stride] half2
 
+  // A split of 32 keys spans two blocks of the cache; each row is found through the table.
   const int64_t seq = a.seq_ids[t];
-  const __half* k_base = c.k + cache_offset(c, a.layer, seq, kvh, key_begin);
-  const __half* v_base = c.v + cache_offset(c, a.layer, seq, kvh, key_begin);
   if (D % 8 == 0) {
     const int chunks = D / 8;  // 16-byte pieces per row
     for (int i = tid; i < n_keys * chunks; i += kDecodeThreads) {
       const int j = i / chunks;
       const int ch = i % chunks;
+      const int64_t off = cache_offset(c, a.layer, seq, kvh, key_begin + j) + ch * 8;
       *reinterpret_cast<uint4*>(k_s + j * stride + ch * 4) =
-          *reinterpret_cast<const uint4*>(k_base + int64_t(j) * D + ch * 8);
+          *reinterpret_cast<const uint4*>(c.k + off);
       *reinterpret_cast<uint4*>(v_s + j * stride + ch * 4) =
-          *reinterpret_cast<const uint4*>(v_base + int64_t(j) * D + ch * 8);
+          *reinterpret_cast<const uint4*>(c.v + off);
     }
   } else {
     for (int i = tid; i < n_keys * (D / 2); i += kDecodeThreads) {
       const int j = i / (D / 2);
       const int pr = i % (D / 2);
-      k_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(k_base + int64_t(j) * D)[pr];
-      v_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(v_base + int64_t(j) * D)[pr];
+      const int64_t off = cache_offset(c, a.layer, seq, kvh, key_begin + j);
+      k_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(c.k + off)[pr];
+      v_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(c.v + off)[pr];
     }
   }
   const float scale = 1.0f / sqrtf(float(D));
@@ -260,26 +264,43 @@ __global__ void __launch_bounds__(kCombineThreads)
   }
 }
 
+// 2^x on the SFU (ex2.approx: ~2 ulp, flushes denormals): the probabilities become fp16 for the
+// P·V product anyway.
+__device__ inline float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Dynamic shared memory of the prefill kernel: two stages of a K and a V tile.
+template <int D>
+constexpr size_t prefill_smem_bytes() {
+  return size_t(2) * 2 * kPrefillKeys * (D + 8) * sizeof(__half);
+}
+
 // Flash attention (online softmax) for 64 queries of one head per block; each warp owns 16
-// query rows, the block walks 64-key tiles of the cache up to its last query's position.
+// query rows, the block walks 64-key tiles of the cache up to its last query's position. The
+// next tile's K and V are copied (cp.async) while the current one is multiplied. Blocks are
+// (head, query tile) with the last query tiles, which see the most keys, scheduled first, so
+// the short causal tiles fill the tail of the grid instead of the long ones.
 template <int D>
 __global__ void __launch_bounds__(kPrefillThreads)
     attention_prefill_kernel(AttentionArgs a, KvCache c) {
   pdl_wait();
   pdl_trigger();
   constexpr int kStride = D + 8;  // padded rows: fragment reads hit distinct banks
-  __shared__ __align__(16) __half k_s[kPrefillKeys * kStride];
-  __shared__ __align__(16) __half v_s[kPrefillKeys * kStride];
+  constexpr int kTile = kPrefillKeys * kStride;
+  extern __shared__ __align__(16) __half prefill_smem[];  // [stage][K, V][kTile]
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int qr = lane >> 2;
   const int qc = lane & 3;
-  const int h = blockIdx.y;
+  const int h = blockIdx.x;
   const int kvh = h / (a.n_heads / c.n_kv_heads);
   const int64_t p0 = a.positions[0];
   const int64_t seq = a.seq_ids[0];
-  const int64_t tile_begin = int64_t(blockIdx.x) * kPrefillRows;
+  const int64_t tile_begin = int64_t(gridDim.y - 1 - blockIdx.y) * kPrefillRows;
   const int64_t row0 = tile_begin + warp * 16 + qr;
   const int64_t row1 = row0 + 8;
   const int64_t qpos0 = p0 + row0;
@@ -310,27 +331,43 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int64_t last_row =
       (a.n_tokens < tile_begin + kPrefillRows ? a.n_tokens : tile_begin + kPrefillRows) - 1;
   const int64_t kv_len = p0 + last_row + 1;
-  const __half* k_base = c.k + cache_offset(c, a.layer, seq, kvh, 0);
-  const __half* v_base = c.v + cache_offset(c, a.layer, seq, kvh, 0);
 
-  for (int64_t key0 = 0; key0 < kv_len; key0 += kPrefillKeys) {
-    __syncthreads();
+  // Copies the K and V rows of keys key0 .. key0 + 63 into `stage`. Keys past the block's last
+  // query are zero-filled (src-size 0): unwritten cache memory could hold NaN patterns, and
+  // 0 * NaN would poison the P·V product.
+  auto issue = [&](int stage, int64_t key0) {
+    __half* k_s = prefill_smem + stage * 2 * kTile;
+    __half* v_s = k_s + kTile;
     for (int idx = tid; idx < kPrefillKeys * (D / 8); idx += kPrefillThreads) {
       const int r = idx / (D / 8);
       const int ch = idx % (D / 8);
       const int64_t key = key0 + r;
-      uint4 kv = make_uint4(0, 0, 0, 0);
-      uint4 vv = make_uint4(0, 0, 0, 0);
-      // Keys past the block's last query are zero-filled: unwritten cache memory could hold
-      // NaN patterns, and 0 * NaN would poison the P·V product.
-      if (key < kv_len) {
-        kv = *reinterpret_cast<const uint4*>(k_base + key * D + ch * 8);
-        vv = *reinterpret_cast<const uint4*>(v_base + key * D + ch * 8);
-      }
-      *reinterpret_cast<uint4*>(&k_s[r * kStride + ch * 8]) = kv;
-      *reinterpret_cast<uint4*>(&v_s[r * kStride + ch * 8]) = vv;
+      const bool live = key < kv_len;
+      const int64_t at = cache_offset(c, a.layer, seq, kvh, live ? key : 0) + ch * 8;
+      const uint32_t bytes = live ? 16u : 0u;
+      const uint32_t ks = uint32_t(__cvta_generic_to_shared(&k_s[r * kStride + ch * 8]));
+      const uint32_t vs = uint32_t(__cvta_generic_to_shared(&v_s[r * kStride + ch * 8]));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(ks), "l"(c.k + at),
+                   "r"(bytes));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(vs), "l"(c.v + at),
+                   "r"(bytes));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+
+  const int64_t n_tiles = (kv_len + kPrefillKeys - 1) / kPrefillKeys;
+  issue(0, 0);
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t key0 = t * kPrefillKeys;
+    if (t + 1 < n_tiles) {
+      issue(int((t + 1) & 1), key0 + kPrefillKeys);
+      asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
     }
     __syncthreads();
+    const __half* k_s = prefill_smem + (t & 1) * 2 * kTile;
+    const __half* v_s = k_s + kTile;
 
     float s[kPrefillKeys / 8][4];
 #pragma unroll
@@ -346,13 +383,17 @@ __global__ void __launch_bounds__(kPrefillThreads)
     }
 
     float mx0 = -INFINITY, mx1 = -INFINITY;
+    // Only tiles reaching past a warp's first query need the causal mask.
+    const bool masked = key0 + kPrefillKeys - 1 > qpos0;
 #pragma unroll
     for (int nt = 0; nt < kPrefillKeys / 8; ++nt) {
+      if (masked) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t key = key0 + nt * 8 + 2 * qc + (i & 1);
-        const int64_t qpos = i < 2 ? qpos0 : qpos1;
-        if (key > qpos) s[nt][i] = -INFINITY;
+        for (int i = 0; i < 4; ++i) {
+          const int64_t key = key0 + nt * 8 + 2 * qc + (i & 1);
+          const int64_t qpos = i < 2 ? qpos0 : qpos1;
+          if (key > qpos) s[nt][i] = -INFINITY;
+        }
       }
       mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
       mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
@@ -364,8 +405,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
     // Key 0 is visible to every query, so after the first tile both maxima are finite.
     const float new_m0 = fmaxf(m0, mx0);
     const float new_m1 = fmaxf(m1, mx1);
-    const float alpha0 = exp2f(m0 - new_m0);
-    const float alpha1 = exp2f(m1 - new_m1);
+    const float alpha0 = fast_exp2(m0 - new_m0);
+    const float alpha1 = fast_exp2(m1 - new_m1);
     m0 = new_m0;
     m1 = new_m1;
     l0 *= alpha0;
@@ -379,10 +420,10 @@ __global__ void __launch_bounds__(kPrefillThreads)
     }
 #pragma unroll
     for (int nt = 0; nt < kPrefillKeys / 8; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - m0);
-      s[nt][1] = exp2f(s[nt][1] - m0);
-      s[nt][2] = exp2f(s[nt][2] - m1);
-      s[nt][3] = exp2f(s[nt][3] - m1);
+      s[nt][0] = fast_exp2(s[nt][0] - m0);
+      s[nt][1] = fast_exp2(s[nt][1] - m0);
+      s[nt][2] = fast_exp2(s[nt][2] - m1);
+      s[nt][3] = fast_exp2(s[nt][3] - m1);
       l0 += s[nt][0] + s[nt][1];
       l1 += s[nt][2] + s[nt][3];
     }
@@ -409,6 +450,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
         mma_16816(o[dt + 1], pa, b[2], b[3]);
       }
     }
+    __syncthreads();  // the stage is read; the next iteration's copy may overwrite it
   }
 
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -499,20 +541,32 @@ bool prefill_supports(int head_dim) {
   return head_dim == 64 || head_dim == 128;
 }
 
-Status attention_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(args.n_tokens, kPrefillRows)), unsigned(args.n_heads));
-  if (cache.head_dim == 64) {
-    KS_CUDA_CHECK("attention", launch_pdl(attention_prefill_kernel<64>, grid, dim3(kPrefillThreads),
-                                          0, stream, args, cache));
-  } else if (cache.head_dim == 128) {
-    KS_CUDA_CHECK("attention", launch_pdl(attention_prefill_kernel<128>, grid,
-                                          dim3(kPrefillThreads), 0, stream, args, cache));
-  } else {
-    return Status::error("cuda attention: prefill kernel has no head_dim " +
-                         std::to_string(cache.head_dim));
+template <int D>
+Status launch_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
+  constexpr size_t kSmem = prefill_smem_bytes<D>();
+  static bool attribute_set = false;  // once per instantiation
+  if (!attribute_set) {
+    KS_CUDA_CHECK("attention",
+                  cudaFuncSetAttribute(attention_prefill_kernel<D>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
+    attribute_set = true;
   }
+  const dim3 grid(unsigned(args.n_heads), unsigned(ceil_div(args.n_tokens, kPrefillRows)));
+  KS_CUDA_CHECK("attention", launch_pdl(attention_prefill_kernel<D>, grid, dim3(kPrefillThreads),
+                                        kSmem, stream, args, cache));
   KS_CUDA_CHECK_LAUNCH("attention", "attention_prefill_kernel");
   return Status::ok();
+}
+
+Status attention_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
+  if (ceil_div(args.n_tokens, kPrefillRows) > 65535) {
+    return Status::error("cuda attention: a prefill run of " + std::to_string(args.n_tokens) +
+                         " tokens exceeds the kernel's grid");
+  }
+  if (cache.head_dim == 64) return launch_prefill<64>(args, cache, stream);
+  if (cache.head_dim == 128) return launch_prefill<128>(args, cache, stream);
+  return Status::error("cuda attention: prefill kernel has no head_dim " +
+                       std::to_string(cache.head_dim));
 }
 
 }  // namespace kestrel::cuda

@@ -7,6 +7,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "core/status.h"
+#include "kestrel/types.h"
 
 namespace kestrel::cuda {
 
@@ -15,13 +16,15 @@ constexpr int kDecodeSplit = 32;
 // Query heads sharing one KV head that the decode kernel supports.
 constexpr int kMaxHeadGroup = 16;
 
-// K and V, each [layers, max_seqs, n_kv_heads, max_context, head_dim] fp16: one head's positions
-// are contiguous, so a split reads one dense block.
+// K and V, each [layers, n_blocks, n_kv_heads, kKvBlockSize, head_dim] fp16: one head's 16
+// positions of a block are one contiguous run. Position p of slot s lives in block
+// block_tables[s * table_stride + p / kKvBlockSize], row p % kKvBlockSize.
 struct KvCache {
   __half* k = nullptr;
   __half* v = nullptr;
-  int64_t max_seqs = 0;
-  int64_t max_context = 0;
+  int64_t n_blocks = 0;
+  const int32_t* block_tables = nullptr;  // device [max_seqs, table_stride], refreshed per batch
+  int64_t table_stride = 0;
   int n_kv_heads = 0;
   int head_dim = 0;
 };

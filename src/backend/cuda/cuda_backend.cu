@@ -184,8 +184,8 @@ class CudaBackend final : public Backend {
     const Extras extras = extras_for(config, shape);
 
     cache_ = KvCache{};
-    cache_.max_seqs = shape.max_seqs;
-    cache_.max_context = shape.max_context;
+    cache_.n_blocks = shape.pool_blocks();
+    cache_.table_stride = shape.blocks_per_seq();
     cache_.n_kv_heads = int(config.n_kv_heads);
     cache_.head_dim = int(config.head_dim);
     const size_t kv_bytes = layout.kv_cache_elements * sizeof(__half);
@@ -221,6 +221,7 @@ class CudaBackend final : public Backend {
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,
                         reserve_device<float>(extras.split_ml_bytes, "attention partial maxima"));
     KS_ASSIGN_OR_RETURN(meta_, reserve_device<int32_t>(extras.meta_bytes, "batch metadata"));
+    cache_.block_tables = block_tables_device();
     KS_ASSIGN_OR_RETURN(gather_rows_, reserve_device<int32_t>(extras.rows_bytes, "gather rows"));
     KS_ASSIGN_OR_RETURN(argmax_out_, reserve_device<int32_t>(extras.rows_bytes, "argmax"));
     const std::vector<float> inv_freq = rope_inv_freq(config);
@@ -239,21 +240,19 @@ class CudaBackend final : public Backend {
     return Status::ok();
   }
 
-  Status do_copy_sequence(int32_t src, int32_t dst, int64_t n_positions) override {
-    if (src == dst || n_positions == 0) return Status::ok();
+  Status do_copy_kv_block(int32_t src, int32_t dst) override {
+    if (src == dst) return Status::ok();
     KS_RETURN_IF_ERROR(flush());
-    const int64_t d = config_.head_dim;
-    const size_t pitch = size_t(shape_.max_context * d) * sizeof(__half);
-    const size_t width = size_t(n_positions * d) * sizeof(__half);
+    // One block of one layer: [n_kv_heads, kKvBlockSize, head_dim], contiguous.
+    const int64_t block = config_.n_kv_heads * kKvBlockSize * config_.head_dim;
+    const int64_t n_blocks = shape_.pool_blocks();
     for (int64_t layer = 0; layer < config_.n_layers; ++layer) {
-      const int64_t from =
-          ((layer * shape_.max_seqs + src) * config_.n_kv_heads) * shape_.max_context * d;
-      const int64_t to =
-          ((layer * shape_.max_seqs + dst) * config_.n_kv_heads) * shape_.max_context * d;
+      const int64_t from = (layer * n_blocks + src) * block;
+      const int64_t to = (layer * n_blocks + dst) * block;
       for (__half* cache : {cache_.k, cache_.v}) {
-        KS_CUDA_CHECK("copy_sequence", cudaMemcpy2DAsync(cache + to, pitch, cache + from, pitch,
-                                                         width, size_t(config_.n_kv_heads),
-                                                         cudaMemcpyDeviceToDevice, stream_));
+        KS_CUDA_CHECK("copy_kv_block",
+                      cudaMemcpyAsync(cache + to, cache + from, size_t(block) * sizeof(__half),
+                                      cudaMemcpyDeviceToDevice, stream_));
       }
     }
     return Status::ok();
@@ -281,6 +280,17 @@ class CudaBackend final : public Backend {
     std::memcpy(host_meta_ + 2 * cap, batch.seq_ids, size_t(n) * sizeof(int32_t));
     KS_CUDA_CHECK("begin_batch",
                   cudaMemcpyAsync(meta_, host_meta_, size_t(2 * cap + n) * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice, stream_));
+    // The block tables go to a fixed device buffer, which captured graphs read at replay.
+    const int64_t table_stride = shape_.blocks_per_seq();
+    for (int64_t seq = 0; seq < shape_.max_seqs; ++seq) {
+      std::memcpy(host_meta_ + 3 * cap + seq * table_stride,
+                  batch.block_tables + seq * batch.block_table_stride,
+                  size_t(table_stride) * sizeof(int32_t));
+    }
+    KS_CUDA_CHECK("begin_batch",
+                  cudaMemcpyAsync(block_tables_device(), host_meta_ + 3 * cap,
+                                  size_t(shape_.max_seqs * table_stride) * sizeof(int32_t),
                                   cudaMemcpyHostToDevice, stream_));
     batch_ = batch;
     scratch_used_ = 0;
@@ -667,7 +677,8 @@ class CudaBackend final : public Backend {
     const size_t partials = size_t(kMaxGemvTokens) * size_t(c.n_heads) * size_t(e.max_splits);
     e.split_o_bytes = partials * size_t(c.head_dim) * sizeof(float);
     e.split_ml_bytes = partials * 2 * sizeof(float);
-    e.meta_bytes = size_t(3 * shape.max_batch_tokens) * sizeof(int32_t);
+    e.meta_bytes = size_t(3 * shape.max_batch_tokens + shape.max_seqs * shape.blocks_per_seq()) *
+                   sizeof(int32_t);
     e.rows_bytes = size_t(std::max(shape.max_logit_rows, shape.max_batch_tokens)) * sizeof(int32_t);
     return e;
   }
@@ -686,6 +697,7 @@ class CudaBackend final : public Backend {
   const int32_t* tokens_device() const { return meta_; }
   const int32_t* positions_device() const { return meta_ + shape_.max_batch_tokens; }
   const int32_t* seq_ids_device() const { return meta_ + 2 * shape_.max_batch_tokens; }
+  int32_t* block_tables_device() const { return meta_ + 3 * shape_.max_batch_tokens; }
 
   static uint64_t addr(const void* p) { return uint64_t(reinterpret_cast<uintptr_t>(p)); }
 
@@ -1107,7 +1119,9 @@ class CudaBackend final : public Backend {
   std::optional<PendingNorm> pending_norm_;
   GemmWorkspace gemm_ws_;
   DecodeWorkspace decode_ws_;
-  int32_t* meta_ = nullptr;         // [3, max_batch_tokens]: tokens, positions, sequence ids
+  // [3, max_batch_tokens]: tokens, positions, sequence ids; then [max_seqs, blocks_per_seq]:
+  // the KV cache block tables
+  int32_t* meta_ = nullptr;
   int32_t* gather_rows_ = nullptr;  // [max rows]
   int32_t* argmax_out_ = nullptr;   // [max rows]
   float* inv_freq_ = nullptr;       // [head_dim / 2]

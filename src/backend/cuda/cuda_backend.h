@@ -38,6 +38,11 @@ struct GraphStats {
 };
 GraphStats graph_stats(Backend& backend);
 
+// Whether the int4 decode GEMV takes `n_tokens` rows of `cols` (a multiple of 32) columns
+// through its dp4a path, which quantizes the input to int8 in groups of 32 as the CPU backend
+// does (gemv.cuh); otherwise it rounds the input to fp16 for the tensor cores.
+bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols);
+
 // Device-to-device copy bandwidth of device 0 in GB/s, counting bytes read and written (1 GiB,
 // median of 7 graph replays): the decode roofline the benchmarks report against.
 Result<double> measure_copy_gbs();

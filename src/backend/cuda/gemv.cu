@@ -19,8 +19,18 @@
 // block computes it (each needs all of it: 32 KB of x and w from L2 at 4096 columns) into shared
 // memory in the permuted fp16 layout, so the separate norm kernel, its fp16 shadow in global
 // memory and one dependent launch drop out of a decode step, twice a layer.
+//
+// The dp4a path (int4 weights, one or two tokens: gemv_uses_dp4a): at batch 1 the mma path is
+// bound by instruction issue, not bandwidth (~16 dequantization instructions per 8 weights, and
+// the mma's n = 8 is 1/8 used). Instead every block quantizes its input once into shared memory
+// as int8 in groups of 32 with the CPU backend's rounding (quantize_input), and a lane multiplies
+// its raw nibbles with them: word u of a group gives the low nibbles of weights 4u .. 4u + 3 and
+// the high nibbles of 16 + 4u .. 19 + 4u, two dp4a against input words u and 4 + u, and the zero
+// point (8) and the scales are applied once per group. Same weight pipeline, same epilogue: the
+// quad's sums are laid out as an mma accumulator.
 #include <algorithm>
 
+#include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.cuh"
 #include "backend/cuda/gemv.cuh"
 
@@ -191,6 +201,59 @@ __device__ void normalize_input(const GemvParams& p, __half* xs) {
   __syncthreads();
 }
 
+// The dp4a path's input stage: every (token, group of 32) of the fp16 permuted input `src`
+// ([kDp, x_stride], tokens past n_tokens read as zeros) becomes 32 int8 values in natural
+// order in `xq` with its scale and the sum of its values in `xqp` = {scale bits, sum}: the
+// CPU backend's quantization (scale = amax / 127, round to nearest even), so the integer dot
+// products below are the CPU's.
+template <int kDp>
+__device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t* xq, int2* xqp) {
+  const int n_groups = int(p.n_groups);
+  for (int e = int(threadIdx.x); e < kDp * n_groups; e += kThreads) {
+    const int t = e / n_groups;
+    const int g = e - t * n_groups;
+    uint32_t words[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float sx = 0.0f;
+    int sq = 0;
+    if (t < p.n_tokens) {
+      const uint4* s4 =
+          reinterpret_cast<const uint4*>(src + int64_t(t) * p.x_stride + int64_t(g) * kGroup);
+      float v[kGroup];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint4 q = s4[i];
+        const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float2 f = __half22float2(bits_half2(w[j]));
+          v[8 * i + 2 * j] = f.x;
+          v[8 * i + 2 * j + 1] = f.y;
+        }
+      }
+      float amax = 0.0f;
+#pragma unroll
+      for (int s = 0; s < kGroup; ++s) amax = fmaxf(amax, fabsf(v[s]));
+      sx = amax / 127.0f;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+#pragma unroll
+      for (int s = 0; s < kGroup; ++s) {
+        // Slot s holds element k (common.cuh's permutation; its last two bits swap back).
+        const int b = s & 3;
+        const int k = 4 * (s >> 3) + 16 * ((s >> 2) & 1) + ((b >> 1) | ((b & 1) << 1));
+        const int q = __float2int_rn(v[s] * inv);
+        sq += q;
+        words[k >> 2] |= (uint32_t(q) & 0xffu) << (8 * (k & 3));
+      }
+    }
+    uint4* dst =
+        reinterpret_cast<uint4*>(xq) + (int64_t(t) * p.x_stride + int64_t(g) * kGroup) / 16;
+    dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
+    dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
+    xqp[t * n_groups + g] = make_int2(__float_as_int(sx), sq);
+  }
+  __syncthreads();
+}
+
 // One lane's weights of one chunk in registers: rows (lane/4, lane/4 + 8) of each m-tile.
 template <WeightFormat F, int MT>
 struct Fragment {
@@ -199,10 +262,13 @@ struct Fragment {
   __half2 min[MT][2];
 };
 
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm>
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
 __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
+  static_assert(
+      kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
+      "the dp4a path reads int4 tiles for at most 8 tokens");
   int job = 0;
   const DeviceWeight* ws[MT];
   int64_t row_base;
@@ -250,6 +316,9 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
   uint8_t* pipe = smem + warp * P::kStages * P::kWarpStageBytes;
   // NormInput mode: [1, x_stride] fp16 permuted input, after the pipeline's stages.
   __half* xs = reinterpret_cast<__half*>(smem + P::kBytes);
+  // dp4a mode: [kDp, x_stride] int8 input and [kDp, n_groups] {scale, sum}, after that.
+  uint32_t* xq = reinterpret_cast<uint32_t*>(smem + P::kBytes + (kNorm ? 2 * p.x_stride : 0));
+  int2* xqp = reinterpret_cast<int2*>(reinterpret_cast<uint8_t*>(xq) + kDp * p.x_stride);
   auto pieces = [&](int stage) {  // [kPieces][32 lanes] uint4
     return reinterpret_cast<uint4*>(pipe + stage * P::kWarpStageBytes);
   };
@@ -376,40 +445,109 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
   for (int stage = 0; stage < P::kStages; ++stage) issue(stage, warp + int64_t(stage) * kWarps);
   pdl_wait();
   if constexpr (kNorm) normalize_input(p, xs);
+  if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
+  // dp4a mode: per lane, rows (mt, h) x tokens, over the lane's groups only.
+  float dacc[MT][2][kDp > 0 ? kDp : 1];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int t = 0; t < (kDp > 0 ? kDp : 1); ++t) dacc[mt][h][t] = 0.0f;
   uint32_t b_cur[NT][4][4];
-  load_b(warp, b_cur);
+  if constexpr (kDp == 0) load_b(warp, b_cur);
   int stage = 0;
   for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
     uint32_t b_next[NT][4][4];
-    load_b(chunk + kWarps, b_next);
+    if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
     cp_async_wait<P::kStages - 1>();
     Fragment<F, MT> f;
     consume(stage, chunk, f);
+    if constexpr (kDp > 0) {
+      // 8 weights per dp4a pair: the low nibbles of word u are weights 4u .. 4u + 3, the high
+      // nibbles 16 + 4u .. 19 + 4u, matching words u and 4 + u of the natural-order input.
+      const int64_t group = chunk * kChunkGroups + quad_col;
+      if (group < p.n_groups) {
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+        for (int t = 0; t < kDp; ++t) {
+          const uint4* x4 =
+              reinterpret_cast<const uint4*>(xq) + (int64_t(t) * p.x_stride + group * kGroup) / 16;
+          const uint4 xa = x4[0];
+          const uint4 xb = x4[1];
+          const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+          const int2 qp = xqp[int64_t(t) * p.n_groups + group];
+          const float sx = __int_as_float(qp.x);
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        uint32_t top[4], bottom[4];
-        dequant_quarter<F>(f.words[mt][0], u, f.scale[mt][0], f.min[mt][0], top);
-        dequant_quarter<F>(f.words[mt][1], u, f.scale[mt][1], f.min[mt][1], bottom);
-        const uint32_t a_low[4] = {top[0], bottom[0], top[1], bottom[1]};
-        const uint32_t a_high[4] = {top[2], bottom[2], top[3], bottom[3]};
+          for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          mma_16816(acc[mt][nt], a_low, b_cur[nt][u][0], b_cur[nt][u][1]);
-          mma_16816(acc[mt][nt], a_high, b_cur[nt][u][2], b_cur[nt][u][3]);
+            for (int h = 0; h < 2; ++h) {
+              int s = 0;
+#pragma unroll
+              for (int u = 0; u < 4; ++u) {
+                const uint32_t w = f.words[mt][h][u];
+                s = __dp4a(int(w & 0x0f0f0f0fu), int(xw[u]), s);
+                s = __dp4a(int((w >> 4) & 0x0f0f0f0fu), int(xw[4 + u]), s);
+              }
+              const float d = __low2float(f.scale[mt][h]);
+              if constexpr (F == WeightFormat::sym_int4) {
+                dacc[mt][h][t] += float(s - 8 * qp.y) * (d * sx);
+              } else {
+                dacc[mt][h][t] += sx * (d * float(s) + __low2float(f.min[mt][h]) * float(qp.y));
+              }
+            }
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint32_t top[4], bottom[4];
+          dequant_quarter<F>(f.words[mt][0], u, f.scale[mt][0], f.min[mt][0], top);
+          dequant_quarter<F>(f.words[mt][1], u, f.scale[mt][1], f.min[mt][1], bottom);
+          const uint32_t a_low[4] = {top[0], bottom[0], top[1], bottom[1]};
+          const uint32_t a_high[4] = {top[2], bottom[2], top[3], bottom[3]};
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            mma_16816(acc[mt][nt], a_low, b_cur[nt][u][0], b_cur[nt][u][1]);
+            mma_16816(acc[mt][nt], a_high, b_cur[nt][u][2], b_cur[nt][u][3]);
+          }
         }
       }
     }
     // The stage's bytes are in registers now; refill it with the chunk kStages ahead.
     issue(stage, chunk + int64_t(P::kStages) * kWarps);
     stage = stage + 1 == P::kStages ? 0 : stage + 1;
+    if constexpr (kDp == 0) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int u = 0; u < 4; ++u)
+        for (int u = 0; u < 4; ++u)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) b_cur[nt][u][i] = b_next[nt][u][i];
+          for (int i = 0; i < 4; ++i) b_cur[nt][u][i] = b_next[nt][u][i];
+    }
+  }
+  if constexpr (kDp > 0) {
+    // The quad's four lanes hold the same rows over different groups: sum them, then lay the
+    // sums out as an mma accumulator (lane quad_col holds tokens 2 quad_col and 2 quad_col + 1
+    // of rows quad_row and quad_row + 8) so the epilogue below serves both paths.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][0][i] = 0.0f;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int t = 0; t < kDp; ++t) {
+          float v = dacc[mt][h][t];
+          v += __shfl_xor_sync(0xffffffffu, v, 1);
+          v += __shfl_xor_sync(0xffffffffu, v, 2);
+          if (t == 2 * quad_col) acc[mt][0][2 * h] = v;
+          if (t == 2 * quad_col + 1) acc[mt][0][2 * h + 1] = v;
+        }
+      }
+    }
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
@@ -485,15 +623,23 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
   }
 }
 
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm>
+// Bytes of the dp4a input stage for `kDp` tokens of `cols` columns (int8 values, then one
+// {scale, sum} pair per group).
+constexpr int64_t dp_input_bytes(int kDp, int64_t cols) {
+  return kDp * (cols + cols / kGroup * int64_t(sizeof(int2)));
+}
+
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
 Status launch_kernel(const GemvParams& p, int blocks, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
-  constexpr int kMaxInputBytes = kNorm ? int(kMaxNormInputCols * sizeof(__half)) : 0;
+  constexpr int kMaxInputBytes =
+      (kNorm ? int(kMaxNormInputCols * sizeof(__half)) : 0) + int(dp_input_bytes(kDp, kMaxDpCols));
   constexpr int kMaxSmem = std::max(kPipeBytes + kMaxInputBytes, kReduceBytes);
-  const int input_bytes = kNorm ? int(p.x_stride * int64_t(sizeof(__half))) : 0;
+  const int input_bytes = (kNorm ? int(p.x_stride * int64_t(sizeof(__half))) : 0) +
+                          int(dp_input_bytes(kDp, p.x_stride));
   const int smem = std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp>;
   static bool attribute_set = false;  // once per instantiation
   if (!attribute_set) {
     KS_CUDA_CHECK("matmul", cudaFuncSetAttribute(
@@ -508,9 +654,16 @@ Status launch_kernel(const GemvParams& p, int blocks, cudaStream_t stream) {
 
 template <WeightFormat F, int MT, bool kSwiglu>
 Status launch_mt(const GemvParams& p, int blocks, cudaStream_t stream) {
-  if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true>(p, blocks, stream);
-  if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false>(p, blocks, stream);
-  return launch_kernel<F, MT, 2, kSwiglu, false>(p, blocks, stream);
+  if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
+    if (gemv_uses_dp4a(p.n_tokens, p.x_stride)) {
+      if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, blocks, stream);
+      if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, blocks, stream);
+      return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, blocks, stream);
+    }
+  }
+  if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, blocks, stream);
+  if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, blocks, stream);
+  return launch_kernel<F, MT, 2, kSwiglu, false, 0>(p, blocks, stream);
 }
 
 template <WeightFormat F>
@@ -530,13 +683,26 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
   // to keep every SM streaming; fp16 rows are 4x wider in registers, so they keep one.
   if constexpr (F != WeightFormat::fp16) {
     const int blocks32 = count_blocks(32);
-    if (blocks32 >= 2 * sm_count) return launch_mt<F, 2, false>(p, blocks32, stream);
+    // Past 8 tokens (two n-tiles) every block also reads 8 KB of input per token from L2, as
+    // much as its weights at 16 tokens: 32-row blocks halve that, worth it down to half a wave
+    // of blocks (H200, 8B at 16 tokens: wo 9.5 -> 8.4 us, down 24.8 -> 20.8 us; the 1.5B's
+    // 48-block weights lose 25%).
+    if (blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count)) {
+      return launch_mt<F, 2, false>(p, blocks32, stream);
+    }
   }
   const int blocks16 = count_blocks(16);
   return launch_mt<F, 1, false>(p, blocks16, stream);
 }
 
 }  // namespace
+
+bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols) {
+  // Measured on the H200 (PERF.md): dp4a beats the mma path by 15-30% at one token and by
+  // 5-15% at two on the large weights; at four it is even with it on the GEMV alone and 16%
+  // slower in a whole decode step (8B), whose other weights it cannot help.
+  return n_tokens <= 2 && cols <= kMaxDpCols;
+}
 
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue, ShadowOut swiglu_shadow,

@@ -37,6 +37,13 @@ inline bool gemv_fuses_norm(int64_t cols, int64_t n_tokens) {
   return n_tokens == 1 && cols > 0 && cols % kGroup == 0 && cols <= kMaxNormInputCols;
 }
 
+// The int4 GEMV's dp4a path: for a few tokens the input is quantized to int8 in groups of 32
+// (the CPU backend's quantization) and multiplied with the unpacked nibbles by dp4a, 8
+// multiply-adds in three instructions, where the mma path spends ~16 dequantization
+// instructions per 8 weights. Widest input it stages in shared memory:
+// (gemv_uses_dp4a in cuda_backend.h says which calls take it.)
+constexpr int64_t kMaxDpCols = 16384;
+
 enum class GemvEpilogue {
   store,   // y_j = x · w_jᵀ + bias_j
   swiglu,  // two jobs of equal rows (gate, up): y_1 = up, y_0 = silu(gate) * up, plus its shadow

@@ -2,6 +2,7 @@
 // With a tokenizer directory as its argument (Qwen's, which matches tiny-qwen2's vocabulary), the
 // text path too.
 #include <kestrel/engine.h>
+#include <kestrel/generate.h>
 #include <kestrel/text.h>
 
 #include <cstdio>
@@ -52,6 +53,7 @@ int main(int argc, char** argv) {
   options.model = "synthetic:tiny-qwen2";
   options.threads = 2;
   options.progress = false;
+  options.max_seqs = 2;
   auto engine = kestrel::Engine::create(options);
   if (!engine.is_ok()) {
     std::fprintf(stderr, "FAIL create: %s\n", engine.status().message().c_str());
@@ -75,6 +77,17 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "FAIL generate: token %d outside the vocabulary\n", id);
       return 1;
     }
+  }
+  // Two different prompts generated together; the first continues as it does alone.
+  kestrel::TokenGenerationParams params;
+  params.max_new_tokens = 4;
+  params.stop_at_eos = false;
+  auto together = kestrel::generate_tokens(**engine, {{1, 2, 3}, {4, 5}}, params);
+  if (!together.is_ok() || together->tokens.size() != 2 || together->tokens[0] != result->tokens) {
+    std::fprintf(
+        stderr, "FAIL generate_tokens: %s\n",
+        together.is_ok() ? "differs from generate_greedy" : together.status().message().c_str());
+    return 1;
   }
   if (argc > 1 && check_text_path(**engine, argv[1]) != 0) return 1;
   // Library errors speak in the API's terms, not the command line's.

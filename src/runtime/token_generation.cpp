@@ -1,0 +1,214 @@
+// kestrel::generate_tokens and kestrel::save_converted (include/kestrel/generate.h): several
+// prompts generated together, one sequence slot each, with the samplers and stop conditions of
+// the text path.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <span>
+
+#include "io/config.h"
+#include "kestrel/generate.h"
+#include "model/loader.h"
+#include "sample/sampler.h"
+#include "sample/stop.h"
+
+namespace kestrel {
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+bool plain_greedy(const SamplingParams& s) {
+  return (s.temperature == 0.0f || s.top_k == 1) && s.repetition_penalty == 1.0f &&
+         s.presence_penalty == 0.0f && s.frequency_penalty == 0.0f;
+}
+
+Status check_prompts(const Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
+                     const TokenGenerationParams& params) {
+  if (prompts.empty()) return Status::error("no prompts to generate from");
+  if (params.max_new_tokens < 0 || params.min_new_tokens < 0) {
+    return Status::error("max_new_tokens and min_new_tokens must not be negative");
+  }
+  const RunShape& shape = engine.run_shape();
+  const int64_t n = int64_t(prompts.size());
+  if (n > shape.max_seqs || n > shape.max_batch_tokens || n > shape.max_logit_rows) {
+    return Status::error(std::to_string(n) + " prompts exceed the reservation (" +
+                         std::to_string(shape.max_seqs) + " sequences, decode batches of " +
+                         std::to_string(std::min(shape.max_batch_tokens, shape.max_logit_rows)) +
+                         "; raise EngineOptions::max_seqs)");
+  }
+  const int64_t vocab = engine.info().vocab_size;
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    const std::vector<int32_t>& prompt = prompts[p];
+    if (prompt.empty()) return Status::error("prompt " + std::to_string(p) + " is empty");
+    for (int32_t id : prompt) {
+      if (id < 0 || id >= vocab) {
+        return Status::error("prompt " + std::to_string(p) + ": token " + std::to_string(id) +
+                             " is outside the model's " + std::to_string(vocab) +
+                             "-token vocabulary");
+      }
+    }
+    // Written as a difference: max_new_tokens may be anything a caller passes.
+    if (params.max_new_tokens > engine.max_context() - int64_t(prompt.size())) {
+      return Status::error("prompt " + std::to_string(p) + " (" + std::to_string(prompt.size()) +
+                           " tokens) + " + std::to_string(params.max_new_tokens) +
+                           " new tokens exceed the context of " +
+                           std::to_string(engine.max_context()) +
+                           " positions (raise EngineOptions::max_context or generate fewer "
+                           "tokens)");
+    }
+  }
+  for (int32_t id : params.eos_token_ids) {
+    if (id < 0 || id >= vocab) {
+      return Status::error("eos token id " + std::to_string(id) + " is outside the model's " +
+                           std::to_string(vocab) + "-token vocabulary");
+    }
+  }
+  return validate_sampling_params(params.sampling);
+}
+
+// One prompt's generation state.
+struct Sequence {
+  Sampler sampler;
+  StopChecker stop;
+  std::vector<int32_t> history;  // prompt and generated tokens (the penalties read it)
+  int32_t next = -1;             // the token chosen last, fed at the next step
+  bool running = true;
+};
+
+}  // namespace
+
+Result<TokenGenerationResult> generate_tokens(Engine& engine,
+                                              const std::vector<std::vector<int32_t>>& prompts,
+                                              const TokenGenerationParams& params,
+                                              const TokenStepCallback& on_step) {
+  KS_RETURN_IF_ERROR(check_prompts(engine, prompts, params));
+  const ModelInfo info = engine.info();
+  const int64_t vocab = info.vocab_size;
+  const size_t n = prompts.size();
+
+  StopConditions conditions;
+  if (params.stop_at_eos) {
+    if (params.eos_token_ids.empty()) {
+      for (int64_t id : info.eos_token_ids) conditions.eos_ids.push_back(int32_t(id));
+    } else {
+      conditions.eos_ids = params.eos_token_ids;
+    }
+  }
+  conditions.max_new_tokens = params.max_new_tokens;
+  conditions.min_new_tokens = params.min_new_tokens;
+  std::vector<Sequence> seqs;
+  seqs.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    SamplingParams sampling = params.sampling;
+    sampling.seed += uint64_t(i);
+    seqs.push_back(
+        Sequence{Sampler(sampling, int32_t(vocab)), StopChecker(conditions), prompts[i], -1, true});
+  }
+  TokenGenerationResult result;
+  result.tokens.assign(n, {});
+  result.stop_reasons.assign(n, StopReason::max_tokens);
+  if (params.max_new_tokens == 0) return result;
+
+  // The device picks the token itself (no logits come back) while nothing but the argmax
+  // matters: greedy without penalties, and no eos to suppress.
+  const bool greedy = plain_greedy(params.sampling);
+  auto argmax_only = [&](int64_t generated) {
+    return greedy && (conditions.eos_ids.empty() || generated >= params.min_new_tokens);
+  };
+
+  std::vector<float> logits;         // [rows, vocab]
+  std::vector<int32_t> argmax_rows;  // [rows]
+  std::vector<int32_t> step_tokens(n, -1);
+  // Picks the next token of `seqs[i]` from row `row` of the last call.
+  auto choose = [&](size_t i, size_t row, bool from_argmax) {
+    Sequence& s = seqs[i];
+    int32_t token;
+    if (from_argmax) {
+      token = argmax_rows.at(row);
+    } else {
+      std::span<float> row_logits(logits.data() + row * size_t(vocab), size_t(vocab));
+      s.stop.suppress_eos(row_logits);
+      token = s.sampler.sample(row_logits, s.history);
+    }
+    s.history.push_back(token);
+    result.tokens[i].push_back(token);
+    step_tokens[i] = token;
+    s.next = token;
+    const StopReason reason = s.stop.add(token, {});
+    if (reason != StopReason::none || s.stop.done()) {
+      s.running = false;
+      result.stop_reasons[i] = reason == StopReason::none ? StopReason::max_tokens : reason;
+    }
+  };
+
+  // Prefill: the prompts packed back to back into calls of up to the chunk; each prompt's last
+  // token asks for its logits.
+  auto start = std::chrono::steady_clock::now();
+  const int64_t chunk = std::max<int64_t>(
+      1, std::min(engine.options().prefill_chunk, engine.run_shape().max_batch_tokens));
+  const bool first_argmax = argmax_only(0);
+  size_t next_prompt = 0;
+  size_t next_pos = 0;
+  while (next_prompt < n) {
+    Batch batch;
+    std::vector<size_t> finished;  // prompts whose last token is in this call
+    while (batch.size() < chunk && next_prompt < n) {
+      const std::vector<int32_t>& prompt = prompts[next_prompt];
+      const size_t take = std::min(size_t(chunk - batch.size()), prompt.size() - next_pos);
+      for (size_t i = next_pos; i < next_pos + take; ++i) {
+        batch.add(prompt[i], int32_t(i), int32_t(next_prompt), i + 1 == prompt.size());
+      }
+      next_pos += take;
+      if (next_pos == prompt.size()) {
+        finished.push_back(next_prompt);
+        ++next_prompt;
+        next_pos = 0;
+      }
+    }
+    if (!finished.empty() && first_argmax) {
+      KS_RETURN_IF_ERROR(engine.run_argmax(batch, &argmax_rows));
+    } else {
+      KS_RETURN_IF_ERROR(engine.run(batch, &logits));
+    }
+    for (size_t j = 0; j < finished.size(); ++j) choose(finished[j], j, first_argmax);
+  }
+  result.prefill_seconds = seconds_since(start);
+  if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
+
+  // Decode: one call carries the last token of every running sequence.
+  start = std::chrono::steady_clock::now();
+  for (int64_t generated = 1;; ++generated) {
+    Batch batch;
+    std::vector<size_t> rows;  // the sequence of each row
+    for (size_t i = 0; i < n; ++i) {
+      step_tokens[i] = -1;
+      if (!seqs[i].running) continue;
+      batch.add(seqs[i].next, int32_t(seqs[i].history.size() - 1), int32_t(i), true);
+      rows.push_back(i);
+    }
+    if (rows.empty()) break;
+    const bool use_argmax = argmax_only(generated);
+    if (use_argmax) {
+      KS_RETURN_IF_ERROR(engine.run_argmax(batch, &argmax_rows));
+    } else {
+      KS_RETURN_IF_ERROR(engine.run(batch, &logits));
+    }
+    for (size_t r = 0; r < rows.size(); ++r) choose(rows[r], r, use_argmax);
+    ++result.decode_steps;
+    if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
+  }
+  result.decode_seconds = seconds_since(start);
+  return result;
+}
+
+Status save_converted(const Engine& engine, const std::string& out_dir, bool replace_existing) {
+  const std::string& source = engine.options().model;
+  const bool from_dir = source.rfind("synthetic:", 0) != 0;
+  return save_converted(engine.weights(), from_dir ? source : "", out_dir, replace_existing);
+}
+
+}  // namespace kestrel

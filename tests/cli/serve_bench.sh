@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# bench/serve_bench.py against `kestrel serve` on the tiny synthetic model: two concurrency
+# levels of a small mix; every request completes with exactly its max_tokens (ignore_eos), the
+# table, CSV and JSON carry every level, and a server that is not there is one clear error.
+set -euo pipefail
+# shellcheck source=tests/cli/serve_lib.bash
+source "$2/tests/cli/serve_lib.bash"
+serve_test_init "$1" "$2"
+bench="$2/bench/serve_bench.py"
+
+start_server "$work/server.log" --parallel 4 -c 256 --api-key k
+python3 "$bench" --port "$port" --api-key k --concurrency 1,4 --requests 8 \
+  --input-lens 20,70 --output-lens 5,12 -o "$work/rows.csv" --json "$work/rows.json" \
+  --markdown "$work/table.md" --svg "$work/plot.svg" >"$work/stdout" 2>"$work/stderr" ||
+  { echo "serve_bench failed:"; cat "$work/stderr" "$work/server.log"; exit 1; }
+cat "$work/stdout"
+cmp -s "$work/stdout" "$work/table.md" || { echo "--markdown differs from stdout"; exit 1; }
+[ "$(grep -c '^| [0-9]' "$work/table.md")" -eq 2 ] || { echo "expected 2 table rows"; exit 1; }
+python3 - "$work/rows.csv" "$work/rows.json" "$work/plot.svg" <<'PY'
+import csv, json, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+assert [r["concurrency"] for r in rows] == ["1", "4"], rows
+for r in rows:
+    assert r["requests"] == "8" and r["errors"] == "0" and r["short"] == "0", r
+    for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tok_per_s"):
+        assert float(r[key]) > 0, (key, r)
+    assert float(r["ttft_p99_ms"]) >= float(r["ttft_p50_ms"]), r
+data = json.load(open(sys.argv[2]))
+import xml.etree.ElementTree as ET
+svg = ET.parse(sys.argv[3]).getroot()
+lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+assert len(lines) == 5 and all(len(l.get("points").split()) == 2 for l in lines), "plot"
+assert len(data["rows"]) == 2 and data["settings"]["input_lens"] == "20,70", data["settings"]
+PY
+# 8 requests x 2 levels + the warm-up request, each its exact output length.
+tokens=$(curl -s -H 'Authorization: Bearer k' "http://127.0.0.1:$port/metrics" |
+  sed -n 's/^kestrel_generation_tokens_total \([0-9]*\)$/\1/p')
+[ "$tokens" = $((2 * (2 * 5 + 2 * 12 + 2 * 5 + 2 * 12) + 4)) ] ||
+  { echo "generated $tokens tokens, not the mix's"; exit 1; }
+stop_server "$pid" "$work/server.log"
+echo "ok serve_bench: two levels, exact output lengths, CSV, JSON, Markdown and the plot"
+
+if python3 "$bench" --port "$port" --concurrency 1 >"$work/out" 2>&1; then
+  echo "serve_bench succeeded without a server"; exit 1
+fi
+grep -q "did not answer" "$work/out" || { echo "unclear error:"; cat "$work/out"; exit 1; }
+echo "ok serve_bench without a server fails with one line"

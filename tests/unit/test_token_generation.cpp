@@ -1,0 +1,134 @@
+// kestrel::generate_tokens (include/kestrel/generate.h): prompts of different lengths generated
+// together, sampling, end-of-sequence handling and the step callback, on a tiny synthetic model.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "kestrel/engine.h"
+#include "kestrel/generate.h"
+
+namespace kestrel {
+namespace {
+
+std::unique_ptr<Engine> make_engine(int64_t max_seqs, int64_t prefill_chunk) {
+  EngineOptions options;
+  options.model = "synthetic:tiny-llama";
+  options.format = WeightFormat::fp32;
+  options.threads = 2;
+  options.progress = false;
+  options.max_context = 96;
+  options.max_seqs = max_seqs;
+  options.prefill_chunk = prefill_chunk;
+  auto engine = Engine::create(options);
+  EXPECT_TRUE(engine.is_ok()) << engine.status().message();
+  return std::move(engine).value();
+}
+
+std::vector<int32_t> random_prompt(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int32_t> id(3, 5000);
+  std::vector<int32_t> ids(n);
+  for (auto& v : ids) v = id(rng);
+  return ids;
+}
+
+TEST(TokenGeneration, BatchOfDifferentLengthsEqualsEachPromptAlone) {
+  // A small chunk, so prompts are split across prefill calls and share them.
+  auto engine = make_engine(3, 16);
+  const std::vector<std::vector<int32_t>> prompts = {random_prompt(5, 1), random_prompt(29, 2),
+                                                     random_prompt(12, 3)};
+  TokenGenerationParams params;
+  params.max_new_tokens = 10;
+  params.stop_at_eos = false;
+  auto together = generate_tokens(*engine, prompts, params);
+  ASSERT_TRUE(together.is_ok()) << together.status().message();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto alone = engine->generate_greedy(prompts[i], 10);
+    ASSERT_TRUE(alone.is_ok());
+    EXPECT_EQ(together->tokens[i], alone->tokens) << "prompt " << i;
+    EXPECT_EQ(together->stop_reasons[i], StopReason::max_tokens);
+  }
+  EXPECT_EQ(together->decode_steps, 9);
+}
+
+TEST(TokenGeneration, EosStopsOnlyItsSequenceAndMinNewTokensSuppressesIt) {
+  auto engine = make_engine(2, 512);
+  const std::vector<std::vector<int32_t>> prompts = {random_prompt(7, 4), random_prompt(9, 5)};
+  TokenGenerationParams params;
+  params.max_new_tokens = 8;
+  params.stop_at_eos = false;
+  auto free_run = generate_tokens(*engine, prompts, params);
+  ASSERT_TRUE(free_run.is_ok());
+  // Prompt 0's fourth token becomes the eos: it stops there, prompt 1 runs on (unless the same
+  // token comes up there first).
+  const int32_t eos = free_run->tokens[0][3];
+  params.stop_at_eos = true;
+  params.eos_token_ids = {eos};
+  std::vector<std::vector<int32_t>> steps;
+  auto stopped = generate_tokens(*engine, prompts, params, [&](const std::vector<int32_t>& step) {
+    steps.push_back(step);
+    return Status::ok();
+  });
+  ASSERT_TRUE(stopped.is_ok());
+  const auto& first = free_run->tokens[0];
+  const size_t cut = size_t(std::find(first.begin(), first.end(), eos) - first.begin()) + 1;
+  EXPECT_EQ(stopped->tokens[0], std::vector<int32_t>(first.begin(), first.begin() + cut));
+  EXPECT_EQ(stopped->stop_reasons[0], StopReason::eos);
+  // The callback saw every token, and -1 for prompt 0 once it had stopped.
+  ASSERT_EQ(steps.size(), std::max(stopped->tokens[0].size(), stopped->tokens[1].size()));
+  for (size_t s = 0; s < steps.size(); ++s) {
+    EXPECT_EQ(steps[s][0], s < cut ? first[s] : -1);
+    EXPECT_EQ(steps[s][1], s < stopped->tokens[1].size() ? stopped->tokens[1][s] : -1);
+  }
+  // min_new_tokens keeps the eos out of the first tokens.
+  params.min_new_tokens = int64_t(cut) + 1;
+  auto suppressed = generate_tokens(*engine, {prompts[0]}, params);
+  ASSERT_TRUE(suppressed.is_ok());
+  ASSERT_GE(suppressed->tokens[0].size(), cut + 1);
+  for (size_t i = 0; i < cut + 1; ++i) EXPECT_NE(suppressed->tokens[0][i], eos) << i;
+}
+
+TEST(TokenGeneration, SamplingIsSeededPerSequence) {
+  auto engine = make_engine(2, 512);
+  const std::vector<int32_t> prompt = random_prompt(6, 6);
+  TokenGenerationParams params;
+  params.max_new_tokens = 12;
+  params.stop_at_eos = false;
+  params.sampling.temperature = 1.5f;
+  params.sampling.seed = 42;
+  auto pair = generate_tokens(*engine, {prompt, prompt}, params);
+  ASSERT_TRUE(pair.is_ok());
+  auto again = generate_tokens(*engine, {prompt}, params);
+  ASSERT_TRUE(again.is_ok());
+  EXPECT_EQ(pair->tokens[0], again->tokens[0]);  // sequence 0 draws with the seed itself
+  params.sampling.seed = 43;
+  auto next_seed = generate_tokens(*engine, {prompt}, params);
+  ASSERT_TRUE(next_seed.is_ok());
+  EXPECT_EQ(pair->tokens[1], next_seed->tokens[0]);  // sequence 1 with seed + 1
+}
+
+TEST(TokenGeneration, RefusesWhatDoesNotFitAndStopsWhenTheCallbackSays) {
+  auto engine = make_engine(2, 512);
+  TokenGenerationParams params;
+  params.max_new_tokens = 4;
+  auto too_many = generate_tokens(*engine, {{1}, {2}, {3}}, params);
+  ASSERT_FALSE(too_many.is_ok());
+  EXPECT_NE(too_many.status().message().find("3 prompts exceed"), std::string::npos);
+  params.max_new_tokens = 90;
+  auto too_long = generate_tokens(*engine, {random_prompt(10, 7)}, params);
+  ASSERT_FALSE(too_long.is_ok());
+  EXPECT_NE(too_long.status().message().find("context of 96"), std::string::npos);
+  params.max_new_tokens = 4;
+  EXPECT_FALSE(generate_tokens(*engine, {{}}, params).is_ok());
+  EXPECT_FALSE(generate_tokens(*engine, {{1, 1 << 30}}, params).is_ok());
+  int calls = 0;
+  auto stopped = generate_tokens(*engine, {{1, 2, 3}}, params, [&](const std::vector<int32_t>&) {
+    return ++calls == 2 ? Status::error("stop here") : Status::ok();
+  });
+  ASSERT_FALSE(stopped.is_ok());
+  EXPECT_EQ(stopped.status().message(), "stop here");
+  EXPECT_EQ(calls, 2);
+}
+
+}  // namespace
+}  // namespace kestrel

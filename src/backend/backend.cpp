@@ -19,6 +19,55 @@ bool nvidia_driver_loaded() {
 }
 }  // namespace
 
+Status Backend::reserve(const ModelConfig& config, const RunShape& shape) {
+  if (shape.max_context <= 0 || shape.max_seqs <= 0 || shape.max_batch_tokens <= 0 ||
+      shape.max_logit_rows < 0) {
+    return Status::error(name() +
+                         " backend: run shape needs positive context, sequences and tokens");
+  }
+  // The backend releases the previous reservation first: until this one succeeds, none holds.
+  reserved_ = false;
+  KS_RETURN_IF_ERROR(do_reserve(config, shape));
+  reserved_ = true;
+  reserved_vocab_ = config.vocab_size;
+  reserved_shape_ = shape;
+  return Status::ok();
+}
+
+Status Backend::copy_kv_block(int32_t src, int32_t dst) {
+  if (!reserved_) return Status::error(name() + " backend: copy_kv_block before reserve");
+  KS_RETURN_IF_ERROR(check_kv_block_copy(src, dst, reserved_shape_, name() + " backend"));
+  return do_copy_kv_block(src, dst);
+}
+
+Status Backend::begin_batch(const BatchView& batch) {
+  if (!reserved_) return Status::error(name() + " backend: begin_batch before reserve");
+  const RunShape& shape = reserved_shape_;
+  const int64_t n = batch.n_tokens;
+  if (n <= 0 || n > shape.max_batch_tokens) {
+    return Status::error(name() + " backend: batch of " + std::to_string(n) + " tokens (reserved " +
+                         std::to_string(shape.max_batch_tokens) + ")");
+  }
+  if (batch.n_logit_rows < 0 || batch.n_logit_rows > shape.max_logit_rows) {
+    return Status::error(name() + " backend: " + std::to_string(batch.n_logit_rows) +
+                         " logit rows (reserved " + std::to_string(shape.max_logit_rows) + ")");
+  }
+  KS_RETURN_IF_ERROR(check_batch_slots(batch, shape, name() + " backend"));
+  for (int64_t i = 0; i < n; ++i) {
+    if (batch.tokens[i] < 0 || batch.tokens[i] >= reserved_vocab_) {
+      return Status::error("token id " + std::to_string(batch.tokens[i]) +
+                           " outside the vocabulary of " + std::to_string(reserved_vocab_));
+    }
+  }
+  for (int64_t i = 0; i < batch.n_logit_rows; ++i) {
+    if (batch.logit_rows[i] < 0 || batch.logit_rows[i] >= n) {
+      return Status::error(name() + " backend: logit row " + std::to_string(batch.logit_rows[i]) +
+                           " outside the batch of " + std::to_string(n) + " tokens");
+    }
+  }
+  return do_begin_batch(batch);
+}
+
 Status check_batch_slots(const BatchView& batch, const RunShape& shape, const std::string& who) {
   // The highest position each slot reaches in the call: its table entries up to that one are
   // read.

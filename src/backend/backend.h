@@ -61,9 +61,24 @@ class Backend {
 
   // Makes the weights usable by this backend (one upload; CPU uses them in place).
   virtual Status upload(ModelWeights& weights) = 0;
-  // Allocates the KV cache and the activation workspace for `shape`. May be called again with
-  // another shape; the previous reservation is released first, so the peak is one reservation.
-  virtual Status reserve(const ModelConfig& config, const RunShape& shape) = 0;
+
+  // --- Checked entry points. Not virtual: each checks its arguments against the reservation,
+  // once for every backend, and only then calls the backend's op (do_reserve, do_copy_kv_block,
+  // do_begin_batch below), which may rely on what was checked.
+
+  // Allocates the KV cache and the activation workspace for `shape` (positive context,
+  // sequences and tokens per call). May be called again with another shape; the previous
+  // reservation is released first, so the peak is one reservation.
+  Status reserve(const ModelConfig& config, const RunShape& shape);
+  // Copies KV cache block `src` into block `dst`, every layer, K and V (a sequence forked in
+  // the middle of a block gets a private copy of that block). Both blocks of the pool.
+  Status copy_kv_block(int32_t src, int32_t dst);
+  // Starts a forward call: frees the previous call's scratch tensors and takes the batch. Checks
+  // that the batch fits the reservation: 1 to max_batch_tokens tokens, each a sequence slot,
+  // position and token id in range with its block table entries in the pool
+  // (check_batch_slots), and at most max_logit_rows logit rows, each a row of the batch.
+  Status begin_batch(const BatchView& batch);
+
   // What reserve(config, shape) would allocate, without allocating: the memory planner's input.
   // Backends compute it with workspace_layout() and size their buffers from the same result.
   virtual Result<WorkspaceLayout> reserve_layout(const ModelConfig& config,
@@ -78,12 +93,6 @@ class Backend {
   // Free memory of the device in bytes; 0 when the backend has no memory of its own (the CPU)
   // or cannot tell. The planner compares plans with it; the benchmark measures peaks with it.
   virtual size_t free_memory() const { return 0; }
-  // Copies KV cache block `src` into block `dst`, every layer, K and V (a sequence forked in
-  // the middle of a block gets a private copy of that block).
-  virtual Status copy_kv_block(int32_t src, int32_t dst) = 0;
-
-  // Starts a forward call: frees the previous call's scratch tensors and takes the batch.
-  virtual Status begin_batch(const BatchView& batch) = 0;
   // A scratch activation tensor valid until the next begin_batch.
   virtual Result<Tensor> scratch(int64_t rows, int64_t cols) = 0;
 
@@ -134,6 +143,18 @@ class Backend {
   // Bytes of device memory this backend holds now, and its high-water mark.
   virtual size_t memory_in_use() const = 0;
   virtual size_t peak_memory() const = 0;
+
+ protected:
+  // The ops behind the checked entry points above, called only with checked arguments.
+  virtual Status do_reserve(const ModelConfig& config, const RunShape& shape) = 0;
+  virtual Status do_copy_kv_block(int32_t src, int32_t dst) = 0;
+  virtual Status do_begin_batch(const BatchView& batch) = 0;
+
+ private:
+  // What the last successful reserve() was given; the checks compare with it.
+  bool reserved_ = false;
+  int64_t reserved_vocab_ = 0;
+  RunShape reserved_shape_;
 };
 
 // Checks a batch against a reservation: every token's slot and position inside `shape`, and the

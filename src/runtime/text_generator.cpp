@@ -5,7 +5,7 @@
 
 #include "kestrel/text.h"
 #include "runtime/text_generation.h"
-#include "tokenizer/chat_template.h"
+#include "template/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kestrel {

@@ -15,7 +15,7 @@
 #include "kestrel/engine.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
-#include "tokenizer/chat_template.h"
+#include "template/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kestrel::server {

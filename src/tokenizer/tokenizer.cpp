@@ -1,5 +1,6 @@
 #include "tokenizer/tokenizer.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -35,6 +36,20 @@ struct PreTokenizerStep {
   bool remove_matches = false;         // Split behavior "Removed" (else "Isolated")
   bool invert = false;
   bool add_prefix_space = false;  // ByteLevel
+  // No match of this step contains a line break followed by a non-space character, and no
+  // match depends on text before it (see line_splittable below).
+  bool line_safe = false;
+};
+
+// The Split patterns of the supported tokenizers (Llama 3.x; Qwen2/Qwen3): every alternative
+// that can hold a line break holds only spaces after it or ends with the line break, and none
+// looks behind its start. So "\n" followed by a non-space character is always a boundary between
+// two matches, and text cut there encodes to the same ids piece by piece as whole.
+constexpr const char* kLineSafePatterns[] = {
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| "
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
 };
 
 std::string type_of(const json& j) {
@@ -62,7 +77,9 @@ Status parse_pre_tokenizer(const json& j, std::vector<PreTokenizerStep>& steps) 
     const json& pattern = j.value("pattern", json());
     Result<Regex> regex = Status::error("pre_tokenizer Split has no Regex or String pattern");
     if (pattern.is_object() && pattern.contains("Regex") && pattern["Regex"].is_string()) {
-      regex = Regex::compile(pattern["Regex"].get<std::string>());
+      const std::string source = pattern["Regex"].get<std::string>();
+      regex = Regex::compile(source);
+      for (const char* safe : kLineSafePatterns) step.line_safe |= source == safe;
     } else if (pattern.is_object() && pattern.contains("String") && pattern["String"].is_string()) {
       regex = Regex::literal(pattern["String"].get<std::string>());
     }
@@ -76,6 +93,7 @@ Status parse_pre_tokenizer(const json& j, std::vector<PreTokenizerStep>& steps) 
                            " is not supported (Isolated and Removed are)");
     }
     step.invert = flag(j, "invert", false);
+    step.line_safe &= !step.remove_matches && !step.invert;
     steps.push_back(std::move(step));
     return Status::ok();
   }
@@ -83,6 +101,8 @@ Status parse_pre_tokenizer(const json& j, std::vector<PreTokenizerStep>& steps) 
     PreTokenizerStep step;
     step.kind = PreTokenizerStep::Kind::kByteLevel;
     step.add_prefix_space = flag(j, "add_prefix_space", true);
+    // GPT-2's pattern has the property too; a prefix space would be added to every piece.
+    step.line_safe = !step.add_prefix_space;
     if (flag(j, "use_regex", true)) {
       KS_ASSIGN_OR_RETURN(Regex regex, Regex::compile(kGpt2Pattern));
       step.regex = std::make_shared<const Regex>(std::move(regex));
@@ -187,6 +207,10 @@ struct Tokenizer::Impl {
   std::vector<uint8_t> id_flags;  // kExists | kSpecial
   static constexpr uint8_t kExists = 1, kSpecial = 2;
   size_t vocab_size = 0;
+  // Text may be encoded in pieces cut before the first non-space character after a line break
+  // (StreamEncoder): every pre-tokenizer step is line-safe and no added token holds a line break
+  // or strips the space to its left.
+  bool line_splittable = false;
 
   struct Scratch {
     std::vector<AddedSplit> raw_splits, normalized_splits;
@@ -359,6 +383,7 @@ Result<Tokenizer> Tokenizer::from_json(std::string_view json_text, const std::st
     if (token.special) special_contents.insert(token.content);
     added_by_id[token.id] = token;
   }
+  bool added_line_safe = true;
   for (const auto& [id, token] : added_by_id) {
     std::string pattern = token.content;
     if (token.normalized && impl->nfc) {
@@ -366,8 +391,12 @@ Result<Tokenizer> Tokenizer::from_json(std::string_view json_text, const std::st
       unicode::append_nfc(pattern, token.content);
     }
     impl->added_strings[id] = pattern;  // HF decodes a normalized token by its normalized form
+    added_line_safe &= !token.lstrip && pattern.find_first_of("\r\n") == std::string::npos;
     (token.normalized ? impl->normalized_matcher : impl->raw_matcher).add(pattern, token);
   }
+
+  impl->line_splittable = added_line_safe;
+  for (const auto& step : impl->steps) impl->line_splittable &= step.line_safe;
 
   size_t overlapping = 0;
   for (const auto& [content, id] : impl->added_ids)
@@ -441,6 +470,77 @@ Result<std::vector<int32_t>> Tokenizer::encode(std::string_view text,
   std::vector<int32_t> ids;
   KS_RETURN_IF_ERROR(encode_into(text, add_special_tokens, ids));
   return ids;
+}
+
+StreamEncoder::StreamEncoder(const Tokenizer& tokenizer, bool add_special_tokens,
+                             size_t max_pending_bytes)
+    : tokenizer_(tokenizer),
+      add_special_tokens_(add_special_tokens),
+      max_pending_bytes_(max_pending_bytes) {}
+
+bool StreamEncoder::splits_lines() const {
+  return tokenizer_.impl_->line_splittable;
+}
+
+Status StreamEncoder::encode_piece(std::string_view piece, std::vector<int32_t>& ids) {
+  if (auto bad = unicode::find_invalid_utf8(piece)) {
+    char byte[8];
+    std::snprintf(byte, sizeof(byte), "0x%02X", static_cast<unsigned>(uint8_t(piece[*bad])));
+    return Status::error(std::string("input is not valid UTF-8: invalid byte ") + byte +
+                         " at byte offset " + std::to_string(consumed_ + *bad));
+  }
+  const Tokenizer::Impl& impl = *tokenizer_.impl_;
+  if (add_special_tokens_ && !started_) {
+    ids.insert(ids.end(), impl.prefix_ids.begin(), impl.prefix_ids.end());
+  }
+  started_ = true;
+  KS_RETURN_IF_ERROR(tokenizer_.encode_into(piece, false, ids));
+  consumed_ += piece.size();
+  return Status::ok();
+}
+
+Status StreamEncoder::feed(std::string_view bytes, std::vector<int32_t>& ids) {
+  const size_t old_size = pending_.size();
+  pending_.append(bytes);
+  if (splits_lines()) {
+    // The last line break followed by a non-space character: everything before that character
+    // encodes now. Only the new bytes can hold one (the old ones were searched already).
+    size_t cut = std::string::npos;
+    for (size_t i = pending_.size(); i-- > std::max<size_t>(old_size, 1);) {
+      const char c = pending_[i];
+      const char prev = pending_[i - 1];
+      // A printable ASCII character: not a space under any definition of \s.
+      if ((prev == '\n' || prev == '\r') && c > ' ' && c < 0x7f) {
+        cut = i;
+        break;
+      }
+    }
+    if (cut != std::string::npos) {
+      KS_RETURN_IF_ERROR(encode_piece(std::string_view(pending_).substr(0, cut), ids));
+      pending_.erase(0, cut);
+    }
+  }
+  if (pending_.size() > max_pending_bytes_) {
+    return Status::error(
+        std::string(splits_lines() ? "a stretch of input without a line break starting a new "
+                                     "word"
+                                   : "the input (this tokenizer encodes it whole)") +
+        " is longer than the " +
+        (max_pending_bytes_ % (1u << 20) == 0 ? std::to_string(max_pending_bytes_ >> 20) + " MiB"
+                                              : std::to_string(max_pending_bytes_) + " bytes") +
+        " limit");
+  }
+  return Status::ok();
+}
+
+Status StreamEncoder::finish(std::vector<int32_t>& ids) {
+  KS_RETURN_IF_ERROR(encode_piece(pending_, ids));
+  pending_.clear();
+  if (add_special_tokens_) {
+    const Tokenizer::Impl& impl = *tokenizer_.impl_;
+    ids.insert(ids.end(), impl.suffix_ids.begin(), impl.suffix_ids.end());
+  }
+  return Status::ok();
 }
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids, bool skip_special_tokens) const {

@@ -45,9 +45,37 @@ class Tokenizer {
 
  private:
   friend class StreamDecoder;
+  friend class StreamEncoder;
   struct Impl;
   explicit Tokenizer(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
   std::shared_ptr<const Impl> impl_;
+};
+
+// Encodes text that arrives in pieces (standard input), giving exactly the ids of encoding the
+// whole text at once. For the supported tokenizers (Llama 3.x, Qwen2/Qwen3) text is encoded up
+// to each line break that a printable character follows, a boundary of their pre-tokenizers, so
+// memory holds one stretch between such breaks; a tokenizer without that property holds the
+// whole text until finish(). Either way what is held is bounded by `max_pending_bytes`.
+class StreamEncoder {
+ public:
+  StreamEncoder(const Tokenizer& tokenizer, bool add_special_tokens, size_t max_pending_bytes);
+  // Takes the next bytes and appends the ids of the text that is complete now; fails when the
+  // text held back passes the limit, or when the input is not valid UTF-8 (with its offset).
+  Status feed(std::string_view bytes, std::vector<int32_t>& ids);
+  // The ids of what is held back, then the post-processor's closing tokens.
+  Status finish(std::vector<int32_t>& ids);
+  // Whether this tokenizer's text is encoded line by line (else whole, at finish()).
+  bool splits_lines() const;
+
+ private:
+  Status encode_piece(std::string_view piece, std::vector<int32_t>& ids);
+
+  Tokenizer tokenizer_;
+  bool add_special_tokens_;
+  size_t max_pending_bytes_;
+  std::string pending_;
+  size_t consumed_ = 0;  // bytes encoded so far (error offsets count from the input's start)
+  bool started_ = false;
 };
 
 // Incremental decoding for streaming output: feed ids one at a time and get back the text they

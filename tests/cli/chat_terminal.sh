@@ -50,6 +50,18 @@ pane=$(tmux capture-pane -p -t "$session")
 echo "$pane" | grep -q "Hello, who are you?" || { echo "typed text not echoed"; exit 1; }
 # The second turn must reuse the first turn's cache: "(N reused)" with N > 0.
 echo "$pane" | grep -Eq "\(([1-9][0-9]*) reused\)" || { echo "second turn reused nothing:"; echo "$pane"; exit 1; }
+# Line editing and history (libedit): the up arrow brings back the last line, which is edited
+# (Ctrl-A goes to its start) and sent as a third turn.
+if ldd "$kestrel" 2>/dev/null | grep libedit >/dev/null; then
+  tmux send-keys -t "$session" Up C-a "Again: "
+  tmux send-keys -t "$session" Enter
+  wait_for_count "6 generated" 3
+  tmux capture-pane -p -t "$session" | grep -q "Again: Tell me more." ||
+    { echo "history and editing: no 'Again: Tell me more.' line:"; tmux capture-pane -p -t "$session"; exit 1; }
+  echo "ok chat recalls and edits the previous line (libedit)"
+else
+  echo "skip line editing: this kestrel is built without libedit"
+fi
 tmux send-keys -t "$session" "/exit" Enter
 wait_for "CHAT-EXITED"
 echo "ok chat in a terminal: two turns, cache reused, /exit quits"

@@ -2,7 +2,7 @@
 // Hugging Face transformers (scripts/make_golden_templates.py): every conversation must render
 // byte-identically, and every template transformers rejected must be rejected here too. The
 // packaged templates are read from the tokenizer cache that scripts/fetch_tokenizers.sh fills.
-#include "tokenizer/chat_template.h"
+#include "template/chat_template.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

@@ -170,6 +170,40 @@ TEST_P(GoldenTest, VocabularyLookupsMatchHf) {
   }
 }
 
+// Standard input encoded as it arrives (StreamEncoder, `kestrel tokenize`) gives the ids of the
+// whole text: the golden texts joined by line breaks, spaces and tabs in every combination, fed
+// in pieces of random sizes that cut words, lines and UTF-8 characters.
+TEST_P(GoldenTest, StreamEncodingEqualsWholeText) {
+  const std::string vocab = GetParam();
+  REQUIRE_TOKENIZER(tok, vocab);
+  const auto& rows = jsonl("golden.jsonl");
+  ASSERT_GE(rows.size(), 2000u);
+  const char* const separators[] = {"\n", "\n\n", " \n", "\n ", "\r\n", "\n\t", "", " ", "\n\n  "};
+  std::mt19937 rng(5);
+  for (int round = 0; round < 8; ++round) {
+    std::string text;
+    for (size_t i = size_t(round); i < rows.size(); i += 8) {
+      text += rows[i]["text"].get<std::string>();
+      text += separators[rng() % std::size(separators)];
+    }
+    for (bool add_special : {false, true}) {
+      StreamEncoder encoder(*tok, add_special, size_t(1) << 26);
+      EXPECT_TRUE(encoder.splits_lines());
+      std::vector<int32_t> streamed;
+      for (size_t at = 0; at < text.size();) {
+        const size_t n = std::min<size_t>(1 + rng() % 300, text.size() - at);
+        ASSERT_TRUE(encoder.feed(std::string_view(text).substr(at, n), streamed).is_ok());
+        at += n;
+      }
+      ASSERT_TRUE(encoder.finish(streamed).is_ok());
+      auto whole = tok->encode(text, add_special);
+      ASSERT_TRUE(whole.is_ok());
+      ASSERT_EQ(streamed.size(), whole->size()) << vocab << " round " << round;
+      EXPECT_TRUE(streamed == *whole) << vocab << " round " << round;
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Tokenizer, GoldenTest, ::testing::ValuesIn(kVocabs));
 
 TEST(TokenizerGolden, DecodeAndStreamMatchHf) {
@@ -564,6 +598,34 @@ TEST(TokenizerPostProcessor, TemplateAddsBosOnlyWithSpecialTokens) {
   EXPECT_EQ(encode(tok, "hi", true), (std::vector<int32_t>{256, 'h', 'i'}));
   EXPECT_EQ(encode(tok, "hi", false), (std::vector<int32_t>{'h', 'i'}));
   EXPECT_EQ(encode(tok, "", true), (std::vector<int32_t>{256}));
+}
+
+TEST(TokenizerStream, EncoderBoundsWhatItHoldsAndCountsOffsetsFromTheStart) {
+  // With a prefix space added to every piece, text cannot be cut: it is held whole.
+  json j = small_tokenizer({}, {});
+  j["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = true;
+  const Tokenizer tok = make(j);
+  StreamEncoder whole(tok, false, 16);
+  EXPECT_FALSE(whole.splits_lines());
+  std::vector<int32_t> ids;
+  EXPECT_TRUE(whole.feed("line one\nline", ids).is_ok());
+  EXPECT_TRUE(ids.empty());
+  const Status over = whole.feed(" two\nthree", ids);
+  ASSERT_FALSE(over.is_ok());
+  EXPECT_NE(over.message().find("16"), std::string::npos) << over.message();
+
+  std::string error;
+  const Tokenizer* real = real_tokenizer("qwen3", &error);
+  ASSERT_NE(real, nullptr) << error;
+  StreamEncoder lines(*real, false, 64);
+  ids.clear();
+  ASSERT_TRUE(lines.feed("first line\nsecond", ids).is_ok());
+  EXPECT_EQ(ids, *real->encode("first line\n", false));  // "second" may go on
+  const Status bad = lines.feed(" \xff\nthird", ids);
+  ASSERT_FALSE(bad.is_ok());
+  EXPECT_NE(bad.message().find("byte offset 18"), std::string::npos) << bad.message();
+  StreamEncoder no_break(*real, false, 64);
+  ASSERT_FALSE(no_break.feed(std::string(65, '\0'), ids).is_ok());
 }
 
 TEST(TokenizerStream, HoldsBackCharactersSplitAcrossTokens) {

@@ -17,7 +17,7 @@
 #include "server/server.h"
 #endif
 #include "io/config.h"
-#include "tokenizer/chat_template.h"
+#include "template/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kestrel::cli {

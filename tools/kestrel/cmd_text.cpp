@@ -2,8 +2,9 @@
 #include <unistd.h>
 
 #include <atomic>
-
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <iterator>
@@ -16,9 +17,13 @@
 #include "io/config.h"
 #include "model/weights.h"
 #include "runtime/text_generation.h"
-#include "tokenizer/chat_template.h"
+#include "template/chat_template.h"
 #include "tokenizer/gguf_tokenizer.h"
 #include "tokenizer/tokenizer.h"
+
+#if KESTREL_HAVE_LIBEDIT
+#include <editline/readline.h>
+#endif
 
 namespace kestrel::cli {
 namespace {
@@ -33,8 +38,9 @@ void print_ids(const std::vector<int32_t>& ids) {
   std::fwrite(line.data(), 1, line.size(), stdout);
 }
 
-// Standard input is read whole (a prompt, a text to tokenize) up to this size, so an endless
-// stream (/dev/zero) fails with a message instead of growing until memory runs out.
+// What is held of standard input (the prompt of -p -, a stretch of tokenize's input, one --jsonl
+// line) stays under this size, so an endless stream (/dev/zero) fails with a message instead of
+// growing until memory runs out.
 constexpr size_t kMaxStdinBytes = 64u << 20;
 
 std::string read_stdin(const std::string& what) {
@@ -71,7 +77,43 @@ bool read_line(std::istream& in, std::string& line, size_t max_bytes) {
 void run_tokenize(const std::string& path, bool jsonl, bool add_special) {
   const Tokenizer tokenizer = unwrap(Tokenizer::load(path));
   if (!jsonl) {
-    print_ids(unwrap(tokenizer.encode(read_stdin("tokenize"), add_special)));
+    // Standard input is encoded as it arrives: the ids of each complete stretch are printed
+    // before the next is read, so memory holds one stretch (bounded), not the whole input.
+    StreamEncoder encoder(tokenizer, add_special, kMaxStdinBytes);
+    std::vector<int32_t> ids;
+    bool first = true;
+    auto print_new = [&] {
+      std::string text = first ? "[" : "";
+      for (int32_t id : ids) {
+        if (!first) text += ", ";
+        first = false;
+        text += std::to_string(id);
+      }
+      ids.clear();
+      std::fwrite(text.data(), 1, text.size(), stdout);
+      std::fflush(stdout);
+    };
+    char buffer[1 << 16];
+    ssize_t n = 0;
+    while ((n = ::read(STDIN_FILENO, buffer, sizeof(buffer))) != 0) {
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        fail(std::string("tokenize: cannot read standard input: ") + std::strerror(errno));
+      }
+      const Status fed = encoder.feed(std::string_view(buffer, size_t(n)), ids);
+      if (!fed.is_ok()) {
+        std::fputs("\n", stdout);
+        fail("tokenize: standard input: " + fed.message());
+      }
+      print_new();
+    }
+    const Status finished = encoder.finish(ids);
+    if (!finished.is_ok()) {
+      std::fputs("\n", stdout);
+      fail("tokenize: standard input: " + finished.message());
+    }
+    print_new();
+    std::fputs("]\n", stdout);
     return;
   }
   std::string line;
@@ -294,6 +336,87 @@ void run_generate(const GenerateFlags& flags, const std::string& prompt_flag,
 
 std::atomic<bool> g_chat_interrupt{false};
 
+// The user's lines: with libedit on a terminal (line editing, and the session's history on the
+// arrow keys), plain reads otherwise. read() is false at the end of input, and when Ctrl-C
+// interrupted the read (the caller's flag says which).
+class LineReader {
+ public:
+  explicit LineReader(bool terminal) : editing_(terminal && kHaveLineEditing) {
+#if KESTREL_HAVE_LIBEDIT
+    if (editing_) {
+      rl_readline_name = "kestrel";
+      using_history();
+      stifle_history(1000);
+    }
+#endif
+  }
+  LineReader(const LineReader&) = delete;
+  LineReader& operator=(const LineReader&) = delete;
+  ~LineReader() {
+#if KESTREL_HAVE_LIBEDIT
+    if (editing_) clear_history();
+#endif
+  }
+
+  bool read(const char* prompt, std::string& line) {
+#if KESTREL_HAVE_LIBEDIT
+    if (editing_) {
+      std::fflush(stdout);
+      char* text = readline(prompt);
+      if (text == nullptr) return false;
+      line.assign(text);
+      std::free(text);
+      if (!line.empty()) add_history(line.c_str());
+      return true;
+    }
+#endif
+    std::fputs(prompt, stdout);
+    std::fflush(stdout);
+    if (std::getline(std::cin, line)) return true;
+    std::cin.clear();
+    clearerr(stdin);
+    return false;
+  }
+
+ private:
+#if KESTREL_HAVE_LIBEDIT
+  static constexpr bool kHaveLineEditing = true;
+#else
+  static constexpr bool kHaveLineEditing = false;
+#endif
+  bool editing_;
+};
+
+// When the conversation and the reply no longer fit the context, the oldest turns go (a user
+// message and the reply to it), the system prompt stays, as llama.cpp's context shift keeps its
+// first tokens. Returns the rendered ids and how many messages were dropped; fails when even the
+// system prompt and the newest message do not fit.
+struct FittedConversation {
+  std::vector<int32_t> ids;
+  int64_t dropped = 0;
+};
+
+FittedConversation fit_conversation(nlohmann::ordered_json& messages,
+                                    const ChatTemplateConfig& chat_template,
+                                    const Tokenizer& tokenizer, int64_t max_new_tokens,
+                                    int64_t context) {
+  FittedConversation fitted;
+  for (;;) {
+    const std::string rendered = unwrap(render_chat_template(chat_template, messages, true));
+    fitted.ids = unwrap(tokenizer.encode(rendered, false));
+    if (int64_t(fitted.ids.size()) + max_new_tokens <= context) return fitted;
+    // The oldest message after the system prompt, and the replies that follow it, up to the
+    // next user message; never the newest message.
+    size_t first = 0;
+    while (first < messages.size() && messages[first].value("role", "") == "system") ++first;
+    if (first + 1 >= messages.size()) return fitted;  // nothing left to drop: generate() says so
+    size_t end = first + 1;
+    while (end + 1 < messages.size() && messages[end].value("role", "") != "user") ++end;
+    fitted.dropped += int64_t(end - first);
+    messages.erase(messages.begin() + long(first), messages.begin() + long(end));
+  }
+}
+
 // Interactive chat: each line of stdin is a user turn; the conversation is rendered with the
 // model's chat template and only the new tokens of each turn are prefilled.
 void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
@@ -307,6 +430,7 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
   nlohmann::ordered_json messages = nlohmann::ordered_json::array();
   if (!system_prompt.empty()) messages.push_back({{"role", "system"}, {"content", system_prompt}});
   const bool interactive = isatty(STDIN_FILENO) != 0;
+  LineReader reader(interactive);
   if (interactive) {
     // Ctrl-C stops the reply being written, not the program; at the prompt the read returns.
     catch_sigint(&g_chat_interrupt, /*once=*/false);
@@ -318,12 +442,8 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
   int64_t failed_turns = 0;
   bool interrupted_at_prompt = false;
   for (;;) {
-    std::printf("> ");
-    std::fflush(stdout);
-    if (!std::getline(std::cin, line)) {
+    if (!reader.read("> ", line)) {
       if (!g_chat_interrupt.exchange(false)) break;  // end of input
-      std::cin.clear();
-      clearerr(stdin);
       std::printf("\n");
       if (interrupted_at_prompt) break;
       interrupted_at_prompt = true;
@@ -345,8 +465,15 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
     }
     if (line.empty()) continue;
     messages.push_back({{"role", "user"}, {"content", line}});
-    const std::string rendered = unwrap(render_chat_template(chat_template, messages, true));
-    const std::vector<int32_t> ids = unwrap(tokenizer.encode(rendered, false));
+    const FittedConversation fitted = fit_conversation(
+        messages, chat_template, tokenizer, params.max_new_tokens, engine->max_context());
+    const std::vector<int32_t>& ids = fitted.ids;
+    if (fitted.dropped > 0) {
+      std::printf(
+          "(context full: the %lld oldest messages were dropped to fit the context of %lld "
+          "tokens; the system prompt stays)\n",
+          (long long)fitted.dropped, (long long)engine->max_context());
+    }
     g_chat_interrupt.store(false);
     auto stats = session.generate(ids, params, [](const std::string& text) {
       std::fwrite(text.data(), 1, text.size(), stdout);
@@ -359,9 +486,9 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
       std::fprintf(stderr, "kestrel: error: %s\n", stats.status().message().c_str());
       if (int64_t(ids.size()) + params.max_new_tokens > engine->max_context()) {
         std::fprintf(stderr,
-                     "the conversation fills the context of %lld tokens: /reset starts a new one "
-                     "(or raise -c)\n",
-                     (long long)engine->max_context());
+                     "this message and the reply of up to %lld tokens do not fit the context of "
+                     "%lld tokens, even without the older turns: raise -c or lower -n\n",
+                     (long long)params.max_new_tokens, (long long)engine->max_context());
       }
       messages.erase(messages.end() - 1);
       ++failed_turns;

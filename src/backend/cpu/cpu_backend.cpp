@@ -48,10 +48,7 @@ class CpuBackend final : public Backend {
     return layout;
   }
 
-  Status reserve(const ModelConfig& config, const RunShape& shape) override {
-    if (shape.max_context <= 0 || shape.max_seqs <= 0 || shape.max_batch_tokens <= 0) {
-      return Status::error("cpu backend: run shape needs positive context, sequences and tokens");
-    }
+  Status do_reserve(const ModelConfig& config, const RunShape& shape) override {
     // Release the previous reservation before allocating the next, so that a re-reserve never
     // holds both.
     std::vector<float>().swap(k_cache_);
@@ -70,8 +67,7 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
-  Status copy_kv_block(int32_t src, int32_t dst) override {
-    KS_RETURN_IF_ERROR(check_kv_block_copy(src, dst, shape_, "cpu backend"));
+  Status do_copy_kv_block(int32_t src, int32_t dst) override {
     if (src == dst) return Status::ok();
     const size_t block = size_t(kKvBlockSize * config_.kv_dim());
     for (int64_t layer = 0; layer < config_.n_layers; ++layer) {
@@ -83,8 +79,7 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
-  Status begin_batch(const BatchView& batch) override {
-    KS_RETURN_IF_ERROR(check_batch_slots(batch, shape_, "cpu backend"));
+  Status do_begin_batch(const BatchView& batch) override {
     batch_ = batch;
     scratch_used_ = 0;
     return Status::ok();

@@ -158,12 +158,9 @@ class CudaBackend final : public Backend {
     return free_bytes;
   }
 
-  Status reserve(const ModelConfig& config, const RunShape& shape) override {
-    if (shape.max_context <= 0 || shape.max_seqs <= 0 || shape.max_batch_tokens <= 0 ||
-        shape.max_logit_rows <= 0) {
-      return Status::error(
-          "cuda backend: run shape needs positive context, sequences, tokens "
-          "and logit rows");
+  Status do_reserve(const ModelConfig& config, const RunShape& shape) override {
+    if (shape.max_logit_rows <= 0) {
+      return Status::error("cuda backend: run shape needs positive logit rows");
     }
     if (config.head_dim % 2 != 0 || config.n_kv_heads <= 0 ||
         config.n_heads % config.n_kv_heads != 0) {
@@ -243,8 +240,7 @@ class CudaBackend final : public Backend {
     return Status::ok();
   }
 
-  Status copy_kv_block(int32_t src, int32_t dst) override {
-    KS_RETURN_IF_ERROR(check_kv_block_copy(src, dst, shape_, "cuda backend"));
+  Status do_copy_kv_block(int32_t src, int32_t dst) override {
     if (src == dst) return Status::ok();
     KS_RETURN_IF_ERROR(flush());
     // One block of one layer: [n_kv_heads, kKvBlockSize, head_dim], contiguous.
@@ -262,7 +258,7 @@ class CudaBackend final : public Backend {
     return Status::ok();
   }
 
-  Status begin_batch(const BatchView& batch) override {
+  Status do_begin_batch(const BatchView& batch) override {
     // What the last call held back runs now; a call that failed while being captured or
     // replayed left its held ops, and the capture, to be dropped.
     if (mode_ == Mode::eager) {
@@ -275,22 +271,7 @@ class CudaBackend final : public Backend {
     abort_capture();
     mode_ = Mode::eager;
     if (!reserved_) return Status::error("cuda backend: begin_batch before reserve");
-    const int64_t n = batch.n_tokens;
-    if (n <= 0 || n > shape_.max_batch_tokens) {
-      return Status::error("cuda backend: batch of " + std::to_string(n) + " tokens (reserved " +
-                           std::to_string(shape_.max_batch_tokens) + ")");
-    }
-    if (batch.n_logit_rows > shape_.max_logit_rows) {
-      return Status::error("cuda backend: " + std::to_string(batch.n_logit_rows) +
-                           " logit rows (reserved " + std::to_string(shape_.max_logit_rows) + ")");
-    }
-    KS_RETURN_IF_ERROR(check_batch_slots(batch, shape_, "cuda backend"));
-    for (int64_t i = 0; i < n; ++i) {
-      if (batch.tokens[i] < 0 || batch.tokens[i] >= config_.vocab_size) {
-        return Status::error("token id " + std::to_string(batch.tokens[i]) +
-                             " outside the vocabulary of " + std::to_string(config_.vocab_size));
-      }
-    }
+    const int64_t n = batch.n_tokens;  // checked by Backend::begin_batch against the reservation
     // The previous call's copies out of the pinned buffers must be done before they are reused.
     KS_CUDA_CHECK("begin_batch", cudaStreamSynchronize(stream_));
     const int64_t cap = shape_.max_batch_tokens;

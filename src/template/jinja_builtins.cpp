@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "tokenizer/jinja_interp.h"
+#include "template/jinja_interp.h"
 
 namespace kestrel::jinja {
 namespace {

@@ -1,4 +1,4 @@
-#include "tokenizer/chat_template.h"
+#include "template/chat_template.h"
 
 #include <filesystem>
 #include <fstream>
@@ -6,10 +6,10 @@
 
 #include "io/config.h"
 #include "io/gguf.h"
+#include "template/jinja_ast.h"
+#include "template/jinja_interp.h"
+#include "template/jinja_value.h"
 #include "tokenizer/gguf_tokenizer.h"
-#include "tokenizer/jinja_ast.h"
-#include "tokenizer/jinja_interp.h"
-#include "tokenizer/jinja_value.h"
 
 namespace kestrel {
 namespace {

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "tokenizer/jinja_ast.h"
+#include "template/jinja_ast.h"
 
 namespace kestrel::jinja {
 namespace {

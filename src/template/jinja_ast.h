@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "core/status.h"
-#include "tokenizer/jinja_value.h"
+#include "template/jinja_value.h"
 
 namespace kestrel::jinja {
 

@@ -1,0 +1,67 @@
+// The checking layer every backend shares (Backend::reserve, begin_batch, copy_kv_block): each
+// out-of-range argument is refused with a message before the backend's op runs.
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
+#include "model/loader.h"
+
+namespace kestrel {
+namespace {
+
+TEST(BackendChecks, BatchesAndCopiesOutsideTheReservationAreRefused) {
+  auto config = synthetic_config("tiny-qwen2");
+  ASSERT_TRUE(config.is_ok());
+  const std::unique_ptr<Backend> backend = make_cpu_backend(1);
+  Backend& b = *backend;
+  int32_t token = 1, pos = 0, seq = 0, row = 0;
+  // Two slots of 16 positions: one block each, blocks 0 and 1 of the pool.
+  const int32_t tables[] = {0, 1};
+  auto view = [&](int64_t n, const int32_t* tokens, const int32_t* positions, const int32_t* seqs,
+                  int64_t n_rows, const int32_t* rows) {
+    return BatchView{n, tokens, positions, seqs, tables, 1, n_rows, rows};
+  };
+  const BatchView one = view(1, &token, &pos, &seq, 1, &row);
+  EXPECT_FALSE(b.begin_batch(one).is_ok());  // before reserve
+  EXPECT_FALSE(b.copy_kv_block(0, 1).is_ok());
+  EXPECT_FALSE(b.reserve(*config, RunShape{0, 16, 4, 2}).is_ok());
+  EXPECT_FALSE(b.reserve(*config, RunShape{2, 16, 0, 2}).is_ok());
+  ASSERT_TRUE(b.reserve(*config, RunShape{2, 16, 4, 2}).is_ok());
+  EXPECT_TRUE(b.begin_batch(one).is_ok());
+
+  auto refused = [&](BatchView batch, const char* what) {
+    const Status s = b.begin_batch(batch);
+    EXPECT_FALSE(s.is_ok()) << what;
+    EXPECT_NE(s.message().find(what), std::string::npos) << s.message();
+  };
+  int32_t bad_token = int32_t(config->vocab_size), bad_pos = 16, bad_seq = 2, bad_row = 1;
+  refused(view(1, &bad_token, &pos, &seq, 1, &row), "vocabulary");
+  refused(view(1, &token, &bad_pos, &seq, 1, &row), "context");
+  refused(view(1, &token, &pos, &bad_seq, 1, &row), "sequence id");
+  refused(view(1, &token, &pos, &seq, 1, &bad_row), "logit row 1");
+  std::vector<int32_t> five(5, 1), positions = {0, 1, 2, 3, 4}, seqs(5, 0);
+  refused(view(5, five.data(), positions.data(), seqs.data(), 0, nullptr), "5 tokens");
+  std::vector<int32_t> rows = {0, 1, 2};
+  refused(view(3, five.data(), positions.data(), seqs.data(), 3, rows.data()), "logit rows");
+  refused(view(0, &token, &pos, &seq, 0, nullptr), "0 tokens");
+
+  EXPECT_TRUE(b.copy_kv_block(0, 1).is_ok());
+  EXPECT_FALSE(b.copy_kv_block(0, 2).is_ok());
+  EXPECT_FALSE(b.copy_kv_block(-1, 1).is_ok());
+  const int32_t bad_tables[] = {0, 2};
+  const Status outside =
+      b.begin_batch(BatchView{1, &token, &pos, &bad_seq, bad_tables, 1, 0, nullptr});
+  EXPECT_FALSE(outside.is_ok());
+  int32_t second = 1;
+  const Status bad_block =
+      b.begin_batch(BatchView{1, &token, &pos, &second, bad_tables, 1, 0, nullptr});
+  EXPECT_NE(bad_block.message().find("outside the pool"), std::string::npos) << bad_block.message();
+  // A shape refused before anything is released leaves the previous reservation in place.
+  EXPECT_FALSE(b.reserve(*config, RunShape{1, 0, 4, 1}).is_ok());
+  EXPECT_TRUE(b.begin_batch(one).is_ok());
+}
+
+}  // namespace
+}  // namespace kestrel

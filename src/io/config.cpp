@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -264,7 +265,95 @@ Status validate(const Fields& top, const std::string& path, const ModelConfig& c
   return Status::ok();
 }
 
+constexpr const char* kPrequantSupported =
+    "Kestrel reads 4-bit AWQ (version gemm, zero_point true) and GPTQ (desc_act false) "
+    "checkpoints with group_size 32, 64 or 128";
+
+Result<PrequantConfig> parse_prequant_config(const json& q, const std::string& path) {
+  if (!q.is_object()) {
+    return Status::error(path + ": field 'quantization_config' must be an object");
+  }
+  const Fields f(q, path, "quantization_config");
+  std::string method;
+  KS_RETURN_IF_ERROR(f.string("quant_method", method));
+  PrequantConfig p;
+  if (method == "awq") {
+    p.method = PrequantMethod::awq;
+  } else if (method == "gptq") {
+    p.method = PrequantMethod::gptq;
+  } else {
+    return Status::error(path + ": a pre-quantized checkpoint (quantization_config, quant_method " +
+                         quote_untrusted(method.empty() ? "missing" : method, 40) +
+                         ") is not supported; " + kPrequantSupported +
+                         ", or the original fp32/fp16/bf16 checkpoint, which Kestrel quantizes "
+                         "itself (--low-bit)");
+  }
+  const bool awq = p.method == PrequantMethod::awq;
+  // AutoAWQ's own quant_config spells bits and group_size w_bit and q_group_size.
+  int64_t bits = 4;
+  KS_RETURN_IF_ERROR(f.integer(f.find("bits") || !awq ? "bits" : "w_bit", bits, false));
+  p.group_size = 128;
+  KS_RETURN_IF_ERROR(
+      f.integer(f.find("group_size") || !awq ? "group_size" : "q_group_size", p.group_size, false));
+  const std::string what = path + ": " + method + " checkpoint with ";
+  if (bits != 4) {
+    return Status::error(what + "bits " + std::to_string(bits) + " is not supported; " +
+                         kPrequantSupported);
+  }
+  if (p.group_size != 32 && p.group_size != 64 && p.group_size != 128) {
+    return Status::error(what + "group_size " + std::to_string(p.group_size) +
+                         " is not supported; " + kPrequantSupported);
+  }
+  if (awq) {
+    std::string version = "gemm";
+    KS_RETURN_IF_ERROR(f.string("version", version));
+    std::string lower = version;
+    for (char& ch : lower) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+    if (lower != "gemm") {
+      return Status::error(what + "version " + quote_untrusted(version, 40) +
+                           " is not supported (its packing differs); " + kPrequantSupported);
+    }
+    bool zero_point = true;
+    KS_RETURN_IF_ERROR(f.boolean("zero_point", zero_point));
+    if (!zero_point) {
+      return Status::error(what + "zero_point false is not supported; " + kPrequantSupported);
+    }
+    return p;
+  }
+  bool desc_act = false;
+  KS_RETURN_IF_ERROR(f.boolean("desc_act", desc_act));
+  if (desc_act) {
+    return Status::error(what +
+                         "desc_act true (act-order: a permuted group index per input column) is "
+                         "not supported; " +
+                         kPrequantSupported);
+  }
+  p.sym = true;
+  KS_RETURN_IF_ERROR(f.boolean("sym", p.sym));
+  std::string format = "gptq";
+  KS_RETURN_IF_ERROR(f.string("checkpoint_format", format));
+  if (format != "gptq" && format != "gptq_v2") {
+    return Status::error(what + "checkpoint_format " + quote_untrusted(format, 40) +
+                         " is not supported (Kestrel reads gptq and gptq_v2); " +
+                         kPrequantSupported);
+  }
+  p.zeros_minus_one = format == "gptq";
+  return p;
+}
+
 }  // namespace
+
+const char* prequant_method_name(PrequantMethod method) {
+  switch (method) {
+    case PrequantMethod::awq:
+      return "awq";
+    case PrequantMethod::gptq:
+      return "gptq";
+    case PrequantMethod::none:
+      return "none";
+  }
+  return "?";
+}
 
 const char* architecture_name(Architecture arch) {
   switch (arch) {
@@ -281,18 +370,10 @@ Result<ModelConfig> parse_model_config(const std::string& text, const std::strin
   const Fields top(root, path);
   ModelConfig c;
   KS_ASSIGN_OR_RETURN(c.arch, parse_architecture(top, path));
-  // AWQ, GPTQ and other pre-quantized checkpoints store packed integer tensors under other names;
-  // loading them as floats would convert for minutes and then miss a tensor.
-  if (root.contains("quantization_config")) {
-    const json& q = root["quantization_config"];
-    const std::string method =
-        q.is_object() && q.contains("quant_method") && q["quant_method"].is_string()
-            ? q["quant_method"].get<std::string>()
-            : std::string("unknown");
-    return Status::error(path + ": a pre-quantized checkpoint (quantization_config, quant_method " +
-                         quote_untrusted(method, 40) +
-                         ") is not supported; give the original fp32/fp16/bf16 checkpoint, "
-                         "which Kestrel quantizes itself (--low-bit)");
+  // AWQ and GPTQ checkpoints store packed integer tensors under other names; everything about
+  // them Kestrel does not read is refused here, before any tensor is touched.
+  if (const json* q = top.find("quantization_config")) {
+    KS_ASSIGN_OR_RETURN(c.prequant, parse_prequant_config(*q, path));
   }
 
   KS_RETURN_IF_ERROR(top.integer("vocab_size", c.vocab_size, true));

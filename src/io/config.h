@@ -24,6 +24,21 @@ struct RopeScaling {
   bool operator==(const RopeScaling&) const = default;
 };
 
+// A pre-quantized checkpoint's `quantization_config` (AutoAWQ GEMM or AutoGPTQ layout, 4-bit).
+enum class PrequantMethod { none, awq, gptq };
+
+struct PrequantConfig {
+  PrequantMethod method = PrequantMethod::none;
+  int64_t group_size = 0;  // 32, 64 or 128 input columns share one scale and zero
+  bool sym = false;        // GPTQ `sym`: every zero is 8, so the weights are sym_int4
+  // GPTQ `checkpoint_format` "gptq" (v1, the default): qzeros hold zero - 1, as AutoGPTQ writes
+  // them; "gptq_v2" holds the zero itself. AWQ always holds the zero itself.
+  bool zeros_minus_one = false;
+
+  bool operator==(const PrequantConfig&) const = default;
+};
+const char* prequant_method_name(PrequantMethod method);  // "awq", "gptq", "none"
+
 struct ModelConfig {
   Architecture arch = Architecture::llama;
   int64_t vocab_size = 0;
@@ -44,6 +59,7 @@ struct ModelConfig {
   std::string torch_dtype;  // informational
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;  // generation_config.json wins over config.json
+  PrequantConfig prequant;             // method none for an unquantized checkpoint
 
   int64_t q_dim() const { return n_heads * head_dim; }
   int64_t kv_dim() const { return n_kv_heads * head_dim; }

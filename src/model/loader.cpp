@@ -14,6 +14,7 @@
 #include "core/progress.h"
 #include "io/safetensors.h"
 #include "model/gguf_model.h"
+#include "model/prequant.h"
 #include "tokenizer/gguf_tokenizer.h"
 
 namespace kestrel {
@@ -157,6 +158,28 @@ Status check_hf_tensor(const TensorSource& source, const TensorRef& t,
   return Status::ok();
 }
 
+// A float HF matrix [rows, cols] converted row by row into `format`.
+Result<QuantWeight> convert_hf_matrix(const TensorSource& source, const TensorRef& t,
+                                      WeightFormat format, int block, int64_t rows, int64_t cols,
+                                      ThreadPool& pool, Progress& progress) {
+  Result<QuantWeight> w = quantize_rows(
+      format, block, rows, cols, pool, progress,
+      [&](int64_t r, float* out) { to_f32(t, r * cols, cols, out); }, t.name);
+  if (!w.is_ok()) return w.status().with_context(source.where());
+  return w;
+}
+
+// A float HF vector (norm or bias) as fp32, refused when not finite.
+Result<Blob> load_hf_vector(const TensorSource& source, const TensorInfo& tensor,
+                            ThreadPool& pool) {
+  KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
+  const int64_t n = tensor.rows;
+  Blob b = Blob::allocate(size_t(n) * sizeof(float));
+  to_f32(*t, 0, n, b.as_mutable<float>());
+  KS_RETURN_IF_ERROR(check_finite(DType::f32, b.data(), 1, n, pool, source.where(), t->name));
+  return b;
+}
+
 Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
                              const LoadOptions& options, ThreadPool& pool) {
   KS_ASSIGN_OR_RETURN(TensorSource source, TensorSource::open_dir(dir));
@@ -196,20 +219,9 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
       progress.advance(rows * cols);
       return w;
     }
-    Result<QuantWeight> w = quantize_rows(
-        options.format, options.block, rows, cols, pool, progress,
-        [&](int64_t r, float* out) { to_f32(*t, r * cols, cols, out); }, t->name);
-    if (!w.is_ok()) return w.status().with_context(source.where());
-    return w;
+    return convert_hf_matrix(source, *t, options.format, options.block, rows, cols, pool, progress);
   };
-  maker.vector = [&](const TensorInfo& tensor) -> Result<Blob> {
-    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
-    const int64_t n = tensor.rows;
-    Blob b = Blob::allocate(size_t(n) * sizeof(float));
-    to_f32(*t, 0, n, b.as_mutable<float>());
-    KS_RETURN_IF_ERROR(check_finite(DType::f32, b.data(), 1, n, pool, source.where(), t->name));
-    return b;
-  };
+  maker.vector = [&](const TensorInfo& tensor) { return load_hf_vector(source, tensor, pool); };
   Result<ModelWeights> weights = build_weights(config, options.format, options.block, maker);
   progress.finish();
   // Bias tensors the config does not ask for (looked up by the tensor list's own names).
@@ -227,6 +239,110 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
     weights->warnings.push_back(source.where() + ": has bias tensors (" + unused_bias +
                                 ", ...) but config.json says attention_bias false; they are "
                                 "ignored, as transformers ignores them");
+  }
+  return weights;
+}
+
+// The name of a matrix's quantized linear in an AWQ / GPTQ checkpoint: its HF name less ".weight".
+std::string linear_prefix(const std::string& hf_name) {
+  constexpr size_t kSuffix = 7;  // ".weight"
+  return hf_name.size() > kSuffix ? hf_name.substr(0, hf_name.size() - kSuffix) : hf_name;
+}
+
+// An AWQ / GPTQ checkpoint (prequant.h says how each layout maps): quantized linears are copied
+// into sym_int4 / asym_int4 block 32 code for code, or dequantized as their kernels compute them
+// and requantized when another format is asked for; the float tensors (embeddings, lm_head,
+// norms, biases) load as in an HF checkpoint.
+Result<ModelWeights> load_prequant(const std::string& dir, const ModelConfig& config,
+                                   const LoadOptions& options, ThreadPool& pool) {
+  KS_ASSIGN_OR_RETURN(TensorSource source, TensorSource::open_dir(dir));
+  const PrequantConfig& pq = config.prequant;
+  const auto [format, block] =
+      prequant_load_format(pq, options.format, options.format_explicit, options.block);
+  const bool requested = format != prequant_format(pq) || block != 32;
+  KS_RETURN_IF_ERROR(check_all_shapes(config, format, block).with_context(dir));
+  int quantized = 0, floats = 0;
+  TensorMaker checker;
+  checker.matrix = [&](const TensorInfo& tensor) -> Result<QuantWeight> {
+    const std::string prefix = linear_prefix(tensor.hf_name);
+    if (PrequantTensor::present(source, prefix)) {
+      KS_RETURN_IF_ERROR(
+          PrequantTensor::open(source, pq, prefix, tensor.rows, tensor.cols).status());
+      ++quantized;
+      return QuantWeight();
+    }
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
+    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, {tensor.rows, tensor.cols}));
+    if (!tensor.tied) ++floats;
+    return QuantWeight();
+  };
+  checker.vector = [&](const TensorInfo& tensor) -> Result<Blob> {
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
+    KS_RETURN_IF_ERROR(check_hf_tensor(source, *t, {tensor.rows}));
+    return Blob();
+  };
+  KS_RETURN_IF_ERROR(build_weights(config, format, block, checker).status());
+  if (quantized == 0) {
+    return Status::error(dir + ": config.json has a quantization_config (" +
+                         prequant_method_name(pq.method) + ") but no tensor has a .qweight");
+  }
+
+  Progress progress("load " + std::string(format_name(format)), matrix_elements(config, true),
+                    options.progress);
+  TensorMaker maker;
+  maker.matrix = [&](const TensorInfo& tensor) -> Result<QuantWeight> {
+    const std::string prefix = linear_prefix(tensor.hf_name);
+    const int64_t rows = tensor.rows, cols = tensor.cols;
+    if (!PrequantTensor::present(source, prefix)) {
+      KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
+      return convert_hf_matrix(source, *t, format, block, rows, cols, pool, progress);
+    }
+    KS_ASSIGN_OR_RETURN(const PrequantTensor q,
+                        PrequantTensor::open(source, pq, prefix, rows, cols));
+    const std::string name = prefix + ".qweight";
+    if (requested) {
+      Result<QuantWeight> w = quantize_rows(
+          format, block, rows, cols, pool, progress,
+          [&](int64_t r, float* out) { q.dequantize_row(r, out); }, name);
+      if (!w.is_ok()) return w.status().with_context(source.where());
+      return w;
+    }
+    QuantWeight w = allocate_weight(format, rows, cols, block);
+    pool.parallel_for(rows, 8, [&](int64_t begin, int64_t end, int) {
+      for (int64_t r = begin; r < end; ++r) q.copy_row(r, w);
+      progress.advance((end - begin) * cols);
+    });
+    KS_RETURN_IF_ERROR(check_finite(DType::f16, w.scales.data(), rows, w.blocks_per_row(), pool,
+                                    source.where(), prefix + ".scales"));
+    if (!w.mins.empty()) {
+      KS_RETURN_IF_ERROR(check_finite(DType::f16, w.mins.data(), rows, w.blocks_per_row(), pool,
+                                      source.where(), prefix + ".scales (times the zeros)"));
+    }
+    return w;
+  };
+  maker.vector = [&](const TensorInfo& tensor) { return load_hf_vector(source, tensor, pool); };
+  Result<ModelWeights> weights = build_weights(config, format, block, maker);
+  progress.finish();
+  if (weights.is_ok()) {
+    const std::string method = pq.method == PrequantMethod::awq ? "AWQ" : "GPTQ";
+    std::string copied = std::to_string(quantized) + " " + method + " matrices (group " +
+                         std::to_string(pq.group_size) + ") -> " + format_name(format) + " block " +
+                         std::to_string(block);
+    if (requested && format == WeightFormat::fp32) {
+      copied += " (dequantized exactly)";
+    } else if (requested && !is_quantized(format)) {
+      copied += " (dequantized, rounded)";
+    } else if (requested) {
+      copied += " (requantized: precision lost)";
+    } else if (format == WeightFormat::sym_int4) {
+      copied += " (copied exactly)";
+    } else {
+      copied += " (copied; mins -zero*scale rounded to fp16)";
+    }
+    // The float matrices: the embedding table and an untied lm_head, quantized like an HF model's.
+    weights->notes.push_back(dir + ": " + copied + ", " + std::to_string(floats) + " float " +
+                             (floats == 1 ? "matrix" : "matrices") + " -> " + format_name(format) +
+                             (is_quantized(format) ? " (quantized)" : ""));
   }
   return weights;
 }
@@ -566,6 +682,9 @@ Result<ModelWeights> load_model(const std::string& source, const LoadOptions& op
     if (is_converted_dir(file)) return load_converted(source, file, options, pool);
   }
   KS_ASSIGN_OR_RETURN(ModelConfig config, load_model_config(source));
+  if (config.prequant.method != PrequantMethod::none) {
+    return load_prequant(source, config, options, pool);
+  }
   return load_hf(source, config, options, pool);
 }
 

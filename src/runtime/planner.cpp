@@ -10,6 +10,7 @@
 #include "io/safetensors.h"
 #include "model/gguf_model.h"
 #include "model/loader.h"
+#include "model/prequant.h"
 
 namespace kestrel {
 
@@ -65,6 +66,9 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
   if (is_gguf_source(source)) {
     KS_ASSIGN_OR_RETURN(GgufModel model, GgufModel::open(source));
     std::tie(spec.format, spec.block) = model.load_format(format, format_explicit, block);
+  } else if (spec.config.prequant.method != PrequantMethod::none) {
+    std::tie(spec.format, spec.block) =
+        prequant_load_format(spec.config.prequant, format, format_explicit, block);
   } else if (source.rfind(kSyntheticPrefix, 0) != 0) {
     // Only the headers are parsed; the tensor data stays unread in the mapping.
     KS_ASSIGN_OR_RETURN(TensorSource tensors, TensorSource::open_dir(source));

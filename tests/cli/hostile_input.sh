@@ -228,11 +228,26 @@ expect_error "a .gguf file without the magic" "not a GGUF file" "$kestrel" run -
 d=$(fresh); python3 - "$d/config.json" <<'PY'
 import json, sys
 p = sys.argv[1]; c = json.load(open(p))
-c["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+c["quantization_config"] = {"quant_method": "gptq", "bits": 8}
 json.dump(c, open(p, "w"))
 PY
-expect_error "GPTQ directory" "quant_method 'gptq'" "$kestrel" convert -m "$d" -o "$tmp/gptq" -q
-expect_error "GPTQ directory in bench" "quant_method 'gptq'" \
+expect_error "8-bit GPTQ directory" "bits 8 is not supported" "$kestrel" convert -m "$d" -o "$tmp/gptq" -q
+expect_error "8-bit GPTQ directory in bench" "bits 8 is not supported" \
   "$kestrel" bench -m "$d" -p 8 -n 2 -r 1 -q
+d=$(fresh); python3 - "$d/config.json" <<'PY'
+import json, sys
+p = sys.argv[1]; c = json.load(open(p))
+c["quantization_config"] = {"quant_method": "exl2", "bits": 4}
+json.dump(c, open(p, "w"))
+PY
+expect_error "EXL2 directory" "quant_method 'exl2'" "$kestrel" run -m "$d" --ids 1 -q
+# A 4-bit GPTQ config over float tensors: refused once the tensors are looked at, not misread.
+d=$(fresh); python3 - "$d/config.json" <<'PY'
+import json, sys
+p = sys.argv[1]; c = json.load(open(p))
+c["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+json.dump(c, open(p, "w"))
+PY
+expect_error "GPTQ config over float tensors" "no tensor has a .qweight" "$kestrel" run -m "$d" --ids 1 -q
 
 cli_finish

@@ -11,7 +11,9 @@
 #include <cmath>
 #include <cstdint>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -89,6 +91,22 @@ inline Comparison compare(const std::vector<float>& ours, const std::vector<floa
   }
   c.top1_agreement = n > 0 ? double(agree) / double(n) : 0;
   return c;
+}
+
+// A CPU engine on `model` (2 threads, context 256, prompts in chunks of 16, so the KV cache is used
+// across calls); `format` unset lets the source choose. Null, with a test failure, on error.
+inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
+                                          std::optional<WeightFormat> format) {
+  EngineOptions options;
+  options.model = model;
+  options.format = format;
+  options.threads = 2;
+  options.progress = false;
+  options.max_context = 256;
+  options.prefill_chunk = 16;
+  auto engine = Engine::create(options);
+  EXPECT_TRUE(engine.is_ok()) << engine.status().message();
+  return engine.is_ok() ? std::move(engine).value() : nullptr;
 }
 
 // A fixture's name as a gtest parameter name ("qwen2_tied_f32").

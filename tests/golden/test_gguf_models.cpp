@@ -13,6 +13,7 @@
 #include "model/gguf_model.h"
 #include "model/weights.h"
 #include "../unit/test_util.h"
+#include "hf_fixture.h"
 
 namespace kestrel {
 namespace {
@@ -44,18 +45,7 @@ Fixture load_fixture(const std::string& name) {
   return f;
 }
 
-std::unique_ptr<Engine> make_engine(const std::string& model, std::optional<WeightFormat> format) {
-  EngineOptions options;
-  options.model = model;
-  options.format = format;
-  options.threads = 2;
-  options.progress = false;
-  options.max_context = 256;
-  options.prefill_chunk = 16;
-  auto engine = Engine::create(options);
-  EXPECT_TRUE(engine.is_ok()) << engine.status().message();
-  return engine.is_ok() ? std::move(engine).value() : nullptr;
-}
+using hf_fixture::cpu_engine;
 
 int64_t argmax(const float* v, int64_t n) {
   return std::max_element(v, v + n) - v;
@@ -91,7 +81,7 @@ class GgufGolden : public ::testing::TestWithParam<const char*> {};
 // scale unpacking or Q/K row permutation gives errors near 1.
 TEST_P(GgufGolden, Fp32MatchesReference) {
   const Fixture f = load_fixture(GetParam());
-  auto engine = make_engine(f.path, WeightFormat::fp32);
+  auto engine = cpu_engine(f.path, WeightFormat::fp32);
   ASSERT_TRUE(engine);
   auto logits = engine->prompt_logits(f.prompt);
   ASSERT_TRUE(logits.is_ok()) << logits.status().message();
@@ -108,7 +98,7 @@ TEST_P(GgufGolden, Fp32MatchesReference) {
 // asym_int4 by default, which costs precision: it is held only to a looser bound.
 TEST_P(GgufGolden, NativeFormatWithinBound) {
   const Fixture f = load_fixture(GetParam());
-  auto engine = make_engine(f.path, std::nullopt);
+  auto engine = cpu_engine(f.path, std::nullopt);
   ASSERT_TRUE(engine);
   auto logits = engine->prompt_logits(f.prompt);
   ASSERT_TRUE(logits.is_ok()) << logits.status().message();
@@ -145,8 +135,8 @@ TEST(GgufCopies, DequantizeLikeGgml) {
   for (const Case& c : {Case{"qwen2-tied.Q4_0", WeightFormat::sym_int4, true},
                         Case{"llama3-scaled.Q8_0", WeightFormat::sym_int8, true},
                         Case{"kquant-llama.Q4_K", WeightFormat::asym_int4, false}}) {
-    auto native = make_engine(kDir + c.fixture + ".gguf", std::nullopt);
-    auto exact = make_engine(kDir + c.fixture + ".gguf", WeightFormat::fp32);
+    auto native = cpu_engine(kDir + c.fixture + ".gguf", std::nullopt);
+    auto exact = cpu_engine(kDir + c.fixture + ".gguf", WeightFormat::fp32);
     ASSERT_TRUE(native && exact);
     ASSERT_EQ(native->weights().format, c.format) << c.fixture;
     const auto& a = native->weights().layers[0];
@@ -193,8 +183,8 @@ TEST(GgufVsHf, FloatFilesEqualTheHfDirectory) {
                         Case{"llama3-scaled.BF16", "llama3-scaled-bf16-sharded", WeightFormat::bf16},
                         Case{"llama-tied-bias.F16", "llama-tied-bias-f16", WeightFormat::fp16}}) {
     const Fixture f = load_fixture(c.fixture);
-    auto gguf = make_engine(f.path, c.format);
-    auto hf = make_engine(std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + c.hf,
+    auto gguf = cpu_engine(f.path, c.format);
+    auto hf = cpu_engine(std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + c.hf,
                           c.format);
     ASSERT_TRUE(gguf && hf);
     EXPECT_EQ(gguf->config().rope_scaling, hf->config().rope_scaling) << c.fixture;
@@ -258,8 +248,8 @@ TEST(GgufVsHf, QuantizedFilesNearKestrelsOwnQuantization) {
                         Case{"llama3-scaled.Q8_0", "llama3-scaled-bf16-sharded",
                              WeightFormat::sym_int8}}) {
     Fixture f = load_fixture(c.fixture);
-    auto gguf = make_engine(f.path, std::nullopt);
-    auto hf = make_engine(std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + c.hf,
+    auto gguf = cpu_engine(f.path, std::nullopt);
+    auto hf = cpu_engine(std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + c.hf,
                           c.format);
     ASSERT_TRUE(gguf && hf);
     ASSERT_EQ(gguf->weights().format, c.format);

@@ -566,14 +566,60 @@ TEST(ReadTextFile, RefusesAFifoWithoutBlocking) {
   EXPECT_NE(config.status().message().find(path), std::string::npos);
 }
 
-TEST(ModelConfigErrors, PreQuantizedCheckpointsAreRefused) {
+TEST(ModelConfigErrors, UnsupportedPreQuantizedCheckpointsAreRefused) {
+  const std::pair<nlohmann::json, const char*> cases[] = {
+      {{{"quant_method", "bitsandbytes"}, {"bits", 4}}, "quant_method 'bitsandbytes'"},
+      {{{"bits", 4}}, "quant_method 'missing'"},
+      {{{"quant_method", "awq"}, {"bits", 8}}, "bits 8 is not supported"},
+      {{{"quant_method", "gptq"}, {"bits", 3}}, "bits 3 is not supported"},
+      {{{"quant_method", "awq"}, {"w_bit", 2}}, "bits 2 is not supported"},
+      {{{"quant_method", "gptq"}, {"group_size", -1}}, "group_size -1 is not supported"},
+      {{{"quant_method", "awq"}, {"q_group_size", 256}}, "group_size 256 is not supported"},
+      {{{"quant_method", "awq"}, {"version", "gemv"}}, "version 'gemv' is not supported"},
+      {{{"quant_method", "awq"}, {"zero_point", false}}, "zero_point false"},
+      {{{"quant_method", "gptq"}, {"desc_act", true}}, "desc_act true"},
+      {{{"quant_method", "gptq"}, {"checkpoint_format", "marlin"}}, "checkpoint_format 'marlin'"},
+      {{{"quant_method", "gptq"}, {"sym", "yes"}}, "must be true or false"},
+      {"awq", "must be an object"},
+  };
+  for (const auto& [q, needle] : cases) {
+    auto config = nlohmann::json::parse(kLlama31Config);
+    config["quantization_config"] = q;
+    auto c = parse_model_config(config.dump(), "config.json");
+    ASSERT_FALSE(c.is_ok()) << q.dump();
+    EXPECT_NE(c.status().message().find(needle), std::string::npos) << c.status().message();
+    EXPECT_EQ(c.status().message().find('\n'), std::string::npos);
+  }
+}
+
+TEST(ModelConfig, PreQuantizedCheckpointsParse) {
   auto config = nlohmann::json::parse(kLlama31Config);
-  config["quantization_config"] = {{"quant_method", "awq"}, {"bits", 4}};
-  auto c = parse_model_config(config.dump(), "config.json");
-  ASSERT_FALSE(c.is_ok());
-  EXPECT_NE(c.status().message().find("quant_method 'awq'"), std::string::npos)
-      << c.status().message();
-  EXPECT_NE(c.status().message().find("not supported"), std::string::npos);
+  config["quantization_config"] = {{"quant_method", "awq"},
+                                   {"w_bit", 4},
+                                   {"q_group_size", 64},
+                                   {"zero_point", true},
+                                   {"version", "GEMM"}};
+  auto awq = parse_model_config(config.dump(), "config.json");
+  ASSERT_TRUE(awq.is_ok()) << awq.status().message();
+  EXPECT_EQ(awq->prequant.method, PrequantMethod::awq);
+  EXPECT_EQ(awq->prequant.group_size, 64);
+  EXPECT_FALSE(awq->prequant.zeros_minus_one);
+  // transformers' GPTQConfig defaults: group_size 128, sym true, desc_act false, format v1.
+  config["quantization_config"] = {{"quant_method", "gptq"}, {"bits", 4}};
+  auto gptq = parse_model_config(config.dump(), "config.json");
+  ASSERT_TRUE(gptq.is_ok()) << gptq.status().message();
+  EXPECT_EQ(gptq->prequant.method, PrequantMethod::gptq);
+  EXPECT_EQ(gptq->prequant.group_size, 128);
+  EXPECT_TRUE(gptq->prequant.sym);
+  EXPECT_TRUE(gptq->prequant.zeros_minus_one);
+  config["quantization_config"]["checkpoint_format"] = "gptq_v2";
+  config["quantization_config"]["sym"] = false;
+  auto v2 = parse_model_config(config.dump(), "config.json");
+  ASSERT_TRUE(v2.is_ok()) << v2.status().message();
+  EXPECT_FALSE(v2->prequant.zeros_minus_one);
+  EXPECT_FALSE(v2->prequant.sym);
+  // A converted model's config.json carries no quantization_config.
+  EXPECT_EQ(model_config_to_json(*v2).find("quantization_config"), std::string::npos);
 }
 
 }  // namespace

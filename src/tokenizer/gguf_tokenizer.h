@@ -13,7 +13,7 @@
 
 #include "core/status.h"
 #include "io/gguf.h"
-#include "tokenizer/chat_template.h"
+#include "template/chat_template.h"
 
 namespace kestrel {
 

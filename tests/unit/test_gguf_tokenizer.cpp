@@ -9,8 +9,8 @@
 #include <nlohmann/json.hpp>
 
 #include "gguf_image.h"
+#include "template/chat_template.h"
 #include "test_util.h"
-#include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kestrel {

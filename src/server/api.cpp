@@ -1,5 +1,7 @@
 #include "server/api.h"
+#include "server/server.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -375,6 +377,20 @@ std::string sse_event(const nlohmann::json& payload) {
   // dump() escapes newlines inside strings, so the event is one data line. Invalid UTF-8 (a
   // token budget that ended mid-character is already U+FFFD) is replaced, never thrown on.
   return "data: " + payload.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
+}
+
+// Defined here, not in server.cpp, so that builds without cpp-httplib (which leave server.cpp
+// out) still link the unit tests of it.
+bool constant_time_equal(const std::string& a, const std::string& b) {
+  // Every byte of the longer string is visited whatever the contents.
+  const size_t n = std::max(a.size(), b.size());
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
+    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
+    diff |= static_cast<unsigned char>(x ^ y);
+  }
+  return diff == 0;
 }
 
 }  // namespace kestrel::server

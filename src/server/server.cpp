@@ -15,18 +15,6 @@ namespace kestrel::server {
 
 using nlohmann::json;
 
-bool constant_time_equal(const std::string& a, const std::string& b) {
-  // Every byte of the longer string is visited whatever the contents.
-  const size_t n = std::max(a.size(), b.size());
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < n; ++i) {
-    const unsigned char x = i < a.size() ? static_cast<unsigned char>(a[i]) : 0;
-    const unsigned char y = i < b.size() ? static_cast<unsigned char>(b[i]) : 0;
-    diff |= static_cast<unsigned char>(x ^ y);
-  }
-  return diff == 0;
-}
-
 namespace {
 
 void send_json(httplib::Response& res, int status, const json& body) {

@@ -1,3 +1,4 @@
+#include <cstdlib>
 #include "backend/backend.h"
 
 #include <algorithm>
@@ -126,10 +127,20 @@ Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int thr
     }
     return load_cuda_backend();
   }
-  return Status::error("unknown device '" + device + "' (expected auto, cpu or cuda)");
+  const char* env = std::getenv("KESTREL_DEVICE");
+  const bool from_env = env != nullptr && device == env;
+  return Status::error("unknown device '" + device + "'" +
+                       (from_env ? " (from the environment variable KESTREL_DEVICE)" : "") +
+                       " (expected auto, cpu or cuda)");
 }
 
 std::string default_device() {
+  // KESTREL_DEVICE picks what "auto" means (the CPU test suite pins it to cpu on GPU machines);
+  // a device named on the command line still wins.
+  if (const char* env = std::getenv("KESTREL_DEVICE"); env != nullptr && *env != '\0' &&
+                                                        std::string(env) != "auto") {
+    return env;
+  }
   if (nvidia_driver_loaded() && !find_cuda_module().empty()) return "cuda";
   return "cpu";
 }

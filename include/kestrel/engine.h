@@ -54,6 +54,9 @@ struct EngineOptions {
   // (free device memory, or the host's available memory on the CPU) beside the workspace; at
   // least one full context, or Engine::create fails.
   double kv_memory_fraction = 0;
+  // The KV cache's entries (types.h); automatic: fp32 for fp32 weights, else fp16. The CPU
+  // backend keeps fp32 whatever is asked.
+  KvCacheType kv_cache = KvCacheType::automatic;
   bool progress = true;
   // A reservation decided beforehand (runtime/planner.h). When run_shape.max_batch_tokens > 0
   // the backend reserves exactly this shape, max_context, max_seqs and the KV pool settings

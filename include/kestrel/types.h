@@ -17,6 +17,18 @@ const char* format_name(WeightFormat format);
 // Accepts the names format_name() gives.
 Result<WeightFormat> parse_format(const std::string& name);
 
+// What a KV cache entry is. The CPU backend always keeps fp32. On CUDA, `automatic` is fp16,
+// or fp32 when the weights are fp32 (fp32 math end to end); fp8 is e4m3 with one fp32 scale per
+// (position, KV head) row.
+enum class KvCacheType : uint8_t { automatic, fp16, fp8, fp32 };
+
+// "auto", "fp16", "fp8", "fp32".
+const char* kv_cache_name(KvCacheType type);
+// Accepts the names kv_cache_name() gives.
+Result<KvCacheType> parse_kv_cache(const std::string& name);
+// What `automatic` means for weights of `format`: fp32 for fp32, else fp16.
+KvCacheType resolve_kv_cache(KvCacheType asked, WeightFormat format);
+
 // Positions per block of the KV cache: the cache is a pool of such blocks, and each sequence
 // slot's block table says which block holds its positions [16 b, 16 b + 16).
 constexpr int64_t kKvBlockSize = 16;
@@ -29,6 +41,7 @@ struct RunShape {
   int64_t max_batch_tokens = 0;  // tokens per forward call (prefill chunk or decode batch)
   int64_t max_logit_rows = 0;    // rows of logits per forward call
   int64_t kv_blocks = 0;         // blocks of the KV cache pool; 0: every slot's full context
+  KvCacheType kv_cache = KvCacheType::automatic;  // entry type, where the backend has a choice
 
   // Entries of one slot's block table.
   int64_t blocks_per_seq() const { return (max_context + kKvBlockSize - 1) / kKvBlockSize; }

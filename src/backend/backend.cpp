@@ -1,5 +1,5 @@
-#include <cstdlib>
 #include "backend/backend.h"
+#include <cstdlib>
 
 #include <algorithm>
 #include <filesystem>
@@ -137,8 +137,8 @@ Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int thr
 std::string default_device() {
   // KESTREL_DEVICE picks what "auto" means (the CPU test suite pins it to cpu on GPU machines);
   // a device named on the command line still wins.
-  if (const char* env = std::getenv("KESTREL_DEVICE"); env != nullptr && *env != '\0' &&
-                                                        std::string(env) != "auto") {
+  if (const char* env = std::getenv("KESTREL_DEVICE");
+      env != nullptr && *env != '\0' && std::string(env) != "auto") {
     return env;
   }
   if (nvidia_driver_loaded() && !find_cuda_module().empty()) return "cuda";

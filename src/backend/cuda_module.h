@@ -12,7 +12,7 @@
 
 // Bumped whenever Backend, ModelWeights or anything else passed across the module boundary
 // changes layout: a module from another build is refused instead of crashing.
-#define KESTREL_CUDA_MODULE_ABI 4
+#define KESTREL_CUDA_MODULE_ABI 5
 
 extern "C" {
 // Returns KESTREL_CUDA_MODULE_ABI as the module was compiled.

@@ -56,6 +56,8 @@ WorkspaceLayout workspace_layout(const ModelConfig& config, const RunShape& shap
   layout.types = types;
   layout.kv_cache_elements = size_t(config.n_layers) * size_t(shape.pool_blocks()) *
                              size_t(kKvBlockSize) * size_t(config.kv_dim());
+  layout.kv_cache_rows =
+      config.head_dim > 0 ? layout.kv_cache_elements / size_t(config.head_dim) : 0;
   int64_t per_token = 0, widest = 0, per_logit_row = 0;
   for (int i = 0; i < forward_scratch::kTokenTensors; ++i) {
     const int64_t width = forward_scratch::width(config, forward_scratch::Token(i));

@@ -26,7 +26,8 @@ int64_t width(const ModelConfig& config, Head tensor);
 
 // The element sizes and per-backend extras that turn a shape into bytes.
 struct WorkspaceTypes {
-  size_t kv_element_bytes = 4;          // KV cache entries (CPU fp32, CUDA fp16)
+  size_t kv_element_bytes = 4;          // KV cache entries (CPU fp32, CUDA fp16, fp8 or fp32)
+  size_t kv_row_bytes = 0;              // per (position, KV head) row beside them (fp8 scales)
   size_t activation_element_bytes = 4;  // scratch activations
   int64_t score_rows = 1;               // attention score rows of max_context (CPU: one a thread)
   size_t fixed_bytes = 0;  // what the backend holds whatever the shape (handles, pools)
@@ -34,6 +35,7 @@ struct WorkspaceTypes {
 
 struct WorkspaceLayout {
   size_t kv_cache_elements = 0;    // elements of the K cache, and as many of the V cache
+  size_t kv_cache_rows = 0;        // its (position, KV head) rows: elements / head_dim
   size_t activation_elements = 0;  // scratch for the per-token tensors of one forward call
   size_t logits_elements = 0;      // scratch for the rows of final norm and lm_head
   size_t scratch_elements = 0;     // activation + logits + alignment slack: one scratch arena
@@ -43,7 +45,9 @@ struct WorkspaceLayout {
   size_t kernel_scratch_bytes = 0;
   WorkspaceTypes types;
 
-  size_t kv_cache_bytes() const { return 2 * kv_cache_elements * types.kv_element_bytes; }
+  size_t kv_cache_bytes() const {
+    return 2 * (kv_cache_elements * types.kv_element_bytes + kv_cache_rows * types.kv_row_bytes);
+  }
   size_t scratch_bytes() const { return scratch_elements * types.activation_element_bytes; }
   size_t logits_bytes() const { return logits_elements * types.activation_element_bytes; }
   // Scratch and scores that are not logits: the "workspace of one prefill chunk".

@@ -46,10 +46,9 @@ Result<DeviceProfile> device_profile(const std::string& device, int threads) {
 }
 
 StepCost prefill_cost(const WeightSpec& spec, int64_t n_tokens, int64_t context_end,
-                      size_t kv_element_bytes) {
+                      double kv_entry_bytes) {
   const ModelConfig& c = spec.config;
-  const double per_position_kv =
-      double(c.n_layers) * 2.0 * double(c.kv_dim()) * double(kv_element_bytes);
+  const double per_position_kv = double(c.n_layers) * 2.0 * double(c.kv_dim()) * kv_entry_bytes;
   // Token at position p attends to p + 1 positions: q·K and p·V, 2 flops each, every layer.
   const double first = double(context_end - n_tokens + 1);
   const double last = double(context_end);
@@ -63,10 +62,9 @@ StepCost prefill_cost(const WeightSpec& spec, int64_t n_tokens, int64_t context_
 }
 
 StepCost decode_cost(const WeightSpec& spec, int64_t n_seqs, int64_t context,
-                     size_t kv_element_bytes) {
+                     double kv_entry_bytes) {
   const ModelConfig& c = spec.config;
-  const double per_position_kv =
-      double(c.n_layers) * 2.0 * double(c.kv_dim()) * double(kv_element_bytes);
+  const double per_position_kv = double(c.n_layers) * 2.0 * double(c.kv_dim()) * kv_entry_bytes;
   StepCost cost;
   cost.bytes =
       double(planned_decode_bytes(spec)) + per_position_kv * double(context) * double(n_seqs);

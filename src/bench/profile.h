@@ -34,10 +34,10 @@ struct StepCost {
 };
 // A prefill chunk of `n_tokens` ending at position `context_end` of one sequence.
 StepCost prefill_cost(const WeightSpec& spec, int64_t n_tokens, int64_t context_end,
-                      size_t kv_element_bytes);
+                      double kv_entry_bytes);
 // A decode step of `n_seqs` sequences whose caches hold `context` positions after the step.
 StepCost decode_cost(const WeightSpec& spec, int64_t n_seqs, int64_t context,
-                     size_t kv_element_bytes);
+                     double kv_entry_bytes);
 // The time a step needs at the profile's rates: the larger of its memory and compute times.
 double expected_seconds(const StepCost& cost, const DeviceProfile& profile);
 

@@ -51,12 +51,16 @@ std::string seconds_text(double seconds) {
   return text;
 }
 
-// KV cache element size of `backend`, from its own reservation layout.
-size_t kv_element_bytes(const Backend& backend, const ModelConfig& config) {
+// Bytes a KV cache entry of `backend` takes, its row's scale shared out (fp8), from the
+// backend's own reservation layout.
+double kv_entry_bytes(const Backend& backend, const ModelConfig& config, KvCacheType kv_cache) {
   RunShape one;
   one.max_seqs = one.max_context = one.max_batch_tokens = one.max_logit_rows = 1;
+  one.kv_cache = kv_cache;
   auto layout = backend.reserve_layout(config, one);
-  return layout.is_ok() ? layout->types.kv_element_bytes : sizeof(uint16_t);
+  if (!layout.is_ok()) return double(sizeof(uint16_t));
+  return double(layout->types.kv_element_bytes) +
+         double(layout->types.kv_row_bytes) / double(std::max<int64_t>(1, config.head_dim));
 }
 
 }  // namespace
@@ -158,7 +162,8 @@ double Runner::expected_seconds(const BenchCase& c) {
   auto spec = weight_spec_of(c.source, c.format, c.format_explicit, options_.block);
   if (!spec.is_ok() || !ensure_backend().is_ok()) return 0;
   const Backend& backend = engine_ ? engine_->backend() : *spare_backend_;
-  const size_t kv_bytes = kv_element_bytes(backend, spec->config);
+  const double kv_bytes =
+      kv_entry_bytes(backend, spec->config, resolve_kv_cache(options_.kv_cache, spec->format));
   const int64_t chunk = std::max<int64_t>(1, std::min(options_.prefill_chunk, c.in_len));
   double trial = 0;
   for (int64_t begin = 0; begin < c.in_len; begin += chunk) {
@@ -247,9 +252,12 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
   inputs.prefill_chunk = options_.prefill_chunk;
   inputs.reserve_bytes = profile_.reserve_bytes;
   inputs.host_logits = profile_.host_memory;
+  const KvCacheType kv_cache = resolve_kv_cache(options_.kv_cache, spec.format);
   const LayoutOf layout_of = [&](const RunShape& shape) {
     const Backend& backend = engine_ ? engine_->backend() : *spare_backend_;
-    return backend.reserve_layout(spec.config, shape);
+    RunShape typed = shape;
+    typed.kv_cache = kv_cache;
+    return backend.reserve_layout(spec.config, typed);
   };
   auto plan = plan_memory(inputs, budget, layout_of);
   if (!plan.is_ok()) {
@@ -301,6 +309,8 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
     engine_options.prefill_chunk = options_.prefill_chunk;
     engine_options.progress = false;
     engine_options.run_shape = plan->shape;
+    engine_options.run_shape.kv_cache = kv_cache;
+    engine_options.kv_cache = kv_cache;
     // Building the weights reads the disk and converts rows, whose speed no estimate knows: it
     // is watched for stalls, not held to a deadline (--step-timeout is for forward calls).
     watchdog_->arm_until_stall("building the weights of " + c.model, profile_.load_stall_s);
@@ -327,7 +337,7 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
   const bool rss_peak = profile_.host_memory && reset_peak_rss();
   min_free_ = backend.free_memory();
 
-  const size_t kv_bytes = kv_element_bytes(backend, spec.config);
+  const double kv_bytes = kv_entry_bytes(backend, spec.config, kv_cache);
   const int n_runs = c.warm_up + c.num_trials;
   bool interrupted = false;
   int run_index = 0;
@@ -415,7 +425,7 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
     // 1 .. out_len - 1 that is in_len + out_len / 2 positions on average.
     const double mean_context = double(c.in_len) + double(c.out_len) / 2.0;
     const double kv_read = double(c.batch_size * c.num_beams) * mean_context * double(m.n_layers) *
-                           2.0 * double(m.kv_dim()) * double(kv_bytes);
+                           2.0 * double(m.kv_dim()) * kv_bytes;
     result.step_bytes = double(result.decode_bytes) + kv_read;
     result.achieved_gbs = result.step_bytes / next_s / 1e9;
     result.roofline_pct = result.achieved_gbs / roofline_.bandwidth_gbs * 100.0;

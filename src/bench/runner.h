@@ -74,6 +74,7 @@ struct RunnerOptions {
   // several prompts shares one dequantization of every weight (bench rows of batch > 1).
   int64_t prefill_chunk = 0;
   int block = 32;
+  KvCacheType kv_cache = KvCacheType::automatic;  // resolved per case from its weight format
   double deadline_factor = 10;  // step deadline = factor x expected time + the device's floor
   double step_timeout_s = 0;    // > 0: this deadline for every step instead
   double hang_grace_s = 30;     // past the deadline by this much, a step counts as a hang

@@ -153,6 +153,34 @@ Result<WeightFormat> parse_format(const std::string& name) {
                        "' (expected sym_int4, asym_int4, sym_int8, fp16, bf16 or fp32)");
 }
 
+const char* kv_cache_name(KvCacheType type) {
+  switch (type) {
+    case KvCacheType::automatic:
+      return "auto";
+    case KvCacheType::fp16:
+      return "fp16";
+    case KvCacheType::fp8:
+      return "fp8";
+    case KvCacheType::fp32:
+      return "fp32";
+  }
+  return "?";
+}
+
+Result<KvCacheType> parse_kv_cache(const std::string& name) {
+  for (KvCacheType t :
+       {KvCacheType::automatic, KvCacheType::fp16, KvCacheType::fp8, KvCacheType::fp32}) {
+    if (name == kv_cache_name(t)) return t;
+  }
+  return Status::error("unknown KV cache type " + quote_untrusted(name, 40) +
+                       " (expected auto, fp16, fp8 or fp32)");
+}
+
+KvCacheType resolve_kv_cache(KvCacheType asked, WeightFormat format) {
+  if (asked != KvCacheType::automatic) return asked;
+  return format == WeightFormat::fp32 ? KvCacheType::fp32 : KvCacheType::fp16;
+}
+
 Status check_block(WeightFormat format, int block) {
   if (!is_quantized(format) || block == 32 || block == 64) return Status::ok();
   return Status::error(std::string(format_name(format)) + " needs block 32 or 64, got " +

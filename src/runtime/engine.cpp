@@ -128,6 +128,9 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
   }
   KS_RETURN_IF_ERROR(engine->backend_->upload(*engine->weights_));
   RunShape shape = options.run_shape;
+  if (shape.kv_cache == KvCacheType::automatic) {
+    shape.kv_cache = resolve_kv_cache(options.kv_cache, engine->weights_->format);
+  }
   if (shape.max_batch_tokens <= 0) {
     shape.max_seqs = options.max_seqs;
     shape.max_context = max_context;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <tuple>
 
 #include "cuda_test_util.h"
 
@@ -395,20 +396,35 @@ INSTANTIATE_TEST_SUITE_P(Formats, CudaEmbed, ::testing::ValuesIn(kFormats), form
 
 // --- attention -------------------------------------------------------------------------------
 
-class CudaAttention : public ::testing::TestWithParam<int> {};
+using AttentionCase = std::tuple<int, KvCacheType>;  // head_dim, CUDA KV cache entries
+
+class CudaAttention : public ::testing::TestWithParam<AttentionCase> {};
 
 // One model-shaped sequence of calls on both backends: two prefill chunks of one sequence
-// (flash path for head_dim 64/128), prompts of two more sequences, a mixed decode batch of all
-// three, a 20-token batch interleaving two sequences (twenty one-token runs), and the chunks of
-// two prompts packed into one call (two runs, each its own flash launch).
+// (flash path for head_dim 64/128 over fp16 and fp8 caches), prompts of two more sequences, a
+// mixed decode batch of all three, a 20-token batch interleaving two sequences (twenty one-token
+// runs), the chunks of two prompts packed into one call (two runs, each its own flash launch),
+// and a 16-token decode batch at 600 positions, whose splits walk several chunks each. The CPU
+// keeps fp32 entries; the bound says what the CUDA cache's entries cost.
 TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
-  const int head_dim = GetParam();
+  const auto [head_dim, kv_cache] = GetParam();
   const int n_heads = 8, n_kv = 2;
   ModelWeights weights;
   weights.config = small_config(n_heads * head_dim, 64, n_heads, n_kv, head_dim, 16);
   weights.layers.resize(2);
+  RunShape shape{3, 1024, 512, 512};
+  shape.kv_cache = kv_cache;
+  if (kv_cache == KvCacheType::fp8 && head_dim % 16 != 0) {
+    auto gpu = make_cuda_backend();
+    ASSERT_TRUE(gpu.is_ok()) << gpu.status().message();
+    ASSERT_TRUE((*gpu)->upload(weights).is_ok());
+    const Status s = (*gpu)->reserve(weights.config, shape);
+    ASSERT_FALSE(s.is_ok());
+    EXPECT_NE(s.message().find("multiple of 16"), std::string::npos) << s.message();
+    return;
+  }
   BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, RunShape{3, 512, 160, 160}));
+  ASSERT_TRUE(pair.init(weights, shape));
   const RopeParams p{head_dim, n_heads, n_kv};
   const int64_t q_dim = n_heads * head_dim, kv_dim = n_kv * head_dim;
 
@@ -443,6 +459,17 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
   packed.seqs.insert(packed.seqs.end(), second.seqs.begin(), second.seqs.end());
   calls.push_back(packed);
   calls.push_back(Call{{148}, {0}});
+  calls.push_back(run_of(0, 149, 451));
+  Call wide;
+  for (int32_t i = 0; i < 10; ++i) {
+    wide.positions.push_back(600 + i);
+    wide.seqs.push_back(0);
+  }
+  for (int32_t i = 0; i < 6; ++i) {
+    wide.positions.push_back(91 + i);
+    wide.seqs.push_back(1);
+  }
+  calls.push_back(wide);
 
   uint64_t seed = 1000 + uint64_t(head_dim);
   for (size_t ci = 0; ci < calls.size(); ++ci) {
@@ -480,14 +507,25 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
         ASSERT_TRUE(s.is_ok()) << s.message();
         results[i++] = fetch(*b, *out);
       }
-      // fp16 queries, keys, values and probabilities: ~1e-3.
-      EXPECT_LE(rel_error(results[1], results[0]), 5e-3)
+      // fp16 queries, keys, values and probabilities: ~1e-3. fp8 entries (3 mantissa bits,
+      // relative rounding up to 1/16): a few percent. fp32 entries: fp32 arithmetic.
+      const double bound = kv_cache == KvCacheType::fp8    ? 6e-2
+                           : kv_cache == KvCacheType::fp32 ? 1e-5
+                                                           : 5e-3;
+      EXPECT_LE(rel_error(results[1], results[0]), bound)
           << "call " << ci << " (" << n << " tokens) layer " << layer;
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(HeadDims, CudaAttention, ::testing::Values(64, 128, 24));
+INSTANTIATE_TEST_SUITE_P(HeadDims, CudaAttention,
+                         ::testing::Combine(::testing::Values(64, 128, 24),
+                                            ::testing::Values(KvCacheType::automatic,
+                                                              KvCacheType::fp8, KvCacheType::fp32)),
+                         [](const ::testing::TestParamInfo<AttentionCase>& info) {
+                           return "d" + std::to_string(std::get<0>(info.param)) + "_" +
+                                  kv_cache_name(std::get<1>(info.param));
+                         });
 
 // The decode step's fused launches: matmul + residual add, gate/up + swiglu (its shadow feeding
 // the down projection), against the CPU's separate ops; every intermediate is compared too.

@@ -56,6 +56,22 @@ TEST(QuantFormat, NamesRoundTrip) {
   EXPECT_NE(bad.status().message().find("q4_0"), std::string::npos);
 }
 
+// --kv-cache names, and what `auto` means: fp32 entries for fp32 weights, fp16 otherwise.
+TEST(KvCacheType, NamesRoundTripAndAutoFollowsTheWeights) {
+  for (KvCacheType t :
+       {KvCacheType::automatic, KvCacheType::fp16, KvCacheType::fp8, KvCacheType::fp32}) {
+    auto parsed = parse_kv_cache(kv_cache_name(t));
+    ASSERT_TRUE(parsed.is_ok()) << kv_cache_name(t);
+    EXPECT_EQ(*parsed, t);
+  }
+  auto bad = parse_kv_cache("q8_0");
+  ASSERT_FALSE(bad.is_ok());
+  EXPECT_NE(bad.status().message().find("expected auto, fp16, fp8 or fp32"), std::string::npos);
+  EXPECT_EQ(resolve_kv_cache(KvCacheType::automatic, WeightFormat::fp32), KvCacheType::fp32);
+  EXPECT_EQ(resolve_kv_cache(KvCacheType::automatic, WeightFormat::sym_int4), KvCacheType::fp16);
+  EXPECT_EQ(resolve_kv_cache(KvCacheType::fp8, WeightFormat::fp32), KvCacheType::fp8);
+}
+
 TEST(QuantFormat, BytesPerWeight) {
   EXPECT_EQ(data_bytes_per_weight(WeightFormat::fp32), 4.0);
   EXPECT_EQ(data_bytes_per_weight(WeightFormat::fp16), 2.0);

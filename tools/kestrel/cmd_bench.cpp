@@ -87,6 +87,7 @@ struct BenchFlags {
   std::string device = "auto";
   std::string max_memory;
   std::string low_bit;
+  std::string kv_cache = "auto";
   int block = 32;
   int threads = 0;
   std::string prompt_lengths = "512";
@@ -132,6 +133,7 @@ class BenchCommand {
     o.device = flags_.device == "auto" ? default_device() : flags_.device;
     check_range("-t", flags_.threads, 0, kMaxThreads);
     o.threads = flags_.threads;
+    o.kv_cache = unwrap(parse_kv_cache(flags_.kv_cache), "--kv-cache");
     if (flags_.max_memory_given) {
       auto size = bench::parse_size(flags_.max_memory);
       if (!size.is_ok()) fail("--max-memory: " + size.status().message());
@@ -422,6 +424,11 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
       "memory a configuration may plan for, e.g. 24GB or 512MiB (default: free memory)");
   bench->add_option("--low-bit", flags->low_bit, "quick mode weight format (default sym_int4)");
   bench->add_option("--block", flags->block, "weights per scale for quantized formats (32 or 64)");
+  bench
+      ->add_option("--kv-cache", flags->kv_cache,
+                   "KV cache entries on CUDA: fp16, fp8, fp32, or auto (fp32 for fp32 weights, "
+                   "else fp16); the CPU keeps fp32")
+      ->capture_default_str();
   bench->add_option("-t,--threads", flags->threads, "CPU threads (0: all)");
   bench->add_option("-p,--n-prompt", flags->prompt_lengths,
                     "quick mode prompt lengths, e.g. 512 or 128,512");

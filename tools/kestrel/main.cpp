@@ -114,6 +114,10 @@ void ModelFlags::add_to(CLI::App* app) {
       ->capture_default_str();
   app->add_option("--device", device, "cpu, cuda, or auto: cuda when built in and present")
       ->capture_default_str();
+  app->add_option("--kv-cache", kv_cache,
+                  "KV cache entries on CUDA: fp16, fp8 (e4m3, a scale per row: half the memory), "
+                  "fp32, or auto (fp32 for fp32 weights, else fp16); the CPU keeps fp32")
+      ->capture_default_str();
   app->add_option("--n-gpu-layers,--gpu-layers", gpu_layers,
                   "(-ngl N) llama.cpp habit: any N > 0 runs every layer on CUDA, 0 on the CPU");
   app->add_option("-t,--threads", threads, "CPU threads (0: all)")->capture_default_str();
@@ -139,6 +143,7 @@ EngineOptions ModelFlags::engine_options() const {
   options.threads = threads;
   options.max_context = context;
   options.prefill_chunk = batch;
+  options.kv_cache = unwrap(parse_kv_cache(kv_cache), "--kv-cache");
   options.progress = !quiet;
   return options;
 }

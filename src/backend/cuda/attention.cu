@@ -1,5 +1,8 @@
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
+
+#include <cuda_fp8.h>
 
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/cuda_check.cuh"
@@ -14,198 +17,41 @@ constexpr int kPrefillRows = 64;
 constexpr int kPrefillKeys = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Element offset of (layer, slot, KV head, position) in K or V, through the slot's block table.
+// Row of (layer, slot, KV head, position) in K or V, through the slot's block table: entries
+// start at row * head_dim, an fp8 row's scale is scale[row].
+__device__ inline int64_t cache_row(const KvCache& c, int64_t layer, int64_t seq, int64_t kvh,
+                                    int64_t pos) {
+  const int64_t block = c.block_tables[seq * c.table_stride + pos / kKvBlockSize];
+  return ((layer * c.n_blocks + block) * c.n_kv_heads + kvh) * kKvBlockSize + pos % kKvBlockSize;
+}
+
 __device__ inline int64_t cache_offset(const KvCache& c, int64_t layer, int64_t seq, int64_t kvh,
                                        int64_t pos) {
-  const int64_t block = c.block_tables[seq * c.table_stride + pos / kKvBlockSize];
-  return (((layer * c.n_blocks + block) * c.n_kv_heads + kvh) * kKvBlockSize + pos % kKvBlockSize) *
-         c.head_dim;
+  return cache_row(c, layer, seq, kvh, pos) * c.head_dim;
 }
 
-__global__ void kv_write_kernel(AttentionArgs a, KvCache c) {
-  pdl_wait();
-  pdl_trigger();
-  const int64_t t = blockIdx.x;
-  const int64_t pos = a.positions[t];
-  const int64_t seq = a.seq_ids[t];
-  const int kv_dim = c.n_kv_heads * c.head_dim;
-  for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-    const int kvh = i / c.head_dim;
-    const int d = i % c.head_dim;
-    const int64_t off = cache_offset(c, a.layer, seq, kvh, pos) + d;
-    c.k[off] = __float2half_rn(a.k[t * kv_dim + i]);
-    c.v[off] = __float2half_rn(a.v[t * kv_dim + i]);
-  }
-}
+// The element types of the three caches: storage, and conversion to and from float.
+template <KvType kType>
+struct Kv;
+template <>
+struct Kv<KvType::f16> {
+  using T = __half;
+  __device__ static T from(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Kv<KvType::f8> {
+  using T = __nv_fp8_storage_t;
+  __device__ static T from(float x) { return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3); }
+};
+template <>
+struct Kv<KvType::f32> {
+  using T = float;
+  __device__ static T from(float x) { return x; }
+};
 
-// rope_kernel (rope.cu) and kv_write_kernel fused. Blocks are (token, group of heads_per_block
-// heads: query heads, then KV heads); KV heads also write their V row. Decode launches a block
-// per head, a thread per rotated pair, so the launch is one round of loads and stores (a block
-// per token looping over 40 heads of 128 took ten dependent rounds, ~10 us of an 8B decode
-// layer); prefill keeps a block per token, whose loop is already wide enough.
-__global__ void rope_kv_write_kernel(float* q, float* k, AttentionArgs a, KvCache c,
-                                     const float* inv_freq, int heads_per_block) {
-  pdl_wait();
-  pdl_trigger();
-  const int64_t t = blockIdx.x;
-  const int64_t pos = a.positions[t];
-  const int64_t seq = a.seq_ids[t];
-  const int head_dim = c.head_dim;
-  const int half = head_dim / 2;
-  const int first = int(blockIdx.y) * heads_per_block;
-  const int n = min(heads_per_block, a.n_heads + c.n_kv_heads - first);
-  for (int idx = threadIdx.x; idx < n * half; idx += blockDim.x) {
-    const int head = first + idx / half;
-    const int i = idx % half;
-    float sin_v, cos_v;
-    sincosf(float(pos) * inv_freq[i], &sin_v, &cos_v);
-    const bool is_q = head < a.n_heads;
-    const int kvh = head - a.n_heads;
-    float* base =
-        is_q ? q + (t * a.n_heads + head) * head_dim : k + (t * c.n_kv_heads + kvh) * head_dim;
-    const float x0 = base[i];
-    const float x1 = base[i + half];
-    const float r0 = x0 * cos_v - x1 * sin_v;
-    const float r1 = x1 * cos_v + x0 * sin_v;
-    base[i] = r0;
-    base[i + half] = r1;
-    if (!is_q) {
-      __half* dst = c.k + cache_offset(c, a.layer, seq, kvh, pos);
-      dst[i] = __float2half_rn(r0);
-      dst[i + half] = __float2half_rn(r1);
-    }
-  }
-  const int kv_first = max(first, a.n_heads);  // this block's KV heads write their V rows
-  for (int idx = threadIdx.x; idx < (first + n - kv_first) * head_dim; idx += blockDim.x) {
-    const int kvh = kv_first - a.n_heads + idx / head_dim;
-    const int d = idx % head_dim;
-    c.v[cache_offset(c, a.layer, seq, kvh, pos) + d] =
-        __float2half_rn(a.v[(t * c.n_kv_heads + kvh) * head_dim + d]);
-  }
-}
+constexpr float kFp8Max = 448.0f;  // e4m3's largest finite value
 
-// Row stride, in 32-bit words, of the K and V tiles in shared memory: 16-byte aligned rows,
-// offset by 4 banks from row to row so that the 8 keys a warp reads at once hit distinct banks.
-__host__ __device__ inline int tile_stride_words(int head_dim) {
-  return head_dim / 2 + 4;
-}
-
-// Dynamic shared memory of the split kernel.
-inline size_t split_smem_bytes(int group, int head_dim) {
-  return size_t(group) * size_t(head_dim + kDecodeSplit) * sizeof(float) +
-         2 * size_t(kDecodeSplit) * size_t(tile_stride_words(head_dim)) * sizeof(uint32_t);
-}
-
-// One block per (split of 32 keys, KV head, token): the split's K and V rows are staged in
-// shared memory with every load in flight at once, then the group's query heads score the keys,
-// take their local softmax (max and sum kept for the merge) and the weighted sum of V. Splits
-// past the token's position exit at once, so launch shapes never depend on positions.
-template <int kD>  // head_dim, or 0 to read it at run time
-__global__ void __launch_bounds__(kDecodeThreads)
-    attention_split_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws, int64_t token_begin) {
-  pdl_wait();
-  pdl_trigger();
-  const int split = blockIdx.x;
-  const int kvh = blockIdx.y;
-  const int64_t local = blockIdx.z;
-  const int64_t t = token_begin + local;
-  const int64_t n_ctx = int64_t(a.positions[t]) + 1;
-  const int64_t key_begin = int64_t(split) * kDecodeSplit;
-  if (key_begin >= n_ctx) return;
-  const int n_keys = int(n_ctx - key_begin < kDecodeSplit ? n_ctx - key_begin : kDecodeSplit);
-  const int D = kD > 0 ? kD : c.head_dim;
-  const int G = a.n_heads / c.n_kv_heads;
-  const int stride = tile_stride_words(D);
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-
-  extern __shared__ float smem[];
-  float* q_s = smem;                                                    // [G, D] scaled queries
-  float* p_s = q_s + G * D;                                             // [G, 32] scores, then p
-  uint32_t* k_s = reinterpret_cast<uint32_t*>(p_s + G * kDecodeSplit);  // [32, stride] half2
-  uint32_t* v_s = k_s + kDecodeSplit * stride;                          // [32, stride] half2
-
-  // A split of 32 keys spans two blocks of the cache; each row is found through the table.
-  const int64_t seq = a.seq_ids[t];
-  if (D % 8 == 0) {
-    const int chunks = D / 8;  // 16-byte pieces per row
-    for (int i = tid; i < n_keys * chunks; i += kDecodeThreads) {
-      const int j = i / chunks;
-      const int ch = i % chunks;
-      const int64_t off = cache_offset(c, a.layer, seq, kvh, key_begin + j) + ch * 8;
-      *reinterpret_cast<uint4*>(k_s + j * stride + ch * 4) =
-          *reinterpret_cast<const uint4*>(c.k + off);
-      *reinterpret_cast<uint4*>(v_s + j * stride + ch * 4) =
-          *reinterpret_cast<const uint4*>(c.v + off);
-    }
-  } else {
-    for (int i = tid; i < n_keys * (D / 2); i += kDecodeThreads) {
-      const int j = i / (D / 2);
-      const int pr = i % (D / 2);
-      const int64_t off = cache_offset(c, a.layer, seq, kvh, key_begin + j);
-      k_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(c.k + off)[pr];
-      v_s[j * stride + pr] = reinterpret_cast<const uint32_t*>(c.v + off)[pr];
-    }
-  }
-  const float scale = 1.0f / sqrtf(float(D));
-  const float* q = a.q + t * int64_t(a.n_heads) * D + int64_t(kvh) * G * D;
-  for (int i = tid; i < G * D; i += kDecodeThreads) q_s[i] = q[i] * scale;
-  __syncthreads();
-
-  {
-    // Four lanes per key, each taking every fourth pair of dimensions.
-    const int j = tid >> 2;
-    const int part = tid & 3;
-    const bool valid = j < n_keys;
-    const uint32_t* k_row = k_s + j * stride;
-    for (int g = 0; g < G; ++g) {
-      float dot = 0.0f;
-      if (valid) {
-#pragma unroll 8
-        for (int pr = part; pr < D / 2; pr += 4) {
-          const float2 kf = __half22float2(*reinterpret_cast<const __half2*>(&k_row[pr]));
-          dot += q_s[g * D + 2 * pr] * kf.x + q_s[g * D + 2 * pr + 1] * kf.y;
-        }
-      }
-      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-      if (valid && part == 0) p_s[g * kDecodeSplit + j] = dot;
-    }
-  }
-  __syncthreads();
-
-  for (int g = warp; g < G; g += kDecodeThreads / 32) {
-    const float s = lane < n_keys ? p_s[g * kDecodeSplit + lane] : -INFINITY;
-    const float m = warp_max(s);
-    const float p = lane < n_keys ? expf(s - m) : 0.0f;
-    const float l = warp_sum(p);
-    p_s[g * kDecodeSplit + lane] = p;
-    if (lane == 0) {
-      float* ml = ws.ml + ((local * a.n_heads + kvh * G + g) * ws.max_splits + split) * 2;
-      ml[0] = m;
-      ml[1] = l;
-    }
-  }
-  __syncthreads();
-
-  for (int idx = tid; idx < G * (D / 2); idx += kDecodeThreads) {
-    const int g = idx / (D / 2);
-    const int pr = idx % (D / 2);
-    float2 acc = make_float2(0.0f, 0.0f);
-#pragma unroll 8
-    for (int j = 0; j < n_keys; ++j) {
-      const float p = p_s[g * kDecodeSplit + j];
-      const float2 vf = __half22float2(*reinterpret_cast<const __half2*>(&v_s[j * stride + pr]));
-      acc.x += p * vf.x;
-      acc.y += p * vf.y;
-    }
-    float* o = ws.o + ((local * a.n_heads + kvh * G + g) * ws.max_splits + split) * D;
-    o[2 * pr] = acc.x;
-    o[2 * pr + 1] = acc.y;
-  }
-}
-
+// Every thread of the block gets the largest v of the block.
 __device__ inline float block_max(float v, float* scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -217,11 +63,374 @@ __device__ inline float block_max(float v, float* scratch) {
   return warp_max(lane < n_warps ? scratch[lane] : -INFINITY);
 }
 
+// Stores one cache row (K or V of one KV head at one position) whose elements i and i + half
+// are x0 and x1 in thread i (threads past `half` hold nothing). fp8 rows are scaled by the
+// row's largest magnitude, found over the whole block: every thread of the block must call.
+template <KvType kType>
+__device__ inline void store_row(void* cache, float* scales, int64_t row, int head_dim, int i,
+                                 float x0, float x1, float* scratch) {
+  using T = typename Kv<kType>::T;
+  const int half = head_dim / 2;
+  const bool mine = i < half;
+  T* dst = static_cast<T*>(cache) + row * head_dim;
+  if constexpr (kType == KvType::f8) {
+    const float amax = block_max(mine ? fmaxf(fabsf(x0), fabsf(x1)) : 0.0f, scratch);
+    const float scale = amax > 0.0f ? amax / kFp8Max : 1.0f;
+    const float inv = amax > 0.0f ? kFp8Max / amax : 1.0f;
+    if (mine) {
+      dst[i] = Kv<kType>::from(x0 * inv);
+      dst[i + half] = Kv<kType>::from(x1 * inv);
+    }
+    if (threadIdx.x == 0) scales[row] = scale;
+  } else if (mine) {
+    dst[i] = Kv<kType>::from(x0);
+    dst[i + half] = Kv<kType>::from(x1);
+  }
+}
+
+// Stores the batch's k and v rows: a block per (token, KV head), a thread per pair (i, i + half).
+template <KvType kType>
+__global__ void kv_write_kernel(AttentionArgs a, KvCache c) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ float scratch[32];
+  const int64_t t = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int64_t row = cache_row(c, a.layer, a.seq_ids[t], kvh, a.positions[t]);
+  const int half = c.head_dim / 2;
+  const int64_t kv_dim = int64_t(c.n_kv_heads) * c.head_dim;
+  const float* k = a.k + t * kv_dim + int64_t(kvh) * c.head_dim;
+  const float* v = a.v + t * kv_dim + int64_t(kvh) * c.head_dim;
+  for (int base = 0; base < half; base += blockDim.x) {  // fp8: blockDim.x >= half, one round
+    const int i = base + threadIdx.x;
+    const bool mine = i < half;
+    store_row<kType>(c.k, c.k_scale, row, c.head_dim, i, mine ? k[i] : 0.0f,
+                     mine ? k[i + half] : 0.0f, scratch);
+    store_row<kType>(c.v, c.v_scale, row, c.head_dim, i, mine ? v[i] : 0.0f,
+                     mine ? v[i + half] : 0.0f, scratch);
+  }
+}
+
+// rope_kernel (rope.cu) and kv_write_kernel fused. Blocks are (token, head: query heads, then
+// KV heads), a thread per rotated pair, so a decode step's launch is one round of loads and
+// stores; KV heads also store their rotated K row and their V row in the cache.
+template <KvType kType>
+__global__ void rope_kv_write_kernel(float* q, float* k, AttentionArgs a, KvCache c,
+                                     const float* inv_freq) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ float scratch[32];
+  const int64_t t = blockIdx.x;
+  const int head = blockIdx.y;
+  const int64_t pos = a.positions[t];
+  const int head_dim = c.head_dim;
+  const int half = head_dim / 2;
+  const bool is_q = head < a.n_heads;
+  const int kvh = head - a.n_heads;
+  float* base =
+      is_q ? q + (t * a.n_heads + head) * head_dim : k + (t * c.n_kv_heads + kvh) * head_dim;
+  const int64_t row = is_q ? 0 : cache_row(c, a.layer, a.seq_ids[t], kvh, pos);
+  const float* v = a.v + (t * c.n_kv_heads + kvh) * head_dim;
+  for (int b = 0; b < half; b += blockDim.x) {  // fp8: blockDim.x >= half, one round
+    const int i = b + threadIdx.x;
+    float r0 = 0.0f, r1 = 0.0f;
+    if (i < half) {
+      // As HF: the angle is an fp32 product, then fp32 cos and sin.
+      float sin_v, cos_v;
+      sincosf(float(pos) * inv_freq[i], &sin_v, &cos_v);
+      const float x0 = base[i];
+      const float x1 = base[i + half];
+      r0 = x0 * cos_v - x1 * sin_v;
+      r1 = x1 * cos_v + x0 * sin_v;
+      base[i] = r0;
+      base[i + half] = r1;
+    }
+    if (is_q) continue;  // uniform over the block
+    store_row<kType>(c.k, c.k_scale, row, head_dim, i, r0, r1, scratch);
+    store_row<kType>(c.v, c.v_scale, row, head_dim, i, i < half ? v[i] : 0.0f,
+                     i < half ? v[i + half] : 0.0f, scratch);
+  }
+}
+
+// Row stride, in 32-bit words, of the K and V chunks in shared memory: 16-byte aligned rows,
+// offset by 4 banks from row to row so that the 8 keys a warp reads at once hit distinct banks.
+__host__ __device__ inline int tile_stride_words(int head_dim, int entry_bytes) {
+  return head_dim * entry_bytes / 4 + 4;
+}
+
+// Floats of the split kernel's shared memory before its K and V stages: queries,
+// accumulators, scores, the running max, sum and rescale factor of each query head, rounded up
+// to 16 bytes.
+__host__ __device__ inline int split_smem_floats(int group, int head_dim) {
+  return (group * (2 * head_dim + kDecodeSplit + 3) + 3) / 4 * 4;
+}
+
+// Dynamic shared memory of the split kernel: the floats above and two stages of a K and a V
+// chunk.
+inline size_t split_smem_bytes(int group, int head_dim, int entry_bytes) {
+  const size_t converted =  // fp8 chunks converted to fp16
+      entry_bytes == 1 ? 2 * size_t(kDecodeSplit) * size_t(tile_stride_words(head_dim, 2)) : 0;
+  return size_t(split_smem_floats(group, head_dim)) * sizeof(float) +
+         (2 * 2 * size_t(kDecodeSplit) * size_t(tile_stride_words(head_dim, entry_bytes)) +
+          converted) *
+             sizeof(uint32_t);
+}
+
+// Copies `bytes` (4, 8 or 16; 0 zero-fills) from global to shared memory without the registers.
+__device__ inline void cp_async(void* smem, const void* global, int unit, bool live) {
+  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem));
+  const uint32_t n = live ? uint32_t(unit) : 0u;
+  if (unit == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global), "r"(n));
+  } else if (unit == 8) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(global), "r"(n));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(global), "r"(n));
+  }
+}
+
+// The entries of one 32-bit word of a staged row, as floats (2 fp16, 4 fp8 or 1 fp32).
+template <KvType kType>
+struct Word;
+template <>
+struct Word<KvType::f16> {
+  static constexpr int n = 2;
+  __device__ static void get(uint32_t w, float (&f)[2]) {
+    const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    f[0] = v.x;
+    f[1] = v.y;
+  }
+};
+template <>
+struct Word<KvType::f8> {
+  static constexpr int n = 4;
+  __device__ static void get(uint32_t w, float (&f)[4]) {
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w & 0xffffu), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w >> 16), __NV_E4M3);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&lo));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hi));
+    f[0] = a.x;
+    f[1] = a.y;
+    f[2] = b.x;
+    f[3] = b.y;
+  }
+};
+template <>
+struct Word<KvType::f32> {
+  static constexpr int n = 1;
+  __device__ static void get(uint32_t w, float (&f)[1]) { f[0] = __uint_as_float(w); }
+};
+
+// Chunks of 32 keys in a context of n_ctx positions, and how many of them each split walks.
+__host__ __device__ inline int64_t chunks_per_split(int64_t n_ctx, int n_splits) {
+  const int64_t chunks = (n_ctx + kDecodeSplit - 1) / kDecodeSplit;
+  return (chunks + n_splits - 1) / n_splits;
+}
+
+// One block per (split, KV head, token). A split walks its chunks of 32 keys with the next
+// chunk's K and V rows copied (cp.async) while the current one is used; the group's query
+// heads score the chunk's keys, update their running max and sum (online softmax) and their
+// weighted sums of V in shared memory. The partial results go to the workspace for the combine
+// kernel. Splits past the token's context exit at once, so launch shapes never depend on
+// positions. fp8 scales multiply the dot products (K) and the probabilities (V).
+template <int kD, KvType kType>  // head_dim, or 0 to read it at run time
+__global__ void __launch_bounds__(kDecodeThreads)
+    attention_split_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws, int64_t token_begin,
+                           int n_splits) {
+  pdl_wait();
+  pdl_trigger();
+  // fp8 chunks are converted to fp16 (scales applied) once as they land, and used as fp16.
+  constexpr bool kConvert = kType == KvType::f8;
+  constexpr KvType kUse = kConvert ? KvType::f16 : kType;
+  using W = Word<kUse>;
+  constexpr int kEntry = int(sizeof(typename Kv<kType>::T));
+  const int split = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int64_t local = blockIdx.z;
+  const int64_t t = token_begin + local;
+  const int64_t n_ctx = int64_t(a.positions[t]) + 1;
+  const int64_t per_split = chunks_per_split(n_ctx, n_splits);
+  const int64_t chunk_begin = int64_t(split) * per_split;
+  const int64_t n_chunks = (n_ctx + kDecodeSplit - 1) / kDecodeSplit;
+  if (chunk_begin >= n_chunks) return;
+  const int64_t chunk_end = min(n_chunks, chunk_begin + per_split);
+  const int D = kD > 0 ? kD : c.head_dim;
+  const int G = a.n_heads / c.n_kv_heads;
+  const int row_words = D * kEntry / 4;  // as stored
+  const int stride = row_words + 4;
+  const int use_words = D * int(sizeof(typename Kv<kUse>::T)) / 4;  // as used
+  const int use_stride = use_words + 4;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+
+  extern __shared__ float smem[];
+  float* q_s = smem;                    // [G, D] scaled queries
+  float* o_s = q_s + G * D;             // [G, D] weighted sums of V
+  float* p_s = o_s + G * D;             // [G, 32] scores, then probabilities
+  float* m_s = p_s + G * kDecodeSplit;  // [G] running max
+  float* l_s = m_s + G;                 // [G] running sum of exp
+  float* alpha_s = l_s + G;             // [G] this chunk's rescale of the sums
+  // [2][K, V][32, stride], 16-byte aligned for the copies; fp8: then [K, V][32, use_stride]
+  uint32_t* stages = reinterpret_cast<uint32_t*>(smem + split_smem_floats(G, D));
+  uint32_t* converted = stages + 2 * 2 * kDecodeSplit * stride;
+
+  const int64_t seq = a.seq_ids[t];
+  // Copy unit: the widest of 16, 8, 4 bytes that divides a row.
+  const int row_bytes = D * kEntry;
+  const int unit = row_bytes % 16 == 0 ? 16 : row_bytes % 8 == 0 ? 8 : 4;
+  const int units = row_bytes / unit;
+  auto issue = [&](int stage, int64_t chunk) {
+    uint32_t* k_s = stages + stage * 2 * kDecodeSplit * stride;
+    uint32_t* v_s = k_s + kDecodeSplit * stride;
+    const int64_t key0 = chunk * kDecodeSplit;
+    for (int i = tid; i < kDecodeSplit * units; i += kDecodeThreads) {
+      const int j = i / units;
+      const int u = i % units;
+      const bool live = key0 + j < n_ctx;
+      const int64_t off =
+          cache_offset(c, a.layer, seq, kvh, live ? key0 + j : 0) * kEntry + int64_t(u) * unit;
+      cp_async(reinterpret_cast<uint8_t*>(k_s + j * stride) + u * unit,
+               static_cast<const uint8_t*>(c.k) + off, unit, live);
+      cp_async(reinterpret_cast<uint8_t*>(v_s + j * stride) + u * unit,
+               static_cast<const uint8_t*>(c.v) + off, unit, live);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  issue(0, chunk_begin);
+
+  const float scale = 1.0f / sqrtf(float(D));
+  const float* q = a.q + t * int64_t(a.n_heads) * D + int64_t(kvh) * G * D;
+  for (int i = tid; i < G * D; i += kDecodeThreads) {
+    q_s[i] = q[i] * scale;
+    o_s[i] = 0.0f;
+  }
+  for (int g = tid; g < G; g += kDecodeThreads) {
+    m_s[g] = -INFINITY;
+    l_s[g] = 0.0f;
+  }
+
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    const int stage = int((chunk - chunk_begin) & 1);
+    if (chunk + 1 < chunk_end) {
+      issue(stage ^ 1, chunk + 1);
+      asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+    __syncthreads();
+    const uint32_t* k_s = stages + stage * 2 * kDecodeSplit * stride;
+    const uint32_t* v_s = k_s + kDecodeSplit * stride;
+    const int64_t key0 = chunk * kDecodeSplit;
+    const int n_keys = int(n_ctx - key0 < kDecodeSplit ? n_ctx - key0 : kDecodeSplit);
+    if constexpr (kConvert) {
+      // Word i of a row (4 entries) becomes words 2i, 2i + 1 of fp16 pairs, times the row scale.
+      uint32_t* ck = converted;
+      uint32_t* cv = ck + kDecodeSplit * use_stride;
+      for (int i = tid; i < kDecodeSplit * row_words; i += kDecodeThreads) {
+        const int j = i / row_words;
+        const int w = i % row_words;
+        float ks = 0.0f, vs = 0.0f;
+        if (j < n_keys) {
+          const int64_t row = cache_row(c, a.layer, seq, kvh, key0 + j);
+          ks = c.k_scale[row];
+          vs = c.v_scale[row];
+        }
+        float f[4];
+        Word<KvType::f8>::get(k_s[j * stride + w], f);
+        ck[j * use_stride + 2 * w] = pack_half2(f[0] * ks, f[1] * ks);
+        ck[j * use_stride + 2 * w + 1] = pack_half2(f[2] * ks, f[3] * ks);
+        Word<KvType::f8>::get(v_s[j * stride + w], f);
+        cv[j * use_stride + 2 * w] = pack_half2(f[0] * vs, f[1] * vs);
+        cv[j * use_stride + 2 * w + 1] = pack_half2(f[2] * vs, f[3] * vs);
+      }
+      __syncthreads();
+      k_s = ck;
+      v_s = cv;
+    }
+
+    {
+      // Four lanes per key, each taking every fourth word of the row.
+      const int j = tid >> 2;
+      const int part = tid & 3;
+      const bool valid = j < n_keys;
+      const uint32_t* k_row = k_s + j * use_stride;
+      for (int g = 0; g < G; ++g) {
+        float dot = 0.0f;
+        if (valid) {
+#pragma unroll 4
+          for (int w = part; w < use_words; w += 4) {
+            float f[W::n];
+            W::get(k_row[w], f);
+            if constexpr (W::n == 2) {
+              const float2 qv = *reinterpret_cast<const float2*>(&q_s[g * D + 2 * w]);
+              dot += qv.x * f[0] + qv.y * f[1];
+            } else {
+              dot += q_s[g * D + w] * f[0];
+            }
+          }
+        }
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+        if (part == 0) p_s[g * kDecodeSplit + j] = valid ? dot : -INFINITY;
+      }
+    }
+    __syncthreads();
+
+    for (int g = warp; g < G; g += kDecodeThreads / 32) {
+      const float s = p_s[g * kDecodeSplit + lane];
+      const float m_old = m_s[g];
+      const float m_new = fmaxf(m_old, warp_max(s));  // finite: the chunk has a key
+      const float p = lane < n_keys ? expf(s - m_new) : 0.0f;
+      const float sum = warp_sum(p);
+      p_s[g * kDecodeSplit + lane] = p;
+      __syncwarp();
+      if (lane == 0) {
+        const float alpha = expf(m_old - m_new);  // 0 on the first chunk
+        alpha_s[g] = alpha;
+        m_s[g] = m_new;
+        l_s[g] = l_s[g] * alpha + sum;
+      }
+    }
+    __syncthreads();
+
+    for (int idx = tid; idx < G * use_words; idx += kDecodeThreads) {
+      const int g = idx / use_words;
+      const int w = idx % use_words;
+      float acc[W::n] = {};
+#pragma unroll 8
+      for (int j = 0; j < n_keys; ++j) {
+        const float p = p_s[g * kDecodeSplit + j];
+        float f[W::n];
+        W::get(v_s[j * use_stride + w], f);
+#pragma unroll
+        for (int e = 0; e < W::n; ++e) acc[e] += p * f[e];
+      }
+      float* o = o_s + g * D + w * W::n;
+      const float alpha = alpha_s[g];
+#pragma unroll
+      for (int e = 0; e < W::n; ++e) o[e] = o[e] * alpha + acc[e];
+    }
+    __syncthreads();  // the stage and the scores are read; the next chunk may overwrite them
+  }
+
+  for (int g = tid; g < G; g += kDecodeThreads) {
+    float* ml = ws.ml + ((local * a.n_heads + kvh * G + g) * ws.max_splits + split) * 2;
+    ml[0] = m_s[g];
+    ml[1] = l_s[g];
+  }
+  for (int idx = tid; idx < G * D; idx += kDecodeThreads) {
+    const int g = idx / D;
+    const int d = idx % D;
+    ws.o[((local * a.n_heads + kvh * G + g) * ws.max_splits + split) * D + d] = o_s[idx];
+  }
+}
+
 // Merges a token-head's splits: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. The
 // splits' weights are computed once into shared memory, in parallel.
 __global__ void __launch_bounds__(kCombineThreads)
-    attention_combine_kernel(AttentionArgs a, int head_dim, DecodeWorkspace ws,
-                             int64_t token_begin) {
+    attention_combine_kernel(AttentionArgs a, int head_dim, DecodeWorkspace ws, int64_t token_begin,
+                             int n_splits) {
   pdl_wait();
   pdl_trigger();
   extern __shared__ float weights[];  // [max_splits]
@@ -229,13 +438,15 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int h = blockIdx.x;
   const int64_t local = blockIdx.y;
   const int64_t t = token_begin + local;
-  const int n_splits = int((int64_t(a.positions[t]) + kDecodeSplit) / kDecodeSplit);
+  const int64_t n_ctx = int64_t(a.positions[t]) + 1;
+  const int64_t per_split = chunks_per_split(n_ctx, n_splits);
+  const int used = int(((n_ctx + kDecodeSplit - 1) / kDecodeSplit + per_split - 1) / per_split);
   const float* ml = ws.ml + (local * a.n_heads + h) * ws.max_splits * 2;
   float m_max = -INFINITY;
-  for (int s = threadIdx.x; s < n_splits; s += kCombineThreads) m_max = fmaxf(m_max, ml[2 * s]);
+  for (int s = threadIdx.x; s < used; s += kCombineThreads) m_max = fmaxf(m_max, ml[2 * s]);
   m_max = block_max(m_max, scratch);
   float denom = 0.0f;
-  for (int s = threadIdx.x; s < n_splits; s += kCombineThreads) {
+  for (int s = threadIdx.x; s < used; s += kCombineThreads) {
     const float e = expf(ml[2 * s] - m_max);
     weights[s] = e;
     denom += e * ml[2 * s + 1];
@@ -247,7 +458,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   for (int d = threadIdx.x; d < head_dim; d += kCombineThreads) {
     float acc = 0.0f;
 #pragma unroll 8
-    for (int s = 0; s < n_splits; ++s) acc += weights[s] * o[s * head_dim + d];
+    for (int s = 0; s < used; ++s) acc += weights[s] * o[s * head_dim + d];
     const float value = acc * inv_denom;
     const int64_t col = int64_t(h) * head_dim + d;
     a.out[t * q_dim + col] = value;
@@ -282,10 +493,12 @@ constexpr size_t prefill_smem_bytes() {
 // query rows, the block walks 64-key tiles of the cache up to its last query's position. The
 // next tile's K and V are copied (cp.async) while the current one is multiplied. Blocks are
 // (head, query tile) with the last query tiles, which see the most keys, scheduled first, so
-// the short causal tiles fill the tail of the grid instead of the long ones.
-template <int D>
+// the short causal tiles fill the tail of the grid instead of the long ones. An fp8 cache's
+// rows are loaded, scaled and stored as fp16 (the copy is not asynchronous then).
+template <int D, KvType kType>
 __global__ void __launch_bounds__(kPrefillThreads)
     attention_prefill_kernel(AttentionArgs a, KvCache c) {
+  static_assert(kType == KvType::f16 || kType == KvType::f8, "prefill reads fp16 or fp8 caches");
   pdl_wait();
   pdl_trigger();
   constexpr int kStride = D + 8;  // padded rows: fragment reads hit distinct banks
@@ -338,19 +551,56 @@ __global__ void __launch_bounds__(kPrefillThreads)
   auto issue = [&](int stage, int64_t key0) {
     __half* k_s = prefill_smem + stage * 2 * kTile;
     __half* v_s = k_s + kTile;
-    for (int idx = tid; idx < kPrefillKeys * (D / 8); idx += kPrefillThreads) {
-      const int r = idx / (D / 8);
-      const int ch = idx % (D / 8);
-      const int64_t key = key0 + r;
-      const bool live = key < kv_len;
-      const int64_t at = cache_offset(c, a.layer, seq, kvh, live ? key : 0) + ch * 8;
-      const uint32_t bytes = live ? 16u : 0u;
-      const uint32_t ks = uint32_t(__cvta_generic_to_shared(&k_s[r * kStride + ch * 8]));
-      const uint32_t vs = uint32_t(__cvta_generic_to_shared(&v_s[r * kStride + ch * 8]));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(ks), "l"(c.k + at),
-                   "r"(bytes));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(vs), "l"(c.v + at),
-                   "r"(bytes));
+    if constexpr (kType == KvType::f16) {
+      const __half* kc = static_cast<const __half*>(c.k);
+      const __half* vc = static_cast<const __half*>(c.v);
+      for (int idx = tid; idx < kPrefillKeys * (D / 8); idx += kPrefillThreads) {
+        const int r = idx / (D / 8);
+        const int ch = idx % (D / 8);
+        const int64_t key = key0 + r;
+        const bool live = key < kv_len;
+        const int64_t at = cache_offset(c, a.layer, seq, kvh, live ? key : 0) + ch * 8;
+        cp_async(&k_s[r * kStride + ch * 8], kc + at, 16, live);
+        cp_async(&v_s[r * kStride + ch * 8], vc + at, 16, live);
+      }
+    } else {
+      // 16 fp8 entries a thread: one 16-byte load, two 16-byte stores of fp16.
+      const uint8_t* kc = static_cast<const uint8_t*>(c.k);
+      const uint8_t* vc = static_cast<const uint8_t*>(c.v);
+      for (int idx = tid; idx < kPrefillKeys * (D / 16); idx += kPrefillThreads) {
+        const int r = idx / (D / 16);
+        const int ch = idx % (D / 16);
+        const int64_t key = key0 + r;
+        uint4 kh[2] = {}, vh[2] = {};
+        if (key < kv_len) {
+          const int64_t row = cache_row(c, a.layer, seq, kvh, key);
+          const int64_t at = row * D + ch * 16;
+          const uint4 kw = *reinterpret_cast<const uint4*>(kc + at);
+          const uint4 vw = *reinterpret_cast<const uint4*>(vc + at);
+          const float ks = c.k_scale[row];
+          const float vs = c.v_scale[row];
+          const uint32_t kin[4] = {kw.x, kw.y, kw.z, kw.w};
+          const uint32_t vin[4] = {vw.x, vw.y, vw.z, vw.w};
+          uint32_t* ko = reinterpret_cast<uint32_t*>(kh);
+          uint32_t* vo = reinterpret_cast<uint32_t*>(vh);
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            float f[4];
+            Word<KvType::f8>::get(kin[w], f);
+            ko[2 * w] = pack_half2(f[0] * ks, f[1] * ks);
+            ko[2 * w + 1] = pack_half2(f[2] * ks, f[3] * ks);
+            Word<KvType::f8>::get(vin[w], f);
+            vo[2 * w] = pack_half2(f[0] * vs, f[1] * vs);
+            vo[2 * w + 1] = pack_half2(f[2] * vs, f[3] * vs);
+          }
+        }
+        uint4* kd = reinterpret_cast<uint4*>(&k_s[r * kStride + ch * 16]);
+        uint4* vd = reinterpret_cast<uint4*>(&v_s[r * kStride + ch * 16]);
+        kd[0] = kh[0];
+        kd[1] = kh[1];
+        vd[0] = vh[0];
+        vd[1] = vh[1];
+      }
     }
     asm volatile("cp.async.commit_group;\n" ::);
   };
@@ -481,37 +731,76 @@ __global__ void __launch_bounds__(kPrefillThreads)
   }
 }
 
+// Calls f(std::integral_constant<KvType, type>{}) for the cache's entry type.
+template <typename F>
+Status dispatch_kv(KvType type, F&& f) {
+  switch (type) {
+    case KvType::f16:
+      return f(std::integral_constant<KvType, KvType::f16>{});
+    case KvType::f8:
+      return f(std::integral_constant<KvType, KvType::f8>{});
+    case KvType::f32:
+      return f(std::integral_constant<KvType, KvType::f32>{});
+  }
+  return Status::error("cuda attention: unknown KV cache type");
+}
+
+// Threads of a block that stores cache rows: a thread per pair of a row, in whole warps.
+int row_threads(int head_dim) {
+  return std::min(512, (head_dim / 2 + 31) / 32 * 32);
+}
+
 }  // namespace
 
-Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
-  KS_CUDA_CHECK("attention", launch_pdl(kv_write_kernel, dim3(unsigned(args.n_tokens)), dim3(256),
-                                        0, stream, args, cache));
-  KS_CUDA_CHECK_LAUNCH("attention", "kv_write_kernel");
+int decode_splits(int sm_count, int n_kv_heads, int64_t tokens, int64_t max_context) {
+  const int64_t target = 4 * int64_t(std::max(sm_count, 1));
+  const int64_t per_head = std::max<int64_t>(1, n_kv_heads) * std::max<int64_t>(1, tokens);
+  const int64_t chunks = std::max<int64_t>(1, ceil_div(max_context, kDecodeSplit));
+  return int(std::clamp<int64_t>(ceil_div(target, per_head), 1, chunks));
+}
+
+Status check_kv_cache(KvType type, int head_dim) {
+  if (type == KvType::f8 && (head_dim % 16 != 0 || head_dim > 1024)) {
+    return Status::error(
+        "cuda: an fp8 KV cache needs head_dim a multiple of 16 and at most 1024, "
+        "got " +
+        std::to_string(head_dim) + " (use --kv-cache fp16)");
+  }
   return Status::ok();
+}
+
+Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
+  return dispatch_kv(cache.type, [&](auto type) -> Status {
+    KS_CUDA_CHECK("attention",
+                  launch_pdl(kv_write_kernel<decltype(type)::value>,
+                             dim3(unsigned(args.n_tokens), unsigned(cache.n_kv_heads)),
+                             dim3(unsigned(row_threads(cache.head_dim))), 0, stream, args, cache));
+    KS_CUDA_CHECK_LAUNCH("attention", "kv_write_kernel");
+    return Status::ok();
+  });
 }
 
 Status rope_kv_cache_write(float* q, float* k, const AttentionArgs& args, const KvCache& cache,
                            const float* inv_freq, cudaStream_t stream) {
   const int heads = args.n_heads + cache.n_kv_heads;
-  const bool decode = args.n_tokens <= kMaxGemvTokens;
-  const int heads_per_block = decode ? 1 : heads;
-  const int threads = decode ? std::min(256, (cache.head_dim / 2 + 31) / 32 * 32) : 256;
-  KS_CUDA_CHECK(
-      "attention",
-      launch_pdl(rope_kv_write_kernel,
-                 dim3(unsigned(args.n_tokens), unsigned(heads / heads_per_block)),
-                 dim3(unsigned(threads)), 0, stream, q, k, args, cache, inv_freq, heads_per_block));
-  KS_CUDA_CHECK_LAUNCH("attention", "rope_kv_write_kernel");
-  return Status::ok();
+  return dispatch_kv(cache.type, [&](auto type) -> Status {
+    KS_CUDA_CHECK("attention", launch_pdl(rope_kv_write_kernel<decltype(type)::value>,
+                                          dim3(unsigned(args.n_tokens), unsigned(heads)),
+                                          dim3(unsigned(row_threads(cache.head_dim))), 0, stream, q,
+                                          k, args, cache, inv_freq));
+    KS_CUDA_CHECK_LAUNCH("attention", "rope_kv_write_kernel");
+    return Status::ok();
+  });
 }
 
-Status attention_decode(const AttentionArgs& args, const KvCache& cache, const DecodeWorkspace& ws,
-                        cudaStream_t stream) {
+namespace {
+
+template <int kD, KvType kType>
+Status launch_decode(const AttentionArgs& args, const KvCache& cache, const DecodeWorkspace& ws,
+                     cudaStream_t stream) {
   const int group = args.n_heads / cache.n_kv_heads;
-  const size_t smem = split_smem_bytes(group, cache.head_dim);
-  auto kernel = cache.head_dim == 64    ? attention_split_kernel<64>
-                : cache.head_dim == 128 ? attention_split_kernel<128>
-                                        : attention_split_kernel<0>;
+  const size_t smem = split_smem_bytes(group, cache.head_dim, int(kv_type_bytes(kType)));
+  auto kernel = attention_split_kernel<kD, kType>;
   if (smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(
                                    kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -524,47 +813,76 @@ Status attention_decode(const AttentionArgs& args, const KvCache& cache, const D
   }
   for (int64_t begin = 0; begin < args.n_tokens; begin += kMaxGemvTokens) {
     const int64_t count = std::min<int64_t>(kMaxGemvTokens, args.n_tokens - begin);
-    const dim3 grid(unsigned(ws.max_splits), unsigned(cache.n_kv_heads), unsigned(count));
+    const int splits = std::min(
+        ws.max_splits,
+        decode_splits(ws.sm_count, cache.n_kv_heads, count, int64_t(ws.max_splits) * kDecodeSplit));
+    const dim3 grid(unsigned(splits), unsigned(cache.n_kv_heads), unsigned(count));
     KS_CUDA_CHECK("attention", launch_pdl(kernel, grid, dim3(kDecodeThreads), smem, stream, args,
-                                          cache, ws, begin));
+                                          cache, ws, begin, splits));
     KS_CUDA_CHECK_LAUNCH("attention", "attention_split_kernel");
-    KS_CUDA_CHECK(
-        "attention",
-        launch_pdl(attention_combine_kernel, dim3(unsigned(args.n_heads), unsigned(count)),
-                   dim3(kCombineThreads), combine_smem, stream, args, cache.head_dim, ws, begin));
+    KS_CUDA_CHECK("attention",
+                  launch_pdl(attention_combine_kernel,
+                             dim3(unsigned(args.n_heads), unsigned(count)), dim3(kCombineThreads),
+                             combine_smem, stream, args, cache.head_dim, ws, begin, splits));
     KS_CUDA_CHECK_LAUNCH("attention", "attention_combine_kernel");
   }
   return Status::ok();
 }
 
-bool prefill_supports(int head_dim) {
-  return head_dim == 64 || head_dim == 128;
+}  // namespace
+
+Status attention_decode(const AttentionArgs& args, const KvCache& cache, const DecodeWorkspace& ws,
+                        cudaStream_t stream) {
+  return dispatch_kv(cache.type, [&](auto type) -> Status {
+    constexpr KvType kType = decltype(type)::value;
+    if (cache.head_dim == 64) return launch_decode<64, kType>(args, cache, ws, stream);
+    if (cache.head_dim == 128) return launch_decode<128, kType>(args, cache, ws, stream);
+    return launch_decode<0, kType>(args, cache, ws, stream);
+  });
 }
 
-template <int D>
+bool prefill_supports(int head_dim, KvType type) {
+  return (head_dim == 64 || head_dim == 128) && type != KvType::f32;
+}
+
+namespace {
+
+template <int D, KvType kType>
 Status launch_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
   constexpr size_t kSmem = prefill_smem_bytes<D>();
   static bool attribute_set = false;  // once per instantiation
   if (!attribute_set) {
     KS_CUDA_CHECK("attention",
-                  cudaFuncSetAttribute(attention_prefill_kernel<D>,
+                  cudaFuncSetAttribute(attention_prefill_kernel<D, kType>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
     attribute_set = true;
   }
   const dim3 grid(unsigned(args.n_heads), unsigned(ceil_div(args.n_tokens, kPrefillRows)));
-  KS_CUDA_CHECK("attention", launch_pdl(attention_prefill_kernel<D>, grid, dim3(kPrefillThreads),
-                                        kSmem, stream, args, cache));
+  KS_CUDA_CHECK("attention", launch_pdl(attention_prefill_kernel<D, kType>, grid,
+                                        dim3(kPrefillThreads), kSmem, stream, args, cache));
   KS_CUDA_CHECK_LAUNCH("attention", "attention_prefill_kernel");
   return Status::ok();
 }
+
+}  // namespace
 
 Status attention_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
   if (ceil_div(args.n_tokens, kPrefillRows) > 65535) {
     return Status::error("cuda attention: a prefill run of " + std::to_string(args.n_tokens) +
                          " tokens exceeds the kernel's grid");
   }
-  if (cache.head_dim == 64) return launch_prefill<64>(args, cache, stream);
-  if (cache.head_dim == 128) return launch_prefill<128>(args, cache, stream);
+  if (cache.type == KvType::f16 && cache.head_dim == 64) {
+    return launch_prefill<64, KvType::f16>(args, cache, stream);
+  }
+  if (cache.type == KvType::f16 && cache.head_dim == 128) {
+    return launch_prefill<128, KvType::f16>(args, cache, stream);
+  }
+  if (cache.type == KvType::f8 && cache.head_dim == 64) {
+    return launch_prefill<64, KvType::f8>(args, cache, stream);
+  }
+  if (cache.type == KvType::f8 && cache.head_dim == 128) {
+    return launch_prefill<128, KvType::f8>(args, cache, stream);
+  }
   return Status::error("cuda attention: prefill kernel has no head_dim " +
                        std::to_string(cache.head_dim));
 }

@@ -1,6 +1,7 @@
-// Attention over an fp16 KV cache: the cache write, split-context decode attention for any
-// batch, and flash-style causal prefill on the tensor cores for a run of consecutive positions
-// of one sequence. No kernel holds an n x n score matrix in memory.
+// Attention over a paged KV cache of fp16, fp8 (e4m3, a scale per row) or fp32 entries: the
+// cache write, split-context decode attention for any batch, and flash-style causal prefill on
+// the tensor cores for a run of consecutive positions of one sequence (fp16 and fp8 caches).
+// No kernel holds an n x n score matrix in memory.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,17 +12,29 @@
 
 namespace kestrel::cuda {
 
-// Keys per split of the decode kernel: a 1024-token context is 32 splits per KV head.
+// Keys per chunk of the decode kernel: a split walks whole chunks, one staged while the one
+// before is used.
 constexpr int kDecodeSplit = 32;
 // Query heads sharing one KV head that the decode kernel supports.
 constexpr int kMaxHeadGroup = 16;
 
-// K and V, each [layers, n_blocks, n_kv_heads, kKvBlockSize, head_dim] fp16: one head's 16
-// positions of a block are one contiguous run. Position p of slot s lives in block
-// block_tables[s * table_stride + p / kKvBlockSize], row p % kKvBlockSize.
+enum class KvType : uint8_t { f16, f8, f32 };
+
+inline size_t kv_type_bytes(KvType type) {
+  return type == KvType::f8 ? 1 : type == KvType::f16 ? 2 : 4;
+}
+
+// K and V, each [layers, n_blocks, n_kv_heads, kKvBlockSize, head_dim] entries of `type`: one
+// head's 16 positions of a block are one contiguous run. Position p of slot s lives in block
+// block_tables[s * table_stride + p / kKvBlockSize], row p % kKvBlockSize. An fp8 cache keeps
+// one fp32 scale per row (k_scale, v_scale: [layers, n_blocks, n_kv_heads, kKvBlockSize]): the
+// row's largest magnitude maps to e4m3's largest finite value, 448.
 struct KvCache {
-  __half* k = nullptr;
-  __half* v = nullptr;
+  void* k = nullptr;
+  void* v = nullptr;
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
+  KvType type = KvType::f16;
   int64_t n_blocks = 0;
   const int32_t* block_tables = nullptr;  // device [max_seqs, table_stride], refreshed per batch
   int64_t table_stride = 0;
@@ -42,12 +55,22 @@ struct AttentionArgs {
   const int32_t* seq_ids = nullptr;    // device [n]
 };
 
-// Per-split partial results of the decode kernel, for up to 16 tokens per launch.
+// Per-split partial results of the decode kernel, for up to 16 tokens per launch. A launch of
+// n tokens splits each (token, KV head)'s context into decode_splits() parts, so the grid fills
+// the GPU whatever the batch, and its size does not depend on the context.
 struct DecodeWorkspace {
   float* o = nullptr;   // [16, n_heads, max_splits, head_dim]
   float* ml = nullptr;  // [16, n_heads, max_splits, 2]  running max and sum of exp
-  int max_splits = 0;   // ceil(max_context / kDecodeSplit)
+  int max_splits = 0;   // decode_splits(sm_count, n_kv_heads, 1, max_context)
+  int sm_count = 1;
 };
+
+// Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM
+// in all, never more than the context has chunks.
+int decode_splits(int sm_count, int n_kv_heads, int64_t tokens, int64_t max_context);
+
+// Row limits the cache write imposes: fp8 rows are reduced by one block of head_dim / 2 threads.
+Status check_kv_cache(KvType type, int head_dim);
 
 // Stores the batch's k and v rows in `layer` of the cache at their positions.
 Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream);
@@ -62,8 +85,9 @@ Status rope_kv_cache_write(float* q, float* k, const AttentionArgs& args, const 
 Status attention_decode(const AttentionArgs& args, const KvCache& cache, const DecodeWorkspace& ws,
                         cudaStream_t stream);
 
-// Whether attention_prefill handles this head size.
-bool prefill_supports(int head_dim);
+// Whether attention_prefill handles this head size and cache (fp16 and fp8 caches; an fp32
+// cache, the fp32 mode, takes the decode kernel's fp32 arithmetic for every batch).
+bool prefill_supports(int head_dim, KvType type);
 
 // Causal attention for a batch that is one sequence at consecutive positions (position of token
 // i = positions[0] + i), tiles of 64 queries x 64 keys on mma.sync.

@@ -184,16 +184,25 @@ class CudaBackend final : public Backend {
     const Extras extras = extras_for(config, shape);
 
     cache_ = KvCache{};
+    cache_.type = kv_type(shape);
+    KS_RETURN_IF_ERROR(check_kv_cache(cache_.type, int(config.head_dim)));
     cache_.n_blocks = shape.pool_blocks();
     cache_.table_stride = shape.blocks_per_seq();
     cache_.n_kv_heads = int(config.n_kv_heads);
     cache_.head_dim = int(config.head_dim);
-    const size_t kv_bytes = layout.kv_cache_elements * sizeof(__half);
-    KS_ASSIGN_OR_RETURN(cache_.k, reserve_device<__half>(kv_bytes, "K cache"));
-    KS_ASSIGN_OR_RETURN(cache_.v, reserve_device<__half>(kv_bytes, "V cache"));
+    const size_t kv_bytes = layout.kv_cache_elements * kv_type_bytes(cache_.type);
+    KS_ASSIGN_OR_RETURN(cache_.k, reserve_device<uint8_t>(kv_bytes, "K cache"));
+    KS_ASSIGN_OR_RETURN(cache_.v, reserve_device<uint8_t>(kv_bytes, "V cache"));
     // Zeroed so that reads of positions no sequence wrote are finite.
     KS_CUDA_CHECK("reserve", cudaMemsetAsync(cache_.k, 0, kv_bytes, stream_));
     KS_CUDA_CHECK("reserve", cudaMemsetAsync(cache_.v, 0, kv_bytes, stream_));
+    if (cache_.type == KvType::f8) {
+      const size_t scale_bytes = layout.kv_cache_rows * sizeof(float);
+      KS_ASSIGN_OR_RETURN(cache_.k_scale, reserve_device<float>(scale_bytes, "K cache scales"));
+      KS_ASSIGN_OR_RETURN(cache_.v_scale, reserve_device<float>(scale_bytes, "V cache scales"));
+      KS_CUDA_CHECK("reserve", cudaMemsetAsync(cache_.k_scale, 0, scale_bytes, stream_));
+      KS_CUDA_CHECK("reserve", cudaMemsetAsync(cache_.v_scale, 0, scale_bytes, stream_));
+    }
 
     arena_floats_ = layout.scratch_elements;
     KS_ASSIGN_OR_RETURN(arena_, reserve_device<float>(arena_floats_ * sizeof(float), "scratch"));
@@ -216,6 +225,7 @@ class CudaBackend final : public Backend {
     }
     decode_ws_ = DecodeWorkspace{};
     decode_ws_.max_splits = extras.max_splits;
+    decode_ws_.sm_count = props_.multiProcessorCount;
     KS_ASSIGN_OR_RETURN(decode_ws_.o,
                         reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,
@@ -243,18 +253,27 @@ class CudaBackend final : public Backend {
   Status do_copy_kv_block(int32_t src, int32_t dst) override {
     if (src == dst) return Status::ok();
     KS_RETURN_IF_ERROR(flush());
-    // One block of one layer: [n_kv_heads, kKvBlockSize, head_dim], contiguous.
-    const int64_t block = config_.n_kv_heads * kKvBlockSize * config_.head_dim;
+    // One block of one layer: [n_kv_heads, kKvBlockSize] rows of head_dim entries, contiguous,
+    // and as many row scales in an fp8 cache.
+    const int64_t rows = config_.n_kv_heads * kKvBlockSize;
+    const size_t row_bytes = size_t(config_.head_dim) * kv_type_bytes(cache_.type);
     const int64_t n_blocks = shape_.pool_blocks();
-    for (int64_t layer = 0; layer < config_.n_layers; ++layer) {
-      const int64_t from = (layer * n_blocks + src) * block;
-      const int64_t to = (layer * n_blocks + dst) * block;
-      for (__half* cache : {cache_.k, cache_.v}) {
-        KS_CUDA_CHECK("copy_kv_block",
-                      cudaMemcpyAsync(cache + to, cache + from, size_t(block) * sizeof(__half),
-                                      cudaMemcpyDeviceToDevice, stream_));
+    auto copy = [&](void* base, size_t bytes_per_row) -> Status {
+      if (base == nullptr) return Status::ok();
+      auto* bytes = static_cast<uint8_t*>(base);
+      const size_t block_bytes = size_t(rows) * bytes_per_row;
+      for (int64_t layer = 0; layer < config_.n_layers; ++layer) {
+        const size_t from = size_t(layer * n_blocks + src) * block_bytes;
+        const size_t to = size_t(layer * n_blocks + dst) * block_bytes;
+        KS_CUDA_CHECK("copy_kv_block", cudaMemcpyAsync(bytes + to, bytes + from, block_bytes,
+                                                       cudaMemcpyDeviceToDevice, stream_));
       }
-    }
+      return Status::ok();
+    };
+    KS_RETURN_IF_ERROR(copy(cache_.k, row_bytes));
+    KS_RETURN_IF_ERROR(copy(cache_.v, row_bytes));
+    KS_RETURN_IF_ERROR(copy(cache_.k_scale, sizeof(float)));
+    KS_RETURN_IF_ERROR(copy(cache_.v_scale, sizeof(float)));
     return Status::ok();
   }
 
@@ -459,7 +478,7 @@ class CudaBackend final : public Backend {
     args.layer = layer;
     args.positions = positions_device();
     args.seq_ids = seq_ids_device();
-    const bool prefill = q.rows > kMaxGemvTokens && prefill_supports(int(p.head_dim));
+    const bool prefill = q.rows > kMaxGemvTokens && prefill_supports(int(p.head_dim), cache_.type);
     if (prefill && round_up(out.cols, kGroup) != out.cols) {
       return Status::error("cuda attention: prefill output width not a multiple of 32");
     }
@@ -673,7 +692,8 @@ class CudaBackend final : public Backend {
       e.dequant_bytes = size_t(largest) * sizeof(__half);
     }
     if (prefill_gemm) e.cublas_bytes = kCublasWorkspaceBytes;
-    e.max_splits = int(ceil_div(shape.max_context, kDecodeSplit));
+    e.max_splits =
+        decode_splits(props_.multiProcessorCount, int(c.n_kv_heads), 1, shape.max_context);
     const size_t partials = size_t(kMaxGemvTokens) * size_t(c.n_heads) * size_t(e.max_splits);
     e.split_o_bytes = partials * size_t(c.head_dim) * sizeof(float);
     e.split_ml_bytes = partials * 2 * sizeof(float);
@@ -685,7 +705,8 @@ class CudaBackend final : public Backend {
 
   WorkspaceTypes workspace_types(const ModelConfig& c, const RunShape& shape) const {
     WorkspaceTypes types;
-    types.kv_element_bytes = sizeof(__half);
+    types.kv_element_bytes = kv_type_bytes(kv_type(shape));
+    types.kv_row_bytes = kv_type(shape) == KvType::f8 ? sizeof(float) : 0;
     types.activation_element_bytes = sizeof(float);
     types.score_rows = 0;
     types.fixed_bytes = extras_for(c, shape).total() + size_t(c.head_dim) * sizeof(float);
@@ -693,6 +714,21 @@ class CudaBackend final : public Backend {
   }
 
   bool weights_uploaded() const { return embed_.data != nullptr; }
+
+  // The cache's entries: what the shape asks, else fp32 for fp32 weights and fp16 otherwise.
+  KvType kv_type(const RunShape& shape) const {
+    switch (shape.kv_cache) {
+      case KvCacheType::fp16:
+        return KvType::f16;
+      case KvCacheType::fp8:
+        return KvType::f8;
+      case KvCacheType::fp32:
+        return KvType::f32;
+      case KvCacheType::automatic:
+        break;
+    }
+    return weights_uploaded() && weights_format_ == WeightFormat::fp32 ? KvType::f32 : KvType::f16;
+  }
 
   const int32_t* tokens_device() const { return meta_; }
   const int32_t* positions_device() const { return meta_ + shape_.max_batch_tokens; }

@@ -221,10 +221,16 @@ struct Word<KvType::f32> {
   __device__ static void get(uint32_t w, float (&f)[1]) { f[0] = __uint_as_float(w); }
 };
 
-// Chunks of 32 keys in a context of n_ctx positions, and how many of them each split walks.
-__host__ __device__ inline int64_t chunks_per_split(int64_t n_ctx, int n_splits) {
-  const int64_t chunks = (n_ctx + kDecodeSplit - 1) / kDecodeSplit;
+// Chunks of `chunk_keys` keys in a context of n_ctx positions, how many of them each split
+// walks, and how many splits that takes (the rest exit at once).
+__host__ __device__ inline int64_t chunks_per_split(int64_t n_ctx, int n_splits, int chunk_keys) {
+  const int64_t chunks = (n_ctx + chunk_keys - 1) / chunk_keys;
   return (chunks + n_splits - 1) / n_splits;
+}
+__host__ __device__ inline int splits_used(int64_t n_ctx, int n_splits, int chunk_keys) {
+  const int64_t chunks = (n_ctx + chunk_keys - 1) / chunk_keys;
+  const int64_t per = chunks_per_split(n_ctx, n_splits, chunk_keys);
+  return int((chunks + per - 1) / per);
 }
 
 // One block per (split, KV head, token). A split walks its chunks of 32 keys with the next
@@ -249,7 +255,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int64_t local = blockIdx.z;
   const int64_t t = token_begin + local;
   const int64_t n_ctx = int64_t(a.positions[t]) + 1;
-  const int64_t per_split = chunks_per_split(n_ctx, n_splits);
+  const int64_t per_split = chunks_per_split(n_ctx, n_splits, kDecodeSplit);
   const int64_t chunk_begin = int64_t(split) * per_split;
   const int64_t n_chunks = (n_ctx + kDecodeSplit - 1) / kDecodeSplit;
   if (chunk_begin >= n_chunks) return;
@@ -430,7 +436,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 // splits' weights are computed once into shared memory, in parallel.
 __global__ void __launch_bounds__(kCombineThreads)
     attention_combine_kernel(AttentionArgs a, int head_dim, DecodeWorkspace ws, int64_t token_begin,
-                             int n_splits) {
+                             int n_splits, int chunk_keys) {
   pdl_wait();
   pdl_trigger();
   extern __shared__ float weights[];  // [max_splits]
@@ -439,8 +445,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int64_t local = blockIdx.y;
   const int64_t t = token_begin + local;
   const int64_t n_ctx = int64_t(a.positions[t]) + 1;
-  const int64_t per_split = chunks_per_split(n_ctx, n_splits);
-  const int used = int(((n_ctx + kDecodeSplit - 1) / kDecodeSplit + per_split - 1) / per_split);
+  const int used = splits_used(n_ctx, n_splits, chunk_keys);
   const float* ml = ws.ml + (local * a.n_heads + h) * ws.max_splits * 2;
   float m_max = -INFINITY;
   for (int s = threadIdx.x; s < used; s += kCombineThreads) m_max = fmaxf(m_max, ml[2 * s]);
@@ -481,6 +486,70 @@ __device__ inline float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// Copies the K and V rows of keys key0 .. key0 + 63 of (layer, slot, KV head) into fp16 tiles
+// [64][D + 8] in shared memory, as one cp.async group. Keys at or past kv_len are zero-filled
+// (src-size 0): unwritten cache memory could hold NaN patterns, and 0 * NaN would poison the
+// P·V product. fp8 rows are loaded, scaled and stored as fp16 (not asynchronously); the group
+// is committed either way, so callers' wait counts do not depend on the type.
+template <int D, KvType kType, int kThreads>
+__device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq, int kvh,
+                                    int64_t key0, int64_t kv_len, __half* k_s, __half* v_s) {
+  constexpr int kStride = D + 8;
+  const int tid = threadIdx.x;
+  if constexpr (kType == KvType::f16) {
+    const __half* kc = static_cast<const __half*>(c.k);
+    const __half* vc = static_cast<const __half*>(c.v);
+    for (int idx = tid; idx < kPrefillKeys * (D / 8); idx += kThreads) {
+      const int r = idx / (D / 8);
+      const int ch = idx % (D / 8);
+      const int64_t key = key0 + r;
+      const bool live = key < kv_len;
+      const int64_t at = cache_offset(c, layer, seq, kvh, live ? key : 0) + ch * 8;
+      cp_async(&k_s[r * kStride + ch * 8], kc + at, 16, live);
+      cp_async(&v_s[r * kStride + ch * 8], vc + at, 16, live);
+    }
+  } else {
+    // 16 fp8 entries a thread: one 16-byte load, two 16-byte stores of fp16.
+    const uint8_t* kc = static_cast<const uint8_t*>(c.k);
+    const uint8_t* vc = static_cast<const uint8_t*>(c.v);
+    for (int idx = tid; idx < kPrefillKeys * (D / 16); idx += kThreads) {
+      const int r = idx / (D / 16);
+      const int ch = idx % (D / 16);
+      const int64_t key = key0 + r;
+      uint4 kh[2] = {}, vh[2] = {};
+      if (key < kv_len) {
+        const int64_t row = cache_row(c, layer, seq, kvh, key);
+        const int64_t at = row * D + ch * 16;
+        const uint4 kw = *reinterpret_cast<const uint4*>(kc + at);
+        const uint4 vw = *reinterpret_cast<const uint4*>(vc + at);
+        const float ks = c.k_scale[row];
+        const float vs = c.v_scale[row];
+        const uint32_t kin[4] = {kw.x, kw.y, kw.z, kw.w};
+        const uint32_t vin[4] = {vw.x, vw.y, vw.z, vw.w};
+        uint32_t* ko = reinterpret_cast<uint32_t*>(kh);
+        uint32_t* vo = reinterpret_cast<uint32_t*>(vh);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          float f[4];
+          Word<KvType::f8>::get(kin[w], f);
+          ko[2 * w] = pack_half2(f[0] * ks, f[1] * ks);
+          ko[2 * w + 1] = pack_half2(f[2] * ks, f[3] * ks);
+          Word<KvType::f8>::get(vin[w], f);
+          vo[2 * w] = pack_half2(f[0] * vs, f[1] * vs);
+          vo[2 * w + 1] = pack_half2(f[2] * vs, f[3] * vs);
+        }
+      }
+      uint4* kd = reinterpret_cast<uint4*>(&k_s[r * kStride + ch * 16]);
+      uint4* vd = reinterpret_cast<uint4*>(&v_s[r * kStride + ch * 16]);
+      kd[0] = kh[0];
+      kd[1] = kh[1];
+      vd[0] = vh[0];
+      vd[1] = vh[1];
+    }
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
 }
 
 // Dynamic shared memory of the prefill kernel: two stages of a K and a V tile.
@@ -550,59 +619,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
   // 0 * NaN would poison the P·V product.
   auto issue = [&](int stage, int64_t key0) {
     __half* k_s = prefill_smem + stage * 2 * kTile;
-    __half* v_s = k_s + kTile;
-    if constexpr (kType == KvType::f16) {
-      const __half* kc = static_cast<const __half*>(c.k);
-      const __half* vc = static_cast<const __half*>(c.v);
-      for (int idx = tid; idx < kPrefillKeys * (D / 8); idx += kPrefillThreads) {
-        const int r = idx / (D / 8);
-        const int ch = idx % (D / 8);
-        const int64_t key = key0 + r;
-        const bool live = key < kv_len;
-        const int64_t at = cache_offset(c, a.layer, seq, kvh, live ? key : 0) + ch * 8;
-        cp_async(&k_s[r * kStride + ch * 8], kc + at, 16, live);
-        cp_async(&v_s[r * kStride + ch * 8], vc + at, 16, live);
-      }
-    } else {
-      // 16 fp8 entries a thread: one 16-byte load, two 16-byte stores of fp16.
-      const uint8_t* kc = static_cast<const uint8_t*>(c.k);
-      const uint8_t* vc = static_cast<const uint8_t*>(c.v);
-      for (int idx = tid; idx < kPrefillKeys * (D / 16); idx += kPrefillThreads) {
-        const int r = idx / (D / 16);
-        const int ch = idx % (D / 16);
-        const int64_t key = key0 + r;
-        uint4 kh[2] = {}, vh[2] = {};
-        if (key < kv_len) {
-          const int64_t row = cache_row(c, a.layer, seq, kvh, key);
-          const int64_t at = row * D + ch * 16;
-          const uint4 kw = *reinterpret_cast<const uint4*>(kc + at);
-          const uint4 vw = *reinterpret_cast<const uint4*>(vc + at);
-          const float ks = c.k_scale[row];
-          const float vs = c.v_scale[row];
-          const uint32_t kin[4] = {kw.x, kw.y, kw.z, kw.w};
-          const uint32_t vin[4] = {vw.x, vw.y, vw.z, vw.w};
-          uint32_t* ko = reinterpret_cast<uint32_t*>(kh);
-          uint32_t* vo = reinterpret_cast<uint32_t*>(vh);
-#pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            float f[4];
-            Word<KvType::f8>::get(kin[w], f);
-            ko[2 * w] = pack_half2(f[0] * ks, f[1] * ks);
-            ko[2 * w + 1] = pack_half2(f[2] * ks, f[3] * ks);
-            Word<KvType::f8>::get(vin[w], f);
-            vo[2 * w] = pack_half2(f[0] * vs, f[1] * vs);
-            vo[2 * w + 1] = pack_half2(f[2] * vs, f[3] * vs);
-          }
-        }
-        uint4* kd = reinterpret_cast<uint4*>(&k_s[r * kStride + ch * 16]);
-        uint4* vd = reinterpret_cast<uint4*>(&v_s[r * kStride + ch * 16]);
-        kd[0] = kh[0];
-        kd[1] = kh[1];
-        vd[0] = vh[0];
-        vd[1] = vh[1];
-      }
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
+    load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, key0, kv_len, k_s,
+                                            k_s + kTile);
   };
 
   const int64_t n_tiles = (kv_len + kPrefillKeys - 1) / kPrefillKeys;
@@ -731,6 +749,198 @@ __global__ void __launch_bounds__(kPrefillThreads)
   }
 }
 
+// Decode attention on the tensor cores, for head_dim 64 / 128 over fp16 or fp8 caches: the split
+// kernel's work with the G query heads of a KV head as the rows of an m16n8k16 tile (rows past
+// G are zeros). A split walks its 64-key tiles (load_kv_tile: cp.async double buffer, or fp8
+// converted to fp16); each warp takes 16 keys of every tile with its own running max and sum
+// (scores in log2 units, as the prefill kernel), and the block merges its four warps in shared
+// memory at the end. The partial results are the split kernel's, so the combine kernel serves
+// both.
+template <int D, KvType kType>
+__global__ void __launch_bounds__(kPrefillThreads)
+    attention_split_mma_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws,
+                               int64_t token_begin, int n_splits) {
+  pdl_wait();
+  pdl_trigger();
+  constexpr int kStride = D + 8;
+  constexpr int kTile = kPrefillKeys * kStride;
+  constexpr int kWarps = kPrefillThreads / 32;
+  extern __shared__ __align__(16) __half decode_smem[];  // [stage][K, V][kTile]
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int qr = lane >> 2;
+  const int qc = lane & 3;
+  const int split = blockIdx.x;
+  const int kvh = blockIdx.y;
+  const int64_t local = blockIdx.z;
+  const int64_t t = token_begin + local;
+  const int64_t n_ctx = int64_t(a.positions[t]) + 1;
+  const int64_t per_split = chunks_per_split(n_ctx, n_splits, kPrefillKeys);
+  const int64_t tile_begin = int64_t(split) * per_split;
+  const int64_t n_tiles = (n_ctx + kPrefillKeys - 1) / kPrefillKeys;
+  if (tile_begin >= n_tiles) return;
+  const int64_t tile_end = min(n_tiles, tile_begin + per_split);
+  const int G = a.n_heads / c.n_kv_heads;
+  const int64_t seq = a.seq_ids[t];
+
+  auto issue = [&](int stage, int64_t tile) {
+    __half* k_s = decode_smem + stage * 2 * kTile;
+    load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx,
+                                            k_s, k_s + kTile);
+  };
+  issue(0, tile_begin);
+
+  const float scale = kLog2e / sqrtf(float(D));
+  const float* q = a.q + t * int64_t(a.n_heads) * D + int64_t(kvh) * G * D;
+  auto load_q = [&](int row, int col) -> uint32_t {
+    if (row >= G) return 0u;
+    const float2 v = *reinterpret_cast<const float2*>(q + int64_t(row) * D + col);
+    return pack_half2(v.x * scale, v.y * scale);
+  };
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const int col = ks * 16 + 2 * qc;
+    qa[ks][0] = load_q(qr, col);
+    qa[ks][1] = load_q(qr + 8, col);
+    qa[ks][2] = load_q(qr, col + 8);
+    qa[ks][3] = load_q(qr + 8, col + 8);
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int stage = int((tile - tile_begin) & 1);
+    if (tile + 1 < tile_end) {
+      issue(stage ^ 1, tile + 1);
+      asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+    __syncthreads();
+    const __half* k_s = decode_smem + stage * 2 * kTile;
+    const __half* v_s = k_s + kTile;
+    const int64_t key0 = tile * kPrefillKeys + warp * 16;  // this warp's 16 keys
+
+    float sc[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const __half* k_row = &k_s[(warp * 16 + nt * 8 + qr) * kStride + ks * 16 + 2 * qc];
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(k_row);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(k_row + 8);
+        mma_16816(sc[nt], qa[ks], b0, b1);
+      }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (key0 + nt * 8 + 2 * qc + (i & 1) >= n_ctx) sc[nt][i] = -INFINITY;
+      }
+      mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
+      mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    // A warp whose 16 keys are all past the context keeps its state (max stays -inf).
+    const float new_m0 = fmaxf(m0, mx0);
+    const float new_m1 = fmaxf(m1, mx1);
+    const float alpha0 = new_m0 == -INFINITY ? 1.0f : fast_exp2(m0 - new_m0);
+    const float alpha1 = new_m1 == -INFINITY ? 1.0f : fast_exp2(m1 - new_m1);
+    m0 = new_m0;
+    m1 = new_m1;
+    l0 *= alpha0;
+    l1 *= alpha1;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= alpha0;
+      o[dt][1] *= alpha0;
+      o[dt][2] *= alpha1;
+      o[dt][3] *= alpha1;
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      sc[nt][0] = m0 == -INFINITY ? 0.0f : fast_exp2(sc[nt][0] - m0);
+      sc[nt][1] = m0 == -INFINITY ? 0.0f : fast_exp2(sc[nt][1] - m0);
+      sc[nt][2] = m1 == -INFINITY ? 0.0f : fast_exp2(sc[nt][2] - m1);
+      sc[nt][3] = m1 == -INFINITY ? 0.0f : fast_exp2(sc[nt][3] - m1);
+      l0 += sc[nt][0] + sc[nt][1];
+      l1 += sc[nt][2] + sc[nt][3];
+    }
+    const uint32_t pa[4] = {pack_half2(sc[0][0], sc[0][1]), pack_half2(sc[0][2], sc[0][3]),
+                            pack_half2(sc[1][0], sc[1][1]), pack_half2(sc[1][2], sc[1][3])};
+    const int key = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt += 2) {
+      const int col = dt * 8 + (lane >> 4) * 8;
+      uint32_t b[4];
+      const uint32_t addr = uint32_t(__cvta_generic_to_shared(&v_s[key * kStride + col]));
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                   : "r"(addr));
+      mma_16816(o[dt], pa, b[0], b[1]);
+      mma_16816(o[dt + 1], pa, b[2], b[3]);
+    }
+    __syncthreads();  // the stage is read; the next iteration's copy may overwrite it
+  }
+
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  // The four warps' states, in the stages' shared memory: m, l [warp][16], o [warp][16][D].
+  float* red_m = reinterpret_cast<float*>(decode_smem);
+  float* red_l = red_m + kWarps * 16;
+  float* red_o = red_l + kWarps * 16;
+  if (qc == 0) {
+    red_m[warp * 16 + qr] = m0;
+    red_m[warp * 16 + qr + 8] = m1;
+    red_l[warp * 16 + qr] = l0;
+    red_l[warp * 16 + qr + 8] = l1;
+  }
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    float* r0 = red_o + (warp * 16 + qr) * D + dt * 8 + 2 * qc;
+    float* r1 = r0 + 8 * D;
+    r0[0] = o[dt][0];
+    r0[1] = o[dt][1];
+    r1[0] = o[dt][2];
+    r1[1] = o[dt][3];
+  }
+  __syncthreads();
+  constexpr float kLn2 = 0.6931471805599453f;
+  for (int idx = tid; idx < G * D; idx += kPrefillThreads) {
+    const int g = idx / D;
+    const int d = idx % D;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red_m[w * 16 + g]);
+    float l = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float mw = red_m[w * 16 + g];
+      const float e = mw == -INFINITY ? 0.0f : fast_exp2(mw - m);
+      l += e * red_l[w * 16 + g];
+      acc += e * red_o[(w * 16 + g) * D + d];
+    }
+    const int64_t slot = (local * a.n_heads + kvh * G + g) * ws.max_splits + split;
+    ws.o[slot * D + d] = acc;
+    if (d == 0) {
+      ws.ml[slot * 2] = m * kLn2;  // natural-log units, as the split kernel's
+      ws.ml[slot * 2 + 1] = l;
+    }
+  }
+}
+
 // Calls f(std::integral_constant<KvType, type>{}) for the cache's entry type.
 template <typename F>
 Status dispatch_kv(KvType type, F&& f) {
@@ -798,10 +1008,28 @@ namespace {
 template <int kD, KvType kType>
 Status launch_decode(const AttentionArgs& args, const KvCache& cache, const DecodeWorkspace& ws,
                      cudaStream_t stream) {
+  // The tensor-core kernel where it applies; the CUDA-core one for other head sizes and for fp32
+  // entries (fp32 arithmetic throughout).
+  constexpr bool kMma = (kD == 64 || kD == 128) && kType != KvType::f32;
+  constexpr int kMmaD = kD == 64 ? 64 : 128;
+  constexpr KvType kMmaType = kType == KvType::f32 ? KvType::f16 : kType;  // never launched
+  auto kernel = kMma ? attention_split_mma_kernel<kMmaD, kMmaType> : attention_split_kernel<kD, kType>;
+  const int threads = kMma ? kPrefillThreads : kDecodeThreads;
+  const int chunk_keys = kMma ? kPrefillKeys : kDecodeSplit;
   const int group = args.n_heads / cache.n_kv_heads;
-  const size_t smem = split_smem_bytes(group, cache.head_dim, int(kv_type_bytes(kType)));
-  auto kernel = attention_split_kernel<kD, kType>;
-  if (smem > 48 * 1024) {
+  const size_t smem = kMma ? prefill_smem_bytes<kMmaD>()
+                           : split_smem_bytes(group, cache.head_dim, int(kv_type_bytes(kType)));
+  static int resident = 0;  // blocks of this kernel an SM holds at once, once per instantiation
+  if (resident == 0) {
+    if (smem > 48 * 1024) {
+      KS_CUDA_CHECK("attention", cudaFuncSetAttribute(
+                                     kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    }
+    KS_CUDA_CHECK("attention", cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel,
+                                                                             threads, smem));
+    resident = std::max(resident, 1);
+  }
+  if (!kMma && smem > 48 * 1024) {  // the CUDA-core kernel's size depends on the group
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(
                                    kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
@@ -811,19 +1039,27 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                     int(combine_smem)));
   }
+  const int64_t max_context = int64_t(ws.max_splits) * kDecodeSplit;  // a bound on the context
   for (int64_t begin = 0; begin < args.n_tokens; begin += kMaxGemvTokens) {
     const int64_t count = std::min<int64_t>(kMaxGemvTokens, args.n_tokens - begin);
-    const int splits = std::min(
-        ws.max_splits,
-        decode_splits(ws.sm_count, cache.n_kv_heads, count, int64_t(ws.max_splits) * kDecodeSplit));
+    int splits = 0;
+    if (kMma) {
+      // One wave: as many blocks as the SMs hold at once, shared by the (token, KV head) pairs.
+      const int64_t wave = int64_t(resident) * ws.sm_count;
+      splits = int(std::clamp<int64_t>(wave / (int64_t(cache.n_kv_heads) * count), 1,
+                                       ceil_div(max_context, kPrefillKeys)));
+    } else {
+      splits = decode_splits(ws.sm_count, cache.n_kv_heads, count, max_context);
+    }
+    splits = std::min(splits, ws.max_splits);
     const dim3 grid(unsigned(splits), unsigned(cache.n_kv_heads), unsigned(count));
-    KS_CUDA_CHECK("attention", launch_pdl(kernel, grid, dim3(kDecodeThreads), smem, stream, args,
+    KS_CUDA_CHECK("attention", launch_pdl(kernel, grid, dim3(unsigned(threads)), smem, stream, args,
                                           cache, ws, begin, splits));
     KS_CUDA_CHECK_LAUNCH("attention", "attention_split_kernel");
-    KS_CUDA_CHECK("attention",
-                  launch_pdl(attention_combine_kernel,
-                             dim3(unsigned(args.n_heads), unsigned(count)), dim3(kCombineThreads),
-                             combine_smem, stream, args, cache.head_dim, ws, begin, splits));
+    KS_CUDA_CHECK("attention", launch_pdl(attention_combine_kernel,
+                                          dim3(unsigned(args.n_heads), unsigned(count)),
+                                          dim3(kCombineThreads), combine_smem, stream, args,
+                                          cache.head_dim, ws, begin, splits, chunk_keys));
     KS_CUDA_CHECK_LAUNCH("attention", "attention_combine_kernel");
   }
   return Status::ok();

@@ -45,8 +45,9 @@ using hf_fixture::Comparison;
 // to int8 (its own golden bound against HF's fake-quantized logits is 0.12), CUDA rounds them
 // to fp16 (0.003 against the same references, CudaHfGolden below), so for integer formats the
 // CPU's rounding is what these bounds measure: 0.014-0.037 and 88-100% top-1 agreement seen on
-// these tiny random models, whose logits are nearly flat. Float formats differ by fp16
-// activations (and fp16 weights for fp32/bf16 models) only.
+// these tiny random models, whose logits are nearly flat. fp16 and bf16 differ by fp16
+// activations (and fp16 weights for bf16 models) only; fp32 computes in fp32 on both (the CPU
+// is 1e-6 from HF fp32), so only summation order differs.
 struct Bound {
   WeightFormat format;
   double max_rel_error;
@@ -54,7 +55,7 @@ struct Bound {
 };
 
 const Bound kVsCpu[] = {
-    {WeightFormat::fp32, 1e-2, 0.95},     {WeightFormat::fp16, 1e-2, 0.95},
+    {WeightFormat::fp32, 1e-4, 0.95},     {WeightFormat::fp16, 1e-2, 0.95},
     {WeightFormat::bf16, 1e-2, 0.95},     {WeightFormat::sym_int8, 8e-2, 0.75},
     {WeightFormat::sym_int4, 8e-2, 0.75}, {WeightFormat::asym_int4, 8e-2, 0.75}};
 
@@ -100,7 +101,7 @@ INSTANTIATE_TEST_SUITE_P(Synthetic, CudaModelVsCpu, ::testing::Values("tiny-qwen
 // A real architecture's dimensions (head_dim 64, 14 heads over 2 KV heads, vocab 151936): one
 // 200-token prefill call (flash attention, cuBLAS GEMMs) then decode steps, last logits each.
 TEST(CudaModel, Qwen2HalfBillionShapeMatchesCpu) {
-  for (WeightFormat format : {WeightFormat::sym_int4, WeightFormat::fp16}) {
+  for (WeightFormat format : {WeightFormat::sym_int4, WeightFormat::fp16, WeightFormat::fp32}) {
     auto cpu = make_engine("synthetic:qwen2-0.5b", format, "cpu", 512);
     auto gpu = make_engine("synthetic:qwen2-0.5b", format, "cuda", 512);
     ASSERT_TRUE(cpu && gpu);
@@ -120,13 +121,19 @@ TEST(CudaModel, Qwen2HalfBillionShapeMatchesCpu) {
       worst = std::max(worst, compare(a, b, vocab).max_rel_error);
     }
     std::printf("[ qwen2-0.5b %s ] CUDA vs CPU max rel error %.3g\n", format_name(format), worst);
-    EXPECT_LE(worst, format == WeightFormat::fp16 ? 1e-2 : 5e-2) << format_name(format);
+    EXPECT_LE(worst, format == WeightFormat::fp32   ? 1e-4
+                     : format == WeightFormat::fp16 ? 1e-2
+                                                    : 5e-2)
+        << format_name(format);
   }
 }
 
-// Captured graphs replay exactly what eager execution computes, at every position.
-TEST(CudaModel, GraphReplayEqualsEagerExecution) {
-  auto gpu = make_engine("synthetic:tiny-llama", WeightFormat::sym_int4, "cuda", 64, 32, 4);
+// Captured graphs replay exactly what eager execution computes, at every position; for fp32
+// the graphs hold cuBLAS's GEMMs.
+class CudaGraphReplay : public ::testing::TestWithParam<WeightFormat> {};
+
+TEST_P(CudaGraphReplay, EqualsEagerExecution) {
+  auto gpu = make_engine("synthetic:tiny-llama", GetParam(), "cuda", 64, 32, 4);
   ASSERT_TRUE(gpu);
   const int64_t vocab = gpu->config().vocab_size;
   const auto prompt = prompt_of(30, vocab, 3);
@@ -158,6 +165,10 @@ TEST(CudaModel, GraphReplayEqualsEagerExecution) {
         << "step " << i;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Formats, CudaGraphReplay,
+                         ::testing::Values(WeightFormat::sym_int4, WeightFormat::fp32),
+                         [](const auto& info) { return std::string(format_name(info.param)); });
 
 // Forked sequences (shared full blocks, a copied partly filled block, slots whose blocks are not
 // in slot order) decode through captured graphs like their parent and like the CPU: the graphs
@@ -204,9 +215,10 @@ TEST(CudaModel, ForkedSequencesDecodeThroughSharedBlocks) {
 
 // Against HF float32 logits: float formats on the original weights, integer formats on weights
 // quantize-dequantized by make_golden.py's independent implementation of format.h
-// (hf_fixture.h's reference_logits), as in tests/golden/test_hf_models.cpp. CUDA keeps fp32 and
-// bf16 weights as fp16 and multiplies fp16 activations, so fp32 gets the fp16 bound; integer
-// formats keep the CPU's bounds (CUDA rounds activations to fp16, finer than the CPU's int8).
+// (hf_fixture.h's reference_logits), as in tests/golden/test_hf_models.cpp. fp32 computes in
+// fp32 (issue 9: 1e-4, where fp16 math gave 8.8e-4); CUDA keeps bf16 weights as fp16 and
+// multiplies fp16 activations; integer formats keep the CPU's bounds (CUDA rounds activations
+// to fp16, finer than the CPU's int8).
 struct HfBound {
   WeightFormat format;
   int block;
@@ -215,7 +227,7 @@ struct HfBound {
 };
 
 const HfBound kVsHf[] = {
-    {WeightFormat::fp32, 0, 1e-2, 0.95},      {WeightFormat::fp16, 0, 1e-2, 0.95},
+    {WeightFormat::fp32, 0, 1e-4, 1.0},       {WeightFormat::fp16, 0, 1e-2, 0.95},
     {WeightFormat::bf16, 0, 5e-2, 0.9},       {WeightFormat::sym_int8, 32, 0.12, 0.8},
     {WeightFormat::sym_int4, 32, 0.12, 0.8},  {WeightFormat::sym_int4, 64, 0.12, 0.8},
     {WeightFormat::asym_int4, 32, 0.12, 0.8},
@@ -293,6 +305,23 @@ TEST_P(CudaHfGolden, Fp8KvCacheWithinItsBound) {
   while (size_t(same) < n && ga->tokens[size_t(same)] == gb->tokens[size_t(same)]) ++same;
   std::printf("[ %s fp8 KV ] greedy: %d of %zu leading tokens equal to fp16 KV's\n", GetParam(),
               same, n);
+}
+
+// fp32 with the whole prompt in one call (more than 16 tokens: the prefill path) and with one
+// token per call (decode steps, captured graphs), against HF float32 logits.
+TEST_P(CudaHfGolden, Fp32PrefillAndDecodeWithinOneInTenThousand) {
+  const hf_fixture::Fixture f = hf_fixture::load(GetParam());
+  for (int64_t chunk : {int64_t(512), int64_t(1)}) {
+    auto engine = make_engine(f.dir, WeightFormat::fp32, "cuda", chunk);
+    ASSERT_TRUE(engine);
+    auto logits = engine->prompt_logits(f.prompt);
+    ASSERT_TRUE(logits.is_ok()) << logits.status().message();
+    const Comparison c = compare(*logits, f.logits, f.vocab);
+    std::printf("[ %s fp32, chunk %lld ] CUDA vs HF max rel error %.3g\n", GetParam(),
+                static_cast<long long>(chunk), c.max_rel_error);
+    EXPECT_LE(c.max_rel_error, 1e-4) << "chunk " << chunk;
+    EXPECT_EQ(c.top1_agreement, 1.0) << "chunk " << chunk;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaHfGolden, ::testing::ValuesIn(hf_fixture::kNames),

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <map>
 #include <numeric>
 #include <tuple>
 
@@ -107,9 +108,13 @@ TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
       // and 2-3e-3 from the CPU (observed), where an fp16-rounded input lands on the other
       // side of a rounding boundary than the CPU's fp32 one; a wrong nibble, scale or group
       // gives errors near 1.
+      // fp32 weights multiply the fp32 input in fp32 (no TF32, whose 10-bit mantissa gives
+      // ~1e-3): only the summation order differs, ~1e-7.
+      const bool fp32 = fc.format == WeightFormat::fp32;
       const bool int8 = int8_inputs(fc.format, n, cols);
-      EXPECT_LE(vs_ref, int8 ? 3e-2 : 2e-3) << rows << "x" << cols << " n=" << n;
-      EXPECT_LE(vs_cpu, int8                      ? 1e-2
+      EXPECT_LE(vs_ref, fp32 ? 1e-5 : int8 ? 3e-2 : 2e-3) << rows << "x" << cols << " n=" << n;
+      EXPECT_LE(vs_cpu, fp32                      ? 1e-5
+                        : int8                    ? 1e-2
                         : is_quantized(fc.format) ? 3e-2
                                                   : 2e-3)
           << rows << "x" << cols << " n=" << n;
@@ -388,8 +393,8 @@ TEST_P(CudaEmbed, RowsMatchCpu) {
     ASSERT_TRUE(b->embed(*out, weights.tok_embd).is_ok());
     results[i++] = fetch(*b, *out);
   }
-  // fp32 tables are fp16 on the device; every other format is reproduced exactly.
-  EXPECT_LE(rel_error(results[1], results[0]), fc.format == WeightFormat::fp32 ? 1e-3 : 0.0);
+  // Every format is reproduced exactly (an fp32 model's table stays fp32 on the device).
+  EXPECT_EQ(rel_error(results[1], results[0]), 0.0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, CudaEmbed, ::testing::ValuesIn(kFormats), format_case_name);
@@ -681,6 +686,86 @@ INSTANTIATE_TEST_SUITE_P(Formats, CudaNormFusion,
                                            FormatCase{WeightFormat::sym_int8, 32},
                                            FormatCase{WeightFormat::fp16, 0}),
                          format_case_name);
+
+// An fp32 model computes in fp32 at every token count (batch-1 decode, a few tokens, the
+// 16-token graph size, prefill): a layer's sequence of ops as the forward pass issues them
+// (norm, q/k/v with biases, o projection + residual, norm, gate/up + swiglu, down + residual,
+// final norm, an lm_head off the 32-column grid) matches the CPU within fp32 summation order,
+// and none of the decode fusions is taken (each of them reads fp16).
+TEST(CudaOps, Fp32ModelMatmulsComputeInFp32) {
+  const int64_t hidden = 256, inter = 200, q_dim = 256, kv_dim = 64, vocab = 1000;
+  ModelConfig config = small_config(hidden, inter, 4, 1, 64, vocab);
+  config.n_layers = 1;
+  ModelWeights weights = random_model(config, WeightFormat::fp32, 0, true, 121);
+  const LayerWeights& l = weights.layers[0];
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 128, 128, 128}));
+  enum { x, h, q, k, v, proj, gate, up, logits, n_tensors };
+  const int64_t widths[n_tensors] = {hidden, hidden, q_dim, kv_dim, kv_dim,
+                                     hidden, inter,  inter, vocab};
+  for (int64_t n : {1, 3, 16, 100}) {
+    ASSERT_TRUE(cuda::set_op_timing(*pair.gpu, true).is_ok());  // also clears the op times
+    const auto x0 = random_values(size_t(n * hidden), 140 + uint64_t(n), 2.0f);
+    std::vector<float> results[2][8];
+    int i = 0;
+    for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+      std::vector<int32_t> meta;
+      ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+      Tensor t[n_tensors];
+      for (int j = 0; j < n_tensors; ++j) {
+        auto s = b->scratch(n, widths[j]);
+        ASSERT_TRUE(s.is_ok());
+        t[j] = *s;
+        if (j == x) {
+          fill(*b, t[j], x0);
+        } else {
+          poison(*b, t[j]);
+        }
+      }
+      // Nothing is read back until the end, so every fusion a decode step takes could be taken.
+      ASSERT_TRUE(b->rms_norm(t[h], t[x], l.attn_norm, 1e-5f).is_ok());
+      const Tensor qkv[] = {t[q], t[k], t[v]};
+      const Linear* const qkv_w[] = {&l.wq, &l.wk, &l.wv};
+      ASSERT_TRUE(b->matmul_multi(qkv, t[h], qkv_w).is_ok());
+      ASSERT_TRUE(b->matmul(t[proj], t[q], l.wo).is_ok());  // q stands in for attention's output
+      ASSERT_TRUE(b->add(t[x], t[proj]).is_ok());
+      ASSERT_TRUE(b->rms_norm(t[h], t[x], l.ffn_norm, 1e-5f).is_ok());
+      const Tensor gate_up[] = {t[gate], t[up]};
+      const Linear* const gate_up_w[] = {&l.w_gate, &l.w_up};
+      ASSERT_TRUE(b->matmul_multi(gate_up, t[h], gate_up_w).is_ok());
+      ASSERT_TRUE(b->swiglu(t[gate], t[gate], t[up]).is_ok());
+      ASSERT_TRUE(b->matmul(t[proj], t[gate], l.w_down).is_ok());
+      ASSERT_TRUE(b->add(t[x], t[proj]).is_ok());
+      ASSERT_TRUE(b->rms_norm(t[h], t[x], weights.output_norm, 1e-5f).is_ok());
+      const Status s = b->matmul(t[logits], t[h], weights.output);
+      ASSERT_TRUE(s.is_ok()) << s.message();
+      const int read[] = {q, k, v, gate, up, x, h, logits};
+      for (int r = 0; r < 8; ++r) results[i][r] = fetch(*b, t[read[r]]);
+      i++;
+    }
+    const char* names[] = {"q",          "k",     "v", "silu(gate) * up", "up", "x + o + down",
+                           "final norm", "logits"};
+    for (int r = 0; r < 8; ++r) {
+      EXPECT_LE(rel_error(results[1][r], results[0][r]), 1e-5) << names[r] << " n=" << n;
+    }
+    // Against the double-precision product of the CPU's own inputs as well: the lm_head alone.
+    EXPECT_LE(rel_error(results[1][7], reference_matmul(weights.output, results[0][6], n)), 1e-5)
+        << "logits against the reference, n=" << n;
+    // Every op launched alone: 5 matmul calls, 3 norms, 2 adds, 1 swiglu, and nothing else (no
+    // "rms_norm + matmul", "matmul + add", "matmul + swiglu", fp16 "matmul" or "shadow").
+    std::map<std::string, int64_t> calls;
+    int64_t total = 0;
+    for (const cuda::OpTime& t : cuda::op_times(*pair.gpu)) {
+      calls[t.op] += t.calls;
+      total += t.calls;
+    }
+    EXPECT_EQ(calls["matmul (fp32)"], 5) << "n=" << n;
+    EXPECT_EQ(calls["rms_norm"], 3) << "n=" << n;
+    EXPECT_EQ(calls["add"], 2) << "n=" << n;
+    EXPECT_EQ(calls["swiglu"], 1) << "n=" << n;
+    EXPECT_EQ(total, 11) << "n=" << n;
+  }
+}
 
 TEST(CudaBackend, ReportsMemoryAndRejectsBadBatches) {
   ModelWeights weights;

@@ -12,16 +12,19 @@
 
 namespace kestrel::cuda {
 
-// A weight as the kernels see it. On the device every float format is fp16 (fp32 and bf16
-// weights are converted at upload); sym_int8 keeps the planar layout of quant/format.h and the
-// int4 formats are stored in tiles (int4_tiles.h).
+// A weight as the kernels see it. The weights of an fp32 model stay fp32 on the device (that
+// mode computes in fp32 throughout: cuBLAS SGEMM on the fp32 activations, gemm.cuh); every other
+// float weight is fp16 (bf16, and fp32 tensors of other models, are converted at upload);
+// sym_int8 keeps the planar layout of quant/format.h and the int4 formats are stored in tiles
+// (int4_tiles.h).
 struct DeviceWeight {
-  WeightFormat format = WeightFormat::fp16;  // fp16, sym_int8, sym_int4 or asym_int4
+  WeightFormat format = WeightFormat::fp16;  // fp32, fp16, sym_int8, sym_int4 or asym_int4
   int64_t rows = 0;
   int64_t cols = 0;
-  int block = 0;                   // weights per scale; 0 for fp16
-  int64_t row_bytes = 0;           // fp16 and sym_int8: bytes per row of `data` (fp16 rows are
-                                   // padded to 32 values); 0 for the tiled int4 formats
+  int block = 0;                   // weights per scale; 0 for fp32 and fp16
+  int64_t row_bytes = 0;           // fp32, fp16 and sym_int8: bytes per row of `data` (fp16
+                                   // rows are padded to 32 values, fp32 rows are not); 0 for
+                                   // the tiled int4 formats
   Int4Tiles tiles;                 // int4 formats: the tiling of data, scales and mins
   const uint8_t* data = nullptr;   // [rows, row_bytes], or tiles.data_bytes()
   const __half* scales = nullptr;  // [rows, cols / block], or tiles.scale_halves()
@@ -149,8 +152,10 @@ __device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t
 
 // One weight of row `row`, column `k`, dequantized to fp32 exactly as quant/format.cpp does.
 __device__ inline float dequant_one(const DeviceWeight& w, int64_t row, int64_t k) {
-  const uint8_t* data = w.data + row * w.row_bytes;  // fp16 and sym_int8
+  const uint8_t* data = w.data + row * w.row_bytes;  // fp32, fp16 and sym_int8
   switch (w.format) {
+    case WeightFormat::fp32:
+      return reinterpret_cast<const float*>(data)[k];
     case WeightFormat::fp16:
       return __half2float(reinterpret_cast<const __half*>(data)[k]);
     case WeightFormat::sym_int8: {

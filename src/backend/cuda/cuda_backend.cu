@@ -17,6 +17,11 @@
 // is held back too and becomes the input stage of the next matmul's GEMV (gemv.cuh NormInput):
 // the GEMV's blocks normalize the activation themselves, and a decode step loses the two norm
 // launches of every layer.
+//
+// An fp32 model (--low-bit fp32) computes in fp32: its weights stay fp32 on the device and every
+// matmul, at any token count, is one cuBLAS fp32 GEMM on the fp32 activation (gemm_f32), not the
+// fp16 shadow. None of the fusions above is taken for it: a held-back norm is launched alone
+// before the GEMM, and the add or swiglu after it finds nothing held back and runs its own kernel.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -222,6 +227,8 @@ class CudaBackend final : public Backend {
     if (extras.cublas_bytes > 0) {
       KS_ASSIGN_OR_RETURN(void* ws, reserve_device<uint8_t>(extras.cublas_bytes, "cuBLAS"));
       KS_CUBLAS_CHECK("reserve", cublasSetWorkspace(cublas_, ws, extras.cublas_bytes));
+      gemm_ws_.cublas_workspace = ws;
+      gemm_ws_.cublas_workspace_bytes = extras.cublas_bytes;
     }
     decode_ws_ = DecodeWorkspace{};
     decode_ws_.max_splits = extras.max_splits;
@@ -388,16 +395,18 @@ class CudaBackend final : public Backend {
 
   Status matmul_multi(std::span<const Tensor> outs, Tensor x,
                       std::span<const Linear* const> weights) override {
+    if (outs.size() != weights.size() || outs.empty() || outs.size() > size_t(kMaxGemvJobs)) {
+      return Status::error("cuda matmul: 1 to 3 weights per call, one output each");
+    }
+    KS_ASSIGN_OR_RETURN(const DeviceWeight* first, linear_of(*weights[0]));
+    const bool fp32 = first->format == WeightFormat::fp32;
     std::optional<PendingNorm> norm;
-    if (pending_norm_ && pending_norm_->out.data == x.data && pending_norm_->out.rows == x.rows &&
-        pending_norm_->out.cols == x.cols) {
+    if (!fp32 && pending_norm_ && pending_norm_->out.data == x.data &&
+        pending_norm_->out.rows == x.rows && pending_norm_->out.cols == x.cols) {
       norm = pending_norm_;
       pending_norm_.reset();
     }
     KS_RETURN_IF_ERROR(flush());
-    if (outs.size() != weights.size() || outs.empty() || outs.size() > size_t(kMaxGemvJobs)) {
-      return Status::error("cuda matmul: 1 to 3 weights per call, one output each");
-    }
     PendingMatmul m;
     m.n_jobs = int(outs.size());
     for (size_t i = 0; i < outs.size(); ++i) {
@@ -409,9 +418,13 @@ class CudaBackend final : public Backend {
                              std::to_string(outs[i].rows) + ", " + std::to_string(outs[i].cols) +
                              "]");
       }
+      if (w->format != first->format) {
+        return Status::error("cuda matmul: weights of one call differ in format");
+      }
       m.jobs[i] = GemvJob{*w, f32(outs[i])};
       m.outs[i] = outs[i];
     }
+    if (fp32) return matmul_f32(m, x);
     m.x_stride = round_up(x.cols, kGroup);
     m.n_tokens = int(x.rows);
     if (norm) {
@@ -680,9 +693,11 @@ class CudaBackend final : public Backend {
     e.shadow_bytes = size_t(e.shadow_rows * e.shadow_cols) * sizeof(__half);
     const bool prefill_gemm =
         shape.max_batch_tokens > kMaxGemvTokens || shape.max_logit_rows > kMaxGemvTokens;
-    // fp16 weights go to cuBLAS as they are; before upload the format is unknown, so the
-    // planner is given the quantized (larger) figure.
-    if (prefill_gemm && !(weights_uploaded() && weights_format_ == WeightFormat::fp16)) {
+    // Float weights (fp16 on the device, or an fp32 model's fp32) go to cuBLAS as they are;
+    // before upload the format is unknown, so the planner is given the quantized (larger)
+    // figure.
+    const bool float_weights = weights_uploaded() && !is_quantized(weights_format_);
+    if (prefill_gemm && !float_weights) {
       // One fp16 copy of the largest layer weight (lm_head, when prefill asks for many logit
       // rows, goes through it in slices of rows). Measured on the H100: slices of 16 MB, meant
       // to keep the copy in L2, made Llama-3.1-8B's 1024-token prefill twice as slow (cuBLAS on
@@ -691,7 +706,8 @@ class CudaBackend final : public Backend {
                                         c.intermediate_size * c.hidden_size});
       e.dequant_bytes = size_t(largest) * sizeof(__half);
     }
-    if (prefill_gemm) e.cublas_bytes = kCublasWorkspaceBytes;
+    // An fp32 model multiplies through cuBLAS at every token count, decode steps included.
+    if (prefill_gemm || fp32_weights_) e.cublas_bytes = kCublasWorkspaceBytes;
     e.max_splits =
         decode_splits(props_.multiProcessorCount, int(c.n_kv_heads), 1, shape.max_context);
     const size_t partials = size_t(kMaxGemvTokens) * size_t(c.n_heads) * size_t(e.max_splits);
@@ -795,6 +811,20 @@ class CudaBackend final : public Backend {
   }
 
   // --- held-back ops --------------------------------------------------------------------------
+
+  // The jobs of `m` on fp32 weights, launched now (never held back, so nothing fuses with them).
+  Status matmul_f32(const PendingMatmul& m, Tensor x) {
+    for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
+    for (int i = 0; i < m.n_jobs; ++i) {
+      trace({10, addr(m.jobs[i].y), addr(x.data), uint64_t(x.rows), addr(m.jobs[i].w.data)});
+    }
+    if (mode_ == Mode::replay) return Status::ok();
+    const auto timer = time_op("matmul (fp32)");
+    for (int i = 0; i < m.n_jobs; ++i) {
+      KS_RETURN_IF_ERROR(gemm_f32(m.jobs[i].w, f32(x), x.rows, m.jobs[i].y, gemm_ws_, stream_));
+    }
+    return Status::ok();
+  }
 
   Status launch_gemv(const PendingMatmul& m, GemvEpilogue epilogue, ShadowOut shadow) {
     for (int i = 0; i < m.n_jobs; ++i) {
@@ -993,6 +1023,7 @@ class CudaBackend final : public Backend {
     vectors_.clear();
     embed_ = DeviceWeight{};
     embed_host_ = nullptr;
+    fp32_weights_ = false;
     return Status::ok();
   }
 
@@ -1050,8 +1081,19 @@ class CudaBackend final : public Backend {
       d.scales = reinterpret_cast<const __half*>(base + scale_at);
       return d;
     }
-    // Float formats become fp16 rows padded to a multiple of 32 values (zeros), which the GEMV
-    // reads in whole groups and cuBLAS reads with a leading dimension.
+    if (w.format == WeightFormat::fp32 && weights_format_ == WeightFormat::fp32) {
+      // An fp32 model keeps its weights: one copy of the rows, which cuBLAS reads as they are.
+      d.format = WeightFormat::fp32;
+      fp32_weights_ = true;
+      d.row_bytes = int64_t(w.data_row_bytes());
+      KS_ASSIGN_OR_RETURN(void* mem, weight_memory(w.data.size(), what));
+      KS_CUDA_CHECK("upload",
+                    cudaMemcpy(mem, w.data.data(), w.data.size(), cudaMemcpyHostToDevice));
+      d.data = static_cast<const uint8_t*>(mem);
+      return d;
+    }
+    // Other float formats become fp16 rows padded to a multiple of 32 values (zeros), which the
+    // GEMV reads in whole groups and cuBLAS reads with a leading dimension.
     d.format = WeightFormat::fp16;
     const int64_t padded = round_up(w.cols, kGroup);
     d.row_bytes = padded * int64_t(sizeof(uint16_t));
@@ -1133,6 +1175,7 @@ class CudaBackend final : public Backend {
   std::vector<void*> pinned_;
 
   WeightFormat weights_format_ = WeightFormat::sym_int4;
+  bool fp32_weights_ = false;  // some weight stayed fp32 (an fp32 model): gemm_f32 needs cuBLAS
   std::optional<Roofline> roofline_;
   const uint8_t* embed_host_ = nullptr;
   DeviceWeight embed_;

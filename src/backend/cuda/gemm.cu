@@ -69,16 +69,39 @@ __global__ void embed_kernel(DeviceWeight table, const int32_t* tokens, float* o
   }
 }
 
+// cublasSetStream resets the handle to cuBLAS's default workspace pool, which allocates on first
+// use in every captured graph; the reserved workspace is bound again after it.
+Status bind_stream(const GemmWorkspace& ws, cudaStream_t stream) {
+  KS_CUBLAS_CHECK("matmul", cublasSetStream(ws.cublas, stream));
+  if (ws.cublas_workspace != nullptr) {
+    KS_CUBLAS_CHECK("matmul",
+                    cublasSetWorkspace(ws.cublas, ws.cublas_workspace, ws.cublas_workspace_bytes));
+  }
+  return Status::ok();
+}
+
+// y[n, w.rows] += bias, when the weight has one.
+Status add_bias(const DeviceWeight& w, float* y, int64_t n, cudaStream_t stream) {
+  if (w.bias == nullptr) return Status::ok();
+  KS_CUDA_CHECK("matmul", launch_pdl(add_bias_kernel, dim3(unsigned(ceil_div(n * w.rows, 256))),
+                                     dim3(256), 0, stream, y, w.bias, n, int64_t(w.rows)));
+  KS_CUDA_CHECK_LAUNCH("matmul", "add_bias_kernel");
+  return Status::ok();
+}
+
 }  // namespace
 
 int64_t gemm_dequant_elems(const DeviceWeight& w) {
-  if (w.format == WeightFormat::fp16) return 0;
+  if (w.format == WeightFormat::fp16 || w.format == WeightFormat::fp32) return 0;
   return w.rows * w.cols;
 }
 
 Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n, float* y,
             const GemmWorkspace& ws, cudaStream_t stream) {
-  KS_CUBLAS_CHECK("matmul", cublasSetStream(ws.cublas, stream));
+  if (w.format == WeightFormat::fp32) {
+    return Status::error("cuda matmul: an fp32 weight takes the fp32 path, not the fp16 GEMM");
+  }
+  KS_RETURN_IF_ERROR(bind_stream(ws, stream));
   const float alpha = 1.0f;
   const float beta = 0.0f;
   // Column-major view: y^T[rows, n] = W[rows, cols] · x^T[cols, n]; W is row-major [rows, cols],
@@ -109,12 +132,27 @@ Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n,
       KS_CUBLAS_CHECK("matmul", multiply(ws.dequant, w.cols, begin, rows));
     }
   }
-  if (w.bias != nullptr) {
-    KS_CUDA_CHECK("matmul", launch_pdl(add_bias_kernel, dim3(unsigned(ceil_div(n * w.rows, 256))),
-                                       dim3(256), 0, stream, y, w.bias, n, int64_t(w.rows)));
-    KS_CUDA_CHECK_LAUNCH("matmul", "add_bias_kernel");
+  return add_bias(w, y, n, stream);
+}
+
+Status gemm_f32(const DeviceWeight& w, const float* x, int64_t n, float* y, const GemmWorkspace& ws,
+                cudaStream_t stream) {
+  if (w.format != WeightFormat::fp32 || w.row_bytes != w.cols * int64_t(sizeof(float))) {
+    return Status::error("cuda matmul: the fp32 GEMM needs an unpadded fp32 weight, got " +
+                         std::string(format_name(w.format)));
   }
-  return Status::ok();
+  if (n <= 0) return Status::ok();
+  KS_RETURN_IF_ERROR(bind_stream(ws, stream));
+  const float alpha = 1.0f;
+  const float beta = 0.0f;
+  // Column-major view as in gemm(): y^T[rows, n] = W[rows, cols] · x^T[cols, n], W row-major
+  // [rows, cols] = column-major [cols, rows] (op T), x row-major [n, cols] = column-major
+  // [cols, n].
+  KS_CUBLAS_CHECK("matmul", cublasGemmEx(ws.cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.rows), int(n),
+                                         int(w.cols), &alpha, w.data, CUDA_R_32F, int(w.cols), x,
+                                         CUDA_R_32F, int(w.cols), &beta, y, CUDA_R_32F, int(w.rows),
+                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return add_bias(w, y, n, stream);
 }
 
 Status embed_rows(const DeviceWeight& table, const int32_t* tokens, int64_t n, float* out,

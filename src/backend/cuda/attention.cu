@@ -619,8 +619,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
   // 0 * NaN would poison the P·V product.
   auto issue = [&](int stage, int64_t key0) {
     __half* k_s = prefill_smem + stage * 2 * kTile;
-    load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, key0, kv_len, k_s,
-                                            k_s + kTile);
+    load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, key0, kv_len, k_s, k_s + kTile);
   };
 
   const int64_t n_tiles = (kv_len + kPrefillKeys - 1) / kPrefillKeys;
@@ -758,8 +757,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
 // both.
 template <int D, KvType kType>
 __global__ void __launch_bounds__(kPrefillThreads)
-    attention_split_mma_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws,
-                               int64_t token_begin, int n_splits) {
+    attention_split_mma_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws, int64_t token_begin,
+                               int n_splits) {
   pdl_wait();
   pdl_trigger();
   constexpr int kStride = D + 8;
@@ -786,8 +785,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
 
   auto issue = [&](int stage, int64_t tile) {
     __half* k_s = decode_smem + stage * 2 * kTile;
-    load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx,
-                                            k_s, k_s + kTile);
+    load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_s,
+                                            k_s + kTile);
   };
   issue(0, tile_begin);
 
@@ -1013,7 +1012,8 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   constexpr bool kMma = (kD == 64 || kD == 128) && kType != KvType::f32;
   constexpr int kMmaD = kD == 64 ? 64 : 128;
   constexpr KvType kMmaType = kType == KvType::f32 ? KvType::f16 : kType;  // never launched
-  auto kernel = kMma ? attention_split_mma_kernel<kMmaD, kMmaType> : attention_split_kernel<kD, kType>;
+  auto kernel =
+      kMma ? attention_split_mma_kernel<kMmaD, kMmaType> : attention_split_kernel<kD, kType>;
   const int threads = kMma ? kPrefillThreads : kDecodeThreads;
   const int chunk_keys = kMma ? kPrefillKeys : kDecodeSplit;
   const int group = args.n_heads / cache.n_kv_heads;
@@ -1022,11 +1022,12 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   static int resident = 0;  // blocks of this kernel an SM holds at once, once per instantiation
   if (resident == 0) {
     if (smem > 48 * 1024) {
-      KS_CUDA_CHECK("attention", cudaFuncSetAttribute(
-                                     kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      KS_CUDA_CHECK(
+          "attention",
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     }
-    KS_CUDA_CHECK("attention", cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel,
-                                                                             threads, smem));
+    KS_CUDA_CHECK("attention",
+                  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem));
     resident = std::max(resident, 1);
   }
   if (!kMma && smem > 48 * 1024) {  // the CUDA-core kernel's size depends on the group

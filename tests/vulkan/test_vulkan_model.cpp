@@ -37,14 +37,8 @@ std::unique_ptr<Engine> make_engine(const std::string& model, WeightFormat forma
 // independent implementation of format.h; the CPU rounds activations to int8 on top (bound
 // 0.12), the Vulkan backend does not, so only fp32 summation order remains (~2e-6 measured on
 // lavapipe): 1e-4 and every top-1 equal. A wrong scale, nibble or group gives errors near 1.
-struct HfBound {
-  WeightFormat format;
-  int block;
-  double max_rel_error;
-  double min_top1_agreement;
-};
 
-const HfBound kVsHf[] = {
+const std::vector<hf_fixture::FormatBound> kVsHf = {
     {WeightFormat::fp32, 0, 1e-3, 1.0},       {WeightFormat::fp16, 0, 1e-2, 0.95},
     {WeightFormat::bf16, 0, 5e-2, 0.9},       {WeightFormat::sym_int8, 32, 1e-4, 1.0},
     {WeightFormat::sym_int4, 32, 1e-4, 1.0},  {WeightFormat::sym_int4, 64, 1e-4, 1.0},
@@ -55,19 +49,14 @@ class VulkanHfGolden : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(VulkanHfGolden, EveryFormatWithinItsBound) {
   const hf_fixture::Fixture f = hf_fixture::load(GetParam());
-  for (const HfBound& bound : kVsHf) {
-    if (bound.block == 64 && std::string(GetParam()) != "qwen2-tied-f32") continue;
-    auto engine = make_engine(f.dir, bound.format, "vulkan", std::max(bound.block, 32));
-    ASSERT_TRUE(engine);
-    auto logits = engine->prompt_logits(f.prompt);
-    ASSERT_TRUE(logits.is_ok()) << logits.status().message();
-    const Comparison c =
-        compare(*logits, hf_fixture::reference_logits(f, bound.format, bound.block), f.vocab);
-    std::printf("[ %s %s b%d ] Vulkan vs HF max rel error %.3g, top-1 agreement %.2f\n", GetParam(),
-                format_name(bound.format), bound.block, c.max_rel_error, c.top1_agreement);
-    EXPECT_LE(c.max_rel_error, bound.max_rel_error) << format_name(bound.format);
-    EXPECT_GE(c.top1_agreement, bound.min_top1_agreement) << format_name(bound.format);
+  std::vector<hf_fixture::FormatBound> bounds;
+  for (const hf_fixture::FormatBound& b : kVsHf) {
+    if (b.block != 64 || std::string(GetParam()) == "qwen2-tied-f32") bounds.push_back(b);
   }
+  hf_fixture::check_formats(f, GetParam(), "Vulkan vs HF", bounds,
+                            [&](WeightFormat format, int block) {
+                              return make_engine(f.dir, format, "vulkan", std::max(block, 32));
+                            });
 }
 
 // Prefill, then decode steps with the argmax on the device: HF's continuation, token for token.

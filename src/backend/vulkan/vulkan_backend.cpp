@@ -364,6 +364,14 @@ class VulkanBackend final : public Backend {
           return Status::ok();
         }));
 
+    // A model that does not fit fails here with the numbers, before any allocation (on an
+    // integrated GPU the driver might otherwise page or fail deep inside a later call).
+    const size_t available = free_memory();
+    if (available > 0 && placement.total() > available) {
+      return Status::error("vulkan backend: the weights need " + std::to_string(placement.total()) +
+                           " bytes but " + info_.name + " has " + std::to_string(available) +
+                           " bytes free (" + memory_source() + "); use a smaller model or format");
+    }
     // Replace what an earlier upload held only once the new pages exist.
     KS_RETURN_IF_ERROR(flush());
     std::vector<Buffer> pages;
@@ -711,6 +719,11 @@ class VulkanBackend final : public Backend {
 
   size_t memory_in_use() const override { return in_use_; }
   size_t peak_memory() const override { return peak_; }
+
+  // Where free_memory() comes from.
+  std::string memory_source() const {
+    return info_.has_memory_budget ? "VK_EXT_memory_budget" : "heap size less what Kestrel holds";
+  }
 
   size_t free_memory() const override {
     VkPhysicalDeviceMemoryBudgetPropertiesEXT budget{};

@@ -93,13 +93,17 @@ inline Comparison compare(const std::vector<float>& ours, const std::vector<floa
   return c;
 }
 
-// A CPU engine on `model` (2 threads, context 256, prompts in chunks of 16, so the KV cache is used
-// across calls); `format` unset lets the source choose. Null, with a test failure, on error.
-inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
-                                          std::optional<WeightFormat> format) {
+// An engine on `device` and `model` (2 threads, context 256, prompts in chunks of 16, so the KV
+// cache is used across calls) with weights in `format` (unset: the source chooses) and `block`.
+// Null, with a test failure, on error.
+inline std::unique_ptr<Engine> device_engine(const std::string& model,
+                                             std::optional<WeightFormat> format, int block,
+                                             const std::string& device) {
   EngineOptions options;
   options.model = model;
   options.format = format;
+  options.block = block;
+  options.device = device;
   options.threads = 2;
   options.progress = false;
   options.max_context = 256;
@@ -107,6 +111,12 @@ inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
   auto engine = Engine::create(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().message();
   return engine.is_ok() ? std::move(engine).value() : nullptr;
+}
+
+// device_engine on the CPU with 32-weight blocks.
+inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
+                                          std::optional<WeightFormat> format) {
+  return device_engine(model, format, 32, "cpu");
 }
 
 // A weight format's bound on the worst position's normalized logit error against the fixture's

@@ -20,17 +20,7 @@ using hf_fixture::Fixture;
 using hf_fixture::FormatBound;
 
 std::unique_ptr<Engine> make_engine(const std::string& model, WeightFormat format, int block = 32) {
-  EngineOptions options;
-  options.model = model;
-  options.format = format;
-  options.block = block;
-  options.threads = 2;
-  options.progress = false;
-  options.max_context = 256;
-  options.prefill_chunk = 16;  // several chunks per prompt: exercises the KV cache across calls
-  auto engine = Engine::create(options);
-  EXPECT_TRUE(engine.is_ok()) << engine.status().message();
-  return engine.is_ok() ? std::move(engine).value() : nullptr;
+  return hf_fixture::device_engine(model, format, block, "cpu");
 }
 
 // Per-format bounds on the worst position's normalized logit error, and on top-1 agreement.

@@ -180,4 +180,46 @@ inline void check_attention_over_prefill_and_decode(int head_dim, double bound, 
   }
 }
 
+// q, k and v of one input in one matmul_multi call, each checked against its own reference
+// within `bound(n, cols)` for n tokens.
+template <typename Bound>
+void check_matmul_multi(Bound bound) {
+  const int64_t cols = 256;
+  const int64_t rows[3] = {256, 64, 96};
+  ModelWeights weights;
+  weights.config = small_config(cols, 256, 4, 1, 64, 16);
+  weights.config.n_layers = 1;
+  weights.format = WeightFormat::sym_int4;
+  weights.layers.resize(1);
+  LayerWeights& l = weights.layers[0];
+  l.wq = random_linear(WeightFormat::sym_int4, rows[0], cols, 32, true, 1);
+  l.wk = random_linear(WeightFormat::sym_int4, rows[1], cols, 32, true, 2);
+  l.wv = random_linear(WeightFormat::sym_int4, rows[2], cols, 32, false, 3);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+  for (int64_t n : {1, 7, 16, 33}) {
+    const std::vector<float> x = random_values(size_t(n * cols), 40 + uint64_t(n));
+    Backend& b = *pair.gpu;
+    std::vector<int32_t> meta;
+    ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+    auto xt = b.scratch(n, cols);
+    ASSERT_TRUE(xt.is_ok());
+    fill(b, *xt, x);
+    Tensor outs[3];
+    for (int i = 0; i < 3; ++i) {
+      auto t = b.scratch(n, rows[i]);
+      ASSERT_TRUE(t.is_ok());
+      outs[i] = *t;
+      poison(b, outs[i]);
+    }
+    const Linear* const ws[] = {&l.wq, &l.wk, &l.wv};
+    const Status s = b.matmul_multi(outs, *xt, ws);
+    ASSERT_TRUE(s.is_ok()) << s.message();
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_LE(rel_error(fetch(b, outs[i]), reference_matmul(*ws[i], x, n)), bound(n, cols))
+          << "weight " << i << " n=" << n;
+    }
+  }
+}
+
 }  // namespace kestrel::backend_test

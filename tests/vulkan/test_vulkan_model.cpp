@@ -17,18 +17,7 @@ using hf_fixture::Comparison;
 
 std::unique_ptr<Engine> make_engine(const std::string& model, WeightFormat format,
                                     const std::string& device, int block = 32) {
-  EngineOptions options;
-  options.model = model;
-  options.format = format;
-  options.block = block;
-  options.device = device;
-  options.threads = 2;
-  options.progress = false;
-  options.max_context = 256;
-  options.prefill_chunk = 16;  // several chunks per prompt: exercises the KV cache across calls
-  auto engine = Engine::create(options);
-  EXPECT_TRUE(engine.is_ok()) << engine.status().message();
-  return engine.is_ok() ? std::move(engine).value() : nullptr;
+  return hf_fixture::device_engine(model, format, block, device);
 }
 
 // Float formats: the CPU's own golden bounds (tests/golden/test_hf_models.cpp, where each is

@@ -108,43 +108,9 @@ TEST_P(VulkanMatmul, WeightsSplitUnderTheAllocationLimit) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, VulkanMatmul, ::testing::ValuesIn(kFormats), format_case_name);
 
+// fp32 activations: summation order only, at every token count.
 TEST(VulkanOps, MatmulMultiRunsEveryWeight) {
-  const int64_t cols = 256;
-  const int64_t rows[3] = {256, 64, 96};
-  ModelWeights weights;
-  weights.config = small_config(cols, 256, 4, 1, 64, 16);
-  weights.config.n_layers = 1;
-  weights.format = WeightFormat::sym_int4;
-  weights.layers.resize(1);
-  LayerWeights& l = weights.layers[0];
-  l.wq = random_linear(WeightFormat::sym_int4, rows[0], cols, 32, true, 1);
-  l.wk = random_linear(WeightFormat::sym_int4, rows[1], cols, 32, true, 2);
-  l.wv = random_linear(WeightFormat::sym_int4, rows[2], cols, 32, false, 3);
-  BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
-  const Linear* const ws[] = {&l.wq, &l.wk, &l.wv};
-  for (int64_t n : {1, 7, 33}) {
-    const std::vector<float> x = random_values(size_t(n * cols), 40 + uint64_t(n));
-    Backend& b = *pair.gpu;
-    std::vector<int32_t> meta;
-    ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
-    auto xt = b.scratch(n, cols);
-    ASSERT_TRUE(xt.is_ok());
-    fill(b, *xt, x);
-    Tensor outs[3];
-    for (int i = 0; i < 3; ++i) {
-      auto t = b.scratch(n, rows[i]);
-      ASSERT_TRUE(t.is_ok());
-      outs[i] = *t;
-      poison(b, outs[i]);
-    }
-    const Status s = b.matmul_multi(outs, *xt, ws);
-    ASSERT_TRUE(s.is_ok()) << s.message();
-    for (int i = 0; i < 3; ++i) {
-      EXPECT_LE(rel_error(fetch(b, outs[i]), reference_matmul(*ws[i], x, n)), 2e-3)
-          << "weight " << i << " n=" << n;
-    }
-  }
+  check_matmul_multi([](int64_t, int64_t) { return 2e-3; });
 }
 
 // --- elementwise ops, norms, rope, embedding ---------------------------------------------------

@@ -40,6 +40,9 @@ constexpr int64_t kMaxGrid = 65535;
 // matmul.comp's tile is 32 outputs: kMatmulTileOutputs / t rows x t tokens, t = 1, 2, 4 or 8.
 constexpr int64_t kMatmulTileOutputs = 32;
 constexpr int64_t kMatmulMaxTileTokens = 8;
+// From this many tokens on, matmul_tiled.comp (64 x 64 tiles through shared memory) runs instead.
+constexpr int64_t kTiledMatmulMinTokens = 16;
+constexpr int64_t kTiledMatmulTile = 64;
 constexpr int64_t kMaxHeadDim = 256;
 
 size_t align_up(size_t n, size_t a) {
@@ -596,9 +599,15 @@ class VulkanBackend final : public Backend {
                      uint32_t(part.row_begin),
                      uint32_t(x.cols),
                      uint32_t(out.cols)};
-      KS_RETURN_IF_ERROR(dispatch("matmul",
-                                  spec_constants(uint32_t(m.format), uint32_t(tile_tokens)), p,
-                                  groups(part.rows, tile_rows), groups(x.rows, tile_tokens)));
+      if (x.rows >= kTiledMatmulMinTokens) {
+        KS_RETURN_IF_ERROR(dispatch("matmul_tiled", spec_constants(uint32_t(m.format)), p,
+                                    groups(part.rows, kTiledMatmulTile),
+                                    groups(x.rows, kTiledMatmulTile)));
+      } else {
+        KS_RETURN_IF_ERROR(dispatch("matmul",
+                                    spec_constants(uint32_t(m.format), uint32_t(tile_tokens)), p,
+                                    groups(part.rows, tile_rows), groups(x.rows, tile_tokens)));
+      }
     }
     return Status::ok();
   }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `--device vulkan`: with a usable Vulkan device (lavapipe on CI), greedy ids on an HF fixture
-# agree with the CPU's and `kestrel run` works on a synthetic model; without one (or in a build
-# without the Vulkan backend) the command fails with one line that says what is missing. A CPU
-# run never loads the Vulkan loader, and a device index past the last one is refused by name.
+# agree with the CPU's, and `kestrel run` and `bench` work on a synthetic model; without one (or
+# in a build without the Vulkan backend) the command fails with one line that says what is
+# missing. A CPU run never loads the Vulkan loader; a device index past the last is refused.
 set -uo pipefail
 kestrel="$1"
 src="$2"
@@ -43,6 +43,10 @@ if [ "$status" -eq 0 ]; then
   "$kestrel" run -m synthetic:tiny-qwen2 --ids 1,2,3 -n 8 --temp 0 --device vulkan -q \
     >"$tmp/tiny.out" 2>"$tmp/tiny.err" || { echo "FAIL tiny-qwen2 on vulkan:"; cat "$tmp/tiny.err"; exit 1; }
   echo "ok   kestrel run -m synthetic:tiny-qwen2 --device vulkan"
+  "$kestrel" bench -m synthetic:tiny-qwen2 -p 16 -n 2 --device vulkan -o csv \
+    >"$tmp/bench.csv" 2>"$tmp/bench.err" || { echo "FAIL bench on vulkan:"; cat "$tmp/bench.err"; exit 1; }
+  grep -q 'vulkan' "$tmp/bench.csv" || { echo "FAIL bench rows name no vulkan backend:"; cat "$tmp/bench.csv"; exit 1; }
+  echo "ok   kestrel bench --device vulkan"
   exit 0
 fi
 lines=$(wc -l <"$tmp/vk.err")

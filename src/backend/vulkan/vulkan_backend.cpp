@@ -742,14 +742,16 @@ class VulkanBackend final : public Backend {
     if (info_.has_memory_budget) props.pNext = &budget;
     vk_.vkGetPhysicalDeviceMemoryProperties2(physical_, &props);
     const uint32_t heap = props.memoryProperties.memoryTypes[device_type_].heapIndex;
+    // At least 1 byte: 0 means "unknown" to the planner, which would then plan against the
+    // host's memory instead of refusing.
     if (info_.has_memory_budget) {
       // The budget counts every process's use of the heap; usage includes ours.
       return budget.heapBudget[heap] > budget.heapUsage[heap]
                  ? size_t(budget.heapBudget[heap] - budget.heapUsage[heap])
-                 : 0;
+                 : 1;
     }
     const size_t size = size_t(props.memoryProperties.memoryHeaps[heap].size);
-    return size > in_use_ ? size - in_use_ : 0;
+    return size > in_use_ ? size - in_use_ : 1;
   }
 
  private:

@@ -4,6 +4,7 @@ __call__ with the argument names of transformers (and of ipex-llm's low-bit load
 import contextlib
 import json
 import os
+import re
 import struct
 import threading
 
@@ -12,7 +13,7 @@ from ._arrays import TokenInput
 from ._files import read_json_object
 
 LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int8", "fp16", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "vulkan")
 # The metadata key a converted model.safetensors carries (what `kestrel convert` writes).
 _CONVERTED_KEY = "kestrel.format_version"
 _MAX_HEADER_BYTES = 100 << 20
@@ -133,8 +134,11 @@ def _device_name(device):
     name = str(device)
     if name == "cuda:0":
         name = "cuda"
-    if name not in DEVICES:
-        raise ValueError(f"device={device!r} is not supported (Kestrel runs on {', '.join(DEVICES)})")
+    # vulkan:N names the N-th device of `kestrel devices`; the engine checks that it exists.
+    if name not in DEVICES and not re.fullmatch(r"vulkan:[0-9]{1,6}", name):
+        raise ValueError(
+            f"device={device!r} is not supported (Kestrel runs on {', '.join(DEVICES)}, vulkan:N)"
+        )
     return name
 
 
@@ -185,8 +189,8 @@ class AutoModelForCausalLM:
         load_in_low_bit: "sym_int4" | "asym_int4" | "sym_int8" | "fp16" | "bf16" | "fp32"
         (load_in_4bit=True is sym_int4, load_in_8bit=True sym_int8); unset: sym_int4, or the
         format a converted directory holds. device: "auto" (CUDA when there is one), "cpu",
-        "cuda". max_context: positions of the KV cache (default min(max_position_embeddings,
-        4096)). Kestrel's own: threads (CPU, 0 = all), block (32 | 64 weights per scale),
+        "cuda", "vulkan" or "vulkan:N" (`kestrel devices`). max_context: positions of the KV
+        cache (default min(max_position_embeddings, 4096)). Kestrel's own: threads (CPU, 0 = all), block (32 | 64 weights per scale),
         max_batch_size (sequences reserved at load; generate reserves more when a batch needs
         them), prefill_chunk, progress. trust_remote_code is accepted: Kestrel runs no model
         code. Anything else is a ValueError.
@@ -274,7 +278,9 @@ class KestrelForCausalLM:
         gen.setdefault("bos_token_id", self.config.bos_token_id)
         gen.setdefault("eos_token_id", self.config.eos_token_id)
         self.generation_config = GenerationConfig(gen)
-        self.device = "cuda" if info["backend"].startswith("cuda") else "cpu"
+        self.device = next(
+            (d for d in ("cuda", "vulkan") if info["backend"].startswith(d)), "cpu"
+        )
         self.last_generate_stats = None
 
     @contextlib.contextmanager

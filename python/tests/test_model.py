@@ -54,6 +54,25 @@ def test_fp32_greedy_and_logits_match_hf(name, golden_dir):
     assert seq == ref["prompt"] + ref["greedy"]
 
 
+def test_vulkan_device_greedy_and_logits_match_hf(golden_dir):
+    ref = load_reference(golden_dir, "qwen2-tied-f32")
+    try:
+        model = kestrel.AutoModelForCausalLM.from_pretrained(
+            ref["dir"], load_in_low_bit="fp32", device="vulkan", progress=False
+        )
+    except kestrel.KestrelError as e:
+        # What the library says when the build or the machine has no Vulkan device.
+        if str(e).startswith("device vulkan"):
+            pytest.skip(f"no usable Vulkan device: {e}")
+        raise
+    assert model.device == "vulkan"
+    assert worst_rel_error(model(ref["prompt"]).logits[0], ref["logits"]) <= 1e-3
+    seq = model.generate(ref["prompt"], max_new_tokens=len(ref["greedy"]), eos_token_id=None)
+    assert seq == ref["prompt"] + ref["greedy"]
+    with pytest.raises(ValueError, match="vulkan:N"):
+        kestrel.AutoModelForCausalLM.from_pretrained(ref["dir"], device="vulkan:x")
+
+
 @pytest.mark.parametrize("low_bit", ["sym_int4", "asym_int4", "sym_int8"])
 def test_low_bit_logits_within_the_cpp_bounds(low_bit, golden_dir):
     ref = load_reference(golden_dir, "qwen2-tied-f32")

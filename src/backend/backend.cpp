@@ -7,6 +7,9 @@
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/matmul.h"
 #include "backend/cuda_module.h"
+#if defined(KESTREL_HAVE_VULKAN)
+#include "backend/vulkan/vulkan_backend.h"
+#endif
 
 namespace kestrel {
 
@@ -127,11 +130,20 @@ Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int thr
     }
     return load_cuda_backend();
   }
+  if (device == "vulkan" || device.rfind("vulkan:", 0) == 0) {
+#if defined(KESTREL_HAVE_VULKAN)
+    return make_vulkan_backend(device);
+#else
+    return Status::error("device " + device +
+                         ": this build of Kestrel has no Vulkan backend (it was built without "
+                         "the Vulkan headers or glslc)");
+#endif
+  }
   const char* env = std::getenv("KESTREL_DEVICE");
   const bool from_env = env != nullptr && device == env;
   return Status::error("unknown device '" + device + "'" +
                        (from_env ? " (from the environment variable KESTREL_DEVICE)" : "") +
-                       " (expected auto, cpu or cuda)");
+                       " (expected auto, cpu, cuda, vulkan or vulkan:N)");
 }
 
 std::string default_device() {
@@ -150,7 +162,37 @@ std::string compiled_backends() {
   // Only whether the module is there: loading it would cost the start time it exists to save.
   const std::string module = find_cuda_module();
   if (!module.empty()) list += ", cuda (" + module + ", loaded when used)";
+#if defined(KESTREL_HAVE_VULKAN)
+  list += ", vulkan (through libvulkan.so.1, loaded when used)";
+#endif
   return list;
+}
+
+std::vector<std::string> list_devices() {
+  std::vector<std::string> lines = {std::string("cpu  ") + cpu::matmul_isa()};
+  const std::string module = find_cuda_module();
+  if (module.empty()) {
+    lines.push_back("cuda: not built into this binary (no libkestrel_cuda.so)");
+  } else if (!nvidia_driver_loaded()) {
+    lines.push_back("cuda: no NVIDIA driver is loaded");
+  } else {
+    auto backend = load_cuda_backend();
+    lines.push_back(backend.is_ok() ? "cuda  " + (*backend)->name()
+                                    : "cuda: " + backend.status().message());
+  }
+#if defined(KESTREL_HAVE_VULKAN)
+  auto vulkan = describe_vulkan_devices();
+  if (!vulkan.is_ok()) {
+    lines.push_back("vulkan: " + vulkan.status().message());
+  } else if (vulkan->empty()) {
+    lines.push_back("vulkan: the Vulkan loader found no device");
+  } else {
+    lines.insert(lines.end(), vulkan->begin(), vulkan->end());
+  }
+#else
+  lines.push_back("vulkan: not built into this binary (no Vulkan headers or glslc at build time)");
+#endif
+  return lines;
 }
 
 }  // namespace kestrel

@@ -165,12 +165,16 @@ Status check_batch_slots(const BatchView& batch, const RunShape& shape, const st
 // Checks the blocks of a copy_kv_block call against the pool of `shape`.
 Status check_kv_block_copy(int32_t src, int32_t dst, const RunShape& shape, const std::string& who);
 
-// "cpu", "cuda" when compiled in, or "auto" (default_device()). `threads` applies to the CPU
-// backend.
+// "cpu", "cuda" when compiled in, "vulkan" / "vulkan:N" when compiled in, or "auto"
+// (default_device()). `threads` applies to the CPU backend.
 Result<std::unique_ptr<Backend>> make_backend(const std::string& device, int threads);
 
 // The backends compiled into this binary, e.g. "cpu (avx512-vnni), cuda".
 std::string compiled_backends();
+// One line per device this binary can run on or knows of: the CPU, CUDA (the device, or why
+// none), every Vulkan device (with why it cannot run Kestrel, if it cannot). Creates a CUDA
+// backend when the module and a driver are there, and a Vulkan instance.
+std::vector<std::string> list_devices();
 // "cuda" when this build has the CUDA backend and the machine an NVIDIA driver, else "cpu".
 std::string default_device();
 

@@ -42,7 +42,21 @@ Result<DeviceProfile> device_profile(const std::string& device, int threads) {
     profile.load_stall_s = 60.0;
     return profile;
   }
-  return Status::error("unknown device '" + device + "' (expected cpu or cuda)");
+  if (device == "vulkan" || device.rfind("vulkan:", 0) == 0) {
+    // Any Vulkan device, Mesa's CPU driver included: a low bandwidth and compute rate keep the
+    // deadlines generous enough for lavapipe (pass --roofline-gbs for a GPU's real figure).
+    profile.bandwidth_gbs = 30.0;
+    profile.compute_gflops = 8.0;
+    // Pipelines, command buffers and the driver's own allocations beyond the reservation.
+    profile.reserve_bytes = size_t(64) << 20;
+    profile.host_memory = false;
+    profile.deadline_floor_s = 30.0;
+    // A shape's first call builds its pipelines (lavapipe compiles each with LLVM).
+    profile.first_call_s = 60.0;
+    profile.load_stall_s = 60.0;
+    return profile;
+  }
+  return Status::error("unknown device '" + device + "' (expected cpu, cuda or vulkan[:N])");
 }
 
 StepCost prefill_cost(const WeightSpec& spec, int64_t n_tokens, int64_t context_end,

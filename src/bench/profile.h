@@ -14,7 +14,7 @@ namespace kestrel {
 
 // What a device offers, for roofline figures and step deadlines.
 struct DeviceProfile {
-  std::string device;           // "cpu" or "cuda"
+  std::string device;           // "cpu", "cuda" or "vulkan[:N]"
   double bandwidth_gbs = 0;     // memory bandwidth roofline of a decode step
   double compute_gflops = 0;    // a deliberately low sustained rate: deadlines, not rooflines
   size_t reserve_bytes = 0;     // planned beyond the buffers (runtime, allocator, libraries)
@@ -24,7 +24,8 @@ struct DeviceProfile {
   double load_stall_s = 0;      // building the weights fails after this long without progress
 };
 
-// The profile of "cpu" (with `threads` workers) or "cuda"; an error for other devices.
+// The profile of "cpu" (with `threads` workers), "cuda" or "vulkan[:N]"; an error for other
+// devices.
 Result<DeviceProfile> device_profile(const std::string& device, int threads);
 
 // Bytes and floating-point operations of one forward call.

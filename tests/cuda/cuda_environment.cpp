@@ -9,8 +9,19 @@
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda_module.h"
+#include "cuda_test_util.h"
 
 namespace kestrel {
+
+namespace backend_test {
+Result<std::unique_ptr<Backend>> make_device_backend() {
+  return make_cuda_backend();
+}
+Status write_device_tensor(Backend& backend, Tensor t, const float* host) {
+  return cuda::write_tensor(backend, t, host);
+}
+}  // namespace backend_test
+
 namespace {
 
 class CudaEnvironment : public ::testing::Environment {

@@ -7,55 +7,13 @@
 #include <numeric>
 #include <tuple>
 
+#include "../unit/backend_op_checks.h"
 #include "cuda_test_util.h"
 
 namespace kestrel::cuda_test {
 namespace {
 
 // --- matmul ----------------------------------------------------------------------------------
-
-struct FormatCase {
-  WeightFormat format;
-  int block;
-};
-
-std::string format_case_name(const ::testing::TestParamInfo<FormatCase>& info) {
-  return std::string(format_name(info.param.format)) + "_b" + std::to_string(info.param.block);
-}
-
-const FormatCase kFormats[] = {
-    {WeightFormat::sym_int4, 32},  {WeightFormat::sym_int4, 64}, {WeightFormat::asym_int4, 32},
-    {WeightFormat::asym_int4, 64}, {WeightFormat::sym_int8, 32}, {WeightFormat::fp16, 0},
-    {WeightFormat::bf16, 0},       {WeightFormat::fp32, 0},
-};
-
-// y = x · wᵀ + b in double over the weight's own dequantized values.
-std::vector<float> reference_matmul(const Linear& l, const std::vector<float>& x, int64_t n) {
-  const QuantWeight& w = l.w;
-  std::vector<float> row(size_t(w.cols));
-  std::vector<float> y(size_t(n * w.rows));
-  for (int64_t r = 0; r < w.rows; ++r) {
-    dequantize_row(w, r, row.data());
-    for (int64_t t = 0; t < n; ++t) {
-      double acc = l.bias.empty() ? 0.0 : double(l.bias.as<float>()[r]);
-      for (int64_t k = 0; k < w.cols; ++k)
-        acc += double(row[size_t(k)]) * double(x[size_t(t * w.cols + k)]);
-      y[size_t(t * w.rows + r)] = float(acc);
-    }
-  }
-  return y;
-}
-
-BatchView batch_of(int64_t n, std::vector<int32_t>& storage, int32_t first_pos = 0,
-                   int32_t seq = 0) {
-  storage.assign(size_t(3 * n), 0);
-  for (int64_t i = 0; i < n; ++i) {
-    storage[size_t(i)] = int32_t(i % 7);
-    storage[size_t(n + i)] = first_pos + int32_t(i);
-    storage[size_t(2 * n + i)] = seq;
-  }
-  return BatchView{n, storage.data(), storage.data() + n, storage.data() + 2 * n};
-}
 
 // Whether the CUDA matmul of n rows quantizes its input to int8 as the CPU does (the int4
 // GEMV's dp4a path) rather than rounding it to fp16.
@@ -124,45 +82,11 @@ TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, CudaMatmul, ::testing::ValuesIn(kFormats), format_case_name);
 
-// q, k and v of one input in one launch, each checked against its own reference.
+// q, k and v of one input in one launch (backend_op_checks.h).
 TEST(CudaOps, MatmulMultiRunsEveryWeight) {
-  const int64_t cols = 256;
-  const int64_t rows[3] = {256, 64, 96};
-  ModelWeights weights;
-  weights.config = small_config(cols, 256, 4, 1, 64, 16);
-  weights.config.n_layers = 1;
-  weights.format = WeightFormat::sym_int4;
-  weights.layers.resize(1);
-  LayerWeights& l = weights.layers[0];
-  l.wq = random_linear(WeightFormat::sym_int4, rows[0], cols, 32, true, 1);
-  l.wk = random_linear(WeightFormat::sym_int4, rows[1], cols, 32, true, 2);
-  l.wv = random_linear(WeightFormat::sym_int4, rows[2], cols, 32, false, 3);
-  BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
-  for (int64_t n : {1, 7, 16, 33}) {
-    const std::vector<float> x = random_values(size_t(n * cols), 40 + uint64_t(n));
-    Backend& b = *pair.gpu;
-    std::vector<int32_t> meta;
-    ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
-    auto xt = b.scratch(n, cols);
-    ASSERT_TRUE(xt.is_ok());
-    fill(b, *xt, x);
-    Tensor outs[3];
-    for (int i = 0; i < 3; ++i) {
-      auto t = b.scratch(n, rows[i]);
-      ASSERT_TRUE(t.is_ok());
-      outs[i] = *t;
-      poison(b, outs[i]);
-    }
-    const Linear* const ws[] = {&l.wq, &l.wk, &l.wv};
-    const Status s = b.matmul_multi(outs, *xt, ws);
-    ASSERT_TRUE(s.is_ok()) << s.message();
-    for (int i = 0; i < 3; ++i) {
-      EXPECT_LE(rel_error(fetch(b, outs[i]), reference_matmul(*ws[i], x, n)),
-                int8_inputs(WeightFormat::sym_int4, n, cols) ? 3e-2 : 2e-3)
-          << "weight " << i << " n=" << n;
-    }
-  }
+  check_matmul_multi([](int64_t n, int64_t cols) {
+    return int8_inputs(WeightFormat::sym_int4, n, cols) ? 3e-2 : 2e-3;
+  });
 }
 
 // --- elementwise ops and norms ---------------------------------------------------------------
@@ -296,73 +220,13 @@ TEST_F(CudaElementwise, AddAndGather) {
 }
 
 TEST_F(CudaElementwise, ArgmaxRowsTakesTheFirstOfTies) {
-  const int64_t n = 5, cols = 151936;
-  std::vector<float> v = random_values(size_t(n * cols), 51);
-  v[size_t(0 * cols + 70000)] = 50.0f;
-  v[size_t(0 * cols + 90000)] = 50.0f;  // tie: the lower index wins
-  v[size_t(1 * cols + cols - 1)] = 60.0f;
-  v[size_t(2 * cols + 0)] = 60.0f;
-  std::vector<int32_t> results[2];
-  // The fixture's reservation holds logits of a 50-token vocabulary; this needs a real one.
-  ModelWeights big;
-  big.config = small_config(64, 64, 1, 1, 64, cols);
-  big.config.n_layers = 1;
-  big.layers.resize(1);
-  BackendPair pair;
-  ASSERT_TRUE(pair.init(big, RunShape{1, 16, 8, 8}));
-  int i = 0;
-  for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
-    std::vector<int32_t> meta;
-    ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
-    auto t = b->scratch(n, cols);
-    ASSERT_TRUE(t.is_ok());
-    fill(*b, *t, v);
-    results[i].assign(size_t(n), -1);
-    ASSERT_TRUE(b->argmax_rows(*t, results[i].data()).is_ok());
-    i++;
-  }
-  EXPECT_EQ(results[1], results[0]);
-  EXPECT_EQ(results[1][0], 70000);
-  EXPECT_EQ(results[1][1], cols - 1);
-  EXPECT_EQ(results[1][2], 0);
+  check_argmax_rows_first_of_ties();
 }
 
 class CudaRope : public ::testing::TestWithParam<bool> {};
 
 TEST_P(CudaRope, MatchesCpuAtLargePositions) {
-  ModelWeights weights;
-  weights.config = small_config(256, 256, 4, 2, 64, 16);
-  weights.config.n_layers = 1;
-  if (GetParam()) {
-    weights.config.rope_theta = 500000.0;
-    weights.config.rope_scaling = RopeScaling{RopeType::llama3, 8.0, 1.0, 4.0, 512};
-  }
-  weights.layers.resize(1);
-  BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, RunShape{1, 4096, 16, 16}));
-  const int64_t n = 7;
-  const int32_t positions[n] = {0, 1, 17, 511, 1000, 2047, 4095};
-  const int32_t tokens[n] = {1, 2, 3, 4, 5, 6, 7};
-  const int32_t seqs[n] = {0, 0, 0, 0, 0, 0, 0};
-  const auto q = random_values(size_t(n * 256), 61);
-  const auto k = random_values(size_t(n * 128), 62);
-  std::vector<float> results[2][2];
-  int i = 0;
-  for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
-    ASSERT_TRUE(b->begin_batch(pair.paged(BatchView{n, tokens, positions, seqs})).is_ok());
-    auto qt = b->scratch(n, 256);
-    auto kt = b->scratch(n, 128);
-    ASSERT_TRUE(qt.is_ok() && kt.is_ok());
-    fill(*b, *qt, q);
-    fill(*b, *kt, k);
-    ASSERT_TRUE(b->rope(*qt, *kt, RopeParams{64, 4, 2}).is_ok());
-    results[i][0] = fetch(*b, *qt);
-    results[i][1] = fetch(*b, *kt);
-    i++;
-  }
-  EXPECT_LE(rel_error(results[1][0], results[0][0]), 1e-6);
-  EXPECT_LE(rel_error(results[1][1], results[0][1]), 1e-6);
-  EXPECT_NE(results[1][0], q);  // it did rotate
+  check_rope_at_large_positions(GetParam(), 1e-6);
 }
 
 INSTANTIATE_TEST_SUITE_P(PlainAndLlama3, CudaRope, ::testing::Bool());

@@ -1,7 +1,7 @@
 // The Hugging Face fixtures of tests/golden/models, made by scripts/make_golden.py: tiny random
 // Qwen2 and Llama checkpoints with HF float32 logits of every prompt position, a 32-token greedy
 // continuation, and the logits of weights quantize-dequantized by make_golden.py's independent
-// implementation of quant/format.h. Shared by the CPU golden tests and the CUDA tests.
+// implementation of quant/format.h. Shared by the CPU golden tests and the CUDA and Vulkan tests.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -93,13 +93,17 @@ inline Comparison compare(const std::vector<float>& ours, const std::vector<floa
   return c;
 }
 
-// A CPU engine on `model` (2 threads, context 256, prompts in chunks of 16, so the KV cache is used
-// across calls); `format` unset lets the source choose. Null, with a test failure, on error.
-inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
-                                          std::optional<WeightFormat> format) {
+// An engine on `device` and `model` (2 threads, context 256, prompts in chunks of 16, so the KV
+// cache is used across calls) with weights in `format` (unset: the source chooses) and `block`.
+// Null, with a test failure, on error.
+inline std::unique_ptr<Engine> device_engine(const std::string& model,
+                                             std::optional<WeightFormat> format, int block,
+                                             const std::string& device) {
   EngineOptions options;
   options.model = model;
   options.format = format;
+  options.block = block;
+  options.device = device;
   options.threads = 2;
   options.progress = false;
   options.max_context = 256;
@@ -107,6 +111,41 @@ inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
   auto engine = Engine::create(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().message();
   return engine.is_ok() ? std::move(engine).value() : nullptr;
+}
+
+// device_engine on the CPU with 32-weight blocks.
+inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
+                                          std::optional<WeightFormat> format) {
+  return device_engine(model, format, 32, "cpu");
+}
+
+// A weight format's bound on the worst position's normalized logit error against the fixture's
+// reference (reference_logits), and on top-1 agreement.
+struct FormatBound {
+  WeightFormat format;
+  int block;
+  double max_rel_error;
+  double min_top1_agreement;
+};
+
+// Runs the prompt through `make_engine(format, block)` for each bound and checks its logits;
+// prints one line a format, `label` naming the backend.
+template <typename MakeEngine>
+void check_formats(const Fixture& f, const std::string& name, const std::string& label,
+                   const std::vector<FormatBound>& bounds, MakeEngine make_engine) {
+  for (const FormatBound& bound : bounds) {
+    std::unique_ptr<Engine> engine = make_engine(bound.format, bound.block);
+    ASSERT_TRUE(engine);
+    auto logits = engine->prompt_logits(f.prompt);
+    ASSERT_TRUE(logits.is_ok()) << logits.status().message();
+    const Comparison c =
+        compare(*logits, reference_logits(f, bound.format, bound.block), f.vocab);
+    std::printf("[ %s %s b%d ] %s max rel error %.3g, top-1 agreement %.2f\n", name.c_str(),
+                format_name(bound.format), bound.block, label.c_str(), c.max_rel_error,
+                c.top1_agreement);
+    EXPECT_LE(c.max_rel_error, bound.max_rel_error) << format_name(bound.format);
+    EXPECT_GE(c.top1_agreement, bound.min_top1_agreement) << format_name(bound.format);
+  }
 }
 
 // A fixture's name as a gtest parameter name ("qwen2_tied_f32").

@@ -17,19 +17,10 @@ namespace fs = std::filesystem;
 
 using hf_fixture::Comparison;
 using hf_fixture::Fixture;
+using hf_fixture::FormatBound;
 
 std::unique_ptr<Engine> make_engine(const std::string& model, WeightFormat format, int block = 32) {
-  EngineOptions options;
-  options.model = model;
-  options.format = format;
-  options.block = block;
-  options.threads = 2;
-  options.progress = false;
-  options.max_context = 256;
-  options.prefill_chunk = 16;  // several chunks per prompt: exercises the KV cache across calls
-  auto engine = Engine::create(options);
-  EXPECT_TRUE(engine.is_ok()) << engine.status().message();
-  return engine.is_ok() ? std::move(engine).value() : nullptr;
+  return hf_fixture::device_engine(model, format, block, "cpu");
 }
 
 // Per-format bounds on the worst position's normalized logit error, and on top-1 agreement.
@@ -46,14 +37,7 @@ std::unique_ptr<Engine> make_engine(const std::string& model, WeightFormat forma
 // same ~5x: bound 0.12 and 80% top-1 agreement. A wrong scale, nibble order or block boundary
 // gives errors near 1 and chance-level agreement. (Against plain float32 the int4 reference itself
 // is 0.4-0.6 away: the raw quantization noise of these small random models.)
-struct FormatBound {
-  WeightFormat format;
-  int block;
-  double max_rel_error;
-  double min_top1_agreement;
-};
-
-const FormatBound kBounds[] = {
+const std::vector<hf_fixture::FormatBound> kBounds = {
     {WeightFormat::fp32, 0, 1e-3, 1.0},      {WeightFormat::fp16, 0, 1e-2, 0.95},
     {WeightFormat::bf16, 0, 5e-2, 0.9},      {WeightFormat::sym_int8, 32, 0.12, 0.8},
     {WeightFormat::sym_int4, 32, 0.12, 0.8}, {WeightFormat::asym_int4, 32, 0.12, 0.8},
@@ -79,18 +63,9 @@ TEST_P(HfGolden, Fp32LogitsAndGreedyMatchHf) {
 
 TEST_P(HfGolden, EveryFormatWithinItsBound) {
   const Fixture f = hf_fixture::load(GetParam());
-  for (const FormatBound& bound : kBounds) {
-    auto engine = make_engine(f.dir, bound.format, bound.block);
-    ASSERT_TRUE(engine);
-    auto logits = engine->prompt_logits(f.prompt);
-    ASSERT_TRUE(logits.is_ok()) << logits.status().message();
-    const Comparison c = hf_fixture::compare(
-        *logits, hf_fixture::reference_logits(f, bound.format, bound.block), f.vocab);
-    std::printf("[ %s %s ] max rel error %.3g, top-1 agreement %.2f\n", GetParam(),
-                format_name(bound.format), c.max_rel_error, c.top1_agreement);
-    EXPECT_LE(c.max_rel_error, bound.max_rel_error) << format_name(bound.format);
-    EXPECT_GE(c.top1_agreement, bound.min_top1_agreement) << format_name(bound.format);
-  }
+  hf_fixture::check_formats(f, GetParam(), "cpu vs HF", kBounds, [&](WeightFormat format, int block) {
+    return make_engine(f.dir, format, block);
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, HfGolden, ::testing::ValuesIn(hf_fixture::kNames),

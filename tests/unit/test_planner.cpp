@@ -327,7 +327,14 @@ TEST(Planner, StepCostsAndDeadlines) {
   ASSERT_TRUE(cuda.is_ok());
   EXPECT_DOUBLE_EQ(cuda->bandwidth_gbs, 3000.0);
   EXPECT_FALSE(cuda->host_memory);
+  for (const char* vulkan : {"vulkan", "vulkan:1"}) {
+    auto profile = device_profile(vulkan, 0);
+    ASSERT_TRUE(profile.is_ok()) << vulkan;
+    EXPECT_FALSE(profile->host_memory);
+    EXPECT_GT(profile->first_call_s, 0.0);
+  }
   EXPECT_FALSE(device_profile("tpu", 0).is_ok());
+  EXPECT_FALSE(device_profile("vulkanx", 0).is_ok());
 }
 
 TEST(Planner, HostMemoryAndFormatting) {

@@ -417,7 +417,9 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
                     "quick mode: HF model dir, converted dir, GGUF file or synthetic:NAME");
   bench->add_option("-o,--output", flags->output,
                     "--config: the CSV file (default: standard output); -m: md, csv or json");
-  bench->add_option("--device", flags->device, "cpu, cuda, or auto: cuda when built in and present")
+  bench
+      ->add_option("--device", flags->device,
+                   "cpu, cuda, vulkan[:N], or auto: cuda when built in and present, else cpu")
       ->capture_default_str();
   bench->add_option(
       "--max-memory", flags->max_memory,

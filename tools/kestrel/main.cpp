@@ -112,7 +112,9 @@ void ModelFlags::add_to(CLI::App* app) {
       ->default_str("sym_int4");
   app->add_option("--block", block, "weights per scale for quantized formats (32 or 64)")
       ->capture_default_str();
-  app->add_option("--device", device, "cpu, cuda, or auto: cuda when built in and present")
+  app->add_option("--device", device,
+                  "cpu, cuda, vulkan[:N] (kestrel devices lists them), or auto: cuda when built "
+                  "in and present, else cpu")
       ->capture_default_str();
   app->add_option("--kv-cache", kv_cache,
                   "KV cache entries on CUDA: fp16, fp8 (e4m3, a scale per row: half the memory), "
@@ -161,10 +163,10 @@ std::vector<std::string> translate_llama_flags(int argc, char** argv) {
   static const std::map<std::string, std::string> refused = {
       {"-fa", "(attention kernels are chosen per backend)"},
       {"--flash-attn", "(attention kernels are chosen per backend)"},
-      {"-ctk", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
-      {"--cache-type-k", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
-      {"-ctv", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
-      {"--cache-type-v", "(the KV cache is fp32 on the CPU, fp16 on CUDA)"},
+      {"-ctk", "(the KV cache is fp32 on the CPU and Vulkan, fp16 on CUDA)"},
+      {"--cache-type-k", "(the KV cache is fp32 on the CPU and Vulkan, fp16 on CUDA)"},
+      {"-ctv", "(the KV cache is fp32 on the CPU and Vulkan, fp16 on CUDA)"},
+      {"--cache-type-v", "(the KV cache is fp32 on the CPU and Vulkan, fp16 on CUDA)"},
       {"--mlock", ""},
       {"--no-mmap", ""},
       {"-mg", "(one GPU is used)"},
@@ -298,9 +300,15 @@ int main(int argc, char** argv) {
   bool convert_force = false;
   convert->add_flag("--force", convert_force, "replace an output directory that has files in it");
 
+  CLI::App* devices = app.add_subcommand("devices", "list the devices Kestrel can run on");
+
   std::vector<kestrel::cli::Command> commands = {
       {logits, [&] { cmd_logits(logits_flags, logits_ids, logits_out); }},
       {convert, [&] { cmd_convert(convert_flags, convert_out, convert_force); }},
+      {devices,
+       [] {
+         for (const std::string& line : kestrel::list_devices()) std::printf("%s\n", line.c_str());
+       }},
   };
   kestrel::cli::add_text_commands(app, commands);
   kestrel::cli::add_bench_command(app, commands);

@@ -1,0 +1,46 @@
+#version 460
+// out[r] = index of the largest value of row r (the lowest index among ties). One workgroup per
+// row. Grid: (rows).
+#include "common.glsl"
+
+layout(local_size_x = 256) in;
+layout(push_constant) uniform Params {
+  uint64_t x;    // fp32 [rows, cols]
+  uint64_t out_;  // int32 [rows]
+  uint cols;
+} p;
+
+shared float best_value[256];
+shared uint best_index[256];
+
+void main() {
+  const uint row = gl_WorkGroupID.x;
+  const uint tid = gl_LocalInvocationID.x;
+  Floats x = Floats(p.x);
+  float value = -1.0 / 0.0;
+  uint index = 0xffffffffu;
+  for (uint i = tid; i < p.cols; i += 256) {
+    const float v = x.v[row * p.cols + i];
+    if (index == 0xffffffffu || v > value) {
+      value = v;
+      index = i;
+    }
+  }
+  best_value[tid] = value;
+  best_index[tid] = index;
+  barrier();
+  for (uint stride = 128; stride > 0; stride /= 2) {
+    if (tid < stride) {
+      const float v = best_value[tid + stride];
+      const uint j = best_index[tid + stride];
+      const uint mine = best_index[tid];
+      if (j != 0xffffffffu &&
+          (mine == 0xffffffffu || v > best_value[tid] || (v == best_value[tid] && j < mine))) {
+        best_value[tid] = v;
+        best_index[tid] = j;
+      }
+    }
+    barrier();
+  }
+  if (tid == 0) Ints(p.out_).v[row] = int(best_index[0] == 0xffffffffu ? 0 : best_index[0]);
+}

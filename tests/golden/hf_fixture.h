@@ -94,9 +94,11 @@ inline Comparison compare(const std::vector<float>& ours, const std::vector<floa
 }
 
 // A CPU engine on `model` (2 threads, context 256, prompts in chunks of 16, so the KV cache is used
-// across calls); `format` unset lets the source choose. Null, with a test failure, on error.
+// across calls); `format` unset lets the source choose; split over `tensor_parallel` ranks. Null,
+// with a test failure, on error.
 inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
-                                          std::optional<WeightFormat> format) {
+                                          std::optional<WeightFormat> format,
+                                          int tensor_parallel = 1) {
   EngineOptions options;
   options.model = model;
   options.format = format;
@@ -104,6 +106,7 @@ inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
   options.progress = false;
   options.max_context = 256;
   options.prefill_chunk = 16;
+  options.tensor_parallel = tensor_parallel;
   auto engine = Engine::create(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().message();
   return engine.is_ok() ? std::move(engine).value() : nullptr;

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <limits>
 #include <string>
-#include <thread>
 
 #include "backend/backend.h"
 #include "backend/cuda_module.h"
@@ -52,13 +51,6 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
                        std::to_string(shape.max_context) + " positions) and workspace need " +
                        format_bytes(needed) + " but only " + format_bytes(available) +
                        " is free (" + where + "); lower the context length (-c)");
-}
-
-// Threads of each rank's CPU backend when `threads` (0: all) are shared by `ranks`.
-int threads_per_rank(int threads, int ranks) {
-  if (ranks <= 1) return threads;
-  const int total = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  return std::max(1, total / ranks);
 }
 
 }  // namespace

@@ -8,6 +8,12 @@
 
 namespace kestrel {
 
+int threads_per_rank(int threads, int ranks) {
+  if (ranks <= 1) return threads;
+  const int total = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  return std::max(1, total / ranks);
+}
+
 Result<std::unique_ptr<TensorParallel>> TensorParallel::create(
     const ModelConfig& config, std::vector<ModelWeights> shards,
     std::vector<std::unique_ptr<Backend>> backends,

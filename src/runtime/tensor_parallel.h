@@ -18,6 +18,10 @@
 
 namespace kestrel {
 
+// Threads of each rank's CPU backend when `threads` (0: all hardware threads) are shared by
+// `ranks`; `threads` itself for one rank.
+int threads_per_rank(int threads, int ranks);
+
 class TensorParallel {
  public:
   // The model of `config` split over shards.size() ranks (load_model_shards, or shard_weights

@@ -47,6 +47,15 @@ run_split() {
 }
 cli_check "run -tp 2 gives HF's greedy ids" run_split
 
+# The benchmark runs a split model, names it in the backend column and plans every rank.
+bench_split() {
+  "$kestrel" bench -m synthetic:tiny-qwen2 -p 16 -n 4 -r 1 --device cpu -tp 2 -o csv \
+    >"$tmp/bench.csv" 2>"$tmp/bench.err" || { cat "$tmp/bench.err"; return 1; }
+  [ "$(grep -c ' x2,.*,ok$' "$tmp/bench.csv")" -eq 2 ] || { cat "$tmp/bench.csv"; return 1; }
+  grep -q "planned" "$tmp/bench.err"
+}
+cli_check "bench -tp 2 runs both tests" bench_split
+
 # Refusals: one line, non-zero exit, the reason named.
 refused() {
   local want="$1"

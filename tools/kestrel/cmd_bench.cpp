@@ -21,6 +21,7 @@
 #include "bench/runner.h"
 #include "commands.h"
 #include "core/progress.h"
+#include "model/shard.h"
 #include "runtime/planner.h"
 #include "tokenizer/gguf_tokenizer.h"
 #include "tokenizer/tokenizer.h"
@@ -89,6 +90,7 @@ struct BenchFlags {
   std::string low_bit;
   int block = 32;
   int threads = 0;
+  int tensor_parallel = 1;
   std::string prompt_lengths = "512";
   std::string gen_lengths = "128";
   std::string batches = "1";
@@ -132,6 +134,8 @@ class BenchCommand {
     o.device = flags_.device == "auto" ? default_device() : flags_.device;
     check_range("-t", flags_.threads, 0, kMaxThreads);
     o.threads = flags_.threads;
+    check_range("--tensor-parallel", flags_.tensor_parallel, 1, kMaxTensorParallel);
+    o.tensor_parallel = flags_.tensor_parallel;
     if (flags_.max_memory_given) {
       auto size = bench::parse_size(flags_.max_memory);
       if (!size.is_ok()) fail("--max-memory: " + size.status().message());
@@ -423,6 +427,8 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
   bench->add_option("--low-bit", flags->low_bit, "quick mode weight format (default sym_int4)");
   bench->add_option("--block", flags->block, "weights per scale for quantized formats (32 or 64)");
   bench->add_option("-t,--threads", flags->threads, "CPU threads (0: all)");
+  bench->add_option("--tensor-parallel", flags->tensor_parallel,
+                    "(-tp N) split each model over N ranks (devices, or groups of CPU threads)");
   bench->add_option("-p,--n-prompt", flags->prompt_lengths,
                     "quick mode prompt lengths, e.g. 512 or 128,512");
   bench->add_option("-n,--n-gen", flags->gen_lengths, "quick mode generated tokens, e.g. 128");

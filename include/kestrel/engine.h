@@ -32,6 +32,7 @@ namespace kestrel {
 // them through Engine::config(), weights() and backend(). They are not part of the installed API.
 class Backend;
 class PagedKvCache;
+class TensorParallel;
 struct ModelConfig;
 struct ModelWeights;
 
@@ -58,6 +59,11 @@ struct EngineOptions {
   // backend keeps fp32 whatever is asked.
   KvCacheType kv_cache = KvCacheType::automatic;
   bool progress = true;
+  // Ranks the model is split over (Megatron-style tensor parallelism, one thread a rank); 1: not
+  // split. On "cpu" every rank is a CPU backend with threads / tensor_parallel threads and the
+  // ranks sum their partial results in host memory (the stand-in for NCCL, used for testing).
+  // The heads and intermediate size must divide among the ranks.
+  int tensor_parallel = 1;
   // A reservation decided beforehand (runtime/planner.h). When run_shape.max_batch_tokens > 0
   // the backend reserves exactly this shape, max_context, max_seqs and the KV pool settings
   // above are ignored, and
@@ -121,7 +127,9 @@ struct ModelInfo {
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
   WeightFormat format = WeightFormat::sym_int4;
-  size_t weight_bytes = 0;  // resident weight memory
+  size_t weight_bytes = 0;  // resident weight memory (every rank's, when split)
+  size_t decode_bytes = 0;  // weight bytes one decode step streams (every rank's, when split)
+  int tensor_parallel = 1;  // ranks the model is split over
   std::string backend;      // "cpu (avx2)", "cuda (NVIDIA H200)"
 };
 
@@ -138,8 +146,10 @@ class Engine {
 
   ModelInfo info() const;
   const ModelConfig& config() const;
+  // With tensor_parallel > 1, the whole model's config, format and notes, without tensors (each
+  // rank holds its shard); backend() is rank 0's.
   const ModelWeights& weights() const { return *weights_; }
-  Backend& backend() { return *backend_; }
+  Backend& backend();
   // Which KV cache blocks each sequence slot holds (runtime/kv_cache.h). run() gives a slot the
   // blocks its batch's positions need; a caller may reserve them beforehand (the server does).
   PagedKvCache& kv_cache() { return *kv_cache_; }
@@ -189,6 +199,11 @@ class Engine {
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<PagedKvCache> kv_cache_;
+  std::unique_ptr<TensorParallel> tensor_parallel_;  // set instead of backend_ when split
+  // Runs `shards` (rank i's weights at i) on options_.tensor_parallel ranks, rank 0 on `rank0`.
+  Status split(std::unique_ptr<Backend> rank0, std::vector<ModelWeights> shards);
+  // Copies a KV cache block on the backend, or on every rank.
+  Status copy_kv_block(int32_t src, int32_t dst);
   // Gives the batch's slots the blocks it writes (copying shared ones first).
   Status prepare_kv_cache(const Batch& batch);
   // Prompt tokens per forward call: the wanted chunk within what was reserved.

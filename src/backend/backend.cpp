@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <filesystem>
 
+#include "backend/communicator.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/matmul.h"
 #include "backend/cuda_module.h"
@@ -12,6 +13,10 @@
 #endif
 
 namespace kestrel {
+
+Status Backend::all_reduce_sum(Tensor t, Communicator& comm) {
+  return comm.all_reduce_sum(t);
+}
 
 namespace {
 // Without a loaded NVIDIA driver the CUDA runtime reports "driver version is insufficient for
@@ -45,6 +50,11 @@ Status Backend::copy_kv_block(int32_t src, int32_t dst) {
 }
 
 Status Backend::begin_batch(const BatchView& batch) {
+  KS_RETURN_IF_ERROR(check_batch(batch));
+  return do_begin_batch(batch);
+}
+
+Status Backend::check_batch(const BatchView& batch) const {
   if (!reserved_) return Status::error(name() + " backend: begin_batch before reserve");
   const RunShape& shape = reserved_shape_;
   const int64_t n = batch.n_tokens;
@@ -69,7 +79,7 @@ Status Backend::begin_batch(const BatchView& batch) {
                            " outside the batch of " + std::to_string(n) + " tokens");
     }
   }
-  return do_begin_batch(batch);
+  return Status::ok();
 }
 
 Status check_batch_slots(const BatchView& batch, const RunShape& shape, const std::string& who) {

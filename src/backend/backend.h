@@ -16,6 +16,8 @@
 
 namespace kestrel {
 
+class Communicator;
+
 // A 2-D activation tensor, row-major [rows, cols], in the backend's activation type.
 struct Tensor {
   void* data = nullptr;
@@ -59,6 +61,10 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
 
+  // Makes the calling thread ready to call this backend: a device backend makes its device
+  // current (a model split over several devices calls each from its own thread).
+  virtual Status use_on_this_thread() { return Status::ok(); }
+
   // Makes the weights usable by this backend (one upload; CPU uses them in place).
   virtual Status upload(ModelWeights& weights) = 0;
 
@@ -78,6 +84,9 @@ class Backend {
   // position and token id in range with its block table entries in the pool
   // (check_batch_slots), and at most max_logit_rows logit rows, each a row of the batch.
   Status begin_batch(const BatchView& batch);
+  // begin_batch's checks alone: whether begin_batch would take `batch` (a model split over
+  // several backends checks once before any rank starts, so no rank fails alone).
+  Status check_batch(const BatchView& batch) const;
 
   // What reserve(config, shape) would allocate, without allocating: the memory planner's input.
   // Backends compute it with workspace_layout() and size their buffers from the same result.
@@ -120,6 +129,10 @@ class Backend {
   virtual Status swiglu(Tensor out, Tensor gate, Tensor up) = 0;
   // x += y
   virtual Status add(Tensor x, Tensor y) = 0;
+  // Sums t over the ranks of a split model through `comm` (backend/communicator.h), in place.
+  // An op, not a bare communicator call, so that a backend replaying a captured step (CUDA
+  // graphs) replays the collective with the rest of the step instead of calling it again.
+  virtual Status all_reduce_sum(Tensor t, Communicator& comm);
   // out[i] = x[rows[i]]; rows in host memory.
   virtual Status gather_rows(Tensor out, Tensor x, const int32_t* rows, int64_t n) = 0;
   // Copies t to host fp32 [rows, cols].

@@ -59,6 +59,7 @@ std::vector<fs::path> module_candidates() {
 
 struct LoadedModule {
   KestrelCudaModuleCreateFn create = nullptr;
+  KestrelCudaModuleCreateGroupFn create_group = nullptr;  // absent: built without NCCL
   Status status;
 };
 
@@ -103,7 +104,16 @@ LoadedModule open_module() {
     return loaded;
   }
   loaded.create = create;
+  loaded.create_group =
+      reinterpret_cast<KestrelCudaModuleCreateGroupFn>(dlsym(handle, kCudaModuleCreateGroupSymbol));
   return loaded;
+}
+
+const LoadedModule& loaded_module() {
+  static std::once_flag once;
+  static LoadedModule module;
+  std::call_once(once, [] { module = open_module(); });
+  return module;
 }
 
 }  // namespace
@@ -122,12 +132,23 @@ void set_cuda_backend_factory(Result<std::unique_ptr<Backend>> (*factory)()) {
 
 Result<std::unique_ptr<Backend>> load_cuda_backend() {
   if (g_factory != nullptr) return g_factory();
-  static std::once_flag once;
-  static LoadedModule module;
-  std::call_once(once, [] { module = open_module(); });
+  const LoadedModule& module = loaded_module();
   if (module.create == nullptr) return module.status;
   Result<std::unique_ptr<Backend>> out = Status::error("CUDA backend module returned nothing");
   module.create(&out);
+  return out;
+}
+
+Result<DeviceGroup> load_cuda_group(int world) {
+  const LoadedModule& module = loaded_module();
+  if (module.create == nullptr) return module.status;
+  if (module.create_group == nullptr) {
+    return Status::error(
+        "this CUDA backend was built without NCCL, which splitting a model over GPUs needs "
+        "(configure with -DKESTREL_NCCL=ON where nccl.h and libnccl are installed)");
+  }
+  Result<DeviceGroup> out = Status::error("CUDA backend module returned no device group");
+  module.create_group(world, &out);
   return out;
 }
 

@@ -9,6 +9,8 @@
 #include <sstream>
 
 #include "model/loader.h"
+#include "model/shard.h"
+#include "runtime/tensor_parallel.h"
 
 namespace kestrel::bench {
 
@@ -105,7 +107,10 @@ Runner::~Runner() {
 
 Status Runner::ensure_backend() {
   if (engine_ || spare_backend_) return Status::ok();
-  KS_ASSIGN_OR_RETURN(spare_backend_, make_backend(options_.device, options_.threads));
+  // Rank 0's backend when the model is split (the Engine makes the others).
+  KS_ASSIGN_OR_RETURN(
+      spare_backend_,
+      make_backend(options_.device, threads_per_rank(options_.threads, options_.tensor_parallel)));
   return Status::ok();
 }
 
@@ -229,8 +234,15 @@ CaseResult Runner::run(const BenchCase& c) {
 Status Runner::run_case(const BenchCase& c, CaseResult& result) {
   KS_ASSIGN_OR_RETURN(WeightSpec spec,
                       weight_spec_of(c.source, c.format, c.format_explicit, options_.block));
-  result.weight_bytes = planned_weight_bytes(spec);
-  result.decode_bytes = planned_decode_bytes(spec);
+  // Split, every rank holds rank 0's shapes: that shard is what each rank plans for.
+  const int ranks = options_.tensor_parallel;
+  WeightSpec rank_spec = spec;
+  if (ranks > 1) {
+    KS_RETURN_IF_ERROR(check_tensor_parallel(spec.config, ranks, spec.format, spec.block));
+    rank_spec.config = shard_config(spec.config, shard_plan(spec.config, 0, ranks));
+  }
+  result.weight_bytes = size_t(ranks) * planned_weight_bytes(rank_spec);
+  result.decode_bytes = size_t(ranks) * planned_decode_bytes(rank_spec);
   const std::string key = engine_key(c);
   if (engine_ && engine_key_ != key) {
     engine_.reset();
@@ -239,13 +251,16 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
   KS_RETURN_IF_ERROR(ensure_backend());
   {
     const Backend& backend = engine_ ? engine_->backend() : *spare_backend_;
-    result.device = backend.name();
+    result.device = backend.name() + (ranks > 1 ? " x" + std::to_string(ranks) : "");
   }
 
   // Plan before anything is built.
   KS_ASSIGN_OR_RETURN(MemoryBudget budget, budget_for(key));
+  // The ranks of a split on the CPU share the host's memory.
+  const size_t host_ranks = profile_.host_memory ? size_t(ranks) : 1;
+  budget.bytes /= host_ranks;
   PlanInputs inputs;
-  inputs.weights = spec;
+  inputs.weights = rank_spec;
   inputs.batch_size = c.batch_size;
   inputs.num_beams = c.num_beams;
   inputs.in_len = c.in_len;
@@ -258,7 +273,7 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
     const Backend& backend = engine_ ? engine_->backend() : *spare_backend_;
     RunShape typed = shape;
     typed.kv_cache = kv_cache;
-    return backend.reserve_layout(spec.config, typed);
+    return backend.reserve_layout(rank_spec.config, typed);
   };
   auto plan = plan_memory(inputs, budget, layout_of);
   if (!plan.is_ok()) {
@@ -268,10 +283,10 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
     MemoryBudget unlimited;
     unlimited.bytes = std::numeric_limits<size_t>::max();
     auto needed = plan_memory(smallest, unlimited, layout_of);
-    if (needed.is_ok()) result.planned_bytes = needed->total_bytes();
+    if (needed.is_ok()) result.planned_bytes = needed->total_bytes() * host_ranks;
     return plan.status();
   }
-  result.planned_bytes = plan->total_bytes();
+  result.planned_bytes = plan->total_bytes() * host_ranks;
   result.prefill_chunk = std::min(options_.prefill_chunk, plan->shape.max_batch_tokens);
   {
     std::lock_guard<std::mutex> lock(current_mutex_);
@@ -312,6 +327,7 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
     engine_options.run_shape = plan->shape;
     engine_options.run_shape.kv_cache = kv_cache;
     engine_options.kv_cache = kv_cache;
+    engine_options.tensor_parallel = ranks;
     // Building the weights reads the disk and converts rows, whose speed no estimate knows: it
     // is watched for stalls, not held to a deadline (--step-timeout is for forward calls).
     watchdog_->arm_until_stall("building the weights of " + c.model, profile_.load_stall_s);
@@ -406,7 +422,7 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
     if (hwm.is_ok() && *hwm > baseline_rss_) result.peak_bytes = *hwm - baseline_rss_;
   } else if (profile_.host_memory) {
     // No resettable peak: count the buffers the process holds for this configuration.
-    result.peak_bytes = backend.peak_memory() + engine_->weights().resident_bytes() +
+    result.peak_bytes = backend.peak_memory() * host_ranks + engine_->info().weight_bytes +
                         size_t(c.batch_size * c.num_beams * spec.config.vocab_size) * sizeof(float);
   } else if (baseline_free_ > 0 && min_free_ > 0 && baseline_free_ > min_free_) {
     result.peak_bytes = baseline_free_ - min_free_;

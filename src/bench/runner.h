@@ -75,6 +75,10 @@ struct RunnerOptions {
   int64_t prefill_chunk = 0;
   int block = 32;
   KvCacheType kv_cache = KvCacheType::automatic;  // resolved per case from its weight format
+  // Ranks each model is split over (EngineOptions::tensor_parallel). Each rank plans for its
+  // shard: on a GPU within its device's memory, on the CPU within MemAvailable / ranks; weight
+  // and decode bytes, and the planned peak on the CPU (the process's), count every rank.
+  int tensor_parallel = 1;
   double deadline_factor = 10;  // step deadline = factor x expected time + the device's floor
   double step_timeout_s = 0;    // > 0: this deadline for every step instead
   double hang_grace_s = 30;     // past the deadline by this much, a step counts as a hang

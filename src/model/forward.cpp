@@ -2,18 +2,13 @@
 
 #include <array>
 
+#include "backend/communicator.h"
+
 namespace kestrel {
 
-namespace {
-
-// The whole model up to the logits of batch.logit_rows: [logit_rows.size(), vocab], or a tensor
-// of no rows when none are wanted.
-Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, const Batch& batch,
-                              const BlockTables& tables) {
-  const ModelConfig& c = weights.config;
-  const int64_t n = batch.size();
+BatchView batch_view(const Batch& batch, const BlockTables& tables) {
   BatchView view;
-  view.n_tokens = n;
+  view.n_tokens = batch.size();
   view.tokens = batch.tokens.data();
   view.positions = batch.positions.data();
   view.seq_ids = batch.seq_ids.data();
@@ -21,7 +16,18 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
   view.block_table_stride = tables.stride;
   view.n_logit_rows = int64_t(batch.logit_rows.size());
   view.logit_rows = batch.logit_rows.data();
-  KS_RETURN_IF_ERROR(backend.begin_batch(view));
+  return view;
+}
+
+// The whole model up to the logits of batch.logit_rows: [logit_rows.size(), vocab], or a tensor
+// of no rows when none are wanted. With a communicator, `weights` are one rank's shard
+// (model/shard.h): the embeddings and the outputs of the row-parallel wo and w_down are partial
+// sums, all-reduced before they join the residual stream.
+Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, const Batch& batch,
+                              const BlockTables& tables, Communicator* comm) {
+  const ModelConfig& c = weights.config;
+  const int64_t n = batch.size();
+  KS_RETURN_IF_ERROR(backend.begin_batch(batch_view(batch, tables)));
   const RopeParams rope{c.head_dim, c.n_heads, c.n_kv_heads};
   const float eps = float(c.rms_norm_eps);
 
@@ -34,7 +40,11 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
   const Tensor x = s[fs::residual], h = s[fs::normed], q = s[fs::q], k = s[fs::k], v = s[fs::v],
                attn = s[fs::attn], proj = s[fs::proj], gate = s[fs::gate], up = s[fs::up];
 
+  auto all_reduce = [&](Tensor t) {
+    return comm ? backend.all_reduce_sum(t, *comm) : Status::ok();
+  };
   KS_RETURN_IF_ERROR(backend.embed(x, weights.tok_embd));
+  KS_RETURN_IF_ERROR(all_reduce(x));
   for (int64_t il = 0; il < c.n_layers; ++il) {
     const LayerWeights& l = weights.layers[size_t(il)];
     KS_RETURN_IF_ERROR(backend.rms_norm(h, x, l.attn_norm, eps));
@@ -44,6 +54,7 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
     KS_RETURN_IF_ERROR(backend.rope(q, k, rope));
     KS_RETURN_IF_ERROR(backend.attention(attn, q, k, v, il, rope));
     KS_RETURN_IF_ERROR(backend.matmul(proj, attn, l.wo));
+    KS_RETURN_IF_ERROR(all_reduce(proj));
     KS_RETURN_IF_ERROR(backend.add(x, proj));
 
     KS_RETURN_IF_ERROR(backend.rms_norm(h, x, l.ffn_norm, eps));
@@ -52,6 +63,7 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
     KS_RETURN_IF_ERROR(backend.matmul_multi(gate_up, h, gate_up_weights));
     KS_RETURN_IF_ERROR(backend.swiglu(gate, gate, up));
     KS_RETURN_IF_ERROR(backend.matmul(proj, gate, l.w_down));
+    KS_RETURN_IF_ERROR(all_reduce(proj));
     KS_RETURN_IF_ERROR(backend.add(x, proj));
   }
 
@@ -69,11 +81,9 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
   return out;
 }
 
-}  // namespace
-
 Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch,
                const BlockTables& tables, std::vector<float>* logits) {
-  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch, tables));
+  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch, tables, nullptr));
   if (out.rows == 0) return Status::ok();
   logits->resize(size_t(out.rows * out.cols));
   return backend.read(out, logits->data());
@@ -81,7 +91,7 @@ Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch
 
 Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
                       const BlockTables& tables, std::vector<int32_t>* tokens) {
-  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch, tables));
+  KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch, tables, nullptr));
   tokens->resize(size_t(out.rows));
   if (out.rows == 0) return Status::ok();
   return backend.argmax_rows(out, tokens->data());

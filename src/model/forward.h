@@ -10,11 +10,23 @@
 
 namespace kestrel {
 
+class Communicator;
+
 // The KV cache block tables a call reads and writes through (BatchView's).
 struct BlockTables {
   const int32_t* data = nullptr;  // [max_seqs, stride]
   int64_t stride = 0;
 };
+
+// What the backend's begin_batch is given for `batch` (pointers into it and into `tables`).
+BatchView batch_view(const Batch& batch, const BlockTables& tables);
+
+// The forward pass up to the lm_head's output tensor [batch.logit_rows.size(), vocab] (no rows
+// when none are wanted), valid until the backend's next begin_batch. With `comm`, `weights` are
+// rank comm->rank()'s shard (model/shard.h) and batch.tokens its shard_token() ids; the output
+// holds that rank's vocabulary rows.
+Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, const Batch& batch,
+                              const BlockTables& tables, Communicator* comm);
 
 // Runs `batch` through the model; writes fp32 logits [logit_rows.size(), vocab] to `logits`.
 Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch,

@@ -1,5 +1,6 @@
 #include "model/loader.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -8,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <type_traits>
 
 #include "core/half.h"
@@ -15,6 +17,7 @@
 #include "io/safetensors.h"
 #include "model/gguf_model.h"
 #include "model/prequant.h"
+#include "model/shard.h"
 #include "tokenizer/gguf_tokenizer.h"
 
 namespace kestrel {
@@ -180,8 +183,11 @@ Result<Blob> load_hf_vector(const TensorSource& source, const TensorInfo& tensor
   return b;
 }
 
+// With `plan`, only that rank's shard (shard_config) is built: each of its rows is converted
+// from the rows and columns of the mapped file that shard_slice names, nothing else.
 Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
-                             const LoadOptions& options, ThreadPool& pool) {
+                             const LoadOptions& options, ThreadPool& pool,
+                             const ShardPlan* plan = nullptr) {
   KS_ASSIGN_OR_RETURN(TensorSource source, TensorSource::open_dir(dir));
   KS_RETURN_IF_ERROR(check_all_shapes(config, options.format, options.block));
   // Every tensor's presence, dtype and shape first: a bad file fails before minutes of conversion.
@@ -198,12 +204,33 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
   };
   KS_RETURN_IF_ERROR(build_weights(config, options.format, options.block, checker).status());
 
-  Progress progress("convert to " + std::string(format_name(options.format)),
-                    matrix_elements(config, true), options.progress);
+  const ModelConfig built = plan != nullptr ? shard_config(config, *plan) : config;
+  Progress progress("convert to " + std::string(format_name(options.format)) +
+                        (plan != nullptr ? " (rank " + std::to_string(plan->rank) + " of " +
+                                               std::to_string(plan->world) + ")"
+                                         : ""),
+                    matrix_elements(built, true), options.progress);
   TensorMaker maker;
   maker.matrix = [&](const TensorInfo& tensor) -> Result<QuantWeight> {
     KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
     const int64_t rows = tensor.rows, cols = tensor.cols;
+    if (plan != nullptr) {
+      const ShardSlice s = shard_slice(tensor, config, *plan);
+      const int64_t source_cols = t->shape[1];
+      Result<QuantWeight> w = quantize_rows(
+          options.format, options.block, rows, cols, pool, progress,
+          [&](int64_t r, float* out) {
+            const int64_t from = s.rows[size_t(r)];
+            if (from < 0) {
+              std::fill_n(out, cols, 0.0f);  // the vocabulary's zero row
+            } else {
+              to_f32(*t, from * source_cols + s.first_col, cols, out);
+            }
+          },
+          t->name);
+      if (!w.is_ok()) return w.status().with_context(source.where());
+      return w;
+    }
     const bool same_float = (options.format == WeightFormat::fp32 && t->dtype == DType::f32) ||
                             (options.format == WeightFormat::fp16 && t->dtype == DType::f16) ||
                             (options.format == WeightFormat::bf16 && t->dtype == DType::bf16);
@@ -221,8 +248,15 @@ Result<ModelWeights> load_hf(const std::string& dir, const ModelConfig& config,
     }
     return convert_hf_matrix(source, *t, options.format, options.block, rows, cols, pool, progress);
   };
-  maker.vector = [&](const TensorInfo& tensor) { return load_hf_vector(source, tensor, pool); };
-  Result<ModelWeights> weights = build_weights(config, options.format, options.block, maker);
+  maker.vector = [&](const TensorInfo& tensor) -> Result<Blob> {
+    if (plan == nullptr) return load_hf_vector(source, tensor, pool);
+    KS_ASSIGN_OR_RETURN(const TensorRef* t, source.get(tensor.hf_name));
+    TensorInfo whole = tensor;
+    whole.rows = t->shape[0];
+    KS_ASSIGN_OR_RETURN(const Blob values, load_hf_vector(source, whole, pool));
+    return shard_vector(tensor, values.as<float>(), config, *plan);
+  };
+  Result<ModelWeights> weights = build_weights(built, options.format, options.block, maker);
   progress.finish();
   // Bias tensors the config does not ask for (looked up by the tensor list's own names).
   std::string unused_bias;
@@ -646,6 +680,19 @@ Result<ModelConfig> synthetic_config(const std::string& name) {
   return c;
 }
 
+// A converted model is one model.safetensors carrying Kestrel's metadata.
+std::string converted_file(const std::string& dir) {
+  return (fs::path(dir) / "model.safetensors").string();
+}
+bool is_converted_source(const std::string& dir) {
+  const std::string single = converted_file(dir);
+  if (!fs::exists(single) || fs::exists(fs::path(dir) / "model.safetensors.index.json")) {
+    return false;
+  }
+  Result<TensorSource> file = TensorSource::open_file(single);
+  return file.is_ok() && is_converted_dir(*file);
+}
+
 Status check_model_source(const std::string& source) {
   std::error_code ec;
   if (fs::is_directory(source, ec)) return Status::ok();
@@ -675,17 +722,57 @@ Result<ModelWeights> load_model(const std::string& source, const LoadOptions& op
   }
   if (is_gguf_source(source)) return load_gguf(source, options, pool);
   KS_RETURN_IF_ERROR(check_model_source(source));
-  // A converted model is one model.safetensors carrying Kestrel's metadata.
-  const std::string single = (fs::path(source) / "model.safetensors").string();
-  if (fs::exists(single) && !fs::exists(fs::path(source) / "model.safetensors.index.json")) {
-    KS_ASSIGN_OR_RETURN(TensorSource file, TensorSource::open_file(single));
-    if (is_converted_dir(file)) return load_converted(source, file, options, pool);
+  if (is_converted_source(source)) {
+    KS_ASSIGN_OR_RETURN(TensorSource file, TensorSource::open_file(converted_file(source)));
+    return load_converted(source, file, options, pool);
   }
   KS_ASSIGN_OR_RETURN(ModelConfig config, load_model_config(source));
   if (config.prequant.method != PrequantMethod::none) {
     return load_prequant(source, config, options, pool);
   }
   return load_hf(source, config, options, pool);
+}
+
+Result<ShardedModel> load_model_shards(const std::string& source, const LoadOptions& options,
+                                       ThreadPool& pool, int world) {
+  ShardedModel model;
+  const bool maybe_hf = source.rfind(kSyntheticPrefix, 0) != 0 && !is_gguf_source(source) &&
+                        check_model_source(source).is_ok() && !is_converted_source(source);
+  std::optional<ModelConfig> hf_config;
+  if (maybe_hf) {
+    KS_ASSIGN_OR_RETURN(ModelConfig config, load_model_config(source));
+    if (config.prequant.method == PrequantMethod::none) hf_config = config;
+  }
+  if (hf_config) {
+    // Straight from the mapped checkpoint: each rank converts only its rows.
+    KS_RETURN_IF_ERROR(check_tensor_parallel(*hf_config, world, options.format, options.block)
+                           .with_context(source));
+    for (int r = 0; r < world; ++r) {
+      const ShardPlan plan = shard_plan(*hf_config, r, world);
+      KS_ASSIGN_OR_RETURN(ModelWeights shard, load_hf(source, *hf_config, options, pool, &plan));
+      model.shards.push_back(std::move(shard));
+    }
+    model.whole = weights_skeleton(*hf_config);
+    model.whole.format = options.format;
+    model.whole.block = is_quantized(options.format) ? options.block : 0;
+  } else {
+    // Any other source loads whole (a converted or GGUF file is mapped, not copied, and
+    // pre-quantized codes are copied as they are), then each rank copies its blocks out.
+    KS_ASSIGN_OR_RETURN(ModelWeights full, load_model(source, options, pool));
+    KS_RETURN_IF_ERROR(
+        check_tensor_parallel(full.config, world, full.format, full.block).with_context(source));
+    for (int r = 0; r < world; ++r) {
+      KS_ASSIGN_OR_RETURN(ModelWeights shard,
+                          shard_weights(full, shard_plan(full.config, r, world)));
+      model.shards.push_back(std::move(shard));
+    }
+    model.whole = weights_skeleton(full.config);
+    model.whole.format = full.format;
+    model.whole.block = full.block;
+  }
+  model.whole.warnings = model.shards[0].warnings;
+  model.whole.notes = model.shards[0].notes;
+  return model;
 }
 
 namespace {

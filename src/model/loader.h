@@ -22,6 +22,19 @@ struct LoadOptions {
 Result<ModelWeights> load_model(const std::string& source, const LoadOptions& options,
                                 ThreadPool& pool);
 
+// A model split over `world` ranks (model/shard.h): the whole model's config, format, block,
+// warnings and notes without tensors, and rank i's weights at shards[i].
+struct ShardedModel {
+  ModelWeights whole;
+  std::vector<ModelWeights> shards;
+};
+// An HF checkpoint is read straight into the shards: each rank's rows and columns of the mapped
+// file are converted, and nothing else. Other sources load whole and each rank copies its
+// blocks out (shard_weights). Fails, naming the number, when the model does not split `world`
+// ways in the format (check_tensor_parallel).
+Result<ShardedModel> load_model_shards(const std::string& source, const LoadOptions& options,
+                                       ThreadPool& pool, int world);
+
 // Just the config of `source`, without touching weights (the memory planner uses this).
 Result<ModelConfig> load_model_config_of(const std::string& source);
 

@@ -7,13 +7,17 @@
 #include <string>
 
 #include "backend/backend.h"
+#include "backend/cuda_module.h"
+#include "backend/host_communicator.h"
 #include "core/thread_pool.h"
 #include "io/config.h"
 #include "model/forward.h"
 #include "model/loader.h"
+#include "model/shard.h"
 #include "model/weights.h"
 #include "runtime/kv_cache.h"
 #include "runtime/planner.h"
+#include "runtime/tensor_parallel.h"
 #include "sample/beam.h"
 
 namespace kestrel {
@@ -24,8 +28,10 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 }
 // Refuses a reservation larger than the memory it would come from, before allocating any of it:
 // a huge context must fail with its numbers, not with std::bad_alloc or the OOM killer.
+// `host_ranks` backends of this shape share the host's memory when the backend has none of its
+// own (the ranks of a model split over CPU backends).
 Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
-                              const RunShape& shape) {
+                              const RunShape& shape, int host_ranks = 1) {
   Result<WorkspaceLayout> layout = backend.reserve_layout(config, shape);
   if (!layout.is_ok()) return Status::ok();  // a backend that cannot tell checks for itself
   size_t available = backend.free_memory();
@@ -36,7 +42,7 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
     available = *host;
     where = "MemAvailable of the host";
   }
-  const size_t needed = layout->total_bytes();
+  const size_t needed = layout->total_bytes() * size_t(backend.free_memory() == 0 ? host_ranks : 1);
   if (needed <= available) return Status::ok();
   return Status::error("the KV cache (" + format_bytes(layout->kv_cache_bytes()) + " for " +
                        std::to_string(shape.pool_blocks()) + " blocks of " +
@@ -82,8 +88,13 @@ ModelInfo Engine::info() const {
   info.bos_token_id = c.bos_token_id;
   info.eos_token_ids = c.eos_token_ids;
   info.format = weights_->format;
-  info.weight_bytes = weights_->resident_bytes();
-  info.backend = backend_->name();
+  info.weight_bytes =
+      tensor_parallel_ ? tensor_parallel_->resident_bytes() : weights_->resident_bytes();
+  info.decode_bytes =
+      tensor_parallel_ ? tensor_parallel_->decode_bytes() : weights_->decode_bytes();
+  info.tensor_parallel = options_.tensor_parallel;
+  info.backend = tensor_parallel_ ? tensor_parallel_->backend(0).name() : backend_->name();
+  if (tensor_parallel_) info.backend += " x" + std::to_string(tensor_parallel_->world_size());
   return info;
 }
 namespace {
@@ -96,9 +107,38 @@ Status check_threads(int threads) {
 
 Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
   KS_RETURN_IF_ERROR(check_threads(options.threads));
-  KS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
-                      make_backend(options.device, options.threads));
+  KS_ASSIGN_OR_RETURN(
+      std::unique_ptr<Backend> backend,
+      make_backend(options.device, threads_per_rank(options.threads, options.tensor_parallel)));
   return create(options, std::move(backend));
+}
+
+Backend& Engine::backend() {
+  return tensor_parallel_ ? tensor_parallel_->backend(0) : *backend_;
+}
+
+Status Engine::split(std::unique_ptr<Backend> rank0, std::vector<ModelWeights> shards) {
+  const int ranks = options_.tensor_parallel;
+  const std::string device = options_.device == "auto" ? default_device() : options_.device;
+  DeviceGroup group;
+  if (device == "cpu") {
+    group.backends.push_back(std::move(rank0));
+    for (int r = 1; r < ranks; ++r) {
+      KS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> b,
+                          make_backend("cpu", threads_per_rank(options_.threads, ranks)));
+      group.backends.push_back(std::move(b));
+    }
+    group.comms = make_host_communicators(ranks);
+  } else if (device == "cuda") {
+    rank0.reset();  // the group makes every rank's backend on its own device
+    KS_ASSIGN_OR_RETURN(group, load_cuda_group(ranks));
+  } else {
+    return Status::error("tensor parallelism: no communicator for device " + device);
+  }
+  KS_ASSIGN_OR_RETURN(tensor_parallel_,
+                      TensorParallel::create(weights_->config, std::move(shards),
+                                             std::move(group.backends), std::move(group.comms)));
+  return Status::ok();
 }
 
 Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
@@ -110,7 +150,12 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
   if (options.max_seqs <= 0) return Status::error("max sequences must be positive");
   if (options.prefill_chunk <= 0) return Status::error("prefill chunk must be positive");
   if (backend == nullptr) return Status::error("engine needs a backend");
+  if (options.tensor_parallel < 1) {
+    return Status::error("tensor_parallel must be at least 1, got " +
+                         std::to_string(options.tensor_parallel));
+  }
   engine->backend_ = std::move(backend);
+  std::vector<ModelWeights> shards;
   {
     ThreadPool load_pool(options.threads);
     LoadOptions load;
@@ -118,7 +163,15 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
     load.format_explicit = options.format.has_value();
     load.block = options.block;
     load.progress = options.progress;
-    KS_ASSIGN_OR_RETURN(*engine->weights_, load_model(options.model, load, load_pool));
+    if (options.tensor_parallel > 1) {
+      // Each rank's weights; the engine keeps the whole model's config, format and notes.
+      KS_ASSIGN_OR_RETURN(ShardedModel sharded, load_model_shards(options.model, load, load_pool,
+                                                                  options.tensor_parallel));
+      *engine->weights_ = std::move(sharded.whole);
+      shards = std::move(sharded.shards);
+    } else {
+      KS_ASSIGN_OR_RETURN(*engine->weights_, load_model(options.model, load, load_pool));
+    }
   }
   const ModelConfig& c = engine->weights_->config;
   int64_t max_context = options.max_context;
@@ -126,7 +179,11 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
     max_context =
         c.max_position_embeddings > 0 ? std::min<int64_t>(c.max_position_embeddings, 4096) : 4096;
   }
-  KS_RETURN_IF_ERROR(engine->backend_->upload(*engine->weights_));
+  if (options.tensor_parallel > 1) {
+    KS_RETURN_IF_ERROR(engine->split(std::move(engine->backend_), std::move(shards)));
+  } else {
+    KS_RETURN_IF_ERROR(engine->backend_->upload(*engine->weights_));
+  }
   RunShape shape = options.run_shape;
   if (shape.kv_cache == KvCacheType::automatic) {
     shape.kv_cache = resolve_kv_cache(options.kv_cache, engine->weights_->format);
@@ -142,17 +199,23 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
         return Status::error("KV memory fraction must be in (0, 1], got " +
                              std::to_string(options.kv_memory_fraction));
       }
-      size_t available = engine->backend_->free_memory();
+      // Split, every rank holds the same share of each block: rank 0's device sizes the pool.
+      const Backend& backend = engine->backend();
+      const ModelConfig& rank_config =
+          engine->tensor_parallel_ ? engine->tensor_parallel_->shard(0).config : c;
+      size_t available = backend.free_memory();
       std::string where = "free device memory";
       if (available == 0) {
         KS_ASSIGN_OR_RETURN(available, host_available_memory());
-        where = "MemAvailable of the host";
+        available /= size_t(options.tensor_parallel);
+        where = options.tensor_parallel > 1 ? "MemAvailable of the host, a rank's share"
+                                            : "MemAvailable of the host";
       }
-      const Backend& backend = *engine->backend_;
       KS_ASSIGN_OR_RETURN(
           shape.kv_blocks,
-          kv_blocks_that_fit([&](const RunShape& s) { return backend.reserve_layout(c, s); }, shape,
-                             available, options.kv_memory_fraction, where));
+          kv_blocks_that_fit(
+              [&](const RunShape& s) { return backend.reserve_layout(rank_config, s); }, shape,
+              available, options.kv_memory_fraction, where));
     }
   }
   KS_RETURN_IF_ERROR(engine->reserve(shape));
@@ -182,9 +245,18 @@ Status Engine::reserve(const RunShape& shape) {
                          " is past the limit of " +
                          std::to_string(std::numeric_limits<int32_t>::max()) + " positions");
   }
-  KS_RETURN_IF_ERROR(check_reservation_fits(*backend_, config(), shape));
   kv_cache_.reset();
-  KS_RETURN_IF_ERROR(backend_->reserve(config(), shape));
+  if (tensor_parallel_) {
+    TensorParallel& tp = *tensor_parallel_;
+    for (int r = 0; r < tp.world_size(); ++r) {
+      KS_RETURN_IF_ERROR(
+          check_reservation_fits(tp.backend(r), tp.shard(r).config, shape, tp.world_size()));
+    }
+    KS_RETURN_IF_ERROR(tp.reserve(shape));
+  } else {
+    KS_RETURN_IF_ERROR(check_reservation_fits(*backend_, config(), shape));
+    KS_RETURN_IF_ERROR(backend_->reserve(config(), shape));
+  }
   kv_cache_ =
       std::make_unique<PagedKvCache>(shape.pool_blocks(), shape.max_seqs, shape.blocks_per_seq());
   run_shape_ = shape;
@@ -236,7 +308,7 @@ Status Engine::prepare_kv_cache(const Batch& batch) {
     }
     for (int64_t b = first / kKvBlockSize; b <= last / kKvBlockSize; ++b) {
       KS_ASSIGN_OR_RETURN(auto copy, kv_cache_->make_writable(seq, b));
-      if (copy) KS_RETURN_IF_ERROR(backend_->copy_kv_block(copy->first, copy->second));
+      if (copy) KS_RETURN_IF_ERROR(copy_kv_block(copy->first, copy->second));
     }
   }
   return Status::ok();
@@ -244,14 +316,16 @@ Status Engine::prepare_kv_cache(const Batch& batch) {
 
 Status Engine::run(const Batch& batch, std::vector<float>* logits) {
   KS_RETURN_IF_ERROR(prepare_kv_cache(batch));
-  return forward(*backend_, *weights_, batch, {kv_cache_->tables(), kv_cache_->blocks_per_seq()},
-                 logits);
+  const BlockTables tables{kv_cache_->tables(), kv_cache_->blocks_per_seq()};
+  if (tensor_parallel_) return tensor_parallel_->forward(batch, tables, logits);
+  return forward(*backend_, *weights_, batch, tables, logits);
 }
 
 Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens) {
   KS_RETURN_IF_ERROR(prepare_kv_cache(batch));
-  return forward_argmax(*backend_, *weights_, batch,
-                        {kv_cache_->tables(), kv_cache_->blocks_per_seq()}, tokens);
+  const BlockTables tables{kv_cache_->tables(), kv_cache_->blocks_per_seq()};
+  if (tensor_parallel_) return tensor_parallel_->forward_argmax(batch, tables, tokens);
+  return forward_argmax(*backend_, *weights_, batch, tables, tokens);
 }
 
 Status Engine::copy_sequence(int32_t src, int32_t dst, int64_t n_positions) {
@@ -278,8 +352,12 @@ Status Engine::copy_sequence(int32_t src, int32_t dst, int64_t n_positions) {
                          std::to_string(src) + "'s last " +
                          std::to_string(n_positions % kKvBlockSize) + " positions");
   }
-  return backend_->copy_kv_block(kv_cache_->table(src)[size_t(full)],
-                                 kv_cache_->table(dst)[size_t(full)]);
+  return copy_kv_block(kv_cache_->table(src)[size_t(full)], kv_cache_->table(dst)[size_t(full)]);
+}
+
+Status Engine::copy_kv_block(int32_t src, int32_t dst) {
+  if (tensor_parallel_) return tensor_parallel_->copy_kv_block(src, dst);
+  return backend_->copy_kv_block(src, dst);
 }
 
 void Engine::release_sequence(int32_t seq) {

@@ -94,11 +94,11 @@ inline Comparison compare(const std::vector<float>& ours, const std::vector<floa
 }
 
 // An engine on `device` and `model` (2 threads, context 256, prompts in chunks of 16, so the KV
-// cache is used across calls) with weights in `format` (unset: the source chooses) and `block`.
-// Null, with a test failure, on error.
+// cache is used across calls) with weights in `format` (unset: the source chooses) and `block`,
+// split over `tensor_parallel` ranks. Null, with a test failure, on error.
 inline std::unique_ptr<Engine> device_engine(const std::string& model,
                                              std::optional<WeightFormat> format, int block,
-                                             const std::string& device) {
+                                             const std::string& device, int tensor_parallel = 1) {
   EngineOptions options;
   options.model = model;
   options.format = format;
@@ -108,6 +108,7 @@ inline std::unique_ptr<Engine> device_engine(const std::string& model,
   options.progress = false;
   options.max_context = 256;
   options.prefill_chunk = 16;
+  options.tensor_parallel = tensor_parallel;
   auto engine = Engine::create(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().message();
   return engine.is_ok() ? std::move(engine).value() : nullptr;
@@ -115,8 +116,9 @@ inline std::unique_ptr<Engine> device_engine(const std::string& model,
 
 // device_engine on the CPU with 32-weight blocks.
 inline std::unique_ptr<Engine> cpu_engine(const std::string& model,
-                                          std::optional<WeightFormat> format) {
-  return device_engine(model, format, 32, "cpu");
+                                          std::optional<WeightFormat> format,
+                                          int tensor_parallel = 1) {
+  return device_engine(model, format, 32, "cpu", tensor_parallel);
 }
 
 // A weight format's bound on the worst position's normalized logit error against the fixture's

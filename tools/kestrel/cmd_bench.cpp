@@ -21,6 +21,7 @@
 #include "bench/runner.h"
 #include "commands.h"
 #include "core/progress.h"
+#include "model/shard.h"
 #include "runtime/planner.h"
 #include "tokenizer/gguf_tokenizer.h"
 #include "tokenizer/tokenizer.h"
@@ -90,6 +91,7 @@ struct BenchFlags {
   std::string kv_cache = "auto";
   int block = 32;
   int threads = 0;
+  int tensor_parallel = 1;
   std::string prompt_lengths = "512";
   std::string gen_lengths = "128";
   std::string batches = "1";
@@ -134,6 +136,8 @@ class BenchCommand {
     check_range("-t", flags_.threads, 0, kMaxThreads);
     o.threads = flags_.threads;
     o.kv_cache = unwrap(parse_kv_cache(flags_.kv_cache), "--kv-cache");
+    check_range("--tensor-parallel", flags_.tensor_parallel, 1, kMaxTensorParallel);
+    o.tensor_parallel = flags_.tensor_parallel;
     if (flags_.max_memory_given) {
       auto size = bench::parse_size(flags_.max_memory);
       if (!size.is_ok()) fail("--max-memory: " + size.status().message());
@@ -432,6 +436,8 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
                    "else fp16); the CPU keeps fp32")
       ->capture_default_str();
   bench->add_option("-t,--threads", flags->threads, "CPU threads (0: all)");
+  bench->add_option("--tensor-parallel", flags->tensor_parallel,
+                    "(-tp N) split each model over N ranks (devices, or groups of CPU threads)");
   bench->add_option("-p,--n-prompt", flags->prompt_lengths,
                     "quick mode prompt lengths, e.g. 512 or 128,512");
   bench->add_option("-n,--n-gen", flags->gen_lengths, "quick mode generated tokens, e.g. 128");

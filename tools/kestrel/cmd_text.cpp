@@ -249,7 +249,7 @@ std::unique_ptr<Engine> load_engine(const ModelFlags& flags) {
   if (!flags.quiet) {
     std::fprintf(stderr, "model %s: %s, %lld layers, %.2f GB in %s, loaded in %.2fs on %s\n",
                  flags.model.c_str(), architecture_name(w.config.arch),
-                 (long long)w.config.n_layers, double(w.resident_bytes()) / 1e9,
+                 (long long)w.config.n_layers, double(engine->info().weight_bytes) / 1e9,
                  format_name(w.format), engine->load_seconds(), engine->backend().name().c_str());
   }
   return engine;
@@ -265,7 +265,7 @@ void print_speed(const Engine& engine, int64_t prompt_tokens, double prefill_sec
                "tok/s, %.1f GB/s of weights\n",
                (long long)prompt_tokens, double(prompt_tokens) / prefill_seconds,
                prefill_seconds * 1e3, (long long)steps, decode_tps,
-               decode_tps * double(engine.weights().decode_bytes()) / 1e9);
+               decode_tps * double(engine.info().decode_bytes) / 1e9);
 }
 
 void run_generate(const GenerateFlags& flags, const std::string& prompt_flag,

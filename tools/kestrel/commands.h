@@ -47,6 +47,7 @@ struct ModelFlags {
   int64_t batch = 512;      // prompt tokens per forward call (llama.cpp's -b)
   int64_t gpu_layers = -1;  // llama.cpp's -ngl: > 0 asks for CUDA, 0 for the CPU
   std::string kv_cache = "auto";
+  int tensor_parallel = 1;  // ranks the model is split over (-tp)
   bool quiet = false;
 
   void add_to(CLI::App* app);

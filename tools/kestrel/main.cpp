@@ -22,6 +22,7 @@
 #include "core/thread_pool.h"
 #include "kestrel/engine.h"
 #include "model/loader.h"
+#include "model/shard.h"
 
 namespace kestrel::cli {
 
@@ -123,6 +124,9 @@ void ModelFlags::add_to(CLI::App* app) {
   app->add_option("--n-gpu-layers,--gpu-layers", gpu_layers,
                   "(-ngl N) llama.cpp habit: any N > 0 runs every layer on CUDA, 0 on the CPU");
   app->add_option("-t,--threads", threads, "CPU threads (0: all)")->capture_default_str();
+  app->add_option("--tensor-parallel", tensor_parallel,
+                  "(-tp N) split every layer over N ranks: N devices, or N groups of CPU threads")
+      ->capture_default_str();
   app->add_option("-c,--ctx-size", context, "context length (0: min(model max, 4096))")
       ->capture_default_str();
   app->add_option("-b,--batch-size", batch, "prompt tokens per forward call")
@@ -139,10 +143,12 @@ EngineOptions ModelFlags::engine_options() const {
   check_range("-t", threads, 0, kMaxThreads);
   check_range("-c", double(context), 0, std::numeric_limits<int32_t>::max());
   check_range("-b", double(batch), 0, 1 << 20, /*min_exclusive=*/true);
+  check_range("--tensor-parallel", tensor_parallel, 1, kMaxTensorParallel);
   options.block = block;
   options.device = device == "auto" ? default_device() : device;
   if (gpu_layers >= 0) options.device = gpu_layers > 0 ? "cuda" : "cpu";
   options.threads = threads;
+  options.tensor_parallel = tensor_parallel;
   options.max_context = context;
   options.prefill_chunk = batch;
   options.kv_cache = unwrap(parse_kv_cache(kv_cache), "--kv-cache");
@@ -156,6 +162,7 @@ EngineOptions ModelFlags::engine_options() const {
 std::vector<std::string> translate_llama_flags(int argc, char** argv) {
   static const std::map<std::string, std::string> renamed = {
       {"-ngl", "--n-gpu-layers"},
+      {"-tp", "--tensor-parallel"},
       {"-cnv", "--conversation"},
       {"-sys", "--system-prompt"},
       {"-no-cnv", ""},  // run is already one prompt, one continuation
@@ -173,8 +180,8 @@ std::vector<std::string> translate_llama_flags(int argc, char** argv) {
       {"--main-gpu", "(one GPU is used)"},
       {"-ts", "(one GPU is used)"},
       {"--tensor-split", "(one GPU is used)"},
-      {"-sm", "(one GPU is used)"},
-      {"--split-mode", "(one GPU is used)"},
+      {"-sm", "(use --tensor-parallel N)"},
+      {"--split-mode", "(use --tensor-parallel N)"},
       {"-ub", "(use -b)"},
       {"--ubatch-size", "(use -b)"},
       {"--numa", ""},

@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <unordered_map>
 
+#include "backend/communicator.h"
 #include "backend/cuda/act.cuh"
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/cuda_backend.h"
@@ -96,13 +97,18 @@ struct StepGraph {
 
 class CudaBackend final : public Backend {
  public:
-  static Result<std::unique_ptr<Backend>> create() {
+  static Result<std::unique_ptr<Backend>> create(int device) {
     int count = 0;
     KS_CUDA_CHECK("init", cudaGetDeviceCount(&count));
     if (count == 0) return Status::error("cuda init: no CUDA device");
+    if (device < 0 || device >= count) {
+      return Status::error("cuda init: no device " + std::to_string(device) +
+                           " (this machine has " + std::to_string(count) + ")");
+    }
     std::unique_ptr<CudaBackend> backend(new CudaBackend());
-    KS_CUDA_CHECK("init", cudaSetDevice(0));
-    KS_CUDA_CHECK("init", cudaGetDeviceProperties(&backend->props_, 0));
+    backend->device_ = device;
+    KS_CUDA_CHECK("init", cudaSetDevice(device));
+    KS_CUDA_CHECK("init", cudaGetDeviceProperties(&backend->props_, device));
     KS_CUDA_CHECK("init", cudaStreamCreateWithFlags(&backend->stream_, cudaStreamNonBlocking));
     KS_CUBLAS_CHECK("init", cublasCreate(&backend->cublas_));
     KS_CUBLAS_CHECK("init", cublasSetStream(backend->cublas_, backend->stream_));
@@ -120,6 +126,24 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return std::string("cuda (") + props_.name + ")"; }
+
+  Status use_on_this_thread() override {
+    KS_CUDA_CHECK("set device", cudaSetDevice(device_));
+    return Status::ok();
+  }
+
+  // The collective runs on this backend's stream, after the ops before it, so a decode step's
+  // capture holds it and a replay runs it again with the graph.
+  Status all_reduce_sum(Tensor t, Communicator& comm) override {
+    KS_RETURN_IF_ERROR(flush());
+    note_write(t);
+    trace({10, addr(t.data), uint64_t(t.rows), uint64_t(t.cols)});
+    if (mode_ == Mode::replay) return Status::ok();
+    const auto timer = time_op("all_reduce");
+    return comm.all_reduce_sum(t);
+  }
+
+  cudaStream_t stream() const { return stream_; }
 
   Roofline roofline() override {
     if (!roofline_) {
@@ -1217,6 +1241,7 @@ class CudaBackend final : public Backend {
   Mode mode_ = Mode::eager;
   std::vector<int32_t> graph_key_;  // n_tokens, then the logit rows
   uint64_t fingerprint_ = 0;
+  int device_ = 0;
   std::map<std::vector<int32_t>, StepGraph> graphs_;
   GraphStats stats_;
 
@@ -1254,10 +1279,19 @@ GraphStats graph_stats(Backend& backend) {
   return cuda != nullptr ? cuda->graph_stats() : GraphStats{};
 }
 
+void* backend_stream(Backend& backend) {
+  CudaBackend* cuda = as_cuda(backend);
+  return cuda != nullptr ? static_cast<void*>(cuda->stream()) : nullptr;
+}
+
 }  // namespace cuda
 
 Result<std::unique_ptr<Backend>> make_cuda_backend() {
-  return cuda::CudaBackend::create();
+  return cuda::CudaBackend::create(0);
+}
+
+Result<std::unique_ptr<Backend>> make_cuda_backend_on(int device) {
+  return cuda::CudaBackend::create(device);
 }
 
 }  // namespace kestrel

@@ -13,6 +13,8 @@ namespace kestrel {
 
 // The CUDA backend on device 0; fails with the runtime's message when there is no usable GPU.
 Result<std::unique_ptr<Backend>> make_cuda_backend();
+// The same on `device` (a rank of a model split over the GPUs).
+Result<std::unique_ptr<Backend>> make_cuda_backend_on(int device);
 
 namespace cuda {
 
@@ -30,6 +32,10 @@ struct OpTime {
 };
 Status set_op_timing(Backend& backend, bool enabled);
 std::vector<OpTime> op_times(Backend& backend);
+
+// The cudaStream_t a CUDA backend issues its ops on (null for another backend): collectives
+// run on it, in the order of the ops.
+void* backend_stream(Backend& backend);
 
 // How many decode steps replayed a captured graph, and how many graphs were captured.
 struct GraphStats {

@@ -77,8 +77,8 @@ expect_error "fifo tokenizer.json" "not a regular file" \
 expect_error "-t 100000" "-t: 100000" "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -t 100000 -q
 expect_error "-t -4" "-t: -4" "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -t -4 -q
 expect_error "-c -5" "-c: -5" "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -c -5 -q
-expect_error "-c 100000000 (std::bad_alloc before)" "lower the context length" \
-  "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -c 100000000 -q
+expect_error "-c 2000000000 (std::bad_alloc before; 2 TB of KV fits no machine)" "lower the context length" \
+  "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -c 2000000000 -q
 expect_error "tokenize < /dev/zero" "64 MiB limit" \
   sh -c "'$kestrel' tokenize --tokenizer '$qwen_tok' </dev/zero"
 python3 - "$qwen_tok/tokenizer.json" "$tmp/bigid/tokenizer.json" <<'PY'

@@ -80,12 +80,17 @@ cli_check "-c past max_position_embeddings warns (run)" grep -q "warning: -c 400
 cli_check "-c past max_position_embeddings warns (logits)" grep -q "warning: -c 40000 is past" "$tmp/err"
 
 # The default device is CUDA when built in and present, else the CPU, and the load line says which.
-"$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -n 1 2>"$tmp/err" >/dev/null
+# ctest sets KESTREL_DEVICE=cpu for the CLI tests; this check is about the default, so it unsets it.
+env -u KESTREL_DEVICE "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -n 1 2>"$tmp/err" >/dev/null
 if "$kestrel" --version | grep -q cuda && { [ -e /dev/nvidiactl ] || [ -e /proc/driver/nvidia/version ]; }; then
   cli_check "default device: cuda here" grep -q "loaded in .* on cuda" "$tmp/err"
 else
   cli_check "default device: cpu here" grep -q "loaded in .* on cpu" "$tmp/err"
 fi
+
+# KESTREL_DEVICE says what --device auto means.
+KESTREL_DEVICE=cpu "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -n 1 2>"$tmp/err" >/dev/null
+cli_check "KESTREL_DEVICE=cpu picks the CPU" grep -q "loaded in .* on cpu" "$tmp/err"
 
 # --help shows the defaults.
 "$kestrel" run --help >"$tmp/help"

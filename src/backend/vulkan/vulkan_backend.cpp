@@ -158,7 +158,7 @@ BatchLayout batch_layout(const ModelConfig& config, const RunShape& shape) {
 
 class VulkanBackend final : public Backend {
  public:
-  VulkanBackend(std::unique_ptr<vulkan::Instance> instance, VkPhysicalDevice physical,
+  VulkanBackend(std::shared_ptr<const vulkan::Instance> instance, VkPhysicalDevice physical,
                 DeviceInfo info, const VulkanOptions& options)
       : instance_(std::move(instance)),
         vk_(instance_->vk()),
@@ -1089,7 +1089,7 @@ class VulkanBackend final : public Backend {
     return Status::ok();
   }
 
-  std::unique_ptr<vulkan::Instance> instance_;
+  std::shared_ptr<const vulkan::Instance> instance_;
   const Functions& vk_;
   VkPhysicalDevice physical_;
   DeviceInfo info_;
@@ -1135,9 +1135,9 @@ class VulkanBackend final : public Backend {
 
 Result<std::unique_ptr<Backend>> make_vulkan_backend(const std::string& device,
                                                      const VulkanOptions& options) {
-  auto created = vulkan::Instance::create();
-  if (!created.is_ok()) return created.status().with_context("device " + device);
-  std::unique_ptr<vulkan::Instance> instance = std::move(created).value();
+  auto shared = vulkan::Instance::shared();
+  if (!shared.is_ok()) return shared.status().with_context("device " + device);
+  std::shared_ptr<const vulkan::Instance> instance = std::move(shared).value();
   const std::vector<VkPhysicalDevice> physical = instance->physical_devices();
   std::vector<DeviceInfo> infos;
   for (size_t i = 0; i < physical.size(); ++i) {

@@ -138,6 +138,18 @@ Result<std::unique_ptr<Instance>> Instance::create() {
   return instance;
 }
 
+Result<std::shared_ptr<const Instance>> Instance::shared() {
+  // Deliberately never freed (see the header): a static shared_ptr would destroy the instance
+  // at exit, while driver threads may still run.
+  static const Result<std::shared_ptr<const Instance>>* const instance = [] {
+    auto created = create();
+    if (!created.is_ok()) return new Result<std::shared_ptr<const Instance>>(created.status());
+    return new Result<std::shared_ptr<const Instance>>(
+        std::shared_ptr<const Instance>(std::move(created).value()));
+  }();
+  return *instance;
+}
+
 Instance::~Instance() {
   if (instance_ != VK_NULL_HANDLE && vk_.vkDestroyInstance != nullptr) {
     vk_.vkDestroyInstance(instance_, nullptr);
@@ -222,7 +234,7 @@ DeviceInfo describe_device(const Instance& instance, VkPhysicalDevice device, in
 }
 
 Result<std::vector<DeviceInfo>> list_devices() {
-  KS_ASSIGN_OR_RETURN(std::unique_ptr<Instance> instance, Instance::create());
+  KS_ASSIGN_OR_RETURN(std::shared_ptr<const Instance> instance, Instance::shared());
   std::vector<DeviceInfo> out;
   const std::vector<VkPhysicalDevice> devices = instance->physical_devices();
   for (size_t i = 0; i < devices.size(); ++i) {

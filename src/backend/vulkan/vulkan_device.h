@@ -68,10 +68,15 @@ struct Functions {
 #undef KESTREL_VK_MEMBER
 };
 
-// An instance with every function of Functions resolved; destroyed with the object.
+// The process's Vulkan instance, with every function of Functions resolved. One for the life
+// of the process, created on first use and never destroyed: destroying the last instance makes
+// the loader unload the driver, and NVIDIA's driver (libGLX_nvidia) cannot be loaded again and
+// again in one process (its static TLS runs out: after ~30 backends, vkCreateInstance failed
+// with VK_ERROR_INCOMPATIBLE_DRIVER on the H200). Backends create and destroy their devices.
 class Instance {
  public:
-  static Result<std::unique_ptr<Instance>> create();
+  // The instance, or why there is none (the same error on every call).
+  static Result<std::shared_ptr<const Instance>> shared();
   ~Instance();
   Instance(const Instance&) = delete;
   Instance& operator=(const Instance&) = delete;
@@ -82,6 +87,7 @@ class Instance {
 
  private:
   Instance() = default;
+  static Result<std::unique_ptr<Instance>> create();
   Functions vk_;
   VkInstance instance_ = VK_NULL_HANDLE;
 };

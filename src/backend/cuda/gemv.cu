@@ -710,8 +710,30 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
   if (n_jobs < 1 || n_jobs > kMaxGemvJobs) {
     return Status::error("cuda matmul: " + std::to_string(n_jobs) + " weights in one GEMV");
   }
-  if (n_tokens < 1 || n_tokens > kMaxGemvTokens) {
-    return Status::error("cuda matmul: GEMV takes 1 to 16 tokens, got " + std::to_string(n_tokens));
+  if (n_tokens < 1 || n_tokens > kMaxGemvBatchTokens) {
+    return Status::error("cuda matmul: GEMV takes 1 to " + std::to_string(kMaxGemvBatchTokens) +
+                         " tokens, got " + std::to_string(n_tokens));
+  }
+  if (n_tokens > kMaxGemvTokens) {
+    // Slices of 16 tokens, one launch each: every row of the input, outputs and shadow belongs
+    // to one token, so a slice is the same call on offset pointers.
+    if (norm.x != nullptr) return Status::error("cuda matmul: a fused RMSNorm input is one token");
+    for (int t0 = 0; t0 < n_tokens; t0 += kMaxGemvTokens) {
+      const int count = std::min(kMaxGemvTokens, n_tokens - t0);
+      GemvJob slice[kMaxGemvJobs];
+      for (int j = 0; j < n_jobs; ++j) {
+        slice[j] = jobs[j];
+        slice[j].y = jobs[j].y + int64_t(t0) * jobs[j].w.rows;
+        if (jobs[j].residual != nullptr) {
+          slice[j].residual = jobs[j].residual + int64_t(t0) * jobs[j].w.rows;
+        }
+      }
+      ShadowOut shadow = swiglu_shadow;
+      if (shadow.data != nullptr) shadow.data += int64_t(t0) * shadow.row_stride;
+      KS_RETURN_IF_ERROR(gemv(slice, n_jobs, x + int64_t(t0) * x_stride, x_stride, count, sm_count,
+                              stream, epilogue, shadow, norm));
+    }
+    return Status::ok();
   }
   GemvParams p;
   p.n_jobs = n_jobs;

@@ -156,7 +156,7 @@ class Backend {
     return swiglu(gate, gate, up);
   }
   // out = x · wᵀ + bias, then residual += out: an output projection joining the residual
-  // stream. `residual` must not overlap `out` (a backend refuses the call).
+  // stream. `residual` must not overlap `out` (the CUDA backend refuses such a call).
   virtual Status matmul_add(Tensor out, Tensor x, const Linear& w, Tensor residual) {
     KS_RETURN_IF_ERROR(matmul(out, x, w));
     return add(residual, out);

@@ -246,11 +246,14 @@ inline std::string fused_case_name(const ::testing::TestParamInfo<FusedCase>& in
 }
 
 // The weights the fused-op check multiplies with: one layer and an lm_head in `fc`'s format,
-// with a bias on every linear or none. Widths are multiples of 64 (block 64 fits) and the
-// hidden size is one the batch-1 norm-in-GEMV path takes.
+// with a bias on every linear or none. Quantized widths are multiples of 64 (block 64 fits);
+// float weights get an intermediate size off the 32-column grid (the padding of the fp16 shadow
+// swiglu leaves for the down projection). The hidden size is one the batch-1 norm-in-GEMV path
+// takes.
 inline ModelWeights fused_ops_model(const FormatCase fc, bool bias) {
+  const int64_t inter = is_quantized(fc.format) ? 320 : 200;
   ModelWeights w;
-  w.config = small_config(256, 320, 4, 2, 64, 200);
+  w.config = small_config(256, inter, 4, 2, 64, 200);
   w.config.n_layers = 1;
   w.format = fc.format;
   w.block = fc.block;
@@ -267,9 +270,9 @@ inline ModelWeights fused_ops_model(const FormatCase fc, bool bias) {
   l.wk = random_linear(fc.format, 128, 256, fc.block, bias, seed++);
   l.wv = random_linear(fc.format, 128, 256, fc.block, bias, seed++);
   l.wo = random_linear(fc.format, 256, 256, fc.block, bias, seed++);
-  l.w_gate = random_linear(fc.format, 320, 256, fc.block, bias, seed++);
-  l.w_up = random_linear(fc.format, 320, 256, fc.block, bias, seed++);
-  l.w_down = random_linear(fc.format, 256, 320, fc.block, bias, seed++);
+  l.w_gate = random_linear(fc.format, inter, 256, fc.block, bias, seed++);
+  l.w_up = random_linear(fc.format, inter, 256, fc.block, bias, seed++);
+  l.w_down = random_linear(fc.format, 256, inter, fc.block, bias, seed++);
   w.output = random_linear(fc.format, 200, 256, fc.block, bias, seed++);
   return w;
 }

@@ -129,6 +129,45 @@ class Backend {
   virtual Status swiglu(Tensor out, Tensor gate, Tensor up) = 0;
   // x += y
   virtual Status add(Tensor x, Tensor y) = 0;
+
+  // --- Fused ops: the sequences of plain ops the forward pass issues, named so that a device
+  // backend can run each as fewer launches. The default composes the plain ops above (the CPU
+  // backend's is the reference of every fused op); an override must compute the same values
+  // within the plain ops' bounds and write every output the composition writes.
+
+  // normed = rms_norm(x) · norm_w, then outs[i] = normed · weights[i]ᵀ + bias: the projections
+  // that follow a norm (q/k/v after attn_norm; lm_head after the final norm). `normed` is always
+  // written, as by rms_norm.
+  virtual Status norm_matmul(std::span<const Tensor> outs, Tensor normed, Tensor x,
+                             const Vector& norm_w, float eps,
+                             std::span<const Linear* const> weights) {
+    KS_RETURN_IF_ERROR(rms_norm(normed, x, norm_w, eps));
+    return matmul_multi(outs, normed, weights);
+  }
+  // normed = rms_norm(x) · norm_w; up = normed · w_upᵀ + bias; gate = silu(normed · w_gateᵀ +
+  // bias) * up: the MLP's input half. `normed` and `up` are written too.
+  virtual Status norm_matmul_swiglu(Tensor gate, Tensor up, Tensor normed, Tensor x,
+                                    const Vector& norm_w, float eps, const Linear& w_gate,
+                                    const Linear& w_up) {
+    const Tensor outs[] = {gate, up};
+    const Linear* const weights[] = {&w_gate, &w_up};
+    KS_RETURN_IF_ERROR(rms_norm(normed, x, norm_w, eps));
+    KS_RETURN_IF_ERROR(matmul_multi(outs, normed, weights));
+    return swiglu(gate, gate, up);
+  }
+  // out = x · wᵀ + bias, then residual += out: an output projection joining the residual
+  // stream. `residual` must not overlap `out` (the CUDA backend refuses such a call).
+  virtual Status matmul_add(Tensor out, Tensor x, const Linear& w, Tensor residual) {
+    KS_RETURN_IF_ERROR(matmul(out, x, w));
+    return add(residual, out);
+  }
+  // rope(q, k), then attention(out, q, k, v, layer): q and k are left rotated, as by rope.
+  virtual Status rope_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
+                                const RopeParams& params) {
+    KS_RETURN_IF_ERROR(rope(q, k, params));
+    return attention(out, q, k, v, layer, params);
+  }
+
   // Sums t over the ranks of a split model through `comm` (backend/communicator.h), in place.
   // An op, not a bare communicator call, so that a backend replaying a captured step (CUDA
   // graphs) replays the collective with the rest of the step instead of calling it again.

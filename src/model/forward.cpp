@@ -40,31 +40,27 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
   const Tensor x = s[fs::residual], h = s[fs::normed], q = s[fs::q], k = s[fs::k], v = s[fs::v],
                attn = s[fs::attn], proj = s[fs::proj], gate = s[fs::gate], up = s[fs::up];
 
-  auto all_reduce = [&](Tensor t) {
-    return comm ? backend.all_reduce_sum(t, *comm) : Status::ok();
-  };
   KS_RETURN_IF_ERROR(backend.embed(x, weights.tok_embd));
-  KS_RETURN_IF_ERROR(all_reduce(x));
+  if (comm != nullptr) KS_RETURN_IF_ERROR(backend.all_reduce_sum(x, *comm));
+  // Adds an output projection to the residual stream. A rank's projection is a partial sum: it
+  // is all-reduced before the add, so only a model on one backend takes the fused matmul_add.
+  auto project_into_residual = [&](Tensor in, const Linear& w) -> Status {
+    if (comm == nullptr) return backend.matmul_add(proj, in, w, x);
+    KS_RETURN_IF_ERROR(backend.matmul(proj, in, w));
+    KS_RETURN_IF_ERROR(backend.all_reduce_sum(proj, *comm));
+    return backend.add(x, proj);
+  };
   for (int64_t il = 0; il < c.n_layers; ++il) {
     const LayerWeights& l = weights.layers[size_t(il)];
-    KS_RETURN_IF_ERROR(backend.rms_norm(h, x, l.attn_norm, eps));
     const Tensor qkv[] = {q, k, v};
     const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
-    KS_RETURN_IF_ERROR(backend.matmul_multi(qkv, h, qkv_weights));
-    KS_RETURN_IF_ERROR(backend.rope(q, k, rope));
-    KS_RETURN_IF_ERROR(backend.attention(attn, q, k, v, il, rope));
-    KS_RETURN_IF_ERROR(backend.matmul(proj, attn, l.wo));
-    KS_RETURN_IF_ERROR(all_reduce(proj));
-    KS_RETURN_IF_ERROR(backend.add(x, proj));
+    KS_RETURN_IF_ERROR(backend.norm_matmul(qkv, h, x, l.attn_norm, eps, qkv_weights));
+    KS_RETURN_IF_ERROR(backend.rope_attention(attn, q, k, v, il, rope));
+    KS_RETURN_IF_ERROR(project_into_residual(attn, l.wo));
 
-    KS_RETURN_IF_ERROR(backend.rms_norm(h, x, l.ffn_norm, eps));
-    const Tensor gate_up[] = {gate, up};
-    const Linear* const gate_up_weights[] = {&l.w_gate, &l.w_up};
-    KS_RETURN_IF_ERROR(backend.matmul_multi(gate_up, h, gate_up_weights));
-    KS_RETURN_IF_ERROR(backend.swiglu(gate, gate, up));
-    KS_RETURN_IF_ERROR(backend.matmul(proj, gate, l.w_down));
-    KS_RETURN_IF_ERROR(all_reduce(proj));
-    KS_RETURN_IF_ERROR(backend.add(x, proj));
+    KS_RETURN_IF_ERROR(
+        backend.norm_matmul_swiglu(gate, up, h, x, l.ffn_norm, eps, l.w_gate, l.w_up));
+    KS_RETURN_IF_ERROR(project_into_residual(gate, l.w_down));
   }
 
   // The final norm and lm_head run only on the rows whose logits are wanted.
@@ -76,8 +72,9 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
   }
   const Tensor last = head[fs::last], normed = head[fs::head_normed], out = head[fs::logits];
   KS_RETURN_IF_ERROR(backend.gather_rows(last, x, batch.logit_rows.data(), n_out));
-  KS_RETURN_IF_ERROR(backend.rms_norm(normed, last, weights.output_norm, eps));
-  KS_RETURN_IF_ERROR(backend.matmul(out, normed, weights.output));
+  const Tensor logits[] = {out};
+  const Linear* const lm_head[] = {&weights.output};
+  KS_RETURN_IF_ERROR(backend.norm_matmul(logits, normed, last, weights.output_norm, eps, lm_head));
   return out;
 }
 

@@ -396,166 +396,79 @@ INSTANTIATE_TEST_SUITE_P(HeadDims, CudaAttention,
                                   kv_cache_name(std::get<1>(info.param));
                          });
 
-// The decode step's fused launches: matmul + residual add, gate/up + swiglu (its shadow feeding
-// the down projection), against the CPU's separate ops; every intermediate is compared too.
-class CudaFusedDecode : public ::testing::TestWithParam<FormatCase> {};
+// --- fused ops -------------------------------------------------------------------------------
 
-TEST_P(CudaFusedDecode, MatchesCpu) {
-  const FormatCase fc = GetParam();
-  // fp16 takes an intermediate size off the 32-column grid: the swiglu shadow's padding.
-  const int64_t hidden = 256, inter = fc.format == WeightFormat::fp16 ? 200 : 352;
-  ModelWeights weights;
-  weights.config = small_config(hidden, inter, 4, 1, 64, 16);
-  weights.config.n_layers = 1;
-  weights.format = fc.format;
-  weights.layers.resize(1);
-  LayerWeights& l = weights.layers[0];
-  l.wo = random_linear(fc.format, hidden, hidden, fc.block, false, 81);
-  l.w_gate = random_linear(fc.format, inter, hidden, fc.block, true, 82);
-  l.w_up = random_linear(fc.format, inter, hidden, fc.block, false, 83);
-  l.w_down = random_linear(fc.format, hidden, inter, fc.block, false, 84);
-  BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
-  for (int64_t n : {1, 5, 16}) {
-    const auto a = random_values(size_t(n * hidden), 90 + uint64_t(n));
-    const auto x0 = random_values(size_t(n * hidden), 91 + uint64_t(n));
-    std::vector<float> results[2][5];
-    int i = 0;
-    for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
-      std::vector<int32_t> meta;
-      ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
-      auto at = b->scratch(n, hidden);
-      auto xt = b->scratch(n, hidden);
-      auto proj = b->scratch(n, hidden);
-      auto gate = b->scratch(n, inter);
-      auto up = b->scratch(n, inter);
-      ASSERT_TRUE(at.is_ok() && xt.is_ok() && proj.is_ok() && gate.is_ok() && up.is_ok());
-      fill(*b, *at, a);
-      fill(*b, *xt, x0);
-      for (Tensor t : {*proj, *gate, *up}) poison(*b, t);
-      ASSERT_TRUE(b->matmul(*proj, *at, l.wo).is_ok());
-      ASSERT_TRUE(b->add(*xt, *proj).is_ok());
-      const Tensor gate_up[] = {*gate, *up};
-      const Linear* const ws[] = {&l.w_gate, &l.w_up};
-      ASSERT_TRUE(b->matmul_multi(gate_up, *at, ws).is_ok());
-      ASSERT_TRUE(b->swiglu(*gate, *gate, *up).is_ok());
-      results[i][0] = fetch(*b, *proj);
-      results[i][1] = fetch(*b, *xt);
-      results[i][2] = fetch(*b, *gate);
-      results[i][3] = fetch(*b, *up);
-      ASSERT_TRUE(b->matmul(*proj, *gate, l.w_down).is_ok());
-      ASSERT_TRUE(b->add(*xt, *proj).is_ok());
-      results[i][4] = fetch(*b, *xt);
-      i++;
-    }
-    const double bound = is_quantized(fc.format) ? 3e-2 : 2e-3;
-    const char* names[] = {"proj", "x + proj", "silu(gate) * up", "up", "x + down"};
-    for (int k = 0; k < 5; ++k) {
-      EXPECT_LE(rel_error(results[1][k], results[0][k]), bound) << names[k] << " n=" << n;
-    }
+// The launches (op timing's names and calls) one call of check_fused_ops's sequence takes: the
+// decode GEMV carries every fusion up to 16 tokens (the norm as its input stage at batch 1
+// only), GEMMs and the plain kernels take over beyond, and fp32 weights never fuse. rope rides
+// in the cache write at every token count; no op needs an fp16 shadow launch of its own.
+std::map<std::string, int64_t> fused_launches(WeightFormat format, int64_t n) {
+  if (format == WeightFormat::fp32) {
+    return {{"rms_norm", 3}, {"matmul (fp32)", 5},      {"add", 2},
+            {"swiglu", 1},   {"rope + cache write", 1}, {"attention", 1}};
   }
+  if (n == 1) {
+    return {{"rms_norm + matmul", 2},
+            {"rms_norm + matmul + swiglu", 1},
+            {"matmul + add", 2},
+            {"rope + cache write", 1},
+            {"attention", 1}};
+  }
+  if (n <= 16) {
+    return {{"rms_norm", 3},           {"matmul", 2},   {"matmul + swiglu", 1}, {"matmul + add", 2},
+            {"rope + cache write", 1}, {"attention", 1}};
+  }
+  return {{"rms_norm", 3}, {"matmul (prefill)", 5},   {"add", 2},
+          {"swiglu", 1},   {"rope + cache write", 1}, {"attention", 1}};
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, CudaFusedDecode,
-                         ::testing::Values(FormatCase{WeightFormat::sym_int4, 32},
-                                           FormatCase{WeightFormat::fp16, 0}),
-                         format_case_name);
+class CudaFusedOps : public ::testing::TestWithParam<FusedCase> {};
 
-// A batch-1 rms_norm becomes the input stage of the next GEMV (q/k/v with biases, gate/up +
-// swiglu, a single weight): outputs and the norm's own output match the CPU's separate ops, and
-// op timing shows no rms_norm launched on its own; 5 and 16 tokens take the separate norm.
-class CudaNormFusion : public ::testing::TestWithParam<FormatCase> {};
-
-TEST_P(CudaNormFusion, MatchesCpu) {
-  const FormatCase fc = GetParam();
-  const int64_t hidden = 512, inter = 288, q_dim = 256, kv_dim = 64;
-  ModelWeights weights;
-  weights.config = small_config(hidden, inter, 4, 1, 64, 16);
-  weights.config.n_layers = 1;
-  weights.format = fc.format;
-  weights.layers.resize(1);
-  LayerWeights& l = weights.layers[0];
-  l.attn_norm = random_vector(hidden, 101);
-  l.ffn_norm = random_vector(hidden, 102);
-  l.wq = random_linear(fc.format, q_dim, hidden, fc.block, true, 103);
-  l.wk = random_linear(fc.format, kv_dim, hidden, fc.block, true, 104);
-  l.wv = random_linear(fc.format, kv_dim, hidden, fc.block, true, 105);
-  l.w_gate = random_linear(fc.format, inter, hidden, fc.block, false, 106);
-  l.w_up = random_linear(fc.format, inter, hidden, fc.block, false, 107);
-  l.wo = random_linear(fc.format, hidden, hidden, fc.block, false, 108);
+// Every fused op against the CPU's plain ops (backend_op_checks.h) at 33, 16, 2 and 1 tokens,
+// with the bounds of the plain ops' tests, and the kernels each call launched.
+TEST_P(CudaFusedOps, MatchCpuPlainOpsAndTakeTheFusedKernels) {
+  const auto [fc, bias] = GetParam();
+  ModelWeights weights = fused_ops_model(fc, bias);
   BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
-  for (int64_t n : {1, 5, 16}) {
-    ASSERT_TRUE(cuda::set_op_timing(*pair.gpu, true).is_ok());  // also clears the op times
-    const auto x0 = random_values(size_t(n * hidden), 110 + uint64_t(n), 2.0f);
-    std::vector<float> results[2][8];
-    int i = 0;
-    for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
-      std::vector<int32_t> meta;
-      ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
-      auto x = b->scratch(n, hidden);
-      auto h = b->scratch(n, hidden);
-      auto q = b->scratch(n, q_dim);
-      auto k = b->scratch(n, kv_dim);
-      auto v = b->scratch(n, kv_dim);
-      auto gate = b->scratch(n, inter);
-      auto up = b->scratch(n, inter);
-      auto y = b->scratch(n, hidden);
-      ASSERT_TRUE(x.is_ok() && h.is_ok() && q.is_ok() && k.is_ok() && v.is_ok() && gate.is_ok() &&
-                  up.is_ok() && y.is_ok());
-      fill(*b, *x, x0);
-      for (Tensor t : {*h, *q, *k, *v, *gate, *up, *y}) poison(*b, t);
-      ASSERT_TRUE(b->rms_norm(*h, *x, l.attn_norm, 1e-5f).is_ok());
-      const Tensor qkv[] = {*q, *k, *v};
-      const Linear* const qkv_w[] = {&l.wq, &l.wk, &l.wv};
-      ASSERT_TRUE(b->matmul_multi(qkv, *h, qkv_w).is_ok());
-      results[i][0] = fetch(*b, *q);
-      results[i][1] = fetch(*b, *k);
-      results[i][2] = fetch(*b, *v);
-      results[i][3] = fetch(*b, *h);
-      ASSERT_TRUE(b->rms_norm(*h, *x, l.ffn_norm, 1e-5f).is_ok());
-      const Tensor gate_up[] = {*gate, *up};
-      const Linear* const gate_up_w[] = {&l.w_gate, &l.w_up};
-      ASSERT_TRUE(b->matmul_multi(gate_up, *h, gate_up_w).is_ok());
-      ASSERT_TRUE(b->swiglu(*gate, *gate, *up).is_ok());
-      results[i][4] = fetch(*b, *gate);
-      results[i][5] = fetch(*b, *up);
-      results[i][6] = fetch(*b, *h);
-      ASSERT_TRUE(b->rms_norm(*h, *x, l.attn_norm, 1e-5f).is_ok());
-      ASSERT_TRUE(b->matmul(*y, *h, l.wo).is_ok());
-      results[i][7] = fetch(*b, *y);
-      i++;
+  ASSERT_TRUE(pair.init(weights, fused_ops_shape()));
+  const bool fp32 = fc.format == WeightFormat::fp32;
+  auto bound = [&](FusedOutput what, int64_t) {
+    switch (what) {
+      case FusedOutput::normed:  // fp32 on both sides (also the GEMV's block 0): sum order only
+        return 1e-5;
+      case FusedOutput::rope:  // the rope kernel's bound (CudaRope)
+        return 1e-6;
+      case FusedOutput::attention:  // fp32 or fp16 cache entries (CudaAttention)
+        return fp32 ? 1e-5 : 5e-3;
+      case FusedOutput::matmul:
+        break;
     }
-    const double bound = is_quantized(fc.format) ? 3e-2 : 2e-3;
-    const char* names[] = {"q",  "k",           "v",          "attn_norm(x)", "silu(gate) * up",
-                           "up", "ffn_norm(x)", "x-norm · wo"};
-    for (int r = 0; r < 8; ++r) {
-      // The norm outputs are fp32 on both sides: only summation order differs.
-      const double limit = (r == 3 || r == 6) ? 1e-5 : bound;
-      EXPECT_LE(rel_error(results[1][r], results[0][r]), limit) << names[r] << " n=" << n;
+    // CudaMatmul's bounds against the CPU (the int4 dp4a path's 1e-2 inside the 3e-2).
+    return fp32 ? 1e-5 : is_quantized(fc.format) ? 3e-2 : 2e-3;
+  };
+  auto watch = [&](Backend& device, int64_t n, bool done) {
+    if (!done) {
+      ASSERT_TRUE(cuda::set_op_timing(device, true).is_ok());  // also clears the op times
+      return;
     }
-    int64_t fused = 0, alone = 0;
-    for (const cuda::OpTime& t : cuda::op_times(*pair.gpu)) {
-      if (t.op == "rms_norm") alone += t.calls;
-      if (t.op.rfind("rms_norm + matmul", 0) == 0) fused += t.calls;
-    }
-    EXPECT_EQ(fused, n == 1 ? 3 : 0) << "n=" << n;
-    EXPECT_EQ(alone, n == 1 ? 0 : 3) << "n=" << n;
-  }
+    std::map<std::string, int64_t> calls;
+    for (const cuda::OpTime& t : cuda::op_times(device)) calls[t.op] += t.calls;
+    EXPECT_EQ(calls, fused_launches(fc.format, n)) << "n=" << n;
+    ASSERT_TRUE(cuda::set_op_timing(device, false).is_ok());
+  };
+  check_fused_ops(pair, weights, bound, watch);
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, CudaNormFusion,
-                         ::testing::Values(FormatCase{WeightFormat::sym_int4, 32},
-                                           FormatCase{WeightFormat::asym_int4, 64},
-                                           FormatCase{WeightFormat::sym_int8, 32},
-                                           FormatCase{WeightFormat::fp16, 0}),
-                         format_case_name);
+INSTANTIATE_TEST_SUITE_P(FormatsAndBiases, CudaFusedOps,
+                         ::testing::Combine(::testing::ValuesIn(kFormats), ::testing::Bool()),
+                         fused_case_name);
 
 // An fp32 model computes in fp32 at every token count (batch-1 decode, a few tokens, the
 // 16-token graph size, prefill): a layer's sequence of ops as the forward pass issues them
 // (norm, q/k/v with biases, o projection + residual, norm, gate/up + swiglu, down + residual,
-// final norm, an lm_head off the 32-column grid) matches the CPU within fp32 summation order,
-// and none of the decode fusions is taken (each of them reads fp16).
+// final norm, an lm_head off the 32-column grid), through the fused ops the forward pass calls,
+// matches the CPU within fp32 summation order, and none of the GEMV fusions is taken (each of
+// them reads fp16).
 TEST(CudaOps, Fp32ModelMatmulsComputeInFp32) {
   const int64_t hidden = 256, inter = 200, q_dim = 256, kv_dim = 64, vocab = 1000;
   ModelConfig config = small_config(hidden, inter, 4, 1, 64, vocab);
@@ -586,22 +499,18 @@ TEST(CudaOps, Fp32ModelMatmulsComputeInFp32) {
           poison(*b, t[j]);
         }
       }
-      // Nothing is read back until the end, so every fusion a decode step takes could be taken.
-      ASSERT_TRUE(b->rms_norm(t[h], t[x], l.attn_norm, 1e-5f).is_ok());
+      // The forward pass's fused ops, q standing in for attention's output.
       const Tensor qkv[] = {t[q], t[k], t[v]};
       const Linear* const qkv_w[] = {&l.wq, &l.wk, &l.wv};
-      ASSERT_TRUE(b->matmul_multi(qkv, t[h], qkv_w).is_ok());
-      ASSERT_TRUE(b->matmul(t[proj], t[q], l.wo).is_ok());  // q stands in for attention's output
-      ASSERT_TRUE(b->add(t[x], t[proj]).is_ok());
-      ASSERT_TRUE(b->rms_norm(t[h], t[x], l.ffn_norm, 1e-5f).is_ok());
-      const Tensor gate_up[] = {t[gate], t[up]};
-      const Linear* const gate_up_w[] = {&l.w_gate, &l.w_up};
-      ASSERT_TRUE(b->matmul_multi(gate_up, t[h], gate_up_w).is_ok());
-      ASSERT_TRUE(b->swiglu(t[gate], t[gate], t[up]).is_ok());
-      ASSERT_TRUE(b->matmul(t[proj], t[gate], l.w_down).is_ok());
-      ASSERT_TRUE(b->add(t[x], t[proj]).is_ok());
-      ASSERT_TRUE(b->rms_norm(t[h], t[x], weights.output_norm, 1e-5f).is_ok());
-      const Status s = b->matmul(t[logits], t[h], weights.output);
+      ASSERT_TRUE(b->norm_matmul(qkv, t[h], t[x], l.attn_norm, 1e-5f, qkv_w).is_ok());
+      ASSERT_TRUE(b->matmul_add(t[proj], t[q], l.wo, t[x]).is_ok());
+      ASSERT_TRUE(
+          b->norm_matmul_swiglu(t[gate], t[up], t[h], t[x], l.ffn_norm, 1e-5f, l.w_gate, l.w_up)
+              .is_ok());
+      ASSERT_TRUE(b->matmul_add(t[proj], t[gate], l.w_down, t[x]).is_ok());
+      const Tensor head[] = {t[logits]};
+      const Linear* const head_w[] = {&weights.output};
+      const Status s = b->norm_matmul(head, t[h], t[x], weights.output_norm, 1e-5f, head_w);
       ASSERT_TRUE(s.is_ok()) << s.message();
       const int read[] = {q, k, v, gate, up, x, h, logits};
       for (int r = 0; r < 8; ++r) results[i][r] = fetch(*b, t[read[r]]);

@@ -4,6 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <initializer_list>
+#include <string>
+#include <tuple>
+
 #include "backend_test_util.h"
 
 namespace kestrel::backend_test {
@@ -219,6 +223,209 @@ void check_matmul_multi(Bound bound) {
       EXPECT_LE(rel_error(fetch(b, outs[i]), reference_matmul(*ws[i], x, n)), bound(n, cols))
           << "weight " << i << " n=" << n;
     }
+  }
+}
+
+}  // namespace kestrel::backend_test
+
+namespace kestrel::backend_test {
+
+// --- fused ops -------------------------------------------------------------------------------
+
+// What a fused op's output is compared with the CPU's within: the norm's output, matmul
+// outputs (and sums or swiglu products of them), q and k rotated by rope, attention's output.
+enum class FusedOutput { normed, matmul, rope, attention };
+
+// A fused-op test case: the weights' format, and whether every linear carries a bias.
+using FusedCase = std::tuple<FormatCase, bool>;
+
+inline std::string fused_case_name(const ::testing::TestParamInfo<FusedCase>& info) {
+  const FormatCase fc = std::get<0>(info.param);
+  return std::string(format_name(fc.format)) + "_b" + std::to_string(fc.block) +
+         (std::get<1>(info.param) ? "_bias" : "_nobias");
+}
+
+// The weights the fused-op check multiplies with: one layer and an lm_head in `fc`'s format,
+// with a bias on every linear or none. Quantized widths are multiples of 64 (block 64 fits);
+// float weights get an intermediate size off the 32-column grid (the padding of the fp16 shadow
+// swiglu leaves for the down projection). The hidden size is one the batch-1 norm-in-GEMV path
+// takes.
+inline ModelWeights fused_ops_model(const FormatCase fc, bool bias) {
+  const int64_t inter = is_quantized(fc.format) ? 320 : 200;
+  ModelWeights w;
+  w.config = small_config(256, inter, 4, 2, 64, 200);
+  w.config.n_layers = 1;
+  w.format = fc.format;
+  w.block = fc.block;
+  w.layers.resize(1);
+  LayerWeights& l = w.layers[0];
+  uint64_t seed = 300 + uint64_t(fc.format) * 20 + uint64_t(fc.block) + (bias ? 10 : 0);
+  // The embedding table is there for what an upload keys on it (CUDA: an fp32 model's fp32 KV
+  // cache); no op here reads it.
+  w.tok_embd = random_weight(fc.format, 200, 256, fc.block, seed++);
+  l.attn_norm = random_vector(256, seed++);
+  l.ffn_norm = random_vector(256, seed++);
+  w.output_norm = random_vector(256, seed++);
+  l.wq = random_linear(fc.format, 256, 256, fc.block, bias, seed++);
+  l.wk = random_linear(fc.format, 128, 256, fc.block, bias, seed++);
+  l.wv = random_linear(fc.format, 128, 256, fc.block, bias, seed++);
+  l.wo = random_linear(fc.format, 256, 256, fc.block, bias, seed++);
+  l.w_gate = random_linear(fc.format, inter, 256, fc.block, bias, seed++);
+  l.w_up = random_linear(fc.format, inter, 256, fc.block, bias, seed++);
+  l.w_down = random_linear(fc.format, 256, inter, fc.block, bias, seed++);
+  w.output = random_linear(fc.format, 200, 256, fc.block, bias, seed++);
+  return w;
+}
+
+// The reservation fused_ops_model's check runs in: one sequence, 33 + 16 + 2 + 1 positions.
+inline RunShape fused_ops_shape() {
+  return RunShape{1, 128, 64, 64};
+}
+
+// Every fused op of backend.h on pair.gpu against the plain ops it stands for, issued one by one
+// on pair.cpu, in the order a layer and the head of the forward pass use them: norm_matmul
+// (q/k/v), rope_attention, matmul_add (the o projection reading attention's output),
+// norm_matmul_swiglu, matmul_add (the down projection reading swiglu's output), norm_matmul (the
+// lm_head). Before each op the CPU's inputs are set to the device's values, so each op is
+// compared alone on the same inputs while the device runs the chain as the forward pass does
+// (the shadows an op leaves for the next). Calls of 33 (prefill), 16, 2 and 1 tokens of one
+// sequence, so attention reads the cache of earlier calls. Every output an op writes (normed,
+// up, rotated q and k, the projection and the residual) is compared within bound(FusedOutput,
+// n); watch(device, n, done) runs before (done false) and after (done true) each call's ops.
+template <typename Bound, typename Watch>
+void check_fused_ops(BackendPair& pair, const ModelWeights& w, Bound bound, Watch watch) {
+  const ModelConfig& c = w.config;
+  const LayerWeights& l = w.layers[0];
+  const RopeParams rope{c.head_dim, c.n_heads, c.n_kv_heads};
+  const float eps = 1e-5f;
+  const int64_t hidden = c.hidden_size, q_dim = c.q_dim(), kv_dim = c.kv_dim();
+  enum { x, normed, q, k, v, qa, ka, va, attn, proj, gate, up, logits, n_tensors };
+  const int64_t widths[n_tensors] = {hidden,
+                                     hidden,
+                                     q_dim,
+                                     kv_dim,
+                                     kv_dim,
+                                     q_dim,
+                                     kv_dim,
+                                     kv_dim,
+                                     q_dim,
+                                     hidden,
+                                     c.intermediate_size,
+                                     c.intermediate_size,
+                                     c.vocab_size};
+  const char* names[n_tensors] = {"x",           "normed",      "q",     "k",         "v",
+                                  "q (rotated)", "k (rotated)", "v",     "attention", "proj",
+                                  "gate",        "up",          "logits"};
+  Backend* sides[2] = {pair.cpu.get(), pair.gpu.get()};
+  int32_t first = 0;
+  uint64_t seed = 7000;
+  for (int64_t n : {33, 16, 2, 1}) {
+    Tensor t[2][n_tensors];
+    std::vector<float> inputs[n_tensors];
+    inputs[x] = random_values(size_t(n * hidden), seed++, 2.0f);
+    for (int j : {qa, ka, va}) inputs[j] = random_values(size_t(n * widths[j]), seed++);
+    std::vector<int32_t> meta[2];  // the batches' tokens and positions, read by every op
+    for (int side = 0; side < 2; ++side) {
+      Backend& b = *sides[side];
+      ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta[side], first))).is_ok());
+      for (int j = 0; j < n_tensors; ++j) {
+        auto s = b.scratch(n, widths[j]);
+        ASSERT_TRUE(s.is_ok());
+        t[side][j] = *s;
+        if (!inputs[j].empty()) {
+          fill(b, t[side][j], inputs[j]);
+        } else {
+          poison(b, t[side][j]);
+        }
+      }
+    }
+    Backend& cpu = *pair.cpu;
+    Backend& dev = *pair.gpu;
+    watch(dev, n, false);
+    // One op: the CPU's inputs `in` set to the device's, then `fused` on the device and `plain`
+    // on the CPU, then each of `out` compared.
+    auto step = [&](const char* op, std::initializer_list<int> in,
+                    std::initializer_list<std::pair<int, FusedOutput>> out, auto fused,
+                    auto plain) {
+      for (int j : in) fill(cpu, t[0][j], fetch(dev, t[1][j]));
+      Status s = fused(dev, t[1]);
+      ASSERT_TRUE(s.is_ok()) << op << ": " << s.message();
+      s = plain(cpu, t[0]);
+      ASSERT_TRUE(s.is_ok()) << op << " (plain ops): " << s.message();
+      for (const auto& [j, kind] : out) {
+        EXPECT_LE(rel_error(fetch(dev, t[1][j]), fetch(cpu, t[0][j])), bound(kind, n))
+            << op << ": " << names[j] << ", n=" << n;
+      }
+    };
+    using Ts = Tensor*;
+    const Linear* const qkv_w[] = {&l.wq, &l.wk, &l.wv};
+    step(
+        "norm_matmul (q/k/v)", {x},
+        {{normed, FusedOutput::normed},
+         {q, FusedOutput::matmul},
+         {k, FusedOutput::matmul},
+         {v, FusedOutput::matmul}},
+        [&](Backend& b, Ts ts) {
+          const Tensor outs[] = {ts[q], ts[k], ts[v]};
+          return b.norm_matmul(outs, ts[normed], ts[x], l.attn_norm, eps, qkv_w);
+        },
+        [&](Backend& b, Ts ts) {
+          const Tensor outs[] = {ts[q], ts[k], ts[v]};
+          KS_RETURN_IF_ERROR(b.rms_norm(ts[normed], ts[x], l.attn_norm, eps));
+          return b.matmul_multi(outs, ts[normed], qkv_w);
+        });
+    step(
+        "rope_attention", {},
+        {{attn, FusedOutput::attention}, {qa, FusedOutput::rope}, {ka, FusedOutput::rope}},
+        [&](Backend& b, Ts ts) {
+          return b.rope_attention(ts[attn], ts[qa], ts[ka], ts[va], 0, rope);
+        },
+        [&](Backend& b, Ts ts) {
+          KS_RETURN_IF_ERROR(b.rope(ts[qa], ts[ka], rope));
+          return b.attention(ts[attn], ts[qa], ts[ka], ts[va], 0, rope);
+        });
+    step(
+        "matmul_add (wo)", {attn, x}, {{proj, FusedOutput::matmul}, {x, FusedOutput::matmul}},
+        [&](Backend& b, Ts ts) { return b.matmul_add(ts[proj], ts[attn], l.wo, ts[x]); },
+        [&](Backend& b, Ts ts) {
+          KS_RETURN_IF_ERROR(b.matmul(ts[proj], ts[attn], l.wo));
+          return b.add(ts[x], ts[proj]);
+        });
+    step(
+        "norm_matmul_swiglu", {x},
+        {{normed, FusedOutput::normed}, {gate, FusedOutput::matmul}, {up, FusedOutput::matmul}},
+        [&](Backend& b, Ts ts) {
+          return b.norm_matmul_swiglu(ts[gate], ts[up], ts[normed], ts[x], l.ffn_norm, eps,
+                                      l.w_gate, l.w_up);
+        },
+        [&](Backend& b, Ts ts) {
+          const Tensor outs[] = {ts[gate], ts[up]};
+          const Linear* const ws[] = {&l.w_gate, &l.w_up};
+          KS_RETURN_IF_ERROR(b.rms_norm(ts[normed], ts[x], l.ffn_norm, eps));
+          KS_RETURN_IF_ERROR(b.matmul_multi(outs, ts[normed], ws));
+          return b.swiglu(ts[gate], ts[gate], ts[up]);
+        });
+    step(
+        "matmul_add (w_down)", {gate, x}, {{proj, FusedOutput::matmul}, {x, FusedOutput::matmul}},
+        [&](Backend& b, Ts ts) { return b.matmul_add(ts[proj], ts[gate], l.w_down, ts[x]); },
+        [&](Backend& b, Ts ts) {
+          KS_RETURN_IF_ERROR(b.matmul(ts[proj], ts[gate], l.w_down));
+          return b.add(ts[x], ts[proj]);
+        });
+    const Linear* const head_w[] = {&w.output};
+    step(
+        "norm_matmul (lm_head)", {x},
+        {{normed, FusedOutput::normed}, {logits, FusedOutput::matmul}},
+        [&](Backend& b, Ts ts) {
+          const Tensor outs[] = {ts[logits]};
+          return b.norm_matmul(outs, ts[normed], ts[x], w.output_norm, eps, head_w);
+        },
+        [&](Backend& b, Ts ts) {
+          KS_RETURN_IF_ERROR(b.rms_norm(ts[normed], ts[x], w.output_norm, eps));
+          return b.matmul(ts[logits], ts[normed], w.output);
+        });
+    watch(dev, n, true);
+    first += int32_t(n);
   }
 }
 

@@ -253,6 +253,36 @@ TEST_P(VulkanAttention, MatchesCpuOverPrefillDecodeAndBlockCopy) {
 
 INSTANTIATE_TEST_SUITE_P(HeadDims, VulkanAttention, ::testing::Values(64, 128, 24));
 
+// --- fused ops ---------------------------------------------------------------------------------
+
+class VulkanFusedOps : public ::testing::TestWithParam<FusedCase> {};
+
+// The fused ops (this backend's are the plain ops in sequence, backend.h's defaults) against the
+// CPU's plain ops (backend_op_checks.h), with the bounds of the plain ops' tests above.
+TEST_P(VulkanFusedOps, MatchCpuPlainOps) {
+  const auto [fc, bias] = GetParam();
+  ModelWeights weights = fused_ops_model(fc, bias);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, fused_ops_shape()));
+  auto bound = [&](FusedOutput what, int64_t) {
+    switch (what) {
+      case FusedOutput::normed:
+      case FusedOutput::rope:
+        return 1e-6;
+      case FusedOutput::attention:
+        return 5e-5;
+      case FusedOutput::matmul:
+        break;
+    }
+    return is_quantized(fc.format) ? 3e-2 : 2e-3;
+  };
+  check_fused_ops(pair, weights, bound, [](Backend&, int64_t, bool) {});
+}
+
+INSTANTIATE_TEST_SUITE_P(FormatsAndBiases, VulkanFusedOps,
+                         ::testing::Combine(::testing::ValuesIn(kFormats), ::testing::Bool()),
+                         fused_case_name);
+
 // --- memory, limits, checks --------------------------------------------------------------------
 
 TEST(VulkanBackend, ReportsMemoryAndRefusesWhatItCannotHold) {

@@ -9,19 +9,26 @@
 // replaying, the ops still do their host-side bookkeeping (scratch offsets, shadow ownership)
 // and fold their arguments into a fingerprint that must equal the captured one.
 //
-// Small peephole fusions cut a decode step's launches: a matmul of at most 16 tokens is held
-// back until the next op arrives, and becomes one launch with a following add (the residual
-// update rides in the GEMV epilogue) or swiglu (gate and up rows meet in one block); a rope is
-// held back and merged with the next attention's cache write. Any other op launches what is
-// held first, so every op still sees its inputs computed. An rms_norm of at most a few tokens
-// is held back too and becomes the input stage of the next matmul's GEMV (gemv.cuh NormInput):
-// the GEMV's blocks normalize the activation themselves, and a decode step loses the two norm
-// launches of every layer.
+// Fusion is explicit: the backend's fused ops (backend.h: norm_matmul, norm_matmul_swiglu,
+// matmul_add, rope_attention) are what a decode step issues, and each runs as fewer launches
+// here. Up to 16 tokens, a matmul is the decode GEMV (gemv.cuh), and a fused op rides on it:
+// matmul_add adds into the residual in the GEMV's epilogue; norm_matmul_swiglu's gate and up
+// rows meet in one block (the swiglu epilogue); at batch 1 (gemv_fuses_norm) the norm is the
+// GEMV's input stage (NormInput: every block normalizes the activation itself, block 0 writes
+// `normed`), so a layer launches no norm of its own. rope_attention rotates q and k in the same
+// launch that writes the KV cache, at every token count. Beyond 16 tokens the matmuls are GEMMs
+// and the rest of a fused op runs as the plain op's kernel after them. The plain ops never fuse:
+// each is its own launches, whatever comes before or after it.
+//
+// Every launch goes through launch(), which folds the op's name and arguments into the step's
+// fingerprint (and launches nothing while replaying), times it when op timing is on and checks
+// the launch, so no op can miss one of the three.
 //
 // An fp32 model (--low-bit fp32) computes in fp32: its weights stay fp32 on the device and every
 // matmul, at any token count, is one cuBLAS fp32 GEMM on the fp32 activation (gemm_f32), not the
-// fp16 shadow. None of the fusions above is taken for it: a held-back norm is launched alone
-// before the GEMM, and the add or swiglu after it finds nothing held back and runs its own kernel.
+// fp16 shadow. None of the GEMV fusions is taken for it: its norm_matmul, norm_matmul_swiglu and
+// matmul_add launch the plain ops' kernels one after another (the norm, the GEMMs, then the add
+// or swiglu); rope_attention's rotation still rides in the cache write.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -66,28 +73,16 @@ struct ShadowState {
   int buffer = 0;  // which of the two shadow buffers holds it
 };
 
-// A GEMV held back for fusion with the op after it.
-struct PendingMatmul {
+// One decode GEMV launch: its jobs (one weight and output each) over one input.
+struct GemvCall {
   GemvJob jobs[kMaxGemvJobs];
   Tensor outs[kMaxGemvJobs];
   int n_jobs = 0;
+  bool fp32 = false;          // fp32 weights: cuBLAS fp32 GEMMs instead (matmul_f32)
   NormInput norm;             // set: the input is this RMSNorm, x is null
   const __half* x = nullptr;  // the input's permuted shadow
   int64_t x_stride = 0;
   int n_tokens = 0;
-};
-
-struct PendingNorm {
-  Tensor out;
-  Tensor x;
-  const float* w = nullptr;
-  float eps = 0.0f;
-};
-
-struct PendingRope {
-  Tensor q;
-  Tensor k;
-  RopeParams params;
 };
 
 struct StepGraph {
@@ -135,12 +130,9 @@ class CudaBackend final : public Backend {
   // The collective runs on this backend's stream, after the ops before it, so a decode step's
   // capture holds it and a replay runs it again with the graph.
   Status all_reduce_sum(Tensor t, Communicator& comm) override {
-    KS_RETURN_IF_ERROR(flush());
     note_write(t);
-    trace({10, addr(t.data), uint64_t(t.rows), uint64_t(t.cols)});
-    if (mode_ == Mode::replay) return Status::ok();
-    const auto timer = time_op("all_reduce");
-    return comm.all_reduce_sum(t);
+    return launch("all_reduce", {addr(t.data), uint64_t(t.rows), uint64_t(t.cols)},
+                  [&] { return comm.all_reduce_sum(t); });
   }
 
   cudaStream_t stream() const { return stream_; }
@@ -283,7 +275,6 @@ class CudaBackend final : public Backend {
 
   Status do_copy_kv_block(int32_t src, int32_t dst) override {
     if (src == dst) return Status::ok();
-    KS_RETURN_IF_ERROR(flush());
     // One block of one layer: [n_kv_heads, kKvBlockSize] rows of head_dim entries, contiguous,
     // and as many row scales in an fp8 cache.
     const int64_t rows = config_.n_kv_heads * kKvBlockSize;
@@ -309,15 +300,7 @@ class CudaBackend final : public Backend {
   }
 
   Status do_begin_batch(const BatchView& batch) override {
-    // What the last call held back runs now; a call that failed while being captured or
-    // replayed left its held ops, and the capture, to be dropped.
-    if (mode_ == Mode::eager) {
-      KS_RETURN_IF_ERROR(flush());
-    } else {
-      pending_matmul_.reset();
-      pending_rope_.reset();
-      pending_norm_.reset();
-    }
+    // A call that failed while being captured left its capture, to be dropped.
     abort_capture();
     mode_ = Mode::eager;
     if (!reserved_) return Status::error("cuda backend: begin_batch before reserve");
@@ -388,27 +371,15 @@ class CudaBackend final : public Backend {
     if (table.data.data() != embed_host_ || table.cols != out.cols) {
       return Status::error("cuda embed: the embedding table was not uploaded to this backend");
     }
-    KS_RETURN_IF_ERROR(flush());
-    trace({1, addr(out.data), uint64_t(batch_.n_tokens)});
     note_write(out);
-    if (mode_ == Mode::replay) return Status::ok();
-    const auto timer = time_op("embed");
-    return embed_rows(embed_, tokens_device(), batch_.n_tokens, f32(out), stream_);
+    return launch("embed", {addr(out.data), uint64_t(batch_.n_tokens)}, [&] {
+      return embed_rows(embed_, tokens_device(), batch_.n_tokens, f32(out), stream_);
+    });
   }
 
   Status rms_norm(Tensor out, Tensor x, const Vector& w, float eps) override {
-    KS_RETURN_IF_ERROR(flush());
-    KS_ASSIGN_OR_RETURN(const float* weight, vector_of(w, "rms_norm"));
-    if (x.cols != w.n || out.rows != x.rows || out.cols != x.cols) {
-      return Status::error("cuda rms_norm: shapes do not match");
-    }
-    note_write(out);
-    const PendingNorm norm{out, x, weight, eps};
-    if (gemv_fuses_norm(x.cols, x.rows)) {
-      pending_norm_ = norm;  // the next matmul's input stage, or launched alone by flush()
-      return Status::ok();
-    }
-    return launch_norm(norm);
+    KS_ASSIGN_OR_RETURN(const float* weight, norm_weight(out, x, w, "rms_norm"));
+    return launch_norm(out, x, weight, eps);
   }
 
   Status matmul(Tensor out, Tensor x, const Linear& w) override {
@@ -419,133 +390,106 @@ class CudaBackend final : public Backend {
 
   Status matmul_multi(std::span<const Tensor> outs, Tensor x,
                       std::span<const Linear* const> weights) override {
-    if (outs.size() != weights.size() || outs.empty() || outs.size() > size_t(kMaxGemvJobs)) {
-      return Status::error("cuda matmul: 1 to 3 weights per call, one output each");
-    }
-    KS_ASSIGN_OR_RETURN(const DeviceWeight* first, linear_of(*weights[0]));
-    const bool fp32 = first->format == WeightFormat::fp32;
-    std::optional<PendingNorm> norm;
-    if (!fp32 && pending_norm_ && pending_norm_->out.data == x.data &&
-        pending_norm_->out.rows == x.rows && pending_norm_->out.cols == x.cols) {
-      norm = pending_norm_;
-      pending_norm_.reset();
-    }
-    KS_RETURN_IF_ERROR(flush());
-    PendingMatmul m;
-    m.n_jobs = int(outs.size());
-    for (size_t i = 0; i < outs.size(); ++i) {
-      KS_ASSIGN_OR_RETURN(const DeviceWeight* w, linear_of(*weights[i]));
-      if (x.cols != w->cols || outs[i].cols != w->rows || outs[i].rows != x.rows) {
-        return Status::error("cuda matmul: x [" + std::to_string(x.rows) + ", " +
-                             std::to_string(x.cols) + "] · w [" + std::to_string(w->rows) + ", " +
-                             std::to_string(w->cols) + "]ᵀ does not fit out [" +
-                             std::to_string(outs[i].rows) + ", " + std::to_string(outs[i].cols) +
-                             "]");
-      }
-      if (w->format != first->format) {
-        return Status::error("cuda matmul: weights of one call differ in format");
-      }
-      m.jobs[i] = GemvJob{*w, f32(outs[i])};
-      m.outs[i] = outs[i];
-    }
-    if (fp32) return matmul_f32(m, x);
-    m.x_stride = round_up(x.cols, kGroup);
-    m.n_tokens = int(x.rows);
-    if (norm) {
-      // The GEMV reads the norm's input and writes `x` (the norm's output) itself.
-      m.norm = NormInput{f32(norm->x), norm->w, f32(norm->out), norm->eps};
-      for (size_t i = 0; i < outs.size(); ++i) note_write(outs[i]);
-      pending_matmul_ = m;
-      return Status::ok();
-    }
-    KS_RETURN_IF_ERROR(ensure_shadow(x));
-    for (size_t i = 0; i < outs.size(); ++i) note_write(outs[i]);
-    m.x = shadow_buffers_[shadow_.buffer];
-    if (x.rows <= kMaxGemvTokens) {
-      pending_matmul_ = m;  // launched by the next op, fused with it where it can be
-      return Status::ok();
-    }
-    for (int i = 0; i < m.n_jobs; ++i) {
-      trace({3, addr(m.jobs[i].y), addr(x.data), uint64_t(x.rows), addr(m.jobs[i].w.data)});
-    }
-    if (mode_ == Mode::replay) return Status::ok();
-    const auto timer = time_op("matmul (prefill)");
-    for (int i = 0; i < m.n_jobs; ++i) {
-      KS_RETURN_IF_ERROR(
-          gemm(m.jobs[i].w, m.x, m.x_stride, x.rows, m.jobs[i].y, gemm_ws_, stream_));
-    }
-    return Status::ok();
+    KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, x, weights));
+    return launch_matmul(m, x);
   }
 
-  Status rope(Tensor q, Tensor k, const RopeParams& p) override {
-    KS_RETURN_IF_ERROR(flush());
-    if (q.rows != batch_.n_tokens || k.rows != batch_.n_tokens ||
-        q.cols != p.n_heads * p.head_dim || k.cols != p.n_kv_heads * p.head_dim ||
-        p.head_dim != config_.head_dim) {
-      return Status::error("cuda rope: shapes do not match the batch and heads");
+  // --- fused ops (backend.h). Each takes exactly the kernels the held-back fusions of earlier
+  // versions took for the same shapes: the decode GEMV (<= 16 tokens, fp16 or quantized weights)
+  // with the fusion in its prologue or epilogue; otherwise the plain ops' launches one after
+  // another. fp32 weights never fuse: their matmuls are cuBLAS fp32 GEMMs.
+
+  Status norm_matmul(std::span<const Tensor> outs, Tensor normed, Tensor x, const Vector& norm_w,
+                     float eps, std::span<const Linear* const> weights) override {
+    KS_ASSIGN_OR_RETURN(const float* weight, norm_weight(normed, x, norm_w, "norm_matmul"));
+    KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, normed, weights));
+    if (!m.fp32 && gemv_fuses_norm(x.cols, x.rows)) {
+      // The GEMV's blocks normalize x themselves; block 0 writes `normed`.
+      m.norm = NormInput{f32(x), weight, f32(normed), eps};
+      note_write(normed);
+      for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
+      return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
     }
+    KS_RETURN_IF_ERROR(launch_norm(normed, x, weight, eps));
+    return launch_matmul(m, normed);
+  }
+
+  Status norm_matmul_swiglu(Tensor gate, Tensor up, Tensor normed, Tensor x, const Vector& norm_w,
+                            float eps, const Linear& w_gate, const Linear& w_up) override {
+    if (gate.rows != up.rows || gate.cols != up.cols) {
+      return Status::error("cuda norm_matmul_swiglu: gate and up shapes differ");
+    }
+    KS_ASSIGN_OR_RETURN(const float* weight, norm_weight(normed, x, norm_w, "norm_matmul_swiglu"));
+    const Tensor outs[] = {gate, up};
+    const Linear* const weights[] = {&w_gate, &w_up};
+    KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, normed, weights));
+    if (!m.fp32 && gemv_fuses_norm(x.cols, x.rows)) {
+      m.norm = NormInput{f32(x), weight, f32(normed), eps};
+      note_write(normed);
+      note_write(gate);
+      note_write(up);
+      const ShadowOut shadow = produce_shadow(gate);
+      return launch_gemv(m, GemvEpilogue::swiglu, shadow);
+    }
+    KS_RETURN_IF_ERROR(launch_norm(normed, x, weight, eps));
+    if (!m.fp32 && x.rows <= kMaxGemvTokens) {
+      // gate, up = normed · [w_gate, w_up]ᵀ and gate = silu(gate) * up in one launch, reading
+      // the shadow the norm wrote; the gate's shadow goes to the other buffer.
+      KS_RETURN_IF_ERROR(ensure_shadow(normed));
+      note_write(gate);
+      note_write(up);
+      m.x = shadow_buffers_[shadow_.buffer];
+      const ShadowOut shadow = produce_shadow(gate);
+      return launch_gemv(m, GemvEpilogue::swiglu, shadow);
+    }
+    KS_RETURN_IF_ERROR(launch_matmul(m, normed));
+    return launch_swiglu(gate, gate, up);
+  }
+
+  Status matmul_add(Tensor out, Tensor x, const Linear& w, Tensor residual) override {
+    if (residual.rows != out.rows || residual.cols != out.cols) {
+      return Status::error("cuda matmul_add: residual and output shapes differ");
+    }
+    if (overlap(residual, out)) {
+      return Status::error("cuda matmul_add: the residual overlaps the output");
+    }
+    const Tensor outs[] = {out};
+    const Linear* const weights[] = {&w};
+    KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, x, weights));
+    if (!m.fp32 && x.rows <= kMaxGemvTokens) {
+      // out = x · wᵀ and residual += out in one launch (the GEMV's epilogue).
+      KS_RETURN_IF_ERROR(ensure_shadow(x));
+      note_write(out);
+      note_write(residual);
+      m.x = shadow_buffers_[shadow_.buffer];
+      m.jobs[0].residual = f32(residual);
+      return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
+    }
+    KS_RETURN_IF_ERROR(launch_matmul(m, x));
+    return launch_add(residual, out);
+  }
+
+  Status rope_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
+                        const RopeParams& p) override {
+    KS_RETURN_IF_ERROR(check_rope(q, k, p));
+    return launch_attention(out, q, k, v, layer, p, /*rotate=*/true);
+  }
+
+  // --- plain ops -----------------------------------------------------------------------------
+
+  Status rope(Tensor q, Tensor k, const RopeParams& p) override {
+    KS_RETURN_IF_ERROR(check_rope(q, k, p));
     note_write(q);
     note_write(k);
-    pending_rope_ = PendingRope{q, k, p};  // merged with the next attention's cache write
-    return Status::ok();
+    return launch("rope", {addr(q.data), addr(k.data), uint64_t(q.rows)}, [&] {
+      return cuda::rope(f32(q), f32(k), q.rows, int(p.n_heads), int(p.n_kv_heads), int(p.head_dim),
+                        positions_device(), inv_freq_, stream_);
+    });
   }
 
   Status attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
                    const RopeParams& p) override {
-    std::optional<PendingRope> rope;
-    if (pending_rope_ && pending_rope_->q.data == q.data && pending_rope_->k.data == k.data) {
-      rope = pending_rope_;
-      pending_rope_.reset();
-    }
-    KS_RETURN_IF_ERROR(flush());
-    if (layer < 0 || layer >= config_.n_layers || p.head_dim != config_.head_dim ||
-        p.n_kv_heads != config_.n_kv_heads || p.n_heads != config_.n_heads ||
-        q.rows != batch_.n_tokens || out.cols != p.n_heads * p.head_dim ||
-        k.cols != p.n_kv_heads * p.head_dim || v.cols != k.cols) {
-      return Status::error("cuda attention: shapes do not match the reserved model");
-    }
-    note_write(out);
-    AttentionArgs args;
-    args.q = f32(q);
-    args.k = f32(k);
-    args.v = f32(v);
-    args.out = f32(out);
-    args.n_tokens = q.rows;
-    args.n_heads = int(p.n_heads);
-    args.layer = layer;
-    args.positions = positions_device();
-    args.seq_ids = seq_ids_device();
-    const bool prefill = q.rows > kMaxGemvTokens && prefill_supports(int(p.head_dim), cache_.type);
-    if (prefill && round_up(out.cols, kGroup) != out.cols) {
-      return Status::error("cuda attention: prefill output width not a multiple of 32");
-    }
-    args.shadow = produce_shadow(out);
-    trace({5, addr(out.data), addr(q.data), addr(k.data), addr(v.data), uint64_t(layer),
-           uint64_t(q.rows), rope ? 1u : 0u});
-    if (mode_ == Mode::replay) return Status::ok();
-    if (rope) {
-      const auto timer = time_op("rope + cache write");
-      KS_RETURN_IF_ERROR(rope_kv_cache_write(f32(q), f32(k), args, cache_, inv_freq_, stream_));
-    } else {
-      const auto timer = time_op("cache write");
-      KS_RETURN_IF_ERROR(kv_cache_write(args, cache_, stream_));
-    }
-    const auto timer = time_op("attention");
-    if (!prefill) return attention_decode(args, cache_, decode_ws_, stream_);
-    // The flash kernel walks one sequence's keys per launch: one launch per run.
-    for (const auto& [begin, length] : runs_) {
-      AttentionArgs run = args;
-      run.q = args.q + begin * q.cols;
-      run.k = args.k + begin * k.cols;
-      run.v = args.v + begin * v.cols;
-      run.out = args.out + begin * out.cols;
-      if (run.shadow.data != nullptr) run.shadow.data += begin * run.shadow.row_stride;
-      run.n_tokens = length;
-      run.positions = args.positions + begin;
-      run.seq_ids = args.seq_ids + begin;
-      KS_RETURN_IF_ERROR(attention_prefill(run, cache_, stream_));
-    }
-    return Status::ok();
+    return launch_attention(out, q, k, v, layer, p, /*rotate=*/false);
   }
 
   Status swiglu(Tensor out, Tensor gate, Tensor up) override {
@@ -553,46 +497,15 @@ class CudaBackend final : public Backend {
         out.cols != gate.cols) {
       return Status::error("cuda swiglu: shapes do not match");
     }
-    if (pending_matmul_ && pending_matmul_->n_jobs == 2 && out.data == gate.data &&
-        pending_matmul_->outs[0].data == gate.data && pending_matmul_->outs[1].data == up.data) {
-      // gate, up = x · [w_gate, w_up]ᵀ and gate = silu(gate) * up in one launch.
-      PendingMatmul m = *pending_matmul_;
-      pending_matmul_.reset();
-      note_write(out);
-      const ShadowOut shadow = produce_shadow(out);
-      return launch_gemv(m, GemvEpilogue::swiglu, shadow);
-    }
-    KS_RETURN_IF_ERROR(flush());
-    note_write(out);
-    const ShadowOut shadow = produce_shadow(out);
-    trace({6, addr(out.data), addr(gate.data), addr(up.data), uint64_t(gate.rows),
-           uint64_t(gate.cols)});
-    if (mode_ == Mode::replay) return Status::ok();
-    const auto timer = time_op("swiglu");
-    return cuda::swiglu(f32(out), f32(gate), f32(up), gate.rows, gate.cols, shadow, stream_);
+    return launch_swiglu(out, gate, up);
   }
 
   Status add(Tensor x, Tensor y) override {
     if (x.rows != y.rows || x.cols != y.cols) return Status::error("cuda add: shapes differ");
-    if (pending_matmul_ && pending_matmul_->n_jobs == 1 &&
-        pending_matmul_->outs[0].data == y.data && x.data != y.data) {
-      // y = a · wᵀ and x += y in one launch.
-      PendingMatmul m = *pending_matmul_;
-      pending_matmul_.reset();
-      m.jobs[0].residual = f32(x);
-      note_write(x);
-      return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
-    }
-    KS_RETURN_IF_ERROR(flush());
-    note_write(x);
-    trace({7, addr(x.data), addr(y.data), uint64_t(x.rows * x.cols)});
-    if (mode_ == Mode::replay) return Status::ok();
-    const auto timer = time_op("add");
-    return cuda::add(f32(x), f32(y), x.rows * x.cols, stream_);
+    return launch_add(x, y);
   }
 
   Status gather_rows(Tensor out, Tensor x, const int32_t* rows, int64_t n) override {
-    KS_RETURN_IF_ERROR(flush());
     if (n > shape_.max_logit_rows && n > shape_.max_batch_tokens) {
       return Status::error("cuda gather_rows: more rows than reserved");
     }
@@ -608,17 +521,16 @@ class CudaBackend final : public Backend {
     // The rows travel through a pinned buffer: a replayed graph copies whatever it holds now.
     std::memcpy(host_rows_, rows, size_t(n) * sizeof(int32_t));
     note_write(out);
-    trace({8, addr(out.data), addr(x.data), uint64_t(n), uint64_t(x.cols)});
-    if (mode_ == Mode::replay) return Status::ok();
-    const auto timer = time_op("gather_rows");
-    KS_CUDA_CHECK("gather_rows",
-                  cudaMemcpyAsync(gather_rows_, host_rows_, size_t(n) * sizeof(int32_t),
-                                  cudaMemcpyHostToDevice, stream_));
-    return cuda::gather_rows(f32(out), f32(x), gather_rows_, n, x.cols, stream_);
+    return launch("gather_rows", {addr(out.data), addr(x.data), uint64_t(n), uint64_t(x.cols)},
+                  [&]() -> Status {
+                    KS_CUDA_CHECK("gather_rows", cudaMemcpyAsync(gather_rows_, host_rows_,
+                                                                 size_t(n) * sizeof(int32_t),
+                                                                 cudaMemcpyHostToDevice, stream_));
+                    return cuda::gather_rows(f32(out), f32(x), gather_rows_, n, x.cols, stream_);
+                  });
   }
 
   Status read(Tensor t, float* host) override {
-    KS_RETURN_IF_ERROR(flush());
     KS_RETURN_IF_ERROR(finish_graph());
     const size_t n = size_t(t.rows * t.cols);
     if (n <= host_read_floats_) {
@@ -635,15 +547,14 @@ class CudaBackend final : public Backend {
   }
 
   Status argmax_rows(Tensor t, int32_t* out) override {
-    KS_RETURN_IF_ERROR(flush());
     KS_RETURN_IF_ERROR(finish_graph());
     if (t.rows > shape_.max_logit_rows && t.rows > shape_.max_batch_tokens) {
       return Status::error("cuda argmax_rows: more rows than reserved");
     }
-    {
-      const auto timer = time_op("argmax");
-      KS_RETURN_IF_ERROR(cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, stream_));
-    }
+    // After the step's graph: an eager launch, timed, never traced.
+    KS_RETURN_IF_ERROR(launch("argmax", {addr(t.data), uint64_t(t.rows), uint64_t(t.cols)}, [&] {
+      return cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, stream_);
+    }));
     KS_CUDA_CHECK("argmax_rows",
                   cudaMemcpyAsync(host_argmax_, argmax_out_, size_t(t.rows) * sizeof(int32_t),
                                   cudaMemcpyDeviceToHost, stream_));
@@ -658,7 +569,6 @@ class CudaBackend final : public Backend {
   // Test and benchmark hooks (cuda_backend.h).
   Status write(Tensor t, const float* host) {
     if (mode_ != Mode::eager) return Status::error("cuda write_tensor: not during a captured step");
-    KS_RETURN_IF_ERROR(flush());
     note_write(t);
     KS_CUDA_CHECK("write_tensor", cudaMemcpyAsync(t.data, host, size_t(t.rows * t.cols) * 4,
                                                   cudaMemcpyHostToDevice, stream_));
@@ -777,12 +687,41 @@ class CudaBackend final : public Backend {
 
   static uint64_t addr(const void* p) { return uint64_t(reinterpret_cast<uintptr_t>(p)); }
 
-  void trace(std::initializer_list<uint64_t> values) {
-    if (mode_ == Mode::eager) return;
-    for (uint64_t v : values) {
-      fingerprint_ ^= v;
-      fingerprint_ *= 1099511628211ull;
+  void trace(uint64_t v) {
+    fingerprint_ ^= v;
+    fingerprint_ *= 1099511628211ull;
+  }
+
+  // Every launch of every op goes through here, so none can skip a step: the op's name and
+  // arguments join the fingerprint of a captured or replayed decode step (a replay launches
+  // nothing: the graph holds the launch), the launch is timed when op timing is on, and a launch
+  // error (bad configuration, missing kernel image, a sticky fault) becomes the op's Status.
+  // `run` issues the launch(es) on stream_. Host-side bookkeeping (note_write, produce_shadow)
+  // is the caller's, before the call: it runs in every mode.
+  template <typename Run>
+  Status launch(const char* op, std::span<const uint64_t> args, Run&& run) {
+    if (mode_ != Mode::eager) {
+      trace(addr(op));
+      for (uint64_t v : args) trace(v);
+      if (mode_ == Mode::replay) return Status::ok();
     }
+    const auto timer = time_op(op);
+    KS_RETURN_IF_ERROR(run());
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) {
+      return cuda_error(op, "launch", cudaGetErrorString(err), __FILE__, __LINE__);
+    }
+    return Status::ok();
+  }
+  template <typename Run>
+  Status launch(const char* op, std::initializer_list<uint64_t> args, Run&& run) {
+    return launch(op, std::span<const uint64_t>(args.begin(), args.size()), std::forward<Run>(run));
+  }
+
+  static uint64_t bits(float f) {
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    return b;
   }
 
   // --- fp16 shadows -------------------------------------------------------------------------
@@ -818,10 +757,10 @@ class CudaBackend final : public Backend {
     }
     const int buffer = 1 - shadow_.buffer;
     shadow_ = ShadowState{x.data, x.rows, x.cols, permuted, buffer};
-    trace({9, addr(x.data), uint64_t(x.rows), uint64_t(x.cols), uint64_t(buffer)});
-    if (mode_ == Mode::replay) return Status::ok();
-    const auto timer = time_op("shadow");
-    return write_shadow(f32(x), x.rows, x.cols, shadow_out(buffer, x.rows, x.cols), stream_);
+    return launch(
+        "shadow", {addr(x.data), uint64_t(x.rows), uint64_t(x.cols), uint64_t(buffer)}, [&] {
+          return write_shadow(f32(x), x.rows, x.cols, shadow_out(buffer, x.rows, x.cols), stream_);
+        });
   }
 
   // An op wrote `t` without refreshing the shadow: forget a shadow of memory it overlaps.
@@ -834,73 +773,221 @@ class CudaBackend final : public Backend {
     if (begin < s_end && s_begin < end) shadow_.owner = nullptr;
   }
 
-  // --- held-back ops --------------------------------------------------------------------------
+  // --- the ops' launches ----------------------------------------------------------------------
 
-  // The jobs of `m` on fp32 weights, launched now (never held back, so nothing fuses with them).
-  Status matmul_f32(const PendingMatmul& m, Tensor x) {
+  static bool overlap(Tensor a, Tensor b) {
+    const auto* a0 = static_cast<const char*>(a.data);
+    const auto* b0 = static_cast<const char*>(b.data);
+    return a0 < b0 + b.rows * b.cols * int64_t(sizeof(float)) &&
+           b0 < a0 + a.rows * a.cols * int64_t(sizeof(float));
+  }
+
+  // The device copy of a norm's weight, once out = rms_norm(x) · w is checked to fit.
+  Result<const float*> norm_weight(Tensor out, Tensor x, const Vector& w, const char* op) const {
+    KS_ASSIGN_OR_RETURN(const float* weight, vector_of(w, op));
+    if (x.cols != w.n || out.rows != x.rows || out.cols != x.cols) {
+      return Status::error(std::string("cuda ") + op + ": norm shapes do not match");
+    }
+    return weight;
+  }
+
+  // outs[i] = x · weights[i]ᵀ, checked: the jobs of one GEMV launch (or of one GEMM each).
+  Result<GemvCall> gemv_call(std::span<const Tensor> outs, Tensor x,
+                             std::span<const Linear* const> weights) const {
+    if (outs.size() != weights.size() || outs.empty() || outs.size() > size_t(kMaxGemvJobs)) {
+      return Status::error("cuda matmul: 1 to 3 weights per call, one output each");
+    }
+    KS_ASSIGN_OR_RETURN(const DeviceWeight* first, linear_of(*weights[0]));
+    GemvCall m;
+    m.n_jobs = int(outs.size());
+    m.fp32 = first->format == WeightFormat::fp32;
+    m.x_stride = round_up(x.cols, kGroup);
+    m.n_tokens = int(x.rows);
+    for (size_t i = 0; i < outs.size(); ++i) {
+      KS_ASSIGN_OR_RETURN(const DeviceWeight* w, linear_of(*weights[i]));
+      if (x.cols != w->cols || outs[i].cols != w->rows || outs[i].rows != x.rows) {
+        return Status::error("cuda matmul: x [" + std::to_string(x.rows) + ", " +
+                             std::to_string(x.cols) + "] · w [" + std::to_string(w->rows) + ", " +
+                             std::to_string(w->cols) + "]ᵀ does not fit out [" +
+                             std::to_string(outs[i].rows) + ", " + std::to_string(outs[i].cols) +
+                             "]");
+      }
+      if (w->format != first->format) {
+        return Status::error("cuda matmul: weights of one call differ in format");
+      }
+      m.jobs[i] = GemvJob{*w, f32(outs[i])};
+      m.outs[i] = outs[i];
+    }
+    return m;
+  }
+
+  // The plain matmul of `m`'s jobs on x: one GEMV launch for at most 16 tokens, a GEMM per job
+  // beyond, cuBLAS fp32 GEMMs for fp32 weights.
+  Status launch_matmul(GemvCall m, Tensor x) {
+    if (m.fp32) return matmul_f32(m, x);
+    KS_RETURN_IF_ERROR(ensure_shadow(x));
     for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
+    m.x = shadow_buffers_[shadow_.buffer];
+    if (x.rows <= kMaxGemvTokens) return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
+    uint64_t args[2 + 2 * kMaxGemvJobs] = {addr(m.x), uint64_t(x.rows)};
     for (int i = 0; i < m.n_jobs; ++i) {
-      trace({10, addr(m.jobs[i].y), addr(x.data), uint64_t(x.rows), addr(m.jobs[i].w.data)});
+      args[2 + 2 * i] = addr(m.jobs[i].y);
+      args[3 + 2 * i] = addr(m.jobs[i].w.data);
     }
-    if (mode_ == Mode::replay) return Status::ok();
-    const auto timer = time_op("matmul (fp32)");
-    for (int i = 0; i < m.n_jobs; ++i) {
-      KS_RETURN_IF_ERROR(gemm_f32(m.jobs[i].w, f32(x), x.rows, m.jobs[i].y, gemm_ws_, stream_));
-    }
-    return Status::ok();
+    return launch("matmul (prefill)", std::span<const uint64_t>(args, size_t(2 + 2 * m.n_jobs)),
+                  [&]() -> Status {
+                    for (int i = 0; i < m.n_jobs; ++i) {
+                      KS_RETURN_IF_ERROR(gemm(m.jobs[i].w, m.x, m.x_stride, x.rows, m.jobs[i].y,
+                                              gemm_ws_, stream_));
+                    }
+                    return Status::ok();
+                  });
   }
 
-  Status launch_gemv(const PendingMatmul& m, GemvEpilogue epilogue, ShadowOut shadow) {
+  // The jobs of `m` on fp32 weights: cuBLAS fp32 GEMMs on the fp32 activation, at any token
+  // count.
+  Status matmul_f32(const GemvCall& m, Tensor x) {
+    for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
+    uint64_t args[2 + 2 * kMaxGemvJobs] = {addr(x.data), uint64_t(x.rows)};
     for (int i = 0; i < m.n_jobs; ++i) {
-      trace({3, addr(m.jobs[i].y), addr(m.x), uint64_t(m.n_tokens), addr(m.jobs[i].w.data),
-             addr(m.jobs[i].residual), uint64_t(epilogue), addr(shadow.data), addr(m.norm.x),
-             addr(m.norm.w), addr(m.norm.out)});
+      args[2 + 2 * i] = addr(m.jobs[i].y);
+      args[3 + 2 * i] = addr(m.jobs[i].w.data);
     }
-    if (mode_ == Mode::replay) return Status::ok();
+    return launch("matmul (fp32)", std::span<const uint64_t>(args, size_t(2 + 2 * m.n_jobs)),
+                  [&]() -> Status {
+                    for (int i = 0; i < m.n_jobs; ++i) {
+                      KS_RETURN_IF_ERROR(
+                          gemm_f32(m.jobs[i].w, f32(x), x.rows, m.jobs[i].y, gemm_ws_, stream_));
+                    }
+                    return Status::ok();
+                  });
+  }
+
+  // One decode GEMV launch: `m`'s jobs with the input stage (m.norm or the shadow m.x) and the
+  // epilogue (store, residual add per job, swiglu) the caller chose.
+  Status launch_gemv(const GemvCall& m, GemvEpilogue epilogue, ShadowOut shadow) {
+    constexpr int kFixed = 8, kPerJob = 3;
+    uint64_t args[kFixed + kPerJob * kMaxGemvJobs] = {
+        addr(m.x),      uint64_t(m.n_tokens), uint64_t(epilogue), addr(shadow.data),
+        addr(m.norm.x), addr(m.norm.w),       addr(m.norm.out),   bits(m.norm.eps)};
+    for (int i = 0; i < m.n_jobs; ++i) {
+      args[kFixed + kPerJob * i] = addr(m.jobs[i].y);
+      args[kFixed + kPerJob * i + 1] = addr(m.jobs[i].w.data);
+      args[kFixed + kPerJob * i + 2] = addr(m.jobs[i].residual);
+    }
     const bool norm = m.norm.x != nullptr;
-    const auto timer = time_op(epilogue == GemvEpilogue::swiglu
-                                   ? (norm ? "rms_norm + matmul + swiglu" : "matmul + swiglu")
-                               : m.jobs[0].residual != nullptr ? "matmul + add"
-                               : norm                          ? "rms_norm + matmul"
-                                                               : "matmul");
-    return gemv(m.jobs, m.n_jobs, m.x, m.x_stride, m.n_tokens, props_.multiProcessorCount, stream_,
-                epilogue, shadow, m.norm);
+    const char* op = epilogue == GemvEpilogue::swiglu
+                         ? (norm ? "rms_norm + matmul + swiglu" : "matmul + swiglu")
+                     : m.jobs[0].residual != nullptr ? "matmul + add"
+                     : norm                          ? "rms_norm + matmul"
+                                                     : "matmul";
+    return launch(op, std::span<const uint64_t>(args, size_t(kFixed + kPerJob * m.n_jobs)), [&] {
+      return gemv(m.jobs, m.n_jobs, m.x, m.x_stride, m.n_tokens, props_.multiProcessorCount,
+                  stream_, epilogue, shadow, m.norm);
+    });
   }
 
-  Status launch_norm(const PendingNorm& n) {
-    const ShadowOut shadow = produce_shadow(n.out);
-    uint32_t eps_bits;
-    std::memcpy(&eps_bits, &n.eps, 4);
-    trace({2, addr(n.out.data), addr(n.x.data), uint64_t(n.x.rows), uint64_t(n.x.cols), addr(n.w),
-           eps_bits});
-    if (mode_ == Mode::replay) return Status::ok();
-    const auto timer = time_op("rms_norm");
-    return cuda::rms_norm(f32(n.out), f32(n.x), n.w, n.eps, n.x.rows, n.x.cols, shadow, stream_);
+  // out = rms_norm(x) · w, with out's fp16 shadow for the matmul that reads it.
+  Status launch_norm(Tensor out, Tensor x, const float* w, float eps) {
+    note_write(out);
+    const ShadowOut shadow = produce_shadow(out);
+    return launch(
+        "rms_norm",
+        {addr(out.data), addr(x.data), uint64_t(x.rows), uint64_t(x.cols), addr(w), bits(eps),
+         addr(shadow.data)},
+        [&] { return cuda::rms_norm(f32(out), f32(x), w, eps, x.rows, x.cols, shadow, stream_); });
   }
 
-  // Launches whatever is held back, unfused.
-  Status flush() {
-    if (pending_norm_) {
-      const PendingNorm n = *pending_norm_;
-      pending_norm_.reset();
-      KS_RETURN_IF_ERROR(launch_norm(n));
-    }
-    if (pending_matmul_) {
-      const PendingMatmul m = *pending_matmul_;
-      pending_matmul_.reset();
-      KS_RETURN_IF_ERROR(launch_gemv(m, GemvEpilogue::store, ShadowOut{}));
-    }
-    if (pending_rope_) {
-      const PendingRope r = *pending_rope_;
-      pending_rope_.reset();
-      trace({4, addr(r.q.data), addr(r.k.data), uint64_t(r.q.rows)});
-      if (mode_ == Mode::replay) return Status::ok();
-      const auto timer = time_op("rope");
-      return cuda::rope(f32(r.q), f32(r.k), r.q.rows, int(r.params.n_heads),
-                        int(r.params.n_kv_heads), int(r.params.head_dim), positions_device(),
-                        inv_freq_, stream_);
+  Status launch_swiglu(Tensor out, Tensor gate, Tensor up) {
+    note_write(out);
+    const ShadowOut shadow = produce_shadow(out);
+    return launch("swiglu",
+                  {addr(out.data), addr(gate.data), addr(up.data), uint64_t(gate.rows),
+                   uint64_t(gate.cols), addr(shadow.data)},
+                  [&] {
+                    return cuda::swiglu(f32(out), f32(gate), f32(up), gate.rows, gate.cols, shadow,
+                                        stream_);
+                  });
+  }
+
+  Status launch_add(Tensor x, Tensor y) {
+    note_write(x);
+    return launch("add", {addr(x.data), addr(y.data), uint64_t(x.rows * x.cols)},
+                  [&] { return cuda::add(f32(x), f32(y), x.rows * x.cols, stream_); });
+  }
+
+  Status check_rope(Tensor q, Tensor k, const RopeParams& p) const {
+    if (q.rows != batch_.n_tokens || k.rows != batch_.n_tokens ||
+        q.cols != p.n_heads * p.head_dim || k.cols != p.n_kv_heads * p.head_dim ||
+        p.head_dim != config_.head_dim) {
+      return Status::error("cuda rope: shapes do not match the batch and heads");
     }
     return Status::ok();
+  }
+
+  // The KV cache write of k and v (after rotating q and k in place, one launch, with `rotate`),
+  // then attention: the split decode kernel for at most 16 tokens, a flash launch per run of
+  // the batch beyond.
+  Status launch_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
+                          const RopeParams& p, bool rotate) {
+    if (layer < 0 || layer >= config_.n_layers || p.head_dim != config_.head_dim ||
+        p.n_kv_heads != config_.n_kv_heads || p.n_heads != config_.n_heads ||
+        q.rows != batch_.n_tokens || out.cols != p.n_heads * p.head_dim ||
+        k.cols != p.n_kv_heads * p.head_dim || v.cols != k.cols) {
+      return Status::error("cuda attention: shapes do not match the reserved model");
+    }
+    const bool prefill = q.rows > kMaxGemvTokens && prefill_supports(int(p.head_dim), cache_.type);
+    if (prefill && round_up(out.cols, kGroup) != out.cols) {
+      return Status::error("cuda attention: prefill output width not a multiple of 32");
+    }
+    if (rotate) {
+      note_write(q);
+      note_write(k);
+    }
+    note_write(out);
+    AttentionArgs args;
+    args.q = f32(q);
+    args.k = f32(k);
+    args.v = f32(v);
+    args.out = f32(out);
+    args.n_tokens = q.rows;
+    args.n_heads = int(p.n_heads);
+    args.layer = layer;
+    args.positions = positions_device();
+    args.seq_ids = seq_ids_device();
+    args.shadow = produce_shadow(out);
+    const std::initializer_list<uint64_t> cache_args = {addr(q.data), addr(k.data), addr(v.data),
+                                                        uint64_t(layer), uint64_t(q.rows)};
+    if (rotate) {
+      KS_RETURN_IF_ERROR(launch("rope + cache write", cache_args, [&] {
+        return rope_kv_cache_write(f32(q), f32(k), args, cache_, inv_freq_, stream_);
+      }));
+    } else {
+      KS_RETURN_IF_ERROR(
+          launch("cache write", cache_args, [&] { return kv_cache_write(args, cache_, stream_); }));
+    }
+    return launch("attention",
+                  {addr(out.data), addr(q.data), addr(k.data), addr(v.data), uint64_t(layer),
+                   uint64_t(q.rows), addr(args.shadow.data)},
+                  [&]() -> Status {
+                    if (!prefill) return attention_decode(args, cache_, decode_ws_, stream_);
+                    // The flash kernel walks one sequence's keys per launch: one per run.
+                    for (const auto& [begin, length] : runs_) {
+                      AttentionArgs run = args;
+                      run.q = args.q + begin * q.cols;
+                      run.k = args.k + begin * k.cols;
+                      run.v = args.v + begin * v.cols;
+                      run.out = args.out + begin * out.cols;
+                      if (run.shadow.data != nullptr) {
+                        run.shadow.data += begin * run.shadow.row_stride;
+                      }
+                      run.n_tokens = length;
+                      run.positions = args.positions + begin;
+                      run.seq_ids = args.seq_ids + begin;
+                      KS_RETURN_IF_ERROR(attention_prefill(run, cache_, stream_));
+                    }
+                    return Status::ok();
+                  });
   }
 
   // --- graphs -------------------------------------------------------------------------------
@@ -1217,9 +1304,6 @@ class CudaBackend final : public Backend {
   int64_t shadow_rows_ = 0;
   int64_t shadow_cols_ = 0;
   ShadowState shadow_;
-  std::optional<PendingMatmul> pending_matmul_;
-  std::optional<PendingRope> pending_rope_;
-  std::optional<PendingNorm> pending_norm_;
   GemmWorkspace gemm_ws_;
   DecodeWorkspace decode_ws_;
   // [3, max_batch_tokens]: tokens, positions, sequence ids; then [max_seqs, blocks_per_seq]:

@@ -25,7 +25,8 @@ bool int8_inputs(WeightFormat format, int64_t n, int64_t cols) {
 class CudaMatmul : public ::testing::TestWithParam<FormatCase> {};
 
 // Shapes with rows not a multiple of 16 or 32 and columns not a multiple of the 128-column
-// chunk, token counts on both sides of the GEMV/GEMM switch at 16 and of the n-tile at 8.
+// chunk, token counts on both sides of the GEMV's launch of 16 tokens, of its n-tile at 8 and
+// of the GEMV/GEMM switch at 64.
 TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
   const FormatCase fc = GetParam();
   const int64_t shapes[][2] = {{200, 192}, {72, 128}, {1040, 576}};
@@ -39,9 +40,9 @@ TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
     weights.layers.resize(1);
     weights.layers[0].w_gate = random_linear(fc.format, rows, cols, fc.block, true, seed++);
     BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    ASSERT_TRUE(pair.init(weights, RunShape{1, 96, 96, 96}));
     const Linear& w = weights.layers[0].w_gate;
-    for (int64_t n : {1, 2, 3, 4, 5, 8, 9, 16, 17, 45}) {
+    for (int64_t n : {1, 2, 3, 4, 5, 8, 9, 16, 17, 45, 64, 70}) {
       const std::vector<float> x = random_values(size_t(n * cols), seed++);
       const std::vector<float> ref = reference_matmul(w, x, n);
       std::vector<float> outs[2];
@@ -414,7 +415,7 @@ std::map<std::string, int64_t> fused_launches(WeightFormat format, int64_t n) {
             {"rope + cache write", 1},
             {"attention", 1}};
   }
-  if (n <= 16) {
+  if (n <= 64) {  // the GEMV, a launch per 16 tokens inside each op (kMaxGemvBatchTokens)
     return {{"rms_norm", 3},           {"matmul", 2},   {"matmul + swiglu", 1}, {"matmul + add", 2},
             {"rope + cache write", 1}, {"attention", 1}};
   }
@@ -424,7 +425,7 @@ std::map<std::string, int64_t> fused_launches(WeightFormat format, int64_t n) {
 
 class CudaFusedOps : public ::testing::TestWithParam<FusedCase> {};
 
-// Every fused op against the CPU's plain ops (backend_op_checks.h) at 33, 16, 2 and 1 tokens,
+// Every fused op against the CPU's plain ops (backend_op_checks.h) at 80, 33, 16, 2 and 1 tokens,
 // with the bounds of the plain ops' tests, and the kernels each call launched.
 TEST_P(CudaFusedOps, MatchCpuPlainOpsAndTakeTheFusedKernels) {
   const auto [fc, bias] = GetParam();

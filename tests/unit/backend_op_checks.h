@@ -277,9 +277,9 @@ inline ModelWeights fused_ops_model(const FormatCase fc, bool bias) {
   return w;
 }
 
-// The reservation fused_ops_model's check runs in: one sequence, 33 + 16 + 2 + 1 positions.
+// The reservation fused_ops_model's check runs in: one sequence, 80 + 33 + 16 + 2 + 1 positions.
 inline RunShape fused_ops_shape() {
-  return RunShape{1, 128, 64, 64};
+  return RunShape{1, 160, 96, 96};
 }
 
 // Every fused op of backend.h on pair.gpu against the plain ops it stands for, issued one by one
@@ -288,10 +288,11 @@ inline RunShape fused_ops_shape() {
 // norm_matmul_swiglu, matmul_add (the down projection reading swiglu's output), norm_matmul (the
 // lm_head). Before each op the CPU's inputs are set to the device's values, so each op is
 // compared alone on the same inputs while the device runs the chain as the forward pass does
-// (the shadows an op leaves for the next). Calls of 33 (prefill), 16, 2 and 1 tokens of one
-// sequence, so attention reads the cache of earlier calls. Every output an op writes (normed,
-// up, rotated q and k, the projection and the residual) is compared within bound(FusedOutput,
-// n); watch(device, n, done) runs before (done false) and after (done true) each call's ops.
+// (the shadows an op leaves for the next). Calls of 80 (prefill), 33 (a serving step's size),
+// 16, 2 and 1 tokens of one sequence, so attention reads the cache of earlier calls. Every output
+// an op writes (normed, up, rotated q and k, the projection and the residual) is compared within
+// bound(FusedOutput, n); watch(device, n, done) runs before (done false) and after (done true) each
+// call's ops.
 template <typename Bound, typename Watch>
 void check_fused_ops(BackendPair& pair, const ModelWeights& w, Bound bound, Watch watch) {
   const ModelConfig& c = w.config;
@@ -319,7 +320,7 @@ void check_fused_ops(BackendPair& pair, const ModelWeights& w, Bound bound, Watc
   Backend* sides[2] = {pair.cpu.get(), pair.gpu.get()};
   int32_t first = 0;
   uint64_t seed = 7000;
-  for (int64_t n : {33, 16, 2, 1}) {
+  for (int64_t n : {80, 33, 16, 2, 1}) {
     Tensor t[2][n_tensors];
     std::vector<float> inputs[n_tensors];
     inputs[x] = random_values(size_t(n * hidden), seed++, 2.0f);

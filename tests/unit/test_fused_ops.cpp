@@ -35,7 +35,7 @@ TEST_P(CpuFusedOps, DefaultsEqualThePlainOpsExactly) {
   check_fused_ops(
       pair, weights, [](FusedOutput, int64_t) { return 0.0; },
       [&](Backend&, int64_t, bool) { ++watched; });
-  EXPECT_EQ(watched, 8);  // before and after each of the four calls
+  EXPECT_EQ(watched, 10);  // before and after each of the five calls
 }
 
 INSTANTIATE_TEST_SUITE_P(FormatsAndBiases, CpuFusedOps,

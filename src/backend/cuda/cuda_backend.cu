@@ -11,14 +11,15 @@
 //
 // Fusion is explicit: the backend's fused ops (backend.h: norm_matmul, norm_matmul_swiglu,
 // matmul_add, rope_attention) are what a decode step issues, and each runs as fewer launches
-// here. Up to 16 tokens, a matmul is the decode GEMV (gemv.cuh), and a fused op rides on it:
-// matmul_add adds into the residual in the GEMV's epilogue; norm_matmul_swiglu's gate and up
-// rows meet in one block (the swiglu epilogue); at batch 1 (gemv_fuses_norm) the norm is the
-// GEMV's input stage (NormInput: every block normalizes the activation itself, block 0 writes
-// `normed`), so a layer launches no norm of its own. rope_attention rotates q and k in the same
-// launch that writes the KV cache, at every token count. Beyond 16 tokens the matmuls are GEMMs
-// and the rest of a fused op runs as the plain op's kernel after them. The plain ops never fuse:
-// each is its own launches, whatever comes before or after it.
+// here. Up to 64 tokens, a matmul is the decode GEMV (gemv.cuh: one launch per 16 tokens), and
+// a fused op rides on it: matmul_add adds into the residual in the GEMV's epilogue;
+// norm_matmul_swiglu's gate and up rows meet in one block (the swiglu epilogue); at batch 1
+// (gemv_fuses_norm) the norm is the GEMV's input stage (NormInput: every block normalizes the
+// activation itself, block 0 writes `normed`), so a layer launches no norm of its own.
+// rope_attention rotates q and k in the same launch that writes the KV cache, at every token count.
+// Beyond 64 tokens the matmuls are GEMMs and the rest of a fused op runs as the plain op's kernel
+// after them. The plain ops never fuse: each is its own launches, whatever comes before or after
+// it.
 //
 // Every launch goes through launch(), which folds the op's name and arguments into the step's
 // fingerprint (and launches nothing while replaying), times it when op timing is on and checks
@@ -394,8 +395,7 @@ class CudaBackend final : public Backend {
     return launch_matmul(m, x);
   }
 
-  // --- fused ops (backend.h). Each takes exactly the kernels the held-back fusions of earlier
-  // versions took for the same shapes: the decode GEMV (<= 16 tokens, fp16 or quantized weights)
+  // --- fused ops (backend.h). Each takes the decode GEMV (<= 64 tokens, fp16 or quantized weights)
   // with the fusion in its prologue or epilogue; otherwise the plain ops' launches one after
   // another. fp32 weights never fuse: their matmuls are cuBLAS fp32 GEMMs.
 
@@ -432,7 +432,7 @@ class CudaBackend final : public Backend {
       return launch_gemv(m, GemvEpilogue::swiglu, shadow);
     }
     KS_RETURN_IF_ERROR(launch_norm(normed, x, weight, eps));
-    if (!m.fp32 && x.rows <= kMaxGemvTokens) {
+    if (!m.fp32 && x.rows <= kMaxGemvBatchTokens) {
       // gate, up = normed · [w_gate, w_up]ᵀ and gate = silu(gate) * up in one launch, reading
       // the shadow the norm wrote; the gate's shadow goes to the other buffer.
       KS_RETURN_IF_ERROR(ensure_shadow(normed));
@@ -456,7 +456,7 @@ class CudaBackend final : public Backend {
     const Tensor outs[] = {out};
     const Linear* const weights[] = {&w};
     KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, x, weights));
-    if (!m.fp32 && x.rows <= kMaxGemvTokens) {
+    if (!m.fp32 && x.rows <= kMaxGemvBatchTokens) {
       // out = x · wᵀ and residual += out in one launch (the GEMV's epilogue).
       KS_RETURN_IF_ERROR(ensure_shadow(x));
       note_write(out);
@@ -626,7 +626,7 @@ class CudaBackend final : public Backend {
     e.shadow_cols = round_up(widest, kGroup);
     e.shadow_bytes = size_t(e.shadow_rows * e.shadow_cols) * sizeof(__half);
     const bool prefill_gemm =
-        shape.max_batch_tokens > kMaxGemvTokens || shape.max_logit_rows > kMaxGemvTokens;
+        shape.max_batch_tokens > kMaxGemvBatchTokens || shape.max_logit_rows > kMaxGemvBatchTokens;
     // Float weights (fp16 on the device, or an fp32 model's fp32) go to cuBLAS as they are;
     // before upload the format is unknown, so the planner is given the quantized (larger)
     // figure.
@@ -727,7 +727,7 @@ class CudaBackend final : public Backend {
   // --- fp16 shadows -------------------------------------------------------------------------
 
   ShadowOut shadow_out(int buffer, int64_t rows, int64_t cols) const {
-    const bool permuted = rows <= kMaxGemvTokens;
+    const bool permuted = rows <= kMaxGemvBatchTokens;
     return ShadowOut{shadow_buffers_[buffer], round_up(cols, kGroup), permuted};
   }
 
@@ -741,7 +741,7 @@ class CudaBackend final : public Backend {
   ShadowOut produce_shadow(Tensor out) {
     if (!shadow_fits(out)) return ShadowOut{};
     const int buffer = 1 - shadow_.buffer;
-    shadow_ = ShadowState{out.data, out.rows, out.cols, out.rows <= kMaxGemvTokens, buffer};
+    shadow_ = ShadowState{out.data, out.rows, out.cols, out.rows <= kMaxGemvBatchTokens, buffer};
     return shadow_out(buffer, out.rows, out.cols);
   }
 
@@ -750,7 +750,7 @@ class CudaBackend final : public Backend {
       return Status::error("cuda matmul: input [" + std::to_string(x.rows) + ", " +
                            std::to_string(x.cols) + "] exceeds the reserved shadow");
     }
-    const bool permuted = x.rows <= kMaxGemvTokens;
+    const bool permuted = x.rows <= kMaxGemvBatchTokens;
     if (shadow_.owner == x.data && shadow_.rows == x.rows && shadow_.cols == x.cols &&
         shadow_.permuted == permuted) {
       return Status::ok();
@@ -821,14 +821,14 @@ class CudaBackend final : public Backend {
     return m;
   }
 
-  // The plain matmul of `m`'s jobs on x: one GEMV launch for at most 16 tokens, a GEMM per job
-  // beyond, cuBLAS fp32 GEMMs for fp32 weights.
+  // The plain matmul of `m`'s jobs on x: the GEMV for at most 64 tokens (a launch per 16), a
+  // GEMM per job beyond, cuBLAS fp32 GEMMs for fp32 weights.
   Status launch_matmul(GemvCall m, Tensor x) {
     if (m.fp32) return matmul_f32(m, x);
     KS_RETURN_IF_ERROR(ensure_shadow(x));
     for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
     m.x = shadow_buffers_[shadow_.buffer];
-    if (x.rows <= kMaxGemvTokens) return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
+    if (x.rows <= kMaxGemvBatchTokens) return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
     uint64_t args[2 + 2 * kMaxGemvJobs] = {addr(m.x), uint64_t(x.rows)};
     for (int i = 0; i < m.n_jobs; ++i) {
       args[2 + 2 * i] = addr(m.jobs[i].y);
@@ -926,7 +926,7 @@ class CudaBackend final : public Backend {
   }
 
   // The KV cache write of k and v (after rotating q and k in place, one launch, with `rotate`),
-  // then attention: the split decode kernel for at most 16 tokens, a flash launch per run of
+  // then attention: the split decode kernel for at most 64 tokens, a flash launch per run of
   // the batch beyond.
   Status launch_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
                           const RopeParams& p, bool rotate) {
@@ -936,7 +936,10 @@ class CudaBackend final : public Backend {
         k.cols != p.n_kv_heads * p.head_dim || v.cols != k.cols) {
       return Status::error("cuda attention: shapes do not match the reserved model");
     }
-    const bool prefill = q.rows > kMaxGemvTokens && prefill_supports(int(p.head_dim), cache_.type);
+    // Up to 64 tokens (a serving step's decode tokens, short prompt chunks) the split kernel,
+    // in slices of 16; beyond, the flash prefill kernel.
+    const bool prefill =
+        q.rows > kMaxGemvBatchTokens && prefill_supports(int(p.head_dim), cache_.type);
     if (prefill && round_up(out.cols, kGroup) != out.cols) {
       return Status::error("cuda attention: prefill output width not a multiple of 32");
     }

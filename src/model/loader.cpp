@@ -614,8 +614,8 @@ constexpr const char* kSyntheticPrefix = "synthetic:";
 }  // namespace
 
 std::vector<std::string> synthetic_names() {
-  return {"tiny-qwen2", "tiny-llama",  "qwen2-0.5b", "qwen2-1.5b",
-          "qwen2-7b",   "llama3.2-1b", "llama3.1-8b"};
+  return {"tiny-qwen2", "tiny-llama",  "qwen2-0.5b",  "qwen2-1.5b",
+          "qwen2-7b",   "llama3.2-1b", "llama3.1-8b", "llama3.1-70b"};
 }
 
 Result<ModelConfig> synthetic_config(const std::string& name) {
@@ -670,6 +670,9 @@ Result<ModelConfig> synthetic_config(const std::string& name) {
     llama(2048, 8192, 16, 32, 8, 128256, true, 32.0);
   } else if (name == "llama3.1-8b") {
     llama(4096, 14336, 32, 32, 8, 128256, false, 8.0);
+  } else if (name == "llama3.1-70b") {
+    // 70.6B parameters, about 141 GB in bf16: the model that does not fit one GPU (issue 14).
+    llama(8192, 28672, 80, 64, 8, 128256, false, 8.0);
   } else {
     std::string known;
     for (const auto& n : synthetic_names()) known += (known.empty() ? "" : ", ") + n;

@@ -46,6 +46,21 @@ TEST(TensorList, QwenHasQkvBiasesAndATiedHead) {
   EXPECT_EQ(asked.at("tok_embd"), (std::vector<int64_t>{c->vocab_size, c->hidden_size}));
 }
 
+// The 70B preset (tensor parallelism's model that does not fit one GPU) has Llama-3.1-70B's
+// shapes: its parameters add up to the published 70,553,706,496.
+TEST(TensorList, Llama70bPresetHasTheRealParameterCount) {
+  auto c = synthetic_config("llama3.1-70b");
+  ASSERT_TRUE(c.is_ok());
+  int64_t params = 0;
+  for (const auto& [name, shape] : requested_tensors(*c)) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    params += n;
+  }
+  EXPECT_EQ(params, int64_t(70553706496));
+  EXPECT_EQ(c->head_dim, 128);
+}
+
 TEST(TensorList, LlamaBiasFollowsAttentionBias) {
   auto c = synthetic_config("tiny-llama");
   ASSERT_TRUE(c.is_ok());

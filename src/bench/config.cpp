@@ -12,6 +12,7 @@
 
 #include "core/quote.h"
 #include "io/config.h"
+#include "model/shard.h"
 
 namespace kestrel::bench {
 
@@ -19,9 +20,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr const char* kKnownKeys[] = {"repo_id",    "local_model_hub", "warm_up",
-                                      "num_trials", "num_beams",       "low_bit",
-                                      "batch_size", "in_out_pairs",    "exclude"};
+constexpr const char* kKnownKeys[] = {"repo_id",   "local_model_hub", "warm_up",    "num_trials",
+                                      "num_beams", "low_bit",         "batch_size", "in_out_pairs",
+                                      "exclude",   "tensor_parallel"};
 // Keys of the all-in-one benchmark that select its Python APIs and options; Kestrel's device
 // comes from --device and the rest has no counterpart.
 constexpr const char* kAllInOneOnlyKeys[] = {"test_api",
@@ -186,6 +187,9 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
         has_in_out = true;
       } else if (key == "exclude") {
         KS_ASSIGN_OR_RETURN(config.exclude, read.strings(value));
+      } else if (key == "tensor_parallel") {
+        KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1, kMaxTensorParallel));
+        config.tensor_parallel = int(v);
       } else if (contains(kAllInOneOnlyKeys, key)) {
         config.ignored_keys.push_back(key);
       } else {

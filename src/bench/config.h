@@ -49,6 +49,8 @@ struct BenchConfig {
   std::vector<int64_t> batch_sizes = {1};
   std::vector<InOut> in_out_pairs;
   std::vector<std::string> exclude;
+  // Ranks every model is split over (`kestrel bench --tensor-parallel`); 0: not given.
+  int tensor_parallel = 0;
   std::vector<std::string> ignored_keys;  // all-in-one keys that mean nothing here
 };
 

@@ -45,6 +45,7 @@ TEST(BenchConfig, ReadsTheAllInOneKeys) {
   EXPECT_EQ(config->low_bit, WeightFormat::asym_int4);
   EXPECT_TRUE(config->low_bit_given);
   EXPECT_EQ(config->batch_sizes, (std::vector<int64_t>{1, 4, 16}));
+  EXPECT_EQ(config->tensor_parallel, 0);  // not given: the command line's
   ASSERT_EQ(config->in_out_pairs.size(), 2u);
   EXPECT_EQ(config->in_out_pairs[1].in_len, 1024);
   EXPECT_EQ(config->in_out_pairs[1].out_len, 128);
@@ -97,6 +98,14 @@ void expect_error(const std::string& yaml, const std::string& needle) {
   EXPECT_NE(config.status().message().find("bench.yaml"), std::string::npos);
 }
 
+TEST(BenchConfig, TensorParallelSplitsEveryModel) {
+  auto config = parse_bench_config(
+      "repo_id: [synthetic:llama3.1-70b]\nin_out_pairs: ['1024-128']\ntensor_parallel: 4\n",
+      "tp.yaml");
+  ASSERT_TRUE(config.is_ok()) << config.status().message();
+  EXPECT_EQ(config->tensor_parallel, 4);
+}
+
 TEST(BenchConfig, ReportsWhatIsWrongAndWhere) {
   const std::string base = "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-4']\n";
   expect_error(base + "batch: 4\n", "unknown key 'batch'");
@@ -110,6 +119,8 @@ TEST(BenchConfig, ReportsWhatIsWrongAndWhere) {
   expect_error(base + "num_trials: 2\nnum_trials: 3\n", "key 'num_trials' is given twice");
   expect_error(base + "num_beams: 1.5\n", "num_beams");
   expect_error(base + "low_bit: int3\n", "low_bit: unknown weight format 'int3'");
+  expect_error(base + "tensor_parallel: 0\n", "tensor_parallel must be an integer from 1 to 64");
+  expect_error(base + "tensor_parallel: two\n", "tensor_parallel");
   expect_error("repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['1024x512']\n", "'1024x512'");
   expect_error("repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['0-8']\n", "'0-8'");
   expect_error("repo_id: [synthetic:tiny-qwen2]\n", "in_out_pairs lists no");

@@ -106,6 +106,7 @@ struct BenchFlags {
   bool quiet = false;
   bool max_memory_given = false;
   bool roofline_given = false;
+  bool tensor_parallel_given = false;
 };
 
 class BenchCommand {
@@ -268,6 +269,14 @@ class BenchCommand {
     for (const std::string& what : excluded) say("kestrel bench: excluded by the config: " + what);
 
     bench::RunnerOptions options = runner_options();
+    if (config.tensor_parallel > 0) {
+      if (flags_.tensor_parallel_given && flags_.tensor_parallel != config.tensor_parallel) {
+        fail("bench: --tensor-parallel " + std::to_string(flags_.tensor_parallel) + " and " +
+             flags_.config + "'s tensor_parallel: " + std::to_string(config.tensor_parallel) +
+             " disagree");
+      }
+      options.tensor_parallel = config.tensor_parallel;
+    }
     std::unique_ptr<bench::CsvWriter> writer = unwrap(bench::CsvWriter::open(flags_.output));
     bench::CsvWriter* csv = writer.get();
     options.on_progress = [this](double seconds) {
@@ -463,9 +472,11 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
   bench->add_flag("-q,--quiet", flags->quiet, "no progress output");
   CLI::Option* max_memory = bench->get_option("--max-memory");
   CLI::Option* roofline = bench->get_option("--roofline-gbs");
-  commands.push_back({bench, [flags, max_memory, roofline] {
+  CLI::Option* tensor_parallel = bench->get_option("--tensor-parallel");
+  commands.push_back({bench, [flags, max_memory, roofline, tensor_parallel] {
                         flags->max_memory_given = max_memory->count() > 0;
                         flags->roofline_given = roofline->count() > 0;
+                        flags->tensor_parallel_given = tensor_parallel->count() > 0;
                         BenchCommand(*flags).run();
                       }});
 }

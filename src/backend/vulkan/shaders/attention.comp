@@ -32,7 +32,10 @@ layout(push_constant) uniform Params {
 
 const uint CHUNK = 64;
 const uint MAX_DIMS = 4;  // head_dim <= 64 * MAX_DIMS
-shared float q_shared[256];
+layout(buffer_reference, std430, buffer_reference_align = 16) buffer Vec4s {
+  vec4 v[];
+};
+shared vec4 q_shared[64];  // head_dim <= 256 floats
 shared float probs[CHUNK];
 shared float reduce[64];
 
@@ -70,7 +73,7 @@ void main() {
   Ints table = Ints(p.block_tables);
   Floats k_cache = Floats(p.k_cache);
   Floats v_cache = Floats(p.v_cache);
-  for (uint i = tid; i < d; i += 64) q_shared[i] = Floats(p.q).v[t * p.q_stride + h * d + i];
+  for (uint i = tid; i < d; i += 64) q_shared[i / 4][i % 4] = Floats(p.q).v[t * p.q_stride + h * d + i];
   barrier();
 
   float running_max = -1.0 / 0.0;
@@ -85,7 +88,13 @@ void main() {
       const uint block = uint(table.v[seq * p.table_stride + j / 16]);
       const uint base = uint(((uint64_t(block) * p.n_kv_heads + kv_h) * 16 + j % 16) * d);
       float dot_qk = 0.0;
-      for (uint i = 0; i < d; ++i) dot_qk += q_shared[i] * k_cache.v[base + i];
+      if (d % 4 == 0) {
+        // A key row starts on 16 bytes (base is a multiple of head_dim): 16-byte loads.
+        Vec4s k4 = Vec4s(p.k_cache);
+        for (uint i = 0; i < d / 4; ++i) dot_qk += dot(q_shared[i], k4.v[base / 4 + i]);
+      } else {
+        for (uint i = 0; i < d; ++i) dot_qk += q_shared[i / 4][i % 4] * k_cache.v[base + i];
+      }
       score = dot_qk * p.scale;
     }
     const float new_max = max(running_max, workgroup_max(score));

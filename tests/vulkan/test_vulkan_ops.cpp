@@ -53,16 +53,18 @@ std::pair<std::vector<float>, std::vector<float>> run_both(BackendPair& pair, Ba
 class VulkanMatmul : public ::testing::TestWithParam<FormatCase> {};
 
 // Shapes with rows off the 4-row workgroup and columns off any power of two past 64 (and, for fp
-// formats, rows that do not start on 16 bytes: matmul.comp's unaligned path), token counts on
-// both sides of the 8-token workgroup, the vector path at 16 and 17 tokens and the tiled path at
-// 45. `max_allocation` > 0 splits every weight into parts of that many bytes (the iGPU
-// allocation limit, exercised on small weights).
+// formats, rows that do not start on 16 bytes: matmul.comp's unaligned path; rows of more than
+// 64 16-byte units, so that every format's threads take several units of a row),
+// token counts on both sides of the 8-token workgroup, the vector path at 16 and 17 tokens and
+// the tiled path at 45. `max_allocation` > 0 splits every weight into parts of that many bytes
+// (the iGPU allocation limit, exercised on small weights; the wide shape's rows exceed it).
 void check_matmul(const FormatCase fc, size_t max_allocation) {
-  const int64_t shapes[][2] = {{200, 192}, {72, 128}, {1040, 576}, {37, 99}};
+  const int64_t shapes[][2] = {{200, 192}, {72, 128}, {1040, 576}, {37, 99}, {9, 4160}};
   uint64_t seed = 100 + uint64_t(fc.format) * 10 + uint64_t(fc.block);
   for (const auto& shape : shapes) {
     const int64_t rows = shape[0], cols = shape[1];
     if (cols % 32 != 0 && is_quantized(fc.format)) continue;
+    if (cols > 1024 && max_allocation > 0) continue;
     ModelWeights weights;
     weights.config = small_config(cols, rows, 1, 1, 64, 16);
     weights.config.n_layers = 1;

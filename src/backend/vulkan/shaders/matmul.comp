@@ -58,7 +58,9 @@ const bool QUANTIZED = INT4 || FORMAT == FMT_SYM_INT8;
 const uint UNIT = INT4 ? 32 : FORMAT == FMT_SYM_INT8 ? 16 : FORMAT == FMT_FP32 ? 4 : 8;
 const uint CHUNKS = UNIT / 4;
 
-shared float partial[THREADS][ROWS * MAX_TOKENS];
+// Sized by the specialization (1 KiB for one token), not the largest: on GPUs with 64 KiB of
+// shared memory a compute unit then holds as many workgroups as its threads allow.
+shared float partial[THREADS][ROWS * TOKENS];
 
 // The 16 bytes of unit `unit` of row `row`.
 uvec4 load_unit(uint row, uint unit) {

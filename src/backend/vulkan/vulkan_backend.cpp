@@ -36,6 +36,9 @@ constexpr size_t kAlignment = 256;
 // Single allocations stay at or below 2 GiB so that every word index in the shaders fits 32 bits.
 constexpr size_t kMaxAllocationCap = size_t(2) << 30;
 constexpr size_t kStagingBytes = size_t(16) << 20;
+// Dispatches recorded into one command buffer before it is submitted without waiting: the
+// device starts on a forward call (hundreds of dispatches) while the host records the rest.
+constexpr int kDispatchesPerSubmission = 24;
 // The shaders' grids put tokens and matmul row tiles in one dimension each: the guaranteed
 // minimum of maxComputeWorkGroupCount.
 constexpr int64_t kMaxGrid = 65535;
@@ -1240,6 +1243,42 @@ class VulkanBackend final : public Backend {
     vk_.vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, p);
     vk_.vkCmdPushConstants(cmd_, layout_, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof(Params), &params);
     vk_.vkCmdDispatch(cmd_, gx, gy, gz);
+    if (++recorded_dispatches_ >= kDispatchesPerSubmission) return submit_recorded();
+    return Status::ok();
+  }
+
+  // Submits what was recorded without waiting and continues in another command buffer; the next
+  // flush() waits for it (its fence covers every earlier submission to the queue).
+  Status submit_recorded() {
+    recording_ = false;
+    recorded_dispatches_ = 0;
+    VkResult r = vk_.vkEndCommandBuffer(cmd_);
+    if (r == VK_SUCCESS) {
+      VkSubmitInfo submit{};
+      submit.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO;
+      submit.commandBufferCount = 1;
+      submit.pCommandBuffers = &cmd_;
+      r = vk_.vkQueueSubmit(queue_, 1, &submit, VK_NULL_HANDLE);
+    }
+    if (r == VK_SUCCESS) {
+      submitted_.push_back(cmd_);
+      if (!spare_commands_.empty()) {
+        cmd_ = spare_commands_.back();
+        spare_commands_.pop_back();
+      } else {
+        VkCommandBufferAllocateInfo info{};
+        info.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO;
+        info.commandPool = pool_;
+        info.level = VK_COMMAND_BUFFER_LEVEL_PRIMARY;
+        info.commandBufferCount = 1;
+        r = vk_.vkAllocateCommandBuffers(device_, &info, &cmd_);
+      }
+    }
+    if (r != VK_SUCCESS) {
+      // Submitted work may still be running: nothing it touches may be reused.
+      lost_ = "vulkan backend: " + info_.name + " failed a submission: " + result_name(r);
+      return Status::error(lost_);
+    }
     return Status::ok();
   }
 
@@ -1255,9 +1294,11 @@ class VulkanBackend final : public Backend {
   // Submits what was recorded and waits for it, at most kSubmitTimeoutSeconds.
   Status flush() {
     KS_RETURN_IF_ERROR(check_alive());
-    if (!recording_) return Status::ok();
+    if (!recording_ && submitted_.empty()) return Status::ok();
+    KS_RETURN_IF_ERROR(begin_commands());
     barrier(VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_READ_BIT);
     recording_ = false;
+    recorded_dispatches_ = 0;
     KS_VK(vk_.vkEndCommandBuffer(cmd_));
     VkSubmitInfo submit{};
     submit.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO;
@@ -1276,6 +1317,11 @@ class VulkanBackend final : public Backend {
     }
     KS_VK(vk_.vkResetFences(device_, 1, &fence_));
     KS_VK(vk_.vkResetCommandBuffer(cmd_, 0));
+    for (VkCommandBuffer c : submitted_) {
+      KS_VK(vk_.vkResetCommandBuffer(c, 0));
+      spare_commands_.push_back(c);
+    }
+    submitted_.clear();
     return Status::ok();
   }
 
@@ -1297,6 +1343,9 @@ class VulkanBackend final : public Backend {
   VkPipelineLayout layout_ = VK_NULL_HANDLE;
   std::map<std::pair<std::string, uint32_t>, VkPipeline> pipelines_;
   bool recording_ = false;
+  int recorded_dispatches_ = 0;                  // in cmd_ since it was begun
+  std::vector<VkCommandBuffer> submitted_;       // submitted, not yet waited for
+  std::vector<VkCommandBuffer> spare_commands_;  // finished and reset
   // Set while recording dispatches that neither read nor write what the one before wrote (the
   // parts of one weight, the projections of matmul_multi): they skip the barrier and overlap.
   bool independent_ = false;

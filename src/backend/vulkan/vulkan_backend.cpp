@@ -556,8 +556,9 @@ class VulkanBackend final : public Backend {
     }
     n_tokens_ = batch.n_tokens;
     max_context_ = 0;
-    for (size_t t = 0; t < n; ++t)
+    for (size_t t = 0; t < n; ++t) {
       max_context_ = std::max<int64_t>(max_context_, batch.positions[t] + 1);
+    }
     scratch_used_ = 0;
     gather_used_ = 0;
     return Status::ok();

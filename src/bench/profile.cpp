@@ -44,7 +44,8 @@ Result<DeviceProfile> device_profile(const std::string& device, int threads) {
   }
   if (device == "vulkan" || device.rfind("vulkan:", 0) == 0) {
     // Any Vulkan device, Mesa's CPU driver included: a low bandwidth and compute rate keep the
-    // deadlines generous enough for lavapipe (pass --roofline-gbs for a GPU's real figure).
+    // deadlines generous enough for lavapipe. Only for deadlines: the roofline is the backend's
+    // measured copy rate (or --roofline-gbs).
     profile.bandwidth_gbs = 30.0;
     profile.compute_gflops = 8.0;
     // Pipelines, command buffers and the driver's own allocations beyond the reservation.

@@ -52,14 +52,19 @@ std::pair<std::vector<float>, std::vector<float>> run_both(BackendPair& pair, Ba
 
 class VulkanMatmul : public ::testing::TestWithParam<FormatCase> {};
 
-// Shapes with rows off the 4-row tile and columns off any power of two past 64, token counts on
-// both sides of the 8-token tile. `max_allocation` > 0 splits every weight into parts of that
-// many bytes (the iGPU allocation limit, exercised on small weights).
+// Shapes with rows off the 4-row workgroup and columns off any power of two past 64 (and, for fp
+// formats, rows that do not start on 16 bytes: matmul.comp's unaligned path; rows of more than
+// 64 16-byte units, so that every format's threads take several units of a row),
+// token counts on both sides of the 8-token workgroup, the vector path at 16 and 17 tokens and
+// the tiled path at 45. `max_allocation` > 0 splits every weight into parts of that many bytes
+// (the iGPU allocation limit, exercised on small weights; the wide shape's rows exceed it).
 void check_matmul(const FormatCase fc, size_t max_allocation) {
-  const int64_t shapes[][2] = {{200, 192}, {72, 128}, {1040, 576}};
+  const int64_t shapes[][2] = {{200, 192}, {72, 128}, {1040, 576}, {37, 99}, {9, 4160}};
   uint64_t seed = 100 + uint64_t(fc.format) * 10 + uint64_t(fc.block);
   for (const auto& shape : shapes) {
     const int64_t rows = shape[0], cols = shape[1];
+    if (cols % 32 != 0 && is_quantized(fc.format)) continue;
+    if (cols > 1024 && max_allocation > 0) continue;
     ModelWeights weights;
     weights.config = small_config(cols, rows, 1, 1, 64, 16);
     weights.config.n_layers = 1;
@@ -81,7 +86,7 @@ void check_matmul(const FormatCase fc, size_t max_allocation) {
       ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
     }
     const Linear& w = weights.layers[0].w_gate;
-    for (int64_t n : {1, 2, 3, 8, 9, 17, 45}) {
+    for (int64_t n : {1, 2, 3, 8, 9, 16, 17, 45}) {
       const std::vector<float> x = random_values(size_t(n * cols), seed++);
       const std::vector<float> ref = reference_matmul(w, x, n);
       std::vector<int32_t> meta;
@@ -318,6 +323,24 @@ TEST(VulkanBackend, ReportsMemoryAndRefusesWhatItCannotHold) {
   auto x = b.scratch(1, 256), y = b.scratch(1, 64);
   ASSERT_TRUE(x.is_ok() && y.is_ok());
   EXPECT_FALSE(b.matmul(*y, *x, stray).is_ok());
+}
+
+// The roofline is the device's measured copy rate, measured once, and the probe's buffers are
+// gone afterwards (neither the memory in use nor the peak shows them).
+TEST(VulkanBackend, MeasuresItsCopyBandwidthOnce) {
+  auto device = make_vulkan_backend("vulkan");
+  ASSERT_TRUE(device.is_ok()) << device.status().message();
+  Backend& b = **device;
+  const size_t in_use = b.memory_in_use(), peak = b.peak_memory();
+  const Roofline r = b.roofline();
+  EXPECT_GT(r.bandwidth_gbs, 0.0) << r.source;
+  EXPECT_NE(r.source.find("measured: vkCmdCopyBuffer"), std::string::npos) << r.source;
+  EXPECT_NE(r.source.find("read + write"), std::string::npos) << r.source;
+  EXPECT_EQ(b.memory_in_use(), in_use);
+  EXPECT_EQ(b.peak_memory(), peak);
+  const Roofline again = b.roofline();
+  EXPECT_EQ(again.bandwidth_gbs, r.bandwidth_gbs);
+  EXPECT_EQ(again.source, r.source);
 }
 
 TEST(VulkanBackend, DeviceNamesAreChecked) {

@@ -1,9 +1,11 @@
 #include "backend/vulkan/vulkan_backend.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <optional>
 
 #include "backend/vulkan/shader_table.h"
 #include "backend/vulkan/vulkan_device.h"
@@ -34,16 +36,29 @@ constexpr size_t kAlignment = 256;
 // Single allocations stay at or below 2 GiB so that every word index in the shaders fits 32 bits.
 constexpr size_t kMaxAllocationCap = size_t(2) << 30;
 constexpr size_t kStagingBytes = size_t(16) << 20;
+// Dispatches recorded into one command buffer before it is submitted without waiting: the
+// device starts on a forward call (hundreds of dispatches) while the host records the rest.
+constexpr int kDispatchesPerSubmission = 24;
 // The shaders' grids put tokens and matmul row tiles in one dimension each: the guaranteed
 // minimum of maxComputeWorkGroupCount.
 constexpr int64_t kMaxGrid = 65535;
-// matmul.comp's tile is 32 outputs: kMatmulTileOutputs / t rows x t tokens, t = 1, 2, 4 or 8.
-constexpr int64_t kMatmulTileOutputs = 32;
-constexpr int64_t kMatmulMaxTileTokens = 8;
-// From this many tokens on, matmul_tiled.comp (64 x 64 tiles through shared memory) runs instead.
-constexpr int64_t kTiledMatmulMinTokens = 16;
+// matmul.comp's workgroup computes kMatvecRows rows x t tokens, t = 1, 2, 4 or 8 (more tokens
+// take several workgroup rows of the grid, each reading the weights again).
+constexpr int64_t kMatvecRows = 4;
+constexpr int64_t kMatvecMaxTokens = 8;
+// From this many tokens on, matmul_tiled.comp (64 x 64 tiles through shared memory) runs instead:
+// below it the tiled grid has too few workgroups to fill a GPU (a 1536-row matrix makes 24) and
+// most of each 64-token tile is padding, while matmul.comp reads the weights at most 4 times.
+constexpr int64_t kTiledMatmulMinTokens = 32;
 constexpr int64_t kTiledMatmulTile = 64;
 constexpr int64_t kMaxHeadDim = 256;
+// Decode attention splits each (token, head)'s keys over up to kMaxAttentionSplits workgroups of
+// whole 64-key chunks when a call has at most kSplitAttentionMaxTokens tokens, aiming at
+// kAttentionTargetWorkgroups workgroups (a few per compute unit of a large GPU).
+constexpr int64_t kMaxAttentionSplits = 32;
+constexpr int64_t kSplitAttentionMaxTokens = 16;
+constexpr int64_t kAttentionTargetWorkgroups = 512;
+constexpr int64_t kAttentionChunk = 64;
 
 size_t align_up(size_t n, size_t a) {
   return (n + a - 1) / a * a;
@@ -105,9 +120,14 @@ struct KvWriteParams {
   uint32_t kv_dim, head_dim, n_kv_heads, table_stride;
 };
 struct AttentionParams {
-  uint64_t out, q, k_cache, v_cache, positions, seq_ids, block_tables;
+  uint64_t out, q, k_cache, v_cache, positions, seq_ids, block_tables, partials;
   uint32_t q_stride, out_stride, head_dim, n_kv_heads, group, table_stride;
   float scale;
+  uint32_t split_span, n_splits;
+};
+struct AttentionCombineParams {
+  uint64_t out, partials;
+  uint32_t out_stride, head_dim, n_splits;
 };
 struct ElementwiseParams {
   uint64_t out, a, b;
@@ -132,6 +152,14 @@ struct BatchLayout {
   int64_t gather_capacity = 0;
   int64_t argmax_capacity = 0;
 };
+
+// Device-local bytes of decode attention's per-split partial results: [tokens, n_heads,
+// kMaxAttentionSplits, head_dim + 2] floats.
+size_t attention_partial_bytes(const ModelConfig& config, const RunShape& shape) {
+  const int64_t tokens = std::min(shape.max_batch_tokens, kSplitAttentionMaxTokens);
+  return size_t(tokens * config.n_heads * kMaxAttentionSplits * (config.head_dim + 2)) *
+         sizeof(float);
+}
 
 BatchLayout batch_layout(const ModelConfig& config, const RunShape& shape) {
   BatchLayout l;
@@ -194,6 +222,7 @@ class VulkanBackend final : public Backend {
     }
     if (family < 0) return Status::error("vulkan backend: " + info_.name + " has no compute queue");
     family_ = uint32_t(family);
+    timestamp_bits_ = families[size_t(family)].timestampValidBits;
 
     const float priority = 1.0f;
     VkDeviceQueueCreateInfo queue_info{};
@@ -226,6 +255,7 @@ class VulkanBackend final : public Backend {
     props.sType = VK_STRUCTURE_TYPE_PHYSICAL_DEVICE_PROPERTIES_2;
     props.pNext = &maintenance3;
     vk_.vkGetPhysicalDeviceProperties2(physical_, &props);
+    timestamp_period_ns_ = double(props.properties.limits.timestampPeriod);
     max_allocation_ =
         std::min<size_t>(size_t(maintenance3.maxMemoryAllocationSize), kMaxAllocationCap);
     max_weight_allocation_ = max_allocation_;
@@ -307,9 +337,8 @@ class VulkanBackend final : public Backend {
                              std::to_string(row_bytes) + " bytes, more than the " +
                              std::to_string(placement.capacity) + "-byte allocation limit");
       }
-      const int64_t rows_per_part =
-          std::min<int64_t>(int64_t(usable / std::max<size_t>(row_bytes, 1)),
-                            kMaxGrid * (kMatmulTileOutputs / kMatmulMaxTileTokens));
+      const int64_t rows_per_part = std::min<int64_t>(
+          int64_t(usable / std::max<size_t>(row_bytes, 1)), kMaxGrid * kMatvecRows);
       const size_t index = matrices.size();
       // An empty matrix (a tensor a test model leaves out) gets a slot and no parts.
       const int64_t n_rows = row_bytes > 0 ? w.rows : 0;
@@ -427,7 +456,8 @@ class VulkanBackend final : public Backend {
   Result<WorkspaceLayout> reserve_layout(const ModelConfig& config,
                                          const RunShape& shape) const override {
     WorkspaceLayout layout = workspace_layout(config, shape, workspace_types());
-    layout.kernel_scratch_bytes = batch_layout(config, shape).total;
+    layout.kernel_scratch_bytes =
+        batch_layout(config, shape).total + attention_partial_bytes(config, shape);
     return layout;
   }
 
@@ -470,6 +500,9 @@ class VulkanBackend final : public Backend {
     }
     if (s.is_ok()) s = create_buffer(scratch_bytes, device_type_, scratch_);
     if (s.is_ok()) s = create_buffer(batch_layout_.total, host_type_, batch_);
+    if (s.is_ok()) {
+      s = create_buffer(attention_partial_bytes(config, shape), device_type_, attention_partials_);
+    }
     if (!s.is_ok()) {
       release_reservation();
       return s.with_context("reserving " + std::to_string(layout.total_bytes()) + " bytes");
@@ -522,6 +555,10 @@ class VulkanBackend final : public Backend {
       }
     }
     n_tokens_ = batch.n_tokens;
+    max_context_ = 0;
+    for (size_t t = 0; t < n; ++t) {
+      max_context_ = std::max<int64_t>(max_context_, batch.positions[t] + 1);
+    }
     scratch_used_ = 0;
     gather_used_ = 0;
     return Status::ok();
@@ -579,13 +616,22 @@ class VulkanBackend final : public Backend {
                            std::to_string(m.cols) + "] weight into [" + std::to_string(out.rows) +
                            ", " + std::to_string(out.cols) + "]");
     }
-    if (x.rows > kMaxGrid * kMatmulMaxTileTokens) {
+    if (x.rows > kMaxGrid * kMatvecMaxTokens) {
       return Status::error("vulkan backend: matmul of " + std::to_string(x.rows) + " rows");
     }
     int64_t tile_tokens = 1;
-    while (tile_tokens < std::min(x.rows, kMatmulMaxTileTokens)) tile_tokens *= 2;
-    const int64_t tile_rows = kMatmulTileOutputs / tile_tokens;
+    while (tile_tokens < std::min(x.rows, kMatvecMaxTokens)) tile_tokens *= 2;
+    // 16-byte loads need every weight row and x row to start on 16 bytes: always for int4 and
+    // int8 rows (multiples of 32 weights), for fp rows only when they are multiples of 16 bytes.
+    const int64_t element_bytes = m.format == WeightFormat::fp32 ? 4 : 2;
+    const bool aligned =
+        address_of(x) % 16 == 0 && (is_quantized(m.format) || (m.cols * element_bytes) % 16 == 0);
+    const uint32_t shape = uint32_t(tile_tokens) | (aligned ? 16u : 0u);
+    const bool independent = independent_;
+    Status s = Status::ok();
     for (const WeightPart& part : m.parts) {
+      // Parts read the same x and write disjoint columns of out.
+      independent_ = independent || &part != &m.parts.front();
       MatmulParams p{address_of(x),
                      address_of(out),
                      part.data,
@@ -599,17 +645,38 @@ class VulkanBackend final : public Backend {
                      uint32_t(part.row_begin),
                      uint32_t(x.cols),
                      uint32_t(out.cols)};
-      if (x.rows >= kTiledMatmulMinTokens) {
-        KS_RETURN_IF_ERROR(dispatch("matmul_tiled", spec_constants(uint32_t(m.format)), p,
-                                    groups(part.rows, kTiledMatmulTile),
-                                    groups(x.rows, kTiledMatmulTile)));
-      } else {
-        KS_RETURN_IF_ERROR(dispatch("matmul",
-                                    spec_constants(uint32_t(m.format), uint32_t(tile_tokens)), p,
-                                    groups(part.rows, tile_rows), groups(x.rows, tile_tokens)));
-      }
+      s = x.rows >= kTiledMatmulMinTokens
+              ? dispatch("matmul_tiled", spec_constants(uint32_t(m.format)), p,
+                         groups(part.rows, kTiledMatmulTile), groups(x.rows, kTiledMatmulTile))
+              : dispatch("matmul", spec_constants(uint32_t(m.format), shape), p,
+                         groups(part.rows, kMatvecRows), groups(x.rows, tile_tokens));
+      if (!s.is_ok()) break;
     }
-    return Status::ok();
+    independent_ = independent;
+    return s;
+  }
+
+  // One barrier before the first projection: the rest read the same x and write other outputs,
+  // so they overlap on the device (unless an output overlaps x or another output).
+  Status matmul_multi(std::span<const Tensor> outs, Tensor x,
+                      std::span<const Linear* const> weights) override {
+    if (outs.size() != weights.size()) return Status::error("matmul_multi: outputs != weights");
+    auto bytes = [](Tensor t) { return uint64_t(t.rows * t.cols) * sizeof(float); };
+    auto overlap = [&](Tensor a, Tensor b) {
+      return address_of(a) < address_of(b) + bytes(b) && address_of(b) < address_of(a) + bytes(a);
+    };
+    bool disjoint = true;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      disjoint = disjoint && !overlap(outs[i], x);
+      for (size_t j = 0; j < i; ++j) disjoint = disjoint && !overlap(outs[i], outs[j]);
+    }
+    Status s = Status::ok();
+    for (size_t i = 0; i < outs.size() && s.is_ok(); ++i) {
+      independent_ = disjoint && i > 0;
+      s = matmul(outs[i], x, *weights[i]);
+    }
+    independent_ = false;
+    return s;
   }
 
   Status rope(Tensor q, Tensor k, const RopeParams& params) override {
@@ -653,6 +720,16 @@ class VulkanBackend final : public Backend {
                     uint32_t(params.n_kv_heads),
                     table_stride};
     KS_RETURN_IF_ERROR(dispatch("kv_write", 0, w, groups(kv_dim, 256), uint32_t(n_tokens_)));
+    // Few tokens make few workgroups: split the keys so that the GPU fills, in whole chunks.
+    int64_t splits = 1, span = 0;
+    if (n_tokens_ <= kSplitAttentionMaxTokens) {
+      const int64_t wanted = std::clamp<int64_t>(
+          kAttentionTargetWorkgroups / std::max<int64_t>(n_tokens_ * params.n_heads, 1), 1,
+          kMaxAttentionSplits);
+      const int64_t chunks = (max_context_ + kAttentionChunk - 1) / kAttentionChunk;
+      span = (chunks + wanted - 1) / wanted * kAttentionChunk;
+      splits = span > 0 ? (max_context_ + span - 1) / span : 1;
+    }
     AttentionParams a{address_of(out),
                       address_of(q),
                       kc.address,
@@ -660,14 +737,26 @@ class VulkanBackend final : public Backend {
                       positions,
                       seq_ids,
                       tables,
+                      attention_partials_.address,
                       uint32_t(q.cols),
                       uint32_t(out.cols),
                       uint32_t(params.head_dim),
                       uint32_t(params.n_kv_heads),
                       uint32_t(params.n_heads / params.n_kv_heads),
                       table_stride,
-                      1.0f / std::sqrt(float(params.head_dim))};
-    return dispatch("attention", 0, a, uint32_t(params.n_heads), uint32_t(n_tokens_));
+                      1.0f / std::sqrt(float(params.head_dim)),
+                      uint32_t(span),
+                      uint32_t(splits)};
+    const size_t partial_bytes =
+        size_t(n_tokens_ * params.n_heads * splits * (params.head_dim + 2)) * sizeof(float);
+    if (splits > 1 && partial_bytes > attention_partials_.size) splits = 1;
+    a.n_splits = uint32_t(splits);
+    KS_RETURN_IF_ERROR(dispatch("attention", 0, a, uint32_t(params.n_heads), uint32_t(n_tokens_),
+                                uint32_t(splits)));
+    if (splits == 1) return Status::ok();
+    AttentionCombineParams c{address_of(out), attention_partials_.address, uint32_t(out.cols),
+                             uint32_t(params.head_dim), uint32_t(splits)};
+    return dispatch("attention_combine", 0, c, uint32_t(params.n_heads), uint32_t(n_tokens_));
   }
 
   Status swiglu(Tensor out, Tensor gate, Tensor up) override {
@@ -726,6 +815,24 @@ class VulkanBackend final : public Backend {
     return Status::ok();
   }
 
+  // The device-to-device copy rate, measured once: vkCmdCopyBuffer between two device-local
+  // buffers, bytes read + written per second (as the CUDA backend counts its copy kernel), the
+  // median of kRooflineReps copies after one warm-up, timed by the device's timestamps (or by
+  // the host's clock around each submission where the queue has none).
+  Roofline roofline() override {
+    if (!roofline_) {
+      Result<double> gbs = measure_copy_gbs();
+      roofline_ =
+          gbs.is_ok()
+              ? Roofline{*gbs, "measured: vkCmdCopyBuffer device-to-device copy of " +
+                                   std::to_string(roofline_bytes_ >> 20) +
+                                   " MiB, read + write, median of " +
+                                   std::to_string(kRooflineReps) + " (" + roofline_clock_ + ")"}
+              : Roofline{0, "measurement failed: " + gbs.status().message()};
+    }
+    return *roofline_;
+  }
+
   size_t memory_in_use() const override { return in_use_; }
   size_t peak_memory() const override { return peak_; }
 
@@ -755,6 +862,92 @@ class VulkanBackend final : public Backend {
   }
 
  private:
+  static constexpr int kRooflineReps = 7;
+
+  Result<double> measure_copy_gbs() {
+    KS_RETURN_IF_ERROR(flush());
+    // Large enough that the copy dwarfs its launch on a GPU (256 MiB each way), bounded by the
+    // allocation limit and a small share of the free memory; 16 MiB on a CPU driver, where a
+    // copy runs at host memory speed and CI pays for every millisecond.
+    size_t bytes = info_.type == "CPU" ? size_t(16) << 20 : size_t(256) << 20;
+    bytes = std::min(bytes, max_allocation_);
+    const size_t free = free_memory();
+    if (free > 1) bytes = std::min(bytes, free / 8);
+    bytes = bytes / kAlignment * kAlignment;
+    if (bytes < kAlignment) return Status::error("no memory for a copy measurement");
+    roofline_bytes_ = bytes;
+    const size_t peak = peak_;
+    Buffer src, dst;
+    VkQueryPool pool = VK_NULL_HANDLE;
+    Result<double> gbs = time_copies(bytes, src, dst, pool);
+    if (pool != VK_NULL_HANDLE) vk_.vkDestroyQueryPool(device_, pool, nullptr);
+    destroy(src);
+    destroy(dst);
+    peak_ = peak;  // the probe's buffers are not the model's memory
+    return gbs;
+  }
+
+  Result<double> time_copies(size_t bytes, Buffer& src, Buffer& dst, VkQueryPool& pool) {
+    KS_RETURN_IF_ERROR(create_buffer(bytes, device_type_, src));
+    KS_RETURN_IF_ERROR(create_buffer(bytes, device_type_, dst));
+    const bool timestamps = timestamp_bits_ > 0 && timestamp_period_ns_ > 0;
+    roofline_clock_ = timestamps ? "device timestamps" : "host clock";
+    if (timestamps) {
+      VkQueryPoolCreateInfo info{};
+      info.sType = VK_STRUCTURE_TYPE_QUERY_POOL_CREATE_INFO;
+      info.queryType = VK_QUERY_TYPE_TIMESTAMP;
+      info.queryCount = 2 * kRooflineReps;
+      KS_VK(vk_.vkCreateQueryPool(device_, &info, nullptr, &pool));
+    }
+    const VkBufferCopy region{0, 0, bytes};
+    auto record_copy = [&]() {
+      barrier();
+      vk_.vkCmdCopyBuffer(cmd_, src.buffer, dst.buffer, 1, &region);
+    };
+    // Warm-up: the first touch of fresh pages (and the fill) stays out of the timings.
+    KS_RETURN_IF_ERROR(begin_commands());
+    vk_.vkCmdFillBuffer(cmd_, src.buffer, 0, VK_WHOLE_SIZE, 0x3f8ccccdu);
+    record_copy();
+    KS_RETURN_IF_ERROR(flush());
+    std::vector<double> seconds;
+    if (timestamps) {
+      KS_RETURN_IF_ERROR(begin_commands());
+      vk_.vkCmdResetQueryPool(cmd_, pool, 0, 2 * kRooflineReps);
+      for (int i = 0; i < kRooflineReps; ++i) {
+        // ALL_COMMANDS: written once every earlier command (the previous copy) has finished.
+        barrier();
+        vk_.vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_ALL_COMMANDS_BIT, pool, uint32_t(2 * i));
+        record_copy();
+        vk_.vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_ALL_COMMANDS_BIT, pool,
+                                uint32_t(2 * i + 1));
+      }
+      KS_RETURN_IF_ERROR(flush());
+      std::vector<uint64_t> ticks(2 * kRooflineReps);
+      KS_VK(vk_.vkGetQueryPoolResults(
+          device_, pool, 0, 2 * kRooflineReps, ticks.size() * sizeof(uint64_t), ticks.data(),
+          sizeof(uint64_t), VK_QUERY_RESULT_64_BIT | VK_QUERY_RESULT_WAIT_BIT));
+      const uint64_t mask =
+          timestamp_bits_ >= 64 ? ~uint64_t(0) : (uint64_t(1) << timestamp_bits_) - 1;
+      for (int i = 0; i < kRooflineReps; ++i) {
+        const uint64_t delta = (ticks[size_t(2 * i + 1)] - ticks[size_t(2 * i)]) & mask;
+        seconds.push_back(double(delta) * timestamp_period_ns_ * 1e-9);
+      }
+    } else {
+      for (int i = 0; i < kRooflineReps; ++i) {
+        KS_RETURN_IF_ERROR(begin_commands());
+        record_copy();
+        const auto start = std::chrono::steady_clock::now();
+        KS_RETURN_IF_ERROR(flush());
+        seconds.push_back(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+    }
+    std::sort(seconds.begin(), seconds.end());
+    const double median = seconds[seconds.size() / 2];
+    if (!(median > 0)) return Status::error("the copies took no measurable time");
+    return 2.0 * double(bytes) / median / 1e9;
+  }
+
   // Packs arrays into pages of at most `capacity` bytes, each array 256-byte aligned.
   struct Placement {
     struct Item {
@@ -899,6 +1092,7 @@ class VulkanBackend final : public Backend {
     v_cache_.clear();
     destroy(scratch_);
     destroy(batch_);
+    destroy(attention_partials_);
     scratch_elements_ = 0;
     scratch_used_ = 0;
   }
@@ -1046,10 +1240,46 @@ class VulkanBackend final : public Backend {
     }
     KS_ASSIGN_OR_RETURN(VkPipeline p, pipeline(shader, spec));
     KS_RETURN_IF_ERROR(begin_commands());
-    barrier();
+    if (!independent_) barrier();
     vk_.vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, p);
     vk_.vkCmdPushConstants(cmd_, layout_, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof(Params), &params);
     vk_.vkCmdDispatch(cmd_, gx, gy, gz);
+    if (++recorded_dispatches_ >= kDispatchesPerSubmission) return submit_recorded();
+    return Status::ok();
+  }
+
+  // Submits what was recorded without waiting and continues in another command buffer; the next
+  // flush() waits for it (its fence covers every earlier submission to the queue).
+  Status submit_recorded() {
+    recording_ = false;
+    recorded_dispatches_ = 0;
+    VkResult r = vk_.vkEndCommandBuffer(cmd_);
+    if (r == VK_SUCCESS) {
+      VkSubmitInfo submit{};
+      submit.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO;
+      submit.commandBufferCount = 1;
+      submit.pCommandBuffers = &cmd_;
+      r = vk_.vkQueueSubmit(queue_, 1, &submit, VK_NULL_HANDLE);
+    }
+    if (r == VK_SUCCESS) {
+      submitted_.push_back(cmd_);
+      if (!spare_commands_.empty()) {
+        cmd_ = spare_commands_.back();
+        spare_commands_.pop_back();
+      } else {
+        VkCommandBufferAllocateInfo info{};
+        info.sType = VK_STRUCTURE_TYPE_COMMAND_BUFFER_ALLOCATE_INFO;
+        info.commandPool = pool_;
+        info.level = VK_COMMAND_BUFFER_LEVEL_PRIMARY;
+        info.commandBufferCount = 1;
+        r = vk_.vkAllocateCommandBuffers(device_, &info, &cmd_);
+      }
+    }
+    if (r != VK_SUCCESS) {
+      // Submitted work may still be running: nothing it touches may be reused.
+      lost_ = "vulkan backend: " + info_.name + " failed a submission: " + result_name(r);
+      return Status::error(lost_);
+    }
     return Status::ok();
   }
 
@@ -1065,9 +1295,11 @@ class VulkanBackend final : public Backend {
   // Submits what was recorded and waits for it, at most kSubmitTimeoutSeconds.
   Status flush() {
     KS_RETURN_IF_ERROR(check_alive());
-    if (!recording_) return Status::ok();
+    if (!recording_ && submitted_.empty()) return Status::ok();
+    KS_RETURN_IF_ERROR(begin_commands());
     barrier(VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_READ_BIT);
     recording_ = false;
+    recorded_dispatches_ = 0;
     KS_VK(vk_.vkEndCommandBuffer(cmd_));
     VkSubmitInfo submit{};
     submit.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO;
@@ -1086,6 +1318,11 @@ class VulkanBackend final : public Backend {
     }
     KS_VK(vk_.vkResetFences(device_, 1, &fence_));
     KS_VK(vk_.vkResetCommandBuffer(cmd_, 0));
+    for (VkCommandBuffer c : submitted_) {
+      KS_VK(vk_.vkResetCommandBuffer(c, 0));
+      spare_commands_.push_back(c);
+    }
+    submitted_.clear();
     return Status::ok();
   }
 
@@ -1107,6 +1344,12 @@ class VulkanBackend final : public Backend {
   VkPipelineLayout layout_ = VK_NULL_HANDLE;
   std::map<std::pair<std::string, uint32_t>, VkPipeline> pipelines_;
   bool recording_ = false;
+  int recorded_dispatches_ = 0;                  // in cmd_ since it was begun
+  std::vector<VkCommandBuffer> submitted_;       // submitted, not yet waited for
+  std::vector<VkCommandBuffer> spare_commands_;  // finished and reset
+  // Set while recording dispatches that neither read nor write what the one before wrote (the
+  // parts of one weight, the projections of matmul_multi): they skip the barrier and overlap.
+  bool independent_ = false;
   std::string lost_;  // set when a submission failed or timed out: every later call fails
 
   std::vector<Buffer> weight_pages_;
@@ -1125,10 +1368,17 @@ class VulkanBackend final : public Backend {
   Buffer batch_;  // host-written per call: batch_layout()
   BatchLayout batch_layout_;
   int64_t n_tokens_ = 0;
+  int64_t max_context_ = 0;    // of the call's tokens: position + 1
+  Buffer attention_partials_;  // attention_partial_bytes()
   int64_t gather_used_ = 0;
   Buffer staging_;
   size_t in_use_ = 0;
   size_t peak_ = 0;
+  uint32_t timestamp_bits_ = 0;     // of the queue family; 0: no timestamps
+  double timestamp_period_ns_ = 0;  // nanoseconds per timestamp tick
+  std::optional<Roofline> roofline_;
+  size_t roofline_bytes_ = 0;
+  std::string roofline_clock_;
 };
 
 }  // namespace

@@ -54,6 +54,12 @@ namespace kestrel::vulkan {
   X(vkCmdDispatch)                            \
   X(vkCmdPipelineBarrier)                     \
   X(vkCmdCopyBuffer)                          \
+  X(vkCmdFillBuffer)                          \
+  X(vkCreateQueryPool)                        \
+  X(vkDestroyQueryPool)                       \
+  X(vkCmdResetQueryPool)                      \
+  X(vkCmdWriteTimestamp)                      \
+  X(vkGetQueryPoolResults)                    \
   X(vkCreateFence)                            \
   X(vkDestroyFence)                           \
   X(vkResetFences)                            \

@@ -1,6 +1,7 @@
 #version 460
 // out[r] = index of the largest value of row r (the lowest index among ties). One workgroup per
 // row. Grid: (rows).
+#extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
 
 layout(local_size_x = 256) in;
@@ -19,8 +20,22 @@ void main() {
   Floats x = Floats(p.x);
   float value = -1.0 / 0.0;
   uint index = 0xffffffffu;
-  for (uint i = tid; i < p.cols; i += 256) {
-    const float v = x.v[row * p.cols + i];
+  const uint base = row * p.cols;
+  uint i = tid;
+  // 8 loads in flight a thread (one workgroup streams a whole vocabulary row), compared in
+  // index order so that ties still go to the lowest index.
+  for (; i + 7 * 256 < p.cols; i += 8 * 256) {
+    float v[8];
+    [[unroll]] for (uint u = 0; u < 8; ++u) v[u] = x.v[base + i + u * 256];
+    [[unroll]] for (uint u = 0; u < 8; ++u) {
+      if (index == 0xffffffffu || v[u] > value) {
+        value = v[u];
+        index = i + u * 256;
+      }
+    }
+  }
+  for (; i < p.cols; i += 256) {
+    const float v = x.v[base + i];
     if (index == 0xffffffffu || v > value) {
       value = v;
       index = i;

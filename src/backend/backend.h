@@ -133,7 +133,10 @@ class Backend {
   // --- Fused ops: the sequences of plain ops the forward pass issues, named so that a device
   // backend can run each as fewer launches. The default composes the plain ops above (the CPU
   // backend's is the reference of every fused op); an override must compute the same values
-  // within the plain ops' bounds and write every output the composition writes.
+  // within the plain ops' bounds and write every output the composition writes. The tensors of
+  // one call are distinct from one another (rope_attention's q and k are rotated in place, as by
+  // rope): a device backend may read one while it writes another, so callers never alias them,
+  // and the CUDA backend refuses norm_matmul, norm_matmul_swiglu and matmul_add calls that do.
 
   // normed = rms_norm(x) · norm_w, then outs[i] = normed · weights[i]ᵀ + bias: the projections
   // that follow a norm (q/k/v after attn_norm; lm_head after the final norm). `normed` is always

@@ -53,6 +53,29 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
                        " is free (" + where + "); lower the context length (-c)");
 }
 
+// A synthetic model is built whole in host memory before it is uploaded (and, split, before
+// each rank copies its shard out of it, so the whole model and the shards coexist): refuse one
+// that the host cannot hold, before building any of it, instead of meeting the OOM killer.
+Status check_synthetic_fits_host(const std::string& source, const LoadOptions& load,
+                                 int tensor_parallel) {
+  if (source.rfind("synthetic:", 0) != 0) return Status::ok();
+  Result<WeightSpec> spec = weight_spec_of(source, load.format, load.format_explicit, load.block);
+  if (!spec.is_ok()) return Status::ok();  // the load reports what is wrong with the source
+  Result<size_t> available = host_available_memory();
+  if (!available.is_ok()) return Status::ok();
+  const size_t model = planned_weight_bytes(*spec);
+  const size_t needed = model * (tensor_parallel > 1 ? 2 : 1);
+  if (needed <= *available) return Status::ok();
+  return Status::error(
+      source + " in " + format_name(spec->format) +
+      " is built in host memory: " + format_bytes(needed) +
+      (tensor_parallel > 1
+           ? " (the whole model and its " + std::to_string(tensor_parallel) + " shards)"
+           : "") +
+      " but only " + format_bytes(*available) +
+      " is available (MemAvailable of the host); choose a smaller model or a lower --low-bit");
+}
+
 }  // namespace
 
 int32_t argmax(const float* values, int64_t n) {
@@ -163,6 +186,7 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
     load.format_explicit = options.format.has_value();
     load.block = options.block;
     load.progress = options.progress;
+    KS_RETURN_IF_ERROR(check_synthetic_fits_host(options.model, load, options.tensor_parallel));
     if (options.tensor_parallel > 1) {
       // Each rank's weights; the engine keeps the whole model's config, format and notes.
       KS_ASSIGN_OR_RETURN(ShardedModel sharded, load_model_shards(options.model, load, load_pool,

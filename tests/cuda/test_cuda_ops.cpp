@@ -400,7 +400,7 @@ INSTANTIATE_TEST_SUITE_P(HeadDims, CudaAttention,
 // --- fused ops -------------------------------------------------------------------------------
 
 // The launches (op timing's names and calls) one call of check_fused_ops's sequence takes: the
-// decode GEMV carries every fusion up to 16 tokens (the norm as its input stage at batch 1
+// decode GEMV carries every fusion up to 64 tokens (the norm as its input stage at batch 1
 // only), GEMMs and the plain kernels take over beyond, and fp32 weights never fuse. rope rides
 // in the cache write at every token count; no op needs an fp16 shadow launch of its own.
 std::map<std::string, int64_t> fused_launches(WeightFormat format, int64_t n) {

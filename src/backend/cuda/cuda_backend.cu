@@ -402,6 +402,7 @@ class CudaBackend final : public Backend {
   Status norm_matmul(std::span<const Tensor> outs, Tensor normed, Tensor x, const Vector& norm_w,
                      float eps, std::span<const Linear* const> weights) override {
     KS_ASSIGN_OR_RETURN(const float* weight, norm_weight(normed, x, norm_w, "norm_matmul"));
+    KS_RETURN_IF_ERROR(check_norm_operands("norm_matmul", x, normed, outs));
     KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, normed, weights));
     if (!m.fp32 && gemv_fuses_norm(x.cols, x.rows)) {
       // The GEMV's blocks normalize x themselves; block 0 writes `normed`.
@@ -421,6 +422,7 @@ class CudaBackend final : public Backend {
     }
     KS_ASSIGN_OR_RETURN(const float* weight, norm_weight(normed, x, norm_w, "norm_matmul_swiglu"));
     const Tensor outs[] = {gate, up};
+    KS_RETURN_IF_ERROR(check_norm_operands("norm_matmul_swiglu", x, normed, outs));
     const Linear* const weights[] = {&w_gate, &w_up};
     KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, normed, weights));
     if (!m.fp32 && gemv_fuses_norm(x.cols, x.rows)) {
@@ -789,6 +791,21 @@ class CudaBackend final : public Backend {
       return Status::error(std::string("cuda ") + op + ": norm shapes do not match");
     }
     return weight;
+  }
+
+  // A fused norm's tensors are distinct (backend.h): at batch 1 block 0 of the GEMV writes
+  // `normed` while the other blocks still read `x` for their own norm, and outputs are written
+  // while `x` or `normed` may still be read.
+  static Status check_norm_operands(const char* op, Tensor x, Tensor normed,
+                                    std::span<const Tensor> outs) {
+    bool clash = overlap(x, normed);
+    for (const Tensor& out : outs) clash = clash || overlap(out, x) || overlap(out, normed);
+    for (size_t i = 0; i < outs.size(); ++i) {
+      for (size_t j = i + 1; j < outs.size(); ++j) clash = clash || overlap(outs[i], outs[j]);
+    }
+    if (!clash) return Status::ok();
+    return Status::error(std::string("cuda ") + op +
+                         ": x, normed and the outputs must not overlap one another");
   }
 
   // outs[i] = x · weights[i]ᵀ, checked: the jobs of one GEMV launch (or of one GEMM each).

@@ -1,5 +1,6 @@
-// Prefill matrix products (more than 16 tokens): the weight is dequantized to fp16 in row slices
-// and multiplied on the tensor cores by cuBLAS (fp16 inputs, fp32 accumulation and output).
+// Prefill matrix products (more than 64 tokens, gemv.cuh's kMaxGemvBatchTokens): the weight is
+// dequantized to fp16 in row slices and multiplied on the tensor cores by cuBLAS (fp16 inputs,
+// fp32 accumulation and output).
 // fp32 weights instead multiply the fp32 activation itself in fp32 (gemm_f32), at every token
 // count.
 #pragma once

@@ -48,6 +48,7 @@ struct GemvParams {
   ShadowOut shadow;           // swiglu mode: fp16 shadow of jobs[0].y
   NormInput norm;             // when norm.x is set, the input is computed from it, x is null
   const __half* x = nullptr;  // [n_tokens, x_stride] permuted fp16
+  bool dp4a = false;          // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -655,7 +656,7 @@ Status launch_kernel(const GemvParams& p, int blocks, cudaStream_t stream) {
 template <WeightFormat F, int MT, bool kSwiglu>
 Status launch_mt(const GemvParams& p, int blocks, cudaStream_t stream) {
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
-    if (gemv_uses_dp4a(p.n_tokens, p.x_stride)) {
+    if (p.dp4a) {
       if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, blocks, stream);
       if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, blocks, stream);
       return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, blocks, stream);
@@ -704,37 +705,12 @@ bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols) {
   return n_tokens <= 2 && cols <= kMaxDpCols;
 }
 
-Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
-            int sm_count, cudaStream_t stream, GemvEpilogue epilogue, ShadowOut swiglu_shadow,
-            NormInput norm) {
-  if (n_jobs < 1 || n_jobs > kMaxGemvJobs) {
-    return Status::error("cuda matmul: " + std::to_string(n_jobs) + " weights in one GEMV");
-  }
-  if (n_tokens < 1 || n_tokens > kMaxGemvBatchTokens) {
-    return Status::error("cuda matmul: GEMV takes 1 to " + std::to_string(kMaxGemvBatchTokens) +
-                         " tokens, got " + std::to_string(n_tokens));
-  }
-  if (n_tokens > kMaxGemvTokens) {
-    // Slices of 16 tokens, one launch each: every row of the input, outputs and shadow belongs
-    // to one token, so a slice is the same call on offset pointers.
-    if (norm.x != nullptr) return Status::error("cuda matmul: a fused RMSNorm input is one token");
-    for (int t0 = 0; t0 < n_tokens; t0 += kMaxGemvTokens) {
-      const int count = std::min(kMaxGemvTokens, n_tokens - t0);
-      GemvJob slice[kMaxGemvJobs];
-      for (int j = 0; j < n_jobs; ++j) {
-        slice[j] = jobs[j];
-        slice[j].y = jobs[j].y + int64_t(t0) * jobs[j].w.rows;
-        if (jobs[j].residual != nullptr) {
-          slice[j].residual = jobs[j].residual + int64_t(t0) * jobs[j].w.rows;
-        }
-      }
-      ShadowOut shadow = swiglu_shadow;
-      if (shadow.data != nullptr) shadow.data += int64_t(t0) * shadow.row_stride;
-      KS_RETURN_IF_ERROR(gemv(slice, n_jobs, x + int64_t(t0) * x_stride, x_stride, count, sm_count,
-                              stream, epilogue, shadow, norm));
-    }
-    return Status::ok();
-  }
+namespace {
+
+// One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
+Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
+                   int sm_count, cudaStream_t stream, GemvEpilogue epilogue,
+                   ShadowOut swiglu_shadow, NormInput norm, bool dp4a) {
   GemvParams p;
   p.n_jobs = n_jobs;
   const WeightFormat format = jobs[0].w.format;
@@ -766,6 +742,7 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
   p.x_stride = x_stride;
   p.n_groups = x_stride / kGroup;
   p.n_tokens = n_tokens;
+  p.dp4a = dp4a;
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);
@@ -779,6 +756,48 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
       return Status::error(std::string("cuda matmul: no GEMV for device format ") +
                            format_name(format));
   }
+}
+
+}  // namespace
+
+Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
+            int sm_count, cudaStream_t stream, GemvEpilogue epilogue, ShadowOut swiglu_shadow,
+            NormInput norm) {
+  if (n_jobs < 1 || n_jobs > kMaxGemvJobs) {
+    return Status::error("cuda matmul: " + std::to_string(n_jobs) + " weights in one GEMV");
+  }
+  if (n_tokens < 1 || n_tokens > kMaxGemvBatchTokens) {
+    return Status::error("cuda matmul: GEMV takes 1 to " + std::to_string(kMaxGemvBatchTokens) +
+                         " tokens, got " + std::to_string(n_tokens));
+  }
+  // Every token of a call gets the same arithmetic: the dp4a path (int8 inputs) is chosen by the
+  // call's token count, never by a slice's (the last 1-2 tokens of an 18-token call stay fp16).
+  const bool dp4a =
+      (jobs[0].w.format == WeightFormat::sym_int4 || jobs[0].w.format == WeightFormat::asym_int4) &&
+      gemv_uses_dp4a(n_tokens, x_stride);
+  if (n_tokens <= kMaxGemvTokens) {
+    return gemv_launch(jobs, n_jobs, x, x_stride, n_tokens, sm_count, stream, epilogue,
+                       swiglu_shadow, norm, dp4a);
+  }
+  // Slices of 16 tokens, one launch each: every row of the input, outputs and shadow belongs to
+  // one token, so a slice is the same call on offset pointers.
+  if (norm.x != nullptr) return Status::error("cuda matmul: a fused RMSNorm input is one token");
+  for (int t0 = 0; t0 < n_tokens; t0 += kMaxGemvTokens) {
+    const int count = std::min(kMaxGemvTokens, n_tokens - t0);
+    GemvJob slice[kMaxGemvJobs];
+    for (int j = 0; j < n_jobs; ++j) {
+      slice[j] = jobs[j];
+      slice[j].y = jobs[j].y + int64_t(t0) * jobs[j].w.rows;
+      if (jobs[j].residual != nullptr) {
+        slice[j].residual = jobs[j].residual + int64_t(t0) * jobs[j].w.rows;
+      }
+    }
+    ShadowOut shadow = swiglu_shadow;
+    if (shadow.data != nullptr) shadow.data += int64_t(t0) * shadow.row_stride;
+    KS_RETURN_IF_ERROR(gemv_launch(slice, n_jobs, x + int64_t(t0) * x_stride, x_stride, count,
+                                   sm_count, stream, epilogue, shadow, norm, dp4a));
+  }
+  return Status::ok();
 }
 
 }  // namespace kestrel::cuda

@@ -1,5 +1,6 @@
-// Decode matrix products: y[n, rows] = x[n, cols] · wᵀ (+ bias) for 1..16 tokens, reading every
-// weight byte once per call whatever n is, dequantizing in registers, on the tensor cores.
+// Decode matrix products: y[n, rows] = x[n, cols] · wᵀ (+ bias) for 1..64 tokens, dequantizing in
+// registers, on the tensor cores. One launch takes up to 16 tokens and reads every weight byte
+// once whatever its n is; a call of more runs a launch per 16 (kMaxGemvBatchTokens).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -326,7 +326,10 @@ TEST(VulkanBackend, ReportsMemoryAndRefusesWhatItCannotHold) {
 }
 
 // The roofline is the device's measured copy rate, measured once, and the probe's buffers are
-// gone afterwards (neither the memory in use nor the peak shows them).
+// gone afterwards (neither the memory in use nor the peak shows them). The probe checks words
+// spread from the first to the last 16 bytes of the destination after its copies and reports a
+// failed measurement (0 GB/s) when any is wrong, so a copy shader that copies nothing, or only
+// part of the buffer, fails here instead of measuring a huge bandwidth.
 TEST(VulkanBackend, MeasuresItsCopyBandwidthOnce) {
   auto device = make_vulkan_backend("vulkan");
   ASSERT_TRUE(device.is_ok()) << device.status().message();
@@ -334,7 +337,7 @@ TEST(VulkanBackend, MeasuresItsCopyBandwidthOnce) {
   const size_t in_use = b.memory_in_use(), peak = b.peak_memory();
   const Roofline r = b.roofline();
   EXPECT_GT(r.bandwidth_gbs, 0.0) << r.source;
-  EXPECT_NE(r.source.find("measured: vkCmdCopyBuffer"), std::string::npos) << r.source;
+  EXPECT_NE(r.source.find("measured: compute-shader copy"), std::string::npos) << r.source;
   EXPECT_NE(r.source.find("read + write"), std::string::npos) << r.source;
   EXPECT_EQ(b.memory_in_use(), in_use);
   EXPECT_EQ(b.peak_memory(), peak);

@@ -141,6 +141,10 @@ struct ArgmaxParams {
   uint64_t x, out;
   uint32_t cols;
 };
+struct CopyParams {
+  uint64_t dst, src;
+  uint32_t n;  // 16-byte elements
+};
 constexpr uint32_t kPushConstantBytes = 128;  // the minimum every device supports
 constexpr uint32_t kOpSwiglu = 0, kOpAdd = 1;
 
@@ -815,20 +819,21 @@ class VulkanBackend final : public Backend {
     return Status::ok();
   }
 
-  // The device-to-device copy rate, measured once: vkCmdCopyBuffer between two device-local
-  // buffers, bytes read + written per second (as the CUDA backend counts its copy kernel), the
-  // median of kRooflineReps copies after one warm-up, timed by the device's timestamps (or by
-  // the host's clock around each submission where the queue has none).
+  // The device's memory bandwidth, measured once: copy.comp copying one device-local buffer to
+  // another through the shader cores, as the model's shaders read (vkCmdCopyBuffer may run on
+  // the copy engines, which on an H200 reach a fraction of it), bytes read + written per second
+  // (as the CUDA backend counts its copy kernel), the median of kRooflineReps copies after one
+  // warm-up, timed by the device's timestamps (or by the host's clock around each submission
+  // where the queue has none). A copy that left wrong bytes fails the measurement.
   Roofline roofline() override {
     if (!roofline_) {
       Result<double> gbs = measure_copy_gbs();
-      roofline_ =
-          gbs.is_ok()
-              ? Roofline{*gbs, "measured: vkCmdCopyBuffer device-to-device copy of " +
-                                   std::to_string(roofline_bytes_ >> 20) +
-                                   " MiB, read + write, median of " +
-                                   std::to_string(kRooflineReps) + " (" + roofline_clock_ + ")"}
-              : Roofline{0, "measurement failed: " + gbs.status().message()};
+      roofline_ = gbs.is_ok() ? Roofline{*gbs, "measured: compute-shader copy of " +
+                                                   std::to_string(roofline_bytes_ >> 20) +
+                                                   " MiB, read + write, median of " +
+                                                   std::to_string(kRooflineReps) + " (" +
+                                                   roofline_clock_ + ")"}
+                              : Roofline{0, "measurement failed: " + gbs.status().message()};
     }
     return *roofline_;
   }
@@ -863,6 +868,12 @@ class VulkanBackend final : public Backend {
 
  private:
   static constexpr int kRooflineReps = 7;
+  // roofline()'s probe checks its copy at kCopyChecks 16-byte elements spread from the first to
+  // the last, each given distinct words before the copies.
+  static constexpr size_t kCopyChecks = 8;
+  static uint32_t copy_check_word(size_t check, size_t word) {
+    return uint32_t(0x9e3779b9u * uint32_t(4 * check + word + 1));
+  }
 
   Result<double> measure_copy_gbs() {
     KS_RETURN_IF_ERROR(flush());
@@ -877,19 +888,23 @@ class VulkanBackend final : public Backend {
     if (bytes < kAlignment) return Status::error("no memory for a copy measurement");
     roofline_bytes_ = bytes;
     const size_t peak = peak_;
-    Buffer src, dst;
+    Buffer src, dst, probe;
     VkQueryPool pool = VK_NULL_HANDLE;
-    Result<double> gbs = time_copies(bytes, src, dst, pool);
+    Result<double> gbs = time_copies(bytes, src, dst, probe, pool);
     if (pool != VK_NULL_HANDLE) vk_.vkDestroyQueryPool(device_, pool, nullptr);
     destroy(src);
     destroy(dst);
+    destroy(probe);
     peak_ = peak;  // the probe's buffers are not the model's memory
     return gbs;
   }
 
-  Result<double> time_copies(size_t bytes, Buffer& src, Buffer& dst, VkQueryPool& pool) {
+  // `probe` (host-visible) holds the check words going in and what the copies left coming out.
+  Result<double> time_copies(size_t bytes, Buffer& src, Buffer& dst, Buffer& probe,
+                             VkQueryPool& pool) {
     KS_RETURN_IF_ERROR(create_buffer(bytes, device_type_, src));
     KS_RETURN_IF_ERROR(create_buffer(bytes, device_type_, dst));
+    KS_RETURN_IF_ERROR(create_buffer(2 * kCopyChecks * 16, host_type_, probe));
     const bool timestamps = timestamp_bits_ > 0 && timestamp_period_ns_ > 0;
     roofline_clock_ = timestamps ? "device timestamps" : "host clock";
     if (timestamps) {
@@ -899,15 +914,30 @@ class VulkanBackend final : public Backend {
       info.queryCount = 2 * kRooflineReps;
       KS_VK(vk_.vkCreateQueryPool(device_, &info, nullptr, &pool));
     }
-    const VkBufferCopy region{0, 0, bytes};
+    const size_t n = bytes / 16;
+    std::vector<VkBufferCopy> marks(kCopyChecks), checks(kCopyChecks);
+    for (size_t c = 0; c < kCopyChecks; ++c) {
+      const size_t at = c * (n - 1) / (kCopyChecks - 1) * 16;
+      marks[c] = VkBufferCopy{c * 16, at, 16};
+      checks[c] = VkBufferCopy{at, (kCopyChecks + c) * 16, 16};
+      for (size_t w = 0; w < 4; ++w) {
+        const uint32_t word = copy_check_word(c, w);
+        std::memcpy(probe.mapped + c * 16 + w * 4, &word, 4);
+      }
+    }
+    const CopyParams params{dst.address, src.address, uint32_t(n)};
+    const uint32_t grid = std::min<uint32_t>(groups(int64_t(n), 4 * 256), uint32_t(kMaxGrid));
     auto record_copy = [&]() {
       barrier();
-      vk_.vkCmdCopyBuffer(cmd_, src.buffer, dst.buffer, 1, &region);
+      return dispatch("copy", 0, params, grid);
     };
-    // Warm-up: the first touch of fresh pages (and the fill) stays out of the timings.
+    // Warm-up: the first touch of fresh pages (and the fills) stays out of the timings.
     KS_RETURN_IF_ERROR(begin_commands());
     vk_.vkCmdFillBuffer(cmd_, src.buffer, 0, VK_WHOLE_SIZE, 0x3f8ccccdu);
-    record_copy();
+    vk_.vkCmdFillBuffer(cmd_, dst.buffer, 0, VK_WHOLE_SIZE, 0);
+    barrier();
+    vk_.vkCmdCopyBuffer(cmd_, probe.buffer, src.buffer, uint32_t(kCopyChecks), marks.data());
+    KS_RETURN_IF_ERROR(record_copy());
     KS_RETURN_IF_ERROR(flush());
     std::vector<double> seconds;
     if (timestamps) {
@@ -917,7 +947,7 @@ class VulkanBackend final : public Backend {
         // ALL_COMMANDS: written once every earlier command (the previous copy) has finished.
         barrier();
         vk_.vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_ALL_COMMANDS_BIT, pool, uint32_t(2 * i));
-        record_copy();
+        KS_RETURN_IF_ERROR(record_copy());
         vk_.vkCmdWriteTimestamp(cmd_, VK_PIPELINE_STAGE_ALL_COMMANDS_BIT, pool,
                                 uint32_t(2 * i + 1));
       }
@@ -935,11 +965,26 @@ class VulkanBackend final : public Backend {
     } else {
       for (int i = 0; i < kRooflineReps; ++i) {
         KS_RETURN_IF_ERROR(begin_commands());
-        record_copy();
+        KS_RETURN_IF_ERROR(record_copy());
         const auto start = std::chrono::steady_clock::now();
         KS_RETURN_IF_ERROR(flush());
         seconds.push_back(
             std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+    }
+    // The check words must have arrived where they were put.
+    KS_RETURN_IF_ERROR(begin_commands());
+    barrier();
+    vk_.vkCmdCopyBuffer(cmd_, dst.buffer, probe.buffer, uint32_t(kCopyChecks), checks.data());
+    KS_RETURN_IF_ERROR(flush());
+    for (size_t c = 0; c < kCopyChecks; ++c) {
+      for (size_t w = 0; w < 4; ++w) {
+        uint32_t word = 0;
+        std::memcpy(&word, probe.mapped + (kCopyChecks + c) * 16 + w * 4, 4);
+        if (word != copy_check_word(c, w)) {
+          return Status::error("the copy shader left wrong bytes at byte " +
+                               std::to_string(checks[c].srcOffset + w * 4));
+        }
       }
     }
     std::sort(seconds.begin(), seconds.end());

@@ -199,7 +199,9 @@ class VulkanBackend final : public Backend {
         options_(options) {}
 
   ~VulkanBackend() override {
-    if (device_ == VK_NULL_HANDLE) return;
+    // A lost or hung device may never go idle: waiting for it would hang the process, and
+    // freeing what it may still run is unsafe, so its objects are deliberately leaked.
+    if (device_ == VK_NULL_HANDLE || !lost_.empty()) return;
     vk_.vkDeviceWaitIdle(device_);
     release_reservation();
     for (Buffer& b : weight_pages_) destroy(b);
@@ -628,6 +630,11 @@ class VulkanBackend final : public Backend {
     // 16-byte loads need every weight row and x row to start on 16 bytes: always for int4 and
     // int8 rows (multiples of 32 weights), for fp rows only when they are multiples of 16 bytes.
     const int64_t element_bytes = m.format == WeightFormat::fp32 ? 4 : 2;
+    if (is_quantized(m.format) && address_of(x) % 16 != 0) {
+      // The shader's 32-bit fallback reads float rows only: refuse rather than misread codes.
+      return Status::error("vulkan backend: a matmul input for " +
+                           std::string(format_name(m.format)) + " weights must start on 16 bytes");
+    }
     const bool aligned =
         address_of(x) % 16 == 0 && (is_quantized(m.format) || (m.cols * element_bytes) % 16 == 0);
     const uint32_t shape = uint32_t(tile_tokens) | (aligned ? 16u : 0u);
@@ -891,6 +898,8 @@ class VulkanBackend final : public Backend {
     Buffer src, dst, probe;
     VkQueryPool pool = VK_NULL_HANDLE;
     Result<double> gbs = time_copies(bytes, src, dst, probe, pool);
+    // A lost or hung device may still run the copies: their buffers are left to it (leaked).
+    if (!lost_.empty()) return gbs;
     if (pool != VK_NULL_HANDLE) vk_.vkDestroyQueryPool(device_, pool, nullptr);
     destroy(src);
     destroy(dst);
@@ -1345,12 +1354,22 @@ class VulkanBackend final : public Backend {
     barrier(VK_PIPELINE_STAGE_HOST_BIT, VK_ACCESS_HOST_READ_BIT);
     recording_ = false;
     recorded_dispatches_ = 0;
-    KS_VK(vk_.vkEndCommandBuffer(cmd_));
+    // Earlier partial submissions may be running: a failure from here on leaves the backend
+    // unusable (lost_), never half-reset with work in flight.
+    auto lose = [&](const char* what, VkResult result) {
+      lost_ = "vulkan backend: " + info_.name + ": " + what + " failed: " + result_name(result);
+      return Status::error(lost_);
+    };
+    if (const VkResult e = vk_.vkEndCommandBuffer(cmd_); e != VK_SUCCESS) {
+      return lose("vkEndCommandBuffer", e);
+    }
     VkSubmitInfo submit{};
     submit.sType = VK_STRUCTURE_TYPE_SUBMIT_INFO;
     submit.commandBufferCount = 1;
     submit.pCommandBuffers = &cmd_;
-    KS_VK(vk_.vkQueueSubmit(queue_, 1, &submit, fence_));
+    if (const VkResult e = vk_.vkQueueSubmit(queue_, 1, &submit, fence_); e != VK_SUCCESS) {
+      return lose("vkQueueSubmit", e);
+    }
     const VkResult r =
         vk_.vkWaitForFences(device_, 1, &fence_, VK_TRUE, kSubmitTimeoutSeconds * 1000000000ull);
     if (r != VK_SUCCESS) {

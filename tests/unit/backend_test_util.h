@@ -125,13 +125,18 @@ struct BackendPair {
   testing::ScrambledBlockTables tables;
   BatchView paged(BatchView view) const { return tables(view); }
 
-  // Fails the test (returns false) when the device backend cannot be made.
-  bool init(ModelWeights& weights, const RunShape& shape) {
+  // Fails the test (returns false) when the device backend cannot be made. `device`, when
+  // given, is the device backend to use instead of make_device_backend()'s.
+  bool init(ModelWeights& weights, const RunShape& shape, std::unique_ptr<Backend> device = {}) {
     cpu = make_cpu_backend(2);
-    auto g = make_device_backend();
-    EXPECT_TRUE(g.is_ok()) << g.status().message();
-    if (!g.is_ok()) return false;
-    gpu = std::move(g).value();
+    if (device != nullptr) {
+      gpu = std::move(device);
+    } else {
+      auto g = make_device_backend();
+      EXPECT_TRUE(g.is_ok()) << g.status().message();
+      if (!g.is_ok()) return false;
+      gpu = std::move(g).value();
+    }
     tables = testing::ScrambledBlockTables(shape, 0x5eed + uint64_t(shape.max_context));
     for (Backend* b : {cpu.get(), gpu.get()}) {
       Status s = b->upload(weights);

@@ -288,6 +288,24 @@ INSTANTIATE_TEST_SUITE_P(FormatsAndBiases, VulkanFusedOps,
                          ::testing::Combine(::testing::ValuesIn(kFormats), ::testing::Bool()),
                          fused_case_name);
 
+// The same chain (prefill, attention over earlier calls' cache, decode) with a submission after
+// every dispatch: each dependent pair of dispatches straddles a submission boundary, so a
+// barrier or a host write that relies on one command buffer would show here.
+TEST(VulkanSubmissions, FusedOpsAcrossEverySubmissionBoundary) {
+  const FusedCase fc{FormatCase{WeightFormat::sym_int4, 32}, true};
+  ModelWeights weights = fused_ops_model(std::get<0>(fc), std::get<1>(fc));
+  VulkanOptions options;
+  options.dispatches_per_submission = 1;
+  auto device = make_vulkan_backend("vulkan", options);
+  ASSERT_TRUE(device.is_ok()) << device.status().message();
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, fused_ops_shape(), std::move(device).value()));
+  auto bound = [](FusedOutput what, int64_t) {
+    return what == FusedOutput::matmul ? 3e-2 : what == FusedOutput::attention ? 5e-5 : 1e-6;
+  };
+  check_fused_ops(pair, weights, bound, [](Backend&, int64_t, bool) {});
+}
+
 // --- memory, limits, checks --------------------------------------------------------------------
 
 TEST(VulkanBackend, ReportsMemoryAndRefusesWhatItCannotHold) {

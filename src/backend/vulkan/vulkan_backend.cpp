@@ -1298,7 +1298,10 @@ class VulkanBackend final : public Backend {
     vk_.vkCmdBindPipeline(cmd_, VK_PIPELINE_BIND_POINT_COMPUTE, p);
     vk_.vkCmdPushConstants(cmd_, layout_, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof(Params), &params);
     vk_.vkCmdDispatch(cmd_, gx, gy, gz);
-    if (++recorded_dispatches_ >= kDispatchesPerSubmission) return submit_recorded();
+    const int per_submission = options_.dispatches_per_submission > 0
+                                   ? options_.dispatches_per_submission
+                                   : kDispatchesPerSubmission;
+    if (++recorded_dispatches_ >= per_submission) return submit_recorded();
     return Status::ok();
   }
 

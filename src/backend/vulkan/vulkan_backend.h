@@ -17,6 +17,10 @@ struct VulkanOptions {
   // 2 GiB, the limit of every allocation). A matrix larger than this is split by rows; the tests
   // lower it to check the split on small weights.
   size_t max_weight_allocation_bytes = 0;
+  // Dispatches recorded before the command buffer is submitted without waiting, so the device
+  // starts while the host records the rest (0: the backend's default). The tests take 1 to put
+  // a submission boundary between every dependent pair of dispatches.
+  int dispatches_per_submission = 0;
 };
 
 // `device`: "vulkan" (the preferred usable device: discrete, then integrated GPU, then others)

@@ -576,31 +576,73 @@ void random_row(const std::string& name, int64_t row, float mean, float stddev, 
   }
 }
 
+// With `plan`, only that rank's shard (shard_config) is built, each of its rows generated from
+// the seeds of the whole model's row it comes from (shard_slice), so the shards hold exactly the
+// whole model's values and the whole model is never in memory.
 Result<ModelWeights> make_synthetic(const std::string& name, const LoadOptions& options,
-                                    ThreadPool& pool) {
+                                    ThreadPool& pool, const ShardPlan* plan = nullptr) {
   KS_ASSIGN_OR_RETURN(ModelConfig config, synthetic_config(name));
   KS_RETURN_IF_ERROR(check_all_shapes(config, options.format, options.block));
-  Progress progress("build synthetic:" + name + " " + format_name(options.format),
-                    matrix_elements(config, true), options.progress);
+  // The whole model's shapes: a split matrix keeps its whole fan-in's scale, and a rank's rows
+  // and vectors are cut from whole ones.
+  std::map<std::string, std::pair<int64_t, int64_t>> whole_shape;
+  if (plan != nullptr) {
+    TensorMaker shapes;
+    shapes.matrix = [&](const TensorInfo& t) -> Result<QuantWeight> {
+      whole_shape[t.name] = {t.rows, t.cols};
+      return QuantWeight();
+    };
+    shapes.vector = [&](const TensorInfo& t) -> Result<Blob> {
+      whole_shape[t.name] = {t.rows, 0};
+      return Blob();
+    };
+    KS_RETURN_IF_ERROR(build_weights(config, options.format, options.block, shapes).status());
+  }
+  const ModelConfig built = plan != nullptr ? shard_config(config, *plan) : config;
+  Progress progress("build synthetic:" + name + " " + format_name(options.format) +
+                        (plan != nullptr ? " (rank " + std::to_string(plan->rank) + " of " +
+                                               std::to_string(plan->world) + ")"
+                                         : ""),
+                    matrix_elements(built, true), options.progress);
   TensorMaker maker;
   maker.matrix = [&](const TensorInfo& t) -> Result<QuantWeight> {
     const std::string& tensor = t.name;
     const int64_t rows = t.rows, cols = t.cols;
+    const int64_t whole_cols = plan != nullptr ? whole_shape.at(tensor).second : cols;
     // Every matrix, the embedding included, has std 1/sqrt(fan_in): with tied embeddings a
     // larger table makes each token's own logit dominate and the model repeat its input.
-    const float stddev = 1.0f / std::sqrt(float(cols));
+    const float stddev = 1.0f / std::sqrt(float(whole_cols));
+    if (plan == nullptr) {
+      return quantize_rows(
+          options.format, options.block, rows, cols, pool, progress,
+          [&](int64_t r, float* out) { random_row(tensor, r, 0.0f, stddev, out, cols); }, tensor);
+    }
+    const ShardSlice slice = shard_slice(t, config, *plan);
     return quantize_rows(
         options.format, options.block, rows, cols, pool, progress,
-        [&](int64_t r, float* out) { random_row(tensor, r, 0.0f, stddev, out, cols); }, tensor);
+        [&](int64_t r, float* out) {
+          const int64_t from = slice.rows[size_t(r)];
+          if (from < 0) {
+            std::fill_n(out, cols, 0.0f);  // the vocabulary's zero row
+          } else if (slice.first_col == 0) {
+            random_row(tensor, from, 0.0f, stddev, out, cols);  // a row's values are a prefix
+          } else {
+            std::vector<float> row(size_t(slice.first_col + cols));
+            random_row(tensor, from, 0.0f, stddev, row.data(), slice.first_col + cols);
+            std::copy_n(row.data() + slice.first_col, cols, out);
+          }
+        },
+        tensor);
   };
   maker.vector = [&](const TensorInfo& t) -> Result<Blob> {
-    const int64_t n = t.rows;
+    const int64_t n = plan != nullptr ? whole_shape.at(t.name).first : t.rows;
     Blob b = Blob::allocate(size_t(n) * sizeof(float));
     const bool is_bias = t.name.find(".bias") != std::string::npos;
     random_row(t.name, 0, is_bias ? 0.0f : 1.0f, 0.1f, b.as_mutable<float>(), n);
-    return b;
+    if (plan == nullptr) return b;
+    return shard_vector(t, b.as<float>(), config, *plan);
   };
-  auto weights = build_weights(config, options.format, options.block, maker);
+  auto weights = build_weights(built, options.format, options.block, maker);
   progress.finish();
   return weights;
 }
@@ -739,6 +781,22 @@ Result<ModelWeights> load_model(const std::string& source, const LoadOptions& op
 Result<ShardedModel> load_model_shards(const std::string& source, const LoadOptions& options,
                                        ThreadPool& pool, int world) {
   ShardedModel model;
+  if (source.rfind(kSyntheticPrefix, 0) == 0) {
+    // Each rank builds only its shard.
+    const std::string name = source.substr(std::string(kSyntheticPrefix).size());
+    KS_ASSIGN_OR_RETURN(ModelConfig config, synthetic_config(name));
+    KS_RETURN_IF_ERROR(
+        check_tensor_parallel(config, world, options.format, options.block).with_context(source));
+    for (int r = 0; r < world; ++r) {
+      const ShardPlan plan = shard_plan(config, r, world);
+      KS_ASSIGN_OR_RETURN(ModelWeights shard, make_synthetic(name, options, pool, &plan));
+      model.shards.push_back(std::move(shard));
+    }
+    model.whole = weights_skeleton(config);
+    model.whole.format = options.format;
+    model.whole.block = is_quantized(options.format) ? options.block : 0;
+    return model;
+  }
   const bool maybe_hf = source.rfind(kSyntheticPrefix, 0) != 0 && !is_gguf_source(source) &&
                         check_model_source(source).is_ok() && !is_converted_source(source);
   std::optional<ModelConfig> hf_config;

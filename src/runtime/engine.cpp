@@ -53,27 +53,37 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
                        " is free (" + where + "); lower the context length (-c)");
 }
 
-// A synthetic model is built whole in host memory before it is uploaded (and, split, before
-// each rank copies its shard out of it, so the whole model and the shards coexist): refuse one
-// that the host cannot hold, before building any of it, instead of meeting the OOM killer.
+// A synthetic model is built in host memory before it is uploaded (split, each rank builds its
+// own shard): refuse one that the host cannot hold, before building any of it, instead of
+// meeting the OOM killer.
 Status check_synthetic_fits_host(const std::string& source, const LoadOptions& load,
                                  int tensor_parallel) {
   if (source.rfind("synthetic:", 0) != 0) return Status::ok();
   Result<WeightSpec> spec = weight_spec_of(source, load.format, load.format_explicit, load.block);
   if (!spec.is_ok()) return Status::ok();  // the load reports what is wrong with the source
+  size_t needed = 0;
+  if (tensor_parallel > 1) {
+    // The load reports a split that does not divide.
+    if (!check_tensor_parallel(spec->config, tensor_parallel, spec->format, spec->block).is_ok()) {
+      return Status::ok();
+    }
+    for (int r = 0; r < tensor_parallel; ++r) {
+      WeightSpec rank = *spec;
+      rank.config = shard_config(spec->config, shard_plan(spec->config, r, tensor_parallel));
+      needed += planned_weight_bytes(rank);
+    }
+  } else {
+    needed = planned_weight_bytes(*spec);
+  }
   Result<size_t> available = host_available_memory();
-  if (!available.is_ok()) return Status::ok();
-  const size_t model = planned_weight_bytes(*spec);
-  const size_t needed = model * (tensor_parallel > 1 ? 2 : 1);
-  if (needed <= *available) return Status::ok();
+  if (!available.is_ok() || needed <= *available) return Status::ok();
   return Status::error(
       source + " in " + format_name(spec->format) +
       " is built in host memory: " + format_bytes(needed) +
-      (tensor_parallel > 1
-           ? " (the whole model and its " + std::to_string(tensor_parallel) + " shards)"
-           : "") +
+      (tensor_parallel > 1 ? " (its " + std::to_string(tensor_parallel) + " shards)" : "") +
       " but only " + format_bytes(*available) +
-      " is available (MemAvailable of the host); choose a smaller model or a lower --low-bit");
+      " is available (MemAvailable of the host); choose a smaller model or a "
+      "lower --low-bit");
 }
 
 }  // namespace

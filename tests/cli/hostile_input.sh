@@ -79,9 +79,16 @@ expect_error "-t -4" "-t: -4" "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -t 
 expect_error "-c -5" "-c: -5" "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -c -5 -q
 expect_error "-c 2000000000 (std::bad_alloc before; 2 TB of KV fits no machine)" "lower the context length" \
   "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -c 2000000000 -q
-# 564 GB of host memory (the 70B in fp32, whole and split): refused before building any of it.
-expect_error "synthetic 70B fp32 split 2 ways" "is built in host memory" \
-  "$kestrel" run -m synthetic:llama3.1-70b --ids 1 -n 1 --low-bit fp32 -tp 2 --device cpu -q
+# 282 GB of host memory (the 70B in fp32, in two shards): refused before building any of it,
+# wherever the host has less than that available (every machine the suite runs on but the
+# largest GPU hosts, where the case is skipped rather than building it).
+avail_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+if [ "${avail_kb:-0}" -lt 270000000 ]; then
+  expect_error "synthetic 70B fp32 split 2 ways" "is built in host memory" \
+    "$kestrel" run -m synthetic:llama3.1-70b --ids 1 -n 1 --low-bit fp32 -tp 2 --device cpu -q
+else
+  echo "skip synthetic 70B fp32: this host has ${avail_kb} kB available"
+fi
 expect_error "tokenize < /dev/zero" "64 MiB limit" \
   sh -c "'$kestrel' tokenize --tokenizer '$qwen_tok' </dev/zero"
 python3 - "$qwen_tok/tokenizer.json" "$tmp/bigid/tokenizer.json" <<'PY'

@@ -23,10 +23,12 @@ tmux new-session -d -s "$session" -x 200 -y 50 \
   "$kestrel chat -m synthetic:tiny-qwen2 --tokenizer $tokenizer -n 6 --system 'Be brief.'; echo CHAT-EXITED; sleep 30"
 trap 'tmux kill-session -t "$session" 2>/dev/null || true' EXIT
 
-# wait_for PATTERN: polls the pane for up to 30 s.
+# wait_for PATTERN: polls the pane for up to 120 s (a few seconds on an idle machine; CI's two
+# cores may be shared with a build). -J joins wrapped lines: a long reply can wrap the terminal's
+# 200 columns in the middle of "(stopped)".
 wait_for() {
-  for _ in $(seq 300); do
-    tmux capture-pane -p -t "$session" | grep -q -- "$1" && return 0
+  for _ in $(seq 1200); do
+    tmux capture-pane -p -J -t "$session" | grep -q -- "$1" && return 0
     sleep 0.1
   done
   echo "terminal never showed '$1':"; tmux capture-pane -p -t "$session"; exit 1
@@ -34,8 +36,8 @@ wait_for() {
 
 # wait_for_count PATTERN N: until N lines of the pane match.
 wait_for_count() {
-  for _ in $(seq 300); do
-    [ "$(tmux capture-pane -p -t "$session" | grep -c -- "$1")" -ge "$2" ] && return 0
+  for _ in $(seq 1200); do
+    [ "$(tmux capture-pane -p -J -t "$session" | grep -c -- "$1")" -ge "$2" ] && return 0
     sleep 0.1
   done
   echo "terminal never showed $2 x '$1':"; tmux capture-pane -p -t "$session"; exit 1
@@ -46,7 +48,7 @@ tmux send-keys -t "$session" "Hello, who are you?" Enter
 wait_for_count "6 generated" 1
 tmux send-keys -t "$session" "Tell me more." Enter
 wait_for_count "6 generated" 2
-pane=$(tmux capture-pane -p -t "$session")
+pane=$(tmux capture-pane -p -J -t "$session")
 echo "$pane" | grep -q "Hello, who are you?" || { echo "typed text not echoed"; exit 1; }
 # The second turn must reuse the first turn's cache: "(N reused)" with N > 0.
 echo "$pane" | grep -Eq "\(([1-9][0-9]*) reused\)" || { echo "second turn reused nothing:"; echo "$pane"; exit 1; }
@@ -56,7 +58,7 @@ if ldd "$kestrel" 2>/dev/null | grep libedit >/dev/null; then
   tmux send-keys -t "$session" Up C-a "Again: "
   tmux send-keys -t "$session" Enter
   wait_for_count "6 generated" 3
-  tmux capture-pane -p -t "$session" | grep -q "Again: Tell me more." ||
+  tmux capture-pane -p -J -t "$session" | grep -q "Again: Tell me more." ||
     { echo "history and editing: no 'Again: Tell me more.' line:"; tmux capture-pane -p -t "$session"; exit 1; }
   echo "ok chat recalls and edits the previous line (libedit)"
 else
@@ -72,7 +74,17 @@ tmux new-session -d -s "$session" -x 200 -y 50 \
   "$kestrel chat -m synthetic:tiny-qwen2 --tokenizer $tokenizer -n 3000 --ignore-eos; echo CHAT-EXITED; sleep 30"
 wait_for "^>"
 tmux send-keys -t "$session" "Tell me a very long story." Enter
-sleep 1
+# Ctrl-C must land while the reply streams, not before chat has read the line (on a busy machine
+# a fixed sleep is not enough): wait for 40 characters of reply after the typed line.
+reply_started() {
+  tmux capture-pane -p -J -t "$session" | awk '/Tell me a very long story\./ {on = 1; next} on' |
+    tr -d '\n' | wc -c
+}
+for _ in $(seq 1200); do
+  [ "$(reply_started)" -ge 40 ] && break
+  sleep 0.1
+done
+[ "$(reply_started)" -ge 40 ] || { echo "the long reply never started:"; tmux capture-pane -p -t "$session"; exit 1; }
 tmux send-keys -t "$session" C-c
 wait_for "(stopped)"
 wait_for "interrupted\]"

@@ -234,13 +234,8 @@ CaseResult Runner::run(const BenchCase& c) {
 Status Runner::run_case(const BenchCase& c, CaseResult& result) {
   KS_ASSIGN_OR_RETURN(WeightSpec spec,
                       weight_spec_of(c.source, c.format, c.format_explicit, options_.block));
-  // Split, every rank holds rank 0's shapes: that shard is what each rank plans for.
   const int ranks = options_.tensor_parallel;
-  WeightSpec rank_spec = spec;
-  if (ranks > 1) {
-    KS_RETURN_IF_ERROR(check_tensor_parallel(spec.config, ranks, spec.format, spec.block));
-    rank_spec.config = shard_config(spec.config, shard_plan(spec.config, 0, ranks));
-  }
+  KS_ASSIGN_OR_RETURN(const WeightSpec rank_spec, rank_weight_spec(spec, ranks));
   result.weight_bytes = size_t(ranks) * planned_weight_bytes(rank_spec);
   result.decode_bytes = size_t(ranks) * planned_decode_bytes(rank_spec);
   const std::string key = engine_key(c);

@@ -587,16 +587,12 @@ Result<ModelWeights> make_synthetic(const std::string& name, const LoadOptions& 
   // and vectors are cut from whole ones.
   std::map<std::string, std::pair<int64_t, int64_t>> whole_shape;
   if (plan != nullptr) {
-    TensorMaker shapes;
-    shapes.matrix = [&](const TensorInfo& t) -> Result<QuantWeight> {
+    const ModelWeights skeleton = weights_skeleton(config);
+    (void)for_each_tensor(skeleton, [&](const TensorInfo& t, const auto&) -> Status {
       whole_shape[t.name] = {t.rows, t.cols};
-      return QuantWeight();
-    };
-    shapes.vector = [&](const TensorInfo& t) -> Result<Blob> {
-      whole_shape[t.name] = {t.rows, 0};
-      return Blob();
-    };
-    KS_RETURN_IF_ERROR(build_weights(config, options.format, options.block, shapes).status());
+      if (t.bias) whole_shape[t.bias_info().name] = {t.rows, 0};
+      return Status::ok();
+    });
   }
   const ModelConfig built = plan != nullptr ? shard_config(config, *plan) : config;
   Progress progress("build synthetic:" + name + " " + format_name(options.format) +
@@ -654,6 +650,10 @@ bool is_converted_dir(const TensorSource& source) {
 constexpr const char* kSyntheticPrefix = "synthetic:";
 
 }  // namespace
+
+bool is_synthetic_source(const std::string& source) {
+  return source.rfind(kSyntheticPrefix, 0) == 0;
+}
 
 std::vector<std::string> synthetic_names() {
   return {"tiny-qwen2", "tiny-llama",  "qwen2-0.5b",  "qwen2-1.5b",
@@ -749,7 +749,7 @@ Status check_model_source(const std::string& source) {
 }
 
 Result<ModelConfig> load_model_config_of(const std::string& source) {
-  if (source.rfind(kSyntheticPrefix, 0) == 0) {
+  if (is_synthetic_source(source)) {
     return synthetic_config(source.substr(std::string(kSyntheticPrefix).size()));
   }
   if (is_gguf_source(source)) {
@@ -762,7 +762,7 @@ Result<ModelConfig> load_model_config_of(const std::string& source) {
 
 Result<ModelWeights> load_model(const std::string& source, const LoadOptions& options,
                                 ThreadPool& pool) {
-  if (source.rfind(kSyntheticPrefix, 0) == 0) {
+  if (is_synthetic_source(source)) {
     return make_synthetic(source.substr(std::string(kSyntheticPrefix).size()), options, pool);
   }
   if (is_gguf_source(source)) return load_gguf(source, options, pool);
@@ -781,39 +781,31 @@ Result<ModelWeights> load_model(const std::string& source, const LoadOptions& op
 Result<ShardedModel> load_model_shards(const std::string& source, const LoadOptions& options,
                                        ThreadPool& pool, int world) {
   ShardedModel model;
-  if (source.rfind(kSyntheticPrefix, 0) == 0) {
-    // Each rank builds only its shard.
-    const std::string name = source.substr(std::string(kSyntheticPrefix).size());
-    KS_ASSIGN_OR_RETURN(ModelConfig config, synthetic_config(name));
+  // Synthetic presets and HF checkpoints build each rank's shard alone (its rows generated, or
+  // converted from the mapped file); any other source loads whole and is cut below.
+  const bool synthetic = is_synthetic_source(source);
+  const std::string synthetic_name =
+      synthetic ? source.substr(std::string(kSyntheticPrefix).size()) : "";
+  std::optional<ModelConfig> direct_config;
+  if (synthetic) {
+    KS_ASSIGN_OR_RETURN(direct_config, synthetic_config(synthetic_name));
+  } else if (!is_gguf_source(source) && check_model_source(source).is_ok() &&
+             !is_converted_source(source)) {
+    KS_ASSIGN_OR_RETURN(ModelConfig config, load_model_config(source));
+    if (config.prequant.method == PrequantMethod::none) direct_config = config;
+  }
+  if (direct_config) {
+    const ModelConfig& config = *direct_config;
     KS_RETURN_IF_ERROR(
         check_tensor_parallel(config, world, options.format, options.block).with_context(source));
     for (int r = 0; r < world; ++r) {
       const ShardPlan plan = shard_plan(config, r, world);
-      KS_ASSIGN_OR_RETURN(ModelWeights shard, make_synthetic(name, options, pool, &plan));
+      KS_ASSIGN_OR_RETURN(ModelWeights shard,
+                          synthetic ? make_synthetic(synthetic_name, options, pool, &plan)
+                                    : load_hf(source, config, options, pool, &plan));
       model.shards.push_back(std::move(shard));
     }
     model.whole = weights_skeleton(config);
-    model.whole.format = options.format;
-    model.whole.block = is_quantized(options.format) ? options.block : 0;
-    return model;
-  }
-  const bool maybe_hf = source.rfind(kSyntheticPrefix, 0) != 0 && !is_gguf_source(source) &&
-                        check_model_source(source).is_ok() && !is_converted_source(source);
-  std::optional<ModelConfig> hf_config;
-  if (maybe_hf) {
-    KS_ASSIGN_OR_RETURN(ModelConfig config, load_model_config(source));
-    if (config.prequant.method == PrequantMethod::none) hf_config = config;
-  }
-  if (hf_config) {
-    // Straight from the mapped checkpoint: each rank converts only its rows.
-    KS_RETURN_IF_ERROR(check_tensor_parallel(*hf_config, world, options.format, options.block)
-                           .with_context(source));
-    for (int r = 0; r < world; ++r) {
-      const ShardPlan plan = shard_plan(*hf_config, r, world);
-      KS_ASSIGN_OR_RETURN(ModelWeights shard, load_hf(source, *hf_config, options, pool, &plan));
-      model.shards.push_back(std::move(shard));
-    }
-    model.whole = weights_skeleton(*hf_config);
     model.whole.format = options.format;
     model.whole.block = is_quantized(options.format) ? options.block : 0;
   } else {

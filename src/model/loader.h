@@ -51,6 +51,8 @@ Status save_converted(const ModelWeights& weights, const std::string& source_dir
 
 // Synthetic presets: real architecture configs, seeded random weights.
 std::vector<std::string> synthetic_names();
+// Whether `source` names a synthetic preset ("synthetic:NAME").
+bool is_synthetic_source(const std::string& source);
 Result<ModelConfig> synthetic_config(const std::string& name);
 
 }  // namespace kestrel

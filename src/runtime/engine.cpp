@@ -58,23 +58,12 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
 // meeting the OOM killer.
 Status check_synthetic_fits_host(const std::string& source, const LoadOptions& load,
                                  int tensor_parallel) {
-  if (source.rfind("synthetic:", 0) != 0) return Status::ok();
+  if (!is_synthetic_source(source)) return Status::ok();
   Result<WeightSpec> spec = weight_spec_of(source, load.format, load.format_explicit, load.block);
   if (!spec.is_ok()) return Status::ok();  // the load reports what is wrong with the source
-  size_t needed = 0;
-  if (tensor_parallel > 1) {
-    // The load reports a split that does not divide.
-    if (!check_tensor_parallel(spec->config, tensor_parallel, spec->format, spec->block).is_ok()) {
-      return Status::ok();
-    }
-    for (int r = 0; r < tensor_parallel; ++r) {
-      WeightSpec rank = *spec;
-      rank.config = shard_config(spec->config, shard_plan(spec->config, r, tensor_parallel));
-      needed += planned_weight_bytes(rank);
-    }
-  } else {
-    needed = planned_weight_bytes(*spec);
-  }
+  Result<WeightSpec> rank = rank_weight_spec(*spec, tensor_parallel);
+  if (!rank.is_ok()) return Status::ok();  // the load reports a split that does not divide
+  const size_t needed = size_t(tensor_parallel) * planned_weight_bytes(*rank);
   Result<size_t> available = host_available_memory();
   if (!available.is_ok() || needed <= *available) return Status::ok();
   return Status::error(

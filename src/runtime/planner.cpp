@@ -11,12 +11,12 @@
 #include "model/gguf_model.h"
 #include "model/loader.h"
 #include "model/prequant.h"
+#include "model/shard.h"
 
 namespace kestrel {
 
 namespace {
 
-constexpr const char* kSyntheticPrefix = "synthetic:";
 // Metadata keys of a converted model (model/loader.cpp writes them).
 constexpr const char* kConvertedVersionKey = "kestrel.format_version";
 constexpr const char* kConvertedFormatKey = "kestrel.low_bit";
@@ -69,7 +69,7 @@ Result<WeightSpec> weight_spec_of(const std::string& source, WeightFormat format
   } else if (spec.config.prequant.method != PrequantMethod::none) {
     std::tie(spec.format, spec.block) =
         prequant_load_format(spec.config.prequant, format, format_explicit, block);
-  } else if (source.rfind(kSyntheticPrefix, 0) != 0) {
+  } else if (!is_synthetic_source(source)) {
     // Only the headers are parsed; the tensor data stays unread in the mapping.
     KS_ASSIGN_OR_RETURN(TensorSource tensors, TensorSource::open_dir(source));
     bool converted = false;
@@ -114,6 +114,14 @@ size_t planned_weight_bytes(const WeightSpec& spec) {
 
 size_t planned_decode_bytes(const WeightSpec& spec) {
   return planned_bytes(spec).decode;
+}
+
+Result<WeightSpec> rank_weight_spec(const WeightSpec& spec, int ranks) {
+  if (ranks <= 1) return spec;
+  KS_RETURN_IF_ERROR(check_tensor_parallel(spec.config, ranks, spec.format, spec.block));
+  WeightSpec rank = spec;
+  rank.config = shard_config(spec.config, shard_plan(spec.config, 0, ranks));
+  return rank;
 }
 
 int64_t layer_matrix_params(const ModelConfig& c) {

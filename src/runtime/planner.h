@@ -49,6 +49,9 @@ size_t matrix_bytes(WeightFormat format, int64_t rows, int64_t cols, int block);
 size_t planned_weight_bytes(const WeightSpec& spec);
 // Bytes one decode step streams: ModelWeights::decode_bytes() of the loaded model.
 size_t planned_decode_bytes(const WeightSpec& spec);
+// What each rank of `spec` split over `ranks` plans for: rank 0's shard (every rank holds its
+// shapes), checked with check_tensor_parallel; `spec` itself for one rank.
+Result<WeightSpec> rank_weight_spec(const WeightSpec& spec, int ranks);
 // Multiply-accumulate weights of the layers and of the lm_head (for the compute estimates).
 int64_t layer_matrix_params(const ModelConfig& config);
 

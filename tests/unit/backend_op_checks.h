@@ -359,6 +359,16 @@ void check_fused_ops(BackendPair& pair, const ModelWeights& w, Bound bound, Watc
       }
     };
     using Ts = Tensor*;
+    // matmul_add of an output projection (wo, w_down) reading `input`, into the residual x.
+    auto matmul_add_step = [&](const char* op, int input, const Linear& w) {
+      step(
+          op, {input, x}, {{proj, FusedOutput::matmul}, {x, FusedOutput::matmul}},
+          [&](Backend& b, Ts ts) { return b.matmul_add(ts[proj], ts[input], w, ts[x]); },
+          [&](Backend& b, Ts ts) {
+            KS_RETURN_IF_ERROR(b.matmul(ts[proj], ts[input], w));
+            return b.add(ts[x], ts[proj]);
+          });
+    };
     const Linear* const qkv_w[] = {&l.wq, &l.wk, &l.wv};
     step(
         "norm_matmul (q/k/v)", {x},
@@ -385,13 +395,7 @@ void check_fused_ops(BackendPair& pair, const ModelWeights& w, Bound bound, Watc
           KS_RETURN_IF_ERROR(b.rope(ts[qa], ts[ka], rope));
           return b.attention(ts[attn], ts[qa], ts[ka], ts[va], 0, rope);
         });
-    step(
-        "matmul_add (wo)", {attn, x}, {{proj, FusedOutput::matmul}, {x, FusedOutput::matmul}},
-        [&](Backend& b, Ts ts) { return b.matmul_add(ts[proj], ts[attn], l.wo, ts[x]); },
-        [&](Backend& b, Ts ts) {
-          KS_RETURN_IF_ERROR(b.matmul(ts[proj], ts[attn], l.wo));
-          return b.add(ts[x], ts[proj]);
-        });
+    matmul_add_step("matmul_add (wo)", attn, l.wo);
     step(
         "norm_matmul_swiglu", {x},
         {{normed, FusedOutput::normed}, {gate, FusedOutput::matmul}, {up, FusedOutput::matmul}},
@@ -406,13 +410,7 @@ void check_fused_ops(BackendPair& pair, const ModelWeights& w, Bound bound, Watc
           KS_RETURN_IF_ERROR(b.matmul_multi(outs, ts[normed], ws));
           return b.swiglu(ts[gate], ts[gate], ts[up]);
         });
-    step(
-        "matmul_add (w_down)", {gate, x}, {{proj, FusedOutput::matmul}, {x, FusedOutput::matmul}},
-        [&](Backend& b, Ts ts) { return b.matmul_add(ts[proj], ts[gate], l.w_down, ts[x]); },
-        [&](Backend& b, Ts ts) {
-          KS_RETURN_IF_ERROR(b.matmul(ts[proj], ts[gate], l.w_down));
-          return b.add(ts[x], ts[proj]);
-        });
+    matmul_add_step("matmul_add (w_down)", gate, l.w_down);
     const Linear* const head_w[] = {&w.output};
     step(
         "norm_matmul (lm_head)", {x},

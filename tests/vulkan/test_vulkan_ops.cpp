@@ -262,14 +262,9 @@ INSTANTIATE_TEST_SUITE_P(HeadDims, VulkanAttention, ::testing::Values(64, 128, 2
 
 class VulkanFusedOps : public ::testing::TestWithParam<FusedCase> {};
 
-// The fused ops (this backend's are the plain ops in sequence, backend.h's defaults) against the
-// CPU's plain ops (backend_op_checks.h), with the bounds of the plain ops' tests above.
-TEST_P(VulkanFusedOps, MatchCpuPlainOps) {
-  const auto [fc, bias] = GetParam();
-  ModelWeights weights = fused_ops_model(fc, bias);
-  BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, fused_ops_shape()));
-  auto bound = [&](FusedOutput what, int64_t) {
+// check_fused_ops's bound for `format`: those of the plain ops' tests above.
+auto fused_bound(WeightFormat format) {
+  return [format](FusedOutput what, int64_t) {
     switch (what) {
       case FusedOutput::normed:
       case FusedOutput::rope:
@@ -279,9 +274,18 @@ TEST_P(VulkanFusedOps, MatchCpuPlainOps) {
       case FusedOutput::matmul:
         break;
     }
-    return is_quantized(fc.format) ? 3e-2 : 2e-3;
+    return is_quantized(format) ? 3e-2 : 2e-3;
   };
-  check_fused_ops(pair, weights, bound, [](Backend&, int64_t, bool) {});
+}
+
+// The fused ops (this backend's are the plain ops in sequence, backend.h's defaults) against the
+// CPU's plain ops (backend_op_checks.h).
+TEST_P(VulkanFusedOps, MatchCpuPlainOps) {
+  const auto [fc, bias] = GetParam();
+  ModelWeights weights = fused_ops_model(fc, bias);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, fused_ops_shape()));
+  check_fused_ops(pair, weights, fused_bound(fc.format), [](Backend&, int64_t, bool) {});
 }
 
 INSTANTIATE_TEST_SUITE_P(FormatsAndBiases, VulkanFusedOps,
@@ -292,18 +296,15 @@ INSTANTIATE_TEST_SUITE_P(FormatsAndBiases, VulkanFusedOps,
 // every dispatch: each dependent pair of dispatches straddles a submission boundary, so a
 // barrier or a host write that relies on one command buffer would show here.
 TEST(VulkanSubmissions, FusedOpsAcrossEverySubmissionBoundary) {
-  const FusedCase fc{FormatCase{WeightFormat::sym_int4, 32}, true};
-  ModelWeights weights = fused_ops_model(std::get<0>(fc), std::get<1>(fc));
+  const FormatCase fc{WeightFormat::sym_int4, 32};
+  ModelWeights weights = fused_ops_model(fc, true);
   VulkanOptions options;
   options.dispatches_per_submission = 1;
   auto device = make_vulkan_backend("vulkan", options);
   ASSERT_TRUE(device.is_ok()) << device.status().message();
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, fused_ops_shape(), std::move(device).value()));
-  auto bound = [](FusedOutput what, int64_t) {
-    return what == FusedOutput::matmul ? 3e-2 : what == FusedOutput::attention ? 5e-5 : 1e-6;
-  };
-  check_fused_ops(pair, weights, bound, [](Backend&, int64_t, bool) {});
+  check_fused_ops(pair, weights, fused_bound(fc.format), [](Backend&, int64_t, bool) {});
 }
 
 // --- memory, limits, checks --------------------------------------------------------------------

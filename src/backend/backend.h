@@ -56,6 +56,12 @@ struct RopeParams {
   int64_t n_kv_heads = 0;
 };
 
+// The per-token scratch a decoder layer works in: [n, hidden] normed and proj, [n, q_dim] q and
+// attn, [n, kv_dim] k and v, [n, intermediate] gate and up (forward_scratch's tensors).
+struct LayerScratch {
+  Tensor normed, q, k, v, attn, proj, gate, up;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -169,6 +175,25 @@ class Backend {
                                 const RopeParams& params) {
     KS_RETURN_IF_ERROR(rope(q, k, params));
     return attention(out, q, k, v, layer, params);
+  }
+
+  // One decoder layer of the residual stream x [n, hidden]: the five fused ops above in the
+  // forward pass's order (norm_matmul to q/k/v, rope_attention, matmul_add of wo,
+  // norm_matmul_swiglu, matmul_add of w_down). x is updated and the layer's K and V rows are in the
+  // cache; the scratch tensors' contents afterwards are unspecified: a device backend may run the
+  // whole layer without writing them (the CUDA backend's batch-1 layer kernel keeps q/k/v, the
+  // attention output and the MLP activation in them, but not the norms or the projections). The
+  // default composes the fused ops, so the CPU backend's is the reference.
+  virtual Status decoder_layer(Tensor x, const LayerScratch& s, const LayerWeights& l,
+                               int64_t layer, const RopeParams& rope, float eps) {
+    const Tensor qkv[] = {s.q, s.k, s.v};
+    const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
+    KS_RETURN_IF_ERROR(norm_matmul(qkv, s.normed, x, l.attn_norm, eps, qkv_weights));
+    KS_RETURN_IF_ERROR(rope_attention(s.attn, s.q, s.k, s.v, layer, rope));
+    KS_RETURN_IF_ERROR(matmul_add(s.proj, s.attn, l.wo, x));
+    KS_RETURN_IF_ERROR(
+        norm_matmul_swiglu(s.gate, s.up, s.normed, x, l.ffn_norm, eps, l.w_gate, l.w_up));
+    return matmul_add(s.proj, s.gate, l.w_down, x);
   }
 
   // Sums t over the ranks of a split model through `comm` (backend/communicator.h), in place.

@@ -32,6 +32,7 @@
 // or swiglu); rope_attention's rotation still rides in the cache write.
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <optional>
@@ -45,6 +46,7 @@
 #include "backend/cuda/cuda_check.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "backend/cuda/gemv.cuh"
+#include "backend/cuda/layer.cuh"
 #include "backend/cuda/norm.cuh"
 #include "backend/cuda/rope.cuh"
 #include "backend/cuda/sample.cuh"
@@ -254,6 +256,10 @@ class CudaBackend final : public Backend {
                         reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,
                         reserve_device<float>(extras.split_ml_bytes, "attention partial maxima"));
+    KS_ASSIGN_OR_RETURN(layer_sync_, reserve_device<unsigned>(extras.layer_sync_bytes,
+                                                              "decoder layer counters"));
+    // The layer kernel's barrier and merge counters start at zero; each launch leaves them so.
+    KS_CUDA_CHECK("reserve", cudaMemsetAsync(layer_sync_, 0, extras.layer_sync_bytes, stream_));
     KS_ASSIGN_OR_RETURN(meta_, reserve_device<int32_t>(extras.meta_bytes, "batch metadata"));
     cache_.block_tables = block_tables_device();
     KS_ASSIGN_OR_RETURN(gather_rows_, reserve_device<int32_t>(extras.rows_bytes, "gather rows"));
@@ -471,6 +477,21 @@ class CudaBackend final : public Backend {
     return launch_add(residual, out);
   }
 
+  // A batch-1 decode layer of int4 weights over an fp16 cache is one launch (layer.cuh);
+  // anything else composes the fused ops.
+  Status decoder_layer(Tensor x, const LayerScratch& s, const LayerWeights& l, int64_t layer,
+                       const RopeParams& p, float eps) override {
+    KS_ASSIGN_OR_RETURN(std::optional<DecodeLayerArgs> args, layer_kernel_args(x, s, l, layer, p, eps));
+    if (!args) return Backend::decoder_layer(x, s, l, layer, p, eps);
+    for (const Tensor& t : {x, s.q, s.k, s.v, s.attn, s.gate}) note_write(t);
+    const uint64_t trace[] = {addr(x.data),      addr(s.q.data),    addr(s.k.data),
+                              addr(s.v.data),    addr(s.attn.data), addr(s.gate.data),
+                              addr(args->wq.data), uint64_t(layer), bits(eps)};
+    return launch("decoder layer", trace, [&] {
+      return decode_layer(*args, props_.multiProcessorCount, stream_);
+    });
+  }
+
   Status rope_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
                         const RopeParams& p) override {
     KS_RETURN_IF_ERROR(check_rope(q, k, p));
@@ -614,9 +635,10 @@ class CudaBackend final : public Backend {
     size_t split_ml_bytes = 0;
     size_t meta_bytes = 0;
     size_t rows_bytes = 0;
+    size_t layer_sync_bytes = 0;
     size_t total() const {
       return 2 * shadow_bytes + dequant_bytes + cublas_bytes + split_o_bytes + split_ml_bytes +
-             meta_bytes + 2 * rows_bytes;
+             meta_bytes + 2 * rows_bytes + layer_sync_bytes;
     }
   };
 
@@ -652,6 +674,7 @@ class CudaBackend final : public Backend {
     e.meta_bytes = size_t(3 * shape.max_batch_tokens + shape.max_seqs * shape.blocks_per_seq()) *
                    sizeof(int32_t);
     e.rows_bytes = size_t(std::max(shape.max_logit_rows, shape.max_batch_tokens)) * sizeof(int32_t);
+    e.layer_sync_bytes = size_t(decode_layer_sync_words(int(c.n_kv_heads))) * sizeof(unsigned);
     return e;
   }
 
@@ -931,6 +954,61 @@ class CudaBackend final : public Backend {
     note_write(x);
     return launch("add", {addr(x.data), addr(y.data), uint64_t(x.rows * x.cols)},
                   [&] { return cuda::add(f32(x), f32(y), x.rows * x.cols, stream_); });
+  }
+
+  // The layer kernel's arguments when it takes this call (batch 1, one int4 format, fp16 cache;
+  // decode_layer_unsupported says the rest), nothing when the fused ops should run instead.
+  Result<std::optional<DecodeLayerArgs>> layer_kernel_args(Tensor x, const LayerScratch& s,
+                                                           const LayerWeights& l, int64_t layer,
+                                                           const RopeParams& p, float eps) const {
+    if (!layer_kernel_ || fp32_weights_ || x.rows != 1 || batch_.n_tokens != 1 ||
+        cache_.type != KvType::f16 || layer < 0 || layer >= config_.n_layers ||
+        p.head_dim != config_.head_dim || p.n_heads != config_.n_heads ||
+        p.n_kv_heads != config_.n_kv_heads) {
+      return std::optional<DecodeLayerArgs>();
+    }
+    DecodeLayerArgs a;
+    const std::pair<DeviceWeight*, const Linear*> linears[] = {
+        {&a.wq, &l.wq}, {&a.wk, &l.wk},         {&a.wv, &l.wv},         {&a.wo, &l.wo},
+        {&a.w_gate, &l.w_gate}, {&a.w_up, &l.w_up}, {&a.w_down, &l.w_down}};
+    for (const auto& [device, host] : linears) {
+      KS_ASSIGN_OR_RETURN(const DeviceWeight* w, linear_of(*host));
+      *device = *w;
+    }
+    KS_ASSIGN_OR_RETURN(a.attn_norm, vector_of(l.attn_norm, "decoder layer"));
+    KS_ASSIGN_OR_RETURN(a.ffn_norm, vector_of(l.ffn_norm, "decoder layer"));
+    // The tensors must be the layer's own: [1, width] each, distinct.
+    const Tensor tensors[] = {x, s.q, s.k, s.v, s.attn, s.gate};
+    const int64_t widths[] = {a.wq.cols, a.wq.rows, a.wk.rows, a.wv.rows, a.wo.cols, a.w_gate.rows};
+    for (size_t i = 0; i < std::size(tensors); ++i) {
+      if (tensors[i].rows != 1 || tensors[i].cols != widths[i]) return std::optional<DecodeLayerArgs>();
+      for (size_t j = 0; j < i; ++j) {
+        if (overlap(tensors[i], tensors[j])) {
+          return Status::error("cuda decoder layer: x and the scratch tensors must not overlap");
+        }
+      }
+    }
+    a.eps = eps;
+    a.x = f32(x);
+    a.q = f32(s.q);
+    a.k = f32(s.k);
+    a.v = f32(s.v);
+    a.attn = f32(s.attn);
+    a.act = f32(s.gate);
+    a.split_o = decode_ws_.o;
+    a.split_ml = decode_ws_.ml;
+    a.max_splits = kMaxGemvTokens * decode_ws_.max_splits;  // the workspace holds 16 tokens' splits
+    a.sync = layer_sync_;
+    a.cache = cache_;
+    a.layer = layer;
+    a.n_heads = int(p.n_heads);
+    a.positions = positions_device();
+    a.seq_ids = seq_ids_device();
+    a.inv_freq = inv_freq_;
+    if (!decode_layer_unsupported(a, props_.multiProcessorCount).empty()) {
+      return std::optional<DecodeLayerArgs>();
+    }
+    return std::optional<DecodeLayerArgs>(a);
   }
 
   Status check_rope(Tensor q, Tensor k, const RopeParams& p) const {
@@ -1326,6 +1404,13 @@ class CudaBackend final : public Backend {
   ShadowState shadow_;
   GemmWorkspace gemm_ws_;
   DecodeWorkspace decode_ws_;
+  unsigned* layer_sync_ = nullptr;  // the decoder layer kernel's counters
+  // KESTREL_CUDA_LAYER_KERNEL=0 turns the batch-1 layer kernel off (the fused ops run instead):
+  // for comparisons on one GPU.
+  bool layer_kernel_ = [] {
+    const char* v = std::getenv("KESTREL_CUDA_LAYER_KERNEL");
+    return v == nullptr || std::string(v) != "0";
+  }();
   // [3, max_batch_tokens]: tokens, positions, sequence ids; then [max_seqs, blocks_per_seq]:
   // the KV cache block tables
   int32_t* meta_ = nullptr;

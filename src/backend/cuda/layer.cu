@@ -1,0 +1,926 @@
+// The batch-1 decoder layer kernel (layer.cuh). One block per SM, 8 warps, five phases:
+//
+//   0. q/k/v     input rms_norm(x) · attn_norm; outputs q, k, v (+ bias)
+//   A. attention rope of q and of the new k, the new K/V rows into the cache, split attention
+//                over the context with the last split of each KV head merging the rest
+//   1. wo        input attn; x += attn · woᵀ (+ bias)
+//   2. gate/up   input rms_norm(x) · ffn_norm; act = silu(gate) * up
+//   3. down      input act; x += act · w_downᵀ (+ bias)
+//
+// with a grid-wide barrier after each of 0, A, 1 and 2. Every block stages a phase's input itself
+// (all of it: each of its row tiles needs every column), as the GEMV's NormInput prologue does:
+// fp32 -> (norm) -> fp16 -> int8 in groups of 32 with the CPU backend's rounding, the arithmetic
+// of gemv.cu's dp4a path, so the kernel's results are the plain ops' within their bounds.
+//
+// Weights: each GEMV phase splits its 16-row tiles (int4_tiles.h) evenly over the blocks (the
+// gate and up tiles of the same rows go to the same block, for the SwiGLU epilogue); a block's
+// tiles x 128-column chunks are dealt to its warps round-robin. Each warp owns a ring of
+// kStages cp.async stages and walks ONE sequence of units, the four phases' in order: its ring
+// is refilled as it consumes, so while the block waits at a barrier or runs attention, the next
+// phase's first units are landing. A lane copies and reads only its own bytes, so a stage needs
+// no barrier, as in gemv.cu. Partial sums meet per (tile, warp) in shared memory and are summed
+// in a fixed order: the result does not depend on timing.
+//
+// The barrier is a counter and a generation word in global memory (every block resident: one
+// block per SM, and the launch checks the occupancy). A block that waits longer than a few
+// seconds traps instead of hanging: the launch then fails with CUDA's error.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "backend/cuda/cuda_check.cuh"
+#include "backend/cuda/layer.cuh"
+
+namespace kestrel::cuda {
+namespace {
+
+constexpr int kWarps = 16;
+constexpr int kThreads = kWarps * 32;
+constexpr int kStageBytes = 1280;    // two 512-byte halves of a tile chunk, scales, mins
+constexpr int kMaxLocalTiles = 16;   // row tiles of one phase per block
+constexpr int kMaxInputCols = 16384; // widest staged input (int8 + group scales in shared memory)
+constexpr int kNormVec = 4;          // float4 a thread holds of a normalized input
+constexpr int kMaxNormCols = 4 * kNormVec * kThreads;
+constexpr int kMaxSplits = 32;       // attention splits per KV head
+constexpr int kMinSplitKeys = 64;    // fewer keys than this per split are not worth a split
+constexpr int kAttnKeys = 32;        // keys per staged K/V chunk (two chunks in flight)
+constexpr int kMaxGroup = 8;         // query heads per KV head
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr long long kBarrierTimeoutCycles = 1ll << 34;  // ~9 s at 1.98 GHz
+
+__host__ __device__ constexpr int ring_bytes(int stages) {
+  return kWarps * stages * kStageBytes;
+}
+constexpr int kRedBytes = kMaxLocalTiles * kWarps * 16 * int(sizeof(float));
+
+__host__ __device__ constexpr int input_bytes(int cols) {
+  return cols + cols / kGroup * int(sizeof(int2));
+}
+__host__ __device__ constexpr int attention_bytes(int head_dim) {
+  return (kMaxGroup * head_dim + kMaxGroup * kAttnKeys + 3 * kMaxGroup) * int(sizeof(float)) +
+         2 * 2 * kAttnKeys * head_dim * int(sizeof(__half));
+}
+
+// One GEMV phase as one block sees it: its tiles [first, first + n_tiles) of the phase's tile
+// sequence, `chunks` 128-column chunks each.
+struct PhasePlan {
+  int first = 0;
+  int n_tiles = 0;
+  int chunks = 0;
+  int units = 0;  // n_tiles * chunks
+};
+
+// Where a warp's ring is refilled from: (tile lt of phase, 128-column chunk) and this lane's
+// source bytes there. Warp-uniform but for the pointers. Phase 4 is the end of the sequence.
+struct Cursor {
+  int phase;
+  int lt;
+  int chunk;
+  const uint8_t* data;    // the lane's piece in the top half of the tile chunk
+  const __half* scales;   // the lane's scale word (as fp16 halves: index of the low half)
+  const __half* mins;     // asym_int4
+  int64_t scale_step;     // halves between chunk c and chunk c + kWarps of a tile
+};
+
+__device__ inline void cp_async_16(void* smem, const void* global) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(global));
+}
+__device__ inline void cp_async_4(void* smem, const void* global) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(global));
+}
+__device__ inline void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int kPending>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Four unsigned bytes of a times four signed bytes of b, plus c.
+__device__ inline int dp4a_us(uint32_t a, uint32_t b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ inline uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// All blocks arrive before any leaves; writes before it are visible to every block after it.
+__device__ void grid_barrier(unsigned* arrive, unsigned* generation) {
+  __syncthreads();  // the block's writes are observed by thread 0, whose fence publishes them
+  if (threadIdx.x == 0) {
+    volatile unsigned* gen = generation;
+    const unsigned seen = *gen;
+    __threadfence();
+    if (atomicAdd(arrive, 1u) == gridDim.x - 1) {
+      atomicExch(arrive, 0u);
+      __threadfence();
+      atomicAdd(generation, 1u);
+    } else {
+      const long long start = clock64();
+      while (*gen == seen) {
+        if (clock64() - start > kBarrierTimeoutCycles) __trap();
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// The block's share of `tiles` row tiles (balanced: floor or ceil of tiles / blocks).
+__device__ inline PhasePlan plan_for(int64_t tiles, int64_t chunks, int pair) {
+  const int64_t b = blockIdx.x, g = gridDim.x;
+  const int64_t first = b * tiles / g;
+  const int64_t last = (b + 1) * tiles / g;
+  PhasePlan p;
+  p.first = int(first * pair);
+  p.n_tiles = int((last - first) * pair);
+  p.chunks = int(chunks);
+  p.units = p.n_tiles * p.chunks;
+  return p;
+}
+
+template <int HD, bool kAsym, int kStages>
+struct Layer {
+  const DecodeLayerArgs& a;
+  const PhasePlan* plan;  // [4], shared
+  uint8_t* ring;          // this warp's stages
+  uint32_t* xq;           // staged input: int8 values, natural order
+  int2* xqp;              // {scale bits, sum of values} per group of 32
+  float* red;             // [kMaxLocalTiles][kWarps][16] partial sums
+  int lane, warp, quad_row, quad_col;
+
+  // Points `c` at its (phase, lt, chunk), moving on past tiles and phases the warp has no
+  // chunk of (a warp w takes chunks w, w + kWarps, ... of every tile of a phase).
+  __device__ void settle(Cursor& c) const {
+    while (c.phase < 4) {
+      const PhasePlan& p = plan[c.phase];
+      if (warp >= p.chunks || c.lt >= p.n_tiles) {
+        ++c.phase;
+        c.lt = 0;
+        c.chunk = warp;
+      } else if (c.chunk >= p.chunks) {
+        ++c.lt;
+        c.chunk = warp;
+      } else {
+        int64_t tile;
+        const DeviceWeight& w = tile_of(c.phase, c.lt, tile);
+        const int64_t at = tile * w.tiles.n_chunks + c.chunk;
+        c.data = w.data + at * kTileChunkBytes + lane * 16;
+        const int64_t half = 2 * (at * w.tiles.chunk_scale_words() +
+                                  (quad_col >> w.tiles.scale_shift) * 8 + quad_row);
+        c.scales = w.scales + half;
+        if constexpr (kAsym) c.mins = w.mins + half;
+        c.scale_step = 2 * int64_t(kWarps) * w.tiles.chunk_scale_words();
+        return;
+      }
+    }
+  }
+
+  __device__ void advance(Cursor& c) const {
+    c.chunk += kWarps;
+    if (c.chunk < plan[c.phase].chunks) {
+      c.data += kWarps * kTileChunkBytes;
+      c.scales += c.scale_step;
+      if constexpr (kAsym) c.mins += c.scale_step;
+    } else {
+      settle(c);
+    }
+  }
+
+  // The weight and tile of local tile `lt` of `phase`.
+  __device__ const DeviceWeight& tile_of(int phase, int lt, int64_t& tile) const {
+    const int vt = plan[phase].first + lt;
+    switch (phase) {
+      case 0: {
+        const int64_t tq = a.wq.tiles.n_tiles, tk = a.wk.tiles.n_tiles;
+        if (vt < tq) {
+          tile = vt;
+          return a.wq;
+        }
+        if (vt < tq + tk) {
+          tile = vt - tq;
+          return a.wk;
+        }
+        tile = vt - tq - tk;
+        return a.wv;
+      }
+      case 1:
+        tile = vt;
+        return a.wo;
+      case 2:
+        tile = vt >> 1;
+        return (vt & 1) ? a.w_up : a.w_gate;
+      default:
+        tile = vt;
+        return a.w_down;
+    }
+  }
+
+  // Copies the unit at `c` into `stage` (an empty group past the last unit).
+  __device__ void issue(int stage, const Cursor& c) const {
+    if (c.phase < 4) {
+      uint8_t* s = ring + stage * kStageBytes;
+      cp_async_16(s + lane * 16, c.data);
+      cp_async_16(s + 512 + lane * 16, c.data + 512);
+      cp_async_4(s + 1024 + lane * 4, c.scales);
+      if constexpr (kAsym) cp_async_4(s + 1152 + lane * 4, c.mins);
+    }
+    cp_async_commit();  // one group per unit, empty or not: the wait counts stay uniform
+  }
+
+  // Adds the unit in `stage`, of column group `group`, to the lane's sums of its two rows.
+  __device__ void consume(int stage, int group, float& acc0, float& acc1) const {
+    const uint8_t* s = ring + stage * kStageBytes;
+    const uint4 top = reinterpret_cast<const uint4*>(s)[lane];
+    const uint4 bottom = reinterpret_cast<const uint4*>(s + 512)[lane];
+    const uint32_t scales = reinterpret_cast<const uint32_t*>(s + 1024)[lane];
+    const uint4 xa = reinterpret_cast<const uint4*>(xq)[2 * group];
+    const uint4 xb = reinterpret_cast<const uint4*>(xq)[2 * group + 1];
+    const int2 qp = xqp[group];
+    const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    const uint32_t w0[4] = {top.x, top.y, top.z, top.w};
+    const uint32_t w1[4] = {bottom.x, bottom.y, bottom.z, bottom.w};
+    // Word u: low nibbles are weights 4u .. 4u + 3, high nibbles 16 + 4u .. 19 + 4u. The high
+    // nibbles are multiplied in place (16 times their value, unsigned bytes against the signed
+    // input) and divided out exactly once; four independent chains keep the dp4a latencies
+    // overlapped.
+    int lo0 = 0, hi0 = 0, lo1 = 0, hi1 = 0;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      lo0 = dp4a_us(w0[u] & 0x0f0f0f0fu, xw[u], lo0);
+      hi0 = dp4a_us(w0[u] & 0xf0f0f0f0u, xw[4 + u], hi0);
+      lo1 = dp4a_us(w1[u] & 0x0f0f0f0fu, xw[u], lo1);
+      hi1 = dp4a_us(w1[u] & 0xf0f0f0f0u, xw[4 + u], hi1);
+    }
+    const int s0 = lo0 + (hi0 >> 4);
+    const int s1 = lo1 + (hi1 >> 4);
+    const float sx = __int_as_float(qp.x);
+    const float d0 = __half2float(__ushort_as_half(uint16_t(scales)));
+    const float d1 = __half2float(__ushort_as_half(uint16_t(scales >> 16)));
+    if constexpr (kAsym) {
+      const uint32_t mins = reinterpret_cast<const uint32_t*>(s + 1152)[lane];
+      const float m0 = __half2float(__ushort_as_half(uint16_t(mins)));
+      const float m1 = __half2float(__ushort_as_half(uint16_t(mins >> 16)));
+      acc0 += sx * (d0 * float(s0) + m0 * float(qp.y));
+      acc1 += sx * (d1 * float(s1) + m1 * float(qp.y));
+    } else {
+      acc0 += float(s0 - 8 * qp.y) * (d0 * sx);
+      acc1 += float(s1 - 8 * qp.y) * (d1 * sx);
+    }
+  }
+
+  // The warp's sums of local tile `lt`, over the quad's four groups, into red[lt][warp].
+  __device__ void flush(int lt, float& acc0, float& acc1) const {
+    acc0 += __shfl_xor_sync(0xffffffffu, acc0, 1);
+    acc0 += __shfl_xor_sync(0xffffffffu, acc0, 2);
+    acc1 += __shfl_xor_sync(0xffffffffu, acc1, 1);
+    acc1 += __shfl_xor_sync(0xffffffffu, acc1, 2);
+    if (quad_col == 0) {
+      red[(lt * kWarps + warp) * 16 + quad_row] = acc0;
+      red[(lt * kWarps + warp) * 16 + quad_row + 8] = acc1;
+    }
+    acc0 = acc1 = 0.0f;
+  }
+
+  // Consumes the warp's units of `phase` in the order settle() walks them, refilling the ring
+  // from `next` as it goes.
+  __device__ void run_phase(int phase, int n_groups, Cursor& next, int& stage) const {
+    const PhasePlan& p = plan[phase];
+    if (warp >= p.chunks) return;
+    auto step = [&] {
+      issue(stage, next);
+      advance(next);
+      stage = stage + 1 == kStages ? 0 : stage + 1;
+    };
+    for (int lt = 0; lt < p.n_tiles; ++lt) {
+      float acc0 = 0.0f, acc1 = 0.0f;
+      int chunk = warp;
+      // Two units at a time where the tile has them: their loads and dp4a chains interleave.
+      for (; chunk + kWarps < p.chunks; chunk += 2 * kWarps) {
+        cp_async_wait<kStages - 2>();
+        const int g0 = chunk * kTileGroups + quad_col;
+        const int g1 = g0 + kWarps * kTileGroups;
+        const int stage1 = stage + 1 == kStages ? 0 : stage + 1;
+        // Past the last column the tile holds zeros and there is no input.
+        if (g0 < n_groups) consume(stage, g0, acc0, acc1);
+        if (g1 < n_groups) consume(stage1, g1, acc0, acc1);
+        step();
+        step();
+      }
+      if (chunk < p.chunks) {
+        cp_async_wait<kStages - 1>();
+        const int group = chunk * kTileGroups + quad_col;
+        if (group < n_groups) consume(stage, group, acc0, acc1);
+        step();
+      }
+      flush(lt, acc0, acc1);
+    }
+  }
+
+  // The block's sum for row r of local tile lt (fixed order over warps); zeroes the partials
+  // for the next phase.
+  __device__ float take(int lt, int r) const {
+    float sum = 0.0f;
+#pragma unroll
+    for (int wp = 0; wp < kWarps; ++wp) {
+      float& v = red[(lt * kWarps + wp) * 16 + r];
+      sum += v;
+      v = 0.0f;
+    }
+    return sum;
+  }
+
+  // Word j of the staged input from values 4j .. 4j + 3 (`valid`: j is a word of the input):
+  // rounded to fp16, then int8 in groups of 32 (8 lanes a group) with the CPU backend's
+  // rounding: the GEMV's quantize_input arithmetic.
+  __device__ void quantize_word(float4 v, int j, bool valid) const {
+    const float f[4] = {__half2float(__float2half_rn(v.x)), __half2float(__float2half_rn(v.y)),
+                        __half2float(__float2half_rn(v.z)), __half2float(__float2half_rn(v.w))};
+    float amax = fmaxf(fmaxf(fabsf(f[0]), fabsf(f[1])), fmaxf(fabsf(f[2]), fabsf(f[3])));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    uint32_t word = 0;
+    int sum = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int q = __float2int_rn(f[i] * inv);
+      sum += q;
+      word |= (uint32_t(q) & 0xffu) << (8 * i);
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+    if (valid) {
+      xq[j] = word;
+      if ((lane & 7) == 0) xqp[j / 8] = make_int2(__float_as_int(amax / 127.0f), sum);
+    }
+  }
+
+  // xq/xqp = the staged input of `src` (written by other blocks of this launch: read through
+  // L2), of `cols` columns.
+  __device__ void stage_input(const float* src, int cols) const {
+    const int n4 = cols / 4;
+    const float4* src4 = reinterpret_cast<const float4*>(src);
+    for (int base = 0; base < n4; base += kThreads) {
+      const int j = base + int(threadIdx.x);
+      const bool valid = j < n4;
+      quantize_word(valid ? __ldcg(src4 + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f), j, valid);
+    }
+  }
+
+  // The same of rms_norm(src) · norm_w (normalize_input's arithmetic), `cols` <= kMaxNormCols:
+  // each thread keeps its values in registers from the sum of squares to the quantization.
+  __device__ void stage_norm_input(const float* src, const float* norm_w, int cols,
+                                   float* scratch) const {
+    const int n4 = cols / 4;
+    const float4* src4 = reinterpret_cast<const float4*>(src);
+    float4 v[kNormVec];
+    float sum = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kNormVec; ++r) {
+      const int j = r * kThreads + int(threadIdx.x);
+      v[r] = j < n4 ? __ldcg(src4 + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      sum += v[r].x * v[r].x + v[r].y * v[r].y + v[r].z * v[r].z + v[r].w * v[r].w;
+    }
+    sum = block_sum(sum, scratch);
+    const float scale = 1.0f / sqrtf(sum / float(cols) + a.eps);
+#pragma unroll
+    for (int r = 0; r < kNormVec; ++r) {
+      if (r * kThreads < n4) {  // block-uniform: whole passes only
+        const int j = r * kThreads + int(threadIdx.x);
+        const bool valid = j < n4;
+        float4 x = v[r];
+        if (valid) {
+          const float4 g = __ldg(reinterpret_cast<const float4*>(norm_w) + j);
+          x = make_float4(g.x * (x.x * scale), g.y * (x.y * scale), g.z * (x.z * scale),
+                          g.w * (x.w * scale));
+        }
+        quantize_word(x, j, valid);
+      }
+    }
+  }
+
+  // Phase A for the block's (KV head, split) items. `smem` is the staged input's space.
+  // With `prefetch`, only requests the K/V rows of the block's first item's first two chunks
+  // (the cache's old rows depend on nothing this launch computes: issued before the barrier,
+  // their round trip overlaps it); the call after the barrier does the rest.
+  __device__ void attention(float* smem, int max_splits, bool prefetch) const {
+    const KvCache& c = a.cache;
+    const int n_kv = c.n_kv_heads;
+    const int group = a.n_heads / n_kv;
+    const int pos = a.positions[0];
+    const int seq = a.seq_ids[0];
+    const int context = pos + 1;
+    const int splits = max(1, min(max_splits, (context + kMinSplitKeys - 1) / kMinSplitKeys));
+    const int per_split = (context + splits - 1) / splits;
+    constexpr int kHalf = HD / 2;
+    constexpr int kPieces = HD / 8;  // 16-byte pieces of a cache row
+    float* qs = smem;                                // [kMaxGroup][HD], rotated and pre-scaled
+    float* scores = qs + kMaxGroup * HD;             // [kMaxGroup][kAttnKeys]
+    float* m_run = scores + kMaxGroup * kAttnKeys;   // [kMaxGroup] running max (log2 domain)
+    float* l_run = m_run + kMaxGroup;                // [kMaxGroup] running sum of exp
+    float* alpha = l_run + kMaxGroup;                // [kMaxGroup] this chunk's rescale
+    // [2 buffers][K, V][kAttnKeys][HD] fp16
+    __half* kv_buf = reinterpret_cast<__half*>(alpha + kMaxGroup);
+    __shared__ int last_split;
+    const float q_scale = kLog2e / sqrtf(float(HD));
+    const int tid = int(threadIdx.x);
+    __half* k_cache = static_cast<__half*>(c.k);
+    __half* v_cache = static_cast<__half*>(c.v);
+    auto row_of = [&](int h, int p) {
+      const int64_t block =
+          __ldg(c.block_tables + int64_t(seq) * c.table_stride + p / int(kKvBlockSize));
+      return (((a.layer * c.n_blocks + block) * n_kv + h) * kKvBlockSize + p % int(kKvBlockSize)) *
+             HD;
+    };
+
+    for (int item = int(blockIdx.x); item < n_kv * max_splits; item += int(gridDim.x)) {
+      const int h = item / max_splits;
+      const int s = item - h * max_splits;
+      if (s >= splits) continue;
+      const int first = s * per_split;
+      const int end = min(context, first + per_split);
+      const int n_chunks = end > first ? (end - first + kAttnKeys - 1) / kAttnKeys : 0;
+      // K and V of keys [first + 32 ci, + 32) into buffer ci % 2: every piece of the chunk is
+      // requested at once, so a chunk costs one round trip.
+      auto load_chunk = [&](int ci) {
+        if (ci < n_chunks) {
+          const int key0 = first + ci * kAttnKeys;
+          const int n = min(kAttnKeys, end - key0);
+          __half* buf = kv_buf + (ci & 1) * 2 * kAttnKeys * HD;
+          for (int p = tid; p < 2 * kAttnKeys * kPieces; p += kThreads) {
+            const int kv = p / (kAttnKeys * kPieces);
+            const int rem = p - kv * kAttnKeys * kPieces;
+            const int key = rem / kPieces;
+            const int part = rem - key * kPieces;
+            if (key < n) {
+              const __half* src = (kv == 0 ? k_cache : v_cache) + row_of(h, key0 + key) + part * 8;
+              cp_async_16(buf + (kv * kAttnKeys + key) * HD + part * 8, src);
+            }
+          }
+        }
+        cp_async_commit();
+      };
+      if (prefetch) {
+        load_chunk(0);
+        load_chunk(1);
+        return;
+      }
+      if (item != int(blockIdx.x)) {
+        load_chunk(0);
+        load_chunk(1);
+      }
+      // The group's queries, rotated (as rope_kernel: fp32 angle, sincosf) and scaled so that
+      // scores are in the log2 domain.
+      for (int idx = tid; idx < group * kHalf; idx += kThreads) {
+        const int r = idx / kHalf;
+        const int i = idx - r * kHalf;
+        const float* q = a.q + int64_t(h * group + r) * HD;
+        const float x0 = __ldcg(q + i), x1 = __ldcg(q + i + kHalf);
+        float sn, cs;
+        sincosf(float(pos) * a.inv_freq[i], &sn, &cs);
+        qs[r * HD + i] = (x0 * cs - x1 * sn) * q_scale;
+        qs[r * HD + i + kHalf] = (x1 * cs + x0 * sn) * q_scale;
+      }
+      // The split holding the new position stores its rotated K row and its V row in the cache
+      // (fp16, as the cache write kernel). Chunks requested later read them from there; a chunk
+      // requested before the barrier holds a stale row, patched here once its copies landed.
+      if (first <= pos && pos < end) {
+        const int64_t row = row_of(h, pos);
+        const int ci = (pos - first) / kAttnKeys;
+        const bool patch = ci < 2;
+        if (patch) {
+          cp_async_wait<0>();
+          __syncthreads();
+        }
+        __half* kb = kv_buf + (ci & 1) * 2 * kAttnKeys * HD + (pos - first - ci * kAttnKeys) * HD;
+        __half* vb = kb + kAttnKeys * HD;
+        for (int i = tid; i < kHalf; i += kThreads) {
+          const float* k = a.k + int64_t(h) * HD;
+          const float* v = a.v + int64_t(h) * HD;
+          const float x0 = __ldcg(k + i), x1 = __ldcg(k + i + kHalf);
+          float sn, cs;
+          sincosf(float(pos) * a.inv_freq[i], &sn, &cs);
+          const __half k0 = __float2half_rn(x0 * cs - x1 * sn);
+          const __half k1 = __float2half_rn(x1 * cs + x0 * sn);
+          const __half v0 = __float2half_rn(__ldcg(v + i));
+          const __half v1 = __float2half_rn(__ldcg(v + i + kHalf));
+          k_cache[row + i] = k0;
+          k_cache[row + i + kHalf] = k1;
+          v_cache[row + i] = v0;
+          v_cache[row + i + kHalf] = v1;
+          if (patch) {
+            kb[i] = k0;
+            kb[i + kHalf] = k1;
+            vb[i] = v0;
+            vb[i + kHalf] = v1;
+          }
+        }
+      }
+      if (tid < kMaxGroup) {
+        m_run[tid] = -INFINITY;
+        l_run[tid] = 0.0f;
+      }
+      __syncthreads();  // queries staged; the new rows visible to the block
+
+
+      // Output pairs (r, dims 2i, 2i + 1): at most two per thread.
+      constexpr int kPairs = (kMaxGroup * kHalf + kThreads - 1) / kThreads;
+      float2 o[kPairs];
+#pragma unroll
+      for (int pi = 0; pi < kPairs; ++pi) o[pi] = make_float2(0.0f, 0.0f);
+
+      for (int ci = 0; ci < n_chunks; ++ci) {
+        const int key0 = first + ci * kAttnKeys;
+        const int n = min(kAttnKeys, end - key0);
+        const __half* kb = kv_buf + (ci & 1) * 2 * kAttnKeys * HD;
+        const __half* vb = kb + kAttnKeys * HD;
+        cp_async_wait<1>();
+        __syncthreads();
+        // Scores: 8 threads a key, each over HD / 8 dimensions, for every query head (the
+        // first 8 * kAttnKeys threads).
+        if (tid < 8 * kAttnKeys) {
+          constexpr int kDims = HD / 8;
+          const int key = tid >> 3;
+          const int sub = tid & 7;
+          float sc[kMaxGroup];
+#pragma unroll
+          for (int r = 0; r < kMaxGroup; ++r) sc[r] = 0.0f;
+#pragma unroll
+          for (int d8 = 0; d8 < kDims / 8; ++d8) {
+            const int d = sub * kDims + d8 * 8;
+            const uint4 kw = *reinterpret_cast<const uint4*>(kb + key * HD + d);
+            const uint32_t words[4] = {kw.x, kw.y, kw.z, kw.w};
+            float kf[8];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
+              kf[2 * i] = f.x;
+              kf[2 * i + 1] = f.y;
+            }
+#pragma unroll
+            for (int r = 0; r < kMaxGroup; ++r) {
+              if (r < group) {
+                const float4 qa = *reinterpret_cast<const float4*>(qs + r * HD + d);
+                const float4 qb = *reinterpret_cast<const float4*>(qs + r * HD + d + 4);
+                sc[r] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] +
+                         qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+              }
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < kMaxGroup; ++r) {
+            sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], 1);
+            sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], 2);
+            sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], 4);
+            if (sub == 0 && r < group) scores[r * kAttnKeys + key] = key < n ? sc[r] : -INFINITY;
+          }
+        }
+        __syncthreads();
+        // The chunk's softmax: warp r takes query head r, a lane per key.
+        if (warp < group) {
+          float* row = scores + warp * kAttnKeys;
+          const float x = row[lane];
+          const float m_old = m_run[warp];
+          const float m_new = fmaxf(m_old, warp_max(x));
+          const float p = exp2f(x - m_new);
+          row[lane] = p;
+          const float sum = warp_sum(p);
+          if (lane == 0) {
+            const float scale = exp2f(m_old - m_new);
+            alpha[warp] = scale;
+            m_run[warp] = m_new;
+            l_run[warp] = l_run[warp] * scale + sum;
+          }
+        }
+        __syncthreads();
+        // o = o * alpha + p · V.
+#pragma unroll
+        for (int pi = 0; pi < kPairs; ++pi) {
+          const int idx = tid + pi * kThreads;
+          const int r = idx / kHalf;
+          if (r < group) {
+            const int i = idx - r * kHalf;
+            const float scale = alpha[r];
+            float2 acc = make_float2(o[pi].x * scale, o[pi].y * scale);
+            const float* p = scores + r * kAttnKeys;
+            const __half2* vcol = reinterpret_cast<const __half2*>(vb) + i;
+#pragma unroll 8
+            for (int j = 0; j < n; ++j) {
+              const float2 vf = __half22float2(vcol[j * kHalf]);
+              acc.x += p[j] * vf.x;
+              acc.y += p[j] * vf.y;
+            }
+            o[pi] = acc;
+          }
+        }
+        __syncthreads();  // buffer ci % 2 and the scores are free again
+        load_chunk(ci + 2);
+      }
+      cp_async_wait<0>();
+
+      // This split's partials, then the last split of the KV head to finish merges them all.
+      const int64_t base = int64_t(h) * group * max_splits;
+#pragma unroll
+      for (int pi = 0; pi < kPairs; ++pi) {
+        const int idx = tid + pi * kThreads;
+        const int r = idx / kHalf;
+        if (r < group) {
+          const int i = idx - r * kHalf;
+          reinterpret_cast<float2*>(a.split_o + ((base + r * max_splits + s) * HD))[i] = o[pi];
+        }
+      }
+      if (tid < group) {
+        a.split_ml[(base + tid * max_splits + s) * 2] = m_run[tid];
+        a.split_ml[(base + tid * max_splits + s) * 2 + 1] = l_run[tid];
+      }
+      __syncthreads();
+      if (tid == 0) {
+        __threadfence();
+        unsigned* counter = a.sync + 2 + h;
+        last_split = atomicAdd(counter, 1u) == unsigned(splits - 1);
+        if (last_split) atomicExch(counter, 0u);
+      }
+      __syncthreads();
+      if (last_split) {
+        __threadfence();
+        // Each split's weight exp2(m_t - m) / l for every query head of the group, in the
+        // scores buffer (splits <= kMaxSplits <= kAttnKeys), then every thread sums its pairs'
+        // partial outputs with their loads in flight together.
+        float* weight = scores;  // [group][kAttnKeys]
+        if (warp < group) {
+          const float* ml = a.split_ml + (base + warp * max_splits) * 2;
+          const bool mine = lane < splits;
+          const float m_t = mine ? __ldcg(ml + 2 * lane) : -INFINITY;
+          const float l_t = mine ? __ldcg(ml + 2 * lane + 1) : 0.0f;
+          const float m = warp_max(m_t);
+          const float w = mine ? exp2f(m_t - m) : 0.0f;
+          const float l = warp_sum(w * l_t);
+          weight[warp * kAttnKeys + lane] = w / l;
+        }
+        __syncthreads();
+        for (int idx = tid; idx < group * kHalf; idx += kThreads) {
+          const int r = idx / kHalf;
+          const int i = idx - r * kHalf;
+          const float2* o_t =
+              reinterpret_cast<const float2*>(a.split_o + (base + r * max_splits) * HD) + i;
+          float2 acc = make_float2(0.0f, 0.0f);
+          for (int t0 = 0; t0 < splits; t0 += 8) {
+            float2 part[8];
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+              part[t] = t0 + t < splits ? __ldcg(o_t + int64_t(t0 + t) * kHalf)
+                                        : make_float2(0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int t = 0; t < 8; ++t) {
+              const float w = t0 + t < splits ? weight[r * kAttnKeys + t0 + t] : 0.0f;
+              acc.x += w * part[t].x;
+              acc.y += w * part[t].y;
+            }
+          }
+          reinterpret_cast<float2*>(a.attn + int64_t(h * group + r) * HD)[i] = acc;
+        }
+      }
+      __syncthreads();  // the shared buffers are reused by the next item
+    }
+  }
+};
+
+template <int HD, bool kAsym, int kStages>
+__global__ void __launch_bounds__(kThreads, 1)
+    decode_layer_kernel(const __grid_constant__ DecodeLayerArgs a, int max_splits, int profile) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ PhasePlan plan[4];
+  __shared__ float scratch[32];
+  const int tid = int(threadIdx.x);
+  if (tid == 0) {
+    plan[0] = plan_for(a.wq.tiles.n_tiles + a.wk.tiles.n_tiles + a.wv.tiles.n_tiles,
+                       a.wq.tiles.n_chunks, 1);
+    plan[1] = plan_for(a.wo.tiles.n_tiles, a.wo.tiles.n_chunks, 1);
+    plan[2] = plan_for(a.w_gate.tiles.n_tiles, a.w_gate.tiles.n_chunks, 2);
+    plan[3] = plan_for(a.w_down.tiles.n_tiles, a.w_down.tiles.n_chunks, 1);
+  }
+  constexpr int kRingBytes = ring_bytes(kStages);
+  float* red = reinterpret_cast<float*>(smem + kRingBytes);
+  uint8_t* input = smem + kRingBytes + kRedBytes;
+  for (int i = tid; i < kMaxLocalTiles * kWarps * 16; i += kThreads) red[i] = 0.0f;
+  __syncthreads();
+
+  Layer<HD, kAsym, kStages> L{a, plan, nullptr, nullptr, nullptr, red};
+  L.lane = tid & 31;
+  L.warp = tid >> 5;
+  L.quad_row = L.lane >> 2;
+  L.quad_col = L.lane & 3;
+  L.ring = smem + L.warp * kStages * kStageBytes;
+  const int d = int(a.wq.cols), dq = int(a.wo.cols), f = int(a.w_down.cols);
+  const int widest = max(d, max(dq, f));
+  L.xq = reinterpret_cast<uint32_t*>(input);
+  L.xqp = reinterpret_cast<int2*>(input + widest);
+
+  // Weights depend on nothing before this kernel: the ring fills before the wait.
+  Cursor next{0, 0, L.warp};
+  L.settle(next);
+  for (int stage = 0; stage < kStages; ++stage) {
+    L.issue(stage, next);
+    L.advance(next);
+  }
+  int stage = 0;
+  // KESTREL_CUDA_LAYER_PROFILE: block 0 prints when it passed each phase, for layer 1 of every
+  // 64th position (a measurement aid; off, it costs one predicate).
+  const bool mark = profile != 0 && blockIdx.x == 0 && tid == 0 && a.layer == 1;
+  uint64_t t[10] = {};
+  if (mark) t[0] = global_ns();
+  pdl_wait();
+  if (mark) t[1] = global_ns();
+
+  L.stage_norm_input(a.x, a.attn_norm, d, scratch);
+  __syncthreads();
+  L.run_phase(0, d / kGroup, next, stage);
+  if (mark) t[2] = global_ns();
+  __syncthreads();
+  {
+    const int64_t tq = a.wq.tiles.n_tiles, tk = a.wk.tiles.n_tiles;
+    for (int e = tid; e < plan[0].n_tiles * 16; e += kThreads) {
+      const int lt = e >> 4, r = e & 15;
+      const float sum = L.take(lt, r);
+      const int64_t vt = plan[0].first + lt;
+      const DeviceWeight& w = vt < tq ? a.wq : vt < tq + tk ? a.wk : a.wv;
+      float* out = vt < tq ? a.q : vt < tq + tk ? a.k : a.v;
+      const int64_t row = (vt < tq ? vt : vt < tq + tk ? vt - tq : vt - tq - tk) * 16 + r;
+      if (row < w.rows) out[row] = sum + (w.bias != nullptr ? w.bias[row] : 0.0f);
+    }
+  }
+  L.attention(reinterpret_cast<float*>(input), max_splits, /*prefetch=*/true);
+  grid_barrier(a.sync, a.sync + 1);
+  if (mark) t[3] = global_ns();
+  L.attention(reinterpret_cast<float*>(input), max_splits, /*prefetch=*/false);
+  if (mark) t[4] = global_ns();
+  grid_barrier(a.sync, a.sync + 1);
+  if (mark) t[5] = global_ns();
+
+  L.stage_input(a.attn, dq);
+  __syncthreads();
+  L.run_phase(1, dq / kGroup, next, stage);
+  if (mark) t[6] = global_ns();
+  __syncthreads();
+  for (int e = tid; e < plan[1].n_tiles * 16; e += kThreads) {
+    const int lt = e >> 4, r = e & 15;
+    const float sum = L.take(lt, r);
+    const int64_t row = int64_t(plan[1].first + lt) * 16 + r;
+    if (row < a.wo.rows) {
+      a.x[row] = __ldcg(a.x + row) + (sum + (a.wo.bias != nullptr ? a.wo.bias[row] : 0.0f));
+    }
+  }
+  grid_barrier(a.sync, a.sync + 1);
+
+  L.stage_norm_input(a.x, a.ffn_norm, d, scratch);
+  __syncthreads();
+  L.run_phase(2, d / kGroup, next, stage);
+  if (mark) t[7] = global_ns();
+  __syncthreads();
+  for (int e = tid; e < plan[2].n_tiles / 2 * 16; e += kThreads) {
+    const int lp = e >> 4, r = e & 15;
+    float g = L.take(2 * lp, r);
+    float u = L.take(2 * lp + 1, r);
+    const int64_t row = int64_t(plan[2].first / 2 + lp) * 16 + r;
+    if (row < a.w_gate.rows) {
+      if (a.w_gate.bias != nullptr) g += a.w_gate.bias[row];
+      if (a.w_up.bias != nullptr) u += a.w_up.bias[row];
+      a.act[row] = g / (1.0f + expf(-g)) * u;
+    }
+  }
+  grid_barrier(a.sync, a.sync + 1);
+  // The next kernel's blocks may now take the SMs' second slots and start on their weights.
+  pdl_trigger();
+
+  L.stage_input(a.act, f);
+  __syncthreads();
+  L.run_phase(3, f / kGroup, next, stage);
+  if (mark) t[8] = global_ns();
+  __syncthreads();
+  for (int e = tid; e < plan[3].n_tiles * 16; e += kThreads) {
+    const int lt = e >> 4, r = e & 15;
+    const float sum = L.take(lt, r);
+    const int64_t row = int64_t(plan[3].first + lt) * 16 + r;
+    if (row < a.w_down.rows) {
+      a.x[row] = __ldcg(a.x + row) + (sum + (a.w_down.bias != nullptr ? a.w_down.bias[row] : 0.0f));
+    }
+  }
+  cp_async_wait<0>();
+  if (mark && a.positions[0] % 64 == 0) {
+    t[9] = global_ns();
+    printf("layer kernel profile (us, pos %d): wait %.2f qkv %.2f bar %.2f attn %.2f bar %.2f "
+           "wo %.2f gate/up %.2f down %.2f end %.2f total %.2f\n",
+           a.positions[0], (t[1] - t[0]) * 1e-3, (t[2] - t[1]) * 1e-3, (t[3] - t[2]) * 1e-3,
+           (t[4] - t[3]) * 1e-3, (t[5] - t[4]) * 1e-3, (t[6] - t[5]) * 1e-3,
+           (t[7] - t[6]) * 1e-3, (t[8] - t[7]) * 1e-3, (t[9] - t[8]) * 1e-3,
+           (t[9] - t[1]) * 1e-3);
+  }
+}
+
+bool profile_enabled() {
+  static const bool on = std::getenv("KESTREL_CUDA_LAYER_PROFILE") != nullptr;
+  return on;
+}
+
+int splits_for(const DecodeLayerArgs& a, int sm_count) {
+  return std::min(std::min(sm_count / std::max(1, a.cache.n_kv_heads), kMaxSplits), a.max_splits);
+}
+
+int shared_bytes(const DecodeLayerArgs& a, int stages) {
+  const int widest = int(std::max({a.wq.cols, a.wo.cols, a.w_down.cols}));
+  return ring_bytes(stages) + kRedBytes +
+         std::max(input_bytes(widest), attention_bytes(a.cache.head_dim));
+}
+
+template <int HD, bool kAsym, int kStages>
+Status launch(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream) {
+  auto kernel = decode_layer_kernel<HD, kAsym, kStages>;
+  const int smem = shared_bytes(a, kStages);
+  static int attribute_bytes = 0;  // per instantiation
+  if (smem > attribute_bytes) {
+    KS_CUDA_CHECK("decoder layer",
+                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attribute_bytes = smem;
+  }
+  int per_sm = 0;
+  KS_CUDA_CHECK("decoder layer",
+                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  if (per_sm < 1) {
+    return Status::error("cuda decoder layer: a block of " + std::to_string(smem) +
+                         " bytes of shared memory does not fit an SM");
+  }
+  KS_CUDA_CHECK("decoder layer", launch_pdl(kernel, dim3(unsigned(sm_count)), dim3(kThreads),
+                                            size_t(smem), stream, a, splits_for(a, sm_count),
+                                            profile_enabled() ? 1 : 0));
+  KS_CUDA_CHECK_LAUNCH("decoder layer", "decode_layer_kernel");
+  return Status::ok();
+}
+
+}  // namespace
+
+std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count) {
+  const DeviceWeight* all[] = {&a.wq, &a.wk, &a.wv, &a.wo, &a.w_gate, &a.w_up, &a.w_down};
+  for (const DeviceWeight* w : all) {
+    if (!is_tiled(w->format) || w->format != a.wq.format) return "weights not all of one int4 format";
+    if (w->cols % kGroup != 0 || w->cols <= 0 || w->rows <= 0) return "weight shape";
+  }
+  const int64_t hd = a.cache.head_dim;
+  const int64_t n_kv = a.cache.n_kv_heads;
+  if (a.cache.type != KvType::f16) return "KV cache entries not fp16";
+  if (hd != 64 && hd != 128) return "head_dim not 64 or 128";
+  if (n_kv < 1 || a.n_heads % n_kv != 0 || a.n_heads / n_kv > kMaxGroup) return "head grouping";
+  const int64_t d = a.wq.cols;
+  if (a.wq.rows != a.n_heads * hd || a.wk.rows != n_kv * hd || a.wv.rows != n_kv * hd ||
+      a.wk.cols != d || a.wv.cols != d || a.wo.cols != a.wq.rows || a.wo.rows != d ||
+      a.w_gate.cols != d || a.w_up.cols != d || a.w_up.rows != a.w_gate.rows ||
+      a.w_down.cols != a.w_gate.rows || a.w_down.rows != d) {
+    return "layer shapes do not chain";
+  }
+  if (std::max({d, a.wo.cols, a.w_down.cols}) > kMaxInputCols) return "input wider than 16384";
+  if (d > kMaxNormCols) return "hidden size over 8192";
+  if (sm_count < 1 || sm_count < n_kv) return "fewer SMs than KV heads";
+  auto per_block = [&](int64_t tiles) { return (tiles + sm_count - 1) / sm_count; };
+  const int64_t most = std::max(
+      {per_block(a.wq.tiles.n_tiles + a.wk.tiles.n_tiles + a.wv.tiles.n_tiles),
+       per_block(a.wo.tiles.n_tiles), 2 * per_block(a.w_gate.tiles.n_tiles),
+       per_block(a.w_down.tiles.n_tiles)});
+  if (most > kMaxLocalTiles) return "more row tiles per SM than the kernel holds";
+  if (splits_for(a, sm_count) < 1) return "no attention workspace";
+  if (a.sync == nullptr || a.split_o == nullptr || a.split_ml == nullptr) return "no workspace";
+  return {};
+}
+
+Status decode_layer(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream) {
+  const std::string why = decode_layer_unsupported(a, sm_count);
+  if (!why.empty()) return Status::error("cuda decoder layer: " + why);
+  const bool asym = a.wq.format == WeightFormat::asym_int4;
+  static const int stages = [] {
+    const char* v = std::getenv("KESTREL_CUDA_LAYER_STAGES");
+    return v != nullptr ? std::atoi(v) : 8;
+  }();
+  if (stages == 6) {
+    if (a.cache.head_dim == 64) {
+      return asym ? launch<64, true, 6>(a, sm_count, stream) : launch<64, false, 6>(a, sm_count, stream);
+    }
+    return asym ? launch<128, true, 6>(a, sm_count, stream) : launch<128, false, 6>(a, sm_count, stream);
+  }
+  if (a.cache.head_dim == 64) {
+    return asym ? launch<64, true, 8>(a, sm_count, stream) : launch<64, false, 8>(a, sm_count, stream);
+  }
+  return asym ? launch<128, true, 8>(a, sm_count, stream) : launch<128, false, 8>(a, sm_count, stream);
+}
+
+}  // namespace kestrel::cuda

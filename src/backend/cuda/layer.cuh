@@ -1,0 +1,65 @@
+// The batch-1 decoder layer as one persistent kernel (Backend::decoder_layer): q/k/v, rope and
+// the KV cache write, attention, wo + residual, the MLP's gate/up + SwiGLU and down + residual,
+// with grid-wide barriers between the phases instead of kernel boundaries.
+//
+// Why: a batch-1 decode step was a chain of ~7 dependent kernels a layer, each paying a launch,
+// a ramp-up to full bandwidth and a drain; the small weights (q/k/v, wo; every weight of a 1.5B
+// model) ran at 12-53% of the copy bandwidth for that reason alone (docs/PERF.md). Here every warp
+// streams the layer's weights through one cp.async ring from the first q/k/v tile to the last
+// down tile: weights depend on no activation, so the ring runs ahead across the phase barriers
+// and the attention phase, and the next phase's first bytes are already in shared memory when
+// its input is ready.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "backend/cuda/attention.cuh"
+#include "backend/cuda/common.cuh"
+#include "core/status.h"
+
+namespace kestrel::cuda {
+
+struct DecodeLayerArgs {
+  // The layer's weights: all sym_int4 or all asym_int4 (tiled), w_gate and w_up of equal rows.
+  DeviceWeight wq, wk, wv, wo, w_gate, w_up, w_down;
+  const float* attn_norm = nullptr;  // [hidden]
+  const float* ffn_norm = nullptr;   // [hidden]
+  float eps = 0.0f;
+  float* x = nullptr;  // [hidden] the residual stream, updated in place
+  // Scratch the phases hand each other through: q/k/v before rope, the attention output, the
+  // MLP activation silu(gate) * up.
+  float* q = nullptr;     // [n_heads * head_dim]
+  float* k = nullptr;     // [n_kv_heads * head_dim]
+  float* v = nullptr;     // [n_kv_heads * head_dim]
+  float* attn = nullptr;  // [n_heads * head_dim]
+  float* act = nullptr;   // [intermediate]
+  // Attention's per-split partial sums ([n_heads, max_splits, head_dim]) and {max, sum}
+  // ([n_heads, max_splits, 2]), and the kernel's counters (2 + n_kv_heads words, zero between
+  // launches: every launch leaves them zero).
+  float* split_o = nullptr;
+  float* split_ml = nullptr;
+  int max_splits = 0;
+  unsigned* sync = nullptr;
+  KvCache cache;  // fp16 entries
+  int64_t layer = 0;
+  int n_heads = 0;
+  const int32_t* positions = nullptr;  // device [1]
+  const int32_t* seq_ids = nullptr;    // device [1]
+  const float* inv_freq = nullptr;     // [head_dim / 2]
+};
+
+// Words of `sync` a launch uses for a model of `n_kv_heads` KV heads.
+inline int decode_layer_sync_words(int n_kv_heads) {
+  return 2 + n_kv_heads;
+}
+
+// Empty when the layer kernel can run `a` on a device of `sm_count` SMs; otherwise why not (the
+// caller then composes the plain fused ops).
+std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count);
+
+// One batch-1 decoder layer (decode_layer_unsupported(a, sm_count) must be empty): one launch of
+// sm_count blocks, launched with programmatic dependent launch so that its blocks stream their
+// first weights while the kernel before it drains.
+Status decode_layer(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream);
+
+}  // namespace kestrel::cuda

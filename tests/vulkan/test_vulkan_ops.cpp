@@ -297,7 +297,7 @@ INSTANTIATE_TEST_SUITE_P(FormatsAndBiases, VulkanFusedOps,
 // heads per KV head. The layer's update of x passes through three matmuls in series (q/k/v,
 // attention, wo; the norm of x + o, gate/up, w_down) and attention (for scores kLayerScoreScale
 // times as large), so it is held to the sum of their bounds in fused_bound, 9e-2; the update
-// misses the CPU's by 1-2e-2 (the CPU's int8 inputs).
+// misses the CPU's by up to 2.3e-2 (the CPU's int8 inputs).
 TEST(VulkanDecoderLayer, MatchesCpu) {
   const DecoderLayerCase dc;
   ModelWeights weights = decoder_layer_model(dc);

@@ -3,9 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <iterator>
 #include <map>
 #include <numeric>
+#include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
 
 #include "../unit/backend_op_checks.h"
 #include "cuda_test_util.h"
@@ -575,6 +580,186 @@ TEST(CudaBackend, ReportsMemoryAndRejectsBadBatches) {
   EXPECT_FALSE(s.is_ok());
   EXPECT_NE(s.message().find("matmul"), std::string::npos) << s.message();
 }
+
+// --- decoder layer ---------------------------------------------------------------------------
+
+// The variable a CUDA backend reads when it is created: "0" turns its batch-1 layer kernel off.
+constexpr const char* kLayerKernelVariable = "KESTREL_CUDA_LAYER_KERNEL";
+
+// A CUDA backend with the layer kernel on (the variable unset, as in a user's run) or off ("0"),
+// the variable as it was again afterwards.
+Result<std::unique_ptr<Backend>> make_cuda_backend_with_layer_kernel(bool enabled) {
+  const char* was = std::getenv(kLayerKernelVariable);
+  const std::optional<std::string> saved =
+      was != nullptr ? std::optional<std::string>(was) : std::nullopt;
+  if (enabled) {
+    unsetenv(kLayerKernelVariable);
+  } else {
+    setenv(kLayerKernelVariable, "0", 1);
+  }
+  auto backend = make_cuda_backend();
+  if (saved) {
+    setenv(kLayerKernelVariable, saved->c_str(), 1);
+  } else {
+    unsetenv(kLayerKernelVariable);
+  }
+  return backend;
+}
+
+// Whether the CUDA backend's batch-1 layer kernel takes `dc`'s layers: all seven weights sym_int4
+// or asym_int4, an fp16 cache (asked for or automatic), head_dim 64 or 128, at most 8 query heads
+// per KV head.
+bool layer_kernel_takes(const DecoderLayerCase& dc) {
+  const WeightFormat f = dc.format.format;
+  return (f == WeightFormat::sym_int4 || f == WeightFormat::asym_int4) &&
+         (dc.kv_cache == KvCacheType::automatic || dc.kv_cache == KvCacheType::fp16) &&
+         (dc.head_dim == 64 || dc.head_dim == 128) && dc.n_heads % dc.n_kv_heads == 0 &&
+         dc.n_heads / dc.n_kv_heads <= 8;
+}
+
+// The bound of a layer's update of x against the CPU for calls of n tokens (check_decoder_layer):
+// the update passes through three matmuls in series (q/k/v, attention, wo; the norm of x + o,
+// gate/up, w_down) and attention, so it is held to the sum of their op tests' bounds: CudaMatmul's
+// against the CPU (1e-2 where the int4 GEMV quantizes its input to int8 as the CPU does, 3e-2
+// for the other int4 paths' fp16 input, 2e-3 for float weights) and CudaAttention's (5e-3 over
+// fp16 entries, 6e-2 over fp8), the latter for scores kLayerScoreScale times as large as that
+// test's. The int4 dp4a path comes to 4.1e-2, the fp16-input int4 paths to 0.1 (the Vulkan
+// backend, fp32 throughout, misses the CPU by up to 2.3e-2 on the same check).
+double layer_bound_vs_cpu(const DecoderLayerCase& dc, int64_t n) {
+  const WeightFormat f = dc.format.format;
+  const bool int8 = int8_inputs(f, n, dc.hidden) && int8_inputs(f, n, dc.n_heads * dc.head_dim) &&
+                    int8_inputs(f, n, dc.intermediate);
+  const double matmul = int8 ? 1e-2 : is_quantized(f) ? 3e-2 : 2e-3;
+  const double attention = dc.kv_cache == KvCacheType::fp8 ? 6e-2 : 5e-3;
+  return 3 * matmul + kLayerScoreScale * attention;
+}
+
+// check_decoder_layer's watch on a CUDA device: op timing on for each call's layers, and the
+// "decoder layer" ops they issued counted: `per_decode_step` in a batch-1 decode step (one per
+// layer with the kernel, none without), none in a prefill call. `decode_steps` counts the steps.
+auto count_layer_kernels(int64_t per_decode_step, int64_t* decode_steps) {
+  return [=](Backend& device, int64_t n, bool done) {
+    if (!done) {
+      ASSERT_TRUE(cuda::set_op_timing(device, true).is_ok());  // also clears the op times
+      return;
+    }
+    int64_t layer_ops = 0, ops = 0;
+    for (const cuda::OpTime& t : cuda::op_times(device)) {
+      ops += t.calls;
+      if (t.op == "decoder layer") layer_ops += t.calls;
+    }
+    EXPECT_GT(ops, 0) << "n=" << n;
+    EXPECT_EQ(layer_ops, n == 1 ? per_decode_step : 0) << "n=" << n;
+    if (n == 1) ++*decode_steps;
+    ASSERT_TRUE(cuda::set_op_timing(device, false).is_ok());
+  };
+}
+
+// check_decoder_layer for `dc` on a CUDA backend with the layer kernel on, against the CPU within
+// layer_bound_vs_cpu: a "decoder layer" op per layer in each decode step where the kernel takes
+// `dc`'s layers, none where it does not.
+void check_layer_against_cpu(const DecoderLayerCase& dc) {
+  ModelWeights weights = decoder_layer_model(dc);
+  auto device = make_cuda_backend_with_layer_kernel(true);
+  ASSERT_TRUE(device.is_ok()) << device.status().message();
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc), std::move(device).value()));
+  int64_t decode_steps = 0;
+  check_decoder_layer(
+      pair, weights, [&](int64_t n) { return layer_bound_vs_cpu(dc, n); },
+      count_layer_kernels(layer_kernel_takes(dc) ? weights.config.n_layers : 0, &decode_steps));
+  EXPECT_EQ(decode_steps, int64_t(std::size(kLayerPrompts)) * kLayerDecodeSteps);
+}
+
+// sym_int4 (block 32) and asym_int4 (block 64) weights; head_dim 64 and 128; 1, 4 and 6 query
+// heads per KV head; q/k/v with a bias (Qwen2) or without. The hidden size is the heads' width,
+// as in Qwen2 and Llama.
+using LayerKernelCase = std::tuple<FormatCase, int, std::pair<int, int>, bool>;
+
+DecoderLayerCase layer_kernel_case(const LayerKernelCase& param) {
+  const auto& [fc, head_dim, heads, bias] = param;
+  DecoderLayerCase dc;
+  dc.n_heads = heads.first;
+  dc.n_kv_heads = heads.second;
+  dc.head_dim = head_dim;
+  dc.hidden = dc.n_heads * dc.head_dim;
+  dc.intermediate = 2 * dc.hidden + 128;
+  dc.format = fc;
+  dc.qkv_bias = bias;
+  return dc;
+}
+
+class CudaDecoderLayer : public ::testing::TestWithParam<LayerKernelCase> {};
+
+// decoder_layer (the layer kernel at batch 1, the composition in prefill) against the CPU's over
+// check_decoder_layer's prefills and decode steps, and one "decoder layer" op per layer in each
+// decode step.
+TEST_P(CudaDecoderLayer, MatchesCpu) {
+  const DecoderLayerCase dc = layer_kernel_case(GetParam());
+  ASSERT_TRUE(layer_kernel_takes(dc));
+  check_layer_against_cpu(dc);
+}
+
+// The layer kernel against the composition it stands for, on the same GPU: a backend created
+// with KESTREL_CUDA_LAYER_KERNEL=0 is the reference. Prefill takes the composition on both (the
+// same kernels: 1e-6). In decode both quantize their inputs to int8 as the CPU does and keep fp16
+// cache entries; they differ in summation order and so, now and then, in which side of an int8
+// rounding boundary an input lands (the 2-3e-3 CudaMatmul sees between the dp4a GEMV and the CPU):
+// 1e-2 for the layer's update, a third of the bound against the CPU. The reference issues no
+// "decoder layer" op at all.
+TEST_P(CudaDecoderLayer, KernelMatchesComposition) {
+  const DecoderLayerCase dc = layer_kernel_case(GetParam());
+  ModelWeights weights = decoder_layer_model(dc);
+  auto kernel = make_cuda_backend_with_layer_kernel(true);
+  auto composition = make_cuda_backend_with_layer_kernel(false);
+  ASSERT_TRUE(kernel.is_ok()) << kernel.status().message();
+  ASSERT_TRUE(composition.is_ok()) << composition.status().message();
+  // Both upload the same weights in the same order, so the slot each records in them is the same.
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc), std::move(kernel).value(),
+                        std::move(composition).value()));
+  ASSERT_TRUE(cuda::set_op_timing(*pair.cpu, true).is_ok());
+  int64_t decode_steps = 0;
+  check_decoder_layer(
+      pair, weights, [](int64_t n) { return n == 1 ? 1e-2 : 1e-6; },
+      count_layer_kernels(weights.config.n_layers, &decode_steps));
+  EXPECT_EQ(decode_steps, int64_t(std::size(kLayerPrompts)) * kLayerDecodeSteps);
+  int64_t reference_ops = 0;
+  for (const cuda::OpTime& t : cuda::op_times(*pair.cpu)) {
+    reference_ops += t.calls;
+    EXPECT_NE(t.op, "decoder layer");
+  }
+  EXPECT_GT(reference_ops, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    FormatsHeadsAndBiases, CudaDecoderLayer,
+    ::testing::Combine(::testing::Values(FormatCase{WeightFormat::sym_int4, 32},
+                                         FormatCase{WeightFormat::asym_int4, 64}),
+                       ::testing::Values(64, 128),
+                       ::testing::Values(std::pair{8, 8}, std::pair{8, 2}, std::pair{12, 2}),
+                       ::testing::Bool()),
+    [](const ::testing::TestParamInfo<LayerKernelCase>& info) {
+      return decoder_layer_label(layer_kernel_case(info.param));
+    });
+
+class CudaDecoderLayerFallback : public ::testing::TestWithParam<DecoderLayerCase> {};
+
+// Layers the kernel does not take run the composition at batch 1 too (no "decoder layer" op) and
+// still match the CPU: int4 weights over an fp8 cache, fp16 weights, a head_dim of 96.
+TEST_P(CudaDecoderLayerFallback, MatchesCpuThroughTheComposition) {
+  const DecoderLayerCase dc = GetParam();
+  ASSERT_FALSE(layer_kernel_takes(dc));
+  check_layer_against_cpu(dc);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, CudaDecoderLayerFallback,
+    ::testing::Values(
+        DecoderLayerCase{512, 8, 2, 64, 1152, {WeightFormat::sym_int4, 32}, true, KvCacheType::fp8},
+        DecoderLayerCase{512, 8, 2, 64, 1152, {WeightFormat::fp16, 0}, true},
+        DecoderLayerCase{768, 8, 2, 96, 1664, {WeightFormat::sym_int4, 32}, false}),
+    decoder_layer_case_name);
 
 }  // namespace
 }  // namespace kestrel::cuda_test

@@ -4,9 +4,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <initializer_list>
+#include <iterator>
+#include <ostream>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "backend_test_util.h"
 
@@ -425,6 +430,266 @@ void check_fused_ops(BackendPair& pair, const ModelWeights& w, Bound bound, Watc
         });
     watch(dev, n, true);
     first += int32_t(n);
+  }
+}
+
+}  // namespace kestrel::backend_test
+
+namespace kestrel::backend_test {
+
+// --- decoder layer ---------------------------------------------------------------------------
+
+// A decoder_layer test case: the model's shape, the weights' format, whether q, k and v carry a
+// bias (as Qwen2's do), and the KV cache entries the device is asked for (the CPU keeps fp32).
+struct DecoderLayerCase {
+  int64_t hidden = 256;
+  int64_t n_heads = 4;
+  int64_t n_kv_heads = 2;
+  int64_t head_dim = 64;
+  int64_t intermediate = 640;
+  FormatCase format{WeightFormat::sym_int4, 32};
+  bool qkv_bias = true;
+  KvCacheType kv_cache = KvCacheType::automatic;
+};
+
+// "sym_int4_b32_d64_h4kv2_bias" (and "_fp8" for an fp8 cache).
+inline std::string decoder_layer_label(const DecoderLayerCase& dc) {
+  return std::string(format_name(dc.format.format)) + "_b" + std::to_string(dc.format.block) +
+         "_d" + std::to_string(dc.head_dim) + "_h" + std::to_string(dc.n_heads) + "kv" +
+         std::to_string(dc.n_kv_heads) + (dc.qkv_bias ? "_bias" : "_nobias") +
+         (dc.kv_cache == KvCacheType::automatic ? ""
+                                                : std::string("_") + kv_cache_name(dc.kv_cache));
+}
+
+inline std::string decoder_layer_case_name(const ::testing::TestParamInfo<DecoderLayerCase>& info) {
+  return decoder_layer_label(info.param);
+}
+
+// How gtest prints a case (a failing test's GetParam()).
+inline void PrintTo(const DecoderLayerCase& dc, std::ostream* os) {
+  *os << decoder_layer_label(dc) << ", hidden " << dc.hidden << ", intermediate "
+      << dc.intermediate;
+}
+
+// The prompts check_decoder_layer prefills, each in its own sequence slot, and the batch-1 decode
+// steps that follow each: contexts of 1-4 keys (prompt 0), 14-17 (a KV block boundary at 16),
+// 63-66 (one and two 64-key tiles) and 701-704 (several hundred keys, which a decode attention
+// splits; the splits' edges fall at other offsets into the 16-position blocks at every step).
+inline constexpr int32_t kLayerPrompts[] = {0, 13, 62, 700};
+inline constexpr int32_t kLayerDecodeSteps = 4;
+// Tokens per prefill call: the 700-token prompt takes three, the later ones reading the cache of
+// the earlier.
+inline constexpr int64_t kLayerPrefillChunk = 256;
+
+// What the model's attention norm weights are scaled by, and so q·k/√d (the square): attention
+// tests elsewhere feed scores of unit variance, whose errors are this much smaller.
+inline constexpr float kLayerAttnNormScale = 1.5f;
+inline constexpr double kLayerScoreScale = double(kLayerAttnNormScale) * kLayerAttnNormScale;
+
+// The model check_decoder_layer runs: two layers (the cache holds both; layer 1 is a layer index
+// above 0) of random weights in `dc`'s format. The attention norm's weights are scaled by
+// kLayerAttnNormScale, so q·k/√d has a standard deviation near 2.25 instead of 1: softmax over
+// 700 keys then weighs a few of them (not all nearly alike, as unit-variance scores would), so
+// attention's output is as large as v's at every context and an error in it shows in the layer's
+// update of x.
+inline ModelWeights decoder_layer_model(const DecoderLayerCase& dc) {
+  ModelConfig config =
+      small_config(dc.hidden, dc.intermediate, dc.n_heads, dc.n_kv_heads, dc.head_dim, 64);
+  config.arch = dc.qkv_bias ? Architecture::qwen2 : Architecture::llama;
+  config.attention_bias = dc.qkv_bias;
+  const FormatCase fc = dc.format;
+  uint64_t seed = 9000 + uint64_t(fc.format) * 100 + uint64_t(dc.head_dim) +
+                  uint64_t(dc.n_heads * 7 + dc.n_kv_heads) + (dc.qkv_bias ? 50 : 0);
+  ModelWeights w = random_model(config, fc.format, fc.block, false, seed);
+  seed += 1000;
+  for (LayerWeights& l : w.layers) {
+    if (dc.qkv_bias) {
+      l.wq = random_linear(fc.format, config.q_dim(), dc.hidden, fc.block, true, seed++);
+      l.wk = random_linear(fc.format, config.kv_dim(), dc.hidden, fc.block, true, seed++);
+      l.wv = random_linear(fc.format, config.kv_dim(), dc.hidden, fc.block, true, seed++);
+    }
+    float* norm = l.attn_norm.data.as_mutable<float>();
+    for (int64_t i = 0; i < l.attn_norm.n; ++i) norm[i] *= kLayerAttnNormScale;
+  }
+  return w;
+}
+
+// check_decoder_layer's reservation: a slot for each prompt, each slot's context the longest
+// prompt and its decode steps (44 blocks of 16 positions).
+inline RunShape decoder_layer_shape(const DecoderLayerCase& dc) {
+  const int64_t context =
+      *std::max_element(std::begin(kLayerPrompts), std::end(kLayerPrompts)) + kLayerDecodeSteps;
+  RunShape shape{int64_t(std::size(kLayerPrompts)), context, kLayerPrefillChunk, 1};
+  shape.kv_cache = dc.kv_cache;
+  return shape;
+}
+
+// How the reference side of check_decoder_layer (pair.cpu) runs a layer.
+enum class LayerReference {
+  decoder_layer,  // Backend::decoder_layer
+  fused_ops,      // the five fused ops one by one, in the forward pass's order
+};
+
+// The five fused ops of one decoder layer, issued one by one as backend.h's decoder_layer
+// documents them.
+inline Status layer_by_fused_ops(Backend& b, Tensor x, const LayerScratch& s, const LayerWeights& l,
+                                 int64_t layer, const RopeParams& rope, float eps) {
+  const Tensor qkv[] = {s.q, s.k, s.v};
+  const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
+  KS_RETURN_IF_ERROR(b.norm_matmul(qkv, s.normed, x, l.attn_norm, eps, qkv_weights));
+  KS_RETURN_IF_ERROR(b.rope_attention(s.attn, s.q, s.k, s.v, layer, rope));
+  KS_RETURN_IF_ERROR(b.matmul_add(s.proj, s.attn, l.wo, x));
+  KS_RETURN_IF_ERROR(
+      b.norm_matmul_swiglu(s.gate, s.up, s.normed, x, l.ffn_norm, eps, l.w_gate, l.w_up));
+  return b.matmul_add(s.proj, s.gate, l.w_down, x);
+}
+
+// How far a layer's output `got` is from `want`, relative to the layer's update of its input `in`:
+// ||got - want|| / ||want - in||, in double (0 only when the two are equal bit for bit), and
+// infinity when either holds a NaN. x itself would hide the layer's error behind the residual it
+// carries through.
+inline double layer_update_error(const std::vector<float>& got, const std::vector<float>& want,
+                                 const std::vector<float>& in) {
+  EXPECT_EQ(got.size(), want.size());
+  EXPECT_EQ(want.size(), in.size());
+  double diff = 0, update = 0;
+  for (size_t i = 0; i < std::min({got.size(), want.size(), in.size()}); ++i) {
+    if (std::isnan(got[i]) || std::isnan(want[i])) return INFINITY;
+    const double d = double(got[i]) - double(want[i]), u = double(want[i]) - double(in[i]);
+    diff += d * d;
+    update += u * u;
+  }
+  return update > 0 ? std::sqrt(diff / update) : std::sqrt(diff);
+}
+
+// x and a decoder layer's scratch (forward_scratch's tensors) of one call on one backend.
+struct LayerCall {
+  Tensor x;
+  LayerScratch s;
+
+  // Begins a call of `batch` on `b` and takes its tensors.
+  void begin(Backend& b, const BatchView& batch, const ModelConfig& c) {
+    const Status begun = b.begin_batch(batch);
+    ASSERT_TRUE(begun.is_ok()) << begun.message();
+    namespace fs = forward_scratch;
+    Tensor* slots[fs::kTokenTensors] = {};
+    slots[fs::residual] = &x;
+    slots[fs::normed] = &s.normed;
+    slots[fs::q] = &s.q;
+    slots[fs::k] = &s.k;
+    slots[fs::v] = &s.v;
+    slots[fs::attn] = &s.attn;
+    slots[fs::proj] = &s.proj;
+    slots[fs::gate] = &s.gate;
+    slots[fs::up] = &s.up;
+    for (int i = 0; i < fs::kTokenTensors; ++i) {
+      auto t = b.scratch(batch.n_tokens, fs::width(c, fs::Token(i)));
+      ASSERT_TRUE(t.is_ok()) << t.status().message();
+      *slots[i] = *t;
+    }
+  }
+  // x set to `in` and the scratch poisoned: a layer that reads scratch it has not written reads
+  // NaN, whatever an earlier layer left there.
+  void reset(Backend& b, const std::vector<float>& in) {
+    fill(b, x, in);
+    for (Tensor t : {s.normed, s.q, s.k, s.v, s.attn, s.proj, s.gate, s.up}) poison(b, t);
+  }
+};
+
+// decoder_layer on pair.gpu against pair.cpu (its decoder_layer, or the five fused ops by
+// `reference`), both reserved with decoder_layer_shape for `w` (decoder_layer_model). For each
+// prompt of kLayerPrompts, in its own sequence slot: the prompt's calls of up to
+// kLayerPrefillChunk tokens, then kLayerDecodeSteps batch-1 decode steps at the positions after
+// it, each call through every layer. Every layer of every call starts both backends from the same
+// x, the reference's output of the layer before (the first layer from fresh random values), so
+// each layer is held to the bound alone, as the other op checks hold each op, while each backend
+// attends over its own cache (the device's entries from its own earlier calls, prefill through
+// its composition and decode through whatever its decoder_layer runs). The layer's update of x is
+// compared (layer_update_error) within bound(n) for calls of n tokens. watch(device, n, done) runs
+// before (done false) and after (done true) the device's layers of each call, around nothing else.
+//
+// The check must be able to fail: after the last decode step of each non-empty prompt (whose slot
+// nothing reads again), the device runs that step's layer 0 again with layer 1's cache, and at
+// half the position (another rotation, half the keys). Both must miss the reference's layer 0 by
+// more than max(0.5, 3 bound(1)) (on the CPU they miss by 0.6 to 2).
+template <typename Bound, typename Watch>
+void check_decoder_layer(BackendPair& pair, const ModelWeights& w, Bound bound, Watch watch,
+                         LayerReference reference = LayerReference::decoder_layer) {
+  const ModelConfig& c = w.config;
+  ASSERT_GE(c.n_layers, 2);
+  const RopeParams rope{c.head_dim, c.n_heads, c.n_kv_heads};
+  const float eps = float(c.rms_norm_eps);
+  Backend& ref = *pair.cpu;
+  Backend& dev = *pair.gpu;
+  auto run_reference = [&](const LayerCall& t, int64_t layer) {
+    const LayerWeights& l = w.layers[size_t(layer)];
+    return reference == LayerReference::fused_ops
+               ? layer_by_fused_ops(ref, t.x, t.s, l, layer, rope, eps)
+               : ref.decoder_layer(t.x, t.s, l, layer, rope, eps);
+  };
+  const double clearly_wrong = std::max(0.5, 3 * bound(int64_t{1}));
+  uint64_t seed = 20000;
+  for (size_t slot = 0; slot < std::size(kLayerPrompts); ++slot) {
+    const int32_t prompt = kLayerPrompts[slot];
+    // The calls of this prompt: [first position, tokens].
+    std::vector<std::pair<int32_t, int64_t>> calls;
+    for (int32_t p = 0; p < prompt; p += int32_t(kLayerPrefillChunk)) {
+      calls.emplace_back(p, std::min<int64_t>(kLayerPrefillChunk, prompt - p));
+    }
+    for (int32_t step = 0; step < kLayerDecodeSteps; ++step) calls.emplace_back(prompt + step, 1);
+    for (const auto& [first, n] : calls) {
+      const auto count = static_cast<size_t>(n);
+      std::vector<int32_t> tokens(count), positions(count), seqs(count, int32_t(slot));
+      for (int64_t i = 0; i < n; ++i) {
+        tokens[size_t(i)] = int32_t((first + i) % 7);
+        positions[size_t(i)] = first + int32_t(i);
+      }
+      LayerCall t[2];
+      for (int side = 0; side < 2; ++side) {
+        t[side].begin(side == 0 ? ref : dev,
+                      pair.paged(BatchView{n, tokens.data(), positions.data(), seqs.data()}), c);
+      }
+      if (::testing::Test::HasFatalFailure()) return;
+      const std::string where = "prompt " + std::to_string(prompt) + ", positions " +
+                                std::to_string(first) + "+" + std::to_string(n);
+      std::vector<float> in = random_values(count * size_t(c.hidden_size), seed++);
+      const std::vector<float> first_in = in;
+      std::vector<float> first_out;  // the reference's layer 0
+      for (int64_t layer = 0; layer < c.n_layers; ++layer) {
+        t[0].reset(ref, in);
+        Status s = run_reference(t[0], layer);
+        ASSERT_TRUE(s.is_ok()) << where << ", layer " << layer << " (reference): " << s.message();
+        const std::vector<float> want = fetch(ref, t[0].x);
+        if (layer == 0) {
+          first_out = want;
+          watch(dev, n, false);
+        }
+        t[1].reset(dev, in);
+        s = dev.decoder_layer(t[1].x, t[1].s, w.layers[size_t(layer)], layer, rope, eps);
+        ASSERT_TRUE(s.is_ok()) << where << ", layer " << layer << ": " << s.message();
+        EXPECT_LE(layer_update_error(fetch(dev, t[1].x), want, in), bound(n))
+            << where << ", layer " << layer;
+        in = want;
+      }
+      watch(dev, n, true);
+      if (n != 1 || first != prompt + kLayerDecodeSteps - 1 || prompt == 0) continue;
+      // Layer 0 of this step with layer 1's cache.
+      t[1].reset(dev, first_in);
+      Status s = dev.decoder_layer(t[1].x, t[1].s, w.layers[0], 1, rope, eps);
+      ASSERT_TRUE(s.is_ok()) << where << ", layer 0 with layer 1's cache: " << s.message();
+      EXPECT_GT(layer_update_error(fetch(dev, t[1].x), first_out, first_in), clearly_wrong)
+          << where << ": layer 0 run with layer 1's cache was not told apart";
+      // And at half the position.
+      const int32_t half = first / 2;
+      LayerCall moved;
+      moved.begin(dev, pair.paged(BatchView{1, tokens.data(), &half, seqs.data()}), c);
+      if (::testing::Test::HasFatalFailure()) return;
+      moved.reset(dev, first_in);
+      s = dev.decoder_layer(moved.x, moved.s, w.layers[0], 0, rope, eps);
+      ASSERT_TRUE(s.is_ok()) << where << ", at position " << half << ": " << s.message();
+      EXPECT_GT(layer_update_error(fetch(dev, moved.x), first_out, first_in), clearly_wrong)
+          << where << ": layer 0 run at position " << half << " was not told apart";
+    }
   }
 }
 

@@ -126,9 +126,11 @@ struct BackendPair {
   BatchView paged(BatchView view) const { return tables(view); }
 
   // Fails the test (returns false) when the device backend cannot be made. `device`, when
-  // given, is the device backend to use instead of make_device_backend()'s.
-  bool init(ModelWeights& weights, const RunShape& shape, std::unique_ptr<Backend> device = {}) {
-    cpu = make_cpu_backend(2);
+  // given, is the device backend to use instead of make_device_backend()'s; `reference`, when
+  // given, takes the CPU's place (two configurations of one device compared with each other).
+  bool init(ModelWeights& weights, const RunShape& shape, std::unique_ptr<Backend> device = {},
+            std::unique_ptr<Backend> reference = {}) {
+    cpu = reference != nullptr ? std::move(reference) : make_cpu_backend(2);
     if (device != nullptr) {
       gpu = std::move(device);
     } else {

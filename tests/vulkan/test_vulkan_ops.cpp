@@ -292,6 +292,24 @@ INSTANTIATE_TEST_SUITE_P(FormatsAndBiases, VulkanFusedOps,
                          ::testing::Combine(::testing::ValuesIn(kFormats), ::testing::Bool()),
                          fused_case_name);
 
+// decoder_layer (this backend's is the five fused ops, backend.h's default) against the CPU's over
+// check_decoder_layer's prefills and decode steps: sym_int4 weights, q/k/v with a bias, 2 query
+// heads per KV head. The layer's update of x passes through three matmuls in series (q/k/v,
+// attention, wo; the norm of x + o, gate/up, w_down) and attention (for scores kLayerScoreScale
+// times as large), so it is held to the sum of their bounds in fused_bound, 9e-2; the update
+// misses the CPU's by up to 2.3e-2 (the CPU's int8 inputs).
+TEST(VulkanDecoderLayer, MatchesCpu) {
+  const DecoderLayerCase dc;
+  ModelWeights weights = decoder_layer_model(dc);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc)));
+  const auto op_bound = fused_bound(dc.format.format);
+  const double bound =
+      3 * op_bound(FusedOutput::matmul, 1) + kLayerScoreScale * op_bound(FusedOutput::attention, 1);
+  check_decoder_layer(
+      pair, weights, [&](int64_t) { return bound; }, [](Backend&, int64_t, bool) {});
+}
+
 // The same chain (prefill, attention over earlier calls' cache, decode) with a submission after
 // every dispatch: each dependent pair of dispatches straddles a submission boundary, so a
 // barrier or a host write that relies on one command buffer would show here.

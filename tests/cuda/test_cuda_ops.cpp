@@ -583,20 +583,17 @@ TEST(CudaBackend, ReportsMemoryAndRejectsBadBatches) {
 
 // --- decoder layer ---------------------------------------------------------------------------
 
-// The variable a CUDA backend reads when it is created: "0" turns its batch-1 layer kernel off.
+// The variable a CUDA backend reads when it is created: "1" turns its batch-1 layer kernel on,
+// "0" off (unset: the backend's default).
 constexpr const char* kLayerKernelVariable = "KESTREL_CUDA_LAYER_KERNEL";
 
-// A CUDA backend with the layer kernel on (the variable unset, as in a user's run) or off ("0"),
-// the variable as it was again afterwards.
+// A CUDA backend with the layer kernel on ("1") or off ("0"), the variable as it was again
+// afterwards.
 Result<std::unique_ptr<Backend>> make_cuda_backend_with_layer_kernel(bool enabled) {
   const char* was = std::getenv(kLayerKernelVariable);
   const std::optional<std::string> saved =
       was != nullptr ? std::optional<std::string>(was) : std::nullopt;
-  if (enabled) {
-    unsetenv(kLayerKernelVariable);
-  } else {
-    setenv(kLayerKernelVariable, "0", 1);
-  }
+  setenv(kLayerKernelVariable, enabled ? "1" : "0", 1);
   auto backend = make_cuda_backend();
   if (saved) {
     setenv(kLayerKernelVariable, saved->c_str(), 1);
@@ -608,13 +605,14 @@ Result<std::unique_ptr<Backend>> make_cuda_backend_with_layer_kernel(bool enable
 
 // Whether the CUDA backend's batch-1 layer kernel takes `dc`'s layers: all seven weights sym_int4
 // or asym_int4, an fp16 cache (asked for or automatic), head_dim 64 or 128, at most 8 query heads
-// per KV head.
+// per KV head, every weight's columns a multiple of 128 and a hidden size up to 8192.
 bool layer_kernel_takes(const DecoderLayerCase& dc) {
   const WeightFormat f = dc.format.format;
   return (f == WeightFormat::sym_int4 || f == WeightFormat::asym_int4) &&
          (dc.kv_cache == KvCacheType::automatic || dc.kv_cache == KvCacheType::fp16) &&
          (dc.head_dim == 64 || dc.head_dim == 128) && dc.n_heads % dc.n_kv_heads == 0 &&
-         dc.n_heads / dc.n_kv_heads <= 8;
+         dc.n_heads / dc.n_kv_heads <= 8 && dc.hidden % 128 == 0 && dc.hidden <= 8192 &&
+         dc.intermediate % 128 == 0 && (dc.n_heads * dc.head_dim) % 128 == 0;
 }
 
 // The bound of a layer's update of x against the CPU for calls of n tokens (check_decoder_layer):
@@ -704,8 +702,10 @@ TEST_P(CudaDecoderLayer, MatchesCpu) {
 // with KESTREL_CUDA_LAYER_KERNEL=0 is the reference. Prefill takes the composition on both (the
 // same kernels: 1e-6). In decode both quantize their inputs to int8 as the CPU does and keep fp16
 // cache entries; they differ in summation order and so, now and then, in which side of an int8
-// rounding boundary an input lands (the 2-3e-3 CudaMatmul sees between the dp4a GEMV and the CPU):
-// 1e-2 for the layer's update, a third of the bound against the CPU. The reference issues no
+// rounding boundary an input lands (the 2-3e-3 CudaMatmul sees between the dp4a GEMV and the CPU),
+// and the kernel's attention keeps the rotated queries in fp32 where the composition's tensor-core
+// kernel rounds them to fp16 (the scores here are sharpened 2.25x): 2e-2 for the layer's update,
+// half the bound against the CPU (measured on the H200: up to 1.03e-2). The reference issues no
 // "decoder layer" op at all.
 TEST_P(CudaDecoderLayer, KernelMatchesComposition) {
   const DecoderLayerCase dc = layer_kernel_case(GetParam());
@@ -721,7 +721,7 @@ TEST_P(CudaDecoderLayer, KernelMatchesComposition) {
   ASSERT_TRUE(cuda::set_op_timing(*pair.cpu, true).is_ok());
   int64_t decode_steps = 0;
   check_decoder_layer(
-      pair, weights, [](int64_t n) { return n == 1 ? 1e-2 : 1e-6; },
+      pair, weights, [](int64_t n) { return n == 1 ? 2e-2 : 1e-6; },
       count_layer_kernels(weights.config.n_layers, &decode_steps));
   EXPECT_EQ(decode_steps, int64_t(std::size(kLayerPrompts)) * kLayerDecodeSteps);
   int64_t reference_ops = 0;

@@ -60,6 +60,9 @@ namespace {
 constexpr size_t kAlignFloats = 16;  // scratch tensors start on 64-byte boundaries
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;
 constexpr int kMaxTimedEvents = 8192;
+// Measured on the H200 (docs/PERF.md, "The decoder layer as one kernel"): the layer kernel is
+// still 10-20% slower than the fused ops' ~7 launches a layer at batch 1, so it is opt-in.
+constexpr bool kLayerKernelByDefault = false;
 
 float* f32(Tensor t) {
   return static_cast<float*>(t.data);
@@ -1405,11 +1408,12 @@ class CudaBackend final : public Backend {
   GemmWorkspace gemm_ws_;
   DecodeWorkspace decode_ws_;
   unsigned* layer_sync_ = nullptr;  // the decoder layer kernel's counters
-  // KESTREL_CUDA_LAYER_KERNEL=0 turns the batch-1 layer kernel off (the fused ops run instead):
-  // for comparisons on one GPU.
+  // The batch-1 layer kernel (layer.cuh) runs when KESTREL_CUDA_LAYER_KERNEL=1, the fused ops
+  // when it is 0, and by default kLayerKernelByDefault decides.
   bool layer_kernel_ = [] {
     const char* v = std::getenv("KESTREL_CUDA_LAYER_KERNEL");
-    return v == nullptr || std::string(v) != "0";
+    if (v == nullptr || *v == '\0') return kLayerKernelByDefault;
+    return std::string(v) != "0";
   }();
   // [3, max_batch_tokens]: tokens, positions, sequence ids; then [max_seqs, blocks_per_seq]:
   // the KV cache block tables

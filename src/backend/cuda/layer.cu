@@ -38,6 +38,7 @@ namespace {
 
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
+constexpr int kStages = 8;           // ring depth per warp: 8 KB of weights in flight a warp
 constexpr int kStageBytes = 1280;    // two 512-byte halves of a tile chunk, scales, mins
 constexpr int kMaxLocalTiles = 16;   // row tiles of one phase per block
 constexpr int kMaxInputCols = 16384; // widest staged input (int8 + group scales in shared memory)
@@ -148,7 +149,7 @@ __device__ inline PhasePlan plan_for(int64_t tiles, int64_t chunks, int pair) {
   return p;
 }
 
-template <int HD, bool kAsym, int kStages>
+template <int HD, bool kAsym>
 struct Layer {
   const DecodeLayerArgs& a;
   const PhasePlan* plan;  // [4], shared
@@ -292,8 +293,9 @@ struct Layer {
   }
 
   // Consumes the warp's units of `phase` in the order settle() walks them, refilling the ring
-  // from `next` as it goes.
-  __device__ void run_phase(int phase, int n_groups, Cursor& next, int& stage) const {
+  // from `next` as it goes. Every chunk is whole (columns a multiple of 128): no unit needs a
+  // bounds check, so the compiler can interleave the two units of a step.
+  __device__ void run_phase(int phase, Cursor& next, int& stage) const {
     const PhasePlan& p = plan[phase];
     if (warp >= p.chunks) return;
     auto step = [&] {
@@ -310,16 +312,15 @@ struct Layer {
         const int g0 = chunk * kTileGroups + quad_col;
         const int g1 = g0 + kWarps * kTileGroups;
         const int stage1 = stage + 1 == kStages ? 0 : stage + 1;
-        // Past the last column the tile holds zeros and there is no input.
-        if (g0 < n_groups) consume(stage, g0, acc0, acc1);
-        if (g1 < n_groups) consume(stage1, g1, acc0, acc1);
+        consume(stage, g0, acc0, acc1);
+        consume(stage1, g1, acc0, acc1);
         step();
         step();
       }
       if (chunk < p.chunks) {
         cp_async_wait<kStages - 1>();
         const int group = chunk * kTileGroups + quad_col;
-        if (group < n_groups) consume(stage, group, acc0, acc1);
+        consume(stage, group, acc0, acc1);
         step();
       }
       flush(lt, acc0, acc1);
@@ -481,6 +482,18 @@ struct Layer {
         load_chunk(0);
         load_chunk(1);
       }
+      // The new position's K and V rows (its split only), loaded with the queries: one round trip.
+      const bool holds_pos = first <= pos && pos < end;
+      float nk0 = 0.0f, nk1 = 0.0f, nv0 = 0.0f, nv1 = 0.0f, nsn = 0.0f, ncs = 1.0f;
+      if (holds_pos && tid < kHalf) {
+        const float* k = a.k + int64_t(h) * HD;
+        const float* v = a.v + int64_t(h) * HD;
+        nk0 = __ldcg(k + tid);
+        nk1 = __ldcg(k + tid + kHalf);
+        nv0 = __ldcg(v + tid);
+        nv1 = __ldcg(v + tid + kHalf);
+        sincosf(float(pos) * a.inv_freq[tid], &nsn, &ncs);
+      }
       // The group's queries, rotated (as rope_kernel: fp32 angle, sincosf) and scaled so that
       // scores are in the log2 domain.
       for (int idx = tid; idx < group * kHalf; idx += kThreads) {
@@ -496,35 +509,31 @@ struct Layer {
       // The split holding the new position stores its rotated K row and its V row in the cache
       // (fp16, as the cache write kernel). Chunks requested later read them from there; a chunk
       // requested before the barrier holds a stale row, patched here once its copies landed.
-      if (first <= pos && pos < end) {
-        const int64_t row = row_of(h, pos);
+      if (holds_pos) {
         const int ci = (pos - first) / kAttnKeys;
         const bool patch = ci < 2;
         if (patch) {
           cp_async_wait<0>();
           __syncthreads();
         }
-        __half* kb = kv_buf + (ci & 1) * 2 * kAttnKeys * HD + (pos - first - ci * kAttnKeys) * HD;
-        __half* vb = kb + kAttnKeys * HD;
-        for (int i = tid; i < kHalf; i += kThreads) {
-          const float* k = a.k + int64_t(h) * HD;
-          const float* v = a.v + int64_t(h) * HD;
-          const float x0 = __ldcg(k + i), x1 = __ldcg(k + i + kHalf);
-          float sn, cs;
-          sincosf(float(pos) * a.inv_freq[i], &sn, &cs);
-          const __half k0 = __float2half_rn(x0 * cs - x1 * sn);
-          const __half k1 = __float2half_rn(x1 * cs + x0 * sn);
-          const __half v0 = __float2half_rn(__ldcg(v + i));
-          const __half v1 = __float2half_rn(__ldcg(v + i + kHalf));
-          k_cache[row + i] = k0;
-          k_cache[row + i + kHalf] = k1;
-          v_cache[row + i] = v0;
-          v_cache[row + i + kHalf] = v1;
+        if (tid < kHalf) {
+          const int64_t row = row_of(h, pos);
+          const __half k0 = __float2half_rn(nk0 * ncs - nk1 * nsn);
+          const __half k1 = __float2half_rn(nk1 * ncs + nk0 * nsn);
+          const __half v0 = __float2half_rn(nv0);
+          const __half v1 = __float2half_rn(nv1);
+          k_cache[row + tid] = k0;
+          k_cache[row + tid + kHalf] = k1;
+          v_cache[row + tid] = v0;
+          v_cache[row + tid + kHalf] = v1;
           if (patch) {
-            kb[i] = k0;
-            kb[i + kHalf] = k1;
-            vb[i] = v0;
-            vb[i + kHalf] = v1;
+            __half* kb =
+                kv_buf + (ci & 1) * 2 * kAttnKeys * HD + (pos - first - ci * kAttnKeys) * HD;
+            __half* vb = kb + kAttnKeys * HD;
+            kb[tid] = k0;
+            kb[tid + kHalf] = k1;
+            vb[tid] = v0;
+            vb[tid + kHalf] = v1;
           }
         }
       }
@@ -698,7 +707,7 @@ struct Layer {
   }
 };
 
-template <int HD, bool kAsym, int kStages>
+template <int HD, bool kAsym>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_layer_kernel(const __grid_constant__ DecodeLayerArgs a, int max_splits, int profile) {
   extern __shared__ __align__(16) uint8_t smem[];
@@ -718,7 +727,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = tid; i < kMaxLocalTiles * kWarps * 16; i += kThreads) red[i] = 0.0f;
   __syncthreads();
 
-  Layer<HD, kAsym, kStages> L{a, plan, nullptr, nullptr, nullptr, red};
+  Layer<HD, kAsym> L{a, plan, nullptr, nullptr, nullptr, red};
   L.lane = tid & 31;
   L.warp = tid >> 5;
   L.quad_row = L.lane >> 2;
@@ -747,7 +756,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   L.stage_norm_input(a.x, a.attn_norm, d, scratch);
   __syncthreads();
-  L.run_phase(0, d / kGroup, next, stage);
+  L.run_phase(0, next, stage);
   if (mark) t[2] = global_ns();
   __syncthreads();
   {
@@ -772,7 +781,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   L.stage_input(a.attn, dq);
   __syncthreads();
-  L.run_phase(1, dq / kGroup, next, stage);
+  L.run_phase(1, next, stage);
   if (mark) t[6] = global_ns();
   __syncthreads();
   for (int e = tid; e < plan[1].n_tiles * 16; e += kThreads) {
@@ -787,7 +796,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   L.stage_norm_input(a.x, a.ffn_norm, d, scratch);
   __syncthreads();
-  L.run_phase(2, d / kGroup, next, stage);
+  L.run_phase(2, next, stage);
   if (mark) t[7] = global_ns();
   __syncthreads();
   for (int e = tid; e < plan[2].n_tiles / 2 * 16; e += kThreads) {
@@ -807,7 +816,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   L.stage_input(a.act, f);
   __syncthreads();
-  L.run_phase(3, f / kGroup, next, stage);
+  L.run_phase(3, next, stage);
   if (mark) t[8] = global_ns();
   __syncthreads();
   for (int e = tid; e < plan[3].n_tiles * 16; e += kThreads) {
@@ -839,16 +848,16 @@ int splits_for(const DecodeLayerArgs& a, int sm_count) {
   return std::min(std::min(sm_count / std::max(1, a.cache.n_kv_heads), kMaxSplits), a.max_splits);
 }
 
-int shared_bytes(const DecodeLayerArgs& a, int stages) {
+int shared_bytes(const DecodeLayerArgs& a) {
   const int widest = int(std::max({a.wq.cols, a.wo.cols, a.w_down.cols}));
-  return ring_bytes(stages) + kRedBytes +
+  return ring_bytes(kStages) + kRedBytes +
          std::max(input_bytes(widest), attention_bytes(a.cache.head_dim));
 }
 
-template <int HD, bool kAsym, int kStages>
+template <int HD, bool kAsym>
 Status launch(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream) {
-  auto kernel = decode_layer_kernel<HD, kAsym, kStages>;
-  const int smem = shared_bytes(a, kStages);
+  auto kernel = decode_layer_kernel<HD, kAsym>;
+  const int smem = shared_bytes(a);
   static int attribute_bytes = 0;  // per instantiation
   if (smem > attribute_bytes) {
     KS_CUDA_CHECK("decoder layer",
@@ -875,7 +884,9 @@ std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count) {
   const DeviceWeight* all[] = {&a.wq, &a.wk, &a.wv, &a.wo, &a.w_gate, &a.w_up, &a.w_down};
   for (const DeviceWeight* w : all) {
     if (!is_tiled(w->format) || w->format != a.wq.format) return "weights not all of one int4 format";
-    if (w->cols % kGroup != 0 || w->cols <= 0 || w->rows <= 0) return "weight shape";
+    if (w->cols % (kGroup * kTileGroups) != 0 || w->cols <= 0 || w->rows <= 0) {
+      return "weight columns not a multiple of 128";
+    }
   }
   const int64_t hd = a.cache.head_dim;
   const int64_t n_kv = a.cache.n_kv_heads;
@@ -907,20 +918,10 @@ Status decode_layer(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream)
   const std::string why = decode_layer_unsupported(a, sm_count);
   if (!why.empty()) return Status::error("cuda decoder layer: " + why);
   const bool asym = a.wq.format == WeightFormat::asym_int4;
-  static const int stages = [] {
-    const char* v = std::getenv("KESTREL_CUDA_LAYER_STAGES");
-    return v != nullptr ? std::atoi(v) : 8;
-  }();
-  if (stages == 6) {
-    if (a.cache.head_dim == 64) {
-      return asym ? launch<64, true, 6>(a, sm_count, stream) : launch<64, false, 6>(a, sm_count, stream);
-    }
-    return asym ? launch<128, true, 6>(a, sm_count, stream) : launch<128, false, 6>(a, sm_count, stream);
-  }
   if (a.cache.head_dim == 64) {
-    return asym ? launch<64, true, 8>(a, sm_count, stream) : launch<64, false, 8>(a, sm_count, stream);
+    return asym ? launch<64, true>(a, sm_count, stream) : launch<64, false>(a, sm_count, stream);
   }
-  return asym ? launch<128, true, 8>(a, sm_count, stream) : launch<128, false, 8>(a, sm_count, stream);
+  return asym ? launch<128, true>(a, sm_count, stream) : launch<128, false>(a, sm_count, stream);
 }
 
 }  // namespace kestrel::cuda

@@ -113,10 +113,13 @@ class CudaBackend final : public Backend {
     KS_CUDA_CHECK("init", cudaStreamCreateWithFlags(&backend->stream_, cudaStreamNonBlocking));
     KS_CUBLAS_CHECK("init", cublasCreate(&backend->cublas_));
     KS_CUBLAS_CHECK("init", cublasSetStream(backend->cublas_, backend->stream_));
+    // One backend per device may use the layer kernel (layer.cuh, claim_decode_layer).
+    if (backend->layer_kernel_) backend->layer_kernel_ = claim_decode_layer(device);
     return std::unique_ptr<Backend>(std::move(backend));
   }
 
   ~CudaBackend() override {
+    if (layer_kernel_) release_decode_layer(device_);
     abort_capture();
     clear_graphs();
     for (cudaEvent_t e : timing_events_) cudaEventDestroy(e);
@@ -259,8 +262,8 @@ class CudaBackend final : public Backend {
                         reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,
                         reserve_device<float>(extras.split_ml_bytes, "attention partial maxima"));
-    KS_ASSIGN_OR_RETURN(layer_sync_, reserve_device<unsigned>(extras.layer_sync_bytes,
-                                                              "decoder layer counters"));
+    KS_ASSIGN_OR_RETURN(
+        layer_sync_, reserve_device<unsigned>(extras.layer_sync_bytes, "decoder layer counters"));
     // The layer kernel's barrier and merge counters start at zero; each launch leaves them so.
     KS_CUDA_CHECK("reserve", cudaMemsetAsync(layer_sync_, 0, extras.layer_sync_bytes, stream_));
     KS_ASSIGN_OR_RETURN(meta_, reserve_device<int32_t>(extras.meta_bytes, "batch metadata"));
@@ -484,14 +487,16 @@ class CudaBackend final : public Backend {
   // anything else composes the fused ops.
   Status decoder_layer(Tensor x, const LayerScratch& s, const LayerWeights& l, int64_t layer,
                        const RopeParams& p, float eps) override {
-    KS_ASSIGN_OR_RETURN(std::optional<DecodeLayerArgs> args, layer_kernel_args(x, s, l, layer, p, eps));
+    KS_ASSIGN_OR_RETURN(std::optional<DecodeLayerArgs> args,
+                        layer_kernel_args(x, s, l, layer, p, eps));
     if (!args) return Backend::decoder_layer(x, s, l, layer, p, eps);
     for (const Tensor& t : {x, s.q, s.k, s.v, s.attn, s.gate}) note_write(t);
-    const uint64_t trace[] = {addr(x.data),      addr(s.q.data),    addr(s.k.data),
-                              addr(s.v.data),    addr(s.attn.data), addr(s.gate.data),
-                              addr(args->wq.data), uint64_t(layer), bits(eps)};
+    const uint64_t trace[] = {addr(x.data),        addr(s.q.data),    addr(s.k.data),
+                              addr(s.v.data),      addr(s.attn.data), addr(s.gate.data),
+                              addr(args->wq.data), uint64_t(layer),   bits(eps)};
     return launch("decoder layer", trace, [&] {
-      return decode_layer(*args, props_.multiProcessorCount, stream_);
+      return decode_layer(*args, props_.multiProcessorCount, props_.sharedMemPerBlockOptin,
+                          stream_);
     });
   }
 
@@ -972,7 +977,7 @@ class CudaBackend final : public Backend {
     }
     DecodeLayerArgs a;
     const std::pair<DeviceWeight*, const Linear*> linears[] = {
-        {&a.wq, &l.wq}, {&a.wk, &l.wk},         {&a.wv, &l.wv},         {&a.wo, &l.wo},
+        {&a.wq, &l.wq},         {&a.wk, &l.wk},     {&a.wv, &l.wv},        {&a.wo, &l.wo},
         {&a.w_gate, &l.w_gate}, {&a.w_up, &l.w_up}, {&a.w_down, &l.w_down}};
     for (const auto& [device, host] : linears) {
       KS_ASSIGN_OR_RETURN(const DeviceWeight* w, linear_of(*host));
@@ -984,7 +989,8 @@ class CudaBackend final : public Backend {
     const Tensor tensors[] = {x, s.q, s.k, s.v, s.attn, s.gate};
     const int64_t widths[] = {a.wq.cols, a.wq.rows, a.wk.rows, a.wv.rows, a.wo.cols, a.w_gate.rows};
     for (size_t i = 0; i < std::size(tensors); ++i) {
-      if (tensors[i].rows != 1 || tensors[i].cols != widths[i]) return std::optional<DecodeLayerArgs>();
+      if (tensors[i].rows != 1 || tensors[i].cols != widths[i])
+        return std::optional<DecodeLayerArgs>();
       for (size_t j = 0; j < i; ++j) {
         if (overlap(tensors[i], tensors[j])) {
           return Status::error("cuda decoder layer: x and the scratch tensors must not overlap");
@@ -1008,7 +1014,8 @@ class CudaBackend final : public Backend {
     a.positions = positions_device();
     a.seq_ids = seq_ids_device();
     a.inv_freq = inv_freq_;
-    if (!decode_layer_unsupported(a, props_.multiProcessorCount).empty()) {
+    if (!decode_layer_unsupported(a, props_.multiProcessorCount, props_.sharedMemPerBlockOptin)
+             .empty()) {
       return std::optional<DecodeLayerArgs>();
     }
     return std::optional<DecodeLayerArgs>(a);

@@ -131,26 +131,6 @@ struct Pipe {
   static constexpr int kBytes = kWarps * kStages * kWarpStageBytes;
 };
 
-__device__ inline void cp_async_16(void* smem, const void* global) {
-  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
-  // .cg: weights are read once, L1 would only be polluted.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(global));
-}
-
-__device__ inline void cp_async_4(void* smem, const void* global) {
-  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(global));
-}
-
-__device__ inline void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-
-template <int kPending>
-__device__ inline void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 // The NormInput prologue (one token): xs [x_stride] fp16 permuted = rms_norm(norm.x) * norm.w
 // with the rms_norm kernel's arithmetic (norm.cu) for each value; block 0 also stores the fp32
 // row in norm.out. Each thread keeps its columns in registers from the sum of squares to the

@@ -1,4 +1,4 @@
-// The batch-1 decoder layer kernel (layer.cuh). One block per SM, 8 warps, five phases:
+// The batch-1 decoder layer kernel (layer.cuh). One block per SM, 16 warps, five phases:
 //
 //   0. q/k/v     input rms_norm(x) · attn_norm; outputs q, k, v (+ bias)
 //   A. attention rope of q and of the new k, the new K/V rows into the cache, split attention
@@ -28,6 +28,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <mutex>
+#include <set>
 #include <string>
 
 #include "backend/cuda/cuda_check.cuh"
@@ -38,18 +40,22 @@ namespace {
 
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
-constexpr int kStages = 8;           // ring depth per warp: 8 KB of weights in flight a warp
-constexpr int kStageBytes = 1280;    // two 512-byte halves of a tile chunk, scales, mins
-constexpr int kMaxLocalTiles = 16;   // row tiles of one phase per block
-constexpr int kMaxInputCols = 16384; // widest staged input (int8 + group scales in shared memory)
-constexpr int kNormVec = 4;          // float4 a thread holds of a normalized input
+constexpr int kStages = 8;            // ring depth per warp: 8 KB of weights in flight a warp
+constexpr int kStageBytes = 1280;     // two 512-byte halves of a tile chunk, scales, mins
+constexpr int kMaxLocalTiles = 16;    // row tiles of one phase per block
+constexpr int kMaxInputCols = 16384;  // widest staged input (int8 + group scales in shared memory)
+constexpr int kNormVec = 4;           // float4 a thread holds of a normalized input
 constexpr int kMaxNormCols = 4 * kNormVec * kThreads;
-constexpr int kMaxSplits = 32;       // attention splits per KV head
-constexpr int kMinSplitKeys = 64;    // fewer keys than this per split are not worth a split
-constexpr int kAttnKeys = 32;        // keys per staged K/V chunk (two chunks in flight)
-constexpr int kMaxGroup = 8;         // query heads per KV head
+constexpr int kMaxSplits = 32;     // attention splits per KV head
+constexpr int kMinSplitKeys = 64;  // fewer keys than this per split are not worth a split
+constexpr int kAttnKeys = 32;      // keys per staged K/V chunk (two chunks in flight)
+constexpr int kMaxGroup = 8;       // query heads per KV head
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr long long kBarrierTimeoutCycles = 1ll << 34;  // ~9 s at 1.98 GHz
+
+// The merge keeps one weight per split in a row of the scores buffer, and a split of at least
+// kMinSplitKeys keys can never be empty when there are at most kMaxSplits of them.
+static_assert(kMaxSplits <= kAttnKeys && kMaxSplits <= kMinSplitKeys);
 
 __host__ __device__ constexpr int ring_bytes(int stages) {
   return kWarps * stages * kStageBytes;
@@ -79,27 +85,11 @@ struct Cursor {
   int phase;
   int lt;
   int chunk;
-  const uint8_t* data;    // the lane's piece in the top half of the tile chunk
-  const __half* scales;   // the lane's scale word (as fp16 halves: index of the low half)
-  const __half* mins;     // asym_int4
-  int64_t scale_step;     // halves between chunk c and chunk c + kWarps of a tile
+  const uint8_t* data;   // the lane's piece in the top half of the tile chunk
+  const __half* scales;  // the lane's scale word (as fp16 halves: index of the low half)
+  const __half* mins;    // asym_int4
+  int64_t scale_step;    // halves between chunk c and chunk c + kWarps of a tile
 };
-
-__device__ inline void cp_async_16(void* smem, const void* global) {
-  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(global));
-}
-__device__ inline void cp_async_4(void* smem, const void* global) {
-  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(global));
-}
-__device__ inline void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-template <int kPending>
-__device__ inline void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 // Four unsigned bytes of a times four signed bytes of b, plus c.
 __device__ inline int dp4a_us(uint32_t a, uint32_t b, int c) {
@@ -187,6 +177,7 @@ struct Layer {
   }
 
   __device__ void advance(Cursor& c) const {
+    if (c.phase >= 4) return;  // past the last unit: the ring's remaining groups are empty
     c.chunk += kWarps;
     if (c.chunk < plan[c.phase].chunks) {
       c.data += kWarps * kTileChunkBytes;
@@ -426,12 +417,12 @@ struct Layer {
     const int splits = max(1, min(max_splits, (context + kMinSplitKeys - 1) / kMinSplitKeys));
     const int per_split = (context + splits - 1) / splits;
     constexpr int kHalf = HD / 2;
-    constexpr int kPieces = HD / 8;  // 16-byte pieces of a cache row
-    float* qs = smem;                                // [kMaxGroup][HD], rotated and pre-scaled
-    float* scores = qs + kMaxGroup * HD;             // [kMaxGroup][kAttnKeys]
-    float* m_run = scores + kMaxGroup * kAttnKeys;   // [kMaxGroup] running max (log2 domain)
-    float* l_run = m_run + kMaxGroup;                // [kMaxGroup] running sum of exp
-    float* alpha = l_run + kMaxGroup;                // [kMaxGroup] this chunk's rescale
+    constexpr int kPieces = HD / 8;                 // 16-byte pieces of a cache row
+    float* qs = smem;                               // [kMaxGroup][HD], rotated and pre-scaled
+    float* scores = qs + kMaxGroup * HD;            // [kMaxGroup][kAttnKeys]
+    float* m_run = scores + kMaxGroup * kAttnKeys;  // [kMaxGroup] running max (log2 domain)
+    float* l_run = m_run + kMaxGroup;               // [kMaxGroup] running sum of exp
+    float* alpha = l_run + kMaxGroup;               // [kMaxGroup] this chunk's rescale
     // [2 buffers][K, V][kAttnKeys][HD] fp16
     __half* kv_buf = reinterpret_cast<__half*>(alpha + kMaxGroup);
     __shared__ int last_split;
@@ -543,7 +534,6 @@ struct Layer {
       }
       __syncthreads();  // queries staged; the new rows visible to the block
 
-
       // Output pairs (r, dims 2i, 2i + 1): at most two per thread.
       constexpr int kPairs = (kMaxGroup * kHalf + kThreads - 1) / kThreads;
       float2 o[kPairs];
@@ -583,8 +573,8 @@ struct Layer {
               if (r < group) {
                 const float4 qa = *reinterpret_cast<const float4*>(qs + r * HD + d);
                 const float4 qb = *reinterpret_cast<const float4*>(qs + r * HD + d + 4);
-                sc[r] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] +
-                         qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+                sc[r] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
+                         qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
               }
             }
           }
@@ -606,6 +596,7 @@ struct Layer {
           const float p = exp2f(x - m_new);
           row[lane] = p;
           const float sum = warp_sum(p);
+          __syncwarp();  // every lane has read m_run[warp] before lane 0 replaces it
           if (lane == 0) {
             const float scale = exp2f(m_old - m_new);
             alpha[warp] = scale;
@@ -689,8 +680,8 @@ struct Layer {
             float2 part[8];
 #pragma unroll
             for (int t = 0; t < 8; ++t) {
-              part[t] = t0 + t < splits ? __ldcg(o_t + int64_t(t0 + t) * kHalf)
-                                        : make_float2(0.0f, 0.0f);
+              part[t] =
+                  t0 + t < splits ? __ldcg(o_t + int64_t(t0 + t) * kHalf) : make_float2(0.0f, 0.0f);
             }
 #pragma unroll
             for (int t = 0; t < 8; ++t) {
@@ -830,12 +821,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   cp_async_wait<0>();
   if (mark && a.positions[0] % 64 == 0) {
     t[9] = global_ns();
-    printf("layer kernel profile (us, pos %d): wait %.2f qkv %.2f bar %.2f attn %.2f bar %.2f "
-           "wo %.2f gate/up %.2f down %.2f end %.2f total %.2f\n",
-           a.positions[0], (t[1] - t[0]) * 1e-3, (t[2] - t[1]) * 1e-3, (t[3] - t[2]) * 1e-3,
-           (t[4] - t[3]) * 1e-3, (t[5] - t[4]) * 1e-3, (t[6] - t[5]) * 1e-3,
-           (t[7] - t[6]) * 1e-3, (t[8] - t[7]) * 1e-3, (t[9] - t[8]) * 1e-3,
-           (t[9] - t[1]) * 1e-3);
+    printf(
+        "layer kernel profile (us, pos %d): wait %.2f qkv %.2f bar %.2f attn %.2f bar %.2f "
+        "wo %.2f gate/up %.2f down %.2f end %.2f total %.2f\n",
+        a.positions[0], (t[1] - t[0]) * 1e-3, (t[2] - t[1]) * 1e-3, (t[3] - t[2]) * 1e-3,
+        (t[4] - t[3]) * 1e-3, (t[5] - t[4]) * 1e-3, (t[6] - t[5]) * 1e-3, (t[7] - t[6]) * 1e-3,
+        (t[8] - t[7]) * 1e-3, (t[9] - t[8]) * 1e-3, (t[9] - t[1]) * 1e-3);
   }
 }
 
@@ -858,32 +849,37 @@ template <int HD, bool kAsym>
 Status launch(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream) {
   auto kernel = decode_layer_kernel<HD, kAsym>;
   const int smem = shared_bytes(a);
-  static int attribute_bytes = 0;  // per instantiation
-  if (smem > attribute_bytes) {
-    KS_CUDA_CHECK("decoder layer",
-                  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    attribute_bytes = smem;
-  }
-  int per_sm = 0;
+  // Set on every launch (a host call; replayed graphs skip it): the attribute is per device.
   KS_CUDA_CHECK("decoder layer",
-                cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  if (per_sm < 1) {
-    return Status::error("cuda decoder layer: a block of " + std::to_string(smem) +
-                         " bytes of shared memory does not fit an SM");
-  }
-  KS_CUDA_CHECK("decoder layer", launch_pdl(kernel, dim3(unsigned(sm_count)), dim3(kThreads),
-                                            size_t(smem), stream, a, splits_for(a, sm_count),
-                                            profile_enabled() ? 1 : 0));
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  KS_CUDA_CHECK("decoder layer",
+                launch_pdl(kernel, dim3(unsigned(sm_count)), dim3(kThreads), size_t(smem), stream,
+                           a, splits_for(a, sm_count), profile_enabled() ? 1 : 0));
   KS_CUDA_CHECK_LAUNCH("decoder layer", "decode_layer_kernel");
   return Status::ok();
 }
 
+std::mutex owners_mutex;
+std::set<int> owners;  // devices whose layer kernel a backend holds
+
 }  // namespace
 
-std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count) {
+bool claim_decode_layer(int device) {
+  std::lock_guard<std::mutex> lock(owners_mutex);
+  return owners.insert(device).second;
+}
+
+void release_decode_layer(int device) {
+  std::lock_guard<std::mutex> lock(owners_mutex);
+  owners.erase(device);
+}
+
+std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count,
+                                     size_t shared_per_block) {
   const DeviceWeight* all[] = {&a.wq, &a.wk, &a.wv, &a.wo, &a.w_gate, &a.w_up, &a.w_down};
   for (const DeviceWeight* w : all) {
-    if (!is_tiled(w->format) || w->format != a.wq.format) return "weights not all of one int4 format";
+    if (!is_tiled(w->format) || w->format != a.wq.format)
+      return "weights not all of one int4 format";
     if (w->cols % (kGroup * kTileGroups) != 0 || w->cols <= 0 || w->rows <= 0) {
       return "weight columns not a multiple of 128";
     }
@@ -904,18 +900,23 @@ std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count) {
   if (d > kMaxNormCols) return "hidden size over 8192";
   if (sm_count < 1 || sm_count < n_kv) return "fewer SMs than KV heads";
   auto per_block = [&](int64_t tiles) { return (tiles + sm_count - 1) / sm_count; };
-  const int64_t most = std::max(
-      {per_block(a.wq.tiles.n_tiles + a.wk.tiles.n_tiles + a.wv.tiles.n_tiles),
-       per_block(a.wo.tiles.n_tiles), 2 * per_block(a.w_gate.tiles.n_tiles),
-       per_block(a.w_down.tiles.n_tiles)});
+  const int64_t most =
+      std::max({per_block(a.wq.tiles.n_tiles + a.wk.tiles.n_tiles + a.wv.tiles.n_tiles),
+                per_block(a.wo.tiles.n_tiles), 2 * per_block(a.w_gate.tiles.n_tiles),
+                per_block(a.w_down.tiles.n_tiles)});
   if (most > kMaxLocalTiles) return "more row tiles per SM than the kernel holds";
   if (splits_for(a, sm_count) < 1) return "no attention workspace";
+  // One block a core, all resident: the block's shared memory decides (registers are bounded by
+  // the launch bounds), static shared memory included.
+  if (size_t(shared_bytes(a)) + 1024 > shared_per_block)
+    return "too little shared memory per block";
   if (a.sync == nullptr || a.split_o == nullptr || a.split_ml == nullptr) return "no workspace";
   return {};
 }
 
-Status decode_layer(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream) {
-  const std::string why = decode_layer_unsupported(a, sm_count);
+Status decode_layer(const DecodeLayerArgs& a, int sm_count, size_t shared_per_block,
+                    cudaStream_t stream) {
+  const std::string why = decode_layer_unsupported(a, sm_count, shared_per_block);
   if (!why.empty()) return Status::error("cuda decoder layer: " + why);
   const bool asym = a.wq.format == WeightFormat::asym_int4;
   if (a.cache.head_dim == 64) {

@@ -34,8 +34,9 @@ struct DecodeLayerArgs {
   float* attn = nullptr;  // [n_heads * head_dim]
   float* act = nullptr;   // [intermediate]
   // Attention's per-split partial sums ([n_heads, max_splits, head_dim]) and {max, sum}
-  // ([n_heads, max_splits, 2]), and the kernel's counters (2 + n_kv_heads words, zero between
-  // launches: every launch leaves them zero).
+  // ([n_heads, max_splits, 2]), and the kernel's counters (2 + n_kv_heads words, zeroed once:
+  // each launch leaves the arrival and merge counters at zero and moves the barrier's
+  // generation word on).
   float* split_o = nullptr;
   float* split_ml = nullptr;
   int max_splits = 0;
@@ -53,13 +54,24 @@ inline int decode_layer_sync_words(int n_kv_heads) {
   return 2 + n_kv_heads;
 }
 
-// Empty when the layer kernel can run `a` on a device of `sm_count` SMs; otherwise why not (the
-// caller then composes the plain fused ops).
-std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count);
+// Empty when the layer kernel can run `a` on a device of `sm_count` SMs whose blocks may have
+// `shared_per_block` bytes of shared memory (cudaDeviceProp::sharedMemPerBlockOptin); otherwise
+// why not (the caller then composes the plain fused ops).
+std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count,
+                                     size_t shared_per_block);
 
-// One batch-1 decoder layer (decode_layer_unsupported(a, sm_count) must be empty): one launch of
-// sm_count blocks, launched with programmatic dependent launch so that its blocks stream their
-// first weights while the kernel before it drains.
-Status decode_layer(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream);
+// One batch-1 decoder layer (decode_layer_unsupported must be empty): one launch of sm_count
+// blocks, launched with programmatic dependent launch so that its blocks stream their first
+// weights while the kernel before it drains.
+Status decode_layer(const DecodeLayerArgs& a, int sm_count, size_t shared_per_block,
+                    cudaStream_t stream);
+
+// The kernel's blocks wait for one another at grid barriers, so two of its grids on one device
+// must never run at once (each could hold half the SMs, waiting for the rest). A backend
+// claims a device before it uses the kernel and releases it when destroyed; a second backend on
+// the same device in this process runs the fused ops instead. Other processes sharing the GPU
+// (MPS) are not seen: a block that waits too long traps rather than hang.
+bool claim_decode_layer(int device);
+void release_decode_layer(int device);
 
 }  // namespace kestrel::cuda

@@ -656,17 +656,19 @@ auto count_layer_kernels(int64_t per_decode_step, int64_t* decode_steps) {
 // check_decoder_layer for `dc` on a CUDA backend with the layer kernel on, against the CPU within
 // layer_bound_vs_cpu: a "decoder layer" op per layer in each decode step where the kernel takes
 // `dc`'s layers, none where it does not.
-void check_layer_against_cpu(const DecoderLayerCase& dc) {
+void check_layer_against_cpu(const DecoderLayerCase& dc,
+                             std::span<const int32_t> prompts = kLayerPrompts) {
   ModelWeights weights = decoder_layer_model(dc);
   auto device = make_cuda_backend_with_layer_kernel(true);
   ASSERT_TRUE(device.is_ok()) << device.status().message();
   BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc), std::move(device).value()));
+  ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc, prompts), std::move(device).value()));
   int64_t decode_steps = 0;
   check_decoder_layer(
       pair, weights, [&](int64_t n) { return layer_bound_vs_cpu(dc, n); },
-      count_layer_kernels(layer_kernel_takes(dc) ? weights.config.n_layers : 0, &decode_steps));
-  EXPECT_EQ(decode_steps, int64_t(std::size(kLayerPrompts)) * kLayerDecodeSteps);
+      count_layer_kernels(layer_kernel_takes(dc) ? weights.config.n_layers : 0, &decode_steps),
+      LayerReference::decoder_layer, prompts);
+  EXPECT_EQ(decode_steps, int64_t(prompts.size()) * kLayerDecodeSteps);
 }
 
 // sym_int4 (block 32) and asym_int4 (block 64) weights; head_dim 64 and 128; 1, 4 and 6 query
@@ -742,6 +744,17 @@ INSTANTIATE_TEST_SUITE_P(
     [](const ::testing::TestParamInfo<LayerKernelCase>& info) {
       return decoder_layer_label(layer_kernel_case(info.param));
     });
+
+// A context of 2500 keys: on a GPU of 132 SMs the kernel's splits hit their cap (32 a KV head
+// here, 2 KV heads), each split walks three or more 32-key chunks, and the split holding the new
+// position reads its row back through the chunk loader instead of patching a prefetched chunk.
+TEST(CudaDecoderLayerLong, MatchesCpuPastTheSplitCap) {
+  DecoderLayerCase dc =
+      layer_kernel_case({FormatCase{WeightFormat::sym_int4, 32}, 128, std::pair{8, 2}, true});
+  ASSERT_TRUE(layer_kernel_takes(dc));
+  constexpr int32_t kLongPrompts[] = {2500};
+  check_layer_against_cpu(dc, kLongPrompts);
+}
 
 class CudaDecoderLayerFallback : public ::testing::TestWithParam<DecoderLayerCase> {};
 

@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <iterator>
 #include <ostream>
+#include <span>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -516,10 +517,11 @@ inline ModelWeights decoder_layer_model(const DecoderLayerCase& dc) {
 
 // check_decoder_layer's reservation: a slot for each prompt, each slot's context the longest
 // prompt and its decode steps (44 blocks of 16 positions).
-inline RunShape decoder_layer_shape(const DecoderLayerCase& dc) {
-  const int64_t context =
-      *std::max_element(std::begin(kLayerPrompts), std::end(kLayerPrompts)) + kLayerDecodeSteps;
-  RunShape shape{int64_t(std::size(kLayerPrompts)), context, kLayerPrefillChunk, 1};
+// `prompts` replaces kLayerPrompts (for a longer context) in this and in check_decoder_layer.
+inline RunShape decoder_layer_shape(const DecoderLayerCase& dc,
+                                    std::span<const int32_t> prompts = kLayerPrompts) {
+  const int64_t context = *std::max_element(prompts.begin(), prompts.end()) + kLayerDecodeSteps;
+  RunShape shape{int64_t(prompts.size()), context, kLayerPrefillChunk, 1};
   shape.kv_cache = dc.kv_cache;
   return shape;
 }
@@ -614,7 +616,8 @@ struct LayerCall {
 // more than max(0.5, 3 bound(1)) (on the CPU they miss by 0.6 to 2).
 template <typename Bound, typename Watch>
 void check_decoder_layer(BackendPair& pair, const ModelWeights& w, Bound bound, Watch watch,
-                         LayerReference reference = LayerReference::decoder_layer) {
+                         LayerReference reference = LayerReference::decoder_layer,
+                         std::span<const int32_t> prompts = kLayerPrompts) {
   const ModelConfig& c = w.config;
   ASSERT_GE(c.n_layers, 2);
   const RopeParams rope{c.head_dim, c.n_heads, c.n_kv_heads};
@@ -629,8 +632,8 @@ void check_decoder_layer(BackendPair& pair, const ModelWeights& w, Bound bound, 
   };
   const double clearly_wrong = std::max(0.5, 3 * bound(int64_t{1}));
   uint64_t seed = 20000;
-  for (size_t slot = 0; slot < std::size(kLayerPrompts); ++slot) {
-    const int32_t prompt = kLayerPrompts[slot];
+  for (size_t slot = 0; slot < prompts.size(); ++slot) {
+    const int32_t prompt = prompts[slot];
     // The calls of this prompt: [first position, tokens].
     std::vector<std::pair<int32_t, int64_t>> calls;
     for (int32_t p = 0; p < prompt; p += int32_t(kLayerPrefillChunk)) {

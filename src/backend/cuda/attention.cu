@@ -17,19 +17,6 @@ constexpr int kPrefillRows = 64;
 constexpr int kPrefillKeys = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Row of (layer, slot, KV head, position) in K or V, through the slot's block table: entries
-// start at row * head_dim, an fp8 row's scale is scale[row].
-__device__ inline int64_t cache_row(const KvCache& c, int64_t layer, int64_t seq, int64_t kvh,
-                                    int64_t pos) {
-  const int64_t block = c.block_tables[seq * c.table_stride + pos / kKvBlockSize];
-  return ((layer * c.n_blocks + block) * c.n_kv_heads + kvh) * kKvBlockSize + pos % kKvBlockSize;
-}
-
-__device__ inline int64_t cache_offset(const KvCache& c, int64_t layer, int64_t seq, int64_t kvh,
-                                       int64_t pos) {
-  return cache_row(c, layer, seq, kvh, pos) * c.head_dim;
-}
-
 // The element types of the three caches: storage, and conversion to and from float.
 template <KvType kType>
 struct Kv;

@@ -76,7 +76,6 @@ struct PhasePlan {
   int first = 0;
   int n_tiles = 0;
   int chunks = 0;
-  int units = 0;  // n_tiles * chunks
 };
 
 // Where a warp's ring is refilled from: (tile lt of phase, 128-column chunk) and this lane's
@@ -135,7 +134,6 @@ __device__ inline PhasePlan plan_for(int64_t tiles, int64_t chunks, int pair) {
   p.first = int(first * pair);
   p.n_tiles = int((last - first) * pair);
   p.chunks = int(chunks);
-  p.units = p.n_tiles * p.chunks;
   return p;
 }
 
@@ -359,6 +357,21 @@ struct Layer {
     }
   }
 
+  // x[row] += the block's sum + bias for the rows of `phase`'s tiles: the epilogue of wo and
+  // of down. Each row belongs to one block, which reads x through L2 (other blocks wrote it).
+  __device__ void add_to_residual(int phase) const {
+    for (int e = int(threadIdx.x); e < plan[phase].n_tiles * 16; e += kThreads) {
+      const int lt = e >> 4, r = e & 15;
+      const float sum = take(lt, r);
+      int64_t tile;
+      const DeviceWeight& w = tile_of(phase, lt, tile);
+      const int64_t row = tile * 16 + r;
+      if (row < w.rows) {
+        a.x[row] = __ldcg(a.x + row) + (sum + (w.bias != nullptr ? w.bias[row] : 0.0f));
+      }
+    }
+  }
+
   // xq/xqp = the staged input of `src` (written by other blocks of this launch: read through
   // L2), of `cols` columns.
   __device__ void stage_input(const float* src, int cols) const {
@@ -430,12 +443,7 @@ struct Layer {
     const int tid = int(threadIdx.x);
     __half* k_cache = static_cast<__half*>(c.k);
     __half* v_cache = static_cast<__half*>(c.v);
-    auto row_of = [&](int h, int p) {
-      const int64_t block =
-          __ldg(c.block_tables + int64_t(seq) * c.table_stride + p / int(kKvBlockSize));
-      return (((a.layer * c.n_blocks + block) * n_kv + h) * kKvBlockSize + p % int(kKvBlockSize)) *
-             HD;
-    };
+    auto row_of = [&](int h, int p) { return cache_offset(c, a.layer, seq, h, p); };
 
     for (int item = int(blockIdx.x); item < n_kv * max_splits; item += int(gridDim.x)) {
       const int h = item / max_splits;
@@ -750,17 +758,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   L.run_phase(0, next, stage);
   if (mark) t[2] = global_ns();
   __syncthreads();
-  {
-    const int64_t tq = a.wq.tiles.n_tiles, tk = a.wk.tiles.n_tiles;
-    for (int e = tid; e < plan[0].n_tiles * 16; e += kThreads) {
-      const int lt = e >> 4, r = e & 15;
-      const float sum = L.take(lt, r);
-      const int64_t vt = plan[0].first + lt;
-      const DeviceWeight& w = vt < tq ? a.wq : vt < tq + tk ? a.wk : a.wv;
-      float* out = vt < tq ? a.q : vt < tq + tk ? a.k : a.v;
-      const int64_t row = (vt < tq ? vt : vt < tq + tk ? vt - tq : vt - tq - tk) * 16 + r;
-      if (row < w.rows) out[row] = sum + (w.bias != nullptr ? w.bias[row] : 0.0f);
-    }
+  for (int e = tid; e < plan[0].n_tiles * 16; e += kThreads) {
+    const int lt = e >> 4, r = e & 15;
+    const float sum = L.take(lt, r);
+    int64_t tile;
+    const DeviceWeight& w = L.tile_of(0, lt, tile);
+    float* out = &w == &a.wq ? a.q : &w == &a.wk ? a.k : a.v;
+    const int64_t row = tile * 16 + r;
+    if (row < w.rows) out[row] = sum + (w.bias != nullptr ? w.bias[row] : 0.0f);
   }
   L.attention(reinterpret_cast<float*>(input), max_splits, /*prefetch=*/true);
   grid_barrier(a.sync, a.sync + 1);
@@ -775,14 +780,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   L.run_phase(1, next, stage);
   if (mark) t[6] = global_ns();
   __syncthreads();
-  for (int e = tid; e < plan[1].n_tiles * 16; e += kThreads) {
-    const int lt = e >> 4, r = e & 15;
-    const float sum = L.take(lt, r);
-    const int64_t row = int64_t(plan[1].first + lt) * 16 + r;
-    if (row < a.wo.rows) {
-      a.x[row] = __ldcg(a.x + row) + (sum + (a.wo.bias != nullptr ? a.wo.bias[row] : 0.0f));
-    }
-  }
+  L.add_to_residual(1);
   grid_barrier(a.sync, a.sync + 1);
 
   L.stage_norm_input(a.x, a.ffn_norm, d, scratch);
@@ -810,14 +808,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   L.run_phase(3, next, stage);
   if (mark) t[8] = global_ns();
   __syncthreads();
-  for (int e = tid; e < plan[3].n_tiles * 16; e += kThreads) {
-    const int lt = e >> 4, r = e & 15;
-    const float sum = L.take(lt, r);
-    const int64_t row = int64_t(plan[3].first + lt) * 16 + r;
-    if (row < a.w_down.rows) {
-      a.x[row] = __ldcg(a.x + row) + (sum + (a.w_down.bias != nullptr ? a.w_down.bias[row] : 0.0f));
-    }
-  }
+  L.add_to_residual(3);
   cp_async_wait<0>();
   if (mark && a.positions[0] % 64 == 0) {
     t[9] = global_ns();

@@ -196,6 +196,17 @@ class Backend {
     return matmul_add(s.proj, s.gate, l.w_down, x);
   }
 
+  // Layers first, first + 1, ... of the residual stream x, one after another: decoder_layer for
+  // each (the default), with the same contract. A device backend may run them as one launch.
+  virtual Status decoder_layers(Tensor x, const LayerScratch& s,
+                                std::span<const LayerWeights> layers, int64_t first,
+                                const RopeParams& rope, float eps) {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      KS_RETURN_IF_ERROR(decoder_layer(x, s, layers[i], first + int64_t(i), rope, eps));
+    }
+    return Status::ok();
+  }
+
   // Sums t over the ranks of a split model through `comm` (backend/communicator.h), in place.
   // An op, not a bare communicator call, so that a backend replaying a captured step (CUDA
   // graphs) replays the collective with the rest of the step instead of calling it again.

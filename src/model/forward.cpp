@@ -50,15 +50,14 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
     KS_RETURN_IF_ERROR(backend.all_reduce_sum(proj, *comm));
     return backend.add(x, proj);
   };
+  // On one backend the layers are one op (a device backend may run them as one launch); a rank
+  // of a split model all-reduces its projections, so it issues each layer's ops one by one.
   const LayerScratch scratch{h, q, k, v, attn, proj, gate, up};
-  for (int64_t il = 0; il < c.n_layers; ++il) {
+  if (comm == nullptr) {
+    KS_RETURN_IF_ERROR(backend.decoder_layers(x, scratch, weights.layers, 0, rope, eps));
+  }
+  for (int64_t il = 0; comm != nullptr && il < c.n_layers; ++il) {
     const LayerWeights& l = weights.layers[size_t(il)];
-    // On one backend the layer is one op (a device backend may run it as one launch); a rank of
-    // a split model all-reduces its projections, so it issues the layer's ops one by one.
-    if (comm == nullptr) {
-      KS_RETURN_IF_ERROR(backend.decoder_layer(x, scratch, l, il, rope, eps));
-      continue;
-    }
     const Tensor qkv[] = {q, k, v};
     const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
     KS_RETURN_IF_ERROR(backend.norm_matmul(qkv, h, x, l.attn_norm, eps, qkv_weights));

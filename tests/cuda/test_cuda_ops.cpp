@@ -756,6 +756,48 @@ TEST(CudaDecoderLayerLong, MatchesCpuPastTheSplitCap) {
   check_layer_against_cpu(dc, kLongPrompts);
 }
 
+// check_decoder_layers for `dc`'s layers, n_layers deep, on a CUDA backend with the layer kernel
+// on, against the CPU: each decode step is `launches` "decoder layer" ops (one a kMaxLaunchLayers
+// layers), each prefill call none. The device's layers feed each other; held to the update of x
+// over the whole stack, their errors, independent from layer to layer, grow no faster than the
+// update does: twice a layer's bound.
+void check_stack_against_cpu(const DecoderLayerCase& dc, int64_t n_layers, int64_t launches,
+                             std::span<const int32_t> prompts) {
+  ModelWeights weights = decoder_layer_model(dc, n_layers);
+  auto device = make_cuda_backend_with_layer_kernel(true);
+  ASSERT_TRUE(device.is_ok()) << device.status().message();
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc, prompts), std::move(device).value()));
+  int64_t decode_steps = 0;
+  check_decoder_layers(
+      pair, weights, [&](int64_t n) { return 2 * layer_bound_vs_cpu(dc, n); },
+      count_layer_kernels(launches, &decode_steps), prompts);
+  EXPECT_EQ(decode_steps, int64_t(prompts.size()) * kLayerDecodeSteps);
+}
+
+// Three layers in one launch: the kernel's weight ring runs from one layer's last tile into the
+// next layer's first, and each layer reads its own cache layer.
+TEST(CudaDecoderLayers, OneLaunchMatchesCpu) {
+  for (const LayerKernelCase& param :
+       {LayerKernelCase{FormatCase{WeightFormat::sym_int4, 32}, 128, std::pair{8, 2}, true},
+        LayerKernelCase{FormatCase{WeightFormat::asym_int4, 64}, 64, std::pair{12, 2}, false}}) {
+    const DecoderLayerCase dc = layer_kernel_case(param);
+    SCOPED_TRACE(decoder_layer_label(dc));
+    ASSERT_TRUE(layer_kernel_takes(dc));
+    check_stack_against_cpu(dc, 3, 1, kLayerPrompts);
+  }
+}
+
+// More layers than one launch carries: two launches a step, the second starting at cache layer
+// kMaxLaunchLayers.
+TEST(CudaDecoderLayers, SplitsPastTheLaunchLimit) {
+  const DecoderLayerCase dc =
+      layer_kernel_case({FormatCase{WeightFormat::sym_int4, 32}, 64, std::pair{4, 2}, true});
+  ASSERT_TRUE(layer_kernel_takes(dc));
+  constexpr int32_t kPrompts[] = {0, 40};
+  check_stack_against_cpu(dc, cuda::kMaxLaunchLayers + 2, 2, kPrompts);
+}
+
 class CudaDecoderLayerFallback : public ::testing::TestWithParam<DecoderLayerCase> {};
 
 // Layers the kernel does not take run the composition at batch 1 too (no "decoder layer" op) and

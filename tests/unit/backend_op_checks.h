@@ -493,9 +493,11 @@ inline constexpr double kLayerScoreScale = double(kLayerAttnNormScale) * kLayerA
 // 700 keys then weighs a few of them (not all nearly alike, as unit-variance scores would), so
 // attention's output is as large as v's at every context and an error in it shows in the layer's
 // update of x.
-inline ModelWeights decoder_layer_model(const DecoderLayerCase& dc) {
+// `n_layers` (at least 2) makes a deeper stack for check_decoder_layers.
+inline ModelWeights decoder_layer_model(const DecoderLayerCase& dc, int64_t n_layers = 2) {
   ModelConfig config =
       small_config(dc.hidden, dc.intermediate, dc.n_heads, dc.n_kv_heads, dc.head_dim, 64);
+  config.n_layers = n_layers;
   config.arch = dc.qkv_bias ? Architecture::qwen2 : Architecture::llama;
   config.attention_bias = dc.qkv_bias;
   const FormatCase fc = dc.format;
@@ -598,6 +600,61 @@ struct LayerCall {
   }
 };
 
+// The calls check_decoder_layer and check_decoder_layers make for a prompt: its prefill in calls
+// of up to kLayerPrefillChunk tokens, then kLayerDecodeSteps batch-1 steps; [first position,
+// tokens] each.
+inline std::vector<std::pair<int32_t, int64_t>> layer_calls(int32_t prompt) {
+  std::vector<std::pair<int32_t, int64_t>> calls;
+  for (int32_t p = 0; p < prompt; p += int32_t(kLayerPrefillChunk)) {
+    calls.emplace_back(p, std::min<int64_t>(kLayerPrefillChunk, prompt - p));
+  }
+  for (int32_t step = 0; step < kLayerDecodeSteps; ++step) calls.emplace_back(prompt + step, 1);
+  return calls;
+}
+
+// One such call: n tokens at positions first, first + 1, ... of sequence slot `slot`, begun on
+// both backends of `pair` (t[0] on pair.cpu, t[1] on pair.gpu).
+struct LayerStep {
+  std::vector<int32_t> tokens, positions, seqs;
+  LayerCall t[2];
+  std::string where;
+
+  void begin(BackendPair& pair, const ModelConfig& c, size_t slot, int32_t prompt, int32_t first,
+             int64_t n) {
+    const auto count = static_cast<size_t>(n);
+    tokens.assign(count, 0);
+    positions.assign(count, 0);
+    seqs.assign(count, int32_t(slot));
+    for (int64_t i = 0; i < n; ++i) {
+      tokens[size_t(i)] = int32_t((first + i) % 7);
+      positions[size_t(i)] = first + int32_t(i);
+    }
+    for (int side = 0; side < 2; ++side) {
+      t[side].begin(side == 0 ? *pair.cpu : *pair.gpu,
+                    pair.paged(BatchView{n, tokens.data(), positions.data(), seqs.data()}), c);
+    }
+    where = "prompt " + std::to_string(prompt) + ", positions " + std::to_string(first) + "+" +
+            std::to_string(n);
+  }
+};
+
+// fn(step, prompt, first, n) for every call of every prompt (layer_calls), prompt i in sequence
+// slot i, each call begun on both backends; stops at the first fatal failure.
+template <typename Fn>
+void for_each_layer_step(BackendPair& pair, const ModelConfig& c, std::span<const int32_t> prompts,
+                         Fn fn) {
+  for (size_t slot = 0; slot < prompts.size(); ++slot) {
+    const int32_t prompt = prompts[slot];
+    for (const auto& [first, n] : layer_calls(prompt)) {
+      LayerStep step;
+      step.begin(pair, c, slot, prompt, first, n);
+      if (::testing::Test::HasFatalFailure()) return;
+      fn(step, prompt, first, n);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+}
+
 // decoder_layer on pair.gpu against pair.cpu (its decoder_layer, or the five fused ops by
 // `reference`), both reserved with decoder_layer_shape for `w` (decoder_layer_model). For each
 // prompt of kLayerPrompts, in its own sequence slot: the prompt's calls of up to
@@ -632,68 +689,102 @@ void check_decoder_layer(BackendPair& pair, const ModelWeights& w, Bound bound, 
   };
   const double clearly_wrong = std::max(0.5, 3 * bound(int64_t{1}));
   uint64_t seed = 20000;
-  for (size_t slot = 0; slot < prompts.size(); ++slot) {
-    const int32_t prompt = prompts[slot];
-    // The calls of this prompt: [first position, tokens].
-    std::vector<std::pair<int32_t, int64_t>> calls;
-    for (int32_t p = 0; p < prompt; p += int32_t(kLayerPrefillChunk)) {
-      calls.emplace_back(p, std::min<int64_t>(kLayerPrefillChunk, prompt - p));
-    }
-    for (int32_t step = 0; step < kLayerDecodeSteps; ++step) calls.emplace_back(prompt + step, 1);
-    for (const auto& [first, n] : calls) {
-      const auto count = static_cast<size_t>(n);
-      std::vector<int32_t> tokens(count), positions(count), seqs(count, int32_t(slot));
-      for (int64_t i = 0; i < n; ++i) {
-        tokens[size_t(i)] = int32_t((first + i) % 7);
-        positions[size_t(i)] = first + int32_t(i);
-      }
-      LayerCall t[2];
-      for (int side = 0; side < 2; ++side) {
-        t[side].begin(side == 0 ? ref : dev,
-                      pair.paged(BatchView{n, tokens.data(), positions.data(), seqs.data()}), c);
-      }
-      if (::testing::Test::HasFatalFailure()) return;
-      const std::string where = "prompt " + std::to_string(prompt) + ", positions " +
-                                std::to_string(first) + "+" + std::to_string(n);
-      std::vector<float> in = random_values(count * size_t(c.hidden_size), seed++);
-      const std::vector<float> first_in = in;
-      std::vector<float> first_out;  // the reference's layer 0
-      for (int64_t layer = 0; layer < c.n_layers; ++layer) {
-        t[0].reset(ref, in);
-        Status s = run_reference(t[0], layer);
-        ASSERT_TRUE(s.is_ok()) << where << ", layer " << layer << " (reference): " << s.message();
-        const std::vector<float> want = fetch(ref, t[0].x);
-        if (layer == 0) {
-          first_out = want;
-          watch(dev, n, false);
+  for_each_layer_step(
+      pair, c, prompts, [&](LayerStep& step, int32_t prompt, int32_t first, int64_t n) {
+        LayerCall* t = step.t;
+        const std::string& where = step.where;
+        std::vector<float> in = random_values(size_t(n) * size_t(c.hidden_size), seed++);
+        const std::vector<float> first_in = in;
+        std::vector<float> first_out;  // the reference's layer 0
+        for (int64_t layer = 0; layer < c.n_layers; ++layer) {
+          t[0].reset(ref, in);
+          Status s = run_reference(t[0], layer);
+          ASSERT_TRUE(s.is_ok()) << where << ", layer " << layer << " (reference): " << s.message();
+          const std::vector<float> want = fetch(ref, t[0].x);
+          if (layer == 0) {
+            first_out = want;
+            watch(dev, n, false);
+          }
+          t[1].reset(dev, in);
+          s = dev.decoder_layer(t[1].x, t[1].s, w.layers[size_t(layer)], layer, rope, eps);
+          ASSERT_TRUE(s.is_ok()) << where << ", layer " << layer << ": " << s.message();
+          EXPECT_LE(layer_update_error(fetch(dev, t[1].x), want, in), bound(n))
+              << where << ", layer " << layer;
+          in = want;
         }
+        watch(dev, n, true);
+        if (n != 1 || first != prompt + kLayerDecodeSteps - 1 || prompt == 0) return;
+        // Layer 0 of this step with layer 1's cache.
+        t[1].reset(dev, first_in);
+        Status s = dev.decoder_layer(t[1].x, t[1].s, w.layers[0], 1, rope, eps);
+        ASSERT_TRUE(s.is_ok()) << where << ", layer 0 with layer 1's cache: " << s.message();
+        EXPECT_GT(layer_update_error(fetch(dev, t[1].x), first_out, first_in), clearly_wrong)
+            << where << ": layer 0 run with layer 1's cache was not told apart";
+        // And at half the position.
+        const int32_t half = first / 2;
+        LayerCall moved;
+        moved.begin(dev, pair.paged(BatchView{1, step.tokens.data(), &half, step.seqs.data()}), c);
+        if (::testing::Test::HasFatalFailure()) return;
+        moved.reset(dev, first_in);
+        s = dev.decoder_layer(moved.x, moved.s, w.layers[0], 0, rope, eps);
+        ASSERT_TRUE(s.is_ok()) << where << ", at position " << half << ": " << s.message();
+        EXPECT_GT(layer_update_error(fetch(dev, moved.x), first_out, first_in), clearly_wrong)
+            << where << ": layer 0 run at position " << half << " was not told apart";
+      });
+}
+
+// decoder_layers over all of w's layers on pair.gpu, one call a step, against pair.cpu's
+// decoder_layer layer by layer, both reserved with decoder_layer_shape for `w` (decoder_layer_model
+// of any depth) and `prompts`: each prompt's prefill calls and kLayerDecodeSteps batch-1 decode
+// steps in its own sequence slot, as check_decoder_layer runs them. Here each device layer takes
+// its input from the device's layer before, as the forward pass does, so the bound(n) for a call
+// of n tokens holds the update of x over the whole stack (layer_update_error). watch(device, n,
+// done) runs around the device's call.
+//
+// The check must be able to fail: at the last decode step of each non-empty prompt the device's
+// stack runs again at half the position (another rotation, half the keys), which must miss the
+// reference by more than max(0.5, 3 bound(1)).
+template <typename Bound, typename Watch>
+void check_decoder_layers(BackendPair& pair, const ModelWeights& w, Bound bound, Watch watch,
+                          std::span<const int32_t> prompts = kLayerPrompts) {
+  const ModelConfig& c = w.config;
+  ASSERT_GE(c.n_layers, 2);
+  const RopeParams rope{c.head_dim, c.n_heads, c.n_kv_heads};
+  const float eps = float(c.rms_norm_eps);
+  Backend& ref = *pair.cpu;
+  Backend& dev = *pair.gpu;
+  const double clearly_wrong = std::max(0.5, 3 * bound(int64_t{1}));
+  uint64_t seed = 30000;
+  for_each_layer_step(
+      pair, c, prompts, [&](LayerStep& step, int32_t prompt, int32_t first, int64_t n) {
+        LayerCall* t = step.t;
+        const std::string& where = step.where;
+        const std::vector<float> in = random_values(size_t(n) * size_t(c.hidden_size), seed++);
+        t[0].reset(ref, in);
+        for (int64_t layer = 0; layer < c.n_layers; ++layer) {
+          const Status s =
+              ref.decoder_layer(t[0].x, t[0].s, w.layers[size_t(layer)], layer, rope, eps);
+          ASSERT_TRUE(s.is_ok()) << where << ", layer " << layer << " (reference): " << s.message();
+        }
+        const std::vector<float> want = fetch(ref, t[0].x);
         t[1].reset(dev, in);
-        s = dev.decoder_layer(t[1].x, t[1].s, w.layers[size_t(layer)], layer, rope, eps);
-        ASSERT_TRUE(s.is_ok()) << where << ", layer " << layer << ": " << s.message();
-        EXPECT_LE(layer_update_error(fetch(dev, t[1].x), want, in), bound(n))
-            << where << ", layer " << layer;
-        in = want;
-      }
-      watch(dev, n, true);
-      if (n != 1 || first != prompt + kLayerDecodeSteps - 1 || prompt == 0) continue;
-      // Layer 0 of this step with layer 1's cache.
-      t[1].reset(dev, first_in);
-      Status s = dev.decoder_layer(t[1].x, t[1].s, w.layers[0], 1, rope, eps);
-      ASSERT_TRUE(s.is_ok()) << where << ", layer 0 with layer 1's cache: " << s.message();
-      EXPECT_GT(layer_update_error(fetch(dev, t[1].x), first_out, first_in), clearly_wrong)
-          << where << ": layer 0 run with layer 1's cache was not told apart";
-      // And at half the position.
-      const int32_t half = first / 2;
-      LayerCall moved;
-      moved.begin(dev, pair.paged(BatchView{1, tokens.data(), &half, seqs.data()}), c);
-      if (::testing::Test::HasFatalFailure()) return;
-      moved.reset(dev, first_in);
-      s = dev.decoder_layer(moved.x, moved.s, w.layers[0], 0, rope, eps);
-      ASSERT_TRUE(s.is_ok()) << where << ", at position " << half << ": " << s.message();
-      EXPECT_GT(layer_update_error(fetch(dev, moved.x), first_out, first_in), clearly_wrong)
-          << where << ": layer 0 run at position " << half << " was not told apart";
-    }
-  }
+        watch(dev, n, false);
+        Status s = dev.decoder_layers(t[1].x, t[1].s, w.layers, 0, rope, eps);
+        ASSERT_TRUE(s.is_ok()) << where << ": " << s.message();
+        const std::vector<float> got = fetch(dev, t[1].x);
+        watch(dev, n, true);
+        EXPECT_LE(layer_update_error(got, want, in), bound(n)) << where;
+        if (n != 1 || first != prompt + kLayerDecodeSteps - 1 || prompt == 0) return;
+        const int32_t half = first / 2;
+        LayerCall moved;
+        moved.begin(dev, pair.paged(BatchView{1, step.tokens.data(), &half, step.seqs.data()}), c);
+        if (::testing::Test::HasFatalFailure()) return;
+        moved.reset(dev, in);
+        s = dev.decoder_layers(moved.x, moved.s, w.layers, 0, rope, eps);
+        ASSERT_TRUE(s.is_ok()) << where << ", at position " << half << ": " << s.message();
+        EXPECT_GT(layer_update_error(fetch(dev, moved.x), want, in), clearly_wrong)
+            << where << ": the stack run at position " << half << " was not told apart";
+      });
 }
 
 }  // namespace kestrel::backend_test

@@ -60,12 +60,20 @@ namespace {
 constexpr size_t kAlignFloats = 16;  // scratch tensors start on 64-byte boundaries
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;
 constexpr int kMaxTimedEvents = 8192;
-// Measured on the H200 (docs/PERF.md, "The decoder layer as one kernel"): the layer kernel is
-// still 10-20% slower than the fused ops' ~7 launches a layer at batch 1, so it is opt-in.
+// Measured on the H200 (docs/PERF.md, "The decoder layer as one kernel" and "The whole layer
+// stack as one launch"): the layer kernel still decodes slower than the fused ops' ~7 launches a
+// layer at batch 1, so it is opt-in.
 constexpr bool kLayerKernelByDefault = false;
 
 float* f32(Tensor t) {
   return static_cast<float*>(t.data);
+}
+
+// Two weights one layer kernel launch may treat alike: the same format, shape and tiling.
+bool same_shape(const DeviceWeight& a, const DeviceWeight& b) {
+  return a.format == b.format && a.rows == b.rows && a.cols == b.cols && a.block == b.block &&
+         a.tiles.n_tiles == b.tiles.n_tiles && a.tiles.n_chunks == b.tiles.n_chunks &&
+         a.tiles.scale_shift == b.tiles.scale_shift;
 }
 
 enum class Mode { eager, capture, replay };
@@ -483,21 +491,38 @@ class CudaBackend final : public Backend {
     return launch_add(residual, out);
   }
 
-  // A batch-1 decode layer of int4 weights over an fp16 cache is one launch (layer.cuh);
-  // anything else composes the fused ops.
+  // Batch-1 decode layers of int4 weights over an fp16 cache are one launch per
+  // kMaxLaunchLayers layers (layer.cuh); anything else composes the fused ops layer by layer.
   Status decoder_layer(Tensor x, const LayerScratch& s, const LayerWeights& l, int64_t layer,
                        const RopeParams& p, float eps) override {
-    KS_ASSIGN_OR_RETURN(std::optional<DecodeLayerArgs> args,
-                        layer_kernel_args(x, s, l, layer, p, eps));
-    if (!args) return Backend::decoder_layer(x, s, l, layer, p, eps);
-    for (const Tensor& t : {x, s.q, s.k, s.v, s.attn, s.gate}) note_write(t);
-    const uint64_t trace[] = {addr(x.data),        addr(s.q.data),    addr(s.k.data),
-                              addr(s.v.data),      addr(s.attn.data), addr(s.gate.data),
-                              addr(args->wq.data), uint64_t(layer),   bits(eps)};
-    return launch("decoder layer", trace, [&] {
-      return decode_layer(*args, props_.multiProcessorCount, props_.sharedMemPerBlockOptin,
-                          stream_);
-    });
+    return decoder_layers(x, s, std::span<const LayerWeights>(&l, 1), layer, p, eps);
+  }
+
+  Status decoder_layers(Tensor x, const LayerScratch& s, std::span<const LayerWeights> layers,
+                        int64_t first, const RopeParams& p, float eps) override {
+    for (size_t done = 0; done < layers.size();) {
+      const size_t n = std::min(layers.size() - done, size_t(layers_per_launch_));
+      const std::span<const LayerWeights> part = layers.subspan(done, n);
+      const int64_t at = first + int64_t(done);
+      done += n;
+      KS_ASSIGN_OR_RETURN(std::optional<DecodeLayerArgs> args,
+                          layer_kernel_args(x, s, part, at, p, eps));
+      if (!args) {
+        for (size_t i = 0; i < part.size(); ++i) {
+          KS_RETURN_IF_ERROR(Backend::decoder_layer(x, s, part[i], at + int64_t(i), p, eps));
+        }
+        continue;
+      }
+      for (const Tensor& t : {x, s.q, s.k, s.v, s.attn, s.gate}) note_write(t);
+      const uint64_t trace[] = {
+          addr(x.data),      addr(s.q.data),      addr(s.k.data), addr(s.v.data), addr(s.attn.data),
+          addr(s.gate.data), addr(args->wq.data), uint64_t(at),   uint64_t(n),    bits(eps)};
+      KS_RETURN_IF_ERROR(launch("decoder layer", trace, [&] {
+        return decode_layer(*args, props_.multiProcessorCount, props_.sharedMemPerBlockOptin,
+                            stream_);
+      }));
+    }
+    return Status::ok();
   }
 
   Status rope_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
@@ -964,27 +989,45 @@ class CudaBackend final : public Backend {
                   [&] { return cuda::add(f32(x), f32(y), x.rows * x.cols, stream_); });
   }
 
-  // The layer kernel's arguments when it takes this call (batch 1, one int4 format, fp16 cache;
-  // decode_layer_unsupported says the rest), nothing when the fused ops should run instead.
+  // The layer kernel's arguments when it takes these layers, cache layers first, first + 1, ...
+  // (batch 1, one int4 format, fp16 cache, every layer of one shape; decode_layer_unsupported
+  // says the rest), nothing when the fused ops should run instead.
   Result<std::optional<DecodeLayerArgs>> layer_kernel_args(Tensor x, const LayerScratch& s,
-                                                           const LayerWeights& l, int64_t layer,
-                                                           const RopeParams& p, float eps) const {
+                                                           std::span<const LayerWeights> layers,
+                                                           int64_t first, const RopeParams& p,
+                                                           float eps) const {
     if (!layer_kernel_ || fp32_weights_ || x.rows != 1 || batch_.n_tokens != 1 ||
-        cache_.type != KvType::f16 || layer < 0 || layer >= config_.n_layers ||
+        cache_.type != KvType::f16 || layers.empty() || layers.size() > kMaxLaunchLayers ||
+        first < 0 || first + int64_t(layers.size()) > config_.n_layers ||
         p.head_dim != config_.head_dim || p.n_heads != config_.n_heads ||
         p.n_kv_heads != config_.n_kv_heads) {
       return std::optional<DecodeLayerArgs>();
     }
     DecodeLayerArgs a;
-    const std::pair<DeviceWeight*, const Linear*> linears[] = {
-        {&a.wq, &l.wq},         {&a.wk, &l.wk},     {&a.wv, &l.wv},        {&a.wo, &l.wo},
-        {&a.w_gate, &l.w_gate}, {&a.w_up, &l.w_up}, {&a.w_down, &l.w_down}};
-    for (const auto& [device, host] : linears) {
-      KS_ASSIGN_OR_RETURN(const DeviceWeight* w, linear_of(*host));
-      *device = *w;
+    DeviceWeight* const shapes[kLayerWeights] = {&a.wq,     &a.wk,   &a.wv,    &a.wo,
+                                                 &a.w_gate, &a.w_up, &a.w_down};
+    for (size_t li = 0; li < layers.size(); ++li) {
+      const LayerWeights& l = layers[li];
+      const Linear* const linears[kLayerWeights] = {&l.wq,     &l.wk,   &l.wv,    &l.wo,
+                                                    &l.w_gate, &l.w_up, &l.w_down};
+      LayerPointers& lp = a.layers[li];
+      for (int i = 0; i < kLayerWeights; ++i) {
+        KS_ASSIGN_OR_RETURN(const DeviceWeight* w, linear_of(*linears[i]));
+        if (li == 0) {
+          *shapes[i] = *w;
+        } else if (!same_shape(*w, *shapes[i])) {
+          return std::optional<DecodeLayerArgs>();  // layers of different shapes
+        }
+        lp.data[i] = w->data;
+        lp.scales[i] = w->scales;
+        lp.mins[i] = w->mins;
+        lp.bias[i] = w->bias;
+      }
+      KS_ASSIGN_OR_RETURN(lp.attn_norm, vector_of(l.attn_norm, "decoder layer"));
+      KS_ASSIGN_OR_RETURN(lp.ffn_norm, vector_of(l.ffn_norm, "decoder layer"));
     }
-    KS_ASSIGN_OR_RETURN(a.attn_norm, vector_of(l.attn_norm, "decoder layer"));
-    KS_ASSIGN_OR_RETURN(a.ffn_norm, vector_of(l.ffn_norm, "decoder layer"));
+    a.first_layer = first;
+    a.n_layers = int(layers.size());
     // The tensors must be the layer's own: [1, width] each, distinct.
     const Tensor tensors[] = {x, s.q, s.k, s.v, s.attn, s.gate};
     const int64_t widths[] = {a.wq.cols, a.wq.rows, a.wk.rows, a.wv.rows, a.wo.cols, a.w_gate.rows};
@@ -1009,7 +1052,6 @@ class CudaBackend final : public Backend {
     a.max_splits = kMaxGemvTokens * decode_ws_.max_splits;  // the workspace holds 16 tokens' splits
     a.sync = layer_sync_;
     a.cache = cache_;
-    a.layer = layer;
     a.n_heads = int(p.n_heads);
     a.positions = positions_device();
     a.seq_ids = seq_ids_device();
@@ -1421,6 +1463,13 @@ class CudaBackend final : public Backend {
     const char* v = std::getenv("KESTREL_CUDA_LAYER_KERNEL");
     if (v == nullptr || *v == '\0') return kLayerKernelByDefault;
     return std::string(v) != "0";
+  }();
+  // Layers one launch of the layer kernel runs: kMaxLaunchLayers, or
+  // KESTREL_CUDA_LAYER_LAUNCH_LAYERS (1 to kMaxLaunchLayers; a measurement aid).
+  int layers_per_launch_ = [] {
+    const char* v = std::getenv("KESTREL_CUDA_LAYER_LAUNCH_LAYERS");
+    const int n = v != nullptr ? std::atoi(v) : 0;
+    return n >= 1 && n <= kMaxLaunchLayers ? n : kMaxLaunchLayers;
   }();
   // [3, max_batch_tokens]: tokens, positions, sequence ids; then [max_seqs, blocks_per_seq]:
   // the KV cache block tables

@@ -37,6 +37,10 @@ std::vector<OpTime> op_times(Backend& backend);
 // run on it, in the order of the ops.
 void* backend_stream(Backend& backend);
 
+// Batch-1 decode layers one launch of the layer kernel runs at most (layer.cuh: their pointers
+// travel in the kernel's 32 KB of parameters); decoder_layers over more takes several launches.
+constexpr int kMaxLaunchLayers = 48;
+
 // How many decode steps replayed a captured graph, and how many graphs were captured.
 struct GraphStats {
   int64_t captured = 0;

@@ -14,7 +14,7 @@
 //
 // Weights: each GEMV phase splits its 16-row tiles (int4_tiles.h) evenly over the blocks (the
 // gate and up tiles of the same rows go to the same block, for the SwiGLU epilogue); a block's
-// tiles x 128-column chunks are dealt to its warps round-robin. Each warp owns a ring of
+// tiles x 128-column chunks, in order, are dealt to its warps round-robin. Each warp owns a ring of
 // kStages cp.async stages and walks ONE sequence of units, the four phases' in order: its ring
 // is refilled as it consumes, so while the block waits at a barrier or runs attention, the next
 // phase's first units are landing. A lane copies and reads only its own bytes, so a stage needs
@@ -79,8 +79,10 @@ struct PhasePlan {
 };
 
 // Where a warp's ring is refilled from: (tile lt of phase, 128-column chunk) and this lane's
-// source bytes there. Warp-uniform but for the pointers. Phase 4 is the end of the sequence.
+// source bytes there. Warp-uniform but for the pointers. Phase 4 of the last layer is the end of
+// the sequence: past a layer's phase 3 comes the next layer's phase 0.
 struct Cursor {
+  int li;  // layer of the launch
   int phase;
   int lt;
   int chunk;
@@ -103,24 +105,56 @@ __device__ inline uint64_t global_ns() {
   return t;
 }
 
+__device__ inline unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ inline unsigned add_acq_rel(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;"
+               : "=r"(old)
+               : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+
 // All blocks arrive before any leaves; writes before it are visible to every block after it.
-__device__ void grid_barrier(unsigned* arrive, unsigned* generation) {
-  __syncthreads();  // the block's writes are observed by thread 0, whose fence publishes them
+// Mode 0: fences around a relaxed counter (__threadfence, atomicAdd, volatile polling). Mode 1:
+// the arrival is an acquire-release atomic and the polling acquire loads, no full fence.
+__device__ void grid_barrier(unsigned* arrive, unsigned* generation, int mode) {
+  __syncthreads();  // the block's writes are observed by thread 0, whose release publishes them
   if (threadIdx.x == 0) {
-    volatile unsigned* gen = generation;
-    const unsigned seen = *gen;
-    __threadfence();
-    if (atomicAdd(arrive, 1u) == gridDim.x - 1) {
-      atomicExch(arrive, 0u);
-      __threadfence();
-      atomicAdd(generation, 1u);
-    } else {
-      const long long start = clock64();
-      while (*gen == seen) {
-        if (clock64() - start > kBarrierTimeoutCycles) __trap();
+    if (mode == 1) {
+      const unsigned seen = load_acquire(generation);
+      if (add_acq_rel(arrive, 1u) == gridDim.x - 1) {
+        // Reset before the release: a block leaving sees the counter at zero again.
+        asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(arrive), "r"(0u) : "memory");
+        asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(generation), "r"(1u)
+                     : "memory");
+      } else {
+        const long long start = clock64();
+        while (load_acquire(generation) == seen) {
+          if (clock64() - start > kBarrierTimeoutCycles) __trap();
+        }
       }
+    } else {
+      volatile unsigned* gen = generation;
+      const unsigned seen = *gen;
+      __threadfence();
+      if (atomicAdd(arrive, 1u) == gridDim.x - 1) {
+        atomicExch(arrive, 0u);
+        __threadfence();
+        atomicAdd(generation, 1u);
+      } else {
+        const long long start = clock64();
+        while (*gen == seen) {
+          if (clock64() - start > kBarrierTimeoutCycles) __trap();
+        }
+      }
+      __threadfence();
     }
-    __threadfence();
   }
   __syncthreads();
 }
@@ -147,27 +181,34 @@ struct Layer {
   float* red;             // [kMaxLocalTiles][kWarps][16] partial sums
   int lane, warp, quad_row, quad_col;
 
-  // Points `c` at its (phase, lt, chunk), moving on past tiles and phases the warp has no
-  // chunk of (a warp w takes chunks w, w + kWarps, ... of every tile of a phase).
+  // Points `c` at its (phase, lt, chunk), moving on past tiles and phases. A phase's units are
+  // its local tiles' chunks in order, (lt, chunk) = index / chunks, index % chunks, and warp w
+  // takes indices w, w + kWarps, ...: every warp works even where a tile has fewer than
+  // kWarps chunks (a 1536-column weight has 12).
   __device__ void settle(Cursor& c) const {
     while (c.phase < 4) {
       const PhasePlan& p = plan[c.phase];
-      if (warp >= p.chunks || c.lt >= p.n_tiles) {
-        ++c.phase;
+      if (c.lt >= p.n_tiles) {
+        if (++c.phase == 4 && c.li + 1 < a.n_layers) {
+          ++c.li;
+          c.phase = 0;
+        }
         c.lt = 0;
         c.chunk = warp;
       } else if (c.chunk >= p.chunks) {
+        c.chunk -= p.chunks;
         ++c.lt;
-        c.chunk = warp;
       } else {
         int64_t tile;
-        const DeviceWeight& w = tile_of(c.phase, c.lt, tile);
+        const int which = tile_of(c.phase, c.lt, tile);
+        const DeviceWeight& w = shape(which);
+        const LayerPointers& lp = a.layers[c.li];
         const int64_t at = tile * w.tiles.n_chunks + c.chunk;
-        c.data = w.data + at * kTileChunkBytes + lane * 16;
+        c.data = lp.data[which] + at * kTileChunkBytes + lane * 16;
         const int64_t half = 2 * (at * w.tiles.chunk_scale_words() +
                                   (quad_col >> w.tiles.scale_shift) * 8 + quad_row);
-        c.scales = w.scales + half;
-        if constexpr (kAsym) c.mins = w.mins + half;
+        c.scales = lp.scales[which] + half;
+        if constexpr (kAsym) c.mins = lp.mins[which] + half;
         c.scale_step = 2 * int64_t(kWarps) * w.tiles.chunk_scale_words();
         return;
       }
@@ -186,32 +227,52 @@ struct Layer {
     }
   }
 
-  // The weight and tile of local tile `lt` of `phase`.
-  __device__ const DeviceWeight& tile_of(int phase, int lt, int64_t& tile) const {
+  // The shape of weight `which` (LayerWeightIndex), every layer's.
+  __device__ const DeviceWeight& shape(int which) const {
+    switch (which) {
+      case kWq:
+        return a.wq;
+      case kWk:
+        return a.wk;
+      case kWv:
+        return a.wv;
+      case kWo:
+        return a.wo;
+      case kWGate:
+        return a.w_gate;
+      case kWUp:
+        return a.w_up;
+      default:
+        return a.w_down;
+    }
+  }
+
+  // Which weight (LayerWeightIndex) local tile `lt` of `phase` is in, and its tile there.
+  __device__ int tile_of(int phase, int lt, int64_t& tile) const {
     const int vt = plan[phase].first + lt;
     switch (phase) {
       case 0: {
         const int64_t tq = a.wq.tiles.n_tiles, tk = a.wk.tiles.n_tiles;
         if (vt < tq) {
           tile = vt;
-          return a.wq;
+          return kWq;
         }
         if (vt < tq + tk) {
           tile = vt - tq;
-          return a.wk;
+          return kWk;
         }
         tile = vt - tq - tk;
-        return a.wv;
+        return kWv;
       }
       case 1:
         tile = vt;
-        return a.wo;
+        return kWo;
       case 2:
         tile = vt >> 1;
-        return (vt & 1) ? a.w_up : a.w_gate;
+        return (vt & 1) ? kWUp : kWGate;
       default:
         tile = vt;
-        return a.w_down;
+        return kWDown;
     }
   }
 
@@ -283,37 +344,62 @@ struct Layer {
 
   // Consumes the warp's units of `phase` in the order settle() walks them, refilling the ring
   // from `next` as it goes. Every chunk is whole (columns a multiple of 128): no unit needs a
-  // bounds check, so the compiler can interleave the two units of a step.
+  // bounds check. Two units a step, each into its own partial sums, so that their loads and
+  // dp4a chains interleave; the partials join the running sums of their tile in unit order.
   __device__ void run_phase(int phase, Cursor& next, int& stage) const {
     const PhasePlan& p = plan[phase];
-    if (warp >= p.chunks) return;
     auto step = [&] {
       issue(stage, next);
       advance(next);
       stage = stage + 1 == kStages ? 0 : stage + 1;
     };
-    for (int lt = 0; lt < p.n_tiles; ++lt) {
-      float acc0 = 0.0f, acc1 = 0.0f;
-      int chunk = warp;
-      // Two units at a time where the tile has them: their loads and dp4a chains interleave.
-      for (; chunk + kWarps < p.chunks; chunk += 2 * kWarps) {
+    // (lt, chunk) of the warp's unit after (lt, chunk + kWarps - 1)'s.
+    auto following = [&](int& lt, int& chunk) {
+      chunk += kWarps;
+      while (chunk >= p.chunks) {
+        chunk -= p.chunks;
+        ++lt;
+      }
+    };
+    int lt = 0, chunk = warp - kWarps;
+    following(lt, chunk);
+    if (lt >= p.n_tiles) return;  // no unit of this phase
+    int cur = lt;
+    float acc0 = 0.0f, acc1 = 0.0f;
+    // Adds a unit's partial sums of tile `t` to the running sums, flushing the tile before.
+    auto join = [&](int t, float p0, float p1) {
+      if (t != cur) {
+        flush(cur, acc0, acc1);
+        cur = t;
+      }
+      acc0 += p0;
+      acc1 += p1;
+    };
+    while (lt < p.n_tiles) {
+      int lt1 = lt, chunk1 = chunk;
+      following(lt1, chunk1);
+      const bool two = lt1 < p.n_tiles;
+      float a0 = 0.0f, a1 = 0.0f, b0 = 0.0f, b1 = 0.0f;
+      if (two) {
         cp_async_wait<kStages - 2>();
-        const int g0 = chunk * kTileGroups + quad_col;
-        const int g1 = g0 + kWarps * kTileGroups;
         const int stage1 = stage + 1 == kStages ? 0 : stage + 1;
-        consume(stage, g0, acc0, acc1);
-        consume(stage1, g1, acc0, acc1);
-        step();
-        step();
-      }
-      if (chunk < p.chunks) {
+        consume(stage, chunk * kTileGroups + quad_col, a0, a1);
+        consume(stage1, chunk1 * kTileGroups + quad_col, b0, b1);
+      } else {
         cp_async_wait<kStages - 1>();
-        const int group = chunk * kTileGroups + quad_col;
-        consume(stage, group, acc0, acc1);
-        step();
+        consume(stage, chunk * kTileGroups + quad_col, a0, a1);
       }
-      flush(lt, acc0, acc1);
+      join(lt, a0, a1);
+      step();
+      if (two) {
+        join(lt1, b0, b1);
+        step();
+        following(lt1, chunk1);
+      }
+      lt = lt1;
+      chunk = chunk1;
     }
+    flush(cur, acc0, acc1);
   }
 
   // The block's sum for row r of local tile lt (fixed order over warps); zeroes the partials
@@ -357,30 +443,41 @@ struct Layer {
     }
   }
 
-  // x[row] += the block's sum + bias for the rows of `phase`'s tiles: the epilogue of wo and
-  // of down. Each row belongs to one block, which reads x through L2 (other blocks wrote it).
-  __device__ void add_to_residual(int phase) const {
+  // x[row] += the block's sum + bias for the rows of `phase`'s tiles, of layer li: the
+  // epilogue of wo and of down. Each row belongs to one block, which reads x through L2 (other
+  // blocks wrote it).
+  __device__ void add_to_residual(int phase, int li) const {
     for (int e = int(threadIdx.x); e < plan[phase].n_tiles * 16; e += kThreads) {
       const int lt = e >> 4, r = e & 15;
       const float sum = take(lt, r);
       int64_t tile;
-      const DeviceWeight& w = tile_of(phase, lt, tile);
+      const int which = tile_of(phase, lt, tile);
+      const float* bias = a.layers[li].bias[which];
       const int64_t row = tile * 16 + r;
-      if (row < w.rows) {
-        a.x[row] = __ldcg(a.x + row) + (sum + (w.bias != nullptr ? w.bias[row] : 0.0f));
+      if (row < shape(which).rows) {
+        a.x[row] = __ldcg(a.x + row) + (sum + (bias != nullptr ? bias[row] : 0.0f));
       }
     }
   }
 
   // xq/xqp = the staged input of `src` (written by other blocks of this launch: read through
-  // L2), of `cols` columns.
+  // L2), of `cols` columns: every load is issued before the first is used, one round trip.
   __device__ void stage_input(const float* src, int cols) const {
+    constexpr int kVec = kMaxInputCols / 4 / kThreads;  // float4 a thread holds
     const int n4 = cols / 4;
     const float4* src4 = reinterpret_cast<const float4*>(src);
-    for (int base = 0; base < n4; base += kThreads) {
-      const int j = base + int(threadIdx.x);
-      const bool valid = j < n4;
-      quantize_word(valid ? __ldcg(src4 + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f), j, valid);
+    float4 v[kVec];
+#pragma unroll
+    for (int r = 0; r < kVec; ++r) {
+      const int j = r * kThreads + int(threadIdx.x);
+      v[r] = j < n4 ? __ldcg(src4 + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int r = 0; r < kVec; ++r) {
+      if (r * kThreads < n4) {  // block-uniform: whole passes only
+        const int j = r * kThreads + int(threadIdx.x);
+        quantize_word(v[r], j, j < n4);
+      }
     }
   }
 
@@ -416,11 +513,11 @@ struct Layer {
     }
   }
 
-  // Phase A for the block's (KV head, split) items. `smem` is the staged input's space.
-  // With `prefetch`, only requests the K/V rows of the block's first item's first two chunks
-  // (the cache's old rows depend on nothing this launch computes: issued before the barrier,
-  // their round trip overlaps it); the call after the barrier does the rest.
-  __device__ void attention(float* smem, int max_splits, bool prefetch) const {
+  // Phase A of cache layer `layer` for the block's (KV head, split) items. `smem` is the staged
+  // input's space. With `prefetch`, only requests the K/V rows of the block's first item's first
+  // two chunks (the cache's old rows depend on nothing this launch computes: issued before the
+  // barrier, their round trip overlaps it); the call after the barrier does the rest.
+  __device__ void attention(float* smem, int max_splits, int64_t layer, bool prefetch) const {
     const KvCache& c = a.cache;
     const int n_kv = c.n_kv_heads;
     const int group = a.n_heads / n_kv;
@@ -443,7 +540,7 @@ struct Layer {
     const int tid = int(threadIdx.x);
     __half* k_cache = static_cast<__half*>(c.k);
     __half* v_cache = static_cast<__half*>(c.v);
-    auto row_of = [&](int h, int p) { return cache_offset(c, a.layer, seq, h, p); };
+    auto row_of = [&](int h, int p) { return cache_offset(c, layer, seq, h, p); };
 
     for (int item = int(blockIdx.x); item < n_kv * max_splits; item += int(gridDim.x)) {
       const int h = item / max_splits;
@@ -708,7 +805,8 @@ struct Layer {
 
 template <int HD, bool kAsym>
 __global__ void __launch_bounds__(kThreads, 1)
-    decode_layer_kernel(const __grid_constant__ DecodeLayerArgs a, int max_splits, int profile) {
+    decode_layer_kernel(const __grid_constant__ DecodeLayerArgs a, int max_splits, int profile,
+                        int barrier_mode) {
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ PhasePlan plan[4];
   __shared__ float scratch[32];
@@ -738,87 +836,96 @@ __global__ void __launch_bounds__(kThreads, 1)
   L.xqp = reinterpret_cast<int2*>(input + widest);
 
   // Weights depend on nothing before this kernel: the ring fills before the wait.
-  Cursor next{0, 0, L.warp};
+  Cursor next{0, 0, 0, L.warp};
   L.settle(next);
   for (int stage = 0; stage < kStages; ++stage) {
     L.issue(stage, next);
     L.advance(next);
   }
   int stage = 0;
-  // KESTREL_CUDA_LAYER_PROFILE: block 0 prints when it passed each phase, for layer 1 of every
-  // 64th position (a measurement aid; off, it costs one predicate).
-  const bool mark = profile != 0 && blockIdx.x == 0 && tid == 0 && a.layer == 1;
-  uint64_t t[10] = {};
-  if (mark) t[0] = global_ns();
   pdl_wait();
-  if (mark) t[1] = global_ns();
 
-  L.stage_norm_input(a.x, a.attn_norm, d, scratch);
-  __syncthreads();
-  L.run_phase(0, next, stage);
-  if (mark) t[2] = global_ns();
-  __syncthreads();
-  for (int e = tid; e < plan[0].n_tiles * 16; e += kThreads) {
-    const int lt = e >> 4, r = e & 15;
-    const float sum = L.take(lt, r);
-    int64_t tile;
-    const DeviceWeight& w = L.tile_of(0, lt, tile);
-    float* out = &w == &a.wq ? a.q : &w == &a.wk ? a.k : a.v;
-    const int64_t row = tile * 16 + r;
-    if (row < w.rows) out[row] = sum + (w.bias != nullptr ? w.bias[row] : 0.0f);
-  }
-  L.attention(reinterpret_cast<float*>(input), max_splits, /*prefetch=*/true);
-  grid_barrier(a.sync, a.sync + 1);
-  if (mark) t[3] = global_ns();
-  L.attention(reinterpret_cast<float*>(input), max_splits, /*prefetch=*/false);
-  if (mark) t[4] = global_ns();
-  grid_barrier(a.sync, a.sync + 1);
-  if (mark) t[5] = global_ns();
+  for (int li = 0; li < a.n_layers; ++li) {
+    const int64_t layer = a.first_layer + li;
+    const LayerPointers& lp = a.layers[li];
+    // KESTREL_CUDA_LAYER_PROFILE: block 0 prints when it passed each phase of cache layer 1,
+    // every 64th position (a measurement aid; off, it costs one predicate).
+    const bool mark = profile != 0 && blockIdx.x == 0 && tid == 0 && layer == 1;
+    uint64_t t[9] = {};
+    if (mark) t[0] = global_ns();
+    // x is whole: the layer before ended with a barrier (the first waited for the kernel before).
+    L.stage_norm_input(a.x, lp.attn_norm, d, scratch);
+    __syncthreads();
+    L.run_phase(0, next, stage);
+    if (mark) t[1] = global_ns();
+    __syncthreads();
+    for (int e = tid; e < plan[0].n_tiles * 16; e += kThreads) {
+      const int lt = e >> 4, r = e & 15;
+      const float sum = L.take(lt, r);
+      int64_t tile;
+      const int which = L.tile_of(0, lt, tile);
+      float* out = which == kWq ? a.q : which == kWk ? a.k : a.v;
+      const float* bias = lp.bias[which];
+      const int64_t row = tile * 16 + r;
+      if (row < L.shape(which).rows) out[row] = sum + (bias != nullptr ? bias[row] : 0.0f);
+    }
+    L.attention(reinterpret_cast<float*>(input), max_splits, layer, /*prefetch=*/true);
+    grid_barrier(a.sync, a.sync + 1, barrier_mode);
+    if (mark) t[2] = global_ns();
+    L.attention(reinterpret_cast<float*>(input), max_splits, layer, /*prefetch=*/false);
+    if (mark) t[3] = global_ns();
+    grid_barrier(a.sync, a.sync + 1, barrier_mode);
+    if (mark) t[4] = global_ns();
 
-  L.stage_input(a.attn, dq);
-  __syncthreads();
-  L.run_phase(1, next, stage);
-  if (mark) t[6] = global_ns();
-  __syncthreads();
-  L.add_to_residual(1);
-  grid_barrier(a.sync, a.sync + 1);
+    L.stage_input(a.attn, dq);
+    __syncthreads();
+    L.run_phase(1, next, stage);
+    if (mark) t[5] = global_ns();
+    __syncthreads();
+    L.add_to_residual(1, li);
+    grid_barrier(a.sync, a.sync + 1, barrier_mode);
 
-  L.stage_norm_input(a.x, a.ffn_norm, d, scratch);
-  __syncthreads();
-  L.run_phase(2, next, stage);
-  if (mark) t[7] = global_ns();
-  __syncthreads();
-  for (int e = tid; e < plan[2].n_tiles / 2 * 16; e += kThreads) {
-    const int lp = e >> 4, r = e & 15;
-    float g = L.take(2 * lp, r);
-    float u = L.take(2 * lp + 1, r);
-    const int64_t row = int64_t(plan[2].first / 2 + lp) * 16 + r;
-    if (row < a.w_gate.rows) {
-      if (a.w_gate.bias != nullptr) g += a.w_gate.bias[row];
-      if (a.w_up.bias != nullptr) u += a.w_up.bias[row];
-      a.act[row] = g / (1.0f + expf(-g)) * u;
+    L.stage_norm_input(a.x, lp.ffn_norm, d, scratch);
+    __syncthreads();
+    L.run_phase(2, next, stage);
+    if (mark) t[6] = global_ns();
+    __syncthreads();
+    const float* gate_bias = lp.bias[kWGate];
+    const float* up_bias = lp.bias[kWUp];
+    for (int e = tid; e < plan[2].n_tiles / 2 * 16; e += kThreads) {
+      const int pair = e >> 4, r = e & 15;
+      float g = L.take(2 * pair, r);
+      float u = L.take(2 * pair + 1, r);
+      const int64_t row = int64_t(plan[2].first / 2 + pair) * 16 + r;
+      if (row < a.w_gate.rows) {
+        if (gate_bias != nullptr) g += gate_bias[row];
+        if (up_bias != nullptr) u += up_bias[row];
+        a.act[row] = g / (1.0f + expf(-g)) * u;
+      }
+    }
+    grid_barrier(a.sync, a.sync + 1, barrier_mode);
+    // In the last layer, the next kernel's blocks may be scheduled (they wait for this grid).
+    if (li + 1 == a.n_layers) pdl_trigger();
+
+    L.stage_input(a.act, f);
+    __syncthreads();
+    L.run_phase(3, next, stage);
+    if (mark) t[7] = global_ns();
+    __syncthreads();
+    L.add_to_residual(3, li);
+    // The next layer's input is every block's residual rows.
+    if (li + 1 < a.n_layers) grid_barrier(a.sync, a.sync + 1, barrier_mode);
+    if (mark && a.positions[0] % 64 == 0) {
+      t[8] = global_ns();
+      printf(
+          "layer kernel profile (us, pos %d, layer 1 of %d in the launch): qkv %.2f bar %.2f "
+          "attn %.2f bar %.2f wo %.2f gate/up %.2f down %.2f end %.2f total %.2f\n",
+          a.positions[0], a.n_layers, (t[1] - t[0]) * 1e-3, (t[2] - t[1]) * 1e-3,
+          (t[3] - t[2]) * 1e-3, (t[4] - t[3]) * 1e-3, (t[5] - t[4]) * 1e-3, (t[6] - t[5]) * 1e-3,
+          (t[7] - t[6]) * 1e-3, (t[8] - t[7]) * 1e-3, (t[8] - t[0]) * 1e-3);
     }
   }
-  grid_barrier(a.sync, a.sync + 1);
-  // The next kernel's blocks may now take the SMs' second slots and start on their weights.
-  pdl_trigger();
-
-  L.stage_input(a.act, f);
-  __syncthreads();
-  L.run_phase(3, next, stage);
-  if (mark) t[8] = global_ns();
-  __syncthreads();
-  L.add_to_residual(3);
   cp_async_wait<0>();
-  if (mark && a.positions[0] % 64 == 0) {
-    t[9] = global_ns();
-    printf(
-        "layer kernel profile (us, pos %d): wait %.2f qkv %.2f bar %.2f attn %.2f bar %.2f "
-        "wo %.2f gate/up %.2f down %.2f end %.2f total %.2f\n",
-        a.positions[0], (t[1] - t[0]) * 1e-3, (t[2] - t[1]) * 1e-3, (t[3] - t[2]) * 1e-3,
-        (t[4] - t[3]) * 1e-3, (t[5] - t[4]) * 1e-3, (t[6] - t[5]) * 1e-3, (t[7] - t[6]) * 1e-3,
-        (t[8] - t[7]) * 1e-3, (t[9] - t[8]) * 1e-3, (t[9] - t[1]) * 1e-3);
-  }
 }
 
 bool profile_enabled() {
@@ -826,9 +933,21 @@ bool profile_enabled() {
   return on;
 }
 
+// KESTREL_CUDA_LAYER_BARRIER=1: grid_barrier's mode 1 (a measurement aid).
+int barrier_mode() {
+  static const int mode = [] {
+    const char* v = std::getenv("KESTREL_CUDA_LAYER_BARRIER");
+    return v != nullptr && std::string(v) == "1" ? 1 : 0;
+  }();
+  return mode;
+}
+
 int splits_for(const DecodeLayerArgs& a, int sm_count) {
   return std::min(std::min(sm_count / std::max(1, a.cache.n_kv_heads), kMaxSplits), a.max_splits);
 }
+
+// The kernel's parameters must fit the 32764 bytes a launch may carry.
+static_assert(sizeof(DecodeLayerArgs) + 3 * sizeof(int) <= 32764);
 
 int shared_bytes(const DecodeLayerArgs& a) {
   const int widest = int(std::max({a.wq.cols, a.wo.cols, a.w_down.cols}));
@@ -845,7 +964,8 @@ Status launch(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream) {
                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   KS_CUDA_CHECK("decoder layer",
                 launch_pdl(kernel, dim3(unsigned(sm_count)), dim3(kThreads), size_t(smem), stream,
-                           a, splits_for(a, sm_count), profile_enabled() ? 1 : 0));
+                           a, splits_for(a, sm_count), profile_enabled() ? 1 : 0,
+                           barrier_mode()));
   KS_CUDA_CHECK_LAUNCH("decoder layer", "decode_layer_kernel");
   return Status::ok();
 }
@@ -902,6 +1022,16 @@ std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count,
   if (size_t(shared_bytes(a)) + 1024 > shared_per_block)
     return "too little shared memory per block";
   if (a.sync == nullptr || a.split_o == nullptr || a.split_ml == nullptr) return "no workspace";
+  if (a.n_layers < 1 || a.n_layers > kMaxLaunchLayers) return "layer count out of range";
+  const bool asym = a.wq.format == WeightFormat::asym_int4;
+  for (int li = 0; li < a.n_layers; ++li) {
+    const LayerPointers& lp = a.layers[li];
+    if (lp.attn_norm == nullptr || lp.ffn_norm == nullptr) return "a layer without norms";
+    for (int w = 0; w < kLayerWeights; ++w) {
+      if (lp.data[w] == nullptr || lp.scales[w] == nullptr || (asym && lp.mins[w] == nullptr))
+        return "a layer without weights";
+    }
+  }
   return {};
 }
 

@@ -15,15 +15,28 @@
 
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/cuda_backend.h"
 #include "core/status.h"
 
 namespace kestrel::cuda {
 
-struct DecodeLayerArgs {
-  // The layer's weights: all sym_int4 or all asym_int4 (tiled), w_gate and w_up of equal rows.
-  DeviceWeight wq, wk, wv, wo, w_gate, w_up, w_down;
+// One layer's own arrays: the seven weights (q, k, v, o, gate, up, down) of the shapes that
+// DecodeLayerArgs' weights describe, and the two norms. Index order is LayerWeightIndex's.
+enum LayerWeightIndex { kWq, kWk, kWv, kWo, kWGate, kWUp, kWDown, kLayerWeights };
+struct LayerPointers {
+  const uint8_t* data[kLayerWeights] = {};
+  const __half* scales[kLayerWeights] = {};
+  const __half* mins[kLayerWeights] = {};  // asym_int4
+  const float* bias[kLayerWeights] = {};
   const float* attn_norm = nullptr;  // [hidden]
   const float* ffn_norm = nullptr;   // [hidden]
+};
+
+struct DecodeLayerArgs {
+  // The shapes and format of every layer's weights (each the same: all sym_int4 or all
+  // asym_int4, tiled; w_gate and w_up of equal rows). Their pointers are the first layer's; the
+  // kernel reads each layer's from `layers`.
+  DeviceWeight wq, wk, wv, wo, w_gate, w_up, w_down;
   float eps = 0.0f;
   float* x = nullptr;  // [hidden] the residual stream, updated in place
   // Scratch the phases hand each other through: q/k/v before rope, the attention output, the
@@ -42,11 +55,14 @@ struct DecodeLayerArgs {
   int max_splits = 0;
   unsigned* sync = nullptr;
   KvCache cache;  // fp16 entries
-  int64_t layer = 0;
   int n_heads = 0;
   const int32_t* positions = nullptr;  // device [1]
   const int32_t* seq_ids = nullptr;    // device [1]
   const float* inv_freq = nullptr;     // [head_dim / 2]
+  // The layers, in order: cache layers first_layer, first_layer + 1, ...
+  int64_t first_layer = 0;
+  int n_layers = 0;
+  LayerPointers layers[kMaxLaunchLayers];
 };
 
 // Words of `sync` a launch uses for a model of `n_kv_heads` KV heads.
@@ -60,9 +76,9 @@ inline int decode_layer_sync_words(int n_kv_heads) {
 std::string decode_layer_unsupported(const DecodeLayerArgs& a, int sm_count,
                                      size_t shared_per_block);
 
-// One batch-1 decoder layer (decode_layer_unsupported must be empty): one launch of sm_count
-// blocks, launched with programmatic dependent launch so that its blocks stream their first
-// weights while the kernel before it drains.
+// a.n_layers batch-1 decoder layers (decode_layer_unsupported must be empty): one launch of
+// sm_count blocks, launched with programmatic dependent launch so that its blocks stream their
+// first weights while the kernel before it drains.
 Status decode_layer(const DecodeLayerArgs& a, int sm_count, size_t shared_per_block,
                     cudaStream_t stream);
 

@@ -1,4 +1,4 @@
-// The batch-1 decoder layer kernel (layer.cuh). One block per SM, 16 warps, five phases:
+// The batch-1 decoder layer kernel (layer.cuh). One block per SM, 16 warps, five phases a layer:
 //
 //   0. q/k/v     input rms_norm(x) · attn_norm; outputs q, k, v (+ bias)
 //   A. attention rope of q and of the new k, the new K/V rows into the cache, split attention
@@ -7,10 +7,11 @@
 //   2. gate/up   input rms_norm(x) · ffn_norm; act = silu(gate) * up
 //   3. down      input act; x += act · w_downᵀ (+ bias)
 //
-// with a grid-wide barrier after each of 0, A, 1 and 2. Every block stages a phase's input itself
-// (all of it: each of its row tiles needs every column), as the GEMV's NormInput prologue does:
-// fp32 -> (norm) -> fp16 -> int8 in groups of 32 with the CPU backend's rounding, the arithmetic
-// of gemv.cu's dp4a path, so the kernel's results are the plain ops' within their bounds.
+// with a grid-wide barrier after each of 0, A, 1 and 2, and after 3 when another layer follows.
+// Every block stages a phase's input itself (all of it: each of its row tiles needs every column),
+// as the GEMV's NormInput prologue does: fp32 -> (norm) -> fp16 -> int8 in groups of 32 with the
+// CPU backend's rounding, the arithmetic of gemv.cu's dp4a path, so the kernel's results are the
+// plain ops' within their bounds.
 //
 // Weights: each GEMV phase splits its 16-row tiles (int4_tiles.h) evenly over the blocks (the
 // gate and up tiles of the same rows go to the same block, for the SwiGLU epilogue); a block's
@@ -964,8 +965,7 @@ Status launch(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream) {
                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   KS_CUDA_CHECK("decoder layer",
                 launch_pdl(kernel, dim3(unsigned(sm_count)), dim3(kThreads), size_t(smem), stream,
-                           a, splits_for(a, sm_count), profile_enabled() ? 1 : 0,
-                           barrier_mode()));
+                           a, splits_for(a, sm_count), profile_enabled() ? 1 : 0, barrier_mode()));
   KS_CUDA_CHECK_LAUNCH("decoder layer", "decode_layer_kernel");
   return Status::ok();
 }

@@ -1,14 +1,15 @@
-// The batch-1 decoder layer as one persistent kernel (Backend::decoder_layer): q/k/v, rope and
-// the KV cache write, attention, wo + residual, the MLP's gate/up + SwiGLU and down + residual,
-// with grid-wide barriers between the phases instead of kernel boundaries.
+// Batch-1 decoder layers as one persistent kernel (Backend::decoder_layers, decoder_layer): for
+// each layer q/k/v, rope and the KV cache write, attention, wo + residual, the MLP's gate/up +
+// SwiGLU and down + residual, with grid-wide barriers between the phases and between the layers
+// instead of kernel boundaries.
 //
 // Why: a batch-1 decode step was a chain of ~7 dependent kernels a layer, each paying a launch,
 // a ramp-up to full bandwidth and a drain; the small weights (q/k/v, wo; every weight of a 1.5B
 // model) ran at 12-53% of the copy bandwidth for that reason alone (docs/PERF.md). Here every warp
-// streams the layer's weights through one cp.async ring from the first q/k/v tile to the last
-// down tile: weights depend on no activation, so the ring runs ahead across the phase barriers
-// and the attention phase, and the next phase's first bytes are already in shared memory when
-// its input is ready.
+// streams the weights through one cp.async ring from the first layer's first q/k/v tile to the
+// last layer's last down tile: weights depend on no activation, so the ring runs ahead across the
+// barriers and the attention phase, and the next phase's first bytes are already in shared memory
+// when its input is ready.
 #pragma once
 
 #include <cuda_runtime.h>

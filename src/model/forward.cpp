@@ -42,31 +42,30 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
 
   KS_RETURN_IF_ERROR(backend.embed(x, weights.tok_embd));
   if (comm != nullptr) KS_RETURN_IF_ERROR(backend.all_reduce_sum(x, *comm));
-  // Adds an output projection to the residual stream. A rank's projection is a partial sum: it
-  // is all-reduced before the add, so only a model on one backend takes the fused matmul_add.
-  auto project_into_residual = [&](Tensor in, const Linear& w) -> Status {
-    if (comm == nullptr) return backend.matmul_add(proj, in, w, x);
-    KS_RETURN_IF_ERROR(backend.matmul(proj, in, w));
-    KS_RETURN_IF_ERROR(backend.all_reduce_sum(proj, *comm));
-    return backend.add(x, proj);
-  };
-  // On one backend the layers are one op (a device backend may run them as one launch); a rank
-  // of a split model all-reduces its projections, so it issues each layer's ops one by one.
-  const LayerScratch scratch{h, q, k, v, attn, proj, gate, up};
   if (comm == nullptr) {
+    // On one backend the layers are one op (a device backend may run them as one launch).
+    const LayerScratch scratch{h, q, k, v, attn, proj, gate, up};
     KS_RETURN_IF_ERROR(backend.decoder_layers(x, scratch, weights.layers, 0, rope, eps));
-  }
-  for (int64_t il = 0; comm != nullptr && il < c.n_layers; ++il) {
-    const LayerWeights& l = weights.layers[size_t(il)];
-    const Tensor qkv[] = {q, k, v};
-    const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
-    KS_RETURN_IF_ERROR(backend.norm_matmul(qkv, h, x, l.attn_norm, eps, qkv_weights));
-    KS_RETURN_IF_ERROR(backend.rope_attention(attn, q, k, v, il, rope));
-    KS_RETURN_IF_ERROR(project_into_residual(attn, l.wo));
+  } else {
+    // A rank of a split model issues each layer's ops one by one: its output projections are
+    // partial sums, all-reduced before they are added to the residual stream.
+    auto project_into_residual = [&](Tensor in, const Linear& w) -> Status {
+      KS_RETURN_IF_ERROR(backend.matmul(proj, in, w));
+      KS_RETURN_IF_ERROR(backend.all_reduce_sum(proj, *comm));
+      return backend.add(x, proj);
+    };
+    for (int64_t il = 0; il < c.n_layers; ++il) {
+      const LayerWeights& l = weights.layers[size_t(il)];
+      const Tensor qkv[] = {q, k, v};
+      const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
+      KS_RETURN_IF_ERROR(backend.norm_matmul(qkv, h, x, l.attn_norm, eps, qkv_weights));
+      KS_RETURN_IF_ERROR(backend.rope_attention(attn, q, k, v, il, rope));
+      KS_RETURN_IF_ERROR(project_into_residual(attn, l.wo));
 
-    KS_RETURN_IF_ERROR(
-        backend.norm_matmul_swiglu(gate, up, h, x, l.ffn_norm, eps, l.w_gate, l.w_up));
-    KS_RETURN_IF_ERROR(project_into_residual(gate, l.w_down));
+      KS_RETURN_IF_ERROR(
+          backend.norm_matmul_swiglu(gate, up, h, x, l.ffn_norm, eps, l.w_gate, l.w_up));
+      KS_RETURN_IF_ERROR(project_into_residual(gate, l.w_down));
+    }
   }
 
   // The final norm and lm_head run only on the rows whose logits are wanted.

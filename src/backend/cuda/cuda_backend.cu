@@ -60,8 +60,8 @@ namespace {
 constexpr size_t kAlignFloats = 16;  // scratch tensors start on 64-byte boundaries
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;
 constexpr int kMaxTimedEvents = 8192;
-// Measured on the H200 (docs/PERF.md, "The decoder layer as one kernel" and "The whole layer
-// stack as one launch"): the layer kernel still decodes slower than the fused ops' ~7 launches a
+// Measured on the H200 (docs/PERF.md, "The decoder layer as one kernel" and "The layer stack as
+// one launch"): the layer kernel still decodes slower than the fused ops' ~7 launches a
 // layer at batch 1, so it is opt-in.
 constexpr bool kLayerKernelByDefault = false;
 

@@ -106,56 +106,24 @@ __device__ inline uint64_t global_ns() {
   return t;
 }
 
-__device__ inline unsigned load_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ inline unsigned add_acq_rel(unsigned* p, unsigned v) {
-  unsigned old;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;"
-               : "=r"(old)
-               : "l"(p), "r"(v)
-               : "memory");
-  return old;
-}
-
 // All blocks arrive before any leaves; writes before it are visible to every block after it.
-// Mode 0: fences around a relaxed counter (__threadfence, atomicAdd, volatile polling). Mode 1:
-// the arrival is an acquire-release atomic and the polling acquire loads, no full fence.
-__device__ void grid_barrier(unsigned* arrive, unsigned* generation, int mode) {
-  __syncthreads();  // the block's writes are observed by thread 0, whose release publishes them
+__device__ void grid_barrier(unsigned* arrive, unsigned* generation) {
+  __syncthreads();  // the block's writes are observed by thread 0, whose fence publishes them
   if (threadIdx.x == 0) {
-    if (mode == 1) {
-      const unsigned seen = load_acquire(generation);
-      if (add_acq_rel(arrive, 1u) == gridDim.x - 1) {
-        // Reset before the release: a block leaving sees the counter at zero again.
-        asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(arrive), "r"(0u) : "memory");
-        asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(generation), "r"(1u)
-                     : "memory");
-      } else {
-        const long long start = clock64();
-        while (load_acquire(generation) == seen) {
-          if (clock64() - start > kBarrierTimeoutCycles) __trap();
-        }
-      }
+    volatile unsigned* gen = generation;
+    const unsigned seen = *gen;
+    __threadfence();
+    if (atomicAdd(arrive, 1u) == gridDim.x - 1) {
+      atomicExch(arrive, 0u);
+      __threadfence();
+      atomicAdd(generation, 1u);
     } else {
-      volatile unsigned* gen = generation;
-      const unsigned seen = *gen;
-      __threadfence();
-      if (atomicAdd(arrive, 1u) == gridDim.x - 1) {
-        atomicExch(arrive, 0u);
-        __threadfence();
-        atomicAdd(generation, 1u);
-      } else {
-        const long long start = clock64();
-        while (*gen == seen) {
-          if (clock64() - start > kBarrierTimeoutCycles) __trap();
-        }
+      const long long start = clock64();
+      while (*gen == seen) {
+        if (clock64() - start > kBarrierTimeoutCycles) __trap();
       }
-      __threadfence();
     }
+    __threadfence();
   }
   __syncthreads();
 }
@@ -461,25 +429,40 @@ struct Layer {
     }
   }
 
-  // xq/xqp = the staged input of `src` (written by other blocks of this launch: read through
-  // L2), of `cols` columns: every load is issued before the first is used, one round trip.
-  __device__ void stage_input(const float* src, int cols) const {
-    constexpr int kVec = kMaxInputCols / 4 / kThreads;  // float4 a thread holds
-    const int n4 = cols / 4;
+  // v[r] = src's float4 r * kThreads + threadIdx.x of `n4` (zeros past the end), every load
+  // issued before the first is used: one L2 round trip (src was written by other blocks of this
+  // launch).
+  template <int kVec>
+  __device__ void load_input(const float* src, int n4, float4 (&v)[kVec]) const {
     const float4* src4 = reinterpret_cast<const float4*>(src);
-    float4 v[kVec];
 #pragma unroll
     for (int r = 0; r < kVec; ++r) {
       const int j = r * kThreads + int(threadIdx.x);
       v[r] = j < n4 ? __ldcg(src4 + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
+  }
+
+  // xq/xqp from the values load_input left in v, each valid float4 j first passed through
+  // `f(value, j)`.
+  template <int kVec, typename F>
+  __device__ void quantize_input(const float4 (&v)[kVec], int n4, F f) const {
 #pragma unroll
     for (int r = 0; r < kVec; ++r) {
       if (r * kThreads < n4) {  // block-uniform: whole passes only
         const int j = r * kThreads + int(threadIdx.x);
-        quantize_word(v[r], j, j < n4);
+        const bool valid = j < n4;
+        quantize_word(valid ? f(v[r], j) : v[r], j, valid);
       }
     }
+  }
+
+  // xq/xqp = the staged input of `src`, of `cols` columns.
+  __device__ void stage_input(const float* src, int cols) const {
+    constexpr int kVec = kMaxInputCols / 4 / kThreads;  // float4 a thread holds
+    const int n4 = cols / 4;
+    float4 v[kVec];
+    load_input(src, n4, v);
+    quantize_input(v, n4, [](float4 x, int) { return x; });
   }
 
   // The same of rms_norm(src) · norm_w (normalize_input's arithmetic), `cols` <= kMaxNormCols:
@@ -487,31 +470,20 @@ struct Layer {
   __device__ void stage_norm_input(const float* src, const float* norm_w, int cols,
                                    float* scratch) const {
     const int n4 = cols / 4;
-    const float4* src4 = reinterpret_cast<const float4*>(src);
     float4 v[kNormVec];
+    load_input(src, n4, v);
     float sum = 0.0f;
 #pragma unroll
     for (int r = 0; r < kNormVec; ++r) {
-      const int j = r * kThreads + int(threadIdx.x);
-      v[r] = j < n4 ? __ldcg(src4 + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       sum += v[r].x * v[r].x + v[r].y * v[r].y + v[r].z * v[r].z + v[r].w * v[r].w;
     }
     sum = block_sum(sum, scratch);
     const float scale = 1.0f / sqrtf(sum / float(cols) + a.eps);
-#pragma unroll
-    for (int r = 0; r < kNormVec; ++r) {
-      if (r * kThreads < n4) {  // block-uniform: whole passes only
-        const int j = r * kThreads + int(threadIdx.x);
-        const bool valid = j < n4;
-        float4 x = v[r];
-        if (valid) {
-          const float4 g = __ldg(reinterpret_cast<const float4*>(norm_w) + j);
-          x = make_float4(g.x * (x.x * scale), g.y * (x.y * scale), g.z * (x.z * scale),
-                          g.w * (x.w * scale));
-        }
-        quantize_word(x, j, valid);
-      }
-    }
+    quantize_input(v, n4, [&](float4 x, int j) {
+      const float4 g = __ldg(reinterpret_cast<const float4*>(norm_w) + j);
+      return make_float4(g.x * (x.x * scale), g.y * (x.y * scale), g.z * (x.z * scale),
+                         g.w * (x.w * scale));
+    });
   }
 
   // Phase A of cache layer `layer` for the block's (KV head, split) items. `smem` is the staged
@@ -806,8 +778,7 @@ struct Layer {
 
 template <int HD, bool kAsym>
 __global__ void __launch_bounds__(kThreads, 1)
-    decode_layer_kernel(const __grid_constant__ DecodeLayerArgs a, int max_splits, int profile,
-                        int barrier_mode) {
+    decode_layer_kernel(const __grid_constant__ DecodeLayerArgs a, int max_splits, int profile) {
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ PhasePlan plan[4];
   __shared__ float scratch[32];
@@ -844,6 +815,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     L.advance(next);
   }
   int stage = 0;
+  auto barrier = [&] { grid_barrier(a.sync, a.sync + 1); };
   pdl_wait();
 
   for (int li = 0; li < a.n_layers; ++li) {
@@ -871,11 +843,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (row < L.shape(which).rows) out[row] = sum + (bias != nullptr ? bias[row] : 0.0f);
     }
     L.attention(reinterpret_cast<float*>(input), max_splits, layer, /*prefetch=*/true);
-    grid_barrier(a.sync, a.sync + 1, barrier_mode);
+    barrier();
     if (mark) t[2] = global_ns();
     L.attention(reinterpret_cast<float*>(input), max_splits, layer, /*prefetch=*/false);
     if (mark) t[3] = global_ns();
-    grid_barrier(a.sync, a.sync + 1, barrier_mode);
+    barrier();
     if (mark) t[4] = global_ns();
 
     L.stage_input(a.attn, dq);
@@ -884,7 +856,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (mark) t[5] = global_ns();
     __syncthreads();
     L.add_to_residual(1, li);
-    grid_barrier(a.sync, a.sync + 1, barrier_mode);
+    barrier();
 
     L.stage_norm_input(a.x, lp.ffn_norm, d, scratch);
     __syncthreads();
@@ -904,7 +876,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         a.act[row] = g / (1.0f + expf(-g)) * u;
       }
     }
-    grid_barrier(a.sync, a.sync + 1, barrier_mode);
+    barrier();
     // In the last layer, the next kernel's blocks may be scheduled (they wait for this grid).
     if (li + 1 == a.n_layers) pdl_trigger();
 
@@ -915,7 +887,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     L.add_to_residual(3, li);
     // The next layer's input is every block's residual rows.
-    if (li + 1 < a.n_layers) grid_barrier(a.sync, a.sync + 1, barrier_mode);
+    if (li + 1 < a.n_layers) barrier();
     if (mark && a.positions[0] % 64 == 0) {
       t[8] = global_ns();
       printf(
@@ -934,21 +906,12 @@ bool profile_enabled() {
   return on;
 }
 
-// KESTREL_CUDA_LAYER_BARRIER=1: grid_barrier's mode 1 (a measurement aid).
-int barrier_mode() {
-  static const int mode = [] {
-    const char* v = std::getenv("KESTREL_CUDA_LAYER_BARRIER");
-    return v != nullptr && std::string(v) == "1" ? 1 : 0;
-  }();
-  return mode;
-}
-
 int splits_for(const DecodeLayerArgs& a, int sm_count) {
   return std::min(std::min(sm_count / std::max(1, a.cache.n_kv_heads), kMaxSplits), a.max_splits);
 }
 
 // The kernel's parameters must fit the 32764 bytes a launch may carry.
-static_assert(sizeof(DecodeLayerArgs) + 3 * sizeof(int) <= 32764);
+static_assert(sizeof(DecodeLayerArgs) + 2 * sizeof(int) <= 32764);
 
 int shared_bytes(const DecodeLayerArgs& a) {
   const int widest = int(std::max({a.wq.cols, a.wo.cols, a.w_down.cols}));
@@ -965,7 +928,7 @@ Status launch(const DecodeLayerArgs& a, int sm_count, cudaStream_t stream) {
                 cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   KS_CUDA_CHECK("decoder layer",
                 launch_pdl(kernel, dim3(unsigned(sm_count)), dim3(kThreads), size_t(smem), stream,
-                           a, splits_for(a, sm_count), profile_enabled() ? 1 : 0, barrier_mode()));
+                           a, splits_for(a, sm_count), profile_enabled() ? 1 : 0));
   KS_CUDA_CHECK_LAUNCH("decoder layer", "decode_layer_kernel");
   return Status::ok();
 }

@@ -8,6 +8,7 @@
 #include <map>
 #include <numeric>
 #include <optional>
+#include <set>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -280,7 +281,11 @@ class CudaAttention : public ::testing::TestWithParam<AttentionCase> {};
 // mixed decode batch of all three, a 20-token batch interleaving two sequences (twenty one-token
 // runs), the chunks of two prompts packed into one call (two runs, each its own flash launch),
 // and a 16-token decode batch at 600 positions, whose splits walk several chunks each. The CPU
-// keeps fp32 entries; the bound says what the CUDA cache's entries cost.
+// keeps fp32 entries; the bound says what the CUDA cache's entries cost. The device runs
+// rope_attention, the CPU rope then attention: in the decode batches of distinct sequences (the
+// three-sequence batch, the single token) over fp16 and fp8 caches at head_dim 64 and 128, the
+// split kernel rotates and caches the keys itself, and the rotated q and k it leaves behind are
+// compared too.
 TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
   const auto [head_dim, kv_cache] = GetParam();
   const int n_heads = 8, n_kv = 2;
@@ -355,7 +360,7 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     const auto k = random_values(size_t(n * kv_dim), seed++);
     const auto v = random_values(size_t(n * kv_dim), seed++);
     for (int64_t layer : {0, 1}) {
-      std::vector<float> results[2];
+      std::vector<float> results[2], rotated_q[2], rotated_k[2];
       int i = 0;
       for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
         ASSERT_TRUE(b->begin_batch(
@@ -376,12 +381,35 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
         fill(*b, *kt, kl);
         fill(*b, *vt, vl);
         poison(*b, *out);
-        // As the forward pass: rope, then attention (on CUDA one launch rotates and caches).
-        ASSERT_TRUE(b->rope(*qt, *kt, p).is_ok());
-        const Status s = b->attention(*out, *qt, *kt, *vt, layer, p);
+        const bool device = b == pair.gpu.get();
+        Status s;
+        if (device) {
+          ASSERT_TRUE(cuda::set_op_timing(*b, true).is_ok());  // also clears the op times
+          s = b->rope_attention(*out, *qt, *kt, *vt, layer, p);
+        } else {
+          ASSERT_TRUE(b->rope(*qt, *kt, p).is_ok());
+          s = b->attention(*out, *qt, *kt, *vt, layer, p);
+        }
         ASSERT_TRUE(s.is_ok()) << s.message();
-        results[i++] = fetch(*b, *out);
+        results[i] = fetch(*b, *out);
+        rotated_q[i] = fetch(*b, *qt);
+        rotated_k[i] = fetch(*b, *kt);
+        ++i;
+        if (device) {  // the op times are read after the fetches' synchronization
+          std::map<std::string, int64_t> launches;
+          for (const cuda::OpTime& t : cuda::op_times(*b)) launches[t.op] += t.calls;
+          ASSERT_TRUE(cuda::set_op_timing(*b, false).is_ok());
+          const std::set<int32_t> seqs(c.seqs.begin(), c.seqs.end());
+          const bool in_kernel = int64_t(seqs.size()) == n && n <= 64 &&
+                                 (head_dim == 64 || head_dim == 128) &&
+                                 kv_cache != KvCacheType::fp32;
+          EXPECT_EQ(launches["rope + cache write"], in_kernel ? 0 : 1) << "call " << ci;
+          EXPECT_EQ(launches["attention"], 1) << "call " << ci;
+        }
       }
+      // The rotation is the same fp32 arithmetic on both sides (CudaRope's bound).
+      EXPECT_LE(rel_error(rotated_q[1], rotated_q[0]), 1e-6) << "call " << ci << " rotated q";
+      EXPECT_LE(rel_error(rotated_k[1], rotated_k[0]), 1e-6) << "call " << ci << " rotated k";
       // fp16 queries, keys, values and probabilities: ~1e-3. fp8 entries (3 mantissa bits,
       // relative rounding up to 1/16): a few percent. fp32 entries: fp32 arithmetic.
       const double bound = kv_cache == KvCacheType::fp8    ? 6e-2
@@ -407,7 +435,9 @@ INSTANTIATE_TEST_SUITE_P(HeadDims, CudaAttention,
 // The launches (op timing's names and calls) one call of check_fused_ops's sequence takes: the
 // decode GEMV carries every fusion up to 64 tokens (the norm as its input stage at batch 1
 // only), GEMMs and the plain kernels take over beyond, and fp32 weights never fuse. rope rides
-// in the cache write at every token count; no op needs an fp16 shadow launch of its own.
+// in the cache write, except in a decode batch of distinct sequences (here n = 1: one sequence)
+// over an fp16 cache, where the attention launch does it; no op needs an fp16 shadow launch of
+// its own.
 std::map<std::string, int64_t> fused_launches(WeightFormat format, int64_t n) {
   if (format == WeightFormat::fp32) {
     return {{"rms_norm", 3}, {"matmul (fp32)", 5},      {"add", 2},
@@ -417,7 +447,6 @@ std::map<std::string, int64_t> fused_launches(WeightFormat format, int64_t n) {
     return {{"rms_norm + matmul", 2},
             {"rms_norm + matmul + swiglu", 1},
             {"matmul + add", 2},
-            {"rope + cache write", 1},
             {"attention", 1}};
   }
   if (n <= 64) {  // the GEMV, a launch per 16 tokens inside each op (kMaxGemvBatchTokens)

@@ -38,6 +38,38 @@ struct Kv<KvType::f32> {
 
 constexpr float kFp8Max = 448.0f;  // e4m3's largest finite value
 
+// The entries of one 32-bit word of a staged row, as floats (2 fp16, 4 fp8 or 1 fp32).
+template <KvType kType>
+struct Word;
+template <>
+struct Word<KvType::f16> {
+  static constexpr int n = 2;
+  __device__ static void get(uint32_t w, float (&f)[2]) {
+    const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&w));
+    f[0] = v.x;
+    f[1] = v.y;
+  }
+};
+template <>
+struct Word<KvType::f8> {
+  static constexpr int n = 4;
+  __device__ static void get(uint32_t w, float (&f)[4]) {
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w & 0xffffu), __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w >> 16), __NV_E4M3);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&lo));
+    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hi));
+    f[0] = a.x;
+    f[1] = a.y;
+    f[2] = b.x;
+    f[3] = b.y;
+  }
+};
+template <>
+struct Word<KvType::f32> {
+  static constexpr int n = 1;
+  __device__ static void get(uint32_t w, float (&f)[1]) { f[0] = __uint_as_float(w); }
+};
+
 // Every thread of the block gets the largest v of the block.
 __device__ inline float block_max(float v, float* scratch) {
   const int lane = threadIdx.x & 31;
@@ -53,9 +85,11 @@ __device__ inline float block_max(float v, float* scratch) {
 // Stores one cache row (K or V of one KV head at one position) whose elements i and i + half
 // are x0 and x1 in thread i (threads past `half` hold nothing). fp8 rows are scaled by the
 // row's largest magnitude, found over the whole block: every thread of the block must call.
+// When `seen` is given, thread i also gets the two entries as load_kv_tile reads them back into
+// fp16 (fp16 and fp8 caches), so a kernel can use the row without reading the cache.
 template <KvType kType>
 __device__ inline void store_row(void* cache, float* scales, int64_t row, int head_dim, int i,
-                                 float x0, float x1, float* scratch) {
+                                 float x0, float x1, float* scratch, __half* seen = nullptr) {
   using T = typename Kv<kType>::T;
   const int half = head_dim / 2;
   const bool mine = i < half;
@@ -65,14 +99,41 @@ __device__ inline void store_row(void* cache, float* scales, int64_t row, int he
     const float scale = amax > 0.0f ? amax / kFp8Max : 1.0f;
     const float inv = amax > 0.0f ? kFp8Max / amax : 1.0f;
     if (mine) {
-      dst[i] = Kv<kType>::from(x0 * inv);
-      dst[i + half] = Kv<kType>::from(x1 * inv);
+      const T e0 = Kv<kType>::from(x0 * inv);
+      const T e1 = Kv<kType>::from(x1 * inv);
+      dst[i] = e0;
+      dst[i + half] = e1;
+      if (seen != nullptr) {
+        // load_kv_tile's conversion: e4m3 to fp16 (exact), to float, times the row's scale.
+        float f[4];
+        Word<KvType::f8>::get(uint32_t(e0) | uint32_t(e1) << 8, f);
+        seen[0] = __float2half_rn(f[0] * scale);
+        seen[1] = __float2half_rn(f[1] * scale);
+      }
     }
     if (threadIdx.x == 0) scales[row] = scale;
   } else if (mine) {
-    dst[i] = Kv<kType>::from(x0);
-    dst[i + half] = Kv<kType>::from(x1);
+    const T e0 = Kv<kType>::from(x0);
+    const T e1 = Kv<kType>::from(x1);
+    dst[i] = e0;
+    dst[i + half] = e1;
+    if constexpr (kType == KvType::f16) {
+      if (seen != nullptr) {
+        seen[0] = e0;
+        seen[1] = e1;
+      }
+    }
   }
+}
+
+// The rotation of one pair (x0, x1) = elements (i, i + head_dim / 2) of a head at position pos,
+// as rope_kernel (rope.cu) and HF compute it: an fp32 angle, fp32 cos and sin.
+__device__ inline void rope_angle(int64_t pos, const float* inv_freq, int i, float& cos_v,
+                                  float& sin_v) {
+  sincosf(float(pos) * inv_freq[i], &sin_v, &cos_v);
+}
+__device__ inline float2 rotate(float x0, float x1, float cos_v, float sin_v) {
+  return make_float2(x0 * cos_v - x1 * sin_v, x1 * cos_v + x0 * sin_v);
 }
 
 // Stores the batch's k and v rows: a block per (token, KV head), a thread per pair (i, i + half).
@@ -122,13 +183,11 @@ __global__ void rope_kv_write_kernel(float* q, float* k, AttentionArgs a, KvCach
     const int i = b + threadIdx.x;
     float r0 = 0.0f, r1 = 0.0f;
     if (i < half) {
-      // As HF: the angle is an fp32 product, then fp32 cos and sin.
-      float sin_v, cos_v;
-      sincosf(float(pos) * inv_freq[i], &sin_v, &cos_v);
-      const float x0 = base[i];
-      const float x1 = base[i + half];
-      r0 = x0 * cos_v - x1 * sin_v;
-      r1 = x1 * cos_v + x0 * sin_v;
+      float cos_v, sin_v;
+      rope_angle(pos, inv_freq, i, cos_v, sin_v);
+      const float2 r = rotate(base[i], base[i + half], cos_v, sin_v);
+      r0 = r.x;
+      r1 = r.y;
       base[i] = r0;
       base[i + half] = r1;
     }
@@ -175,38 +234,6 @@ __device__ inline void cp_async(void* smem, const void* global, int unit, bool l
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(global), "r"(n));
   }
 }
-
-// The entries of one 32-bit word of a staged row, as floats (2 fp16, 4 fp8 or 1 fp32).
-template <KvType kType>
-struct Word;
-template <>
-struct Word<KvType::f16> {
-  static constexpr int n = 2;
-  __device__ static void get(uint32_t w, float (&f)[2]) {
-    const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&w));
-    f[0] = v.x;
-    f[1] = v.y;
-  }
-};
-template <>
-struct Word<KvType::f8> {
-  static constexpr int n = 4;
-  __device__ static void get(uint32_t w, float (&f)[4]) {
-    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w & 0xffffu), __NV_E4M3);
-    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w >> 16), __NV_E4M3);
-    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&lo));
-    const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hi));
-    f[0] = a.x;
-    f[1] = a.y;
-    f[2] = b.x;
-    f[3] = b.y;
-  }
-};
-template <>
-struct Word<KvType::f32> {
-  static constexpr int n = 1;
-  __device__ static void get(uint32_t w, float (&f)[1]) { f[0] = __uint_as_float(w); }
-};
 
 // Chunks of `chunk_keys` keys in a context of n_ctx positions, how many of them each split
 // walks, and how many splits that takes (the rest exit at once).
@@ -433,6 +460,22 @@ __global__ void __launch_bounds__(kCombineThreads)
   const int64_t t = token_begin + local;
   const int64_t n_ctx = int64_t(a.positions[t]) + 1;
   const int used = splits_used(n_ctx, n_splits, chunk_keys);
+  // Rope mode (the split kernel rotated q and k as it read them): q head h, and K head h when
+  // there is one, are left rotated in memory, now that no split reads them. Thread i < half
+  // holds pair i; the loads go out first, the stores last, off the merge's path.
+  const bool rope = a.inv_freq != nullptr;
+  const int half = head_dim / 2;
+  const int64_t q_dim = int64_t(a.n_heads) * head_dim;
+  const int64_t kv_dim = int64_t(a.n_kv_heads) * head_dim;
+  const bool has_k = h < a.n_kv_heads;
+  float* qh = a.q_rotated + t * q_dim + int64_t(h) * head_dim;
+  float* kh = a.k_rotated + t * kv_dim + int64_t(h) * head_dim;
+  const int pair = int(threadIdx.x);
+  float2 q_pair = make_float2(0.0f, 0.0f), k_pair = make_float2(0.0f, 0.0f);
+  if (rope && pair < half) {  // head_dim <= 128 here (decode_rotates)
+    q_pair = make_float2(qh[pair], qh[pair + half]);
+    if (has_k) k_pair = make_float2(kh[pair], kh[pair + half]);
+  }
   const float* ml = ws.ml + (local * a.n_heads + h) * ws.max_splits * 2;
   float m_max = -INFINITY;
   for (int s = threadIdx.x; s < used; s += kCombineThreads) m_max = fmaxf(m_max, ml[2 * s]);
@@ -446,7 +489,6 @@ __global__ void __launch_bounds__(kCombineThreads)
   denom = block_sum(denom, scratch);  // its barriers also publish `weights`
   const float inv_denom = 1.0f / denom;
   const float* o = ws.o + (local * a.n_heads + h) * ws.max_splits * int64_t(head_dim);
-  const int64_t q_dim = int64_t(a.n_heads) * head_dim;
   for (int d = threadIdx.x; d < head_dim; d += kCombineThreads) {
     float acc = 0.0f;
 #pragma unroll 8
@@ -465,6 +507,18 @@ __global__ void __launch_bounds__(kCombineThreads)
           __float2half_rn(0.0f);
     }
   }
+  if (rope && pair < half) {
+    float cos_v, sin_v;
+    rope_angle(n_ctx - 1, a.inv_freq, pair, cos_v, sin_v);
+    const float2 rq = rotate(q_pair.x, q_pair.y, cos_v, sin_v);
+    qh[pair] = rq.x;
+    qh[pair + half] = rq.y;
+    if (has_k) {
+      const float2 rk = rotate(k_pair.x, k_pair.y, cos_v, sin_v);
+      kh[pair] = rk.x;
+      kh[pair + half] = rk.y;
+    }
+  }
 }
 
 // 2^x on the SFU (ex2.approx: ~2 ulp, flushes denormals): the probabilities become fp16 for the
@@ -479,10 +533,12 @@ __device__ inline float fast_exp2(float x) {
 // [64][D + 8] in shared memory, as one cp.async group. Keys at or past kv_len are zero-filled
 // (src-size 0): unwritten cache memory could hold NaN patterns, and 0 * NaN would poison the
 // P·V product. fp8 rows are loaded, scaled and stored as fp16 (not asynchronously); the group
-// is committed either way, so callers' wait counts do not depend on the type.
+// is committed either way, so callers' wait counts do not depend on the type. The row of key
+// `skip` is left untouched (the decode kernel writes that key's row itself).
 template <int D, KvType kType, int kThreads>
 __device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq, int kvh,
-                                    int64_t key0, int64_t kv_len, __half* k_s, __half* v_s) {
+                                    int64_t key0, int64_t kv_len, __half* k_s, __half* v_s,
+                                    int64_t skip = -1) {
   constexpr int kStride = D + 8;
   const int tid = threadIdx.x;
   if constexpr (kType == KvType::f16) {
@@ -492,6 +548,7 @@ __device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq
       const int r = idx / (D / 8);
       const int ch = idx % (D / 8);
       const int64_t key = key0 + r;
+      if (key == skip) continue;
       const bool live = key < kv_len;
       const int64_t at = cache_offset(c, layer, seq, kvh, live ? key : 0) + ch * 8;
       cp_async(&k_s[r * kStride + ch * 8], kc + at, 16, live);
@@ -505,6 +562,7 @@ __device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq
       const int r = idx / (D / 16);
       const int ch = idx % (D / 16);
       const int64_t key = key0 + r;
+      if (key == skip) continue;
       uint4 kh[2] = {}, vh[2] = {};
       if (key < kv_len) {
         const int64_t row = cache_row(c, layer, seq, kvh, key);
@@ -742,12 +800,25 @@ __global__ void __launch_bounds__(kPrefillThreads)
 // (scores in log2 units, as the prefill kernel), and the block merges its four warps in shared
 // memory at the end. The partial results are the split kernel's, so the combine kernel serves
 // both.
+//
+// With a.inv_freq set (rope_attention of a batch whose tokens are all of different sequences),
+// the kernel also does rope_kv_write_kernel's work, so a decode step has no launch for it: the
+// queries are rotated as they are loaded (a lane holds both elements of every pair it needs:
+// columns c and c + D / 2 are fragments ks and ks + D / 32 of the same lane), and the split that
+// holds the token's own position rotates its K row, stores it and its V row in the cache and
+// puts them in its tile, the row load_kv_tile skipped. Every other key is in the cache from
+// earlier calls, so the first tile is requested before the wait for the q/k/v projection, with
+// the angles. The combine kernel leaves q and k rotated in memory, as rope_attention's contract
+// says, once every split has read them.
 template <int D, KvType kType>
 __global__ void __launch_bounds__(kPrefillThreads)
     attention_split_mma_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws, int64_t token_begin,
                                int n_splits) {
-  pdl_wait();
-  pdl_trigger();
+  const bool rope = a.inv_freq != nullptr;
+  if (!rope) {
+    pdl_wait();
+    pdl_trigger();
+  }
   constexpr int kStride = D + 8;
   constexpr int kTile = kPrefillKeys * kStride;
   constexpr int kWarps = kPrefillThreads / 32;
@@ -769,29 +840,85 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int64_t tile_end = min(n_tiles, tile_begin + per_split);
   const int G = a.n_heads / c.n_kv_heads;
   const int64_t seq = a.seq_ids[t];
+  const int64_t pos = n_ctx - 1;
+  // Rope mode: this split holds the token's own key, whose row the kernel writes.
+  const bool own_key = rope && tile_end == n_tiles;
+  const int64_t own_tile = n_tiles - 1;
 
   auto issue = [&](int stage, int64_t tile) {
     __half* k_s = decode_smem + stage * 2 * kTile;
     load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_s,
-                                            k_s + kTile);
+                                            k_s + kTile, own_key ? pos : -1);
   };
-  issue(0, tile_begin);
+  constexpr int kHalf = D / 2;
+  constexpr int kPairFrags = D / 32;  // fragments ks < kPairFrags hold the first halves
+  __shared__ float2 angles[kHalf];    // rope mode: (cos, sin) of pair i at the token's position
+  // Rope mode, the split of the token's own key: thread i < D / 2 holds pair (i, i + D / 2) of
+  // its new K and V rows.
+  float2 k_new = make_float2(0.0f, 0.0f), v_new = make_float2(0.0f, 0.0f);
+  issue(0, tile_begin);  // rope mode: before the wait, earlier calls' keys only
+  if (rope) {
+    if (tid < kHalf) {
+      float cos_v, sin_v;
+      rope_angle(pos, a.inv_freq, tid, cos_v, sin_v);
+      angles[tid] = make_float2(cos_v, sin_v);
+    }
+    __syncthreads();
+    pdl_wait();
+    pdl_trigger();
+    if (own_key && tid < kHalf) {  // requested before the queries, to overlap them
+      const int64_t at = t * int64_t(c.n_kv_heads) * D + int64_t(kvh) * D + tid;
+      k_new = make_float2(a.k[at], a.k[at + kHalf]);
+      v_new = make_float2(a.v[at], a.v[at + kHalf]);
+    }
+  }
 
   const float scale = kLog2e / sqrtf(float(D));
   const float* q = a.q + t * int64_t(a.n_heads) * D + int64_t(kvh) * G * D;
-  auto load_q = [&](int row, int col) -> uint32_t {
-    if (row >= G) return 0u;
-    const float2 v = *reinterpret_cast<const float2*>(q + int64_t(row) * D + col);
-    return pack_half2(v.x * scale, v.y * scale);
+  auto load_q = [&](int row, int col) -> float2 {
+    if (row >= G) return make_float2(0.0f, 0.0f);
+    return *reinterpret_cast<const float2*>(q + int64_t(row) * D + col);
   };
+  auto pack_q = [&](float2 v) { return pack_half2(v.x * scale, v.y * scale); };
   uint32_t qa[D / 16][4];
+  if (rope) {
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) {
-    const int col = ks * 16 + 2 * qc;
-    qa[ks][0] = load_q(qr, col);
-    qa[ks][1] = load_q(qr + 8, col);
-    qa[ks][2] = load_q(qr, col + 8);
-    qa[ks][3] = load_q(qr + 8, col + 8);
+    for (int ks = 0; ks < kPairFrags; ++ks) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // the fragment's (row, col) pieces, as below
+        const int row = qr + ((i & 1) ? 8 : 0);
+        const int h = i >> 1;
+        const int col = ks * 16 + 2 * qc + 8 * h;
+        const float2 x0 = load_q(row, col);
+        const float2 x1 = load_q(row, col + kHalf);
+        const float2 a0 = angles[col];
+        const float2 a1 = angles[col + 1];
+        const float2 r0 = rotate(x0.x, x1.x, a0.x, a0.y);
+        const float2 r1 = rotate(x0.y, x1.y, a1.x, a1.y);
+        qa[ks][i] = pack_q(make_float2(r0.x, r1.x));
+        qa[ks + kPairFrags][i] = pack_q(make_float2(r0.y, r1.y));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int col = ks * 16 + 2 * qc;
+      qa[ks][0] = pack_q(load_q(qr, col));
+      qa[ks][1] = pack_q(load_q(qr + 8, col));
+      qa[ks][2] = pack_q(load_q(qr, col + 8));
+      qa[ks][3] = pack_q(load_q(qr + 8, col + 8));
+    }
+  }
+  // The own key's K row rotated, stored with its V row, and kept (as the cache's reader would
+  // see it) for the tile, whose load skipped the row.
+  __half own_k[2], own_v[2];
+  if (own_key) {
+    __shared__ float scratch[32];
+    const float2 angle = angles[tid < kHalf ? tid : 0];
+    const float2 kr = rotate(k_new.x, k_new.y, angle.x, angle.y);
+    const int64_t row = cache_row(c, a.layer, seq, kvh, pos);
+    store_row<kType>(c.k, c.k_scale, row, D, tid, kr.x, kr.y, scratch, own_k);
+    store_row<kType>(c.v, c.v_scale, row, D, tid, v_new.x, v_new.y, scratch, own_v);
   }
   float o[D / 8][4];
 #pragma unroll
@@ -805,6 +932,14 @@ __global__ void __launch_bounds__(kPrefillThreads)
       asm volatile("cp.async.wait_group 1;\n" ::);
     } else {
       asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+    if (own_key && tile == own_tile && tid < kHalf) {
+      __half* k_own = decode_smem + stage * 2 * kTile + (pos - own_tile * kPrefillKeys) * kStride;
+      __half* v_own = k_own + kTile;
+      k_own[tid] = own_k[0];
+      k_own[tid + kHalf] = own_k[1];
+      v_own[tid] = own_v[0];
+      v_own[tid + kHalf] = own_v[1];
     }
     __syncthreads();
     const __half* k_s = decode_smem + stage * 2 * kTile;
@@ -999,6 +1134,11 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   constexpr bool kMma = (kD == 64 || kD == 128) && kType != KvType::f32;
   constexpr int kMmaD = kD == 64 ? 64 : 128;
   constexpr KvType kMmaType = kType == KvType::f32 ? KvType::f16 : kType;  // never launched
+  if (!kMma && args.inv_freq != nullptr) {
+    return Status::error(
+        "cuda attention: rope inside the decode kernel needs head_dim 64 or 128 "
+        "and an fp16 or fp8 cache");
+  }
   auto kernel =
       kMma ? attention_split_mma_kernel<kMmaD, kMmaType> : attention_split_kernel<kD, kType>;
   const int threads = kMma ? kPrefillThreads : kDecodeThreads;
@@ -1063,6 +1203,10 @@ Status attention_decode(const AttentionArgs& args, const KvCache& cache, const D
     if (cache.head_dim == 128) return launch_decode<128, kType>(args, cache, ws, stream);
     return launch_decode<0, kType>(args, cache, ws, stream);
   });
+}
+
+bool decode_rotates(int head_dim, KvType type) {
+  return (head_dim == 64 || head_dim == 128) && type != KvType::f32;
 }
 
 bool prefill_supports(int head_dim, KvType type) {

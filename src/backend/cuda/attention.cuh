@@ -66,6 +66,13 @@ struct AttentionArgs {
   int64_t layer = 0;
   const int32_t* positions = nullptr;  // device [n]
   const int32_t* seq_ids = nullptr;    // device [n]
+  // Set: attention_decode rotates q and k itself (decode_rotates), reading q and k as the
+  // projection wrote them, and leaves them rotated in q_rotated / k_rotated (q and k as mutable
+  // pointers); the cache write is its own too. Null: q and k are rotated and k is in the cache.
+  const float* inv_freq = nullptr;
+  float* q_rotated = nullptr;
+  float* k_rotated = nullptr;
+  int n_kv_heads = 0;
 };
 
 // Per-split partial results of the decode kernel, for up to 16 tokens per launch. A launch of
@@ -92,6 +99,11 @@ Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStrea
 // launch: a decode step's rotation and cache write. q and k are args.q and args.k.
 Status rope_kv_cache_write(float* q, float* k, const AttentionArgs& args, const KvCache& cache,
                            const float* inv_freq, cudaStream_t stream);
+
+// Whether attention_decode can rotate q and k and write the cache itself (args.inv_freq): the
+// tensor-core split kernel's head sizes and caches. The caller must also know that no two tokens
+// of the batch belong to one sequence (a token would read another's new row).
+bool decode_rotates(int head_dim, KvType type);
 
 // Attention of each token over positions 0..pos of its sequence (any mix of sequences and
 // positions). Launch shapes depend only on n_tokens, so one CUDA graph serves every position.

@@ -16,7 +16,9 @@
 // norm_matmul_swiglu's gate and up rows meet in one block (the swiglu epilogue); at batch 1
 // (gemv_fuses_norm) the norm is the GEMV's input stage (NormInput: every block normalizes the
 // activation itself, block 0 writes `normed`), so a layer launches no norm of its own.
-// rope_attention rotates q and k in the same launch that writes the KV cache, at every token count.
+// rope_attention rotates q and k in the same launch that writes the KV cache; in a decode batch
+// of distinct sequences (one token each, up to 64) the tensor-core split kernel does both itself
+// (attention.cuh, decode_rotates), so attention is two launches.
 // Beyond 64 tokens the matmuls are GEMMs and the rest of a fused op runs as the plain op's kernel
 // after them. The plain ops never fuse: each is its own launches, whatever comes before or after
 // it.
@@ -360,11 +362,18 @@ class CudaBackend final : public Backend {
         runs_.emplace_back(i, 1);
       }
     }
+    one_token_per_sequence_ = n <= kMaxGemvBatchTokens;
+    for (int64_t i = 0; one_token_per_sequence_ && i < n; ++i) {
+      for (int64_t j = 0; j < i; ++j) {
+        if (batch.seq_ids[j] == batch.seq_ids[i]) one_token_per_sequence_ = false;
+      }
+    }
 
     const bool graph = !timing_ && n <= kMaxGemvTokens && batch.n_logit_rows > 0 &&
                        batch.n_logit_rows <= kMaxGemvTokens;
     if (graph) {
-      graph_key_.assign(1, int32_t(n));
+      // The attention launches differ with one_token_per_sequence_ (rope in the split kernel).
+      graph_key_.assign({int32_t(n), int32_t(one_token_per_sequence_)});
       graph_key_.insert(graph_key_.end(), batch.logit_rows, batch.logit_rows + batch.n_logit_rows);
       fingerprint_ = 1469598103934665603ull;
       if (graphs_.count(graph_key_) != 0) {
@@ -1108,7 +1117,15 @@ class CudaBackend final : public Backend {
     args.shadow = produce_shadow(out);
     const std::initializer_list<uint64_t> cache_args = {addr(q.data), addr(k.data), addr(v.data),
                                                         uint64_t(layer), uint64_t(q.rows)};
-    if (rotate) {
+    // A decode batch of distinct sequences: the split kernel rotates q and k and writes the
+    // cache itself (no token reads another's new row), one launch fewer a layer.
+    if (rotate && !prefill && one_token_per_sequence_ && rope_in_attention_ &&
+        decode_rotates(int(p.head_dim), cache_.type)) {
+      args.inv_freq = inv_freq_;
+      args.q_rotated = f32(q);
+      args.k_rotated = f32(k);
+      args.n_kv_heads = int(p.n_kv_heads);
+    } else if (rotate) {
       KS_RETURN_IF_ERROR(launch("rope + cache write", cache_args, [&] {
         return rope_kv_cache_write(f32(q), f32(k), args, cache_, inv_freq_, stream_);
       }));
@@ -1471,6 +1488,12 @@ class CudaBackend final : public Backend {
     const int n = v != nullptr ? std::atoi(v) : 0;
     return n >= 1 && n <= kMaxLaunchLayers ? n : kMaxLaunchLayers;
   }();
+  // Rope and the cache write inside the decode attention kernel (decode_rotates) unless
+  // KESTREL_CUDA_ROPE_IN_ATTENTION=0 (a measurement aid: the separate launch of before).
+  bool rope_in_attention_ = [] {
+    const char* v = std::getenv("KESTREL_CUDA_ROPE_IN_ATTENTION");
+    return v == nullptr || std::string(v) != "0";
+  }();
   // [3, max_batch_tokens]: tokens, positions, sequence ids; then [max_seqs, blocks_per_seq]:
   // the KV cache block tables
   int32_t* meta_ = nullptr;
@@ -1486,9 +1509,10 @@ class CudaBackend final : public Backend {
   BatchView batch_;
   // [begin, length] of each run of the batch: one sequence at consecutive positions
   std::vector<std::pair<int64_t, int64_t>> runs_;
+  bool one_token_per_sequence_ = false;  // no two tokens of the batch share a sequence
 
   Mode mode_ = Mode::eager;
-  std::vector<int32_t> graph_key_;  // n_tokens, then the logit rows
+  std::vector<int32_t> graph_key_;  // n_tokens, one_token_per_sequence_, then the logit rows
   uint64_t fingerprint_ = 0;
   int device_ = 0;
   std::map<std::vector<int32_t>, StepGraph> graphs_;

@@ -10,7 +10,7 @@ tokenizer="$src/.cache/tokenizers/qwen3/models"
 
 out=$("$kestrel" run -m synthetic:tiny-qwen2 --tokenizer "$tokenizer" -p "Once upon a time" -n 12 \
   --temp 0.7 --seed 5 -q 2>&1)
-echo "$out" | grep -q "decode 11 tokens" || { echo "run -p: no speed line:"; echo "$out"; exit 1; }
+grep -q "decode 11 tokens" <<< "$out" || { echo "run -p: no speed line:"; echo "$out"; exit 1; }
 again=$("$kestrel" run -m synthetic:tiny-qwen2 --tokenizer "$tokenizer" -p "Once upon a time" \
   -n 12 --temp 0.7 --seed 5 -q 2>/dev/null)
 [ "$again" = "$("$kestrel" run -m synthetic:tiny-qwen2 --tokenizer "$tokenizer" \
@@ -25,10 +25,12 @@ trap 'tmux kill-session -t "$session" 2>/dev/null || true' EXIT
 
 # wait_for PATTERN: polls the pane for up to 120 s (a few seconds on an idle machine; CI's two
 # cores may be shared with a build). -J joins wrapped lines: a long reply can wrap the terminal's
-# 200 columns in the middle of "(stopped)".
+# 200 columns in the middle of "(stopped)". -J also keeps trailing spaces, so a pane is ~10 KB:
+# it goes to grep -q as a here-string, never through a pipe, where grep's early exit would
+# kill the writer with SIGPIPE and pipefail would fail a check that matched.
 wait_for() {
   for _ in $(seq 1200); do
-    tmux capture-pane -p -J -t "$session" | grep -q -- "$1" && return 0
+    grep -q -- "$1" <<< "$(tmux capture-pane -p -J -t "$session")" && return 0
     sleep 0.1
   done
   echo "terminal never showed '$1':"; tmux capture-pane -p -t "$session"; exit 1
@@ -49,16 +51,16 @@ wait_for_count "6 generated" 1
 tmux send-keys -t "$session" "Tell me more." Enter
 wait_for_count "6 generated" 2
 pane=$(tmux capture-pane -p -J -t "$session")
-echo "$pane" | grep -q "Hello, who are you?" || { echo "typed text not echoed"; exit 1; }
+grep -q "Hello, who are you?" <<< "$pane" || { echo "typed text not echoed"; exit 1; }
 # The second turn must reuse the first turn's cache: "(N reused)" with N > 0.
-echo "$pane" | grep -Eq "\(([1-9][0-9]*) reused\)" || { echo "second turn reused nothing:"; echo "$pane"; exit 1; }
+grep -Eq "\(([1-9][0-9]*) reused\)" <<< "$pane" || { echo "second turn reused nothing:"; echo "$pane"; exit 1; }
 # Line editing and history (libedit): the up arrow brings back the last line, which is edited
 # (Ctrl-A goes to its start) and sent as a third turn.
 if ldd "$kestrel" 2>/dev/null | grep libedit >/dev/null; then
   tmux send-keys -t "$session" Up C-a "Again: "
   tmux send-keys -t "$session" Enter
   wait_for_count "6 generated" 3
-  tmux capture-pane -p -J -t "$session" | grep -q "Again: Tell me more." ||
+  grep -q "Again: Tell me more." <<< "$(tmux capture-pane -p -J -t "$session")" ||
     { echo "history and editing: no 'Again: Tell me more.' line:"; tmux capture-pane -p -t "$session"; exit 1; }
   echo "ok chat recalls and edits the previous line (libedit)"
 else

@@ -123,7 +123,7 @@ expect_error "convert --force over the source's parent" "holds the source model"
 d=$(fresh); mkdir "$d/tokenizer.json"
 expect_error "convert failing at the end" "tokenizer.json" "$kestrel" convert -m "$d" -o "$tmp/half" -q
 [ ! -e "$tmp/half" ] || fail_case "a failed convert left $tmp/half behind"
-ls -a "$tmp" | grep -q partial && fail_case "a failed convert left its partial directory"
+grep -q partial <<< "$(ls -a "$tmp")" && fail_case "a failed convert left its partial directory"
 
 # --- silently accepted ------------------------------------------------------------------------
 d=$(fresh); python3 - "$d/model.safetensors" <<'PY'

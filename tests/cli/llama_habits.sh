@@ -21,7 +21,7 @@ cli_check "run --ids without a tokenizer prints 5 ids" [ "$(wc -w <"$tmp/out")" 
 # Spellings that CLI11 used to misread (-ngl as -n gl) or refuse.
 cli_check "-ngl 0 runs on the CPU" "$kestrel" run -m synthetic:tiny-qwen2 --ids 1,2 -n 2 -ngl 0 -q
 cli_check "--n-gpu-layers 0" "$kestrel" run -m synthetic:tiny-qwen2 --ids 1,2 -n 2 --n-gpu-layers 0 -q
-if "$kestrel" --version | grep -q cuda; then
+if grep -q cuda <<< "$("$kestrel" --version)"; then
   echo "skip -ngl 99 without CUDA (this build has CUDA)"
 else
   "$kestrel" run -m synthetic:tiny-qwen2 --ids 1,2 -n 2 -ngl 99 -q 2>"$tmp/err"
@@ -82,7 +82,7 @@ cli_check "-c past max_position_embeddings warns (logits)" grep -q "warning: -c 
 # The default device is CUDA when built in and present, else the CPU, and the load line says which.
 # ctest sets KESTREL_DEVICE=cpu for the CLI tests; this check is about the default, so it unsets it.
 env -u KESTREL_DEVICE "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -n 1 2>"$tmp/err" >/dev/null
-if "$kestrel" --version | grep -q cuda && { [ -e /dev/nvidiactl ] || [ -e /proc/driver/nvidia/version ]; }; then
+if grep -q cuda <<< "$("$kestrel" --version)" && { [ -e /dev/nvidiactl ] || [ -e /proc/driver/nvidia/version ]; }; then
   cli_check "default device: cuda here" grep -q "loaded in .* on cuda" "$tmp/err"
 else
   cli_check "default device: cpu here" grep -q "loaded in .* on cpu" "$tmp/err"

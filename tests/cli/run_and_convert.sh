@@ -7,7 +7,7 @@ src="$2"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-"$kestrel" --version | grep -q "backends: cpu"
+grep -q "backends: cpu" <<< "$("$kestrel" --version)"
 
 model="$src/tests/golden/models/llama3-scaled-bf16-sharded"
 read -r prompt greedy < <(python3 -c "

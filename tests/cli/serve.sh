@@ -13,7 +13,7 @@ client="$src/tests/cli/serve_client.py"
 
 start_server "$work/main.log" --api-key secret-key --parallel 4 -c 512 --max-body 65536 \
   --max-tokens 400 --batch-tokens 64
-curl -sf "http://127.0.0.1:$port/health" | grep -q '"ok"' || { echo "curl /health failed"; exit 1; }
+grep -q '"ok"' <<< "$(curl -sf "http://127.0.0.1:$port/health")" || { echo "curl /health failed"; exit 1; }
 python3 "$client" main "$port" secret-key || { cat "$work/main.log"; exit 1; }
 stop_server "$pid" "$work/main.log"
 echo "ok server exits 0 on SIGTERM"
@@ -50,4 +50,4 @@ stop_server "$pid" "$work/load.log"
 echo "ok /health says 503 loading, then 200"
 
 # The defaults bind the loopback address only.
-"$kestrel" serve --help | grep -q "127.0.0.1" || { echo "serve --help does not show the default host"; exit 1; }
+grep -q "127.0.0.1" <<< "$("$kestrel" serve --help)" || { echo "serve --help does not show the default host"; exit 1; }

@@ -11,8 +11,8 @@ chromium=$(command -v chromium || true)
 
 start_server "$work/server.log" --parallel 2 -c 512 --api-key page-key
 page=$(curl -s -w '\n%{http_code} %{content_type}' "http://127.0.0.1:$port/")
-echo "$page" | tail -1 | grep -q '^200 text/html' || { echo "GET / is not a page:"; echo "$page" | tail -1; exit 1; }
-echo "$page" | grep -q '/v1/chat/completions' || { echo "the page does not talk to the API"; exit 1; }
+grep -q '^200 text/html' <<< "$(tail -1 <<< "$page")" || { echo "GET / is not a page:"; echo "$page" | tail -1; exit 1; }
+grep -q '/v1/chat/completions' <<< "$page" || { echo "the page does not talk to the API"; exit 1; }
 
 message="Tell me about kestrels."
 expected=$(curl -s -H 'Authorization: Bearer page-key' -H 'Content-Type: application/json' \

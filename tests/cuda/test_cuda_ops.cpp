@@ -276,84 +276,25 @@ using AttentionCase = std::tuple<int, KvCacheType>;  // head_dim, CUDA KV cache 
 
 class CudaAttention : public ::testing::TestWithParam<AttentionCase> {};
 
-// One model-shaped sequence of calls on both backends: two prefill chunks of one sequence
-// (flash path for head_dim 64/128 over fp16 and fp8 caches), prompts of two more sequences, a
-// mixed decode batch of all three, a 20-token batch interleaving two sequences (twenty one-token
-// runs), the chunks of two prompts packed into one call (two runs, each its own flash launch),
-// and a 16-token decode batch at 600 positions, whose splits walk several chunks each. The CPU
-// keeps fp32 entries; the bound says what the CUDA cache's entries cost. The device runs
-// rope_attention, the CPU rope then attention: in the decode batches of distinct sequences (the
-// three-sequence batch, the single token) over fp16 and fp8 caches at head_dim 64 and 128, the
-// split kernel rotates and caches the keys itself, and the rotated q and k it leaves behind are
-// compared too.
-TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
-  const auto [head_dim, kv_cache] = GetParam();
-  const int n_heads = 8, n_kv = 2;
+// Runs `calls` on both backends of a model with n_heads query and n_kv KV heads of head_dim, in
+// two layers (layer 1 with other keys and values: the layers' caches must not mix), and compares
+// each call's output and the rotated q and k. The device runs rope_attention, the CPU rope then
+// attention; the device's op times say whether the rotation rode in the attention launch, which
+// it must exactly for at most 64 tokens of distinct sequences at head_dim 64 / 128 over an fp16
+// or fp8 cache. The CPU keeps fp32 entries; the bound says what the CUDA cache's entries cost.
+void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int n_kv,
+                           RunShape shape, const std::vector<AttentionCall>& calls) {
   ModelWeights weights;
   weights.config = small_config(n_heads * head_dim, 64, n_heads, n_kv, head_dim, 16);
   weights.layers.resize(2);
-  RunShape shape{3, 1024, 512, 512};
   shape.kv_cache = kv_cache;
-  if (kv_cache == KvCacheType::fp8 && head_dim % 16 != 0) {
-    auto gpu = make_cuda_backend();
-    ASSERT_TRUE(gpu.is_ok()) << gpu.status().message();
-    ASSERT_TRUE((*gpu)->upload(weights).is_ok());
-    const Status s = (*gpu)->reserve(weights.config, shape);
-    ASSERT_FALSE(s.is_ok());
-    EXPECT_NE(s.message().find("multiple of 16"), std::string::npos) << s.message();
-    return;
-  }
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, shape));
   const RopeParams p{head_dim, n_heads, n_kv};
-  const int64_t q_dim = n_heads * head_dim, kv_dim = n_kv * head_dim;
-
-  struct Call {
-    std::vector<int32_t> positions, seqs;
-  };
-  std::vector<Call> calls;
-  auto run_of = [](int32_t seq, int32_t first, int32_t n) {
-    Call c;
-    for (int32_t i = 0; i < n; ++i) {
-      c.positions.push_back(first + i);
-      c.seqs.push_back(seq);
-    }
-    return c;
-  };
-  calls.push_back(run_of(0, 0, 100));
-  calls.push_back(run_of(0, 100, 37));
-  calls.push_back(run_of(1, 0, 40));
-  calls.push_back(run_of(2, 0, 5));
-  calls.push_back(Call{{137, 40, 5}, {0, 1, 2}});
-  Call mixed;
-  for (int32_t i = 0; i < 10; ++i) {
-    mixed.positions.push_back(138 + i);
-    mixed.seqs.push_back(0);
-    mixed.positions.push_back(41 + i);
-    mixed.seqs.push_back(1);
-  }
-  calls.push_back(mixed);
-  Call packed = run_of(1, 51, 40);
-  const Call second = run_of(2, 6, 70);
-  packed.positions.insert(packed.positions.end(), second.positions.begin(), second.positions.end());
-  packed.seqs.insert(packed.seqs.end(), second.seqs.begin(), second.seqs.end());
-  calls.push_back(packed);
-  calls.push_back(Call{{148}, {0}});
-  calls.push_back(run_of(0, 149, 451));
-  Call wide;
-  for (int32_t i = 0; i < 10; ++i) {
-    wide.positions.push_back(600 + i);
-    wide.seqs.push_back(0);
-  }
-  for (int32_t i = 0; i < 6; ++i) {
-    wide.positions.push_back(91 + i);
-    wide.seqs.push_back(1);
-  }
-  calls.push_back(wide);
-
+  const int64_t q_dim = int64_t(n_heads) * head_dim, kv_dim = int64_t(n_kv) * head_dim;
   uint64_t seed = 1000 + uint64_t(head_dim);
   for (size_t ci = 0; ci < calls.size(); ++ci) {
-    const Call& c = calls[ci];
+    const AttentionCall& c = calls[ci];
     const int64_t n = int64_t(c.positions.size());
     const std::vector<int32_t> tokens(size_t(n), 1);
     const auto q = random_values(size_t(n * q_dim), seed++);
@@ -419,6 +360,71 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
           << "call " << ci << " (" << n << " tokens) layer " << layer;
     }
   }
+}
+
+// The model-shaped calls (model_attention_calls: prefill chunks on the flash path for head_dim
+// 64/128 over fp16 and fp8 caches, decode batches, interleaved and packed runs), then a long
+// prefill chunk and a 16-token decode batch at 600 positions, whose splits walk several chunks
+// each (check_attention_calls; the three-sequence batch and the single token are the ones whose
+// rotation rides in the split kernel).
+TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
+  const auto [head_dim, kv_cache] = GetParam();
+  const int n_heads = 8, n_kv = 2;
+  const RunShape shape{3, 1024, 512, 512};
+  if (kv_cache == KvCacheType::fp8 && head_dim % 16 != 0) {
+    ModelWeights weights;
+    weights.config = small_config(n_heads * head_dim, 64, n_heads, n_kv, head_dim, 16);
+    weights.layers.resize(2);
+    RunShape fp8_shape = shape;
+    fp8_shape.kv_cache = kv_cache;
+    auto gpu = make_cuda_backend();
+    ASSERT_TRUE(gpu.is_ok()) << gpu.status().message();
+    ASSERT_TRUE((*gpu)->upload(weights).is_ok());
+    const Status s = (*gpu)->reserve(weights.config, fp8_shape);
+    ASSERT_FALSE(s.is_ok());
+    EXPECT_NE(s.message().find("multiple of 16"), std::string::npos) << s.message();
+    return;
+  }
+  std::vector<AttentionCall> calls = model_attention_calls();
+  calls.push_back(run_of(0, 149, 451));
+  AttentionCall wide;
+  for (int32_t i = 0; i < 10; ++i) {
+    wide.positions.push_back(600 + i);
+    wide.seqs.push_back(0);
+  }
+  for (int32_t i = 0; i < 6; ++i) {
+    wide.positions.push_back(91 + i);
+    wide.seqs.push_back(1);
+  }
+  calls.push_back(wide);
+
+  check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
+}
+
+// Decode batches of distinct sequences where the split kernel's rotation takes its other paths:
+// with 16 KV heads a 16-token slice gets one or two splits per (token, KV head), so a split walks
+// several 64-key tiles and the token's own tile is loaded inside its loop (either stage), not
+// before the wait; 23 sequences make two slices, the second's splits reading q and k while the
+// first slice's combine kernel has rotated its own in place; positions sit at the edges of tiles
+// (63, 64, 127, 128 keys before). A second step reads the rows the first wrote in-kernel, and a
+// single token ends it.
+TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
+  const auto [head_dim, kv_cache] = GetParam();
+  if (kv_cache == KvCacheType::fp8 && head_dim % 16 != 0) return;  // refused (the test above)
+  const int lengths[8] = {63, 64, 15, 127, 128, 1, 200, 65};
+  const int n_seqs = 23;
+  std::vector<AttentionCall> calls;
+  for (int32_t s = 0; s < n_seqs; ++s) calls.push_back(run_of(s, 0, lengths[s % 8]));
+  for (int32_t step = 0; step < 2; ++step) {
+    AttentionCall decode;
+    for (int32_t s = 0; s < n_seqs; ++s) {
+      decode.positions.push_back(lengths[s % 8] + step);
+      decode.seqs.push_back(s);
+    }
+    calls.push_back(decode);
+  }
+  calls.push_back(AttentionCall{{lengths[3] + 2}, {3}});
+  check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls);
 }
 
 INSTANTIATE_TEST_SUITE_P(HeadDims, CudaAttention,

@@ -89,6 +89,49 @@ inline void check_rope_at_large_positions(bool llama3, double bound) {
   EXPECT_NE(results[1][0], q);  // it did rotate
 }
 
+// A call of attention: each token's position and sequence.
+struct AttentionCall {
+  std::vector<int32_t> positions, seqs;
+};
+
+// n tokens of sequence `seq` at positions first .. first + n - 1.
+inline AttentionCall run_of(int32_t seq, int32_t first, int32_t n) {
+  AttentionCall c;
+  for (int32_t i = 0; i < n; ++i) {
+    c.positions.push_back(first + i);
+    c.seqs.push_back(seq);
+  }
+  return c;
+}
+
+// The model-shaped calls of three sequences the attention checks run: two prefill chunks of
+// sequence 0 (flash path for head_dim 64/128), prompts of sequences 1 and 2, a decode batch of
+// all three, a 20-token batch interleaving two sequences (twenty one-token runs), the chunks of
+// two prompts packed into one call (two runs), and one decode token of sequence 0.
+inline std::vector<AttentionCall> model_attention_calls() {
+  std::vector<AttentionCall> calls;
+  calls.push_back(run_of(0, 0, 100));
+  calls.push_back(run_of(0, 100, 37));
+  calls.push_back(run_of(1, 0, 40));
+  calls.push_back(run_of(2, 0, 5));
+  calls.push_back(AttentionCall{{137, 40, 5}, {0, 1, 2}});
+  AttentionCall mixed;
+  for (int32_t i = 0; i < 10; ++i) {
+    mixed.positions.push_back(138 + i);
+    mixed.seqs.push_back(0);
+    mixed.positions.push_back(41 + i);
+    mixed.seqs.push_back(1);
+  }
+  calls.push_back(mixed);
+  AttentionCall packed = run_of(1, 51, 40);
+  const AttentionCall second = run_of(2, 6, 70);
+  packed.positions.insert(packed.positions.end(), second.positions.begin(), second.positions.end());
+  packed.seqs.insert(packed.seqs.end(), second.seqs.begin(), second.seqs.end());
+  calls.push_back(packed);
+  calls.push_back(AttentionCall{{148}, {0}});
+  return calls;
+}
+
 // One model-shaped sequence of calls on both backends: two prefill chunks of one sequence
 // (flash path for head_dim 64/128), prompts of two more sequences, a mixed decode batch of all
 // three, a 20-token batch interleaving two sequences (twenty one-token runs), and the chunks of
@@ -106,42 +149,12 @@ inline void check_attention_over_prefill_and_decode(int head_dim, double bound, 
   const RopeParams p{head_dim, n_heads, n_kv};
   const int64_t q_dim = n_heads * head_dim, kv_dim = n_kv * head_dim;
 
-  struct Call {
-    std::vector<int32_t> positions, seqs;
-  };
-  std::vector<Call> calls;
-  auto run_of = [](int32_t seq, int32_t first, int32_t n) {
-    Call c;
-    for (int32_t i = 0; i < n; ++i) {
-      c.positions.push_back(first + i);
-      c.seqs.push_back(seq);
-    }
-    return c;
-  };
-  calls.push_back(run_of(0, 0, 100));
-  calls.push_back(run_of(0, 100, 37));
-  calls.push_back(run_of(1, 0, 40));
-  calls.push_back(run_of(2, 0, 5));
-  calls.push_back(Call{{137, 40, 5}, {0, 1, 2}});
-  Call mixed;
-  for (int32_t i = 0; i < 10; ++i) {
-    mixed.positions.push_back(138 + i);
-    mixed.seqs.push_back(0);
-    mixed.positions.push_back(41 + i);
-    mixed.seqs.push_back(1);
-  }
-  calls.push_back(mixed);
-  Call packed = run_of(1, 51, 40);
-  const Call second = run_of(2, 6, 70);
-  packed.positions.insert(packed.positions.end(), second.positions.begin(), second.positions.end());
-  packed.seqs.insert(packed.seqs.end(), second.seqs.begin(), second.seqs.end());
-  calls.push_back(packed);
-  calls.push_back(Call{{148}, {0}});
-  if (copy_block) calls.push_back(Call{{16}, {2}});
+  std::vector<AttentionCall> calls = model_attention_calls();
+  if (copy_block) calls.push_back(AttentionCall{{16}, {2}});
 
   uint64_t seed = 1000 + uint64_t(head_dim);
   for (size_t ci = 0; ci < calls.size(); ++ci) {
-    const Call& c = calls[ci];
+    const AttentionCall& c = calls[ci];
     if (copy_block && ci + 1 == calls.size()) {
       const BatchView tables = pair.paged(BatchView{});
       const int32_t src = tables.block_tables[0];

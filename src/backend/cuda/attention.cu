@@ -449,8 +449,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
 // Merges a token-head's splits: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. The
 // splits' weights are computed once into shared memory, in parallel.
 __global__ void __launch_bounds__(kCombineThreads)
-    attention_combine_kernel(AttentionArgs a, int head_dim, DecodeWorkspace ws, int64_t token_begin,
-                             int n_splits, int chunk_keys) {
+    attention_combine_kernel(AttentionArgs a, int head_dim, int n_kv_heads, DecodeWorkspace ws,
+                             int64_t token_begin, int n_splits, int chunk_keys) {
   pdl_wait();
   pdl_trigger();
   extern __shared__ float weights[];  // [max_splits]
@@ -466,15 +466,18 @@ __global__ void __launch_bounds__(kCombineThreads)
   const bool rope = a.inv_freq != nullptr;
   const int half = head_dim / 2;
   const int64_t q_dim = int64_t(a.n_heads) * head_dim;
-  const int64_t kv_dim = int64_t(a.n_kv_heads) * head_dim;
-  const bool has_k = h < a.n_kv_heads;
-  float* qh = a.q_rotated + t * q_dim + int64_t(h) * head_dim;
-  float* kh = a.k_rotated + t * kv_dim + int64_t(h) * head_dim;
+  const bool has_k = h < n_kv_heads;
+  float* qh = nullptr;
+  float* kh = nullptr;
   const int pair = int(threadIdx.x);
   float2 q_pair = make_float2(0.0f, 0.0f), k_pair = make_float2(0.0f, 0.0f);
   if (rope && pair < half) {  // head_dim <= 128 here (decode_rotates)
+    qh = a.q_rotated + t * q_dim + int64_t(h) * head_dim;
     q_pair = make_float2(qh[pair], qh[pair + half]);
-    if (has_k) k_pair = make_float2(kh[pair], kh[pair + half]);
+    if (has_k) {
+      kh = a.k_rotated + t * int64_t(n_kv_heads) * head_dim + int64_t(h) * head_dim;
+      k_pair = make_float2(kh[pair], kh[pair + half]);
+    }
   }
   const float* ml = ws.ml + (local * a.n_heads + h) * ws.max_splits * 2;
   float m_max = -INFINITY;
@@ -1134,10 +1137,10 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   constexpr bool kMma = (kD == 64 || kD == 128) && kType != KvType::f32;
   constexpr int kMmaD = kD == 64 ? 64 : 128;
   constexpr KvType kMmaType = kType == KvType::f32 ? KvType::f16 : kType;  // never launched
-  if (!kMma && args.inv_freq != nullptr) {
+  if (args.inv_freq != nullptr && (!kMma || args.q_rotated != args.q || args.k_rotated != args.k)) {
     return Status::error(
-        "cuda attention: rope inside the decode kernel needs head_dim 64 or 128 "
-        "and an fp16 or fp8 cache");
+        "cuda attention: rope inside the decode kernel needs head_dim 64 or 128, an fp16 or fp8 "
+        "cache, and q_rotated / k_rotated equal to q / k");
   }
   auto kernel =
       kMma ? attention_split_mma_kernel<kMmaD, kMmaType> : attention_split_kernel<kD, kType>;
@@ -1184,10 +1187,11 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
     KS_CUDA_CHECK("attention", launch_pdl(kernel, grid, dim3(unsigned(threads)), smem, stream, args,
                                           cache, ws, begin, splits));
     KS_CUDA_CHECK_LAUNCH("attention", "attention_split_kernel");
-    KS_CUDA_CHECK("attention", launch_pdl(attention_combine_kernel,
-                                          dim3(unsigned(args.n_heads), unsigned(count)),
-                                          dim3(kCombineThreads), combine_smem, stream, args,
-                                          cache.head_dim, ws, begin, splits, chunk_keys));
+    KS_CUDA_CHECK(
+        "attention",
+        launch_pdl(attention_combine_kernel, dim3(unsigned(args.n_heads), unsigned(count)),
+                   dim3(kCombineThreads), combine_smem, stream, args, cache.head_dim,
+                   cache.n_kv_heads, ws, begin, splits, chunk_keys));
     KS_CUDA_CHECK_LAUNCH("attention", "attention_combine_kernel");
   }
   return Status::ok();

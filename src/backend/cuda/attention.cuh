@@ -66,13 +66,13 @@ struct AttentionArgs {
   int64_t layer = 0;
   const int32_t* positions = nullptr;  // device [n]
   const int32_t* seq_ids = nullptr;    // device [n]
-  // Set: attention_decode rotates q and k itself (decode_rotates), reading q and k as the
-  // projection wrote them, and leaves them rotated in q_rotated / k_rotated (q and k as mutable
-  // pointers); the cache write is its own too. Null: q and k are rotated and k is in the cache.
+  // Set (rope mode): attention_decode rotates q and k itself (decode_rotates), reading them as
+  // the projection wrote them, writes the batch's K and V rows to the cache, and leaves q and k
+  // rotated through q_rotated and k_rotated, which must be q and k. Null: q and k are rotated
+  // already, and the K and V rows are in the cache.
   const float* inv_freq = nullptr;
   float* q_rotated = nullptr;
   float* k_rotated = nullptr;
-  int n_kv_heads = 0;
 };
 
 // Per-split partial results of the decode kernel, for up to 16 tokens per launch. A launch of
@@ -96,7 +96,8 @@ Status check_kv_cache(KvType type, int head_dim);
 Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream);
 
 // rope() of q and k in place (rope.cuh) and kv_cache_write() of the rotated k and of v, in one
-// launch: a decode step's rotation and cache write. q and k are args.q and args.k.
+// launch: the rotation and cache write of a batch that attention_decode's rope mode does not
+// take (prefill, or two tokens of one sequence). q and k are args.q and args.k.
 Status rope_kv_cache_write(float* q, float* k, const AttentionArgs& args, const KvCache& cache,
                            const float* inv_freq, cudaStream_t stream);
 
@@ -106,7 +107,9 @@ Status rope_kv_cache_write(float* q, float* k, const AttentionArgs& args, const 
 bool decode_rotates(int head_dim, KvType type);
 
 // Attention of each token over positions 0..pos of its sequence (any mix of sequences and
-// positions). Launch shapes depend only on n_tokens, so one CUDA graph serves every position.
+// positions; in rope mode, args.inv_freq, each token of its own sequence, and the call also
+// writes the K and V rows and leaves q and k rotated). Launch shapes depend only on n_tokens,
+// so one CUDA graph serves every position.
 Status attention_decode(const AttentionArgs& args, const KvCache& cache, const DecodeWorkspace& ws,
                         cudaStream_t stream);
 

@@ -18,7 +18,7 @@
 // activation itself, block 0 writes `normed`), so a layer launches no norm of its own.
 // rope_attention rotates q and k in the same launch that writes the KV cache; in a decode batch
 // of distinct sequences (one token each, up to 64) the tensor-core split kernel does both itself
-// (attention.cuh, decode_rotates), so attention is two launches.
+// (attention.cuh, decode_rotates), so attention is two launches per 16 tokens.
 // Beyond 64 tokens the matmuls are GEMMs and the rest of a fused op runs as the plain op's kernel
 // after them. The plain ops never fuse: each is its own launches, whatever comes before or after
 // it.
@@ -362,18 +362,21 @@ class CudaBackend final : public Backend {
         runs_.emplace_back(i, 1);
       }
     }
-    one_token_per_sequence_ = n <= kMaxGemvBatchTokens;
-    for (int64_t i = 0; one_token_per_sequence_ && i < n; ++i) {
+    // Rope inside decode attention: up to 64 tokens, each of its own sequence (a token never
+    // reads another's new row), where the tensor-core split kernel runs.
+    rope_in_decode_ = n <= kMaxGemvBatchTokens && rope_in_attention_ &&
+                      decode_rotates(int(config_.head_dim), cache_.type);
+    for (int64_t i = 0; rope_in_decode_ && i < n; ++i) {
       for (int64_t j = 0; j < i; ++j) {
-        if (batch.seq_ids[j] == batch.seq_ids[i]) one_token_per_sequence_ = false;
+        if (batch.seq_ids[j] == batch.seq_ids[i]) rope_in_decode_ = false;
       }
     }
 
     const bool graph = !timing_ && n <= kMaxGemvTokens && batch.n_logit_rows > 0 &&
                        batch.n_logit_rows <= kMaxGemvTokens;
     if (graph) {
-      // The attention launches differ with one_token_per_sequence_ (rope in the split kernel).
-      graph_key_.assign({int32_t(n), int32_t(one_token_per_sequence_)});
+      // The attention launches differ with rope_in_decode_.
+      graph_key_.assign({int32_t(n), int32_t(rope_in_decode_)});
       graph_key_.insert(graph_key_.end(), batch.logit_rows, batch.logit_rows + batch.n_logit_rows);
       fingerprint_ = 1469598103934665603ull;
       if (graphs_.count(graph_key_) != 0) {
@@ -537,6 +540,11 @@ class CudaBackend final : public Backend {
   Status rope_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
                         const RopeParams& p) override {
     KS_RETURN_IF_ERROR(check_rope(q, k, p));
+    // In a decode batch the combine kernel writes `out` and then rotates q and k in place.
+    if (overlap(out, q) || overlap(out, k) || overlap(out, v) || overlap(q, k) || overlap(q, v) ||
+        overlap(k, v)) {
+      return Status::error("cuda rope_attention: out, q, k and v must not overlap one another");
+    }
     return launch_attention(out, q, k, v, layer, p, /*rotate=*/true);
   }
 
@@ -1083,7 +1091,9 @@ class CudaBackend final : public Backend {
 
   // The KV cache write of k and v (after rotating q and k in place, one launch, with `rotate`),
   // then attention: the split decode kernel for at most 64 tokens, a flash launch per run of
-  // the batch beyond.
+  // the batch beyond. With `rotate` in a decode batch of distinct sequences (rope_in_decode_)
+  // there is no such launch: the split kernel rotates q and k and writes the cache, and the
+  // combine kernel leaves q and k rotated.
   Status launch_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
                           const RopeParams& p, bool rotate) {
     if (layer < 0 || layer >= config_.n_layers || p.head_dim != config_.head_dim ||
@@ -1119,12 +1129,10 @@ class CudaBackend final : public Backend {
                                                         uint64_t(layer), uint64_t(q.rows)};
     // A decode batch of distinct sequences: the split kernel rotates q and k and writes the
     // cache itself (no token reads another's new row), one launch fewer a layer.
-    if (rotate && !prefill && one_token_per_sequence_ && rope_in_attention_ &&
-        decode_rotates(int(p.head_dim), cache_.type)) {
+    if (rotate && !prefill && rope_in_decode_) {
       args.inv_freq = inv_freq_;
       args.q_rotated = f32(q);
       args.k_rotated = f32(k);
-      args.n_kv_heads = int(p.n_kv_heads);
     } else if (rotate) {
       KS_RETURN_IF_ERROR(launch("rope + cache write", cache_args, [&] {
         return rope_kv_cache_write(f32(q), f32(k), args, cache_, inv_freq_, stream_);
@@ -1509,10 +1517,10 @@ class CudaBackend final : public Backend {
   BatchView batch_;
   // [begin, length] of each run of the batch: one sequence at consecutive positions
   std::vector<std::pair<int64_t, int64_t>> runs_;
-  bool one_token_per_sequence_ = false;  // no two tokens of the batch share a sequence
+  bool rope_in_decode_ = false;  // this batch's decode attention rotates q and k (begin_batch)
 
   Mode mode_ = Mode::eager;
-  std::vector<int32_t> graph_key_;  // n_tokens, one_token_per_sequence_, then the logit rows
+  std::vector<int32_t> graph_key_;  // n_tokens, rope_in_decode_, then the logit rows
   uint64_t fingerprint_ = 0;
   int device_ = 0;
   std::map<std::vector<int32_t>, StepGraph> graphs_;

@@ -1,0 +1,135 @@
+// The kernel timeline of a replayed decode step (kernel_timeline.h): a measurement, disabled by
+// default. Run it with
+//   build-gpu/kestrel_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='CudaTimeline.*'
+// It prints, for one batch-1 decode step of the synthetic Llama-3.1-8B and Qwen2-1.5B in
+// sym_int4, each kind of kernel's count, summed duration and the time it adds to the step's end
+// (its end past every earlier kernel's), and writes the step as a Chrome trace to
+// $KESTREL_TIMELINE_DIR/timeline-NAME.json when that is set.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "io/config.h"
+#include "kernel_timeline.h"
+#include "kestrel/engine.h"
+#include "quant/format.h"
+
+namespace kestrel::cuda_test {
+namespace {
+
+// The step arithmetic on made-up spans: a warm-up step with an extra kernel, then two steps of
+// three kernels ending with "end", the second kernel overlapping the first (a dependent launch
+// waiting), the third after a gap.
+TEST(CudaTimeline, SplitsStepsAndAttributesTheirTime) {
+  std::vector<KernelSpan> spans = {{"setup", 0, 100, 1}, {"a", 200, 300, 10}, {"end", 400, 500, 1}};
+  for (uint64_t base : {10000ull, 100000ull}) {
+    spans.push_back({"a", base + 1000, base + 5000, 10});
+    spans.push_back({"b", base + 2000, base + 9000, 20});
+    spans.push_back({"end", base + 10000, base + 12000, 1});
+  }
+  const auto steps = split_steps(spans);
+  ASSERT_EQ(steps.size(), 3u);
+  EXPECT_EQ(steps[0].size(), 3u);
+  EXPECT_EQ(steps[1].size(), 3u);
+  auto step = step_timeline(steps[2]);
+  ASSERT_TRUE(step.is_ok()) << step.status().message();
+  EXPECT_DOUBLE_EQ(step->span_us, 11.0);  // 101000 .. 112000 ns
+  EXPECT_DOUBLE_EQ(step->kernel_sum_us, 4.0 + 7.0 + 2.0);
+  ASSERT_EQ(step->kernels.size(), 3u);
+  EXPECT_DOUBLE_EQ(step->kernels[0].adds_us, 4.0);  // its whole duration
+  EXPECT_DOUBLE_EQ(step->kernels[1].adds_us, 4.0);  // ends 4 us after the first
+  EXPECT_DOUBLE_EQ(step->kernels[2].adds_us, 3.0);  // 1 us gap + 2 us
+  EXPECT_DOUBLE_EQ(step->kernels[2].start_us, 9.0);
+  const auto groups = group_kernels(*step);
+  ASSERT_EQ(groups.size(), 3u);
+  EXPECT_EQ(groups[0].name, "a");
+  EXPECT_EQ(groups[0].count, 1);
+  EXPECT_EQ(groups[1].blocks, 20);
+  EXPECT_DOUBLE_EQ(groups[2].duration_us, 2.0);
+  double added = 0;
+  for (const KernelGroup& g : groups) added += g.adds_us;
+  EXPECT_DOUBLE_EQ(added, step->span_us);  // the added times sum to the step's span
+  const std::string trace = chrome_trace(*step);
+  EXPECT_NE(trace.find("\"tid\":1"), std::string::npos) << trace;  // the overlap's own row
+  EXPECT_FALSE(step_timeline({}).is_ok());
+}
+
+void decode_timeline(const std::string& name) {
+  EngineOptions options;
+  options.model = "synthetic:" + name;
+  options.format = WeightFormat::sym_int4;
+  options.device = "cuda";
+  options.max_seqs = 1;
+  options.max_context = 1200;
+  options.progress = false;
+  auto created = Engine::create(options);
+  ASSERT_TRUE(created.is_ok()) << created.status().message();
+  Engine& engine = **created;
+  const ModelConfig& c = engine.config();
+  std::mt19937_64 rng(7);
+  constexpr int64_t kContext = 1024;
+  Batch context;
+  for (int64_t i = 0; i < kContext; ++i) {
+    context.add(int32_t(rng() % uint64_t(c.vocab_size)), int32_t(i), 0, i + 1 == kContext);
+  }
+  std::vector<int32_t> next;
+  ASSERT_TRUE(engine.run_argmax(context, &next).is_ok());
+  // Recording starts before the first decode step, which captures the step's graph; the later
+  // steps replay it. The second-to-last step is the one shown.
+  const Status started = timeline_start();
+  ASSERT_TRUE(started.is_ok()) << started.message();
+  constexpr int kSteps = 12;
+  for (int i = 0; i < kSteps; ++i) {
+    Batch b;
+    b.add(next[0], int32_t(kContext + i), 0, true);
+    ASSERT_TRUE(engine.run_argmax(b, &next).is_ok());
+  }
+  auto spans = timeline_stop();
+  ASSERT_TRUE(spans.is_ok()) << spans.status().message();
+  const auto steps = split_steps(*spans);
+  ASSERT_GE(steps.size(), 2u) << spans->size() << " kernels recorded";
+  auto step = step_timeline(steps[steps.size() - 2]);
+  ASSERT_TRUE(step.is_ok()) << step.status().message();
+  std::printf("\n%zu kernels recorded in %zu steps; kernels a step:", spans->size(), steps.size());
+  for (const auto& s : steps) std::printf(" %zu", s.size());
+  std::printf(
+      "\n### %s, batch-1 decode step at %lld positions: %zu kernels, %.1f us from the "
+      "first start to the last end, %.1f us of kernel time summed\n\n",
+      name.c_str(), static_cast<long long>(kContext), step->kernels.size(), step->span_us,
+      step->kernel_sum_us);
+  std::printf(
+      "| kernel | blocks | count | duration (sum) | adds to the step (sum) | adds each |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|\n");
+  for (const KernelGroup& g : group_kernels(*step)) {
+    std::printf("| %s | %lld | %d | %.1f us | %.1f us | %.2f us |\n", g.name.substr(0, 90).c_str(),
+                static_cast<long long>(g.blocks), g.count, g.duration_us, g.adds_us,
+                g.adds_us / g.count);
+  }
+  std::printf("\nThe first kernels of the step (us from its first start):\n\n");
+  std::printf(
+      "| # | kernel | blocks | start | duration | adds |\n|---:|---|---:|---:|---:|---:|\n");
+  for (size_t i = 0; i < step->kernels.size() && i < 16; ++i) {
+    const StepKernel& k = step->kernels[i];
+    std::printf("| %zu | %s | %lld | %.2f | %.2f | %.2f |\n", i, k.span->name.substr(0, 60).c_str(),
+                static_cast<long long>(k.span->blocks), k.start_us, k.duration_us, k.adds_us);
+  }
+  std::fflush(stdout);
+  if (const char* dir = std::getenv("KESTREL_TIMELINE_DIR"); dir != nullptr && *dir != '\0') {
+    std::ofstream(std::string(dir) + "/timeline-" + name + ".json") << chrome_trace(*step);
+  }
+}
+
+TEST(CudaTimeline, DISABLED_Llama3_1_8bDecodeStep) {
+  decode_timeline("llama3.1-8b");
+}
+TEST(CudaTimeline, DISABLED_Qwen2_1_5bDecodeStep) {
+  decode_timeline("qwen2-1.5b");
+}
+
+}  // namespace
+}  // namespace kestrel::cuda_test

@@ -29,6 +29,7 @@
 // point (8) and the scales are applied once per group. Same weight pipeline, same epilogue: the
 // quad's sums are laid out as an mma accumulator.
 #include <algorithm>
+#include <cstdlib>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.cuh"
@@ -45,10 +46,11 @@ struct GemvParams {
   GemvJob jobs[kMaxGemvJobs];
   int first_block[kMaxGemvJobs];
   int n_jobs = 0;
-  ShadowOut shadow;           // swiglu mode: fp16 shadow of jobs[0].y
-  NormInput norm;             // when norm.x is set, the input is computed from it, x is null
-  const __half* x = nullptr;  // [n_tokens, x_stride] permuted fp16
-  bool dp4a = false;          // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
+  ShadowOut shadow;            // swiglu mode: fp16 shadow of jobs[0].y
+  NormInput norm;              // when norm.x is set, the input is computed from it, x is null
+  const __half* x = nullptr;   // [n_tokens, x_stride] permuted fp16
+  bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
+  bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -422,6 +424,7 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
   };
 
   // Weights depend on no earlier kernel: the whole ring is requested before the wait.
+  if (p.early_trigger) pdl_trigger();
 #pragma unroll
   for (int stage = 0; stage < P::kStages; ++stage) issue(stage, warp + int64_t(stage) * kWarps);
   pdl_wait();
@@ -532,7 +535,7 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
-  pdl_trigger();
+  if (!p.early_trigger) pdl_trigger();
 
   constexpr int kValues = MT * NT * 4;
   auto partial = reinterpret_cast<float(*)[kValues][32]>(smem);  // [kWarps][kValues][32]
@@ -687,6 +690,21 @@ bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols) {
 
 namespace {
 
+// Where a GEMV lets the next kernel launch (programmatic dependent launch), a measurement aid:
+// KESTREL_CUDA_GEMV_TRIGGER=0 (the default) after the main loop, so the next kernel's blocks
+// take the SM slots this one's blocks leave; 1 at the start of the dp4a GEMVs (one or two
+// tokens), so the next kernel's blocks can take free slots at once and request their weights
+// while this one streams; 2 at the start of every GEMV. PERF.md, sixth session: at the start of
+// every kernel, 8B batch 1 gained 4.5% and everything else lost (1.5B batch 16 15%).
+int trigger_mode() {
+  static const int mode = [] {
+    const char* v = std::getenv("KESTREL_CUDA_GEMV_TRIGGER");
+    const int m = v != nullptr ? std::atoi(v) : 0;
+    return m >= 0 && m <= 2 ? m : 0;
+  }();
+  return mode;
+}
+
 // One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
 Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
                    int sm_count, cudaStream_t stream, GemvEpilogue epilogue,
@@ -723,6 +741,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.n_groups = x_stride / kGroup;
   p.n_tokens = n_tokens;
   p.dp4a = dp4a;
+  p.early_trigger = trigger_mode() == 2 || (trigger_mode() == 1 && dp4a);
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);

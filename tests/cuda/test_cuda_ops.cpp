@@ -284,9 +284,7 @@ class CudaAttention : public ::testing::TestWithParam<AttentionCase> {};
 // or fp8 cache. The CPU keeps fp32 entries; the bound says what the CUDA cache's entries cost.
 void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int n_kv,
                            RunShape shape, const std::vector<AttentionCall>& calls) {
-  ModelWeights weights;
-  weights.config = small_config(n_heads * head_dim, 64, n_heads, n_kv, head_dim, 16);
-  weights.layers.resize(2);
+  ModelWeights weights = attention_model(head_dim, n_heads, n_kv);
   shape.kv_cache = kv_cache;
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, shape));
@@ -372,9 +370,7 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
   const int n_heads = 8, n_kv = 2;
   const RunShape shape{3, 1024, 512, 512};
   if (kv_cache == KvCacheType::fp8 && head_dim % 16 != 0) {
-    ModelWeights weights;
-    weights.config = small_config(n_heads * head_dim, 64, n_heads, n_kv, head_dim, 16);
-    weights.layers.resize(2);
+    ModelWeights weights = attention_model(head_dim, n_heads, n_kv);
     RunShape fp8_shape = shape;
     fp8_shape.kv_cache = kv_cache;
     auto gpu = make_cuda_backend();

@@ -104,6 +104,15 @@ inline AttentionCall run_of(int32_t seq, int32_t first, int32_t n) {
   return c;
 }
 
+// The weights the attention checks need: only the shape of a model with n_heads query and n_kv
+// KV heads of head_dim, in two layers (attention reads no weight).
+inline ModelWeights attention_model(int head_dim, int n_heads, int n_kv) {
+  ModelWeights weights;
+  weights.config = small_config(n_heads * head_dim, 64, n_heads, n_kv, head_dim, 16);
+  weights.layers.resize(2);
+  return weights;
+}
+
 // The model-shaped calls of three sequences the attention checks run: two prefill chunks of
 // sequence 0 (flash path for head_dim 64/128), prompts of sequences 1 and 2, a decode batch of
 // all three, a 20-token batch interleaving two sequences (twenty one-token runs), the chunks of
@@ -141,9 +150,7 @@ inline std::vector<AttentionCall> model_attention_calls() {
 // of the CPU's output at every call and layer.
 inline void check_attention_over_prefill_and_decode(int head_dim, double bound, bool copy_block) {
   const int n_heads = 8, n_kv = 2;
-  ModelWeights weights;
-  weights.config = small_config(n_heads * head_dim, 64, n_heads, n_kv, head_dim, 16);
-  weights.layers.resize(2);
+  ModelWeights weights = attention_model(head_dim, n_heads, n_kv);
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, RunShape{3, 512, 160, 160}));
   const RopeParams p{head_dim, n_heads, n_kv};

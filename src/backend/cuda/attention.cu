@@ -163,8 +163,7 @@ __global__ void kv_write_kernel(AttentionArgs a, KvCache c) {
 // KV heads), a thread per rotated pair, so a decode step's launch is one round of loads and
 // stores; KV heads also store their rotated K row and their V row in the cache.
 template <KvType kType>
-__global__ void rope_kv_write_kernel(float* q, float* k, AttentionArgs a, KvCache c,
-                                     const float* inv_freq) {
+__global__ void rope_kv_write_kernel(AttentionArgs a, KvCache c, const float* inv_freq) {
   pdl_wait();
   pdl_trigger();
   __shared__ float scratch[32];
@@ -176,7 +175,7 @@ __global__ void rope_kv_write_kernel(float* q, float* k, AttentionArgs a, KvCach
   const bool is_q = head < a.n_heads;
   const int kvh = head - a.n_heads;
   float* base =
-      is_q ? q + (t * a.n_heads + head) * head_dim : k + (t * c.n_kv_heads + kvh) * head_dim;
+      is_q ? a.q + (t * a.n_heads + head) * head_dim : a.k + (t * c.n_kv_heads + kvh) * head_dim;
   const int64_t row = is_q ? 0 : cache_row(c, a.layer, a.seq_ids[t], kvh, pos);
   const float* v = a.v + (t * c.n_kv_heads + kvh) * head_dim;
   for (int b = 0; b < half; b += blockDim.x) {  // fp8: blockDim.x >= half, one round
@@ -471,11 +470,11 @@ __global__ void __launch_bounds__(kCombineThreads)
   float* kh = nullptr;
   const int pair = int(threadIdx.x);
   float2 q_pair = make_float2(0.0f, 0.0f), k_pair = make_float2(0.0f, 0.0f);
-  if (rope && pair < half) {  // head_dim <= 128 here (decode_rotates)
-    qh = a.q_rotated + t * q_dim + int64_t(h) * head_dim;
+  if (rope && pair < half) {  // head_dim <= 128 here (tensor_core_attention)
+    qh = a.q + t * q_dim + int64_t(h) * head_dim;
     q_pair = make_float2(qh[pair], qh[pair + half]);
     if (has_k) {
-      kh = a.k_rotated + t * int64_t(n_kv_heads) * head_dim + int64_t(h) * head_dim;
+      kh = a.k + t * int64_t(n_kv_heads) * head_dim + int64_t(h) * head_dim;
       k_pair = make_float2(kh[pair], kh[pair + half]);
     }
   }
@@ -1114,14 +1113,14 @@ Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStrea
   });
 }
 
-Status rope_kv_cache_write(float* q, float* k, const AttentionArgs& args, const KvCache& cache,
-                           const float* inv_freq, cudaStream_t stream) {
+Status rope_kv_cache_write(const AttentionArgs& args, const KvCache& cache, const float* inv_freq,
+                           cudaStream_t stream) {
   const int heads = args.n_heads + cache.n_kv_heads;
   return dispatch_kv(cache.type, [&](auto type) -> Status {
     KS_CUDA_CHECK("attention", launch_pdl(rope_kv_write_kernel<decltype(type)::value>,
                                           dim3(unsigned(args.n_tokens), unsigned(heads)),
-                                          dim3(unsigned(row_threads(cache.head_dim))), 0, stream, q,
-                                          k, args, cache, inv_freq));
+                                          dim3(unsigned(row_threads(cache.head_dim))), 0, stream,
+                                          args, cache, inv_freq));
     KS_CUDA_CHECK_LAUNCH("attention", "rope_kv_write_kernel");
     return Status::ok();
   });
@@ -1134,13 +1133,13 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
                      cudaStream_t stream) {
   // The tensor-core kernel where it applies; the CUDA-core one for other head sizes and for fp32
   // entries (fp32 arithmetic throughout).
-  constexpr bool kMma = (kD == 64 || kD == 128) && kType != KvType::f32;
+  constexpr bool kMma = tensor_core_attention(kD, kType);
   constexpr int kMmaD = kD == 64 ? 64 : 128;
   constexpr KvType kMmaType = kType == KvType::f32 ? KvType::f16 : kType;  // never launched
-  if (args.inv_freq != nullptr && (!kMma || args.q_rotated != args.q || args.k_rotated != args.k)) {
+  if (args.inv_freq != nullptr && !kMma) {
     return Status::error(
-        "cuda attention: rope inside the decode kernel needs head_dim 64 or 128, an fp16 or fp8 "
-        "cache, and q_rotated / k_rotated equal to q / k");
+        "cuda attention: rope inside the decode kernel needs head_dim 64 or 128 and an fp16 or "
+        "fp8 cache");
   }
   auto kernel =
       kMma ? attention_split_mma_kernel<kMmaD, kMmaType> : attention_split_kernel<kD, kType>;
@@ -1207,14 +1206,6 @@ Status attention_decode(const AttentionArgs& args, const KvCache& cache, const D
     if (cache.head_dim == 128) return launch_decode<128, kType>(args, cache, ws, stream);
     return launch_decode<0, kType>(args, cache, ws, stream);
   });
-}
-
-bool decode_rotates(int head_dim, KvType type) {
-  return (head_dim == 64 || head_dim == 128) && type != KvType::f32;
-}
-
-bool prefill_supports(int head_dim, KvType type) {
-  return (head_dim == 64 || head_dim == 128) && type != KvType::f32;
 }
 
 namespace {

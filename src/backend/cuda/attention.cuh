@@ -56,8 +56,8 @@ __device__ inline int64_t cache_offset(const KvCache& c, int64_t layer, int64_t 
 }
 
 struct AttentionArgs {
-  const float* q = nullptr;  // [n, n_heads * head_dim]
-  const float* k = nullptr;  // [n, n_kv_heads * head_dim]
+  float* q = nullptr;        // [n, n_heads * head_dim]; rotated in place by a rope launch
+  float* k = nullptr;        // [n, n_kv_heads * head_dim]; rotated in place by a rope launch
   const float* v = nullptr;  // [n, n_kv_heads * head_dim]
   float* out = nullptr;      // [n, n_heads * head_dim]
   ShadowOut shadow;          // fp16 copy of out for the next matmul
@@ -66,13 +66,11 @@ struct AttentionArgs {
   int64_t layer = 0;
   const int32_t* positions = nullptr;  // device [n]
   const int32_t* seq_ids = nullptr;    // device [n]
-  // Set (rope mode): attention_decode rotates q and k itself (decode_rotates), reading them as
-  // the projection wrote them, writes the batch's K and V rows to the cache, and leaves q and k
-  // rotated through q_rotated and k_rotated, which must be q and k. Null: q and k are rotated
-  // already, and the K and V rows are in the cache.
+  // Set (rope mode): attention_decode rotates q and k itself (tensor_core_attention), reading
+  // them as the projection wrote them, writes the batch's K and V rows to the cache, and leaves
+  // q and k rotated in place. Null: q and k are rotated already, and the K and V rows are in the
+  // cache.
   const float* inv_freq = nullptr;
-  float* q_rotated = nullptr;
-  float* k_rotated = nullptr;
 };
 
 // Per-split partial results of the decode kernel, for up to 16 tokens per launch. A launch of
@@ -95,16 +93,20 @@ Status check_kv_cache(KvType type, int head_dim);
 // Stores the batch's k and v rows in `layer` of the cache at their positions.
 Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream);
 
-// rope() of q and k in place (rope.cuh) and kv_cache_write() of the rotated k and of v, in one
-// launch: the rotation and cache write of a batch that attention_decode's rope mode does not
-// take (prefill, or two tokens of one sequence). q and k are args.q and args.k.
-Status rope_kv_cache_write(float* q, float* k, const AttentionArgs& args, const KvCache& cache,
-                           const float* inv_freq, cudaStream_t stream);
+// rope() of args.q and args.k in place (rope.cuh) and kv_cache_write() of the rotated k and of
+// v, in one launch: the rotation and cache write of a batch that attention_decode's rope mode
+// does not take (prefill, or two tokens of one sequence).
+Status rope_kv_cache_write(const AttentionArgs& args, const KvCache& cache, const float* inv_freq,
+                           cudaStream_t stream);
 
-// Whether attention_decode can rotate q and k and write the cache itself (args.inv_freq): the
-// tensor-core split kernel's head sizes and caches. The caller must also know that no two tokens
-// of the batch belong to one sequence (a token would read another's new row).
-bool decode_rotates(int head_dim, KvType type);
+// Whether the tensor-core attention kernels take this head size and cache: the flash prefill
+// kernel, and the decode split kernel, which can then also rotate q and k and write the cache
+// itself (args.inv_freq; the caller must also know that no two tokens of the batch belong to one
+// sequence, or a token would read another's new row). Other sizes, and an fp32 cache (the fp32
+// mode, fp32 arithmetic throughout), take the CUDA-core decode kernel for every batch.
+constexpr bool tensor_core_attention(int head_dim, KvType type) {
+  return (head_dim == 64 || head_dim == 128) && type != KvType::f32;
+}
 
 // Attention of each token over positions 0..pos of its sequence (any mix of sequences and
 // positions; in rope mode, args.inv_freq, each token of its own sequence, and the call also
@@ -112,10 +114,6 @@ bool decode_rotates(int head_dim, KvType type);
 // so one CUDA graph serves every position.
 Status attention_decode(const AttentionArgs& args, const KvCache& cache, const DecodeWorkspace& ws,
                         cudaStream_t stream);
-
-// Whether attention_prefill handles this head size and cache (fp16 and fp8 caches; an fp32
-// cache, the fp32 mode, takes the decode kernel's fp32 arithmetic for every batch).
-bool prefill_supports(int head_dim, KvType type);
 
 // Causal attention for a batch that is one sequence at consecutive positions (position of token
 // i = positions[0] + i), tiles of 64 queries x 64 keys on mma.sync.

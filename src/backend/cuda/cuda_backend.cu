@@ -18,7 +18,7 @@
 // activation itself, block 0 writes `normed`), so a layer launches no norm of its own.
 // rope_attention rotates q and k in the same launch that writes the KV cache; in a decode batch
 // of distinct sequences (one token each, up to 64) the tensor-core split kernel does both itself
-// (attention.cuh, decode_rotates), so attention is two launches per 16 tokens.
+// (attention.cuh, tensor_core_attention), so attention is two launches per 16 tokens.
 // Beyond 64 tokens the matmuls are GEMMs and the rest of a fused op runs as the plain op's kernel
 // after them. The plain ops never fuse: each is its own launches, whatever comes before or after
 // it.
@@ -365,7 +365,7 @@ class CudaBackend final : public Backend {
     // Rope inside decode attention: up to 64 tokens, each of its own sequence (a token never
     // reads another's new row), where the tensor-core split kernel runs.
     rope_in_decode_ = n <= kMaxGemvBatchTokens && rope_in_attention_ &&
-                      decode_rotates(int(config_.head_dim), cache_.type);
+                      tensor_core_attention(int(config_.head_dim), cache_.type);
     for (int64_t i = 0; rope_in_decode_ && i < n; ++i) {
       for (int64_t j = 0; j < i; ++j) {
         if (batch.seq_ids[j] == batch.seq_ids[i]) rope_in_decode_ = false;
@@ -1105,7 +1105,7 @@ class CudaBackend final : public Backend {
     // Up to 64 tokens (a serving step's decode tokens, short prompt chunks) the split kernel,
     // in slices of 16; beyond, the flash prefill kernel.
     const bool prefill =
-        q.rows > kMaxGemvBatchTokens && prefill_supports(int(p.head_dim), cache_.type);
+        q.rows > kMaxGemvBatchTokens && tensor_core_attention(int(p.head_dim), cache_.type);
     if (prefill && round_up(out.cols, kGroup) != out.cols) {
       return Status::error("cuda attention: prefill output width not a multiple of 32");
     }
@@ -1131,11 +1131,9 @@ class CudaBackend final : public Backend {
     // cache itself (no token reads another's new row), one launch fewer a layer.
     if (rotate && !prefill && rope_in_decode_) {
       args.inv_freq = inv_freq_;
-      args.q_rotated = f32(q);
-      args.k_rotated = f32(k);
     } else if (rotate) {
       KS_RETURN_IF_ERROR(launch("rope + cache write", cache_args, [&] {
-        return rope_kv_cache_write(f32(q), f32(k), args, cache_, inv_freq_, stream_);
+        return rope_kv_cache_write(args, cache_, inv_freq_, stream_);
       }));
     } else {
       KS_RETURN_IF_ERROR(
@@ -1496,7 +1494,7 @@ class CudaBackend final : public Backend {
     const int n = v != nullptr ? std::atoi(v) : 0;
     return n >= 1 && n <= kMaxLaunchLayers ? n : kMaxLaunchLayers;
   }();
-  // Rope and the cache write inside the decode attention kernel (decode_rotates) unless
+  // Rope and the cache write inside the decode attention kernel (tensor_core_attention) unless
   // KESTREL_CUDA_ROPE_IN_ATTENTION=0 (a measurement aid: the separate launch of before).
   bool rope_in_attention_ = [] {
     const char* v = std::getenv("KESTREL_CUDA_ROPE_IN_ATTENTION");

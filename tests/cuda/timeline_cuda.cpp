@@ -60,25 +60,27 @@ TEST(CudaTimeline, SplitsStepsAndAttributesTheirTime) {
 }
 
 void decode_timeline(const std::string& name) {
+  constexpr int64_t kContext = 1024;
   EngineOptions options;
   options.model = "synthetic:" + name;
   options.format = WeightFormat::sym_int4;
   options.device = "cuda";
   options.max_seqs = 1;
   options.max_context = 1200;
+  options.prefill_chunk = kContext;  // the context is one call
   options.progress = false;
   auto created = Engine::create(options);
   ASSERT_TRUE(created.is_ok()) << created.status().message();
   Engine& engine = **created;
   const ModelConfig& c = engine.config();
   std::mt19937_64 rng(7);
-  constexpr int64_t kContext = 1024;
   Batch context;
   for (int64_t i = 0; i < kContext; ++i) {
     context.add(int32_t(rng() % uint64_t(c.vocab_size)), int32_t(i), 0, i + 1 == kContext);
   }
   std::vector<int32_t> next;
-  ASSERT_TRUE(engine.run_argmax(context, &next).is_ok());
+  const Status prefilled = engine.run_argmax(context, &next);
+  ASSERT_TRUE(prefilled.is_ok()) << prefilled.message();
   // Recording starts before the first decode step, which captures the step's graph; the later
   // steps replay it. The second-to-last step is the one shown.
   const Status started = timeline_start();
@@ -87,7 +89,8 @@ void decode_timeline(const std::string& name) {
   for (int i = 0; i < kSteps; ++i) {
     Batch b;
     b.add(next[0], int32_t(kContext + i), 0, true);
-    ASSERT_TRUE(engine.run_argmax(b, &next).is_ok());
+    const Status stepped = engine.run_argmax(b, &next);
+    ASSERT_TRUE(stepped.is_ok()) << stepped.message();
   }
   auto spans = timeline_stop();
   ASSERT_TRUE(spans.is_ok()) << spans.status().message();

@@ -690,19 +690,31 @@ bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols) {
 
 namespace {
 
-// Where a GEMV lets the next kernel launch (programmatic dependent launch), a measurement aid:
-// KESTREL_CUDA_GEMV_TRIGGER=0 (the default) after the main loop, so the next kernel's blocks
-// take the SM slots this one's blocks leave; 1 at the start of the dp4a GEMVs (one or two
-// tokens), so the next kernel's blocks can take free slots at once and request their weights
-// while this one streams; 2 at the start of every GEMV. PERF.md, sixth session: at the start of
-// every kernel, 8B batch 1 gained 4.5% and everything else lost (1.5B batch 16 15%).
+// Where a GEMV lets the next kernel launch (programmatic dependent launch). Early, at its start,
+// the next kernel's blocks take the SM slots left free and request their weights while this one
+// streams; late, after the main loop, they take the slots this one's blocks leave. Measured on
+// the H200 (PERF.md, seventh session), the early trigger pays only for the batch-1/2 (dp4a)
+// GEMVs of large weights: 8B batch 1 went from 500 to 556 tok/s with every one of its dp4a
+// GEMVs early, and lost with only the largest early (507); the 1.5B, whose weights have 1536
+// columns (12 KB a block), lost 2% with all early and 9% with its larger ones early; every
+// kernel early lost batch 16 (8B 4349 -> 4166, 1.5B 10797 -> 8660). So by default
+// (KESTREL_CUDA_GEMV_TRIGGER=1) a dp4a call of at least 8 MiB of weights and 4096 columns
+// triggers early and every other GEMV late; 0 makes every GEMV late and 2 every one early
+// (measurement aids).
 int trigger_mode() {
   static const int mode = [] {
     const char* v = std::getenv("KESTREL_CUDA_GEMV_TRIGGER");
-    const int m = v != nullptr ? std::atoi(v) : 0;
-    return m >= 0 && m <= 2 ? m : 0;
+    const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 1;
+    return m >= 0 && m <= 2 ? m : 1;
   }();
   return mode;
+}
+
+bool triggers_early(const GemvJob* jobs, int n_jobs, bool dp4a) {
+  if (trigger_mode() != 1) return trigger_mode() == 2;
+  int64_t bytes = 0;
+  for (int j = 0; j < n_jobs; ++j) bytes += data_bytes(jobs[j].w);
+  return dp4a && bytes >= (int64_t(8) << 20) && jobs[0].w.cols >= 4096;
 }
 
 // One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
@@ -741,7 +753,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.n_groups = x_stride / kGroup;
   p.n_tokens = n_tokens;
   p.dp4a = dp4a;
-  p.early_trigger = trigger_mode() == 2 || (trigger_mode() == 1 && dp4a);
+  p.early_trigger = triggers_early(jobs, n_jobs, dp4a);
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);

@@ -3,10 +3,12 @@
 // arithmetic of 16 tokens stays far below the tensor cores' rate (CUDA-core FMAs would make
 // batch-16 decode compute-bound).
 //
-// Work split: a block of 8 warps owns 16 * MT consecutive rows of one weight (in swiglu mode,
-// the same 16 rows of the gate and of the up weight, so the epilogue sees both); its warps stride
-// over the columns in chunks of 128 (4 groups of 32), lane c = lane % 4 taking group c of the
-// chunk for rows lane / 4 and lane / 4 + 8 of each m-tile. The 8 warps' partial sums meet in
+// Work split: a row tile is 16 * MT consecutive rows of one weight (in swiglu mode, the same 16
+// rows of the gate and of the up weight, so the epilogue sees both). A block of 8 warps takes a
+// tile at a time; its warps stride over the columns in chunks of 128 (4 groups of 32), lane
+// c = lane % 4 taking group c of the chunk for rows lane / 4 and lane / 4 + 8 of each m-tile.
+// The mma path launches a block per tile; the dp4a path launches one wave of blocks that loop
+// over the tiles (below). The 8 warps' partial sums meet in
 // shared memory at the end. A lane's 16-byte int4 group holds weight j in the low nibble and
 // j + 16 in the high nibble of byte j; the mask-and-or trick turns nibble pairs at bits 0/16
 // into two fp16 values 1024 + q, so a 32-bit word yields the A fragment halves
@@ -26,8 +28,10 @@
 // as int8 in groups of 32 with the CPU backend's rounding (quantize_input), and a lane multiplies
 // its raw nibbles with them: word u of a group gives the low nibbles of weights 4u .. 4u + 3 and
 // the high nibbles of 16 + 4u .. 19 + 4u, two dp4a against input words u and 4 + u, and the zero
-// point (8) and the scales are applied once per group. Same weight pipeline, same epilogue: the
-// quad's sums are laid out as an mma accumulator.
+// point (8) and the scales are applied once per group. Same weight pipeline. Since the input
+// stage is the whole input, per block, the dp4a launch is persistent: a wave of blocks, each
+// quantizing once and then looping over row tiles with the warps' rings running on across tile
+// boundaries; the quads' sums meet in a small shared buffer after each tile.
 #include <algorithm>
 #include <cstdlib>
 
@@ -44,11 +48,13 @@ constexpr int kChunkGroups = 4;  // groups of 32 columns per warp iteration (one
 
 struct GemvParams {
   GemvJob jobs[kMaxGemvJobs];
-  int first_block[kMaxGemvJobs];
+  int first_tile[kMaxGemvJobs];  // each job's first row tile; tiles are numbered job after job
+  int n_tiles = 0;
   int n_jobs = 0;
   ShadowOut shadow;            // swiglu mode: fp16 shadow of jobs[0].y
   NormInput norm;              // when norm.x is set, the input is computed from it, x is null
   const __half* x = nullptr;   // [n_tokens, x_stride] permuted fp16
+  int sm_count = 0;            // host only: the device's SMs
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
   int64_t x_stride = 0;
@@ -252,47 +258,40 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
   static_assert(
       kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
       "the dp4a path reads int4 tiles for at most 8 tokens");
-  int job = 0;
-  const DeviceWeight* ws[MT];
-  int64_t row_base;
-  if constexpr (kSwiglu) {
-    ws[0] = &p.jobs[0].w;
-    ws[1] = &p.jobs[1].w;
-    row_base = int64_t(blockIdx.x) * 16;
-  } else {
+  // Tiles of 16 * MT rows (swiglu: 16 rows of gate and of up), numbered job after job. A block
+  // takes tiles blockIdx.x, + gridDim.x, ...: one each when the grid covers them all, several
+  // when the launch is persistent (the dp4a path, whose input stage is per block).
+  struct TileAt {
+    int job;
+    int64_t row_base;
+  };
+  auto locate = [&](int tile) {
+    if constexpr (kSwiglu) {
+      return TileAt{0, int64_t(tile) * 16};
+    } else {
+      int job = 0;
 #pragma unroll
-    for (int j = 1; j < kMaxGemvJobs; ++j) {
-      if (j < p.n_jobs && int(blockIdx.x) >= p.first_block[j]) job = j;
+      for (int j = 1; j < kMaxGemvJobs; ++j) {
+        if (j < p.n_jobs && tile >= p.first_tile[j]) job = j;
+      }
+      return TileAt{job, int64_t(tile - p.first_tile[job]) * 16 * MT};
     }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) ws[mt] = &p.jobs[job].w;
-    row_base = int64_t(int(blockIdx.x) - p.first_block[job]) * 16 * MT;
-  }
-  const int64_t n_rows = ws[0]->rows;
+  };
+  auto weight = [&](int job, int mt) -> const DeviceWeight& {
+    return kSwiglu ? p.jobs[mt].w : p.jobs[job].w;
+  };
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int quad_row = lane >> 2;
   const int quad_col = lane & 3;
-
-  int64_t rows[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      // Rows past the end read the last row; their sums are never stored.
-      const int64_t tile_row = kSwiglu ? 0 : mt * 16;
-      rows[mt][h] = min(row_base + tile_row + quad_row + 8 * h, n_rows - 1);
-    }
-  }
+  // Only the dp4a path loops over tiles; the mma path's grid covers them, one a block.
+  constexpr bool kPersistent = kDp > 0;
+  const int n_my_tiles = !kPersistent ? 1
+                         : int(blockIdx.x) < p.n_tiles
+                             ? (p.n_tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1
+                             : 0;
 
   float acc[MT][NT][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
-
   const int64_t n_chunks = (p.n_groups + kChunkGroups - 1) / kChunkGroups;
   using P = Pipe<F, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -313,27 +312,67 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
   // two to a 32-bit word; the copy takes the aligned word and the read picks the half. Tiled
   // layout (int4_tiles.h): a lane's piece of chunk c is at data_offset + c * 1024 and the word
   // with both of its rows' scales at scale_offset + c * chunk_scale_words.
-  const int block_shift = ws[0]->block == 64 ? 1 : 0;
-  uint32_t data_offset[MT][2];
-  uint32_t scale_offset[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if constexpr (P::kTiled) {
-        const Int4Tiles& t = ws[mt]->tiles;
-        const int64_t tile = min((row_base + (kSwiglu ? 0 : mt * 16)) / kTileRows, t.n_tiles - 1);
-        data_offset[mt][h] = uint32_t(tile * t.n_chunks * kTileChunkBytes + h * 512 + lane * 16);
-        scale_offset[mt][h] = uint32_t(tile * t.n_chunks * t.chunk_scale_words() +
-                                       (quad_col >> block_shift) * 8 + quad_row);
-      } else {
-        data_offset[mt][h] = uint32_t(rows[mt][h] * ws[mt]->row_bytes);
-        scale_offset[mt][h] =
-            P::kScaleWords > 0 ? uint32_t(rows[mt][h] * (ws[mt]->cols >> (5 + block_shift))) : 0u;
+  // The epilogue of one output: row `row` of job `job` for token `token` (rows past the end and
+  // token slots past n_tokens are dropped), plus the bias and the residual add.
+  auto store_row = [&](int job, int64_t row, int token, float sum) {
+    const GemvJob& out = p.jobs[job];
+    const int64_t n_rows = out.w.rows;
+    if (row < n_rows && token < p.n_tokens) {
+      const float value = sum + (out.w.bias != nullptr ? out.w.bias[row] : 0.0f);
+      const int64_t at = int64_t(token) * n_rows + row;
+      out.y[at] = value;
+      if (out.residual != nullptr) out.residual[at] += value;
+    }
+  };
+  // swiglu: up = u, gate = silu(g) * u, and gate's fp16 shadow.
+  auto store_swiglu = [&](int64_t row, int token, float g, float u) {
+    const GemvJob& gate = p.jobs[0];
+    const GemvJob& up = p.jobs[1];
+    const int64_t n_rows = gate.w.rows;
+    if (row < n_rows && token < p.n_tokens) {
+      if (gate.w.bias != nullptr) g += gate.w.bias[row];
+      if (up.w.bias != nullptr) u += up.w.bias[row];
+      const float value = g / (1.0f + expf(-g)) * u;
+      up.y[int64_t(token) * n_rows + row] = u;
+      gate.y[int64_t(token) * n_rows + row] = value;
+      if (p.shadow.data != nullptr) {
+        p.shadow.data[shadow_index(token, row, p.shadow.row_stride, p.shadow.permuted)] =
+            __float2half_rn(value);
       }
     }
-  }
-  const uint32_t chunk_scale_words = uint32_t(ws[0]->tiles.chunk_scale_words());
+  };
+  const int block_shift = p.jobs[0].w.block == 64 ? 1 : 0;
+  // The tile the next issue reads from: its job and per-lane offsets, set once per tile. The
+  // issues run kStages chunks ahead of the consumer, into the block's next tile.
+  int issue_job = 0;
+  uint32_t data_offset[MT][2];
+  uint32_t scale_offset[MT][2];
+  auto set_issue_tile = [&](int tile) {
+    const TileAt at = locate(tile);
+    issue_job = at.job;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const DeviceWeight& w = weight(at.job, mt);
+      const int64_t first_row = at.row_base + (kSwiglu ? 0 : mt * 16);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (P::kTiled) {
+          const Int4Tiles& t = w.tiles;
+          const int64_t t16 = min(first_row / kTileRows, t.n_tiles - 1);
+          data_offset[mt][h] = uint32_t(t16 * t.n_chunks * kTileChunkBytes + h * 512 + lane * 16);
+          scale_offset[mt][h] = uint32_t(t16 * t.n_chunks * t.chunk_scale_words() +
+                                         (quad_col >> block_shift) * 8 + quad_row);
+        } else {
+          // Rows past the end read the last row; their sums are never stored.
+          const int64_t row = min(first_row + quad_row + 8 * h, w.rows - 1);
+          data_offset[mt][h] = uint32_t(row * w.row_bytes);
+          scale_offset[mt][h] =
+              P::kScaleWords > 0 ? uint32_t(row * (w.cols >> (5 + block_shift))) : 0u;
+        }
+      }
+    }
+  };
+  const uint32_t chunk_scale_words = uint32_t(p.jobs[0].w.tiles.chunk_scale_words());
   auto issue = [&](int stage, int64_t chunk) {
     const int64_t group = chunk * kChunkGroups + quad_col;
     if (chunk < n_chunks && group < p.n_groups) {
@@ -341,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
       const uint32_t c = uint32_t(chunk);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const DeviceWeight& w = *ws[mt];
+        const DeviceWeight& w = weight(issue_job, mt);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint8_t* src =
@@ -423,158 +462,218 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
     }
   };
 
+  // The warp's chunks of a tile: warp, warp + kWarps, ... below n_chunks. The issue cursor walks
+  // them tile after tile, one commit group per call whether it copies or not.
+  const int per_tile = warp < n_chunks ? int((n_chunks - 1 - warp) / kWarps) + 1 : 0;
+  int issue_iter = 0;  // the cursor's tile (of this block's) and its chunk slot
+  int issue_slot = 0;
+  if (!kPersistent || n_my_tiles > 0) set_issue_tile(int(blockIdx.x));
+  auto issue_next = [&](int stage) {
+    if constexpr (!kPersistent) {
+      // One tile: issue() itself skips (and still commits) chunks past the end.
+      issue(stage, warp + int64_t(issue_slot++) * kWarps);
+    } else if (issue_iter < n_my_tiles && per_tile > 0) {
+      issue(stage, warp + int64_t(issue_slot) * kWarps);
+      if (++issue_slot == per_tile) {
+        issue_slot = 0;
+        if (++issue_iter < n_my_tiles) {
+          set_issue_tile(int(blockIdx.x) + issue_iter * int(gridDim.x));
+        }
+      }
+    } else {
+      cp_async_commit();
+    }
+  };
+
   // Weights depend on no earlier kernel: the whole ring is requested before the wait.
   if (p.early_trigger) pdl_trigger();
 #pragma unroll
-  for (int stage = 0; stage < P::kStages; ++stage) issue(stage, warp + int64_t(stage) * kWarps);
+  for (int stage = 0; stage < P::kStages; ++stage) issue_next(stage);
   pdl_wait();
   if constexpr (kNorm) normalize_input(p, xs);
   if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
-  // dp4a mode: per lane, rows (mt, h) x tokens, over the lane's groups only.
-  float dacc[MT][2][kDp > 0 ? kDp : 1];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int t = 0; t < (kDp > 0 ? kDp : 1); ++t) dacc[mt][h][t] = 0.0f;
-  uint32_t b_cur[NT][4][4];
-  if constexpr (kDp == 0) load_b(warp, b_cur);
+  // dp4a mode: the warps' row sums of a tile meet here, after the input stage.
+  float* dp_sums = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xqp) +
+                                            kDp * p.n_groups * int64_t(sizeof(int2)));
   int stage = 0;
-  for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
-    uint32_t b_next[NT][4][4];
-    if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
-    cp_async_wait<P::kStages - 1>();
-    Fragment<F, MT> f;
-    consume(stage, chunk, f);
-    if constexpr (kDp > 0) {
-      // 8 weights per dp4a pair: the low nibbles of word u are weights 4u .. 4u + 3, the high
-      // nibbles 16 + 4u .. 19 + 4u, matching words u and 4 + u of the natural-order input.
-      const int64_t group = chunk * kChunkGroups + quad_col;
-      if (group < p.n_groups) {
+  for (int iter = 0; iter < n_my_tiles; ++iter) {
+    const TileAt at = locate(int(blockIdx.x) + iter * int(gridDim.x));
 #pragma unroll
-        for (int t = 0; t < kDp; ++t) {
-          const uint4* x4 =
-              reinterpret_cast<const uint4*>(xq) + (int64_t(t) * p.x_stride + group * kGroup) / 16;
-          const uint4 xa = x4[0];
-          const uint4 xb = x4[1];
-          const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
-          const int2 qp = xqp[int64_t(t) * p.n_groups + group];
-          const float sx = __int_as_float(qp.x);
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              int s = 0;
+        for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+    // dp4a mode: per lane, rows (mt, h) x tokens, over the lane's groups only.
+    float dacc[MT][2][kDp > 0 ? kDp : 1];
 #pragma unroll
-              for (int u = 0; u < 4; ++u) {
-                const uint32_t w = f.words[mt][h][u];
-                s = __dp4a(int(w & 0x0f0f0f0fu), int(xw[u]), s);
-                s = __dp4a(int((w >> 4) & 0x0f0f0f0fu), int(xw[4 + u]), s);
-              }
-              const float d = __low2float(f.scale[mt][h]);
-              if constexpr (F == WeightFormat::sym_int4) {
-                dacc[mt][h][t] += float(s - 8 * qp.y) * (d * sx);
-              } else {
-                dacc[mt][h][t] += sx * (d * float(s) + __low2float(f.min[mt][h]) * float(qp.y));
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int t = 0; t < (kDp > 0 ? kDp : 1); ++t) dacc[mt][h][t] = 0.0f;
+    uint32_t b_cur[NT][4][4];
+    if constexpr (kDp == 0) load_b(warp, b_cur);
+    for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
+      uint32_t b_next[NT][4][4];
+      if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
+      cp_async_wait<P::kStages - 1>();
+      Fragment<F, MT> f;
+      consume(stage, chunk, f);
+      if constexpr (kDp > 0) {
+        // 8 weights per dp4a pair: the low nibbles of word u are weights 4u .. 4u + 3, the high
+        // nibbles 16 + 4u .. 19 + 4u, matching words u and 4 + u of the natural-order input.
+        const int64_t group = chunk * kChunkGroups + quad_col;
+        if (group < p.n_groups) {
+#pragma unroll
+          for (int t = 0; t < kDp; ++t) {
+            const uint4* x4 = reinterpret_cast<const uint4*>(xq) +
+                              (int64_t(t) * p.x_stride + group * kGroup) / 16;
+            const uint4 xa = x4[0];
+            const uint4 xb = x4[1];
+            const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+            const int2 qp = xqp[int64_t(t) * p.n_groups + group];
+            const float sx = __int_as_float(qp.x);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                int s = 0;
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                  const uint32_t w = f.words[mt][h][u];
+                  s = __dp4a(int(w & 0x0f0f0f0fu), int(xw[u]), s);
+                  s = __dp4a(int((w >> 4) & 0x0f0f0f0fu), int(xw[4 + u]), s);
+                }
+                const float d = __low2float(f.scale[mt][h]);
+                if constexpr (F == WeightFormat::sym_int4) {
+                  dacc[mt][h][t] += float(s - 8 * qp.y) * (d * sx);
+                } else {
+                  dacc[mt][h][t] += sx * (d * float(s) + __low2float(f.min[mt][h]) * float(qp.y));
+                }
               }
             }
           }
         }
-      }
-    } else {
+      } else {
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < 4; ++u) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          uint32_t top[4], bottom[4];
-          dequant_quarter<F>(f.words[mt][0], u, f.scale[mt][0], f.min[mt][0], top);
-          dequant_quarter<F>(f.words[mt][1], u, f.scale[mt][1], f.min[mt][1], bottom);
-          const uint32_t a_low[4] = {top[0], bottom[0], top[1], bottom[1]};
-          const uint32_t a_high[4] = {top[2], bottom[2], top[3], bottom[3]};
+          for (int mt = 0; mt < MT; ++mt) {
+            uint32_t top[4], bottom[4];
+            dequant_quarter<F>(f.words[mt][0], u, f.scale[mt][0], f.min[mt][0], top);
+            dequant_quarter<F>(f.words[mt][1], u, f.scale[mt][1], f.min[mt][1], bottom);
+            const uint32_t a_low[4] = {top[0], bottom[0], top[1], bottom[1]};
+            const uint32_t a_high[4] = {top[2], bottom[2], top[3], bottom[3]};
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            mma_16816(acc[mt][nt], a_low, b_cur[nt][u][0], b_cur[nt][u][1]);
-            mma_16816(acc[mt][nt], a_high, b_cur[nt][u][2], b_cur[nt][u][3]);
+            for (int nt = 0; nt < NT; ++nt) {
+              mma_16816(acc[mt][nt], a_low, b_cur[nt][u][0], b_cur[nt][u][1]);
+              mma_16816(acc[mt][nt], a_high, b_cur[nt][u][2], b_cur[nt][u][3]);
+            }
           }
         }
       }
+      // The stage's bytes are in registers now; refill it with the chunk kStages ahead.
+      issue_next(stage);
+      stage = stage + 1 == P::kStages ? 0 : stage + 1;
+      if constexpr (kDp == 0) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int u = 0; u < 4; ++u)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) b_cur[nt][u][i] = b_next[nt][u][i];
+      }
     }
-    // The stage's bytes are in registers now; refill it with the chunk kStages ahead.
-    issue(stage, chunk + int64_t(P::kStages) * kWarps);
-    stage = stage + 1 == P::kStages ? 0 : stage + 1;
-    if constexpr (kDp == 0) {
+    if constexpr (kDp > 0) {
+      // The quad's four lanes hold the same rows over different groups: their sums meet by
+      // shuffles, lane quad_col == 0 posts them, and after the barrier each output sums the
+      // warps in order. The ring keeps streaming the next tile meanwhile.
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int t = 0; t < kDp; ++t) {
+            float v = dacc[mt][h][t];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            if (quad_col == 0) dp_sums[(((warp * MT + mt) * 2 + h) * kDp + t) * 8 + quad_row] = v;
+          }
+        }
+      }
+      if (!p.early_trigger && iter + 1 == n_my_tiles) pdl_trigger();
+      __syncthreads();
+      constexpr int kRowsOut = kSwiglu ? 16 : 16 * MT;
+      for (int e = threadIdx.x; e < kRowsOut * kDp; e += kThreads) {
+        const int t = e % kDp;
+        const int r = e / kDp;
+        const int h = (r & 15) >> 3;
+        auto warp_sum_of = [&](int mt) {
+          float sum = 0.0f;
+#pragma unroll
+          for (int wp = 0; wp < kWarps; ++wp) {
+            sum += dp_sums[(((wp * MT + mt) * 2 + h) * kDp + t) * 8 + (r & 7)];
+          }
+          return sum;
+        };
+        if constexpr (kSwiglu) {
+          store_swiglu(at.row_base + r, t, warp_sum_of(0), warp_sum_of(1));
+        } else {
+          store_row(at.job, at.row_base + r, t, warp_sum_of(r >> 4));
+        }
+      }
+      __syncthreads();  // dp_sums is the next tile's
+      continue;
+    }
+    // The mma path: one tile a block (the grid covers them all), summed across warps in the
+    // pipeline's shared memory.
+    cp_async_wait<0>();
+    __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
+    if (!p.early_trigger) pdl_trigger();
+
+    constexpr int kValues = MT * NT * 4;
+    auto partial = reinterpret_cast<float(*)[kValues][32]>(smem);  // [kWarps][kValues][32]
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
+        for (int i = 0; i < 4; ++i) partial[warp][(mt * NT + nt) * 4 + i][lane] = acc[mt][nt][i];
+    __syncthreads();
+    // A lane's accumulator (i) holds tokens 2 (l % 4) + i % 2 of rows l / 4 + 8 (i / 2).
+    if constexpr (kSwiglu) {
+      for (int e = threadIdx.x; e < NT * 4 * 32; e += kThreads) {
+        const int l = e & 31;
+        const int idx = e >> 5;  // (nt, i) of the gate tile; the up tile follows at + NT * 4
+        float g = 0.0f, u = 0.0f;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) b_cur[nt][u][i] = b_next[nt][u][i];
-    }
-  }
-  if constexpr (kDp > 0) {
-    // The quad's four lanes hold the same rows over different groups: sum them, then lay the
-    // sums out as an mma accumulator (lane quad_col holds tokens 2 quad_col and 2 quad_col + 1
-    // of rows quad_row and quad_row + 8) so the epilogue below serves both paths.
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][0][i] = 0.0f;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int t = 0; t < kDp; ++t) {
-          float v = dacc[mt][h][t];
-          v += __shfl_xor_sync(0xffffffffu, v, 1);
-          v += __shfl_xor_sync(0xffffffffu, v, 2);
-          if (t == 2 * quad_col) acc[mt][0][2 * h] = v;
-          if (t == 2 * quad_col + 1) acc[mt][0][2 * h + 1] = v;
+        for (int wp = 0; wp < kWarps; ++wp) {
+          g += partial[wp][idx][l];
+          u += partial[wp][NT * 4 + idx][l];
         }
+        const int i = idx & 3;
+        store_swiglu(at.row_base + (l >> 2) + (i >= 2 ? 8 : 0),
+                     (idx >> 2) * 8 + (l & 3) * 2 + (i & 1), g, u);
+      }
+    } else {
+      for (int e = threadIdx.x; e < kValues * 32; e += kThreads) {
+        const int l = e & 31;
+        const int idx = e >> 5;
+        float sum = 0.0f;
+#pragma unroll
+        for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][idx][l];
+        const int i = idx & 3;
+        const int nt = (idx >> 2) % NT;
+        const int mt = (idx >> 2) / NT;
+        store_row(at.job, at.row_base + mt * 16 + (l >> 2) + (i >= 2 ? 8 : 0),
+                  nt * 8 + (l & 3) * 2 + (i & 1), sum);
       }
     }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
-  if (!p.early_trigger) pdl_trigger();
-
-  constexpr int kValues = MT * NT * 4;
-  auto partial = reinterpret_cast<float(*)[kValues][32]>(smem);  // [kWarps][kValues][32]
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) partial[warp][(mt * NT + nt) * 4 + i][lane] = acc[mt][nt][i];
-  __syncthreads();
+  }  // tiles
   if constexpr (kSwiglu) {
-    const GemvJob& gate = p.jobs[0];
-    const GemvJob& up = p.jobs[1];
-    for (int e = threadIdx.x; e < NT * 4 * 32; e += kThreads) {
-      const int l = e & 31;
-      const int idx = e >> 5;  // (nt, i) of the gate tile; the up tile follows at + NT * 4
-      float g = 0.0f, u = 0.0f;
-#pragma unroll
-      for (int wp = 0; wp < kWarps; ++wp) {
-        g += partial[wp][idx][l];
-        u += partial[wp][NT * 4 + idx][l];
-      }
-      const int i = idx & 3;
-      const int nt = idx >> 2;
-      const int64_t row = row_base + (l >> 2) + (i >= 2 ? 8 : 0);
-      const int token = nt * 8 + (l & 3) * 2 + (i & 1);
-      if (row < n_rows && token < p.n_tokens) {
-        if (gate.w.bias != nullptr) g += gate.w.bias[row];
-        if (up.w.bias != nullptr) u += up.w.bias[row];
-        const float value = g / (1.0f + expf(-g)) * u;
-        up.y[int64_t(token) * n_rows + row] = u;
-        gate.y[int64_t(token) * n_rows + row] = value;
-        if (p.shadow.data != nullptr) {
-          p.shadow.data[shadow_index(token, row, p.shadow.row_stride, p.shadow.permuted)] =
-              __float2half_rn(value);
-        }
-      }
-    }
     // The shadow's padding past the last row (when rows is not a multiple of 32) is zero.
+    const int64_t n_rows = p.jobs[0].w.rows;
     if (p.shadow.data != nullptr && blockIdx.x == gridDim.x - 1) {
       const int64_t pad = p.shadow.row_stride - n_rows;
       for (int64_t e = threadIdx.x; e < pad * p.n_tokens; e += kThreads) {
@@ -582,26 +681,6 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
         const int64_t col = n_rows + e % pad;
         p.shadow.data[shadow_index(token, col, p.shadow.row_stride, p.shadow.permuted)] =
             __float2half_rn(0.0f);
-      }
-    }
-  } else {
-    const GemvJob& out = p.jobs[job];
-    for (int e = threadIdx.x; e < kValues * 32; e += kThreads) {
-      const int l = e & 31;
-      const int idx = e >> 5;
-      float sum = 0.0f;
-#pragma unroll
-      for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][idx][l];
-      const int i = idx & 3;
-      const int nt = (idx >> 2) % NT;
-      const int mt = (idx >> 2) / NT;
-      const int64_t row = row_base + mt * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
-      const int token = nt * 8 + (l & 3) * 2 + (i & 1);
-      if (row < n_rows && token < p.n_tokens) {
-        const float value = sum + (out.w.bias != nullptr ? out.w.bias[row] : 0.0f);
-        const int64_t at = int64_t(token) * n_rows + row;
-        out.y[at] = value;
-        if (out.residual != nullptr) out.residual[at] += value;
       }
     }
   }
@@ -613,15 +692,35 @@ constexpr int64_t dp_input_bytes(int kDp, int64_t cols) {
   return kDp * (cols + cols / kGroup * int64_t(sizeof(int2)));
 }
 
+// Bytes of the dp4a path's per-tile exchange of warp sums (dp_sums in the kernel).
+constexpr int dp_sums_bytes(int kDp, int MT) {
+  return kWarps * MT * 2 * kDp * 8 * int(sizeof(float));
+}
+
+// Whether dp4a launches are persistent (a wave of blocks looping over the row tiles) or a
+// block a tile: KESTREL_CUDA_GEMV_PERSISTENT=0 for the latter, a measurement aid.
+bool persistent_dp4a() {
+  static const bool on = [] {
+    const char* v = std::getenv("KESTREL_CUDA_GEMV_PERSISTENT");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
+// Launches the kernel over p.n_tiles row tiles: a block a tile, or for the dp4a path (whose
+// blocks each quantize the whole input first) as many blocks as fit on the device at once, each
+// looping over tiles, so the input stage runs once a block and the weight ring streams on
+// across tile boundaries.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
-Status launch_kernel(const GemvParams& p, int blocks, cudaStream_t stream) {
+Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
-  constexpr int kMaxInputBytes =
-      (kNorm ? int(kMaxNormInputCols * sizeof(__half)) : 0) + int(dp_input_bytes(kDp, kMaxDpCols));
+  constexpr int kSumBytes = kDp > 0 ? dp_sums_bytes(kDp, MT) : 0;
+  constexpr int kMaxInputBytes = (kNorm ? int(kMaxNormInputCols * sizeof(__half)) : 0) +
+                                 int(dp_input_bytes(kDp, kMaxDpCols)) + kSumBytes;
   constexpr int kMaxSmem = std::max(kPipeBytes + kMaxInputBytes, kReduceBytes);
   const int input_bytes = (kNorm ? int(p.x_stride * int64_t(sizeof(__half))) : 0) +
-                          int(dp_input_bytes(kDp, p.x_stride));
+                          int(dp_input_bytes(kDp, p.x_stride)) + kSumBytes;
   const int smem = std::max(kPipeBytes + input_bytes, kReduceBytes);
   auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp>;
   static bool attribute_set = false;  // once per instantiation
@@ -630,6 +729,13 @@ Status launch_kernel(const GemvParams& p, int blocks, cudaStream_t stream) {
                                 kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
     attribute_set = true;
   }
+  int blocks = p.n_tiles;
+  if (kDp > 0 && persistent_dp4a()) {
+    int per_sm = 0;
+    KS_CUDA_CHECK("matmul",
+                  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    blocks = std::min(blocks, std::max(1, per_sm) * p.sm_count);
+  }
   KS_CUDA_CHECK("matmul", launch_pdl(kernel, dim3(unsigned(blocks)), dim3(kThreads), size_t(smem),
                                      stream, p));
   KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
@@ -637,46 +743,49 @@ Status launch_kernel(const GemvParams& p, int blocks, cudaStream_t stream) {
 }
 
 template <WeightFormat F, int MT, bool kSwiglu>
-Status launch_mt(const GemvParams& p, int blocks, cudaStream_t stream) {
+Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
     if (p.dp4a) {
-      if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, blocks, stream);
-      if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, blocks, stream);
-      return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, blocks, stream);
+      if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, stream);
+      if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, stream);
+      return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, stream);
     }
   }
-  if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, blocks, stream);
-  if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, blocks, stream);
-  return launch_kernel<F, MT, 2, kSwiglu, false, 0>(p, blocks, stream);
+  if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
+  if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, stream);
+  return launch_kernel<F, MT, 2, kSwiglu, false, 0>(p, stream);
 }
 
 template <WeightFormat F>
 Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStream_t stream) {
-  auto count_blocks = [&](int rows_per_block) {
+  p.sm_count = sm_count;
+  auto count_tiles = [&](int rows_per_tile) {
     int total = 0;
     for (int j = 0; j < p.n_jobs; ++j) {
-      p.first_block[j] = total;
-      total += int(ceil_div(p.jobs[j].w.rows, rows_per_block));
+      p.first_tile[j] = total;
+      total += int(ceil_div(p.jobs[j].w.rows, rows_per_tile));
     }
+    p.n_tiles = total;
     return total;
   };
   if (epilogue == GemvEpilogue::swiglu) {
-    return launch_mt<F, 2, true>(p, int(ceil_div(p.jobs[0].w.rows, 16)), stream);
+    p.n_tiles = int(ceil_div(p.jobs[0].w.rows, 16));
+    return launch_mt<F, 2, true>(p, stream);
   }
   // Two m-tiles per warp halve the B-fragment traffic, but only while there are enough blocks
   // to keep every SM streaming; fp16 rows are 4x wider in registers, so they keep one.
   if constexpr (F != WeightFormat::fp16) {
-    const int blocks32 = count_blocks(32);
+    const int blocks32 = count_tiles(32);
     // Past 8 tokens (two n-tiles) every block also reads 8 KB of input per token from L2, as
     // much as its weights at 16 tokens: 32-row blocks halve that, worth it down to half a wave
     // of blocks (H200, 8B at 16 tokens: wo 9.5 -> 8.4 us, down 24.8 -> 20.8 us; the 1.5B's
     // 48-block weights lose 25%).
     if (blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count)) {
-      return launch_mt<F, 2, false>(p, blocks32, stream);
+      return launch_mt<F, 2, false>(p, stream);
     }
   }
-  const int blocks16 = count_blocks(16);
-  return launch_mt<F, 1, false>(p, blocks16, stream);
+  count_tiles(16);
+  return launch_mt<F, 1, false>(p, stream);
 }
 
 }  // namespace

@@ -93,9 +93,19 @@ INSTANTIATE_TEST_SUITE_P(Formats, CudaMatmul, ::testing::ValuesIn(kFormats), for
 
 // q, k and v of one input in one launch (backend_op_checks.h).
 TEST(CudaOps, MatmulMultiRunsEveryWeight) {
-  check_matmul_multi([](int64_t n, int64_t cols) {
+  auto bound = [](int64_t n, int64_t cols) {
     return int8_inputs(WeightFormat::sym_int4, n, cols) ? 3e-2 : 2e-3;
-  });
+  };
+  check_matmul_multi(bound);
+  // More row tiles than the device holds blocks at once: a persistent dp4a block's tiles cross
+  // from q into k and v (one and two tokens), and the mma path's grid is that large too.
+  MultiShape large;
+  large.cols = 64;
+  large.rows[0] = 12000;
+  large.rows[1] = 6000;
+  large.rows[2] = 4000;
+  large.tokens = {1, 2, 5};
+  check_matmul_multi(bound, large);
 }
 
 // --- elementwise ops and norms ---------------------------------------------------------------

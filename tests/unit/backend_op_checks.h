@@ -210,14 +210,23 @@ inline void check_attention_over_prefill_and_decode(int head_dim, double bound, 
   }
 }
 
+// The shapes of check_matmul_multi: q, k and v rows over `cols` columns, at these token counts.
+struct MultiShape {
+  int64_t cols = 256;
+  int64_t rows[3] = {256, 64, 96};
+  std::vector<int64_t> tokens = {1, 7, 16, 33};
+};
+
 // q, k and v of one input in one matmul_multi call, each checked against its own reference
 // within `bound(n, cols)` for n tokens.
 template <typename Bound>
-void check_matmul_multi(Bound bound) {
-  const int64_t cols = 256;
-  const int64_t rows[3] = {256, 64, 96};
+void check_matmul_multi(Bound bound, const MultiShape& shape = {}) {
+  const int64_t cols = shape.cols;
+  const int64_t* rows = shape.rows;
   ModelWeights weights;
-  weights.config = small_config(cols, 256, 4, 1, 64, 16);
+  // The scratch arena is sized by the config: the widest output sets its intermediate size.
+  weights.config =
+      small_config(cols, std::max({int64_t(256), rows[0], rows[1], rows[2]}), 4, 1, 64, 16);
   weights.config.n_layers = 1;
   weights.format = WeightFormat::sym_int4;
   weights.layers.resize(1);
@@ -227,7 +236,7 @@ void check_matmul_multi(Bound bound) {
   l.wv = random_linear(WeightFormat::sym_int4, rows[2], cols, 32, false, 3);
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
-  for (int64_t n : {1, 7, 16, 33}) {
+  for (int64_t n : shape.tokens) {
     const std::vector<float> x = random_values(size_t(n * cols), 40 + uint64_t(n));
     Backend& b = *pair.gpu;
     std::vector<int32_t> meta;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <map>
 #include <numeric>
@@ -90,6 +91,66 @@ TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, CudaMatmul, ::testing::ValuesIn(kFormats), format_case_name);
+
+// The persistent dp4a GEMV (one and two tokens) gives the same bits whichever block takes which
+// row tile: every GEMV kind of a layer and the lm_head, once with a wave of blocks (here one tile
+// a block, the weights being small) and once with 3 blocks looping over all the tiles. 1088
+// columns are 9 chunks, the last one half empty, so the warps of a block own different chunk
+// counts and the issue cursor wraps inside every tile; q/k/v's tiles run from q into k and v.
+TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
+  ModelConfig config = small_config(1088, 704, 8, 2, 64, 300);
+  config.n_layers = 1;
+  ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 4100);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+  Backend& b = *pair.gpu;
+  const LayerWeights& l = weights.layers[0];
+  const Linear* const qkv[] = {&l.wq, &l.wk, &l.wv};
+  const Linear* const head[] = {&weights.output};
+  for (int64_t n : {1, 2}) {
+    const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4200 + n, 2.0f);
+    std::vector<float> results[2];
+    for (int cap : {0, 3}) {
+      cuda::set_gemv_block_cap(cap);
+      std::vector<int32_t> meta;
+      ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+      auto take = [&](int64_t cols) {
+        auto t = b.scratch(n, cols);
+        EXPECT_TRUE(t.is_ok());
+        poison(b, *t);
+        return *t;
+      };
+      Tensor xt = take(config.hidden_size), normed = take(config.hidden_size);
+      Tensor q = take(config.q_dim()), k = take(config.kv_dim()), v = take(config.kv_dim());
+      Tensor gate = take(config.intermediate_size), up = take(config.intermediate_size);
+      Tensor down = take(config.hidden_size), logits = take(config.vocab_size);
+      fill(b, xt, x);
+      const Tensor qkv_out[] = {q, k, v};
+      const Tensor head_out[] = {logits};
+      ASSERT_TRUE(b.norm_matmul(qkv_out, normed, xt, l.attn_norm, 1e-5f, qkv).is_ok());
+      ASSERT_TRUE(
+          b.norm_matmul_swiglu(gate, up, normed, xt, l.ffn_norm, 1e-5f, l.w_gate, l.w_up).is_ok());
+      ASSERT_TRUE(b.matmul_add(down, gate, l.w_down, xt).is_ok());
+      ASSERT_TRUE(b.norm_matmul(head_out, normed, xt, weights.output_norm, 1e-5f, head).is_ok());
+      std::vector<float>& r = results[cap == 0 ? 0 : 1];
+      for (Tensor t : {q, k, v, gate, up, down, xt, logits}) {
+        const std::vector<float> values = fetch(b, t);
+        r.insert(r.end(), values.begin(), values.end());
+      }
+    }
+    cuda::set_gemv_block_cap(0);
+    ASSERT_EQ(results[0].size(), results[1].size());
+    size_t differ = 0;
+    for (size_t i = 0; i < results[0].size(); ++i) {
+      // Bit patterns, so a NaN (an output never written) differs from everything.
+      uint32_t a, c;
+      std::memcpy(&a, &results[0][i], 4);
+      std::memcpy(&c, &results[1][i], 4);
+      differ += a != c;
+    }
+    EXPECT_EQ(differ, 0u) << "of " << results[0].size() << " values, n=" << n;
+  }
+}
 
 // q, k and v of one input in one launch (backend_op_checks.h).
 TEST(CudaOps, MatmulMultiRunsEveryWeight) {

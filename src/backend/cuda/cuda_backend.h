@@ -53,6 +53,11 @@ GraphStats graph_stats(Backend& backend);
 // does (gemv.cuh); otherwise it rounds the input to fp16 for the tensor cores.
 bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols);
 
+// At most `blocks` blocks for a persistent (dp4a) GEMV launch, 0 for no cap beyond one wave: a
+// test aid that makes small weights loop over several row tiles a block. Process-wide; set it
+// only while no other thread launches GEMVs.
+void set_gemv_block_cap(int blocks);
+
 // Device-to-device copy bandwidth of device 0 in GB/s, counting bytes read and written (1 GiB,
 // median of 7 graph replays): the decode roofline the benchmarks report against.
 Result<double> measure_copy_gbs();

@@ -252,7 +252,7 @@ struct Fragment {
 };
 
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
-__global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
+__global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 1)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(
@@ -286,6 +286,9 @@ __global__ void __launch_bounds__(kThreads, kNorm ? 3 : 1)
   const int quad_col = lane & 3;
   // Only the dp4a path loops over tiles; the mma path's grid covers them, one a block.
   constexpr bool kPersistent = kDp > 0;
+  // consume() reads the host-layout scales' parity from the issue cursor's offsets, which run
+  // ahead into the next tile: only the tiled formats, which need no per-tile state there, loop.
+  static_assert(!kPersistent || Pipe<F, MT>::kTiled, "a persistent GEMV reads int4 tiles");
   const int n_my_tiles = !kPersistent ? 1
                          : int(blockIdx.x) < p.n_tiles
                              ? (p.n_tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1
@@ -697,6 +700,8 @@ constexpr int dp_sums_bytes(int kDp, int MT) {
   return kWarps * MT * 2 * kDp * 8 * int(sizeof(float));
 }
 
+int block_cap = 0;  // set_gemv_block_cap
+
 // Whether dp4a launches are persistent (a wave of blocks looping over the row tiles) or a
 // block a tile: KESTREL_CUDA_GEMV_PERSISTENT=0 for the latter, a measurement aid.
 bool persistent_dp4a() {
@@ -735,6 +740,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
     KS_CUDA_CHECK("matmul",
                   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
     blocks = std::min(blocks, std::max(1, per_sm) * p.sm_count);
+    if (block_cap > 0) blocks = std::min(blocks, block_cap);
   }
   KS_CUDA_CHECK("matmul", launch_pdl(kernel, dim3(unsigned(blocks)), dim3(kThreads), size_t(smem),
                                      stream, p));
@@ -790,6 +796,10 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
 
 }  // namespace
 
+void set_gemv_block_cap(int blocks) {
+  block_cap = std::max(0, blocks);
+}
+
 bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols) {
   // Measured on the H200 (PERF.md): dp4a beats the mma path by 15-30% at one token and by
   // 5-15% at two on the large weights; at four it is even with it on the GEMV alone and 16%
@@ -837,8 +847,11 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
     if (data_bytes(jobs[j].w) >= (int64_t(1) << 32)) {
       return Status::error("cuda matmul: a weight of 4 GiB or more needs 64-bit GEMV offsets");
     }
-    if (jobs[j].w.format != format || jobs[j].w.cols != jobs[0].w.cols) {
-      return Status::error("cuda matmul: weights launched together differ in format or width");
+    // One block size too: the kernel takes the scale layout from the first job.
+    if (jobs[j].w.format != format || jobs[j].w.cols != jobs[0].w.cols ||
+        jobs[j].w.block != jobs[0].w.block) {
+      return Status::error(
+          "cuda matmul: weights launched together differ in format, width or block size");
     }
     p.jobs[j] = jobs[j];
   }

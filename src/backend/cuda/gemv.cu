@@ -8,14 +8,13 @@
 // tile at a time; its warps stride over the columns in chunks of 128 (4 groups of 32), lane
 // c = lane % 4 taking group c of the chunk for rows lane / 4 and lane / 4 + 8 of each m-tile.
 // The mma path launches a block per tile; the dp4a path launches one wave of blocks that loop
-// over the tiles (below). The 8 warps' partial sums meet in
-// shared memory at the end. A lane's 16-byte int4 group holds weight j in the low nibble and
-// j + 16 in the high nibble of byte j; the mask-and-or trick turns nibble pairs at bits 0/16
-// into two fp16 values 1024 + q, so a 32-bit word yields the A fragment halves
-// (4u, 4u+2), (4u+1, 4u+3), (16+4u, 16+4u+2), (16+4u+1, 16+4u+3) for word u. The k order that
-// results is the "permuted" shadow layout of common.cuh, so the matching B fragment of
-// token lane / 4 is one 16-byte load. int8 and fp16 rows are unpacked into the same order with
-// byte permutes.
+// over the tiles (below). The 8 warps' partial sums meet in shared memory after each tile. A lane's
+// 16-byte int4 group holds weight j in the low nibble and j + 16 in the high nibble of byte j; the
+// mask-and-or trick turns nibble pairs at bits 0/16 into two fp16 values 1024 + q, so a 32-bit word
+// yields the A fragment halves (4u, 4u+2), (4u+1, 4u+3), (16+4u, 16+4u+2), (16+4u+1, 16+4u+3) for
+// word u. The k order that results is the "permuted" shadow layout of common.cuh, so the matching B
+// fragment of token lane / 4 is one 16-byte load. int8 and fp16 rows are unpacked into the same
+// order with byte permutes.
 //
 // With a NormInput (batch-1 decode), the input is RMSNorm(x) · w of an fp32 activation: every
 // block computes it (each needs all of it: 32 KB of x and w from L2 at 4096 columns) into shared
@@ -34,6 +33,7 @@
 // boundaries; the quads' sums meet in a small shared buffer after each tile.
 #include <algorithm>
 #include <cstdlib>
+#include <map>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.cuh"
@@ -736,10 +736,18 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   }
   int blocks = p.n_tiles;
   if (kDp > 0 && persistent_dp4a()) {
-    int per_sm = 0;
-    KS_CUDA_CHECK("matmul",
-                  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-    blocks = std::min(blocks, std::max(1, per_sm) * p.sm_count);
+    // Blocks an SM holds depend only on the instantiation and its shared memory (the input's
+    // width: wo and down share an instantiation): asked once per width, not at every launch of
+    // an eager step. Per thread, as a tensor-parallel run drives each device from its own.
+    thread_local std::map<int, int> per_sm_of_smem;
+    auto known = per_sm_of_smem.find(smem);
+    if (known == per_sm_of_smem.end()) {
+      int per_sm = 0;
+      KS_CUDA_CHECK("matmul",
+                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+      known = per_sm_of_smem.emplace(smem, per_sm).first;
+    }
+    blocks = std::min(blocks, std::max(1, known->second) * p.sm_count);
     if (block_cap > 0) blocks = std::min(blocks, block_cap);
   }
   KS_CUDA_CHECK("matmul", launch_pdl(kernel, dim3(unsigned(blocks)), dim3(kThreads), size_t(smem),

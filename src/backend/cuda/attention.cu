@@ -1,5 +1,7 @@
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include <cuda_fp8.h>
@@ -795,13 +797,103 @@ __global__ void __launch_bounds__(kPrefillThreads)
   }
 }
 
+// The last split of a (token, KV head) to finish merges the group's splits itself (the merge the
+// combine kernel does for the CUDA-core split kernel), so a decode step's attention is one launch:
+// out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s for each of the G query heads, and in rope
+// mode q heads kvh * G .. + G - 1 and K head kvh left rotated in memory (every split of the group
+// has read them by now). The merge is one block's latency on the step's path, so it keeps every
+// load in flight at once: a thread takes four adjacent outputs of one head and merges the splits
+// online, 16 at a time, each batch's partial sums and {m, l} requested together. The splits go in a
+// fixed order, so a replayed graph gives the eager step's bits. The partial results are read
+// through L2 (__ldcg): other blocks wrote them.
+template <int D>
+__device__ void merge_group(const AttentionArgs& a, const KvCache& c, const DecodeWorkspace& ws,
+                            int64_t local, int64_t t, int kvh, int G, int used,
+                            const float2* angles) {
+  constexpr int kQuads = D / 4;
+  constexpr int kHalf = D / 2;
+  constexpr int kMergeBatch = 16;
+  const int tid = threadIdx.x;
+  const int64_t q_dim = int64_t(a.n_heads) * D;
+  const int64_t head0 = local * a.n_heads + int64_t(kvh) * G;  // the group's first (token, head)
+  for (int idx = tid; idx < G * kQuads; idx += kPrefillThreads) {
+    const int g = idx / kQuads;
+    const int d = (idx % kQuads) * 4;
+    const float4* o =
+        reinterpret_cast<const float4*>(ws.o + (head0 + g) * ws.max_splits * int64_t(D) + d);
+    const float2* ml = reinterpret_cast<const float2*>(ws.ml + (head0 + g) * ws.max_splits * 2);
+    float m = -INFINITY, l = 0.0f;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int s0 = 0; s0 < used; s0 += kMergeBatch) {
+      float2 mv[kMergeBatch];
+      float4 ov[kMergeBatch];
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        const bool in = s0 + i < used;
+        mv[i] = in ? __ldcg(ml + s0 + i) : make_float2(-INFINITY, 0.0f);
+        ov[i] = in ? __ldcg(o + int64_t(s0 + i) * kQuads) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+      // Every split that ran saw at least one key, so the batch's maximum is finite, and
+      // e^(-inf) = 0 drops the empty slots (and, in the first batch, the empty running state).
+      float mb = m;
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) mb = fmaxf(mb, mv[i].x);
+      const float rescale = expf(m - mb);
+      l *= rescale;
+      acc.x *= rescale;
+      acc.y *= rescale;
+      acc.z *= rescale;
+      acc.w *= rescale;
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        const float e = expf(mv[i].x - mb);
+        l += e * mv[i].y;
+        acc.x += e * ov[i].x;
+        acc.y += e * ov[i].y;
+        acc.z += e * ov[i].z;
+        acc.w += e * ov[i].w;
+      }
+      m = mb;
+    }
+    const float inv = 1.0f / l;
+    const float value[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
+    const int64_t col = (int64_t(kvh) * G + g) * D + d;
+    *reinterpret_cast<float4*>(a.out + t * q_dim + col) =
+        make_float4(value[0], value[1], value[2], value[3]);
+    if (a.shadow.data != nullptr) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        a.shadow.data[shadow_index(t, col + i, a.shadow.row_stride, a.shadow.permuted)] =
+            __float2half_rn(value[i]);
+      }
+    }
+  }
+  if (a.shadow.data != nullptr && kvh == c.n_kv_heads - 1) {  // the shadow row's padding
+    for (int64_t col = q_dim + tid; col < a.shadow.row_stride; col += kPrefillThreads) {
+      a.shadow.data[shadow_index(t, col, a.shadow.row_stride, a.shadow.permuted)] =
+          __float2half_rn(0.0f);
+    }
+  }
+  if (a.inv_freq == nullptr) return;
+  // Rope mode: the group's q heads and its K head, rotated in place.
+  for (int idx = tid; idx < (G + 1) * kHalf; idx += kPrefillThreads) {
+    const int g = idx / kHalf;
+    const int i = idx % kHalf;
+    float* head = g < G ? a.q + t * q_dim + (int64_t(kvh) * G + g) * D
+                        : a.k + (t * c.n_kv_heads + kvh) * int64_t(D);
+    const float2 r = rotate(head[i], head[i + kHalf], angles[i].x, angles[i].y);
+    head[i] = r.x;
+    head[i + kHalf] = r.y;
+  }
+}
+
 // Decode attention on the tensor cores, for head_dim 64 / 128 over fp16 or fp8 caches: the split
 // kernel's work with the G query heads of a KV head as the rows of an m16n8k16 tile (rows past
 // G are zeros). A split walks its 64-key tiles (load_kv_tile: cp.async double buffer, or fp8
 // converted to fp16); each warp takes 16 keys of every tile with its own running max and sum
 // (scores in log2 units, as the prefill kernel), and the block merges its four warps in shared
-// memory at the end. The partial results are the split kernel's, so the combine kernel serves
-// both.
+// memory at the end. The partial results are the split kernel's; the group's last split to finish
+// merges them (merge_group), so there is no combine launch.
 //
 // With a.inv_freq set (rope_attention of a batch whose tokens are all of different sequences),
 // the kernel also does rope_kv_write_kernel's work, so a decode step has no launch for it: the
@@ -810,8 +902,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
 // holds the token's own position rotates its K row, stores it and its V row in the cache and
 // puts them in its tile, the row load_kv_tile skipped. Every other key is in the cache from
 // earlier calls, so the first tile is requested before the wait for the q/k/v projection, with
-// the angles. The combine kernel leaves q and k rotated in memory, as rope_attention's contract
-// says, once every split has read them.
+// the angles. The merging split leaves q and k rotated in memory, as rope_attention's contract
+// says, once every split of its group has read them.
 template <int D, KvType kType>
 __global__ void __launch_bounds__(kPrefillThreads)
     attention_split_mma_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws, int64_t token_begin,
@@ -1062,6 +1154,23 @@ __global__ void __launch_bounds__(kPrefillThreads)
       ws.ml[slot * 2 + 1] = l;
     }
   }
+  // Arrival: the block's partial results are visible device-wide before its count, and the
+  // split that brings the count to the group's splits merges them (and sets the count back to
+  // zero for the next launch).
+  if (ws.arrivals == nullptr) return;  // the combine kernel merges (a measurement aid)
+  __shared__ bool merges;
+  const int used = int((n_tiles + per_split - 1) / per_split);
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    unsigned* count = ws.arrivals + local * c.n_kv_heads + kvh;
+    merges = atomicAdd(count, 1u) + 1 == unsigned(used);
+    if (merges) *count = 0;
+  }
+  __syncthreads();
+  if (!merges) return;
+  __threadfence();
+  merge_group<D>(a, c, ws, local, t, kvh, G, used, angles);
 }
 
 // Calls f(std::integral_constant<KvType, type>{}) for the cache's entry type.
@@ -1163,8 +1272,17 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(
                                    kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   }
+  // KESTREL_CUDA_ATTENTION_COMBINE=1 (a measurement aid): the tensor-core kernel leaves its
+  // splits to the combine kernel, as before it merged them itself.
+  static const bool combine_launch = [] {
+    const char* v = std::getenv("KESTREL_CUDA_ATTENTION_COMBINE");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  const bool merge_in_split = kMma && !combine_launch;
+  DecodeWorkspace split_ws = ws;
+  if (!merge_in_split) split_ws.arrivals = nullptr;
   const size_t combine_smem = size_t(ws.max_splits) * sizeof(float);
-  if (combine_smem > 48 * 1024) {
+  if (!merge_in_split && combine_smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(attention_combine_kernel,
                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                     int(combine_smem)));
@@ -1184,8 +1302,9 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
     splits = std::min(splits, ws.max_splits);
     const dim3 grid(unsigned(splits), unsigned(cache.n_kv_heads), unsigned(count));
     KS_CUDA_CHECK("attention", launch_pdl(kernel, grid, dim3(unsigned(threads)), smem, stream, args,
-                                          cache, ws, begin, splits));
+                                          cache, split_ws, begin, splits));
     KS_CUDA_CHECK_LAUNCH("attention", "attention_split_kernel");
+    if (merge_in_split) continue;  // the split kernel merged its splits
     KS_CUDA_CHECK(
         "attention",
         launch_pdl(attention_combine_kernel, dim3(unsigned(args.n_heads), unsigned(count)),

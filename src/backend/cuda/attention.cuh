@@ -79,7 +79,10 @@ struct AttentionArgs {
 struct DecodeWorkspace {
   float* o = nullptr;   // [16, n_heads, max_splits, head_dim]
   float* ml = nullptr;  // [16, n_heads, max_splits, 2]  running max and sum of exp
-  int max_splits = 0;   // decode_splits(sm_count, n_kv_heads, 1, max_context)
+  // [16, n_kv_heads] splits of each (token, KV head) done so far in a tensor-core launch
+  // (tensor_core_attention): zero between launches, which leave it zero.
+  unsigned* arrivals = nullptr;
+  int max_splits = 0;  // decode_splits(sm_count, n_kv_heads, 1, max_context)
   int sm_count = 1;
 };
 

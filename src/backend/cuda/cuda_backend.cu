@@ -272,6 +272,10 @@ class CudaBackend final : public Backend {
                         reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,
                         reserve_device<float>(extras.split_ml_bytes, "attention partial maxima"));
+    KS_ASSIGN_OR_RETURN(decode_ws_.arrivals,
+                        reserve_device<unsigned>(extras.arrival_bytes, "attention split counters"));
+    KS_CUDA_CHECK("reserve",
+                  cudaMemsetAsync(decode_ws_.arrivals, 0, extras.arrival_bytes, stream_));
     KS_ASSIGN_OR_RETURN(
         layer_sync_, reserve_device<unsigned>(extras.layer_sync_bytes, "decoder layer counters"));
     // The layer kernel's barrier and merge counters start at zero; each launch leaves them so.
@@ -685,10 +689,11 @@ class CudaBackend final : public Backend {
     size_t split_ml_bytes = 0;
     size_t meta_bytes = 0;
     size_t rows_bytes = 0;
+    size_t arrival_bytes = 0;
     size_t layer_sync_bytes = 0;
     size_t total() const {
       return 2 * shadow_bytes + dequant_bytes + cublas_bytes + split_o_bytes + split_ml_bytes +
-             meta_bytes + 2 * rows_bytes + layer_sync_bytes;
+             arrival_bytes + meta_bytes + 2 * rows_bytes + layer_sync_bytes;
     }
   };
 
@@ -721,6 +726,7 @@ class CudaBackend final : public Backend {
     const size_t partials = size_t(kMaxGemvTokens) * size_t(c.n_heads) * size_t(e.max_splits);
     e.split_o_bytes = partials * size_t(c.head_dim) * sizeof(float);
     e.split_ml_bytes = partials * 2 * sizeof(float);
+    e.arrival_bytes = size_t(kMaxGemvTokens) * size_t(c.n_kv_heads) * sizeof(unsigned);
     e.meta_bytes = size_t(3 * shape.max_batch_tokens + shape.max_seqs * shape.blocks_per_seq()) *
                    sizeof(int32_t);
     e.rows_bytes = size_t(std::max(shape.max_logit_rows, shape.max_batch_tokens)) * sizeof(int32_t);

@@ -820,14 +820,12 @@ namespace {
 // Where a GEMV lets the next kernel launch (programmatic dependent launch). Early, at its start,
 // the next kernel's blocks take the SM slots left free and request their weights while this one
 // streams; late, after the main loop, they take the slots this one's blocks leave. Measured on
-// the H200 (PERF.md, seventh session), the early trigger pays only for the batch-1/2 (dp4a)
-// GEMVs of large weights: 8B batch 1 went from 500 to 556 tok/s with every one of its dp4a
-// GEMVs early, and lost with only the largest early (507); the 1.5B, whose weights have 1536
-// columns (12 KB a block), lost 2% with all early and 9% with its larger ones early; every
+// the H200 (PERF.md, seventh and eighth sessions): early pays for the batch-1/2 (dp4a) GEMVs (8B
+// batch 1: 500 -> 556 tok/s in the seventh; with attention in one launch, the 1.5B 1018-1049 ->
+// 1120 and the 8B 563 -> 571 against the seventh session's rule of large weights only), and every
 // kernel early lost batch 16 (8B 4349 -> 4166, 1.5B 10797 -> 8660). So by default
-// (KESTREL_CUDA_GEMV_TRIGGER=1) a dp4a call of at least 8 MiB of weights and 4096 columns
-// triggers early and every other GEMV late; 0 makes every GEMV late and 2 every one early
-// (measurement aids).
+// (KESTREL_CUDA_GEMV_TRIGGER=1) every dp4a call triggers early and every mma-path GEMV late; 0
+// makes every GEMV late and 2 every one early (measurement aids).
 int trigger_mode() {
   static const int mode = [] {
     const char* v = std::getenv("KESTREL_CUDA_GEMV_TRIGGER");
@@ -837,11 +835,9 @@ int trigger_mode() {
   return mode;
 }
 
-bool triggers_early(const GemvJob* jobs, int n_jobs, bool dp4a) {
+bool triggers_early(bool dp4a) {
   if (trigger_mode() != 1) return trigger_mode() == 2;
-  int64_t bytes = 0;
-  for (int j = 0; j < n_jobs; ++j) bytes += data_bytes(jobs[j].w);
-  return dp4a && bytes >= (int64_t(8) << 20) && jobs[0].w.cols >= 4096;
+  return dp4a;
 }
 
 // One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
@@ -883,7 +879,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.n_groups = x_stride / kGroup;
   p.n_tokens = n_tokens;
   p.dp4a = dp4a;
-  p.early_trigger = triggers_early(jobs, n_jobs, dp4a);
+  p.early_trigger = triggers_early(dp4a);
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);

@@ -18,7 +18,8 @@
 // activation itself, block 0 writes `normed`), so a layer launches no norm of its own.
 // rope_attention rotates q and k in the same launch that writes the KV cache; in a decode batch
 // of distinct sequences (one token each, up to 64) the tensor-core split kernel does both itself
-// (attention.cuh, tensor_core_attention), so attention is two launches per 16 tokens.
+// (attention.cuh, tensor_core_attention) and its last split per KV head merges, so attention is
+// one launch per 16 tokens.
 // Beyond 64 tokens the matmuls are GEMMs and the rest of a fused op runs as the plain op's kernel
 // after them. The plain ops never fuse: each is its own launches, whatever comes before or after
 // it.
@@ -544,7 +545,8 @@ class CudaBackend final : public Backend {
   Status rope_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
                         const RopeParams& p) override {
     KS_RETURN_IF_ERROR(check_rope(q, k, p));
-    // In a decode batch the combine kernel writes `out` and then rotates q and k in place.
+    // In a decode batch the merging split (or the combine kernel) writes `out` and then rotates q
+    // and k in place.
     if (overlap(out, q) || overlap(out, k) || overlap(out, v) || overlap(q, k) || overlap(q, v) ||
         overlap(k, v)) {
       return Status::error("cuda rope_attention: out, q, k and v must not overlap one another");
@@ -1098,8 +1100,8 @@ class CudaBackend final : public Backend {
   // The KV cache write of k and v (after rotating q and k in place, one launch, with `rotate`),
   // then attention: the split decode kernel for at most 64 tokens, a flash launch per run of
   // the batch beyond. With `rotate` in a decode batch of distinct sequences (rope_in_decode_)
-  // there is no such launch: the split kernel rotates q and k and writes the cache, and the
-  // combine kernel leaves q and k rotated.
+  // there is no such launch: the split kernel rotates q and k and writes the cache, and its
+  // merging split leaves q and k rotated.
   Status launch_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
                           const RopeParams& p, bool rotate) {
     if (layer < 0 || layer >= config_.n_layers || p.head_dim != config_.head_dim ||

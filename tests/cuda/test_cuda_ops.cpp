@@ -474,7 +474,8 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
 // with 16 KV heads a 16-token slice gets one or two splits per (token, KV head), so a split walks
 // several 64-key tiles and the token's own tile is loaded inside its loop (either stage), not
 // before the wait; 23 sequences make two slices, the second's splits reading q and k while the
-// first slice's combine kernel has rotated its own in place; positions sit at the edges of tiles
+// first slice's merging splits have rotated their own in place, and its arrival counts starting
+// from the zeros the first left; positions sit at the edges of tiles
 // (63, 64, 127, 128 keys before). A second step reads the rows the first wrote in-kernel, and a
 // single token ends it.
 TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {

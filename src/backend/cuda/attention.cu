@@ -447,6 +447,18 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 }
 
+// Zeroes token t's fp16 shadow of the attention output past its q_dim columns (the row's padding
+// up to row_stride), when there is a shadow: the block that writes the row's last head calls it,
+// every thread of its `threads`.
+__device__ inline void zero_shadow_padding(const AttentionArgs& a, int64_t t, int64_t q_dim,
+                                           int threads) {
+  if (a.shadow.data == nullptr) return;
+  for (int64_t col = q_dim + threadIdx.x; col < a.shadow.row_stride; col += threads) {
+    a.shadow.data[shadow_index(t, col, a.shadow.row_stride, a.shadow.permuted)] =
+        __float2half_rn(0.0f);
+  }
+}
+
 // Merges a token-head's splits: out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s. The
 // splits' weights are computed once into shared memory, in parallel.
 __global__ void __launch_bounds__(kCombineThreads)
@@ -505,12 +517,7 @@ __global__ void __launch_bounds__(kCombineThreads)
           __float2half_rn(value);
     }
   }
-  if (a.shadow.data != nullptr && h == a.n_heads - 1) {
-    for (int64_t col = q_dim + threadIdx.x; col < a.shadow.row_stride; col += kCombineThreads) {
-      a.shadow.data[shadow_index(t, col, a.shadow.row_stride, a.shadow.permuted)] =
-          __float2half_rn(0.0f);
-    }
-  }
+  if (h == a.n_heads - 1) zero_shadow_padding(a, t, q_dim, kCombineThreads);
   if (rope && pair < half) {
     float cos_v, sin_v;
     rope_angle(n_ctx - 1, a.inv_freq, pair, cos_v, sin_v);
@@ -868,12 +875,7 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
       }
     }
   }
-  if (a.shadow.data != nullptr && kvh == c.n_kv_heads - 1) {  // the shadow row's padding
-    for (int64_t col = q_dim + tid; col < a.shadow.row_stride; col += kPrefillThreads) {
-      a.shadow.data[shadow_index(t, col, a.shadow.row_stride, a.shadow.permuted)] =
-          __float2half_rn(0.0f);
-    }
-  }
+  if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
   if (a.inv_freq == nullptr) return;
   // Rope mode: the group's q heads and its K head, rotated in place.
   for (int idx = tid; idx < (G + 1) * kHalf; idx += kPrefillThreads) {
@@ -1159,7 +1161,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
   // zero for the next launch).
   if (ws.arrivals == nullptr) return;  // the combine kernel merges (a measurement aid)
   __shared__ bool merges;
-  const int used = int((n_tiles + per_split - 1) / per_split);
+  const int used = splits_used(n_ctx, n_splits, kPrefillKeys);
   __threadfence();
   __syncthreads();
   if (tid == 0) {

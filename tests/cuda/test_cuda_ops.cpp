@@ -152,6 +152,65 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   }
 }
 
+// Prefill GEMMs (more than 64 rows) through the two fp16 copies of DequantAhead (gemm.cuh): every
+// linear of two layers in the forward order (each copy made ahead, under the GEMM before it), then
+// in an order that guesses wrong (backwards, a weight twice in a row, layers interleaved) with
+// the lm_head, larger than a copy, through slices in between, every GEMM issued before any result
+// is read back. Each result against the dequantized reference: a copy overwritten while a GEMM
+// still reads it, or read before it is written, gives errors near 1.
+TEST(CudaOps, PrefillGemmsWithCopiesMadeAhead) {
+  ModelConfig config = small_config(320, 896, 4, 2, 64, 2000);
+  config.n_layers = 2;
+  ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 5100);
+  BackendPair pair;
+  constexpr int64_t n = 96;
+  // Room in the scratch arena for every input and output of an order at once.
+  ASSERT_TRUE(pair.init(weights, RunShape{4, 256, 8 * n, n}));
+  Backend& b = *pair.gpu;
+  std::vector<const Linear*> forward;
+  for (const LayerWeights& l : weights.layers) {
+    for (const Linear* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) {
+      forward.push_back(w);
+    }
+  }
+  const LayerWeights& l0 = weights.layers[0];
+  const LayerWeights& l1 = weights.layers[1];
+  const std::vector<const Linear*> scrambled = {
+      &l1.w_down, &l1.w_up,        &l1.w_gate, &l1.w_gate, &weights.output, &l0.wq,
+      &l1.wq,     &l0.wk,          &l1.wk,     &l0.w_down, &l0.wo,          &l1.wo,
+      &l0.w_gate, &weights.output, &l0.w_up,   &l1.w_down, &l0.wv,          &l0.wk};
+  const std::vector<const Linear*>& forward_order = forward;
+  for (const auto* order : {&forward_order, &scrambled}) {
+    std::vector<int32_t> meta;
+    ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+    std::map<int64_t, std::vector<float>> inputs;  // by width
+    std::map<int64_t, Tensor> input_tensors;
+    for (int64_t cols : {config.hidden_size, config.q_dim(), config.intermediate_size}) {
+      inputs[cols] = random_values(size_t(n * cols), 5200 + uint64_t(cols));
+      auto t = b.scratch(n, cols);
+      ASSERT_TRUE(t.is_ok());
+      fill(b, *t, inputs[cols]);
+      input_tensors[cols] = *t;
+    }
+    std::vector<Tensor> outs;
+    for (const Linear* w : *order) {
+      auto y = b.scratch(n, w->w.rows);
+      ASSERT_TRUE(y.is_ok());
+      poison(b, *y);
+      const Status s = b.matmul(*y, input_tensors.at(w->w.cols), *w);
+      ASSERT_TRUE(s.is_ok()) << s.message();
+      outs.push_back(*y);
+    }
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const Linear& w = *(*order)[i];
+      const std::vector<float> ref = reference_matmul(w, inputs.at(w.w.cols), n);
+      EXPECT_LE(rel_error(fetch(b, outs[i]), ref), 2e-3)
+          << (order == &forward_order ? "forward" : "scrambled") << " order, GEMM " << i << " ("
+          << w.w.rows << " x " << w.w.cols << ")";
+    }
+  }
+}
+
 // q, k and v of one input in one launch (backend_op_checks.h).
 TEST(CudaOps, MatmulMultiRunsEveryWeight) {
   auto bound = [](int64_t n, int64_t cols) {
@@ -694,18 +753,24 @@ constexpr const char* kLayerKernelVariable = "KESTREL_CUDA_LAYER_KERNEL";
 
 // A CUDA backend with the layer kernel on ("1") or off ("0"), the variable as it was again
 // afterwards.
-Result<std::unique_ptr<Backend>> make_cuda_backend_with_layer_kernel(bool enabled) {
-  const char* was = std::getenv(kLayerKernelVariable);
+// A CUDA backend created while `variable` is `value` (the backend reads its switches once, when
+// it is created); the variable is restored afterwards.
+Result<std::unique_ptr<Backend>> make_cuda_backend_with(const char* variable, const char* value) {
+  const char* was = std::getenv(variable);
   const std::optional<std::string> saved =
       was != nullptr ? std::optional<std::string>(was) : std::nullopt;
-  setenv(kLayerKernelVariable, enabled ? "1" : "0", 1);
+  setenv(variable, value, 1);
   auto backend = make_cuda_backend();
   if (saved) {
-    setenv(kLayerKernelVariable, saved->c_str(), 1);
+    setenv(variable, saved->c_str(), 1);
   } else {
-    unsetenv(kLayerKernelVariable);
+    unsetenv(variable);
   }
   return backend;
+}
+
+Result<std::unique_ptr<Backend>> make_cuda_backend_with_layer_kernel(bool enabled) {
+  return make_cuda_backend_with(kLayerKernelVariable, enabled ? "1" : "0");
 }
 
 // Whether the CUDA backend's batch-1 layer kernel takes `dc`'s layers: all seven weights sym_int4
@@ -837,6 +902,26 @@ TEST_P(CudaDecoderLayer, KernelMatchesComposition) {
     EXPECT_NE(t.op, "decoder layer");
   }
   EXPECT_GT(reference_ops, 0);
+}
+
+// The prefill layer (the output projections adding into x in their GEMMs' epilogues, the MLP's
+// activation written only as its fp16 shadow) against the fused ops' composition on the same GPU,
+// a backend created with KESTREL_CUDA_PREFILL_LAYER=0. The kernels are the same but for those
+// epilogues (x + the product, rounded once either way) and cuBLAS may take another algorithm
+// when it accumulates: 1e-5 for a prefill call's update of x, where a lost bias or activation
+// gives errors near 1. Decode takes the same launches on both: bit for bit.
+TEST_P(CudaDecoderLayer, PrefillLayerMatchesComposition) {
+  const DecoderLayerCase dc = layer_kernel_case(GetParam());
+  ModelWeights weights = decoder_layer_model(dc);
+  auto prefill = make_cuda_backend_with("KESTREL_CUDA_PREFILL_LAYER", "1");
+  auto composition = make_cuda_backend_with("KESTREL_CUDA_PREFILL_LAYER", "0");
+  ASSERT_TRUE(prefill.is_ok()) << prefill.status().message();
+  ASSERT_TRUE(composition.is_ok()) << composition.status().message();
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc), std::move(prefill).value(),
+                        std::move(composition).value()));
+  check_decoder_layer(
+      pair, weights, [](int64_t n) { return n == 1 ? 0.0 : 1e-5; }, [](Backend&, int64_t, bool) {});
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -27,7 +27,7 @@ __device__ inline float silu_times(float g, float u) {
 // swiglu_kernel with four columns a thread (cols a multiple of 4): 16-byte loads and stores,
 // and an 8-byte store of the shadow's four halves when it is in natural order. The prefill
 // SwiGLU of 1024 x 14336 moves 205 MB (gate, up, out in fp32, the fp16 shadow): the scalar
-// kernel took 88 us on the H200, 60% of the copy bandwidth.
+// kernel took 88 us on the H200, 60% of the copy bandwidth. A null `out` writes only the shadow.
 __global__ void swiglu4_kernel(float* out, const float* gate, const float* up, int64_t rows,
                                int64_t cols, ShadowOut shadow) {
   pdl_wait();
@@ -42,7 +42,7 @@ __global__ void swiglu4_kernel(float* out, const float* gate, const float* up, i
       const float4 u = *reinterpret_cast<const float4*>(up + r * cols + c);
       v = make_float4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z),
                       silu_times(g.w, u.w));
-      *reinterpret_cast<float4*>(out + r * cols + c) = v;
+      if (out != nullptr) *reinterpret_cast<float4*>(out + r * cols + c) = v;
     }
     if (shadow.data == nullptr) continue;
     if (!shadow.permuted) {
@@ -69,7 +69,7 @@ __global__ void swiglu_kernel(float* out, const float* gate, const float* up, in
     float value = 0.0f;
     if (c < cols) {
       value = silu_times(gate[r * cols + c], up[r * cols + c]);
-      out[r * cols + c] = value;
+      if (out != nullptr) out[r * cols + c] = value;
     }
     if (shadow.data != nullptr) {
       shadow.data[shadow_index(r, c, shadow.row_stride, shadow.permuted)] = __float2half_rn(value);
@@ -122,6 +122,9 @@ __global__ void write_shadow_kernel(const float* x, int64_t rows, int64_t cols, 
 
 Status swiglu(float* out, const float* gate, const float* up, int64_t rows, int64_t cols,
               ShadowOut shadow, cudaStream_t stream) {
+  if (out == nullptr && shadow.data == nullptr) {
+    return Status::error("cuda swiglu: neither an output nor a shadow to write");
+  }
   const int64_t width = shadow.data != nullptr ? shadow.row_stride : cols;
   if (rows * width == 0) return Status::ok();
   const bool aligned =

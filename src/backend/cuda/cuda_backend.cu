@@ -94,6 +94,7 @@ struct ShadowState {
 struct GemvCall {
   GemvJob jobs[kMaxGemvJobs];
   Tensor outs[kMaxGemvJobs];
+  int slots[kMaxGemvJobs] = {};  // each job's upload slot (DequantAhead's key)
   int n_jobs = 0;
   bool fp32 = false;          // fp32 weights: cuBLAS fp32 GEMMs instead (matmul_f32)
   NormInput norm;             // set: the input is this RMSNorm, x is null
@@ -131,6 +132,7 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     if (layer_kernel_) release_decode_layer(device_);
+    (void)ahead_.drain();  // before the copies it writes are freed
     abort_capture();
     clear_graphs();
     for (cudaEvent_t e : timing_events_) cudaEventDestroy(e);
@@ -214,6 +216,7 @@ class CudaBackend final : public Backend {
     abort_capture();
     clear_graphs();
     KS_CUDA_CHECK("reserve", cudaStreamSynchronize(stream_));
+    KS_RETURN_IF_ERROR(ahead_.drain());
     for (void* p : reservation_) KS_RETURN_IF_ERROR(free_device(p));
     reservation_.clear();
     for (void* p : pinned_) KS_CUDA_CHECK("reserve", cudaFreeHost(p));
@@ -255,11 +258,18 @@ class CudaBackend final : public Backend {
     }
     gemm_ws_ = GemmWorkspace{};
     gemm_ws_.cublas = cublas_;
+    __half* second_copy = nullptr;
     if (extras.dequant_bytes > 0) {
-      gemm_ws_.dequant_elems = int64_t(extras.dequant_bytes / sizeof(__half));
+      const size_t copy_bytes = extras.dequant_bytes / size_t(extras.dequant_copies);
+      gemm_ws_.dequant_elems = int64_t(copy_bytes / sizeof(__half));
       KS_ASSIGN_OR_RETURN(gemm_ws_.dequant,
-                          reserve_device<__half>(extras.dequant_bytes, "prefill dequant scratch"));
+                          reserve_device<__half>(copy_bytes, "prefill dequant scratch"));
+      if (extras.dequant_copies == 2) {
+        KS_ASSIGN_OR_RETURN(second_copy,
+                            reserve_device<__half>(copy_bytes, "prefill dequant scratch (ahead)"));
+      }
     }
+    KS_RETURN_IF_ERROR(ahead_.reset(gemm_ws_.dequant, second_copy, gemm_ws_.dequant_elems));
     if (extras.cublas_bytes > 0) {
       KS_ASSIGN_OR_RETURN(void* ws, reserve_device<uint8_t>(extras.cublas_bytes, "cuBLAS"));
       KS_CUBLAS_CHECK("reserve", cublasSetWorkspace(cublas_, ws, extras.cublas_bytes));
@@ -525,8 +535,11 @@ class CudaBackend final : public Backend {
       KS_ASSIGN_OR_RETURN(std::optional<DecodeLayerArgs> args,
                           layer_kernel_args(x, s, part, at, p, eps));
       if (!args) {
+        const bool prefill = prefill_layer_ && x.rows > kMaxGemvBatchTokens && !fp32_weights_;
         for (size_t i = 0; i < part.size(); ++i) {
-          KS_RETURN_IF_ERROR(Backend::decoder_layer(x, s, part[i], at + int64_t(i), p, eps));
+          KS_RETURN_IF_ERROR(prefill
+                                 ? prefill_layer(x, s, part[i], at + int64_t(i), p, eps)
+                                 : Backend::decoder_layer(x, s, part[i], at + int64_t(i), p, eps));
         }
         continue;
       }
@@ -540,6 +553,40 @@ class CudaBackend final : public Backend {
       }));
     }
     return Status::ok();
+  }
+
+  // A decoder layer of more than 64 tokens (prefill, GEMMs): the composition of the fused ops,
+  // except where backend.h's contract lets a layer leave its scratch tensors unwritten. The two
+  // output projections add into x in their GEMMs' epilogues (no proj tensor, no add launch), and
+  // the MLP's activation is written only as the fp16 shadow the down projection reads.
+  // Measured on the H200 (8B, 16 x 1024-token prefill): the add launches took 11.9 ms of 454.
+  Status prefill_layer(Tensor x, const LayerScratch& s, const LayerWeights& l, int64_t layer,
+                       const RopeParams& p, float eps) {
+    const Tensor qkv[] = {s.q, s.k, s.v};
+    const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
+    KS_RETURN_IF_ERROR(norm_matmul(qkv, s.normed, x, l.attn_norm, eps, qkv_weights));
+    KS_RETURN_IF_ERROR(rope_attention(s.attn, s.q, s.k, s.v, layer, p));
+    KS_RETURN_IF_ERROR(matmul_accumulate(x, s.attn, l.wo));
+    KS_ASSIGN_OR_RETURN(const float* norm_w, norm_weight(s.normed, x, l.ffn_norm, "prefill layer"));
+    KS_RETURN_IF_ERROR(launch_norm(s.normed, x, norm_w, eps));
+    const Tensor outs[] = {s.gate, s.up};
+    const Linear* const weights[] = {&l.w_gate, &l.w_up};
+    KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, s.normed, weights));
+    KS_RETURN_IF_ERROR(launch_matmul(m, s.normed));
+    if (!shadow_fits(s.gate)) {
+      KS_RETURN_IF_ERROR(launch_swiglu(s.gate, s.gate, s.up));
+    } else {
+      // silu(gate) * up into the shadow only: s.gate keeps the projection, which nothing reads.
+      const ShadowOut shadow = produce_shadow(s.gate);
+      KS_RETURN_IF_ERROR(launch("swiglu (shadow)",
+                                {addr(s.gate.data), addr(s.up.data), uint64_t(s.gate.rows),
+                                 uint64_t(s.gate.cols), addr(shadow.data)},
+                                [&] {
+                                  return cuda::swiglu(nullptr, f32(s.gate), f32(s.up), s.gate.rows,
+                                                      s.gate.cols, shadow, stream_);
+                                }));
+    }
+    return matmul_accumulate(x, s.gate, l.w_down);
   }
 
   Status rope_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
@@ -684,7 +731,8 @@ class CudaBackend final : public Backend {
     int64_t shadow_rows = 0;
     int64_t shadow_cols = 0;
     size_t shadow_bytes = 0;
-    size_t dequant_bytes = 0;
+    size_t dequant_bytes = 0;  // dequant_copies fp16 copies of the largest weight
+    int dequant_copies = 1;
     size_t cublas_bytes = 0;
     int max_splits = 0;
     size_t split_o_bytes = 0;
@@ -716,10 +764,12 @@ class CudaBackend final : public Backend {
       // One fp16 copy of the largest layer weight (lm_head, when prefill asks for many logit
       // rows, goes through it in slices of rows). Measured on the H100: slices of 16 MB, meant
       // to keep the copy in L2, made Llama-3.1-8B's 1024-token prefill twice as slow (cuBLAS on
-      // thin slices), so whole weights it is.
+      // thin slices), so whole weights it is. A second copy lets the next weight's copy be made
+      // under the current GEMM (DequantAhead, gemm.cuh).
       const int64_t largest = std::max({c.q_dim() * c.hidden_size, c.kv_dim() * c.hidden_size,
                                         c.intermediate_size * c.hidden_size});
-      e.dequant_bytes = size_t(largest) * sizeof(__half);
+      e.dequant_copies = dequant_ahead_ ? 2 : 1;
+      e.dequant_bytes = size_t(e.dequant_copies) * size_t(largest) * sizeof(__half);
     }
     // An fp32 model multiplies through cuBLAS at every token count, decode steps included.
     if (prefill_gemm || fp32_weights_) e.cublas_bytes = kCublasWorkspaceBytes;
@@ -915,6 +965,7 @@ class CudaBackend final : public Backend {
       }
       m.jobs[i] = GemvJob{*w, f32(outs[i])};
       m.outs[i] = outs[i];
+      m.slots[i] = weights[i]->backend_slot;
     }
     return m;
   }
@@ -927,19 +978,46 @@ class CudaBackend final : public Backend {
     for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
     m.x = shadow_buffers_[shadow_.buffer];
     if (x.rows <= kMaxGemvBatchTokens) return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
-    uint64_t args[2 + 2 * kMaxGemvJobs] = {addr(m.x), uint64_t(x.rows)};
-    for (int i = 0; i < m.n_jobs; ++i) {
-      args[2 + 2 * i] = addr(m.jobs[i].y);
-      args[3 + 2 * i] = addr(m.jobs[i].w.data);
+    return launch_gemm(m, x.rows, /*accumulate=*/false);
+  }
+
+  // x += in · wᵀ + bias inside the GEMM (prefill_layer; more than 64 tokens, no fp32 weights).
+  Status matmul_accumulate(Tensor x, Tensor in, const Linear& w) {
+    if (overlap(x, in)) return Status::error("cuda matmul_accumulate: x overlaps the input");
+    const Tensor outs[] = {x};
+    const Linear* const weights[] = {&w};
+    KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, in, weights));
+    if (m.fp32 || in.rows <= kMaxGemvBatchTokens) {
+      return Status::error("cuda matmul_accumulate: only the prefill GEMM accumulates");
     }
-    return launch("matmul (prefill)", std::span<const uint64_t>(args, size_t(2 + 2 * m.n_jobs)),
-                  [&]() -> Status {
-                    for (int i = 0; i < m.n_jobs; ++i) {
-                      KS_RETURN_IF_ERROR(gemm(m.jobs[i].w, m.x, m.x_stride, x.rows, m.jobs[i].y,
-                                              gemm_ws_, stream_));
-                    }
-                    return Status::ok();
-                  });
+    KS_RETURN_IF_ERROR(ensure_shadow(in));
+    note_write(x);
+    m.x = shadow_buffers_[shadow_.buffer];
+    return launch_gemm(m, in.rows, /*accumulate=*/true);
+  }
+
+  // The GEMMs of m's jobs (more than 64 tokens, m.x the input's natural shadow), each weight's
+  // fp16 copy through ahead_.
+  Status launch_gemm(const GemvCall& m, int64_t n, bool accumulate) {
+    uint64_t args[3 + 2 * kMaxGemvJobs] = {addr(m.x), uint64_t(n), uint64_t(accumulate)};
+    for (int i = 0; i < m.n_jobs; ++i) {
+      args[3 + 2 * i] = addr(m.jobs[i].y);
+      args[4 + 2 * i] = addr(m.jobs[i].w.data);
+    }
+    return launch(
+        accumulate ? "matmul + add (prefill)" : "matmul (prefill)",
+        std::span<const uint64_t>(args, size_t(3 + 2 * m.n_jobs)), [&]() -> Status {
+          for (int i = 0; i < m.n_jobs; ++i) {
+            // Upload slots follow the forward pass (weights.h), so the weight after
+            // this one's slot is the next GEMM's.
+            const int next = m.slots[i] + 1;
+            const DeviceWeight* next_w =
+                size_t(next) < linears_.size() ? &linears_[size_t(next)] : nullptr;
+            KS_RETURN_IF_ERROR(ahead_.gemm(m.jobs[i].w, m.slots[i], next_w, next, m.x, m.x_stride,
+                                           n, m.jobs[i].y, gemm_ws_, stream_, accumulate));
+          }
+          return Status::ok();
+        });
   }
 
   // The jobs of `m` on fp32 weights: cuBLAS fp32 GEMMs on the fp32 activation, at any token
@@ -1307,6 +1385,7 @@ class CudaBackend final : public Backend {
 
   Status release_weights() {
     KS_CUDA_CHECK("upload", cudaStreamSynchronize(stream_));
+    KS_RETURN_IF_ERROR(ahead_.drain());
     abort_capture();
     clear_graphs();
     for (void* p : weight_allocations_) KS_RETURN_IF_ERROR(free_device(p));
@@ -1486,6 +1565,19 @@ class CudaBackend final : public Backend {
   int64_t shadow_cols_ = 0;
   ShadowState shadow_;
   GemmWorkspace gemm_ws_;
+  DequantAhead ahead_;
+  // Prefill layers take prefill_layer unless KESTREL_CUDA_PREFILL_LAYER=0 (a measurement aid:
+  // the fused ops' composition).
+  bool prefill_layer_ = [] {
+    const char* v = std::getenv("KESTREL_CUDA_PREFILL_LAYER");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  // Prefill dequantizes the next weight under the current GEMM (DequantAhead) unless
+  // KESTREL_CUDA_DEQUANT_AHEAD=0 (a measurement aid: one copy, made before its GEMM).
+  bool dequant_ahead_ = [] {
+    const char* v = std::getenv("KESTREL_CUDA_DEQUANT_AHEAD");
+    return v == nullptr || std::string(v) != "0";
+  }();
   DecodeWorkspace decode_ws_;
   unsigned* layer_sync_ = nullptr;  // the decoder layer kernel's counters
   // The batch-1 layer kernel (layer.cuh) runs when KESTREL_CUDA_LAYER_KERNEL=1, the fused ops

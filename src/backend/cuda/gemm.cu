@@ -4,9 +4,10 @@
 namespace kestrel::cuda {
 namespace {
 
-// One thread per group of 32 weights: rows [row_begin, row_begin + n_rows) of `w` into
-// out[n_rows, out_stride] fp16, natural column order.
-__global__ void dequantize_fp16_kernel(DeviceWeight w, int64_t row_begin, int64_t n_rows,
+// sym_int8 weights to fp16, one thread per group of 32 weights: rows [row_begin, row_begin +
+// n_rows) of `w` into out[n_rows, out_stride], natural column order. (int4 weights take
+// dequantize_int4_kernel.)
+__global__ void dequantize_int8_kernel(DeviceWeight w, int64_t row_begin, int64_t n_rows,
                                        __half* out, int64_t out_stride) {
   pdl_wait();
   pdl_trigger();
@@ -16,40 +17,81 @@ __global__ void dequantize_fp16_kernel(DeviceWeight w, int64_t row_begin, int64_
   const int64_t r = idx / groups_per_row;
   const int64_t g = idx % groups_per_row;
   const int64_t row = row_begin + r;
-  const bool tiled = is_tiled(w.format);
-  const int64_t s =
-      tiled ? w.tiles.scale_index(row, g) : row * (w.cols / w.block) + g * kGroup / w.block;
-  const __half2 scale = __half2half2(w.scales[s]);
+  const __half2 scale = __half2half2(w.scales[row * (w.cols / w.block) + g * kGroup / w.block]);
   __align__(16) __half2 values[kGroup / 2];
-  const uint8_t* src =
-      w.data + (tiled ? w.tiles.group_offset(row, g) : row * w.row_bytes + g * kGroup);
-  if (w.format == WeightFormat::sym_int8) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(src);
+  const int8_t* q = reinterpret_cast<const int8_t*>(w.data + row * w.row_bytes + g * kGroup);
 #pragma unroll
-    for (int i = 0; i < kGroup / 2; ++i) {
-      values[i] = __hmul2(__floats2half2_rn(float(q[2 * i]), float(q[2 * i + 1])), scale);
-    }
-  } else {
-    const uint4 packed = *reinterpret_cast<const uint4*>(src);
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&packed);
-    const bool asym = w.format == WeightFormat::asym_int4;
-    const __half2 min = asym ? __half2half2(w.mins[s]) : __float2half2_rn(0.0f);
-    const float offset = asym ? 0.0f : 8.0f;
-#pragma unroll
-    for (int i = 0; i < kGroup / 2; ++i) {
-      // Weight j of the group: byte j % 16, low nibble for j < 16.
-      const int j0 = 2 * i;
-      const int j1 = 2 * i + 1;
-      const int q0 = j0 < 16 ? (bytes[j0] & 0x0f) : (bytes[j0 - 16] >> 4);
-      const int q1 = j1 < 16 ? (bytes[j1] & 0x0f) : (bytes[j1 - 16] >> 4);
-      const __half2 q = __floats2half2_rn(float(q0) - offset, float(q1) - offset);
-      values[i] = asym ? __hfma2(q, scale, min) : __hmul2(q, scale);
-    }
+  for (int i = 0; i < kGroup / 2; ++i) {
+    values[i] = __hmul2(__floats2half2_rn(float(q[2 * i]), float(q[2 * i + 1])), scale);
   }
   uint4* dst = reinterpret_cast<uint4*>(out + r * out_stride + g * kGroup);
   const uint4* v = reinterpret_cast<const uint4*>(values);
 #pragma unroll
   for (int i = 0; i < 4; ++i) dst[i] = v[i];
+}
+
+// Int4 weights (tiled, int4_tiles.h) to fp16: a thread makes kDequantUnits units of 8
+// consecutive values of a row, each from 8 of its group's 16 packed bytes (weights 8k .. 8k + 7 of
+// a group are the low nibbles of bytes 0-7 or 8-15 for k = 0, 1, their high nibbles for k = 2,
+// 3), with every load in flight before the first conversion; a warp's stores are 512 contiguous
+// bytes. A nibble q becomes the fp16 1024 + q by OR-ing in 1024's exponent, and 1024 (+ 8 for
+// sym_int4) comes off exactly, so the values are those of the thread-per-group kernel of before bit
+// for bit (which wrote 1.75 TB/s on the 8B's 14336 x 4096 weights, H200).
+constexpr int kDequantThreads = 128;
+constexpr int kDequantUnits = 4;
+constexpr int kDequantRowUnits = kDequantThreads * kDequantUnits;  // 8-value units a block makes
+
+// Nibbles 0 and 2 (even) and 1 and 3 (odd) of the bytes of `word` as fp16 1024 + q, in order.
+__device__ inline void int4_to_half_biased(uint32_t word, __half2& q01, __half2& q23) {
+  const uint32_t even = (word & 0x000f000fu) | 0x64006400u;        // q0, q2
+  const uint32_t odd = ((word >> 8) & 0x000f000fu) | 0x64006400u;  // q1, q3
+  const uint32_t lo = __byte_perm(even, odd, 0x5410);
+  const uint32_t hi = __byte_perm(even, odd, 0x7632);
+  q01 = *reinterpret_cast<const __half2*>(&lo);
+  q23 = *reinterpret_cast<const __half2*>(&hi);
+}
+
+template <bool kAsym>
+__global__ void __launch_bounds__(kDequantThreads)
+    dequantize_int4_kernel(DeviceWeight w, int64_t row_begin, int64_t n_rows, __half* out,
+                           int64_t out_stride) {
+  pdl_wait();
+  pdl_trigger();
+  const int units_per_row = int(w.cols / 8);
+  const __half2 bias = __float2half2_rn(kAsym ? 1024.0f : 1032.0f);
+  for (int64_t r = blockIdx.y; r < n_rows; r += gridDim.y) {
+    const int64_t row = row_begin + r;
+    uint2 packed[kDequantUnits];
+    __half2 scale[kDequantUnits], min[kDequantUnits];
+#pragma unroll
+    for (int i = 0; i < kDequantUnits; ++i) {
+      const int u = int(blockIdx.x) * kDequantRowUnits + i * kDequantThreads + int(threadIdx.x);
+      if (u < units_per_row) {
+        const int64_t g = u >> 2;
+        packed[i] =
+            *reinterpret_cast<const uint2*>(w.data + w.tiles.group_offset(row, g) + (u & 1) * 8);
+        const int64_t s = w.tiles.scale_index(row, g);
+        scale[i] = __half2half2(w.scales[s]);
+        if constexpr (kAsym) min[i] = __half2half2(w.mins[s]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kDequantUnits; ++i) {
+      const int u = int(blockIdx.x) * kDequantRowUnits + i * kDequantThreads + int(threadIdx.x);
+      if (u >= units_per_row) continue;
+      const int shift = (u & 2) * 2;  // high nibbles for units 2 and 3 of a group
+      __align__(16) __half2 v[4];
+      int4_to_half_biased(packed[i].x >> shift, v[0], v[1]);
+      int4_to_half_biased(packed[i].y >> shift, v[2], v[3]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const __half2 q = __hsub2(v[j], bias);  // exact: small integers
+        v[j] = kAsym ? __hfma2(q, scale[i], min[i]) : __hmul2(q, scale[i]);
+      }
+      *reinterpret_cast<uint4*>(out + r * out_stride + int64_t(u) * 8) =
+          *reinterpret_cast<const uint4*>(v);
+    }
+  }
 }
 
 __global__ void add_bias_kernel(float* y, const float* bias, int64_t n, int64_t rows) {
@@ -89,7 +131,42 @@ Status add_bias(const DeviceWeight& w, float* y, int64_t n, cudaStream_t stream)
   return Status::ok();
 }
 
+// y[n, w.rows] = x · w16ᵀ (+= with `accumulate`) for w16, w's fp16 rows [row_begin, row_begin +
+// n_rows) (leading dimension lda), into columns [row_begin, ...) of y.
+cublasStatus_t multiply(const DeviceWeight& w, const __half* w16, int64_t lda, int64_t row_begin,
+                        int64_t n_rows, const __half* x, int64_t x_stride, int64_t n, float* y,
+                        const GemmWorkspace& ws, bool accumulate) {
+  const float alpha = 1.0f;
+  const float beta = accumulate ? 1.0f : 0.0f;
+  // Column-major view: y^T[rows, n] = W[rows, cols] · x^T[cols, n]; W is row-major [rows, cols],
+  // i.e. column-major [cols, rows], hence op T.
+  return cublasGemmEx(ws.cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(n_rows), int(n), int(w.cols), &alpha,
+                      w16, CUDA_R_16F, int(lda), x, CUDA_R_16F, int(x_stride), &beta, y + row_begin,
+                      CUDA_R_32F, int(w.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
 }  // namespace
+
+Status dequantize_rows(const DeviceWeight& w, int64_t row_begin, int64_t n_rows, __half* out,
+                       cudaStream_t stream) {
+  if (n_rows <= 0) return Status::ok();
+  if (is_tiled(w.format)) {
+    const dim3 grid(unsigned(ceil_div(w.cols / 8, kDequantRowUnits)),
+                    unsigned(std::min<int64_t>(n_rows, 65535)));
+    const auto kernel = w.format == WeightFormat::asym_int4 ? dequantize_int4_kernel<true>
+                                                            : dequantize_int4_kernel<false>;
+    KS_CUDA_CHECK("matmul", launch_pdl(kernel, grid, dim3(kDequantThreads), 0, stream, w, row_begin,
+                                       n_rows, out, int64_t(w.cols)));
+    KS_CUDA_CHECK_LAUNCH("matmul", "dequantize_int4_kernel");
+    return Status::ok();
+  }
+  const int64_t groups = n_rows * (w.cols / kGroup);
+  KS_CUDA_CHECK("matmul",
+                launch_pdl(dequantize_int8_kernel, dim3(unsigned(ceil_div(groups, 256))), dim3(256),
+                           0, stream, w, row_begin, n_rows, out, int64_t(w.cols)));
+  KS_CUDA_CHECK_LAUNCH("matmul", "dequantize_int8_kernel");
+  return Status::ok();
+}
 
 int64_t gemm_dequant_elems(const DeviceWeight& w) {
   if (w.format == WeightFormat::fp16 || w.format == WeightFormat::fp32) return 0;
@@ -97,24 +174,14 @@ int64_t gemm_dequant_elems(const DeviceWeight& w) {
 }
 
 Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n, float* y,
-            const GemmWorkspace& ws, cudaStream_t stream) {
+            const GemmWorkspace& ws, cudaStream_t stream, bool accumulate) {
   if (w.format == WeightFormat::fp32) {
     return Status::error("cuda matmul: an fp32 weight takes the fp32 path, not the fp16 GEMM");
   }
   KS_RETURN_IF_ERROR(bind_stream(ws, stream));
-  const float alpha = 1.0f;
-  const float beta = 0.0f;
-  // Column-major view: y^T[rows, n] = W[rows, cols] · x^T[cols, n]; W is row-major [rows, cols],
-  // i.e. column-major [cols, rows], hence op T.
-  auto multiply = [&](const __half* weights, int64_t lda, int64_t row_begin, int64_t n_rows) {
-    return cublasGemmEx(ws.cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(n_rows), int(n), int(w.cols),
-                        &alpha, weights, CUDA_R_16F, int(lda), x, CUDA_R_16F, int(x_stride), &beta,
-                        y + row_begin, CUDA_R_32F, int(w.rows), CUBLAS_COMPUTE_32F,
-                        CUBLAS_GEMM_DEFAULT);
-  };
   if (w.format == WeightFormat::fp16) {
-    KS_CUBLAS_CHECK("matmul",
-                    multiply(reinterpret_cast<const __half*>(w.data), w.row_bytes / 2, 0, w.rows));
+    KS_CUBLAS_CHECK("matmul", multiply(w, reinterpret_cast<const __half*>(w.data), w.row_bytes / 2,
+                                       0, w.rows, x, x_stride, n, y, ws, accumulate));
   } else {
     const int64_t slice_rows = std::min<int64_t>(w.rows, ws.dequant_elems / w.cols);
     if (slice_rows <= 0) {
@@ -124,15 +191,104 @@ Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n,
     }
     for (int64_t begin = 0; begin < w.rows; begin += slice_rows) {
       const int64_t rows = std::min(slice_rows, w.rows - begin);
-      const int64_t groups = rows * (w.cols / kGroup);
-      KS_CUDA_CHECK("matmul",
-                    launch_pdl(dequantize_fp16_kernel, dim3(unsigned(ceil_div(groups, 256))),
-                               dim3(256), 0, stream, w, begin, rows, ws.dequant, int64_t(w.cols)));
-      KS_CUDA_CHECK_LAUNCH("matmul", "dequantize_fp16_kernel");
-      KS_CUBLAS_CHECK("matmul", multiply(ws.dequant, w.cols, begin, rows));
+      KS_RETURN_IF_ERROR(dequantize_rows(w, begin, rows, ws.dequant, stream));
+      KS_CUBLAS_CHECK("matmul", multiply(w, ws.dequant, w.cols, begin, rows, x, x_stride, n, y, ws,
+                                         accumulate));
     }
   }
   return add_bias(w, y, n, stream);
+}
+
+DequantAhead::~DequantAhead() {
+  if (ahead_ != nullptr) cudaStreamSynchronize(ahead_);
+  for (cudaEvent_t e : written_) {
+    if (e != nullptr) cudaEventDestroy(e);
+  }
+  for (cudaEvent_t e : read_) {
+    if (e != nullptr) cudaEventDestroy(e);
+  }
+  if (ahead_ != nullptr) cudaStreamDestroy(ahead_);
+}
+
+Status DequantAhead::reset(__half* copy0, __half* copy1, int64_t elems) {
+  KS_RETURN_IF_ERROR(drain());
+  if (ahead_ == nullptr) {
+    int least = 0, greatest = 0;
+    KS_CUDA_CHECK("matmul", cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    // The copies fill what the GEMM leaves free: the lowest priority.
+    KS_CUDA_CHECK("matmul", cudaStreamCreateWithPriority(&ahead_, cudaStreamNonBlocking, least));
+    for (int i = 0; i < 2; ++i) {
+      KS_CUDA_CHECK("matmul", cudaEventCreateWithFlags(&written_[i], cudaEventDisableTiming));
+      KS_CUDA_CHECK("matmul", cudaEventCreateWithFlags(&read_[i], cudaEventDisableTiming));
+      // Recorded once on the idle stream, so that the first waits find a completed event.
+      KS_CUDA_CHECK("matmul", cudaEventRecord(written_[i], ahead_));
+      KS_CUDA_CHECK("matmul", cudaEventRecord(read_[i], ahead_));
+    }
+  }
+  copy_[0] = copy0;
+  copy_[1] = copy1;
+  elems_ = copy0 != nullptr && copy1 != nullptr ? elems : 0;
+  return Status::ok();
+}
+
+Status DequantAhead::drain() {
+  if (ahead_ != nullptr) KS_CUDA_CHECK("matmul", cudaStreamSynchronize(ahead_));
+  held_[0] = held_[1] = -1;
+  return Status::ok();
+}
+
+Status DequantAhead::wait(cudaStream_t stream, cudaEvent_t event) {
+  KS_CUDA_CHECK("matmul", cudaStreamWaitEvent(stream, event, 0));
+  return Status::ok();
+}
+
+Status DequantAhead::gemm(const DeviceWeight& w, int key, const DeviceWeight* next, int next_key,
+                          const __half* x, int64_t x_stride, int64_t n, float* y, GemmWorkspace ws,
+                          cudaStream_t stream, bool accumulate) {
+  if (w.format == WeightFormat::fp32) {
+    return Status::error("cuda matmul: an fp32 weight takes the fp32 path, not the fp16 GEMM");
+  }
+  if (gemm_dequant_elems(w) == 0 || elems_ == 0) {
+    return kestrel::cuda::gemm(w, x, x_stride, n, y, ws, stream, accumulate);
+  }
+  if (w.rows * w.cols > elems_) {
+    // The sliced path writes the first copy: after its last reader and its last writer.
+    KS_RETURN_IF_ERROR(wait(stream, written_[0]));
+    held_[0] = -1;
+    ws.dequant = copy_[0];
+    ws.dequant_elems = elems_;
+    KS_RETURN_IF_ERROR(kestrel::cuda::gemm(w, x, x_stride, n, y, ws, stream, accumulate));
+    KS_CUDA_CHECK("matmul", cudaEventRecord(read_[0], stream));
+    return Status::ok();
+  }
+  int c = held_[0] == key ? 0 : held_[1] == key ? 1 : -1;
+  if (c < 0) {
+    // Not made ahead: dequantize here, into the copy not holding `next`.
+    c = held_[0] == next_key ? 1 : 0;
+    KS_RETURN_IF_ERROR(wait(stream, written_[c]));
+    held_[c] = -1;
+    KS_RETURN_IF_ERROR(dequantize_rows(w, 0, w.rows, copy_[c], stream));
+    KS_CUDA_CHECK("matmul", cudaEventRecord(written_[c], stream));
+    held_[c] = key;
+  } else {
+    KS_RETURN_IF_ERROR(wait(stream, written_[c]));
+  }
+  KS_RETURN_IF_ERROR(bind_stream(ws, stream));
+  KS_CUBLAS_CHECK("matmul",
+                  multiply(w, copy_[c], w.cols, 0, w.rows, x, x_stride, n, y, ws, accumulate));
+  KS_CUDA_CHECK("matmul", cudaEventRecord(read_[c], stream));
+  KS_RETURN_IF_ERROR(add_bias(w, y, n, stream));
+  // The next weight into the other copy, once the GEMM that last read that copy is done.
+  const int o = 1 - c;
+  if (next != nullptr && next_key >= 0 && held_[o] != next_key && held_[c] != next_key &&
+      gemm_dequant_elems(*next) > 0 && next->rows * next->cols <= elems_) {
+    held_[o] = -1;
+    KS_RETURN_IF_ERROR(wait(ahead_, read_[o]));
+    KS_RETURN_IF_ERROR(dequantize_rows(*next, 0, next->rows, copy_[o], ahead_));
+    KS_CUDA_CHECK("matmul", cudaEventRecord(written_[o], ahead_));
+    held_[o] = next_key;
+  }
+  return Status::ok();
 }
 
 Status gemm_f32(const DeviceWeight& w, const float* x, int64_t n, float* y, const GemmWorkspace& ws,

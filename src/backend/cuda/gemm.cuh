@@ -21,10 +21,11 @@ struct GemmWorkspace {
   size_t cublas_workspace_bytes = 0;
 };
 
-// y[n, w.rows] = x[n, w.cols] · wᵀ + bias, where x is the natural fp16 shadow [n, x_stride].
-// Not for fp32 weights (gemm_f32).
+// y[n, w.rows] = x[n, w.cols] · wᵀ + bias, where x is the natural fp16 shadow [n, x_stride];
+// with `accumulate`, y += x · wᵀ + bias (the sum rounded once, in the GEMM's epilogue). Not for
+// fp32 weights (gemm_f32).
 Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n, float* y,
-            const GemmWorkspace& ws, cudaStream_t stream);
+            const GemmWorkspace& ws, cudaStream_t stream, bool accumulate = false);
 
 // y[n, w.rows] = x[n, w.cols] · wᵀ + bias for an fp32 weight and the fp32 activation x
 // [n, w.cols] (row-major, no padding), any n >= 1: cuBLAS with fp32 inputs, CUBLAS_COMPUTE_32F
@@ -32,6 +33,51 @@ Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n,
 // it runs inside captured graphs (with the workspace of `ws`, so capture allocates nothing).
 Status gemm_f32(const DeviceWeight& w, const float* x, int64_t n, float* y, const GemmWorkspace& ws,
                 cudaStream_t stream);
+
+// Rows [row_begin, row_begin + n_rows) of the quantized `w` as fp16, natural column order, into
+// out[n_rows, w.cols].
+Status dequantize_rows(const DeviceWeight& w, int64_t row_begin, int64_t n_rows, __half* out,
+                       cudaStream_t stream);
+
+// Prefill GEMMs of quantized weights through two whole-weight fp16 copies. The GEMM of one weight
+// reads one copy while a second stream (of the lowest priority) dequantizes the weight expected
+// next into the other, so the dequantization, which only moves memory, runs under the GEMM, which
+// is bound by the tensor cores. Each copy is tagged with the weight it holds; events order every
+// write of a copy after the last GEMM that read it and every GEMM after the write it reads, so a
+// wrong guess costs only the bandwidth of the wasted copy. Weights larger than a copy take gemm()
+// in slices through the first copy; with one copy (reset with copy1 null) every call takes gemm()
+// with the workspace's scratch.
+class DequantAhead {
+ public:
+  DequantAhead() = default;
+  DequantAhead(const DequantAhead&) = delete;
+  DequantAhead& operator=(const DequantAhead&) = delete;
+  ~DequantAhead();
+
+  // Creates the stream and events (once); forgets what the copies held. copy0 and copy1 hold
+  // `elems` fp16 values each; with copy1 null, every call takes gemm().
+  Status reset(__half* copy0, __half* copy1, int64_t elems);
+  // Waits for the dequantization in flight (before the copies are freed or the weights change)
+  // and forgets what the copies held.
+  Status drain();
+
+  // gemm()'s y = (or += with `accumulate`) x · wᵀ + bias, where `key` names w (its upload slot);
+  // then starts the copy of `next` (key `next_key`; null for none) when it fits. `stream` is the
+  // caller's.
+  Status gemm(const DeviceWeight& w, int key, const DeviceWeight* next, int next_key,
+              const __half* x, int64_t x_stride, int64_t n, float* y, GemmWorkspace ws,
+              cudaStream_t stream, bool accumulate = false);
+
+ private:
+  Status wait(cudaStream_t stream, cudaEvent_t event);
+
+  cudaStream_t ahead_ = nullptr;
+  __half* copy_[2] = {nullptr, nullptr};
+  int64_t elems_ = 0;
+  int held_[2] = {-1, -1};                       // the key each copy holds (-1: none)
+  cudaEvent_t written_[2] = {nullptr, nullptr};  // after the last write of each copy
+  cudaEvent_t read_[2] = {nullptr, nullptr};     // after the last GEMM that read each copy
+};
 
 // Elements of fp16 scratch gemm() needs for `w` (0 for fp16 and fp32 weights, which cuBLAS reads
 // as they are). A weight larger than the scratch is processed in slices of whole rows.

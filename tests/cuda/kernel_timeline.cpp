@@ -43,6 +43,10 @@ std::string short_name(const char* mangled) {
 
 std::mutex spans_mutex;
 std::vector<KernelSpan> recorded;
+std::vector<KernelSpan> recorded_activities;  // runtime API calls, copies and fills
+bool activities_enabled = false;
+constexpr CUpti_ActivityKind kActivityKinds[] = {
+    CUPTI_ACTIVITY_KIND_RUNTIME, CUPTI_ACTIVITY_KIND_MEMCPY, CUPTI_ACTIVITY_KIND_MEMSET};
 constexpr size_t kBufferBytes = size_t(8) << 20;
 
 void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
@@ -56,10 +60,24 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
   {
     std::lock_guard<std::mutex> lock(spans_mutex);
     while (cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) {
-      if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) continue;
-      const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
-      recorded.push_back(KernelSpan{short_name(k->name), k->start, k->end,
-                                    int64_t(k->gridX) * k->gridY * k->gridZ});
+      if (record->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) {
+        const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
+        recorded.push_back(KernelSpan{short_name(k->name), k->start, k->end,
+                                      int64_t(k->gridX) * k->gridY * k->gridZ});
+      } else if (record->kind == CUPTI_ACTIVITY_KIND_RUNTIME) {
+        const auto* a = reinterpret_cast<const CUpti_ActivityAPI*>(record);
+        const char* name = nullptr;
+        cuptiGetCallbackName(CUPTI_CB_DOMAIN_RUNTIME_API, a->cbid, &name);
+        recorded_activities.push_back(
+            KernelSpan{std::string("api ") + (name != nullptr ? name : "?"), a->start, a->end, 0});
+      } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
+        const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
+        recorded_activities.push_back(KernelSpan{"memcpy kind " + std::to_string(m->copyKind),
+                                                 m->start, m->end, int64_t(m->bytes)});
+      } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
+        const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(record);
+        recorded_activities.push_back(KernelSpan{"memset", m->start, m->end, int64_t(m->bytes)});
+      }
     }
   }
   std::free(buffer);
@@ -76,7 +94,7 @@ Status cupti_status(const char* what, CUptiResult r) {
 
 }  // namespace
 
-Status timeline_start() {
+Status timeline_start(bool activities) {
 #if KESTREL_HAVE_CUPTI
   static bool registered = false;
   if (!registered) {
@@ -87,6 +105,13 @@ Status timeline_start() {
   {
     std::lock_guard<std::mutex> lock(spans_mutex);
     recorded.clear();
+    recorded_activities.clear();
+  }
+  activities_enabled = activities;
+  if (activities) {
+    for (CUpti_ActivityKind kind : kActivityKinds) {
+      KS_RETURN_IF_ERROR(cupti_status("enable activity records", cuptiActivityEnable(kind)));
+    }
   }
   return cupti_status("enable kernel records",
                       cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL));
@@ -105,6 +130,12 @@ Result<std::vector<KernelSpan>> timeline_stop() {
       cupti_status("flush", cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED)));
   KS_RETURN_IF_ERROR(cupti_status("disable kernel records",
                                   cuptiActivityDisable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL)));
+  if (activities_enabled) {
+    for (CUpti_ActivityKind kind : kActivityKinds) {
+      KS_RETURN_IF_ERROR(cupti_status("disable activity records", cuptiActivityDisable(kind)));
+    }
+    activities_enabled = false;
+  }
   std::vector<KernelSpan> spans;
   {
     std::lock_guard<std::mutex> lock(spans_mutex);
@@ -116,6 +147,22 @@ Result<std::vector<KernelSpan>> timeline_stop() {
   return spans;
 #else
   return Status::error("kernel timeline: this build has no CUPTI (CUDA::cupti was not found)");
+#endif
+}
+
+std::vector<KernelSpan> timeline_activities() {
+#if KESTREL_HAVE_CUPTI
+  std::vector<KernelSpan> spans;
+  {
+    std::lock_guard<std::mutex> lock(spans_mutex);
+    spans.swap(recorded_activities);
+  }
+  std::stable_sort(spans.begin(), spans.end(), [](const KernelSpan& a, const KernelSpan& b) {
+    return a.start_ns < b.start_ns;
+  });
+  return spans;
+#else
+  return {};
 #endif
 }
 

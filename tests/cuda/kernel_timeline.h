@@ -20,11 +20,15 @@ struct KernelSpan {
   int64_t blocks = 0;  // grid x * y * z
 };
 
-// Starts recording every kernel (an error when this build has no CUPTI, or CUPTI refuses).
-Status timeline_start();
+// Starts recording every kernel (an error when this build has no CUPTI, or CUPTI refuses); with
+// `activities`, runtime API calls, copies and fills as well (timeline_activities).
+Status timeline_start(bool activities = false);
 // Stops recording (after synchronizing the device) and returns the kernels since
 // timeline_start(), ordered by start.
 Result<std::vector<KernelSpan>> timeline_stop();
+// The runtime API calls, copies and fills the last recording with `activities` saw, ordered by
+// start (blocks: the bytes of a copy or fill, 0 for a call), once.
+std::vector<KernelSpan> timeline_activities();
 
 // One kernel of a step, placed against the kernel before it in start order.
 struct StepKernel {

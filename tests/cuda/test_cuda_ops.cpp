@@ -904,12 +904,13 @@ TEST_P(CudaDecoderLayer, KernelMatchesComposition) {
   EXPECT_GT(reference_ops, 0);
 }
 
-// The prefill layer (the output projections adding into x in their GEMMs' epilogues, the MLP's
-// activation written only as its fp16 shadow) against the fused ops' composition on the same GPU,
-// a backend created with KESTREL_CUDA_PREFILL_LAYER=0. The kernels are the same but for those
-// epilogues (x + the product, rounded once either way) and cuBLAS may take another algorithm
-// when it accumulates: 1e-5 for a prefill call's update of x, where a lost bias or activation
-// gives errors near 1. Decode takes the same launches on both: bit for bit.
+// The prefill layer (norms writing only their fp16 shadows, the output projections adding into x
+// in their GEMMs' epilogues, gate and up stored as fp16 products, SwiGLU writing only the down
+// projection's shadow) against the fused ops' composition on the same GPU, a backend created with
+// KESTREL_CUDA_PREFILL_LAYER=0. The fp16 gate and up are each rounded once more (2^-11 relative)
+// before SwiGLU, and the epilogues round x + product once either way: 2e-3 for a prefill call's
+// update of x (~4e-4 expected), where a lost bias, activation or residual gives errors near 1.
+// Decode takes the same launches on both: bit for bit.
 TEST_P(CudaDecoderLayer, PrefillLayerMatchesComposition) {
   const DecoderLayerCase dc = layer_kernel_case(GetParam());
   ModelWeights weights = decoder_layer_model(dc);
@@ -921,7 +922,7 @@ TEST_P(CudaDecoderLayer, PrefillLayerMatchesComposition) {
   ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc), std::move(prefill).value(),
                         std::move(composition).value()));
   check_decoder_layer(
-      pair, weights, [](int64_t n) { return n == 1 ? 0.0 : 1e-5; }, [](Backend&, int64_t, bool) {});
+      pair, weights, [](int64_t n) { return n == 1 ? 0.0 : 2e-3; }, [](Backend&, int64_t, bool) {});
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -1,5 +1,5 @@
-// The kernel timeline of a replayed decode step (kernel_timeline.h): a measurement, disabled by
-// default. Run it with
+// The kernel timeline of a replayed decode step and of a prefill call (kernel_timeline.h): a
+// measurement, disabled by default. Run it with
 //   build-gpu/kestrel_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='CudaTimeline.*'
 // It prints, for one batch-1 decode step of the synthetic Llama-3.1-8B and Qwen2-1.5B in
 // sym_int4, each kind of kernel's count, summed duration and the time it adds to the step's end
@@ -7,6 +7,7 @@
 // $KESTREL_TIMELINE_DIR/timeline-NAME.json when that is set.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -59,17 +60,24 @@ TEST(CudaTimeline, SplitsStepsAndAttributesTheirTime) {
   EXPECT_FALSE(step_timeline({}).is_ok());
 }
 
-void decode_timeline(const std::string& name) {
-  constexpr int64_t kContext = 1024;
+// The synthetic model `name` in sym_int4 on the GPU: `max_seqs` slots of 1200 positions, prefill
+// calls of up to `chunk` tokens.
+Result<std::unique_ptr<Engine>> timeline_engine(const std::string& name, int64_t max_seqs,
+                                                int64_t chunk) {
   EngineOptions options;
   options.model = "synthetic:" + name;
   options.format = WeightFormat::sym_int4;
   options.device = "cuda";
-  options.max_seqs = 1;
+  options.max_seqs = max_seqs;
   options.max_context = 1200;
-  options.prefill_chunk = kContext;  // the context is one call
+  options.prefill_chunk = chunk;
   options.progress = false;
-  auto created = Engine::create(options);
+  return Engine::create(options);
+}
+
+void decode_timeline(const std::string& name) {
+  constexpr int64_t kContext = 1024;
+  auto created = timeline_engine(name, 1, kContext);  // the context is one call
   ASSERT_TRUE(created.is_ok()) << created.status().message();
   Engine& engine = **created;
   const ModelConfig& c = engine.config();
@@ -125,6 +133,96 @@ void decode_timeline(const std::string& name) {
   if (const char* dir = std::getenv("KESTREL_TIMELINE_DIR"); dir != nullptr && *dir != '\0') {
     std::ofstream(std::string(dir) + "/timeline-" + name + ".json") << chrome_trace(*step);
   }
+}
+
+// One prefill call of `n_prompts` prompts of 1024 tokens each (the bench's first token and its
+// 16-prompt prefill), after a warm-up call of the same shape: every kernel of the call, grouped.
+void prefill_timeline(const std::string& name, int n_prompts) {
+  constexpr int64_t kPrompt = 1024;
+  // Every prompt in one call, as the bench runs them.
+  auto created = timeline_engine(name, n_prompts, kPrompt * n_prompts);
+  ASSERT_TRUE(created.is_ok()) << created.status().message();
+  Engine& engine = **created;
+  const ModelConfig& c = engine.config();
+  std::mt19937_64 rng(11);
+  Batch prompts;
+  for (int seq = 0; seq < n_prompts; ++seq) {
+    for (int64_t i = 0; i < kPrompt; ++i) {
+      prompts.add(int32_t(rng() % uint64_t(c.vocab_size)), int32_t(i), seq, i + 1 == kPrompt);
+    }
+  }
+  std::vector<int32_t> next;
+  for (int run = 0; run < 2; ++run) {
+    for (int seq = 0; seq < n_prompts; ++seq) engine.release_sequence(seq);
+    if (run == 1) {
+      const Status started = timeline_start(/*activities=*/true);
+      ASSERT_TRUE(started.is_ok()) << started.message();
+    }
+    const Status prefilled = engine.run_argmax(prompts, &next);
+    ASSERT_TRUE(prefilled.is_ok()) << prefilled.message();
+  }
+  auto spans = timeline_stop();
+  ASSERT_TRUE(spans.is_ok()) << spans.status().message();
+  auto call = step_timeline(*spans);
+  ASSERT_TRUE(call.is_ok()) << call.status().message();
+  std::printf(
+      "\n### %s, prefill of %d x %lld tokens in one call: %zu kernels, %.1f us from the first "
+      "start to the last end, %.1f us of kernel time summed\n\n",
+      name.c_str(), n_prompts, static_cast<long long>(kPrompt), call->kernels.size(), call->span_us,
+      call->kernel_sum_us);
+  std::printf("| kernel | blocks | count | duration (sum) | adds to the call (sum) |\n");
+  std::printf("|---|---:|---:|---:|---:|\n");
+  for (const KernelGroup& g : group_kernels(*call)) {
+    std::printf("| %s | %lld | %d | %.1f us | %.1f us |\n", g.name.substr(0, 90).c_str(),
+                static_cast<long long>(g.blocks), g.count, g.duration_us, g.adds_us);
+  }
+  // The kernels that add the most (a gap before a kernel counts as its own).
+  std::vector<const StepKernel*> most;
+  for (const StepKernel& k : call->kernels) most.push_back(&k);
+  std::sort(most.begin(), most.end(),
+            [](const StepKernel* a, const StepKernel* b) { return a->adds_us > b->adds_us; });
+  std::printf("\nThe kernels that add the most:\n\n| kernel | start | duration | adds |\n");
+  std::printf("|---|---:|---:|---:|\n");
+  for (size_t i = 0; i < most.size() && i < 6; ++i) {
+    std::printf("| %s | %.2f | %.2f | %.2f |\n", most[i]->span->name.substr(0, 60).c_str(),
+                most[i]->start_us, most[i]->duration_us, most[i]->adds_us);
+  }
+  // The runtime calls, copies and fills of more than 50 us, and every one before the first
+  // layer's first launch after the embedding (us from the first kernel's start).
+  const uint64_t t0 = call->kernels.front().span->start_ns;
+  const uint64_t second = call->kernels.size() > 1 ? call->kernels[1].span->start_ns : t0;
+  std::printf("\nRuntime calls, copies and fills (long ones, and those before kernel 1):\n\n");
+  std::printf("| activity | bytes | start | duration |\n|---|---:|---:|---:|\n");
+  int shown = 0;
+  for (const KernelSpan& a : timeline_activities()) {
+    const double start = (double(a.start_ns) - double(t0)) / 1e3;
+    const double duration = double(a.end_ns - a.start_ns) / 1e3;
+    if ((duration > 50.0 || a.start_ns < second) && shown++ < 40) {
+      std::printf("| %s | %lld | %.2f | %.2f |\n", a.name.c_str(), static_cast<long long>(a.blocks),
+                  start, duration);
+    }
+  }
+  // A layer's kernels in order (the second layer's, past the first layer's warm start).
+  const size_t per_layer = (call->kernels.size() - 3) / size_t(c.n_layers);
+  std::printf("\nThe second layer's kernels (us from the call's first start):\n\n");
+  std::printf(
+      "| # | kernel | blocks | start | duration | adds |\n|---:|---|---:|---:|---:|---:|\n");
+  for (size_t i = 1 + per_layer; i < call->kernels.size() && i < 1 + 2 * per_layer; ++i) {
+    const StepKernel& k = call->kernels[i];
+    std::printf("| %zu | %s | %lld | %.2f | %.2f | %.2f |\n", i, k.span->name.substr(0, 60).c_str(),
+                static_cast<long long>(k.span->blocks), k.start_us, k.duration_us, k.adds_us);
+  }
+  std::fflush(stdout);
+}
+
+TEST(CudaTimeline, DISABLED_Llama3_1_8bPrefill) {
+  prefill_timeline("llama3.1-8b", 1);
+}
+TEST(CudaTimeline, DISABLED_Llama3_1_8bPrefill16) {
+  prefill_timeline("llama3.1-8b", 16);
+}
+TEST(CudaTimeline, DISABLED_Qwen2_1_5bPrefill) {
+  prefill_timeline("qwen2-1.5b", 1);
 }
 
 TEST(CudaTimeline, DISABLED_Llama3_1_8bDecodeStep) {

@@ -58,6 +58,34 @@ __global__ void swiglu4_kernel(float* out, const float* gate, const float* up, i
   }
 }
 
+// SwiGLU of fp16 gate and up products [rows, cols] (cols a multiple of 8) into the natural fp16
+// shadow only, 8 columns a thread: the prefill layer's MLP activation, whose gate and up GEMMs
+// store fp16 (half the bytes of fp32 written by cuBLAS and read here).
+__global__ void swiglu_half_kernel(const __half* gate, const __half* up, int64_t rows, int64_t cols,
+                                   ShadowOut shadow) {
+  pdl_wait();
+  pdl_trigger();
+  const int64_t c = 8 * (int64_t(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (c >= shadow.row_stride) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    uint4 packed = make_uint4(0, 0, 0, 0);  // the shadow's padding past cols: zeros
+    if (c < cols) {
+      const uint4 g = *reinterpret_cast<const uint4*>(gate + r * cols + c);
+      const uint4 u = *reinterpret_cast<const uint4*>(up + r * cols + c);
+      const __half2* g2 = reinterpret_cast<const __half2*>(&g);
+      const __half2* u2 = reinterpret_cast<const __half2*>(&u);
+      uint32_t* out = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 gf = __half22float2(g2[i]);
+        const float2 uf = __half22float2(u2[i]);
+        out[i] = pack_half2(silu_times(gf.x, uf.x), silu_times(gf.y, uf.y));
+      }
+    }
+    *reinterpret_cast<uint4*>(shadow.data + r * shadow.row_stride + c) = packed;
+  }
+}
+
 __global__ void swiglu_kernel(float* out, const float* gate, const float* up, int64_t rows,
                               int64_t cols, ShadowOut shadow) {
   pdl_wait();
@@ -140,6 +168,24 @@ Status swiglu(float* out, const float* gate, const float* up, int64_t rows, int6
                                        stream, out, gate, up, rows, cols, shadow));
   }
   KS_CUDA_CHECK_LAUNCH("swiglu", "swiglu_kernel");
+  return Status::ok();
+}
+
+Status swiglu_half(const __half* gate, const __half* up, int64_t rows, int64_t cols,
+                   ShadowOut shadow, cudaStream_t stream) {
+  if (shadow.data == nullptr || shadow.permuted || cols % 8 != 0 || shadow.row_stride % 8 != 0 ||
+      shadow.row_stride < cols ||
+      (reinterpret_cast<uintptr_t>(gate) | reinterpret_cast<uintptr_t>(up) |
+       reinterpret_cast<uintptr_t>(shadow.data)) %
+              16 !=
+          0) {
+    return Status::error(
+        "cuda swiglu_half: needs a natural shadow, 8-column multiples and 16-byte alignment");
+  }
+  if (rows == 0) return Status::ok();
+  KS_CUDA_CHECK("swiglu", launch_pdl(swiglu_half_kernel, grid_2d(rows, shadow.row_stride, 8),
+                                     dim3(kThreads), 0, stream, gate, up, rows, cols, shadow));
+  KS_CUDA_CHECK_LAUNCH("swiglu", "swiglu_half_kernel");
   return Status::ok();
 }
 

@@ -15,6 +15,11 @@ namespace kestrel::cuda {
 Status swiglu(float* out, const float* gate, const float* up, int64_t rows, int64_t cols,
               ShadowOut shadow, cudaStream_t stream);
 
+// The natural fp16 shadow [rows, shadow.row_stride] of silu(gate) * up for fp16 gate and up
+// [rows, cols]: cols a multiple of 8, 16-byte aligned rows, the padding zeroed.
+Status swiglu_half(const __half* gate, const __half* up, int64_t rows, int64_t cols,
+                   ShadowOut shadow, cudaStream_t stream);
+
 // x += y over n values.
 Status add(float* x, const float* y, int64_t n, cudaStream_t stream);
 

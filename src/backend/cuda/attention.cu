@@ -223,14 +223,29 @@ __global__ void rope_kv_write_tokens_kernel(AttentionArgs a, KvCache c, const fl
       const int kvh = head - a.n_heads;
       float* base = is_q ? a.q + (t * a.n_heads + head) * head_dim
                          : a.k + (t * c.n_kv_heads + kvh) * head_dim;
-      const float2 r = rotate(base[i], base[i + half], cos_v, sin_v);
+      float x0 = base[i], x1 = base[i + half];
+      const float* bias = is_q ? a.q_bias : a.k_bias;
+      if (bias != nullptr) {
+        const int64_t at = int64_t(is_q ? head : kvh) * head_dim;
+        x0 += bias[at + i];
+        x1 += bias[at + i + half];
+      }
+      const float2 r = rotate(x0, x1, cos_v, sin_v);
       base[i] = r.x;
       base[i + half] = r.y;
       if (is_q) continue;
       const int64_t row = cache_row(c, a.layer, seq, kvh, pos);
-      const float* v = a.v + (t * c.n_kv_heads + kvh) * head_dim;
+      // v is written back only when its bias joins here (the projection's output is v then).
+      float* v = const_cast<float*>(a.v) + (t * c.n_kv_heads + kvh) * head_dim;
+      float v0 = v[i], v1 = v[i + half];
+      if (a.v_bias != nullptr) {
+        v0 += a.v_bias[int64_t(kvh) * head_dim + i];
+        v1 += a.v_bias[int64_t(kvh) * head_dim + i + half];
+        v[i] = v0;
+        v[i + half] = v1;
+      }
       store_row<kType>(c.k, c.k_scale, row, head_dim, i, r.x, r.y, nullptr);
-      store_row<kType>(c.v, c.v_scale, row, head_dim, i, v[i], v[i + half], nullptr);
+      store_row<kType>(c.v, c.v_scale, row, head_dim, i, v0, v1, nullptr);
     }
   }
 }
@@ -1249,10 +1264,6 @@ Status check_kv_cache(KvType type, int head_dim) {
   return Status::ok();
 }
 
-// Tokens from which rope_kv_cache_write takes a block per token rather than per (token, head):
-// a decode step's few tokens keep the wider grid, whose one round of loads ends sooner.
-constexpr int64_t kRopeTokensThreshold = 64;
-
 Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
   return dispatch_kv(cache.type, [&](auto type) -> Status {
     KS_CUDA_CHECK("attention",
@@ -1267,6 +1278,12 @@ Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStrea
 Status rope_kv_cache_write(const AttentionArgs& args, const KvCache& cache, const float* inv_freq,
                            cudaStream_t stream) {
   const int heads = args.n_heads + cache.n_kv_heads;
+  const bool biased = args.q_bias != nullptr || args.k_bias != nullptr || args.v_bias != nullptr;
+  if (biased && (cache.type == KvType::f8 || args.n_tokens < kRopeTokensThreshold)) {
+    return Status::error(
+        "cuda attention: q/k/v biases join in the rope launch only for prefill calls over an fp16 "
+        "or fp32 cache");
+  }
   return dispatch_kv(cache.type, [&](auto type) -> Status {
     constexpr KvType kType = decltype(type)::value;
     if constexpr (kType != KvType::f8) {

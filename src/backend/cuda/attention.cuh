@@ -55,6 +55,11 @@ __device__ inline int64_t cache_offset(const KvCache& c, int64_t layer, int64_t 
   return cache_row(c, layer, seq, kvh, pos) * c.head_dim;
 }
 
+// Tokens from which rope_kv_cache_write takes a block per token rather than per (token, head)
+// (and may add q/k/v biases): a decode step's few tokens keep the wider grid, whose one round of
+// loads ends sooner.
+constexpr int64_t kRopeTokensThreshold = 64;
+
 struct AttentionArgs {
   float* q = nullptr;        // [n, n_heads * head_dim]; rotated in place by a rope launch
   float* k = nullptr;        // [n, n_kv_heads * head_dim]; rotated in place by a rope launch
@@ -71,6 +76,12 @@ struct AttentionArgs {
   // q and k rotated in place. Null: q and k are rotated already, and the K and V rows are in the
   // cache.
   const float* inv_freq = nullptr;
+  // Set (a prefill call over an fp16 or fp32 cache, the CUDA prefill layer): the q, k and v
+  // projections came without their biases, and the rope launch adds them (q and k before the
+  // rotation; v before the cache write, and back into v). Each may be null.
+  const float* q_bias = nullptr;
+  const float* k_bias = nullptr;
+  const float* v_bias = nullptr;
 };
 
 // Per-split partial results of the decode kernel, for up to 16 tokens per launch. A launch of

@@ -556,37 +556,68 @@ class CudaBackend final : public Backend {
   }
 
   // A decoder layer of more than 64 tokens (prefill, GEMMs): the composition of the fused ops,
-  // except where backend.h's contract lets a layer leave its scratch tensors unwritten. The two
-  // output projections add into x in their GEMMs' epilogues (no proj tensor, no add launch), and
-  // the MLP's activation is written only as the fp16 shadow the down projection reads.
-  // Measured on the H200 (8B, 16 x 1024-token prefill): the add launches took 11.9 ms of 454.
+  // except where backend.h's contract lets a layer leave its scratch tensors unwritten. The norms
+  // write only the fp16 shadows their GEMMs read; the two output projections add into x in their
+  // GEMMs' epilogues (no proj tensor, no add launch); gate and up are stored as fp16 products
+  // (in the first halves of their own tensors) and SwiGLU reads them and writes only the shadow
+  // the down projection reads. Measured on the H200, 8B, 16 x 1024-token prefill: the add
+  // launches took 11.9 ms of 454, SwiGLU over fp32 gate and up 21 ms.
   Status prefill_layer(Tensor x, const LayerScratch& s, const LayerWeights& l, int64_t layer,
                        const RopeParams& p, float eps) {
     const Tensor qkv[] = {s.q, s.k, s.v};
     const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
-    KS_RETURN_IF_ERROR(norm_matmul(qkv, s.normed, x, l.attn_norm, eps, qkv_weights));
-    KS_RETURN_IF_ERROR(rope_attention(s.attn, s.q, s.k, s.v, layer, p));
+    KS_ASSIGN_OR_RETURN(GemvCall qkv_call, gemv_call(qkv, s.normed, qkv_weights));
+    KS_RETURN_IF_ERROR(launch_norm_for_gemm(s.normed, x, l.attn_norm, eps));
+    // q/k/v's biases join in the rope launch, which reads and writes q, k and v anyway (an fp8
+    // cache's rope launch cannot take them).
+    const float* biases[3] = {qkv_call.jobs[0].w.bias, qkv_call.jobs[1].w.bias,
+                              qkv_call.jobs[2].w.bias};
+    const bool bias_in_rope =
+        bias_in_rope_ && cache_.type != KvType::f8 && x.rows >= kRopeTokensThreshold &&
+        (biases[0] != nullptr || biases[1] != nullptr || biases[2] != nullptr);
+    if (bias_in_rope) {
+      for (int i = 0; i < 3; ++i) qkv_call.jobs[i].w.bias = nullptr;
+    }
+    KS_RETURN_IF_ERROR(launch_matmul(qkv_call, s.normed));
+    KS_RETURN_IF_ERROR(check_rope(s.q, s.k, p));
+    KS_RETURN_IF_ERROR(launch_attention(s.attn, s.q, s.k, s.v, layer, p, /*rotate=*/true,
+                                        bias_in_rope ? biases : nullptr));
     KS_RETURN_IF_ERROR(matmul_accumulate(x, s.attn, l.wo));
-    KS_ASSIGN_OR_RETURN(const float* norm_w, norm_weight(s.normed, x, l.ffn_norm, "prefill layer"));
-    KS_RETURN_IF_ERROR(launch_norm(s.normed, x, norm_w, eps));
+    KS_RETURN_IF_ERROR(launch_norm_for_gemm(s.normed, x, l.ffn_norm, eps));
     const Tensor outs[] = {s.gate, s.up};
     const Linear* const weights[] = {&l.w_gate, &l.w_up};
     KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, s.normed, weights));
-    KS_RETURN_IF_ERROR(launch_matmul(m, s.normed));
-    if (!shadow_fits(s.gate)) {
+    const bool half = fp16_mlp_ && shadow_fits(s.gate) && s.gate.cols % 8 == 0 &&
+                      m.jobs[0].w.bias == nullptr && m.jobs[1].w.bias == nullptr;
+    if (!half) {
+      KS_RETURN_IF_ERROR(launch_matmul(m, s.normed));
       KS_RETURN_IF_ERROR(launch_swiglu(s.gate, s.gate, s.up));
-    } else {
-      // silu(gate) * up into the shadow only: s.gate keeps the projection, which nothing reads.
-      const ShadowOut shadow = produce_shadow(s.gate);
-      KS_RETURN_IF_ERROR(launch("swiglu (shadow)",
-                                {addr(s.gate.data), addr(s.up.data), uint64_t(s.gate.rows),
-                                 uint64_t(s.gate.cols), addr(shadow.data)},
-                                [&] {
-                                  return cuda::swiglu(nullptr, f32(s.gate), f32(s.up), s.gate.rows,
-                                                      s.gate.cols, shadow, stream_);
-                                }));
+      return matmul_accumulate(x, s.gate, l.w_down);
     }
+    KS_RETURN_IF_ERROR(ensure_shadow(s.normed));
+    note_write(s.gate);
+    note_write(s.up);
+    m.x = shadow_buffers_[shadow_.buffer];
+    KS_RETURN_IF_ERROR(launch_gemm(m, s.normed.rows, GemmOut::store_fp16));
+    // silu(gate) * up into the shadow only; s.gate and s.up hold fp16 products, which nothing
+    // else reads.
+    const ShadowOut shadow = produce_shadow(s.gate);
+    const auto* gate16 = reinterpret_cast<const __half*>(s.gate.data);
+    const auto* up16 = reinterpret_cast<const __half*>(s.up.data);
+    KS_RETURN_IF_ERROR(launch(
+        "swiglu (fp16)",
+        {addr(gate16), addr(up16), uint64_t(s.gate.rows), uint64_t(s.gate.cols), addr(shadow.data)},
+        [&] {
+          return cuda::swiglu_half(gate16, up16, s.gate.rows, s.gate.cols, shadow, stream_);
+        }));
     return matmul_accumulate(x, s.gate, l.w_down);
+  }
+
+  // rms_norm of x into `normed` for a GEMM that reads only its fp16 shadow: the shadow alone is
+  // written where it fits (prefill_layer), else normed too.
+  Status launch_norm_for_gemm(Tensor normed, Tensor x, const Vector& norm_w, float eps) {
+    KS_ASSIGN_OR_RETURN(const float* w, norm_weight(normed, x, norm_w, "prefill layer"));
+    return launch_norm(normed, x, w, eps, /*shadow_only=*/shadow_fits(normed));
   }
 
   Status rope_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
@@ -978,7 +1009,7 @@ class CudaBackend final : public Backend {
     for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
     m.x = shadow_buffers_[shadow_.buffer];
     if (x.rows <= kMaxGemvBatchTokens) return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
-    return launch_gemm(m, x.rows, /*accumulate=*/false);
+    return launch_gemm(m, x.rows, GemmOut::store);
   }
 
   // x += in · wᵀ + bias inside the GEMM (prefill_layer; more than 64 tokens, no fp32 weights).
@@ -993,19 +1024,21 @@ class CudaBackend final : public Backend {
     KS_RETURN_IF_ERROR(ensure_shadow(in));
     note_write(x);
     m.x = shadow_buffers_[shadow_.buffer];
-    return launch_gemm(m, in.rows, /*accumulate=*/true);
+    return launch_gemm(m, in.rows, GemmOut::accumulate);
   }
 
   // The GEMMs of m's jobs (more than 64 tokens, m.x the input's natural shadow), each weight's
   // fp16 copy through ahead_.
-  Status launch_gemm(const GemvCall& m, int64_t n, bool accumulate) {
-    uint64_t args[3 + 2 * kMaxGemvJobs] = {addr(m.x), uint64_t(n), uint64_t(accumulate)};
+  Status launch_gemm(const GemvCall& m, int64_t n, GemmOut out) {
+    uint64_t args[3 + 2 * kMaxGemvJobs] = {addr(m.x), uint64_t(n), uint64_t(out)};
     for (int i = 0; i < m.n_jobs; ++i) {
       args[3 + 2 * i] = addr(m.jobs[i].y);
       args[4 + 2 * i] = addr(m.jobs[i].w.data);
     }
     return launch(
-        accumulate ? "matmul + add (prefill)" : "matmul (prefill)",
+        out == GemmOut::accumulate   ? "matmul + add (prefill)"
+        : out == GemmOut::store_fp16 ? "matmul (prefill, fp16)"
+                                     : "matmul (prefill)",
         std::span<const uint64_t>(args, size_t(3 + 2 * m.n_jobs)), [&]() -> Status {
           for (int i = 0; i < m.n_jobs; ++i) {
             // Upload slots follow the forward pass (weights.h), so the weight after
@@ -1014,7 +1047,7 @@ class CudaBackend final : public Backend {
             const DeviceWeight* next_w =
                 size_t(next) < linears_.size() ? &linears_[size_t(next)] : nullptr;
             KS_RETURN_IF_ERROR(ahead_.gemm(m.jobs[i].w, m.slots[i], next_w, next, m.x, m.x_stride,
-                                           n, m.jobs[i].y, gemm_ws_, stream_, accumulate));
+                                           n, m.jobs[i].y, gemm_ws_, stream_, out));
           }
           return Status::ok();
         });
@@ -1063,15 +1096,17 @@ class CudaBackend final : public Backend {
     });
   }
 
-  // out = rms_norm(x) · w, with out's fp16 shadow for the matmul that reads it.
-  Status launch_norm(Tensor out, Tensor x, const float* w, float eps) {
+  // out = rms_norm(x) · w, with out's fp16 shadow for the matmul that reads it; with
+  // `shadow_only` (a shadow that fits), the shadow alone.
+  Status launch_norm(Tensor out, Tensor x, const float* w, float eps, bool shadow_only = false) {
     note_write(out);
     const ShadowOut shadow = produce_shadow(out);
+    float* y = shadow_only && shadow.data != nullptr ? nullptr : f32(out);
     return launch(
-        "rms_norm",
-        {addr(out.data), addr(x.data), uint64_t(x.rows), uint64_t(x.cols), addr(w), bits(eps),
+        y == nullptr ? "rms_norm (shadow)" : "rms_norm",
+        {addr(y), addr(x.data), uint64_t(x.rows), uint64_t(x.cols), addr(w), bits(eps),
          addr(shadow.data)},
-        [&] { return cuda::rms_norm(f32(out), f32(x), w, eps, x.rows, x.cols, shadow, stream_); });
+        [&] { return cuda::rms_norm(y, f32(x), w, eps, x.rows, x.cols, shadow, stream_); });
   }
 
   Status launch_swiglu(Tensor out, Tensor gate, Tensor up) {
@@ -1180,8 +1215,11 @@ class CudaBackend final : public Backend {
   // the batch beyond. With `rotate` in a decode batch of distinct sequences (rope_in_decode_)
   // there is no such launch: the split kernel rotates q and k and writes the cache, and its
   // merging split leaves q and k rotated.
+  // q_bias, k_bias, v_bias: the projections' biases when the rope launch adds them
+  // (prefill_layer; AttentionArgs).
   Status launch_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
-                          const RopeParams& p, bool rotate) {
+                          const RopeParams& p, bool rotate,
+                          const float* const* qkv_bias = nullptr) {
     if (layer < 0 || layer >= config_.n_layers || p.head_dim != config_.head_dim ||
         p.n_kv_heads != config_.n_kv_heads || p.n_heads != config_.n_heads ||
         q.rows != batch_.n_tokens || out.cols != p.n_heads * p.head_dim ||
@@ -1211,8 +1249,15 @@ class CudaBackend final : public Backend {
     args.positions = positions_device();
     args.seq_ids = seq_ids_device();
     args.shadow = produce_shadow(out);
-    const std::initializer_list<uint64_t> cache_args = {addr(q.data), addr(k.data), addr(v.data),
-                                                        uint64_t(layer), uint64_t(q.rows)};
+    if (qkv_bias != nullptr) {
+      note_write(v);
+      args.q_bias = qkv_bias[0];
+      args.k_bias = qkv_bias[1];
+      args.v_bias = qkv_bias[2];
+    }
+    const std::initializer_list<uint64_t> cache_args = {
+        addr(q.data),     addr(k.data),      addr(v.data),      uint64_t(layer),
+        uint64_t(q.rows), addr(args.q_bias), addr(args.k_bias), addr(args.v_bias)};
     // A decode batch of distinct sequences: the split kernel rotates q and k and writes the
     // cache itself (no token reads another's new row), one launch fewer a layer.
     if (rotate && !prefill && rope_in_decode_) {
@@ -1570,6 +1615,18 @@ class CudaBackend final : public Backend {
   // the fused ops' composition).
   bool prefill_layer_ = [] {
     const char* v = std::getenv("KESTREL_CUDA_PREFILL_LAYER");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  // The prefill layer's gate and up products are fp16 unless KESTREL_CUDA_PREFILL_FP16_MLP=0 (a
+  // measurement aid: fp32 products and SwiGLU over them).
+  // The prefill layer's q/k/v biases join in the rope launch unless
+  // KESTREL_CUDA_PREFILL_BIAS_IN_ROPE=0 (a measurement aid: a bias launch after each GEMM).
+  bool bias_in_rope_ = [] {
+    const char* v = std::getenv("KESTREL_CUDA_PREFILL_BIAS_IN_ROPE");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  bool fp16_mlp_ = [] {
+    const char* v = std::getenv("KESTREL_CUDA_PREFILL_FP16_MLP");
     return v == nullptr || std::string(v) != "0";
   }();
   // Prefill dequantizes the next weight under the current GEMM (DequantAhead) unless

@@ -122,27 +122,32 @@ Status bind_stream(const GemmWorkspace& ws, cudaStream_t stream) {
   return Status::ok();
 }
 
-// y[n, w.rows] += bias, when the weight has one.
-Status add_bias(const DeviceWeight& w, float* y, int64_t n, cudaStream_t stream) {
+// y[n, w.rows] += bias, when the weight has one (fp32 products only: check_gemm refuses an fp16
+// product of a weight with a bias).
+Status add_bias(const DeviceWeight& w, void* out, int64_t n, cudaStream_t stream) {
   if (w.bias == nullptr) return Status::ok();
+  float* y = static_cast<float*>(out);
   KS_CUDA_CHECK("matmul", launch_pdl(add_bias_kernel, dim3(unsigned(ceil_div(n * w.rows, 256))),
                                      dim3(256), 0, stream, y, w.bias, n, int64_t(w.rows)));
   KS_CUDA_CHECK_LAUNCH("matmul", "add_bias_kernel");
   return Status::ok();
 }
 
-// y[n, w.rows] = x · w16ᵀ (+= with `accumulate`) for w16, w's fp16 rows [row_begin, row_begin +
-// n_rows) (leading dimension lda), into columns [row_begin, ...) of y.
+// y[n, w.rows] = x · w16ᵀ (as `out` says) for w16, w's fp16 rows [row_begin, row_begin + n_rows)
+// (leading dimension lda), into columns [row_begin, ...) of y.
 cublasStatus_t multiply(const DeviceWeight& w, const __half* w16, int64_t lda, int64_t row_begin,
-                        int64_t n_rows, const __half* x, int64_t x_stride, int64_t n, float* y,
-                        const GemmWorkspace& ws, bool accumulate) {
+                        int64_t n_rows, const __half* x, int64_t x_stride, int64_t n, void* y,
+                        const GemmWorkspace& ws, GemmOut out) {
   const float alpha = 1.0f;
-  const float beta = accumulate ? 1.0f : 0.0f;
+  const float beta = out == GemmOut::accumulate ? 1.0f : 0.0f;
+  const bool half = out == GemmOut::store_fp16;
+  void* c = static_cast<char*>(y) + row_begin * int64_t(half ? sizeof(__half) : sizeof(float));
   // Column-major view: y^T[rows, n] = W[rows, cols] · x^T[cols, n]; W is row-major [rows, cols],
   // i.e. column-major [cols, rows], hence op T.
   return cublasGemmEx(ws.cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(n_rows), int(n), int(w.cols), &alpha,
-                      w16, CUDA_R_16F, int(lda), x, CUDA_R_16F, int(x_stride), &beta, y + row_begin,
-                      CUDA_R_32F, int(w.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                      w16, CUDA_R_16F, int(lda), x, CUDA_R_16F, int(x_stride), &beta, c,
+                      half ? CUDA_R_16F : CUDA_R_32F, int(w.rows), CUBLAS_COMPUTE_32F,
+                      CUBLAS_GEMM_DEFAULT);
 }
 
 }  // namespace
@@ -173,15 +178,23 @@ int64_t gemm_dequant_elems(const DeviceWeight& w) {
   return w.rows * w.cols;
 }
 
-Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n, float* y,
-            const GemmWorkspace& ws, cudaStream_t stream, bool accumulate) {
+static Status check_gemm(const DeviceWeight& w, GemmOut out) {
   if (w.format == WeightFormat::fp32) {
     return Status::error("cuda matmul: an fp32 weight takes the fp32 path, not the fp16 GEMM");
   }
+  if (out == GemmOut::store_fp16 && w.bias != nullptr) {
+    return Status::error("cuda matmul: an fp16 product takes no bias");
+  }
+  return Status::ok();
+}
+
+Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n, void* y,
+            const GemmWorkspace& ws, cudaStream_t stream, GemmOut out) {
+  KS_RETURN_IF_ERROR(check_gemm(w, out));
   KS_RETURN_IF_ERROR(bind_stream(ws, stream));
   if (w.format == WeightFormat::fp16) {
     KS_CUBLAS_CHECK("matmul", multiply(w, reinterpret_cast<const __half*>(w.data), w.row_bytes / 2,
-                                       0, w.rows, x, x_stride, n, y, ws, accumulate));
+                                       0, w.rows, x, x_stride, n, y, ws, out));
   } else {
     const int64_t slice_rows = std::min<int64_t>(w.rows, ws.dequant_elems / w.cols);
     if (slice_rows <= 0) {
@@ -192,8 +205,8 @@ Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n,
     for (int64_t begin = 0; begin < w.rows; begin += slice_rows) {
       const int64_t rows = std::min(slice_rows, w.rows - begin);
       KS_RETURN_IF_ERROR(dequantize_rows(w, begin, rows, ws.dequant, stream));
-      KS_CUBLAS_CHECK("matmul", multiply(w, ws.dequant, w.cols, begin, rows, x, x_stride, n, y, ws,
-                                         accumulate));
+      KS_CUBLAS_CHECK("matmul",
+                      multiply(w, ws.dequant, w.cols, begin, rows, x, x_stride, n, y, ws, out));
     }
   }
   return add_bias(w, y, n, stream);
@@ -243,13 +256,11 @@ Status DequantAhead::wait(cudaStream_t stream, cudaEvent_t event) {
 }
 
 Status DequantAhead::gemm(const DeviceWeight& w, int key, const DeviceWeight* next, int next_key,
-                          const __half* x, int64_t x_stride, int64_t n, float* y, GemmWorkspace ws,
-                          cudaStream_t stream, bool accumulate) {
-  if (w.format == WeightFormat::fp32) {
-    return Status::error("cuda matmul: an fp32 weight takes the fp32 path, not the fp16 GEMM");
-  }
+                          const __half* x, int64_t x_stride, int64_t n, void* y, GemmWorkspace ws,
+                          cudaStream_t stream, GemmOut out) {
+  KS_RETURN_IF_ERROR(check_gemm(w, out));
   if (gemm_dequant_elems(w) == 0 || elems_ == 0) {
-    return kestrel::cuda::gemm(w, x, x_stride, n, y, ws, stream, accumulate);
+    return kestrel::cuda::gemm(w, x, x_stride, n, y, ws, stream, out);
   }
   if (w.rows * w.cols > elems_) {
     // The sliced path writes the first copy: after its last reader and its last writer.
@@ -257,7 +268,7 @@ Status DequantAhead::gemm(const DeviceWeight& w, int key, const DeviceWeight* ne
     held_[0] = -1;
     ws.dequant = copy_[0];
     ws.dequant_elems = elems_;
-    KS_RETURN_IF_ERROR(kestrel::cuda::gemm(w, x, x_stride, n, y, ws, stream, accumulate));
+    KS_RETURN_IF_ERROR(kestrel::cuda::gemm(w, x, x_stride, n, y, ws, stream, out));
     KS_CUDA_CHECK("matmul", cudaEventRecord(read_[0], stream));
     return Status::ok();
   }
@@ -274,8 +285,7 @@ Status DequantAhead::gemm(const DeviceWeight& w, int key, const DeviceWeight* ne
     KS_RETURN_IF_ERROR(wait(stream, written_[c]));
   }
   KS_RETURN_IF_ERROR(bind_stream(ws, stream));
-  KS_CUBLAS_CHECK("matmul",
-                  multiply(w, copy_[c], w.cols, 0, w.rows, x, x_stride, n, y, ws, accumulate));
+  KS_CUBLAS_CHECK("matmul", multiply(w, copy_[c], w.cols, 0, w.rows, x, x_stride, n, y, ws, out));
   KS_CUDA_CHECK("matmul", cudaEventRecord(read_[c], stream));
   KS_RETURN_IF_ERROR(add_bias(w, y, n, stream));
   // The next weight into the other copy, once the GEMM that last read that copy is done.

@@ -13,6 +13,10 @@
 
 namespace kestrel::cuda {
 
+// What a prefill GEMM does with its product: stores it (fp32), adds it into y (fp32; the sum
+// rounded once, in the GEMM's epilogue), or stores it rounded to fp16.
+enum class GemmOut { store, accumulate, store_fp16 };
+
 struct GemmWorkspace {
   cublasHandle_t cublas = nullptr;
   __half* dequant = nullptr;  // fp16 scratch for one weight slice
@@ -21,11 +25,11 @@ struct GemmWorkspace {
   size_t cublas_workspace_bytes = 0;
 };
 
-// y[n, w.rows] = x[n, w.cols] · wᵀ + bias, where x is the natural fp16 shadow [n, x_stride];
-// with `accumulate`, y += x · wᵀ + bias (the sum rounded once, in the GEMM's epilogue). Not for
-// fp32 weights (gemm_f32).
-Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n, float* y,
-            const GemmWorkspace& ws, cudaStream_t stream, bool accumulate = false);
+// y[n, w.rows] = x[n, w.cols] · wᵀ + bias, where x is the natural fp16 shadow [n, x_stride]; y is
+// float, or __half for GemmOut::store_fp16 (weights without a bias only). Not for fp32 weights
+// (gemm_f32).
+Status gemm(const DeviceWeight& w, const __half* x, int64_t x_stride, int64_t n, void* y,
+            const GemmWorkspace& ws, cudaStream_t stream, GemmOut out = GemmOut::store);
 
 // y[n, w.rows] = x[n, w.cols] · wᵀ + bias for an fp32 weight and the fp32 activation x
 // [n, w.cols] (row-major, no padding), any n >= 1: cuBLAS with fp32 inputs, CUBLAS_COMPUTE_32F
@@ -61,12 +65,11 @@ class DequantAhead {
   // and forgets what the copies held.
   Status drain();
 
-  // gemm()'s y = (or += with `accumulate`) x · wᵀ + bias, where `key` names w (its upload slot);
-  // then starts the copy of `next` (key `next_key`; null for none) when it fits. `stream` is the
-  // caller's.
+  // gemm()'s product of x and w, where `key` names w (its upload slot); then starts the copy of
+  // `next` (key `next_key`; null for none) when it fits. `stream` is the caller's.
   Status gemm(const DeviceWeight& w, int key, const DeviceWeight* next, int next_key,
-              const __half* x, int64_t x_stride, int64_t n, float* y, GemmWorkspace ws,
-              cudaStream_t stream, bool accumulate = false);
+              const __half* x, int64_t x_stride, int64_t n, void* y, GemmWorkspace ws,
+              cudaStream_t stream, GemmOut out);
 
  private:
   Status wait(cudaStream_t stream, cudaEvent_t event);

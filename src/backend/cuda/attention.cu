@@ -223,7 +223,10 @@ __global__ void rope_kv_write_tokens_kernel(AttentionArgs a, KvCache c, const fl
       const int kvh = head - a.n_heads;
       float* base = is_q ? a.q + (t * a.n_heads + head) * head_dim
                          : a.k + (t * c.n_kv_heads + kvh) * head_dim;
-      float x0 = base[i], x1 = base[i + half];
+      const float* src = a.qkv == nullptr ? base
+                         : is_q           ? a.qkv + t * a.qkv_stride + int64_t(head) * head_dim
+                                : a.qkv + t * a.qkv_stride + (int64_t(a.n_heads) + kvh) * head_dim;
+      float x0 = src[i], x1 = src[i + half];
       const float* bias = is_q ? a.q_bias : a.k_bias;
       if (bias != nullptr) {
         const int64_t at = int64_t(is_q ? head : kvh) * head_dim;
@@ -235,14 +238,21 @@ __global__ void rope_kv_write_tokens_kernel(AttentionArgs a, KvCache c, const fl
       base[i + half] = r.y;
       if (is_q) continue;
       const int64_t row = cache_row(c, a.layer, seq, kvh, pos);
-      // v is written back only when its bias joins here (the projection's output is v then).
+      // v is written back only when its bias joins here and it was read from v (the
+      // projection's output is v then).
       float* v = const_cast<float*>(a.v) + (t * c.n_kv_heads + kvh) * head_dim;
-      float v0 = v[i], v1 = v[i + half];
+      const float* v_src =
+          a.qkv == nullptr
+              ? v
+              : a.qkv + t * a.qkv_stride + (int64_t(a.n_heads) + c.n_kv_heads + kvh) * head_dim;
+      float v0 = v_src[i], v1 = v_src[i + half];
       if (a.v_bias != nullptr) {
         v0 += a.v_bias[int64_t(kvh) * head_dim + i];
         v1 += a.v_bias[int64_t(kvh) * head_dim + i + half];
-        v[i] = v0;
-        v[i + half] = v1;
+        if (a.qkv == nullptr) {
+          v[i] = v0;
+          v[i + half] = v1;
+        }
       }
       store_row<kType>(c.k, c.k_scale, row, head_dim, i, r.x, r.y, nullptr);
       store_row<kType>(c.v, c.v_scale, row, head_dim, i, v0, v1, nullptr);
@@ -1279,10 +1289,11 @@ Status rope_kv_cache_write(const AttentionArgs& args, const KvCache& cache, cons
                            cudaStream_t stream) {
   const int heads = args.n_heads + cache.n_kv_heads;
   const bool biased = args.q_bias != nullptr || args.k_bias != nullptr || args.v_bias != nullptr;
-  if (biased && (cache.type == KvType::f8 || args.n_tokens < kRopeTokensThreshold)) {
+  if ((biased || args.qkv != nullptr) &&
+      (cache.type == KvType::f8 || args.n_tokens < kRopeTokensThreshold)) {
     return Status::error(
-        "cuda attention: q/k/v biases join in the rope launch only for prefill calls over an fp16 "
-        "or fp32 cache");
+        "cuda attention: q/k/v biases or a stacked q/k/v product go through the rope launch only "
+        "in prefill calls over an fp16 or fp32 cache");
   }
   return dispatch_kv(cache.type, [&](auto type) -> Status {
     constexpr KvType kType = decltype(type)::value;

@@ -82,6 +82,11 @@ struct AttentionArgs {
   const float* q_bias = nullptr;
   const float* k_bias = nullptr;
   const float* v_bias = nullptr;
+  // Set (the same calls): the rope launch reads q, k and v from this one product [n, qkv_stride]
+  // (q in columns [0, q_dim), k then v after it) and writes the rotated q and k to q and k; v is
+  // not written (the cache holds it).
+  const float* qkv = nullptr;
+  int64_t qkv_stride = 0;
 };
 
 // Per-split partial results of the decode kernel, for up to 16 tokens per launch. A launch of

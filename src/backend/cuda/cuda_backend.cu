@@ -568,20 +568,45 @@ class CudaBackend final : public Backend {
     const Linear* const qkv_weights[] = {&l.wq, &l.wk, &l.wv};
     KS_ASSIGN_OR_RETURN(GemvCall qkv_call, gemv_call(qkv, s.normed, qkv_weights));
     KS_RETURN_IF_ERROR(launch_norm_for_gemm(s.normed, x, l.attn_norm, eps));
-    // q/k/v's biases join in the rope launch, which reads and writes q, k and v anyway (an fp8
-    // cache's rope launch cannot take them).
+    // q/k/v's biases join in the rope launch, which reads q, k and v anyway (an fp8 cache's rope
+    // launch cannot take them).
+    const bool rope_takes_qkv = cache_.type != KvType::f8 && x.rows >= kRopeTokensThreshold;
     const float* biases[3] = {qkv_call.jobs[0].w.bias, qkv_call.jobs[1].w.bias,
                               qkv_call.jobs[2].w.bias};
     const bool bias_in_rope =
-        bias_in_rope_ && cache_.type != KvType::f8 && x.rows >= kRopeTokensThreshold &&
+        bias_in_rope_ && rope_takes_qkv &&
         (biases[0] != nullptr || biases[1] != nullptr || biases[2] != nullptr);
     if (bias_in_rope) {
       for (int i = 0; i < 3; ++i) qkv_call.jobs[i].w.bias = nullptr;
     }
-    KS_RETURN_IF_ERROR(launch_matmul(qkv_call, s.normed));
     KS_RETURN_IF_ERROR(check_rope(s.q, s.k, p));
-    KS_RETURN_IF_ERROR(launch_attention(s.attn, s.q, s.k, s.v, layer, p, /*rotate=*/true,
-                                        bias_in_rope ? biases : nullptr));
+    // q, k and v as one GEMM of the three weights stacked (their upload slots are consecutive),
+    // into s.gate's memory, which the MLP fills only later; the rope launch reads them there.
+    const DeviceWeight* stack[] = {&qkv_call.jobs[0].w, &qkv_call.jobs[1].w, &qkv_call.jobs[2].w};
+    const int64_t stacked_cols = s.q.cols + s.k.cols + s.v.cols;
+    const bool stacked = stack_qkv_ && rope_takes_qkv && s.gate.cols >= stacked_cols &&
+                         qkv_call.slots[1] == qkv_call.slots[0] + 1 &&
+                         qkv_call.slots[2] == qkv_call.slots[0] + 2 && ahead_.stacks(stack);
+    if (!stacked) {
+      KS_RETURN_IF_ERROR(launch_matmul(qkv_call, s.normed));
+      KS_RETURN_IF_ERROR(launch_attention(s.attn, s.q, s.k, s.v, layer, p, /*rotate=*/true,
+                                          bias_in_rope ? biases : nullptr));
+    } else {
+      KS_RETURN_IF_ERROR(ensure_shadow(s.normed));
+      note_write(s.gate);
+      const __half* in = shadow_buffers_[shadow_.buffer];
+      const int next = qkv_call.slots[2] + 1;
+      const DeviceWeight* next_w =
+          size_t(next) < linears_.size() ? &linears_[size_t(next)] : nullptr;
+      KS_RETURN_IF_ERROR(launch(
+          "matmul (prefill, q/k/v stacked)",
+          {addr(in), uint64_t(x.rows), addr(s.gate.data), addr(stack[0]->data)}, [&] {
+            return ahead_.gemm_stack(stack, qkv_call.slots[0], next_w, next, in, qkv_call.x_stride,
+                                     x.rows, f32(s.gate), gemm_ws_, stream_, GemmOut::store);
+          }));
+      KS_RETURN_IF_ERROR(launch_attention(s.attn, s.q, s.k, s.v, layer, p, /*rotate=*/true,
+                                          bias_in_rope ? biases : nullptr, f32(s.gate)));
+    }
     KS_RETURN_IF_ERROR(matmul_accumulate(x, s.attn, l.wo));
     KS_RETURN_IF_ERROR(launch_norm_for_gemm(s.normed, x, l.ffn_norm, eps));
     const Tensor outs[] = {s.gate, s.up};
@@ -1218,8 +1243,8 @@ class CudaBackend final : public Backend {
   // q_bias, k_bias, v_bias: the projections' biases when the rope launch adds them
   // (prefill_layer; AttentionArgs).
   Status launch_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
-                          const RopeParams& p, bool rotate,
-                          const float* const* qkv_bias = nullptr) {
+                          const RopeParams& p, bool rotate, const float* const* qkv_bias = nullptr,
+                          const float* qkv = nullptr) {
     if (layer < 0 || layer >= config_.n_layers || p.head_dim != config_.head_dim ||
         p.n_kv_heads != config_.n_kv_heads || p.n_heads != config_.n_heads ||
         q.rows != batch_.n_tokens || out.cols != p.n_heads * p.head_dim ||
@@ -1255,9 +1280,13 @@ class CudaBackend final : public Backend {
       args.k_bias = qkv_bias[1];
       args.v_bias = qkv_bias[2];
     }
+    if (qkv != nullptr) {
+      args.qkv = qkv;
+      args.qkv_stride = q.cols + k.cols + v.cols;
+    }
     const std::initializer_list<uint64_t> cache_args = {
-        addr(q.data),     addr(k.data),      addr(v.data),      uint64_t(layer),
-        uint64_t(q.rows), addr(args.q_bias), addr(args.k_bias), addr(args.v_bias)};
+        addr(q.data),      addr(k.data),      addr(v.data),      uint64_t(layer), uint64_t(q.rows),
+        addr(args.q_bias), addr(args.k_bias), addr(args.v_bias), addr(args.qkv)};
     // A decode batch of distinct sequences: the split kernel rotates q and k and writes the
     // cache itself (no token reads another's new row), one launch fewer a layer.
     if (rotate && !prefill && rope_in_decode_) {
@@ -1623,6 +1652,12 @@ class CudaBackend final : public Backend {
   // KESTREL_CUDA_PREFILL_BIAS_IN_ROPE=0 (a measurement aid: a bias launch after each GEMM).
   bool bias_in_rope_ = [] {
     const char* v = std::getenv("KESTREL_CUDA_PREFILL_BIAS_IN_ROPE");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  // The prefill layer's q/k/v projections are one GEMM of the stacked weights unless
+  // KESTREL_CUDA_PREFILL_STACK_QKV=0 (a measurement aid: three GEMMs).
+  bool stack_qkv_ = [] {
+    const char* v = std::getenv("KESTREL_CUDA_PREFILL_STACK_QKV");
     return v == nullptr || std::string(v) != "0";
   }();
   bool fp16_mlp_ = [] {

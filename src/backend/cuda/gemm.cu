@@ -247,6 +247,7 @@ Status DequantAhead::reset(__half* copy0, __half* copy1, int64_t elems) {
 Status DequantAhead::drain() {
   if (ahead_ != nullptr) KS_CUDA_CHECK("matmul", cudaStreamSynchronize(ahead_));
   held_[0] = held_[1] = -1;
+  held_count_[0] = held_count_[1] = 0;
   return Status::ok();
 }
 
@@ -258,14 +259,43 @@ Status DequantAhead::wait(cudaStream_t stream, cudaEvent_t event) {
 Status DequantAhead::gemm(const DeviceWeight& w, int key, const DeviceWeight* next, int next_key,
                           const __half* x, int64_t x_stride, int64_t n, void* y, GemmWorkspace ws,
                           cudaStream_t stream, GemmOut out) {
-  KS_RETURN_IF_ERROR(check_gemm(w, out));
-  if (gemm_dequant_elems(w) == 0 || elems_ == 0) {
+  const DeviceWeight* one[] = {&w};
+  return gemm_stack(one, key, next, next_key, x, x_stride, n, y, ws, stream, out);
+}
+
+bool DequantAhead::stacks(std::span<const DeviceWeight* const> weights) const {
+  if (weights.empty() || elems_ == 0) return false;
+  int64_t rows = 0;
+  for (const DeviceWeight* w : weights) {
+    if (gemm_dequant_elems(*w) == 0 || w->bias != nullptr || w->cols != weights[0]->cols ||
+        w->format != weights[0]->format) {
+      return false;
+    }
+    rows += w->rows;
+  }
+  return rows * weights[0]->cols <= elems_;
+}
+
+Status DequantAhead::gemm_stack(std::span<const DeviceWeight* const> stack, int key,
+                                const DeviceWeight* next, int next_key, const __half* x,
+                                int64_t x_stride, int64_t n, void* y, GemmWorkspace ws,
+                                cudaStream_t stream, GemmOut out) {
+  if (stack.empty()) return Status::error("cuda matmul: a GEMM of no weights");
+  const DeviceWeight& w = *stack[0];
+  for (const DeviceWeight* s : stack) KS_RETURN_IF_ERROR(check_gemm(*s, out));
+  if (stack.size() > 1 && !stacks(stack)) {
+    return Status::error(
+        "cuda matmul: stacked weights must be quantized, of one format and width, without "
+        "biases, and fit one fp16 copy");
+  }
+  if (stack.size() == 1 && (gemm_dequant_elems(w) == 0 || elems_ == 0)) {
     return kestrel::cuda::gemm(w, x, x_stride, n, y, ws, stream, out);
   }
-  if (w.rows * w.cols > elems_) {
+  if (stack.size() == 1 && w.rows * w.cols > elems_) {
     // The sliced path writes the first copy: after its last reader and its last writer.
     KS_RETURN_IF_ERROR(wait(stream, written_[0]));
     held_[0] = -1;
+    held_count_[0] = 0;
     ws.dequant = copy_[0];
     ws.dequant_elems = elems_;
     KS_RETURN_IF_ERROR(kestrel::cuda::gemm(w, x, x_stride, n, y, ws, stream, out));
@@ -276,27 +306,43 @@ Status DequantAhead::gemm(const DeviceWeight& w, int key, const DeviceWeight* ne
   if (c < 0) {
     // Not made ahead: dequantize here, into the copy not holding `next`.
     c = held_[0] == next_key ? 1 : 0;
-    KS_RETURN_IF_ERROR(wait(stream, written_[c]));
     held_[c] = -1;
-    KS_RETURN_IF_ERROR(dequantize_rows(w, 0, w.rows, copy_[c], stream));
+    held_count_[c] = 0;
+  }
+  KS_RETURN_IF_ERROR(wait(stream, written_[c]));
+  // The stack's weights the copy lacks (all, or those after the one made ahead), after the
+  // rows it holds.
+  const int count = int(stack.size());
+  if (held_count_[c] < count) {
+    int64_t row = 0;
+    for (int i = 0; i < held_count_[c]; ++i) row += stack[size_t(i)]->rows;
+    for (int i = held_count_[c]; i < count; ++i) {
+      const DeviceWeight& s = *stack[size_t(i)];
+      KS_RETURN_IF_ERROR(dequantize_rows(s, 0, s.rows, copy_[c] + row * w.cols, stream));
+      row += s.rows;
+    }
     KS_CUDA_CHECK("matmul", cudaEventRecord(written_[c], stream));
     held_[c] = key;
-  } else {
-    KS_RETURN_IF_ERROR(wait(stream, written_[c]));
+    held_count_[c] = count;
   }
+  DeviceWeight stacked = w;  // the rows of every weight of the stack, one after another
+  for (int i = 1; i < count; ++i) stacked.rows += stack[size_t(i)]->rows;
   KS_RETURN_IF_ERROR(bind_stream(ws, stream));
-  KS_CUBLAS_CHECK("matmul", multiply(w, copy_[c], w.cols, 0, w.rows, x, x_stride, n, y, ws, out));
+  KS_CUBLAS_CHECK("matmul",
+                  multiply(stacked, copy_[c], w.cols, 0, stacked.rows, x, x_stride, n, y, ws, out));
   KS_CUDA_CHECK("matmul", cudaEventRecord(read_[c], stream));
-  KS_RETURN_IF_ERROR(add_bias(w, y, n, stream));
+  if (count == 1) KS_RETURN_IF_ERROR(add_bias(w, y, n, stream));
   // The next weight into the other copy, once the GEMM that last read that copy is done.
   const int o = 1 - c;
   if (next != nullptr && next_key >= 0 && held_[o] != next_key && held_[c] != next_key &&
       gemm_dequant_elems(*next) > 0 && next->rows * next->cols <= elems_) {
     held_[o] = -1;
+    held_count_[o] = 0;
     KS_RETURN_IF_ERROR(wait(ahead_, read_[o]));
     KS_RETURN_IF_ERROR(dequantize_rows(*next, 0, next->rows, copy_[o], ahead_));
     KS_CUDA_CHECK("matmul", cudaEventRecord(written_[o], ahead_));
     held_[o] = next_key;
+    held_count_[o] = 1;
   }
   return Status::ok();
 }

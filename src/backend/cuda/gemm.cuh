@@ -5,6 +5,8 @@
 // count.
 #pragma once
 
+#include <span>
+
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -71,13 +73,25 @@ class DequantAhead {
               const __half* x, int64_t x_stride, int64_t n, void* y, GemmWorkspace ws,
               cudaStream_t stream, GemmOut out);
 
+  // One GEMM of the weights of `stack` (consecutive upload slots from `key`) stacked row-wise:
+  // y[n, sum of rows] = x · [w0; w1; ...]ᵀ, each weight's products in its own column range.
+  // Weights stacks() accepts only (no biases: the caller adds them). A copy made ahead of the
+  // first weight alone is kept and the rest dequantized after it.
+  Status gemm_stack(std::span<const DeviceWeight* const> stack, int key, const DeviceWeight* next,
+                    int next_key, const __half* x, int64_t x_stride, int64_t n, void* y,
+                    GemmWorkspace ws, cudaStream_t stream, GemmOut out);
+  // Whether gemm_stack takes these weights: quantized, of one format and width, without biases,
+  // their rows together within one copy.
+  bool stacks(std::span<const DeviceWeight* const> weights) const;
+
  private:
   Status wait(cudaStream_t stream, cudaEvent_t event);
 
   cudaStream_t ahead_ = nullptr;
   __half* copy_[2] = {nullptr, nullptr};
   int64_t elems_ = 0;
-  int held_[2] = {-1, -1};                       // the key each copy holds (-1: none)
+  int held_[2] = {-1, -1};      // the key of the first weight each copy holds (-1: none)
+  int held_count_[2] = {0, 0};  // weights of consecutive keys from held_ each copy holds
   cudaEvent_t written_[2] = {nullptr, nullptr};  // after the last write of each copy
   cudaEvent_t read_[2] = {nullptr, nullptr};     // after the last GEMM that read each copy
 };

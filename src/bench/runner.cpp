@@ -43,6 +43,17 @@ double mean(const std::vector<double>& values) {
   return values.empty() ? 0.0 : sum / double(values.size());
 }
 
+}  // namespace
+
+double median(std::vector<double> values) {
+  if (values.empty()) return 0.0;
+  std::sort(values.begin(), values.end());
+  const size_t mid = values.size() / 2;
+  return values.size() % 2 == 1 ? values[mid] : (values[mid - 1] + values[mid]) / 2.0;
+}
+
+namespace {
+
 std::string engine_key(const BenchCase& c) {
   return c.source + "|" + format_name(c.format) + (c.format_explicit ? "|explicit" : "");
 }
@@ -426,9 +437,9 @@ Status Runner::run_case(const BenchCase& c, CaseResult& result) {
   }
 
   result.has_timings = true;
-  result.first_token_ms = mean(result.trial_first_token_s) * 1e3;
+  result.first_token_ms = median(result.trial_first_token_s) * 1e3;
   if (!result.trial_next_token_s.empty()) {
-    const double next_s = mean(result.trial_next_token_s);
+    const double next_s = median(result.trial_next_token_s);
     const ModelConfig& m = spec.config;
     result.has_next_token = true;
     result.next_token_ms = next_s * 1e3;

@@ -37,6 +37,11 @@
 
 namespace kestrel::bench {
 
+// The median of `values` (the mean of the middle two for an even count; 0 for none): the
+// benchmark's first- and next-token latencies are medians over trials, so one slow trial (a
+// busy machine, a clock ramp) does not move them.
+double median(std::vector<double> values);
+
 struct CaseResult {
   BenchCase bench_case;
   bool ok = false;
@@ -46,8 +51,8 @@ struct CaseResult {
   std::string commit;
   bool has_timings = false;     // the trials completed
   bool has_next_token = false;  // out_len > 1: there are later steps
-  double first_token_ms = 0;    // mean over trials: every copy's prefill through its first token
-  double next_token_ms = 0;     // mean over trials of the mean later step
+  double first_token_ms = 0;    // median over trials: every copy's prefill through its first token
+  double next_token_ms = 0;     // median over trials of the mean later step
   std::vector<double> trial_first_token_s;
   std::vector<double> trial_next_token_s;
   int64_t actual_in = 0;

@@ -8,6 +8,7 @@
 #include "bench/config.h"
 #include "bench/prompt.h"
 #include "bench/report.h"
+#include "bench/runner.h"
 
 namespace kestrel::bench {
 namespace {
@@ -213,6 +214,15 @@ TEST(BenchPrompt, ShippedTextIsLongEnough) {
   auto missing = load_prompt_text("");
   ASSERT_FALSE(missing.is_ok());
   EXPECT_NE(missing.status().message().find("--prompt-file"), std::string::npos);
+}
+
+// First- and next-token latencies are medians over trials: one slow trial does not move them.
+TEST(BenchRunner, LatenciesAreMediansOverTrials) {
+  EXPECT_DOUBLE_EQ(median({}), 0.0);
+  EXPECT_DOUBLE_EQ(median({0.5}), 0.5);
+  EXPECT_DOUBLE_EQ(median({0.030, 0.029, 0.500}), 0.030);  // the outlier is ignored
+  EXPECT_DOUBLE_EQ(median({4.0, 1.0, 3.0, 2.0}), 2.5);     // even count: the middle two
+  EXPECT_DOUBLE_EQ(median({2.0, 2.0, 9.0, 1.0, 2.0}), 2.0);
 }
 
 TEST(BenchReport, CsvColumnsInTheIssuesOrder) {

@@ -153,11 +153,14 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
 }
 
 // Prefill GEMMs (more than 64 rows) through the two fp16 copies of DequantAhead (gemm.cuh): every
-// linear of two layers in the forward order (each copy made ahead, under the GEMM before it), then
-// in an order that guesses wrong (backwards, a weight twice in a row, layers interleaved) with
-// the lm_head, larger than a copy, through slices in between, every GEMM issued before any result
-// is read back. Each result against the dequantized reference: a copy overwritten while a GEMM
-// still reads it, or read before it is written, gives errors near 1.
+// linear of two layers in the forward order (each copy but the first made ahead, under the GEMM
+// before it: counted), then in an order that guesses wrong (backwards, a weight twice in a row,
+// layers interleaved) with the lm_head, larger than a copy, through slices in between. Each order
+// runs twice with every GEMM issued back to back (outputs poisoned beforehand): once behind a
+// 20 ms stall of the backend's stream, so a copy made ahead that did not wait for the last GEMM
+// reading its buffer would overwrite it first, and once with every copy made ahead delayed 3 ms,
+// so a GEMM that did not wait for its copy would read a stale one. Each result against the
+// dequantized reference: either race gives errors near 1.
 TEST(CudaOps, PrefillGemmsWithCopiesMadeAhead) {
   ModelConfig config = small_config(320, 896, 4, 2, 64, 2000);
   config.n_layers = 2;
@@ -181,32 +184,48 @@ TEST(CudaOps, PrefillGemmsWithCopiesMadeAhead) {
       &l0.w_gate, &weights.output, &l0.w_up,   &l1.w_down, &l0.wv,          &l0.wk};
   const std::vector<const Linear*>& forward_order = forward;
   for (const auto* order : {&forward_order, &scrambled}) {
-    std::vector<int32_t> meta;
-    ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
-    std::map<int64_t, std::vector<float>> inputs;  // by width
-    std::map<int64_t, Tensor> input_tensors;
-    for (int64_t cols : {config.hidden_size, config.q_dim(), config.intermediate_size}) {
-      inputs[cols] = random_values(size_t(n * cols), 5200 + uint64_t(cols));
-      auto t = b.scratch(n, cols);
-      ASSERT_TRUE(t.is_ok());
-      fill(b, *t, inputs[cols]);
-      input_tensors[cols] = *t;
-    }
-    std::vector<Tensor> outs;
-    for (const Linear* w : *order) {
-      auto y = b.scratch(n, w->w.rows);
-      ASSERT_TRUE(y.is_ok());
-      poison(b, *y);
-      const Status s = b.matmul(*y, input_tensors.at(w->w.cols), *w);
-      ASSERT_TRUE(s.is_ok()) << s.message();
-      outs.push_back(*y);
-    }
-    for (size_t i = 0; i < outs.size(); ++i) {
-      const Linear& w = *(*order)[i];
-      const std::vector<float> ref = reference_matmul(w, inputs.at(w.w.cols), n);
-      EXPECT_LE(rel_error(fetch(b, outs[i]), ref), 2e-3)
-          << (order == &forward_order ? "forward" : "scrambled") << " order, GEMM " << i << " ("
-          << w.w.rows << " x " << w.w.cols << ")";
+    for (const bool stall_main : {true, false}) {
+      const char* what = stall_main ? "stalled stream" : "delayed copies";
+      std::vector<int32_t> meta;
+      ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+      std::map<int64_t, std::vector<float>> inputs;  // by width
+      std::map<int64_t, Tensor> input_tensors;
+      for (int64_t cols : {config.hidden_size, config.q_dim(), config.intermediate_size}) {
+        inputs[cols] = random_values(size_t(n * cols), 5200 + uint64_t(cols));
+        auto t = b.scratch(n, cols);
+        ASSERT_TRUE(t.is_ok());
+        fill(b, *t, inputs[cols]);
+        input_tensors[cols] = *t;
+      }
+      std::vector<Tensor> outs;
+      for (const Linear* w : *order) {
+        auto y = b.scratch(n, w->w.rows);
+        ASSERT_TRUE(y.is_ok());
+        poison(b, *y);  // synchronizes: done before any GEMM is issued
+        outs.push_back(*y);
+      }
+      const int64_t hits = cuda::dequant_ahead_hits(b);
+      if (stall_main) {
+        ASSERT_TRUE(cuda::delay_stream(b, 20000).is_ok());
+      } else {
+        cuda::set_dequant_ahead_delay(3000);
+      }
+      for (size_t i = 0; i < outs.size(); ++i) {
+        const Linear& w = *(*order)[i];
+        const Status s = b.matmul(outs[i], input_tensors.at(w.w.cols), w);
+        ASSERT_TRUE(s.is_ok()) << s.message();
+      }
+      cuda::set_dequant_ahead_delay(0);
+      for (size_t i = 0; i < outs.size(); ++i) {
+        const Linear& w = *(*order)[i];
+        const std::vector<float> ref = reference_matmul(w, inputs.at(w.w.cols), n);
+        EXPECT_LE(rel_error(fetch(b, outs[i]), ref), 2e-3)
+            << (order == &forward_order ? "forward" : "scrambled") << " order, " << what
+            << ", GEMM " << i << " (" << w.w.rows << " x " << w.w.cols << ")";
+      }
+      if (order == &forward_order) {
+        EXPECT_GE(cuda::dequant_ahead_hits(b) - hits, int64_t(order->size()) - 1) << what;
+      }
     }
   }
 }
@@ -871,9 +890,9 @@ TEST_P(CudaDecoderLayer, MatchesCpu) {
 }
 
 // The layer kernel against the composition it stands for, on the same GPU: a backend created
-// with KESTREL_CUDA_LAYER_KERNEL=0 is the reference. Prefill takes the composition on both (the
-// same kernels: 1e-6). In decode both quantize their inputs to int8 as the CPU does and keep fp16
-// cache entries; they differ in summation order and so, now and then, in which side of an int8
+// with KESTREL_CUDA_LAYER_KERNEL=0 is the reference. Prefill takes the prefill layer on both
+// (the same kernels: 1e-6). In decode both quantize their inputs to int8 as the CPU does and keep
+// fp16 cache entries; they differ in summation order and so, now and then, in which side of an int8
 // rounding boundary an input lands (the 2-3e-3 CudaMatmul sees between the dp4a GEMV and the CPU),
 // and the kernel's attention keeps the rotated queries in fp32 where the composition's tensor-core
 // kernel rounds them to fp16 (the scores here are sharpened 2.25x): 2e-2 for the layer's update,
@@ -921,8 +940,23 @@ TEST_P(CudaDecoderLayer, PrefillLayerMatchesComposition) {
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc), std::move(prefill).value(),
                         std::move(composition).value()));
+  // Prefill calls must take the prefill layer's own launches: the stacked q/k/v GEMM and the
+  // fp16 SwiGLU (op timing counts them by name; decode calls are left untimed).
+  auto takes_prefill_layer = [](Backend& device, int64_t n, bool done) {
+    if (n <= 64) return;
+    if (!done) {
+      ASSERT_TRUE(cuda::set_op_timing(device, true).is_ok());  // also clears the op times
+      return;
+    }
+    std::map<std::string, int64_t> calls;
+    for (const cuda::OpTime& t : cuda::op_times(device)) calls[t.op] += t.calls;
+    EXPECT_GT(calls["matmul (prefill, q/k/v stacked)"], 0) << "n=" << n;
+    EXPECT_GT(calls["swiglu (fp16)"], 0) << "n=" << n;
+    EXPECT_EQ(calls["add"], 0) << "n=" << n;
+    ASSERT_TRUE(cuda::set_op_timing(device, false).is_ok());
+  };
   check_decoder_layer(
-      pair, weights, [](int64_t n) { return n == 1 ? 0.0 : 2e-3; }, [](Backend&, int64_t, bool) {});
+      pair, weights, [](int64_t n) { return n == 1 ? 0.0 : 2e-3; }, takes_prefill_layer);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -203,7 +203,8 @@ void prefill_timeline(const std::string& name, int n_prompts) {
     }
   }
   // A layer's kernels in order (the second layer's, past the first layer's warm start).
-  const size_t per_layer = (call->kernels.size() - 3) / size_t(c.n_layers);
+  const size_t per_layer =
+      call->kernels.size() > 3 ? (call->kernels.size() - 3) / size_t(c.n_layers) : 0;
   std::printf("\nThe second layer's kernels (us from the call's first start):\n\n");
   std::printf(
       "| # | kernel | blocks | start | duration | adds |\n|---:|---|---:|---:|---:|---:|\n");

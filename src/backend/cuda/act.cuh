@@ -9,9 +9,7 @@
 
 namespace kestrel::cuda {
 
-// out = silu(gate) * up, all [rows, cols]; out may alias gate. With a shadow, out may be null:
-// then the fp16 shadow alone is written (the prefill layer's MLP activation, which only the down
-// projection reads).
+// out = silu(gate) * up, all [rows, cols]; out may alias gate.
 Status swiglu(float* out, const float* gate, const float* up, int64_t rows, int64_t cols,
               ShadowOut shadow, cudaStream_t stream);
 

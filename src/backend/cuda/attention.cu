@@ -1275,6 +1275,10 @@ Status check_kv_cache(KvType type, int head_dim) {
 }
 
 Status kv_cache_write(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
+  if (args.q_bias != nullptr || args.k_bias != nullptr || args.v_bias != nullptr ||
+      args.qkv != nullptr) {
+    return Status::error("cuda attention: the cache write takes no biases or stacked product");
+  }
   return dispatch_kv(cache.type, [&](auto type) -> Status {
     KS_CUDA_CHECK("attention",
                   launch_pdl(kv_write_kernel<decltype(type)::value>,

@@ -132,9 +132,9 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     if (layer_kernel_) release_decode_layer(device_);
-    (void)ahead_.drain();  // before the copies it writes are freed
     abort_capture();
     clear_graphs();
+    (void)ahead_.drain();  // before the copies it writes are freed
     for (cudaEvent_t e : timing_events_) cudaEventDestroy(e);
     for (auto& [ptr, bytes] : allocations_) cudaFree(ptr);
     for (void* p : pinned_) cudaFreeHost(p);
@@ -778,6 +778,7 @@ class CudaBackend final : public Backend {
   }
 
   GraphStats graph_stats() const { return stats_; }
+  int64_t dequant_ahead_hits() const { return ahead_.hits(); }
 
  private:
   CudaBackend() = default;
@@ -1284,6 +1285,11 @@ class CudaBackend final : public Backend {
       args.qkv = qkv;
       args.qkv_stride = q.cols + k.cols + v.cols;
     }
+    // Only the rope launch before attention adds biases and reads a stacked product.
+    if ((qkv_bias != nullptr || qkv != nullptr) && (!rotate || (!prefill && rope_in_decode_))) {
+      return Status::error(
+          "cuda attention: q/k/v biases or a stacked product need the prefill rope launch");
+    }
     const std::initializer_list<uint64_t> cache_args = {
         addr(q.data),      addr(k.data),      addr(v.data),      uint64_t(layer), uint64_t(q.rows),
         addr(args.q_bias), addr(args.k_bias), addr(args.v_bias), addr(args.qkv)};
@@ -1646,8 +1652,6 @@ class CudaBackend final : public Backend {
     const char* v = std::getenv("KESTREL_CUDA_PREFILL_LAYER");
     return v == nullptr || std::string(v) != "0";
   }();
-  // The prefill layer's gate and up products are fp16 unless KESTREL_CUDA_PREFILL_FP16_MLP=0 (a
-  // measurement aid: fp32 products and SwiGLU over them).
   // The prefill layer's q/k/v biases join in the rope launch unless
   // KESTREL_CUDA_PREFILL_BIAS_IN_ROPE=0 (a measurement aid: a bias launch after each GEMM).
   bool bias_in_rope_ = [] {
@@ -1660,6 +1664,8 @@ class CudaBackend final : public Backend {
     const char* v = std::getenv("KESTREL_CUDA_PREFILL_STACK_QKV");
     return v == nullptr || std::string(v) != "0";
   }();
+  // The prefill layer's gate and up products are fp16 unless KESTREL_CUDA_PREFILL_FP16_MLP=0 (a
+  // measurement aid: fp32 products and SwiGLU over them).
   bool fp16_mlp_ = [] {
     const char* v = std::getenv("KESTREL_CUDA_PREFILL_FP16_MLP");
     return v == nullptr || std::string(v) != "0";
@@ -1753,6 +1759,17 @@ GraphStats graph_stats(Backend& backend) {
 void* backend_stream(Backend& backend) {
   CudaBackend* cuda = as_cuda(backend);
   return cuda != nullptr ? static_cast<void*>(cuda->stream()) : nullptr;
+}
+
+Status delay_stream(Backend& backend, int microseconds) {
+  CudaBackend* cuda = as_cuda(backend);
+  if (cuda == nullptr) return Status::error("delay_stream: not a CUDA backend");
+  return spin_stream(cuda->stream(), microseconds);
+}
+
+int64_t dequant_ahead_hits(Backend& backend) {
+  CudaBackend* cuda = as_cuda(backend);
+  return cuda != nullptr ? cuda->dequant_ahead_hits() : 0;
 }
 
 }  // namespace cuda

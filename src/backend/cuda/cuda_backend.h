@@ -58,6 +58,15 @@ bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols);
 // only while no other thread launches GEMVs.
 void set_gemv_block_cap(int blocks);
 
+// Test aids for the prefill GEMMs' copies made ahead (gemm.cuh, DequantAhead): delay_stream
+// queues a kernel spinning for `microseconds` on the backend's stream (its later work waits
+// behind it); set_dequant_ahead_delay makes every copy made ahead wait that long on its own
+// stream first (0: none; process-wide); dequant_ahead_hits counts the prefill GEMMs whose copy
+// was found made since the backend's last reservation (0 for another backend).
+Status delay_stream(Backend& backend, int microseconds);
+void set_dequant_ahead_delay(int microseconds);
+int64_t dequant_ahead_hits(Backend& backend);
+
 // Device-to-device copy bandwidth of device 0 in GB/s, counting bytes read and written (1 GiB,
 // median of 7 graph replays): the decode roofline the benchmarks report against.
 Result<double> measure_copy_gbs();

@@ -1,3 +1,5 @@
+#include <atomic>
+
 #include "backend/cuda/cuda_check.cuh"
 #include "backend/cuda/gemm.cuh"
 
@@ -150,7 +152,29 @@ cublasStatus_t multiply(const DeviceWeight& w, const __half* w16, int64_t lda, i
                       CUBLAS_GEMM_DEFAULT);
 }
 
+// Spins for `ns` nanoseconds of the global timer: the test aids' stall of a stream.
+__global__ void spin_kernel(uint64_t ns) {
+  uint64_t start = 0, now = 0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
+
+std::atomic<int> ahead_delay_us{0};  // set_dequant_ahead_delay
+
 }  // namespace
+
+Status spin_stream(cudaStream_t stream, int microseconds) {
+  if (microseconds <= 0) return Status::ok();
+  spin_kernel<<<1, 1, 0, stream>>>(uint64_t(microseconds) * 1000);
+  KS_CUDA_CHECK_LAUNCH("test aid", "spin_kernel");
+  return Status::ok();
+}
+
+void set_dequant_ahead_delay(int microseconds) {
+  ahead_delay_us.store(microseconds);
+}
 
 Status dequantize_rows(const DeviceWeight& w, int64_t row_begin, int64_t n_rows, __half* out,
                        cudaStream_t stream) {
@@ -225,11 +249,19 @@ DequantAhead::~DequantAhead() {
 
 Status DequantAhead::reset(__half* copy0, __half* copy1, int64_t elems) {
   KS_RETURN_IF_ERROR(drain());
+  copy_[0] = copy0;
+  copy_[1] = copy1;
+  elems_ = 0;
+  hits_ = 0;
+  if (copy0 == nullptr || copy1 == nullptr) return Status::ok();
   if (ahead_ == nullptr) {
+    // The stream of the lowest priority, which is also the default priority of the caller's
+    // stream: the two share the GPU as equals (a higher-priority caller stream is untried).
     int least = 0, greatest = 0;
     KS_CUDA_CHECK("matmul", cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    // The copies fill what the GEMM leaves free: the lowest priority.
-    KS_CUDA_CHECK("matmul", cudaStreamCreateWithPriority(&ahead_, cudaStreamNonBlocking, least));
+    cudaStream_t stream = nullptr;
+    KS_CUDA_CHECK("matmul", cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, least));
+    ahead_ = stream;
     for (int i = 0; i < 2; ++i) {
       KS_CUDA_CHECK("matmul", cudaEventCreateWithFlags(&written_[i], cudaEventDisableTiming));
       KS_CUDA_CHECK("matmul", cudaEventCreateWithFlags(&read_[i], cudaEventDisableTiming));
@@ -238,9 +270,8 @@ Status DequantAhead::reset(__half* copy0, __half* copy1, int64_t elems) {
       KS_CUDA_CHECK("matmul", cudaEventRecord(read_[i], ahead_));
     }
   }
-  copy_[0] = copy0;
-  copy_[1] = copy1;
-  elems_ = copy0 != nullptr && copy1 != nullptr ? elems : 0;
+  // Only now: a failure above leaves elems_ 0, so every call takes gemm() with its own scratch.
+  elems_ = elems;
   return Status::ok();
 }
 
@@ -293,6 +324,7 @@ Status DequantAhead::gemm_stack(std::span<const DeviceWeight* const> stack, int 
   }
   if (stack.size() == 1 && w.rows * w.cols > elems_) {
     // The sliced path writes the first copy: after its last reader and its last writer.
+    KS_RETURN_IF_ERROR(wait(stream, read_[0]));
     KS_RETURN_IF_ERROR(wait(stream, written_[0]));
     held_[0] = -1;
     held_count_[0] = 0;
@@ -308,7 +340,11 @@ Status DequantAhead::gemm_stack(std::span<const DeviceWeight* const> stack, int 
     c = held_[0] == next_key ? 1 : 0;
     held_[c] = -1;
     held_count_[c] = 0;
+  } else {
+    ++hits_;
   }
+  // After the copy's last writer, and (when another stream read it last) its last reader.
+  KS_RETURN_IF_ERROR(wait(stream, read_[c]));
   KS_RETURN_IF_ERROR(wait(stream, written_[c]));
   // The stack's weights the copy lacks (all, or those after the one made ahead), after the
   // rows it holds.
@@ -339,6 +375,7 @@ Status DequantAhead::gemm_stack(std::span<const DeviceWeight* const> stack, int 
     held_[o] = -1;
     held_count_[o] = 0;
     KS_RETURN_IF_ERROR(wait(ahead_, read_[o]));
+    KS_RETURN_IF_ERROR(spin_stream(ahead_, ahead_delay_us.load()));
     KS_RETURN_IF_ERROR(dequantize_rows(*next, 0, next->rows, copy_[o], ahead_));
     KS_CUDA_CHECK("matmul", cudaEventRecord(written_[o], ahead_));
     held_[o] = next_key;

@@ -46,13 +46,13 @@ Status dequantize_rows(const DeviceWeight& w, int64_t row_begin, int64_t n_rows,
                        cudaStream_t stream);
 
 // Prefill GEMMs of quantized weights through two whole-weight fp16 copies. The GEMM of one weight
-// reads one copy while a second stream (of the lowest priority) dequantizes the weight expected
-// next into the other, so the dequantization, which only moves memory, runs under the GEMM, which
-// is bound by the tensor cores. Each copy is tagged with the weight it holds; events order every
-// write of a copy after the last GEMM that read it and every GEMM after the write it reads, so a
-// wrong guess costs only the bandwidth of the wasted copy. Weights larger than a copy take gemm()
-// in slices through the first copy; with one copy (reset with copy1 null) every call takes gemm()
-// with the workspace's scratch.
+// reads one copy while a second stream dequantizes the weight expected next into the other, so
+// the dequantization, which only moves memory, can run beside the GEMM, which is bound by the
+// tensor cores (where the GEMM leaves room on the SMs: the 1.5B's do, the 8B's do not). Each copy
+// is tagged with the weight it holds; events order every write of a copy after the last GEMM that
+// read it and every GEMM after the write it reads, so a wrong guess costs only the bandwidth of the
+// wasted copy. Weights larger than a copy take gemm() in slices through the first copy; with one
+// copy (reset with copy1 null) every call takes gemm() with the workspace's scratch.
 class DequantAhead {
  public:
   DequantAhead() = default;
@@ -84,6 +84,9 @@ class DequantAhead {
   // their rows together within one copy.
   bool stacks(std::span<const DeviceWeight* const> weights) const;
 
+  // GEMMs whose copy was found made (the weight, or a stack's first weight) since reset().
+  int64_t hits() const { return hits_; }
+
  private:
   Status wait(cudaStream_t stream, cudaEvent_t event);
 
@@ -92,9 +95,15 @@ class DequantAhead {
   int64_t elems_ = 0;
   int held_[2] = {-1, -1};      // the key of the first weight each copy holds (-1: none)
   int held_count_[2] = {0, 0};  // weights of consecutive keys from held_ each copy holds
+  int64_t hits_ = 0;
   cudaEvent_t written_[2] = {nullptr, nullptr};  // after the last write of each copy
   cudaEvent_t read_[2] = {nullptr, nullptr};     // after the last GEMM that read each copy
 };
+
+// Test aids (cuda_backend.h): a kernel spinning for `microseconds` on `stream`, and a delay of
+// that kind before every copy DequantAhead makes ahead (0: none; process-wide).
+Status spin_stream(cudaStream_t stream, int microseconds);
+void set_dequant_ahead_delay(int microseconds);
 
 // Elements of fp16 scratch gemm() needs for `w` (0 for fp16 and fp32 weights, which cuBLAS reads
 // as they are). A weight larger than the scratch is processed in slices of whole rows.

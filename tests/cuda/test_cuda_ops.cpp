@@ -1,5 +1,6 @@
 // Every CUDA op against the CPU backend (the reference) on fresh random inputs, outputs poisoned
 // with NaN beforehand so an unwritten element fails the comparison.
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -156,11 +157,12 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
 // linear of two layers in the forward order (each copy but the first made ahead, under the GEMM
 // before it: counted), then in an order that guesses wrong (backwards, a weight twice in a row,
 // layers interleaved) with the lm_head, larger than a copy, through slices in between. Each order
-// runs twice with every GEMM issued back to back (outputs poisoned beforehand): once behind a
-// 20 ms stall of the backend's stream, so a copy made ahead that did not wait for the last GEMM
-// reading its buffer would overwrite it first, and once with every copy made ahead delayed 3 ms,
-// so a GEMM that did not wait for its copy would read a stale one. Each result against the
-// dequantized reference: either race gives errors near 1.
+// runs three times with every GEMM issued back to back (outputs poisoned beforehand): plainly
+// (which also loads every kernel, so no lazy load synchronizes later), behind a 20 ms stall of
+// the backend's stream (still running when the last GEMM is issued: checked), so a copy made
+// ahead that did not wait for the last GEMM reading its buffer would overwrite it first, and with
+// every copy made ahead delayed 3 ms, so a GEMM that did not wait for its copy would read a stale
+// one. Each result against the dequantized reference: either race gives errors near 1.
 TEST(CudaOps, PrefillGemmsWithCopiesMadeAhead) {
   ModelConfig config = small_config(320, 896, 4, 2, 64, 2000);
   config.n_layers = 2;
@@ -183,9 +185,16 @@ TEST(CudaOps, PrefillGemmsWithCopiesMadeAhead) {
       &l1.wq,     &l0.wk,          &l1.wk,     &l0.w_down, &l0.wo,          &l1.wo,
       &l0.w_gate, &weights.output, &l0.w_up,   &l1.w_down, &l0.wv,          &l0.wk};
   const std::vector<const Linear*>& forward_order = forward;
-  for (const auto* order : {&forward_order, &scrambled}) {
-    for (const bool stall_main : {true, false}) {
-      const char* what = stall_main ? "stalled stream" : "delayed copies";
+  enum class Mode { plain, stalled_stream, delayed_copies };
+  // The copy delay is process-wide: off again whatever happens below.
+  struct DelayOff {
+    ~DelayOff() { cuda::set_dequant_ahead_delay(0); }
+  } delay_off;
+  for (const Mode mode : {Mode::plain, Mode::stalled_stream, Mode::delayed_copies}) {
+    for (const auto* order : {&forward_order, &scrambled}) {
+      const char* what = mode == Mode::plain            ? "plain"
+                         : mode == Mode::stalled_stream ? "stalled stream"
+                                                        : "delayed copies";
       std::vector<int32_t> meta;
       ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
       std::map<int64_t, std::vector<float>> inputs;  // by width
@@ -205,15 +214,19 @@ TEST(CudaOps, PrefillGemmsWithCopiesMadeAhead) {
         outs.push_back(*y);
       }
       const int64_t hits = cuda::dequant_ahead_hits(b);
-      if (stall_main) {
+      if (mode == Mode::stalled_stream) {
         ASSERT_TRUE(cuda::delay_stream(b, 20000).is_ok());
-      } else {
-        cuda::set_dequant_ahead_delay(3000);
       }
+      if (mode == Mode::delayed_copies) cuda::set_dequant_ahead_delay(3000);
       for (size_t i = 0; i < outs.size(); ++i) {
         const Linear& w = *(*order)[i];
         const Status s = b.matmul(outs[i], input_tensors.at(w.w.cols), w);
         ASSERT_TRUE(s.is_ok()) << s.message();
+      }
+      if (mode == Mode::stalled_stream) {
+        // Every GEMM was issued while the stall still held the stream.
+        EXPECT_EQ(cudaStreamQuery(static_cast<cudaStream_t>(cuda::backend_stream(b))),
+                  cudaErrorNotReady);
       }
       cuda::set_dequant_ahead_delay(0);
       for (size_t i = 0; i < outs.size(); ++i) {
@@ -940,9 +953,12 @@ TEST_P(CudaDecoderLayer, PrefillLayerMatchesComposition) {
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, decoder_layer_shape(dc), std::move(prefill).value(),
                         std::move(composition).value()));
-  // Prefill calls must take the prefill layer's own launches: the stacked q/k/v GEMM and the
-  // fp16 SwiGLU (op timing counts them by name; decode calls are left untimed).
-  auto takes_prefill_layer = [](Backend& device, int64_t n, bool done) {
+  // Prefill calls must take the prefill layer's own launches: the stacked q/k/v GEMM where its
+  // product fits the gate tensor (not with as many KV heads as query heads here) and the fp16
+  // SwiGLU (op timing counts them by name; decode calls are left untimed).
+  const ModelConfig& c = weights.config;
+  const bool stacks = c.q_dim() + 2 * c.kv_dim() <= c.intermediate_size;
+  auto takes_prefill_layer = [stacks](Backend& device, int64_t n, bool done) {
     if (n <= 64) return;
     if (!done) {
       ASSERT_TRUE(cuda::set_op_timing(device, true).is_ok());  // also clears the op times
@@ -950,7 +966,8 @@ TEST_P(CudaDecoderLayer, PrefillLayerMatchesComposition) {
     }
     std::map<std::string, int64_t> calls;
     for (const cuda::OpTime& t : cuda::op_times(device)) calls[t.op] += t.calls;
-    EXPECT_GT(calls["matmul (prefill, q/k/v stacked)"], 0) << "n=" << n;
+    EXPECT_EQ(calls["matmul (prefill, q/k/v stacked)"] > 0, stacks) << "n=" << n;
+    EXPECT_EQ(calls["matmul (prefill)"] > 0, !stacks) << "n=" << n;
     EXPECT_GT(calls["swiglu (fp16)"], 0) << "n=" << n;
     EXPECT_EQ(calls["add"], 0) << "n=" << n;
     ASSERT_TRUE(cuda::set_op_timing(device, false).is_ok());

@@ -108,6 +108,12 @@ struct StepGraph {
   uint64_t fingerprint = 0;
 };
 
+// A measurement switch that is on unless the environment variable `name` is "0".
+bool switch_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::string(v) != "0";
+}
+
 class CudaBackend final : public Backend {
  public:
   static Result<std::unique_ptr<Backend>> create(int device) {
@@ -596,14 +602,13 @@ class CudaBackend final : public Backend {
       note_write(s.gate);
       const __half* in = shadow_buffers_[shadow_.buffer];
       const int next = qkv_call.slots[2] + 1;
-      const DeviceWeight* next_w =
-          size_t(next) < linears_.size() ? &linears_[size_t(next)] : nullptr;
-      KS_RETURN_IF_ERROR(launch(
-          "matmul (prefill, q/k/v stacked)",
-          {addr(in), uint64_t(x.rows), addr(s.gate.data), addr(stack[0]->data)}, [&] {
-            return ahead_.gemm_stack(stack, qkv_call.slots[0], next_w, next, in, qkv_call.x_stride,
-                                     x.rows, f32(s.gate), gemm_ws_, stream_, GemmOut::store);
-          }));
+      KS_RETURN_IF_ERROR(
+          launch("matmul (prefill, q/k/v stacked)",
+                 {addr(in), uint64_t(x.rows), addr(s.gate.data), addr(stack[0]->data)}, [&] {
+                   return ahead_.gemm_stack(stack, qkv_call.slots[0], linear_at(next), next, in,
+                                            qkv_call.x_stride, x.rows, f32(s.gate), gemm_ws_,
+                                            stream_, GemmOut::store);
+                 }));
       KS_RETURN_IF_ERROR(launch_attention(s.attn, s.q, s.k, s.v, layer, p, /*rotate=*/true,
                                           bias_in_rope ? biases : nullptr, f32(s.gate)));
     }
@@ -619,11 +624,7 @@ class CudaBackend final : public Backend {
       KS_RETURN_IF_ERROR(launch_swiglu(s.gate, s.gate, s.up));
       return matmul_accumulate(x, s.gate, l.w_down);
     }
-    KS_RETURN_IF_ERROR(ensure_shadow(s.normed));
-    note_write(s.gate);
-    note_write(s.up);
-    m.x = shadow_buffers_[shadow_.buffer];
-    KS_RETURN_IF_ERROR(launch_gemm(m, s.normed.rows, GemmOut::store_fp16));
+    KS_RETURN_IF_ERROR(launch_matmul(m, s.normed, GemmOut::store_fp16));
     // silu(gate) * up into the shadow only; s.gate and s.up hold fp16 products, which nothing
     // else reads.
     const ShadowOut shadow = produce_shadow(s.gate);
@@ -1029,13 +1030,19 @@ class CudaBackend final : public Backend {
 
   // The plain matmul of `m`'s jobs on x: the GEMV for at most 64 tokens (a launch per 16), a
   // GEMM per job beyond, cuBLAS fp32 GEMMs for fp32 weights.
-  Status launch_matmul(GemvCall m, Tensor x) {
+  // `out`: what the prefill GEMMs do with their products; the GEMV and fp32 weights only store.
+  Status launch_matmul(GemvCall m, Tensor x, GemmOut out = GemmOut::store) {
+    if (out != GemmOut::store && (m.fp32 || x.rows <= kMaxGemvBatchTokens)) {
+      return Status::error(
+          "cuda matmul: only the prefill GEMM of fp16 or quantized weights accumulates or stores "
+          "fp16");
+    }
     if (m.fp32) return matmul_f32(m, x);
     KS_RETURN_IF_ERROR(ensure_shadow(x));
     for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
     m.x = shadow_buffers_[shadow_.buffer];
     if (x.rows <= kMaxGemvBatchTokens) return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
-    return launch_gemm(m, x.rows, GemmOut::store);
+    return launch_gemm(m, x.rows, out);
   }
 
   // x += in · wᵀ + bias inside the GEMM (prefill_layer; more than 64 tokens, no fp32 weights).
@@ -1044,13 +1051,7 @@ class CudaBackend final : public Backend {
     const Tensor outs[] = {x};
     const Linear* const weights[] = {&w};
     KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, in, weights));
-    if (m.fp32 || in.rows <= kMaxGemvBatchTokens) {
-      return Status::error("cuda matmul_accumulate: only the prefill GEMM accumulates");
-    }
-    KS_RETURN_IF_ERROR(ensure_shadow(in));
-    note_write(x);
-    m.x = shadow_buffers_[shadow_.buffer];
-    return launch_gemm(m, in.rows, GemmOut::accumulate);
+    return launch_matmul(m, in, GemmOut::accumulate);
   }
 
   // The GEMMs of m's jobs (more than 64 tokens, m.x the input's natural shadow), each weight's
@@ -1070,10 +1071,8 @@ class CudaBackend final : public Backend {
             // Upload slots follow the forward pass (weights.h), so the weight after
             // this one's slot is the next GEMM's.
             const int next = m.slots[i] + 1;
-            const DeviceWeight* next_w =
-                size_t(next) < linears_.size() ? &linears_[size_t(next)] : nullptr;
-            KS_RETURN_IF_ERROR(ahead_.gemm(m.jobs[i].w, m.slots[i], next_w, next, m.x, m.x_stride,
-                                           n, m.jobs[i].y, gemm_ws_, stream_, out));
+            KS_RETURN_IF_ERROR(ahead_.gemm(m.jobs[i].w, m.slots[i], linear_at(next), next, m.x,
+                                           m.x_stride, n, m.jobs[i].y, gemm_ws_, stream_, out));
           }
           return Status::ok();
         });
@@ -1600,6 +1599,11 @@ class CudaBackend final : public Backend {
     return Status::ok();
   }
 
+  // The weight of upload slot `slot`, null past the last.
+  const DeviceWeight* linear_at(int slot) const {
+    return slot >= 0 && size_t(slot) < linears_.size() ? &linears_[size_t(slot)] : nullptr;
+  }
+
   Result<const DeviceWeight*> linear_of(const Linear& l) const {
     if (l.backend_slot < 0 || size_t(l.backend_slot) >= linears_.size()) {
       return Status::error("cuda matmul: weight was not uploaded to this backend");
@@ -1648,34 +1652,19 @@ class CudaBackend final : public Backend {
   DequantAhead ahead_;
   // Prefill layers take prefill_layer unless KESTREL_CUDA_PREFILL_LAYER=0 (a measurement aid:
   // the fused ops' composition).
-  bool prefill_layer_ = [] {
-    const char* v = std::getenv("KESTREL_CUDA_PREFILL_LAYER");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  bool prefill_layer_ = switch_on("KESTREL_CUDA_PREFILL_LAYER");
   // The prefill layer's q/k/v biases join in the rope launch unless
   // KESTREL_CUDA_PREFILL_BIAS_IN_ROPE=0 (a measurement aid: a bias launch after each GEMM).
-  bool bias_in_rope_ = [] {
-    const char* v = std::getenv("KESTREL_CUDA_PREFILL_BIAS_IN_ROPE");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  bool bias_in_rope_ = switch_on("KESTREL_CUDA_PREFILL_BIAS_IN_ROPE");
   // The prefill layer's q/k/v projections are one GEMM of the stacked weights unless
   // KESTREL_CUDA_PREFILL_STACK_QKV=0 (a measurement aid: three GEMMs).
-  bool stack_qkv_ = [] {
-    const char* v = std::getenv("KESTREL_CUDA_PREFILL_STACK_QKV");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  bool stack_qkv_ = switch_on("KESTREL_CUDA_PREFILL_STACK_QKV");
   // The prefill layer's gate and up products are fp16 unless KESTREL_CUDA_PREFILL_FP16_MLP=0 (a
   // measurement aid: fp32 products and SwiGLU over them).
-  bool fp16_mlp_ = [] {
-    const char* v = std::getenv("KESTREL_CUDA_PREFILL_FP16_MLP");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  bool fp16_mlp_ = switch_on("KESTREL_CUDA_PREFILL_FP16_MLP");
   // Prefill dequantizes the next weight under the current GEMM (DequantAhead) unless
   // KESTREL_CUDA_DEQUANT_AHEAD=0 (a measurement aid: one copy, made before its GEMM).
-  bool dequant_ahead_ = [] {
-    const char* v = std::getenv("KESTREL_CUDA_DEQUANT_AHEAD");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  bool dequant_ahead_ = switch_on("KESTREL_CUDA_DEQUANT_AHEAD");
   DecodeWorkspace decode_ws_;
   unsigned* layer_sync_ = nullptr;  // the decoder layer kernel's counters
   // The batch-1 layer kernel (layer.cuh) runs when KESTREL_CUDA_LAYER_KERNEL=1, the fused ops
@@ -1694,10 +1683,7 @@ class CudaBackend final : public Backend {
   }();
   // Rope and the cache write inside the decode attention kernel (tensor_core_attention) unless
   // KESTREL_CUDA_ROPE_IN_ATTENTION=0 (a measurement aid: the separate launch of before).
-  bool rope_in_attention_ = [] {
-    const char* v = std::getenv("KESTREL_CUDA_ROPE_IN_ATTENTION");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  bool rope_in_attention_ = switch_on("KESTREL_CUDA_ROPE_IN_ATTENTION");
   // [3, max_batch_tokens]: tokens, positions, sequence ids; then [max_seqs, blocks_per_seq]:
   // the KV cache block tables
   int32_t* meta_ = nullptr;

@@ -8,6 +8,7 @@
 #include <limits>
 #include <sstream>
 
+#include "core/stats.h"
 #include "model/loader.h"
 #include "model/shard.h"
 #include "runtime/tensor_parallel.h"
@@ -42,17 +43,6 @@ double mean(const std::vector<double>& values) {
   for (double v : values) sum += v;
   return values.empty() ? 0.0 : sum / double(values.size());
 }
-
-}  // namespace
-
-double median(std::vector<double> values) {
-  if (values.empty()) return 0.0;
-  std::sort(values.begin(), values.end());
-  const size_t mid = values.size() / 2;
-  return values.size() % 2 == 1 ? values[mid] : (values[mid - 1] + values[mid]) / 2.0;
-}
-
-namespace {
 
 std::string engine_key(const BenchCase& c) {
   return c.source + "|" + format_name(c.format) + (c.format_explicit ? "|explicit" : "");

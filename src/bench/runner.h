@@ -37,11 +37,6 @@
 
 namespace kestrel::bench {
 
-// The median of `values` (the mean of the middle two for an even count; 0 for none): the
-// benchmark's first- and next-token latencies are medians over trials, so one slow trial (a
-// busy machine, a clock ramp) does not move them.
-double median(std::vector<double> values);
-
 struct CaseResult {
   BenchCase bench_case;
   bool ok = false;

@@ -8,7 +8,7 @@
 #include "bench/config.h"
 #include "bench/prompt.h"
 #include "bench/report.h"
-#include "bench/runner.h"
+#include "core/stats.h"
 
 namespace kestrel::bench {
 namespace {

@@ -9,6 +9,7 @@
 
 #include "backend/vulkan/shader_table.h"
 #include "backend/vulkan/vulkan_device.h"
+#include "core/stats.h"
 #include "model/rope.h"
 
 namespace kestrel {
@@ -996,10 +997,9 @@ class VulkanBackend final : public Backend {
         }
       }
     }
-    std::sort(seconds.begin(), seconds.end());
-    const double median = seconds[seconds.size() / 2];
-    if (!(median > 0)) return Status::error("the copies took no measurable time");
-    return 2.0 * double(bytes) / median / 1e9;
+    const double typical = median(seconds);
+    if (!(typical > 0)) return Status::error("the copies took no measurable time");
+    return 2.0 * double(bytes) / typical / 1e9;
   }
 
   // Packs arrays into pages of at most `capacity` bytes, each array 256-byte aligned.

@@ -83,6 +83,19 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
   std::free(buffer);
 }
 
+// Takes what the recording callback gathered in `from`, ordered by start.
+std::vector<KernelSpan> take_sorted(std::vector<KernelSpan>& from) {
+  std::vector<KernelSpan> spans;
+  {
+    std::lock_guard<std::mutex> lock(spans_mutex);
+    spans.swap(from);
+  }
+  std::stable_sort(spans.begin(), spans.end(), [](const KernelSpan& a, const KernelSpan& b) {
+    return a.start_ns < b.start_ns;
+  });
+  return spans;
+}
+
 Status cupti_status(const char* what, CUptiResult r) {
   if (r == CUPTI_SUCCESS) return Status::ok();
   const char* text = nullptr;
@@ -136,15 +149,7 @@ Result<std::vector<KernelSpan>> timeline_stop() {
     }
     activities_enabled = false;
   }
-  std::vector<KernelSpan> spans;
-  {
-    std::lock_guard<std::mutex> lock(spans_mutex);
-    spans.swap(recorded);
-  }
-  std::stable_sort(spans.begin(), spans.end(), [](const KernelSpan& a, const KernelSpan& b) {
-    return a.start_ns < b.start_ns;
-  });
-  return spans;
+  return take_sorted(recorded);
 #else
   return Status::error("kernel timeline: this build has no CUPTI (CUDA::cupti was not found)");
 #endif
@@ -152,15 +157,7 @@ Result<std::vector<KernelSpan>> timeline_stop() {
 
 std::vector<KernelSpan> timeline_activities() {
 #if KESTREL_HAVE_CUPTI
-  std::vector<KernelSpan> spans;
-  {
-    std::lock_guard<std::mutex> lock(spans_mutex);
-    spans.swap(recorded_activities);
-  }
-  std::stable_sort(spans.begin(), spans.end(), [](const KernelSpan& a, const KernelSpan& b) {
-    return a.start_ns < b.start_ns;
-  });
-  return spans;
+  return take_sorted(recorded_activities);
 #else
   return {};
 #endif

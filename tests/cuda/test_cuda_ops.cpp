@@ -528,7 +528,7 @@ void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int 
 // 64/128 over fp16 and fp8 caches, decode batches, interleaved and packed runs), then a long
 // prefill chunk and a 16-token decode batch at 600 positions, whose splits walk several chunks
 // each (check_attention_calls; the three-sequence batch and the single token are the ones whose
-// rotation rides in the split kernel).
+// rotation rides in the split kernel). Once with each count of the prefill kernel's key groups.
 TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
   const auto [head_dim, kv_cache] = GetParam();
   const int n_heads = 8, n_kv = 2;
@@ -558,7 +558,15 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
   }
   calls.push_back(wide);
 
-  check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
+  // The flash prefill kernel with one key group and with two (each group walking every other
+  // key tile, merged at the end): the packed run at positions 6.. and the chunk at 51.. give
+  // query tiles whose rows see no key of the second group's first tile.
+  for (int groups : {1, 2}) {
+    SCOPED_TRACE("prefill key groups " + std::to_string(groups));
+    cuda::set_prefill_attention_groups(groups);
+    check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
+  }
+  cuda::set_prefill_attention_groups(0);
 }
 
 // Decode batches of distinct sequences where the split kernel's rotation takes its other paths:

@@ -1,10 +1,10 @@
 // The kernel timeline of a replayed decode step and of a prefill call (kernel_timeline.h): a
 // measurement, disabled by default. Run it with
 //   build-gpu/kestrel_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='CudaTimeline.*'
-// It prints, for one batch-1 decode step of the synthetic Llama-3.1-8B and Qwen2-1.5B in
-// sym_int4, each kind of kernel's count, summed duration and the time it adds to the step's end
-// (its end past every earlier kernel's), and writes the step as a Chrome trace to
-// $KESTREL_TIMELINE_DIR/timeline-NAME.json when that is set.
+// It prints, for one batch-1 and one batch-16 decode step of the synthetic Llama-3.1-8B and
+// Qwen2-1.5B in sym_int4, each kind of kernel's count, summed duration and the time it adds to
+// the step's end (its end past every earlier kernel's), and writes the step as a Chrome trace to
+// $KESTREL_TIMELINE_DIR/timeline-NAME.json (timeline-NAME-b16.json) when that is set.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -75,16 +75,21 @@ Result<std::unique_ptr<Engine>> timeline_engine(const std::string& name, int64_t
   return Engine::create(options);
 }
 
-void decode_timeline(const std::string& name) {
+// A decode step of `n_seqs` sequences at 1024 positions each (the bench's batch-1 and batch-16
+// decode), replayed from its captured graph.
+void decode_timeline(const std::string& name, int n_seqs) {
   constexpr int64_t kContext = 1024;
-  auto created = timeline_engine(name, 1, kContext);  // the context is one call
+  // Every sequence's context is one call.
+  auto created = timeline_engine(name, n_seqs, kContext * n_seqs);
   ASSERT_TRUE(created.is_ok()) << created.status().message();
   Engine& engine = **created;
   const ModelConfig& c = engine.config();
   std::mt19937_64 rng(7);
   Batch context;
-  for (int64_t i = 0; i < kContext; ++i) {
-    context.add(int32_t(rng() % uint64_t(c.vocab_size)), int32_t(i), 0, i + 1 == kContext);
+  for (int seq = 0; seq < n_seqs; ++seq) {
+    for (int64_t i = 0; i < kContext; ++i) {
+      context.add(int32_t(rng() % uint64_t(c.vocab_size)), int32_t(i), seq, i + 1 == kContext);
+    }
   }
   std::vector<int32_t> next;
   const Status prefilled = engine.run_argmax(context, &next);
@@ -95,8 +100,10 @@ void decode_timeline(const std::string& name) {
   ASSERT_TRUE(started.is_ok()) << started.message();
   constexpr int kSteps = 12;
   for (int i = 0; i < kSteps; ++i) {
+    ASSERT_EQ(next.size(), size_t(n_seqs));
     Batch b;
-    b.add(next[0], int32_t(kContext + i), 0, true);
+    for (int seq = 0; seq < n_seqs; ++seq)
+      b.add(next[size_t(seq)], int32_t(kContext + i), seq, true);
     const Status stepped = engine.run_argmax(b, &next);
     ASSERT_TRUE(stepped.is_ok()) << stepped.message();
   }
@@ -109,9 +116,9 @@ void decode_timeline(const std::string& name) {
   std::printf("\n%zu kernels recorded in %zu steps; kernels a step:", spans->size(), steps.size());
   for (const auto& s : steps) std::printf(" %zu", s.size());
   std::printf(
-      "\n### %s, batch-1 decode step at %lld positions: %zu kernels, %.1f us from the "
+      "\n### %s, batch-%d decode step at %lld positions: %zu kernels, %.1f us from the "
       "first start to the last end, %.1f us of kernel time summed\n\n",
-      name.c_str(), static_cast<long long>(kContext), step->kernels.size(), step->span_us,
+      name.c_str(), n_seqs, static_cast<long long>(kContext), step->kernels.size(), step->span_us,
       step->kernel_sum_us);
   std::printf(
       "| kernel | blocks | count | duration (sum) | adds to the step (sum) | adds each |\n");
@@ -131,7 +138,8 @@ void decode_timeline(const std::string& name) {
   }
   std::fflush(stdout);
   if (const char* dir = std::getenv("KESTREL_TIMELINE_DIR"); dir != nullptr && *dir != '\0') {
-    std::ofstream(std::string(dir) + "/timeline-" + name + ".json") << chrome_trace(*step);
+    const std::string suffix = n_seqs == 1 ? "" : "-b" + std::to_string(n_seqs);
+    std::ofstream(std::string(dir) + "/timeline-" + name + suffix + ".json") << chrome_trace(*step);
   }
 }
 
@@ -227,10 +235,16 @@ TEST(CudaTimeline, DISABLED_Qwen2_1_5bPrefill) {
 }
 
 TEST(CudaTimeline, DISABLED_Llama3_1_8bDecodeStep) {
-  decode_timeline("llama3.1-8b");
+  decode_timeline("llama3.1-8b", 1);
 }
 TEST(CudaTimeline, DISABLED_Qwen2_1_5bDecodeStep) {
-  decode_timeline("qwen2-1.5b");
+  decode_timeline("qwen2-1.5b", 1);
+}
+TEST(CudaTimeline, DISABLED_Llama3_1_8bDecodeStep16) {
+  decode_timeline("llama3.1-8b", 16);
+}
+TEST(CudaTimeline, DISABLED_Qwen2_1_5bDecodeStep16) {
+  decode_timeline("qwen2-1.5b", 16);
 }
 
 }  // namespace

@@ -610,9 +610,9 @@ __device__ inline float fast_exp2(float x) {
 template <int D, KvType kType, int kThreads>
 __device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq, int kvh,
                                     int64_t key0, int64_t kv_len, __half* k_s, __half* v_s,
-                                    int64_t skip = -1) {
+                                    int64_t skip = -1, int tid = -1) {
   constexpr int kStride = D + 8;
-  const int tid = threadIdx.x;
+  if (tid < 0) tid = int(threadIdx.x);  // else the caller's index among kThreads threads
   if constexpr (kType == KvType::f16) {
     const __half* kc = static_cast<const __half*>(c.k);
     const __half* vc = static_cast<const __half*>(c.v);
@@ -669,30 +669,39 @@ __device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq
   asm volatile("cp.async.commit_group;\n" ::);
 }
 
-// Dynamic shared memory of the prefill kernel: two stages of a K and a V tile.
-template <int D>
+// Dynamic shared memory of the prefill kernel: two stages of a K and a V tile per key group.
+template <int D, int kGroups = 1>
 constexpr size_t prefill_smem_bytes() {
-  return size_t(2) * 2 * kPrefillKeys * (D + 8) * sizeof(__half);
+  return size_t(kGroups) * 2 * 2 * kPrefillKeys * (D + 8) * sizeof(__half);
 }
 
-// Flash attention (online softmax) for 64 queries of one head per block; each warp owns 16
-// query rows, the block walks 64-key tiles of the cache up to its last query's position. The
-// next tile's K and V are copied (cp.async) while the current one is multiplied. Blocks are
-// (head, query tile) with the last query tiles, which see the most keys, scheduled first, so
-// the short causal tiles fill the tail of the grid instead of the long ones. An fp8 cache's
-// rows are loaded, scaled and stored as fp16 (the copy is not asynchronous then).
-template <int D, KvType kType>
-__global__ void __launch_bounds__(kPrefillThreads)
+// Flash attention (online softmax) for 64 queries of one head per block; each warp of a key
+// group owns 16 query rows, and the group walks 64-key tiles of the cache up to its last query's
+// position. The next tile's K and V are copied (cp.async) while the current one is multiplied.
+// Blocks are (head, query tile) with the last query tiles, which see the most keys, scheduled
+// first, so the short causal tiles fill the tail of the grid instead of the long ones. An fp8
+// cache's rows are loaded, scaled and stored as fp16 (the copy is not asynchronous then).
+//
+// kGroups > 1 (few heads: a grid of fewer blocks than the SMs hold, where the longest query tile's
+// walk is the kernel's time): the block has kGroups groups of four warps over the same 64
+// queries, group g taking key tiles g, g + kGroups, ..., each with its own stages, barrier and
+// running max and sum; at the end group 0 merges the others' partial results through shared
+// memory. A row can see no key of its group's first tile (a query tile straddling two key tiles
+// at a nonzero start position), so those groups keep an all-masked row's maximum at -inf without
+// forming -inf - -inf.
+template <int D, KvType kType, int kGroups>
+__global__ void __launch_bounds__(kPrefillThreads* kGroups)
     attention_prefill_kernel(AttentionArgs a, KvCache c) {
   static_assert(kType == KvType::f16 || kType == KvType::f8, "prefill reads fp16 or fp8 caches");
   pdl_wait();
   pdl_trigger();
   constexpr int kStride = D + 8;  // padded rows: fragment reads hit distinct banks
   constexpr int kTile = kPrefillKeys * kStride;
-  extern __shared__ __align__(16) __half prefill_smem[];  // [stage][K, V][kTile]
-  const int tid = threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
+  extern __shared__ __align__(16) __half prefill_smem[];  // [group][stage][K, V][kTile]
+  const int lane = threadIdx.x & 31;
+  const int group = int(threadIdx.x) / kPrefillThreads;
+  const int gtid = int(threadIdx.x) % kPrefillThreads;  // index within the key group
+  const int warp = gtid >> 5;
   const int qr = lane >> 2;
   const int qc = lane & 3;
   const int h = blockIdx.x;
@@ -706,6 +715,14 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int64_t qpos1 = p0 + row1;
   const int64_t q_ld = int64_t(a.n_heads) * D;
   const float scale = kLog2e / sqrtf(float(D));
+  // The key group's own barrier (named barrier 1 + group over its 128 threads).
+  auto group_sync = [&] {
+    if constexpr (kGroups == 1) {
+      __syncthreads();
+    } else {
+      asm volatile("bar.sync %0, %1;\n" ::"r"(1 + group), "r"(kPrefillThreads) : "memory");
+    }
+  };
 
   uint32_t qa[D / 16][4];
   auto load_q = [&](int64_t row, int col) -> uint32_t {
@@ -731,26 +748,28 @@ __global__ void __launch_bounds__(kPrefillThreads)
       (a.n_tokens < tile_begin + kPrefillRows ? a.n_tokens : tile_begin + kPrefillRows) - 1;
   const int64_t kv_len = p0 + last_row + 1;
 
-  // Copies the K and V rows of keys key0 .. key0 + 63 into `stage`. Keys past the block's last
-  // query are zero-filled (src-size 0): unwritten cache memory could hold NaN patterns, and
-  // 0 * NaN would poison the P·V product.
+  // Copies the K and V rows of keys key0 .. key0 + 63 into the group's `stage`. Keys past the
+  // block's last query are zero-filled (src-size 0): unwritten cache memory could hold NaN
+  // patterns, and 0 * NaN would poison the P·V product.
+  __half* group_smem = prefill_smem + group * 2 * 2 * kTile;
   auto issue = [&](int stage, int64_t key0) {
-    __half* k_s = prefill_smem + stage * 2 * kTile;
-    load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, key0, kv_len, k_s, k_s + kTile);
+    __half* k_s = group_smem + stage * 2 * kTile;
+    load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, key0, kv_len, k_s, k_s + kTile,
+                                            -1, gtid);
   };
 
   const int64_t n_tiles = (kv_len + kPrefillKeys - 1) / kPrefillKeys;
-  issue(0, 0);
-  for (int64_t t = 0; t < n_tiles; ++t) {
+  if (group < n_tiles) issue(0, group * int64_t(kPrefillKeys));
+  for (int64_t t = group, i = 0; t < n_tiles; t += kGroups, ++i) {
     const int64_t key0 = t * kPrefillKeys;
-    if (t + 1 < n_tiles) {
-      issue(int((t + 1) & 1), key0 + kPrefillKeys);
+    if (t + kGroups < n_tiles) {
+      issue(int((i + 1) & 1), key0 + kGroups * kPrefillKeys);
       asm volatile("cp.async.wait_group 1;\n" ::);
     } else {
       asm volatile("cp.async.wait_group 0;\n" ::);
     }
-    __syncthreads();
-    const __half* k_s = prefill_smem + (t & 1) * 2 * kTile;
+    group_sync();
+    const __half* k_s = group_smem + (i & 1) * 2 * kTile;
     const __half* v_s = k_s + kTile;
 
     float s[kPrefillKeys / 8][4];
@@ -786,11 +805,14 @@ __global__ void __launch_bounds__(kPrefillThreads)
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    // Key 0 is visible to every query, so after the first tile both maxima are finite.
+    // One key group: key 0 is visible to every query, so after the first tile both maxima are
+    // finite. More groups: a row that has seen no key yet subtracts 0 instead of -inf.
     const float new_m0 = fmaxf(m0, mx0);
     const float new_m1 = fmaxf(m1, mx1);
-    const float alpha0 = fast_exp2(m0 - new_m0);
-    const float alpha1 = fast_exp2(m1 - new_m1);
+    const float sub0 = kGroups > 1 && new_m0 == -INFINITY ? 0.0f : new_m0;
+    const float sub1 = kGroups > 1 && new_m1 == -INFINITY ? 0.0f : new_m1;
+    const float alpha0 = fast_exp2(m0 - sub0);
+    const float alpha1 = fast_exp2(m1 - sub1);
     m0 = new_m0;
     m1 = new_m1;
     l0 *= alpha0;
@@ -804,10 +826,10 @@ __global__ void __launch_bounds__(kPrefillThreads)
     }
 #pragma unroll
     for (int nt = 0; nt < kPrefillKeys / 8; ++nt) {
-      s[nt][0] = fast_exp2(s[nt][0] - m0);
-      s[nt][1] = fast_exp2(s[nt][1] - m0);
-      s[nt][2] = fast_exp2(s[nt][2] - m1);
-      s[nt][3] = fast_exp2(s[nt][3] - m1);
+      s[nt][0] = fast_exp2(s[nt][0] - sub0);
+      s[nt][1] = fast_exp2(s[nt][1] - sub0);
+      s[nt][2] = fast_exp2(s[nt][2] - sub1);
+      s[nt][3] = fast_exp2(s[nt][3] - sub1);
       l0 += s[nt][0] + s[nt][1];
       l1 += s[nt][2] + s[nt][3];
     }
@@ -834,7 +856,53 @@ __global__ void __launch_bounds__(kPrefillThreads)
         mma_16816(o[dt + 1], pa, b[2], b[3]);
       }
     }
-    __syncthreads();  // the stage is read; the next iteration's copy may overwrite it
+    group_sync();  // the stage is read; the next iteration's copy may overwrite it
+  }
+
+  if constexpr (kGroups > 1) {
+    // Groups 1.. post their (m, l, o) per lane; group 0, whose lanes hold the same rows and
+    // columns, merges them in group order. Every copy has landed (each group's last wait was
+    // for all of its groups), so the stages are free once every thread is here.
+    constexpr int kValues = D / 2 + 4;                       // o[D / 8][4], then m0, m1, l0, l1
+    float* posted = reinterpret_cast<float*>(prefill_smem);  // [group - 1][kValues][128]
+    __syncthreads();
+    if (group > 0) {
+      float* mine = posted + (group - 1) * kValues * kPrefillThreads + gtid;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) mine[(dt * 4 + i) * kPrefillThreads] = o[dt][i];
+      }
+      mine[(D / 2 + 0) * kPrefillThreads] = m0;
+      mine[(D / 2 + 1) * kPrefillThreads] = m1;
+      mine[(D / 2 + 2) * kPrefillThreads] = l0;
+      mine[(D / 2 + 3) * kPrefillThreads] = l1;
+    }
+    __syncthreads();
+    if (group > 0) return;
+#pragma unroll 1
+    for (int g = 1; g < kGroups; ++g) {
+      const float* theirs = posted + (g - 1) * kValues * kPrefillThreads + gtid;
+      const float om0 = theirs[(D / 2 + 0) * kPrefillThreads];
+      const float om1 = theirs[(D / 2 + 1) * kPrefillThreads];
+      // Group 0 saw key 0, so its maxima, and the merged ones, are finite; an all-masked row of
+      // the other group (-inf, l = 0, o = 0) gets weight 0.
+      const float mm0 = fmaxf(m0, om0);
+      const float mm1 = fmaxf(m1, om1);
+      const float a0 = fast_exp2(m0 - mm0), b0 = fast_exp2(om0 - mm0);
+      const float a1 = fast_exp2(m1 - mm1), b1 = fast_exp2(om1 - mm1);
+      m0 = mm0;
+      m1 = mm1;
+      l0 = l0 * a0 + theirs[(D / 2 + 2) * kPrefillThreads] * b0;
+      l1 = l1 * a1 + theirs[(D / 2 + 3) * kPrefillThreads] * b1;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[dt][0] = o[dt][0] * a0 + theirs[(dt * 4 + 0) * kPrefillThreads] * b0;
+        o[dt][1] = o[dt][1] * a0 + theirs[(dt * 4 + 1) * kPrefillThreads] * b0;
+        o[dt][2] = o[dt][2] * a1 + theirs[(dt * 4 + 2) * kPrefillThreads] * b1;
+        o[dt][3] = o[dt][3] * a1 + theirs[(dt * 4 + 3) * kPrefillThreads] * b1;
+      }
+    }
   }
 
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
@@ -1416,24 +1484,56 @@ Status attention_decode(const AttentionArgs& args, const KvCache& cache, const D
 
 namespace {
 
-template <int D, KvType kType>
-Status launch_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
-  constexpr size_t kSmem = prefill_smem_bytes<D>();
+// Key groups of a prefill launch (the kernel's kGroups): 0 chooses by the grid, 1 or 2 forces
+// (set_prefill_attention_groups; KESTREL_CUDA_PREFILL_ATTENTION_GROUPS as its starting value).
+int prefill_groups_forced = [] {
+  const char* v = std::getenv("KESTREL_CUDA_PREFILL_ATTENTION_GROUPS");
+  const int g = v != nullptr ? std::atoi(v) : 0;
+  return g == 1 || g == 2 ? g : 0;
+}();
+
+template <int D, KvType kType, int kGroups>
+Status launch_prefill_groups(const AttentionArgs& args, const KvCache& cache, dim3 grid,
+                             cudaStream_t stream) {
+  constexpr size_t kSmem = prefill_smem_bytes<D, kGroups>();
   static bool attribute_set = false;  // once per instantiation
   if (!attribute_set) {
     KS_CUDA_CHECK("attention",
-                  cudaFuncSetAttribute(attention_prefill_kernel<D, kType>,
+                  cudaFuncSetAttribute(attention_prefill_kernel<D, kType, kGroups>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
     attribute_set = true;
   }
-  const dim3 grid(unsigned(args.n_heads), unsigned(ceil_div(args.n_tokens, kPrefillRows)));
-  KS_CUDA_CHECK("attention", launch_pdl(attention_prefill_kernel<D, kType>, grid,
-                                        dim3(kPrefillThreads), kSmem, stream, args, cache));
+  KS_CUDA_CHECK("attention",
+                launch_pdl(attention_prefill_kernel<D, kType, kGroups>, grid,
+                           dim3(kPrefillThreads * kGroups), kSmem, stream, args, cache));
   KS_CUDA_CHECK_LAUNCH("attention", "attention_prefill_kernel");
   return Status::ok();
 }
 
+// One key group while the grid fills the SMs: two blocks of one group fit an SM (registers and
+// shared memory), and more blocks than that make waves whose tail the short causal tiles fill.
+// Fewer blocks (Qwen2-1.5B's 12 heads x 16 query tiles of a 1024-token prompt: 192 on 132 SMs)
+// leave the longest query tile's walk as the kernel's time, which two groups halve.
+template <int D, KvType kType>
+Status launch_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
+  const dim3 grid(unsigned(args.n_heads), unsigned(ceil_div(args.n_tokens, kPrefillRows)));
+  int groups = prefill_groups_forced;
+  if (groups == 0) {
+    int device = 0, sm_count = 0;
+    KS_CUDA_CHECK("attention", cudaGetDevice(&device));
+    KS_CUDA_CHECK("attention",
+                  cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+    groups = int64_t(grid.x) * grid.y <= 2 * int64_t(sm_count) ? 2 : 1;
+  }
+  if (groups == 2) return launch_prefill_groups<D, kType, 2>(args, cache, grid, stream);
+  return launch_prefill_groups<D, kType, 1>(args, cache, grid, stream);
+}
+
 }  // namespace
+
+void set_prefill_attention_groups(int groups) {
+  prefill_groups_forced = groups == 1 || groups == 2 ? groups : 0;
+}
 
 Status attention_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
   if (ceil_div(args.n_tokens, kPrefillRows) > 65535) {

@@ -58,6 +58,12 @@ bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols);
 // only while no other thread launches GEMVs.
 void set_gemv_block_cap(int blocks);
 
+// Key groups of the flash prefill attention kernel (attention.cu): 1 or 2 forces them for every
+// launch, 0 (the default) chooses by the grid (two where it holds no more blocks than two per
+// SM). A test aid and measurement switch (KESTREL_CUDA_PREFILL_ATTENTION_GROUPS sets the starting
+// value); process-wide, like set_gemv_block_cap.
+void set_prefill_attention_groups(int groups);
+
 // Test aids for the prefill GEMMs' copies made ahead (gemm.cuh, DequantAhead): delay_stream
 // queues a kernel spinning for `microseconds` on the backend's stream (its later work waits
 // behind it); set_dequant_ahead_delay makes every copy made ahead wait that long on its own

@@ -37,8 +37,9 @@ class CudaMatmul : public ::testing::TestWithParam<FormatCase> {};
 // of the GEMV/GEMM switch at 64.
 TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
   const FormatCase fc = GetParam();
-  // 17000 rows: more row tiles than the device holds blocks at once, so the persistent dp4a
-  // launches (one and two tokens) loop over several tiles a block, the last one partial.
+  // 17000 rows: more row tiles than the device holds blocks at once, so the persistent int4
+  // launches (both paths, 16- and 32-row tiles) loop over several tiles a block, the last one
+  // partial.
   const int64_t shapes[][2] = {{200, 192}, {72, 128}, {1040, 576}, {17000, 64}};
   uint64_t seed = 100 + uint64_t(fc.format) * 10 + uint64_t(fc.block);
   for (const auto& shape : shapes) {
@@ -93,11 +94,13 @@ TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, CudaMatmul, ::testing::ValuesIn(kFormats), format_case_name);
 
-// The persistent dp4a GEMV (one and two tokens) gives the same bits whichever block takes which
-// row tile: every GEMV kind of a layer and the lm_head, once with a wave of blocks (here one tile
-// a block, the weights being small) and once with 3 blocks looping over all the tiles. 1088
-// columns are 9 chunks, the last one half empty, so the warps of a block own different chunk
-// counts and the issue cursor wraps inside every tile; q/k/v's tiles run from q into k and v.
+// The persistent int4 GEMV gives the same bits whichever block takes which row tile, on the dp4a
+// path (one and two tokens) and the mma path (5 tokens: one n-tile; 16: two, with 32-row tiles
+// where there are enough of them): every GEMV kind of a layer and the lm_head, once with a wave
+// of blocks (here one tile a block, the weights being small) and once with 3 blocks looping over
+// all the tiles. 1088 columns are 9 chunks, the last one half empty, so the warps of a block own
+// different chunk counts and the issue cursor wraps inside every tile; q/k/v's tiles run from q
+// into k and v.
 TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   ModelConfig config = small_config(1088, 704, 8, 2, 64, 300);
   config.n_layers = 1;
@@ -108,7 +111,7 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   const LayerWeights& l = weights.layers[0];
   const Linear* const qkv[] = {&l.wq, &l.wk, &l.wv};
   const Linear* const head[] = {&weights.output};
-  for (int64_t n : {1, 2}) {
+  for (int64_t n : {1, 2, 5, 16}) {
     const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4200 + n, 2.0f);
     std::vector<float> results[2];
     for (int cap : {0, 3}) {

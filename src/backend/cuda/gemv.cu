@@ -7,8 +7,8 @@
 // rows of the gate and of the up weight, so the epilogue sees both). A block of 8 warps takes a
 // tile at a time; its warps stride over the columns in chunks of 128 (4 groups of 32), lane
 // c = lane % 4 taking group c of the chunk for rows lane / 4 and lane / 4 + 8 of each m-tile.
-// The mma path launches a block per tile; the dp4a path launches one wave of blocks that loop
-// over the tiles (below). The 8 warps' partial sums meet in shared memory after each tile. A lane's
+// int4 weights (both paths below) launch one wave of blocks that loop over the tiles, fp16 and
+// int8 a block per tile. The 8 warps' partial sums meet in shared memory after each tile. A lane's
 // 16-byte int4 group holds weight j in the low nibble and j + 16 in the high nibble of byte j; the
 // mask-and-or trick turns nibble pairs at bits 0/16 into two fp16 values 1024 + q, so a 32-bit word
 // yields the A fragment halves (4u, 4u+2), (4u+1, 4u+3), (16+4u, 16+4u+2), (16+4u+1, 16+4u+3) for
@@ -252,7 +252,7 @@ struct Fragment {
 };
 
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
-__global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 1)
+__global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(
@@ -284,11 +284,11 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 1)
   const int warp = threadIdx.x >> 5;
   const int quad_row = lane >> 2;
   const int quad_col = lane & 3;
-  // Only the dp4a path loops over tiles; the mma path's grid covers them, one a block.
-  constexpr bool kPersistent = kDp > 0;
-  // consume() reads the host-layout scales' parity from the issue cursor's offsets, which run
-  // ahead into the next tile: only the tiled formats, which need no per-tile state there, loop.
-  static_assert(!kPersistent || Pipe<F, MT>::kTiled, "a persistent GEMV reads int4 tiles");
+  // The int4 (tiled) formats loop over tiles, on both paths; the fp16 and int8 grids cover
+  // their tiles, one a block: consume() reads the host-layout scales' parity from the issue
+  // cursor's offsets, which run ahead into the next tile, and only the tiled formats need no
+  // per-tile state there.
+  constexpr bool kPersistent = Pipe<F, MT>::kTiled;
   const int n_my_tiles = !kPersistent ? 1
                          : int(blockIdx.x) < p.n_tiles
                              ? (p.n_tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1
@@ -629,14 +629,17 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 1)
       __syncthreads();  // dp_sums is the next tile's
       continue;
     }
-    // The mma path: one tile a block (the grid covers them all), summed across warps in the
-    // pipeline's shared memory.
-    cp_async_wait<0>();
-    __syncthreads();  // the pipeline's shared memory becomes the reduction buffer
-    if (!p.early_trigger) pdl_trigger();
+    // The mma path: the warps' accumulators meet in shared memory. A persistent block's own
+    // buffer follows the pipeline, whose ring streams on into the next tile meanwhile; a block
+    // a tile (fp16, int8) reuses the drained pipeline's memory.
+    if constexpr (!kPersistent) cp_async_wait<0>();
+    if constexpr (!kPersistent) __syncthreads();
+    if (!p.early_trigger && iter + 1 == n_my_tiles) pdl_trigger();
 
     constexpr int kValues = MT * NT * 4;
-    auto partial = reinterpret_cast<float(*)[kValues][32]>(smem);  // [kWarps][kValues][32]
+    auto partial = reinterpret_cast<float(*)[kValues][32]>(
+        smem +
+        (kPersistent ? P::kBytes + (kNorm ? 2 * p.x_stride : 0) : 0));  // [kWarps][kValues][32]
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -673,7 +676,8 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 1)
                   nt * 8 + (l & 3) * 2 + (i & 1), sum);
       }
     }
-  }  // tiles
+    if constexpr (kPersistent) __syncthreads();  // `partial` is the next tile's
+  }                                              // tiles
   if constexpr (kSwiglu) {
     // The shadow's padding past the last row (when rows is not a multiple of 32) is zero.
     const int64_t n_rows = p.jobs[0].w.rows;
@@ -702,20 +706,22 @@ constexpr int dp_sums_bytes(int kDp, int MT) {
 
 int block_cap = 0;  // set_gemv_block_cap
 
-// Whether dp4a launches are persistent (a wave of blocks looping over the row tiles) or a
-// block a tile: KESTREL_CUDA_GEMV_PERSISTENT=0 for the latter, a measurement aid.
-bool persistent_dp4a() {
-  static const bool on = [] {
+// Whether int4 launches are persistent (a wave of blocks looping over the row tiles) or a block
+// a tile. KESTREL_CUDA_GEMV_PERSISTENT, a measurement aid: 1 (the default) both paths, 2 the
+// dp4a path only (the eighth session's default), 0 neither.
+bool launch_persistent(bool dp4a) {
+  static const int mode = [] {
     const char* v = std::getenv("KESTREL_CUDA_GEMV_PERSISTENT");
-    return v == nullptr || std::string(v) != "0";
+    const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 1;
+    return m >= 0 && m <= 2 ? m : 1;
   }();
-  return on;
+  return mode == 1 || (mode == 2 && dp4a);
 }
 
-// Launches the kernel over p.n_tiles row tiles: a block a tile, or for the dp4a path (whose
-// blocks each quantize the whole input first) as many blocks as fit on the device at once, each
-// looping over tiles, so the input stage runs once a block and the weight ring streams on
-// across tile boundaries.
+// Launches the kernel over p.n_tiles row tiles. int4 weights (both paths) take as many blocks as
+// fit on the device at once, each looping over tiles: the weight ring streams on across tile
+// boundaries instead of filling and draining once a tile, and the dp4a path's input stage
+// (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
@@ -723,10 +729,13 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kSumBytes = kDp > 0 ? dp_sums_bytes(kDp, MT) : 0;
   constexpr int kMaxInputBytes = (kNorm ? int(kMaxNormInputCols * sizeof(__half)) : 0) +
                                  int(dp_input_bytes(kDp, kMaxDpCols)) + kSumBytes;
-  constexpr int kMaxSmem = std::max(kPipeBytes + kMaxInputBytes, kReduceBytes);
+  constexpr int kMaxSmem = kPipeBytes + kMaxInputBytes + kReduceBytes;
   const int input_bytes = (kNorm ? int(p.x_stride * int64_t(sizeof(__half))) : 0) +
                           int(dp_input_bytes(kDp, p.x_stride)) + kSumBytes;
-  const int smem = std::max(kPipeBytes + input_bytes, kReduceBytes);
+  // A persistent mma-path block keeps its warps' exchange apart from the ring, which streams on.
+  constexpr bool kOwnReduce = Pipe<F, MT>::kTiled && kDp == 0;
+  const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
+                              : std::max(kPipeBytes + input_bytes, kReduceBytes);
   auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp>;
   static bool attribute_set = false;  // once per instantiation
   if (!attribute_set) {
@@ -735,7 +744,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
     attribute_set = true;
   }
   int blocks = p.n_tiles;
-  if (kDp > 0 && persistent_dp4a()) {
+  if (Pipe<F, MT>::kTiled && launch_persistent(kDp > 0)) {
     // Blocks an SM holds depend only on the instantiation and its shared memory (the input's
     // width: wo and down share an instantiation): asked once per width, not at every launch of
     // an eager step. Per thread, as a tensor-parallel run drives each device from its own.

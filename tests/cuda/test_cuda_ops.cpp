@@ -321,6 +321,63 @@ TEST_F(CudaElementwise, RmsNorm) {
   }
 }
 
+// RMSNorm at widths the fixture's 300 does not reach: 302 (off the float4 grid: the scalar kernel),
+// 1100 (two float4 a thread, the shadow padded to 1120) and 8000 (eight), alone and with the
+// shadow the next matmul reads, for a single token and a decode batch of 16. fp16 weights: an
+// int4 upload takes only whole groups of 32 columns.
+TEST(CudaOps, RmsNormAtEveryKernelWidth) {
+  for (int64_t cols : {302, 1100, 8000}) {
+    ModelConfig config = small_config(cols, 64, 4, 2, 64, 50);
+    config.n_layers = 1;
+    ModelWeights weights = random_model(config, WeightFormat::fp16, 0, true, 900 + cols);
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    const LayerWeights& l = weights.layers[0];
+    for (int64_t n : {1, 16}) {
+      const std::vector<float> x = random_values(size_t(n * cols), 910 + uint64_t(n), 3.0f);
+      std::vector<float> normed[2], product[2];
+      int i = 0;
+      for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+        std::vector<int32_t> meta;
+        ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+        auto xt = b->scratch(n, cols);
+        auto ht = b->scratch(n, cols);
+        auto yt = b->scratch(n, config.intermediate_size);
+        ASSERT_TRUE(xt.is_ok() && ht.is_ok() && yt.is_ok());
+        fill(*b, *xt, x);
+        poison(*b, *ht);
+        poison(*b, *yt);
+        ASSERT_TRUE(b->rms_norm(*ht, *xt, l.attn_norm, 1e-5f).is_ok());
+        ASSERT_TRUE(b->matmul(*yt, *ht, l.w_gate).is_ok());
+        normed[i] = fetch(*b, *ht);
+        product[i++] = fetch(*b, *yt);
+      }
+      EXPECT_LE(rel_error(normed[1], normed[0]), 1e-6) << cols << " columns, n=" << n;
+      EXPECT_LE(rel_error(product[1], product[0]), 2e-3) << cols << " columns, n=" << n;
+    }
+  }
+}
+
+// A quantized weight whose rows end inside a scale block (2080 columns of 64-wide blocks) is
+// refused at upload with the weight's name, not multiplied wrongly.
+TEST(CudaOps, UploadRefusesRowsEndingInsideABlock) {
+  ModelConfig config = small_config(2080, 128, 4, 2, 64, 50);
+  config.n_layers = 1;
+  for (int block : {32, 64}) {
+    ModelWeights weights = random_model(config, WeightFormat::sym_int4, block, false, 950);
+    auto gpu = make_device_backend();
+    ASSERT_TRUE(gpu.is_ok()) << gpu.status().message();
+    const Status s = (*gpu)->upload(weights);
+    if (block == 32) {
+      EXPECT_TRUE(s.is_ok()) << s.message();
+    } else {
+      ASSERT_FALSE(s.is_ok());
+      EXPECT_NE(s.message().find("quantized width 2080 / block 64 unsupported"), std::string::npos)
+          << s.message();
+    }
+  }
+}
+
 // The fp16 shadow rms_norm writes is what the next matmul reads (width 300: padded groups).
 TEST_F(CudaElementwise, RmsNormShadowFeedsMatmul) {
   for (int64_t n : {2, 16, 24}) {

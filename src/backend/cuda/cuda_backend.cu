@@ -1512,7 +1512,9 @@ class CudaBackend final : public Backend {
     d.cols = w.cols;
     if (w.rows <= 0) return d;
     if (is_quantized(w.format)) {
-      if (w.cols % kGroup != 0 || (w.block != 32 && w.block != 64)) {
+      // A 64-wide block's scales are laid out for whole blocks: a row ending in half a block
+      // (2080 columns) multiplied wrongly on every path, so it is refused like any other width.
+      if (w.cols % kGroup != 0 || (w.block != 32 && w.block != 64) || w.cols % w.block != 0) {
         return Status::error("cuda upload " + what + ": quantized width " + std::to_string(w.cols) +
                              " / block " + std::to_string(w.block) + " unsupported");
       }

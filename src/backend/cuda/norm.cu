@@ -32,6 +32,85 @@ __global__ void __launch_bounds__(kNormThreads)
   }
 }
 
+// The same norm for rows of float4s (cols % 4 == 0, aligned pointers) of at most
+// kPer * kVecThreads float4 (shadow padding included): a thread keeps its share of the row in
+// registers from the sum of squares to the scaling, the norm weight (which no earlier kernel
+// writes) is loaded before the wait for the previous kernel, and the shadow is written as fp16
+// pairs (the permuted slots as in gemv.cu's normalize_input). A decode step's norms are latency:
+// one L2 round trip after the wait instead of three.
+constexpr int kVecThreads = 256;
+
+template <int kPer>
+__global__ void __launch_bounds__(kVecThreads)
+    rms_norm_vec_kernel(float* out, const float* x, const float* w, float eps, int64_t cols,
+                        ShadowOut shadow) {
+  __shared__ float scratch[32];
+  const int n4 = int(cols / 4);
+  const int width4 = shadow.data != nullptr ? int(shadow.row_stride / 4) : n4;
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  float4 g[kPer];
+#pragma unroll
+  for (int r = 0; r < kPer; ++r) {
+    const int j = int(threadIdx.x) + r * kVecThreads;
+    if (j < n4) g[r] = w4[j];
+  }
+  pdl_wait();
+  pdl_trigger();
+  const int64_t row = blockIdx.x;
+  const float4* x4 = reinterpret_cast<const float4*>(x + row * cols);
+  float4 v[kPer];
+  float sum = 0.0f;
+#pragma unroll
+  for (int r = 0; r < kPer; ++r) {
+    const int j = int(threadIdx.x) + r * kVecThreads;
+    if (j < n4) {
+      v[r] = x4[j];
+      sum += v[r].x * v[r].x + v[r].y * v[r].y + v[r].z * v[r].z + v[r].w * v[r].w;
+    }
+  }
+  sum = block_sum(sum, scratch);
+  const float scale = 1.0f / sqrtf(sum / float(cols) + eps);
+  float4* o4 = out != nullptr ? reinterpret_cast<float4*>(out + row * cols) : nullptr;
+  uint32_t* s32 = shadow.data != nullptr
+                      ? reinterpret_cast<uint32_t*>(shadow.data + row * shadow.row_stride)
+                      : nullptr;
+#pragma unroll
+  for (int r = 0; r < kPer; ++r) {
+    const int j = int(threadIdx.x) + r * kVecThreads;  // columns 4j .. 4j + 3
+    if (j >= width4) continue;
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);  // the shadow's padding past cols is zero
+    if (j < n4) {
+      a = make_float4(g[r].x * (v[r].x * scale), g[r].y * (v[r].y * scale),
+                      g[r].z * (v[r].z * scale), g[r].w * (v[r].w * scale));
+      if (o4 != nullptr) o4[j] = a;
+    }
+    if (s32 != nullptr) {
+      if (shadow.permuted) {
+        // Group offset o = 4 (j % 8): columns o .. o + 3 go to permuted slots b, b + 2, b + 1,
+        // b + 3 (common.cuh), so two 32-bit stores hold (o, o + 2) and (o + 1, o + 3).
+        const int o = (j & 7) * 4;
+        const int slot = (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
+        s32[slot / 2] = pack_half2(a.x, a.z);
+        s32[slot / 2 + 1] = pack_half2(a.y, a.w);
+      } else {
+        s32[2 * j] = pack_half2(a.x, a.y);
+        s32[2 * j + 1] = pack_half2(a.z, a.w);
+      }
+    }
+  }
+}
+
+template <int kPer>
+cudaError_t launch_vec(int64_t rows, float* out, const float* x, const float* w, float eps,
+                       int64_t cols, ShadowOut shadow, cudaStream_t stream) {
+  return launch_pdl(rms_norm_vec_kernel<kPer>, dim3(unsigned(rows)), dim3(kVecThreads), 0, stream,
+                    out, x, w, eps, cols, shadow);
+}
+
+bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
 }  // namespace
 
 Status rms_norm(float* out, const float* x, const float* w, float eps, int64_t rows, int64_t cols,
@@ -40,8 +119,28 @@ Status rms_norm(float* out, const float* x, const float* w, float eps, int64_t r
   if (out == nullptr && shadow.data == nullptr) {
     return Status::error("cuda rms_norm: neither an output nor a shadow to write");
   }
-  KS_CUDA_CHECK("rms_norm", launch_pdl(rms_norm_kernel, dim3(unsigned(rows)), dim3(kNormThreads), 0,
-                                       stream, out, x, w, eps, cols, shadow));
+  // float4 rows where they fit: the shadow's rows whole groups (its padding in float4s too).
+  const int64_t width = shadow.data != nullptr ? shadow.row_stride : cols;
+  const int64_t per = (width / 4 + kVecThreads - 1) / kVecThreads;
+  const bool vec =
+      cols % 4 == 0 && aligned16(x) && aligned16(w) && (out == nullptr || aligned16(out)) &&
+      (shadow.data == nullptr || (shadow.row_stride % kGroup == 0 && shadow.row_stride >= cols &&
+                                  (reinterpret_cast<uintptr_t>(shadow.data) & 3) == 0)) &&
+      per <= 8;
+  cudaError_t launched;
+  if (!vec) {
+    launched = launch_pdl(rms_norm_kernel, dim3(unsigned(rows)), dim3(kNormThreads), 0, stream, out,
+                          x, w, eps, cols, shadow);
+  } else if (per <= 1) {
+    launched = launch_vec<1>(rows, out, x, w, eps, cols, shadow, stream);
+  } else if (per <= 2) {
+    launched = launch_vec<2>(rows, out, x, w, eps, cols, shadow, stream);
+  } else if (per <= 4) {
+    launched = launch_vec<4>(rows, out, x, w, eps, cols, shadow, stream);
+  } else {
+    launched = launch_vec<8>(rows, out, x, w, eps, cols, shadow, stream);
+  }
+  KS_CUDA_CHECK("rms_norm", launched);
   KS_CUDA_CHECK_LAUNCH("rms_norm", "rms_norm_kernel");
   return Status::ok();
 }

@@ -38,8 +38,9 @@ class CudaMatmul : public ::testing::TestWithParam<FormatCase> {};
 TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
   const FormatCase fc = GetParam();
   // 17000 rows: more row tiles than the device holds blocks at once, so the persistent int4
-  // launches (both paths, 16- and 32-row tiles) loop over several tiles a block, the last one
-  // partial.
+  // launches loop over several tiles a block, the last one partial (the dp4a path at 1-2 tokens,
+  // the mma path's 32-row tiles at 3-64; its 16-row tiles loop in
+  // CudaOps.PersistentGemvGivesTheSameBitsOnAnyGrid, against a full grid).
   const int64_t shapes[][2] = {{200, 192}, {72, 128}, {1040, 576}, {17000, 64}};
   uint64_t seed = 100 + uint64_t(fc.format) * 10 + uint64_t(fc.block);
   for (const auto& shape : shapes) {
@@ -95,12 +96,12 @@ TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
 INSTANTIATE_TEST_SUITE_P(Formats, CudaMatmul, ::testing::ValuesIn(kFormats), format_case_name);
 
 // The persistent int4 GEMV gives the same bits whichever block takes which row tile, on the dp4a
-// path (one and two tokens) and the mma path (5 tokens: one n-tile; 16: two, with 32-row tiles
-// where there are enough of them): every GEMV kind of a layer and the lm_head, once with a wave
-// of blocks (here one tile a block, the weights being small) and once with 3 blocks looping over
-// all the tiles. 1088 columns are 9 chunks, the last one half empty, so the warps of a block own
-// different chunk counts and the issue cursor wraps inside every tile; q/k/v's tiles run from q
-// into k and v.
+// path (one and two tokens) and the mma path (5 tokens: one n-tile; 16: two; 16-row tiles but for
+// gate/up, whose swiglu tiles pair 16 rows of each): every GEMV kind of a layer and the lm_head,
+// once with a wave of blocks (here one tile a block, the weights being small) and once with 3
+// blocks looping over all the tiles. 1088 columns are 9 chunks, the last one half empty, so the
+// warps of a block own different chunk counts and the issue cursor wraps inside every tile;
+// q/k/v's tiles run from q into k and v.
 TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   ModelConfig config = small_config(1088, 704, 8, 2, 64, 300);
   config.n_layers = 1;
@@ -323,17 +324,18 @@ TEST_F(CudaElementwise, RmsNorm) {
 
 // RMSNorm at widths the fixture's 300 does not reach: 302 (off the float4 grid: the scalar kernel),
 // 1100 (two float4 a thread, the shadow padded to 1120) and 8000 (eight), alone and with the
-// shadow the next matmul reads, for a single token and a decode batch of 16. fp16 weights: an
-// int4 upload takes only whole groups of 32 columns.
+// shadow the next matmul reads, for a single token, a decode batch of 16 (the GEMV's permuted
+// shadow) and 80 tokens (the GEMM's natural one). fp16 weights: an int4 upload takes only whole
+// groups of 32 columns.
 TEST(CudaOps, RmsNormAtEveryKernelWidth) {
   for (int64_t cols : {302, 1100, 8000}) {
     ModelConfig config = small_config(cols, 64, 4, 2, 64, 50);
     config.n_layers = 1;
     ModelWeights weights = random_model(config, WeightFormat::fp16, 0, true, 900 + cols);
     BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    ASSERT_TRUE(pair.init(weights, RunShape{1, 96, 96, 96}));
     const LayerWeights& l = weights.layers[0];
-    for (int64_t n : {1, 16}) {
+    for (int64_t n : {1, 16, 80}) {
       const std::vector<float> x = random_values(size_t(n * cols), 910 + uint64_t(n), 3.0f);
       std::vector<float> normed[2], product[2];
       int i = 0;
@@ -359,12 +361,16 @@ TEST(CudaOps, RmsNormAtEveryKernelWidth) {
 }
 
 // A quantized weight whose rows end inside a scale block (2080 columns of 64-wide blocks) is
-// refused at upload with the weight's name, not multiplied wrongly.
+// refused at upload with the weight's name (the embedding table's, uploaded first), not
+// multiplied wrongly; 32-wide blocks of the same width are taken. Both int4 formats.
 TEST(CudaOps, UploadRefusesRowsEndingInsideABlock) {
   ModelConfig config = small_config(2080, 128, 4, 2, 64, 50);
   config.n_layers = 1;
-  for (int block : {32, 64}) {
-    ModelWeights weights = random_model(config, WeightFormat::sym_int4, block, false, 950);
+  for (const auto& [format, block] :
+       {std::pair{WeightFormat::sym_int4, 32}, std::pair{WeightFormat::sym_int4, 64},
+        std::pair{WeightFormat::asym_int4, 32}, std::pair{WeightFormat::asym_int4, 64}}) {
+    SCOPED_TRACE(std::string(format_name(format)) + " block " + std::to_string(block));
+    ModelWeights weights = random_model(config, format, block, false, 950);
     auto gpu = make_device_backend();
     ASSERT_TRUE(gpu.is_ok()) << gpu.status().message();
     const Status s = (*gpu)->upload(weights);
@@ -372,7 +378,9 @@ TEST(CudaOps, UploadRefusesRowsEndingInsideABlock) {
       EXPECT_TRUE(s.is_ok()) << s.message();
     } else {
       ASSERT_FALSE(s.is_ok());
-      EXPECT_NE(s.message().find("quantized width 2080 / block 64 unsupported"), std::string::npos)
+      EXPECT_NE(
+          s.message().find("cuda upload tok_embd: quantized width 2080 / block 64 unsupported"),
+          std::string::npos)
           << s.message();
     }
   }

@@ -1412,9 +1412,14 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   const int group = args.n_heads / cache.n_kv_heads;
   const size_t smem = kMma ? prefill_smem_bytes<kMmaD>()
                            : split_smem_bytes(group, cache.head_dim, int(kv_type_bytes(kType)));
+  if (kMma && smem > 48 * 1024) {  // the tensor-core kernel's size is fixed per instantiation
+    static std::atomic<uint64_t> limit_set{0};
+    KS_CUDA_CHECK("attention",
+                  set_smem_limit_once(reinterpret_cast<const void*>(kernel), int(smem), limit_set));
+  }
   static int resident = 0;  // blocks of this kernel an SM holds at once, once per instantiation
   if (resident == 0) {
-    if (smem > 48 * 1024) {
+    if (!kMma && smem > 48 * 1024) {
       KS_CUDA_CHECK(
           "attention",
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -1496,13 +1501,10 @@ template <int D, KvType kType, int kGroups>
 Status launch_prefill_groups(const AttentionArgs& args, const KvCache& cache, dim3 grid,
                              cudaStream_t stream) {
   constexpr size_t kSmem = prefill_smem_bytes<D, kGroups>();
-  static bool attribute_set = false;  // once per instantiation
-  if (!attribute_set) {
-    KS_CUDA_CHECK("attention",
-                  cudaFuncSetAttribute(attention_prefill_kernel<D, kType, kGroups>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
-    attribute_set = true;
-  }
+  static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
+  KS_CUDA_CHECK("attention", set_smem_limit_once(reinterpret_cast<const void*>(
+                                                     attention_prefill_kernel<D, kType, kGroups>),
+                                                 int(kSmem), limit_set));
   KS_CUDA_CHECK("attention",
                 launch_pdl(attention_prefill_kernel<D, kType, kGroups>, grid,
                            dim3(kPrefillThreads * kGroups), kSmem, stream, args, cache));
@@ -1510,10 +1512,14 @@ Status launch_prefill_groups(const AttentionArgs& args, const KvCache& cache, di
   return Status::ok();
 }
 
-// One key group while the grid fills the SMs: two blocks of one group fit an SM (registers and
-// shared memory), and more blocks than that make waves whose tail the short causal tiles fill.
-// Fewer blocks (Qwen2-1.5B's 12 heads x 16 query tiles of a 1024-token prompt: 192 on 132 SMs)
-// leave the longest query tile's walk as the kernel's time, which two groups halve.
+// One key group while the grid is large: its waves' tails are the short causal tiles. A small
+// grid leaves the longest query tile's walk as the kernel's time, which two groups halve. The
+// line is drawn at two blocks an SM, where it was measured (H200): Qwen2-1.5B's 12 heads x 16
+// query tiles of a 1024-token prompt, 192 blocks on 132 SMs, took 8.6 ms to the first token with
+// one group and 7.4 with two, though a one-group block fits three to an SM (D 128, fp16: 168
+// registers, 70 KB) and a two-group block one (227 registers, 139 KB), so two groups run 1.45
+// waves where one group ran one. Grids between one and two blocks an SM of other shapes are
+// unmeasured.
 template <int D, KvType kType>
 Status launch_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
   const dim3 grid(unsigned(args.n_heads), unsigned(ceil_div(args.n_tokens, kPrefillRows)));

@@ -6,11 +6,28 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstdint>
 #include <string>
 
 #include "core/status.h"
 
 namespace kestrel::cuda {
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) once per device
+// for a call site: the attribute is the current device's, so a tensor-parallel thread driving a
+// second device sets it again there. `done` is the call site's mask of devices already set (the
+// first 64; a device past them sets it at every call).
+inline cudaError_t set_smem_limit_once(const void* kernel, int bytes, std::atomic<uint64_t>& done) {
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e == cudaSuccess) done.fetch_or(bit, std::memory_order_acq_rel);
+  return e;
+}
 
 inline Status cuda_error(const char* op, const char* call, const std::string& what,
                          const char* file, int line) {

@@ -711,9 +711,10 @@ int block_cap = 0;  // set_gemv_block_cap
 // dp4a path only (the eighth session's default), 0 neither.
 bool launch_persistent(bool dp4a) {
   static const int mode = [] {
-    const char* v = std::getenv("KESTREL_CUDA_GEMV_PERSISTENT");
-    const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 1;
-    return m >= 0 && m <= 2 ? m : 1;
+    const std::string v = std::getenv("KESTREL_CUDA_GEMV_PERSISTENT") != nullptr
+                              ? std::getenv("KESTREL_CUDA_GEMV_PERSISTENT")
+                              : "";
+    return v == "0" ? 0 : v == "2" ? 2 : 1;  // anything else: the default
   }();
   return mode == 1 || (mode == 2 && dp4a);
 }
@@ -737,12 +738,9 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
   auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp>;
-  static bool attribute_set = false;  // once per instantiation
-  if (!attribute_set) {
-    KS_CUDA_CHECK("matmul", cudaFuncSetAttribute(
-                                kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
-    attribute_set = true;
-  }
+  static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
+  KS_CUDA_CHECK("matmul",
+                set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
   int blocks = p.n_tiles;
   if (Pipe<F, MT>::kTiled && launch_persistent(kDp > 0)) {
     // Blocks an SM holds depend only on the instantiation and its shared memory (the input's
@@ -773,8 +771,14 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
       if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, stream);
       return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, stream);
     }
+    // A fused norm input is one token of at most 4096 columns, which always takes dp4a: the
+    // int4 mma path has no norm instance.
+    if (p.norm.x != nullptr) {
+      return Status::error("cuda matmul: an int4 GEMV with a fused RMSNorm input takes dp4a");
+    }
+  } else {
+    if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
   }
-  if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
   if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, stream);
   return launch_kernel<F, MT, 2, kSwiglu, false, 0>(p, stream);
 }

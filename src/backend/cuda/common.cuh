@@ -163,6 +163,21 @@ __device__ inline uint32_t pack_half2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// Stores columns 4j .. 4j + 3 (a) of a shadow row as fp16, `row32` the row's first 32-bit word.
+// Permuted: group offset o = 4 (j % 8), columns o .. o + 3 go to slots b, b + 2, b + 1, b + 3
+// (permuted_slot), so two 32-bit stores hold (o, o + 2) and (o + 1, o + 3).
+__device__ inline void store_shadow4(uint32_t* row32, int j, float4 a, bool permuted) {
+  if (permuted) {
+    const int o = (j & 7) * 4;
+    const int slot = (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
+    row32[slot / 2] = pack_half2(a.x, a.z);
+    row32[slot / 2 + 1] = pack_half2(a.y, a.w);
+  } else {
+    row32[2 * j] = pack_half2(a.x, a.y);
+    row32[2 * j + 1] = pack_half2(a.z, a.w);
+  }
+}
+
 // D[16x8] += A[16x16] · B[16x8], fp16 inputs, fp32 accumulators (PTX fragment layouts).
 __device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(

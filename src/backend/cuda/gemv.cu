@@ -174,17 +174,10 @@ __device__ void normalize_input(const GemvParams& p, __half* xs) {
   for (int r = 0; r < kPerThread; ++r) {
     const int j = int(threadIdx.x) + r * kThreads;  // columns 4j .. 4j + 3
     if (j < n4) {
-      const float a0 = g[r].x * (v[r].x * scale);
-      const float a1 = g[r].y * (v[r].y * scale);
-      const float a2 = g[r].z * (v[r].z * scale);
-      const float a3 = g[r].w * (v[r].w * scale);
-      if (blockIdx.x == 0) reinterpret_cast<float4*>(p.norm.out)[j] = make_float4(a0, a1, a2, a3);
-      // Group offset o = 4(j % 8): columns o .. o + 3 go to permuted slots b, b + 2, b + 1,
-      // b + 3 (common.cuh), so two 32-bit stores hold (o, o + 2) and (o + 1, o + 3).
-      const int o = (j & 7) * 4;
-      const int slot = (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
-      xs32[slot / 2] = pack_half2(a0, a2);
-      xs32[slot / 2 + 1] = pack_half2(a1, a3);
+      const float4 a = make_float4(g[r].x * (v[r].x * scale), g[r].y * (v[r].y * scale),
+                                   g[r].z * (v[r].z * scale), g[r].w * (v[r].w * scale));
+      if (blockIdx.x == 0) reinterpret_cast<float4*>(p.norm.out)[j] = a;
+      store_shadow4(xs32, j, a, /*permuted=*/true);
     }
   }
   __syncthreads();
@@ -711,9 +704,8 @@ int block_cap = 0;  // set_gemv_block_cap
 // dp4a path only (the eighth session's default), 0 neither.
 bool launch_persistent(bool dp4a) {
   static const int mode = [] {
-    const std::string v = std::getenv("KESTREL_CUDA_GEMV_PERSISTENT") != nullptr
-                              ? std::getenv("KESTREL_CUDA_GEMV_PERSISTENT")
-                              : "";
+    const char* env = std::getenv("KESTREL_CUDA_GEMV_PERSISTENT");
+    const std::string v = env != nullptr ? env : "";
     return v == "0" ? 0 : v == "2" ? 2 : 1;  // anything else: the default
   }();
   return mode == 1 || (mode == 2 && dp4a);

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kNormThreads)
 // kPer * kVecThreads float4 (shadow padding included): a thread keeps its share of the row in
 // registers from the sum of squares to the scaling, the norm weight (which no earlier kernel
 // writes) is loaded before the wait for the previous kernel, and the shadow is written as fp16
-// pairs (the permuted slots as in gemv.cu's normalize_input). A decode step's norms are latency:
+// pairs (store_shadow4, as gemv.cu's normalize_input). A decode step's norms are latency:
 // one L2 round trip after the wait instead of three.
 constexpr int kVecThreads = 256;
 
@@ -84,19 +84,7 @@ __global__ void __launch_bounds__(kVecThreads)
                       g[r].z * (v[r].z * scale), g[r].w * (v[r].w * scale));
       if (o4 != nullptr) o4[j] = a;
     }
-    if (s32 != nullptr) {
-      if (shadow.permuted) {
-        // Group offset o = 4 (j % 8): columns o .. o + 3 go to permuted slots b, b + 2, b + 1,
-        // b + 3 (common.cuh), so two 32-bit stores hold (o, o + 2) and (o + 1, o + 3).
-        const int o = (j & 7) * 4;
-        const int slot = (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
-        s32[slot / 2] = pack_half2(a.x, a.z);
-        s32[slot / 2 + 1] = pack_half2(a.y, a.w);
-      } else {
-        s32[2 * j] = pack_half2(a.x, a.y);
-        s32[2 * j + 1] = pack_half2(a.z, a.w);
-      }
-    }
+    if (s32 != nullptr) store_shadow4(s32, j, a, shadow.permuted);
   }
 }
 

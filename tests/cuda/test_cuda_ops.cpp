@@ -514,8 +514,12 @@ class CudaAttention : public ::testing::TestWithParam<AttentionCase> {};
 // attention; the device's op times say whether the rotation rode in the attention launch, which
 // it must exactly for at most 64 tokens of distinct sequences at head_dim 64 / 128 over an fp16
 // or fp8 cache. The CPU keeps fp32 entries; the bound says what the CUDA cache's entries cost.
+//
+// `v_scale` multiplies every value row (small rows test an fp8 cache's scales below fp16's
+// normal range).
 void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int n_kv,
-                           RunShape shape, const std::vector<AttentionCall>& calls) {
+                           RunShape shape, const std::vector<AttentionCall>& calls,
+                           float v_scale = 1.0f) {
   ModelWeights weights = attention_model(head_dim, n_heads, n_kv);
   shape.kv_cache = kv_cache;
   BackendPair pair;
@@ -529,7 +533,8 @@ void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int 
     const std::vector<int32_t> tokens(size_t(n), 1);
     const auto q = random_values(size_t(n * q_dim), seed++);
     const auto k = random_values(size_t(n * kv_dim), seed++);
-    const auto v = random_values(size_t(n * kv_dim), seed++);
+    auto v = random_values(size_t(n * kv_dim), seed++);
+    for (float& x : v) x *= v_scale;
     for (int64_t layer : {0, 1}) {
       std::vector<float> results[2], rotated_q[2], rotated_k[2];
       int i = 0;
@@ -662,6 +667,20 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
   }
   calls.push_back(AttentionCall{{lengths[3] + 2}, {3}});
   check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls);
+}
+
+// fp8 value rows whose scale (largest entry / 448) is below fp16's normal range: the decode
+// kernel scales those rows in fp32, the others by an fp16 multiply (a subnormal fp16 scale would
+// cost them most of their bits). Values of about 2^-16 put every row there; prompts of 200 and 70
+// keys, then a decode step of both sequences over several tiles.
+TEST(CudaAttentionFp8, SmallValueRowsKeepTheirPrecision) {
+  std::vector<AttentionCall> calls = {run_of(0, 0, 200), run_of(1, 0, 70)};
+  calls.push_back(AttentionCall{{200, 70}, {0, 1}});
+  for (int head_dim : {64, 128}) {
+    SCOPED_TRACE("head_dim " + std::to_string(head_dim));
+    check_attention_calls(head_dim, KvCacheType::fp8, 8, 2, RunShape{2, 512, 256, 256}, calls,
+                          1.0f / 65536.0f);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(HeadDims, CudaAttention,

@@ -601,6 +601,42 @@ __device__ inline float fast_exp2(float x) {
   return y;
 }
 
+// 16 fp8 entries (one 16-byte word) times their row's scale, as 16 fp16 values.
+__device__ inline void fp8x16_to_half(const uint4 in, float scale, uint4 (&out)[2]) {
+  const uint32_t words[4] = {in.x, in.y, in.z, in.w};
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    float f[4];
+    Word<KvType::f8>::get(words[w], f);
+    o[2 * w] = pack_half2(f[0] * scale, f[1] * scale);
+    o[2 * w + 1] = pack_half2(f[2] * scale, f[3] * scale);
+  }
+}
+
+// cp.async of the K and V rows (kRowBytes each, a multiple of 16) of keys key0 .. key0 + 63 of
+// (layer, slot, KV head) into shared rows `dst_stride` bytes apart. Keys at or past kv_len are
+// zero-filled (src-size 0); the row of key `skip` is not copied. No commit.
+template <int kRowBytes, int kThreads>
+__device__ inline void copy_kv_rows(const KvCache& c, int64_t layer, int64_t seq, int kvh,
+                                    int64_t key0, int64_t kv_len, uint8_t* k_dst, uint8_t* v_dst,
+                                    int dst_stride, int64_t skip, int tid) {
+  static_assert(kRowBytes % 16 == 0, "rows of 16-byte copies");
+  constexpr int kUnits = kRowBytes / 16;
+  const uint8_t* kc = static_cast<const uint8_t*>(c.k);
+  const uint8_t* vc = static_cast<const uint8_t*>(c.v);
+  for (int idx = tid; idx < kPrefillKeys * kUnits; idx += kThreads) {
+    const int r = idx / kUnits;
+    const int u = idx % kUnits;
+    const int64_t key = key0 + r;
+    if (key == skip) continue;
+    const bool live = key < kv_len;
+    const int64_t at = cache_row(c, layer, seq, kvh, live ? key : 0) * kRowBytes + u * 16;
+    cp_async(k_dst + r * dst_stride + u * 16, kc + at, 16, live);
+    cp_async(v_dst + r * dst_stride + u * 16, vc + at, 16, live);
+  }
+}
+
 // Copies the K and V rows of keys key0 .. key0 + 63 of (layer, slot, KV head) into fp16 tiles
 // [64][D + 8] in shared memory, as one cp.async group. Keys at or past kv_len are zero-filled
 // (src-size 0): unwritten cache memory could hold NaN patterns, and 0 * NaN would poison the
@@ -614,18 +650,9 @@ __device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq
   constexpr int kStride = D + 8;
   if (tid < 0) tid = int(threadIdx.x);  // else the caller's index among kThreads threads
   if constexpr (kType == KvType::f16) {
-    const __half* kc = static_cast<const __half*>(c.k);
-    const __half* vc = static_cast<const __half*>(c.v);
-    for (int idx = tid; idx < kPrefillKeys * (D / 8); idx += kThreads) {
-      const int r = idx / (D / 8);
-      const int ch = idx % (D / 8);
-      const int64_t key = key0 + r;
-      if (key == skip) continue;
-      const bool live = key < kv_len;
-      const int64_t at = cache_offset(c, layer, seq, kvh, live ? key : 0) + ch * 8;
-      cp_async(&k_s[r * kStride + ch * 8], kc + at, 16, live);
-      cp_async(&v_s[r * kStride + ch * 8], vc + at, 16, live);
-    }
+    copy_kv_rows<D* int(sizeof(__half)), kThreads>(
+        c, layer, seq, kvh, key0, kv_len, reinterpret_cast<uint8_t*>(k_s),
+        reinterpret_cast<uint8_t*>(v_s), kStride * int(sizeof(__half)), skip, tid);
   } else {
     // 16 fp8 entries a thread: one 16-byte load, two 16-byte stores of fp16.
     const uint8_t* kc = static_cast<const uint8_t*>(c.k);
@@ -641,22 +668,8 @@ __device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq
         const int64_t at = row * D + ch * 16;
         const uint4 kw = *reinterpret_cast<const uint4*>(kc + at);
         const uint4 vw = *reinterpret_cast<const uint4*>(vc + at);
-        const float ks = c.k_scale[row];
-        const float vs = c.v_scale[row];
-        const uint32_t kin[4] = {kw.x, kw.y, kw.z, kw.w};
-        const uint32_t vin[4] = {vw.x, vw.y, vw.z, vw.w};
-        uint32_t* ko = reinterpret_cast<uint32_t*>(kh);
-        uint32_t* vo = reinterpret_cast<uint32_t*>(vh);
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          float f[4];
-          Word<KvType::f8>::get(kin[w], f);
-          ko[2 * w] = pack_half2(f[0] * ks, f[1] * ks);
-          ko[2 * w + 1] = pack_half2(f[2] * ks, f[3] * ks);
-          Word<KvType::f8>::get(vin[w], f);
-          vo[2 * w] = pack_half2(f[0] * vs, f[1] * vs);
-          vo[2 * w + 1] = pack_half2(f[2] * vs, f[3] * vs);
-        }
+        fp8x16_to_half(kw, c.k_scale[row], kh);
+        fp8x16_to_half(vw, c.v_scale[row], vh);
       }
       uint4* kd = reinterpret_cast<uint4*>(&k_s[r * kStride + ch * 16]);
       uint4* vd = reinterpret_cast<uint4*>(&v_s[r * kStride + ch * 16]);
@@ -1018,10 +1031,86 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
   }
 }
 
+// The decode kernel's fp8 tiles: the raw entries of keys key0 .. key0 + 63 ([64][D] bytes for K
+// and for V) and their rows' scales ([64] floats each) copied with cp.async as one group, so the
+// next tile's bytes are in flight while this one is multiplied (load_kv_tile converts fp8 rows
+// with plain loads, which wait for the memory). Keys at or past kv_len are zero-filled, entries
+// and scale (0 * 0: no NaN from unwritten memory); the row of key `skip` is not copied.
+template <int D, int kThreads>
+__device__ inline void copy_fp8_tile(const KvCache& c, int64_t layer, int64_t seq, int kvh,
+                                     int64_t key0, int64_t kv_len, uint8_t* k_raw, uint8_t* v_raw,
+                                     float* k_scale, float* v_scale, int64_t skip, int tid) {
+  copy_kv_rows<D, kThreads>(c, layer, seq, kvh, key0, kv_len, k_raw, v_raw, D, skip, tid);
+  for (int r = tid; r < kPrefillKeys; r += kThreads) {
+    const int64_t key = key0 + r;
+    const bool live = key < kv_len && key != skip;
+    const int64_t row = cache_row(c, layer, seq, kvh, live ? key : 0);
+    cp_async(k_scale + r, c.k_scale + row, 4, live);
+    cp_async(v_scale + r, c.v_scale + row, 4, live);
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+// 16 fp8 entries as 16 fp16 values, unscaled (exact: every e4m3 value is an fp16 value).
+__device__ inline void fp8x16_to_half_exact(const uint4 in, uint4 (&out)[2]) {
+  const uint32_t words[4] = {in.x, in.y, in.z, in.w};
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const __half2_raw lo =
+        __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(words[w] & 0xffffu), __NV_E4M3);
+    const __half2_raw hi =
+        __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(words[w] >> 16), __NV_E4M3);
+    o[2 * w] = uint32_t(lo.x) | uint32_t(lo.y) << 16;
+    o[2 * w + 1] = uint32_t(hi.x) | uint32_t(hi.y) << 16;
+  }
+}
+
+// The landed raw tile (copy_fp8_tile) as the fp16 tiles [64][D + 8] the kernel multiplies. K
+// rows stay unscaled: the kernel multiplies each key's score by its scale in fp32. V rows are
+// scaled here, by an fp16 multiply where the scale is a normal fp16 value (one rounding of the
+// product, as the float route) and in fp32 where it is not (rows whose largest entry is below
+// 448 * 2^-14). The row of key `skip` is left to the caller.
+template <int D, int kThreads>
+__device__ inline void convert_fp8_tile(const uint8_t* k_raw, const uint8_t* v_raw,
+                                        const float* v_scale, __half* k_s, __half* v_s,
+                                        int64_t key0, int64_t skip, int tid) {
+  constexpr int kStride = D + 8;
+  constexpr float kMinNormalHalf = 6.103515625e-05f;  // 2^-14
+  for (int idx = tid; idx < kPrefillKeys * (D / 16); idx += kThreads) {
+    const int r = idx / (D / 16);
+    const int ch = idx % (D / 16);
+    if (key0 + r == skip) continue;
+    uint4 kh[2], vh[2];
+    fp8x16_to_half_exact(*reinterpret_cast<const uint4*>(k_raw + r * D + ch * 16), kh);
+    const uint4 vw = *reinterpret_cast<const uint4*>(v_raw + r * D + ch * 16);
+    const float vs = v_scale[r];
+    if (vs >= kMinNormalHalf) {
+      fp8x16_to_half_exact(vw, vh);
+      const __half2 s2 = __float2half2_rn(vs);
+      uint32_t* v32 = reinterpret_cast<uint32_t*>(vh);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const __half2 v = __hmul2(*reinterpret_cast<const __half2*>(&v32[i]), s2);
+        v32[i] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+    } else {
+      fp8x16_to_half(vw, vs, vh);
+    }
+    uint4* kd = reinterpret_cast<uint4*>(&k_s[r * kStride + ch * 16]);
+    uint4* vd = reinterpret_cast<uint4*>(&v_s[r * kStride + ch * 16]);
+    kd[0] = kh[0];
+    kd[1] = kh[1];
+    vd[0] = vh[0];
+    vd[1] = vh[1];
+  }
+}
+
 // Decode attention on the tensor cores, for head_dim 64 / 128 over fp16 or fp8 caches: the split
 // kernel's work with the G query heads of a KV head as the rows of an m16n8k16 tile (rows past
-// G are zeros). A split walks its 64-key tiles (load_kv_tile: cp.async double buffer, or fp8
-// converted to fp16); each warp takes 16 keys of every tile with its own running max and sum
+// G are zeros). A split walks its 64-key tiles (load_kv_tile: cp.async double buffer; fp8: the
+// raw bytes double-buffered with cp.async, copy_fp8_tile, and each landed tile converted to one
+// fp16 stage); each warp takes 16 keys of every tile with its own running max and sum
 // (scores in log2 units, as the prefill kernel), and the block merges its four warps in shared
 // memory at the end. The partial results are the split kernel's; the group's last split to finish
 // merges them (merge_group), so there is no combine launch.
@@ -1035,8 +1124,10 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
 // earlier calls, so the first tile is requested before the wait for the q/k/v projection, with
 // the angles. The merging split leaves q and k rotated in memory, as rope_attention's contract
 // says, once every split of its group has read them.
+//
+// Blocks an SM: three at head_dim 128 (the shared memory allows three), four at 64.
 template <int D, KvType kType>
-__global__ void __launch_bounds__(kPrefillThreads)
+__global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     attention_split_mma_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws, int64_t token_begin,
                                int n_splits) {
   const bool rope = a.inv_freq != nullptr;
@@ -1070,10 +1161,26 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const bool own_key = rope && tile_end == n_tiles;
   const int64_t own_tile = n_tiles - 1;
 
+  // fp8: one fp16 stage [K, V][kTile], then the raw stages [2][K, V][64][D] bytes and their
+  // scales [2][K, V][64] floats (copy_fp8_tile), within the fp16 kernel's two stages.
+  constexpr bool kRaw = kType == KvType::f8;
+  uint8_t* raw = reinterpret_cast<uint8_t*>(decode_smem + 2 * kTile);
+  float* raw_scales = reinterpret_cast<float*>(raw + 2 * 2 * kPrefillKeys * D);
+  static_assert(!kRaw || (2 * kTile * sizeof(__half) + 2 * 2 * kPrefillKeys * D +
+                          2 * 2 * kPrefillKeys * sizeof(float)) <= prefill_smem_bytes<D>(),
+                "the fp8 stages fit the kernel's shared memory");
   auto issue = [&](int stage, int64_t tile) {
-    __half* k_s = decode_smem + stage * 2 * kTile;
-    load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_s,
-                                            k_s + kTile, own_key ? pos : -1);
+    if constexpr (kRaw) {
+      uint8_t* k_raw = raw + stage * 2 * kPrefillKeys * D;
+      float* k_scale = raw_scales + stage * 2 * kPrefillKeys;
+      copy_fp8_tile<D, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_raw,
+                                        k_raw + kPrefillKeys * D, k_scale, k_scale + kPrefillKeys,
+                                        own_key ? pos : -1, tid);
+    } else {
+      __half* k_s = decode_smem + stage * 2 * kTile;
+      load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_s,
+                                              k_s + kTile, own_key ? pos : -1);
+    }
   };
   constexpr int kHalf = D / 2;
   constexpr int kPairFrags = D / 32;  // fragments ks < kPairFrags hold the first halves
@@ -1158,16 +1265,28 @@ __global__ void __launch_bounds__(kPrefillThreads)
     } else {
       asm volatile("cp.async.wait_group 0;\n" ::);
     }
+    __half* k_tile = decode_smem + (kRaw ? 0 : stage) * 2 * kTile;
+    if constexpr (kRaw) {
+      __syncthreads();  // every thread's copies of the raw stage have landed
+      const int64_t key0 = tile * kPrefillKeys;
+      const uint8_t* k_raw = raw + stage * 2 * kPrefillKeys * D;
+      convert_fp8_tile<D, kPrefillThreads>(k_raw, k_raw + kPrefillKeys * D,
+                                           raw_scales + stage * 2 * kPrefillKeys + kPrefillKeys,
+                                           k_tile, k_tile + kTile, key0, own_key ? pos : -1, tid);
+    }
     if (own_key && tile == own_tile && tid < kHalf) {
-      __half* k_own = decode_smem + stage * 2 * kTile + (pos - own_tile * kPrefillKeys) * kStride;
+      const int64_t r = pos - own_tile * kPrefillKeys;
+      __half* k_own = k_tile + r * kStride;
       __half* v_own = k_own + kTile;
       k_own[tid] = own_k[0];
       k_own[tid + kHalf] = own_k[1];
       v_own[tid] = own_v[0];
       v_own[tid + kHalf] = own_v[1];
+      // fp8: the own row holds the values a reader of the cache sees, scales applied.
+      if (kRaw && tid == 0) raw_scales[stage * 2 * kPrefillKeys + r] = 1.0f;
     }
     __syncthreads();
-    const __half* k_s = decode_smem + stage * 2 * kTile;
+    const __half* k_s = k_tile;
     const __half* v_s = k_s + kTile;
     const int64_t key0 = tile * kPrefillKeys + warp * 16;  // this warp's 16 keys
 
@@ -1181,6 +1300,14 @@ __global__ void __launch_bounds__(kPrefillThreads)
         const uint32_t b0 = *reinterpret_cast<const uint32_t*>(k_row);
         const uint32_t b1 = *reinterpret_cast<const uint32_t*>(k_row + 8);
         mma_16816(sc[nt], qa[ks], b0, b1);
+      }
+    }
+    if constexpr (kRaw) {  // the K rows' scales (0 for keys past the context, masked below)
+      const float* k_scale = raw_scales + stage * 2 * kPrefillKeys + warp * 16;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sc[nt][i] *= k_scale[nt * 8 + 2 * qc + (i & 1)];
       }
     }
     float mx0 = -INFINITY, mx1 = -INFINITY;

@@ -80,20 +80,24 @@ template <WeightFormat F>
 __device__ inline void dequant_quarter(const uint32_t (&w)[words_per_group<F>()], int u,
                                        __half2 scale, __half2 min, uint32_t (&out)[4]) {
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
+    // Nibbles 0/4 and 2/6 land at bits 0 and 16 (1024 + q); nibbles 1/5 and 3/7 stay 4 bits
+    // up (1024 + 16 q) and come down in the multiply-add by 1/16, which is exact: one shift and
+    // four masks a word instead of three shifts.
     const uint32_t q = w[u];
-    const uint32_t parts[4] = {
-        ((q >> 0) & 0x000f000fu) | 0x64006400u, ((q >> 8) & 0x000f000fu) | 0x64006400u,
-        ((q >> 4) & 0x000f000fu) | 0x64006400u, ((q >> 12) & 0x000f000fu) | 0x64006400u};
+    const uint32_t q8 = q >> 8;
+    const uint32_t parts[4] = {(q & 0x000f000fu) | 0x64006400u, (q8 & 0x000f000fu) | 0x64006400u,
+                               (q & 0x00f000f0u) | 0x64006400u, (q8 & 0x00f000f0u) | 0x64006400u};
+    constexpr bool kSym = F == WeightFormat::sym_int4;
+    // The value's offset: sym 1024 + 8 (q - 8 exactly), asym 1024 (q); for the 16 q parts over 16.
+    const __half2 offset = __half2half2(__ushort_as_half(kSym ? 0x6408 : 0x6400));
+    const __half2 offset16 = __half2half2(__ushort_as_half(kSym ? 0xd480 : 0xd400));  // -72, -64
+    const __half2 sixteenth = __half2half2(__ushort_as_half(0x2c00));                 // 1/16
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      if constexpr (F == WeightFormat::sym_int4) {
-        // (1024 + q) - 1032 = q - 8 exactly; one rounding in the multiply.
-        const __half2 v = __hsub2(bits_half2(parts[i]), __half2half2(__ushort_as_half(0x6408)));
-        out[i] = half2_bits(__hmul2(v, scale));
-      } else {
-        const __half2 v = __hsub2(bits_half2(parts[i]), __half2half2(__ushort_as_half(0x6400)));
-        out[i] = half2_bits(__hfma2(v, scale, min));
-      }
+      const __half2 v = i < 2 ? __hsub2(bits_half2(parts[i]), offset)
+                              : __hfma2(bits_half2(parts[i]), sixteenth, offset16);
+      // One rounding, in the scale's multiply (or the asym multiply-add).
+      out[i] = half2_bits(kSym ? __hmul2(v, scale) : __hfma2(v, scale, min));
     }
   } else if constexpr (F == WeightFormat::sym_int8) {
     // Bias the signed bytes by 128 and place each under a 0x64 high byte: 1024 + 128 + q.
@@ -554,19 +558,26 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       } else {
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
+          uint32_t a[MT][2][4];  // [mt][low, high]: the A fragments of word u
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             uint32_t top[4], bottom[4];
             dequant_quarter<F>(f.words[mt][0], u, f.scale[mt][0], f.min[mt][0], top);
             dequant_quarter<F>(f.words[mt][1], u, f.scale[mt][1], f.min[mt][1], bottom);
-            const uint32_t a_low[4] = {top[0], bottom[0], top[1], bottom[1]};
-            const uint32_t a_high[4] = {top[2], bottom[2], top[3], bottom[3]};
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-              mma_16816(acc[mt][nt], a_low, b_cur[nt][u][0], b_cur[nt][u][1]);
-              mma_16816(acc[mt][nt], a_high, b_cur[nt][u][2], b_cur[nt][u][3]);
-            }
+            a[mt][0][0] = top[0], a[mt][0][1] = bottom[0], a[mt][0][2] = top[1];
+            a[mt][0][3] = bottom[1];
+            a[mt][1][0] = top[2], a[mt][1][1] = bottom[2], a[mt][1][2] = top[3];
+            a[mt][1][3] = bottom[3];
           }
+          // Consecutive mmas go to different accumulators, so none waits on the one before.
+#pragma unroll
+          for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int nt = 0; nt < NT; ++nt)
+                mma_16816(acc[mt][nt], a[mt][half], b_cur[nt][u][2 * half],
+                          b_cur[nt][u][2 * half + 1]);
         }
       }
       // The stage's bytes are in registers now; refill it with the chunk kStages ahead.

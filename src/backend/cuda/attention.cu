@@ -614,6 +614,13 @@ __device__ inline void fp8x16_to_half(const uint4 in, float scale, uint4 (&out)[
   }
 }
 
+// 16 fp16 values (two 16-byte words) to 16-byte aligned shared memory.
+__device__ inline void store_16_halves(__half* dst, const uint4 (&v)[2]) {
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  d[0] = v[0];
+  d[1] = v[1];
+}
+
 // cp.async of the K and V rows (kRowBytes each, a multiple of 16) of keys key0 .. key0 + 63 of
 // (layer, slot, KV head) into shared rows `dst_stride` bytes apart. Keys at or past kv_len are
 // zero-filled (src-size 0); the row of key `skip` is not copied. No commit.
@@ -671,12 +678,8 @@ __device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq
         fp8x16_to_half(kw, c.k_scale[row], kh);
         fp8x16_to_half(vw, c.v_scale[row], vh);
       }
-      uint4* kd = reinterpret_cast<uint4*>(&k_s[r * kStride + ch * 16]);
-      uint4* vd = reinterpret_cast<uint4*>(&v_s[r * kStride + ch * 16]);
-      kd[0] = kh[0];
-      kd[1] = kh[1];
-      vd[0] = vh[0];
-      vd[1] = vh[1];
+      store_16_halves(&k_s[r * kStride + ch * 16], kh);
+      store_16_halves(&v_s[r * kStride + ch * 16], vh);
     }
   }
   asm volatile("cp.async.commit_group;\n" ::);
@@ -1097,12 +1100,8 @@ __device__ inline void convert_fp8_tile(const uint8_t* k_raw, const uint8_t* v_r
     } else {
       fp8x16_to_half(vw, vs, vh);
     }
-    uint4* kd = reinterpret_cast<uint4*>(&k_s[r * kStride + ch * 16]);
-    uint4* vd = reinterpret_cast<uint4*>(&v_s[r * kStride + ch * 16]);
-    kd[0] = kh[0];
-    kd[1] = kh[1];
-    vd[0] = vh[0];
-    vd[1] = vh[1];
+    store_16_halves(&k_s[r * kStride + ch * 16], kh);
+    store_16_halves(&v_s[r * kStride + ch * 16], vh);
   }
 }
 

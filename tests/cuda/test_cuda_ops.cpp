@@ -95,6 +95,71 @@ TEST_P(CudaMatmul, MatchesDequantizedReferenceAndCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, CudaMatmul, ::testing::ValuesIn(kFormats), format_case_name);
 
+// Every GEMV kind of a layer and the lm_head on `n` tokens x (norm + q/k/v, norm + gate/up with
+// SwiGLU, w_down with its residual add, norm + lm_head), outputs poisoned beforehand: the outputs
+// q, k, v, gate, up, down, the residual and the logits, one after another (empty on a failure).
+std::vector<float> layer_gemv_outputs(Backend& b, BackendPair& pair, const ModelWeights& weights,
+                                      int64_t n, const std::vector<float>& x) {
+  const ModelConfig& config = weights.config;
+  const LayerWeights& l = weights.layers[0];
+  const Linear* const qkv[] = {&l.wq, &l.wk, &l.wv};
+  const Linear* const head[] = {&weights.output};
+  std::vector<int32_t> meta;
+  if (!b.begin_batch(pair.paged(batch_of(n, meta))).is_ok()) {
+    ADD_FAILURE() << "begin_batch";
+    return {};
+  }
+  bool ok = true;
+  auto take = [&](int64_t cols) {
+    auto t = b.scratch(n, cols);
+    ok = ok && t.is_ok();
+    if (!t.is_ok()) return Tensor{};
+    poison(b, *t);
+    return *t;
+  };
+  Tensor xt = take(config.hidden_size), normed = take(config.hidden_size);
+  Tensor q = take(config.q_dim()), k = take(config.kv_dim()), v = take(config.kv_dim());
+  Tensor gate = take(config.intermediate_size), up = take(config.intermediate_size);
+  Tensor down = take(config.hidden_size), logits = take(config.vocab_size);
+  if (!ok) {
+    ADD_FAILURE() << "scratch";
+    return {};
+  }
+  fill(b, xt, x);
+  const Tensor qkv_out[] = {q, k, v};
+  const Tensor head_out[] = {logits};
+  const Status steps[] = {
+      b.norm_matmul(qkv_out, normed, xt, l.attn_norm, 1e-5f, qkv),
+      b.norm_matmul_swiglu(gate, up, normed, xt, l.ffn_norm, 1e-5f, l.w_gate, l.w_up),
+      b.matmul_add(down, gate, l.w_down, xt),
+      b.norm_matmul(head_out, normed, xt, weights.output_norm, 1e-5f, head)};
+  for (const Status& st : steps) {
+    if (!st.is_ok()) {
+      ADD_FAILURE() << st.message();
+      return {};
+    }
+  }
+  std::vector<float> r;
+  for (Tensor t : {q, k, v, gate, up, down, xt, logits}) {
+    const std::vector<float> values = fetch(b, t);
+    r.insert(r.end(), values.begin(), values.end());
+  }
+  return r;
+}
+
+// Values whose bit patterns differ: a NaN (an output never written) differs from everything.
+size_t bits_differ(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  size_t differ = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    uint32_t x, y;
+    std::memcpy(&x, &a[i], 4);
+    std::memcpy(&y, &b[i], 4);
+    differ += x != y;
+  }
+  return differ;
+}
+
 // The persistent int4 GEMV gives the same bits whichever block takes which row tile, on the dp4a
 // path (one and two tokens) and the mma path (5 tokens: one n-tile; 16: two; 16-row tiles but for
 // gate/up, whose swiglu tiles pair 16 rows of each): every GEMV kind of a layer and the lm_head,
@@ -108,52 +173,60 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 4100);
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
-  Backend& b = *pair.gpu;
-  const LayerWeights& l = weights.layers[0];
-  const Linear* const qkv[] = {&l.wq, &l.wk, &l.wv};
-  const Linear* const head[] = {&weights.output};
   for (int64_t n : {1, 2, 5, 16}) {
     const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4200 + n, 2.0f);
     std::vector<float> results[2];
     for (int cap : {0, 3}) {
       cuda::set_gemv_block_cap(cap);
-      std::vector<int32_t> meta;
-      ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
-      auto take = [&](int64_t cols) {
-        auto t = b.scratch(n, cols);
-        EXPECT_TRUE(t.is_ok());
-        poison(b, *t);
-        return *t;
-      };
-      Tensor xt = take(config.hidden_size), normed = take(config.hidden_size);
-      Tensor q = take(config.q_dim()), k = take(config.kv_dim()), v = take(config.kv_dim());
-      Tensor gate = take(config.intermediate_size), up = take(config.intermediate_size);
-      Tensor down = take(config.hidden_size), logits = take(config.vocab_size);
-      fill(b, xt, x);
-      const Tensor qkv_out[] = {q, k, v};
-      const Tensor head_out[] = {logits};
-      ASSERT_TRUE(b.norm_matmul(qkv_out, normed, xt, l.attn_norm, 1e-5f, qkv).is_ok());
-      ASSERT_TRUE(
-          b.norm_matmul_swiglu(gate, up, normed, xt, l.ffn_norm, 1e-5f, l.w_gate, l.w_up).is_ok());
-      ASSERT_TRUE(b.matmul_add(down, gate, l.w_down, xt).is_ok());
-      ASSERT_TRUE(b.norm_matmul(head_out, normed, xt, weights.output_norm, 1e-5f, head).is_ok());
-      std::vector<float>& r = results[cap == 0 ? 0 : 1];
-      for (Tensor t : {q, k, v, gate, up, down, xt, logits}) {
-        const std::vector<float> values = fetch(b, t);
-        r.insert(r.end(), values.begin(), values.end());
-      }
+      results[cap == 0 ? 0 : 1] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
     }
     cuda::set_gemv_block_cap(0);
-    ASSERT_EQ(results[0].size(), results[1].size());
-    size_t differ = 0;
-    for (size_t i = 0; i < results[0].size(); ++i) {
-      // Bit patterns, so a NaN (an output never written) differs from everything.
-      uint32_t a, c;
-      std::memcpy(&a, &results[0][i], 4);
-      std::memcpy(&c, &results[1][i], 4);
-      differ += a != c;
+    ASSERT_FALSE(results[0].empty());
+    EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
+        << "of " << results[0].size() << " values, n=" << n;
+  }
+}
+
+// The row-warp GEMV (gemv.cu; forced here, as the test weights are too small for its default
+// rule) on every GEMV kind of a layer and the lm_head, int4 with 32- and 64-wide blocks, sym and
+// asym, at 3-16 tokens (one n-tile and two) and 45 (three 16-token launches): against the CPU
+// backend (int8 activations there: the mma path's ~1e-2), against the column-split kernel (the
+// same fp16 arithmetic summed in another order: a wrong row, token, scale or input stage gives
+// errors near 1), and the same bits with a wave of blocks and with 3 blocks looping over every
+// unit. 1024 columns are 8 chunks, 768 (w_down's input) 6; q/k/v's 768 rows are 6 units of 128
+// (q's four, then k's and v's one each); the lm_head's 300 rows end inside its third unit; the
+// gate's 768 make 12 swiglu units of 64.
+TEST(CudaOps, RowWarpGemvMatchesCpuAndColumnSplitKernel) {
+  struct Case {
+    WeightFormat format;
+    int block;
+  };
+  const Case cases[] = {
+      {WeightFormat::sym_int4, 32}, {WeightFormat::sym_int4, 64}, {WeightFormat::asym_int4, 32}};
+  for (const Case& fc : cases) {
+    SCOPED_TRACE(std::string(format_name(fc.format)) + " block " + std::to_string(fc.block));
+    ModelConfig config = small_config(1024, 768, 8, 2, 64, 300);
+    config.n_layers = 1;
+    ModelWeights weights = random_model(config, fc.format, fc.block, true, 4300 + fc.block);
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    for (int64_t n : {3, 5, 9, 16, 45}) {
+      const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4400 + n, 2.0f);
+      // [CPU, row-warp kernel, column-split kernel, row-warp kernel on 3 blocks]
+      std::vector<float> results[4];
+      for (int run = 0; run < 4; ++run) {
+        cuda::set_gemv_rows_kernel(run == 2 ? 2 : 1);
+        cuda::set_gemv_block_cap(run == 3 ? 3 : 0);
+        results[run] = layer_gemv_outputs(run == 0 ? *pair.cpu : *pair.gpu, pair, weights, n, x);
+      }
+      cuda::set_gemv_rows_kernel(0);
+      cuda::set_gemv_block_cap(0);
+      ASSERT_FALSE(results[1].empty());
+      EXPECT_LE(rel_error(results[1], results[0]), 3e-2) << "row-warp vs CPU, n=" << n;
+      EXPECT_LE(rel_error(results[1], results[2]), 1e-4) << "row-warp vs column-split, n=" << n;
+      EXPECT_EQ(bits_differ(results[1], results[3]), 0u)
+          << "of " << results[1].size() << " values, n=" << n;
     }
-    EXPECT_EQ(differ, 0u) << "of " << results[0].size() << " values, n=" << n;
   }
 }
 

@@ -58,6 +58,13 @@ bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols);
 // only while no other thread launches GEMVs.
 void set_gemv_block_cap(int blocks);
 
+// The int4 GEMV's row-warp kernel (gemv.cu: four warps a block, each over 32 whole rows, the
+// block's input staged once a chunk) for 3-16 tokens: 0 (the default) where its 128-row units
+// (swiglu: 64) fill a wave of four blocks an SM (the lm_heads), 1 wherever it applies (whole
+// 128-column chunks, no fused norm), 2 never. A test aid and measurement switch
+// (KESTREL_CUDA_GEMV_ROWS_KERNEL sets the starting value); process-wide, like set_gemv_block_cap.
+void set_gemv_rows_kernel(int mode);
+
 // Key groups of the flash prefill attention kernel (attention.cu): 1 or 2 forces them for every
 // launch, 0 (the default) chooses by the grid (two where it holds no more blocks than two per
 // SM). A test aid and measurement switch (KESTREL_CUDA_PREFILL_ATTENTION_GROUPS sets the starting

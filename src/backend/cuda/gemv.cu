@@ -240,6 +240,70 @@ __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t*
   __syncthreads();
 }
 
+// The epilogue of one output: row `row` of job `job` for token `token` (rows past the end and
+// token slots past n_tokens are dropped), plus the bias and the residual add.
+__device__ inline void store_output(const GemvParams& p, int job, int64_t row, int token,
+                                    float sum) {
+  const GemvJob& out = p.jobs[job];
+  const int64_t n_rows = out.w.rows;
+  if (row < n_rows && token < p.n_tokens) {
+    const float value = sum + (out.w.bias != nullptr ? out.w.bias[row] : 0.0f);
+    const int64_t at = int64_t(token) * n_rows + row;
+    out.y[at] = value;
+    if (out.residual != nullptr) out.residual[at] += value;
+  }
+}
+
+// swiglu: up = u, gate = silu(g) * u, and gate's fp16 shadow.
+__device__ inline void store_swiglu_output(const GemvParams& p, int64_t row, int token, float g,
+                                           float u) {
+  const GemvJob& gate = p.jobs[0];
+  const GemvJob& up = p.jobs[1];
+  const int64_t n_rows = gate.w.rows;
+  if (row < n_rows && token < p.n_tokens) {
+    if (gate.w.bias != nullptr) g += gate.w.bias[row];
+    if (up.w.bias != nullptr) u += up.w.bias[row];
+    const float value = g / (1.0f + expf(-g)) * u;
+    up.y[int64_t(token) * n_rows + row] = u;
+    gate.y[int64_t(token) * n_rows + row] = value;
+    if (p.shadow.data != nullptr) {
+      p.shadow.data[shadow_index(token, row, p.shadow.row_stride, p.shadow.permuted)] =
+          __float2half_rn(value);
+    }
+  }
+}
+
+// The swiglu shadow's padding past the last row (when rows is not a multiple of 32) is zero:
+// written by the grid's last block.
+__device__ inline void zero_swiglu_shadow_pad(const GemvParams& p) {
+  const int64_t n_rows = p.jobs[0].w.rows;
+  if (p.shadow.data != nullptr && blockIdx.x == gridDim.x - 1) {
+    const int64_t pad = p.shadow.row_stride - n_rows;
+    for (int64_t e = threadIdx.x; e < pad * p.n_tokens; e += blockDim.x) {
+      const int64_t token = e / pad;
+      const int64_t col = n_rows + e % pad;
+      p.shadow.data[shadow_index(token, col, p.shadow.row_stride, p.shadow.permuted)] =
+          __float2half_rn(0.0f);
+    }
+  }
+}
+
+// A lane's offsets into the tiled int4 layout (int4_tiles.h) for the 16 rows from `first_row`
+// (a multiple of 16; rows past the weight clamp to its last tile, their sums never stored): its
+// 16-byte piece of chunk 0 for row half h (data, h = 0 and 1) and the word with both halves'
+// scales of chunk 0 (in 32-bit words).
+__device__ inline void tiled_offsets(const DeviceWeight& w, int64_t first_row, int lane,
+                                     int block_shift, uint32_t (&data)[2], uint32_t& scale) {
+  const Int4Tiles& t = w.tiles;
+  const int64_t t16 = min(first_row / kTileRows, t.n_tiles - 1);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    data[h] = uint32_t(t16 * t.n_chunks * kTileChunkBytes + h * 512 + lane * 16);
+  }
+  scale = uint32_t(t16 * t.n_chunks * t.chunk_scale_words() + ((lane & 3) >> block_shift) * 8 +
+                   (lane >> 2));
+}
+
 // One lane's weights of one chunk in registers: rows (lane/4, lane/4 + 8) of each m-tile.
 template <WeightFormat F, int MT>
 struct Fragment {
@@ -247,6 +311,22 @@ struct Fragment {
   __half2 scale[MT][2];
   __half2 min[MT][2];
 };
+
+// The A fragments of word u of a lane's chunk, [mt][low, high]: rows (lane/4, lane/4 + 8) of
+// m-tile mt, the low nibbles' weights and the high nibbles'.
+template <WeightFormat F, int MT>
+__device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a)[MT][2][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    uint32_t top[4], bottom[4];
+    dequant_quarter<F>(f.words[mt][0], u, f.scale[mt][0], f.min[mt][0], top);
+    dequant_quarter<F>(f.words[mt][1], u, f.scale[mt][1], f.min[mt][1], bottom);
+    a[mt][0][0] = top[0], a[mt][0][1] = bottom[0], a[mt][0][2] = top[1];
+    a[mt][0][3] = bottom[1];
+    a[mt][1][0] = top[2], a[mt][1][1] = bottom[2], a[mt][1][2] = top[3];
+    a[mt][1][3] = bottom[3];
+  }
+}
 
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
@@ -315,31 +395,10 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // The epilogue of one output: row `row` of job `job` for token `token` (rows past the end and
   // token slots past n_tokens are dropped), plus the bias and the residual add.
   auto store_row = [&](int job, int64_t row, int token, float sum) {
-    const GemvJob& out = p.jobs[job];
-    const int64_t n_rows = out.w.rows;
-    if (row < n_rows && token < p.n_tokens) {
-      const float value = sum + (out.w.bias != nullptr ? out.w.bias[row] : 0.0f);
-      const int64_t at = int64_t(token) * n_rows + row;
-      out.y[at] = value;
-      if (out.residual != nullptr) out.residual[at] += value;
-    }
+    store_output(p, job, row, token, sum);
   };
-  // swiglu: up = u, gate = silu(g) * u, and gate's fp16 shadow.
   auto store_swiglu = [&](int64_t row, int token, float g, float u) {
-    const GemvJob& gate = p.jobs[0];
-    const GemvJob& up = p.jobs[1];
-    const int64_t n_rows = gate.w.rows;
-    if (row < n_rows && token < p.n_tokens) {
-      if (gate.w.bias != nullptr) g += gate.w.bias[row];
-      if (up.w.bias != nullptr) u += up.w.bias[row];
-      const float value = g / (1.0f + expf(-g)) * u;
-      up.y[int64_t(token) * n_rows + row] = u;
-      gate.y[int64_t(token) * n_rows + row] = value;
-      if (p.shadow.data != nullptr) {
-        p.shadow.data[shadow_index(token, row, p.shadow.row_stride, p.shadow.permuted)] =
-            __float2half_rn(value);
-      }
-    }
+    store_swiglu_output(p, row, token, g, u);
   };
   const int block_shift = p.jobs[0].w.block == 64 ? 1 : 0;
   // The tile the next issue reads from: its job and per-lane offsets, set once per tile. The
@@ -357,11 +416,8 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if constexpr (P::kTiled) {
-          const Int4Tiles& t = w.tiles;
-          const int64_t t16 = min(first_row / kTileRows, t.n_tiles - 1);
-          data_offset[mt][h] = uint32_t(t16 * t.n_chunks * kTileChunkBytes + h * 512 + lane * 16);
-          scale_offset[mt][h] = uint32_t(t16 * t.n_chunks * t.chunk_scale_words() +
-                                         (quad_col >> block_shift) * 8 + quad_row);
+          if (h == 0)
+            tiled_offsets(w, first_row, lane, block_shift, data_offset[mt], scale_offset[mt][0]);
         } else {
           // Rows past the end read the last row; their sums are never stored.
           const int64_t row = min(first_row + quad_row + 8 * h, w.rows - 1);
@@ -558,17 +614,8 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       } else {
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          uint32_t a[MT][2][4];  // [mt][low, high]: the A fragments of word u
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            uint32_t top[4], bottom[4];
-            dequant_quarter<F>(f.words[mt][0], u, f.scale[mt][0], f.min[mt][0], top);
-            dequant_quarter<F>(f.words[mt][1], u, f.scale[mt][1], f.min[mt][1], bottom);
-            a[mt][0][0] = top[0], a[mt][0][1] = bottom[0], a[mt][0][2] = top[1];
-            a[mt][0][3] = bottom[1];
-            a[mt][1][0] = top[2], a[mt][1][1] = bottom[2], a[mt][1][2] = top[3];
-            a[mt][1][3] = bottom[3];
-          }
+          uint32_t a[MT][2][4];
+          a_fragments(f, u, a);
           // Consecutive mmas go to different accumulators, so none waits on the one before.
 #pragma unroll
           for (int half = 0; half < 2; ++half)
@@ -682,19 +729,231 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     }
     if constexpr (kPersistent) __syncthreads();  // `partial` is the next tile's
   }                                              // tiles
-  if constexpr (kSwiglu) {
-    // The shadow's padding past the last row (when rows is not a multiple of 32) is zero.
-    const int64_t n_rows = p.jobs[0].w.rows;
-    if (p.shadow.data != nullptr && blockIdx.x == gridDim.x - 1) {
-      const int64_t pad = p.shadow.row_stride - n_rows;
-      for (int64_t e = threadIdx.x; e < pad * p.n_tokens; e += kThreads) {
-        const int64_t token = e / pad;
-        const int64_t col = n_rows + e % pad;
-        p.shadow.data[shadow_index(token, col, p.shadow.row_stride, p.shadow.permuted)] =
-            __float2half_rn(0.0f);
+  if constexpr (kSwiglu) zero_swiglu_shadow_pad(p);
+}
+
+// The row-warp GEMV (int4 tiled weights, 3-16 tokens, the mma path's arithmetic): where the
+// weight has enough rows, a block's four warps each own 32 rows (swiglu: the same 16 rows of gate
+// and of up) over every column, instead of eight warps sharing 32 rows by columns. All four warps
+// multiply the same 128-column chunk of the input at a time, so the block stages it once a chunk
+// in shared memory (cp.async, a ring beside the warps' weight rings) for all of them, and a warp's
+// sums are complete at the end of its rows: no exchange between warps and no per-tile setup.
+// That is 1/4 of the input traffic from L2 of the column-split kernel at 16 tokens (128 rows per
+// pass over the input instead of 32) and fewer instructions a chunk (no per-lane input
+// addressing, no double-buffer moves, no exchange). A unit is the block's 128 rows (swiglu: 64
+// output rows) of one job; launches are persistent, blocks looping over units with both rings
+// streaming on across unit boundaries. Its blocks are four warps, so it needs a wave of units
+// to keep an SM as busy as the column-split kernel: by default it takes the lm_heads only
+// (launch_format).
+//
+// The input stage of a chunk is [group c][token t][quarter u] 16-byte units (the permuted
+// layout's eight values u of group c), unit (c, t, u) at c * 8 NT + t * 4 + (u ^ c): a quarter
+// warp's reads (tokens 2q, 2q + 1, groups 0-3, one u) then hit eight different 16-byte bank
+// groups. Tokens past n_tokens are zero-filled. One barrier a chunk: after it every thread's
+// copies of the chunk have landed and every warp is done with the stage the next copy refills.
+constexpr int kRowWarps = 4;
+constexpr int kRowThreads = kRowWarps * 32;
+constexpr int kRowStages = 4;  // ring stages; copies run kRowStages - 1 chunks ahead
+// Blocks an SM holds (the launch bound; 53 KB of shared memory a block at 16 tokens).
+constexpr int kRowBlocksPerSm = 4;
+
+template <WeightFormat F, int NT, bool kSwiglu>
+__global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSm)
+    gemv_rows_kernel(const __grid_constant__ GemvParams p) {
+  static_assert(F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4, "tiled int4 only");
+  constexpr int MT = 2;
+  using P = Pipe<F, MT>;
+  constexpr int kXUnits = kChunkGroups * NT * 8 * 4;  // 16-byte units of a chunk's input
+  constexpr int kRowsPerUnit = kSwiglu ? kRowWarps * 16 : kRowWarps * 32;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int quad_row = lane >> 2;
+  const int quad_col = lane & 3;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* pipe = smem + warp * kRowStages * P::kWarpStageBytes;
+  uint4* xring = reinterpret_cast<uint4*>(smem + kRowWarps * kRowStages * P::kWarpStageBytes);
+  auto pieces = [&](int stage) {  // [kPieces][32 lanes] uint4
+    return reinterpret_cast<uint4*>(pipe + stage * P::kWarpStageBytes);
+  };
+  auto scale_words = [&](int stage) {  // [kScaleWords][32 lanes] uint32
+    return reinterpret_cast<uint32_t*>(pipe + stage * P::kWarpStageBytes + P::kPieces * 16 * 32);
+  };
+  const int n_chunks = int(p.n_groups / kChunkGroups);  // the launcher checks n_groups % 4 == 0
+  const int n_units = p.n_tiles;
+  const int n_my_units =
+      int(blockIdx.x) < n_units ? (n_units - 1 - int(blockIdx.x)) / int(gridDim.x) + 1 : 0;
+  struct UnitAt {
+    int job;
+    int64_t row_base;  // the block's first row (swiglu: output row)
+  };
+  auto locate = [&](int unit) {
+    int job = 0;
+    if constexpr (!kSwiglu) {
+#pragma unroll
+      for (int j = 1; j < kMaxGemvJobs; ++j) {
+        if (j < p.n_jobs && unit >= p.first_tile[j]) job = j;
+      }
+    }
+    return UnitAt{job, int64_t(unit - p.first_tile[job]) * kRowsPerUnit};
+  };
+  auto weight = [&](int job, int mt) -> const DeviceWeight& {
+    return kSwiglu ? p.jobs[mt].w : p.jobs[job].w;
+  };
+  const int block_shift = p.jobs[0].w.block == 64 ? 1 : 0;
+  const uint32_t chunk_scale_words = uint32_t(p.jobs[0].w.tiles.chunk_scale_words());
+  // The issue cursor: its unit (of this block's), chunk, and the warp's offsets in that unit.
+  int issue_iter = 0, issue_chunk = 0, issue_job = 0;
+  uint32_t data_offset[MT][2];
+  uint32_t scale_offset[MT];
+  auto set_issue_unit = [&](int unit) {
+    const UnitAt at = locate(unit);
+    issue_job = at.job;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int64_t first_row = at.row_base + (kSwiglu ? warp * 16 : warp * 32 + mt * 16);
+      tiled_offsets(weight(at.job, mt), first_row, lane, block_shift, data_offset[mt],
+                    scale_offset[mt]);
+    }
+  };
+  auto issue_weights = [&](int stage) {
+    const uint32_t c = uint32_t(issue_chunk);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const DeviceWeight& w = weight(issue_job, mt);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        cp_async_16(&pieces(stage)[(mt * 2 + h) * 32 + lane],
+                    w.data + data_offset[mt][h] + c * uint32_t(kTileChunkBytes));
+      }
+      const uint32_t si = 2 * (scale_offset[mt] + c * chunk_scale_words);
+      cp_async_4(&scale_words(stage)[mt * 32 + lane], w.scales + si);
+      if constexpr (P::kAsym) cp_async_4(&scale_words(stage)[(MT + mt) * 32 + lane], w.mins + si);
+    }
+  };
+  auto issue_input = [&](int stage) {
+    const __half* x = p.x + int64_t(issue_chunk) * kChunkGroups * kGroup;
+#pragma unroll
+    for (int i = tid; i < kXUnits; i += kRowThreads) {
+      const int c = i / (NT * 32);
+      const int t = (i / 4) % (NT * 8);
+      const int u = i % 4;
+      const bool live = t < p.n_tokens;
+      const uint32_t dst = uint32_t(
+          __cvta_generic_to_shared(&xring[stage * kXUnits + c * NT * 32 + t * 4 + (u ^ c)]));
+      const __half* src = x + (live ? int64_t(t) * p.x_stride + c * kGroup + u * 8 : 0);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                   "r"(live ? 16 : 0));
+    }
+  };
+  auto advance = [&]() {  // the cursor to the next chunk, into the block's next unit
+    if (++issue_chunk == n_chunks) {
+      issue_chunk = 0;
+      if (++issue_iter < n_my_units) set_issue_unit(int(blockIdx.x) + issue_iter * int(gridDim.x));
+    }
+  };
+  if (n_my_units > 0) set_issue_unit(int(blockIdx.x));
+
+  // Weights depend on no earlier kernel: the first chunks' weights are requested before the
+  // wait, their inputs after it (one group each, so chunk k's are landed at wait_group 1 below
+  // in every iteration but the first few, which wait for a little more).
+  if (p.early_trigger) pdl_trigger();
+  constexpr int kAhead = kRowStages - 1;
+  const int total = n_my_units * n_chunks;  // chunks this block multiplies
+  for (int k = 0; k < kAhead; ++k) {
+    if (k < total) issue_weights(k);
+    cp_async_commit();
+    if (k < total) advance();
+  }
+  pdl_wait();
+  issue_iter = 0;  // the input copies walk the same chunks (they need no unit offsets)
+  issue_chunk = 0;
+  for (int k = 0; k < kAhead; ++k) {
+    if (k < total) {
+      issue_input(k);
+      advance();
+    }
+    cp_async_commit();
+  }
+  // advance() ran as often again: the cursor (and its unit's offsets) is where the weight copies
+  // left it.
+
+  int k = 0;  // the block's chunk counter, over its units
+  for (int iter = 0; iter < n_my_units; ++iter) {
+    const UnitAt at = locate(int(blockIdx.x) + iter * int(gridDim.x));
+    float acc[MT][NT][4] = {};
+    for (int chunk = 0; chunk < n_chunks; ++chunk, ++k) {
+      cp_async_wait<kAhead - 1>();
+      __syncthreads();  // chunk k's input landed for all; every warp is done with chunk k - 1
+      {                 // refill chunk k - 1's stage with chunk k + kAhead
+        const int refill = k + kAhead;
+        const int stage = refill % kRowStages;
+        if (refill < total) {
+          issue_weights(stage);
+          issue_input(stage);
+          advance();
+        }
+        cp_async_commit();
+      }
+      const int stage = k % kRowStages;
+      Fragment<F, MT> f;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint4 v = pieces(stage)[(mt * 2 + h) * 32 + lane];
+          f.words[mt][h][0] = v.x;
+          f.words[mt][h][1] = v.y;
+          f.words[mt][h][2] = v.z;
+          f.words[mt][h][3] = v.w;
+          const uint32_t sw = scale_words(stage)[mt * 32 + lane];
+          f.scale[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? sw >> 16 : sw)));
+          if constexpr (P::kAsym) {
+            const uint32_t mw = scale_words(stage)[(MT + mt) * 32 + lane];
+            f.min[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? mw >> 16 : mw)));
+          }
+        }
+      }
+      const uint4* xs = xring + stage * kXUnits + quad_col * NT * 32;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        uint32_t a[MT][2][4];
+        a_fragments(f, u, a);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 b = xs[(nt * 8 + quad_row) * 4 + (u ^ quad_col)];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816(acc[mt][nt], a[mt][0], b.x, b.y);
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816(acc[mt][nt], a[mt][1], b.z, b.w);
+          }
+        }
+      }
+    }
+    if (!p.early_trigger && iter + 1 == n_my_units) pdl_trigger();
+      // A lane's accumulator (i) holds tokens 2 (l % 4) + i % 2 of rows l / 4 + 8 (i / 2).
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int token = nt * 8 + quad_col * 2 + (i & 1);
+        const int r = quad_row + (i >= 2 ? 8 : 0);
+        if constexpr (kSwiglu) {
+          store_swiglu_output(p, at.row_base + warp * 16 + r, token, acc[0][nt][i], acc[1][nt][i]);
+        } else {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            store_output(p, at.job, at.row_base + warp * 32 + mt * 16 + r, token, acc[mt][nt][i]);
+          }
+        }
       }
     }
   }
+  cp_async_wait<0>();
+  if constexpr (kSwiglu) zero_swiglu_shadow_pad(p);
 }
 
 // Bytes of the dp4a input stage for `kDp` tokens of `cols` columns (int8 values, then one
@@ -766,6 +1025,35 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   return Status::ok();
 }
 
+// The row-warp kernel over p.n_tiles units, persistent: a wave of blocks looping over units.
+template <WeightFormat F, int NT, bool kSwiglu>
+Status launch_rows(const GemvParams& p, cudaStream_t stream) {
+  constexpr int kXBytes = kChunkGroups * NT * 8 * 4 * 16;
+  constexpr int smem = kRowWarps * kRowStages * Pipe<F, 2>::kWarpStageBytes + kRowStages * kXBytes;
+  auto kernel = gemv_rows_kernel<F, NT, kSwiglu>;
+  static std::atomic<uint64_t> limit_set{0};
+  KS_CUDA_CHECK("matmul",
+                set_smem_limit_once(reinterpret_cast<const void*>(kernel), smem, limit_set));
+  thread_local int per_sm = 0;  // per thread, as a tensor-parallel run drives each device
+  if (per_sm == 0) {
+    KS_CUDA_CHECK("matmul", cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
+                                                                          kRowThreads, smem));
+    per_sm = std::max(per_sm, 1);
+  }
+  int blocks = std::min(p.n_tiles, per_sm * p.sm_count);
+  if (block_cap > 0) blocks = std::min(blocks, block_cap);
+  KS_CUDA_CHECK("matmul", launch_pdl(kernel, dim3(unsigned(blocks)), dim3(kRowThreads),
+                                     size_t(smem), stream, p));
+  KS_CUDA_CHECK_LAUNCH("matmul", "gemv_rows_kernel");
+  return Status::ok();
+}
+
+int rows_kernel_mode = [] {  // set_gemv_rows_kernel
+  const char* v = std::getenv("KESTREL_CUDA_GEMV_ROWS_KERNEL");
+  const std::string m = v != nullptr ? v : "";
+  return m == "1" ? 1 : m == "2" ? 2 : 0;
+}();
+
 template <WeightFormat F, int MT, bool kSwiglu>
 Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
@@ -798,6 +1086,30 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
     p.n_tiles = total;
     return total;
   };
+  // The row-warp kernel (int4 on the mma path, whole chunks): by default where its units fill
+  // a wave (four blocks an SM), i.e. the lm_heads (8B 1002 units, 1.5B 1187). Measured on the
+  // H200 (PERF.md, twelfth session), at 16 tokens: 8B lm_head 136.6 -> 110.5 us, 1.5B 80.7 ->
+  // 54.0; but the 8B's gate/up (224 swiglu units) lost 3% of the whole batch-16 step: with fewer
+  // units than a wave an SM holds one or two four-warp blocks, where the column-split kernel
+  // keeps sixteen warps.
+  if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
+    const bool applies =
+        rows_kernel_mode != 2 && !p.dp4a && p.norm.x == nullptr && p.n_groups % kChunkGroups == 0;
+    if (applies) {
+      const int units = epilogue == GemvEpilogue::swiglu
+                            ? int(ceil_div(p.jobs[0].w.rows, kRowWarps * 16))
+                            : count_tiles(kRowWarps * 32);
+      if (rows_kernel_mode == 1 || units >= kRowBlocksPerSm * sm_count) {
+        p.n_tiles = units;
+        if (epilogue == GemvEpilogue::swiglu) p.first_tile[0] = 0;
+        const bool two = p.n_tokens > 8;
+        if (epilogue == GemvEpilogue::swiglu) {
+          return two ? launch_rows<F, 2, true>(p, stream) : launch_rows<F, 1, true>(p, stream);
+        }
+        return two ? launch_rows<F, 2, false>(p, stream) : launch_rows<F, 1, false>(p, stream);
+      }
+    }
+  }
   if (epilogue == GemvEpilogue::swiglu) {
     p.n_tiles = int(ceil_div(p.jobs[0].w.rows, 16));
     return launch_mt<F, 2, true>(p, stream);
@@ -822,6 +1134,10 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
 
 void set_gemv_block_cap(int blocks) {
   block_cap = std::max(0, blocks);
+}
+
+void set_gemv_rows_kernel(int mode) {
+  rows_kernel_mode = mode == 1 || mode == 2 ? mode : 0;
 }
 
 bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols) {

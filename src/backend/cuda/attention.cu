@@ -1071,8 +1071,9 @@ __device__ inline void fp8x16_to_half_exact(const uint4 in, uint4 (&out)[2]) {
 
 // The landed raw tile (copy_fp8_tile) as the fp16 tiles [64][D + 8] the kernel multiplies. K
 // rows stay unscaled: the kernel multiplies each key's score by its scale in fp32. V rows are
-// scaled here, by an fp16 multiply where the scale is a normal fp16 value (one rounding of the
-// product, as the float route) and in fp32 where it is not (rows whose largest entry is below
+// scaled here, by an fp16 multiply where the scale is a normal fp16 value (the scale rounded to
+// fp16 first, so a value can differ from the float route's by an ulp, far inside fp8's own
+// rounding) and in fp32 where it is not (rows whose largest entry is below
 // 448 * 2^-14). The row of key `skip` is left to the caller.
 template <int D, int kThreads>
 __device__ inline void convert_fp8_tile(const uint8_t* k_raw, const uint8_t* v_raw,

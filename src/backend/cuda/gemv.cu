@@ -747,7 +747,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 // (launch_format).
 //
 // The input stage of a chunk is [group c][token t][quarter u] 16-byte units (the permuted
-// layout's eight values u of group c), unit (c, t, u) at c * 8 NT + t * 4 + (u ^ c): a quarter
+// layout's eight values u of group c), unit (c, t, u) at c * 32 NT + t * 4 + (u ^ c): a quarter
 // warp's reads (tokens 2q, 2q + 1, groups 0-3, one u) then hit eight different 16-byte bank
 // groups. Tokens past n_tokens are zero-filled. One barrier a chunk: after it every thread's
 // copies of the chunk have landed and every warp is done with the stage the next copy refills.

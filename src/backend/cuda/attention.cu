@@ -284,19 +284,6 @@ inline size_t split_smem_bytes(int group, int head_dim, int entry_bytes) {
              sizeof(uint32_t);
 }
 
-// Copies `bytes` (4, 8 or 16; 0 zero-fills) from global to shared memory without the registers.
-__device__ inline void cp_async(void* smem, const void* global, int unit, bool live) {
-  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem));
-  const uint32_t n = live ? uint32_t(unit) : 0u;
-  if (unit == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global), "r"(n));
-  } else if (unit == 8) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(global), "r"(n));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(global), "r"(n));
-  }
-}
-
 // Chunks of `chunk_keys` keys in a context of n_ctx positions, how many of them each split
 // walks, and how many splits that takes (the rest exit at once).
 __host__ __device__ inline int64_t chunks_per_split(int64_t n_ctx, int n_splits, int chunk_keys) {
@@ -1544,20 +1531,15 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
     KS_CUDA_CHECK("attention",
                   set_smem_limit_once(reinterpret_cast<const void*>(kernel), int(smem), limit_set));
   }
-  static int resident = 0;  // blocks of this kernel an SM holds at once, once per instantiation
-  if (resident == 0) {
-    if (!kMma && smem > 48 * 1024) {
-      KS_CUDA_CHECK(
-          "attention",
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    }
-    KS_CUDA_CHECK("attention",
-                  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem));
-    resident = std::max(resident, 1);
-  }
   if (!kMma && smem > 48 * 1024) {  // the CUDA-core kernel's size depends on the group
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(
                                    kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  }
+  static int resident = 0;  // blocks of this kernel an SM holds at once, once per instantiation
+  if (resident == 0) {
+    KS_CUDA_CHECK("attention",
+                  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem));
+    resident = std::max(resident, 1);
   }
   // KESTREL_CUDA_ATTENTION_COMBINE=1 (a measurement aid): the tensor-core kernel leaves its
   // splits to the combine kernel, as before it merged them itself.

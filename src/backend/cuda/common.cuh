@@ -121,6 +121,20 @@ __device__ inline void cp_async_4(void* smem, const void* global) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(global));
 }
 
+// Copies `unit` bytes (4, 8 or 16) from global to shared memory, or zero-fills them where `live`
+// is false (`global` must still be a valid address then).
+__device__ inline void cp_async(void* smem, const void* global, int unit, bool live) {
+  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem));
+  const uint32_t n = live ? uint32_t(unit) : 0u;
+  if (unit == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global), "r"(n));
+  } else if (unit == 8) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(global), "r"(n));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(global), "r"(n));
+  }
+}
+
 __device__ inline void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::);
 }

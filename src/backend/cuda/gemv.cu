@@ -312,6 +312,47 @@ struct Fragment {
   __half2 min[MT][2];
 };
 
+// Copies m-tile mt of a lane's tiled int4 chunk c into a ring stage ([kPieces][32 lanes] pieces,
+// then [kScaleWords][32 lanes] words): the 16-byte pieces of its two row halves (`data`, chunk
+// 0's offsets from tiled_offsets), the word of both halves' scales and, asym, of their mins.
+template <WeightFormat F, int MT>
+__device__ inline void copy_tiled_mtile(const DeviceWeight& w, int mt, const uint32_t (&data)[2],
+                                        uint32_t scale, uint32_t c, uint32_t chunk_scale_words,
+                                        uint4* pieces, uint32_t* scale_words, int lane) {
+  static_assert(words_per_group<F>() == 4, "one 16-byte piece a row half: int4");
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    cp_async_16(&pieces[(mt * 2 + h) * 32 + lane],
+                w.data + data[h] + c * uint32_t(kTileChunkBytes));
+  }
+  const uint32_t si = 2 * (scale + c * chunk_scale_words);
+  cp_async_4(&scale_words[mt * 32 + lane], w.scales + si);
+  if constexpr (F == WeightFormat::asym_int4) {
+    cp_async_4(&scale_words[(MT + mt) * 32 + lane], w.mins + si);
+  }
+}
+
+// m-tile mt of a lane's landed tiled chunk (copy_tiled_mtile) into its registers; a lane past
+// the last group (`valid` false) copied nothing and takes zeros, never stale bytes.
+template <WeightFormat F, int MT>
+__device__ inline void read_tiled_mtile(const uint4* pieces, const uint32_t* scale_words, int mt,
+                                        int lane, bool valid, Fragment<F, MT>& f) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint4 v = valid ? pieces[(mt * 2 + h) * 32 + lane] : make_uint4(0, 0, 0, 0);
+    f.words[mt][h][0] = v.x;
+    f.words[mt][h][1] = v.y;
+    f.words[mt][h][2] = v.z;
+    f.words[mt][h][3] = v.w;
+    const uint32_t sw = valid ? scale_words[mt * 32 + lane] : 0u;
+    f.scale[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? sw >> 16 : sw)));
+    if constexpr (F == WeightFormat::asym_int4) {
+      const uint32_t mw = valid ? scale_words[(MT + mt) * 32 + lane] : 0u;
+      f.min[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? mw >> 16 : mw)));
+    }
+  }
+}
+
 // The A fragments of word u of a lane's chunk, [mt][low, high]: rows (lane/4, lane/4 + 8) of
 // m-tile mt, the low nibbles' weights and the high nibbles'.
 template <WeightFormat F, int MT>
@@ -392,14 +433,6 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // two to a 32-bit word; the copy takes the aligned word and the read picks the half. Tiled
   // layout (int4_tiles.h): a lane's piece of chunk c is at data_offset + c * 1024 and the word
   // with both of its rows' scales at scale_offset + c * chunk_scale_words.
-  // The epilogue of one output: row `row` of job `job` for token `token` (rows past the end and
-  // token slots past n_tokens are dropped), plus the bias and the residual add.
-  auto store_row = [&](int job, int64_t row, int token, float sum) {
-    store_output(p, job, row, token, sum);
-  };
-  auto store_swiglu = [&](int64_t row, int token, float g, float u) {
-    store_swiglu_output(p, row, token, g, u);
-  };
   const int block_shift = p.jobs[0].w.block == 64 ? 1 : 0;
   // The tile the next issue reads from: its job and per-lane offsets, set once per tile. The
   // issues run kStages chunks ahead of the consumer, into the block's next tile.
@@ -413,12 +446,11 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     for (int mt = 0; mt < MT; ++mt) {
       const DeviceWeight& w = weight(at.job, mt);
       const int64_t first_row = at.row_base + (kSwiglu ? 0 : mt * 16);
+      if constexpr (P::kTiled) {
+        tiled_offsets(w, first_row, lane, block_shift, data_offset[mt], scale_offset[mt][0]);
+      } else {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if constexpr (P::kTiled) {
-          if (h == 0)
-            tiled_offsets(w, first_row, lane, block_shift, data_offset[mt], scale_offset[mt][0]);
-        } else {
+        for (int h = 0; h < 2; ++h) {
           // Rows past the end read the last row; their sums are never stored.
           const int64_t row = min(first_row + quad_row + 8 * h, w.rows - 1);
           data_offset[mt][h] = uint32_t(row * w.row_bytes);
@@ -437,26 +469,22 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         const DeviceWeight& w = weight(issue_job, mt);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint8_t* src =
-              w.data + (P::kTiled ? data_offset[mt][h] + c * uint32_t(kTileChunkBytes)
-                                  : data_offset[mt][h] + g * uint32_t(P::kWords * 4));
-#pragma unroll
-          for (int i = 0; i < P::kWords / 4; ++i) {
-            cp_async_16(&pieces(stage)[((mt * 2 + h) * (P::kWords / 4) + i) * 32 + lane],
-                        src + 16 * i);
-          }
-          if constexpr (P::kScaleWords > 0 && !P::kTiled) {
-            const uint32_t si = (scale_offset[mt][h] + (g >> block_shift)) & ~1u;
-            cp_async_4(&scale_words(stage)[(mt * 2 + h) * 32 + lane], w.scales + si);
-          }
-        }
         if constexpr (P::kTiled) {
-          const uint32_t si = 2 * (scale_offset[mt][0] + c * chunk_scale_words);
-          cp_async_4(&scale_words(stage)[mt * 32 + lane], w.scales + si);
-          if constexpr (P::kAsym) {
-            cp_async_4(&scale_words(stage)[(MT + mt) * 32 + lane], w.mins + si);
+          copy_tiled_mtile<F, MT>(w, mt, data_offset[mt], scale_offset[mt][0], c, chunk_scale_words,
+                                  pieces(stage), scale_words(stage), lane);
+        } else {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint8_t* src = w.data + data_offset[mt][h] + g * uint32_t(P::kWords * 4);
+#pragma unroll
+            for (int i = 0; i < P::kWords / 4; ++i) {
+              cp_async_16(&pieces(stage)[((mt * 2 + h) * (P::kWords / 4) + i) * 32 + lane],
+                          src + 16 * i);
+            }
+            if constexpr (P::kScaleWords > 0) {
+              const uint32_t si = (scale_offset[mt][h] + (g >> block_shift)) & ~1u;
+              cp_async_4(&scale_words(stage)[(mt * 2 + h) * 32 + lane], w.scales + si);
+            }
           }
         }
       }
@@ -468,29 +496,26 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     const bool valid = group < p.n_groups;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
+      if constexpr (P::kTiled) {
+        read_tiled_mtile(pieces(stage), scale_words(stage), mt, lane, valid, f);
+      } else {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int i = 0; i < P::kWords / 4; ++i) {
-          // A lane past the last group copied nothing: zeros, never stale bytes.
-          const uint4 v = valid ? pieces(stage)[((mt * 2 + h) * (P::kWords / 4) + i) * 32 + lane]
-                                : make_uint4(0, 0, 0, 0);
-          f.words[mt][h][4 * i + 0] = v.x;
-          f.words[mt][h][4 * i + 1] = v.y;
-          f.words[mt][h][4 * i + 2] = v.z;
-          f.words[mt][h][4 * i + 3] = v.w;
-        }
-        if constexpr (P::kTiled) {
-          const uint32_t sw = valid ? scale_words(stage)[mt * 32 + lane] : 0u;
-          f.scale[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? sw >> 16 : sw)));
-          if constexpr (P::kAsym) {
-            const uint32_t mw = valid ? scale_words(stage)[(MT + mt) * 32 + lane] : 0u;
-            f.min[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? mw >> 16 : mw)));
+          for (int i = 0; i < P::kWords / 4; ++i) {
+            // A lane past the last group copied nothing: zeros, never stale bytes.
+            const uint4 v = valid ? pieces(stage)[((mt * 2 + h) * (P::kWords / 4) + i) * 32 + lane]
+                                  : make_uint4(0, 0, 0, 0);
+            f.words[mt][h][4 * i + 0] = v.x;
+            f.words[mt][h][4 * i + 1] = v.y;
+            f.words[mt][h][4 * i + 2] = v.z;
+            f.words[mt][h][4 * i + 3] = v.w;
           }
-        } else if constexpr (P::kScaleWords > 0) {
-          const bool high = ((scale_offset[mt][h] + (uint32_t(group) >> block_shift)) & 1u) != 0;
-          const uint32_t sw = valid ? scale_words(stage)[(mt * 2 + h) * 32 + lane] : 0u;
-          f.scale[mt][h] = __half2half2(__ushort_as_half(uint16_t(high ? sw >> 16 : sw)));
+          if constexpr (P::kScaleWords > 0) {
+            const bool high = ((scale_offset[mt][h] + (uint32_t(group) >> block_shift)) & 1u) != 0;
+            const uint32_t sw = valid ? scale_words(stage)[(mt * 2 + h) * 32 + lane] : 0u;
+            f.scale[mt][h] = __half2half2(__ushort_as_half(uint16_t(high ? sw >> 16 : sw)));
+          }
         }
       }
     }
@@ -672,9 +697,9 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           return sum;
         };
         if constexpr (kSwiglu) {
-          store_swiglu(at.row_base + r, t, warp_sum_of(0), warp_sum_of(1));
+          store_swiglu_output(p, at.row_base + r, t, warp_sum_of(0), warp_sum_of(1));
         } else {
-          store_row(at.job, at.row_base + r, t, warp_sum_of(r >> 4));
+          store_output(p, at.job, at.row_base + r, t, warp_sum_of(r >> 4));
         }
       }
       __syncthreads();  // dp_sums is the next tile's
@@ -710,8 +735,8 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           u += partial[wp][NT * 4 + idx][l];
         }
         const int i = idx & 3;
-        store_swiglu(at.row_base + (l >> 2) + (i >= 2 ? 8 : 0),
-                     (idx >> 2) * 8 + (l & 3) * 2 + (i & 1), g, u);
+        store_swiglu_output(p, at.row_base + (l >> 2) + (i >= 2 ? 8 : 0),
+                            (idx >> 2) * 8 + (l & 3) * 2 + (i & 1), g, u);
       }
     } else {
       for (int e = threadIdx.x; e < kValues * 32; e += kThreads) {
@@ -723,8 +748,8 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
         const int i = idx & 3;
         const int nt = (idx >> 2) % NT;
         const int mt = (idx >> 2) / NT;
-        store_row(at.job, at.row_base + mt * 16 + (l >> 2) + (i >= 2 ? 8 : 0),
-                  nt * 8 + (l & 3) * 2 + (i & 1), sum);
+        store_output(p, at.job, at.row_base + mt * 16 + (l >> 2) + (i >= 2 ? 8 : 0),
+                     nt * 8 + (l & 3) * 2 + (i & 1), sum);
       }
     }
     if constexpr (kPersistent) __syncthreads();  // `partial` is the next tile's
@@ -817,18 +842,11 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSm)
     }
   };
   auto issue_weights = [&](int stage) {
-    const uint32_t c = uint32_t(issue_chunk);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const DeviceWeight& w = weight(issue_job, mt);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        cp_async_16(&pieces(stage)[(mt * 2 + h) * 32 + lane],
-                    w.data + data_offset[mt][h] + c * uint32_t(kTileChunkBytes));
-      }
-      const uint32_t si = 2 * (scale_offset[mt] + c * chunk_scale_words);
-      cp_async_4(&scale_words(stage)[mt * 32 + lane], w.scales + si);
-      if constexpr (P::kAsym) cp_async_4(&scale_words(stage)[(MT + mt) * 32 + lane], w.mins + si);
+      copy_tiled_mtile<F, MT>(weight(issue_job, mt), mt, data_offset[mt], scale_offset[mt],
+                              uint32_t(issue_chunk), chunk_scale_words, pieces(stage),
+                              scale_words(stage), lane);
     }
   };
   auto issue_input = [&](int stage) {
@@ -839,11 +857,8 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSm)
       const int t = (i / 4) % (NT * 8);
       const int u = i % 4;
       const bool live = t < p.n_tokens;
-      const uint32_t dst = uint32_t(
-          __cvta_generic_to_shared(&xring[stage * kXUnits + c * NT * 32 + t * 4 + (u ^ c)]));
-      const __half* src = x + (live ? int64_t(t) * p.x_stride + c * kGroup + u * 8 : 0);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                   "r"(live ? 16 : 0));
+      cp_async(&xring[stage * kXUnits + c * NT * 32 + t * 4 + (u ^ c)],
+               x + (live ? int64_t(t) * p.x_stride + c * kGroup + u * 8 : 0), 16, live);
     }
   };
   auto advance = [&]() {  // the cursor to the next chunk, into the block's next unit
@@ -899,20 +914,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSm)
       Fragment<F, MT> f;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint4 v = pieces(stage)[(mt * 2 + h) * 32 + lane];
-          f.words[mt][h][0] = v.x;
-          f.words[mt][h][1] = v.y;
-          f.words[mt][h][2] = v.z;
-          f.words[mt][h][3] = v.w;
-          const uint32_t sw = scale_words(stage)[mt * 32 + lane];
-          f.scale[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? sw >> 16 : sw)));
-          if constexpr (P::kAsym) {
-            const uint32_t mw = scale_words(stage)[(MT + mt) * 32 + lane];
-            f.min[mt][h] = __half2half2(__ushort_as_half(uint16_t(h == 1 ? mw >> 16 : mw)));
-          }
-        }
+        read_tiled_mtile(pieces(stage), scale_words(stage), mt, lane, /*valid=*/true, f);
       }
       const uint4* xs = xring + stage * kXUnits + quad_col * NT * 32;
 #pragma unroll

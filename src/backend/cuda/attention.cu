@@ -608,19 +608,20 @@ __device__ inline void store_16_halves(__half* dst, const uint4 (&v)[2]) {
   d[1] = v[1];
 }
 
-// cp.async of the K and V rows (kRowBytes each, a multiple of 16) of keys key0 .. key0 + 63 of
-// (layer, slot, KV head) into shared rows `dst_stride` bytes apart. Keys at or past kv_len are
-// zero-filled (src-size 0); the row of key `skip` is not copied. No commit.
-template <int kRowBytes, int kThreads>
+// cp.async of the K and V rows (kRowBytes each, a multiple of 16) of keys key0 + row0 .. key0 +
+// row0 + kRows - 1 of (layer, slot, KV head) into shared rows `dst_stride` bytes apart (row r of
+// the tile at r * dst_stride). Keys at or past kv_len are zero-filled (src-size 0); the row of
+// key `skip` is not copied. No commit.
+template <int kRowBytes, int kThreads, int kRows = kPrefillKeys>
 __device__ inline void copy_kv_rows(const KvCache& c, int64_t layer, int64_t seq, int kvh,
                                     int64_t key0, int64_t kv_len, uint8_t* k_dst, uint8_t* v_dst,
-                                    int dst_stride, int64_t skip, int tid) {
+                                    int dst_stride, int64_t skip, int tid, int row0 = 0) {
   static_assert(kRowBytes % 16 == 0, "rows of 16-byte copies");
   constexpr int kUnits = kRowBytes / 16;
   const uint8_t* kc = static_cast<const uint8_t*>(c.k);
   const uint8_t* vc = static_cast<const uint8_t*>(c.v);
-  for (int idx = tid; idx < kPrefillKeys * kUnits; idx += kThreads) {
-    const int r = idx / kUnits;
+  for (int idx = tid; idx < kRows * kUnits; idx += kThreads) {
+    const int r = row0 + idx / kUnits;
     const int u = idx % kUnits;
     const int64_t key = key0 + r;
     if (key == skip) continue;
@@ -1026,12 +1027,14 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
 // next tile's bytes are in flight while this one is multiplied (load_kv_tile converts fp8 rows
 // with plain loads, which wait for the memory). Keys at or past kv_len are zero-filled, entries
 // and scale (0 * 0: no NaN from unwritten memory); the row of key `skip` is not copied.
-template <int D, int kThreads>
+template <int D, int kThreads, int kRows = kPrefillKeys>
 __device__ inline void copy_fp8_tile(const KvCache& c, int64_t layer, int64_t seq, int kvh,
                                      int64_t key0, int64_t kv_len, uint8_t* k_raw, uint8_t* v_raw,
-                                     float* k_scale, float* v_scale, int64_t skip, int tid) {
-  copy_kv_rows<D, kThreads>(c, layer, seq, kvh, key0, kv_len, k_raw, v_raw, D, skip, tid);
-  for (int r = tid; r < kPrefillKeys; r += kThreads) {
+                                     float* k_scale, float* v_scale, int64_t skip, int tid,
+                                     int row0 = 0) {
+  copy_kv_rows<D, kThreads, kRows>(c, layer, seq, kvh, key0, kv_len, k_raw, v_raw, D, skip, tid,
+                                   row0);
+  for (int r = row0 + tid; r < row0 + kRows; r += kThreads) {
     const int64_t key = key0 + r;
     const bool live = key < kv_len && key != skip;
     const int64_t row = cache_row(c, layer, seq, kvh, live ? key : 0);
@@ -1062,14 +1065,14 @@ __device__ inline void fp8x16_to_half_exact(const uint4 in, uint4 (&out)[2]) {
 // fp16 first, so a value can differ from the float route's by an ulp, far inside fp8's own
 // rounding) and in fp32 where it is not (rows whose largest entry is below
 // 448 * 2^-14). The row of key `skip` is left to the caller.
-template <int D, int kThreads>
+template <int D, int kThreads, int kRows = kPrefillKeys>
 __device__ inline void convert_fp8_tile(const uint8_t* k_raw, const uint8_t* v_raw,
                                         const float* v_scale, __half* k_s, __half* v_s,
-                                        int64_t key0, int64_t skip, int tid) {
+                                        int64_t key0, int64_t skip, int tid, int row0 = 0) {
   constexpr int kStride = D + 8;
   constexpr float kMinNormalHalf = 6.103515625e-05f;  // 2^-14
-  for (int idx = tid; idx < kPrefillKeys * (D / 16); idx += kThreads) {
-    const int r = idx / (D / 16);
+  for (int idx = tid; idx < kRows * (D / 16); idx += kThreads) {
+    const int r = row0 + idx / (D / 16);
     const int ch = idx % (D / 16);
     if (key0 + r == skip) continue;
     uint4 kh[2], vh[2];
@@ -1095,22 +1098,24 @@ __device__ inline void convert_fp8_tile(const uint8_t* k_raw, const uint8_t* v_r
 
 // Decode attention on the tensor cores, for head_dim 64 / 128 over fp16 or fp8 caches: the split
 // kernel's work with the G query heads of a KV head as the rows of an m16n8k16 tile (rows past
-// G are zeros). A split walks its 64-key tiles (load_kv_tile: cp.async double buffer; fp8: the
-// raw bytes double-buffered with cp.async, copy_fp8_tile, and each landed tile converted to one
-// fp16 stage); each warp takes 16 keys of every tile with its own running max and sum
-// (scores in log2 units, as the prefill kernel), and the block merges its four warps in shared
-// memory at the end. The partial results are the split kernel's; the group's last split to finish
-// merges them (merge_group), so there is no combine launch.
+// G are zeros). A split walks its 64-key tiles; each warp takes 16 keys of every tile with its
+// own running max and sum (scores in log2 units, as the prefill kernel). fp16 tiles come in by
+// load_kv_tile (cp.async double buffer, all threads, block barriers); an fp8 warp copies,
+// converts and waits for its own rows alone (the raw bytes double-buffered, copy_fp8_tile, each
+// landed tile converted to one fp16 stage), so an fp8 tile takes no block barrier. The block
+// merges its four warps in shared memory at the end. The partial
+// results are the split kernel's; the group's last split to finish merges them (merge_group), so
+// there is no combine launch.
 //
 // With a.inv_freq set (rope_attention of a batch whose tokens are all of different sequences),
 // the kernel also does rope_kv_write_kernel's work, so a decode step has no launch for it: the
 // queries are rotated as they are loaded (a lane holds both elements of every pair it needs:
 // columns c and c + D / 2 are fragments ks and ks + D / 32 of the same lane), and the split that
 // holds the token's own position rotates its K row, stores it and its V row in the cache and
-// puts them in its tile, the row load_kv_tile skipped. Every other key is in the cache from
-// earlier calls, so the first tile is requested before the wait for the q/k/v projection, with
-// the angles. The merging split leaves q and k rotated in memory, as rope_attention's contract
-// says, once every split of its group has read them.
+// puts them (staged once in own_rows) in its tile, the row the copies skipped. Every other key is
+// in the cache from earlier calls, so the first tile is requested before the wait for the q/k/v
+// projection, with the angles. The merging split leaves q and k rotated in memory, as
+// rope_attention's contract says, once every split of its group has read them.
 //
 // Blocks an SM: three at head_dim 128 (the shared memory allows three), four at 64.
 template <int D, KvType kType>
@@ -1156,13 +1161,17 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   static_assert(!kRaw || (2 * kTile * sizeof(__half) + 2 * 2 * kPrefillKeys * D +
                           2 * 2 * kPrefillKeys * sizeof(float)) <= prefill_smem_bytes<D>(),
                 "the fp8 stages fit the kernel's shared memory");
+  // A warp reads only its own 16 keys of every tile (the scores' B operands and the P·V
+  // product's rows), so an fp8 warp copies, converts and waits for those alone: no block barrier
+  // a tile (8B, batch 16 at 8192 positions: 7.25 -> 6.98 ms a step). fp16 keeps the block-wide
+  // copy: warp-private fp16 copies cost batch 1 at 1024 positions 1.1% (PERF.md, 2026-12-04).
   auto issue = [&](int stage, int64_t tile) {
     if constexpr (kRaw) {
       uint8_t* k_raw = raw + stage * 2 * kPrefillKeys * D;
       float* k_scale = raw_scales + stage * 2 * kPrefillKeys;
-      copy_fp8_tile<D, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_raw,
-                                        k_raw + kPrefillKeys * D, k_scale, k_scale + kPrefillKeys,
-                                        own_key ? pos : -1, tid);
+      copy_fp8_tile<D, 32, 16>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_raw,
+                               k_raw + kPrefillKeys * D, k_scale, k_scale + kPrefillKeys,
+                               own_key ? pos : -1, lane, warp * 16);
     } else {
       __half* k_s = decode_smem + stage * 2 * kTile;
       load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_s,
@@ -1239,6 +1248,17 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     store_row<kType>(c.k, c.k_scale, row, D, tid, kr.x, kr.y, scratch, own_k);
     store_row<kType>(c.v, c.v_scale, row, D, tid, v_new.x, v_new.y, scratch, own_v);
   }
+  // The own rows, for the warp whose keys hold them (written once: one barrier).
+  __shared__ __align__(16) __half own_rows[2][D];
+  if (own_key) {
+    if (tid < kHalf) {
+      own_rows[0][tid] = own_k[0];
+      own_rows[0][tid + kHalf] = own_k[1];
+      own_rows[1][tid] = own_v[0];
+      own_rows[1][tid + kHalf] = own_v[1];
+    }
+    __syncthreads();
+  }
   float o[D / 8][4];
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
@@ -1252,27 +1272,32 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     } else {
       asm volatile("cp.async.wait_group 0;\n" ::);
     }
+    // fp8: the warp's lanes' copies of its rows have landed; fp16: every thread's copies.
+    if constexpr (kRaw) {
+      __syncwarp();
+    } else {
+      __syncthreads();
+    }
     __half* k_tile = decode_smem + (kRaw ? 0 : stage) * 2 * kTile;
     if constexpr (kRaw) {
-      __syncthreads();  // every thread's copies of the raw stage have landed
       const int64_t key0 = tile * kPrefillKeys;
       const uint8_t* k_raw = raw + stage * 2 * kPrefillKeys * D;
-      convert_fp8_tile<D, kPrefillThreads>(k_raw, k_raw + kPrefillKeys * D,
-                                           raw_scales + stage * 2 * kPrefillKeys + kPrefillKeys,
-                                           k_tile, k_tile + kTile, key0, own_key ? pos : -1, tid);
+      convert_fp8_tile<D, 32, 16>(k_raw, k_raw + kPrefillKeys * D,
+                                  raw_scales + stage * 2 * kPrefillKeys + kPrefillKeys, k_tile,
+                                  k_tile + kTile, key0, own_key ? pos : -1, lane, warp * 16);
     }
-    if (own_key && tile == own_tile && tid < kHalf) {
-      const int64_t r = pos - own_tile * kPrefillKeys;
-      __half* k_own = k_tile + r * kStride;
-      __half* v_own = k_own + kTile;
-      k_own[tid] = own_k[0];
-      k_own[tid + kHalf] = own_k[1];
-      v_own[tid] = own_v[0];
-      v_own[tid + kHalf] = own_v[1];
-      // fp8: the own row holds the values a reader of the cache sees, scales applied.
-      if (kRaw && tid == 0) raw_scales[stage * 2 * kPrefillKeys + r] = 1.0f;
+    if (own_key && tile == own_tile) {
+      const int r = int(pos - own_tile * kPrefillKeys);
+      if (r / 16 == warp) {
+        for (int d = lane; d < D; d += 32) {
+          k_tile[r * kStride + d] = own_rows[0][d];
+          k_tile[kTile + r * kStride + d] = own_rows[1][d];
+        }
+        // fp8: the own row holds the values a reader of the cache sees, scales applied.
+        if (kRaw && lane == 0) raw_scales[stage * 2 * kPrefillKeys + r] = 1.0f;
+      }
     }
-    __syncthreads();
+    __syncwarp();  // the own row, written by the warp that reads it
     const __half* k_s = k_tile;
     const __half* v_s = k_s + kTile;
     const int64_t key0 = tile * kPrefillKeys + warp * 16;  // this warp's 16 keys
@@ -1350,8 +1375,14 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       mma_16816(o[dt], pa, b[0], b[1]);
       mma_16816(o[dt + 1], pa, b[2], b[3]);
     }
-    __syncthreads();  // the stage is read; the next iteration's copy may overwrite it
+    // The stage is read (fp8: the warp's rows of it); the next copy may overwrite it.
+    if constexpr (kRaw) {
+      __syncwarp();
+    } else {
+      __syncthreads();
+    }
   }
+  __syncthreads();  // every warp is done with the stages, which hold the merge's buffers next
 
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);

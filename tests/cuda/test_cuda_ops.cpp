@@ -682,7 +682,8 @@ void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int 
 // 64/128 over fp16 and fp8 caches, decode batches, interleaved and packed runs), then a long
 // prefill chunk and a 16-token decode batch at 600 positions, whose splits walk several chunks
 // each (check_attention_calls; the three-sequence batch and the single token are the ones whose
-// rotation rides in the split kernel). Once with each count of the prefill kernel's key groups.
+// rotation rides in the split kernel). Once with each count of the prefill kernel's key groups,
+// then once with the decode kernel held to one split.
 TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
   const auto [head_dim, kv_cache] = GetParam();
   const int n_heads = 8, n_kv = 2;
@@ -721,6 +722,14 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
   }
   cuda::set_prefill_attention_groups(0);
+  // The decode kernel with one split a (token, KV head): a block walks the whole context (up to
+  // 10 tiles here: the 16-token batch at 600 positions) and merges only itself.
+  struct SplitCap {
+    SplitCap() { cuda::set_decode_split_cap(1); }
+    ~SplitCap() { cuda::set_decode_split_cap(0); }
+  } cap;
+  SCOPED_TRACE("one decode split");
+  check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
 }
 
 // Decode batches of distinct sequences where the split kernel's rotation takes its other paths:

@@ -1470,6 +1470,21 @@ int row_threads(int head_dim) {
 
 }  // namespace
 
+namespace {
+
+// set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.
+int decode_split_cap = [] {
+  const char* v = std::getenv("KESTREL_CUDA_DECODE_SPLIT_CAP");
+  const int cap = v != nullptr ? std::atoi(v) : 0;
+  return cap > 0 ? cap : 0;
+}();
+
+}  // namespace
+
+void set_decode_split_cap(int cap) {
+  decode_split_cap = cap > 0 ? cap : 0;
+}
+
 int decode_splits(int sm_count, int n_kv_heads, int64_t tokens, int64_t max_context) {
   const int64_t target = 4 * int64_t(std::max(sm_count, 1));
   const int64_t per_head = std::max<int64_t>(1, n_kv_heads) * std::max<int64_t>(1, tokens);
@@ -1599,6 +1614,7 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
     } else {
       splits = decode_splits(ws.sm_count, cache.n_kv_heads, count, max_context);
     }
+    if (kMma && decode_split_cap > 0) splits = std::min(splits, decode_split_cap);
     splits = std::min(splits, ws.max_splits);
     const dim3 grid(unsigned(splits), unsigned(cache.n_kv_heads), unsigned(count));
     KS_CUDA_CHECK("attention", launch_pdl(kernel, grid, dim3(unsigned(threads)), smem, stream, args,

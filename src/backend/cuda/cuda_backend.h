@@ -71,6 +71,13 @@ void set_gemv_rows_kernel(int mode);
 // value); process-wide, like set_gemv_block_cap.
 void set_prefill_attention_groups(int groups);
 
+// The most splits a (token, KV head) of the tensor-core decode attention kernel takes: 0 (the
+// default) leaves the one-wave rule alone, n > 0 caps it at n (1: one block walks the whole
+// context). A test aid and measurement switch (KESTREL_CUDA_DECODE_SPLIT_CAP sets the starting
+// value); process-wide, like set_gemv_block_cap. Captured decode graphs keep the count they
+// were captured with.
+void set_decode_split_cap(int cap);
+
 // Test aids for the prefill GEMMs' copies made ahead (gemm.cuh, DequantAhead): delay_stream
 // queues a kernel spinning for `microseconds` on the backend's stream (its later work waits
 // behind it); set_dequant_ahead_delay makes every copy made ahead wait that long on its own

@@ -1103,9 +1103,8 @@ __device__ inline void convert_fp8_tile(const uint8_t* k_raw, const uint8_t* v_r
 // load_kv_tile (cp.async double buffer, all threads, block barriers); an fp8 warp copies,
 // converts and waits for its own rows alone (the raw bytes double-buffered, copy_fp8_tile, each
 // landed tile converted to one fp16 stage), so an fp8 tile takes no block barrier. The block
-// merges its four warps in shared memory at the end. The partial
-// results are the split kernel's; the group's last split to finish merges them (merge_group), so
-// there is no combine launch.
+// merges its four warps in shared memory at the end. The partial results are the split kernel's;
+// the group's last split to finish merges them (merge_group), so there is no combine launch.
 //
 // With a.inv_freq set (rope_attention of a batch whose tokens are all of different sequences),
 // the kernel also does rope_kv_write_kernel's work, so a decode step has no launch for it: the
@@ -1467,10 +1466,6 @@ Status dispatch_kv(KvType type, F&& f) {
 int row_threads(int head_dim) {
   return std::min(512, (head_dim / 2 + 31) / 32 * 32);
 }
-
-}  // namespace
-
-namespace {
 
 // set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.
 int decode_split_cap = [] {

@@ -764,8 +764,10 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 // in shared memory (cp.async, a ring beside the warps' weight rings) for all of them, and a warp's
 // sums are complete at the end of its rows: no exchange between warps and no per-tile setup.
 // That is 1/4 of the input traffic from L2 of the column-split kernel at 16 tokens (128 rows per
-// pass over the input instead of 32) and fewer instructions a chunk (no per-lane input
-// addressing, no double-buffer moves, no exchange). A unit is the block's 128 rows (swiglu: 64
+// pass over the input instead of 32), no double-buffer moves and no exchange. Its chunk loop is
+// not shorter for it: the swizzled input and copy addresses computed every chunk make it 538 PTX
+// instructions for 32 mma against the column-split kernel's 413 (nvcc -ptx, 2026-12-04; no SASS
+// count yet). A unit is the block's 128 rows (swiglu: 64
 // output rows) of one job; launches are persistent, blocks looping over units with both rings
 // streaming on across unit boundaries. Its blocks are four warps, so it needs a wave of units
 // to keep an SM as busy as the column-split kernel: by default it takes the lm_heads only

@@ -598,10 +598,12 @@ class CudaAttention : public ::testing::TestWithParam<AttentionCase> {};
 // or fp8 cache. The CPU keeps fp32 entries; the bound says what the CUDA cache's entries cost.
 //
 // `v_scale` multiplies every value row (small rows test an fp8 cache's scales below fp16's
-// normal range).
+// normal range); with `v_spread`, the value rows of position p are further multiplied by
+// 2^((9 floor(p / 37) mod 25) - 12): runs of 37 positions at 2^-12, 2^-3, 2^6, 2^-10, 2^-1, 2^8,
+// ..., so an fp8 cache's rows' scales change across and inside 64-key tiles.
 void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int n_kv,
                            RunShape shape, const std::vector<AttentionCall>& calls,
-                           float v_scale = 1.0f) {
+                           float v_scale = 1.0f, bool v_spread = false) {
   ModelWeights weights = attention_model(head_dim, n_heads, n_kv);
   shape.kv_cache = kv_cache;
   BackendPair pair;
@@ -616,7 +618,11 @@ void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int 
     const auto q = random_values(size_t(n * q_dim), seed++);
     const auto k = random_values(size_t(n * kv_dim), seed++);
     auto v = random_values(size_t(n * kv_dim), seed++);
-    for (float& x : v) x *= v_scale;
+    for (int64_t j = 0; j < n; ++j) {
+      const int run = c.positions[size_t(j)] / 37;
+      const float spread = v_spread ? std::ldexp(1.0f, (9 * run) % 25 - 12) : 1.0f;
+      for (int64_t e = 0; e < kv_dim; ++e) v[size_t(j * kv_dim + e)] *= v_scale * spread;
+    }
     for (int64_t layer : {0, 1}) {
       std::vector<float> results[2], rotated_q[2], rotated_k[2];
       int i = 0;
@@ -759,12 +765,15 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
     calls.push_back(decode);
   }
   calls.push_back(AttentionCall{{lengths[3] + 2}, {3}});
-  check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls);
+  // fp8: value rows of widely different scales too (check_attention_calls' v_spread).
+  check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
+                        kv_cache == KvCacheType::fp8);
 }
 
-// fp8 value rows whose scale (largest entry / 448) is below fp16's normal range: the decode
-// kernel scales those rows in fp32, the others by an fp16 multiply (a subnormal fp16 scale would
-// cost them most of their bits). Values of about 2^-16 put every row there; prompts of 200 and 70
+// fp8 value rows whose scale (largest entry / 448) is below fp16's normal range: at head_dim 64
+// the decode kernel scales those rows in fp32, the others by an fp16 multiply (a subnormal fp16
+// scale would cost them most of their bits); at 128 the scale rides in the P·V weights, whose
+// largest is 1 whatever the scales. Values of about 2^-16 put every row there; prompts of 200 and 70
 // keys, then a decode step of both sequences over several tiles.
 TEST(CudaAttentionFp8, SmallValueRowsKeepTheirPrecision) {
   std::vector<AttentionCall> calls = {run_of(0, 0, 200), run_of(1, 0, 70)};
@@ -774,6 +783,28 @@ TEST(CudaAttentionFp8, SmallValueRowsKeepTheirPrecision) {
     check_attention_calls(head_dim, KvCacheType::fp8, 8, 2, RunShape{2, 512, 256, 256}, calls,
                           1.0f / 65536.0f);
   }
+}
+
+// fp8 value rows whose scales span 2^-12 .. 2^8 (v_spread): the decode kernel's fp8 path at
+// head_dim 128 carries each V row's scale in the P·V weights against a second running maximum,
+// which later tiles raise (larger rows at positions 74 and 185 on), so a wrong rescale of o between
+// tiles shows, as would weights leaving fp16's range. Prompts of 200 and 70 keys, then two decode
+// steps of both sequences (the new rows written in the kernel, with their own scales), with one
+// split a (token, KV head), whose block walks every tile, and with the one-wave rule.
+TEST(CudaAttentionFp8, RowsOfWidelyDifferentScales) {
+  std::vector<AttentionCall> calls = {run_of(0, 0, 200), run_of(1, 0, 70)};
+  calls.push_back(AttentionCall{{200, 70}, {0, 1}});
+  calls.push_back(AttentionCall{{201, 71}, {0, 1}});
+  for (int cap : {0, 1}) {
+    SCOPED_TRACE("decode split cap " + std::to_string(cap));
+    cuda::set_decode_split_cap(cap);
+    for (int head_dim : {64, 128}) {
+      SCOPED_TRACE("head_dim " + std::to_string(head_dim));
+      check_attention_calls(head_dim, KvCacheType::fp8, 8, 2, RunShape{2, 512, 256, 256}, calls,
+                            1.0f, true);
+    }
+  }
+  cuda::set_decode_split_cap(0);
 }
 
 INSTANTIATE_TEST_SUITE_P(HeadDims, CudaAttention,

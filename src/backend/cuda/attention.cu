@@ -88,10 +88,13 @@ __device__ inline float block_max(float v, float* scratch) {
 // are x0 and x1 in thread i (threads past `half` hold nothing). fp8 rows are scaled by the
 // row's largest magnitude, found over the whole block: every thread of the block must call.
 // When `seen` is given, thread i also gets the two entries as load_kv_tile reads them back into
-// fp16 (fp16 and fp8 caches), so a kernel can use the row without reading the cache.
+// fp16 (fp16 and fp8 caches), so a kernel can use the row without reading the cache. fp8: with
+// `raw` given, thread i also puts its two entries' bytes at raw[i] and raw[i + half], and thread 0
+// the row's scale at *raw_scale (the row as stored, for the decode kernel's raw tiles).
 template <KvType kType>
 __device__ inline void store_row(void* cache, float* scales, int64_t row, int head_dim, int i,
-                                 float x0, float x1, float* scratch, __half* seen = nullptr) {
+                                 float x0, float x1, float* scratch, __half* seen = nullptr,
+                                 uint8_t* raw = nullptr, float* raw_scale = nullptr) {
   using T = typename Kv<kType>::T;
   const int half = head_dim / 2;
   const bool mine = i < half;
@@ -105,6 +108,10 @@ __device__ inline void store_row(void* cache, float* scales, int64_t row, int he
       const T e1 = Kv<kType>::from(x1 * inv);
       dst[i] = e0;
       dst[i + half] = e1;
+      if (raw != nullptr) {
+        raw[i] = uint8_t(e0);
+        raw[i + half] = uint8_t(e1);
+      }
       if (seen != nullptr) {
         // load_kv_tile's conversion: e4m3 to fp16 (exact), to float, times the row's scale.
         float f[4];
@@ -113,7 +120,10 @@ __device__ inline void store_row(void* cache, float* scales, int64_t row, int he
         seen[1] = __float2half_rn(f[1] * scale);
       }
     }
-    if (threadIdx.x == 0) scales[row] = scale;
+    if (threadIdx.x == 0) {
+      scales[row] = scale;
+      if (raw_scale != nullptr) *raw_scale = scale;
+    }
   } else if (mine) {
     const T e0 = Kv<kType>::from(x0);
     const T e1 = Kv<kType>::from(x1);
@@ -588,6 +598,12 @@ __device__ inline float fast_exp2(float x) {
   return y;
 }
 
+// The largest v of the lane's quad (the four lanes of an mma fragment's row).
+__device__ inline float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
 // 16 fp8 entries (one 16-byte word) times their row's scale, as 16 fp16 values.
 __device__ inline void fp8x16_to_half(const uint4 in, float scale, uint4 (&out)[2]) {
   const uint32_t words[4] = {in.x, in.y, in.z, in.w};
@@ -611,13 +627,16 @@ __device__ inline void store_16_halves(__half* dst, const uint4 (&v)[2]) {
 // cp.async of the K and V rows (kRowBytes each, a multiple of 16) of keys key0 + row0 .. key0 +
 // row0 + kRows - 1 of (layer, slot, KV head) into shared rows `dst_stride` bytes apart (row r of
 // the tile at r * dst_stride). Keys at or past kv_len are zero-filled (src-size 0); the row of
-// key `skip` is not copied. No commit.
-template <int kRowBytes, int kThreads, int kRows = kPrefillKeys>
+// key `skip` is not copied. No commit. kSwizzle (rows of eight 16-byte units): unit u of row r
+// lands in unit u ^ (r % 8), so the decode kernel's fragment reads of eight rows at once fall in
+// different banks.
+template <int kRowBytes, int kThreads, int kRows = kPrefillKeys, bool kSwizzle = false>
 __device__ inline void copy_kv_rows(const KvCache& c, int64_t layer, int64_t seq, int kvh,
                                     int64_t key0, int64_t kv_len, uint8_t* k_dst, uint8_t* v_dst,
                                     int dst_stride, int64_t skip, int tid, int row0 = 0) {
   static_assert(kRowBytes % 16 == 0, "rows of 16-byte copies");
   constexpr int kUnits = kRowBytes / 16;
+  static_assert(!kSwizzle || kUnits == 8, "the swizzle permutes eight units a row");
   const uint8_t* kc = static_cast<const uint8_t*>(c.k);
   const uint8_t* vc = static_cast<const uint8_t*>(c.v);
   for (int idx = tid; idx < kRows * kUnits; idx += kThreads) {
@@ -627,8 +646,9 @@ __device__ inline void copy_kv_rows(const KvCache& c, int64_t layer, int64_t seq
     if (key == skip) continue;
     const bool live = key < kv_len;
     const int64_t at = cache_row(c, layer, seq, kvh, live ? key : 0) * kRowBytes + u * 16;
-    cp_async(k_dst + r * dst_stride + u * 16, kc + at, 16, live);
-    cp_async(v_dst + r * dst_stride + u * 16, vc + at, 16, live);
+    const int to = r * dst_stride + (kSwizzle ? (u ^ (r & 7)) : u) * 16;
+    cp_async(k_dst + to, kc + at, 16, live);
+    cp_async(v_dst + to, vc + at, 16, live);
   }
 }
 
@@ -805,10 +825,8 @@ __global__ void __launch_bounds__(kPrefillThreads* kGroups)
       mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
       mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
     }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
     // One key group: key 0 is visible to every query, so after the first tile both maxima are
     // finite. More groups: a row that has seen no key yet subtracts 0 instead of -inf.
     const float new_m0 = fmaxf(m0, mx0);
@@ -1027,13 +1045,13 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
 // next tile's bytes are in flight while this one is multiplied (load_kv_tile converts fp8 rows
 // with plain loads, which wait for the memory). Keys at or past kv_len are zero-filled, entries
 // and scale (0 * 0: no NaN from unwritten memory); the row of key `skip` is not copied.
-template <int D, int kThreads, int kRows = kPrefillKeys>
+template <int D, int kThreads, int kRows = kPrefillKeys, bool kSwizzle = false>
 __device__ inline void copy_fp8_tile(const KvCache& c, int64_t layer, int64_t seq, int kvh,
                                      int64_t key0, int64_t kv_len, uint8_t* k_raw, uint8_t* v_raw,
                                      float* k_scale, float* v_scale, int64_t skip, int tid,
                                      int row0 = 0) {
-  copy_kv_rows<D, kThreads, kRows>(c, layer, seq, kvh, key0, kv_len, k_raw, v_raw, D, skip, tid,
-                                   row0);
+  copy_kv_rows<D, kThreads, kRows, kSwizzle>(c, layer, seq, kvh, key0, kv_len, k_raw, v_raw, D,
+                                             skip, tid, row0);
   for (int r = row0 + tid; r < row0 + kRows; r += kThreads) {
     const int64_t key = key0 + r;
     const bool live = key < kv_len && key != skip;
@@ -1042,6 +1060,43 @@ __device__ inline void copy_fp8_tile(const KvCache& c, int64_t layer, int64_t se
     cp_async(v_scale + r, c.v_scale + row, 4, live);
   }
   asm volatile("cp.async.commit_group;\n" ::);
+}
+
+// The direct fp8 path's copy of one warp's 16 keys key0 .. key0 + 15 (key0 a multiple of 16) into
+// rows row0 .. row0 + 15 of the raw stages, swizzled as copy_kv_rows' kSwizzle, and their scales,
+// as one cp.async group. The 16 keys are one cache block (kKvBlockSize), so their rows are
+// adjacent: one block-table lookup, where copy_kv_rows makes one a 16-byte unit. Keys at or past
+// kv_len are zero-filled (from the block's first row, or key 0's block where the warp has no live
+// key); the row of key `skip` is not copied and its scales are zeros.
+template <int D>
+__device__ inline void copy_fp8_block_rows(const KvCache& c, int64_t layer, int64_t seq, int kvh,
+                                           int64_t key0, int64_t kv_len, uint8_t* k_raw,
+                                           uint8_t* v_raw, float* k_scale, float* v_scale,
+                                           int64_t skip, int lane, int row0) {
+  static_assert(kKvBlockSize == 16 && D == 128, "a warp's 16 keys fill one block of 128-byte rows");
+  constexpr int kUnits = D / 16;
+  const int64_t base = cache_row(c, layer, seq, kvh, key0 < kv_len ? key0 : 0);
+  const uint8_t* kc = static_cast<const uint8_t*>(c.k) + base * D;
+  const uint8_t* vc = static_cast<const uint8_t*>(c.v) + base * D;
+#pragma unroll
+  for (int i = 0; i < 16 * kUnits / 32; ++i) {
+    const int idx = lane + 32 * i;
+    const int r = idx / kUnits;
+    const int u = idx % kUnits;
+    const int64_t key = key0 + r;
+    if (key == skip) continue;
+    const bool live = key < kv_len;
+    const int from = live ? r * D + u * 16 : 0;
+    const int to = (row0 + r) * D + (u ^ ((row0 + r) & 7)) * 16;
+    cp_async(k_raw + to, kc + from, 16, live);
+    cp_async(v_raw + to, vc + from, 16, live);
+  }
+  // Lanes 0-15 the K scales, 16-31 the V scales.
+  const int r = lane & 15;
+  const bool live = key0 + r < kv_len && key0 + r != skip;
+  cp_async((lane < 16 ? k_scale : v_scale) + row0 + r,
+           (lane < 16 ? c.k_scale : c.v_scale) + base + (live ? r : 0), 4, live);
+  cp_async_commit();
 }
 
 // 16 fp8 entries as 16 fp16 values, unscaled (exact: every e4m3 value is an fp16 value).
@@ -1096,13 +1151,29 @@ __device__ inline void convert_fp8_tile(const uint8_t* k_raw, const uint8_t* v_r
   }
 }
 
+// Two e4m3 entries (the low and high byte of `v`) as an fp16 pair, low byte in the low half:
+// exact, every e4m3 value is an fp16 value.
+__device__ inline uint32_t e4m3x2_to_half2(uint32_t v) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(v & 0xffffu), __NV_E4M3);
+  return uint32_t(h.x) | uint32_t(h.y) << 16;
+}
+
+// log2 on the SFU (lg2.approx: log2(0) = -inf), for the fp8 value rows' scales.
+__device__ inline float fast_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Decode attention on the tensor cores, for head_dim 64 / 128 over fp16 or fp8 caches: the split
 // kernel's work with the G query heads of a KV head as the rows of an m16n8k16 tile (rows past
 // G are zeros). A split walks its 64-key tiles; each warp takes 16 keys of every tile with its
 // own running max and sum (scores in log2 units, as the prefill kernel). fp16 tiles come in by
 // load_kv_tile (cp.async double buffer, all threads, block barriers); an fp8 warp copies,
-// converts and waits for its own rows alone (the raw bytes double-buffered, copy_fp8_tile, each
-// landed tile converted to one fp16 stage), so an fp8 tile takes no block barrier. The block
+// converts and waits for its own rows alone, so an fp8 tile takes no block barrier: at head_dim
+// 128 the raw bytes (three stages, copy_fp8_block_rows) go straight into the mma fragments
+// (ARCHITECTURE.md, "fp8 straight into the mma fragments"); at 64 they are double-buffered
+// (copy_fp8_tile) and each landed tile converted to one fp16 stage. The block
 // merges its four warps in shared memory at the end. The partial results are the split kernel's;
 // the group's last split to finish merges them (merge_group), so there is no combine launch.
 //
@@ -1155,10 +1226,19 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   // fp8: one fp16 stage [K, V][kTile], then the raw stages [2][K, V][64][D] bytes and their
   // scales [2][K, V][64] floats (copy_fp8_tile), within the fp16 kernel's two stages.
   constexpr bool kRaw = kType == KvType::f8;
-  uint8_t* raw = reinterpret_cast<uint8_t*>(decode_smem + 2 * kTile);
-  float* raw_scales = reinterpret_cast<float*>(raw + 2 * 2 * kPrefillKeys * D);
-  static_assert(!kRaw || (2 * kTile * sizeof(__half) + 2 * 2 * kPrefillKeys * D +
-                          2 * 2 * kPrefillKeys * sizeof(float)) <= prefill_smem_bytes<D>(),
+  // fp8 at head_dim 128: the raw bytes go from the stages straight into the mma fragments (no
+  // fp16 stage; the rows swizzled, copy_kv_rows), the head dimensions permuted so a lane's K
+  // bytes of a key are 32 adjacent ones (the queries permuted to match) and the output
+  // dimensions so its V bytes are 16; V's scale rides in the P·V weights (below).
+  constexpr bool kDirect = kRaw && D == 128;
+  // Tiles in flight: the direct path has no fp16 stage, so three raw stages fit where the fp16
+  // stage and two raw stages were (a warp's 4 KB of entries a tile: 96 KB requested an SM).
+  constexpr int kStages = kDirect ? 3 : 2;
+  constexpr size_t kFp16Stage = kDirect ? 0 : 2 * kTile * sizeof(__half);
+  uint8_t* raw = reinterpret_cast<uint8_t*>(decode_smem) + kFp16Stage;
+  float* raw_scales = reinterpret_cast<float*>(raw + kStages * 2 * kPrefillKeys * D);
+  static_assert(!kRaw || (kFp16Stage + kStages * 2 * kPrefillKeys * D +
+                          kStages * 2 * kPrefillKeys * sizeof(float)) <= prefill_smem_bytes<D>(),
                 "the fp8 stages fit the kernel's shared memory");
   // A warp reads only its own 16 keys of every tile (the scores' B operands and the P·V
   // product's rows), so an fp8 warp copies, converts and waits for those alone: no block barrier
@@ -1168,9 +1248,15 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     if constexpr (kRaw) {
       uint8_t* k_raw = raw + stage * 2 * kPrefillKeys * D;
       float* k_scale = raw_scales + stage * 2 * kPrefillKeys;
-      copy_fp8_tile<D, 32, 16>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_raw,
+      if constexpr (kDirect) {
+        copy_fp8_block_rows<D>(c, a.layer, seq, kvh, tile * kPrefillKeys + warp * 16, n_ctx, k_raw,
                                k_raw + kPrefillKeys * D, k_scale, k_scale + kPrefillKeys,
                                own_key ? pos : -1, lane, warp * 16);
+      } else {
+        copy_fp8_tile<D, 32, 16>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_raw,
+                                 k_raw + kPrefillKeys * D, k_scale, k_scale + kPrefillKeys,
+                                 own_key ? pos : -1, lane, warp * 16);
+      }
     } else {
       __half* k_s = decode_smem + stage * 2 * kTile;
       load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_s,
@@ -1183,7 +1269,16 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   // Rope mode, the split of the token's own key: thread i < D / 2 holds pair (i, i + D / 2) of
   // its new K and V rows.
   float2 k_new = make_float2(0.0f, 0.0f), v_new = make_float2(0.0f, 0.0f);
-  issue(0, tile_begin);  // rope mode: before the wait, earlier calls' keys only
+  // The first kStages - 1 tiles (rope mode: before the wait, earlier calls' keys only); a group
+  // each, empty past the split's end, so the waits below count uniformly.
+#pragma unroll
+  for (int s = 0; s + 1 < kStages; ++s) {
+    if (tile_begin + s < tile_end) {
+      issue(s, tile_begin + s);
+    } else {
+      cp_async_commit();
+    }
+  }
   if (rope) {
     if (tid < kHalf) {
       float cos_v, sin_v;
@@ -1208,7 +1303,40 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   };
   auto pack_q = [&](float2 v) { return pack_half2(v.x * scale, v.y * scale); };
   uint32_t qa[D / 16][4];
-  if (rope) {
+  if constexpr (kDirect) {
+    // Fragment ks of lane (qr, qc) holds head dimensions qc * 32 + 4 ks + {0, 1} (a0, a1) and
+    // + {2, 3} (a2, a3): the K fragments' order below. Rope pairs (d, d + D / 2) are loaded
+    // together, whichever lane's dimensions they are.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = qr + 8 * h;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const int d = qc * 32 + 4 * ks;
+        float4 x = row < G ? *reinterpret_cast<const float4*>(q + int64_t(row) * D + d)
+                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (rope) {
+          const int partner = d < kHalf ? d + kHalf : d - kHalf;
+          const float4 y = row < G
+                               ? *reinterpret_cast<const float4*>(q + int64_t(row) * D + partner)
+                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          const int i0 = d < kHalf ? d : partner;  // the pairs' angle index
+          const float xs[4] = {x.x, x.y, x.z, x.w};
+          const float ys[4] = {y.x, y.y, y.z, y.w};
+          float r[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 an = angles[i0 + e];
+            r[e] =
+                d < kHalf ? rotate(xs[e], ys[e], an.x, an.y).x : rotate(ys[e], xs[e], an.x, an.y).y;
+          }
+          x = make_float4(r[0], r[1], r[2], r[3]);
+        }
+        qa[ks][h] = pack_q(make_float2(x.x, x.y));
+        qa[ks][2 + h] = pack_q(make_float2(x.z, x.w));
+      }
+    }
+  } else if (rope) {
 #pragma unroll
     for (int ks = 0; ks < kPairFrags; ++ks) {
 #pragma unroll
@@ -1238,19 +1366,29 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   }
   // The own key's K row rotated, stored with its V row, and kept (as the cache's reader would
   // see it) for the tile, whose load skipped the row.
+  // The own rows, for the warp whose keys hold them (written once: one barrier). The direct fp8
+  // path keeps them as stored: the K and V rows' bytes [2][D], then their two scales.
+  __shared__ __align__(16) __half own_rows[2][D];
+  uint8_t* own_raw = reinterpret_cast<uint8_t*>(own_rows);
+  float* own_scale = reinterpret_cast<float*>(own_raw + 2 * D);
   __half own_k[2], own_v[2];
   if (own_key) {
     __shared__ float scratch[32];
     const float2 angle = angles[tid < kHalf ? tid : 0];
     const float2 kr = rotate(k_new.x, k_new.y, angle.x, angle.y);
     const int64_t row = cache_row(c, a.layer, seq, kvh, pos);
-    store_row<kType>(c.k, c.k_scale, row, D, tid, kr.x, kr.y, scratch, own_k);
-    store_row<kType>(c.v, c.v_scale, row, D, tid, v_new.x, v_new.y, scratch, own_v);
+    if constexpr (kDirect) {
+      store_row<kType>(c.k, c.k_scale, row, D, tid, kr.x, kr.y, scratch, nullptr, own_raw,
+                       own_scale);
+      store_row<kType>(c.v, c.v_scale, row, D, tid, v_new.x, v_new.y, scratch, nullptr, own_raw + D,
+                       own_scale + 1);
+    } else {
+      store_row<kType>(c.k, c.k_scale, row, D, tid, kr.x, kr.y, scratch, own_k);
+      store_row<kType>(c.v, c.v_scale, row, D, tid, v_new.x, v_new.y, scratch, own_v);
+    }
   }
-  // The own rows, for the warp whose keys hold them (written once: one barrier).
-  __shared__ __align__(16) __half own_rows[2][D];
   if (own_key) {
-    if (tid < kHalf) {
+    if (!kDirect && tid < kHalf) {
       own_rows[0][tid] = own_k[0];
       own_rows[0][tid + kHalf] = own_k[1];
       own_rows[1][tid] = own_v[0];
@@ -1262,20 +1400,148 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  // The direct fp8 path's second running maximum, of score + log2(the key's V scale): o sums
+  // 2^(s + log2 sv - w) v over the raw (exactly converted) V entries, so its largest weight is 1
+  // whatever the rows' scales (an fp16 weight p * sv would leave fp16's range for rows of large
+  // or tiny scale), and l sums 2^(s - m); the end rescales o by 2^(w - m).
+  float w0 = -INFINITY, w1 = -INFINITY;
 
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    const int stage = int((tile - tile_begin) & 1);
-    if (tile + 1 < tile_end) {
-      issue(stage ^ 1, tile + 1);
-      asm volatile("cp.async.wait_group 1;\n" ::);
+    // The tile kStages - 1 ahead goes into the stage the last tile left (read by the barrier or
+    // __syncwarp that ended it), then this tile's group is waited for.
+    const int stage = int((tile - tile_begin) % kStages);
+    const int ahead = stage == 0 ? kStages - 1 : stage - 1;
+    if (tile + kStages - 1 < tile_end) {
+      issue(ahead, tile + kStages - 1);
     } else {
-      asm volatile("cp.async.wait_group 0;\n" ::);
+      cp_async_commit();
     }
+    cp_async_wait<kStages - 1>();
     // fp8: the warp's lanes' copies of its rows have landed; fp16: every thread's copies.
     if constexpr (kRaw) {
       __syncwarp();
     } else {
       __syncthreads();
+    }
+    if constexpr (kDirect) {
+      uint8_t* k_raw = raw + stage * 2 * kPrefillKeys * D;
+      uint8_t* v_raw = k_raw + kPrefillKeys * D;
+      float* k_scale = raw_scales + stage * 2 * kPrefillKeys;
+      float* v_scale = k_scale + kPrefillKeys;
+      if (own_key && tile == own_tile) {  // the own rows, as stored, into the row the copy skipped
+        const int r = int(pos - own_tile * kPrefillKeys);
+        if (r / 16 == warp) {
+          if (lane < 16) {
+            const int u = lane & 7;
+            *reinterpret_cast<uint4*>((lane < 8 ? k_raw : v_raw) + r * D + (u ^ (r & 7)) * 16) =
+                *reinterpret_cast<const uint4*>(own_raw + (lane >> 3) * D + u * 16);
+          } else if (lane < 18) {
+            (lane == 16 ? k_scale : v_scale)[r] = own_scale[lane - 16];
+          }
+        }
+      }
+      __syncwarp();
+      const int64_t key0 = tile * kPrefillKeys + warp * 16;  // this warp's 16 keys
+      // Scores: key nt * 8 + qr's bytes qc * 32 .. + 31 (rows swizzled: r % 8 == qr), word ks
+      // of them the B fragment of k-step ks, converted exactly; the scale multiplies in fp32.
+      float sc[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        const uint8_t* row = k_raw + (warp * 16 + nt * 8 + qr) * D;
+        const uint4 u0 = *reinterpret_cast<const uint4*>(row + ((2 * qc) ^ qr) * 16);
+        const uint4 u1 = *reinterpret_cast<const uint4*>(row + ((2 * qc + 1) ^ qr) * 16);
+        const uint32_t kw[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+          mma_16816(sc[nt], qa[ks], e4m3x2_to_half2(kw[ks]), e4m3x2_to_half2(kw[ks] >> 16));
+        }
+      }
+      // The lane's keys nt * 8 + 2 qc + e: K scales on the scores, log2 of the V scales (0 for
+      // keys past the context: -inf, as their masked scores).
+      float lv[2][2];
+      float mx0 = -INFINITY, mx1 = -INFINITY, mw0 = -INFINITY, mw1 = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = warp * 16 + nt * 8 + 2 * qc + e;
+          const float ks = k_scale[key];
+          lv[nt][e] = fast_log2(v_scale[key]);
+          const bool past = key0 + nt * 8 + 2 * qc + e >= n_ctx;
+          sc[nt][e] = past ? -INFINITY : sc[nt][e] * ks;
+          sc[nt][2 + e] = past ? -INFINITY : sc[nt][2 + e] * ks;
+          mx0 = fmaxf(mx0, sc[nt][e]);
+          mx1 = fmaxf(mx1, sc[nt][2 + e]);
+          mw0 = fmaxf(mw0, sc[nt][e] + lv[nt][e]);
+          mw1 = fmaxf(mw1, sc[nt][2 + e] + lv[nt][e]);
+        }
+      }
+      mx0 = quad_max(mx0);
+      mx1 = quad_max(mx1);
+      mw0 = quad_max(mw0);
+      mw1 = quad_max(mw1);
+      // A warp whose 16 keys are all past the context keeps its state (maxima stay -inf).
+      const float new_m0 = fmaxf(m0, mx0), new_m1 = fmaxf(m1, mx1);
+      const float new_w0 = fmaxf(w0, mw0), new_w1 = fmaxf(w1, mw1);
+      const float alpha0 = new_m0 == -INFINITY ? 1.0f : fast_exp2(m0 - new_m0);
+      const float alpha1 = new_m1 == -INFINITY ? 1.0f : fast_exp2(m1 - new_m1);
+      const float beta0 = new_w0 == -INFINITY ? 1.0f : fast_exp2(w0 - new_w0);
+      const float beta1 = new_w1 == -INFINITY ? 1.0f : fast_exp2(w1 - new_w1);
+      m0 = new_m0;
+      m1 = new_m1;
+      w0 = new_w0;
+      w1 = new_w1;
+      l0 *= alpha0;
+      l1 *= alpha1;
+      // Once the maxima settle most tiles leave o as it is: skip the rescale then.
+      if (__any_sync(0xffffffffu, beta0 != 1.0f || beta1 != 1.0f)) {
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[dt][0] *= beta0;
+          o[dt][1] *= beta0;
+          o[dt][2] *= beta1;
+          o[dt][3] *= beta1;
+        }
+      }
+      float pv[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          l0 += m0 == -INFINITY ? 0.0f : fast_exp2(sc[nt][e] - m0);
+          l1 += m1 == -INFINITY ? 0.0f : fast_exp2(sc[nt][2 + e] - m1);
+          pv[nt][e] = w0 == -INFINITY ? 0.0f : fast_exp2(sc[nt][e] + lv[nt][e] - w0);
+          pv[nt][2 + e] = w1 == -INFINITY ? 0.0f : fast_exp2(sc[nt][2 + e] + lv[nt][e] - w1);
+        }
+      }
+      const uint32_t pa[4] = {pack_half2(pv[0][0], pv[0][1]), pack_half2(pv[0][2], pv[0][3]),
+                              pack_half2(pv[1][0], pv[1][1]), pack_half2(pv[1][2], pv[1][3])};
+      // P·V: output column n of tile dt is head dimension n * 16 + dt, so lane (qr, qc) takes
+      // the 16 bytes qr * 16 .. + 15 of its keys 2 qc, 2 qc + 1 (b0) and 2 qc + 8, 2 qc + 9
+      // (b1), paired a byte of each key at a time.
+      const uint8_t* vrow = v_raw + (warp * 16 + 2 * qc) * D;
+      const int ua = (qr ^ (2 * qc)) * 16;      // rows 2 qc and 2 qc + 8 (r % 8 == 2 qc)
+      const int ub = (qr ^ (2 * qc + 1)) * 16;  // rows 2 qc + 1 and 2 qc + 9
+      const uint4 va = *reinterpret_cast<const uint4*>(vrow + ua);
+      const uint4 vb = *reinterpret_cast<const uint4*>(vrow + D + ub);
+      const uint4 vc = *reinterpret_cast<const uint4*>(vrow + 8 * D + ua);
+      const uint4 vd = *reinterpret_cast<const uint4*>(vrow + 9 * D + ub);
+      const uint32_t wa[4] = {va.x, va.y, va.z, va.w}, wb[4] = {vb.x, vb.y, vb.z, vb.w};
+      const uint32_t wc[4] = {vc.x, vc.y, vc.z, vc.w}, wd[4] = {vd.x, vd.y, vd.z, vd.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t ab01 = __byte_perm(wa[w], wb[w], 0x5140);  // bytes 0, 1 of each key
+        const uint32_t ab23 = __byte_perm(wa[w], wb[w], 0x7362);  // bytes 2, 3
+        const uint32_t cd01 = __byte_perm(wc[w], wd[w], 0x5140);
+        const uint32_t cd23 = __byte_perm(wc[w], wd[w], 0x7362);
+        mma_16816(o[4 * w], pa, e4m3x2_to_half2(ab01), e4m3x2_to_half2(cd01));
+        mma_16816(o[4 * w + 1], pa, e4m3x2_to_half2(ab01 >> 16), e4m3x2_to_half2(cd01 >> 16));
+        mma_16816(o[4 * w + 2], pa, e4m3x2_to_half2(ab23), e4m3x2_to_half2(cd23));
+        mma_16816(o[4 * w + 3], pa, e4m3x2_to_half2(ab23 >> 16), e4m3x2_to_half2(cd23 >> 16));
+      }
+      __syncwarp();  // the warp's rows of the stage are read; the next copy may overwrite them
+      continue;
     }
     __half* k_tile = decode_smem + (kRaw ? 0 : stage) * 2 * kTile;
     if constexpr (kRaw) {
@@ -1331,10 +1597,8 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
       mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
     }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
     // A warp whose 16 keys are all past the context keeps its state (max stays -inf).
     const float new_m0 = fmaxf(m0, mx0);
     const float new_m1 = fmaxf(m1, mx1);
@@ -1381,7 +1645,19 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       __syncthreads();
     }
   }
-  __syncthreads();  // every warp is done with the stages, which hold the merge's buffers next
+  cp_async_wait<0>();  // the groups past the split's end are empty; none is left in flight
+  __syncthreads();     // every warp is done with the stages, which hold the merge's buffers next
+  if constexpr (kDirect) {  // o in the units of m, as the other paths'
+    const float f0 = m0 == -INFINITY ? 0.0f : fast_exp2(w0 - m0);
+    const float f1 = m1 == -INFINITY ? 0.0f : fast_exp2(w1 - m1);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= f0;
+      o[dt][1] *= f0;
+      o[dt][2] *= f1;
+      o[dt][3] *= f1;
+    }
+  }
 
   l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
@@ -1420,7 +1696,8 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       const float mw = red_m[w * 16 + g];
       const float e = mw == -INFINITY ? 0.0f : fast_exp2(mw - m);
       l += e * red_l[w * 16 + g];
-      acc += e * red_o[(w * 16 + g) * D + d];
+      // The direct fp8 path's column dt * 8 + n is head dimension n * 16 + dt.
+      acc += e * red_o[(w * 16 + g) * D + (kDirect ? (d & 15) * 8 + (d >> 4) : d)];
     }
     const int64_t slot = (local * a.n_heads + kvh * G + g) * ws.max_splits + split;
     ws.o[slot * D + d] = acc;

@@ -1388,11 +1388,13 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     }
   }
   if (own_key) {
-    if (!kDirect && tid < kHalf) {
-      own_rows[0][tid] = own_k[0];
-      own_rows[0][tid + kHalf] = own_k[1];
-      own_rows[1][tid] = own_v[0];
-      own_rows[1][tid + kHalf] = own_v[1];
+    if constexpr (!kDirect) {
+      if (tid < kHalf) {
+        own_rows[0][tid] = own_k[0];
+        own_rows[0][tid + kHalf] = own_k[1];
+        own_rows[1][tid] = own_v[0];
+        own_rows[1][tid + kHalf] = own_v[1];
+      }
     }
     __syncthreads();
   }

@@ -773,8 +773,8 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
 // fp8 value rows whose scale (largest entry / 448) is below fp16's normal range: at head_dim 64
 // the decode kernel scales those rows in fp32, the others by an fp16 multiply (a subnormal fp16
 // scale would cost them most of their bits); at 128 the scale rides in the P·V weights, whose
-// largest is 1 whatever the scales. Values of about 2^-16 put every row there; prompts of 200 and 70
-// keys, then a decode step of both sequences over several tiles.
+// largest is 1 whatever the scales. Values of about 2^-16 put every row there; prompts of 200 and
+// 70 keys, then a decode step of both sequences over several tiles.
 TEST(CudaAttentionFp8, SmallValueRowsKeepTheirPrecision) {
   std::vector<AttentionCall> calls = {run_of(0, 0, 200), run_of(1, 0, 70)};
   calls.push_back(AttentionCall{{200, 70}, {0, 1}});

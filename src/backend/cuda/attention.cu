@@ -1151,11 +1151,21 @@ __device__ inline void convert_fp8_tile(const uint8_t* k_raw, const uint8_t* v_r
   }
 }
 
-// Two e4m3 entries (the low and high byte of `v`) as an fp16 pair, low byte in the low half:
-// exact, every e4m3 value is an fp16 value.
-__device__ inline uint32_t e4m3x2_to_half2(uint32_t v) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(v & 0xffffu), __NV_E4M3);
-  return uint32_t(h.x) | uint32_t(h.y) << 16;
+// The four e4m3 entries of `w` as two fp16 pairs, exactly (every e4m3 value is an fp16 value):
+// bytes 0, 1 in lo and bytes 2, 3 in hi, the lower byte in the lower half of each. The halves of w
+// go to the conversions as they are (no shifts or masks to extract them).
+__device__ inline void e4m3x4_to_half2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\ncvt.rn.f16x2.e4m3x2 %0, l;\n"
+      "cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(w));
+#else
+  const __half2_raw a = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w & 0xffffu), __NV_E4M3);
+  const __half2_raw b = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w >> 16), __NV_E4M3);
+  lo = uint32_t(a.x) | uint32_t(a.y) << 16;
+  hi = uint32_t(b.x) | uint32_t(b.y) << 16;
+#endif
 }
 
 // log2 on the SFU (lg2.approx: log2(0) = -inf), for the fp8 value rows' scales.
@@ -1456,7 +1466,9 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
         sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
-          mma_16816(sc[nt], qa[ks], e4m3x2_to_half2(kw[ks]), e4m3x2_to_half2(kw[ks] >> 16));
+          uint32_t b0, b1;
+          e4m3x4_to_half2x2(kw[ks], b0, b1);
+          mma_16816(sc[nt], qa[ks], b0, b1);
         }
       }
       // The lane's keys nt * 8 + 2 qc + e: K scales on the scores, log2 of the V scales (0 for
@@ -1537,10 +1549,13 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
         const uint32_t ab23 = __byte_perm(wa[w], wb[w], 0x7362);  // bytes 2, 3
         const uint32_t cd01 = __byte_perm(wc[w], wd[w], 0x5140);
         const uint32_t cd23 = __byte_perm(wc[w], wd[w], 0x7362);
-        mma_16816(o[4 * w], pa, e4m3x2_to_half2(ab01), e4m3x2_to_half2(cd01));
-        mma_16816(o[4 * w + 1], pa, e4m3x2_to_half2(ab01 >> 16), e4m3x2_to_half2(cd01 >> 16));
-        mma_16816(o[4 * w + 2], pa, e4m3x2_to_half2(ab23), e4m3x2_to_half2(cd23));
-        mma_16816(o[4 * w + 3], pa, e4m3x2_to_half2(ab23 >> 16), e4m3x2_to_half2(cd23 >> 16));
+        uint32_t ab[4], cd[4];  // dimension 4w + j's pairs
+        e4m3x4_to_half2x2(ab01, ab[0], ab[1]);
+        e4m3x4_to_half2x2(ab23, ab[2], ab[3]);
+        e4m3x4_to_half2x2(cd01, cd[0], cd[1]);
+        e4m3x4_to_half2x2(cd23, cd[2], cd[3]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mma_16816(o[4 * w + j], pa, ab[j], cd[j]);
       }
       __syncwarp();  // the warp's rows of the stage are read; the next copy may overwrite them
       continue;

@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <utility>
 
 #include <cooperative_groups.h>
 
@@ -376,10 +377,12 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
   }
 }
 
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kSplit = false>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
+  static_assert(!kSplit || (Pipe<F, MT>::kTiled && !kSwiglu && !kNorm),
+                "column splits: persistent int4 launches outside swiglu and the norm input");
   static_assert(
       kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
       "the dp4a path reads int4 tiles for at most 8 tokens");
@@ -419,7 +422,8 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // block of rank s the chunks [s n / S, (s + 1) n / S) of each of them; the blocks' sums of a
   // tile meet in rank 0 (split_store). The weights with few row tiles (the 1.5B's w_down: 96
   // tiles on 396 block slots) then stream on every SM.
-  constexpr bool kSplittable = kPersistent && !kSwiglu && !kNorm;
+  // Its own instantiation (kSplit), so the unsplit kernels compile as they did without it.
+  constexpr bool kSplittable = kSplit;
   const int splits = kSplittable ? p.col_splits : 1;
   const int rank = kSplittable ? int(blockIdx.x) % splits : 0;
   const int tile0 = kSplittable ? int(blockIdx.x) / splits : int(blockIdx.x);
@@ -1095,14 +1099,14 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
   auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp>;
-  // Column splits (not for swiglu or a norm input): the two buffers of a block's sums of a tile,
-  // after the rest, 16-byte aligned.
+  // Column splits (not for swiglu or a norm input) launch their own instantiation, whose shared
+  // memory adds the two buffers of a block's sums of a tile, after the rest, 16-byte aligned.
   constexpr bool kSplittable = Pipe<F, MT>::kTiled && !kSwiglu && !kNorm;
   constexpr int kSplitValues = kDp > 0 ? 16 * MT * kDp : MT * NT * 4 * 32;
-  constexpr int kSplitBytes = kSplittable ? 16 + 2 * kSplitValues * int(sizeof(float)) : 0;
+  constexpr int kSplitBytes = 16 + 2 * kSplitValues * int(sizeof(float));
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
-  KS_CUDA_CHECK("matmul", set_smem_limit_once(reinterpret_cast<const void*>(kernel),
-                                              kMaxSmem + kSplitBytes, limit_set));
+  KS_CUDA_CHECK("matmul",
+                set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
   int blocks = p.n_tiles;
   if (Pipe<F, MT>::kTiled && launch_persistent(kDp > 0)) {
     // Blocks an SM holds depend only on the instantiation and its shared memory (the input's
@@ -1119,27 +1123,38 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
     const int slots = std::max(1, known->second) * p.sm_count;
     blocks = std::min(blocks, slots);
     if (block_cap > 0) blocks = std::min(blocks, block_cap);
-    const int splits =
-        kSplittable ? column_splits_for(p.n_tiles, ceil_div(p.n_groups, kChunkGroups), slots) : 1;
-    if (splits > 1) {
-      GemvParams split = p;
-      split.col_splits = splits;
-      split.split_offset = (smem + 15) / 16 * 16;
-      const int split_smem = split.split_offset + 2 * kSplitValues * int(sizeof(float));
-      // Clusters that fit at once (a cluster's blocks share a GPC), at most one a tile.
-      cudaLaunchAttribute attrs[2];
-      cudaLaunchConfig_t config = pdl_config(dim3(unsigned(splits)), dim3(kThreads),
-                                             size_t(split_smem), stream, splits, attrs);
-      config.numAttrs = 1;  // the cluster dimension
-      int fit = 0;
-      KS_CUDA_CHECK("matmul", cudaOccupancyMaxActiveClusters(&fit, kernel, &config));
-      int clusters = std::min(p.n_tiles, std::max(1, fit));
-      if (block_cap > 0) clusters = std::min(clusters, std::max(1, block_cap / splits));
-      KS_CUDA_CHECK("matmul",
-                    launch_pdl_clusters(kernel, splits, dim3(unsigned(clusters * splits)),
-                                        dim3(kThreads), size_t(split_smem), stream, split));
-      KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
-      return Status::ok();
+    if constexpr (kSplittable) {
+      const int splits = column_splits_for(p.n_tiles, ceil_div(p.n_groups, kChunkGroups), slots);
+      if (splits > 1) {
+        auto split_kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, true>;
+        static std::atomic<uint64_t> split_limit_set{0};
+        KS_CUDA_CHECK("matmul", set_smem_limit_once(reinterpret_cast<const void*>(split_kernel),
+                                                    kMaxSmem + kSplitBytes, split_limit_set));
+        GemvParams split = p;
+        split.col_splits = splits;
+        split.split_offset = (smem + 15) / 16 * 16;
+        const int split_smem = split.split_offset + 2 * kSplitValues * int(sizeof(float));
+        // Clusters that fit at once (a cluster's blocks share a GPC), at most one a tile; asked
+        // once per (shared memory, splits), like per_sm_of_smem.
+        thread_local std::map<std::pair<int, int>, int> fit_of;
+        auto fit = fit_of.find({split_smem, splits});
+        if (fit == fit_of.end()) {
+          cudaLaunchAttribute attrs[2];
+          cudaLaunchConfig_t config = pdl_config(dim3(unsigned(splits)), dim3(kThreads),
+                                                 size_t(split_smem), stream, splits, attrs);
+          config.numAttrs = 1;  // the cluster dimension
+          int n = 0;
+          KS_CUDA_CHECK("matmul", cudaOccupancyMaxActiveClusters(&n, split_kernel, &config));
+          fit = fit_of.emplace(std::make_pair(split_smem, splits), n).first;
+        }
+        int clusters = std::min(p.n_tiles, std::max(1, fit->second));
+        if (block_cap > 0) clusters = std::min(clusters, std::max(1, block_cap / splits));
+        KS_CUDA_CHECK("matmul",
+                      launch_pdl_clusters(split_kernel, splits, dim3(unsigned(clusters * splits)),
+                                          dim3(kThreads), size_t(split_smem), stream, split));
+        KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
+        return Status::ok();
+      }
     }
   }
   KS_CUDA_CHECK("matmul", launch_pdl(kernel, dim3(unsigned(blocks)), dim3(kThreads), size_t(smem),

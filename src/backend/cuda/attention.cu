@@ -627,16 +627,13 @@ __device__ inline void store_16_halves(__half* dst, const uint4 (&v)[2]) {
 // cp.async of the K and V rows (kRowBytes each, a multiple of 16) of keys key0 + row0 .. key0 +
 // row0 + kRows - 1 of (layer, slot, KV head) into shared rows `dst_stride` bytes apart (row r of
 // the tile at r * dst_stride). Keys at or past kv_len are zero-filled (src-size 0); the row of
-// key `skip` is not copied. No commit. kSwizzle (rows of eight 16-byte units): unit u of row r
-// lands in unit u ^ (r % 8), so the decode kernel's fragment reads of eight rows at once fall in
-// different banks.
-template <int kRowBytes, int kThreads, int kRows = kPrefillKeys, bool kSwizzle = false>
+// key `skip` is not copied. No commit.
+template <int kRowBytes, int kThreads, int kRows = kPrefillKeys>
 __device__ inline void copy_kv_rows(const KvCache& c, int64_t layer, int64_t seq, int kvh,
                                     int64_t key0, int64_t kv_len, uint8_t* k_dst, uint8_t* v_dst,
                                     int dst_stride, int64_t skip, int tid, int row0 = 0) {
   static_assert(kRowBytes % 16 == 0, "rows of 16-byte copies");
   constexpr int kUnits = kRowBytes / 16;
-  static_assert(!kSwizzle || kUnits == 8, "the swizzle permutes eight units a row");
   const uint8_t* kc = static_cast<const uint8_t*>(c.k);
   const uint8_t* vc = static_cast<const uint8_t*>(c.v);
   for (int idx = tid; idx < kRows * kUnits; idx += kThreads) {
@@ -646,9 +643,8 @@ __device__ inline void copy_kv_rows(const KvCache& c, int64_t layer, int64_t seq
     if (key == skip) continue;
     const bool live = key < kv_len;
     const int64_t at = cache_row(c, layer, seq, kvh, live ? key : 0) * kRowBytes + u * 16;
-    const int to = r * dst_stride + (kSwizzle ? (u ^ (r & 7)) : u) * 16;
-    cp_async(k_dst + to, kc + at, 16, live);
-    cp_async(v_dst + to, vc + at, 16, live);
+    cp_async(k_dst + r * dst_stride + u * 16, kc + at, 16, live);
+    cp_async(v_dst + r * dst_stride + u * 16, vc + at, 16, live);
   }
 }
 
@@ -1045,13 +1041,13 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
 // next tile's bytes are in flight while this one is multiplied (load_kv_tile converts fp8 rows
 // with plain loads, which wait for the memory). Keys at or past kv_len are zero-filled, entries
 // and scale (0 * 0: no NaN from unwritten memory); the row of key `skip` is not copied.
-template <int D, int kThreads, int kRows = kPrefillKeys, bool kSwizzle = false>
+template <int D, int kThreads, int kRows = kPrefillKeys>
 __device__ inline void copy_fp8_tile(const KvCache& c, int64_t layer, int64_t seq, int kvh,
                                      int64_t key0, int64_t kv_len, uint8_t* k_raw, uint8_t* v_raw,
                                      float* k_scale, float* v_scale, int64_t skip, int tid,
                                      int row0 = 0) {
-  copy_kv_rows<D, kThreads, kRows, kSwizzle>(c, layer, seq, kvh, key0, kv_len, k_raw, v_raw, D,
-                                             skip, tid, row0);
+  copy_kv_rows<D, kThreads, kRows>(c, layer, seq, kvh, key0, kv_len, k_raw, v_raw, D, skip, tid,
+                                   row0);
   for (int r = row0 + tid; r < row0 + kRows; r += kThreads) {
     const int64_t key = key0 + r;
     const bool live = key < kv_len && key != skip;
@@ -1063,11 +1059,12 @@ __device__ inline void copy_fp8_tile(const KvCache& c, int64_t layer, int64_t se
 }
 
 // The direct fp8 path's copy of one warp's 16 keys key0 .. key0 + 15 (key0 a multiple of 16) into
-// rows row0 .. row0 + 15 of the raw stages, swizzled as copy_kv_rows' kSwizzle, and their scales,
-// as one cp.async group. The 16 keys are one cache block (kKvBlockSize), so their rows are
-// adjacent: one block-table lookup, where copy_kv_rows makes one a 16-byte unit. Keys at or past
-// kv_len are zero-filled (from the block's first row, or key 0's block where the warp has no live
-// key); the row of key `skip` is not copied and its scales are zeros.
+// rows row0 .. row0 + 15 of the raw stages, and their scales, as one cp.async group. The rows are
+// swizzled: unit u of row r lands in unit u ^ (r % 8), so the kernel's fragment reads of eight
+// rows at once fall in different banks. The 16 keys are one cache block (kKvBlockSize), so their
+// rows are adjacent: one block-table lookup, where copy_kv_rows makes one a 16-byte unit. Keys at
+// or past kv_len are zero-filled (from the block's first row, or key 0's block where the warp has
+// no live key); the row of key `skip` is not copied and its scales are zeros.
 template <int D>
 __device__ inline void copy_fp8_block_rows(const KvCache& c, int64_t layer, int64_t seq, int kvh,
                                            int64_t key0, int64_t kv_len, uint8_t* k_raw,
@@ -1233,11 +1230,11 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   const bool own_key = rope && tile_end == n_tiles;
   const int64_t own_tile = n_tiles - 1;
 
-  // fp8: one fp16 stage [K, V][kTile], then the raw stages [2][K, V][64][D] bytes and their
-  // scales [2][K, V][64] floats (copy_fp8_tile), within the fp16 kernel's two stages.
+  // fp8: one fp16 stage [K, V][kTile] (none at head_dim 128), then kStages raw stages
+  // [K, V][64][D] bytes and their scales [K, V][64] floats, within the fp16 kernel's two stages.
   constexpr bool kRaw = kType == KvType::f8;
   // fp8 at head_dim 128: the raw bytes go from the stages straight into the mma fragments (no
-  // fp16 stage; the rows swizzled, copy_kv_rows), the head dimensions permuted so a lane's K
+  // fp16 stage; the rows swizzled, copy_fp8_block_rows), the head dimensions permuted so a lane's K
   // bytes of a key are 32 adjacent ones (the queries permuted to match) and the output
   // dimensions so its V bytes are 16; V's scale rides in the P·V weights (below).
   constexpr bool kDirect = kRaw && D == 128;
@@ -1374,14 +1371,12 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       qa[ks][3] = pack_q(load_q(qr + 8, col + 8));
     }
   }
-  // The own key's K row rotated, stored with its V row, and kept (as the cache's reader would
-  // see it) for the tile, whose load skipped the row.
-  // The own rows, for the warp whose keys hold them (written once: one barrier). The direct fp8
-  // path keeps them as stored: the K and V rows' bytes [2][D], then their two scales.
+  // The own key's K row rotated, stored with its V row, and kept for the warp whose keys hold it
+  // (the tile's copy skipped the row; written once: one barrier): as the cache's reader would see
+  // it, or, on the direct fp8 path, as stored: the K and V rows' bytes [2][D], then their scales.
   __shared__ __align__(16) __half own_rows[2][D];
   uint8_t* own_raw = reinterpret_cast<uint8_t*>(own_rows);
   float* own_scale = reinterpret_cast<float*>(own_raw + 2 * D);
-  __half own_k[2], own_v[2];
   if (own_key) {
     __shared__ float scratch[32];
     const float2 angle = angles[tid < kHalf ? tid : 0];
@@ -1393,12 +1388,9 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       store_row<kType>(c.v, c.v_scale, row, D, tid, v_new.x, v_new.y, scratch, nullptr, own_raw + D,
                        own_scale + 1);
     } else {
+      __half own_k[2], own_v[2];
       store_row<kType>(c.k, c.k_scale, row, D, tid, kr.x, kr.y, scratch, own_k);
       store_row<kType>(c.v, c.v_scale, row, D, tid, v_new.x, v_new.y, scratch, own_v);
-    }
-  }
-  if (own_key) {
-    if constexpr (!kDirect) {
       if (tid < kHalf) {
         own_rows[0][tid] = own_k[0];
         own_rows[0][tid + kHalf] = own_k[1];

@@ -377,6 +377,12 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
   }
 }
 
+// Values of a block's sums of one tile that a column split hands to its cluster's rank 0: the
+// dp4a path's 16 MT rows x kDp tokens, the mma path's MT x NT accumulator fragments.
+constexpr int split_values(int MT, int NT, int kDp) {
+  return kDp > 0 ? 16 * MT * kDp : MT * NT * 4 * 32;
+}
+
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kSplit = false>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
@@ -423,11 +429,10 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // tile meet in rank 0 (split_store). The weights with few row tiles (the 1.5B's w_down: 96
   // tiles on 396 block slots) then stream on every SM.
   // Its own instantiation (kSplit), so the unsplit kernels compile as they did without it.
-  constexpr bool kSplittable = kSplit;
-  const int splits = kSplittable ? p.col_splits : 1;
-  const int rank = kSplittable ? int(blockIdx.x) % splits : 0;
-  const int tile0 = kSplittable ? int(blockIdx.x) / splits : int(blockIdx.x);
-  const int tile_step = kSplittable ? int(gridDim.x) / splits : int(gridDim.x);
+  const int splits = kSplit ? p.col_splits : 1;
+  const int rank = kSplit ? int(blockIdx.x) % splits : 0;
+  const int tile0 = kSplit ? int(blockIdx.x) / splits : int(blockIdx.x);
+  const int tile_step = kSplit ? int(gridDim.x) / splits : int(gridDim.x);
   const int n_my_tiles = !kPersistent        ? 1
                          : tile0 < p.n_tiles ? (p.n_tiles - 1 - tile0) / tile_step + 1
                                              : 0;
@@ -602,7 +607,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // rank 0 adds in rank order (the same bits whichever cluster takes the tile) and stores. One
   // cluster barrier a tile: a block writes a buffer again two tiles later, after the barrier of
   // the tile between, which rank 0 reaches only when it has read the buffer.
-  constexpr int kSplitValues = kDp > 0 ? 16 * MT * kDp : MT * NT * 4 * 32;
+  constexpr int kSplitValues = split_values(MT, NT, kDp);
   float* split_sums = reinterpret_cast<float*>(smem + p.split_offset);
   auto split_store = [&](int iter, int count, auto&& store) {
     cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
@@ -725,6 +730,10 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       if (!p.early_trigger && iter + 1 == n_my_tiles) pdl_trigger();
       __syncthreads();
       constexpr int kRowsOut = kSwiglu ? 16 : 16 * MT;
+      // Output e is token e % kDp of row e / kDp.
+      auto store_sum = [&](int e, float sum) {
+        store_output(p, at.job, at.row_base + e / kDp, e % kDp, sum);
+      };
       for (int e = threadIdx.x; e < kRowsOut * kDp; e += kThreads) {
         const int t = e % kDp;
         const int r = e / kDp;
@@ -739,18 +748,14 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
         };
         if constexpr (kSwiglu) {
           store_swiglu_output(p, at.row_base + r, t, warp_sum_of(0), warp_sum_of(1));
-        } else if (kSplittable && splits > 1) {
+        } else if (kSplit && splits > 1) {
           split_sums[(iter & 1) * kSplitValues + e] = warp_sum_of(r >> 4);
         } else {
-          store_output(p, at.job, at.row_base + r, t, warp_sum_of(r >> 4));
+          store_sum(e, warp_sum_of(r >> 4));
         }
       }
-      if constexpr (kSplittable) {
-        if (splits > 1) {
-          split_store(iter, kRowsOut * kDp, [&](int e, float sum) {
-            store_output(p, at.job, at.row_base + e / kDp, e % kDp, sum);
-          });
-        }
+      if constexpr (kSplit) {
+        if (splits > 1) split_store(iter, kRowsOut * kDp, store_sum);
       }
       __syncthreads();  // dp_sums is the next tile's
       continue;
@@ -789,38 +794,33 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
                             (idx >> 2) * 8 + (l & 3) * 2 + (i & 1), g, u);
       }
     } else {
-      for (int e = threadIdx.x; e < kValues * 32; e += kThreads) {
+      // Output e is lane l = e % 32's accumulator (mt, nt, i) = e / 32.
+      auto store_sum = [&](int e, float sum) {
         const int l = e & 31;
         const int idx = e >> 5;
-        float sum = 0.0f;
-#pragma unroll
-        for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][idx][l];
-        if (kSplittable && splits > 1) {
-          split_sums[(iter & 1) * kSplitValues + e] = sum;
-          continue;
-        }
         const int i = idx & 3;
         const int nt = (idx >> 2) % NT;
         const int mt = (idx >> 2) / NT;
         store_output(p, at.job, at.row_base + mt * 16 + (l >> 2) + (i >= 2 ? 8 : 0),
                      nt * 8 + (l & 3) * 2 + (i & 1), sum);
-      }
-      if constexpr (kSplittable) {
-        if (splits > 1) {
-          split_store(iter, kValues * 32, [&](int e, float sum) {
-            const int l = e & 31;
-            const int i = (e >> 5) & 3;
-            const int nt = ((e >> 5) >> 2) % NT;
-            const int mt = ((e >> 5) >> 2) / NT;
-            store_output(p, at.job, at.row_base + mt * 16 + (l >> 2) + (i >= 2 ? 8 : 0),
-                         nt * 8 + (l & 3) * 2 + (i & 1), sum);
-          });
+      };
+      for (int e = threadIdx.x; e < kValues * 32; e += kThreads) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][e >> 5][e & 31];
+        if (kSplit && splits > 1) {
+          split_sums[(iter & 1) * kSplitValues + e] = sum;
+        } else {
+          store_sum(e, sum);
         }
+      }
+      if constexpr (kSplit) {
+        if (splits > 1) split_store(iter, kValues * 32, store_sum);
       }
     }
     if constexpr (kPersistent) __syncthreads();  // `partial` is the next tile's
   }                                              // tiles
-  if constexpr (kSplittable) {
+  if constexpr (kSplit) {
     // Rank 0 reads the other blocks' shared memory until its last tile is stored.
     if (splits > 1) cooperative_groups::this_cluster().sync();
   }
@@ -1102,7 +1102,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   // Column splits (not for swiglu or a norm input) launch their own instantiation, whose shared
   // memory adds the two buffers of a block's sums of a tile, after the rest, 16-byte aligned.
   constexpr bool kSplittable = Pipe<F, MT>::kTiled && !kSwiglu && !kNorm;
-  constexpr int kSplitValues = kDp > 0 ? 16 * MT * kDp : MT * NT * 4 * 32;
+  constexpr int kSplitValues = split_values(MT, NT, kDp);
   constexpr int kSplitBytes = 16 + 2 * kSplitValues * int(sizeof(float));
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",

@@ -970,6 +970,25 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
   const int tid = threadIdx.x;
   const int64_t q_dim = int64_t(a.n_heads) * D;
   const int64_t head0 = local * a.n_heads + int64_t(kvh) * G;  // the group's first (token, head)
+  // Rope mode: the group's q heads and its K head are left rotated in place. Their pairs are
+  // loaded first, with the partial results, so the write-back adds no round trip of its own.
+  constexpr int kPairsPerThread = (16 + 1) * kHalf / kPrefillThreads + 1;  // G <= 16
+  float2 pairs[kPairsPerThread];
+  auto pair_head = [&](int g) {
+    return g < G ? a.q + t * q_dim + (int64_t(kvh) * G + g) * D
+                 : a.k + (t * c.n_kv_heads + kvh) * int64_t(D);
+  };
+  const bool rope = a.inv_freq != nullptr;
+  if (rope) {
+#pragma unroll
+    for (int j = 0; j < kPairsPerThread; ++j) {
+      const int idx = tid + j * kPrefillThreads;
+      if (idx < (G + 1) * kHalf) {
+        const float* head = pair_head(idx / kHalf);
+        pairs[j] = make_float2(head[idx % kHalf], head[idx % kHalf + kHalf]);
+      }
+    }
+  }
   for (int idx = tid; idx < G * kQuads; idx += kPrefillThreads) {
     const int g = idx / kQuads;
     const int d = (idx % kQuads) * 4;
@@ -1023,16 +1042,17 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
     }
   }
   if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
-  if (a.inv_freq == nullptr) return;
-  // Rope mode: the group's q heads and its K head, rotated in place.
-  for (int idx = tid; idx < (G + 1) * kHalf; idx += kPrefillThreads) {
-    const int g = idx / kHalf;
-    const int i = idx % kHalf;
-    float* head = g < G ? a.q + t * q_dim + (int64_t(kvh) * G + g) * D
-                        : a.k + (t * c.n_kv_heads + kvh) * int64_t(D);
-    const float2 r = rotate(head[i], head[i + kHalf], angles[i].x, angles[i].y);
-    head[i] = r.x;
-    head[i + kHalf] = r.y;
+  if (!rope) return;
+#pragma unroll
+  for (int j = 0; j < kPairsPerThread; ++j) {
+    const int idx = tid + j * kPrefillThreads;
+    if (idx < (G + 1) * kHalf) {
+      const int i = idx % kHalf;
+      float* head = pair_head(idx / kHalf);
+      const float2 r = rotate(pairs[j].x, pairs[j].y, angles[i].x, angles[i].y);
+      head[i] = r.x;
+      head[i + kHalf] = r.y;
+    }
   }
 }
 
@@ -1200,9 +1220,14 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     attention_split_mma_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws, int64_t token_begin,
                                int n_splits) {
   const bool rope = a.inv_freq != nullptr;
+  // The profile's marks (ws.profile): thread 0's clock at each phase's end.
+  __shared__ uint64_t marks[7];
+  const bool mark = ws.profile != 0 && threadIdx.x == 0;
+  if (mark) marks[0] = global_ns();
   if (!rope) {
     pdl_wait();
     pdl_trigger();
+    if (mark) marks[1] = global_ns();
   }
   constexpr int kStride = D + 8;
   constexpr int kTile = kPrefillKeys * kStride;
@@ -1295,6 +1320,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     __syncthreads();
     pdl_wait();
     pdl_trigger();
+    if (mark) marks[1] = global_ns();
     if (own_key && tid < kHalf) {  // requested before the queries, to overlap them
       const int64_t at = t * int64_t(c.n_kv_heads) * D + int64_t(kvh) * D + tid;
       k_new = make_float2(a.k[at], a.k[at + kHalf]);
@@ -1400,6 +1426,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     }
     __syncthreads();
   }
+  if (mark) marks[2] = global_ns();
   float o[D / 8][4];
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
@@ -1656,6 +1683,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   }
   cp_async_wait<0>();  // the groups past the split's end are empty; none is left in flight
   __syncthreads();     // every warp is done with the stages, which hold the merge's buffers next
+  if (mark) marks[3] = global_ns();
   if constexpr (kDirect) {  // o in the units of m, as the other paths'
     const float f0 = m0 == -INFINITY ? 0.0f : fast_exp2(w0 - m0);
     const float f1 = m1 == -INFINITY ? 0.0f : fast_exp2(w1 - m1);
@@ -1717,21 +1745,34 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   }
   // Arrival: the block's partial results are visible device-wide before its count, and the
   // split that brings the count to the group's splits merges them (and sets the count back to
-  // zero for the next launch).
+  // zero for the next launch). The fences cost the merging chain ~3-4 us (the wait for the
+  // writes' acknowledgements); thread 0 alone fencing (fence.acq_rel) after the barrier moved
+  // that wait into its fence and saved nothing (PERF.md, fifteenth session).
   if (ws.arrivals == nullptr) return;  // the combine kernel merges (a measurement aid)
   __shared__ bool merges;
   const int used = splits_used(n_ctx, n_splits, kPrefillKeys);
   __threadfence();
   __syncthreads();
   if (tid == 0) {
+    if (mark) marks[4] = global_ns();
     unsigned* count = ws.arrivals + local * c.n_kv_heads + kvh;
     merges = atomicAdd(count, 1u) + 1 == unsigned(used);
     if (merges) *count = 0;
+    if (mark) marks[5] = global_ns();
   }
   __syncthreads();
   if (!merges) return;
   __threadfence();
   merge_group<D>(a, c, ws, local, t, kvh, G, used, angles);
+  if (mark && a.layer == 1 && local == 0 && kvh == 0 && pos % 256 == 0) {
+    marks[6] = global_ns();
+    printf(
+        "attention profile (us, pos %lld, split %d of %d, layer 1): wait %.2f q %.2f tiles %.2f "
+        "partials %.2f arrive %.2f merge %.2f total %.2f\n",
+        static_cast<long long>(pos), split, used, (marks[1] - marks[0]) * 1e-3,
+        (marks[2] - marks[1]) * 1e-3, (marks[3] - marks[2]) * 1e-3, (marks[4] - marks[3]) * 1e-3,
+        (marks[5] - marks[4]) * 1e-3, (marks[6] - marks[5]) * 1e-3, (marks[6] - marks[0]) * 1e-3);
+  }
 }
 
 // Calls f(std::integral_constant<KvType, type>{}) for the cache's entry type.

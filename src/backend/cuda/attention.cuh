@@ -100,6 +100,9 @@ struct DecodeWorkspace {
   unsigned* arrivals = nullptr;
   int max_splits = 0;  // decode_splits(sm_count, n_kv_heads, 1, max_context)
   int sm_count = 1;
+  // KESTREL_CUDA_ATTENTION_PROFILE (a measurement aid): the tensor-core decode kernel's merging
+  // block prints its phase times (layer 1, the first token's first KV head, every 256 positions).
+  int profile = 0;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

@@ -92,6 +92,13 @@ __device__ inline void pdl_trigger() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
 }
 
+// The device-wide clock in nanoseconds (profiles that compare blocks on different SMs).
+__device__ inline uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // The launch configuration of launch_pdl_clusters, its attributes in `attrs`: with cluster > 1,
 // clusters of that many blocks along x (attrs[0]), then programmatic stream serialization (the
 // last). An occupancy query (cudaOccupancyMaxActiveClusters) takes the config with numAttrs = 1:

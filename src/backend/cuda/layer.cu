@@ -100,12 +100,6 @@ __device__ inline int dp4a_us(uint32_t a, uint32_t b, int c) {
   return d;
 }
 
-__device__ inline uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // All blocks arrive before any leaves; writes before it are visible to every block after it.
 __device__ void grid_barrier(unsigned* arrive, unsigned* generation) {
   __syncthreads();  // the block's writes are observed by thread 0, whose fence publishes them

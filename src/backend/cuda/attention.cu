@@ -1224,9 +1224,13 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   __shared__ uint64_t marks[7];
   const bool mark = ws.profile != 0 && threadIdx.x == 0;
   if (mark) marks[0] = global_ns();
+  // ws.late_trigger (a measurement switch): the next kernel's blocks are let in at the arrival
+  // instead of right after the wait, so their weight stream does not share the memory system
+  // with this kernel's chain of stores, fence and loads.
+  const bool early_trigger = ws.late_trigger == 0;
   if (!rope) {
     pdl_wait();
-    pdl_trigger();
+    if (early_trigger) pdl_trigger();
     if (mark) marks[1] = global_ns();
   }
   constexpr int kStride = D + 8;
@@ -1319,7 +1323,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     }
     __syncthreads();
     pdl_wait();
-    pdl_trigger();
+    if (early_trigger) pdl_trigger();
     if (mark) marks[1] = global_ns();
     if (own_key && tid < kHalf) {  // requested before the queries, to overlap them
       const int64_t at = t * int64_t(c.n_kv_heads) * D + int64_t(kvh) * D + tid;
@@ -1748,6 +1752,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   // zero for the next launch). The fences cost the merging chain ~3-4 us (the wait for the
   // writes' acknowledgements); thread 0 alone fencing (fence.acq_rel) after the barrier moved
   // that wait into its fence and saved nothing (PERF.md, fifteenth session).
+  if (!early_trigger) pdl_trigger();
   if (ws.arrivals == nullptr) return;  // the combine kernel merges (a measurement aid)
   __shared__ bool merges;
   const int used = splits_used(n_ctx, n_splits, kPrefillKeys);

@@ -103,6 +103,9 @@ struct DecodeWorkspace {
   // KESTREL_CUDA_ATTENTION_PROFILE (a measurement aid): the tensor-core decode kernel's merging
   // block prints its phase times (layer 1, the first token's first KV head, every 256 positions).
   int profile = 0;
+  // KESTREL_CUDA_ATTENTION_TRIGGER=late (a measurement aid): the tensor-core decode kernel lets
+  // the next kernel launch at its arrival, not right after its wait for q/k/v.
+  int late_trigger = 0;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

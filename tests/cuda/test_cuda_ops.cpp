@@ -195,55 +195,13 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   }
 }
 
-// The int4 GEMV kinds the GEMV tests below run: sym and asym, 32- and 64-wide blocks.
+// The int4 GEMV kinds the row-warp GEMV test below runs: sym and asym, 32- and 64-wide blocks.
 struct Int4Case {
   WeightFormat format;
   int block;
 };
 constexpr Int4Case kInt4Cases[] = {
     {WeightFormat::sym_int4, 32}, {WeightFormat::sym_int4, 64}, {WeightFormat::asym_int4, 32}};
-
-// The persistent int4 GEMV in column splits (set_gemv_column_splits, forced here: clusters of 2,
-// 3 and 4 blocks, each over a share of every row tile's chunks, their sums added in the cluster's
-// first block) on every GEMV kind of a layer and the lm_head, on the dp4a path (1 and 2 tokens)
-// and the mma path (5: one n-tile, 16: two); gate/up (swiglu) and a fused norm input (q/k/v and
-// the lm_head at one token) keep one split. Against the CPU backend, against no split (the same
-// arithmetic summed in another order: a chunk taken twice or not at all, or a block's sums in the
-// wrong rows, gives errors near 1), and the same bits on a wave of clusters and on one cluster
-// looping over every tile. 1024 columns are 8 chunks, so 3 and 4 splits leave a block fewer chunks
-// than warps; w_down's 2112 are 17, the last one half empty, split unevenly; its residual add
-// happens once, in the first block. The lm_head's 10000 rows are 313 tiles of 32 (two m-tiles,
-// the instance the rule splits at batch 16; the last tile half past the end), more than a wave of
-// clusters holds, so the wave loops too. sym and asym int4, 32- and 64-wide blocks.
-TEST(CudaOps, ColumnSplitGemvMatchesCpuAndOneSplit) {
-  for (const Int4Case& fc : kInt4Cases) {
-    SCOPED_TRACE(std::string(format_name(fc.format)) + " block " + std::to_string(fc.block));
-    ModelConfig config = small_config(1024, 2112, 8, 2, 64, 10000);
-    config.n_layers = 1;
-    ModelWeights weights = random_model(config, fc.format, fc.block, true, 4500 + fc.block);
-    BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
-    for (int64_t n : {1, 2, 5, 16}) {
-      const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4600 + n, 2.0f);
-      const std::vector<float> cpu = layer_gemv_outputs(*pair.cpu, pair, weights, n, x);
-      const std::vector<float> one = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-      for (int splits : {2, 3, 4}) {
-        SCOPED_TRACE("n=" + std::to_string(n) + ", " + std::to_string(splits) + " splits");
-        cuda::set_gemv_column_splits(splits);
-        const std::vector<float> wave = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-        cuda::set_gemv_block_cap(splits);  // one cluster
-        const std::vector<float> looped = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-        cuda::set_gemv_block_cap(0);
-        cuda::set_gemv_column_splits(0);
-        ASSERT_FALSE(wave.empty());
-        EXPECT_TRUE(no_nan(wave)) << "an output left unwritten";
-        EXPECT_LE(rel_error(wave, cpu), 3e-2) << "column splits vs CPU";
-        EXPECT_LE(rel_error(wave, one), 1e-5) << "column splits vs one split";
-        EXPECT_EQ(bits_differ(wave, looped), 0u) << "of " << wave.size() << " values";
-      }
-    }
-  }
-}
 
 // The row-warp GEMV (gemv.cu; forced here, as the test weights are too small for its default
 // rule) on every GEMV kind of a layer and the lm_head, int4 with 32- and 64-wide blocks, sym and

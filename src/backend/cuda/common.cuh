@@ -99,46 +99,21 @@ __device__ inline uint64_t global_ns() {
   return t;
 }
 
-// The launch configuration of launch_pdl_clusters, its attributes in `attrs`: with cluster > 1,
-// clusters of that many blocks along x (attrs[0]), then programmatic stream serialization (the
-// last). An occupancy query (cudaOccupancyMaxActiveClusters) takes the config with numAttrs = 1:
-// the cluster dimension alone.
-inline cudaLaunchConfig_t pdl_config(dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                                     int cluster, cudaLaunchAttribute (&attrs)[2]) {
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization.
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  int n = 0;
-  if (cluster > 1) {
-    attrs[n].id = cudaLaunchAttributeClusterDimension;
-    attrs[n].val.clusterDim.x = unsigned(cluster);
-    attrs[n].val.clusterDim.y = 1;
-    attrs[n].val.clusterDim.z = 1;
-    ++n;
-  }
-  attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attrs[n].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attrs;
-  config.numAttrs = unsigned(n + 1);
-  return config;
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization, in
-// clusters of `cluster` blocks along x when cluster > 1.
-template <typename... KernelArgs, typename... Args>
-cudaError_t launch_pdl_clusters(void (*kernel)(KernelArgs...), int cluster, dim3 grid, dim3 block,
-                                size_t smem, cudaStream_t stream, Args&&... args) {
-  cudaLaunchAttribute attrs[2];
-  const cudaLaunchConfig_t config = pdl_config(grid, block, smem, stream, cluster, attrs);
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-}
-
-template <typename... KernelArgs, typename... Args>
-cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
-                       cudaStream_t stream, Args&&... args) {
-  return launch_pdl_clusters(kernel, 1, grid, block, smem, stream, std::forward<Args>(args)...);
 }
 
 // Asynchronous global -> shared copies (the weight rings of the GEMV and the layer kernel). A

@@ -65,15 +65,6 @@ void set_gemv_block_cap(int blocks);
 // (KESTREL_CUDA_GEMV_ROWS_KERNEL sets the starting value); process-wide, like set_gemv_block_cap.
 void set_gemv_rows_kernel(int mode);
 
-// Column splits of the persistent int4 GEMV (gemv.cu: clusters of blocks, each taking a share of
-// every row tile's columns, their sums meeting in the cluster's first block), for weights with
-// few row tiles: 0 (the default) none, 1 by the rule (4 or 2 splits where the units still fit a
-// wave, at least two chunks a warp: the 1.5B's w_down), n >= 2 forced wherever a block keeps a
-// chunk. Never for gate/up (swiglu) or a fused norm input. A test aid and measurement switch
-// (KESTREL_CUDA_GEMV_COLUMN_SPLITS sets the starting value); process-wide, like
-// set_gemv_block_cap.
-void set_gemv_column_splits(int mode);
-
 // Key groups of the flash prefill attention kernel (attention.cu): 1 or 2 forces them for every
 // launch, 0 (the default) chooses by the grid (two where it holds no more blocks than two per
 // SM). A test aid and measurement switch (KESTREL_CUDA_PREFILL_ATTENTION_GROUPS sets the starting

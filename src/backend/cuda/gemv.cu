@@ -34,9 +34,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <map>
-#include <utility>
-
-#include <cooperative_groups.h>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.cuh"
@@ -48,7 +45,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunkGroups = 4;  // groups of 32 columns per warp iteration (one per lane of a quad)
-constexpr int kMaxColumnSplits = 8;  // blocks of a cluster, the portable most
 
 struct GemvParams {
   GemvJob jobs[kMaxGemvJobs];
@@ -61,10 +57,6 @@ struct GemvParams {
   int sm_count = 0;            // host only: the device's SMs
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
-  // Column splits (gemv_kernel): the launch is in clusters of col_splits blocks, each taking a
-  // share of every tile's chunks; their sums meet in rank 0's shared memory at split_offset.
-  int col_splits = 1;
-  int split_offset = 0;
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -377,18 +369,10 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
   }
 }
 
-// Values of a block's sums of one tile that a column split hands to its cluster's rank 0: the
-// dp4a path's 16 MT rows x kDp tokens, the mma path's MT x NT accumulator fragments.
-constexpr int split_values(int MT, int NT, int kDp) {
-  return kDp > 0 ? 16 * MT * kDp : MT * NT * 4 * 32;
-}
-
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kSplit = false>
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
-  static_assert(!kSplit || (Pipe<F, MT>::kTiled && !kSwiglu && !kNorm),
-                "column splits: persistent int4 launches outside swiglu and the norm input");
   static_assert(
       kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
       "the dp4a path reads int4 tiles for at most 8 tokens");
@@ -423,25 +407,15 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // cursor's offsets, which run ahead into the next tile, and only the tiled formats need no
   // per-tile state there.
   constexpr bool kPersistent = Pipe<F, MT>::kTiled;
-  // Column splits (p.col_splits = S > 1; persistent launches outside swiglu and the norm input):
-  // the grid is clusters of S blocks, cluster c taking tiles c, c + the clusters, ..., and its
-  // block of rank s the chunks [s n / S, (s + 1) n / S) of each of them; the blocks' sums of a
-  // tile meet in rank 0 (split_store). The weights with few row tiles (the 1.5B's w_down: 96
-  // tiles on 396 block slots) then stream on every SM.
-  // Its own instantiation (kSplit), so the unsplit kernels compile as they did without it.
-  const int splits = kSplit ? p.col_splits : 1;
-  const int rank = kSplit ? int(blockIdx.x) % splits : 0;
-  const int tile0 = kSplit ? int(blockIdx.x) / splits : int(blockIdx.x);
-  const int tile_step = kSplit ? int(gridDim.x) / splits : int(gridDim.x);
+  // This block's tiles: tile0, tile0 + tile_step, ...
+  const int tile0 = int(blockIdx.x);
+  const int tile_step = int(gridDim.x);
   const int n_my_tiles = !kPersistent        ? 1
                          : tile0 < p.n_tiles ? (p.n_tiles - 1 - tile0) / tile_step + 1
                                              : 0;
 
   float acc[MT][NT][4];
-  // This block's chunks of every tile: [chunk_begin, n_chunks).
-  const int64_t all_chunks = (p.n_groups + kChunkGroups - 1) / kChunkGroups;
-  const int64_t chunk_begin = all_chunks * rank / splits;
-  const int64_t n_chunks = all_chunks * (rank + 1) / splits;
+  const int64_t n_chunks = (p.n_groups + kChunkGroups - 1) / kChunkGroups;
   using P = Pipe<F, MT>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* pipe = smem + warp * P::kStages * P::kWarpStageBytes;
@@ -573,8 +547,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 
   // The warp's chunks of a tile: warp, warp + kWarps, ... below n_chunks. The issue cursor walks
   // them tile after tile, one commit group per call whether it copies or not.
-  const int64_t my_chunks = n_chunks - chunk_begin;
-  const int per_tile = warp < my_chunks ? int((my_chunks - 1 - warp) / kWarps) + 1 : 0;
+  const int per_tile = warp < n_chunks ? int((n_chunks - 1 - warp) / kWarps) + 1 : 0;
   int issue_iter = 0;  // the cursor's tile (of this block's) and its chunk slot
   int issue_slot = 0;
   if (!kPersistent || n_my_tiles > 0) set_issue_tile(tile0);
@@ -583,7 +556,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       // One tile: issue() itself skips (and still commits) chunks past the end.
       issue(stage, warp + int64_t(issue_slot++) * kWarps);
     } else if (issue_iter < n_my_tiles && per_tile > 0) {
-      issue(stage, chunk_begin + warp + int64_t(issue_slot) * kWarps);
+      issue(stage, warp + int64_t(issue_slot) * kWarps);
       if (++issue_slot == per_tile) {
         issue_slot = 0;
         if (++issue_iter < n_my_tiles) set_issue_tile(tile0 + issue_iter * tile_step);
@@ -603,25 +576,6 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // dp4a mode: the warps' row sums of a tile meet here, after the input stage.
   float* dp_sums = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xqp) +
                                             kDp * p.n_groups * int64_t(sizeof(int2)));
-  // Column splits: each block's sums of a tile, in two buffers (by the tile's parity), which
-  // rank 0 adds in rank order (the same bits whichever cluster takes the tile) and stores. One
-  // cluster barrier a tile: a block writes a buffer again two tiles later, after the barrier of
-  // the tile between, which rank 0 reaches only when it has read the buffer.
-  constexpr int kSplitValues = split_values(MT, NT, kDp);
-  float* split_sums = reinterpret_cast<float*>(smem + p.split_offset);
-  auto split_store = [&](int iter, int count, auto&& store) {
-    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    cluster.sync();
-    if (rank == 0) {
-      for (int e = threadIdx.x; e < count; e += kThreads) {
-        float total = 0.0f;
-        for (int r = 0; r < splits; ++r) {
-          total += cluster.map_shared_rank(split_sums, r)[(iter & 1) * kSplitValues + e];
-        }
-        store(e, total);
-      }
-    }
-  };
   int stage = 0;
   for (int iter = 0; iter < n_my_tiles; ++iter) {
     const TileAt at = locate(tile0 + iter * tile_step);
@@ -640,8 +594,8 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 #pragma unroll
         for (int t = 0; t < (kDp > 0 ? kDp : 1); ++t) dacc[mt][h][t] = 0.0f;
     uint32_t b_cur[NT][4][4];
-    if constexpr (kDp == 0) load_b(chunk_begin + warp, b_cur);
-    for (int64_t chunk = chunk_begin + warp; chunk < n_chunks; chunk += kWarps) {
+    if constexpr (kDp == 0) load_b(warp, b_cur);
+    for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
       uint32_t b_next[NT][4][4];
       if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
       cp_async_wait<P::kStages - 1>();
@@ -748,14 +702,9 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
         };
         if constexpr (kSwiglu) {
           store_swiglu_output(p, at.row_base + r, t, warp_sum_of(0), warp_sum_of(1));
-        } else if (kSplit && splits > 1) {
-          split_sums[(iter & 1) * kSplitValues + e] = warp_sum_of(r >> 4);
         } else {
           store_sum(e, warp_sum_of(r >> 4));
         }
-      }
-      if constexpr (kSplit) {
-        if (splits > 1) split_store(iter, kRowsOut * kDp, store_sum);
       }
       __syncthreads();  // dp_sums is the next tile's
       continue;
@@ -808,22 +757,11 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
         float sum = 0.0f;
 #pragma unroll
         for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][e >> 5][e & 31];
-        if (kSplit && splits > 1) {
-          split_sums[(iter & 1) * kSplitValues + e] = sum;
-        } else {
-          store_sum(e, sum);
-        }
-      }
-      if constexpr (kSplit) {
-        if (splits > 1) split_store(iter, kValues * 32, store_sum);
+        store_sum(e, sum);
       }
     }
     if constexpr (kPersistent) __syncthreads();  // `partial` is the next tile's
   }                                              // tiles
-  if constexpr (kSplit) {
-    // Rank 0 reads the other blocks' shared memory until its last tile is stored.
-    if (splits > 1) cooperative_groups::this_cluster().sync();
-  }
   if constexpr (kSwiglu) zero_swiglu_shadow_pad(p);
 }
 
@@ -1043,31 +981,6 @@ constexpr int dp_sums_bytes(int kDp, int MT) {
 
 int block_cap = 0;  // set_gemv_block_cap
 
-// set_gemv_column_splits (KESTREL_CUDA_GEMV_COLUMN_SPLITS as its starting value): 0 none, 1 the
-// rule (column_splits_for), n >= 2 n splits wherever a launch can take them.
-int column_splits_mode = [] {
-  const char* v = std::getenv("KESTREL_CUDA_GEMV_COLUMN_SPLITS");
-  const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 0;
-  return std::clamp(m, 0, kMaxColumnSplits);
-}();
-
-// Column splits of a persistent launch of n_tiles row tiles of n_chunks chunks on `slots` block
-// slots (a wave): by the rule, the most of 4 and 2 whose units (tiles x splits) still fit one
-// wave, each unit keeping at least two chunks a warp (the 1.5B's w_down: 96 tiles of 70 chunks,
-// 4 splits); weights with enough tiles to fill the SMs take none. Forced, n splits wherever each
-// block keeps a chunk.
-int column_splits_for(int n_tiles, int64_t n_chunks, int slots) {
-  if (column_splits_mode >= 2) {
-    return n_chunks >= column_splits_mode ? column_splits_mode : 1;
-  }
-  if (column_splits_mode == 1) {
-    for (int s : {4, 2}) {
-      if (int64_t(n_tiles) * s <= slots && n_chunks >= int64_t(s) * 2 * kWarps) return s;
-    }
-  }
-  return 1;
-}
-
 // Whether int4 launches are persistent (a wave of blocks looping over the row tiles) or a block
 // a tile. KESTREL_CUDA_GEMV_PERSISTENT, a measurement aid: 1 (the default) both paths, 2 the
 // dp4a path only (the eighth session's default), 0 neither.
@@ -1099,11 +1012,6 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
   auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp>;
-  // Column splits (not for swiglu or a norm input) launch their own instantiation, whose shared
-  // memory adds the two buffers of a block's sums of a tile, after the rest, 16-byte aligned.
-  constexpr bool kSplittable = Pipe<F, MT>::kTiled && !kSwiglu && !kNorm;
-  constexpr int kSplitValues = split_values(MT, NT, kDp);
-  constexpr int kSplitBytes = 16 + 2 * kSplitValues * int(sizeof(float));
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1120,42 +1028,8 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
                     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
       known = per_sm_of_smem.emplace(smem, per_sm).first;
     }
-    const int slots = std::max(1, known->second) * p.sm_count;
-    blocks = std::min(blocks, slots);
+    blocks = std::min(blocks, std::max(1, known->second) * p.sm_count);
     if (block_cap > 0) blocks = std::min(blocks, block_cap);
-    if constexpr (kSplittable) {
-      const int splits = column_splits_for(p.n_tiles, ceil_div(p.n_groups, kChunkGroups), slots);
-      if (splits > 1) {
-        auto split_kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, true>;
-        static std::atomic<uint64_t> split_limit_set{0};
-        KS_CUDA_CHECK("matmul", set_smem_limit_once(reinterpret_cast<const void*>(split_kernel),
-                                                    kMaxSmem + kSplitBytes, split_limit_set));
-        GemvParams split = p;
-        split.col_splits = splits;
-        split.split_offset = (smem + 15) / 16 * 16;
-        const int split_smem = split.split_offset + 2 * kSplitValues * int(sizeof(float));
-        // Clusters that fit at once (a cluster's blocks share a GPC), at most one a tile; asked
-        // once per (shared memory, splits), like per_sm_of_smem.
-        thread_local std::map<std::pair<int, int>, int> fit_of;
-        auto fit = fit_of.find({split_smem, splits});
-        if (fit == fit_of.end()) {
-          cudaLaunchAttribute attrs[2];
-          cudaLaunchConfig_t config = pdl_config(dim3(unsigned(splits)), dim3(kThreads),
-                                                 size_t(split_smem), stream, splits, attrs);
-          config.numAttrs = 1;  // the cluster dimension
-          int n = 0;
-          KS_CUDA_CHECK("matmul", cudaOccupancyMaxActiveClusters(&n, split_kernel, &config));
-          fit = fit_of.emplace(std::make_pair(split_smem, splits), n).first;
-        }
-        int clusters = std::min(p.n_tiles, std::max(1, fit->second));
-        if (block_cap > 0) clusters = std::min(clusters, std::max(1, block_cap / splits));
-        KS_CUDA_CHECK("matmul",
-                      launch_pdl_clusters(split_kernel, splits, dim3(unsigned(clusters * splits)),
-                                          dim3(kThreads), size_t(split_smem), stream, split));
-        KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
-        return Status::ok();
-      }
-    }
   }
   KS_CUDA_CHECK("matmul", launch_pdl(kernel, dim3(unsigned(blocks)), dim3(kThreads), size_t(smem),
                                      stream, p));
@@ -1272,10 +1146,6 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
 
 void set_gemv_block_cap(int blocks) {
   block_cap = std::max(0, blocks);
-}
-
-void set_gemv_column_splits(int mode) {
-  column_splits_mode = std::clamp(mode, 0, kMaxColumnSplits);
 }
 
 void set_gemv_rows_kernel(int mode) {

@@ -972,7 +972,10 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
   const int64_t head0 = local * a.n_heads + int64_t(kvh) * G;  // the group's first (token, head)
   // Rope mode: the group's q heads and its K head are left rotated in place. Their pairs are
   // loaded first, with the partial results, so the write-back adds no round trip of its own.
-  constexpr int kPairsPerThread = (16 + 1) * kHalf / kPrefillThreads + 1;  // G <= 16
+  // These registers take the head_dim-128 kernels to 168 of the 170 that three blocks an SM
+  // allow (ptxas, no spills): the next value kept live across the kernel will spill.
+  static_assert(kMaxHeadGroup <= 16, "the decode kernel's query rows hold a group");
+  constexpr int kPairsPerThread = (kMaxHeadGroup + 1) * kHalf / kPrefillThreads + 1;
   float2 pairs[kPairsPerThread];
   auto pair_head = [&](int g) {
     return g < G ? a.q + t * q_dim + (int64_t(kvh) * G + g) * D
@@ -1224,9 +1227,10 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   __shared__ uint64_t marks[7];
   const bool mark = ws.profile != 0 && threadIdx.x == 0;
   if (mark) marks[0] = global_ns();
-  // ws.late_trigger (a measurement switch): the next kernel's blocks are let in at the arrival
-  // instead of right after the wait, so their weight stream does not share the memory system
-  // with this kernel's chain of stores, fence and loads.
+  // ws.late_trigger (a measurement switch): no explicit trigger, so the next kernel's blocks are
+  // let in as this kernel's blocks exit (the merging block last) instead of right after the
+  // wait, and their weight stream does not share the memory system with this kernel's chain of
+  // stores, fences and loads.
   const bool early_trigger = ws.late_trigger == 0;
   if (!rope) {
     pdl_wait();
@@ -1752,7 +1756,6 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   // zero for the next launch). The fences cost the merging chain ~3-4 us (the wait for the
   // writes' acknowledgements); thread 0 alone fencing (fence.acq_rel) after the barrier moved
   // that wait into its fence and saved nothing (PERF.md, fifteenth session).
-  if (!early_trigger) pdl_trigger();
   if (ws.arrivals == nullptr) return;  // the combine kernel merges (a measurement aid)
   __shared__ bool merges;
   const int used = splits_used(n_ctx, n_splits, kPrefillKeys);
@@ -1769,6 +1772,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   if (!merges) return;
   __threadfence();
   merge_group<D>(a, c, ws, local, t, kvh, G, used, angles);
+  if (ws.profile != 0) __syncthreads();  // the merge's end is its slowest thread's
   if (mark && a.layer == 1 && local == 0 && kvh == 0 && pos % 256 == 0) {
     marks[6] = global_ns();
     printf(

@@ -104,7 +104,7 @@ struct DecodeWorkspace {
   // block prints its phase times (layer 1, the first token's first KV head, every 256 positions).
   int profile = 0;
   // KESTREL_CUDA_ATTENTION_TRIGGER=late (a measurement aid): the tensor-core decode kernel lets
-  // the next kernel launch at its arrival, not right after its wait for q/k/v.
+  // the next kernel launch as its blocks exit, not right after its wait for q/k/v.
   int late_trigger = 0;
 };
 

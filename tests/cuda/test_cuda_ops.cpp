@@ -195,14 +195,6 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   }
 }
 
-// The int4 GEMV kinds the row-warp GEMV test below runs: sym and asym, 32- and 64-wide blocks.
-struct Int4Case {
-  WeightFormat format;
-  int block;
-};
-constexpr Int4Case kInt4Cases[] = {
-    {WeightFormat::sym_int4, 32}, {WeightFormat::sym_int4, 64}, {WeightFormat::asym_int4, 32}};
-
 // The row-warp GEMV (gemv.cu; forced here, as the test weights are too small for its default
 // rule) on every GEMV kind of a layer and the lm_head, int4 with 32- and 64-wide blocks, sym and
 // asym, at 3-16 tokens (one n-tile and two) and 45 (three 16-token launches): against the CPU
@@ -213,7 +205,13 @@ constexpr Int4Case kInt4Cases[] = {
 // (q's four, then k's and v's one each); the lm_head's 300 rows end inside its third unit; the
 // gate's 768 make 12 swiglu units of 64.
 TEST(CudaOps, RowWarpGemvMatchesCpuAndColumnSplitKernel) {
-  for (const Int4Case& fc : kInt4Cases) {
+  struct Case {
+    WeightFormat format;
+    int block;
+  };
+  const Case cases[] = {
+      {WeightFormat::sym_int4, 32}, {WeightFormat::sym_int4, 64}, {WeightFormat::asym_int4, 32}};
+  for (const Case& fc : cases) {
     SCOPED_TRACE(std::string(format_name(fc.format)) + " block " + std::to_string(fc.block));
     ModelConfig config = small_config(1024, 768, 8, 2, 64, 300);
     config.n_layers = 1;

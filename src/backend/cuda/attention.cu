@@ -972,8 +972,9 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
   const int64_t head0 = local * a.n_heads + int64_t(kvh) * G;  // the group's first (token, head)
   // Rope mode: the group's q heads and its K head are left rotated in place. Their pairs are
   // loaded first, with the partial results, so the write-back adds no round trip of its own.
-  // These registers take the head_dim-128 kernels to 168 of the 170 that three blocks an SM
-  // allow (ptxas, no spills): the next value kept live across the kernel will spill.
+  // These registers, like the profile's marks and printf, each take the head_dim-128 kernels
+  // from 156-158 to 166-168; together 168 of the 170 that three blocks an SM allow (ptxas, no
+  // spills): the next value kept live across the kernel will spill.
   static_assert(kMaxHeadGroup <= 16, "the decode kernel's query rows hold a group");
   constexpr int kPairsPerThread = (kMaxHeadGroup + 1) * kHalf / kPrefillThreads + 1;
   float2 pairs[kPairsPerThread];

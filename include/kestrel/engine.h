@@ -64,6 +64,13 @@ struct EngineOptions {
   // ranks sum their partial results in host memory (the stand-in for NCCL, used for testing).
   // The heads and intermediate size must divide among the ranks.
   int tensor_parallel = 1;
+  // Greedy decoding (generate_greedy, and generate_batch without beams) queues each step before
+  // the tokens of the step before it are back on the host: that step's argmax stays on the device
+  // for the next one's embed, so the host's work for a step (and the copies to and from the
+  // device) overlaps the device's work for the one before. The tokens are the same either way;
+  // generate_greedy stopping at eos computes one step it then drops. Also on when the
+  // environment sets KESTREL_RUN_AHEAD=1. Not with tensor_parallel > 1.
+  bool run_ahead = false;
   // A reservation decided beforehand (runtime/planner.h). When run_shape.max_batch_tokens > 0
   // the backend reserves exactly this shape, max_context, max_seqs and the KV pool settings
   // above are ignored, and
@@ -206,6 +213,13 @@ class Engine {
   Status copy_kv_block(int32_t src, int32_t dst);
   // Gives the batch's slots the blocks it writes (copying shared ones first).
   Status prepare_kv_cache(const Batch& batch);
+  // Greedy decode run ahead (EngineOptions::run_ahead): whether this engine does it, and
+  // run_argmax in two halves. start_argmax runs `batch` (with `tokens_from_argmax`, each row's
+  // token is that row of the argmax started before it; batch.tokens are ignored) and queues its
+  // logit rows' argmax; finish_argmax waits for the oldest queued and returns its rows.
+  bool runs_ahead() const;
+  Status start_argmax(const Batch& batch, bool tokens_from_argmax);
+  Status finish_argmax(std::vector<int32_t>* tokens);
   // Prompt tokens per forward call: the wanted chunk within what was reserved.
   int64_t chunk_tokens() const;
 

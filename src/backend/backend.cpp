@@ -50,8 +50,74 @@ Status Backend::copy_kv_block(int32_t src, int32_t dst) {
 }
 
 Status Backend::begin_batch(const BatchView& batch) {
-  KS_RETURN_IF_ERROR(check_batch(batch));
-  return do_begin_batch(batch);
+  const int64_t feed_rows = feed_rows_;
+  feed_rows_ = -1;  // an argmax feeds the call right after it, or none
+  if (!batch.tokens_from_argmax) {
+    // Nothing queued is waited for any more (a run ahead that stopped early, or an error).
+    argmax_finished_ = argmax_started_;
+    KS_RETURN_IF_ERROR(check_batch(batch));
+    return do_begin_batch(batch);
+  }
+  if (feed_rows < 0 || feed_rows != batch.n_tokens) {
+    return Status::error(name() + " backend: a batch of " + std::to_string(batch.n_tokens) +
+                         " tokens from the argmax before it, but " +
+                         (feed_rows < 0
+                              ? std::string("no argmax was started since the last call")
+                              : "that argmax has " + std::to_string(feed_rows) + " rows"));
+  }
+  if (feed_cols_ > reserved_vocab_) {
+    return Status::error(name() + " backend: tokens from an argmax over " +
+                         std::to_string(feed_cols_) + " columns, past the vocabulary of " +
+                         std::to_string(reserved_vocab_));
+  }
+  if (argmax_on_device()) {
+    KS_RETURN_IF_ERROR(check_batch(batch));
+    return do_begin_batch(batch);
+  }
+  // The default halves computed the rows on the host already: they are the tokens.
+  BatchView view = batch;
+  view.tokens = argmax_host_[(argmax_started_ - 1) % kArgmaxInFlight].data();
+  view.tokens_from_argmax = false;
+  KS_RETURN_IF_ERROR(check_batch(view));
+  return do_begin_batch(view);
+}
+
+Status Backend::start_argmax(Tensor t) {
+  if (argmax_started_ - argmax_finished_ >= kArgmaxInFlight) {
+    return Status::error(name() + " backend: start_argmax with " + std::to_string(kArgmaxInFlight) +
+                         " already queued (finish_argmax first)");
+  }
+  if (t.rows <= 0 || t.cols <= 0) {
+    return Status::error(name() + " backend: start_argmax of an empty tensor");
+  }
+  const int slot = int(argmax_started_ % kArgmaxInFlight);
+  KS_RETURN_IF_ERROR(do_start_argmax(t, slot));
+  argmax_slot_rows_[slot] = t.rows;
+  ++argmax_started_;
+  feed_rows_ = t.rows;
+  feed_cols_ = t.cols;
+  return Status::ok();
+}
+
+Status Backend::finish_argmax(std::vector<int32_t>* out) {
+  if (argmax_finished_ == argmax_started_) {
+    return Status::error(name() + " backend: finish_argmax with no argmax queued");
+  }
+  const int slot = int(argmax_finished_ % kArgmaxInFlight);
+  out->resize(size_t(argmax_slot_rows_[slot]));
+  ++argmax_finished_;  // an error leaves it finished: its rows are lost either way
+  return do_finish_argmax(slot, out->data());
+}
+
+Status Backend::do_start_argmax(Tensor t, int slot) {
+  std::vector<int32_t>& rows = argmax_host_[slot];
+  rows.resize(size_t(t.rows));
+  return argmax_rows(t, rows.data());
+}
+
+Status Backend::do_finish_argmax(int slot, int32_t* out) {
+  std::copy(argmax_host_[slot].begin(), argmax_host_[slot].end(), out);
+  return Status::ok();
 }
 
 Status Backend::check_batch(const BatchView& batch) const {
@@ -67,7 +133,9 @@ Status Backend::check_batch(const BatchView& batch) const {
                          " logit rows (reserved " + std::to_string(shape.max_logit_rows) + ")");
   }
   KS_RETURN_IF_ERROR(check_batch_slots(batch, shape, name() + " backend"));
-  for (int64_t i = 0; i < n; ++i) {
+  // Tokens left on the device by an argmax are in range by construction (begin_batch checks
+  // that argmax's width against the vocabulary).
+  for (int64_t i = 0; i < n && !batch.tokens_from_argmax; ++i) {
     if (batch.tokens[i] < 0 || batch.tokens[i] >= reserved_vocab_) {
       return Status::error("token id " + std::to_string(batch.tokens[i]) +
                            " outside the vocabulary of " + std::to_string(reserved_vocab_));

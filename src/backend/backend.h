@@ -41,6 +41,10 @@ struct BatchView {
   // graphs on them); empty when the call ends without logits.
   int64_t n_logit_rows = 0;
   const int32_t* logit_rows = nullptr;  // [n_logit_rows]
+  // Greedy decode run ahead: token i is row i of the argmax that start_argmax queued last, which
+  // has n_tokens rows, instead of tokens[i] (ignored). The call may begin before that argmax has
+  // come back to the host: a device backend leaves it on the device for the call's embed.
+  bool tokens_from_argmax = false;
 };
 
 // The memory-bandwidth ceiling a decode step is measured against, and where the figure comes
@@ -89,6 +93,8 @@ class Backend {
   // that the batch fits the reservation: 1 to max_batch_tokens tokens, each a sequence slot,
   // position and token id in range with its block table entries in the pool
   // (check_batch_slots), and at most max_logit_rows logit rows, each a row of the batch.
+  // With tokens_from_argmax, the tokens are the rows of the argmax started last, which must have
+  // been started after the previous begin_batch and have n_tokens rows.
   Status begin_batch(const BatchView& batch);
   // begin_batch's checks alone: whether begin_batch would take `batch` (a model split over
   // several backends checks once before any rank starts, so no rank fails alone).
@@ -231,6 +237,15 @@ class Backend {
     return Status::ok();
   }
 
+  // argmax_rows in two halves, so a caller can queue the next call before this one's tokens are
+  // back (greedy decode run ahead: the next call begins with tokens_from_argmax). start_argmax
+  // queues the argmax of every row of t; finish_argmax waits for the oldest queued one and
+  // returns its rows. At most kArgmaxInFlight are queued at once; a begin_batch whose tokens
+  // come from the host drops any that were never finished.
+  static constexpr int kArgmaxInFlight = 2;
+  Status start_argmax(Tensor t);
+  Status finish_argmax(std::vector<int32_t>* out);
+
   // Bytes of device memory this backend holds now, and its high-water mark.
   virtual size_t memory_in_use() const = 0;
   virtual size_t peak_memory() const = 0;
@@ -240,12 +255,28 @@ class Backend {
   virtual Status do_reserve(const ModelConfig& config, const RunShape& shape) = 0;
   virtual Status do_copy_kv_block(int32_t src, int32_t dst) = 0;
   virtual Status do_begin_batch(const BatchView& batch) = 0;
+  // The halves of start_argmax and finish_argmax; `slot` (0 .. kArgmaxInFlight - 1) pairs them.
+  // By default start computes the rows at once (argmax_rows) into a host buffer of the slot and
+  // finish copies them out. A backend that overrides them and leaves the rows on its device for
+  // the next call's tokens (argmax_on_device) gets tokens_from_argmax batches with null tokens.
+  virtual Status do_start_argmax(Tensor t, int slot);
+  virtual Status do_finish_argmax(int slot, int32_t* out);
+  virtual bool argmax_on_device() const { return false; }
 
  private:
   // What the last successful reserve() was given; the checks compare with it.
   bool reserved_ = false;
   int64_t reserved_vocab_ = 0;
   RunShape reserved_shape_;
+  // start_argmax / finish_argmax: calls of each so far (the slot is the count modulo
+  // kArgmaxInFlight), each slot's rows, the default halves' results, and the rows and columns of
+  // the argmax the next begin_batch may take its tokens from (-1: none since the last one).
+  int64_t argmax_started_ = 0;
+  int64_t argmax_finished_ = 0;
+  int64_t argmax_slot_rows_[kArgmaxInFlight] = {};
+  std::vector<int32_t> argmax_host_[kArgmaxInFlight];
+  int64_t feed_rows_ = -1;
+  int64_t feed_cols_ = 0;
 };
 
 // Checks a batch against a reservation: every token's slot and position inside `shape`, and the

@@ -24,10 +24,13 @@ BatchView batch_view(const Batch& batch, const BlockTables& tables) {
 // (model/shard.h): the embeddings and the outputs of the row-parallel wo and w_down are partial
 // sums, all-reduced before they join the residual stream.
 Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, const Batch& batch,
-                              const BlockTables& tables, Communicator* comm) {
+                              const BlockTables& tables, Communicator* comm,
+                              bool tokens_from_argmax) {
   const ModelConfig& c = weights.config;
   const int64_t n = batch.size();
-  KS_RETURN_IF_ERROR(backend.begin_batch(batch_view(batch, tables)));
+  BatchView view = batch_view(batch, tables);
+  view.tokens_from_argmax = tokens_from_argmax;
+  KS_RETURN_IF_ERROR(backend.begin_batch(view));
   const RopeParams rope{c.head_dim, c.n_heads, c.n_kv_heads};
   const float eps = float(c.rms_norm_eps);
 
@@ -97,6 +100,14 @@ Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch
   tokens->resize(size_t(out.rows));
   if (out.rows == 0) return Status::ok();
   return backend.argmax_rows(out, tokens->data());
+}
+
+Status forward_start_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
+                            const BlockTables& tables, bool tokens_from_argmax) {
+  KS_ASSIGN_OR_RETURN(Tensor out,
+                      forward_logits(backend, weights, batch, tables, nullptr, tokens_from_argmax));
+  if (out.rows == 0) return Status::error("forward_start_argmax: the batch asks for no logits");
+  return backend.start_argmax(out);
 }
 
 }  // namespace kestrel

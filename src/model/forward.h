@@ -25,8 +25,11 @@ BatchView batch_view(const Batch& batch, const BlockTables& tables);
 // when none are wanted), valid until the backend's next begin_batch. With `comm`, `weights` are
 // rank comm->rank()'s shard (model/shard.h) and batch.tokens its shard_token() ids; the output
 // holds that rank's vocabulary rows.
+// With `tokens_from_argmax`, batch.tokens are placeholders: the backend takes each token from
+// the argmax it started last (BatchView::tokens_from_argmax).
 Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, const Batch& batch,
-                              const BlockTables& tables, Communicator* comm);
+                              const BlockTables& tables, Communicator* comm,
+                              bool tokens_from_argmax = false);
 
 // Runs `batch` through the model; writes fp32 logits [logit_rows.size(), vocab] to `logits`.
 Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch,
@@ -36,5 +39,11 @@ Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch
 // ties, as argmax()) instead of the logits: a device backend copies back one int per row.
 Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
                       const BlockTables& tables, std::vector<int32_t>* tokens);
+
+// forward_argmax's first half for greedy decode run ahead: runs `batch` (its tokens from the
+// argmax before it when `tokens_from_argmax`) and queues the argmax of its logit rows
+// (Backend::start_argmax); Backend::finish_argmax returns them.
+Status forward_start_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
+                            const BlockTables& tables, bool tokens_from_argmax);
 
 }  // namespace kestrel

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string>
 
@@ -351,6 +352,25 @@ Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens) {
   return forward_argmax(*backend_, *weights_, batch, tables, tokens);
 }
 
+bool Engine::runs_ahead() const {
+  static const bool from_environment = [] {
+    const char* v = std::getenv("KESTREL_RUN_AHEAD");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return !tensor_parallel_ && (options_.run_ahead || from_environment);
+}
+
+Status Engine::start_argmax(const Batch& batch, bool tokens_from_argmax) {
+  if (!runs_ahead()) return Status::error("start_argmax: this engine does not run ahead");
+  KS_RETURN_IF_ERROR(prepare_kv_cache(batch));
+  const BlockTables tables{kv_cache_->tables(), kv_cache_->blocks_per_seq()};
+  return forward_start_argmax(*backend_, *weights_, batch, tables, tokens_from_argmax);
+}
+
+Status Engine::finish_argmax(std::vector<int32_t>* tokens) {
+  return backend_->finish_argmax(tokens);
+}
+
 Status Engine::copy_sequence(int32_t src, int32_t dst, int64_t n_positions) {
   if (src < 0 || src >= run_shape_.max_seqs || dst < 0 || dst >= run_shape_.max_seqs) {
     return Status::error("copy_sequence: slots " + std::to_string(src) + " -> " +
@@ -458,6 +478,41 @@ Result<GenerateResult> Engine::generate_greedy(const std::vector<int32_t>& promp
   int32_t token = next.at(0);
   result.prefill_seconds = seconds_since(start);
   start = std::chrono::steady_clock::now();
+  auto done = [&] {
+    const bool is_eos = std::find(eos.begin(), eos.end(), int64_t(token)) != eos.end();
+    return int64_t(result.tokens.size()) == n_new || (stop_at_eos && is_eos);
+  };
+  if (runs_ahead()) {
+    // Run ahead: while step k's token is on its way back, step k + 1 (fed that token on the
+    // device) is already queued, unless n_new tokens need no more steps. A step queued past an
+    // eos is waited for and dropped.
+    int64_t started = 0;    // steps queued so far; step k feeds token k at prompt.size() + k
+    int64_t in_flight = 0;  // of those, not yet waited for
+    auto queue_step = [&](bool from_argmax) {
+      Batch batch;
+      batch.add(from_argmax ? 0 : token, int32_t(prompt.size() + size_t(started)), 0, true);
+      KS_RETURN_IF_ERROR(start_argmax(batch, from_argmax));
+      ++started;
+      ++in_flight;
+      return Status::ok();
+    };
+    result.tokens.push_back(token);
+    if (on_token) on_token(token);
+    if (!done()) KS_RETURN_IF_ERROR(queue_step(false));
+    while (in_flight > 0) {
+      if (int64_t(result.tokens.size()) + in_flight < n_new) KS_RETURN_IF_ERROR(queue_step(true));
+      KS_RETURN_IF_ERROR(finish_argmax(&next));
+      --in_flight;
+      token = next.at(0);
+      ++result.decode_steps;
+      result.tokens.push_back(token);
+      if (on_token) on_token(token);
+      if (done()) break;
+    }
+    result.decode_seconds = seconds_since(start);
+    for (; in_flight > 0; --in_flight) KS_RETURN_IF_ERROR(finish_argmax(&next));
+    return result;
+  }
   for (int64_t step = 0;; ++step) {
     result.tokens.push_back(token);
     if (on_token) on_token(token);
@@ -589,12 +644,48 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
   }
 
   // Decode: step s feeds each sequence's token s - 1 at position prompt_len + s - 1.
-  for (int64_t s = 1; s < n_new; ++s) {
+  auto decode_info = [&](int64_t s) {
     StepInfo info;
     info.index = s;
     info.count = n_new - 1;
     info.n_tokens = n_seqs;
     info.context = prompt_len + s;
+    return info;
+  };
+  const bool run_ahead = n_beams == 1 && runs_ahead();
+  if (run_ahead) {
+    // Run ahead: step s + 1 is queued, its tokens step s's argmax on the device, before step s's
+    // tokens are waited for. The hooks still see each step's before and after in turn: step s +
+    // 1's before comes after step s's after (the watchdog watches one step at a time), and a
+    // step's seconds run from the previous step's tokens to its own.
+    auto decode_batch = [&](int64_t s, bool from_argmax) {
+      Batch batch;
+      for (int64_t c = 0; c < copies; ++c) {
+        const int32_t token = from_argmax ? 0 : beams[size_t(c)][0].tokens.back();
+        batch.add(token, int32_t(prompt_len + s - 1), int32_t(c), true);
+      }
+      return batch;
+    };
+    if (n_new > 1) {
+      KS_RETURN_IF_ERROR(before(decode_info(1)));
+      auto start = std::chrono::steady_clock::now();
+      KS_RETURN_IF_ERROR(start_argmax(decode_batch(1, false), false));
+      for (int64_t s = 1; s < n_new; ++s) {
+        if (s + 1 < n_new) KS_RETURN_IF_ERROR(start_argmax(decode_batch(s + 1, true), true));
+        KS_RETURN_IF_ERROR(finish_argmax(&next_tokens));
+        for (int64_t c = 0; c < copies; ++c) {
+          beams[size_t(c)][0].tokens.push_back(next_tokens.at(size_t(c)));
+        }
+        const double seconds = seconds_since(start);
+        start = std::chrono::steady_clock::now();
+        result.step_seconds.push_back(seconds);
+        KS_RETURN_IF_ERROR(after(decode_info(s), seconds));
+        if (s + 1 < n_new) KS_RETURN_IF_ERROR(before(decode_info(s + 1)));
+      }
+    }
+  }
+  for (int64_t s = 1; !run_ahead && s < n_new; ++s) {
+    const StepInfo info = decode_info(s);
     KS_RETURN_IF_ERROR(before(info));
     const auto start = std::chrono::steady_clock::now();
     Batch batch;

@@ -170,6 +170,52 @@ INSTANTIATE_TEST_SUITE_P(Formats, CudaGraphReplay,
                          ::testing::Values(WeightFormat::sym_int4, WeightFormat::fp32),
                          [](const auto& info) { return std::string(format_name(info.param)); });
 
+// Greedy decode run ahead (EngineOptions::run_ahead): each step's tokens are the argmax the step
+// before it left in the tokens' device slots, queued before that argmax comes back to the host.
+// The same kernels in the same order as step by step, so the same tokens, through captured
+// graphs and with op timing (no graphs, every event read) alike.
+TEST(CudaModel, RunAheadEqualsStepByStep) {
+  auto make = [](bool run_ahead) {
+    EngineOptions options;
+    options.model = "synthetic:tiny-llama";
+    options.format = WeightFormat::sym_int4;
+    options.device = "cuda";
+    options.progress = false;
+    options.max_context = 128;
+    options.max_seqs = 3;
+    options.prefill_chunk = 32;
+    options.run_ahead = run_ahead;
+    auto engine = Engine::create(options);
+    EXPECT_TRUE(engine.is_ok()) << engine.status().message();
+    return engine.is_ok() ? std::move(engine).value() : nullptr;
+  };
+  auto plain = make(false);
+  auto ahead = make(true);
+  ASSERT_TRUE(plain && ahead);
+  const auto prompt = prompt_of(21, plain->config().vocab_size, 8);
+  for (int timed = 0; timed < 2; ++timed) {
+    SCOPED_TRACE(timed ? "op timing" : "graphs");
+    ASSERT_TRUE(cuda::set_op_timing(plain->backend(), timed == 1).is_ok());
+    ASSERT_TRUE(cuda::set_op_timing(ahead->backend(), timed == 1).is_ok());
+    auto a = plain->generate_greedy(prompt, 24);
+    auto b = ahead->generate_greedy(prompt, 24);
+    ASSERT_TRUE(a.is_ok() && b.is_ok()) << b.status().message();
+    EXPECT_EQ(b->tokens, a->tokens);
+    BatchGenerateParams params;
+    params.batch_size = 3;
+    params.n_new = 17;
+    auto c = plain->generate_batch(prompt, params);
+    auto d = ahead->generate_batch(prompt, params);
+    ASSERT_TRUE(c.is_ok() && d.is_ok()) << d.status().message();
+    EXPECT_EQ(d->tokens, c->tokens);
+  }
+  ASSERT_TRUE(cuda::set_op_timing(ahead->backend(), false).is_ok());
+  // The run-ahead steps replayed graphs (batch 1 and 3: one capture each, in the graphs pass).
+  const cuda::GraphStats stats = cuda::graph_stats(ahead->backend());
+  EXPECT_EQ(stats.captured, 2);
+  EXPECT_GE(stats.replayed, 23 + 16 - 2);
+}
+
 // Forked sequences (shared full blocks, a copied partly filled block, slots whose blocks are not
 // in slot order) decode through captured graphs like their parent and like the CPU: the graphs
 // read the block tables begin_batch refreshes, not the ones of the call they were captured in.

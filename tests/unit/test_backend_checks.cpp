@@ -2,6 +2,7 @@
 // out-of-range argument is refused with a message before the backend's op runs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "backend/backend.h"
@@ -61,6 +62,59 @@ TEST(BackendChecks, BatchesAndCopiesOutsideTheReservationAreRefused) {
   // A shape refused before anything is released leaves the previous reservation in place.
   EXPECT_FALSE(b.reserve(*config, RunShape{1, 0, 4, 1}).is_ok());
   EXPECT_TRUE(b.begin_batch(one).is_ok());
+}
+
+// start_argmax / finish_argmax (greedy decode run ahead): results in the order started, at most
+// kArgmaxInFlight queued, and a batch takes its tokens from an argmax only right after one of
+// its size was started.
+TEST(BackendChecks, ArgmaxRunAheadIsCheckedAndKeepsOrder) {
+  auto config = synthetic_config("tiny-qwen2");
+  ASSERT_TRUE(config.is_ok());
+  const std::unique_ptr<Backend> backend = make_cpu_backend(1);
+  Backend& b = *backend;
+  ASSERT_TRUE(b.reserve(*config, RunShape{2, 16, 4, 2}).is_ok());
+  const int32_t tables[] = {0, 1};
+  int32_t tokens[] = {1, 2}, positions[] = {0, 0}, seqs[] = {0, 1}, rows[] = {0, 1};
+  const BatchView two{2, tokens, positions, seqs, tables, 1, 2, rows};
+  ASSERT_TRUE(b.begin_batch(two).is_ok());
+  const int64_t vocab = config->vocab_size;
+  auto logits = b.scratch(2, vocab);
+  ASSERT_TRUE(logits.is_ok());
+  float* values = static_cast<float*>(logits->data);
+  auto peak_at = [&](int32_t first, int32_t second) {
+    std::fill(values, values + 2 * vocab, 0.0f);
+    values[first] = 1.0f;
+    values[vocab + second] = 1.0f;
+  };
+  std::vector<int32_t> out;
+  EXPECT_NE(b.finish_argmax(&out).message().find("no argmax queued"), std::string::npos);
+  peak_at(7, 9);
+  ASSERT_TRUE(b.start_argmax(*logits).is_ok());
+  peak_at(11, 3);
+  ASSERT_TRUE(b.start_argmax(*logits).is_ok());
+  EXPECT_NE(b.start_argmax(*logits).message().find("already queued"), std::string::npos);
+  ASSERT_TRUE(b.finish_argmax(&out).is_ok());
+  EXPECT_EQ(out, (std::vector<int32_t>{7, 9}));
+  ASSERT_TRUE(b.finish_argmax(&out).is_ok());
+  EXPECT_EQ(out, (std::vector<int32_t>{11, 3}));
+
+  // The next batch takes the last argmax's rows as its tokens.
+  BatchView fed = two;
+  fed.tokens = nullptr;
+  fed.tokens_from_argmax = true;
+  EXPECT_TRUE(b.begin_batch(fed).is_ok());
+  // Only once, right after it: the argmax fed the call before.
+  EXPECT_NE(b.begin_batch(fed).message().find("no argmax was started"), std::string::npos);
+  // And of the batch's size.
+  ASSERT_TRUE(b.start_argmax(*logits).is_ok());
+  BatchView one = fed;
+  one.n_tokens = 1;
+  one.n_logit_rows = 1;
+  EXPECT_NE(b.begin_batch(one).message().find("that argmax has 2 rows"), std::string::npos);
+  // A batch of host tokens drops what was queued and never finished.
+  ASSERT_TRUE(b.start_argmax(*logits).is_ok());
+  ASSERT_TRUE(b.begin_batch(two).is_ok());
+  EXPECT_NE(b.finish_argmax(&out).message().find("no argmax queued"), std::string::npos);
 }
 
 }  // namespace

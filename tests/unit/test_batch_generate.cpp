@@ -17,9 +17,11 @@ namespace {
 
 std::unique_ptr<Engine> make_engine(WeightFormat format, int64_t max_seqs, int64_t max_context,
                                     int64_t max_batch_tokens,
-                                    const std::string& model = "synthetic:tiny-qwen2") {
+                                    const std::string& model = "synthetic:tiny-qwen2",
+                                    bool run_ahead = false) {
   EngineOptions options;
   options.model = model;
+  options.run_ahead = run_ahead;
   options.format = format;
   options.threads = 2;
   options.progress = false;
@@ -215,6 +217,106 @@ TEST(BatchGenerate, HooksCanStopAndLimitsAreChecked) {
   params.num_beams = 1;
   params.n_new = 21;  // 20 + 21 > 40 positions
   EXPECT_FALSE(engine->generate_batch(prompt, params).is_ok());
+}
+
+// Greedy decode run ahead (EngineOptions::run_ahead: each step queued with its tokens left on
+// the backend by the argmax before it) gives the tokens of step-by-step decoding, and the hooks
+// see the same calls in the same order.
+TEST(RunAhead, BatchAndGreedyMatchStepByStep) {
+  for (const char* model : {"synthetic:tiny-qwen2", "synthetic:tiny-llama"}) {
+    SCOPED_TRACE(model);
+    auto plain = make_engine(WeightFormat::sym_int4, 3, 64, 32, model, false);
+    auto ahead = make_engine(WeightFormat::sym_int4, 3, 64, 32, model, true);
+    const std::vector<int32_t> prompt = random_prompt(13, 9, int32_t(plain->config().vocab_size));
+    for (int64_t n_new : {1, 2, 9}) {
+      auto a = plain->generate_greedy(prompt, n_new);
+      auto b = ahead->generate_greedy(prompt, n_new);
+      ASSERT_TRUE(a.is_ok() && b.is_ok()) << b.status().message();
+      EXPECT_EQ(b->tokens, a->tokens) << n_new;
+      EXPECT_EQ(b->decode_steps, a->decode_steps) << n_new;
+    }
+    BatchGenerateParams params;
+    params.batch_size = 3;
+    params.n_new = 8;
+    std::vector<std::string> calls[2];
+    std::vector<std::vector<int32_t>> tokens[2];
+    for (int i = 0; i < 2; ++i) {
+      StepHooks hooks;
+      hooks.before = [&, i](const StepInfo& info) {
+        calls[i].push_back("before " + info.describe());
+        return Status::ok();
+      };
+      hooks.after = [&, i](const StepInfo& info, double seconds) {
+        EXPECT_GE(seconds, 0.0);
+        calls[i].push_back("after " + info.describe());
+        return Status::ok();
+      };
+      auto result = (i == 0 ? plain : ahead)->generate_batch(prompt, params, hooks);
+      ASSERT_TRUE(result.is_ok()) << result.status().message();
+      EXPECT_EQ(result->step_seconds.size(), 7u);
+      tokens[i] = result->tokens;
+    }
+    EXPECT_EQ(tokens[1], tokens[0]);
+    EXPECT_EQ(calls[1], calls[0]);
+    // Each copy's tokens are the single sequence's.
+    auto single = plain->generate_greedy(prompt, 8);
+    ASSERT_TRUE(single.is_ok());
+    for (const auto& t : tokens[1]) EXPECT_EQ(t, single->tokens);
+  }
+}
+
+// Stopping at eos drops the step queued past it, and the engine goes on to the next call with
+// nothing left queued; a hook's error stops a run-ahead batch at the step it names.
+TEST(RunAhead, StopsAtEosAndAtAHookError) {
+  auto plain = make_engine(WeightFormat::fp32, 2, 64, 32, "synthetic:tiny-llama", false);
+  auto ahead = make_engine(WeightFormat::fp32, 2, 64, 32, "synthetic:tiny-llama", true);
+  const std::vector<int32_t> prompt = random_prompt(11, 4, int32_t(plain->config().vocab_size));
+  auto free_run = plain->generate_greedy(prompt, 16);
+  ASSERT_TRUE(free_run.is_ok());
+  // The eos: the first token at index 3 or later not produced before it (tiny-llama's flat
+  // distributions rarely repeat), as a checkpoint's generation_config.json would name it.
+  const std::vector<int32_t>& t = free_run->tokens;
+  size_t stop = 3;
+  while (stop < t.size() &&
+         std::find(t.begin(), t.begin() + long(stop), t[stop]) != t.begin() + long(stop)) {
+    ++stop;
+  }
+  ASSERT_LT(stop, t.size());
+  for (Engine* e : {plain.get(), ahead.get()}) {
+    const_cast<ModelConfig&>(e->config()).eos_token_ids = {int64_t(t[stop])};
+  }
+  std::vector<int32_t> seen;
+  auto a = plain->generate_greedy(prompt, 16, true);
+  auto b = ahead->generate_greedy(prompt, 16, true, [&](int32_t token) { seen.push_back(token); });
+  ASSERT_TRUE(a.is_ok() && b.is_ok()) << b.status().message();
+  EXPECT_EQ(b->tokens, std::vector<int32_t>(t.begin(), t.begin() + long(stop) + 1));
+  EXPECT_EQ(b->tokens, a->tokens);
+  EXPECT_EQ(seen, b->tokens);  // the dropped step's token is never seen
+  EXPECT_EQ(b->decode_steps, a->decode_steps);
+  // The next call starts clean (the dropped step was waited for).
+  const std::vector<int32_t> other = random_prompt(6, 5, int32_t(plain->config().vocab_size));
+  auto c = plain->generate_greedy(other, 5);
+  auto d = ahead->generate_greedy(other, 5);
+  ASSERT_TRUE(c.is_ok() && d.is_ok()) << d.status().message();
+  EXPECT_EQ(d->tokens, c->tokens);
+
+  BatchGenerateParams params;
+  params.batch_size = 2;
+  params.n_new = 10;
+  StepHooks hooks;
+  hooks.before = [](const StepInfo& info) {
+    if (!info.prefill && info.index == 4) return Status::error("stop at " + info.describe());
+    return Status::ok();
+  };
+  auto stopped = ahead->generate_batch(prompt, params, hooks);
+  ASSERT_FALSE(stopped.is_ok());
+  EXPECT_NE(stopped.status().message().find("decode step 4 of 9"), std::string::npos)
+      << stopped.status().message();
+  // Step 4 was queued before its hook refused it; the next call does not wait for it in vain.
+  auto again = ahead->generate_batch(prompt, params);
+  auto reference = plain->generate_batch(prompt, params);
+  ASSERT_TRUE(again.is_ok() && reference.is_ok()) << again.status().message();
+  EXPECT_EQ(again->tokens, reference->tokens);
 }
 
 // A context too large for memory fails before anything is allocated, naming the number to

@@ -142,6 +142,12 @@ class CudaBackend final : public Backend {
     clear_graphs();
     (void)ahead_.drain();  // before the copies it writes are freed
     for (cudaEvent_t e : timing_events_) cudaEventDestroy(e);
+    for (cudaEvent_t e : meta_copied_) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+    for (cudaEvent_t e : argmax_copied_) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
     for (auto& [ptr, bytes] : allocations_) cudaFree(ptr);
     for (void* p : pinned_) cudaFreeHost(p);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
@@ -310,9 +316,19 @@ class CudaBackend final : public Backend {
     KS_CUDA_CHECK("reserve", cudaMemcpy(inv_freq_, inv_freq.data(), inv_freq.size() * sizeof(float),
                                         cudaMemcpyHostToDevice));
 
-    KS_ASSIGN_OR_RETURN(host_meta_, pinned<int32_t>(extras.meta_bytes));
+    // Two staging copies of the metadata and kArgmaxInFlight of the argmax rows: a call run
+    // ahead fills one while the copy out of the other may still be queued (begin_batch).
+    KS_ASSIGN_OR_RETURN(host_meta_, pinned<int32_t>(2 * extras.meta_bytes));
+    meta_slot_stride_ = extras.meta_bytes / sizeof(int32_t);
     KS_ASSIGN_OR_RETURN(host_rows_, pinned<int32_t>(extras.rows_bytes));
-    KS_ASSIGN_OR_RETURN(host_argmax_, pinned<int32_t>(extras.rows_bytes));
+    KS_ASSIGN_OR_RETURN(host_argmax_, pinned<int32_t>(kArgmaxInFlight * extras.rows_bytes));
+    argmax_slot_stride_ = extras.rows_bytes / sizeof(int32_t);
+    for (cudaEvent_t* e :
+         {&meta_copied_[0], &meta_copied_[1], &argmax_copied_[0], &argmax_copied_[1]}) {
+      if (*e == nullptr) {
+        KS_CUDA_CHECK("reserve", cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+      }
+    }
     host_read_floats_ = size_t(kMaxGemvTokens) * size_t(config.vocab_size);
     KS_ASSIGN_OR_RETURN(host_read_, pinned<float>(host_read_floats_ * sizeof(float)));
     KS_CUDA_CHECK("reserve", cudaStreamSynchronize(stream_));
@@ -352,26 +368,38 @@ class CudaBackend final : public Backend {
     mode_ = Mode::eager;
     if (!reserved_) return Status::error("cuda backend: begin_batch before reserve");
     const int64_t n = batch.n_tokens;  // checked by Backend::begin_batch against the reservation
-    // The previous call's copies out of the pinned buffers must be done before they are reused.
-    KS_CUDA_CHECK("begin_batch", cudaStreamSynchronize(stream_));
     const int64_t cap = shape_.max_batch_tokens;
-    std::memcpy(host_meta_, batch.tokens, size_t(n) * sizeof(int32_t));
-    std::memcpy(host_meta_ + cap, batch.positions, size_t(n) * sizeof(int32_t));
-    std::memcpy(host_meta_ + 2 * cap, batch.seq_ids, size_t(n) * sizeof(int32_t));
-    KS_CUDA_CHECK("begin_batch",
-                  cudaMemcpyAsync(meta_, host_meta_, size_t(2 * cap + n) * sizeof(int32_t),
-                                  cudaMemcpyHostToDevice, stream_));
+    // The metadata is staged in one of two pinned copies, taken in turn; the copy out of this one
+    // two calls ago must be done before it is refilled. A call run ahead (tokens_from_argmax)
+    // waits for nothing else: the step before it may still be running, and its tokens are that
+    // step's argmax, which the argmax kernel left in the tokens' device slots. Any other call
+    // first waits for the stream, as before run ahead: everything before it is done.
+    meta_slot_ ^= 1;
+    int32_t* host_meta = host_meta_ + meta_slot_ * meta_slot_stride_;
+    if (batch.tokens_from_argmax) {
+      KS_CUDA_CHECK("begin_batch", cudaEventSynchronize(meta_copied_[meta_slot_]));
+    } else {
+      KS_CUDA_CHECK("begin_batch", cudaStreamSynchronize(stream_));
+      std::memcpy(host_meta, batch.tokens, size_t(n) * sizeof(int32_t));
+    }
+    std::memcpy(host_meta + cap, batch.positions, size_t(n) * sizeof(int32_t));
+    std::memcpy(host_meta + 2 * cap, batch.seq_ids, size_t(n) * sizeof(int32_t));
+    const int64_t first = batch.tokens_from_argmax ? cap : 0;  // the tokens stay as they are
+    KS_CUDA_CHECK("begin_batch", cudaMemcpyAsync(meta_ + first, host_meta + first,
+                                                 size_t(2 * cap + n - first) * sizeof(int32_t),
+                                                 cudaMemcpyHostToDevice, stream_));
     // The block tables go to a fixed device buffer, which captured graphs read at replay.
     const int64_t table_stride = shape_.blocks_per_seq();
     for (int64_t seq = 0; seq < shape_.max_seqs; ++seq) {
-      std::memcpy(host_meta_ + 3 * cap + seq * table_stride,
+      std::memcpy(host_meta + 3 * cap + seq * table_stride,
                   batch.block_tables + seq * batch.block_table_stride,
                   size_t(table_stride) * sizeof(int32_t));
     }
     KS_CUDA_CHECK("begin_batch",
-                  cudaMemcpyAsync(block_tables_device(), host_meta_ + 3 * cap,
+                  cudaMemcpyAsync(block_tables_device(), host_meta + 3 * cap,
                                   size_t(shape_.max_seqs * table_stride) * sizeof(int32_t),
                                   cudaMemcpyHostToDevice, stream_));
+    KS_CUDA_CHECK("begin_batch", cudaEventRecord(meta_copied_[meta_slot_], stream_));
     batch_ = batch;
     scratch_used_ = 0;
     shadow_ = ShadowState{};
@@ -733,20 +761,52 @@ class CudaBackend final : public Backend {
   }
 
   Status argmax_rows(Tensor t, int32_t* out) override {
+    KS_RETURN_IF_ERROR(queue_argmax(t, /*feed=*/false, 0));
+    KS_CUDA_CHECK("argmax_rows", cudaStreamSynchronize(stream_));
+    std::memcpy(out, host_argmax_, size_t(t.rows) * sizeof(int32_t));
+    return collect_timings();
+  }
+
+  // Greedy decode run ahead (Backend::start_argmax): the argmax also writes the tokens' device
+  // slots, where the next call (tokens_from_argmax) finds its tokens, and its rows come back to
+  // host slot `slot` behind an event, so nothing here waits for the device.
+  bool argmax_on_device() const override { return true; }
+
+  Status do_start_argmax(Tensor t, int slot) override {
+    KS_RETURN_IF_ERROR(queue_argmax(t, /*feed=*/true, slot));
+    KS_CUDA_CHECK("argmax_rows", cudaEventRecord(argmax_copied_[slot], stream_));
+    return Status::ok();
+  }
+
+  Status do_finish_argmax(int slot, int32_t* out) override {
+    KS_CUDA_CHECK("argmax_rows", cudaEventSynchronize(argmax_copied_[slot]));
+    std::memcpy(out, host_argmax_ + slot * argmax_slot_stride_,
+                size_t(argmax_rows_[slot]) * sizeof(int32_t));
+    // Op timing reads every pending event, a call queued after this one's included.
+    if (timing_) KS_CUDA_CHECK("argmax_rows", cudaStreamSynchronize(stream_));
+    return collect_timings();
+  }
+
+  // The step's graph, then the argmax of t's rows (an eager launch after the graph, timed, never
+  // traced; with `feed` also into the tokens' device slots, meta_'s first max_batch_tokens) and
+  // their copy to host slot `slot`.
+  Status queue_argmax(Tensor t, bool feed, int slot) {
     KS_RETURN_IF_ERROR(finish_graph());
     if (t.rows > shape_.max_logit_rows && t.rows > shape_.max_batch_tokens) {
       return Status::error("cuda argmax_rows: more rows than reserved");
     }
-    // After the step's graph: an eager launch, timed, never traced.
+    if (feed && t.rows > shape_.max_batch_tokens) {
+      return Status::error("cuda argmax_rows: more rows than a call's tokens (run ahead)");
+    }
     KS_RETURN_IF_ERROR(launch("argmax", {addr(t.data), uint64_t(t.rows), uint64_t(t.cols)}, [&] {
-      return cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, stream_);
+      return cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, feed ? meta_ : nullptr,
+                               stream_);
     }));
-    KS_CUDA_CHECK("argmax_rows",
-                  cudaMemcpyAsync(host_argmax_, argmax_out_, size_t(t.rows) * sizeof(int32_t),
-                                  cudaMemcpyDeviceToHost, stream_));
-    KS_CUDA_CHECK("argmax_rows", cudaStreamSynchronize(stream_));
-    std::memcpy(out, host_argmax_, size_t(t.rows) * sizeof(int32_t));
-    return collect_timings();
+    argmax_rows_[slot] = t.rows;
+    KS_CUDA_CHECK("argmax_rows", cudaMemcpyAsync(host_argmax_ + slot * argmax_slot_stride_,
+                                                 argmax_out_, size_t(t.rows) * sizeof(int32_t),
+                                                 cudaMemcpyDeviceToHost, stream_));
+    return Status::ok();
   }
 
   size_t memory_in_use() const override { return in_use_; }
@@ -1695,9 +1755,18 @@ class CudaBackend final : public Backend {
   int32_t* gather_rows_ = nullptr;  // [max rows]
   int32_t* argmax_out_ = nullptr;   // [max rows]
   float* inv_freq_ = nullptr;       // [head_dim / 2]
-  int32_t* host_meta_ = nullptr;    // pinned twins of the above
+  int32_t* host_meta_ = nullptr;    // pinned twins of the above (meta_ and argmax_out_: several)
   int32_t* host_rows_ = nullptr;
   int32_t* host_argmax_ = nullptr;
+  // begin_batch stages the metadata in host_meta_'s two copies in turn (meta_slot_, this call's),
+  // each copy's transfer ending at its meta_copied_ event; start_argmax's rows land in
+  // host_argmax_'s slots, each at its argmax_copied_ event.
+  int64_t meta_slot_stride_ = 0;
+  int meta_slot_ = 0;
+  cudaEvent_t meta_copied_[2] = {};
+  int64_t argmax_slot_stride_ = 0;
+  int64_t argmax_rows_[kArgmaxInFlight] = {};
+  cudaEvent_t argmax_copied_[kArgmaxInFlight] = {};
   float* host_read_ = nullptr;  // pinned [16, vocab]: decode logits come back through it
   size_t host_read_floats_ = 0;
 

@@ -18,7 +18,7 @@ __device__ inline void better(float& v, int32_t& i, float v2, int32_t i2) {
 }
 
 __global__ void __launch_bounds__(kThreads)
-    argmax_kernel(const float* x, int64_t cols, int32_t* out) {
+    argmax_kernel(const float* x, int64_t cols, int32_t* out, int32_t* feed) {
   pdl_wait();
   pdl_trigger();
   __shared__ float values[32];
@@ -50,16 +50,21 @@ __global__ void __launch_bounds__(kThreads)
       better(best, best_i, v, i);
     }
     // A row of NaN (or nothing above -inf) keeps the first index, as the sequential loop does.
-    if (lane == 0) out[blockIdx.x] = best_i == INT32_MAX ? 0 : best_i;
+    if (lane == 0) {
+      const int32_t token = best_i == INT32_MAX ? 0 : best_i;
+      out[blockIdx.x] = token;
+      if (feed != nullptr) feed[blockIdx.x] = token;
+    }
   }
 }
 
 }  // namespace
 
-Status argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, cudaStream_t stream) {
+Status argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, int32_t* feed,
+                   cudaStream_t stream) {
   if (rows == 0) return Status::ok();
   KS_CUDA_CHECK("argmax_rows", launch_pdl(argmax_kernel, dim3(unsigned(rows)), dim3(kThreads), 0,
-                                          stream, x, cols, out));
+                                          stream, x, cols, out, feed));
   KS_CUDA_CHECK_LAUNCH("argmax_rows", "argmax_kernel");
   return Status::ok();
 }

@@ -544,6 +544,60 @@ TEST_F(CudaElementwise, ArgmaxRowsTakesTheFirstOfTies) {
   check_argmax_rows_first_of_ties();
 }
 
+// The sliced argmax (KESTREL_CUDA_ARGMAX=split: a row's columns over several blocks, the last to
+// count in picking the best of theirs) against the CPU's and the one-block kernel's: widths that
+// are and are not multiples of 4 (float4 and scalar loads), of one slice and of many; ties
+// within a slice, across slices and at a slice boundary (the lower index wins); a row of NaN and
+// one of -inf; 1, 5 and 16 rows; twice in a row (the counters left at zero).
+TEST(CudaArgmax, SlicedMatchesCpuAndOneBlock) {
+  for (const int64_t cols :
+       {int64_t(151936), int64_t(128257), int64_t(4096), int64_t(4097), int64_t(37)}) {
+    SCOPED_TRACE("cols " + std::to_string(cols));
+    ModelWeights big;
+    big.config = small_config(64, 64, 1, 1, 64, cols);
+    big.config.n_layers = 1;
+    big.layers.resize(1);
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(big, RunShape{1, 16, 16, 16}));
+    for (const int64_t n : {int64_t(1), int64_t(5), int64_t(16)}) {
+      SCOPED_TRACE("rows " + std::to_string(n));
+      std::vector<float> v = random_values(size_t(n * cols), 77 + uint64_t(n));
+      auto at = [&](int64_t r, int64_t c) -> float& { return v[size_t(r * cols + c)]; };
+      at(0, cols / 3) = 50.0f;
+      at(0, std::min(cols - 1, cols / 3 + 4096)) = 50.0f;  // another slice's tie
+      if (n > 1) at(1, cols - 1) = 60.0f;
+      if (n > 2) std::fill(&at(2, 0), &at(2, 0) + cols, NAN);
+      if (n > 3) std::fill(&at(3, 0), &at(3, 0) + cols, -INFINITY);
+      if (n > 4 && cols > 4096) {
+        at(4, 4095) = 70.0f;  // the last column of slice 0 and the first of slice 1
+        at(4, 4096) = 70.0f;
+      }
+      std::vector<int32_t> results[3];
+      for (int i = 0; i < 3; ++i) {
+        Backend& b = i == 0 ? *pair.cpu : *pair.gpu;
+        cuda::set_argmax_sliced(i == 2);
+        std::vector<int32_t> meta;
+        ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+        auto t = b.scratch(n, cols);
+        ASSERT_TRUE(t.is_ok());
+        fill(b, *t, v);
+        for (int rep = 0; rep < (i == 2 ? 2 : 1); ++rep) {
+          results[i].assign(size_t(n), -1);
+          const Status s = b.argmax_rows(*t, results[i].data());
+          ASSERT_TRUE(s.is_ok()) << s.message();
+        }
+      }
+      cuda::set_argmax_sliced(false);
+      EXPECT_EQ(results[1], results[0]);
+      EXPECT_EQ(results[2], results[0]);
+      EXPECT_EQ(results[2][0], cols / 3);
+      if (n > 4 && cols > 4096) {
+        EXPECT_EQ(results[2][4], 4095);
+      }
+    }
+  }
+}
+
 class CudaRope : public ::testing::TestWithParam<bool> {};
 
 TEST_P(CudaRope, MatchesCpuAtLargePositions) {

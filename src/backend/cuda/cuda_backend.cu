@@ -310,6 +310,13 @@ class CudaBackend final : public Backend {
     cache_.block_tables = block_tables_device();
     KS_ASSIGN_OR_RETURN(gather_rows_, reserve_device<int32_t>(extras.rows_bytes, "gather rows"));
     KS_ASSIGN_OR_RETURN(argmax_out_, reserve_device<int32_t>(extras.rows_bytes, "argmax"));
+    KS_ASSIGN_OR_RETURN(argmax_partials_,
+                        reserve_device<int2>(extras.argmax_partial_bytes, "argmax slices"));
+    KS_ASSIGN_OR_RETURN(argmax_counters_,
+                        reserve_device<unsigned>(extras.argmax_count_bytes, "argmax counters"));
+    // The sliced argmax's counters start at zero; each launch leaves them so.
+    KS_CUDA_CHECK("reserve",
+                  cudaMemsetAsync(argmax_counters_, 0, extras.argmax_count_bytes, stream_));
     const std::vector<float> inv_freq = rope_inv_freq(config);
     KS_ASSIGN_OR_RETURN(inv_freq_,
                         reserve_device<float>(inv_freq.size() * sizeof(float), "rope frequencies"));
@@ -798,9 +805,13 @@ class CudaBackend final : public Backend {
     if (feed && t.rows > shape_.max_batch_tokens) {
       return Status::error("cuda argmax_rows: more rows than a call's tokens (run ahead)");
     }
+    int32_t* tokens = feed ? meta_ : nullptr;
     KS_RETURN_IF_ERROR(launch("argmax", {addr(t.data), uint64_t(t.rows), uint64_t(t.cols)}, [&] {
-      return cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, feed ? meta_ : nullptr,
-                               stream_);
+      if (argmax_sliced() && t.rows <= kArgmaxSplitRows) {
+        return argmax_rows_sliced(f32(t), t.rows, t.cols, argmax_out_, tokens, argmax_partials_,
+                                  argmax_counters_, stream_);
+      }
+      return cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, tokens, stream_);
     }));
     argmax_rows_[slot] = t.rows;
     KS_CUDA_CHECK("argmax_rows", cudaMemcpyAsync(host_argmax_ + slot * argmax_slot_stride_,
@@ -862,9 +873,12 @@ class CudaBackend final : public Backend {
     size_t rows_bytes = 0;
     size_t arrival_bytes = 0;
     size_t layer_sync_bytes = 0;
+    size_t argmax_partial_bytes = 0;
+    size_t argmax_count_bytes = 0;
     size_t total() const {
       return 2 * shadow_bytes + dequant_bytes + cublas_bytes + split_o_bytes + split_ml_bytes +
-             arrival_bytes + meta_bytes + 2 * rows_bytes + layer_sync_bytes;
+             arrival_bytes + meta_bytes + 2 * rows_bytes + layer_sync_bytes + argmax_partial_bytes +
+             argmax_count_bytes;
     }
   };
 
@@ -904,6 +918,8 @@ class CudaBackend final : public Backend {
                    sizeof(int32_t);
     e.rows_bytes = size_t(std::max(shape.max_logit_rows, shape.max_batch_tokens)) * sizeof(int32_t);
     e.layer_sync_bytes = size_t(decode_layer_sync_words(int(c.n_kv_heads))) * sizeof(unsigned);
+    e.argmax_partial_bytes = size_t(kArgmaxSplitRows) * kArgmaxMaxSlices * sizeof(int2);
+    e.argmax_count_bytes = size_t(kArgmaxSplitRows) * sizeof(unsigned);
     return e;
   }
 
@@ -1752,10 +1768,12 @@ class CudaBackend final : public Backend {
   // [3, max_batch_tokens]: tokens, positions, sequence ids; then [max_seqs, blocks_per_seq]:
   // the KV cache block tables
   int32_t* meta_ = nullptr;
-  int32_t* gather_rows_ = nullptr;  // [max rows]
-  int32_t* argmax_out_ = nullptr;   // [max rows]
-  float* inv_freq_ = nullptr;       // [head_dim / 2]
-  int32_t* host_meta_ = nullptr;    // pinned twins of the above (meta_ and argmax_out_: several)
+  int32_t* gather_rows_ = nullptr;       // [max rows]
+  int32_t* argmax_out_ = nullptr;        // [max rows]
+  int2* argmax_partials_ = nullptr;      // [kArgmaxSplitRows, kArgmaxMaxSlices] (sample.cuh)
+  unsigned* argmax_counters_ = nullptr;  // [kArgmaxSplitRows]
+  float* inv_freq_ = nullptr;            // [head_dim / 2]
+  int32_t* host_meta_ = nullptr;  // pinned twins of the above (meta_ and argmax_out_: several)
   int32_t* host_rows_ = nullptr;
   int32_t* host_argmax_ = nullptr;
   // begin_batch stages the metadata in host_meta_'s two copies in turn (meta_slot_, this call's),

@@ -53,6 +53,11 @@ GraphStats graph_stats(Backend& backend);
 // does (gemv.cuh); otherwise it rounds the input to fp16 for the tensor cores.
 bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols);
 
+// Whether argmax_rows (and start_argmax) take the sliced kernel for up to 64 rows (sample.cuh;
+// KESTREL_CUDA_ARGMAX=split at start-up): a test aid, process-wide; set it while no other thread
+// launches.
+void set_argmax_sliced(bool on);
+
 // At most `blocks` blocks for a persistent (dp4a) GEMV launch, 0 for no cap beyond one wave: a
 // test aid that makes small weights loop over several row tiles a block. Process-wide; set it
 // only while no other thread launches GEMVs.

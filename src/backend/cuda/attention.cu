@@ -1709,7 +1709,14 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  // The four warps' states, in the stages' shared memory: m, l [warp][16], o [warp][16][D].
+  // The four warps' states, in the stages' shared memory: m, l [warp][16], o [warp][16][stride]
+  // with a stride of D floats, or D + 8 (ws.red_pad): a quarter warp's float2 stores (rows qr,
+  // qr + 1, columns 2 qc) then fall on distinct banks, where a stride of D puts all eight rows'
+  // on the same ones.
+  static_assert(
+      (2 * kWarps * 16 + kWarps * 16 * (D + 8)) * sizeof(float) <= prefill_smem_bytes<D>(),
+      "the warps' states fit the stages' shared memory");
+  const int red_stride = ws.red_pad != 0 ? D + 8 : D;
   float* red_m = reinterpret_cast<float*>(decode_smem);
   float* red_l = red_m + kWarps * 16;
   float* red_o = red_l + kWarps * 16;
@@ -1721,12 +1728,9 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   }
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) {
-    float* r0 = red_o + (warp * 16 + qr) * D + dt * 8 + 2 * qc;
-    float* r1 = r0 + 8 * D;
-    r0[0] = o[dt][0];
-    r0[1] = o[dt][1];
-    r1[0] = o[dt][2];
-    r1[1] = o[dt][3];
+    float* r0 = red_o + (warp * 16 + qr) * red_stride + dt * 8 + 2 * qc;
+    *reinterpret_cast<float2*>(r0) = make_float2(o[dt][0], o[dt][1]);
+    *reinterpret_cast<float2*>(r0 + 8 * red_stride) = make_float2(o[dt][2], o[dt][3]);
   }
   __syncthreads();
   constexpr float kLn2 = 0.6931471805599453f;
@@ -1743,7 +1747,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       const float e = mw == -INFINITY ? 0.0f : fast_exp2(mw - m);
       l += e * red_l[w * 16 + g];
       // The direct fp8 path's column dt * 8 + n is head dimension n * 16 + dt.
-      acc += e * red_o[(w * 16 + g) * D + (kDirect ? (d & 15) * 8 + (d >> 4) : d)];
+      acc += e * red_o[(w * 16 + g) * red_stride + (kDirect ? (d & 15) * 8 + (d >> 4) : d)];
     }
     const int64_t slot = (local * a.n_heads + kvh * G + g) * ws.max_splits + split;
     ws.o[slot * D + d] = acc;

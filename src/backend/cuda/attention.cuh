@@ -106,6 +106,11 @@ struct DecodeWorkspace {
   // KESTREL_CUDA_ATTENTION_TRIGGER=late (a measurement aid): the tensor-core decode kernel lets
   // the next kernel launch as its blocks exit, not right after its wait for q/k/v.
   int late_trigger = 0;
+  // KESTREL_CUDA_ATTENTION_RED_PAD=1 (a switch until it has run on a GPU): the tensor-core decode
+  // kernel's warps leave their partial outputs in shared memory at a row stride of head_dim + 8
+  // floats, not head_dim, so a warp's stores (eight rows, four column pairs) hit 32 distinct
+  // banks instead of the same eight eight times over.
+  int red_pad = 0;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

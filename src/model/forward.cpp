@@ -78,8 +78,15 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
   for (int i = 0; i < fs::kHeadTensors; ++i) {
     KS_ASSIGN_OR_RETURN(head[size_t(i)], backend.scratch(n_out, fs::width(c, fs::Head(i))));
   }
-  const Tensor last = head[fs::last], normed = head[fs::head_normed], out = head[fs::logits];
-  KS_RETURN_IF_ERROR(backend.gather_rows(last, x, batch.logit_rows.data(), n_out));
+  // When every row asks for logits, in order (a decode step), the rows are x itself: no gather
+  // (on a GPU, one dependent launch fewer a step).
+  bool every_row = n_out == n;
+  for (int64_t i = 0; every_row && i < n_out; ++i) every_row = batch.logit_rows[size_t(i)] == i;
+  const Tensor last = every_row ? x : head[fs::last];
+  const Tensor normed = head[fs::head_normed], out = head[fs::logits];
+  if (!every_row) {
+    KS_RETURN_IF_ERROR(backend.gather_rows(last, x, batch.logit_rows.data(), n_out));
+  }
   const Tensor logits[] = {out};
   const Linear* const lm_head[] = {&weights.output};
   KS_RETURN_IF_ERROR(backend.norm_matmul(logits, normed, last, weights.output_norm, eps, lm_head));

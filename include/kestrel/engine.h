@@ -181,6 +181,15 @@ class Engine {
   // As run, but returns the argmax token of each logit row (computed on the backend's device).
   Status run_argmax(const Batch& batch, std::vector<int32_t>* tokens);
 
+  // Greedy decode run ahead (EngineOptions::run_ahead): whether this engine does it, and
+  // run_argmax in two halves. start_argmax runs `batch` (with `tokens_from_argmax`, row i's token
+  // is row i of the argmax started just before it, which had as many rows; batch.tokens are
+  // ignored) and queues its logit rows' argmax, at most two at once; finish_argmax waits for
+  // the oldest queued and returns its rows. A run() or run_argmax() drops any never finished.
+  bool runs_ahead() const;
+  Status start_argmax(const Batch& batch, bool tokens_from_argmax);
+  Status finish_argmax(std::vector<int32_t>* tokens);
+
   // Slot `dst` takes the cached positions [0, n_positions) of slot `src`: the full blocks are
   // shared, a partly filled last block is copied (beam search forks a sequence this way).
   Status copy_sequence(int32_t src, int32_t dst, int64_t n_positions);
@@ -213,13 +222,7 @@ class Engine {
   Status copy_kv_block(int32_t src, int32_t dst);
   // Gives the batch's slots the blocks it writes (copying shared ones first).
   Status prepare_kv_cache(const Batch& batch);
-  // Greedy decode run ahead (EngineOptions::run_ahead): whether this engine does it, and
-  // run_argmax in two halves. start_argmax runs `batch` (with `tokens_from_argmax`, each row's
-  // token is that row of the argmax started before it; batch.tokens are ignored) and queues its
-  // logit rows' argmax; finish_argmax waits for the oldest queued and returns its rows.
-  bool runs_ahead() const;
-  Status start_argmax(const Batch& batch, bool tokens_from_argmax);
-  Status finish_argmax(std::vector<int32_t>* tokens);
+
   // Prompt tokens per forward call: the wanted chunk within what was reserved.
   int64_t chunk_tokens() const;
 

@@ -496,18 +496,29 @@ Result<GenerateResult> Engine::generate_greedy(const std::vector<int32_t>& promp
       ++in_flight;
       return Status::ok();
     };
+    // A step ahead takes a new KV block only while the pool could still give the sequence every
+    // block up to n_new tokens (the token before the last is fed at prompt + n_new - 2), so one
+    // dropped past an eos never takes a block step by step would not have.
+    auto may_run_ahead = [&] {
+      const int64_t held = int64_t(kv_cache_->table(0).size());
+      const int64_t position = int64_t(prompt.size()) + started;
+      const int64_t last = int64_t(prompt.size()) + n_new - 2;
+      return position / kKvBlockSize < held ||
+             last / kKvBlockSize + 1 - held <= kv_cache_->available_blocks();
+    };
     result.tokens.push_back(token);
     if (on_token) on_token(token);
-    if (!done()) KS_RETURN_IF_ERROR(queue_step(false));
-    while (in_flight > 0) {
-      if (int64_t(result.tokens.size()) + in_flight < n_new) KS_RETURN_IF_ERROR(queue_step(true));
+    while (!done()) {
+      if (in_flight == 0) KS_RETURN_IF_ERROR(queue_step(false));
+      if (int64_t(result.tokens.size()) + in_flight < n_new && may_run_ahead()) {
+        KS_RETURN_IF_ERROR(queue_step(true));
+      }
       KS_RETURN_IF_ERROR(finish_argmax(&next));
       --in_flight;
       token = next.at(0);
       ++result.decode_steps;
       result.tokens.push_back(token);
       if (on_token) on_token(token);
-      if (done()) break;
     }
     result.decode_seconds = seconds_since(start);
     for (; in_flight > 0; --in_flight) KS_RETURN_IF_ERROR(finish_argmax(&next));

@@ -10,6 +10,7 @@
 #include "io/config.h"
 #include "kestrel/generate.h"
 #include "model/loader.h"
+#include "runtime/kv_cache.h"
 #include "sample/sampler.h"
 #include "sample/stop.h"
 
@@ -183,6 +184,24 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
 
   // Decode: one call carries the last token of every running sequence.
   start = std::chrono::steady_clock::now();
+  // Run ahead (Engine::runs_ahead), while the device picks the tokens: the step after the current
+  // one is queued before the current one's tokens come back, fed them on the device, when it
+  // will carry the same sequences (none reaches max_new_tokens with the current token) and also
+  // takes the argmax. A sequence the current token stops (eos, a stop id) leaves the queued step
+  // a row it drops; the step after that goes from the host's tokens.
+  const bool ahead = engine.runs_ahead();
+  std::vector<std::vector<size_t>> queued;  // the sequences of each queued step's rows, in order
+  auto queue_step = [&](const std::vector<size_t>& rows, bool from_argmax) {
+    Batch batch;
+    const size_t offset = from_argmax ? 1 : 0;  // fed the token the step before it picks
+    for (size_t i : rows) {
+      batch.add(from_argmax ? 0 : seqs[i].next, int32_t(seqs[i].history.size() - 1 + offset),
+                int32_t(i), true);
+    }
+    KS_RETURN_IF_ERROR(engine.start_argmax(batch, from_argmax));
+    queued.push_back(rows);
+    return Status::ok();
+  };
   for (int64_t generated = 1;; ++generated) {
     Batch batch;
     std::vector<size_t> rows;  // the sequence of each row
@@ -194,6 +213,39 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     }
     if (rows.empty()) break;
     const bool use_argmax = argmax_only(generated);
+    if (ahead && use_argmax) {
+      if (queued.empty()) KS_RETURN_IF_ERROR(queue_step(rows, false));
+      bool same_rows_next =
+          queued.size() == 1 && queued.front() == rows && argmax_only(generated + 1);
+      // A step run ahead takes a new KV block only while the pool could still serve every
+      // running sequence to max_new_tokens: then the block its sequence may never use (a stop
+      // drops the step) cannot be one another sequence needs later. From a tighter pool the
+      // blocks are taken as step by step, at the steps that use them.
+      int64_t new_blocks = 0;
+      int64_t worst = 0;  // blocks the running sequences may still take, at most
+      for (size_t i : rows) {
+        same_rows_next =
+            same_rows_next && int64_t(result.tokens[i].size()) + 1 < params.max_new_tokens;
+        const int64_t position = int64_t(seqs[i].history.size());  // the step after's
+        const int64_t held = int64_t(engine.kv_cache().table(int32_t(i)).size());
+        new_blocks += position / kKvBlockSize >= held ? 1 : 0;
+        // Its last write: the token before its max_new_tokens-th, fed at prompt + max - 2.
+        const int64_t last = int64_t(prompts[i].size()) + params.max_new_tokens - 2;
+        worst += std::max<int64_t>(0, last / kKvBlockSize + 1 - held);
+      }
+      same_rows_next =
+          same_rows_next && (new_blocks == 0 || worst <= engine.kv_cache().available_blocks());
+      if (same_rows_next) KS_RETURN_IF_ERROR(queue_step(rows, true));
+      KS_RETURN_IF_ERROR(engine.finish_argmax(&argmax_rows));
+      const std::vector<size_t> step_rows = std::move(queued.front());
+      queued.erase(queued.begin());
+      for (size_t r = 0; r < step_rows.size(); ++r) {
+        if (seqs[step_rows[r]].running) choose(step_rows[r], r, true);
+      }
+      ++result.decode_steps;
+      if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
+      continue;
+    }
     if (use_argmax) {
       KS_RETURN_IF_ERROR(engine.run_argmax(batch, &argmax_rows));
     } else {
@@ -204,6 +256,8 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
   }
   result.decode_seconds = seconds_since(start);
+  // A step queued past the last sequence's stop is waited for and dropped.
+  for (; !queued.empty(); queued.pop_back()) KS_RETURN_IF_ERROR(engine.finish_argmax(&argmax_rows));
   return result;
 }
 

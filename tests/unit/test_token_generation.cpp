@@ -10,9 +10,10 @@
 namespace kestrel {
 namespace {
 
-std::unique_ptr<Engine> make_engine(int64_t max_seqs, int64_t prefill_chunk,
-                                    int64_t kv_blocks = 0) {
+std::unique_ptr<Engine> make_engine(int64_t max_seqs, int64_t prefill_chunk, int64_t kv_blocks = 0,
+                                    bool run_ahead = false) {
   EngineOptions options;
+  options.run_ahead = run_ahead;
   options.model = "synthetic:tiny-llama";
   options.format = WeightFormat::fp32;
   options.threads = 2;
@@ -88,6 +89,56 @@ TEST(TokenGeneration, EosStopsOnlyItsSequenceAndMinNewTokensSuppressesIt) {
   ASSERT_TRUE(suppressed.is_ok());
   ASSERT_GE(suppressed->tokens[0].size(), cut + 1);
   for (size_t i = 0; i < cut + 1; ++i) EXPECT_NE(suppressed->tokens[0][i], eos) << i;
+}
+
+// Run ahead (EngineOptions::run_ahead): the same tokens, stop reasons and step callbacks as step
+// by step, with sequences stopping at different steps (an eos; max_new_tokens), min_new_tokens
+// holding the device argmax back for the first steps, and a pool of KV blocks with no spare.
+TEST(TokenGeneration, RunAheadEqualsStepByStep) {
+  const std::vector<std::vector<int32_t>> prompts = {random_prompt(12, 11), random_prompt(29, 12),
+                                                     random_prompt(12, 13)};
+  TokenGenerationParams params;
+  params.max_new_tokens = 12;
+  params.stop_at_eos = false;
+  auto reference = make_engine(3, 16);
+  auto free_run = generate_tokens(*reference, prompts, params);
+  ASSERT_TRUE(free_run.is_ok()) << free_run.status().message();
+  const int32_t eos = free_run->tokens[0][4];  // stops prompt 0 at its fifth token (or earlier)
+  struct Case {
+    int64_t min_new_tokens;
+    bool eos;
+    int64_t kv_blocks;  // 0: a full context a slot
+  };
+  for (const Case c : {Case{0, false, 0}, Case{0, true, 0}, Case{3, true, 0}, Case{0, true, 6}}) {
+    SCOPED_TRACE("min_new " + std::to_string(c.min_new_tokens) + (c.eos ? ", eos" : "") +
+                 ", kv_blocks " + std::to_string(c.kv_blocks));
+    params.min_new_tokens = c.min_new_tokens;
+    params.stop_at_eos = c.eos;
+    params.eos_token_ids = c.eos ? std::vector<int32_t>{eos} : std::vector<int32_t>{};
+    std::vector<std::vector<int32_t>> steps[2];
+    std::vector<std::vector<int32_t>> tokens[2];
+    std::vector<StopReason> reasons[2];
+    for (int ahead = 0; ahead < 2; ++ahead) {
+      // 6 blocks of 16: prompt 0 stopping at its fifth token writes positions up to 15 (one
+      // block), prompt 1 up to 39 (three), prompt 2 up to 22 (two). A step run ahead past prompt
+      // 0's eos, at position 16, would take the block prompt 2 needs at its position 16.
+      auto engine = make_engine(3, 16, c.kv_blocks, ahead == 1);
+      auto result =
+          generate_tokens(*engine, prompts, params, [&](const std::vector<int32_t>& step) {
+            steps[ahead].push_back(step);
+            return Status::ok();
+          });
+      ASSERT_TRUE(result.is_ok()) << result.status().message();
+      tokens[ahead] = result->tokens;
+      reasons[ahead] = result->stop_reasons;
+    }
+    EXPECT_EQ(tokens[1], tokens[0]);
+    EXPECT_EQ(reasons[1], reasons[0]);
+    EXPECT_EQ(steps[1], steps[0]);
+    if (c.eos && c.min_new_tokens == 0) {
+      EXPECT_EQ(reasons[1][0], StopReason::eos);
+    }
+  }
 }
 
 TEST(TokenGeneration, SamplingIsSeededPerSequence) {

@@ -1710,9 +1710,9 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
   // The four warps' states, in the stages' shared memory: m, l [warp][16], o [warp][16][stride]
-  // with a stride of D floats, or D + 8 (ws.red_pad): a quarter warp's float2 stores (rows qr,
-  // qr + 1, columns 2 qc) then fall on distinct banks, where a stride of D puts all eight rows'
-  // on the same ones.
+  // with a stride of D floats, or D + 8 (ws.red_pad): a half warp's float2 stores (rows qr 0-3,
+  // columns 2 qc) then cover 32 distinct banks, where a stride of D puts its four rows' on the
+  // same eight.
   static_assert(
       (2 * kWarps * 16 + kWarps * 16 * (D + 8)) * sizeof(float) <= prefill_smem_bytes<D>(),
       "the warps' states fit the stages' shared memory");

@@ -108,8 +108,8 @@ struct DecodeWorkspace {
   int late_trigger = 0;
   // KESTREL_CUDA_ATTENTION_RED_PAD=1 (a switch until it has run on a GPU): the tensor-core decode
   // kernel's warps leave their partial outputs in shared memory at a row stride of head_dim + 8
-  // floats, not head_dim, so a warp's stores (eight rows, four column pairs) hit 32 distinct
-  // banks instead of the same eight eight times over.
+  // floats, not head_dim, so a half warp's float2 stores (four rows, four column pairs) cover
+  // 32 distinct banks instead of the same eight four times over.
   int red_pad = 0;
 };
 

@@ -181,11 +181,12 @@ class Engine {
   // As run, but returns the argmax token of each logit row (computed on the backend's device).
   Status run_argmax(const Batch& batch, std::vector<int32_t>* tokens);
 
-  // Greedy decode run ahead (EngineOptions::run_ahead): whether this engine does it, and
-  // run_argmax in two halves. start_argmax runs `batch` (with `tokens_from_argmax`, row i's token
-  // is row i of the argmax started just before it, which had as many rows; batch.tokens are
-  // ignored) and queues its logit rows' argmax, at most two at once; finish_argmax waits for
-  // the oldest queued and returns its rows. A run() or run_argmax() drops any never finished.
+  // Greedy decode run ahead (EngineOptions::run_ahead): whether this engine's generate calls do
+  // it, and run_argmax in two halves (any engine of one backend). start_argmax runs `batch` (with
+  // `tokens_from_argmax`, row i's token is row i of the argmax started just before it, which had as
+  // many rows; batch.tokens are ignored) and queues its logit rows' argmax, at most two at once;
+  // finish_argmax waits for the oldest queued and returns its rows. A run() or run_argmax() drops
+  // any never finished.
   bool runs_ahead() const;
   Status start_argmax(const Batch& batch, bool tokens_from_argmax);
   Status finish_argmax(std::vector<int32_t>* tokens);

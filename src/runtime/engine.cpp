@@ -361,7 +361,7 @@ bool Engine::runs_ahead() const {
 }
 
 Status Engine::start_argmax(const Batch& batch, bool tokens_from_argmax) {
-  if (!runs_ahead()) return Status::error("start_argmax: this engine does not run ahead");
+  if (tensor_parallel_) return Status::error("start_argmax: not on a model split over ranks");
   KS_RETURN_IF_ERROR(prepare_kv_cache(batch));
   const BlockTables tables{kv_cache_->tables(), kv_cache_->blocks_per_seq()};
   return forward_start_argmax(*backend_, *weights_, batch, tables, tokens_from_argmax);

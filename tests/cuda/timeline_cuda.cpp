@@ -75,8 +75,36 @@ Result<std::unique_ptr<Engine>> timeline_engine(const std::string& name, int64_t
   return Engine::create(options);
 }
 
+// What the device does between decode steps: from a step's last kernel end to the next step's
+// first kernel start (the copies, and on the host: the argmax's wait, the next batch, the forward
+// pass walked for the replay, the graph launch), and the steps' period (first start to first
+// start); medians over the steps after the first two (the graph's capture).
+struct BetweenSteps {
+  double gap_us = 0;
+  double period_us = 0;
+  size_t n = 0;
+};
+BetweenSteps between_steps(const std::vector<std::vector<KernelSpan>>& steps) {
+  std::vector<double> gaps, periods;
+  for (size_t i = 2; i + 1 < steps.size(); ++i) {
+    uint64_t end = 0;
+    for (const KernelSpan& k : steps[i]) end = std::max(end, k.end_ns);
+    const double next = double(steps[i + 1].front().start_ns);
+    gaps.push_back((next - double(end)) / 1e3);
+    periods.push_back((next - double(steps[i].front().start_ns)) / 1e3);
+  }
+  auto median = [](std::vector<double> v) {
+    if (v.empty()) return 0.0;
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  return {median(gaps), median(periods), gaps.size()};
+}
+
 // A decode step of `n_seqs` sequences at 1024 positions each (the bench's batch-1 and batch-16
-// decode), replayed from its captured graph.
+// decode), replayed from its captured graph. Then as many steps run ahead (Engine::start_argmax:
+// each queued before the one before it has come back, its tokens that step's argmax on the
+// device), for the time between steps either way.
 void decode_timeline(const std::string& name, int n_seqs) {
   constexpr int64_t kContext = 1024;
   // Every sequence's context is one call.
@@ -111,6 +139,26 @@ void decode_timeline(const std::string& name, int n_seqs) {
   ASSERT_TRUE(spans.is_ok()) << spans.status().message();
   const auto steps = split_steps(*spans);
   ASSERT_GE(steps.size(), 2u) << spans->size() << " kernels recorded";
+  // The same number of steps run ahead, from where those left off.
+  const Status ahead_started = timeline_start();
+  ASSERT_TRUE(ahead_started.is_ok()) << ahead_started.message();
+  auto ahead_batch = [&](int i, bool from_argmax) {
+    Batch b;
+    for (int seq = 0; seq < n_seqs; ++seq) {
+      b.add(from_argmax ? 0 : next[size_t(seq)], int32_t(kContext + kSteps + i), seq, true);
+    }
+    return b;
+  };
+  Status ahead = engine.start_argmax(ahead_batch(0, false), false);
+  for (int i = 0; ahead.is_ok() && i < kSteps; ++i) {
+    if (i + 1 < kSteps) ahead = engine.start_argmax(ahead_batch(i + 1, true), true);
+    if (ahead.is_ok()) ahead = engine.finish_argmax(&next);
+  }
+  ASSERT_TRUE(ahead.is_ok()) << ahead.message();
+  auto ahead_spans = timeline_stop();
+  ASSERT_TRUE(ahead_spans.is_ok()) << ahead_spans.status().message();
+  const BetweenSteps plain = between_steps(steps);
+  const BetweenSteps run_ahead = between_steps(split_steps(*ahead_spans));
   auto step = step_timeline(steps[steps.size() - 2]);
   ASSERT_TRUE(step.is_ok()) << step.status().message();
   std::printf("\n%zu kernels recorded in %zu steps; kernels a step:", spans->size(), steps.size());
@@ -120,6 +168,12 @@ void decode_timeline(const std::string& name, int n_seqs) {
       "first start to the last end, %.1f us of kernel time summed\n\n",
       name.c_str(), n_seqs, static_cast<long long>(kContext), step->kernels.size(), step->span_us,
       step->kernel_sum_us);
+  std::printf(
+      "#### %s, batch-%d between steps: %.1f us step by step, %.1f us run ahead (device idle "
+      "from a step's last kernel to the next one's first); period %.1f / %.1f us (medians of "
+      "%zu / %zu)\n\n",
+      name.c_str(), n_seqs, plain.gap_us, run_ahead.gap_us, plain.period_us, run_ahead.period_us,
+      plain.n, run_ahead.n);
   std::printf(
       "| kernel | blocks | count | duration (sum) | adds to the step (sum) | adds each |\n");
   std::printf("|---|---:|---:|---:|---:|---:|\n");

@@ -40,6 +40,9 @@ Status Backend::reserve(const ModelConfig& config, const RunShape& shape) {
   reserved_ = true;
   reserved_vocab_ = config.vocab_size;
   reserved_shape_ = shape;
+  // Nothing queued before survives the new reservation's buffers.
+  argmax_finished_ = argmax_started_;
+  feed_rows_ = -1;
   return Status::ok();
 }
 
@@ -64,6 +67,13 @@ Status Backend::begin_batch(const BatchView& batch) {
                          (feed_rows < 0
                               ? std::string("no argmax was started since the last call")
                               : "that argmax has " + std::to_string(feed_rows) + " rows"));
+  }
+  for (int64_t i = 0; i < batch.n_tokens; ++i) {
+    if (batch.n_logit_rows != batch.n_tokens || batch.logit_rows[i] != i) {
+      return Status::error(name() +
+                           " backend: a batch run ahead (tokens from the argmax before it) must "
+                           "ask for the logits of every row, in order");
+    }
   }
   if (feed_cols_ > reserved_vocab_) {
     return Status::error(name() + " backend: tokens from an argmax over " +

@@ -94,7 +94,9 @@ class Backend {
   // position and token id in range with its block table entries in the pool
   // (check_batch_slots), and at most max_logit_rows logit rows, each a row of the batch.
   // With tokens_from_argmax, the tokens are the rows of the argmax started last, which must have
-  // been started after the previous begin_batch and have n_tokens rows.
+  // been started after the previous begin_batch and have n_tokens rows, and every row of the
+  // batch asks for its logits, in order (so the call stages no host rows for a gather while
+  // the step before it may still be running).
   Status begin_batch(const BatchView& batch);
   // begin_batch's checks alone: whether begin_batch would take `batch` (a model split over
   // several backends checks once before any rank starts, so no rank fails alone).
@@ -241,7 +243,8 @@ class Backend {
   // back (greedy decode run ahead: the next call begins with tokens_from_argmax). start_argmax
   // queues the argmax of every row of t; finish_argmax waits for the oldest queued one and
   // returns its rows. At most kArgmaxInFlight are queued at once; a begin_batch whose tokens
-  // come from the host drops any that were never finished.
+  // come from the host drops any that were never finished. finish_argmax goes between calls
+  // (after a call's start_argmax, before the next begin_batch), never among a call's ops.
   static constexpr int kArgmaxInFlight = 2;
   Status start_argmax(Tensor t);
   Status finish_argmax(std::vector<int32_t>* out);

@@ -368,6 +368,7 @@ Status Engine::start_argmax(const Batch& batch, bool tokens_from_argmax) {
 }
 
 Status Engine::finish_argmax(std::vector<int32_t>* tokens) {
+  if (tensor_parallel_) return Status::error("finish_argmax: not on a model split over ranks");
   return backend_->finish_argmax(tokens);
 }
 
@@ -497,8 +498,9 @@ Result<GenerateResult> Engine::generate_greedy(const std::vector<int32_t>& promp
       return Status::ok();
     };
     // A step ahead takes a new KV block only while the pool could still give the sequence every
-    // block up to n_new tokens (the token before the last is fed at prompt + n_new - 2), so one
-    // dropped past an eos never takes a block step by step would not have.
+    // block up to n_new tokens (the token before the last is fed at prompt + n_new - 2): a step
+    // dropped past an eos may take a block step by step would not have, but never one the pool
+    // then lacks.
     auto may_run_ahead = [&] {
       const int64_t held = int64_t(kv_cache_->table(0).size());
       const int64_t position = int64_t(prompt.size()) + started;

@@ -105,6 +105,13 @@ TEST(BackendChecks, ArgmaxRunAheadIsCheckedAndKeepsOrder) {
   EXPECT_TRUE(b.begin_batch(fed).is_ok());
   // Only once, right after it: the argmax fed the call before.
   EXPECT_NE(b.begin_batch(fed).message().find("no argmax was started"), std::string::npos);
+  // Every row asks for its logits, in order.
+  ASSERT_TRUE(b.start_argmax(*logits).is_ok());
+  int32_t swapped[] = {1, 0};
+  BatchView reordered = fed;
+  reordered.logit_rows = swapped;
+  EXPECT_NE(b.begin_batch(reordered).message().find("every row, in order"), std::string::npos);
+  ASSERT_TRUE(b.finish_argmax(&out).is_ok());
   // And of the batch's size.
   ASSERT_TRUE(b.start_argmax(*logits).is_ok());
   BatchView one = fed;

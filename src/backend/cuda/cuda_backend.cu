@@ -139,6 +139,8 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     if (layer_kernel_) release_decode_layer(device_);
     abort_capture();
+    // A step run ahead (and its copy into pinned memory) may still be queued.
+    if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     clear_graphs();
     (void)ahead_.drain();  // before the copies it writes are freed
     for (cudaEvent_t e : timing_events_) cudaEventDestroy(e);
@@ -332,11 +334,13 @@ class CudaBackend final : public Backend {
     KS_ASSIGN_OR_RETURN(host_rows_, pinned<int32_t>(extras.rows_bytes));
     KS_ASSIGN_OR_RETURN(host_argmax_, pinned<int32_t>(kArgmaxInFlight * extras.rows_bytes));
     argmax_slot_stride_ = extras.rows_bytes / sizeof(int32_t);
-    for (cudaEvent_t* e :
-         {&meta_copied_[0], &meta_copied_[1], &argmax_copied_[0], &argmax_copied_[1]}) {
-      if (*e == nullptr) {
-        KS_CUDA_CHECK("reserve", cudaEventCreateWithFlags(e, cudaEventDisableTiming));
-      }
+    for (cudaEvent_t& e : meta_copied_) {
+      if (e == nullptr)
+        KS_CUDA_CHECK("reserve", cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    }
+    for (cudaEvent_t& e : argmax_copied_) {
+      if (e == nullptr)
+        KS_CUDA_CHECK("reserve", cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     }
     host_read_floats_ = size_t(kMaxGemvTokens) * size_t(config.vocab_size);
     KS_ASSIGN_OR_RETURN(host_read_, pinned<float>(host_read_floats_ * sizeof(float)));
@@ -729,6 +733,12 @@ class CudaBackend final : public Backend {
   }
 
   Status gather_rows(Tensor out, Tensor x, const int32_t* rows, int64_t n) override {
+    // The rows are staged in one pinned buffer, which the previous step's graph (a captured copy)
+    // may still be about to read while a call run ahead goes on: such a call gathers nothing
+    // (begin_batch: every row asks for logits, in order).
+    if (batch_.tokens_from_argmax) {
+      return Status::error("cuda gather_rows: not in a call run ahead");
+    }
     if (n > shape_.max_logit_rows && n > shape_.max_batch_tokens) {
       return Status::error("cuda gather_rows: more rows than reserved");
     }

@@ -960,12 +960,62 @@ __global__ void __launch_bounds__(kPrefillThreads* kGroups)
 // online, 16 at a time, each batch's partial sums and {m, l} requested together. The splits go in a
 // fixed order, so a replayed graph gives the eager step's bits. The partial results are read
 // through L2 (__ldcg): other blocks wrote them.
+// Rope mode's write-back of a (token, KV head) group: its G q heads and its K head, each pair
+// (i, i + D / 2) of a head one entry, a thread's entries at tid, + kPrefillThreads, ... Loaded
+// (load_group_pairs) before the stores they follow, so the write-back adds no round trip of its
+// own, then stored rotated (store_group_pairs).
+template <int D>
+struct GroupPairs {
+  static constexpr int kHalf = D / 2;
+  static constexpr int kPerThread = (kMaxHeadGroup + 1) * kHalf / kPrefillThreads + 1;
+  float2 v[kPerThread];
+};
+
+template <int D>
+__device__ inline float* group_pair_head(const AttentionArgs& a, const KvCache& c, int64_t t,
+                                         int kvh, int G, int g) {
+  const int64_t q_dim = int64_t(a.n_heads) * D;
+  return g < G ? a.q + t * q_dim + (int64_t(kvh) * G + g) * D
+               : a.k + (t * c.n_kv_heads + kvh) * int64_t(D);
+}
+
+template <int D>
+__device__ inline void load_group_pairs(const AttentionArgs& a, const KvCache& c, int64_t t,
+                                        int kvh, int G, GroupPairs<D>& p) {
+  constexpr int kHalf = GroupPairs<D>::kHalf;
+#pragma unroll
+  for (int j = 0; j < GroupPairs<D>::kPerThread; ++j) {
+    const int idx = int(threadIdx.x) + j * kPrefillThreads;
+    if (idx < (G + 1) * kHalf) {
+      const float* head = group_pair_head<D>(a, c, t, kvh, G, idx / kHalf);
+      p.v[j] = make_float2(head[idx % kHalf], head[idx % kHalf + kHalf]);
+    }
+  }
+}
+
+template <int D>
+__device__ inline void store_group_pairs(const AttentionArgs& a, const KvCache& c, int64_t t,
+                                         int kvh, int G, const GroupPairs<D>& p,
+                                         const float2* angles) {
+  constexpr int kHalf = GroupPairs<D>::kHalf;
+#pragma unroll
+  for (int j = 0; j < GroupPairs<D>::kPerThread; ++j) {
+    const int idx = int(threadIdx.x) + j * kPrefillThreads;
+    if (idx < (G + 1) * kHalf) {
+      const int i = idx % kHalf;
+      float* head = group_pair_head<D>(a, c, t, kvh, G, idx / kHalf);
+      const float2 r = rotate(p.v[j].x, p.v[j].y, angles[i].x, angles[i].y);
+      head[i] = r.x;
+      head[i + kHalf] = r.y;
+    }
+  }
+}
+
 template <int D>
 __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const DecodeWorkspace& ws,
                             int64_t local, int64_t t, int kvh, int G, int used,
                             const float2* angles) {
   constexpr int kQuads = D / 4;
-  constexpr int kHalf = D / 2;
   constexpr int kMergeBatch = 16;
   const int tid = threadIdx.x;
   const int64_t q_dim = int64_t(a.n_heads) * D;
@@ -976,23 +1026,9 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
   // from 156-158 to 166-168; together 168 of the 170 that three blocks an SM allow (ptxas, no
   // spills): the next value kept live across the kernel will spill.
   static_assert(kMaxHeadGroup <= 16, "the decode kernel's query rows hold a group");
-  constexpr int kPairsPerThread = (kMaxHeadGroup + 1) * kHalf / kPrefillThreads + 1;
-  float2 pairs[kPairsPerThread];
-  auto pair_head = [&](int g) {
-    return g < G ? a.q + t * q_dim + (int64_t(kvh) * G + g) * D
-                 : a.k + (t * c.n_kv_heads + kvh) * int64_t(D);
-  };
+  GroupPairs<D> pairs;
   const bool rope = a.inv_freq != nullptr;
-  if (rope) {
-#pragma unroll
-    for (int j = 0; j < kPairsPerThread; ++j) {
-      const int idx = tid + j * kPrefillThreads;
-      if (idx < (G + 1) * kHalf) {
-        const float* head = pair_head(idx / kHalf);
-        pairs[j] = make_float2(head[idx % kHalf], head[idx % kHalf + kHalf]);
-      }
-    }
-  }
+  if (rope) load_group_pairs<D>(a, c, t, kvh, G, pairs);
   for (int idx = tid; idx < G * kQuads; idx += kPrefillThreads) {
     const int g = idx / kQuads;
     const int d = (idx % kQuads) * 4;
@@ -1046,18 +1082,7 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
     }
   }
   if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
-  if (!rope) return;
-#pragma unroll
-  for (int j = 0; j < kPairsPerThread; ++j) {
-    const int idx = tid + j * kPrefillThreads;
-    if (idx < (G + 1) * kHalf) {
-      const int i = idx % kHalf;
-      float* head = pair_head(idx / kHalf);
-      const float2 r = rotate(pairs[j].x, pairs[j].y, angles[i].x, angles[i].y);
-      head[i] = r.x;
-      head[i + kHalf] = r.y;
-    }
-  }
+  if (rope) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
 }
 
 // The decode kernel's fp8 tiles: the raw entries of keys key0 .. key0 + 63 ([64][D] bytes for K
@@ -1734,13 +1759,24 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   }
   __syncthreads();
   constexpr float kLn2 = 0.6931471805599453f;
-  for (int idx = tid; idx < G * D; idx += kPrefillThreads) {
-    const int g = idx / D;
-    const int d = idx % D;
-    float m = -INFINITY;
+  const int used = splits_used(n_ctx, n_splits, kPrefillKeys);
+  // ws.solo (a switch until it has run on a GPU): a group of one split (a context of at most one
+  // tile) writes its output here, as the merge would from its one partial result, with no
+  // partial results, fences, count or merge round trips; in rope mode it loads the pairs it
+  // writes back rotated before the outputs, to overlap them. At head_dim 128 only: at 64 the
+  // path spills 12-20 bytes at the 128 registers of four blocks an SM (ptxas, sm_90).
+  constexpr bool kSolo = D == 128;
+  const bool solo = kSolo && ws.solo != 0 && used == 1 && ws.arrivals != nullptr;
+  const int64_t q_dim = int64_t(a.n_heads) * D;
+  GroupPairs<D> solo_pairs;
+  if (solo && rope) load_group_pairs<D>(a, c, t, kvh, G, solo_pairs);
+  // The block's four warps' states of output idx (query row g, dimension d) merged.
+  auto merge_warps = [&](int g, int d, float& m, float& l, float& acc) {
+    m = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red_m[w * 16 + g]);
-    float l = 0.0f, acc = 0.0f;
+    l = 0.0f;
+    acc = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       const float mw = red_m[w * 16 + g];
@@ -1749,6 +1785,30 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       // The direct fp8 path's column dt * 8 + n is head dimension n * 16 + dt.
       acc += e * red_o[(w * 16 + g) * red_stride + (kDirect ? (d & 15) * 8 + (d >> 4) : d)];
     }
+  };
+  if (solo) {
+    for (int idx = tid; idx < G * D; idx += kPrefillThreads) {
+      const int g = idx / D;
+      const int d = idx % D;
+      float m, l, acc;
+      merge_warps(g, d, m, l, acc);
+      const float value = acc * (1.0f / l);  // merge_group's arithmetic for one split
+      const int64_t col = (int64_t(kvh) * G + g) * D + d;
+      a.out[t * q_dim + col] = value;
+      if (a.shadow.data != nullptr) {
+        a.shadow.data[shadow_index(t, col, a.shadow.row_stride, a.shadow.permuted)] =
+            __float2half_rn(value);
+      }
+    }
+    if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
+    if (rope) store_group_pairs<D>(a, c, t, kvh, G, solo_pairs, angles);
+    return;
+  }
+  for (int idx = tid; idx < G * D; idx += kPrefillThreads) {
+    const int g = idx / D;
+    const int d = idx % D;
+    float m, l, acc;
+    merge_warps(g, d, m, l, acc);
     const int64_t slot = (local * a.n_heads + kvh * G + g) * ws.max_splits + split;
     ws.o[slot * D + d] = acc;
     if (d == 0) {
@@ -1763,7 +1823,6 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   // that wait into its fence and saved nothing (PERF.md, fifteenth session).
   if (ws.arrivals == nullptr) return;  // the combine kernel merges (a measurement aid)
   __shared__ bool merges;
-  const int used = splits_used(n_ctx, n_splits, kPrefillKeys);
   __threadfence();
   __syncthreads();
   if (tid == 0) {

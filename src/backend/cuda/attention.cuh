@@ -111,6 +111,10 @@ struct DecodeWorkspace {
   // floats, not head_dim, so a half warp's float2 stores (four rows, four column pairs) cover
   // 32 distinct banks instead of the same eight four times over.
   int red_pad = 0;
+  // KESTREL_CUDA_ATTENTION_SOLO=1 (a switch until it has run on a GPU): a tensor-core decode group
+  // of one split (a context of at most one 64-key tile) writes its output itself, without the
+  // partial results, fences and count of a merge.
+  int solo = 0;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

@@ -298,6 +298,8 @@ class CudaBackend final : public Backend {
     decode_ws_.late_trigger = trigger != nullptr && std::string(trigger) == "late" ? 1 : 0;
     const char* red_pad = std::getenv("KESTREL_CUDA_ATTENTION_RED_PAD");
     decode_ws_.red_pad = red_pad != nullptr && std::string(red_pad) == "1" ? 1 : 0;
+    const char* solo = std::getenv("KESTREL_CUDA_ATTENTION_SOLO");
+    decode_ws_.solo = solo != nullptr && std::string(solo) == "1" ? 1 : 0;
     KS_ASSIGN_OR_RETURN(decode_ws_.o,
                         reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,

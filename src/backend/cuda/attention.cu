@@ -1277,9 +1277,15 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   const int64_t local = blockIdx.z;
   const int64_t t = token_begin + local;
   const int64_t n_ctx = int64_t(a.positions[t]) + 1;
-  const int64_t per_split = chunks_per_split(n_ctx, n_splits, kPrefillKeys);
-  const int64_t tile_begin = int64_t(split) * per_split;
   const int64_t n_tiles = (n_ctx + kPrefillKeys - 1) / kPrefillKeys;
+  // ws.solo (a switch, head_dim 128): a context of at most ws.solo tiles takes one split, which
+  // walks them all and writes the output itself (below) instead of splits merging (not when the
+  // combine kernel merges: it counts the launch's splits).
+  constexpr bool kSolo = D == 128;
+  const int splits =
+      kSolo && ws.solo > 0 && ws.arrivals != nullptr && n_tiles <= ws.solo ? 1 : n_splits;
+  const int64_t per_split = chunks_per_split(n_ctx, splits, kPrefillKeys);
+  const int64_t tile_begin = int64_t(split) * per_split;
   if (tile_begin >= n_tiles) return;
   const int64_t tile_end = min(n_tiles, tile_begin + per_split);
   const int G = a.n_heads / c.n_kv_heads;
@@ -1759,14 +1765,13 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   }
   __syncthreads();
   constexpr float kLn2 = 0.6931471805599453f;
-  const int used = splits_used(n_ctx, n_splits, kPrefillKeys);
-  // ws.solo (a switch until it has run on a GPU): a group of one split (a context of at most one
-  // tile) writes its output here, as the merge would from its one partial result, with no
-  // partial results, fences, count or merge round trips; in rope mode it loads the pairs it
-  // writes back rotated before the outputs, to overlap them. At head_dim 128 only: at 64 the
-  // path spills 12-20 bytes at the 128 registers of four blocks an SM (ptxas, sm_90).
-  constexpr bool kSolo = D == 128;
-  const bool solo = kSolo && ws.solo != 0 && used == 1 && ws.arrivals != nullptr;
+  const int used = splits_used(n_ctx, splits, kPrefillKeys);
+  // ws.solo (a switch until it has run on a GPU): a group of one split writes its output here,
+  // as the merge would from its one partial result, with no partial results, fences, count or
+  // merge round trips; in rope mode it loads the pairs it writes back rotated before the
+  // outputs, to overlap them. At head_dim 128 only: at 64 the path spills 12-20 bytes at the 128
+  // registers of four blocks an SM (ptxas, sm_90).
+  const bool solo = kSolo && ws.solo > 0 && used == 1 && ws.arrivals != nullptr;
   const int64_t q_dim = int64_t(a.n_heads) * D;
   GroupPairs<D> solo_pairs;
   if (solo && rope) load_group_pairs<D>(a, c, t, kvh, G, solo_pairs);

@@ -111,9 +111,10 @@ struct DecodeWorkspace {
   // floats, not head_dim, so a half warp's float2 stores (four rows, four column pairs) cover
   // 32 distinct banks instead of the same eight four times over.
   int red_pad = 0;
-  // KESTREL_CUDA_ATTENTION_SOLO=1 (a switch until it has run on a GPU): a tensor-core decode group
-  // of one split (a context of at most one 64-key tile) writes its output itself, without the
-  // partial results, fences and count of a merge.
+  // KESTREL_CUDA_ATTENTION_SOLO=N (a switch until it has run on a GPU; 0 off): at head_dim 128 a
+  // tensor-core decode group whose context is at most N 64-key tiles takes one split, and a
+  // group of one split writes its output itself, without the partial results, fences and count
+  // of a merge.
   int solo = 0;
 };
 

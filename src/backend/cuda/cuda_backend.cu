@@ -299,7 +299,7 @@ class CudaBackend final : public Backend {
     const char* red_pad = std::getenv("KESTREL_CUDA_ATTENTION_RED_PAD");
     decode_ws_.red_pad = red_pad != nullptr && std::string(red_pad) == "1" ? 1 : 0;
     const char* solo = std::getenv("KESTREL_CUDA_ATTENTION_SOLO");
-    decode_ws_.solo = solo != nullptr && std::string(solo) == "1" ? 1 : 0;
+    decode_ws_.solo = solo != nullptr ? std::clamp(std::atoi(solo), 0, 1 << 20) : 0;
     KS_ASSIGN_OR_RETURN(decode_ws_.o,
                         reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,

@@ -195,6 +195,41 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   }
 }
 
+// The int4 mma GEMV with its activations through the weight ring (set_gemv_b_ring, gemv.cu's
+// kBRing; KESTREL_CUDA_GEMV_B_RING=1) gives the bits of plain loads: the same B fragments into
+// the same products. Every GEMV kind of a layer and the lm_head at 9, 13 and 16 tokens (two
+// n-tiles; tokens past the count zero-filled), sym and asym int4 with 32- and 64-wide blocks,
+// with a wave of blocks and with 3 blocks looping over all the tiles (the ring running on into
+// the next tile, whose chunks' B is the same); 1088 columns make 9 chunks, the last half empty.
+TEST(CudaOps, GemvActivationsThroughTheRingGiveTheSameBits) {
+  for (const auto& [format, block] :
+       {std::pair{WeightFormat::sym_int4, 32}, std::pair{WeightFormat::asym_int4, 64}}) {
+    SCOPED_TRACE(std::string(format_name(format)) + " block " + std::to_string(block));
+    ModelConfig config = small_config(1088, 704, 8, 2, 64, 300);
+    config.n_layers = 1;
+    ModelWeights weights = random_model(config, format, block, true, 4300);
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    for (int64_t n : {9, 13, 16}) {
+      const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4400 + n, 2.0f);
+      for (int cap : {0, 3}) {
+        cuda::set_gemv_block_cap(cap);
+        std::vector<float> results[2];
+        for (int ring = 0; ring < 2; ++ring) {
+          cuda::set_gemv_b_ring(ring == 1);
+          results[ring] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+        }
+        cuda::set_gemv_b_ring(false);
+        ASSERT_FALSE(results[0].empty());
+        EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten, n=" << n << " cap " << cap;
+        EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
+            << "of " << results[0].size() << " values, n=" << n << " cap " << cap;
+      }
+      cuda::set_gemv_block_cap(0);
+    }
+  }
+}
+
 // The row-warp GEMV (gemv.cu; forced here, as the test weights are too small for its default
 // rule) on every GEMV kind of a layer and the lm_head, int4 with 32- and 64-wide blocks, sym and
 // asym, at 3-16 tokens (one n-tile and two) and 45 (three 16-token launches): against the CPU
@@ -739,6 +774,14 @@ void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int 
   }
 }
 
+// Holds the decode attention's solo rule (cuda::set_decode_solo) for a scope.
+struct DecodeSolo {
+  explicit DecodeSolo(int tiles) { cuda::set_decode_solo(tiles); }
+  ~DecodeSolo() { cuda::set_decode_solo(-1); }
+  DecodeSolo(const DecodeSolo&) = delete;
+  DecodeSolo& operator=(const DecodeSolo&) = delete;
+};
+
 // The model-shaped calls (model_attention_calls: prefill chunks on the flash path for head_dim
 // 64/128 over fp16 and fp8 caches, decode batches, interleaved and packed runs), then a long
 // prefill chunk and a 16-token decode batch at 600 positions, whose splits walk several chunks
@@ -791,8 +834,13 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     SplitCap() { cuda::set_decode_split_cap(1); }
     ~SplitCap() { cuda::set_decode_split_cap(0); }
   } cap;
-  SCOPED_TRACE("one decode split");
-  check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
+  // Each group's one split merging itself through the workspace, and (head_dim 128, solo) writing
+  // its output itself.
+  for (int solo : {0, 1}) {
+    SCOPED_TRACE(solo ? "one decode split, solo" : "one decode split");
+    const DecodeSolo forced(solo);
+    check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
+  }
 }
 
 // Decode batches of distinct sequences where the split kernel's rotation takes its other paths:
@@ -819,9 +867,15 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
     calls.push_back(decode);
   }
   calls.push_back(AttentionCall{{lengths[3] + 2}, {3}});
-  // fp8: value rows of widely different scales too (check_attention_calls' v_spread).
-  check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
-                        kv_cache == KvCacheType::fp8);
+  // fp8: value rows of widely different scales too (check_attention_calls' v_spread). Then with
+  // contexts of up to two tiles in one split that writes its own output (head_dim 128, solo):
+  // the lengths up to 128 and the second steps past them.
+  for (int solo : {0, 2}) {
+    SCOPED_TRACE("solo " + std::to_string(solo));
+    const DecodeSolo forced(solo);
+    check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
+                          kv_cache == KvCacheType::fp8);
+  }
 }
 
 // fp8 value rows whose scale (largest entry / 448) is below fp16's normal range: at head_dim 64

@@ -951,15 +951,6 @@ __global__ void __launch_bounds__(kPrefillThreads* kGroups)
   }
 }
 
-// The last split of a (token, KV head) to finish merges the group's splits itself (the merge the
-// combine kernel does for the CUDA-core split kernel), so a decode step's attention is one launch:
-// out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s for each of the G query heads, and in rope
-// mode q heads kvh * G .. + G - 1 and K head kvh left rotated in memory (every split of the group
-// has read them by now). The merge is one block's latency on the step's path, so it keeps every
-// load in flight at once: a thread takes four adjacent outputs of one head and merges the splits
-// online, 16 at a time, each batch's partial sums and {m, l} requested together. The splits go in a
-// fixed order, so a replayed graph gives the eager step's bits. The partial results are read
-// through L2 (__ldcg): other blocks wrote them.
 // Rope mode's write-back of a (token, KV head) group: its G q heads and its K head, each pair
 // (i, i + D / 2) of a head one entry, a thread's entries at tid, + kPrefillThreads, ... Loaded
 // (load_group_pairs) before the stores they follow, so the write-back adds no round trip of its
@@ -1011,6 +1002,15 @@ __device__ inline void store_group_pairs(const AttentionArgs& a, const KvCache& 
   }
 }
 
+// The last split of a (token, KV head) to finish merges the group's splits itself (the merge the
+// combine kernel does for the CUDA-core split kernel), so a decode step's attention is one launch:
+// out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s for each of the G query heads, and in rope
+// mode q heads kvh * G .. + G - 1 and K head kvh left rotated in memory (every split of the group
+// has read them by now). The merge is one block's latency on the step's path, so it keeps every
+// load in flight at once: a thread takes four adjacent outputs of one head and merges the splits
+// online, 16 at a time, each batch's partial sums and {m, l} requested together. The splits go in a
+// fixed order, so a replayed graph gives the eager step's bits. The partial results are read
+// through L2 (__ldcg): other blocks wrote them.
 template <int D>
 __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const DecodeWorkspace& ws,
                             int64_t local, int64_t t, int kvh, int G, int used,
@@ -1240,8 +1240,9 @@ __device__ inline float fast_log2(float x) {
 // holds the token's own position rotates its K row, stores it and its V row in the cache and
 // puts them (staged once in own_rows) in its tile, the row the copies skipped. Every other key is
 // in the cache from earlier calls, so the first tile is requested before the wait for the q/k/v
-// projection, with the angles. The merging split leaves q and k rotated in memory, as
-// rope_attention's contract says, once every split of its group has read them.
+// projection, with the angles. The merging split (with ws.solo, a group's only split) leaves q
+// and k rotated in memory, as rope_attention's contract says, once every split of its group has
+// read them.
 //
 // Blocks an SM: three at head_dim 128 (the shared memory allows three), four at 64.
 template <int D, KvType kType>
@@ -1872,6 +1873,9 @@ int row_threads(int head_dim) {
   return std::min(512, (head_dim / 2 + 31) / 32 * 32);
 }
 
+// set_decode_solo: -1, the workspace's own ws.solo (KESTREL_CUDA_ATTENTION_SOLO).
+int decode_solo_override = -1;
+
 // set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.
 int decode_split_cap = [] {
   const char* v = std::getenv("KESTREL_CUDA_DECODE_SPLIT_CAP");
@@ -1880,6 +1884,10 @@ int decode_split_cap = [] {
 }();
 
 }  // namespace
+
+void set_decode_solo(int tiles) {
+  decode_solo_override = tiles;
+}
 
 void set_decode_split_cap(int cap) {
   decode_split_cap = cap > 0 ? cap : 0;
@@ -1996,6 +2004,7 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   const bool merge_in_split = kMma && !combine_launch;
   DecodeWorkspace split_ws = ws;
   if (!merge_in_split) split_ws.arrivals = nullptr;
+  if (decode_solo_override >= 0) split_ws.solo = decode_solo_override;
   const size_t combine_smem = size_t(ws.max_splits) * sizeof(float);
   if (!merge_in_split && combine_smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(attention_combine_kernel,

@@ -58,6 +58,11 @@ bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols);
 // launches.
 void set_argmax_sliced(bool on);
 
+// Whether the int4 mma GEMV at 9-16 tokens takes its activations through the weight ring for
+// weights of at most one row tile an SM (gemv.cu, KESTREL_CUDA_GEMV_B_RING=1 at start-up): a test
+// aid, process-wide; set it while no other thread launches GEMVs.
+void set_gemv_b_ring(bool on);
+
 // At most `blocks` blocks for a persistent (dp4a) GEMV launch, 0 for no cap beyond one wave: a
 // test aid that makes small weights loop over several row tiles a block. Process-wide; set it
 // only while no other thread launches GEMVs.
@@ -82,6 +87,10 @@ void set_prefill_attention_groups(int groups);
 // value); process-wide, like set_gemv_block_cap. Captured decode graphs keep the count they
 // were captured with.
 void set_decode_split_cap(int cap);
+// The decode attention's solo rule (DecodeWorkspace::solo: contexts of at most `tiles` 64-key
+// tiles take one split, which writes its output itself; 0 off) for every backend, or -1 for each
+// backend's own (KESTREL_CUDA_ATTENTION_SOLO): a test aid, process-wide like the split cap.
+void set_decode_solo(int tiles);
 
 // Test aids for the prefill GEMMs' copies made ahead (gemm.cuh, DequantAhead): delay_stream
 // queues a kernel spinning for `microseconds` on the backend's stream (its later work waits

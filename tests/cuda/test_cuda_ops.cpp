@@ -196,16 +196,19 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
 }
 
 // The int4 mma GEMV with its activations through the weight ring (set_gemv_b_ring, gemv.cu's
-// kBRing; KESTREL_CUDA_GEMV_B_RING=1) gives the bits of plain loads: the same B fragments into
-// the same products. Every GEMV kind of a layer and the lm_head at 9, 13 and 16 tokens (two
-// n-tiles; tokens past the count zero-filled), sym and asym int4 with 32- and 64-wide blocks,
-// with a wave of blocks and with 3 blocks looping over all the tiles (the ring running on into
-// the next tile, whose chunks' B is the same); 1088 columns make 9 chunks, the last half empty.
+// kBRing; KESTREL_CUDA_GEMV_B_RING) gives the bits of plain loads: the same B fragments into the
+// same products. Every GEMV kind of a layer and the lm_head at 9, 13 and 16 tokens (two n-tiles;
+// tokens past the count zero-filled): q/k/v (48 16-row tiles), gate/up (44 swiglu tiles), down
+// (68) and the lm_head (3000 rows: 94 32-row tiles, the MT 2 kernel), each at most a tile an SM,
+// so mode 1 takes them all, as mode 2 does (the launches are counted); sym int4 with 32-wide
+// blocks and asym with 64-wide ones; with a wave of blocks and with 3 blocks looping over all the
+// tiles (the ring running on into the next tile, whose chunks' B is the same). 1088 columns make
+// 9 chunks, the last half empty.
 TEST(CudaOps, GemvActivationsThroughTheRingGiveTheSameBits) {
   for (const auto& [format, block] :
        {std::pair{WeightFormat::sym_int4, 32}, std::pair{WeightFormat::asym_int4, 64}}) {
     SCOPED_TRACE(std::string(format_name(format)) + " block " + std::to_string(block));
-    ModelConfig config = small_config(1088, 704, 8, 2, 64, 300);
+    ModelConfig config = small_config(1088, 704, 8, 2, 64, 3000);
     config.n_layers = 1;
     ModelWeights weights = random_model(config, format, block, true, 4300);
     BackendPair pair;
@@ -216,10 +219,13 @@ TEST(CudaOps, GemvActivationsThroughTheRingGiveTheSameBits) {
         cuda::set_gemv_block_cap(cap);
         std::vector<float> results[2];
         for (int ring = 0; ring < 2; ++ring) {
-          cuda::set_gemv_b_ring(ring == 1);
+          cuda::set_gemv_b_ring(ring);
+          const int64_t before = cuda::gemv_b_ring_launches();
           results[ring] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+          // q/k/v (one launch of three jobs), gate/up, down, lm_head.
+          EXPECT_EQ(cuda::gemv_b_ring_launches() - before, ring == 1 ? 4 : 0) << "n=" << n;
         }
-        cuda::set_gemv_b_ring(false);
+        cuda::set_gemv_b_ring(0);
         ASSERT_FALSE(results[0].empty());
         EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten, n=" << n << " cap " << cap;
         EXPECT_EQ(bits_differ(results[0], results[1]), 0u)

@@ -32,6 +32,7 @@
 // quantizing once and then looping over row tiles with the warps' rings running on across tile
 // boundaries; the quads' sums meet in a small shared buffer after each tile.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <map>
 
@@ -605,7 +606,6 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 
   // Weights depend on no earlier kernel: the whole ring is requested before the wait.
   if (p.early_trigger) pdl_trigger();
-#pragma unroll
   // kBRing: the chunk each stage's issue before the wait takes (-1: none), whose B follows in one
   // group after the wait.
   int64_t early_chunk[P::kStages];
@@ -1135,13 +1135,16 @@ Status launch_rows(const GemvParams& p, cudaStream_t stream) {
   return Status::ok();
 }
 
-// KESTREL_CUDA_GEMV_B_RING=1 (a switch until it has run on a GPU; set_gemv_b_ring): the int4
-// mma path at 9-16 tokens takes its B fragments through the weight ring (gemv_kernel's kBRing)
+// KESTREL_CUDA_GEMV_B_RING (a switch until it has run on a GPU; set_gemv_b_ring): the int4 mma
+// path at 9-16 tokens takes its B fragments through the weight ring (gemv_kernel's kBRing); 1
 // for weights of at most one tile an SM, whose blocks are one an SM anyway (the ring's stages
-// grow by 4 KB a warp, to 150-210 KB a block).
-bool b_ring = [] {
+// grow by 4 KB a warp, to 150-220 KB a block), 2 for every weight (larger ones then loop over
+// their tiles with one block an SM instead of two).
+std::atomic<int64_t> b_ring_launches{0};  // gemv_b_ring_launches
+int b_ring = [] {
   const char* v = std::getenv("KESTREL_CUDA_GEMV_B_RING");
-  return v != nullptr && std::string(v) == "1";
+  const std::string m = v != nullptr ? v : "";
+  return m == "1" ? 1 : m == "2" ? 2 : 0;
 }();
 
 int rows_kernel_mode = [] {  // set_gemv_rows_kernel
@@ -1168,7 +1171,8 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   }
   if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, stream);
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
-    if (b_ring && p.n_tiles <= p.sm_count) {
+    if (b_ring == 2 || (b_ring == 1 && p.n_tiles <= p.sm_count)) {
+      b_ring_launches.fetch_add(1, std::memory_order_relaxed);
       return launch_kernel<F, MT, 2, kSwiglu, false, 0, true>(p, stream);
     }
   }
@@ -1237,8 +1241,12 @@ void set_gemv_block_cap(int blocks) {
   block_cap = std::max(0, blocks);
 }
 
-void set_gemv_b_ring(bool on) {
-  b_ring = on;
+void set_gemv_b_ring(int mode) {
+  b_ring = mode == 1 || mode == 2 ? mode : 0;
+}
+
+int64_t gemv_b_ring_launches() {
+  return b_ring_launches.load(std::memory_order_relaxed);
 }
 
 void set_gemv_rows_kernel(int mode) {

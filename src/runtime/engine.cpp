@@ -312,7 +312,7 @@ Status Engine::prepare_kv_cache(const Batch& batch) {
     const auto [first, last] = span[size_t(seq)];
     if (last < 0) continue;
     const int64_t held = int64_t(kv_cache_->table(seq).size());
-    needed += std::max<int64_t>(0, last / kKvBlockSize + 1 - held);
+    needed += kv_cache_->blocks_to_reserve(seq, int64_t(last) + 1);
     for (int64_t b = first / kKvBlockSize; b <= last / kKvBlockSize && b < held; ++b) {
       needed += kv_cache_->is_shared(seq, b) ? 1 : 0;
     }
@@ -502,11 +502,10 @@ Result<GenerateResult> Engine::generate_greedy(const std::vector<int32_t>& promp
     // dropped past an eos may take a block step by step would not have, but never one the pool
     // then lacks.
     auto may_run_ahead = [&] {
-      const int64_t held = int64_t(kv_cache_->table(0).size());
       const int64_t position = int64_t(prompt.size()) + started;
       const int64_t last = int64_t(prompt.size()) + n_new - 2;
-      return position / kKvBlockSize < held ||
-             last / kKvBlockSize + 1 - held <= kv_cache_->available_blocks();
+      return kv_cache_->blocks_to_reserve(0, position + 1) == 0 ||
+             kv_cache_->blocks_to_reserve(0, last + 1) <= kv_cache_->available_blocks();
     };
     result.tokens.push_back(token);
     if (on_token) on_token(token);

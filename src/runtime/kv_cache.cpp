@@ -55,6 +55,12 @@ void PagedKvCache::drop_reference(int32_t block) {
   }
 }
 
+int64_t PagedKvCache::blocks_to_reserve(int32_t slot, int64_t n_positions) const {
+  if (!valid_slot(slot)) return 0;
+  const int64_t wanted = (n_positions + kKvBlockSize - 1) / kKvBlockSize;
+  return std::max<int64_t>(0, wanted - lengths_[size_t(slot)]);
+}
+
 bool PagedKvCache::reserve(int32_t slot, int64_t n_positions) {
   if (!valid_slot(slot)) return false;
   const int64_t wanted = (n_positions + kKvBlockSize - 1) / kKvBlockSize;

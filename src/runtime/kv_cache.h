@@ -49,6 +49,8 @@ class PagedKvCache {
   // Gives `slot` blocks until it covers positions [0, n_positions); false, with nothing taken,
   // when the pool has too few available or n_positions is past the slot's table.
   bool reserve(int32_t slot, int64_t n_positions);
+  // The blocks reserve(slot, n_positions) would take: those past the ones the slot holds.
+  int64_t blocks_to_reserve(int32_t slot, int64_t n_positions) const;
   // Drops every block of the slot (shared and published ones stay with their other holders).
   void release(int32_t slot);
   // Makes table entry `index` of the slot (which it holds) a block no other slot holds and the

@@ -221,17 +221,17 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
       // running sequence to max_new_tokens: then the block its sequence may never use (a stop
       // drops the step) cannot be one another sequence needs later. From a tighter pool the
       // blocks are taken as step by step, at the steps that use them.
+      const PagedKvCache& kv = engine.kv_cache();
       int64_t new_blocks = 0;
       int64_t worst = 0;  // blocks the running sequences may still take, at most
       for (size_t i : rows) {
         same_rows_next =
             same_rows_next && int64_t(result.tokens[i].size()) + 1 < params.max_new_tokens;
         const int64_t position = int64_t(seqs[i].history.size());  // the step after's
-        const int64_t held = int64_t(engine.kv_cache().table(int32_t(i)).size());
-        new_blocks += position / kKvBlockSize >= held ? 1 : 0;
+        new_blocks += kv.blocks_to_reserve(int32_t(i), position + 1);
         // Its last write: the token before its max_new_tokens-th, fed at prompt + max - 2.
         const int64_t last = int64_t(prompts[i].size()) + params.max_new_tokens - 2;
-        worst += std::max<int64_t>(0, last / kKvBlockSize + 1 - held);
+        worst += kv.blocks_to_reserve(int32_t(i), last + 1);
       }
       same_rows_next =
           same_rows_next && (new_blocks == 0 || worst <= engine.kv_cache().available_blocks());

@@ -25,9 +25,13 @@ std::vector<int32_t> tokens_from(int32_t first, size_t n) {
 TEST(KvBlocks, ReserveTakesWholeBlocksOrNothing) {
   PagedKvCache kv(10, 3, 4);
   EXPECT_EQ(kv.available_blocks(), 10);
+  EXPECT_EQ(kv.blocks_to_reserve(0, 17), 2);
   ASSERT_TRUE(kv.reserve(0, 17));  // 2 blocks
   EXPECT_EQ(kv.table(0).size(), 2u);
-  ASSERT_TRUE(kv.reserve(0, 32));  // still 2
+  EXPECT_EQ(kv.blocks_to_reserve(0, 32), 0);
+  EXPECT_EQ(kv.blocks_to_reserve(0, 33), 1);
+  EXPECT_EQ(kv.blocks_to_reserve(3, 16), 0);  // no such slot
+  ASSERT_TRUE(kv.reserve(0, 32));             // still 2
   EXPECT_EQ(kv.table(0).size(), 2u);
   ASSERT_TRUE(kv.reserve(1, 64));  // 4
   EXPECT_EQ(kv.used_blocks(), 6);

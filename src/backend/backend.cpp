@@ -68,12 +68,10 @@ Status Backend::begin_batch(const BatchView& batch) {
                               ? std::string("no argmax was started since the last call")
                               : "that argmax has " + std::to_string(feed_rows) + " rows"));
   }
-  for (int64_t i = 0; i < batch.n_tokens; ++i) {
-    if (batch.n_logit_rows != batch.n_tokens || batch.logit_rows[i] != i) {
-      return Status::error(name() +
-                           " backend: a batch run ahead (tokens from the argmax before it) must "
-                           "ask for the logits of every row, in order");
-    }
+  if (!logits_of_every_row(batch)) {
+    return Status::error(name() +
+                         " backend: a batch run ahead (tokens from the argmax before it) must "
+                         "ask for the logits of every row, in order");
   }
   if (feed_cols_ > reserved_vocab_) {
     return Status::error(name() + " backend: tokens from an argmax over " +
@@ -158,6 +156,14 @@ Status Backend::check_batch(const BatchView& batch) const {
     }
   }
   return Status::ok();
+}
+
+bool logits_of_every_row(const BatchView& batch) {
+  if (batch.n_logit_rows != batch.n_tokens) return false;
+  for (int64_t i = 0; i < batch.n_logit_rows; ++i) {
+    if (batch.logit_rows[i] != i) return false;
+  }
+  return true;
 }
 
 Status check_batch_slots(const BatchView& batch, const RunShape& shape, const std::string& who) {

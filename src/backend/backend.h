@@ -282,6 +282,10 @@ class Backend {
   int64_t feed_cols_ = 0;
 };
 
+// Whether every row of the batch asks for its logits, in order (a decode step): the forward pass
+// then needs no gather of the logit rows, and only such a batch may run ahead.
+bool logits_of_every_row(const BatchView& batch);
+
 // Checks a batch against a reservation: every token's slot and position inside `shape`, and the
 // block table entries of every position a token reads (0 up to its own) blocks of the pool.
 // `who` begins the error ("cpu backend").

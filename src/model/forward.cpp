@@ -80,8 +80,7 @@ Result<Tensor> forward_logits(Backend& backend, const ModelWeights& weights, con
   }
   // When every row asks for logits, in order (a decode step), the rows are x itself: no gather
   // (on a GPU, one dependent launch fewer a step).
-  bool every_row = n_out == n;
-  for (int64_t i = 0; every_row && i < n_out; ++i) every_row = batch.logit_rows[size_t(i)] == i;
+  const bool every_row = logits_of_every_row(view);
   const Tensor last = every_row ? x : head[fs::last];
   const Tensor normed = head[fs::head_normed], out = head[fs::logits];
   if (!every_row) {

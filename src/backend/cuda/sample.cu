@@ -20,45 +20,56 @@ __device__ inline void better(float& v, int32_t& i, float v2, int32_t i2) {
   }
 }
 
+// The best (v, i) of a warp, in every lane.
+__device__ inline void warp_best(float& v, int32_t& i) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, v, offset);
+    const int32_t i2 = __shfl_xor_sync(0xffffffffu, i, offset);
+    better(v, i, v2, i2);
+  }
+}
+
+// The best (v, i) of a block of kBlockThreads threads, in thread 0 (every thread calls it; the
+// warps' bests meet in warp 0). Calls after the first need a barrier between them.
+template <int kBlockThreads>
+__device__ inline void block_best(float& v, int32_t& i) {
+  constexpr int kBlockWarps = kBlockThreads / 32;
+  __shared__ float values[kBlockWarps];
+  __shared__ int32_t indices[kBlockWarps];
+  warp_best(v, i);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    values[warp] = v;
+    indices[warp] = i;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kBlockWarps ? values[lane] : -INFINITY;
+    i = lane < kBlockWarps ? indices[lane] : INT32_MAX;
+    warp_best(v, i);
+  }
+}
+
+// Row `row`'s token from its best index: a row of NaN (or nothing above -inf) keeps the first
+// index, as the sequential loop does.
+__device__ inline void store_token(int32_t* out, int32_t* feed, int row, int32_t best_i) {
+  const int32_t token = best_i == INT32_MAX ? 0 : best_i;
+  out[row] = token;
+  if (feed != nullptr) feed[row] = token;
+}
+
 __global__ void __launch_bounds__(kThreads)
     argmax_kernel(const float* x, int64_t cols, int32_t* out, int32_t* feed) {
   pdl_wait();
   pdl_trigger();
-  __shared__ float values[32];
-  __shared__ int32_t indices[32];
   const float* row = x + int64_t(blockIdx.x) * cols;
   float best = -INFINITY;
   int32_t best_i = INT32_MAX;
   for (int64_t c = threadIdx.x; c < cols; c += kThreads) better(best, best_i, row[c], int32_t(c));
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float v = __shfl_xor_sync(0xffffffffu, best, offset);
-    const int32_t i = __shfl_xor_sync(0xffffffffu, best_i, offset);
-    better(best, best_i, v, i);
-  }
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    values[warp] = best;
-    indices[warp] = best_i;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    best = values[lane];
-    best_i = indices[lane];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const float v = __shfl_xor_sync(0xffffffffu, best, offset);
-      const int32_t i = __shfl_xor_sync(0xffffffffu, best_i, offset);
-      better(best, best_i, v, i);
-    }
-    // A row of NaN (or nothing above -inf) keeps the first index, as the sequential loop does.
-    if (lane == 0) {
-      const int32_t token = best_i == INT32_MAX ? 0 : best_i;
-      out[blockIdx.x] = token;
-      if (feed != nullptr) feed[blockIdx.x] = token;
-    }
-  }
+  block_best<kThreads>(best, best_i);
+  if (threadIdx.x == 0) store_token(out, feed, int(blockIdx.x), best_i);
 }
 
 // The sliced argmax (argmax_rows_sliced): block (slice, row) takes columns [slice * per_block,
@@ -69,26 +80,6 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kSliceThreads = 256;
 constexpr int kPerThread = kArgmaxSliceCols / kSliceThreads;  // 16
 static_assert(kPerThread % 4 == 0, "a thread's columns are whole float4s");
-
-// The best of the block's (v, i): thread 0's on return.
-__device__ inline void block_best(float& v, int32_t& i) {
-  __shared__ float values[kSliceThreads / 32];
-  __shared__ int32_t indices[kSliceThreads / 32];
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    better(v, i, __shfl_xor_sync(0xffffffffu, v, offset), __shfl_xor_sync(0xffffffffu, i, offset));
-  }
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    values[warp] = v;
-    indices[warp] = i;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < kSliceThreads / 32; ++w) better(v, i, values[w], indices[w]);
-  }
-}
 
 __global__ void __launch_bounds__(kSliceThreads)
     argmax_sliced_kernel(const float* x, int64_t cols, int64_t per_block, bool vec4, int32_t* out,
@@ -129,7 +120,7 @@ __global__ void __launch_bounds__(kSliceThreads)
       better(best, best_i, v[k], int32_t(c));  // NaN (and the padding) never wins
     }
   }
-  block_best(best, best_i);
+  block_best<kSliceThreads>(best, best_i);
   __shared__ bool merges;
   if (threadIdx.x == 0) {
     partials[int64_t(row) * kArgmaxMaxSlices + blockIdx.x] =
@@ -147,13 +138,8 @@ __global__ void __launch_bounds__(kSliceThreads)
     const int2 p = __ldcg(&partials[int64_t(row) * kArgmaxMaxSlices + s]);
     better(best, best_i, __int_as_float(p.x), p.y);
   }
-  block_best(best, best_i);
-  if (threadIdx.x == 0) {
-    // A row of NaN (or nothing above -inf) keeps the first index, as the sequential loop does.
-    const int32_t token = best_i == INT32_MAX ? 0 : best_i;
-    out[row] = token;
-    if (feed != nullptr) feed[row] = token;
-  }
+  block_best<kSliceThreads>(best, best_i);
+  if (threadIdx.x == 0) store_token(out, feed, row, best_i);
 }
 
 bool sliced = [] {

@@ -1282,9 +1282,8 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   // ws.solo (a switch, head_dim 128): a context of at most ws.solo tiles takes one split, which
   // walks them all and writes the output itself (below) instead of splits merging (not when the
   // combine kernel merges: it counts the launch's splits).
-  constexpr bool kSolo = D == 128;
-  const int splits =
-      kSolo && ws.solo > 0 && ws.arrivals != nullptr && n_tiles <= ws.solo ? 1 : n_splits;
+  const bool solo_rule = D == 128 && ws.solo > 0 && ws.arrivals != nullptr;
+  const int splits = solo_rule && n_tiles <= ws.solo ? 1 : n_splits;
   const int64_t per_split = chunks_per_split(n_ctx, splits, kPrefillKeys);
   const int64_t tile_begin = int64_t(split) * per_split;
   if (tile_begin >= n_tiles) return;
@@ -1772,7 +1771,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   // merge round trips; in rope mode it loads the pairs it writes back rotated before the
   // outputs, to overlap them. At head_dim 128 only: at 64 the path spills 12-20 bytes at the 128
   // registers of four blocks an SM (ptxas, sm_90).
-  const bool solo = kSolo && ws.solo > 0 && used == 1 && ws.arrivals != nullptr;
+  const bool solo = solo_rule && used == 1;
   const int64_t q_dim = int64_t(a.n_heads) * D;
   GroupPairs<D> solo_pairs;
   if (solo && rope) load_group_pairs<D>(a, c, t, kvh, G, solo_pairs);

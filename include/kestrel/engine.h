@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -180,6 +181,12 @@ class Engine {
   Status run(const Batch& batch, std::vector<float>* logits);
   // As run, but returns the argmax token of each logit row (computed on the backend's device).
   Status run_argmax(const Batch& batch, std::vector<int32_t>* tokens);
+  // As run_argmax, and also the fp32 logits of the logit rows `full_rows` (indices into
+  // batch.logit_rows) packed in that order into `logits` [full_rows.size(), vocab], and only
+  // those cross from the device: a server step whose greedy requests need no more than their
+  // argmax reads back whole rows only for the requests its host samplers serve.
+  Status run_argmax(const Batch& batch, std::vector<int32_t>* tokens,
+                    std::span<const int32_t> full_rows, std::vector<float>* logits);
 
   // Greedy decode run ahead (EngineOptions::run_ahead): whether this engine's generate calls do
   // it, and run_argmax in two halves (any engine of one backend). start_argmax runs `batch` (with
@@ -232,7 +239,8 @@ class Engine {
   double load_seconds_ = 0;
 };
 
-// Index of the largest value (the lowest index among ties), as torch.argmax.
+// Index of the largest value, the lowest among ties (as torch.argmax); NaN never wins (torch's
+// would pick it), and a row of nothing but NaN gives 0.
 int32_t argmax(const float* values, int64_t n);
 
 }  // namespace kestrel

@@ -117,6 +117,26 @@ Status Backend::finish_argmax(std::vector<int32_t>* out) {
   return do_finish_argmax(slot, out->data());
 }
 
+Status Backend::read_rows(Tensor t, std::span<const int32_t> rows, float* host) {
+  for (const int32_t r : rows) {
+    if (r < 0 || r >= t.rows) {
+      return Status::error(name() + " backend: read_rows of row " + std::to_string(r) +
+                           " of a tensor of " + std::to_string(t.rows) + " rows");
+    }
+  }
+  if (rows.empty()) return Status::ok();
+  return do_read_rows(t, rows, host);
+}
+
+Status Backend::do_read_rows(Tensor t, std::span<const int32_t> rows, float* host) {
+  std::vector<float> values(size_t(t.rows * t.cols));
+  KS_RETURN_IF_ERROR(read(t, values.data()));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::copy_n(values.data() + int64_t(rows[i]) * t.cols, t.cols, host + int64_t(i) * t.cols);
+  }
+  return Status::ok();
+}
+
 Status Backend::do_start_argmax(Tensor t, int slot) {
   std::vector<int32_t>& rows = argmax_host_[slot];
   rows.resize(size_t(t.rows));

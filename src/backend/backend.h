@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "backend/workspace.h"
+#include "core/argmax.h"
 #include "core/status.h"
 #include "kestrel/types.h"
 #include "model/weights.h"
@@ -223,19 +224,15 @@ class Backend {
   virtual Status gather_rows(Tensor out, Tensor x, const int32_t* rows, int64_t n) = 0;
   // Copies t to host fp32 [rows, cols].
   virtual Status read(Tensor t, float* host) = 0;
-  // out[r] = index of the largest value of row r of t (the lowest index among ties), to host.
-  // Device backends compute it in place and copy back one int per row; by default, via read().
+  // Copies rows `rows` of t (each in [0, t.rows)) to host fp32 [rows.size(), cols], in that
+  // order: a server step reads back only the logit rows its host samplers need.
+  Status read_rows(Tensor t, std::span<const int32_t> rows, float* host);
+  // out[r] = row_argmax of row r of t, to host. Device backends compute it in place and copy
+  // back one int per row; by default, via read().
   virtual Status argmax_rows(Tensor t, int32_t* out) {
     std::vector<float> values(size_t(t.rows * t.cols));
     KS_RETURN_IF_ERROR(read(t, values.data()));
-    for (int64_t r = 0; r < t.rows; ++r) {
-      const float* row = values.data() + r * t.cols;
-      int64_t best = 0;
-      for (int64_t i = 1; i < t.cols; ++i) {
-        if (row[i] > row[best]) best = i;
-      }
-      out[r] = int32_t(best);
-    }
+    for (int64_t r = 0; r < t.rows; ++r) out[r] = row_argmax(values.data() + r * t.cols, t.cols);
     return Status::ok();
   }
 
@@ -263,6 +260,9 @@ class Backend {
   // finish copies them out. A backend that overrides them and leaves the rows on its device for
   // the next call's tokens (argmax_on_device) gets tokens_from_argmax batches with null tokens.
   virtual Status do_start_argmax(Tensor t, int slot);
+  // read_rows with checked rows. By default read() of the whole tensor and a host copy of the
+  // rows; a device backend copies only the rows.
+  virtual Status do_read_rows(Tensor t, std::span<const int32_t> rows, float* host);
   virtual Status do_finish_argmax(int slot, int32_t* out);
   virtual bool argmax_on_device() const { return false; }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "backend/backend.h"
@@ -37,8 +38,12 @@ Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch
 
 // As forward, but returns the index of the largest logit of each logit row (the lowest among
 // ties, as argmax()) instead of the logits: a device backend copies back one int per row.
+// With `logits`, also copies back the fp32 logits of the logit rows `full_rows` (indices into
+// batch.logit_rows) packed in that order [full_rows.size(), vocab], and only those.
 Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
-                      const BlockTables& tables, std::vector<int32_t>* tokens);
+                      const BlockTables& tables, std::vector<int32_t>* tokens,
+                      std::span<const int32_t> full_rows = {},
+                      std::vector<float>* logits = nullptr);
 
 // forward_argmax's first half for greedy decode run ahead: runs `batch` (its tokens from the
 // argmax before it when `tokens_from_argmax`) and queues the argmax of its logit rows

@@ -10,6 +10,7 @@
 #include "backend/backend.h"
 #include "backend/cuda_module.h"
 #include "backend/host_communicator.h"
+#include "core/argmax.h"
 #include "core/thread_pool.h"
 #include "io/config.h"
 #include "model/forward.h"
@@ -79,11 +80,7 @@ Status check_synthetic_fits_host(const std::string& source, const LoadOptions& l
 }  // namespace
 
 int32_t argmax(const float* values, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i) {
-    if (values[i] > values[best]) best = i;
-  }
-  return int32_t(best);
+  return row_argmax(values, n);
 }
 
 Engine::Engine() : weights_(std::make_unique<ModelWeights>()) {}
@@ -350,6 +347,22 @@ Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens) {
   const BlockTables tables{kv_cache_->tables(), kv_cache_->blocks_per_seq()};
   if (tensor_parallel_) return tensor_parallel_->forward_argmax(batch, tables, tokens);
   return forward_argmax(*backend_, *weights_, batch, tables, tokens);
+}
+
+Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens,
+                          std::span<const int32_t> full_rows, std::vector<float>* logits) {
+  for (const int32_t row : full_rows) {
+    if (row < 0 || size_t(row) >= batch.logit_rows.size()) {
+      return Status::error("run_argmax: logits of row " + std::to_string(row) + " of " +
+                           std::to_string(batch.logit_rows.size()) + " logit rows");
+    }
+  }
+  KS_RETURN_IF_ERROR(prepare_kv_cache(batch));
+  const BlockTables tables{kv_cache_->tables(), kv_cache_->blocks_per_seq()};
+  if (tensor_parallel_) {
+    return tensor_parallel_->forward_argmax(batch, tables, tokens, full_rows, logits);
+  }
+  return forward_argmax(*backend_, *weights_, batch, tables, tokens, full_rows, logits);
 }
 
 bool Engine::runs_ahead() const {

@@ -174,14 +174,22 @@ Status TensorParallel::forward(const Batch& batch, const BlockTables& tables,
 }
 
 Status TensorParallel::forward_argmax(const Batch& batch, const BlockTables& tables,
-                                      std::vector<int32_t>* tokens) {
+                                      std::vector<int32_t>* tokens,
+                                      std::span<const int32_t> full_rows,
+                                      std::vector<float>* logits) {
   const int64_t rows = int64_t(batch.logit_rows.size());
   tokens->assign(size_t(rows), 0);
+  if (logits != nullptr) logits->assign(full_rows.size() * size_t(vocab_), 0.0f);
   return run_forward(batch, tables, [&](int r, Tensor out) -> Status {
     if (rows == 0) return Status::ok();
     const ShardPlan& plan = plans_[size_t(r)];
     std::vector<float> local(size_t(out.rows * out.cols));  // [rows, plan.vocab + 1]
     KS_RETURN_IF_ERROR(backends_[size_t(r)]->read(out, local.data()));
+    // The rows asked for whole: each rank writes its own columns, as forward() does.
+    for (size_t i = 0; logits != nullptr && i < full_rows.size(); ++i) {
+      std::copy_n(local.data() + int64_t(full_rows[i]) * out.cols, plan.real_vocab,
+                  logits->data() + int64_t(i) * vocab_ + plan.first_token);
+    }
     // [rows, 2]: this rank's best value and its token id (exact in fp32: ids < 2^24).
     std::vector<float> best(size_t(rows * 2));
     for (int64_t row = 0; row < rows; ++row) {
@@ -194,12 +202,13 @@ Status TensorParallel::forward_argmax(const Batch& batch, const BlockTables& tab
     KS_RETURN_IF_ERROR(comms_[size_t(r)]->all_gather(best.data(), rows * 2, all.data()));
     if (r != 0) return Status::ok();
     for (int64_t row = 0; row < rows; ++row) {
-      // Ranks hold increasing token ids: a later rank wins only with a larger value.
+      // Ranks hold increasing token ids: a later rank wins only with a larger value (or over a
+      // rank that had nothing but NaN: argmax()'s rule for the whole row).
       float value = all[size_t(2 * row)];
       int32_t token = int32_t(all[size_t(2 * row + 1)]);
       for (int q = 1; q < world_size(); ++q) {
         const float* pair = all.data() + (int64_t(q) * rows + row) * 2;
-        if (pair[0] > value) {
+        if (pair[0] > value || (std::isnan(value) && !std::isnan(pair[0]))) {
           value = pair[0];
           token = int32_t(pair[1]);
         }

@@ -52,8 +52,10 @@ class TensorParallel {
   // shard: the logits are the ranks' vocabulary rows side by side; the argmax is each rank's
   // best (value, index), gathered, the largest value winning and the lowest index among ties.
   Status forward(const Batch& batch, const BlockTables& tables, std::vector<float>* logits);
-  Status forward_argmax(const Batch& batch, const BlockTables& tables,
-                        std::vector<int32_t>* tokens);
+  // With `logits`, also the logits of the logit rows `full_rows`, as model/forward.h's.
+  Status forward_argmax(const Batch& batch, const BlockTables& tables, std::vector<int32_t>* tokens,
+                        std::span<const int32_t> full_rows = {},
+                        std::vector<float>* logits = nullptr);
 
  private:
   TensorParallel() = default;

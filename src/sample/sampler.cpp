@@ -6,6 +6,8 @@
 #include <limits>
 #include <string>
 
+#include "core/argmax.h"
+
 namespace kestrel {
 namespace {
 
@@ -95,6 +97,11 @@ bool Sampler::greedy() const {
   return params_.temperature == 0 || params_.top_k == 1;
 }
 
+bool Sampler::picks_argmax() const {
+  return greedy() && params_.repetition_penalty == 1.0f && params_.presence_penalty == 0.0f &&
+         params_.frequency_penalty == 0.0f;
+}
+
 void Sampler::apply_penalties(std::span<float> logits, std::span<const int32_t> history) {
   const float rep = params_.repetition_penalty;
   const float presence = params_.presence_penalty;
@@ -121,20 +128,13 @@ void Sampler::apply_penalties(std::span<float> logits, std::span<const int32_t> 
 
 size_t Sampler::prepare(std::span<const float> logits, std::span<const int32_t> history) {
   const size_t n = std::min(logits.size(), static_cast<size_t>(vocab_size_));
-  for (size_t i = 0; i < n; ++i) {
-    const float l = logits[i];
-    work_[i] = std::isnan(l) ? -std::numeric_limits<float>::infinity() : l;
-  }
+  std::copy_n(logits.begin(), n, work_.begin());
   apply_penalties(std::span<float>(work_.data(), n), history);
   return n;
 }
 
 int32_t Sampler::argmax(size_t n) const {
-  size_t best = 0;
-  for (size_t i = 1; i < n; ++i) {
-    if (work_[i] > work_[best]) best = i;
-  }
-  return static_cast<int32_t>(best);
+  return row_argmax(work_.data(), static_cast<int64_t>(n));
 }
 
 double Sampler::filter(size_t n) {
@@ -142,7 +142,7 @@ double Sampler::filter(size_t n) {
   const double inv_t = 1.0 / static_cast<double>(params_.temperature);
   for (size_t i = 0; i < n; ++i) {
     float l = work_[i];
-    if (l == -std::numeric_limits<float>::infinity()) continue;
+    if (std::isnan(l) || l == -std::numeric_limits<float>::infinity()) continue;
     if (l == std::numeric_limits<float>::infinity()) l = std::numeric_limits<float>::max();
     candidates_.push_back({static_cast<double>(l) * inv_t, static_cast<int32_t>(i)});
   }

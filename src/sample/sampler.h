@@ -15,7 +15,8 @@
 //                 <= 1 - p), at least one;
 //   6. min-p      drop tokens whose probability is below min_p times the most probable one's;
 //   7. draw       one token from the renormalized probabilities.
-// NaN logits count as -inf. Only the first `vocab_size` logits are candidates, so rows of a
+// NaN logits are never picked (greedy: core/argmax.h's rule; otherwise they are dropped as -inf
+// is). Only the first `vocab_size` logits are candidates, so rows of a
 // padded lm_head beyond the tokenizer's vocabulary can be excluded.
 #pragma once
 
@@ -62,6 +63,11 @@ class Sampler {
   // probable first (ties by id). Greedy settings give the one chosen token with probability 1.
   std::vector<std::pair<int32_t, double>> distribution(std::span<const float> logits,
                                                        std::span<const int32_t> history);
+
+  // Whether sample() picks the argmax of the row as it is (core/argmax.h), whatever the
+  // history: greedy settings with no penalty. A caller may then pick it without the row, from a
+  // device's argmax.
+  bool picks_argmax() const;
 
   // Step 1 in place on `logits` [vocab_size].
   void apply_penalties(std::span<float> logits, std::span<const int32_t> history);

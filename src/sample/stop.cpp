@@ -28,8 +28,12 @@ StopChecker::StopChecker(StopConditions conditions) : conditions_(std::move(cond
   for (const auto& s : stops) longest_stop_ = std::max(longest_stop_, s.size());
 }
 
+bool StopChecker::suppresses_eos() const {
+  return generated_ < conditions_.min_new_tokens && !conditions_.eos_ids.empty();
+}
+
 void StopChecker::suppress_eos(std::span<float> logits) const {
-  if (generated_ >= conditions_.min_new_tokens) return;
+  if (!suppresses_eos()) return;
   for (const int32_t id : conditions_.eos_ids) {
     if (id >= 0 && static_cast<size_t>(id) < logits.size()) {
       logits[id] = -std::numeric_limits<float>::infinity();

@@ -38,6 +38,8 @@ class StopChecker {
   // Before sampling the next token: sets the eos logits [vocab] to -inf while fewer than
   // min_new_tokens tokens have been generated.
   void suppress_eos(std::span<float> logits) const;
+  // Whether suppress_eos would change a row now.
+  bool suppresses_eos() const;
 
   // Records a generated token and the text it decoded to (possibly empty while a UTF-8
   // character is incomplete); returns why generation must stop now, or none. An eos token's

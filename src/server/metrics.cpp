@@ -101,6 +101,12 @@ void Metrics::record_prefix_cache(int64_t queried_blocks, int64_t hit_blocks) {
   prefix_hits_ += uint64_t(hit_blocks);
 }
 
+void Metrics::record_picks(int64_t on_device, int64_t on_host) {
+  std::lock_guard lock(mutex_);
+  device_picks_ += uint64_t(on_device);
+  host_picks_ += uint64_t(on_host);
+}
+
 void Metrics::set_kv_blocks(int64_t used, int64_t free, int64_t cached) {
   std::lock_guard lock(mutex_);
   kv_used_ = used;
@@ -144,6 +150,11 @@ std::string Metrics::render() const {
          "Full prompt blocks looked up in the prefix cache.", prefix_queries_);
   scalar(out, "kestrel_prefix_cache_hits_total", "counter",
          "Prompt blocks found in the prefix cache (not prefilled).", prefix_hits_);
+  header(out, "kestrel_tokens_picked_total", "counter",
+         "Generated tokens by where they were picked: the device's argmax (greedy requests, "
+         "no logit row read back) or a host sampler (from the whole logit row).");
+  line(out, "kestrel_tokens_picked_total{where=\"device\"} " + std::to_string(device_picks_));
+  line(out, "kestrel_tokens_picked_total{where=\"host\"} " + std::to_string(host_picks_));
   return out;
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <span>
 
 #include "io/config.h"
@@ -292,8 +293,25 @@ bool Scheduler::step() {
     if (seq->decoding()) sampled.push_back(seq.get());
   }
 
+  // A request samples on the host from its whole logit row unless it is greedy with nothing that
+  // edits the row (penalties, eos held back) or reads it (logprobs): then the device's argmax is
+  // its token, and its row never crosses to the host (513 KB a row on a 128k vocabulary).
+  std::vector<int32_t> full_rows;
+  constexpr size_t kOnDevice = SIZE_MAX;
+  std::vector<size_t> full_index(sampled.size(), kOnDevice);  // row i's place in `logits`
+  for (size_t i = 0; i < sampled.size(); ++i) {
+    const Sequence& seq = *sampled[i];
+    if (seq.sampler.picks_argmax() && seq.request.top_logprobs < 0 && !seq.stop.suppresses_eos()) {
+      continue;
+    }
+    full_index[i] = full_rows.size();
+    full_rows.push_back(int32_t(i));
+  }
+  std::vector<int32_t> argmax;
   std::vector<float> logits;
-  const Status status = engine_.run(batch, &logits);
+  const Status status = full_rows.size() == sampled.size()
+                            ? engine_.run(batch, &logits)
+                            : engine_.run_argmax(batch, &argmax, full_rows, &logits);
   if (!status.is_ok()) {
     // A backend failure is the server's fault, and it is not known which rows it spoiled: every
     // sequence of the step ends.
@@ -303,26 +321,32 @@ bool Scheduler::step() {
     return true;
   }
   for (auto& seq : running_) publish_blocks(*seq);
+  metrics_.record_picks(int64_t(sampled.size() - full_rows.size()), int64_t(full_rows.size()));
 
   const int64_t vocab = engine_.config().vocab_size;
   const auto now = std::chrono::steady_clock::now();
   for (size_t i = 0; i < sampled.size(); ++i) {
     Sequence& seq = *sampled[i];
-    std::span<float> row(logits.data() + int64_t(i) * vocab, size_t(vocab));
-    // Log-probabilities come from the raw row, before suppress_eos edits it.
-    std::optional<double> lse;
-    std::vector<std::pair<int32_t, float>> top;
-    if (seq.request.top_logprobs >= 0) {
-      lse = log_sum_exp(row);
-      top = top_tokens(row, seq.request.top_logprobs, *lse);
-    }
-    seq.stop.suppress_eos(row);
-    // OpenAI's presence and frequency penalties count the generated tokens only.
-    const int32_t token = seq.sampler.sample(row, seq.generated);
-    if (lse) {
-      // suppress_eos only lowers eos ids to -inf, which are never sampled: row[token] is raw.
-      seq.pending_logprobs.push_back(
-          {token, float(double(row[size_t(token)]) - *lse), std::move(top)});
+    int32_t token = 0;
+    if (full_index[i] != kOnDevice) {
+      std::span<float> row(logits.data() + int64_t(full_index[i]) * vocab, size_t(vocab));
+      // Log-probabilities come from the raw row, before suppress_eos edits it.
+      std::optional<double> lse;
+      std::vector<std::pair<int32_t, float>> top;
+      if (seq.request.top_logprobs >= 0) {
+        lse = log_sum_exp(row);
+        top = top_tokens(row, seq.request.top_logprobs, *lse);
+      }
+      seq.stop.suppress_eos(row);
+      // OpenAI's presence and frequency penalties count the generated tokens only.
+      token = seq.sampler.sample(row, seq.generated);
+      if (lse) {
+        // suppress_eos only lowers eos ids to -inf, which are never sampled: row[token] is raw.
+        seq.pending_logprobs.push_back(
+            {token, float(double(row[size_t(token)]) - *lse), std::move(top)});
+      }
+    } else {
+      token = argmax[i];  // what seq.sampler.sample would pick from the row (picks_argmax)
     }
     if (seq.generated.empty()) {
       metrics_.record_first_token(seconds_between(seq.request.arrival, now));

@@ -298,11 +298,20 @@ def run_main(port, key):
                                                   "seed": 100 + i}
         bodies.append(chat_body(f"Question number {i}: " + "why? " * (i * 7), max_tokens=24,
                                 **extra))
+    # Greedy requests take the device's argmax (no logit row read back); sampled ones pick on
+    # the host from the whole row.
+    def picks(where):
+        return metric_value(metrics(client), f'kestrel_tokens_picked_total{{where="{where}"}}') or 0
     alone = []
-    for body in bodies:
+    for i, body in enumerate(bodies):
+        device, host = picks("device"), picks("host")
         status, _, r = client.post("/v1/chat/completions", body)
         check(status == 200, f"alone: {r}")
         alone.append(r["choices"][0]["message"]["content"])
+        n = r["usage"]["completion_tokens"]
+        want = (n, 0) if i < 8 else (0, n)
+        got = (picks("device") - device, picks("host") - host)
+        check(got == want, f"alone {i}: tokens picked (device, host) {got}, expected {want}")
     for i in (8, 9):
         status, _, r = client.post("/v1/chat/completions", bodies[i])
         check(r["choices"][0]["message"]["content"] == alone[i],

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "../golden/hf_fixture.h"
+#include "../unit/argmax_rows_check.h"
 #include "cuda_test_util.h"
 #include "kestrel/engine.h"
 
@@ -174,6 +175,14 @@ INSTANTIATE_TEST_SUITE_P(Formats, CudaGraphReplay,
 // before it left in the tokens' device slots, queued before that argmax comes back to the host.
 // The same kernels in the same order as step by step, so the same tokens, through captured
 // graphs and with op timing (no graphs, every event read) alike.
+// A server step's call: every row's argmax on the device, only rows 2 and 0 read back whole
+// (Backend::read_rows), against run()'s rows of the same step (a replayed decode graph both).
+TEST(CudaModel, ArgmaxWithSomeRowsWholeMatchesRun) {
+  auto gpu = make_engine("synthetic:tiny-llama", WeightFormat::sym_int4, "cuda", 32, 32, 3);
+  ASSERT_TRUE(gpu);
+  argmax_rows_check::expect_rows_and_argmax_match_run(*gpu, 1e-5);
+}
+
 TEST(CudaModel, RunAheadEqualsStepByStep) {
   auto make = [](bool run_ahead) {
     EngineOptions options;

@@ -585,6 +585,10 @@ TEST_F(CudaElementwise, ArgmaxRowsTakesTheFirstOfTies) {
   check_argmax_rows_first_of_ties();
 }
 
+TEST_F(CudaElementwise, ReadRowsAndNanArgmaxMatchTheCpu) {
+  check_read_rows_and_nan_argmax();
+}
+
 // The sliced argmax (KESTREL_CUDA_ARGMAX=split: a row's columns over several blocks, the last to
 // count in picking the best of theirs) against the CPU's and the one-block kernel's: widths that
 // are and are not multiples of 4 (float4 and scalar loads), of one slice and of many; ties
@@ -594,10 +598,7 @@ TEST(CudaArgmax, SlicedMatchesCpuAndOneBlock) {
   for (const int64_t cols :
        {int64_t(151936), int64_t(128257), int64_t(4096), int64_t(4097), int64_t(37)}) {
     SCOPED_TRACE("cols " + std::to_string(cols));
-    ModelWeights big;
-    big.config = small_config(64, 64, 1, 1, 64, cols);
-    big.config.n_layers = 1;
-    big.layers.resize(1);
+    ModelWeights big = one_layer_model(cols);
     BackendPair pair;
     ASSERT_TRUE(pair.init(big, RunShape{1, 16, 16, 16}));
     for (const int64_t n : {int64_t(1), int64_t(5), int64_t(16)}) {

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <iterator>
 #include <ostream>
@@ -15,8 +17,35 @@
 #include <vector>
 
 #include "backend_test_util.h"
+#include "core/argmax.h"
 
 namespace kestrel::backend_test {
+
+// A model of one layer whose logits are `vocab` wide (a fixture's reservation holds logits of a
+// 50-token vocabulary; the argmax and read-back checks need a real one).
+inline ModelWeights one_layer_model(int64_t vocab) {
+  ModelWeights big;
+  big.config = small_config(64, 64, 1, 1, 64, vocab);
+  big.config.n_layers = 1;
+  big.layers.resize(1);
+  return big;
+}
+
+// Runs each(backend, t, i) on the CPU (i 0) and then the device (i 1) of `pair`, with t a
+// scratch tensor [n, cols] holding `values`, in a call of n tokens.
+template <typename Each>
+void on_both_backends(BackendPair& pair, const std::vector<float>& values, int64_t n, int64_t cols,
+                      Each each) {
+  int i = 0;
+  for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
+    std::vector<int32_t> meta;
+    ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+    auto t = b->scratch(n, cols);
+    ASSERT_TRUE(t.is_ok());
+    fill(*b, *t, values);
+    each(*b, *t, i++);
+  }
+}
 
 // argmax_rows on a real vocabulary's width: ties go to the lower index, maxima at both ends.
 inline void check_argmax_rows_first_of_ties() {
@@ -27,28 +56,66 @@ inline void check_argmax_rows_first_of_ties() {
   v[size_t(1 * cols + cols - 1)] = 60.0f;
   v[size_t(2 * cols + 0)] = 60.0f;
   std::vector<int32_t> results[2];
-  // The fixture's reservation holds logits of a 50-token vocabulary; this needs a real one.
-  ModelWeights big;
-  big.config = small_config(64, 64, 1, 1, 64, cols);
-  big.config.n_layers = 1;
-  big.layers.resize(1);
+  ModelWeights big = one_layer_model(cols);
   BackendPair pair;
   ASSERT_TRUE(pair.init(big, RunShape{1, 16, 8, 8}));
-  int i = 0;
-  for (Backend* b : {pair.cpu.get(), pair.gpu.get()}) {
-    std::vector<int32_t> meta;
-    ASSERT_TRUE(b->begin_batch(pair.paged(batch_of(n, meta))).is_ok());
-    auto t = b->scratch(n, cols);
-    ASSERT_TRUE(t.is_ok());
-    fill(*b, *t, v);
+  on_both_backends(pair, v, n, cols, [&](Backend& b, Tensor t, int i) {
     results[i].assign(size_t(n), -1);
-    ASSERT_TRUE(b->argmax_rows(*t, results[i].data()).is_ok());
-    i++;
-  }
+    ASSERT_TRUE(b.argmax_rows(t, results[i].data()).is_ok());
+  });
   EXPECT_EQ(results[1], results[0]);
   EXPECT_EQ(results[1][0], 70000);
   EXPECT_EQ(results[1][1], cols - 1);
   EXPECT_EQ(results[1][2], 0);
+}
+
+// A server step reads back only the rows its host samplers need (Backend::read_rows): a run of
+// consecutive rows in one copy, in the order asked, bit for bit; 6 rows fit a device's staging
+// for 16 rows of the vocabulary, 24 do not. Its greedy rows take the device's argmax instead
+// of the host's pick, so rows where NaN comes first follow the host's rule (core/argmax.h).
+inline void check_read_rows_and_nan_argmax() {
+  const int64_t cols = 1000, n = 24;
+  ModelWeights big = one_layer_model(cols);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(big, RunShape{1, 32, 32, 32}));
+  std::vector<float> v = random_values(size_t(n * cols), 91);
+  auto row = [&](int64_t r) { return v.begin() + r * cols; };
+  std::fill(row(0), row(1), -INFINITY);  // NaN first, -inf, one finite value
+  v[0] = NAN;
+  v[size_t(cols / 2)] = -3.0f;
+  std::fill(row(1), row(2), -INFINITY);  // NaN first, then nothing but -inf
+  v[size_t(cols)] = NAN;
+  std::fill(row(2), row(3), NAN);                             // nothing but NaN
+  for (int64_t c = 0; c < cols; c += 3) *(row(3) + c) = NAN;  // NaN among values
+
+  const std::vector<int32_t> few = {5, 6, 7, 2, 23, 22};
+  std::vector<int32_t> many(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) many[size_t(i)] = int32_t((i * 7) % n);
+  std::vector<int32_t> tokens[2];
+  std::vector<float> read_few[2], read_many[2];
+  on_both_backends(pair, v, n, cols, [&](Backend& b, Tensor t, int i) {
+    tokens[i].assign(size_t(n), -1);
+    ASSERT_TRUE(b.argmax_rows(t, tokens[i].data()).is_ok());
+    read_few[i].assign(few.size() * size_t(cols), 1.0f);
+    read_many[i].assign(many.size() * size_t(cols), 1.0f);
+    Status s = b.read_rows(t, few, read_few[i].data());
+    ASSERT_TRUE(s.is_ok()) << s.message();
+    s = b.read_rows(t, many, read_many[i].data());
+    ASSERT_TRUE(s.is_ok()) << s.message();
+  });
+  EXPECT_EQ(tokens[1], tokens[0]);
+  for (int64_t r = 0; r < n; ++r) EXPECT_EQ(tokens[0][size_t(r)], row_argmax(&*row(r), cols));
+  EXPECT_EQ(tokens[0][0], cols / 2);
+  EXPECT_EQ(tokens[0][1], 1);
+  EXPECT_EQ(tokens[0][2], 0);
+  // Bit for bit (NaN included), and the rows themselves.
+  EXPECT_EQ(std::memcmp(read_few[1].data(), read_few[0].data(), read_few[0].size() * 4), 0);
+  EXPECT_EQ(std::memcmp(read_many[1].data(), read_many[0].data(), read_many[0].size() * 4), 0);
+  for (size_t k = 0; k < many.size(); ++k) {
+    EXPECT_EQ(std::memcmp(read_many[0].data() + k * size_t(cols), &*row(many[k]), size_t(cols) * 4),
+              0)
+        << "row " << many[k];
+  }
 }
 
 // rope at positions up to 4096, plain or with Llama 3 scaling (`llama3`); within `bound` of the

@@ -124,5 +124,32 @@ TEST(BackendChecks, ArgmaxRunAheadIsCheckedAndKeepsOrder) {
   EXPECT_NE(b.finish_argmax(&out).message().find("no argmax queued"), std::string::npos);
 }
 
+TEST(BackendChecks, ReadRowsCopiesTheRowsAskedForInTheirOrder) {
+  const std::unique_ptr<Backend> backend = make_cpu_backend(1);
+  Backend& b = *backend;
+  ASSERT_TRUE(b.reserve(ModelConfig{}, RunShape{1, 16, 4, 4}).is_ok());
+  auto t = b.scratch(4, 5);
+  ASSERT_TRUE(t.is_ok());
+  float* values = static_cast<float*>(t->data);
+  for (int i = 0; i < 20; ++i) values[i] = float(i);
+  const int32_t rows[] = {3, 1, 2};
+  std::vector<float> out(15, -1.0f);
+  ASSERT_TRUE(b.read_rows(*t, rows, out.data()).is_ok());
+  EXPECT_EQ(out, (std::vector<float>{15, 16, 17, 18, 19, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14}));
+  // No rows: nothing is written.
+  out.assign(15, -1.0f);
+  ASSERT_TRUE(b.read_rows(*t, {}, out.data()).is_ok());
+  EXPECT_EQ(out, std::vector<float>(15, -1.0f));
+  // A row outside the tensor is refused before anything is copied.
+  for (const int32_t bad : {4, -1}) {
+    const int32_t outside[] = {0, bad};
+    const Status s = b.read_rows(*t, outside, out.data());
+    EXPECT_NE(s.message().find("read_rows of row " + std::to_string(bad) + " of a tensor of 4"),
+              std::string::npos)
+        << s.message();
+    EXPECT_EQ(out, std::vector<float>(15, -1.0f));
+  }
+}
+
 }  // namespace
 }  // namespace kestrel

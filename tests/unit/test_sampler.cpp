@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "core/argmax.h"
 #include "sample/stop.h"
 
 namespace kestrel {
@@ -250,6 +251,50 @@ TEST(Sampler, NanAndPaddingLogitsAreNeverChosen) {
   EXPECT_EQ(g.sample(logits, {}), 2);
 }
 
+// The server takes a greedy request's token from the device's argmax when picks_argmax() says
+// the sampler would pick row_argmax of the row: both must be the same token on every row, NaN,
+// infinities and ties included, whatever the history.
+TEST(Sampler, PicksArgmaxOnlyWhenItsPickIsTheRowsArgmax) {
+  SamplingParams greedy;
+  SamplingParams top1 = sampling(0.8f);
+  top1.top_k = 1;
+  const SamplingParams warm = sampling(0.8f);
+  SamplingParams repeat = greedy, present = greedy, frequent = greedy;
+  repeat.repetition_penalty = 1.3f;
+  present.presence_penalty = 0.5f;
+  frequent.frequency_penalty = -0.5f;
+  const int32_t vocab = 40;
+  EXPECT_TRUE(Sampler(greedy, vocab).picks_argmax());
+  EXPECT_TRUE(Sampler(top1, vocab).picks_argmax());
+  EXPECT_FALSE(Sampler(warm, vocab).picks_argmax());
+  EXPECT_FALSE(Sampler(repeat, vocab).picks_argmax());
+  EXPECT_FALSE(Sampler(present, vocab).picks_argmax());
+  EXPECT_FALSE(Sampler(frequent, vocab).picks_argmax());
+
+  std::mt19937 rng(11);
+  const float specials[] = {std::nanf(""), kNegInf, -kNegInf, 0.0f, 2.5f};
+  int penalised_differs = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    // Few distinct values, so ties are common; some rows are mostly (or wholly) NaN and -inf.
+    const int special_share = int(rng() % 5);
+    std::vector<float> row(static_cast<size_t>(vocab));
+    for (float& v : row) {
+      v = int(rng() % 4) < special_share ? specials[rng() % 5] : float(int(rng() % 7) - 3);
+    }
+    std::vector<int32_t> history;
+    for (int i = int(rng() % 6); i > 0; --i) history.push_back(int32_t(rng() % uint32_t(vocab)));
+    const int32_t want = row_argmax(row.data(), vocab);
+    for (const SamplingParams& p : {greedy, top1}) {
+      Sampler s(p, vocab);
+      ASSERT_EQ(s.sample(row, history), want) << "trial " << trial;
+    }
+    // Where a penalty moves the pick, the server must not use the device's argmax.
+    Sampler r(repeat, vocab), f(frequent, vocab);
+    penalised_differs += r.sample(row, history) != want || f.sample(row, history) != want;
+  }
+  EXPECT_GT(penalised_differs, 0);  // the picks_argmax() == false cases above are real
+}
+
 TEST(Sampler, ValidationNamesTheParameter) {
   EXPECT_TRUE(validate_sampling_params(SamplingParams{}).is_ok());
   SamplingParams p;
@@ -298,10 +343,14 @@ TEST(StopChecker, MinNewTokensSuppressesEos) {
   logits.assign(6, 1.0f);
   c.suppress_eos(logits);
   EXPECT_EQ(logits[2], kNegInf);
+  EXPECT_TRUE(c.suppresses_eos());
   c.add(0, "y");
+  EXPECT_FALSE(c.suppresses_eos());
   logits.assign(6, 1.0f);
   c.suppress_eos(logits);
   EXPECT_EQ(logits, std::vector<float>(6, 1.0f));
+  // With no eos ids there is nothing to suppress.
+  EXPECT_FALSE(StopChecker(stops({}, {}, -1, 2)).suppresses_eos());
 }
 
 TEST(StopChecker, MaxNewTokens) {

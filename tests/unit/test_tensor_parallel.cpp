@@ -5,6 +5,7 @@
 // through the Engine, and on the HF golden fixtures.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
@@ -163,6 +164,32 @@ void expect_split_matches(const ModelWeights& full, int world, double bound) {
     ASSERT_TRUE(s.is_ok()) << s.message();
     ASSERT_EQ(got.size(), want.size());
     EXPECT_LT(worst_row_error(got, want, vocab), bound);
+    // The same call again (its KV writes are the same values) with every row's argmax and two
+    // rows whole, out of order, as a server step asks for them: the rows are the call's own, bit
+    // for bit, on one rank and split, and the argmax is row_argmax of the rows.
+    const std::vector<int32_t> full_rows{int32_t(part->size()) - 1, 0};
+    for (const bool on_ranks : {false, true}) {
+      SCOPED_TRACE(on_ranks ? "split" : "whole");
+      const std::vector<float>& all = on_ranks ? got : want;
+      std::vector<int32_t> tokens;
+      std::vector<float> rows;
+      const Status r = on_ranks ? tp->forward_argmax(prompt_batch(*part, at), seq.tables(), &tokens,
+                                                     full_rows, &rows)
+                                : forward_argmax(*cpu, whole, prompt_batch(*part, at), seq.tables(),
+                                                 &tokens, full_rows, &rows);
+      ASSERT_TRUE(r.is_ok()) << r.message();
+      ASSERT_EQ(tokens.size(), part->size());
+      ASSERT_EQ(rows.size(), full_rows.size() * size_t(vocab));
+      for (size_t i = 0; i < tokens.size(); ++i) {
+        EXPECT_EQ(tokens[i], row_argmax(all.data() + int64_t(i) * vocab, vocab)) << "row " << i;
+      }
+      for (size_t i = 0; i < full_rows.size(); ++i) {
+        EXPECT_TRUE(std::equal(rows.begin() + int64_t(i) * vocab,
+                               rows.begin() + int64_t(i + 1) * vocab,
+                               all.begin() + int64_t(full_rows[i]) * vocab))
+            << "row " << full_rows[i];
+      }
+    }
   }
   // Greedy decoding from there, one token a step, argmax gathered across the ranks.
   std::vector<int32_t> want_token{0}, got_token{0};

@@ -4,6 +4,7 @@
 
 #include <random>
 
+#include "argmax_rows_check.h"
 #include "kestrel/engine.h"
 #include "kestrel/generate.h"
 
@@ -139,6 +140,12 @@ TEST(TokenGeneration, RunAheadEqualsStepByStep) {
       EXPECT_EQ(reasons[1][0], StopReason::eos);
     }
   }
+}
+
+// A server step's call: every row's argmax, some rows whole (Engine::run_argmax).
+TEST(TokenGeneration, ArgmaxWithSomeRowsWholeMatchesRun) {
+  auto engine = make_engine(3, 16);
+  argmax_rows_check::expect_rows_and_argmax_match_run(*engine, 0.0);
 }
 
 TEST(TokenGeneration, SamplingIsSeededPerSequence) {

@@ -199,6 +199,10 @@ TEST(VulkanOps, ArgmaxRowsTakesTheFirstOfTies) {
   check_argmax_rows_first_of_ties();
 }
 
+TEST(VulkanOps, ReadRowsAndNanArgmaxMatchTheCpu) {
+  check_read_rows_and_nan_argmax();
+}
+
 class VulkanRope : public ::testing::TestWithParam<bool> {};
 
 // The cos / sin table is the CPU's, computed on the host: exact up to the rotation's rounding.

@@ -781,6 +781,26 @@ class CudaBackend final : public Backend {
     return collect_timings();
   }
 
+  // Only the rows asked for cross to the host, a run of consecutive rows in one copy, through
+  // the pinned staging when they fit it (a server step's rows do: at most kMaxGemvTokens).
+  Status do_read_rows(Tensor t, std::span<const int32_t> rows, float* host) override {
+    KS_RETURN_IF_ERROR(finish_graph());
+    const size_t cols = size_t(t.cols);
+    float* const staged = rows.size() * cols <= host_read_floats_ ? host_read_ : host;
+    const float* const x = static_cast<const float*>(t.data);
+    for (size_t i = 0; i < rows.size();) {
+      size_t run = 1;
+      while (i + run < rows.size() && rows[i + run] == rows[i] + int32_t(run)) ++run;
+      KS_CUDA_CHECK("read_rows",
+                    cudaMemcpyAsync(staged + i * cols, x + size_t(rows[i]) * cols,
+                                    run * cols * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      i += run;
+    }
+    KS_CUDA_CHECK("read_rows", cudaStreamSynchronize(stream_));
+    if (staged != host) std::memcpy(host, staged, rows.size() * cols * sizeof(float));
+    return collect_timings();
+  }
+
   Status argmax_rows(Tensor t, int32_t* out) override {
     KS_RETURN_IF_ERROR(queue_argmax(t, /*feed=*/false, 0));
     KS_CUDA_CHECK("argmax_rows", cudaStreamSynchronize(stream_));

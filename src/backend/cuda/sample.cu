@@ -52,8 +52,8 @@ __device__ inline void block_best(float& v, int32_t& i) {
   }
 }
 
-// Row `row`'s token from its best index: a row of NaN (or nothing above -inf) keeps the first
-// index, as the sequential loop does.
+// Row `row`'s token from its best index: NaN never wins and a row of nothing but NaN gives
+// index 0, as row_argmax (core/argmax.h), the host's rule, does.
 __device__ inline void store_token(int32_t* out, int32_t* feed, int row, int32_t best_i) {
   const int32_t token = best_i == INT32_MAX ? 0 : best_i;
   out[row] = token;

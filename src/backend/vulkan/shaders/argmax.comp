@@ -1,6 +1,7 @@
 #version 460
-// out[r] = index of the largest value of row r (the lowest index among ties). One workgroup per
-// row. Grid: (rows).
+// out[r] = index of the largest value of row r (the lowest index among ties; NaN never wins, a
+// row of nothing but NaN gives 0: row_argmax of src/core/argmax.h). One workgroup per row.
+// Grid: (rows).
 #extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
 
@@ -28,7 +29,7 @@ void main() {
     float v[8];
     [[unroll]] for (uint u = 0; u < 8; ++u) v[u] = x.v[base + i + u * 256];
     [[unroll]] for (uint u = 0; u < 8; ++u) {
-      if (index == 0xffffffffu || v[u] > value) {
+      if (!isnan(v[u]) && (index == 0xffffffffu || v[u] > value)) {
         value = v[u];
         index = i + u * 256;
       }
@@ -36,7 +37,7 @@ void main() {
   }
   for (; i < p.cols; i += 256) {
     const float v = x.v[base + i];
-    if (index == 0xffffffffu || v > value) {
+    if (!isnan(v) && (index == 0xffffffffu || v > value)) {
       value = v;
       index = i;
     }

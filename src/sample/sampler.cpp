@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 
@@ -140,26 +142,51 @@ int32_t Sampler::argmax(size_t n) const {
 double Sampler::filter(size_t n) {
   candidates_.clear();
   const double inv_t = 1.0 / static_cast<double>(params_.temperature);
-  for (size_t i = 0; i < n; ++i) {
-    float l = work_[i];
-    if (std::isnan(l) || l == -std::numeric_limits<float>::infinity()) continue;
-    if (l == std::numeric_limits<float>::infinity()) l = std::numeric_limits<float>::max();
-    candidates_.push_back({static_cast<double>(l) * inv_t, static_cast<int32_t>(i)});
-  }
-  if (candidates_.empty()) return 0;
-  auto more_probable = [](const Candidate& a, const Candidate& b) {
-    return a.logit != b.logit ? a.logit > b.logit : a.id < b.id;
+  // +inf counts as the largest finite logit; NaN and -inf are never candidates.
+  auto key = [](float l) { return std::min(l, std::numeric_limits<float>::max()); };
+  auto valid = [](float l) {
+    return !std::isnan(l) && l != -std::numeric_limits<float>::infinity();
   };
 
+  // Top-k before anything is exponentiated: the k-th largest logit, by selection over the
+  // logits alone, is the bar (scaling by 1 / T keeps the order, so the set is the same).
+  float bar = -std::numeric_limits<float>::infinity();
   const size_t k = static_cast<size_t>(params_.top_k);
-  if (k > 0 && k < candidates_.size()) {
-    std::nth_element(candidates_.begin(), candidates_.begin() + static_cast<ptrdiff_t>(k - 1),
-                     candidates_.end(), more_probable);
-    const double kth = candidates_[k - 1].logit;
-    candidates_.erase(std::remove_if(candidates_.begin(), candidates_.end(),
-                                     [kth](const Candidate& c) { return c.logit < kth; }),
-                      candidates_.end());
+  if (k > 0 && k <= kTopKHeap) {
+    // The k largest so far in a min-heap: most logits fall below its top at one compare.
+    keys_.clear();
+    size_t count = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (!valid(work_[i])) continue;
+      const float v = key(work_[i]);
+      ++count;
+      if (keys_.size() < k) {
+        keys_.push_back(v);
+        std::push_heap(keys_.begin(), keys_.end(), std::greater<float>());
+      } else if (v > keys_.front()) {
+        std::pop_heap(keys_.begin(), keys_.end(), std::greater<float>());
+        keys_.back() = v;
+        std::push_heap(keys_.begin(), keys_.end(), std::greater<float>());
+      }
+    }
+    if (k < count) bar = keys_.front();
+  } else if (k > 0) {
+    keys_.clear();
+    for (size_t i = 0; i < n; ++i) {
+      if (valid(work_[i])) keys_.push_back(key(work_[i]));
+    }
+    if (k < keys_.size()) {
+      std::nth_element(keys_.begin(), keys_.begin() + static_cast<ptrdiff_t>(k - 1), keys_.end(),
+                       std::greater<float>());
+      bar = keys_[k - 1];
+    }
   }
+  for (size_t i = 0; i < n; ++i) {
+    const float l = work_[i];
+    if (!valid(l) || key(l) < bar) continue;
+    candidates_.push_back({static_cast<double>(key(l)) * inv_t, static_cast<int32_t>(i)});
+  }
+  if (candidates_.empty()) return 0;
 
   double max_logit = -std::numeric_limits<double>::infinity();
   for (const Candidate& c : candidates_) max_logit = std::max(max_logit, c.logit);
@@ -169,29 +196,7 @@ double Sampler::filter(size_t n) {
     total += c.logit;
   }
 
-  if (params_.top_p < 1.0f) {
-    // Sort only as much of the list as the nucleus needs: it is usually a few hundred tokens
-    // out of a vocabulary of 150k.
-    const double target = static_cast<double>(params_.top_p) * total;
-    size_t sorted = std::min<size_t>(candidates_.size(), 256);
-    size_t keep = candidates_.size();
-    while (true) {
-      std::partial_sort(candidates_.begin(), candidates_.begin() + static_cast<ptrdiff_t>(sorted),
-                        candidates_.end(), more_probable);
-      double before = 0;  // probability of the tokens ahead of candidate i
-      size_t i = 0;
-      for (; i < sorted; ++i) {
-        if (i > 0 && before >= target) break;
-        before += candidates_[i].logit;
-      }
-      if (i < sorted || sorted == candidates_.size()) {
-        keep = i;
-        break;
-      }
-      sorted = std::min(candidates_.size(), sorted * 4);
-    }
-    candidates_.resize(std::max<size_t>(keep, 1));
-  }
+  if (params_.top_p < 1.0f) nucleus(static_cast<double>(params_.top_p) * total);
 
   if (params_.min_p > 0.0f) {
     const double threshold = static_cast<double>(params_.min_p);  // times the top probability, 1
@@ -204,6 +209,86 @@ double Sampler::filter(size_t n) {
   total = 0;
   for (const Candidate& c : candidates_) total += c.logit;
   return total;
+}
+
+void Sampler::nucleus(double target) {
+  const size_t m = candidates_.size();
+  keep_.assign(m, 0);
+  order_.resize(m);
+  for (size_t i = 0; i < m; ++i) order_[i] = static_cast<uint32_t>(i);
+  auto bits_of = [&](uint32_t i) {
+    uint64_t b;
+    std::memcpy(&b, &candidates_[i].logit, sizeof(b));
+    return b;
+  };
+  auto more_probable = [&](uint32_t a, uint32_t b) {
+    const Candidate& x = candidates_[a];
+    const Candidate& y = candidates_[b];
+    return x.logit != y.logit ? x.logit > y.logit : x.id < y.id;
+  };
+  size_t begin = 0, end = m;  // order_[begin, end): the tokens not decided yet, in id order
+  double before = 0;          // the mass of the tokens kept so far, all more probable than those
+  bool kept_any = false;
+  int shift = 64;  // bits of the probabilities not yet bucketed on (below `shift`)
+  for (;;) {
+    if (end - begin <= kNucleusSortBelow || shift == 0) {
+      // The few left (or a set of equal probabilities): in order, each kept while the mass
+      // before it is below the target, the first one whatever it is.
+      std::sort(order_.begin() + static_cast<ptrdiff_t>(begin),
+                order_.begin() + static_cast<ptrdiff_t>(end), more_probable);
+      for (size_t j = begin; j < end; ++j) {
+        if (kept_any && before >= target) break;
+        keep_[order_[j]] = 1;
+        before += candidates_[order_[j]].logit;
+        kept_any = true;
+      }
+      break;
+    }
+    const int bits = std::min(shift, kNucleusDigitBits);
+    shift -= bits;
+    const uint64_t mask = (uint64_t(1) << bits) - 1;
+    std::fill_n(bucket_count_.begin(), mask + 1, 0u);
+    std::fill_n(bucket_mass_.begin(), mask + 1, 0.0);
+    for (size_t j = begin; j < end; ++j) {
+      const size_t d = static_cast<size_t>((bits_of(order_[j]) >> shift) & mask);
+      ++bucket_count_[d];
+      bucket_mass_[d] += candidates_[order_[j]].logit;
+    }
+    // Buckets from the most probable down: a whole bucket is kept while the mass before its
+    // last token stays below the target (every token's before is at most before + the bucket's
+    // mass less its own); the first bucket that reaches it is split by the next bits.
+    size_t boundary = mask + 1;
+    for (size_t d = mask + 1; d-- > 0;) {
+      if (bucket_count_[d] == 0) continue;
+      if ((kept_any && before >= target) || before + bucket_mass_[d] >= target) {
+        boundary = d;
+        break;
+      }
+      before += bucket_mass_[d];
+      kept_any = true;
+    }
+    if (boundary > mask) {  // every bucket kept: the target is past the whole mass
+      for (size_t j = begin; j < end; ++j) keep_[order_[j]] = 1;
+      break;
+    }
+    // Without branches (the buckets come in no order): the buckets above are kept, the
+    // boundary's tokens go on, in id order.
+    size_t next = begin;
+    for (size_t j = begin; j < end; ++j) {
+      const uint32_t i = order_[j];
+      const size_t d = static_cast<size_t>((bits_of(i) >> shift) & mask);
+      keep_[i] = d > boundary;
+      order_[next] = i;
+      next += d == boundary;
+    }
+    end = next;
+  }
+  size_t w = 0;
+  for (size_t i = 0; i < m; ++i) {
+    candidates_[w] = candidates_[i];
+    w += keep_[i];
+  }
+  candidates_.resize(w);
 }
 
 int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> history) {

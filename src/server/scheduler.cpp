@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <span>
 
+#include "core/thread_pool.h"
 #include "io/config.h"
 #include "runtime/kv_cache.h"
 #include "sample/stop.h"
@@ -106,6 +107,8 @@ Scheduler::Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metric
   budget_ = std::min(engine_.run_shape().max_batch_tokens, engine_.run_shape().max_logit_rows);
   for (int64_t id : engine_.config().eos_token_ids) eos_ids_.push_back(int32_t(id));
   slot_busy_.assign(size_t(n_slots_), false);
+  const int threads = int(std::min<int64_t>(n_slots_, std::thread::hardware_concurrency()));
+  if (threads > 1) pool_ = std::make_unique<ThreadPool>(threads);
 }
 
 Scheduler::~Scheduler() {
@@ -323,13 +326,21 @@ bool Scheduler::step() {
   for (auto& seq : running_) publish_blocks(*seq);
   metrics_.record_picks(int64_t(sampled.size() - full_rows.size()), int64_t(full_rows.size()));
 
+  // The host's picks, a row each, spread over the pool: a row touches only its own sequence (its
+  // sampler, with its own seed and generator, its stop checker and logprobs), so the tokens are
+  // a loop's. A sampled row is ~1 ms of work on a 128k vocabulary (the exponentials), and a
+  // step can hold a row for every slot.
   const int64_t vocab = engine_.config().vocab_size;
-  const auto now = std::chrono::steady_clock::now();
+  std::vector<int32_t> tokens(sampled.size());
   for (size_t i = 0; i < sampled.size(); ++i) {
-    Sequence& seq = *sampled[i];
-    int32_t token = 0;
-    if (full_index[i] != kOnDevice) {
-      std::span<float> row(logits.data() + int64_t(full_index[i]) * vocab, size_t(vocab));
+    // What seq.sampler.sample would pick from the row (picks_argmax).
+    if (full_index[i] == kOnDevice) tokens[i] = argmax[i];
+  }
+  auto pick = [&](int64_t begin, int64_t end, int) {
+    for (int64_t r = begin; r < end; ++r) {
+      const size_t i = size_t(full_rows[size_t(r)]);
+      Sequence& seq = *sampled[i];
+      std::span<float> row(logits.data() + r * vocab, size_t(vocab));
       // Log-probabilities come from the raw row, before suppress_eos edits it.
       std::optional<double> lse;
       std::vector<std::pair<int32_t, float>> top;
@@ -339,15 +350,25 @@ bool Scheduler::step() {
       }
       seq.stop.suppress_eos(row);
       // OpenAI's presence and frequency penalties count the generated tokens only.
-      token = seq.sampler.sample(row, seq.generated);
+      const int32_t token = seq.sampler.sample(row, seq.generated);
       if (lse) {
         // suppress_eos only lowers eos ids to -inf, which are never sampled: row[token] is raw.
         seq.pending_logprobs.push_back(
             {token, float(double(row[size_t(token)]) - *lse), std::move(top)});
       }
-    } else {
-      token = argmax[i];  // what seq.sampler.sample would pick from the row (picks_argmax)
+      tokens[i] = token;
     }
+  };
+  if (pool_ && full_rows.size() > 1) {
+    pool_->parallel_for(int64_t(full_rows.size()), 1, pick);
+  } else {
+    pick(0, int64_t(full_rows.size()), 0);
+  }
+
+  const auto now = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < sampled.size(); ++i) {
+    Sequence& seq = *sampled[i];
+    const int32_t token = tokens[i];
     if (seq.generated.empty()) {
       metrics_.record_first_token(seconds_between(seq.request.arrival, now));
     } else {

@@ -34,6 +34,10 @@
 #include "server/metrics.h"
 #include "tokenizer/tokenizer.h"
 
+namespace kestrel {
+class ThreadPool;
+}
+
 namespace kestrel::server {
 
 // What the scheduler tells the request's HTTP worker.
@@ -132,6 +136,8 @@ class Scheduler {
   // Scheduler-thread state.
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<bool> slot_busy_;
+  // Samples a step's host rows side by side (none with one slot or one core).
+  std::unique_ptr<ThreadPool> pool_;
 };
 
 }  // namespace kestrel::server

@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <map>
 #include <random>
@@ -180,6 +182,65 @@ TEST(Sampler, TopPOnALargeVocabularyMatchesAFullSort) {
   ASSERT_EQ(d.size(), keep);
   EXPECT_GT(keep, 256u);  // exercises the incremental sort beyond its first block
   for (size_t i = 0; i < keep; ++i) EXPECT_EQ(d[i].first, all[i].second) << i;
+}
+
+// The nucleus by radix select (Sampler::nucleus) against a full sort, on vocabularies from 1 to
+// 70000 tokens: flat rows (nearly every token in the nucleus), peaked ones, rows of few
+// distinct values (ties), NaN and -inf, with and without top-k, at several temperatures.
+TEST(Sampler, NucleusMatchesAFullSortOnManyShapes) {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 300; ++trial) {
+    const size_t vocab = trial < 20 ? size_t(trial + 1) : size_t(rng() % 70000 + 1);
+    const float scales[] = {0.001f, 0.3f, 3.0f, 30.0f};
+    std::normal_distribution<float> dist(0.0f, scales[rng() % 4]);
+    const int shape = int(rng() % 4);  // 0 plain, 1 ties, 2 NaN and -inf, 3 all equal
+    std::vector<float> logits(vocab);
+    for (float& l : logits) {
+      l = dist(rng);
+      if (shape == 1) l = std::round(l * 4) / 4;
+      if (shape == 2 && rng() % 8 == 0) l = rng() % 2 ? kNegInf : std::nanf("");
+      if (shape == 3) l = 1.5f;
+    }
+    SamplingParams p = sampling(0.25f + float(rng() % 8) * 0.25f);
+    p.top_p = float(rng() % 1000 + 1) / 1000.0f;
+    p.top_k = rng() % 3 == 0 ? int(rng() % 3000) : 0;
+    SCOPED_TRACE("trial " + std::to_string(trial) + " vocab " + std::to_string(vocab) + " shape " +
+                 std::to_string(shape) + " top_p " + std::to_string(p.top_p) + " top_k " +
+                 std::to_string(p.top_k));
+    Sampler s(p, static_cast<int32_t>(vocab));
+    const auto got = s.distribution(logits, {});
+
+    // Reference: the same probabilities, every candidate sorted, then the same rules.
+    std::vector<float> valid;
+    for (float l : logits) {
+      if (!std::isnan(l) && l != kNegInf) valid.push_back(l);
+    }
+    if (valid.empty()) continue;
+    std::sort(valid.begin(), valid.end(), std::greater<float>());
+    const float bar =
+        p.top_k > 0 && size_t(p.top_k) < valid.size() ? valid[size_t(p.top_k) - 1] : kNegInf;
+    const double inv_t = 1.0 / double(p.temperature);
+    std::vector<std::pair<double, int32_t>> all;
+    for (size_t i = 0; i < vocab; ++i) {
+      if (!std::isnan(logits[i]) && logits[i] != kNegInf && logits[i] >= bar) {
+        all.emplace_back(double(logits[i]) * inv_t, int32_t(i));
+      }
+    }
+    double top = -1e300;
+    for (const auto& a : all) top = std::max(top, a.first);
+    double total = 0;
+    for (auto& a : all) total += a.first = std::exp(a.first - top);
+    std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    const double target = double(p.top_p) * total;
+    size_t keep = 0;
+    for (double before = 0; keep < all.size() && (keep == 0 || before < target); ++keep) {
+      before += all[keep].first;
+    }
+    ASSERT_EQ(got.size(), keep);
+    for (size_t i = 0; i < keep; ++i) ASSERT_EQ(got[i].first, all[i].second) << "rank " << i;
+  }
 }
 
 TEST(Sampler, TopKKeepsTiesAtTheBoundary) {

@@ -20,7 +20,6 @@
 #include <functional>
 #include <memory>
 #include <optional>
-#include <span>
 #include <string>
 #include <vector>
 
@@ -186,7 +185,7 @@ class Engine {
   // those cross from the device: a server step whose greedy requests need no more than their
   // argmax reads back whole rows only for the requests its host samplers serve.
   Status run_argmax(const Batch& batch, std::vector<int32_t>* tokens,
-                    std::span<const int32_t> full_rows, std::vector<float>* logits);
+                    const std::vector<int32_t>& full_rows, std::vector<float>* logits);
 
   // Greedy decode run ahead (EngineOptions::run_ahead): whether this engine's generate calls do
   // it, and run_argmax in two halves (any engine of one backend). start_argmax runs `batch` (with

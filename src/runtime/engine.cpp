@@ -350,7 +350,7 @@ Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens) {
 }
 
 Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens,
-                          std::span<const int32_t> full_rows, std::vector<float>* logits) {
+                          const std::vector<int32_t>& full_rows, std::vector<float>* logits) {
   for (const int32_t row : full_rows) {
     if (row < 0 || size_t(row) >= batch.logit_rows.size()) {
       return Status::error("run_argmax: logits of row " + std::to_string(row) + " of " +

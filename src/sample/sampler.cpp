@@ -1,9 +1,9 @@
 #include "sample/sampler.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <string>
@@ -31,6 +31,44 @@ uint64_t rotl(uint64_t x, int k) {
 }
 
 }  // namespace
+
+void exp_in_place(std::span<double> x) {
+  // exp(v) = 2^k exp(r), k = round(v / ln 2), r = v - k ln 2 (Cody and Waite's two-part ln 2,
+  // whose high part's trailing zeros keep k times it exact), |r| <= ln 2 / 2; exp(r) is its
+  // Taylor series to r^13 (the next term is below 5e-18 there); 2^k is applied in two halves so
+  // that subnormal results come out right. Every step is an IEEE operation or an fma, so the
+  // bits are the same wherever the arithmetic is IEEE, and the loop vectorizes.
+  constexpr double kLog2e = 1.4426950408889634;
+  constexpr double kLn2Hi = 0x1.62e42fefa3800p-1;
+  constexpr double kLn2Lo = 0x1.ef35793c76730p-45;
+  constexpr double kShifter = 0x1.8p52;  // v / ln 2 + this holds round(v / ln 2) in its low bits
+  double* const data = x.data();
+  const size_t n = x.size();
+  for (size_t i = 0; i < n; ++i) {
+    const double v = std::max(data[i], -746.0);  // below, the result is 0 all the same
+    const double shifted = std::fma(v, kLog2e, kShifter);
+    const double kd = shifted - kShifter;
+    const int64_t k = std::bit_cast<int64_t>(shifted) - std::bit_cast<int64_t>(kShifter);
+    const double r = std::fma(-kd, kLn2Lo, std::fma(-kd, kLn2Hi, v));
+    // Horner's rule on 1/13!, 1/12!, ..., 1/1!, 1/0!, written out so that the loop vectorizes.
+    double p = std::fma(1.0 / 6227020800.0, r, 1.0 / 479001600.0);
+    p = std::fma(p, r, 1.0 / 39916800.0);
+    p = std::fma(p, r, 1.0 / 3628800.0);
+    p = std::fma(p, r, 1.0 / 362880.0);
+    p = std::fma(p, r, 1.0 / 40320.0);
+    p = std::fma(p, r, 1.0 / 5040.0);
+    p = std::fma(p, r, 1.0 / 720.0);
+    p = std::fma(p, r, 1.0 / 120.0);
+    p = std::fma(p, r, 1.0 / 24.0);
+    p = std::fma(p, r, 1.0 / 6.0);
+    p = std::fma(p, r, 0.5);
+    p = std::fma(p, r, 1.0);
+    p = std::fma(p, r, 1.0);
+    const int64_t k1 = k >> 1, k2 = k - k1;
+    data[i] = p * std::bit_cast<double>(uint64_t(k1 + 1023) << 52) *
+              std::bit_cast<double>(uint64_t(k2 + 1023) << 52);
+  }
+}
 
 Status validate_sampling_params(const SamplingParams& p) {
   if (!std::isfinite(p.temperature) || p.temperature < 0) {
@@ -91,8 +129,12 @@ Sampler::Sampler(const SamplingParams& params, int32_t vocab_size)
   }
   if (!std::isfinite(params_.presence_penalty)) params_.presence_penalty = 0;
   if (!std::isfinite(params_.frequency_penalty)) params_.frequency_penalty = 0;
-  work_.resize(static_cast<size_t>(vocab_size_));
   seen_.assign(static_cast<size_t>(vocab_size_), 0);
+}
+
+Sampler::Scratch& Sampler::scratch() {
+  thread_local Scratch t;
+  return t;
 }
 
 bool Sampler::greedy() const {
@@ -128,19 +170,20 @@ void Sampler::apply_penalties(std::span<float> logits, std::span<const int32_t> 
   }
 }
 
-size_t Sampler::prepare(std::span<const float> logits, std::span<const int32_t> history) {
+size_t Sampler::prepare(Scratch& t, std::span<const float> logits,
+                        std::span<const int32_t> history) {
   const size_t n = std::min(logits.size(), static_cast<size_t>(vocab_size_));
-  std::copy_n(logits.begin(), n, work_.begin());
-  apply_penalties(std::span<float>(work_.data(), n), history);
+  t.work.resize(n);
+  std::copy_n(logits.begin(), n, t.work.begin());
+  apply_penalties(std::span<float>(t.work.data(), n), history);
   return n;
 }
 
-int32_t Sampler::argmax(size_t n) const {
-  return row_argmax(work_.data(), static_cast<int64_t>(n));
+int32_t Sampler::argmax(const Scratch& t, size_t n) {
+  return row_argmax(t.work.data(), static_cast<int64_t>(n));
 }
 
-double Sampler::filter(size_t n) {
-  candidates_.clear();
+double Sampler::filter(Scratch& t, size_t n) {
   const double inv_t = 1.0 / static_cast<double>(params_.temperature);
   // +inf counts as the largest finite logit; NaN and -inf are never candidates.
   auto key = [](float l) { return std::min(l, std::numeric_limits<float>::max()); };
@@ -154,79 +197,93 @@ double Sampler::filter(size_t n) {
   const size_t k = static_cast<size_t>(params_.top_k);
   if (k > 0 && k <= kTopKHeap) {
     // The k largest so far in a min-heap: most logits fall below its top at one compare.
-    keys_.clear();
+    t.keys.clear();
     size_t count = 0;
     for (size_t i = 0; i < n; ++i) {
-      if (!valid(work_[i])) continue;
-      const float v = key(work_[i]);
+      if (!valid(t.work[i])) continue;
+      const float v = key(t.work[i]);
       ++count;
-      if (keys_.size() < k) {
-        keys_.push_back(v);
-        std::push_heap(keys_.begin(), keys_.end(), std::greater<float>());
-      } else if (v > keys_.front()) {
-        std::pop_heap(keys_.begin(), keys_.end(), std::greater<float>());
-        keys_.back() = v;
-        std::push_heap(keys_.begin(), keys_.end(), std::greater<float>());
+      if (t.keys.size() < k) {
+        t.keys.push_back(v);
+        std::push_heap(t.keys.begin(), t.keys.end(), std::greater<float>());
+      } else if (v > t.keys.front()) {
+        std::pop_heap(t.keys.begin(), t.keys.end(), std::greater<float>());
+        t.keys.back() = v;
+        std::push_heap(t.keys.begin(), t.keys.end(), std::greater<float>());
       }
     }
-    if (k < count) bar = keys_.front();
+    if (k < count) bar = t.keys.front();
   } else if (k > 0) {
-    keys_.clear();
+    t.keys.clear();
     for (size_t i = 0; i < n; ++i) {
-      if (valid(work_[i])) keys_.push_back(key(work_[i]));
+      if (valid(t.work[i])) t.keys.push_back(key(t.work[i]));
     }
-    if (k < keys_.size()) {
-      std::nth_element(keys_.begin(), keys_.begin() + static_cast<ptrdiff_t>(k - 1), keys_.end(),
+    if (k < t.keys.size()) {
+      std::nth_element(t.keys.begin(), t.keys.begin() + static_cast<ptrdiff_t>(k - 1), t.keys.end(),
                        std::greater<float>());
-      bar = keys_[k - 1];
+      bar = t.keys[k - 1];
     }
   }
+  // The candidates. Without top-k nearly every logit is one: without branches, every logit is
+  // written and the count moves past it only when it is one. With top-k few are: a branch that
+  // is nearly always taken the same way.
+  t.probs.resize(n);
+  t.ids.resize(n);
+  size_t m = 0;
   for (size_t i = 0; i < n; ++i) {
-    const float l = work_[i];
-    if (!valid(l) || key(l) < bar) continue;
-    candidates_.push_back({static_cast<double>(key(l)) * inv_t, static_cast<int32_t>(i)});
+    const float l = t.work[i];
+    if (k > 0 && !(key(l) >= bar)) continue;
+    t.probs[m] = static_cast<double>(key(l)) * inv_t;
+    t.ids[m] = static_cast<int32_t>(i);
+    m += valid(l) && key(l) >= bar;
   }
-  if (candidates_.empty()) return 0;
+  t.probs.resize(m);
+  t.ids.resize(m);
+  if (m == 0) return 0;
 
   double max_logit = -std::numeric_limits<double>::infinity();
-  for (const Candidate& c : candidates_) max_logit = std::max(max_logit, c.logit);
-  double total = 0;
-  for (Candidate& c : candidates_) {
-    c.logit = std::exp(c.logit - max_logit);  // now an unnormalized probability; max is 1
-    total += c.logit;
-  }
+  for (const double x : t.probs) max_logit = std::max(max_logit, x);
+  for (double& x : t.probs) x -= max_logit;
+  exp_in_place(t.probs);  // now unnormalized probabilities; the largest is 1
 
-  if (params_.top_p < 1.0f) nucleus(static_cast<double>(params_.top_p) * total);
+  if (params_.top_p < 1.0f) nucleus(t, static_cast<double>(params_.top_p) * sum(t.probs));
 
   if (params_.min_p > 0.0f) {
     const double threshold = static_cast<double>(params_.min_p);  // times the top probability, 1
-    candidates_.erase(
-        std::remove_if(candidates_.begin(), candidates_.end(),
-                       [threshold](const Candidate& c) { return c.logit < threshold; }),
-        candidates_.end());
+    size_t w = 0;
+    for (size_t j = 0; j < t.probs.size(); ++j) {
+      t.probs[w] = t.probs[j];
+      t.ids[w] = t.ids[j];
+      w += t.probs[j] >= threshold;
+    }
+    t.probs.resize(w);
+    t.ids.resize(w);
   }
-
-  total = 0;
-  for (const Candidate& c : candidates_) total += c.logit;
-  return total;
+  return sum(t.probs);
 }
 
-void Sampler::nucleus(double target) {
-  const size_t m = candidates_.size();
-  keep_.assign(m, 0);
-  order_.resize(m);
-  for (size_t i = 0; i < m; ++i) order_[i] = static_cast<uint32_t>(i);
-  auto bits_of = [&](uint32_t i) {
-    uint64_t b;
-    std::memcpy(&b, &candidates_[i].logit, sizeof(b));
-    return b;
-  };
+double Sampler::sum(std::span<const double> values) {
+  // Four running sums (a fixed order, so the same bits every time) that the compiler can keep in
+  // one vector register.
+  double part[4] = {0, 0, 0, 0};
+  size_t j = 0;
+  for (; j + 4 <= values.size(); j += 4) {
+    for (int q = 0; q < 4; ++q) part[q] += values[j + size_t(q)];
+  }
+  for (; j < values.size(); ++j) part[0] += values[j];
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+void Sampler::nucleus(Scratch& t, double target) {
+  const size_t m = t.probs.size();
+  t.keep.assign(m, 0);
+  t.order.resize(m);
+  for (size_t i = 0; i < m; ++i) t.order[i] = static_cast<uint32_t>(i);
+  auto bits_of = [&](uint32_t i) { return std::bit_cast<uint64_t>(t.probs[i]); };
   auto more_probable = [&](uint32_t a, uint32_t b) {
-    const Candidate& x = candidates_[a];
-    const Candidate& y = candidates_[b];
-    return x.logit != y.logit ? x.logit > y.logit : x.id < y.id;
+    return t.probs[a] != t.probs[b] ? t.probs[a] > t.probs[b] : t.ids[a] < t.ids[b];
   };
-  size_t begin = 0, end = m;  // order_[begin, end): the tokens not decided yet, in id order
+  size_t begin = 0, end = m;  // t.order[begin, end): the tokens not decided yet, in id order
   double before = 0;          // the mass of the tokens kept so far, all more probable than those
   bool kept_any = false;
   int shift = 64;  // bits of the probabilities not yet bucketed on (below `shift`)
@@ -234,12 +291,12 @@ void Sampler::nucleus(double target) {
     if (end - begin <= kNucleusSortBelow || shift == 0) {
       // The few left (or a set of equal probabilities): in order, each kept while the mass
       // before it is below the target, the first one whatever it is.
-      std::sort(order_.begin() + static_cast<ptrdiff_t>(begin),
-                order_.begin() + static_cast<ptrdiff_t>(end), more_probable);
+      std::sort(t.order.begin() + static_cast<ptrdiff_t>(begin),
+                t.order.begin() + static_cast<ptrdiff_t>(end), more_probable);
       for (size_t j = begin; j < end; ++j) {
         if (kept_any && before >= target) break;
-        keep_[order_[j]] = 1;
-        before += candidates_[order_[j]].logit;
+        t.keep[t.order[j]] = 1;
+        before += t.probs[t.order[j]];
         kept_any = true;
       }
       break;
@@ -247,83 +304,87 @@ void Sampler::nucleus(double target) {
     const int bits = std::min(shift, kNucleusDigitBits);
     shift -= bits;
     const uint64_t mask = (uint64_t(1) << bits) - 1;
-    std::fill_n(bucket_count_.begin(), mask + 1, 0u);
-    std::fill_n(bucket_mass_.begin(), mask + 1, 0.0);
+    std::fill_n(t.bucket_count.begin(), mask + 1, 0u);
+    std::fill_n(t.bucket_mass.begin(), mask + 1, 0.0);
     for (size_t j = begin; j < end; ++j) {
-      const size_t d = static_cast<size_t>((bits_of(order_[j]) >> shift) & mask);
-      ++bucket_count_[d];
-      bucket_mass_[d] += candidates_[order_[j]].logit;
+      const size_t d = static_cast<size_t>((bits_of(t.order[j]) >> shift) & mask);
+      ++t.bucket_count[d];
+      t.bucket_mass[d] += t.probs[t.order[j]];
     }
     // Buckets from the most probable down: a whole bucket is kept while the mass before its
     // last token stays below the target (every token's before is at most before + the bucket's
     // mass less its own); the first bucket that reaches it is split by the next bits.
     size_t boundary = mask + 1;
     for (size_t d = mask + 1; d-- > 0;) {
-      if (bucket_count_[d] == 0) continue;
-      if ((kept_any && before >= target) || before + bucket_mass_[d] >= target) {
+      if (t.bucket_count[d] == 0) continue;
+      if ((kept_any && before >= target) || before + t.bucket_mass[d] >= target) {
         boundary = d;
         break;
       }
-      before += bucket_mass_[d];
+      before += t.bucket_mass[d];
       kept_any = true;
     }
     if (boundary > mask) {  // every bucket kept: the target is past the whole mass
-      for (size_t j = begin; j < end; ++j) keep_[order_[j]] = 1;
+      for (size_t j = begin; j < end; ++j) t.keep[t.order[j]] = 1;
       break;
     }
     // Without branches (the buckets come in no order): the buckets above are kept, the
     // boundary's tokens go on, in id order.
     size_t next = begin;
     for (size_t j = begin; j < end; ++j) {
-      const uint32_t i = order_[j];
+      const uint32_t i = t.order[j];
       const size_t d = static_cast<size_t>((bits_of(i) >> shift) & mask);
-      keep_[i] = d > boundary;
-      order_[next] = i;
+      t.keep[i] = d > boundary;
+      t.order[next] = i;
       next += d == boundary;
     }
     end = next;
   }
   size_t w = 0;
   for (size_t i = 0; i < m; ++i) {
-    candidates_[w] = candidates_[i];
-    w += keep_[i];
+    t.probs[w] = t.probs[i];
+    t.ids[w] = t.ids[i];
+    w += t.keep[i];
   }
-  candidates_.resize(w);
+  t.probs.resize(w);
+  t.ids.resize(w);
 }
 
 int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> history) {
-  const size_t n = prepare(logits, history);
+  Scratch& t = scratch();
+  const size_t n = prepare(t, logits, history);
   if (n == 0) return 0;
-  if (greedy()) return argmax(n);
-  const double total = filter(n);
-  if (candidates_.empty() || !(total > 0)) return argmax(n);
+  if (greedy()) return argmax(t, n);
+  const double total = filter(t, n);
+  if (t.probs.empty() || !(total > 0)) return argmax(t, n);
   const double target = rng_.uniform() * total;
   double cumulative = 0;
-  for (const Candidate& c : candidates_) {
-    cumulative += c.logit;
-    if (target < cumulative) return c.id;
+  for (size_t j = 0; j < t.probs.size(); ++j) {
+    cumulative += t.probs[j];
+    if (target < cumulative) return t.ids[j];
   }
-  return candidates_.back().id;  // rounding left the target at the very end
+  return t.ids.back();  // rounding left the target at the very end
 }
 
 std::vector<std::pair<int32_t, double>> Sampler::distribution(std::span<const float> logits,
                                                               std::span<const int32_t> history) {
   std::vector<std::pair<int32_t, double>> out;
-  const size_t n = prepare(logits, history);
+  Scratch& t = scratch();
+  const size_t n = prepare(t, logits, history);
   if (n == 0) return out;
   if (greedy()) {
-    out.emplace_back(argmax(n), 1.0);
+    out.emplace_back(argmax(t, n), 1.0);
     return out;
   }
-  const double total = filter(n);
-  if (candidates_.empty() || !(total > 0)) {
-    out.emplace_back(argmax(n), 1.0);
+  const double total = filter(t, n);
+  if (t.probs.empty() || !(total > 0)) {
+    out.emplace_back(argmax(t, n), 1.0);
     return out;
   }
-  std::sort(candidates_.begin(), candidates_.end(), [](const Candidate& a, const Candidate& b) {
-    return a.logit != b.logit ? a.logit > b.logit : a.id < b.id;
+  for (size_t j = 0; j < t.probs.size(); ++j) out.emplace_back(t.ids[j], t.probs[j] / total);
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
+    return a.second != b.second ? a.second > b.second : a.first < b.first;
   });
-  for (const Candidate& c : candidates_) out.emplace_back(c.id, c.logit / total);
   return out;
 }
 

@@ -228,8 +228,11 @@ TEST(Sampler, NucleusMatchesAFullSortOnManyShapes) {
     }
     double top = -1e300;
     for (const auto& a : all) top = std::max(top, a.first);
+    std::vector<double> probs;
+    for (const auto& a : all) probs.push_back(a.first - top);
+    exp_in_place(probs);  // the sampler's exponential (checked against std::exp below)
     double total = 0;
-    for (auto& a : all) total += a.first = std::exp(a.first - top);
+    for (size_t i = 0; i < all.size(); ++i) total += all[i].first = probs[i];
     std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
       return a.first != b.first ? a.first > b.first : a.second < b.second;
     });
@@ -241,6 +244,35 @@ TEST(Sampler, NucleusMatchesAFullSortOnManyShapes) {
     ASSERT_EQ(got.size(), keep);
     for (size_t i = 0; i < keep; ++i) ASSERT_EQ(got[i].first, all[i].second) << "rank " << i;
   }
+}
+
+// The sampler's exponential against the C library's: within 1 ulp over the whole range a
+// sampler uses (logits less their maximum), subnormal results included, exact at the ends.
+TEST(Sampler, ExpInPlaceIsWithinAnUlpOfStdExp) {
+  std::mt19937_64 rng(3);
+  std::uniform_real_distribution<double> wide(-760.0, 0.0);
+  std::normal_distribution<double> near(0.0, 3.0);
+  std::vector<double> x(200000);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = i % 2 ? wide(rng) : -std::fabs(near(rng));
+  x.insert(x.end(), {0.0, -0.0, -1e-300, -1e-17, -708.39, -708.4, -745.1, -745.2, -746.0, -1e9,
+                     -std::numeric_limits<double>::infinity()});
+  std::vector<double> y = x;
+  exp_in_place(y);
+  double worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double want = std::exp(x[i]);
+    if (want >= std::numeric_limits<double>::min()) {
+      worst = std::max(worst, std::fabs(y[i] - want) / want);
+    } else {  // subnormal: within one unit of the last place of the subnormals
+      EXPECT_LE(std::fabs(y[i] - want), std::numeric_limits<double>::denorm_min()) << x[i];
+    }
+  }
+  EXPECT_LE(worst, std::numeric_limits<double>::epsilon()) << "worst relative error " << worst;
+  EXPECT_EQ(y[x.size() - 11], 1.0);
+  EXPECT_EQ(y[x.size() - 10], 1.0);
+  EXPECT_EQ(y[x.size() - 3], 0.0);
+  EXPECT_EQ(y[x.size() - 2], 0.0);
+  EXPECT_EQ(y[x.size() - 1], 0.0);
 }
 
 TEST(Sampler, TopKKeepsTiesAtTheBoundary) {

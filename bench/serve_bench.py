@@ -46,10 +46,11 @@ def request_mix(n, input_lens, output_lens, seed, id_range):
     return mix
 
 
-def run_request(host, port, headers, prompt, max_tokens, timeout):
-    """Streams one completion; returns a dict of its timings and token counts, or its error."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+def run_request(host, port, headers, prompt, max_tokens, timeout, sampling):
+    """Streams one completion; returns a dict of its timings and token counts, or its error.
+    `sampling`: the request's temperature, top_p and top_k (and a seed when it samples)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, **sampling}
     start = time.perf_counter()
     first = last = None
     usage = None
@@ -102,7 +103,19 @@ def percentile(values, p):
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def sampling_of(args):
+    """The sampling fields every request carries: greedy by default (the device picks the token
+    and no logit row crosses to the host); with a temperature, the host samples each row."""
+    if not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        sys.exit("serve_bench: --temperature 0..2, --top-p in (0, 1], --top-k >= 0")
+    sampling = {"temperature": args.temperature, "top_p": args.top_p}
+    if args.top_k:
+        sampling["top_k"] = args.top_k
+    return sampling
+
+
 def run_level(args, headers, concurrency, mix):
+    sampling = sampling_of(args)
     jobs = queue.Queue()
     for job in mix:
         jobs.put(job)
@@ -115,7 +128,8 @@ def run_level(args, headers, concurrency, mix):
                 prompt, max_tokens = jobs.get_nowait()
             except queue.Empty:
                 return
-            r = run_request(args.host, args.port, headers, prompt, max_tokens, args.timeout)
+            r = run_request(args.host, args.port, headers, prompt, max_tokens, args.timeout,
+                            sampling)
             r["max_tokens"] = max_tokens
             with lock:
                 results.append(r)
@@ -225,6 +239,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--id-range", default="1000,30000",
                     help="prompt token ids are drawn from [lo, hi) (default 1000,30000)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="every request's temperature (0: greedy, the device's argmax)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
+    ap.add_argument("--top-k", type=int, default=0, help="every request's top_k (0: off)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per socket operation")
     ap.add_argument("-o", "--csv", help="write the rows as CSV")
     ap.add_argument("--json", help="write the rows and the settings as JSON")
@@ -246,7 +264,8 @@ def main():
         headers["Authorization"] = "Bearer " + args.api_key
 
     # One short request first: the server's first calls pay for graph capture and warm-up.
-    warm = run_request(args.host, args.port, headers, list(range(1000, 1016)), 4, args.timeout)
+    warm = run_request(args.host, args.port, headers, list(range(1000, 1016)), 4, args.timeout,
+                       sampling_of(args))
     if "error" in warm:
         sys.exit(f"serve_bench: the server at {args.host}:{args.port} did not answer: "
                  f"{warm['error']}")

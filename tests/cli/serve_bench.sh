@@ -33,10 +33,24 @@ assert len(lines) == 5 and all(len(l.get("points").split()) == 2 for l in lines)
 assert len(data["rows"]) == 2 and data["settings"]["input_lens"] == "20,70", data["settings"]
 PY
 # 8 requests x 2 levels + the warm-up request, each its exact output length.
-tokens=$(curl -s -H 'Authorization: Bearer k' "http://127.0.0.1:$port/metrics" |
-  sed -n 's/^kestrel_generation_tokens_total \([0-9]*\)$/\1/p')
+metric() {
+  curl -s -H 'Authorization: Bearer k' "http://127.0.0.1:$port/metrics" |
+    awk -v name="$1" '$1 == name {print $2}'
+}
+tokens=$(metric kestrel_generation_tokens_total)
 [ "$tokens" = $((2 * (2 * 5 + 2 * 12 + 2 * 5 + 2 * 12) + 4)) ] ||
   { echo "generated $tokens tokens, not the mix's"; exit 1; }
+# Greedy by default: every token was the device's argmax. With a temperature every request
+# samples on the host (4 requests and the warm-up's 4 tokens).
+[ "$(metric 'kestrel_tokens_picked_total{where="device"}')" = "$tokens" ] ||
+  { echo "greedy tokens not picked on the device"; exit 1; }
+python3 "$bench" --port "$port" --api-key k --concurrency 2 --requests 4 --input-lens 20 \
+  --output-lens 6 --temperature 0.9 --top-p 0.95 --top-k 40 >/dev/null 2>"$work/stderr" ||
+  { echo "serve_bench with sampling failed:"; cat "$work/stderr"; exit 1; }
+[ "$(metric 'kestrel_tokens_picked_total{where="host"}')" = $((4 * 6 + 4)) ] ||
+  { echo "sampled tokens not picked on the host"; exit 1; }
+python3 "$bench" --port "$port" --temperature 3 --concurrency 1 >/dev/null 2>&1 &&
+  { echo "serve_bench took --temperature 3"; exit 1; }
 stop_server "$pid" "$work/server.log"
 echo "ok serve_bench: two levels, exact output lengths, CSV, JSON, Markdown and the plot"
 

@@ -175,6 +175,7 @@ _LOAD_ARGS = {
     "max_batch_size": 1,
     "prefill_chunk": 512,
     "progress": False,
+    "run_ahead": False,
 }
 
 
@@ -192,8 +193,10 @@ class AutoModelForCausalLM:
         "cuda", "vulkan" or "vulkan:N" (`kestrel devices`). max_context: positions of the KV
         cache (default min(max_position_embeddings, 4096)). Kestrel's own: threads (CPU, 0 = all), block (32 | 64 weights per scale),
         max_batch_size (sequences reserved at load; generate reserves more when a batch needs
-        them), prefill_chunk, progress. trust_remote_code is accepted: Kestrel runs no model
-        code. Anything else is a ValueError.
+        them), prefill_chunk, progress, run_ahead (greedy decoding queues each step before
+        the last one's tokens are back, which the device feeds itself; the tokens are the
+        same, and KESTREL_RUN_AHEAD=1 turns it on too). trust_remote_code is accepted: Kestrel
+        runs no model code. Anything else is a ValueError.
         """
         if args:
             raise ValueError("from_pretrained takes the model path and keyword arguments only")
@@ -311,8 +314,9 @@ class KestrelForCausalLM:
         threads = options["threads"]
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise ValueError(f"threads must be 0 (all) or a positive integer, got {threads!r}")
-        if not isinstance(options["trust_remote_code"], bool):
-            raise ValueError("trust_remote_code must be True or False")
+        for flag in ("trust_remote_code", "run_ahead"):
+            if not isinstance(options[flag], bool):
+                raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
         engine = _kestrel.Engine(
             model=path,
             low_bit=low_bit,
@@ -323,12 +327,18 @@ class KestrelForCausalLM:
             max_seqs=options["max_batch_size"],
             prefill_chunk=options["prefill_chunk"],
             progress=bool(options["progress"]),
+            run_ahead=options["run_ahead"],
         )
         return cls(engine, path, device)
 
     @property
     def max_context(self):
         return self._engine.max_context
+
+    @property
+    def runs_ahead(self):
+        """Whether greedy decoding runs ahead of the host (from_pretrained's run_ahead)."""
+        return self._engine.runs_ahead
 
     def to(self, device):
         """Returns the model when it already runs on `device`; moving needs a reload."""

@@ -51,7 +51,7 @@ class PyEngine {
  public:
   PyEngine(const std::string& model, const std::optional<std::string>& low_bit, int block,
            const std::string& device, int threads, int64_t max_context, int64_t max_seqs,
-           int64_t prefill_chunk, bool progress) {
+           int64_t prefill_chunk, bool progress, bool run_ahead) {
     kestrel::EngineOptions options;
     options.model = model;
     if (low_bit) options.format = unwrap(kestrel::parse_format(*low_bit));
@@ -62,6 +62,7 @@ class PyEngine {
     options.max_seqs = max_seqs;
     options.prefill_chunk = prefill_chunk;
     options.progress = progress;
+    options.run_ahead = run_ahead;
     kestrel::Result<std::unique_ptr<kestrel::Engine>> engine = kestrel::Status::ok();
     {
       py::gil_scoped_release release;
@@ -95,6 +96,7 @@ class PyEngine {
 
   int64_t max_context() const { return engine_->max_context(); }
   int64_t max_seqs() const { return engine_->run_shape().max_seqs; }
+  bool runs_ahead() const { return engine_->runs_ahead(); }
 
   // Makes room for `n` sequences decoded together (their KV cache slots and decode batch).
   void reserve_sequences(int64_t n) {
@@ -244,13 +246,14 @@ PYBIND11_MODULE(_kestrel, m) {
 
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<const std::string&, const std::optional<std::string>&, int, const std::string&,
-                    int, int64_t, int64_t, int64_t, bool>(),
+                    int, int64_t, int64_t, int64_t, bool, bool>(),
            py::arg("model"), py::arg("low_bit"), py::arg("block"), py::arg("device"),
            py::arg("threads"), py::arg("max_context"), py::arg("max_seqs"),
-           py::arg("prefill_chunk"), py::arg("progress"))
+           py::arg("prefill_chunk"), py::arg("progress"), py::arg("run_ahead") = false)
       .def("info", &PyEngine::info)
       .def_property_readonly("max_context", &PyEngine::max_context)
       .def_property_readonly("max_seqs", &PyEngine::max_seqs)
+      .def_property_readonly("runs_ahead", &PyEngine::runs_ahead)
       .def("reserve_sequences", &PyEngine::reserve_sequences, py::arg("n"))
       .def("prompt_logits", &PyEngine::prompt_logits, py::arg("ids"))
       .def("generate", &PyEngine::generate, py::arg("prompts"), py::arg("max_new_tokens"),

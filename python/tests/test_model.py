@@ -118,6 +118,18 @@ def test_greedy_matches_the_cli(kestrel_binary):
     assert model.generate(prompt, max_new_tokens=24, eos_token_id=None)[len(prompt):] == cli
 
 
+def test_run_ahead_gives_the_same_tokens():
+    prompt = [1, 2, 3, 500, 7000, 42]
+    plain = load("synthetic:tiny-llama")
+    ahead = load("synthetic:tiny-llama", run_ahead=True)
+    assert ahead.runs_ahead
+    for batch in ([prompt], [prompt, prompt[2:], prompt[:3] + [9, 9, 9, 9]]):
+        want = plain.generate(batch, max_new_tokens=17, eos_token_id=None)
+        assert ahead.generate(batch, max_new_tokens=17, eos_token_id=None) == want
+    with pytest.raises(ValueError, match="run_ahead must be True or False"):
+        kestrel.AutoModelForCausalLM.from_pretrained("synthetic:tiny-llama", run_ahead="yes")
+
+
 def test_batches_of_different_lengths_equal_each_prompt_alone(golden_dir):
     ref = load_reference(golden_dir, "qwen2-tied-f32")
     model = load(ref["dir"], load_in_low_bit="fp32")

@@ -5,8 +5,11 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <span>
+#include <thread>
 
+#include "core/thread_pool.h"
 #include "io/config.h"
 #include "kestrel/generate.h"
 #include "model/loader.h"
@@ -20,11 +23,6 @@ namespace {
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-bool plain_greedy(const SamplingParams& s) {
-  return (s.temperature == 0.0f || s.top_k == 1) && s.repetition_penalty == 1.0f &&
-         s.presence_penalty == 0.0f && s.frequency_penalty == 0.0f;
 }
 
 Status check_prompts(const Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
@@ -118,7 +116,7 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
 
   // The device picks the token itself (no logits come back) while nothing but the argmax
   // matters: greedy without penalties, and no eos to suppress.
-  const bool greedy = plain_greedy(params.sampling);
+  const bool greedy = seqs.front().sampler.picks_argmax();
   auto argmax_only = [&](int64_t generated) {
     return greedy && (conditions.eos_ids.empty() || generated >= params.min_new_tokens);
   };
@@ -146,6 +144,22 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
       s.running = false;
       result.stop_reasons[i] = reason == StopReason::none ? StopReason::max_tokens : reason;
     }
+  };
+
+  // The rows of a step whose tokens are sampled on the host, side by side: choose() touches only
+  // its own sequence's state and result entries, so the tokens are a loop's.
+  std::unique_ptr<ThreadPool> pool;
+  auto choose_all = [&](const std::vector<size_t>& seq_of_row, bool from_argmax) {
+    const int64_t rows = int64_t(seq_of_row.size());
+    const int threads = int(std::min<int64_t>(rows, std::thread::hardware_concurrency()));
+    if (from_argmax || threads < 2) {
+      for (int64_t r = 0; r < rows; ++r) choose(seq_of_row[size_t(r)], size_t(r), from_argmax);
+      return;
+    }
+    if (!pool || pool->size() < threads) pool = std::make_unique<ThreadPool>(threads);
+    pool->parallel_for(rows, 1, [&](int64_t begin, int64_t end, int) {
+      for (int64_t r = begin; r < end; ++r) choose(seq_of_row[size_t(r)], size_t(r), false);
+    });
   };
 
   // Prefill: the prompts packed back to back into calls of up to the chunk; each prompt's last
@@ -177,7 +191,7 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     } else {
       KS_RETURN_IF_ERROR(engine.run(batch, &logits));
     }
-    for (size_t j = 0; j < finished.size(); ++j) choose(finished[j], j, first_argmax);
+    choose_all(finished, first_argmax);
   }
   result.prefill_seconds = seconds_since(start);
   if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
@@ -251,7 +265,7 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     } else {
       KS_RETURN_IF_ERROR(engine.run(batch, &logits));
     }
-    for (size_t r = 0; r < rows.size(); ++r) choose(rows[r], r, use_argmax);
+    choose_all(rows, use_argmax);
     ++result.decode_steps;
     if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
   }

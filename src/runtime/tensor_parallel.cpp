@@ -195,7 +195,9 @@ Status TensorParallel::forward_argmax(const Batch& batch, const BlockTables& tab
     for (int64_t row = 0; row < rows; ++row) {
       const float* values = local.data() + row * out.cols;
       const int32_t i = plan.real_vocab > 0 ? argmax(values, plan.real_vocab) : 0;
-      best[size_t(2 * row)] = plan.real_vocab > 0 ? values[i] : -INFINITY;
+      // A rank without vocabulary rows offers NaN, which never wins (its token is past the
+      // vocabulary).
+      best[size_t(2 * row)] = plan.real_vocab > 0 ? values[i] : NAN;
       best[size_t(2 * row + 1)] = float(plan.first_token + i);
     }
     std::vector<float> all(size_t(world_size() * rows * 2));  // [world, rows, 2]

@@ -312,6 +312,15 @@ def run_main(port, key):
         want = (n, 0) if i < 8 else (0, n)
         got = (picks("device") - device, picks("host") - host)
         check(got == want, f"alone {i}: tokens picked (device, host) {got}, expected {want}")
+    # Greedy with a penalty, or with logprobs, needs the row: picked on the host.
+    for extra in ({"presence_penalty": 0.5}, {"logprobs": True, "top_logprobs": 1}):
+        device, host = picks("device"), picks("host")
+        status, _, r = client.post("/v1/chat/completions", chat_body(
+            "Question number 1: why?", max_tokens=5, temperature=0, **extra))
+        check(status == 200, f"greedy {extra}: {r}")
+        got = (picks("device") - device, picks("host") - host)
+        check(got == (0, r["usage"]["completion_tokens"]),
+              f"greedy {extra}: tokens picked (device, host) {got}")
     for i in (8, 9):
         status, _, r = client.post("/v1/chat/completions", bodies[i])
         check(r["choices"][0]["message"]["content"] == alone[i],

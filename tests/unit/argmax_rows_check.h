@@ -1,6 +1,6 @@
 // Engine::run_argmax with some rows whole, as a server step asks for them, on any engine: three
 // slots prefilled, then decode steps of one token a slot, each run twice, once with run() and
-// once with every row's argmax and rows 2 and 0 whole (tests/unit and tests/cuda share it).
+// once with every row's argmax and two rows whole (tests/unit and tests/cuda share it).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -33,8 +33,10 @@ inline void expect_rows_and_argmax_match_run(Engine& engine, double bound) {
     next.push_back(argmax(logits.data(), vocab));
     positions.push_back(length);
   }
-  const std::vector<int32_t> full_rows{2, 0};
-  for (int step = 0; step < 5; ++step) {
+  for (int step = 0; step < 6; ++step) {
+    // Two rows out of order, then a run of two (one copy on a device).
+    const std::vector<int32_t> full_rows =
+        step % 2 == 0 ? std::vector<int32_t>{2, 0} : std::vector<int32_t>{0, 1};
     SCOPED_TRACE("step " + std::to_string(step));
     Batch batch;
     for (int32_t slot = 0; slot < 3; ++slot) {
@@ -49,6 +51,22 @@ inline void expect_rows_and_argmax_match_run(Engine& engine, double bound) {
     ASSERT_TRUE(s.is_ok()) << s.message();
     ASSERT_EQ(tokens.size(), size_t(3));
     ASSERT_EQ(rows.size(), full_rows.size() * size_t(vocab));
+    // Every row's token is the largest logit of run()'s row (within the bound: a device's two
+    // calls may round differently), exactly row_argmax on the CPU.
+    for (size_t r = 0; r < tokens.size(); ++r) {
+      const float* want = all.data() + int64_t(r) * vocab;
+      ASSERT_GE(tokens[r], 0);
+      ASSERT_LT(tokens[r], vocab);
+      float best = want[0], scale = 0;
+      for (int64_t c = 0; c < vocab; ++c) {
+        best = std::max(best, want[c]);
+        scale = std::max(scale, std::fabs(want[c]));
+      }
+      EXPECT_GE(want[tokens[r]], best - float(bound) * scale) << "row " << r;
+      if (bound == 0) {
+        EXPECT_EQ(tokens[r], row_argmax(want, vocab)) << "row " << r;
+      }
+    }
     for (size_t i = 0; i < full_rows.size(); ++i) {
       const float* got = rows.data() + int64_t(i) * vocab;
       const float* want = all.data() + int64_t(full_rows[i]) * vocab;
@@ -65,7 +83,7 @@ inline void expect_rows_and_argmax_match_run(Engine& engine, double bound) {
   }
   // A row that is not one of the batch's logit rows is refused.
   Batch one;
-  one.add(next[0], positions[0] + 5, 0, true);
+  one.add(next[0], positions[0] + 6, 0, true);
   std::vector<int32_t> tokens;
   std::vector<float> rows;
   const std::vector<int32_t> outside{1};

@@ -89,8 +89,10 @@ inline void check_read_rows_and_nan_argmax() {
   for (int64_t c = 0; c < cols; c += 3) *(row(3) + c) = NAN;  // NaN among values
 
   const std::vector<int32_t> few = {5, 6, 7, 2, 23, 22};
-  std::vector<int32_t> many(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) many[size_t(i)] = int32_t((i * 7) % n);
+  // Every row once, in runs of consecutive rows (a copy each) and single rows.
+  const std::vector<int32_t> many = {10, 11, 12, 13, 0,  1,  23, 5,  6,  7,  8,  9,
+                                     2,  3,  4,  14, 15, 16, 17, 18, 19, 20, 21, 22};
+  ASSERT_EQ(many.size(), size_t(n));
   std::vector<int32_t> tokens[2];
   std::vector<float> read_few[2], read_many[2];
   on_both_backends(pair, v, n, cols, [&](Backend& b, Tensor t, int i) {

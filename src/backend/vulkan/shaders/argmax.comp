@@ -12,6 +12,9 @@ layout(push_constant) uniform Params {
   uint cols;
 } p;
 
+// By the bits: a driver without SignedZeroInfNanPreserve may fold isnan() to false.
+bool is_nan(float v) { return (floatBitsToUint(v) & 0x7fffffffu) > 0x7f800000u; }
+
 shared float best_value[256];
 shared uint best_index[256];
 
@@ -29,7 +32,7 @@ void main() {
     float v[8];
     [[unroll]] for (uint u = 0; u < 8; ++u) v[u] = x.v[base + i + u * 256];
     [[unroll]] for (uint u = 0; u < 8; ++u) {
-      if (!isnan(v[u]) && (index == 0xffffffffu || v[u] > value)) {
+      if (!is_nan(v[u]) && (index == 0xffffffffu || v[u] > value)) {
         value = v[u];
         index = i + u * 256;
       }
@@ -37,7 +40,7 @@ void main() {
   }
   for (; i < p.cols; i += 256) {
     const float v = x.v[base + i];
-    if (!isnan(v) && (index == 0xffffffffu || v > value)) {
+    if (!is_nan(v) && (index == 0xffffffffu || v > value)) {
       value = v;
       index = i;
     }

@@ -10,21 +10,29 @@ GGUF file laid out the way llama.cpp's converter lays one out:
   - Llama's attn_q / attn_k rows (and biases) permuted from HF's rotate-half order into
     interleaved pairs per head; Qwen2 unpermuted;
   - Llama 3.1 rope scaling as the rope_freqs tensor of per-frequency divisors;
-  - norms F32, matrices in the fixture's type ("pure": every matrix the same type), or a
-    Q4_K_M-like mix (Q4_K, with attn_v, ffn_down and output in Q6_K).
-Quantizers: Q4_0 and Q8_0 follow ggml's reference rules (quantize_row_q4_0_ref/q8_0_ref: scale =
-signed absmax / -8 resp. absmax / 127, fp16 scale, codes by truncation of x/d + 8.5 resp. round
-half away from zero). Q4_K and Q6_K use simpler scale choices than ggml's iterative search (the
-block layout and the dequantization formula are what a reader must get right; any valid choice of
-scales exercises them): per 32-weight sub-block scale (max - min(min, 0)) / 15 and min
--min(min, 0) coded in 6 bits against fp16 super-scales d and dmin (Q4_K), per 16-weight
-sub-block signed absmax / -32 coded as int8 against an fp16 super-scale (Q6_K).
+  - norms F32, matrices in the fixture's type ("pure": every matrix the same type), or an
+    _M-like mix (Q4_K or Q5_K, with attn_v, ffn_down and output in Q6_K).
+Quantizers: Q4_0, Q5_0 and Q8_0 follow ggml's reference rules (quantize_row_q4_0_ref / q5_0_ref /
+q8_0_ref: scale = signed absmax / -8, / -16 resp. absmax / 127, fp16 scale, codes by truncation of
+x/d + 8.5, + 16.5 resp. round half away from zero). The others use simpler scale choices than
+ggml's searches (the block layout and the dequantization formula are what a reader must get
+right; any valid choice of scales exercises them): Q4_1 / Q5_1 (max - min) / 15 resp. / 31 with
+the min; Q4_K / Q5_K per 32-weight sub-block scale (max - min(min, 0)) / 15 resp. / 31 and min
+-min(min, 0) coded in 6 bits against fp16 super-scales d and dmin; Q6_K per 16-weight sub-block
+signed absmax / -32 coded as int8 against an fp16 super-scale; Q3_K per 16-weight sub-block
+signed absmax / -4 coded in 6 bits (+ 32) against an fp16 super-scale; Q2_K per 16-weight
+sub-block (max - min(min, 0)) / 3 and its min in 4 bits each against fp16 d and dmin.
+
+Usage: scripts/make_gguf_fixtures.py [NAME ...] (run with a python3 that has numpy, e.g. Debian's
+/usr/bin/python3 with python3-numpy); with names, only those fixtures and their manifest entries
+are rewritten.
 
 References (independent of Kestrel): logits of every prompt position from a float64 numpy forward
-pass over the weights exactly as ggml dequantizes them (dequantize_row_q4_0 / q8_0 / q4_K / q6_K,
-float32 arithmetic). The forward pass is first checked against the HF transformers logits that
-make_golden.py recorded (logits.f32) for every golden model; the script stops if it differs by
-more than 1e-4 (normalized), so the reference itself is anchored to HF.
+pass over the weights exactly as ggml dequantizes them (dequantize_row_q4_0 / q4_1 / q5_0 / q5_1
+/ q8_0 / q2_K / q3_K / q4_K / q5_K / q6_K, float32 arithmetic). The forward pass is first checked
+against the HF transformers logits that make_golden.py recorded (logits.f32) for every golden
+model; the script stops if it differs by more than 1e-4 (normalized), so the reference itself is
+anchored to HF.
 
 Output per fixture NAME: NAME.gguf, NAME.logits.f32 ([prompt, vocab] float32) and an entry in
 manifest.json (source, prompt, vocab, types, reference error against HF where there is one).
@@ -270,29 +278,45 @@ def unpack_k4_scales(s):
     return sc, m
 
 
+def asym_scales(sub, levels, scale_levels):
+    """The K-quants' asymmetric scale choice for sub-blocks `sub` [n, size] with codes
+    0..levels: per sub-block scale (max - min(min, 0)) / levels and min -min(min, 0), each coded
+    in 0..scale_levels against an fp16 super-scale (d resp. dmin). Returns d, dmin, the scale
+    and min codes and the weight codes [n, size]."""
+    n = sub.shape[0]
+    lo = np.minimum(sub.min(axis=1), 0)
+    scale = (sub.max(axis=1) - lo) / levels
+    mins = -lo
+    d = f16(scale.max() / scale_levels).astype(np.float32)
+    dmin = f16(mins.max() / scale_levels).astype(np.float32)
+    sc = np.clip(np.rint(scale / d), 0, scale_levels).astype(np.int64) if d > 0 \
+        else np.zeros(n, np.int64)
+    m = np.clip(np.rint(mins / dmin), 0, scale_levels).astype(np.int64) if dmin > 0 \
+        else np.zeros(n, np.int64)
+    q = np.zeros(sub.shape, np.int64)
+    for j in range(n):
+        step = np.float32(d * sc[j])
+        if step > 0:
+            q[j] = np.clip(np.rint((sub[j] + np.float32(dmin * m[j])) / step), 0, levels)
+    return d, dmin, sc, m, q
+
+
 def quant_q4_k(x):
     blocks = []
     for sb in x.reshape(-1, 256).astype(np.float32):
-        sub = sb.reshape(8, 32)
-        lo = np.minimum(sub.min(axis=1), 0)
-        scale = (sub.max(axis=1) - lo) / 15
-        mins = -lo
-        d = f16(scale.max() / 63).astype(np.float32)
-        dmin = f16(mins.max() / 63).astype(np.float32)
-        sc = np.clip(np.rint(scale / d), 0, 63).astype(np.int64) if d > 0 else np.zeros(8, np.int64)
-        m = np.clip(np.rint(mins / dmin), 0, 63).astype(np.int64) if dmin > 0 \
-            else np.zeros(8, np.int64)
-        q = np.zeros((8, 32), np.uint8)
-        for j in range(8):
-            step = np.float32(d * sc[j])
-            if step > 0:
-                q[j] = np.clip(np.rint((sub[j] + np.float32(dmin * m[j])) / step), 0, 15)
-        qs = np.zeros(128, np.uint8)
-        for k in range(4):
-            qs[32 * k:32 * k + 32] = q[2 * k] | (q[2 * k + 1] << 4)
-        blocks.append(f16([d, dmin]).view(np.uint8).tobytes() + pack_k4_scales(sc, m).tobytes()
-                      + qs.tobytes())
+        d, dmin, sc, m, q = asym_scales(sb.reshape(8, 32), 15, 63)
+        blocks.append(k4_block(d, dmin, sc, m, q))
     return b"".join(blocks)
+
+
+def k4_block(d, dmin, sc, m, q, qh=b""):
+    """A Q4_K / Q5_K super-block: d, dmin, the 12 scale bytes, `qh` (Q5_K's fifth bits) and the
+    low nibbles of the [8, 32] codes, sub-blocks 2k and 2k + 1 in the low and high nibbles of
+    bytes 32k..32k + 31."""
+    low = (q & 15).astype(np.uint8)
+    qs = np.concatenate([low[2 * k] | (low[2 * k + 1] << 4) for k in range(4)])
+    return (f16([d, dmin]).view(np.uint8).tobytes() + pack_k4_scales(sc, m).tobytes() + qh
+            + qs.tobytes())
 
 
 def dequant_q4_k(raw, n):
@@ -310,21 +334,29 @@ def dequant_q4_k(raw, n):
     return np.concatenate(out).reshape(n)
 
 
+def sym_scales(sub, half, scale_half):
+    """The K-quants' symmetric scale choice for sub-blocks `sub` [n, size] with codes
+    -half..half - 1: per sub-block signed absmax / -half, coded in -scale_half..scale_half - 1
+    against an fp16 super-scale d. Returns d, the scale codes and the weight codes (signed)."""
+    n = sub.shape[0]
+    idx = np.abs(sub).argmax(axis=1)
+    scale = sub[np.arange(n), idx] / -half
+    d = f16(np.abs(scale).max() / (scale_half - 1)).astype(np.float32)
+    sc = np.clip(np.rint(scale / d), -scale_half, scale_half - 1).astype(np.int64) if d > 0 \
+        else np.zeros(n, np.int64)
+    q = np.zeros(sub.shape, np.int64)
+    for j in range(n):
+        step = np.float32(d * sc[j])
+        if step != 0:
+            q[j] = np.clip(np.rint(sub[j] / step), -half, half - 1)
+    return d, sc, q
+
+
 def quant_q6_k(x):
     blocks = []
     for sb in x.reshape(-1, 256).astype(np.float32):
-        sub = sb.reshape(16, 16)
-        idx = np.abs(sub).argmax(axis=1)
-        scale = sub[np.arange(16), idx] / -32
-        d = f16(np.abs(scale).max() / 127).astype(np.float32)
-        sc = np.clip(np.rint(scale / d), -128, 127).astype(np.int64) if d > 0 \
-            else np.zeros(16, np.int64)
-        q = np.full((16, 16), 32, np.int64)
-        for j in range(16):
-            step = np.float32(d * sc[j])
-            if step != 0:
-                q[j] = np.clip(np.rint(sub[j] / step), -32, 31) + 32
-        q = q.reshape(256)
+        d, sc, q = sym_scales(sb.reshape(16, 16), 32, 128)
+        q = (q + 32).reshape(256)
         ql, qh = np.zeros(128, np.uint8), np.zeros(64, np.uint8)
         for h in range(2):
             a, b2, c, e = (q[128 * h + 32 * i:128 * h + 32 * i + 32] for i in range(4))
@@ -355,6 +387,202 @@ def dequant_q6_k(raw, n):
     return np.concatenate(out).reshape(n)
 
 
+def min_scale_codes(b, levels):
+    """Q4_1 / Q5_1: per 32-weight block d = (max - min) / levels and m = min (both fp16), codes
+    0..levels. Returns d, m and the codes [blocks, 32]."""
+    lo, hi = b.min(axis=1), b.max(axis=1)
+    d = f16((hi - lo) / levels).astype(np.float32)
+    m = f16(lo).astype(np.float32)
+    inv = np.where(d != 0, 1 / np.where(d != 0, d, 1), 0).astype(np.float32)
+    return d, m, np.clip(np.rint((b - m[:, None]) * inv[:, None]), 0, levels).astype(np.int64)
+
+
+def quant_q4_1(x):
+    b = x.reshape(-1, 32).astype(np.float32)
+    d, m, q = min_scale_codes(b, 15)
+    q = q.astype(np.uint8)
+    out = np.zeros((b.shape[0], 20), np.uint8)
+    out[:, :2] = f16(d).view(np.uint8).reshape(-1, 2)
+    out[:, 2:4] = f16(m).view(np.uint8).reshape(-1, 2)
+    out[:, 4:] = q[:, :16] | (q[:, 16:] << 4)
+    return out.tobytes()
+
+
+def dequant_q4_1(raw, n):
+    b = np.frombuffer(raw, np.uint8).reshape(-1, 20)
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    q = np.concatenate([b[:, 4:] & 15, b[:, 4:] >> 4], axis=1).astype(np.float32)
+    return (q * d + m).reshape(n)
+
+
+def pack_q5(q):
+    """[blocks, 32] five-bit codes -> (qh [blocks, 4], qs [blocks, 16]): bit 4 of code j is bit j
+    of the little-endian qh word; codes j and j + 16 share qs byte j (low, high nibble)."""
+    bits = ((q >> 4) & 1).astype(np.uint32)
+    qh = (bits << np.arange(32, dtype=np.uint32)).sum(axis=1).astype("<u4")
+    qs = (q[:, :16] & 15) | ((q[:, 16:] & 15) << 4)
+    return qh.view(np.uint8).reshape(-1, 4), qs.astype(np.uint8)
+
+
+def unpack_q5(qh_bytes, qs):
+    qh = qh_bytes.copy().view("<u4").reshape(-1, 1).astype(np.int64)
+    low = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int64)
+    high = (qh >> np.arange(32)) & 1
+    return low | (high << 4)
+
+
+def quant_q5_0(x):
+    b = x.reshape(-1, 32).astype(np.float32)
+    idx = np.abs(b).argmax(axis=1)
+    d = (b[np.arange(b.shape[0]), idx] / -16).astype(np.float32)
+    inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+    q = np.minimum(31, np.trunc(b * inv[:, None] + np.float32(16.5)).astype(np.int64))
+    qh, qs = pack_q5(q)
+    out = np.zeros((b.shape[0], 22), np.uint8)
+    out[:, :2] = f16(d).view(np.uint8).reshape(-1, 2)
+    out[:, 2:6], out[:, 6:] = qh, qs
+    return out.tobytes()
+
+
+def dequant_q5_0(raw, n):
+    b = np.frombuffer(raw, np.uint8).reshape(-1, 22)
+    d = b[:, :2].copy().view(np.float16).astype(np.float32)
+    return ((unpack_q5(b[:, 2:6], b[:, 6:]) - 16).astype(np.float32) * d).reshape(n)
+
+
+def quant_q5_1(x):
+    b = x.reshape(-1, 32).astype(np.float32)
+    d, m, q = min_scale_codes(b, 31)
+    qh, qs = pack_q5(q)
+    out = np.zeros((b.shape[0], 24), np.uint8)
+    out[:, :2] = f16(d).view(np.uint8).reshape(-1, 2)
+    out[:, 2:4] = f16(m).view(np.uint8).reshape(-1, 2)
+    out[:, 4:8], out[:, 8:] = qh, qs
+    return out.tobytes()
+
+
+def dequant_q5_1(raw, n):
+    b = np.frombuffer(raw, np.uint8).reshape(-1, 24)
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return (unpack_q5(b[:, 4:8], b[:, 8:]).astype(np.float32) * d + m).reshape(n)
+
+
+def quant_q5_k(x):
+    blocks = []
+    for sb in x.reshape(-1, 256).astype(np.float32):
+        d, dmin, sc, m, q = asym_scales(sb.reshape(8, 32), 31, 63)
+        qh = np.zeros(32, np.uint8)
+        for j in range(8):
+            qh |= (((q[j] >> 4) & 1) << j).astype(np.uint8)
+        blocks.append(k4_block(d, dmin, sc, m, q, qh.tobytes()))
+    return b"".join(blocks)
+
+
+def dequant_q5_k(raw, n):
+    out = []
+    for b in np.frombuffer(raw, np.uint8).reshape(-1, 176):
+        d, dmin = b[:4].copy().view(np.float16).astype(np.float32)
+        sc, m = unpack_k4_scales(b[4:16])
+        qh, qs = b[16:48].astype(np.int64), b[48:176].astype(np.int64)
+        for j in range(8):
+            low = (qs[32 * (j // 2):32 * (j // 2) + 32] >> (4 * (j % 2))) & 15
+            q = low | (((qh >> j) & 1) << 4)
+            d1 = np.float32(d * np.float32(sc[j]))
+            m1 = np.float32(dmin * np.float32(m[j]))
+            out.append((d1 * q.astype(np.float32) - m1).astype(np.float32))
+    return np.concatenate(out).reshape(n)
+
+
+def pack_2bit(q):
+    """256 two-bit fields -> 64 bytes: half h's 32-weight group g in bit pair g of qs[32 h ..]."""
+    qs = np.zeros(64, np.uint8)
+    for e in range(256):
+        h, g, l = e // 128, (e % 128) // 32, e % 32
+        qs[32 * h + l] |= np.uint8((int(q[e]) & 3) << (2 * g))
+    return qs
+
+
+def unpack_2bit(qs):
+    e = np.arange(256)
+    return (qs[32 * (e // 128) + e % 32].astype(np.int64) >> (2 * ((e % 128) // 32))) & 3
+
+
+def quant_q2_k(x):
+    blocks = []
+    for sb in x.reshape(-1, 256).astype(np.float32):
+        d, dmin, sc, m, q = asym_scales(sb.reshape(16, 16), 3, 15)
+        scales = (sc | (m << 4)).astype(np.uint8)
+        blocks.append(scales.tobytes() + pack_2bit(q.reshape(256)).tobytes()
+                      + f16([d, dmin]).view(np.uint8).tobytes())
+    return b"".join(blocks)
+
+
+def dequant_q2_k(raw, n):
+    out = []
+    for b in np.frombuffer(raw, np.uint8).reshape(-1, 84):
+        scales = b[:16].astype(np.int64)
+        q = unpack_2bit(b[16:80]).astype(np.float32)
+        d, dmin = b[80:84].copy().view(np.float16).astype(np.float32)
+        sub = np.arange(256) // 16
+        dl = (d * (scales[sub] & 15).astype(np.float32)).astype(np.float32)
+        ml = (dmin * (scales[sub] >> 4).astype(np.float32)).astype(np.float32)
+        out.append((dl * q - ml).astype(np.float32))
+    return np.concatenate(out).reshape(n)
+
+
+def pack_q3_scales(s):
+    """16 six-bit scales (stored + 32) into 12 bytes: low nibbles in bytes 0-7 (scales 8-15 in
+    the high nibbles), the high bit pairs in bytes 8-11 (scale i: byte 8 + i % 4, pair i / 4)."""
+    out = np.zeros(12, np.uint8)
+    for i in range(16):
+        v = int(s[i]) & 63
+        if i < 8:
+            out[i] |= v & 15
+        else:
+            out[i - 8] |= (v & 15) << 4
+        out[8 + i % 4] |= (v >> 4) << (2 * (i // 4))
+    return out
+
+
+def unpack_q3_scales(b):
+    s = np.zeros(16, np.int64)
+    for i in range(16):
+        low = b[i] & 15 if i < 8 else b[i - 8] >> 4
+        s[i] = (int(low) | (((int(b[8 + i % 4]) >> (2 * (i // 4))) & 3) << 4)) - 32
+    return s
+
+
+def quant_q3_k(x):
+    blocks = []
+    for sb in x.reshape(-1, 256).astype(np.float32):
+        d, sc, q = sym_scales(sb.reshape(16, 16), 4, 32)
+        levels = (q + 4).reshape(256)  # 0..7
+        hmask = np.zeros(32, np.uint8)
+        for e in range(256):
+            if levels[e] > 3:
+                hmask[e % 32] |= np.uint8(1 << (e // 32))
+        blocks.append(hmask.tobytes() + pack_2bit(levels & 3).tobytes()
+                      + pack_q3_scales(sc + 32).tobytes() + f16(d).tobytes())
+    return b"".join(blocks)
+
+
+def dequant_q3_k(raw, n):
+    out = []
+    for b in np.frombuffer(raw, np.uint8).reshape(-1, 110):
+        hmask = b[:32].astype(np.int64)
+        low = unpack_2bit(b[32:96])
+        sc = unpack_q3_scales(b[96:108])
+        d = b[108:110].copy().view(np.float16).astype(np.float32)[0]
+        e = np.arange(256)
+        high = (hmask[e % 32] >> (e // 32)) & 1
+        q = (low - np.where(high == 1, 0, 4)).astype(np.float32)
+        dl = (np.float32(d) * sc[e // 16].astype(np.float32)).astype(np.float32)
+        out.append((dl * q).astype(np.float32))
+    return np.concatenate(out).reshape(n)
+
+
 def dequant_f(raw, n, dtype):
     if dtype == "bf16":
         return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(n)
@@ -371,6 +599,12 @@ TYPES = {
     "Q4_0": (gw.GGML_Q4_0, quant_q4_0, dequant_q4_0),
     "Q4_K": (gw.GGML_Q4_K, quant_q4_k, dequant_q4_k),
     "Q6_K": (gw.GGML_Q6_K, quant_q6_k, dequant_q6_k),
+    "Q4_1": (gw.GGML_Q4_1, quant_q4_1, dequant_q4_1),
+    "Q5_0": (gw.GGML_Q5_0, quant_q5_0, dequant_q5_0),
+    "Q5_1": (gw.GGML_Q5_1, quant_q5_1, dequant_q5_1),
+    "Q2_K": (gw.GGML_Q2_K, quant_q2_k, dequant_q2_k),
+    "Q3_K": (gw.GGML_Q3_K, quant_q3_k, dequant_q3_k),
+    "Q5_K": (gw.GGML_Q5_K, quant_q5_k, dequant_q5_k),
 }
 
 
@@ -483,8 +717,15 @@ def synthetic_kquant_model():
 
 
 def main():
+    """Writes every fixture, or with NAME arguments only those (the others and their manifest
+    entries stay as they are: a rerun elsewhere may round the references' last bits
+    differently)."""
+    only = set(sys.argv[1:])
     os.makedirs(OUT, exist_ok=True)
     manifest = {}
+    if only:
+        with open(os.path.join(OUT, "manifest.json")) as f:
+            manifest = json.load(f)
     golden = {}
     for case in ("qwen2-tied-f32", "llama3-scaled-bf16-sharded", "llama-tied-bias-f16"):
         d = os.path.join(MODELS, case)
@@ -508,17 +749,29 @@ def main():
             ("llama3-scaled.BF16", "llama3-scaled-bf16-sharded", every("BF16")),
             ("llama3-scaled.Q8_0", "llama3-scaled-bf16-sharded", every("Q8_0")),
             ("llama-tied-bias.F16", "llama-tied-bias-f16", every("F16")),
-            ("llama-tied-bias.Q4_0", "llama-tied-bias-f16", every("Q4_0"))]
+            ("llama-tied-bias.Q4_0", "llama-tied-bias-f16", every("Q4_0")),
+            ("llama-tied-bias.Q4_1", "llama-tied-bias-f16", every("Q4_1")),
+            ("llama-tied-bias.Q5_0", "llama-tied-bias-f16", every("Q5_0")),
+            ("llama-tied-bias.Q5_1", "llama-tied-bias-f16", every("Q5_1"))]
     for name, case, types in plan:
+        if only and name not in only:
+            continue
         c, w, prompt, hf = golden[case]
         manifest[name] = write_fixture(name, c, w, types, prompt, hf)
         manifest[name]["source"] = f"tests/golden/models/{case}"
 
     c, w = synthetic_kquant_model()
     prompt = list(np.random.default_rng(7).integers(0, c["vocab"], 24))
-    mixed = (lambda n: "Q6_K" if n == "output" or n.endswith((".wv", ".w_down")) else "Q4_K")
+    def mixed(base):  # llama.cpp's _M mixes: Q6_K for output, attn_v and ffn_down
+        return lambda n: "Q6_K" if n == "output" or n.endswith((".wv", ".w_down")) else base
+
     for name, types in (("kquant-llama.Q4_K", every("Q4_K")), ("kquant-llama.Q6_K", every("Q6_K")),
-                        ("kquant-llama.Q4_K_M", mixed)):
+                        ("kquant-llama.Q4_K_M", mixed("Q4_K")),
+                        ("kquant-llama.Q5_K", every("Q5_K")),
+                        ("kquant-llama.Q5_K_M", mixed("Q5_K")),
+                        ("kquant-llama.Q3_K", every("Q3_K")), ("kquant-llama.Q2_K", every("Q2_K"))):
+        if only and name not in only:
+            continue
         manifest[name] = write_fixture(name, c, w, types, prompt)
         manifest[name]["source"] = "synthetic (scripts/make_gguf_fixtures.py)"
     with open(os.path.join(OUT, "manifest.json"), "w") as f:

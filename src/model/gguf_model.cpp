@@ -16,8 +16,11 @@ namespace {
 constexpr int kGroup = 32;  // Kestrel's int4 nibble group and the block every copy uses
 
 const GgmlType kReadable[] = {GgmlType::f32,  GgmlType::f16,  GgmlType::bf16, GgmlType::q8_0,
-                              GgmlType::q4_0, GgmlType::q4_k, GgmlType::q6_k};
-constexpr const char* kReadableList = "F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K";
+                              GgmlType::q4_0, GgmlType::q4_1, GgmlType::q5_0, GgmlType::q5_1,
+                              GgmlType::q2_k, GgmlType::q3_k, GgmlType::q4_k, GgmlType::q5_k,
+                              GgmlType::q6_k};
+constexpr const char* kReadableList =
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K";
 
 bool readable(GgmlType type) {
   return std::find(std::begin(kReadable), std::end(kReadable), type) != std::end(kReadable);
@@ -52,6 +55,33 @@ void q4_k_codes(const uint8_t* block, int j, uint8_t* codes) {
   for (int l = 0; l < 32; ++l) codes[l] = (qs[l] >> shift) & 0x0f;
 }
 
+// Q5_0 / Q5_1: the fifth bit of weight j (0..31) of a block is bit j of its 4 qh bytes (little
+// endian); weights 0..15 take the low nibbles of qs, 16..31 the high ones.
+void q5_codes(const uint8_t* qh_bytes, const uint8_t* qs, int* codes) {
+  uint32_t qh = 0;
+  std::memcpy(&qh, qh_bytes, 4);
+  for (int j = 0; j < 16; ++j) {
+    codes[j] = (qs[j] & 0x0f) | int(((qh >> j) & 1) << 4);
+    codes[j + 16] = (qs[j] >> 4) | int(((qh >> (j + 16)) & 1) << 4);
+  }
+}
+
+// Q3_K's 16 six-bit scales (stored + 32) from its 12 bytes: scale i's low four bits are the low
+// (i < 8) or high (i >= 8) nibble of byte i % 8, its high two bits bits 2 (i / 4) .. + 1 of byte
+// 8 + i % 4.
+int q3_k_scale(const uint8_t* s, int i) {
+  const int low = i < 8 ? s[i] & 0x0f : s[i - 8] >> 4;
+  const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+  return (low | (high << 4)) - 32;
+}
+
+// The 2-bit field of weight e (0..255) of a Q2_K / Q3_K super-block: each 128-weight half h
+// takes qs[32 h ..], and its 32-weight group g (0..3) the bit pair 2g of those 32 bytes.
+int k_2bit(const uint8_t* qs, int e) {
+  const int h = e / 128, g = (e % 128) / 32, l = e % 32;
+  return (qs[32 * h + l] >> (2 * g)) & 3;
+}
+
 void dequantize_blocks(GgmlType type, const uint8_t* in, int64_t n, float* out) {
   switch (type) {
     case GgmlType::f32:
@@ -75,6 +105,81 @@ void dequantize_blocks(GgmlType type, const uint8_t* in, int64_t n, float* out) 
         for (int i = 0; i < 16; ++i) {
           out[b * 32 + i] = float(int(in[2 + i] & 0x0f) - 8) * d;
           out[b * 32 + i + 16] = float(int(in[2 + i] >> 4) - 8) * d;
+        }
+      }
+      return;
+    case GgmlType::q4_1:  // d, m (fp16), 16 bytes of nibbles: d q + m
+      for (int64_t b = 0; b < n / 32; ++b, in += 20) {
+        const float d = fp16_to_float(load_u16(in));
+        const float m = fp16_to_float(load_u16(in + 2));
+        for (int i = 0; i < 16; ++i) {
+          out[b * 32 + i] = float(in[4 + i] & 0x0f) * d + m;
+          out[b * 32 + i + 16] = float(in[4 + i] >> 4) * d + m;
+        }
+      }
+      return;
+    case GgmlType::q5_0:  // d (fp16), qh[4], qs[16]: d (q - 16)
+      for (int64_t b = 0; b < n / 32; ++b, in += 22) {
+        const float d = fp16_to_float(load_u16(in));
+        int codes[32];
+        q5_codes(in + 2, in + 6, codes);
+        for (int i = 0; i < 32; ++i) out[b * 32 + i] = float(codes[i] - 16) * d;
+      }
+      return;
+    case GgmlType::q5_1:  // d, m (fp16), qh[4], qs[16]: d q + m
+      for (int64_t b = 0; b < n / 32; ++b, in += 24) {
+        const float d = fp16_to_float(load_u16(in));
+        const float m = fp16_to_float(load_u16(in + 2));
+        int codes[32];
+        q5_codes(in + 4, in + 8, codes);
+        for (int i = 0; i < 32; ++i) out[b * 32 + i] = float(codes[i]) * d + m;
+      }
+      return;
+    case GgmlType::q2_k:
+      // scales[16] (low nibble the scale, high the min, a 16-weight sub-block each), qs[64],
+      // d, dmin (fp16): d sc q - dmin m.
+      for (int64_t b = 0; b < n / 256; ++b, in += 84) {
+        const float d = fp16_to_float(load_u16(in + 80));
+        const float dmin = fp16_to_float(load_u16(in + 82));
+        for (int e = 0; e < 256; ++e) {
+          const uint8_t sc = in[e / 16];
+          const float dl = d * float(sc & 0x0f);
+          const float ml = dmin * float(sc >> 4);
+          out[b * 256 + e] = dl * float(k_2bit(in + 16, e)) - ml;
+        }
+      }
+      return;
+    case GgmlType::q3_k:
+      // hmask[32], qs[64], scales[12], d (fp16): d (scale - 32) (q - 4), q's third bit in hmask
+      // (weight e: byte e % 32, bit e / 32), 16-weight sub-blocks.
+      for (int64_t b = 0; b < n / 256; ++b, in += 110) {
+        const uint8_t* hmask = in;
+        const float d = fp16_to_float(load_u16(in + 108));
+        for (int e = 0; e < 256; ++e) {
+          const float dl = d * float(q3_k_scale(in + 96, e / 16));
+          const int high = (hmask[e % 32] >> (e / 32)) & 1;
+          out[b * 256 + e] = dl * float(k_2bit(in + 32, e) - (high ? 0 : 4));
+        }
+      }
+      return;
+    case GgmlType::q5_k:
+      // d, dmin (fp16), Q4_K's 12 scale bytes, qh[32], qs[128]: Q4_K's layout with a fifth bit,
+      // weight l of sub-block j in bit j of qh[l].
+      for (int64_t b = 0; b < n / 256; ++b, in += 176) {
+        const float d = fp16_to_float(load_u16(in));
+        const float dmin = fp16_to_float(load_u16(in + 2));
+        const uint8_t* qh = in + 16;
+        const uint8_t* qs = in + 48;
+        for (int j = 0; j < 8; ++j) {
+          int sc = 0, m = 0;
+          q4_k_scale_min(j, in + 4, sc, m);
+          const float scale = d * float(sc);
+          const float min = dmin * float(m);
+          const int shift = (j % 2) * 4;
+          for (int l = 0; l < 32; ++l) {
+            const int q = ((qs[32 * (j / 2) + l] >> shift) & 0x0f) | (((qh[l] >> j) & 1) << 4);
+            out[b * 256 + j * 32 + l] = scale * float(q) - min;
+          }
         }
       }
       return;
@@ -135,10 +240,20 @@ WeightFormat native_format_of(GgmlType type) {
   switch (type) {
     case GgmlType::q4_0:
       return WeightFormat::sym_int4;
+    case GgmlType::q4_1:
     case GgmlType::q4_k:
       return WeightFormat::asym_int4;
     case GgmlType::q8_0:
+    case GgmlType::q5_0:  // its codes less 16 are the int8 codes
+    case GgmlType::q5_1:  // five bits do not fit four: requantized to eight
+    case GgmlType::q5_k:
     case GgmlType::q6_k:
+    // Q2_K and Q3_K scale each 16 weights: two of Kestrel's 4-bit groups' worth of different
+    // scales in one group of 32 cost 0.45-0.5 of the logits (the fixtures' measure); in 8 bits
+    // the values keep their precision, at 2.5-3x the file's bytes (--low-bit asym_int4 asks
+    // for the smaller load).
+    case GgmlType::q3_k:
+    case GgmlType::q2_k:
       return WeightFormat::sym_int8;
     case GgmlType::f16:
       return WeightFormat::fp16;
@@ -371,11 +486,11 @@ bool GgufModel::copies_into(GgmlType type, WeightFormat format, int block) {
     case WeightFormat::bf16:
       return type == GgmlType::bf16;
     case WeightFormat::sym_int8:
-      return type == GgmlType::q8_0 && block == kGroup;
+      return (type == GgmlType::q8_0 || type == GgmlType::q5_0) && block == kGroup;
     case WeightFormat::sym_int4:
       return type == GgmlType::q4_0 && block == kGroup;
     case WeightFormat::asym_int4:
-      return type == GgmlType::q4_k && block == kGroup;
+      return (type == GgmlType::q4_k || type == GgmlType::q4_1) && block == kGroup;
   }
   return false;
 }
@@ -416,6 +531,24 @@ void GgufModel::copy_row(const std::string& name, const GgufTensor& t, int64_t r
         std::memcpy(data + b * 32, in + 2, 32);
       }
       return;
+    case GgmlType::q5_0:
+      for (int64_t b = 0; b < blocks; ++b, in += 22) {
+        scales[b] = load_u16(in);
+        int codes[32];
+        q5_codes(in + 2, in + 6, codes);
+        for (int i = 0; i < 32; ++i) data[b * 32 + i] = uint8_t(int8_t(codes[i] - 16));
+      }
+      return;
+    case GgmlType::q4_1: {
+      uint16_t* mins = w.mins.as_mutable<uint16_t>() + row * blocks;
+      for (int64_t b = 0; b < blocks; ++b, in += 20) {
+        // d q + m: Kestrel's scale and min, and its nibbles (weights i and i + 16 in byte i).
+        scales[b] = load_u16(in);
+        mins[b] = load_u16(in + 2);
+        std::memcpy(data + b * 16, in + 4, 16);
+      }
+      return;
+    }
     case GgmlType::q4_k: {
       uint16_t* mins = w.mins.as_mutable<uint16_t>() + row * blocks;
       for (int64_t s = 0; s < cols / 256; ++s, in += 144) {

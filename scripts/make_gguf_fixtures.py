@@ -21,7 +21,9 @@ the min; Q4_K / Q5_K per 32-weight sub-block scale (max - min(min, 0)) / 15 resp
 -min(min, 0) coded in 6 bits against fp16 super-scales d and dmin; Q6_K per 16-weight sub-block
 signed absmax / -32 coded as int8 against an fp16 super-scale; Q3_K per 16-weight sub-block
 signed absmax / -4 coded in 6 bits (+ 32) against an fp16 super-scale; Q2_K per 16-weight
-sub-block (max - min(min, 0)) / 3 and its min in 4 bits each against fp16 d and dmin.
+sub-block (max - min(min, 0)) / 3 and its min in 4 bits each against fp16 d and dmin; IQ4_NL a
+block's signed absmax / -127 as its fp16 scale (IQ4_XS per 32-weight sub-block, coded in 6 bits
++ 32 against an fp16 super-scale), each weight the nearest entry of the 16-value codebook.
 
 Usage: scripts/make_gguf_fixtures.py [NAME ...] (run with a python3 that has numpy, e.g. Debian's
 /usr/bin/python3 with python3-numpy); with names, only those fixtures and their manifest entries
@@ -29,7 +31,7 @@ are rewritten.
 
 References (independent of Kestrel): logits of every prompt position from a float64 numpy forward
 pass over the weights exactly as ggml dequantizes them (dequantize_row_q4_0 / q4_1 / q5_0 / q5_1
-/ q8_0 / q2_K / q3_K / q4_K / q5_K / q6_K, float32 arithmetic). The forward pass is first checked
+/ q8_0 / q2_K / q3_K / q4_K / q5_K / q6_K / iq4_nl / iq4_xs, float32 arithmetic). The forward pass is first checked
 against the HF transformers logits that make_golden.py recorded (logits.f32) for every golden
 model; the script stops if it differs by more than 1e-4 (normalized), so the reference itself is
 anchored to HF.
@@ -583,6 +585,70 @@ def dequant_q3_k(raw, n):
     return np.concatenate(out).reshape(n)
 
 
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                      np.float32)  # GGUF's IQ4_NL / IQ4_XS codebook
+
+
+def iq4_codes(sub, step):
+    """Nearest codebook entry of sub / step, per weight ([n, 32] weights, [n] steps)."""
+    safe = np.where(step != 0, step, 1)[:, None, None]
+    return np.abs(sub[:, :, None] / safe - IQ4_VALUES).argmin(axis=2).astype(np.uint8)
+
+
+def iq4_nibbles(codes):
+    """[n, 32] codes -> [n, 16] bytes, weights i and i + 16 in byte i."""
+    return codes[:, :16] | (codes[:, 16:] << 4)
+
+
+def quant_iq4_nl(x):
+    b = x.reshape(-1, 32).astype(np.float32)
+    idx = np.abs(b).argmax(axis=1)
+    d = f16(b[np.arange(b.shape[0]), idx] / -127).astype(np.float32)
+    out = np.zeros((b.shape[0], 18), np.uint8)
+    out[:, :2] = f16(d).view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = iq4_nibbles(iq4_codes(b, d))
+    return out.tobytes()
+
+
+def dequant_iq4_nl(raw, n):
+    b = np.frombuffer(raw, np.uint8).reshape(-1, 18)
+    d = b[:, :2].copy().view(np.float16).astype(np.float32)
+    q = np.concatenate([b[:, 2:] & 15, b[:, 2:] >> 4], axis=1)
+    return (d * IQ4_VALUES[q]).astype(np.float32).reshape(n)
+
+
+def quant_iq4_xs(x):
+    blocks = []
+    for sb in x.reshape(-1, 256).astype(np.float32):
+        sub = sb.reshape(8, 32)
+        idx = np.abs(sub).argmax(axis=1)
+        scale = sub[np.arange(8), idx] / -127
+        d = f16(np.abs(scale).max() / 31).astype(np.float32)
+        ls = np.clip(np.rint(scale / d), -32, 31).astype(np.int64) if d > 0 else np.zeros(8, np.int64)
+        codes = iq4_codes(sub, (d * ls.astype(np.float32)).astype(np.float32))
+        s = ls + 32
+        scales_h = sum(((int(s[j]) >> 4) & 3) << (2 * j) for j in range(8))
+        scales_l = np.array([(s[2 * k] & 15) | ((s[2 * k + 1] & 15) << 4) for k in range(4)],
+                            np.uint8)
+        blocks.append(f16(d).tobytes() + np.array([scales_h], "<u2").tobytes()
+                      + scales_l.tobytes() + iq4_nibbles(codes).tobytes())
+    return b"".join(blocks)
+
+
+def dequant_iq4_xs(raw, n):
+    out = []
+    for b in np.frombuffer(raw, np.uint8).reshape(-1, 136):
+        d = b[:2].copy().view(np.float16).astype(np.float32)[0]
+        scales_h = int(b[2:4].copy().view("<u2")[0])
+        for j in range(8):
+            s = ((int(b[4 + j // 2]) >> (4 * (j % 2))) & 15) | (((scales_h >> (2 * j)) & 3) << 4)
+            dl = np.float32(d * np.float32(s - 32))
+            qs = b[8 + 16 * j:8 + 16 * j + 16]
+            q = np.concatenate([qs & 15, qs >> 4])
+            out.append((dl * IQ4_VALUES[q]).astype(np.float32))
+    return np.concatenate(out).reshape(n)
+
+
 def dequant_f(raw, n, dtype):
     if dtype == "bf16":
         return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(n)
@@ -605,6 +671,8 @@ TYPES = {
     "Q2_K": (gw.GGML_Q2_K, quant_q2_k, dequant_q2_k),
     "Q3_K": (gw.GGML_Q3_K, quant_q3_k, dequant_q3_k),
     "Q5_K": (gw.GGML_Q5_K, quant_q5_k, dequant_q5_k),
+    "IQ4_NL": (gw.GGML_IQ4_NL, quant_iq4_nl, dequant_iq4_nl),
+    "IQ4_XS": (gw.GGML_IQ4_XS, quant_iq4_xs, dequant_iq4_xs),
 }
 
 
@@ -752,7 +820,8 @@ def main():
             ("llama-tied-bias.Q4_0", "llama-tied-bias-f16", every("Q4_0")),
             ("llama-tied-bias.Q4_1", "llama-tied-bias-f16", every("Q4_1")),
             ("llama-tied-bias.Q5_0", "llama-tied-bias-f16", every("Q5_0")),
-            ("llama-tied-bias.Q5_1", "llama-tied-bias-f16", every("Q5_1"))]
+            ("llama-tied-bias.Q5_1", "llama-tied-bias-f16", every("Q5_1")),
+            ("llama-tied-bias.IQ4_NL", "llama-tied-bias-f16", every("IQ4_NL"))]
     for name, case, types in plan:
         if only and name not in only:
             continue
@@ -769,7 +838,8 @@ def main():
                         ("kquant-llama.Q4_K_M", mixed("Q4_K")),
                         ("kquant-llama.Q5_K", every("Q5_K")),
                         ("kquant-llama.Q5_K_M", mixed("Q5_K")),
-                        ("kquant-llama.Q3_K", every("Q3_K")), ("kquant-llama.Q2_K", every("Q2_K"))):
+                        ("kquant-llama.Q3_K", every("Q3_K")), ("kquant-llama.Q2_K", every("Q2_K")),
+                        ("kquant-llama.IQ4_XS", every("IQ4_XS"))):
         if only and name not in only:
             continue
         manifest[name] = write_fixture(name, c, w, types, prompt)

@@ -15,12 +15,17 @@ namespace {
 
 constexpr int kGroup = 32;  // Kestrel's int4 nibble group and the block every copy uses
 
-const GgmlType kReadable[] = {GgmlType::f32,  GgmlType::f16,  GgmlType::bf16, GgmlType::q8_0,
-                              GgmlType::q4_0, GgmlType::q4_1, GgmlType::q5_0, GgmlType::q5_1,
-                              GgmlType::q2_k, GgmlType::q3_k, GgmlType::q4_k, GgmlType::q5_k,
-                              GgmlType::q6_k};
+const GgmlType kReadable[] = {GgmlType::f32,  GgmlType::f16,    GgmlType::bf16,  GgmlType::q8_0,
+                              GgmlType::q4_0, GgmlType::q4_1,   GgmlType::q5_0,  GgmlType::q5_1,
+                              GgmlType::q2_k, GgmlType::q3_k,   GgmlType::q4_k,  GgmlType::q5_k,
+                              GgmlType::q6_k, GgmlType::iq4_nl, GgmlType::iq4_xs};
 constexpr const char* kReadableList =
-    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K";
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS";
+
+// IQ4_NL and IQ4_XS: a nibble indexes this non-linear codebook (the format's own values), times
+// the block's scale.
+constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                   1,    13,   25,  38,  53,  69,  89,  113};
 
 bool readable(GgmlType type) {
   return std::find(std::begin(kReadable), std::end(kReadable), type) != std::end(kReadable);
@@ -183,6 +188,34 @@ void dequantize_blocks(GgmlType type, const uint8_t* in, int64_t n, float* out) 
         }
       }
       return;
+    case GgmlType::iq4_nl:  // d (fp16), qs[16]: d value[nibble], weights i and i + 16 in byte i
+      for (int64_t b = 0; b < n / 32; ++b, in += 18) {
+        const float d = fp16_to_float(load_u16(in));
+        for (int i = 0; i < 16; ++i) {
+          out[b * 32 + i] = d * float(kIq4Values[in[2 + i] & 0x0f]);
+          out[b * 32 + i + 16] = d * float(kIq4Values[in[2 + i] >> 4]);
+        }
+      }
+      return;
+    case GgmlType::iq4_xs:
+      // d (fp16), scales_h (16 bits), scales_l[4], qs[128]: sub-block j (32 weights) scales by
+      // d (s - 32), s's low four bits the nibble j % 2 of scales_l[j / 2], its high two bits 2j of
+      // scales_h; its nibbles are IQ4_NL's, in qs[16 j ..].
+      for (int64_t b = 0; b < n / 256; ++b, in += 136) {
+        const float d = fp16_to_float(load_u16(in));
+        const int scales_h = load_u16(in + 2);
+        for (int j = 0; j < 8; ++j) {
+          const int s =
+              ((in[4 + j / 2] >> (4 * (j % 2))) & 0x0f) | (((scales_h >> (2 * j)) & 3) << 4);
+          const float dl = d * float(s - 32);
+          const uint8_t* qs = in + 8 + 16 * j;
+          for (int i = 0; i < 16; ++i) {
+            out[b * 256 + j * 32 + i] = dl * float(kIq4Values[qs[i] & 0x0f]);
+            out[b * 256 + j * 32 + i + 16] = dl * float(kIq4Values[qs[i] >> 4]);
+          }
+        }
+      }
+      return;
     case GgmlType::q4_k:
       for (int64_t b = 0; b < n / 256; ++b, in += 144) {
         const float d = fp16_to_float(load_u16(in));
@@ -254,6 +287,9 @@ WeightFormat native_format_of(GgmlType type) {
     // for the smaller load).
     case GgmlType::q3_k:
     case GgmlType::q2_k:
+    // A non-linear codebook has no linear 4-bit twin.
+    case GgmlType::iq4_nl:
+    case GgmlType::iq4_xs:
       return WeightFormat::sym_int8;
     case GgmlType::f16:
       return WeightFormat::fp16;

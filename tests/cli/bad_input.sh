@@ -152,9 +152,10 @@ echo 'b[24:32] = struct.pack("<Q", 1 << 40)' | gguf_case key_length "exceeds the
 # general.architecture "qwen2" -> "gemma" (same length)
 echo 'i = at("general.architecture") + 12; b[i:i + 5] = b"gemma"' |
   gguf_case architecture "architecture 'gemma' is not supported"
-# token_embd's type Q4_0 -> IQ4_NL (the same block size, so only the loader can refuse it)
-echo 'i = at("token_embd.weight") + 4 + 16; b[i:i + 4] = struct.pack("<I", 20)' |
-  gguf_case tensor_type "IQ4_NL; Kestrel reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K"
+# token_embd's type Q4_0 -> Q8_1 (larger blocks, but its data still fits the file, so only the
+# loader can refuse it)
+echo 'i = at("token_embd.weight") + 4 + 16; b[i:i + 4] = struct.pack("<I", 9)' |
+  gguf_case tensor_type "Q8_1; Kestrel reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS"
 # a tensor's offset moved off the alignment
 echo 'i = at("output_norm.weight") + 4 + 8 + 4; b[i:i + 8] = struct.pack("<Q", 3)' |
   gguf_case misaligned "not a multiple of the alignment 32"

@@ -74,7 +74,7 @@ const char* const kFixtures[] = {
     "llama3-scaled.Q8_0",   "llama-tied-bias.F16",  "llama-tied-bias.Q4_0", "llama-tied-bias.Q4_1",
     "llama-tied-bias.Q5_0", "llama-tied-bias.Q5_1", "kquant-llama.Q2_K",    "kquant-llama.Q3_K",
     "kquant-llama.Q4_K",    "kquant-llama.Q5_K",    "kquant-llama.Q6_K",    "kquant-llama.Q4_K_M",
-    "kquant-llama.Q5_K_M"};
+    "kquant-llama.Q5_K_M",  "llama-tied-bias.IQ4_NL", "kquant-llama.IQ4_XS"};
 
 class GgufGolden : public ::testing::TestWithParam<const char*> {};
 
@@ -97,7 +97,8 @@ TEST_P(GgufGolden, Fp32MatchesReference) {
 // reference by the CPU kernels' int8 rounding of activations (the golden HF tests' bound, 0.12
 // and 80% top-1); where the codes are copied (Q4_0, Q4_1, Q5_0, Q8_0, Q4_K) by nothing else
 // (but for Q4_K the fp16 rounding of the 32-weight scales and mins, 2^-11 of each), where they
-// are requantized to sym_int8 (Q5_1, Q2_K, Q3_K, Q5_K, Q6_K) by 8-bit rounding as well.
+// are requantized to sym_int8 (Q5_1, Q2_K, Q3_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) by 8-bit rounding
+// as well.
 // Q4_K_M's Q6_K tensors are requantized to asym_int4, which costs precision: it is held only to
 // a looser bound.
 TEST_P(GgufGolden, NativeFormatWithinBound) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <span>
 
 #include "core/thread_pool.h"
@@ -107,6 +108,10 @@ Scheduler::Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metric
   budget_ = std::min(engine_.run_shape().max_batch_tokens, engine_.run_shape().max_logit_rows);
   for (int64_t id : engine_.config().eos_token_ids) eos_ids_.push_back(int32_t(id));
   slot_busy_.assign(size_t(n_slots_), false);
+  // A measurement aid (gpu-ab's serve benchmark, A against B): every row crosses to the host and
+  // is picked there, as before greedy rows took the device's argmax.
+  const char* host_picks = std::getenv("KESTREL_SERVER_HOST_PICKS");
+  host_picks_only_ = host_picks != nullptr && std::string(host_picks) == "1";
   const int threads = int(std::min<int64_t>(n_slots_, std::thread::hardware_concurrency()));
   if (threads > 1) pool_ = std::make_unique<ThreadPool>(threads);
 }
@@ -304,7 +309,8 @@ bool Scheduler::step() {
   std::vector<size_t> full_index(sampled.size(), kOnDevice);  // row i's place in `logits`
   for (size_t i = 0; i < sampled.size(); ++i) {
     const Sequence& seq = *sampled[i];
-    if (seq.sampler.picks_argmax() && seq.request.top_logprobs < 0 && !seq.stop.suppresses_eos()) {
+    if (seq.sampler.picks_argmax() && seq.request.top_logprobs < 0 && !seq.stop.suppresses_eos() &&
+        !host_picks_only_) {
       continue;
     }
     full_index[i] = full_rows.size();

@@ -138,6 +138,7 @@ class Scheduler {
   std::vector<bool> slot_busy_;
   // Samples a step's host rows side by side (none with one slot or one core).
   std::unique_ptr<ThreadPool> pool_;
+  bool host_picks_only_ = false;  // KESTREL_SERVER_HOST_PICKS=1: greedy rows picked on the host
 };
 
 }  // namespace kestrel::server

@@ -52,6 +52,16 @@ python3 "$bench" --port "$port" --api-key k --concurrency 2 --requests 4 --input
 python3 "$bench" --port "$port" --temperature 3 --concurrency 1 >/dev/null 2>&1 &&
   { echo "serve_bench took --temperature 3"; exit 1; }
 stop_server "$pid" "$work/server.log"
+
+# KESTREL_SERVER_HOST_PICKS=1 (gpu-ab's A/B of the greedy rows): greedy tokens picked on the host.
+KESTREL_SERVER_HOST_PICKS=1 start_server "$work/server2.log" --parallel 2 -c 256 --api-key k
+python3 "$bench" --port "$port" --api-key k --concurrency 2 --requests 2 --input-lens 20 \
+  --output-lens 5 >/dev/null 2>"$work/stderr" ||
+  { echo "serve_bench on the host-picks server failed:"; cat "$work/stderr"; exit 1; }
+[ "$(metric 'kestrel_tokens_picked_total{where="host"}')" = $((2 * 5 + 4)) ] &&
+  [ "$(metric 'kestrel_tokens_picked_total{where="device"}')" = 0 ] ||
+  { echo "KESTREL_SERVER_HOST_PICKS=1 still picked on the device"; exit 1; }
+stop_server "$pid" "$work/server2.log"
 echo "ok serve_bench: two levels, exact output lengths, CSV, JSON, Markdown and the plot"
 
 if python3 "$bench" --port "$port" --concurrency 1 >"$work/out" 2>&1; then

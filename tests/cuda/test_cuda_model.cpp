@@ -178,28 +178,14 @@ INSTANTIATE_TEST_SUITE_P(Formats, CudaGraphReplay,
 // A server step's call: every row's argmax on the device, only rows 2 and 0 read back whole
 // (Backend::read_rows), against run()'s rows of the same step (a replayed decode graph both).
 TEST(CudaModel, ArgmaxWithSomeRowsWholeMatchesRun) {
-  auto gpu = make_engine("synthetic:tiny-llama", WeightFormat::sym_int4, "cuda", 32, 32, 3);
+  auto gpu = argmax_rows_check::tiny_three_slot_engine("cuda");
   ASSERT_TRUE(gpu);
   argmax_rows_check::expect_rows_and_argmax_match_run(*gpu, 1e-5);
 }
 
 TEST(CudaModel, RunAheadEqualsStepByStep) {
-  auto make = [](bool run_ahead) {
-    EngineOptions options;
-    options.model = "synthetic:tiny-llama";
-    options.format = WeightFormat::sym_int4;
-    options.device = "cuda";
-    options.progress = false;
-    options.max_context = 128;
-    options.max_seqs = 3;
-    options.prefill_chunk = 32;
-    options.run_ahead = run_ahead;
-    auto engine = Engine::create(options);
-    EXPECT_TRUE(engine.is_ok()) << engine.status().message();
-    return engine.is_ok() ? std::move(engine).value() : nullptr;
-  };
-  auto plain = make(false);
-  auto ahead = make(true);
+  auto plain = argmax_rows_check::tiny_three_slot_engine("cuda", false);
+  auto ahead = argmax_rows_check::tiny_three_slot_engine("cuda", true);
   ASSERT_TRUE(plain && ahead);
   const auto prompt = prompt_of(21, plain->config().vocab_size, 8);
   for (int timed = 0; timed < 2; ++timed) {

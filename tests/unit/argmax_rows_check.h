@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "core/argmax.h"
@@ -15,6 +17,23 @@
 #include "kestrel/engine.h"
 
 namespace kestrel::argmax_rows_check {
+
+// synthetic:tiny-llama in sym_int4 on `device` with 3 slots of 128 positions (the device tests'
+// engine for this check and for run ahead).
+inline std::unique_ptr<Engine> tiny_three_slot_engine(const std::string& device,
+                                                      bool run_ahead = false) {
+  auto engine = Engine::create(EngineOptions{.model = "synthetic:tiny-llama",
+                                             .format = WeightFormat::sym_int4,
+                                             .device = device,
+                                             .max_context = 128,
+                                             .max_seqs = 3,
+                                             .prefill_chunk = 32,
+                                             .progress = false,
+                                             .run_ahead = run_ahead,
+                                             .run_shape = {}});
+  EXPECT_TRUE(engine.is_ok()) << engine.status().message();
+  return engine.is_ok() ? std::move(engine).value() : nullptr;
+}
 
 // `engine` has at least 3 slots of at least 40 positions; rows of its two calls of a step must
 // agree within `bound` (relative to the row's largest magnitude).

@@ -6,6 +6,7 @@
 #include <random>
 
 #include "../golden/hf_fixture.h"
+#include "../unit/argmax_rows_check.h"
 #include "kestrel/engine.h"
 #include "vulkan_test_util.h"
 
@@ -67,6 +68,14 @@ INSTANTIATE_TEST_SUITE_P(Models, VulkanHfGolden, ::testing::ValuesIn(hf_fixture:
 // of 16, then greedy decoding. The CPU rounds activations to int8 for the integer formats
 // (~1e-2 per matmul), so those are compared with CUDA's bounds against the CPU; float formats
 // agree to fp32 summation order.
+// A server step's call: every row's argmax on the device, only two rows read back whole
+// (Backend::read_rows), against run()'s rows of the same step.
+TEST(VulkanModel, ArgmaxWithSomeRowsWholeMatchesRun) {
+  auto engine = argmax_rows_check::tiny_three_slot_engine("vulkan");
+  ASSERT_TRUE(engine);
+  argmax_rows_check::expect_rows_and_argmax_match_run(*engine, 1e-5);
+}
+
 TEST(VulkanModel, TinyModelsMatchCpu) {
   for (const char* name : {"tiny-qwen2", "tiny-llama"}) {
     const std::string model = std::string("synthetic:") + name;

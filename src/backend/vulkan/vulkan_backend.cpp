@@ -807,6 +807,22 @@ class VulkanBackend final : public Backend {
                       size_t(t.rows * t.cols) * sizeof(float));
   }
 
+  // Only the rows asked for come back, a run of consecutive rows in one read.
+  Status do_read_rows(Tensor t, std::span<const int32_t> rows, float* host) override {
+    KS_ASSIGN_OR_RETURN(size_t offset, scratch_offset(t));
+    KS_RETURN_IF_ERROR(flush());
+    const size_t row_bytes = size_t(t.cols) * sizeof(float);
+    for (size_t i = 0; i < rows.size();) {
+      size_t run = 1;
+      while (i + run < rows.size() && rows[i + run] == rows[i] + int32_t(run)) ++run;
+      KS_RETURN_IF_ERROR(read_bytes(scratch_, offset + size_t(rows[i]) * row_bytes,
+                                    reinterpret_cast<uint8_t*>(host + i * size_t(t.cols)),
+                                    run * row_bytes));
+      i += run;
+    }
+    return Status::ok();
+  }
+
   Status write(Tensor t, const float* host) {
     KS_ASSIGN_OR_RETURN(size_t offset, scratch_offset(t));
     KS_RETURN_IF_ERROR(flush());

@@ -14,9 +14,13 @@
 //                      significant bits: each 32-weight scale and min moves by at most 2^-11 of
 //                      itself (a product of an 11-bit and a 6-bit number needs up to 17). The
 //                      nibbles are reordered, not changed.
+//   Q4_1 -> asym_int4  value = q * d + m, d and m fp16, byte j = weights j and j + 16: Kestrel's
+//                      scale and min and its nibbles; copied unchanged.
+//   Q5_0 -> sym_int8   value = (q - 16) * d, q five bits: q - 16 is the int8 code; d copied.
 //   F32 / F16 / BF16 -> fp32 / fp16 / bf16 copied; F16 and BF16 -> fp32 exact.
-// Everything else (Q6_K into any format; any type into a format it does not map onto) is
-// dequantized with ggml's formulas and quantized by Kestrel's quantizer: requantization, reported.
+// Everything else (Q5_1, Q2_K, Q3_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS into any format; any type
+// into a format it does not map onto) is dequantized with ggml's formulas and quantized by
+// Kestrel's quantizer: requantization, reported.
 #pragma once
 
 #include <cstdint>
@@ -39,8 +43,9 @@ class GgufModel {
   const GgufFile& file() const { return file_; }
 
   // The format and block a load gets: the requested ones when `format_explicit`, else the format
-  // the file's most common matrix type copies into (Q4_0 -> sym_int4, Q8_0 -> sym_int8,
-  // Q4_K -> asym_int4, Q6_K -> sym_int8, F16 -> fp16, BF16 -> bf16, F32 -> fp32), block 32.
+  // the file's most common matrix type maps to (Q4_0 -> sym_int4; Q4_1, Q4_K -> asym_int4; Q8_0,
+  // Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS -> sym_int8; F16 -> fp16, BF16 -> bf16,
+  // F32 -> fp32), block 32.
   std::pair<WeightFormat, int> load_format(WeightFormat requested, bool format_explicit,
                                            int block) const;
 

@@ -112,7 +112,9 @@ Scheduler::Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metric
   // is picked there, as before greedy rows took the device's argmax.
   const char* host_picks = std::getenv("KESTREL_SERVER_HOST_PICKS");
   host_picks_only_ = host_picks != nullptr && std::string(host_picks) == "1";
-  const int threads = int(std::min<int64_t>(n_slots_, std::thread::hardware_concurrency()));
+  const int threads = options_.host_threads > 0
+                          ? options_.host_threads
+                          : int(std::min<int64_t>(n_slots_, std::thread::hardware_concurrency()));
   if (threads > 1) pool_ = std::make_unique<ThreadPool>(threads);
 }
 

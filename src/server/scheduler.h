@@ -85,6 +85,9 @@ struct ScheduledRequest {
 
 struct SchedulerOptions {
   int64_t max_queue = 64;  // requests waiting while every slot is busy; more are refused
+  // Threads that sample a step's host rows side by side: 0 for one a slot, at most the cores;
+  // 1 samples them one after another.
+  int host_threads = 0;
 };
 
 class Scheduler {
@@ -136,7 +139,7 @@ class Scheduler {
   // Scheduler-thread state.
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<bool> slot_busy_;
-  // Samples a step's host rows side by side (none with one slot or one core).
+  // Samples a step's host rows side by side (none with one thread).
   std::unique_ptr<ThreadPool> pool_;
   bool host_picks_only_ = false;  // KESTREL_SERVER_HOST_PICKS=1: greedy rows picked on the host
 };

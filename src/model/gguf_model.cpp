@@ -52,12 +52,12 @@ void q4_k_scale_min(int j, const uint8_t* s, int& scale, int& min) {
   }
 }
 
-// Q4_K super-block: d, dmin (fp16), 12 scale bytes, 128 bytes of nibbles. Chunk k (64 weights)
+// The nibbles of sub-block j of a Q4_K / Q5_K super-block's 128 bytes `qs`: chunk k (64 weights)
 // holds sub-block 2k in the low nibbles of its 32 bytes and sub-block 2k + 1 in the high ones.
-void q4_k_codes(const uint8_t* block, int j, uint8_t* codes) {
-  const uint8_t* qs = block + 16 + 32 * (j / 2);
+void k4_codes(const uint8_t* qs, int j, uint8_t* codes) {
+  const uint8_t* chunk = qs + 32 * (j / 2);
   const int shift = (j % 2) * 4;
-  for (int l = 0; l < 32; ++l) codes[l] = (qs[l] >> shift) & 0x0f;
+  for (int l = 0; l < 32; ++l) codes[l] = (chunk[l] >> shift) & 0x0f;
 }
 
 // Q5_0 / Q5_1: the fifth bit of weight j (0..31) of a block is bit j of its 4 qh bytes (little
@@ -167,27 +167,6 @@ void dequantize_blocks(GgmlType type, const uint8_t* in, int64_t n, float* out) 
         }
       }
       return;
-    case GgmlType::q5_k:
-      // d, dmin (fp16), Q4_K's 12 scale bytes, qh[32], qs[128]: Q4_K's layout with a fifth bit,
-      // weight l of sub-block j in bit j of qh[l].
-      for (int64_t b = 0; b < n / 256; ++b, in += 176) {
-        const float d = fp16_to_float(load_u16(in));
-        const float dmin = fp16_to_float(load_u16(in + 2));
-        const uint8_t* qh = in + 16;
-        const uint8_t* qs = in + 48;
-        for (int j = 0; j < 8; ++j) {
-          int sc = 0, m = 0;
-          q4_k_scale_min(j, in + 4, sc, m);
-          const float scale = d * float(sc);
-          const float min = dmin * float(m);
-          const int shift = (j % 2) * 4;
-          for (int l = 0; l < 32; ++l) {
-            const int q = ((qs[32 * (j / 2) + l] >> shift) & 0x0f) | (((qh[l] >> j) & 1) << 4);
-            out[b * 256 + j * 32 + l] = scale * float(q) - min;
-          }
-        }
-      }
-      return;
     case GgmlType::iq4_nl:  // d (fp16), qs[16]: d value[nibble], weights i and i + 16 in byte i
       for (int64_t b = 0; b < n / 32; ++b, in += 18) {
         const float d = fp16_to_float(load_u16(in));
@@ -217,20 +196,29 @@ void dequantize_blocks(GgmlType type, const uint8_t* in, int64_t n, float* out) 
       }
       return;
     case GgmlType::q4_k:
-      for (int64_t b = 0; b < n / 256; ++b, in += 144) {
+    case GgmlType::q5_k: {
+      // d, dmin (fp16), 12 scale bytes, then Q4_K: qs[128]; Q5_K: qh[32], qs[128], the fifth bit
+      // of weight l of sub-block j in bit j of qh[l].
+      const bool five = type == GgmlType::q5_k;
+      for (int64_t b = 0; b < n / 256; ++b, in += five ? 176 : 144) {
         const float d = fp16_to_float(load_u16(in));
         const float dmin = fp16_to_float(load_u16(in + 2));
+        const uint8_t* qh = in + 16;
         uint8_t codes[32];
         for (int j = 0; j < 8; ++j) {
           int sc = 0, m = 0;
           q4_k_scale_min(j, in + 4, sc, m);
           const float scale = d * float(sc);
           const float min = dmin * float(m);
-          q4_k_codes(in, j, codes);
-          for (int l = 0; l < 32; ++l) out[b * 256 + j * 32 + l] = scale * float(codes[l]) - min;
+          k4_codes(in + (five ? 48 : 16), j, codes);
+          for (int l = 0; l < 32; ++l) {
+            const int q = codes[l] | (five ? ((qh[l] >> j) & 1) << 4 : 0);
+            out[b * 256 + j * 32 + l] = scale * float(q) - min;
+          }
         }
       }
       return;
+    }
     case GgmlType::q6_k:
       // ql[128] low 4 bits, qh[64] high 2 bits, scales int8[16] (one per 16 weights), d fp16.
       // Half h (128 weights) takes ql[64h..], qh[32h..]; its four 32-weight quarters are the low
@@ -601,7 +589,7 @@ void GgufModel::copy_row(const std::string& name, const GgufTensor& t, int64_t r
           scales[b] = std::isfinite(scale) ? to_half_clamped(scale) : float_to_fp16(scale);
           mins[b] = std::isfinite(min) ? to_half_clamped(min) : float_to_fp16(min);
           uint8_t codes[32];
-          q4_k_codes(in, j, codes);
+          k4_codes(in + 16, j, codes);
           uint8_t* group = data + b * 16;
           for (int i = 0; i < 16; ++i) group[i] = uint8_t(codes[i] | (codes[i + 16] << 4));
         }

@@ -148,15 +148,17 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
 
   // The rows of a step whose tokens are sampled on the host, side by side: choose() touches only
   // its own sequence's state and result entries, so the tokens are a loop's.
-  std::unique_ptr<ThreadPool> pool;
+  std::unique_ptr<ThreadPool> pool;  // made at the first sampled step: a thread a prompt at most
   auto choose_all = [&](const std::vector<size_t>& seq_of_row, bool from_argmax) {
     const int64_t rows = int64_t(seq_of_row.size());
-    const int threads = int(std::min<int64_t>(rows, std::thread::hardware_concurrency()));
-    if (from_argmax || threads < 2) {
-      for (int64_t r = 0; r < rows; ++r) choose(seq_of_row[size_t(r)], size_t(r), from_argmax);
+    if (from_argmax) {
+      for (int64_t r = 0; r < rows; ++r) choose(seq_of_row[size_t(r)], size_t(r), true);
       return;
     }
-    if (!pool || pool->size() < threads) pool = std::make_unique<ThreadPool>(threads);
+    if (!pool) {
+      pool = std::make_unique<ThreadPool>(int(std::max<int64_t>(
+          1, std::min<int64_t>(int64_t(n), std::thread::hardware_concurrency()))));
+    }
     pool->parallel_for(rows, 1, [&](int64_t begin, int64_t end, int) {
       for (int64_t r = begin; r < end; ++r) choose(seq_of_row[size_t(r)], size_t(r), false);
     });

@@ -117,10 +117,10 @@ Scheduler::Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metric
   // is picked there, as before greedy rows took the device's argmax.
   const char* host_picks = std::getenv("KESTREL_SERVER_HOST_PICKS");
   host_picks_only_ = host_picks != nullptr && std::string(host_picks) == "1";
-  const int threads = options_.host_threads > 0
-                          ? options_.host_threads
-                          : int(std::min<int64_t>(n_slots_, std::thread::hardware_concurrency()));
-  if (threads > 1) pool_ = std::make_unique<ThreadPool>(threads);
+  const int64_t threads = options_.host_threads > 0
+                              ? options_.host_threads
+                              : std::min<int64_t>(n_slots_, std::thread::hardware_concurrency());
+  pool_ = std::make_unique<ThreadPool>(int(std::max<int64_t>(threads, 1)));
 }
 
 Scheduler::~Scheduler() {
@@ -341,8 +341,8 @@ bool Scheduler::step() {
 
   // The host's picks, a row each, spread over the pool: a row touches only its own sequence (its
   // sampler, with its own seed and generator, its stop checker and logprobs), so the tokens are
-  // a loop's. A sampled row is ~1 ms of work on a 128k vocabulary (the exponentials), and a
-  // step can hold a row for every slot.
+  // a loop's. A sampled row is 0.25-1 ms of work on a 128k vocabulary (bench/sampler_bench.cpp),
+  // and a step can hold a row for every slot.
   const int64_t vocab = engine_.config().vocab_size;
   std::vector<int32_t> tokens(sampled.size());
   for (size_t i = 0; i < sampled.size(); ++i) {
@@ -372,11 +372,7 @@ bool Scheduler::step() {
       tokens[i] = token;
     }
   };
-  if (pool_ && full_rows.size() > 1) {
-    pool_->parallel_for(int64_t(full_rows.size()), 1, pick);
-  } else {
-    pick(0, int64_t(full_rows.size()), 0);
-  }
+  pool_->parallel_for(int64_t(full_rows.size()), 1, pick);  // one thread or row: in line
 
   const auto now = std::chrono::steady_clock::now();
   for (size_t i = 0; i < sampled.size(); ++i) {

@@ -139,7 +139,7 @@ class Scheduler {
   // Scheduler-thread state.
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
   std::vector<bool> slot_busy_;
-  // Samples a step's host rows side by side (none with one thread).
+  // Samples a step's host rows side by side (in line with one thread).
   std::unique_ptr<ThreadPool> pool_;
   bool host_picks_only_ = false;  // KESTREL_SERVER_HOST_PICKS=1: greedy rows picked on the host
 };

@@ -9,11 +9,11 @@
 #include <iterator>
 #include <nlohmann/json.hpp>
 
+#include "../unit/test_util.h"
+#include "hf_fixture.h"
 #include "kestrel/engine.h"
 #include "model/gguf_model.h"
 #include "model/weights.h"
-#include "../unit/test_util.h"
-#include "hf_fixture.h"
 
 namespace kestrel {
 namespace {
@@ -70,11 +70,13 @@ std::pair<double, double> compare(const std::vector<float>& ours, const Fixture&
 }
 
 const char* const kFixtures[] = {
-    "qwen2-tied.F32",       "qwen2-tied.Q4_0",      "qwen2-tied.Q8_0",      "llama3-scaled.BF16",
-    "llama3-scaled.Q8_0",   "llama-tied-bias.F16",  "llama-tied-bias.Q4_0", "llama-tied-bias.Q4_1",
-    "llama-tied-bias.Q5_0", "llama-tied-bias.Q5_1", "kquant-llama.Q2_K",    "kquant-llama.Q3_K",
-    "kquant-llama.Q4_K",    "kquant-llama.Q5_K",    "kquant-llama.Q6_K",    "kquant-llama.Q4_K_M",
-    "kquant-llama.Q5_K_M",  "llama-tied-bias.IQ4_NL", "kquant-llama.IQ4_XS"};
+    "qwen2-tied.F32",       "qwen2-tied.Q4_0",      "qwen2-tied.Q8_0",
+    "llama3-scaled.BF16",   "llama3-scaled.Q8_0",   "llama-tied-bias.F16",
+    "llama-tied-bias.Q4_0", "llama-tied-bias.Q4_1", "llama-tied-bias.Q5_0",
+    "llama-tied-bias.Q5_1", "kquant-llama.Q2_K",    "kquant-llama.Q3_K",
+    "kquant-llama.Q4_K",    "kquant-llama.Q5_K",    "kquant-llama.Q6_K",
+    "kquant-llama.Q4_K_M",  "kquant-llama.Q5_K_M",  "llama-tied-bias.IQ4_NL",
+    "kquant-llama.IQ4_XS"};
 
 class GgufGolden : public ::testing::TestWithParam<const char*> {};
 
@@ -187,13 +189,14 @@ TEST(GgufVsHf, FloatFilesEqualTheHfDirectory) {
     const char* hf;
     WeightFormat format;
   };
-  for (const Case& c : {Case{"qwen2-tied.F32", "qwen2-tied-f32", WeightFormat::fp32},
-                        Case{"llama3-scaled.BF16", "llama3-scaled-bf16-sharded", WeightFormat::bf16},
-                        Case{"llama-tied-bias.F16", "llama-tied-bias-f16", WeightFormat::fp16}}) {
+  for (const Case& c :
+       {Case{"qwen2-tied.F32", "qwen2-tied-f32", WeightFormat::fp32},
+        Case{"llama3-scaled.BF16", "llama3-scaled-bf16-sharded", WeightFormat::bf16},
+        Case{"llama-tied-bias.F16", "llama-tied-bias-f16", WeightFormat::fp16}}) {
     const Fixture f = load_fixture(c.fixture);
     auto gguf = cpu_engine(f.path, c.format);
-    auto hf = cpu_engine(std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + c.hf,
-                          c.format);
+    auto hf =
+        cpu_engine(std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + c.hf, c.format);
     ASSERT_TRUE(gguf && hf);
     EXPECT_EQ(gguf->config().rope_scaling, hf->config().rope_scaling) << c.fixture;
     EXPECT_EQ(gguf->config().head_dim, hf->config().head_dim);
@@ -209,7 +212,8 @@ TEST(GgufVsHf, FloatFilesEqualTheHfDirectory) {
 TEST(GgufCopies, NonFiniteScalesAreRefused) {
   for (const char* fixture : {"kquant-llama.Q4_K", "qwen2-tied.Q4_0"}) {
     std::ifstream in(kDir + fixture + ".gguf", std::ios::binary);
-    std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
+                               std::istreambuf_iterator<char>());
     auto parsed = GgufFile::parse(nullptr, bytes.data(), bytes.size(), fixture);
     ASSERT_TRUE(parsed.is_ok()) << parsed.status().message();
     const GgufTensor* t = parsed->find_tensor("blk.0.ffn_up.weight");
@@ -221,7 +225,8 @@ TEST(GgufCopies, NonFiniteScalesAreRefused) {
     const std::string path = dir.file("inf.gguf");
     std::ofstream(path, std::ios::binary)
         .write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
-    for (std::optional<WeightFormat> format : {std::optional<WeightFormat>(), std::optional<WeightFormat>(WeightFormat::fp16)}) {
+    for (std::optional<WeightFormat> format :
+         {std::optional<WeightFormat>(), std::optional<WeightFormat>(WeightFormat::fp16)}) {
       EngineOptions options;
       options.model = path;
       options.format = format;
@@ -250,15 +255,15 @@ TEST(GgufVsHf, QuantizedFilesNearKestrelsOwnQuantization) {
     const char* hf;
     WeightFormat format;
   };
-  for (const Case& c : {Case{"qwen2-tied.Q4_0", "qwen2-tied-f32", WeightFormat::sym_int4},
-                        Case{"llama-tied-bias.Q4_0", "llama-tied-bias-f16", WeightFormat::sym_int4},
-                        Case{"qwen2-tied.Q8_0", "qwen2-tied-f32", WeightFormat::sym_int8},
-                        Case{"llama3-scaled.Q8_0", "llama3-scaled-bf16-sharded",
-                             WeightFormat::sym_int8}}) {
+  for (const Case& c :
+       {Case{"qwen2-tied.Q4_0", "qwen2-tied-f32", WeightFormat::sym_int4},
+        Case{"llama-tied-bias.Q4_0", "llama-tied-bias-f16", WeightFormat::sym_int4},
+        Case{"qwen2-tied.Q8_0", "qwen2-tied-f32", WeightFormat::sym_int8},
+        Case{"llama3-scaled.Q8_0", "llama3-scaled-bf16-sharded", WeightFormat::sym_int8}}) {
     Fixture f = load_fixture(c.fixture);
     auto gguf = cpu_engine(f.path, std::nullopt);
-    auto hf = cpu_engine(std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + c.hf,
-                          c.format);
+    auto hf =
+        cpu_engine(std::string(KESTREL_SOURCE_DIR) + "/tests/golden/models/" + c.hf, c.format);
     ASSERT_TRUE(gguf && hf);
     ASSERT_EQ(gguf->weights().format, c.format);
     auto ours = hf->prompt_logits(f.prompt);

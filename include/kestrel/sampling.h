@@ -18,6 +18,17 @@ struct SamplingParams {
   uint64_t seed = 0;
 };
 
+// A logit row whose token is drawn on the backend's device rather than taken at its argmax
+// (Engine::run_argmax with draws): the settings' steps 3-7 (penalties are not applied; the
+// temperature is above 0) with the draw's uniform number given, so a seeded request's stream
+// stays the host sampler's (src/sample/sampler.h: Sampler::take_uniform and Sampler::pick).
+struct RowDraw {
+  int32_t row = 0;  // index into the batch's logit rows
+  SamplingParams params;
+  int32_t vocab_size = 0;  // candidates are the row's first vocab_size logits
+  double u = 0;            // uniform in [0, 1)
+};
+
 // interrupted: the caller asked generation to stop (Ctrl-C in a chat).
 enum class StopReason : uint8_t { none, eos, stop_string, max_tokens, interrupted };
 

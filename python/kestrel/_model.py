@@ -175,7 +175,7 @@ _LOAD_ARGS = {
     "max_batch_size": 1,
     "prefill_chunk": 512,
     "progress": False,
-    "run_ahead": False,
+    "run_ahead": True,
 }
 
 
@@ -195,7 +195,7 @@ class AutoModelForCausalLM:
         max_batch_size (sequences reserved at load; generate reserves more when a batch needs
         them), prefill_chunk, progress, run_ahead (greedy decoding queues each step before
         the last one's tokens are back, which the device feeds itself; the tokens are the
-        same, and KESTREL_RUN_AHEAD=1 turns it on too). trust_remote_code is accepted: Kestrel
+        same; on by default, and KESTREL_RUN_AHEAD=0 or 1 overrides it). trust_remote_code is accepted: Kestrel
         runs no model code. Anything else is a ValueError.
         """
         if args:

@@ -249,7 +249,7 @@ PYBIND11_MODULE(_kestrel, m) {
                     int, int64_t, int64_t, int64_t, bool, bool>(),
            py::arg("model"), py::arg("low_bit"), py::arg("block"), py::arg("device"),
            py::arg("threads"), py::arg("max_context"), py::arg("max_seqs"),
-           py::arg("prefill_chunk"), py::arg("progress"), py::arg("run_ahead") = false)
+           py::arg("prefill_chunk"), py::arg("progress"), py::arg("run_ahead") = true)
       .def("info", &PyEngine::info)
       .def_property_readonly("max_context", &PyEngine::max_context)
       .def_property_readonly("max_seqs", &PyEngine::max_seqs)

@@ -10,6 +10,7 @@
 #include "backend/cuda_module.h"
 #if defined(KESTREL_HAVE_VULKAN)
 #include "backend/vulkan/vulkan_backend.h"
+#include "sample/sampler.h"
 #endif
 
 namespace kestrel {
@@ -133,6 +134,43 @@ Status Backend::do_read_rows(Tensor t, std::span<const int32_t> rows, float* hos
   KS_RETURN_IF_ERROR(read(t, values.data()));
   for (size_t i = 0; i < rows.size(); ++i) {
     std::copy_n(values.data() + int64_t(rows[i]) * t.cols, t.cols, host + int64_t(i) * t.cols);
+  }
+  return Status::ok();
+}
+
+Status Backend::pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out) {
+  std::vector<uint8_t> drawn(size_t(std::max<int64_t>(t.rows, 0)), 0);
+  for (const RowDraw& d : draws) {
+    if (d.row < 0 || d.row >= t.rows) {
+      return Status::error(name() + " backend: pick_rows draws row " + std::to_string(d.row) +
+                           " of a tensor of " + std::to_string(t.rows) + " rows");
+    }
+    if (drawn[size_t(d.row)]++ != 0) {
+      return Status::error(name() + " backend: pick_rows draws row " + std::to_string(d.row) +
+                           " twice");
+    }
+    if (!(d.params.temperature > 0) || d.params.top_k == 1) {
+      return Status::error(name() + " backend: pick_rows draws row " + std::to_string(d.row) +
+                           " with greedy settings (its argmax is the token)");
+    }
+    if (!(d.u >= 0 && d.u < 1)) {
+      return Status::error(name() + " backend: pick_rows: a uniform number outside [0, 1)");
+    }
+  }
+  if (t.rows == 0) return Status::ok();
+  return do_pick_rows(t, draws, out);
+}
+
+Status Backend::do_pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out) {
+  KS_RETURN_IF_ERROR(argmax_rows(t, out));
+  if (draws.empty()) return Status::ok();
+  std::vector<int32_t> rows;
+  for (const RowDraw& d : draws) rows.push_back(d.row);
+  std::vector<float> values(draws.size() * size_t(t.cols));
+  KS_RETURN_IF_ERROR(do_read_rows(t, rows, values.data()));
+  for (size_t i = 0; i < draws.size(); ++i) {
+    const std::span<const float> row(values.data() + i * size_t(t.cols), size_t(t.cols));
+    out[draws[i].row] = Sampler::pick(row, draws[i].params, draws[i].vocab_size, draws[i].u);
   }
   return Status::ok();
 }

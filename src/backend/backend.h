@@ -12,6 +12,7 @@
 #include "backend/workspace.h"
 #include "core/argmax.h"
 #include "core/status.h"
+#include "kestrel/sampling.h"
 #include "kestrel/types.h"
 #include "model/weights.h"
 
@@ -236,6 +237,15 @@ class Backend {
     return Status::ok();
   }
 
+  // As argmax_rows, except that each row of `draws` (RowDraw::row in [0, t.rows), each at most
+  // once, its temperature above 0) takes Sampler::pick's token of its settings and uniform number
+  // (sample/sampler.h) instead of its argmax. The CUDA backend draws on the device with the same
+  // arithmetic (sample/draw_rules.h), so only the tokens come back; by default the drawn rows are
+  // read back and picked on the host, one after another (draws_on_device() false: a caller with
+  // a pool samples whole rows itself).
+  Status pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out);
+  virtual bool draws_on_device() const { return false; }
+
   // argmax_rows in two halves, so a caller can queue the next call before this one's tokens are
   // back (greedy decode run ahead: the next call begins with tokens_from_argmax). start_argmax
   // queues the argmax of every row of t; finish_argmax waits for the oldest queued one and
@@ -265,6 +275,8 @@ class Backend {
   virtual Status do_read_rows(Tensor t, std::span<const int32_t> rows, float* host);
   virtual Status do_finish_argmax(int slot, int32_t* out);
   virtual bool argmax_on_device() const { return false; }
+  // pick_rows with checked draws.
+  virtual Status do_pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out);
 
  private:
   // What the last successful reserve() was given; the checks compare with it.

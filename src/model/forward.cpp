@@ -102,12 +102,17 @@ Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch
 
 Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
                       const BlockTables& tables, std::vector<int32_t>* tokens,
-                      std::span<const int32_t> full_rows, std::vector<float>* logits) {
+                      std::span<const int32_t> full_rows, std::vector<float>* logits,
+                      std::span<const RowDraw> draws) {
   KS_ASSIGN_OR_RETURN(Tensor out, forward_logits(backend, weights, batch, tables, nullptr));
   tokens->resize(size_t(out.rows));
   if (logits != nullptr) logits->resize(full_rows.size() * size_t(out.cols));
   if (out.rows == 0) return Status::ok();
-  KS_RETURN_IF_ERROR(backend.argmax_rows(out, tokens->data()));
+  if (draws.empty()) {
+    KS_RETURN_IF_ERROR(backend.argmax_rows(out, tokens->data()));
+  } else {
+    KS_RETURN_IF_ERROR(backend.pick_rows(out, draws, tokens->data()));
+  }
   if (logits == nullptr) return Status::ok();
   return backend.read_rows(out, full_rows, logits->data());
 }

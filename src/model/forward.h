@@ -39,11 +39,12 @@ Status forward(Backend& backend, const ModelWeights& weights, const Batch& batch
 // As forward, but returns the index of the largest logit of each logit row (the lowest among
 // ties, as argmax()) instead of the logits: a device backend copies back one int per row.
 // With `logits`, also copies back the fp32 logits of the logit rows `full_rows` (indices into
-// batch.logit_rows) packed in that order [full_rows.size(), vocab], and only those.
+// batch.logit_rows) packed in that order [full_rows.size(), vocab], and only those. The rows of
+// `draws` take a drawn token instead of their argmax (Backend::pick_rows).
 Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
                       const BlockTables& tables, std::vector<int32_t>* tokens,
-                      std::span<const int32_t> full_rows = {},
-                      std::vector<float>* logits = nullptr);
+                      std::span<const int32_t> full_rows = {}, std::vector<float>* logits = nullptr,
+                      std::span<const RowDraw> draws = {});
 
 // forward_argmax's first half for greedy decode run ahead: runs `batch` (its tokens from the
 // argmax before it when `tokens_from_argmax`) and queues the argmax of its logit rows

@@ -351,6 +351,25 @@ Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens) {
 
 Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens,
                           const std::vector<int32_t>& full_rows, std::vector<float>* logits) {
+  return run_argmax(batch, tokens, full_rows, logits, {});
+}
+
+bool Engine::draws_on_device() const {
+  return !tensor_parallel_ && backend_->draws_on_device();
+}
+
+Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens,
+                          const std::vector<int32_t>& full_rows, std::vector<float>* logits,
+                          const std::vector<RowDraw>& draws) {
+  if (!draws.empty() && tensor_parallel_) {
+    return Status::error("run_argmax: draws on a model split over ranks (draws_on_device)");
+  }
+  for (const RowDraw& d : draws) {
+    if (d.row < 0 || size_t(d.row) >= batch.logit_rows.size()) {
+      return Status::error("run_argmax: a draw from row " + std::to_string(d.row) + " of " +
+                           std::to_string(batch.logit_rows.size()) + " logit rows");
+    }
+  }
   for (const int32_t row : full_rows) {
     if (row < 0 || size_t(row) >= batch.logit_rows.size()) {
       return Status::error("run_argmax: logits of row " + std::to_string(row) + " of " +
@@ -362,15 +381,18 @@ Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens,
   if (tensor_parallel_) {
     return tensor_parallel_->forward_argmax(batch, tables, tokens, full_rows, logits);
   }
-  return forward_argmax(*backend_, *weights_, batch, tables, tokens, full_rows, logits);
+  return forward_argmax(*backend_, *weights_, batch, tables, tokens, full_rows, logits, draws);
 }
 
 bool Engine::runs_ahead() const {
-  static const bool from_environment = [] {
+  // KESTREL_RUN_AHEAD=0 or 1 (a same-build A/B) over EngineOptions::run_ahead.
+  static const int from_environment = [] {
     const char* v = std::getenv("KESTREL_RUN_AHEAD");
-    return v != nullptr && std::string(v) == "1";
+    if (v == nullptr) return -1;
+    return std::string(v) == "1" ? 1 : std::string(v) == "0" ? 0 : -1;
   }();
-  return !tensor_parallel_ && (options_.run_ahead || from_environment);
+  const bool on = from_environment < 0 ? options_.run_ahead : from_environment == 1;
+  return !tensor_parallel_ && on;
 }
 
 Status Engine::start_argmax(const Batch& batch, bool tokens_from_argmax) {

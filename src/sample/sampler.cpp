@@ -9,6 +9,7 @@
 #include <string>
 
 #include "core/argmax.h"
+#include "sample/draw_rules.h"
 
 namespace kestrel {
 namespace {
@@ -33,41 +34,10 @@ uint64_t rotl(uint64_t x, int k) {
 }  // namespace
 
 void exp_in_place(std::span<double> x) {
-  // exp(v) = 2^k exp(r), k = round(v / ln 2), r = v - k ln 2 (Cody and Waite's two-part ln 2,
-  // whose high part's trailing zeros keep k times it exact), |r| <= ln 2 / 2; exp(r) is its
-  // Taylor series to r^13 (the next term is below 5e-18 there); 2^k is applied in two halves so
-  // that subnormal results come out right. Every step is an IEEE operation or an fma, so the
-  // bits are the same wherever the arithmetic is IEEE, and the loop vectorizes.
-  constexpr double kLog2e = 1.4426950408889634;
-  constexpr double kLn2Hi = 0x1.62e42fefa3800p-1;
-  constexpr double kLn2Lo = 0x1.ef35793c76730p-45;
-  constexpr double kShifter = 0x1.8p52;  // v / ln 2 + this holds round(v / ln 2) in its low bits
+  // draw_rules.h's exponential, a loop that vectorizes.
   double* const data = x.data();
   const size_t n = x.size();
-  for (size_t i = 0; i < n; ++i) {
-    const double v = std::max(data[i], -746.0);  // below, the result is 0 all the same
-    const double shifted = std::fma(v, kLog2e, kShifter);
-    const double kd = shifted - kShifter;
-    const int64_t k = std::bit_cast<int64_t>(shifted) - std::bit_cast<int64_t>(kShifter);
-    const double r = std::fma(-kd, kLn2Lo, std::fma(-kd, kLn2Hi, v));
-    // Horner's rule on 1/13!, 1/12!, ..., 1/1!, 1/0!, written out so that the loop vectorizes.
-    double p = std::fma(1.0 / 6227020800.0, r, 1.0 / 479001600.0);
-    p = std::fma(p, r, 1.0 / 39916800.0);
-    p = std::fma(p, r, 1.0 / 3628800.0);
-    p = std::fma(p, r, 1.0 / 362880.0);
-    p = std::fma(p, r, 1.0 / 40320.0);
-    p = std::fma(p, r, 1.0 / 5040.0);
-    p = std::fma(p, r, 1.0 / 720.0);
-    p = std::fma(p, r, 1.0 / 120.0);
-    p = std::fma(p, r, 1.0 / 24.0);
-    p = std::fma(p, r, 1.0 / 6.0);
-    p = std::fma(p, r, 0.5);
-    p = std::fma(p, r, 1.0);
-    p = std::fma(p, r, 1.0);
-    const int64_t k1 = k >> 1, k2 = k - k1;
-    data[i] = p * std::bit_cast<double>(uint64_t(k1 + 1023) << 52) *
-              std::bit_cast<double>(uint64_t(k2 + 1023) << 52);
-  }
+  for (size_t i = 0; i < n; ++i) data[i] = draw::exp_nonpositive(data[i]);
 }
 
 Status validate_sampling_params(const SamplingParams& p) {
@@ -115,20 +85,26 @@ double SamplingRng::uniform() {
   return static_cast<double>(next() >> 11) * 0x1.0p-53;
 }
 
-Sampler::Sampler(const SamplingParams& params, int32_t vocab_size)
-    : params_(params), vocab_size_(std::max<int32_t>(vocab_size, 0)), rng_(params.seed) {
+SamplingParams Sampler::normalized(SamplingParams p) {
   // Out-of-range settings fall back to the nearest well-defined behaviour.
-  if (!(params_.temperature > 0) || !std::isfinite(params_.temperature)) params_.temperature = 0;
-  if (params_.top_k < 0) params_.top_k = 0;
-  if (!(params_.top_p > 0)) params_.top_p = 0;  // keeps only the most probable token
-  if (params_.top_p > 1) params_.top_p = 1;
-  if (!(params_.min_p >= 0)) params_.min_p = 0;
-  if (params_.min_p > 1) params_.min_p = 1;
-  if (!(params_.repetition_penalty > 0) || !std::isfinite(params_.repetition_penalty)) {
-    params_.repetition_penalty = 1;
+  if (!(p.temperature > 0) || !std::isfinite(p.temperature)) p.temperature = 0;
+  if (p.top_k < 0) p.top_k = 0;
+  if (!(p.top_p > 0)) p.top_p = 0;  // keeps only the most probable token
+  if (p.top_p > 1) p.top_p = 1;
+  if (!(p.min_p >= 0)) p.min_p = 0;
+  if (p.min_p > 1) p.min_p = 1;
+  if (!(p.repetition_penalty > 0) || !std::isfinite(p.repetition_penalty)) {
+    p.repetition_penalty = 1;
   }
-  if (!std::isfinite(params_.presence_penalty)) params_.presence_penalty = 0;
-  if (!std::isfinite(params_.frequency_penalty)) params_.frequency_penalty = 0;
+  if (!std::isfinite(p.presence_penalty)) p.presence_penalty = 0;
+  if (!std::isfinite(p.frequency_penalty)) p.frequency_penalty = 0;
+  return p;
+}
+
+Sampler::Sampler(const SamplingParams& params, int32_t vocab_size)
+    : params_(normalized(params)),
+      vocab_size_(std::max<int32_t>(vocab_size, 0)),
+      rng_(params.seed) {
   seen_.assign(static_cast<size_t>(vocab_size_), 0);
 }
 
@@ -141,9 +117,13 @@ bool Sampler::greedy() const {
   return params_.temperature == 0 || params_.top_k == 1;
 }
 
+bool Sampler::has_penalties() const {
+  return params_.repetition_penalty != 1.0f || params_.presence_penalty != 0.0f ||
+         params_.frequency_penalty != 0.0f;
+}
+
 bool Sampler::picks_argmax() const {
-  return greedy() && params_.repetition_penalty == 1.0f && params_.presence_penalty == 0.0f &&
-         params_.frequency_penalty == 0.0f;
+  return greedy() && !has_penalties();
 }
 
 void Sampler::apply_penalties(std::span<float> logits, std::span<const int32_t> history) {
@@ -179,12 +159,12 @@ size_t Sampler::prepare(Scratch& t, std::span<const float> logits,
   return n;
 }
 
-int32_t Sampler::argmax(const Scratch& t, size_t n) {
-  return row_argmax(t.work.data(), static_cast<int64_t>(n));
+int32_t Sampler::argmax(const float* logits, size_t n) {
+  return row_argmax(logits, static_cast<int64_t>(n));
 }
 
-double Sampler::filter(Scratch& t, size_t n) {
-  const double inv_t = 1.0 / static_cast<double>(params_.temperature);
+uint64_t Sampler::filter(Scratch& t, const float* logits, size_t n, const SamplingParams& p) {
+  const double inv_t = draw::inverse_temperature(p.temperature);
   // +inf counts as the largest finite logit; NaN and -inf are never candidates.
   auto key = [](float l) { return std::min(l, std::numeric_limits<float>::max()); };
   auto valid = [](float l) {
@@ -194,14 +174,14 @@ double Sampler::filter(Scratch& t, size_t n) {
   // Top-k before anything is exponentiated: the k-th largest logit, by selection over the
   // logits alone, is the bar (scaling by 1 / T keeps the order, so the set is the same).
   float bar = -std::numeric_limits<float>::infinity();
-  const size_t k = static_cast<size_t>(params_.top_k);
+  const size_t k = static_cast<size_t>(p.top_k);
   if (k > 0 && k <= kTopKHeap) {
     // The k largest so far in a min-heap: most logits fall below its top at one compare.
     t.keys.clear();
     size_t count = 0;
     for (size_t i = 0; i < n; ++i) {
-      if (!valid(t.work[i])) continue;
-      const float v = key(t.work[i]);
+      if (!valid(logits[i])) continue;
+      const float v = key(logits[i]);
       ++count;
       if (t.keys.size() < k) {
         t.keys.push_back(v);
@@ -216,7 +196,7 @@ double Sampler::filter(Scratch& t, size_t n) {
   } else if (k > 0) {
     t.keys.clear();
     for (size_t i = 0; i < n; ++i) {
-      if (valid(t.work[i])) t.keys.push_back(key(t.work[i]));
+      if (valid(logits[i])) t.keys.push_back(key(logits[i]));
     }
     if (k < t.keys.size()) {
       std::nth_element(t.keys.begin(), t.keys.begin() + static_cast<ptrdiff_t>(k - 1), t.keys.end(),
@@ -230,63 +210,63 @@ double Sampler::filter(Scratch& t, size_t n) {
   t.probs.resize(n);
   t.ids.resize(n);
   size_t m = 0;
+  float top = -std::numeric_limits<float>::infinity();
   for (size_t i = 0; i < n; ++i) {
-    const float l = t.work[i];
+    const float l = logits[i];
     if (k > 0 && !(key(l) >= bar)) continue;
-    t.probs[m] = static_cast<double>(key(l)) * inv_t;
+    t.probs[m] = static_cast<double>(key(l));
     t.ids[m] = static_cast<int32_t>(i);
-    m += valid(l) && key(l) >= bar;
+    const bool candidate = valid(l) && key(l) >= bar;
+    top = candidate ? std::max(top, key(l)) : top;
+    m += candidate;
   }
   t.probs.resize(m);
   t.ids.resize(m);
+  t.q.resize(m);
   if (m == 0) return 0;
 
-  double max_logit = -std::numeric_limits<double>::infinity();
-  for (const double x : t.probs) max_logit = std::max(max_logit, x);
-  for (double& x : t.probs) x -= max_logit;
-  exp_in_place(t.probs);  // now unnormalized probabilities; the largest is 1
+  // Probabilities relative to the most probable token's (1), as draw_rules.h computes them, then
+  // as fixed-point integers: from here on every sum is exact.
+  // Separate roundings, never one fma (draw::scaled_gap's).
+  const double top_scaled = draw::mul_rn(static_cast<double>(top), inv_t);
+  for (double& x : t.probs) x = draw::sub_rn(draw::mul_rn(x, inv_t), top_scaled);
+  exp_in_place(t.probs);
+  for (size_t j = 0; j < m; ++j) t.q[j] = draw::fixed_from_prob(t.probs[j]);
 
-  if (params_.top_p < 1.0f) nucleus(t, static_cast<double>(params_.top_p) * sum(t.probs));
+  if (p.top_p < 1.0f) nucleus(t, draw::nucleus_target(p.top_p, sum(t.q)));
 
-  if (params_.min_p > 0.0f) {
-    const double threshold = static_cast<double>(params_.min_p);  // times the top probability, 1
+  if (p.min_p > 0.0f) {
+    const uint64_t floor = draw::min_p_floor(p.min_p);
     size_t w = 0;
-    for (size_t j = 0; j < t.probs.size(); ++j) {
-      t.probs[w] = t.probs[j];
+    for (size_t j = 0; j < t.q.size(); ++j) {
+      t.q[w] = t.q[j];
       t.ids[w] = t.ids[j];
-      w += t.probs[j] >= threshold;
+      w += t.q[j] >= floor;
     }
-    t.probs.resize(w);
+    t.q.resize(w);
     t.ids.resize(w);
   }
-  return sum(t.probs);
+  return sum(t.q);
 }
 
-double Sampler::sum(std::span<const double> values) {
-  // Four running sums (a fixed order, so the same bits every time) that the compiler can keep in
-  // one vector register.
-  double part[4] = {0, 0, 0, 0};
-  size_t j = 0;
-  for (; j + 4 <= values.size(); j += 4) {
-    for (int q = 0; q < 4; ++q) part[q] += values[j + size_t(q)];
-  }
-  for (; j < values.size(); ++j) part[0] += values[j];
-  return (part[0] + part[1]) + (part[2] + part[3]);
+uint64_t Sampler::sum(std::span<const uint64_t> values) {
+  uint64_t total = 0;
+  for (const uint64_t v : values) total += v;
+  return total;
 }
 
-void Sampler::nucleus(Scratch& t, double target) {
-  const size_t m = t.probs.size();
+void Sampler::nucleus(Scratch& t, uint64_t target) {
+  const size_t m = t.q.size();
   t.keep.assign(m, 0);
   t.order.resize(m);
   for (size_t i = 0; i < m; ++i) t.order[i] = static_cast<uint32_t>(i);
-  auto bits_of = [&](uint32_t i) { return std::bit_cast<uint64_t>(t.probs[i]); };
   auto more_probable = [&](uint32_t a, uint32_t b) {
-    return t.probs[a] != t.probs[b] ? t.probs[a] > t.probs[b] : t.ids[a] < t.ids[b];
+    return t.q[a] != t.q[b] ? t.q[a] > t.q[b] : t.ids[a] < t.ids[b];
   };
   size_t begin = 0, end = m;  // t.order[begin, end): the tokens not decided yet, in id order
-  double before = 0;          // the mass of the tokens kept so far, all more probable than those
+  uint64_t before = 0;        // the mass of the tokens kept so far, all more probable than those
   bool kept_any = false;
-  int shift = 64;  // bits of the probabilities not yet bucketed on (below `shift`)
+  int shift = kNucleusTopBit;  // bits of the probabilities not yet bucketed on (below `shift`)
   for (;;) {
     if (end - begin <= kNucleusSortBelow || shift == 0) {
       // The few left (or a set of equal probabilities): in order, each kept while the mass
@@ -296,7 +276,7 @@ void Sampler::nucleus(Scratch& t, double target) {
       for (size_t j = begin; j < end; ++j) {
         if (kept_any && before >= target) break;
         t.keep[t.order[j]] = 1;
-        before += t.probs[t.order[j]];
+        before += t.q[t.order[j]];
         kept_any = true;
       }
       break;
@@ -305,11 +285,11 @@ void Sampler::nucleus(Scratch& t, double target) {
     shift -= bits;
     const uint64_t mask = (uint64_t(1) << bits) - 1;
     std::fill_n(t.bucket_count.begin(), mask + 1, 0u);
-    std::fill_n(t.bucket_mass.begin(), mask + 1, 0.0);
+    std::fill_n(t.bucket_mass.begin(), mask + 1, uint64_t(0));
     for (size_t j = begin; j < end; ++j) {
-      const size_t d = static_cast<size_t>((bits_of(t.order[j]) >> shift) & mask);
+      const size_t d = static_cast<size_t>((t.q[t.order[j]] >> shift) & mask);
       ++t.bucket_count[d];
-      t.bucket_mass[d] += t.probs[t.order[j]];
+      t.bucket_mass[d] += t.q[t.order[j]];
     }
     // Buckets from the most probable down: a whole bucket is kept while the mass before its
     // last token stays below the target (every token's before is at most before + the bucket's
@@ -333,7 +313,7 @@ void Sampler::nucleus(Scratch& t, double target) {
     size_t next = begin;
     for (size_t j = begin; j < end; ++j) {
       const uint32_t i = t.order[j];
-      const size_t d = static_cast<size_t>((bits_of(i) >> shift) & mask);
+      const size_t d = static_cast<size_t>((t.q[i] >> shift) & mask);
       t.keep[i] = d > boundary;
       t.order[next] = i;
       next += d == boundary;
@@ -342,28 +322,55 @@ void Sampler::nucleus(Scratch& t, double target) {
   }
   size_t w = 0;
   for (size_t i = 0; i < m; ++i) {
-    t.probs[w] = t.probs[i];
+    t.q[w] = t.q[i];
     t.ids[w] = t.ids[i];
     w += t.keep[i];
   }
-  t.probs.resize(w);
+  t.q.resize(w);
   t.ids.resize(w);
+}
+
+int32_t Sampler::draw(const Scratch& t, uint64_t total, double u) {
+  const uint64_t point = draw::draw_point(u, total);
+  uint64_t cumulative = 0;
+  for (size_t j = 0; j < t.q.size(); ++j) {
+    cumulative += t.q[j];
+    if (point < cumulative) return t.ids[j];
+  }
+  return t.ids.back();  // not reached: the point is below the total
 }
 
 int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> history) {
   Scratch& t = scratch();
   const size_t n = prepare(t, logits, history);
   if (n == 0) return 0;
-  if (greedy()) return argmax(t, n);
-  const double total = filter(t, n);
-  if (t.probs.empty() || !(total > 0)) return argmax(t, n);
-  const double target = rng_.uniform() * total;
-  double cumulative = 0;
-  for (size_t j = 0; j < t.probs.size(); ++j) {
-    cumulative += t.probs[j];
-    if (target < cumulative) return t.ids[j];
-  }
-  return t.ids.back();  // rounding left the target at the very end
+  if (greedy()) return argmax(t.work.data(), n);
+  // Drawn before the row is looked at, as a caller that has a device draw it takes (pick)
+  // does: a seed gives the same stream whichever draws.
+  const double u = rng_.uniform();
+  const uint64_t total = filter(t, t.work.data(), n, params_);
+  if (total == 0) return argmax(t.work.data(), n);
+  return draw(t, total, u);
+}
+
+double Sampler::take_uniform() {
+  return rng_.uniform();
+}
+
+bool Sampler::draws_from_row() const {
+  return !greedy() && !has_penalties();
+}
+
+int32_t Sampler::pick(std::span<const float> logits, const SamplingParams& params,
+                      int32_t vocab_size, double u) {
+  const SamplingParams p = normalized(params);
+  const size_t n = std::min(logits.size(), static_cast<size_t>(std::max<int32_t>(vocab_size, 0)));
+  if (n == 0) return 0;
+  if (p.temperature == 0 || p.top_k == 1) return argmax(logits.data(), n);
+  Scratch& t = scratch();
+  const uint64_t total = filter(t, logits.data(), n, p);
+  if (total == 0) return argmax(logits.data(), n);
+  return draw(t, total, u);
 }
 
 std::vector<std::pair<int32_t, double>> Sampler::distribution(std::span<const float> logits,
@@ -373,15 +380,17 @@ std::vector<std::pair<int32_t, double>> Sampler::distribution(std::span<const fl
   const size_t n = prepare(t, logits, history);
   if (n == 0) return out;
   if (greedy()) {
-    out.emplace_back(argmax(t, n), 1.0);
+    out.emplace_back(argmax(t.work.data(), n), 1.0);
     return out;
   }
-  const double total = filter(t, n);
-  if (t.probs.empty() || !(total > 0)) {
-    out.emplace_back(argmax(t, n), 1.0);
+  const uint64_t total = filter(t, t.work.data(), n, params_);
+  if (total == 0) {
+    out.emplace_back(argmax(t.work.data(), n), 1.0);
     return out;
   }
-  for (size_t j = 0; j < t.probs.size(); ++j) out.emplace_back(t.ids[j], t.probs[j] / total);
+  for (size_t j = 0; j < t.q.size(); ++j) {
+    if (t.q[j] > 0) out.emplace_back(t.ids[j], double(t.q[j]) / double(total));
+  }
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
     return a.second != b.second ? a.second > b.second : a.first < b.first;
   });

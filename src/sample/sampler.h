@@ -15,6 +15,9 @@
 //                 <= 1 - p), at least one;
 //   6. min-p      drop tokens whose probability is below min_p times the most probable one's;
 //   7. draw       one token from the renormalized probabilities.
+// From step 3 on, the arithmetic is draw_rules.h's: the probabilities become fixed-point integers
+// whose sums are exact, so the CUDA sampler (Backend::pick_rows) draws the same token from the
+// same row and uniform number.
 // NaN logits are never picked (greedy: core/argmax.h's rule; otherwise they are dropped as -inf
 // is). Only the first `vocab_size` logits are candidates, so rows of a
 // padded lm_head beyond the tokenizer's vocabulary can be excluded.
@@ -75,6 +78,19 @@ class Sampler {
   // device's argmax.
   bool picks_argmax() const;
 
+  // Whether sample() draws from the row as it is (no penalty, not greedy): a caller may then take
+  // take_uniform() and have a device draw the token with pick()'s rule (Backend::pick_rows).
+  bool draws_from_row() const;
+  // The uniform number sample() would draw next, consumed.
+  double take_uniform();
+
+  // Steps 3-7 of `params` (penalties are not applied) on `logits` [>= vocab_size used] with the
+  // draw's uniform number `u` given: the token sample() returns when its generator gives `u`.
+  // The arithmetic is draw_rules.h's, which the CUDA sampler shares, so a device's token is
+  // this one.
+  static int32_t pick(std::span<const float> logits, const SamplingParams& params,
+                      int32_t vocab_size, double u);
+
   // Step 1 in place on `logits` [vocab_size].
   void apply_penalties(std::span<float> logits, std::span<const int32_t> history);
 
@@ -86,35 +102,42 @@ class Sampler {
   // Top-k of at most this many selects with a heap of k, larger ones with nth_element.
   static constexpr size_t kTopKHeap = 1024;
   static constexpr size_t kNucleusSortBelow = 64;
+  // The fixed-point probabilities (draw_rules.h) are at most 2^40: four digits from bit 44.
+  static constexpr int kNucleusTopBit = 44;
   // A call's working arrays: one set a thread, shared by its samplers (a server samples a row
   // of every slot on a pool of threads; each slot's own arrays would not stay in cache).
   struct Scratch {
     std::vector<float> work;      // [vocab_size] penalized logits
-    std::vector<double> probs;    // the candidates': scaled logits, then probabilities
+    std::vector<double> probs;    // the candidates': keys, then probabilities (of the top one's)
+    std::vector<uint64_t> q;      // the candidates' fixed-point probabilities (draw_rules.h)
     std::vector<int32_t> ids;     // the candidates' token ids
     std::vector<float> keys;      // top-k's selection
     std::vector<uint32_t> order;  // nucleus: candidates not decided yet
     std::vector<uint8_t> keep;    // nucleus: candidates kept
     std::vector<uint32_t> bucket_count = std::vector<uint32_t>(size_t(1) << kNucleusDigitBits);
-    std::vector<double> bucket_mass = std::vector<double>(size_t(1) << kNucleusDigitBits);
+    std::vector<uint64_t> bucket_mass = std::vector<uint64_t>(size_t(1) << kNucleusDigitBits);
   };
   static Scratch& scratch();
+  static SamplingParams normalized(SamplingParams params);
   bool greedy() const;
+  bool has_penalties() const;
   // Penalized logits of the first vocab_size entries into t.work; returns their count.
   size_t prepare(Scratch& t, std::span<const float> logits, std::span<const int32_t> history);
-  static int32_t argmax(const Scratch& t, size_t n);
-  // Steps 3-6 on t.work[0, n): fills t.ids with the candidates (in id order) and t.probs with
-  // their unnormalized probabilities; returns their sum.
-  double filter(Scratch& t, size_t n);
-  static double sum(std::span<const double> values);
+  static int32_t argmax(const float* logits, size_t n);
+  // Steps 3-6 of `p` on logits[0, n): fills t.ids with the candidates (in id order) and t.q with
+  // their fixed-point probabilities (draw_rules.h); returns their sum (0: no candidate).
+  static uint64_t filter(Scratch& t, const float* logits, size_t n, const SamplingParams& p);
+  static uint64_t sum(std::span<const uint64_t> values);
+  // Step 7: the candidate whose running mass, in id order, first passes u * total.
+  static int32_t draw(const Scratch& t, uint64_t total, double u);
   // Step 5: keeps the candidates most probable first (ties: lower id) while the mass before each
-  // is below `target`, at least one, in id order. An MSD radix select on the probabilities' bits
-  // (a positive double orders as its bit pattern): each level buckets the undecided tokens by
+  // is below `target`, at least one, in id order. An MSD radix select on the fixed-point
+  // probabilities' bits: each level buckets the undecided tokens by
   // kNucleusDigitBits more bits, keeps the buckets above the one where the mass reaches the
   // target and goes down into that one, and the last few are sorted: a few passes over the
   // candidates however many the nucleus holds (a flat distribution's, nearly all of them, cost
   // repeated partial sorts of the vocabulary, ~30 ms a token on a 128k one).
-  void nucleus(Scratch& t, double target);
+  static void nucleus(Scratch& t, uint64_t target);
 
   SamplingParams params_;
   int32_t vocab_size_;

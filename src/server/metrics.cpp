@@ -101,9 +101,10 @@ void Metrics::record_prefix_cache(int64_t queried_blocks, int64_t hit_blocks) {
   prefix_hits_ += uint64_t(hit_blocks);
 }
 
-void Metrics::record_picks(int64_t on_device, int64_t on_host) {
+void Metrics::record_picks(int64_t on_device, int64_t drawn_on_device, int64_t on_host) {
   std::lock_guard lock(mutex_);
   device_picks_ += uint64_t(on_device);
+  device_draws_ += uint64_t(drawn_on_device);
   host_picks_ += uint64_t(on_host);
 }
 
@@ -152,8 +153,11 @@ std::string Metrics::render() const {
          "Prompt blocks found in the prefix cache (not prefilled).", prefix_hits_);
   header(out, "kestrel_tokens_picked_total", "counter",
          "Generated tokens by where they were picked: the device's argmax (greedy requests, "
-         "no logit row read back) or a host sampler (from the whole logit row).");
+         "no logit row read back), a draw on the device (sampled requests without penalties, "
+         "logprobs or eos held back, on a CUDA model) or a host sampler (from the whole logit "
+         "row).");
   line(out, "kestrel_tokens_picked_total{where=\"device\"} " + std::to_string(device_picks_));
+  line(out, "kestrel_tokens_picked_total{where=\"device_draw\"} " + std::to_string(device_draws_));
   line(out, "kestrel_tokens_picked_total{where=\"host\"} " + std::to_string(host_picks_));
   return out;
 }

@@ -40,7 +40,7 @@ class Metrics {
   void record_prefix_cache(int64_t queried_blocks, int64_t hit_blocks);
   // Generated tokens picked from the device's argmax (greedy requests whose logit row never
   // crossed to the host) and by host samplers from whole rows.
-  void record_picks(int64_t on_device, int64_t on_host);
+  void record_picks(int64_t on_device, int64_t drawn_on_device, int64_t on_host);
   // KV cache blocks: held by requests, available, offered by the prefix cache.
   void set_kv_blocks(int64_t used, int64_t free, int64_t cached);
 
@@ -60,6 +60,7 @@ class Metrics {
   uint64_t prefix_queries_ = 0;
   uint64_t prefix_hits_ = 0;
   uint64_t device_picks_ = 0;
+  uint64_t device_draws_ = 0;
   uint64_t host_picks_ = 0;
   int64_t kv_used_ = 0;
   int64_t kv_free_ = 0;

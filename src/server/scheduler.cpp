@@ -308,16 +308,23 @@ bool Scheduler::step() {
     if (seq->decoding()) sampled.push_back(seq.get());
   }
 
-  // A request samples on the host from its whole logit row unless it is greedy with nothing that
-  // edits the row (penalties, eos held back) or reads it (logprobs): then the device's argmax is
-  // its token, and its row never crosses to the host (513 KB a row on a 128k vocabulary).
+  // A request samples on the host from its whole logit row unless nothing edits the row
+  // (penalties, eos held back) or reads it (logprobs): then a greedy one takes the device's
+  // argmax, and a sampled one, where the engine draws on the device (CUDA), a token drawn there
+  // from its settings and its own generator's next number (the host sampler's token: RowDraw).
+  // Its row never crosses to the host (513 KB a row on a 128k vocabulary).
   std::vector<int32_t> full_rows;
+  std::vector<RowDraw> draws;
   constexpr size_t kOnDevice = SIZE_MAX;
   std::vector<size_t> full_index(sampled.size(), kOnDevice);  // row i's place in `logits`
+  const bool device_draws = !host_picks_only_ && engine_.draws_on_device();
   for (size_t i = 0; i < sampled.size(); ++i) {
-    const Sequence& seq = *sampled[i];
-    if (seq.sampler.picks_argmax() && seq.request.top_logprobs < 0 && !seq.stop.suppresses_eos() &&
-        !host_picks_only_) {
+    Sequence& seq = *sampled[i];
+    const bool row_as_is = seq.request.top_logprobs < 0 && !seq.stop.suppresses_eos();
+    if (row_as_is && seq.sampler.picks_argmax() && !host_picks_only_) continue;
+    if (row_as_is && device_draws && seq.sampler.draws_from_row()) {
+      draws.push_back(
+          {int32_t(i), seq.sampler.params(), seq.sampler.vocab_size(), seq.sampler.take_uniform()});
       continue;
     }
     full_index[i] = full_rows.size();
@@ -327,7 +334,7 @@ bool Scheduler::step() {
   std::vector<float> logits;
   const Status status = full_rows.size() == sampled.size()
                             ? engine_.run(batch, &logits)
-                            : engine_.run_argmax(batch, &argmax, full_rows, &logits);
+                            : engine_.run_argmax(batch, &argmax, full_rows, &logits, draws);
   if (!status.is_ok()) {
     // A backend failure is the server's fault, and it is not known which rows it spoiled: every
     // sequence of the step ends.
@@ -337,7 +344,8 @@ bool Scheduler::step() {
     return true;
   }
   for (auto& seq : running_) publish_blocks(*seq);
-  metrics_.record_picks(int64_t(sampled.size() - full_rows.size()), int64_t(full_rows.size()));
+  metrics_.record_picks(int64_t(sampled.size() - full_rows.size() - draws.size()),
+                        int64_t(draws.size()), int64_t(full_rows.size()));
 
   // The host's picks, a row each, spread over the pool: a row touches only its own sequence (its
   // sampler, with its own seed and generator, its stop checker and logprobs), so the tokens are
@@ -346,7 +354,7 @@ bool Scheduler::step() {
   const int64_t vocab = engine_.config().vocab_size;
   std::vector<int32_t> tokens(sampled.size());
   for (size_t i = 0; i < sampled.size(); ++i) {
-    // What seq.sampler.sample would pick from the row (picks_argmax).
+    // What seq.sampler.sample would pick from the row (picks_argmax), or the device's draw.
     if (full_index[i] == kOnDevice) tokens[i] = argmax[i];
   }
   auto pick = [&](int64_t begin, int64_t end, int) {

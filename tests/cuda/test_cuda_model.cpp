@@ -183,6 +183,15 @@ TEST(CudaModel, ArgmaxWithSomeRowsWholeMatchesRun) {
   argmax_rows_check::expect_rows_and_argmax_match_run(*gpu, 1e-5);
 }
 
+// Sampled rows drawn on the device (Engine::run_argmax with draws) are the host sampler's draws
+// from the same call's rows.
+TEST(CudaModel, DrawsAreTheHostSamplersPicks) {
+  auto gpu = argmax_rows_check::tiny_three_slot_engine("cuda");
+  ASSERT_TRUE(gpu);
+  EXPECT_TRUE(gpu->draws_on_device());
+  argmax_rows_check::expect_draws_match_pick(*gpu);
+}
+
 TEST(CudaModel, RunAheadEqualsStepByStep) {
   auto plain = argmax_rows_check::tiny_three_slot_engine("cuda", false);
   auto ahead = argmax_rows_check::tiny_three_slot_engine("cuda", true);

@@ -195,47 +195,6 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   }
 }
 
-// The int4 mma GEMV with its activations through the weight ring (set_gemv_b_ring, gemv.cu's
-// kBRing; KESTREL_CUDA_GEMV_B_RING) gives the bits of plain loads: the same B fragments into the
-// same products. Every GEMV kind of a layer and the lm_head at 9, 13 and 16 tokens (two n-tiles;
-// tokens past the count zero-filled): q/k/v (48 16-row tiles), gate/up (44 swiglu tiles), down
-// (68) and the lm_head (3000 rows: 94 32-row tiles, the MT 2 kernel), each at most a tile an SM,
-// so mode 1 takes them all, as mode 2 does (the launches are counted); sym int4 with 32-wide
-// blocks and asym with 64-wide ones; with a wave of blocks and with 3 blocks looping over all the
-// tiles (the ring running on into the next tile, whose chunks' B is the same). 1088 columns make
-// 9 chunks, the last half empty.
-TEST(CudaOps, GemvActivationsThroughTheRingGiveTheSameBits) {
-  for (const auto& [format, block] :
-       {std::pair{WeightFormat::sym_int4, 32}, std::pair{WeightFormat::asym_int4, 64}}) {
-    SCOPED_TRACE(std::string(format_name(format)) + " block " + std::to_string(block));
-    ModelConfig config = small_config(1088, 704, 8, 2, 64, 3000);
-    config.n_layers = 1;
-    ModelWeights weights = random_model(config, format, block, true, 4300);
-    BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
-    for (int64_t n : {9, 13, 16}) {
-      const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4400 + n, 2.0f);
-      for (int cap : {0, 3}) {
-        cuda::set_gemv_block_cap(cap);
-        std::vector<float> results[2];
-        for (int ring = 0; ring < 2; ++ring) {
-          cuda::set_gemv_b_ring(ring);
-          const int64_t before = cuda::gemv_b_ring_launches();
-          results[ring] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-          // q/k/v (one launch of three jobs), gate/up, down, lm_head.
-          EXPECT_EQ(cuda::gemv_b_ring_launches() - before, ring == 1 ? 4 : 0) << "n=" << n;
-        }
-        cuda::set_gemv_b_ring(0);
-        ASSERT_FALSE(results[0].empty());
-        EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten, n=" << n << " cap " << cap;
-        EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
-            << "of " << results[0].size() << " values, n=" << n << " cap " << cap;
-      }
-      cuda::set_gemv_block_cap(0);
-    }
-  }
-}
-
 // The row-warp GEMV (gemv.cu; forced here, as the test weights are too small for its default
 // rule) on every GEMV kind of a layer and the lm_head, int4 with 32- and 64-wide blocks, sym and
 // asym, at 3-16 tokens (one n-tile and two) and 45 (three 16-token launches): against the CPU
@@ -589,7 +548,16 @@ TEST_F(CudaElementwise, ReadRowsAndNanArgmaxMatchTheCpu) {
   check_read_rows_and_nan_argmax();
 }
 
-// The sliced argmax (KESTREL_CUDA_ARGMAX=split: a row's columns over several blocks, the last to
+// The CUDA sampler (draw.cu) draws the host sampler's tokens: a real vocabulary's width, one
+// that is not a multiple of anything, and one narrower than a warp's segment.
+TEST(CudaDraw, PickRowsDrawTheHostSamplersTokens) {
+  for (const int64_t cols : {int64_t(151936), int64_t(4097), int64_t(37)}) {
+    SCOPED_TRACE("cols " + std::to_string(cols));
+    check_pick_rows_draw_as_the_host_sampler(cols, 1234 + uint64_t(cols));
+  }
+}
+
+// The sliced argmax (the default: a row's columns over several blocks, the last to
 // count in picking the best of theirs) against the CPU's and the one-block kernel's: widths that
 // are and are not multiples of 4 (float4 and scalar loads), of one slice and of many; ties
 // within a slice, across slices and at a slice boundary (the lower index wins); a row of NaN and
@@ -615,6 +583,7 @@ TEST(CudaArgmax, SlicedMatchesCpuAndOneBlock) {
         at(4, 4096) = 70.0f;
       }
       std::vector<int32_t> results[3];
+      const bool sliced_before = cuda::set_argmax_sliced(false);
       for (int i = 0; i < 3; ++i) {
         Backend& b = i == 0 ? *pair.cpu : *pair.gpu;
         cuda::set_argmax_sliced(i == 2);
@@ -629,7 +598,7 @@ TEST(CudaArgmax, SlicedMatchesCpuAndOneBlock) {
           ASSERT_TRUE(s.is_ok()) << s.message();
         }
       }
-      cuda::set_argmax_sliced(false);
+      cuda::set_argmax_sliced(sliced_before);
       EXPECT_EQ(results[1], results[0]);
       EXPECT_EQ(results[2], results[0]);
       EXPECT_EQ(results[2][0], cols / 3);

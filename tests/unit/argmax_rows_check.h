@@ -9,12 +9,14 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "core/argmax.h"
 #include "io/config.h"
 #include "kestrel/engine.h"
+#include "sample/sampler.h"
 
 namespace kestrel::argmax_rows_check {
 
@@ -35,23 +37,31 @@ inline std::unique_ptr<Engine> tiny_three_slot_engine(const std::string& device,
   return engine.is_ok() ? std::move(engine).value() : nullptr;
 }
 
+// Prompts of length + slot * growth tokens (a step of `stride` through the vocabulary) into
+// slots 0-2; each slot's next token (its last logits' argmax) and position.
+inline void prefill_three_slots(Engine& engine, int32_t length, int32_t growth, int64_t stride,
+                                std::vector<int32_t>* next, std::vector<int32_t>* positions) {
+  const int64_t vocab = engine.config().vocab_size;
+  for (int32_t slot = 0; slot < 3; ++slot) {
+    const int32_t n = length + growth * slot;
+    Batch prompt;
+    for (int32_t i = 0; i < n; ++i) {
+      prompt.add(int32_t((stride * (i + 1) + 31 * slot) % vocab), i, slot, i + 1 == n);
+    }
+    std::vector<float> logits;
+    ASSERT_TRUE(engine.run(prompt, &logits).is_ok());
+    next->push_back(argmax(logits.data(), vocab));
+    positions->push_back(n);
+  }
+}
+
 // `engine` has at least 3 slots of at least 40 positions; rows of its two calls of a step must
 // agree within `bound` (relative to the row's largest magnitude).
 inline void expect_rows_and_argmax_match_run(Engine& engine, double bound) {
   const int64_t vocab = engine.config().vocab_size;
   std::vector<int32_t> next;
   std::vector<int32_t> positions;
-  for (int32_t slot = 0; slot < 3; ++slot) {
-    const int32_t length = 5 + 4 * slot;
-    Batch prompt;
-    for (int32_t i = 0; i < length; ++i) {
-      prompt.add(int32_t((7919 * (i + 1) + 31 * slot) % vocab), i, slot, i + 1 == length);
-    }
-    std::vector<float> logits;
-    ASSERT_TRUE(engine.run(prompt, &logits).is_ok());
-    next.push_back(argmax(logits.data(), vocab));
-    positions.push_back(length);
-  }
+  ASSERT_NO_FATAL_FAILURE(prefill_three_slots(engine, 5, 4, 7919, &next, &positions));
   for (int step = 0; step < 6; ++step) {
     // Two rows out of order, then a run of two (one copy on a device).
     const std::vector<int32_t> full_rows =
@@ -108,6 +118,52 @@ inline void expect_rows_and_argmax_match_run(Engine& engine, double bound) {
   const std::vector<int32_t> outside{1};
   const Status s = engine.run_argmax(one, &tokens, outside, &rows);
   EXPECT_NE(s.message().find("logits of row 1 of 1 logit rows"), std::string::npos) << s.message();
+}
+
+// Engine::run_argmax with draws (RowDraw): in each decode step of three slots, rows 0 and 2
+// are drawn (each with its own settings and uniform number) and every row is also read back
+// whole in the same call, so each drawn token is Sampler::pick's on the very logits the draw
+// saw, and row 1 keeps its argmax.
+inline void expect_draws_match_pick(Engine& engine) {
+  const int64_t vocab = engine.config().vocab_size;
+  std::vector<int32_t> next;
+  std::vector<int32_t> positions;
+  ASSERT_NO_FATAL_FAILURE(prefill_three_slots(engine, 3, 2, 104729, &next, &positions));
+  const std::vector<int32_t> all_rows = {0, 1, 2};
+  for (int step = 0; step < 6; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    Batch batch;
+    for (int32_t slot = 0; slot < 3; ++slot) {
+      batch.add(next[size_t(slot)], positions[size_t(slot)] + step, slot, true);
+    }
+    std::vector<RowDraw> draws(2);
+    draws[0].row = 2;
+    draws[0].params.temperature = 0.8f + 0.1f * float(step);
+    draws[0].params.top_p = step % 2 ? 0.9f : 1.0f;
+    draws[0].vocab_size = int32_t(vocab);
+    draws[0].u = (step + 0.5) / 6.0;
+    draws[1].row = 0;
+    draws[1].params.temperature = 1.3f;
+    draws[1].params.top_k = 20 + step;
+    draws[1].params.min_p = 0.02f;
+    draws[1].vocab_size = int32_t(vocab);
+    draws[1].u = 1.0 - (step + 1) / 7.0;
+    std::vector<int32_t> tokens;
+    std::vector<float> rows;
+    const Status s = engine.run_argmax(batch, &tokens, all_rows, &rows, draws);
+    ASSERT_TRUE(s.is_ok()) << s.message();
+    ASSERT_EQ(tokens.size(), size_t(3));
+    ASSERT_EQ(rows.size(), size_t(3 * vocab));
+    auto row = [&](int32_t r) {
+      return std::span<const float>(rows.data() + int64_t(r) * vocab, size_t(vocab));
+    };
+    for (const RowDraw& d : draws) {
+      EXPECT_EQ(tokens[size_t(d.row)], Sampler::pick(row(d.row), d.params, d.vocab_size, d.u))
+          << "row " << d.row;
+    }
+    EXPECT_EQ(tokens[1], row_argmax(row(1).data(), vocab));
+    next = tokens;
+  }
 }
 
 }  // namespace kestrel::argmax_rows_check

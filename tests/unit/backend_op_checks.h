@@ -10,6 +10,7 @@
 #include <initializer_list>
 #include <iterator>
 #include <ostream>
+#include <random>
 #include <span>
 #include <string>
 #include <tuple>
@@ -18,6 +19,7 @@
 
 #include "backend_test_util.h"
 #include "core/argmax.h"
+#include "sample/sampler.h"
 
 namespace kestrel::backend_test {
 
@@ -118,6 +120,120 @@ inline void check_read_rows_and_nan_argmax() {
               0)
         << "row " << many[k];
   }
+}
+
+// Sampled rows drawn by the backend (Backend::pick_rows) against the host sampler's rule
+// (Sampler::pick) on the same values, token for token: rows flat, peaked, with ties, with NaN,
+// -inf and +inf, of nothing but NaN or -inf (the argmax fallback), all equal, spread so wide
+// that most tokens round to no mass, with signed zeros at the top-k bar; settings across
+// temperature, top-k (below, at and past the row's valid tokens), top-p (down to keeping one
+// token), min-p and a vocabulary narrower than the row; uniform numbers at both ends. More rows
+// than one launch draws, in no order, the others keeping their argmax; twice (the workspace
+// reused); and the checks on the draws.
+inline void check_pick_rows_draw_as_the_host_sampler(int64_t cols, uint64_t seed) {
+  const int64_t n = 21;
+  ModelWeights big = one_layer_model(cols);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(big, RunShape{1, 32, 32, 32}));
+  std::mt19937_64 rng(seed);
+  auto uniform = [&] { return double(rng() >> 11) * 0x1.0p-53; };
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    std::vector<float> v = random_values(size_t(n * cols), seed + uint64_t(round));
+    for (int64_t r = 0; r < n; ++r) {
+      float* row = v.data() + r * cols;
+      switch ((r + round) % 9) {
+        case 0:
+          break;  // flat
+        case 1:   // peaked
+          for (int j = 0; j < 20; ++j) row[(j * 7919 + r) % cols] += 12.0f;
+          break;
+        case 2:  // few distinct values: ties everywhere
+          for (int64_t c = 0; c < cols; ++c) row[c] = std::round(row[c] * 4.0f) / 4.0f;
+          break;
+        case 3:  // NaN, -inf and +inf among values
+          for (int64_t c = 0; c < cols; c += 5) row[c] = c % 2 ? NAN : -INFINITY;
+          row[cols / 2] = INFINITY;
+          break;
+        case 4:  // nothing but NaN, or NaN and -inf: no candidate
+          for (int64_t c = 0; c < cols; ++c) row[c] = (round == 0 || c % 3) ? NAN : -INFINITY;
+          break;
+        case 5:
+          std::fill(row, row + cols, 1.5f);
+          break;  // all equal
+        case 6:   // wide: most tokens carry no mass
+          for (int64_t c = 0; c < cols; ++c) row[c] *= 40.0f;
+          break;
+        case 7:  // signed zeros at the top
+          for (int64_t c = 0; c < cols; ++c) row[c] = -std::fabs(row[c]) - 1.0f;
+          for (int64_t c = 0; c < cols; c += 3) row[c] = c % 2 ? -0.0f : 0.0f;
+          break;
+        default:  // small logits at a low temperature
+          for (int64_t c = 0; c < cols; ++c) row[c] *= 0.01f;
+          break;
+      }
+    }
+    const float temperatures[] = {0.05f, 0.25f, 0.7f, 1.0f, 1.5f, 5.0f};
+    const int top_ks[] = {0, 0, 2, 50, 1000, int(cols) - 1, int(cols) + 3};
+    const float top_ps[] = {1.0f, 1.0f, 0.95f, 0.5f, 0.01f, 1e-7f, 0.999f};
+    const float min_ps[] = {0.0f, 0.0f, 0.05f, 0.5f};
+    std::vector<RowDraw> draws;
+    for (int64_t r = 0; r < n; ++r) {
+      if (r % 5 == 4) continue;  // keeps its argmax
+      RowDraw d;
+      d.row = int32_t(r);
+      d.params.temperature = temperatures[rng() % std::size(temperatures)];
+      d.params.top_k = top_ks[rng() % std::size(top_ks)];
+      if (d.params.top_k == 1) d.params.top_k = 2;
+      d.params.top_p = top_ps[rng() % std::size(top_ps)];
+      d.params.min_p = min_ps[rng() % std::size(min_ps)];
+      d.vocab_size = int32_t(rng() % 4 == 0 ? cols - std::min<int64_t>(5, cols - 1) : cols);
+      d.u = r == 0 ? 0.0 : r == 1 ? 1.0 - 0x1.0p-53 : uniform();
+      draws.push_back(d);
+    }
+    std::shuffle(draws.begin(), draws.end(), rng);
+    ASSERT_GT(draws.size(), size_t(16));  // more than one launch of the CUDA sampler
+    std::vector<int32_t> tokens[2];
+    on_both_backends(pair, v, n, cols, [&](Backend& b, Tensor t, int i) {
+      tokens[i].assign(size_t(n), -1);
+      const Status s = b.pick_rows(t, draws, tokens[i].data());
+      ASSERT_TRUE(s.is_ok()) << s.message();
+    });
+    std::vector<int32_t> want(static_cast<size_t>(n));
+    for (int64_t r = 0; r < n; ++r) want[size_t(r)] = row_argmax(v.data() + r * cols, cols);
+    for (const RowDraw& d : draws) {
+      const std::span<const float> row(v.data() + int64_t(d.row) * cols, size_t(cols));
+      want[size_t(d.row)] = Sampler::pick(row, d.params, d.vocab_size, d.u);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      SCOPED_TRACE("row " + std::to_string(r));
+      EXPECT_EQ(tokens[0][size_t(r)], want[size_t(r)]);
+      EXPECT_EQ(tokens[1][size_t(r)], want[size_t(r)]);
+    }
+  }
+  // The draws are checked before anything runs.
+  std::vector<int32_t> meta;
+  Backend& b = *pair.gpu;
+  ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(2, meta))).is_ok());
+  auto t = b.scratch(2, cols);
+  ASSERT_TRUE(t.is_ok());
+  std::vector<int32_t> out(2);
+  RowDraw d;
+  d.params.temperature = 1.0f;
+  d.vocab_size = int32_t(cols);
+  d.row = 2;
+  EXPECT_NE(b.pick_rows(*t, std::vector<RowDraw>{d}, out.data()).message().find("row 2 of"),
+            std::string::npos);
+  d.row = 1;
+  EXPECT_NE(b.pick_rows(*t, std::vector<RowDraw>{d, d}, out.data()).message().find("twice"),
+            std::string::npos);
+  d.params.temperature = 0.0f;
+  EXPECT_NE(b.pick_rows(*t, std::vector<RowDraw>{d}, out.data()).message().find("greedy"),
+            std::string::npos);
+  d.params.temperature = 1.0f;
+  d.u = 1.0;
+  EXPECT_NE(b.pick_rows(*t, std::vector<RowDraw>{d}, out.data()).message().find("[0, 1)"),
+            std::string::npos);
 }
 
 // rope at positions up to 4096, plain or with Llama 3 scaling (`llama3`); within `bound` of the

@@ -231,19 +231,76 @@ TEST(Sampler, NucleusMatchesAFullSortOnManyShapes) {
     std::vector<double> probs;
     for (const auto& a : all) probs.push_back(a.first - top);
     exp_in_place(probs);  // the sampler's exponential (checked against std::exp below)
-    double total = 0;
-    for (size_t i = 0; i < all.size(); ++i) total += all[i].first = probs[i];
-    std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+    // The sampler's fixed-point masses (draw_rules.h): round(p * 2^40), summed exactly.
+    std::vector<std::pair<uint64_t, int32_t>> fixed;
+    uint64_t total = 0;
+    for (size_t i = 0; i < all.size(); ++i) {
+      fixed.emplace_back(uint64_t(std::nearbyint(std::ldexp(probs[i], 40))), all[i].second);
+      total += fixed.back().first;
+    }
+    std::sort(fixed.begin(), fixed.end(), [](const auto& a, const auto& b) {
       return a.first != b.first ? a.first > b.first : a.second < b.second;
     });
-    const double target = double(p.top_p) * total;
+    const uint64_t target = uint64_t(std::nearbyint(double(p.top_p) * double(total)));
     size_t keep = 0;
-    for (double before = 0; keep < all.size() && (keep == 0 || before < target); ++keep) {
-      before += all[keep].first;
+    for (uint64_t before = 0; keep < fixed.size() && (keep == 0 || before < target); ++keep) {
+      before += fixed[keep].first;
     }
+    // distribution() lists the kept tokens with any mass.
+    while (keep > 1 && fixed[keep - 1].first == 0) --keep;
+    std::vector<std::pair<double, int32_t>> kept_ids;
+    for (size_t i = 0; i < keep; ++i) kept_ids.emplace_back(0.0, fixed[i].second);
+    all = kept_ids;
     ASSERT_EQ(got.size(), keep);
     for (size_t i = 0; i < keep; ++i) ASSERT_EQ(got[i].first, all[i].second) << "rank " << i;
   }
+}
+
+// sample() is pick() with the sampler's next uniform number, on every kind of setting; the
+// generator is consumed once a sampled token, whatever the row holds (a device draw takes the
+// number before it sees the row).
+TEST(Sampler, SampleIsPickWithTheNextUniform) {
+  std::mt19937 rng(8);
+  for (int trial = 0; trial < 200; ++trial) {
+    const size_t vocab = size_t(rng() % 5000 + 1);
+    std::vector<float> logits = random_logits(vocab + 3, uint32_t(trial));
+    if (trial % 7 == 0) std::fill(logits.begin(), logits.end(), std::nanf(""));
+    SamplingParams p = sampling(0.1f + float(rng() % 30) * 0.1f, uint64_t(trial));
+    p.top_k = rng() % 3 == 0 ? int(rng() % 100) : 0;
+    p.top_p = rng() % 2 ? 1.0f : float(rng() % 1000 + 1) / 1000.0f;
+    p.min_p = rng() % 3 == 0 ? 0.1f : 0.0f;
+    Sampler s(p, int32_t(vocab));
+    SamplingRng numbers(p.seed);
+    for (int step = 0; step < 3; ++step) {
+      const double u = numbers.uniform();
+      const int32_t want = Sampler::pick(logits, p, int32_t(vocab), u);
+      ASSERT_EQ(s.sample(logits, {}), want) << "trial " << trial << " step " << step;
+    }
+    EXPECT_TRUE(s.draws_from_row() == (p.top_k != 1));
+  }
+  SamplingParams penalized = sampling(1.0f);
+  penalized.repetition_penalty = 1.2f;
+  EXPECT_FALSE(Sampler(penalized, 10).draws_from_row());
+  EXPECT_FALSE(Sampler(sampling(0.0f), 10).draws_from_row());
+}
+
+// The draw walks the kept tokens in id order by their fixed-point masses: two equal logits are
+// 2^40 each, so u below one half draws the first, and u = 0.5 exactly (the point 2^40) the
+// second; a third token 1000 nats lower carries no mass and is never drawn.
+TEST(Sampler, PickSplitsTheUnitIntervalByExactMasses) {
+  const std::vector<float> logits = {2.0f, -998.0f, 2.0f};
+  const SamplingParams p = sampling(1.0f);
+  EXPECT_EQ(Sampler::pick(logits, p, 3, 0.0), 0);
+  EXPECT_EQ(Sampler::pick(logits, p, 3, 0.5 - 0x1.0p-53), 0);
+  EXPECT_EQ(Sampler::pick(logits, p, 3, 0.5), 2);
+  EXPECT_EQ(Sampler::pick(logits, p, 3, 1.0 - 0x1.0p-53), 2);
+  // Greedy settings take the argmax whatever u is; nothing but NaN gives token 0.
+  EXPECT_EQ(Sampler::pick(logits, sampling(0.0f), 3, 0.9), 0);
+  const std::vector<float> nan_row(4, std::nanf(""));
+  EXPECT_EQ(Sampler::pick(nan_row, p, 4, 0.3), 0);
+  // A vocabulary narrower than the row: its columns only.
+  const std::vector<float> padded = {1.0f, 1.0f, 50.0f};
+  for (double u : {0.0, 0.3, 0.7, 0.99}) EXPECT_NE(Sampler::pick(padded, p, 2, u), 2);
 }
 
 // The sampler's exponential against the C library's: within 1 ulp over the whole range a

@@ -148,6 +148,14 @@ TEST(TokenGeneration, ArgmaxWithSomeRowsWholeMatchesRun) {
   argmax_rows_check::expect_rows_and_argmax_match_run(*engine, 0.0);
 }
 
+// Draws in the same call (Engine::run_argmax with draws; on the CPU through Backend::pick_rows'
+// default): each the host sampler's pick from its row.
+TEST(TokenGeneration, DrawsAreTheHostSamplersPicks) {
+  auto engine = make_engine(3, 16);
+  EXPECT_FALSE(engine->draws_on_device());  // the server samples CPU rows on its own pool
+  argmax_rows_check::expect_draws_match_pick(*engine);
+}
+
 TEST(TokenGeneration, SamplingIsSeededPerSequence) {
   auto engine = make_engine(2, 512);
   const std::vector<int32_t> prompt = random_prompt(6, 6);

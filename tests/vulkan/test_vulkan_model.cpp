@@ -76,6 +76,12 @@ TEST(VulkanModel, ArgmaxWithSomeRowsWholeMatchesRun) {
   argmax_rows_check::expect_rows_and_argmax_match_run(*engine, 1e-5);
 }
 
+TEST(VulkanModel, DrawsAreTheHostSamplersPicks) {
+  auto engine = argmax_rows_check::tiny_three_slot_engine("vulkan");
+  ASSERT_TRUE(engine);
+  argmax_rows_check::expect_draws_match_pick(*engine);
+}
+
 TEST(VulkanModel, TinyModelsMatchCpu) {
   for (const char* name : {"tiny-qwen2", "tiny-llama"}) {
     const std::string model = std::string("synthetic:") + name;

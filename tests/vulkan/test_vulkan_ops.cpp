@@ -199,6 +199,10 @@ TEST(VulkanOps, ArgmaxRowsTakesTheFirstOfTies) {
   check_argmax_rows_first_of_ties();
 }
 
+TEST(VulkanOps, PickRowsDrawTheHostSamplersTokens) {
+  check_pick_rows_draw_as_the_host_sampler(4097, 99);
+}
+
 TEST(VulkanOps, ReadRowsAndNanArgmaxMatchTheCpu) {
   check_read_rows_and_nan_argmax();
 }

@@ -103,14 +103,6 @@ struct DecodeWorkspace {
   // KESTREL_CUDA_ATTENTION_PROFILE (a measurement aid): the tensor-core decode kernel's merging
   // block prints its phase times (layer 1, the first token's first KV head, every 256 positions).
   int profile = 0;
-  // KESTREL_CUDA_ATTENTION_TRIGGER=late (a measurement aid): the tensor-core decode kernel lets
-  // the next kernel launch as its blocks exit, not right after its wait for q/k/v.
-  int late_trigger = 0;
-  // KESTREL_CUDA_ATTENTION_RED_PAD=1 (a switch until it has run on a GPU): the tensor-core decode
-  // kernel's warps leave their partial outputs in shared memory at a row stride of head_dim + 8
-  // floats, not head_dim, so a half warp's float2 stores (four rows, four column pairs) cover
-  // 32 distinct banks instead of the same eight four times over.
-  int red_pad = 0;
   // KESTREL_CUDA_ATTENTION_SOLO=N (a switch until it has run on a GPU; 0 off): at head_dim 128 a
   // tensor-core decode group whose context is at most N 64-key tiles takes one split, and a
   // group of one split writes its output itself, without the partial results, fences and count

@@ -294,10 +294,6 @@ class CudaBackend final : public Backend {
     decode_ws_.max_splits = extras.max_splits;
     decode_ws_.sm_count = props_.multiProcessorCount;
     decode_ws_.profile = std::getenv("KESTREL_CUDA_ATTENTION_PROFILE") != nullptr ? 1 : 0;
-    const char* trigger = std::getenv("KESTREL_CUDA_ATTENTION_TRIGGER");
-    decode_ws_.late_trigger = trigger != nullptr && std::string(trigger) == "late" ? 1 : 0;
-    const char* red_pad = std::getenv("KESTREL_CUDA_ATTENTION_RED_PAD");
-    decode_ws_.red_pad = red_pad != nullptr && std::string(red_pad) == "1" ? 1 : 0;
     const char* solo = std::getenv("KESTREL_CUDA_ATTENTION_SOLO");
     decode_ws_.solo = solo != nullptr ? std::clamp(std::atoi(solo), 0, 1 << 20) : 0;
     KS_ASSIGN_OR_RETURN(decode_ws_.o,
@@ -323,6 +319,9 @@ class CudaBackend final : public Backend {
     // The sliced argmax's counters start at zero; each launch leaves them so.
     KS_CUDA_CHECK("reserve",
                   cudaMemsetAsync(argmax_counters_, 0, extras.argmax_count_bytes, stream_));
+    KS_ASSIGN_OR_RETURN(draw_work_,
+                        reserve_device<uint64_t>(extras.draw_work_bytes, "sampling draws"));
+    draw_work_cols_ = extras.draw_work_bytes / (kDrawRowsPerLaunch * sizeof(uint64_t));
     const std::vector<float> inv_freq = rope_inv_freq(config);
     KS_ASSIGN_OR_RETURN(inv_freq_,
                         reserve_device<float>(inv_freq.size() * sizeof(float), "rope frequencies"));
@@ -801,8 +800,23 @@ class CudaBackend final : public Backend {
     return collect_timings();
   }
 
-  Status argmax_rows(Tensor t, int32_t* out) override {
-    KS_RETURN_IF_ERROR(queue_argmax(t, /*feed=*/false, 0));
+  Status argmax_rows(Tensor t, int32_t* out) override { return pick_and_read(t, {}, out); }
+
+  // Sampled rows drawn on the device after the argmax, into its output, so the one copy brings
+  // back every row's token.
+  bool draws_on_device() const override { return draw_work_ != nullptr; }
+
+  Status do_pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out) override {
+    if (size_t(t.cols) > draw_work_cols_) {
+      return Status::error("cuda pick_rows: rows of " + std::to_string(t.cols) +
+                           " columns, more than the " + std::to_string(draw_work_cols_) +
+                           " reserved");
+    }
+    return pick_and_read(t, draws, out);
+  }
+
+  Status pick_and_read(Tensor t, std::span<const RowDraw> draws, int32_t* out) {
+    KS_RETURN_IF_ERROR(queue_argmax(t, /*feed=*/false, 0, draws));
     KS_CUDA_CHECK("argmax_rows", cudaStreamSynchronize(stream_));
     std::memcpy(out, host_argmax_, size_t(t.rows) * sizeof(int32_t));
     return collect_timings();
@@ -831,7 +845,7 @@ class CudaBackend final : public Backend {
   // The step's graph, then the argmax of t's rows (an eager launch after the graph, timed, never
   // traced; with `feed` also into the tokens' device slots, meta_'s first max_batch_tokens) and
   // their copy to host slot `slot`.
-  Status queue_argmax(Tensor t, bool feed, int slot) {
+  Status queue_argmax(Tensor t, bool feed, int slot, std::span<const RowDraw> draws = {}) {
     KS_RETURN_IF_ERROR(finish_graph());
     if (t.rows > shape_.max_logit_rows && t.rows > shape_.max_batch_tokens) {
       return Status::error("cuda argmax_rows: more rows than reserved");
@@ -847,6 +861,21 @@ class CudaBackend final : public Backend {
       }
       return cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, tokens, stream_);
     }));
+    for (size_t first = 0; first < draws.size(); first += kDrawRowsPerLaunch) {
+      const size_t count = std::min(draws.size() - first, size_t(kDrawRowsPerLaunch));
+      DrawLaunch rows;
+      for (size_t i = 0; i < count; ++i) {
+        const RowDraw& d = draws[first + i];
+        rows.rows[i] = DrawRow{
+            d.row,          d.vocab_size, d.params.top_k, d.params.temperature, d.params.top_p,
+            d.params.min_p, d.u};
+      }
+      KS_RETURN_IF_ERROR(
+          launch("draw", {addr(t.data), uint64_t(t.rows), uint64_t(t.cols), uint64_t(count)}, [&] {
+            return draw_rows(f32(t), t.rows, t.cols, rows, int(count), argmax_out_, draw_work_,
+                             stream_);
+          }));
+    }
     argmax_rows_[slot] = t.rows;
     KS_CUDA_CHECK("argmax_rows", cudaMemcpyAsync(host_argmax_ + slot * argmax_slot_stride_,
                                                  argmax_out_, size_t(t.rows) * sizeof(int32_t),
@@ -909,10 +938,11 @@ class CudaBackend final : public Backend {
     size_t layer_sync_bytes = 0;
     size_t argmax_partial_bytes = 0;
     size_t argmax_count_bytes = 0;
+    size_t draw_work_bytes = 0;
     size_t total() const {
       return 2 * shadow_bytes + dequant_bytes + cublas_bytes + split_o_bytes + split_ml_bytes +
              arrival_bytes + meta_bytes + 2 * rows_bytes + layer_sync_bytes + argmax_partial_bytes +
-             argmax_count_bytes;
+             argmax_count_bytes + draw_work_bytes;
     }
   };
 
@@ -954,6 +984,9 @@ class CudaBackend final : public Backend {
     e.layer_sync_bytes = size_t(decode_layer_sync_words(int(c.n_kv_heads))) * sizeof(unsigned);
     e.argmax_partial_bytes = size_t(kArgmaxSplitRows) * kArgmaxMaxSlices * sizeof(int2);
     e.argmax_count_bytes = size_t(kArgmaxSplitRows) * sizeof(unsigned);
+    // Sampled rows drawn on the device: a fixed-point probability a token of each of a launch's
+    // rows (19.4 MB on a 151936-token vocabulary).
+    e.draw_work_bytes = size_t(kDrawRowsPerLaunch) * size_t(c.vocab_size) * sizeof(uint64_t);
     return e;
   }
 
@@ -1806,7 +1839,9 @@ class CudaBackend final : public Backend {
   int32_t* argmax_out_ = nullptr;        // [max rows]
   int2* argmax_partials_ = nullptr;      // [kArgmaxSplitRows, kArgmaxMaxSlices] (sample.cuh)
   unsigned* argmax_counters_ = nullptr;  // [kArgmaxSplitRows]
-  float* inv_freq_ = nullptr;            // [head_dim / 2]
+  uint64_t* draw_work_ = nullptr;        // [kDrawRowsPerLaunch, vocab] (sample.cuh: draw_rows)
+  size_t draw_work_cols_ = 0;
+  float* inv_freq_ = nullptr;     // [head_dim / 2]
   int32_t* host_meta_ = nullptr;  // pinned twins of the above (meta_ and argmax_out_: several)
   int32_t* host_rows_ = nullptr;
   int32_t* host_argmax_ = nullptr;

@@ -54,17 +54,9 @@ GraphStats graph_stats(Backend& backend);
 bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols);
 
 // Whether argmax_rows (and start_argmax) take the sliced kernel for up to 64 rows (sample.cuh;
-// KESTREL_CUDA_ARGMAX=split at start-up): a test aid, process-wide; set it while no other thread
-// launches.
-void set_argmax_sliced(bool on);
-
-// Whether the int4 mma GEMV at 9-16 tokens takes its activations through the weight ring: 0 no,
-// 1 for weights of at most one row tile an SM, 2 for every weight (gemv.cu;
-// KESTREL_CUDA_GEMV_B_RING at start-up): a test aid, process-wide; set it while no other thread
-// launches GEMVs.
-void set_gemv_b_ring(int mode);
-// GEMV launches that took the activations through the ring so far (process-wide; a test aid).
-int64_t gemv_b_ring_launches();
+// the default, KESTREL_CUDA_ARGMAX=block at start-up for the one-block kernel): a test aid,
+// process-wide; set it while no other thread launches. Returns the setting before.
+bool set_argmax_sliced(bool on);
 
 // At most `blocks` blocks for a persistent (dp4a) GEMV launch, 0 for no cap beyond one wave: a
 // test aid that makes small weights loop over several row tiles a block. Process-wide; set it

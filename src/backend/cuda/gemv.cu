@@ -370,18 +370,10 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
   }
 }
 
-// kBRing (KESTREL_CUDA_GEMV_B_RING=1, a switch until it has run on a GPU): the mma path's B
-// fragments (the activations, 4 KB a warp a chunk at 9-16 tokens) ride in the weight ring's
-// stages with cp.async, kStages chunks ahead, instead of plain loads from L2 one chunk ahead: at
-// 16 tokens a warp waited on those loads (the 1.5B's batch-16 down GEMV: one instruction every
-// 5.5 cycles a warp, 1.9 of them on L1/L2; PERF.md, fourteenth session). Activations depend on
-// the kernel before, so the ring's first stages take their B only after the wait for it.
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kBRing = false>
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
-  static_assert(!kBRing || (kDp == 0 && !kNorm && Pipe<F, MT>::kTiled),
-                "the B ring is the int4 mma path's, over an input in global memory");
   static_assert(
       kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
       "the dp4a path reads int4 tiles for at most 8 tokens");
@@ -426,26 +418,18 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   float acc[MT][NT][4];
   const int64_t n_chunks = (p.n_groups + kChunkGroups - 1) / kChunkGroups;
   using P = Pipe<F, MT>;
-  // A warp's stage: its weight pieces and scale words, then (kBRing) its B fragments
-  // [NT][4 quarters u][32 lanes] uint4.
-  constexpr int kBBytes = kBRing ? NT * 4 * 16 * 32 : 0;
-  constexpr int kStageBytes = P::kWarpStageBytes + kBBytes;
-  constexpr int kPipeBytes = kWarps * P::kStages * kStageBytes;
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* pipe = smem + warp * P::kStages * kStageBytes;
+  uint8_t* pipe = smem + warp * P::kStages * P::kWarpStageBytes;
   // NormInput mode: [1, x_stride] fp16 permuted input, after the pipeline's stages.
-  __half* xs = reinterpret_cast<__half*>(smem + kPipeBytes);
+  __half* xs = reinterpret_cast<__half*>(smem + P::kBytes);
   // dp4a mode: [kDp, x_stride] int8 input and [kDp, n_groups] {scale, sum}, after that.
-  uint32_t* xq = reinterpret_cast<uint32_t*>(smem + kPipeBytes + (kNorm ? 2 * p.x_stride : 0));
+  uint32_t* xq = reinterpret_cast<uint32_t*>(smem + P::kBytes + (kNorm ? 2 * p.x_stride : 0));
   int2* xqp = reinterpret_cast<int2*>(reinterpret_cast<uint8_t*>(xq) + kDp * p.x_stride);
   auto pieces = [&](int stage) {  // [kPieces][32 lanes] uint4
-    return reinterpret_cast<uint4*>(pipe + stage * kStageBytes);
+    return reinterpret_cast<uint4*>(pipe + stage * P::kWarpStageBytes);
   };
   auto scale_words = [&](int stage) {  // [kScaleWords][32 lanes] uint32
-    return reinterpret_cast<uint32_t*>(pipe + stage * kStageBytes + P::kPieces * 16 * 32);
-  };
-  auto b_slots = [&](int stage) {  // kBRing: [NT][4][32 lanes] uint4
-    return reinterpret_cast<uint4*>(pipe + stage * kStageBytes + P::kWarpStageBytes);
+    return reinterpret_cast<uint32_t*>(pipe + stage * P::kWarpStageBytes + P::kPieces * 16 * 32);
   };
   // Per-row offsets computed once: no division or 64-bit multiply per chunk (the launcher
   // checks that a weight's data and scales fit 32-bit offsets). Host layout: scales are fp16,
@@ -480,28 +464,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     }
   };
   const uint32_t chunk_scale_words = uint32_t(p.jobs[0].w.tiles.chunk_scale_words());
-  // kBRing: a lane's B fragments of chunk `chunk` into stage `stage` (as load_b below reads
-  // them; tokens and groups past the end zero-filled).
-  auto issue_b = [&](int stage, int64_t chunk) {
-    const int64_t group = chunk * kChunkGroups + quad_col;
-    const bool valid = chunk < n_chunks && group < p.n_groups;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int token = nt * 8 + quad_row;
-      const bool live = valid && token < p.n_tokens;
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const __half* src = live ? p.x + token * p.x_stride + group * kGroup + u * 8 : p.x;
-        cp_async(&b_slots(stage)[(nt * 4 + u) * 32 + lane], src, 16, live);
-      }
-    }
-  };
-  // Whether the issues carry B (kBRing: only after the wait for the kernel before).
-  bool issue_with_b = false;
   auto issue = [&](int stage, int64_t chunk) {
-    if constexpr (kBRing) {
-      if (issue_with_b) issue_b(stage, chunk);
-    }
     const int64_t group = chunk * kChunkGroups + quad_col;
     if (chunk < n_chunks && group < p.n_groups) {
       const uint32_t g = uint32_t(group);
@@ -606,27 +569,9 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 
   // Weights depend on no earlier kernel: the whole ring is requested before the wait.
   if (p.early_trigger) pdl_trigger();
-  // kBRing: the chunk each stage's issue before the wait takes (-1: none), whose B follows in one
-  // group after the wait.
-  int64_t early_chunk[P::kStages];
 #pragma unroll
-  for (int stage = 0; stage < P::kStages; ++stage) {
-    if constexpr (kBRing) {
-      early_chunk[stage] =
-          issue_iter < n_my_tiles && per_tile > 0 ? warp + int64_t(issue_slot) * kWarps : -1;
-    }
-    issue_next(stage);
-  }
+  for (int stage = 0; stage < P::kStages; ++stage) issue_next(stage);
   pdl_wait();
-  if constexpr (kBRing) {
-#pragma unroll
-    for (int stage = 0; stage < P::kStages; ++stage) {
-      if (early_chunk[stage] >= 0) issue_b(stage, early_chunk[stage]);
-    }
-    cp_async_commit();  // one group, waited for whole at the first chunk
-    issue_with_b = true;
-  }
-  bool first_chunk = true;
   if constexpr (kNorm) normalize_input(p, xs);
   if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
   // dp4a mode: the warps' row sums of a tile meet here, after the input stage.
@@ -650,31 +595,13 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 #pragma unroll
         for (int t = 0; t < (kDp > 0 ? kDp : 1); ++t) dacc[mt][h][t] = 0.0f;
     uint32_t b_cur[NT][4][4];
-    if constexpr (kDp == 0 && !kBRing) load_b(warp, b_cur);
+    if constexpr (kDp == 0) load_b(warp, b_cur);
     for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
       uint32_t b_next[NT][4][4];
-      if constexpr (kDp == 0 && !kBRing) load_b(chunk + kWarps, b_next);
-      if (kBRing && first_chunk) {
-        cp_async_wait<0>();  // the early stages' B came in the group after them
-        first_chunk = false;
-      } else {
-        cp_async_wait<P::kStages - 1>();
-      }
+      if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
+      cp_async_wait<P::kStages - 1>();
       Fragment<F, MT> f;
       consume(stage, chunk, f);
-      if constexpr (kBRing) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const uint4 v = b_slots(stage)[(nt * 4 + u) * 32 + lane];
-            b_cur[nt][u][0] = v.x;
-            b_cur[nt][u][1] = v.y;
-            b_cur[nt][u][2] = v.z;
-            b_cur[nt][u][3] = v.w;
-          }
-        }
-      }
       if constexpr (kDp > 0) {
         // 8 weights per dp4a pair: the low nibbles of word u are weights 4u .. 4u + 3, the high
         // nibbles 16 + 4u .. 19 + 4u, matching words u and 4 + u of the natural-order input.
@@ -729,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       // The stage's bytes are in registers now; refill it with the chunk kStages ahead.
       issue_next(stage);
       stage = stage + 1 == P::kStages ? 0 : stage + 1;
-      if constexpr (kDp == 0 && !kBRing) {
+      if constexpr (kDp == 0) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -793,7 +720,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     constexpr int kValues = MT * NT * 4;
     auto partial = reinterpret_cast<float(*)[kValues][32]>(
         smem +
-        (kPersistent ? kPipeBytes + (kNorm ? 2 * p.x_stride : 0) : 0));  // [kWarps][kValues][32]
+        (kPersistent ? P::kBytes + (kNorm ? 2 * p.x_stride : 0) : 0));  // [kWarps][kValues][32]
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -1071,11 +998,10 @@ bool launch_persistent(bool dp4a) {
 // fit on the device at once, each looping over tiles: the weight ring streams on across tile
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kBRing = false>
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
-  constexpr int kPipeBytes =
-      Pipe<F, MT>::kBytes + (kBRing ? kWarps * Pipe<F, MT>::kStages * NT * 4 * 16 * 32 : 0);
+  constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
   constexpr int kSumBytes = kDp > 0 ? dp_sums_bytes(kDp, MT) : 0;
   constexpr int kMaxInputBytes = (kNorm ? int(kMaxNormInputCols * sizeof(__half)) : 0) +
                                  int(dp_input_bytes(kDp, kMaxDpCols)) + kSumBytes;
@@ -1086,7 +1012,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr bool kOwnReduce = Pipe<F, MT>::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kBRing>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1135,18 +1061,6 @@ Status launch_rows(const GemvParams& p, cudaStream_t stream) {
   return Status::ok();
 }
 
-// KESTREL_CUDA_GEMV_B_RING (a switch until it has run on a GPU; set_gemv_b_ring): the int4 mma
-// path at 9-16 tokens takes its B fragments through the weight ring (gemv_kernel's kBRing); 1
-// for weights of at most one tile an SM, whose blocks are one an SM anyway (the ring's stages
-// grow by 4 KB a warp, to 150-220 KB a block), 2 for every weight (larger ones then loop over
-// their tiles with one block an SM instead of two).
-std::atomic<int64_t> b_ring_launches{0};  // gemv_b_ring_launches
-int b_ring = [] {
-  const char* v = std::getenv("KESTREL_CUDA_GEMV_B_RING");
-  const std::string m = v != nullptr ? v : "";
-  return m == "1" ? 1 : m == "2" ? 2 : 0;
-}();
-
 int rows_kernel_mode = [] {  // set_gemv_rows_kernel
   const char* v = std::getenv("KESTREL_CUDA_GEMV_ROWS_KERNEL");
   const std::string m = v != nullptr ? v : "";
@@ -1170,12 +1084,6 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
     if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
   }
   if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, stream);
-  if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
-    if (b_ring == 2 || (b_ring == 1 && p.n_tiles <= p.sm_count)) {
-      b_ring_launches.fetch_add(1, std::memory_order_relaxed);
-      return launch_kernel<F, MT, 2, kSwiglu, false, 0, true>(p, stream);
-    }
-  }
   return launch_kernel<F, MT, 2, kSwiglu, false, 0>(p, stream);
 }
 
@@ -1239,14 +1147,6 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
 
 void set_gemv_block_cap(int blocks) {
   block_cap = std::max(0, blocks);
-}
-
-void set_gemv_b_ring(int mode) {
-  b_ring = mode == 1 || mode == 2 ? mode : 0;
-}
-
-int64_t gemv_b_ring_launches() {
-  return b_ring_launches.load(std::memory_order_relaxed);
 }
 
 void set_gemv_rows_kernel(int mode) {

@@ -4,6 +4,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "core/status.h"
 
 namespace kestrel::cuda {
@@ -14,7 +16,7 @@ namespace kestrel::cuda {
 Status argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, int32_t* feed,
                    cudaStream_t stream);
 
-// The same by slices (a measurement switch until it has run on a GPU: KESTREL_CUDA_ARGMAX=split):
+// The same by slices (the default; KESTREL_CUDA_ARGMAX=block for argmax_rows instead):
 // each row's columns go to up to kArgmaxMaxSlices blocks of kArgmaxSliceCols, every block's
 // best (value, index) to `partials` [rows, kArgmaxMaxSlices], and the row's last block to count
 // in (`counters` [rows], zero before the launch and left zero after it) picks the row's best of
@@ -24,10 +26,32 @@ Status argmax_rows(const float* x, int64_t rows, int64_t cols, int32_t* out, int
 constexpr int kArgmaxSliceCols = 4096;
 constexpr int kArgmaxMaxSlices = 256;
 constexpr int kArgmaxSplitRows = 64;
-// Whether the backend's argmax takes argmax_rows_sliced (rows permitting):
-// KESTREL_CUDA_ARGMAX=split at start-up, or set_argmax_sliced (cuda_backend.h).
+// Whether the backend's argmax takes argmax_rows_sliced (rows permitting): unless
+// KESTREL_CUDA_ARGMAX=block at start-up, or as set_argmax_sliced (cuda_backend.h) says.
 bool argmax_sliced();
 Status argmax_rows_sliced(const float* x, int64_t rows, int64_t cols, int32_t* out, int32_t* feed,
                           int2* partials, unsigned* counters, cudaStream_t stream);
+
+// Sampled tokens drawn on the device (draw.cu): out[row] = Sampler::pick's token of the row's
+// settings and uniform number (sample/sampler.h), for the up to kDrawRowsPerLaunch rows of
+// `launch`, a block a row. `work` holds kDrawRowsPerLaunch * cols fixed-point probabilities
+// (8 bytes each). The other rows of `out` are left as they are (the argmax before it wrote
+// them); a drawn row with no candidate token (nothing but NaN and -inf) gets the argmax of its
+// first `vocab` columns, the host's fallback.
+constexpr int kDrawRowsPerLaunch = 16;
+struct DrawRow {
+  int32_t row = 0;
+  int32_t vocab = 0;
+  int32_t top_k = 0;
+  float temperature = 1;
+  float top_p = 1;
+  float min_p = 0;
+  double u = 0;
+};
+struct DrawLaunch {
+  DrawRow rows[kDrawRowsPerLaunch];
+};
+Status draw_rows(const float* x, int64_t rows, int64_t cols, const DrawLaunch& launch, int count,
+                 int32_t* out, uint64_t* work, cudaStream_t stream);
 
 }  // namespace kestrel::cuda

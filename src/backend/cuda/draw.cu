@@ -1,0 +1,395 @@
+// Sampled tokens drawn on the device (draw_rows, sample.cuh): the host sampler's steps 3-7 in
+// the arithmetic of sample/draw_rules.h, so a row's token is Sampler::pick's to the bit.
+//
+// A block of 1024 threads takes a row. Its passes over the row:
+//   1. top-k: the k-th largest key by an MSD radix select on the keys' ordered bits (four 8-bit
+//      digits, a histogram a digit);
+//   2. the most probable candidate's key (a block maximum);
+//   3. each candidate's fixed-point probability, into the row's slice of the workspace, and
+//      their sum;
+//   4. top-p: an MSD radix select on the fixed-point probabilities (four 11-bit digits from bit
+//      44, each digit's buckets holding a count and an integer mass), which leaves the boundary
+//      value and how many of the tokens of that value, in id order, are kept;
+//   5. the kept tokens' mass a warp (each warp a contiguous segment of the row, walked 32 tokens
+//      at a time), min-p's floor applied, and the draw's point in their total;
+//   6. the warp whose segment holds the point walks it again to the token.
+// Every sum is an integer sum, so the order the threads add in does not change a bit.
+#include <cfloat>
+#include <cstdint>
+#include <string>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/cuda_check.cuh"
+#include "backend/cuda/sample.cuh"
+#include "sample/draw_rules.h"
+
+namespace kestrel::cuda {
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr int kKeyDigitBits = 8;
+constexpr int kKeyBuckets = 1 << kKeyDigitBits;
+constexpr int kProbDigitBits = 11;
+constexpr int kProbBuckets = 1 << kProbDigitBits;
+constexpr int kProbTopBit = 44;  // the fixed-point probabilities are at most 2^40
+static_assert(kProbTopBit % kProbDigitBits == 0 && kProbTopBit > draw::kProbBits);
+static_assert(kProbBuckets == 2 * kThreads, "a thread holds two buckets");
+
+struct Shared {
+  union {
+    uint32_t key_count[kKeyBuckets];
+    struct {
+      uint32_t count[kProbBuckets];
+      unsigned long long mass[kProbBuckets];
+    } prob;
+  };
+  unsigned long long warp_u64[kWarps];
+  uint32_t warp_u32[kWarps];
+  unsigned long long broadcast_u64[2];
+  uint32_t broadcast_u32[2];
+};
+
+struct Sum {
+  template <typename T>
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
+};
+struct Max {
+  template <typename T>
+  __device__ T operator()(T a, T b) const {
+    return max(a, b);
+  }
+};
+struct Min {
+  template <typename T>
+  __device__ T operator()(T a, T b) const {
+    return min(a, b);
+  }
+};
+
+template <typename T, typename Op>
+__device__ inline T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, T(__shfl_xor_sync(0xffffffffu, v, o)));
+  return v;
+}
+
+// Inclusive prefix sum over the lanes.
+template <typename T>
+__device__ inline T warp_inclusive(T v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const T other = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += other;
+  }
+  return v;
+}
+
+// A block reduction through `slots` (a word a warp): every thread gets the result. It begins
+// with a barrier, so calls may follow each other.
+template <typename T, typename Op>
+__device__ inline T block_reduce(T* slots, T v, Op op) {
+  v = warp_reduce(v, op);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) slots[threadIdx.x >> 5] = v;
+  __syncthreads();
+  return warp_reduce(slots[threadIdx.x & 31], op);
+}
+
+// Exclusive prefix sum over the block's threads in thread order; `total` gets the whole sum.
+template <typename T>
+__device__ inline T block_exclusive(T* warp_totals, T v, T& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const T inclusive = warp_inclusive(v);
+  __syncthreads();
+  if (lane == 31) warp_totals[warp] = inclusive;
+  __syncthreads();
+  const T mine = warp_totals[lane];
+  const T warps_inclusive = warp_inclusive(mine);
+  total = __shfl_sync(0xffffffffu, warps_inclusive, 31);
+  const T before_warp = __shfl_sync(0xffffffffu, warps_inclusive - mine, warp);
+  return before_warp + inclusive - v;
+}
+
+__device__ inline uint64_t block_exclusive_u64(Shared& sh, uint64_t v, uint64_t& total) {
+  unsigned long long t = 0;
+  const unsigned long long r =
+      block_exclusive<unsigned long long>(sh.warp_u64, (unsigned long long)v, t);
+  total = t;
+  return r;
+}
+
+__device__ inline uint32_t block_exclusive_u32(Shared& sh, uint32_t v, uint32_t& total) {
+  return block_exclusive<uint32_t>(sh.warp_u32, v, total);
+}
+
+// The kept rule after top-p: q > value, or q == value and among the first `ties` of that value
+// in id order (ties == UINT32_MAX: all of them).
+struct Nucleus {
+  uint64_t value = 0;
+  uint32_t ties = UINT32_MAX;
+};
+
+__global__ void __launch_bounds__(kThreads)
+    draw_kernel(const float* __restrict__ logits, int64_t cols, DrawLaunch launch, int32_t* out,
+                uint64_t* __restrict__ work) {
+  pdl_wait();
+  pdl_trigger();
+  __shared__ Shared sh;
+  const DrawRow d = launch.rows[blockIdx.x];
+  const float* __restrict__ x = logits + int64_t(d.row) * cols;
+  uint64_t* __restrict__ q = work + int64_t(blockIdx.x) * cols;
+  const int64_t n = min(int64_t(d.vocab), cols);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (n <= 0) {
+    if (tid == 0) out[d.row] = 0;
+    return;
+  }
+
+  // 1. Top-k: candidates are valid keys at or above the k-th largest (ordered) key.
+  uint32_t bar = 0;  // every valid key's ordered bits are above 0
+  if (d.top_k > 0) {
+    uint32_t valid = 0;
+    for (int64_t i = tid; i < n; i += kThreads) valid += draw::valid_logit(x[i]);
+    const uint32_t count = block_reduce(sh.warp_u32, valid, Sum());
+    if (uint32_t(d.top_k) < count) {
+      uint32_t prefix = 0, prefix_mask = 0, remaining = uint32_t(d.top_k);
+      for (int shift = 32 - kKeyDigitBits; shift >= 0; shift -= kKeyDigitBits) {
+        __syncthreads();
+        for (int b = tid; b < kKeyBuckets; b += kThreads) sh.key_count[b] = 0;
+        __syncthreads();
+        for (int64_t i = tid; i < n; i += kThreads) {
+          const float l = x[i];
+          if (!draw::valid_logit(l)) continue;
+          const uint32_t o = draw::ordered_key(l);
+          if ((o & prefix_mask) == prefix) {
+            atomicAdd(&sh.key_count[(o >> shift) & (kKeyBuckets - 1)], 1u);
+          }
+        }
+        __syncthreads();
+        // Warp 0 finds the digit holding the remaining-th largest: lane l sums buckets
+        // 255 - 8l down to 248 - 8l, the lanes' sums are scanned from the top.
+        if (warp == 0) {
+          constexpr int kPerLane = kKeyBuckets / 32;
+          uint32_t mine = 0;
+          for (int j = 0; j < kPerLane; ++j)
+            mine += sh.key_count[kKeyBuckets - 1 - lane * kPerLane - j];
+          const uint32_t inclusive = warp_inclusive(mine);
+          const uint32_t found = __ballot_sync(0xffffffffu, inclusive >= remaining);
+          const int owner = __ffs(found) - 1;  // the remaining-th is within the counted keys
+          if (lane == owner) {
+            uint32_t above = inclusive - mine;
+            int digit = kKeyBuckets - 1 - lane * kPerLane;
+            for (int j = 0; j < kPerLane; ++j, --digit) {
+              const uint32_t c = sh.key_count[digit];
+              if (above + c >= remaining) break;
+              above += c;
+            }
+            sh.broadcast_u32[0] = uint32_t(digit);
+            sh.broadcast_u32[1] = remaining - above;
+          }
+        }
+        __syncthreads();
+        prefix |= sh.broadcast_u32[0] << shift;
+        prefix_mask |= uint32_t(kKeyBuckets - 1) << shift;
+        remaining = sh.broadcast_u32[1];
+      }
+      bar = prefix;
+    }
+  }
+
+  // 2. The most probable candidate's key.
+  uint32_t top = 0;
+  for (int64_t i = tid; i < n; i += kThreads) {
+    const float l = x[i];
+    if (draw::valid_logit(l))
+      top = max(top, draw::ordered_key(l) >= bar ? draw::ordered_key(l) : 0u);
+  }
+  top = block_reduce(sh.warp_u32, top, Max());
+  if (top == 0) {
+    // No candidate: the argmax of the first n columns, as the host's fallback (row_argmax:
+    // the first non-NaN, here the first -inf, or 0).
+    uint32_t first = UINT32_MAX;
+    for (int64_t i = tid; i < n; i += kThreads) {
+      if (!(x[i] != x[i])) first = min(first, uint32_t(i));
+    }
+    first = block_reduce(sh.warp_u32, first, Min());
+    if (tid == 0) out[d.row] = first == UINT32_MAX ? 0 : int32_t(first);
+    return;
+  }
+
+  // 3. Fixed-point probabilities (0 for the rest) and their sum.
+  const double inv_t = draw::inverse_temperature(d.temperature);
+  const float top_key = draw::key_value(top);
+  uint64_t mass = 0;
+  for (int64_t i = tid; i < n; i += kThreads) {
+    const float l = x[i];
+    uint64_t p = 0;
+    if (draw::valid_logit(l) && draw::ordered_key(l) >= bar) {
+      const float key = l > FLT_MAX ? FLT_MAX : l;
+      p = draw::fixed_from_prob(draw::exp_nonpositive(draw::scaled_gap(key, top_key, inv_t)));
+    }
+    q[i] = p;
+    mass += p;
+  }
+  const uint64_t total = block_reduce(sh.warp_u64, (unsigned long long)mass, Sum());
+
+  // 4. Top-p. Tokens outside the candidates hold 0, as do candidates too improbable for a
+  // fixed-point bit: neither carries mass, so neither moves the boundary (the most probable
+  // token, 2^40, is always the first kept).
+  Nucleus nucleus;
+  if (d.top_p < 1.0f) {
+    const uint64_t target = draw::nucleus_target(d.top_p, total);
+    uint64_t before = 0;  // the mass kept so far, all of it more probable than the undecided
+    bool kept_any = false;
+    uint64_t high = 0;  // the undecided tokens' bits above the current digit
+    uint32_t boundary_count = 0;
+    bool decided = false;
+    for (int shift = kProbTopBit - kProbDigitBits; shift >= 0; shift -= kProbDigitBits) {
+      const int above = shift + kProbDigitBits;
+      __syncthreads();
+      for (int b = tid; b < kProbBuckets; b += kThreads) {
+        sh.prob.count[b] = 0;
+        sh.prob.mass[b] = 0;
+      }
+      __syncthreads();
+      for (int64_t i = tid; i < n; i += kThreads) {
+        const uint64_t v = q[i];
+        if ((v >> above) != high) continue;
+        const int b = int((v >> shift) & (kProbBuckets - 1));
+        atomicAdd(&sh.prob.count[b], 1u);
+        atomicAdd(&sh.prob.mass[b], (unsigned long long)v);
+      }
+      __syncthreads();
+      // Thread t holds buckets 2047 - 2t and 2046 - 2t: thread order is most probable first.
+      const int b0 = kProbBuckets - 1 - 2 * tid, b1 = b0 - 1;
+      const uint64_t m0 = sh.prob.mass[b0], m1 = sh.prob.mass[b1];
+      const uint32_t c0 = sh.prob.count[b0], c1 = sh.prob.count[b1];
+      uint64_t mass_total = 0;
+      uint32_t nonempty_total = 0;
+      const uint64_t mass_above = before + block_exclusive_u64(sh, m0 + m1, mass_total);
+      const uint32_t nonempty_above =
+          block_exclusive_u32(sh, uint32_t(c0 > 0) + uint32_t(c1 > 0), nonempty_total);
+      // The boundary: the first non-empty bucket where the kept mass reaches the target (at
+      // once, when it already has).
+      const bool reached = kept_any && before >= target;
+      uint32_t position = UINT32_MAX;  // 2t or 2t + 1: the bucket's place, most probable first
+      if (c0 > 0 && (reached || mass_above + m0 >= target)) {
+        position = 2 * tid;
+      } else if (c1 > 0 && (reached || mass_above + m0 + m1 >= target)) {
+        position = 2 * tid + 1;
+      }
+      const uint32_t first = block_reduce(sh.warp_u32, position, Min());
+      if (first == UINT32_MAX) {
+        // The target is past the whole mass: every undecided token is kept, so the kept ones
+        // are those of at least the range's lowest value, high << above.
+        const uint64_t lowest = high << above;
+        nucleus.value = lowest == 0 ? 0 : lowest - 1;
+        nucleus.ties = lowest == 0 ? UINT32_MAX : 0;
+        decided = true;
+        break;
+      }
+      if (uint32_t(tid) == first / 2) {
+        const bool second = first % 2 == 1;
+        sh.broadcast_u64[0] = mass_above + (second ? m0 : 0);
+        sh.broadcast_u32[0] = nonempty_above + uint32_t(second && c0 > 0);
+        sh.broadcast_u32[1] = second ? c1 : c0;
+      }
+      __syncthreads();
+      before = sh.broadcast_u64[0];
+      kept_any = kept_any || sh.broadcast_u32[0] > 0;
+      boundary_count = sh.broadcast_u32[1];
+      high = (high << kProbDigitBits) | uint64_t(kProbBuckets - 1 - int(first));
+    }
+    if (!decided) {  // high is now a whole value: its tokens are kept in id order
+      nucleus.value = high;
+      nucleus.ties = draw::nucleus_ties_kept(before, target, kept_any, high, boundary_count);
+    }
+  }
+
+  // 5. The kept mass, a warp a contiguous segment of the row walked 32 tokens at a time (the
+  // ties' ranks are in id order), min-p's floor applied.
+  const uint64_t floor = d.min_p > 0.0f ? draw::min_p_floor(d.min_p) : 0;
+  const bool ranked = nucleus.ties != UINT32_MAX && nucleus.ties != 0;
+  const int64_t segment = ((n + kWarps - 1) / kWarps + 31) / 32 * 32;
+  const int64_t seg_begin = min(n, int64_t(warp) * segment);
+  const int64_t seg_end = min(n, seg_begin + segment);
+  uint32_t tie_offset = 0;  // ties before this warp's segment
+  if (ranked) {
+    uint32_t ties = 0;
+    for (int64_t i = seg_begin + lane; i < seg_end; i += 32) ties += q[i] == nucleus.value;
+    ties = warp_reduce(ties, Sum());
+    uint32_t unused = 0;
+    const uint32_t offset = block_exclusive_u32(sh, lane == 0 ? ties : 0u, unused);
+    tie_offset = __shfl_sync(0xffffffffu, offset, 0);
+  }
+  const uint32_t lanes_below = (1u << lane) - 1;
+  // Whether token i (this lane's, in a warp-wide step) is kept; `rank` carries the warp's count
+  // of ties so far.
+  auto kept_mass = [&](int64_t i, uint32_t& rank) -> uint64_t {
+    const uint64_t v = i < seg_end ? q[i] : 0;
+    const bool tie = i < seg_end && v == nucleus.value;
+    const uint32_t tie_lanes = __ballot_sync(0xffffffffu, tie);
+    const uint32_t my_rank = rank + __popc(tie_lanes & lanes_below);
+    rank += __popc(tie_lanes);
+    const bool kept =
+        i < seg_end && (v > nucleus.value || (tie && my_rank < nucleus.ties)) && v >= floor;
+    return kept ? v : 0;
+  };
+  uint64_t warp_mass = 0;
+  {
+    uint32_t rank = tie_offset;
+    for (int64_t base = seg_begin; base < seg_end; base += 32) {
+      warp_mass += kept_mass(base + lane, rank);
+    }
+    warp_mass = warp_reduce((unsigned long long)warp_mass, Sum());
+  }
+  uint64_t kept_total = 0;
+  const uint64_t warp_before =
+      __shfl_sync(0xffffffffu, block_exclusive_u64(sh, lane == 0 ? warp_mass : 0, kept_total), 0);
+  if (kept_total == 0) return;  // not reached (the most probable token is kept): the argmax
+
+  // 6. The draw: the first kept token, in id order, whose running mass passes the point.
+  const uint64_t point = draw::draw_point(d.u, kept_total);
+  if (point < warp_before || point >= warp_before + warp_mass) return;
+  uint32_t rank = tie_offset;
+  uint64_t running = warp_before;
+  for (int64_t base = seg_begin; base < seg_end; base += 32) {
+    const uint64_t m = kept_mass(base + lane, rank);
+    const uint64_t inclusive = warp_inclusive(m);
+    const uint32_t passed = __ballot_sync(0xffffffffu, running + inclusive > point);
+    if (passed != 0) {
+      if (lane == __ffs(passed) - 1) out[d.row] = int32_t(base + lane);
+      return;
+    }
+    running += __shfl_sync(0xffffffffu, inclusive, 31);
+  }
+}
+
+}  // namespace
+
+Status draw_rows(const float* x, int64_t rows, int64_t cols, const DrawLaunch& launch, int count,
+                 int32_t* out, uint64_t* work, cudaStream_t stream) {
+  if (count == 0) return Status::ok();
+  if (count < 0 || count > kDrawRowsPerLaunch || cols <= 0 || cols > draw::kMaxTokens) {
+    return Status::error("draw_rows: " + std::to_string(count) + " rows of " +
+                         std::to_string(cols) + " columns (at most " +
+                         std::to_string(kDrawRowsPerLaunch) + " rows a launch, " +
+                         std::to_string(draw::kMaxTokens) + " columns)");
+  }
+  for (int i = 0; i < count; ++i) {
+    if (launch.rows[i].row < 0 || launch.rows[i].row >= rows) {
+      return Status::error("draw_rows: row " + std::to_string(launch.rows[i].row) + " of " +
+                           std::to_string(rows));
+    }
+  }
+  KS_CUDA_CHECK("draw_rows", launch_pdl(draw_kernel, dim3(unsigned(count)), dim3(kThreads), 0,
+                                        stream, x, cols, launch, out, work));
+  KS_CUDA_CHECK_LAUNCH("draw_rows", "draw_kernel");
+  return Status::ok();
+}
+
+}  // namespace kestrel::cuda

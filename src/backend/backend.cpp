@@ -139,26 +139,23 @@ Status Backend::do_read_rows(Tensor t, std::span<const int32_t> rows, float* hos
 }
 
 Status Backend::pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out) {
+  // The settings as a Sampler applies them (a device kernel takes them as they come).
+  std::vector<RowDraw> checked(draws.begin(), draws.end());
   std::vector<uint8_t> drawn(size_t(std::max<int64_t>(t.rows, 0)), 0);
-  for (const RowDraw& d : draws) {
+  for (RowDraw& d : checked) {
+    const std::string which = name() + " backend: pick_rows draws row " + std::to_string(d.row);
     if (d.row < 0 || d.row >= t.rows) {
-      return Status::error(name() + " backend: pick_rows draws row " + std::to_string(d.row) +
-                           " of a tensor of " + std::to_string(t.rows) + " rows");
+      return Status::error(which + " of a tensor of " + std::to_string(t.rows) + " rows");
     }
-    if (drawn[size_t(d.row)]++ != 0) {
-      return Status::error(name() + " backend: pick_rows draws row " + std::to_string(d.row) +
-                           " twice");
+    if (drawn[size_t(d.row)]++ != 0) return Status::error(which + " twice");
+    d.params = Sampler::normalized(d.params);
+    if (d.params.temperature == 0 || d.params.top_k == 1) {
+      return Status::error(which + " with greedy settings (its argmax is the token)");
     }
-    if (!(d.params.temperature > 0) || d.params.top_k == 1) {
-      return Status::error(name() + " backend: pick_rows draws row " + std::to_string(d.row) +
-                           " with greedy settings (its argmax is the token)");
-    }
-    if (!(d.u >= 0 && d.u < 1)) {
-      return Status::error(name() + " backend: pick_rows: a uniform number outside [0, 1)");
-    }
+    if (!(d.u >= 0 && d.u < 1)) return Status::error(which + " with u outside [0, 1)");
   }
   if (t.rows == 0) return Status::ok();
-  return do_pick_rows(t, draws, out);
+  return do_pick_rows(t, checked, out);
 }
 
 Status Backend::do_pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out) {

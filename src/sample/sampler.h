@@ -91,6 +91,10 @@ class Sampler {
   static int32_t pick(std::span<const float> logits, const SamplingParams& params,
                       int32_t vocab_size, double u);
 
+  // `params` with out-of-range settings moved to the nearest well-defined behaviour (what a
+  // Sampler and pick() apply).
+  static SamplingParams normalized(SamplingParams params);
+
   // Step 1 in place on `logits` [vocab_size].
   void apply_penalties(std::span<float> logits, std::span<const int32_t> history);
 
@@ -118,7 +122,6 @@ class Sampler {
     std::vector<uint64_t> bucket_mass = std::vector<uint64_t>(size_t(1) << kNucleusDigitBits);
   };
   static Scratch& scratch();
-  static SamplingParams normalized(SamplingParams params);
   bool greedy() const;
   bool has_penalties() const;
   // Penalized logits of the first vocab_size entries into t.work; returns their count.

@@ -1,6 +1,8 @@
 // The arithmetic of a sampled token's draw (Sampler's steps 3-7), shared by the host sampler and
-// the CUDA sampler (backend/cuda/sample.cu) so that both give the same token for the same row,
-// settings and uniform number, to the bit.
+// the CUDA sampler (backend/cuda/draw.cu) so that both give the same token for the same row,
+// settings and uniform number, to the bit. A host file computing with these is compiled with
+// -ffp-contract=off (CMakeLists.txt: sample/sampler.cpp), or g++ fuses x * inv_t - top into one
+// fma where the device rounds twice; the device side uses explicitly rounded intrinsics.
 //
 // Every step is either exact or one IEEE operation whose rounding both sides share:
 //   - the candidates' order is that of their float logits (a bit pattern, exact);

@@ -298,6 +298,18 @@ TEST(Sampler, PickSplitsTheUnitIntervalByExactMasses) {
   EXPECT_EQ(Sampler::pick(logits, sampling(0.0f), 3, 0.9), 0);
   const std::vector<float> nan_row(4, std::nanf(""));
   EXPECT_EQ(Sampler::pick(nan_row, p, 4, 0.3), 0);
+  // Two infinite logits are two top tokens of 2^40 each, and a top token's probability is
+  // exactly 1 at any temperature, so min_p 1 keeps both: a fused multiply-add in the scaled
+  // logits would leave the top below 2^40 (or +inf's far off), and fall back to the argmax.
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(Sampler::pick(std::vector<float>{inf, inf}, sampling(0.7f), 2, 0.75), 1);
+  for (const float t : {0.001f, 0.002f}) {
+    SamplingParams strict = sampling(t);
+    strict.min_p = 1.0f;
+    for (const float l : {30.0f, 60.0f}) {
+      EXPECT_EQ(Sampler::pick(std::vector<float>{l, l}, strict, 2, 0.75), 1) << l << " at " << t;
+    }
+  }
   // A vocabulary narrower than the row: its columns only.
   const std::vector<float> padded = {1.0f, 1.0f, 50.0f};
   for (double u : {0.0, 0.3, 0.7, 0.99}) EXPECT_NE(Sampler::pick(padded, p, 2, u), 2);

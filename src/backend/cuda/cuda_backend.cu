@@ -803,8 +803,16 @@ class CudaBackend final : public Backend {
   Status argmax_rows(Tensor t, int32_t* out) override { return pick_and_read(t, {}, out); }
 
   // Sampled rows drawn on the device after the argmax, into its output, so the one copy brings
-  // back every row's token.
-  bool draws_on_device() const override { return draw_work_ != nullptr; }
+  // back every row's token. Whether callers are told to draw here (the server's scheduler):
+  // KESTREL_CUDA_DRAW=1, until the kernel has run on a GPU; pick_rows draws on the device either
+  // way.
+  bool draws_on_device() const override {
+    static const bool on = [] {
+      const char* v = std::getenv("KESTREL_CUDA_DRAW");
+      return v != nullptr && std::string(v) == "1";
+    }();
+    return on && draw_work_ != nullptr;
+  }
 
   Status do_pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out) override {
     if (size_t(t.cols) > draw_work_cols_) {

@@ -237,9 +237,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   const uint64_t total = block_reduce(sh.warp_u64, (unsigned long long)mass, Sum());
 
-  // 4. Top-p. Tokens outside the candidates hold 0, as do candidates too improbable for a
-  // fixed-point bit: neither carries mass, so neither moves the boundary (the most probable
-  // token, 2^40, is always the first kept).
+  // 4. Top-p, over the tokens with mass: those outside the candidates hold 0, as do candidates
+  // too improbable for a fixed-point bit, and neither can move the boundary or be drawn (the
+  // host's buckets count the latter; whether a token of no mass is "kept" changes no draw).
+  // The most probable token, 2^40, is always the first kept.
   Nucleus nucleus;
   if (d.top_p < 1.0f) {
     const uint64_t target = draw::nucleus_target(d.top_p, total);
@@ -258,7 +259,9 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       for (int64_t i = tid; i < n; i += kThreads) {
         const uint64_t v = q[i];
-        if ((v >> above) != high) continue;
+        // Tokens of no mass are left out: they cannot move the boundary or be drawn, and with
+        // top-k they are nearly the whole row, all on bucket 0's two counters.
+        if (v == 0 || (v >> above) != high) continue;
         const int b = int((v >> shift) & (kProbBuckets - 1));
         atomicAdd(&sh.prob.count[b], 1u);
         atomicAdd(&sh.prob.mass[b], (unsigned long long)v);

@@ -317,7 +317,8 @@ bool Scheduler::step() {
   std::vector<RowDraw> draws;
   constexpr size_t kOnDevice = SIZE_MAX;
   std::vector<size_t> full_index(sampled.size(), kOnDevice);  // row i's place in `logits`
-  const bool device_draws = !host_picks_only_ && engine_.draws_on_device();
+  const bool device_draws =
+      !host_picks_only_ && options_.draw_rows.value_or(engine_.draws_on_device());
   for (size_t i = 0; i < sampled.size(); ++i) {
     Sequence& seq = *sampled[i];
     const bool row_as_is = seq.request.top_logprobs < 0 && !seq.stop.suppresses_eos();

@@ -88,6 +88,11 @@ struct SchedulerOptions {
   // Threads that sample a step's host rows side by side: 0 for one a slot, at most the cores;
   // 1 samples them one after another.
   int host_threads = 0;
+  // Whether sampled rows drawn from as they are go to Engine::run_argmax as draws (RowDraw)
+  // instead of crossing to the host whole: unset, where the engine draws on its device
+  // (Engine::draws_on_device); set, always or never (tests compare the two on the CPU, where
+  // the backend's default draws with the host sampler's rule).
+  std::optional<bool> draw_rows;
 };
 
 class Scheduler {

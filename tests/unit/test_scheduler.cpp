@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,9 +23,19 @@ struct Outcome {
   bool finished = false;
 };
 
+// How a run of run_requests picks: its pool's threads, whether the requests ask for logprobs
+// (then every row crosses to the host), and SchedulerOptions::draw_rows.
+struct Picking {
+  int host_threads = 1;
+  bool logprobs = true;
+  std::optional<bool> draw_rows;
+};
+
 // Four sampled requests (each its own seed) on four slots, submitted before the scheduler
-// starts, so its first step admits them all and every run has the same steps.
-std::vector<Outcome> run_requests(const Tokenizer& tokenizer, int host_threads) {
+// starts, so its first step admits them all and every run has the same steps. `metrics_text`
+// gets the run's /metrics.
+std::vector<Outcome> run_requests(const Tokenizer& tokenizer, const Picking& picking,
+                                  std::string* metrics_text = nullptr) {
   EngineOptions options;
   options.model = "synthetic:tiny-qwen2";
   options.format = WeightFormat::fp32;
@@ -38,7 +49,8 @@ std::vector<Outcome> run_requests(const Tokenizer& tokenizer, int host_threads) 
   if (!engine.is_ok()) return {};
   Metrics metrics;
   SchedulerOptions scheduler_options;
-  scheduler_options.host_threads = host_threads;
+  scheduler_options.host_threads = picking.host_threads;
+  scheduler_options.draw_rows = picking.draw_rows;
   Scheduler scheduler(**engine, tokenizer, metrics, scheduler_options);
   std::vector<std::shared_ptr<RequestChannel>> channels;
   for (int i = 0; i < 4; ++i) {
@@ -50,7 +62,7 @@ std::vector<Outcome> run_requests(const Tokenizer& tokenizer, int host_threads) 
     r.sampling.top_p = i % 2 == 0 ? 0.9f : 1.0f;
     r.sampling.top_k = i == 3 ? 40 : 0;
     r.sampling.seed = uint64_t(100 + i);
-    r.top_logprobs = 0;  // each token's id and log-probability come back
+    r.top_logprobs = picking.logprobs ? 0 : -1;  // 0: each token's id and log-probability
     r.channel = std::make_shared<RequestChannel>();
     channels.push_back(r.channel);
     EXPECT_EQ(scheduler.submit(std::move(r)), Scheduler::Admission::queued);
@@ -74,6 +86,7 @@ std::vector<Outcome> run_requests(const Tokenizer& tokenizer, int host_threads) 
     }
   }
   scheduler.shutdown(std::chrono::milliseconds(0));
+  if (metrics_text != nullptr) *metrics_text = metrics.render();
   return out;
 }
 
@@ -81,8 +94,8 @@ TEST(Scheduler, HostRowsSampledSideBySideGiveTheTokensOfALoop) {
   auto tokenizer =
       Tokenizer::load(std::string(KESTREL_SOURCE_DIR) + "/.cache/tokenizers/qwen3/models");
   ASSERT_TRUE(tokenizer.is_ok()) << tokenizer.status().message();
-  const std::vector<Outcome> serial = run_requests(*tokenizer, 1);
-  const std::vector<Outcome> pooled = run_requests(*tokenizer, 4);
+  const std::vector<Outcome> serial = run_requests(*tokenizer, Picking{1, true, std::nullopt});
+  const std::vector<Outcome> pooled = run_requests(*tokenizer, Picking{4, true, std::nullopt});
   ASSERT_EQ(serial.size(), 4u);
   ASSERT_EQ(pooled.size(), 4u);
   for (size_t i = 0; i < serial.size(); ++i) {
@@ -94,6 +107,34 @@ TEST(Scheduler, HostRowsSampledSideBySideGiveTheTokensOfALoop) {
   }
   // The four seeds drew four different streams (the test is not comparing one stream).
   EXPECT_NE(serial[0].tokens, serial[2].tokens);
+}
+
+// Sampled rows drawn through Engine::run_argmax (RowDraw: each request's settings and its own
+// generator's next number) give each request the text its host sampler gives from the whole
+// row: on the CPU the backend's default draws with the same rule, as the CUDA kernel does.
+TEST(Scheduler, RowsDrawnByTheEngineGiveTheHostSamplersText) {
+  auto tokenizer =
+      Tokenizer::load(std::string(KESTREL_SOURCE_DIR) + "/.cache/tokenizers/qwen3/models");
+  ASSERT_TRUE(tokenizer.is_ok()) << tokenizer.status().message();
+  std::string host_metrics, drawn_metrics;
+  const std::vector<Outcome> host =
+      run_requests(*tokenizer, Picking{2, false, false}, &host_metrics);
+  const std::vector<Outcome> drawn =
+      run_requests(*tokenizer, Picking{2, false, true}, &drawn_metrics);
+  ASSERT_EQ(host.size(), 4u);
+  ASSERT_EQ(drawn.size(), 4u);
+  for (size_t i = 0; i < host.size(); ++i) {
+    SCOPED_TRACE("request " + std::to_string(i));
+    EXPECT_FALSE(host[i].text.empty());
+    EXPECT_EQ(drawn[i].text, host[i].text);
+  }
+  EXPECT_NE(host[0].text, host[2].text);
+  // 4 requests x 20 tokens, each picked where the run says.
+  EXPECT_NE(host_metrics.find("kestrel_tokens_picked_total{where=\"host\"} 80"), std::string::npos)
+      << host_metrics;
+  EXPECT_NE(drawn_metrics.find("kestrel_tokens_picked_total{where=\"device_draw\"} 80"),
+            std::string::npos)
+      << drawn_metrics;
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,10 @@ struct TokenGenerationParams {
   int64_t min_new_tokens = 0;  // end-of-sequence tokens are suppressed before this many
   bool stop_at_eos = true;
   std::vector<int32_t> eos_token_ids;  // empty: the model's (generation_config.json)
+  // Whether sampled rows (no penalty, no eos held back) are drawn through Engine::run_argmax
+  // (RowDraw) instead of crossing to the host whole: unset, where the engine draws on its device
+  // (Engine::draws_on_device); set, always or never. The tokens are the same either way.
+  std::optional<bool> draw_rows;
 };
 
 struct TokenGenerationResult {

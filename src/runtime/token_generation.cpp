@@ -121,8 +121,17 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     return greedy && (conditions.eos_ids.empty() || generated >= params.min_new_tokens);
   };
 
+  // Sampled rows drawn where the engine draws (Engine::run_argmax with RowDraw), each with its
+  // sequence's settings and its own generator's next number: its sampler's token, and no row
+  // crosses to the host.
+  const bool drawable =
+      seqs.front().sampler.draws_from_row() && params.draw_rows.value_or(engine.draws_on_device());
+  auto draws_only = [&](int64_t generated) {
+    return drawable && (conditions.eos_ids.empty() || generated >= params.min_new_tokens);
+  };
+
   std::vector<float> logits;         // [rows, vocab]
-  std::vector<int32_t> argmax_rows;  // [rows]
+  std::vector<int32_t> argmax_rows;  // [rows]: the argmax, or the drawn tokens
   std::vector<int32_t> step_tokens(n, -1);
   // Picks the next token of `seqs[i]` from row `row` of the last call.
   auto choose = [&](size_t i, size_t row, bool from_argmax) {
@@ -164,12 +173,25 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     });
   };
 
+  // Runs `batch` whose logit row r is sequence seq_of_row[r]'s, every row drawn.
+  auto run_drawn = [&](const Batch& batch, const std::vector<size_t>& seq_of_row) {
+    std::vector<RowDraw> draws;
+    for (size_t r = 0; r < seq_of_row.size(); ++r) {
+      Sampler& sampler = seqs[seq_of_row[r]].sampler;
+      draws.push_back(
+          RowDraw{int32_t(r), sampler.params(), sampler.vocab_size(), sampler.take_uniform()});
+    }
+    std::vector<float> none;
+    return engine.run_argmax(batch, &argmax_rows, {}, &none, draws);
+  };
+
   // Prefill: the prompts packed back to back into calls of up to the chunk; each prompt's last
   // token asks for its logits.
   auto start = std::chrono::steady_clock::now();
   const int64_t chunk = std::max<int64_t>(
       1, std::min(engine.options().prefill_chunk, engine.run_shape().max_batch_tokens));
   const bool first_argmax = argmax_only(0);
+  const bool first_drawn = !first_argmax && draws_only(0);
   size_t next_prompt = 0;
   size_t next_pos = 0;
   while (next_prompt < n) {
@@ -190,10 +212,12 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     }
     if (!finished.empty() && first_argmax) {
       KS_RETURN_IF_ERROR(engine.run_argmax(batch, &argmax_rows));
+    } else if (!finished.empty() && first_drawn) {
+      KS_RETURN_IF_ERROR(run_drawn(batch, finished));
     } else {
       KS_RETURN_IF_ERROR(engine.run(batch, &logits));
     }
-    choose_all(finished, first_argmax);
+    choose_all(finished, first_argmax || first_drawn);
   }
   result.prefill_seconds = seconds_since(start);
   if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
@@ -262,12 +286,15 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
       if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
       continue;
     }
+    const bool use_draws = !use_argmax && draws_only(generated);
     if (use_argmax) {
       KS_RETURN_IF_ERROR(engine.run_argmax(batch, &argmax_rows));
+    } else if (use_draws) {
+      KS_RETURN_IF_ERROR(run_drawn(batch, rows));
     } else {
       KS_RETURN_IF_ERROR(engine.run(batch, &logits));
     }
-    choose_all(rows, use_argmax);
+    choose_all(rows, use_argmax || use_draws);
     ++result.decode_steps;
     if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
   }

@@ -175,6 +175,36 @@ TEST(TokenGeneration, SamplingIsSeededPerSequence) {
   EXPECT_EQ(pair->tokens[1], next_seed->tokens[0]);  // sequence 1 with seed + 1
 }
 
+// Sampled rows drawn through the engine (TokenGenerationParams::draw_rows; on the CPU the
+// backend's default draws with the sampler's rule) give every sequence its host sampler's
+// tokens, with top-k, top-p and min-p, with and without an eos held back for a while (those
+// steps go to the host), and stop at the same eos.
+TEST(TokenGeneration, DrawnRowsGiveTheSamplersTokens) {
+  auto engine = make_engine(3, 8);  // prompts of 6-11 tokens: prefill over several calls
+  const std::vector<std::vector<int32_t>> prompts = {random_prompt(6, 21), random_prompt(11, 22),
+                                                     random_prompt(9, 23)};
+  for (int variant = 0; variant < 3; ++variant) {
+    SCOPED_TRACE("variant " + std::to_string(variant));
+    TokenGenerationParams params;
+    params.max_new_tokens = 16;
+    params.sampling.temperature = 1.2f;
+    params.sampling.seed = 7 + uint64_t(variant);
+    params.sampling.top_k = variant == 1 ? 30 : 0;
+    params.sampling.top_p = variant == 2 ? 0.8f : 1.0f;
+    params.sampling.min_p = variant == 2 ? 0.01f : 0.0f;
+    params.stop_at_eos = variant != 0;
+    params.min_new_tokens = variant == 2 ? 5 : 0;
+    params.draw_rows = false;
+    auto host = generate_tokens(*engine, prompts, params);
+    params.draw_rows = true;
+    auto drawn = generate_tokens(*engine, prompts, params);
+    ASSERT_TRUE(host.is_ok() && drawn.is_ok()) << drawn.status().message();
+    EXPECT_EQ(drawn->tokens, host->tokens);
+    EXPECT_EQ(drawn->stop_reasons, host->stop_reasons);
+    EXPECT_NE(host->tokens[0], host->tokens[1]);
+  }
+}
+
 TEST(TokenGeneration, SlotsGiveBackTheirKvBlocksBetweenCalls) {
   // A pool of one full context (96 positions = 6 blocks of 16) shared by two slots: a long
   // generation in slot 0 takes all of it, and the next call fits only if slot 0 starts afresh.

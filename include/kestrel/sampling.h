@@ -21,7 +21,7 @@ struct SamplingParams {
 // A logit row whose token is drawn on the backend's device rather than taken at its argmax
 // (Engine::run_argmax with draws): the settings' steps 3-7 (penalties are not applied; the
 // temperature is above 0) with the draw's uniform number given, so a seeded request's stream
-// stays the host sampler's (src/sample/sampler.h: Sampler::take_uniform and Sampler::pick).
+// stays the host sampler's (src/sample/sampler.h: Sampler::next_draw and Sampler::pick).
 struct RowDraw {
   int32_t row = 0;  // index into the batch's logit rows
   SamplingParams params;

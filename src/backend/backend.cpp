@@ -8,9 +8,9 @@
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/matmul.h"
 #include "backend/cuda_module.h"
+#include "sample/sampler.h"
 #if defined(KESTREL_HAVE_VULKAN)
 #include "backend/vulkan/vulkan_backend.h"
-#include "sample/sampler.h"
 #endif
 
 namespace kestrel {
@@ -149,7 +149,7 @@ Status Backend::pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out
     }
     if (drawn[size_t(d.row)]++ != 0) return Status::error(which + " twice");
     d.params = Sampler::normalized(d.params);
-    if (d.params.temperature == 0 || d.params.top_k == 1) {
+    if (Sampler::is_greedy(d.params)) {
       return Status::error(which + " with greedy settings (its argmax is the token)");
     }
     if (!(d.u >= 0 && d.u < 1)) return Status::error(which + " with u outside [0, 1)");

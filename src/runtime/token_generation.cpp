@@ -177,12 +177,9 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
   auto run_drawn = [&](const Batch& batch, const std::vector<size_t>& seq_of_row) {
     std::vector<RowDraw> draws;
     for (size_t r = 0; r < seq_of_row.size(); ++r) {
-      Sampler& sampler = seqs[seq_of_row[r]].sampler;
-      draws.push_back(
-          RowDraw{int32_t(r), sampler.params(), sampler.vocab_size(), sampler.take_uniform()});
+      draws.push_back(seqs[seq_of_row[r]].sampler.next_draw(int32_t(r)));
     }
-    std::vector<float> none;
-    return engine.run_argmax(batch, &argmax_rows, {}, &none, draws);
+    return engine.run_argmax(batch, &argmax_rows, {}, nullptr, draws);
   };
 
   // Prefill: the prompts packed back to back into calls of up to the chunk; each prompt's last

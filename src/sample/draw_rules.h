@@ -38,10 +38,15 @@ KS_DRAW_HD bool valid_logit(float l) {
   return l == l && l != -INFINITY;
 }
 
+// A valid logit's key: +inf counts as the largest finite float.
+KS_DRAW_HD float logit_key(float l) {
+  return l > 3.40282347e+38f ? 3.40282347e+38f : l;
+}
+
 // The key of a valid logit as an unsigned integer of the same order (larger key, larger value).
 // -0 is +0 (they compare equal, as the host's float comparisons take them).
 KS_DRAW_HD uint32_t ordered_key(float l) {
-  const float key = l > 3.40282347e+38f ? 3.40282347e+38f : (l == 0.0f ? 0.0f : l);
+  const float key = l == 0.0f ? 0.0f : logit_key(l);
 #ifdef __CUDA_ARCH__
   const uint32_t bits = __float_as_uint(key);
 #else
@@ -165,6 +170,11 @@ KS_DRAW_HD uint64_t fixed_from_prob(double p) {
   constexpr double kShifter = 0x1.8p52;
   return static_cast<uint64_t>(as_int64(add_rn(mul_rn(p, kProbScale), kShifter)) -
                                as_int64(kShifter));
+}
+
+// A candidate's fixed-point probability: its key and the most probable candidate's key.
+KS_DRAW_HD uint64_t fixed_prob(float key, float top_key, double inv_t) {
+  return fixed_from_prob(exp_nonpositive(scaled_gap(key, top_key, inv_t)));
 }
 
 KS_DRAW_HD double to_double(uint64_t v) {

@@ -113,8 +113,8 @@ Sampler::Scratch& Sampler::scratch() {
   return t;
 }
 
-bool Sampler::greedy() const {
-  return params_.temperature == 0 || params_.top_k == 1;
+bool Sampler::is_greedy(const SamplingParams& params) {
+  return params.temperature == 0 || params.top_k == 1;
 }
 
 bool Sampler::has_penalties() const {
@@ -123,7 +123,7 @@ bool Sampler::has_penalties() const {
 }
 
 bool Sampler::picks_argmax() const {
-  return greedy() && !has_penalties();
+  return is_greedy(params_) && !has_penalties();
 }
 
 void Sampler::apply_penalties(std::span<float> logits, std::span<const int32_t> history) {
@@ -166,10 +166,8 @@ int32_t Sampler::argmax(const float* logits, size_t n) {
 uint64_t Sampler::filter(Scratch& t, const float* logits, size_t n, const SamplingParams& p) {
   const double inv_t = draw::inverse_temperature(p.temperature);
   // +inf counts as the largest finite logit; NaN and -inf are never candidates.
-  auto key = [](float l) { return std::min(l, std::numeric_limits<float>::max()); };
-  auto valid = [](float l) {
-    return !std::isnan(l) && l != -std::numeric_limits<float>::infinity();
-  };
+  auto key = draw::logit_key;
+  auto valid = draw::valid_logit;
 
   // Top-k before anything is exponentiated: the k-th largest logit, by selection over the
   // logits alone, is the bar (scaling by 1 / T keeps the order, so the set is the same).
@@ -207,31 +205,27 @@ uint64_t Sampler::filter(Scratch& t, const float* logits, size_t n, const Sampli
   // The candidates. Without top-k nearly every logit is one: without branches, every logit is
   // written and the count moves past it only when it is one. With top-k few are: a branch that
   // is nearly always taken the same way.
-  t.probs.resize(n);
+  t.cand_keys.resize(n);
   t.ids.resize(n);
   size_t m = 0;
   float top = -std::numeric_limits<float>::infinity();
   for (size_t i = 0; i < n; ++i) {
     const float l = logits[i];
     if (k > 0 && !(key(l) >= bar)) continue;
-    t.probs[m] = static_cast<double>(key(l));
+    t.cand_keys[m] = key(l);
     t.ids[m] = static_cast<int32_t>(i);
     const bool candidate = valid(l) && key(l) >= bar;
     top = candidate ? std::max(top, key(l)) : top;
     m += candidate;
   }
-  t.probs.resize(m);
+  t.cand_keys.resize(m);
   t.ids.resize(m);
   t.q.resize(m);
   if (m == 0) return 0;
 
-  // Probabilities relative to the most probable token's (1), as draw_rules.h computes them, then
-  // as fixed-point integers: from here on every sum is exact.
-  // Separate roundings, never one fma (draw::scaled_gap's).
-  const double top_scaled = draw::mul_rn(static_cast<double>(top), inv_t);
-  for (double& x : t.probs) x = draw::sub_rn(draw::mul_rn(x, inv_t), top_scaled);
-  exp_in_place(t.probs);
-  for (size_t j = 0; j < m; ++j) t.q[j] = draw::fixed_from_prob(t.probs[j]);
+  // Fixed-point probabilities (the top token's is 2^40), as the CUDA sampler computes them: from
+  // here on every sum is exact.
+  for (size_t j = 0; j < m; ++j) t.q[j] = draw::fixed_prob(t.cand_keys[j], top, inv_t);
 
   if (p.top_p < 1.0f) nucleus(t, draw::nucleus_target(p.top_p, sum(t.q)));
 
@@ -340,37 +334,37 @@ int32_t Sampler::draw(const Scratch& t, uint64_t total, double u) {
   return t.ids.back();  // not reached: the point is below the total
 }
 
+int32_t Sampler::pick_from(Scratch& t, const float* logits, size_t n, const SamplingParams& p,
+                           double u) {
+  if (is_greedy(p)) return argmax(logits, n);
+  const uint64_t total = filter(t, logits, n, p);
+  if (total == 0) return argmax(logits, n);
+  return draw(t, total, u);
+}
+
 int32_t Sampler::sample(std::span<const float> logits, std::span<const int32_t> history) {
   Scratch& t = scratch();
   const size_t n = prepare(t, logits, history);
   if (n == 0) return 0;
-  if (greedy()) return argmax(t.work.data(), n);
-  // Drawn before the row is looked at, as a caller that has a device draw it takes (pick)
+  if (is_greedy(params_)) return argmax(t.work.data(), n);
+  // Drawn before the row is looked at, as a caller that has a device draw it takes (next_draw)
   // does: a seed gives the same stream whichever draws.
-  const double u = rng_.uniform();
-  const uint64_t total = filter(t, t.work.data(), n, params_);
-  if (total == 0) return argmax(t.work.data(), n);
-  return draw(t, total, u);
+  return pick_from(t, t.work.data(), n, params_, rng_.uniform());
 }
 
-double Sampler::take_uniform() {
-  return rng_.uniform();
+RowDraw Sampler::next_draw(int32_t row) {
+  return RowDraw{row, params_, vocab_size_, rng_.uniform()};
 }
 
 bool Sampler::draws_from_row() const {
-  return !greedy() && !has_penalties();
+  return !is_greedy(params_) && !has_penalties();
 }
 
 int32_t Sampler::pick(std::span<const float> logits, const SamplingParams& params,
                       int32_t vocab_size, double u) {
-  const SamplingParams p = normalized(params);
   const size_t n = std::min(logits.size(), static_cast<size_t>(std::max<int32_t>(vocab_size, 0)));
   if (n == 0) return 0;
-  if (p.temperature == 0 || p.top_k == 1) return argmax(logits.data(), n);
-  Scratch& t = scratch();
-  const uint64_t total = filter(t, logits.data(), n, p);
-  if (total == 0) return argmax(logits.data(), n);
-  return draw(t, total, u);
+  return pick_from(scratch(), logits.data(), n, normalized(params), u);
 }
 
 std::vector<std::pair<int32_t, double>> Sampler::distribution(std::span<const float> logits,
@@ -379,7 +373,7 @@ std::vector<std::pair<int32_t, double>> Sampler::distribution(std::span<const fl
   Scratch& t = scratch();
   const size_t n = prepare(t, logits, history);
   if (n == 0) return out;
-  if (greedy()) {
+  if (is_greedy(params_)) {
     out.emplace_back(argmax(t.work.data(), n), 1.0);
     return out;
   }

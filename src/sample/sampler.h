@@ -79,10 +79,14 @@ class Sampler {
   bool picks_argmax() const;
 
   // Whether sample() draws from the row as it is (no penalty, not greedy): a caller may then take
-  // take_uniform() and have a device draw the token with pick()'s rule (Backend::pick_rows).
+  // next_draw() and have a device draw the token with pick()'s rule (Backend::pick_rows).
   bool draws_from_row() const;
-  // The uniform number sample() would draw next, consumed.
-  double take_uniform();
+  // The draw sample() would make next, of logit row `row`: this sampler's settings, vocabulary
+  // and the uniform number its generator gives next (consumed).
+  RowDraw next_draw(int32_t row);
+
+  // Whether settings (normalized) take the argmax: temperature 0 or top_k 1.
+  static bool is_greedy(const SamplingParams& params);
 
   // Steps 3-7 of `params` (penalties are not applied) on `logits` [>= vocab_size used] with the
   // draw's uniform number `u` given: the token sample() returns when its generator gives `u`.
@@ -111,18 +115,17 @@ class Sampler {
   // A call's working arrays: one set a thread, shared by its samplers (a server samples a row
   // of every slot on a pool of threads; each slot's own arrays would not stay in cache).
   struct Scratch {
-    std::vector<float> work;      // [vocab_size] penalized logits
-    std::vector<double> probs;    // the candidates': keys, then probabilities (of the top one's)
-    std::vector<uint64_t> q;      // the candidates' fixed-point probabilities (draw_rules.h)
-    std::vector<int32_t> ids;     // the candidates' token ids
-    std::vector<float> keys;      // top-k's selection
-    std::vector<uint32_t> order;  // nucleus: candidates not decided yet
-    std::vector<uint8_t> keep;    // nucleus: candidates kept
+    std::vector<float> work;       // [vocab_size] penalized logits
+    std::vector<float> cand_keys;  // the candidates' keys (draw_rules.h: logit_key)
+    std::vector<uint64_t> q;       // the candidates' fixed-point probabilities (draw_rules.h)
+    std::vector<int32_t> ids;      // the candidates' token ids
+    std::vector<float> keys;       // top-k's selection
+    std::vector<uint32_t> order;   // nucleus: candidates not decided yet
+    std::vector<uint8_t> keep;     // nucleus: candidates kept
     std::vector<uint32_t> bucket_count = std::vector<uint32_t>(size_t(1) << kNucleusDigitBits);
     std::vector<uint64_t> bucket_mass = std::vector<uint64_t>(size_t(1) << kNucleusDigitBits);
   };
   static Scratch& scratch();
-  bool greedy() const;
   bool has_penalties() const;
   // Penalized logits of the first vocab_size entries into t.work; returns their count.
   size_t prepare(Scratch& t, std::span<const float> logits, std::span<const int32_t> history);
@@ -133,6 +136,9 @@ class Sampler {
   static uint64_t sum(std::span<const uint64_t> values);
   // Step 7: the candidate whose running mass, in id order, first passes u * total.
   static int32_t draw(const Scratch& t, uint64_t total, double u);
+  // Steps 2-7 of `p` (normalized) on logits[0, n), u the draw's number.
+  static int32_t pick_from(Scratch& t, const float* logits, size_t n, const SamplingParams& p,
+                           double u);
   // Step 5: keeps the candidates most probable first (ties: lower id) while the mass before each
   // is below `target`, at least one, in id order. An MSD radix select on the fixed-point
   // probabilities' bits: each level buckets the undecided tokens by

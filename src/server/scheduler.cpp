@@ -324,8 +324,7 @@ bool Scheduler::step() {
     const bool row_as_is = seq.request.top_logprobs < 0 && !seq.stop.suppresses_eos();
     if (row_as_is && seq.sampler.picks_argmax() && !host_picks_only_) continue;
     if (row_as_is && device_draws && seq.sampler.draws_from_row()) {
-      draws.push_back(
-          {int32_t(i), seq.sampler.params(), seq.sampler.vocab_size(), seq.sampler.take_uniform()});
+      draws.push_back(seq.sampler.next_draw(int32_t(i)));
       continue;
     }
     full_index[i] = full_rows.size();

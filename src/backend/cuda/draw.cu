@@ -14,7 +14,6 @@
 //      at a time), min-p's floor applied, and the draw's point in their total;
 //   6. the warp whose segment holds the point walks it again to the token.
 // Every sum is an integer sum, so the order the threads add in does not change a bit.
-#include <cfloat>
 #include <cstdint>
 #include <string>
 
@@ -229,8 +228,7 @@ __global__ void __launch_bounds__(kThreads)
     const float l = x[i];
     uint64_t p = 0;
     if (draw::valid_logit(l) && draw::ordered_key(l) >= bar) {
-      const float key = l > FLT_MAX ? FLT_MAX : l;
-      p = draw::fixed_from_prob(draw::exp_nonpositive(draw::scaled_gap(key, top_key, inv_t)));
+      p = draw::fixed_prob(draw::logit_key(l), top_key, inv_t);
     }
     q[i] = p;
     mass += p;

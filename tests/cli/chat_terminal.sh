@@ -17,11 +17,16 @@ again=$("$kestrel" run -m synthetic:tiny-qwen2 --tokenizer "$tokenizer" -p "Once
   -p "Once upon a time" -n 12 --temp 0.7 --seed 5 -q 2>/dev/null)" ] || { echo "same seed, different text"; exit 1; }
 echo "ok run -p streams text; same seed gives the same text"
 
-session="kestrel-chat-$$"
-tmux kill-session -t "$session" 2>/dev/null || true
+# Each part runs in its own tmux server (its own socket, -S): killing a server's last session
+# makes that server exit, and a client that connects while it is exiting fails with "server
+# exited unexpectedly" (this failed CI once). A fresh socket never meets a dying server.
+session="kestrel-chat"
+sockets=$(mktemp -d)
+socket="$sockets/1"
+tmux() { command tmux -S "$socket" "$@"; }
 tmux new-session -d -s "$session" -x 200 -y 50 \
   "$kestrel chat -m synthetic:tiny-qwen2 --tokenizer $tokenizer -n 6 --system 'Be brief.'; echo CHAT-EXITED; sleep 30"
-trap 'tmux kill-session -t "$session" 2>/dev/null || true' EXIT
+trap 'tmux kill-server 2>/dev/null || true; rm -rf "$sockets"' EXIT
 
 # wait_for PATTERN: polls the pane for up to 120 s (a few seconds on an idle machine; CI's two
 # cores may be shared with a build). -J joins wrapped lines: a long reply can wrap the terminal's
@@ -71,7 +76,8 @@ wait_for "CHAT-EXITED"
 echo "ok chat in a terminal: two turns, cache reused, /exit quits"
 
 # Ctrl-C stops a long reply and returns to the prompt; at an empty prompt, Ctrl-C twice quits.
-tmux kill-session -t "$session" 2>/dev/null || true
+tmux kill-server 2>/dev/null || true
+socket="$sockets/2"
 tmux new-session -d -s "$session" -x 200 -y 50 \
   "$kestrel chat -m synthetic:tiny-qwen2 --tokenizer $tokenizer -n 3000 --ignore-eos; echo CHAT-EXITED; sleep 30"
 wait_for "^>"

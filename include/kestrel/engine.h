@@ -199,14 +199,15 @@ class Engine {
   // ranks). Elsewhere a caller samples whole rows on the host, as fast.
   bool draws_on_device() const;
 
-  // Greedy decode run ahead (EngineOptions::run_ahead): whether this engine's generate calls do
-  // it, and run_argmax in two halves (any engine of one backend). start_argmax runs `batch` (with
-  // `tokens_from_argmax`, row i's token is row i of the argmax started just before it, which had as
-  // many rows; batch.tokens are ignored) and queues its logit rows' argmax, at most two at once;
-  // finish_argmax waits for the oldest queued and returns its rows. A run() or run_argmax() drops
-  // any never finished.
+  // Decode run ahead (EngineOptions::run_ahead): whether this engine's generate calls do it, and
+  // run_argmax in two halves (any engine of one backend). start_argmax runs `batch` (with
+  // `tokens_from_argmax`, row i's token is row i of the step started just before it, which had as
+  // many rows; batch.tokens are ignored) and queues its logit rows' argmax, the rows of `draws`
+  // drawn instead as run_argmax draws them, at most two calls at once; finish_argmax waits for
+  // the oldest queued and returns its rows. A run() or run_argmax() drops any never finished.
   bool runs_ahead() const;
-  Status start_argmax(const Batch& batch, bool tokens_from_argmax);
+  Status start_argmax(const Batch& batch, bool tokens_from_argmax,
+                      const std::vector<RowDraw>& draws = {});
   Status finish_argmax(std::vector<int32_t>* tokens);
 
   // Slot `dst` takes the cached positions [0, n_positions) of slot `src`: the full blocks are

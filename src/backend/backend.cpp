@@ -91,7 +91,7 @@ Status Backend::begin_batch(const BatchView& batch) {
   return do_begin_batch(view);
 }
 
-Status Backend::start_argmax(Tensor t) {
+Status Backend::start_argmax(Tensor t, std::span<const RowDraw> draws) {
   if (argmax_started_ - argmax_finished_ >= kArgmaxInFlight) {
     return Status::error(name() + " backend: start_argmax with " + std::to_string(kArgmaxInFlight) +
                          " already queued (finish_argmax first)");
@@ -99,8 +99,9 @@ Status Backend::start_argmax(Tensor t) {
   if (t.rows <= 0 || t.cols <= 0) {
     return Status::error(name() + " backend: start_argmax of an empty tensor");
   }
+  KS_ASSIGN_OR_RETURN(std::vector<RowDraw> checked, checked_draws(t, draws));
   const int slot = int(argmax_started_ % kArgmaxInFlight);
-  KS_RETURN_IF_ERROR(do_start_argmax(t, slot));
+  KS_RETURN_IF_ERROR(do_start_argmax(t, slot, checked));
   argmax_slot_rows_[slot] = t.rows;
   ++argmax_started_;
   feed_rows_ = t.rows;
@@ -139,11 +140,18 @@ Status Backend::do_read_rows(Tensor t, std::span<const int32_t> rows, float* hos
 }
 
 Status Backend::pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out) {
+  KS_ASSIGN_OR_RETURN(std::vector<RowDraw> checked, checked_draws(t, draws));
+  if (t.rows == 0) return Status::ok();
+  return do_pick_rows(t, checked, out);
+}
+
+Result<std::vector<RowDraw>> Backend::checked_draws(Tensor t,
+                                                    std::span<const RowDraw> draws) const {
   // The settings as a Sampler applies them (a device kernel takes them as they come).
   std::vector<RowDraw> checked(draws.begin(), draws.end());
   std::vector<uint8_t> drawn(size_t(std::max<int64_t>(t.rows, 0)), 0);
   for (RowDraw& d : checked) {
-    const std::string which = name() + " backend: pick_rows draws row " + std::to_string(d.row);
+    const std::string which = name() + " backend: a draw of row " + std::to_string(d.row);
     if (d.row < 0 || d.row >= t.rows) {
       return Status::error(which + " of a tensor of " + std::to_string(t.rows) + " rows");
     }
@@ -154,8 +162,7 @@ Status Backend::pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out
     }
     if (!(d.u >= 0 && d.u < 1)) return Status::error(which + " with u outside [0, 1)");
   }
-  if (t.rows == 0) return Status::ok();
-  return do_pick_rows(t, checked, out);
+  return checked;
 }
 
 Status Backend::do_pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out) {
@@ -172,10 +179,10 @@ Status Backend::do_pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* 
   return Status::ok();
 }
 
-Status Backend::do_start_argmax(Tensor t, int slot) {
+Status Backend::do_start_argmax(Tensor t, int slot, std::span<const RowDraw> draws) {
   std::vector<int32_t>& rows = argmax_host_[slot];
   rows.resize(size_t(t.rows));
-  return argmax_rows(t, rows.data());
+  return do_pick_rows(t, draws, rows.data());
 }
 
 Status Backend::do_finish_argmax(int slot, int32_t* out) {

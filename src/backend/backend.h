@@ -246,14 +246,15 @@ class Backend {
   Status pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out);
   virtual bool draws_on_device() const { return false; }
 
-  // argmax_rows in two halves, so a caller can queue the next call before this one's tokens are
-  // back (greedy decode run ahead: the next call begins with tokens_from_argmax). start_argmax
-  // queues the argmax of every row of t; finish_argmax waits for the oldest queued one and
-  // returns its rows. At most kArgmaxInFlight are queued at once; a begin_batch whose tokens
-  // come from the host drops any that were never finished. finish_argmax goes between calls
-  // (after a call's start_argmax, before the next begin_batch), never among a call's ops.
+  // pick_rows in two halves, so a caller can queue the next call before this one's tokens are
+  // back (decode run ahead: the next call begins with tokens_from_argmax). start_argmax queues
+  // the argmax of every row of t, the rows of `draws` drawn instead (checked as pick_rows checks
+  // them); finish_argmax waits for the oldest queued one and returns its rows. At most
+  // kArgmaxInFlight are queued at once; a begin_batch whose tokens come from the host drops any
+  // that were never finished. finish_argmax goes between calls (after a call's start_argmax,
+  // before the next begin_batch), never among a call's ops.
   static constexpr int kArgmaxInFlight = 2;
-  Status start_argmax(Tensor t);
+  Status start_argmax(Tensor t, std::span<const RowDraw> draws = {});
   Status finish_argmax(std::vector<int32_t>* out);
 
   // Bytes of device memory this backend holds now, and its high-water mark.
@@ -266,10 +267,10 @@ class Backend {
   virtual Status do_copy_kv_block(int32_t src, int32_t dst) = 0;
   virtual Status do_begin_batch(const BatchView& batch) = 0;
   // The halves of start_argmax and finish_argmax; `slot` (0 .. kArgmaxInFlight - 1) pairs them.
-  // By default start computes the rows at once (argmax_rows) into a host buffer of the slot and
+  // By default start computes the rows at once (do_pick_rows) into a host buffer of the slot and
   // finish copies them out. A backend that overrides them and leaves the rows on its device for
   // the next call's tokens (argmax_on_device) gets tokens_from_argmax batches with null tokens.
-  virtual Status do_start_argmax(Tensor t, int slot);
+  virtual Status do_start_argmax(Tensor t, int slot, std::span<const RowDraw> draws);
   // read_rows with checked rows. By default read() of the whole tensor and a host copy of the
   // rows; a device backend copies only the rows.
   virtual Status do_read_rows(Tensor t, std::span<const int32_t> rows, float* host);
@@ -292,6 +293,10 @@ class Backend {
   std::vector<int32_t> argmax_host_[kArgmaxInFlight];
   int64_t feed_rows_ = -1;
   int64_t feed_cols_ = 0;
+
+  // pick_rows' and start_argmax's check of `draws` against t: the draws as the device takes
+  // them (normalized settings), or the first fault.
+  Result<std::vector<RowDraw>> checked_draws(Tensor t, std::span<const RowDraw> draws) const;
 };
 
 // Whether every row of the batch asks for its logits, in order (a decode step): the forward pass

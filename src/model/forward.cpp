@@ -118,11 +118,12 @@ Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch
 }
 
 Status forward_start_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
-                            const BlockTables& tables, bool tokens_from_argmax) {
+                            const BlockTables& tables, bool tokens_from_argmax,
+                            std::span<const RowDraw> draws) {
   KS_ASSIGN_OR_RETURN(Tensor out,
                       forward_logits(backend, weights, batch, tables, nullptr, tokens_from_argmax));
   if (out.rows == 0) return Status::error("forward_start_argmax: the batch asks for no logits");
-  return backend.start_argmax(out);
+  return backend.start_argmax(out, draws);
 }
 
 }  // namespace kestrel

@@ -46,10 +46,11 @@ Status forward_argmax(Backend& backend, const ModelWeights& weights, const Batch
                       std::span<const int32_t> full_rows = {}, std::vector<float>* logits = nullptr,
                       std::span<const RowDraw> draws = {});
 
-// forward_argmax's first half for greedy decode run ahead: runs `batch` (its tokens from the
-// argmax before it when `tokens_from_argmax`) and queues the argmax of its logit rows
-// (Backend::start_argmax); Backend::finish_argmax returns them.
+// forward_argmax's first half for decode run ahead: runs `batch` (its tokens from the argmax
+// before it when `tokens_from_argmax`) and queues the argmax of its logit rows, the rows of
+// `draws` drawn instead (Backend::start_argmax); Backend::finish_argmax returns them.
 Status forward_start_argmax(Backend& backend, const ModelWeights& weights, const Batch& batch,
-                            const BlockTables& tables, bool tokens_from_argmax);
+                            const BlockTables& tables, bool tokens_from_argmax,
+                            std::span<const RowDraw> draws = {});
 
 }  // namespace kestrel

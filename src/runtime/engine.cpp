@@ -395,11 +395,18 @@ bool Engine::runs_ahead() const {
   return !tensor_parallel_ && on;
 }
 
-Status Engine::start_argmax(const Batch& batch, bool tokens_from_argmax) {
+Status Engine::start_argmax(const Batch& batch, bool tokens_from_argmax,
+                            const std::vector<RowDraw>& draws) {
   if (tensor_parallel_) return Status::error("start_argmax: not on a model split over ranks");
+  for (const RowDraw& d : draws) {
+    if (d.row < 0 || size_t(d.row) >= batch.logit_rows.size()) {
+      return Status::error("start_argmax: a draw from row " + std::to_string(d.row) + " of " +
+                           std::to_string(batch.logit_rows.size()) + " logit rows");
+    }
+  }
   KS_RETURN_IF_ERROR(prepare_kv_cache(batch));
   const BlockTables tables{kv_cache_->tables(), kv_cache_->blocks_per_seq()};
-  return forward_start_argmax(*backend_, *weights_, batch, tables, tokens_from_argmax);
+  return forward_start_argmax(*backend_, *weights_, batch, tables, tokens_from_argmax, draws);
 }
 
 Status Engine::finish_argmax(std::vector<int32_t>* tokens) {

@@ -221,21 +221,25 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
 
   // Decode: one call carries the last token of every running sequence.
   start = std::chrono::steady_clock::now();
-  // Run ahead (Engine::runs_ahead), while the device picks the tokens: the step after the current
-  // one is queued before the current one's tokens come back, fed them on the device, when it
-  // will carry the same sequences (none reaches max_new_tokens with the current token) and also
-  // takes the argmax. A sequence the current token stops (eos, a stop id) leaves the queued step
-  // a row it drops; the step after that goes from the host's tokens.
+  // Run ahead (Engine::runs_ahead), while the device picks the tokens (the argmax, or draws): the
+  // step after the current one is queued before the current one's tokens come back, fed them on
+  // the device, when it will carry the same sequences (none reaches max_new_tokens with the
+  // current token) and picks the same way. A sequence the current token stops (eos, a stop id)
+  // leaves the queued step a row it drops (a drawn row has taken its generator's next number,
+  // which that ended sequence never uses); the step after that goes from the host's tokens.
   const bool ahead = engine.runs_ahead();
   std::vector<std::vector<size_t>> queued;  // the sequences of each queued step's rows, in order
-  auto queue_step = [&](const std::vector<size_t>& rows, bool from_argmax) {
+  auto queue_step = [&](const std::vector<size_t>& rows, bool from_argmax, bool drawn) {
     Batch batch;
     const size_t offset = from_argmax ? 1 : 0;  // fed the token the step before it picks
-    for (size_t i : rows) {
+    std::vector<RowDraw> draws;
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const size_t i = rows[r];
       batch.add(from_argmax ? 0 : seqs[i].next, int32_t(seqs[i].history.size() - 1 + offset),
                 int32_t(i), true);
+      if (drawn) draws.push_back(seqs[i].sampler.next_draw(int32_t(r)));
     }
-    KS_RETURN_IF_ERROR(engine.start_argmax(batch, from_argmax));
+    KS_RETURN_IF_ERROR(engine.start_argmax(batch, from_argmax, draws));
     queued.push_back(rows);
     return Status::ok();
   };
@@ -250,10 +254,11 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     }
     if (rows.empty()) break;
     const bool use_argmax = argmax_only(generated);
-    if (ahead && use_argmax) {
-      if (queued.empty()) KS_RETURN_IF_ERROR(queue_step(rows, false));
-      bool same_rows_next =
-          queued.size() == 1 && queued.front() == rows && argmax_only(generated + 1);
+    const bool use_draws = !use_argmax && draws_only(generated);
+    if (ahead && (use_argmax || use_draws)) {
+      if (queued.empty()) KS_RETURN_IF_ERROR(queue_step(rows, false, use_draws));
+      bool same_rows_next = queued.size() == 1 && queued.front() == rows &&
+                            (use_argmax ? argmax_only(generated + 1) : draws_only(generated + 1));
       // A step run ahead takes a new KV block only while the pool could still serve every
       // running sequence to max_new_tokens: then the block its sequence may never use (a stop
       // drops the step) cannot be one another sequence needs later. From a tighter pool the
@@ -272,7 +277,7 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
       }
       same_rows_next =
           same_rows_next && (new_blocks == 0 || worst <= engine.kv_cache().available_blocks());
-      if (same_rows_next) KS_RETURN_IF_ERROR(queue_step(rows, true));
+      if (same_rows_next) KS_RETURN_IF_ERROR(queue_step(rows, true, use_draws));
       KS_RETURN_IF_ERROR(engine.finish_argmax(&argmax_rows));
       const std::vector<size_t> step_rows = std::move(queued.front());
       queued.erase(queued.begin());
@@ -283,7 +288,6 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
       if (on_step) KS_RETURN_IF_ERROR(on_step(step_tokens));
       continue;
     }
-    const bool use_draws = !use_argmax && draws_only(generated);
     if (use_argmax) {
       KS_RETURN_IF_ERROR(engine.run_argmax(batch, &argmax_rows));
     } else if (use_draws) {

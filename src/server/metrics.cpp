@@ -108,6 +108,16 @@ void Metrics::record_picks(int64_t on_device, int64_t drawn_on_device, int64_t o
   host_picks_ += uint64_t(on_host);
 }
 
+void Metrics::record_step(bool run_ahead) {
+  std::lock_guard lock(mutex_);
+  ++(run_ahead ? steps_ahead_ : steps_in_turn_);
+}
+
+void Metrics::record_dropped_rows(int64_t n) {
+  std::lock_guard lock(mutex_);
+  dropped_rows_ += uint64_t(n);
+}
+
 void Metrics::set_kv_blocks(int64_t used, int64_t free, int64_t cached) {
   std::lock_guard lock(mutex_);
   kv_used_ = used;
@@ -159,6 +169,15 @@ std::string Metrics::render() const {
   line(out, "kestrel_tokens_picked_total{where=\"device\"} " + std::to_string(device_picks_));
   line(out, "kestrel_tokens_picked_total{where=\"device_draw\"} " + std::to_string(device_draws_));
   line(out, "kestrel_tokens_picked_total{where=\"host\"} " + std::to_string(host_picks_));
+  header(out, "kestrel_steps_total", "counter",
+         "Forward steps by when they were queued: before the tokens of the step before them came "
+         "back, fed them on the device (ahead), or after (in_turn).");
+  line(out, "kestrel_steps_total{queued=\"ahead\"} " + std::to_string(steps_ahead_));
+  line(out, "kestrel_steps_total{queued=\"in_turn\"} " + std::to_string(steps_in_turn_));
+  scalar(out, "kestrel_step_rows_dropped_total", "counter",
+         "Rows of steps run ahead whose request had ended (eos, a stop string, its client gone) "
+         "when their tokens came back: computed and not used.",
+         dropped_rows_);
   return out;
 }
 

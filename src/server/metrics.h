@@ -41,6 +41,12 @@ class Metrics {
   // Generated tokens picked from the device's argmax (greedy requests whose logit row never
   // crossed to the host) and by host samplers from whole rows.
   void record_picks(int64_t on_device, int64_t drawn_on_device, int64_t on_host);
+  // A forward step queued, either before the tokens of the step before it came back (run ahead)
+  // or after them (in turn).
+  void record_step(bool run_ahead);
+  // Rows of steps run ahead whose request had ended when their tokens came back (computed, not
+  // used: the cost of running ahead).
+  void record_dropped_rows(int64_t n);
   // KV cache blocks: held by requests, available, offered by the prefix cache.
   void set_kv_blocks(int64_t used, int64_t free, int64_t cached);
 
@@ -62,6 +68,9 @@ class Metrics {
   uint64_t device_picks_ = 0;
   uint64_t device_draws_ = 0;
   uint64_t host_picks_ = 0;
+  uint64_t steps_in_turn_ = 0;
+  uint64_t steps_ahead_ = 0;
+  uint64_t dropped_rows_ = 0;
   int64_t kv_used_ = 0;
   int64_t kv_free_ = 0;
   int64_t kv_cached_ = 0;

@@ -117,6 +117,9 @@ Scheduler::Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metric
   // is picked there, as before greedy rows took the device's argmax.
   const char* host_picks = std::getenv("KESTREL_SERVER_HOST_PICKS");
   host_picks_only_ = host_picks != nullptr && std::string(host_picks) == "1";
+  device_draws_ = !host_picks_only_ && options_.draw_rows.value_or(engine_.draws_on_device());
+  run_ahead_ =
+      options_.run_ahead.value_or(engine_.runs_ahead()) && engine_.options().tensor_parallel <= 1;
   const int64_t threads = options_.host_threads > 0
                               ? options_.host_threads
                               : std::min<int64_t>(n_slots_, std::thread::hardware_concurrency());
@@ -213,7 +216,7 @@ void Scheduler::loop() {
     }
     publish_gauges();
     step();
-    std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->done; });
+    std::erase_if(running_, [](const std::shared_ptr<Sequence>& s) { return s->done; });
     {
       std::lock_guard lock(mutex_);
       active_ = int64_t(running_.size());
@@ -247,7 +250,7 @@ bool Scheduler::admit(ScheduledRequest& r) {
   if (!r.ignore_eos) conditions.eos_ids = eos_ids_;
   conditions.stop_strings = r.stop;
   conditions.max_new_tokens = r.max_tokens;
-  auto seq = std::make_unique<Sequence>(std::move(r), slot, tokenizer_, std::move(conditions),
+  auto seq = std::make_shared<Sequence>(std::move(r), slot, tokenizer_, std::move(conditions),
                                         int32_t(engine_.config().vocab_size));
   seq->prefilled = size_t(n_reused * kKvBlockSize);
   seq->cached = seq->prefilled;
@@ -278,22 +281,29 @@ bool Scheduler::step() {
     // finish() gives the slot's blocks back to the pool.
     if (seq->request.channel->cancelled()) finish(*seq, failed(499, "client went away"), "abort");
   }
-  std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->done; });
+  if (ahead_) {
+    QueuedStep queued = std::move(*ahead_);
+    ahead_.reset();
+    finish_queued(std::move(queued));
+    return true;
+  }
+  std::erase_if(running_, [](const std::shared_ptr<Sequence>& s) { return s->done; });
   if (running_.empty()) return false;
 
   Batch batch;
-  std::vector<Sequence*> sampled;  // in the order of the batch's logit rows
+  QueuedStep rows;  // the sequence, position and pick of each of the batch's logit rows
   int64_t budget = budget_;
   // Decode tokens first, so running streams advance every step whatever prompts are waiting.
   for (auto& seq : running_) {
     if (!seq->decoding()) continue;
     const size_t position = seq->request.prompt.size() + seq->generated.size() - 1;
     batch.add(seq->generated.back(), int32_t(position), seq->slot, true);
-    seq->cached = position + 1;
-    sampled.push_back(seq.get());
+    rows.rows.push_back(seq);
+    rows.positions.push_back(int32_t(position));
     --budget;
   }
   // Then prompt chunks in admission order, in what the budget leaves.
+  bool prefills = false;
   for (auto& seq : running_) {
     if (seq->decoding() || budget <= 0) continue;
     const std::vector<int32_t>& prompt = seq->request.prompt;
@@ -304,8 +314,12 @@ bool Scheduler::step() {
     seq->prefilled += n;
     seq->cached = seq->prefilled;
     budget -= int64_t(n);
+    prefills = true;
     metrics_.record_prompt_tokens(int64_t(n));
-    if (seq->decoding()) sampled.push_back(seq.get());
+    if (seq->decoding()) {
+      rows.rows.push_back(seq);
+      rows.positions.push_back(int32_t(prompt.size() - 1));
+    }
   }
 
   // A request samples on the host from its whole logit row unless nothing edits the row
@@ -315,52 +329,50 @@ bool Scheduler::step() {
   // Its row never crosses to the host (513 KB a row on a 128k vocabulary).
   std::vector<int32_t> full_rows;
   std::vector<RowDraw> draws;
-  constexpr size_t kOnDevice = SIZE_MAX;
-  std::vector<size_t> full_index(sampled.size(), kOnDevice);  // row i's place in `logits`
-  const bool device_draws =
-      !host_picks_only_ && options_.draw_rows.value_or(engine_.draws_on_device());
-  for (size_t i = 0; i < sampled.size(); ++i) {
-    Sequence& seq = *sampled[i];
+  const size_t n_rows = rows.rows.size();
+  for (size_t i = 0; i < n_rows; ++i) {
+    Sequence& seq = *rows.rows[i];
     const bool row_as_is = seq.request.top_logprobs < 0 && !seq.stop.suppresses_eos();
-    if (row_as_is && seq.sampler.picks_argmax() && !host_picks_only_) continue;
-    if (row_as_is && device_draws && seq.sampler.draws_from_row()) {
+    if (row_as_is && seq.sampler.picks_argmax() && !host_picks_only_) {
+      rows.picks.push_back(Pick::argmax);
+    } else if (row_as_is && device_draws_ && seq.sampler.draws_from_row()) {
       draws.push_back(seq.sampler.next_draw(int32_t(i)));
-      continue;
+      rows.picks.push_back(Pick::draw);
+    } else {
+      full_rows.push_back(int32_t(i));
+      rows.picks.push_back(Pick::host);
     }
-    full_index[i] = full_rows.size();
-    full_rows.push_back(int32_t(i));
   }
-  std::vector<int32_t> argmax;
-  std::vector<float> logits;
-  const Status status = full_rows.size() == sampled.size()
-                            ? engine_.run(batch, &logits)
-                            : engine_.run_argmax(batch, &argmax, full_rows, &logits, draws);
-  if (!status.is_ok()) {
-    // A backend failure is the server's fault, and it is not known which rows it spoiled: every
-    // sequence of the step ends.
-    for (auto& seq : running_) {
-      finish(*seq, failed(500, "generation failed: " + status.message()), "error");
+  metrics_.record_step(false);
+  if (run_ahead_ && !prefills && full_rows.empty()) {
+    const Status status = engine_.start_argmax(batch, false, draws);
+    if (!status.is_ok()) {
+      fail_running(status);
+      return true;
     }
+    finish_queued(std::move(rows));
     return true;
   }
-  for (auto& seq : running_) publish_blocks(*seq);
-  metrics_.record_picks(int64_t(sampled.size() - full_rows.size() - draws.size()),
-                        int64_t(draws.size()), int64_t(full_rows.size()));
+  std::vector<int32_t> tokens;
+  std::vector<float> logits;
+  const Status status = full_rows.size() == n_rows
+                            ? engine_.run(batch, &logits)
+                            : engine_.run_argmax(batch, &tokens, full_rows, &logits, draws);
+  if (!status.is_ok()) {
+    fail_running(status);
+    return true;
+  }
 
   // The host's picks, a row each, spread over the pool: a row touches only its own sequence (its
   // sampler, with its own seed and generator, its stop checker and logprobs), so the tokens are
   // a loop's. A sampled row is 0.25-1 ms of work on a 128k vocabulary (bench/sampler_bench.cpp),
   // and a step can hold a row for every slot.
   const int64_t vocab = engine_.config().vocab_size;
-  std::vector<int32_t> tokens(sampled.size());
-  for (size_t i = 0; i < sampled.size(); ++i) {
-    // What seq.sampler.sample would pick from the row (picks_argmax), or the device's draw.
-    if (full_index[i] == kOnDevice) tokens[i] = argmax[i];
-  }
+  tokens.resize(n_rows);
   auto pick = [&](int64_t begin, int64_t end, int) {
     for (int64_t r = begin; r < end; ++r) {
       const size_t i = size_t(full_rows[size_t(r)]);
-      Sequence& seq = *sampled[i];
+      Sequence& seq = *rows.rows[i];
       std::span<float> row(logits.data() + r * vocab, size_t(vocab));
       // Log-probabilities come from the raw row, before suppress_eos edits it.
       std::optional<double> lse;
@@ -381,10 +393,109 @@ bool Scheduler::step() {
     }
   };
   pool_->parallel_for(int64_t(full_rows.size()), 1, pick);  // one thread or row: in line
+  deliver(rows.rows, rows.positions, rows.picks, tokens);
+  return true;
+}
+
+void Scheduler::finish_queued(QueuedStep queued) {
+  std::optional<QueuedStep> next = queue_ahead(queued);
+  std::vector<int32_t> tokens;
+  const Status status = engine_.finish_argmax(&tokens);
+  if (!status.is_ok()) {
+    fail_running(status);
+    if (next) drop(std::move(*next));
+    return;
+  }
+  deliver(queued.rows, queued.positions, queued.picks, tokens);
+  if (!next) return;
+  // A step whose every request ended with this one's tokens is not worth a step() of its own.
+  if (std::all_of(next->rows.begin(), next->rows.end(),
+                  [](const std::shared_ptr<Sequence>& s) { return s->done; })) {
+    drop(std::move(*next));
+    return;
+  }
+  ahead_ = std::move(next);
+}
+
+std::optional<Scheduler::QueuedStep> Scheduler::queue_ahead(const QueuedStep& queued) {
+  if (!run_ahead_) return std::nullopt;
+  // The same rows: every running request is one of them and none has ended, is leaving, or takes
+  // its last token from `queued` (then the step after it would be past max_tokens; the slot's
+  // blocks cover prompt + max_tokens positions, so every step queued here writes inside them).
+  int64_t live = 0;
+  for (const auto& seq : running_) live += seq->done ? 0 : 1;
+  if (live != int64_t(queued.rows.size())) return std::nullopt;
+  for (const auto& seq : queued.rows) {
+    if (seq->done || seq->request.channel->cancelled() ||
+        int64_t(seq->generated.size()) + 2 > seq->request.max_tokens) {
+      return std::nullopt;
+    }
+  }
+  // A request a free slot could take now goes in at the next step, in turn.
+  {
+    std::lock_guard lock(mutex_);
+    if (!waiting_.empty() && int64_t(running_.size()) < n_slots_) return std::nullopt;
+  }
+  // Each row picks where it did: a row's settings and logprobs never change, and eos held back
+  // (min tokens) only ever stops being held back.
+  QueuedStep next;
+  Batch batch;
+  std::vector<RowDraw> draws;
+  for (size_t i = 0; i < queued.rows.size(); ++i) {
+    const std::shared_ptr<Sequence>& seq = queued.rows[i];
+    const int32_t position = queued.positions[i] + 1;
+    batch.add(0, position, seq->slot, true);  // the token is row i of `queued`'s, on the device
+    if (queued.picks[i] == Pick::draw) draws.push_back(seq->sampler.next_draw(int32_t(i)));
+    next.rows.push_back(seq);
+    next.positions.push_back(position);
+  }
+  next.picks = queued.picks;
+  const Status status = engine_.start_argmax(batch, true, draws);
+  if (!status.is_ok()) {
+    // Nothing was queued; the step after `queued` goes in turn (and fails there if it must).
+    return std::nullopt;
+  }
+  metrics_.record_step(true);
+  return next;
+}
+
+void Scheduler::drop(QueuedStep queued) {
+  std::vector<int32_t> tokens;
+  (void)engine_.finish_argmax(&tokens);  // its requests have ended: their tokens are not needed
+  metrics_.record_dropped_rows(int64_t(queued.rows.size()));
+}
+
+void Scheduler::fail_running(const Status& status) {
+  for (auto& seq : running_) {
+    if (!seq->done) finish(*seq, failed(500, "generation failed: " + status.message()), "error");
+  }
+}
+
+void Scheduler::deliver(std::span<const std::shared_ptr<Sequence>> rows,
+                        std::span<const int32_t> positions, std::span<const Pick> picks,
+                        std::span<const int32_t> tokens) {
+  // The positions the step computed are cached now; their full blocks go to the prefix cache.
+  int64_t picked[3] = {};
+  int64_t dropped = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i]->done) {
+      ++dropped;
+      continue;
+    }
+    rows[i]->cached = std::max(rows[i]->cached, size_t(positions[i]) + 1);
+    ++picked[size_t(picks[i])];
+  }
+  if (dropped > 0) metrics_.record_dropped_rows(dropped);
+  for (auto& seq : running_) {
+    if (!seq->done) publish_blocks(*seq);
+  }
+  metrics_.record_picks(picked[size_t(Pick::argmax)], picked[size_t(Pick::draw)],
+                        picked[size_t(Pick::host)]);
 
   const auto now = std::chrono::steady_clock::now();
-  for (size_t i = 0; i < sampled.size(); ++i) {
-    Sequence& seq = *sampled[i];
+  for (size_t i = 0; i < rows.size(); ++i) {
+    Sequence& seq = *rows[i];
+    if (seq.done) continue;  // a row of a step run ahead past the request's end
     const int32_t token = tokens[i];
     if (seq.generated.empty()) {
       metrics_.record_first_token(seconds_between(seq.request.arrival, now));
@@ -424,7 +535,6 @@ bool Scheduler::step() {
       finish(seq, std::move(done), metric_reason);
     }
   }
-  return true;
 }
 
 }  // namespace kestrel::server

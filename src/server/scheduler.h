@@ -14,6 +14,13 @@
 // Each request samples with its own Sampler and seed, and each token attends only to its own
 // slot, so other requests change a request's logits by float rounding at most (the CPU matmul's
 // accumulation order follows the step's token count; docs/ARCHITECTURE.md).
+//
+// Run ahead (Engine::runs_ahead): while every running request decodes and takes its token on
+// the device (the argmax, or a draw), the step after the current one is queued before the
+// current one's tokens come back, fed them on the device, so the device never waits for the
+// host's stop checks, detokenizing and streaming. A request the current token ends (eos, a stop
+// string, its client gone) leaves the queued step a row that is dropped; a request waiting for a
+// slot, a prompt to prefill or a row sampled on the host makes the next step go in turn.
 #pragma once
 
 #include <atomic>
@@ -24,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -93,6 +101,9 @@ struct SchedulerOptions {
   // (Engine::draws_on_device); set, always or never (tests compare the two on the CPU, where
   // the backend's default draws with the host sampler's rule).
   std::optional<bool> draw_rows;
+  // Whether decode steps run ahead: unset, where the engine runs ahead (Engine::runs_ahead). A
+  // model split over ranks never does.
+  std::optional<bool> run_ahead;
 };
 
 class Scheduler {
@@ -115,9 +126,31 @@ class Scheduler {
 
  private:
   struct Sequence;
+  // Where a step row's token is picked (the /metrics counters).
+  enum class Pick : uint8_t { argmax, draw, host };
+  // A step queued on the engine (start_argmax) whose tokens have not come back: each logit row's
+  // sequence (kept alive while the step is in flight), position and pick.
+  struct QueuedStep {
+    std::vector<std::shared_ptr<Sequence>> rows;
+    std::vector<int32_t> positions;
+    std::vector<Pick> picks;
+  };
   void loop();
   // One forward call over the running sequences; false when there was nothing to run.
   bool step();
+  // Waits for `queued`, the step queued last, after queueing the step after it when that one
+  // carries the same rows (run ahead), and delivers its tokens.
+  void finish_queued(QueuedStep queued);
+  // The step after `queued`, fed its tokens on the device, queued; nullopt where it would not
+  // carry the same rows, or could not be queued.
+  std::optional<QueuedStep> queue_ahead(const QueuedStep& queued);
+  // Waits for a queued step and drops its tokens (every row's request has ended).
+  void drop(QueuedStep queued);
+  // Each row's token to its request: metrics, stop checks, streamed text, the end.
+  void deliver(std::span<const std::shared_ptr<Sequence>> rows, std::span<const int32_t> positions,
+               std::span<const Pick> picks, std::span<const int32_t> tokens);
+  // A backend failure: it is not known which rows it spoiled, so every running request ends.
+  void fail_running(const Status& status);
   // Admits the request into a free slot if the pool has the blocks it can need.
   bool admit(ScheduledRequest& request);
   // Publishes the sequence's newly completed full blocks to the prefix cache.
@@ -142,11 +175,14 @@ class Scheduler {
   std::thread thread_;
 
   // Scheduler-thread state.
-  std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
+  std::vector<std::shared_ptr<Sequence>> running_;  // in admission order
   std::vector<bool> slot_busy_;
   // Samples a step's host rows side by side (in line with one thread).
   std::unique_ptr<ThreadPool> pool_;
-  bool host_picks_only_ = false;  // KESTREL_SERVER_HOST_PICKS=1: greedy rows picked on the host
+  bool host_picks_only_ = false;     // KESTREL_SERVER_HOST_PICKS=1: greedy rows picked on the host
+  bool device_draws_ = false;        // SchedulerOptions::draw_rows, or the engine's
+  bool run_ahead_ = false;           // SchedulerOptions::run_ahead, or the engine's
+  std::optional<QueuedStep> ahead_;  // queued by the last step(), delivered by the next
 };
 
 }  // namespace kestrel::server

@@ -191,6 +191,14 @@ TEST(CudaModel, DrawsAreTheHostSamplersPicks) {
   argmax_rows_check::expect_draws_match_pick(*gpu);
 }
 
+// Drawn rows run ahead: the draw kernel's tokens feed the next step on the device (the copy of
+// argmax_out_ into the token slots), so the steps' tokens are those of the steps run in turn.
+TEST(CudaModel, DrawnStepsRunAheadAsInTurn) {
+  auto gpu = argmax_rows_check::tiny_three_slot_engine("cuda");
+  ASSERT_TRUE(gpu);
+  argmax_rows_check::expect_drawn_steps_run_ahead_as_in_turn(*gpu);
+}
+
 TEST(CudaModel, RunAheadEqualsStepByStep) {
   auto plain = argmax_rows_check::tiny_three_slot_engine("cuda", false);
   auto ahead = argmax_rows_check::tiny_three_slot_engine("cuda", true);

@@ -166,4 +166,95 @@ inline void expect_draws_match_pick(Engine& engine) {
   }
 }
 
+// Decode run ahead with draws (Engine::start_argmax with RowDraw): six decode steps of three
+// slots, rows 0 and 2 drawn, run once in turn (run_argmax, each step fed the host's tokens) and
+// once ahead (each step queued before the one before it is finished, fed its tokens on the
+// device); both give the same tokens, so the step after a draw is fed the drawn token, not the
+// row's argmax. `engine` is run_argmax's and start_argmax's (any engine of one backend).
+inline void expect_drawn_steps_run_ahead_as_in_turn(Engine& engine) {
+  const int64_t vocab = engine.config().vocab_size;
+  constexpr int kSteps = 6;
+  auto draws_of_step = [&](int step) {
+    std::vector<RowDraw> draws(2);
+    draws[0].row = 0;
+    draws[0].params.temperature = 1.1f;
+    draws[0].params.top_k = 30;
+    draws[0].vocab_size = int32_t(vocab);
+    draws[0].u = (step + 0.25) / kSteps;
+    draws[1].row = 2;
+    draws[1].params.temperature = 0.9f;
+    draws[1].params.top_p = 0.95f;
+    draws[1].vocab_size = int32_t(vocab);
+    draws[1].u = 1.0 - (step + 0.5) / kSteps;
+    return draws;
+  };
+  std::vector<std::vector<int32_t>> in_turn, ahead;
+  std::vector<int32_t> positions;
+  std::vector<int32_t> first;
+  ASSERT_NO_FATAL_FAILURE(prefill_three_slots(engine, 4, 3, 65537, &first, &positions));
+  std::vector<int32_t> next = first;
+  for (int step = 0; step < kSteps; ++step) {
+    Batch batch;
+    for (int32_t slot = 0; slot < 3; ++slot) {
+      batch.add(next[size_t(slot)], positions[size_t(slot)] + step, slot, true);
+    }
+    std::vector<int32_t> tokens;
+    const Status s = engine.run_argmax(batch, &tokens, {}, nullptr, draws_of_step(step));
+    ASSERT_TRUE(s.is_ok()) << s.message();
+    in_turn.push_back(tokens);
+    next = tokens;
+  }
+  // The same prompts again (their positions overwritten), then the steps run ahead.
+  std::vector<int32_t> again;
+  std::vector<int32_t> again_positions;
+  ASSERT_NO_FATAL_FAILURE(prefill_three_slots(engine, 4, 3, 65537, &again, &again_positions));
+  ASSERT_EQ(again, first);
+  auto queue = [&](int step, bool from_argmax) {
+    Batch batch;
+    for (int32_t slot = 0; slot < 3; ++slot) {
+      batch.add(from_argmax ? 0 : first[size_t(slot)], positions[size_t(slot)] + step, slot, true);
+    }
+    return engine.start_argmax(batch, from_argmax, draws_of_step(step));
+  };
+  Status s = queue(0, false);
+  ASSERT_TRUE(s.is_ok()) << s.message();
+  for (int step = 0; step < kSteps; ++step) {
+    if (step + 1 < kSteps) {
+      s = queue(step + 1, true);
+      ASSERT_TRUE(s.is_ok()) << s.message();
+    }
+    std::vector<int32_t> tokens;
+    s = engine.finish_argmax(&tokens);
+    ASSERT_TRUE(s.is_ok()) << s.message();
+    ahead.push_back(tokens);
+  }
+  EXPECT_EQ(ahead, in_turn);
+  // The drawn rows were drawn: at least one drawn token is not its row's argmax (the steps run
+  // in turn once more, reading the rows whole).
+  int not_argmax = 0;
+  next = first;
+  ASSERT_NO_FATAL_FAILURE(prefill_three_slots(engine, 4, 3, 65537, &again, &again_positions));
+  for (int step = 0; step < kSteps; ++step) {
+    Batch batch;
+    for (int32_t slot = 0; slot < 3; ++slot) {
+      batch.add(next[size_t(slot)], positions[size_t(slot)] + step, slot, true);
+    }
+    std::vector<float> logits;
+    ASSERT_TRUE(engine.run(batch, &logits).is_ok());
+    for (int32_t r : {0, 2}) {
+      not_argmax +=
+          in_turn[size_t(step)][size_t(r)] != row_argmax(logits.data() + r * vocab, vocab);
+    }
+    next = in_turn[size_t(step)];
+  }
+  EXPECT_GT(not_argmax, 0);
+  // A draw of a row the step does not have is refused.
+  Batch one;
+  one.add(first[0], positions[0], 0, true);
+  std::vector<RowDraw> outside = draws_of_step(0);
+  s = engine.start_argmax(one, false, outside);
+  EXPECT_NE(s.message().find("a draw from row 2 of 1 logit rows"), std::string::npos)
+      << s.message();
+}
+
 }  // namespace kestrel::argmax_rows_check

@@ -198,6 +198,13 @@ inline void check_pick_rows_draw_as_the_host_sampler(int64_t cols, uint64_t seed
       tokens[i].assign(size_t(n), -1);
       const Status s = b.pick_rows(t, draws, tokens[i].data());
       ASSERT_TRUE(s.is_ok()) << s.message();
+      // The same draws queued (start_argmax, as a step run ahead queues them) come back alike.
+      std::vector<int32_t> queued;
+      Status q = b.start_argmax(t, draws);
+      ASSERT_TRUE(q.is_ok()) << q.message();
+      q = b.finish_argmax(&queued);
+      ASSERT_TRUE(q.is_ok()) << q.message();
+      EXPECT_EQ(queued, tokens[i]) << "backend " << i << ": start_argmax against pick_rows";
     });
     std::vector<int32_t> want(static_cast<size_t>(n));
     for (int64_t r = 0; r < n; ++r) want[size_t(r)] = row_argmax(v.data() + r * cols, cols);
@@ -234,6 +241,13 @@ inline void check_pick_rows_draw_as_the_host_sampler(int64_t cols, uint64_t seed
   d.u = 1.0;
   EXPECT_NE(b.pick_rows(*t, std::vector<RowDraw>{d}, out.data()).message().find("[0, 1)"),
             std::string::npos);
+  // start_argmax checks them alike, and queues nothing then.
+  d.u = 0.5;
+  d.row = 2;
+  EXPECT_NE(b.start_argmax(*t, std::vector<RowDraw>{d}).message().find("row 2 of"),
+            std::string::npos);
+  std::vector<int32_t> none;
+  EXPECT_NE(b.finish_argmax(&none).message().find("no argmax queued"), std::string::npos);
 }
 
 // rope at positions up to 4096, plain or with Llama 3 scaling (`llama3`); within `bound` of the

@@ -1,6 +1,7 @@
 // The server's scheduler without HTTP (src/server/scheduler.h): requests submitted together run
 // in the same steps, so a step's host-sampled rows picked side by side on the scheduler's pool
-// must give each request exactly the tokens it gets when the rows are picked one after another.
+// must give each request exactly the tokens it gets when the rows are picked one after another,
+// and steps run ahead the text of steps in turn.
 #include "server/scheduler.h"
 
 #include <gtest/gtest.h>
@@ -17,23 +18,37 @@ namespace kestrel::server {
 namespace {
 
 struct Outcome {
-  std::vector<int32_t> tokens;
+  std::vector<int32_t> tokens;  // with logprobs
   std::vector<float> logprobs;
   std::string text;
   bool finished = false;
+  FinishReason reason = FinishReason::stop;
+  int64_t completion_tokens = 0;
 };
 
 // How a run of run_requests picks: its pool's threads, whether the requests ask for logprobs
-// (then every row crosses to the host), and SchedulerOptions::draw_rows.
+// (then every row crosses to the host), SchedulerOptions::draw_rows and run_ahead, which
+// requests are greedy, and each request's max_tokens and stop strings.
 struct Picking {
   int host_threads = 1;
   bool logprobs = true;
   std::optional<bool> draw_rows;
+  std::optional<bool> run_ahead = false;
+  std::vector<bool> greedy = {false, false, false, false};
+  std::vector<int64_t> max_tokens = {20, 20, 20, 20};
+  std::vector<std::vector<std::string>> stop = {{}, {}, {}, {}};
 };
 
-// Four sampled requests (each its own seed) on four slots, submitted before the scheduler
-// starts, so its first step admits them all and every run has the same steps. `metrics_text`
-// gets the run's /metrics.
+// A counter's value in /metrics text (-1 when absent).
+int64_t counter(const std::string& metrics, const std::string& name) {
+  const size_t at = metrics.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stoll(metrics.substr(at + name.size() + 2));
+}
+
+// Four requests (the sampled ones each with its own seed) on four slots, submitted before the
+// scheduler starts, so its first step admits them all and every run has the same steps.
+// `metrics_text` gets the run's /metrics.
 std::vector<Outcome> run_requests(const Tokenizer& tokenizer, const Picking& picking,
                                   std::string* metrics_text = nullptr) {
   EngineOptions options;
@@ -51,14 +66,16 @@ std::vector<Outcome> run_requests(const Tokenizer& tokenizer, const Picking& pic
   SchedulerOptions scheduler_options;
   scheduler_options.host_threads = picking.host_threads;
   scheduler_options.draw_rows = picking.draw_rows;
+  scheduler_options.run_ahead = picking.run_ahead;
   Scheduler scheduler(**engine, tokenizer, metrics, scheduler_options);
   std::vector<std::shared_ptr<RequestChannel>> channels;
   for (int i = 0; i < 4; ++i) {
     ScheduledRequest r;
     for (int t = 0; t < 9 + 3 * i; ++t) r.prompt.push_back(int32_t((37 * t + 11 * i + 5) % 300));
-    r.max_tokens = 20;
+    r.max_tokens = picking.max_tokens[size_t(i)];
+    r.stop = picking.stop[size_t(i)];
     r.ignore_eos = true;
-    r.sampling.temperature = 1.3f;
+    r.sampling.temperature = picking.greedy[size_t(i)] ? 0.0f : 1.3f;
     r.sampling.top_p = i % 2 == 0 ? 0.9f : 1.0f;
     r.sampling.top_k = i == 3 ? 40 : 0;
     r.sampling.seed = uint64_t(100 + i);
@@ -83,9 +100,16 @@ std::vector<Outcome> run_requests(const Tokenizer& tokenizer, const Picking& pic
         out[i].logprobs.push_back(lp.logprob);
       }
       out[i].finished = event->kind != StreamEvent::Kind::text;
+      out[i].reason = event->reason;
+      out[i].completion_tokens = event->usage.completion_tokens;
     }
   }
   scheduler.shutdown(std::chrono::milliseconds(0));
+  // Nothing follows a request's end (a row run ahead past it is dropped, not delivered).
+  for (size_t i = 0; i < channels.size(); ++i) {
+    const auto extra = channels[i]->pop(std::chrono::milliseconds(0));
+    EXPECT_FALSE(extra.has_value()) << "request " << i << ": an event after its end";
+  }
   if (metrics_text != nullptr) *metrics_text = metrics.render();
   return out;
 }
@@ -135,6 +159,124 @@ TEST(Scheduler, RowsDrawnByTheEngineGiveTheHostSamplersText) {
   EXPECT_NE(drawn_metrics.find("kestrel_tokens_picked_total{where=\"device_draw\"} 80"),
             std::string::npos)
       << drawn_metrics;
+}
+
+}  // namespace
+}  // namespace kestrel::server
+
+namespace kestrel::server {
+namespace {
+
+// The requests of `picking` with steps in turn, then with steps run ahead.
+struct TwoRuns {
+  std::vector<Outcome> in_turn, ahead;
+  std::string turn_metrics, ahead_metrics;
+};
+TwoRuns run_in_turn_and_ahead(const Tokenizer& tokenizer, Picking picking) {
+  TwoRuns runs;
+  picking.run_ahead = false;
+  runs.in_turn = run_requests(tokenizer, picking, &runs.turn_metrics);
+  picking.run_ahead = true;
+  runs.ahead = run_requests(tokenizer, picking, &runs.ahead_metrics);
+  EXPECT_EQ(runs.in_turn.size(), 4u);
+  EXPECT_EQ(runs.ahead.size(), 4u);
+  if (runs.in_turn.size() != 4 || runs.ahead.size() != 4) runs.in_turn = runs.ahead = {};
+  return runs;
+}
+
+// Steps run ahead (each queued before the tokens of the one before it are back, fed them on the
+// engine's device) give every request the text of steps in turn: greedy rows (the argmax) and
+// drawn rows (RowDraw) alike, requests ending at different steps (a step whose request takes its
+// last token is never run past).
+TEST(Scheduler, StepsRunAheadGiveTheTextOfStepsInTurn) {
+  auto tokenizer =
+      Tokenizer::load(std::string(KESTREL_SOURCE_DIR) + "/.cache/tokenizers/qwen3/models");
+  ASSERT_TRUE(tokenizer.is_ok()) << tokenizer.status().message();
+  Picking picking;
+  picking.logprobs = false;
+  picking.draw_rows = true;
+  picking.greedy = {true, false, true, false};
+  picking.max_tokens = {20, 14, 23, 9};
+  const auto [in_turn, ahead, turn_metrics, ahead_metrics] =
+      run_in_turn_and_ahead(*tokenizer, picking);
+  ASSERT_EQ(in_turn.size(), 4u);
+  for (size_t i = 0; i < in_turn.size(); ++i) {
+    SCOPED_TRACE("request " + std::to_string(i));
+    EXPECT_EQ(in_turn[i].completion_tokens, picking.max_tokens[i]);
+    EXPECT_EQ(ahead[i].completion_tokens, picking.max_tokens[i]);
+    EXPECT_FALSE(in_turn[i].text.empty());
+    EXPECT_EQ(ahead[i].text, in_turn[i].text);
+  }
+  EXPECT_NE(in_turn[1].text, in_turn[3].text);
+  // Both runs picked every token on the engine: 43 argmax, 23 drawn.
+  for (const std::string* m : {&turn_metrics, &ahead_metrics}) {
+    EXPECT_EQ(counter(*m, "kestrel_tokens_picked_total{where=\"device\"}"), 43) << *m;
+    EXPECT_EQ(counter(*m, "kestrel_tokens_picked_total{where=\"device_draw\"}"), 23) << *m;
+  }
+  // In turn, no step went ahead; ahead, every decode step but those after a request's last
+  // token did. 23 tokens: the prefill step gives the first, 22 decode steps the rest, of which
+  // the steps after the 9th, 14th and 20th tokens of requests 3, 1 and 0 and the first decode
+  // step go in turn.
+  EXPECT_EQ(counter(turn_metrics, "kestrel_steps_total{queued=\"ahead\"}"), 0) << turn_metrics;
+  EXPECT_EQ(counter(ahead_metrics, "kestrel_steps_total{queued=\"ahead\"}"), 18) << ahead_metrics;
+  EXPECT_EQ(counter(ahead_metrics, "kestrel_steps_total{queued=\"ahead\"}") +
+                counter(ahead_metrics, "kestrel_steps_total{queued=\"in_turn\"}"),
+            counter(turn_metrics, "kestrel_steps_total{queued=\"in_turn\"}"));
+  EXPECT_EQ(counter(ahead_metrics, "kestrel_step_rows_dropped_total"), 0) << ahead_metrics;
+}
+
+// A request a stop string ends leaves the step run ahead past it a row that is dropped; every
+// request's text is still that of steps in turn. The stop strings come from an earlier run's
+// text, so each first matches several tokens into the output, while steps run ahead.
+TEST(Scheduler, ARowRunAheadPastAStopIsDropped) {
+  auto tokenizer =
+      Tokenizer::load(std::string(KESTREL_SOURCE_DIR) + "/.cache/tokenizers/qwen3/models");
+  ASSERT_TRUE(tokenizer.is_ok()) << tokenizer.status().message();
+  Picking picking;
+  picking.greedy = {true, true, true, true};
+  picking.max_tokens = {24, 24, 24, 24};
+  const std::vector<Outcome> reference = run_requests(*tokenizer, picking);
+  ASSERT_EQ(reference.size(), 4u);
+  // Requests 1 and 2 stop at text that first appears after their 6th token and ends before
+  // their 20th: ASCII letters, 3 of them.
+  for (size_t i : {size_t(1), size_t(2)}) {
+    const std::vector<int32_t>& tokens = reference[i].tokens;
+    ASSERT_EQ(tokens.size(), 24u);
+    const std::string& text = reference[i].text;
+    auto prefix = [&](size_t n) {
+      return tokenizer->decode(std::vector<int32_t>(tokens.begin(), tokens.begin() + long(n)),
+                               true);
+    };
+    const size_t from = prefix(6).size();
+    const size_t to = prefix(20).size();
+    std::string stop;
+    for (size_t at = from; stop.empty() && at + 3 <= std::min(to, text.size()); ++at) {
+      const std::string candidate = text.substr(at, 3);
+      const bool letters = std::all_of(candidate.begin(), candidate.end(),
+                                       [](char c) { return std::isalpha(uint8_t(c)) != 0; });
+      if (letters && text.find(candidate) == at) stop = candidate;
+    }
+    ASSERT_FALSE(stop.empty()) << "request " << i << " has no stop candidate in: " << text;
+    picking.stop[i] = {stop};
+  }
+  picking.logprobs = false;
+  const auto [in_turn, ahead, turn_metrics, ahead_metrics] =
+      run_in_turn_and_ahead(*tokenizer, picking);
+  ASSERT_EQ(in_turn.size(), 4u);
+  for (size_t i = 0; i < in_turn.size(); ++i) {
+    SCOPED_TRACE("request " + std::to_string(i));
+    const bool stopped = i == 1 || i == 2;
+    EXPECT_EQ(in_turn[i].reason, stopped ? FinishReason::stop : FinishReason::length);
+    EXPECT_EQ(ahead[i].reason, in_turn[i].reason);
+    EXPECT_EQ(ahead[i].completion_tokens, in_turn[i].completion_tokens);
+    EXPECT_EQ(ahead[i].text, in_turn[i].text);
+    if (stopped) {
+      EXPECT_LT(in_turn[i].completion_tokens, 20);
+      EXPECT_EQ(in_turn[i].text, reference[i].text.substr(0, in_turn[i].text.size()));
+    }
+  }
+  EXPECT_GT(counter(ahead_metrics, "kestrel_steps_total{queued=\"ahead\"}"), 0);
+  EXPECT_GE(counter(ahead_metrics, "kestrel_step_rows_dropped_total"), 2) << ahead_metrics;
 }
 
 }  // namespace

@@ -95,6 +95,29 @@ TEST(TokenGeneration, EosStopsOnlyItsSequenceAndMinNewTokensSuppressesIt) {
 // Run ahead (EngineOptions::run_ahead): the same tokens, stop reasons and step callbacks as step
 // by step, with sequences stopping at different steps (an eos; max_new_tokens), min_new_tokens
 // holding the device argmax back for the first steps, and a pool of KV blocks with no spare.
+// generate_tokens on a fresh engine of 3 slots (make_engine's), its tokens, stop reasons and the
+// tokens of each step its callback saw.
+struct Generation {
+  std::vector<std::vector<int32_t>> tokens;
+  std::vector<StopReason> reasons;
+  std::vector<std::vector<int32_t>> steps;
+};
+Generation generate_on_fresh_engine(const std::vector<std::vector<int32_t>>& prompts,
+                                    const TokenGenerationParams& params, int64_t prefill_chunk,
+                                    int64_t kv_blocks, bool run_ahead) {
+  Generation g;
+  auto engine = make_engine(3, prefill_chunk, kv_blocks, run_ahead);
+  auto result = generate_tokens(*engine, prompts, params, [&](const std::vector<int32_t>& step) {
+    g.steps.push_back(step);
+    return Status::ok();
+  });
+  EXPECT_TRUE(result.is_ok()) << result.status().message();
+  if (!result.is_ok()) return g;
+  g.tokens = result->tokens;
+  g.reasons = result->stop_reasons;
+  return g;
+}
+
 TEST(TokenGeneration, RunAheadEqualsStepByStep) {
   const std::vector<std::vector<int32_t>> prompts = {random_prompt(12, 11), random_prompt(29, 12),
                                                      random_prompt(12, 13)};
@@ -116,28 +139,17 @@ TEST(TokenGeneration, RunAheadEqualsStepByStep) {
     params.min_new_tokens = c.min_new_tokens;
     params.stop_at_eos = c.eos;
     params.eos_token_ids = c.eos ? std::vector<int32_t>{eos} : std::vector<int32_t>{};
-    std::vector<std::vector<int32_t>> steps[2];
-    std::vector<std::vector<int32_t>> tokens[2];
-    std::vector<StopReason> reasons[2];
-    for (int ahead = 0; ahead < 2; ++ahead) {
-      // 6 blocks of 16: prompt 0 stopping at its fifth token writes positions up to 15 (one
-      // block), prompt 1 up to 39 (three), prompt 2 up to 22 (two). A step run ahead past prompt
-      // 0's eos, at position 16, would take the block prompt 2 needs at its position 16.
-      auto engine = make_engine(3, 16, c.kv_blocks, ahead == 1);
-      auto result =
-          generate_tokens(*engine, prompts, params, [&](const std::vector<int32_t>& step) {
-            steps[ahead].push_back(step);
-            return Status::ok();
-          });
-      ASSERT_TRUE(result.is_ok()) << result.status().message();
-      tokens[ahead] = result->tokens;
-      reasons[ahead] = result->stop_reasons;
-    }
-    EXPECT_EQ(tokens[1], tokens[0]);
-    EXPECT_EQ(reasons[1], reasons[0]);
-    EXPECT_EQ(steps[1], steps[0]);
+    // 6 blocks of 16: prompt 0 stopping at its fifth token writes positions up to 15 (one
+    // block), prompt 1 up to 39 (three), prompt 2 up to 22 (two). A step run ahead past prompt
+    // 0's eos, at position 16, would take the block prompt 2 needs at its position 16.
+    const Generation in_turn = generate_on_fresh_engine(prompts, params, 16, c.kv_blocks, false);
+    const Generation ahead = generate_on_fresh_engine(prompts, params, 16, c.kv_blocks, true);
+    ASSERT_EQ(in_turn.reasons.size(), 3u);
+    EXPECT_EQ(ahead.tokens, in_turn.tokens);
+    EXPECT_EQ(ahead.reasons, in_turn.reasons);
+    EXPECT_EQ(ahead.steps, in_turn.steps);
     if (c.eos && c.min_new_tokens == 0) {
-      EXPECT_EQ(reasons[1][0], StopReason::eos);
+      EXPECT_EQ(ahead.reasons[0], StopReason::eos);
     }
   }
 }
@@ -154,6 +166,13 @@ TEST(TokenGeneration, DrawsAreTheHostSamplersPicks) {
   auto engine = make_engine(3, 16);
   EXPECT_FALSE(engine->draws_on_device());  // the server samples CPU rows on its own pool
   argmax_rows_check::expect_draws_match_pick(*engine);
+}
+
+// Drawn rows run ahead (Engine::start_argmax with draws; the backend's default halves draw on
+// the host at once): the steps' tokens are those of the steps run in turn.
+TEST(TokenGeneration, DrawnStepsRunAheadAsInTurn) {
+  auto engine = make_engine(3, 16);
+  argmax_rows_check::expect_drawn_steps_run_ahead_as_in_turn(*engine);
 }
 
 TEST(TokenGeneration, SamplingIsSeededPerSequence) {
@@ -202,6 +221,40 @@ TEST(TokenGeneration, DrawnRowsGiveTheSamplersTokens) {
     EXPECT_EQ(drawn->tokens, host->tokens);
     EXPECT_EQ(drawn->stop_reasons, host->stop_reasons);
     EXPECT_NE(host->tokens[0], host->tokens[1]);
+  }
+}
+
+// Drawn steps run ahead (each queued with its rows' next numbers before the step before it is
+// finished, fed its drawn tokens on the device) give the tokens and steps of drawn steps in turn,
+// with an eos that stops one sequence while a step past it is queued, and min_new_tokens holding
+// it back at first (host rows then, draws after).
+TEST(TokenGeneration, DrawnGenerationRunsAheadAsStepByStep) {
+  const std::vector<std::vector<int32_t>> prompts = {random_prompt(7, 31), random_prompt(13, 32),
+                                                     random_prompt(10, 33)};
+  TokenGenerationParams params;
+  params.max_new_tokens = 14;
+  params.sampling.temperature = 1.1f;
+  params.sampling.top_k = 40;
+  params.sampling.seed = 5;
+  params.draw_rows = true;
+  params.stop_at_eos = false;
+  auto reference = make_engine(3, 8);
+  auto free_run = generate_tokens(*reference, prompts, params);
+  ASSERT_TRUE(free_run.is_ok()) << free_run.status().message();
+  const int32_t eos = free_run->tokens[1][6];  // stops prompt 1 at its seventh token (or earlier)
+  for (int64_t min_new : {int64_t(0), int64_t(3)}) {
+    SCOPED_TRACE("min_new_tokens " + std::to_string(min_new));
+    params.stop_at_eos = true;
+    params.eos_token_ids = {eos};
+    params.min_new_tokens = min_new;
+    const Generation in_turn = generate_on_fresh_engine(prompts, params, 8, 0, false);
+    const Generation ahead = generate_on_fresh_engine(prompts, params, 8, 0, true);
+    ASSERT_EQ(in_turn.reasons.size(), 3u);
+    EXPECT_EQ(ahead.tokens, in_turn.tokens);
+    EXPECT_EQ(ahead.reasons, in_turn.reasons);
+    EXPECT_EQ(ahead.steps, in_turn.steps);
+    EXPECT_EQ(in_turn.reasons[1], StopReason::eos);
+    EXPECT_LT(in_turn.tokens[1].size(), in_turn.tokens[0].size());
   }
 }
 

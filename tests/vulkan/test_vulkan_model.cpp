@@ -82,6 +82,12 @@ TEST(VulkanModel, DrawsAreTheHostSamplersPicks) {
   argmax_rows_check::expect_draws_match_pick(*engine);
 }
 
+TEST(VulkanModel, DrawnStepsRunAheadAsInTurn) {
+  auto engine = argmax_rows_check::tiny_three_slot_engine("vulkan");
+  ASSERT_TRUE(engine);
+  argmax_rows_check::expect_drawn_steps_run_ahead_as_in_turn(*engine);
+}
+
 TEST(VulkanModel, TinyModelsMatchCpu) {
   for (const char* name : {"tiny-qwen2", "tiny-llama"}) {
     const std::string model = std::string("synthetic:") + name;

@@ -830,13 +830,18 @@ class CudaBackend final : public Backend {
     return collect_timings();
   }
 
-  // Greedy decode run ahead (Backend::start_argmax): the argmax also writes the tokens' device
-  // slots, where the next call (tokens_from_argmax) finds its tokens, and its rows come back to
-  // host slot `slot` behind an event, so nothing here waits for the device.
+  // Decode run ahead (Backend::start_argmax): the argmax (and the draws after it) also write
+  // the tokens' device slots, where the next call (tokens_from_argmax) finds its tokens, and its
+  // rows come back to host slot `slot` behind an event, so nothing here waits for the device.
   bool argmax_on_device() const override { return true; }
 
-  Status do_start_argmax(Tensor t, int slot) override {
-    KS_RETURN_IF_ERROR(queue_argmax(t, /*feed=*/true, slot));
+  Status do_start_argmax(Tensor t, int slot, std::span<const RowDraw> draws) override {
+    if (!draws.empty() && size_t(t.cols) > draw_work_cols_) {
+      return Status::error("cuda start_argmax: draws from rows of " + std::to_string(t.cols) +
+                           " columns, more than the " + std::to_string(draw_work_cols_) +
+                           " reserved");
+    }
+    KS_RETURN_IF_ERROR(queue_argmax(t, /*feed=*/true, slot, draws));
     KS_CUDA_CHECK("argmax_rows", cudaEventRecord(argmax_copied_[slot], stream_));
     return Status::ok();
   }
@@ -851,8 +856,10 @@ class CudaBackend final : public Backend {
   }
 
   // The step's graph, then the argmax of t's rows (an eager launch after the graph, timed, never
-  // traced; with `feed` also into the tokens' device slots, meta_'s first max_batch_tokens) and
-  // their copy to host slot `slot`.
+  // traced; with `feed` also into the tokens' device slots, meta_'s first max_batch_tokens), the
+  // draws over it, and the rows' copy to host slot `slot`. The argmax kernel writes the token
+  // slots itself; the draw kernel writes only argmax_out_, so with draws the fed tokens are a
+  // device copy of argmax_out_ after the last draw.
   Status queue_argmax(Tensor t, bool feed, int slot, std::span<const RowDraw> draws = {}) {
     KS_RETURN_IF_ERROR(finish_graph());
     if (t.rows > shape_.max_logit_rows && t.rows > shape_.max_batch_tokens) {
@@ -883,6 +890,11 @@ class CudaBackend final : public Backend {
             return draw_rows(f32(t), t.rows, t.cols, rows, int(count), argmax_out_, draw_work_,
                              stream_);
           }));
+    }
+    if (feed && !draws.empty()) {
+      KS_CUDA_CHECK("argmax_rows",
+                    cudaMemcpyAsync(tokens, argmax_out_, size_t(t.rows) * sizeof(int32_t),
+                                    cudaMemcpyDeviceToDevice, stream_));
     }
     argmax_rows_[slot] = t.rows;
     KS_CUDA_CHECK("argmax_rows", cudaMemcpyAsync(host_argmax_ + slot * argmax_slot_stride_,

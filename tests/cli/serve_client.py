@@ -302,9 +302,14 @@ def run_main(port, key):
     # the host from the whole row.
     def picks(where):
         return metric_value(metrics(client), f'kestrel_tokens_picked_total{{where="{where}"}}') or 0
+    # A greedy request alone runs ahead: every decode step after the first is queued before the
+    # step before it is back, but the one past its last token (max_tokens). Rows sampled on the
+    # host go in turn.
+    def steps_ahead():
+        return metric_value(metrics(client), 'kestrel_steps_total{queued="ahead"}') or 0
     alone = []
     for i, body in enumerate(bodies):
-        device, host = picks("device"), picks("host")
+        device, host, ahead = picks("device"), picks("host"), steps_ahead()
         status, _, r = client.post("/v1/chat/completions", body)
         check(status == 200, f"alone: {r}")
         alone.append(r["choices"][0]["message"]["content"])
@@ -312,6 +317,9 @@ def run_main(port, key):
         want = (n, 0) if i < 8 else (0, n)
         got = (picks("device") - device, picks("host") - host)
         check(got == want, f"alone {i}: tokens picked (device, host) {got}, expected {want}")
+        ran_ahead = steps_ahead() - ahead
+        check(ran_ahead >= n - 2 if i < 8 else ran_ahead == 0,
+              f"alone {i}: {ran_ahead} steps run ahead for {n} tokens")
     # Greedy with a penalty, or with logprobs, needs the row: picked on the host.
     for extra in ({"presence_penalty": 0.5}, {"logprobs": True, "top_logprobs": 1}):
         device, host = picks("device"), picks("host")

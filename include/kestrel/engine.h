@@ -206,6 +206,10 @@ class Engine {
   // drawn instead as run_argmax draws them, at most two calls at once; finish_argmax waits for
   // the oldest queued and returns its rows. A run() or run_argmax() drops any never finished.
   bool runs_ahead() const;
+  // Whether running ahead overlaps anything: the backend leaves a step's tokens on its device and
+  // queues the next step without waiting (CUDA). Elsewhere a step run ahead is computed before
+  // the tokens of the one before it are used, so they reach a caller a step later.
+  bool argmax_on_device() const;
   Status start_argmax(const Batch& batch, bool tokens_from_argmax,
                       const std::vector<RowDraw>& draws = {});
   Status finish_argmax(std::vector<int32_t>* tokens);

@@ -256,6 +256,10 @@ class Backend {
   static constexpr int kArgmaxInFlight = 2;
   Status start_argmax(Tensor t, std::span<const RowDraw> draws = {});
   Status finish_argmax(std::vector<int32_t>* out);
+  // Whether start_argmax leaves the rows on the device, for the next call's tokens, without
+  // waiting for them (CUDA). The default halves compute them at start: a call queued after one
+  // then overlaps nothing.
+  virtual bool argmax_on_device() const { return false; }
 
   // Bytes of device memory this backend holds now, and its high-water mark.
   virtual size_t memory_in_use() const = 0;
@@ -275,7 +279,6 @@ class Backend {
   // rows; a device backend copies only the rows.
   virtual Status do_read_rows(Tensor t, std::span<const int32_t> rows, float* host);
   virtual Status do_finish_argmax(int slot, int32_t* out);
-  virtual bool argmax_on_device() const { return false; }
   // pick_rows with checked draws.
   virtual Status do_pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out);
 

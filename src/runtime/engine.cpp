@@ -395,6 +395,10 @@ bool Engine::runs_ahead() const {
   return !tensor_parallel_ && on;
 }
 
+bool Engine::argmax_on_device() const {
+  return !tensor_parallel_ && backend_->argmax_on_device();
+}
+
 Status Engine::start_argmax(const Batch& batch, bool tokens_from_argmax,
                             const std::vector<RowDraw>& draws) {
   if (tensor_parallel_) return Status::error("start_argmax: not on a model split over ranks");

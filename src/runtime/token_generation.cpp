@@ -240,6 +240,7 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
       if (drawn) draws.push_back(seqs[i].sampler.next_draw(int32_t(r)));
     }
     KS_RETURN_IF_ERROR(engine.start_argmax(batch, from_argmax, draws));
+    if (from_argmax) ++result.decode_steps_ahead;
     queued.push_back(rows);
     return Status::ok();
   };

@@ -175,8 +175,8 @@ std::string Metrics::render() const {
   line(out, "kestrel_steps_total{queued=\"ahead\"} " + std::to_string(steps_ahead_));
   line(out, "kestrel_steps_total{queued=\"in_turn\"} " + std::to_string(steps_in_turn_));
   scalar(out, "kestrel_step_rows_dropped_total", "counter",
-         "Rows of steps run ahead whose request had ended (eos, a stop string, its client gone) "
-         "when their tokens came back: computed and not used.",
+         "Rows of steps run ahead whose request had ended (eos, a stop string, its client gone, "
+         "an error) when their tokens came back: computed and not used.",
          dropped_rows_);
   return out;
 }

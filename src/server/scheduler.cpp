@@ -118,8 +118,8 @@ Scheduler::Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metric
   const char* host_picks = std::getenv("KESTREL_SERVER_HOST_PICKS");
   host_picks_only_ = host_picks != nullptr && std::string(host_picks) == "1";
   device_draws_ = !host_picks_only_ && options_.draw_rows.value_or(engine_.draws_on_device());
-  run_ahead_ =
-      options_.run_ahead.value_or(engine_.runs_ahead()) && engine_.options().tensor_parallel <= 1;
+  run_ahead_ = options_.run_ahead.value_or(engine_.runs_ahead() && engine_.argmax_on_device()) &&
+               engine_.options().tensor_parallel <= 1;
   const int64_t threads = options_.host_threads > 0
                               ? options_.host_threads
                               : std::min<int64_t>(n_slots_, std::thread::hardware_concurrency());
@@ -226,16 +226,27 @@ void Scheduler::loop() {
   publish_gauges();
 }
 
-bool Scheduler::admit(ScheduledRequest& r) {
-  PagedKvCache& kv = engine_.kv_cache();
+std::optional<std::vector<int32_t>> Scheduler::blocks_for(const ScheduledRequest& r) const {
+  const PagedKvCache& kv = engine_.kv_cache();
   // Blocks of the prompt already computed by earlier requests; at least the prompt's last token
   // is computed here, for its logits.
   const int64_t prompt_len = int64_t(r.prompt.size());
   const int64_t queried = (prompt_len - 1) / kKvBlockSize;
-  const std::vector<int32_t> reused = kv.lookup(r.prompt, queried);
+  std::vector<int32_t> reused = kv.lookup(r.prompt, queried);
   const int64_t n_reused = int64_t(reused.size());
   const int64_t blocks = (prompt_len + r.max_tokens + kKvBlockSize - 1) / kKvBlockSize;
-  if (kv.available_blocks() - kv.unheld(reused) < blocks - n_reused) return false;
+  if (kv.available_blocks() - kv.unheld(reused) < blocks - n_reused) return std::nullopt;
+  return reused;
+}
+
+bool Scheduler::admit(ScheduledRequest& r) {
+  PagedKvCache& kv = engine_.kv_cache();
+  const std::optional<std::vector<int32_t>> found = blocks_for(r);
+  if (!found) return false;
+  const std::vector<int32_t>& reused = *found;
+  const int64_t prompt_len = int64_t(r.prompt.size());
+  const int64_t queried = (prompt_len - 1) / kKvBlockSize;
+  const int64_t n_reused = int64_t(reused.size());
 
   const auto free_slot = std::find(slot_busy_.begin(), slot_busy_.end(), false);
   const int32_t slot = int32_t(free_slot - slot_busy_.begin());
@@ -431,10 +442,13 @@ std::optional<Scheduler::QueuedStep> Scheduler::queue_ahead(const QueuedStep& qu
       return std::nullopt;
     }
   }
-  // A request a free slot could take now goes in at the next step, in turn.
+  // A request a free slot and the pool could take now goes in at the next step, in turn; one
+  // waiting for blocks lets the running requests go on ahead.
   {
     std::lock_guard lock(mutex_);
-    if (!waiting_.empty() && int64_t(running_.size()) < n_slots_) return std::nullopt;
+    if (!waiting_.empty() && int64_t(running_.size()) < n_slots_ && blocks_for(waiting_.front())) {
+      return std::nullopt;
+    }
   }
   // Each row picks where it did: a row's settings and logprobs never change, and eos held back
   // (min tokens) only ever stops being held back.
@@ -452,7 +466,9 @@ std::optional<Scheduler::QueuedStep> Scheduler::queue_ahead(const QueuedStep& qu
   next.picks = queued.picks;
   const Status status = engine_.start_argmax(batch, true, draws);
   if (!status.is_ok()) {
-    // Nothing was queued; the step after `queued` goes in turn (and fails there if it must).
+    // As a step in turn that fails: the drawn rows have taken their generators' next numbers,
+    // so going on in turn would not give a seed's text either.
+    fail_running(status);
     return std::nullopt;
   }
   metrics_.record_step(true);

@@ -101,8 +101,10 @@ struct SchedulerOptions {
   // (Engine::draws_on_device); set, always or never (tests compare the two on the CPU, where
   // the backend's default draws with the host sampler's rule).
   std::optional<bool> draw_rows;
-  // Whether decode steps run ahead: unset, where the engine runs ahead (Engine::runs_ahead). A
-  // model split over ranks never does.
+  // Whether decode steps run ahead: unset, where the engine runs ahead (Engine::runs_ahead) and
+  // that overlaps the host's work with the device's (Engine::argmax_on_device: CUDA); on the
+  // CPU a step run ahead is computed before the step before it is streamed, which only delays
+  // every token by a step. A model split over ranks never runs ahead.
   std::optional<bool> run_ahead;
 };
 
@@ -153,6 +155,9 @@ class Scheduler {
   void fail_running(const Status& status);
   // Admits the request into a free slot if the pool has the blocks it can need.
   bool admit(ScheduledRequest& request);
+  // The prompt blocks the prefix cache gives `request` when the pool has every other block it can
+  // need (admit's condition), else nullopt.
+  std::optional<std::vector<int32_t>> blocks_for(const ScheduledRequest& request) const;
   // Publishes the sequence's newly completed full blocks to the prefix cache.
   void publish_blocks(Sequence& seq);
   void finish(Sequence& seq, StreamEvent event, const std::string& metric_reason);

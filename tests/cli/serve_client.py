@@ -302,9 +302,8 @@ def run_main(port, key):
     # the host from the whole row.
     def picks(where):
         return metric_value(metrics(client), f'kestrel_tokens_picked_total{{where="{where}"}}') or 0
-    # A greedy request alone runs ahead: every decode step after the first is queued before the
-    # step before it is back, but the one past its last token (max_tokens). Rows sampled on the
-    # host go in turn.
+    # On the CPU the server's steps go in turn: a step run ahead would be computed before the
+    # one before it is streamed (Engine::argmax_on_device; the unit tests force run ahead).
     def steps_ahead():
         return metric_value(metrics(client), 'kestrel_steps_total{queued="ahead"}') or 0
     alone = []
@@ -318,8 +317,7 @@ def run_main(port, key):
         got = (picks("device") - device, picks("host") - host)
         check(got == want, f"alone {i}: tokens picked (device, host) {got}, expected {want}")
         ran_ahead = steps_ahead() - ahead
-        check(ran_ahead >= n - 2 if i < 8 else ran_ahead == 0,
-              f"alone {i}: {ran_ahead} steps run ahead for {n} tokens")
+        check(ran_ahead == 0, f"alone {i}: {ran_ahead} steps run ahead on the CPU")
     # Greedy with a penalty, or with logprobs, needs the row: picked on the host.
     for extra in ({"presence_penalty": 0.5}, {"logprobs": True, "top_logprobs": 1}):
         device, host = picks("device"), picks("host")

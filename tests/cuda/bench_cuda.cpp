@@ -13,8 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "../unit/backend_op_checks.h"
 #include "backend/cuda/cuda_backend.h"
 #include "kestrel/engine.h"
+#include "kestrel/sampling.h"
 #include "quant/format.h"
 
 namespace kestrel {
@@ -242,6 +244,76 @@ TEST(CudaBench, DISABLED_Gemv) {
       std::printf("| %s %lld x %lld | %d | %.2f | %.0f | %.0f%% |\n", shape.what,
                   (long long)shape.rows, (long long)shape.cols, n, t->microseconds, gbs,
                   100.0 * gbs / roofline);
+    }
+  }
+  std::fflush(stdout);
+}
+
+// Sampled rows drawn on the device (Backend::pick_rows: the argmax, then the draw kernel, one
+// block a row) on the two vocabularies, 1 and 16 rows, under the settings servers see: the
+// device time of each launch (op timing), and the logits' bytes over it against the copy
+// bandwidth (the draw reads a row several times: a floor on its passes, not a roofline).
+TEST(CudaBench, DISABLED_Draw) {
+  struct Setting {
+    const char* what;
+    float temperature, top_p, min_p;
+    int top_k;
+  };
+  const Setting settings[] = {{"T 1", 1.0f, 1.0f, 0.0f, 0},
+                              {"T 0.9, top_p 0.95", 0.9f, 0.95f, 0.0f, 0},
+                              {"T 0.7, top_k 40", 0.7f, 1.0f, 0.0f, 40},
+                              {"T 1, min_p 0.05", 1.0f, 1.0f, 0.05f, 0}};
+  const double roofline = bandwidth_gbs();
+  std::printf(
+      "\n| vocabulary | rows | settings | draw us per launch | argmax us | logits GB/s in the draw "
+      "| of %.0f GB/s |\n|---|---|---|---|---|---|---|\n",
+      roofline);
+  for (const int64_t cols : {int64_t(128256), int64_t(151936)}) {
+    ModelWeights model = backend_test::one_layer_model(cols);
+    backend_test::BackendPair pair;
+    ASSERT_TRUE(pair.init(model, RunShape{1, 32, 16, 16}));
+    Backend& b = *pair.gpu;
+    // Logits shaped like a model's: mostly small, a tail of likelier tokens.
+    std::vector<float> logits = backend_test::random_values(size_t(16 * cols), 77, 2.0f);
+    for (int64_t r = 0; r < 16; ++r) {
+      for (int j = 0; j < 64; ++j) logits[size_t(r * cols + (j * 7919 + r * 31) % cols)] += 6.0f;
+    }
+    for (const int64_t rows : {int64_t(1), int64_t(16)}) {
+      for (const Setting& setting : settings) {
+        std::vector<int32_t> meta;
+        ASSERT_TRUE(b.begin_batch(pair.paged(backend_test::batch_of(rows, meta))).is_ok());
+        auto t = b.scratch(rows, cols);
+        ASSERT_TRUE(t.is_ok());
+        std::vector<float> part(logits.begin(), logits.begin() + rows * cols);
+        ASSERT_TRUE(backend_test::write_device_tensor(b, *t, part.data()).is_ok());
+        std::vector<RowDraw> draws;
+        for (int64_t r = 0; r < rows; ++r) {
+          RowDraw d;
+          d.row = int32_t(r);
+          d.params.temperature = setting.temperature;
+          d.params.top_p = setting.top_p;
+          d.params.top_k = setting.top_k;
+          d.params.min_p = setting.min_p;
+          d.vocab_size = int32_t(cols);
+          d.u = (double(r) + 0.37) / double(rows + 1);
+          draws.push_back(d);
+        }
+        std::vector<int32_t> out(static_cast<size_t>(rows));
+        ASSERT_TRUE(b.pick_rows(*t, draws, out.data()).is_ok());  // warm-up
+        ASSERT_TRUE(cuda::set_op_timing(b, true).is_ok());
+        constexpr int kReps = 20;
+        for (int i = 0; i < kReps; ++i) ASSERT_TRUE(b.pick_rows(*t, draws, out.data()).is_ok());
+        double draw_us = 0, argmax_us = 0;
+        for (const cuda::OpTime& op : cuda::op_times(b)) {
+          const double us = 1e3 * op.milliseconds / double(std::max<int64_t>(op.calls, 1));
+          if (op.op == "draw") draw_us = us;
+          if (op.op == "argmax") argmax_us = us;
+        }
+        ASSERT_TRUE(cuda::set_op_timing(b, false).is_ok());
+        const double gbs = double(rows * cols) * 4.0 / (draw_us * 1e-6) / 1e9;
+        std::printf("| %lld | %lld | %s | %.2f | %.2f | %.0f | %.1f%% |\n", (long long)cols,
+                    (long long)rows, setting.what, draw_us, argmax_us, gbs, 100.0 * gbs / roofline);
+      }
     }
   }
   std::fflush(stdout);

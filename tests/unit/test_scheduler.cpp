@@ -6,9 +6,13 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
+#include <memory>
 #include <optional>
+#include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kestrel/engine.h"
@@ -46,11 +50,8 @@ int64_t counter(const std::string& metrics, const std::string& name) {
   return std::stoll(metrics.substr(at + name.size() + 2));
 }
 
-// Four requests (the sampled ones each with its own seed) on four slots, submitted before the
-// scheduler starts, so its first step admits them all and every run has the same steps.
-// `metrics_text` gets the run's /metrics.
-std::vector<Outcome> run_requests(const Tokenizer& tokenizer, const Picking& picking,
-                                  std::string* metrics_text = nullptr) {
+// synthetic:tiny-qwen2 in fp32 on the CPU, 4 slots of 128 positions.
+std::unique_ptr<Engine> tiny_engine(int64_t prefill_chunk) {
   EngineOptions options;
   options.model = "synthetic:tiny-qwen2";
   options.format = WeightFormat::fp32;
@@ -58,16 +59,25 @@ std::vector<Outcome> run_requests(const Tokenizer& tokenizer, const Picking& pic
   options.progress = false;
   options.max_context = 128;
   options.max_seqs = 4;
-  options.prefill_chunk = 64;
+  options.prefill_chunk = prefill_chunk;
   auto engine = Engine::create(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().message();
-  if (!engine.is_ok()) return {};
+  return engine.is_ok() ? std::move(engine).value() : nullptr;
+}
+
+// Four requests (the sampled ones each with its own seed) on four slots, submitted before the
+// scheduler starts, so its first step admits them all and every run has the same steps.
+// `metrics_text` gets the run's /metrics.
+std::vector<Outcome> run_requests(const Tokenizer& tokenizer, const Picking& picking,
+                                  std::string* metrics_text = nullptr) {
+  auto engine = tiny_engine(64);
+  if (!engine) return {};
   Metrics metrics;
   SchedulerOptions scheduler_options;
   scheduler_options.host_threads = picking.host_threads;
   scheduler_options.draw_rows = picking.draw_rows;
   scheduler_options.run_ahead = picking.run_ahead;
-  Scheduler scheduler(**engine, tokenizer, metrics, scheduler_options);
+  Scheduler scheduler(*engine, tokenizer, metrics, scheduler_options);
   std::vector<std::shared_ptr<RequestChannel>> channels;
   for (int i = 0; i < 4; ++i) {
     ScheduledRequest r;
@@ -277,6 +287,206 @@ TEST(Scheduler, ARowRunAheadPastAStopIsDropped) {
   }
   EXPECT_GT(counter(ahead_metrics, "kestrel_steps_total{queued=\"ahead\"}"), 0);
   EXPECT_GE(counter(ahead_metrics, "kestrel_step_rows_dropped_total"), 2) << ahead_metrics;
+}
+
+}  // namespace
+}  // namespace kestrel::server
+
+namespace kestrel::server {
+namespace {
+
+// How a request ended: its text, the terminal event, and whether anything followed it.
+struct Ending {
+  std::string text;
+  bool ended = false;
+  StreamEvent::Kind kind = StreamEvent::Kind::text;
+  FinishReason reason = FinishReason::stop;
+  int64_t completion_tokens = 0;
+  int status = 0;
+};
+
+// A started scheduler of greedy-friendly defaults over tiny_engine(16), running ahead or not;
+// its destructor shuts the scheduler down before the engine goes.
+struct TinyServer {
+  std::unique_ptr<Engine> engine;
+  Metrics metrics;
+  std::unique_ptr<Scheduler> scheduler;
+  TinyServer(const Tokenizer& tokenizer, bool run_ahead) : engine(tiny_engine(16)) {
+    if (!engine) return;
+    SchedulerOptions options;
+    options.run_ahead = run_ahead;
+    scheduler = std::make_unique<Scheduler>(*engine, tokenizer, metrics, options);
+    scheduler->start();
+  }
+};
+
+// Takes `channel`'s events until its request ends (or 60 s pass without one).
+Ending wait_for_end(RequestChannel& channel) {
+  Ending e;
+  while (!e.ended) {
+    auto event = channel.pop(std::chrono::milliseconds(60000));
+    if (!event) {
+      ADD_FAILURE() << "no event in 60 s";
+      break;
+    }
+    e.text += event->text;
+    e.kind = event->kind;
+    e.ended = event->kind != StreamEvent::Kind::text;
+    e.reason = event->reason;
+    e.completion_tokens = event->usage.completion_tokens;
+    e.status = event->status;
+  }
+  return e;
+}
+
+// Greedy requests arriving at random moments into four slots (prompt chunks sharing steps with
+// decode tokens, requests queueing for slots), ending at random steps (max_tokens from 1,
+// stop strings, eos), two of them cancelled by their clients (one before it can have started,
+// one after its first text), all with steps run ahead wherever they can: every request that
+// is not cancelled gets the text, finish reason and token count it gets alone, in turn; a
+// cancelled one ends once (as 499, or finished with its text alone), and nothing follows any
+// end. Greedy text under other requests' load agrees bit for bit unless a float rounding of
+// the CPU matmul's shape flips a near tie (docs/ARCHITECTURE.md, "Determinism"), which these
+// fixed requests do not meet.
+TEST(Scheduler, RequestsArrivingAndEndingAtRandomRunAheadAsEachAlone) {
+  auto tokenizer =
+      Tokenizer::load(std::string(KESTREL_SOURCE_DIR) + "/.cache/tokenizers/qwen3/models");
+  ASSERT_TRUE(tokenizer.is_ok()) << tokenizer.status().message();
+  struct Spec {
+    std::vector<int32_t> prompt;
+    int64_t max_tokens = 1;
+    std::vector<std::string> stop;
+    bool ignore_eos = false;
+  };
+  constexpr size_t kRequests = 10;
+  constexpr size_t kCancelledAtOnce = 3, kCancelledAfterText = 7;
+  std::mt19937 rng(2026);
+  std::vector<Spec> specs(kRequests);
+  const int64_t max_tokens[] = {1, 2, 5, 12, 24};
+  const char* stops[] = {"e", "s", "o", "a"};
+  for (size_t i = 0; i < kRequests; ++i) {
+    Spec& spec = specs[i];
+    const size_t length = 2 + rng() % 39;
+    for (size_t t = 0; t < length; ++t) spec.prompt.push_back(int32_t(3 + rng() % 5000));
+    spec.max_tokens = max_tokens[rng() % std::size(max_tokens)];
+    if (i % 2 == 1) spec.stop = {stops[i / 2 % std::size(stops)], "i"};
+    spec.ignore_eos = rng() % 2 == 0;
+    if (i >= kCancelledAfterText) {
+      // The last three decode long, with nothing left to prefill: steps run ahead.
+      spec.max_tokens = 24;
+      spec.stop.clear();
+      spec.ignore_eos = true;
+    }
+  }
+  auto request_of = [&](const Spec& spec) {
+    ScheduledRequest r;
+    r.prompt = spec.prompt;
+    r.max_tokens = spec.max_tokens;
+    r.stop = spec.stop;
+    r.ignore_eos = spec.ignore_eos;
+    r.sampling.temperature = 0.0f;
+    r.channel = std::make_shared<RequestChannel>();
+    return r;
+  };
+
+  // Alone, in turn: one request at a time.
+  std::vector<Ending> alone;
+  {
+    TinyServer in_turn(*tokenizer, false);
+    ASSERT_TRUE(in_turn.scheduler);
+    for (const Spec& spec : specs) {
+      ScheduledRequest r = request_of(spec);
+      std::shared_ptr<RequestChannel> channel = r.channel;
+      ASSERT_EQ(in_turn.scheduler->submit(std::move(r)), Scheduler::Admission::queued);
+      alone.push_back(wait_for_end(*channel));
+      ASSERT_EQ(alone.back().kind, StreamEvent::Kind::finished);
+    }
+  }
+  // The requests end in several ways.
+  int by_length = 0, by_stop = 0;
+  for (const Ending& e : alone) (e.reason == FinishReason::length ? by_length : by_stop) += 1;
+  EXPECT_GT(by_length, 0);
+  EXPECT_GT(by_stop, 0);
+
+  // Together, run ahead: submitted from another thread with random pauses.
+  TinyServer ahead(*tokenizer, true);
+  ASSERT_TRUE(ahead.scheduler);
+  Scheduler& scheduler = *ahead.scheduler;
+  std::vector<std::shared_ptr<RequestChannel>> channels;
+  std::vector<ScheduledRequest> requests;
+  for (const Spec& spec : specs) {
+    requests.push_back(request_of(spec));
+    channels.push_back(requests.back().channel);
+  }
+  std::vector<int> pauses_us;
+  for (size_t i = 0; i < kRequests; ++i) pauses_us.push_back(int(rng() % 3000));
+  std::thread submitter([&] {
+    for (size_t i = 0; i < kRequests; ++i) {
+      EXPECT_EQ(scheduler.submit(std::move(requests[i])), Scheduler::Admission::queued);
+      if (i == kCancelledAtOnce) channels[i]->cancel();
+      std::this_thread::sleep_for(std::chrono::microseconds(pauses_us[i]));
+    }
+  });
+  Ending after_text;
+  std::thread canceller([&] {
+    // The client of kCancelledAfterText goes away after its first text.
+    RequestChannel& channel = *channels[kCancelledAfterText];
+    auto first = channel.pop(std::chrono::milliseconds(60000));
+    ASSERT_TRUE(first.has_value());
+    after_text.text = first->text;
+    channel.cancel();
+    if (first->kind != StreamEvent::Kind::text) {
+      after_text.ended = true;
+      after_text.kind = first->kind;
+      after_text.status = first->status;
+      return;
+    }
+    const Ending rest = wait_for_end(channel);
+    after_text.text += rest.text;
+    after_text.ended = rest.ended;
+    after_text.kind = rest.kind;
+    after_text.status = rest.status;
+    after_text.reason = rest.reason;
+  });
+  submitter.join();
+  for (size_t i = 0; i < kRequests; ++i) {
+    if (i == kCancelledAtOnce || i == kCancelledAfterText) continue;
+    SCOPED_TRACE("request " + std::to_string(i));
+    const Ending e = wait_for_end(*channels[i]);
+    EXPECT_EQ(e.kind, StreamEvent::Kind::finished);
+    EXPECT_EQ(e.text, alone[i].text);
+    EXPECT_EQ(e.reason, alone[i].reason);
+    EXPECT_EQ(e.completion_tokens, alone[i].completion_tokens);
+  }
+  canceller.join();
+  // Cancelled after its first text: failed with 499, or finished (its text alone) first.
+  EXPECT_TRUE(after_text.ended);
+  if (after_text.kind == StreamEvent::Kind::failed) {
+    EXPECT_EQ(after_text.status, 499);
+    EXPECT_EQ(after_text.text, alone[kCancelledAfterText].text.substr(0, after_text.text.size()));
+  } else {
+    EXPECT_EQ(after_text.text, alone[kCancelledAfterText].text);
+  }
+  scheduler.shutdown(std::chrono::milliseconds(0));
+  // Cancelled at once: dropped from the queue without an event, or ended once.
+  std::vector<StreamEvent> at_once;
+  while (auto event = channels[kCancelledAtOnce]->pop(std::chrono::milliseconds(0))) {
+    at_once.push_back(std::move(*event));
+  }
+  for (size_t k = 0; k < at_once.size(); ++k) {
+    const bool last = k + 1 == at_once.size();
+    EXPECT_EQ(at_once[k].kind != StreamEvent::Kind::text, last) << "event " << k;
+    if (at_once[k].kind == StreamEvent::Kind::failed) {
+      EXPECT_EQ(at_once[k].status, 499);
+    }
+  }
+  for (size_t i = 0; i < kRequests; ++i) {
+    if (i == kCancelledAtOnce) continue;
+    EXPECT_FALSE(channels[i]->pop(std::chrono::milliseconds(0)).has_value())
+        << "request " << i << ": an event after its end";
+  }
+  const std::string m = ahead.metrics.render();
+  EXPECT_GT(counter(m, "kestrel_steps_total{queued=\"ahead\"}"), 0) << m;
 }
 
 }  // namespace

@@ -65,15 +65,18 @@ struct EngineOptions {
   // ranks sum their partial results in host memory (the stand-in for NCCL, used for testing).
   // The heads and intermediate size must divide among the ranks.
   int tensor_parallel = 1;
-  // Greedy decoding (generate_greedy, and generate_batch without beams) queues each step before
-  // the tokens of the step before it are back on the host: that step's argmax stays on the device
-  // for the next one's embed, so the host's work for a step (and the copies to and from the
-  // device) overlaps the device's work for the one before. The tokens are the same either way;
-  // generate_greedy stopping at eos computes one step it then drops. On by default (measured on
-  // the H200: the device's idle time between batch-1 steps 152-158 us step by step, 18 us run
-  // ahead; tg128 +2-3%); the environment's KESTREL_RUN_AHEAD=0 or 1 overrides this. Not with
-  // tensor_parallel > 1.
-  bool run_ahead = true;
+  // Decoding (generate_greedy, generate_batch without beams, generate_tokens and the server
+  // while the device picks every token) queues each step before the tokens of the step before it
+  // are back on the host: that step's tokens stay on the device for the next one's embed, so the
+  // host's work for a step (and the copies to and from the device) overlaps the device's work for
+  // the one before. The tokens are the same either way; a step queued past an end is computed
+  // and dropped. Unset (the default): where that overlaps anything, a backend that leaves the
+  // argmax on its device (CUDA; measured on the H200: the device's idle time between batch-1
+  // steps 152-158 us step by step, 18 us run ahead; tg128 +2-3%); on the CPU and Vulkan a step
+  // run ahead is computed before the one before it is used, so tokens only arrive a step later.
+  // true or false: always or never (the CPU tests force it on). The environment's
+  // KESTREL_RUN_AHEAD=0 or 1 overrides this. Not with tensor_parallel > 1.
+  std::optional<bool> run_ahead;
   // A reservation decided beforehand (runtime/planner.h). When run_shape.max_batch_tokens > 0
   // the backend reserves exactly this shape, max_context, max_seqs and the KV pool settings
   // above are ignored, and

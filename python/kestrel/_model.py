@@ -175,7 +175,7 @@ _LOAD_ARGS = {
     "max_batch_size": 1,
     "prefill_chunk": 512,
     "progress": False,
-    "run_ahead": True,
+    "run_ahead": None,
 }
 
 
@@ -193,9 +193,10 @@ class AutoModelForCausalLM:
         "cuda", "vulkan" or "vulkan:N" (`kestrel devices`). max_context: positions of the KV
         cache (default min(max_position_embeddings, 4096)). Kestrel's own: threads (CPU, 0 = all), block (32 | 64 weights per scale),
         max_batch_size (sequences reserved at load; generate reserves more when a batch needs
-        them), prefill_chunk, progress, run_ahead (greedy decoding queues each step before
-        the last one's tokens are back, which the device feeds itself; the tokens are the
-        same; on by default, and KESTREL_RUN_AHEAD=0 or 1 overrides it). trust_remote_code is accepted: Kestrel
+        them), prefill_chunk, progress, run_ahead (decoding queues each step before the last
+        one's tokens are back, which the device feeds itself; the tokens are the same; None,
+        the default: where that overlaps anything (CUDA), True or False: always or never;
+        KESTREL_RUN_AHEAD=0 or 1 overrides it). trust_remote_code is accepted: Kestrel
         runs no model code. Anything else is a ValueError.
         """
         if args:
@@ -314,9 +315,12 @@ class KestrelForCausalLM:
         threads = options["threads"]
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise ValueError(f"threads must be 0 (all) or a positive integer, got {threads!r}")
-        for flag in ("trust_remote_code", "run_ahead"):
-            if not isinstance(options[flag], bool):
-                raise ValueError(f"{flag} must be True or False, got {options[flag]!r}")
+        if not isinstance(options["trust_remote_code"], bool):
+            raise ValueError(
+                f"trust_remote_code must be True or False, got {options['trust_remote_code']!r}")
+        if options["run_ahead"] is not None and not isinstance(options["run_ahead"], bool):
+            raise ValueError(
+                f"run_ahead must be True, False or None, got {options['run_ahead']!r}")
         engine = _kestrel.Engine(
             model=path,
             low_bit=low_bit,
@@ -337,7 +341,8 @@ class KestrelForCausalLM:
 
     @property
     def runs_ahead(self):
-        """Whether greedy decoding runs ahead of the host (from_pretrained's run_ahead)."""
+        """Whether decoding runs ahead of the host (from_pretrained's run_ahead, or the device's
+        default)."""
         return self._engine.runs_ahead
 
     def to(self, device):

@@ -51,7 +51,7 @@ class PyEngine {
  public:
   PyEngine(const std::string& model, const std::optional<std::string>& low_bit, int block,
            const std::string& device, int threads, int64_t max_context, int64_t max_seqs,
-           int64_t prefill_chunk, bool progress, bool run_ahead) {
+           int64_t prefill_chunk, bool progress, std::optional<bool> run_ahead) {
     kestrel::EngineOptions options;
     options.model = model;
     if (low_bit) options.format = unwrap(kestrel::parse_format(*low_bit));
@@ -246,10 +246,10 @@ PYBIND11_MODULE(_kestrel, m) {
 
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<const std::string&, const std::optional<std::string>&, int, const std::string&,
-                    int, int64_t, int64_t, int64_t, bool, bool>(),
+                    int, int64_t, int64_t, int64_t, bool, std::optional<bool>>(),
            py::arg("model"), py::arg("low_bit"), py::arg("block"), py::arg("device"),
            py::arg("threads"), py::arg("max_context"), py::arg("max_seqs"),
-           py::arg("prefill_chunk"), py::arg("progress"), py::arg("run_ahead") = true)
+           py::arg("prefill_chunk"), py::arg("progress"), py::arg("run_ahead") = py::none())
       .def("info", &PyEngine::info)
       .def_property_readonly("max_context", &PyEngine::max_context)
       .def_property_readonly("max_seqs", &PyEngine::max_seqs)

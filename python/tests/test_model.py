@@ -121,12 +121,14 @@ def test_greedy_matches_the_cli(kestrel_binary):
 def test_run_ahead_gives_the_same_tokens():
     prompt = [1, 2, 3, 500, 7000, 42]
     plain = load("synthetic:tiny-llama", run_ahead=False)
-    ahead = load("synthetic:tiny-llama")  # the default
+    ahead = load("synthetic:tiny-llama", run_ahead=True)
     assert ahead.runs_ahead and not plain.runs_ahead
+    # By default only where it overlaps anything: not on the CPU.
+    assert not load("synthetic:tiny-llama").runs_ahead
     for batch in ([prompt], [prompt, prompt[2:], prompt[:3] + [9, 9, 9, 9]]):
         want = plain.generate(batch, max_new_tokens=17, eos_token_id=None)
         assert ahead.generate(batch, max_new_tokens=17, eos_token_id=None) == want
-    with pytest.raises(ValueError, match="run_ahead must be True or False"):
+    with pytest.raises(ValueError, match="run_ahead must be True, False or None"):
         kestrel.AutoModelForCausalLM.from_pretrained("synthetic:tiny-llama", run_ahead="yes")
 
 

@@ -391,8 +391,9 @@ bool Engine::runs_ahead() const {
     if (v == nullptr) return -1;
     return std::string(v) == "1" ? 1 : std::string(v) == "0" ? 0 : -1;
   }();
-  const bool on = from_environment < 0 ? options_.run_ahead : from_environment == 1;
-  return !tensor_parallel_ && on;
+  if (tensor_parallel_) return false;
+  return from_environment < 0 ? options_.run_ahead.value_or(backend_->argmax_on_device())
+                              : from_environment == 1;
 }
 
 bool Engine::argmax_on_device() const {

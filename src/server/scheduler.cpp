@@ -118,8 +118,8 @@ Scheduler::Scheduler(Engine& engine, const Tokenizer& tokenizer, Metrics& metric
   const char* host_picks = std::getenv("KESTREL_SERVER_HOST_PICKS");
   host_picks_only_ = host_picks != nullptr && std::string(host_picks) == "1";
   device_draws_ = !host_picks_only_ && options_.draw_rows.value_or(engine_.draws_on_device());
-  run_ahead_ = options_.run_ahead.value_or(engine_.runs_ahead() && engine_.argmax_on_device()) &&
-               engine_.options().tensor_parallel <= 1;
+  run_ahead_ =
+      options_.run_ahead.value_or(engine_.runs_ahead()) && engine_.options().tensor_parallel <= 1;
   const int64_t threads = options_.host_threads > 0
                               ? options_.host_threads
                               : std::min<int64_t>(n_slots_, std::thread::hardware_concurrency());

@@ -101,10 +101,10 @@ struct SchedulerOptions {
   // (Engine::draws_on_device); set, always or never (tests compare the two on the CPU, where
   // the backend's default draws with the host sampler's rule).
   std::optional<bool> draw_rows;
-  // Whether decode steps run ahead: unset, where the engine runs ahead (Engine::runs_ahead) and
-  // that overlaps the host's work with the device's (Engine::argmax_on_device: CUDA); on the
-  // CPU a step run ahead is computed before the step before it is streamed, which only delays
-  // every token by a step. A model split over ranks never runs ahead.
+  // Whether decode steps run ahead: unset, where the engine runs ahead (Engine::runs_ahead: by
+  // default where that overlaps the host's work with the device's, CUDA; on the CPU a step run
+  // ahead is computed before the step before it is streamed, which only delays every token by a
+  // step). A model split over ranks never runs ahead.
   std::optional<bool> run_ahead;
 };
 

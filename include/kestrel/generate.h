@@ -47,8 +47,9 @@ struct TokenGenerationResult {
   double prefill_seconds = 0;                // every prompt through its first token
   double decode_seconds = 0;                 // the later steps
   int64_t decode_steps = 0;
-  // Of decode_steps, those queued before the tokens of the step before them came back (run
-  // ahead: Engine::runs_ahead, while the device picks every token).
+  // Steps queued before the tokens of the step before them came back (run ahead:
+  // Engine::runs_ahead, while the device picks every token), a step queued past every
+  // sequence's end (waited for and dropped, not in decode_steps) included.
   int64_t decode_steps_ahead = 0;
 };
 

@@ -409,7 +409,8 @@ bool Scheduler::step() {
 }
 
 void Scheduler::finish_queued(QueuedStep queued) {
-  std::optional<QueuedStep> next = queue_ahead(queued);
+  Status ahead_failed = Status::ok();
+  std::optional<QueuedStep> next = queue_ahead(queued, &ahead_failed);
   std::vector<int32_t> tokens;
   const Status status = engine_.finish_argmax(&tokens);
   if (!status.is_ok()) {
@@ -418,6 +419,9 @@ void Scheduler::finish_queued(QueuedStep queued) {
     return;
   }
   deliver(queued.rows, queued.positions, queued.picks, tokens);
+  // A step ahead whose start failed after its drawn rows took their generators' numbers: going
+  // on in turn would not give a seed's text, so the requests end as a failed step ends them.
+  if (!ahead_failed.is_ok()) fail_running(ahead_failed);
   if (!next) return;
   // A step whose every request ended with this one's tokens is not worth a step() of its own.
   if (std::all_of(next->rows.begin(), next->rows.end(),
@@ -428,7 +432,8 @@ void Scheduler::finish_queued(QueuedStep queued) {
   ahead_ = std::move(next);
 }
 
-std::optional<Scheduler::QueuedStep> Scheduler::queue_ahead(const QueuedStep& queued) {
+std::optional<Scheduler::QueuedStep> Scheduler::queue_ahead(const QueuedStep& queued,
+                                                            Status* failed_after_draws) {
   if (!run_ahead_) return std::nullopt;
   // The same rows: every running request is one of them and none has ended, is leaving, or takes
   // its last token from `queued` (then the step after it would be past max_tokens; the slot's
@@ -466,9 +471,9 @@ std::optional<Scheduler::QueuedStep> Scheduler::queue_ahead(const QueuedStep& qu
   next.picks = queued.picks;
   const Status status = engine_.start_argmax(batch, true, draws);
   if (!status.is_ok()) {
-    // As a step in turn that fails: the drawn rows have taken their generators' next numbers,
-    // so going on in turn would not give a seed's text either.
-    fail_running(status);
+    // Nothing was queued. Greedy rows go on in turn (and fail there if they must); drawn rows
+    // have taken their generators' next numbers, so their requests cannot.
+    if (!draws.empty()) *failed_after_draws = status;
     return std::nullopt;
   }
   metrics_.record_step(true);

@@ -144,8 +144,9 @@ class Scheduler {
   // carries the same rows (run ahead), and delivers its tokens.
   void finish_queued(QueuedStep queued);
   // The step after `queued`, fed its tokens on the device, queued; nullopt where it would not
-  // carry the same rows, or could not be queued.
-  std::optional<QueuedStep> queue_ahead(const QueuedStep& queued);
+  // carry the same rows, or could not be queued (then `failed_after_draws` gets the failure
+  // when drawn rows had already taken their numbers: their requests must end).
+  std::optional<QueuedStep> queue_ahead(const QueuedStep& queued, Status* failed_after_draws);
   // Waits for a queued step and drops its tokens (every row's request has ended).
   void drop(QueuedStep queued);
   // Each row's token to its request: metrics, stop checks, streamed text, the end.

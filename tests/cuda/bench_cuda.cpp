@@ -310,6 +310,7 @@ TEST(CudaBench, DISABLED_Draw) {
           if (op.op == "argmax") argmax_us = us;
         }
         ASSERT_TRUE(cuda::set_op_timing(b, false).is_ok());
+        ASSERT_GT(draw_us, 0.0) << "no \"draw\" launch was timed";
         const double gbs = double(rows * cols) * 4.0 / (draw_us * 1e-6) / 1e9;
         std::printf("| %lld | %lld | %s | %.2f | %.2f | %.0f | %.1f%% |\n", (long long)cols,
                     (long long)rows, setting.what, draw_us, argmax_us, gbs, 100.0 * gbs / roofline);

@@ -50,8 +50,9 @@ int64_t counter(const std::string& metrics, const std::string& name) {
   return std::stoll(metrics.substr(at + name.size() + 2));
 }
 
-// synthetic:tiny-qwen2 in fp32 on the CPU, 4 slots of 128 positions.
-std::unique_ptr<Engine> tiny_engine(int64_t prefill_chunk) {
+// synthetic:tiny-qwen2 in fp32 on the CPU, 4 slots of 128 positions, a pool of kv_blocks
+// blocks of 16 (0: a full context a slot).
+std::unique_ptr<Engine> tiny_engine(int64_t prefill_chunk, int64_t kv_blocks = 0) {
   EngineOptions options;
   options.model = "synthetic:tiny-qwen2";
   options.format = WeightFormat::fp32;
@@ -60,6 +61,7 @@ std::unique_ptr<Engine> tiny_engine(int64_t prefill_chunk) {
   options.max_context = 128;
   options.max_seqs = 4;
   options.prefill_chunk = prefill_chunk;
+  options.kv_blocks = kv_blocks;
   auto engine = Engine::create(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().message();
   return engine.is_ok() ? std::move(engine).value() : nullptr;
@@ -305,13 +307,14 @@ struct Ending {
   int status = 0;
 };
 
-// A started scheduler of greedy-friendly defaults over tiny_engine(16), running ahead or not;
-// its destructor shuts the scheduler down before the engine goes.
+// A started scheduler over tiny_engine(16, kv_blocks), running ahead or not; its destructor
+// shuts the scheduler down before the engine goes.
 struct TinyServer {
   std::unique_ptr<Engine> engine;
   Metrics metrics;
   std::unique_ptr<Scheduler> scheduler;
-  TinyServer(const Tokenizer& tokenizer, bool run_ahead) : engine(tiny_engine(16)) {
+  TinyServer(const Tokenizer& tokenizer, bool run_ahead, int64_t kv_blocks = 0)
+      : engine(tiny_engine(16, kv_blocks)) {
     if (!engine) return;
     SchedulerOptions options;
     options.run_ahead = run_ahead;
@@ -341,13 +344,14 @@ Ending wait_for_end(RequestChannel& channel) {
 
 // Greedy requests arriving at random moments into four slots (prompt chunks sharing steps with
 // decode tokens, requests queueing for slots), ending at random steps (max_tokens from 1,
-// stop strings, eos), two of them cancelled by their clients (one before it can have started,
-// one after its first text), all with steps run ahead wherever they can: every request that
-// is not cancelled gets the text, finish reason and token count it gets alone, in turn; a
-// cancelled one ends once (as 499, or finished with its text alone), and nothing follows any
-// end. Greedy text under other requests' load agrees bit for bit unless a float rounding of
-// the CPU matmul's shape flips a near tie (docs/ARCHITECTURE.md, "Determinism"), which these
-// fixed requests do not meet.
+// stop strings, eos), two of them cancelled by their clients (one as soon as it is submitted,
+// queued or already admitted; one after its first text), all with steps run ahead wherever
+// they can: every request that is not cancelled gets the text, finish reason and token count
+// it gets alone, in turn; a cancelled one ends once (as 499, or finished with its text alone),
+// and nothing follows any end. Which requests share a step depends on the threads' timing, and
+// the CPU matmul rounds by a step's token count (docs/ARCHITECTURE.md, "Determinism"), so a
+// near tie could flip a greedy token; these requests' ties are not near (the CLI test takes
+// the same risk for eight concurrent requests).
 TEST(Scheduler, RequestsArrivingAndEndingAtRandomRunAheadAsEachAlone) {
   auto tokenizer =
       Tokenizer::load(std::string(KESTREL_SOURCE_DIR) + "/.cache/tokenizers/qwen3/models");
@@ -487,6 +491,67 @@ TEST(Scheduler, RequestsArrivingAndEndingAtRandomRunAheadAsEachAlone) {
   }
   const std::string m = ahead.metrics.render();
   EXPECT_GT(counter(m, "kestrel_steps_total{queued=\"ahead\"}"), 0) << m;
+}
+
+}  // namespace
+}  // namespace kestrel::server
+
+namespace kestrel::server {
+namespace {
+
+// The queue's head waiting for KV blocks, not for a slot, does not keep the running requests
+// from running ahead: two requests hold the whole pool (8 blocks, 4 each) and two slots are
+// free while a third waits; it takes one token at its prefill, so every step run ahead is
+// one of the first two's, before it got in. It gets in once they end, with its text alone.
+TEST(Scheduler, RunsAheadWhileTheQueuesHeadWaitsForBlocks) {
+  auto tokenizer =
+      Tokenizer::load(std::string(KESTREL_SOURCE_DIR) + "/.cache/tokenizers/qwen3/models");
+  ASSERT_TRUE(tokenizer.is_ok()) << tokenizer.status().message();
+  auto request = [](int i, int64_t prompt_len, int64_t max_tokens) {
+    ScheduledRequest r;
+    for (int64_t t = 0; t < prompt_len; ++t)
+      r.prompt.push_back(int32_t((53 * t + 17 * i + 9) % 4000));
+    r.max_tokens = max_tokens;
+    r.ignore_eos = true;
+    r.sampling.temperature = 0.0f;
+    r.channel = std::make_shared<RequestChannel>();
+    return r;
+  };
+  // 20 + 44 positions: 4 blocks each; the third needs 1.
+  const ScheduledRequest specs[] = {request(0, 20, 44), request(1, 20, 44), request(2, 9, 1)};
+  Ending third_alone;
+  {
+    TinyServer alone(*tokenizer, false, 8);
+    ASSERT_TRUE(alone.scheduler);
+    ScheduledRequest r = specs[2];
+    r.channel = std::make_shared<RequestChannel>();
+    std::shared_ptr<RequestChannel> channel = r.channel;
+    ASSERT_EQ(alone.scheduler->submit(std::move(r)), Scheduler::Admission::queued);
+    third_alone = wait_for_end(*channel);
+  }
+  TinyServer server(*tokenizer, true, 8);
+  ASSERT_TRUE(server.scheduler);
+  std::vector<std::shared_ptr<RequestChannel>> channels;
+  for (const ScheduledRequest& spec : specs) {
+    ScheduledRequest r = spec;
+    r.channel = std::make_shared<RequestChannel>();
+    channels.push_back(r.channel);
+    // Submitted before the scheduler's first step takes any: the three wait together.
+    ASSERT_EQ(server.scheduler->submit(std::move(r)), Scheduler::Admission::queued);
+  }
+  std::vector<Ending> endings;
+  for (auto& channel : channels) endings.push_back(wait_for_end(*channel));
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(endings[i].kind, StreamEvent::Kind::finished) << i;
+    EXPECT_EQ(endings[i].completion_tokens, 44) << i;
+  }
+  EXPECT_EQ(endings[2].kind, StreamEvent::Kind::finished);
+  EXPECT_EQ(endings[2].completion_tokens, 1);
+  EXPECT_EQ(endings[2].text, third_alone.text);
+  const std::string m = server.metrics.render();
+  // 44 tokens each: the prefill step gives the first, then 43 decode steps, of which the
+  // first and the last go in turn.
+  EXPECT_EQ(counter(m, "kestrel_steps_total{queued=\"ahead\"}"), 41) << m;
 }
 
 }  // namespace

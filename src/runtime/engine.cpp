@@ -392,7 +392,7 @@ bool Engine::runs_ahead() const {
     return std::string(v) == "1" ? 1 : std::string(v) == "0" ? 0 : -1;
   }();
   if (tensor_parallel_) return false;
-  return from_environment < 0 ? options_.run_ahead.value_or(backend_->argmax_on_device())
+  return from_environment < 0 ? options_.run_ahead.value_or(argmax_on_device())
                               : from_environment == 1;
 }
 

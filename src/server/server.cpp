@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include <httplib.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <ctime>
@@ -69,6 +70,7 @@ struct Server::Impl {
   std::atomic<bool> ready{false};
   ServingModel model;
   Server* owner = nullptr;
+  int listen_socket = -1;  // the listening socket, once bound
 
   Impl(ServerOptions o, Metrics& m) : options(std::move(o)), metrics(m) {}
 
@@ -423,6 +425,16 @@ Status Server::start() {
   http.set_read_timeout(o.read_timeout_seconds, 0);
   http.set_write_timeout(o.write_timeout_seconds, 0);
   http.set_keep_alive_timeout(5);
+  // cpp-httplib (a compiled library here, its constant baked in) listens with a backlog of 5.
+  // A burst of clients connecting at once (the CLI test's 64) overflows queues that short: the
+  // kernel answers with SYN cookies and drops completed connections it cannot queue, and a
+  // client whose request was already sent gets a reset instead of a response (CI saw one on a
+  // busy machine). The listening socket is kept here, and listen() called on it again after
+  // the bind sets a real backlog (Linux caps it at net.core.somaxconn).
+  http.set_socket_options([impl = impl_.get()](socket_t sock) {
+    httplib::default_socket_options(sock);
+    impl->listen_socket = int(sock);
+  });
   impl_->routes();
   if (o.port == 0) {
     port_ = http.bind_to_any_port(o.host);
@@ -433,6 +445,11 @@ Status Server::start() {
                            " (in use, or not an address of this machine)");
     }
     port_ = o.port;
+  }
+  constexpr int kListenBacklog = 1024;
+  if (impl_->listen_socket >= 0 && ::listen(impl_->listen_socket, kListenBacklog) != 0) {
+    return Status::error("cannot listen on " + o.host + ":" + std::to_string(port_) +
+                         " with a backlog of " + std::to_string(kListenBacklog));
   }
   impl_->thread = std::thread([this] { impl_->http.listen_after_bind(); });
   return Status::ok();

@@ -10,6 +10,12 @@ request. Reports, per level, request and token throughput and the p50/p99 of tim
 Prompts are token ids (POST /v1/completions), so their lengths are exact whatever the tokenizer;
 `ignore_eos` makes output lengths exact too. Standard library only.
 
+Where the server publishes the weight bytes a decode step streams (Kestrel's /metrics,
+kestrel_decode_weight_bytes), each level also shows the weights' GB/s at its median TPOT (a
+decode step streams the weights once for every running request, so TPOT is a step's time; the
+KV cache's bytes are not counted), and with --roofline-gbs that rate's share of the machine's
+bandwidth.
+
     bench/serve_bench.py --port 8080 --concurrency 1,8,32,64 -o results.csv --markdown table.md \
         --svg plot.svg
 """
@@ -92,6 +98,26 @@ def run_request(host, port, headers, prompt, max_tokens, timeout, sampling):
             "output_tokens": out}
 
 
+def decode_weight_bytes(host, port, headers, timeout):
+    """kestrel_decode_weight_bytes from the server's /metrics, or None."""
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.request("GET", "/metrics", headers=headers)
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8", "replace") if resp.status == 200 else ""
+        conn.close()
+    except (OSError, http.client.HTTPException):
+        return None
+    for line in text.splitlines():
+        if line.startswith("kestrel_decode_weight_bytes "):
+            try:
+                value = float(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+            return value if value > 0 else None
+    return None
+
+
 def percentile(values, p):
     """Linear interpolation between closest ranks (numpy's default)."""
     if not values:
@@ -114,7 +140,7 @@ def sampling_of(args):
     return sampling
 
 
-def run_level(args, headers, concurrency, mix):
+def run_level(args, headers, concurrency, mix, weight_bytes):
     sampling = sampling_of(args)
     jobs = queue.Queue()
     for job in mix:
@@ -146,6 +172,11 @@ def run_level(args, headers, concurrency, mix):
     tpot = [r["tpot"] * 1000 for r in ok if r["tpot"] is not None]
     out_tokens = sum(r["output_tokens"] for r in ok)
     in_tokens = sum(r["prompt_tokens"] for r in ok)
+    tpot_p50 = percentile(tpot, 50)
+    weight_gbs = (weight_bytes / (tpot_p50 / 1000) / 1e9
+                  if weight_bytes and tpot_p50 == tpot_p50 and tpot_p50 > 0 else float("nan"))
+    roofline_pct = (100 * weight_gbs / args.roofline_gbs if args.roofline_gbs > 0
+                    else float("nan"))
     return {
         "concurrency": concurrency,
         "requests": len(ok),
@@ -157,8 +188,10 @@ def run_level(args, headers, concurrency, mix):
         "total_tok_per_s": (in_tokens + out_tokens) / duration,
         "ttft_p50_ms": percentile(ttft, 50),
         "ttft_p99_ms": percentile(ttft, 99),
-        "tpot_p50_ms": percentile(tpot, 50),
+        "tpot_p50_ms": tpot_p50,
         "tpot_p99_ms": percentile(tpot, 99),
+        "weight_gbs_at_tpot_p50": weight_gbs,
+        "roofline_pct": roofline_pct,
         "first_error": next((r["error"] for r in results if "error" in r), ""),
     }
 
@@ -168,14 +201,17 @@ COLUMNS = [("concurrency", "concurrency", "{}"), ("requests", "requests", "{}"),
            ("output_tok_per_s", "output tok/s", "{:.1f}"),
            ("total_tok_per_s", "total tok/s", "{:.1f}"),
            ("ttft_p50_ms", "TTFT p50 ms", "{:.1f}"), ("ttft_p99_ms", "TTFT p99 ms", "{:.1f}"),
-           ("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"), ("tpot_p99_ms", "TPOT p99 ms", "{:.2f}")]
+           ("tpot_p50_ms", "TPOT p50 ms", "{:.2f}"), ("tpot_p99_ms", "TPOT p99 ms", "{:.2f}"),
+           ("weight_gbs_at_tpot_p50", "weights GB/s at TPOT p50", "{:.0f}"),
+           ("roofline_pct", "% of roofline", "{:.1f}")]
 
 
 def markdown(rows):
     lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|" + "|".join("---:" for _ in COLUMNS) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join("-" if row[key] != row[key] else fmt.format(row[key])
+                                       for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -244,6 +280,8 @@ def main():
     ap.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
     ap.add_argument("--top-k", type=int, default=0, help="every request's top_k (0: off)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per socket operation")
+    ap.add_argument("--roofline-gbs", type=float, default=0,
+                    help="the machine's memory bandwidth (GB/s), for the %% of roofline column")
     ap.add_argument("-o", "--csv", help="write the rows as CSV")
     ap.add_argument("--json", help="write the rows and the settings as JSON")
     ap.add_argument("--markdown", help="write the Markdown table")
@@ -259,6 +297,8 @@ def main():
         sys.exit("serve_bench: --id-range must be LO,HI with LO < HI")
     if args.requests < 0:
         sys.exit("serve_bench: --requests must be >= 0")
+    if not args.roofline_gbs >= 0:
+        sys.exit("serve_bench: --roofline-gbs must be >= 0")
     headers = {"Content-Type": "application/json"}
     if args.api_key:
         headers["Authorization"] = "Bearer " + args.api_key
@@ -270,15 +310,18 @@ def main():
         sys.exit(f"serve_bench: the server at {args.host}:{args.port} did not answer: "
                  f"{warm['error']}")
 
+    weight_bytes = decode_weight_bytes(args.host, args.port, headers, args.timeout)
     rows = []
     for c in levels:
         n = args.requests or max(16, 4 * c)
         mix = request_mix(n, input_lens, output_lens, args.seed, id_range)
-        row = run_level(args, headers, c, mix)
+        row = run_level(args, headers, c, mix, weight_bytes)
         rows.append(row)
         print(f"concurrency {c}: {row['requests']} requests in {row['duration_s']:.1f} s, "
               f"{row['output_tok_per_s']:.1f} output tok/s, TTFT p50 {row['ttft_p50_ms']:.1f} "
               f"ms, TPOT p50 {row['tpot_p50_ms']:.2f} ms"
+              + (f" ({row['weight_gbs_at_tpot_p50']:.0f} GB/s of weights)"
+                 if row["weight_gbs_at_tpot_p50"] == row["weight_gbs_at_tpot_p50"] else "")
               + (f", {row['errors']} errors (first: {row['first_error']})"
                  if row["errors"] else ""), file=sys.stderr, flush=True)
 

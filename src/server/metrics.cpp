@@ -113,6 +113,11 @@ void Metrics::record_step(bool run_ahead) {
   ++(run_ahead ? steps_ahead_ : steps_in_turn_);
 }
 
+void Metrics::set_decode_weight_bytes(int64_t bytes) {
+  std::lock_guard lock(mutex_);
+  decode_weight_bytes_ = bytes;
+}
+
 void Metrics::record_dropped_rows(int64_t n) {
   std::lock_guard lock(mutex_);
   dropped_rows_ += uint64_t(n);
@@ -174,6 +179,10 @@ std::string Metrics::render() const {
          "back, fed them on the device (ahead), or after (in_turn).");
   line(out, "kestrel_steps_total{queued=\"ahead\"} " + std::to_string(steps_ahead_));
   line(out, "kestrel_steps_total{queued=\"in_turn\"} " + std::to_string(steps_in_turn_));
+  scalar(out, "kestrel_decode_weight_bytes", "gauge",
+         "Weight bytes one decode step streams from memory, whatever its batch (the model's "
+         "quantized weights, every rank's when split).",
+         decode_weight_bytes_);
   scalar(out, "kestrel_step_rows_dropped_total", "counter",
          "Rows of steps run ahead whose request had ended (eos, a stop string, its client gone, "
          "an error) when their tokens came back: computed and not used.",

@@ -49,6 +49,8 @@ class Metrics {
   void record_dropped_rows(int64_t n);
   // KV cache blocks: held by requests, available, offered by the prefix cache.
   void set_kv_blocks(int64_t used, int64_t free, int64_t cached);
+  // Weight bytes one decode step streams (bench/serve_bench.py turns TPOT into GB/s with it).
+  void set_decode_weight_bytes(int64_t bytes);
 
   std::string render() const;
 
@@ -74,6 +76,7 @@ class Metrics {
   int64_t kv_used_ = 0;
   int64_t kv_free_ = 0;
   int64_t kv_cached_ = 0;
+  int64_t decode_weight_bytes_ = 0;
 };
 
 }  // namespace kestrel::server

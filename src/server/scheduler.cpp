@@ -131,6 +131,7 @@ Scheduler::~Scheduler() {
 }
 
 void Scheduler::start() {
+  metrics_.set_decode_weight_bytes(int64_t(engine_.info().decode_bytes));
   publish_gauges();
   thread_ = std::thread([this] { loop(); });
 }

@@ -9,7 +9,7 @@ serve_test_init "$1" "$2"
 bench="$2/bench/serve_bench.py"
 
 start_server "$work/server.log" --parallel 4 -c 256 --api-key k
-python3 "$bench" --port "$port" --api-key k --concurrency 1,4 --requests 8 \
+python3 "$bench" --port "$port" --api-key k --concurrency 1,4 --requests 8 --roofline-gbs 31 \
   --input-lens 20,70 --output-lens 5,12 -o "$work/rows.csv" --json "$work/rows.json" \
   --markdown "$work/table.md" --svg "$work/plot.svg" >"$work/stdout" 2>"$work/stderr" ||
   { echo "serve_bench failed:"; cat "$work/stderr" "$work/server.log"; exit 1; }
@@ -25,6 +25,8 @@ for r in rows:
     for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "output_tok_per_s"):
         assert float(r[key]) > 0, (key, r)
     assert float(r["ttft_p99_ms"]) >= float(r["ttft_p50_ms"]), r
+    gbs = float(r["weight_gbs_at_tpot_p50"])
+    assert gbs > 0 and abs(float(r["roofline_pct"]) - 100 * gbs / 31) <= 1e-9 * gbs, r
 data = json.load(open(sys.argv[2]))
 import xml.etree.ElementTree as ET
 svg = ET.parse(sys.argv[3]).getroot()
@@ -37,6 +39,15 @@ metric() {
   curl -s -H 'Authorization: Bearer k' "http://127.0.0.1:$port/metrics" |
     awk -v name="$1" '$1 == name {print $2}'
 }
+# The weights' GB/s: the bytes /metrics publishes over the median TPOT.
+python3 - "$work/rows.csv" "$(metric kestrel_decode_weight_bytes)" <<'PY'
+import csv, sys
+weights = float(sys.argv[2])
+assert weights > 0, sys.argv[2]
+for r in csv.DictReader(open(sys.argv[1])):
+    want = weights / (float(r["tpot_p50_ms"]) / 1000) / 1e9
+    assert abs(float(r["weight_gbs_at_tpot_p50"]) - want) <= 1e-9 * want, (r, want)
+PY
 tokens=$(metric kestrel_generation_tokens_total)
 [ "$tokens" = $((2 * (2 * 5 + 2 * 12 + 2 * 5 + 2 * 12) + 4)) ] ||
   { echo "generated $tokens tokens, not the mix's"; exit 1; }

@@ -123,6 +123,17 @@ Status check_threads(int threads) {
   return Status::error("threads must be between 0 (all) and " + std::to_string(kMaxThreads) +
                        ", got " + std::to_string(threads));
 }
+
+// Every draw names one of the batch's logit rows (`who`: the entry point, for the message).
+Status check_draw_rows(const char* who, const Batch& batch, const std::vector<RowDraw>& draws) {
+  for (const RowDraw& d : draws) {
+    if (d.row < 0 || size_t(d.row) >= batch.logit_rows.size()) {
+      return Status::error(std::string(who) + ": a draw from row " + std::to_string(d.row) +
+                           " of " + std::to_string(batch.logit_rows.size()) + " logit rows");
+    }
+  }
+  return Status::ok();
+}
 }  // namespace
 
 Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options) {
@@ -364,12 +375,7 @@ Status Engine::run_argmax(const Batch& batch, std::vector<int32_t>* tokens,
   if (!draws.empty() && tensor_parallel_) {
     return Status::error("run_argmax: draws on a model split over ranks (draws_on_device)");
   }
-  for (const RowDraw& d : draws) {
-    if (d.row < 0 || size_t(d.row) >= batch.logit_rows.size()) {
-      return Status::error("run_argmax: a draw from row " + std::to_string(d.row) + " of " +
-                           std::to_string(batch.logit_rows.size()) + " logit rows");
-    }
-  }
+  KS_RETURN_IF_ERROR(check_draw_rows("run_argmax", batch, draws));
   for (const int32_t row : full_rows) {
     if (row < 0 || size_t(row) >= batch.logit_rows.size()) {
       return Status::error("run_argmax: logits of row " + std::to_string(row) + " of " +
@@ -403,12 +409,7 @@ bool Engine::argmax_on_device() const {
 Status Engine::start_argmax(const Batch& batch, bool tokens_from_argmax,
                             const std::vector<RowDraw>& draws) {
   if (tensor_parallel_) return Status::error("start_argmax: not on a model split over ranks");
-  for (const RowDraw& d : draws) {
-    if (d.row < 0 || size_t(d.row) >= batch.logit_rows.size()) {
-      return Status::error("start_argmax: a draw from row " + std::to_string(d.row) + " of " +
-                           std::to_string(batch.logit_rows.size()) + " logit rows");
-    }
-  }
+  KS_RETURN_IF_ERROR(check_draw_rows("start_argmax", batch, draws));
   KS_RETURN_IF_ERROR(prepare_kv_cache(batch));
   const BlockTables tables{kv_cache_->tables(), kv_cache_->blocks_per_seq()};
   return forward_start_argmax(*backend_, *weights_, batch, tables, tokens_from_argmax, draws);

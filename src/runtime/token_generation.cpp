@@ -173,13 +173,17 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
     });
   };
 
-  // Runs `batch` whose logit row r is sequence seq_of_row[r]'s, every row drawn.
-  auto run_drawn = [&](const Batch& batch, const std::vector<size_t>& seq_of_row) {
+  // The draws of a call whose logit row r is sequence seq_of_row[r]'s, every row drawn (each
+  // takes its generator's next number).
+  auto draws_of = [&](const std::vector<size_t>& seq_of_row) {
     std::vector<RowDraw> draws;
     for (size_t r = 0; r < seq_of_row.size(); ++r) {
       draws.push_back(seqs[seq_of_row[r]].sampler.next_draw(int32_t(r)));
     }
-    return engine.run_argmax(batch, &argmax_rows, {}, nullptr, draws);
+    return draws;
+  };
+  auto run_drawn = [&](const Batch& batch, const std::vector<size_t>& seq_of_row) {
+    return engine.run_argmax(batch, &argmax_rows, {}, nullptr, draws_of(seq_of_row));
   };
 
   // Prefill: the prompts packed back to back into calls of up to the chunk; each prompt's last
@@ -232,14 +236,12 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
   auto queue_step = [&](const std::vector<size_t>& rows, bool from_argmax, bool drawn) {
     Batch batch;
     const size_t offset = from_argmax ? 1 : 0;  // fed the token the step before it picks
-    std::vector<RowDraw> draws;
-    for (size_t r = 0; r < rows.size(); ++r) {
-      const size_t i = rows[r];
+    for (size_t i : rows) {
       batch.add(from_argmax ? 0 : seqs[i].next, int32_t(seqs[i].history.size() - 1 + offset),
                 int32_t(i), true);
-      if (drawn) draws.push_back(seqs[i].sampler.next_draw(int32_t(r)));
     }
-    KS_RETURN_IF_ERROR(engine.start_argmax(batch, from_argmax, draws));
+    KS_RETURN_IF_ERROR(
+        engine.start_argmax(batch, from_argmax, drawn ? draws_of(rows) : std::vector<RowDraw>{}));
     if (from_argmax) ++result.decode_steps_ahead;
     queued.push_back(rows);
     return Status::ok();

@@ -456,20 +456,18 @@ std::optional<Scheduler::QueuedStep> Scheduler::queue_ahead(const QueuedStep& qu
       return std::nullopt;
     }
   }
-  // Each row picks where it did: a row's settings and logprobs never change, and eos held back
-  // (min tokens) only ever stops being held back.
-  QueuedStep next;
+  // The same rows a position on, each picking where it did: a row's settings and logprobs never
+  // change, and eos held back (min tokens) only ever stops being held back.
+  QueuedStep next = queued;
   Batch batch;
   std::vector<RowDraw> draws;
-  for (size_t i = 0; i < queued.rows.size(); ++i) {
-    const std::shared_ptr<Sequence>& seq = queued.rows[i];
-    const int32_t position = queued.positions[i] + 1;
-    batch.add(0, position, seq->slot, true);  // the token is row i of `queued`'s, on the device
-    if (queued.picks[i] == Pick::draw) draws.push_back(seq->sampler.next_draw(int32_t(i)));
-    next.rows.push_back(seq);
-    next.positions.push_back(position);
+  for (size_t i = 0; i < next.rows.size(); ++i) {
+    Sequence& seq = *next.rows[i];
+    ++next.positions[i];
+    batch.add(0, next.positions[i], seq.slot,
+              true);  // the token: row i of `queued`'s, on the device
+    if (next.picks[i] == Pick::draw) draws.push_back(seq.sampler.next_draw(int32_t(i)));
   }
-  next.picks = queued.picks;
   const Status status = engine_.start_argmax(batch, true, draws);
   if (!status.is_ok()) {
     // Nothing was queued. Greedy rows go on in turn (and fail there if they must); drawn rows

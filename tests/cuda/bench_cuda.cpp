@@ -320,6 +320,102 @@ TEST(CudaBench, DISABLED_Draw) {
   std::fflush(stdout);
 }
 
+// A decode step's chain of dependent stages, shaped like each model's at 1024 positions: per layer
+// q/k/v, attention (its KV bytes), wo, gate/up (the SwiGLU's outputs), down; then the lm_head and
+// the argmax and embedding (no weights). Weights are sym_int4 with fp16 scales a 32-group:
+// 9/16 of a byte a weight. Every block of a stage reads the whole output of the stage before, so
+// the lm_head's stage writes a hidden-sized output, not the logits (the argmax reads those once,
+// not once a block).
+std::vector<cuda::ChainStage> decode_chain(int layers, int64_t hidden, int64_t q_dim,
+                                           int64_t kv_dim, int64_t inter, int64_t vocab) {
+  const auto int4 = [](int64_t rows, int64_t cols) { return rows * cols * 9 / 16; };
+  const int64_t kv_bytes = 2 * kv_dim * 2 * 1024;  // K and V, fp16, 1024 positions
+  std::vector<cuda::ChainStage> stages;
+  for (int l = 0; l < layers; ++l) {
+    stages.push_back({int4(q_dim + 2 * kv_dim, hidden), q_dim + 2 * kv_dim});
+    stages.push_back({kv_bytes, q_dim});
+    stages.push_back({int4(hidden, q_dim), hidden});
+    stages.push_back({int4(2 * inter, hidden), inter});
+    stages.push_back({int4(hidden, inter), hidden});
+  }
+  stages.push_back({int4(vocab, hidden), hidden});
+  stages.push_back({0, hidden});
+  return stages;
+}
+
+// The chain benchmark's own check, in the default suite: every stage of a short chain saw the
+// output of the stage before in the same replay, under each mechanism (time_chain fails
+// otherwise), and the persistent kernel's barrier returns. The unordered control, whose stages do
+// not wait, must be caught: its second stage starts reading while the first still streams 64 MB.
+TEST(CudaChain, EveryStageSeesTheStageBefore) {
+  const std::vector<cuda::ChainStage> stages = {{int64_t(64) << 20, 1536},
+                                                {0, 2048},
+                                                {(int64_t(3) << 20) + 48, 8960},
+                                                {123456, 7},
+                                                {16, 1536}};
+  for (const cuda::ChainMode mode :
+       {cuda::ChainMode::launch, cuda::ChainMode::pdl, cuda::ChainMode::persistent}) {
+    auto t = cuda::time_chain(mode, stages, 3);
+    ASSERT_TRUE(t.is_ok()) << int(mode) << ": " << t.status().message();
+    EXPECT_GT(t->microseconds, 0.0);
+    EXPECT_EQ(t->bytes, double((int64_t(67) << 20) + 48 + 123456 + 16));
+  }
+  int caught = 0;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    auto t = cuda::time_chain(cuda::ChainMode::unordered, stages, 3);
+    if (!t.is_ok()) {
+      EXPECT_NE(t.status().message().find("read its input before"), std::string::npos)
+          << t.status().message();
+      ++caught;
+    }
+  }
+  EXPECT_GT(caught, 0) << "stages that never wait were not caught by the chain's check";
+  EXPECT_FALSE(cuda::time_chain(cuda::ChainMode::pdl, {{16, 1}}, 3).is_ok());
+}
+
+// What a dependency between decode stages costs by itself (cuda::time_chain): each model's
+// step-shaped chain (and the same number of stages with no weights) under a kernel a stage, the
+// decode path's programmatic dependent launch, and one persistent kernel with grid barriers,
+// against the step's weight bytes at the copy bandwidth.
+TEST(CudaBench, DISABLED_Chain) {
+  struct Pattern {
+    const char* what;
+    std::vector<cuda::ChainStage> stages;
+  };
+  const auto no_weights = [](size_t n, int64_t outputs) {
+    return std::vector<cuda::ChainStage>(n, cuda::ChainStage{0, outputs});
+  };
+  const std::vector<cuda::ChainStage> qwen = decode_chain(28, 1536, 1536, 256, 8960, 151936);
+  const std::vector<cuda::ChainStage> llama = decode_chain(32, 4096, 4096, 1024, 14336, 128256);
+  const Pattern patterns[] = {{"1.5B step", qwen},
+                              {"1.5B stages, no weights", no_weights(qwen.size(), 1536)},
+                              {"8B step", llama},
+                              {"8B stages, no weights", no_weights(llama.size(), 4096)}};
+  const double roofline = bandwidth_gbs();
+  std::printf(
+      "\n| chain | stages | MB a step | bytes at %.0f GB/s, us | launch us | pdl us | persistent "
+      "us "
+      "| pdl us a stage over the bytes |\n|---|---|---|---|---|---|---|---|\n",
+      roofline);
+  for (const Pattern& p : patterns) {
+    double us[3] = {0, 0, 0};
+    double bytes = 0;
+    const cuda::ChainMode modes[3] = {cuda::ChainMode::launch, cuda::ChainMode::pdl,
+                                      cuda::ChainMode::persistent};
+    for (int m = 0; m < 3; ++m) {
+      auto t = cuda::time_chain(modes[m], p.stages, 9);
+      ASSERT_TRUE(t.is_ok()) << p.what << ": " << t.status().message();
+      us[m] = t->microseconds;
+      bytes = t->bytes;
+    }
+    const double floor_us = roofline > 0 ? bytes / (roofline * 1e3) : 0.0;
+    std::printf("| %s | %zu | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f |\n", p.what, p.stages.size(),
+                bytes / 1e6, floor_us, us[0], us[1], us[2],
+                (us[1] - floor_us) / double(p.stages.size()));
+  }
+  std::fflush(stdout);
+}
+
 TEST(CudaBench, DISABLED_Qwen2_1_5b) {
   bench_model("qwen2-1.5b");
 }

@@ -99,6 +99,33 @@ __device__ inline uint64_t global_ns() {
   return t;
 }
 
+// A barrier across a grid whose blocks are all resident (persistent kernels sized from the
+// occupancy): every block arrives before any leaves, and each block's writes before it are
+// visible to every block after it. `arrive` returns to zero after each barrier; `generation`
+// counts them. A block that waits longer than about 9 s (2^34 cycles at 1.98 GHz) traps instead
+// of hanging, so the launch fails with CUDA's error.
+__device__ inline void grid_barrier(unsigned* arrive, unsigned* generation) {
+  constexpr long long kTimeoutCycles = 1ll << 34;
+  __syncthreads();  // the block's writes are observed by thread 0, whose fence publishes them
+  if (threadIdx.x == 0) {
+    volatile unsigned* gen = generation;
+    const unsigned seen = *gen;
+    __threadfence();
+    if (atomicAdd(arrive, 1u) == gridDim.x - 1) {
+      atomicExch(arrive, 0u);
+      __threadfence();
+      atomicAdd(generation, 1u);
+    } else {
+      const long long start = clock64();
+      while (*gen == seen) {
+        if (clock64() - start > kTimeoutCycles) __trap();
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization.
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,

@@ -109,5 +109,35 @@ struct GemvTiming {
 };
 Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, int n_tokens);
 
+// What a dependency between decode stages costs by itself (CudaBench.DISABLED_Chain). A decode
+// step is a chain of stages, each reading the whole output of the one before (a GEMV its input
+// vector) and streaming weights that nothing writes; the last stage's output is the next step's
+// input. time_chain runs such a chain with no arithmetic beyond reading every byte: each block
+// issues its first 32 KB of the stage's weights, waits for the stage before, takes the minimum
+// of that stage's whole output, reads the rest of its weights and writes its share of the
+// outputs as the minimum plus one. Mechanisms:
+//   launch      a kernel a stage, in stream order;
+//   pdl         a kernel a stage with programmatic dependent launch, as the decode step runs:
+//               a block lets the next stage launch right after issuing its first loads, and
+//               waits (griddepcontrol.wait) before reading its input;
+//   persistent  one kernel, a grid barrier between stages, each block's first loads of the
+//               next stage issued before the barrier (the layer-stack kernel's pattern);
+//   unordered   pdl with no wait: a negative control, whose stages read inputs the stage before
+//               has not written yet, so the check below must catch it.
+// Every replay's outputs are checked (a stage's output is its index plus one more than the
+// chain's last output of the replay before): a stage that read a stale input fails the call.
+enum class ChainMode { launch, pdl, persistent, unordered };
+struct ChainStage {
+  int64_t weight_bytes = 0;  // streamed once a step (rounded up to 16 bytes)
+  int64_t outputs = 1;       // floats written, read whole by the next stage
+};
+struct ChainTiming {
+  double microseconds = 0;  // one step: every stage once (median of the trials)
+  double bytes = 0;         // weight bytes a step
+  int blocks = 0;           // blocks a stage (persistent: resident for the whole step)
+};
+// At least 2 stages, at most 4096; `trials` timed replays after one warm-up.
+Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& stages, int trials);
+
 }  // namespace cuda
 }  // namespace kestrel

@@ -52,7 +52,6 @@ constexpr int kMinSplitKeys = 64;  // fewer keys than this per split are not wor
 constexpr int kAttnKeys = 32;      // keys per staged K/V chunk (two chunks in flight)
 constexpr int kMaxGroup = 8;       // query heads per KV head
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr long long kBarrierTimeoutCycles = 1ll << 34;  // ~9 s at 1.98 GHz
 
 // The merge keeps one weight per split in a row of the scores buffer, and a split of at least
 // kMinSplitKeys keys can never be empty when there are at most kMaxSplits of them.
@@ -98,28 +97,6 @@ __device__ inline int dp4a_us(uint32_t a, uint32_t b, int c) {
   int d;
   asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
-}
-
-// All blocks arrive before any leaves; writes before it are visible to every block after it.
-__device__ void grid_barrier(unsigned* arrive, unsigned* generation) {
-  __syncthreads();  // the block's writes are observed by thread 0, whose fence publishes them
-  if (threadIdx.x == 0) {
-    volatile unsigned* gen = generation;
-    const unsigned seen = *gen;
-    __threadfence();
-    if (atomicAdd(arrive, 1u) == gridDim.x - 1) {
-      atomicExch(arrive, 0u);
-      __threadfence();
-      atomicAdd(generation, 1u);
-    } else {
-      const long long start = clock64();
-      while (*gen == seen) {
-        if (clock64() - start > kBarrierTimeoutCycles) __trap();
-      }
-    }
-    __threadfence();
-  }
-  __syncthreads();
 }
 
 // The block's share of `tiles` row tiles (balanced: floor or ceil of tiles / blocks).

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.cuh"
 #include "backend/cuda/gemv.cuh"
@@ -196,6 +197,249 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
   GemvTiming t;
   t.microseconds = ms * 1e3 / kCallsPerReplay;
   t.bytes = double(weight_bytes);
+  return t;
+}
+
+// ---- Dependency chains (time_chain, cuda_backend.h) ----
+namespace {
+
+constexpr int kChainThreads = 256;
+// 16-byte loads a thread has in flight: 32 KB a block, about what the decode GEMV's weight ring
+// holds; issued before a stage's dependency, then again in each round after it.
+constexpr int kChainAhead = 8;
+
+struct ChainArgs {
+  const uint4* w = nullptr;    // the stage's weights
+  int64_t units = 0;           // their 16-byte units
+  const uint4* any = nullptr;  // a unit that exists whatever `units` is
+  const float* in = nullptr;   // the stage before's output
+  int64_t n_in = 0;
+  float* out = nullptr;
+  int64_t n_out = 0;
+};
+
+// Block b's share [begin, end) of n items.
+__device__ inline void chain_share(int64_t n, int64_t* begin, int64_t* end) {
+  *begin = n * blockIdx.x / gridDim.x;
+  *end = n * (blockIdx.x + 1) / gridDim.x;
+}
+
+struct ChainLoads {
+  uint4 v[kChainAhead];
+};
+
+// One round of the block's weights from unit `first` on (16-byte loads, all in flight at once).
+__device__ inline void chain_load(const ChainArgs& s, int64_t first, int64_t end, ChainLoads* l) {
+#pragma unroll
+  for (int k = 0; k < kChainAhead; ++k) {
+    // Every load is issued, past the end from a unit that always exists, so that all of them
+    // are in flight before the first is used.
+    const int64_t i = first + threadIdx.x + int64_t(k) * kChainThreads;
+    const uint4 v = __ldcg(i < end ? s.w + i : s.any);
+    l->v[k] = i < end ? v : make_uint4(0, 0, 0, 0);
+  }
+}
+
+__device__ inline uint32_t chain_fold(const ChainLoads& l, uint32_t x) {
+#pragma unroll
+  for (int k = 0; k < kChainAhead; ++k) x ^= l.v[k].x ^ l.v[k].y ^ l.v[k].z ^ l.v[k].w;
+  return x;
+}
+
+// The block's first round of the stage's weights: what may be in flight before its input is.
+__device__ inline void chain_issue(const ChainArgs& s, ChainLoads* first) {
+  int64_t begin, end;
+  chain_share(s.units, &begin, &end);
+  chain_load(s, begin, end, first);
+}
+
+// The stage after its dependency: the minimum of the whole input, the rest of the block's
+// weights, and its share of the outputs (that minimum plus one). `red` holds a float a warp.
+__device__ void chain_finish(const ChainArgs& s, const ChainLoads& first, float* red) {
+  float low = INFINITY;
+  for (int64_t i = threadIdx.x; i < s.n_in; i += kChainThreads) low = fminf(low, __ldcg(s.in + i));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) low = fminf(low, __shfl_xor_sync(0xffffffffu, low, o));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = low;
+  int64_t begin, end;
+  chain_share(s.units, &begin, &end);
+  uint32_t x = chain_fold(first, 0);
+  for (int64_t i = begin + kChainAhead * kChainThreads; i < end; i += kChainAhead * kChainThreads) {
+    ChainLoads l;
+    chain_load(s, i, end, &l);
+    x = chain_fold(l, x);
+  }
+  // Every weight word is loaded and none changes the outputs: n_out is never negative, which
+  // the compiler cannot know, so it keeps the loads.
+  if (s.n_out < 0) s.out[0] = float(x);
+  __syncthreads();
+  low = red[0];
+  for (int w = 1; w < kChainThreads / 32; ++w) low = fminf(low, red[w]);
+  int64_t out_begin, out_end;
+  chain_share(s.n_out, &out_begin, &out_end);
+  for (int64_t i = out_begin + threadIdx.x; i < out_end; i += kChainThreads) s.out[i] = low + 1.0f;
+  __syncthreads();  // `red` is the next stage's
+}
+
+// A kernel a stage. Four blocks fit an SM, so the next stage's two can be resident beside this
+// one's two and issue their first loads early. kWait false is the negative control
+// (ChainMode::unordered).
+template <bool kWait>
+__global__ void __launch_bounds__(kChainThreads, 4) chain_stage_kernel(ChainArgs s) {
+  __shared__ float red[kChainThreads / 32];
+  ChainLoads first;
+  chain_issue(s, &first);
+  pdl_trigger();
+  if constexpr (kWait) pdl_wait();
+  chain_finish(s, first, red);
+}
+
+// One kernel for the whole chain; every block resident (time_chain sizes the grid from the
+// occupancy).
+__global__ void __launch_bounds__(kChainThreads)
+    chain_persistent_kernel(const ChainArgs* stages, int n_stages, unsigned* sync) {
+  __shared__ float red[kChainThreads / 32];
+  ChainLoads first;
+  chain_issue(stages[0], &first);
+  for (int s = 0; s < n_stages; ++s) {
+    const ChainArgs stage = stages[s];
+    if (s > 0) grid_barrier(sync, sync + 1);
+    chain_finish(stage, first, red);
+    if (s + 1 < n_stages) chain_issue(stages[s + 1], &first);
+  }
+}
+
+const char* chain_mode_name(ChainMode mode) {
+  switch (mode) {
+    case ChainMode::launch:
+      return "launch";
+    case ChainMode::pdl:
+      return "pdl";
+    case ChainMode::persistent:
+      return "persistent";
+    case ChainMode::unordered:
+      return "unordered";
+  }
+  return "?";
+}
+
+}  // namespace
+
+Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& stages, int trials) {
+  const int64_t n = int64_t(stages.size());
+  // Outputs stay exact in fp32: the last one of the last replay is (trials + 1) * n.
+  if (n < 2 || n > 4096 || trials < 1 || (int64_t(trials) + 1) * n >= (int64_t(1) << 24)) {
+    return Status::error("bench: a chain takes 2 to 4096 stages and (trials + 1) x stages < 2^24");
+  }
+  int64_t units = 0, floats = 0;
+  for (const ChainStage& s : stages) {
+    if (s.weight_bytes < 0 || s.weight_bytes > (int64_t(1) << 36) || s.outputs < 1 ||
+        s.outputs > (int64_t(1) << 24)) {
+      return Status::error("bench: a chain stage's bytes or outputs are out of range");
+    }
+    units += ceil_div(s.weight_bytes, 16);
+    floats += s.outputs;
+  }
+  int device = 0, sm_count = 0, per_sm = 0;
+  KS_CUDA_CHECK("bench", cudaGetDevice(&device));
+  KS_CUDA_CHECK("bench", cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  if (mode == ChainMode::persistent) {
+    KS_CUDA_CHECK("bench", cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                               &per_sm, chain_persistent_kernel, kChainThreads, 0));
+  } else {
+    KS_CUDA_CHECK("bench", cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                               &per_sm, chain_stage_kernel<true>, kChainThreads, 0));
+  }
+  if (per_sm < 1) return Status::error("bench: the chain kernel does not fit an SM");
+  // Two blocks an SM, as the decode GEMVs keep two or three.
+  const int blocks = sm_count * std::min(per_sm, 2);
+
+  Allocations a;
+  KS_RETURN_IF_ERROR(a.init());
+  KS_ASSIGN_OR_RETURN(void* weights, a.alloc(size_t(std::max<int64_t>(units, 1)) * 16));
+  KS_RETURN_IF_ERROR(
+      fill_random(weights, size_t(std::max<int64_t>(units, 1)) * 16, 31, 0xffffffffu, 0, a.stream));
+  KS_ASSIGN_OR_RETURN(void* outputs, a.alloc(size_t(floats) * sizeof(float)));
+  KS_CUDA_CHECK("bench", cudaMemsetAsync(outputs, 0, size_t(floats) * sizeof(float), a.stream));
+  std::vector<ChainArgs> args(static_cast<size_t>(n));
+  std::vector<int64_t> out_offset(static_cast<size_t>(n));
+  int64_t unit = 0, offset = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    ChainArgs& c = args[size_t(s)];
+    c.w = static_cast<const uint4*>(weights) + unit;
+    c.any = static_cast<const uint4*>(weights);
+    c.units = ceil_div(stages[size_t(s)].weight_bytes, 16);
+    c.out = static_cast<float*>(outputs) + offset;
+    c.n_out = stages[size_t(s)].outputs;
+    out_offset[size_t(s)] = offset;
+    unit += c.units;
+    offset += c.n_out;
+  }
+  for (int64_t s = 0; s < n; ++s) {  // the first stage reads the last one's (the step before's)
+    const ChainArgs& before = args[size_t((s + n - 1) % n)];
+    args[size_t(s)].in = before.out;
+    args[size_t(s)].n_in = before.n_out;
+  }
+  ChainArgs* device_args = nullptr;
+  unsigned* sync = nullptr;
+  if (mode == ChainMode::persistent) {
+    KS_ASSIGN_OR_RETURN(void* d, a.alloc(args.size() * sizeof(ChainArgs)));
+    device_args = static_cast<ChainArgs*>(d);
+    KS_CUDA_CHECK("bench",
+                  cudaMemcpyAsync(device_args, args.data(), args.size() * sizeof(ChainArgs),
+                                  cudaMemcpyHostToDevice, a.stream));
+    KS_ASSIGN_OR_RETURN(void* w, a.alloc(2 * sizeof(unsigned)));
+    sync = static_cast<unsigned*>(w);
+    KS_CUDA_CHECK("bench", cudaMemsetAsync(sync, 0, 2 * sizeof(unsigned), a.stream));
+  }
+  KS_CUDA_CHECK("bench", cudaStreamSynchronize(a.stream));
+
+  KS_CUDA_CHECK("bench", cudaStreamBeginCapture(a.stream, cudaStreamCaptureModeThreadLocal));
+  cudaError_t launched = cudaSuccess;
+  if (mode == ChainMode::persistent) {
+    chain_persistent_kernel<<<unsigned(blocks), kChainThreads, 0, a.stream>>>(device_args, int(n),
+                                                                              sync);
+    launched = cudaGetLastError();
+  } else {
+    for (int64_t s = 0; s < n && launched == cudaSuccess; ++s) {
+      const ChainArgs& c = args[size_t(s)];
+      if (mode == ChainMode::launch) {
+        chain_stage_kernel<true><<<unsigned(blocks), kChainThreads, 0, a.stream>>>(c);
+        launched = cudaGetLastError();
+      } else if (mode == ChainMode::pdl) {
+        launched = launch_pdl(chain_stage_kernel<true>, dim3(unsigned(blocks)), dim3(kChainThreads),
+                              0, a.stream, c);
+      } else {
+        launched = launch_pdl(chain_stage_kernel<false>, dim3(unsigned(blocks)),
+                              dim3(kChainThreads), 0, a.stream, c);
+      }
+    }
+  }
+  const cudaError_t captured = cudaStreamEndCapture(a.stream, &a.graph);
+  KS_CUDA_CHECK("bench", launched);
+  KS_CUDA_CHECK("bench", captured);
+  KS_ASSIGN_OR_RETURN(double ms, a.time_graph(trials));
+
+  // time_graph replayed trials + 1 times: stage s of the last replay wrote trials * n + s + 1.
+  std::vector<float> host(static_cast<size_t>(floats));
+  KS_CUDA_CHECK("bench", cudaMemcpy(host.data(), outputs, host.size() * sizeof(float),
+                                    cudaMemcpyDeviceToHost));
+  for (int64_t s = 0; s < n; ++s) {
+    const float expected = float(int64_t(trials) * n + s + 1);
+    for (int64_t i = 0; i < stages[size_t(s)].outputs; ++i) {
+      const float got = host[size_t(out_offset[size_t(s)] + i)];
+      if (got != expected) {
+        return Status::error("bench: chain (" + std::string(chain_mode_name(mode)) + ") stage " +
+                             std::to_string(s) + " output " + std::to_string(i) + " is " +
+                             std::to_string(got) + ", not " + std::to_string(expected) +
+                             ": a stage read its input before the stage before wrote it");
+      }
+    }
+  }
+  ChainTiming t;
+  t.microseconds = ms * 1e3;
+  t.bytes = double(units) * 16.0;
+  t.blocks = blocks;
   return t;
 }
 

@@ -557,6 +557,38 @@ TEST(CudaDraw, PickRowsDrawTheHostSamplersTokens) {
   }
 }
 
+// The draw workspace holds the model's vocabulary a row: rows wider than that are refused with
+// draws, by pick_rows and start_argmax alike (which then queues nothing), and taken without them
+// (the argmax alone reads any width).
+TEST(CudaDraw, RowsWiderThanTheWorkspaceAreRefusedOnlyWithDraws) {
+  const int64_t vocab = 4096;
+  ModelWeights model = one_layer_model(vocab);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(model, RunShape{1, 16, 16, 16}));
+  Backend& b = *pair.gpu;
+  std::vector<int32_t> meta;
+  ASSERT_TRUE(b.begin_batch(pair.paged(batch_of(1, meta))).is_ok());
+  auto wide = b.scratch(1, 2 * vocab);
+  ASSERT_TRUE(wide.is_ok()) << wide.status().message();
+  std::vector<float> v = random_values(size_t(2 * vocab), 5);
+  v[size_t(vocab + 17)] = 40.0f;
+  fill(b, *wide, v);
+  RowDraw d;
+  d.row = 0;
+  d.params.temperature = 1.0f;
+  d.vocab_size = int32_t(vocab);
+  d.u = 0.5;
+  std::vector<int32_t> out(1, -1);
+  const std::vector<RowDraw> draws{d};
+  EXPECT_NE(b.pick_rows(*wide, draws, out.data()).message().find("reserved"), std::string::npos);
+  EXPECT_NE(b.start_argmax(*wide, draws).message().find("reserved"), std::string::npos);
+  std::vector<int32_t> none;
+  EXPECT_NE(b.finish_argmax(&none).message().find("no argmax queued"), std::string::npos);
+  const Status s = b.pick_rows(*wide, {}, out.data());
+  ASSERT_TRUE(s.is_ok()) << s.message();
+  EXPECT_EQ(out[0], int32_t(vocab + 17));
+}
+
 // The sliced argmax (the default: a row's columns over several blocks, the last to
 // count in picking the best of theirs) against the CPU's and the one-block kernel's: widths that
 // are and are not multiples of 4 (float4 and scalar loads), of one slice and of many; ties

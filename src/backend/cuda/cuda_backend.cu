@@ -815,11 +815,6 @@ class CudaBackend final : public Backend {
   }
 
   Status do_pick_rows(Tensor t, std::span<const RowDraw> draws, int32_t* out) override {
-    if (size_t(t.cols) > draw_work_cols_) {
-      return Status::error("cuda pick_rows: rows of " + std::to_string(t.cols) +
-                           " columns, more than the " + std::to_string(draw_work_cols_) +
-                           " reserved");
-    }
     return pick_and_read(t, draws, out);
   }
 
@@ -836,11 +831,6 @@ class CudaBackend final : public Backend {
   bool argmax_on_device() const override { return true; }
 
   Status do_start_argmax(Tensor t, int slot, std::span<const RowDraw> draws) override {
-    if (!draws.empty() && size_t(t.cols) > draw_work_cols_) {
-      return Status::error("cuda start_argmax: draws from rows of " + std::to_string(t.cols) +
-                           " columns, more than the " + std::to_string(draw_work_cols_) +
-                           " reserved");
-    }
     KS_RETURN_IF_ERROR(queue_argmax(t, /*feed=*/true, slot, draws));
     KS_CUDA_CHECK("argmax_rows", cudaEventRecord(argmax_copied_[slot], stream_));
     return Status::ok();
@@ -857,10 +847,15 @@ class CudaBackend final : public Backend {
 
   // The step's graph, then the argmax of t's rows (an eager launch after the graph, timed, never
   // traced; with `feed` also into the tokens' device slots, meta_'s first max_batch_tokens), the
-  // draws over it, and the rows' copy to host slot `slot`. The argmax kernel writes the token
-  // slots itself; the draw kernel writes only argmax_out_, so with draws the fed tokens are a
-  // device copy of argmax_out_ after the last draw.
+  // draws over it, and the rows' copy to host slot `slot`. Without draws the argmax kernel
+  // writes the token slots itself; the draw kernel writes only argmax_out_, so with draws the
+  // fed tokens are a device copy of argmax_out_ after the last draw.
   Status queue_argmax(Tensor t, bool feed, int slot, std::span<const RowDraw> draws = {}) {
+    if (!draws.empty() && size_t(t.cols) > draw_work_cols_) {
+      return Status::error("cuda draws: rows of " + std::to_string(t.cols) +
+                           " columns, more than the " + std::to_string(draw_work_cols_) +
+                           " reserved");
+    }
     KS_RETURN_IF_ERROR(finish_graph());
     if (t.rows > shape_.max_logit_rows && t.rows > shape_.max_batch_tokens) {
       return Status::error("cuda argmax_rows: more rows than reserved");
@@ -869,12 +864,14 @@ class CudaBackend final : public Backend {
       return Status::error("cuda argmax_rows: more rows than a call's tokens (run ahead)");
     }
     int32_t* tokens = feed ? meta_ : nullptr;
+    // With draws, the argmax feeds nothing: the copy after the draws does.
+    int32_t* argmax_feeds = draws.empty() ? tokens : nullptr;
     KS_RETURN_IF_ERROR(launch("argmax", {addr(t.data), uint64_t(t.rows), uint64_t(t.cols)}, [&] {
       if (argmax_sliced() && t.rows <= kArgmaxSplitRows) {
-        return argmax_rows_sliced(f32(t), t.rows, t.cols, argmax_out_, tokens, argmax_partials_,
-                                  argmax_counters_, stream_);
+        return argmax_rows_sliced(f32(t), t.rows, t.cols, argmax_out_, argmax_feeds,
+                                  argmax_partials_, argmax_counters_, stream_);
       }
-      return cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, tokens, stream_);
+      return cuda::argmax_rows(f32(t), t.rows, t.cols, argmax_out_, argmax_feeds, stream_);
     }));
     for (size_t first = 0; first < draws.size(); first += kDrawRowsPerLaunch) {
       const size_t count = std::min(draws.size() - first, size_t(kDrawRowsPerLaunch));

@@ -353,8 +353,8 @@ TEST(CudaChain, EveryStageSeesTheStageBefore) {
                                                 {(int64_t(3) << 20) + 48, 8960},
                                                 {123456, 7},
                                                 {16, 1536}};
-  for (const cuda::ChainMode mode :
-       {cuda::ChainMode::launch, cuda::ChainMode::pdl, cuda::ChainMode::persistent}) {
+  for (const cuda::ChainMode mode : {cuda::ChainMode::launch, cuda::ChainMode::pdl,
+                                     cuda::ChainMode::pdl_late, cuda::ChainMode::persistent}) {
     auto t = cuda::time_chain(mode, stages, 3);
     ASSERT_TRUE(t.is_ok()) << int(mode) << ": " << t.status().message();
     EXPECT_GT(t->microseconds, 0.0);
@@ -375,7 +375,8 @@ TEST(CudaChain, EveryStageSeesTheStageBefore) {
 
 // What a dependency between decode stages costs by itself (cuda::time_chain): each model's
 // step-shaped chain (and the same number of stages with no weights) under a kernel a stage, the
-// decode path's programmatic dependent launch, and one persistent kernel with grid barriers,
+// decode path's programmatic dependent launch (early and late), and one persistent kernel with
+// grid barriers,
 // against the step's weight bytes at the copy bandwidth.
 TEST(CudaBench, DISABLED_Chain) {
   struct Pattern {
@@ -393,24 +394,23 @@ TEST(CudaBench, DISABLED_Chain) {
                               {"8B stages, no weights", no_weights(llama.size(), 4096)}};
   const double roofline = bandwidth_gbs();
   std::printf(
-      "\n| chain | stages | MB a step | bytes at %.0f GB/s, us | launch us | pdl us | persistent "
-      "us "
-      "| pdl us a stage over the bytes |\n|---|---|---|---|---|---|---|---|\n",
+      "\n| chain | stages | MB a step | bytes at %.0f GB/s, us | launch us | pdl us | pdl_late us "
+      "| persistent us | pdl us a stage over the bytes |\n|---|---|---|---|---|---|---|---|---|\n",
       roofline);
   for (const Pattern& p : patterns) {
-    double us[3] = {0, 0, 0};
+    double us[4] = {0, 0, 0, 0};
     double bytes = 0;
-    const cuda::ChainMode modes[3] = {cuda::ChainMode::launch, cuda::ChainMode::pdl,
-                                      cuda::ChainMode::persistent};
-    for (int m = 0; m < 3; ++m) {
+    const cuda::ChainMode modes[4] = {cuda::ChainMode::launch, cuda::ChainMode::pdl,
+                                      cuda::ChainMode::pdl_late, cuda::ChainMode::persistent};
+    for (int m = 0; m < 4; ++m) {
       auto t = cuda::time_chain(modes[m], p.stages, 9);
       ASSERT_TRUE(t.is_ok()) << p.what << ": " << t.status().message();
       us[m] = t->microseconds;
       bytes = t->bytes;
     }
     const double floor_us = roofline > 0 ? bytes / (roofline * 1e3) : 0.0;
-    std::printf("| %s | %zu | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f |\n", p.what, p.stages.size(),
-                bytes / 1e6, floor_us, us[0], us[1], us[2],
+    std::printf("| %s | %zu | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f |\n", p.what,
+                p.stages.size(), bytes / 1e6, floor_us, us[0], us[1], us[2], us[3],
                 (us[1] - floor_us) / double(p.stages.size()));
   }
   std::fflush(stdout);

@@ -117,16 +117,17 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
 // of that stage's whole output, reads the rest of its weights and writes its share of the
 // outputs as the minimum plus one. Mechanisms:
 //   launch      a kernel a stage, in stream order;
-//   pdl         a kernel a stage with programmatic dependent launch, as the decode step runs:
-//               a block lets the next stage launch right after issuing its first loads, and
-//               waits (griddepcontrol.wait) before reading its input;
+//   pdl         a kernel a stage with programmatic dependent launch, as the batch-1 decode
+//               step runs: a block lets the next stage launch right after issuing its first
+//               loads, and waits (griddepcontrol.wait) before reading its input;
+//   pdl_late    the same, the next stage let in only after a block's outputs (batch 16's GEMVs);
 //   persistent  one kernel, a grid barrier between stages, each block's first loads of the
 //               next stage issued before the barrier (the layer-stack kernel's pattern);
 //   unordered   pdl with no wait: a negative control, whose stages read inputs the stage before
 //               has not written yet, so the check below must catch it.
 // Every replay's outputs are checked (a stage's output is its index plus one more than the
 // chain's last output of the replay before): a stage that read a stale input fails the call.
-enum class ChainMode { launch, pdl, persistent, unordered };
+enum class ChainMode { launch, pdl, pdl_late, persistent, unordered };
 struct ChainStage {
   int64_t weight_bytes = 0;  // streamed once a step (rounded up to 16 bytes)
   int64_t outputs = 1;       // floats written, read whole by the next stage

@@ -284,14 +284,17 @@ __device__ void chain_finish(const ChainArgs& s, const ChainLoads& first, float*
 // A kernel a stage. Four blocks fit an SM, so the next stage's two can be resident beside this
 // one's two and issue their first loads early. kWait false is the negative control
 // (ChainMode::unordered).
-template <bool kWait>
+// kEarly lets the next stage launch right after the first loads, as the batch-1 GEMVs do;
+// otherwise only after the outputs are written, as the batch-16 ones do.
+template <bool kWait, bool kEarly>
 __global__ void __launch_bounds__(kChainThreads, 4) chain_stage_kernel(ChainArgs s) {
   __shared__ float red[kChainThreads / 32];
   ChainLoads first;
   chain_issue(s, &first);
-  pdl_trigger();
+  if constexpr (kEarly) pdl_trigger();
   if constexpr (kWait) pdl_wait();
   chain_finish(s, first, red);
+  if constexpr (!kEarly) pdl_trigger();
 }
 
 // One kernel for the whole chain; every block resident (time_chain sizes the grid from the
@@ -315,6 +318,8 @@ const char* chain_mode_name(ChainMode mode) {
       return "launch";
     case ChainMode::pdl:
       return "pdl";
+    case ChainMode::pdl_late:
+      return "pdl_late";
     case ChainMode::persistent:
       return "persistent";
     case ChainMode::unordered:
@@ -348,7 +353,7 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
                                &per_sm, chain_persistent_kernel, kChainThreads, 0));
   } else {
     KS_CUDA_CHECK("bench", cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                               &per_sm, chain_stage_kernel<true>, kChainThreads, 0));
+                               &per_sm, chain_stage_kernel<true, true>, kChainThreads, 0));
   }
   if (per_sm < 1) return Status::error("bench: the chain kernel does not fit an SM");
   // Two blocks an SM, as the decode GEMVs keep two or three.
@@ -403,15 +408,16 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
   } else {
     for (int64_t s = 0; s < n && launched == cudaSuccess; ++s) {
       const ChainArgs& c = args[size_t(s)];
+      const dim3 grid{unsigned(blocks)}, block{unsigned(kChainThreads)};
       if (mode == ChainMode::launch) {
-        chain_stage_kernel<true><<<unsigned(blocks), kChainThreads, 0, a.stream>>>(c);
+        chain_stage_kernel<true, true><<<grid, block, 0, a.stream>>>(c);
         launched = cudaGetLastError();
       } else if (mode == ChainMode::pdl) {
-        launched = launch_pdl(chain_stage_kernel<true>, dim3(unsigned(blocks)), dim3(kChainThreads),
-                              0, a.stream, c);
+        launched = launch_pdl(chain_stage_kernel<true, true>, grid, block, 0, a.stream, c);
+      } else if (mode == ChainMode::pdl_late) {
+        launched = launch_pdl(chain_stage_kernel<true, false>, grid, block, 0, a.stream, c);
       } else {
-        launched = launch_pdl(chain_stage_kernel<false>, dim3(unsigned(blocks)),
-                              dim3(kChainThreads), 0, a.stream, c);
+        launched = launch_pdl(chain_stage_kernel<false, true>, grid, block, 0, a.stream, c);
       }
     }
   }

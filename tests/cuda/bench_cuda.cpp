@@ -388,10 +388,13 @@ TEST(CudaBench, DISABLED_Chain) {
   };
   const std::vector<cuda::ChainStage> qwen = decode_chain(28, 1536, 1536, 256, 8960, 151936);
   const std::vector<cuda::ChainStage> llama = decode_chain(32, 4096, 4096, 1024, 14336, 128256);
+  // The chain's own streaming rate: one stage of 1 GiB and a stage of nothing, the bytes' time
+  // with two boundaries.
   const Pattern patterns[] = {{"1.5B step", qwen},
                               {"1.5B stages, no weights", no_weights(qwen.size(), 1536)},
                               {"8B step", llama},
-                              {"8B stages, no weights", no_weights(llama.size(), 4096)}};
+                              {"8B stages, no weights", no_weights(llama.size(), 4096)},
+                              {"1 GiB in one stage", {{int64_t(1) << 30, 4096}, {0, 4096}}}};
   const double roofline = bandwidth_gbs();
   std::printf(
       "\n| chain | stages | MB a step | bytes at %.0f GB/s, us | launch us | pdl us | pdl_late us "

@@ -1,5 +1,6 @@
 // Kernel microbenchmarks for the benchmark binaries: the machine's copy bandwidth (the decode
-// roofline) and the decode GEMV alone, on random weights, replayed from a CUDA graph.
+// roofline), the decode GEMV alone on random weights, and what a dependency between decode stages
+// costs (time_chain), each replayed from a CUDA graph.
 #include <algorithm>
 #include <vector>
 
@@ -75,10 +76,12 @@ struct Allocations {
     KS_CUDA_CHECK("bench", cudaEventCreate(&stop));
     return Status::ok();
   }
-  // Median over `trials` of the milliseconds one replay of the captured graph takes.
+  // Median over `trials` of the milliseconds one replay of the captured graph takes, after
+  // kWarmUps replays.
+  static constexpr int kWarmUps = 1;
   Result<double> time_graph(int trials) {
     KS_CUDA_CHECK("bench", cudaGraphInstantiate(&exec, graph, 0));
-    KS_CUDA_CHECK("bench", cudaGraphLaunch(exec, stream));  // warm-up
+    for (int i = 0; i < kWarmUps; ++i) KS_CUDA_CHECK("bench", cudaGraphLaunch(exec, stream));
     std::vector<double> ms;
     for (int t = 0; t < trials; ++t) {
       KS_CUDA_CHECK("bench", cudaEventRecord(start, stream));
@@ -205,16 +208,17 @@ namespace {
 
 constexpr int kChainThreads = 256;
 // 16-byte loads a thread has in flight: 32 KB a block, about what the decode GEMV's weight ring
-// holds; issued before a stage's dependency, then again in each round after it.
+// holds. The first round of a stage's weights is copied into shared memory before the stage's
+// dependency (cp.async, as the GEMV's ring), so no register waits on it; the rest, and the
+// input, stream through registers in rounds of this many loads a thread.
 constexpr int kChainAhead = 8;
 
 struct ChainArgs {
-  const uint4* w = nullptr;    // the stage's weights
-  int64_t units = 0;           // their 16-byte units
-  const uint4* any = nullptr;  // a unit that exists whatever `units` is
-  const float* in = nullptr;   // the stage before's output
+  const uint4* w = nullptr;   // the stage's weights
+  int64_t units = 0;          // their 16-byte units
+  const float* in = nullptr;  // the stage before's output (16-byte aligned)
   int64_t n_in = 0;
-  float* out = nullptr;
+  float* out = nullptr;  // 16-byte aligned
   int64_t n_out = 0;
 };
 
@@ -224,53 +228,88 @@ __device__ inline void chain_share(int64_t n, int64_t* begin, int64_t* end) {
   *end = n * (blockIdx.x + 1) / gridDim.x;
 }
 
-struct ChainLoads {
-  uint4 v[kChainAhead];
-};
-
-// One round of the block's weights from unit `first` on (16-byte loads, all in flight at once).
-__device__ inline void chain_load(const ChainArgs& s, int64_t first, int64_t end, ChainLoads* l) {
-#pragma unroll
-  for (int k = 0; k < kChainAhead; ++k) {
-    // Every load is issued, past the end from a unit that always exists, so that all of them
-    // are in flight before the first is used.
-    const int64_t i = first + threadIdx.x + int64_t(k) * kChainThreads;
-    const uint4 v = __ldcg(i < end ? s.w + i : s.any);
-    l->v[k] = i < end ? v : make_uint4(0, 0, 0, 0);
-  }
+// A 16-byte load through L2 only where `live`, zeros elsewhere: a load predicated off sends no
+// request, so the lanes past a block's share cost nothing.
+__device__ inline uint4 load_cg_if(const void* p, bool live) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+      " @q ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+      : "l"(p), "r"(int(live)));
+  return v;
 }
 
-__device__ inline uint32_t chain_fold(const ChainLoads& l, uint32_t x) {
-#pragma unroll
-  for (int k = 0; k < kChainAhead; ++k) x ^= l.v[k].x ^ l.v[k].y ^ l.v[k].z ^ l.v[k].w;
-  return x;
+__device__ inline uint32_t fold(uint4 v, uint32_t x) {
+  return x ^ v.x ^ v.y ^ v.z ^ v.w;
 }
 
-// The block's first round of the stage's weights: what may be in flight before its input is.
-__device__ inline void chain_issue(const ChainArgs& s, ChainLoads* first) {
+// The block's first round of the stage's weights into `ring` (kChainAhead units a thread, each
+// thread its own slots): what may be in flight before the stage's input is.
+__device__ inline void chain_issue(const ChainArgs& s, uint4* ring) {
   int64_t begin, end;
   chain_share(s.units, &begin, &end);
-  chain_load(s, begin, end, first);
+#pragma unroll
+  for (int k = 0; k < kChainAhead; ++k) {
+    const int64_t i = begin + threadIdx.x + int64_t(k) * kChainThreads;
+    if (i < end) cp_async_16(ring + k * kChainThreads + threadIdx.x, s.w + i);
+  }
+  cp_async_commit();
 }
 
-// The stage after its dependency: the minimum of the whole input, the rest of the block's
-// weights, and its share of the outputs (that minimum plus one). `red` holds a float a warp.
-__device__ void chain_finish(const ChainArgs& s, const ChainLoads& first, float* red) {
+// The stage after its dependency: the minimum of the whole input (every block reads it all, as a
+// GEMV block reads its input vector: float4 loads, a round of kChainAhead a thread, one round up
+// to 8192 floats), the block's weights (the first round from `ring`, the rest in rounds of
+// loads), and its share of the outputs (that minimum plus one). `red` holds a float a warp.
+__device__ void chain_finish(const ChainArgs& s, const uint4* ring, float* red) {
   float low = INFINITY;
-  for (int64_t i = threadIdx.x; i < s.n_in; i += kChainThreads) low = fminf(low, __ldcg(s.in + i));
+  const int64_t quads = s.n_in / 4;
+  const uint4* in4 = reinterpret_cast<const uint4*>(s.in);
+  for (int64_t q0 = 0; q0 < quads; q0 += kChainAhead * kChainThreads) {
+    uint4 v[kChainAhead];
+#pragma unroll
+    for (int k = 0; k < kChainAhead; ++k) {
+      const int64_t q = q0 + threadIdx.x + int64_t(k) * kChainThreads;
+      v[k] = load_cg_if(in4 + q, q < quads);
+    }
+#pragma unroll
+    for (int k = 0; k < kChainAhead; ++k) {
+      if (q0 + threadIdx.x + int64_t(k) * kChainThreads < quads) {
+        low = fminf(low, fminf(fminf(__uint_as_float(v[k].x), __uint_as_float(v[k].y)),
+                               fminf(__uint_as_float(v[k].z), __uint_as_float(v[k].w))));
+      }
+    }
+  }
+  for (int64_t i = quads * 4 + threadIdx.x; i < s.n_in; i += kChainThreads) {
+    low = fminf(low, __ldcg(s.in + i));
+  }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) low = fminf(low, __shfl_xor_sync(0xffffffffu, low, o));
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = low;
+
   int64_t begin, end;
   chain_share(s.units, &begin, &end);
-  uint32_t x = chain_fold(first, 0);
-  for (int64_t i = begin + kChainAhead * kChainThreads; i < end; i += kChainAhead * kChainThreads) {
-    ChainLoads l;
-    chain_load(s, i, end, &l);
-    x = chain_fold(l, x);
+  uint32_t x = 0;
+  cp_async_wait<0>();  // this thread's own slots: no barrier needed
+#pragma unroll
+  for (int k = 0; k < kChainAhead; ++k) {
+    if (begin + threadIdx.x + int64_t(k) * kChainThreads < end) {
+      x = fold(ring[k * kChainThreads + threadIdx.x], x);
+    }
   }
-  // Every weight word is loaded and none changes the outputs: n_out is never negative, which
-  // the compiler cannot know, so it keeps the loads.
+  for (int64_t i0 = begin + kChainAhead * kChainThreads; i0 < end;
+       i0 += kChainAhead * kChainThreads) {
+    uint4 v[kChainAhead];
+#pragma unroll
+    for (int k = 0; k < kChainAhead; ++k) {
+      const int64_t i = i0 + threadIdx.x + int64_t(k) * kChainThreads;
+      v[k] = load_cg_if(s.w + i, i < end);
+    }
+#pragma unroll
+    for (int k = 0; k < kChainAhead; ++k) x = fold(v[k], x);
+  }
+  // Every weight word is read and none changes the outputs: n_out is never negative, which the
+  // compiler cannot know.
   if (s.n_out < 0) s.out[0] = float(x);
   __syncthreads();
   low = red[0];
@@ -278,37 +317,36 @@ __device__ void chain_finish(const ChainArgs& s, const ChainLoads& first, float*
   int64_t out_begin, out_end;
   chain_share(s.n_out, &out_begin, &out_end);
   for (int64_t i = out_begin + threadIdx.x; i < out_end; i += kChainThreads) s.out[i] = low + 1.0f;
-  __syncthreads();  // `red` is the next stage's
+  __syncthreads();  // `red` and `ring` are the next stage's
 }
 
 // A kernel a stage. Four blocks fit an SM, so the next stage's two can be resident beside this
-// one's two and issue their first loads early. kWait false is the negative control
-// (ChainMode::unordered).
-// kEarly lets the next stage launch right after the first loads, as the batch-1 GEMVs do;
-// otherwise only after the outputs are written, as the batch-16 ones do.
+// one's two and issue their first copies early. kEarly lets the next stage launch right after
+// them, as the batch-1 GEMVs do; otherwise only after the outputs are written, as the batch-16
+// ones do. kWait false is the negative control (ChainMode::unordered).
 template <bool kWait, bool kEarly>
 __global__ void __launch_bounds__(kChainThreads, 4) chain_stage_kernel(ChainArgs s) {
   __shared__ float red[kChainThreads / 32];
-  ChainLoads first;
-  chain_issue(s, &first);
+  __shared__ uint4 ring[kChainAhead * kChainThreads];
+  chain_issue(s, ring);
   if constexpr (kEarly) pdl_trigger();
   if constexpr (kWait) pdl_wait();
-  chain_finish(s, first, red);
+  chain_finish(s, ring, red);
   if constexpr (!kEarly) pdl_trigger();
 }
 
 // One kernel for the whole chain; every block resident (time_chain sizes the grid from the
-// occupancy).
+// occupancy). Each block copies its first round of the next stage's weights before the barrier.
 __global__ void __launch_bounds__(kChainThreads)
     chain_persistent_kernel(const ChainArgs* stages, int n_stages, unsigned* sync) {
   __shared__ float red[kChainThreads / 32];
-  ChainLoads first;
-  chain_issue(stages[0], &first);
+  __shared__ uint4 ring[kChainAhead * kChainThreads];
+  chain_issue(stages[0], ring);
   for (int s = 0; s < n_stages; ++s) {
     const ChainArgs stage = stages[s];
     if (s > 0) grid_barrier(sync, sync + 1);
-    chain_finish(stage, first, red);
-    if (s + 1 < n_stages) chain_issue(stages[s + 1], &first);
+    chain_finish(stage, ring, red);
+    if (s + 1 < n_stages) chain_issue(stages[s + 1], ring);
   }
 }
 
@@ -332,8 +370,9 @@ const char* chain_mode_name(ChainMode mode) {
 
 Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& stages, int trials) {
   const int64_t n = int64_t(stages.size());
-  // Outputs stay exact in fp32: the last one of the last replay is (trials + 1) * n.
-  if (n < 2 || n > 4096 || trials < 1 || (int64_t(trials) + 1) * n >= (int64_t(1) << 24)) {
+  // Outputs stay exact in fp32: the last one of the last replay is (warm-ups + trials) * n.
+  const int64_t replays = int64_t(Allocations::kWarmUps) + trials;
+  if (n < 2 || n > 4096 || trials < 1 || replays * n >= (int64_t(1) << 24)) {
     return Status::error("bench: a chain takes 2 to 4096 stages and (trials + 1) x stages < 2^24");
   }
   int64_t units = 0, floats = 0;
@@ -343,7 +382,7 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
       return Status::error("bench: a chain stage's bytes or outputs are out of range");
     }
     units += ceil_div(s.weight_bytes, 16);
-    floats += s.outputs;
+    floats += ceil_div(s.outputs, 4) * 4;  // each stage's output 16-byte aligned
   }
   int device = 0, sm_count = 0, per_sm = 0;
   KS_CUDA_CHECK("bench", cudaGetDevice(&device));
@@ -372,13 +411,12 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
   for (int64_t s = 0; s < n; ++s) {
     ChainArgs& c = args[size_t(s)];
     c.w = static_cast<const uint4*>(weights) + unit;
-    c.any = static_cast<const uint4*>(weights);
     c.units = ceil_div(stages[size_t(s)].weight_bytes, 16);
     c.out = static_cast<float*>(outputs) + offset;
     c.n_out = stages[size_t(s)].outputs;
     out_offset[size_t(s)] = offset;
     unit += c.units;
-    offset += c.n_out;
+    offset += ceil_div(c.n_out, 4) * 4;
   }
   for (int64_t s = 0; s < n; ++s) {  // the first stage reads the last one's (the step before's)
     const ChainArgs& before = args[size_t((s + n - 1) % n)];
@@ -426,12 +464,12 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
   KS_CUDA_CHECK("bench", captured);
   KS_ASSIGN_OR_RETURN(double ms, a.time_graph(trials));
 
-  // time_graph replayed trials + 1 times: stage s of the last replay wrote trials * n + s + 1.
+  // time_graph replayed `replays` times: stage s of the last replay wrote (replays - 1) n + s + 1.
   std::vector<float> host(static_cast<size_t>(floats));
   KS_CUDA_CHECK("bench", cudaMemcpy(host.data(), outputs, host.size() * sizeof(float),
                                     cudaMemcpyDeviceToHost));
   for (int64_t s = 0; s < n; ++s) {
-    const float expected = float(int64_t(trials) * n + s + 1);
+    const float expected = float((replays - 1) * n + s + 1);
     for (int64_t i = 0; i < stages[size_t(s)].outputs; ++i) {
       const float got = host[size_t(out_offset[size_t(s)] + i)];
       if (got != expected) {

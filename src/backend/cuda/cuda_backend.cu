@@ -331,6 +331,8 @@ class CudaBackend final : public Backend {
     // Two staging copies of the metadata and kArgmaxInFlight of the argmax rows: a call run
     // ahead fills one while the copy out of the other may still be queued (begin_batch).
     KS_ASSIGN_OR_RETURN(host_meta_, pinned<int32_t>(2 * extras.meta_bytes));
+    // begin_batch copies whole slots, the tokens past a call's own included: never garbage.
+    std::memset(host_meta_, 0, 2 * extras.meta_bytes);
     meta_slot_stride_ = extras.meta_bytes / sizeof(int32_t);
     KS_ASSIGN_OR_RETURN(host_rows_, pinned<int32_t>(extras.rows_bytes));
     KS_ASSIGN_OR_RETURN(host_argmax_, pinned<int32_t>(kArgmaxInFlight * extras.rows_bytes));
@@ -398,21 +400,21 @@ class CudaBackend final : public Backend {
     }
     std::memcpy(host_meta + cap, batch.positions, size_t(n) * sizeof(int32_t));
     std::memcpy(host_meta + 2 * cap, batch.seq_ids, size_t(n) * sizeof(int32_t));
-    const int64_t first = batch.tokens_from_argmax ? cap : 0;  // the tokens stay as they are
-    KS_CUDA_CHECK("begin_batch", cudaMemcpyAsync(meta_ + first, host_meta + first,
-                                                 size_t(2 * cap + n - first) * sizeof(int32_t),
-                                                 cudaMemcpyHostToDevice, stream_));
-    // The block tables go to a fixed device buffer, which captured graphs read at replay.
+    // The block tables go to a fixed device buffer, which captured graphs read at replay, right
+    // after the three token arrays (block_tables_device()), so that one copy takes the call's
+    // metadata: every copy in the stream adds its latency between two steps. The slots of the
+    // tokens past n go along with whatever they held; no kernel reads them.
     const int64_t table_stride = shape_.blocks_per_seq();
     for (int64_t seq = 0; seq < shape_.max_seqs; ++seq) {
       std::memcpy(host_meta + 3 * cap + seq * table_stride,
                   batch.block_tables + seq * batch.block_table_stride,
                   size_t(table_stride) * sizeof(int32_t));
     }
-    KS_CUDA_CHECK("begin_batch",
-                  cudaMemcpyAsync(block_tables_device(), host_meta + 3 * cap,
-                                  size_t(shape_.max_seqs * table_stride) * sizeof(int32_t),
-                                  cudaMemcpyHostToDevice, stream_));
+    const int64_t first = batch.tokens_from_argmax ? cap : 0;  // the tokens stay as they are
+    const int64_t end = 3 * cap + shape_.max_seqs * table_stride;
+    KS_CUDA_CHECK("begin_batch", cudaMemcpyAsync(meta_ + first, host_meta + first,
+                                                 size_t(end - first) * sizeof(int32_t),
+                                                 cudaMemcpyHostToDevice, stream_));
     KS_CUDA_CHECK("begin_batch", cudaEventRecord(meta_copied_[meta_slot_], stream_));
     batch_ = batch;
     scratch_used_ = 0;

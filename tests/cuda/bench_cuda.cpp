@@ -9,8 +9,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../unit/backend_op_checks.h"
@@ -420,6 +422,109 @@ TEST(CudaBench, DISABLED_Chain) {
                 (us[1] - floor_us) / double(p.stages.size()), gbs,
                 roofline > 0 ? 100.0 * gbs / roofline : 0.0);
   }
+  std::fflush(stdout);
+}
+
+// The batch-1 decode GEMVs' phases from inside (cuda::gemv_profile): block 0 of every launch of
+// 32 replayed steps after a 1000-token prompt, medians per weight. "wait" is from the block's
+// start to its wait's return (long where the launch came early, under the kernel before);
+// "after the wait" is the block's critical path once its input is there: the input stage (the
+// norm and int8 quantization), its first row tile, its other tiles.
+TEST(CudaBench, DISABLED_GemvProfile) {
+  cuda::set_gemv_profile(true);
+  std::printf(
+      "\n| model | weight | rows x cols | weights MB | blocks | tiles (block 0's) | launches | "
+      "wait us | input stage us | first tile us | other tiles us | after the wait us | weights "
+      "GB/s after the wait |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const std::string name : {"qwen2-1.5b", "llama3.1-8b"}) {
+    EngineOptions options;
+    options.model = "synthetic:" + name;
+    options.format = WeightFormat::sym_int4;
+    options.device = "cuda";
+    options.max_seqs = 1;
+    options.max_context = 1100;
+    options.prefill_chunk = 1024;
+    options.progress = false;
+    auto created = Engine::create(options);
+    ASSERT_TRUE(created.is_ok()) << created.status().message();
+    Engine& engine = **created;
+    const ModelConfig& c = engine.config();
+    std::mt19937_64 rng(7);
+    constexpr int32_t kPromptTokens = 1000;
+    Batch prefill;
+    for (int32_t i = 0; i < kPromptTokens; ++i) {
+      prefill.add(int32_t(rng() % uint64_t(c.vocab_size)), i, 0, i + 1 == kPromptTokens);
+    }
+    std::vector<int32_t> next;
+    ASSERT_TRUE(engine.run_argmax(prefill, &next).is_ok());
+    int32_t position = kPromptTokens;
+    auto steps = [&](int n) {
+      for (int i = 0; i < n; ++i) {
+        Batch b;
+        b.add(next[0], position++, 0, true);
+        const Status s = engine.run_argmax(b, &next);
+        ASSERT_TRUE(s.is_ok()) << s.message();
+      }
+    };
+    steps(4);  // the step's graph captured and replayed
+    ASSERT_TRUE(cuda::reset_gemv_profile().is_ok());
+    constexpr int kSteps = 32;
+    steps(kSteps);
+    auto records = cuda::gemv_profile();
+    ASSERT_TRUE(records.is_ok()) << records.status().message();
+    ASSERT_FALSE(records->empty()) << "no GEMV launch recorded its profile";
+    struct Phases {
+      const cuda::GemvProfileRecord* first = nullptr;
+      std::vector<double> wait, input, tile, rest, after;
+    };
+    std::map<std::tuple<int64_t, int64_t, int>, Phases> by_weight;
+    for (const cuda::GemvProfileRecord& r : *records) {
+      Phases& p = by_weight[{r.rows, r.cols, r.tiles}];
+      if (p.first == nullptr) p.first = &r;
+      const auto us = [&](int a, int b) { return double(r.ns[b] - r.ns[a]) * 1e-3; };
+      p.wait.push_back(us(0, 1));
+      p.input.push_back(us(1, 2));
+      p.tile.push_back(us(2, 3));
+      p.rest.push_back(us(3, 4));
+      p.after.push_back(us(1, 4));
+    }
+    // q/k/v and wo share their first weight's shape where q_dim is the hidden size: q/k/v has
+    // the k and v tiles too, so of two launches of that shape it has the more tiles.
+    std::vector<int> shared_shape_tiles;
+    for (const auto& [key, p] : by_weight) {
+      if (std::get<0>(key) == c.q_dim() && std::get<1>(key) == c.hidden_size) {
+        shared_shape_tiles.push_back(std::get<2>(key));
+      }
+    }
+    const int qkv_tiles =
+        shared_shape_tiles.size() == 2
+            ? *std::max_element(shared_shape_tiles.begin(), shared_shape_tiles.end())
+            : -1;
+    for (const auto& [key, p] : by_weight) {
+      const auto [rows, cols, tiles] = key;
+      const std::string what = rows == c.vocab_size                      ? "lm_head"
+                               : cols == c.intermediate_size             ? "down"
+                               : rows == c.intermediate_size             ? "gate/up"
+                               : rows == 2 * c.intermediate_size         ? "gate/up"
+                               : rows == c.q_dim() + 2 * c.kv_dim()      ? "q/k/v"
+                               : tiles == qkv_tiles && rows == c.q_dim() ? "q/k/v"
+                               : rows == c.hidden_size                   ? "wo"
+                                                                         : "?";
+      // The weights a launch reads: gate and up, or q, k and v, together.
+      const int64_t all_rows = what == "gate/up" ? 2 * c.intermediate_size
+                               : what == "q/k/v" ? c.q_dim() + 2 * c.kv_dim()
+                                                 : rows;  // q/k/v: three weights or one
+      const double mb = double(all_rows) * double(cols) * 9.0 / 16.0 / 1e6;
+      const double after = median(p.after);
+      std::printf(
+          "| %s | %s | %lld x %lld | %.1f | %d | %d (%d) | %zu | %.2f | %.2f | %.2f | %.2f "
+          "| %.2f | %.0f |\n",
+          name.c_str(), what.c_str(), (long long)rows, (long long)cols, mb, p.first->blocks, tiles,
+          p.first->block_tiles, p.after.size(), median(p.wait), median(p.input), median(p.tile),
+          median(p.rest), after, mb * 1e-3 / (after * 1e-6));
+    }
+  }
+  cuda::set_gemv_profile(false);
   std::fflush(stdout);
 }
 

@@ -43,6 +43,23 @@
 namespace kestrel::cuda {
 namespace {
 
+// The GEMV's phase profile (set_gemv_profile, KESTREL_CUDA_GEMV_PROFILE=1; a measurement aid):
+// thread 0 of block 0 of every gemv_kernel launch takes a slot of this ring and records
+// %globaltimer at its start, when its wait for the kernel before returns, after the input stage,
+// after its first row tile and at its end, beside the call's shape.
+constexpr int kGemvProfileSlots = 4096;
+struct GemvProfileSlot {
+  uint64_t marks[5];
+  int64_t rows;
+  int64_t cols;
+  int n_tokens;
+  int blocks;
+  int tiles;
+  int block_tiles;
+};
+__device__ GemvProfileSlot g_gemv_profile[kGemvProfileSlots];
+__device__ unsigned long long g_gemv_profile_count;
+
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunkGroups = 4;  // groups of 32 columns per warp iteration (one per lane of a quad)
@@ -58,6 +75,7 @@ struct GemvParams {
   int sm_count = 0;            // host only: the device's SMs
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
+  bool profile = false;        // host only: the dp4a path's profiling instance (gemv_profile_flag)
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -370,7 +388,8 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
   }
 }
 
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
+// kProfile: the instance that records the phase profile (dp4a only; gemv_profile_flag).
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
@@ -567,18 +586,37 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     }
   };
 
+  // The profile's slot, read back by thread 0 alone (its marks are thread 0's clock). An
+  // instance of its own, so that the others' code is what it was without it.
+  __shared__ int profile_slot;
+  const bool profiled = kProfile && blockIdx.x == 0 && threadIdx.x == 0;
+  auto mark = [&](int i) { g_gemv_profile[profile_slot].marks[i] = global_ns(); };
+  if (profiled) {
+    profile_slot = int(atomicAdd(&g_gemv_profile_count, 1ull) % kGemvProfileSlots);
+    GemvProfileSlot& slot = g_gemv_profile[profile_slot];
+    slot.rows = p.jobs[0].w.rows;
+    slot.cols = p.jobs[0].w.cols;
+    slot.n_tokens = p.n_tokens;
+    slot.blocks = int(gridDim.x);
+    slot.tiles = p.n_tiles;
+    slot.block_tiles = n_my_tiles;
+    mark(0);
+  }
   // Weights depend on no earlier kernel: the whole ring is requested before the wait.
   if (p.early_trigger) pdl_trigger();
 #pragma unroll
   for (int stage = 0; stage < P::kStages; ++stage) issue_next(stage);
   pdl_wait();
+  if (profiled) mark(1);
   if constexpr (kNorm) normalize_input(p, xs);
   if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
+  if (profiled) mark(2);
   // dp4a mode: the warps' row sums of a tile meet here, after the input stage.
   float* dp_sums = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xqp) +
                                             kDp * p.n_groups * int64_t(sizeof(int2)));
   int stage = 0;
   for (int iter = 0; iter < n_my_tiles; ++iter) {
+    if (profiled && iter == 1) mark(3);
     const TileAt at = locate(tile0 + iter * tile_step);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -764,6 +802,10 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     if constexpr (kPersistent) __syncthreads();  // `partial` is the next tile's
   }                                              // tiles
   if constexpr (kSwiglu) zero_swiglu_shadow_pad(p);
+  if (profiled) {
+    if (n_my_tiles < 2) mark(3);
+    mark(4);
+  }
 }
 
 // The row-warp GEMV (int4 tiled weights, 3-16 tokens, the mma path's arithmetic): where the
@@ -998,7 +1040,7 @@ bool launch_persistent(bool dp4a) {
 // fit on the device at once, each looping over tiles: the weight ring streams on across tile
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp>
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
@@ -1012,7 +1054,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr bool kOwnReduce = Pipe<F, MT>::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1070,6 +1112,11 @@ int rows_kernel_mode = [] {  // set_gemv_rows_kernel
 template <WeightFormat F, int MT, bool kSwiglu>
 Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
+    if (p.dp4a && p.profile) {
+      if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1, true>(p, stream);
+      if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1, true>(p, stream);
+      return launch_kernel<F, MT, 1, kSwiglu, false, 2, true>(p, stream);
+    }
     if (p.dp4a) {
       if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, stream);
       if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, stream);
@@ -1180,6 +1227,14 @@ int trigger_mode() {
   return mode;
 }
 
+std::atomic<bool>& gemv_profile_flag() {
+  static std::atomic<bool> on = [] {
+    const char* v = std::getenv("KESTREL_CUDA_GEMV_PROFILE");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
 bool triggers_early(bool dp4a) {
   if (trigger_mode() != 1) return trigger_mode() == 2;
   return dp4a;
@@ -1225,6 +1280,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.n_tokens = n_tokens;
   p.dp4a = dp4a;
   p.early_trigger = triggers_early(dp4a);
+  p.profile = gemv_profile_flag().load(std::memory_order_relaxed);
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);
@@ -1241,6 +1297,41 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
 }
 
 }  // namespace
+
+void set_gemv_profile(bool on) {
+  gemv_profile_flag().store(on);
+}
+
+Status reset_gemv_profile() {
+  const unsigned long long zero = 0;
+  KS_CUDA_CHECK("gemv profile", cudaMemcpyToSymbol(g_gemv_profile_count, &zero, sizeof(zero)));
+  return Status::ok();
+}
+
+Result<std::vector<GemvProfileRecord>> gemv_profile() {
+  unsigned long long count = 0;
+  KS_CUDA_CHECK("gemv profile", cudaDeviceSynchronize());
+  KS_CUDA_CHECK("gemv profile", cudaMemcpyFromSymbol(&count, g_gemv_profile_count, sizeof(count)));
+  std::vector<GemvProfileSlot> slots(kGemvProfileSlots);
+  KS_CUDA_CHECK("gemv profile", cudaMemcpyFromSymbol(slots.data(), g_gemv_profile,
+                                                     slots.size() * sizeof(GemvProfileSlot)));
+  // The ring's last min(count, slots) records, oldest first.
+  const uint64_t n = std::min<uint64_t>(count, kGemvProfileSlots);
+  std::vector<GemvProfileRecord> out;
+  for (uint64_t k = count - n; k < count; ++k) {
+    const GemvProfileSlot& s = slots[size_t(k % kGemvProfileSlots)];
+    GemvProfileRecord r;
+    r.rows = s.rows;
+    r.cols = s.cols;
+    r.n_tokens = s.n_tokens;
+    r.blocks = s.blocks;
+    r.tiles = s.tiles;
+    r.block_tiles = s.block_tiles;
+    for (int i = 0; i < 5; ++i) r.ns[i] = s.marks[i];
+    out.push_back(r);
+  }
+  return out;
+}
 
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue, ShadowOut swiglu_shadow,

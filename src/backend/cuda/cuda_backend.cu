@@ -128,7 +128,18 @@ class CudaBackend final : public Backend {
     backend->device_ = device;
     KS_CUDA_CHECK("init", cudaSetDevice(device));
     KS_CUDA_CHECK("init", cudaGetDeviceProperties(&backend->props_, device));
-    KS_CUDA_CHECK("init", cudaStreamCreateWithFlags(&backend->stream_, cudaStreamNonBlocking));
+    // KESTREL_CUDA_MAIN_PRIORITY=1 (a measurement switch): the backend's stream at the device's
+    // greatest priority, so that a prefill's GEMMs go before the weight copies made ahead for
+    // the next ones (DequantAhead's stream has the least, which is also the default).
+    const char* priority = std::getenv("KESTREL_CUDA_MAIN_PRIORITY");
+    if (priority != nullptr && std::string(priority) == "1") {
+      int least = 0, greatest = 0;
+      KS_CUDA_CHECK("init", cudaDeviceGetStreamPriorityRange(&least, &greatest));
+      KS_CUDA_CHECK(
+          "init", cudaStreamCreateWithPriority(&backend->stream_, cudaStreamNonBlocking, greatest));
+    } else {
+      KS_CUDA_CHECK("init", cudaStreamCreateWithFlags(&backend->stream_, cudaStreamNonBlocking));
+    }
     KS_CUBLAS_CHECK("init", cublasCreate(&backend->cublas_));
     KS_CUBLAS_CHECK("init", cublasSetStream(backend->cublas_, backend->stream_));
     // One backend per device may use the layer kernel (layer.cuh, claim_decode_layer).

@@ -378,8 +378,7 @@ TEST(CudaChain, EveryStageSeesTheStageBefore) {
 // What a dependency between decode stages costs by itself (cuda::time_chain): each model's
 // step-shaped chain (and the same number of stages with no weights) under a kernel a stage, the
 // decode path's programmatic dependent launch (early and late), and one persistent kernel with
-// grid barriers,
-// against the step's weight bytes at the copy bandwidth.
+// grid barriers, against the step's weight bytes at the copy bandwidth.
 TEST(CudaBench, DISABLED_Chain) {
   struct Pattern {
     const char* what;

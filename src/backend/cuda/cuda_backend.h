@@ -142,11 +142,13 @@ Result<std::vector<GemvProfileRecord>> gemv_profile();
 //   pdl_late    the same, the next stage let in only after a block's outputs (batch 16's GEMVs);
 //   persistent  one kernel, a grid barrier between stages, each block's first loads of the
 //               next stage issued before the barrier (the layer-stack kernel's pattern);
+//   persistent_counting  the same with a lighter barrier: one release add a block on a count
+//               zeroed before each launch, and an acquire spin (no generation, no full fence);
 //   unordered   pdl with no wait: a negative control, whose stages read inputs the stage before
 //               has not written yet, so the check below must catch it.
 // Every replay's outputs are checked (a stage's output is its index plus one more than the
 // chain's last output of the replay before): a stage that read a stale input fails the call.
-enum class ChainMode { launch, pdl, pdl_late, persistent, unordered };
+enum class ChainMode { launch, pdl, pdl_late, persistent, persistent_counting, unordered };
 struct ChainStage {
   int64_t weight_bytes = 0;  // streamed once a step (rounded up to 16 bytes)
   int64_t outputs = 1;       // floats written, read whole by the next stage

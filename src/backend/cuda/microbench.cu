@@ -335,8 +335,27 @@ __global__ void __launch_bounds__(kChainThreads, 4) chain_stage_kernel(ChainArgs
   if constexpr (!kEarly) pdl_trigger();
 }
 
+// A lighter grid barrier: one release add a block on a count that only grows (a memset in the
+// graph zeroes it before each launch), and an acquire spin until barrier k's k x gridDim.x
+// arrivals are in: no generation word, no full fences. Traps after ~9 s instead of hanging.
+__device__ inline void counting_barrier(unsigned* count, unsigned target) {
+  __syncthreads();  // the block's writes are ordered before thread 0's release
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(count) : "memory");
+    const long long start = clock64();
+    unsigned seen = 0;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
+      if (clock64() - start > (1ll << 34)) __trap();
+    } while (seen < target);
+  }
+  __syncthreads();
+}
+
 // One kernel for the whole chain; every block resident (time_chain sizes the grid from the
-// occupancy). Each block copies its first round of the next stage's weights before the barrier.
+// occupancy). Each block copies its first round of the next stage's weights before the barrier:
+// the layer kernel's grid_barrier, or with kCounting the lighter counting_barrier.
+template <bool kCounting>
 __global__ void __launch_bounds__(kChainThreads)
     chain_persistent_kernel(const ChainArgs* stages, int n_stages, unsigned* sync) {
   __shared__ float red[kChainThreads / 32];
@@ -344,7 +363,13 @@ __global__ void __launch_bounds__(kChainThreads)
   chain_issue(stages[0], ring);
   for (int s = 0; s < n_stages; ++s) {
     const ChainArgs stage = stages[s];
-    if (s > 0) grid_barrier(sync, sync + 1);
+    if (s > 0) {
+      if constexpr (kCounting) {
+        counting_barrier(sync, unsigned(s) * gridDim.x);
+      } else {
+        grid_barrier(sync, sync + 1);
+      }
+    }
     chain_finish(stage, ring, red);
     if (s + 1 < n_stages) chain_issue(stages[s + 1], ring);
   }
@@ -360,6 +385,8 @@ const char* chain_mode_name(ChainMode mode) {
       return "pdl_late";
     case ChainMode::persistent:
       return "persistent";
+    case ChainMode::persistent_counting:
+      return "persistent_counting";
     case ChainMode::unordered:
       return "unordered";
   }
@@ -387,9 +414,10 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
   int device = 0, sm_count = 0, per_sm = 0;
   KS_CUDA_CHECK("bench", cudaGetDevice(&device));
   KS_CUDA_CHECK("bench", cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  if (mode == ChainMode::persistent) {
+  const bool persistent = mode == ChainMode::persistent || mode == ChainMode::persistent_counting;
+  if (persistent) {
     KS_CUDA_CHECK("bench", cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                               &per_sm, chain_persistent_kernel, kChainThreads, 0));
+                               &per_sm, chain_persistent_kernel<false>, kChainThreads, 0));
   } else {
     KS_CUDA_CHECK("bench", cudaOccupancyMaxActiveBlocksPerMultiprocessor(
                                &per_sm, chain_stage_kernel<true, true>, kChainThreads, 0));
@@ -425,7 +453,7 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
   }
   ChainArgs* device_args = nullptr;
   unsigned* sync = nullptr;
-  if (mode == ChainMode::persistent) {
+  if (persistent) {
     KS_ASSIGN_OR_RETURN(void* d, a.alloc(args.size() * sizeof(ChainArgs)));
     device_args = static_cast<ChainArgs*>(d);
     KS_CUDA_CHECK("bench",
@@ -440,9 +468,16 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
   KS_CUDA_CHECK("bench", cudaStreamBeginCapture(a.stream, cudaStreamCaptureModeThreadLocal));
   cudaError_t launched = cudaSuccess;
   if (mode == ChainMode::persistent) {
-    chain_persistent_kernel<<<unsigned(blocks), kChainThreads, 0, a.stream>>>(device_args, int(n),
-                                                                              sync);
+    chain_persistent_kernel<false>
+        <<<unsigned(blocks), kChainThreads, 0, a.stream>>>(device_args, int(n), sync);
     launched = cudaGetLastError();
+  } else if (mode == ChainMode::persistent_counting) {
+    launched = cudaMemsetAsync(sync, 0, sizeof(unsigned), a.stream);
+    if (launched == cudaSuccess) {
+      chain_persistent_kernel<true>
+          <<<unsigned(blocks), kChainThreads, 0, a.stream>>>(device_args, int(n), sync);
+      launched = cudaGetLastError();
+    }
   } else {
     for (int64_t s = 0; s < n && launched == cudaSuccess; ++s) {
       const ChainArgs& c = args[size_t(s)];

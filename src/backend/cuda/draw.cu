@@ -33,6 +33,8 @@ constexpr int kProbDigitBits = 11;
 constexpr int kProbBuckets = 1 << kProbDigitBits;
 constexpr int kProbTopBit = 44;  // the fixed-point probabilities are at most 2^40
 static_assert(kProbTopBit % kProbDigitBits == 0 && kProbTopBit > draw::kProbBits);
+// The histograms sum a warp's masses in two 21-bit halves, 32 of each within 32 bits.
+static_assert(draw::kProbBits <= 40);
 static_assert(kProbBuckets == 2 * kThreads, "a thread holds two buckets");
 
 struct Shared {
@@ -160,12 +162,21 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();
         for (int b = tid; b < kKeyBuckets; b += kThreads) sh.key_count[b] = 0;
         __syncthreads();
-        for (int64_t i = tid; i < n; i += kThreads) {
-          const float l = x[i];
-          if (!draw::valid_logit(l)) continue;
-          const uint32_t o = draw::ordered_key(l);
-          if ((o & prefix_mask) == prefix) {
-            atomicAdd(&sh.key_count[(o >> shift) & (kKeyBuckets - 1)], 1u);
+        // A warp's tokens of one bucket count in with one atomic (rows crowd a few buckets,
+        // and a shared atomic on one address is taken in turn); every lane runs every round.
+        for (int64_t base = 0; base < n; base += kThreads) {
+          const int64_t i = base + tid;
+          int bucket = -1;
+          if (i < n) {
+            const float l = x[i];
+            const uint32_t o = draw::ordered_key(l);
+            if (draw::valid_logit(l) && (o & prefix_mask) == prefix) {
+              bucket = int((o >> shift) & (kKeyBuckets - 1));
+            }
+          }
+          const unsigned peers = __match_any_sync(0xffffffffu, bucket);
+          if (bucket >= 0 && lane == __ffs(peers) - 1) {
+            atomicAdd(&sh.key_count[bucket], unsigned(__popc(peers)));
           }
         }
         __syncthreads();
@@ -255,14 +266,22 @@ __global__ void __launch_bounds__(kThreads)
         sh.prob.mass[b] = 0;
       }
       __syncthreads();
-      for (int64_t i = tid; i < n; i += kThreads) {
-        const uint64_t v = q[i];
+      // A warp's tokens of one bucket count in with one atomic each for the count and the
+      // mass (summed by the warp: below 2^41 a token, so two 21-bit halves of 32 tokens fit 32
+      // bits); every lane runs every round.
+      for (int64_t base = 0; base < n; base += kThreads) {
+        const int64_t i = base + tid;
+        const uint64_t v = i < n ? q[i] : 0;
         // Tokens of no mass are left out: they cannot move the boundary or be drawn, and with
         // top-k they are nearly the whole row, all on bucket 0's two counters.
-        if (v == 0 || (v >> above) != high) continue;
-        const int b = int((v >> shift) & (kProbBuckets - 1));
-        atomicAdd(&sh.prob.count[b], 1u);
-        atomicAdd(&sh.prob.mass[b], (unsigned long long)v);
+        const int b = v == 0 || (v >> above) != high ? -1 : int((v >> shift) & (kProbBuckets - 1));
+        const unsigned peers = __match_any_sync(0xffffffffu, b);
+        const uint32_t low = __reduce_add_sync(peers, b >= 0 ? uint32_t(v & 0x1fffffu) : 0u);
+        const uint32_t high21 = __reduce_add_sync(peers, b >= 0 ? uint32_t(v >> 21) : 0u);
+        if (b >= 0 && lane == __ffs(peers) - 1) {
+          atomicAdd(&sh.prob.count[b], unsigned(__popc(peers)));
+          atomicAdd(&sh.prob.mass[b], ((unsigned long long)high21 << 21) + low);
+        }
       }
       __syncthreads();
       // Thread t holds buckets 2047 - 2t and 2046 - 2t: thread order is most probable first.

@@ -99,13 +99,15 @@ __device__ inline uint64_t global_ns() {
   return t;
 }
 
+// How long a block waits at a grid barrier before it traps instead of hanging, so that the
+// launch fails with CUDA's error: about 9 s at 1.98 GHz.
+constexpr long long kGridBarrierTimeoutCycles = 1ll << 34;
+
 // A barrier across a grid whose blocks are all resident (persistent kernels sized from the
 // occupancy): every block arrives before any leaves, and each block's writes before it are
 // visible to every block after it. `arrive` returns to zero after each barrier; `generation`
-// counts them. A block that waits longer than about 9 s (2^34 cycles at 1.98 GHz) traps instead
-// of hanging, so the launch fails with CUDA's error.
+// counts them.
 __device__ inline void grid_barrier(unsigned* arrive, unsigned* generation) {
-  constexpr long long kTimeoutCycles = 1ll << 34;
   __syncthreads();  // the block's writes are observed by thread 0, whose fence publishes them
   if (threadIdx.x == 0) {
     volatile unsigned* gen = generation;
@@ -118,7 +120,7 @@ __device__ inline void grid_barrier(unsigned* arrive, unsigned* generation) {
     } else {
       const long long start = clock64();
       while (*gen == seen) {
-        if (clock64() - start > kTimeoutCycles) __trap();
+        if (clock64() - start > kGridBarrierTimeoutCycles) __trap();
       }
     }
     __threadfence();

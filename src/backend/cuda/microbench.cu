@@ -337,7 +337,7 @@ __global__ void __launch_bounds__(kChainThreads, 4) chain_stage_kernel(ChainArgs
 
 // A lighter grid barrier: one release add a block on a count that only grows (a memset in the
 // graph zeroes it before each launch), and an acquire spin until barrier k's k x gridDim.x
-// arrivals are in: no generation word, no full fences. Traps after ~9 s instead of hanging.
+// arrivals are in: no generation word, no full fences. Traps as grid_barrier does.
 __device__ inline void counting_barrier(unsigned* count, unsigned target) {
   __syncthreads();  // the block's writes are ordered before thread 0's release
   if (threadIdx.x == 0) {
@@ -346,7 +346,7 @@ __device__ inline void counting_barrier(unsigned* count, unsigned target) {
     unsigned seen = 0;
     do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
-      if (clock64() - start > (1ll << 34)) __trap();
+      if (clock64() - start > kGridBarrierTimeoutCycles) __trap();
     } while (seen < target);
   }
   __syncthreads();

@@ -1826,18 +1826,27 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   // that wait into its fence and saved nothing (PERF.md, fifteenth session).
   if (ws.arrivals == nullptr) return;  // the combine kernel merges (a measurement aid)
   __shared__ bool merges;
-  __threadfence();
+  if (ws.arrive != 2) __threadfence();
   __syncthreads();
   if (tid == 0) {
     if (mark) marks[4] = global_ns();
     unsigned* count = ws.arrivals + local * c.n_kv_heads + kvh;
-    merges = atomicAdd(count, 1u) + 1 == unsigned(used);
+    unsigned before = 0;
+    if (ws.arrive == 0) {
+      before = atomicAdd(count, 1u);
+    } else {
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
+                   : "=r"(before)
+                   : "l"(count)
+                   : "memory");
+    }
+    merges = before + 1 == unsigned(used);
     if (merges) *count = 0;
     if (mark) marks[5] = global_ns();
   }
   __syncthreads();
   if (!merges) return;
-  __threadfence();
+  if (ws.arrive == 0) __threadfence();
   merge_group<D>(a, c, ws, local, t, kvh, G, used, angles);
   if (ws.profile != 0) __syncthreads();  // the merge's end is its slowest thread's
   if (mark && a.layer == 1 && local == 0 && kvh == 0 && pos % 256 == 0) {

@@ -101,12 +101,12 @@ BetweenSteps between_steps(const std::vector<std::vector<KernelSpan>>& steps) {
   return {median(gaps), median(periods), gaps.size()};
 }
 
-// A decode step of `n_seqs` sequences at 1024 positions each (the bench's batch-1 and batch-16
-// decode), replayed from its captured graph. Then as many steps run ahead (Engine::start_argmax:
-// each queued before the one before it has come back, its tokens that step's argmax on the
-// device), for the time between steps either way.
-void decode_timeline(const std::string& name, int n_seqs) {
-  constexpr int64_t kContext = 1024;
+// A decode step of `n_seqs` sequences at `kContext` positions each (1024: the context bench's
+// batch-1 and batch-16 decode; 64: the middle of tg128's, which decodes from an empty context),
+// replayed from its captured graph. Then as many steps run ahead (Engine::start_argmax: each
+// queued before the one before it has come back, its tokens that step's argmax on the device),
+// for the time between steps either way.
+void decode_timeline(const std::string& name, int n_seqs, int64_t kContext = 1024) {
   // Every sequence's context is one call.
   auto created = timeline_engine(name, n_seqs, kContext * n_seqs);
   ASSERT_TRUE(created.is_ok()) << created.status().message();
@@ -169,11 +169,11 @@ void decode_timeline(const std::string& name, int n_seqs) {
       name.c_str(), n_seqs, static_cast<long long>(kContext), step->kernels.size(), step->span_us,
       step->kernel_sum_us);
   std::printf(
-      "#### %s, batch-%d between steps: %.1f us step by step, %.1f us run ahead (device idle "
-      "from a step's last kernel to the next one's first); period %.1f / %.1f us (medians of "
-      "%zu / %zu)\n\n",
-      name.c_str(), n_seqs, plain.gap_us, run_ahead.gap_us, plain.period_us, run_ahead.period_us,
-      plain.n, run_ahead.n);
+      "#### %s, batch-%d at %lld positions, between steps: %.1f us step by step, %.1f us run "
+      "ahead (device idle from a step's last kernel to the next one's first); period %.1f / %.1f "
+      "us (medians of %zu / %zu)\n\n",
+      name.c_str(), n_seqs, static_cast<long long>(kContext), plain.gap_us, run_ahead.gap_us,
+      plain.period_us, run_ahead.period_us, plain.n, run_ahead.n);
   std::printf(
       "| kernel | blocks | count | duration (sum) | adds to the step (sum) | adds each |\n");
   std::printf("|---|---:|---:|---:|---:|---:|\n");
@@ -192,7 +192,8 @@ void decode_timeline(const std::string& name, int n_seqs) {
   }
   std::fflush(stdout);
   if (const char* dir = std::getenv("KESTREL_TIMELINE_DIR"); dir != nullptr && *dir != '\0') {
-    const std::string suffix = n_seqs == 1 ? "" : "-b" + std::to_string(n_seqs);
+    const std::string suffix = (n_seqs == 1 ? "" : "-b" + std::to_string(n_seqs)) +
+                               (kContext == 1024 ? "" : "-at" + std::to_string(kContext));
     std::ofstream(std::string(dir) + "/timeline-" + name + suffix + ".json") << chrome_trace(*step);
   }
 }
@@ -293,6 +294,12 @@ TEST(CudaTimeline, DISABLED_Llama3_1_8bDecodeStep) {
 }
 TEST(CudaTimeline, DISABLED_Qwen2_1_5bDecodeStep) {
   decode_timeline("qwen2-1.5b", 1);
+}
+TEST(CudaTimeline, DISABLED_Llama3_1_8bDecodeStepAt64) {
+  decode_timeline("llama3.1-8b", 1, 64);
+}
+TEST(CudaTimeline, DISABLED_Qwen2_1_5bDecodeStepAt64) {
+  decode_timeline("qwen2-1.5b", 1, 64);
 }
 TEST(CudaTimeline, DISABLED_Llama3_1_8bDecodeStep16) {
   decode_timeline("llama3.1-8b", 16);

@@ -141,7 +141,7 @@ std::vector<float> layer_gemv_outputs(Backend& b, BackendPair& pair, const Model
     }
   }
   std::vector<float> r;
-  for (Tensor t : {q, k, v, gate, up, down, xt, logits}) {
+  for (Tensor t : {q, k, v, gate, up, down, xt, logits, normed}) {
     const std::vector<float> values = fetch(b, t);
     r.insert(r.end(), values.begin(), values.end());
   }
@@ -199,10 +199,11 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
 // stage a thread a group (set_gemv_serial_input): every GEMV kind of a layer and the lm_head at
 // one token (q/k/v, gate/up and the lm_head with the RMSNorm fused into the stage, w_down from
 // the swiglu shadow) and at two (every input from an fp16 shadow, the second token's own
-// groups). 1088 columns are 272 float4s (a second round of 16 threads, two octets) and 704 (the
-// down input) 88 quarters (a warp of them partly past the row); the wide layer's 2080 are 520
-// float4s (three rounds, the last one octet) and its 9248 1156 quarters (two batches of loads,
-// the last round partial).
+// groups), and at one token with a NaN in the input (every normalized value NaN: each group's
+// scale must be 0, as the serial stage's, not NaN). 1088 columns are 272 float4s (a second round of
+// 16 threads, two octets) and 704 (the down input) 88 quarters (a warp of them partly past the
+// row); the wide layer's 2080 are 520 float4s (three rounds, the last one octet) and its 9248 1156
+// quarters (two batches of loads, the last round partial).
 TEST(CudaOps, GemvInputStagesOverLanesGiveTheSerialStagesBits) {
   const int64_t shapes[][2] = {{1088, 704}, {2080, 9248}};
   for (const auto& shape : shapes) {
@@ -212,9 +213,13 @@ TEST(CudaOps, GemvInputStagesOverLanesGiveTheSerialStagesBits) {
         random_model(config, WeightFormat::sym_int4, 32, true, 4500 + uint64_t(shape[0]));
     BackendPair pair;
     ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
-    for (int64_t n : {1, 2}) {
+    for (int64_t n : {1, 2, 0}) {
+      const bool nan_input = n == 0;
+      if (nan_input) n = 1;
       ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, shape[1]));
-      const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4600 + n, 2.0f);
+      std::vector<float> x = random_values(size_t(n * config.hidden_size), 4600 + n, 2.0f);
+      if (nan_input) x[5] = std::numeric_limits<float>::quiet_NaN();
+      SCOPED_TRACE(nan_input ? "a NaN in the input" : "finite input");
       std::vector<float> results[2];
       for (int serial : {0, 1}) {
         const bool before = cuda::set_gemv_serial_input(serial == 1);
@@ -222,8 +227,10 @@ TEST(CudaOps, GemvInputStagesOverLanesGiveTheSerialStagesBits) {
         cuda::set_gemv_serial_input(before);
       }
       ASSERT_FALSE(results[0].empty());
-      EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten, n=" << n;
-      EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (serial), n=" << n;
+      if (!nan_input) {
+        EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten, n=" << n;
+        EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (serial), n=" << n;
+      }
       EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
           << "of " << results[0].size() << " values, " << shape[0] << " x " << shape[1]
           << ", n=" << n;

@@ -386,7 +386,10 @@ __device__ void normalize_quantize_input(const GemvParams& p, uint32_t* xq, int2
     if (in && blockIdx.x == 0) reinterpret_cast<float4*>(p.norm.out)[j] = a;
     const float h[4] = {__half2float(__float2half_rn(a.x)), __half2float(__float2half_rn(a.y)),
                         __half2float(__float2half_rn(a.z)), __half2float(__float2half_rn(a.w))};
-    float amax = fmaxf(fmaxf(fabsf(h[0]), fabsf(h[1])), fmaxf(fabsf(h[2]), fabsf(h[3])));
+    // Seeded with 0 as quantize_input's: fmaxf drops NaN, so a group of NaNs (a NaN anywhere in
+    // the row makes every value NaN) takes scale 0, not NaN.
+    float amax =
+        fmaxf(fmaxf(0.0f, fmaxf(fabsf(h[0]), fabsf(h[1]))), fmaxf(fabsf(h[2]), fabsf(h[3])));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));

@@ -427,6 +427,21 @@ __device__ inline void store_output(const GemvParams& p, int job, int64_t row, i
   }
 }
 
+// store_output with the bias and the residual's old value loaded beforehand (the dp4a path's
+// first tile: bias before the wait, residual right after it, so neither load is a round trip
+// at the end of the chain): the same arithmetic.
+__device__ inline void store_output_loaded(const GemvParams& p, int job, int64_t row, int token,
+                                           float sum, float bias, float residual) {
+  const GemvJob& out = p.jobs[job];
+  const int64_t n_rows = out.w.rows;
+  if (row < n_rows && token < p.n_tokens) {
+    const float value = sum + bias;
+    const int64_t at = int64_t(token) * n_rows + row;
+    out.y[at] = value;
+    if (out.residual != nullptr) out.residual[at] = residual + value;
+  }
+}
+
 // swiglu: up = u, gate = silu(g) * u, and gate's fp16 shadow.
 __device__ inline void store_swiglu_output(const GemvParams& p, int64_t row, int token, float g,
                                            float u) {
@@ -760,8 +775,31 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   if (p.early_trigger) pdl_trigger();
 #pragma unroll
   for (int stage = 0; stage < P::kStages; ++stage) issue_next(stage);
+  // The dp4a path's first tile (store mode): output thread e = threadIdx.x (row e / kDp, token
+  // e % kDp: one output a thread, kRowsOut * kDp <= 64) loads its bias now, a weight, and its
+  // residual's old value right after the wait, beside the input stage's loads, instead of each
+  // being a round trip after the tile's sums (gemv_serial_input: as before, in the epilogue).
+  constexpr bool kLoadsAhead = kDp > 0 && !kSwiglu;
+  const bool loads_ahead =
+      kLoadsAhead && !p.serial_input && n_my_tiles > 0 && int(threadIdx.x) < 16 * MT * kDp;
+  float first_bias = 0.0f, first_residual = 0.0f;
+  int64_t first_at = -1;  // the output's index in y and the residual, -1 for none
+  if (loads_ahead) {
+    const TileAt at = locate(tile0);
+    const GemvJob& out = p.jobs[at.job];
+    const int64_t row = at.row_base + int(threadIdx.x) / (kDp > 0 ? kDp : 1);
+    const int token = int(threadIdx.x) % (kDp > 0 ? kDp : 1);
+    if (row < out.w.rows && token < p.n_tokens) {
+      first_at = int64_t(token) * out.w.rows + row;
+      if (out.w.bias != nullptr) first_bias = out.w.bias[row];
+    }
+  }
   pdl_wait();
   if (profiled) mark(1);
+  if (loads_ahead && first_at >= 0) {
+    const GemvJob& out = p.jobs[locate(tile0).job];
+    if (out.residual != nullptr) first_residual = out.residual[first_at];
+  }
   if constexpr (kDp > 0) {
     if (p.serial_input) {  // the measurement switch's stage (gemv_serial_input)
       if constexpr (kNorm) normalize_input(p, xs);
@@ -889,8 +927,14 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       constexpr int kRowsOut = kSwiglu ? 16 : 16 * MT;
       // Output e is token e % kDp of row e / kDp.
       auto store_sum = [&](int e, float sum) {
-        store_output(p, at.job, at.row_base + e / kDp, e % kDp, sum);
+        if (loads_ahead && iter == 0) {
+          store_output_loaded(p, at.job, at.row_base + e / kDp, e % kDp, sum, first_bias,
+                              first_residual);
+        } else {
+          store_output(p, at.job, at.row_base + e / kDp, e % kDp, sum);
+        }
       };
+      static_assert(16 * 2 * 2 <= kThreads, "the dp4a path's tile is one output a thread");
       for (int e = threadIdx.x; e < kRowsOut * kDp; e += kThreads) {
         const int t = e % kDp;
         const int r = e / kDp;
@@ -1399,10 +1443,11 @@ std::atomic<bool>& gemv_profile_flag() {
   return on;
 }
 
-// The dp4a path's input stage a thread a group (quantize_input, after normalize_input's fp16
-// row in shared memory) instead of a group over a quad or octet of lanes (the default): a
-// measurement switch and test aid (KESTREL_CUDA_GEMV_INPUT=serial at start-up,
-// set_gemv_serial_input); both give the same bits.
+// The dp4a path as it was (KESTREL_CUDA_GEMV_INPUT=serial at start-up, set_gemv_serial_input; a
+// measurement switch and test aid): its input stage a thread a group (quantize_input, after
+// normalize_input's fp16 row in shared memory) instead of a group over a quad or octet of lanes,
+// and the first tile's bias and residual loaded in its epilogue instead of around the wait. Both
+// give the same bits.
 std::atomic<bool>& gemv_serial_input_flag() {
   static std::atomic<bool> on = [] {
     const char* v = std::getenv("KESTREL_CUDA_GEMV_INPUT");

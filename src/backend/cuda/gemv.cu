@@ -1425,12 +1425,17 @@ namespace {
 // 1120 and the 8B 563 -> 571 against the seventh session's rule of large weights only), and every
 // kernel early lost batch 16 (8B 4349 -> 4166, 1.5B 10797 -> 8660). So by default
 // (KESTREL_CUDA_GEMV_TRIGGER=1) every dp4a call triggers early and every mma-path GEMV late; 0
-// makes every GEMV late and 2 every one early (measurement aids).
+// makes every GEMV late and 2 every one early (measurement aids). 3 is the rule but for the
+// GEMVs with a residual add (wo, w_down), which trigger late: at batch 1 the wo GEMV, let in by
+// attention as it starts, lets the gate/up GEMV in at once, whose blocks request their first
+// weights (up to ~16 MB) while attention's partial results, fences and merge, a chain of small
+// round trips, wait behind them (the merge phase takes ~5 us for ~2 round trips; PERF.md,
+// eighteenth session). A measurement switch.
 int trigger_mode() {
   static const int mode = [] {
     const char* v = std::getenv("KESTREL_CUDA_GEMV_TRIGGER");
     const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 1;
-    return m >= 0 && m <= 2 ? m : 1;
+    return m >= 0 && m <= 3 ? m : 1;
   }();
   return mode;
 }
@@ -1456,8 +1461,9 @@ std::atomic<bool>& gemv_serial_input_flag() {
   return on;
 }
 
-bool triggers_early(bool dp4a) {
-  if (trigger_mode() != 1) return trigger_mode() == 2;
+bool triggers_early(bool dp4a, bool residual) {
+  if (trigger_mode() == 0 || trigger_mode() == 2) return trigger_mode() == 2;
+  if (trigger_mode() == 3 && residual) return false;
   return dp4a;
 }
 
@@ -1500,7 +1506,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.n_groups = x_stride / kGroup;
   p.n_tokens = n_tokens;
   p.dp4a = dp4a;
-  p.early_trigger = triggers_early(dp4a);
+  p.early_trigger = triggers_early(dp4a, jobs[0].residual != nullptr);
   p.profile = gemv_profile_flag().load(std::memory_order_relaxed);
   p.serial_input = gemv_serial_input_flag().load(std::memory_order_relaxed);
   switch (format) {

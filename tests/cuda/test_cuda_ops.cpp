@@ -195,16 +195,12 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   }
 }
 
-// The dp4a GEMV's input stage over quads and octets of lanes (the default) gives the bits of the
-// stage a thread a group (set_gemv_serial_input): every GEMV kind of a layer and the lm_head at
-// one token (q/k/v, gate/up and the lm_head with the RMSNorm fused into the stage, w_down from
-// the swiglu shadow) and at two (every input from an fp16 shadow, the second token's own
-// groups), and at one token with a NaN in the input (every normalized value NaN: each group's
-// scale must be 0, as the serial stage's, not NaN). 1088 columns are 272 float4s (a second round of
-// 16 threads, two octets) and 704 (the down input) 88 quarters (a warp of them partly past the
-// row); the wide layer's 2080 are 520 float4s (three rounds, the last one octet) and its 9248 1156
-// quarters (two batches of loads, the last round partial).
-TEST(CudaOps, GemvInputStagesOverLanesGiveTheSerialStagesBits) {
+// The dp4a GEMV's first tile with its bias and residual loaded around the wait (the default)
+// gives the bits of the epilogue that loads them itself (set_gemv_loads_in_epilogue): every GEMV
+// kind of a layer and the lm_head at one token (q/k/v with biases, w_down with its residual) and
+// at two, on a wave of blocks and on 3 blocks looping over the tiles (later tiles load in their
+// epilogue either way), and at one token with a NaN in the input. 1088 x 704 and a wider layer.
+TEST(CudaOps, GemvFirstTileLoadsAheadGiveTheEpiloguesBits) {
   const int64_t shapes[][2] = {{1088, 704}, {2080, 9248}};
   for (const auto& shape : shapes) {
     ModelConfig config = small_config(shape[0], shape[1], 8, 2, 64, 300);
@@ -220,20 +216,24 @@ TEST(CudaOps, GemvInputStagesOverLanesGiveTheSerialStagesBits) {
       std::vector<float> x = random_values(size_t(n * config.hidden_size), 4600 + n, 2.0f);
       if (nan_input) x[5] = std::numeric_limits<float>::quiet_NaN();
       SCOPED_TRACE(nan_input ? "a NaN in the input" : "finite input");
-      std::vector<float> results[2];
-      for (int serial : {0, 1}) {
-        const bool before = cuda::set_gemv_serial_input(serial == 1);
-        results[serial] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-        cuda::set_gemv_serial_input(before);
+      for (int cap : {0, 3}) {
+        cuda::set_gemv_block_cap(cap);
+        std::vector<float> results[2];
+        for (int late : {0, 1}) {
+          const bool before = cuda::set_gemv_loads_in_epilogue(late == 1);
+          results[late] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+          cuda::set_gemv_loads_in_epilogue(before);
+        }
+        cuda::set_gemv_block_cap(0);
+        ASSERT_FALSE(results[0].empty());
+        if (!nan_input) {
+          EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten, n=" << n;
+          EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (epilogue), n=" << n;
+        }
+        EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
+            << "of " << results[0].size() << " values, " << shape[0] << " x " << shape[1]
+            << ", n=" << n << ", block cap " << cap;
       }
-      ASSERT_FALSE(results[0].empty());
-      if (!nan_input) {
-        EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten, n=" << n;
-        EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (serial), n=" << n;
-      }
-      EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
-          << "of " << results[0].size() << " values, " << shape[0] << " x " << shape[1]
-          << ", n=" << n;
     }
   }
 }

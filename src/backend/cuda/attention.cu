@@ -1819,34 +1819,31 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       ws.ml[slot * 2 + 1] = l;
     }
   }
-  // Arrival: the block's partial results are visible device-wide before its count, and the
-  // split that brings the count to the group's splits merges them (and sets the count back to
-  // zero for the next launch). The fences cost the merging chain ~3-4 us (the wait for the
-  // writes' acknowledgements); thread 0 alone fencing (fence.acq_rel) after the barrier moved
-  // that wait into its fence and saved nothing (PERF.md, fifteenth session).
+  // Arrival: after the block's barrier, thread 0's count is an acquire-release atomic: its release
+  // publishes the block's partial results (cumulative through the barrier, as CUTLASS's
+  // semaphores do), and the split that brings the count to the group's splits acquires the
+  // others' and, after the next barrier, merges them (setting the count back to zero for the next
+  // launch). Measured on the H200 (PERF.md, twenty-first session) against a __threadfence() by
+  // every thread before the count and again in the merging block: the partials phase 0.4-2.0 us
+  // shorter, the wait moved into the count (arrive 0.2-0.4 -> 0.7-2.1 us), the merge 0.2-0.8 us
+  // shorter; tg128 +0.3% (8B) and +0.7% (1.5B) at batch 1, +0.3% and +0.6% at 16.
   if (ws.arrivals == nullptr) return;  // the combine kernel merges (a measurement aid)
   __shared__ bool merges;
-  if (ws.arrive != 2) __threadfence();
   __syncthreads();
   if (tid == 0) {
     if (mark) marks[4] = global_ns();
     unsigned* count = ws.arrivals + local * c.n_kv_heads + kvh;
     unsigned before = 0;
-    if (ws.arrive == 0) {
-      before = atomicAdd(count, 1u);
-    } else {
-      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
-                   : "=r"(before)
-                   : "l"(count)
-                   : "memory");
-    }
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
+                 : "=r"(before)
+                 : "l"(count)
+                 : "memory");
     merges = before + 1 == unsigned(used);
     if (merges) *count = 0;
     if (mark) marks[5] = global_ns();
   }
   __syncthreads();
   if (!merges) return;
-  if (ws.arrive == 0) __threadfence();
   merge_group<D>(a, c, ws, local, t, kvh, G, used, angles);
   if (ws.profile != 0) __syncthreads();  // the merge's end is its slowest thread's
   if (mark && a.layer == 1 && local == 0 && kvh == 0 && pos % 256 == 0) {

@@ -108,14 +108,6 @@ struct DecodeWorkspace {
   // group of one split writes its output itself, without the partial results, fences and count
   // of a merge.
   int solo = 0;
-  // KESTREL_CUDA_ATTENTION_ARRIVE (a measurement switch): how a tensor-core decode split publishes
-  // its partial results and the merging split sees the others'. 0 (the default): every thread
-  // fences before the count, and the merging block's threads fence again after it. 1: the same
-  // arrival, thread 0's count an acquire-release atomic, and no second fence (the barrier after
-  // the count orders the merge's loads after thread 0's acquire). 2: no fence by every thread:
-  // after the block's barrier, thread 0's acquire-release count publishes the block's stores
-  // (cumulative through the barrier) and acquires the others', as in 1.
-  int arrive = 0;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

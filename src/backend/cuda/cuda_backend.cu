@@ -307,8 +307,6 @@ class CudaBackend final : public Backend {
     decode_ws_.profile = std::getenv("KESTREL_CUDA_ATTENTION_PROFILE") != nullptr ? 1 : 0;
     const char* solo = std::getenv("KESTREL_CUDA_ATTENTION_SOLO");
     decode_ws_.solo = solo != nullptr ? std::clamp(std::atoi(solo), 0, 1 << 20) : 0;
-    const char* arrive = std::getenv("KESTREL_CUDA_ATTENTION_ARRIVE");
-    decode_ws_.arrive = arrive != nullptr ? std::clamp(std::atoi(arrive), 0, 2) : 0;
     KS_ASSIGN_OR_RETURN(decode_ws_.o,
                         reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,

@@ -70,14 +70,12 @@ void set_gemv_block_cap(int blocks);
 // (KESTREL_CUDA_GEMV_ROWS_KERNEL sets the starting value); process-wide, like set_gemv_block_cap.
 void set_gemv_rows_kernel(int mode);
 
-// The int4 GEMV's dp4a path as it was: its input stage (the int8 quantization of its input, with
-// the RMSNorm where fused) a thread a group of 32 instead of a group over a quad of lanes (an
-// octet with the norm), and its first tile's bias and residual loaded in the epilogue instead of
-// before and right after the wait. A test aid and measurement switch
-// (KESTREL_CUDA_GEMV_INPUT=serial sets the starting value); both give the same bits. Process-wide,
-// like set_gemv_block_cap; captured decode graphs keep the stage they were captured with. Returns
-// the setting before.
-bool set_gemv_serial_input(bool on);
+// The int4 GEMV's dp4a path loading its first tile's bias and residual in the epilogue, as every
+// later tile does, instead of the bias before the wait and the residual right after it: a test
+// aid and measurement switch (KESTREL_CUDA_GEMV_LOADS=epilogue sets the starting value); both
+// give the same bits. Process-wide, like set_gemv_block_cap; captured decode graphs keep the
+// setting they were captured with. Returns the setting before.
+bool set_gemv_loads_in_epilogue(bool on);
 
 // Key groups of the flash prefill attention kernel (attention.cu): 1 or 2 forces them for every
 // launch, 0 (the default) chooses by the grid (two where it holds no more blocks than two per

@@ -76,7 +76,7 @@ struct GemvParams {
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
   bool profile = false;        // host only: the dp4a path's profiling instance (gemv_profile_flag)
-  bool serial_input = false;   // the dp4a path's input stage a thread a group (gemv_serial_input)
+  bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -256,159 +256,6 @@ __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t*
     dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
     dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
     xqp[t * n_groups + g] = make_int2(__float_as_int(sx), sq);
-  }
-  __syncthreads();
-}
-
-// The dp4a path's input stage, a group over several lanes: the same values, scales and sums as
-// quantize_input (every step of its arithmetic on the same operands), in one round of loads and
-// one barrier. quantize_input gives a thread a whole group, 32 serial steps after its own round
-// trip, and leaves most threads idle (48 groups of 256 threads at 1536 columns); the GEMV profile
-// put the input stage at 0.8-2.6 us of every batch-1 GEMV's critical path (H100, PERF.md).
-//
-// quantize_input_quads: a quad of lanes takes a group of the fp16 permuted input `src`, a lane
-// its 16-byte quarter i (slots 8i .. 8i + 7 = elements 4i .. 4i + 3 and 16 + 4i .. 19 + 4i,
-// common.cuh's permutation), so the group's amax and sum are two shuffles and a lane writes
-// words i and 4 + i of the natural-order int8 row. kBatch rounds of loads are in flight together.
-template <int kDp>
-__device__ void quantize_input_quads(const __half* src, const GemvParams& p, uint32_t* xq,
-                                     int2* xqp) {
-  constexpr int kBatch = 4;
-  const int n_groups = int(p.n_groups);
-  const int per_token = 4 * n_groups;  // quarters of a row
-  const int n_pieces = kDp * per_token;
-  const int lane = threadIdx.x & 31;
-  const int warp_first = int(threadIdx.x) - lane;
-  for (int base = 0; base < n_pieces; base += kBatch * kThreads) {
-    uint4 raw[kBatch];
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      const int e = base + b * kThreads + int(threadIdx.x);
-      const int t = e / per_token;
-      raw[b] = make_uint4(0, 0, 0, 0);  // tokens past n_tokens read as zeros
-      if (e < n_pieces && t < p.n_tokens) {
-        raw[b] = reinterpret_cast<const uint4*>(src + int64_t(t) * p.x_stride)[e - t * per_token];
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < kBatch; ++b) {
-      // Pieces come four to a group in lane order (base and kThreads are multiples of 4, and so
-      // is a row's count), so a quad's lanes are in or out together; the shuffles take the
-      // whole warp, which goes on while its first piece is in.
-      if (base + b * kThreads + warp_first >= n_pieces) break;
-      const int e = base + b * kThreads + int(threadIdx.x);
-      const uint32_t halves[4] = {raw[b].x, raw[b].y, raw[b].z, raw[b].w};
-      float v[8];  // v[2c], v[2c + 1]: the low and high halves of word c
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float2 f = __half22float2(bits_half2(halves[c]));
-        v[2 * c] = f.x;
-        v[2 * c + 1] = f.y;
-      }
-      float amax = 0.0f;
-#pragma unroll
-      for (int s = 0; s < 8; ++s) amax = fmaxf(amax, fabsf(v[s]));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int q[8];
-      int sq = 0;
-#pragma unroll
-      for (int s = 0; s < 8; ++s) {
-        q[s] = __float2int_rn(v[s] * inv);
-        sq += q[s];
-      }
-      sq += __shfl_xor_sync(0xffffffffu, sq, 1);
-      sq += __shfl_xor_sync(0xffffffffu, sq, 2);
-      if (e < n_pieces) {
-        // Word i holds elements 4i .. 4i + 3: slots (0, 2, 1, 3) of the quarter, i.e. the low
-        // half of word 0, of word 1, the high half of word 0, of word 1; word 4 + i likewise
-        // from words 2 and 3.
-        auto pack = [](int a, int b, int c, int d) {
-          return (uint32_t(a) & 0xffu) | ((uint32_t(b) & 0xffu) << 8) |
-                 ((uint32_t(c) & 0xffu) << 16) | (uint32_t(d) << 24);
-        };
-        const int t = e / per_token;
-        const int piece = e - t * per_token;
-        const int g = piece >> 2;
-        const int i = piece & 3;
-        uint32_t* row = xq + int64_t(t) * (p.x_stride / 4) + g * 8;
-        row[i] = pack(q[0], q[2], q[1], q[3]);
-        row[4 + i] = pack(q[4], q[6], q[5], q[7]);
-        if (i == 0) xqp[t * n_groups + g] = make_int2(__float_as_int(amax / 127.0f), sq);
-      }
-    }
-  }
-  __syncthreads();
-}
-
-// normalize_quantize_input: the NormInput prologue and the dp4a input stage in one (one token):
-// each thread scales its float4s of the row as normalize_input does, rounds them to fp16 as
-// the permuted shadow would hold them, and the octet of lanes holding a group (float4s 8g ..
-// 8g + 7) quantizes it as quantize_input would from that shadow: no fp16 row in shared memory,
-// no second barrier. Block 0 still stores the fp32 normalized row in norm.out.
-__device__ void normalize_quantize_input(const GemvParams& p, uint32_t* xq, int2* xqp) {
-  constexpr int kPerThread = int(kMaxNormInputCols / 4 / kThreads);  // float4 per thread
-  __shared__ float partial[kWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int n4 = int(p.x_stride / 4);
-  const float4* x4 = reinterpret_cast<const float4*>(p.norm.x);
-  const float4* w4 = reinterpret_cast<const float4*>(p.norm.w);
-  float4 v[kPerThread], g[kPerThread];
-  float sum = 0.0f;
-#pragma unroll
-  for (int r = 0; r < kPerThread; ++r) {
-    const int j = int(threadIdx.x) + r * kThreads;
-    v[r] = g[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (j < n4) {
-      v[r] = x4[j];
-      g[r] = w4[j];
-      sum += v[r].x * v[r].x + v[r].y * v[r].y + v[r].z * v[r].z + v[r].w * v[r].w;
-    }
-  }
-  sum = warp_sum(sum);
-  if (lane == 0) partial[warp] = sum;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int wp = 0; wp < kWarps; ++wp) total += partial[wp];
-  const float scale = 1.0f / sqrtf(total / float(p.x_stride) + p.norm.eps);
-#pragma unroll
-  for (int r = 0; r < kPerThread; ++r) {
-    const int j = int(threadIdx.x) + r * kThreads;  // columns 4j .. 4j + 3: group j / 8
-    // A row's float4 count is a multiple of 8 (cols of whole groups) and so is kThreads: an
-    // octet's lanes are in or out together, and the warp goes on while its first one is in.
-    if (int(threadIdx.x) - lane + r * kThreads >= n4) break;
-    const bool in = j < n4;
-    const float4 a = make_float4(g[r].x * (v[r].x * scale), g[r].y * (v[r].y * scale),
-                                 g[r].z * (v[r].z * scale), g[r].w * (v[r].w * scale));
-    if (in && blockIdx.x == 0) reinterpret_cast<float4*>(p.norm.out)[j] = a;
-    const float h[4] = {__half2float(__float2half_rn(a.x)), __half2float(__float2half_rn(a.y)),
-                        __half2float(__float2half_rn(a.z)), __half2float(__float2half_rn(a.w))};
-    // Seeded with 0 as quantize_input's: fmaxf drops NaN, so a group of NaNs (a NaN anywhere in
-    // the row makes every value NaN) takes scale 0, not NaN.
-    float amax =
-        fmaxf(fmaxf(0.0f, fmaxf(fabsf(h[0]), fabsf(h[1]))), fmaxf(fabsf(h[2]), fabsf(h[3])));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int q[4];
-    int sq = 0;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      q[s] = __float2int_rn(h[s] * inv);
-      sq += q[s];
-    }
-    sq += __shfl_xor_sync(0xffffffffu, sq, 1);
-    sq += __shfl_xor_sync(0xffffffffu, sq, 2);
-    sq += __shfl_xor_sync(0xffffffffu, sq, 4);
-    if (in) {
-      xq[j] = (uint32_t(q[0]) & 0xffu) | ((uint32_t(q[1]) & 0xffu) << 8) |
-              ((uint32_t(q[2]) & 0xffu) << 16) | (uint32_t(q[3]) << 24);
-      if ((j & 7) == 0) xqp[j >> 3] = make_int2(__float_as_int(amax / 127.0f), sq);
-    }
   }
   __syncthreads();
 }
@@ -778,10 +625,10 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // The dp4a path's first tile (store mode): output thread e = threadIdx.x (row e / kDp, token
   // e % kDp: one output a thread, kRowsOut * kDp <= 64) loads its bias now, a weight, and its
   // residual's old value right after the wait, beside the input stage's loads, instead of each
-  // being a round trip after the tile's sums (gemv_serial_input: as before, in the epilogue).
+  // being a round trip after the tile's sums (gemv_loads_in_epilogue: as later tiles do).
   constexpr bool kLoadsAhead = kDp > 0 && !kSwiglu;
   const bool loads_ahead =
-      kLoadsAhead && !p.serial_input && n_my_tiles > 0 && int(threadIdx.x) < 16 * MT * kDp;
+      kLoadsAhead && !p.loads_in_epilogue && n_my_tiles > 0 && int(threadIdx.x) < 16 * MT * kDp;
   float first_bias = 0.0f, first_residual = 0.0f;
   int64_t first_at = -1;  // the output's index in y and the residual, -1 for none
   if (loads_ahead) {
@@ -800,18 +647,8 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     const GemvJob& out = p.jobs[locate(tile0).job];
     if (out.residual != nullptr) first_residual = out.residual[first_at];
   }
-  if constexpr (kDp > 0) {
-    if (p.serial_input) {  // the measurement switch's stage (gemv_serial_input)
-      if constexpr (kNorm) normalize_input(p, xs);
-      quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
-    } else if constexpr (kNorm) {
-      normalize_quantize_input(p, xq, xqp);
-    } else {
-      quantize_input_quads<kDp>(p.x, p, xq, xqp);
-    }
-  } else if constexpr (kNorm) {
-    normalize_input(p, xs);
-  }
+  if constexpr (kNorm) normalize_input(p, xs);
+  if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
   if (profiled) mark(2);
   // dp4a mode: the warps' row sums of a tile meet here, after the input stage.
   float* dp_sums = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xqp) +
@@ -1425,17 +1262,13 @@ namespace {
 // 1120 and the 8B 563 -> 571 against the seventh session's rule of large weights only), and every
 // kernel early lost batch 16 (8B 4349 -> 4166, 1.5B 10797 -> 8660). So by default
 // (KESTREL_CUDA_GEMV_TRIGGER=1) every dp4a call triggers early and every mma-path GEMV late; 0
-// makes every GEMV late and 2 every one early (measurement aids). 3 is the rule but for the
-// GEMVs with a residual add (wo, w_down), which trigger late: at batch 1 the wo GEMV, let in by
-// attention as it starts, lets the gate/up GEMV in at once, whose blocks request their first
-// weights (up to ~16 MB) while attention's partial results, fences and merge, a chain of small
-// round trips, wait behind them (the merge phase takes ~5 us for ~2 round trips; PERF.md,
-// eighteenth session). A measurement switch.
+// makes every GEMV late and 2 every one early (measurement aids). 3 (the residual GEMVs late)
+// lost 5-7% at batch 1 (PERF.md, twenty-first session) and is gone.
 int trigger_mode() {
   static const int mode = [] {
     const char* v = std::getenv("KESTREL_CUDA_GEMV_TRIGGER");
     const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 1;
-    return m >= 0 && m <= 3 ? m : 1;
+    return m >= 0 && m <= 2 ? m : 1;
   }();
   return mode;
 }
@@ -1448,22 +1281,19 @@ std::atomic<bool>& gemv_profile_flag() {
   return on;
 }
 
-// The dp4a path as it was (KESTREL_CUDA_GEMV_INPUT=serial at start-up, set_gemv_serial_input; a
-// measurement switch and test aid): its input stage a thread a group (quantize_input, after
-// normalize_input's fp16 row in shared memory) instead of a group over a quad or octet of lanes,
-// and the first tile's bias and residual loaded in its epilogue instead of around the wait. Both
-// give the same bits.
-std::atomic<bool>& gemv_serial_input_flag() {
+// The dp4a path's first tile loading its bias and residual in its epilogue, as every later tile
+// does, instead of before and right after the wait (KESTREL_CUDA_GEMV_LOADS=epilogue at start-up,
+// set_gemv_loads_in_epilogue; a measurement switch and test aid). Both give the same bits.
+std::atomic<bool>& gemv_loads_in_epilogue_flag() {
   static std::atomic<bool> on = [] {
-    const char* v = std::getenv("KESTREL_CUDA_GEMV_INPUT");
-    return v != nullptr && std::string(v) == "serial";
+    const char* v = std::getenv("KESTREL_CUDA_GEMV_LOADS");
+    return v != nullptr && std::string(v) == "epilogue";
   }();
   return on;
 }
 
-bool triggers_early(bool dp4a, bool residual) {
-  if (trigger_mode() == 0 || trigger_mode() == 2) return trigger_mode() == 2;
-  if (trigger_mode() == 3 && residual) return false;
+bool triggers_early(bool dp4a) {
+  if (trigger_mode() != 1) return trigger_mode() == 2;
   return dp4a;
 }
 
@@ -1506,9 +1336,9 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.n_groups = x_stride / kGroup;
   p.n_tokens = n_tokens;
   p.dp4a = dp4a;
-  p.early_trigger = triggers_early(dp4a, jobs[0].residual != nullptr);
+  p.early_trigger = triggers_early(dp4a);
   p.profile = gemv_profile_flag().load(std::memory_order_relaxed);
-  p.serial_input = gemv_serial_input_flag().load(std::memory_order_relaxed);
+  p.loads_in_epilogue = gemv_loads_in_epilogue_flag().load(std::memory_order_relaxed);
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);
@@ -1526,8 +1356,8 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
 
 }  // namespace
 
-bool set_gemv_serial_input(bool on) {
-  return gemv_serial_input_flag().exchange(on);
+bool set_gemv_loads_in_epilogue(bool on) {
+  return gemv_loads_in_epilogue_flag().exchange(on);
 }
 
 void set_gemv_profile(bool on) {

@@ -1085,6 +1085,27 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
   if (rope) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
 }
 
+// KESTREL_CUDA_ATTENTION_PROFILE (DecodeWorkspace::profile): whether this block prints its
+// phases: layer 1, the first token's first KV head, every `profile` positions (1: every 256).
+__device__ inline bool profiled_step(const AttentionArgs& a, const DecodeWorkspace& ws,
+                                     int64_t local, int kvh, int64_t pos) {
+  const int64_t period = ws.profile > 1 ? ws.profile : 256;
+  return a.layer == 1 && local == 0 && kvh == 0 && pos % period == 0;
+}
+
+// The profile's line from thread 0's marks (us between them). A split that writes its output
+// itself (solo) prints that phase as "partials", with no arrival or merge. Out of line, so the
+// kernel's registers do not carry printf's arguments.
+__device__ __noinline__ void print_attention_profile(const uint64_t* marks, int64_t pos, int split,
+                                                     int used) {
+  printf(
+      "attention profile (us, pos %lld, split %d of %d, layer 1): wait %.2f q %.2f tiles %.2f "
+      "partials %.2f arrive %.2f merge %.2f total %.2f\n",
+      static_cast<long long>(pos), split, used, (marks[1] - marks[0]) * 1e-3,
+      (marks[2] - marks[1]) * 1e-3, (marks[3] - marks[2]) * 1e-3, (marks[4] - marks[3]) * 1e-3,
+      (marks[5] - marks[4]) * 1e-3, (marks[6] - marks[5]) * 1e-3, (marks[6] - marks[0]) * 1e-3);
+}
+
 // The decode kernel's fp8 tiles: the raw entries of keys key0 .. key0 + 63 ([64][D] bytes for K
 // and for V) and their rows' scales ([64] floats each) copied with cp.async as one group, so the
 // next tile's bytes are in flight while this one is multiplied (load_kv_tile converts fp8 rows
@@ -1805,6 +1826,11 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     }
     if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
     if (rope) store_group_pairs<D>(a, c, t, kvh, G, solo_pairs, angles);
+    if (ws.profile != 0) __syncthreads();  // the output's end is its slowest thread's
+    if (mark && profiled_step(a, ws, local, kvh, pos)) {
+      marks[4] = marks[5] = marks[6] = global_ns();  // its output phase, printed as "partials"
+      print_attention_profile(marks, pos, split, used);
+    }
     return;
   }
   for (int idx = tid; idx < G * D; idx += kPrefillThreads) {
@@ -1846,14 +1872,9 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   if (!merges) return;
   merge_group<D>(a, c, ws, local, t, kvh, G, used, angles);
   if (ws.profile != 0) __syncthreads();  // the merge's end is its slowest thread's
-  if (mark && a.layer == 1 && local == 0 && kvh == 0 && pos % 256 == 0) {
+  if (mark && profiled_step(a, ws, local, kvh, pos)) {
     marks[6] = global_ns();
-    printf(
-        "attention profile (us, pos %lld, split %d of %d, layer 1): wait %.2f q %.2f tiles %.2f "
-        "partials %.2f arrive %.2f merge %.2f total %.2f\n",
-        static_cast<long long>(pos), split, used, (marks[1] - marks[0]) * 1e-3,
-        (marks[2] - marks[1]) * 1e-3, (marks[3] - marks[2]) * 1e-3, (marks[4] - marks[3]) * 1e-3,
-        (marks[5] - marks[4]) * 1e-3, (marks[6] - marks[5]) * 1e-3, (marks[6] - marks[0]) * 1e-3);
+    print_attention_profile(marks, pos, split, used);
   }
 }
 

@@ -100,8 +100,9 @@ struct DecodeWorkspace {
   unsigned* arrivals = nullptr;
   int max_splits = 0;  // decode_splits(sm_count, n_kv_heads, 1, max_context)
   int sm_count = 1;
-  // KESTREL_CUDA_ATTENTION_PROFILE (a measurement aid): the tensor-core decode kernel's merging
-  // block prints its phase times (layer 1, the first token's first KV head, every 256 positions).
+  // KESTREL_CUDA_ATTENTION_PROFILE=N (a measurement aid): the tensor-core decode kernel's merging
+  // block (or a solo split) prints its phase times (layer 1, the first token's first KV head,
+  // every N positions, or every 256 for N = 1). 0: off.
   int profile = 0;
   // KESTREL_CUDA_ATTENTION_SOLO=N (a switch until it has run on a GPU; 0 off): at head_dim 128 a
   // tensor-core decode group whose context is at most N 64-key tiles takes one split, and a

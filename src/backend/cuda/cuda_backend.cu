@@ -304,7 +304,9 @@ class CudaBackend final : public Backend {
     decode_ws_ = DecodeWorkspace{};
     decode_ws_.max_splits = extras.max_splits;
     decode_ws_.sm_count = props_.multiProcessorCount;
-    decode_ws_.profile = std::getenv("KESTREL_CUDA_ATTENTION_PROFILE") != nullptr ? 1 : 0;
+    if (const char* profile = std::getenv("KESTREL_CUDA_ATTENTION_PROFILE")) {
+      decode_ws_.profile = std::clamp(std::atoi(profile), 1, 1 << 20);  // set: at least 1
+    }
     const char* solo = std::getenv("KESTREL_CUDA_ATTENTION_SOLO");
     decode_ws_.solo = solo != nullptr ? std::clamp(std::atoi(solo), 0, 1 << 20) : 0;
     KS_ASSIGN_OR_RETURN(decode_ws_.o,

@@ -195,12 +195,14 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
   }
 }
 
-// The dp4a GEMV's first tile with its bias and residual loaded around the wait (the default)
-// gives the bits of the epilogue that loads them itself (set_gemv_loads_in_epilogue): every GEMV
-// kind of a layer and the lm_head at one token (q/k/v with biases, w_down with its residual) and
-// at two, on a wave of blocks and on 3 blocks looping over the tiles (later tiles load in their
-// epilogue either way), and at one token with a NaN in the input. 1088 x 704 and a wider layer.
-TEST(CudaOps, GemvFirstTileLoadsAheadGiveTheEpiloguesBits) {
+// The dp4a GEMV's latency options give the bits of the path without them: its first tile with
+// its bias and residual loaded around the wait (set_gemv_loads_in_epilogue) and its input stage
+// requesting two groups a thread at once (set_gemv_input_ahead; the wide layer's 9248-column
+// down input is 289 groups, more than a block's threads). Every GEMV kind of a layer and the
+// lm_head at one token (q/k/v with biases, w_down with its residual) and at two, on a wave of
+// blocks and on 3 blocks looping over the tiles (later tiles load in their epilogue either
+// way), and at one token with a NaN in the input. 1088 x 704 and a wider layer.
+TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
   const int64_t shapes[][2] = {{1088, 704}, {2080, 9248}};
   for (const auto& shape : shapes) {
     ModelConfig config = small_config(shape[0], shape[1], 8, 2, 64, 300);
@@ -219,16 +221,18 @@ TEST(CudaOps, GemvFirstTileLoadsAheadGiveTheEpiloguesBits) {
       for (int cap : {0, 3}) {
         cuda::set_gemv_block_cap(cap);
         std::vector<float> results[2];
-        for (int late : {0, 1}) {
-          const bool before = cuda::set_gemv_loads_in_epilogue(late == 1);
-          results[late] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-          cuda::set_gemv_loads_in_epilogue(before);
+        for (int plain : {0, 1}) {
+          const bool loads_before = cuda::set_gemv_loads_in_epilogue(plain == 1);
+          const bool ahead_before = cuda::set_gemv_input_ahead(plain == 0);
+          results[plain] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+          cuda::set_gemv_loads_in_epilogue(loads_before);
+          cuda::set_gemv_input_ahead(ahead_before);
         }
         cuda::set_gemv_block_cap(0);
         ASSERT_FALSE(results[0].empty());
         if (!nan_input) {
           EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten, n=" << n;
-          EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (epilogue), n=" << n;
+          EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (plain path), n=" << n;
         }
         EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
             << "of " << results[0].size() << " values, " << shape[0] << " x " << shape[1]

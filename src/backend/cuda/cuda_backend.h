@@ -76,6 +76,11 @@ void set_gemv_rows_kernel(int mode);
 // give the same bits. Process-wide, like set_gemv_block_cap; captured decode graphs keep the
 // setting they were captured with. Returns the setting before.
 bool set_gemv_loads_in_epilogue(bool on);
+// The dp4a input stage requesting both of a thread's groups (two a token at most) before it
+// quantizes the first (the default), or one group after another: a test aid and measurement
+// switch (KESTREL_CUDA_GEMV_INPUT_AHEAD=0 sets the starting value); both give the same bits.
+// Process-wide like set_gemv_loads_in_epilogue. Returns the setting before.
+bool set_gemv_input_ahead(bool on);
 
 // Key groups of the flash prefill attention kernel (attention.cu): 1 or 2 forces them for every
 // launch, 0 (the default) chooses by the grid (two where it holds no more blocks than two per

@@ -77,6 +77,7 @@ struct GemvParams {
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
   bool profile = false;        // host only: the dp4a path's profiling instance (gemv_profile_flag)
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
+  bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -211,24 +212,40 @@ __device__ void normalize_input(const GemvParams& p, __half* xs) {
 // ([kDp, x_stride], tokens past n_tokens read as zeros) becomes 32 int8 values in natural
 // order in `xq` with its scale and the sum of its values in `xqp` = {scale bits, sum}: the
 // CPU backend's quantization (scale = amax / 127, round to nearest even), so the integer dot
-// products below are the CPU's.
+// products below are the CPU's. A thread takes whole groups: the stage runs in every block at
+// once, so what bounds it is the instructions a group, which a group spread over lanes
+// multiplied (PERF.md, twenty-first session). With p.input_ahead a thread requests the 64
+// bytes of each of its groups before it quantizes the first (at most two a token: 16384
+// columns are 512 groups), so the down GEMVs' input (8960 and 14336 columns: more groups than
+// threads) takes one round trip instead of two; the arithmetic is the same.
 template <int kDp>
 __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t* xq, int2* xqp) {
   const int n_groups = int(p.n_groups);
-  for (int e = int(threadIdx.x); e < kDp * n_groups; e += kThreads) {
+  const int total = kDp * n_groups;
+  auto load = [&](int e, uint4(&raw)[4]) {
+    const int t = e / n_groups;
+    const int g = e - t * n_groups;
+    if (e < total && t < p.n_tokens) {
+      const uint4* s4 =
+          reinterpret_cast<const uint4*>(src + int64_t(t) * p.x_stride + int64_t(g) * kGroup);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) raw[i] = s4[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) raw[i] = make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto quantize = [&](int e, const uint4(&raw)[4]) {
     const int t = e / n_groups;
     const int g = e - t * n_groups;
     uint32_t words[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     float sx = 0.0f;
     int sq = 0;
     if (t < p.n_tokens) {
-      const uint4* s4 =
-          reinterpret_cast<const uint4*>(src + int64_t(t) * p.x_stride + int64_t(g) * kGroup);
       float v[kGroup];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const uint4 q = s4[i];
-        const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+        const uint32_t w[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const float2 f = __half22float2(bits_half2(w[j]));
@@ -256,6 +273,21 @@ __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t*
     dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
     dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
     xqp[t * n_groups + g] = make_int2(__float_as_int(sx), sq);
+  };
+  if (p.input_ahead) {
+    for (int e = int(threadIdx.x); e < total; e += 2 * kThreads) {
+      uint4 first[4], second[4];
+      load(e, first);
+      load(e + kThreads, second);
+      quantize(e, first);
+      if (e + kThreads < total) quantize(e + kThreads, second);
+    }
+  } else {
+    for (int e = int(threadIdx.x); e < total; e += kThreads) {
+      uint4 raw[4];
+      load(e, raw);
+      quantize(e, raw);
+    }
   }
   __syncthreads();
 }
@@ -1292,6 +1324,17 @@ std::atomic<bool>& gemv_loads_in_epilogue_flag() {
   return on;
 }
 
+// The dp4a input stage requesting two groups a thread before quantizing (the default), or each
+// group's loads after the last one's quantization (KESTREL_CUDA_GEMV_INPUT_AHEAD=0 at start-up,
+// set_gemv_input_ahead; a measurement switch and test aid). Both give the same bits.
+std::atomic<bool>& gemv_input_ahead_flag() {
+  static std::atomic<bool> on = [] {
+    const char* v = std::getenv("KESTREL_CUDA_GEMV_INPUT_AHEAD");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 bool triggers_early(bool dp4a) {
   if (trigger_mode() != 1) return trigger_mode() == 2;
   return dp4a;
@@ -1339,6 +1382,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.early_trigger = triggers_early(dp4a);
   p.profile = gemv_profile_flag().load(std::memory_order_relaxed);
   p.loads_in_epilogue = gemv_loads_in_epilogue_flag().load(std::memory_order_relaxed);
+  p.input_ahead = gemv_input_ahead_flag().load(std::memory_order_relaxed);
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);
@@ -1355,6 +1399,10 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
 }
 
 }  // namespace
+
+bool set_gemv_input_ahead(bool on) {
+  return gemv_input_ahead_flag().exchange(on);
+}
 
 bool set_gemv_loads_in_epilogue(bool on) {
   return gemv_loads_in_epilogue_flag().exchange(on);

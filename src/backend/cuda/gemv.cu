@@ -167,23 +167,36 @@ struct Pipe {
 // The NormInput prologue (one token): xs [x_stride] fp16 permuted = rms_norm(norm.x) * norm.w
 // with the rms_norm kernel's arithmetic (norm.cu) for each value; block 0 also stores the fp32
 // row in norm.out. Each thread keeps its columns in registers from the sum of squares to the
-// scaling, so the prologue is one round trip to L2 and two barriers.
-__device__ void normalize_input(const GemvParams& p, __half* xs) {
-  constexpr int kPerThread = int(kMaxNormInputCols / 4 / kThreads);  // float4 per thread
+// scaling, so the prologue is one round trip to L2 and two barriers. The norm's weight `g`, a
+// weight that no kernel writes, is loaded before the wait (load_norm_weight), so the ~400 blocks'
+// stages read only x from L2 at once after it.
+constexpr int kNormPerThread = int(kMaxNormInputCols / 4 / kThreads);  // float4s a thread
+
+__device__ inline void load_norm_weight(const GemvParams& p, float4 (&g)[kNormPerThread]) {
+  const int n4 = int(p.x_stride / 4);
+  const float4* w4 = reinterpret_cast<const float4*>(p.norm.w);
+#pragma unroll
+  for (int r = 0; r < kNormPerThread; ++r) {
+    const int j = int(threadIdx.x) + r * kThreads;
+    g[r] = j < n4 ? w4[j] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+}
+
+__device__ void normalize_input(const GemvParams& p, __half* xs,
+                                const float4 (&g)[kNormPerThread]) {
+  constexpr int kPerThread = kNormPerThread;
   __shared__ float partial[kWarps];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int n4 = int(p.x_stride / 4);
   const float4* x4 = reinterpret_cast<const float4*>(p.norm.x);
-  const float4* w4 = reinterpret_cast<const float4*>(p.norm.w);
-  float4 v[kPerThread], g[kPerThread];
+  float4 v[kPerThread];
   float sum = 0.0f;
 #pragma unroll
   for (int r = 0; r < kPerThread; ++r) {
     const int j = int(threadIdx.x) + r * kThreads;
     if (j < n4) {
       v[r] = x4[j];
-      g[r] = w4[j];
       sum += v[r].x * v[r].x + v[r].y * v[r].y + v[r].z * v[r].z + v[r].w * v[r].w;
     }
   }
@@ -673,13 +686,22 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       if (out.w.bias != nullptr) first_bias = out.w.bias[row];
     }
   }
+  // The fused norm's weight: before the wait with the input stage's loads ahead (input_ahead),
+  // after it otherwise.
+  float4 norm_w[kNorm ? kNormPerThread : 1];
+  if constexpr (kNorm) {
+    if (p.input_ahead) load_norm_weight(p, norm_w);
+  }
   pdl_wait();
   if (profiled) mark(1);
+  if constexpr (kNorm) {
+    if (!p.input_ahead) load_norm_weight(p, norm_w);
+  }
   if (loads_ahead && first_at >= 0) {
     const GemvJob& out = p.jobs[locate(tile0).job];
     if (out.residual != nullptr) first_residual = out.residual[first_at];
   }
-  if constexpr (kNorm) normalize_input(p, xs);
+  if constexpr (kNorm) normalize_input(p, xs, norm_w);
   if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
   if (profiled) mark(2);
   // dp4a mode: the warps' row sums of a tile meet here, after the input stage.

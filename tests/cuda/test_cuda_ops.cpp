@@ -596,11 +596,17 @@ TEST_F(CudaElementwise, ReadRowsAndNanArgmaxMatchTheCpu) {
 }
 
 // The CUDA sampler (draw.cu) draws the host sampler's tokens: a real vocabulary's width, one
-// that is not a multiple of anything, and one narrower than a warp's segment.
+// that is not a multiple of anything, and one narrower than a warp's segment; with top-p's
+// histograms in three 32-bit parts (the default at these widths) and in 64-bit sums (the form
+// of rows wider than 2^18 tokens, forced by set_draw_wide_histograms).
 TEST(CudaDraw, PickRowsDrawTheHostSamplersTokens) {
-  for (const int64_t cols : {int64_t(151936), int64_t(4097), int64_t(37)}) {
-    SCOPED_TRACE("cols " + std::to_string(cols));
-    check_pick_rows_draw_as_the_host_sampler(cols, 1234 + uint64_t(cols));
+  for (const bool wide : {false, true}) {
+    const bool before = cuda::set_draw_wide_histograms(wide);
+    for (const int64_t cols : {int64_t(151936), int64_t(4097), int64_t(37)}) {
+      SCOPED_TRACE("cols " + std::to_string(cols) + (wide ? ", 64-bit histograms" : ""));
+      check_pick_rows_draw_as_the_host_sampler(cols, 1234 + uint64_t(cols));
+    }
+    cuda::set_draw_wide_histograms(before);
   }
 }
 

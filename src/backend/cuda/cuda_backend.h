@@ -82,6 +82,11 @@ bool set_gemv_loads_in_epilogue(bool on);
 // Process-wide like set_gemv_loads_in_epilogue. Returns the setting before.
 bool set_gemv_input_ahead(bool on);
 
+// Top-p's histograms in the draw kernel (draw.cu) in 64-bit sums for every row, where rows of at
+// most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the
+// same tokens), process-wide like set_gemv_block_cap. Returns the setting before.
+bool set_draw_wide_histograms(bool on);
+
 // Key groups of the flash prefill attention kernel (attention.cu): 1 or 2 forces them for every
 // launch, 0 (the default) chooses by the grid (two where it holds no more blocks than two per
 // SM). A test aid and measurement switch (KESTREL_CUDA_PREFILL_ATTENTION_GROUPS sets the starting

@@ -14,10 +14,12 @@
 //      at a time), min-p's floor applied, and the draw's point in their total;
 //   6. the warp whose segment holds the point walks it again to the token.
 // Every sum is an integer sum, so the order the threads add in does not change a bit.
+#include <atomic>
 #include <cstdint>
 #include <string>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.cuh"
 #include "backend/cuda/sample.cuh"
 #include "sample/draw_rules.h"
@@ -37,12 +39,25 @@ static_assert(kProbTopBit % kProbDigitBits == 0 && kProbTopBit > draw::kProbBits
 static_assert(draw::kProbBits <= 40);
 static_assert(kProbBuckets == 2 * kThreads, "a thread holds two buckets");
 
+// Top-p's bucket masses as three 32-bit parts of 14, 14 and 13 bits (a mass is below 2^41):
+// each part's sum over a bucket stays below 2^32 for rows of at most 2^18 tokens, and a shared
+// 32-bit atomic add is one instruction where a 64-bit one is a compare-and-swap loop, which the
+// rows' crowded buckets make spin (H200: top-p 0.65-0.97 ms a launch with the 64-bit form, the
+// other settings 0.12-0.33 ms). Wider rows keep the 64-bit sums.
+constexpr int kPartBits = 14;
+constexpr int64_t kMaxNarrowTokens = int64_t(1) << 18;
+static_assert(kMaxNarrowTokens * ((int64_t(1) << kPartBits) - 1) < (int64_t(1) << 32));
+static_assert(3 * kPartBits >= draw::kProbBits + 1, "three parts hold a mass below 2^41");
+
 struct Shared {
   union {
     uint32_t key_count[kKeyBuckets];
     struct {
       uint32_t count[kProbBuckets];
-      unsigned long long mass[kProbBuckets];
+      union {
+        unsigned long long mass[kProbBuckets];  // rows wider than kMaxNarrowTokens
+        uint32_t part[3][kProbBuckets];
+      };
     } prob;
   };
   unsigned long long warp_u64[kWarps];
@@ -251,6 +266,13 @@ __global__ void __launch_bounds__(kThreads)
   // host's buckets count the latter; whether a token of no mass is "kept" changes no draw).
   // The most probable token, 2^40, is always the first kept.
   Nucleus nucleus;
+  const bool narrow = n <= kMaxNarrowTokens && !launch.wide_histograms;
+  // A bucket's mass from whichever form the row's histograms take.
+  auto bucket_mass = [&](int b) -> uint64_t {
+    if (!narrow) return sh.prob.mass[b];
+    return uint64_t(sh.prob.part[0][b]) + (uint64_t(sh.prob.part[1][b]) << kPartBits) +
+           (uint64_t(sh.prob.part[2][b]) << (2 * kPartBits));
+  };
   if (d.top_p < 1.0f) {
     const uint64_t target = draw::nucleus_target(d.top_p, total);
     uint64_t before = 0;  // the mass kept so far, all of it more probable than the undecided
@@ -263,12 +285,17 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       for (int b = tid; b < kProbBuckets; b += kThreads) {
         sh.prob.count[b] = 0;
-        sh.prob.mass[b] = 0;
+        if (narrow) {
+          sh.prob.part[0][b] = sh.prob.part[1][b] = sh.prob.part[2][b] = 0;
+        } else {
+          sh.prob.mass[b] = 0;
+        }
       }
       __syncthreads();
       // A warp's tokens of one bucket count in with one atomic each for the count and the
       // mass (summed by the warp: below 2^41 a token, so two 21-bit halves of 32 tokens fit 32
-      // bits); every lane runs every round.
+      // bits; in narrow rows three parts of at most 14 bits, each part its own 32-bit atomic);
+      // every lane runs every round.
       for (int64_t base = 0; base < n; base += kThreads) {
         const int64_t i = base + tid;
         const uint64_t v = i < n ? q[i] : 0;
@@ -276,17 +303,32 @@ __global__ void __launch_bounds__(kThreads)
         // top-k they are nearly the whole row, all on bucket 0's two counters.
         const int b = v == 0 || (v >> above) != high ? -1 : int((v >> shift) & (kProbBuckets - 1));
         const unsigned peers = __match_any_sync(0xffffffffu, b);
-        const uint32_t low = __reduce_add_sync(peers, b >= 0 ? uint32_t(v & 0x1fffffu) : 0u);
-        const uint32_t high21 = __reduce_add_sync(peers, b >= 0 ? uint32_t(v >> 21) : 0u);
-        if (b >= 0 && lane == __ffs(peers) - 1) {
-          atomicAdd(&sh.prob.count[b], unsigned(__popc(peers)));
-          atomicAdd(&sh.prob.mass[b], ((unsigned long long)high21 << 21) + low);
+        const bool leader = b >= 0 && lane == __ffs(peers) - 1;
+        if (narrow) {
+          constexpr uint64_t kMask = (uint64_t(1) << kPartBits) - 1;
+          const uint64_t w = b >= 0 ? v : 0;
+          const uint32_t s0 = __reduce_add_sync(peers, uint32_t(w & kMask));
+          const uint32_t s1 = __reduce_add_sync(peers, uint32_t((w >> kPartBits) & kMask));
+          const uint32_t s2 = __reduce_add_sync(peers, uint32_t(w >> (2 * kPartBits)));
+          if (leader) {
+            atomicAdd(&sh.prob.count[b], unsigned(__popc(peers)));
+            atomicAdd(&sh.prob.part[0][b], s0);
+            atomicAdd(&sh.prob.part[1][b], s1);
+            atomicAdd(&sh.prob.part[2][b], s2);
+          }
+        } else {
+          const uint32_t low = __reduce_add_sync(peers, b >= 0 ? uint32_t(v & 0x1fffffu) : 0u);
+          const uint32_t high21 = __reduce_add_sync(peers, b >= 0 ? uint32_t(v >> 21) : 0u);
+          if (leader) {
+            atomicAdd(&sh.prob.count[b], unsigned(__popc(peers)));
+            atomicAdd(&sh.prob.mass[b], ((unsigned long long)high21 << 21) + low);
+          }
         }
       }
       __syncthreads();
       // Thread t holds buckets 2047 - 2t and 2046 - 2t: thread order is most probable first.
       const int b0 = kProbBuckets - 1 - 2 * tid, b1 = b0 - 1;
-      const uint64_t m0 = sh.prob.mass[b0], m1 = sh.prob.mass[b1];
+      const uint64_t m0 = bucket_mass(b0), m1 = bucket_mass(b1);
       const uint32_t c0 = sh.prob.count[b0], c1 = sh.prob.count[b1];
       uint64_t mass_total = 0;
       uint32_t nonempty_total = 0;
@@ -389,7 +431,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+std::atomic<bool>& draw_wide_histograms_flag() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
 }  // namespace
+
+bool set_draw_wide_histograms(bool on) {
+  return draw_wide_histograms_flag().exchange(on);
+}
 
 Status draw_rows(const float* x, int64_t rows, int64_t cols, const DrawLaunch& launch, int count,
                  int32_t* out, uint64_t* work, cudaStream_t stream) {
@@ -406,8 +457,10 @@ Status draw_rows(const float* x, int64_t rows, int64_t cols, const DrawLaunch& l
                            std::to_string(rows));
     }
   }
+  DrawLaunch l = launch;
+  l.wide_histograms = draw_wide_histograms_flag().load(std::memory_order_relaxed);
   KS_CUDA_CHECK("draw_rows", launch_pdl(draw_kernel, dim3(unsigned(count)), dim3(kThreads), 0,
-                                        stream, x, cols, launch, out, work));
+                                        stream, x, cols, l, out, work));
   KS_CUDA_CHECK_LAUNCH("draw_rows", "draw_kernel");
   return Status::ok();
 }

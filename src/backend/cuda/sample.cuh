@@ -50,6 +50,9 @@ struct DrawRow {
 };
 struct DrawLaunch {
   DrawRow rows[kDrawRowsPerLaunch];
+  // Top-p's histograms in 64-bit sums even for rows of at most 2^18 tokens, which take three
+  // 32-bit parts otherwise (set_draw_wide_histograms, a test aid: the same integer sums).
+  bool wide_histograms = false;
 };
 Status draw_rows(const float* x, int64_t rows, int64_t cols, const DrawLaunch& launch, int count,
                  int32_t* out, uint64_t* work, cudaStream_t stream);

@@ -305,7 +305,8 @@ class CudaBackend final : public Backend {
     decode_ws_.max_splits = extras.max_splits;
     decode_ws_.sm_count = props_.multiProcessorCount;
     if (const char* profile = std::getenv("KESTREL_CUDA_ATTENTION_PROFILE")) {
-      decode_ws_.profile = std::clamp(std::atoi(profile), 1, 1 << 20);  // set: at least 1
+      // N > 0: a line every N positions (1: every 256); 0 or anything else: off.
+      decode_ws_.profile = std::clamp(std::atoi(profile), 0, 1 << 20);
     }
     const char* solo = std::getenv("KESTREL_CUDA_ATTENTION_SOLO");
     decode_ws_.solo = solo != nullptr ? std::clamp(std::atoi(solo), 0, 1 << 20) : 0;

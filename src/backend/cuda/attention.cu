@@ -1006,11 +1006,12 @@ __device__ inline void store_group_pairs(const AttentionArgs& a, const KvCache& 
 // combine kernel does for the CUDA-core split kernel), so a decode step's attention is one launch:
 // out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s for each of the G query heads, and in rope
 // mode q heads kvh * G .. + G - 1 and K head kvh left rotated in memory (every split of the group
-// has read them by now). The merge is one block's latency on the step's path, so it keeps every
-// load in flight at once: a thread takes four adjacent outputs of one head and merges the splits
-// online, 16 at a time, each batch's partial sums and {m, l} requested together. The splits go in a
-// fixed order, so a replayed graph gives the eager step's bits. The partial results are read
-// through L2 (__ldcg): other blocks wrote them.
+// has read them by now) unless a.keep_rotated is false (a decoder layer's scratch). The merge is
+// one block's latency on the step's path, so it keeps every load in flight at once: a thread takes
+// four adjacent outputs of one head and merges the splits online, 16 at a time, each batch's
+// partial sums and {m, l} requested together. The splits go in a fixed order, so a replayed graph
+// gives the eager step's bits. The partial results are read through L2 (__ldcg): other blocks wrote
+// them.
 template <int D>
 __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const DecodeWorkspace& ws,
                             int64_t local, int64_t t, int kvh, int G, int used,
@@ -1027,8 +1028,8 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
   // spills): the next value kept live across the kernel will spill.
   static_assert(kMaxHeadGroup <= 16, "the decode kernel's query rows hold a group");
   GroupPairs<D> pairs;
-  const bool rope = a.inv_freq != nullptr;
-  if (rope) load_group_pairs<D>(a, c, t, kvh, G, pairs);
+  const bool write_back = a.inv_freq != nullptr && a.keep_rotated;
+  if (write_back) load_group_pairs<D>(a, c, t, kvh, G, pairs);
   for (int idx = tid; idx < G * kQuads; idx += kPrefillThreads) {
     const int g = idx / kQuads;
     const int d = (idx % kQuads) * 4;
@@ -1082,7 +1083,7 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
     }
   }
   if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
-  if (rope) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
+  if (write_back) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
 }
 
 // KESTREL_CUDA_ATTENTION_PROFILE (DecodeWorkspace::profile): whether this block prints its
@@ -1793,7 +1794,8 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   const bool solo = solo_rule && used == 1;
   const int64_t q_dim = int64_t(a.n_heads) * D;
   GroupPairs<D> solo_pairs;
-  if (solo && rope) load_group_pairs<D>(a, c, t, kvh, G, solo_pairs);
+  const bool write_back = rope && a.keep_rotated;
+  if (solo && write_back) load_group_pairs<D>(a, c, t, kvh, G, solo_pairs);
   // The block's four warps' states of output idx (query row g, dimension d) merged.
   auto merge_warps = [&](int g, int d, float& m, float& l, float& acc) {
     m = -INFINITY;
@@ -1825,7 +1827,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       }
     }
     if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
-    if (rope) store_group_pairs<D>(a, c, t, kvh, G, solo_pairs, angles);
+    if (write_back) store_group_pairs<D>(a, c, t, kvh, G, solo_pairs, angles);
     if (ws.profile != 0) __syncthreads();  // the output's end is its slowest thread's
     if (mark && profiled_step(a, ws, local, kvh, pos)) {
       marks[4] = marks[5] = marks[6] = global_ns();  // its output phase, printed as "partials"

@@ -604,9 +604,16 @@ class CudaBackend final : public Backend {
       if (!args) {
         const bool prefill = prefill_layer_ && x.rows > kMaxGemvBatchTokens && !fp32_weights_;
         for (size_t i = 0; i < part.size(); ++i) {
-          KS_RETURN_IF_ERROR(prefill
-                                 ? prefill_layer(x, s, part[i], at + int64_t(i), p, eps)
-                                 : Backend::decoder_layer(x, s, part[i], at + int64_t(i), p, eps));
+          if (prefill) {
+            KS_RETURN_IF_ERROR(prefill_layer(x, s, part[i], at + int64_t(i), p, eps));
+            continue;
+          }
+          // The composition's q and k are scratch after its attention: decode attention need not
+          // write them back rotated.
+          in_layer_ = true;
+          const Status done_layer = Backend::decoder_layer(x, s, part[i], at + int64_t(i), p, eps);
+          in_layer_ = false;
+          KS_RETURN_IF_ERROR(done_layer);
         }
         continue;
       }
@@ -1474,9 +1481,16 @@ class CudaBackend final : public Backend {
         addr(q.data),      addr(k.data),      addr(v.data),      uint64_t(layer), uint64_t(q.rows),
         addr(args.q_bias), addr(args.k_bias), addr(args.v_bias), addr(args.qkv)};
     // A decode batch of distinct sequences: the split kernel rotates q and k and writes the
-    // cache itself (no token reads another's new row), one launch fewer a layer.
+    // cache itself (no token reads another's new row), one launch fewer a layer. Inside a
+    // decoder layer nothing reads q and k after it (KESTREL_CUDA_ATTENTION_ROTATE_BACK=1, a
+    // measurement switch, writes them back all the same).
     if (rotate && !prefill && rope_in_decode_) {
       args.inv_freq = inv_freq_;
+      static const bool rotate_back = [] {
+        const char* v = std::getenv("KESTREL_CUDA_ATTENTION_ROTATE_BACK");
+        return v != nullptr && std::string(v) == "1";
+      }();
+      args.keep_rotated = !in_layer_ || rotate_back;
     } else if (rotate) {
       KS_RETURN_IF_ERROR(launch("rope + cache write", cache_args, [&] {
         return rope_kv_cache_write(args, cache_, inv_freq_, stream_);
@@ -1895,7 +1909,10 @@ class CudaBackend final : public Backend {
   BatchView batch_;
   // [begin, length] of each run of the batch: one sequence at consecutive positions
   std::vector<std::pair<int64_t, int64_t>> runs_;
-  bool rope_in_decode_ = false;  // this batch's decode attention rotates q and k (begin_batch)
+  bool rope_in_decode_ = false;
+  // Inside Backend::decoder_layer's composition (decoder_layers): scratch tensors are not read
+  // after the layer, so decode attention leaves q and k unrotated in memory.
+  bool in_layer_ = false;  // this batch's decode attention rotates q and k (begin_batch)
 
   Mode mode_ = Mode::eager;
   std::vector<int32_t> graph_key_;  // n_tokens, rope_in_decode_, then the logit rows

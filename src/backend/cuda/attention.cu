@@ -1264,7 +1264,7 @@ __device__ inline float fast_log2(float x) {
 // in the cache from earlier calls, so the first tile is requested before the wait for the q/k/v
 // projection, with the angles. The merging split (with ws.solo, a group's only split) leaves q
 // and k rotated in memory, as rope_attention's contract says, once every split of its group has
-// read them.
+// read them (unless a.keep_rotated is false: a decoder layer's scratch).
 //
 // Blocks an SM: three at head_dim 128 (the shared memory allows three), four at 64.
 template <int D, KvType kType>

@@ -78,7 +78,8 @@ struct AttentionArgs {
   const float* inv_freq = nullptr;
   // Rope mode: whether the merging split (or a solo split) writes the rotated q and k back. False
   // where nothing reads them again (a decoder layer's scratch, Backend::decoder_layer): the write-
-  // back's loads, registers and stores leave the step's chain.
+  // back's loads, registers and stores leave the step's chain. (The combine kernel, a
+  // measurement aid, writes them back regardless.)
   bool keep_rotated = true;
   // Set (a prefill call over an fp16 or fp32 cache, the CUDA prefill layer): the q, k and v
   // projections came without their biases, and the rope launch adds them (q and k before the

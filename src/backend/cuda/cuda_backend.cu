@@ -1427,7 +1427,8 @@ class CudaBackend final : public Backend {
   // then attention: the split decode kernel for at most 64 tokens, a flash launch per run of
   // the batch beyond. With `rotate` in a decode batch of distinct sequences (rope_in_decode_)
   // there is no such launch: the split kernel rotates q and k and writes the cache, and its
-  // merging split leaves q and k rotated.
+  // merging split leaves q and k rotated (not inside a decoder layer: AttentionArgs::
+  // keep_rotated).
   // q_bias, k_bias, v_bias: the projections' biases when the rope launch adds them
   // (prefill_layer; AttentionArgs).
   Status launch_attention(Tensor out, Tensor q, Tensor k, Tensor v, int64_t layer,
@@ -1501,7 +1502,7 @@ class CudaBackend final : public Backend {
     }
     return launch("attention",
                   {addr(out.data), addr(q.data), addr(k.data), addr(v.data), uint64_t(layer),
-                   uint64_t(q.rows), addr(args.shadow.data)},
+                   uint64_t(q.rows), addr(args.shadow.data), uint64_t(args.keep_rotated)},
                   [&]() -> Status {
                     if (!prefill) return attention_decode(args, cache_, decode_ws_, stream_);
                     // The flash kernel walks one sequence's keys per launch: one per run.
@@ -1909,10 +1910,10 @@ class CudaBackend final : public Backend {
   BatchView batch_;
   // [begin, length] of each run of the batch: one sequence at consecutive positions
   std::vector<std::pair<int64_t, int64_t>> runs_;
-  bool rope_in_decode_ = false;
+  bool rope_in_decode_ = false;  // this batch's decode attention rotates q and k (begin_batch)
   // Inside Backend::decoder_layer's composition (decoder_layers): scratch tensors are not read
   // after the layer, so decode attention leaves q and k unrotated in memory.
-  bool in_layer_ = false;  // this batch's decode attention rotates q and k (begin_batch)
+  bool in_layer_ = false;
 
   Mode mode_ = Mode::eager;
   std::vector<int32_t> graph_key_;  // n_tokens, rope_in_decode_, then the logit rows

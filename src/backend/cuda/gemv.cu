@@ -230,7 +230,18 @@ __device__ void normalize_input(const GemvParams& p, __half* xs,
 // multiplied (PERF.md, twenty-first session). With p.input_ahead a thread requests the 64
 // bytes of each of its groups before it quantizes the first (at most two a token: 16384
 // columns are 512 groups), so the down GEMVs' input (8960 and 14336 columns: more groups than
-// threads) takes one round trip instead of two; the arithmetic is the same.
+// threads) takes one round trip instead of two, and rounds to integers by an add
+// (round_small) instead of a conversion; the results are the same.
+// __float2int_rn(x) for |x| < 2^22 (NaN: 0, as the conversion gives) in one add: x + 1.5 * 2^23
+// is rounded to the nearest integer, ties to even, as the conversion rounds, and that integer
+// is the sum's low mantissa bits. A float-to-integer conversion issues at a sixteenth of the
+// FMA rate on sm_80-sm_90, and the input stage converts its whole input in every block at once
+// (the 8B's w_down input: 14336 conversions a block, three blocks an SM).
+__device__ inline int round_small(float x) {
+  const float r = __fadd_rn(x, 12582912.0f);  // never contracted with the product before it
+  return x == x ? int(__float_as_uint(r) - 0x4B400000u) : 0;
+}
+
 template <int kDp>
 __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t* xq, int2* xqp) {
   const int n_groups = int(p.n_groups);
@@ -276,7 +287,8 @@ __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t*
         // Slot s holds element k (common.cuh's permutation; its last two bits swap back).
         const int b = s & 3;
         const int k = 4 * (s >> 3) + 16 * ((s >> 2) & 1) + ((b >> 1) | ((b & 1) << 1));
-        const int q = __float2int_rn(v[s] * inv);
+        const float scaled = __fmul_rn(v[s], inv);
+        const int q = p.input_ahead ? round_small(scaled) : __float2int_rn(scaled);
         sq += q;
         words[k >> 2] |= (uint32_t(q) & 0xffu) << (8 * (k & 3));
       }

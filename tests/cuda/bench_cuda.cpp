@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <iterator>
 #include <map>
 #include <random>
 #include <string>
@@ -345,6 +346,12 @@ std::vector<cuda::ChainStage> decode_chain(int layers, int64_t hidden, int64_t q
   return stages;
 }
 
+// The chain's timed mechanisms, in the benchmark table's column order (unordered, the negative
+// control, is run on its own).
+constexpr cuda::ChainMode kChainModes[] = {cuda::ChainMode::launch, cuda::ChainMode::pdl,
+                                           cuda::ChainMode::pdl_late, cuda::ChainMode::persistent,
+                                           cuda::ChainMode::persistent_counting};
+
 // The chain benchmark's own check, in the default suite: every stage of a short chain saw the
 // output of the stage before in the same replay, under each mechanism (time_chain fails
 // otherwise), and the persistent kernel's barrier returns. The unordered control, whose stages do
@@ -355,9 +362,7 @@ TEST(CudaChain, EveryStageSeesTheStageBefore) {
                                                 {(int64_t(3) << 20) + 48, 8960},
                                                 {123456, 7},
                                                 {16, 1536}};
-  for (const cuda::ChainMode mode :
-       {cuda::ChainMode::launch, cuda::ChainMode::pdl, cuda::ChainMode::pdl_late,
-        cuda::ChainMode::persistent, cuda::ChainMode::persistent_counting}) {
+  for (const cuda::ChainMode mode : kChainModes) {
     auto t = cuda::time_chain(mode, stages, 3);
     ASSERT_TRUE(t.is_ok()) << int(mode) << ": " << t.status().message();
     EXPECT_GT(t->microseconds, 0.0);
@@ -405,19 +410,17 @@ TEST(CudaBench, DISABLED_Chain) {
       "(%% of roofline) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
       roofline);
   for (const Pattern& p : patterns) {
-    double us[5] = {0, 0, 0, 0, 0};
+    constexpr int kModes = int(std::size(kChainModes));
+    double us[kModes] = {};
     double bytes = 0;
-    const cuda::ChainMode modes[5] = {cuda::ChainMode::launch, cuda::ChainMode::pdl,
-                                      cuda::ChainMode::pdl_late, cuda::ChainMode::persistent,
-                                      cuda::ChainMode::persistent_counting};
-    for (int m = 0; m < 5; ++m) {
-      auto t = cuda::time_chain(modes[m], p.stages, 9);
+    for (int m = 0; m < kModes; ++m) {
+      auto t = cuda::time_chain(kChainModes[m], p.stages, 9);
       ASSERT_TRUE(t.is_ok()) << p.what << ": " << t.status().message();
       us[m] = t->microseconds;
       bytes = t->bytes;
     }
     const double floor_us = roofline > 0 ? bytes / (roofline * 1e3) : 0.0;
-    const double best = *std::min_element(us, us + 5);
+    const double best = *std::min_element(us, us + kModes);
     const double gbs = bytes / (best * 1e-6) / 1e9;
     std::printf(
         "| %s | %zu | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %.0f (%.1f%%) |\n",

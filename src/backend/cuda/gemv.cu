@@ -221,6 +221,16 @@ __device__ void normalize_input(const GemvParams& p, __half* xs,
   __syncthreads();
 }
 
+// __float2int_rn(x) for |x| < 2^22 (NaN: 0, as the conversion gives) in one add: x + 1.5 * 2^23
+// is rounded to the nearest integer, ties to even, as the conversion rounds, and that integer
+// is the sum's low mantissa bits. A float-to-integer conversion issues at a sixteenth of the
+// FMA rate on sm_80-sm_90, and the input stage converts its whole input in every block at once
+// (the 8B's w_down input: 14336 conversions a block, three blocks an SM).
+__device__ inline int round_small(float x) {
+  const float r = __fadd_rn(x, 12582912.0f);  // never contracted with the product before it
+  return x == x ? int(__float_as_uint(r) - 0x4B400000u) : 0;
+}
+
 // The dp4a path's input stage: every (token, group of 32) of the fp16 permuted input `src`
 // ([kDp, x_stride], tokens past n_tokens read as zeros) becomes 32 int8 values in natural
 // order in `xq` with its scale and the sum of its values in `xqp` = {scale bits, sum}: the
@@ -232,16 +242,6 @@ __device__ void normalize_input(const GemvParams& p, __half* xs,
 // columns are 512 groups), so the down GEMVs' input (8960 and 14336 columns: more groups than
 // threads) takes one round trip instead of two, and rounds to integers by an add
 // (round_small) instead of a conversion; the results are the same.
-// __float2int_rn(x) for |x| < 2^22 (NaN: 0, as the conversion gives) in one add: x + 1.5 * 2^23
-// is rounded to the nearest integer, ties to even, as the conversion rounds, and that integer
-// is the sum's low mantissa bits. A float-to-integer conversion issues at a sixteenth of the
-// FMA rate on sm_80-sm_90, and the input stage converts its whole input in every block at once
-// (the 8B's w_down input: 14336 conversions a block, three blocks an SM).
-__device__ inline int round_small(float x) {
-  const float r = __fadd_rn(x, 12582912.0f);  // never contracted with the product before it
-  return x == x ? int(__float_as_uint(r) - 0x4B400000u) : 0;
-}
-
 template <int kDp>
 __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t* xq, int2* xqp) {
   const int n_groups = int(p.n_groups);

@@ -242,6 +242,86 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
   }
 }
 
+// The dp4a input stage's two paths in one input: with input ahead on, a group of finite values
+// is packed by byte permutes (packed_group) and a group with a NaN or an infinity takes the
+// conversion's path; with it off, every group takes the conversion. Inputs exact in fp16, so the
+// shadow holds what the CPU quantizes: groups of ties (amax 127, so x.5 scales to x.5 and rounds
+// to even), zeros, negative zeros and subnormals, 65504 (fp16's largest) beside small values,
+// one small value among zeros, the rest multiples of 1/64. Against the CPU backend within the
+// summation order (a value packed into the wrong byte, or rounded the other way, gives errors
+// far above it) and the same bits on both paths; then a NaN in one group (the conversion's rule:
+// it counts as 0 and the other 31 keep their scale, so the outputs stay finite) and an infinity
+// in another (bits only). One token and two (kDp 1 and 2), 18 groups.
+TEST(CudaOps, GemvInputStagePackedGroupsKeepTheConversionsBits) {
+  constexpr int64_t rows = 200, cols = 576;
+  ModelWeights weights;
+  weights.config = small_config(cols, rows, 1, 1, 64, 16);
+  weights.config.n_layers = 1;
+  weights.format = WeightFormat::sym_int4;
+  weights.layers.resize(1);
+  weights.layers[0].w_gate = random_linear(WeightFormat::sym_int4, rows, cols, 32, true, 4800);
+  const Linear& w = weights.layers[0].w_gate;
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 8, 8, 8}));
+  auto run = [&](Backend& b, int64_t n, const std::vector<float>& x) {
+    std::vector<int32_t> meta;
+    EXPECT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+    auto xt = b.scratch(n, cols);
+    auto yt = b.scratch(n, rows);
+    EXPECT_TRUE(xt.is_ok() && yt.is_ok());
+    if (!xt.is_ok() || !yt.is_ok()) return std::vector<float>{};
+    fill(b, *xt, x);
+    poison(b, *yt);
+    const Status st = b.matmul(*yt, *xt, w);
+    EXPECT_TRUE(st.is_ok()) << st.message();
+    return fetch(b, *yt);
+  };
+  for (int64_t n : {1, 2}) {
+    ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, cols));
+    std::vector<float> x(size_t(n * cols));
+    uint64_t state = 4900 + uint64_t(n);
+    for (float& v : x) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      v = float(int64_t(state >> 33) % 513 - 256) / 64.0f;  // [-4, 4] in steps of 1/64
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      float* g = x.data() + t * cols;
+      for (int i = 0; i < 32; ++i) g[i] = float(i % 31 - 15) + 0.5f;  // ties
+      g[7] = t == 0 ? 127.0f : -127.0f;
+      for (int i = 32; i < 64; ++i) g[i] = 0.0f;
+      for (int i = 64; i < 96; ++i) g[i] = i % 2 ? -0.0f : std::ldexp(float(i - 64), -24);
+      for (int i = 96; i < 128; ++i) g[i] = float(i - 112) / 8.0f;
+      g[100] = 65504.0f;
+      for (int i = 128; i < 160; ++i) g[i] = 0.0f;
+      g[131] = 1.0f / 1024.0f;
+    }
+    std::vector<float> with_nan = x, with_inf = x;
+    with_nan[5 * 32 + 3] = std::numeric_limits<float>::quiet_NaN();
+    with_inf[6 * 32 + 9] = std::numeric_limits<float>::infinity();
+    struct Case {
+      const char* what;
+      const std::vector<float>* input;
+    };
+    const Case cases[] = {{"finite", &x}, {"a NaN", &with_nan}, {"an infinity", &with_inf}};
+    for (const Case& c : cases) {
+      SCOPED_TRACE(std::string(c.what) + ", n=" + std::to_string(n));
+      std::vector<float> results[2];
+      for (int ahead : {1, 0}) {
+        const bool before = cuda::set_gemv_input_ahead(ahead == 1);
+        results[ahead] = run(*pair.gpu, n, *c.input);
+        cuda::set_gemv_input_ahead(before);
+      }
+      ASSERT_EQ(results[1].size(), size_t(n * rows));
+      EXPECT_EQ(bits_differ(results[1], results[0]), 0u);
+      if (c.input == &with_inf) continue;
+      EXPECT_TRUE(no_nan(results[1]));
+      if (c.input == &x) {
+        EXPECT_LE(rel_error(results[1], run(*pair.cpu, n, x)), 1e-5);
+      }
+    }
+  }
+}
+
 // The row-warp GEMV (gemv.cu; forced here, as the test weights are too small for its default
 // rule) on every GEMV kind of a layer and the lm_head, int4 with 32- and 64-wide blocks, sym and
 // asym, at 3-16 tokens (one n-tile and two) and 45 (three 16-token launches): against the CPU

@@ -1796,34 +1796,54 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   GroupPairs<D> solo_pairs;
   const bool write_back = rope && a.keep_rotated;
   if (solo && write_back) load_group_pairs<D>(a, c, t, kvh, G, solo_pairs);
-  // The block's four warps' states of output idx (query row g, dimension d) merged.
-  auto merge_warps = [&](int g, int d, float& m, float& l, float& acc) {
+  // The block's four warps' states of query row g merged, for the four dimensions d .. d + 3
+  // (d a multiple of 4): the row's maximum and weights once for all four, and one 16-byte
+  // read a warp's state (the direct fp8 path's columns are permuted: four reads). Each value's
+  // arithmetic is the same as merging it alone.
+  auto merge_warps = [&](int g, int d, float& m, float& l, float4& acc) {
     m = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red_m[w * 16 + g]);
     l = 0.0f;
-    acc = 0.0f;
+    acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       const float mw = red_m[w * 16 + g];
       const float e = mw == -INFINITY ? 0.0f : fast_exp2(mw - m);
       l += e * red_l[w * 16 + g];
-      // The direct fp8 path's column dt * 8 + n is head dimension n * 16 + dt.
-      acc += e * red_o[(w * 16 + g) * kRedStride + (kDirect ? (d & 15) * 8 + (d >> 4) : d)];
+      const float* row = red_o + (w * 16 + g) * kRedStride;
+      float4 v;
+      if constexpr (kDirect) {  // column dt * 8 + n is head dimension n * 16 + dt
+        auto at = [&](int dim) { return row[(dim & 15) * 8 + (dim >> 4)]; };
+        v = make_float4(at(d), at(d + 1), at(d + 2), at(d + 3));
+      } else {
+        v = *reinterpret_cast<const float4*>(row + d);
+      }
+      acc.x += e * v.x;
+      acc.y += e * v.y;
+      acc.z += e * v.z;
+      acc.w += e * v.w;
     }
   };
+  constexpr int kQuads = D / 4;
   if (solo) {
-    for (int idx = tid; idx < G * D; idx += kPrefillThreads) {
-      const int g = idx / D;
-      const int d = idx % D;
-      float m, l, acc;
+    for (int idx = tid; idx < G * kQuads; idx += kPrefillThreads) {
+      const int g = idx / kQuads;
+      const int d = (idx % kQuads) * 4;
+      float m, l;
+      float4 acc;
       merge_warps(g, d, m, l, acc);
-      const float value = acc * (1.0f / l);  // merge_group's arithmetic for one split
+      const float inv = 1.0f / l;  // merge_group's arithmetic for one split
+      const float value[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
       const int64_t col = (int64_t(kvh) * G + g) * D + d;
-      a.out[t * q_dim + col] = value;
+      *reinterpret_cast<float4*>(a.out + t * q_dim + col) =
+          make_float4(value[0], value[1], value[2], value[3]);
       if (a.shadow.data != nullptr) {
-        a.shadow.data[shadow_index(t, col, a.shadow.row_stride, a.shadow.permuted)] =
-            __float2half_rn(value);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          a.shadow.data[shadow_index(t, col + i, a.shadow.row_stride, a.shadow.permuted)] =
+              __float2half_rn(value[i]);
+        }
       }
     }
     if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
@@ -1835,13 +1855,14 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     }
     return;
   }
-  for (int idx = tid; idx < G * D; idx += kPrefillThreads) {
-    const int g = idx / D;
-    const int d = idx % D;
-    float m, l, acc;
+  for (int idx = tid; idx < G * kQuads; idx += kPrefillThreads) {
+    const int g = idx / kQuads;
+    const int d = (idx % kQuads) * 4;
+    float m, l;
+    float4 acc;
     merge_warps(g, d, m, l, acc);
     const int64_t slot = (local * a.n_heads + kvh * G + g) * ws.max_splits + split;
-    ws.o[slot * D + d] = acc;
+    *reinterpret_cast<float4*>(ws.o + slot * D + d) = acc;
     if (d == 0) {
       ws.ml[slot * 2] = m * kLn2;  // natural-log units, as the split kernel's
       ws.ml[slot * 2 + 1] = l;

@@ -1483,15 +1483,12 @@ class CudaBackend final : public Backend {
         addr(args.q_bias), addr(args.k_bias), addr(args.v_bias), addr(args.qkv)};
     // A decode batch of distinct sequences: the split kernel rotates q and k and writes the
     // cache itself (no token reads another's new row), one launch fewer a layer. Inside a
-    // decoder layer nothing reads q and k after it (KESTREL_CUDA_ATTENTION_ROTATE_BACK=1, a
-    // measurement switch, writes them back all the same).
+    // decoder layer nothing reads q and k after it, so they are not written back rotated (the
+    // write-back cost the merge 0.7-0.9 us and tg128 2.2-2.6% at batch 1 on the H100: PERF.md,
+    // twenty-second session).
     if (rotate && !prefill && rope_in_decode_) {
       args.inv_freq = inv_freq_;
-      static const bool rotate_back = [] {
-        const char* v = std::getenv("KESTREL_CUDA_ATTENTION_ROTATE_BACK");
-        return v != nullptr && std::string(v) == "1";
-      }();
-      args.keep_rotated = !in_layer_ || rotate_back;
+      args.keep_rotated = !in_layer_;
     } else if (rotate) {
       KS_RETURN_IF_ERROR(launch("rope + cache write", cache_args, [&] {
         return rope_kv_cache_write(args, cache_, inv_freq_, stream_);

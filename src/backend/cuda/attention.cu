@@ -1920,7 +1920,7 @@ int row_threads(int head_dim) {
   return std::min(512, (head_dim / 2 + 31) / 32 * 32);
 }
 
-// set_decode_solo: -1, the workspace's own ws.solo (KESTREL_CUDA_ATTENTION_SOLO).
+// set_decode_solo: -1, the workspace's own ws.solo (one tile).
 int decode_solo_override = -1;
 
 // set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.

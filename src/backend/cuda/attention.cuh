@@ -109,11 +109,12 @@ struct DecodeWorkspace {
   // block (or a solo split) prints its phase times (layer 1, the first token's first KV head,
   // every N positions, or every 256 for N = 1). 0: off.
   int profile = 0;
-  // KESTREL_CUDA_ATTENTION_SOLO=N (a switch until it has run on a GPU; 0 off): at head_dim 128 a
-  // tensor-core decode group whose context is at most N 64-key tiles takes one split, and a
-  // group of one split writes its output itself, without the partial results, fences and count
-  // of a merge.
-  int solo = 0;
+  // At head_dim 128, a tensor-core decode group whose context is at most `solo` 64-key tiles
+  // takes one split, and a group of one split writes its output itself, without the partial
+  // results, count and merge round trips (0: off; cuda::set_decode_solo, a test aid, sets
+  // others). One tile: two tiles walked by one block lost to two splits and a merge (PERF.md,
+  // twenty-second session).
+  int solo = 1;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

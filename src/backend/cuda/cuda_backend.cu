@@ -308,8 +308,6 @@ class CudaBackend final : public Backend {
       // N > 0: a line every N positions (1: every 256); 0 or anything else: off.
       decode_ws_.profile = std::clamp(std::atoi(profile), 0, 1 << 20);
     }
-    const char* solo = std::getenv("KESTREL_CUDA_ATTENTION_SOLO");
-    decode_ws_.solo = solo != nullptr ? std::clamp(std::atoi(solo), 0, 1 << 20) : 0;
     KS_ASSIGN_OR_RETURN(decode_ws_.o,
                         reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,

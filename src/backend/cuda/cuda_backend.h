@@ -100,8 +100,8 @@ void set_prefill_attention_groups(int groups);
 // were captured with.
 void set_decode_split_cap(int cap);
 // The decode attention's solo rule (DecodeWorkspace::solo: contexts of at most `tiles` 64-key
-// tiles take one split, which writes its output itself; 0 off) for every backend, or -1 for each
-// backend's own (KESTREL_CUDA_ATTENTION_SOLO): a test aid, process-wide like the split cap.
+// tiles take one split, which writes its output itself; 0 off) for every backend, or -1 for the
+// default (one tile): a test aid, process-wide like the split cap.
 void set_decode_solo(int tiles);
 
 // Test aids for the prefill GEMMs' copies made ahead (gemm.cuh, DequantAhead): delay_stream

@@ -81,6 +81,15 @@ bool set_gemv_loads_in_epilogue(bool on);
 // switch (KESTREL_CUDA_GEMV_INPUT_AHEAD=0 sets the starting value); both give the same bits.
 // Process-wide like set_gemv_loads_in_epilogue. Returns the setting before.
 bool set_gemv_input_ahead(bool on);
+// The fused norm's weight loaded before the GEMV's wait (the default) or after it
+// (KESTREL_CUDA_GEMV_NORM_AHEAD=0 sets the starting value); both give the same bits. Returns the
+// setting before.
+bool set_gemv_norm_ahead(bool on);
+// The dp4a path's input quantized by each warp for its own chunks, one chunk ahead of its
+// products, instead of by the whole block before them (KESTREL_CUDA_GEMV_LAZY_INPUT=1 sets the
+// starting value; off by default until measured); both give the same bits. Returns the setting
+// before.
+bool set_gemv_lazy_input(bool on);
 
 // Top-p's histograms in the draw kernel (draw.cu) in 64-bit sums for every row, where rows of at
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the

@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 
 #include "backend/cuda/cuda_backend.h"
@@ -78,6 +79,8 @@ struct GemvParams {
   bool profile = false;        // host only: the dp4a path's profiling instance (gemv_profile_flag)
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
+  bool norm_ahead = true;   // the fused norm's weight loaded before the wait (switch)
+  bool lazy_input = false;  // the dp4a path's input quantized by each warp, chunk by chunk (switch)
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -364,6 +367,59 @@ __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t*
     }
   }
   __syncthreads();
+}
+
+// The lazy input stage (p.lazy_input; the dp4a path without a fused norm): no block-wide stage
+// and no barrier after it. A warp reads the input of its own chunks alone (chunks warp, warp +
+// kWarps, ...: the same ones in every tile), so in its first tile it quantizes each chunk's four
+// groups just before their products, into the block's xq / xqp as quantize_input would, and
+// requests the next chunk's values one chunk ahead: the input's round trip and arithmetic run
+// beside the weight stream instead of before it. Lane l takes slots 4 (l % 8) .. + 3 of group
+// chunk * 4 + l / 8 (one uint2 a token: that is int8 word (l % 8) / 2 + 4 ((l % 8) % 2), bytes in
+// slot order 0, 2, 1, 3); the group's maximum and sum meet by shuffles over its eight lanes. The
+// arithmetic is quantize_input's: the same bits.
+template <int kDp>
+__device__ inline void load_chunk_input(const GemvParams& p, int64_t chunk, int lane,
+                                        uint2 (&raw)[kDp]) {
+  const int64_t group = chunk * kChunkGroups + lane / 8;
+#pragma unroll
+  for (int t = 0; t < kDp; ++t) {
+    raw[t] = group < p.n_groups && t < p.n_tokens
+                 ? *reinterpret_cast<const uint2*>(p.x + int64_t(t) * p.x_stride + group * kGroup +
+                                                   (lane & 7) * 4)
+                 : make_uint2(0u, 0u);
+  }
+}
+
+template <int kDp>
+__device__ inline void quantize_chunk(const GemvParams& p, int64_t chunk, int lane,
+                                      const uint2 (&raw)[kDp], uint32_t* xq, int2* xqp) {
+  const int64_t group = chunk * kChunkGroups + lane / 8;
+  const int part = lane & 7;
+#pragma unroll
+  for (int t = 0; t < kDp; ++t) {
+    const float2 a = __half22float2(bits_half2(raw[t].x));  // slots s0, s0 + 1
+    const float2 b = __half22float2(bits_half2(raw[t].y));  // slots s0 + 2, s0 + 3
+    // From 0 and by fmaxf, as quantize_input: a NaN never becomes the maximum.
+    float amax = fmaxf(fmaxf(fmaxf(fmaxf(0.0f, fabsf(a.x)), fabsf(a.y)), fabsf(b.x)), fabsf(b.y));
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float sx = amax / 127.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const int q0 = round_small(__fmul_rn(a.x, inv));
+    const int q1 = round_small(__fmul_rn(a.y, inv));
+    const int q2 = round_small(__fmul_rn(b.x, inv));
+    const int q3 = round_small(__fmul_rn(b.y, inv));
+    const uint32_t word = (uint32_t(q0) & 0xffu) | ((uint32_t(q2) & 0xffu) << 8) |
+                          ((uint32_t(q1) & 0xffu) << 16) | ((uint32_t(q3) & 0xffu) << 24);
+    int sq = q0 + q1 + q2 + q3;
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    if (group < p.n_groups) {
+      xq[(int64_t(t) * p.x_stride + group * kGroup) / 4 + (part >> 1) + 4 * (part & 1)] = word;
+      if (part == 0) xqp[int64_t(t) * p.n_groups + group] = make_int2(__float_as_int(sx), sq);
+    }
+  }
 }
 
 // The epilogue of one output: row `row` of job `job` for token `token` (rows past the end and
@@ -747,23 +803,31 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       if (out.w.bias != nullptr) first_bias = out.w.bias[row];
     }
   }
-  // The fused norm's weight: before the wait with the input stage's loads ahead (input_ahead),
-  // after it otherwise.
+  // The fused norm's weight: before the wait (norm_ahead), or after it.
   float4 norm_w[kNorm ? kNormPerThread : 1];
   if constexpr (kNorm) {
-    if (p.input_ahead) load_norm_weight(p, norm_w);
+    if (p.norm_ahead) load_norm_weight(p, norm_w);
   }
+  // The lazy input stage (load_chunk_input): the warp's first chunk requested right after the
+  // wait.
+  const bool lazy = kDp > 0 && !kNorm && p.lazy_input;
+  uint2 lazy_raw[kDp > 0 ? kDp : 1];
   pdl_wait();
   if (profiled) mark(1);
   if constexpr (kNorm) {
-    if (!p.input_ahead) load_norm_weight(p, norm_w);
+    if (!p.norm_ahead) load_norm_weight(p, norm_w);
+  }
+  if constexpr (kDp > 0 && !kNorm) {
+    if (lazy && n_my_tiles > 0) load_chunk_input<kDp>(p, warp, lane, lazy_raw);
   }
   if (loads_ahead && first_at >= 0) {
     const GemvJob& out = p.jobs[locate(tile0).job];
     if (out.residual != nullptr) first_residual = out.residual[first_at];
   }
   if constexpr (kNorm) normalize_input(p, xs, norm_w);
-  if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
+  if constexpr (kDp > 0) {
+    if (!lazy) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
+  }
   if (profiled) mark(2);
   // dp4a mode: the warps' row sums of a tile meet here, after the input stage.
   float* dp_sums = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xqp) +
@@ -791,9 +855,21 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
       uint32_t b_next[NT][4][4];
       if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
+      uint2 lazy_next[kDp > 0 ? kDp : 1];
+      if constexpr (kDp > 0 && !kNorm) {
+        if (lazy && iter == 0) load_chunk_input<kDp>(p, chunk + kWarps, lane, lazy_next);
+      }
       cp_async_wait<P::kStages - 1>();
       Fragment<F, MT> f;
       consume(stage, chunk, f);
+      if constexpr (kDp > 0 && !kNorm) {
+        if (lazy && iter == 0) {
+          quantize_chunk<kDp>(p, chunk, lane, lazy_raw, xq, xqp);
+          __syncwarp();  // the chunk's words, written by the lanes of its groups, for every lane
+#pragma unroll
+          for (int t = 0; t < kDp; ++t) lazy_raw[t] = lazy_next[t];
+        }
+      }
       if constexpr (kDp > 0) {
         // 8 weights per dp4a pair: the low nibbles of word u are weights 4u .. 4u + 3, the high
         // nibbles 16 + 4u .. 19 + 4u, matching words u and 4 + u of the natural-order input.
@@ -1388,11 +1464,15 @@ int trigger_mode() {
   return mode;
 }
 
+// Whether the environment variable `name` is set to `value`: the start-up value of the
+// process-wide switches below.
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
 std::atomic<bool>& gemv_profile_flag() {
-  static std::atomic<bool> on = [] {
-    const char* v = std::getenv("KESTREL_CUDA_GEMV_PROFILE");
-    return v != nullptr && std::string(v) == "1";
-  }();
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_PROFILE", "1")};
   return on;
 }
 
@@ -1400,10 +1480,7 @@ std::atomic<bool>& gemv_profile_flag() {
 // does, instead of before and right after the wait (KESTREL_CUDA_GEMV_LOADS=epilogue at start-up,
 // set_gemv_loads_in_epilogue; a measurement switch and test aid). Both give the same bits.
 std::atomic<bool>& gemv_loads_in_epilogue_flag() {
-  static std::atomic<bool> on = [] {
-    const char* v = std::getenv("KESTREL_CUDA_GEMV_LOADS");
-    return v != nullptr && std::string(v) == "epilogue";
-  }();
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_LOADS", "epilogue")};
   return on;
 }
 
@@ -1411,10 +1488,24 @@ std::atomic<bool>& gemv_loads_in_epilogue_flag() {
 // group's loads after the last one's quantization (KESTREL_CUDA_GEMV_INPUT_AHEAD=0 at start-up,
 // set_gemv_input_ahead; a measurement switch and test aid). Both give the same bits.
 std::atomic<bool>& gemv_input_ahead_flag() {
-  static std::atomic<bool> on = [] {
-    const char* v = std::getenv("KESTREL_CUDA_GEMV_INPUT_AHEAD");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_INPUT_AHEAD", "0")};
+  return on;
+}
+
+// The fused norm's weight loaded before the wait (the default) or after it
+// (KESTREL_CUDA_GEMV_NORM_AHEAD=0 at start-up, set_gemv_norm_ahead; a measurement switch and test
+// aid, apart from input_ahead since the twenty-second session: that switch's parts help the 8B
+// and cost the 1.5B). Both give the same bits.
+std::atomic<bool>& gemv_norm_ahead_flag() {
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_NORM_AHEAD", "0")};
+  return on;
+}
+
+// The dp4a path's lazy input stage (load_chunk_input; KESTREL_CUDA_GEMV_LAZY_INPUT=1 at
+// start-up, set_gemv_lazy_input; a measurement switch and test aid, off until measured). Both
+// give the same bits.
+std::atomic<bool>& gemv_lazy_input_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_LAZY_INPUT", "1")};
   return on;
 }
 
@@ -1466,6 +1557,8 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.profile = gemv_profile_flag().load(std::memory_order_relaxed);
   p.loads_in_epilogue = gemv_loads_in_epilogue_flag().load(std::memory_order_relaxed);
   p.input_ahead = gemv_input_ahead_flag().load(std::memory_order_relaxed);
+  p.norm_ahead = gemv_norm_ahead_flag().load(std::memory_order_relaxed);
+  p.lazy_input = gemv_lazy_input_flag().load(std::memory_order_relaxed);
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);
@@ -1485,6 +1578,14 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
 
 bool set_gemv_input_ahead(bool on) {
   return gemv_input_ahead_flag().exchange(on);
+}
+
+bool set_gemv_norm_ahead(bool on) {
+  return gemv_norm_ahead_flag().exchange(on);
+}
+
+bool set_gemv_lazy_input(bool on) {
+  return gemv_lazy_input_flag().exchange(on);
 }
 
 bool set_gemv_loads_in_epilogue(bool on) {

@@ -998,6 +998,14 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     const DecodeSolo forced(solo);
     check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
   }
+  // Six query heads a KV head (the 1.5B's group): at head_dim 128 the warps' merge has G x D / 4
+  // = 192 outputs of four dimensions for the block's 128 threads, so its loop takes a second
+  // pass, in the partial results and in the solo output.
+  for (int solo : {0, 1}) {
+    SCOPED_TRACE(solo ? "six query heads a KV head, solo" : "six query heads a KV head");
+    const DecodeSolo forced(solo);
+    check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
+  }
 }
 
 // Decode batches of distinct sequences where the split kernel's rotation takes its other paths:

@@ -199,9 +199,10 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
 // its bias and residual loaded around the wait (set_gemv_loads_in_epilogue), its input stage
 // requesting two groups a thread at once (set_gemv_input_ahead; the wide layer's 9248-column
 // down input is 289 groups, more than a block's threads), the fused norm's weight loaded before
-// the wait (set_gemv_norm_ahead) and, in a third run, the warps' lazy input stage
-// (set_gemv_lazy_input; 9248 columns are 73 chunks, so warps own 9 or 10, the last chunk a
-// quarter full). Every GEMV kind of a layer and the lm_head at one token (q/k/v with biases,
+// the wait (set_gemv_norm_ahead) and, in a third run, the warps' lazy input stage with and
+// without a fused norm (set_gemv_lazy_input(2); 9248 columns are 73 chunks, so warps own 9 or
+// 10, the last chunk a quarter full; 2080 are 65 groups, so the norm GEMVs' last chunk holds
+// one group). Every GEMV kind of a layer and the lm_head at one token (q/k/v with biases,
 // w_down with its residual) and at two, on a wave of blocks and on 3 blocks looping over the
 // tiles (later tiles load in their epilogue either way, and reuse the lazy stage's words), and
 // at one token with a NaN in the input. 1088 x 704 and a wider layer.
@@ -230,7 +231,7 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
           const bool loads_before = cuda::set_gemv_loads_in_epilogue(plain);
           const bool ahead_before = cuda::set_gemv_input_ahead(!plain);
           const bool norm_before = cuda::set_gemv_norm_ahead(!plain);
-          const bool lazy_before = cuda::set_gemv_lazy_input(run == 2);
+          const int lazy_before = cuda::set_gemv_lazy_input(run == 2 ? 2 : 0);
           results[run] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
           cuda::set_gemv_loads_in_epilogue(loads_before);
           cuda::set_gemv_input_ahead(ahead_before);
@@ -321,7 +322,7 @@ TEST(CudaOps, GemvInputStagePackedGroupsKeepTheConversionsBits) {
       std::vector<float> results[3];
       for (int mode : {1, 0, 2}) {
         const bool before = cuda::set_gemv_input_ahead(mode != 0);
-        const bool lazy_before = cuda::set_gemv_lazy_input(mode == 2);
+        const int lazy_before = cuda::set_gemv_lazy_input(mode == 2 ? 1 : 0);
         results[mode] = run(*pair.gpu, n, *c.input);
         cuda::set_gemv_input_ahead(before);
         cuda::set_gemv_lazy_input(lazy_before);

@@ -1012,6 +1012,23 @@ __device__ inline void store_group_pairs(const AttentionArgs& a, const KvCache& 
 // partial sums and {m, l} requested together. The splits go in a fixed order, so a replayed graph
 // gives the eager step's bits. The partial results are read through L2 (__ldcg): other blocks wrote
 // them.
+// The last step of a merge: four adjacent outputs acc / l of token t (columns col .. col + 3)
+// into a.out and its fp16 shadow. merge_group's, and a solo split's for its one partial result.
+__device__ inline void store_merged4(const AttentionArgs& a, int64_t t, int64_t q_dim, int64_t col,
+                                     float4 acc, float l) {
+  const float inv = 1.0f / l;
+  const float value[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
+  *reinterpret_cast<float4*>(a.out + t * q_dim + col) =
+      make_float4(value[0], value[1], value[2], value[3]);
+  if (a.shadow.data != nullptr) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      a.shadow.data[shadow_index(t, col + i, a.shadow.row_stride, a.shadow.permuted)] =
+          __float2half_rn(value[i]);
+    }
+  }
+}
+
 template <int D>
 __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const DecodeWorkspace& ws,
                             int64_t local, int64_t t, int kvh, int G, int used,
@@ -1069,18 +1086,7 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
       }
       m = mb;
     }
-    const float inv = 1.0f / l;
-    const float value[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
-    const int64_t col = (int64_t(kvh) * G + g) * D + d;
-    *reinterpret_cast<float4*>(a.out + t * q_dim + col) =
-        make_float4(value[0], value[1], value[2], value[3]);
-    if (a.shadow.data != nullptr) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        a.shadow.data[shadow_index(t, col + i, a.shadow.row_stride, a.shadow.permuted)] =
-            __float2half_rn(value[i]);
-      }
-    }
+    store_merged4(a, t, q_dim, (int64_t(kvh) * G + g) * D + d, acc, l);
   }
   if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
   if (write_back) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
@@ -1833,18 +1839,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       float m, l;
       float4 acc;
       merge_warps(g, d, m, l, acc);
-      const float inv = 1.0f / l;  // merge_group's arithmetic for one split
-      const float value[4] = {acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv};
-      const int64_t col = (int64_t(kvh) * G + g) * D + d;
-      *reinterpret_cast<float4*>(a.out + t * q_dim + col) =
-          make_float4(value[0], value[1], value[2], value[3]);
-      if (a.shadow.data != nullptr) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          a.shadow.data[shadow_index(t, col + i, a.shadow.row_stride, a.shadow.permuted)] =
-              __float2half_rn(value[i]);
-        }
-      }
+      store_merged4(a, t, q_dim, (int64_t(kvh) * G + g) * D + d, acc, l);  // one split's merge
     }
     if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
     if (write_back) store_group_pairs<D>(a, c, t, kvh, G, solo_pairs, angles);

@@ -232,10 +232,14 @@ __device__ float normalize_input(const GemvParams& p, __half* xs, const float4 (
 // is rounded to the nearest integer, ties to even, as the conversion rounds, and that integer
 // is the sum's low mantissa bits. A float-to-integer conversion issues at a sixteenth of the
 // FMA rate on sm_80-sm_90, and the input stage converts its whole input in every block at once
-// (the 8B's w_down input: 14336 conversions a block, three blocks an SM).
+// (the 8B's w_down input: 14336 conversions a block, three blocks an SM). round_bits is the
+// sum's bits (never contracted with a product before it): 0x4B400000 plus the integer.
+__device__ inline uint32_t round_bits(float x) {
+  return __float_as_uint(__fadd_rn(x, 12582912.0f));
+}
+
 __device__ inline int round_small(float x) {
-  const float r = __fadd_rn(x, 12582912.0f);  // never contracted with the product before it
-  return x == x ? int(__float_as_uint(r) - 0x4B400000u) : 0;
+  return x == x ? int(round_bits(x) - 0x4B400000u) : 0;
 }
 
 // One group of finite fp16 values (`raw`: slot order, common.cuh's permutation) times inv,
@@ -247,9 +251,7 @@ __device__ inline int round_small(float x) {
 // 2 (w / 4) and 2 (w / 4) + 1 of raw[w % 4]) at bytes 0, 2, 1, 3, the permutation's last two
 // bits swapped back.
 __device__ inline int packed_group(const uint4 (&raw)[4], float inv, uint32_t (&words)[8]) {
-  auto rounded = [&](float x) {
-    return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), 12582912.0f));
-  };
+  auto rounded = [&](float x) { return round_bits(__fmul_rn(x, inv)); };
   int sum = 0;
 #pragma unroll
   for (int w = 0; w < 8; ++w) {

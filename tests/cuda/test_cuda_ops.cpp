@@ -198,14 +198,11 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
 // The dp4a GEMV's latency options give the bits of the path without them: its first tile with
 // its bias and residual loaded around the wait (set_gemv_loads_in_epilogue), its input stage
 // requesting two groups a thread at once (set_gemv_input_ahead; the wide layer's 9248-column
-// down input is 289 groups, more than a block's threads), the fused norm's weight loaded before
-// the wait (set_gemv_norm_ahead) and, in a third run, the warps' lazy input stage with and
-// without a fused norm (set_gemv_lazy_input(2); 9248 columns are 73 chunks, so warps own 9 or
-// 10, the last chunk a quarter full; 2080 are 65 groups, so the norm GEMVs' last chunk holds
-// one group). Every GEMV kind of a layer and the lm_head at one token (q/k/v with biases,
-// w_down with its residual) and at two, on a wave of blocks and on 3 blocks looping over the
-// tiles (later tiles load in their epilogue either way, and reuse the lazy stage's words), and
-// at one token with a NaN in the input. 1088 x 704 and a wider layer.
+// down input is 289 groups, more than a block's threads) and the fused norm's weight loaded
+// before the wait (set_gemv_norm_ahead). Every GEMV kind of a layer and the lm_head at one token
+// (q/k/v with biases, w_down with its residual) and at two, on a wave of blocks and on 3 blocks
+// looping over the tiles (later tiles load in their epilogue either way), and at one token with
+// a NaN in the input. 1088 x 704 and a wider layer.
 TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
   const int64_t shapes[][2] = {{1088, 704}, {2080, 9248}};
   for (const auto& shape : shapes) {
@@ -224,19 +221,17 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
       SCOPED_TRACE(nan_input ? "a NaN in the input" : "finite input");
       for (int cap : {0, 3}) {
         cuda::set_gemv_block_cap(cap);
-        // [the options on, every option off, the options on with the lazy input stage]
-        std::vector<float> results[3];
-        for (int run : {0, 1, 2}) {
+        // [the options on, every option off]
+        std::vector<float> results[2];
+        for (int run : {0, 1}) {
           const bool plain = run == 1;
           const bool loads_before = cuda::set_gemv_loads_in_epilogue(plain);
           const bool ahead_before = cuda::set_gemv_input_ahead(!plain);
           const bool norm_before = cuda::set_gemv_norm_ahead(!plain);
-          const int lazy_before = cuda::set_gemv_lazy_input(run == 2 ? 2 : 0);
           results[run] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
           cuda::set_gemv_loads_in_epilogue(loads_before);
           cuda::set_gemv_input_ahead(ahead_before);
           cuda::set_gemv_norm_ahead(norm_before);
-          cuda::set_gemv_lazy_input(lazy_before);
         }
         cuda::set_gemv_block_cap(0);
         ASSERT_FALSE(results[0].empty());
@@ -244,11 +239,9 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
           EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten, n=" << n;
           EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (plain path), n=" << n;
         }
-        for (int run : {1, 2}) {
-          EXPECT_EQ(bits_differ(results[0], results[run]), 0u)
-              << (run == 1 ? "plain" : "lazy input") << ": of " << results[0].size() << " values, "
-              << shape[0] << " x " << shape[1] << ", n=" << n << ", block cap " << cap;
-        }
+        EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
+            << "of " << results[0].size() << " values, " << shape[0] << " x " << shape[1]
+            << ", n=" << n << ", block cap " << cap;
       }
     }
   }
@@ -263,8 +256,7 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
 // summation order (a value packed into the wrong byte, or rounded the other way, gives errors
 // far above it) and the same bits on both paths; then a NaN in one group (the conversion's rule:
 // it counts as 0 and the other 31 keep their scale, so the outputs stay finite) and an infinity
-// in another (bits only); the warps' lazy input stage (set_gemv_lazy_input) gives the same bits
-// on all of them. One token and two (kDp 1 and 2), 18 groups.
+// in another (bits only). One token and two (kDp 1 and 2), 18 groups.
 TEST(CudaOps, GemvInputStagePackedGroupsKeepTheConversionsBits) {
   constexpr int64_t rows = 200, cols = 576;
   ModelWeights weights;
@@ -318,18 +310,15 @@ TEST(CudaOps, GemvInputStagePackedGroupsKeepTheConversionsBits) {
     const Case cases[] = {{"finite", &x}, {"a NaN", &with_nan}, {"an infinity", &with_inf}};
     for (const Case& c : cases) {
       SCOPED_TRACE(std::string(c.what) + ", n=" + std::to_string(n));
-      // [conversion, packed groups, lazy input]
-      std::vector<float> results[3];
-      for (int mode : {1, 0, 2}) {
+      // [conversion, packed groups]
+      std::vector<float> results[2];
+      for (int mode : {1, 0}) {
         const bool before = cuda::set_gemv_input_ahead(mode != 0);
-        const int lazy_before = cuda::set_gemv_lazy_input(mode == 2 ? 1 : 0);
         results[mode] = run(*pair.gpu, n, *c.input);
         cuda::set_gemv_input_ahead(before);
-        cuda::set_gemv_lazy_input(lazy_before);
       }
       ASSERT_EQ(results[1].size(), size_t(n * rows));
       EXPECT_EQ(bits_differ(results[1], results[0]), 0u);
-      EXPECT_EQ(bits_differ(results[2], results[0]), 0u) << "lazy input";
       if (c.input == &with_inf) continue;
       EXPECT_TRUE(no_nan(results[1]));
       if (c.input == &x) {

@@ -85,12 +85,6 @@ bool set_gemv_input_ahead(bool on);
 // (KESTREL_CUDA_GEMV_NORM_AHEAD=0 sets the starting value); both give the same bits. Returns the
 // setting before.
 bool set_gemv_norm_ahead(bool on);
-// The dp4a path's input quantized by each warp for its own chunks, one chunk ahead of its
-// products, instead of by the whole block before them: 0 off (the default until measured), 1
-// for the GEMVs without a fused norm, 2 for those with one too (after the block's sum of
-// squares); KESTREL_CUDA_GEMV_LAZY_INPUT sets the starting value. Every mode gives the same
-// bits. Returns the mode before.
-int set_gemv_lazy_input(int mode);
 
 // Top-p's histograms in the draw kernel (draw.cu) in 64-bit sums for every row, where rows of at
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the

@@ -80,8 +80,6 @@ struct GemvParams {
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
   bool norm_ahead = true;   // the fused norm's weight loaded before the wait (switch)
-  bool lazy_input = false;  // the dp4a path's input quantized by each warp, chunk by chunk (switch)
-  bool lazy_norm = false;   // the same with a fused norm: host only, it picks the instance (switch)
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -186,10 +184,8 @@ __device__ inline void load_norm_weight(const GemvParams& p, float4 (&g)[kNormPe
   }
 }
 
-// Returns the row's scale; without `shadow` (the lazy stage, which normalizes a chunk at a time)
-// it leaves xs unwritten and ends at the sum's barrier (block 0 still stores the fp32 row).
-__device__ float normalize_input(const GemvParams& p, __half* xs, const float4 (&g)[kNormPerThread],
-                                 bool shadow = true) {
+__device__ void normalize_input(const GemvParams& p, __half* xs,
+                                const float4 (&g)[kNormPerThread]) {
   constexpr int kPerThread = kNormPerThread;
   __shared__ float partial[kWarps];
   const int lane = threadIdx.x & 31;
@@ -221,11 +217,10 @@ __device__ float normalize_input(const GemvParams& p, __half* xs, const float4 (
       const float4 a = make_float4(g[r].x * (v[r].x * scale), g[r].y * (v[r].y * scale),
                                    g[r].z * (v[r].z * scale), g[r].w * (v[r].w * scale));
       if (blockIdx.x == 0) reinterpret_cast<float4*>(p.norm.out)[j] = a;
-      if (shadow) store_shadow4(xs32, j, a, /*permuted=*/true);
+      store_shadow4(xs32, j, a, /*permuted=*/true);
     }
   }
-  if (shadow) __syncthreads();
-  return scale;
+  __syncthreads();
 }
 
 // __float2int_rn(x) for |x| < 2^22 (NaN: 0, as the conversion gives) in one add: x + 1.5 * 2^23
@@ -375,98 +370,6 @@ __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t*
   __syncthreads();
 }
 
-// The lazy input stage (p.lazy_input; the dp4a path without a fused norm): no block-wide stage
-// and no barrier after it. A warp reads the input of its own chunks alone (chunks warp, warp +
-// kWarps, ...: the same ones in every tile), so in its first tile it quantizes each chunk's four
-// groups just before their products, into the block's xq / xqp as quantize_input would, and
-// requests the next chunk's values one chunk ahead: the input's round trip and arithmetic run
-// beside the weight stream instead of before it. Lane l takes slots 4 (l % 8) .. + 3 of group
-// chunk * 4 + l / 8 (one uint2 a token: that is int8 word (l % 8) / 2 + 4 ((l % 8) % 2), bytes in
-// slot order 0, 2, 1, 3); the group's maximum and sum meet by shuffles over its eight lanes. The
-// arithmetic is quantize_input's: the same bits.
-template <int kDp>
-__device__ inline void load_chunk_input(const GemvParams& p, int64_t chunk, int lane,
-                                        uint2 (&raw)[kDp]) {
-  const int64_t group = chunk * kChunkGroups + lane / 8;
-#pragma unroll
-  for (int t = 0; t < kDp; ++t) {
-    raw[t] = group < p.n_groups && t < p.n_tokens
-                 ? *reinterpret_cast<const uint2*>(p.x + int64_t(t) * p.x_stride + group * kGroup +
-                                                   (lane & 7) * 4)
-                 : make_uint2(0u, 0u);
-  }
-}
-
-// A lane's four values (slots 4 part .. + 3 of `group`, in slot order) of token t quantized as
-// quantize_input quantizes their group: its maximum and sum meet over the group's eight lanes
-// (shuffles: every lane of the warp calls this together).
-__device__ inline void quantize_part(const GemvParams& p, int64_t group, int part, int t,
-                                     const float (&v)[4], uint32_t* xq, int2* xqp) {
-  // From 0 and by fmaxf, as quantize_input: a NaN never becomes the maximum.
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
-#pragma unroll
-  for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const float sx = amax / 127.0f;
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  int q[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) q[i] = round_small(__fmul_rn(v[i], inv));
-  // Slots s0 .. s0 + 3 are elements 0, 2, 1, 3 of the word's four (common.cuh's permutation).
-  const uint32_t word = (uint32_t(q[0]) & 0xffu) | ((uint32_t(q[2]) & 0xffu) << 8) |
-                        ((uint32_t(q[1]) & 0xffu) << 16) | ((uint32_t(q[3]) & 0xffu) << 24);
-  int sq = q[0] + q[1] + q[2] + q[3];
-#pragma unroll
-  for (int o = 1; o < 8; o <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
-  if (group < p.n_groups) {
-    xq[(int64_t(t) * p.x_stride + group * kGroup) / 4 + (part >> 1) + 4 * (part & 1)] = word;
-    if (part == 0) xqp[int64_t(t) * p.n_groups + group] = make_int2(__float_as_int(sx), sq);
-  }
-}
-
-template <int kDp>
-__device__ inline void quantize_chunk(const GemvParams& p, int64_t chunk, int lane,
-                                      const uint2 (&raw)[kDp], uint32_t* xq, int2* xqp) {
-#pragma unroll
-  for (int t = 0; t < kDp; ++t) {
-    const float2 a = __half22float2(bits_half2(raw[t].x));  // slots s0, s0 + 1
-    const float2 b = __half22float2(bits_half2(raw[t].y));  // slots s0 + 2, s0 + 3
-    const float v[4] = {a.x, a.y, b.x, b.y};
-    quantize_part(p, chunk * kChunkGroups + lane / 8, lane & 7, t, v, xq, xqp);
-  }
-}
-
-// The lazy stage with a fused norm (its own instance, kLazyNorm; one token): after the
-// block-wide sum of squares (normalize_input without its shadow), a lane takes the same four
-// slots of its group from the fp32 row and the norm's weight, natural columns 4 (part / 2) + 16
-// (part % 2) .. + 3 of the group (slots s0 .. s0 + 3 are their elements 0, 2, 1, 3, as
-// store_shadow4 places them), computes normalize_input's values and rounds them to fp16 as its
-// shadow would hold them.
-struct NormPart {
-  float4 x, w;
-};
-
-__device__ inline void load_chunk_norm(const GemvParams& p, int64_t chunk, int lane,
-                                       NormPart& part) {
-  const int64_t group = chunk * kChunkGroups + lane / 8;
-  const int pt = lane & 7;
-  const int64_t j = (group * kGroup + 4 * (pt >> 1) + 16 * (pt & 1)) / 4;  // the float4's index
-  const bool in = group < p.n_groups;
-  const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  part.x = in ? reinterpret_cast<const float4*>(p.norm.x)[j] : zero;
-  part.w = in ? reinterpret_cast<const float4*>(p.norm.w)[j] : zero;
-}
-
-__device__ inline void quantize_chunk_norm(const GemvParams& p, int64_t chunk, int lane,
-                                           const NormPart& part, float scale, uint32_t* xq,
-                                           int2* xqp) {
-  auto value = [&](float g, float x) { return __half2float(__float2half_rn(g * (x * scale))); };
-  const float v[4] = {value(part.w.x, part.x.x), value(part.w.z, part.x.z),
-                      value(part.w.y, part.x.y), value(part.w.w, part.x.w)};
-  quantize_part(p, chunk * kChunkGroups + lane / 8, lane & 7, 0, v, xq, xqp);
-}
-
 // The epilogue of one output: row `row` of job `job` for token `token` (rows past the end and
 // token slots past n_tokens are dropped), plus the bias and the residual add.
 __device__ inline void store_output(const GemvParams& p, int job, int64_t row, int token,
@@ -612,13 +515,9 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
 }
 
 // kProfile: the instance that records the phase profile (dp4a only; gemv_profile_flag).
-// kLazyNorm: the fused norm's lazy input stage (load_chunk_norm), an instance of its own so the
-// others' registers are what they were (the norm instances sit at their 80-register cap).
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kLazyNorm = false>
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
-  static_assert(!kLazyNorm || (kNorm && kDp == 1), "the lazy norm stage is the dp4a path's");
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(
       kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
@@ -852,49 +751,22 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       if (out.w.bias != nullptr) first_bias = out.w.bias[row];
     }
   }
-  // The fused norm's weight: before the wait (norm_ahead), or after it. The lazy norm stage
-  // reads it a chunk at a time; only block 0, which stores the fp32 row, needs it whole.
+  // The fused norm's weight: before the wait (norm_ahead), or after it.
   float4 norm_w[kNorm ? kNormPerThread : 1];
-  auto norm_weight = [&] {
-    if constexpr (kNorm) {
-      if (!kLazyNorm || blockIdx.x == 0) {
-        load_norm_weight(p, norm_w);
-      } else {
-#pragma unroll
-        for (int r = 0; r < kNormPerThread; ++r) norm_w[r] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      }
-    }
-  };
   if constexpr (kNorm) {
-    if (p.norm_ahead) norm_weight();
+    if (p.norm_ahead) load_norm_weight(p, norm_w);
   }
-  // The lazy input stage (load_chunk_input; load_chunk_norm in the kLazyNorm instance): the
-  // warp's first chunk requested right after the wait (with a norm, after its sum of squares).
-  const bool lazy = kNorm ? kLazyNorm : kDp > 0 && p.lazy_input;
-  uint2 lazy_raw[kDp > 0 ? kDp : 1];
-  NormPart lazy_norm_part;
-  float lazy_scale = 0.0f;
   pdl_wait();
   if (profiled) mark(1);
   if constexpr (kNorm) {
-    if (!p.norm_ahead) norm_weight();
-  }
-  if constexpr (kDp > 0 && !kNorm) {
-    if (lazy && n_my_tiles > 0) load_chunk_input<kDp>(p, warp, lane, lazy_raw);
+    if (!p.norm_ahead) load_norm_weight(p, norm_w);
   }
   if (loads_ahead && first_at >= 0) {
     const GemvJob& out = p.jobs[locate(tile0).job];
     if (out.residual != nullptr) first_residual = out.residual[first_at];
   }
-  if constexpr (kLazyNorm) {
-    lazy_scale = normalize_input(p, xs, norm_w, /*shadow=*/false);
-    if (n_my_tiles > 0) load_chunk_norm(p, warp, lane, lazy_norm_part);
-  } else if constexpr (kNorm) {
-    normalize_input(p, xs, norm_w);
-  }
-  if constexpr (kDp > 0) {
-    if (!lazy) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
-  }
+  if constexpr (kNorm) normalize_input(p, xs, norm_w);
+  if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
   if (profiled) mark(2);
   // dp4a mode: the warps' row sums of a tile meet here, after the input stage.
   float* dp_sums = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xqp) +
@@ -922,29 +794,9 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
       uint32_t b_next[NT][4][4];
       if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
-      uint2 lazy_next[kDp > 0 ? kDp : 1];
-      NormPart lazy_norm_next;
-      if (lazy && iter == 0) {
-        if constexpr (kLazyNorm) {
-          load_chunk_norm(p, chunk + kWarps, lane, lazy_norm_next);
-        } else if constexpr (kDp > 0 && !kNorm) {
-          load_chunk_input<kDp>(p, chunk + kWarps, lane, lazy_next);
-        }
-      }
       cp_async_wait<P::kStages - 1>();
       Fragment<F, MT> f;
       consume(stage, chunk, f);
-      if (lazy && iter == 0) {
-        if constexpr (kLazyNorm) {
-          quantize_chunk_norm(p, chunk, lane, lazy_norm_part, lazy_scale, xq, xqp);
-          lazy_norm_part = lazy_norm_next;
-        } else if constexpr (kDp > 0 && !kNorm) {
-          quantize_chunk<kDp>(p, chunk, lane, lazy_raw, xq, xqp);
-#pragma unroll
-          for (int t = 0; t < kDp; ++t) lazy_raw[t] = lazy_next[t];
-        }
-        __syncwarp();  // the chunk's words, written by the lanes of its groups, for every lane
-      }
       if constexpr (kDp > 0) {
         // 8 weights per dp4a pair: the low nibbles of word u are weights 4u .. 4u + 3, the high
         // nibbles 16 + 4u .. 19 + 4u, matching words u and 4 + u of the natural-order input.
@@ -1351,8 +1203,7 @@ bool launch_persistent(bool dp4a) {
 // fit on the device at once, each looping over tiles: the weight ring streams on across tile
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kLazyNorm = false>
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
@@ -1366,7 +1217,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr bool kOwnReduce = Pipe<F, MT>::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kLazyNorm>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1430,10 +1281,7 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
       return launch_kernel<F, MT, 1, kSwiglu, false, 2, true>(p, stream);
     }
     if (p.dp4a) {
-      if (p.norm.x != nullptr) {
-        if (p.lazy_norm) return launch_kernel<F, MT, 1, kSwiglu, true, 1, false, true>(p, stream);
-        return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, stream);
-      }
+      if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, stream);
       if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, stream);
       return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, stream);
     }
@@ -1580,17 +1428,6 @@ std::atomic<bool>& gemv_norm_ahead_flag() {
   return on;
 }
 
-// The dp4a path's lazy input stage (load_chunk_input; 1: the GEMVs without a fused norm, 2:
-// those with one too, which take their own instance; KESTREL_CUDA_GEMV_LAZY_INPUT at start-up,
-// set_gemv_lazy_input; a measurement switch and test aid, off until measured). Every mode gives
-// the same bits. The profile's instance (KESTREL_CUDA_GEMV_PROFILE=1) has no lazy norm stage.
-std::atomic<int>& gemv_lazy_input_flag() {
-  static std::atomic<int> mode{env_is("KESTREL_CUDA_GEMV_LAZY_INPUT", "2")   ? 2
-                               : env_is("KESTREL_CUDA_GEMV_LAZY_INPUT", "1") ? 1
-                                                                             : 0};
-  return mode;
-}
-
 bool triggers_early(bool dp4a) {
   if (trigger_mode() != 1) return trigger_mode() == 2;
   return dp4a;
@@ -1640,9 +1477,6 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.loads_in_epilogue = gemv_loads_in_epilogue_flag().load(std::memory_order_relaxed);
   p.input_ahead = gemv_input_ahead_flag().load(std::memory_order_relaxed);
   p.norm_ahead = gemv_norm_ahead_flag().load(std::memory_order_relaxed);
-  const int lazy = gemv_lazy_input_flag().load(std::memory_order_relaxed);
-  p.lazy_input = lazy >= 1;
-  p.lazy_norm = lazy >= 2;
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);
@@ -1666,10 +1500,6 @@ bool set_gemv_input_ahead(bool on) {
 
 bool set_gemv_norm_ahead(bool on) {
   return gemv_norm_ahead_flag().exchange(on);
-}
-
-int set_gemv_lazy_input(int mode) {
-  return gemv_lazy_input_flag().exchange(std::clamp(mode, 0, 2));
 }
 
 bool set_gemv_loads_in_epilogue(bool on) {

@@ -17,7 +17,9 @@
 #include <utility>
 
 #include "../unit/backend_op_checks.h"
+#include "core/half.h"
 #include "cuda_test_util.h"
+#include "quant/format.h"
 
 namespace kestrel::cuda_test {
 namespace {
@@ -244,6 +246,103 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
             << ", n=" << n << ", block cap " << cap;
       }
     }
+  }
+}
+
+// The down GEMV's half-group input (HalfGroupInput): at one token the swiglu GEMV's epilogue
+// quantizes each 16-row tile of its output, and w_down's blocks copy that instead of quantizing
+// the fp16 shadow in groups of 32 (set_gemv_half_groups(false)). The two quantize differently,
+// so w_down's outputs differ; each is checked against the exact product of the fp16-rounded gate
+// (what both quantize) with the dequantized weight, in double: the halves' error no larger than
+// the groups of 32's (a byte, half or scale out of place would put the outputs off by their own
+// size). Intermediate sizes of 720 (45 tiles: the last group's second half is padding, zeroed by
+// the grid's last block) and 9248, on a wave of blocks and on 3 blocks looping over the tiles;
+// two tokens never take the halves (the same bits either way). Then a gate written after the
+// swiglu GEMV: w_down must read the new values, not the halves.
+TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
+  const int64_t shapes[][2] = {{256, 720}, {2080, 9248}};
+  for (const auto& shape : shapes) {
+    SCOPED_TRACE(std::to_string(shape[0]) + " x " + std::to_string(shape[1]));
+    const int64_t hidden = shape[0], inter = shape[1];
+    ModelConfig config = small_config(hidden, inter, 8, 2, 64, 300);
+    config.n_layers = 1;
+    ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 5100 + inter);
+    const LayerWeights& l = weights.layers[0];
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    // gate, up = swiglu(norm(x)); down = gate · w_downᵀ (+ x): [gate, down] of the device.
+    auto run = [&](Backend& b, int64_t n, bool rewrite_gate) {
+      std::vector<int32_t> meta;
+      EXPECT_TRUE(b.begin_batch(pair.paged(batch_of(n, meta))).is_ok());
+      auto xt = b.scratch(n, hidden);
+      auto normed = b.scratch(n, hidden);
+      auto gate = b.scratch(n, inter);
+      auto up = b.scratch(n, inter);
+      auto down = b.scratch(n, hidden);
+      EXPECT_TRUE(xt.is_ok() && normed.is_ok() && gate.is_ok() && up.is_ok() && down.is_ok());
+      if (!xt.is_ok() || !normed.is_ok() || !gate.is_ok() || !up.is_ok() || !down.is_ok()) {
+        return std::pair<std::vector<float>, std::vector<float>>{};
+      }
+      fill(b, *xt, random_values(size_t(n * hidden), 5200 + uint64_t(n), 2.0f));
+      poison(b, *down);
+      EXPECT_TRUE(
+          b.norm_matmul_swiglu(*gate, *up, *normed, *xt, l.ffn_norm, 1e-5f, l.w_gate, l.w_up)
+              .is_ok());
+      if (rewrite_gate) fill(b, *gate, random_values(size_t(n * inter), 5301, 1.0f));
+      EXPECT_TRUE(b.matmul_add(*down, *gate, l.w_down, *xt).is_ok());
+      return std::pair{fetch(b, *gate), fetch(b, *down)};
+    };
+    // The exact product of the fp16-rounded gate rows with w_down, plus its bias.
+    std::vector<float> w_row(static_cast<size_t>(inter));
+    auto exact = [&](const std::vector<float>& gate, int64_t n) {
+      std::vector<float> out(size_t(n * hidden));
+      for (int64_t r = 0; r < hidden; ++r) {
+        dequantize_row(l.w_down.w, r, w_row.data());
+        for (int64_t t = 0; t < n; ++t) {
+          double sum = l.w_down.bias.empty() ? 0.0 : double(l.w_down.bias.as<float>()[r]);
+          for (int64_t c = 0; c < inter; ++c) {
+            const float g = fp16_to_float(float_to_fp16(gate[size_t(t * inter + c)]));
+            sum += double(g) * double(w_row[size_t(c)]);
+          }
+          out[size_t(t * hidden + r)] = float(sum);
+        }
+      }
+      return out;
+    };
+    for (int64_t n : {1, 2}) {
+      ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, inter));
+      for (int cap : {0, 3}) {
+        cuda::set_gemv_block_cap(cap);
+        std::pair<std::vector<float>, std::vector<float>> results[2];  // [groups of 32, halves]
+        for (int halves : {0, 1}) {
+          const bool before = cuda::set_gemv_half_groups(halves == 1);
+          results[halves] = run(*pair.gpu, n, false);
+          cuda::set_gemv_half_groups(before);
+        }
+        cuda::set_gemv_block_cap(0);
+        ASSERT_EQ(results[1].second.size(), size_t(n * hidden));
+        EXPECT_EQ(bits_differ(results[0].first, results[1].first), 0u) << "the gates differ";
+        EXPECT_TRUE(no_nan(results[1].second)) << "an output left unwritten, n=" << n;
+        const std::vector<float> ref = exact(results[1].first, n);
+        const double groups = rel_error(results[0].second, ref);
+        const double halves = rel_error(results[1].second, ref);
+        EXPECT_LE(groups, 2e-2) << "n=" << n << ", block cap " << cap;
+        EXPECT_LE(halves, 1.25 * groups + 1e-6) << "n=" << n << ", block cap " << cap;
+        if (n == 1) {
+          EXPECT_GT(bits_differ(results[0].second, results[1].second), 0u)
+              << "the halves were not read";
+        } else {
+          EXPECT_EQ(bits_differ(results[0].second, results[1].second), 0u)
+              << "two tokens took the halves";
+        }
+      }
+    }
+    // A gate rewritten after the swiglu GEMV: w_down reads it, not the stale halves.
+    const auto rewritten = run(*pair.gpu, 1, true);
+    ASSERT_FALSE(rewritten.second.empty());
+    EXPECT_LE(rel_error(rewritten.second, exact(rewritten.first, 1)), 2e-2)
+        << "w_down read a stale input";
+    EXPECT_LE(rel_error(rewritten.second, run(*pair.cpu, 1, true).second), 2e-3);
   }
 }
 

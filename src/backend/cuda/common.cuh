@@ -72,11 +72,23 @@ __host__ __device__ inline int64_t shadow_index(int64_t row, int64_t k, int64_t 
   return row * row_stride + (k & ~int64_t(kGroup - 1)) + permuted_slot(int(k & (kGroup - 1)));
 }
 
-// Where an op writes the fp16 copy of its output; data == nullptr when none is wanted.
+// One token's activation quantized for the dp4a GEMV in half groups (16 columns): q holds
+// round_up(cols, 32) int8 values in natural order, four to a word, and scales[h] = {scale bits,
+// sum of the 16 int8 values} of columns 16 h .. 16 h + 15 (value = scale * q). A GEMV reads it
+// instead of quantizing the fp16 shadow itself (HalfGroupInput, gemv.cuh).
+struct HalfGroupOut {
+  uint32_t* q = nullptr;
+  int2* scales = nullptr;
+};
+
+// Where an op writes the fp16 copy of its output; data == nullptr when none is wanted. `halves`,
+// when set, also receives the half-group quantization of a one-token output (the dp4a swiglu
+// GEMV's epilogue writes it; no other producer does).
 struct ShadowOut {
   __half* data = nullptr;
   int64_t row_stride = 0;  // round_up(cols, 32)
   bool permuted = false;
+  HalfGroupOut halves;
 };
 
 // Programmatic dependent launch: kernels of a decode step are launched so that the next one

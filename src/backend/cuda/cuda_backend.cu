@@ -87,7 +87,8 @@ struct ShadowState {
   int64_t rows = 0;
   int64_t cols = 0;
   bool permuted = false;
-  int buffer = 0;  // which of the two shadow buffers holds it
+  int buffer = 0;       // which of the two shadow buffers holds it
+  bool halves = false;  // the buffer's half-group quantization (HalfGroupOut) is written too
 };
 
 // One decode GEMV launch: its jobs (one weight and output each) over one input.
@@ -99,6 +100,7 @@ struct GemvCall {
   bool fp32 = false;          // fp32 weights: cuBLAS fp32 GEMMs instead (matmul_f32)
   NormInput norm;             // set: the input is this RMSNorm, x is null
   const __half* x = nullptr;  // the input's permuted shadow
+  HalfGroupInput halves;  // the same input quantized in half groups, where its producer wrote it
   int64_t x_stride = 0;
   int n_tokens = 0;
 };
@@ -280,6 +282,12 @@ class CudaBackend final : public Backend {
     for (__half*& buffer : shadow_buffers_) {
       KS_ASSIGN_OR_RETURN(buffer,
                           reserve_device<__half>(extras.shadow_bytes, "fp16 activation shadow"));
+    }
+    for (HalfGroupOut& halves : half_buffers_) {
+      KS_ASSIGN_OR_RETURN(uint8_t * bytes,
+                          reserve_device<uint8_t>(extras.halves_bytes, "int8 activation halves"));
+      halves = HalfGroupOut{reinterpret_cast<uint32_t*>(bytes),
+                            reinterpret_cast<int2*>(bytes + shadow_cols_)};
     }
     gemm_ws_ = GemmWorkspace{};
     gemm_ws_.cublas = cublas_;
@@ -542,7 +550,7 @@ class CudaBackend final : public Backend {
       note_write(normed);
       note_write(gate);
       note_write(up);
-      const ShadowOut shadow = produce_shadow(gate);
+      const ShadowOut shadow = produce_shadow(gate, writes_halves(m));
       return launch_gemv(m, GemvEpilogue::swiglu, shadow);
     }
     KS_RETURN_IF_ERROR(launch_norm(normed, x, weight, eps));
@@ -553,7 +561,7 @@ class CudaBackend final : public Backend {
       note_write(gate);
       note_write(up);
       m.x = shadow_buffers_[shadow_.buffer];
-      const ShadowOut shadow = produce_shadow(gate);
+      const ShadowOut shadow = produce_shadow(gate, writes_halves(m));
       return launch_gemv(m, GemvEpilogue::swiglu, shadow);
     }
     KS_RETURN_IF_ERROR(launch_matmul(m, normed));
@@ -576,6 +584,7 @@ class CudaBackend final : public Backend {
       note_write(out);
       note_write(residual);
       m.x = shadow_buffers_[shadow_.buffer];
+      m.halves = shadow_halves(x);
       m.jobs[0].residual = f32(residual);
       return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
     }
@@ -966,6 +975,7 @@ class CudaBackend final : public Backend {
     int64_t shadow_rows = 0;
     int64_t shadow_cols = 0;
     size_t shadow_bytes = 0;
+    size_t halves_bytes = 0;   // one token's int8 values and half-group scales (HalfGroupOut)
     size_t dequant_bytes = 0;  // dequant_copies fp16 copies of the largest weight
     int dequant_copies = 1;
     size_t cublas_bytes = 0;
@@ -980,9 +990,9 @@ class CudaBackend final : public Backend {
     size_t argmax_count_bytes = 0;
     size_t draw_work_bytes = 0;
     size_t total() const {
-      return 2 * shadow_bytes + dequant_bytes + cublas_bytes + split_o_bytes + split_ml_bytes +
-             arrival_bytes + meta_bytes + 2 * rows_bytes + layer_sync_bytes + argmax_partial_bytes +
-             argmax_count_bytes + draw_work_bytes;
+      return 2 * shadow_bytes + 2 * halves_bytes + dequant_bytes + cublas_bytes + split_o_bytes +
+             split_ml_bytes + arrival_bytes + meta_bytes + 2 * rows_bytes + layer_sync_bytes +
+             argmax_partial_bytes + argmax_count_bytes + draw_work_bytes;
     }
   };
 
@@ -993,6 +1003,7 @@ class CudaBackend final : public Backend {
         std::max({shape.max_batch_tokens, shape.max_logit_rows, int64_t(kMaxGemvTokens)});
     e.shadow_cols = round_up(widest, kGroup);
     e.shadow_bytes = size_t(e.shadow_rows * e.shadow_cols) * sizeof(__half);
+    e.halves_bytes = size_t(e.shadow_cols + e.shadow_cols / 16 * int64_t(sizeof(int2)));
     const bool prefill_gemm =
         shape.max_batch_tokens > kMaxGemvBatchTokens || shape.max_logit_rows > kMaxGemvBatchTokens;
     // Float weights (fp16 on the device, or an fp32 model's fp32) go to cuBLAS as they are;
@@ -1115,11 +1126,30 @@ class CudaBackend final : public Backend {
   // The shadow `out`'s producer writes alongside it (none when `out` cannot be a matmul input).
   // Shadows alternate between two buffers, so a producer never overwrites the shadow its own
   // kernel may still be reading (the fused gate/up/swiglu GEMV).
-  ShadowOut produce_shadow(Tensor out) {
+  // With `halves` (the producer is a GEMV for which gemv_writes_halves holds), the buffer's
+  // half-group quantization is written too, and a one-token GEMV reading the shadow takes it.
+  ShadowOut produce_shadow(Tensor out, bool halves = false) {
     if (!shadow_fits(out)) return ShadowOut{};
     const int buffer = 1 - shadow_.buffer;
-    shadow_ = ShadowState{out.data, out.rows, out.cols, out.rows <= kMaxGemvBatchTokens, buffer};
-    return shadow_out(buffer, out.rows, out.cols);
+    halves = halves && out.rows == 1;
+    shadow_ =
+        ShadowState{out.data, out.rows, out.cols, out.rows <= kMaxGemvBatchTokens, buffer, halves};
+    ShadowOut shadow = shadow_out(buffer, out.rows, out.cols);
+    if (halves) shadow.halves = half_buffers_[buffer];
+    return shadow;
+  }
+
+  // Whether the swiglu GEMV of `m` writes its output's half-group quantization.
+  static bool writes_halves(const GemvCall& m) {
+    return !m.fp32 && gemv_writes_halves(m.jobs[0].w.format, m.n_tokens, m.jobs[0].w.cols);
+  }
+
+  // The half-group input of a GEMV reading the current shadow (ensure_shadow first), if its
+  // producer wrote one.
+  HalfGroupInput shadow_halves(Tensor x) const {
+    if (!shadow_.halves || x.rows != 1) return HalfGroupInput{};
+    const HalfGroupOut& h = half_buffers_[shadow_.buffer];
+    return HalfGroupInput{h.q, h.scales};
   }
 
   Status ensure_shadow(Tensor x) {
@@ -1227,6 +1257,7 @@ class CudaBackend final : public Backend {
     KS_RETURN_IF_ERROR(ensure_shadow(x));
     for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
     m.x = shadow_buffers_[shadow_.buffer];
+    m.halves = shadow_halves(x);
     if (x.rows <= kMaxGemvBatchTokens) return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
     return launch_gemm(m, x.rows, out);
   }
@@ -1286,10 +1317,11 @@ class CudaBackend final : public Backend {
   // One decode GEMV launch: `m`'s jobs with the input stage (m.norm or the shadow m.x) and the
   // epilogue (store, residual add per job, swiglu) the caller chose.
   Status launch_gemv(const GemvCall& m, GemvEpilogue epilogue, ShadowOut shadow) {
-    constexpr int kFixed = 8, kPerJob = 3;
+    constexpr int kFixed = 10, kPerJob = 3;
     uint64_t args[kFixed + kPerJob * kMaxGemvJobs] = {
-        addr(m.x),      uint64_t(m.n_tokens), uint64_t(epilogue), addr(shadow.data),
-        addr(m.norm.x), addr(m.norm.w),       addr(m.norm.out),   bits(m.norm.eps)};
+        addr(m.x),        uint64_t(m.n_tokens), uint64_t(epilogue), addr(shadow.data),
+        addr(m.norm.x),   addr(m.norm.w),       addr(m.norm.out),   bits(m.norm.eps),
+        addr(m.halves.q), addr(shadow.halves.q)};
     for (int i = 0; i < m.n_jobs; ++i) {
       args[kFixed + kPerJob * i] = addr(m.jobs[i].y);
       args[kFixed + kPerJob * i + 1] = addr(m.jobs[i].w.data);
@@ -1303,7 +1335,7 @@ class CudaBackend final : public Backend {
                                                      : "matmul";
     return launch(op, std::span<const uint64_t>(args, size_t(kFixed + kPerJob * m.n_jobs)), [&] {
       return gemv(m.jobs, m.n_jobs, m.x, m.x_stride, m.n_tokens, props_.multiProcessorCount,
-                  stream_, epilogue, shadow, m.norm);
+                  stream_, epilogue, shadow, m.norm, m.halves);
     });
   }
 
@@ -1838,6 +1870,7 @@ class CudaBackend final : public Backend {
   size_t arena_floats_ = 0;
   size_t scratch_used_ = 0;
   __half* shadow_buffers_[2] = {nullptr, nullptr};
+  HalfGroupOut half_buffers_[2];  // each shadow buffer's half-group quantization (one token)
   int64_t shadow_rows_ = 0;
   int64_t shadow_cols_ = 0;
   ShadowState shadow_;

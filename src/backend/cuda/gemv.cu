@@ -73,6 +73,7 @@ struct GemvParams {
   ShadowOut shadow;            // swiglu mode: fp16 shadow of jobs[0].y
   NormInput norm;              // when norm.x is set, the input is computed from it, x is null
   const __half* x = nullptr;   // [n_tokens, x_stride] permuted fp16
+  HalfGroupInput xh;           // set: x already quantized in half groups (the kHalves instance)
   int sm_count = 0;            // host only: the device's SMs
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
@@ -370,6 +371,38 @@ __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t*
   __syncthreads();
 }
 
+// The kHalves input stage: the producer's half-group quantization (p.xh: 32 bytes of int8 and 16
+// of scales a group) copied into xq and xqp as 16-byte units, a thread's units of a round
+// requested before any is stored, so the stage is one round trip to L2 for up to 4 x 256 units
+// (the 8B's w_down input: 14336 columns, 1344 units, two rounds).
+__device__ void copy_half_groups(const GemvParams& p, uint32_t* xq, int2* xqp) {
+  constexpr int kRound = 4;
+  const int q_units = int(p.n_groups) * 2;
+  const int total = q_units + int(p.n_groups);
+  const uint4* q_src = reinterpret_cast<const uint4*>(p.xh.q);
+  const uint4* s_src = reinterpret_cast<const uint4*>(p.xh.scales);
+  uint4* q_dst = reinterpret_cast<uint4*>(xq);
+  uint4* s_dst = reinterpret_cast<uint4*>(xqp);
+  for (int base = int(threadIdx.x); base < total; base += kRound * kThreads) {
+    uint4 v[kRound];
+#pragma unroll
+    for (int r = 0; r < kRound; ++r) {
+      const int e = base + r * kThreads;
+      if (e < total) v[r] = e < q_units ? q_src[e] : s_src[e - q_units];
+    }
+#pragma unroll
+    for (int r = 0; r < kRound; ++r) {
+      const int e = base + r * kThreads;
+      if (e < q_units) {
+        q_dst[e] = v[r];
+      } else if (e < total) {
+        s_dst[e - q_units] = v[r];
+      }
+    }
+  }
+  __syncthreads();
+}
+
 // The epilogue of one output: row `row` of job `job` for token `token` (rows past the end and
 // token slots past n_tokens are dropped), plus the bias and the residual add.
 __device__ inline void store_output(const GemvParams& p, int job, int64_t row, int token,
@@ -399,9 +432,10 @@ __device__ inline void store_output_loaded(const GemvParams& p, int job, int64_t
   }
 }
 
-// swiglu: up = u, gate = silu(g) * u, and gate's fp16 shadow.
-__device__ inline void store_swiglu_output(const GemvParams& p, int64_t row, int token, float g,
-                                           float u) {
+// swiglu: up = u, gate = silu(g) * u, and gate's fp16 shadow. Returns the gate value as the
+// shadow holds it (rounded to fp16), 0 for a row past the end.
+__device__ inline float store_swiglu_output(const GemvParams& p, int64_t row, int token, float g,
+                                            float u) {
   const GemvJob& gate = p.jobs[0];
   const GemvJob& up = p.jobs[1];
   const int64_t n_rows = gate.w.rows;
@@ -411,17 +445,61 @@ __device__ inline void store_swiglu_output(const GemvParams& p, int64_t row, int
     const float value = g / (1.0f + expf(-g)) * u;
     up.y[int64_t(token) * n_rows + row] = u;
     gate.y[int64_t(token) * n_rows + row] = value;
+    const __half h = __float2half_rn(value);
     if (p.shadow.data != nullptr) {
-      p.shadow.data[shadow_index(token, row, p.shadow.row_stride, p.shadow.permuted)] =
-          __float2half_rn(value);
+      p.shadow.data[shadow_index(token, row, p.shadow.row_stride, p.shadow.permuted)] = h;
     }
+    return __half2float(h);
   }
+  return 0.0f;
+}
+
+// The dp4a path's half-group quantization of 16 values, one a lane of lanes 0-15 (every one of
+// them calls this together): the values times 127 / their largest magnitude, rounded to the
+// nearest integer (ties to even; NaN to 0, and an infinite maximum scales every value to 0 as
+// quantize_input's conversion path does); returns the lane's int8 value and gives the half's
+// {scale bits, sum of the 16}.
+__device__ inline int quantize_half16(float v, int2& scale_sum) {
+  constexpr unsigned kHalf = 0x0000ffffu;
+  float amax = fabsf(v);
+  amax = amax == amax ? amax : 0.0f;  // from 0 and by fmaxf, as quantize_input: NaN never wins
+#pragma unroll
+  for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kHalf, amax, o, 16));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  const int q = round_small(__fmul_rn(v, inv));
+  int sum = q;
+#pragma unroll
+  for (int o = 1; o < 16; o <<= 1) sum += __shfl_xor_sync(kHalf, sum, o, 16);
+  scale_sum = make_int2(__float_as_int(amax / 127.0f), sum);
+  return q;
+}
+
+// Lanes 0-15 store half `half` of token 0's half-group input (HalfGroupInput's layout): lane l's
+// value is element l of the half, bytes 16 (half % 2) + l of group half / 2.
+__device__ inline void store_half16(const HalfGroupOut& out, int64_t half, int lane, int q,
+                                    int2 scale_sum) {
+  constexpr unsigned kHalf = 0x0000ffffu;
+  uint32_t word = uint32_t(q) & 0xffu;
+  word |= (uint32_t(__shfl_down_sync(kHalf, q, 1, 16)) & 0xffu) << 8;
+  word |= (uint32_t(__shfl_down_sync(kHalf, q, 2, 16)) & 0xffu) << 16;
+  word |= (uint32_t(__shfl_down_sync(kHalf, q, 3, 16)) & 0xffu) << 24;
+  if ((lane & 3) == 0) out.q[half * 4 + lane / 4] = word;
+  if (lane == 0) out.scales[half] = scale_sum;
 }
 
 // The swiglu shadow's padding past the last row (when rows is not a multiple of 32) is zero:
-// written by the grid's last block.
+// written by the grid's last block; so are the half groups past the last tile's, which no tile
+// writes.
 __device__ inline void zero_swiglu_shadow_pad(const GemvParams& p) {
   const int64_t n_rows = p.jobs[0].w.rows;
+  if (p.shadow.halves.q != nullptr && blockIdx.x == gridDim.x - 1) {
+    const int64_t first = (n_rows + 15) / 16;
+    const int64_t end = (n_rows + kGroup - 1) / kGroup * 2;
+    for (int64_t h = first + threadIdx.x; h < end; h += blockDim.x) {
+      reinterpret_cast<uint4*>(p.shadow.halves.q)[h] = make_uint4(0u, 0u, 0u, 0u);
+      p.shadow.halves.scales[h] = make_int2(0, 0);
+    }
+  }
   if (p.shadow.data != nullptr && blockIdx.x == gridDim.x - 1) {
     const int64_t pad = p.shadow.row_stride - n_rows;
     for (int64_t e = threadIdx.x; e < pad * p.n_tokens; e += blockDim.x) {
@@ -515,10 +593,16 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
 }
 
 // kProfile: the instance that records the phase profile (dp4a only; gemv_profile_flag).
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false>
+// kHalves: the input is p.xh, quantized in half groups by its producer (HalfGroupInput): copied
+// into shared memory instead of quantized, each group's two halves multiplied with their own
+// scales.
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
+          bool kHalves = false>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
+  static_assert(!kHalves || (kDp == 1 && !kNorm && !kSwiglu && MT == 1),
+                "a half-group input is one token's, of a plain one-m-tile GEMV");
   static_assert(
       kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
       "the dp4a path reads int4 tiles for at most 8 tokens");
@@ -567,7 +651,8 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   uint8_t* pipe = smem + warp * P::kStages * P::kWarpStageBytes;
   // NormInput mode: [1, x_stride] fp16 permuted input, after the pipeline's stages.
   __half* xs = reinterpret_cast<__half*>(smem + P::kBytes);
-  // dp4a mode: [kDp, x_stride] int8 input and [kDp, n_groups] {scale, sum}, after that.
+  // dp4a mode: [kDp, x_stride] int8 input and [kDp, n_groups] {scale, sum} (kHalves: [2 n_groups],
+  // a half group each), after that.
   uint32_t* xq = reinterpret_cast<uint32_t*>(smem + P::kBytes + (kNorm ? 2 * p.x_stride : 0));
   int2* xqp = reinterpret_cast<int2*>(reinterpret_cast<uint8_t*>(xq) + kDp * p.x_stride);
   auto pieces = [&](int stage) {  // [kPieces][32 lanes] uint4
@@ -766,11 +851,16 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     if (out.residual != nullptr) first_residual = out.residual[first_at];
   }
   if constexpr (kNorm) normalize_input(p, xs, norm_w);
-  if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
+  if constexpr (kHalves) {
+    copy_half_groups(p, xq, xqp);
+  } else if constexpr (kDp > 0) {
+    quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
+  }
   if (profiled) mark(2);
   // dp4a mode: the warps' row sums of a tile meet here, after the input stage.
-  float* dp_sums = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xqp) +
-                                            kDp * p.n_groups * int64_t(sizeof(int2)));
+  float* dp_sums =
+      reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(xqp) +
+                               kDp * p.n_groups * (kHalves ? 2 : 1) * int64_t(sizeof(int2)));
   int stage = 0;
   for (int iter = 0; iter < n_my_tiles; ++iter) {
     if (profiled && iter == 1) mark(3);
@@ -809,6 +899,33 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
             const uint4 xa = x4[0];
             const uint4 xb = x4[1];
             const uint32_t xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+            if constexpr (kHalves) {
+              // Columns 0-15 of the group (the low nibbles) and 16-31 (the high ones), each
+              // half with its own {scale, sum}.
+              const int4 qh = reinterpret_cast<const int4*>(xqp)[group];
+              const float sx_lo = __int_as_float(qh.x);
+              const float sx_hi = __int_as_float(qh.z);
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                int s_lo = 0, s_hi = 0;
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                  const uint32_t w = f.words[0][h][u];
+                  s_lo = __dp4a(int(w & 0x0f0f0f0fu), int(xw[u]), s_lo);
+                  s_hi = __dp4a(int((w >> 4) & 0x0f0f0f0fu), int(xw[4 + u]), s_hi);
+                }
+                const float d = __low2float(f.scale[0][h]);
+                if constexpr (F == WeightFormat::sym_int4) {
+                  dacc[0][h][0] +=
+                      float(s_lo - 8 * qh.y) * (d * sx_lo) + float(s_hi - 8 * qh.w) * (d * sx_hi);
+                } else {
+                  const float m = __low2float(f.min[0][h]);
+                  dacc[0][h][0] += sx_lo * (d * float(s_lo) + m * float(qh.y)) +
+                                   sx_hi * (d * float(s_hi) + m * float(qh.w));
+                }
+              }
+              continue;
+            }
             const int2 qp = xqp[int64_t(t) * p.n_groups + group];
             const float sx = __int_as_float(qp.x);
 #pragma unroll
@@ -890,6 +1007,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
         }
       };
       static_assert(16 * 2 * 2 <= kThreads, "the dp4a path's tile is one output a thread");
+      float gate_value = 0.0f;  // swiglu, one token: thread r's gate value as its shadow holds it
       for (int e = threadIdx.x; e < kRowsOut * kDp; e += kThreads) {
         const int t = e % kDp;
         const int r = e / kDp;
@@ -903,9 +1021,18 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           return sum;
         };
         if constexpr (kSwiglu) {
-          store_swiglu_output(p, at.row_base + r, t, warp_sum_of(0), warp_sum_of(1));
+          gate_value = store_swiglu_output(p, at.row_base + r, t, warp_sum_of(0), warp_sum_of(1));
         } else {
           store_sum(e, warp_sum_of(r >> 4));
+        }
+      }
+      if constexpr (kSwiglu && kDp == 1) {
+        // The tile's 16 gate rows are one half group of the down GEMV's input: threads 0-15
+        // quantize it for that GEMV (HalfGroupOut), so its blocks copy it instead.
+        if (p.shadow.halves.q != nullptr && threadIdx.x < 16) {
+          int2 scale_sum;
+          const int q = quantize_half16(gate_value, scale_sum);
+          store_half16(p.shadow.halves, at.row_base / 16, int(threadIdx.x), q, scale_sum);
         }
       }
       __syncthreads();  // dp_sums is the next tile's
@@ -1176,8 +1303,8 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSm)
 
 // Bytes of the dp4a input stage for `kDp` tokens of `cols` columns (int8 values, then one
 // {scale, sum} pair per group).
-constexpr int64_t dp_input_bytes(int kDp, int64_t cols) {
-  return kDp * (cols + cols / kGroup * int64_t(sizeof(int2)));
+constexpr int64_t dp_input_bytes(int kDp, int64_t cols, bool halves = false) {
+  return kDp * (cols + cols / kGroup * (halves ? 2 : 1) * int64_t(sizeof(int2)));
 }
 
 // Bytes of the dp4a path's per-tile exchange of warp sums (dp_sums in the kernel).
@@ -1203,21 +1330,22 @@ bool launch_persistent(bool dp4a) {
 // fit on the device at once, each looping over tiles: the weight ring streams on across tile
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
-template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false>
+template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
+          bool kHalves = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
   constexpr int kSumBytes = kDp > 0 ? dp_sums_bytes(kDp, MT) : 0;
   constexpr int kMaxInputBytes = (kNorm ? int(kMaxNormInputCols * sizeof(__half)) : 0) +
-                                 int(dp_input_bytes(kDp, kMaxDpCols)) + kSumBytes;
+                                 int(dp_input_bytes(kDp, kMaxDpCols, kHalves)) + kSumBytes;
   constexpr int kMaxSmem = kPipeBytes + kMaxInputBytes + kReduceBytes;
   const int input_bytes = (kNorm ? int(p.x_stride * int64_t(sizeof(__half))) : 0) +
-                          int(dp_input_bytes(kDp, p.x_stride)) + kSumBytes;
+                          int(dp_input_bytes(kDp, p.x_stride, kHalves)) + kSumBytes;
   // A persistent mma-path block keeps its warps' exchange apart from the ring, which streams on.
   constexpr bool kOwnReduce = Pipe<F, MT>::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1275,13 +1403,24 @@ int rows_kernel_mode = [] {  // set_gemv_rows_kernel
 template <WeightFormat F, int MT, bool kSwiglu>
 Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
+    // The half-group input (p.xh, set by gemv_launch for one token without a norm) is read by
+    // the one-m-tile instances; the others quantize p.x, the same activation's shadow.
+    constexpr bool kMayHalve = MT == 1 && !kSwiglu;
     if (p.dp4a && p.profile) {
       if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1, true>(p, stream);
+      if constexpr (kMayHalve) {
+        if (p.xh.q != nullptr)
+          return launch_kernel<F, MT, 1, false, false, 1, true, true>(p, stream);
+      }
       if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1, true>(p, stream);
       return launch_kernel<F, MT, 1, kSwiglu, false, 2, true>(p, stream);
     }
     if (p.dp4a) {
       if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, stream);
+      if constexpr (kMayHalve) {
+        if (p.xh.q != nullptr)
+          return launch_kernel<F, MT, 1, false, false, 1, false, true>(p, stream);
+      }
       if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, stream);
       return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, stream);
     }
@@ -1423,6 +1562,20 @@ std::atomic<bool>& gemv_input_ahead_flag() {
 // (KESTREL_CUDA_GEMV_NORM_AHEAD=0 at start-up, set_gemv_norm_ahead; a measurement switch and test
 // aid, apart from input_ahead since the twenty-second session: that switch's parts help the 8B
 // and cost the 1.5B). Both give the same bits.
+// The half-group input (HalfGroupInput) read where a launch is given one, or ignored, the GEMV
+// quantizing the shadow itself in groups of 32 (the default until measured;
+// KESTREL_CUDA_GEMV_HALF_GROUPS=1 at start-up, set_gemv_half_groups; a measurement switch and
+// test aid). The two quantize differently, so their results differ within the int8
+// quantization's error.
+std::atomic<bool>& gemv_half_groups_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_HALF_GROUPS", "1")};
+  return on;
+}
+
+bool aligned16(const void* ptr) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
+}
+
 std::atomic<bool>& gemv_norm_ahead_flag() {
   static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_NORM_AHEAD", "0")};
   return on;
@@ -1436,7 +1589,7 @@ bool triggers_early(bool dp4a) {
 // One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
 Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
                    int sm_count, cudaStream_t stream, GemvEpilogue epilogue,
-                   ShadowOut swiglu_shadow, NormInput norm, bool dp4a) {
+                   ShadowOut swiglu_shadow, NormInput norm, bool dp4a, HalfGroupInput halves) {
   GemvParams p;
   p.n_jobs = n_jobs;
   const WeightFormat format = jobs[0].w.format;
@@ -1465,9 +1618,24 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   } else if (x == nullptr) {
     return Status::error("cuda matmul: GEMV without an input");
   }
+  if (swiglu_shadow.halves.q != nullptr &&
+      (epilogue != GemvEpilogue::swiglu || !dp4a || n_tokens != 1 ||
+       swiglu_shadow.data == nullptr || !aligned16(swiglu_shadow.halves.q) ||
+       !aligned16(swiglu_shadow.halves.scales))) {
+    return Status::error("cuda matmul: this GEMV cannot write a half-group quantized output");
+  }
   p.shadow = swiglu_shadow;
   p.norm = norm;
   p.x = x;
+  // The half-group input replaces the input stage of one token's plain dp4a GEMV; x stays the
+  // input of every other instance (it is the same activation's shadow).
+  if (halves.q != nullptr && dp4a && n_tokens == 1 && norm.x == nullptr &&
+      epilogue == GemvEpilogue::store && gemv_half_groups_flag().load(std::memory_order_relaxed)) {
+    if (!aligned16(halves.q) || !aligned16(halves.scales)) {
+      return Status::error("cuda matmul: a half-group input must be 16-byte aligned");
+    }
+    p.xh = halves;
+  }
   p.x_stride = x_stride;
   p.n_groups = x_stride / kGroup;
   p.n_tokens = n_tokens;
@@ -1500,6 +1668,15 @@ bool set_gemv_input_ahead(bool on) {
 
 bool set_gemv_norm_ahead(bool on) {
   return gemv_norm_ahead_flag().exchange(on);
+}
+
+bool set_gemv_half_groups(bool on) {
+  return gemv_half_groups_flag().exchange(on);
+}
+
+bool gemv_writes_halves(WeightFormat format, int64_t n_tokens, int64_t cols) {
+  return (format == WeightFormat::sym_int4 || format == WeightFormat::asym_int4) && n_tokens == 1 &&
+         gemv_uses_dp4a(n_tokens, round_up(cols, kGroup));
 }
 
 bool set_gemv_loads_in_epilogue(bool on) {
@@ -1543,7 +1720,7 @@ Result<std::vector<GemvProfileRecord>> gemv_profile() {
 
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue, ShadowOut swiglu_shadow,
-            NormInput norm) {
+            NormInput norm, HalfGroupInput halves) {
   if (n_jobs < 1 || n_jobs > kMaxGemvJobs) {
     return Status::error("cuda matmul: " + std::to_string(n_jobs) + " weights in one GEMV");
   }
@@ -1558,7 +1735,7 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
       gemv_uses_dp4a(n_tokens, x_stride);
   if (n_tokens <= kMaxGemvTokens) {
     return gemv_launch(jobs, n_jobs, x, x_stride, n_tokens, sm_count, stream, epilogue,
-                       swiglu_shadow, norm, dp4a);
+                       swiglu_shadow, norm, dp4a, halves);
   }
   // Slices of 16 tokens, one launch each: every row of the input, outputs and shadow belongs to
   // one token, so a slice is the same call on offset pointers.
@@ -1575,8 +1752,12 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
     }
     ShadowOut shadow = swiglu_shadow;
     if (shadow.data != nullptr) shadow.data += int64_t(t0) * shadow.row_stride;
+    // Half groups are one token's: a sliced call has many.
+    if (shadow.halves.q != nullptr) {
+      return Status::error("cuda matmul: this GEMV cannot write a half-group quantized output");
+    }
     KS_RETURN_IF_ERROR(gemv_launch(slice, n_jobs, x + int64_t(t0) * x_stride, x_stride, count,
-                                   sm_count, stream, epilogue, shadow, norm, dp4a));
+                                   sm_count, stream, epilogue, shadow, norm, dp4a, {}));
   }
   return Status::ok();
 }

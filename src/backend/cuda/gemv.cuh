@@ -52,6 +52,16 @@ inline bool gemv_fuses_norm(int64_t cols, int64_t n_tokens) {
 // (gemv_uses_dp4a in cuda_backend.h says which calls take it.)
 constexpr int64_t kMaxDpCols = 16384;
 
+// A one-token input already quantized in half groups by its producer (HalfGroupOut, common.cuh,
+// the swiglu GEMV's epilogue): a dp4a GEMV of one m-tile without a fused norm copies it instead
+// of quantizing x in every block, and multiplies each 32-weight group as two halves, each with
+// its own scale. Other launches ignore it and read x, which must still be the same activation's
+// shadow.
+struct HalfGroupInput {
+  const uint32_t* q = nullptr;
+  const int2* scales = nullptr;
+};
+
 enum class GemvEpilogue {
   store,   // y_j = x · w_jᵀ + bias_j
   swiglu,  // two jobs of equal rows (gate, up): y_1 = up, y_0 = silu(gate) * up, plus its shadow
@@ -62,8 +72,14 @@ enum class GemvEpilogue {
 // n_tokens in [1, kMaxGemvBatchTokens]. `swiglu_shadow` receives the fp16 shadow of y_0 in swiglu
 // mode. With `norm.x` set, the input is rms_norm(norm.x) * norm.w instead and `x` is unused (null);
 // gemv_fuses_norm(cols, n_tokens) must hold.
+// `halves`, with one token and a store epilogue, is x's half-group quantization (see
+// HalfGroupInput). In swiglu mode, swiglu_shadow.halves receives y_0's (one token, dp4a weights:
+// gemv_writes_halves; an error otherwise).
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue = GemvEpilogue::store,
-            ShadowOut swiglu_shadow = {}, NormInput norm = {});
+            ShadowOut swiglu_shadow = {}, NormInput norm = {}, HalfGroupInput halves = {});
+
+// Whether a swiglu gemv() of n_tokens over these weights writes swiglu_shadow.halves.
+bool gemv_writes_halves(WeightFormat format, int64_t n_tokens, int64_t cols);
 
 }  // namespace kestrel::cuda

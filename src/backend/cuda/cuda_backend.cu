@@ -1139,9 +1139,12 @@ class CudaBackend final : public Backend {
     return shadow;
   }
 
-  // Whether the swiglu GEMV of `m` writes its output's half-group quantization.
+  // Whether the swiglu GEMV of `m` writes its output's half-group quantization (for the GEMV
+  // that reads that output: set_gemv_half_groups). Read once a launch on the host, so a captured
+  // graph's launches record the choice in their pointers.
   static bool writes_halves(const GemvCall& m) {
-    return !m.fp32 && gemv_writes_halves(m.jobs[0].w.format, m.n_tokens, m.jobs[0].w.cols);
+    return !m.fp32 && gemv_half_groups() &&
+           gemv_writes_halves(m.jobs[0].w.format, m.n_tokens, m.jobs[0].w.cols);
   }
 
   // The half-group input of a GEMV reading the current shadow (ensure_shadow first), if its

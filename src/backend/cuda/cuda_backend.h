@@ -86,10 +86,11 @@ bool set_gemv_input_ahead(bool on);
 // setting before.
 bool set_gemv_norm_ahead(bool on);
 // Whether a one-token dp4a GEMV reads the half-group quantization its producer wrote (the swiglu
-// GEMV's epilogue, for w_down) or quantizes the fp16 shadow itself in groups of 32 (the default
-// until measured; KESTREL_CUDA_GEMV_HALF_GROUPS=1 sets the starting value). Results differ within
-// the int8 quantization's error. Returns the setting before.
+// GEMV's epilogue, for w_down: the default) or quantizes the fp16 shadow itself in groups of 32
+// (KESTREL_CUDA_GEMV_HALF_GROUPS=0 sets the starting value). Results differ within the int8
+// quantization's error. Returns the setting before; gemv_half_groups() reads it.
 bool set_gemv_half_groups(bool on);
+bool gemv_half_groups();
 
 // Top-p's histograms in the draw kernel (draw.cu) in 64-bit sums for every row, where rows of at
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the

@@ -1562,13 +1562,14 @@ std::atomic<bool>& gemv_input_ahead_flag() {
 // (KESTREL_CUDA_GEMV_NORM_AHEAD=0 at start-up, set_gemv_norm_ahead; a measurement switch and test
 // aid, apart from input_ahead since the twenty-second session: that switch's parts help the 8B
 // and cost the 1.5B). Both give the same bits.
-// The half-group input (HalfGroupInput) read where a launch is given one, or ignored, the GEMV
-// quantizing the shadow itself in groups of 32 (the default until measured;
-// KESTREL_CUDA_GEMV_HALF_GROUPS=1 at start-up, set_gemv_half_groups; a measurement switch and
+// Whether the backend asks the swiglu GEMV for its output's half groups and gives them to the
+// GEMV that reads that output (gemv_half_groups; the default: on the H100, tg128 at batch 1 8B
+// +2.2% and 1.5B +4.4%), or every GEMV quantizes its shadow itself in groups of 32
+// (KESTREL_CUDA_GEMV_HALF_GROUPS=0 at start-up, set_gemv_half_groups; a measurement switch and
 // test aid). The two quantize differently, so their results differ within the int8
 // quantization's error.
 std::atomic<bool>& gemv_half_groups_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_HALF_GROUPS", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_HALF_GROUPS", "0")};
   return on;
 }
 
@@ -1630,7 +1631,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   // The half-group input replaces the input stage of one token's plain dp4a GEMV; x stays the
   // input of every other instance (it is the same activation's shadow).
   if (halves.q != nullptr && dp4a && n_tokens == 1 && norm.x == nullptr &&
-      epilogue == GemvEpilogue::store && gemv_half_groups_flag().load(std::memory_order_relaxed)) {
+      epilogue == GemvEpilogue::store) {
     if (!aligned16(halves.q) || !aligned16(halves.scales)) {
       return Status::error("cuda matmul: a half-group input must be 16-byte aligned");
     }
@@ -1672,6 +1673,10 @@ bool set_gemv_norm_ahead(bool on) {
 
 bool set_gemv_half_groups(bool on) {
   return gemv_half_groups_flag().exchange(on);
+}
+
+bool gemv_half_groups() {
+  return gemv_half_groups_flag().load(std::memory_order_relaxed);
 }
 
 bool gemv_writes_halves(WeightFormat format, int64_t n_tokens, int64_t cols) {

@@ -129,6 +129,53 @@ TEST(CudaModel, Qwen2HalfBillionShapeMatchesCpu) {
   }
 }
 
+// The residual adds preparing their next norm's input (set_gemv_norm_halves: x·g in half groups
+// and the tiles' sums of squares, which q/k/v's and gate/up's GEMVs then read instead of
+// normalizing and quantizing the residual): a 200-token prefill, then decode steps, against the
+// CPU within the same bound as without them and no further from it than 1.25x plus the
+// quantization's own spread; and the decode logits differ from those without (the path ran).
+TEST(CudaModel, DecodeWithPreparedNormInputsMatchesCpu) {
+  auto cpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cpu", 512);
+  ASSERT_TRUE(cpu);
+  const int64_t vocab = cpu->config().vocab_size;
+  const std::vector<int32_t> ids = prompt_of(200, vocab, 13);
+  Batch prompt;
+  for (size_t i = 0; i < ids.size(); ++i) prompt.add(ids[i], int32_t(i), 0, i + 1 == ids.size());
+  std::vector<std::vector<float>> cpu_logits(7);
+  ASSERT_TRUE(cpu->run(prompt, &cpu_logits[0]).is_ok());
+  std::vector<int32_t> next_ids;
+  for (int step = 0; step < 6; ++step) {
+    next_ids.push_back(argmax(cpu_logits[size_t(step)].data(), vocab));
+    Batch next;
+    next.add(next_ids.back(), int32_t(ids.size()) + step, 0, true);
+    ASSERT_TRUE(cpu->run(next, &cpu_logits[size_t(step) + 1]).is_ok());
+  }
+  double worst[2] = {0.0, 0.0};
+  std::vector<float> last[2];
+  for (int on : {0, 1}) {
+    const bool before = cuda::set_gemv_norm_halves(on == 1);
+    auto gpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cuda", 512);
+    ASSERT_TRUE(gpu);
+    std::vector<float> a;
+    ASSERT_TRUE(gpu->run(prompt, &a).is_ok());
+    for (int step = 0; step < 6; ++step) {
+      Batch next;
+      next.add(next_ids[size_t(step)], int32_t(ids.size()) + step, 0, true);
+      ASSERT_TRUE(gpu->run(next, &a).is_ok());
+      worst[on] =
+          std::max(worst[on], compare(a, cpu_logits[size_t(step) + 1], vocab).max_rel_error);
+    }
+    last[on] = a;
+    cuda::set_gemv_norm_halves(before);
+  }
+  std::printf(
+      "[ qwen2-0.5b sym_int4 decode ] CUDA vs CPU max rel error %.3g, prepared norms %.3g\n",
+      worst[0], worst[1]);
+  EXPECT_LE(worst[1], 5e-2);
+  EXPECT_LE(worst[1], 1.25 * worst[0] + 5e-3);
+  EXPECT_NE(last[0], last[1]) << "the prepared norm inputs were not read";
+}
+
 // Captured graphs replay exactly what eager execution computes, at every position; for fp32
 // the graphs hold cuBLAS's GEMMs.
 class CudaGraphReplay : public ::testing::TestWithParam<WeightFormat> {};

@@ -91,6 +91,20 @@ struct ShadowState {
   bool halves = false;  // the buffer's half-group quantization (HalfGroupOut) is written too
 };
 
+// The host-side record of which residual's next norm input (NormHalvesOut) is prepared, and for
+// which norm weight.
+struct NormHalvesState {
+  const void* owner = nullptr;  // the residual
+  const float* norm_w = nullptr;
+  int buffer = 0;  // which of the two norm-halves buffers holds it
+};
+
+// One of those buffers: x·g in half groups and the tiles' sums of squares.
+struct NormHalvesBuffer {
+  HalfGroupOut out;
+  float* ss = nullptr;
+};
+
 // One decode GEMV launch: its jobs (one weight and output each) over one input.
 struct GemvCall {
   GemvJob jobs[kMaxGemvJobs];
@@ -100,7 +114,9 @@ struct GemvCall {
   bool fp32 = false;          // fp32 weights: cuBLAS fp32 GEMMs instead (matmul_f32)
   NormInput norm;             // set: the input is this RMSNorm, x is null
   const __half* x = nullptr;  // the input's permuted shadow
-  HalfGroupInput halves;  // the same input quantized in half groups, where its producer wrote it
+  HalfGroupInput halves;     // the same input quantized in half groups, where its producer wrote it
+  NormHalvesIn norm_halves;  // with norm: that norm's input as the residual's producer left it
+  NormHalvesOut norm_out;    // a residual add: prepare the residual's next norm input
   int64_t x_stride = 0;
   int n_tokens = 0;
 };
@@ -229,6 +245,7 @@ class CudaBackend final : public Backend {
   }
 
   Status do_reserve(const ModelConfig& config, const RunShape& shape) override {
+    norm_halves_ = NormHalvesState{};
     if (shape.max_logit_rows <= 0) {
       return Status::error("cuda backend: run shape needs positive logit rows");
     }
@@ -282,6 +299,13 @@ class CudaBackend final : public Backend {
     for (__half*& buffer : shadow_buffers_) {
       KS_ASSIGN_OR_RETURN(buffer,
                           reserve_device<__half>(extras.shadow_bytes, "fp16 activation shadow"));
+    }
+    for (NormHalvesBuffer& b : norm_buffers_) {
+      KS_ASSIGN_OR_RETURN(uint8_t * bytes,
+                          reserve_device<uint8_t>(extras.norm_halves_bytes, "norm input halves"));
+      b.out = HalfGroupOut{reinterpret_cast<uint32_t*>(bytes),
+                           reinterpret_cast<int2*>(bytes + shadow_cols_)};
+      b.ss = reinterpret_cast<float*>(bytes + shadow_cols_ + shadow_cols_ / 2);
     }
     for (HalfGroupOut& halves : half_buffers_) {
       KS_ASSIGN_OR_RETURN(uint8_t * bytes,
@@ -439,6 +463,9 @@ class CudaBackend final : public Backend {
     batch_ = batch;
     scratch_used_ = 0;
     shadow_ = ShadowState{};
+    // Each step starts from the same norm-halves buffer, so its launches (and a captured step's
+    // fingerprint) are the same step after step.
+    norm_halves_ = NormHalvesState{};
     // Runs: maximal spans of one sequence at consecutive positions (a prompt chunk, or a
     // decode token). Several prompts prefilled in one call are several runs.
     runs_.clear();
@@ -527,6 +554,7 @@ class CudaBackend final : public Backend {
     if (!m.fp32 && gemv_fuses_norm(x.cols, x.rows)) {
       // The GEMV's blocks normalize x themselves; block 0 writes `normed`.
       m.norm = NormInput{f32(x), weight, f32(normed), eps};
+      m.norm_halves = prepared_norm(x, weight);
       note_write(normed);
       for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
       return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
@@ -547,6 +575,7 @@ class CudaBackend final : public Backend {
     KS_ASSIGN_OR_RETURN(GemvCall m, gemv_call(outs, normed, weights));
     if (!m.fp32 && gemv_fuses_norm(x.cols, x.rows)) {
       m.norm = NormInput{f32(x), weight, f32(normed), eps};
+      m.norm_halves = prepared_norm(x, weight);
       note_write(normed);
       note_write(gate);
       note_write(up);
@@ -586,6 +615,13 @@ class CudaBackend final : public Backend {
       m.x = shadow_buffers_[shadow_.buffer];
       m.halves = shadow_halves(x);
       m.jobs[0].residual = f32(residual);
+      KS_ASSIGN_OR_RETURN(const float* next_norm, planned_norm(m, residual));
+      if (next_norm != nullptr) {
+        const int buffer = 1 - norm_halves_.buffer;
+        const NormHalvesBuffer& b = norm_buffers_[buffer];
+        m.norm_out = NormHalvesOut{next_norm, b.out, b.ss};
+        norm_halves_ = NormHalvesState{residual.data, next_norm, buffer};
+      }
       return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
     }
     KS_RETURN_IF_ERROR(launch_matmul(m, x));
@@ -618,7 +654,13 @@ class CudaBackend final : public Backend {
           // The composition's q and k are scratch after its attention: decode attention need not
           // write them back rotated.
           in_layer_ = true;
+          // The layer's two residual adds feed its ffn_norm, then the next layer's attn_norm.
+          const size_t index = size_t(at - first) + i;
+          norm_plan_[0] = &part[i].ffn_norm;
+          norm_plan_[1] = index + 1 < layers.size() ? &layers[index + 1].attn_norm : nullptr;
+          norm_plan_next_ = 0;
           const Status done_layer = Backend::decoder_layer(x, s, part[i], at + int64_t(i), p, eps);
+          norm_plan_next_ = 2;
           in_layer_ = false;
           KS_RETURN_IF_ERROR(done_layer);
         }
@@ -975,8 +1017,9 @@ class CudaBackend final : public Backend {
     int64_t shadow_rows = 0;
     int64_t shadow_cols = 0;
     size_t shadow_bytes = 0;
-    size_t halves_bytes = 0;   // one token's int8 values and half-group scales (HalfGroupOut)
-    size_t dequant_bytes = 0;  // dequant_copies fp16 copies of the largest weight
+    size_t halves_bytes = 0;       // one token's int8 values and half-group scales (HalfGroupOut)
+    size_t norm_halves_bytes = 0;  // those and a sum of squares a half (NormHalvesBuffer)
+    size_t dequant_bytes = 0;      // dequant_copies fp16 copies of the largest weight
     int dequant_copies = 1;
     size_t cublas_bytes = 0;
     int max_splits = 0;
@@ -990,9 +1033,10 @@ class CudaBackend final : public Backend {
     size_t argmax_count_bytes = 0;
     size_t draw_work_bytes = 0;
     size_t total() const {
-      return 2 * shadow_bytes + 2 * halves_bytes + dequant_bytes + cublas_bytes + split_o_bytes +
-             split_ml_bytes + arrival_bytes + meta_bytes + 2 * rows_bytes + layer_sync_bytes +
-             argmax_partial_bytes + argmax_count_bytes + draw_work_bytes;
+      return 2 * shadow_bytes + 2 * halves_bytes + 2 * norm_halves_bytes + dequant_bytes +
+             cublas_bytes + split_o_bytes + split_ml_bytes + arrival_bytes + meta_bytes +
+             2 * rows_bytes + layer_sync_bytes + argmax_partial_bytes + argmax_count_bytes +
+             draw_work_bytes;
     }
   };
 
@@ -1004,6 +1048,7 @@ class CudaBackend final : public Backend {
     e.shadow_cols = round_up(widest, kGroup);
     e.shadow_bytes = size_t(e.shadow_rows * e.shadow_cols) * sizeof(__half);
     e.halves_bytes = size_t(e.shadow_cols + e.shadow_cols / 16 * int64_t(sizeof(int2)));
+    e.norm_halves_bytes = e.halves_bytes + size_t(e.shadow_cols / 16) * sizeof(float);
     const bool prefill_gemm =
         shape.max_batch_tokens > kMaxGemvBatchTokens || shape.max_logit_rows > kMaxGemvBatchTokens;
     // Float weights (fp16 on the device, or an fp32 model's fp32) go to cuBLAS as they are;
@@ -1147,6 +1192,29 @@ class CudaBackend final : public Backend {
            gemv_writes_halves(m.jobs[0].w.format, m.n_tokens, m.jobs[0].w.cols);
   }
 
+  // The norm weight a residual add `m` into `residual` prepares the next norm input for: the
+  // decode composition's plan (decoder_layers), for one row of a dp4a GEMV, with the switch on;
+  // null for none. Every residual add of a planned layer takes its turn in the plan.
+  Result<const float*> planned_norm(const GemvCall& m, Tensor residual) {
+    if (norm_plan_next_ >= 2) return nullptr;
+    const Vector* next = norm_plan_[norm_plan_next_++];
+    if (next == nullptr || m.fp32 || !gemv_norm_halves() || residual.rows != 1 ||
+        next->n != residual.cols || !gemv_fuses_norm(residual.cols, 1) || m.n_jobs != 1 ||
+        !gemv_writes_norm_halves(m.jobs[0].w.format, 1, m.jobs[0].w.cols, residual.cols)) {
+      return nullptr;
+    }
+    return vector_of(*next, "matmul_add");
+  }
+
+  // The prepared input of a norm of x with `weight`, if x's last residual add prepared it.
+  NormHalvesIn prepared_norm(Tensor x, const float* weight) const {
+    if (norm_halves_.owner != x.data || norm_halves_.norm_w != weight || x.rows != 1) {
+      return NormHalvesIn{};
+    }
+    const NormHalvesBuffer& b = norm_buffers_[norm_halves_.buffer];
+    return NormHalvesIn{HalfGroupInput{b.out.q, b.out.scales}, b.ss};
+  }
+
   // The half-group input of a GEMV reading the current shadow (ensure_shadow first), if its
   // producer wrote one.
   HalfGroupInput shadow_halves(Tensor x) const {
@@ -1175,9 +1243,16 @@ class CudaBackend final : public Backend {
 
   // An op wrote `t` without refreshing the shadow: forget a shadow of memory it overlaps.
   void note_write(Tensor t) {
-    if (shadow_.owner == nullptr) return;
     const auto* begin = static_cast<const char*>(t.data);
     const auto* end = begin + t.rows * t.cols * int64_t(sizeof(float));
+    if (norm_halves_.owner != nullptr) {
+      // A residual of one row (the only kind prepared), at most shadow_cols_ wide.
+      const auto* n_begin = static_cast<const char*>(norm_halves_.owner);
+      if (begin < n_begin + shadow_cols_ * int64_t(sizeof(float)) && n_begin < end) {
+        norm_halves_.owner = nullptr;
+      }
+    }
+    if (shadow_.owner == nullptr) return;
     const auto* s_begin = static_cast<const char*>(shadow_.owner);
     const auto* s_end = s_begin + shadow_.rows * shadow_.cols * int64_t(sizeof(float));
     if (begin < s_end && s_begin < end) shadow_.owner = nullptr;
@@ -1320,11 +1395,12 @@ class CudaBackend final : public Backend {
   // One decode GEMV launch: `m`'s jobs with the input stage (m.norm or the shadow m.x) and the
   // epilogue (store, residual add per job, swiglu) the caller chose.
   Status launch_gemv(const GemvCall& m, GemvEpilogue epilogue, ShadowOut shadow) {
-    constexpr int kFixed = 10, kPerJob = 3;
+    constexpr int kFixed = 13, kPerJob = 3;
     uint64_t args[kFixed + kPerJob * kMaxGemvJobs] = {
-        addr(m.x),        uint64_t(m.n_tokens), uint64_t(epilogue), addr(shadow.data),
-        addr(m.norm.x),   addr(m.norm.w),       addr(m.norm.out),   bits(m.norm.eps),
-        addr(m.halves.q), addr(shadow.halves.q)};
+        addr(m.x),         uint64_t(m.n_tokens),  uint64_t(epilogue),       addr(shadow.data),
+        addr(m.norm.x),    addr(m.norm.w),        addr(m.norm.out),         bits(m.norm.eps),
+        addr(m.halves.q),  addr(shadow.halves.q), addr(m.norm_halves.in.q), addr(m.norm_out.ss),
+        addr(m.norm_out.w)};
     for (int i = 0; i < m.n_jobs; ++i) {
       args[kFixed + kPerJob * i] = addr(m.jobs[i].y);
       args[kFixed + kPerJob * i + 1] = addr(m.jobs[i].w.data);
@@ -1338,7 +1414,7 @@ class CudaBackend final : public Backend {
                                                      : "matmul";
     return launch(op, std::span<const uint64_t>(args, size_t(kFixed + kPerJob * m.n_jobs)), [&] {
       return gemv(m.jobs, m.n_jobs, m.x, m.x_stride, m.n_tokens, props_.multiProcessorCount,
-                  stream_, epilogue, shadow, m.norm, m.halves);
+                  stream_, epilogue, shadow, m.norm, m.halves, m.norm_halves, m.norm_out);
     });
   }
 
@@ -1874,6 +1950,14 @@ class CudaBackend final : public Backend {
   size_t scratch_used_ = 0;
   __half* shadow_buffers_[2] = {nullptr, nullptr};
   HalfGroupOut half_buffers_[2];  // each shadow buffer's half-group quantization (one token)
+  NormHalvesBuffer norm_buffers_[2];
+  NormHalvesState norm_halves_;
+  // The norm weights the decode composition's two residual adds feed next (this layer's ffn_norm,
+  // the next layer's attn_norm), set by decoder_layers for each layer; norm_plan_next_ counts the
+  // adds. A wrong guess costs nothing but the preparation: a norm takes the prepared input only
+  // for its own residual and weight.
+  const Vector* norm_plan_[2] = {nullptr, nullptr};
+  int norm_plan_next_ = 2;
   int64_t shadow_rows_ = 0;
   int64_t shadow_cols_ = 0;
   ShadowState shadow_;

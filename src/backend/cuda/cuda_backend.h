@@ -91,6 +91,13 @@ bool set_gemv_norm_ahead(bool on);
 // quantization's error. Returns the setting before; gemv_half_groups() reads it.
 bool set_gemv_half_groups(bool on);
 bool gemv_half_groups();
+// Whether a GEMV adding into the residual at one token also prepares the residual's next RMSNorm
+// input (NormHalvesOut, gemv.cuh: x·g in half groups and the tiles' sums of squares) for that
+// norm's GEMV, which then neither normalizes nor quantizes (off until measured;
+// KESTREL_CUDA_GEMV_NORM_HALVES=1 sets the starting value). Results differ within the int8
+// quantization's error. Returns the setting before; gemv_norm_halves() reads it.
+bool set_gemv_norm_halves(bool on);
+bool gemv_norm_halves();
 
 // Top-p's histograms in the draw kernel (draw.cu) in 64-bit sums for every row, where rows of at
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the

@@ -70,11 +70,13 @@ struct GemvParams {
   int first_tile[kMaxGemvJobs];  // each job's first row tile; tiles are numbered job after job
   int n_tiles = 0;
   int n_jobs = 0;
-  ShadowOut shadow;            // swiglu mode: fp16 shadow of jobs[0].y
-  NormInput norm;              // when norm.x is set, the input is computed from it, x is null
-  const __half* x = nullptr;   // [n_tokens, x_stride] permuted fp16
-  HalfGroupInput xh;           // set: x already quantized in half groups (the kHalves instance)
-  int sm_count = 0;            // host only: the device's SMs
+  ShadowOut shadow;                // swiglu mode: fp16 shadow of jobs[0].y
+  NormInput norm;                  // when norm.x is set, the input is computed from it, x is null
+  const __half* x = nullptr;       // [n_tokens, x_stride] permuted fp16
+  HalfGroupInput xh;               // set: x already quantized in half groups (the kHalves instance)
+  const float* norm_ss = nullptr;  // kNorm with xh: the tiles' sums of squares (NormHalvesIn)
+  NormHalvesOut norm_out;          // one token, a residual: prepare its next norm's input
+  int sm_count = 0;                // host only: the device's SMs
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
   bool profile = false;        // host only: the dp4a path's profiling instance (gemv_profile_flag)
@@ -185,12 +187,23 @@ __device__ inline void load_norm_weight(const GemvParams& p, float4 (&g)[kNormPe
   }
 }
 
+// The block's rsqrt(mean(x^2) + eps) of the fused norm, from each thread's part of the sum of
+// squares: every thread calls it; the warps' sums meet in shared memory and are added in warp
+// order, so every block that sums the same parts gets the same bits.
+__device__ inline float block_rms_scale(const GemvParams& p, float sum) {
+  __shared__ float partial[kWarps];
+  sum = warp_sum(sum);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int wp = 0; wp < kWarps; ++wp) total += partial[wp];
+  return 1.0f / sqrtf(total / float(p.x_stride) + p.norm.eps);
+}
+
 __device__ void normalize_input(const GemvParams& p, __half* xs,
                                 const float4 (&g)[kNormPerThread]) {
   constexpr int kPerThread = kNormPerThread;
-  __shared__ float partial[kWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   const int n4 = int(p.x_stride / 4);
   const float4* x4 = reinterpret_cast<const float4*>(p.norm.x);
   float4 v[kPerThread];
@@ -203,13 +216,7 @@ __device__ void normalize_input(const GemvParams& p, __half* xs,
       sum += v[r].x * v[r].x + v[r].y * v[r].y + v[r].z * v[r].z + v[r].w * v[r].w;
     }
   }
-  sum = warp_sum(sum);
-  if (lane == 0) partial[warp] = sum;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int wp = 0; wp < kWarps; ++wp) total += partial[wp];
-  const float scale = 1.0f / sqrtf(total / float(p.x_stride) + p.norm.eps);
+  const float scale = block_rms_scale(p, sum);
   uint32_t* xs32 = reinterpret_cast<uint32_t*>(xs);
 #pragma unroll
   for (int r = 0; r < kPerThread; ++r) {
@@ -403,33 +410,119 @@ __device__ void copy_half_groups(const GemvParams& p, uint32_t* xq, int2* xqp) {
   __syncthreads();
 }
 
+// The kHalves stage of a fused norm (NormHalvesIn): the residual's producer left, per 16
+// columns, its values times the norm's weight in half groups and their sum of squares. The block
+// adds the sums in a fixed order (every block the same rsqrt), copies the half groups with each
+// scale times rsqrt(mean(x^2) + eps), and block 0 stores the fp32 normalized row from the
+// residual as normalize_input does. One round trip: the sums, the half groups (at most 384
+// units of 16 bytes at 4096 columns) and block 0's row are all requested before the sum's
+// barrier.
+__device__ void copy_norm_halves(const GemvParams& p, uint32_t* xq, int2* xqp,
+                                 const float4 (&g)[kNormPerThread]) {
+  static_assert(kMaxNormInputCols / 16 <= kThreads, "a thread adds one tile's sum of squares");
+  constexpr int kRound = int((kMaxNormInputCols / 32 * 3 + kThreads - 1) / kThreads);
+  const int n_halves = int(p.n_groups) * 2;
+  const int q_units = int(p.n_groups) * 2;
+  const int total = q_units + int(p.n_groups);
+  const uint4* q_src = reinterpret_cast<const uint4*>(p.xh.q);
+  const uint4* s_src = reinterpret_cast<const uint4*>(p.xh.scales);
+  uint4 v[kRound];
+#pragma unroll
+  for (int r = 0; r < kRound; ++r) {
+    const int e = int(threadIdx.x) + r * kThreads;
+    if (e < total) v[r] = e < q_units ? q_src[e] : s_src[e - q_units];
+  }
+  float sum = int(threadIdx.x) < n_halves ? p.norm_ss[threadIdx.x] : 0.0f;
+  const int n4 = int(p.x_stride / 4);
+  const float4* x4 = reinterpret_cast<const float4*>(p.norm.x);
+  float4 x[kNormPerThread];
+  if (blockIdx.x == 0) {
+#pragma unroll
+    for (int r = 0; r < kNormPerThread; ++r) {
+      const int j = int(threadIdx.x) + r * kThreads;
+      if (j < n4) x[r] = x4[j];
+    }
+  }
+  const float scale = block_rms_scale(p, sum);
+  uint4* q_dst = reinterpret_cast<uint4*>(xq);
+  uint4* s_dst = reinterpret_cast<uint4*>(xqp);
+#pragma unroll
+  for (int r = 0; r < kRound; ++r) {
+    const int e = int(threadIdx.x) + r * kThreads;
+    if (e < q_units) {
+      q_dst[e] = v[r];
+    } else if (e < total) {
+      // {scale of the low half, its sum, scale of the high half, its sum}
+      uint4 u = v[r];
+      u.x = __float_as_uint(__uint_as_float(u.x) * scale);
+      u.z = __float_as_uint(__uint_as_float(u.z) * scale);
+      s_dst[e - q_units] = u;
+    }
+  }
+  if (blockIdx.x == 0) {
+#pragma unroll
+    for (int r = 0; r < kNormPerThread; ++r) {
+      const int j = int(threadIdx.x) + r * kThreads;
+      if (j < n4) {
+        reinterpret_cast<float4*>(p.norm.out)[j] =
+            make_float4(g[r].x * (x[r].x * scale), g[r].y * (x[r].y * scale),
+                        g[r].z * (x[r].z * scale), g[r].w * (x[r].w * scale));
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// A row half's dot products with one input group in two halves (kHalves): the low nibbles of
+// its four words are weights 0-15, against input words 0-3, the high nibbles weights 16-31,
+// against words 4-7; {columns 0-15, columns 16-31}.
+__device__ inline int2 dp4a_halves(const uint32_t (&w)[4], const uint32_t (&xw)[8]) {
+  int lo = 0, hi = 0;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    lo = __dp4a(int(w[u] & 0x0f0f0f0fu), int(xw[u]), lo);
+    hi = __dp4a(int((w[u] >> 4) & 0x0f0f0f0fu), int(xw[4 + u]), hi);
+  }
+  return make_int2(lo, hi);
+}
+
 // The epilogue of one output: row `row` of job `job` for token `token` (rows past the end and
-// token slots past n_tokens are dropped), plus the bias and the residual add.
-__device__ inline void store_output(const GemvParams& p, int job, int64_t row, int token,
-                                    float sum) {
+// token slots past n_tokens are dropped), plus the bias and the residual add. Returns the
+// residual's new value (0 without one, or for a dropped output).
+__device__ inline float store_output(const GemvParams& p, int job, int64_t row, int token,
+                                     float sum) {
   const GemvJob& out = p.jobs[job];
   const int64_t n_rows = out.w.rows;
   if (row < n_rows && token < p.n_tokens) {
     const float value = sum + (out.w.bias != nullptr ? out.w.bias[row] : 0.0f);
     const int64_t at = int64_t(token) * n_rows + row;
     out.y[at] = value;
-    if (out.residual != nullptr) out.residual[at] += value;
+    if (out.residual != nullptr) {
+      const float updated = out.residual[at] + value;
+      out.residual[at] = updated;
+      return updated;
+    }
   }
+  return 0.0f;
 }
 
 // store_output with the bias and the residual's old value loaded beforehand (the dp4a path's
 // first tile: bias before the wait, residual right after it, so neither load is a round trip
 // at the end of the chain): the same arithmetic.
-__device__ inline void store_output_loaded(const GemvParams& p, int job, int64_t row, int token,
-                                           float sum, float bias, float residual) {
+__device__ inline float store_output_loaded(const GemvParams& p, int job, int64_t row, int token,
+                                            float sum, float bias, float residual) {
   const GemvJob& out = p.jobs[job];
   const int64_t n_rows = out.w.rows;
   if (row < n_rows && token < p.n_tokens) {
     const float value = sum + bias;
     const int64_t at = int64_t(token) * n_rows + row;
     out.y[at] = value;
-    if (out.residual != nullptr) out.residual[at] = residual + value;
+    if (out.residual != nullptr) {
+      out.residual[at] = residual + value;
+      return residual + value;
+    }
   }
+  return 0.0f;
 }
 
 // swiglu: up = u, gate = silu(g) * u, and gate's fp16 shadow. Returns the gate value as the
@@ -454,13 +547,13 @@ __device__ inline float store_swiglu_output(const GemvParams& p, int64_t row, in
   return 0.0f;
 }
 
-// The dp4a path's half-group quantization of 16 values, one a lane of lanes 0-15 (every one of
-// them calls this together): the values times 127 / their largest magnitude, rounded to the
-// nearest integer (ties to even; NaN to 0, and an infinite maximum scales every value to 0 as
-// quantize_input's conversion path does); returns the lane's int8 value and gives the half's
-// {scale bits, sum of the 16}.
-__device__ inline int quantize_half16(float v, int2& scale_sum) {
-  constexpr unsigned kHalf = 0x0000ffffu;
+// The dp4a path's half-group quantization of 16 values, one a lane of each 16-lane segment of a
+// warp that `mask` names (lanes 0-15, or all 32 for two halves; every one of them calls this
+// together): the values times 127 / their largest magnitude, rounded to the nearest integer
+// (ties to even; NaN to 0, and an infinite maximum scales every value to 0 as quantize_input's
+// conversion path does); returns the lane's int8 value and gives its half's {scale bits, sum of
+// the 16}.
+__device__ inline int quantize_half16(float v, int2& scale_sum, unsigned kHalf = 0x0000ffffu) {
   float amax = fabsf(v);
   amax = amax == amax ? amax : 0.0f;  // from 0 and by fmaxf, as quantize_input: NaN never wins
 #pragma unroll
@@ -474,11 +567,11 @@ __device__ inline int quantize_half16(float v, int2& scale_sum) {
   return q;
 }
 
-// Lanes 0-15 store half `half` of token 0's half-group input (HalfGroupInput's layout): lane l's
-// value is element l of the half, bytes 16 (half % 2) + l of group half / 2.
+// A segment of 16 lanes (`mask` as for quantize_half16) stores half `half` of token 0's
+// half-group input (HalfGroupInput's layout): the value of the segment's lane l (`lane`, 0-15) is
+// element l of the half, byte 16 (half % 2) + l of group half / 2.
 __device__ inline void store_half16(const HalfGroupOut& out, int64_t half, int lane, int q,
-                                    int2 scale_sum) {
-  constexpr unsigned kHalf = 0x0000ffffu;
+                                    int2 scale_sum, unsigned kHalf = 0x0000ffffu) {
   uint32_t word = uint32_t(q) & 0xffu;
   word |= (uint32_t(__shfl_down_sync(kHalf, q, 1, 16)) & 0xffu) << 8;
   word |= (uint32_t(__shfl_down_sync(kHalf, q, 2, 16)) & 0xffu) << 16;
@@ -595,14 +688,15 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
 // kProfile: the instance that records the phase profile (dp4a only; gemv_profile_flag).
 // kHalves: the input is p.xh, quantized in half groups by its producer (HalfGroupInput): copied
 // into shared memory instead of quantized, each group's two halves multiplied with their own
-// scales.
+// scales; with kNorm, the residual's next-norm input (NormHalvesIn: p.xh and p.norm_ss), each
+// scale times the norm's rsqrt.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
           bool kHalves = false>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
-  static_assert(!kHalves || (kDp == 1 && !kNorm && !kSwiglu && MT == 1),
-                "a half-group input is one token's, of a plain one-m-tile GEMV");
+  static_assert(!kHalves || (kDp == 1 && (kNorm || (!kSwiglu && MT == 1))),
+                "a half-group input is one token's: a plain one-m-tile GEMV's, or a fused norm's");
   static_assert(
       kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
       "the dp4a path reads int4 tiles for at most 8 tokens");
@@ -653,7 +747,9 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   __half* xs = reinterpret_cast<__half*>(smem + P::kBytes);
   // dp4a mode: [kDp, x_stride] int8 input and [kDp, n_groups] {scale, sum} (kHalves: [2 n_groups],
   // a half group each), after that.
-  uint32_t* xq = reinterpret_cast<uint32_t*>(smem + P::kBytes + (kNorm ? 2 * p.x_stride : 0));
+  // (A fused norm from the producer's half groups, kHalves, has no fp16 row: xq comes first.)
+  constexpr bool kShadowRow = kNorm && !kHalves;
+  uint32_t* xq = reinterpret_cast<uint32_t*>(smem + P::kBytes + (kShadowRow ? 2 * p.x_stride : 0));
   int2* xqp = reinterpret_cast<int2*>(reinterpret_cast<uint8_t*>(xq) + kDp * p.x_stride);
   auto pieces = [&](int stage) {  // [kPieces][32 lanes] uint4
     return reinterpret_cast<uint4*>(pipe + stage * P::kWarpStageBytes);
@@ -822,10 +918,14 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // residual's old value right after the wait, beside the input stage's loads, instead of each
   // being a round trip after the tile's sums (gemv_loads_in_epilogue: as later tiles do).
   constexpr bool kLoadsAhead = kDp > 0 && !kSwiglu;
+  // The instances that can prepare the residual's next norm input (p.norm_out): one token, one
+  // m-tile, a plain input (launch_format keeps such launches at one m-tile).
+  constexpr bool kNormProducer = kDp == 1 && !kSwiglu && !kNorm && MT == 1;
   const bool loads_ahead =
       kLoadsAhead && !p.loads_in_epilogue && n_my_tiles > 0 && int(threadIdx.x) < 16 * MT * kDp;
   float first_bias = 0.0f, first_residual = 0.0f;
-  int64_t first_at = -1;  // the output's index in y and the residual, -1 for none
+  float first_next_norm = 0.0f;  // p.norm_out.w of the first tile's row, a weight too
+  int64_t first_at = -1;         // the output's index in y and the residual, -1 for none
   if (loads_ahead) {
     const TileAt at = locate(tile0);
     const GemvJob& out = p.jobs[at.job];
@@ -834,27 +934,32 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     if (row < out.w.rows && token < p.n_tokens) {
       first_at = int64_t(token) * out.w.rows + row;
       if (out.w.bias != nullptr) first_bias = out.w.bias[row];
+      if (kNormProducer && p.norm_out.w != nullptr) first_next_norm = p.norm_out.w[row];
     }
   }
-  // The fused norm's weight: before the wait (norm_ahead), or after it.
+  // The fused norm's weight: before the wait (norm_ahead), or after it. From the producer's half
+  // groups (kHalves) only block 0 needs it, for the fp32 row it stores.
   float4 norm_w[kNorm ? kNormPerThread : 1];
+  const bool needs_norm_w = kNorm && (!kHalves || blockIdx.x == 0);
   if constexpr (kNorm) {
-    if (p.norm_ahead) load_norm_weight(p, norm_w);
+    if (p.norm_ahead && needs_norm_w) load_norm_weight(p, norm_w);
   }
   pdl_wait();
   if (profiled) mark(1);
   if constexpr (kNorm) {
-    if (!p.norm_ahead) load_norm_weight(p, norm_w);
+    if (!p.norm_ahead && needs_norm_w) load_norm_weight(p, norm_w);
   }
   if (loads_ahead && first_at >= 0) {
     const GemvJob& out = p.jobs[locate(tile0).job];
     if (out.residual != nullptr) first_residual = out.residual[first_at];
   }
-  if constexpr (kNorm) normalize_input(p, xs, norm_w);
-  if constexpr (kHalves) {
+  if constexpr (kHalves && kNorm) {
+    copy_norm_halves(p, xq, xqp, norm_w);
+  } else if constexpr (kHalves) {
     copy_half_groups(p, xq, xqp);
-  } else if constexpr (kDp > 0) {
-    quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
+  } else {
+    if constexpr (kNorm) normalize_input(p, xs, norm_w);
+    if constexpr (kDp > 0) quantize_input<kDp>(kNorm ? xs : p.x, p, xq, xqp);
   }
   if (profiled) mark(2);
   // dp4a mode: the warps' row sums of a tile meet here, after the input stage.
@@ -906,22 +1011,20 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
               const float sx_lo = __int_as_float(qh.x);
               const float sx_hi = __int_as_float(qh.z);
 #pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                int s_lo = 0, s_hi = 0;
+              for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                  const uint32_t w = f.words[0][h][u];
-                  s_lo = __dp4a(int(w & 0x0f0f0f0fu), int(xw[u]), s_lo);
-                  s_hi = __dp4a(int((w >> 4) & 0x0f0f0f0fu), int(xw[4 + u]), s_hi);
-                }
-                const float d = __low2float(f.scale[0][h]);
-                if constexpr (F == WeightFormat::sym_int4) {
-                  dacc[0][h][0] +=
-                      float(s_lo - 8 * qh.y) * (d * sx_lo) + float(s_hi - 8 * qh.w) * (d * sx_hi);
-                } else {
-                  const float m = __low2float(f.min[0][h]);
-                  dacc[0][h][0] += sx_lo * (d * float(s_lo) + m * float(qh.y)) +
-                                   sx_hi * (d * float(s_hi) + m * float(qh.w));
+                for (int h = 0; h < 2; ++h) {
+                  const int2 sums = dp4a_halves(f.words[mt][h], xw);
+                  const int s_lo = sums.x, s_hi = sums.y;
+                  const float d = __low2float(f.scale[mt][h]);
+                  if constexpr (F == WeightFormat::sym_int4) {
+                    dacc[mt][h][0] +=
+                        float(s_lo - 8 * qh.y) * (d * sx_lo) + float(s_hi - 8 * qh.w) * (d * sx_hi);
+                  } else {
+                    const float m = __low2float(f.min[mt][h]);
+                    dacc[mt][h][0] += sx_lo * (d * float(s_lo) + m * float(qh.y)) +
+                                      sx_hi * (d * float(s_hi) + m * float(qh.w));
+                  }
                 }
               }
               continue;
@@ -1000,14 +1103,14 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       // Output e is token e % kDp of row e / kDp.
       auto store_sum = [&](int e, float sum) {
         if (loads_ahead && iter == 0) {
-          store_output_loaded(p, at.job, at.row_base + e / kDp, e % kDp, sum, first_bias,
-                              first_residual);
-        } else {
-          store_output(p, at.job, at.row_base + e / kDp, e % kDp, sum);
+          return store_output_loaded(p, at.job, at.row_base + e / kDp, e % kDp, sum, first_bias,
+                                     first_residual);
         }
+        return store_output(p, at.job, at.row_base + e / kDp, e % kDp, sum);
       };
       static_assert(16 * 2 * 2 <= kThreads, "the dp4a path's tile is one output a thread");
-      float gate_value = 0.0f;  // swiglu, one token: thread r's gate value as its shadow holds it
+      float gate_value = 0.0f;    // swiglu, one token: thread r's gate value as its shadow holds it
+      float new_residual = 0.0f;  // store, one token: thread r's residual after its add
       for (int e = threadIdx.x; e < kRowsOut * kDp; e += kThreads) {
         const int t = e % kDp;
         const int r = e / kDp;
@@ -1023,7 +1126,28 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
         if constexpr (kSwiglu) {
           gate_value = store_swiglu_output(p, at.row_base + r, t, warp_sum_of(0), warp_sum_of(1));
         } else {
-          store_sum(e, warp_sum_of(r >> 4));
+          new_residual = store_sum(e, warp_sum_of(r >> 4));
+        }
+      }
+      if constexpr (kNormProducer) {
+        // The residual's next norm input (NormHalvesOut): the tile's 16 rows are a half group,
+        // lanes 0-15 of warp 0: the new residual times the norm's weight, quantized, and the
+        // rows' sum of squares.
+        if (p.norm_out.out.q != nullptr && threadIdx.x < 16) {
+          constexpr unsigned kMask = 0x0000ffffu;
+          const int64_t row = at.row_base + int(threadIdx.x);
+          const float g = loads_ahead && iter == 0      ? first_next_norm
+                          : row < p.jobs[at.job].w.rows ? p.norm_out.w[row]
+                                                        : 0.0f;
+          const int64_t half = at.row_base / 16;
+          const int seg_lane = int(threadIdx.x);
+          int2 scale_sum;
+          const int q = quantize_half16(new_residual * g, scale_sum, kMask);
+          store_half16(p.norm_out.out, half, seg_lane, q, scale_sum, kMask);
+          float sq = new_residual * new_residual;
+#pragma unroll
+          for (int o = 1; o < 16; o <<= 1) sq += __shfl_xor_sync(kMask, sq, o, 16);
+          if (seg_lane == 0) p.norm_out.ss[half] = sq;
         }
       }
       if constexpr (kSwiglu && kDp == 1) {
@@ -1336,10 +1460,11 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
   constexpr int kSumBytes = kDp > 0 ? dp_sums_bytes(kDp, MT) : 0;
-  constexpr int kMaxInputBytes = (kNorm ? int(kMaxNormInputCols * sizeof(__half)) : 0) +
+  constexpr bool kShadowRow = kNorm && !kHalves;  // the kernel's xs (none from half groups)
+  constexpr int kMaxInputBytes = (kShadowRow ? int(kMaxNormInputCols * sizeof(__half)) : 0) +
                                  int(dp_input_bytes(kDp, kMaxDpCols, kHalves)) + kSumBytes;
   constexpr int kMaxSmem = kPipeBytes + kMaxInputBytes + kReduceBytes;
-  const int input_bytes = (kNorm ? int(p.x_stride * int64_t(sizeof(__half))) : 0) +
+  const int input_bytes = (kShadowRow ? int(p.x_stride * int64_t(sizeof(__half))) : 0) +
                           int(dp_input_bytes(kDp, p.x_stride, kHalves)) + kSumBytes;
   // A persistent mma-path block keeps its warps' exchange apart from the ring, which streams on.
   constexpr bool kOwnReduce = Pipe<F, MT>::kTiled && kDp == 0;
@@ -1407,6 +1532,9 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
     // the one-m-tile instances; the others quantize p.x, the same activation's shadow.
     constexpr bool kMayHalve = MT == 1 && !kSwiglu;
     if (p.dp4a && p.profile) {
+      if (p.norm.x != nullptr && p.norm_ss != nullptr) {
+        return launch_kernel<F, MT, 1, kSwiglu, true, 1, true, true>(p, stream);
+      }
       if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1, true>(p, stream);
       if constexpr (kMayHalve) {
         if (p.xh.q != nullptr)
@@ -1416,6 +1544,9 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
       return launch_kernel<F, MT, 1, kSwiglu, false, 2, true>(p, stream);
     }
     if (p.dp4a) {
+      if (p.norm.x != nullptr && p.norm_ss != nullptr) {
+        return launch_kernel<F, MT, 1, kSwiglu, true, 1, false, true>(p, stream);
+      }
       if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, stream);
       if constexpr (kMayHalve) {
         if (p.xh.q != nullptr)
@@ -1484,7 +1615,8 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
     // much as its weights at 16 tokens: 32-row blocks halve that, worth it down to half a wave
     // of blocks (H200, 8B at 16 tokens: wo 9.5 -> 8.4 us, down 24.8 -> 20.8 us; the 1.5B's
     // 48-block weights lose 25%).
-    if (blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count)) {
+    const bool one_mtile = p.norm_out.out.q != nullptr;  // only those instances prepare norms
+    if (!one_mtile && (blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count))) {
       return launch_mt<F, 2, false>(p, stream);
     }
   }
@@ -1573,6 +1705,17 @@ std::atomic<bool>& gemv_half_groups_flag() {
   return on;
 }
 
+// Whether the backend asks a GEMV adding into the residual for the residual's next norm input
+// (NormHalvesOut) and gives it to that norm's GEMV (gemv_norm_halves), or the norm's GEMV
+// normalizes and quantizes the residual in every block (the default until measured;
+// KESTREL_CUDA_GEMV_NORM_HALVES=1 at start-up, set_gemv_norm_halves; a measurement switch and
+// test aid). The two round differently (no fp16 step between the norm and the quantization, half
+// groups), so their results differ within the int8 quantization's error.
+std::atomic<bool>& gemv_norm_halves_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_NORM_HALVES", "1")};
+  return on;
+}
+
 bool aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
 }
@@ -1590,7 +1733,8 @@ bool triggers_early(bool dp4a) {
 // One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
 Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
                    int sm_count, cudaStream_t stream, GemvEpilogue epilogue,
-                   ShadowOut swiglu_shadow, NormInput norm, bool dp4a, HalfGroupInput halves) {
+                   ShadowOut swiglu_shadow, NormInput norm, bool dp4a, HalfGroupInput halves,
+                   NormHalvesIn norm_halves, NormHalvesOut norm_out) {
   GemvParams p;
   p.n_jobs = n_jobs;
   const WeightFormat format = jobs[0].w.format;
@@ -1628,6 +1772,26 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.shadow = swiglu_shadow;
   p.norm = norm;
   p.x = x;
+  // The residual's next norm input: one token's, one job adding into the residual, rows a whole
+  // number of groups (no padding half to write).
+  if (norm_out.out.q != nullptr) {
+    if (!dp4a || n_tokens != 1 || n_jobs != 1 || epilogue != GemvEpilogue::store ||
+        norm.x != nullptr || jobs[0].residual == nullptr || jobs[0].w.rows % kGroup != 0 ||
+        norm_out.w == nullptr || norm_out.ss == nullptr || !aligned16(norm_out.out.q) ||
+        !aligned16(norm_out.out.scales)) {
+      return Status::error("cuda matmul: this GEMV cannot prepare a norm's input");
+    }
+    p.norm_out = norm_out;
+  }
+  // A fused norm's input from those: one token, the residual's width.
+  if (norm_halves.in.q != nullptr && norm.x != nullptr && dp4a && n_tokens == 1) {
+    if (norm_halves.ss == nullptr || !aligned16(norm_halves.in.q) ||
+        !aligned16(norm_halves.in.scales)) {
+      return Status::error("cuda matmul: a norm's half-group input is incomplete");
+    }
+    p.xh = norm_halves.in;
+    p.norm_ss = norm_halves.ss;
+  }
   // The half-group input replaces the input stage of one token's plain dp4a GEMV; x stays the
   // input of every other instance (it is the same activation's shadow).
   if (halves.q != nullptr && dp4a && n_tokens == 1 && norm.x == nullptr &&
@@ -1679,6 +1843,18 @@ bool gemv_half_groups() {
   return gemv_half_groups_flag().load(std::memory_order_relaxed);
 }
 
+bool set_gemv_norm_halves(bool on) {
+  return gemv_norm_halves_flag().exchange(on);
+}
+
+bool gemv_norm_halves() {
+  return gemv_norm_halves_flag().load(std::memory_order_relaxed);
+}
+
+bool gemv_writes_norm_halves(WeightFormat format, int64_t n_tokens, int64_t cols, int64_t rows) {
+  return gemv_writes_halves(format, n_tokens, cols) && rows % kGroup == 0;
+}
+
 bool gemv_writes_halves(WeightFormat format, int64_t n_tokens, int64_t cols) {
   return (format == WeightFormat::sym_int4 || format == WeightFormat::asym_int4) && n_tokens == 1 &&
          gemv_uses_dp4a(n_tokens, round_up(cols, kGroup));
@@ -1725,7 +1901,8 @@ Result<std::vector<GemvProfileRecord>> gemv_profile() {
 
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue, ShadowOut swiglu_shadow,
-            NormInput norm, HalfGroupInput halves) {
+            NormInput norm, HalfGroupInput halves, NormHalvesIn norm_halves,
+            NormHalvesOut norm_out) {
   if (n_jobs < 1 || n_jobs > kMaxGemvJobs) {
     return Status::error("cuda matmul: " + std::to_string(n_jobs) + " weights in one GEMV");
   }
@@ -1740,7 +1917,7 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
       gemv_uses_dp4a(n_tokens, x_stride);
   if (n_tokens <= kMaxGemvTokens) {
     return gemv_launch(jobs, n_jobs, x, x_stride, n_tokens, sm_count, stream, epilogue,
-                       swiglu_shadow, norm, dp4a, halves);
+                       swiglu_shadow, norm, dp4a, halves, norm_halves, norm_out);
   }
   // Slices of 16 tokens, one launch each: every row of the input, outputs and shadow belongs to
   // one token, so a slice is the same call on offset pointers.
@@ -1758,11 +1935,11 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
     ShadowOut shadow = swiglu_shadow;
     if (shadow.data != nullptr) shadow.data += int64_t(t0) * shadow.row_stride;
     // Half groups are one token's: a sliced call has many.
-    if (shadow.halves.q != nullptr) {
+    if (shadow.halves.q != nullptr || norm_out.out.q != nullptr) {
       return Status::error("cuda matmul: this GEMV cannot write a half-group quantized output");
     }
     KS_RETURN_IF_ERROR(gemv_launch(slice, n_jobs, x + int64_t(t0) * x_stride, x_stride, count,
-                                   sm_count, stream, epilogue, shadow, norm, dp4a, {}));
+                                   sm_count, stream, epilogue, shadow, norm, dp4a, {}, {}, {}));
   }
   return Status::ok();
 }

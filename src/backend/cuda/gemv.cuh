@@ -62,6 +62,23 @@ struct HalfGroupInput {
   const int2* scales = nullptr;
 };
 
+// A residual's next RMSNorm input, prepared at one token by the GEMV that adds into the residual
+// (a store epilogue with a residual, rows a multiple of 32): per 16-row tile, the new residual
+// times the norm's weight `w` quantized in half groups (`out`), and the tile's sum of squares of
+// the new residual (`ss`, [rows / 16]). The norm's GEMV then reads these instead of normalizing
+// and quantizing the row in every block: each half's scale times rsqrt(mean(x^2) + eps), the
+// sums of squares added in a fixed order (NormHalvesIn).
+struct NormHalvesOut {
+  const float* w = nullptr;
+  HalfGroupOut out;
+  float* ss = nullptr;
+};
+
+struct NormHalvesIn {
+  HalfGroupInput in;
+  const float* ss = nullptr;
+};
+
 enum class GemvEpilogue {
   store,   // y_j = x · w_jᵀ + bias_j
   swiglu,  // two jobs of equal rows (gate, up): y_1 = up, y_0 = silu(gate) * up, plus its shadow
@@ -75,9 +92,17 @@ enum class GemvEpilogue {
 // `halves`, with one token and a store epilogue, is x's half-group quantization (see
 // HalfGroupInput). In swiglu mode, swiglu_shadow.halves receives y_0's (one token, dp4a weights:
 // gemv_writes_halves; an error otherwise).
+// `norm_halves` (with `norm`, one token): that norm's input as the residual's producer prepared
+// it (NormHalvesOut); norm.x is still the residual (block 0 writes norm.out from it). `norm_out`
+// (one token, one job with a residual): prepare the residual's next norm input.
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue = GemvEpilogue::store,
-            ShadowOut swiglu_shadow = {}, NormInput norm = {}, HalfGroupInput halves = {});
+            ShadowOut swiglu_shadow = {}, NormInput norm = {}, HalfGroupInput halves = {},
+            NormHalvesIn norm_halves = {}, NormHalvesOut norm_out = {});
+
+// Whether a one-job store gemv() with a residual of `rows` rows over these weights can take a
+// NormHalvesOut.
+bool gemv_writes_norm_halves(WeightFormat format, int64_t n_tokens, int64_t cols, int64_t rows);
 
 // Whether a swiglu gemv() of n_tokens over these weights writes swiglu_shadow.halves.
 bool gemv_writes_halves(WeightFormat format, int64_t n_tokens, int64_t cols);

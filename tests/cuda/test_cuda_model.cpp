@@ -132,8 +132,8 @@ TEST(CudaModel, Qwen2HalfBillionShapeMatchesCpu) {
 // The residual adds preparing their next norm's input (set_gemv_norm_halves: x·g in half groups
 // and the tiles' sums of squares, which q/k/v's and gate/up's GEMVs then read instead of
 // normalizing and quantizing the residual): a 200-token prefill, then decode steps, against the
-// CPU within the same bound as without them and no further from it than 1.25x plus the
-// quantization's own spread; and the decode logits differ from those without (the path ran).
+// CPU within the same bound as without them (and within twice that path's error plus 0.01);
+// the decode logits differ from those without (the path ran), and steps replay a graph.
 TEST(CudaModel, DecodeWithPreparedNormInputsMatchesCpu) {
   auto cpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cpu", 512);
   ASSERT_TRUE(cpu);
@@ -152,8 +152,13 @@ TEST(CudaModel, DecodeWithPreparedNormInputsMatchesCpu) {
   }
   double worst[2] = {0.0, 0.0};
   std::vector<float> last[2];
+  // Restores the process-wide switch however the loop body ends.
+  struct NormHalves {
+    bool before = cuda::set_gemv_norm_halves(false);
+    ~NormHalves() { cuda::set_gemv_norm_halves(before); }
+  } restore;
   for (int on : {0, 1}) {
-    const bool before = cuda::set_gemv_norm_halves(on == 1);
+    cuda::set_gemv_norm_halves(on == 1);
     auto gpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cuda", 512);
     ASSERT_TRUE(gpu);
     std::vector<float> a;
@@ -166,13 +171,16 @@ TEST(CudaModel, DecodeWithPreparedNormInputsMatchesCpu) {
           std::max(worst[on], compare(a, cpu_logits[size_t(step) + 1], vocab).max_rel_error);
     }
     last[on] = a;
-    cuda::set_gemv_norm_halves(before);
+    // The steps after the first decode step replay its captured graph.
+    EXPECT_GT(cuda::graph_stats(gpu->backend()).replayed, 0) << "switch " << on;
   }
   std::printf(
       "[ qwen2-0.5b sym_int4 decode ] CUDA vs CPU max rel error %.3g, prepared norms %.3g\n",
       worst[0], worst[1]);
+  // The same bound as the path without them; the prepared inputs add int8 rounding at two more
+  // places a layer (no fp16 step, half groups), so a ratio to that path's error is loose.
   EXPECT_LE(worst[1], 5e-2);
-  EXPECT_LE(worst[1], 1.25 * worst[0] + 5e-3);
+  EXPECT_LE(worst[1], 2.0 * worst[0] + 1e-2);
   EXPECT_NE(last[0], last[1]) << "the prepared norm inputs were not read";
 }
 

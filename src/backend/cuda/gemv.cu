@@ -31,6 +31,13 @@
 // stage is the whole input, per block, the dp4a launch is persistent: a wave of blocks, each
 // quantizing once and then looping over row tiles with the warps' rings running on across tile
 // boundaries; the quads' sums meet in a small shared buffer after each tile.
+//
+// At one token an input can also come already quantized by its producer, in half groups of 16
+// columns (a producer's tile is 16 rows, half a group): w_down's from the swiglu GEMV's epilogue
+// (HalfGroupInput), and, behind a switch, a fused norm's from the residual add before it
+// (NormHalvesOut / NormHalvesIn: x·g in half groups and the tiles' sums of squares, each scale
+// times the norm's rsqrt). Such a block copies its input instead of quantizing it (kHalves), and
+// multiplies each group's two halves with their own scales.
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>

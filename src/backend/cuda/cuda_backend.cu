@@ -300,18 +300,22 @@ class CudaBackend final : public Backend {
       KS_ASSIGN_OR_RETURN(buffer,
                           reserve_device<__half>(extras.shadow_bytes, "fp16 activation shadow"));
     }
+    // One token's half groups at the start of `bytes` (extras.halves_bytes): shadow_cols_ int8
+    // values, then a {scale, sum} per 16 of them.
+    auto half_groups_at = [&](uint8_t* bytes) {
+      return HalfGroupOut{reinterpret_cast<uint32_t*>(bytes),
+                          reinterpret_cast<int2*>(bytes + shadow_cols_)};
+    };
     for (NormHalvesBuffer& b : norm_buffers_) {
       KS_ASSIGN_OR_RETURN(uint8_t * bytes,
                           reserve_device<uint8_t>(extras.norm_halves_bytes, "norm input halves"));
-      b.out = HalfGroupOut{reinterpret_cast<uint32_t*>(bytes),
-                           reinterpret_cast<int2*>(bytes + shadow_cols_)};
-      b.ss = reinterpret_cast<float*>(bytes + shadow_cols_ + shadow_cols_ / 2);
+      b.out = half_groups_at(bytes);
+      b.ss = reinterpret_cast<float*>(bytes + extras.halves_bytes);
     }
     for (HalfGroupOut& halves : half_buffers_) {
       KS_ASSIGN_OR_RETURN(uint8_t * bytes,
                           reserve_device<uint8_t>(extras.halves_bytes, "int8 activation halves"));
-      halves = HalfGroupOut{reinterpret_cast<uint32_t*>(bytes),
-                            reinterpret_cast<int2*>(bytes + shadow_cols_)};
+      halves = half_groups_at(bytes);
     }
     gemm_ws_ = GemmWorkspace{};
     gemm_ws_.cublas = cublas_;
@@ -1212,15 +1216,14 @@ class CudaBackend final : public Backend {
       return NormHalvesIn{};
     }
     const NormHalvesBuffer& b = norm_buffers_[norm_halves_.buffer];
-    return NormHalvesIn{HalfGroupInput{b.out.q, b.out.scales}, b.ss};
+    return NormHalvesIn{input_of(b.out), b.ss};
   }
 
   // The half-group input of a GEMV reading the current shadow (ensure_shadow first), if its
   // producer wrote one.
   HalfGroupInput shadow_halves(Tensor x) const {
     if (!shadow_.halves || x.rows != 1) return HalfGroupInput{};
-    const HalfGroupOut& h = half_buffers_[shadow_.buffer];
-    return HalfGroupInput{h.q, h.scales};
+    return input_of(half_buffers_[shadow_.buffer]);
   }
 
   Status ensure_shadow(Tensor x) {

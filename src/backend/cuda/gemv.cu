@@ -385,34 +385,56 @@ __device__ void quantize_input(const __half* src, const GemvParams& p, uint32_t*
   __syncthreads();
 }
 
-// The kHalves input stage: the producer's half-group quantization (p.xh: 32 bytes of int8 and 16
-// of scales a group) copied into xq and xqp as 16-byte units, a thread's units of a round
-// requested before any is stored, so the stage is one round trip to L2 for up to 4 x 256 units
-// (the 8B's w_down input: 14336 columns, 1344 units, two rounds).
-__device__ void copy_half_groups(const GemvParams& p, uint32_t* xq, int2* xqp) {
-  constexpr int kRound = 4;
+// The 16-byte units of a one-token half-group input (HalfGroupInput): 2 n_groups of int8 values,
+// then n_groups of scales, {scale of the low half, its sum, scale of the high half, its sum}.
+// load_half_units requests a thread's kRound units from `base` (every kThreads-th), before
+// store_half_units puts them into xq and xqp, the scales times `scale` (kScaled; for a norm's
+// rsqrt).
+template <int kRound>
+__device__ inline void load_half_units(const GemvParams& p, int base, uint4 (&v)[kRound]) {
   const int q_units = int(p.n_groups) * 2;
   const int total = q_units + int(p.n_groups);
   const uint4* q_src = reinterpret_cast<const uint4*>(p.xh.q);
   const uint4* s_src = reinterpret_cast<const uint4*>(p.xh.scales);
-  uint4* q_dst = reinterpret_cast<uint4*>(xq);
-  uint4* s_dst = reinterpret_cast<uint4*>(xqp);
+#pragma unroll
+  for (int r = 0; r < kRound; ++r) {
+    const int e = base + r * kThreads;
+    if (e < total) v[r] = e < q_units ? q_src[e] : s_src[e - q_units];
+  }
+}
+
+template <int kRound, bool kScaled>
+__device__ inline void store_half_units(const GemvParams& p, int base, const uint4 (&v)[kRound],
+                                        uint32_t* xq, int2* xqp, float scale = 1.0f) {
+  const int q_units = int(p.n_groups) * 2;
+  const int total = q_units + int(p.n_groups);
+#pragma unroll
+  for (int r = 0; r < kRound; ++r) {
+    const int e = base + r * kThreads;
+    if (e < q_units) {
+      reinterpret_cast<uint4*>(xq)[e] = v[r];
+    } else if (e < total) {
+      uint4 u = v[r];
+      if constexpr (kScaled) {
+        u.x = __float_as_uint(__uint_as_float(u.x) * scale);
+        u.z = __float_as_uint(__uint_as_float(u.z) * scale);
+      }
+      reinterpret_cast<uint4*>(xqp)[e - q_units] = u;
+    }
+  }
+}
+
+// The kHalves input stage: the producer's half-group quantization (p.xh: 32 bytes of int8 and 16
+// of scales a group) copied into xq and xqp, a thread's units of a round requested before any is
+// stored, so the stage is one round trip to L2 for up to 4 x 256 units (the 8B's w_down input:
+// 14336 columns, 1344 units, two rounds).
+__device__ void copy_half_groups(const GemvParams& p, uint32_t* xq, int2* xqp) {
+  constexpr int kRound = 4;
+  const int total = int(p.n_groups) * 3;
   for (int base = int(threadIdx.x); base < total; base += kRound * kThreads) {
     uint4 v[kRound];
-#pragma unroll
-    for (int r = 0; r < kRound; ++r) {
-      const int e = base + r * kThreads;
-      if (e < total) v[r] = e < q_units ? q_src[e] : s_src[e - q_units];
-    }
-#pragma unroll
-    for (int r = 0; r < kRound; ++r) {
-      const int e = base + r * kThreads;
-      if (e < q_units) {
-        q_dst[e] = v[r];
-      } else if (e < total) {
-        s_dst[e - q_units] = v[r];
-      }
-    }
+    load_half_units(p, base, v);
+    store_half_units<kRound, false>(p, base, v, xq, xqp);
   }
   __syncthreads();
 }
@@ -428,17 +450,9 @@ __device__ void copy_norm_halves(const GemvParams& p, uint32_t* xq, int2* xqp,
                                  const float4 (&g)[kNormPerThread]) {
   static_assert(kMaxNormInputCols / 16 <= kThreads, "a thread adds one tile's sum of squares");
   constexpr int kRound = int((kMaxNormInputCols / 32 * 3 + kThreads - 1) / kThreads);
-  const int n_halves = int(p.n_groups) * 2;
-  const int q_units = int(p.n_groups) * 2;
-  const int total = q_units + int(p.n_groups);
-  const uint4* q_src = reinterpret_cast<const uint4*>(p.xh.q);
-  const uint4* s_src = reinterpret_cast<const uint4*>(p.xh.scales);
   uint4 v[kRound];
-#pragma unroll
-  for (int r = 0; r < kRound; ++r) {
-    const int e = int(threadIdx.x) + r * kThreads;
-    if (e < total) v[r] = e < q_units ? q_src[e] : s_src[e - q_units];
-  }
+  load_half_units(p, int(threadIdx.x), v);
+  const int n_halves = int(p.n_groups) * 2;
   float sum = int(threadIdx.x) < n_halves ? p.norm_ss[threadIdx.x] : 0.0f;
   const int n4 = int(p.x_stride / 4);
   const float4* x4 = reinterpret_cast<const float4*>(p.norm.x);
@@ -451,21 +465,7 @@ __device__ void copy_norm_halves(const GemvParams& p, uint32_t* xq, int2* xqp,
     }
   }
   const float scale = block_rms_scale(p, sum);
-  uint4* q_dst = reinterpret_cast<uint4*>(xq);
-  uint4* s_dst = reinterpret_cast<uint4*>(xqp);
-#pragma unroll
-  for (int r = 0; r < kRound; ++r) {
-    const int e = int(threadIdx.x) + r * kThreads;
-    if (e < q_units) {
-      q_dst[e] = v[r];
-    } else if (e < total) {
-      // {scale of the low half, its sum, scale of the high half, its sum}
-      uint4 u = v[r];
-      u.x = __float_as_uint(__uint_as_float(u.x) * scale);
-      u.z = __float_as_uint(__uint_as_float(u.z) * scale);
-      s_dst[e - q_units] = u;
-    }
-  }
+  store_half_units<kRound, true>(p, int(threadIdx.x), v, xq, xqp, scale);
   if (blockIdx.x == 0) {
 #pragma unroll
     for (int r = 0; r < kNormPerThread; ++r) {
@@ -554,35 +554,41 @@ __device__ inline float store_swiglu_output(const GemvParams& p, int64_t row, in
   return 0.0f;
 }
 
-// The dp4a path's half-group quantization of 16 values, one a lane of each 16-lane segment of a
-// warp that `mask` names (lanes 0-15, or all 32 for two halves; every one of them calls this
-// together): the values times 127 / their largest magnitude, rounded to the nearest integer
-// (ties to even; NaN to 0, and an infinite maximum scales every value to 0 as quantize_input's
-// conversion path does); returns the lane's int8 value and gives its half's {scale bits, sum of
-// the 16}.
-__device__ inline int quantize_half16(float v, int2& scale_sum, unsigned kHalf = 0x0000ffffu) {
+// Lanes 0-15 of a warp, the producers' epilogue threads of a half group.
+constexpr unsigned kHalfLanes = 0x0000ffffu;
+
+// The sum of v over lanes 0-15 (every one of them calls this together), in every one of them.
+template <typename T>
+__device__ inline T half16_sum(T v) {
+#pragma unroll
+  for (int o = 1; o < 16; o <<= 1) v += __shfl_xor_sync(kHalfLanes, v, o, 16);
+  return v;
+}
+
+// The dp4a path's half-group quantization of 16 values, one a lane of lanes 0-15 (every one of
+// them calls this together): the values times 127 / their largest magnitude, rounded to the
+// nearest integer (ties to even; NaN to 0, and an infinite maximum scales every value to 0 as
+// quantize_input's conversion path does); returns the lane's int8 value and gives the half's
+// {scale bits, sum of the 16}.
+__device__ inline int quantize_half16(float v, int2& scale_sum) {
   float amax = fabsf(v);
   amax = amax == amax ? amax : 0.0f;  // from 0 and by fmaxf, as quantize_input: NaN never wins
 #pragma unroll
-  for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kHalf, amax, o, 16));
+  for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kHalfLanes, amax, o, 16));
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   const int q = round_small(__fmul_rn(v, inv));
-  int sum = q;
-#pragma unroll
-  for (int o = 1; o < 16; o <<= 1) sum += __shfl_xor_sync(kHalf, sum, o, 16);
-  scale_sum = make_int2(__float_as_int(amax / 127.0f), sum);
+  scale_sum = make_int2(__float_as_int(amax / 127.0f), half16_sum(q));
   return q;
 }
 
-// A segment of 16 lanes (`mask` as for quantize_half16) stores half `half` of token 0's
-// half-group input (HalfGroupInput's layout): the value of the segment's lane l (`lane`, 0-15) is
-// element l of the half, byte 16 (half % 2) + l of group half / 2.
+// Lanes 0-15 store half `half` of token 0's half-group input (HalfGroupInput's layout): lane l's
+// value is element l of the half, byte 16 (half % 2) + l of group half / 2.
 __device__ inline void store_half16(const HalfGroupOut& out, int64_t half, int lane, int q,
-                                    int2 scale_sum, unsigned kHalf = 0x0000ffffu) {
+                                    int2 scale_sum) {
   uint32_t word = uint32_t(q) & 0xffu;
-  word |= (uint32_t(__shfl_down_sync(kHalf, q, 1, 16)) & 0xffu) << 8;
-  word |= (uint32_t(__shfl_down_sync(kHalf, q, 2, 16)) & 0xffu) << 16;
-  word |= (uint32_t(__shfl_down_sync(kHalf, q, 3, 16)) & 0xffu) << 24;
+  word |= (uint32_t(__shfl_down_sync(kHalfLanes, q, 1, 16)) & 0xffu) << 8;
+  word |= (uint32_t(__shfl_down_sync(kHalfLanes, q, 2, 16)) & 0xffu) << 16;
+  word |= (uint32_t(__shfl_down_sync(kHalfLanes, q, 3, 16)) & 0xffu) << 24;
   if ((lane & 3) == 0) out.q[half * 4 + lane / 4] = word;
   if (lane == 0) out.scales[half] = scale_sum;
 }
@@ -1141,20 +1147,16 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
         // lanes 0-15 of warp 0: the new residual times the norm's weight, quantized, and the
         // rows' sum of squares.
         if (p.norm_out.out.q != nullptr && threadIdx.x < 16) {
-          constexpr unsigned kMask = 0x0000ffffu;
           const int64_t row = at.row_base + int(threadIdx.x);
           const float g = loads_ahead && iter == 0      ? first_next_norm
                           : row < p.jobs[at.job].w.rows ? p.norm_out.w[row]
                                                         : 0.0f;
           const int64_t half = at.row_base / 16;
-          const int seg_lane = int(threadIdx.x);
           int2 scale_sum;
-          const int q = quantize_half16(new_residual * g, scale_sum, kMask);
-          store_half16(p.norm_out.out, half, seg_lane, q, scale_sum, kMask);
-          float sq = new_residual * new_residual;
-#pragma unroll
-          for (int o = 1; o < 16; o <<= 1) sq += __shfl_xor_sync(kMask, sq, o, 16);
-          if (seg_lane == 0) p.norm_out.ss[half] = sq;
+          const int q = quantize_half16(new_residual * g, scale_sum);
+          store_half16(p.norm_out.out, half, int(threadIdx.x), q, scale_sum);
+          const float sq = half16_sum(new_residual * new_residual);
+          if (threadIdx.x == 0) p.norm_out.ss[half] = sq;
         }
       }
       if constexpr (kSwiglu && kDp == 1) {

@@ -62,6 +62,11 @@ struct HalfGroupInput {
   const int2* scales = nullptr;
 };
 
+// The half groups a producer wrote, as a GEMV's input.
+inline HalfGroupInput input_of(const HalfGroupOut& out) {
+  return HalfGroupInput{out.q, out.scales};
+}
+
 // A residual's next RMSNorm input, prepared at one token by the GEMV that adds into the residual
 // (a store epilogue with a residual, rows a multiple of 32): per 16-row tile, the new residual
 // times the norm's weight `w` quantized in half groups (`out`), and the tile's sum of squares of

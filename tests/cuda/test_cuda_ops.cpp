@@ -19,7 +19,6 @@
 #include "../unit/backend_op_checks.h"
 #include "core/half.h"
 #include "cuda_test_util.h"
-#include "quant/format.h"
 
 namespace kestrel::cuda_test {
 namespace {
@@ -294,21 +293,9 @@ TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
       return std::pair{fetch(b, *gate), fetch(b, *down)};
     };
     // The exact product of the fp16-rounded gate rows with w_down, plus its bias.
-    std::vector<float> w_row(static_cast<size_t>(inter));
-    auto exact = [&](const std::vector<float>& gate, int64_t n) {
-      std::vector<float> out(size_t(n * hidden));
-      for (int64_t r = 0; r < hidden; ++r) {
-        dequantize_row(l.w_down.w, r, w_row.data());
-        for (int64_t t = 0; t < n; ++t) {
-          double sum = l.w_down.bias.empty() ? 0.0 : double(l.w_down.bias.as<float>()[r]);
-          for (int64_t c = 0; c < inter; ++c) {
-            const float g = fp16_to_float(float_to_fp16(gate[size_t(t * inter + c)]));
-            sum += double(g) * double(w_row[size_t(c)]);
-          }
-          out[size_t(t * hidden + r)] = float(sum);
-        }
-      }
-      return out;
+    auto exact = [&](std::vector<float> gate, int64_t n) {
+      for (float& g : gate) g = fp16_to_float(float_to_fp16(g));
+      return reference_matmul(l.w_down, gate, n);
     };
     for (int64_t n : {1, 2}) {
       ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, inter));

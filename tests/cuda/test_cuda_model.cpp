@@ -129,12 +129,16 @@ TEST(CudaModel, Qwen2HalfBillionShapeMatchesCpu) {
   }
 }
 
-// The residual adds preparing their next norm's input (set_gemv_norm_halves: x·g in half groups
-// and the tiles' sums of squares, which q/k/v's and gate/up's GEMVs then read instead of
-// normalizing and quantizing the residual): a 200-token prefill, then decode steps, against the
-// CPU within the same bound as without them (and within twice that path's error plus 0.01);
-// the decode logits differ from those without (the path ran), and steps replay a graph.
-TEST(CudaModel, DecodeWithPreparedNormInputsMatchesCpu) {
+// The inputs quantized by their producers, each switch off by default: the residual adds
+// preparing their next norm's input (set_gemv_norm_halves: x·g in half groups and the tiles' sums
+// of squares, which q/k/v's, gate/up's and the lm_head's GEMVs then read instead of normalizing
+// and quantizing the residual; also without the final norm's, set_plan_final_norm(false)),
+// decode attention writing wo's input in half groups (set_attention_half_groups; qwen2-0.5b's
+// head_dim 64 and 7 query heads a KV head: the merging split), and both: a 200-token prefill, then
+// decode steps, against the CPU within the same bound as without them (and within twice that
+// path's error plus 0.01); the decode logits differ from those without (the path ran, the
+// lm_head's prepared input too), and steps replay a graph.
+TEST(CudaModel, DecodeWithPreparedInputsMatchesCpu) {
   auto cpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cpu", 512);
   ASSERT_TRUE(cpu);
   const int64_t vocab = cpu->config().vocab_size;
@@ -150,15 +154,33 @@ TEST(CudaModel, DecodeWithPreparedNormInputsMatchesCpu) {
     next.add(next_ids.back(), int32_t(ids.size()) + step, 0, true);
     ASSERT_TRUE(cpu->run(next, &cpu_logits[size_t(step) + 1]).is_ok());
   }
-  double worst[2] = {0.0, 0.0};
-  std::vector<float> last[2];
-  // Restores the process-wide switch however the loop body ends.
-  struct NormHalves {
-    bool before = cuda::set_gemv_norm_halves(false);
-    ~NormHalves() { cuda::set_gemv_norm_halves(before); }
+  // Restores the process-wide switches however the loop body ends.
+  struct Switches {
+    bool norm = cuda::set_gemv_norm_halves(false);
+    bool attention = cuda::set_attention_half_groups(false);
+    bool final_norm = cuda::set_plan_final_norm(true);
+    ~Switches() {
+      cuda::set_gemv_norm_halves(norm);
+      cuda::set_attention_half_groups(attention);
+      cuda::set_plan_final_norm(final_norm);
+    }
   } restore;
-  for (int on : {0, 1}) {
-    cuda::set_gemv_norm_halves(on == 1);
+  struct Variant {
+    const char* name;
+    bool norm, attention, final_norm;
+  };
+  const Variant variants[] = {{"neither", false, false, true},
+                              {"prepared norms", true, false, true},
+                              {"attention halves", false, true, true},
+                              {"both", true, true, true},
+                              {"prepared norms but the final one", true, false, false}};
+  constexpr int kVariants = int(std::size(variants));
+  double worst[kVariants] = {};
+  std::vector<float> last[kVariants];
+  for (int v = 0; v < kVariants; ++v) {
+    cuda::set_gemv_norm_halves(variants[v].norm);
+    cuda::set_attention_half_groups(variants[v].attention);
+    cuda::set_plan_final_norm(variants[v].final_norm);
     auto gpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cuda", 512);
     ASSERT_TRUE(gpu);
     std::vector<float> a;
@@ -167,21 +189,26 @@ TEST(CudaModel, DecodeWithPreparedNormInputsMatchesCpu) {
       Batch next;
       next.add(next_ids[size_t(step)], int32_t(ids.size()) + step, 0, true);
       ASSERT_TRUE(gpu->run(next, &a).is_ok());
-      worst[on] =
-          std::max(worst[on], compare(a, cpu_logits[size_t(step) + 1], vocab).max_rel_error);
+      worst[v] = std::max(worst[v], compare(a, cpu_logits[size_t(step) + 1], vocab).max_rel_error);
     }
-    last[on] = a;
+    last[v] = a;
     // The steps after the first decode step replay its captured graph.
-    EXPECT_GT(cuda::graph_stats(gpu->backend()).replayed, 0) << "switch " << on;
+    EXPECT_GT(cuda::graph_stats(gpu->backend()).replayed, 0) << variants[v].name;
   }
   std::printf(
-      "[ qwen2-0.5b sym_int4 decode ] CUDA vs CPU max rel error %.3g, prepared norms %.3g\n",
-      worst[0], worst[1]);
-  // The same bound as the path without them; the prepared inputs add int8 rounding at two more
-  // places a layer (no fp16 step, half groups), so a ratio to that path's error is loose.
-  EXPECT_LE(worst[1], 5e-2);
-  EXPECT_LE(worst[1], 2.0 * worst[0] + 1e-2);
-  EXPECT_NE(last[0], last[1]) << "the prepared norm inputs were not read";
+      "[ qwen2-0.5b sym_int4 decode ] CUDA vs CPU max rel error %.3g, prepared norms %.3g, "
+      "attention halves %.3g, both %.3g, prepared norms but the final one %.3g\n",
+      worst[0], worst[1], worst[2], worst[3], worst[4]);
+  for (int v = 1; v < kVariants; ++v) {
+    // The same bound as the path without them; the prepared inputs add int8 rounding at more
+    // places a layer (half groups; no fp16 step for the norms), so a ratio to that path's error
+    // is loose.
+    EXPECT_LE(worst[v], 5e-2) << variants[v].name;
+    EXPECT_LE(worst[v], 2.0 * worst[0] + 1e-2) << variants[v].name;
+    EXPECT_NE(last[0], last[v]) << variants[v].name << ": the prepared inputs were not read";
+  }
+  EXPECT_NE(last[1], last[3]) << "with the prepared norms, the attention halves were not read";
+  EXPECT_NE(last[1], last[4]) << "the lm_head did not read the final norm's prepared input";
 }
 
 // Captured graphs replay exactly what eager execution computes, at every position; for fp32

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -1014,6 +1015,11 @@ __device__ inline void store_group_pairs(const AttentionArgs& a, const KvCache& 
 // them.
 // The last step of a merge: four adjacent outputs acc / l of token t (columns col .. col + 3)
 // into a.out and its fp16 shadow. merge_group's, and a solo split's for its one partial result.
+// With a.shadow.halves (one token: attention_writes_halves), also the shadow's values in half
+// groups for wo's GEMV: a half group's 16 columns are the four outputs of four lanes in a run
+// (the callers' threads take consecutive quads of a head, kQuads = D / 4 a multiple of four, so
+// a run's lanes enter and leave the loop together), one int8 word a lane in natural order, and
+// the run's first lane stores the half's {scale, sum}.
 __device__ inline void store_merged4(const AttentionArgs& a, int64_t t, int64_t q_dim, int64_t col,
                                      float4 acc, float l) {
   const float inv = 1.0f / l;
@@ -1021,10 +1027,19 @@ __device__ inline void store_merged4(const AttentionArgs& a, int64_t t, int64_t 
   *reinterpret_cast<float4*>(a.out + t * q_dim + col) =
       make_float4(value[0], value[1], value[2], value[3]);
   if (a.shadow.data != nullptr) {
+    float held[4];  // the values as the shadow holds them
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      a.shadow.data[shadow_index(t, col + i, a.shadow.row_stride, a.shadow.permuted)] =
-          __float2half_rn(value[i]);
+      const __half h = __float2half_rn(value[i]);
+      a.shadow.data[shadow_index(t, col + i, a.shadow.row_stride, a.shadow.permuted)] = h;
+      held[i] = __half2float(h);
+    }
+    if (a.shadow.halves.q != nullptr) {
+      int q[4];
+      const int2 scale_sum = quantize_half_group<4>(held, q);
+      a.shadow.halves.q[col / 4] = (uint32_t(q[0]) & 0xffu) | ((uint32_t(q[1]) & 0xffu) << 8) |
+                                   ((uint32_t(q[2]) & 0xffu) << 16) | (uint32_t(q[3]) << 24);
+      if (col % 16 == 0) a.shadow.halves.scales[col / 16] = scale_sum;
     }
   }
 }
@@ -1034,6 +1049,7 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
                             int64_t local, int64_t t, int kvh, int G, int used,
                             const float2* angles) {
   constexpr int kQuads = D / 4;
+  static_assert(kQuads % 4 == 0, "a half group is four quads of one head (store_merged4)");
   constexpr int kMergeBatch = 16;
   const int tid = threadIdx.x;
   const int64_t q_dim = int64_t(a.n_heads) * D;
@@ -1832,6 +1848,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     }
   };
   constexpr int kQuads = D / 4;
+  static_assert(kQuads % 4 == 0, "a half group is four quads of one head (store_merged4)");
   if (solo) {
     for (int idx = tid; idx < G * kQuads; idx += kPrefillThreads) {
       const int g = idx / kQuads;
@@ -1918,6 +1935,26 @@ int row_threads(int head_dim) {
 // set_decode_solo: -1, the workspace's own ws.solo (one tile).
 int decode_solo_override = -1;
 
+// KESTREL_CUDA_ATTENTION_COMBINE=1 (a measurement aid): the tensor-core decode kernel leaves its
+// splits to the combine kernel, as before it merged them itself.
+bool combine_launch() {
+  static const bool on = [] {
+    const char* v = std::getenv("KESTREL_CUDA_ATTENTION_COMBINE");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+// Whether the backend asks a one-token decode attention for its output's half groups
+// (attention_half_groups; KESTREL_CUDA_ATTENTION_HALF_GROUPS=1 at start-up, off until measured).
+std::atomic<bool>& attention_half_groups_flag() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("KESTREL_CUDA_ATTENTION_HALF_GROUPS");
+    return v != nullptr && std::string(v) == "1";
+  }()};
+  return on;
+}
+
 // set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.
 int decode_split_cap = [] {
   const char* v = std::getenv("KESTREL_CUDA_DECODE_SPLIT_CAP");
@@ -1933,6 +1970,18 @@ void set_decode_solo(int tiles) {
 
 void set_decode_split_cap(int cap) {
   decode_split_cap = cap > 0 ? cap : 0;
+}
+
+bool set_attention_half_groups(bool on) {
+  return attention_half_groups_flag().exchange(on);
+}
+
+bool attention_half_groups() {
+  return attention_half_groups_flag().load(std::memory_order_relaxed);
+}
+
+bool attention_writes_halves(int head_dim, KvType type, int64_t n_tokens) {
+  return n_tokens == 1 && tensor_core_attention(head_dim, type) && !combine_launch();
 }
 
 int decode_splits(int sm_count, int n_kv_heads, int64_t tokens, int64_t max_context) {
@@ -2037,13 +2086,7 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
                   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem));
     resident = std::max(resident, 1);
   }
-  // KESTREL_CUDA_ATTENTION_COMBINE=1 (a measurement aid): the tensor-core kernel leaves its
-  // splits to the combine kernel, as before it merged them itself.
-  static const bool combine_launch = [] {
-    const char* v = std::getenv("KESTREL_CUDA_ATTENTION_COMBINE");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  const bool merge_in_split = kMma && !combine_launch;
+  const bool merge_in_split = kMma && !combine_launch();
   DecodeWorkspace split_ws = ws;
   if (!merge_in_split) split_ws.arrivals = nullptr;
   if (decode_solo_override >= 0) split_ws.solo = decode_solo_override;
@@ -2086,6 +2129,13 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
 
 Status attention_decode(const AttentionArgs& args, const KvCache& cache, const DecodeWorkspace& ws,
                         cudaStream_t stream) {
+  if (args.shadow.halves.q != nullptr &&
+      (args.shadow.data == nullptr ||
+       !attention_writes_halves(cache.head_dim, cache.type, args.n_tokens))) {
+    return Status::error(
+        "cuda attention: only the tensor-core decode kernel's own merge of one token writes "
+        "half groups, beside a shadow");
+  }
   return dispatch_kv(cache.type, [&](auto type) -> Status {
     constexpr KvType kType = decltype(type)::value;
     if (cache.head_dim == 64) return launch_decode<64, kType>(args, cache, ws, stream);
@@ -2149,6 +2199,9 @@ void set_prefill_attention_groups(int groups) {
 }
 
 Status attention_prefill(const AttentionArgs& args, const KvCache& cache, cudaStream_t stream) {
+  if (args.shadow.halves.q != nullptr) {
+    return Status::error("cuda attention: the prefill kernel writes no half groups");
+  }
   if (ceil_div(args.n_tokens, kPrefillRows) > 65535) {
     return Status::error("cuda attention: a prefill run of " + std::to_string(args.n_tokens) +
                          " tokens exceeds the kernel's grid");

@@ -65,7 +65,8 @@ struct AttentionArgs {
   float* k = nullptr;        // [n, n_kv_heads * head_dim]; rotated in place by a rope launch
   const float* v = nullptr;  // [n, n_kv_heads * head_dim]
   float* out = nullptr;      // [n, n_heads * head_dim]
-  ShadowOut shadow;          // fp16 copy of out for the next matmul
+  ShadowOut shadow;          // fp16 copy of out for the next matmul; its half groups too when
+                             // attention_writes_halves holds (else shadow.halves is null)
   int64_t n_tokens = 0;
   int n_heads = 0;
   int64_t layer = 0;
@@ -148,6 +149,12 @@ constexpr bool tensor_core_attention(int head_dim, KvType type) {
 // so one CUDA graph serves every position.
 Status attention_decode(const AttentionArgs& args, const KvCache& cache, const DecodeWorkspace& ws,
                         cudaStream_t stream);
+
+// Whether attention_decode of n_tokens can write its output's half-group quantization beside
+// the shadow (AttentionArgs::shadow.halves, for wo's dp4a GEMV): one token, and the tensor-core
+// decode kernel merging its own splits (not the CUDA-core kernel, nor the combine kernel of
+// KESTREL_CUDA_ATTENTION_COMBINE=1).
+bool attention_writes_halves(int head_dim, KvType type, int64_t n_tokens);
 
 // Causal attention for a batch that is one sequence at consecutive positions (position of token
 // i = positions[0] + i), tiles of 64 queries x 64 keys on mma.sync.

@@ -83,13 +83,76 @@ struct HalfGroupOut {
 
 // Where an op writes the fp16 copy of its output; data == nullptr when none is wanted. `halves`,
 // when set, also receives the half-group quantization of a one-token output (the dp4a swiglu
-// GEMV's epilogue writes it; no other producer does).
+// GEMV's epilogue and the tensor-core decode attention write it: gemv_writes_halves,
+// attention_writes_halves).
 struct ShadowOut {
   __half* data = nullptr;
   int64_t row_stride = 0;  // round_up(cols, 32)
   bool permuted = false;
   HalfGroupOut halves;
 };
+
+// __float2int_rn(x) for |x| < 2^22 (NaN: 0, as the conversion gives) in one add: x + 1.5 * 2^23
+// is rounded to the nearest integer, ties to even, as the conversion rounds, and that integer
+// is the sum's low mantissa bits. A float-to-integer conversion issues at a sixteenth of the
+// FMA rate on sm_80-sm_90, and the GEMV's input stage converts its whole input in every block at
+// once (the 8B's w_down input: 14336 conversions a block, three blocks an SM). round_bits is the
+// sum's bits (never contracted with a product before it): 0x4B400000 plus the integer.
+__device__ inline uint32_t round_bits(float x) {
+  return __float_as_uint(__fadd_rn(x, 12582912.0f));
+}
+
+__device__ inline int round_small(float x) {
+  return x == x ? int(round_bits(x) - 0x4B400000u) : 0;
+}
+
+// Lanes 0-15 of a warp: a half group's lanes where each holds one of its 16 values (the GEMVs'
+// epilogue threads).
+constexpr unsigned kHalfLanes = 0x0000ffffu;
+
+// The calling lane's run of kLanes lanes (a power of two up to 16), aligned to kLanes.
+template <int kLanes>
+__device__ inline unsigned run_lanes() {
+  static_assert(kLanes >= 1 && kLanes <= 16 && (kLanes & (kLanes - 1)) == 0, "a run of lanes");
+  return ((1u << kLanes) - 1u) << (threadIdx.x & (32 - kLanes));
+}
+
+// The sum of v over the calling lane's run of kLanes lanes (every one of them calls this
+// together), in every one of them.
+template <int kLanes, typename T>
+__device__ inline T run_sum(T v) {
+  const unsigned mask = run_lanes<kLanes>();
+#pragma unroll
+  for (int o = 1; o < kLanes; o <<= 1) v += __shfl_xor_sync(mask, v, o, kLanes);
+  return v;
+}
+
+// The dp4a path's half-group quantization (HalfGroupOut) of 16 consecutive columns, held kPer
+// consecutive values a lane by a run of 16 / kPer lanes (run_lanes) that call this together:
+// lanes 0-15 with one value each (the GEMVs' epilogues), or runs of four lanes with four
+// (attention's output). The values times 127 / their largest magnitude, rounded to the nearest
+// integer (ties to even; NaN to 0, and an infinite maximum scales every value to 0 as
+// quantize_input's conversion path does), into q; returns the half's {scale bits, sum of the 16
+// int8 values} in every lane of the run.
+template <int kPer>
+__device__ inline int2 quantize_half_group(const float (&v)[kPer], int (&q)[kPer]) {
+  constexpr int kLanes = 16 / kPer;
+  static_assert(kLanes * kPer == 16, "16 values a half group");
+  const unsigned mask = run_lanes<kLanes>();
+  float amax = 0.0f;  // from 0 and by fmaxf, as quantize_input: NaN never wins
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+  for (int o = 1; o < kLanes; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(mask, amax, o, kLanes));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  int sum = 0;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    q[i] = round_small(__fmul_rn(v[i], inv));
+    sum += q[i];
+  }
+  return make_int2(__float_as_int(amax / 127.0f), run_sum<kLanes>(sum));
+}
 
 // Programmatic dependent launch: kernels of a decode step are launched so that the next one
 // may start while the previous drains (its blocks can prefetch weights, which no kernel

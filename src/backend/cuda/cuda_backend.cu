@@ -41,6 +41,7 @@
 #include <optional>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 
 #include "backend/communicator.h"
 #include "backend/cuda/act.cuh"
@@ -72,6 +73,12 @@ float* f32(Tensor t) {
   return static_cast<float*>(t.data);
 }
 
+// set_plan_final_norm: whether the last layer's w_down prepares the final norm's input.
+bool& plan_final_norm_flag() {
+  static bool on = true;
+  return on;
+}
+
 // Two weights one layer kernel launch may treat alike: the same format, shape and tiling.
 bool same_shape(const DeviceWeight& a, const DeviceWeight& b) {
   return a.format == b.format && a.rows == b.rows && a.cols == b.cols && a.block == b.block &&
@@ -97,6 +104,13 @@ struct NormHalvesState {
   const void* owner = nullptr;  // the residual
   const float* norm_w = nullptr;
   int buffer = 0;  // which of the two norm-halves buffers holds it
+};
+
+// A norm weight a residual add may prepare the input of (its device copy and width); w null:
+// none.
+struct PlannedNorm {
+  const float* w = nullptr;
+  int64_t n = 0;
 };
 
 // One of those buffers: x·g in half groups and the tiles' sums of squares.
@@ -216,7 +230,7 @@ class CudaBackend final : public Backend {
     weights_format_ = weights.format;
     embed_host_ = weights.tok_embd.data.data();
     // Every tensor of the model's tensor list (model/weights.h), in its order.
-    return for_each_tensor(weights, [&](const TensorInfo& t, auto& member) -> Status {
+    KS_RETURN_IF_ERROR(for_each_tensor(weights, [&](const TensorInfo& t, auto& member) -> Status {
       using Member = std::remove_cvref_t<decltype(member)>;
       if constexpr (std::is_same_v<Member, QuantWeight>) {
         KS_ASSIGN_OR_RETURN(embed_, upload_weight(member, t.name));
@@ -230,7 +244,17 @@ class CudaBackend final : public Backend {
         KS_RETURN_IF_ERROR(upload_linear(member, t.name));
       }
       return Status::ok();
-    });
+    }));
+    // The final norm: the last layer's w_down prepares its input (decoder_layers' plan) where the
+    // lm_head's one-token GEMV takes a prepared input (int4, the dp4a path).
+    const auto output_norm = vector_of(weights.output_norm, "upload");
+    const auto head = linear_of(weights.output);
+    const int64_t n = weights.output_norm.n;
+    const bool takes = output_norm.is_ok() && head.is_ok() && n > 0 &&
+                       is_tiled(head.value()->format) && gemv_fuses_norm(n, 1) &&
+                       gemv_uses_dp4a(1, round_up(n, kGroup));
+    output_norm_ = takes ? PlannedNorm{output_norm.value(), n} : PlannedNorm{};
+    return Status::ok();
   }
 
   Result<WorkspaceLayout> reserve_layout(const ModelConfig& config,
@@ -619,7 +643,7 @@ class CudaBackend final : public Backend {
       m.x = shadow_buffers_[shadow_.buffer];
       m.halves = shadow_halves(x);
       m.jobs[0].residual = f32(residual);
-      KS_ASSIGN_OR_RETURN(const float* next_norm, planned_norm(m, residual));
+      const float* next_norm = planned_norm(m, residual);
       if (next_norm != nullptr) {
         const int buffer = 1 - norm_halves_.buffer;
         const NormHalvesBuffer& b = norm_buffers_[buffer];
@@ -655,14 +679,20 @@ class CudaBackend final : public Backend {
             KS_RETURN_IF_ERROR(prefill_layer(x, s, part[i], at + int64_t(i), p, eps));
             continue;
           }
+          // The layer's two residual adds feed its ffn_norm, then the next layer's attn_norm, or
+          // after the model's last layer its final norm (when the lm_head can take it).
+          const size_t index = size_t(at - first) + i;
+          KS_ASSIGN_OR_RETURN(norm_plan_[0], planned(part[i].ffn_norm));
+          norm_plan_[1] = PlannedNorm{};
+          if (index + 1 < layers.size()) {
+            KS_ASSIGN_OR_RETURN(norm_plan_[1], planned(layers[index + 1].attn_norm));
+          } else if (at + int64_t(i) + 1 == config_.n_layers && plan_final_norm_flag()) {
+            norm_plan_[1] = output_norm_;
+          }
+          norm_plan_next_ = 0;
           // The composition's q and k are scratch after its attention: decode attention need not
           // write them back rotated.
           in_layer_ = true;
-          // The layer's two residual adds feed its ffn_norm, then the next layer's attn_norm.
-          const size_t index = size_t(at - first) + i;
-          norm_plan_[0] = &part[i].ffn_norm;
-          norm_plan_[1] = index + 1 < layers.size() ? &layers[index + 1].attn_norm : nullptr;
-          norm_plan_next_ = 0;
           const Status done_layer = Backend::decoder_layer(x, s, part[i], at + int64_t(i), p, eps);
           norm_plan_next_ = 2;
           in_layer_ = false;
@@ -1175,8 +1205,9 @@ class CudaBackend final : public Backend {
   // The shadow `out`'s producer writes alongside it (none when `out` cannot be a matmul input).
   // Shadows alternate between two buffers, so a producer never overwrites the shadow its own
   // kernel may still be reading (the fused gate/up/swiglu GEMV).
-  // With `halves` (the producer is a GEMV for which gemv_writes_halves holds), the buffer's
-  // half-group quantization is written too, and a one-token GEMV reading the shadow takes it.
+  // With `halves` (the producer is a GEMV for which gemv_writes_halves holds, or a decode
+  // attention for which attention_writes_halves does), the buffer's half-group quantization is
+  // written too, and a one-token GEMV reading the shadow takes it.
   ShadowOut produce_shadow(Tensor out, bool halves = false) {
     if (!shadow_fits(out)) return ShadowOut{};
     const int buffer = 1 - shadow_.buffer;
@@ -1199,15 +1230,20 @@ class CudaBackend final : public Backend {
   // The norm weight a residual add `m` into `residual` prepares the next norm input for: the
   // decode composition's plan (decoder_layers), for one row of a dp4a GEMV, with the switch on;
   // null for none. Every residual add of a planned layer takes its turn in the plan.
-  Result<const float*> planned_norm(const GemvCall& m, Tensor residual) {
+  const float* planned_norm(const GemvCall& m, Tensor residual) {
     if (norm_plan_next_ >= 2) return nullptr;
-    const Vector* next = norm_plan_[norm_plan_next_++];
-    if (next == nullptr || m.fp32 || !gemv_norm_halves() || residual.rows != 1 ||
-        next->n != residual.cols || !gemv_fuses_norm(residual.cols, 1) || m.n_jobs != 1 ||
+    const PlannedNorm next = norm_plan_[norm_plan_next_++];
+    if (next.w == nullptr || m.fp32 || !gemv_norm_halves() || residual.rows != 1 ||
+        next.n != residual.cols || !gemv_fuses_norm(residual.cols, 1) || m.n_jobs != 1 ||
         !gemv_writes_norm_halves(m.jobs[0].w.format, 1, m.jobs[0].w.cols, residual.cols)) {
       return nullptr;
     }
-    return vector_of(*next, "matmul_add");
+    return next.w;
+  }
+
+  Result<PlannedNorm> planned(const Vector& norm) const {
+    KS_ASSIGN_OR_RETURN(const float* w, vector_of(norm, "decoder layer"));
+    return PlannedNorm{w, norm.n};
   }
 
   // The prepared input of a norm of x with `weight`, if x's last residual add prepared it.
@@ -1574,7 +1610,11 @@ class CudaBackend final : public Backend {
     args.layer = layer;
     args.positions = positions_device();
     args.seq_ids = seq_ids_device();
-    args.shadow = produce_shadow(out);
+    // One decode token: the merge writes the output's half groups too, for wo's GEMV
+    // (set_attention_half_groups).
+    args.shadow =
+        produce_shadow(out, !prefill && attention_half_groups() &&
+                                attention_writes_halves(int(p.head_dim), cache_.type, q.rows));
     if (qkv_bias != nullptr) {
       note_write(v);
       args.q_bias = qkv_bias[0];
@@ -1611,7 +1651,8 @@ class CudaBackend final : public Backend {
     }
     return launch("attention",
                   {addr(out.data), addr(q.data), addr(k.data), addr(v.data), uint64_t(layer),
-                   uint64_t(q.rows), addr(args.shadow.data), uint64_t(args.keep_rotated)},
+                   uint64_t(q.rows), addr(args.shadow.data), addr(args.shadow.halves.q),
+                   uint64_t(args.keep_rotated)},
                   [&]() -> Status {
                     if (!prefill) return attention_decode(args, cache_, decode_ws_, stream_);
                     // The flash kernel walks one sequence's keys per launch: one per run.
@@ -1778,6 +1819,7 @@ class CudaBackend final : public Backend {
     vectors_.clear();
     embed_ = DeviceWeight{};
     embed_host_ = nullptr;
+    output_norm_ = PlannedNorm{};
     fp32_weights_ = false;
     return Status::ok();
   }
@@ -1956,10 +1998,11 @@ class CudaBackend final : public Backend {
   NormHalvesBuffer norm_buffers_[2];
   NormHalvesState norm_halves_;
   // The norm weights the decode composition's two residual adds feed next (this layer's ffn_norm,
-  // the next layer's attn_norm), set by decoder_layers for each layer; norm_plan_next_ counts the
-  // adds. A wrong guess costs nothing but the preparation: a norm takes the prepared input only
-  // for its own residual and weight.
-  const Vector* norm_plan_[2] = {nullptr, nullptr};
+  // the next layer's attn_norm or the final norm), set by decoder_layers for each layer;
+  // norm_plan_next_ counts the adds. A wrong guess costs nothing but the preparation: a norm
+  // takes the prepared input only for its own residual and weight.
+  PlannedNorm norm_plan_[2];
+  PlannedNorm output_norm_;  // the model's final norm, from upload
   int norm_plan_next_ = 2;
   int64_t shadow_rows_ = 0;
   int64_t shadow_cols_ = 0;
@@ -2056,6 +2099,10 @@ Status write_tensor(Backend& backend, Tensor t, const float* host) {
   CudaBackend* cuda = as_cuda(backend);
   if (cuda == nullptr) return Status::error("write_tensor: not a CUDA backend");
   return cuda->write(t, host);
+}
+
+bool set_plan_final_norm(bool on) {
+  return std::exchange(plan_final_norm_flag(), on);
 }
 
 Status set_op_timing(Backend& backend, bool enabled) {

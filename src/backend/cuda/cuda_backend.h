@@ -98,11 +98,28 @@ bool gemv_half_groups();
 // quantization's error. Returns the setting before; gemv_norm_halves() reads it.
 bool set_gemv_norm_halves(bool on);
 bool gemv_norm_halves();
+// With set_gemv_norm_halves on: whether the last layer's w_down also prepares the final norm's
+// input for the lm_head (the default), or only the layers' own norms do. A test aid that shows
+// the lm_head reads it; process-wide. Returns the setting before.
+bool set_plan_final_norm(bool on);
+// Whether a one-token decode attention writes its output's half-group quantization
+// (attention_writes_halves, attention.cuh) for wo's dp4a GEMV, which then copies it instead of
+// quantizing the shadow in every block in groups of 32 (off until measured;
+// KESTREL_CUDA_ATTENTION_HALF_GROUPS=1 sets the starting value). Results differ within the int8
+// quantization's error. Returns the setting before; attention_half_groups() reads it.
+bool set_attention_half_groups(bool on);
+bool attention_half_groups();
 
 // Top-p's histograms in the draw kernel (draw.cu) in 64-bit sums for every row, where rows of at
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the
 // same tokens), process-wide like set_gemv_block_cap. Returns the setting before.
 bool set_draw_wide_histograms(bool on);
+// The draw kernel's passes with several loads a thread in flight and the histograms' hot buckets
+// in registers, or one load at a time and every round's atomics (the default until it has run
+// on a GPU; KESTREL_CUDA_DRAW_AHEAD=1 sets the starting value): a test aid and measurement
+// switch; both give the same integer sums, so the same tokens. Process-wide. Returns the
+// setting before.
+bool set_draw_ahead(bool on);
 
 // Key groups of the flash prefill attention kernel (attention.cu): 1 or 2 forces them for every
 // launch, 0 (the default) chooses by the grid (two where it holds no more blocks than two per

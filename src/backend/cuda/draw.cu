@@ -14,8 +14,18 @@
 //      at a time), min-p's floor applied, and the draw's point in their total;
 //   6. the warp whose segment holds the point walks it again to the token.
 // Every sum is an integer sum, so the order the threads add in does not change a bit.
+//
+// With KESTREL_CUDA_DRAW_AHEAD=1 (set_draw_ahead; off until it has run on a GPU), a pass over the
+// row keeps several loads a thread in flight (walk_row): one SM's threads walking a 128256-token
+// row one load at a time are bound by the loads' latency. A warp's tokens of one bucket always
+// count into a histogram with one atomic (__match_any_sync); with the switch, a round whose
+// tokens all fall in the warp's hot bucket (the largest group of an earlier aggregated round)
+// adds into the lanes' registers instead, flushed with one atomic when the hot bucket changes
+// and at the pass's end: rows whose tokens crowd one bucket (a flat row's tail, every top-p
+// digit) otherwise take every round's atomics in turn.
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "backend/cuda/common.cuh"
@@ -45,6 +55,11 @@ static_assert(kProbBuckets == 2 * kThreads, "a thread holds two buckets");
 // rows' crowded buckets make spin (H200: top-p 0.65-0.97 ms a launch with the 64-bit form, the
 // other settings 0.12-0.33 ms). Wider rows keep the 64-bit sums.
 constexpr int kPartBits = 14;
+// Elements a thread requests at once in a pass over the row (walk_row), and rounds a warp
+// requests at once in its segment (walk_segment): draw_kernel<true>'s (KESTREL_CUDA_DRAW_AHEAD=1,
+// set_draw_ahead: off until it has run on a GPU); draw_kernel<false> walks one at a time and
+// aggregates no hot bucket, as before them.
+constexpr int kDrawAhead = 8;
 constexpr int64_t kMaxNarrowTokens = int64_t(1) << 18;
 static_assert(kMaxNarrowTokens * ((int64_t(1) << kPartBits) - 1) < (int64_t(1) << 32));
 static_assert(3 * kPartBits >= draw::kProbBits + 1, "three parts hold a mass below 2^41");
@@ -149,9 +164,100 @@ struct Nucleus {
   uint32_t ties = UINT32_MAX;
 };
 
+// One pass over the row's n elements of src: round r's elements i = r kAhead kThreads + u kThreads
+// + tid (u < kAhead) are all requested before the first is used, then f(i, value, i < n) for each
+// u in turn (value T{} past n). Every thread runs every round, so f may hold warp-wide steps.
+template <int kAhead, typename T, typename F>
+__device__ inline void walk_row(const T* src, int64_t n, F&& f) {
+  for (int64_t round = 0; round < n; round += int64_t(kAhead) * kThreads) {
+    T v[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t i = round + int64_t(u) * kThreads + threadIdx.x;
+      v[u] = i < n ? src[i] : T{};
+    }
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t i = round + int64_t(u) * kThreads + threadIdx.x;
+      f(i, v[u], i < n);
+    }
+  }
+}
+
+// A warp's walk over its segment [begin, end) of q in id order, 32 tokens a round (token
+// round + lane), kAhead rounds' loads requested at once: f(i, value) for every round (value 0
+// past end; every lane runs every round) until it returns false, which it must do warp-uniformly.
+template <int kAhead, typename F>
+__device__ inline void walk_segment(const uint64_t* q, int64_t begin, int64_t end, F&& f) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t base = begin; base < end; base += int64_t(kAhead) * 32) {
+    uint64_t v[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      v[u] = i < end ? q[i] : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      if (!f(base + u * 32 + lane, v[u])) return;
+    }
+  }
+}
+
+// A warp's hot bucket for a histogram pass: the rounds whose tokens are all in it (or in none)
+// add into each lane's registers instead of shared memory. `take` is called by every lane of the
+// warp each round with the lane's bucket (-1: none) and its weight; it returns whether the round
+// was taken (else the caller aggregates it with __match_any_sync and atomics, then calls
+// `consider` with the round's groups); `flush` adds the registers' sums through `add` (lane 0,
+// bucket, count, weight sum) and forgets the bucket. W: the weight's type (unused for counts).
+template <typename W, bool kOn>
+struct HotBucket {
+  int bucket = -1;  // warp-uniform
+  uint32_t count = 0;
+  W sum = 0;
+
+  __device__ bool take(int b, W w) {
+    if constexpr (!kOn) return false;
+    if (!__all_sync(0xffffffffu, b < 0 || b == bucket)) return false;
+    if (b >= 0) {
+      ++count;
+      sum += w;
+    }
+    return true;
+  }
+
+  // After an aggregated round: the largest group's bucket becomes hot when it held at least
+  // half the warp (the registers of the old one flushed first).
+  template <typename Add>
+  __device__ void consider(int b, unsigned peers, Add&& add) {
+    if constexpr (!kOn) return;
+    const unsigned size = b >= 0 ? unsigned(__popc(peers)) : 0u;
+    const unsigned best = __reduce_max_sync(0xffffffffu, (size << 16) | unsigned(b & 0xffff));
+    const int best_bucket = int(best & 0xffffu);
+    if ((best >> 16) >= 16 && best_bucket != bucket) {
+      flush(add);
+      bucket = best_bucket;
+    }
+  }
+
+  template <typename Add>
+  __device__ void flush(Add&& add) {
+    if constexpr (!kOn) return;
+    const uint32_t total = __reduce_add_sync(0xffffffffu, count);
+    W s = sum;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (bucket >= 0 && total > 0 && (threadIdx.x & 31) == 0) add(bucket, total, s);
+    count = 0;
+    sum = 0;
+  }
+};
+
+template <bool kFast>
 __global__ void __launch_bounds__(kThreads)
     draw_kernel(const float* __restrict__ logits, int64_t cols, DrawLaunch launch, int32_t* out,
                 uint64_t* __restrict__ work) {
+  constexpr int kAhead = kFast ? kDrawAhead : 1;
   pdl_wait();
   pdl_trigger();
   __shared__ Shared sh;
@@ -169,7 +275,7 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t bar = 0;  // every valid key's ordered bits are above 0
   if (d.top_k > 0) {
     uint32_t valid = 0;
-    for (int64_t i = tid; i < n; i += kThreads) valid += draw::valid_logit(x[i]);
+    walk_row<kAhead>(x, n, [&](int64_t, float l, bool in) { valid += in && draw::valid_logit(l); });
     const uint32_t count = block_reduce(sh.warp_u32, valid, Sum());
     if (uint32_t(d.top_k) < count) {
       uint32_t prefix = 0, prefix_mask = 0, remaining = uint32_t(d.top_k);
@@ -178,22 +284,24 @@ __global__ void __launch_bounds__(kThreads)
         for (int b = tid; b < kKeyBuckets; b += kThreads) sh.key_count[b] = 0;
         __syncthreads();
         // A warp's tokens of one bucket count in with one atomic (rows crowd a few buckets,
-        // and a shared atomic on one address is taken in turn); every lane runs every round.
-        for (int64_t base = 0; base < n; base += kThreads) {
-          const int64_t i = base + tid;
+        // and a shared atomic on one address is taken in turn), or none in its hot bucket;
+        // every lane runs every round.
+        HotBucket<uint32_t, kFast> hot;
+        auto add = [&](int b, uint32_t c, uint32_t) { atomicAdd(&sh.key_count[b], c); };
+        walk_row<kAhead>(x, n, [&](int64_t, float l, bool in) {
           int bucket = -1;
-          if (i < n) {
-            const float l = x[i];
-            const uint32_t o = draw::ordered_key(l);
-            if (draw::valid_logit(l) && (o & prefix_mask) == prefix) {
-              bucket = int((o >> shift) & (kKeyBuckets - 1));
-            }
+          const uint32_t o = draw::ordered_key(l);
+          if (in && draw::valid_logit(l) && (o & prefix_mask) == prefix) {
+            bucket = int((o >> shift) & (kKeyBuckets - 1));
           }
+          if (hot.take(bucket, 0u)) return;
           const unsigned peers = __match_any_sync(0xffffffffu, bucket);
           if (bucket >= 0 && lane == __ffs(peers) - 1) {
             atomicAdd(&sh.key_count[bucket], unsigned(__popc(peers)));
           }
-        }
+          hot.consider(bucket, peers, add);
+        });
+        hot.flush(add);
         __syncthreads();
         // Warp 0 finds the digit holding the remaining-th largest: lane l sums buckets
         // 255 - 8l down to 248 - 8l, the lanes' sums are scanned from the top.
@@ -228,19 +336,18 @@ __global__ void __launch_bounds__(kThreads)
 
   // 2. The most probable candidate's key.
   uint32_t top = 0;
-  for (int64_t i = tid; i < n; i += kThreads) {
-    const float l = x[i];
-    if (draw::valid_logit(l))
+  walk_row<kAhead>(x, n, [&](int64_t, float l, bool in) {
+    if (in && draw::valid_logit(l))
       top = max(top, draw::ordered_key(l) >= bar ? draw::ordered_key(l) : 0u);
-  }
+  });
   top = block_reduce(sh.warp_u32, top, Max());
   if (top == 0) {
     // No candidate: the argmax of the first n columns, as the host's fallback (row_argmax:
     // the first non-NaN, here the first -inf, or 0).
     uint32_t first = UINT32_MAX;
-    for (int64_t i = tid; i < n; i += kThreads) {
-      if (!(x[i] != x[i])) first = min(first, uint32_t(i));
-    }
+    walk_row<kAhead>(x, n, [&](int64_t i, float l, bool in) {
+      if (in && !(l != l)) first = min(first, uint32_t(i));
+    });
     first = block_reduce(sh.warp_u32, first, Min());
     if (tid == 0) out[d.row] = first == UINT32_MAX ? 0 : int32_t(first);
     return;
@@ -250,15 +357,15 @@ __global__ void __launch_bounds__(kThreads)
   const double inv_t = draw::inverse_temperature(d.temperature);
   const float top_key = draw::key_value(top);
   uint64_t mass = 0;
-  for (int64_t i = tid; i < n; i += kThreads) {
-    const float l = x[i];
+  walk_row<kAhead>(x, n, [&](int64_t i, float l, bool in) {
+    if (!in) return;
     uint64_t p = 0;
     if (draw::valid_logit(l) && draw::ordered_key(l) >= bar) {
       p = draw::fixed_prob(draw::logit_key(l), top_key, inv_t);
     }
     q[i] = p;
     mass += p;
-  }
+  });
   const uint64_t total = block_reduce(sh.warp_u64, (unsigned long long)mass, Sum());
 
   // 4. Top-p, over the tokens with mass: those outside the candidates hold 0, as do candidates
@@ -294,14 +401,28 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       // A warp's tokens of one bucket count in with one atomic each for the count and the
       // mass (summed by the warp: below 2^41 a token, so two 21-bit halves of 32 tokens fit 32
-      // bits; in narrow rows three parts of at most 14 bits, each part its own 32-bit atomic);
-      // every lane runs every round.
-      for (int64_t base = 0; base < n; base += kThreads) {
-        const int64_t i = base + tid;
-        const uint64_t v = i < n ? q[i] : 0;
+      // bits; in narrow rows three parts of at most 14 bits, each part its own 32-bit atomic),
+      // or none in its hot bucket, whose registers' mass is added as three parts of its own
+      // (the bits below 14, the next 14, the rest: a part's sums over the row stay within 32
+      // bits as the tokens' own parts do, and the parts' weighted sum is the same mass); every
+      // lane runs every round.
+      HotBucket<uint64_t, kFast> hot;
+      auto add = [&](int b, uint32_t c, uint64_t m) {
+        atomicAdd(&sh.prob.count[b], c);
+        if (narrow) {
+          constexpr uint64_t kMask = (uint64_t(1) << kPartBits) - 1;
+          atomicAdd(&sh.prob.part[0][b], uint32_t(m & kMask));
+          atomicAdd(&sh.prob.part[1][b], uint32_t((m >> kPartBits) & kMask));
+          atomicAdd(&sh.prob.part[2][b], uint32_t(m >> (2 * kPartBits)));
+        } else {
+          atomicAdd(&sh.prob.mass[b], (unsigned long long)m);
+        }
+      };
+      walk_row<kAhead>(q, n, [&](int64_t, uint64_t v, bool) {
         // Tokens of no mass are left out: they cannot move the boundary or be drawn, and with
-        // top-k they are nearly the whole row, all on bucket 0's two counters.
+        // top-k they are nearly the whole row, all on bucket 0's two counters. (Past n, v is 0.)
         const int b = v == 0 || (v >> above) != high ? -1 : int((v >> shift) & (kProbBuckets - 1));
+        if (hot.take(b, v)) return;
         const unsigned peers = __match_any_sync(0xffffffffu, b);
         const bool leader = b >= 0 && lane == __ffs(peers) - 1;
         if (narrow) {
@@ -324,7 +445,9 @@ __global__ void __launch_bounds__(kThreads)
             atomicAdd(&sh.prob.mass[b], ((unsigned long long)high21 << 21) + low);
           }
         }
-      }
+        hot.consider(b, peers, add);
+      });
+      hot.flush(add);
       __syncthreads();
       // Thread t holds buckets 2047 - 2t and 2046 - 2t: thread order is most probable first.
       const int b0 = kProbBuckets - 1 - 2 * tid, b1 = b0 - 1;
@@ -382,17 +505,19 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t tie_offset = 0;  // ties before this warp's segment
   if (ranked) {
     uint32_t ties = 0;
-    for (int64_t i = seg_begin + lane; i < seg_end; i += 32) ties += q[i] == nucleus.value;
+    walk_segment<kAhead>(q, seg_begin, seg_end, [&](int64_t i, uint64_t v) {
+      ties += i < seg_end && v == nucleus.value;
+      return true;
+    });
     ties = warp_reduce(ties, Sum());
     uint32_t unused = 0;
     const uint32_t offset = block_exclusive_u32(sh, lane == 0 ? ties : 0u, unused);
     tie_offset = __shfl_sync(0xffffffffu, offset, 0);
   }
   const uint32_t lanes_below = (1u << lane) - 1;
-  // Whether token i (this lane's, in a warp-wide step) is kept; `rank` carries the warp's count
-  // of ties so far.
-  auto kept_mass = [&](int64_t i, uint32_t& rank) -> uint64_t {
-    const uint64_t v = i < seg_end ? q[i] : 0;
+  // Whether token i (this lane's, in a warp-wide step; v its q, 0 past the segment) is kept;
+  // `rank` carries the warp's count of ties so far.
+  auto kept_mass = [&](int64_t i, uint64_t v, uint32_t& rank) -> uint64_t {
     const bool tie = i < seg_end && v == nucleus.value;
     const uint32_t tie_lanes = __ballot_sync(0xffffffffu, tie);
     const uint32_t my_rank = rank + __popc(tie_lanes & lanes_below);
@@ -404,9 +529,10 @@ __global__ void __launch_bounds__(kThreads)
   uint64_t warp_mass = 0;
   {
     uint32_t rank = tie_offset;
-    for (int64_t base = seg_begin; base < seg_end; base += 32) {
-      warp_mass += kept_mass(base + lane, rank);
-    }
+    walk_segment<kAhead>(q, seg_begin, seg_end, [&](int64_t i, uint64_t v) {
+      warp_mass += kept_mass(i, v, rank);
+      return true;
+    });
     warp_mass = warp_reduce((unsigned long long)warp_mass, Sum());
   }
   uint64_t kept_total = 0;
@@ -419,16 +545,17 @@ __global__ void __launch_bounds__(kThreads)
   if (point < warp_before || point >= warp_before + warp_mass) return;
   uint32_t rank = tie_offset;
   uint64_t running = warp_before;
-  for (int64_t base = seg_begin; base < seg_end; base += 32) {
-    const uint64_t m = kept_mass(base + lane, rank);
+  walk_segment<kAhead>(q, seg_begin, seg_end, [&](int64_t i, uint64_t v) {
+    const uint64_t m = kept_mass(i, v, rank);
     const uint64_t inclusive = warp_inclusive(m);
     const uint32_t passed = __ballot_sync(0xffffffffu, running + inclusive > point);
     if (passed != 0) {
-      if (lane == __ffs(passed) - 1) out[d.row] = int32_t(base + lane);
-      return;
+      if (lane == __ffs(passed) - 1) out[d.row] = int32_t(i);
+      return false;
     }
     running += __shfl_sync(0xffffffffu, inclusive, 31);
-  }
+    return true;
+  });
 }
 
 std::atomic<bool>& draw_wide_histograms_flag() {
@@ -436,10 +563,22 @@ std::atomic<bool>& draw_wide_histograms_flag() {
   return on;
 }
 
+std::atomic<bool>& draw_ahead_flag() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("KESTREL_CUDA_DRAW_AHEAD");
+    return v != nullptr && std::string(v) == "1";
+  }()};
+  return on;
+}
+
 }  // namespace
 
 bool set_draw_wide_histograms(bool on) {
   return draw_wide_histograms_flag().exchange(on);
+}
+
+bool set_draw_ahead(bool on) {
+  return draw_ahead_flag().exchange(on);
 }
 
 Status draw_rows(const float* x, int64_t rows, int64_t cols, const DrawLaunch& launch, int count,
@@ -459,8 +598,10 @@ Status draw_rows(const float* x, int64_t rows, int64_t cols, const DrawLaunch& l
   }
   DrawLaunch l = launch;
   l.wide_histograms = draw_wide_histograms_flag().load(std::memory_order_relaxed);
-  KS_CUDA_CHECK("draw_rows", launch_pdl(draw_kernel, dim3(unsigned(count)), dim3(kThreads), 0,
-                                        stream, x, cols, l, out, work));
+  auto kernel =
+      draw_ahead_flag().load(std::memory_order_relaxed) ? draw_kernel<true> : draw_kernel<false>;
+  KS_CUDA_CHECK("draw_rows", launch_pdl(kernel, dim3(unsigned(count)), dim3(kThreads), 0, stream, x,
+                                        cols, l, out, work));
   KS_CUDA_CHECK_LAUNCH("draw_rows", "draw_kernel");
   return Status::ok();
 }

@@ -238,20 +238,6 @@ __device__ void normalize_input(const GemvParams& p, __half* xs,
   __syncthreads();
 }
 
-// __float2int_rn(x) for |x| < 2^22 (NaN: 0, as the conversion gives) in one add: x + 1.5 * 2^23
-// is rounded to the nearest integer, ties to even, as the conversion rounds, and that integer
-// is the sum's low mantissa bits. A float-to-integer conversion issues at a sixteenth of the
-// FMA rate on sm_80-sm_90, and the input stage converts its whole input in every block at once
-// (the 8B's w_down input: 14336 conversions a block, three blocks an SM). round_bits is the
-// sum's bits (never contracted with a product before it): 0x4B400000 plus the integer.
-__device__ inline uint32_t round_bits(float x) {
-  return __float_as_uint(__fadd_rn(x, 12582912.0f));
-}
-
-__device__ inline int round_small(float x) {
-  return x == x ? int(round_bits(x) - 0x4B400000u) : 0;
-}
-
 // One group of finite fp16 values (`raw`: slot order, common.cuh's permutation) times inv,
 // rounded to integers as round_small rounds, into words[8] of int8 in natural order; returns
 // their sum. The sum of 1.5 * 2^23 and an integer q with |q| <= 127 has q's two's-complement byte
@@ -554,31 +540,14 @@ __device__ inline float store_swiglu_output(const GemvParams& p, int64_t row, in
   return 0.0f;
 }
 
-// Lanes 0-15 of a warp, the producers' epilogue threads of a half group.
-constexpr unsigned kHalfLanes = 0x0000ffffu;
-
-// The sum of v over lanes 0-15 (every one of them calls this together), in every one of them.
-template <typename T>
-__device__ inline T half16_sum(T v) {
-#pragma unroll
-  for (int o = 1; o < 16; o <<= 1) v += __shfl_xor_sync(kHalfLanes, v, o, 16);
-  return v;
-}
-
 // The dp4a path's half-group quantization of 16 values, one a lane of lanes 0-15 (every one of
-// them calls this together): the values times 127 / their largest magnitude, rounded to the
-// nearest integer (ties to even; NaN to 0, and an infinite maximum scales every value to 0 as
-// quantize_input's conversion path does); returns the lane's int8 value and gives the half's
-// {scale bits, sum of the 16}.
+// them calls this together; quantize_half_group, common.cuh): returns the lane's int8 value and
+// gives the half's {scale bits, sum of the 16}.
 __device__ inline int quantize_half16(float v, int2& scale_sum) {
-  float amax = fabsf(v);
-  amax = amax == amax ? amax : 0.0f;  // from 0 and by fmaxf, as quantize_input: NaN never wins
-#pragma unroll
-  for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kHalfLanes, amax, o, 16));
-  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  const int q = round_small(__fmul_rn(v, inv));
-  scale_sum = make_int2(__float_as_int(amax / 127.0f), half16_sum(q));
-  return q;
+  const float values[1] = {v};
+  int q[1];
+  scale_sum = quantize_half_group<1>(values, q);
+  return q[0];
 }
 
 // Lanes 0-15 store half `half` of token 0's half-group input (HalfGroupInput's layout): lane l's
@@ -1155,7 +1124,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           int2 scale_sum;
           const int q = quantize_half16(new_residual * g, scale_sum);
           store_half16(p.norm_out.out, half, int(threadIdx.x), q, scale_sum);
-          const float sq = half16_sum(new_residual * new_residual);
+          const float sq = run_sum<16>(new_residual * new_residual);
           if (threadIdx.x == 0) p.norm_out.ss[half] = sq;
         }
       }

@@ -211,6 +211,91 @@ TEST(CudaModel, DecodeWithPreparedInputsMatchesCpu) {
   EXPECT_NE(last[1], last[4]) << "the lm_head did not read the final norm's prepared input";
 }
 
+// A residual's next RMSNorm folded into the GEMVs at 2-16 tokens (set_gemv_norm_scale: the
+// residual add writes z = x·g as the norm's GEMV's fp16 input and each 16 rows' sums of squares
+// a token; that GEMV scales each token's products by its rsqrt, and no norm launch runs). After
+// 24-token prompts of 16 sequences of qwen2-0.5b sym_int4, decode steps of 2 sequences (the dp4a
+// path: kDp 2), 5 (one mma n-tile) and 16 (two), against the CPU within the bound without the
+// fold and within twice that path's error plus 0.01; the logits differ from those without (the
+// path ran), steps replay a graph, and a step launches two RMSNorms (layer 0's, whose input is the
+// embedding, and the final one) where it launched 49.
+TEST(CudaModel, DecodeBatchesWithFoldedNormsMatchCpu) {
+  constexpr int32_t kSeqs = 16, kPrompt = 24, kStepsEach = 2;
+  auto cpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cpu", 512, 32, kSeqs);
+  ASSERT_TRUE(cpu);
+  const int64_t vocab = cpu->config().vocab_size;
+  const int64_t layers = cpu->config().n_layers;
+  // The schedule: each prompt, then kStepsEach steps of each batch size, then one more step of
+  // all 16 (the launch count); tokens drawn in advance, the same for every engine.
+  std::vector<Batch> schedule;
+  for (int32_t s = 0; s < kSeqs; ++s) {
+    const std::vector<int32_t> ids = prompt_of(kPrompt, vocab, 300 + uint64_t(s));
+    Batch prompt;
+    for (int32_t i = 0; i < kPrompt; ++i) prompt.add(ids[size_t(i)], i, s, i + 1 == kPrompt);
+    schedule.push_back(prompt);
+  }
+  const size_t first_step = schedule.size();
+  std::vector<int32_t> next_pos(kSeqs, kPrompt);
+  const std::vector<int32_t> tokens = prompt_of(512, vocab, 400);
+  size_t drawn = 0;
+  auto step_of = [&](int32_t batch) {
+    Batch b;
+    for (int32_t s = 0; s < batch; ++s) {
+      b.add(tokens[drawn++ % tokens.size()], next_pos[size_t(s)]++, s, true);
+    }
+    return b;
+  };
+  for (int32_t batch : {2, 5, 16}) {
+    for (int step = 0; step < kStepsEach; ++step) schedule.push_back(step_of(batch));
+  }
+  schedule.push_back(step_of(kSeqs));
+  const size_t counted = schedule.size() - 1;  // the last step: its launches counted
+  std::vector<std::vector<float>> cpu_logits(schedule.size());
+  for (size_t i = 0; i < schedule.size(); ++i) {
+    ASSERT_TRUE(cpu->run(schedule[i], &cpu_logits[i]).is_ok());
+  }
+  struct Restore {
+    bool before = cuda::set_gemv_norm_scale(false);
+    ~Restore() { cuda::set_gemv_norm_scale(before); }
+  } restore;
+  double worst[2] = {0.0, 0.0};
+  std::vector<float> last[2];
+  int64_t norms[2] = {0, 0};
+  for (int folded : {0, 1}) {
+    cuda::set_gemv_norm_scale(folded == 1);
+    auto gpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cuda", 512, 32, kSeqs);
+    ASSERT_TRUE(gpu);
+    std::vector<float> logits;
+    for (size_t i = 0; i < schedule.size(); ++i) {
+      if (i == counted) {
+        ASSERT_TRUE(cuda::set_op_timing(gpu->backend(), true).is_ok());
+      }
+      const Status st = gpu->run(schedule[i], &logits);
+      ASSERT_TRUE(st.is_ok()) << st.message();
+      if (i >= first_step && i < counted) {
+        worst[folded] =
+            std::max(worst[folded], compare(logits, cpu_logits[i], vocab).max_rel_error);
+        last[folded] = logits;
+      }
+    }
+    for (const cuda::OpTime& t : cuda::op_times(gpu->backend())) {
+      if (t.op.rfind("rms_norm", 0) == 0) norms[folded] += t.calls;
+    }
+    ASSERT_TRUE(cuda::set_op_timing(gpu->backend(), false).is_ok());
+    EXPECT_GT(cuda::graph_stats(gpu->backend()).replayed, 0) << "folded " << folded;
+  }
+  std::printf(
+      "[ qwen2-0.5b sym_int4 decode, batches 2/5/16 ] CUDA vs CPU max rel error %.3g, folded "
+      "norms %.3g\n",
+      worst[0], worst[1]);
+  EXPECT_LE(worst[0], 8e-2);
+  EXPECT_LE(worst[1], 8e-2);
+  EXPECT_LE(worst[1], 2.0 * worst[0] + 1e-2);
+  EXPECT_NE(last[0], last[1]) << "the folded norms were not read";
+  EXPECT_EQ(norms[0], 2 * layers + 1);
+  EXPECT_EQ(norms[1], 2);
+}
+
 // Captured graphs replay exactly what eager execution computes, at every position; for fp32
 // the graphs hold cuBLAS's GEMMs.
 class CudaGraphReplay : public ::testing::TestWithParam<WeightFormat> {};

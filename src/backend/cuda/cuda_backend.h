@@ -98,6 +98,13 @@ bool gemv_half_groups();
 // quantization's error. Returns the setting before; gemv_norm_halves() reads it.
 bool set_gemv_norm_halves(bool on);
 bool gemv_norm_halves();
+// Whether, at 2-16 tokens inside a decoder layer, a GEMV adding into the residual folds the
+// residual's next RMSNorm (z = x·g as the norm's GEMV's fp16 input and each 16 rows' sums of
+// squares a token; that GEMV multiplies each token's products by rsqrt(mean(x^2) + eps)) instead
+// of a norm launch (off until measured; KESTREL_CUDA_GEMV_NORM_SCALE=1 sets the starting value).
+// Results differ within fp16's rounding. Returns the setting before; gemv_norm_scale() reads it.
+bool set_gemv_norm_scale(bool on);
+bool gemv_norm_scale();
 // With set_gemv_norm_halves on: whether the last layer's w_down also prepares the final norm's
 // input for the lm_head (the default), or only the layers' own norms do. A test aid that shows
 // the lm_head reads it; process-wide. Returns the setting before.

@@ -216,9 +216,10 @@ TEST(CudaModel, DecodeWithPreparedInputsMatchesCpu) {
 // a token; that GEMV scales each token's products by its rsqrt, and no norm launch runs). After
 // 24-token prompts of 16 sequences of qwen2-0.5b sym_int4, decode steps of 2 sequences (the dp4a
 // path: kDp 2), 5 (one mma n-tile) and 16 (two), against the CPU within the bound without the
-// fold and within twice that path's error plus 0.01; the logits differ from those without (the
-// path ran), steps replay a graph, and a step launches two RMSNorms (layer 0's, whose input is the
-// embedding, and the final one) where it launched 49.
+// fold and within twice that path's error plus 0.01, with the store GEMVs' m-tiles as chosen
+// (one, at this width) and forced to two (set_gemv_mtiles: the 8B's at batch 16); the logits
+// differ from those without (the path ran), steps replay a graph, and a step launches two
+// RMSNorms (layer 0's, whose input is the embedding, and the final one) where it launched 49.
 TEST(CudaModel, DecodeBatchesWithFoldedNormsMatchCpu) {
   constexpr int32_t kSeqs = 16, kPrompt = 24, kStepsEach = 2;
   auto cpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cpu", 512, 32, kSeqs);
@@ -256,13 +257,19 @@ TEST(CudaModel, DecodeBatchesWithFoldedNormsMatchCpu) {
   }
   struct Restore {
     bool before = cuda::set_gemv_norm_scale(false);
-    ~Restore() { cuda::set_gemv_norm_scale(before); }
+    ~Restore() {
+      cuda::set_gemv_norm_scale(before);
+      cuda::set_gemv_mtiles(0);
+    }
   } restore;
-  double worst[2] = {0.0, 0.0};
-  std::vector<float> last[2];
-  int64_t norms[2] = {0, 0};
-  for (int folded : {0, 1}) {
+  // Variant v: folded = v % 2, m-tiles forced to two when v >= 2.
+  double worst[4] = {0.0, 0.0, 0.0, 0.0};
+  std::vector<float> last[4];
+  int64_t norms[4] = {0, 0, 0, 0};
+  for (int v = 0; v < 4; ++v) {
+    const int folded = v % 2;
     cuda::set_gemv_norm_scale(folded == 1);
+    cuda::set_gemv_mtiles(v >= 2 ? 2 : 0);
     auto gpu = make_engine("synthetic:qwen2-0.5b", WeightFormat::sym_int4, "cuda", 512, 32, kSeqs);
     ASSERT_TRUE(gpu);
     std::vector<float> logits;
@@ -273,27 +280,29 @@ TEST(CudaModel, DecodeBatchesWithFoldedNormsMatchCpu) {
       const Status st = gpu->run(schedule[i], &logits);
       ASSERT_TRUE(st.is_ok()) << st.message();
       if (i >= first_step && i < counted) {
-        worst[folded] =
-            std::max(worst[folded], compare(logits, cpu_logits[i], vocab).max_rel_error);
-        last[folded] = logits;
+        worst[v] = std::max(worst[v], compare(logits, cpu_logits[i], vocab).max_rel_error);
+        last[v] = logits;
       }
     }
     for (const cuda::OpTime& t : cuda::op_times(gpu->backend())) {
-      if (t.op.rfind("rms_norm", 0) == 0) norms[folded] += t.calls;
+      if (t.op.rfind("rms_norm", 0) == 0) norms[v] += t.calls;
     }
     ASSERT_TRUE(cuda::set_op_timing(gpu->backend(), false).is_ok());
-    EXPECT_GT(cuda::graph_stats(gpu->backend()).replayed, 0) << "folded " << folded;
+    EXPECT_GT(cuda::graph_stats(gpu->backend()).replayed, 0) << "variant " << v;
   }
   std::printf(
       "[ qwen2-0.5b sym_int4 decode, batches 2/5/16 ] CUDA vs CPU max rel error %.3g, folded "
-      "norms %.3g\n",
-      worst[0], worst[1]);
-  EXPECT_LE(worst[0], 8e-2);
-  EXPECT_LE(worst[1], 8e-2);
-  EXPECT_LE(worst[1], 2.0 * worst[0] + 1e-2);
-  EXPECT_NE(last[0], last[1]) << "the folded norms were not read";
-  EXPECT_EQ(norms[0], 2 * layers + 1);
-  EXPECT_EQ(norms[1], 2);
+      "norms %.3g; two m-tiles: %.3g, folded %.3g\n",
+      worst[0], worst[1], worst[2], worst[3]);
+  for (int plain : {0, 2}) {
+    SCOPED_TRACE(plain == 2 ? "two m-tiles" : "m-tiles as chosen");
+    EXPECT_LE(worst[plain], 8e-2);
+    EXPECT_LE(worst[plain + 1], 8e-2);
+    EXPECT_LE(worst[plain + 1], 2.0 * worst[plain] + 1e-2);
+    EXPECT_NE(last[plain], last[plain + 1]) << "the folded norms were not read";
+    EXPECT_EQ(norms[plain], 2 * layers + 1);
+    EXPECT_EQ(norms[plain + 1], 2);
+  }
 }
 
 // Captured graphs replay exactly what eager execution computes, at every position; for fp32

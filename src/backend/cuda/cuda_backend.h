@@ -70,6 +70,13 @@ void set_gemv_block_cap(int blocks);
 // (KESTREL_CUDA_GEMV_ROWS_KERNEL sets the starting value); process-wide, like set_gemv_block_cap.
 void set_gemv_rows_kernel(int mode);
 
+// The store GEMV's m-tiles a block (launch_format: one or two 16-row m-tiles a tile, by the
+// weight's rows against the SMs): 0 (the default) chooses, 1 or 2 forces them where the format
+// and launch allow two (not fp16, not a launch preparing a norm's half groups). A test aid, so a
+// small model takes the two-m-tile instances large ones take; process-wide, like
+// set_gemv_block_cap.
+void set_gemv_mtiles(int mtiles);
+
 // The int4 GEMV's dp4a path loading its first tile's bias and residual in the epilogue, as every
 // later tile does, instead of the bias before the wait and the residual right after it: a test
 // aid and measurement switch (KESTREL_CUDA_GEMV_LOADS=epilogue sets the starting value); both

@@ -669,31 +669,46 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
   }
 }
 
+// z holds x·g / kFoldScale: fp16's largest value then bounds |x·g| at ~1.05e6 instead of 65504
+// (a residual too large for fp16 itself, or norm weights above 16 beside one, would still
+// overflow), and values below ~1e-3 leave fp16's normal range, where their absolute error
+// (~1e-6) is below the rounding error of the token's larger values. A power of two: exact on
+// both sides.
+constexpr float kFoldScale = 16.0f;
+
 // The folded norm's scale of each token (NormScaleIn) into scale[16]: 16 threads a token, thread
-// j adding the token's halves j, j + 16, ... in order, then a fixed tree over the 16, so every
-// block has the same bits. Ends with a barrier.
+// j adding the token's halves j, j + 16, ... in order (16 a round, all requested at once), then a
+// fixed tree over the 16, so every block has the same bits. Ends with a barrier.
 __device__ inline void token_norm_scales(const GemvParams& p, float* scale) {
   static_assert(kThreads == 16 * kMaxGemvTokens, "16 threads a token");
+  constexpr int kRound = 16;
   const int t = int(threadIdx.x) >> 4;
   const int j = int(threadIdx.x) & 15;
   const NormScaleIn& in = p.norm_scale;
   float s = 0.0f;
   if (t < p.n_tokens) {
     const float* ss = in.ss + int64_t(t) * in.halves;
-    for (int h = j; h < in.halves; h += 16) s += ss[h];
+    for (int h0 = j; h0 < in.halves; h0 += 16 * kRound) {
+      float v[kRound];
+#pragma unroll
+      for (int k = 0; k < kRound; ++k) v[k] = h0 + 16 * k < in.halves ? ss[h0 + 16 * k] : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kRound; ++k) s += v[k];
+    }
   }
   s = run_sum<16>(s);
-  if (j == 0) scale[t] = rsqrtf(s * in.inv_cols + in.eps);
+  if (j == 0) scale[t] = rsqrtf(s * in.inv_cols + in.eps) * kFoldScale;
   __syncthreads();
 }
 
 // The folded norm's input of one output (NormScaleOut): the new residual `x` of row `row`
-// (of n_rows, a multiple of 32: z's row stride), token `token`, times the norm's weight, into
-// z where the output was stored (`live`); returns x^2 there, else 0.
+// (of n_rows, a multiple of 32: z's row stride), token `token`, times the norm's weight (over
+// kFoldScale), into z where the output was stored (`live`); returns x^2 there, else 0.
 __device__ inline float store_scale_input(const GemvParams& p, int64_t row, int token, float x,
                                           bool live, int64_t n_rows) {
   if (!live) return 0.0f;
-  p.scale_out.z[shadow_index(token, row, n_rows, true)] = __float2half_rn(x * p.scale_out.w[row]);
+  p.scale_out.z[shadow_index(token, row, n_rows, true)] =
+      __float2half_rn(x * p.scale_out.w[row] * (1.0f / kFoldScale));
   return x * x;
 }
 
@@ -1597,6 +1612,8 @@ Status launch_rows(const GemvParams& p, cudaStream_t stream) {
   return Status::ok();
 }
 
+int mtiles_forced = 0;  // set_gemv_mtiles
+
 int rows_kernel_mode = [] {  // set_gemv_rows_kernel
   const char* v = std::getenv("KESTREL_CUDA_GEMV_ROWS_KERNEL");
   const std::string m = v != nullptr ? v : "";
@@ -1696,9 +1713,10 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
     // of blocks (H200, 8B at 16 tokens: wo 9.5 -> 8.4 us, down 24.8 -> 20.8 us; the 1.5B's
     // 48-block weights lose 25%).
     const bool one_mtile = p.norm_out.out.q != nullptr;  // only those instances prepare norms
-    if (!one_mtile && (blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count))) {
-      return launch_mt<F, 2, false>(p, stream);
-    }
+    const bool two = mtiles_forced == 0
+                         ? blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count)
+                         : mtiles_forced == 2;
+    if (!one_mtile && two) return launch_mt<F, 2, false>(p, stream);
   }
   count_tiles(16);
   return launch_mt<F, 1, false>(p, stream);
@@ -1708,6 +1726,10 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
 
 void set_gemv_block_cap(int blocks) {
   block_cap = std::max(0, blocks);
+}
+
+void set_gemv_mtiles(int mtiles) {
+  mtiles_forced = mtiles == 1 || mtiles == 2 ? mtiles : 0;
 }
 
 void set_gemv_rows_kernel(int mode) {

@@ -85,11 +85,12 @@ struct NormHalvesIn {
 };
 
 // A residual's next RMSNorm folded into the GEMVs at 2-16 tokens (the GEMV that adds into the
-// residual, a store epilogue with a residual, rows a multiple of 32): it writes z = x·g, the new
-// residual times the norm's weight `w`, as the permuted fp16 input of the norm's GEMV (`z`,
-// [16, round_up(rows, 32)]), and each 16-row half's sum of squares a token (`ss`, [16][rows / 16],
-// token-major). The norm is a scale a token: rms_norm(x)·g·W = r (x·g·W), r = rsqrt(mean(x^2) +
-// eps), so the norm's GEMV multiplies z·W by r (NormScaleIn) and no norm launch runs.
+// residual, a store epilogue with a residual, rows a multiple of 32): it writes z = x·g / 16, the
+// new residual times the norm's weight `w` (over a power of two that widens fp16's range:
+// kFoldScale, gemv.cu), as the permuted fp16 input of the norm's GEMV (`z`, [16, rows]), and
+// each 16-row half's sum of squares a token (`ss`, [16][rows / 16], token-major). The norm is a
+// scale a token: rms_norm(x)·g·W = r (x·g·W), r = rsqrt(mean(x^2) + eps), so the norm's GEMV
+// multiplies z·W by 16 r (NormScaleIn) and no norm launch runs.
 struct NormScaleOut {
   const float* w = nullptr;
   __half* z = nullptr;

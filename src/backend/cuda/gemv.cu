@@ -718,12 +718,14 @@ __device__ inline float store_scale_input(const GemvParams& p, int64_t row, int 
 // scales; with kNorm, the residual's next-norm input (NormHalvesIn: p.xh and p.norm_ss), each
 // scale times the norm's rsqrt.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false>
+          bool kHalves = false, bool kFold = false>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(!kHalves || (kDp == 1 && (kNorm || (!kSwiglu && MT == 1))),
                 "a half-group input is one token's: a plain one-m-tile GEMV's, or a fused norm's");
+  static_assert(!kFold || (kDp != 1 && !kNorm && !kHalves && !kProfile),
+                "a folded norm is 2-16 tokens' of a plain input");
   static_assert(
       kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
       "the dp4a path reads int4 tiles for at most 8 tokens");
@@ -948,10 +950,10 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // The instances that can prepare the residual's next norm input (p.norm_out): one token, one
   // m-tile, a plain input (launch_format keeps such launches at one m-tile).
   constexpr bool kNormProducer = kDp == 1 && !kSwiglu && !kNorm && MT == 1;
-  // The instances that fold a norm at 2-16 tokens: writing it (p.scale_out: the store epilogue
-  // without a fused norm) and reading it (p.norm_scale: either epilogue without one).
-  constexpr bool kScaleProducer = kDp != 1 && !kSwiglu && !kNorm;
-  constexpr bool kScaleConsumer = kDp != 1 && !kNorm;
+  // The instances that fold a norm at 2-16 tokens (kFold, their own, so the others' code is as
+  // it was): writing it (p.scale_out, the store epilogue) and reading it (p.norm_scale, either).
+  constexpr bool kScaleProducer = kFold && !kSwiglu;
+  constexpr bool kScaleConsumer = kFold;
   __shared__ float token_scale[kScaleConsumer ? kMaxGemvTokens : 1];
   // The mma path's producer: each tile's 8-row sums of squares, [MT][2][16 tokens].
   __shared__ float eighth_squares[kScaleProducer && kDp == 0 ? MT * 2 * kMaxGemvTokens : 1];
@@ -1548,7 +1550,7 @@ bool launch_persistent(bool dp4a) {
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false>
+          bool kHalves = false, bool kFold = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
@@ -1563,7 +1565,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr bool kOwnReduce = Pipe<F, MT>::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kFold>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1622,10 +1624,14 @@ int rows_kernel_mode = [] {  // set_gemv_rows_kernel
 
 template <WeightFormat F, int MT, bool kSwiglu>
 Status launch_mt(const GemvParams& p, cudaStream_t stream) {
+  // A folded norm (2-16 tokens, no fused norm: gemv_launch checks) takes the kFold instances.
+  const bool fold = p.scale_out.z != nullptr || p.norm_scale.ss != nullptr;
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
     // The half-group input (p.xh, set by gemv_launch for one token without a norm) is read by
     // the one-m-tile instances; the others quantize p.x, the same activation's shadow.
     constexpr bool kMayHalve = MT == 1 && !kSwiglu;
+    if (p.dp4a && fold)
+      return launch_kernel<F, MT, 1, kSwiglu, false, 2, false, false, true>(p, stream);
     if (p.dp4a && p.profile) {
       if (p.norm.x != nullptr && p.norm_ss != nullptr) {
         return launch_kernel<F, MT, 1, kSwiglu, true, 1, true, true>(p, stream);
@@ -1657,6 +1663,11 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
     }
   } else {
     if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
+  }
+  if (fold) {
+    if (p.n_tokens <= 8)
+      return launch_kernel<F, MT, 1, kSwiglu, false, 0, false, false, true>(p, stream);
+    return launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, true>(p, stream);
   }
   if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, stream);
   return launch_kernel<F, MT, 2, kSwiglu, false, 0>(p, stream);

@@ -1938,20 +1938,14 @@ int decode_solo_override = -1;
 // KESTREL_CUDA_ATTENTION_COMBINE=1 (a measurement aid): the tensor-core decode kernel leaves its
 // splits to the combine kernel, as before it merged them itself.
 bool combine_launch() {
-  static const bool on = [] {
-    const char* v = std::getenv("KESTREL_CUDA_ATTENTION_COMBINE");
-    return v != nullptr && std::string(v) == "1";
-  }();
+  static const bool on = env_is("KESTREL_CUDA_ATTENTION_COMBINE", "1");
   return on;
 }
 
 // Whether the backend asks a one-token decode attention for its output's half groups
 // (attention_half_groups; KESTREL_CUDA_ATTENTION_HALF_GROUPS=1 at start-up, off until measured).
 std::atomic<bool>& attention_half_groups_flag() {
-  static std::atomic<bool> on{[] {
-    const char* v = std::getenv("KESTREL_CUDA_ATTENTION_HALF_GROUPS");
-    return v != nullptr && std::string(v) == "1";
-  }()};
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_HALF_GROUPS", "1")};
   return on;
 }
 

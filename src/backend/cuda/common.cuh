@@ -5,6 +5,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #include "backend/cuda/int4_tiles.h"
@@ -91,6 +93,13 @@ struct ShadowOut {
   bool permuted = false;
   HalfGroupOut halves;
 };
+
+// Whether environment variable `name` is set to exactly `value`: the measurement switches'
+// start-up values.
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
 
 // __float2int_rn(x) for |x| < 2^22 (NaN: 0, as the conversion gives) in one add: x + 1.5 * 2^23
 // is rounded to the nearest integer, ties to even, as the conversion rounds, and that integer

@@ -564,10 +564,7 @@ std::atomic<bool>& draw_wide_histograms_flag() {
 }
 
 std::atomic<bool>& draw_ahead_flag() {
-  static std::atomic<bool> on{[] {
-    const char* v = std::getenv("KESTREL_CUDA_DRAW_AHEAD");
-    return v != nullptr && std::string(v) == "1";
-  }()};
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_DRAW_AHEAD", "1")};
   return on;
 }
 

@@ -1775,13 +1775,7 @@ int trigger_mode() {
   return mode;
 }
 
-// Whether the environment variable `name` is set to `value`: the start-up value of the
-// process-wide switches below.
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
-}
-
+// The process-wide switches below start from the environment (env_is, common.cuh).
 std::atomic<bool>& gemv_profile_flag() {
   static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_PROFILE", "1")};
   return on;

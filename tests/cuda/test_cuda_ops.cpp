@@ -1153,6 +1153,15 @@ void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int 
   }
 }
 
+// Holds the decode attention's cluster merge (cuda::set_attention_cluster) on for a scope.
+struct AttentionCluster {
+  AttentionCluster() : before(cuda::set_attention_cluster(true)) {}
+  ~AttentionCluster() { cuda::set_attention_cluster(before); }
+  AttentionCluster(const AttentionCluster&) = delete;
+  AttentionCluster& operator=(const AttentionCluster&) = delete;
+  bool before;
+};
+
 // Holds the decode attention's solo rule (cuda::set_decode_solo) for a scope.
 struct DecodeSolo {
   explicit DecodeSolo(int tiles) { cuda::set_decode_solo(tiles); }
@@ -1228,6 +1237,25 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     const DecodeSolo forced(solo);
     check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
   }
+  // The cluster merge (head_dim 128): every launch's splits capped at 16, 5 and 2, so each is a
+  // cluster; the groups of more than one split merge through the cluster, the shorter contexts'
+  // splits past the end arrive idle at its barriers, a one-split context writes its output alone
+  // (solo) or through the workspace. With 8 and 12 query heads (a share of the merge is whole
+  // half groups: 64 and 96 of them split over up to 10 splits).
+  if (head_dim != 128) return;
+  const AttentionCluster on;
+  const uint64_t launches = cuda::attention_cluster_launches();
+  for (int most : {16, 5, 2}) {
+    cuda::set_decode_split_cap(most);
+    for (int solo : {0, 1}) {
+      SCOPED_TRACE("cluster merge, splits capped at " + std::to_string(most) +
+                   (solo ? ", solo" : ""));
+      const DecodeSolo forced(solo);
+      check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
+      check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
+    }
+  }
+  EXPECT_GT(cuda::attention_cluster_launches(), launches) << "no launch took the cluster merge";
 }
 
 // Decode batches of distinct sequences where the split kernel's rotation takes its other paths:
@@ -1263,6 +1291,19 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
     check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
                           kv_cache == KvCacheType::fp8);
   }
+  // The cluster merge (head_dim 128): the 7-token slice's three splits a group as a cluster, the
+  // merging splits rotating the group's heads in place (rope mode) while the other slice's
+  // launch has left its own rotated.
+  if (head_dim != 128) return;
+  const AttentionCluster on;
+  const uint64_t launches = cuda::attention_cluster_launches();
+  for (int solo : {0, 2}) {
+    SCOPED_TRACE("cluster merge, solo " + std::to_string(solo));
+    const DecodeSolo forced(solo);
+    check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
+                          kv_cache == KvCacheType::fp8);
+  }
+  EXPECT_GT(cuda::attention_cluster_launches(), launches) << "no launch took the cluster merge";
 }
 
 // fp8 value rows whose scale (largest entry / 448) is below fp16's normal range: at head_dim 64

@@ -123,6 +123,15 @@ bool set_plan_final_norm(bool on);
 // quantization's error. Returns the setting before; attention_half_groups() reads it.
 bool set_attention_half_groups(bool on);
 bool attention_half_groups();
+// Whether tensor-core decode attention launches (head_dim 128) of 2-16 splits a (token, KV head)
+// run each group's splits as one thread-block cluster, which merge through distributed shared
+// memory, instead of through partial results in global memory, an arrival count and the last
+// split's merge (off until measured; KESTREL_CUDA_ATTENTION_CLUSTER=1 sets the starting value).
+// Results differ only in the merge's rounding. Process-wide; returns the setting before.
+bool set_attention_cluster(bool on);
+// Decode attention launches made as clusters since the process started (a test aid: shows a
+// test took the cluster merge).
+uint64_t attention_cluster_launches();
 
 // Top-p's histograms in the draw kernel (draw.cu) in 64-bit sums for every row, where rows of at
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the

@@ -1398,6 +1398,9 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   const bool cluster_merge = kCluster && splits_used(n_ctx, splits, kPrefillKeys) > 1;
   if (tile_begin >= n_tiles) {
     if (cluster_merge) {
+      // It reads and writes no global memory: the next launch need not wait for it (rope mode
+      // triggers after the first tile's copy, which an idle split never makes).
+      pdl_trigger();
       cooperative_groups::this_cluster().sync();  // the splits' states are ready
       cooperative_groups::this_cluster().sync();  // and read
     }
@@ -2052,9 +2055,10 @@ bool combine_launch() {
 }
 
 // Whether the backend asks a one-token decode attention for its output's half groups
-// (attention_half_groups; KESTREL_CUDA_ATTENTION_HALF_GROUPS=1 at start-up, off until measured).
+// (attention_half_groups; the default since the twenty-fifth session's H100 measurement;
+// KESTREL_CUDA_ATTENTION_HALF_GROUPS=0 at start-up turns it off).
 std::atomic<bool>& attention_half_groups_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_HALF_GROUPS", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_ATTENTION_HALF_GROUPS", "0")};
   return on;
 }
 
@@ -2066,22 +2070,35 @@ std::atomic<bool>& attention_cluster_flag() {
   return on;
 }
 
-std::atomic<uint64_t> cluster_launches{0};  // attention_cluster_launches
+// attention_cluster_launches: launches made as clusters, by cluster size.
+std::atomic<uint64_t> cluster_launches[kMaxClusterSplits + 1] = {};
+
+// What cluster_fits knows of one kernel (a call site's statics: the instances share a type).
+struct ClusterFit {
+  std::atomic<uint64_t> allowed{0};                    // devices with the non-portable size allowed
+  std::atomic<int> known[kMaxClusterSplits + 1] = {};  // 0 unknown, 1 fits, 2 does not
+};
 
 // Whether the device can hold a cluster of `splits` blocks of the cluster decode kernel (a GPC
 // holds the cluster's blocks at once; past eight the size is non-portable, which Hopper allows):
-// asked once per size on the first device that launches it, and set for every device that does.
-// Where it cannot, the launch merges through the workspace instead.
+// asked once per size on the first device that launches it (a host's GPUs are taken to be
+// alike), and allowed on every device that does. Where it cannot, or either call fails (the
+// error cleared), the launch merges through the workspace instead.
 template <typename Kernel>
-Status cluster_fits(Kernel kernel, int splits, dim3 grid, size_t smem, bool& fits) {
-  static std::atomic<uint64_t> allowed{0};  // devices with the non-portable size allowed
-  static std::atomic<int> known[kMaxClusterSplits + 1] = {};  // 0 unknown, 1 fits, 2 does not
+Status cluster_fits(Kernel kernel, ClusterFit& fit, int splits, dim3 grid, size_t smem,
+                    bool& fits) {
+  std::atomic<uint64_t>& allowed = fit.allowed;
+  std::atomic<int>* known = fit.known;
   int device = 0;
   KS_CUDA_CHECK("attention", cudaGetDevice(&device));
   const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
   if (bit == 0 || (allowed.load(std::memory_order_acquire) & bit) == 0) {
-    KS_CUDA_CHECK("attention",
-                  cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+        cudaSuccess) {
+      (void)cudaGetLastError();
+      fits = false;
+      return Status::ok();
+    }
     allowed.fetch_or(bit, std::memory_order_acq_rel);
   }
   int state = known[splits].load(std::memory_order_acquire);
@@ -2098,7 +2115,10 @@ Status cluster_fits(Kernel kernel, int splits, dim3 grid, size_t smem, bool& fit
     config.attrs = attribute;
     config.numAttrs = 1;
     int clusters = 0;
-    KS_CUDA_CHECK("attention", cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();
+      clusters = 0;
+    }
     state = clusters > 0 ? 1 : 2;
     known[splits].store(state, std::memory_order_release);
   }
@@ -2131,8 +2151,12 @@ bool set_attention_cluster(bool on) {
   return attention_cluster_flag().exchange(on);
 }
 
-uint64_t attention_cluster_launches() {
-  return cluster_launches.load(std::memory_order_relaxed);
+uint64_t attention_cluster_launches(int larger_than) {
+  uint64_t n = 0;
+  for (int size = std::max(larger_than + 1, 0); size <= kMaxClusterSplits; ++size) {
+    n += cluster_launches[size].load(std::memory_order_relaxed);
+  }
+  return n;
 }
 
 bool attention_half_groups() {
@@ -2279,15 +2303,19 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
         KS_CUDA_CHECK("attention",
                       set_smem_limit_once(reinterpret_cast<const void*>(cluster_kernel), int(smem),
                                           cluster_limit_set));
+        static ClusterFit cluster_fit;  // this instance's
         bool fits = false;
-        if (Status s = cluster_fits(cluster_kernel, splits, grid, smem, fits); !s.is_ok()) return s;
+        if (Status s = cluster_fits(cluster_kernel, cluster_fit, splits, grid, smem, fits);
+            !s.is_ok()) {
+          return s;
+        }
         if (fits) {
           KS_CUDA_CHECK(
               "attention",
               launch_pdl_cluster(cluster_kernel, grid, dim3(unsigned(threads)), smem, stream,
                                  unsigned(splits), args, cache, split_ws, begin, splits));
           KS_CUDA_CHECK_LAUNCH("attention", "attention_split_mma_kernel (clusters)");
-          cluster_launches.fetch_add(1, std::memory_order_relaxed);
+          cluster_launches[splits].fetch_add(1, std::memory_order_relaxed);
           continue;
         }
       }

@@ -100,8 +100,8 @@ bool set_gemv_half_groups(bool on);
 bool gemv_half_groups();
 // Whether a GEMV adding into the residual at one token also prepares the residual's next RMSNorm
 // input (NormHalvesOut, gemv.cuh: x·g in half groups and the tiles' sums of squares) for that
-// norm's GEMV, which then neither normalizes nor quantizes (off until measured;
-// KESTREL_CUDA_GEMV_NORM_HALVES=1 sets the starting value). Results differ within the int8
+// norm's GEMV, which then neither normalizes nor quantizes (on by default;
+// KESTREL_CUDA_GEMV_NORM_HALVES=0 turns it off at start-up). Results differ within the int8
 // quantization's error. Returns the setting before; gemv_norm_halves() reads it.
 bool set_gemv_norm_halves(bool on);
 bool gemv_norm_halves();
@@ -118,8 +118,8 @@ bool gemv_norm_scale();
 bool set_plan_final_norm(bool on);
 // Whether a one-token decode attention writes its output's half-group quantization
 // (attention_writes_halves, attention.cuh) for wo's dp4a GEMV, which then copies it instead of
-// quantizing the shadow in every block in groups of 32 (off until measured;
-// KESTREL_CUDA_ATTENTION_HALF_GROUPS=1 sets the starting value). Results differ within the int8
+// quantizing the shadow in every block in groups of 32 (on by default;
+// KESTREL_CUDA_ATTENTION_HALF_GROUPS=0 turns it off at start-up). Results differ within the int8
 // quantization's error. Returns the setting before; attention_half_groups() reads it.
 bool set_attention_half_groups(bool on);
 bool attention_half_groups();
@@ -127,11 +127,12 @@ bool attention_half_groups();
 // run each group's splits as one thread-block cluster, which merge through distributed shared
 // memory, instead of through partial results in global memory, an arrival count and the last
 // split's merge (off until measured; KESTREL_CUDA_ATTENTION_CLUSTER=1 sets the starting value).
-// Results differ only in the merge's rounding. Process-wide; returns the setting before.
+// Results differ only in the merge's rounding. Process-wide; captured decode graphs keep the
+// choice they were captured with. Returns the setting before.
 bool set_attention_cluster(bool on);
-// Decode attention launches made as clusters since the process started (a test aid: shows a
-// test took the cluster merge).
-uint64_t attention_cluster_launches();
+// Decode attention launches made as clusters of more than `larger_than` blocks since the
+// process started (a test aid: shows a test took the cluster merge, past the portable 8 too).
+uint64_t attention_cluster_launches(int larger_than = 0);
 
 // Top-p's histograms in the draw kernel (draw.cu) in 64-bit sums for every row, where rows of at
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the

@@ -1814,12 +1814,13 @@ std::atomic<bool>& gemv_half_groups_flag() {
 
 // Whether the backend asks a GEMV adding into the residual for the residual's next norm input
 // (NormHalvesOut) and gives it to that norm's GEMV (gemv_norm_halves), or the norm's GEMV
-// normalizes and quantizes the residual in every block (the default until measured;
-// KESTREL_CUDA_GEMV_NORM_HALVES=1 at start-up, set_gemv_norm_halves; a measurement switch and
-// test aid). The two round differently (no fp16 step between the norm and the quantization, half
-// groups), so their results differ within the int8 quantization's error.
+// normalizes and quantizes the residual in every block (the first is the default since the
+// twenty-fifth session's H100 measurement; KESTREL_CUDA_GEMV_NORM_HALVES=0 at start-up, or
+// set_gemv_norm_halves, turns it off: a measurement switch and test aid). The two round differently
+// (no fp16 step between the norm and the quantization, half groups), so their results differ within
+// the int8 quantization's error.
 std::atomic<bool>& gemv_norm_halves_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_NORM_HALVES", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_NORM_HALVES", "0")};
   return on;
 }
 

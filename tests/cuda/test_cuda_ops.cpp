@@ -1676,14 +1676,25 @@ TEST_P(CudaDecoderLayer, MatchesCpu) {
 
 // The layer kernel against the composition it stands for, on the same GPU: a backend created
 // with KESTREL_CUDA_LAYER_KERNEL=0 is the reference. Prefill takes the prefill layer on both
-// (the same kernels: 1e-6). In decode both quantize their inputs to int8 as the CPU does and keep
-// fp16 cache entries; they differ in summation order and so, now and then, in which side of an int8
-// rounding boundary an input lands (the 2-3e-3 CudaMatmul sees between the dp4a GEMV and the CPU),
+// (the same kernels: 1e-6). In decode both quantize their inputs to int8 and keep fp16 cache
+// entries; the composition's producers also prepare the norms' and wo's inputs in half groups by
+// default (set_gemv_norm_halves, set_attention_half_groups), which the kernel does not, so the
+// reference turns those two off here: their own tests hold them to the CPU. Then the two differ
+// in summation order and so, now and then, in which side of an int8 rounding boundary an input
+// lands (the 2-3e-3 CudaMatmul sees between the dp4a GEMV and the CPU),
 // and the kernel's attention keeps the rotated queries in fp32 where the composition's tensor-core
 // kernel rounds them to fp16 (the scores here are sharpened 2.25x): 2e-2 for the layer's update,
 // half the bound against the CPU (measured on the H200: up to 1.03e-2). The reference issues no
 // "decoder layer" op at all.
 TEST_P(CudaDecoderLayer, KernelMatchesComposition) {
+  struct Restore {
+    bool norm = cuda::set_gemv_norm_halves(false);
+    bool attention = cuda::set_attention_half_groups(false);
+    ~Restore() {
+      cuda::set_gemv_norm_halves(norm);
+      cuda::set_attention_half_groups(attention);
+    }
+  } restore;
   const DecoderLayerCase dc = layer_kernel_case(GetParam());
   ModelWeights weights = decoder_layer_model(dc);
   auto kernel = make_cuda_backend_with_layer_kernel(true);

@@ -2151,6 +2151,10 @@ bool set_attention_cluster(bool on) {
   return attention_cluster_flag().exchange(on);
 }
 
+bool attention_cluster() {
+  return attention_cluster_flag().load(std::memory_order_relaxed);
+}
+
 uint64_t attention_cluster_launches(int larger_than) {
   uint64_t n = 0;
   for (int size = std::max(larger_than + 1, 0); size <= kMaxClusterSplits; ++size) {

@@ -79,6 +79,15 @@ bool& plan_final_norm_flag() {
   return on;
 }
 
+// The run-time switches that choose a decode step's launches, as bits of a captured step's key:
+// a step after one of them changes (the tests' variants) is captured anew instead of failing
+// its replay's check against launches that differ.
+int32_t path_switches() {
+  return int32_t(gemv_half_groups()) | int32_t(gemv_norm_halves()) << 1 |
+         int32_t(gemv_norm_scale()) << 2 | int32_t(plan_final_norm_flag()) << 3 |
+         int32_t(attention_half_groups()) << 4 | int32_t(attention_cluster()) << 5;
+}
+
 // Two weights one layer kernel launch may treat alike: the same format, shape and tiling.
 bool same_shape(const DeviceWeight& a, const DeviceWeight& b) {
   return a.format == b.format && a.rows == b.rows && a.cols == b.cols && a.block == b.block &&
@@ -546,8 +555,9 @@ class CudaBackend final : public Backend {
     const bool graph = !timing_ && n <= kMaxGemvTokens && batch.n_logit_rows > 0 &&
                        batch.n_logit_rows <= kMaxGemvTokens;
     if (graph) {
-      // The attention launches differ with rope_in_decode_.
-      graph_key_.assign({int32_t(n), int32_t(rope_in_decode_)});
+      // The attention launches differ with rope_in_decode_, and the launches with the switches
+      // that choose paths at run time (a step after a switch changes is captured anew).
+      graph_key_.assign({int32_t(n), int32_t(rope_in_decode_), path_switches()});
       graph_key_.insert(graph_key_.end(), batch.logit_rows, batch.logit_rows + batch.n_logit_rows);
       fingerprint_ = 1469598103934665603ull;
       if (graphs_.count(graph_key_) != 0) {
@@ -1680,6 +1690,12 @@ class CudaBackend final : public Backend {
     if (prefill && round_up(out.cols, kGroup) != out.cols) {
       return Status::error("cuda attention: prefill output width not a multiple of 32");
     }
+    // Only the rope launch before attention adds biases and reads a stacked product. (Checked
+    // before any tensor's state is noted: a refused call leaves the shadows as they were.)
+    if ((qkv_bias != nullptr || qkv != nullptr) && (!rotate || (!prefill && rope_in_decode_))) {
+      return Status::error(
+          "cuda attention: q/k/v biases or a stacked product need the prefill rope launch");
+    }
     if (rotate) {
       note_write(q);
       note_write(k);
@@ -1696,9 +1712,9 @@ class CudaBackend final : public Backend {
     args.positions = positions_device();
     args.seq_ids = seq_ids_device();
     // One decode token: the merge writes the output's half groups too, for wo's GEMV
-    // (set_attention_half_groups).
+    // (set_attention_half_groups), where wo is an int4 weight (the dp4a GEMV that reads them).
     args.shadow =
-        produce_shadow(out, !prefill && attention_half_groups() &&
+        produce_shadow(out, !prefill && attention_half_groups() && is_tiled(weights_format_) &&
                                 attention_writes_halves(int(p.head_dim), cache_.type, q.rows));
     if (qkv_bias != nullptr) {
       note_write(v);
@@ -1709,11 +1725,6 @@ class CudaBackend final : public Backend {
     if (qkv != nullptr) {
       args.qkv = qkv;
       args.qkv_stride = q.cols + k.cols + v.cols;
-    }
-    // Only the rope launch before attention adds biases and reads a stacked product.
-    if ((qkv_bias != nullptr || qkv != nullptr) && (!rotate || (!prefill && rope_in_decode_))) {
-      return Status::error(
-          "cuda attention: q/k/v biases or a stacked product need the prefill rope launch");
     }
     const std::initializer_list<uint64_t> cache_args = {
         addr(q.data),      addr(k.data),      addr(v.data),      uint64_t(layer), uint64_t(q.rows),
@@ -2165,7 +2176,7 @@ class CudaBackend final : public Backend {
   bool in_layer_ = false;
 
   Mode mode_ = Mode::eager;
-  std::vector<int32_t> graph_key_;  // n_tokens, rope_in_decode_, then the logit rows
+  std::vector<int32_t> graph_key_;  // n_tokens, rope_in_decode_, path_switches(), logit rows
   uint64_t fingerprint_ = 0;
   int device_ = 0;
   std::map<std::vector<int32_t>, StepGraph> graphs_;

@@ -101,8 +101,9 @@ bool gemv_half_groups();
 // Whether a GEMV adding into the residual at one token also prepares the residual's next RMSNorm
 // input (NormHalvesOut, gemv.cuh: x·g in half groups and the tiles' sums of squares) for that
 // norm's GEMV, which then neither normalizes nor quantizes (on by default;
-// KESTREL_CUDA_GEMV_NORM_HALVES=0 turns it off at start-up). Results differ within the int8
-// quantization's error. Returns the setting before; gemv_norm_halves() reads it.
+// KESTREL_CUDA_GEMV_NORM_HALVES=0 turns it off at start-up; any other value leaves it on). Results
+// differ within the int8 quantization's error. Returns the setting before; gemv_norm_halves() reads
+// it.
 bool set_gemv_norm_halves(bool on);
 bool gemv_norm_halves();
 // Whether, at 2-16 tokens inside a decoder layer, a GEMV adding into the residual folds the
@@ -119,7 +120,8 @@ bool set_plan_final_norm(bool on);
 // Whether a one-token decode attention writes its output's half-group quantization
 // (attention_writes_halves, attention.cuh) for wo's dp4a GEMV, which then copies it instead of
 // quantizing the shadow in every block in groups of 32 (on by default;
-// KESTREL_CUDA_ATTENTION_HALF_GROUPS=0 turns it off at start-up). Results differ within the int8
+// KESTREL_CUDA_ATTENTION_HALF_GROUPS=0 turns it off at start-up; any other value leaves it
+// on). Results differ within the int8
 // quantization's error. Returns the setting before; attention_half_groups() reads it.
 bool set_attention_half_groups(bool on);
 bool attention_half_groups();
@@ -127,9 +129,11 @@ bool attention_half_groups();
 // run each group's splits as one thread-block cluster, which merge through distributed shared
 // memory, instead of through partial results in global memory, an arrival count and the last
 // split's merge (off until measured; KESTREL_CUDA_ATTENTION_CLUSTER=1 sets the starting value).
-// Results differ only in the merge's rounding. Process-wide; captured decode graphs keep the
-// choice they were captured with. Returns the setting before.
+// Results differ only in the merge's rounding. Process-wide; a change takes effect at the next
+// step (decode graphs are keyed by the path switches). Returns the setting before;
+// attention_cluster() reads it.
 bool set_attention_cluster(bool on);
+bool attention_cluster();
 // Decode attention launches made as clusters of more than `larger_than` blocks since the
 // process started (a test aid: shows a test took the cluster merge, past the portable 8 too).
 uint64_t attention_cluster_launches(int larger_than = 0);

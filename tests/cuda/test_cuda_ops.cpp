@@ -918,7 +918,7 @@ TEST_F(CudaElementwise, ReadRowsAndNanArgmaxMatchTheCpu) {
 // that is not a multiple of anything, and one narrower than a warp's segment; with top-p's
 // histograms in three 32-bit parts (the default at these widths) and in 64-bit sums (the form
 // of rows wider than 2^18 tokens, forced by set_draw_wide_histograms); with the passes' loads
-// ahead and the hot buckets (the default) and without (set_draw_ahead(false)).
+// ahead and the hot buckets (set_draw_ahead(true), off by default until timed) and without.
 TEST(CudaDraw, PickRowsDrawTheHostSamplersTokens) {
   struct Restore {
     bool wide = cuda::set_draw_wide_histograms(false);

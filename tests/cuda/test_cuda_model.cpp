@@ -141,17 +141,10 @@ TEST(CudaModel, Qwen2HalfBillionShapeMatchesCpu) {
 // path's error plus 0.01); the decode logits differ from those without (the path ran, the
 // lm_head's prepared input too), and steps replay a graph.
 TEST(CudaModel, DecodeWithPreparedInputsMatchesCpu) {
-  // Restores the process-wide switches however the loop body ends.
-  struct Switches {
-    bool norm = cuda::set_gemv_norm_halves(false);
-    bool attention = cuda::set_attention_half_groups(false);
-    bool final_norm = cuda::set_plan_final_norm(true);
-    ~Switches() {
-      cuda::set_gemv_norm_halves(norm);
-      cuda::set_attention_half_groups(attention);
-      cuda::set_plan_final_norm(final_norm);
-    }
-  } restore;
+  // The process-wide switches, restored however the loop body ends.
+  const ScopedSwitch norm(cuda::set_gemv_norm_halves, false);
+  const ScopedSwitch attention(cuda::set_attention_half_groups, false);
+  const ScopedSwitch final_norm(cuda::set_plan_final_norm, true);
   struct Case {
     const char* model;
     WeightFormat format;
@@ -276,12 +269,9 @@ TEST(CudaModel, DecodeBatchesWithFoldedNormsMatchCpu) {
   for (size_t i = 0; i < schedule.size(); ++i) {
     ASSERT_TRUE(cpu->run(schedule[i], &cpu_logits[i]).is_ok());
   }
-  struct Restore {
-    bool before = cuda::set_gemv_norm_scale(false);
-    ~Restore() {
-      cuda::set_gemv_norm_scale(before);
-      cuda::set_gemv_mtiles(0);
-    }
+  const ScopedSwitch fold(cuda::set_gemv_norm_scale, false);
+  struct Restore {  // the m-tiles' default
+    ~Restore() { cuda::set_gemv_mtiles(0); }
   } restore;
   // Variant v: folded = v % 2, m-tiles forced to two when v >= 2.
   double worst[4] = {0.0, 0.0, 0.0, 0.0};

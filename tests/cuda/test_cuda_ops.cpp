@@ -355,12 +355,10 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
     int head_dim, n_heads, n_kv;
   };
   const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}};
-  struct Restore {
-    bool before = cuda::set_attention_half_groups(false);
-    bool cluster_before = cuda::set_attention_cluster(false);
+  const ScopedSwitch halves_switch(cuda::set_attention_half_groups, false);
+  const ScopedSwitch cluster_switch(cuda::set_attention_cluster, false);
+  struct Restore {  // the split cap's and the solo rule's defaults
     ~Restore() {
-      cuda::set_attention_half_groups(before);
-      cuda::set_attention_cluster(cluster_before);
       cuda::set_decode_split_cap(0);
       cuda::set_decode_solo(-1);
     }
@@ -920,14 +918,8 @@ TEST_F(CudaElementwise, ReadRowsAndNanArgmaxMatchTheCpu) {
 // of rows wider than 2^18 tokens, forced by set_draw_wide_histograms); with the passes' loads
 // ahead and the hot buckets (set_draw_ahead(true), off by default until timed) and without.
 TEST(CudaDraw, PickRowsDrawTheHostSamplersTokens) {
-  struct Restore {
-    bool wide = cuda::set_draw_wide_histograms(false);
-    bool ahead = cuda::set_draw_ahead(true);
-    ~Restore() {
-      cuda::set_draw_wide_histograms(wide);
-      cuda::set_draw_ahead(ahead);
-    }
-  } restore;
+  const ScopedSwitch wide(cuda::set_draw_wide_histograms, false);
+  const ScopedSwitch ahead_switch(cuda::set_draw_ahead, true);
   for (const bool ahead : {true, false}) {
     cuda::set_draw_ahead(ahead);
     for (const bool wide : {false, true}) {
@@ -1166,15 +1158,6 @@ void check_attention_calls(int head_dim, KvCacheType kv_cache, int n_heads, int 
   }
 }
 
-// Holds the decode attention's cluster merge (cuda::set_attention_cluster) on for a scope.
-struct AttentionCluster {
-  AttentionCluster() : before(cuda::set_attention_cluster(true)) {}
-  ~AttentionCluster() { cuda::set_attention_cluster(before); }
-  AttentionCluster(const AttentionCluster&) = delete;
-  AttentionCluster& operator=(const AttentionCluster&) = delete;
-  bool before;
-};
-
 // Holds the decode attention's solo rule (cuda::set_decode_solo) for a scope.
 struct DecodeSolo {
   explicit DecodeSolo(int tiles) { cuda::set_decode_solo(tiles); }
@@ -1257,7 +1240,7 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
   // half groups: 32 and 48 of them split over up to 16 splits). Clusters past the portable 8
   // (non-portable sizes) are counted apart: a launch that fell back would not count.
   if (head_dim != 128) return;
-  const AttentionCluster on;
+  const ScopedSwitch on(cuda::set_attention_cluster, true);
   const uint64_t launches = cuda::attention_cluster_launches();
   const uint64_t wide_launches = cuda::attention_cluster_launches(8);
   for (int most : {16, 5, 2}) {
@@ -1312,7 +1295,7 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
   // merging splits rotating the group's heads in place (rope mode) while the other slice's
   // launch has left its own rotated. (An fp32 cache takes the CUDA-core kernel.)
   if (head_dim != 128 || kv_cache == KvCacheType::fp32) return;
-  const AttentionCluster on;
+  const ScopedSwitch on(cuda::set_attention_cluster, true);
   const uint64_t launches = cuda::attention_cluster_launches();
   for (int solo : {0, 2}) {
     SCOPED_TRACE("cluster merge, solo " + std::to_string(solo));
@@ -1687,14 +1670,8 @@ TEST_P(CudaDecoderLayer, MatchesCpu) {
 // half the bound against the CPU (measured on the H200: up to 1.03e-2). The reference issues no
 // "decoder layer" op at all.
 TEST_P(CudaDecoderLayer, KernelMatchesComposition) {
-  struct Restore {
-    bool norm = cuda::set_gemv_norm_halves(false);
-    bool attention = cuda::set_attention_half_groups(false);
-    ~Restore() {
-      cuda::set_gemv_norm_halves(norm);
-      cuda::set_attention_half_groups(attention);
-    }
-  } restore;
+  const ScopedSwitch norm(cuda::set_gemv_norm_halves, false);
+  const ScopedSwitch attention(cuda::set_attention_half_groups, false);
   const DecoderLayerCase dc = layer_kernel_case(GetParam());
   ModelWeights weights = decoder_layer_model(dc);
   auto kernel = make_cuda_backend_with_layer_kernel(true);

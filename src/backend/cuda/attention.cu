@@ -1395,7 +1395,8 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   const int64_t tile_begin = int64_t(split) * per_split;
   // The cluster merge: every block of the cluster (the group's splits, the same n_ctx) takes the
   // same branch. A block past the context still arrives at the merge's two cluster barriers.
-  const bool cluster_merge = kCluster && splits_used(n_ctx, splits, kPrefillKeys) > 1;
+  const int used = splits_used(n_ctx, splits, kPrefillKeys);
+  const bool cluster_merge = kCluster && used > 1;
   if (tile_begin >= n_tiles) {
     if (cluster_merge) {
       // It reads and writes no global memory: the next launch need not wait for it (rope mode
@@ -1887,7 +1888,6 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   }
   __syncthreads();
   constexpr float kLn2 = 0.6931471805599453f;
-  const int used = splits_used(n_ctx, splits, kPrefillKeys);
   // ws.solo (a switch until it has run on a GPU): a group of one split writes its output here,
   // as the merge would from its one partial result, with no partial results, fences, count or
   // merge round trips; in rope mode it loads the pairs it writes back rotated before the
@@ -2087,40 +2087,29 @@ struct ClusterFit {
 template <typename Kernel>
 Status cluster_fits(Kernel kernel, ClusterFit& fit, int splits, dim3 grid, size_t smem,
                     bool& fits) {
-  std::atomic<uint64_t>& allowed = fit.allowed;
-  std::atomic<int>* known = fit.known;
   int device = 0;
   KS_CUDA_CHECK("attention", cudaGetDevice(&device));
   const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
-  if (bit == 0 || (allowed.load(std::memory_order_acquire) & bit) == 0) {
+  if (bit == 0 || (fit.allowed.load(std::memory_order_acquire) & bit) == 0) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
         cudaSuccess) {
       (void)cudaGetLastError();
       fits = false;
       return Status::ok();
     }
-    allowed.fetch_or(bit, std::memory_order_acq_rel);
+    fit.allowed.fetch_or(bit, std::memory_order_acq_rel);
   }
-  int state = known[splits].load(std::memory_order_acquire);
+  int state = fit.known[splits].load(std::memory_order_acquire);
   if (state == 0) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = dim3(unsigned(kPrefillThreads));
-    config.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = unsigned(splits);
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
-    config.attrs = attribute;
-    config.numAttrs = 1;
+    const LaunchConfig launch(grid, dim3(unsigned(kPrefillThreads)), smem, nullptr,
+                              unsigned(splits), false);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
       (void)cudaGetLastError();
       clusters = 0;
     }
     state = clusters > 0 ? 1 : 2;
-    known[splits].store(state, std::memory_order_release);
+    fit.known[splits].store(state, std::memory_order_release);
   }
   fits = state == 1;
   return Status::ok();

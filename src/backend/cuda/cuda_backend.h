@@ -121,8 +121,8 @@ bool set_plan_final_norm(bool on);
 // (attention_writes_halves, attention.cuh) for wo's dp4a GEMV, which then copies it instead of
 // quantizing the shadow in every block in groups of 32 (on by default;
 // KESTREL_CUDA_ATTENTION_HALF_GROUPS=0 turns it off at start-up; any other value leaves it
-// on). Results differ within the int8
-// quantization's error. Returns the setting before; attention_half_groups() reads it.
+// on). Results differ within the int8 quantization's error. Returns the setting before;
+// attention_half_groups() reads it.
 bool set_attention_half_groups(bool on);
 bool attention_half_groups();
 // Whether tensor-core decode attention launches (head_dim 128) of 2-16 splits a (token, KV head)

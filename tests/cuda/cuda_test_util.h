@@ -8,20 +8,18 @@
 namespace kestrel::cuda_test {
 using namespace kestrel::backend_test;
 
-// Holds one of the CUDA backend's process-wide switches (a `T set_x(T value)` that returns the
-// setting before, cuda_backend.h: a bool, or a count such as set_attention_quarters') at `value`
-// for a scope, and restores the setting it found however the scope ends. A test may still set
-// the switch inside the scope.
-template <typename T>
+// Holds one of the CUDA backend's process-wide switches (a `bool set_x(bool on)` that returns
+// the setting before, cuda_backend.h) at `on` for a scope, and restores the setting it found
+// however the scope ends. A test may still set the switch inside the scope.
 class ScopedSwitch {
  public:
-  ScopedSwitch(T (*set)(T), T value) : set_(set), before_(set(value)) {}
+  ScopedSwitch(bool (*set)(bool), bool on) : set_(set), before_(set(on)) {}
   ~ScopedSwitch() { set_(before_); }
   ScopedSwitch(const ScopedSwitch&) = delete;
   ScopedSwitch& operator=(const ScopedSwitch&) = delete;
 
  private:
-  T (*set_)(T);
-  T before_;
+  bool (*set_)(bool);
+  bool before_;
 };
 }  // namespace kestrel::cuda_test

@@ -359,7 +359,7 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}};
   const ScopedSwitch halves_switch(cuda::set_attention_half_groups, false);
   const ScopedSwitch cluster_switch(cuda::set_attention_cluster, false);
-  const ScopedSwitch quarters_switch(cuda::set_attention_quarters, 0);
+  const ScopedSwitch quarters_switch(cuda::set_attention_quarters, false);
   struct Restore {  // the split cap's and the solo rule's defaults
     ~Restore() {
       cuda::set_decode_split_cap(0);
@@ -378,7 +378,7 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
     for (const Shape& sh : shapes) {
       if (mode != 0 && sh.head_dim != 128) continue;
       cuda::set_attention_cluster(cluster);
-      cuda::set_attention_quarters(mode == 2 ? 2 : 0);
+      cuda::set_attention_quarters(mode == 2);
       cuda::set_decode_split_cap(cluster ? 8 : 0);
       for (KvCacheType kv : {KvCacheType::fp16, KvCacheType::fp8, KvCacheType::fp32}) {
         SCOPED_TRACE("head_dim " + std::to_string(sh.head_dim) + ", " + std::to_string(sh.n_heads) +
@@ -1257,11 +1257,11 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     const DecodeSolo forced(solo);
     check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
   }
-  // The solo groups of one and two tiles without a merge of their warps (head_dim 128 over
-  // fp16, set_attention_quarters): 4, 6 and 16 query heads a KV head (16: rows qr + 8 written
-  // too), each launch's splits uncapped (the short contexts' idle splits) and capped at one.
+  // The one-tile solo groups without a merge of their warps (head_dim 128 over fp16,
+  // set_attention_quarters): 4, 6 and 16 query heads a KV head (16: rows qr + 8 written too),
+  // each launch's splits uncapped (the one-tile tokens' idle splits) and capped at one.
   if (head_dim == 128 && kv_cache == KvCacheType::fp16) {
-    const ScopedSwitch quarters(cuda::set_attention_quarters, 2);
+    const ScopedSwitch quarters(cuda::set_attention_quarters, true);
     for (int most : {0, 1}) {
       cuda::set_decode_split_cap(most);
       SCOPED_TRACE(most == 0 ? "quarters" : "quarters, one decode split");
@@ -1334,14 +1334,12 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
   // merging splits rotating the group's heads in place (rope mode) while the other slice's
   // launch has left its own rotated. (An fp32 cache takes the CUDA-core kernel.)
   if (head_dim != 128 || kv_cache == KvCacheType::fp32) return;
-  if (kv_cache == KvCacheType::fp16) {  // and the groups of 1-2 tiles without a warps' merge
-    for (int tiles : {1, 2}) {
-      const ScopedSwitch quarters(cuda::set_attention_quarters, tiles);
-      SCOPED_TRACE("quarters of " + std::to_string(tiles) + " tiles");
-      const DecodeSolo forced(1);
-      check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
-                            false);
-    }
+  if (kv_cache == KvCacheType::fp16) {  // and the one-tile groups without a warps' merge
+    const ScopedSwitch quarters(cuda::set_attention_quarters, true);
+    SCOPED_TRACE("quarters");
+    const DecodeSolo forced(1);
+    check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
+                          false);
   }
   const ScopedSwitch on(cuda::set_attention_cluster, true);
   const uint64_t launches = cuda::attention_cluster_launches();

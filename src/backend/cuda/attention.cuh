@@ -17,9 +17,6 @@ namespace kestrel::cuda {
 constexpr int kDecodeSplit = 32;
 // Query heads sharing one KV head that the decode kernel supports.
 constexpr int kMaxHeadGroup = 16;
-// The most tiles a decode group computes without its warps' merge (DecodeWorkspace::quarters):
-// the fp16 kernel's two stages, one a tile.
-constexpr int kMaxQuarterTiles = 2;
 
 enum class KvType : uint8_t { f16, f8, f32 };
 
@@ -119,9 +116,8 @@ struct DecodeWorkspace {
   // others). One tile: two tiles walked by one block lost to two splits and a merge (PERF.md,
   // twenty-second session).
   int solo = 1;
-  // cuda::set_attention_quarters: a group of at most `quarters` (0-2) tiles at head_dim 128 over
-  // an fp16 cache takes one split (with the solo rule on), which computes without its warps'
-  // merge (attention_split_mma_kernel).
+  // Non-zero (cuda::set_attention_quarters): a solo group of one tile at head_dim 128 over an
+  // fp16 cache computes without its warps' merge (attention_split_mma_kernel).
   int quarters = 0;
 };
 

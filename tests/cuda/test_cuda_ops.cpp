@@ -357,7 +357,6 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}};
   const ScopedSwitch halves_switch(cuda::set_attention_half_groups, false);
   const ScopedSwitch cluster_switch(cuda::set_attention_cluster, false);
-  const ScopedSwitch quarters_switch(cuda::set_attention_quarters, false);
   struct Restore {  // the split cap's and the solo rule's defaults
     ~Restore() {
       cuda::set_decode_split_cap(0);
@@ -366,24 +365,15 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   } restore;
   uint64_t seed = 6100;
   const uint64_t cluster_launches = cuda::attention_cluster_launches();
-  // mode 0: the workspace merge; 1: the cluster merge; 2: one-tile solo groups without the
-  // warps' merge (set_attention_quarters), whose one-tile outputs must differ from mode 0's in
-  // some bits (the weights' rounding), or the path was not taken.
-  std::vector<std::vector<float>> merged_outputs;  // mode 0's one-tile fp16 outputs at 128
-  size_t merged_at = 0;
-  for (int mode : {0, 1, 2}) {
-    const bool cluster = mode == 1;
+  for (int cluster : {0, 1}) {
     for (const Shape& sh : shapes) {
-      if (mode != 0 && sh.head_dim != 128) continue;
-      cuda::set_attention_cluster(cluster);
-      cuda::set_attention_quarters(mode == 2);
-      cuda::set_decode_split_cap(cluster ? 8 : 0);
+      if (cluster == 1 && sh.head_dim != 128) continue;
+      cuda::set_attention_cluster(cluster == 1);
+      cuda::set_decode_split_cap(cluster == 1 ? 8 : 0);
       for (KvCacheType kv : {KvCacheType::fp16, KvCacheType::fp8, KvCacheType::fp32}) {
         SCOPED_TRACE("head_dim " + std::to_string(sh.head_dim) + ", " + std::to_string(sh.n_heads) +
                      " heads, cache type " + std::to_string(int(kv)) +
-                     (cluster     ? ", cluster merge"
-                      : mode == 2 ? ", quarters"
-                                  : ""));
+                     (cluster == 1 ? ", cluster merge" : ""));
         const int64_t q_dim = int64_t(sh.n_heads) * sh.head_dim;
         const int64_t kv_dim = int64_t(sh.n_kv) * sh.head_dim;
         constexpr int64_t hidden = 256;
@@ -464,15 +454,6 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
             const double halves = rel_error(results[1].second, ref);
             EXPECT_LE(groups, 2e-2);
             EXPECT_LE(halves, 1.25 * groups + 1e-6);
-            if (n == 1 && c.positions[0] < 64 && solo == -1 && kv == KvCacheType::fp16 &&
-                sh.head_dim == 128 && mode != 1) {
-              if (mode == 0) {
-                merged_outputs.push_back(results[1].first);
-              } else if (merged_at < merged_outputs.size()) {
-                EXPECT_GT(bits_differ(merged_outputs[merged_at++], results[1].first), 0u)
-                    << "the one-tile group took the warps' merge";
-              }
-            }
             if (n == 1 && kv != KvCacheType::fp32) {
               EXPECT_GT(bits_differ(results[0].second, results[1].second), 0u)
                   << "the halves were not read";
@@ -495,7 +476,6 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   }
   EXPECT_GT(cuda::attention_cluster_launches(), cluster_launches)
       << "no launch took the cluster merge";
-  EXPECT_EQ(merged_at, size_t(2)) << "the one-tile outputs compared";
 }
 
 // The dp4a input stage's two paths in one input: with input ahead on, a group of finite values
@@ -1253,21 +1233,6 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     const DecodeSolo forced(solo);
     check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
   }
-  // The one-tile solo groups without a merge of their warps (head_dim 128 over fp16,
-  // set_attention_quarters): 4, 6 and 16 query heads a KV head (16: rows qr + 8 written too),
-  // each launch's splits uncapped (the one-tile tokens' idle splits) and capped at one.
-  if (head_dim == 128 && kv_cache == KvCacheType::fp16) {
-    const ScopedSwitch quarters(cuda::set_attention_quarters, true);
-    for (int most : {0, 1}) {
-      cuda::set_decode_split_cap(most);
-      SCOPED_TRACE(most == 0 ? "quarters" : "quarters, one decode split");
-      const DecodeSolo forced(1);
-      check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
-      check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
-      check_attention_calls(head_dim, kv_cache, 32, 2, shape, calls);
-    }
-    cuda::set_decode_split_cap(1);
-  }
   // The cluster merge (head_dim 128): every launch's splits capped at 16, 5 and 2, so each is a
   // cluster; the groups of more than one split merge through the cluster, the shorter contexts'
   // splits past the end arrive idle at its barriers, a one-split context writes its output alone
@@ -1330,13 +1295,6 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
   // merging splits rotating the group's heads in place (rope mode) while the other slice's
   // launch has left its own rotated. (An fp32 cache takes the CUDA-core kernel.)
   if (head_dim != 128 || kv_cache == KvCacheType::fp32) return;
-  if (kv_cache == KvCacheType::fp16) {  // and the one-tile groups without a warps' merge
-    const ScopedSwitch quarters(cuda::set_attention_quarters, true);
-    SCOPED_TRACE("quarters");
-    const DecodeSolo forced(1);
-    check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
-                          false);
-  }
   const ScopedSwitch on(cuda::set_attention_cluster, true);
   const uint64_t launches = cuda::attention_cluster_launches();
   for (int solo : {0, 2}) {

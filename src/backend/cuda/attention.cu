@@ -1587,127 +1587,6 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     __syncthreads();
   }
   if (mark) marks[2] = global_ns();
-  // ws.quarters (a switch until measured): a solo group of one 64-key tile at head_dim 128 over
-  // an fp16 cache needs no merge of its warps. Each warp scores all 64 keys itself (the four
-  // warps the same scores: 64 score mma a warp instead of 16, eight independent n-tiles), takes
-  // the softmax over the whole row, and computes P·V for its quarter of the head dimensions
-  // (32 columns) over the 64 keys, so its accumulators are the outputs: divided by l and stored
-  // from registers, with no shared state and no block barrier after the scores. Against the
-  // merging form the weights are rounded to fp16 as 2^(s - M) of the row's maximum M instead of
-  // 2^(s - m_w) of the warp's.
-  if constexpr (D == 128 && kType == KvType::f16) {
-    if (solo_rule && ws.quarters != 0 && n_tiles == 1) {
-      __half* k_s = decode_smem;  // stage 0: the prologue's copy of the one tile
-      __half* v_s = k_s + kTile;
-      if (own_key) {  // the own key's row (the copy skipped it; own_rows is behind a barrier)
-        for (int d = tid; d < D; d += kPrefillThreads) {
-          k_s[pos * kStride + d] = own_rows[0][d];
-          v_s[pos * kStride + d] = own_rows[1][d];
-        }
-      }
-      const int64_t q_dim = int64_t(a.n_heads) * D;
-      const bool write_back = rope && a.keep_rotated;
-      GroupPairs<D> pairs;
-      if (write_back) load_group_pairs<D>(a, c, t, kvh, G, pairs);  // overlaps the tile
-      cp_async_wait<0>();
-      __syncthreads();
-      float sc[8][4];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          const __half* k_row = &k_s[(nt * 8 + qr) * kStride + ks * 16 + 2 * qc];
-          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(k_row);
-          const uint32_t b1 = *reinterpret_cast<const uint32_t*>(k_row + 8);
-          mma_16816(sc[nt], qa[ks], b0, b1);
-        }
-      }
-      // Rows qr (c0, c1) and qr + 8 (c2, c3); key nt * 8 + 2 qc + e. Key 0 is always in the
-      // context, so both maxima are finite.
-      float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (nt * 8 + 2 * qc + (i & 1) >= n_ctx) sc[nt][i] = -INFINITY;
-        }
-        mx0 = fmaxf(mx0, fmaxf(sc[nt][0], sc[nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(sc[nt][2], sc[nt][3]));
-      }
-      mx0 = quad_max(mx0);
-      mx1 = quad_max(mx1);
-      float l0 = 0.0f, l1 = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        sc[nt][0] = fast_exp2(sc[nt][0] - mx0);
-        sc[nt][1] = fast_exp2(sc[nt][1] - mx0);
-        sc[nt][2] = fast_exp2(sc[nt][2] - mx1);
-        sc[nt][3] = fast_exp2(sc[nt][3] - mx1);
-        l0 += sc[nt][0] + sc[nt][1];
-        l1 += sc[nt][2] + sc[nt][3];
-      }
-      l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-      l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-      // P·V for the warp's columns warp * 32 .. + 31 (n-tile j: columns warp * 32 + 8 j ..),
-      // the keys in four k-steps of 16: the weights of score n-tiles 2 kk and 2 kk + 1 are the
-      // A fragment of k-step kk, as the merging form's one k-step a warp.
-      float o[4][4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t pa[4] = {pack_half2(sc[2 * kk][0], sc[2 * kk][1]),
-                                pack_half2(sc[2 * kk][2], sc[2 * kk][3]),
-                                pack_half2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                pack_half2(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-        const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-        for (int j = 0; j < 4; j += 2) {
-          const int col = warp * 32 + j * 8 + (lane >> 4) * 8;
-          uint32_t b[4];
-          const uint32_t addr = uint32_t(__cvta_generic_to_shared(&v_s[key * kStride + col]));
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                       : "r"(addr));
-          mma_16816(o[j], pa, b[0], b[1]);
-          mma_16816(o[j + 1], pa, b[2], b[3]);
-        }
-      }
-      if (mark) marks[3] = global_ns();
-      // The outputs of half group h (columns warp * 32 + 16 h .. + 15, n-tiles 2 h and 2 h + 1)
-      // are the quad's: one exchange between lanes qc and qc ^ 1 leaves four adjacent columns a
-      // lane (even lanes n-tile 2 h's 2 qc .. 2 qc + 3, odd lanes n-tile 2 h + 1's 2 qc - 2 ..
-      // 2 qc + 1), the run of four lanes store_merged4 quantizes a half group over.
-      const bool odd = (qc & 1) != 0;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float got[4], keep[4];  // selected element by element: the accumulators stay registers
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          got[i] = __shfl_xor_sync(0xffffffffu, odd ? o[2 * h][i] : o[2 * h + 1][i], 1);
-          keep[i] = odd ? o[2 * h + 1][i] : o[2 * h][i];
-        }
-        const float4 row0 = odd ? make_float4(got[0], got[1], keep[0], keep[1])
-                                : make_float4(keep[0], keep[1], got[0], got[1]);
-        const float4 row8 = odd ? make_float4(got[2], got[3], keep[2], keep[3])
-                                : make_float4(keep[2], keep[3], got[2], got[3]);
-        const int d = warp * 32 + 16 * h + (odd ? 8 + 2 * (qc - 1) : 2 * qc);
-        if (qr < G) store_merged4(a, t, q_dim, (int64_t(kvh) * G + qr) * D + d, row0, l0);
-        if (qr + 8 < G) store_merged4(a, t, q_dim, (int64_t(kvh) * G + qr + 8) * D + d, row8, l1);
-      }
-      if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
-      if (write_back) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
-      if (ws.profile != 0) __syncthreads();  // the output's end is its slowest thread's
-      if (mark && profiled_step(a, ws, local, kvh, pos)) {
-        marks[4] = marks[5] = marks[6] = global_ns();  // its output phase, printed as "partials"
-        print_attention_profile(marks, pos, split, 1);
-      }
-      return;
-    }
-  }
   float o[D / 8][4];
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
@@ -2191,13 +2070,6 @@ std::atomic<bool>& attention_cluster_flag() {
   return on;
 }
 
-// Whether one-tile solo groups skip the warps' merge (set_attention_quarters;
-// KESTREL_CUDA_ATTENTION_QUARTERS=1 at start-up, off until measured).
-std::atomic<bool>& attention_quarters_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_QUARTERS", "1")};
-  return on;
-}
-
 // attention_cluster_launches: launches made as clusters, by cluster size.
 std::atomic<uint64_t> cluster_launches[kMaxClusterSplits + 1] = {};
 
@@ -2266,14 +2138,6 @@ bool set_attention_half_groups(bool on) {
 
 bool set_attention_cluster(bool on) {
   return attention_cluster_flag().exchange(on);
-}
-
-bool set_attention_quarters(bool on) {
-  return attention_quarters_flag().exchange(on);
-}
-
-bool attention_quarters() {
-  return attention_quarters_flag().load(std::memory_order_relaxed);
 }
 
 bool attention_cluster() {
@@ -2402,7 +2266,6 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   DecodeWorkspace split_ws = ws;
   if (!merge_in_split) split_ws.arrivals = nullptr;
   if (decode_solo_override >= 0) split_ws.solo = decode_solo_override;
-  split_ws.quarters = attention_quarters_flag().load(std::memory_order_relaxed) ? 1 : 0;
   const size_t combine_smem = size_t(ws.max_splits) * sizeof(float);
   if (!merge_in_split && combine_smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(attention_combine_kernel,

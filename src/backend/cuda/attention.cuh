@@ -116,9 +116,6 @@ struct DecodeWorkspace {
   // others). One tile: two tiles walked by one block lost to two splits and a merge (PERF.md,
   // twenty-second session).
   int solo = 1;
-  // Non-zero (cuda::set_attention_quarters): a solo group of one tile at head_dim 128 over an
-  // fp16 cache computes without its warps' merge (attention_split_mma_kernel).
-  int quarters = 0;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

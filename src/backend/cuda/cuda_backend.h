@@ -134,15 +134,6 @@ bool attention_half_groups();
 // attention_cluster() reads it.
 bool set_attention_cluster(bool on);
 bool attention_cluster();
-// Whether a tensor-core decode group (head_dim 128, fp16 cache) whose context is one 64-key tile
-// and takes one split (the solo rule) computes without a merge of its warps: each warp scores
-// all 64 keys and takes a quarter of the head dimensions for P·V, so its accumulators are the
-// outputs, stored from registers with no shared state after the scores (off until measured;
-// KESTREL_CUDA_ATTENTION_QUARTERS=1 sets the starting value). Results differ only in the
-// softmax weights' fp16 rounding. Process-wide; decode graphs are keyed by it. Returns the
-// setting before; attention_quarters() reads it.
-bool set_attention_quarters(bool on);
-bool attention_quarters();
 // Decode attention launches made as clusters of more than `larger_than` blocks since the
 // process started (a test aid: shows a test took the cluster merge, past the portable 8 too).
 uint64_t attention_cluster_launches(int larger_than = 0);

@@ -348,134 +348,120 @@ TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
 // merging split) and at 301 (five tiles: splits merged by the last), with the solo rule on and
 // off. Attention's own output keeps its bits; two tokens, and an fp32 cache (the CUDA-core
 // kernel), never take the halves. Then an attention output rewritten before wo: wo reads it, not
-// the stale halves. At head_dim 128 all of it again with the cluster merge (its splits capped at
-// 8), whose merging splits quantize their shares of the output.
+// the stale halves.
 TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   struct Shape {
     int head_dim, n_heads, n_kv;
   };
   const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}};
   const ScopedSwitch halves_switch(cuda::set_attention_half_groups, false);
-  const ScopedSwitch cluster_switch(cuda::set_attention_cluster, false);
-  struct Restore {  // the split cap's and the solo rule's defaults
-    ~Restore() {
-      cuda::set_decode_split_cap(0);
-      cuda::set_decode_solo(-1);
-    }
+  struct Restore {  // the solo rule's default
+    ~Restore() { cuda::set_decode_solo(-1); }
   } restore;
   uint64_t seed = 6100;
-  const uint64_t cluster_launches = cuda::attention_cluster_launches();
-  for (int cluster : {0, 1}) {
-    for (const Shape& sh : shapes) {
-      if (cluster == 1 && sh.head_dim != 128) continue;
-      cuda::set_attention_cluster(cluster == 1);
-      cuda::set_decode_split_cap(cluster == 1 ? 8 : 0);
-      for (KvCacheType kv : {KvCacheType::fp16, KvCacheType::fp8, KvCacheType::fp32}) {
-        SCOPED_TRACE("head_dim " + std::to_string(sh.head_dim) + ", " + std::to_string(sh.n_heads) +
-                     " heads, cache type " + std::to_string(int(kv)) +
-                     (cluster == 1 ? ", cluster merge" : ""));
-        const int64_t q_dim = int64_t(sh.n_heads) * sh.head_dim;
-        const int64_t kv_dim = int64_t(sh.n_kv) * sh.head_dim;
-        constexpr int64_t hidden = 256;
-        ModelConfig config = small_config(hidden, 256, sh.n_heads, sh.n_kv, sh.head_dim, 64);
-        config.n_layers = 1;
-        ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, seed++);
-        const Linear& wo = weights.layers[0].wo;
-        RunShape shape{2, 512, 512, 512};
-        shape.kv_cache = kv;
-        BackendPair pair;
-        ASSERT_TRUE(pair.init(weights, shape));
-        Backend& b = *pair.gpu;
-        const RopeParams p{sh.head_dim, sh.n_heads, sh.n_kv};
-        // rope_attention of call c, then wo adding into a residual: [attention output, wo's
-        // product]; with `rewrite`, the attention output is overwritten before wo.
-        auto run = [&](const AttentionCall& c, uint64_t call_seed, bool rewrite = false) {
-          std::pair<std::vector<float>, std::vector<float>> result;
-          const int64_t n = int64_t(c.positions.size());
-          const std::vector<int32_t> tokens(size_t(n), 1);
-          EXPECT_TRUE(b.begin_batch(pair.paged(BatchView{n, tokens.data(), c.positions.data(),
-                                                         c.seqs.data()}))
-                          .is_ok());
-          auto qt = b.scratch(n, q_dim);
-          auto kt = b.scratch(n, kv_dim);
-          auto vt = b.scratch(n, kv_dim);
-          auto out = b.scratch(n, q_dim);
-          auto proj = b.scratch(n, hidden);
-          auto residual = b.scratch(n, hidden);
-          if (!qt.is_ok() || !kt.is_ok() || !vt.is_ok() || !out.is_ok() || !proj.is_ok() ||
-              !residual.is_ok()) {
-            ADD_FAILURE() << "scratch";
-            return result;
-          }
-          fill(b, *qt, random_values(size_t(n * q_dim), call_seed));
-          fill(b, *kt, random_values(size_t(n * kv_dim), call_seed + 1));
-          fill(b, *vt, random_values(size_t(n * kv_dim), call_seed + 2));
-          fill(b, *residual, random_values(size_t(n * hidden), call_seed + 3));
-          poison(b, *out);
-          poison(b, *proj);
-          Status st = b.rope_attention(*out, *qt, *kt, *vt, 0, p);
-          EXPECT_TRUE(st.is_ok()) << st.message();
-          if (rewrite) fill(b, *out, random_values(size_t(n * q_dim), call_seed + 4, 0.5f));
-          st = b.matmul_add(*proj, *out, wo, *residual);
-          EXPECT_TRUE(st.is_ok()) << st.message();
-          result = {fetch(b, *out), fetch(b, *proj)};
+  for (const Shape& sh : shapes) {
+    for (KvCacheType kv : {KvCacheType::fp16, KvCacheType::fp8, KvCacheType::fp32}) {
+      SCOPED_TRACE("head_dim " + std::to_string(sh.head_dim) + ", " + std::to_string(sh.n_heads) +
+                   " heads, cache type " + std::to_string(int(kv)));
+      const int64_t q_dim = int64_t(sh.n_heads) * sh.head_dim;
+      const int64_t kv_dim = int64_t(sh.n_kv) * sh.head_dim;
+      constexpr int64_t hidden = 256;
+      ModelConfig config = small_config(hidden, 256, sh.n_heads, sh.n_kv, sh.head_dim, 64);
+      config.n_layers = 1;
+      ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, seed++);
+      const Linear& wo = weights.layers[0].wo;
+      RunShape shape{2, 512, 512, 512};
+      shape.kv_cache = kv;
+      BackendPair pair;
+      ASSERT_TRUE(pair.init(weights, shape));
+      Backend& b = *pair.gpu;
+      const RopeParams p{sh.head_dim, sh.n_heads, sh.n_kv};
+      // rope_attention of call c, then wo adding into a residual: [attention output, wo's
+      // product]; with `rewrite`, the attention output is overwritten before wo.
+      auto run = [&](const AttentionCall& c, uint64_t call_seed, bool rewrite = false) {
+        std::pair<std::vector<float>, std::vector<float>> result;
+        const int64_t n = int64_t(c.positions.size());
+        const std::vector<int32_t> tokens(size_t(n), 1);
+        EXPECT_TRUE(b.begin_batch(
+                         pair.paged(BatchView{n, tokens.data(), c.positions.data(), c.seqs.data()}))
+                        .is_ok());
+        auto qt = b.scratch(n, q_dim);
+        auto kt = b.scratch(n, kv_dim);
+        auto vt = b.scratch(n, kv_dim);
+        auto out = b.scratch(n, q_dim);
+        auto proj = b.scratch(n, hidden);
+        auto residual = b.scratch(n, hidden);
+        if (!qt.is_ok() || !kt.is_ok() || !vt.is_ok() || !out.is_ok() || !proj.is_ok() ||
+            !residual.is_ok()) {
+          ADD_FAILURE() << "scratch";
           return result;
-        };
-        // The exact product of the fp16-rounded attention rows with wo, plus its bias.
-        auto exact = [&](std::vector<float> attn, int64_t n) {
-          for (float& a : attn) a = fp16_to_float(float_to_fp16(a));
-          return reference_matmul(wo, attn, n);
-        };
-        run(run_of(0, 0, 300), 6200);  // the prompts (the flash prefill kernel, or the split one)
-        run(run_of(1, 0, 40), 6300);
-        const AttentionCall decodes[] = {{{300}, {0}}, {{40}, {1}}, {{300, 40}, {0, 1}}};
-        uint64_t call_seed = 6400;
-        for (int solo : {-1, 0}) {  // the solo rule's default (one tile), and off
-          cuda::set_decode_solo(solo);
-          for (const AttentionCall& c : decodes) {
-            const int64_t n = int64_t(c.positions.size());
-            SCOPED_TRACE(std::to_string(n) + " tokens at position " +
-                         std::to_string(c.positions[0]) + (solo == 0 ? ", solo off" : ""));
-            ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, q_dim));
-            std::pair<std::vector<float>, std::vector<float>> results[2];  // [groups of 32, halves]
-            for (int halves : {0, 1}) {
-              cuda::set_attention_half_groups(halves == 1);
-              results[halves] = run(c, call_seed);  // the same rows: the cache gets the same values
-              cuda::set_attention_half_groups(false);
-            }
-            call_seed += 10;
-            ASSERT_EQ(results[1].second.size(), size_t(n * hidden));
-            EXPECT_EQ(bits_differ(results[0].first, results[1].first), 0u)
-                << "the attention outputs differ";
-            EXPECT_TRUE(no_nan(results[1].first) && no_nan(results[1].second))
-                << "an output left unwritten";
-            const std::vector<float> ref = exact(results[1].first, n);
-            const double groups = rel_error(results[0].second, ref);
-            const double halves = rel_error(results[1].second, ref);
-            EXPECT_LE(groups, 2e-2);
-            EXPECT_LE(halves, 1.25 * groups + 1e-6);
-            if (n == 1 && kv != KvCacheType::fp32) {
-              EXPECT_GT(bits_differ(results[0].second, results[1].second), 0u)
-                  << "the halves were not read";
-            } else {
-              EXPECT_EQ(bits_differ(results[0].second, results[1].second), 0u)
-                  << "a launch without halves took them";
-            }
+        }
+        fill(b, *qt, random_values(size_t(n * q_dim), call_seed));
+        fill(b, *kt, random_values(size_t(n * kv_dim), call_seed + 1));
+        fill(b, *vt, random_values(size_t(n * kv_dim), call_seed + 2));
+        fill(b, *residual, random_values(size_t(n * hidden), call_seed + 3));
+        poison(b, *out);
+        poison(b, *proj);
+        Status st = b.rope_attention(*out, *qt, *kt, *vt, 0, p);
+        EXPECT_TRUE(st.is_ok()) << st.message();
+        if (rewrite) fill(b, *out, random_values(size_t(n * q_dim), call_seed + 4, 0.5f));
+        st = b.matmul_add(*proj, *out, wo, *residual);
+        EXPECT_TRUE(st.is_ok()) << st.message();
+        result = {fetch(b, *out), fetch(b, *proj)};
+        return result;
+      };
+      // The exact product of the fp16-rounded attention rows with wo, plus its bias.
+      auto exact = [&](std::vector<float> attn, int64_t n) {
+        for (float& a : attn) a = fp16_to_float(float_to_fp16(a));
+        return reference_matmul(wo, attn, n);
+      };
+      run(run_of(0, 0, 300), 6200);  // the prompts (the flash prefill kernel, or the split one)
+      run(run_of(1, 0, 40), 6300);
+      const AttentionCall decodes[] = {{{300}, {0}}, {{40}, {1}}, {{300, 40}, {0, 1}}};
+      uint64_t call_seed = 6400;
+      for (int solo : {-1, 0}) {  // the solo rule's default (one tile), and off
+        cuda::set_decode_solo(solo);
+        for (const AttentionCall& c : decodes) {
+          const int64_t n = int64_t(c.positions.size());
+          SCOPED_TRACE(std::to_string(n) + " tokens at position " + std::to_string(c.positions[0]) +
+                       (solo == 0 ? ", solo off" : ""));
+          ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, q_dim));
+          std::pair<std::vector<float>, std::vector<float>> results[2];  // [groups of 32, halves]
+          for (int halves : {0, 1}) {
+            cuda::set_attention_half_groups(halves == 1);
+            results[halves] = run(c, call_seed);  // the same rows: the cache gets the same values
+            cuda::set_attention_half_groups(false);
+          }
+          call_seed += 10;
+          ASSERT_EQ(results[1].second.size(), size_t(n * hidden));
+          EXPECT_EQ(bits_differ(results[0].first, results[1].first), 0u)
+              << "the attention outputs differ";
+          EXPECT_TRUE(no_nan(results[1].first) && no_nan(results[1].second))
+              << "an output left unwritten";
+          const std::vector<float> ref = exact(results[1].first, n);
+          const double groups = rel_error(results[0].second, ref);
+          const double halves = rel_error(results[1].second, ref);
+          EXPECT_LE(groups, 2e-2);
+          EXPECT_LE(halves, 1.25 * groups + 1e-6);
+          if (n == 1 && kv != KvCacheType::fp32) {
+            EXPECT_GT(bits_differ(results[0].second, results[1].second), 0u)
+                << "the halves were not read";
+          } else {
+            EXPECT_EQ(bits_differ(results[0].second, results[1].second), 0u)
+                << "a launch without halves took them";
           }
         }
-        cuda::set_decode_solo(-1);
-        // An attention output rewritten after attention: wo reads it, not the stale halves.
-        cuda::set_attention_half_groups(true);
-        const auto rewritten = run(AttentionCall{{300}, {0}}, call_seed, true);
-        cuda::set_attention_half_groups(false);
-        ASSERT_FALSE(rewritten.second.empty());
-        EXPECT_LE(rel_error(rewritten.second, exact(rewritten.first, 1)), 2e-2)
-            << "wo read a stale input";
       }
+      cuda::set_decode_solo(-1);
+      // An attention output rewritten after attention: wo reads it, not the stale halves.
+      cuda::set_attention_half_groups(true);
+      const auto rewritten = run(AttentionCall{{300}, {0}}, call_seed, true);
+      cuda::set_attention_half_groups(false);
+      ASSERT_FALSE(rewritten.second.empty());
+      EXPECT_LE(rel_error(rewritten.second, exact(rewritten.first, 1)), 2e-2)
+          << "wo read a stale input";
     }
   }
-  EXPECT_GT(cuda::attention_cluster_launches(), cluster_launches)
-      << "no launch took the cluster merge";
 }
 
 // The dp4a input stage's two paths in one input: with input ahead on, a group of finite values
@@ -916,7 +902,7 @@ TEST_F(CudaElementwise, ReadRowsAndNanArgmaxMatchTheCpu) {
 // that is not a multiple of anything, and one narrower than a warp's segment; with top-p's
 // histograms in three 32-bit parts (the default at these widths) and in 64-bit sums (the form
 // of rows wider than 2^18 tokens, forced by set_draw_wide_histograms); with the passes' loads
-// ahead and the hot buckets (set_draw_ahead(true), off by default until timed) and without.
+// ahead and the hot buckets (the default) and without (set_draw_ahead(false)).
 TEST(CudaDraw, PickRowsDrawTheHostSamplersTokens) {
   const ScopedSwitch wide(cuda::set_draw_wide_histograms, false);
   const ScopedSwitch ahead_switch(cuda::set_draw_ahead, true);
@@ -1233,29 +1219,6 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     const DecodeSolo forced(solo);
     check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
   }
-  // The cluster merge (head_dim 128): every launch's splits capped at 16, 5 and 2, so each is a
-  // cluster; the groups of more than one split merge through the cluster, the shorter contexts'
-  // splits past the end arrive idle at its barriers, a one-split context writes its output alone
-  // (solo) or through the workspace. With 8 and 12 query heads (a share of the merge is whole
-  // half groups: 32 and 48 of them split over up to 16 splits). Clusters past the portable 8
-  // (non-portable sizes) are counted apart: a launch that fell back would not count.
-  if (head_dim != 128) return;
-  const ScopedSwitch on(cuda::set_attention_cluster, true);
-  const uint64_t launches = cuda::attention_cluster_launches();
-  const uint64_t wide_launches = cuda::attention_cluster_launches(8);
-  for (int most : {16, 5, 2}) {
-    cuda::set_decode_split_cap(most);
-    for (int solo : {0, 1}) {
-      SCOPED_TRACE("cluster merge, splits capped at " + std::to_string(most) +
-                   (solo ? ", solo" : ""));
-      const DecodeSolo forced(solo);
-      check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
-      check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
-    }
-  }
-  EXPECT_GT(cuda::attention_cluster_launches(), launches) << "no launch took the cluster merge";
-  EXPECT_GT(cuda::attention_cluster_launches(8), wide_launches)
-      << "no launch took a cluster of more than 8 splits";
 }
 
 // Decode batches of distinct sequences where the split kernel's rotation takes its other paths:
@@ -1291,19 +1254,6 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
     check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
                           kv_cache == KvCacheType::fp8);
   }
-  // The cluster merge (head_dim 128): the 7-token slice's three splits a group as a cluster, the
-  // merging splits rotating the group's heads in place (rope mode) while the other slice's
-  // launch has left its own rotated. (An fp32 cache takes the CUDA-core kernel.)
-  if (head_dim != 128 || kv_cache == KvCacheType::fp32) return;
-  const ScopedSwitch on(cuda::set_attention_cluster, true);
-  const uint64_t launches = cuda::attention_cluster_launches();
-  for (int solo : {0, 2}) {
-    SCOPED_TRACE("cluster merge, solo " + std::to_string(solo));
-    const DecodeSolo forced(solo);
-    check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
-                          kv_cache == KvCacheType::fp8);
-  }
-  EXPECT_GT(cuda::attention_cluster_launches(), launches) << "no launch took the cluster merge";
 }
 
 // fp8 value rows whose scale (largest entry / 448) is below fp16's normal range: at head_dim 64

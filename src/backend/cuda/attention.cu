@@ -5,7 +5,6 @@
 #include <string>
 #include <type_traits>
 
-#include <cooperative_groups.h>
 #include <cuda_fp8.h>
 
 #include "backend/cuda/attention.cuh"
@@ -20,9 +19,6 @@ constexpr int kPrefillThreads = 128;  // 4 warps x 16 query rows
 constexpr int kPrefillRows = 64;
 constexpr int kPrefillKeys = 64;
 constexpr float kLog2e = 1.4426950408889634f;
-// The most splits a (token, KV head) takes as one cluster (the cluster merge, launch_decode):
-// past the portable eight, which Hopper allows as a non-portable size.
-constexpr int kMaxClusterSplits = 16;
 
 // The element types of the three caches: storage, and conversion to and from float.
 template <KvType kType>
@@ -1112,66 +1108,6 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
   if (write_back) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
 }
 
-// The cluster merge (the decode kernel's kCluster, contexts of more than one split): after the
-// cluster barrier that follows every split's block state {m[16], l[16], o[16][D]} (log2 units,
-// in its shared memory at `state`), split r of the group's `used` merges a share of the G x D / 4
-// four-dimension outputs, reading the splits' states through the cluster in split order (a fixed
-// order, so a replayed graph gives the eager step's bits): no partial results through L2, no
-// fence, no arrival count. The shares are whole half groups (four quads), so store_merged4's
-// runs of four lanes enter and leave together. Split 0 also zeroes the shadow's padding and, in
-// rope mode, leaves the group's heads rotated in memory (every split has read them by now).
-template <int D>
-__device__ void cluster_merge_splits(const AttentionArgs& a, const KvCache& c, int64_t t, int kvh,
-                                     int G, int used, int split, float* state,
-                                     const float2* angles) {
-  constexpr int kQuads = D / 4;
-  static_assert(kQuads % 4 == 0, "a share is whole half groups of one head");
-  const int tid = threadIdx.x;
-  const int64_t q_dim = int64_t(a.n_heads) * D;
-  GroupPairs<D> pairs;
-  const bool write_back = split == 0 && a.inv_freq != nullptr && a.keep_rotated;
-  if (write_back) load_group_pairs<D>(a, c, t, kvh, G, pairs);
-  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-  const int total = G * kQuads;
-  const int share = (total / 4 + used - 1) / used * 4;
-  const int begin = split * share;
-  const int end = min(total, begin + share);
-  for (int idx = begin + tid; idx < end; idx += kPrefillThreads) {
-    const int g = idx / kQuads;
-    const int d = (idx % kQuads) * 4;
-    float2 ml[kMaxClusterSplits];
-    float4 ov[kMaxClusterSplits];
-#pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) {  // every load in flight at once
-      if (s < used) {
-        const float* st = cluster.map_shared_rank(state, s);
-        ml[s] = make_float2(st[g], st[16 + g]);
-        ov[s] = *reinterpret_cast<const float4*>(st + 32 + g * D + d);
-      } else {
-        ml[s] = make_float2(-INFINITY, 0.0f);
-        ov[s] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      }
-    }
-    float m = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) m = fmaxf(m, ml[s].x);
-    float l = 0.0f;
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) {
-      const float e = ml[s].x == -INFINITY ? 0.0f : fast_exp2(ml[s].x - m);
-      l += e * ml[s].y;
-      acc.x += e * ov[s].x;
-      acc.y += e * ov[s].y;
-      acc.z += e * ov[s].z;
-      acc.w += e * ov[s].w;
-    }
-    store_merged4(a, t, q_dim, (int64_t(kvh) * G + g) * D + d, acc, l);
-  }
-  if (split == 0 && kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
-  if (write_back) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
-}
-
 // KESTREL_CUDA_ATTENTION_PROFILE (DecodeWorkspace::profile): whether this block prints its
 // phases: layer 1, the first token's first KV head, every `profile` positions (1: every 256).
 __device__ inline bool profiled_step(const AttentionArgs& a, const DecodeWorkspace& ws,
@@ -1353,14 +1289,10 @@ __device__ inline float fast_log2(float x) {
 // read them (unless a.keep_rotated is false: a decoder layer's scratch).
 //
 // Blocks an SM: three at head_dim 128 (the shared memory allows three), four at 64.
-// kCluster (head_dim 128; launched as clusters of n_splits blocks, one a (token, KV head)): the
-// splits of a group of more than one merge through distributed shared memory instead of the
-// workspace (cluster_merge, below).
-template <int D, KvType kType, bool kCluster = false>
+template <int D, KvType kType>
 __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     attention_split_mma_kernel(AttentionArgs a, KvCache c, DecodeWorkspace ws, int64_t token_begin,
                                int n_splits) {
-  static_assert(!kCluster || D == 128, "the cluster merge is built for head_dim 128");
   const bool rope = a.inv_freq != nullptr;
   // The profile's marks (ws.profile): thread 0's clock at each phase's end.
   __shared__ uint64_t marks[7];
@@ -1393,20 +1325,8 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   const int splits = solo_rule && n_tiles <= ws.solo ? 1 : n_splits;
   const int64_t per_split = chunks_per_split(n_ctx, splits, kPrefillKeys);
   const int64_t tile_begin = int64_t(split) * per_split;
-  // The cluster merge: every block of the cluster (the group's splits, the same n_ctx) takes the
-  // same branch. A block past the context still arrives at the merge's two cluster barriers.
+  if (tile_begin >= n_tiles) return;
   const int used = splits_used(n_ctx, splits, kPrefillKeys);
-  const bool cluster_merge = kCluster && used > 1;
-  if (tile_begin >= n_tiles) {
-    if (cluster_merge) {
-      // It reads and writes no global memory: the next launch need not wait for it (rope mode
-      // triggers after the first tile's copy, which an idle split never makes).
-      pdl_trigger();
-      cooperative_groups::this_cluster().sync();  // the splits' states are ready
-      cooperative_groups::this_cluster().sync();  // and read
-    }
-    return;
-  }
   const int64_t tile_end = min(n_tiles, tile_begin + per_split);
   const int G = a.n_heads / c.n_kv_heads;
   const int64_t seq = a.seq_ids[t];
@@ -1954,36 +1874,6 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     }
     return;
   }
-  if constexpr (kCluster) {
-    if (cluster_merge) {
-      // The block's state, its warps' merged, after the warps' states in shared memory.
-      float* blk_m = red_o + kWarps * 16 * kRedStride;
-      float* blk_l = blk_m + 16;
-      float* blk_o = blk_l + 16;
-      static_assert(
-          (2 * kWarps * 16 + kWarps * 16 * kRedStride + 2 * 16 + 16 * D) * sizeof(float) <=
-              prefill_smem_bytes<D>(),
-          "the block's state fits after the warps' states");
-      each_merged([&](int g, int d, float m, float l, float4 acc) {
-        *reinterpret_cast<float4*>(blk_o + g * D + d) = acc;
-        if (d == 0) {
-          blk_m[g] = m;
-          blk_l[g] = l;
-        }
-      });
-      if (mark) marks[4] = global_ns();
-      cooperative_groups::this_cluster().sync();  // every split's state is ready
-      if (mark) marks[5] = global_ns();
-      cluster_merge_splits<D>(a, c, t, kvh, G, used, split, blk_m, angles);
-      if (ws.profile != 0) __syncthreads();  // the merge's end is its slowest thread's
-      if (mark && split == 0 && profiled_step(a, ws, local, kvh, pos)) {
-        marks[6] = global_ns();
-        print_attention_profile(marks, pos, split, used);
-      }
-      cooperative_groups::this_cluster().sync();  // no block leaves while its state is read
-      return;
-    }
-  }
   each_merged([&](int g, int d, float m, float l, float4 acc) {
     const int64_t slot = (local * a.n_heads + kvh * G + g) * ws.max_splits + split;
     *reinterpret_cast<float4*>(ws.o + slot * D + d) = acc;
@@ -2062,59 +1952,6 @@ std::atomic<bool>& attention_half_groups_flag() {
   return on;
 }
 
-// Whether tensor-core decode launches of 2-16 splits a group run as clusters that merge through
-// distributed shared memory (set_attention_cluster; KESTREL_CUDA_ATTENTION_CLUSTER=1 at
-// start-up, off until measured).
-std::atomic<bool>& attention_cluster_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_CLUSTER", "1")};
-  return on;
-}
-
-// attention_cluster_launches: launches made as clusters, by cluster size.
-std::atomic<uint64_t> cluster_launches[kMaxClusterSplits + 1] = {};
-
-// What cluster_fits knows of one kernel (a call site's statics: the instances share a type).
-struct ClusterFit {
-  std::atomic<uint64_t> allowed{0};                    // devices with the non-portable size allowed
-  std::atomic<int> known[kMaxClusterSplits + 1] = {};  // 0 unknown, 1 fits, 2 does not
-};
-
-// Whether the device can hold a cluster of `splits` blocks of the cluster decode kernel (a GPC
-// holds the cluster's blocks at once; past eight the size is non-portable, which Hopper allows):
-// asked once per size on the first device that launches it (a host's GPUs are taken to be
-// alike), and allowed on every device that does. Where it cannot, or either call fails (the
-// error cleared), the launch merges through the workspace instead.
-template <typename Kernel>
-Status cluster_fits(Kernel kernel, ClusterFit& fit, int splits, dim3 grid, size_t smem,
-                    bool& fits) {
-  int device = 0;
-  KS_CUDA_CHECK("attention", cudaGetDevice(&device));
-  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
-  if (bit == 0 || (fit.allowed.load(std::memory_order_acquire) & bit) == 0) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
-        cudaSuccess) {
-      (void)cudaGetLastError();
-      fits = false;
-      return Status::ok();
-    }
-    fit.allowed.fetch_or(bit, std::memory_order_acq_rel);
-  }
-  int state = fit.known[splits].load(std::memory_order_acquire);
-  if (state == 0) {
-    const LaunchConfig launch(grid, dim3(unsigned(kPrefillThreads)), smem, nullptr,
-                              unsigned(splits), false);
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) != cudaSuccess) {
-      (void)cudaGetLastError();
-      clusters = 0;
-    }
-    state = clusters > 0 ? 1 : 2;
-    fit.known[splits].store(state, std::memory_order_release);
-  }
-  fits = state == 1;
-  return Status::ok();
-}
-
 // set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.
 int decode_split_cap = [] {
   const char* v = std::getenv("KESTREL_CUDA_DECODE_SPLIT_CAP");
@@ -2134,22 +1971,6 @@ void set_decode_split_cap(int cap) {
 
 bool set_attention_half_groups(bool on) {
   return attention_half_groups_flag().exchange(on);
-}
-
-bool set_attention_cluster(bool on) {
-  return attention_cluster_flag().exchange(on);
-}
-
-bool attention_cluster() {
-  return attention_cluster_flag().load(std::memory_order_relaxed);
-}
-
-uint64_t attention_cluster_launches(int larger_than) {
-  uint64_t n = 0;
-  for (int size = std::max(larger_than + 1, 0); size <= kMaxClusterSplits; ++size) {
-    n += cluster_launches[size].load(std::memory_order_relaxed);
-  }
-  return n;
 }
 
 bool attention_half_groups() {
@@ -2287,32 +2108,6 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
     if (kMma && decode_split_cap > 0) splits = std::min(splits, decode_split_cap);
     splits = std::min(splits, ws.max_splits);
     const dim3 grid(unsigned(splits), unsigned(cache.n_kv_heads), unsigned(count));
-    if constexpr (kMma && kMmaD == 128) {
-      // The cluster merge: a group's 2-16 splits as one cluster (attention_cluster_flag).
-      if (merge_in_split && splits >= 2 && splits <= kMaxClusterSplits &&
-          attention_cluster_flag().load(std::memory_order_relaxed)) {
-        auto cluster_kernel = attention_split_mma_kernel<kMmaD, kMmaType, true>;
-        static std::atomic<uint64_t> cluster_limit_set{0};
-        KS_CUDA_CHECK("attention",
-                      set_smem_limit_once(reinterpret_cast<const void*>(cluster_kernel), int(smem),
-                                          cluster_limit_set));
-        static ClusterFit cluster_fit;  // this instance's
-        bool fits = false;
-        if (Status s = cluster_fits(cluster_kernel, cluster_fit, splits, grid, smem, fits);
-            !s.is_ok()) {
-          return s;
-        }
-        if (fits) {
-          KS_CUDA_CHECK(
-              "attention",
-              launch_pdl_cluster(cluster_kernel, grid, dim3(unsigned(threads)), smem, stream,
-                                 unsigned(splits), args, cache, split_ws, begin, splits));
-          KS_CUDA_CHECK_LAUNCH("attention", "attention_split_mma_kernel (clusters)");
-          cluster_launches[splits].fetch_add(1, std::memory_order_relaxed);
-          continue;
-        }
-      }
-    }
     KS_CUDA_CHECK("attention", launch_pdl(kernel, grid, dim3(unsigned(threads)), smem, stream, args,
                                           cache, split_ws, begin, splits));
     KS_CUDA_CHECK_LAUNCH("attention", "attention_split_kernel");

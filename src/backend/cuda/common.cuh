@@ -212,50 +212,21 @@ __device__ inline void grid_barrier(unsigned* arrive, unsigned* generation) {
   __syncthreads();
 }
 
-// A launch's configuration: with programmatic stream serialization (`pdl`), and with
-// `cluster` > 0 as thread-block clusters of (cluster, 1, 1) blocks. `config` points into the
-// object's own attributes, so it is neither copied nor moved.
-struct LaunchConfig {
-  LaunchConfig(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, unsigned cluster,
-               bool pdl) {
-    config.gridDim = grid;
-    config.blockDim = block;
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    config.attrs = attribute;
-    if (pdl) {
-      cudaLaunchAttribute& a = attribute[config.numAttrs++];
-      a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      a.val.programmaticStreamSerializationAllowed = 1;
-    }
-    if (cluster > 0) {
-      cudaLaunchAttribute& a = attribute[config.numAttrs++];
-      a.id = cudaLaunchAttributeClusterDimension;
-      a.val.clusterDim.x = cluster;
-      a.val.clusterDim.y = 1;
-      a.val.clusterDim.z = 1;
-    }
-  }
-  LaunchConfig(const LaunchConfig&) = delete;
-  LaunchConfig& operator=(const LaunchConfig&) = delete;
-
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute attribute[2] = {};
-};
-
-// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization, and
-// with `cluster` > 0 as thread-block clusters of (cluster, 1, 1) blocks.
-template <typename... KernelArgs, typename... Args>
-cudaError_t launch_pdl_cluster(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
-                               cudaStream_t stream, unsigned cluster, Args&&... args) {
-  const LaunchConfig launch(grid, block, smem, stream, cluster, true);
-  return cudaLaunchKernelEx(&launch.config, kernel, std::forward<Args>(args)...);
-}
-
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization.
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
                        cudaStream_t stream, Args&&... args) {
-  return launch_pdl_cluster(kernel, grid, block, smem, stream, 0u, std::forward<Args>(args)...);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 // Asynchronous global -> shared copies (the weight rings of the GEMV and the layer kernel). A

@@ -85,7 +85,7 @@ bool& plan_final_norm_flag() {
 int32_t path_switches() {
   return int32_t(gemv_half_groups()) | int32_t(gemv_norm_halves()) << 1 |
          int32_t(gemv_norm_scale()) << 2 | int32_t(plan_final_norm_flag()) << 3 |
-         int32_t(attention_half_groups()) << 4 | int32_t(attention_cluster()) << 5;
+         int32_t(attention_half_groups()) << 4;
 }
 
 // Two weights one layer kernel launch may treat alike: the same format, shape and tiling.

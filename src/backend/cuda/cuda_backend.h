@@ -125,28 +125,15 @@ bool set_plan_final_norm(bool on);
 // attention_half_groups() reads it.
 bool set_attention_half_groups(bool on);
 bool attention_half_groups();
-// Whether tensor-core decode attention launches (head_dim 128) of 2-16 splits a (token, KV head)
-// run each group's splits as one thread-block cluster, which merge through distributed shared
-// memory, instead of through partial results in global memory, an arrival count and the last
-// split's merge (off until measured; KESTREL_CUDA_ATTENTION_CLUSTER=1 sets the starting value).
-// Results differ only in the merge's rounding. Process-wide; a change takes effect at the next
-// step (decode graphs are keyed by the path switches). Returns the setting before;
-// attention_cluster() reads it.
-bool set_attention_cluster(bool on);
-bool attention_cluster();
-// Decode attention launches made as clusters of more than `larger_than` blocks since the
-// process started (a test aid: shows a test took the cluster merge, past the portable 8 too).
-uint64_t attention_cluster_launches(int larger_than = 0);
 
 // Top-p's histograms in the draw kernel (draw.cu) in 64-bit sums for every row, where rows of at
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the
 // same tokens), process-wide like set_gemv_block_cap. Returns the setting before.
 bool set_draw_wide_histograms(bool on);
 // The draw kernel's passes with several loads a thread in flight and the histograms' hot buckets
-// in registers, or one load at a time and every round's atomics (the default until it has run
-// on a GPU; KESTREL_CUDA_DRAW_AHEAD=1 sets the starting value): a test aid and measurement
-// switch; both give the same integer sums, so the same tokens. Process-wide. Returns the
-// setting before.
+// in registers (the default), or one load at a time and every round's atomics
+// (KESTREL_CUDA_DRAW_AHEAD=0 sets that as the starting value): a test aid and measurement switch;
+// both give the same integer sums, so the same tokens. Process-wide. Returns the setting before.
 bool set_draw_ahead(bool on);
 
 // Key groups of the flash prefill attention kernel (attention.cu): 1 or 2 forces them for every

@@ -15,10 +15,10 @@
 //   6. the warp whose segment holds the point walks it again to the token.
 // Every sum is an integer sum, so the order the threads add in does not change a bit.
 //
-// With KESTREL_CUDA_DRAW_AHEAD=1 (set_draw_ahead; off until it has run on a GPU), a pass over the
-// row keeps several loads a thread in flight (walk_row): one SM's threads walking a 128256-token
+// By default (KESTREL_CUDA_DRAW_AHEAD=0 or set_draw_ahead(false) turn it off), a pass over the row
+// keeps several loads a thread in flight (walk_row): one SM's threads walking a 128256-token
 // row one load at a time are bound by the loads' latency. A warp's tokens of one bucket always
-// count into a histogram with one atomic (__match_any_sync); with the switch, a round whose
+// count into a histogram with one atomic (__match_any_sync); with loads ahead, a round whose
 // tokens all fall in the warp's hot bucket (the largest group of an earlier aggregated round)
 // adds into the lanes' registers instead, flushed with one atomic when the hot bucket changes
 // and at the pass's end: rows whose tokens crowd one bucket (a flat row's tail, every top-p
@@ -56,9 +56,10 @@ static_assert(kProbBuckets == 2 * kThreads, "a thread holds two buckets");
 // other settings 0.12-0.33 ms). Wider rows keep the 64-bit sums.
 constexpr int kPartBits = 14;
 // Elements a thread requests at once in a pass over the row (walk_row), and rounds a warp
-// requests at once in its segment (walk_segment): draw_kernel<true>'s (KESTREL_CUDA_DRAW_AHEAD=1,
-// set_draw_ahead: off until it has run on a GPU); draw_kernel<false> walks one at a time and
-// aggregates no hot bucket, as before them.
+// requests at once in its segment (walk_segment): draw_kernel<true>'s (the default since the
+// twenty-sixth session's H100 measurement: 10-27% less a launch; PERF.md); draw_kernel<false>
+// (KESTREL_CUDA_DRAW_AHEAD=0, set_draw_ahead(false)) walks one at a time and aggregates no hot
+// bucket, as before them.
 constexpr int kDrawAhead = 8;
 constexpr int64_t kMaxNarrowTokens = int64_t(1) << 18;
 static_assert(kMaxNarrowTokens * ((int64_t(1) << kPartBits) - 1) < (int64_t(1) << 32));
@@ -564,7 +565,7 @@ std::atomic<bool>& draw_wide_histograms_flag() {
 }
 
 std::atomic<bool>& draw_ahead_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_DRAW_AHEAD", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_DRAW_AHEAD", "0")};
   return on;
 }
 

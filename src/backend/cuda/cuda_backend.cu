@@ -84,8 +84,7 @@ bool& plan_final_norm_flag() {
 // its replay's check against launches that differ.
 int32_t path_switches() {
   return int32_t(gemv_half_groups()) | int32_t(gemv_norm_halves()) << 1 |
-         int32_t(gemv_norm_scale()) << 2 | int32_t(plan_final_norm_flag()) << 3 |
-         int32_t(attention_half_groups()) << 4;
+         int32_t(plan_final_norm_flag()) << 2 | int32_t(attention_half_groups()) << 3;
 }
 
 // Two weights one layer kernel launch may treat alike: the same format, shape and tiling.
@@ -116,27 +115,10 @@ struct NormHalvesState {
 };
 
 // A norm weight a residual add may prepare the input of (its device copy and width); w null:
-// none. `final`: the model's final norm (the lm_head's input).
+// none.
 struct PlannedNorm {
   const float* w = nullptr;
   int64_t n = 0;
-  bool final = false;
-};
-
-// The host-side record of which residual's next norm is folded (NormScaleOut, 2-16 tokens), for
-// which norm weight, and in which of the two buffers.
-struct NormScaleState {
-  const void* owner = nullptr;  // the residual
-  const float* norm_w = nullptr;
-  int64_t rows = 0;
-  int buffer = 0;
-};
-
-// One of those buffers: z = x·g, [kMaxGemvTokens, scale_cols_] fp16 permuted, and the sums of
-// squares [kMaxGemvTokens][scale_cols_ / 16].
-struct NormScaleBuffer {
-  __half* z = nullptr;
-  float* ss = nullptr;
 };
 
 // One of those buffers: x·g in half groups and the tiles' sums of squares.
@@ -157,8 +139,6 @@ struct GemvCall {
   HalfGroupInput halves;     // the same input quantized in half groups, where its producer wrote it
   NormHalvesIn norm_halves;  // with norm: that norm's input as the residual's producer left it
   NormHalvesOut norm_out;    // a residual add: prepare the residual's next norm input
-  NormScaleOut scale_out;    // a residual add of 2-16 tokens: fold the residual's next norm
-  NormScaleIn norm_scale;    // 2-16 tokens: x is a folded norm's z
   int64_t x_stride = 0;
   int n_tokens = 0;
 };
@@ -281,7 +261,7 @@ class CudaBackend final : public Backend {
     const bool takes = output_norm.is_ok() && head.is_ok() && n > 0 &&
                        is_tiled(head.value()->format) && gemv_fuses_norm(n, 1) &&
                        gemv_uses_dp4a(1, round_up(n, kGroup));
-    output_norm_ = takes ? PlannedNorm{output_norm.value(), n, true} : PlannedNorm{};
+    output_norm_ = takes ? PlannedNorm{output_norm.value(), n} : PlannedNorm{};
     return Status::ok();
   }
 
@@ -298,7 +278,6 @@ class CudaBackend final : public Backend {
 
   Status do_reserve(const ModelConfig& config, const RunShape& shape) override {
     norm_halves_ = NormHalvesState{};
-    norm_scale_ = NormScaleState{};
     if (shape.max_logit_rows <= 0) {
       return Status::error("cuda backend: run shape needs positive logit rows");
     }
@@ -369,13 +348,6 @@ class CudaBackend final : public Backend {
       KS_ASSIGN_OR_RETURN(uint8_t * bytes,
                           reserve_device<uint8_t>(extras.halves_bytes, "int8 activation halves"));
       halves = half_groups_at(bytes);
-    }
-    scale_cols_ = extras.scale_cols;
-    for (NormScaleBuffer& b : scale_buffers_) {
-      KS_ASSIGN_OR_RETURN(uint8_t * bytes,
-                          reserve_device<uint8_t>(extras.scale_bytes, "folded norm inputs"));
-      b.z = reinterpret_cast<__half*>(bytes);
-      b.ss = reinterpret_cast<float*>(bytes + kMaxGemvTokens * scale_cols_ * sizeof(__half));
     }
     gemm_ws_ = GemmWorkspace{};
     gemm_ws_.cublas = cublas_;
@@ -530,7 +502,6 @@ class CudaBackend final : public Backend {
     // Each step starts from the same norm-halves buffer, so its launches (and a captured step's
     // fingerprint) are the same step after step.
     norm_halves_ = NormHalvesState{};
-    norm_scale_ = NormScaleState{};
     // Runs: maximal spans of one sequence at consecutive positions (a prompt chunk, or a
     // decode token). Several prompts prefilled in one call are several runs.
     runs_.clear();
@@ -625,14 +596,6 @@ class CudaBackend final : public Backend {
       for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
       return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
     }
-    if (const auto folded = m.fp32 ? std::nullopt : folded_norm(x, weight, eps)) {
-      // The residual add folded this norm: z = x·g is the GEMV's input, its outputs are scaled a
-      // token, and no norm launch runs (`normed`, a layer's scratch, is left unwritten).
-      for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
-      m.x = folded->first;
-      m.norm_scale = folded->second;
-      return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
-    }
     KS_RETURN_IF_ERROR(launch_norm(normed, x, weight, eps));
     return launch_matmul(m, normed);
   }
@@ -653,15 +616,6 @@ class CudaBackend final : public Backend {
       note_write(normed);
       note_write(gate);
       note_write(up);
-      const ShadowOut shadow = produce_shadow(gate, writes_halves(m));
-      return launch_gemv(m, GemvEpilogue::swiglu, shadow);
-    }
-    if (const auto folded = m.fp32 ? std::nullopt : folded_norm(x, weight, eps)) {
-      // The residual add folded this norm (as in norm_matmul).
-      note_write(gate);
-      note_write(up);
-      m.x = folded->first;
-      m.norm_scale = folded->second;
       const ShadowOut shadow = produce_shadow(gate, writes_halves(m));
       return launch_gemv(m, GemvEpilogue::swiglu, shadow);
     }
@@ -698,17 +652,12 @@ class CudaBackend final : public Backend {
       m.x = shadow_buffers_[shadow_.buffer];
       m.halves = shadow_halves(x);
       m.jobs[0].residual = f32(residual);
-      const PlannedNorm next = next_planned_norm();
-      if (prepares_halves(m, residual, next)) {
+      const float* next_norm = planned_norm(m, residual);
+      if (next_norm != nullptr) {
         const int buffer = 1 - norm_halves_.buffer;
         const NormHalvesBuffer& b = norm_buffers_[buffer];
-        m.norm_out = NormHalvesOut{next.w, b.out, b.ss};
-        norm_halves_ = NormHalvesState{residual.data, next.w, buffer};
-      } else if (folds_norm(m, residual, next)) {
-        const int buffer = 1 - norm_scale_.buffer;
-        const NormScaleBuffer& b = scale_buffers_[buffer];
-        m.scale_out = NormScaleOut{next.w, b.z, b.ss};
-        norm_scale_ = NormScaleState{residual.data, next.w, residual.rows, buffer};
+        m.norm_out = NormHalvesOut{next_norm, b.out, b.ss};
+        norm_halves_ = NormHalvesState{residual.data, next_norm, buffer};
       }
       return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
     }
@@ -1113,8 +1062,6 @@ class CudaBackend final : public Backend {
     size_t shadow_bytes = 0;
     size_t halves_bytes = 0;       // one token's int8 values and half-group scales (HalfGroupOut)
     size_t norm_halves_bytes = 0;  // those and a sum of squares a half (NormHalvesBuffer)
-    int64_t scale_cols = 0;        // the residual's width, whole groups (NormScaleBuffer)
-    size_t scale_bytes = 0;        // one NormScaleBuffer
     size_t dequant_bytes = 0;      // dequant_copies fp16 copies of the largest weight
     int dequant_copies = 1;
     size_t cublas_bytes = 0;
@@ -1129,10 +1076,10 @@ class CudaBackend final : public Backend {
     size_t argmax_count_bytes = 0;
     size_t draw_work_bytes = 0;
     size_t total() const {
-      return 2 * shadow_bytes + 2 * halves_bytes + 2 * norm_halves_bytes + 2 * scale_bytes +
-             dequant_bytes + cublas_bytes + split_o_bytes + split_ml_bytes + arrival_bytes +
-             meta_bytes + 2 * rows_bytes + layer_sync_bytes + argmax_partial_bytes +
-             argmax_count_bytes + draw_work_bytes;
+      return 2 * shadow_bytes + 2 * halves_bytes + 2 * norm_halves_bytes + dequant_bytes +
+             cublas_bytes + split_o_bytes + split_ml_bytes + arrival_bytes + meta_bytes +
+             2 * rows_bytes + layer_sync_bytes + argmax_partial_bytes + argmax_count_bytes +
+             draw_work_bytes;
     }
   };
 
@@ -1145,9 +1092,6 @@ class CudaBackend final : public Backend {
     e.shadow_bytes = size_t(e.shadow_rows * e.shadow_cols) * sizeof(__half);
     e.halves_bytes = size_t(e.shadow_cols + e.shadow_cols / 16 * int64_t(sizeof(int2)));
     e.norm_halves_bytes = e.halves_bytes + size_t(e.shadow_cols / 16) * sizeof(float);
-    e.scale_cols = round_up(c.hidden_size, kGroup);
-    e.scale_bytes = size_t(kMaxGemvTokens * e.scale_cols) * sizeof(__half) +
-                    size_t(kMaxGemvTokens * e.scale_cols / 16) * sizeof(float);
     const bool prefill_gemm =
         shape.max_batch_tokens > kMaxGemvBatchTokens || shape.max_logit_rows > kMaxGemvBatchTokens;
     // Float weights (fp16 on the device, or an fp32 model's fp32) go to cuBLAS as they are;
@@ -1292,42 +1236,18 @@ class CudaBackend final : public Backend {
            gemv_writes_halves(m.jobs[0].w.format, m.n_tokens, m.jobs[0].w.cols);
   }
 
-  // The norm weight the next residual add feeds: the decode composition's plan
-  // (decoder_layers); none outside a planned layer. Every residual add of a planned layer (a
-  // GEMV's) takes its turn in the plan.
-  PlannedNorm next_planned_norm() {
-    if (norm_plan_next_ >= 2) return PlannedNorm{};
-    return norm_plan_[norm_plan_next_++];
-  }
-
-  // Whether the residual add `m` into `residual` prepares `next`'s input in half groups: one row
-  // of a dp4a GEMV, with the switch on.
-  static bool prepares_halves(const GemvCall& m, Tensor residual, const PlannedNorm& next) {
-    return next.w != nullptr && !m.fp32 && gemv_norm_halves() && residual.rows == 1 &&
-           next.n == residual.cols && gemv_fuses_norm(residual.cols, 1) && m.n_jobs == 1 &&
-           gemv_writes_norm_halves(m.jobs[0].w.format, 1, m.jobs[0].w.cols, residual.cols);
-  }
-
-  // Whether it folds `next` instead (NormScaleOut): 2-16 rows, whole groups, not the final
-  // norm (whose lm_head the row-warp kernel takes, which folds none), with the switch on.
-  bool folds_norm(const GemvCall& m, Tensor residual, const PlannedNorm& next) const {
-    return next.w != nullptr && !next.final && !m.fp32 && gemv_norm_scale() && residual.rows >= 2 &&
-           residual.rows <= kMaxGemvTokens && next.n == residual.cols &&
-           residual.cols % kGroup == 0 && residual.cols <= scale_cols_ && m.n_jobs == 1;
-  }
-
-  // The folded norm of x with `weight` (2-16 rows), if x's last residual add folded it, inside a
-  // decoder layer: its GEMV then reads z and leaves `normed` unwritten (a layer's scratch,
-  // backend.h).
-  std::optional<std::pair<const __half*, NormScaleIn>> folded_norm(Tensor x, const float* weight,
-                                                                   float eps) const {
-    if (!in_layer_ || norm_scale_.owner != x.data || norm_scale_.norm_w != weight ||
-        norm_scale_.rows != x.rows) {
-      return std::nullopt;
+  // The norm weight a residual add `m` into `residual` prepares the next norm input for: the
+  // decode composition's plan (decoder_layers), for one row of a dp4a GEMV, with the switch on;
+  // null for none. Every residual add of a planned layer takes its turn in the plan.
+  const float* planned_norm(const GemvCall& m, Tensor residual) {
+    if (norm_plan_next_ >= 2) return nullptr;
+    const PlannedNorm next = norm_plan_[norm_plan_next_++];
+    if (next.w == nullptr || m.fp32 || !gemv_norm_halves() || residual.rows != 1 ||
+        next.n != residual.cols || !gemv_fuses_norm(residual.cols, 1) || m.n_jobs != 1 ||
+        !gemv_writes_norm_halves(m.jobs[0].w.format, 1, m.jobs[0].w.cols, residual.cols)) {
+      return nullptr;
     }
-    const NormScaleBuffer& b = scale_buffers_[norm_scale_.buffer];
-    return std::pair{static_cast<const __half*>(b.z),
-                     NormScaleIn{b.ss, int(x.cols / 16), eps, 1.0f / float(x.cols)}};
+    return next.w;
   }
 
   Result<PlannedNorm> planned(const Vector& norm) const {
@@ -1373,11 +1293,6 @@ class CudaBackend final : public Backend {
   void note_write(Tensor t) {
     const auto* begin = static_cast<const char*>(t.data);
     const auto* end = begin + t.rows * t.cols * int64_t(sizeof(float));
-    if (norm_scale_.owner != nullptr) {
-      const auto* n_begin = static_cast<const char*>(norm_scale_.owner);
-      const auto* n_end = n_begin + norm_scale_.rows * scale_cols_ * int64_t(sizeof(float));
-      if (begin < n_end && n_begin < end) norm_scale_.owner = nullptr;
-    }
     if (norm_halves_.owner != nullptr) {
       // A residual of one row (the only kind prepared), at most shadow_cols_ wide.
       const auto* n_begin = static_cast<const char*>(norm_halves_.owner);
@@ -1528,12 +1443,12 @@ class CudaBackend final : public Backend {
   // One decode GEMV launch: `m`'s jobs with the input stage (m.norm or the shadow m.x) and the
   // epilogue (store, residual add per job, swiglu) the caller chose.
   Status launch_gemv(const GemvCall& m, GemvEpilogue epilogue, ShadowOut shadow) {
-    constexpr int kFixed = 16, kPerJob = 3;
+    constexpr int kFixed = 13, kPerJob = 3;
     uint64_t args[kFixed + kPerJob * kMaxGemvJobs] = {
-        addr(m.x),          uint64_t(m.n_tokens),  uint64_t(epilogue),       addr(shadow.data),
-        addr(m.norm.x),     addr(m.norm.w),        addr(m.norm.out),         bits(m.norm.eps),
-        addr(m.halves.q),   addr(shadow.halves.q), addr(m.norm_halves.in.q), addr(m.norm_out.ss),
-        addr(m.norm_out.w), addr(m.scale_out.z),   addr(m.scale_out.w),      addr(m.norm_scale.ss)};
+        addr(m.x),         uint64_t(m.n_tokens),  uint64_t(epilogue),       addr(shadow.data),
+        addr(m.norm.x),    addr(m.norm.w),        addr(m.norm.out),         bits(m.norm.eps),
+        addr(m.halves.q),  addr(shadow.halves.q), addr(m.norm_halves.in.q), addr(m.norm_out.ss),
+        addr(m.norm_out.w)};
     for (int i = 0; i < m.n_jobs; ++i) {
       args[kFixed + kPerJob * i] = addr(m.jobs[i].y);
       args[kFixed + kPerJob * i + 1] = addr(m.jobs[i].w.data);
@@ -1547,8 +1462,7 @@ class CudaBackend final : public Backend {
                                                      : "matmul";
     return launch(op, std::span<const uint64_t>(args, size_t(kFixed + kPerJob * m.n_jobs)), [&] {
       return gemv(m.jobs, m.n_jobs, m.x, m.x_stride, m.n_tokens, props_.multiProcessorCount,
-                  stream_, epilogue, shadow, m.norm, m.halves, m.norm_halves, m.norm_out,
-                  m.scale_out, m.norm_scale);
+                  stream_, epilogue, shadow, m.norm, m.halves, m.norm_halves, m.norm_out);
     });
   }
 
@@ -2093,9 +2007,6 @@ class CudaBackend final : public Backend {
   HalfGroupOut half_buffers_[2];  // each shadow buffer's half-group quantization (one token)
   NormHalvesBuffer norm_buffers_[2];
   NormHalvesState norm_halves_;
-  NormScaleBuffer scale_buffers_[2];
-  NormScaleState norm_scale_;
-  int64_t scale_cols_ = 0;
   // The norm weights the decode composition's two residual adds feed next (this layer's ffn_norm,
   // the next layer's attn_norm or the final norm), set by decoder_layers for each layer;
   // norm_plan_next_ counts the adds. A wrong guess costs nothing but the preparation: a norm

@@ -70,13 +70,6 @@ void set_gemv_block_cap(int blocks);
 // (KESTREL_CUDA_GEMV_ROWS_KERNEL sets the starting value); process-wide, like set_gemv_block_cap.
 void set_gemv_rows_kernel(int mode);
 
-// The store GEMV's m-tiles a block (launch_format: one or two 16-row m-tiles a tile, by the
-// weight's rows against the SMs): 0 (the default) chooses, 1 or 2 forces them where the format
-// and launch allow two (not fp16, not a launch preparing a norm's half groups). A test aid, so a
-// small model takes the two-m-tile instances large ones take; process-wide, like
-// set_gemv_block_cap.
-void set_gemv_mtiles(int mtiles);
-
 // The int4 GEMV's dp4a path loading its first tile's bias and residual in the epilogue, as every
 // later tile does, instead of the bias before the wait and the residual right after it: a test
 // aid and measurement switch (KESTREL_CUDA_GEMV_LOADS=epilogue sets the starting value); both
@@ -106,13 +99,6 @@ bool gemv_half_groups();
 // it.
 bool set_gemv_norm_halves(bool on);
 bool gemv_norm_halves();
-// Whether, at 2-16 tokens inside a decoder layer, a GEMV adding into the residual folds the
-// residual's next RMSNorm (z = x·g as the norm's GEMV's fp16 input and each 16 rows' sums of
-// squares a token; that GEMV multiplies each token's products by rsqrt(mean(x^2) + eps)) instead
-// of a norm launch (off until measured; KESTREL_CUDA_GEMV_NORM_SCALE=1 sets the starting value).
-// Results differ within fp16's rounding. Returns the setting before; gemv_norm_scale() reads it.
-bool set_gemv_norm_scale(bool on);
-bool gemv_norm_scale();
 // With set_gemv_norm_halves on: whether the last layer's w_down also prepares the final norm's
 // input for the lm_head (the default), or only the layers' own norms do. A test aid that shows
 // the lm_head reads it; process-wide. Returns the setting before.

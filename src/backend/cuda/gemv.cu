@@ -83,8 +83,6 @@ struct GemvParams {
   HalfGroupInput xh;               // set: x already quantized in half groups (the kHalves instance)
   const float* norm_ss = nullptr;  // kNorm with xh: the tiles' sums of squares (NormHalvesIn)
   NormHalvesOut norm_out;          // one token, a residual: prepare its next norm's input
-  NormScaleOut scale_out;          // 2-16 tokens, a residual: its next norm, folded (z, sums)
-  NormScaleIn norm_scale;          // 2-16 tokens: x is a folded norm's z; outputs times its scale
   int sm_count = 0;                // host only: the device's SMs
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
@@ -669,63 +667,18 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
   }
 }
 
-// z holds x·g / kFoldScale: fp16's largest value then bounds |x·g| at ~1.05e6 instead of 65504
-// (a residual too large for fp16 itself, or norm weights above 16 beside one, would still
-// overflow), and values below ~1e-3 leave fp16's normal range, where their absolute error
-// (~1e-6) is below the rounding error of the token's larger values. A power of two: exact on
-// both sides.
-constexpr float kFoldScale = 16.0f;
-
-// The folded norm's scale of each token (NormScaleIn) into scale[16]: 16 threads a token, thread
-// j adding the token's halves j, j + 16, ... in order (16 a round, all requested at once), then a
-// fixed tree over the 16, so every block has the same bits. Ends with a barrier.
-__device__ inline void token_norm_scales(const GemvParams& p, float* scale) {
-  static_assert(kThreads == 16 * kMaxGemvTokens, "16 threads a token");
-  constexpr int kRound = 16;
-  const int t = int(threadIdx.x) >> 4;
-  const int j = int(threadIdx.x) & 15;
-  const NormScaleIn& in = p.norm_scale;
-  float s = 0.0f;
-  if (t < p.n_tokens) {
-    const float* ss = in.ss + int64_t(t) * in.halves;
-    for (int h0 = j; h0 < in.halves; h0 += 16 * kRound) {
-      float v[kRound];
-#pragma unroll
-      for (int k = 0; k < kRound; ++k) v[k] = h0 + 16 * k < in.halves ? ss[h0 + 16 * k] : 0.0f;
-#pragma unroll
-      for (int k = 0; k < kRound; ++k) s += v[k];
-    }
-  }
-  s = run_sum<16>(s);
-  if (j == 0) scale[t] = rsqrtf(s * in.inv_cols + in.eps) * kFoldScale;
-  __syncthreads();
-}
-
-// The folded norm's input of one output (NormScaleOut): the new residual `x` of row `row`
-// (of n_rows, a multiple of 32: z's row stride), token `token`, times the norm's weight (over
-// kFoldScale), into z where the output was stored (`live`); returns x^2 there, else 0.
-__device__ inline float store_scale_input(const GemvParams& p, int64_t row, int token, float x,
-                                          bool live, int64_t n_rows) {
-  if (!live) return 0.0f;
-  p.scale_out.z[shadow_index(token, row, n_rows, true)] =
-      __float2half_rn(x * p.scale_out.w[row] * (1.0f / kFoldScale));
-  return x * x;
-}
-
 // kProfile: the instance that records the phase profile (dp4a only; gemv_profile_flag).
 // kHalves: the input is p.xh, quantized in half groups by its producer (HalfGroupInput): copied
 // into shared memory instead of quantized, each group's two halves multiplied with their own
 // scales; with kNorm, the residual's next-norm input (NormHalvesIn: p.xh and p.norm_ss), each
 // scale times the norm's rsqrt.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, bool kFold = false>
+          bool kHalves = false>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(!kHalves || (kDp == 1 && (kNorm || (!kSwiglu && MT == 1))),
                 "a half-group input is one token's: a plain one-m-tile GEMV's, or a fused norm's");
-  static_assert(!kFold || (kDp != 1 && !kNorm && !kHalves && !kProfile),
-                "a folded norm is 2-16 tokens' of a plain input");
   static_assert(
       kDp == 0 || (NT == 1 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)),
       "the dp4a path reads int4 tiles for at most 8 tokens");
@@ -950,13 +903,6 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // The instances that can prepare the residual's next norm input (p.norm_out): one token, one
   // m-tile, a plain input (launch_format keeps such launches at one m-tile).
   constexpr bool kNormProducer = kDp == 1 && !kSwiglu && !kNorm && MT == 1;
-  // The instances that fold a norm at 2-16 tokens (kFold, their own, so the others' code is as
-  // it was): writing it (p.scale_out, the store epilogue) and reading it (p.norm_scale, either).
-  constexpr bool kScaleProducer = kFold && !kSwiglu;
-  constexpr bool kScaleConsumer = kFold;
-  __shared__ float token_scale[kScaleConsumer ? kMaxGemvTokens : 1];
-  // The mma path's producer: each tile's 8-row sums of squares, [MT][2][16 tokens].
-  __shared__ float eighth_squares[kScaleProducer && kDp == 0 ? MT * 2 * kMaxGemvTokens : 1];
   const bool loads_ahead =
       kLoadsAhead && !p.loads_in_epilogue && n_my_tiles > 0 && int(threadIdx.x) < 16 * MT * kDp;
   float first_bias = 0.0f, first_residual = 0.0f;
@@ -988,9 +934,6 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   if (loads_ahead && first_at >= 0) {
     const GemvJob& out = p.jobs[locate(tile0).job];
     if (out.residual != nullptr) first_residual = out.residual[first_at];
-  }
-  if constexpr (kScaleConsumer) {
-    if (p.norm_scale.ss != nullptr) token_norm_scales(p, token_scale);
   }
   if constexpr (kHalves && kNorm) {
     copy_norm_halves(p, xq, xqp, norm_w);
@@ -1141,9 +1084,6 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       constexpr int kRowsOut = kSwiglu ? 16 : 16 * MT;
       // Output e is token e % kDp of row e / kDp.
       auto store_sum = [&](int e, float sum) {
-        if constexpr (kScaleConsumer) {
-          if (p.norm_scale.ss != nullptr) sum *= token_scale[e % kDp];
-        }
         if (loads_ahead && iter == 0) {
           return store_output_loaded(p, at.job, at.row_base + e / kDp, e % kDp, sum, first_bias,
                                      first_residual);
@@ -1166,32 +1106,9 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           return sum;
         };
         if constexpr (kSwiglu) {
-          float g = warp_sum_of(0), u = warp_sum_of(1);
-          if constexpr (kScaleConsumer) {
-            if (p.norm_scale.ss != nullptr) {
-              g *= token_scale[t];
-              u *= token_scale[t];
-            }
-          }
-          gate_value = store_swiglu_output(p, at.row_base + r, t, g, u);
+          gate_value = store_swiglu_output(p, at.row_base + r, t, warp_sum_of(0), warp_sum_of(1));
         } else {
           new_residual = store_sum(e, warp_sum_of(r >> 4));
-        }
-        if constexpr (kScaleProducer && kDp == 2) {
-          // The folded next norm: a warp's 32 outputs are 16 rows (a half) of both tokens
-          // (token = lane % 2), its squares added over the rows by a fixed tree.
-          if (p.scale_out.z != nullptr) {
-            const int64_t n_rows = p.jobs[at.job].w.rows;
-            const int64_t row = at.row_base + r;
-            float sq =
-                store_scale_input(p, row, t, new_residual, row < n_rows && t < p.n_tokens, n_rows);
-#pragma unroll
-            for (int o = 2; o < 32; o <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
-            const int64_t first = at.row_base + (r & ~15);
-            if (lane < 2 && t < p.n_tokens && first < n_rows) {
-              p.scale_out.ss[int64_t(t) * (n_rows / 16) + first / 16] = sq;
-            }
-          }
         }
       }
       if constexpr (kNormProducer) {
@@ -1253,59 +1170,25 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           u += partial[wp][NT * 4 + idx][l];
         }
         const int i = idx & 3;
-        const int token = (idx >> 2) * 8 + (l & 3) * 2 + (i & 1);
-        if constexpr (kScaleConsumer) {
-          if (p.norm_scale.ss != nullptr) {
-            g *= token_scale[token];
-            u *= token_scale[token];
-          }
-        }
-        store_swiglu_output(p, at.row_base + (l >> 2) + (i >= 2 ? 8 : 0), token, g, u);
+        store_swiglu_output(p, at.row_base + (l >> 2) + (i >= 2 ? 8 : 0),
+                            (idx >> 2) * 8 + (l & 3) * 2 + (i & 1), g, u);
       }
     } else {
-      // Output e is lane l = e % 32's accumulator (mt, nt, i) = e / 32: row
-      // mt 16 + l / 4 + 8 (i / 2), token nt 8 + 2 (l % 4) + i % 2.
-      for (int e = threadIdx.x; e < kValues * 32; e += kThreads) {
-        float sum = 0.0f;
-#pragma unroll
-        for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][e >> 5][e & 31];
+      // Output e is lane l = e % 32's accumulator (mt, nt, i) = e / 32.
+      auto store_sum = [&](int e, float sum) {
         const int l = e & 31;
         const int idx = e >> 5;
         const int i = idx & 3;
         const int nt = (idx >> 2) % NT;
         const int mt = (idx >> 2) / NT;
-        const int64_t row = at.row_base + mt * 16 + (l >> 2) + (i >= 2 ? 8 : 0);
-        const int token = nt * 8 + (l & 3) * 2 + (i & 1);
-        if constexpr (kScaleConsumer) {
-          if (p.norm_scale.ss != nullptr) sum *= token_scale[token];
-        }
-        const float updated = store_output(p, at.job, row, token, sum);
-        if constexpr (kScaleProducer && kDp == 0) {
-          // The folded next norm: lanes of one l % 4 hold one token's 8 rows, added by a fixed
-          // tree; the tile's two eighths of a half meet below.
-          if (p.scale_out.z != nullptr) {
-            const int64_t n_rows = p.jobs[at.job].w.rows;
-            float sq = store_scale_input(p, row, token, updated, row < n_rows && token < p.n_tokens,
-                                         n_rows);
+        store_output(p, at.job, at.row_base + mt * 16 + (l >> 2) + (i >= 2 ? 8 : 0),
+                     nt * 8 + (l & 3) * 2 + (i & 1), sum);
+      };
+      for (int e = threadIdx.x; e < kValues * 32; e += kThreads) {
+        float sum = 0.0f;
 #pragma unroll
-            for (int o = 4; o < 32; o <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
-            if (l < 4) eighth_squares[(mt * 2 + (i >> 1)) * kMaxGemvTokens + token] = sq;
-          }
-        }
-      }
-      if constexpr (kScaleProducer && kDp == 0) {
-        if (p.scale_out.z != nullptr) {
-          __syncthreads();
-          const int mt = int(threadIdx.x) / kMaxGemvTokens;
-          const int t = int(threadIdx.x) % kMaxGemvTokens;
-          const int64_t n_rows = p.jobs[at.job].w.rows;
-          const int64_t first = at.row_base + mt * 16;
-          if (mt < MT && t < p.n_tokens && first < n_rows) {
-            p.scale_out.ss[int64_t(t) * (n_rows / 16) + first / 16] =
-                eighth_squares[(mt * 2) * kMaxGemvTokens + t] +
-                eighth_squares[(mt * 2 + 1) * kMaxGemvTokens + t];
-          }
-        }
+        for (int wp = 0; wp < kWarps; ++wp) sum += partial[wp][e >> 5][e & 31];
+        store_sum(e, sum);
       }
     }
     if constexpr (kPersistent) __syncthreads();  // `partial` is the next tile's
@@ -1550,7 +1433,7 @@ bool launch_persistent(bool dp4a) {
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, bool kFold = false>
+          bool kHalves = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
@@ -1565,7 +1448,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr bool kOwnReduce = Pipe<F, MT>::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kFold>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1614,8 +1497,6 @@ Status launch_rows(const GemvParams& p, cudaStream_t stream) {
   return Status::ok();
 }
 
-int mtiles_forced = 0;  // set_gemv_mtiles
-
 int rows_kernel_mode = [] {  // set_gemv_rows_kernel
   const char* v = std::getenv("KESTREL_CUDA_GEMV_ROWS_KERNEL");
   const std::string m = v != nullptr ? v : "";
@@ -1624,14 +1505,10 @@ int rows_kernel_mode = [] {  // set_gemv_rows_kernel
 
 template <WeightFormat F, int MT, bool kSwiglu>
 Status launch_mt(const GemvParams& p, cudaStream_t stream) {
-  // A folded norm (2-16 tokens, no fused norm: gemv_launch checks) takes the kFold instances.
-  const bool fold = p.scale_out.z != nullptr || p.norm_scale.ss != nullptr;
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
     // The half-group input (p.xh, set by gemv_launch for one token without a norm) is read by
     // the one-m-tile instances; the others quantize p.x, the same activation's shadow.
     constexpr bool kMayHalve = MT == 1 && !kSwiglu;
-    if (p.dp4a && fold)
-      return launch_kernel<F, MT, 1, kSwiglu, false, 2, false, false, true>(p, stream);
     if (p.dp4a && p.profile) {
       if (p.norm.x != nullptr && p.norm_ss != nullptr) {
         return launch_kernel<F, MT, 1, kSwiglu, true, 1, true, true>(p, stream);
@@ -1664,11 +1541,6 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   } else {
     if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
   }
-  if (fold) {
-    if (p.n_tokens <= 8)
-      return launch_kernel<F, MT, 1, kSwiglu, false, 0, false, false, true>(p, stream);
-    return launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, true>(p, stream);
-  }
   if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, stream);
   return launch_kernel<F, MT, 2, kSwiglu, false, 0>(p, stream);
 }
@@ -1692,10 +1564,8 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
   // units than a wave an SM holds one or two four-warp blocks, where the column-split kernel
   // keeps sixteen warps.
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
-    // (It folds no norm: p.scale_out and p.norm_scale are the column-split kernel's.)
-    const bool applies = rows_kernel_mode != 2 && !p.dp4a && p.norm.x == nullptr &&
-                         p.n_groups % kChunkGroups == 0 && p.scale_out.z == nullptr &&
-                         p.norm_scale.ss == nullptr;
+    const bool applies =
+        rows_kernel_mode != 2 && !p.dp4a && p.norm.x == nullptr && p.n_groups % kChunkGroups == 0;
     if (applies) {
       const int units = epilogue == GemvEpilogue::swiglu
                             ? int(ceil_div(p.jobs[0].w.rows, kRowWarps * 16))
@@ -1724,10 +1594,9 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
     // of blocks (H200, 8B at 16 tokens: wo 9.5 -> 8.4 us, down 24.8 -> 20.8 us; the 1.5B's
     // 48-block weights lose 25%).
     const bool one_mtile = p.norm_out.out.q != nullptr;  // only those instances prepare norms
-    const bool two = mtiles_forced == 0
-                         ? blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count)
-                         : mtiles_forced == 2;
-    if (!one_mtile && two) return launch_mt<F, 2, false>(p, stream);
+    if (!one_mtile && (blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count))) {
+      return launch_mt<F, 2, false>(p, stream);
+    }
   }
   count_tiles(16);
   return launch_mt<F, 1, false>(p, stream);
@@ -1737,10 +1606,6 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
 
 void set_gemv_block_cap(int blocks) {
   block_cap = std::max(0, blocks);
-}
-
-void set_gemv_mtiles(int mtiles) {
-  mtiles_forced = mtiles == 1 || mtiles == 2 ? mtiles : 0;
 }
 
 void set_gemv_rows_kernel(int mode) {
@@ -1824,15 +1689,6 @@ std::atomic<bool>& gemv_norm_halves_flag() {
   return on;
 }
 
-// Whether the backend folds a residual's next norm into the GEMVs at 2-16 tokens (NormScaleOut /
-// NormScaleIn) instead of launching the norm (off until measured; KESTREL_CUDA_GEMV_NORM_SCALE=1
-// at start-up, set_gemv_norm_scale; a measurement switch and test aid). The norm's rounding
-// differs (z = x·g in fp16, the scale applied to the products), within fp16's error.
-std::atomic<bool>& gemv_norm_scale_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_NORM_SCALE", "1")};
-  return on;
-}
-
 bool aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
 }
@@ -1851,8 +1707,7 @@ bool triggers_early(bool dp4a) {
 Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
                    int sm_count, cudaStream_t stream, GemvEpilogue epilogue,
                    ShadowOut swiglu_shadow, NormInput norm, bool dp4a, HalfGroupInput halves,
-                   NormHalvesIn norm_halves, NormHalvesOut norm_out, NormScaleOut scale_out,
-                   NormScaleIn norm_scale) {
+                   NormHalvesIn norm_halves, NormHalvesOut norm_out) {
   GemvParams p;
   p.n_jobs = n_jobs;
   const WeightFormat format = jobs[0].w.format;
@@ -1900,24 +1755,6 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
       return Status::error("cuda matmul: this GEMV cannot prepare a norm's input");
     }
     p.norm_out = norm_out;
-  }
-  // The residual's next norm folded: 2-16 tokens, one job adding into the residual, rows a whole
-  // number of groups (z has no padding columns).
-  if (scale_out.z != nullptr) {
-    if (n_tokens < 2 || n_tokens > kMaxGemvTokens || n_jobs != 1 ||
-        epilogue != GemvEpilogue::store || norm.x != nullptr || jobs[0].residual == nullptr ||
-        jobs[0].w.rows % kGroup != 0 || scale_out.w == nullptr || scale_out.ss == nullptr) {
-      return Status::error("cuda matmul: this GEMV cannot fold the next norm");
-    }
-    p.scale_out = scale_out;
-  }
-  // A folded norm's GEMV: 2-16 tokens of x = z, its sums of squares of this width.
-  if (norm_scale.ss != nullptr) {
-    if (n_tokens < 2 || n_tokens > kMaxGemvTokens || norm.x != nullptr ||
-        int64_t(norm_scale.halves) * 16 != x_stride || x_stride != jobs[0].w.cols) {
-      return Status::error("cuda matmul: this GEMV cannot take a folded norm's input");
-    }
-    p.norm_scale = norm_scale;
   }
   // A fused norm's input from those: one token, the residual's width.
   if (norm_halves.in.q != nullptr && norm.x != nullptr && dp4a && n_tokens == 1) {
@@ -1987,14 +1824,6 @@ bool gemv_norm_halves() {
   return gemv_norm_halves_flag().load(std::memory_order_relaxed);
 }
 
-bool set_gemv_norm_scale(bool on) {
-  return gemv_norm_scale_flag().exchange(on);
-}
-
-bool gemv_norm_scale() {
-  return gemv_norm_scale_flag().load(std::memory_order_relaxed);
-}
-
 bool gemv_writes_norm_halves(WeightFormat format, int64_t n_tokens, int64_t cols, int64_t rows) {
   return gemv_writes_halves(format, n_tokens, cols) && rows % kGroup == 0;
 }
@@ -2045,8 +1874,8 @@ Result<std::vector<GemvProfileRecord>> gemv_profile() {
 
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue, ShadowOut swiglu_shadow,
-            NormInput norm, HalfGroupInput halves, NormHalvesIn norm_halves, NormHalvesOut norm_out,
-            NormScaleOut scale_out, NormScaleIn norm_scale) {
+            NormInput norm, HalfGroupInput halves, NormHalvesIn norm_halves,
+            NormHalvesOut norm_out) {
   if (n_jobs < 1 || n_jobs > kMaxGemvJobs) {
     return Status::error("cuda matmul: " + std::to_string(n_jobs) + " weights in one GEMV");
   }
@@ -2061,8 +1890,7 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
       gemv_uses_dp4a(n_tokens, x_stride);
   if (n_tokens <= kMaxGemvTokens) {
     return gemv_launch(jobs, n_jobs, x, x_stride, n_tokens, sm_count, stream, epilogue,
-                       swiglu_shadow, norm, dp4a, halves, norm_halves, norm_out, scale_out,
-                       norm_scale);
+                       swiglu_shadow, norm, dp4a, halves, norm_halves, norm_out);
   }
   // Slices of 16 tokens, one launch each: every row of the input, outputs and shadow belongs to
   // one token, so a slice is the same call on offset pointers.
@@ -2083,12 +1911,8 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
     if (shadow.halves.q != nullptr || norm_out.out.q != nullptr) {
       return Status::error("cuda matmul: this GEMV cannot write a half-group quantized output");
     }
-    if (scale_out.z != nullptr || norm_scale.ss != nullptr) {
-      return Status::error("cuda matmul: a folded norm is at most 16 tokens'");
-    }
     KS_RETURN_IF_ERROR(gemv_launch(slice, n_jobs, x + int64_t(t0) * x_stride, x_stride, count,
-                                   sm_count, stream, epilogue, shadow, norm, dp4a, {}, {}, {}, {},
-                                   {}));
+                                   sm_count, stream, epilogue, shadow, norm, dp4a, {}, {}, {}));
   }
   return Status::ok();
 }

@@ -84,28 +84,6 @@ struct NormHalvesIn {
   const float* ss = nullptr;
 };
 
-// A residual's next RMSNorm folded into the GEMVs at 2-16 tokens (the GEMV that adds into the
-// residual, a store epilogue with a residual, rows a multiple of 32): it writes z = x·g / 16, the
-// new residual times the norm's weight `w` (over a power of two that widens fp16's range:
-// kFoldScale, gemv.cu), as the permuted fp16 input of the norm's GEMV (`z`, [16, rows]), and
-// each 16-row half's sum of squares a token (`ss`, [16][rows / 16], token-major). The norm is a
-// scale a token: rms_norm(x)·g·W = r (x·g·W), r = rsqrt(mean(x^2) + eps), so the norm's GEMV
-// multiplies z·W by 16 r (NormScaleIn) and no norm launch runs.
-struct NormScaleOut {
-  const float* w = nullptr;
-  __half* z = nullptr;
-  float* ss = nullptr;
-};
-
-// The norm's GEMV's side: the sums of squares of NormScaleOut (`halves` of them a token), the
-// norm's epsilon and 1 / its width; x is that NormScaleOut's z.
-struct NormScaleIn {
-  const float* ss = nullptr;
-  int halves = 0;
-  float eps = 0.0f;
-  float inv_cols = 0.0f;
-};
-
 enum class GemvEpilogue {
   store,   // y_j = x · w_jᵀ + bias_j
   swiglu,  // two jobs of equal rows (gate, up): y_1 = up, y_0 = silu(gate) * up, plus its shadow
@@ -122,14 +100,10 @@ enum class GemvEpilogue {
 // `norm_halves` (with `norm`, one token): that norm's input as the residual's producer prepared
 // it (NormHalvesOut); norm.x is still the residual (block 0 writes norm.out from it). `norm_out`
 // (one token, one job with a residual): prepare the residual's next norm input.
-// `scale_out` (2-16 tokens, one job with a residual, a store epilogue): write the residual's next
-// norm folded (NormScaleOut). `norm_scale` (2-16 tokens, no `norm`): x is such a z, and every
-// token's outputs are multiplied by its norm scale before the bias (swiglu: gate and up both).
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue = GemvEpilogue::store,
             ShadowOut swiglu_shadow = {}, NormInput norm = {}, HalfGroupInput halves = {},
-            NormHalvesIn norm_halves = {}, NormHalvesOut norm_out = {}, NormScaleOut scale_out = {},
-            NormScaleIn norm_scale = {});
+            NormHalvesIn norm_halves = {}, NormHalvesOut norm_out = {});
 
 // Whether a one-job store gemv() with a residual of `rows` rows over these weights can take a
 // NormHalvesOut.

@@ -348,13 +348,14 @@ TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
 // merging split) and at 301 (five tiles: splits merged by the last), with the solo rule on and
 // off. Attention's own output keeps its bits; two tokens, and an fp32 cache (the CUDA-core
 // kernel), never take the halves. Then an attention output rewritten before wo: wo reads it, not
-// the stale halves.
+// the stale halves. The merges also from staged partial results (set_attention_staged_merge).
 TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   struct Shape {
     int head_dim, n_heads, n_kv;
   };
   const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}};
   const ScopedSwitch halves_switch(cuda::set_attention_half_groups, false);
+  const ScopedSwitch staged_switch(cuda::set_attention_staged_merge, false);
   struct Restore {  // the solo rule's default
     ~Restore() { cuda::set_decode_solo(-1); }
   } restore;
@@ -419,12 +420,15 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
       run(run_of(1, 0, 40), 6300);
       const AttentionCall decodes[] = {{{300}, {0}}, {{40}, {1}}, {{300, 40}, {0, 1}}};
       uint64_t call_seed = 6400;
-      for (int solo : {-1, 0}) {  // the solo rule's default (one tile), and off
+      // The solo rule's default (one tile), off, and off with the staged merge.
+      for (int mode : {0, 1, 2}) {
+        const int solo = mode == 0 ? -1 : 0;
         cuda::set_decode_solo(solo);
+        cuda::set_attention_staged_merge(mode == 2);
         for (const AttentionCall& c : decodes) {
           const int64_t n = int64_t(c.positions.size());
           SCOPED_TRACE(std::to_string(n) + " tokens at position " + std::to_string(c.positions[0]) +
-                       (solo == 0 ? ", solo off" : ""));
+                       (solo == 0 ? ", solo off" : "") + (mode == 2 ? ", staged merge" : ""));
           ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, q_dim));
           std::pair<std::vector<float>, std::vector<float>> results[2];  // [groups of 32, halves]
           for (int halves : {0, 1}) {
@@ -453,6 +457,7 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
         }
       }
       cuda::set_decode_solo(-1);
+      cuda::set_attention_staged_merge(false);
       // An attention output rewritten after attention: wo reads it, not the stale halves.
       cuda::set_attention_half_groups(true);
       const auto rewritten = run(AttentionCall{{300}, {0}}, call_seed, true);
@@ -1219,6 +1224,15 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     const DecodeSolo forced(solo);
     check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
   }
+  // The merge from partial results staged in shared memory (set_attention_staged_merge), splits
+  // uncapped (the one-wave rule: 10 used at 600 positions), with 4, 6 and 16 query heads a KV
+  // head (16: a stage holds 8 splits, so the 600-position batch merges in two batches).
+  cuda::set_decode_split_cap(0);
+  const ScopedSwitch staged(cuda::set_attention_staged_merge, true);
+  SCOPED_TRACE("staged merge");
+  check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
+  check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
+  check_attention_calls(head_dim, kv_cache, 32, 2, shape, calls);
 }
 
 // Decode batches of distinct sequences where the split kernel's rotation takes its other paths:
@@ -1254,6 +1268,12 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
     check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
                           kv_cache == KvCacheType::fp8);
   }
+  // The merge from staged partial results (rope mode: the merging splits rotate their groups'
+  // heads in place after it).
+  const ScopedSwitch staged(cuda::set_attention_staged_merge, true);
+  SCOPED_TRACE("staged merge");
+  check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
+                        kv_cache == KvCacheType::fp8);
 }
 
 // fp8 value rows whose scale (largest entry / 448) is below fp16's normal range: at head_dim 64

@@ -116,6 +116,9 @@ struct DecodeWorkspace {
   // others). One tile: two tiles walked by one block lost to two splits and a merge (PERF.md,
   // twenty-second session).
   int solo = 1;
+  // Non-zero (cuda::set_attention_staged_merge): the merging split copies the partial results
+  // into its shared memory (cp.async) before it merges them (merge_group_staged).
+  int staged_merge = 0;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

@@ -116,6 +116,14 @@ bool attention_half_groups();
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the
 // same tokens), process-wide like set_gemv_block_cap. Returns the setting before.
 bool set_draw_wide_histograms(bool on);
+// Whether a tensor-core decode group's merging split copies every split's partial results into
+// its shared memory with cp.async before merging them, so all of them are requested at once,
+// instead of loading them into registers 16 splits at a time (off until measured;
+// KESTREL_CUDA_ATTENTION_STAGED_MERGE=1 sets the starting value). Results differ only in the
+// merge's rounding where a group has more splits than a batch of the stage. Process-wide;
+// decode graphs are keyed by it. Returns the setting before; attention_staged_merge() reads it.
+bool set_attention_staged_merge(bool on);
+bool attention_staged_merge();
 // The draw kernel's passes with several loads a thread in flight and the histograms' hot buckets
 // in registers (the default), or one load at a time and every round's atomics
 // (KESTREL_CUDA_DRAW_AHEAD=0 sets that as the starting value): a test aid and measurement switch;

@@ -1225,14 +1225,21 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
   }
   // The merge from partial results staged in shared memory (set_attention_staged_merge), splits
-  // uncapped (the one-wave rule: 10 used at 600 positions), with 4, 6 and 16 query heads a KV
-  // head (16: a stage holds 8 splits, so the 600-position batch merges in two batches).
+  // uncapped (the one-wave rule: 10 used at 600 positions on 132 SMs), with 4, 6 and 16 query
+  // heads a KV head (16: a stage holds 8 splits, so the 600-position batch merges in two
+  // batches), then with batches of at most 3 splits (several batches whatever the device).
   cuda::set_decode_split_cap(0);
   const ScopedSwitch staged(cuda::set_attention_staged_merge, true);
-  SCOPED_TRACE("staged merge");
-  check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
-  check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
-  check_attention_calls(head_dim, kv_cache, 32, 2, shape, calls);
+  struct BatchCap {
+    ~BatchCap() { cuda::set_staged_merge_batch_cap(0); }
+  } batch_cap;
+  for (int most : {0, 3}) {
+    cuda::set_staged_merge_batch_cap(most);
+    SCOPED_TRACE(most == 0 ? "staged merge" : "staged merge, 3 splits a batch");
+    check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
+    check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
+    check_attention_calls(head_dim, kv_cache, 32, 2, shape, calls);
+  }
 }
 
 // Decode batches of distinct sequences where the split kernel's rotation takes its other paths:

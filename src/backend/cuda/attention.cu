@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -1114,8 +1115,9 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
 // once, where merge_group's loads compete for the registers the kernel has left: its merge phase
 // grew with the splits, 0.9-1.5 us for two and 5.0-5.5 us for sixteen at batch 1, H100), then
 // merges them from there. Batches of as many splits as `stage_floats` holds (G x (D + 2) floats
-// a split: 8-22 splits at head_dim 128), each thread's outputs merged online across the
-// batches, in split order (a replayed graph gives the eager step's bits).
+// a split: floor(17408 / (130 G)) at head_dim 128, 33 at G = 4, 22 at 6, 8 at 16) and at most
+// ws.staged_merge, each thread's outputs merged online across the batches, in split order (a
+// replayed graph gives the eager step's bits).
 template <int D>
 __device__ void merge_group_staged(const AttentionArgs& a, const KvCache& c,
                                    const DecodeWorkspace& ws, int64_t local, int64_t t, int kvh,
@@ -1131,7 +1133,7 @@ __device__ void merge_group_staged(const AttentionArgs& a, const KvCache& c,
   GroupPairs<D> pairs;
   const bool write_back = a.inv_freq != nullptr && a.keep_rotated;
   if (write_back) load_group_pairs<D>(a, c, t, kvh, G, pairs);
-  const int batch = max(1, min(used, stage_floats / (G * (D + 2))));
+  const int batch = max(1, min(min(used, ws.staged_merge), stage_floats / (G * (D + 2))));
   float2* stage_ml = reinterpret_cast<float2*>(stage + G * batch * D);  // [G][batch] {m, l}
   float m[kItems], l[kItems];
   float4 acc[kItems];
@@ -1143,11 +1145,13 @@ __device__ void merge_group_staged(const AttentionArgs& a, const KvCache& c,
   }
   for (int s0 = 0; s0 < used; s0 += batch) {
     const int n = min(batch, used - s0);
-    for (int idx = tid; idx < G * n * kQuads; idx += kPrefillThreads) {
-      const int g = idx / (n * kQuads);
-      const int r = idx - g * n * kQuads;
-      const int s = r / kQuads;
-      const int q = r - s * kQuads;
+    // A thread's quad q of rows (g, s) tid / kQuads, + kPrefillThreads / kQuads, ...: one
+    // division a row.
+    static_assert(kPrefillThreads % kQuads == 0, "the block's threads cover whole rows");
+    const int q = tid % kQuads;
+    for (int row = tid / kQuads; row < G * n; row += kPrefillThreads / kQuads) {
+      const int g = row / n;
+      const int s = row - g * n;
       cp_async(stage + (g * batch + s) * D + q * 4,
                ws.o + ((head0 + g) * ws.max_splits + s0 + s) * int64_t(D) + q * 4, 16, true);
     }
@@ -2060,6 +2064,9 @@ std::atomic<bool>& attention_half_groups_flag() {
   return on;
 }
 
+// set_staged_merge_batch_cap: 0, no cap.
+int staged_merge_batch_cap = 0;
+
 // set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.
 int decode_split_cap = [] {
   const char* v = std::getenv("KESTREL_CUDA_DECODE_SPLIT_CAP");
@@ -2071,6 +2078,10 @@ int decode_split_cap = [] {
 
 void set_decode_solo(int tiles) {
   decode_solo_override = tiles;
+}
+
+void set_staged_merge_batch_cap(int cap) {
+  staged_merge_batch_cap = cap > 0 ? cap : 0;
 }
 
 void set_decode_split_cap(int cap) {
@@ -2203,7 +2214,9 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   DecodeWorkspace split_ws = ws;
   if (!merge_in_split) split_ws.arrivals = nullptr;
   if (decode_solo_override >= 0) split_ws.solo = decode_solo_override;
-  split_ws.staged_merge = attention_staged_merge_flag().load(std::memory_order_relaxed) ? 1 : 0;
+  split_ws.staged_merge = !attention_staged_merge_flag().load(std::memory_order_relaxed) ? 0
+                          : staged_merge_batch_cap > 0 ? staged_merge_batch_cap
+                                                       : INT_MAX;
   const size_t combine_smem = size_t(ws.max_splits) * sizeof(float);
   if (!merge_in_split && combine_smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(attention_combine_kernel,

@@ -117,7 +117,8 @@ struct DecodeWorkspace {
   // twenty-second session).
   int solo = 1;
   // Non-zero (cuda::set_attention_staged_merge): the merging split copies the partial results
-  // into its shared memory (cp.async) before it merges them (merge_group_staged).
+  // into its shared memory (cp.async) before it merges them (merge_group_staged), at most
+  // `staged_merge` splits a batch (cuda::set_staged_merge_batch_cap; else INT_MAX).
   int staged_merge = 0;
 };
 

@@ -120,10 +120,15 @@ bool set_draw_wide_histograms(bool on);
 // its shared memory with cp.async before merging them, so all of them are requested at once,
 // instead of loading them into registers 16 splits at a time (off until measured;
 // KESTREL_CUDA_ATTENTION_STAGED_MERGE=1 sets the starting value). Results differ only in the
-// merge's rounding where a group has more splits than a batch of the stage. Process-wide;
-// decode graphs are keyed by it. Returns the setting before; attention_staged_merge() reads it.
+// merge's rounding, where the splits are batched otherwise than 16 at a time (a group of more
+// than min(16, the stage's batch) splits). Process-wide; decode graphs are keyed by it. Returns
+// the setting before; attention_staged_merge() reads it.
 bool set_attention_staged_merge(bool on);
 bool attention_staged_merge();
+// The most splits one batch of the staged merge takes (0, the default: as many as the stage
+// holds): a test aid, so a short context merges in several batches. Process-wide, like
+// set_decode_split_cap; captured decode graphs keep the cap they were captured with.
+void set_staged_merge_batch_cap(int cap);
 // The draw kernel's passes with several loads a thread in flight and the histograms' hot buckets
 // in registers (the default), or one load at a time and every round's atomics
 // (KESTREL_CUDA_DRAW_AHEAD=0 sets that as the starting value): a test aid and measurement switch;

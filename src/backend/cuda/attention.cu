@@ -1045,6 +1045,34 @@ __device__ inline void store_merged4(const AttentionArgs& a, int64_t t, int64_t 
   }
 }
 
+// One output quad's running merge over a group's splits (merge_group, merge_group_staged): the
+// splits' maxima m (natural-log units), their sums l and outputs o, combined a batch at a time.
+struct MergeQuad {
+  float m = -INFINITY;
+  float l = 0.0f;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  // To a batch's running maximum mb (>= m, finite: every split that ran saw a key); e^(-inf) = 0
+  // drops the first batch's empty state.
+  __device__ void rescale_to(float mb) {
+    const float rescale = expf(m - mb);
+    l *= rescale;
+    acc.x *= rescale;
+    acc.y *= rescale;
+    acc.z *= rescale;
+    acc.w *= rescale;
+    m = mb;
+  }
+  // One split's {m, l} and outputs, at the running maximum (an empty slot's -inf adds 0).
+  __device__ void add(float2 ml, float4 o) {
+    const float e = expf(ml.x - m);
+    l += e * ml.y;
+    acc.x += e * o.x;
+    acc.y += e * o.y;
+    acc.z += e * o.z;
+    acc.w += e * o.w;
+  }
+};
+
 template <int D>
 __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const DecodeWorkspace& ws,
                             int64_t local, int64_t t, int kvh, int G, int used,
@@ -1070,8 +1098,7 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
     const float4* o =
         reinterpret_cast<const float4*>(ws.o + (head0 + g) * ws.max_splits * int64_t(D) + d);
     const float2* ml = reinterpret_cast<const float2*>(ws.ml + (head0 + g) * ws.max_splits * 2);
-    float m = -INFINITY, l = 0.0f;
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    MergeQuad quad;
     for (int s0 = 0; s0 < used; s0 += kMergeBatch) {
       float2 mv[kMergeBatch];
       float4 ov[kMergeBatch];
@@ -1081,29 +1108,14 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
         mv[i] = in ? __ldcg(ml + s0 + i) : make_float2(-INFINITY, 0.0f);
         ov[i] = in ? __ldcg(o + int64_t(s0 + i) * kQuads) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
-      // Every split that ran saw at least one key, so the batch's maximum is finite, and
-      // e^(-inf) = 0 drops the empty slots (and, in the first batch, the empty running state).
-      float mb = m;
+      float mb = quad.m;
 #pragma unroll
       for (int i = 0; i < kMergeBatch; ++i) mb = fmaxf(mb, mv[i].x);
-      const float rescale = expf(m - mb);
-      l *= rescale;
-      acc.x *= rescale;
-      acc.y *= rescale;
-      acc.z *= rescale;
-      acc.w *= rescale;
+      quad.rescale_to(mb);
 #pragma unroll
-      for (int i = 0; i < kMergeBatch; ++i) {
-        const float e = expf(mv[i].x - mb);
-        l += e * mv[i].y;
-        acc.x += e * ov[i].x;
-        acc.y += e * ov[i].y;
-        acc.z += e * ov[i].z;
-        acc.w += e * ov[i].w;
-      }
-      m = mb;
+      for (int i = 0; i < kMergeBatch; ++i) quad.add(mv[i], ov[i]);
     }
-    store_merged4(a, t, q_dim, (int64_t(kvh) * G + g) * D + d, acc, l);
+    store_merged4(a, t, q_dim, (int64_t(kvh) * G + g) * D + d, quad.acc, quad.l);
   }
   if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
   if (write_back) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
@@ -1135,14 +1147,14 @@ __device__ void merge_group_staged(const AttentionArgs& a, const KvCache& c,
   if (write_back) load_group_pairs<D>(a, c, t, kvh, G, pairs);
   const int batch = max(1, min(min(used, ws.staged_merge), stage_floats / (G * (D + 2))));
   float2* stage_ml = reinterpret_cast<float2*>(stage + G * batch * D);  // [G][batch] {m, l}
-  float m[kItems], l[kItems];
-  float4 acc[kItems];
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-    acc[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  }
+  MergeQuad quad[kItems];
+  // The thread's item i: head g's quad at dimension d, if the group has it.
+  auto item = [&](int i, int& g, int& d) {
+    const int idx = tid + i * kPrefillThreads;
+    g = idx / kQuads;
+    d = (idx % kQuads) * 4;
+    return idx < G * kQuads;
+  };
   for (int s0 = 0; s0 < used; s0 += batch) {
     const int n = min(batch, used - s0);
     // A thread's quad q of rows (g, s) tid / kQuads, + kPrefillThreads / kQuads, ...: one
@@ -1166,41 +1178,23 @@ __device__ void merge_group_staged(const AttentionArgs& a, const KvCache& c,
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
-      const int idx = tid + i * kPrefillThreads;
-      if (idx >= G * kQuads) continue;
-      const int g = idx / kQuads;
-      const int d = (idx % kQuads) * 4;
+      int g, d;
+      if (!item(i, g, d)) continue;
       const float2* ml = stage_ml + g * batch;
-      // Every split that ran saw at least one key, so the batch's maximum is finite, and
-      // e^(-inf) = 0 drops the empty running state of the first batch.
-      float mb = m[i];
+      float mb = quad[i].m;
       for (int s = 0; s < n; ++s) mb = fmaxf(mb, ml[s].x);
-      const float rescale = expf(m[i] - mb);
-      l[i] *= rescale;
-      acc[i].x *= rescale;
-      acc[i].y *= rescale;
-      acc[i].z *= rescale;
-      acc[i].w *= rescale;
+      quad[i].rescale_to(mb);
       for (int s = 0; s < n; ++s) {
-        const float e = expf(ml[s].x - mb);
-        const float4 v = *reinterpret_cast<const float4*>(stage + (g * batch + s) * D + d);
-        l[i] += e * ml[s].y;
-        acc[i].x += e * v.x;
-        acc[i].y += e * v.y;
-        acc[i].z += e * v.z;
-        acc[i].w += e * v.w;
+        quad[i].add(ml[s], *reinterpret_cast<const float4*>(stage + (g * batch + s) * D + d));
       }
-      m[i] = mb;
     }
     __syncthreads();  // the batch is read; the next one's copies may overwrite it
   }
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
-    const int idx = tid + i * kPrefillThreads;
-    if (idx >= G * kQuads) continue;
-    const int g = idx / kQuads;
-    const int d = (idx % kQuads) * 4;
-    store_merged4(a, t, q_dim, (int64_t(kvh) * G + g) * D + d, acc[i], l[i]);
+    int g, d;
+    if (item(i, g, d))
+      store_merged4(a, t, q_dim, (int64_t(kvh) * G + g) * D + d, quad[i].acc, quad[i].l);
   }
   if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
   if (write_back) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);

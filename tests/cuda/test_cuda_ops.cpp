@@ -248,6 +248,50 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
   }
 }
 
+// The deep ring (set_gemv_deep_ring): a one-token dp4a GEMV with no more row tiles than SMs whose
+// warps have more chunks of a tile than the default ring's five requests its whole tile before
+// the wait. The same arithmetic in the same order, so every output of a layer's GEMVs keeps its
+// bits: w_down over 9248 columns (73 chunks, ten a warp: the ring holds the tile) and 12320 (97
+// chunks, thirteen a warp: the ring wraps inside the tile), 256 rows (16 tiles, fewer than any
+// device's SMs), from the swiglu GEMV's half groups and from its fp16 shadow, on a wave of blocks
+// and on 3 blocks looping over the tiles (the ring running on into the next tile). The launch
+// count says the deep ring ran with the switch on and not with it off.
+TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
+  for (int64_t inter : {9248, 12320}) {
+    ModelConfig config = small_config(256, inter, 8, 2, 64, 300);
+    config.n_layers = 1;
+    ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 4700 + inter);
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, 1, inter));
+    const std::vector<float> x = random_values(size_t(config.hidden_size), 4800, 2.0f);
+    for (bool halves : {true, false}) {
+      const bool halves_before = cuda::set_gemv_half_groups(halves);
+      for (int cap : {0, 3}) {
+        SCOPED_TRACE(std::to_string(inter) + " columns" + (halves ? ", half groups" : "") +
+                     ", block cap " + std::to_string(cap));
+        cuda::set_gemv_block_cap(cap);
+        std::vector<float> results[2];  // [default ring, deep ring]
+        uint64_t deep_launches[2];
+        for (int deep : {0, 1}) {
+          const bool before = cuda::set_gemv_deep_ring(deep == 1);
+          const uint64_t launches = cuda::gemv_deep_ring_launches();
+          results[deep] = layer_gemv_outputs(*pair.gpu, pair, weights, 1, x);
+          deep_launches[deep] = cuda::gemv_deep_ring_launches() - launches;
+          cuda::set_gemv_deep_ring(before);
+        }
+        cuda::set_gemv_block_cap(0);
+        ASSERT_FALSE(results[1].empty());
+        EXPECT_EQ(deep_launches[0], 0u) << "the deep ring ran with the switch off";
+        EXPECT_EQ(deep_launches[1], 1u) << "w_down alone takes the deep ring";
+        EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten";
+        EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
+      }
+      cuda::set_gemv_half_groups(halves_before);
+    }
+  }
+}
+
 // The down GEMV's half-group input (HalfGroupInput): at one token the swiglu GEMV's epilogue
 // quantizes each 16-row tile of its output, and w_down's blocks copy that instead of quantizing
 // the fp16 shadow in groups of 32 (set_gemv_half_groups(false)). The two quantize differently,
@@ -348,14 +392,13 @@ TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
 // merging split) and at 301 (five tiles: splits merged by the last), with the solo rule on and
 // off. Attention's own output keeps its bits; two tokens, and an fp32 cache (the CUDA-core
 // kernel), never take the halves. Then an attention output rewritten before wo: wo reads it, not
-// the stale halves. The merges also from staged partial results (set_attention_staged_merge).
+// the stale halves.
 TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   struct Shape {
     int head_dim, n_heads, n_kv;
   };
   const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}};
   const ScopedSwitch halves_switch(cuda::set_attention_half_groups, false);
-  const ScopedSwitch staged_switch(cuda::set_attention_staged_merge, false);
   struct Restore {  // the solo rule's default
     ~Restore() { cuda::set_decode_solo(-1); }
   } restore;
@@ -420,15 +463,12 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
       run(run_of(1, 0, 40), 6300);
       const AttentionCall decodes[] = {{{300}, {0}}, {{40}, {1}}, {{300, 40}, {0, 1}}};
       uint64_t call_seed = 6400;
-      // The solo rule's default (one tile), off, and off with the staged merge.
-      for (int mode : {0, 1, 2}) {
-        const int solo = mode == 0 ? -1 : 0;
+      for (int solo : {-1, 0}) {  // the solo rule's default (one tile), and off
         cuda::set_decode_solo(solo);
-        cuda::set_attention_staged_merge(mode == 2);
         for (const AttentionCall& c : decodes) {
           const int64_t n = int64_t(c.positions.size());
           SCOPED_TRACE(std::to_string(n) + " tokens at position " + std::to_string(c.positions[0]) +
-                       (solo == 0 ? ", solo off" : "") + (mode == 2 ? ", staged merge" : ""));
+                       (solo == 0 ? ", solo off" : ""));
           ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, q_dim));
           std::pair<std::vector<float>, std::vector<float>> results[2];  // [groups of 32, halves]
           for (int halves : {0, 1}) {
@@ -457,7 +497,6 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
         }
       }
       cuda::set_decode_solo(-1);
-      cuda::set_attention_staged_merge(false);
       // An attention output rewritten after attention: wo reads it, not the stale halves.
       cuda::set_attention_half_groups(true);
       const auto rewritten = run(AttentionCall{{300}, {0}}, call_seed, true);
@@ -1224,22 +1263,12 @@ TEST_P(CudaAttention, MatchesCpuOverPrefillAndDecode) {
     const DecodeSolo forced(solo);
     check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
   }
-  // The merge from partial results staged in shared memory (set_attention_staged_merge), splits
-  // uncapped (the one-wave rule: 10 used at 600 positions on 132 SMs), with 4, 6 and 16 query
-  // heads a KV head (16: a stage holds 8 splits, so the 600-position batch merges in two
-  // batches), then with batches of at most 3 splits (several batches whatever the device).
+  // 16 query heads a KV head (the most a group holds), splits uncapped (the one-wave rule: 10
+  // used at 600 positions on 132 SMs): the merge's 16 x D / 4 outputs take several rounds of the
+  // block's 128 threads.
   cuda::set_decode_split_cap(0);
-  const ScopedSwitch staged(cuda::set_attention_staged_merge, true);
-  struct BatchCap {
-    ~BatchCap() { cuda::set_staged_merge_batch_cap(0); }
-  } batch_cap;
-  for (int most : {0, 3}) {
-    cuda::set_staged_merge_batch_cap(most);
-    SCOPED_TRACE(most == 0 ? "staged merge" : "staged merge, 3 splits a batch");
-    check_attention_calls(head_dim, kv_cache, n_heads, n_kv, shape, calls);
-    check_attention_calls(head_dim, kv_cache, 12, 2, shape, calls);
-    check_attention_calls(head_dim, kv_cache, 32, 2, shape, calls);
-  }
+  SCOPED_TRACE("16 query heads a KV head, splits uncapped");
+  check_attention_calls(head_dim, kv_cache, 32, 2, shape, calls);
 }
 
 // Decode batches of distinct sequences where the split kernel's rotation takes its other paths:
@@ -1275,12 +1304,6 @@ TEST_P(CudaAttention, RotatesInsideDecodeAcrossTilesAndSlices) {
     check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
                           kv_cache == KvCacheType::fp8);
   }
-  // The merge from staged partial results (rope mode: the merging splits rotate their groups'
-  // heads in place after it).
-  const ScopedSwitch staged(cuda::set_attention_staged_merge, true);
-  SCOPED_TRACE("staged merge");
-  check_attention_calls(head_dim, kv_cache, 32, 16, RunShape{24, 256, 256, 256}, calls, 1.0f,
-                        kv_cache == KvCacheType::fp8);
 }
 
 // fp8 value rows whose scale (largest entry / 448) is below fp16's normal range: at head_dim 64

@@ -1045,7 +1045,7 @@ __device__ inline void store_merged4(const AttentionArgs& a, int64_t t, int64_t 
   }
 }
 
-// One output quad's running merge over a group's splits (merge_group, merge_group_staged): the
+// One output quad's running merge over a group's splits (merge_group): the
 // splits' maxima m (natural-log units), their sums l and outputs o, combined a batch at a time.
 struct MergeQuad {
   float m = -INFINITY;
@@ -1116,85 +1116,6 @@ __device__ void merge_group(const AttentionArgs& a, const KvCache& c, const Deco
       for (int i = 0; i < kMergeBatch; ++i) quad.add(mv[i], ov[i]);
     }
     store_merged4(a, t, q_dim, (int64_t(kvh) * G + g) * D + d, quad.acc, quad.l);
-  }
-  if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
-  if (write_back) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
-}
-
-// merge_group with the partial results staged in shared memory first (DecodeWorkspace::
-// staged_merge): the merging block copies every split's partial outputs of its group into
-// `stage` with cp.async (no register holds a load in flight, so all of them are requested at
-// once, where merge_group's loads compete for the registers the kernel has left: its merge phase
-// grew with the splits, 0.9-1.5 us for two and 5.0-5.5 us for sixteen at batch 1, H100), then
-// merges them from there. Batches of as many splits as `stage_floats` holds (G x (D + 2) floats
-// a split: floor(17408 / (130 G)) at head_dim 128, 33 at G = 4, 22 at 6, 8 at 16) and at most
-// ws.staged_merge, each thread's outputs merged online across the batches, in split order (a
-// replayed graph gives the eager step's bits).
-template <int D>
-__device__ void merge_group_staged(const AttentionArgs& a, const KvCache& c,
-                                   const DecodeWorkspace& ws, int64_t local, int64_t t, int kvh,
-                                   int G, int used, const float2* angles, float* stage,
-                                   int stage_floats) {
-  constexpr int kQuads = D / 4;
-  static_assert(kQuads % 4 == 0, "a half group is four quads of one head (store_merged4)");
-  // A thread's outputs: quads tid, tid + kPrefillThreads, ... of the group's G x kQuads.
-  constexpr int kItems = (kMaxHeadGroup * kQuads + kPrefillThreads - 1) / kPrefillThreads;
-  const int tid = threadIdx.x;
-  const int64_t q_dim = int64_t(a.n_heads) * D;
-  const int64_t head0 = local * a.n_heads + int64_t(kvh) * G;  // the group's first (token, head)
-  GroupPairs<D> pairs;
-  const bool write_back = a.inv_freq != nullptr && a.keep_rotated;
-  if (write_back) load_group_pairs<D>(a, c, t, kvh, G, pairs);
-  const int batch = max(1, min(min(used, ws.staged_merge), stage_floats / (G * (D + 2))));
-  float2* stage_ml = reinterpret_cast<float2*>(stage + G * batch * D);  // [G][batch] {m, l}
-  MergeQuad quad[kItems];
-  // The thread's item i: head g's quad at dimension d, if the group has it.
-  auto item = [&](int i, int& g, int& d) {
-    const int idx = tid + i * kPrefillThreads;
-    g = idx / kQuads;
-    d = (idx % kQuads) * 4;
-    return idx < G * kQuads;
-  };
-  for (int s0 = 0; s0 < used; s0 += batch) {
-    const int n = min(batch, used - s0);
-    // A thread's quad q of rows (g, s) tid / kQuads, + kPrefillThreads / kQuads, ...: one
-    // division a row.
-    static_assert(kPrefillThreads % kQuads == 0, "the block's threads cover whole rows");
-    const int q = tid % kQuads;
-    for (int row = tid / kQuads; row < G * n; row += kPrefillThreads / kQuads) {
-      const int g = row / n;
-      const int s = row - g * n;
-      cp_async(stage + (g * batch + s) * D + q * 4,
-               ws.o + ((head0 + g) * ws.max_splits + s0 + s) * int64_t(D) + q * 4, 16, true);
-    }
-    cp_async_commit();
-    for (int idx = tid; idx < G * n; idx += kPrefillThreads) {  // beside the copies
-      const int g = idx / n;
-      const int s = idx - g * n;
-      stage_ml[g * batch + s] =
-          __ldcg(reinterpret_cast<const float2*>(ws.ml) + (head0 + g) * ws.max_splits + s0 + s);
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      int g, d;
-      if (!item(i, g, d)) continue;
-      const float2* ml = stage_ml + g * batch;
-      float mb = quad[i].m;
-      for (int s = 0; s < n; ++s) mb = fmaxf(mb, ml[s].x);
-      quad[i].rescale_to(mb);
-      for (int s = 0; s < n; ++s) {
-        quad[i].add(ml[s], *reinterpret_cast<const float4*>(stage + (g * batch + s) * D + d));
-      }
-    }
-    __syncthreads();  // the batch is read; the next one's copies may overwrite it
-  }
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    int g, d;
-    if (item(i, g, d))
-      store_merged4(a, t, q_dim, (int64_t(kvh) * G + g) * D + d, quad[i].acc, quad[i].l);
   }
   if (kvh == c.n_kv_heads - 1) zero_shadow_padding(a, t, q_dim, kPrefillThreads);
   if (write_back) store_group_pairs<D>(a, c, t, kvh, G, pairs, angles);
@@ -1999,13 +1920,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   }
   __syncthreads();
   if (!merges) return;
-  if (ws.staged_merge != 0) {  // the stages' shared memory is free: the warps' states are merged
-    merge_group_staged<D>(a, c, ws, local, t, kvh, G, used, angles,
-                          reinterpret_cast<float*>(decode_smem),
-                          int(prefill_smem_bytes<D>() / sizeof(float)));
-  } else {
-    merge_group<D>(a, c, ws, local, t, kvh, G, used, angles);
-  }
+  merge_group<D>(a, c, ws, local, t, kvh, G, used, angles);
   if (ws.profile != 0) __syncthreads();  // the merge's end is its slowest thread's
   if (mark && profiled_step(a, ws, local, kvh, pos)) {
     marks[6] = global_ns();
@@ -2042,14 +1957,6 @@ bool combine_launch() {
   return on;
 }
 
-// Whether the merging split stages the partial results in shared memory (merge_group_staged;
-// set_attention_staged_merge; KESTREL_CUDA_ATTENTION_STAGED_MERGE=1 at start-up, off until
-// measured).
-std::atomic<bool>& attention_staged_merge_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_STAGED_MERGE", "1")};
-  return on;
-}
-
 // Whether the backend asks a one-token decode attention for its output's half groups
 // (attention_half_groups; the default since the twenty-fifth session's H100 measurement;
 // KESTREL_CUDA_ATTENTION_HALF_GROUPS=0 at start-up turns it off).
@@ -2057,9 +1964,6 @@ std::atomic<bool>& attention_half_groups_flag() {
   static std::atomic<bool> on{!env_is("KESTREL_CUDA_ATTENTION_HALF_GROUPS", "0")};
   return on;
 }
-
-// set_staged_merge_batch_cap: 0, no cap.
-int staged_merge_batch_cap = 0;
 
 // set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.
 int decode_split_cap = [] {
@@ -2074,24 +1978,12 @@ void set_decode_solo(int tiles) {
   decode_solo_override = tiles;
 }
 
-void set_staged_merge_batch_cap(int cap) {
-  staged_merge_batch_cap = cap > 0 ? cap : 0;
-}
-
 void set_decode_split_cap(int cap) {
   decode_split_cap = cap > 0 ? cap : 0;
 }
 
 bool set_attention_half_groups(bool on) {
   return attention_half_groups_flag().exchange(on);
-}
-
-bool set_attention_staged_merge(bool on) {
-  return attention_staged_merge_flag().exchange(on);
-}
-
-bool attention_staged_merge() {
-  return attention_staged_merge_flag().load(std::memory_order_relaxed);
 }
 
 bool attention_half_groups() {
@@ -2208,9 +2100,6 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   DecodeWorkspace split_ws = ws;
   if (!merge_in_split) split_ws.arrivals = nullptr;
   if (decode_solo_override >= 0) split_ws.solo = decode_solo_override;
-  split_ws.staged_merge = !attention_staged_merge_flag().load(std::memory_order_relaxed) ? 0
-                          : staged_merge_batch_cap > 0 ? staged_merge_batch_cap
-                                                       : INT_MAX;
   const size_t combine_smem = size_t(ws.max_splits) * sizeof(float);
   if (!merge_in_split && combine_smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(attention_combine_kernel,

@@ -116,10 +116,6 @@ struct DecodeWorkspace {
   // others). One tile: two tiles walked by one block lost to two splits and a merge (PERF.md,
   // twenty-second session).
   int solo = 1;
-  // Non-zero (cuda::set_attention_staged_merge): the merging split copies the partial results
-  // into its shared memory (cp.async) before it merges them (merge_group_staged), at most
-  // `staged_merge` splits a batch (cuda::set_staged_merge_batch_cap; else INT_MAX).
-  int staged_merge = 0;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

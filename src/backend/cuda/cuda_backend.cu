@@ -84,8 +84,7 @@ bool& plan_final_norm_flag() {
 // its replay's check against launches that differ.
 int32_t path_switches() {
   return int32_t(gemv_half_groups()) | int32_t(gemv_norm_halves()) << 1 |
-         int32_t(plan_final_norm_flag()) << 2 | int32_t(attention_half_groups()) << 3 |
-         int32_t(attention_staged_merge()) << 4;
+         int32_t(plan_final_norm_flag()) << 2 | int32_t(attention_half_groups()) << 3;
 }
 
 // Two weights one layer kernel launch may treat alike: the same format, shape and tiling.

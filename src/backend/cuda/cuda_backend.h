@@ -91,6 +91,16 @@ bool set_gemv_norm_ahead(bool on);
 // quantization's error. Returns the setting before; gemv_half_groups() reads it.
 bool set_gemv_half_groups(bool on);
 bool gemv_half_groups();
+// Whether a one-token dp4a GEMV whose row tiles are no more than the SMs and whose warps have more
+// chunks of a tile than the default ring holds (the 1.5B's w_down) takes a ring that holds the
+// whole tile, so all of its weights are requested before the wait (off until measured;
+// KESTREL_CUDA_GEMV_DEEP_RING=1 sets the starting value). The same arithmetic in the same order:
+// the same bits. Process-wide; a captured step keeps the kernel it was captured with, which
+// gives the same bits. Returns the setting before.
+bool set_gemv_deep_ring(bool on);
+// GEMV launches that took the deep ring since the process started (host-side count of the calls
+// that chose it, a test aid).
+uint64_t gemv_deep_ring_launches();
 // Whether a GEMV adding into the residual at one token also prepares the residual's next RMSNorm
 // input (NormHalvesOut, gemv.cuh: x·g in half groups and the tiles' sums of squares) for that
 // norm's GEMV, which then neither normalizes nor quantizes (on by default;
@@ -116,19 +126,6 @@ bool attention_half_groups();
 // most 2^18 tokens take three 32-bit parts: a test aid (both give the same integer sums, so the
 // same tokens), process-wide like set_gemv_block_cap. Returns the setting before.
 bool set_draw_wide_histograms(bool on);
-// Whether a tensor-core decode group's merging split copies every split's partial results into
-// its shared memory with cp.async before merging them, so all of them are requested at once,
-// instead of loading them into registers 16 splits at a time (off until measured;
-// KESTREL_CUDA_ATTENTION_STAGED_MERGE=1 sets the starting value). Results differ only in the
-// merge's rounding, where the splits are batched otherwise than 16 at a time (a group of more
-// than min(16, the stage's batch) splits). Process-wide; decode graphs are keyed by it. Returns
-// the setting before; attention_staged_merge() reads it.
-bool set_attention_staged_merge(bool on);
-bool attention_staged_merge();
-// The most splits one batch of the staged merge takes (0, the default: as many as the stage
-// holds): a test aid, so a short context merges in several batches. Process-wide, like
-// set_decode_split_cap; captured decode graphs keep the cap they were captured with.
-void set_staged_merge_batch_cap(int cap);
 // The draw kernel's passes with several loads a thread in flight and the histograms' hot buckets
 // in registers (the default), or one load at a time and every round's atomics
 // (KESTREL_CUDA_DRAW_AHEAD=0 sets that as the starting value): a test aid and measurement switch;

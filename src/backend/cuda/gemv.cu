@@ -43,6 +43,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <type_traits>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.cuh"
@@ -156,7 +157,11 @@ __device__ inline void dequant_quarter(const uint32_t (&w)[words_per_group<F>()]
 // stages filled with cp.async, so many chunks are in flight without holding registers. A lane
 // copies, and later reads, only its own bytes (its two rows' 16-byte pieces of the group and
 // their scales), so a stage needs no barrier: cp.async.wait_group alone says it has landed.
-template <WeightFormat F, int MT>
+// kDeep: the ring of a block that holds its whole row tile (kDeepStages chunks a warp, 92 KB at
+// int4 with one m-tile): deep_ring's launches, one tile a block.
+constexpr int kDeepStages = 10;
+
+template <WeightFormat F, int MT, bool kDeep = false>
 struct Pipe {
   static constexpr bool kAsym = F == WeightFormat::asym_int4;
   static constexpr int kWords = words_per_group<F>();  // per row per group
@@ -168,9 +173,11 @@ struct Pipe {
   static constexpr int kScaleWords = kScaleWordsPerKind * (kAsym ? 2 : 1);
   // Deep enough to cover DRAM latency, small enough that three or four blocks share an SM
   // (a stage is 1 KB a warp for int4 with one m-tile).
-  static constexpr int kStages = (F == WeightFormat::sym_int4 || kAsym) ? (MT == 1 ? 5 : 3)
-                                 : F == WeightFormat::sym_int8          ? (MT == 1 ? 4 : 2)
-                                                                        : (MT == 1 ? 3 : 2);
+  static_assert(!kDeep || (kTiled && MT == 1), "the deep ring is the one-m-tile int4 GEMV's");
+  static constexpr int kStages = kDeep                                    ? kDeepStages
+                                 : (F == WeightFormat::sym_int4 || kAsym) ? (MT == 1 ? 5 : 3)
+                                 : F == WeightFormat::sym_int8            ? (MT == 1 ? 4 : 2)
+                                                                          : (MT == 1 ? 3 : 2);
   static constexpr int kLaneBytes = kPieces * 16 + kScaleWords * 4;
   static constexpr int kWarpStageBytes = kLaneBytes * 32;
   static constexpr int kBytes = kWarps * kStages * kWarpStageBytes;
@@ -672,10 +679,12 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
 // into shared memory instead of quantized, each group's two halves multiplied with their own
 // scales; with kNorm, the residual's next-norm input (NormHalvesIn: p.xh and p.norm_ss), each
 // scale times the norm's rsqrt.
+// kDeep: the ring of kDeepStages chunks a warp (deep_ring), the same arithmetic in the same order.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false>
+          bool kHalves = false, bool kDeep = false>
 __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
+  static_assert(!kDeep || (kDp == 1 && !kSwiglu && !kNorm), "deep_ring's instances");
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(!kHalves || (kDp == 1 && (kNorm || (!kSwiglu && MT == 1))),
                 "a half-group input is one token's: a plain one-m-tile GEMV's, or a fused norm's");
@@ -712,7 +721,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // their tiles, one a block: consume() reads the host-layout scales' parity from the issue
   // cursor's offsets, which run ahead into the next tile, and only the tiled formats need no
   // per-tile state there.
-  constexpr bool kPersistent = Pipe<F, MT>::kTiled;
+  constexpr bool kPersistent = Pipe<F, MT, kDeep>::kTiled;
   // This block's tiles: tile0, tile0 + tile_step, ...
   const int tile0 = int(blockIdx.x);
   const int tile_step = int(gridDim.x);
@@ -722,7 +731,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
 
   float acc[MT][NT][4];
   const int64_t n_chunks = (p.n_groups + kChunkGroups - 1) / kChunkGroups;
-  using P = Pipe<F, MT>;
+  using P = Pipe<F, MT, kDeep>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* pipe = smem + warp * P::kStages * P::kWarpStageBytes;
   // NormInput mode: [1, x_stride] fp16 permuted input, after the pipeline's stages.
@@ -1416,6 +1425,32 @@ constexpr int dp_sums_bytes(int kDp, int MT) {
 
 int block_cap = 0;  // set_gemv_block_cap
 
+// Whether deep_ring may choose the deep ring (set_gemv_deep_ring; KESTREL_CUDA_GEMV_DEEP_RING=1 at
+// start-up; off until measured).
+std::atomic<bool>& gemv_deep_ring_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_DEEP_RING", "1")};
+  return on;
+}
+
+// Whether a one-token dp4a GEMV of one-m-tile tiles takes the deep ring (kDeep): where the tiles
+// are no more than the SMs, so every block has one tile and the SM to itself once the kernel
+// before it leaves, and a warp's chunks of a tile outnumber the default ring's stages (the
+// 1.5B's w_down: 96 tiles of 70 chunks, 9 a warp). The deep ring requests the whole tile before
+// the wait, where the default one requests five chunks a warp and the rest after it (the
+// twenty-sixth session's profile: 4.35 us of that GEMV's 5.22 after the wait were its first
+// tile, at 1484 GB/s).
+// Counts the launches it chooses (gemv_deep_ring_launches).
+std::atomic<uint64_t> deep_ring_launches{0};
+
+template <WeightFormat F>
+bool deep_ring(const GemvParams& p) {
+  if (!gemv_deep_ring_flag().load(std::memory_order_relaxed)) return false;
+  const int64_t per_warp = ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
+  const bool deep = p.n_tiles <= p.sm_count && per_warp > Pipe<F, 1>::kStages;
+  if (deep) deep_ring_launches.fetch_add(1, std::memory_order_relaxed);
+  return deep;
+}
+
 // Whether int4 launches are persistent (a wave of blocks looping over the row tiles) or a block
 // a tile. KESTREL_CUDA_GEMV_PERSISTENT, a measurement aid: 1 (the default) both paths, 2 the
 // dp4a path only (the eighth session's default), 0 neither.
@@ -1433,10 +1468,11 @@ bool launch_persistent(bool dp4a) {
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false>
+          bool kHalves = false, bool kDeep = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
+  using P = Pipe<F, MT, kDeep>;
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
-  constexpr int kPipeBytes = Pipe<F, MT>::kBytes;
+  constexpr int kPipeBytes = P::kBytes;
   constexpr int kSumBytes = kDp > 0 ? dp_sums_bytes(kDp, MT) : 0;
   constexpr bool kShadowRow = kNorm && !kHalves;  // the kernel's xs (none from half groups)
   constexpr int kMaxInputBytes = (kShadowRow ? int(kMaxNormInputCols * sizeof(__half)) : 0) +
@@ -1445,15 +1481,15 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   const int input_bytes = (kShadowRow ? int(p.x_stride * int64_t(sizeof(__half))) : 0) +
                           int(dp_input_bytes(kDp, p.x_stride, kHalves)) + kSumBytes;
   // A persistent mma-path block keeps its warps' exchange apart from the ring, which streams on.
-  constexpr bool kOwnReduce = Pipe<F, MT>::kTiled && kDp == 0;
+  constexpr bool kOwnReduce = P::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kDeep>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
   int blocks = p.n_tiles;
-  if (Pipe<F, MT>::kTiled && launch_persistent(kDp > 0)) {
+  if (P::kTiled && launch_persistent(kDp > 0)) {
     // Blocks an SM holds depend only on the instantiation and its shared memory (the input's
     // width: wo and down share an instantiation): asked once per width, not at every launch of
     // an eager step. Per thread, as a tensor-parallel run drives each device from its own.
@@ -1509,30 +1545,25 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
     // The half-group input (p.xh, set by gemv_launch for one token without a norm) is read by
     // the one-m-tile instances; the others quantize p.x, the same activation's shadow.
     constexpr bool kMayHalve = MT == 1 && !kSwiglu;
-    if (p.dp4a && p.profile) {
+    // The dp4a instances, with the phase profile's marks (kProfile: p.profile) or without.
+    auto dp4a = [&](auto profile) -> Status {
+      constexpr bool kP = decltype(profile)::value;
       if (p.norm.x != nullptr && p.norm_ss != nullptr) {
-        return launch_kernel<F, MT, 1, kSwiglu, true, 1, true, true>(p, stream);
+        return launch_kernel<F, MT, 1, kSwiglu, true, 1, kP, true>(p, stream);
       }
-      if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1, true>(p, stream);
+      if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1, kP>(p, stream);
       if constexpr (kMayHalve) {
-        if (p.xh.q != nullptr)
-          return launch_kernel<F, MT, 1, false, false, 1, true, true>(p, stream);
+        const bool deep = (p.xh.q != nullptr || p.n_tokens == 1) && deep_ring<F>(p);
+        if (p.xh.q != nullptr) {
+          return deep ? launch_kernel<F, MT, 1, false, false, 1, kP, true, true>(p, stream)
+                      : launch_kernel<F, MT, 1, false, false, 1, kP, true>(p, stream);
+        }
+        if (deep) return launch_kernel<F, MT, 1, false, false, 1, kP, false, true>(p, stream);
       }
-      if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1, true>(p, stream);
-      return launch_kernel<F, MT, 1, kSwiglu, false, 2, true>(p, stream);
-    }
-    if (p.dp4a) {
-      if (p.norm.x != nullptr && p.norm_ss != nullptr) {
-        return launch_kernel<F, MT, 1, kSwiglu, true, 1, false, true>(p, stream);
-      }
-      if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1>(p, stream);
-      if constexpr (kMayHalve) {
-        if (p.xh.q != nullptr)
-          return launch_kernel<F, MT, 1, false, false, 1, false, true>(p, stream);
-      }
-      if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1>(p, stream);
-      return launch_kernel<F, MT, 1, kSwiglu, false, 2>(p, stream);
-    }
+      if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1, kP>(p, stream);
+      return launch_kernel<F, MT, 1, kSwiglu, false, 2, kP>(p, stream);
+    };
+    if (p.dp4a) return p.profile ? dp4a(std::true_type{}) : dp4a(std::false_type{});
     // A fused norm input is one token of at most 4096 columns, which always takes dp4a: the
     // int4 mma path has no norm instance.
     if (p.norm.x != nullptr) {
@@ -1810,6 +1841,14 @@ bool set_gemv_norm_ahead(bool on) {
 
 bool set_gemv_half_groups(bool on) {
   return gemv_half_groups_flag().exchange(on);
+}
+
+bool set_gemv_deep_ring(bool on) {
+  return gemv_deep_ring_flag().exchange(on);
+}
+
+uint64_t gemv_deep_ring_launches() {
+  return deep_ring_launches.load(std::memory_order_relaxed);
 }
 
 bool gemv_half_groups() {

@@ -93,8 +93,8 @@ bool set_gemv_half_groups(bool on);
 bool gemv_half_groups();
 // Whether a one-token dp4a GEMV whose row tiles are no more than the SMs and whose warps have more
 // chunks of a tile than the default ring holds (the 1.5B's w_down) takes a ring that holds the
-// whole tile, so all of its weights are requested before the wait (off until measured;
-// KESTREL_CUDA_GEMV_DEEP_RING=1 sets the starting value). The same arithmetic in the same order:
+// whole tile, so all of its weights are requested before the wait (the default;
+// KESTREL_CUDA_GEMV_DEEP_RING=0 turns it off at start-up). The same arithmetic in the same order:
 // the same bits. Process-wide; a captured step keeps the kernel it was captured with, which
 // gives the same bits. Returns the setting before.
 bool set_gemv_deep_ring(bool on);

@@ -1425,10 +1425,12 @@ constexpr int dp_sums_bytes(int kDp, int MT) {
 
 int block_cap = 0;  // set_gemv_block_cap
 
-// Whether deep_ring may choose the deep ring (set_gemv_deep_ring; KESTREL_CUDA_GEMV_DEEP_RING=1 at
-// start-up; off until measured).
+// Whether deep_ring may choose the deep ring (set_gemv_deep_ring): the default since the
+// twenty-seventh session's H100 measurement (tg128 at batch 1: 1.5B +2.0% in both rounds, its
+// w_down 5.18 -> 4.45 us after the wait; the 8B has no such weight);
+// KESTREL_CUDA_GEMV_DEEP_RING=0 at start-up turns it off.
 std::atomic<bool>& gemv_deep_ring_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_DEEP_RING", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_DEEP_RING", "0")};
   return on;
 }
 

@@ -435,13 +435,18 @@ TEST(CudaBench, DISABLED_Chain) {
 // 32 replayed steps after a 1000-token prompt, medians per weight. "wait" is from the block's
 // start to its wait's return (long where the launch came early, under the kernel before);
 // "after the wait" is the block's critical path once its input is there: the input stage (the
-// norm and int8 quantization), its first row tile, its other tiles.
+// norm and int8 quantization), its first row tile, its other tiles. The first tile in three:
+// until thread 0's first chunk of weights has landed (requested at the block's start, before
+// the wait), the rest of thread 0's chunks (their arrival and the multiplications), and the
+// exchange of the warps' sums and the stores (after a barrier that waits for every warp's
+// chunks).
 TEST(CudaBench, DISABLED_GemvProfile) {
   cuda::set_gemv_profile(true);
   std::printf(
       "\n| model | weight | rows x cols | weights MB | blocks | tiles (block 0's) | launches | "
-      "wait us | input stage us | first tile us | other tiles us | after the wait us | weights "
-      "GB/s after the wait |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+      "wait us | input stage us | first chunk us | first tile's other chunks us | first tile's "
+      "exchange and stores us | other tiles us | after the wait us | weights GB/s after the wait "
+      "|\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const std::string name : {"qwen2-1.5b", "llama3.1-8b"}) {
     EngineOptions options;
     options.model = "synthetic:" + name;
@@ -481,7 +486,7 @@ TEST(CudaBench, DISABLED_GemvProfile) {
     ASSERT_FALSE(records->empty()) << "no GEMV launch recorded its profile";
     struct Phases {
       const cuda::GemvProfileRecord* first = nullptr;
-      std::vector<double> wait, input, tile, rest, after;
+      std::vector<double> wait, input, chunk, chunks, stores, rest, after;
     };
     std::map<std::tuple<int64_t, int64_t, int>, Phases> by_weight;
     for (const cuda::GemvProfileRecord& r : *records) {
@@ -490,9 +495,11 @@ TEST(CudaBench, DISABLED_GemvProfile) {
       const auto us = [&](int a, int b) { return double(r.ns[b] - r.ns[a]) * 1e-3; };
       p.wait.push_back(us(0, 1));
       p.input.push_back(us(1, 2));
-      p.tile.push_back(us(2, 3));
-      p.rest.push_back(us(3, 4));
-      p.after.push_back(us(1, 4));
+      p.chunk.push_back(us(2, 3));
+      p.chunks.push_back(us(3, 4));
+      p.stores.push_back(us(4, 5));
+      p.rest.push_back(us(5, 6));
+      p.after.push_back(us(1, 6));
     }
     // q/k/v and wo share their first weight's shape where q_dim is the hidden size: q/k/v has
     // the k and v tiles too, so of two launches of that shape it has the more tiles.
@@ -523,11 +530,11 @@ TEST(CudaBench, DISABLED_GemvProfile) {
       const double mb = double(all_rows) * double(cols) * 9.0 / 16.0 / 1e6;
       const double after = median(p.after);
       std::printf(
-          "| %s | %s | %lld x %lld | %.1f | %d | %d (%d) | %zu | %.2f | %.2f | %.2f | %.2f "
-          "| %.2f | %.0f |\n",
+          "| %s | %s | %lld x %lld | %.1f | %d | %d (%d) | %zu | %.2f | %.2f | %.2f | %.2f | %.2f "
+          "| %.2f | %.2f | %.0f |\n",
           name.c_str(), what.c_str(), (long long)rows, (long long)cols, mb, p.first->blocks, tiles,
-          p.first->block_tiles, p.after.size(), median(p.wait), median(p.input), median(p.tile),
-          median(p.rest), after, mb * 1e-3 / (after * 1e-6));
+          p.first->block_tiles, p.after.size(), median(p.wait), median(p.input), median(p.chunk),
+          median(p.chunks), median(p.stores), median(p.rest), after, mb * 1e-3 / (after * 1e-6));
     }
   }
   cuda::set_gemv_profile(false);

@@ -174,9 +174,12 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
 // The GEMV's phases, from inside (a measurement aid: KESTREL_CUDA_GEMV_PROFILE=1 or
 // set_gemv_profile before the launches are made or captured). Thread 0 of block 0 of every decode
 // GEMV launch records the device clock (ns) at its start, when its wait for the kernel before
-// returns, after its input stage (the norm and int8 quantization), after its first row tile and at
-// its end, into a ring of the last 4096 launches that gemv_profile reads (after synchronizing the
-// device) oldest first. The row-warp kernel (the lm_head at 3-16 tokens) records nothing.
+// returns, after its input stage (the norm and int8 quantization), when its first chunk of
+// weights has landed, after its chunk loop of the first row tile (thread 0's: warp 0's chunks),
+// after that tile's exchange between warps and its stores (which wait for every warp's chunks)
+// and at its end, into a ring of the last 4096 launches that gemv_profile reads (after
+// synchronizing the device) oldest first. The row-warp kernel (the lm_head at 3-16 tokens)
+// records nothing.
 struct GemvProfileRecord {
   int64_t rows = 0;  // the first weight's rows and columns
   int64_t cols = 0;
@@ -184,7 +187,9 @@ struct GemvProfileRecord {
   int blocks = 0;       // the launch's grid
   int tiles = 0;        // its row tiles
   int block_tiles = 0;  // block 0's share of them
-  uint64_t ns[5] = {};  // start, wait returned, input staged, first tile done, end
+  // start, wait returned, input staged, first chunk landed, first tile's chunks multiplied, first
+  // tile done, end
+  uint64_t ns[7] = {};
 };
 void set_gemv_profile(bool on);
 Status reset_gemv_profile();

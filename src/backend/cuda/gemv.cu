@@ -55,10 +55,13 @@ namespace {
 // The GEMV's phase profile (set_gemv_profile, KESTREL_CUDA_GEMV_PROFILE=1; a measurement aid):
 // thread 0 of block 0 of every gemv_kernel launch takes a slot of this ring and records
 // %globaltimer at its start, when its wait for the kernel before returns, after the input stage,
-// after its first row tile and at its end, beside the call's shape.
+// when its first chunk of weights has landed, after its chunk loop of the first row tile, after
+// that tile's exchange and stores, and at its end, beside the call's shape
+// (GemvProfileRecord::ns).
 constexpr int kGemvProfileSlots = 4096;
+constexpr int kGemvProfileMarks = 7;
 struct GemvProfileSlot {
-  uint64_t marks[5];
+  uint64_t marks[kGemvProfileMarks];
   int64_t rows;
   int64_t cols;
   int n_tokens;
@@ -959,7 +962,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
                                kDp * p.n_groups * (kHalves ? 2 : 1) * int64_t(sizeof(int2)));
   int stage = 0;
   for (int iter = 0; iter < n_my_tiles; ++iter) {
-    if (profiled && iter == 1) mark(3);
+    if (profiled && iter == 1) mark(5);
     const TileAt at = locate(tile0 + iter * tile_step);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -981,6 +984,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       uint32_t b_next[NT][4][4];
       if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
       cp_async_wait<P::kStages - 1>();
+      if (profiled && iter == 0 && chunk == warp) mark(3);  // thread 0's first chunk landed
       Fragment<F, MT> f;
       consume(stage, chunk, f);
       if constexpr (kDp > 0) {
@@ -1071,6 +1075,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
             for (int i = 0; i < 4; ++i) b_cur[nt][u][i] = b_next[nt][u][i];
       }
     }
+    if (profiled && iter == 0) mark(4);  // thread 0's chunks of the first tile multiplied
     if constexpr (kDp > 0) {
       // The quad's four lanes hold the same rows over different groups: their sums meet by
       // shuffles, lane quad_col == 0 posts them, and after the barrier each output sums the
@@ -1204,8 +1209,12 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   }                                              // tiles
   if constexpr (kSwiglu) zero_swiglu_shadow_pad(p);
   if (profiled) {
-    if (n_my_tiles < 2) mark(3);
-    mark(4);
+    if (n_my_tiles < 1) {
+      mark(3);
+      mark(4);
+    }
+    if (n_my_tiles < 2) mark(5);
+    mark(6);
   }
 }
 
@@ -1907,7 +1916,8 @@ Result<std::vector<GemvProfileRecord>> gemv_profile() {
     r.blocks = s.blocks;
     r.tiles = s.tiles;
     r.block_tiles = s.block_tiles;
-    for (int i = 0; i < 5; ++i) r.ns[i] = s.marks[i];
+    static_assert(kGemvProfileMarks == sizeof(r.ns) / sizeof(r.ns[0]), "a record's marks");
+    for (int i = 0; i < kGemvProfileMarks; ++i) r.ns[i] = s.marks[i];
     out.push_back(r);
   }
   return out;

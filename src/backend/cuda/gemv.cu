@@ -90,6 +90,7 @@ struct GemvParams {
   int sm_count = 0;                // host only: the device's SMs
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
+  bool wait_trigger = false;   // ... when this one's wait returns (trigger_mode 4)
   bool profile = false;        // host only: the dp4a path's profiling instance (gemv_profile_flag)
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
@@ -939,6 +940,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     if (p.norm_ahead && needs_norm_w) load_norm_weight(p, norm_w);
   }
   pdl_wait();
+  if (p.wait_trigger) pdl_trigger();
   if (profiled) mark(1);
   if constexpr (kNorm) {
     if (!p.norm_ahead && needs_norm_w) load_norm_weight(p, norm_w);
@@ -1093,7 +1095,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           }
         }
       }
-      if (!p.early_trigger && iter + 1 == n_my_tiles) pdl_trigger();
+      if (!p.early_trigger && !p.wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
       __syncthreads();
       constexpr int kRowsOut = kSwiglu ? 16 : 16 * MT;
       // Output e is token e % kDp of row e / kDp.
@@ -1159,7 +1161,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     // a tile (fp16, int8) reuses the drained pipeline's memory.
     if constexpr (!kPersistent) cp_async_wait<0>();
     if constexpr (!kPersistent) __syncthreads();
-    if (!p.early_trigger && iter + 1 == n_my_tiles) pdl_trigger();
+    if (!p.early_trigger && !p.wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
 
     constexpr int kValues = MT * NT * 4;
     auto partial = reinterpret_cast<float(*)[kValues][32]>(
@@ -1672,12 +1674,17 @@ namespace {
 // kernel early lost batch 16 (8B 4349 -> 4166, 1.5B 10797 -> 8660). So by default
 // (KESTREL_CUDA_GEMV_TRIGGER=1) every dp4a call triggers early and every mma-path GEMV late; 0
 // makes every GEMV late and 2 every one early (measurement aids). 3 (the residual GEMVs late)
-// lost 5-7% at batch 1 (PERF.md, twenty-first session) and is gone.
+// lost 5-7% at batch 1 (PERF.md, twenty-first session) and is gone. 4 (a measurement switch) lets
+// the dp4a GEMVs' dependents in when their wait returns, not at their start: the twenty-seventh
+// session's profile found a GEMV's weights, requested before its wait, still arriving after it
+// (the 8B's wo, requested 8.6 us earlier: 1.38 us for its last three chunks a warp), while the
+// kernels let in early stream theirs; at the wait, at most the next kernel streams beside this
+// one's critical path instead of the next two.
 int trigger_mode() {
   static const int mode = [] {
     const char* v = std::getenv("KESTREL_CUDA_GEMV_TRIGGER");
     const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 1;
-    return m >= 0 && m <= 2 ? m : 1;
+    return (m >= 0 && m <= 2) || m == 4 ? m : 1;
   }();
   return mode;
 }
@@ -1743,6 +1750,10 @@ std::atomic<bool>& gemv_norm_ahead_flag() {
 bool triggers_early(bool dp4a) {
   if (trigger_mode() != 1) return trigger_mode() == 2;
   return dp4a;
+}
+
+bool triggers_at_wait(bool dp4a) {
+  return trigger_mode() == 4 && dp4a;
 }
 
 // One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
@@ -1821,6 +1832,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.n_tokens = n_tokens;
   p.dp4a = dp4a;
   p.early_trigger = triggers_early(dp4a);
+  p.wait_trigger = triggers_at_wait(dp4a);
   p.profile = gemv_profile_flag().load(std::memory_order_relaxed);
   p.loads_in_epilogue = gemv_loads_in_epilogue_flag().load(std::memory_order_relaxed);
   p.input_ahead = gemv_input_ahead_flag().load(std::memory_order_relaxed);

@@ -95,6 +95,7 @@ struct GemvParams {
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
   bool norm_ahead = true;   // the fused norm's weight loaded before the wait (switch)
+  int stages_ahead = 0;     // ring stages requested before the wait, 0: all (stages_ahead())
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -904,10 +905,13 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     slot.block_tiles = n_my_tiles;
     mark(0);
   }
-  // Weights depend on no earlier kernel: the whole ring is requested before the wait.
+  // Weights depend on no earlier kernel: the whole ring is requested before the wait (unless
+  // p.stages_ahead holds some of it back until the wait returns; one commit group a stage either
+  // way, so the consumer's wait counts do not change).
   if (p.early_trigger) pdl_trigger();
-#pragma unroll
-  for (int stage = 0; stage < P::kStages; ++stage) issue_next(stage);
+  const int ahead =
+      p.stages_ahead > 0 && p.stages_ahead < P::kStages ? p.stages_ahead : int(P::kStages);
+  for (int stage = 0; stage < ahead; ++stage) issue_next(stage);
   // The dp4a path's first tile (store mode): output thread e = threadIdx.x (row e / kDp, token
   // e % kDp: one output a thread, kRowsOut * kDp <= 64) loads its bias now, a weight, and its
   // residual's old value right after the wait, beside the input stage's loads, instead of each
@@ -941,6 +945,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   }
   pdl_wait();
   if (p.wait_trigger) pdl_trigger();
+  for (int stage = ahead; stage < P::kStages; ++stage) issue_next(stage);
   if (profiled) mark(1);
   if constexpr (kNorm) {
     if (!p.norm_ahead && needs_norm_w) load_norm_weight(p, norm_w);
@@ -1756,6 +1761,19 @@ bool triggers_at_wait(bool dp4a) {
   return trigger_mode() == 4 && dp4a;
 }
 
+// The ring stages a GEMV block requests before its wait (KESTREL_CUDA_GEMV_STAGES_AHEAD=N, a
+// measurement switch; unset or 0: the whole ring, the default), the rest right after it: fewer
+// bytes of the kernels let in early in flight beside the critical path's (PERF.md, twenty-seventh
+// session: a GEMV's chunks requested before its wait still arriving after it).
+int stages_ahead() {
+  static const int n = [] {
+    const char* v = std::getenv("KESTREL_CUDA_GEMV_STAGES_AHEAD");
+    const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 0;
+    return m > 0 ? m : 0;
+  }();
+  return n;
+}
+
 // One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
 Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
                    int sm_count, cudaStream_t stream, GemvEpilogue epilogue,
@@ -1833,6 +1851,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.dp4a = dp4a;
   p.early_trigger = triggers_early(dp4a);
   p.wait_trigger = triggers_at_wait(dp4a);
+  p.stages_ahead = stages_ahead();
   p.profile = gemv_profile_flag().load(std::memory_order_relaxed);
   p.loads_in_epilogue = gemv_loads_in_epilogue_flag().load(std::memory_order_relaxed);
   p.input_ahead = gemv_input_ahead_flag().load(std::memory_order_relaxed);

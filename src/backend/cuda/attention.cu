@@ -1,6 +1,5 @@
 #include <algorithm>
 #include <atomic>
-#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <string>

@@ -162,8 +162,9 @@ __device__ inline void dequant_quarter(const uint32_t (&w)[words_per_group<F>()]
 // stages filled with cp.async, so many chunks are in flight without holding registers. A lane
 // copies, and later reads, only its own bytes (its two rows' 16-byte pieces of the group and
 // their scales), so a stage needs no barrier: cp.async.wait_group alone says it has landed.
-// kDeep: the ring of a block that holds its whole row tile (kDeepStages chunks a warp, 92 KB at
-// int4 with one m-tile): deep_ring's launches, one tile a block.
+// kDeep: a ring that holds a whole row tile of up to kDeepStages chunks a warp (92 KB at sym_int4
+// with one m-tile, 100 KB at asym_int4): deep_ring's launches, one tile a block (unless a test's
+// block cap makes blocks loop over tiles).
 constexpr int kDeepStages = 10;
 
 template <WeightFormat F, int MT, bool kDeep = false>
@@ -909,9 +910,18 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // p.stages_ahead holds some of it back until the wait returns; one commit group a stage either
   // way, so the consumer's wait counts do not change).
   if (p.early_trigger) pdl_trigger();
-  const int ahead =
-      p.stages_ahead > 0 && p.stages_ahead < P::kStages ? p.stages_ahead : int(P::kStages);
-  for (int stage = 0; stage < ahead; ++stage) issue_next(stage);
+  // The measurement switches below are the int4 (tiled) formats' alone: dp4a runs only those,
+  // and the others' code stays as it was without them.
+  const bool wait_trigger = P::kTiled && p.wait_trigger;
+  const int ahead = P::kTiled && p.stages_ahead > 0 && p.stages_ahead < P::kStages
+                        ? p.stages_ahead
+                        : int(P::kStages);
+  if (ahead == P::kStages) {  // the default: the whole ring, unrolled as it always was
+#pragma unroll
+    for (int stage = 0; stage < P::kStages; ++stage) issue_next(stage);
+  } else {
+    for (int stage = 0; stage < ahead; ++stage) issue_next(stage);
+  }
   // The dp4a path's first tile (store mode): output thread e = threadIdx.x (row e / kDp, token
   // e % kDp: one output a thread, kRowsOut * kDp <= 64) loads its bias now, a weight, and its
   // residual's old value right after the wait, beside the input stage's loads, instead of each
@@ -944,9 +954,9 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     if (p.norm_ahead && needs_norm_w) load_norm_weight(p, norm_w);
   }
   pdl_wait();
-  if (p.wait_trigger) pdl_trigger();
-  for (int stage = ahead; stage < P::kStages; ++stage) issue_next(stage);
   if (profiled) mark(1);
+  if (wait_trigger) pdl_trigger();
+  for (int stage = ahead; stage < P::kStages; ++stage) issue_next(stage);
   if constexpr (kNorm) {
     if (!p.norm_ahead && needs_norm_w) load_norm_weight(p, norm_w);
   }
@@ -1100,7 +1110,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           }
         }
       }
-      if (!p.early_trigger && !p.wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
+      if (!p.early_trigger && !wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
       __syncthreads();
       constexpr int kRowsOut = kSwiglu ? 16 : 16 * MT;
       // Output e is token e % kDp of row e / kDp.
@@ -1166,7 +1176,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     // a tile (fp16, int8) reuses the drained pipeline's memory.
     if constexpr (!kPersistent) cp_async_wait<0>();
     if constexpr (!kPersistent) __syncthreads();
-    if (!p.early_trigger && !p.wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
+    if (!p.early_trigger && !wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
 
     constexpr int kValues = MT * NT * 4;
     auto partial = reinterpret_cast<float(*)[kValues][32]>(
@@ -1452,10 +1462,11 @@ std::atomic<bool>& gemv_deep_ring_flag() {
 
 // Whether a one-token dp4a GEMV of one-m-tile tiles takes the deep ring (kDeep): where the tiles
 // are no more than the SMs, so every block has one tile and the SM to itself once the kernel
-// before it leaves, and a warp's chunks of a tile outnumber the default ring's stages (the
-// 1.5B's w_down: 96 tiles of 70 chunks, 9 a warp). The deep ring requests the whole tile before
-// the wait, where the default one requests five chunks a warp and the rest after it (the
-// twenty-sixth session's profile: 4.35 us of that GEMV's 5.22 after the wait were its first
+// before it leaves, and a warp's chunks of a tile outnumber the default ring's stages but fit
+// the deep one's (the 1.5B's w_down: 96 tiles of 70 chunks, 9 a warp; a wider tile, which the
+// deep ring would not hold, was not measured and keeps the default). The deep ring requests the
+// whole tile before the wait, where the default one requests five chunks a warp and the rest after
+// it (the twenty-sixth session's profile: 4.35 us of that GEMV's 5.22 after the wait were its first
 // tile, at 1484 GB/s).
 // Counts the launches it chooses (gemv_deep_ring_launches).
 std::atomic<uint64_t> deep_ring_launches{0};
@@ -1464,7 +1475,8 @@ template <WeightFormat F>
 bool deep_ring(const GemvParams& p) {
   if (!gemv_deep_ring_flag().load(std::memory_order_relaxed)) return false;
   const int64_t per_warp = ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
-  const bool deep = p.n_tiles <= p.sm_count && per_warp > Pipe<F, 1>::kStages;
+  const bool deep =
+      p.n_tiles <= p.sm_count && per_warp > Pipe<F, 1>::kStages && per_warp <= kDeepStages;
   if (deep) deep_ring_launches.fetch_add(1, std::memory_order_relaxed);
   return deep;
 }

@@ -278,13 +278,11 @@ TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
         std::vector<float> results[2];  // [default ring, deep ring]
         uint64_t deep_launches[2];
         for (int deep : {0, 1}) {
-          const bool before = cuda::set_gemv_deep_ring(deep == 1);
+          const ScopedSwitch deep_switch(cuda::set_gemv_deep_ring, deep == 1);
           const uint64_t launches = cuda::gemv_deep_ring_launches();
           results[deep] = layer_gemv_outputs(*pair.gpu, pair, weights, 1, x);
           deep_launches[deep] = cuda::gemv_deep_ring_launches() - launches;
-          cuda::set_gemv_deep_ring(before);
         }
-        cuda::set_gemv_block_cap(0);
         ASSERT_FALSE(results[1].empty());
         EXPECT_EQ(deep_launches[0], 0u) << "the deep ring ran with the switch off";
         EXPECT_EQ(deep_launches[1], inter == 9248 ? 1u : 0u)

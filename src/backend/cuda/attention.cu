@@ -1965,11 +1965,7 @@ std::atomic<bool>& attention_half_groups_flag() {
 }
 
 // set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.
-int decode_split_cap = [] {
-  const char* v = std::getenv("KESTREL_CUDA_DECODE_SPLIT_CAP");
-  const int cap = v != nullptr ? std::atoi(v) : 0;
-  return cap > 0 ? cap : 0;
-}();
+int decode_split_cap = std::max(env_int("KESTREL_CUDA_DECODE_SPLIT_CAP", 0), 0);
 
 }  // namespace
 
@@ -2158,8 +2154,7 @@ namespace {
 // Key groups of a prefill launch (the kernel's kGroups): 0 chooses by the grid, 1 or 2 forces
 // (set_prefill_attention_groups; KESTREL_CUDA_PREFILL_ATTENTION_GROUPS as its starting value).
 int prefill_groups_forced = [] {
-  const char* v = std::getenv("KESTREL_CUDA_PREFILL_ATTENTION_GROUPS");
-  const int g = v != nullptr ? std::atoi(v) : 0;
+  const int g = env_int("KESTREL_CUDA_PREFILL_ATTENTION_GROUPS", 0);
   return g == 1 || g == 2 ? g : 0;
 }();
 

@@ -101,6 +101,13 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
+// Environment variable `name` as an integer (std::atoi), or `unset` where it is unset or empty:
+// the numeric switches' start-up values, each range-checked by its reader.
+inline int env_int(const char* name, int unset) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : unset;
+}
+
 // __float2int_rn(x) for |x| < 2^22 (NaN: 0, as the conversion gives) in one add: x + 1.5 * 2^23
 // is rounded to the nearest integer, ties to even, as the conversion rounds, and that integer
 // is the sum's low mantissa bits. A float-to-integer conversion issues at a sixteenth of the

@@ -2046,8 +2046,7 @@ class CudaBackend final : public Backend {
   // Layers one launch of the layer kernel runs: kMaxLaunchLayers, or
   // KESTREL_CUDA_LAYER_LAUNCH_LAYERS (1 to kMaxLaunchLayers; a measurement aid).
   int layers_per_launch_ = [] {
-    const char* v = std::getenv("KESTREL_CUDA_LAYER_LAUNCH_LAYERS");
-    const int n = v != nullptr ? std::atoi(v) : 0;
+    const int n = env_int("KESTREL_CUDA_LAYER_LAUNCH_LAYERS", 0);
     return n >= 1 && n <= kMaxLaunchLayers ? n : kMaxLaunchLayers;
   }();
   // Rope and the cache write inside the decode attention kernel (tensor_core_attention) unless

@@ -1583,7 +1583,8 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
       }
       if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1, kP>(p, stream);
       if constexpr (kMayHalve) {
-        const bool deep = (p.xh.q != nullptr || p.n_tokens == 1) && deep_ring<F>(p);
+        // (p.xh is set for one token only.)
+        const bool deep = p.n_tokens == 1 && deep_ring<F>(p);
         if (p.xh.q != nullptr) {
           return deep ? launch_kernel<F, MT, 1, false, false, 1, kP, true, true>(p, stream)
                       : launch_kernel<F, MT, 1, false, false, 1, kP, true>(p, stream);
@@ -1699,8 +1700,7 @@ namespace {
 // one's critical path instead of the next two.
 int trigger_mode() {
   static const int mode = [] {
-    const char* v = std::getenv("KESTREL_CUDA_GEMV_TRIGGER");
-    const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 1;
+    const int m = env_int("KESTREL_CUDA_GEMV_TRIGGER", 1);
     return (m >= 0 && m <= 2) || m == 4 ? m : 1;
   }();
   return mode;
@@ -1778,11 +1778,7 @@ bool triggers_at_wait(bool dp4a) {
 // bytes of the kernels let in early in flight beside the critical path's (PERF.md, twenty-seventh
 // session: a GEMV's chunks requested before its wait still arriving after it).
 int stages_ahead() {
-  static const int n = [] {
-    const char* v = std::getenv("KESTREL_CUDA_GEMV_STAGES_AHEAD");
-    const int m = v != nullptr && *v != '\0' ? std::atoi(v) : 0;
-    return m > 0 ? m : 0;
-  }();
+  static const int n = std::max(env_int("KESTREL_CUDA_GEMV_STAGES_AHEAD", 0), 0);
   return n;
 }
 

@@ -90,12 +90,10 @@ struct GemvParams {
   int sm_count = 0;                // host only: the device's SMs
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
-  bool wait_trigger = false;   // ... when this one's wait returns (trigger_mode 4)
   bool profile = false;        // host only: the dp4a path's profiling instance (gemv_profile_flag)
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
   bool norm_ahead = true;   // the fused norm's weight loaded before the wait (switch)
-  int stages_ahead = 0;     // ring stages requested before the wait, 0: all (stages_ahead())
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -906,22 +904,10 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     slot.block_tiles = n_my_tiles;
     mark(0);
   }
-  // Weights depend on no earlier kernel: the whole ring is requested before the wait (unless
-  // p.stages_ahead holds some of it back until the wait returns; one commit group a stage either
-  // way, so the consumer's wait counts do not change).
+  // Weights depend on no earlier kernel: the whole ring is requested before the wait.
   if (p.early_trigger) pdl_trigger();
-  // The measurement switches below are the int4 (tiled) formats' alone: dp4a runs only those,
-  // and the others' code stays as it was without them.
-  const bool wait_trigger = P::kTiled && p.wait_trigger;
-  const int ahead = P::kTiled && p.stages_ahead > 0 && p.stages_ahead < P::kStages
-                        ? p.stages_ahead
-                        : int(P::kStages);
-  if (ahead == P::kStages) {  // the default: the whole ring, unrolled as it always was
 #pragma unroll
-    for (int stage = 0; stage < P::kStages; ++stage) issue_next(stage);
-  } else {
-    for (int stage = 0; stage < ahead; ++stage) issue_next(stage);
-  }
+  for (int stage = 0; stage < P::kStages; ++stage) issue_next(stage);
   // The dp4a path's first tile (store mode): output thread e = threadIdx.x (row e / kDp, token
   // e % kDp: one output a thread, kRowsOut * kDp <= 64) loads its bias now, a weight, and its
   // residual's old value right after the wait, beside the input stage's loads, instead of each
@@ -955,8 +941,6 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   }
   pdl_wait();
   if (profiled) mark(1);
-  if (wait_trigger) pdl_trigger();
-  for (int stage = ahead; stage < P::kStages; ++stage) issue_next(stage);
   if constexpr (kNorm) {
     if (!p.norm_ahead && needs_norm_w) load_norm_weight(p, norm_w);
   }
@@ -1110,7 +1094,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           }
         }
       }
-      if (!p.early_trigger && !wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
+      if (!p.early_trigger && iter + 1 == n_my_tiles) pdl_trigger();
       __syncthreads();
       constexpr int kRowsOut = kSwiglu ? 16 : 16 * MT;
       // Output e is token e % kDp of row e / kDp.
@@ -1176,7 +1160,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     // a tile (fp16, int8) reuses the drained pipeline's memory.
     if constexpr (!kPersistent) cp_async_wait<0>();
     if constexpr (!kPersistent) __syncthreads();
-    if (!p.early_trigger && !wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
+    if (!p.early_trigger && iter + 1 == n_my_tiles) pdl_trigger();
 
     constexpr int kValues = MT * NT * 4;
     auto partial = reinterpret_cast<float(*)[kValues][32]>(
@@ -1692,16 +1676,14 @@ namespace {
 // kernel early lost batch 16 (8B 4349 -> 4166, 1.5B 10797 -> 8660). So by default
 // (KESTREL_CUDA_GEMV_TRIGGER=1) every dp4a call triggers early and every mma-path GEMV late; 0
 // makes every GEMV late and 2 every one early (measurement aids). 3 (the residual GEMVs late)
-// lost 5-7% at batch 1 (PERF.md, twenty-first session) and is gone. 4 (a measurement switch) lets
-// the dp4a GEMVs' dependents in when their wait returns, not at their start: the twenty-seventh
-// session's profile found a GEMV's weights, requested before its wait, still arriving after it
-// (the 8B's wo, requested 8.6 us earlier: 1.38 us for its last three chunks a warp), while the
-// kernels let in early stream theirs; at the wait, at most the next kernel streams beside this
-// one's critical path instead of the next two.
+// lost 5-7% at batch 1 (PERF.md, twenty-first session) and is gone; so is 4 (the dp4a GEMVs'
+// dependents let in when their wait returns: 8B -1.6%, 1.5B even at batch 1, twenty-eighth
+// session), as are N ring stages before the wait and the rest after it (-5 to -8%): the early
+// rings are worth more than the order in which DRAM serves them.
 int trigger_mode() {
   static const int mode = [] {
     const int m = env_int("KESTREL_CUDA_GEMV_TRIGGER", 1);
-    return (m >= 0 && m <= 2) || m == 4 ? m : 1;
+    return m >= 0 && m <= 2 ? m : 1;
   }();
   return mode;
 }
@@ -1767,19 +1749,6 @@ std::atomic<bool>& gemv_norm_ahead_flag() {
 bool triggers_early(bool dp4a) {
   if (trigger_mode() != 1) return trigger_mode() == 2;
   return dp4a;
-}
-
-bool triggers_at_wait(bool dp4a) {
-  return trigger_mode() == 4 && dp4a;
-}
-
-// The ring stages a GEMV block requests before its wait (KESTREL_CUDA_GEMV_STAGES_AHEAD=N, a
-// measurement switch; unset or 0: the whole ring, the default), the rest right after it: fewer
-// bytes of the kernels let in early in flight beside the critical path's (PERF.md, twenty-seventh
-// session: a GEMV's chunks requested before its wait still arriving after it).
-int stages_ahead() {
-  static const int n = std::max(env_int("KESTREL_CUDA_GEMV_STAGES_AHEAD", 0), 0);
-  return n;
 }
 
 // One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
@@ -1858,8 +1827,6 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.n_tokens = n_tokens;
   p.dp4a = dp4a;
   p.early_trigger = triggers_early(dp4a);
-  p.wait_trigger = triggers_at_wait(dp4a);
-  p.stages_ahead = stages_ahead();
   p.profile = gemv_profile_flag().load(std::memory_order_relaxed);
   p.loads_in_epilogue = gemv_loads_in_epilogue_flag().load(std::memory_order_relaxed);
   p.input_ahead = gemv_input_ahead_flag().load(std::memory_order_relaxed);

@@ -1310,8 +1310,6 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   __shared__ uint64_t marks[7];
   const bool mark = ws.profile != 0 && threadIdx.x == 0;
   if (mark) marks[0] = global_ns();
-  const bool trigger_at_start = rope && ws.trigger_at_start;
-  if (trigger_at_start) pdl_trigger();
   if (!rope) {
     pdl_wait();
     pdl_trigger();
@@ -1413,7 +1411,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     }
     __syncthreads();
     pdl_wait();
-    if (!trigger_at_start) pdl_trigger();
+    pdl_trigger();
     if (mark) marks[1] = global_ns();
     if (own_key && tid < kHalf) {  // requested before the queries, to overlap them
       const int64_t at = t * int64_t(c.n_kv_heads) * D + int64_t(kvh) * D + tid;
@@ -1966,13 +1964,6 @@ std::atomic<bool>& attention_half_groups_flag() {
   return on;
 }
 
-// DecodeWorkspace::trigger_at_start from KESTREL_CUDA_ATTENTION_TRIGGER=start (a measurement
-// switch; the default lets the next kernel in when the wait returns).
-bool attention_trigger_at_start() {
-  static const bool on = env_is("KESTREL_CUDA_ATTENTION_TRIGGER", "start");
-  return on;
-}
-
 // set_decode_split_cap (KESTREL_CUDA_DECODE_SPLIT_CAP as its starting value): 0, no cap.
 int decode_split_cap = std::max(env_int("KESTREL_CUDA_DECODE_SPLIT_CAP", 0), 0);
 
@@ -2104,7 +2095,6 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   DecodeWorkspace split_ws = ws;
   if (!merge_in_split) split_ws.arrivals = nullptr;
   if (decode_solo_override >= 0) split_ws.solo = decode_solo_override;
-  split_ws.trigger_at_start = attention_trigger_at_start();
   const size_t combine_smem = size_t(ws.max_splits) * sizeof(float);
   if (!merge_in_split && combine_smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(attention_combine_kernel,

@@ -116,11 +116,6 @@ struct DecodeWorkspace {
   // others). One tile: two tiles walked by one block lost to two splits and a merge (PERF.md,
   // twenty-second session).
   int solo = 1;
-  // KESTREL_CUDA_ATTENTION_TRIGGER=start (a measurement switch): in rope mode (decode), the
-  // tensor-core split kernel lets the next kernel launch at its start instead of when its wait
-  // for the q/k/v projection returns, so wo's blocks request their weights during the q/k/v
-  // GEMV's tail as the GEMVs' early trigger lets theirs in.
-  bool trigger_at_start = false;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

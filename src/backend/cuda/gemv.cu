@@ -90,7 +90,6 @@ struct GemvParams {
   int sm_count = 0;                // host only: the device's SMs
   bool dp4a = false;           // host only: the int4 dp4a path (gemv_uses_dp4a of the whole call)
   bool early_trigger = false;  // let the next kernel launch at this one's start (trigger_mode)
-  bool wait_trigger = false;   // ... when this one's wait returns (trigger_mode 5; dp4a only)
   bool profile = false;        // host only: the dp4a path's profiling instance (gemv_profile_flag)
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
@@ -942,10 +941,6 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   }
   pdl_wait();
   if (profiled) mark(1);
-  // Trigger mode 5's fused-norm GEMVs (the dp4a instances alone: the mma path's code stays as it
-  // was without the switch).
-  const bool wait_trigger = kDp > 0 && p.wait_trigger;
-  if (wait_trigger) pdl_trigger();
   if constexpr (kNorm) {
     if (!p.norm_ahead && needs_norm_w) load_norm_weight(p, norm_w);
   }
@@ -1099,7 +1094,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
           }
         }
       }
-      if (!p.early_trigger && !wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
+      if (!p.early_trigger && iter + 1 == n_my_tiles) pdl_trigger();
       __syncthreads();
       constexpr int kRowsOut = kSwiglu ? 16 : 16 * MT;
       // Output e is token e % kDp of row e / kDp.
@@ -1165,7 +1160,7 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
     // a tile (fp16, int8) reuses the drained pipeline's memory.
     if constexpr (!kPersistent) cp_async_wait<0>();
     if constexpr (!kPersistent) __syncthreads();
-    if (!p.early_trigger && !wait_trigger && iter + 1 == n_my_tiles) pdl_trigger();
+    if (!p.early_trigger && iter + 1 == n_my_tiles) pdl_trigger();
 
     constexpr int kValues = MT * NT * 4;
     auto partial = reinterpret_cast<float(*)[kValues][32]>(
@@ -1684,16 +1679,11 @@ namespace {
 // lost 5-7% at batch 1 (PERF.md, twenty-first session) and is gone; so is 4 (the dp4a GEMVs'
 // dependents let in when their wait returns: 8B -1.6%, 1.5B even at batch 1, twenty-eighth
 // session), as are N ring stages before the wait and the rest after it (-5 to -8%): the early
-// rings are worth more than the order in which DRAM serves them. 5 (a measurement switch) splits
-// mode 4 by what its GEMV profile showed: the fused-norm dp4a GEMVs (q/k/v, gate/up, lm_head) let
-// their dependents in when their wait returns (the 1.5B's gate/up after its wait 6.14 -> 5.31 us
-// under mode 4), the residual ones (wo, w_down) still at their start (the 1.5B's wo 2.14 -> 4.90
-// us and the 8B's w_down 9.70 -> 10.78 us under mode 4: the swiglu GEMV's 15-66 MB ring, or the
-// next q/k/v's, landing on their critical path).
+// rings are worth more than the order in which DRAM serves them.
 int trigger_mode() {
   static const int mode = [] {
     const int m = env_int("KESTREL_CUDA_GEMV_TRIGGER", 1);
-    return (m >= 0 && m <= 2) || m == 5 ? m : 1;
+    return m >= 0 && m <= 2 ? m : 1;
   }();
   return mode;
 }
@@ -1756,15 +1746,9 @@ std::atomic<bool>& gemv_norm_ahead_flag() {
   return on;
 }
 
-// `norm`: the GEMV's input is a fused RMSNorm's (NormInput or NormHalvesIn).
-bool triggers_early(bool dp4a, bool norm) {
-  if (trigger_mode() == 5) return dp4a && !norm;
+bool triggers_early(bool dp4a) {
   if (trigger_mode() != 1) return trigger_mode() == 2;
   return dp4a;
-}
-
-bool triggers_at_wait(bool dp4a, bool norm) {
-  return trigger_mode() == 5 && dp4a && norm;
 }
 
 // One launch: at most kMaxGemvTokens tokens; `dp4a` is decided by gemv() for the whole call.
@@ -1842,9 +1826,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.n_groups = x_stride / kGroup;
   p.n_tokens = n_tokens;
   p.dp4a = dp4a;
-  const bool fused_norm = norm.x != nullptr;  // NormHalvesIn comes with norm.x too
-  p.early_trigger = triggers_early(dp4a, fused_norm);
-  p.wait_trigger = triggers_at_wait(dp4a, fused_norm);
+  p.early_trigger = triggers_early(dp4a);
   p.profile = gemv_profile_flag().load(std::memory_order_relaxed);
   p.loads_in_epilogue = gemv_loads_in_epilogue_flag().load(std::memory_order_relaxed);
   p.input_ahead = gemv_input_ahead_flag().load(std::memory_order_relaxed);

@@ -211,11 +211,23 @@ Result<std::vector<GemvProfileRecord>> gemv_profile();
 //               next stage issued before the barrier (the layer-stack kernel's pattern);
 //   persistent_counting  the same with a lighter barrier: one release add a block on a count
 //               zeroed before each launch, and an acquire spin (no generation, no full fence);
+//   pdl_counted pdl, but a stage waits on a count instead of griddepcontrol.wait: each block of
+//               the stage before adds one (release) once its outputs are written, and the
+//               stage's blocks spin (acquire) until all have: what a dependency finer than a
+//               kernel's end would cost (the twenty-eighth session's question);
 //   unordered   pdl with no wait: a negative control, whose stages read inputs the stage before
 //               has not written yet, so the check below must catch it.
 // Every replay's outputs are checked (a stage's output is its index plus one more than the
 // chain's last output of the replay before): a stage that read a stale input fails the call.
-enum class ChainMode { launch, pdl, pdl_late, persistent, persistent_counting, unordered };
+enum class ChainMode {
+  launch,
+  pdl,
+  pdl_late,
+  persistent,
+  persistent_counting,
+  pdl_counted,
+  unordered
+};
 struct ChainStage {
   int64_t weight_bytes = 0;  // streamed once a step (rounded up to 16 bytes)
   int64_t outputs = 1;       // floats written, read whole by the next stage

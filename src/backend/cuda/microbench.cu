@@ -220,6 +220,11 @@ struct ChainArgs {
   int64_t n_in = 0;
   float* out = nullptr;  // 16-byte aligned
   int64_t n_out = 0;
+  // ChainMode::pdl_counted: the count this stage waits on (the stage before's; null for the
+  // first stage, which waits as pdl does), its target, and the count this stage adds to.
+  const unsigned* count_in = nullptr;
+  unsigned target = 0;
+  unsigned* count_out = nullptr;
 };
 
 // Block b's share [begin, end) of n items.
@@ -320,18 +325,53 @@ __device__ void chain_finish(const ChainArgs& s, const uint4* ring, float* red) 
   __syncthreads();  // `red` and `ring` are the next stage's
 }
 
+// ChainMode::pdl_counted's wait: thread 0 spins (acquire) until `count` reaches `target`, then
+// the block goes on; traps as grid_barrier does. The stage before's blocks each add one
+// (release) after their outputs, so the count says their outputs are written without waiting
+// for that kernel to end.
+__device__ inline void count_wait(const unsigned* count, unsigned target) {
+  if (threadIdx.x == 0) {
+    const long long start = clock64();
+    unsigned seen = 0;
+    while (true) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
+      if (seen >= target) break;
+      if (clock64() - start > kGridBarrierTimeoutCycles) __trap();
+      __nanosleep(20);
+    }
+  }
+  __syncthreads();  // every thread's input reads after thread 0's acquire
+}
+
 // A kernel a stage. Four blocks fit an SM, so the next stage's two can be resident beside this
 // one's two and issue their first copies early. kEarly lets the next stage launch right after
 // them, as the batch-1 GEMVs do; otherwise only after the outputs are written, as the batch-16
-// ones do. kWait false is the negative control (ChainMode::unordered).
-template <bool kWait, bool kEarly>
+// ones do. kWait false is the negative control (ChainMode::unordered). kCounted: the stage
+// waits on the stage before's count instead of griddepcontrol.wait (ChainMode::pdl_counted) and
+// adds to its own once its outputs are written. Its next stage is let in (early) only after
+// every one of its blocks has started, so every block a count waits on is resident: no spin
+// waits on a block that cannot run.
+template <bool kWait, bool kEarly, bool kCounted = false>
 __global__ void __launch_bounds__(kChainThreads, 4) chain_stage_kernel(ChainArgs s) {
   __shared__ float red[kChainThreads / 32];
   __shared__ uint4 ring[kChainAhead * kChainThreads];
   chain_issue(s, ring);
   if constexpr (kEarly) pdl_trigger();
-  if constexpr (kWait) pdl_wait();
-  chain_finish(s, ring, red);
+  if constexpr (kCounted) {
+    if (s.count_in != nullptr) {
+      count_wait(s.count_in, s.target);
+    } else {
+      pdl_wait();  // the first stage: after the graph's memset of the counts
+    }
+  } else if constexpr (kWait) {
+    pdl_wait();
+  }
+  chain_finish(s, ring, red);  // ends in a barrier: the block's outputs are written
+  if constexpr (kCounted) {
+    if (threadIdx.x == 0) {
+      asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(s.count_out) : "memory");
+    }
+  }
   if constexpr (!kEarly) pdl_trigger();
 }
 
@@ -387,6 +427,8 @@ const char* chain_mode_name(ChainMode mode) {
       return "persistent";
     case ChainMode::persistent_counting:
       return "persistent_counting";
+    case ChainMode::pdl_counted:
+      return "pdl_counted";
     case ChainMode::unordered:
       return "unordered";
   }
@@ -451,6 +493,18 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
     args[size_t(s)].in = before.out;
     args[size_t(s)].n_in = before.n_out;
   }
+  // pdl_counted: a count a stage, zeroed at the start of every replay (a memset node), each
+  // reaching the stage's block count.
+  unsigned* counts = nullptr;
+  if (mode == ChainMode::pdl_counted) {
+    KS_ASSIGN_OR_RETURN(void* c, a.alloc(size_t(n) * sizeof(unsigned)));
+    counts = static_cast<unsigned*>(c);
+    for (int64_t s = 0; s < n; ++s) {
+      args[size_t(s)].count_out = counts + s;
+      args[size_t(s)].count_in = s > 0 ? counts + (s - 1) : nullptr;
+      args[size_t(s)].target = unsigned(blocks);
+    }
+  }
   ChainArgs* device_args = nullptr;
   unsigned* sync = nullptr;
   if (persistent) {
@@ -479,6 +533,9 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
       launched = cudaGetLastError();
     }
   } else {
+    if (mode == ChainMode::pdl_counted) {
+      launched = cudaMemsetAsync(counts, 0, size_t(n) * sizeof(unsigned), a.stream);
+    }
     for (int64_t s = 0; s < n && launched == cudaSuccess; ++s) {
       const ChainArgs& c = args[size_t(s)];
       const dim3 grid{unsigned(blocks)}, block{unsigned(kChainThreads)};
@@ -489,6 +546,8 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
         launched = launch_pdl(chain_stage_kernel<true, true>, grid, block, 0, a.stream, c);
       } else if (mode == ChainMode::pdl_late) {
         launched = launch_pdl(chain_stage_kernel<true, false>, grid, block, 0, a.stream, c);
+      } else if (mode == ChainMode::pdl_counted) {
+        launched = launch_pdl(chain_stage_kernel<false, true, true>, grid, block, 0, a.stream, c);
       } else {
         launched = launch_pdl(chain_stage_kernel<false, true>, grid, block, 0, a.stream, c);
       }

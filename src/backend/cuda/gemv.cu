@@ -1676,10 +1676,11 @@ namespace {
 // kernel early lost batch 16 (8B 4349 -> 4166, 1.5B 10797 -> 8660). So by default
 // (KESTREL_CUDA_GEMV_TRIGGER=1) every dp4a call triggers early and every mma-path GEMV late; 0
 // makes every GEMV late and 2 every one early (measurement aids). 3 (the residual GEMVs late)
-// lost 5-7% at batch 1 (PERF.md, twenty-first session) and is gone; so is 4 (the dp4a GEMVs'
+// lost 5-7% at batch 1 (PERF.md, twenty-first session) and is gone; so are 4 (the dp4a GEMVs'
 // dependents let in when their wait returns: 8B -1.6%, 1.5B even at batch 1, twenty-eighth
-// session), as are N ring stages before the wait and the rest after it (-5 to -8%): the early
-// rings are worth more than the order in which DRAM serves them.
+// session) and 5 (4 for the fused-norm GEMVs alone: 1.5B -2.0%), as is a ring issuing two of its
+// stages before the wait and the rest after it (-5 to -8%): the early rings are worth more than
+// the order in which DRAM serves them.
 int trigger_mode() {
   static const int mode = [] {
     const int m = env_int("KESTREL_CUDA_GEMV_TRIGGER", 1);

@@ -193,12 +193,17 @@ class CudaBackend final : public Backend {
       KS_CUBLAS_CHECK("init", cublasSetSmCountTarget(backend->cublas_, target));
     }
     // One backend per device may use the layer kernel (layer.cuh, claim_decode_layer).
-    if (backend->layer_kernel_) backend->layer_kernel_ = claim_decode_layer(device);
+    if (backend->layer_kernel_) {
+      backend->layer_kernel_ = claim_decode_layer(device);
+      backend->layer_claimed_ = backend->layer_kernel_;
+    }
     return std::unique_ptr<Backend>(std::move(backend));
   }
 
   ~CudaBackend() override {
-    if (layer_kernel_) release_decode_layer(device_);
+    // Only a claim this backend made: one that failed during create() before claiming (the
+    // cuBLAS set-up) must not release another backend's.
+    if (layer_claimed_) release_decode_layer(device_);
     abort_capture();
     // A step run ahead (and its copy into pinned memory) may still be queued.
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
@@ -2053,6 +2058,7 @@ class CudaBackend final : public Backend {
     if (v == nullptr || *v == '\0') return kLayerKernelByDefault;
     return std::string(v) != "0";
   }();
+  bool layer_claimed_ = false;  // this backend holds its device's layer-kernel claim
   // Layers one launch of the layer kernel runs: kMaxLaunchLayers, or
   // KESTREL_CUDA_LAYER_LAUNCH_LAYERS (1 to kMaxLaunchLayers; a measurement aid).
   int layers_per_launch_ = [] {

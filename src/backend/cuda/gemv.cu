@@ -844,17 +844,32 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
       }
     }
   };
-  // Activations (the B fragments) come from L1/L2 and are loaded one chunk ahead.
+  // Activations (the B fragments) come from L1/L2 and are loaded one chunk ahead. From global
+  // memory (no fused norm), a lane's rows of the input (token nt * 8 + quad_row, from its group
+  // of chunk 0; null past n_tokens) are set once, so a chunk's loads are one offset from them
+  // and immediates; the fused norm's shared-memory row keeps its per-load indexing (its 32-bit
+  // addresses are cheaper than a generic pointer's, and ptxas spills more in those instances).
+  const __half* b_rows[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int token = nt * 8 + quad_row;
+    b_rows[nt] = !kNorm && token < p.n_tokens
+                     ? p.x + token * p.x_stride + int64_t(quad_col) * kGroup
+                     : nullptr;
+  }
   auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
     const int64_t group = chunk * kChunkGroups + quad_col;
     const bool valid = chunk < n_chunks && group < p.n_groups;
+    const int64_t at = chunk * (kChunkGroups * kGroup);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int token = nt * 8 + quad_row;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        if (valid && token < p.n_tokens) {
-          const __half* src = (kNorm ? xs : p.x) + token * p.x_stride + group * kGroup + u * 8;
+        const bool live = kNorm ? valid && token < p.n_tokens : valid && b_rows[nt] != nullptr;
+        if (live) {
+          const __half* src =
+              kNorm ? xs + token * p.x_stride + group * kGroup + u * 8 : b_rows[nt] + at + u * 8;
           const uint4 v = *reinterpret_cast<const uint4*>(src);
           b[nt][u][0] = v.x;
           b[nt][u][1] = v.y;

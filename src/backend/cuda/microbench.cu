@@ -325,22 +325,36 @@ __device__ void chain_finish(const ChainArgs& s, const uint4* ring, float* red) 
   __syncthreads();  // `red` and `ring` are the next stage's
 }
 
-// ChainMode::pdl_counted's wait: thread 0 spins (acquire) until `count` reaches `target`, then
-// the block goes on; traps as grid_barrier does. The stage before's blocks each add one
-// (release) after their outputs, so the count says their outputs are written without waiting
-// for that kernel to end.
+// One arrival on `count` (release: the writes this thread has seen, the block's after a
+// barrier, are visible to whoever acquires the count).
+__device__ inline void count_arrive(unsigned* count) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(count) : "memory");
+}
+
+// Thread 0 spins (acquire) until `count` reaches `target`, then the block goes on, its reads
+// after thread 0's acquire; traps as grid_barrier does. The counting barrier's wait, and
+// ChainMode::pdl_counted's in place of griddepcontrol.wait (the stage before's blocks each
+// arrive after their outputs, so the count says those are written without waiting for that
+// kernel to end).
 __device__ inline void count_wait(const unsigned* count, unsigned target) {
   if (threadIdx.x == 0) {
     const long long start = clock64();
     unsigned seen = 0;
-    while (true) {
+    do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
-      if (seen >= target) break;
       if (clock64() - start > kGridBarrierTimeoutCycles) __trap();
-      __nanosleep(20);
-    }
+    } while (seen < target);
   }
-  __syncthreads();  // every thread's input reads after thread 0's acquire
+  __syncthreads();
+}
+
+// A lighter grid barrier: one release add a block on a count that only grows (a memset in the
+// graph zeroes it before each launch), and an acquire spin until barrier k's k x gridDim.x
+// arrivals are in: no generation word, no full fences. Traps as grid_barrier does.
+__device__ inline void counting_barrier(unsigned* count, unsigned target) {
+  __syncthreads();  // the block's writes are ordered before thread 0's release
+  if (threadIdx.x == 0) count_arrive(count);
+  count_wait(count, target);
 }
 
 // A kernel a stage. Four blocks fit an SM, so the next stage's two can be resident beside this
@@ -368,28 +382,9 @@ __global__ void __launch_bounds__(kChainThreads, 4) chain_stage_kernel(ChainArgs
   }
   chain_finish(s, ring, red);  // ends in a barrier: the block's outputs are written
   if constexpr (kCounted) {
-    if (threadIdx.x == 0) {
-      asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(s.count_out) : "memory");
-    }
+    if (threadIdx.x == 0) count_arrive(s.count_out);
   }
   if constexpr (!kEarly) pdl_trigger();
-}
-
-// A lighter grid barrier: one release add a block on a count that only grows (a memset in the
-// graph zeroes it before each launch), and an acquire spin until barrier k's k x gridDim.x
-// arrivals are in: no generation word, no full fences. Traps as grid_barrier does.
-__device__ inline void counting_barrier(unsigned* count, unsigned target) {
-  __syncthreads();  // the block's writes are ordered before thread 0's release
-  if (threadIdx.x == 0) {
-    asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(count) : "memory");
-    const long long start = clock64();
-    unsigned seen = 0;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(seen) : "l"(count) : "memory");
-      if (clock64() - start > kGridBarrierTimeoutCycles) __trap();
-    } while (seen < target);
-  }
-  __syncthreads();
 }
 
 // One kernel for the whole chain; every block resident (time_chain sizes the grid from the

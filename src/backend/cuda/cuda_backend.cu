@@ -148,6 +148,14 @@ struct StepGraph {
   uint64_t fingerprint = 0;
 };
 
+// The batch-1 layer kernel (layer.cuh) is wanted when KESTREL_CUDA_LAYER_KERNEL=1, the fused
+// ops when it is 0, and by default kLayerKernelByDefault decides.
+bool layer_kernel_wanted() {
+  const char* v = std::getenv("KESTREL_CUDA_LAYER_KERNEL");
+  if (v == nullptr || *v == '\0') return kLayerKernelByDefault;
+  return std::string(v) != "0";
+}
+
 // A measurement switch that is on unless the environment variable `name` is "0".
 bool switch_on(const char* name) {
   const char* v = std::getenv(name);
@@ -193,17 +201,12 @@ class CudaBackend final : public Backend {
       KS_CUBLAS_CHECK("init", cublasSetSmCountTarget(backend->cublas_, target));
     }
     // One backend per device may use the layer kernel (layer.cuh, claim_decode_layer).
-    if (backend->layer_kernel_) {
-      backend->layer_kernel_ = claim_decode_layer(device);
-      backend->layer_claimed_ = backend->layer_kernel_;
-    }
+    backend->layer_kernel_ = layer_kernel_wanted() && claim_decode_layer(device);
     return std::unique_ptr<Backend>(std::move(backend));
   }
 
   ~CudaBackend() override {
-    // Only a claim this backend made: one that failed during create() before claiming (the
-    // cuBLAS set-up) must not release another backend's.
-    if (layer_claimed_) release_decode_layer(device_);
+    if (layer_kernel_) release_decode_layer(device_);
     abort_capture();
     // A step run ahead (and its copy into pinned memory) may still be queued.
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
@@ -2051,14 +2054,10 @@ class CudaBackend final : public Backend {
   bool dequant_ahead_ = switch_on("KESTREL_CUDA_DEQUANT_AHEAD");
   DecodeWorkspace decode_ws_;
   unsigned* layer_sync_ = nullptr;  // the decoder layer kernel's counters
-  // The batch-1 layer kernel (layer.cuh) runs when KESTREL_CUDA_LAYER_KERNEL=1, the fused ops
-  // when it is 0, and by default kLayerKernelByDefault decides.
-  bool layer_kernel_ = [] {
-    const char* v = std::getenv("KESTREL_CUDA_LAYER_KERNEL");
-    if (v == nullptr || *v == '\0') return kLayerKernelByDefault;
-    return std::string(v) != "0";
-  }();
-  bool layer_claimed_ = false;  // this backend holds its device's layer-kernel claim
+  // Whether this backend runs the batch-1 layer kernel (layer.cuh): set by create() only when
+  // it is wanted (layer_kernel_wanted) and the device's claim was had, so the destructor
+  // releases only a claim this backend holds.
+  bool layer_kernel_ = false;
   // Layers one launch of the layer kernel runs: kMaxLaunchLayers, or
   // KESTREL_CUDA_LAYER_LAUNCH_LAYERS (1 to kMaxLaunchLayers; a measurement aid).
   int layers_per_launch_ = [] {

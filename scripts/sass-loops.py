@@ -7,9 +7,9 @@ instructions go; the development machine has no cuobjdump, the GPU machine has).
 SASS_FILE is `cuobjdump -sass OBJECT` output (or `-` for standard input). For each function
 whose mangled name contains every --match substring, the loop is the span from a label to the
 branch back to it that holds the most tensor-core instructions (HMMA, IMMA, HGMMA), the shortest
-such span (the innermost loop); with none, the longest loop. The table gives the loop's length and its instructions by opcode
-(the base opcode, modifiers dropped), the N most frequent, and the demangled name where c++filt
-is installed.
+such span (the innermost loop); with none, the longest loop. The table gives the loop's length
+and its instructions by opcode (the base opcode, modifiers dropped), the N most frequent, and the
+demangled name where c++filt is installed.
 """
 import argparse
 import collections

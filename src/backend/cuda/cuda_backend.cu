@@ -390,10 +390,9 @@ class CudaBackend final : public Backend {
     decode_ws_ = DecodeWorkspace{};
     decode_ws_.max_splits = extras.max_splits;
     decode_ws_.sm_count = props_.multiProcessorCount;
-    if (const char* profile = std::getenv("KESTREL_CUDA_ATTENTION_PROFILE")) {
-      // N > 0: a line every N positions (1: every 256); 0 or anything else: off.
-      decode_ws_.profile = std::clamp(std::atoi(profile), 0, 1 << 20);
-    }
+    // KESTREL_CUDA_ATTENTION_PROFILE=N > 0: a line every N positions (1: every 256); 0 or
+    // anything else: off.
+    decode_ws_.profile = std::clamp(env_int("KESTREL_CUDA_ATTENTION_PROFILE", 0), 0, 1 << 20);
     KS_ASSIGN_OR_RETURN(decode_ws_.o,
                         reserve_device<float>(extras.split_o_bytes, "attention partial sums"));
     KS_ASSIGN_OR_RETURN(decode_ws_.ml,

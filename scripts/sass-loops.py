@@ -21,13 +21,15 @@ import sys
 FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 # /*0a30*/  @!P0 BRA `(.L_x_12) ;   or   /*0a40*/  HMMA.16816.F32 R4, R8, R12, R4 ;
-INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[^\s;]*)?(.*?);")
-BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+INSTRUCTION = re.compile(
+    r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\.[^\s;]*)?(.*?);")
+# nvdisasm names its targets (`(.L_x_12)); cuobjdump -sass gives their addresses (BRA P1, 0x930).
+BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)|(0x[0-9a-f]+)\s*$")
 TENSOR = {"HMMA", "IMMA", "HGMMA", "IGMMA", "QGMMA"}
 
 
 def parse(lines):
-    """{mangled name: [(kind, value)]}: kind 'label' (name) or 'op' (opcode, operands)."""
+    """{mangled name: [(kind, value)]}: kind 'label' (name) or 'op' (opcode, operands, address)."""
     functions = collections.OrderedDict()
     body = None
     for line in lines:
@@ -43,7 +45,7 @@ def parse(lines):
             continue
         m = INSTRUCTION.match(line)
         if m:
-            body.append(("op", (m.group(1), m.group(3))))
+            body.append(("op", (m.group(2), m.group(4), int(m.group(1), 16))))
     return functions
 
 
@@ -51,14 +53,16 @@ def hottest_loop(body):
     """The (label index, branch index) span with the most tensor-core instructions, the shortest
     of those (the innermost: a tile loop holds its chunk loop's instructions too)."""
     where = {value: i for i, (kind, value) in enumerate(body) if kind == "label"}
+    where.update({value[2]: i for i, (kind, value) in enumerate(body) if kind == "op"})
     best = None
     for j, (kind, value) in enumerate(body):
         if kind != "op" or value[0] != "BRA":
             continue
-        m = BRANCH_TARGET.search(value[1])
-        if not m or m.group(1) not in where or where[m.group(1)] >= j:
+        m = BRANCH_TARGET.search(value[1].strip())
+        target = m and (m.group(1) or int(m.group(2), 16))
+        if not m or target not in where or where[target] >= j:
             continue
-        i = where[m.group(1)]
+        i = where[target]
         ops = [v[0] for k, v in body[i:j + 1] if k == "op"]
         tensor = sum(op in TENSOR for op in ops)
         key = (tensor, -len(ops) if tensor else len(ops))

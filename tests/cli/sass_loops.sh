@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # scripts/sass-loops.py (gpu-ab's `sass` benchmark) on a hand-written cuobjdump listing: it finds
 # each kernel's innermost loop with the most tensor-core instructions (not the tile loop around
-# it), counts that loop's opcodes, reads predicated branches and encoding lines right, and a
-# filter that matches nothing is an error.
+# it), counts that loop's opcodes, reads predicated branches and encoding lines right, takes
+# branch targets as labels (nvdisasm) or addresses (cuobjdump -sass), and a filter that matches
+# nothing is an error.
 set -euo pipefail
 script="$2/scripts/sass-loops.py"
 work=$(mktemp -d)
@@ -35,15 +36,26 @@ cat >"$work/gemv.sass" <<'SASS'
         /*0040*/                   BRA `(.L_x_8) ;
 .L_x_8:
         /*0050*/                   EXIT ;
+		Function : _Z6dumpedv
+        /*0000*/                   S2R R0, SR_TID.X ;                          /* 0x0000000000007919 */
+                                                                               /* 0x000e220000002100 */
+        /*0010*/                   HMMA.16816.F32 R12, R8, R16, R12 ;
+        /*0020*/                   LDS.128 R4, [R2] ;
+        /*0030*/                   HMMA.16816.F32 R12, R8, R16, R12 ;
+        /*0040*/                   HMMA.16816.F32 R20, R8, R18, R20 ;
+        /*0050*/               @P5 BRA P1, 0x20 ;                              /* 0x0000000000105947 */
+        /*0060*/                   BRA 0x80 ;
+        /*0070*/                   NOP ;
+        /*0080*/                   EXIT ;
 SASS
 python3 "$script" "$work/gemv.sass" --top 3 >"$work/out.md"
 cat "$work/out.md"
 python3 - "$work/out.md" <<'PY'
 import sys
 rows = [l for l in open(sys.argv[1]) if l.startswith("| ") and not l.startswith("| kernel")]
-assert len(rows) == 2, rows
+assert len(rows) == 3, rows
 cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
-gemv, copy = cells
+gemv, copy, dumped = cells
 # gemv<2>: 11 instructions; the inner loop (.L_x_2 .. its branch) is 6, two of them HMMA.
 assert gemv[0].endswith("gemv<2>()") or gemv[0] == "_Z4gemvILi2EEvv", gemv
 assert gemv[1:4] == ["11", "6", "2"], gemv
@@ -51,6 +63,9 @@ assert gemv[4] == "HMMA 2, LOP3 2, BRA 1", gemv  # ties by name
 # copy: no tensor-core loop, the longest loop instead (the forward branch is not a loop).
 assert copy[1:4] == ["6", "3", "0"], copy
 assert copy[4] == "BRA 1, LDG 1, STG 1", copy
+# dumped: branches to addresses; the loop is 0x20 .. 0x50 (the forward BRA 0x80 is none).
+assert dumped[1:4] == ["9", "4", "2"], dumped
+assert dumped[4] == "HMMA 2, BRA 1, LDS 1", dumped
 PY
 if python3 "$script" "$work/gemv.sass" --match nothing >"$work/none.out" 2>"$work/none.err"; then
   echo "a filter that matches nothing should fail"

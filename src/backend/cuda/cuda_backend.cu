@@ -190,16 +190,6 @@ class CudaBackend final : public Backend {
     }
     KS_CUBLAS_CHECK("init", cublasCreate(&backend->cublas_));
     KS_CUBLAS_CHECK("init", cublasSetStream(backend->cublas_, backend->stream_));
-    // KESTREL_CUDA_GEMM_SM_RESERVE=N (a measurement switch; unset or 0: every SM): cuBLAS plans
-    // its GEMMs for N SMs fewer than the device has, so that the fp16 copy of the next prefill
-    // weight, made ahead on DequantAhead's stream, finds SMs to run on beside the GEMM. The 8B's
-    // GEMMs take every SM (one large CTA each), so its copies (~4.3 ms of a ~28 ms first token,
-    // PERF.md) run between GEMMs; a memory-bound copy on a few SMs beside a compute-bound GEMM on
-    // the rest may take less than both in turn.
-    if (const int reserve = env_int("KESTREL_CUDA_GEMM_SM_RESERVE", 0); reserve > 0) {
-      const int target = std::max(1, backend->props_.multiProcessorCount - reserve);
-      KS_CUBLAS_CHECK("init", cublasSetSmCountTarget(backend->cublas_, target));
-    }
     // One backend per device may use the layer kernel (layer.cuh, claim_decode_layer).
     backend->layer_kernel_ = layer_kernel_wanted() && claim_decode_layer(device);
     return std::unique_ptr<Backend>(std::move(backend));

@@ -858,10 +858,11 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   // memory (no fused norm), a lane's rows of the input (token nt * 8 + quad_row, from its group
   // of chunk 0) are set once, so a chunk's loads are one offset from them and immediates, and
   // they load unpredicated: a token past n_tokens reads token 0's row (its sums are never
-  // stored), and a group past the input's last (a chunk past the warp's last, loaded ahead and
-  // never multiplied, or the lanes past the end of a partial last chunk, whose weights read as
-  // zeros) reads the last group. Predicated, every load needed its registers zeroed and a compare
-  // (the twenty-ninth session's SASS: 16 CS2R and 8 ISETP a chunk of 32 mma). The fused norm's
+  // stored), and a lane past the input's last group (in a partial last chunk, whose weights read
+  // as zeros) reads the last group. Predicated, every load needed its registers zeroed and a
+  // compare (the twenty-ninth session's SASS: 16 CS2R and 8 ISETP a chunk of 32 mma). A chunk
+  // past the warp's last, asked for ahead and never multiplied, reads the input's last chunk,
+  // the same for every warp of the block, so all but the first read it from L1. The fused norm's
   // shared-memory row keeps its per-load indexing and zeros (its 32-bit addresses are cheaper
   // than a generic pointer's, and ptxas spills more in those instances).
   const __half* b_rows[NT];
@@ -874,7 +875,9 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   }
   auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
     const int64_t group = chunk * kChunkGroups + quad_col;
-    const int64_t at = (min(group, p.n_groups - 1) - quad_col) * kGroup;
+    const int64_t read_chunk = min(chunk, n_chunks - 1);
+    const int64_t read_group = min(read_chunk * kChunkGroups + quad_col, p.n_groups - 1);
+    const int64_t at = (read_group - quad_col) * kGroup;
     const bool valid = chunk < n_chunks && group < p.n_groups;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {

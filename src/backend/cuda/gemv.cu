@@ -856,44 +856,38 @@ __global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
   };
   // Activations (the B fragments) come from L1/L2 and are loaded one chunk ahead. From global
   // memory (no fused norm), a lane's rows of the input (token nt * 8 + quad_row, from its group
-  // of chunk 0) are set once, so a chunk's loads are one offset from them and immediates, and
-  // they load unpredicated: a token past n_tokens reads token 0's row (its sums are never
-  // stored), and a lane past the input's last group (in a partial last chunk, whose weights read
-  // as zeros) reads the last group. Predicated, every load needed its registers zeroed and a
-  // compare (the twenty-ninth session's SASS: 16 CS2R and 8 ISETP a chunk of 32 mma). A chunk
-  // past the warp's last, asked for ahead and never multiplied, reads the input's last chunk,
-  // the same for every warp of the block, so all but the first read it from L1. The fused norm's
-  // shared-memory row keeps its per-load indexing and zeros (its 32-bit addresses are cheaper
-  // than a generic pointer's, and ptxas spills more in those instances).
+  // of chunk 0; null past n_tokens) are set once, so a chunk's loads are one offset from them
+  // and immediates; the fused norm's shared-memory row keeps its per-load indexing (its 32-bit
+  // addresses are cheaper than a generic pointer's, and ptxas spills more in those instances).
   const __half* b_rows[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int token = nt * 8 + quad_row;
-    b_rows[nt] =
-        kNorm ? nullptr
-              : p.x + (token < p.n_tokens ? token : 0) * p.x_stride + int64_t(quad_col) * kGroup;
+    b_rows[nt] = !kNorm && token < p.n_tokens
+                     ? p.x + token * p.x_stride + int64_t(quad_col) * kGroup
+                     : nullptr;
   }
   auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
     const int64_t group = chunk * kChunkGroups + quad_col;
-    const int64_t read_chunk = min(chunk, n_chunks - 1);
-    const int64_t read_group = min(read_chunk * kChunkGroups + quad_col, p.n_groups - 1);
-    const int64_t at = (read_group - quad_col) * kGroup;
     const bool valid = chunk < n_chunks && group < p.n_groups;
+    const int64_t at = chunk * (kChunkGroups * kGroup);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int token = nt * 8 + quad_row;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (!kNorm) {
-          v = *reinterpret_cast<const uint4*>(b_rows[nt] + at + u * 8);
-        } else if (valid && token < p.n_tokens) {
-          v = *reinterpret_cast<const uint4*>(xs + token * p.x_stride + group * kGroup + u * 8);
+        const bool live = kNorm ? valid && token < p.n_tokens : valid && b_rows[nt] != nullptr;
+        if (live) {
+          const __half* src =
+              kNorm ? xs + token * p.x_stride + group * kGroup + u * 8 : b_rows[nt] + at + u * 8;
+          const uint4 v = *reinterpret_cast<const uint4*>(src);
+          b[nt][u][0] = v.x;
+          b[nt][u][1] = v.y;
+          b[nt][u][2] = v.z;
+          b[nt][u][3] = v.w;
+        } else {
+          b[nt][u][0] = b[nt][u][1] = b[nt][u][2] = b[nt][u][3] = 0;
         }
-        b[nt][u][0] = v.x;
-        b[nt][u][1] = v.y;
-        b[nt][u][2] = v.z;
-        b[nt][u][3] = v.w;
       }
     }
   };

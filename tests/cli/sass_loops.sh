@@ -3,7 +3,8 @@
 # each kernel's innermost loop with the most tensor-core instructions (not the tile loop around
 # it), counts that loop's opcodes, reads predicated branches and encoding lines right, takes
 # branch targets as labels (nvdisasm) or addresses (cuobjdump -sass), and a filter that matches
-# nothing is an error.
+# nothing is an error. Then a hand-built cubin read directly with an opcode table written from a
+# listing (branch offsets decoded), a host object refused, and a table with a clash refused.
 set -euo pipefail
 script="$2/scripts/sass-loops.py"
 work=$(mktemp -d)
@@ -73,4 +74,66 @@ if python3 "$script" "$work/gemv.sass" --match nothing >"$work/none.out" 2>"$wor
 fi
 grep -q "no function matches" "$work/none.err"
 python3 "$script" "$work/gemv.sass" --match gemv | grep -c '^| ' | grep -qx 2  # header and gemv
+
+# A cubin read directly (the development machine has no cuobjdump): a hand-built ELF of machine
+# EM_CUDA with one .text.NAME section of 16-byte instructions, named from a table written from a
+# listing. The loop's backward BRA offset (in 4-byte units from the next instruction) is split
+# over bits 16-23 and 34+ of the instruction, as on sm_90; a forward BRA is no loop.
+cat >"$work/codes.sass" <<'SASS'
+        /*0000*/                   LDS.128 R4, [R2] ;                          /* 0x0000000002047984 */
+        /*0010*/                   HMMA.16816.F32 R12, R8, R16, R12 ;          /* 0x000000100c0c723c */
+        /*0020*/               @P0 BRA 0x10 ;                                  /* 0x0000000000000947 */
+        /*0030*/                   EXIT ;                                      /* 0x000000000000794d */
+SASS
+python3 "$script" "$work/codes.sass" --write-opcodes "$work/codes.json"
+python3 - "$work" <<'PY'
+import json, struct, sys
+work = sys.argv[1]
+table = json.load(open(f"{work}/codes.json"))
+assert table == {"0x984": "LDS", "0x23c": "HMMA", "0x947": "BRA", "0x94d": "EXIT"}, table
+def bra(at, target):
+    raw = (target - (at + 16)) // 4 & ((1 << 56) - 1)
+    word = 0x947 | (raw & 0xFF) << 16 | (raw >> 8) << 34
+    return struct.pack("<QQ", word & (1 << 64) - 1, word >> 64)
+def op(code):
+    return struct.pack("<QQ", code, 0)
+# 0x000 LDS; 0x010..0x2e0: a loop of 3 HMMA, an LDS and 41 of an opcode the table lacks, closed
+# by a BRA back 0x2e0 bytes (the offset past 8 bits); a forward BRA to 0x310; EXIT at 0x310.
+text = op(0x984) + op(0x23c) * 3 + op(0x984) + op(0x111) * 41 + bra(0x2E0, 0x10)
+text += bra(0x2F0, 0x310) + op(0x111) + op(0x94D)
+names = b"\0.shstrtab\0.text._Z4loopv\0"
+shoff = 64 + len(text) + len(names)
+elf = bytearray(b"\x7fELF" + bytes([2, 1, 1]) + bytes(9))
+elf += struct.pack("<HHIQQQIHHHHHH", 2, 190, 1, 0, 0, shoff, 0, 64, 0, 0, 64, 3, 1)
+elf += text + names
+elf += bytes(64)  # the null section
+elf += struct.pack("<IIQQQQIIQQ", 1, 3, 0, 0, 64 + len(text), len(names), 0, 0, 1, 0)
+elf += struct.pack("<IIQQQQIIQQ", 11, 1, 6, 0, 64, len(text), 0, 0, 16, 0)
+open(f"{work}/k.cubin", "wb").write(bytes(elf))
+elf[0x12] = 62  # x86-64: a host object, not a cubin
+open(f"{work}/host.o", "wb").write(bytes(elf))
+PY
+python3 "$script" "$work/k.cubin" --opcodes "$work/codes.json" --top 3 >"$work/cubin.md"
+cat "$work/cubin.md"
+python3 - "$work/cubin.md" <<'PY'
+import sys
+rows = [l for l in open(sys.argv[1]) if l.startswith("| ") and not l.startswith("| kernel")]
+assert len(rows) == 1, rows
+cells = [c.strip() for c in rows[0].strip().strip("|").split("|")]
+# 50 instructions; the loop is 0x010 .. the BRA at 0x2e0: 46, three of them HMMA.
+assert cells[1:4] == ["50", "46", "3"], cells
+assert cells[4] == "?0x111 41, HMMA 3, BRA 1", cells
+PY
+if python3 "$script" "$work/host.o" --opcodes "$work/codes.json" 2>"$work/host.err"; then
+  echo "a host object should be refused"
+  exit 1
+fi
+grep -q "not a cubin" "$work/host.err"
+printf '        /*0000*/ IADD3 R1, R1, 0x1, RZ ; /* 0x0000000101017810 */\n        /*0010*/ LOP3.LUT R1, R1, 0x1, RZ, 0xc0, !PT ; /* 0x0000000101017810 */\n' \
+  >"$work/clash.sass"
+if python3 "$script" "$work/clash.sass" --write-opcodes "$work/clash.json" 2>"$work/clash.err"; then
+  echo "two names for one opcode should be refused"
+  exit 1
+fi
+grep -q "two names" "$work/clash.err"
 echo "sass_loops: ok"

@@ -101,6 +101,14 @@ bool set_gemv_deep_ring(bool on);
 // GEMV launches that took the deep ring since the process started (host-side count of the calls
 // that chose it, a test aid).
 uint64_t gemv_deep_ring_launches();
+// Whether the fp16 and sym_int8 GEMVs with a fused RMSNorm input (one token) take a launch bound
+// of two blocks an SM instead of three, so their loops keep their values in registers
+// (KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS=1 sets the starting value; a measurement switch). The same
+// arithmetic in the same order: the same bits. Process-wide; a captured step keeps the kernel it
+// was captured with. Returns the setting before.
+bool set_gemv_norm_two_blocks(bool on);
+// Launches that took it since the process started (a test aid).
+uint64_t gemv_norm_two_blocks_launches();
 // Whether a GEMV adding into the residual at one token also prepares the residual's next RMSNorm
 // input (NormHalvesOut, gemv.cuh: x·g in half groups and the tiles' sums of squares) for that
 // norm's GEMV, which then neither normalizes nor quantizes (on by default;

@@ -694,9 +694,11 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
 // scales; with kNorm, the residual's next-norm input (NormHalvesIn: p.xh and p.norm_ss), each
 // scale times the norm's rsqrt.
 // kDeep: the ring of kDeepStages chunks a warp (deep_ring), the same arithmetic in the same order.
+// kWide: two blocks an SM in the launch bound (128 registers) instead of the fused norm's three
+// (80): the fp16 and sym_int8 norm instances' batch-1 loops spill there (norm_two_blocks).
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, bool kDeep = false>
-__global__ void __launch_bounds__(kThreads, kNorm || kDp == 1 ? 3 : 2)
+          bool kHalves = false, bool kDeep = false, bool kWide = false>
+__global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kDeep || (kDp == 1 && !kSwiglu && !kNorm), "deep_ring's instances");
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
@@ -1490,6 +1492,24 @@ bool deep_ring(const GemvParams& p) {
   return deep;
 }
 
+// Whether the fp16 and sym_int8 fused-norm instances (one token, the mma path) take the launch
+// bound of two blocks an SM (set_gemv_norm_two_blocks; KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS=1 at
+// start-up): a measurement switch. Under the default three blocks an SM (80 registers) their chunk
+// loops spill (the twenty-ninth session's local SASS count: 4-22 LDL and 4-15 STL a loop); two
+// give them 128 registers and no spills, and a third fewer warps an SM. Counts the launches it
+// takes (gemv_norm_two_blocks_launches).
+std::atomic<bool>& gemv_norm_two_blocks_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS", "1")};
+  return on;
+}
+std::atomic<uint64_t> norm_two_blocks_launches{0};
+
+bool norm_two_blocks() {
+  if (!gemv_norm_two_blocks_flag().load(std::memory_order_relaxed)) return false;
+  norm_two_blocks_launches.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 // Whether int4 launches are persistent (a wave of blocks looping over the row tiles) or a block
 // a tile. KESTREL_CUDA_GEMV_PERSISTENT, a measurement aid: 1 (the default) both paths, 2 the
 // dp4a path only (the eighth session's default), 0 neither.
@@ -1507,7 +1527,7 @@ bool launch_persistent(bool dp4a) {
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, bool kDeep = false>
+          bool kHalves = false, bool kDeep = false, bool kWide = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   using P = Pipe<F, MT, kDeep>;
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
@@ -1523,7 +1543,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr bool kOwnReduce = P::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kDeep>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kDeep, kWide>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1610,7 +1630,12 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
       return Status::error("cuda matmul: an int4 GEMV with a fused RMSNorm input takes dp4a");
     }
   } else {
-    if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
+    if (p.norm.x != nullptr) {
+      if (norm_two_blocks()) {
+        return launch_kernel<F, MT, 1, kSwiglu, true, 0, false, false, false, true>(p, stream);
+      }
+      return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
+    }
   }
   if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, stream);
   return launch_kernel<F, MT, 2, kSwiglu, false, 0>(p, stream);
@@ -1892,6 +1917,14 @@ bool set_gemv_deep_ring(bool on) {
 
 uint64_t gemv_deep_ring_launches() {
   return deep_ring_launches.load(std::memory_order_relaxed);
+}
+
+bool set_gemv_norm_two_blocks(bool on) {
+  return gemv_norm_two_blocks_flag().exchange(on);
+}
+
+uint64_t gemv_norm_two_blocks_launches() {
+  return norm_two_blocks_launches.load(std::memory_order_relaxed);
 }
 
 bool gemv_half_groups() {

@@ -700,6 +700,7 @@ template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, boo
           bool kHalves = false, bool kDeep = false, bool kWide = false>
 __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
+  static_assert(!kWide || (kNorm && kDp == 0), "kWide: the fp16 and int8 fused-norm bound");
   static_assert(!kDeep || (kDp == 1 && !kSwiglu && !kNorm), "deep_ring's instances");
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(!kHalves || (kDp == 1 && (kNorm || (!kSwiglu && MT == 1))),
@@ -1496,8 +1497,10 @@ bool deep_ring(const GemvParams& p) {
 // bound of two blocks an SM (set_gemv_norm_two_blocks; KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS=1 at
 // start-up): a measurement switch. Under the default three blocks an SM (80 registers) their chunk
 // loops spill (the twenty-ninth session's local SASS count: 4-22 LDL and 4-15 STL a loop); two
-// give them 128 registers and no spills, and a third fewer warps an SM. Counts the launches it
-// takes (gemv_norm_two_blocks_launches).
+// give them 128 registers and no spills. Their shared memory (a review's count from Pipe's sizes)
+// already holds most of them to two blocks an SM or one (fp16 gate/up), so the third block the
+// bound provides for rarely runs: only the 1.5B's sym_int8 gate/up and lm_head fit three. Counts
+// the launches it takes (gemv_norm_two_blocks_launches).
 std::atomic<bool>& gemv_norm_two_blocks_flag() {
   static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS", "1")};
   return on;

@@ -117,14 +117,16 @@ def parse_cubin(data, table):
         for at in range(0, size - size % 16, 16):
             lo, hi = struct.unpack_from("<QQ", data, offset + at)
             opcode = lo & 0xFFF
+            mnemonic = table.get(f"0x{opcode:03x}", f"?0x{opcode:03x}")
             operands = ""
-            if opcode == BRA_OPCODE:
+            if opcode == BRA_OPCODE:  # named here: the loops are found by it, whatever the table
+                mnemonic = "BRA"
                 word = lo | (hi << 64)
                 raw = ((word >> 16) & 0xFF) | (((word >> 34) & ((1 << 48) - 1)) << 8)
                 if raw >> 55:
                     raw -= 1 << 56
                 operands = f" 0x{at + 16 + 4 * raw:x}"
-            body.append(("op", (table.get(f"0x{opcode:03x}", f"?0x{opcode:03x}"), operands, at)))
+            body.append(("op", (mnemonic, operands, at)))
         functions[name[len(".text."):]] = body
     return functions
 

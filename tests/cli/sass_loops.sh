@@ -120,7 +120,9 @@ import sys
 rows = [l for l in open(sys.argv[1]) if l.startswith("| ") and not l.startswith("| kernel")]
 assert len(rows) == 1, rows
 cells = [c.strip() for c in rows[0].strip().strip("|").split("|")]
-# 50 instructions; the loop is 0x010 .. the BRA at 0x2e0: 46, three of them HMMA.
+# loop(), from its section's name; 50 instructions; the loop is 0x010 .. the BRA at 0x2e0: 46,
+# three of them HMMA.
+assert cells[0] in ("loop()", "_Z4loopv"), cells
 assert cells[1:4] == ["50", "46", "3"], cells
 assert cells[4] == "?0x111 41, HMMA 3, BRA 1", cells
 PY

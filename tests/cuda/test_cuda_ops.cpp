@@ -249,8 +249,9 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
 }
 
 // The fused-norm GEMVs of fp16 and sym_int8 weights under the launch bound of two blocks an SM
-// (set_gemv_norm_two_blocks, a measurement switch): the same arithmetic in the same order, so a
-// layer's GEMV outputs keep their bits at one token (the fused norm's only batch). The vocabulary
+// (set_gemv_norm_two_blocks, the default since the thirtieth session) against three: the same
+// arithmetic in the same order, so a layer's GEMV outputs keep their bits at one token (the fused
+// norm's only batch). The vocabulary
 // is wide enough (more 32-row tiles than twice the SMs of any device the backend runs on) that
 // sym_int8's lm_head takes the two-m-tile instance, its q/k/v the one-m-tile one. The launch count
 // says the switch's instances ran, once each for q/k/v, gate/up and the lm_head, and only with

@@ -102,8 +102,8 @@ bool set_gemv_deep_ring(bool on);
 // that chose it, a test aid).
 uint64_t gemv_deep_ring_launches();
 // Whether the fp16 and sym_int8 GEMVs with a fused RMSNorm input (one token) take a launch bound
-// of two blocks an SM instead of three, so their loops keep their values in registers
-// (KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS=1 sets the starting value; a measurement switch). The same
+// of two blocks an SM instead of three, so their loops keep their values in registers (the
+// default; KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS=0 sets the starting value off). The same
 // arithmetic in the same order: the same bits. Process-wide; a captured step keeps the kernel it
 // was captured with. Returns the setting before.
 bool set_gemv_norm_two_blocks(bool on);

@@ -1494,15 +1494,17 @@ bool deep_ring(const GemvParams& p) {
 }
 
 // Whether the fp16 and sym_int8 fused-norm instances (one token, the mma path) take the launch
-// bound of two blocks an SM (set_gemv_norm_two_blocks; KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS=1 at
-// start-up): a measurement switch. Under the default three blocks an SM (80 registers) their chunk
-// loops spill (the twenty-ninth session's local SASS count: 4-22 LDL and 4-15 STL a loop); two
-// give them 128 registers and no spills. Their shared memory (a review's count from Pipe's sizes)
-// already holds most of them to two blocks an SM or one (fp16 gate/up), so the third block the
-// bound provides for rarely runs: only the 1.5B's sym_int8 gate/up and lm_head fit three. Counts
-// the launches it takes (gemv_norm_two_blocks_launches).
+// bound of two blocks an SM (set_gemv_norm_two_blocks; on by default since the thirtieth session,
+// KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS=0 at start-up gives the old three). Under three blocks an SM
+// (80 registers) their chunk loops spill (the twenty-ninth session's local SASS count: 4-22 LDL
+// and 4-15 STL a loop); two give them 128 registers and no spills. Their shared memory (a
+// review's count from Pipe's sizes) already holds most of them to two blocks an SM or one (fp16
+// gate/up), so the third block the old bound provided for rarely ran: only the 1.5B's sym_int8
+// gate/up and lm_head fit three. H100, same call, tg128 b1: fp16 8B 108.43 -> 109.90, 1.5B
+// 412.78 -> 417.13; sym_int8 8B 174.79 -> 186.02, 1.5B 591.43 -> 615.36 tok/s. Counts the
+// launches it takes (gemv_norm_two_blocks_launches).
 std::atomic<bool>& gemv_norm_two_blocks_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS", "0")};
   return on;
 }
 std::atomic<uint64_t> norm_two_blocks_launches{0};

@@ -5,13 +5,15 @@ Reads what `ncu --csv --page raw --print-units base` printed (the profiled progr
 may come before the table) and prints one Markdown row a kernel, in the order each kernel was
 first launched:
 
-  | kernel | launches | us | shared config KB | dynamic + static shared KB a block |
+  | kernel | grid | launches | us | shared config KB | dynamic + static shared KB a block |
     blocks an SM (shared-memory limit) | achieved occupancy % | L1 hit % | L2 hit % | DRAM GB/s |
 
-Values are medians over the kernel's launches; a metric the run did not collect prints as "?".
-The kernel's name drops its return type, namespaces and parameter list and keeps its template
-arguments (instances of one template are different kernels). With --columns, the raw metric
-names the table held are listed instead (for choosing sections).
+A row is one kernel at one grid size and dynamic shared memory (one instantiation serves weights
+of different shapes: wo and w_down share one). Values are medians over its launches; a metric the
+run did not collect prints as "-". The kernel's name drops its return type, namespaces (in its
+template arguments too) and parameter list and keeps its template arguments (instances of one
+template are different kernels). With --columns, the raw metric names the table held are listed
+instead (for choosing sections).
 
   scripts/ncu-summary.py NCU_OUTPUT [--columns]
 """
@@ -22,6 +24,7 @@ import statistics
 import sys
 
 COLUMNS = {
+    "grid": "launch__grid_size",
     "us": "gpu__time_duration.sum",  # ns in base units
     "config": "launch__shared_mem_config_size",  # bytes
     "dynamic": "launch__shared_mem_per_block_dynamic",
@@ -52,7 +55,7 @@ def short_name(name):
     # Namespaces before the template name (not inside its arguments).
     head, sep, args = name.partition("<")
     head = head.split("::")[-1]
-    args = args.replace("kestrel::", "")
+    args = re.sub(r"(?:\(anonymous namespace\)|\w+)::", "", args)
     return head + sep + args
 
 
@@ -75,8 +78,8 @@ def read_table(path):
     header = rows[0]
     body = [r for r in rows[1:] if len(r) == len(header)]
     # The units row (base units: "nsecond", "byte", "%") has no ID.
-    body = [r for r in body if number(r[header.index("ID")]) is not None] if "ID" in header \
-        else body
+    if "ID" in header:
+        body = [r for r in body if number(r[header.index("ID")]) is not None]
     return header, body
 
 
@@ -97,9 +100,12 @@ def main(argv):
         return 1
     name_at = header.index("Kernel Name")
     at = {key: header.index(col) for key, col in COLUMNS.items() if col in header}
-    kernels = {}  # short name -> {key: [values]}, in first-launch order
+    # (short name, grid, dynamic shared bytes) -> {key: [values]}, in first-launch order
+    kernels = {}
     for r in body:
-        values = kernels.setdefault(short_name(r[name_at]), {"n": 0})
+        kernel = (short_name(r[name_at]),) + tuple(
+            r[at[k]].strip() if k in at else "" for k in ("grid", "dynamic"))
+        values = kernels.setdefault(kernel, {"n": 0})
         values["n"] += 1
         for key, i in at.items():
             v = number(r[i])
@@ -108,16 +114,17 @@ def main(argv):
 
     def med(values, key, scale=1.0, digits=1):
         got = values.get(key)
-        return f"{statistics.median(got) * scale:.{digits}f}" if got else "?"
+        return f"{statistics.median(got) * scale:.{digits}f}" if got else "-"
 
-    for name, values in kernels.items():
-        shared = "?"
+    for (name, _, _), values in kernels.items():
+        shared = "-"
         if values.get("dynamic") or values.get("static"):
             total = statistics.median(values.get("dynamic", [0.0])) + \
                 statistics.median(values.get("static", [0.0]))
             shared = f"{total / 1024:.1f}"
-        print(f"| {name} | {values['n']} | {med(values, 'us', 1e-3, 2)} | "
-              f"{med(values, 'config', 1 / 1024, 0)} | {shared} | {med(values, 'limit', 1, 0)} | "
+        print(f"| {name} | {med(values, 'grid', 1, 0)} | {values['n']} | "
+              f"{med(values, 'us', 1e-3, 2)} | {med(values, 'config', 1 / 1024, 0)} | {shared} | "
+              f"{med(values, 'limit', 1, 0)} | "
               f"{med(values, 'occupancy')} | {med(values, 'l1')} | {med(values, 'l2')} | "
               f"{med(values, 'dram', 1e-9, 0)} |")
     return 0

@@ -248,6 +248,33 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
   }
 }
 
+// Launches that ask for the SM's largest shared-memory split (set_smem_max_shared, a measurement
+// switch: the carveout launch attribute) run and give the bits of launches without it: every GEMV
+// kind of a layer and the lm_head, int4 weights, at one token (dp4a) and sixteen (mma). Whether
+// the split took effect is the device's to say (gpu-ab's ncu benchmark prints each kernel's
+// shared-memory configuration).
+TEST(CudaOps, SmemMaxSharedGivesTheSameBits) {
+  ModelConfig config = small_config(1088, 704, 8, 2, 64, 300);
+  config.n_layers = 1;
+  ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 4800);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+  for (int64_t n : {1, 16}) {
+    const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4801 + n, 2.0f);
+    std::vector<float> results[2];  // [the driver's split, the largest]
+    for (int run : {0, 1}) {
+      const bool before = cuda::set_smem_max_shared(run == 1);
+      results[run] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+      cuda::set_smem_max_shared(before);
+    }
+    ASSERT_FALSE(results[0].empty());
+    ASSERT_FALSE(results[1].empty()) << "n=" << n;
+    EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten, n=" << n;
+    EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
+        << "of " << results[0].size() << " values, n=" << n;
+  }
+}
+
 // The fused-norm GEMVs of fp16 and sym_int8 weights under the launch bound of two blocks an SM
 // (set_gemv_norm_two_blocks, the default since the thirtieth session) against three: the same
 // arithmetic in the same order, so a layer's GEMV outputs keep their bits at one token (the fused

@@ -4,11 +4,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <set>
 #include <utility>
 
 #include "backend/cuda/int4_tiles.h"
@@ -221,52 +220,38 @@ __device__ inline void grid_barrier(unsigned* arrive, unsigned* generation) {
   __syncthreads();
 }
 
-// KESTREL_CUDA_SMEM_MAX_SHARED=1 at start-up, a measurement switch (thirtieth session): every
-// kernel launched through launch_pdl prefers the largest shared-memory configuration of the SM
-// (cudaFuncAttributePreferredSharedMemoryCarveout = cudaSharedmemCarveoutMaxShared), set once
-// per kernel and device before its first launch. An SM changes its L1 / shared-memory split only
-// when it is idle, so kernels that would each get the driver's own choice may not share an SM
+// Whether every kernel launched through launch_pdl prefers the largest shared-memory split of the
+// SM (the launch attribute cudaLaunchAttributePreferredSharedMemoryCarveout =
+// cudaSharedmemCarveoutMaxShared; set_smem_max_shared, KESTREL_CUDA_SMEM_MAX_SHARED=1 at
+// start-up): a measurement switch (thirtieth session). An SM changes its L1 / shared-memory split
+// only when it is idle, so kernels that each get the driver's own choice may not share an SM
 // while one drains into the next under programmatic dependent launch; with one split for all of
 // them they can, at the cost of L1 (the batch-16 GEMVs read their activations through it). Only
-// the largest split is offered: it never holds fewer blocks an SM than the occupancy queries that
-// size the persistent grids counted on.
-inline bool smem_max_shared() {
-  static const bool on = env_is("KESTREL_CUDA_SMEM_MAX_SHARED", "1");
+// the largest split is offered: the occupancy calculator (cuda_occupancy.h) counts on the whole
+// shared memory of an SM under the default preference, so the persistent grids sized from it
+// keep their blocks co-resident; a smaller split could hold fewer. A captured graph keeps the
+// attribute its launches were captured with.
+inline std::atomic<bool>& smem_max_shared_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_SMEM_MAX_SHARED", "1")};
   return on;
-}
-
-inline cudaError_t prefer_max_shared(const void* kernel) {
-  if (!smem_max_shared()) return cudaSuccess;
-  int device = 0;
-  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  static std::mutex mutex;
-  static std::set<std::pair<const void*, int>> done;  // (kernel, device) already set
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (done.count({kernel, device}) != 0) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                             int(cudaSharedmemCarveoutMaxShared));
-  if (e == cudaSuccess) done.insert({kernel, device});
-  return e;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization.
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
                        cudaStream_t stream, Args&&... args) {
-  if (const cudaError_t e = prefer_max_shared(reinterpret_cast<const void*>(kernel));
-      e != cudaSuccess) {
-    return e;
-  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
+  cudaLaunchAttribute attribute[2];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  attribute[1].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+  attribute[1].val.sharedMemCarveout = unsigned(cudaSharedmemCarveoutMaxShared);
   config.attrs = attribute;
-  config.numAttrs = 1;
+  config.numAttrs = smem_max_shared_flag().load(std::memory_order_relaxed) ? 2 : 1;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 

@@ -2118,6 +2118,10 @@ bool set_plan_final_norm(bool on) {
   return std::exchange(plan_final_norm_flag(), on);
 }
 
+bool set_smem_max_shared(bool on) {
+  return smem_max_shared_flag().exchange(on);
+}
+
 Status set_op_timing(Backend& backend, bool enabled) {
   CudaBackend* cuda = as_cuda(backend);
   if (cuda == nullptr) return Status::error("set_op_timing: not a CUDA backend");

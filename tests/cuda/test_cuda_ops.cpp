@@ -248,12 +248,12 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
   }
 }
 
-// Launches that ask for the SM's largest shared-memory split (set_smem_max_shared, a measurement
-// switch: the carveout launch attribute) run and give the bits of launches without it: every GEMV
-// kind of a layer and the lm_head, int4 weights, at one token (dp4a) and sixteen (mma). Whether
-// the split took effect is the device's to say (gpu-ab's ncu benchmark prints each kernel's
-// shared-memory configuration).
-TEST(CudaOps, SmemMaxSharedGivesTheSameBits) {
+// Launches that ask for the SM's largest shared-memory split (set_smem_split: the carveout launch
+// attribute on every launch, or on all but the mma-path GEMVs, the default) run and give the bits
+// of launches without it: every GEMV kind of a layer and the lm_head, int4 weights, at one token
+// (dp4a) and sixteen (mma). Whether a split took effect is the device's to say (gpu-ab's ncu
+// benchmark prints each kernel's shared-memory configuration).
+TEST(CudaOps, SmemSplitGivesTheSameBits) {
   ModelConfig config = small_config(1088, 704, 8, 2, 64, 300);
   config.n_layers = 1;
   ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 4800);
@@ -261,17 +261,20 @@ TEST(CudaOps, SmemMaxSharedGivesTheSameBits) {
   ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
   for (int64_t n : {1, 16}) {
     const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4801 + n, 2.0f);
-    std::vector<float> results[2];  // [the driver's split, the largest]
-    for (int run : {0, 1}) {
-      const bool before = cuda::set_smem_max_shared(run == 1);
-      results[run] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-      cuda::set_smem_max_shared(before);
+    std::vector<float> results[3];  // [mode 0: the driver's split, 1: the largest, 2: the default]
+    for (int mode : {0, 1, 2}) {
+      const int before = cuda::set_smem_split(mode);
+      results[mode] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+      cuda::set_smem_split(before);
     }
     ASSERT_FALSE(results[0].empty());
-    ASSERT_FALSE(results[1].empty()) << "n=" << n;
-    EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten, n=" << n;
-    EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
-        << "of " << results[0].size() << " values, n=" << n;
+    for (int mode : {1, 2}) {
+      ASSERT_FALSE(results[mode].empty()) << "n=" << n << ", mode " << mode;
+      EXPECT_TRUE(no_nan(results[mode]))
+          << "an output left unwritten, n=" << n << ", mode " << mode;
+      EXPECT_EQ(bits_differ(results[0], results[mode]), 0u)
+          << "of " << results[0].size() << " values, n=" << n << ", mode " << mode;
+    }
   }
 }
 

@@ -220,24 +220,32 @@ __device__ inline void grid_barrier(unsigned* arrive, unsigned* generation) {
   __syncthreads();
 }
 
-// Whether every kernel launched through launch_pdl prefers the largest shared-memory split of the
-// SM (the launch attribute cudaLaunchAttributePreferredSharedMemoryCarveout =
-// cudaSharedmemCarveoutMaxShared; set_smem_max_shared, KESTREL_CUDA_SMEM_MAX_SHARED=1 at
-// start-up): a measurement switch (thirtieth session). An SM changes its L1 / shared-memory split
-// only when it is idle, so kernels that each get the driver's own choice may not share an SM
-// while one drains into the next under programmatic dependent launch; with one split for all of
-// them they can, at the cost of L1 (the batch-16 GEMVs read their activations through it). Only
-// the largest split is offered: the occupancy calculator (cuda_occupancy.h) counts on the whole
-// shared memory of an SM under the default preference, so the persistent grids sized from it
-// keep their blocks co-resident; a smaller split could hold fewer. A captured graph keeps the
-// attribute its launches were captured with.
-inline std::atomic<bool>& smem_max_shared_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_SMEM_MAX_SHARED", "1")};
-  return on;
+// Which launches through launch_pdl ask for the SM's largest shared-memory split (the launch
+// attribute cudaLaunchAttributePreferredSharedMemoryCarveout = cudaSharedmemCarveoutMaxShared;
+// set_smem_split, KESTREL_CUDA_SMEM_SPLIT at start-up): 0 none (the driver's choice for every
+// kernel), 1 all, 2 (the default) all but the kernels that read their input through L1
+// (launch_pdl<true>: the mma-path GEMVs without a fused norm, int4 at batch 3-64). The driver
+// gives each kernel the split its occupancy needs (Nsight, thirtieth session, H100: the batch-1
+// step's GEMVs 164, 196 or 228 KB of shared memory, attention 228), and kernels of different
+// splits do not share an SM (its split changes only when it is idle), so a kernel launched early
+// under programmatic dependent launch cannot take an SM still running a kernel of another split.
+// One split for the batch-1 step gave tg128 b1 +2.8% (8B) and +2.1% (1.5B) in the same call; for
+// the batch-16 GEMVs it cost 3.9% / 1.1%: their activations hit L1 39-58% of the time at the
+// driver's 164 KB, and the largest split leaves L1 28 KB. Only the largest split is offered: the
+// occupancy calculator (cuda_occupancy.h) counts on an SM's whole shared memory under the default
+// preference, so the persistent grids sized from it stay co-resident; a smaller split could hold
+// fewer. A captured graph keeps the attribute its launches were captured with.
+inline std::atomic<int>& smem_split_mode() {
+  static std::atomic<int> mode{[] {
+    const int v = env_int("KESTREL_CUDA_SMEM_SPLIT", 2);
+    return v >= 0 && v <= 2 ? v : 2;  // anything else: the default
+  }()};
+  return mode;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization.
-template <typename... KernelArgs, typename... Args>
+// kL1Reader: a kernel whose input comes through L1 (see smem_split_mode).
+template <bool kL1Reader = false, typename... KernelArgs, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
                        cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t config = {};
@@ -250,8 +258,9 @@ cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, siz
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   attribute[1].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
   attribute[1].val.sharedMemCarveout = unsigned(cudaSharedmemCarveoutMaxShared);
+  const int mode = smem_split_mode().load(std::memory_order_relaxed);
   config.attrs = attribute;
-  config.numAttrs = smem_max_shared_flag().load(std::memory_order_relaxed) ? 2 : 1;
+  config.numAttrs = mode == 1 || (mode == 2 && !kL1Reader) ? 2 : 1;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 

@@ -2118,8 +2118,8 @@ bool set_plan_final_norm(bool on) {
   return std::exchange(plan_final_norm_flag(), on);
 }
 
-bool set_smem_max_shared(bool on) {
-  return smem_max_shared_flag().exchange(on);
+int set_smem_split(int mode) {
+  return smem_split_mode().exchange(mode >= 0 && mode <= 2 ? mode : 2);
 }
 
 Status set_op_timing(Backend& backend, bool enabled) {

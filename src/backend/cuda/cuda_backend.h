@@ -121,11 +121,12 @@ bool gemv_norm_halves();
 // input for the lm_head (the default), or only the layers' own norms do. A test aid that shows
 // the lm_head reads it; process-wide. Returns the setting before.
 bool set_plan_final_norm(bool on);
-// Whether every kernel launch asks for the SM's largest shared-memory split (the carveout launch
-// attribute; KESTREL_CUDA_SMEM_MAX_SHARED=1 sets the starting value, off by default; a
-// measurement switch). The same kernels and arithmetic: the same bits. Process-wide; a captured
-// step keeps the attribute it was captured with. Returns the setting before.
-bool set_smem_max_shared(bool on);
+// Which kernel launches ask for the SM's largest shared-memory split (the carveout launch
+// attribute): 0 none, 1 all, 2 all but the mma-path GEMVs, which read their input through L1 (the
+// default; KESTREL_CUDA_SMEM_SPLIT sets the starting value; out of range: 2). The same kernels and
+// arithmetic: the same bits. Process-wide; a captured step keeps the attribute it was captured
+// with. Returns the mode before.
+int set_smem_split(int mode);
 // Whether a one-token decode attention writes its output's half-group quantization
 // (attention_writes_halves, attention.cuh) for wo's dp4a GEMV, which then copies it instead of
 // quantizing the shadow in every block in groups of 32 (on by default;

@@ -1568,8 +1568,10 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
     blocks = std::min(blocks, std::max(1, known->second) * p.sm_count);
     if (block_cap > 0) blocks = std::min(blocks, block_cap);
   }
-  KS_CUDA_CHECK("matmul", launch_pdl(kernel, dim3(unsigned(blocks)), dim3(kThreads), size_t(smem),
-                                     stream, p));
+  // The mma path without a fused norm reads its activations through L1 (smem_split_mode).
+  constexpr bool kL1Reader = kDp == 0 && !kNorm;
+  KS_CUDA_CHECK("matmul", launch_pdl<kL1Reader>(kernel, dim3(unsigned(blocks)), dim3(kThreads),
+                                                size_t(smem), stream, p));
   KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
   return Status::ok();
 }

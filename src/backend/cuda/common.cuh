@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "backend/cuda/int4_tiles.h"
+#include "backend/cuda/smem_split.h"
 #include "quant/format.h"
 
 namespace kestrel::cuda {
@@ -222,23 +223,25 @@ __device__ inline void grid_barrier(unsigned* arrive, unsigned* generation) {
 
 // Which launches through launch_pdl ask for the SM's largest shared-memory split (the launch
 // attribute cudaLaunchAttributePreferredSharedMemoryCarveout = cudaSharedmemCarveoutMaxShared;
-// set_smem_split, KESTREL_CUDA_SMEM_SPLIT at start-up): 0 none (the driver's choice for every
-// kernel), 1 all, 2 (the default) all but the kernels that read their input through L1
-// (launch_pdl<true>: the mma-path GEMVs without a fused norm, int4 at batch 3-64). The driver
+// set_smem_split, KESTREL_CUDA_SMEM_SPLIT at start-up; wants_max_shared in smem_split.h): 0 none
+// (the driver's choice for every kernel), 1 all, 2 (the default) all but the kernels that read
+// their input through L1 (launch_pdl<true>: the column-split GEMVs with kDp == 0 and no fused
+// norm, i.e. int4 at 3-64 tokens or past kMaxDpCols columns, and fp16 / sym_int8 at every batch;
+// the row-warp kernel stages its input with cp.async.cg, past L1, and is not one). The driver
 // gives each kernel the split its occupancy needs (Nsight, thirtieth session, H100: the batch-1
 // step's GEMVs 164, 196 or 228 KB of shared memory, attention 228), and kernels of different
 // splits do not share an SM (its split changes only when it is idle), so a kernel launched early
 // under programmatic dependent launch cannot take an SM still running a kernel of another split.
-// One split for the batch-1 step gave tg128 b1 +2.8% (8B) and +2.1% (1.5B) in the same call; for
-// the batch-16 GEMVs it cost 3.9% / 1.1%: their activations hit L1 39-58% of the time at the
-// driver's 164 KB, and the largest split leaves L1 28 KB. Only the largest split is offered: the
-// occupancy calculator (cuda_occupancy.h) counts on an SM's whole shared memory under the default
-// preference, so the persistent grids sized from it stay co-resident; a smaller split could hold
-// fewer. A captured graph keeps the attribute its launches were captured with.
+// One split for the batch-1 step of the int4 models gave tg128 b1 +2.8% (8B) and +2.1% (1.5B) in
+// the same call; for the batch-16 GEMVs it cost 3.9% / 1.1%: their activations hit L1 39-58% of
+// the time at the driver's 164 KB, and the largest split leaves L1 28 KB. Only the largest split
+// is offered: the occupancy calculator (cuda_occupancy.h) counts on an SM's whole shared memory
+// under the default preference, so the persistent grids sized from it stay co-resident; a
+// smaller split could hold fewer. The mode is part of a captured step's key (path_switches).
 inline std::atomic<int>& smem_split_mode() {
   static std::atomic<int> mode{[] {
     const int v = env_int("KESTREL_CUDA_SMEM_SPLIT", 2);
-    return v >= 0 && v <= 2 ? v : 2;  // anything else: the default
+    return v >= 0 && v <= 2 ? v : 2;  // out-of-range numbers: the default
   }()};
   return mode;
 }
@@ -260,7 +263,7 @@ cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, siz
   attribute[1].val.sharedMemCarveout = unsigned(cudaSharedmemCarveoutMaxShared);
   const int mode = smem_split_mode().load(std::memory_order_relaxed);
   config.attrs = attribute;
-  config.numAttrs = mode == 1 || (mode == 2 && !kL1Reader) ? 2 : 1;
+  config.numAttrs = wants_max_shared(mode, kL1Reader) ? 2 : 1;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 

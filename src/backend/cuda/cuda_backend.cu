@@ -79,12 +79,14 @@ bool& plan_final_norm_flag() {
   return on;
 }
 
-// The run-time switches that choose a decode step's launches, as bits of a captured step's key:
+// The run-time switches that choose a decode step's launches (or their attributes: the
+// shared-memory split), as bits of a captured step's key:
 // a step after one of them changes (the tests' variants) is captured anew instead of failing
 // its replay's check against launches that differ.
 int32_t path_switches() {
   return int32_t(gemv_half_groups()) | int32_t(gemv_norm_halves()) << 1 |
-         int32_t(plan_final_norm_flag()) << 2 | int32_t(attention_half_groups()) << 3;
+         int32_t(plan_final_norm_flag()) << 2 | int32_t(attention_half_groups()) << 3 |
+         smem_split_mode().load(std::memory_order_relaxed) << 4;
 }
 
 // Two weights one layer kernel launch may treat alike: the same format, shape and tiling.

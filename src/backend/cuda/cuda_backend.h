@@ -122,10 +122,11 @@ bool gemv_norm_halves();
 // the lm_head reads it; process-wide. Returns the setting before.
 bool set_plan_final_norm(bool on);
 // Which kernel launches ask for the SM's largest shared-memory split (the carveout launch
-// attribute): 0 none, 1 all, 2 all but the mma-path GEMVs, which read their input through L1 (the
-// default; KESTREL_CUDA_SMEM_SPLIT sets the starting value; out of range: 2). The same kernels and
-// arithmetic: the same bits. Process-wide; a captured step keeps the attribute it was captured
-// with. Returns the mode before.
+// attribute; smem_split.h): 0 none, 1 all, 2 all but the column-split GEMVs without a fused norm
+// or dp4a input, which read their input through L1 (the default; KESTREL_CUDA_SMEM_SPLIT sets the
+// starting value; out of range: 2). The same kernels and arithmetic: the same bits. Process-wide;
+// part of a captured step's key, so a step after a change is captured anew. Returns the mode
+// before.
 int set_smem_split(int mode);
 // Whether a one-token decode attention writes its output's half-group quantization
 // (attention_writes_halves, attention.cuh) for wo's dp4a GEMV, which then copies it instead of

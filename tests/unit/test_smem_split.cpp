@@ -20,5 +20,13 @@ TEST(SmemSplit, EachModeChoosesItsLaunches) {
   static_assert(wants_max_shared(2, false) && !wants_max_shared(2, true), "usable at compile time");
 }
 
+TEST(SmemSplit, OutOfRangeModesAreTheDefault) {
+  EXPECT_EQ(valid_smem_split(0), 0);
+  EXPECT_EQ(valid_smem_split(1), 1);
+  EXPECT_EQ(valid_smem_split(2), 2);
+  EXPECT_EQ(valid_smem_split(-1), 2);
+  EXPECT_EQ(valid_smem_split(3), 2);
+}
+
 }  // namespace
 }  // namespace kestrel::cuda

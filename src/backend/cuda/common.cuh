@@ -239,10 +239,7 @@ __device__ inline void grid_barrier(unsigned* arrive, unsigned* generation) {
 // under the default preference, so the persistent grids sized from it stay co-resident; a
 // smaller split could hold fewer. The mode is part of a captured step's key (path_switches).
 inline std::atomic<int>& smem_split_mode() {
-  static std::atomic<int> mode{[] {
-    const int v = env_int("KESTREL_CUDA_SMEM_SPLIT", 2);
-    return v >= 0 && v <= 2 ? v : 2;  // out-of-range numbers: the default
-  }()};
+  static std::atomic<int> mode{valid_smem_split(env_int("KESTREL_CUDA_SMEM_SPLIT", 2))};
   return mode;
 }
 

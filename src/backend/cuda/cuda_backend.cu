@@ -2121,7 +2121,7 @@ bool set_plan_final_norm(bool on) {
 }
 
 int set_smem_split(int mode) {
-  return smem_split_mode().exchange(mode >= 0 && mode <= 2 ? mode : 2);
+  return smem_split_mode().exchange(valid_smem_split(mode));
 }
 
 Status set_op_timing(Backend& backend, bool enabled) {

@@ -149,6 +149,17 @@ std::vector<float> layer_gemv_outputs(Backend& b, BackendPair& pair, const Model
   return r;
 }
 
+// A one-layer model of seeded random weights with biases (8 heads and 2 KV heads of 64; `block`
+// columns a quantization block, 0 for fp16) for the layer-GEMV tests (layer_gemv_outputs), and
+// the run shape they initialize both backends with.
+ModelWeights layer_gemv_model(int64_t hidden, int64_t inter, int64_t vocab, WeightFormat format,
+                              int block, uint64_t seed) {
+  ModelConfig config = small_config(hidden, inter, 8, 2, 64, vocab);
+  config.n_layers = 1;
+  return random_model(config, format, block, true, seed);
+}
+constexpr RunShape kLayerRun{1, 64, 64, 64};
+
 // No NaN: every output was written (layer_gemv_outputs poisons them with NaN beforehand).
 bool no_nan(const std::vector<float>& v) {
   return std::none_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
@@ -176,11 +187,10 @@ size_t bits_differ(const std::vector<float>& a, const std::vector<float>& b) {
 // warps of a block own different chunk counts and the issue cursor wraps inside every tile;
 // q/k/v's tiles run from q into k and v.
 TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
-  ModelConfig config = small_config(1088, 704, 8, 2, 64, 300);
-  config.n_layers = 1;
-  ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 4100);
+  ModelWeights weights = layer_gemv_model(1088, 704, 300, WeightFormat::sym_int4, 32, 4100);
+  const ModelConfig& config = weights.config;
   BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+  ASSERT_TRUE(pair.init(weights, kLayerRun));
   for (int64_t n : {1, 2, 5, 16}) {
     const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4200 + n, 2.0f);
     std::vector<float> results[2];
@@ -207,12 +217,11 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
 TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
   const int64_t shapes[][2] = {{1088, 704}, {2080, 9248}};
   for (const auto& shape : shapes) {
-    ModelConfig config = small_config(shape[0], shape[1], 8, 2, 64, 300);
-    config.n_layers = 1;
-    ModelWeights weights =
-        random_model(config, WeightFormat::sym_int4, 32, true, 4500 + uint64_t(shape[0]));
+    ModelWeights weights = layer_gemv_model(shape[0], shape[1], 300, WeightFormat::sym_int4, 32,
+                                            4500 + uint64_t(shape[0]));
+    const ModelConfig& config = weights.config;
     BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    ASSERT_TRUE(pair.init(weights, kLayerRun));
     for (int64_t n : {1, 2, 0}) {
       const bool nan_input = n == 0;
       if (nan_input) n = 1;
@@ -254,11 +263,10 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
 // (dp4a) and sixteen (mma). Whether a split took effect is the device's to say (gpu-ab's ncu
 // benchmark prints each kernel's shared-memory configuration).
 TEST(CudaOps, SmemSplitGivesTheSameBits) {
-  ModelConfig config = small_config(1088, 704, 8, 2, 64, 300);
-  config.n_layers = 1;
-  ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 4800);
+  ModelWeights weights = layer_gemv_model(1088, 704, 300, WeightFormat::sym_int4, 32, 4800);
+  const ModelConfig& config = weights.config;
   BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+  ASSERT_TRUE(pair.init(weights, kLayerRun));
   for (int64_t n : {1, 16}) {
     const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4801 + n, 2.0f);
     std::vector<float> results[3];  // [mode 0: the driver's split, 1: the largest, 2: the default]
@@ -289,12 +297,12 @@ TEST(CudaOps, SmemSplitGivesTheSameBits) {
 TEST(CudaOps, GemvNormTwoBlocksGivesTheSameBits) {
   for (const WeightFormat format : {WeightFormat::fp16, WeightFormat::sym_int8}) {
     SCOPED_TRACE(format_name(format));
-    ModelConfig config = small_config(1088, 2080, 8, 2, 64, 10240);
-    config.n_layers = 1;
     const int block = format == WeightFormat::fp16 ? 0 : 32;
-    ModelWeights weights = random_model(config, format, block, true, 4700 + uint64_t(format));
+    ModelWeights weights =
+        layer_gemv_model(1088, 2080, 10240, format, block, 4700 + uint64_t(format));
+    const ModelConfig& config = weights.config;
     BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    ASSERT_TRUE(pair.init(weights, kLayerRun));
     const std::vector<float> x = random_values(size_t(config.hidden_size), 4701, 2.0f);
     std::vector<float> results[2];  // [three blocks an SM, two]
     uint64_t launches[2] = {};
@@ -328,11 +336,11 @@ TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
     ~BlockCap() { cuda::set_gemv_block_cap(0); }
   } block_cap;
   for (int64_t inter : {9248, 12320}) {
-    ModelConfig config = small_config(256, inter, 8, 2, 64, 300);
-    config.n_layers = 1;
-    ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 4700 + inter);
+    ModelWeights weights =
+        layer_gemv_model(256, inter, 300, WeightFormat::sym_int4, 32, 4700 + uint64_t(inter));
+    const ModelConfig& config = weights.config;
     BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    ASSERT_TRUE(pair.init(weights, kLayerRun));
     ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, 1, inter));
     const std::vector<float> x = random_values(size_t(config.hidden_size), 4800, 2.0f);
     for (bool halves : {true, false}) {
@@ -360,6 +368,45 @@ TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
   }
 }
 
+// The two-stage ring of the two-m-tile int4 mma GEMVs (set_gemv_shallow_ring) against the default
+// three: the same arithmetic in the same order, so a layer's GEMV outputs keep their bits at 5
+// tokens (one n-tile) and 16 (two), on a wave of blocks and on 3 blocks looping over the tiles
+// (the ring running on into the next tile). The vocabulary is wide enough (more 32-row tiles than
+// twice the SMs of any device the backend runs on) that the lm_head takes a two-m-tile instance,
+// as gate/up always does; the launch count says both took the shallow ring with the switch on,
+// and nothing did with it off.
+TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
+  struct BlockCap {  // no cap after the test, whichever way it ends
+    ~BlockCap() { cuda::set_gemv_block_cap(0); }
+  } block_cap;
+  ModelWeights weights = layer_gemv_model(1088, 2080, 10240, WeightFormat::sym_int4, 32, 4900);
+  const ModelConfig& config = weights.config;
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, kLayerRun));
+  for (int64_t n : {5, 16}) {
+    ASSERT_FALSE(int8_inputs(WeightFormat::sym_int4, n, config.hidden_size)) << "the mma path";
+    const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4901 + n, 2.0f);
+    for (int cap : {0, 3}) {
+      SCOPED_TRACE("n=" + std::to_string(n) + ", block cap " + std::to_string(cap));
+      cuda::set_gemv_block_cap(cap);
+      std::vector<float> results[2];  // [three stages, two]
+      uint64_t launches[2];
+      for (int shallow : {0, 1}) {
+        const ScopedSwitch shallow_switch(cuda::set_gemv_shallow_ring, shallow == 1);
+        const uint64_t start = cuda::gemv_shallow_ring_launches();
+        results[shallow] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+        launches[shallow] = cuda::gemv_shallow_ring_launches() - start;
+      }
+      ASSERT_FALSE(results[0].empty());
+      EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten";
+      EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (two stages)";
+      EXPECT_EQ(launches[0], 0u) << "the shallow ring ran with the switch off";
+      EXPECT_EQ(launches[1], 2u) << "gate/up and the lm_head take two m-tiles";
+      EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
+    }
+  }
+}
+
 // The down GEMV's half-group input (HalfGroupInput): at one token the swiglu GEMV's epilogue
 // quantizes each 16-row tile of its output, and w_down's blocks copy that instead of quantizing
 // the fp16 shadow in groups of 32 (set_gemv_half_groups(false)). The two quantize differently,
@@ -376,12 +423,12 @@ TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
   for (const auto& shape : shapes) {
     SCOPED_TRACE(std::to_string(shape[0]) + " x " + std::to_string(shape[1]));
     const int64_t hidden = shape[0], inter = shape[1];
-    ModelConfig config = small_config(hidden, inter, 8, 2, 64, 300);
-    config.n_layers = 1;
-    ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, 5100 + inter);
+    ModelWeights weights =
+        layer_gemv_model(hidden, inter, 300, WeightFormat::sym_int4, 32, 5100 + uint64_t(inter));
+    const ModelConfig& config = weights.config;
     const LayerWeights& l = weights.layers[0];
     BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    ASSERT_TRUE(pair.init(weights, kLayerRun));
     // gate, up = swiglu(norm(x)); down = gate · w_downᵀ (+ x): [gate, down] of the device.
     auto run = [&](Backend& b, int64_t n, bool rewrite_gate) {
       std::vector<int32_t> meta;
@@ -675,11 +722,11 @@ TEST(CudaOps, RowWarpGemvMatchesCpuAndColumnSplitKernel) {
       {WeightFormat::sym_int4, 32}, {WeightFormat::sym_int4, 64}, {WeightFormat::asym_int4, 32}};
   for (const Case& fc : cases) {
     SCOPED_TRACE(std::string(format_name(fc.format)) + " block " + std::to_string(fc.block));
-    ModelConfig config = small_config(1024, 768, 8, 2, 64, 300);
-    config.n_layers = 1;
-    ModelWeights weights = random_model(config, fc.format, fc.block, true, 4300 + fc.block);
+    ModelWeights weights =
+        layer_gemv_model(1024, 768, 300, fc.format, fc.block, 4300 + uint64_t(fc.block));
+    const ModelConfig& config = weights.config;
     BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, RunShape{1, 64, 64, 64}));
+    ASSERT_TRUE(pair.init(weights, kLayerRun));
     for (int64_t n : {3, 5, 9, 16, 45}) {
       const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4400 + n, 2.0f);
       // [CPU, row-warp kernel, column-split kernel, row-warp kernel on 3 blocks]

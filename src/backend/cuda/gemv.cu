@@ -170,12 +170,17 @@ __device__ inline void dequant_quarter(const uint32_t (&w)[words_per_group<F>()]
 // stages filled with cp.async, so many chunks are in flight without holding registers. A lane
 // copies, and later reads, only its own bytes (its two rows' 16-byte pieces of the group and
 // their scales), so a stage needs no barrier: cp.async.wait_group alone says it has landed.
-// kDeep: a ring that holds a whole row tile of up to kDeepStages chunks a warp (92 KB at sym_int4
-// with one m-tile, 100 KB at asym_int4): deep_ring's launches, one tile a block (unless a test's
-// block cap makes blocks loop over tiles).
+// Ring::deep: a ring that holds a whole row tile of up to kDeepStages chunks a warp (92 KB at
+// sym_int4 with one m-tile, 100 KB at asym_int4): deep_ring's launches, one tile a block (unless a
+// test's block cap makes blocks loop over tiles).
+// Ring::shallow: two stages instead of three for the two-m-tile int4 mma GEMV (shallow_ring):
+// 53 KB a block with its exchange instead of 70, so its two blocks an SM fit the 132 KB split and
+// leave L1 ~124 KB for the activations it reads through L1, where the driver's 164 KB split for
+// 70 KB blocks leaves ~92 KB.
 constexpr int kDeepStages = 10;
+enum class Ring { standard, deep, shallow };
 
-template <WeightFormat F, int MT, bool kDeep = false>
+template <WeightFormat F, int MT, Ring kRing = Ring::standard>
 struct Pipe {
   static constexpr bool kAsym = F == WeightFormat::asym_int4;
   static constexpr int kWords = words_per_group<F>();  // per row per group
@@ -187,8 +192,12 @@ struct Pipe {
   static constexpr int kScaleWords = kScaleWordsPerKind * (kAsym ? 2 : 1);
   // Deep enough to cover DRAM latency, small enough that three or four blocks share an SM
   // (a stage is 1 KB a warp for int4 with one m-tile).
-  static_assert(!kDeep || (kTiled && MT == 1), "the deep ring is the one-m-tile int4 GEMV's");
-  static constexpr int kStages = kDeep                                    ? kDeepStages
+  static_assert(kRing != Ring::deep || (kTiled && MT == 1),
+                "the deep ring is the one-m-tile int4 GEMV's");
+  static_assert(kRing != Ring::shallow || (kTiled && MT == 2),
+                "the shallow ring is the two-m-tile int4 GEMV's");
+  static constexpr int kStages = kRing == Ring::deep                      ? kDeepStages
+                                 : kRing == Ring::shallow                 ? 2
                                  : (F == WeightFormat::sym_int4 || kAsym) ? (MT == 1 ? 5 : 3)
                                  : F == WeightFormat::sym_int8            ? (MT == 1 ? 4 : 2)
                                                                           : (MT == 1 ? 3 : 2);
@@ -693,15 +702,17 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
 // into shared memory instead of quantized, each group's two halves multiplied with their own
 // scales; with kNorm, the residual's next-norm input (NormHalvesIn: p.xh and p.norm_ss), each
 // scale times the norm's rsqrt.
-// kDeep: the ring of kDeepStages chunks a warp (deep_ring), the same arithmetic in the same order.
+// kRing: the weight ring's depth (Ring::deep for deep_ring, Ring::shallow for shallow_ring), the
+// same arithmetic in the same order whichever it is.
 // kWide: two blocks an SM in the launch bound (128 registers) instead of the fused norm's three
 // (80): the fp16 and sym_int8 norm instances' batch-1 loops spill there (norm_two_blocks).
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, bool kDeep = false, bool kWide = false>
+          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false>
 __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kWide || (kNorm && kDp == 0), "kWide: the fp16 and int8 fused-norm bound");
-  static_assert(!kDeep || (kDp == 1 && !kSwiglu && !kNorm), "deep_ring's instances");
+  static_assert(kRing != Ring::deep || (kDp == 1 && !kSwiglu && !kNorm), "deep_ring's instances");
+  static_assert(kRing != Ring::shallow || (kDp == 0 && !kNorm), "shallow_ring's instances");
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(!kHalves || (kDp == 1 && (kNorm || (!kSwiglu && MT == 1))),
                 "a half-group input is one token's: a plain one-m-tile GEMV's, or a fused norm's");
@@ -738,7 +749,7 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
   // their tiles, one a block: consume() reads the host-layout scales' parity from the issue
   // cursor's offsets, which run ahead into the next tile, and only the tiled formats need no
   // per-tile state there.
-  constexpr bool kPersistent = Pipe<F, MT, kDeep>::kTiled;
+  constexpr bool kPersistent = Pipe<F, MT, kRing>::kTiled;
   // This block's tiles: tile0, tile0 + tile_step, ...
   const int tile0 = int(blockIdx.x);
   const int tile_step = int(gridDim.x);
@@ -748,7 +759,7 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
 
   float acc[MT][NT][4];
   const int64_t n_chunks = (p.n_groups + kChunkGroups - 1) / kChunkGroups;
-  using P = Pipe<F, MT, kDeep>;
+  using P = Pipe<F, MT, kRing>;
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* pipe = smem + warp * P::kStages * P::kWarpStageBytes;
   // NormInput mode: [1, x_stride] fp16 permuted input, after the pipeline's stages.
@@ -1472,8 +1483,8 @@ std::atomic<bool>& gemv_deep_ring_flag() {
   return on;
 }
 
-// Whether a one-token dp4a GEMV of one-m-tile tiles takes the deep ring (kDeep): where the tiles
-// are no more than the SMs, so every block has one tile and the SM to itself once the kernel
+// Whether a one-token dp4a GEMV of one-m-tile tiles takes the deep ring (Ring::deep): where the
+// tiles are no more than the SMs, so every block has one tile and the SM to itself once the kernel
 // before it leaves, and a warp's chunks of a tile outnumber the default ring's stages but fit
 // the deep one's (the 1.5B's w_down: 96 tiles of 70 chunks, 9 a warp; a wider tile, which the
 // deep ring would not hold, was not measured and keeps the default). The deep ring requests the
@@ -1491,6 +1502,25 @@ bool deep_ring(const GemvParams& p) {
       p.n_tiles <= p.sm_count && per_warp > Pipe<F, 1>::kStages && per_warp <= kDeepStages;
   if (deep) deep_ring_launches.fetch_add(1, std::memory_order_relaxed);
   return deep;
+}
+
+// Whether the two-m-tile int4 mma GEMVs (3-64 tokens: the batch-16 step's q/k/v, wo, gate/up and
+// w_down) take the two-stage ring (Ring::shallow; set_gemv_shallow_ring,
+// KESTREL_CUDA_GEMV_SHALLOW_RING=1 at start-up; off by default until measured). They read their
+// activations through L1 (hit 39-58% in the thirtieth session's Nsight rows, H100, at the
+// driver's 164 KB split for their 70 KB blocks); 53 KB blocks take the 132 KB split at two blocks
+// an SM (the launch bound's), whose ~124 KB of L1 hold about the 8B's whole 16-token activation at
+// 4096 columns (128 KB). Counts the launches it takes (gemv_shallow_ring_launches).
+std::atomic<bool>& gemv_shallow_ring_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_SHALLOW_RING", "1")};
+  return on;
+}
+std::atomic<uint64_t> shallow_ring_launches{0};
+
+bool shallow_ring() {
+  if (!gemv_shallow_ring_flag().load(std::memory_order_relaxed)) return false;
+  shallow_ring_launches.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 // Whether the fp16 and sym_int8 fused-norm instances (one token, the mma path) take the launch
@@ -1532,9 +1562,9 @@ bool launch_persistent(bool dp4a) {
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, bool kDeep = false, bool kWide = false>
+          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
-  using P = Pipe<F, MT, kDeep>;
+  using P = Pipe<F, MT, kRing>;
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
   constexpr int kPipeBytes = P::kBytes;
   constexpr int kSumBytes = kDp > 0 ? dp_sums_bytes(kDp, MT) : 0;
@@ -1548,7 +1578,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr bool kOwnReduce = P::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kDeep, kWide>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kRing, kWide>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1622,10 +1652,10 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
         // (p.xh is set for one token only.)
         const bool deep = p.n_tokens == 1 && deep_ring<F>(p);
         if (p.xh.q != nullptr) {
-          return deep ? launch_kernel<F, MT, 1, false, false, 1, kP, true, true>(p, stream)
+          return deep ? launch_kernel<F, MT, 1, false, false, 1, kP, true, Ring::deep>(p, stream)
                       : launch_kernel<F, MT, 1, false, false, 1, kP, true>(p, stream);
         }
-        if (deep) return launch_kernel<F, MT, 1, false, false, 1, kP, false, true>(p, stream);
+        if (deep) return launch_kernel<F, MT, 1, false, false, 1, kP, false, Ring::deep>(p, stream);
       }
       if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1, kP>(p, stream);
       return launch_kernel<F, MT, 1, kSwiglu, false, 2, kP>(p, stream);
@@ -1639,9 +1669,18 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   } else {
     if (p.norm.x != nullptr) {
       if (norm_two_blocks()) {
-        return launch_kernel<F, MT, 1, kSwiglu, true, 0, false, false, false, true>(p, stream);
+        return launch_kernel<F, MT, 1, kSwiglu, true, 0, false, false, Ring::standard, true>(
+            p, stream);
       }
       return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
+    }
+  }
+  if constexpr (MT == 2 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)) {
+    if (shallow_ring()) {
+      if (p.n_tokens <= 8) {
+        return launch_kernel<F, MT, 1, kSwiglu, false, 0, false, false, Ring::shallow>(p, stream);
+      }
+      return launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, Ring::shallow>(p, stream);
     }
   }
   if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, stream);
@@ -1932,6 +1971,14 @@ bool set_gemv_norm_two_blocks(bool on) {
 
 uint64_t gemv_norm_two_blocks_launches() {
   return norm_two_blocks_launches.load(std::memory_order_relaxed);
+}
+
+bool set_gemv_shallow_ring(bool on) {
+  return gemv_shallow_ring_flag().exchange(on);
+}
+
+uint64_t gemv_shallow_ring_launches() {
+  return shallow_ring_launches.load(std::memory_order_relaxed);
 }
 
 bool gemv_half_groups() {

@@ -160,6 +160,12 @@ ModelWeights layer_gemv_model(int64_t hidden, int64_t inter, int64_t vocab, Weig
 }
 constexpr RunShape kLayerRun{1, 64, 64, 64};
 
+// Lifts the GEMV block cap (set_gemv_block_cap) when it goes out of scope, whichever way a test
+// ends.
+struct NoBlockCapAfter {
+  ~NoBlockCapAfter() { cuda::set_gemv_block_cap(0); }
+};
+
 // No NaN: every output was written (layer_gemv_outputs poisons them with NaN beforehand).
 bool no_nan(const std::vector<float>& v) {
   return std::none_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
@@ -332,9 +338,7 @@ TEST(CudaOps, GemvNormTwoBlocksGivesTheSameBits) {
 // and not with it off, and not at all over 12320 columns (97 chunks, thirteen a warp: more than
 // the deep ring holds), whose outputs keep their bits too.
 TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
-  struct BlockCap {  // no cap after the test, whichever way it ends
-    ~BlockCap() { cuda::set_gemv_block_cap(0); }
-  } block_cap;
+  const NoBlockCapAfter no_cap_after;
   for (int64_t inter : {9248, 12320}) {
     ModelWeights weights =
         layer_gemv_model(256, inter, 300, WeightFormat::sym_int4, 32, 4700 + uint64_t(inter));
@@ -376,9 +380,7 @@ TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
 // as gate/up always does; the launch count says both took the shallow ring with the switch on,
 // and nothing did with it off.
 TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
-  struct BlockCap {  // no cap after the test, whichever way it ends
-    ~BlockCap() { cuda::set_gemv_block_cap(0); }
-  } block_cap;
+  const NoBlockCapAfter no_cap_after;
   ModelWeights weights = layer_gemv_model(1088, 2080, 10240, WeightFormat::sym_int4, 32, 4900);
   const ModelConfig& config = weights.config;
   BackendPair pair;
@@ -404,6 +406,51 @@ TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
       EXPECT_EQ(launches[1], 2u) << "gate/up and the lm_head take two m-tiles";
       EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
     }
+  }
+}
+
+// Serpentine order (set_gemv_serpentine): the persistent int4 mma GEMVs' tiles past the first wave
+// alternate their chunk order. The lm_head's 10240 rows are 320 tiles of 32, more than a wave on
+// any device the backend runs on (two blocks an SM), so some tiles run last to first and their
+// sums round differently: the outputs change bits, stay within rounding of the first-to-last
+// order, and keep their bits on 3 blocks looping over all the tiles (the order is each tile's
+// own, not its block's). 2080 columns are 17 chunks, two or three a warp. At 5 tokens (one
+// n-tile) and 16 (two). The launch count says only the lm_head's launch had tiles to reverse
+// (the layer's weights have at most 130 tiles, fewer than a wave), and none ran with the switch
+// off.
+TEST(CudaOps, GemvSerpentineOrderIsTheTilesOwn) {
+  const NoBlockCapAfter no_cap_after;
+  ModelWeights weights = layer_gemv_model(2080, 1088, 10240, WeightFormat::sym_int4, 32, 5000);
+  const ModelConfig& config = weights.config;
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, kLayerRun));
+  for (int64_t n : {5, 16}) {
+    SCOPED_TRACE("n=" + std::to_string(n));
+    ASSERT_FALSE(int8_inputs(WeightFormat::sym_int4, n, config.hidden_size)) << "the mma path";
+    const std::vector<float> x = random_values(size_t(n * config.hidden_size), 5001 + n, 2.0f);
+    // [first to last, serpentine on a wave of blocks, serpentine on 3 blocks]
+    std::vector<float> results[3];
+    uint64_t launches[3];
+    for (int run : {0, 1, 2}) {
+      const ScopedSwitch serpentine(cuda::set_gemv_serpentine, run > 0);
+      cuda::set_gemv_block_cap(run == 2 ? 3 : 0);
+      const uint64_t start = cuda::gemv_serpentine_launches();
+      results[run] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+      launches[run] = cuda::gemv_serpentine_launches() - start;
+      ASSERT_FALSE(results[run].empty());
+      EXPECT_TRUE(no_nan(results[run])) << "an output left unwritten, run " << run;
+    }
+    EXPECT_EQ(launches[0], 0u) << "serpentine order with the switch off";
+    EXPECT_EQ(launches[1], 1u) << "the lm_head alone has more tiles than a wave";
+    EXPECT_EQ(launches[2], 1u);
+    EXPECT_GT(bits_differ(results[0], results[1]), 0u) << "no tile ran last to first";
+    EXPECT_EQ(bits_differ(results[1], results[2]), 0u) << "of " << results[1].size() << " values";
+    float largest = 0.0f, worst = 0.0f;
+    for (size_t i = 0; i < results[0].size(); ++i) {
+      largest = std::max(largest, std::fabs(results[0][i]));
+      worst = std::max(worst, std::fabs(results[0][i] - results[1][i]));
+    }
+    EXPECT_LE(worst, 1e-5f * largest) << "of " << largest;
   }
 }
 

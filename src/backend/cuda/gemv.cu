@@ -94,6 +94,9 @@ struct GemvParams {
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
   bool norm_ahead = true;   // the fused norm's weight loaded before the wait (switch)
+  // The persistent mma path (int4, kDp == 0): a tile whose number / serpentine_period is odd
+  // takes its warps' chunks last to first (0: every tile first to last; serpentine_period_of).
+  int serpentine_period = 0;
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -787,9 +790,27 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
   int issue_job = 0;
   uint32_t data_offset[MT][2];
   uint32_t scale_offset[MT][2];
+  // Serpentine order (p.serpentine_period): whether a tile's chunks run last to first. A block's
+  // consecutive tiles are gridDim.x apart, the period when the grid is a full wave, so they
+  // alternate and each starts on the activation chunks the last one read most recently (still
+  // in L1). The order is the tile's alone, so the bits do not depend on the grid.
+  auto reversed = [&](int tile) {
+    return kPersistent && kDp == 0 && p.serpentine_period > 0 &&
+           ((tile / p.serpentine_period) & 1) != 0;
+  };
+  // The warp's chunks of a tile: warp, warp + kWarps, ... below n_chunks (per_tile of them),
+  // walked from first_chunk(rev) by chunk_step(rev).
+  const int per_tile = warp < n_chunks ? int((n_chunks - 1 - warp) / kWarps) + 1 : 0;
+  auto first_chunk = [&](bool rev) { return warp + (rev ? int64_t(per_tile - 1) * kWarps : 0); };
+  auto chunk_step = [](bool rev) { return rev ? -kWarps : kWarps; };
+  int64_t issue_chunk = warp;  // the issue cursor's next chunk and its step
+  int issue_step = kWarps;
   auto set_issue_tile = [&](int tile) {
     const TileAt at = locate(tile);
     issue_job = at.job;
+    const bool rev = reversed(tile);
+    issue_chunk = first_chunk(rev);
+    issue_step = chunk_step(rev);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const DeviceWeight& w = weight(at.job, mt);
@@ -883,7 +904,7 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
   }
   auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
     const int64_t group = chunk * kChunkGroups + quad_col;
-    const bool valid = chunk < n_chunks && group < p.n_groups;
+    const bool valid = uint64_t(chunk) < uint64_t(n_chunks) && group < p.n_groups;
     const int64_t at = chunk * (kChunkGroups * kGroup);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -906,18 +927,19 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
     }
   };
 
-  // The warp's chunks of a tile: warp, warp + kWarps, ... below n_chunks. The issue cursor walks
-  // them tile after tile, one commit group per call whether it copies or not.
-  const int per_tile = warp < n_chunks ? int((n_chunks - 1 - warp) / kWarps) + 1 : 0;
+  // The issue cursor walks the warp's chunks tile after tile, one commit group per call whether
+  // it copies or not.
   int issue_iter = 0;  // the cursor's tile (of this block's) and its chunk slot
   int issue_slot = 0;
   if (!kPersistent || n_my_tiles > 0) set_issue_tile(tile0);
   auto issue_next = [&](int stage) {
     if constexpr (!kPersistent) {
       // One tile: issue() itself skips (and still commits) chunks past the end.
-      issue(stage, warp + int64_t(issue_slot++) * kWarps);
+      issue(stage, issue_chunk);
+      issue_chunk += kWarps;
     } else if (issue_iter < n_my_tiles && per_tile > 0) {
-      issue(stage, warp + int64_t(issue_slot) * kWarps);
+      issue(stage, issue_chunk);
+      issue_chunk += issue_step;
       if (++issue_slot == per_tile) {
         issue_slot = 0;
         if (++issue_iter < n_my_tiles) set_issue_tile(tile0 + issue_iter * tile_step);
@@ -1018,13 +1040,18 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int t = 0; t < (kDp > 0 ? kDp : 1); ++t) dacc[mt][h][t] = 0.0f;
+    const bool rev = reversed(tile0 + iter * tile_step);
+    const int step = chunk_step(rev);
+    int64_t chunk = first_chunk(rev);
     uint32_t b_cur[NT][4][4];
-    if constexpr (kDp == 0) load_b(warp, b_cur);
-    for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
+    if constexpr (kDp == 0) load_b(chunk, b_cur);
+    const int64_t chunk_end = chunk + int64_t(per_tile) * step;
+    for (; chunk != chunk_end; chunk += step) {
       uint32_t b_next[NT][4][4];
-      if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
+      // (Past the last chunk, at n_chunks or below 0, load_b loads zeros.)
+      if constexpr (kDp == 0) load_b(chunk + step, b_next);
       cp_async_wait<P::kStages - 1>();
-      if (profiled && iter == 0 && chunk == warp) mark(3);  // thread 0's first chunk landed
+      if (profiled && iter == 0 && chunk == first_chunk(rev)) mark(3);  // thread 0's first chunk
       Fragment<F, MT> f;
       consume(stage, chunk, f);
       if constexpr (kDp > 0) {
@@ -1523,6 +1550,28 @@ bool shallow_ring() {
   return true;
 }
 
+// Whether the persistent int4 mma GEMVs (3-64 tokens, no fused norm) take their row tiles in
+// serpentine order (GemvParams::serpentine_period: every other wave of tiles takes its chunks last
+// to first; set_gemv_serpentine, KESTREL_CUDA_GEMV_SERPENTINE=1 at start-up; off by default until
+// measured). Each of their row tiles reads the whole activation through L1 (the 8B's 16 tokens at
+// 4096 columns: 128 KB, against ~92 KB of L1 at the driver's split), and a block's tiles run one
+// after another: first to last every time, each tile finds the chunks it starts on evicted by the
+// last tile's later ones; serpentine, it starts on the chunks the last one read most recently.
+// Its sums run in another order on the reversed tiles: other bits, the same for any grid. Only
+// launches with more tiles than a wave (the reversed ones exist) count
+// (gemv_serpentine_launches).
+std::atomic<bool>& gemv_serpentine_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_SERPENTINE", "1")};
+  return on;
+}
+std::atomic<uint64_t> serpentine_launches{0};
+
+bool serpentine() {
+  if (!gemv_serpentine_flag().load(std::memory_order_relaxed)) return false;
+  serpentine_launches.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 // Whether the fp16 and sym_int8 fused-norm instances (one token, the mma path) take the launch
 // bound of two blocks an SM (set_gemv_norm_two_blocks; on by default since the thirtieth session,
 // KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS=0 at start-up gives the old three). Under three blocks an SM
@@ -1583,6 +1632,7 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
   int blocks = p.n_tiles;
+  int wave = p.n_tiles;  // the blocks the device holds at once, where the launch is persistent
   if (P::kTiled && launch_persistent(kDp > 0)) {
     // Blocks an SM holds depend only on the instantiation and its shared memory (the input's
     // width: wo and down share an instantiation): asked once per width, not at every launch of
@@ -1595,11 +1645,24 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
                     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
       known = per_sm_of_smem.emplace(smem, per_sm).first;
     }
-    blocks = std::min(blocks, std::max(1, known->second) * p.sm_count);
+    wave = std::max(1, known->second) * p.sm_count;
+    blocks = std::min(blocks, wave);
     if (block_cap > 0) blocks = std::min(blocks, block_cap);
   }
   // The mma path without a fused norm reads its activations through L1 (smem_split_mode).
   constexpr bool kL1Reader = kDp == 0 && !kNorm;
+  if constexpr (P::kTiled && kL1Reader) {
+    if (wave < p.n_tiles && serpentine()) {
+      // The period is the wave, not the launch's grid (a test's block cap), so a tile's order
+      // is its own whatever the grid.
+      GemvParams q = p;
+      q.serpentine_period = wave;
+      KS_CUDA_CHECK("matmul", launch_pdl<kL1Reader>(kernel, dim3(unsigned(blocks)), dim3(kThreads),
+                                                    size_t(smem), stream, q));
+      KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
+      return Status::ok();
+    }
+  }
   KS_CUDA_CHECK("matmul", launch_pdl<kL1Reader>(kernel, dim3(unsigned(blocks)), dim3(kThreads),
                                                 size_t(smem), stream, p));
   KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
@@ -1979,6 +2042,14 @@ bool set_gemv_shallow_ring(bool on) {
 
 uint64_t gemv_shallow_ring_launches() {
   return shallow_ring_launches.load(std::memory_order_relaxed);
+}
+
+bool set_gemv_serpentine(bool on) {
+  return gemv_serpentine_flag().exchange(on);
+}
+
+uint64_t gemv_serpentine_launches() {
+  return serpentine_launches.load(std::memory_order_relaxed);
 }
 
 bool gemv_half_groups() {

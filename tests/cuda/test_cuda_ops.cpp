@@ -472,7 +472,6 @@ TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
     const int64_t hidden = shape[0], inter = shape[1];
     ModelWeights weights =
         layer_gemv_model(hidden, inter, 300, WeightFormat::sym_int4, 32, 5100 + uint64_t(inter));
-    const ModelConfig& config = weights.config;
     const LayerWeights& l = weights.layers[0];
     BackendPair pair;
     ASSERT_TRUE(pair.init(weights, kLayerRun));

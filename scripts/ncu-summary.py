@@ -7,6 +7,12 @@ first launched:
 
   | kernel | grid | launches | us | shared config KB | dynamic + static shared KB a block |
     blocks an SM (shared-memory limit) | achieved occupancy % | L1 hit % | L2 hit % | DRAM GB/s |
+    stalls |
+
+"stalls" are the three largest stall reasons of the WarpStateStats section (cycles a warp spent
+stalled on each, per instruction issued: `smsp__average_warps_issue_stalled_REASON_per_issue_
+active.ratio`), e.g. "long_scoreboard 4.1, wait 1.2, barrier 0.6"; "selected" (the issue itself)
+is not a stall.
 
 A row is one kernel at one grid size and dynamic shared memory (one instantiation serves weights
 of different shapes: wo and w_down share one). Values are medians over its launches; a metric the
@@ -35,6 +41,9 @@ COLUMNS = {
     "l2": "lts__t_sector_hit_rate.pct",
     "dram": "dram__bytes.sum.per_second",  # bytes a second in base units
 }
+
+
+STALL = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)_per_\w+\.ratio$")
 
 
 def short_name(name):
@@ -100,6 +109,10 @@ def main(argv):
         return 1
     name_at = header.index("Kernel Name")
     at = {key: header.index(col) for key, col in COLUMNS.items() if col in header}
+    for i, col in enumerate(header):
+        stall = STALL.match(col)
+        if stall and stall.group(1) not in ("selected", "not_selected"):
+            at["stall:" + stall.group(1)] = i
     # (short name, grid, dynamic shared bytes) -> {key: [values]}, in first-launch order
     kernels = {}
     for r in body:
@@ -116,6 +129,12 @@ def main(argv):
         got = values.get(key)
         return f"{statistics.median(got) * scale:.{digits}f}" if got else "-"
 
+    def stalls(values):
+        reasons = [(statistics.median(v), k[len("stall:"):]) for k, v in values.items()
+                   if k.startswith("stall:") and v]
+        reasons.sort(key=lambda r: -r[0])
+        return ", ".join(f"{reason} {v:.1f}" for v, reason in reasons[:3]) or "-"
+
     for (name, _, _), values in kernels.items():
         shared = "-"
         if values.get("dynamic") or values.get("static"):
@@ -126,7 +145,7 @@ def main(argv):
               f"{med(values, 'us', 1e-3, 2)} | {med(values, 'config', 1 / 1024, 0)} | {shared} | "
               f"{med(values, 'limit', 1, 0)} | "
               f"{med(values, 'occupancy')} | {med(values, 'l1')} | {med(values, 'l2')} | "
-              f"{med(values, 'dram', 1e-9, 0)} |")
+              f"{med(values, 'dram', 1e-9, 0)} | {stalls(values)} |")
     return 0
 
 

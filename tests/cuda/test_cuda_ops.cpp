@@ -160,6 +160,16 @@ ModelWeights layer_gemv_model(int64_t hidden, int64_t inter, int64_t vocab, Weig
 }
 constexpr RunShape kLayerRun{1, 64, 64, 64};
 
+// The current device's SMs (0 if the runtime cannot say).
+int device_sms() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 0;
+  }
+  return sms;
+}
+
 // Lifts the GEMV block cap (set_gemv_block_cap) when it goes out of scope, whichever way a test
 // ends.
 struct NoBlockCapAfter {
@@ -193,6 +203,7 @@ size_t bits_differ(const std::vector<float>& a, const std::vector<float>& b) {
 // warps of a block own different chunk counts and the issue cursor wraps inside every tile;
 // q/k/v's tiles run from q into k and v.
 TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
+  const NoBlockCapAfter no_cap_after;
   ModelWeights weights = layer_gemv_model(1088, 704, 300, WeightFormat::sym_int4, 32, 4100);
   const ModelConfig& config = weights.config;
   BackendPair pair;
@@ -204,7 +215,6 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
       cuda::set_gemv_block_cap(cap);
       results[cap == 0 ? 0 : 1] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
     }
-    cuda::set_gemv_block_cap(0);
     ASSERT_FALSE(results[0].empty());
     EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten, n=" << n;
     EXPECT_EQ(bits_differ(results[0], results[1]), 0u)
@@ -221,6 +231,7 @@ TEST(CudaOps, PersistentGemvGivesTheSameBitsOnAnyGrid) {
 // looping over the tiles (later tiles load in their epilogue either way), and at one token with
 // a NaN in the input. 1088 x 704 and a wider layer.
 TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
+  const NoBlockCapAfter no_cap_after;
   const int64_t shapes[][2] = {{1088, 704}, {2080, 9248}};
   for (const auto& shape : shapes) {
     ModelWeights weights = layer_gemv_model(shape[0], shape[1], 300, WeightFormat::sym_int4, 32,
@@ -249,7 +260,6 @@ TEST(CudaOps, GemvLatencyOptionsGiveTheSameBits) {
           cuda::set_gemv_input_ahead(ahead_before);
           cuda::set_gemv_norm_ahead(norm_before);
         }
-        cuda::set_gemv_block_cap(0);
         ASSERT_FALSE(results[0].empty());
         if (!nan_input) {
           EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten, n=" << n;
@@ -380,6 +390,8 @@ TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
 // as gate/up always does; the launch count says both took the shallow ring with the switch on,
 // and nothing did with it off.
 TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
+  // The lm_head's 320 tiles of 32 rows take two m-tiles where they are at least twice the SMs.
+  if (device_sms() > 160) GTEST_SKIP() << device_sms() << " SMs: the lm_head takes one m-tile";
   const NoBlockCapAfter no_cap_after;
   ModelWeights weights = layer_gemv_model(1088, 2080, 10240, WeightFormat::sym_int4, 32, 4900);
   const ModelConfig& config = weights.config;
@@ -409,16 +421,19 @@ TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
   }
 }
 
-// Serpentine order (set_gemv_serpentine): the persistent int4 mma GEMVs' tiles past the first wave
-// alternate their chunk order. The lm_head's 10240 rows are 320 tiles of 32, more than a wave on
-// any device the backend runs on (two blocks an SM), so some tiles run last to first and their
-// sums round differently: the outputs change bits, stay within rounding of the first-to-last
+// Serpentine order (set_gemv_serpentine): the persistent two-m-tile int4 mma GEMVs' tiles past the
+// first wave alternate their chunk order. The lm_head's 10240 rows are 320 tiles of 32, more than
+// a wave of two blocks an SM below 160 SMs (H100, H200: 132), so some tiles run last to first and
+// their sums round differently: the outputs change bits, stay within rounding of the first-to-last
 // order, and keep their bits on 3 blocks looping over all the tiles (the order is each tile's
-// own, not its block's). 2080 columns are 17 chunks, two or three a warp. At 5 tokens (one
-// n-tile) and 16 (two). The launch count says only the lm_head's launch had tiles to reverse
-// (the layer's weights have at most 130 tiles, fewer than a wave), and none ran with the switch
-// off.
+// own, not its block's) and with the two-stage ring (set_gemv_shallow_ring; its instance holds two
+// blocks an SM too, so the wave is the same). 2080 columns are 17 chunks, two or three a warp. At
+// 5 tokens (one n-tile) and 16 (two). The launch count says only the lm_head's launch had tiles to
+// reverse (the layer's weights have at most 130 tiles, fewer than a wave), and none ran with the
+// switch off.
 TEST(CudaOps, GemvSerpentineOrderIsTheTilesOwn) {
+  // The lm_head's 320 tiles outnumber a wave of two blocks an SM up to 159 SMs.
+  if (device_sms() >= 160) GTEST_SKIP() << device_sms() << " SMs: no tile past the first wave";
   const NoBlockCapAfter no_cap_after;
   ModelWeights weights = layer_gemv_model(2080, 1088, 10240, WeightFormat::sym_int4, 32, 5000);
   const ModelConfig& config = weights.config;
@@ -428,11 +443,13 @@ TEST(CudaOps, GemvSerpentineOrderIsTheTilesOwn) {
     SCOPED_TRACE("n=" + std::to_string(n));
     ASSERT_FALSE(int8_inputs(WeightFormat::sym_int4, n, config.hidden_size)) << "the mma path";
     const std::vector<float> x = random_values(size_t(n * config.hidden_size), 5001 + n, 2.0f);
-    // [first to last, serpentine on a wave of blocks, serpentine on 3 blocks]
-    std::vector<float> results[3];
-    uint64_t launches[3];
-    for (int run : {0, 1, 2}) {
+    // [first to last, serpentine on a wave of blocks, serpentine on 3 blocks, serpentine with
+    // the two-stage ring]
+    std::vector<float> results[4];
+    uint64_t launches[4];
+    for (int run : {0, 1, 2, 3}) {
       const ScopedSwitch serpentine(cuda::set_gemv_serpentine, run > 0);
+      const ScopedSwitch shallow(cuda::set_gemv_shallow_ring, run == 3);
       cuda::set_gemv_block_cap(run == 2 ? 3 : 0);
       const uint64_t start = cuda::gemv_serpentine_launches();
       results[run] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
@@ -443,8 +460,10 @@ TEST(CudaOps, GemvSerpentineOrderIsTheTilesOwn) {
     EXPECT_EQ(launches[0], 0u) << "serpentine order with the switch off";
     EXPECT_EQ(launches[1], 1u) << "the lm_head alone has more tiles than a wave";
     EXPECT_EQ(launches[2], 1u);
+    EXPECT_EQ(launches[3], 1u);
     EXPECT_GT(bits_differ(results[0], results[1]), 0u) << "no tile ran last to first";
     EXPECT_EQ(bits_differ(results[1], results[2]), 0u) << "of " << results[1].size() << " values";
+    EXPECT_EQ(bits_differ(results[1], results[3]), 0u) << "the two-stage ring";
     float largest = 0.0f, worst = 0.0f;
     for (size_t i = 0; i < results[0].size(); ++i) {
       largest = std::max(largest, std::fabs(results[0][i]));
@@ -466,6 +485,7 @@ TEST(CudaOps, GemvSerpentineOrderIsTheTilesOwn) {
 // the tiles; two tokens never take the halves (the same bits either way). Then a gate written after
 // the swiglu GEMV: w_down must read the new values, not the halves.
 TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
+  const NoBlockCapAfter no_cap_after;
   const int64_t shapes[][2] = {{256, 736}, {2080, 9248}};
   for (const auto& shape : shapes) {
     SCOPED_TRACE(std::to_string(shape[0]) + " x " + std::to_string(shape[1]));
@@ -512,7 +532,6 @@ TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
           results[halves] = run(*pair.gpu, n, false);
           cuda::set_gemv_half_groups(before);
         }
-        cuda::set_gemv_block_cap(0);
         ASSERT_EQ(results[1].second.size(), size_t(n * hidden));
         EXPECT_EQ(bits_differ(results[0].first, results[1].first), 0u) << "the gates differ";
         EXPECT_TRUE(no_nan(results[1].second)) << "an output left unwritten, n=" << n;
@@ -531,6 +550,7 @@ TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
       }
     }
     // A gate rewritten after the swiglu GEMV: w_down reads it, not the stale halves.
+    cuda::set_gemv_block_cap(0);
     const bool before = cuda::set_gemv_half_groups(true);
     const auto rewritten = run(*pair.gpu, 1, true);
     cuda::set_gemv_half_groups(before);
@@ -760,6 +780,7 @@ TEST(CudaOps, GemvInputStagePackedGroupsKeepTheConversionsBits) {
 // (q's four, then k's and v's one each); the lm_head's 300 rows end inside its third unit; the
 // gate's 768 make 12 swiglu units of 64.
 TEST(CudaOps, RowWarpGemvMatchesCpuAndColumnSplitKernel) {
+  const NoBlockCapAfter no_cap_after;
   struct Case {
     WeightFormat format;
     int block;
@@ -783,7 +804,6 @@ TEST(CudaOps, RowWarpGemvMatchesCpuAndColumnSplitKernel) {
         results[run] = layer_gemv_outputs(run == 0 ? *pair.cpu : *pair.gpu, pair, weights, n, x);
       }
       cuda::set_gemv_rows_kernel(0);
-      cuda::set_gemv_block_cap(0);
       ASSERT_FALSE(results[1].empty());
       EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten, n=" << n;
       EXPECT_LE(rel_error(results[1], results[0]), 3e-2) << "row-warp vs CPU, n=" << n;

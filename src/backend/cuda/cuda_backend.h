@@ -110,8 +110,8 @@ bool set_gemv_norm_two_blocks(bool on);
 // Launches that took it since the process started (a test aid).
 uint64_t gemv_norm_two_blocks_launches();
 // Whether the two-m-tile int4 GEMVs of the mma path (3-64 tokens) stream through a two-stage ring
-// instead of three (53 KB a block instead of 70: their two blocks an SM take a smaller
-// shared-memory split and leave more L1 for the activations they read through it; off by
+// instead of three (52 KiB a block instead of 70 at 16 tokens: their two blocks an SM take a
+// smaller shared-memory split and leave more L1 for the activations they read through it; off by
 // default, KESTREL_CUDA_GEMV_SHALLOW_RING=1 sets the starting value on). The same arithmetic in
 // the same order: the same bits. Process-wide; a captured step keeps the kernel it was captured
 // with. Returns the setting before.

@@ -382,13 +382,14 @@ TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
   }
 }
 
-// The two-stage ring of the two-m-tile int4 mma GEMVs (set_gemv_shallow_ring) against the default
-// three: the same arithmetic in the same order, so a layer's GEMV outputs keep their bits at 5
-// tokens (one n-tile) and 16 (two), on a wave of blocks and on 3 blocks looping over the tiles
-// (the ring running on into the next tile). The vocabulary is wide enough (more 32-row tiles than
-// twice the SMs of any device the backend runs on) that the lm_head takes a two-m-tile instance,
-// as gate/up always does; the launch count says both took the shallow ring with the switch on,
-// and nothing did with it off.
+// The two-stage ring of the two-m-tile int4 mma GEMVs (set_gemv_shallow_ring, the default since the
+// thirty-first session) against three stages: the same arithmetic in the same order, so a layer's
+// GEMV outputs keep their bits at 5 tokens (one n-tile) and 16 (two), on a wave of blocks and on 3
+// blocks looping over the tiles (the ring running on into the next tile). The vocabulary is wide
+// enough (320 tiles of 32 rows: at least twice the SMs below 161 SMs; H100 and H200 have 132)
+// that the lm_head takes a two-m-tile instance, as gate/up does (the row-warp kernel, which would
+// take it, wants whole chunks: 1088 columns are not); the launch count says both took the shallow
+// ring with the switch on, and nothing did with it off.
 TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
   // The lm_head's 320 tiles of 32 rows take two m-tiles where they are at least twice the SMs.
   if (device_sms() > 160) GTEST_SKIP() << device_sms() << " SMs: the lm_head takes one m-tile";
@@ -418,58 +419,6 @@ TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
       EXPECT_EQ(launches[1], 2u) << "gate/up and the lm_head take two m-tiles";
       EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
     }
-  }
-}
-
-// Serpentine order (set_gemv_serpentine): the persistent two-m-tile int4 mma GEMVs' tiles past the
-// first wave alternate their chunk order. The lm_head's 10240 rows are 320 tiles of 32, more than
-// a wave of two blocks an SM below 160 SMs (H100, H200: 132), so some tiles run last to first and
-// their sums round differently: the outputs change bits, stay within rounding of the first-to-last
-// order, and keep their bits on 3 blocks looping over all the tiles (the order is each tile's
-// own, not its block's) and with the two-stage ring (set_gemv_shallow_ring; its instance holds two
-// blocks an SM too, so the wave is the same). 2080 columns are 17 chunks, two or three a warp. At
-// 5 tokens (one n-tile) and 16 (two). The launch count says only the lm_head's launch had tiles to
-// reverse (the layer's weights have at most 130 tiles, fewer than a wave), and none ran with the
-// switch off.
-TEST(CudaOps, GemvSerpentineOrderIsTheTilesOwn) {
-  // The lm_head's 320 tiles outnumber a wave of two blocks an SM up to 159 SMs.
-  if (device_sms() >= 160) GTEST_SKIP() << device_sms() << " SMs: no tile past the first wave";
-  const NoBlockCapAfter no_cap_after;
-  ModelWeights weights = layer_gemv_model(2080, 1088, 10240, WeightFormat::sym_int4, 32, 5000);
-  const ModelConfig& config = weights.config;
-  BackendPair pair;
-  ASSERT_TRUE(pair.init(weights, kLayerRun));
-  for (int64_t n : {5, 16}) {
-    SCOPED_TRACE("n=" + std::to_string(n));
-    ASSERT_FALSE(int8_inputs(WeightFormat::sym_int4, n, config.hidden_size)) << "the mma path";
-    const std::vector<float> x = random_values(size_t(n * config.hidden_size), 5001 + n, 2.0f);
-    // [first to last, serpentine on a wave of blocks, serpentine on 3 blocks, serpentine with
-    // the two-stage ring]
-    std::vector<float> results[4];
-    uint64_t launches[4];
-    for (int run : {0, 1, 2, 3}) {
-      const ScopedSwitch serpentine(cuda::set_gemv_serpentine, run > 0);
-      const ScopedSwitch shallow(cuda::set_gemv_shallow_ring, run == 3);
-      cuda::set_gemv_block_cap(run == 2 ? 3 : 0);
-      const uint64_t start = cuda::gemv_serpentine_launches();
-      results[run] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-      launches[run] = cuda::gemv_serpentine_launches() - start;
-      ASSERT_FALSE(results[run].empty());
-      EXPECT_TRUE(no_nan(results[run])) << "an output left unwritten, run " << run;
-    }
-    EXPECT_EQ(launches[0], 0u) << "serpentine order with the switch off";
-    EXPECT_EQ(launches[1], 1u) << "the lm_head alone has more tiles than a wave";
-    EXPECT_EQ(launches[2], 1u);
-    EXPECT_EQ(launches[3], 1u);
-    EXPECT_GT(bits_differ(results[0], results[1]), 0u) << "no tile ran last to first";
-    EXPECT_EQ(bits_differ(results[1], results[2]), 0u) << "of " << results[1].size() << " values";
-    EXPECT_EQ(bits_differ(results[1], results[3]), 0u) << "the two-stage ring";
-    float largest = 0.0f, worst = 0.0f;
-    for (size_t i = 0; i < results[0].size(); ++i) {
-      largest = std::max(largest, std::fabs(results[0][i]));
-      worst = std::max(worst, std::fabs(results[0][i] - results[1][i]));
-    }
-    EXPECT_LE(worst, 1e-5f * largest) << "of " << largest;
   }
 }
 

@@ -111,22 +111,13 @@ bool set_gemv_norm_two_blocks(bool on);
 uint64_t gemv_norm_two_blocks_launches();
 // Whether the two-m-tile int4 GEMVs of the mma path (3-64 tokens) stream through a two-stage ring
 // instead of three (52 KiB a block instead of 70 at 16 tokens: their two blocks an SM take a
-// smaller shared-memory split and leave more L1 for the activations they read through it; off by
-// default, KESTREL_CUDA_GEMV_SHALLOW_RING=1 sets the starting value on). The same arithmetic in
+// smaller shared-memory split and leave more L1 for the activations they read through it; the
+// default, KESTREL_CUDA_GEMV_SHALLOW_RING=0 sets the starting value off). The same arithmetic in
 // the same order: the same bits. Process-wide; a captured step keeps the kernel it was captured
 // with. Returns the setting before.
 bool set_gemv_shallow_ring(bool on);
 // Launches that took it since the process started (a test aid).
 uint64_t gemv_shallow_ring_launches();
-// Whether the persistent int4 GEMVs of the mma path (3-64 tokens) take their row tiles in
-// serpentine order: every other wave of tiles walks its chunks last to first, so a block's next
-// tile starts on the activation the last one read most recently (off by default,
-// KESTREL_CUDA_GEMV_SERPENTINE=1 sets the starting value on). The reversed tiles sum in another
-// order: other bits, the same whatever the grid. Process-wide; a captured step keeps the kernel
-// order it was captured with. Returns the setting before.
-bool set_gemv_serpentine(bool on);
-// Launches with reversed tiles since the process started (a test aid).
-uint64_t gemv_serpentine_launches();
 // Whether a GEMV adding into the residual at one token also prepares the residual's next RMSNorm
 // input (NormHalvesOut, gemv.cuh: x·g in half groups and the tiles' sums of squares) for that
 // norm's GEMV, which then neither normalizes nor quantizes (on by default;

@@ -94,9 +94,6 @@ struct GemvParams {
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
   bool norm_ahead = true;   // the fused norm's weight loaded before the wait (switch)
-  // The kSerpentine instances: a tile whose number / serpentine_period is odd takes its warps'
-  // chunks last to first (launch_kernel sets it to the launch's wave).
-  int serpentine_period = 1;
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -176,11 +173,11 @@ __device__ inline void dequant_quarter(const uint32_t (&w)[words_per_group<F>()]
 // Ring::deep: a ring that holds a whole row tile of up to kDeepStages chunks a warp (92 KB at
 // sym_int4 with one m-tile, 100 KB at asym_int4): deep_ring's launches, one tile a block (unless a
 // test's block cap makes blocks loop over tiles).
-// Ring::shallow: two stages instead of three for the two-m-tile int4 mma GEMV (shallow_ring):
-// sym_int4 at 16 tokens: 52 KiB a block with its exchange instead of 70 (asym_int4 56 instead of
-// 76; at 3-8 tokens 44 instead of 62), so its two blocks an SM fit the 132 KB split and leave L1
-// ~124 KB for the activations it reads through L1, where the driver's 164 KB split for 70 KiB
-// blocks leaves ~92 KB.
+// Ring::shallow: two stages instead of three for the two-m-tile int4 mma GEMV (shallow_ring, the
+// default): sym_int4 at 16 tokens, 52 KiB a block with its exchange instead of 70 (asym_int4 56
+// instead of 76; at 3-8 tokens 44 instead of 62), so its two blocks an SM fit the 132 KB split
+// and leave L1 ~124 KB for the activations it reads through L1, where the driver's 164 KB split
+// for 70 KiB blocks leaves ~92 KB.
 constexpr int kDeepStages = 10;
 enum class Ring { standard, deep, shallow };
 
@@ -710,18 +707,13 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
 // same arithmetic in the same order whichever it is.
 // kWide: two blocks an SM in the launch bound (128 registers) instead of the fused norm's three
 // (80): the fp16 and sym_int8 norm instances' batch-1 loops spill there (norm_two_blocks).
-// kSerpentine: the two-m-tile int4 mma GEMV's tiles in serpentine order (serpentine), an instance
-// of its own so that the others' code is what it was without it.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false,
-          bool kSerpentine = false>
+          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false>
 __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kWide || (kNorm && kDp == 0), "kWide: the fp16 and int8 fused-norm bound");
   static_assert(kRing != Ring::deep || (kDp == 1 && !kSwiglu && !kNorm), "deep_ring's instances");
   static_assert(kRing != Ring::shallow || (kDp == 0 && !kNorm), "shallow_ring's instances");
-  static_assert(!kSerpentine || (Pipe<F, MT, kRing>::kTiled && MT == 2 && kDp == 0 && !kNorm),
-                "serpentine's instances");
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(!kHalves || (kDp == 1 && (kNorm || (!kSwiglu && MT == 1))),
                 "a half-group input is one token's: a plain one-m-tile GEMV's, or a fused norm's");
@@ -796,32 +788,9 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
   int issue_job = 0;
   uint32_t data_offset[MT][2];
   uint32_t scale_offset[MT][2];
-  // Serpentine order (kSerpentine): whether a tile's chunks run last to first. A block's
-  // consecutive tiles are gridDim.x apart, the period when the grid is a full wave, so they
-  // alternate and each starts on the activation chunks the last one read most recently (still
-  // in L1). The order is the tile's alone, so the bits do not depend on the grid.
-  auto reversed = [&](int tile) {
-    if constexpr (kSerpentine) {
-      return ((tile / p.serpentine_period) & 1) != 0;
-    } else {
-      return false;
-    }
-  };
-  // The warp's chunks of a tile: warp, warp + kWarps, ... below n_chunks (per_tile of them),
-  // walked from first_chunk(rev) by chunk_step(rev).
-  const int per_tile = warp < n_chunks ? int((n_chunks - 1 - warp) / kWarps) + 1 : 0;
-  auto first_chunk = [&](bool rev) { return warp + (rev ? int64_t(per_tile - 1) * kWarps : 0); };
-  auto chunk_step = [](bool rev) { return rev ? -kWarps : kWarps; };
-  [[maybe_unused]] int64_t issue_chunk = warp;  // kSerpentine: the issue cursor's next chunk
-  [[maybe_unused]] int issue_step = kWarps;     // and its step
   auto set_issue_tile = [&](int tile) {
     const TileAt at = locate(tile);
     issue_job = at.job;
-    if constexpr (kSerpentine) {
-      const bool rev = reversed(tile);
-      issue_chunk = first_chunk(rev);
-      issue_step = chunk_step(rev);
-    }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const DeviceWeight& w = weight(at.job, mt);
@@ -915,9 +884,7 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
   }
   auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
     const int64_t group = chunk * kChunkGroups + quad_col;
-    // (A reversed tile's prefetch past its last chunk asks for a negative one.)
-    const bool valid = (kSerpentine ? uint64_t(chunk) < uint64_t(n_chunks) : chunk < n_chunks) &&
-                       group < p.n_groups;
+    const bool valid = chunk < n_chunks && group < p.n_groups;
     const int64_t at = chunk * (kChunkGroups * kGroup);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -940,8 +907,9 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
     }
   };
 
-  // The issue cursor walks the warp's chunks tile after tile, one commit group per call whether
-  // it copies or not.
+  // The warp's chunks of a tile: warp, warp + kWarps, ... below n_chunks. The issue cursor walks
+  // them tile after tile, one commit group per call whether it copies or not.
+  const int per_tile = warp < n_chunks ? int((n_chunks - 1 - warp) / kWarps) + 1 : 0;
   int issue_iter = 0;  // the cursor's tile (of this block's) and its chunk slot
   int issue_slot = 0;
   if (!kPersistent || n_my_tiles > 0) set_issue_tile(tile0);
@@ -950,12 +918,7 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
       // One tile: issue() itself skips (and still commits) chunks past the end.
       issue(stage, warp + int64_t(issue_slot++) * kWarps);
     } else if (issue_iter < n_my_tiles && per_tile > 0) {
-      if constexpr (kSerpentine) {
-        issue(stage, issue_chunk);
-        issue_chunk += issue_step;
-      } else {
-        issue(stage, warp + int64_t(issue_slot) * kWarps);
-      }
+      issue(stage, warp + int64_t(issue_slot) * kWarps);
       if (++issue_slot == per_tile) {
         issue_slot = 0;
         if (++issue_iter < n_my_tiles) set_issue_tile(tile0 + issue_iter * tile_step);
@@ -1056,18 +1019,11 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int t = 0; t < (kDp > 0 ? kDp : 1); ++t) dacc[mt][h][t] = 0.0f;
-    // The warp's chunks of this tile: first to last, or (kSerpentine) as reversed() says. Past
-    // the last one, load_b's prefetch loads zeros.
-    const bool rev = reversed(tile0 + iter * tile_step);
-    const int step = chunk_step(rev);
-    const int64_t chunk0 = first_chunk(rev);
-    const int64_t chunk_end = kSerpentine ? chunk0 + int64_t(per_tile) * step : n_chunks;
     uint32_t b_cur[NT][4][4];
-    if constexpr (kDp == 0) load_b(chunk0, b_cur);
-    for (int64_t chunk = chunk0; kSerpentine ? chunk != chunk_end : chunk < chunk_end;
-         chunk += step) {
+    if constexpr (kDp == 0) load_b(warp, b_cur);
+    for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
       uint32_t b_next[NT][4][4];
-      if constexpr (kDp == 0) load_b(chunk + step, b_next);
+      if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
       cp_async_wait<P::kStages - 1>();
       if (profiled && iter == 0 && chunk == warp) mark(3);  // thread 0's first chunk landed
       Fragment<F, MT> f;
@@ -1550,15 +1506,18 @@ bool deep_ring(const GemvParams& p) {
 }
 
 // Whether the two-m-tile int4 mma GEMVs (3-64 tokens: the batch-16 step's q/k/v, wo, gate/up and
-// w_down) take the two-stage ring (Ring::shallow; set_gemv_shallow_ring,
-// KESTREL_CUDA_GEMV_SHALLOW_RING=1 at start-up; off by default until measured). They read their
-// activations through L1 (hit 39-58% in the thirtieth session's Nsight rows, H100, at the
-// driver's 164 KB split for their 70 KiB blocks at 16 tokens); 52 KiB blocks take the 132 KB split
-// at two blocks an SM (the launch bound's), whose ~124 KB of L1 hold nearly the 8B's whole
-// 16-token activation at 4096 columns (128 KiB). Counts the launches it takes
-// (gemv_shallow_ring_launches).
+// w_down) take the two-stage ring (Ring::shallow; set_gemv_shallow_ring; the default since the
+// thirty-first session, KESTREL_CUDA_GEMV_SHALLOW_RING=0 at start-up gives the three stages). They
+// read their activations through L1 (hit 39-58% in the thirtieth session's Nsight rows, H100, at
+// the driver's 164 KB split for their 70 KiB blocks at 16 tokens); 52 KiB blocks at two blocks an
+// SM (the launch bound's) fit the 132 KB split, which the driver gives the 1.5B's 53 KiB
+// one-m-tile blocks (Nsight, thirty-first session), and whose ~124 KB of L1 hold nearly the 8B's
+// whole 16-token activation at 4096 columns (128 KiB). H100, tg128 at batch 16, two rounds of one
+// call: 8B +3.2% and +3.8%, 1.5B +1.2% and +1.2%, batch 1 unchanged (its GEMVs are dp4a
+// instances); at 1024 positions the 8B's batch-16 step 3.81 -> 3.74 ms. Counts the launches it
+// takes (gemv_shallow_ring_launches).
 std::atomic<bool>& gemv_shallow_ring_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_SHALLOW_RING", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_SHALLOW_RING", "0")};
   return on;
 }
 std::atomic<uint64_t> shallow_ring_launches{0};
@@ -1566,30 +1525,6 @@ std::atomic<uint64_t> shallow_ring_launches{0};
 bool shallow_ring() {
   if (!gemv_shallow_ring_flag().load(std::memory_order_relaxed)) return false;
   shallow_ring_launches.fetch_add(1, std::memory_order_relaxed);
-  return true;
-}
-
-// Whether the persistent two-m-tile int4 mma GEMVs (3-64 tokens, no fused norm) take their row
-// tiles in serpentine order (the kSerpentine instances: every other wave of tiles takes its chunks
-// last to first; set_gemv_serpentine, KESTREL_CUDA_GEMV_SERPENTINE=1 at start-up; off by default
-// until measured). Each of their row tiles reads the whole activation through L1 (the 8B's 16
-// tokens at 4096 columns: 128 KiB, against ~92 KB of L1 at the driver's split), and a block's tiles
-// run one after another: first to last every time, each tile finds the chunks it starts on evicted
-// by the last tile's later ones; serpentine, it starts on the chunks the last one read most
-// recently. Only launches with more tiles than a wave have reversed tiles (the batch-16 gate/up:
-// 896 tiles of the 8B, 560 of the 1.5B; the lm_heads take the row-warp kernel) and take the
-// instances; they count (gemv_serpentine_launches). The reversed tiles sum in another order: other
-// bits, the same for any grid of one device and build (the period is the wave: the device's SMs
-// times the blocks an SM holds of the instance).
-std::atomic<bool>& gemv_serpentine_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_SERPENTINE", "1")};
-  return on;
-}
-std::atomic<uint64_t> serpentine_launches{0};
-
-bool serpentine() {
-  if (!gemv_serpentine_flag().load(std::memory_order_relaxed)) return false;
-  serpentine_launches.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 
@@ -1632,8 +1567,7 @@ bool launch_persistent(bool dp4a) {
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false,
-          bool kSerpentine = false>
+          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   using P = Pipe<F, MT, kRing>;
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
@@ -1649,13 +1583,11 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr bool kOwnReduce = P::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel =
-      gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kRing, kWide, kSerpentine>;
+  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kRing, kWide>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
   int blocks = p.n_tiles;
-  int wave = p.n_tiles;  // the blocks the device holds at once, where the launch is persistent
   if (P::kTiled && launch_persistent(kDp > 0)) {
     // Blocks an SM holds depend only on the instantiation and its shared memory (the input's
     // width: wo and down share an instantiation): asked once per width, not at every launch of
@@ -1668,33 +1600,15 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
                     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
       known = per_sm_of_smem.emplace(smem, per_sm).first;
     }
-    wave = std::max(1, known->second) * p.sm_count;
-    blocks = std::min(blocks, wave);
+    blocks = std::min(blocks, std::max(1, known->second) * p.sm_count);
     if (block_cap > 0) blocks = std::min(blocks, block_cap);
   }
   // The mma path without a fused norm reads its activations through L1 (smem_split_mode).
   constexpr bool kL1Reader = kDp == 0 && !kNorm;
-  auto launch = [&](const GemvParams& args) -> Status {
-    KS_CUDA_CHECK("matmul", launch_pdl<kL1Reader>(kernel, dim3(unsigned(blocks)), dim3(kThreads),
-                                                  size_t(smem), stream, args));
-    KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
-    return Status::ok();
-  };
-  if constexpr (kSerpentine) {
-    // The period is the wave, not the launch's grid (a test's block cap), so a tile's order is
-    // its own whatever the grid.
-    GemvParams with_period = p;
-    with_period.serpentine_period = wave;
-    return launch(with_period);
-  } else {
-    if constexpr (P::kTiled && kL1Reader && MT == 2) {
-      if (wave < p.n_tiles && serpentine()) {
-        return launch_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kRing, kWide, true>(
-            p, stream);
-      }
-    }
-    return launch(p);
-  }
+  KS_CUDA_CHECK("matmul", launch_pdl<kL1Reader>(kernel, dim3(unsigned(blocks)), dim3(kThreads),
+                                                size_t(smem), stream, p));
+  KS_CUDA_CHECK_LAUNCH("matmul", "gemv_kernel");
+  return Status::ok();
 }
 
 // The row-warp kernel over p.n_tiles units, persistent: a wave of blocks looping over units.
@@ -2070,14 +1984,6 @@ bool set_gemv_shallow_ring(bool on) {
 
 uint64_t gemv_shallow_ring_launches() {
   return shallow_ring_launches.load(std::memory_order_relaxed);
-}
-
-bool set_gemv_serpentine(bool on) {
-  return gemv_serpentine_flag().exchange(on);
-}
-
-uint64_t gemv_serpentine_launches() {
-  return serpentine_launches.load(std::memory_order_relaxed);
 }
 
 bool gemv_half_groups() {

@@ -20,6 +20,23 @@ TEST(SmemSplit, EachModeChoosesItsLaunches) {
   static_assert(wants_max_shared(2, false) && !wants_max_shared(2, true), "usable at compile time");
 }
 
+// An L1 reader's own carveout applies only where the mode leaves it the driver's split; the other
+// launches never take it.
+TEST(SmemSplit, TheL1ReadersCarveoutAppliesWhereTheModeLeavesThem) {
+  EXPECT_EQ(launch_carveout(2, true, -1), -1);  // the default: the driver's split
+  EXPECT_EQ(launch_carveout(2, true, 72), 72);
+  EXPECT_EQ(launch_carveout(2, false, 72), 100);
+  EXPECT_EQ(launch_carveout(0, true, 72), 72);
+  EXPECT_EQ(launch_carveout(0, false, 72), -1);
+  EXPECT_EQ(launch_carveout(1, true, 72), 100);  // mode 1: the largest split for all
+  EXPECT_EQ(launch_carveout(1, false, -1), 100);
+  EXPECT_EQ(valid_l1_reader_carveout(-1), -1);
+  EXPECT_EQ(valid_l1_reader_carveout(0), 0);
+  EXPECT_EQ(valid_l1_reader_carveout(100), 100);
+  EXPECT_EQ(valid_l1_reader_carveout(101), -1);
+  EXPECT_EQ(valid_l1_reader_carveout(-7), -1);
+}
+
 TEST(SmemSplit, OutOfRangeModesAreTheDefault) {
   EXPECT_EQ(valid_smem_split(0), 0);
   EXPECT_EQ(valid_smem_split(1), 1);

@@ -243,6 +243,20 @@ inline std::atomic<int>& smem_split_mode() {
   return mode;
 }
 
+// The split the L1 readers ask for where the mode leaves them the driver's (launch_carveout in
+// smem_split.h; set_l1_reader_carveout, KESTREL_CUDA_L1_READER_CARVEOUT at start-up): -1 none,
+// else a percent of the largest shared memory. A measurement aid: it tells an L1 reader's split
+// apart from its ring's depth (the two-stage ring's batch-16 gain, thirty-first session). Part of
+// a captured step's key (path_switches).
+inline std::atomic<int>& l1_reader_carveout() {
+  static std::atomic<int> percent{
+      valid_l1_reader_carveout(env_int("KESTREL_CUDA_L1_READER_CARVEOUT", -1))};
+  return percent;
+}
+
+static_assert(int(cudaSharedmemCarveoutMaxShared) == 100 && int(cudaSharedmemCarveoutMaxL1) == 0,
+              "launch_carveout's percents are the carveout attribute's");
+
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization.
 // kL1Reader: a kernel whose input comes through L1 (see smem_split_mode).
 template <bool kL1Reader = false, typename... KernelArgs, typename... Args>
@@ -256,11 +270,13 @@ cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, siz
   cudaLaunchAttribute attribute[2];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  const int carveout =
+      launch_carveout(smem_split_mode().load(std::memory_order_relaxed), kL1Reader,
+                      kL1Reader ? l1_reader_carveout().load(std::memory_order_relaxed) : -1);
   attribute[1].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
-  attribute[1].val.sharedMemCarveout = unsigned(cudaSharedmemCarveoutMaxShared);
-  const int mode = smem_split_mode().load(std::memory_order_relaxed);
+  attribute[1].val.sharedMemCarveout = unsigned(carveout);  // 100: cudaSharedmemCarveoutMaxShared
   config.attrs = attribute;
-  config.numAttrs = wants_max_shared(mode, kL1Reader) ? 2 : 1;
+  config.numAttrs = carveout >= 0 ? 2 : 1;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 

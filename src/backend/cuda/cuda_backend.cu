@@ -86,7 +86,8 @@ bool& plan_final_norm_flag() {
 int32_t path_switches() {
   return int32_t(gemv_half_groups()) | int32_t(gemv_norm_halves()) << 1 |
          int32_t(plan_final_norm_flag()) << 2 | int32_t(attention_half_groups()) << 3 |
-         smem_split_mode().load(std::memory_order_relaxed) << 4;
+         smem_split_mode().load(std::memory_order_relaxed) << 4 |
+         (l1_reader_carveout().load(std::memory_order_relaxed) + 1) << 6;
 }
 
 // Two weights one layer kernel launch may treat alike: the same format, shape and tiling.
@@ -2122,6 +2123,10 @@ bool set_plan_final_norm(bool on) {
 
 int set_smem_split(int mode) {
   return smem_split_mode().exchange(valid_smem_split(mode));
+}
+
+int set_l1_reader_carveout(int percent) {
+  return l1_reader_carveout().exchange(valid_l1_reader_carveout(percent));
 }
 
 Status set_op_timing(Backend& backend, bool enabled) {

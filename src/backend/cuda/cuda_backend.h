@@ -137,6 +137,13 @@ bool set_plan_final_norm(bool on);
 // part of a captured step's key, so a step after a change is captured anew. Returns the mode
 // before.
 int set_smem_split(int mode);
+// The split the L1-reading GEMVs ask for where the mode above leaves them the driver's: -1 none
+// (the default), else a percent of the SM's largest shared memory, 0-100, which the driver rounds
+// to a split it offers (KESTREL_CUDA_L1_READER_CARVEOUT sets the starting value; out of range:
+// -1). A measurement aid (an L1 reader's split apart from its ring's depth). The same kernels and
+// arithmetic: the same bits. Process-wide; part of a captured step's key. Returns the setting
+// before.
+int set_l1_reader_carveout(int percent);
 // Whether a one-token decode attention writes its output's half-group quantization
 // (attention_writes_halves, attention.cuh) for wo's dp4a GEMV, which then copies it instead of
 // quantizing the shadow in every block in groups of 32 (on by default;

@@ -16,4 +16,19 @@ constexpr bool wants_max_shared(int mode, bool l1_reader) {
   return mode == 1 || (mode == 2 && !l1_reader);
 }
 
+// The L1 readers' own split (set_l1_reader_carveout, KESTREL_CUDA_L1_READER_CARVEOUT): -1 (the
+// default) none, else a percent of the SM's largest shared memory (0-100, the carveout
+// attribute's unit; the driver takes the nearest split it offers). A measurement aid that sets an
+// L1 reader's split apart from its ring's depth. Anything outside 0-100 is -1.
+constexpr int valid_l1_reader_carveout(int percent) {
+  return percent >= 0 && percent <= 100 ? percent : -1;
+}
+
+// The carveout a launch asks for: -1 none (the driver's choice), else a percent of the largest
+// shared memory (100: the largest split). Where the mode asks for the largest split it is that;
+// else an L1 reader takes its own carveout, if one is set.
+constexpr int launch_carveout(int mode, bool l1_reader, int l1_reader_percent) {
+  return wants_max_shared(mode, l1_reader) ? 100 : l1_reader ? l1_reader_percent : -1;
+}
+
 }  // namespace kestrel::cuda

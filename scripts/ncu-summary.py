@@ -12,7 +12,7 @@ first launched:
 "stalls" are the three largest stall reasons of the WarpStateStats section (cycles a warp spent
 stalled on each, per instruction issued: `smsp__average_warps_issue_stalled_REASON_per_issue_
 active.ratio`), e.g. "long_scoreboard 4.1, wait 1.2, barrier 0.6"; "selected" (the issue itself)
-is not a stall.
+and "not_selected" (eligible, another warp issued) are not stalls.
 
 A row is one kernel at one grid size and dynamic shared memory (one instantiation serves weights
 of different shapes: wo and w_down share one). Values are medians over its launches; a metric the
@@ -43,7 +43,7 @@ COLUMNS = {
 }
 
 
-STALL = re.compile(r"^smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)_per_\w+\.ratio$")
+STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
 
 
 def short_name(name):

@@ -4,8 +4,8 @@
 # output, the units row and rows of the wrong length, groups launches by the kernel's short name
 # (template arguments kept, namespaces and parameters dropped) and grid in first-launch order,
 # takes medians (an outlier shows a mean), converts base units, prints "-" for a metric the run
-# did not collect, names the three largest stall reasons, lists the columns with --columns, and refuses a file with no table or no kernel
-# rows.
+# did not collect, names the three largest stall reasons, lists the columns with --columns, and
+# refuses a file with no table or no kernel rows.
 set -euo pipefail
 script="$2/scripts/ncu-summary.py"
 work=$(mktemp -d)

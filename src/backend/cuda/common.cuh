@@ -234,10 +234,14 @@ __device__ inline void grid_barrier(unsigned* arrive, unsigned* generation) {
 // under programmatic dependent launch cannot take an SM still running a kernel of another split.
 // One split for the batch-1 step of the int4 models gave tg128 b1 +2.8% (8B) and +2.1% (1.5B) in
 // the same call; for the batch-16 GEMVs it cost 3.9% / 1.1%: their activations hit L1 39-58% of
-// the time at the driver's 164 KB, and the largest split leaves L1 28 KB. Only the largest split
-// is offered: the occupancy calculator (cuda_occupancy.h) counts on an SM's whole shared memory
-// under the default preference, so the persistent grids sized from it stay co-resident; a
-// smaller split could hold fewer. The mode is part of a captured step's key (path_switches).
+// the time at the driver's 164 KB, and the largest split leaves L1 28 KB. The mode offers only
+// the largest split: the occupancy calculator (cuda_occupancy.h) counts on an SM's whole shared
+// memory under the default preference, so the persistent grids sized from it stay co-resident;
+// a smaller split could hold fewer (the L1 readers' own carveout below, a measurement aid, may).
+// Measured as a rule in the thirty-first session (H100): the driver's split for every kernel
+// (0) lost 3.0% / 1.6% at batch 1 against it, batch 16 within 0.6%. Nsight's replay of a kernel
+// alone shows the kernel's own preference, not the attribute's split (PERF.md, thirty-first
+// session). The mode is part of a captured step's key (path_switches).
 inline std::atomic<int>& smem_split_mode() {
   static std::atomic<int> mode{valid_smem_split(env_int("KESTREL_CUDA_SMEM_SPLIT", 2))};
   return mode;

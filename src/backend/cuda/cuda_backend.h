@@ -109,10 +109,11 @@ uint64_t gemv_deep_ring_launches();
 bool set_gemv_norm_two_blocks(bool on);
 // Launches that took it since the process started (a test aid).
 uint64_t gemv_norm_two_blocks_launches();
-// Whether the two-m-tile int4 GEMVs of the mma path (3-64 tokens) stream through a two-stage ring
-// instead of three (52 KiB a block instead of 70 at 16 tokens: their two blocks an SM take a
-// smaller shared-memory split and leave more L1 for the activations they read through it; the
-// default, KESTREL_CUDA_GEMV_SHALLOW_RING=0 sets the starting value off). The same arithmetic in
+// Whether the two-m-tile int4 GEMVs of the mma path (3-64 tokens, and 1-2 over more than
+// kMaxDpCols columns) stream through a two-stage ring instead of three (52 KiB a block instead of
+// 70 at 16 tokens, so their two blocks an SM fit a smaller shared-memory split, meant to leave
+// more L1 for the activations they read through it; the default,
+// KESTREL_CUDA_GEMV_SHALLOW_RING=0 sets the starting value off). The same arithmetic in
 // the same order: the same bits. Process-wide; a captured step keeps the kernel it was captured
 // with. Returns the setting before.
 bool set_gemv_shallow_ring(bool on);
@@ -139,9 +140,10 @@ bool set_plan_final_norm(bool on);
 int set_smem_split(int mode);
 // The split the L1-reading GEMVs ask for where the mode above leaves them the driver's: -1 none
 // (the default), else a percent of the SM's largest shared memory, 0-100, which the driver rounds
-// to a split it offers (KESTREL_CUDA_L1_READER_CARVEOUT sets the starting value; out of range:
-// -1). A measurement aid (an L1 reader's split apart from its ring's depth). The same kernels and
-// arithmetic: the same bits. Process-wide; part of a captured step's key. Returns the setting
+// up to a split it offers (KESTREL_CUDA_L1_READER_CARVEOUT sets the starting value; out of range:
+// -1). A measurement aid (an L1 reader's split apart from its ring's depth); a percent too small
+// for the blocks an SM a persistent grid was sized by only runs it in more waves. The same kernels
+// and arithmetic: the same bits. Process-wide; part of a captured step's key. Returns the setting
 // before.
 int set_l1_reader_carveout(int percent);
 // Whether a one-token decode attention writes its output's half-group quantization

@@ -1505,8 +1505,9 @@ bool deep_ring(const GemvParams& p) {
   return deep;
 }
 
-// Whether the two-m-tile int4 mma GEMVs (3-64 tokens: the batch-16 step's q/k/v, wo, gate/up and
-// w_down) take the two-stage ring (Ring::shallow; set_gemv_shallow_ring; the default since the
+// Whether the two-m-tile int4 mma GEMVs (3-64 tokens, and 1-2 over more than kMaxDpCols columns:
+// the 8B's batch-16 q/k/v, wo, gate/up and w_down, the 1.5B's batch-16 gate/up) take the two-stage
+// ring (Ring::shallow; set_gemv_shallow_ring; the default since the
 // thirty-first session, KESTREL_CUDA_GEMV_SHALLOW_RING=0 at start-up gives the three stages). They
 // read their activations through L1 (hit 39-58% in the thirtieth session's Nsight rows, H100, at
 // the driver's 164 KB split for their 70 KiB blocks at 16 tokens); 52 KiB blocks at two blocks an

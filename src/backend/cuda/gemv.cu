@@ -1507,17 +1507,17 @@ bool deep_ring(const GemvParams& p) {
 
 // Whether the two-m-tile int4 mma GEMVs (3-64 tokens, and 1-2 over more than kMaxDpCols columns:
 // the 8B's batch-16 q/k/v, wo, gate/up and w_down, the 1.5B's batch-16 gate/up) take the two-stage
-// ring (Ring::shallow; set_gemv_shallow_ring; the default since the
-// thirty-first session, KESTREL_CUDA_GEMV_SHALLOW_RING=0 at start-up gives the three stages). They
-// read their activations through L1 (hit 39-58% in the thirtieth session's Nsight rows, H100, at
-// the driver's 164 KB split for their 70 KiB blocks at 16 tokens); 52 KiB blocks at two blocks an
-// SM (the launch bound's) fit the 132 KB split, which the driver gives the 1.5B's 53 KiB
-// one-m-tile blocks (Nsight, thirty-first session), and whose ~124 KB of L1 hold nearly the 8B's
-// whole 16-token activation at 4096 columns (128 KiB): the reason it was built; Nsight has not yet
-// shown the L1 hits rise (PERF.md, thirty-first session, for the other readings). H100, tg128 at
-// batch 16, two rounds of one call: 8B +3.2% and +3.8%, 1.5B +1.2% and +1.2%, batch 1 unchanged
-// (its GEMVs are dp4a instances); at 1024 positions the 8B's batch-16 step 3.81 -> 3.74 ms.
-// Counts the launches it takes (gemv_shallow_ring_launches).
+// ring (Ring::shallow; set_gemv_shallow_ring; the default since the thirty-first session,
+// KESTREL_CUDA_GEMV_SHALLOW_RING=0 at start-up gives the three stages). They read their activations
+// through L1 (hit 39-58% in the thirtieth session's Nsight rows, H100, at the driver's 164 KB split
+// for their 70 KiB blocks at 16 tokens); 52 KiB blocks at two blocks an SM (the launch bound's) fit
+// the 132 KB split, which the driver gives the 1.5B's 53 KiB one-m-tile blocks (Nsight,
+// thirty-first session), and whose ~124 KB of L1 hold nearly the 8B's whole 16-token activation at
+// 4096 columns (128 KiB): the reason it was built; Nsight has not yet shown the L1 hits rise
+// (PERF.md, thirty-first session, for the other readings). H100, tg128 at batch 16, two rounds of
+// one call: 8B +3.2% and +3.8%, 1.5B +1.2% and +1.2%, batch 1 unchanged (its GEMVs are dp4a
+// instances); at 1024 positions the 8B's batch-16 step 3.81 -> 3.74 ms. Counts the launches it
+// takes (gemv_shallow_ring_launches).
 std::atomic<bool>& gemv_shallow_ring_flag() {
   static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_SHALLOW_RING", "0")};
   return on;

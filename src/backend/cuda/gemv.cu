@@ -1495,14 +1495,20 @@ std::atomic<bool>& gemv_deep_ring_flag() {
 // Counts the launches it chooses (gemv_deep_ring_launches).
 std::atomic<uint64_t> deep_ring_launches{0};
 
+// Whether a launch takes a switch's choice: the switch is on and the launch qualifies (fits);
+// counts the launches that take it (the gemv_*_launches the tests read).
+bool take_switch(const std::atomic<bool>& on, std::atomic<uint64_t>& taken, bool fits = true) {
+  if (!fits || !on.load(std::memory_order_relaxed)) return false;
+  taken.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 template <WeightFormat F>
 bool deep_ring(const GemvParams& p) {
-  if (!gemv_deep_ring_flag().load(std::memory_order_relaxed)) return false;
   const int64_t per_warp = ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
-  const bool deep =
-      p.n_tiles <= p.sm_count && per_warp > Pipe<F, 1>::kStages && per_warp <= kDeepStages;
-  if (deep) deep_ring_launches.fetch_add(1, std::memory_order_relaxed);
-  return deep;
+  return take_switch(
+      gemv_deep_ring_flag(), deep_ring_launches,
+      p.n_tiles <= p.sm_count && per_warp > Pipe<F, 1>::kStages && per_warp <= kDeepStages);
 }
 
 // Whether the two-m-tile int4 mma GEMVs (3-64 tokens, and 1-2 over more than kMaxDpCols columns:
@@ -1525,9 +1531,7 @@ std::atomic<bool>& gemv_shallow_ring_flag() {
 std::atomic<uint64_t> shallow_ring_launches{0};
 
 bool shallow_ring() {
-  if (!gemv_shallow_ring_flag().load(std::memory_order_relaxed)) return false;
-  shallow_ring_launches.fetch_add(1, std::memory_order_relaxed);
-  return true;
+  return take_switch(gemv_shallow_ring_flag(), shallow_ring_launches);
 }
 
 // Whether the fp16 and sym_int8 fused-norm instances (one token, the mma path) take the launch
@@ -1547,9 +1551,7 @@ std::atomic<bool>& gemv_norm_two_blocks_flag() {
 std::atomic<uint64_t> norm_two_blocks_launches{0};
 
 bool norm_two_blocks() {
-  if (!gemv_norm_two_blocks_flag().load(std::memory_order_relaxed)) return false;
-  norm_two_blocks_launches.fetch_add(1, std::memory_order_relaxed);
-  return true;
+  return take_switch(gemv_norm_two_blocks_flag(), norm_two_blocks_launches);
 }
 
 // Whether int4 launches are persistent (a wave of blocks looping over the row tiles) or a block
@@ -1682,16 +1684,18 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
       return launch_kernel<F, MT, 1, kSwiglu, true, 0>(p, stream);
     }
   }
-  if constexpr (MT == 2 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)) {
-    if (shallow_ring()) {
-      if (p.n_tokens <= 8) {
-        return launch_kernel<F, MT, 1, kSwiglu, false, 0, false, false, Ring::shallow>(p, stream);
-      }
-      return launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, Ring::shallow>(p, stream);
+  // The mma instances: one token a tile up to 8 tokens, two past them, under either ring.
+  auto mma = [&](auto ring) -> Status {
+    constexpr Ring kRing = decltype(ring)::value;
+    if (p.n_tokens <= 8) {
+      return launch_kernel<F, MT, 1, kSwiglu, false, 0, false, false, kRing>(p, stream);
     }
+    return launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, kRing>(p, stream);
+  };
+  if constexpr (MT == 2 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)) {
+    if (shallow_ring()) return mma(std::integral_constant<Ring, Ring::shallow>{});
   }
-  if (p.n_tokens <= 8) return launch_kernel<F, MT, 1, kSwiglu, false, 0>(p, stream);
-  return launch_kernel<F, MT, 2, kSwiglu, false, 0>(p, stream);
+  return mma(std::integral_constant<Ring, Ring::standard>{});
 }
 
 template <WeightFormat F>

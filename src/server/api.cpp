@@ -73,6 +73,9 @@ Status parse_common(const json& body, GenerationRequest& r) {
   KS_RETURN_IF_ERROR(read_number(body, "min_p", 0, 1, &r.sampling.min_p));
   KS_RETURN_IF_ERROR(read_number(body, "presence_penalty", -2, 2, &r.sampling.presence_penalty));
   KS_RETURN_IF_ERROR(read_number(body, "frequency_penalty", -2, 2, &r.sampling.frequency_penalty));
+  // vLLM's extension, HF's rule (the sampler's): > 0, 1 for none.
+  KS_RETURN_IF_ERROR(read_number(body, "repetition_penalty", 0, std::numeric_limits<float>::max(),
+                                 &r.sampling.repetition_penalty));
   std::optional<int64_t> top_k;
   // vLLM takes -1 for "off" as well as 0.
   KS_RETURN_IF_ERROR(read_integer(body, "top_k", -1, std::numeric_limits<int32_t>::max(), &top_k));
@@ -93,6 +96,40 @@ Status parse_common(const json& body, GenerationRequest& r) {
                                   std::numeric_limits<int64_t>::max(), &max_completion_tokens));
   // OpenAI deprecated max_tokens for max_completion_tokens; the newer field wins.
   r.max_tokens = max_completion_tokens ? max_completion_tokens : max_tokens;
+  // vLLM's extension: end-of-sequence tokens are not drawn before this many tokens.
+  std::optional<int64_t> min_tokens;
+  KS_RETURN_IF_ERROR(
+      read_integer(body, "min_tokens", 0, std::numeric_limits<int64_t>::max(), &min_tokens));
+  r.min_tokens = min_tokens.value_or(0);
+  if (r.max_tokens && r.min_tokens > *r.max_tokens) {
+    return Status::error("min_tokens (" + std::to_string(r.min_tokens) +
+                         ") must not exceed max_tokens (" + std::to_string(*r.max_tokens) + ")");
+  }
+  // Fields that would change the answer and that the server does not implement are refused,
+  // not dropped: an answer that ignored them would look right and be wrong.
+  if (const json* bias = field(body, "logit_bias")) {
+    if (!bias->is_object() || !bias->empty()) return Status::error("logit_bias is not supported");
+  }
+  if (const json* format = field(body, "response_format")) {
+    const json* type = format->is_object() ? field(*format, "type") : nullptr;
+    if (type == nullptr || *type != "text") {
+      return Status::error("response_format other than {\"type\": \"text\"} is not supported");
+    }
+  }
+  for (const char* name : {"tools", "functions"}) {
+    if (const json* tools = field(body, name)) {
+      if (!tools->is_array() || !tools->empty()) {
+        return Status::error(std::string(name) + " (tool calling) is not supported");
+      }
+    }
+  }
+  for (const char* name : {"tool_choice", "function_call"}) {
+    if (const json* choice = field(body, name)) {
+      if (*choice != "none") {
+        return Status::error(std::string(name) + " is not supported (tool calling)");
+      }
+    }
+  }
 
   std::optional<int64_t> n;
   KS_RETURN_IF_ERROR(read_integer(body, "n", 1, std::numeric_limits<int64_t>::max(), &n));
@@ -207,6 +244,13 @@ Result<GenerationRequest> parse_chat_request(const nlohmann::json& body) {
       KS_ASSIGN_OR_RETURN(text, message_text(*content, at + ".content"));
     } else if (r_name != "assistant") {
       return Status::error(at + ".content is required");
+    }
+    // A tool call's request or result would be dropped from the conversation: refused.
+    for (const char* name : {"tool_calls", "function_call"}) {
+      auto calls = m.find(name);
+      if (calls != m.end() && !calls->is_null() && !(calls->is_array() && calls->empty())) {
+        return Status::error(at + "." + name + " is not supported (tool calling)");
+      }
     }
     // Templates know "system"; OpenAI's newer "developer" role means the same.
     r.messages.push_back({{"role", r_name == "developer" ? "system" : r_name}, {"content", text}});

@@ -28,6 +28,7 @@ struct GenerationRequest {
   std::vector<int32_t> prompt_ids;
   bool prompt_is_ids = false;
   std::optional<int64_t> max_tokens;  // unset: whatever the context leaves (within the server cap)
+  int64_t min_tokens = 0;             // vLLM's extension: no end-of-sequence token before this many
   SamplingParams sampling;            // OpenAI defaults: temperature 1, top_p 1
   bool seed_given = false;
   std::vector<std::string> stop;

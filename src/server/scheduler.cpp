@@ -260,6 +260,7 @@ bool Scheduler::admit(ScheduledRequest& r) {
   metrics_.record_prefix_cache(queried, n_reused);
   StopConditions conditions;
   if (!r.ignore_eos) conditions.eos_ids = eos_ids_;
+  conditions.min_new_tokens = r.min_tokens;
   conditions.stop_strings = r.stop;
   conditions.max_new_tokens = r.max_tokens;
   auto seq = std::make_shared<Sequence>(std::move(r), slot, tokenizer_, std::move(conditions),

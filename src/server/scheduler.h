@@ -86,6 +86,7 @@ struct ScheduledRequest {
   SamplingParams sampling;
   std::vector<std::string> stop;
   bool ignore_eos = false;  // end-of-sequence tokens do not end the request
+  int64_t min_tokens = 0;   // no end-of-sequence token is drawn before this many tokens
   int top_logprobs = -1;    // -1: none; else alternatives per token (GenerationRequest's)
   std::shared_ptr<RequestChannel> channel;
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();

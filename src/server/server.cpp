@@ -11,6 +11,7 @@
 #include "io/config.h"
 #include "server/api.h"
 #include "server/chat_page.h"
+#include "server/peer.h"
 
 namespace kestrel::server {
 
@@ -97,13 +98,64 @@ struct Server::Impl {
   }
 
   void routes();
-  void generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint);
-  void tokenize(const httplib::Request& req, httplib::Response& res);
-  void detokenize(const httplib::Request& req, httplib::Response& res);
+  std::optional<std::string> read_body(const httplib::Request& req, httplib::Response& res,
+                                       const httplib::ContentReader& reader);
+  void generate(const httplib::Request& req, const std::string& body_text, httplib::Response& res,
+                Endpoint endpoint);
+  void tokenize(const std::string& body_text, httplib::Response& res);
+  void detokenize(const std::string& body_text, httplib::Response& res);
 };
+
+// A POST body, read by the route itself (a content reader) so that the server's limit holds for
+// every framing: httplib 0.11 checks its payload limit against Content-Length alone, so a
+// chunked body, one without a length, or a compressed one (the reader gets it inflated) would
+// otherwise be read whole, whatever its size. The route also skips httplib's own 8 KiB limit on
+// form-encoded bodies (curl -d's default Content-Type): the body is JSON whatever the header
+// says. Past the limit the reader keeps reading, and drops, up to kDrainBytes more, so that the
+// connection is still at a request's boundary for the refusal's response; a body longer still
+// is cut off, and httplib then reads the rest of it as requests and answers each with a 400
+// (it cannot be told to close the connection from a route; the 413 comes first).
+std::optional<std::string> Server::Impl::read_body(const httplib::Request& req,
+                                                   httplib::Response& res,
+                                                   const httplib::ContentReader& reader) {
+  if (req.is_multipart_form_data()) {
+    send_error(res, 415, "the request body must be JSON (Content-Type: application/json)");
+    return std::nullopt;
+  }
+  constexpr size_t kDrainBytes = 1u << 20;
+  const size_t limit = options.max_body_bytes;
+  std::string body;
+  size_t dropped = 0;
+  const bool read = reader([&](const char* data, size_t n) {
+    if (dropped == 0 && n <= limit - body.size()) {
+      body.append(data, n);
+      return true;
+    }
+    dropped += n;
+    return dropped <= kDrainBytes;
+  });
+  // httplib sets 413 itself for a Content-Length past its own limit (the same one).
+  if (dropped > 0 || (!read && res.status == 413)) {
+    send_error(
+        res, 413,
+        "the request body exceeds the server's limit of " + std::to_string(limit) + " bytes");
+    return std::nullopt;
+  }
+  if (!read) {
+    send_error(res, 400,
+               "the request body could not be read (a malformed chunked or compressed encoding, "
+               "or the connection closed)");
+    return std::nullopt;
+  }
+  return body;
+}
 
 void Server::Impl::routes() {
   http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+    // Range requests are ignored (a server may: RFC 9110, 14.2): httplib would build one part
+    // of the response per range in memory, thousands of copies for one short header. The
+    // request object is httplib's own, not a constant, so clearing its parsed ranges is sound.
+    const_cast<httplib::Request&>(req).ranges.clear();
     // /health and /metrics stay open so probes and scrapers need no secret; so does the chat
     // page, which holds none (it asks for the key and sends it with each request).
     const bool open = req.path == "/health" || req.path == "/metrics" || req.path == "/";
@@ -171,21 +223,30 @@ void Server::Impl::routes() {
                   {"max_model_len", model.engine->max_context()}};
     send_json(res, 200, {{"object", "list"}, {"data", json::array({entry})}});
   });
-  http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    generate(req, res, Endpoint::chat);
-  });
-  http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-    generate(req, res, Endpoint::completion);
-  });
-  http.Post("/tokenize",
-            [this](const httplib::Request& req, httplib::Response& res) { tokenize(req, res); });
-  http.Post("/detokenize",
-            [this](const httplib::Request& req, httplib::Response& res) { detokenize(req, res); });
+  // Every POST route reads its own body (read_body).
+  auto post = [this](const char* path, auto handle) {
+    http.Post(path, [this, handle](const httplib::Request& req, httplib::Response& res,
+                                   const httplib::ContentReader& reader) {
+      if (auto body = read_body(req, res, reader)) handle(req, *body, res);
+    });
+  };
+  post("/v1/chat/completions",
+       [this](const httplib::Request& req, const std::string& body, httplib::Response& res) {
+         generate(req, body, res, Endpoint::chat);
+       });
+  post("/v1/completions",
+       [this](const httplib::Request& req, const std::string& body, httplib::Response& res) {
+         generate(req, body, res, Endpoint::completion);
+       });
+  post("/tokenize", [this](const httplib::Request&, const std::string& body,
+                           httplib::Response& res) { tokenize(body, res); });
+  post("/detokenize", [this](const httplib::Request&, const std::string& body,
+                             httplib::Response& res) { detokenize(body, res); });
 }
 
-void Server::Impl::tokenize(const httplib::Request& req, httplib::Response& res) {
+void Server::Impl::tokenize(const std::string& body_text, httplib::Response& res) {
   if (unavailable(res)) return;
-  auto body = parse_body(req.body);
+  auto body = parse_body(body_text);
   if (!body.is_ok()) return send_error(res, 400, body.status().message());
   if (!body->is_object()) return send_error(res, 400, "the request body must be a JSON object");
   // llama.cpp names the text "content", vLLM "prompt"; both are accepted.
@@ -206,9 +267,9 @@ void Server::Impl::tokenize(const httplib::Request& req, httplib::Response& res)
       {{"tokens", *ids}, {"count", ids->size()}, {"max_model_len", model.engine->max_context()}});
 }
 
-void Server::Impl::detokenize(const httplib::Request& req, httplib::Response& res) {
+void Server::Impl::detokenize(const std::string& body_text, httplib::Response& res) {
   if (unavailable(res)) return;
-  auto body = parse_body(req.body);
+  auto body = parse_body(body_text);
   if (!body.is_ok()) return send_error(res, 400, body.status().message());
   if (!body->is_object()) return send_error(res, 400, "the request body must be a JSON object");
   auto tokens = body->find("tokens");
@@ -229,10 +290,10 @@ void Server::Impl::detokenize(const httplib::Request& req, httplib::Response& re
   send_json(res, 200, {{"content", model.tokenizer->decode(ids)}});
 }
 
-void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
-                            Endpoint endpoint) {
+void Server::Impl::generate(const httplib::Request& req, const std::string& body_text,
+                            httplib::Response& res, Endpoint endpoint) {
   if (unavailable(res)) return;
-  auto body = parse_body(req.body);
+  auto body = parse_body(body_text);
   if (!body.is_ok()) return send_error(res, 400, body.status().message());
   auto parsed =
       endpoint == Endpoint::chat ? parse_chat_request(*body) : parse_completion_request(*body);
@@ -305,6 +366,7 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   scheduled.sampling = request.sampling;
   scheduled.stop = request.stop;
   scheduled.ignore_eos = request.ignore_eos;
+  scheduled.min_tokens = request.min_tokens;
   scheduled.top_logprobs = request.top_logprobs;
   scheduled.channel = channel;
   switch (model.scheduler->submit(std::move(scheduled))) {
@@ -329,11 +391,27 @@ void Server::Impl::generate(const httplib::Request& req, httplib::Response& res,
   const bool logprobs = request.top_logprobs >= 0;
   if (!request.stream) {
     // The scheduler always ends a request with finished or failed, so this wait is bounded by
-    // the request's own max_tokens (or the shutdown grace period).
+    // the request's own max_tokens (or the shutdown grace period). A client that hangs up
+    // cancels it (a stream notices at its next write; this wait looks at the connection every
+    // half second), so abandoned requests do not hold slots and the queue until max_tokens.
     std::string text;
     std::vector<TokenLogprob> tokens;
+    constexpr auto kLook = std::chrono::milliseconds(500);
+    int socket = -2;  // the connection's, looked up at the first look
+    auto next_look = std::chrono::steady_clock::now() + kLook;
     for (;;) {
-      auto event = channel->pop(std::chrono::milliseconds(500));
+      auto event = channel->pop(kLook);
+      if (std::chrono::steady_clock::now() >= next_look) {
+        next_look = std::chrono::steady_clock::now() + kLook;
+        if (socket == -2) {
+          socket =
+              find_connection(req.local_addr, req.local_port, req.remote_addr, req.remote_port);
+        }
+        if (connection_closed(socket)) {
+          channel->cancel();
+          return send_error(res, 499, "the client closed the connection");
+        }
+      }
       if (!event) continue;
       tokens.insert(tokens.end(), event->logprobs.begin(), event->logprobs.end());
       if (event->kind == StreamEvent::Kind::text) {

@@ -3,6 +3,7 @@
 tests/cli/serve.sh. `main PORT KEY` checks the routes, errors, streaming, stop strings, a client
 disconnect, determinism under concurrency and a 64-client load test; `busy PORT PID` checks the full queue (429) and the
 shutdown on SIGTERM. Every wait is bounded; any failed check exits non-zero with a message."""
+import gzip
 import http.client
 import json
 import os
@@ -240,6 +241,63 @@ def run_main(port, key):
                  raw=json.dumps({"prompt": "x" * 70000}), contains=["65536"])
     print("ok errors: 400 (json, fields, context with numbers), 401, 404, 413", flush=True)
 
+    # The body limit holds for every framing: chunked and gzip bodies are counted as read
+    # (inflated), and a JSON body with curl -d's form Content-Type is still JSON, past httplib's
+    # 8 KiB form limit.
+    big = json.dumps({"prompt": "x" * 200000, "max_tokens": 1}).encode()
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(big[i:i + 8192]), big[i:i + 8192])
+                      for i in range(0, len(big), 8192)) + b"0\r\n\r\n"
+    expect_error(client, 413, "POST", "/v1/completions", raw=framed,
+                 headers={"Transfer-Encoding": "chunked"}, contains=["65536"])
+    bomb = gzip.compress(json.dumps({"prompt": "x" * 3000000, "max_tokens": 1}).encode())
+    check(len(bomb) < 65536, "the gzip body is under the limit on the wire")
+    expect_error(client, 413, "POST", "/v1/completions", raw=bomb,
+                 headers={"Content-Encoding": "gzip"}, contains=["65536"])
+    small = gzip.compress(json.dumps({"prompt": "Hello", "max_tokens": 2}).encode())
+    status, _, r = client.request("POST", "/v1/completions", raw=small,
+                                  headers={"Content-Encoding": "gzip"})
+    check(status == 200, f"a gzip body within the limit: {status} {r}")
+    form = json.dumps({"prompt": "Hello", "max_tokens": 2, "user": "u" * 20000})
+    status, _, r = client.request("POST", "/v1/completions", raw=form,
+                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+    check(status == 200, f"a 20 KB JSON body sent as a form: {status} {r}")
+    # Range is ignored: one whole response, not one part a range.
+    status, hdrs, page = client.request("GET", "/", headers={"Range": "bytes=" + "0-," * 200 + "0-"})
+    check(status == 200 and "multipart" not in hdrs.get("Content-Type", ""),
+          f"GET / with ranges: {status} {hdrs.get('Content-Type')}")
+    print("ok the body limit holds for chunked and gzip bodies; form bodies; ranges ignored",
+          flush=True)
+
+    # Fields that would change the answer are honoured or refused, never dropped.
+    for extra, word in (({"logit_bias": {"5": -100}}, "logit_bias"),
+                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                        ({"tool_choice": "required"}, "tool_choice"),
+                        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens")):
+        expect_error(client, 400, "POST", "/v1/chat/completions", chat_body("hi", **extra),
+                     contains=[word])
+    expect_error(client, 400, "POST", "/v1/chat/completions",
+                 {"messages": [{"role": "user", "content": "hi"},
+                               {"role": "assistant", "content": None,
+                                "tool_calls": [{"id": "1", "type": "function",
+                                                "function": {"name": "f", "arguments": "{}"}}]}]},
+                 contains=["messages[1].tool_calls"])
+    status, _, r = client.post("/v1/chat/completions",
+                               chat_body("hi", logit_bias={}, response_format={"type": "text"},
+                                         tools=[], tool_choice="none", min_tokens=2, max_tokens=4))
+    check(status == 200, f"the fields' neutral values: {status} {r}")
+    # repetition_penalty reaches the sampler: the tiny model's greedy text repeats a token
+    # ("uristicuristic"), which a large penalty forbids.
+    plain = {"prompt": "Hello", "max_tokens": 12, "temperature": 0}
+    status, _, base = client.post("/v1/completions", plain)
+    status2, _, penalized = client.post("/v1/completions", dict(plain, repetition_penalty=50))
+    check(status == 200 and status2 == 200 and
+          base["choices"][0]["text"] != penalized["choices"][0]["text"],
+          f"repetition_penalty changes nothing: {base} / {penalized}")
+    expect_error(client, 400, "POST", "/v1/completions", dict(plain, repetition_penalty=0),
+                 contains=["repetition_penalty"])
+    print("ok unsupported fields refused; repetition_penalty and min_tokens honoured", flush=True)
+
     # Logprobs: one entry per generated token; greedy picks the most likely alternative.
     lp_body = chat_body("Hello there", max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
     status, _, r = client.post("/v1/chat/completions", lp_body)
@@ -435,6 +493,36 @@ def run_busy(port, pid):
         pass
     slow.close()
     print("ok a client that stalls mid-headers is dropped", flush=True)
+
+    # Clients that hang up on requests that are not streamed, one running and one queued, free
+    # the slot and the queue: both end as "abort", neither runs its 8000 tokens ("length").
+    def abandoned(prompt):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        body = json.dumps({"prompt": prompt, "max_tokens": 8000, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return conn
+
+    def count(name):
+        return metric_value(metrics(client), name) or 0
+
+    aborts = count('kestrel_requests_finished_total{reason="abort"}')
+    lengths = count('kestrel_requests_finished_total{reason="length"}')
+    running = abandoned("Go on")
+    wait_for("the request to start", lambda: count("kestrel_requests_running") == 1)
+    queued = abandoned("Wait")
+    wait_for("the request to queue", lambda: count("kestrel_requests_waiting") == 1)
+    running.close()
+    queued.close()
+    wait_for("both abandoned requests to be aborted",
+             lambda: count('kestrel_requests_finished_total{reason="abort"}') == aborts + 2)
+    check(count('kestrel_requests_finished_total{reason="length"}') == lengths,
+          "an abandoned request ran to its max_tokens")
+    wait_for("an idle server", lambda: count("kestrel_requests_running") == 0 and
+             count("kestrel_requests_waiting") == 0)
+    print("ok clients that hang up on requests not streamed free the slot and the queue",
+          flush=True)
 
     long_events = []
     started = threading.Event()

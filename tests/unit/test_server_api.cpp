@@ -114,6 +114,38 @@ TEST(ServerApi, ChatErrorsNameTheField) {
             std::string::npos);
 }
 
+TEST(ServerApi, FieldsThatWouldChangeTheAnswerAreHonouredOrRefused) {
+  auto r = parse_chat_request(chat({{"repetition_penalty", 1.3}, {"min_tokens", 3}}));
+  ASSERT_TRUE(r.is_ok()) << r.status().message();
+  EXPECT_FLOAT_EQ(r->sampling.repetition_penalty, 1.3f);
+  EXPECT_EQ(r->min_tokens, 3);
+  EXPECT_NE(chat_error(chat({{"repetition_penalty", 0}})).find("repetition_penalty"),
+            std::string::npos);
+  EXPECT_NE(chat_error(chat({{"min_tokens", 5}, {"max_tokens", 4}})).find("min_tokens"),
+            std::string::npos);
+  EXPECT_NE(chat_error(chat({{"logit_bias", {{"5", -100}}}})).find("logit_bias"),
+            std::string::npos);
+  EXPECT_NE(
+      chat_error(chat({{"response_format", {{"type", "json_object"}}}})).find("response_format"),
+      std::string::npos);
+  EXPECT_NE(chat_error(chat({{"tools", json::array({{{"type", "function"}}})}})).find("tools"),
+            std::string::npos);
+  EXPECT_NE(chat_error(chat({{"tool_choice", "auto"}})).find("tool_choice"), std::string::npos);
+  EXPECT_NE(chat_error(chat({{"functions", json::array({json::object()})}})).find("functions"),
+            std::string::npos);
+  json call = {{"role", "assistant"},
+               {"content", nullptr},
+               {"tool_calls", json::array({{{"id", "1"}, {"type", "function"}}})}};
+  json messages = {{{"role", "user"}, {"content", "hi"}}, call};
+  EXPECT_NE(chat_error({{"messages", messages}}).find("messages[1].tool_calls"), std::string::npos);
+  // Their neutral values are accepted.
+  EXPECT_TRUE(parse_chat_request(chat({{"logit_bias", json::object()},
+                                       {"response_format", {{"type", "text"}}},
+                                       {"tools", json::array()},
+                                       {"tool_choice", "none"}}))
+                  .is_ok());
+}
+
 TEST(ServerApi, CompletionPromptForms) {
   auto text = parse_completion_request({{"prompt", "Once"}});
   ASSERT_TRUE(text.is_ok());

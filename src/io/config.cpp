@@ -108,10 +108,14 @@ class Fields {
     return Status::ok();
   }
 
+  // Token ids are int32 wherever they are used; one past that range would be cut to another id.
+  static constexpr int64_t kMaxTokenId = std::numeric_limits<int32_t>::max();
+
   Status token_id(const char* name, int64_t& out) const {
     int64_t id = out;
     KS_RETURN_IF_ERROR(integer(name, id, false));
     if (id < 0 && find(name) != nullptr) return error(name, "must not be negative");
+    if (id > kMaxTokenId) return error(name, "must be at most " + std::to_string(kMaxTokenId));
     out = id;
     return Status::ok();
   }
@@ -125,8 +129,8 @@ class Fields {
     auto add = [&](const json& item) {
       if (!item.is_number_integer()) return false;
       if (item.is_number_unsigned()) {
-        if (item.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max())) return false;
-      } else if (item.get<int64_t>() < 0) {
+        if (item.get<uint64_t>() > uint64_t(kMaxTokenId)) return false;
+      } else if (item.get<int64_t>() < 0 || item.get<int64_t>() > kMaxTokenId) {
         return false;
       }
       ids.push_back(item.get<int64_t>());
@@ -138,7 +142,10 @@ class Fields {
     } else {
       ok = add(*v);
     }
-    if (!ok) return error(name, "must be a non-negative integer or a list of them");
+    if (!ok) {
+      return error(
+          name, "must be a token id (0 to " + std::to_string(kMaxTokenId) + ") or a list of them");
+    }
     out = std::move(ids);
     return Status::ok();
   }
@@ -193,6 +200,13 @@ Status parse_rope(const Fields& top, const std::string& path, ModelConfig& confi
     for (const auto& item : params->items()) {
       if (item.value().is_object()) {
         return Status::error(path + ": " + key + " with per-layer-type entries is not supported");
+      }
+    }
+    // Scaling parameters with no type would run unscaled; transformers refuses them too.
+    for (const auto& item : params->items()) {
+      if (item.key() != "rope_theta" && !item.value().is_null()) {
+        return Status::error(path + ": " + key + " has " + quote_untrusted(item.key(), 40) +
+                             " but no rope_type");
       }
     }
     return Status::ok();

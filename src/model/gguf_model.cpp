@@ -364,9 +364,16 @@ Result<ModelConfig> config_from_gguf(const GgufFile& f) {
   KS_ASSIGN_OR_RETURN(c.n_heads, f.get_int(key("attention.head_count")));
   KS_ASSIGN_OR_RETURN(c.n_kv_heads, optional_int(key("attention.head_count_kv"), c.n_heads));
   KS_ASSIGN_OR_RETURN(c.max_position_embeddings, f.get_int(key("context_length")));
-  KS_ASSIGN_OR_RETURN(c.rms_norm_eps, f.get_float(key("attention.layer_norm_rms_epsilon")));
+  // A float key, finite: the JSON form the checks below read would turn NaN and infinities into
+  // null, i.e. absent, and the defaults would stand in for them unseen.
+  auto finite_float = [&](const std::string& k) -> Result<double> {
+    KS_ASSIGN_OR_RETURN(const double v, f.get_float(k));
+    if (!std::isfinite(v)) return Status::error(f.path() + ": " + k + " is not a finite number");
+    return v;
+  };
+  KS_ASSIGN_OR_RETURN(c.rms_norm_eps, finite_float(key("attention.layer_norm_rms_epsilon")));
   if (f.find(key("rope.freq_base")) != nullptr) {
-    KS_ASSIGN_OR_RETURN(c.rope_theta, f.get_float(key("rope.freq_base")));
+    KS_ASSIGN_OR_RETURN(c.rope_theta, finite_float(key("rope.freq_base")));
   }
   const int64_t even_split = c.n_heads > 0 ? c.hidden_size / c.n_heads : 0;
   KS_ASSIGN_OR_RETURN(c.head_dim, optional_int(key("attention.key_length"), even_split));

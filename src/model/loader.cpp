@@ -883,7 +883,13 @@ Status save_converted(const ModelWeights& weights, const std::string& source_dir
   const fs::path partial = partial_dir_of(out_dir);
   std::error_code ec;
   fs::remove_all(partial, ec);
-  Status status = write_converted(weights, source_dir, partial.string());
+  // An exception (a library's, an allocation's) must not leave the partial model behind either.
+  Status status;
+  try {
+    status = write_converted(weights, source_dir, partial.string());
+  } catch (const std::exception& e) {
+    status = Status::error(out_dir + ": conversion failed: " + e.what());
+  }
   if (status.is_ok() && fs::exists(out_dir, ec)) {
     // Only now, with the new model complete, does the old directory go.
     fs::remove_all(out_dir, ec);
@@ -966,8 +972,9 @@ Status write_converted(const ModelWeights& weights, const std::string& source_di
     if (chat.is_ok()) {
       nlohmann::ordered_json config = chat->special_tokens;
       config["chat_template"] = chat->template_text;
-      KS_RETURN_IF_ERROR(
-          write_text(fs::path(out_dir) / "tokenizer_config.json", config.dump(2) + "\n"));
+      KS_RETURN_IF_ERROR(write_text(
+          fs::path(out_dir) / "tokenizer_config.json",
+          config.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) + "\n"));
     }
     return Status::ok();
   }

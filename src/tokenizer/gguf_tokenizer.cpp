@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/quote.h"
+#include "tokenizer/unicode.h"
 
 namespace kestrel {
 namespace {
@@ -77,10 +78,22 @@ Result<std::string> gguf_tokenizer_json(const GgufFile& file) {
   KS_ASSIGN_OR_RETURN(const std::vector<std::string>* merges,
                       file.get_strings("tokenizer.ggml.merges"));
 
+  for (size_t i = 0; i < merges->size(); ++i) {
+    if (auto at = unicode::find_invalid_utf8((*merges)[i])) {
+      return Status::error("tokenizer.ggml.merges[" + std::to_string(i) +
+                           "] is not valid UTF-8 (byte " + std::to_string(*at) + ")");
+    }
+  }
   Json vocab = Json::object();
   Json added = Json::array();
   for (size_t id = 0; id < tokens->size(); ++id) {
     const std::string& token = (*tokens)[id];
+    // A byte-level BPE token is text (its bytes spelled as characters): JSON, and the tokenizer
+    // built from it, takes UTF-8 only.
+    if (auto at = unicode::find_invalid_utf8(token)) {
+      return Status::error("tokenizer.ggml.tokens[" + std::to_string(id) +
+                           "] is not valid UTF-8 (byte " + std::to_string(*at) + ")");
+    }
     switch (types[id]) {
       case kNormal:
         vocab[token] = id;

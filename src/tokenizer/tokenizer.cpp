@@ -61,6 +61,26 @@ bool flag(const json& j, const char* key, bool fallback) {
   return j.contains(key) && j[key].is_boolean() ? j[key].get<bool>() : fallback;
 }
 
+// Whether a document nests arrays and objects deeper than `limit`, found without recursion.
+// The component parsers below recurse through Sequences, and nlohmann copies a value
+// recursively: a file nested 100000 deep (200 KB) overflowed the stack in either.
+bool nests_deeper_than(const json& root, int limit) {
+  std::vector<std::pair<const json*, int>> stack = {{&root, 0}};
+  while (!stack.empty()) {
+    const auto [v, depth] = stack.back();
+    stack.pop_back();
+    if (!v->is_structured()) continue;
+    if (depth >= limit) return true;
+    for (const json& child : *v) {
+      if (child.is_structured()) stack.emplace_back(&child, depth + 1);
+    }
+  }
+  return false;
+}
+
+// Real tokenizer.json files nest a few levels (a Sequence of Splits holding patterns: 5).
+constexpr int kMaxTokenizerNesting = 64;
+
 Status parse_pre_tokenizer(const json& j, std::vector<PreTokenizerStep>& steps) {
   if (j.is_null()) return Status::ok();
   const std::string type = type_of(j);
@@ -301,8 +321,9 @@ Result<Tokenizer> Tokenizer::load(const std::string& path) {
   }
   if (!fs::is_directory(file, ec) && has_gguf_magic(file.string())) {
     KS_ASSIGN_OR_RETURN(const GgufFile gguf, GgufFile::open(file.string()));
-    KS_ASSIGN_OR_RETURN(const std::string text, gguf_tokenizer_json(gguf));
-    return from_json(text, file.string());
+    auto text = gguf_tokenizer_json(gguf);
+    if (!text.is_ok()) return text.status().with_context(file.string());
+    return from_json(*text, file.string());
   }
   KS_ASSIGN_OR_RETURN(const std::string text, read_text_file(file.string()));
   return from_json(text, file.string());
@@ -317,6 +338,10 @@ Result<Tokenizer> Tokenizer::from_json(std::string_view json_text, const std::st
   }
   auto fail = [&](const Status& s) { return s.with_context(origin); };
   if (!root.is_object()) return fail(Status::error("top level is not an object"));
+  if (nests_deeper_than(root, kMaxTokenizerNesting)) {
+    return fail(Status::error("arrays and objects nested too deeply (more than " +
+                              std::to_string(kMaxTokenizerNesting) + " levels)"));
+  }
 
   auto impl = std::make_shared<Impl>();
   try {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "template/jinja_interp.h"
+#include "template/jinja_search.h"
 
 namespace kestrel::jinja {
 namespace {
@@ -133,10 +134,11 @@ std::vector<std::string> py_split(const std::string& s, const std::string* sep, 
                                   bool from_right) {
   std::vector<std::string> parts;
   if (sep) {
+    const Searcher<char> search(*sep);
     if (!from_right) {
       size_t start = 0;
       while (maxsplit < 0 || static_cast<int64_t>(parts.size()) < maxsplit) {
-        const size_t p = s.find(*sep, start);
+        const size_t p = search.find(s, start);
         if (p == std::string::npos) break;
         parts.push_back(s.substr(start, p - start));
         start = p + sep->size();
@@ -147,7 +149,7 @@ std::vector<std::string> py_split(const std::string& s, const std::string* sep, 
       std::vector<std::string> rev;
       while (maxsplit < 0 || static_cast<int64_t>(rev.size()) < maxsplit) {
         if (end < sep->size()) break;
-        const size_t p = s.rfind(*sep, end - sep->size());
+        const size_t p = search.rfind(s, end);
         if (p == std::string::npos) break;
         rev.push_back(s.substr(p + sep->size(), end - p - sep->size()));
         end = p;
@@ -212,10 +214,11 @@ Result<std::string> py_replace(Interpreter& in, const std::string& s, const std:
     KS_RETURN_IF_ERROR(in.check_string_size(out.size()));
     return out;
   }
+  const Searcher<char> search(old);
   size_t start = 0;
   int64_t done = 0;
   while (count < 0 || done < count) {
-    const size_t p = s.find(old, start);
+    const size_t p = search.find(s, start);
     if (p == std::string::npos) break;
     out.append(s, start, p - start);
     out += repl;
@@ -423,7 +426,8 @@ Result<Value> find_impl(const Value& self, CallArgs& a, const char* name, bool r
   int64_t found = -1;
   if (r.start <= r.end && static_cast<int64_t>(needle.size()) <= r.end - r.start) {
     const std::u32string_view hay = std::u32string_view(r.text).substr(r.start, r.end - r.start);
-    const size_t p = reverse ? hay.rfind(needle) : hay.find(needle);
+    const Searcher<char32_t> search(needle);
+    const size_t p = reverse ? search.rfind(hay) : search.find(hay);
     if (p != std::u32string_view::npos) found = r.start + static_cast<int64_t>(p);
   }
   if (found < 0 && raise) return Status::error(std::string(name) + "(): substring not found");
@@ -451,8 +455,9 @@ Result<Value> m_str_count(Interpreter&, const Value& self, CallArgs& a) {
   const std::u32string_view hay = std::u32string_view(r.text).substr(r.start, r.end - r.start);
   if (needle.empty()) return Value::integer(static_cast<int64_t>(hay.size()) + 1);
   int64_t count = 0;
-  for (size_t p = hay.find(needle); p != std::u32string_view::npos;
-       p = hay.find(needle, p + needle.size())) {
+  const Searcher<char32_t> search(needle);
+  for (size_t p = search.find(hay); p != std::u32string_view::npos;
+       p = search.find(hay, p + needle.size())) {
     ++count;
   }
   return Value::integer(count);
@@ -565,7 +570,8 @@ Result<Value> partition_impl(const Value& self, CallArgs& a, bool reverse) {
   KS_ASSIGN_OR_RETURN(std::string sep, want_string(*b[0], "separator"));
   if (sep.empty()) return Status::error("empty separator");
   const std::string& s = self.as_string();
-  const size_t p = reverse ? s.rfind(sep) : s.find(sep);
+  const Searcher<char> search(sep);
+  const size_t p = reverse ? search.rfind(s) : search.find(s);
   std::vector<Value> parts;
   if (p == std::string::npos) {
     parts = reverse ? std::vector<Value>{Value::string(""), Value::string(""), self}
@@ -725,9 +731,13 @@ bool in_list(const char* const (&names)[N], std::string_view name) {
 
 Value bind(const Value& self, const MethodEntry& m) {
   const MethodFunction fn = m.function;
-  return Value::callable(
-      type_name(self) + "." + m.name,
-      [self, fn](Interpreter& in, CallArgs& args) { return fn(in, self, args); });
+  return Value::callable(type_name(self) + "." + m.name,
+                         [self, fn](Interpreter& in, CallArgs& args) -> Result<Value> {
+                           KS_RETURN_IF_ERROR(in.charge_read(self));
+                           KS_ASSIGN_OR_RETURN(Value v, fn(in, self, args));
+                           KS_RETURN_IF_ERROR(in.check_result(v));
+                           return v;
+                         });
 }
 
 // ---- filters ------------------------------------------------------------------------------
@@ -1224,6 +1234,8 @@ Result<Value> f_tojson(Interpreter& in, const Value& v, CallArgs& a) {
 Result<std::vector<Value>> unique_items(Interpreter& in, const Value& v, const Bound& b) {
   const bool case_sensitive = b[0] && truthy(*b[0]);
   KS_ASSIGN_OR_RETURN(std::vector<Value> items, in.iterate(v));
+  // Each item is compared with every kept one: charged as n * n entries.
+  KS_RETURN_IF_ERROR(in.charge_work(16 * uint64_t(items.size()) * items.size()));
   std::vector<Value> out, seen;
   for (const Value& item : items) {
     Value key = item;

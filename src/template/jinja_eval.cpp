@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "template/jinja_interp.h"
+#include "template/jinja_search.h"
 
 namespace kestrel::jinja {
 namespace {
@@ -420,7 +421,7 @@ Result<bool> contains(const Value& container, const Value& item) {
         return Status::error("'in <string>' requires string as left operand, not " +
                              type_name(item));
       }
-      return container.as_string().find(item.as_string()) != std::string::npos;
+      return Searcher<char>(item.as_string()).find(container.as_string()) != std::string::npos;
     case Value::Kind::list: {
       const ListData& l = container.as_list();
       if (l.view == ListView::generator) {
@@ -453,9 +454,22 @@ Status Interpreter::charge_work(uint64_t bytes) {
   if (work_ > limits_.max_work_bytes) {
     return Status::error("template exceeded its work limit (" +
                          std::to_string(limits_.max_work_bytes) +
-                         " bytes produced by string and list operations)");
+                         " bytes read and produced by string and list operations)");
   }
   return Status::ok();
+}
+
+Status Interpreter::charge_read(const Value& v) {
+  if (v.is_string()) return charge_work(v.as_string().size());
+  if (v.is_list()) return charge_work(16 * uint64_t(v.as_list().items.size()));
+  if (v.is_dict()) return charge_work(16 * uint64_t(v.as_dict().entries.size()));
+  return Status::ok();
+}
+
+Status Interpreter::check_result(const Value& v) {
+  if (!v.is_string()) return Status::ok();
+  KS_RETURN_IF_ERROR(check_growing_size(v.as_string().size()));
+  return charge_work(v.as_string().size());
 }
 
 Status Interpreter::charge_iteration() {
@@ -491,6 +505,15 @@ Status Interpreter::emit(std::string_view text) {
   if (out_->size() + text.size() > limits_.max_output_bytes) {
     return Status::error("rendered output exceeds the limit of " +
                          std::to_string(limits_.max_output_bytes) + " bytes");
+  }
+  KS_RETURN_IF_ERROR(charge_work(text.size()));
+  if (capturing_ > 0) {
+    captured_ += text.size();
+    const uint64_t limit = kMaxCapturedOutputs * limits_.max_output_bytes;
+    if (captured_ > limit) {
+      return Status::error("the blocks and macro calls being rendered hold more than " +
+                           std::to_string(limit) + " bytes of output together");
+    }
   }
   out_->append(text);
   return Status::ok();
@@ -611,6 +634,7 @@ Result<Value> Interpreter::get_item(const Value& obj, const Value& key) {
           if (i >= 0 && i < n) return items[static_cast<size_t>(i)];
         } else {
           const std::string& s = obj.as_string();
+          KS_RETURN_IF_ERROR(charge_read(obj));  // the scan for ASCII, or the decoding
           if (is_ascii(s)) {
             const int64_t n = static_cast<int64_t>(s.size());
             if (i < 0) i += n;
@@ -652,6 +676,7 @@ Result<Value> Interpreter::apply_filter(std::string_view name, const Value& oper
                                         CallArgs& args) {
   FilterFunction f = find_filter(name);
   if (!f) return Status::error("unknown filter '" + std::string(name) + "'");
+  KS_RETURN_IF_ERROR(charge_read(operand));
   Result<Value> r = f(*this, operand, args);
   if (!r.is_ok()) {
     static const char* kGeneratorFilters[] = {"items",      "map",        "select", "reject",
@@ -663,6 +688,7 @@ Result<Value> Interpreter::apply_filter(std::string_view name, const Value& oper
   }
   Value v = std::move(r).value();
   KS_RETURN_IF_ERROR(check_value(v));
+  KS_RETURN_IF_ERROR(check_result(v));
   return v;
 }
 
@@ -689,7 +715,10 @@ Result<std::string> Interpreter::capture(const Body& body, const Scope& parent,
   std::string buffer;
   std::string* saved = out_;
   out_ = &buffer;
+  ++capturing_;
   const Status s = exec_body(body, scope);
+  --capturing_;
+  captured_ -= buffer.size();
   out_ = saved;
   if (!s.is_ok()) return s;
   return buffer;
@@ -1013,7 +1042,11 @@ Result<Value> Interpreter::eval_access(const Expr& e, Scope& scope) {
     KS_ASSIGN_OR_RETURN(Value b, eval(*e.children[i + 1], scope));
     KS_ASSIGN_OR_RETURN(bounds[i], located(slice_bound(b), e.line));
   }
-  return located(slice_value(obj, bounds[0], bounds[1], bounds[2]), e.line);
+  KS_RETURN_IF_ERROR(located(charge_read(obj), e.line));
+  KS_ASSIGN_OR_RETURN(Value sliced,
+                      located(slice_value(obj, bounds[0], bounds[1], bounds[2]), e.line));
+  KS_RETURN_IF_ERROR(located(check_result(sliced), e.line));
+  return sliced;
 }
 
 Result<Value> Interpreter::eval_call(const Expr& e, Scope& scope) {
@@ -1075,6 +1108,10 @@ Result<Value> Interpreter::eval_compare(const Expr& e, Scope& scope) {
     KS_ASSIGN_OR_RETURN(Value right, eval(*e.children[i + 1], scope));
     const Op op = e.compare_ops[i];
     bool r = false;
+    if (op == Op::eq || op == Op::ne || op == Op::in || op == Op::not_in) {
+      KS_RETURN_IF_ERROR(located(charge_read(left), e.line));
+      KS_RETURN_IF_ERROR(located(charge_read(right), e.line));
+    }
     if (op == Op::eq || op == Op::ne) {
       r = equals(left, right) == (op == Op::eq);
     } else if (op == Op::in || op == Op::not_in) {

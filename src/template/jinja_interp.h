@@ -26,6 +26,9 @@ struct Limits {
 
 // Deepest list/dict nesting a value may have (JSON input or built by the template).
 constexpr int kMaxValueDepth = 128;
+// The output that nested capture buffers ({% set %} and {% filter %} blocks, macro calls) may
+// hold together, in units of Limits::max_output_bytes.
+constexpr uint64_t kMaxCapturedOutputs = 4;
 
 // A variable scope: the template's top level, one iteration of a for loop, a macro call or a
 // `with` block. Lookups fall back to the enclosing scope; assignments stay in this one.
@@ -56,6 +59,12 @@ class Interpreter {
   // Counts bytes that an operation is about to produce against the work budget.
   Status charge_work(uint64_t bytes);
   Status charge_iteration();
+  // Counts what an operation reads (a string's bytes; 16 bytes a list item or dict entry) against
+  // the same budget, so that an operation that produces little from much (upper, strip, ==, in,
+  // find, unique) is bounded too: repeated on a 16 MB string it ran for hours uncharged.
+  Status charge_read(const Value& v);
+  // A built-in's result: a string within the size limit, charged as produced.
+  Status check_result(const Value& v);
   // A string value about to be built of `bytes` bytes: within the limits?
   Status check_string_size(uint64_t bytes);
   // A string being built piece by piece has reached `bytes`: within the size limit? Charges no
@@ -108,6 +117,10 @@ class Interpreter {
   std::time_t now_;
   std::vector<std::pair<std::string, Value>> globals_;
   std::string* out_ = nullptr;
+  // Bytes held in the capture buffers of the blocks and macro calls being rendered, together
+  // (each alone is within max_output_bytes; 200 nested ones held 3.2 GB).
+  uint64_t captured_ = 0;
+  int capturing_ = 0;  // capture buffers open
   const Scope* root_ = nullptr;
   Flow flow_ = Flow::normal;
   uint64_t iterations_ = 0;

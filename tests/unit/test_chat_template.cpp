@@ -401,6 +401,56 @@ TEST(ChatTemplate, ManyTagsOnOneLineParseInLinearTime) {
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 25.0);
 }
 
+// What an operation reads counts against the work budget, not only what it produces; built-ins'
+// string results and nested capture buffers stay within the output limit (a review's
+// reproductions, scaled down: each ran for hours or took gigabytes at the default limits).
+TEST(ChatTemplate, LimitsBoundWhatOperationsReadAndHold) {
+  ChatTemplateOptions options = fixed_clock();
+  options.limits.max_output_bytes = 1 << 16;
+  options.limits.max_work_bytes = 4 << 20;
+  auto work_error = [&](const std::string& tmpl) {
+    const std::string err = error_of(tmpl, {}, options);
+    EXPECT_NE(err.find("work limit"), std::string::npos) << tmpl << ": " << err;
+  };
+  const std::string big = "{% set big = 'a' * 60000 %}";
+  work_error(big + "{% for i in range(1000) %}{% set x = big.upper() %}{% endfor %}");
+  work_error(big + "{% for i in range(1000) %}{% set x = big == big %}{% endfor %}");
+  work_error(big + "{% for i in range(1000) %}{% set x = 'b' in big %}{% endfor %}");
+  work_error(big + "{% for i in range(1000) %}{% set x = big[5] %}{% endfor %}");
+  work_error(big + "{% for i in range(1000) %}{% set x %}{{ big }}{% endset %}{% endfor %}");
+  work_error("{{ range(3000) | unique | list | length }}");
+  std::string err = error_of(
+      "{% set ns = namespace(s='&' * 10000) %}{% for i in range(3) %}"
+      "{% set ns.s = ns.s | e %}{% endfor %}",
+      {}, options);
+  EXPECT_NE(err.find("exceeds the limit"), std::string::npos) << err;
+  err = error_of("{% set s = (['a' * 30000] * 5) | string %}", {}, options);
+  EXPECT_NE(err.find("exceeds the limit"), std::string::npos) << err;
+  err = error_of(
+      "{% macro m(n) %}{{ 'a' * 40000 }}{% if n > 0 %}{{ m(n - 1) }}{% endif %}{% endmacro %}"
+      "{{ m(20) }}",
+      {}, options);
+  EXPECT_NE(err.find("hold more than"), std::string::npos) << err;
+  // Within the limits the same operations work.
+  EXPECT_EQ(ok("{{ ('ab' * 3).upper() }} {{ [1, 1, 2] | unique | list }} {{ 'a<b' | e }}"),
+            "ABABAB [1, 2] a&lt;b");
+}
+
+// Searches with needles past the short-needle cut-off (KMP) give Python's answers.
+TEST(ChatTemplate, LongNeedlesSearchAsPythonDoes) {
+  const std::string n = std::string(40, 'a') + "b";
+  const ojson ctx = {{"h", "x" + n + "y" + std::string(45, 'a') + "b" + n + "z"}, {"n", n}};
+  EXPECT_EQ(ok("{{ n in h }} {{ (n ~ 'q') in h }} {{ h.find(n) }} {{ h.rfind(n) }} "
+               "{{ h.count(n) }} {{ h.index(n) }} {{ h.rindex(n) }}",
+               ctx),
+            "True False 1 89 3 1 89");  // the middle one inside the run of 45 'a's
+  EXPECT_EQ(ok("{{ h.split(n) }} {{ h.rsplit(n, 1) }} {{ h.partition(n)[2] | length }} "
+               "{{ h.rpartition(n)[0] | length }} {{ h.replace(n, '-') }}",
+               ctx),
+            "['x', 'yaaaaa', '', 'z'] ['x" + n + "y" + std::string(45, 'a') +
+                "b', 'z'] 89 89 x-yaaaaa--z");
+}
+
 TEST(ChatTemplate, SharedValuesCannotExpandPastTheLimits) {
   // [x, x] sixty times over is a small value standing for 2^60 items.
   const std::string doubled =

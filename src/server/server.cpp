@@ -28,6 +28,22 @@ void send_error(httplib::Response& res, int status, const std::string& message) 
   send_json(res, status, error_json(status, message));
 }
 
+// An error for a request whose body was not read to its end: after the response the connection
+// closes, or httplib would read the rest of the body as the next request (and answer a request
+// hidden in it). A route cannot ask httplib to close; a content provider that has written the
+// whole body and then reports failure ends its keep-alive loop.
+void send_error_and_close(httplib::Response& res, int status, const std::string& message) {
+  auto body = std::make_shared<std::string>(
+      error_json(status, message).dump(-1, ' ', false, json::error_handler_t::replace));
+  res.status = status;
+  res.set_header("Connection", "close");
+  res.set_content_provider(body->size(), "application/json",
+                           [body](size_t offset, size_t length, httplib::DataSink& sink) {
+                             sink.write(body->data() + offset, length);
+                             return false;
+                           });
+}
+
 std::string random_id(const char* prefix) {
   static std::atomic<uint64_t> counter{0};
   thread_local std::mt19937_64 rng{std::random_device{}()};
@@ -111,15 +127,15 @@ struct Server::Impl {
 // chunked body, one without a length, or a compressed one (the reader gets it inflated) would
 // otherwise be read whole, whatever its size. The route also skips httplib's own 8 KiB limit on
 // form-encoded bodies (curl -d's default Content-Type): the body is JSON whatever the header
-// says. Past the limit the reader keeps reading, and drops, up to kDrainBytes more, so that the
-// connection is still at a request's boundary for the refusal's response; a body longer still
-// is cut off, and httplib then reads the rest of it as requests and answers each with a 400
-// (it cannot be told to close the connection from a route; the 413 comes first).
+// says. A refused body closes the connection after the error (send_error_and_close). Past the
+// limit the reader first reads, and drops, up to kDrainBytes more: a client still sending when
+// the socket closes with unread data gets a reset, which can discard the 413 before it is read.
 std::optional<std::string> Server::Impl::read_body(const httplib::Request& req,
                                                    httplib::Response& res,
                                                    const httplib::ContentReader& reader) {
   if (req.is_multipart_form_data()) {
-    send_error(res, 415, "the request body must be JSON (Content-Type: application/json)");
+    send_error_and_close(res, 415,
+                         "the request body must be JSON (Content-Type: application/json)");
     return std::nullopt;
   }
   constexpr size_t kDrainBytes = 1u << 20;
@@ -136,15 +152,16 @@ std::optional<std::string> Server::Impl::read_body(const httplib::Request& req,
   });
   // httplib sets 413 itself for a Content-Length past its own limit (the same one).
   if (dropped > 0 || (!read && res.status == 413)) {
-    send_error(
+    send_error_and_close(
         res, 413,
         "the request body exceeds the server's limit of " + std::to_string(limit) + " bytes");
     return std::nullopt;
   }
   if (!read) {
-    send_error(res, 400,
-               "the request body could not be read (a malformed chunked or compressed encoding, "
-               "or the connection closed)");
+    send_error_and_close(
+        res, 400,
+        "the request body could not be read (a malformed chunked or compressed encoding, "
+        "or the connection closed)");
     return std::nullopt;
   }
   return body;
@@ -160,14 +177,16 @@ void Server::Impl::routes() {
     // page, which holds none (it asks for the key and sends it with each request).
     const bool open = req.path == "/health" || req.path == "/metrics" || req.path == "/";
     if (open || authorized(req)) return httplib::Server::HandlerResponse::Unhandled;
-    send_error(res, 401, "missing or wrong API key (Authorization: Bearer KEY)");
+    // The body (if any) is not read: the connection closes after the answer.
+    send_error_and_close(res, 401, "missing or wrong API key (Authorization: Bearer KEY)");
     res.set_header("WWW-Authenticate", "Bearer");
     return httplib::Server::HandlerResponse::Handled;
   });
   // httplib's own refusals (no route, body too large, malformed request) arrive without a body.
   http.set_error_handler(httplib::Server::HandlerWithResponse(
       [this](const httplib::Request& req, httplib::Response& res) {
-        if (!res.body.empty()) {
+        // A body of our own (or one a content provider writes: send_error_and_close) stands.
+        if (!res.body.empty() || res.content_length_ > 0) {
           return httplib::Server::HandlerResponse::Unhandled;
         }
         std::string message = "request failed";

@@ -733,7 +733,7 @@ Value bind(const Value& self, const MethodEntry& m) {
   const MethodFunction fn = m.function;
   return Value::callable(type_name(self) + "." + m.name,
                          [self, fn](Interpreter& in, CallArgs& args) -> Result<Value> {
-                           KS_RETURN_IF_ERROR(in.charge_read(self));
+                           KS_RETURN_IF_ERROR(in.charge_call(self, args));
                            KS_ASSIGN_OR_RETURN(Value v, fn(in, self, args));
                            KS_RETURN_IF_ERROR(in.check_result(v));
                            return v;

@@ -466,6 +466,13 @@ Status Interpreter::charge_read(const Value& v) {
   return Status::ok();
 }
 
+Status Interpreter::charge_call(const Value& self, const CallArgs& args) {
+  KS_RETURN_IF_ERROR(charge_read(self));
+  for (const Value& v : args.positional) KS_RETURN_IF_ERROR(charge_read(v));
+  for (const auto& [name, v] : args.keyword) KS_RETURN_IF_ERROR(charge_read(v));
+  return Status::ok();
+}
+
 Status Interpreter::check_result(const Value& v) {
   if (!v.is_string()) return Status::ok();
   KS_RETURN_IF_ERROR(check_growing_size(v.as_string().size()));
@@ -676,7 +683,7 @@ Result<Value> Interpreter::apply_filter(std::string_view name, const Value& oper
                                         CallArgs& args) {
   FilterFunction f = find_filter(name);
   if (!f) return Status::error("unknown filter '" + std::string(name) + "'");
-  KS_RETURN_IF_ERROR(charge_read(operand));
+  KS_RETURN_IF_ERROR(charge_call(operand, args));
   Result<Value> r = f(*this, operand, args);
   if (!r.is_ok()) {
     static const char* kGeneratorFilters[] = {"items",      "map",        "select", "reject",

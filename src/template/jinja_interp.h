@@ -63,6 +63,8 @@ class Interpreter {
   // the same budget, so that an operation that produces little from much (upper, strip, ==, in,
   // find, unique) is bounded too: repeated on a 16 MB string it ran for hours uncharged.
   Status charge_read(const Value& v);
+  // charge_read of a receiver or operand and of every argument of a built-in's call.
+  Status charge_call(const Value& self, const CallArgs& args);
   // A built-in's result: a string within the size limit, charged as produced.
   Status check_result(const Value& v);
   // A string value about to be built of `bytes` bytes: within the limits?

@@ -25,6 +25,7 @@ class Searcher {
   size_t find(std::basic_string_view<C> hay, size_t from = 0) const {
     const size_t m = needle_.size();
     if (m <= kShortNeedle) return hay.find(needle_, from);
+    if (from > hay.size() || m > hay.size() - from) return npos;  // before building the table
     if (fwd_.empty()) fwd_ = borders(false);
     size_t k = 0;  // the needle's characters matched so far
     for (size_t i = from; i < hay.size(); ++i) {

@@ -261,6 +261,23 @@ def run_main(port, key):
     status, _, r = client.request("POST", "/v1/completions", raw=form,
                                   headers={"Content-Type": "application/x-www-form-urlencoded"})
     check(status == 200, f"a 20 KB JSON body sent as a form: {status} {r}")
+    # A refused body is never read as the next request: one answer, then the connection closes
+    # (a request hidden in a multipart body, or sent without the key, is not answered).
+    hidden = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    for auth in (f"Authorization: Bearer {key}\r\n".encode(), b""):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth +
+                     b"Content-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(hidden), hidden))
+        answer = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            answer += data
+        conn.close()
+        check(answer.count(b"HTTP/1.1 ") == 1 and (b" 415 " in answer or b" 401 " in answer),
+              f"a refused body was read as a request: {answer[:400]!r}")
     # Range is ignored: one whole response, not one part a range.
     status, hdrs, page = client.request("GET", "/", headers={"Range": "bytes=" + "0-," * 200 + "0-"})
     check(status == 200 and "multipart" not in hdrs.get("Content-Type", ""),

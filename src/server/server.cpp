@@ -19,9 +19,14 @@ using nlohmann::json;
 
 namespace {
 
+// A response body's text: invalid UTF-8 from a model or a request is replaced, never thrown.
+std::string json_text(const json& body) {
+  return body.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 void send_json(httplib::Response& res, int status, const json& body) {
   res.status = status;
-  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
+  res.set_content(json_text(body), "application/json");
 }
 
 void send_error(httplib::Response& res, int status, const std::string& message) {
@@ -33,8 +38,7 @@ void send_error(httplib::Response& res, int status, const std::string& message) 
 // hidden in it). A route cannot ask httplib to close; a content provider that has written the
 // whole body and then reports failure ends its keep-alive loop.
 void send_error_and_close(httplib::Response& res, int status, const std::string& message) {
-  auto body = std::make_shared<std::string>(
-      error_json(status, message).dump(-1, ' ', false, json::error_handler_t::replace));
+  auto body = std::make_shared<std::string>(json_text(error_json(status, message)));
   res.status = status;
   res.set_header("Connection", "close");
   res.set_content_provider(body->size(), "application/json",

@@ -474,9 +474,7 @@ Status Interpreter::charge_call(const Value& self, const CallArgs& args) {
 }
 
 Status Interpreter::check_result(const Value& v) {
-  if (!v.is_string()) return Status::ok();
-  KS_RETURN_IF_ERROR(check_growing_size(v.as_string().size()));
-  return charge_work(v.as_string().size());
+  return v.is_string() ? check_string_size(v.as_string().size()) : Status::ok();
 }
 
 Status Interpreter::charge_iteration() {

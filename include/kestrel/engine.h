@@ -173,11 +173,16 @@ class Engine {
   const RunShape& run_shape() const { return run_shape_; }
 
   // Replaces the backend's reservation (KV cache and workspace) with one for `shape`; the
-  // weights stay. Cached sequences are lost.
+  // weights stay. Cached sequences are lost. A shape that does not fit free memory is refused
+  // with the old reservation kept; if the backend itself then fails, the old shape is taken
+  // again where it can be, else every later call fails until a reserve succeeds.
   Status reserve(const RunShape& shape);
 
   // Logits of every position of `ids` ([ids.size(), vocab]), run from position 0 of `seq`.
-  Result<std::vector<float>> prompt_logits(const std::vector<int32_t>& ids, int32_t seq = 0);
+  // `between_chunks`, if set, is called before each chunk after the first; a non-ok Status
+  // stops the call and is returned (a caller's Ctrl-C check).
+  Result<std::vector<float>> prompt_logits(const std::vector<int32_t>& ids, int32_t seq = 0,
+                                           const std::function<Status()>& between_chunks = {});
   // Runs `ids` from position 0 of `seq` in chunks; returns the last position's logits.
   Result<std::vector<float>> prefill(const std::vector<int32_t>& ids, int32_t seq = 0);
   // Runs any batch (decode steps of several sequences, or a prefill chunk). Each slot first gets
@@ -245,6 +250,8 @@ class Engine {
   std::unique_ptr<TensorParallel> tensor_parallel_;  // set instead of backend_ when split
   // Runs `shards` (rank i's weights at i) on options_.tensor_parallel ranks, rank 0 on `rank0`.
   Status split(std::unique_ptr<Backend> rank0, std::vector<ModelWeights> shards);
+  // An error when there is no reservation (a failed reserve() left none).
+  Status check_reserved() const;
   // Copies a KV cache block on the backend, or on every rank.
   Status copy_kv_block(int32_t src, int32_t dst);
   // Gives the batch's slots the blocks it writes (copying shared ones first).

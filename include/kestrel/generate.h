@@ -39,6 +39,10 @@ struct TokenGenerationParams {
   // (RowDraw) instead of crossing to the host whole: unset, where the engine draws on its device
   // (Engine::draws_on_device); set, always or never. The tokens are the same either way.
   std::optional<bool> draw_rows;
+  // Called before each prefill call after the first (on the calling thread): a non-ok Status
+  // stops generation and is returned, so a long prompt can be interrupted (a caller's Ctrl-C
+  // check) before it reaches its first token and on_step.
+  std::function<Status()> between_prefill_calls;
 };
 
 struct TokenGenerationResult {

@@ -16,7 +16,7 @@ def is_torch_tensor(value):
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-def _is_int(value):
+def is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
@@ -40,14 +40,14 @@ class TokenInput:
             array = input_ids
         elif isinstance(input_ids, (list, tuple)):
             array = None
-            if all(_is_int(t) for t in input_ids):
+            if all(is_int(t) for t in input_ids):
                 self.kind = "list"
                 self.prompts = [[int(t) for t in input_ids]]
             elif all(isinstance(p, (list, tuple)) for p in input_ids):
                 self.kind = "lists"
                 self.prompts = []
                 for i, p in enumerate(input_ids):
-                    if not all(_is_int(t) for t in p):
+                    if not all(is_int(t) for t in p):
                         raise ValueError(f"{name}[{i}] must be a list of ints")
                     self.prompts.append([int(t) for t in p])
             else:
@@ -128,17 +128,23 @@ class TokenInput:
     def sequences(self, generated, pad_token_id):
         """Prompt + generated tokens of every row, in the input's type: arrays keep their input
         (left padding included) and are padded on the right with `pad_token_id` to the longest
-        row, as transformers returns them."""
+        row, as transformers returns them. An array keeps its integer type where every id and
+        the padding fit it, and is int64 otherwise (an int16 array's continuation is not
+        wrapped around; torch.cat promotes the same way in transformers)."""
         if self.kind == "list":
             return self.prompts[0] + generated[0]
         if self.kind == "lists":
             return [p + g for p, g in zip(self.prompts, generated)]
         longest = max(len(g) for g in generated)
-        out = np.full((self.rows, self.width + longest), pad_token_id, dtype=self.dtype)
+        out = np.full((self.rows, self.width + longest), pad_token_id, dtype=np.int64)
         out[:, : self.width] = self.array
         for r, gen in enumerate(generated):
             out[r, self.width : self.width + len(gen)] = gen
-        return self._as_input_type(out[0] if self.one_dim else out)
+        limits = np.iinfo(self.dtype)
+        fits = out.size == 0 or (limits.min <= out.min() and out.max() <= limits.max)
+        if fits:
+            out = out.astype(self.dtype)
+        return self._as_input_type(out[0] if self.one_dim else out, keep_dtype=fits)
 
     def logits(self, rows_logits):
         """[rows, width, vocab] logits in the input's array type (float32). A single unpadded row
@@ -163,10 +169,10 @@ class TokenInput:
             return torch.from_numpy(out).to(self.device)
         return out
 
-    def _as_input_type(self, array):
+    def _as_input_type(self, array, keep_dtype=True):
         if self.kind == "torch":
             torch = _torch()
             return torch.from_numpy(np.ascontiguousarray(array)).to(
-                device=self.device, dtype=self.torch_dtype
+                device=self.device, dtype=self.torch_dtype if keep_dtype else torch.int64
             )
         return array

@@ -9,7 +9,7 @@ import struct
 import threading
 
 from . import _kestrel
-from ._arrays import TokenInput
+from ._arrays import TokenInput, is_int
 from ._files import read_json_object
 
 LOW_BIT_FORMATS = ("sym_int4", "asym_int4", "sym_int8", "fp16", "bf16", "fp32")
@@ -417,6 +417,8 @@ class KestrelForCausalLM:
         width = tokens.width if tokens.kind in ("numpy", "torch") else longest
         max_new = config["max_new_tokens"]
         if max_new is None:
+            if config["max_length"] is None:
+                raise ValueError("pass max_new_tokens (or max_length)")
             max_new = config["max_length"] - width
             if max_new <= 0:
                 raise ValueError(
@@ -427,12 +429,25 @@ class KestrelForCausalLM:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new!r}")
         min_new = config["min_new_tokens"] or 0
         eos = config["eos_token_id"]
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if eos is None:
+            eos_ids = []
+        elif is_int(eos):
+            eos_ids = [int(eos)]
+        else:
+            eos_ids = list(eos)
+            if not all(is_int(e) for e in eos_ids):
+                raise ValueError(f"eos_token_id must be an integer or a list of them, got {eos!r}")
+            eos_ids = [int(e) for e in eos_ids]
         pad = config["pad_token_id"]
         if pad is None:
             pad = eos_ids[0] if eos_ids else 0
         if config["do_sample"]:
             temperature = float(config["temperature"])
+            if not temperature > 0:
+                raise ValueError(
+                    f"temperature must be a positive number when sampling, got {temperature!r}; "
+                    "for greedy decoding pass do_sample=False"
+                )
             top_k = int(config["top_k"] or 0)
             top_p = float(config["top_p"] if config["top_p"] is not None else 1.0)
             min_p = float(config["min_p"] or 0.0)
@@ -443,7 +458,8 @@ class KestrelForCausalLM:
             seed = 0 if seed is None else seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        repetition_penalty = float(config["repetition_penalty"] or 1.0)
+        penalty = config["repetition_penalty"]
+        repetition_penalty = 1.0 if penalty is None else float(penalty)
 
         on_step = None
         if streamer is not None:

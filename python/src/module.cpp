@@ -98,6 +98,15 @@ class PyEngine {
   int64_t max_seqs() const { return engine_->run_shape().max_seqs; }
   bool runs_ahead() const { return engine_->runs_ahead(); }
 
+  // Ctrl-C sets a flag that only the interpreter's main thread acts on: called between the
+  // chunks of a long prompt (without the GIL), this asks for it, keeping the KeyboardInterrupt.
+  static kestrel::Status check_signals(std::optional<py::error_already_set>& error) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() == 0) return kestrel::Status::ok();
+    error.emplace();
+    return kestrel::Status::error("stopped by Python");
+  }
+
   // Makes room for `n` sequences decoded together (their KV cache slots and decode batch).
   void reserve_sequences(int64_t n) {
     kestrel::RunShape shape = engine_->run_shape();
@@ -115,10 +124,12 @@ class PyEngine {
 
   py::array_t<float> prompt_logits(const std::vector<int32_t>& ids) {
     kestrel::Result<std::vector<float>> logits = kestrel::Status::ok();
+    std::optional<py::error_already_set> interrupted;
     {
       py::gil_scoped_release release;
-      logits = engine_->prompt_logits(ids);
+      logits = engine_->prompt_logits(ids, 0, [&] { return check_signals(interrupted); });
     }
+    if (interrupted) throw std::move(*interrupted);
     const int64_t vocab = engine_->info().vocab_size;
     return to_numpy(unwrap(std::move(logits)), int64_t(ids.size()), vocab);
   }
@@ -144,6 +155,7 @@ class PyEngine {
     params.stop_at_eos = stop_at_eos;
 
     std::optional<py::error_already_set> python_error;
+    params.between_prefill_calls = [&] { return check_signals(python_error); };
     const bool has_callback = !on_step.is_none();
     auto step = [&](const std::vector<int32_t>& tokens) -> kestrel::Status {
       py::gil_scoped_acquire gil;

@@ -312,5 +312,40 @@ def test_bad_arguments(golden_dir):
         model([1, 2, 5000])
     with pytest.raises(kestrel.KestrelError, match="top_p"):
         model.generate(p, do_sample=True, top_p=0.0, max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(p, do_sample=True, temperature=0.0, max_new_tokens=2)
+    with pytest.raises(kestrel.KestrelError, match="repetition_penalty"):
+        model.generate(p, repetition_penalty=0.0, max_new_tokens=2)  # 0 is not "unset"
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(p, max_length=None)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(p, eos_token_id=["2"], max_new_tokens=2)
+    # Room for a batch whose KV cache cannot fit (2^26 sequences: terabytes) is refused before
+    # the old reservation goes; generate asks for it this way (a review's segfault: the next
+    # call found no KV cache).
+    with pytest.raises(kestrel.KestrelError, match="lower the context length"):
+        model._engine.reserve_sequences(2**26)
     # After errors the model still works.
     assert len(model.generate(p, max_new_tokens=4, eos_token_id=None)) == 7
+    assert model(p).logits.shape[1] == 3
+
+
+def test_small_integer_arrays_are_not_wrapped(golden_dir):
+    """An int8 or int16 array's continuation comes back as int64 where its ids do not fit the
+    input's type (they used to wrap around), and keeps the type where they do."""
+    ref = load_reference(golden_dir, "qwen2-tied-f32")
+    model = load(ref["dir"], load_in_low_bit="fp32")
+    p = ref["prompt"][:6]
+    wide = model.generate(np.asarray([p]), max_new_tokens=5, eos_token_id=None)
+    assert wide.max() > 127  # the fixture's continuation has ids past int8
+    small = [t for t in p if t < 128] or [1, 2]
+    expected = model.generate(np.asarray([small]), max_new_tokens=5, eos_token_id=None)
+    narrow = model.generate(np.asarray([small], dtype=np.int8), max_new_tokens=5, eos_token_id=None)
+    assert narrow.tolist() == expected.tolist()
+    assert narrow.dtype == (np.int8 if expected.max() <= 127 else np.int64)
+    ids16 = np.asarray([p], dtype=np.int32)
+    assert model.generate(ids16, max_new_tokens=5, eos_token_id=None).dtype == np.int32
+    # numpy integer scalars are ids, as in transformers.
+    eos = np.int64(wide[0, 6])
+    stopped = model.generate(np.asarray([p]), max_new_tokens=5, eos_token_id=eos)
+    assert stopped.tolist() == [wide[0, :7].tolist()]

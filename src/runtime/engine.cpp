@@ -277,17 +277,34 @@ Status Engine::reserve(const RunShape& shape) {
                          " is past the limit of " +
                          std::to_string(std::numeric_limits<int32_t>::max()) + " positions");
   }
-  kv_cache_.reset();
+  // Every check runs before anything is released: a shape refused here leaves the reservation
+  // as it was (the Python package asks for a larger one per call, and its user may go on).
   if (tensor_parallel_) {
     TensorParallel& tp = *tensor_parallel_;
     for (int r = 0; r < tp.world_size(); ++r) {
       KS_RETURN_IF_ERROR(
           check_reservation_fits(tp.backend(r), tp.shard(r).config, shape, tp.world_size()));
     }
-    KS_RETURN_IF_ERROR(tp.reserve(shape));
   } else {
     KS_RETURN_IF_ERROR(check_reservation_fits(*backend_, config(), shape));
-    KS_RETURN_IF_ERROR(backend_->reserve(config(), shape));
+  }
+  const bool had_reservation = kv_cache_ != nullptr;
+  const RunShape previous = run_shape_;
+  kv_cache_.reset();
+  max_context_ = 0;
+  auto reserve_on_backend = [&](const RunShape& s) {
+    return tensor_parallel_ ? tensor_parallel_->reserve(s) : backend_->reserve(config(), s);
+  };
+  const Status reserved = reserve_on_backend(shape);
+  if (!reserved.is_ok()) {
+    // The backend may have freed the old buffers before it failed: the old shape is asked for
+    // again, and failing that the engine has no reservation, which every call then names.
+    if (had_reservation && reserve_on_backend(previous).is_ok()) {
+      kv_cache_ = std::make_unique<PagedKvCache>(previous.pool_blocks(), previous.max_seqs,
+                                                 previous.blocks_per_seq());
+      max_context_ = previous.max_context;
+    }
+    return reserved;
   }
   kv_cache_ =
       std::make_unique<PagedKvCache>(shape.pool_blocks(), shape.max_seqs, shape.blocks_per_seq());
@@ -296,12 +313,17 @@ Status Engine::reserve(const RunShape& shape) {
   return Status::ok();
 }
 
+Status Engine::check_reserved() const {
+  if (kv_cache_) return Status::ok();
+  return Status::error("the engine has no KV cache reservation (the last one failed)");
+}
+
 int64_t Engine::chunk_tokens() const {
   return std::min(options_.prefill_chunk, run_shape_.max_batch_tokens);
 }
 
 Status Engine::prepare_kv_cache(const Batch& batch) {
-  if (!kv_cache_) return Status::error("engine has no reservation");
+  KS_RETURN_IF_ERROR(check_reserved());
   // The span of positions each slot writes; slots and positions out of range are left to the
   // backend's begin_batch, which names them.
   std::vector<std::pair<int32_t, int32_t>> span(size_t(run_shape_.max_seqs), {-1, -1});
@@ -421,6 +443,7 @@ Status Engine::finish_argmax(std::vector<int32_t>* tokens) {
 }
 
 Status Engine::copy_sequence(int32_t src, int32_t dst, int64_t n_positions) {
+  KS_RETURN_IF_ERROR(check_reserved());
   if (src < 0 || src >= run_shape_.max_seqs || dst < 0 || dst >= run_shape_.max_seqs) {
     return Status::error("copy_sequence: slots " + std::to_string(src) + " -> " +
                          std::to_string(dst) + " outside the " +
@@ -453,10 +476,12 @@ Status Engine::copy_kv_block(int32_t src, int32_t dst) {
 }
 
 void Engine::release_sequence(int32_t seq) {
-  kv_cache_->release(seq);
+  if (kv_cache_) kv_cache_->release(seq);
 }
 
-Result<std::vector<float>> Engine::prompt_logits(const std::vector<int32_t>& ids, int32_t seq) {
+Result<std::vector<float>> Engine::prompt_logits(const std::vector<int32_t>& ids, int32_t seq,
+                                                 const std::function<Status()>& between_chunks) {
+  KS_RETURN_IF_ERROR(check_reserved());
   if (ids.empty()) return Status::error("prompt is empty");
   if (int64_t(ids.size()) > max_context_) {
     return Status::error("prompt of " + std::to_string(ids.size()) +
@@ -470,6 +495,7 @@ Result<std::vector<float>> Engine::prompt_logits(const std::vector<int32_t>& ids
   // Every position wants logits here, so a chunk is also bounded by the reserved logit rows.
   const size_t chunk = size_t(std::min(chunk_tokens(), run_shape_.max_logit_rows));
   for (size_t begin = 0; begin < ids.size(); begin += chunk) {
+    if (begin > 0 && between_chunks) KS_RETURN_IF_ERROR(between_chunks());
     const size_t end = std::min(ids.size(), begin + chunk);
     Batch batch;
     for (size_t i = begin; i < end; ++i) batch.add(ids[i], int32_t(i), seq, true);
@@ -480,6 +506,7 @@ Result<std::vector<float>> Engine::prompt_logits(const std::vector<int32_t>& ids
 }
 
 Result<std::vector<float>> Engine::prefill(const std::vector<int32_t>& ids, int32_t seq) {
+  KS_RETURN_IF_ERROR(check_reserved());
   if (ids.empty()) return Status::error("prompt is empty");
   if (int64_t(ids.size()) > max_context_) {
     return Status::error("prompt of " + std::to_string(ids.size()) +
@@ -502,6 +529,7 @@ Result<std::vector<float>> Engine::prefill(const std::vector<int32_t>& ids, int3
 Result<GenerateResult> Engine::generate_greedy(const std::vector<int32_t>& prompt, int64_t n_new,
                                                bool stop_at_eos,
                                                const std::function<void(int32_t)>& on_token) {
+  KS_RETURN_IF_ERROR(check_reserved());
   GenerateResult result;
   if (n_new <= 0) return result;
   if (int64_t(prompt.size()) + n_new > max_context_) {
@@ -600,6 +628,7 @@ std::string StepInfo::describe() const {
 Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& prompt,
                                                    const BatchGenerateParams& params,
                                                    const StepHooks& hooks) {
+  KS_RETURN_IF_ERROR(check_reserved());
   const int64_t copies = params.batch_size;
   const int64_t n_beams = params.num_beams;
   const int64_t n_new = params.n_new;

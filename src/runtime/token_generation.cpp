@@ -195,7 +195,12 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
   const bool first_drawn = !first_argmax && draws_only(0);
   size_t next_prompt = 0;
   size_t next_pos = 0;
+  bool first_call = true;
   while (next_prompt < n) {
+    if (!first_call && params.between_prefill_calls) {
+      KS_RETURN_IF_ERROR(params.between_prefill_calls());
+    }
+    first_call = false;
     Batch batch;
     std::vector<size_t> finished;  // prompts whose last token is in this call
     while (batch.size() < chunk && next_prompt < n) {

@@ -417,10 +417,13 @@ nlohmann::json error_json(int status, const std::string& message) {
   return {{"error", {{"message", message}, {"type", type}, {"param", nullptr}, {"code", status}}}};
 }
 
+std::string json_text(const nlohmann::json& body) {
+  return body.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 std::string sse_event(const nlohmann::json& payload) {
-  // dump() escapes newlines inside strings, so the event is one data line. Invalid UTF-8 (a
-  // token budget that ended mid-character is already U+FFFD) is replaced, never thrown on.
-  return "data: " + payload.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
+  // dump() escapes newlines inside strings, so the event is one data line.
+  return "data: " + json_text(payload) + "\n\n";
 }
 
 // Defined here, not in server.cpp, so that builds without cpp-httplib (which leave server.cpp

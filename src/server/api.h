@@ -93,6 +93,10 @@ nlohmann::json stream_usage_chunk(Endpoint endpoint, const ResponseHeader& heade
 // HTTP status (invalid_request_error, authentication_error, ...).
 nlohmann::json error_json(int status, const std::string& message);
 
+// A response body's text on one line. Invalid UTF-8 (from a request, or a token budget that ended
+// mid-character) is replaced with U+FFFD, never thrown on.
+std::string json_text(const nlohmann::json& body);
+
 // "data: JSON\n\n", one server-sent event.
 std::string sse_event(const nlohmann::json& payload);
 

@@ -19,11 +19,6 @@ using nlohmann::json;
 
 namespace {
 
-// A response body's text: invalid UTF-8 from a model or a request is replaced, never thrown.
-std::string json_text(const json& body) {
-  return body.dump(-1, ' ', false, json::error_handler_t::replace);
-}
-
 void send_json(httplib::Response& res, int status, const json& body) {
   res.status = status;
   res.set_content(json_text(body), "application/json");

@@ -325,7 +325,7 @@ Result<Value> split_impl(Interpreter& in, const Value& self, CallArgs& a, bool f
   } else {
     parts = py_split(self.as_string(), nullptr, maxsplit, from_right);
   }
-  KS_RETURN_IF_ERROR(in.charge_work(self.as_string().size() + parts.size() * 16));
+  KS_RETURN_IF_ERROR(in.charge_work(self.as_string().size() + parts.size() * kStringItemBytes));
   std::vector<Value> items;
   items.reserve(parts.size());
   for (auto& p : parts) items.push_back(Value::string(std::move(p)));
@@ -344,7 +344,7 @@ Result<Value> m_splitlines(Interpreter& in, const Value& self, CallArgs& a) {
   for (auto& l : py_splitlines(self.as_string(), b[0] && truthy(*b[0]))) {
     items.push_back(Value::string(std::move(l)));
   }
-  KS_RETURN_IF_ERROR(in.charge_work(self.as_string().size() + items.size() * 16));
+  KS_RETURN_IF_ERROR(in.charge_work(self.as_string().size() + items.size() * kStringItemBytes));
   return Value::list(std::move(items));
 }
 
@@ -619,7 +619,7 @@ Result<Value> m_dict_get(Interpreter&, const Value& self, CallArgs& a) {
 Result<Value> m_dict_items(Interpreter& in, const Value& self, CallArgs& a) {
   KS_RETURN_IF_ERROR(no_args(a, "items").status());
   std::vector<Value> items;
-  KS_RETURN_IF_ERROR(in.charge_work(self.as_dict().entries.size() * 16));
+  KS_RETURN_IF_ERROR(in.charge_work(self.as_dict().entries.size() * kPairItemBytes));
   for (const auto& [k, v] : self.as_dict().entries) items.push_back(Value::list({k, v}, true));
   return Value::dict_view(std::move(items), ListView::dict_items);
 }
@@ -1027,7 +1027,7 @@ Result<Value> f_items(Interpreter& in, const Value& v, CallArgs& a) {
   KS_RETURN_IF_ERROR(no_args(a, "items").status());
   if (v.is_undefined()) return Value::generator({});
   if (!v.is_dict()) return type_error("items() can only get item pairs from a mapping", v);
-  KS_RETURN_IF_ERROR(in.charge_work(v.as_dict().entries.size() * 16));
+  KS_RETURN_IF_ERROR(in.charge_work(v.as_dict().entries.size() * kPairItemBytes));
   std::vector<Value> items;
   for (const auto& [k, x] : v.as_dict().entries) items.push_back(Value::list({k, x}, true));
   return Value::generator(std::move(items));
@@ -1696,7 +1696,7 @@ Result<Value> g_range(Interpreter& in, CallArgs& a) {
         std::to_string(static_cast<int64_t>(std::min<__int128>(count, INT64_MAX))) +
         " items (the sandbox allows " + std::to_string(kMaxRange) + ")");
   }
-  KS_RETURN_IF_ERROR(in.charge_work(static_cast<uint64_t>(count) * 16));
+  KS_RETURN_IF_ERROR(in.charge_work(static_cast<uint64_t>(count) * kItemBytes));
   std::vector<Value> items;
   items.reserve(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) items.push_back(Value::integer(start + i * step));

@@ -130,7 +130,7 @@ Result<Value> repeat_sequence(Interpreter& in, const Value& seq, int64_t times) 
   if (static_cast<uint64_t>(times) > in.limits().max_output_bytes / l.items.size()) {
     return Status::error("list repetition of " + std::to_string(times) + " is too large");
   }
-  KS_RETURN_IF_ERROR(in.charge_work(static_cast<uint64_t>(times) * l.items.size() * 16));
+  KS_RETURN_IF_ERROR(in.charge_work(static_cast<uint64_t>(times) * l.items.size() * kItemBytes));
   std::vector<Value> out;
   out.reserve(static_cast<size_t>(times) * l.items.size());
   for (int64_t i = 0; i < times; ++i) out.insert(out.end(), l.items.begin(), l.items.end());
@@ -170,7 +170,7 @@ Result<Value> repeat_sequence(Interpreter& in, const Value& seq, int64_t times) 
       if (a.is_sequence_list() && b.is_sequence_list() &&
           a.as_list().is_tuple == b.as_list().is_tuple) {
         KS_RETURN_IF_ERROR(
-            in.charge_work((a.as_list().items.size() + b.as_list().items.size()) * 16));
+            in.charge_work((a.as_list().items.size() + b.as_list().items.size()) * kItemBytes));
         std::vector<Value> items = a.as_list().items;
         items.insert(items.end(), b.as_list().items.begin(), b.as_list().items.end());
         return Value::list(std::move(items), a.as_list().is_tuple);
@@ -461,8 +461,8 @@ Status Interpreter::charge_work(uint64_t bytes) {
 
 Status Interpreter::charge_read(const Value& v) {
   if (v.is_string()) return charge_work(v.as_string().size());
-  if (v.is_list()) return charge_work(16 * uint64_t(v.as_list().items.size()));
-  if (v.is_dict()) return charge_work(16 * uint64_t(v.as_dict().entries.size()));
+  if (v.is_list()) return charge_work(kItemBytes * v.as_list().items.size());
+  if (v.is_dict()) return charge_work(kItemBytes * v.as_dict().entries.size());
   return Status::ok();
 }
 
@@ -564,16 +564,20 @@ Result<std::vector<Value>> Interpreter::iterate(const Value& v) {
         if (l.consumed) return std::vector<Value>{};
         l.consumed = true;
       }
+      // The copy is the items' Values, not their text (strings are shared), but a loop inside
+      // a loop copies its list once an outer iteration.
+      KS_RETURN_IF_ERROR(charge_work(kItemBytes * l.items.size()));
       return l.items;
     }
     case Value::Kind::dict: {
+      KS_RETURN_IF_ERROR(charge_work(kItemBytes * v.as_dict().entries.size()));
       std::vector<Value> keys;
       keys.reserve(v.as_dict().entries.size());
       for (const auto& [k, val] : v.as_dict().entries) keys.push_back(k);
       return keys;
     }
     case Value::Kind::string: {
-      KS_RETURN_IF_ERROR(charge_work(v.as_string().size() * 16));
+      KS_RETURN_IF_ERROR(charge_work(v.as_string().size() * kStringItemBytes));
       std::vector<Value> chars;
       for (char32_t c : decode_utf8(v.as_string())) {
         std::string s;

@@ -26,6 +26,12 @@ struct Limits {
 
 // Deepest list/dict nesting a value may have (JSON input or built by the template).
 constexpr int kMaxValueDepth = 128;
+// What the work budget counts for each item an operation makes: a Value; a Value and its own
+// text's shared block (a character of an iterated string, a part of a split); a Value holding a
+// two-item tuple (a dict's items).
+constexpr uint64_t kItemBytes = sizeof(Value);
+constexpr uint64_t kStringItemBytes = sizeof(Value) + sizeof(std::string) + 16;
+constexpr uint64_t kPairItemBytes = sizeof(Value) + sizeof(ListData) + 2 * sizeof(Value) + 16;
 // The output that nested capture buffers ({% set %} and {% filter %} blocks, macro calls) may
 // hold together, in units of Limits::max_output_bytes.
 constexpr uint64_t kMaxCapturedOutputs = 4;

@@ -67,6 +67,14 @@ Value Value::dict(std::vector<std::pair<Value, Value>> entries) {
   return Value(Storage(std::shared_ptr<const DictData>(std::move(data))));
 }
 
+Value Value::string(std::string s) {
+  if (s.empty()) {
+    static const std::shared_ptr<const std::string> empty = std::make_shared<const std::string>();
+    return Value(Storage(empty));
+  }
+  return Value(Storage(std::make_shared<const std::string>(std::move(s))));
+}
+
 Value Value::new_namespace() {
   return Value(Storage(std::make_shared<NamespaceData>()));
 }

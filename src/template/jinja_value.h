@@ -72,7 +72,10 @@ class Value {
   static Value boolean(bool b) { return Value(Storage(b)); }
   static Value integer(int64_t i) { return Value(Storage(i)); }
   static Value floating(double f) { return Value(Storage(f)); }
-  static Value string(std::string s) { return Value(Storage(std::move(s))); }
+  // Strings are shared and never changed, as in Python: copying a Value (a variable read, a list
+  // repeated or concatenated, a loop's items) never copies its text, so a template's memory is
+  // bounded by the bytes its operations produce, which the work budget counts.
+  static Value string(std::string s);
   static Value list(std::vector<Value> items, bool is_tuple = false);
   static Value dict_view(std::vector<Value> items, ListView view);
   static Value generator(std::vector<Value> items) {
@@ -109,7 +112,9 @@ class Value {
   double as_float() const { return std::get<double>(data_); }
   // Numeric value of a bool, int or float.
   double as_number() const { return is_float() ? as_float() : static_cast<double>(as_integral()); }
-  const std::string& as_string() const { return std::get<std::string>(data_); }
+  const std::string& as_string() const {
+    return *std::get<std::shared_ptr<const std::string>>(data_);
+  }
   const std::string& undefined_hint() const { return std::get<UndefinedData>(data_).hint; }
   const ListData& as_list() const { return *std::get<std::shared_ptr<const ListData>>(data_); }
   const DictData& as_dict() const { return *std::get<std::shared_ptr<const DictData>>(data_); }
@@ -126,9 +131,10 @@ class Value {
   bool holds_reference() const;
 
  private:
-  using Storage = std::variant<UndefinedData, std::nullptr_t, bool, int64_t, double, std::string,
-                               std::shared_ptr<const ListData>, std::shared_ptr<const DictData>,
-                               std::shared_ptr<NamespaceData>, std::shared_ptr<const CallableData>>;
+  using Storage = std::variant<UndefinedData, std::nullptr_t, bool, int64_t, double,
+                               std::shared_ptr<const std::string>, std::shared_ptr<const ListData>,
+                               std::shared_ptr<const DictData>, std::shared_ptr<NamespaceData>,
+                               std::shared_ptr<const CallableData>>;
   explicit Value(Storage data) : data_(std::move(data)) {}
   Storage data_;
 };

@@ -3,6 +3,8 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 
 #include "tokenizer/unicode.h"
@@ -164,21 +166,38 @@ namespace {
 
 struct MatchData {
   explicit MatchData(const pcre2_code* code)
-      : data(pcre2_match_data_create_from_pattern(code, nullptr)) {}
-  ~MatchData() { pcre2_match_data_free(data); }
+      : data(pcre2_match_data_create_from_pattern(code, nullptr)),
+        context(pcre2_match_context_create(nullptr)) {}
+  ~MatchData() {
+    pcre2_match_context_free(context);
+    pcre2_match_data_free(data);
+  }
+  MatchData(const MatchData&) = delete;
+  MatchData& operator=(const MatchData&) = delete;
   pcre2_match_data* data;
+  pcre2_match_context* context;
 };
 
-// One match attempt from `start`: JIT first, the interpreter when the JIT stack runs out.
+// PCRE2's default bound on backtracking steps a match (and Oniguruma's, whose Rust binding panics
+// past it).
+constexpr uint64_t kDefaultMatchLimit = 10'000'000;
+
+// One match attempt from `start`: JIT first, the interpreter when the JIT stack runs out. The
+// patterns' whitespace alternatives (`\s*[\r\n]+`) take a run of spaces whole and give it back a
+// character at a time, so one attempt costs steps in proportion to the run: the limit grows with
+// the text left (a 10-million-space run without a line break used to fail at the default).
 int match_once(const pcre2_code* code, bool jit, std::string_view text, size_t start,
-               pcre2_match_data* md) {
+               MatchData& md) {
+  const uint64_t limit = std::min<uint64_t>(
+      UINT32_MAX, std::max<uint64_t>(kDefaultMatchLimit, 8 * uint64_t(text.size() - start)));
+  pcre2_set_match_limit(md.context, uint32_t(limit));
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
   if (jit) {
-    const int rc = pcre2_jit_match(code, subject, text.size(), start, 0, md, nullptr);
+    const int rc = pcre2_jit_match(code, subject, text.size(), start, 0, md.data, md.context);
     if (rc != PCRE2_ERROR_JIT_STACKLIMIT) return rc;
   }
-  return pcre2_match(code, subject, text.size(), start, PCRE2_NO_JIT | PCRE2_NO_UTF_CHECK, md,
-                     nullptr);
+  return pcre2_match(code, subject, text.size(), start, PCRE2_NO_JIT | PCRE2_NO_UTF_CHECK, md.data,
+                     md.context);
 }
 
 Status match_error(int rc) {
@@ -197,7 +216,7 @@ Status Regex::find_all(std::string_view text, std::vector<ByteSpan>& out) const 
   bool have_last = false;
   size_t last_match_end = 0;
   while (last_end <= text.size()) {
-    const int rc = match_once(code, compiled_->jit, text, last_end, md.data);
+    const int rc = match_once(code, compiled_->jit, text, last_end, md);
     if (rc == PCRE2_ERROR_NOMATCH) break;
     if (rc < 0) return match_error(rc);
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md.data);

@@ -3,6 +3,7 @@
 // byte-identically, and every template transformers rejected must be rejected here too. The
 // packaged templates are read from the tokenizer cache that scripts/fetch_tokenizers.sh fills.
 #include "template/chat_template.h"
+#include "template/jinja_value.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -434,6 +435,30 @@ TEST(ChatTemplate, LimitsBoundWhatOperationsReadAndHold) {
   // Within the limits the same operations work.
   EXPECT_EQ(ok("{{ ('ab' * 3).upper() }} {{ [1, 1, 2] | unique | list }} {{ 'a<b' | e }}"),
             "ABABAB [1, 2] a&lt;b");
+}
+
+// Strings are shared, so a value repeated or copied into a list holds its text once: `[s] * 1000`
+// of a 16 MB string used to hold 16 GB while the budget counted 16 KB. A list copied by a loop
+// (once for each iteration of an outer one) counts against the work budget.
+TEST(ChatTemplate, CopiedStringsShareTheirText) {
+  const jinja::Value a = jinja::Value::string(std::string(1000, 'x'));
+  const jinja::Value b = a;
+  EXPECT_EQ(&a.as_string(), &b.as_string());
+  ChatTemplateOptions options = fixed_clock();
+  options.limits.max_output_bytes = 1 << 16;
+  options.limits.max_work_bytes = 4 << 20;
+  const Result<std::string> repeated = render_chat_template(
+      "{% set s = 'x' * 60000 %}{% set l = [s] * 5000 %}{{ l | length }} {{ l[4999] | length }}",
+      ojson::array(), false, ojson::object(), options);
+  ASSERT_TRUE(repeated.is_ok()) << repeated.status().message();
+  EXPECT_EQ(repeated.value(), "5000 60000");
+  const std::string err = error_of(
+      "{% set l = [0] * 20000 %}{% for i in range(10) %}{% for x in l %}{% endfor %}{% endfor %}",
+      {}, options);
+  EXPECT_NE(err.find("work limit"), std::string::npos) << err;
+  EXPECT_EQ(ok("{% set l = [0] * 200 %}{% for i in range(10) %}{% for x in l %}{% endfor %}"
+               "{% endfor %}done"),
+            "done");
 }
 
 // Searches with needles past the short-needle cut-off (KMP) give Python's answers.

@@ -2,6 +2,7 @@
 // together, sampling, end-of-sequence handling and the step callback, on a tiny synthetic model.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <random>
 
 #include "argmax_rows_check.h"
@@ -34,6 +35,19 @@ std::vector<int32_t> random_prompt(size_t n, uint32_t seed) {
   std::vector<int32_t> ids(n);
   for (auto& v : ids) v = id(rng);
   return ids;
+}
+
+// A hook that fails ("stop here") at its n-th call, counting its calls in `calls`.
+std::function<Status()> stop_at_call(int n, int& calls) {
+  return [n, &calls] { return ++calls == n ? Status::error("stop here") : Status::ok(); };
+}
+
+// A call that a stop_at_call(2, calls) hook stopped.
+template <typename R>
+void expect_stopped_at_second_call(const R& result, int calls) {
+  ASSERT_FALSE(result.is_ok());
+  EXPECT_EQ(result.status().message(), "stop here");
+  EXPECT_EQ(calls, 2);
 }
 
 TEST(TokenGeneration, BatchOfDifferentLengthsEqualsEachPromptAlone) {
@@ -296,12 +310,64 @@ TEST(TokenGeneration, RefusesWhatDoesNotFitAndStopsWhenTheCallbackSays) {
   EXPECT_FALSE(generate_tokens(*engine, {{}}, params).is_ok());
   EXPECT_FALSE(generate_tokens(*engine, {{1, 1 << 30}}, params).is_ok());
   int calls = 0;
-  auto stopped = generate_tokens(*engine, {{1, 2, 3}}, params, [&](const std::vector<int32_t>&) {
-    return ++calls == 2 ? Status::error("stop here") : Status::ok();
-  });
-  ASSERT_FALSE(stopped.is_ok());
-  EXPECT_EQ(stopped.status().message(), "stop here");
-  EXPECT_EQ(calls, 2);
+  auto stopped = generate_tokens(
+      *engine, {{1, 2, 3}}, params,
+      [hook = stop_at_call(2, calls)](const std::vector<int32_t>&) { return hook(); });
+  expect_stopped_at_second_call(stopped, calls);
+}
+
+// A long prompt can be stopped between its prefill calls, before its first token (the Python
+// package's Ctrl-C check): generation and prompt_logits alike return the hook's error.
+TEST(TokenGeneration, PrefillStopsBetweenCallsWhenTheHookSays) {
+  auto engine = make_engine(2, 16);
+  TokenGenerationParams params;
+  params.max_new_tokens = 4;
+  int checks = 0;
+  params.between_prefill_calls = stop_at_call(2, checks);
+  int steps = 0;
+  auto stopped =
+      generate_tokens(*engine, {random_prompt(60, 11)}, params, [&](const std::vector<int32_t>&) {
+        ++steps;
+        return Status::ok();
+      });
+  expect_stopped_at_second_call(stopped,
+                                checks);  // before the second and third of four calls of 16 tokens
+  EXPECT_EQ(steps, 0);
+  // A prompt of one call never asks; the engine goes on after an interrupted call.
+  checks = 0;
+  auto short_one = generate_tokens(*engine, {random_prompt(10, 12)}, params);
+  ASSERT_TRUE(short_one.is_ok()) << short_one.status().message();
+  EXPECT_EQ(checks, 0);
+  int chunks = 0;
+  auto logits = engine->prompt_logits(random_prompt(40, 13), 0, stop_at_call(2, chunks));
+  expect_stopped_at_second_call(logits, chunks);
+}
+
+// A reservation refused for memory leaves the old one in place: the engine goes on as before
+// (the Python package reserves per call, and an oversized batch used to leave the engine without
+// a KV cache, so its next call dereferenced none).
+TEST(TokenGeneration, ARefusedReservationKeepsTheOldOne) {
+  auto engine = make_engine(2, 512);
+  TokenGenerationParams params;
+  params.max_new_tokens = 6;
+  params.stop_at_eos = false;
+  const std::vector<int32_t> prompt = random_prompt(12, 14);
+  auto before = generate_tokens(*engine, {prompt}, params);
+  ASSERT_TRUE(before.is_ok()) << before.status().message();
+  RunShape huge = engine->run_shape();
+  huge.max_seqs = int64_t(1) << 24;  // 2^24 slots of 96 positions: terabytes of KV cache
+  huge.max_batch_tokens = huge.max_seqs;
+  huge.max_logit_rows = huge.max_seqs;
+  const Status refused = engine->reserve(huge);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_NE(refused.message().find("lower the context length"), std::string::npos)
+      << refused.message();
+  EXPECT_EQ(engine->run_shape().max_seqs, 2);
+  auto after = generate_tokens(*engine, {prompt}, params);
+  ASSERT_TRUE(after.is_ok()) << after.status().message();
+  EXPECT_EQ(after->tokens, before->tokens);
+  EXPECT_TRUE(engine->prompt_logits(prompt).is_ok());
+  engine->release_sequence(1);
 }
 
 }  // namespace

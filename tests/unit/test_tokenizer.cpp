@@ -358,6 +358,25 @@ TEST(TokenizerUnicode, NfcKnownCases) {
   EXPECT_EQ(nfc("plain ascii"), "plain ascii");
 }
 
+// A long run of combining marks is put in order stably, as a short one is (long runs are
+// sorted another way: insertion sort was quadratic, 30 s for 320 KB of marks). In class order
+// U+0316 (220) goes before U+0301 (230); the first U+0301 then composes with the a.
+TEST(TokenizerUnicode, NfcOrdersLongRunsOfMarksStably) {
+  const int k = 20000;
+  std::string in = "a", want = "\u00e1";
+  for (int i = 0; i < k; ++i) in += "\u0301";
+  for (int i = 0; i < k; ++i) in += "\u0316";
+  for (int i = 0; i < k; ++i) want += "\u0316";
+  for (int i = 1; i < k; ++i) want += "\u0301";
+  EXPECT_TRUE(nfc(in) == want);
+  // Marks of one class keep their order (U+0300 and U+0301 are both 230).
+  std::string mixed = "x", mixed_want = "x";
+  for (int i = 0; i < 12; ++i) mixed += i % 3 == 0 ? "\u0316" : i % 3 == 1 ? "\u0300" : "\u0301";
+  for (int i = 0; i < 4; ++i) mixed_want += "\u0316";
+  for (int i = 0; i < 4; ++i) mixed_want += "\u0300\u0301";
+  EXPECT_EQ(nfc(mixed), mixed_want);
+}
+
 TEST(TokenizerUnicode, LossyDecodingFollowsMaximalSubparts) {
   const std::string r = "\xEF\xBF\xBD";
   auto lossy = [](std::string_view s) {
@@ -413,6 +432,24 @@ TEST(TokenizerRegex, EmptyMatchesFollowOnigurumaIteration) {
   for (const auto& s : spans) got.emplace_back(s.begin, s.end);
   // The empty match at 3, right where "xx" ended, is skipped.
   const std::vector<std::pair<uint32_t, uint32_t>> want = {{0, 0}, {1, 3}, {4, 4}};
+  EXPECT_EQ(got, want);
+}
+
+// The split patterns' whitespace alternative takes a run of spaces whole and gives it back one
+// character at a time: a run of 12 million spaces with no line break used to pass PCRE2's
+// default match limit (10 million steps) and fail; the limit grows with the text.
+TEST(TokenizerRegex, LongWhitespaceRunsSplitAsShortOnesDo) {
+  auto regex = Regex::compile("\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+");
+  ASSERT_TRUE(regex.is_ok()) << regex.status().message();
+  const std::string text = std::string(12'000'000, ' ') + "x";
+  std::vector<ByteSpan> spans;
+  const Status status = regex->find_all(text, spans);
+  ASSERT_TRUE(status.is_ok()) << status.message();
+  std::vector<std::pair<uint32_t, uint32_t>> got;
+  for (const auto& m : spans) got.emplace_back(m.begin, m.end);
+  // All but the last space (which goes with the x), then that space.
+  const std::vector<std::pair<uint32_t, uint32_t>> want = {{0, 11'999'999},
+                                                           {11'999'999, 12'000'000}};
   EXPECT_EQ(got, want);
 }
 

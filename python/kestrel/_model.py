@@ -124,6 +124,14 @@ def _check_kwargs(where, kwargs, accepted):
         )
 
 
+def _int_in(name, value, low, high):
+    """`value` as an int in [low, high], or a ValueError naming `name` (numpy integers count; a
+    value past the engine's types would otherwise meet pybind11's whole-signature TypeError)."""
+    if not is_int(value) or not low <= int(value) <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -425,22 +433,21 @@ class KestrelForCausalLM:
                     f"the prompt has {width} tokens but max_length is {config['max_length']}: "
                     "pass max_new_tokens"
                 )
-        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new!r}")
-        min_new = config["min_new_tokens"] or 0
+        max_new = _int_in("max_new_tokens", max_new, 0, 2**63 - 1)
+        min_new = _int_in("min_new_tokens", config["min_new_tokens"] or 0, 0, 2**63 - 1)
         eos = config["eos_token_id"]
         if eos is None:
             eos_ids = []
         elif is_int(eos):
-            eos_ids = [int(eos)]
+            eos_ids = [_int_in("eos_token_id", eos, 0, 2**31 - 1)]
+        elif isinstance(eos, (list, tuple)):
+            eos_ids = [_int_in("eos_token_id", e, 0, 2**31 - 1) for e in eos]
         else:
-            eos_ids = list(eos)
-            if not all(is_int(e) for e in eos_ids):
-                raise ValueError(f"eos_token_id must be an integer or a list of them, got {eos!r}")
-            eos_ids = [int(e) for e in eos_ids]
+            raise ValueError(f"eos_token_id must be an integer or a list of them, got {eos!r}")
         pad = config["pad_token_id"]
         if pad is None:
             pad = eos_ids[0] if eos_ids else 0
+        pad = _int_in("pad_token_id", pad, -(2**63), 2**63 - 1)
         if config["do_sample"]:
             temperature = float(config["temperature"])
             if not temperature > 0:
@@ -448,7 +455,8 @@ class KestrelForCausalLM:
                     f"temperature must be a positive number when sampling, got {temperature!r}; "
                     "for greedy decoding pass do_sample=False"
                 )
-            top_k = int(config["top_k"] or 0)
+            # As transformers, a top_k past the vocabulary keeps every token.
+            top_k = min(_int_in("top_k", config["top_k"] or 0, 0, 2**63 - 1), 2**31 - 1)
             top_p = float(config["top_p"] if config["top_p"] is not None else 1.0)
             min_p = float(config["min_p"] or 0.0)
             if seed is None:

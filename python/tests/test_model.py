@@ -320,6 +320,12 @@ def test_bad_arguments(golden_dir):
         model.generate(p, max_length=None)
     with pytest.raises(ValueError, match="eos_token_id"):
         model.generate(p, eos_token_id=["2"], max_new_tokens=2)
+    # Values past the engine's integer types name their argument.
+    for bad in ({"eos_token_id": 2**40}, {"min_new_tokens": 1.5}, {"max_new_tokens": 2**63}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            model.generate(p, **bad)
+    huge_k = model.generate(p, do_sample=True, top_k=2**40, seed=3, max_new_tokens=3)
+    assert huge_k == model.generate(p, do_sample=True, top_k=0, seed=3, max_new_tokens=3)
     # Room for a batch whose KV cache cannot fit (2^26 sequences: terabytes) is refused before
     # the old reservation goes; generate asks for it this way (a review's segfault: the next
     # call found no KV cache).

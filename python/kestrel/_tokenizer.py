@@ -142,6 +142,10 @@ class KestrelTokenizer:
         texts = [text] if single else text
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a str or a list of str")
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0
+        ):
+            raise ValueError(f"max_length must be a non-negative integer, got {max_length!r}")
         ids = self._tokenizer.encode_batch(list(texts), add_special_tokens)
         if truncation:
             if max_length is None:
@@ -151,7 +155,7 @@ class KestrelTokenizer:
             raise ValueError(f"padding={padding!r} is not supported")
         side = padding_side or self.padding_side
         if padding in (True, "longest", "max_length"):
-            width = max(len(r) for r in ids)
+            width = max((len(r) for r in ids), default=0)
             if padding == "max_length":
                 if max_length is None:
                     raise ValueError("padding='max_length' needs max_length")

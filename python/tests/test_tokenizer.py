@@ -127,6 +127,10 @@ def test_padding_and_tensors(source_dir):
     assert enc["input_ids"] is enc.input_ids
     with pytest.raises(ValueError, match="padding"):
         tok(texts, return_tensors="np")
+    # An empty batch pads to nothing; a negative max_length is refused, not a slice from the end.
+    assert tok([], padding=True)["input_ids"] == []
+    with pytest.raises(ValueError, match="max_length"):
+        tok(texts, truncation=True, max_length=-1)
 
 
 def test_bad_arguments(source_dir, tmp_path):

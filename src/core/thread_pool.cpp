@@ -1,6 +1,8 @@
 #include "core/thread_pool.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <system_error>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -19,7 +21,19 @@ inline void cpu_relax() {
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = int(std::max(1u, std::thread::hardware_concurrency()));
   n_threads_ = std::min(n_threads, kMaxThreads);
-  for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  for (int i = 1; i < n_threads_; ++i) {
+    try {
+      workers_.emplace_back([this, i] { worker_loop(i); });
+    } catch (const std::system_error& e) {
+      // The system gave no more threads (a process limit, ulimit -u): the pool runs with the
+      // ones it has. Unwinding here instead destroyed the condition variable the started
+      // workers wait on, and the process hung (a review's `-t 300` under `ulimit -u 200`).
+      std::fprintf(stderr, "kestrel: warning: started %d of %d threads (%s)\n", i, n_threads_,
+                   e.what());
+      n_threads_ = i;
+      break;
+    }
+  }
 }
 
 ThreadPool::~ThreadPool() {

@@ -223,7 +223,13 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
   if (shape.max_batch_tokens <= 0) {
     shape.max_seqs = options.max_seqs;
     shape.max_context = max_context;
-    shape.max_batch_tokens = std::max(options.prefill_chunk, options.max_seqs);
+    // A call never holds more tokens than every slot's whole context (as llama.cpp clamps
+    // n_batch to n_ctx): `-b 8192` with `-c 64` sized its logits for 8192 rows (4.2 GB).
+    const int64_t every_position = max_context > 0 && options.max_seqs > INT64_MAX / max_context
+                                       ? INT64_MAX
+                                       : options.max_seqs * max_context;
+    shape.max_batch_tokens =
+        std::min(std::max(options.prefill_chunk, options.max_seqs), every_position);
     shape.max_logit_rows = shape.max_batch_tokens;
     shape.kv_blocks = options.kv_blocks;
     if (options.kv_memory_fraction > 0) {
@@ -532,7 +538,7 @@ Result<GenerateResult> Engine::generate_greedy(const std::vector<int32_t>& promp
   KS_RETURN_IF_ERROR(check_reserved());
   GenerateResult result;
   if (n_new <= 0) return result;
-  if (int64_t(prompt.size()) + n_new > max_context_) {
+  if (n_new > max_context_ - int64_t(prompt.size())) {  // a sum could overflow
     return Status::error("prompt (" + std::to_string(prompt.size()) + ") + new tokens (" +
                          std::to_string(n_new) + ") exceed the context of " +
                          std::to_string(max_context_) +
@@ -648,7 +654,7 @@ Result<BatchGenerateResult> Engine::generate_batch(const std::vector<int32_t>& p
         std::to_string(std::min(run_shape_.max_batch_tokens, run_shape_.max_logit_rows)) + ")");
   }
   const int64_t prompt_len = int64_t(prompt.size());
-  if (prompt_len + n_new > max_context_) {
+  if (n_new > max_context_ - prompt_len) {  // a sum could overflow
     return Status::error("prompt (" + std::to_string(prompt_len) + ") + new tokens (" +
                          std::to_string(n_new) + ") exceed the context of " +
                          std::to_string(max_context_));

@@ -31,7 +31,7 @@ Result<TextGenerationStats> TextSession::generate(
     }
   }
   const int64_t limit = engine_.max_context();
-  if (int64_t(prompt_ids.size()) + params.max_new_tokens > limit) {
+  if (params.max_new_tokens > limit - int64_t(prompt_ids.size())) {  // a sum could overflow
     return Status::error("prompt (" + std::to_string(prompt_ids.size()) + " tokens) + " +
                          std::to_string(params.max_new_tokens) +
                          " new tokens exceed the context of " + std::to_string(limit) +

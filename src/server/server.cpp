@@ -1,7 +1,9 @@
 #include "server/server.h"
 
 #include <httplib.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <ctime>
@@ -358,12 +360,14 @@ void Server::Impl::generate(const httplib::Request& req, const std::string& body
                         "max_tokens " + std::to_string(max_tokens) +
                             " exceeds the server's limit of " + std::to_string(options.max_tokens));
     }
-    if (n_prompt + max_tokens > context) {
-      return send_error(
-          res, 400,
-          "this model's context is " + std::to_string(context) + " tokens, but the request needs " +
-              std::to_string(n_prompt + max_tokens) + " (" + std::to_string(n_prompt) +
-              " in the prompt + " + std::to_string(max_tokens) + " max_tokens)");
+    // Written as a difference, and the total unsigned: --max-tokens may be any int64.
+    if (max_tokens > context - n_prompt) {
+      return send_error(res, 400,
+                        "this model's context is " + std::to_string(context) +
+                            " tokens, but the request needs " +
+                            std::to_string(uint64_t(n_prompt) + uint64_t(max_tokens)) + " (" +
+                            std::to_string(n_prompt) + " in the prompt + " +
+                            std::to_string(max_tokens) + " max_tokens)");
     }
   } else {
     max_tokens = std::min(options.max_tokens, context - n_prompt);
@@ -516,6 +520,17 @@ Status Server::start() {
   // Every running or queued request holds a worker while it waits for its tokens.
   const size_t threads =
       o.http_threads > 0 ? size_t(o.http_threads) : size_t(o.slots + o.max_queue + 8);
+  // httplib starts its workers in the listening thread, where a thread the system refuses ends
+  // the process (std::system_error, and joinable threads destroyed): refuse a count past the
+  // process limit here instead (root is not held to it).
+  struct rlimit process_limit {};
+  if (::geteuid() != 0 && ::getrlimit(RLIMIT_NPROC, &process_limit) == 0 &&
+      process_limit.rlim_cur != RLIM_INFINITY && threads + 64 > process_limit.rlim_cur) {
+    return Status::error("the server needs " + std::to_string(threads) +
+                         " HTTP threads (--parallel + --max-queue + 8) and more for the engine, "
+                         "but the process limit (ulimit -u) is " +
+                         std::to_string(process_limit.rlim_cur));
+  }
   http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   http.set_payload_max_length(o.max_body_bytes);
   http.set_read_timeout(o.read_timeout_seconds, 0);

@@ -260,4 +260,39 @@ json.dump(c, open(p, "w"))
 PY
 expect_error "GPTQ config over float tensors" "no tensor has a .qweight" "$kestrel" run -m "$d" --ids 1 -q
 
+# Flags (a review of the thirty-third session). Integers are decimal: CLI11 read "010" as 8 and
+# "0x10" as 16, and an unsigned flag took "-1" as its largest value (--max-body -1 was no limit).
+# expect_flag_error NAME PATTERN COMMAND...: refused by the flag parser, clean exit, PATTERN said.
+expect_flag_error() {
+  local name="$1" pattern="$2"
+  shift 2
+  timeout 60 "$@" >"$tmp/stdout" 2>"$tmp/stderr" </dev/null
+  local status=$?
+  if [ "$status" -eq 0 ] || [ "$status" -ge 124 ] || ! grep -qF -- "$pattern" "$tmp/stderr"; then
+    fail_case "$name: exit status $status, want a refusal naming '$pattern':" "$tmp/stderr"; return
+  fi
+  echo "ok   $name: $(head -1 "$tmp/stderr")"
+}
+ten=$("$kestrel" run -m synthetic:tiny-llama --ids 1,2,3 -n 010 -q 2>/dev/null | wc -w)
+if [ "$ten" -eq 10 ]; then echo "ok   -n 010 is ten tokens"; else fail_case "-n 010 gave $ten tokens"; fi
+expect_flag_error "hexadecimal -n" "not a decimal integer" \
+  "$kestrel" run -m synthetic:tiny-llama --ids 1 -n 0x10 -q
+expect_flag_error "-c past int64" "out of range" \
+  "$kestrel" run -m synthetic:tiny-llama --ids 1 -c 99999999999999999999 -q
+expect_flag_error "--max-body -1" "not a decimal integer" \
+  "$kestrel" serve -m synthetic:tiny-llama --tokenizer "$qwen_tok" --max-body -1
+expect_error "--seed with a space" "is not a seed" \
+  "$kestrel" run -m synthetic:tiny-llama --ids 1 -n 2 --temp 0.5 --seed " -1" -q
+expect_error "serve --max-queue past its threads" "--max-queue" \
+  "$kestrel" serve -m synthetic:tiny-llama --tokenizer "$qwen_tok" --max-queue 100000
+expect_error "serve --batch-tokens 2^60" "--batch-tokens" \
+  "$kestrel" serve -m synthetic:tiny-llama --tokenizer "$qwen_tok" --batch-tokens 1152921504606846976
+expect_error "serve --shutdown-grace nan" "--shutdown-grace" \
+  "$kestrel" serve -m synthetic:tiny-llama --tokenizer "$qwen_tok" --shutdown-grace nan
+expect_error "serve --timeout past a day" "--timeout" \
+  "$kestrel" serve -m synthetic:tiny-llama --tokenizer "$qwen_tok" --timeout 4294968
+# prompt + -n used to overflow: 4093 tokens generated before "position 4096 outside the context".
+expect_error "-n of INT64_MAX" "exceed the context" \
+  "$kestrel" run -m synthetic:tiny-llama --ids 1,2,3 -n 9223372036854775807 -q
+
 cli_finish

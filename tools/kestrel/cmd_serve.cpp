@@ -49,15 +49,22 @@ void run_serve(const ServeFlags& flags) {
       "this build has no HTTP server: cpp-httplib (Debian's libcpp-httplib-dev) was not found "
       "when it was configured");
 #else
-  if (flags.parallel <= 0) fail("--parallel must be positive");
+  // Each running or queued request holds an HTTP worker thread, so --parallel and --max-queue
+  // are threads as well as slots; --batch-tokens sizes the workspace (as -b, at most 2^20).
+  check_range("--parallel", double(flags.parallel), 1, 4096);
+  check_range("--batch-tokens", double(flags.batch_tokens), 1, 1 << 20);
   if (flags.batch_tokens < flags.parallel) {
     fail("--batch-tokens must be at least --parallel (every running sequence decodes each step)");
   }
-  if (flags.max_queue < 0) fail("--max-queue must be >= 0");
-  if (flags.kv_blocks < 0) fail("--kv-blocks must be >= 0");
-  if (flags.kv_memory_fraction > 1) fail("--kv-memory-fraction must be in [0, 1] (0: --kv-blocks)");
+  check_range("--max-queue", double(flags.max_queue), 0, 4096);
+  check_range("--kv-blocks", double(flags.kv_blocks), 0, double(INT32_MAX));
+  if (flags.kv_memory_fraction != -1) {
+    check_range("--kv-memory-fraction", flags.kv_memory_fraction, 0, 1);
+  }
   if (flags.max_tokens <= 0) fail("--max-tokens must be positive");
-  if (flags.timeout <= 0) fail("--timeout must be positive");
+  // httplib waits with poll() in milliseconds of an int: a day at most.
+  check_range("--timeout", double(flags.timeout), 1, 86400);
+  check_range("--shutdown-grace", flags.shutdown_grace, 0, 86400);
   if (flags.port < 0 || flags.port > 65535) fail("--port must be in [0, 65535]");
   std::string tokenizer_source = flags.tokenizer;
   if (tokenizer_source.empty()) {

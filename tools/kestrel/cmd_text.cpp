@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -223,14 +224,11 @@ struct GenerateFlags {
   // --seed N, or with none (or -1) a random one, printed so that the run can be repeated.
   uint64_t sampling_seed() const {
     if (!seed.empty() && seed != "-1") {
-      size_t used = 0;
-      unsigned long long value = 0;
-      try {
-        value = std::stoull(seed, &used);
-      } catch (...) {
-        used = 0;
-      }
-      if (used == 0 || used != seed.size() || seed[0] == '-' || seed[0] == '+') {
+      // Decimal digits only: stoull skipped leading spaces and wrapped " -1" to 2^64 - 1.
+      uint64_t value = 0;
+      const auto [end, error] = std::from_chars(seed.data(), seed.data() + seed.size(), value, 10);
+      if (error != std::errc() || end != seed.data() + seed.size() || seed[0] < '0' ||
+          seed[0] > '9') {
         fail("--seed: '" + seed + "' is not a seed (a non-negative integer, or -1 for random)");
       }
       return value;
@@ -404,7 +402,7 @@ FittedConversation fit_conversation(nlohmann::ordered_json& messages,
   for (;;) {
     const std::string rendered = unwrap(render_chat_template(chat_template, messages, true));
     fitted.ids = unwrap(tokenizer.encode(rendered, false));
-    if (int64_t(fitted.ids.size()) + max_new_tokens <= context) return fitted;
+    if (max_new_tokens <= context - int64_t(fitted.ids.size())) return fitted;
     // The oldest message after the system prompt, and the replies that follow it, up to the
     // next user message; never the newest message.
     size_t first = 0;
@@ -484,7 +482,7 @@ void run_chat(const GenerateFlags& flags, const std::string& system_prompt) {
     if (!stats.is_ok()) {
       // The turn failed (e.g. the context is full); the conversation stays usable after /reset.
       std::fprintf(stderr, "kestrel: error: %s\n", stats.status().message().c_str());
-      if (int64_t(ids.size()) + params.max_new_tokens > engine->max_context()) {
+      if (params.max_new_tokens > engine->max_context() - int64_t(ids.size())) {
         std::fprintf(stderr,
                      "this message and the reply of up to %lld tokens do not fit the context of "
                      "%lld tokens, even without the older turns: raise -c or lower -n\n",

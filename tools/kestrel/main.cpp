@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -52,6 +53,56 @@ std::vector<int32_t> parse_ids(const std::string& text, const std::string& flag)
   }
   if (ids.empty()) fail(flag + ": no token ids given");
   return ids;
+}
+
+namespace {
+
+// CLI11 2.1 reads integers with strtoll and base 0, without a range check: "010" was 8,
+// "0x1f90" 8080, "99999999999999999999" INT64_MAX, and an unsigned flag took "-1" as SIZE_MAX
+// (a review: `--max-body -1` turned the body limit off). Kestrel's integers are decimal, as
+// llama.cpp reads them: each is checked and handed on without leading zeros, so base 0 cannot
+// misread it.
+CLI::Validator decimal_integer(bool is_unsigned) {
+  return CLI::Validator(
+      [is_unsigned](std::string& text) -> std::string {
+        const char* begin = text.data();
+        const char* end = text.data() + text.size();
+        if (begin != end && *begin == '+') ++begin;
+        std::string canonical;
+        std::from_chars_result parsed{};
+        if (is_unsigned) {
+          uint64_t value = 0;
+          parsed = std::from_chars(begin, end, value, 10);
+          canonical = std::to_string(value);
+        } else {
+          int64_t value = 0;
+          parsed = std::from_chars(begin, end, value, 10);
+          canonical = std::to_string(value);
+        }
+        if (begin == end || parsed.ptr != end || parsed.ec == std::errc::invalid_argument) {
+          return "'" + text + "' is not a decimal integer";
+        }
+        if (parsed.ec == std::errc::result_out_of_range) {
+          return "'" + text + "' is out of range";
+        }
+        text = canonical;
+        return {};
+      },
+      "", "");
+}
+
+}  // namespace
+
+// Every integer option of `app` and its subcommands reads decimal only (decimal_integer).
+void require_decimal_integers(CLI::App& app) {
+  for (CLI::Option* option : app.get_options()) {
+    const std::string type = option->get_type_name();
+    if (type == "INT") option->transform(decimal_integer(false));
+    if (type == "UINT") option->transform(decimal_integer(true));
+  }
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+    require_decimal_integers(*sub);
+  }
 }
 
 void check_range(const std::string& flag, double value, double min, double max,
@@ -320,6 +371,7 @@ int main(int argc, char** argv) {
   kestrel::cli::add_text_commands(app, commands);
   kestrel::cli::add_bench_command(app, commands);
   kestrel::cli::add_serve_command(app, commands);
+  kestrel::cli::require_decimal_integers(app);
 
   std::vector<std::string> args = kestrel::cli::translate_llama_flags(argc, argv);
   // CLI11 takes the arguments last to first.

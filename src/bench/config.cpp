@@ -105,6 +105,19 @@ class KeyReader {
   std::string where_;
 };
 
+// A list that names an item twice would run (or exclude) it twice; the error names the first.
+std::string twice(const std::string& where, const std::string& item) {
+  return where + " lists " + quote_untrusted(item, 60) + " twice";
+}
+
+Status check_unique(const std::vector<std::string>& items, const std::string& where) {
+  std::set<std::string> seen;
+  for (const std::string& item : items) {
+    if (!seen.insert(item).second) return Status::error(twice(where, item));
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
 std::string InOut::text() const {
@@ -113,23 +126,69 @@ std::string InOut::text() const {
 
 Result<InOut> parse_in_out(const std::string& text) {
   const size_t dash = text.find('-');
-  InOut pair;
-  if (dash == std::string::npos || !parse_count(text.substr(0, dash), &pair.in_len) ||
-      !parse_count(text.substr(dash + 1), &pair.out_len) || pair.in_len <= 0 || pair.out_len <= 0) {
-    return Status::error("'" + text + "' is not an IN-OUT pair of positive token counts, e.g. " +
-                         "'1024-128'");
+  const std::string in = dash == std::string::npos ? text : text.substr(0, dash);
+  const std::string out = dash == std::string::npos ? std::string() : text.substr(dash + 1);
+  const auto digits = [](const std::string& s) {
+    return !s.empty() &&
+           std::all_of(s.begin(), s.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+  };
+  const std::string too_long = quote_untrusted(text, 60) + ": IN + OUT must be at most " +
+                               std::to_string(kMaxPositions) + " positions";
+  // Counts of more digits than parse_count takes are far past the limit, not malformed.
+  if (digits(in) && digits(out) && (in.size() > 18 || out.size() > 18)) {
+    return Status::error(too_long);
   }
+  InOut pair;
+  if (dash == std::string::npos || !parse_count(in, &pair.in_len) ||
+      !parse_count(out, &pair.out_len) || pair.in_len <= 0 || pair.out_len <= 0) {
+    return Status::error(quote_untrusted(text, 60) +
+                         " is not an IN-OUT pair of positive token counts, e.g. '1024-128'");
+  }
+  // Both are below 10^18: the sum cannot overflow.
+  if (pair.in_len + pair.out_len > kMaxPositions) return Status::error(too_long);
   return pair;
 }
 
+Result<int64_t> count_cases(const std::vector<size_t>& sizes, const std::string& what) {
+  int64_t count = 1;
+  bool over = false;
+  std::string product;
+  for (size_t size : sizes) {
+    product += (product.empty() ? "" : " x ") + std::to_string(size);
+    int64_t next = 0;
+    if (over || size > size_t(kMaxCases) || __builtin_mul_overflow(count, int64_t(size), &next) ||
+        next > kMaxCases) {
+      over = true;
+    } else {
+      count = next;
+    }
+  }
+  if (over) {
+    return Status::error(what + ": " + product + " configurations, past the limit of " +
+                         std::to_string(kMaxCases));
+  }
+  return count;
+}
+
 Result<BenchConfig> parse_bench_config(const std::string& text, const std::string& path) {
-  YAML::Node root;
+  if (text.size() > kMaxBenchConfigBytes) {
+    return Status::error(path + ": " + std::to_string(text.size()) + " bytes is larger than the " +
+                         std::to_string(kMaxBenchConfigBytes >> 20) +
+                         " MiB limit for a benchmark configuration");
+  }
+  std::vector<YAML::Node> documents;
   try {
-    root = YAML::Load(text);
+    documents = YAML::LoadAll(text);
   } catch (const YAML::Exception& e) {
     return Status::error(path + ":" + std::to_string(e.mark.line + 1) + ":" +
                          std::to_string(e.mark.column + 1) + ": not valid YAML: " + e.msg);
   }
+  // YAML::Load would read the first document and drop the rest without a word.
+  if (documents.size() > 1) {
+    return Status::error(path + ": holds " + std::to_string(documents.size()) +
+                         " YAML documents (separated by ---); a benchmark configuration is one");
+  }
+  const YAML::Node root = documents.empty() ? YAML::Node() : documents[0];
   if (!root.IsMap()) return Status::error(path + ": expected a mapping of benchmark keys");
 
   BenchConfig config;
@@ -146,6 +205,7 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
       }
       if (key == "repo_id") {
         KS_ASSIGN_OR_RETURN(config.repo_ids, read.strings(value));
+        KS_RETURN_IF_ERROR(check_unique(config.repo_ids, read.where()));
       } else if (key == "local_model_hub") {
         if (!value.IsNull()) {
           KS_ASSIGN_OR_RETURN(config.local_model_hub, read.string(value));
@@ -168,8 +228,10 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
       } else if (key == "batch_size") {
         config.batch_sizes.clear();
         if (value.IsSequence()) {
+          std::set<int64_t> sizes;
           for (const YAML::Node& item : value) {
             KS_ASSIGN_OR_RETURN(int64_t v, read.integer(item, 1, kMaxBatchSize));
+            if (!sizes.insert(v).second) return Status::error(twice(read.where(), item.Scalar()));
             config.batch_sizes.push_back(v);
           }
         } else {
@@ -179,14 +241,19 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
         if (config.batch_sizes.empty()) return Status::error(read.where() + " is an empty list");
       } else if (key == "in_out_pairs") {
         KS_ASSIGN_OR_RETURN(std::vector<std::string> pairs, read.strings(value));
+        std::set<std::pair<int64_t, int64_t>> distinct;
         for (const std::string& text : pairs) {
           auto pair = parse_in_out(text);
           if (!pair.is_ok()) return pair.status().with_context(read.where());
+          if (!distinct.insert({pair->in_len, pair->out_len}).second) {
+            return Status::error(twice(read.where(), text));
+          }
           config.in_out_pairs.push_back(*pair);
         }
         has_in_out = true;
       } else if (key == "exclude") {
         KS_ASSIGN_OR_RETURN(config.exclude, read.strings(value));
+        KS_RETURN_IF_ERROR(check_unique(config.exclude, read.where()));
       } else if (key == "tensor_parallel") {
         KS_ASSIGN_OR_RETURN(int64_t v, read.integer(value, 1, kMaxTensorParallel));
         config.tensor_parallel = int(v);
@@ -204,11 +271,15 @@ Result<BenchConfig> parse_bench_config(const std::string& text, const std::strin
   if (!has_in_out || config.in_out_pairs.empty()) {
     return Status::error(path + ": in_out_pairs lists no 'IN-OUT' pair");
   }
+  auto count =
+      count_cases({config.repo_ids.size(), config.batch_sizes.size(), config.in_out_pairs.size()},
+                  "repo_id x batch_size x in_out_pairs");
+  if (!count.is_ok()) return count.status().with_context(path);
   return config;
 }
 
 Result<BenchConfig> load_bench_config(const std::string& path) {
-  KS_ASSIGN_OR_RETURN(const std::string text, read_text_file(path));
+  KS_ASSIGN_OR_RETURN(const std::string text, read_text_file(path, kMaxBenchConfigBytes));
   return parse_bench_config(text, path);
 }
 
@@ -227,13 +298,12 @@ std::string model_source(const std::string& repo_id, const std::string& local_mo
 
 std::vector<BenchCase> expand_cases(const BenchConfig& config, std::vector<std::string>* excluded) {
   std::vector<BenchCase> cases;
+  // A set: a long exclude list is not walked once per configuration.
+  const std::set<std::string> rules(config.exclude.begin(), config.exclude.end());
   auto is_excluded = [&](const std::string& model, const InOut& pair, int64_t batch) {
     const std::string in = model + ":" + std::to_string(pair.in_len);
     const std::string in_batch = in + ":" + std::to_string(batch);
-    for (const std::string& rule : config.exclude) {
-      if (rule == model || rule == in || rule == in_batch) return true;
-    }
-    return false;
+    return rules.count(model) > 0 || rules.count(in) > 0 || rules.count(in_batch) > 0;
   };
   for (const std::string& model : config.repo_ids) {
     for (int64_t batch : config.batch_sizes) {

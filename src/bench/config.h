@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -29,7 +30,7 @@ struct InOut {
   std::string text() const;  // "1024-512"
 };
 
-// "1024-512" -> {1024, 512}; both positive.
+// "1024-512" -> {1024, 512}; both positive, together at most kMaxPositions.
 Result<InOut> parse_in_out(const std::string& text);
 
 // Stated limits of the numbers a configuration may ask for: far above any useful benchmark, and
@@ -37,6 +38,19 @@ Result<InOut> parse_in_out(const std::string& text);
 constexpr int64_t kMaxTrials = 10000;    // warm_up, num_trials (and bench -r)
 constexpr int64_t kMaxBeams = 64;        // num_beams
 constexpr int64_t kMaxBatchSize = 4096;  // batch_size (and bench -b)
+// IN + OUT of an in/out pair (and of bench -p and -n's tests): positions are int32 in the engine.
+constexpr int64_t kMaxPositions = std::numeric_limits<int32_t>::max();
+// Configurations one run may expand to (the product of its lists, before exclusions), so a
+// config of a few lines cannot ask for billions of rows.
+constexpr int64_t kMaxCases = 10000;
+// A benchmark YAML's bytes, checked before yaml-cpp parses it: its nodes take up to ~250 times
+// the text (1 MiB of "[a]," items peaked at 260 MB; 60 MB, within the generic 64 MiB text limit,
+// took more than 8 GB).
+constexpr size_t kMaxBenchConfigBytes = size_t(1) << 20;
+
+// The number of configurations lists of `sizes` items make (their product), or an error that
+// names `what` ("repo_id x batch_size x in_out_pairs") past kMaxCases.
+Result<int64_t> count_cases(const std::vector<size_t>& sizes, const std::string& what);
 
 struct BenchConfig {
   std::vector<std::string> repo_ids;
@@ -54,7 +68,8 @@ struct BenchConfig {
   std::vector<std::string> ignored_keys;  // all-in-one keys that mean nothing here
 };
 
-// Parses YAML text; `path` names the file in errors.
+// Parses YAML text (one document, at most kMaxBenchConfigBytes); `path` names the file in
+// errors. Lists hold no item twice, and make at most kMaxCases configurations.
 Result<BenchConfig> parse_bench_config(const std::string& text, const std::string& path);
 Result<BenchConfig> load_bench_config(const std::string& path);
 
@@ -73,7 +88,8 @@ struct BenchCase {
 };
 
 // Every (model, batch size, in/out pair) in that order, minus the excluded ones, which are
-// returned in `excluded` as "MODEL in-out batch N" for the log.
+// returned in `excluded` as "MODEL in-out batch N" for the log. parse_bench_config has bounded
+// their number (kMaxCases).
 std::vector<BenchCase> expand_cases(const BenchConfig& config,
                                     std::vector<std::string>* excluded = nullptr);
 

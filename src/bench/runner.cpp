@@ -3,6 +3,7 @@
 #include <malloc.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <limits>
@@ -66,7 +67,63 @@ double kv_entry_bytes(const Backend& backend, const ModelConfig& config, KvCache
          double(layout->types.kv_row_bytes) / double(std::max<int64_t>(1, config.head_dim));
 }
 
+// The sum of expected_seconds(cost_of(k)) over k = first .. last, for a cost whose bytes and
+// flops are affine in k (prefill_cost and decode_cost along a run of steps). The memory time and
+// the compute time are each affine, so their difference changes sign at most once: on each side
+// of that point the larger is one affine function, whose sum is the count times the mean of its
+// end values.
+template <typename CostOf>
+double sum_step_seconds(int64_t first, int64_t last, const CostOf& cost_of,
+                        const DeviceProfile& profile) {
+  if (last < first) return 0;
+  struct Times {
+    double memory, compute;
+    double step() const { return std::max(memory, compute); }
+    double lead() const { return memory - compute; }
+  };
+  const auto times_at = [&](int64_t k) {
+    const StepCost cost = cost_of(k);
+    return Times{kestrel::expected_seconds(StepCost{cost.bytes, 0}, profile),
+                 kestrel::expected_seconds(StepCost{0, cost.flops}, profile)};
+  };
+  const auto sum = [](int64_t from, int64_t to, const Times& a, const Times& b) {
+    return double(to - from + 1) * (a.step() + b.step()) / 2.0;
+  };
+  const Times low = times_at(first);
+  const Times high = times_at(last);
+  if (first == last || (low.lead() >= 0) == (high.lead() >= 0)) {
+    return sum(first, last, low, high);
+  }
+  // The last k on `low`'s side; a rounding error here moves a step whose two times are equal.
+  const double cross =
+      double(first) + low.lead() / (low.lead() - high.lead()) * double(last - first);
+  const int64_t split = std::clamp(int64_t(std::floor(cross)), first, last - 1);
+  return sum(first, split, low, times_at(split)) + sum(split + 1, last, times_at(split + 1), high);
+}
+
 }  // namespace
+
+double expected_case_seconds(const WeightSpec& spec, const DeviceProfile& profile,
+                             double kv_entry_bytes, int64_t prefill_chunk, const BenchCase& c) {
+  const int64_t chunk = std::max<int64_t>(1, std::min(prefill_chunk, c.in_len));
+  // Whole chunks end at k * chunk; a shorter last one ends at in_len.
+  const int64_t whole = c.in_len / chunk;
+  double prompt = sum_step_seconds(
+      1, whole, [&](int64_t k) { return prefill_cost(spec, chunk, k * chunk, kv_entry_bytes); },
+      profile);
+  if (c.in_len % chunk != 0) {
+    prompt += kestrel::expected_seconds(
+        prefill_cost(spec, c.in_len % chunk, c.in_len, kv_entry_bytes), profile);
+  }
+  // Decode step s (1 .. out_len - 1) leaves in_len + s positions in every sequence's cache.
+  const double decode = sum_step_seconds(
+      1, c.out_len - 1,
+      [&](int64_t s) {
+        return decode_cost(spec, c.batch_size * c.num_beams, c.in_len + s, kv_entry_bytes);
+      },
+      profile);
+  return (prompt * double(c.batch_size) + decode) * double(c.warm_up + c.num_trials);
+}
 
 Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
   if (options.prompt_text.empty()) return Status::error("the benchmark needs a prompt text");
@@ -171,18 +228,7 @@ double Runner::expected_seconds(const BenchCase& c) {
   const Backend& backend = engine_ ? engine_->backend() : *spare_backend_;
   const double kv_bytes =
       kv_entry_bytes(backend, spec->config, resolve_kv_cache(options_.kv_cache, spec->format));
-  const int64_t chunk = std::max<int64_t>(1, std::min(options_.prefill_chunk, c.in_len));
-  double trial = 0;
-  for (int64_t begin = 0; begin < c.in_len; begin += chunk) {
-    const int64_t end = std::min(c.in_len, begin + chunk);
-    trial += kestrel::expected_seconds(prefill_cost(*spec, end - begin, end, kv_bytes), profile_);
-  }
-  trial *= double(c.batch_size);
-  for (int64_t s = 1; s < c.out_len; ++s) {
-    trial += kestrel::expected_seconds(
-        decode_cost(*spec, c.batch_size * c.num_beams, c.in_len + s, kv_bytes), profile_);
-  }
-  return trial * double(c.warm_up + c.num_trials);
+  return expected_case_seconds(*spec, profile_, kv_bytes, options_.prefill_chunk, c);
 }
 
 Result<std::vector<int32_t>> Runner::prompt_for(const std::string& source, int64_t n_tokens,

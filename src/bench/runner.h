@@ -95,6 +95,14 @@ struct RunnerOptions {
   std::function<void(const CaseResult& result)> on_hang;
 };
 
+// What one configuration is expected to take at `profile`'s rates over all its runs (warm-ups
+// and trials): each copy's prompt in chunks of `prefill_chunk` tokens, then out_len - 1 decode
+// steps. A step's cost is affine in its context and its time the larger of a memory and a
+// compute time, so the sum over a run of steps is taken in closed form, not step by step
+// (2^31 decode steps once took minutes before a configuration's first check).
+double expected_case_seconds(const WeightSpec& spec, const DeviceProfile& profile,
+                             double kv_entry_bytes, int64_t prefill_chunk, const BenchCase& c);
+
 class Runner {
  public:
   static Result<std::unique_ptr<Runner>> create(RunnerOptions options);

@@ -169,6 +169,31 @@ expect_error "num_trials 1e9" "num_trials must be an integer from 1 to" \
   "$kestrel" bench --config "$tmp/t.yaml" -q -o "$tmp/t.csv"
 printf "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-2']\nwarm_up: 0\nwarm_up: 1\n" >"$tmp/d.yaml"
 expect_error "duplicate YAML key" "given twice" "$kestrel" bench --config "$tmp/d.yaml" -q -o "$tmp/d.csv"
+# Sizes that once hung or ran out of memory before any check (each refused as it is read now).
+expect_error "bench -n 2^31-1" "-n: 2147483647 is past the limit of 2147483645" \
+  "$kestrel" bench -m synthetic:tiny-llama -p 1 -n 2147483647 -r 1 -q
+expect_error "bench -p 1,1" "-p: 1 is given twice" "$kestrel" bench -m synthetic:tiny-llama -p 1,1 -q
+expect_error "bench -p of 20000" "-b x (-p + -n): 1 x 20001 configurations, past the limit of 10000" \
+  "$kestrel" bench -m synthetic:tiny-llama -p "$(seq -s, 1 20000)" -q
+for pair in 1-999999999999999999 999999999999999999-1; do
+  printf "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['%s']\n" "$pair" >"$tmp/p.yaml"
+  expect_error "in_out_pairs $pair" "'$pair': IN + OUT must be at most 2147483647 positions" \
+    "$kestrel" bench --config "$tmp/p.yaml" -q -o "$tmp/p.csv"
+done
+python3 - "$tmp/many.yaml" <<'PY'
+import sys
+items = lambda name, values: name + ":\n" + "".join(f"  - '{v}'\n" for v in values)
+open(sys.argv[1], "w").write(items("repo_id", [f"synthetic:m{i}" for i in range(1000)]) +
+                             items("batch_size", range(1, 1001)) +
+                             items("in_out_pairs", [f"{i}-8" for i in range(1, 1001)]))
+PY
+expect_error "1000^3 configurations" "1000 x 1000 x 1000 configurations, past the limit of 10000" \
+  "$kestrel" bench --config "$tmp/many.yaml" -q -o "$tmp/many.csv"
+{ printf "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-2']\n"; head -c 2000000 /dev/zero | tr '\0' '#'; echo; } >"$tmp/big.yaml"
+expect_error "2 MB bench YAML" "1 MiB limit" "$kestrel" bench --config "$tmp/big.yaml" -q -o "$tmp/big.csv"
+printf "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-2']\n---\nnum_trials: 1\n" >"$tmp/two.yaml"
+expect_error "two YAML documents" "holds 2 YAML documents" \
+  "$kestrel" bench --config "$tmp/two.yaml" -q -o "$tmp/two.csv"
 
 # A Llama config with attention_bias false and bias tensors present: the biases are ignored, as
 # transformers ignores them (the logits equal those of the same file without the tensors), with a

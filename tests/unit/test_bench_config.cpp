@@ -3,11 +3,16 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <set>
 
 #include "bench/config.h"
+#include "bench/profile.h"
 #include "bench/prompt.h"
 #include "bench/report.h"
+#include "bench/runner.h"
 #include "core/stats.h"
 
 namespace kestrel::bench {
@@ -129,6 +134,196 @@ TEST(BenchConfig, ReportsWhatIsWrongAndWhere) {
   expect_error("repo_id: [a\nin_out_pairs: ['8-8']\n", "not valid YAML");
   expect_error("- just\n- a list\n", "expected a mapping");
   expect_error("in_out_pairs: ['8-4']\nrepo_id: {a: b}\n", "repo_id must be a string or a list");
+}
+
+// A pair past 2^31 - 1 positions fails as it is read; before, the progress estimate walked
+// every step of it (2^31 decode steps) before any check could refuse it.
+TEST(BenchConfig, RefusesPairsPastThePositionLimit) {
+  for (const char* pair : {"1-999999999999999999", "999999999999999999-1", "2147483647-1",
+                           "1-2147483647", "99999999999999999999-1", "1-123456789012345678901"}) {
+    auto parsed = parse_in_out(pair);
+    ASSERT_FALSE(parsed.is_ok()) << pair;
+    EXPECT_NE(parsed.status().message().find("IN + OUT must be at most 2147483647 positions"),
+              std::string::npos)
+        << parsed.status().message();
+    EXPECT_NE(parsed.status().message().find(pair), std::string::npos);
+  }
+  auto largest = parse_in_out("2147483646-1");
+  ASSERT_TRUE(largest.is_ok()) << largest.status().message();
+  EXPECT_EQ(largest->in_len + largest->out_len, kMaxPositions);
+  EXPECT_FALSE(parse_in_out("12a-1").is_ok());
+  expect_error("repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['1-999999999999999999']\n",
+               "in_out_pairs: '1-999999999999999999': IN + OUT must be at most");
+}
+
+// The product of the lists is checked before anything is expanded: 1000 x 1000 x 1000 once took
+// 5.8 GB before bad_alloc.
+TEST(BenchConfig, BoundsTheNumberOfConfigurations) {
+  auto config_of = [](int models, int batches, int pairs) {
+    std::string yaml = "repo_id:\n";
+    for (int i = 0; i < models; ++i) yaml += "  - synthetic:m" + std::to_string(i) + "\n";
+    yaml += "batch_size:\n";
+    for (int i = 1; i <= batches; ++i) yaml += "  - " + std::to_string(i) + "\n";
+    yaml += "in_out_pairs:\n";
+    for (int i = 1; i <= pairs; ++i) yaml += "  - '" + std::to_string(i) + "-8'\n";
+    return yaml;
+  };
+  auto at_limit = parse_bench_config(config_of(100, 10, 10), "bench.yaml");
+  ASSERT_TRUE(at_limit.is_ok()) << at_limit.status().message();
+  EXPECT_EQ(expand_cases(*at_limit).size(), size_t(kMaxCases));
+  expect_error(config_of(100, 10, 11),
+               "repo_id x batch_size x in_out_pairs: 100 x 10 x 11 configurations, past the "
+               "limit of 10000");
+  expect_error(config_of(1000, 1000, 3), "1000 x 1000 x 3 configurations");
+
+  EXPECT_EQ(*count_cases({3, 4, 5}, "lists"), 60);
+  const size_t huge = std::numeric_limits<size_t>::max();
+  for (const std::vector<size_t>& sizes : std::vector<std::vector<size_t>>{
+           {huge, huge}, {size_t(1) << 32, size_t(1) << 32}, {10001}, {2, 5001}}) {
+    auto count = count_cases(sizes, "-b x (-p + -n)");
+    ASSERT_FALSE(count.is_ok());
+    EXPECT_NE(count.status().message().find("-b x (-p + -n): "), std::string::npos);
+    EXPECT_NE(count.status().message().find("past the limit of 10000"), std::string::npos);
+  }
+}
+
+TEST(BenchConfig, RefusesItemsGivenTwice) {
+  const std::string pairs = "in_out_pairs: ['8-4']\n";
+  expect_error("repo_id: [synthetic:a, synthetic:b, synthetic:a]\n" + pairs,
+               "repo_id lists 'synthetic:a' twice");
+  expect_error("repo_id: [synthetic:a]\n" + pairs + "batch_size: [1, 4, 1]\n",
+               "batch_size lists '1' twice");
+  // The same pair however it is written.
+  expect_error("repo_id: [synthetic:a]\nin_out_pairs: ['32-32', '64-8', '032-32']\n",
+               "in_out_pairs lists '032-32' twice");
+  expect_error("repo_id: [synthetic:a]\n" + pairs + "exclude: [synthetic:a:8, synthetic:a:8]\n",
+               "exclude lists 'synthetic:a:8' twice");
+}
+
+// yaml-cpp takes about 140 times a file's size: a benchmark config is held to 1 MiB before it
+// is parsed (a 60 MB one within the generic 64 MiB text limit needed more than 8 GB).
+TEST(BenchConfig, RefusesLargeFilesAndSeveralDocuments) {
+  std::string big = "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-4']\n#";
+  big.resize(kMaxBenchConfigBytes + 1, 'x');
+  expect_error(big, "bytes is larger than the 1 MiB limit for a benchmark configuration");
+
+  const std::string path = ::testing::TempDir() + "/bench_config_2mib.yaml";
+  {
+    std::ofstream file(path);
+    file << big << std::string(kMaxBenchConfigBytes, 'x') << "\n";
+  }
+  auto loaded = load_bench_config(path);
+  std::remove(path.c_str());
+  ASSERT_FALSE(loaded.is_ok());
+  EXPECT_NE(loaded.status().message().find("1 MiB limit"), std::string::npos)
+      << loaded.status().message();
+
+  const std::string one = "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-4']\n";
+  EXPECT_TRUE(parse_bench_config("---\n" + one, "bench.yaml").is_ok());
+  expect_error(one + "---\n" + one, "holds 2 YAML documents");
+  expect_error(one + "---\nnum_trials: 1\n", "holds 2 YAML documents");
+}
+
+// The estimate as it was computed before it had a closed form: one prefill_cost per chunk of
+// each copy's prompt and one decode_cost per later step. `mixed_decode` is set when the decode
+// steps of one case are memory-bound at one end and compute-bound at the other.
+double stepwise_case_seconds(const WeightSpec& spec, const DeviceProfile& profile, double kv_bytes,
+                             int64_t prefill_chunk, const BenchCase& c, bool* mixed_decode) {
+  const int64_t chunk = std::max<int64_t>(1, std::min(prefill_chunk, c.in_len));
+  double trial = 0;
+  for (int64_t begin = 0; begin < c.in_len; begin += chunk) {
+    const int64_t end = std::min(c.in_len, begin + chunk);
+    trial += expected_seconds(prefill_cost(spec, end - begin, end, kv_bytes), profile);
+  }
+  trial *= double(c.batch_size);
+  bool memory_bound = false, compute_bound = false;
+  for (int64_t s = 1; s < c.out_len; ++s) {
+    const StepCost cost = decode_cost(spec, c.batch_size * c.num_beams, c.in_len + s, kv_bytes);
+    const double memory = expected_seconds(StepCost{cost.bytes, 0}, profile);
+    const double compute = expected_seconds(StepCost{0, cost.flops}, profile);
+    (memory > compute ? memory_bound : compute_bound) = true;
+    trial += expected_seconds(cost, profile);
+  }
+  if (memory_bound && compute_bound) *mixed_decode = true;
+  return trial * double(c.warm_up + c.num_trials);
+}
+
+TEST(BenchRunner, ClosedFormEstimateMatchesTheStepByStepSum) {
+  int compared = 0;
+  for (const char* model : {"synthetic:tiny-llama", "synthetic:qwen2-1.5b"}) {
+    auto spec = weight_spec_of(model, WeightFormat::sym_int4, false, 32);
+    ASSERT_TRUE(spec.is_ok()) << spec.status().message();
+    for (const char* device : {"cpu", "cuda"}) {
+      auto base = device_profile(device, 2);
+      ASSERT_TRUE(base.is_ok());
+      const double kv_bytes = device == std::string("cpu") ? 4.0 : 2.0;
+      for (int64_t in_len : {1, 7, 513}) {
+        for (int64_t out_len : {1, 2, 33, 150}) {
+          for (int64_t batch : {1, 3}) {
+            BenchCase c;
+            c.in_len = in_len;
+            c.out_len = out_len;
+            c.batch_size = batch;
+            c.num_beams = batch == 3 ? 2 : 1;
+            c.warm_up = 1;
+            c.num_trials = 2;
+            // The profile's own rates, bandwidths far below and above them (every step bound by
+            // one side), and bandwidths at which a decode step a third or half of the way along
+            // takes as long to read as to compute: the bound changes within the run of steps.
+            std::vector<double> bandwidths = {base->bandwidth_gbs, base->bandwidth_gbs * 1e-3,
+                                              base->bandwidth_gbs * 1e3};
+            for (int64_t step : {out_len / 3, out_len / 2}) {
+              if (step < 1) continue;
+              const StepCost cost =
+                  decode_cost(*spec, c.batch_size * c.num_beams, in_len + step, kv_bytes);
+              bandwidths.push_back(cost.bytes * base->compute_gflops / cost.flops);
+            }
+            for (size_t b = 0; b < bandwidths.size(); ++b) {
+              DeviceProfile profile = *base;
+              profile.bandwidth_gbs = bandwidths[b];
+              for (int64_t chunk : {64, 512}) {
+                bool mixed = false;
+                const double want =
+                    stepwise_case_seconds(*spec, profile, kv_bytes, chunk, c, &mixed);
+                const double got = expected_case_seconds(*spec, profile, kv_bytes, chunk, c);
+                const std::string what = std::string(model) + " " + device + " " +
+                                         std::to_string(bandwidths[b]) + " GB/s " +
+                                         InOut{in_len, out_len}.text() + " batch " +
+                                         std::to_string(batch) + " chunk " + std::to_string(chunk);
+                ASSERT_GT(want, 0.0) << what;
+                ASSERT_NEAR(got, want, want * 1e-9) << what;
+                // The two tuned bandwidths put the change of bound inside the run.
+                if (b >= 3 && out_len >= 33) {
+                  EXPECT_TRUE(mixed) << what;
+                }
+                ++compared;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(compared, 300);
+}
+
+// The largest pair and batch the limits allow: 2^31 steps, which the estimate does not walk.
+TEST(BenchRunner, EstimateOfTheLargestCaseIsFinite) {
+  auto spec = weight_spec_of("synthetic:tiny-llama", WeightFormat::sym_int4, false, 32);
+  ASSERT_TRUE(spec.is_ok()) << spec.status().message();
+  auto profile = device_profile("cpu", 2);
+  ASSERT_TRUE(profile.is_ok());
+  BenchCase c;
+  c.batch_size = kMaxBatchSize;
+  c.num_beams = kMaxBeams;
+  c.warm_up = c.num_trials = int(kMaxTrials);
+  for (const InOut pair : {InOut{1, kMaxPositions - 1}, InOut{kMaxPositions - 1, 1}}) {
+    c.in_len = pair.in_len;
+    c.out_len = pair.out_len;
+    const double seconds = expected_case_seconds(*spec, *profile, 4.0, 512, c);
+    EXPECT_TRUE(std::isfinite(seconds)) << pair.text();
+    EXPECT_GT(seconds, 0.0) << pair.text();
+  }
 }
 
 TEST(BenchConfig, ModelSources) {

@@ -5,12 +5,14 @@
 #include <malloc.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -55,10 +57,12 @@ std::string source_commit(const std::string& executable) {
   return text.empty() ? "unknown" : text;
 }
 
-// "1,4,16" -> {1, 4, 16}; each a positive integer.
+// "1,4,16" -> {1, 4, 16}; each a positive integer up to `max_value` (`why` says where that limit
+// comes from), none given twice.
 std::vector<int64_t> parse_counts(const std::string& text, const std::string& flag,
-                                  int64_t max_value) {
+                                  int64_t max_value, const std::string& why = "") {
   std::vector<int64_t> values;
+  std::set<int64_t> seen;
   std::stringstream stream(text);
   std::string item;
   while (std::getline(stream, item, ',')) {
@@ -73,8 +77,9 @@ std::vector<int64_t> parse_counts(const std::string& text, const std::string& fl
       fail(flag + ": '" + item + "' is not a positive integer (expected e.g. 1,4,16)");
     }
     if (value > max_value) {
-      fail(flag + ": " + item + " is past the limit of " + std::to_string(max_value));
+      fail(flag + ": " + item + " is past the limit of " + std::to_string(max_value) + why);
     }
+    if (!seen.insert(value).second) fail(flag + ": " + item + " is given twice");
     values.push_back(value);
   }
   if (values.empty()) fail(flag + ": no values given");
@@ -235,7 +240,8 @@ class BenchCommand {
     for (const auto& c : cases) total += runner.expected_seconds(c);
     // Progress counts expected milliseconds of the device profile, so the ETA weighs prefill
     // and decode by their cost.
-    Progress progress("bench", std::max<int64_t>(1, int64_t(std::ceil(total * 1e3))),
+    // Clamped: a run of huge rows (each refused later by its plan) would overflow the units.
+    Progress progress("bench", int64_t(std::clamp(std::ceil(total * 1e3), 1.0, 1e15)),
                       !flags_.quiet);
     double carried = 0;
     progress_ = [&](double seconds) {
@@ -314,9 +320,15 @@ class BenchCommand {
       fail("-o: with -m the output is a format: md, csv or json (got '" + format + "')");
     }
     check_range("-r", flags_.repetitions, 1, double(bench::kMaxTrials));
-    const std::vector<int64_t> prompts = parse_counts(flags_.prompt_lengths, "-p", INT32_MAX);
-    const std::vector<int64_t> gens = parse_counts(flags_.gen_lengths, "-n", INT32_MAX);
+    // A ppN test is an N-1 pair, a tgN test a 1-(N+1) pair (below), held to the YAML's limit.
+    const std::string positions = " (a test's prompt and generated tokens together are at most " +
+                                  std::to_string(bench::kMaxPositions) + " positions)";
+    const std::vector<int64_t> prompts =
+        parse_counts(flags_.prompt_lengths, "-p", bench::kMaxPositions - 1, positions);
+    const std::vector<int64_t> gens =
+        parse_counts(flags_.gen_lengths, "-n", bench::kMaxPositions - 2, positions);
     const std::vector<int64_t> batches = parse_counts(flags_.batches, "-b", bench::kMaxBatchSize);
+    unwrap(bench::count_cases({batches.size(), prompts.size() + gens.size()}, "-b x (-p + -n)"));
     bench::BenchCase base;
     base.model = flags_.model;
     base.source = flags_.model;

@@ -157,7 +157,8 @@ PY
 expect_error "NUL in config.json" "NUL byte" "$kestrel" logits -m "$d" --ids 1 -q -o "$tmp/o"
 expect_error "--seed -2" "--seed: '-2'" \
   "$kestrel" run -m synthetic:tiny-qwen2 --tokenizer "$qwen_tok" -p hi -n 2 --temp 0.7 --seed -2 -q
-for flag in "--hang-grace nan" "--step-timeout nan" "--deadline-factor -1" "--roofline-gbs 0"; do
+for flag in "--hang-grace nan" "--step-timeout nan" "--deadline-factor -1" "--roofline-gbs 0" \
+  "--roofline-gbs 4.9e-324"; do
   read -r name value <<<"$flag"
   expect_error "bench $flag" "$name: " \
     "$kestrel" bench -m synthetic:tiny-qwen2 -p 8 -n 2 -r 1 -q "$name" "$value"

@@ -153,8 +153,9 @@ class BenchCommand {
     }
     // 0 (the default): the device's own chunk.
     check_range("--prefill-chunk", double(flags_.prefill_chunk), 0, 1 << 20);
-    // 0 (the default) means the device's own figure; given, it must be a bandwidth.
-    if (flags_.roofline_given) check_range("--roofline-gbs", flags_.roofline_gbs, 0, 1e6, true);
+    // 0 (the default) means the device's own figure; given, it must be a bandwidth (a
+    // denormal one printed "inf%").
+    if (flags_.roofline_given) check_range("--roofline-gbs", flags_.roofline_gbs, 0.1, 1e6);
     check_range("--deadline-factor", flags_.deadline_factor, 0, 1e6, true);
     check_range("--step-timeout", flags_.step_timeout, 0, 1e7);
     check_range("--hang-grace", flags_.hang_grace, 0, 1e7, true);

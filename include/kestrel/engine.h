@@ -165,6 +165,7 @@ class Engine {
   Backend& backend();
   // Which KV cache blocks each sequence slot holds (runtime/kv_cache.h). run() gives a slot the
   // blocks its batch's positions need; a caller may reserve them beforehand (the server does).
+  // Only while there is a reservation (check_reserved()).
   PagedKvCache& kv_cache() { return *kv_cache_; }
   const EngineOptions& options() const { return options_; }
   // Positions each sequence can hold (the KV cache's length).
@@ -177,6 +178,8 @@ class Engine {
   // with the old reservation kept; if the backend itself then fails, the old shape is taken
   // again where it can be, else every later call fails until a reserve succeeds.
   Status reserve(const RunShape& shape);
+  // An error when there is no reservation (a failed reserve() left none); every generator checks.
+  Status check_reserved() const;
 
   // Logits of every position of `ids` ([ids.size(), vocab]), run from position 0 of `seq`.
   // `between_chunks`, if set, is called before each chunk after the first; a non-ok Status
@@ -250,8 +253,6 @@ class Engine {
   std::unique_ptr<TensorParallel> tensor_parallel_;  // set instead of backend_ when split
   // Runs `shards` (rank i's weights at i) on options_.tensor_parallel ranks, rank 0 on `rank0`.
   Status split(std::unique_ptr<Backend> rank0, std::vector<ModelWeights> shards);
-  // An error when there is no reservation (a failed reserve() left none).
-  Status check_reserved() const;
   // Copies a KV cache block on the backend, or on every rank.
   Status copy_kv_block(int32_t src, int32_t dst);
   // Gives the batch's slots the blocks it writes (copying shared ones first).

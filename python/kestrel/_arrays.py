@@ -128,9 +128,10 @@ class TokenInput:
     def sequences(self, generated, pad_token_id):
         """Prompt + generated tokens of every row, in the input's type: arrays keep their input
         (left padding included) and are padded on the right with `pad_token_id` to the longest
-        row, as transformers returns them. An array keeps its integer type where every id and
-        the padding fit it, and is int64 otherwise (an int16 array's continuation is not
-        wrapped around; torch.cat promotes the same way in transformers)."""
+        row, as transformers returns them. An array keeps its integer type where that type
+        holds every token id (below 2**31) and the padding id, int32 and wider; narrower ones
+        come back as int64, whatever was generated (an int16 array's continuation used to wrap
+        around in its input's type)."""
         if self.kind == "list":
             return self.prompts[0] + generated[0]
         if self.kind == "lists":
@@ -141,10 +142,9 @@ class TokenInput:
         for r, gen in enumerate(generated):
             out[r, self.width : self.width + len(gen)] = gen
         limits = np.iinfo(self.dtype)
-        fits = out.size == 0 or (limits.min <= out.min() and out.max() <= limits.max)
-        if fits:
-            out = out.astype(self.dtype)
-        return self._as_input_type(out[0] if self.one_dim else out, keep_dtype=fits)
+        keep = limits.min <= min(0, pad_token_id) and max(2**31 - 1, pad_token_id) <= limits.max
+        out = out.astype(self.dtype) if keep else out
+        return self._as_input_type(out[0] if self.one_dim else out, keep_dtype=keep)
 
     def logits(self, rows_logits):
         """[rows, width, vocab] logits in the input's array type (float32). A single unpadded row

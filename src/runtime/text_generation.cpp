@@ -20,6 +20,7 @@ Result<TextGenerationStats> TextSession::generate(
     const std::vector<int32_t>& prompt_ids, const TextGenerationParams& params,
     const std::function<void(const std::string&)>& on_text) {
   KS_RETURN_IF_ERROR(validate_sampling_params(params.sampling));
+  KS_RETURN_IF_ERROR(engine_.check_reserved());
   if (prompt_ids.empty()) return Status::error("prompt is empty");
   const ModelConfig& config = engine_.config();
   const int64_t vocab = config.vocab_size;

@@ -27,6 +27,7 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 Status check_prompts(const Engine& engine, const std::vector<std::vector<int32_t>>& prompts,
                      const TokenGenerationParams& params) {
+  KS_RETURN_IF_ERROR(engine.check_reserved());
   if (prompts.empty()) return Status::error("no prompts to generate from");
   if (params.max_new_tokens < 0 || params.min_new_tokens < 0) {
     return Status::error("max_new_tokens and min_new_tokens must not be negative");

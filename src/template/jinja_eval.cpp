@@ -461,8 +461,8 @@ Status Interpreter::charge_work(uint64_t bytes) {
 
 Status Interpreter::charge_read(const Value& v) {
   if (v.is_string()) return charge_work(v.as_string().size());
-  if (v.is_list()) return charge_work(kItemBytes * v.as_list().items.size());
-  if (v.is_dict()) return charge_work(kItemBytes * v.as_dict().entries.size());
+  if (v.is_list()) return charge_work(kReadItemBytes * v.as_list().items.size());
+  if (v.is_dict()) return charge_work(kReadItemBytes * v.as_dict().entries.size());
   return Status::ok();
 }
 

@@ -30,6 +30,9 @@ constexpr int kMaxValueDepth = 128;
 // text's shared block (a character of an iterated string, a part of a split); a Value holding a
 // two-item tuple (a dict's items).
 constexpr uint64_t kItemBytes = sizeof(Value);
+// What reading an item costs (a filter's list operand, `in`): nothing is copied, so less than
+// making one; Qwen3's template reads `messages|length` once a message, n^2 in all.
+constexpr uint64_t kReadItemBytes = 16;
 constexpr uint64_t kStringItemBytes = sizeof(Value) + sizeof(std::string) + 16;
 constexpr uint64_t kPairItemBytes = sizeof(Value) + sizeof(ListData) + 2 * sizeof(Value) + 16;
 // The output that nested capture buffers ({% set %} and {% filter %} blocks, macro calls) may

@@ -67,7 +67,7 @@ CLI::Validator decimal_integer(bool is_unsigned) {
       [is_unsigned](std::string& text) -> std::string {
         const char* begin = text.data();
         const char* end = text.data() + text.size();
-        if (begin != end && *begin == '+') ++begin;
+        if (begin != end && *begin == '+' && begin + 1 != end && begin[1] != '-') ++begin;
         std::string canonical;
         std::from_chars_result parsed{};
         if (is_unsigned) {
@@ -96,7 +96,9 @@ CLI::Validator decimal_integer(bool is_unsigned) {
 // Every integer option of `app` and its subcommands reads decimal only (decimal_integer).
 void require_decimal_integers(CLI::App& app) {
   for (CLI::Option* option : app.get_options()) {
-    const std::string type = option->get_type_name();
+    // CLI11 appends each validator's description ("INT:INT in [1 - 10]").
+    const std::string full = option->get_type_name();
+    const std::string type = full.substr(0, full.find(':'));
     if (type == "INT") option->transform(decimal_integer(false));
     if (type == "UINT") option->transform(decimal_integer(true));
   }

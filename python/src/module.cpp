@@ -99,7 +99,8 @@ class PyEngine {
   bool runs_ahead() const { return engine_->runs_ahead(); }
 
   // Ctrl-C sets a flag that only the interpreter's main thread acts on: called between the
-  // chunks of a long prompt (without the GIL), this asks for it, keeping the KeyboardInterrupt.
+  // chunks of a long prompt and at every step (without the GIL), this asks for it, keeping the
+  // KeyboardInterrupt.
   static kestrel::Status check_signals(std::optional<py::error_already_set>& error) {
     py::gil_scoped_acquire gil;
     if (PyErr_CheckSignals() == 0) return kestrel::Status::ok();
@@ -158,11 +159,11 @@ class PyEngine {
     params.between_prefill_calls = [&] { return check_signals(python_error); };
     const bool has_callback = !on_step.is_none();
     auto step = [&](const std::vector<int32_t>& tokens) -> kestrel::Status {
+      KS_RETURN_IF_ERROR(check_signals(python_error));
+      if (!has_callback) return kestrel::Status::ok();
       py::gil_scoped_acquire gil;
       try {
-        // Ctrl-C sets a flag that only the interpreter's main thread acts on: ask for it here.
-        if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-        if (has_callback) on_step(py::cast(tokens));
+        on_step(py::cast(tokens));
       } catch (py::error_already_set& e) {
         python_error.emplace(std::move(e));
         return kestrel::Status::error("stopped by Python");

@@ -301,21 +301,20 @@ Status Engine::reserve(const RunShape& shape) {
   auto reserve_on_backend = [&](const RunShape& s) {
     return tensor_parallel_ ? tensor_parallel_->reserve(s) : backend_->reserve(config(), s);
   };
+  // The host's block tables of a shape the backend now holds.
+  auto take = [&](const RunShape& s) {
+    kv_cache_ = std::make_unique<PagedKvCache>(s.pool_blocks(), s.max_seqs, s.blocks_per_seq());
+    run_shape_ = s;
+    max_context_ = s.max_context;
+  };
   const Status reserved = reserve_on_backend(shape);
   if (!reserved.is_ok()) {
     // The backend may have freed the old buffers before it failed: the old shape is asked for
     // again, and failing that the engine has no reservation, which every call then names.
-    if (had_reservation && reserve_on_backend(previous).is_ok()) {
-      kv_cache_ = std::make_unique<PagedKvCache>(previous.pool_blocks(), previous.max_seqs,
-                                                 previous.blocks_per_seq());
-      max_context_ = previous.max_context;
-    }
+    if (had_reservation && reserve_on_backend(previous).is_ok()) take(previous);
     return reserved;
   }
-  kv_cache_ =
-      std::make_unique<PagedKvCache>(shape.pool_blocks(), shape.max_seqs, shape.blocks_per_seq());
-  run_shape_ = shape;
-  max_context_ = shape.max_context;
+  take(shape);
   return Status::ok();
 }
 

@@ -6,6 +6,7 @@
 #include <charconv>
 #include <cmath>
 #include <ctime>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -110,8 +111,29 @@ bool is_line_break(char32_t c) {
          c == 0x85 || c == 0x2028 || c == 0x2029;
 }
 
-std::vector<std::string> py_splitlines(const std::string& s, bool keepends) {
-  std::vector<std::string> lines;
+// The parts of a split, each charged to the work budget as it is made (kStringItemBytes plus
+// its text), so that splitting a long string into one-character parts stops at the budget
+// instead of building every part first: a 16 MB string held ~0.5 GB of parts before the charge.
+class SplitParts {
+ public:
+  explicit SplitParts(Interpreter& in) : in_(in) {}
+  Status add(std::string part) {
+    KS_RETURN_IF_ERROR(in_.charge_work(kStringItemBytes + part.size()));
+    parts_.push_back(std::move(part));
+    return Status::ok();
+  }
+  size_t size() const { return parts_.size(); }
+  void reverse() { std::reverse(parts_.begin(), parts_.end()); }
+  std::vector<std::string> take() { return std::move(parts_); }
+
+ private:
+  Interpreter& in_;
+  std::vector<std::string> parts_;
+};
+
+Result<std::vector<std::string>> py_splitlines(Interpreter& in, const std::string& s,
+                                               bool keepends) {
+  SplitParts lines(in);
   const std::u32string cps = decode_utf8(s);
   size_t start = 0, i = 0;
   while (i < cps.size()) {
@@ -121,78 +143,81 @@ std::vector<std::string> py_splitlines(const std::string& s, bool keepends) {
     }
     size_t eol = i + 1;
     if (cps[i] == '\r' && eol < cps.size() && cps[eol] == '\n') ++eol;
-    lines.push_back(
-        encode_utf8(std::u32string_view(cps).substr(start, (keepends ? eol : i) - start)));
+    KS_RETURN_IF_ERROR(lines.add(
+        encode_utf8(std::u32string_view(cps).substr(start, (keepends ? eol : i) - start))));
     start = i = eol;
   }
-  if (start < cps.size()) lines.push_back(encode_utf8(std::u32string_view(cps).substr(start)));
-  return lines;
+  if (start < cps.size()) {
+    KS_RETURN_IF_ERROR(lines.add(encode_utf8(std::u32string_view(cps).substr(start))));
+  }
+  return lines.take();
 }
 
 // str.split / str.rsplit.
-std::vector<std::string> py_split(const std::string& s, const std::string* sep, int64_t maxsplit,
-                                  bool from_right) {
-  std::vector<std::string> parts;
+Result<std::vector<std::string>> py_split(Interpreter& in, const std::string& s,
+                                          const std::string* sep, int64_t maxsplit,
+                                          bool from_right) {
+  SplitParts parts(in);
+  auto below_max = [&] { return maxsplit < 0 || static_cast<int64_t>(parts.size()) < maxsplit; };
   if (sep) {
     const Searcher<char> search(*sep);
     if (!from_right) {
       size_t start = 0;
-      while (maxsplit < 0 || static_cast<int64_t>(parts.size()) < maxsplit) {
+      while (below_max()) {
         const size_t p = search.find(s, start);
         if (p == std::string::npos) break;
-        parts.push_back(s.substr(start, p - start));
+        KS_RETURN_IF_ERROR(parts.add(s.substr(start, p - start)));
         start = p + sep->size();
       }
-      parts.push_back(s.substr(start));
+      KS_RETURN_IF_ERROR(parts.add(s.substr(start)));
     } else {
       size_t end = s.size();
-      std::vector<std::string> rev;
-      while (maxsplit < 0 || static_cast<int64_t>(rev.size()) < maxsplit) {
+      while (below_max()) {
         if (end < sep->size()) break;
         const size_t p = search.rfind(s, end);
         if (p == std::string::npos) break;
-        rev.push_back(s.substr(p + sep->size(), end - p - sep->size()));
+        KS_RETURN_IF_ERROR(parts.add(s.substr(p + sep->size(), end - p - sep->size())));
         end = p;
       }
-      rev.push_back(s.substr(0, end));
-      parts.assign(rev.rbegin(), rev.rend());
+      KS_RETURN_IF_ERROR(parts.add(s.substr(0, end)));
+      parts.reverse();
     }
-    return parts;
+    return parts.take();
   }
   const std::u32string cps = decode_utf8(s);
+  const std::u32string_view view(cps);
   const size_t n = cps.size();
   if (!from_right) {
     size_t i = 0;
     while (true) {
       while (i < n && is_py_space(cps[i])) ++i;
       if (i >= n) break;
-      if (maxsplit >= 0 && static_cast<int64_t>(parts.size()) >= maxsplit) {
-        parts.push_back(encode_utf8(std::u32string_view(cps).substr(i)));
+      if (!below_max()) {
+        KS_RETURN_IF_ERROR(parts.add(encode_utf8(view.substr(i))));
         break;
       }
       size_t j = i;
       while (j < n && !is_py_space(cps[j])) ++j;
-      parts.push_back(encode_utf8(std::u32string_view(cps).substr(i, j - i)));
+      KS_RETURN_IF_ERROR(parts.add(encode_utf8(view.substr(i, j - i))));
       i = j;
     }
   } else {
     size_t i = n;
-    std::vector<std::string> rev;
     while (true) {
       while (i > 0 && is_py_space(cps[i - 1])) --i;
       if (i == 0) break;
-      if (maxsplit >= 0 && static_cast<int64_t>(rev.size()) >= maxsplit) {
-        rev.push_back(encode_utf8(std::u32string_view(cps).substr(0, i)));
+      if (!below_max()) {
+        KS_RETURN_IF_ERROR(parts.add(encode_utf8(view.substr(0, i))));
         break;
       }
       size_t j = i;
       while (j > 0 && !is_py_space(cps[j - 1])) --j;
-      rev.push_back(encode_utf8(std::u32string_view(cps).substr(j, i - j)));
+      KS_RETURN_IF_ERROR(parts.add(encode_utf8(view.substr(j, i - j))));
       i = j;
     }
-    parts.assign(rev.rbegin(), rev.rend());
+    parts.reverse();
   }
-  return parts;
+  return parts.take();
 }
 
 Result<std::string> py_replace(Interpreter& in, const std::string& s, const std::string& old,
@@ -317,15 +342,14 @@ Result<Value> split_impl(Interpreter& in, const Value& self, CallArgs& a, bool f
   if (b[1]) {
     KS_ASSIGN_OR_RETURN(maxsplit, want_int(*b[1], "maxsplit"));
   }
-  std::vector<std::string> parts;
+  std::optional<std::string> sep;
   if (b[0] && !b[0]->is_none()) {
-    KS_ASSIGN_OR_RETURN(std::string sep, want_string(*b[0], "separator"));
-    if (sep.empty()) return Status::error("empty separator");
-    parts = py_split(self.as_string(), &sep, maxsplit, from_right);
-  } else {
-    parts = py_split(self.as_string(), nullptr, maxsplit, from_right);
+    KS_ASSIGN_OR_RETURN(sep, want_string(*b[0], "separator"));
+    if (sep->empty()) return Status::error("empty separator");
   }
-  KS_RETURN_IF_ERROR(in.charge_work(self.as_string().size() + parts.size() * kStringItemBytes));
+  KS_RETURN_IF_ERROR(in.charge_work(self.as_string().size()));
+  KS_ASSIGN_OR_RETURN(std::vector<std::string> parts,
+                      py_split(in, self.as_string(), sep ? &*sep : nullptr, maxsplit, from_right));
   std::vector<Value> items;
   items.reserve(parts.size());
   for (auto& p : parts) items.push_back(Value::string(std::move(p)));
@@ -340,11 +364,12 @@ Result<Value> m_rsplit(Interpreter& in, const Value& s, CallArgs& a) {
 
 Result<Value> m_splitlines(Interpreter& in, const Value& self, CallArgs& a) {
   KS_ASSIGN_OR_RETURN(Bound b, bind_args(a, "splitlines", {"keepends"}, 0));
+  KS_RETURN_IF_ERROR(in.charge_work(self.as_string().size()));
+  KS_ASSIGN_OR_RETURN(std::vector<std::string> lines,
+                      py_splitlines(in, self.as_string(), b[0] && truthy(*b[0])));
   std::vector<Value> items;
-  for (auto& l : py_splitlines(self.as_string(), b[0] && truthy(*b[0]))) {
-    items.push_back(Value::string(std::move(l)));
-  }
-  KS_RETURN_IF_ERROR(in.charge_work(self.as_string().size() + items.size() * kStringItemBytes));
+  items.reserve(lines.size());
+  for (auto& l : lines) items.push_back(Value::string(std::move(l)));
   return Value::list(std::move(items));
 }
 
@@ -1002,7 +1027,8 @@ Result<Value> f_indent(Interpreter& in, const Value& v, CallArgs& a) {
     if (v.is_undefined()) return undefined_error(v);
     return type_error("indent() needs a string", v);
   }
-  std::vector<std::string> lines = py_splitlines(v.as_string() + "\n", false);
+  KS_ASSIGN_OR_RETURN(std::vector<std::string> lines,
+                      py_splitlines(in, v.as_string() + "\n", false));
   KS_RETURN_IF_ERROR(
       in.check_string_size(soft_str(v).size() + lines.size() * (indention.size() + 1)));
   std::string out;

@@ -6,8 +6,8 @@
     ids = tokenizer("Once upon a time", return_tensors="np").input_ids
     print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0]))
 
-The model runs in Kestrel's C++ engine (CPU or CUDA); generation releases the GIL, and Ctrl-C
-stops it with KeyboardInterrupt.
+The model runs in Kestrel's C++ engine (CPU, CUDA or Vulkan); generation releases the GIL, and
+Ctrl-C stops it with KeyboardInterrupt.
 """
 
 from ._kestrel import KestrelError

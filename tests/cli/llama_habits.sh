@@ -60,6 +60,21 @@ for flag in -fa --flash-attn --mlock -ctk --no-mmap -r; do
     grep -qF -- "$flag is a llama.cpp flag" "$tmp/err" && refused=yes
   cli_check "$flag refused by name" [ "$refused" = yes ]
 done
+"$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -ctk q8_0 -q 2>"$tmp/err"
+cli_check "-ctk names --kv-cache" grep -q -- "--kv-cache" "$tmp/err"
+# -s is llama.cpp's --seed: the same seed, the same text.
+first=$("${run_tiny[@]}" -p hi -n 6 --temp 0.8 -s 7 -q 2>/dev/null)
+again=$("${run_tiny[@]}" -p hi -n 6 --temp 0.8 --seed 7 -q 2>/dev/null)
+same=no
+[ -n "$first" ] && [ "$first" = "$again" ] && same=yes
+cli_check "-s N is --seed N" [ "$same" = yes ]
+# serve's -b is its --batch-tokens (llama-server's -b): below --parallel it is refused as that
+# flag is, and a -b that disagrees with --batch-tokens is refused; -np is --parallel.
+"$kestrel" serve -m synthetic:tiny-qwen2 --tokenizer "$qwen_tok" --port 0 -np 4 -b 2 -q 2>"$tmp/err"
+cli_check "serve -b is --batch-tokens" grep -q -- "--batch-tokens must be at least --parallel" "$tmp/err"
+"$kestrel" serve -m synthetic:tiny-qwen2 --tokenizer "$qwen_tok" --port 0 -b 64 --batch-tokens 128 \
+  -q 2>"$tmp/err"
+cli_check "serve -b and --batch-tokens disagreeing are refused" grep -q "disagree" "$tmp/err"
 "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 --reverse-prompt x -q 2>"$tmp/err"
 cli_check "--reverse-prompt names --stop" grep -q -- "--stop" "$tmp/err"
 

@@ -32,6 +32,8 @@ struct ServeFlags {
   int port = 8080;
   int64_t parallel = 4;
   int64_t batch_tokens = 512;
+  bool batch_given = false;         // -b (llama-server's spelling of --batch-tokens) was given
+  bool batch_tokens_given = false;  // --batch-tokens was given
   int64_t max_queue = 64;
   int64_t kv_blocks = 0;
   double kv_memory_fraction = -1;  // unset: 0.9 on a device, 0 (kv_blocks) on the CPU
@@ -42,7 +44,7 @@ struct ServeFlags {
   std::string api_key;
 };
 
-void run_serve(const ServeFlags& flags) {
+void run_serve(ServeFlags flags) {
 #if !defined(KESTREL_HAVE_SERVER)
   (void)flags;
   fail(
@@ -50,7 +52,15 @@ void run_serve(const ServeFlags& flags) {
       "when it was configured");
 #else
   // Each running or queued request holds an HTTP worker thread, so --parallel and --max-queue
-  // are threads as well as slots; --batch-tokens sizes the workspace (as -b, at most 2^20).
+  // are threads as well as slots; --batch-tokens sizes the workspace (at most 2^20). -b is its
+  // llama-server spelling: the model flags' -b (run's prompt tokens a call) would be ignored here.
+  if (flags.batch_given) {
+    if (flags.batch_tokens_given && flags.model.batch != flags.batch_tokens) {
+      fail("-b " + std::to_string(flags.model.batch) + " and --batch-tokens " +
+           std::to_string(flags.batch_tokens) + " disagree (serve's -b is --batch-tokens)");
+    }
+    flags.batch_tokens = flags.model.batch;
+  }
   check_range("--parallel", double(flags.parallel), 1, 4096);
   check_range("--batch-tokens", double(flags.batch_tokens), 1, 1 << 20);
   if (flags.batch_tokens < flags.parallel) {
@@ -172,9 +182,12 @@ void add_serve_command(CLI::App& app, std::vector<Command>& commands) {
                     "CPU: every slot's full context)");
   serve->add_option("--kv-memory-fraction", flags->kv_memory_fraction,
                     "size the KV cache to this fraction of the memory the weights leave "
-                    "(default 0.9 on CUDA)");
-  serve->add_option("--batch-tokens", flags->batch_tokens,
-                    "tokens per step: decode tokens plus prompt chunks (default 512)");
+                    "(default 0.9 on a GPU: CUDA or Vulkan)");
+  CLI::Option* batch_tokens =
+      serve->add_option("--batch-tokens", flags->batch_tokens,
+                        "tokens per step: decode tokens plus prompt chunks (default 512)");
+  CLI::Option* batch = serve->get_option("-b");
+  batch->description("(llama-server habit) the same as --batch-tokens");
   serve->add_option("--max-queue", flags->max_queue,
                     "requests waiting for a slot before the server answers 429 (default 64)");
   serve->add_option("--max-tokens", flags->max_tokens,
@@ -186,7 +199,11 @@ void add_serve_command(CLI::App& app, std::vector<Command>& commands) {
                     "seconds running requests may go on after SIGTERM (default 5)");
   serve->add_option("--api-key", flags->api_key, "require Authorization: Bearer KEY");
   serve->add_option("-a,--alias", flags->alias, "model name for /v1/models (default: its path)");
-  commands.push_back({serve, [flags] { run_serve(*flags); }});
+  commands.push_back({serve, [flags, batch, batch_tokens] {
+                        flags->batch_given = batch->count() > 0;
+                        flags->batch_tokens_given = batch_tokens->count() > 0;
+                        run_serve(*flags);
+                      }});
 }
 
 }  // namespace kestrel::cli

@@ -107,6 +107,11 @@ fi
 KESTREL_DEVICE=cpu "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -n 1 2>"$tmp/err" >/dev/null
 cli_check "KESTREL_DEVICE=cpu picks the CPU" grep -q "loaded in .* on cpu" "$tmp/err"
 
+# convert runs no model: a run-time flag there is refused, not ignored.
+"$kestrel" convert -m synthetic:tiny-qwen2 -o "$tmp/conv" --device cpu -q 2>"$tmp/err"
+cli_check "convert --device is refused" grep -q "not expected" "$tmp/err"
+cli_check "convert wrote nothing then" [ ! -e "$tmp/conv/config.json" ]
+
 # --help shows the defaults.
 "$kestrel" run --help >"$tmp/help"
 cli_check "--help shows defaults" grep -q -- "-n,--n-predict INT=128" "$tmp/help"

@@ -356,6 +356,11 @@ int main(int argc, char** argv) {
   std::string convert_out;
   CLI::App* convert = app.add_subcommand("convert", "save a model converted to a low-bit format");
   convert_flags.add_to(convert);
+  // Converting runs no model: the run-time flags would be accepted and ignored.
+  for (const char* name : {"--device", "--kv-cache", "--n-gpu-layers", "--tensor-parallel",
+                           "--ctx-size", "--batch-size"}) {
+    convert->remove_option(convert->get_option(name));
+  }
   convert->add_option("-o,--output", convert_out, "output directory")->required();
   bool convert_force = false;
   convert->add_flag("--force", convert_force, "replace an output directory that has files in it");

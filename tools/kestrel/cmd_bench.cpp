@@ -455,7 +455,7 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
   bench
       ->add_option("--kv-cache", flags->kv_cache,
                    "KV cache entries on CUDA: fp16, fp8, fp32, or auto (fp32 for fp32 weights, "
-                   "else fp16); the CPU keeps fp32")
+                   "else fp16); the CPU and Vulkan keep fp32")
       ->capture_default_str();
   bench->add_option("-t,--threads", flags->threads, "CPU threads (0: all)");
   bench->add_option("--tensor-parallel", flags->tensor_parallel,
@@ -468,10 +468,10 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
   bench->add_option("-r,--repetitions", flags->repetitions, "quick mode trials after one warm-up");
   bench->add_option("--prefill-chunk", flags->prefill_chunk,
                     "prompt tokens per forward call, several prompts packed into one (default: "
-                    "512 on the CPU, 16384 on CUDA); the planner halves it to fit memory");
+                    "16384 on CUDA, else 512); the planner halves it to fit memory");
   bench->add_option("--roofline-gbs", flags->roofline_gbs,
-                    "memory bandwidth roofline in GB/s (default: cpu 31, cuda measured once "
-                    "per run)");
+                    "memory bandwidth roofline in GB/s (default: cpu 31; cuda and vulkan "
+                    "measured once per run)");
   bench->add_option("--deadline-factor", flags->deadline_factor,
                     "watchdog: a step's deadline is this times its expected time plus a floor");
   bench->add_option("--step-timeout", flags->step_timeout,

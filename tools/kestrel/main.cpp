@@ -172,7 +172,7 @@ void ModelFlags::add_to(CLI::App* app) {
       ->capture_default_str();
   app->add_option("--kv-cache", kv_cache,
                   "KV cache entries on CUDA: fp16, fp8 (e4m3, a scale per row: half the memory), "
-                  "fp32, or auto (fp32 for fp32 weights, else fp16); the CPU keeps fp32")
+                  "fp32, or auto (fp32 for fp32 weights, else fp16); the CPU and Vulkan keep fp32")
       ->capture_default_str();
   app->add_option("--n-gpu-layers,--gpu-layers", gpu_layers,
                   "(-ngl N) llama.cpp habit: any N > 0 runs every layer on CUDA, 0 on the CPU");

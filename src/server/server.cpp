@@ -84,7 +84,8 @@ struct Server::Impl {
   std::atomic<int64_t> in_flight{0};
   Metrics& metrics;
   httplib::Server http;
-  std::thread thread;
+  std::thread thread;  // listens and answers (httplib's listen_after_bind)
+  std::atomic<bool> listen_returned{false};  // set by `thread` when listen_after_bind returns
   std::atomic<bool> ready{false};
   ServingModel model;
   Server* owner = nullptr;
@@ -562,7 +563,10 @@ Status Server::start() {
     return Status::error("cannot listen on " + o.host + ":" + std::to_string(port_) +
                          " with a backlog of " + std::to_string(kListenBacklog));
   }
-  impl_->thread = std::thread([this] { impl_->http.listen_after_bind(); });
+  impl_->thread = std::thread([impl = impl_.get()] {
+    impl->http.listen_after_bind();
+    impl->listen_returned.store(true);
+  });
   return Status::ok();
 }
 
@@ -580,8 +584,16 @@ void Server::stop() {
   while (impl_->in_flight.load() > 0 && std::chrono::steady_clock::now() < limit) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+  if (!impl_->thread.joinable()) return;
+  // httplib 0.11's stop() does nothing until the listening thread has marked the server running,
+  // the first thing listen_after_bind() does: a stop() that came sooner (right after start(), the
+  // thread not yet scheduled) left that thread in accept() for ever and the join below with it.
+  // Wait until the thread runs, or has returned by itself, before asking it to stop.
+  while (!impl_->http.is_running() && !impl_->listen_returned.load()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   if (impl_->http.is_running()) impl_->http.stop();
-  if (impl_->thread.joinable()) impl_->thread.join();
+  impl_->thread.join();
 }
 
 }  // namespace kestrel::server

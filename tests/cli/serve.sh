@@ -49,5 +49,31 @@ for _ in $(seq 1200); do grep -q "ready:" "$work/load.log" && break; sleep 0.1; 
 stop_server "$pid" "$work/load.log"
 echo "ok /health says 503 loading, then 200"
 
+# A load that fails (a KV pool smaller than one context) while requests arrive: the server stops
+# its HTTP workers, then exits 1 with the error (exit() used to destroy httplib's static objects
+# under workers answering 503 "loading", which ThreadSanitizer reported as reads of freed memory).
+"$kestrel" serve -m synthetic:qwen2-0.5b --tokenizer "$tokenizer" --port 0 --parallel 1 -c 64 \
+  --kv-blocks 1 >"$work/fail.log" 2>&1 &
+pid=$!
+pids+=("$pid")
+for _ in $(seq 600); do grep -q "listening on" "$work/fail.log" && break; sleep 0.05; done
+port=$(sed -n 's|.*listening on http://127.0.0.1:\([0-9]*\).*|\1|p' "$work/fail.log" | head -1)
+[ -n "$port" ] || { echo "no port:"; cat "$work/fail.log"; exit 1; }
+pollers=()
+for _ in 1 2 3 4; do
+  (while kill -0 "$pid" 2>/dev/null; do
+    curl -s -o /dev/null "http://127.0.0.1:$port/health" || true
+    curl -s -o /dev/null -d '{"prompt": "x"}' "http://127.0.0.1:$port/v1/completions" || true
+    sleep 0.02
+  done) &
+  pollers+=("$!")
+done
+rc=0
+wait "$pid" || rc=$?
+wait "${pollers[@]}"
+[ "$rc" -eq 1 ] && grep -q "cannot hold one full context" "$work/fail.log" ||
+  { echo "a failed load under requests exited $rc:"; cat "$work/fail.log"; exit 1; }
+echo "ok a load that fails under requests exits 1 with the error"
+
 # The defaults bind the loopback address only.
 grep -q "127.0.0.1" <<< "$("$kestrel" serve --help)" || { echo "serve --help does not show the default host"; exit 1; }

@@ -134,7 +134,16 @@ void run_serve(ServeFlags flags) {
                                       : flags.kv_blocks == 0 && engine_options.device != "cpu"
                                           ? 0.9
                                           : 0.0;
-  auto engine = unwrap(Engine::create(engine_options));
+  auto created = Engine::create(engine_options);
+  if (!created.is_ok()) {
+    // fail() exits, and exit() destroys httplib's static objects while its workers may be
+    // answering a request (/health, 503 "loading"): they read freed memory (ThreadSanitizer saw
+    // it with requests arriving during a load that fails). Stop the workers first.
+    http.begin_shutdown();
+    http.stop();
+    fail(created.status().message());
+  }
+  auto engine = std::move(created).value();
   server::SchedulerOptions scheduler_options;
   scheduler_options.max_queue = flags.max_queue;
   server::Scheduler scheduler(*engine, tokenizer, metrics, scheduler_options);

@@ -84,7 +84,7 @@ struct Server::Impl {
   std::atomic<int64_t> in_flight{0};
   Metrics& metrics;
   httplib::Server http;
-  std::thread thread;  // listens and answers (httplib's listen_after_bind)
+  std::thread thread;                        // listens and answers (httplib's listen_after_bind)
   std::atomic<bool> listen_returned{false};  // set by `thread` when listen_after_bind returns
   std::atomic<bool> ready{false};
   ServingModel model;

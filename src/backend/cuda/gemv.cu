@@ -175,9 +175,10 @@ __device__ inline void dequant_quarter(const uint32_t (&w)[words_per_group<F>()]
 // test's block cap makes blocks loop over tiles).
 // Ring::shallow: two stages instead of three for the two-m-tile int4 mma GEMV (shallow_ring, the
 // default): sym_int4 at 16 tokens, 52 KiB a block with its exchange instead of 70 (asym_int4 56
-// instead of 76; at 3-8 tokens 44 instead of 62), so its two blocks an SM fit the 132 KB split
-// and leave L1 ~124 KB for the activations it reads through L1, where the driver's 164 KB split
-// for 70 KiB blocks leaves ~92 KB.
+// instead of 76; at 3-8 tokens 44 instead of 62). What it gains (H200: tg128 b16 +1.7% 8B, +0.7%
+// 1.5B) is fewer bytes in flight an SM, not the larger L1 its 132 KB split leaves: given three
+// stages' 164 KB split (KESTREL_CUDA_L1_READER_CARVEOUT=71) it kept the whole gain (PERF.md,
+// thirty-fourth session).
 constexpr int kDeepStages = 10;
 enum class Ring { standard, deep, shallow };
 

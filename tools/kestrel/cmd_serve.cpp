@@ -102,6 +102,20 @@ void run_serve(ServeFlags flags) {
                  loaded.status().message().c_str());
   }
 
+  // The model flags are checked (fail() exits) before the server listens: after, the exit would
+  // run under its workers, as a failed load's does (below).
+  EngineOptions engine_options = flags.model.engine_options();
+  engine_options.max_seqs = flags.parallel;
+  engine_options.prefill_chunk = flags.batch_tokens;
+  engine_options.progress = false;
+  engine_options.kv_blocks = flags.kv_blocks;
+  // A GPU's memory is there to be used: the pool takes what the weights leave. On the CPU the
+  // host's memory is shared with everything else, so the pool holds every slot's full context.
+  engine_options.kv_memory_fraction = flags.kv_memory_fraction >= 0 ? flags.kv_memory_fraction
+                                      : flags.kv_blocks == 0 && engine_options.device != "cpu"
+                                          ? 0.9
+                                          : 0.0;
+
   server::Metrics metrics;
   server::ServerOptions options;
   options.host = flags.host;
@@ -123,17 +137,6 @@ void run_serve(ServeFlags flags) {
                flags.host.c_str(), http.bound_port(), flags.model.model.c_str());
   std::fflush(stderr);
 
-  EngineOptions engine_options = flags.model.engine_options();
-  engine_options.max_seqs = flags.parallel;
-  engine_options.prefill_chunk = flags.batch_tokens;
-  engine_options.progress = false;
-  engine_options.kv_blocks = flags.kv_blocks;
-  // A GPU's memory is there to be used: the pool takes what the weights leave. On the CPU the
-  // host's memory is shared with everything else, so the pool holds every slot's full context.
-  engine_options.kv_memory_fraction = flags.kv_memory_fraction >= 0 ? flags.kv_memory_fraction
-                                      : flags.kv_blocks == 0 && engine_options.device != "cpu"
-                                          ? 0.9
-                                          : 0.0;
   auto created = Engine::create(engine_options);
   if (!created.is_ok()) {
     // fail() exits, and exit() destroys httplib's static objects while its workers may be

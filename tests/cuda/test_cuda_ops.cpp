@@ -428,6 +428,37 @@ TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
   }
 }
 
+// The weights' L2 policy (set_gemv_weight_evict_first): evict_first only changes which lines L2
+// replaces, so every GEMV output of a layer keeps its bits, at one token (the dp4a instances, with
+// their fused norms) and at 16 (the two-m-tile mma instances), in sym_int4 and in sym_int8 (the
+// host layout's copies); the launch count says every GEMV of the layer took the policy with the
+// switch on and none with it off.
+TEST(CudaOps, GemvWeightEvictFirstGivesTheSameBits) {
+  for (WeightFormat format : {WeightFormat::sym_int4, WeightFormat::sym_int8}) {
+    ModelWeights weights = layer_gemv_model(512, 1376, 1000, format, 32, 5000);
+    const ModelConfig& config = weights.config;
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(weights, kLayerRun));
+    for (int64_t n : {1, 16}) {
+      SCOPED_TRACE(std::string(format_name(format)) + ", n=" + std::to_string(n));
+      const std::vector<float> x = random_values(size_t(n * config.hidden_size), 5001 + n, 2.0f);
+      std::vector<float> results[2];  // [evict_normal, evict_first]
+      uint64_t launches[2];
+      for (int first : {0, 1}) {
+        const ScopedSwitch policy(cuda::set_gemv_weight_evict_first, first == 1);
+        const uint64_t start = cuda::gemv_weight_evict_first_launches();
+        results[first] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+        launches[first] = cuda::gemv_weight_evict_first_launches() - start;
+      }
+      ASSERT_FALSE(results[0].empty());
+      EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (evict_first)";
+      EXPECT_EQ(launches[0], 0u) << "a GEMV took evict_first with the switch off";
+      EXPECT_GE(launches[1], 4u) << "q/k/v, gate/up, w_down and the lm_head";
+      EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
+    }
+  }
+}
+
 // The down GEMV's half-group input (HalfGroupInput): at one token the swiglu GEMV's epilogue
 // quantizes each 16-row tile of its output, and w_down's blocks copy that instead of quantizing
 // the fp16 shadow in groups of 32 (set_gemv_half_groups(false)). The two quantize differently,

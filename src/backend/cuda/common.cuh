@@ -296,6 +296,34 @@ __device__ inline void cp_async_4(void* smem, const void* global) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(global));
 }
 
+// The L2 policy of a weight stream (createpolicy): evict_first marks the lines a weight read
+// brings into L2 as the first to be replaced, so a decode step's ~110 MB a layer of weights, each
+// byte read once, stop pushing out what is read again (the KV cache, activations, partial sums,
+// the kernels' code); evict_normal is the priority of a copy without a hint. The GEMVs take it
+// once per thread and give it to every weight copy (cp_async_16_hint, cp_async_4_hint), so the
+// switch (set_gemv_weight_evict_first) costs no instruction in their loops.
+__device__ inline uint64_t weight_l2_policy(bool evict_first) {
+  uint64_t policy;
+  if (evict_first) {
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  } else {
+    asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  }
+  return policy;
+}
+
+__device__ inline void cp_async_16_hint(void* smem, const void* global, uint64_t policy) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(s),
+               "l"(global), "l"(policy));
+}
+
+__device__ inline void cp_async_4_hint(void* smem, const void* global, uint64_t policy) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 4, %2;\n" ::"r"(s),
+               "l"(global), "l"(policy));
+}
+
 // Copies `unit` bytes (4, 8 or 16) from global to shared memory, or zero-fills them where `live`
 // is false (`global` must still be a valid address then).
 __device__ inline void cp_async(void* smem, const void* global, int unit, bool live) {

@@ -94,6 +94,7 @@ struct GemvParams {
   bool loads_in_epilogue = false;  // the dp4a path's first-tile loads as later tiles' (switch)
   bool input_ahead = true;  // the dp4a input stage requests two groups a thread at once (switch)
   bool norm_ahead = true;   // the fused norm's weight loaded before the wait (switch)
+  bool weight_evict_first = false;  // weight copies marked evict_first in L2 (switch)
   int64_t x_stride = 0;
   int64_t n_groups = 0;  // x_stride / 32
   int n_tokens = 0;
@@ -648,17 +649,18 @@ struct Fragment {
 template <WeightFormat F, int MT>
 __device__ inline void copy_tiled_mtile(const DeviceWeight& w, int mt, const uint32_t (&data)[2],
                                         uint32_t scale, uint32_t c, uint32_t chunk_scale_words,
-                                        uint4* pieces, uint32_t* scale_words, int lane) {
+                                        uint4* pieces, uint32_t* scale_words, int lane,
+                                        uint64_t policy) {
   static_assert(words_per_group<F>() == 4, "one 16-byte piece a row half: int4");
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    cp_async_16(&pieces[(mt * 2 + h) * 32 + lane],
-                w.data + data[h] + c * uint32_t(kTileChunkBytes));
+    cp_async_16_hint(&pieces[(mt * 2 + h) * 32 + lane],
+                     w.data + data[h] + c * uint32_t(kTileChunkBytes), policy);
   }
   const uint32_t si = 2 * (scale + c * chunk_scale_words);
-  cp_async_4(&scale_words[mt * 32 + lane], w.scales + si);
+  cp_async_4_hint(&scale_words[mt * 32 + lane], w.scales + si, policy);
   if constexpr (F == WeightFormat::asym_int4) {
-    cp_async_4(&scale_words[(MT + mt) * 32 + lane], w.mins + si);
+    cp_async_4_hint(&scale_words[(MT + mt) * 32 + lane], w.mins + si, policy);
   }
 }
 
@@ -811,6 +813,7 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
     }
   };
   const uint32_t chunk_scale_words = uint32_t(p.jobs[0].w.tiles.chunk_scale_words());
+  const uint64_t weight_policy = weight_l2_policy(p.weight_evict_first);
   auto issue = [&](int stage, int64_t chunk) {
     const int64_t group = chunk * kChunkGroups + quad_col;
     if (chunk < n_chunks && group < p.n_groups) {
@@ -821,19 +824,20 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
         const DeviceWeight& w = weight(issue_job, mt);
         if constexpr (P::kTiled) {
           copy_tiled_mtile<F, MT>(w, mt, data_offset[mt], scale_offset[mt][0], c, chunk_scale_words,
-                                  pieces(stage), scale_words(stage), lane);
+                                  pieces(stage), scale_words(stage), lane, weight_policy);
         } else {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const uint8_t* src = w.data + data_offset[mt][h] + g * uint32_t(P::kWords * 4);
 #pragma unroll
             for (int i = 0; i < P::kWords / 4; ++i) {
-              cp_async_16(&pieces(stage)[((mt * 2 + h) * (P::kWords / 4) + i) * 32 + lane],
-                          src + 16 * i);
+              cp_async_16_hint(&pieces(stage)[((mt * 2 + h) * (P::kWords / 4) + i) * 32 + lane],
+                               src + 16 * i, weight_policy);
             }
             if constexpr (P::kScaleWords > 0) {
               const uint32_t si = (scale_offset[mt][h] + (g >> block_shift)) & ~1u;
-              cp_async_4(&scale_words(stage)[(mt * 2 + h) * 32 + lane], w.scales + si);
+              cp_async_4_hint(&scale_words(stage)[(mt * 2 + h) * 32 + lane], w.scales + si,
+                              weight_policy);
             }
           }
         }
@@ -1332,6 +1336,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSm)
   };
   const int block_shift = p.jobs[0].w.block == 64 ? 1 : 0;
   const uint32_t chunk_scale_words = uint32_t(p.jobs[0].w.tiles.chunk_scale_words());
+  const uint64_t weight_policy = weight_l2_policy(p.weight_evict_first);
   // The issue cursor: its unit (of this block's), chunk, and the warp's offsets in that unit.
   int issue_iter = 0, issue_chunk = 0, issue_job = 0;
   uint32_t data_offset[MT][2];
@@ -1351,7 +1356,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowBlocksPerSm)
     for (int mt = 0; mt < MT; ++mt) {
       copy_tiled_mtile<F, MT>(weight(issue_job, mt), mt, data_offset[mt], scale_offset[mt],
                               uint32_t(issue_chunk), chunk_scale_words, pieces(stage),
-                              scale_words(stage), lane);
+                              scale_words(stage), lane, weight_policy);
     }
   };
   auto issue_input = [&](int stage) {
@@ -1534,6 +1539,20 @@ std::atomic<uint64_t> shallow_ring_launches{0};
 bool shallow_ring() {
   return take_switch(gemv_shallow_ring_flag(), shallow_ring_launches);
 }
+
+// Whether every GEMV's weight copies carry the L2 policy evict_first (weight_l2_policy,
+// common.cuh; set_gemv_weight_evict_first; KESTREL_CUDA_WEIGHT_EVICT_FIRST=1 at start-up turns it
+// on) instead of evict_normal, the priority of a copy without a hint. A decode step streams each
+// weight once, ~110 MB a layer of the 8B through a 50-60 MB L2, and with the normal priority that
+// stream replaces everything else between two uses: the KV cache, the activations and partial
+// sums, and the code of the step's kernels (attention's 5.8 k instructions, 93 KB, run once a
+// layer; each GEMV instance 3-3.7 k). Only the cache's choice of victims differs: the same bits.
+// Counts the launches that take it (gemv_weight_evict_first_launches).
+std::atomic<bool>& gemv_weight_evict_first_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_WEIGHT_EVICT_FIRST", "1")};
+  return on;
+}
+std::atomic<uint64_t> weight_evict_first_launches{0};
 
 // Whether the fp16 and sym_int8 fused-norm instances (one token, the mma path) take the launch
 // bound of two blocks an SM (set_gemv_norm_two_blocks; on by default since the thirtieth session,
@@ -1940,6 +1959,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   p.loads_in_epilogue = gemv_loads_in_epilogue_flag().load(std::memory_order_relaxed);
   p.input_ahead = gemv_input_ahead_flag().load(std::memory_order_relaxed);
   p.norm_ahead = gemv_norm_ahead_flag().load(std::memory_order_relaxed);
+  p.weight_evict_first = take_switch(gemv_weight_evict_first_flag(), weight_evict_first_launches);
   switch (format) {
     case WeightFormat::fp16:
       return launch_format<WeightFormat::fp16>(p, epilogue, sm_count, stream);
@@ -1983,6 +2003,14 @@ bool set_gemv_norm_two_blocks(bool on) {
 
 uint64_t gemv_norm_two_blocks_launches() {
   return norm_two_blocks_launches.load(std::memory_order_relaxed);
+}
+
+bool set_gemv_weight_evict_first(bool on) {
+  return gemv_weight_evict_first_flag().exchange(on);
+}
+
+uint64_t gemv_weight_evict_first_launches() {
+  return weight_evict_first_launches.load(std::memory_order_relaxed);
 }
 
 bool set_gemv_shallow_ring(bool on) {

@@ -56,6 +56,14 @@ struct EngineOptions {
   // (free device memory, or the host's available memory on the CPU) beside the workspace; at
   // least one full context, or Engine::create fails.
   double kv_memory_fraction = 0;
+  // The most memory this engine may plan for on its device, in bytes: its weights, KV cache and
+  // workspace (split over CPU ranks, which share the host's memory, every rank's; split over
+  // devices, each device's). Where it is below the free memory (the host's available memory on
+  // the CPU) it is the limit instead: the planned weights and reservation are checked against it
+  // before any weight is built or read, and every reservation, kv_memory_fraction's pool
+  // included, then gets at most max_memory less the loaded weights. 0: only free memory limits.
+  size_t max_memory = 0;
+  std::string max_memory_text = {};  // max_memory as given ("24GB"), for messages; empty: bytes
   // The KV cache's entries (types.h); automatic: fp32 for fp32 weights, else fp16. The CPU
   // backend keeps fp32 whatever is asked.
   KvCacheType kv_cache = KvCacheType::automatic;

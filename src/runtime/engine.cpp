@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include "backend/backend.h"
@@ -28,31 +29,51 @@ namespace {
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
+// The memory a reservation on `backend` may take: its device's free memory, or the host's
+// MemAvailable when it has none of its own, and at most what EngineOptions::max_memory leaves
+// beside `weights` (the weight bytes in that memory: every rank's on the host). Unset when
+// neither figure is known.
+std::optional<MemoryBudget> memory_left(const Backend& backend, const EngineOptions& options,
+                                        size_t weights) {
+  std::optional<MemoryBudget> left;
+  if (const size_t device_free = backend.free_memory(); device_free > 0) {
+    left = MemoryBudget{device_free, "free device memory", false};
+  } else if (Result<size_t> host = host_available_memory(); host.is_ok()) {
+    left = MemoryBudget{*host, "MemAvailable of the host", false};
+  }
+  if (options.max_memory > 0) {
+    const size_t capped = options.max_memory > weights ? options.max_memory - weights : 0;
+    if (!left || capped < left->bytes) {
+      left = MemoryBudget{
+          capped, max_memory_name(options) + " less the weights' " + format_bytes(weights), true};
+    }
+  }
+  return left;
+}
+
 // Refuses a reservation larger than the memory it would come from, before allocating any of it:
 // a huge context must fail with its numbers, not with std::bad_alloc or the OOM killer.
 // `host_ranks` backends of this shape share the host's memory when the backend has none of its
-// own (the ranks of a model split over CPU backends).
+// own (the ranks of a model split over CPU backends); `weights` as memory_left() counts them.
 Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
-                              const RunShape& shape, int host_ranks = 1) {
+                              const RunShape& shape, const EngineOptions& options, size_t weights,
+                              int host_ranks = 1) {
   Result<WorkspaceLayout> layout = backend.reserve_layout(config, shape);
   if (!layout.is_ok()) return Status::ok();  // a backend that cannot tell checks for itself
-  size_t available = backend.free_memory();
-  std::string where = "free device memory";
-  if (available == 0) {
-    Result<size_t> host = host_available_memory();
-    if (!host.is_ok()) return Status::ok();
-    available = *host;
-    where = "MemAvailable of the host";
-  }
+  const std::optional<MemoryBudget> left = memory_left(backend, options, weights);
+  if (!left) return Status::ok();
   const size_t needed = layout->total_bytes() * size_t(backend.free_memory() == 0 ? host_ranks : 1);
-  if (needed <= available) return Status::ok();
-  return Status::error("the KV cache (" + format_bytes(layout->kv_cache_bytes()) + " for " +
-                       std::to_string(shape.pool_blocks()) + " blocks of " +
-                       std::to_string(kKvBlockSize) + " positions; " +
-                       std::to_string(shape.max_seqs) + " sequences x " +
-                       std::to_string(shape.max_context) + " positions) and workspace need " +
-                       format_bytes(needed) + " but only " + format_bytes(available) +
-                       " is free (" + where + "); lower the context length (-c)");
+  if (needed <= left->bytes) return Status::ok();
+  const std::string change =
+      left->from_flag
+          ? "raise --max-memory, or lower the context length (-c) or the tokens per call (-b)"
+          : "lower the context length (-c)";
+  return Status::error(
+      "the KV cache (" + format_bytes(layout->kv_cache_bytes()) + " for " +
+      std::to_string(shape.pool_blocks()) + " blocks of " + std::to_string(kKvBlockSize) +
+      " positions; " + std::to_string(shape.max_seqs) + " sequences x " +
+      std::to_string(shape.max_context) + " positions) and workspace need " + format_bytes(needed) +
+      " but only " + format_bytes(left->bytes) + " is free (" + left->source + "); " + change);
 }
 
 // A synthetic model is built in host memory before it is uploaded (split, each rank builds its
@@ -185,6 +206,12 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
     return Status::error("tensor_parallel must be at least 1, got " +
                          std::to_string(options.tensor_parallel));
   }
+  if (options.kv_memory_fraction > 1) {
+    return Status::error("KV memory fraction must be in (0, 1], got " +
+                         std::to_string(options.kv_memory_fraction));
+  }
+  // A cap the model cannot fit fails here, before a byte of its weights is read or built.
+  KS_RETURN_IF_ERROR(check_max_memory(options, *backend));
   engine->backend_ = std::move(backend);
   std::vector<ModelWeights> shards;
   {
@@ -205,56 +232,33 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
       KS_ASSIGN_OR_RETURN(*engine->weights_, load_model(options.model, load, load_pool));
     }
   }
-  const ModelConfig& c = engine->weights_->config;
-  int64_t max_context = options.max_context;
-  if (max_context <= 0) {
-    max_context =
-        c.max_position_embeddings > 0 ? std::min<int64_t>(c.max_position_embeddings, 4096) : 4096;
-  }
   if (options.tensor_parallel > 1) {
     KS_RETURN_IF_ERROR(engine->split(std::move(engine->backend_), std::move(shards)));
   } else {
     KS_RETURN_IF_ERROR(engine->backend_->upload(*engine->weights_));
   }
-  RunShape shape = options.run_shape;
-  if (shape.kv_cache == KvCacheType::automatic) {
-    shape.kv_cache = resolve_kv_cache(options.kv_cache, engine->weights_->format);
-  }
-  if (shape.max_batch_tokens <= 0) {
-    shape.max_seqs = options.max_seqs;
-    shape.max_context = max_context;
-    // A call never holds more tokens than every slot's whole context (as llama.cpp clamps
-    // n_batch to n_ctx): `-b 8192` with `-c 64` sized its logits for 8192 rows (4.2 GB).
-    const int64_t every_position = max_context > 0 && options.max_seqs > INT64_MAX / max_context
-                                       ? INT64_MAX
-                                       : options.max_seqs * max_context;
-    shape.max_batch_tokens =
-        std::min(std::max(options.prefill_chunk, options.max_seqs), every_position);
-    shape.max_logit_rows = shape.max_batch_tokens;
-    shape.kv_blocks = options.kv_blocks;
-    if (options.kv_memory_fraction > 0) {
-      if (options.kv_memory_fraction > 1) {
-        return Status::error("KV memory fraction must be in (0, 1], got " +
-                             std::to_string(options.kv_memory_fraction));
-      }
-      // Split, every rank holds the same share of each block: rank 0's device sizes the pool.
-      const Backend& backend = engine->backend();
-      const ModelConfig& rank_config =
-          engine->tensor_parallel_ ? engine->tensor_parallel_->shard(0).config : c;
-      size_t available = backend.free_memory();
-      std::string where = "free device memory";
-      if (available == 0) {
-        KS_ASSIGN_OR_RETURN(available, host_available_memory());
-        available /= size_t(options.tensor_parallel);
-        where = options.tensor_parallel > 1 ? "MemAvailable of the host, a rank's share"
-                                            : "MemAvailable of the host";
-      }
-      KS_ASSIGN_OR_RETURN(
-          shape.kv_blocks,
-          kv_blocks_that_fit(
-              [&](const RunShape& s) { return backend.reserve_layout(rank_config, s); }, shape,
-              available, options.kv_memory_fraction, where));
+  RunShape shape = requested_shape(options, engine->weights_->config, engine->weights_->format);
+  if (options.run_shape.max_batch_tokens <= 0 && options.kv_memory_fraction > 0) {
+    // Split, every rank holds the same share of each block: rank 0's device sizes the pool.
+    const Backend& backend = engine->backend();
+    const bool host = backend.free_memory() == 0;
+    const ModelConfig& rank_config = engine->tensor_parallel_
+                                         ? engine->tensor_parallel_->shard(0).config
+                                         : engine->weights_->config;
+    const size_t weights = !engine->tensor_parallel_ ? engine->weights_->resident_bytes()
+                           : host                    ? engine->tensor_parallel_->resident_bytes()
+                                  : engine->tensor_parallel_->shard(0).resident_bytes();
+    std::optional<MemoryBudget> left = memory_left(backend, options, weights);
+    if (!left) return host_available_memory().status();
+    if (host && options.tensor_parallel > 1) {
+      left->bytes /= size_t(options.tensor_parallel);
+      left->source += ", a rank's share";
     }
+    KS_ASSIGN_OR_RETURN(shape.kv_blocks, kv_blocks_that_fit(
+                                             [&](const RunShape& s) {
+                                               return backend.reserve_layout(rank_config, s);
+                                             },
+                                             shape, *left, options.kv_memory_fraction));
   }
   KS_RETURN_IF_ERROR(engine->reserve(shape));
   engine->load_seconds_ = seconds_since(start);
@@ -288,11 +292,15 @@ Status Engine::reserve(const RunShape& shape) {
   if (tensor_parallel_) {
     TensorParallel& tp = *tensor_parallel_;
     for (int r = 0; r < tp.world_size(); ++r) {
-      KS_RETURN_IF_ERROR(
-          check_reservation_fits(tp.backend(r), tp.shard(r).config, shape, tp.world_size()));
+      // On the host the ranks share one memory, and the cap counts every rank's weights.
+      const size_t weights =
+          tp.backend(r).free_memory() == 0 ? tp.resident_bytes() : tp.shard(r).resident_bytes();
+      KS_RETURN_IF_ERROR(check_reservation_fits(tp.backend(r), tp.shard(r).config, shape, options_,
+                                                weights, tp.world_size()));
     }
   } else {
-    KS_RETURN_IF_ERROR(check_reservation_fits(*backend_, config(), shape));
+    KS_RETURN_IF_ERROR(
+        check_reservation_fits(*backend_, config(), shape, options_, weights_->resident_bytes()));
   }
   const bool had_reservation = kv_cache_ != nullptr;
   const RunShape previous = run_shape_;

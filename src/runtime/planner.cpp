@@ -1,6 +1,7 @@
 #include "runtime/planner.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -208,26 +209,107 @@ Result<MemoryPlan> plan_memory(const PlanInputs& in, const MemoryBudget& budget,
   }
 }
 
-Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape, size_t available,
-                                   double fraction, const std::string& where) {
+Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape,
+                                   const MemoryBudget& available, double fraction) {
   shape.kv_blocks = 1;
   KS_ASSIGN_OR_RETURN(const WorkspaceLayout one, layout_of(shape));
   shape.kv_blocks = 2;
   KS_ASSIGN_OR_RETURN(const WorkspaceLayout two, layout_of(shape));
   const size_t per_block = two.kv_cache_bytes() - one.kv_cache_bytes();
   const size_t fixed = one.total_bytes() - one.kv_cache_bytes();
-  const size_t budget = size_t(double(available) * fraction);
+  const size_t budget = size_t(double(available.bytes) * fraction);
   const int64_t blocks =
       budget > fixed && per_block > 0 ? int64_t((budget - fixed) / per_block) : 0;
   if (blocks < shape.blocks_per_seq()) {
-    return Status::error(
-        "the KV cache cannot hold one full context: " + format_bytes(budget) + " (" +
-        std::to_string(int(fraction * 100)) + "% of the " + format_bytes(available) + " of " +
-        where + ") less the workspace's " + format_bytes(fixed) + " leaves " +
-        std::to_string(blocks) + " blocks of " + std::to_string(kKvBlockSize) + " positions, " +
-        std::to_string(shape.blocks_per_seq()) + " needed; lower the context length");
+    return Status::error("the KV cache cannot hold one full context: " + format_bytes(budget) +
+                         " (" + std::to_string(int(fraction * 100)) + "% of the " +
+                         format_bytes(available.bytes) + " of " + available.source +
+                         ") less the workspace's " + format_bytes(fixed) + " leaves " +
+                         std::to_string(blocks) + " blocks of " + std::to_string(kKvBlockSize) +
+                         " positions, " + std::to_string(shape.blocks_per_seq()) + " needed; " +
+                         (available.from_flag ? "raise --max-memory, or lower the context length"
+                                              : "lower the context length"));
   }
   return blocks;
+}
+
+RunShape requested_shape(const EngineOptions& options, const ModelConfig& config,
+                         WeightFormat format) {
+  RunShape shape = options.run_shape;
+  if (shape.kv_cache == KvCacheType::automatic) {
+    shape.kv_cache = resolve_kv_cache(options.kv_cache, format);
+  }
+  if (shape.max_batch_tokens > 0) return shape;
+  int64_t max_context = options.max_context;
+  if (max_context <= 0) {
+    max_context = config.max_position_embeddings > 0
+                      ? std::min<int64_t>(config.max_position_embeddings, 4096)
+                      : 4096;
+  }
+  shape.max_seqs = options.max_seqs;
+  shape.max_context = max_context;
+  // A call never holds more tokens than every slot's whole context (as llama.cpp clamps
+  // n_batch to n_ctx): `-b 8192` with `-c 64` sized its logits for 8192 rows (4.2 GB).
+  const int64_t every_position = max_context > 0 && options.max_seqs > INT64_MAX / max_context
+                                     ? INT64_MAX
+                                     : options.max_seqs * max_context;
+  shape.max_batch_tokens =
+      std::min(std::max(options.prefill_chunk, options.max_seqs), every_position);
+  shape.max_logit_rows = shape.max_batch_tokens;
+  shape.kv_blocks = options.kv_blocks;
+  return shape;
+}
+
+std::string max_memory_name(const EngineOptions& options) {
+  return "--max-memory " + (options.max_memory_text.empty() ? format_bytes(options.max_memory)
+                                                            : options.max_memory_text);
+}
+
+Status check_max_memory(const EngineOptions& options, const Backend& backend) {
+  if (options.max_memory == 0) return Status::ok();
+  Result<WeightSpec> spec =
+      weight_spec_of(options.model, options.format.value_or(WeightFormat::sym_int4),
+                     options.format.has_value(), options.block);
+  if (!spec.is_ok()) return Status::ok();
+  Result<WeightSpec> rank = rank_weight_spec(*spec, options.tensor_parallel);
+  if (!rank.is_ok()) return Status::ok();
+  // The ranks of a split on the CPU share the host's memory, and so the cap; a device's is its own.
+  const size_t ranks =
+      backend.free_memory() == 0 ? size_t(std::max(options.tensor_parallel, 1)) : 1;
+  const size_t weights = ranks * planned_weight_bytes(*rank);
+  const std::string cap = max_memory_name(options);
+  const std::string shards = ranks > 1 ? " (its " + std::to_string(ranks) + " shards)" : "";
+  if (weights > options.max_memory) {
+    return Status::error(options.model + " in " + format_name(spec->format) + " needs " +
+                         format_bytes(weights) + " of weights" + shards + " but " + cap +
+                         " allows " + format_bytes(options.max_memory) +
+                         "; raise --max-memory, or choose a smaller model or a lower --low-bit");
+  }
+  const RunShape shape = requested_shape(options, rank->config, spec->format);
+  const LayoutOf layout_of = [&](const RunShape& s) {
+    return backend.reserve_layout(rank->config, s);
+  };
+  const Result<WorkspaceLayout> layout = layout_of(shape);
+  if (!layout.is_ok()) return Status::ok();  // a backend that cannot tell checks for itself
+  if (options.run_shape.max_batch_tokens <= 0 && options.kv_memory_fraction > 0) {
+    // The pool is sized once the weights are loaded; here it must at least hold one context.
+    MemoryBudget left;
+    left.bytes = (options.max_memory - weights) / ranks;
+    left.source =
+        cap + " less the weights' " + format_bytes(weights) + (ranks > 1 ? ", a rank's share" : "");
+    left.from_flag = true;
+    return kv_blocks_that_fit(layout_of, shape, left, options.kv_memory_fraction).status();
+  }
+  const size_t needed = weights + ranks * layout->total_bytes();
+  if (needed <= options.max_memory) return Status::ok();
+  return Status::error(
+      options.model + " needs " + format_bytes(needed) + " (weights " + format_bytes(weights) +
+      " + KV cache " + format_bytes(ranks * layout->kv_cache_bytes()) + " for " +
+      std::to_string(shape.max_seqs) + " sequences x " + std::to_string(shape.max_context) +
+      " positions + workspace " + format_bytes(ranks * layout->workspace_bytes()) + " + logits " +
+      format_bytes(ranks * layout->logits_bytes()) + ")" + shards + " but " + cap + " allows " +
+      format_bytes(options.max_memory) +
+      "; raise --max-memory, or lower the context length (-c) or the tokens per call (-b)");
 }
 
 Result<size_t> host_available_memory() {

@@ -22,6 +22,7 @@
 #include "backend/backend.h"
 #include "core/status.h"
 #include "io/config.h"
+#include "kestrel/engine.h"
 #include "quant/format.h"
 
 namespace kestrel {
@@ -105,10 +106,28 @@ Result<MemoryPlan> plan_memory(const PlanInputs& inputs, const MemoryBudget& bud
                                const LayoutOf& layout_of);
 
 // The KV cache pool for `shape` (its kv_blocks ignored): the most blocks whose reservation, with
-// the shape's workspace, takes at most `fraction` of `available` bytes (`where` names that
-// memory in the error). Fails when that is less than one full context.
-Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape, size_t available,
-                                   double fraction, const std::string& where);
+// the shape's workspace, takes at most `fraction` of `available.bytes` (its source names that
+// memory in the error, which says to raise --max-memory when that is the limit). Fails when that
+// is less than one full context.
+Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape,
+                                   const MemoryBudget& available, double fraction);
+
+// The reservation `options` ask Engine::create for on a model of `config` loaded as `format`:
+// options.run_shape when its max_batch_tokens is set; else max_seqs slots of max_context positions
+// (0: min(max_position_embeddings, 4096)), calls of up to prefill_chunk tokens and a pool of
+// kv_blocks, which kv_memory_fraction replaces once the weights are loaded.
+RunShape requested_shape(const EngineOptions& options, const ModelConfig& config,
+                         WeightFormat format);
+
+// "--max-memory 24GB": EngineOptions::max_memory as errors name it.
+std::string max_memory_name(const EngineOptions& options);
+
+// EngineOptions::max_memory against the plan, before any weight is read or built: the weights
+// options.model loads into (planned_weight_bytes; every rank's when `backend` has no memory of its
+// own, as the ranks then share the host's) and requested_shape()'s reservation on `backend`, or
+// with kv_memory_fraction a pool of one full context, must fit the cap. Ok without a cap, and when
+// the source, the split or the backend's layout cannot be read (the load then says why).
+Status check_max_memory(const EngineOptions& options, const Backend& backend);
 
 // Bytes of memory the host could give this process now (MemAvailable of /proc/meminfo): the
 // engine checks host reservations against it, the benchmark plans with it.

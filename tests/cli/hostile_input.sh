@@ -163,8 +163,36 @@ for flag in "--hang-grace nan" "--step-timeout nan" "--deadline-factor -1" "--ro
   expect_error "bench $flag" "$name: " \
     "$kestrel" bench -m synthetic:tiny-qwen2 -p 8 -n 2 -r 1 -q "$name" "$value"
 done
-expect_error "bench --max-memory ''" "--max-memory" \
-  "$kestrel" bench -m synthetic:tiny-qwen2 -p 8 -n 2 -r 1 -q --max-memory ''
+# run, chat and serve read --max-memory as bench does, with bench's words.
+for value in "" 12XB 0; do
+  expect_error "bench --max-memory '$value'" "--max-memory: " \
+    "$kestrel" bench -m synthetic:tiny-qwen2 -p 8 -n 2 -r 1 -q --max-memory "$value"
+  cp "$tmp/stderr" "$tmp/bench.stderr"
+  expect_error "run --max-memory '$value'" "--max-memory: " \
+    "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -q --max-memory "$value"
+  cmp -s "$tmp/bench.stderr" "$tmp/stderr" ||
+    fail_case "run and bench refuse --max-memory '$value' differently" "$tmp/bench.stderr" "$tmp/stderr"
+done
+# A cap the model cannot fit: one line, before any weight is built (serve: before it listens,
+# so no "listening" line); a cap the weights fit but not the context names -c as well.
+expect_error "run --max-memory 1KB" "of weights but --max-memory 1KB allows 1 kB; raise --max-memory" \
+  "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -q --max-memory 1KB
+expect_error "chat --max-memory 1KB" "--max-memory 1KB allows" \
+  "$kestrel" chat -m synthetic:tiny-qwen2 --tokenizer "$qwen_tok" -q --max-memory 1KB
+expect_error "serve --max-memory 1KB" "--max-memory 1KB allows" \
+  "$kestrel" serve -m synthetic:tiny-qwen2 --tokenizer "$qwen_tok" --port 0 --max-memory 1KB
+expect_error "run --max-memory 20MB at 4096 positions" "raise --max-memory, or lower the context length (-c)" \
+  "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -q --max-memory 20MB
+expect_error "70B fp32 split 2 ways, --max-memory 1GB" "(its 2 shards) but --max-memory 1GB" \
+  "$kestrel" run -m synthetic:llama3.1-70b --ids 1 -n 1 --low-bit fp32 -tp 2 --device cpu -q --max-memory 1GB
+# A generous cap changes nothing.
+capped=$("$kestrel" run -m synthetic:tiny-qwen2 --ids 1,2,3 -n 8 --print-ids -q --max-memory 1GiB 2>"$tmp/stderr")
+uncapped=$("$kestrel" run -m synthetic:tiny-qwen2 --ids 1,2,3 -n 8 --print-ids -q 2>/dev/null)
+if [ -n "$capped" ] && [ "$capped" = "$uncapped" ]; then
+  echo "ok   run --max-memory 1GiB generates as without a cap"
+else
+  fail_case "run --max-memory 1GiB: '$capped', without: '$uncapped'" "$tmp/stderr"
+fi
 printf "repo_id: [synthetic:tiny-qwen2]\nin_out_pairs: ['8-2']\nnum_trials: 1000000000\n" >"$tmp/t.yaml"
 expect_error "num_trials 1e9" "num_trials must be an integer from 1 to" \
   "$kestrel" bench --config "$tmp/t.yaml" -q -o "$tmp/t.csv"

@@ -23,6 +23,19 @@ python3 "$client" paged "$port" || { cat "$work/paged.log"; exit 1; }
 stop_server "$pid" "$work/paged.log"
 echo "ok paged KV cache: prefix reuse and waiting for blocks"
 
+# --max-memory sizes the pool on the CPU too: 90% of what the 11.2 MB of weights leave of 24 MB,
+# less the workspace, is fewer blocks than the 8 x 16 of every slot's full context.
+start_server "$work/capped.log" --parallel 8 -c 256 --batch-tokens 16 --max-memory 24MB
+blocks=$(sed -n 's|.*KV cache of \([0-9]*\) blocks of 16 positions within --max-memory 24MB.*|\1|p' \
+  "$work/capped.log")
+[ -n "$blocks" ] && [ "$blocks" -ge 16 ] && [ "$blocks" -lt 128 ] ||
+  { echo "serve --max-memory 24MB: want 16 to 127 blocks named with the cap:"; cat "$work/capped.log"; exit 1; }
+code=$(curl -s -o /dev/null -w '%{http_code}' -d '{"prompt": "hi", "max_tokens": 4}' \
+  "http://127.0.0.1:$port/v1/completions")
+[ "$code" = 200 ] || { echo "completion under --max-memory: $code"; cat "$work/capped.log"; exit 1; }
+stop_server "$pid" "$work/capped.log"
+echo "ok serve --max-memory sizes the KV pool from the cap ($blocks blocks)"
+
 start_server "$work/busy.log" --parallel 1 --max-queue 1 -c 8192 --max-tokens 8000 \
   --shutdown-grace 1 --timeout 3
 python3 "$client" busy "$port" "$pid" || { cat "$work/busy.log"; exit 1; }

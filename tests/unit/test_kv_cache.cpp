@@ -298,18 +298,27 @@ TEST(PagedEngine, PoolIsSizedFromTheMemoryLeft) {
   const size_t per_block = base.kv_cache_bytes();
   const size_t fixed = base.total_bytes() - per_block;
   // Exactly 10 blocks beside the workspace at half of the memory.
-  auto blocks = kv_blocks_that_fit(layout_of, shape, 2 * (fixed + 10 * per_block), 0.5, "test");
+  auto blocks =
+      kv_blocks_that_fit(layout_of, shape, {2 * (fixed + 10 * per_block), "test", false}, 0.5);
   ASSERT_TRUE(blocks.is_ok()) << blocks.status().message();
   EXPECT_EQ(*blocks, 10);
   RunShape sized = shape;
   sized.kv_blocks = *blocks;
   EXPECT_LE(layout_of(sized)->total_bytes(), fixed + 10 * per_block);
   // Less than one full context (4 blocks) is refused, naming the numbers.
-  auto small = kv_blocks_that_fit(layout_of, shape, fixed + 3 * per_block, 1.0, "test memory");
+  auto small =
+      kv_blocks_that_fit(layout_of, shape, {fixed + 3 * per_block, "test memory", false}, 1.0);
   ASSERT_FALSE(small.is_ok());
   EXPECT_NE(small.status().message().find("test memory"), std::string::npos);
   EXPECT_NE(small.status().message().find("4 needed"), std::string::npos)
       << small.status().message();
+  EXPECT_EQ(small.status().message().find("--max-memory"), std::string::npos);
+  // Where --max-memory is the limit, the error says to raise it.
+  auto capped = kv_blocks_that_fit(
+      layout_of, shape, {fixed + 3 * per_block, "--max-memory 1MB less the weights", true}, 1.0);
+  ASSERT_FALSE(capped.is_ok());
+  EXPECT_NE(capped.status().message().find("raise --max-memory"), std::string::npos)
+      << capped.status().message();
 }
 
 TEST(PagedEngine, CopySequenceSharesFullBlocks) {

@@ -299,6 +299,173 @@ TEST(Planner, BackendsWithoutALayoutCannotBePlanned) {
   EXPECT_EQ(plan.status().message(), "no layout");
 }
 
+// EngineOptions::max_memory (the CLI's --max-memory) on synthetic:tiny-qwen2 in sym_int4: two
+// slots of 64 positions, calls of up to 64 tokens.
+EngineOptions capped_tiny(size_t max_memory, const std::string& text) {
+  EngineOptions options;
+  options.model = "synthetic:tiny-qwen2";
+  options.threads = 2;
+  options.progress = false;
+  options.max_seqs = 2;
+  options.max_context = 64;
+  options.prefill_chunk = 64;
+  options.max_memory = max_memory;
+  options.max_memory_text = text;
+  return options;
+}
+
+// What the engine plans for `options` on a CPU backend: the weights and the reservation's layout.
+struct TinyPlan {
+  size_t weights = 0;
+  RunShape shape;
+  LayoutOf layout_of;
+  std::unique_ptr<Backend> backend;
+  WeightSpec spec;
+};
+
+TinyPlan tiny_plan(const EngineOptions& options) {
+  TinyPlan plan;
+  auto spec = weight_spec_of(options.model, WeightFormat::sym_int4, false, 32);
+  EXPECT_TRUE(spec.is_ok());
+  plan.spec = *spec;
+  plan.weights = planned_weight_bytes(plan.spec);
+  plan.shape = requested_shape(options, plan.spec.config, plan.spec.format);
+  auto backend = make_backend("cpu", 2);
+  EXPECT_TRUE(backend.is_ok());
+  plan.backend = std::move(*backend);
+  plan.layout_of = [b = plan.backend.get(), config = plan.spec.config](const RunShape& shape) {
+    return b->reserve_layout(config, shape);
+  };
+  return plan;
+}
+
+TEST(MaxMemory, ACapBelowTheWeightsFailsBeforeTheyAreBuilt) {
+  auto engine = Engine::create(capped_tiny(1000, "1KB"));
+  ASSERT_FALSE(engine.is_ok());
+  const std::string message = engine.status().message();
+  EXPECT_NE(message.find("synthetic:tiny-qwen2 in sym_int4 needs"), std::string::npos) << message;
+  EXPECT_NE(message.find("of weights but --max-memory 1KB allows 1 kB; raise --max-memory"),
+            std::string::npos)
+      << message;
+  // Set through the library without its text, the cap is named by its bytes.
+  auto unnamed = Engine::create(capped_tiny(1000, ""));
+  ASSERT_FALSE(unnamed.is_ok());
+  EXPECT_NE(unnamed.status().message().find("--max-memory 1 kB allows"), std::string::npos)
+      << unnamed.status().message();
+  // The 70B in fp32 (282 GB) is refused from its config: were it built first, the host check
+  // would answer instead (or the build would take the host's memory).
+  EngineOptions big = capped_tiny(size_t(1) << 30, "1GiB");
+  big.model = "synthetic:llama3.1-70b";
+  big.format = WeightFormat::fp32;
+  auto refused = Engine::create(big);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_NE(refused.status().message().find("of weights but --max-memory 1GiB"), std::string::npos)
+      << refused.status().message();
+  // Split over two CPU ranks, the host holds both shards: a cap above one shard but below both
+  // is refused.
+  const TinyPlan plan = tiny_plan(capped_tiny(0, ""));
+  auto rank = rank_weight_spec(plan.spec, 2);
+  ASSERT_TRUE(rank.is_ok()) << rank.status().message();
+  const size_t shard = planned_weight_bytes(*rank);
+  EngineOptions split = capped_tiny(shard + shard / 2, "1.5 shards");
+  split.tensor_parallel = 2;
+  auto split_refused = Engine::create(split);
+  ASSERT_FALSE(split_refused.is_ok());
+  EXPECT_NE(
+      split_refused.status().message().find(format_bytes(2 * shard) + " of weights (its 2 shards)"),
+      std::string::npos)
+      << split_refused.status().message();
+}
+
+TEST(MaxMemory, TheReservationGetsWhatTheCapLeavesBesideTheWeights) {
+  const TinyPlan plan = tiny_plan(capped_tiny(0, ""));
+  auto layout = plan.layout_of(plan.shape);
+  ASSERT_TRUE(layout.is_ok());
+  const size_t needed = plan.weights + layout->total_bytes();
+
+  // One byte short: refused before loading, with the numbers and what to change.
+  auto short_of_one = Engine::create(capped_tiny(needed - 1, "X"));
+  ASSERT_FALSE(short_of_one.is_ok());
+  const std::string message = short_of_one.status().message();
+  EXPECT_NE(message.find("needs " + format_bytes(needed) + " (weights " +
+                         format_bytes(plan.weights) + " + KV cache"),
+            std::string::npos)
+      << message;
+  EXPECT_NE(message.find("2 sequences x 64 positions"), std::string::npos) << message;
+  EXPECT_NE(message.find("but --max-memory X allows"), std::string::npos) << message;
+  EXPECT_NE(message.find("raise --max-memory, or lower the context length (-c) or the tokens "
+                         "per call (-b)"),
+            std::string::npos)
+      << message;
+
+  // Exactly enough: the engine runs, and generates what it generates without a cap.
+  auto capped = Engine::create(capped_tiny(needed, "X"));
+  ASSERT_TRUE(capped.is_ok()) << capped.status().message();
+  auto uncapped = Engine::create(capped_tiny(0, ""));
+  ASSERT_TRUE(uncapped.is_ok()) << uncapped.status().message();
+  EXPECT_EQ((*capped)->weights().resident_bytes(), plan.weights);
+  auto a = (*capped)->generate_greedy({1, 2, 3}, 8);
+  auto b = (*uncapped)->generate_greedy({1, 2, 3}, 8);
+  ASSERT_TRUE(a.is_ok() && b.is_ok());
+  EXPECT_EQ(a->tokens, b->tokens);
+
+  // A later reserve() is held to the cap less the weights: refused, the old reservation kept.
+  RunShape longer = (*capped)->run_shape();
+  longer.max_context = 128;
+  const Status refused = (*capped)->reserve(longer);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_NE(refused.message().find("(--max-memory X less the weights' " +
+                                   format_bytes(plan.weights) + ")"),
+            std::string::npos)
+      << refused.message();
+  EXPECT_NE(refused.message().find("raise --max-memory"), std::string::npos);
+  EXPECT_EQ((*capped)->max_context(), 64);
+  EXPECT_TRUE((*capped)->generate_greedy({1, 2, 3}, 8).is_ok());
+  // Without a cap the same reserve() fits the host.
+  EXPECT_TRUE((*uncapped)->reserve(longer).is_ok());
+}
+
+TEST(MaxMemory, AFittedPoolIsSizedFromTheCap) {
+  // As serve sizes its pool: kv_memory_fraction of what the cap leaves beside the weights.
+  EngineOptions options = capped_tiny(0, "");
+  options.kv_memory_fraction = 0.5;
+  const TinyPlan plan = tiny_plan(options);
+  RunShape one_block = plan.shape;
+  one_block.kv_blocks = 1;
+  RunShape two_blocks = plan.shape;
+  two_blocks.kv_blocks = 2;
+  const size_t per_block =
+      plan.layout_of(two_blocks)->kv_cache_bytes() - plan.layout_of(one_block)->kv_cache_bytes();
+  const size_t fixed =
+      plan.layout_of(one_block)->total_bytes() - plan.layout_of(one_block)->kv_cache_bytes();
+
+  // Half of the cap's remainder holds exactly 10 blocks beside the workspace.
+  options.max_memory = plan.weights + 2 * (fixed + 10 * per_block);
+  options.max_memory_text = "T";
+  auto engine = Engine::create(options);
+  ASSERT_TRUE(engine.is_ok()) << engine.status().message();
+  EXPECT_EQ((*engine)->run_shape().pool_blocks(), 10);
+  // Without the cap the pool comes from half of the host's available memory: many more blocks
+  // (counted here rather than allocated).
+  auto available = host_available_memory();
+  ASSERT_TRUE(available.is_ok());
+  auto uncapped =
+      kv_blocks_that_fit(plan.layout_of, plan.shape, {*available, "MemAvailable", false}, 0.5);
+  ASSERT_TRUE(uncapped.is_ok()) << uncapped.status().message();
+  EXPECT_GT(*uncapped, 10);
+
+  // A cap whose half cannot hold one full context (4 blocks) is refused, naming it.
+  options.max_memory = plan.weights + 2 * (fixed + 3 * per_block);
+  auto too_small = Engine::create(options);
+  ASSERT_FALSE(too_small.is_ok());
+  const std::string message = too_small.status().message();
+  EXPECT_NE(message.find("cannot hold one full context"), std::string::npos) << message;
+  EXPECT_NE(message.find("--max-memory T less the weights' " + format_bytes(plan.weights)),
+            std::string::npos)
+      << message;
+  EXPECT_NE(message.find("raise --max-memory"), std::string::npos) << message;
+}
+
 TEST(Planner, StepCostsAndDeadlines) {
   auto spec = weight_spec_of("synthetic:tiny-qwen2", WeightFormat::sym_int4, true, 32);
   ASSERT_TRUE(spec.is_ok());

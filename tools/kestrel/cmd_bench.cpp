@@ -145,10 +145,7 @@ class BenchCommand {
     check_range("--tensor-parallel", flags_.tensor_parallel, 1, kMaxTensorParallel);
     o.tensor_parallel = flags_.tensor_parallel;
     if (flags_.max_memory_given) {
-      auto size = bench::parse_size(flags_.max_memory);
-      if (!size.is_ok()) fail("--max-memory: " + size.status().message());
-      o.max_memory = *size;
-      if (o.max_memory == 0) fail("--max-memory: must be more than 0 bytes");
+      o.max_memory = parse_max_memory(flags_.max_memory);
       o.max_memory_text = flags_.max_memory;
     }
     // 0 (the default): the device's own chunk.

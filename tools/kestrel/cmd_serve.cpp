@@ -17,6 +17,8 @@
 #include "server/server.h"
 #endif
 #include "io/config.h"
+#include "runtime/planner.h"
+#include "runtime/tensor_parallel.h"
 #include "template/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
@@ -110,11 +112,18 @@ void run_serve(ServeFlags flags) {
   engine_options.progress = false;
   engine_options.kv_blocks = flags.kv_blocks;
   // A GPU's memory is there to be used: the pool takes what the weights leave. On the CPU the
-  // host's memory is shared with everything else, so the pool holds every slot's full context.
+  // host's memory is shared with everything else, so the pool holds every slot's full context,
+  // unless --max-memory says how much of it the server may take.
+  const bool pool_from_memory = engine_options.device != "cpu" || engine_options.max_memory > 0;
   engine_options.kv_memory_fraction = flags.kv_memory_fraction >= 0 ? flags.kv_memory_fraction
-                                      : flags.kv_blocks == 0 && engine_options.device != "cpu"
-                                          ? 0.9
-                                          : 0.0;
+                                      : flags.kv_blocks == 0 && pool_from_memory ? 0.9
+                                                                                 : 0.0;
+  // The backend too is made before the server listens, and a --max-memory the model cannot fit
+  // is found from the source's config (Engine::create checks the same before loading).
+  std::unique_ptr<Backend> backend =
+      unwrap(make_backend(engine_options.device, threads_per_rank(engine_options.threads,
+                                                                  engine_options.tensor_parallel)));
+  check(check_max_memory(engine_options, *backend));
 
   server::Metrics metrics;
   server::ServerOptions options;
@@ -137,7 +146,7 @@ void run_serve(ServeFlags flags) {
                flags.host.c_str(), http.bound_port(), flags.model.model.c_str());
   std::fflush(stderr);
 
-  auto created = Engine::create(engine_options);
+  auto created = Engine::create(engine_options, std::move(backend));
   if (!created.is_ok()) {
     // fail() exits, and exit() destroys httplib's static objects while its workers may be
     // answering a request (/health, 503 "loading"): they read freed memory (ThreadSanitizer saw
@@ -157,13 +166,15 @@ void run_serve(ServeFlags flags) {
   serving.chat_template = chat_template.get();
   serving.scheduler = &scheduler;
   http.attach(serving);
+  const std::string within =
+      engine_options.max_memory > 0 ? " within " + max_memory_name(engine_options) : "";
   std::fprintf(
       stderr,
       "kestrel serve: ready: %s on %s, %lld slots of up to %lld positions, KV cache of %lld "
-      "blocks of %lld positions, model name '%s'\n",
+      "blocks of %lld positions%s, model name '%s'\n",
       flags.model.model.c_str(), engine->backend().name().c_str(), (long long)flags.parallel,
       (long long)engine->max_context(), (long long)engine->run_shape().pool_blocks(),
-      (long long)kKvBlockSize, options.model_name.c_str());
+      (long long)kKvBlockSize, within.c_str(), options.model_name.c_str());
   std::fflush(stderr);
 
   int signal_number = 0;
@@ -191,13 +202,18 @@ void add_serve_command(CLI::App& app, std::vector<Command>& commands) {
   serve->add_option("--parallel", flags->parallel, "sequences generated together (default 4)");
   serve->add_option("--kv-blocks", flags->kv_blocks,
                     "KV cache blocks of 16 positions shared by all requests (default on the "
-                    "CPU: every slot's full context)");
+                    "CPU without --max-memory: every slot's full context)");
   serve->add_option("--kv-memory-fraction", flags->kv_memory_fraction,
                     "size the KV cache to this fraction of the memory the weights leave "
-                    "(default 0.9 on a GPU: CUDA or Vulkan)");
+                    "(default 0.9 on a GPU: CUDA or Vulkan; and with --max-memory)");
   CLI::Option* batch_tokens =
       serve->add_option("--batch-tokens", flags->batch_tokens,
                         "tokens per step: decode tokens plus prompt chunks (default 512)");
+  serve->get_option("--max-memory")
+      ->description(
+          "memory the weights, KV cache and workspace may take, e.g. 8GB or 512MiB; the KV cache "
+          "takes --kv-memory-fraction of what the weights leave of it, on the CPU too (default: "
+          "free device memory, or the host's available memory on the CPU)");
   CLI::Option* batch = serve->get_option("-b");
   batch->description("(llama-server habit) the same as --batch-tokens");
   serve->add_option("--max-queue", flags->max_queue,

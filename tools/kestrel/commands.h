@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -48,8 +49,11 @@ struct ModelFlags {
   int64_t gpu_layers = -1;  // llama.cpp's -ngl: > 0 asks for CUDA, 0 for the CPU
   std::string kv_cache = "auto";
   int tensor_parallel = 1;  // ranks the model is split over (-tp)
+  // --max-memory as given ('' too, which is refused rather than taken for no cap).
+  std::optional<std::string> max_memory;
   bool quiet = false;
 
+  // The options write into this object as the app parses: it must not move until then.
   void add_to(CLI::App* app);
   EngineOptions engine_options() const;
 };
@@ -57,6 +61,10 @@ struct ModelFlags {
 // Checks a number-valued flag: finite and within [min, max] (or above min when `min_exclusive`).
 void check_range(const std::string& flag, double value, double min, double max,
                  bool min_exclusive = false);
+
+// --max-memory SIZE (bench, and the commands that load a model): bytes, e.g. 24GB, 512MiB, 1.5G
+// or a count; exits with an error naming the flag for anything else, 0 included.
+size_t parse_max_memory(const std::string& text);
 
 // Exits with an error when what was written to standard output could not be (a full disk, a
 // closed pipe): the output is the product, so losing it is a failure.

@@ -18,6 +18,7 @@
 #include <sstream>
 
 #include "backend/backend.h"
+#include "bench/config.h"
 #include "commands.h"
 #include "core/quote.h"
 #include "core/thread_pool.h"
@@ -118,6 +119,12 @@ void check_range(const std::string& flag, double value, double min, double max,
   }
 }
 
+size_t parse_max_memory(const std::string& text) {
+  const size_t bytes = unwrap(bench::parse_size(text), "--max-memory");
+  if (bytes == 0) fail("--max-memory: must be more than 0 bytes");
+  return bytes;
+}
+
 namespace {
 std::atomic<std::atomic<bool>*> g_sigint_flag{nullptr};
 extern "C" void on_sigint(int) {
@@ -184,6 +191,11 @@ void ModelFlags::add_to(CLI::App* app) {
       ->capture_default_str();
   app->add_option("-b,--batch-size", batch, "prompt tokens per forward call")
       ->capture_default_str();
+  app->add_option_function<std::string>(
+         "--max-memory", [this](const std::string& text) { max_memory = text; },
+         "memory the weights, KV cache and workspace may take, e.g. 8GB or 512MiB (default: "
+         "free device memory, or the host's available memory on the CPU)")
+      ->type_name("SIZE");
   app->add_flag("-q,--quiet", quiet, "no progress output");
 }
 
@@ -206,6 +218,10 @@ EngineOptions ModelFlags::engine_options() const {
   options.prefill_chunk = batch;
   options.kv_cache = unwrap(parse_kv_cache(kv_cache), "--kv-cache");
   options.progress = !quiet;
+  if (max_memory) {
+    options.max_memory = parse_max_memory(*max_memory);
+    options.max_memory_text = *max_memory;
+  }
   return options;
 }
 
@@ -358,7 +374,7 @@ int main(int argc, char** argv) {
   convert_flags.add_to(convert);
   // Converting runs no model: the run-time flags would be accepted and ignored.
   for (const char* name : {"--device", "--kv-cache", "--n-gpu-layers", "--tensor-parallel",
-                           "--ctx-size", "--batch-size"}) {
+                           "--ctx-size", "--batch-size", "--max-memory"}) {
     convert->remove_option(convert->get_option(name));
   }
   convert->add_option("-o,--output", convert_out, "output directory")->required();

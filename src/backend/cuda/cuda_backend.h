@@ -120,10 +120,10 @@ bool set_gemv_shallow_ring(bool on);
 // Launches that took it since the process started (a test aid).
 uint64_t gemv_shallow_ring_launches();
 // Whether every GEMV marks its weight copies evict_first in L2 (a weight is read once a step, so
-// its lines go first and the KV cache, activations and code stay), instead of the normal priority
-// (off by default; KESTREL_CUDA_WEIGHT_EVICT_FIRST=1 sets the starting value on). Only the cache's
-// victims differ: the same bits. Process-wide; a captured step keeps the policy it was captured
-// with. Returns the setting before.
+// its lines go first and the activations, norm weights, KV cache and code stay), instead of the
+// normal priority (on by default; KESTREL_CUDA_WEIGHT_EVICT_FIRST=0 sets the starting value off).
+// Only the cache's victims differ: the same bits. Process-wide; a captured step keeps the policy
+// it was captured with. Returns the setting before.
 bool set_gemv_weight_evict_first(bool on);
 // GEMV launches that took it since the process started (a test aid).
 uint64_t gemv_weight_evict_first_launches();

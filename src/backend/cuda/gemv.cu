@@ -1541,15 +1541,20 @@ bool shallow_ring() {
 }
 
 // Whether every GEMV's weight copies carry the L2 policy evict_first (weight_l2_policy,
-// common.cuh; set_gemv_weight_evict_first; KESTREL_CUDA_WEIGHT_EVICT_FIRST=1 at start-up turns it
-// on) instead of evict_normal, the priority of a copy without a hint. A decode step streams each
-// weight once, ~110 MB a layer of the 8B through a 50-60 MB L2, and with the normal priority that
-// stream replaces everything else between two uses: the KV cache, the activations and partial
-// sums, and the code of the step's kernels (attention's 5.8 k instructions, 93 KB, run once a
-// layer; each GEMV instance 3-3.7 k). Only the cache's choice of victims differs: the same bits.
-// Counts the launches that take it (gemv_weight_evict_first_launches).
+// common.cuh; set_gemv_weight_evict_first; the default since the thirty-fifth session,
+// KESTREL_CUDA_WEIGHT_EVICT_FIRST=0 at start-up gives the normal priority, that of a copy without a
+// hint). A decode step streams each weight once, ~110 MB a layer of the 8B through a 50-60 MB L2,
+// and with the normal priority that stream replaces everything else between two uses: the
+// activations and half groups a GEMV reads after its wait, the norms' weights, the KV cache, the
+// partial sums and the code of the step's kernels. H100, two rounds of one call, tg128: 8B +3.3%
+// at batch 1 and +4.0% at 16, 1.5B -0.5% (-1.3 and +0.3) and +1.2%; at 1024 positions the 8B's
+// step 2.03 -> 1.96 ms (batch 1) and 3.74 -> 3.69 ms (16); 8192 positions unchanged. The
+// timelines put the batch-1 gain in the fused-norm gate/up GEMV (25.0 -> 23.7 us a layer) and the
+// batch-16 one in the norms, gate/up, wo and w_down (PERF.md, thirty-fifth session). Only the
+// cache's choice of victims differs: the same bits. Counts the launches that take it
+// (gemv_weight_evict_first_launches).
 std::atomic<bool>& gemv_weight_evict_first_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_WEIGHT_EVICT_FIRST", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_WEIGHT_EVICT_FIRST", "0")};
   return on;
 }
 std::atomic<uint64_t> weight_evict_first_launches{0};

@@ -92,6 +92,17 @@ struct EngineOptions {
   RunShape run_shape;
 };
 
+// The device EngineOptions::device "auto" loads on: the environment's KESTREL_DEVICE when set
+// (and not "auto"), else "cuda" when this build has the CUDA backend and the machine an NVIDIA
+// driver, else "cpu".
+std::string default_device();
+
+// EngineOptions::max_memory from text, as the CLI's --max-memory and the Python package's
+// max_memory read it: "24GB", "512MiB", "1.5G" or a byte count (decimal units for kB/MB/GB/TB,
+// binary for KiB/MiB/GiB/TiB and the bare K/M/G/T). Anything else is an error, and so is 0
+// (max_memory's "no cap"); the message does not name the flag or argument, the caller does.
+Result<size_t> parse_max_memory(const std::string& text);
+
 struct GenerateResult {
   std::vector<int32_t> tokens;  // generated ids (not including the prompt)
   double prefill_seconds = 0;   // prompt through the first generated token's logits

@@ -150,6 +150,70 @@ def _device_name(device):
     return name
 
 
+_SIZE_FORMS = "a size (bytes as an int, or a string such as '20GiB', '10GB' or '500MB')"
+
+
+def _memory_size(name, value):
+    """`value` (an int or a size string) as (bytes, text) for EngineOptions.max_memory and
+    max_memory_text. Both read through the engine's parser for `kestrel --max-memory`, so the
+    units, limits and refusals (0, '', '12XB', negatives) are the CLI's, in the CLI's words."""
+    if is_int(value):
+        value = str(int(value))
+    elif not isinstance(value, str):
+        raise ValueError(f"{name} must be {_SIZE_FORMS}, got {value!r}")
+    try:
+        return _kestrel.parse_max_memory(value), value
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _max_memory_keys(device):
+    """The keys of a transformers max_memory dict that name `device` (a resolved device name),
+    the one to suggest first."""
+    if device == "cuda":
+        return (0, "0", "cuda", "cuda:0")  # Kestrel's CUDA backend runs on CUDA device 0
+    if device.startswith("vulkan:"):
+        return (device, "vulkan")
+    return (device,)
+
+
+def _max_memory(value, device):
+    """from_pretrained's max_memory as (bytes, text) for the engine; (0, "") for None: no cap."""
+    if value is None:
+        return 0, ""
+    if not isinstance(value, dict):
+        if is_int(value) or isinstance(value, str):
+            return _memory_size("max_memory", value)
+        raise ValueError(
+            f"max_memory must be {_SIZE_FORMS}, or a dict of sizes by device as in transformers "
+            f"({{0: '20GiB', 'cpu': '30GiB'}}), got {value!r}"
+        )
+    loads_on = _kestrel.default_device() if device == "auto" else device
+    names = _max_memory_keys(loads_on)
+
+    def names_it(key):
+        # True == 1 and False == 0 in Python: a bool key names no device.
+        if isinstance(key, bool):
+            return False
+        return (int(key) if is_int(key) else str(key)) in names
+
+    chosen = [key for key in value if names_it(key)]
+    given = ", ".join(repr(key) for key in value) or "none"
+    if not chosen:
+        via = f" (device={device!r})" if device != loads_on else ""
+        raise ValueError(
+            f"max_memory has no entry for {loads_on}, the device the model loads on{via}; keys "
+            f"given: {given}. Kestrel runs on one device and takes only its entry: add "
+            f"{names[0]!r}: SIZE"
+        )
+    if len(chosen) > 1:
+        raise ValueError(
+            f"max_memory has more than one entry for {loads_on}: "
+            f"{', '.join(repr(key) for key in chosen)}; keep one"
+        )
+    return _memory_size(f"max_memory[{chosen[0]!r}]", value[chosen[0]])
+
+
 def _low_bit(load_in_low_bit, load_in_4bit, load_in_8bit):
     chosen = []
     if load_in_low_bit is not None:
@@ -184,6 +248,7 @@ _LOAD_ARGS = {
     "prefill_chunk": 512,
     "progress": False,
     "run_ahead": None,
+    "max_memory": None,
 }
 
 
@@ -199,7 +264,21 @@ class AutoModelForCausalLM:
         (load_in_4bit=True is sym_int4, load_in_8bit=True sym_int8); unset: sym_int4, or the
         format a converted directory holds. device: "auto" (CUDA when there is one), "cpu",
         "cuda", "vulkan" or "vulkan:N" (`kestrel devices`). max_context: positions of the KV
-        cache (default min(max_position_embeddings, 4096)). Kestrel's own: threads (CPU, 0 = all), block (32 | 64 weights per scale),
+        cache (default min(max_position_embeddings, 4096)).
+
+        max_memory: the most memory the weights, KV cache and workspace may take on the device
+        (the host's memory on the CPU), checked against the model's plan before any weight is
+        built: a cap too small raises KestrelError at once. Unset: the free memory limits. As
+        `kestrel --max-memory`: bytes as an int, or a string read by the CLI's parser ("20GiB",
+        "10GB", "500MB", "1.5G"; decimal kB/MB/GB/TB, binary KiB/MiB/GiB/TiB and bare K/M/G/T);
+        0, "" or an unknown unit is a ValueError. Or a dict by device as in transformers
+        ({0: "20GiB", "cpu": "30GiB"}): Kestrel runs on one device and takes only the entry
+        naming it (device="auto" is resolved first): CUDA: 0, "0", "cuda" or "cuda:0" (integer
+        keys are CUDA devices, as torch's); CPU: "cpu"; Vulkan: "vulkan", or "vulkan:N" for
+        device="vulkan:N". Other entries ("disk", other GPUs) are ignored; a dict without the
+        device's entry, or with two for it, is a ValueError.
+
+        Kestrel's own: threads (CPU, 0 = all), block (32 | 64 weights per scale),
         max_batch_size (sequences reserved at load; generate reserves more when a batch needs
         them), prefill_chunk, progress, run_ahead (decoding queues each step before the last
         one's tokens are back, which the device feeds itself; the tokens are the same; None,
@@ -329,6 +408,7 @@ class KestrelForCausalLM:
         if options["run_ahead"] is not None and not isinstance(options["run_ahead"], bool):
             raise ValueError(
                 f"run_ahead must be True, False or None, got {options['run_ahead']!r}")
+        max_memory, max_memory_text = _max_memory(options["max_memory"], device)
         engine = _kestrel.Engine(
             model=path,
             low_bit=low_bit,
@@ -340,6 +420,8 @@ class KestrelForCausalLM:
             prefill_chunk=options["prefill_chunk"],
             progress=bool(options["progress"]),
             run_ahead=options["run_ahead"],
+            max_memory=max_memory,
+            max_memory_text=max_memory_text,
         )
         return cls(engine, path, device)
 

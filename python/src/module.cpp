@@ -51,7 +51,8 @@ class PyEngine {
  public:
   PyEngine(const std::string& model, const std::optional<std::string>& low_bit, int block,
            const std::string& device, int threads, int64_t max_context, int64_t max_seqs,
-           int64_t prefill_chunk, bool progress, std::optional<bool> run_ahead) {
+           int64_t prefill_chunk, bool progress, std::optional<bool> run_ahead, size_t max_memory,
+           const std::string& max_memory_text) {
     kestrel::EngineOptions options;
     options.model = model;
     if (low_bit) options.format = unwrap(kestrel::parse_format(*low_bit));
@@ -63,6 +64,8 @@ class PyEngine {
     options.prefill_chunk = prefill_chunk;
     options.progress = progress;
     options.run_ahead = run_ahead;
+    options.max_memory = max_memory;
+    options.max_memory_text = max_memory_text;
     kestrel::Result<std::unique_ptr<kestrel::Engine>> engine = kestrel::Status::ok();
     {
       py::gil_scoped_release release;
@@ -259,10 +262,12 @@ PYBIND11_MODULE(_kestrel, m) {
 
   py::class_<PyEngine>(m, "Engine")
       .def(py::init<const std::string&, const std::optional<std::string>&, int, const std::string&,
-                    int, int64_t, int64_t, int64_t, bool, std::optional<bool>>(),
+                    int, int64_t, int64_t, int64_t, bool, std::optional<bool>, size_t,
+                    const std::string&>(),
            py::arg("model"), py::arg("low_bit"), py::arg("block"), py::arg("device"),
            py::arg("threads"), py::arg("max_context"), py::arg("max_seqs"),
-           py::arg("prefill_chunk"), py::arg("progress"), py::arg("run_ahead") = py::none())
+           py::arg("prefill_chunk"), py::arg("progress"), py::arg("run_ahead") = py::none(),
+           py::arg("max_memory") = 0, py::arg("max_memory_text") = "")
       .def("info", &PyEngine::info)
       .def_property_readonly("max_context", &PyEngine::max_context)
       .def_property_readonly("max_seqs", &PyEngine::max_seqs)
@@ -275,6 +280,19 @@ PYBIND11_MODULE(_kestrel, m) {
            py::arg("eos_token_ids"), py::arg("stop_at_eos"), py::arg("on_step"))
       .def("save_converted", &PyEngine::save_converted, py::arg("out_dir"),
            py::arg("replace_existing"));
+
+  // For from_pretrained's checks: the device "auto" loads on, and max_memory's sizes read as the
+  // CLI reads --max-memory (a ValueError with the library's words; the package names the
+  // argument).
+  m.def("default_device", &kestrel::default_device);
+  m.def(
+      "parse_max_memory",
+      [](const std::string& text) {
+        kestrel::Result<size_t> bytes = kestrel::parse_max_memory(text);
+        if (!bytes.is_ok()) throw py::value_error(bytes.status().message());
+        return bytes.value();
+      },
+      py::arg("text"));
 
   py::class_<PyTokenizer>(m, "Tokenizer")
       .def(py::init<const std::string&>(), py::arg("path"))

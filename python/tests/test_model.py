@@ -336,6 +336,89 @@ def test_bad_arguments(golden_dir):
     assert model(p).logits.shape[1] == 3
 
 
+def test_max_memory_forms_generate_as_without_a_cap(monkeypatch):
+    prompt = [1, 2, 3, 500, 7000, 42]
+    want = load("synthetic:tiny-qwen2").generate(prompt, max_new_tokens=8, eos_token_id=None)
+    load_ = kestrel.AutoModelForCausalLM.from_pretrained
+    # synthetic:tiny-qwen2 plans for 332 MB at its 4096 positions (311 MB of them the logits of a
+    # 512-token prefill chunk); the entries for other devices are ignored.
+    for cap in (2**30, np.int64(2**30), "1GiB", "1.5G", "2 gib", "1000MB",
+                {"cpu": "1GiB", 0: "1KB", "disk": "1TB"}, {"cpu": 2**30}):
+        model = load_("synthetic:tiny-qwen2", device="cpu", max_memory=cap)
+        assert model.generate(prompt, max_new_tokens=8, eos_token_id=None) == want, cap
+    # device="auto" takes the entry of the device it loads on (KESTREL_DEVICE picks it here).
+    monkeypatch.setenv("KESTREL_DEVICE", "cpu")
+    model = load_("synthetic:tiny-qwen2", max_memory={"cuda:0": "1KB", "cpu": "1GiB"})
+    assert model.device == "cpu"
+    assert model.generate(prompt, max_new_tokens=8, eos_token_id=None) == want
+
+
+def test_max_memory_too_small_fails_at_load(monkeypatch, golden_dir):
+    load_ = kestrel.AutoModelForCausalLM.from_pretrained
+    for cap, named in (("1KB", "1KB"), (1024, "1024"), ({"cpu": "1KB"}, "1KB")):
+        with pytest.raises(kestrel.KestrelError, match=f"needs .* but --max-memory {named} allows"):
+            load_("synthetic:tiny-qwen2", device="cpu", max_memory=cap)
+    # The context's reservation counts too.
+    with pytest.raises(kestrel.KestrelError, match="max-memory 20MB allows.*context length"):
+        load_("synthetic:tiny-qwen2", device="cpu", max_memory="20MB")
+    # Refused from the config, before a weight is built: the 70B in fp32 (280 GB) would take
+    # minutes and more memory than the machine has.
+    with pytest.raises(kestrel.KestrelError, match="max-memory 1GB"):
+        load_("synthetic:llama3.1-70b", device="cpu", load_in_low_bit="fp32", max_memory="1GB")
+    path = os.path.join(golden_dir, "models", "qwen2-tied-f32")
+    monkeypatch.setenv("KESTREL_DEVICE", "cpu")
+    with pytest.raises(kestrel.KestrelError, match="max-memory 1KB"):
+        load_(path, max_memory={0: "1GiB", "cpu": "1KB"})
+
+
+def test_max_memory_bad_values(tmp_path):
+    load_ = kestrel.AutoModelForCausalLM.from_pretrained
+    path = "synthetic:tiny-qwen2"
+    # The CLI's --max-memory parser and words (`kestrel run --max-memory 12XB`).
+    words = "is not a memory size \\(e.g. 24GB, 512MiB, 1.5G or a byte count\\)"
+    for bad, message in (
+        ("12XB", f"^max_memory: '12XB' {words}$"),
+        ("", f"^max_memory: '' {words}$"),
+        ("0", "^max_memory: must be more than 0 bytes$"),
+        (0, "^max_memory: must be more than 0 bytes$"),
+        (-5, f"^max_memory: '-5' {words}$"),
+        ("-1GB", f"^max_memory: '-1GB' {words}$"),
+        (2**70, f"^max_memory: '{2**70}' {words}$"),
+        ({"cpu": "12XB"}, f"^max_memory\\['cpu'\\]: '12XB' {words}$"),
+        ({"cpu": 0, 0: "1GiB"}, "^max_memory\\['cpu'\\]: must be more than 0 bytes$"),
+        (True, "max_memory must be a size .*got True"),
+        (1.5, "max_memory must be a size .*got 1.5"),
+        (b"1GB", "max_memory must be a size .*got b'1GB'"),
+        ({"cpu": 1.5}, "max_memory\\['cpu'\\] must be a size .*got 1.5"),
+        ({"cpu": None}, "max_memory\\['cpu'\\] must be a size .*got None"),
+        # No entry for the device the model loads on: say which and what to add.
+        ({0: "1GiB", "cuda": "1GiB"}, "no entry for cpu.*keys given: 0, 'cuda'.*add 'cpu': SIZE"),
+        ({}, "no entry for cpu.*keys given: none.*add 'cpu': SIZE"),
+        ({False: "1GiB", True: "1GiB"}, "no entry for cpu"),
+        ({"CPU": "1GiB"}, "no entry for cpu.*keys given: 'CPU'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            load_(path, device="cpu", max_memory=bad)
+    with pytest.raises(ValueError, match="no entry for cuda.*add 0: SIZE"):
+        load_(path, device="cuda", max_memory={"cpu": "1GiB"})
+    with pytest.raises(ValueError, match="no entry for vulkan:1.*add 'vulkan:1': SIZE"):
+        load_(path, device="vulkan:1", max_memory={1: "1GiB", "vulkan:0": "1GiB"})
+    # Two entries for the one device are ambiguous.
+    with pytest.raises(ValueError, match="more than one entry for cuda: 0, 'cuda:0'"):
+        load_(path, device="cuda", max_memory={0: "1GiB", "cuda:0": "2GiB"})
+    # load_low_bit takes it too, with the same checks.
+    load(path).save_low_bit(tmp_path / "saved")
+    load_low_bit = kestrel.AutoModelForCausalLM.load_low_bit
+    with pytest.raises(ValueError, match="^max_memory: '12XB'"):
+        load_low_bit(tmp_path / "saved", max_memory="12XB")
+    with pytest.raises(kestrel.KestrelError, match="max-memory 1KB"):
+        load_low_bit(tmp_path / "saved", device="cpu", max_memory="1KB")
+    model = load_low_bit(tmp_path / "saved", device="cpu", max_memory={"cpu": "1GiB"})
+    prompt = [1, 2, 3, 500]
+    want = load(path).generate(prompt, max_new_tokens=4, eos_token_id=None)
+    assert model.generate(prompt, max_new_tokens=4, eos_token_id=None) == want
+
+
 def test_small_integer_arrays_are_not_wrapped(golden_dir):
     """int8 and int16 arrays come back as int64 whatever was generated (their continuations
     used to wrap around in the input's type); int32 and wider keep their type."""

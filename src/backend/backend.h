@@ -12,6 +12,7 @@
 #include "backend/workspace.h"
 #include "core/argmax.h"
 #include "core/status.h"
+#include "kestrel/engine.h"
 #include "kestrel/sampling.h"
 #include "kestrel/types.h"
 #include "model/weights.h"
@@ -324,7 +325,6 @@ std::string compiled_backends();
 // none), every Vulkan device (with why it cannot run Kestrel, if it cannot). Creates a CUDA
 // backend when the module and a driver are there, and a Vulkan instance.
 std::vector<std::string> list_devices();
-// "cuda" when this build has the CUDA backend and the machine an NVIDIA driver, else "cpu".
-std::string default_device();
+// default_device(), what "auto" stands for, is declared in kestrel/engine.h (public).
 
 }  // namespace kestrel

@@ -8,6 +8,7 @@
 #include <sstream>
 #include <tuple>
 
+#include "bench/config.h"
 #include "io/safetensors.h"
 #include "model/gguf_model.h"
 #include "model/loader.h"
@@ -258,6 +259,12 @@ RunShape requested_shape(const EngineOptions& options, const ModelConfig& config
   shape.max_logit_rows = shape.max_batch_tokens;
   shape.kv_blocks = options.kv_blocks;
   return shape;
+}
+
+Result<size_t> parse_max_memory(const std::string& text) {
+  KS_ASSIGN_OR_RETURN(size_t bytes, bench::parse_size(text));
+  if (bytes == 0) return Status::error("must be more than 0 bytes");
+  return bytes;
 }
 
 std::string max_memory_name(const EngineOptions& options) {

@@ -63,7 +63,8 @@ void check_range(const std::string& flag, double value, double min, double max,
                  bool min_exclusive = false);
 
 // --max-memory SIZE (bench, and the commands that load a model): bytes, e.g. 24GB, 512MiB, 1.5G
-// or a count; exits with an error naming the flag for anything else, 0 included.
+// or a count, read by kestrel::parse_max_memory (as the Python package's max_memory); exits with
+// an error naming the flag for anything else, 0 included.
 size_t parse_max_memory(const std::string& text);
 
 // Exits with an error when what was written to standard output could not be (a full disk, a

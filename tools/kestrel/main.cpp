@@ -18,7 +18,6 @@
 #include <sstream>
 
 #include "backend/backend.h"
-#include "bench/config.h"
 #include "commands.h"
 #include "core/quote.h"
 #include "core/thread_pool.h"
@@ -120,9 +119,7 @@ void check_range(const std::string& flag, double value, double min, double max,
 }
 
 size_t parse_max_memory(const std::string& text) {
-  const size_t bytes = unwrap(bench::parse_size(text), "--max-memory");
-  if (bytes == 0) fail("--max-memory: must be more than 0 bytes");
-  return bytes;
+  return unwrap(kestrel::parse_max_memory(text), "--max-memory");
 }
 
 namespace {

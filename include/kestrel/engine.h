@@ -63,7 +63,9 @@ struct EngineOptions {
   // before any weight is built or read, and every reservation, kv_memory_fraction's pool
   // included, then gets at most max_memory less the loaded weights. 0: only free memory limits.
   size_t max_memory = 0;
-  std::string max_memory_text = {};  // max_memory as given ("24GB"), for messages; empty: bytes
+  // How messages name the cap, as its caller takes it: "--max-memory 24GB" from the CLI,
+  // "max_memory 24GB" from the Python package; empty: "max_memory" and the bytes.
+  std::string max_memory_text = {};
   // The KV cache's entries (types.h); automatic: fp32 for fp32 weights, else fp16. The CPU
   // backend keeps fp32 whatever is asked.
   KvCacheType kv_cache = KvCacheType::automatic;

@@ -155,14 +155,16 @@ _SIZE_FORMS = "a size (bytes as an int, or a string such as '20GiB', '10GB' or '
 
 def _memory_size(name, value):
     """`value` (an int or a size string) as (bytes, text) for EngineOptions.max_memory and
-    max_memory_text. Both read through the engine's parser for `kestrel --max-memory`, so the
-    units, limits and refusals (0, '', '12XB', negatives) are the CLI's, in the CLI's words."""
+    max_memory_text: the bytes read through the engine's parser for `kestrel --max-memory`, so the
+    units, limits and refusals (0, '', '12XB', negatives) are the CLI's, in the CLI's words; the
+    text names the argument and value as the engine's messages quote the cap
+    ("max_memory 1KB", "max_memory['cpu'] 1KB")."""
     if is_int(value):
         value = str(int(value))
     elif not isinstance(value, str):
         raise ValueError(f"{name} must be {_SIZE_FORMS}, got {value!r}")
     try:
-        return _kestrel.parse_max_memory(value), value
+        return _kestrel.parse_max_memory(value), f"{name} {value}"
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
 

@@ -66,7 +66,7 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
   if (needed <= left->bytes) return Status::ok();
   const std::string change =
       left->from_flag
-          ? "raise --max-memory, or lower the context length (-c) or the tokens per call (-b)"
+          ? "raise the memory cap, or lower the context length (-c) or the tokens per call (-b)"
           : "lower the context length (-c)";
   return Status::error(
       "the KV cache (" + format_bytes(layout->kv_cache_bytes()) + " for " +

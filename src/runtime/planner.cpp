@@ -228,7 +228,7 @@ Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape,
                          ") less the workspace's " + format_bytes(fixed) + " leaves " +
                          std::to_string(blocks) + " blocks of " + std::to_string(kKvBlockSize) +
                          " positions, " + std::to_string(shape.blocks_per_seq()) + " needed; " +
-                         (available.from_flag ? "raise --max-memory, or lower the context length"
+                         (available.from_flag ? "raise the memory cap, or lower the context length"
                                               : "lower the context length"));
   }
   return blocks;
@@ -268,8 +268,8 @@ Result<size_t> parse_max_memory(const std::string& text) {
 }
 
 std::string max_memory_name(const EngineOptions& options) {
-  return "--max-memory " + (options.max_memory_text.empty() ? format_bytes(options.max_memory)
-                                                            : options.max_memory_text);
+  return options.max_memory_text.empty() ? "max_memory " + format_bytes(options.max_memory)
+                                         : options.max_memory_text;
 }
 
 Status check_max_memory(const EngineOptions& options, const Backend& backend) {
@@ -290,7 +290,7 @@ Status check_max_memory(const EngineOptions& options, const Backend& backend) {
     return Status::error(options.model + " in " + format_name(spec->format) + " needs " +
                          format_bytes(weights) + " of weights" + shards + " but " + cap +
                          " allows " + format_bytes(options.max_memory) +
-                         "; raise --max-memory, or choose a smaller model or a lower --low-bit");
+                         "; raise the memory cap, or choose a smaller model or a lower-bit format");
   }
   const RunShape shape = requested_shape(options, rank->config, spec->format);
   const LayoutOf layout_of = [&](const RunShape& s) {
@@ -316,7 +316,7 @@ Status check_max_memory(const EngineOptions& options, const Backend& backend) {
       " positions + workspace " + format_bytes(ranks * layout->workspace_bytes()) + " + logits " +
       format_bytes(ranks * layout->logits_bytes()) + ")" + shards + " but " + cap + " allows " +
       format_bytes(options.max_memory) +
-      "; raise --max-memory, or lower the context length (-c) or the tokens per call (-b)");
+      "; raise the memory cap, or lower the context length (-c) or the tokens per call (-b)");
 }
 
 Result<size_t> host_available_memory() {

@@ -119,7 +119,7 @@ Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape,
 RunShape requested_shape(const EngineOptions& options, const ModelConfig& config,
                          WeightFormat format);
 
-// "--max-memory 24GB": EngineOptions::max_memory as errors name it.
+// EngineOptions::max_memory as errors name it: max_memory_text, or "max_memory" and its bytes.
 std::string max_memory_name(const EngineOptions& options);
 
 // EngineOptions::max_memory against the plan, before any weight is read or built: the weights

@@ -317,7 +317,7 @@ TEST(PagedEngine, PoolIsSizedFromTheMemoryLeft) {
   auto capped = kv_blocks_that_fit(
       layout_of, shape, {fixed + 3 * per_block, "--max-memory 1MB less the weights", true}, 1.0);
   ASSERT_FALSE(capped.is_ok());
-  EXPECT_NE(capped.status().message().find("raise --max-memory"), std::string::npos)
+  EXPECT_NE(capped.status().message().find("raise the memory cap"), std::string::npos)
       << capped.status().message();
 }
 

@@ -299,8 +299,9 @@ TEST(Planner, BackendsWithoutALayoutCannotBePlanned) {
   EXPECT_EQ(plan.status().message(), "no layout");
 }
 
-// EngineOptions::max_memory (the CLI's --max-memory) on synthetic:tiny-qwen2 in sym_int4: two
-// slots of 64 positions, calls of up to 64 tokens.
+// EngineOptions::max_memory on synthetic:tiny-qwen2 in sym_int4, named as the CLI names it
+// ("--max-memory TEXT"; unnamed for an empty text): two slots of 64 positions, calls of up to 64
+// tokens.
 EngineOptions capped_tiny(size_t max_memory, const std::string& text) {
   EngineOptions options;
   options.model = "synthetic:tiny-qwen2";
@@ -310,7 +311,7 @@ EngineOptions capped_tiny(size_t max_memory, const std::string& text) {
   options.max_context = 64;
   options.prefill_chunk = 64;
   options.max_memory = max_memory;
-  options.max_memory_text = text;
+  options.max_memory_text = text.empty() ? "" : "--max-memory " + text;
   return options;
 }
 
@@ -344,14 +345,16 @@ TEST(MaxMemory, ACapBelowTheWeightsFailsBeforeTheyAreBuilt) {
   ASSERT_FALSE(engine.is_ok());
   const std::string message = engine.status().message();
   EXPECT_NE(message.find("synthetic:tiny-qwen2 in sym_int4 needs"), std::string::npos) << message;
-  EXPECT_NE(message.find("of weights but --max-memory 1KB allows 1 kB; raise --max-memory"),
+  EXPECT_NE(message.find("of weights but --max-memory 1KB allows 1 kB; raise the memory cap"),
             std::string::npos)
       << message;
-  // Set through the library without its text, the cap is named by its bytes.
+  // Set through the library without its text, the cap is named by its field and bytes, and no
+  // CLI flag appears (library errors name EngineOptions fields).
   auto unnamed = Engine::create(capped_tiny(1000, ""));
   ASSERT_FALSE(unnamed.is_ok());
-  EXPECT_NE(unnamed.status().message().find("--max-memory 1 kB allows"), std::string::npos)
+  EXPECT_NE(unnamed.status().message().find("but max_memory 1 kB allows"), std::string::npos)
       << unnamed.status().message();
+  EXPECT_EQ(unnamed.status().message().find("--"), std::string::npos) << unnamed.status().message();
   // The 70B in fp32 (282 GB) is refused from its config: were it built first, the host check
   // would answer instead (or the build would take the host's memory).
   EngineOptions big = capped_tiny(size_t(1) << 30, "1GiB");
@@ -393,7 +396,7 @@ TEST(MaxMemory, TheReservationGetsWhatTheCapLeavesBesideTheWeights) {
       << message;
   EXPECT_NE(message.find("2 sequences x 64 positions"), std::string::npos) << message;
   EXPECT_NE(message.find("but --max-memory X allows"), std::string::npos) << message;
-  EXPECT_NE(message.find("raise --max-memory, or lower the context length (-c) or the tokens "
+  EXPECT_NE(message.find("raise the memory cap, or lower the context length (-c) or the tokens "
                          "per call (-b)"),
             std::string::npos)
       << message;
@@ -418,7 +421,7 @@ TEST(MaxMemory, TheReservationGetsWhatTheCapLeavesBesideTheWeights) {
                                    format_bytes(plan.weights) + ")"),
             std::string::npos)
       << refused.message();
-  EXPECT_NE(refused.message().find("raise --max-memory"), std::string::npos);
+  EXPECT_NE(refused.message().find("raise the memory cap"), std::string::npos);
   EXPECT_EQ((*capped)->max_context(), 64);
   EXPECT_TRUE((*capped)->generate_greedy({1, 2, 3}, 8).is_ok());
   // Without a cap the same reserve() fits the host.
@@ -441,7 +444,7 @@ TEST(MaxMemory, AFittedPoolIsSizedFromTheCap) {
 
   // Half of the cap's remainder holds exactly 10 blocks beside the workspace.
   options.max_memory = plan.weights + 2 * (fixed + 10 * per_block);
-  options.max_memory_text = "T";
+  options.max_memory_text = "--max-memory T";
   auto engine = Engine::create(options);
   ASSERT_TRUE(engine.is_ok()) << engine.status().message();
   EXPECT_EQ((*engine)->run_shape().pool_blocks(), 10);
@@ -463,7 +466,7 @@ TEST(MaxMemory, AFittedPoolIsSizedFromTheCap) {
   EXPECT_NE(message.find("--max-memory T less the weights' " + format_bytes(plan.weights)),
             std::string::npos)
       << message;
-  EXPECT_NE(message.find("raise --max-memory"), std::string::npos) << message;
+  EXPECT_NE(message.find("raise the memory cap"), std::string::npos) << message;
 }
 
 TEST(Planner, StepCostsAndDeadlines) {

@@ -217,7 +217,7 @@ EngineOptions ModelFlags::engine_options() const {
   options.progress = !quiet;
   if (max_memory) {
     options.max_memory = parse_max_memory(*max_memory);
-    options.max_memory_text = *max_memory;
+    options.max_memory_text = "--max-memory " + *max_memory;
   }
   return options;
 }

@@ -675,6 +675,88 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   }
 }
 
+// The decode attention's staged queries (set_decode_stage_q): in rope mode on an fp16 cache the
+// block rotates the group's queries once into shared memory and the warps read their fragments
+// there, the same values as each warp rotating them itself, so the outputs and the rotated q and
+// k left in memory keep their bits. Head_dim 128 with 4 and 6 query heads a KV head, 64 with 7
+// (rows up to G of the 16 staged); one token at 41 keys (one tile) and at 301 (five tiles, the
+// next stage's copies going into the staged rows' place after the barrier), two tokens at once,
+// with the solo rule on and off.
+TEST(CudaOps, AttentionStagedQueriesGiveTheSameBits) {
+  struct Shape {
+    int head_dim, n_heads, n_kv;
+  };
+  const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}};
+  struct Restore {  // the solo rule's default
+    ~Restore() { cuda::set_decode_solo(-1); }
+  } restore;
+  uint64_t seed = 6700;
+  for (const Shape& sh : shapes) {
+    SCOPED_TRACE("head_dim " + std::to_string(sh.head_dim) + ", " + std::to_string(sh.n_heads) +
+                 " heads");
+    const int64_t q_dim = int64_t(sh.n_heads) * sh.head_dim;
+    const int64_t kv_dim = int64_t(sh.n_kv) * sh.head_dim;
+    ModelConfig config = small_config(256, 256, sh.n_heads, sh.n_kv, sh.head_dim, 64);
+    config.n_layers = 1;
+    ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, seed++);
+    RunShape shape{2, 512, 512, 512};
+    shape.kv_cache = KvCacheType::fp16;
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(weights, shape));
+    Backend& b = *pair.gpu;
+    const RopeParams p{sh.head_dim, sh.n_heads, sh.n_kv};
+    // rope_attention of call c: [output, q, k] as it leaves them.
+    auto run = [&](const AttentionCall& c, uint64_t call_seed) {
+      std::vector<std::vector<float>> result;
+      const int64_t n = int64_t(c.positions.size());
+      const std::vector<int32_t> tokens(size_t(n), 1);
+      EXPECT_TRUE(
+          b.begin_batch(pair.paged(BatchView{n, tokens.data(), c.positions.data(), c.seqs.data()}))
+              .is_ok());
+      auto qt = b.scratch(n, q_dim);
+      auto kt = b.scratch(n, kv_dim);
+      auto vt = b.scratch(n, kv_dim);
+      auto out = b.scratch(n, q_dim);
+      if (!qt.is_ok() || !kt.is_ok() || !vt.is_ok() || !out.is_ok()) {
+        ADD_FAILURE() << "scratch";
+        return result;
+      }
+      fill(b, *qt, random_values(size_t(n * q_dim), call_seed));
+      fill(b, *kt, random_values(size_t(n * kv_dim), call_seed + 1));
+      fill(b, *vt, random_values(size_t(n * kv_dim), call_seed + 2));
+      poison(b, *out);
+      const Status st = b.rope_attention(*out, *qt, *kt, *vt, 0, p);
+      EXPECT_TRUE(st.is_ok()) << st.message();
+      result = {fetch(b, *out), fetch(b, *qt), fetch(b, *kt)};
+      return result;
+    };
+    run(run_of(0, 0, 300), 6800);  // the prompts
+    run(run_of(1, 0, 40), 6900);
+    const AttentionCall decodes[] = {{{300}, {0}}, {{40}, {1}}, {{300, 40}, {0, 1}}};
+    uint64_t call_seed = 7000;
+    for (int solo : {-1, 0}) {
+      cuda::set_decode_solo(solo);
+      for (const AttentionCall& c : decodes) {
+        SCOPED_TRACE(std::to_string(c.positions.size()) + " tokens at position " +
+                     std::to_string(c.positions[0]) + (solo == 0 ? ", solo off" : ""));
+        std::vector<std::vector<float>> results[2];  // [each warp's own, staged]
+        for (int staged : {0, 1}) {
+          const ScopedSwitch stage(cuda::set_decode_stage_q, staged == 1);
+          results[staged] = run(c, call_seed);  // the same rows: the cache gets the same values
+        }
+        call_seed += 10;
+        ASSERT_EQ(results[0].size(), 3u);
+        ASSERT_EQ(results[1].size(), 3u);
+        EXPECT_TRUE(no_nan(results[1][0])) << "an output left unwritten";
+        const char* const what[] = {"the outputs", "the rotated q", "the rotated k"};
+        for (int i = 0; i < 3; ++i) {
+          EXPECT_EQ(bits_differ(results[0][i], results[1][i]), 0u) << what[i] << " differ";
+        }
+      }
+    }
+  }
+}
+
 // The dp4a input stage's two paths in one input: with input ahead on, a group of finite values
 // is packed by byte permutes (packed_group) and a group with a NaN or an infinity takes the
 // conversion's path; with it off, every group takes the conversion. Inputs exact in fp16, so the

@@ -1461,6 +1461,40 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
         qa[ks][2 + h] = pack_q(make_float2(x.z, x.w));
       }
     }
+  } else if (kType == KvType::f16 && rope && ws.stage_q) {
+    // The group's G query rows rotated once by the whole block, pair (i, i + D / 2) of a row a
+    // thread at a time, scaled and rounded as pack_q does, into [16][D + 8] halves (rows past G
+    // zero) where the next stage's K tile will go: nothing is copied there before the loop's first
+    // issue, which the barrier after the fragment reads orders. Each warp then reads its A
+    // fragments with 32-bit loads (a row stride of D + 8 halves puts the eight rows of a fragment
+    // read in different banks). On the H100 the isolated kernel at batch 1 runs ~3700
+    // instructions a warp at ~5 cycles each (PERF.md, thirty-fifth session): every warp's own
+    // rotation of all G x D queries was ~400 of them.
+    constexpr int kQStride = D + 8;
+    static_assert(16 * kQStride <= kTile, "the staged queries fit a K tile");
+    __half* qs = decode_smem + 2 * kTile;  // stage 1's K tile
+    for (int idx = tid; idx < 16 * kHalf; idx += kPrefillThreads) {
+      const int row = idx / kHalf;
+      const int i = idx % kHalf;
+      float2 r = make_float2(0.0f, 0.0f);
+      if (row < G) {
+        const float2 an = angles[i];
+        r = rotate(q[int64_t(row) * D + i], q[int64_t(row) * D + i + kHalf], an.x, an.y);
+      }
+      qs[row * kQStride + i] = __float2half_rn(r.x * scale);
+      qs[row * kQStride + i + kHalf] = __float2half_rn(r.y * scale);
+    }
+    __syncthreads();
+    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qs);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int col = ks * 16 + 2 * qc;
+      qa[ks][0] = q32[(qr * kQStride + col) / 2];
+      qa[ks][1] = q32[((qr + 8) * kQStride + col) / 2];
+      qa[ks][2] = q32[(qr * kQStride + col + 8) / 2];
+      qa[ks][3] = q32[((qr + 8) * kQStride + col + 8) / 2];
+    }
+    __syncthreads();
   } else if (rope) {
 #pragma unroll
     for (int ks = 0; ks < kPairFrags; ++ks) {
@@ -1949,6 +1983,13 @@ int row_threads(int head_dim) {
 // set_decode_solo: -1, the workspace's own ws.solo (one tile).
 int decode_solo_override = -1;
 
+// set_decode_stage_q (KESTREL_CUDA_ATTENTION_STAGE_Q=1 as its starting value): DecodeWorkspace's
+// stage_q for every launch.
+std::atomic<bool>& decode_stage_q_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_STAGE_Q", "1")};
+  return on;
+}
+
 // KESTREL_CUDA_ATTENTION_COMBINE=1 (a measurement aid): the tensor-core decode kernel leaves its
 // splits to the combine kernel, as before it merged them itself.
 bool combine_launch() {
@@ -1971,6 +2012,10 @@ int decode_split_cap = std::max(env_int("KESTREL_CUDA_DECODE_SPLIT_CAP", 0), 0);
 
 void set_decode_solo(int tiles) {
   decode_solo_override = tiles;
+}
+
+bool set_decode_stage_q(bool on) {
+  return decode_stage_q_flag().exchange(on);
 }
 
 void set_decode_split_cap(int cap) {
@@ -2095,6 +2140,7 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   DecodeWorkspace split_ws = ws;
   if (!merge_in_split) split_ws.arrivals = nullptr;
   if (decode_solo_override >= 0) split_ws.solo = decode_solo_override;
+  split_ws.stage_q = decode_stage_q_flag().load(std::memory_order_relaxed);
   const size_t combine_smem = size_t(ws.max_splits) * sizeof(float);
   if (!merge_in_split && combine_smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(attention_combine_kernel,

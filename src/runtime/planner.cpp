@@ -222,14 +222,15 @@ Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape,
   const int64_t blocks =
       budget > fixed && per_block > 0 ? int64_t((budget - fixed) / per_block) : 0;
   if (blocks < shape.blocks_per_seq()) {
-    return Status::error("the KV cache cannot hold one full context: " + format_bytes(budget) +
-                         " (" + std::to_string(int(fraction * 100)) + "% of the " +
-                         format_bytes(available.bytes) + " of " + available.source +
-                         ") less the workspace's " + format_bytes(fixed) + " leaves " +
-                         std::to_string(blocks) + " blocks of " + std::to_string(kKvBlockSize) +
-                         " positions, " + std::to_string(shape.blocks_per_seq()) + " needed; " +
-                         (available.from_flag ? "raise the memory cap, or lower the context length"
-                                              : "lower the context length"));
+    return Status::error(
+        "the KV cache cannot hold one full context: " + format_bytes(budget) + " (" +
+        std::to_string(int(fraction * 100)) + "% of the " + format_bytes(available.bytes) + " of " +
+        available.source + ") less the workspace's " + format_bytes(fixed) + " leaves " +
+        std::to_string(blocks) + " blocks of " + std::to_string(kKvBlockSize) + " positions, " +
+        std::to_string(shape.blocks_per_seq()) + " needed; " +
+        (available.from_flag ? "raise the memory cap, or " : "") +
+        // The workspace alone taking the budget, a shorter context cannot help.
+        (budget > fixed ? "lower the context length" : "lower the tokens per call"));
   }
   return blocks;
 }

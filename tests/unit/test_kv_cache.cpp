@@ -319,6 +319,16 @@ TEST(PagedEngine, PoolIsSizedFromTheMemoryLeft) {
   ASSERT_FALSE(capped.is_ok());
   EXPECT_NE(capped.status().message().find("raise the memory cap"), std::string::npos)
       << capped.status().message();
+  // Where the workspace alone takes the budget (serve --max-memory 13MB with 512 tokens a
+  // step), a shorter context cannot help: the error names the tokens per call.
+  for (const bool from_flag : {false, true}) {
+    auto no_room = kv_blocks_that_fit(layout_of, shape, {fixed / 2, "test memory", from_flag}, 1.0);
+    ASSERT_FALSE(no_room.is_ok());
+    EXPECT_NE(no_room.status().message().find("lower the tokens per call"), std::string::npos)
+        << no_room.status().message();
+    EXPECT_EQ(no_room.status().message().find("context length"), std::string::npos)
+        << no_room.status().message();
+  }
 }
 
 TEST(PagedEngine, CopySequenceSharesFullBlocks) {

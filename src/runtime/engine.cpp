@@ -66,7 +66,8 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
   if (needed <= left->bytes) return Status::ok();
   const std::string change =
       left->from_flag
-          ? "raise the memory cap, or lower the context length (-c) or the tokens per call (-b)"
+          ? "raise the memory cap, or lower the context length (max_context) or the tokens per "
+            "call (prefill_chunk)"
           : "lower the context length (-c)";
   return Status::error(
       "the KV cache (" + format_bytes(layout->kv_cache_bytes()) + " for " +

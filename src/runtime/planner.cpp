@@ -317,7 +317,8 @@ Status check_max_memory(const EngineOptions& options, const Backend& backend) {
       " positions + workspace " + format_bytes(ranks * layout->workspace_bytes()) + " + logits " +
       format_bytes(ranks * layout->logits_bytes()) + ")" + shards + " but " + cap + " allows " +
       format_bytes(options.max_memory) +
-      "; raise the memory cap, or lower the context length (-c) or the tokens per call (-b)");
+      "; raise the memory cap, or lower the context length (max_context) or the tokens per call "
+      "(prefill_chunk)");
 }
 
 Result<size_t> host_available_memory() {

@@ -174,14 +174,14 @@ for value in "" 12XB 0; do
     fail_case "run and bench refuse --max-memory '$value' differently" "$tmp/bench.stderr" "$tmp/stderr"
 done
 # A cap the model cannot fit: one line, before any weight is built (serve: before it listens,
-# so no "listening" line); a cap the weights fit but not the context names -c as well.
+# so no "listening" line); a cap the weights fit but not the context names max_context as well.
 expect_error "run --max-memory 1KB" "of weights but --max-memory 1KB allows 1 kB; raise the memory cap" \
   "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -q --max-memory 1KB
 expect_error "chat --max-memory 1KB" "--max-memory 1KB allows" \
   "$kestrel" chat -m synthetic:tiny-qwen2 --tokenizer "$qwen_tok" -q --max-memory 1KB
 expect_error "serve --max-memory 1KB" "--max-memory 1KB allows" \
   "$kestrel" serve -m synthetic:tiny-qwen2 --tokenizer "$qwen_tok" --port 0 --max-memory 1KB
-expect_error "run --max-memory 20MB at 4096 positions" "raise the memory cap, or lower the context length (-c)" \
+expect_error "run --max-memory 20MB at 4096 positions" "raise the memory cap, or lower the context length (max_context)" \
   "$kestrel" run -m synthetic:tiny-qwen2 --ids 1 -q --max-memory 20MB
 expect_error "70B fp32 split 2 ways, --max-memory 1GB" "(its 2 shards) but --max-memory 1GB" \
   "$kestrel" run -m synthetic:llama3.1-70b --ids 1 -n 1 --low-bit fp32 -tp 2 --device cpu -q --max-memory 1GB

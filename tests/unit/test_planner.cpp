@@ -396,10 +396,12 @@ TEST(MaxMemory, TheReservationGetsWhatTheCapLeavesBesideTheWeights) {
       << message;
   EXPECT_NE(message.find("2 sequences x 64 positions"), std::string::npos) << message;
   EXPECT_NE(message.find("but --max-memory X allows"), std::string::npos) << message;
-  EXPECT_NE(message.find("raise the memory cap, or lower the context length (-c) or the tokens "
-                         "per call (-b)"),
+  EXPECT_NE(message.find("raise the memory cap, or lower the context length (max_context) or "
+                         "the tokens per call (prefill_chunk)"),
             std::string::npos)
       << message;
+  // Library errors name EngineOptions fields: a Python user read -c and -b here.
+  EXPECT_EQ(message.find("(-"), std::string::npos) << message;
 
   // Exactly enough: the engine runs, and generates what it generates without a cap.
   auto capped = Engine::create(capped_tiny(needed, "X"));
@@ -421,7 +423,10 @@ TEST(MaxMemory, TheReservationGetsWhatTheCapLeavesBesideTheWeights) {
                                    format_bytes(plan.weights) + ")"),
             std::string::npos)
       << refused.message();
-  EXPECT_NE(refused.message().find("raise the memory cap"), std::string::npos);
+  EXPECT_NE(refused.message().find("raise the memory cap, or lower the context length "
+                                   "(max_context) or the tokens per call (prefill_chunk)"),
+            std::string::npos)
+      << refused.message();
   EXPECT_EQ((*capped)->max_context(), 64);
   EXPECT_TRUE((*capped)->generate_greedy({1, 2, 3}, 8).is_ok());
   // Without a cap the same reserve() fits the host.

@@ -51,6 +51,14 @@ std::optional<MemoryBudget> memory_left(const Backend& backend, const EngineOpti
   return left;
 }
 
+// The weight bytes that share rank `rank`'s memory with its reservation, as memory_left() counts
+// them: a split on the host shares one memory, so every rank's; a device holds its own shard's.
+size_t weights_beside(const ModelWeights& weights, const TensorParallel* tp, int rank) {
+  if (tp == nullptr) return weights.resident_bytes();
+  return tp->backend(rank).free_memory() == 0 ? tp->resident_bytes()
+                                              : tp->shard(rank).resident_bytes();
+}
+
 // Refuses a reservation larger than the memory it would come from, before allocating any of it:
 // a huge context must fail with its numbers, not with std::bad_alloc or the OOM killer.
 // `host_ranks` backends of this shape share the host's memory when the backend has none of its
@@ -246,10 +254,9 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
     const ModelConfig& rank_config = engine->tensor_parallel_
                                          ? engine->tensor_parallel_->shard(0).config
                                          : engine->weights_->config;
-    const size_t weights = !engine->tensor_parallel_ ? engine->weights_->resident_bytes()
-                           : host                    ? engine->tensor_parallel_->resident_bytes()
-                                  : engine->tensor_parallel_->shard(0).resident_bytes();
-    std::optional<MemoryBudget> left = memory_left(backend, options, weights);
+    std::optional<MemoryBudget> left =
+        memory_left(backend, options,
+                    weights_beside(*engine->weights_, engine->tensor_parallel_.get(), /*rank=*/0));
     if (!left) return host_available_memory().status();
     if (host && options.tensor_parallel > 1) {
       left->bytes /= size_t(options.tensor_parallel);
@@ -293,15 +300,13 @@ Status Engine::reserve(const RunShape& shape) {
   if (tensor_parallel_) {
     TensorParallel& tp = *tensor_parallel_;
     for (int r = 0; r < tp.world_size(); ++r) {
-      // On the host the ranks share one memory, and the cap counts every rank's weights.
-      const size_t weights =
-          tp.backend(r).free_memory() == 0 ? tp.resident_bytes() : tp.shard(r).resident_bytes();
       KS_RETURN_IF_ERROR(check_reservation_fits(tp.backend(r), tp.shard(r).config, shape, options_,
-                                                weights, tp.world_size()));
+                                                weights_beside(*weights_, &tp, r),
+                                                tp.world_size()));
     }
   } else {
-    KS_RETURN_IF_ERROR(
-        check_reservation_fits(*backend_, config(), shape, options_, weights_->resident_bytes()));
+    KS_RETURN_IF_ERROR(check_reservation_fits(*backend_, config(), shape, options_,
+                                              weights_beside(*weights_, nullptr, 0)));
   }
   const bool had_reservation = kv_cache_ != nullptr;
   const RunShape previous = run_shape_;

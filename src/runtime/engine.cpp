@@ -91,15 +91,14 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
 Status check_synthetic_fits_host(const std::string& source, const LoadOptions& load,
                                  int tensor_parallel) {
   if (!is_synthetic_source(source)) return Status::ok();
-  Result<WeightSpec> spec = weight_spec_of(source, load.format, load.format_explicit, load.block);
-  if (!spec.is_ok()) return Status::ok();  // the load reports what is wrong with the source
-  Result<WeightSpec> rank = rank_weight_spec(*spec, tensor_parallel);
-  if (!rank.is_ok()) return Status::ok();  // the load reports a split that does not divide
+  const std::optional<WeightSpec> rank =
+      rank_spec_before_load(source, load.format, load.format_explicit, load.block, tensor_parallel);
+  if (!rank) return Status::ok();  // the load reports what is wrong with the source or split
   const size_t needed = size_t(tensor_parallel) * planned_weight_bytes(*rank);
   Result<size_t> available = host_available_memory();
   if (!available.is_ok() || needed <= *available) return Status::ok();
   return Status::error(
-      source + " in " + format_name(spec->format) +
+      source + " in " + format_name(rank->format) +
       " is built in host memory: " + format_bytes(needed) +
       (tensor_parallel > 1 ? " (its " + std::to_string(tensor_parallel) + " shards)" : "") +
       " but only " + format_bytes(*available) +

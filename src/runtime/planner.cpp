@@ -273,14 +273,21 @@ std::string max_memory_name(const EngineOptions& options) {
                                          : options.max_memory_text;
 }
 
+std::optional<WeightSpec> rank_spec_before_load(const std::string& source, WeightFormat format,
+                                                bool format_explicit, int block, int ranks) {
+  Result<WeightSpec> spec = weight_spec_of(source, format, format_explicit, block);
+  if (!spec.is_ok()) return std::nullopt;
+  Result<WeightSpec> rank = rank_weight_spec(*spec, ranks);
+  if (!rank.is_ok()) return std::nullopt;
+  return *rank;
+}
+
 Status check_max_memory(const EngineOptions& options, const Backend& backend) {
   if (options.max_memory == 0) return Status::ok();
-  Result<WeightSpec> spec =
-      weight_spec_of(options.model, options.format.value_or(WeightFormat::sym_int4),
-                     options.format.has_value(), options.block);
-  if (!spec.is_ok()) return Status::ok();
-  Result<WeightSpec> rank = rank_weight_spec(*spec, options.tensor_parallel);
-  if (!rank.is_ok()) return Status::ok();
+  const std::optional<WeightSpec> rank =
+      rank_spec_before_load(options.model, options.format.value_or(WeightFormat::sym_int4),
+                            options.format.has_value(), options.block, options.tensor_parallel);
+  if (!rank) return Status::ok();
   // The ranks of a split on the CPU share the host's memory, and so the cap; a device's is its own.
   const size_t ranks =
       backend.free_memory() == 0 ? size_t(std::max(options.tensor_parallel, 1)) : 1;
@@ -288,12 +295,12 @@ Status check_max_memory(const EngineOptions& options, const Backend& backend) {
   const std::string cap = max_memory_name(options);
   const std::string shards = ranks > 1 ? " (its " + std::to_string(ranks) + " shards)" : "";
   if (weights > options.max_memory) {
-    return Status::error(options.model + " in " + format_name(spec->format) + " needs " +
+    return Status::error(options.model + " in " + format_name(rank->format) + " needs " +
                          format_bytes(weights) + " of weights" + shards + " but " + cap +
                          " allows " + format_bytes(options.max_memory) +
                          "; raise the memory cap, or choose a smaller model or a lower-bit format");
   }
-  const RunShape shape = requested_shape(options, rank->config, spec->format);
+  const RunShape shape = requested_shape(options, rank->config, rank->format);
   const LayoutOf layout_of = [&](const RunShape& s) {
     return backend.reserve_layout(rank->config, s);
   };

@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "backend/backend.h"
@@ -53,6 +54,11 @@ size_t planned_decode_bytes(const WeightSpec& spec);
 // What each rank of `spec` split over `ranks` plans for: rank 0's shard (every rank holds its
 // shapes), checked with check_tensor_parallel; `spec` itself for one rank.
 Result<WeightSpec> rank_weight_spec(const WeightSpec& spec, int ranks);
+// One rank's spec of `source` split `ranks` ways (weight_spec_of, then rank_weight_spec), for
+// the checks made before a load; nothing when the source or the split cannot be read (the load
+// then reports why).
+std::optional<WeightSpec> rank_spec_before_load(const std::string& source, WeightFormat format,
+                                                bool format_explicit, int block, int ranks);
 // Multiply-accumulate weights of the layers and of the lm_head (for the compute estimates).
 int64_t layer_matrix_params(const ModelConfig& config);
 

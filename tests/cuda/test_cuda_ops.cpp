@@ -675,14 +675,13 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   }
 }
 
-// The decode attention's staged queries (set_decode_stage_q): in rope mode on an fp16 cache the
-// block rotates the group's queries once into shared memory and the warps read their fragments
-// there, the same values as each warp rotating them itself, so the outputs and the rotated q and
-// k left in memory keep their bits. Head_dim 128 with 4 and 6 query heads a KV head, 64 with 7
-// (rows up to G of the 16 staged); one token at 41 keys (one tile) and at 301 (five tiles, the
-// next stage's copies going into the staged rows' place after the barrier), two tokens at once,
+// The decode attention's fp16 tiles copied a cache block a warp (set_decode_block_copy) put the
+// same bytes in the same places as the copies a row a thread: the outputs and the rotated q and k
+// keep their bits. Head_dim 128 with 4 and 6 query heads a KV head, 64 with 7; one token at 41
+// keys (one tile: two live blocks, one partly live holding the token's own key, one past the
+// context from key 0's block) and at 301 (five tiles, the last the same way), two tokens at once,
 // with the solo rule on and off.
-TEST(CudaOps, AttentionStagedQueriesGiveTheSameBits) {
+TEST(CudaOps, AttentionBlockCopyGivesTheSameBits) {
   struct Shape {
     int head_dim, n_heads, n_kv;
   };
@@ -739,15 +738,15 @@ TEST(CudaOps, AttentionStagedQueriesGiveTheSameBits) {
       for (const AttentionCall& c : decodes) {
         SCOPED_TRACE(std::to_string(c.positions.size()) + " tokens at position " +
                      std::to_string(c.positions[0]) + (solo == 0 ? ", solo off" : ""));
-        std::vector<std::vector<float>> results[2];  // [each warp's own, staged]
-        for (int staged : {0, 1}) {
-          const ScopedSwitch stage(cuda::set_decode_stage_q, staged == 1);
-          results[staged] = run(c, call_seed);  // the same rows: the cache gets the same values
+        std::vector<std::vector<float>> results[2];  // [a row a thread, a block a warp]
+        for (int by_block : {0, 1}) {
+          const ScopedSwitch copy(cuda::set_decode_block_copy, by_block == 1);
+          results[by_block] = run(c, call_seed);  // the same rows: the cache gets the same values
         }
         call_seed += 10;
         ASSERT_EQ(results[0].size(), 3u);
         ASSERT_EQ(results[1].size(), 3u);
-        EXPECT_TRUE(no_nan(results[1][0])) << "an output left unwritten";
+        EXPECT_TRUE(no_nan(results[0][0]) && no_nan(results[1][0])) << "an output left unwritten";
         const char* const what[] = {"the outputs", "the rotated q", "the rotated k"};
         for (int i = 0; i < 3; ++i) {
           EXPECT_EQ(bits_differ(results[0][i], results[1][i]), 0u) << what[i] << " differ";

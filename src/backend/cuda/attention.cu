@@ -649,19 +649,73 @@ __device__ inline void copy_kv_rows(const KvCache& c, int64_t layer, int64_t seq
   }
 }
 
+// copy_kv_rows' copies where the rows start at a cache block (key0 + row0 a multiple of
+// kKvBlockSize): a block's kKvBlockSize rows are adjacent in the cache, so warp w of the caller's
+// kThreads / 32 copies the tile's blocks w, w + warps, ... from one block-table lookup each, its
+// lanes' addresses at fixed offsets from the block's first row. copy_kv_rows looks a row up
+// for every 16-byte unit (~260 instructions a warp for an fp16 K and V tile of 64 rows at
+// head_dim 128, Nsight's count, PERF.md thirty-sixth session). The same bytes into the same
+// places: keys at or past kv_len zero-filled from their own block's rows (key 0's block where the
+// whole block is past kv_len), the row of key `skip` not copied. No commit.
+template <int kRowBytes, int kThreads, int kRows = kPrefillKeys>
+__device__ inline void copy_kv_block_rows(const KvCache& c, int64_t layer, int64_t seq, int kvh,
+                                          int64_t key0, int64_t kv_len, uint8_t* k_dst,
+                                          uint8_t* v_dst, int dst_stride, int64_t skip, int tid,
+                                          int row0 = 0) {
+  constexpr int kBlock = int(kKvBlockSize);
+  constexpr int kUnits = kRowBytes / 16;
+  constexpr int kBlockUnits = kBlock * kUnits;  // a block's 16-byte units
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kRowBytes % 16 == 0 && kThreads % 32 == 0, "whole units, whole warps");
+  static_assert(kRows % kBlock == 0 && kBlockUnits % 32 == 0, "whole blocks, every lane busy");
+  const uint8_t* kc = static_cast<const uint8_t*>(c.k);
+  const uint8_t* vc = static_cast<const uint8_t*>(c.v);
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  for (int b = warp; b < kRows / kBlock; b += kWarps) {
+    const int first_row = row0 + b * kBlock;  // the block's first row in the destination
+    const int64_t first = key0 + first_row;   // and its first key
+    const int64_t base = cache_row(c, layer, seq, kvh, first < kv_len ? first : 0) * kRowBytes;
+    // Rows of the block that are live, and the skipped one's (outside 0 .. kBlock - 1: none).
+    const int live_rows =
+        int(kv_len - first < kBlock ? (kv_len > first ? kv_len - first : 0) : kBlock);
+    const int skip_row = skip >= first && skip < first + kBlock ? int(skip - first) : -1;
+#pragma unroll
+    for (int i = 0; i < kBlockUnits / 32; ++i) {
+      const int idx = lane + 32 * i;
+      const int r = idx / kUnits;
+      const int u = idx % kUnits;
+      if (r == skip_row) continue;
+      const int from = r * kRowBytes + u * 16;
+      const int to = (first_row + r) * dst_stride + u * 16;
+      const bool live = r < live_rows;
+      cp_async(k_dst + to, kc + base + from, 16, live);
+      cp_async(v_dst + to, vc + base + from, 16, live);
+    }
+  }
+}
+
 // Copies the K and V rows of keys key0 .. key0 + 63 of (layer, slot, KV head) into fp16 tiles
 // [64][D + 8] in shared memory, as one cp.async group. Keys at or past kv_len are zero-filled
 // (src-size 0): unwritten cache memory could hold NaN patterns, and 0 * NaN would poison the
 // P·V product. fp8 rows are loaded, scaled and stored as fp16 (not asynchronously); the group
 // is committed either way, so callers' wait counts do not depend on the type. The row of key
-// `skip` is left untouched (the decode kernel writes that key's row itself).
+// `skip` is left untouched (the decode kernel writes that key's row itself). by_block: an fp16
+// tile starting at a cache block is copied a block a warp (copy_kv_block_rows).
 template <int D, KvType kType, int kThreads>
 __device__ inline void load_kv_tile(const KvCache& c, int64_t layer, int64_t seq, int kvh,
                                     int64_t key0, int64_t kv_len, __half* k_s, __half* v_s,
-                                    int64_t skip = -1, int tid = -1) {
+                                    int64_t skip = -1, int tid = -1, bool by_block = false) {
   constexpr int kStride = D + 8;
   if (tid < 0) tid = int(threadIdx.x);  // else the caller's index among kThreads threads
   if constexpr (kType == KvType::f16) {
+    if (by_block && key0 % kKvBlockSize == 0) {
+      copy_kv_block_rows<D* int(sizeof(__half)), kThreads>(
+          c, layer, seq, kvh, key0, kv_len, reinterpret_cast<uint8_t*>(k_s),
+          reinterpret_cast<uint8_t*>(v_s), kStride * int(sizeof(__half)), skip, tid);
+      asm volatile("cp.async.commit_group;\n" ::);
+      return;
+    }
     copy_kv_rows<D* int(sizeof(__half)), kThreads>(
         c, layer, seq, kvh, key0, kv_len, reinterpret_cast<uint8_t*>(k_s),
         reinterpret_cast<uint8_t*>(v_s), kStride * int(sizeof(__half)), skip, tid);
@@ -1384,7 +1438,7 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
     } else {
       __half* k_s = decode_smem + stage * 2 * kTile;
       load_kv_tile<D, kType, kPrefillThreads>(c, a.layer, seq, kvh, tile * kPrefillKeys, n_ctx, k_s,
-                                              k_s + kTile, own_key ? pos : -1);
+                                              k_s + kTile, own_key ? pos : -1, -1, ws.block_copy);
     }
   };
   constexpr int kHalf = D / 2;
@@ -1461,40 +1515,6 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
         qa[ks][2 + h] = pack_q(make_float2(x.z, x.w));
       }
     }
-  } else if (kType == KvType::f16 && rope && ws.stage_q) {
-    // The group's G query rows rotated once by the whole block, pair (i, i + D / 2) of a row a
-    // thread at a time, scaled and rounded as pack_q does, into [16][D + 8] halves (rows past G
-    // zero) where the next stage's K tile will go: nothing is copied there before the loop's first
-    // issue, which the barrier after the fragment reads orders. Each warp then reads its A
-    // fragments with 32-bit loads (a row stride of D + 8 halves puts the eight rows of a fragment
-    // read in different banks). On the H100 the isolated kernel at batch 1 runs ~3700
-    // instructions a warp at ~5 cycles each (PERF.md, thirty-fifth session): every warp's own
-    // rotation of all G x D queries was ~400 of them.
-    constexpr int kQStride = D + 8;
-    static_assert(16 * kQStride <= kTile, "the staged queries fit a K tile");
-    __half* qs = decode_smem + 2 * kTile;  // stage 1's K tile
-    for (int idx = tid; idx < 16 * kHalf; idx += kPrefillThreads) {
-      const int row = idx / kHalf;
-      const int i = idx % kHalf;
-      float2 r = make_float2(0.0f, 0.0f);
-      if (row < G) {
-        const float2 an = angles[i];
-        r = rotate(q[int64_t(row) * D + i], q[int64_t(row) * D + i + kHalf], an.x, an.y);
-      }
-      qs[row * kQStride + i] = __float2half_rn(r.x * scale);
-      qs[row * kQStride + i + kHalf] = __float2half_rn(r.y * scale);
-    }
-    __syncthreads();
-    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(qs);
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const int col = ks * 16 + 2 * qc;
-      qa[ks][0] = q32[(qr * kQStride + col) / 2];
-      qa[ks][1] = q32[((qr + 8) * kQStride + col) / 2];
-      qa[ks][2] = q32[(qr * kQStride + col + 8) / 2];
-      qa[ks][3] = q32[((qr + 8) * kQStride + col + 8) / 2];
-    }
-    __syncthreads();
   } else if (rope) {
 #pragma unroll
     for (int ks = 0; ks < kPairFrags; ++ks) {
@@ -1983,10 +2003,10 @@ int row_threads(int head_dim) {
 // set_decode_solo: -1, the workspace's own ws.solo (one tile).
 int decode_solo_override = -1;
 
-// set_decode_stage_q (KESTREL_CUDA_ATTENTION_STAGE_Q=1 as its starting value): DecodeWorkspace's
-// stage_q for every launch.
-std::atomic<bool>& decode_stage_q_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_STAGE_Q", "1")};
+// set_decode_block_copy (KESTREL_CUDA_ATTENTION_BLOCK_COPY=1 turns its starting value on):
+// DecodeWorkspace's block_copy for every launch.
+std::atomic<bool>& decode_block_copy_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_BLOCK_COPY", "1")};
   return on;
 }
 
@@ -2014,8 +2034,8 @@ void set_decode_solo(int tiles) {
   decode_solo_override = tiles;
 }
 
-bool set_decode_stage_q(bool on) {
-  return decode_stage_q_flag().exchange(on);
+bool set_decode_block_copy(bool on) {
+  return decode_block_copy_flag().exchange(on);
 }
 
 void set_decode_split_cap(int cap) {
@@ -2140,7 +2160,7 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   DecodeWorkspace split_ws = ws;
   if (!merge_in_split) split_ws.arrivals = nullptr;
   if (decode_solo_override >= 0) split_ws.solo = decode_solo_override;
-  split_ws.stage_q = decode_stage_q_flag().load(std::memory_order_relaxed);
+  split_ws.block_copy = decode_block_copy_flag().load(std::memory_order_relaxed);
   const size_t combine_smem = size_t(ws.max_splits) * sizeof(float);
   if (!merge_in_split && combine_smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(attention_combine_kernel,

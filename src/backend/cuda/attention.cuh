@@ -116,11 +116,11 @@ struct DecodeWorkspace {
   // others). One tile: two tiles walked by one block lost to two splits and a merge (PERF.md,
   // twenty-second session).
   int solo = 1;
-  // Rope mode on an fp16 cache (cuda::set_decode_stage_q; KESTREL_CUDA_ATTENTION_STAGE_Q=1 at
-  // start-up): the block's threads rotate the group's queries once into shared memory and each
-  // warp reads its A fragments from there, instead of every warp loading and rotating all of them
-  // itself. The same values: the same bits.
-  bool stage_q = false;
+  // The fp16 decode tiles' copies a cache block at a time (cuda::set_decode_block_copy;
+  // KESTREL_CUDA_ATTENTION_BLOCK_COPY=1 at start-up, off until measured): warp w copies the
+  // tile's cache blocks w, w + 4, ... from one block-table lookup each, instead of every thread
+  // looking up each of its eight rows. The same bytes in the same places.
+  bool block_copy = false;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

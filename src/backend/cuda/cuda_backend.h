@@ -189,11 +189,11 @@ void set_decode_split_cap(int cap);
 // tiles take one split, which writes its output itself; 0 off) for every backend, or -1 for the
 // default (one tile): a test aid, process-wide like the split cap.
 void set_decode_solo(int tiles);
-// Whether the tensor-core decode attention in rope mode on an fp16 cache rotates the group's
-// queries once a block into shared memory, instead of once a warp (off by default;
-// KESTREL_CUDA_ATTENTION_STAGE_Q=1 sets the starting value on). The same bits. Returns the
+// Whether the tensor-core decode attention copies its fp16 tiles a cache block a warp, one
+// block-table lookup a block (off by default until measured; KESTREL_CUDA_ATTENTION_BLOCK_COPY=1
+// sets the starting value on), instead of a lookup a row a thread. The same bits. Returns the
 // setting before.
-bool set_decode_stage_q(bool on);
+bool set_decode_block_copy(bool on);
 
 // Test aids for the prefill GEMMs' copies made ahead (gemm.cuh, DequantAhead): delay_stream
 // queues a kernel spinning for `microseconds` on the backend's stream (its later work waits

@@ -675,17 +675,19 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
   }
 }
 
-// The decode attention's fp16 tiles copied a cache block a warp (set_decode_block_copy) put the
-// same bytes in the same places as the copies a row a thread: the outputs and the rotated q and k
-// keep their bits. Head_dim 128 with 4 and 6 query heads a KV head, 64 with 7; one token at 41
-// keys (one tile: two live blocks, one partly live holding the token's own key, one past the
-// context from key 0's block) and at 301 (five tiles, the last the same way), two tokens at once,
-// with the solo rule on and off.
-TEST(CudaOps, AttentionBlockCopyGivesTheSameBits) {
+// Two switches of the decode attention give the same bits as its old paths: its fp16 tiles
+// copied a cache block a warp (set_decode_block_copy) put the same bytes in the same places as
+// the copies a row a thread, and a group of at most 8 query heads leaving out the fragments' rows
+// 8-15 (set_decode_lower_rows) changes no value that is read. The outputs and the rotated q and k
+// keep their bits. Head_dim 128 with 4 and 6 query heads a KV head (the lower rows alone), 64
+// with 7, and 128 with 12 (rows 8-11 too); one token at 41 keys (one tile: two live blocks, one
+// partly live holding the token's own key, one past the context from key 0's block) and at 301
+// (five tiles, the last the same way), two tokens at once, with the solo rule on and off.
+TEST(CudaOps, AttentionBlockCopyAndLowerRowsGiveTheSameBits) {
   struct Shape {
     int head_dim, n_heads, n_kv;
   };
-  const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}};
+  const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}, {128, 24, 2}};
   struct Restore {  // the solo rule's default
     ~Restore() { cuda::set_decode_solo(-1); }
   } restore;
@@ -738,18 +740,25 @@ TEST(CudaOps, AttentionBlockCopyGivesTheSameBits) {
       for (const AttentionCall& c : decodes) {
         SCOPED_TRACE(std::to_string(c.positions.size()) + " tokens at position " +
                      std::to_string(c.positions[0]) + (solo == 0 ? ", solo off" : ""));
-        std::vector<std::vector<float>> results[2];  // [a row a thread, a block a warp]
-        for (int by_block : {0, 1}) {
-          const ScopedSwitch copy(cuda::set_decode_block_copy, by_block == 1);
-          results[by_block] = run(c, call_seed);  // the same rows: the cache gets the same values
+        // [the old paths, a block a warp, the lower rows]: the same rows each time, so the
+        // cache gets the same values.
+        std::vector<std::vector<float>> results[3];
+        for (int variant : {0, 1, 2}) {
+          const ScopedSwitch copy(cuda::set_decode_block_copy, variant == 1);
+          const ScopedSwitch lower(cuda::set_decode_lower_rows, variant == 2);
+          results[variant] = run(c, call_seed);
         }
         call_seed += 10;
         ASSERT_EQ(results[0].size(), 3u);
-        ASSERT_EQ(results[1].size(), 3u);
-        EXPECT_TRUE(no_nan(results[0][0]) && no_nan(results[1][0])) << "an output left unwritten";
+        EXPECT_TRUE(no_nan(results[0][0])) << "an output left unwritten";
         const char* const what[] = {"the outputs", "the rotated q", "the rotated k"};
-        for (int i = 0; i < 3; ++i) {
-          EXPECT_EQ(bits_differ(results[0][i], results[1][i]), 0u) << what[i] << " differ";
+        for (int variant : {1, 2}) {
+          SCOPED_TRACE(variant == 1 ? "a block a warp" : "the lower rows");
+          ASSERT_EQ(results[variant].size(), 3u);
+          EXPECT_TRUE(no_nan(results[variant][0])) << "an output left unwritten";
+          for (int i = 0; i < 3; ++i) {
+            EXPECT_EQ(bits_differ(results[0][i], results[variant][i]), 0u) << what[i] << " differ";
+          }
         }
       }
     }

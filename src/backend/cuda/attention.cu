@@ -1516,22 +1516,39 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
       }
     }
   } else if (rope) {
+    // kLower (ws.lower_rows): a group of at most 8 query heads (the 8B's 4, the 1.5B's 6) has no
+    // query in the fragments' rows 8-15, the pieces i = 1 and 3: they are zeros, without the
+    // loads and the rotations of zeros that were half of this phase's ~300 instructions a warp
+    // (Nsight, PERF.md thirty-sixth session). Those rows' scores are never read.
+    auto rotate_queries = [&](auto lower) {
+      constexpr bool kLower = decltype(lower)::value;
 #pragma unroll
-    for (int ks = 0; ks < kPairFrags; ++ks) {
+      for (int ks = 0; ks < kPairFrags; ++ks) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // the fragment's (row, col) pieces, as below
-        const int row = qr + ((i & 1) ? 8 : 0);
-        const int h = i >> 1;
-        const int col = ks * 16 + 2 * qc + 8 * h;
-        const float2 x0 = load_q(row, col);
-        const float2 x1 = load_q(row, col + kHalf);
-        const float2 a0 = angles[col];
-        const float2 a1 = angles[col + 1];
-        const float2 r0 = rotate(x0.x, x1.x, a0.x, a0.y);
-        const float2 r1 = rotate(x0.y, x1.y, a1.x, a1.y);
-        qa[ks][i] = pack_q(make_float2(r0.x, r1.x));
-        qa[ks + kPairFrags][i] = pack_q(make_float2(r0.y, r1.y));
+        for (int i = 0; i < 4; ++i) {  // the fragment's (row, col) pieces, as below
+          if (kLower && (i & 1)) {
+            qa[ks][i] = 0u;
+            qa[ks + kPairFrags][i] = 0u;
+            continue;
+          }
+          const int row = qr + ((i & 1) ? 8 : 0);
+          const int h = i >> 1;
+          const int col = ks * 16 + 2 * qc + 8 * h;
+          const float2 x0 = load_q(row, col);
+          const float2 x1 = load_q(row, col + kHalf);
+          const float2 a0 = angles[col];
+          const float2 a1 = angles[col + 1];
+          const float2 r0 = rotate(x0.x, x1.x, a0.x, a0.y);
+          const float2 r1 = rotate(x0.y, x1.y, a1.x, a1.y);
+          qa[ks][i] = pack_q(make_float2(r0.x, r1.x));
+          qa[ks + kPairFrags][i] = pack_q(make_float2(r0.y, r1.y));
+        }
       }
+    };
+    if (G <= 8 && ws.lower_rows) {
+      rotate_queries(std::true_type{});
+    } else {
+      rotate_queries(std::false_type{});
     }
   } else {
 #pragma unroll
@@ -1867,10 +1884,17 @@ __global__ void __launch_bounds__(kPrefillThreads, D == 128 ? 3 : 4)
   // stores indexed from red_o instead, ptxas spills 4 bytes at head_dim 128 over fp8.)
   float2* row0 = reinterpret_cast<float2*>(red_o + (warp * 16 + qr) * kRedStride + 2 * qc);
   float2* row8 = reinterpret_cast<float2*>(red_o + (warp * 16 + qr + 8) * kRedStride + 2 * qc);
+  // Rows 8-15 hold queries only in a group of more than 8 heads (merge_warps reads rows g < G):
+  // ws.lower_rows leaves them out.
+  if (G > 8 || !ws.lower_rows) {
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    row0[dt * 4] = make_float2(o[dt][0], o[dt][1]);
-    row8[dt * 4] = make_float2(o[dt][2], o[dt][3]);
+    for (int dt = 0; dt < D / 8; ++dt) {
+      row0[dt * 4] = make_float2(o[dt][0], o[dt][1]);
+      row8[dt * 4] = make_float2(o[dt][2], o[dt][3]);
+    }
+  } else {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) row0[dt * 4] = make_float2(o[dt][0], o[dt][1]);
   }
   __syncthreads();
   constexpr float kLn2 = 0.6931471805599453f;
@@ -2010,6 +2034,13 @@ std::atomic<bool>& decode_block_copy_flag() {
   return on;
 }
 
+// set_decode_lower_rows (KESTREL_CUDA_ATTENTION_LOWER_ROWS=1 turns its starting value on):
+// DecodeWorkspace's lower_rows for every launch.
+std::atomic<bool>& decode_lower_rows_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_LOWER_ROWS", "1")};
+  return on;
+}
+
 // KESTREL_CUDA_ATTENTION_COMBINE=1 (a measurement aid): the tensor-core decode kernel leaves its
 // splits to the combine kernel, as before it merged them itself.
 bool combine_launch() {
@@ -2036,6 +2067,10 @@ void set_decode_solo(int tiles) {
 
 bool set_decode_block_copy(bool on) {
   return decode_block_copy_flag().exchange(on);
+}
+
+bool set_decode_lower_rows(bool on) {
+  return decode_lower_rows_flag().exchange(on);
 }
 
 void set_decode_split_cap(int cap) {
@@ -2161,6 +2196,7 @@ Status launch_decode(const AttentionArgs& args, const KvCache& cache, const Deco
   if (!merge_in_split) split_ws.arrivals = nullptr;
   if (decode_solo_override >= 0) split_ws.solo = decode_solo_override;
   split_ws.block_copy = decode_block_copy_flag().load(std::memory_order_relaxed);
+  split_ws.lower_rows = decode_lower_rows_flag().load(std::memory_order_relaxed);
   const size_t combine_smem = size_t(ws.max_splits) * sizeof(float);
   if (!merge_in_split && combine_smem > 48 * 1024) {
     KS_CUDA_CHECK("attention", cudaFuncSetAttribute(attention_combine_kernel,

@@ -121,6 +121,11 @@ struct DecodeWorkspace {
   // tile's cache blocks w, w + 4, ... from one block-table lookup each, instead of every thread
   // looking up each of its eight rows. The same bytes in the same places.
   bool block_copy = false;
+  // A group of at most 8 query heads skips the mma fragments' rows 8-15, which hold no query:
+  // their queries' loads and rotations (zeros instead) and their partial sums' stores
+  // (cuda::set_decode_lower_rows; KESTREL_CUDA_ATTENTION_LOWER_ROWS=1 at start-up, off until
+  // measured). The same bits: those rows' scores and sums are never read.
+  bool lower_rows = false;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

@@ -194,6 +194,11 @@ void set_decode_solo(int tiles);
 // sets the starting value on), instead of a lookup a row a thread. The same bits. Returns the
 // setting before.
 bool set_decode_block_copy(bool on);
+// Whether the tensor-core decode attention of a group of at most 8 query heads a KV head leaves
+// out the mma fragments' rows 8-15, which hold no query (off by default until measured;
+// KESTREL_CUDA_ATTENTION_LOWER_ROWS=1 sets the starting value on). The same bits. Returns the
+// setting before.
+bool set_decode_lower_rows(bool on);
 
 // Test aids for the prefill GEMMs' copies made ahead (gemm.cuh, DequantAhead): delay_stream
 // queues a kernel spinning for `microseconds` on the backend's stream (its later work waits

@@ -76,7 +76,7 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
       left->from_flag
           ? "raise the memory cap, or lower the context length (max_context) or the tokens per "
             "call (prefill_chunk)"
-          : "lower the context length (-c)";
+          : "lower the context length (max_context)";
   return Status::error(
       "the KV cache (" + format_bytes(layout->kv_cache_bytes()) + " for " +
       std::to_string(shape.pool_blocks()) + " blocks of " + std::to_string(kKvBlockSize) +

@@ -360,8 +360,10 @@ TEST(TokenGeneration, ARefusedReservationKeepsTheOldOne) {
   huge.max_logit_rows = huge.max_seqs;
   const Status refused = engine->reserve(huge);
   ASSERT_FALSE(refused.is_ok());
-  EXPECT_NE(refused.message().find("lower the context length"), std::string::npos)
+  EXPECT_NE(refused.message().find("lower the context length (max_context)"), std::string::npos)
       << refused.message();
+  // A library error names the engine's options, not the CLI's flags (ARCHITECTURE.md).
+  EXPECT_EQ(refused.message().find("(-c)"), std::string::npos) << refused.message();
   EXPECT_EQ(engine->run_shape().max_seqs, 2);
   auto after = generate_tokens(*engine, {prompt}, params);
   ASSERT_TRUE(after.is_ok()) << after.status().message();

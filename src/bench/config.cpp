@@ -333,11 +333,28 @@ std::vector<BenchCase> expand_cases(const BenchConfig& config, std::vector<std::
 }
 
 Result<size_t> parse_size(const std::string& text) {
+  // The number: decimal digits with at most one point, nothing else (std::stod alone would take
+  // hex, exponents, "inf", a sign and leading spaces).
   size_t used = 0;
+  bool point = false, digit = false;
+  for (; used < text.size(); ++used) {
+    const char ch = text[used];
+    if (ch >= '0' && ch <= '9') {
+      digit = true;
+    } else if (ch == '.' && !point) {
+      point = true;
+    } else {
+      break;
+    }
+  }
   double value = -1;
-  try {
-    value = std::stod(text, &used);
-  } catch (...) {
+  if (digit) {
+    try {
+      value = std::stod(text.substr(0, used));
+    } catch (...) {
+      used = 0;
+    }
+  } else {
     used = 0;
   }
   std::string unit = text.substr(used);

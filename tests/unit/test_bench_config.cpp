@@ -341,7 +341,10 @@ TEST(BenchConfig, Sizes) {
   EXPECT_EQ(*parse_size("2 gib"), size_t(2) << 30);
   EXPECT_EQ(*parse_size("1000"), size_t(1000));
   EXPECT_EQ(*parse_size("64kB"), size_t(64000));
-  for (const char* bad : {"", "GB", "-1GB", "12 parsecs", "1e30TB", "nan"}) {
+  EXPECT_EQ(*parse_size(".5G"), size_t(512) << 20);
+  // Decimal digits with at most one point only: no hex, exponent, sign, space or "inf".
+  for (const char* bad : {"", "GB", "-1GB", "12 parsecs", "1e30TB", "nan", "0x10GB", "1e3", " 5GB",
+                          "+5GB", "inf", "1.2.3GB", ".", ".GB"}) {
     EXPECT_FALSE(parse_size(bad).is_ok()) << bad;
   }
 }

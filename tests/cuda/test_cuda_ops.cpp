@@ -4,10 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -547,6 +549,28 @@ TEST(CudaOps, GemvHalfGroupInputFromTheSwigluEpilogue) {
   }
 }
 
+// Call c's batch begun on b (through pair's block tables) and its q, k and v inputs and the
+// attention output, [q_dim], [kv_dim], [kv_dim] and [q_dim] a token; nullopt, reported, where a
+// scratch tensor could not be had.
+std::optional<std::array<Tensor, 4>> begin_attention_call(Backend& b, const BackendPair& pair,
+                                                          const AttentionCall& c, int64_t q_dim,
+                                                          int64_t kv_dim) {
+  const int64_t n = int64_t(c.positions.size());
+  const std::vector<int32_t> tokens(size_t(n), 1);
+  EXPECT_TRUE(
+      b.begin_batch(pair.paged(BatchView{n, tokens.data(), c.positions.data(), c.seqs.data()}))
+          .is_ok());
+  auto qt = b.scratch(n, q_dim);
+  auto kt = b.scratch(n, kv_dim);
+  auto vt = b.scratch(n, kv_dim);
+  auto out = b.scratch(n, q_dim);
+  if (!qt.is_ok() || !kt.is_ok() || !vt.is_ok() || !out.is_ok()) {
+    ADD_FAILURE() << "scratch";
+    return std::nullopt;
+  }
+  return std::array<Tensor, 4>{*qt, *kt, *vt, *out};
+}
+
 // wo's input from decode attention in half groups (set_attention_half_groups): the tensor-core
 // decode kernel's merge quantizes the fp16 shadow of its one token's output in half groups, four
 // lanes of four values each, and wo's dp4a GEMV copies them instead of quantizing the shadow in
@@ -592,33 +616,26 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
       auto run = [&](const AttentionCall& c, uint64_t call_seed, bool rewrite = false) {
         std::pair<std::vector<float>, std::vector<float>> result;
         const int64_t n = int64_t(c.positions.size());
-        const std::vector<int32_t> tokens(size_t(n), 1);
-        EXPECT_TRUE(b.begin_batch(
-                         pair.paged(BatchView{n, tokens.data(), c.positions.data(), c.seqs.data()}))
-                        .is_ok());
-        auto qt = b.scratch(n, q_dim);
-        auto kt = b.scratch(n, kv_dim);
-        auto vt = b.scratch(n, kv_dim);
-        auto out = b.scratch(n, q_dim);
+        const auto io = begin_attention_call(b, pair, c, q_dim, kv_dim);
         auto proj = b.scratch(n, hidden);
         auto residual = b.scratch(n, hidden);
-        if (!qt.is_ok() || !kt.is_ok() || !vt.is_ok() || !out.is_ok() || !proj.is_ok() ||
-            !residual.is_ok()) {
-          ADD_FAILURE() << "scratch";
+        if (!io || !proj.is_ok() || !residual.is_ok()) {
+          if (io) ADD_FAILURE() << "scratch";
           return result;
         }
-        fill(b, *qt, random_values(size_t(n * q_dim), call_seed));
-        fill(b, *kt, random_values(size_t(n * kv_dim), call_seed + 1));
-        fill(b, *vt, random_values(size_t(n * kv_dim), call_seed + 2));
+        const auto& [qt, kt, vt, out] = *io;
+        fill(b, qt, random_values(size_t(n * q_dim), call_seed));
+        fill(b, kt, random_values(size_t(n * kv_dim), call_seed + 1));
+        fill(b, vt, random_values(size_t(n * kv_dim), call_seed + 2));
         fill(b, *residual, random_values(size_t(n * hidden), call_seed + 3));
-        poison(b, *out);
+        poison(b, out);
         poison(b, *proj);
-        Status st = b.rope_attention(*out, *qt, *kt, *vt, 0, p);
+        Status st = b.rope_attention(out, qt, kt, vt, 0, p);
         EXPECT_TRUE(st.is_ok()) << st.message();
-        if (rewrite) fill(b, *out, random_values(size_t(n * q_dim), call_seed + 4, 0.5f));
-        st = b.matmul_add(*proj, *out, wo, *residual);
+        if (rewrite) fill(b, out, random_values(size_t(n * q_dim), call_seed + 4, 0.5f));
+        st = b.matmul_add(*proj, out, wo, *residual);
         EXPECT_TRUE(st.is_ok()) << st.message();
-        result = {fetch(b, *out), fetch(b, *proj)};
+        result = {fetch(b, out), fetch(b, *proj)};
         return result;
       };
       // The exact product of the fp16-rounded attention rows with wo, plus its bias.
@@ -680,84 +697,99 @@ TEST(CudaOps, AttentionHalfGroupsFeedTheOutputProjection) {
 // the copies a row a thread, and a group of at most 8 query heads leaving out the fragments' rows
 // 8-15 (set_decode_lower_rows) changes no value that is read. The outputs and the rotated q and k
 // keep their bits. Head_dim 128 with 4 and 6 query heads a KV head (the lower rows alone), 64
-// with 7, and 128 with 12 (rows 8-11 too); one token at 41 keys (one tile: two live blocks, one
-// partly live holding the token's own key, one past the context from key 0's block) and at 301
-// (five tiles, the last the same way), two tokens at once, with the solo rule on and off.
+// with 7, and 128 with 12 (rows 8-11 too), over an fp16 and an fp8 cache (the lower rows' stores
+// on the fp8 paths; the block copy is the fp16 tiles'). Slot 1's prompt fills 64 positions whose
+// V rows past 40 are NaN: a decode at 40 (41 keys: two live blocks, one partly live holding the
+// token's own key, one wholly past the context) turns NaN if a row past the context is read as
+// live. Slot 0 decodes at 301 keys (five tiles, the last the same way), both at once, and slot 1
+// at 41 and 42 together (one slot twice: no rope in attention, the last live key read from the
+// cache, not written by the kernel); with the solo rule on and off, and with one split walking
+// every tile (its copies ahead into the second stage, the own key's tile not the first).
 TEST(CudaOps, AttentionBlockCopyAndLowerRowsGiveTheSameBits) {
   struct Shape {
     int head_dim, n_heads, n_kv;
   };
   const Shape shapes[] = {{128, 8, 2}, {128, 12, 2}, {64, 14, 2}, {128, 24, 2}};
-  struct Restore {  // the solo rule's default
-    ~Restore() { cuda::set_decode_solo(-1); }
+  struct Restore {  // the solo rule's and the split cap's defaults
+    ~Restore() {
+      cuda::set_decode_solo(-1);
+      cuda::set_decode_split_cap(0);
+    }
   } restore;
   uint64_t seed = 6700;
-  for (const Shape& sh : shapes) {
-    SCOPED_TRACE("head_dim " + std::to_string(sh.head_dim) + ", " + std::to_string(sh.n_heads) +
-                 " heads");
-    const int64_t q_dim = int64_t(sh.n_heads) * sh.head_dim;
-    const int64_t kv_dim = int64_t(sh.n_kv) * sh.head_dim;
-    ModelConfig config = small_config(256, 256, sh.n_heads, sh.n_kv, sh.head_dim, 64);
-    config.n_layers = 1;
-    ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, seed++);
-    RunShape shape{2, 512, 512, 512};
-    shape.kv_cache = KvCacheType::fp16;
-    BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, shape));
-    Backend& b = *pair.gpu;
-    const RopeParams p{sh.head_dim, sh.n_heads, sh.n_kv};
-    // rope_attention of call c: [output, q, k] as it leaves them.
-    auto run = [&](const AttentionCall& c, uint64_t call_seed) {
-      std::vector<std::vector<float>> result;
-      const int64_t n = int64_t(c.positions.size());
-      const std::vector<int32_t> tokens(size_t(n), 1);
-      EXPECT_TRUE(
-          b.begin_batch(pair.paged(BatchView{n, tokens.data(), c.positions.data(), c.seqs.data()}))
-              .is_ok());
-      auto qt = b.scratch(n, q_dim);
-      auto kt = b.scratch(n, kv_dim);
-      auto vt = b.scratch(n, kv_dim);
-      auto out = b.scratch(n, q_dim);
-      if (!qt.is_ok() || !kt.is_ok() || !vt.is_ok() || !out.is_ok()) {
-        ADD_FAILURE() << "scratch";
-        return result;
-      }
-      fill(b, *qt, random_values(size_t(n * q_dim), call_seed));
-      fill(b, *kt, random_values(size_t(n * kv_dim), call_seed + 1));
-      fill(b, *vt, random_values(size_t(n * kv_dim), call_seed + 2));
-      poison(b, *out);
-      const Status st = b.rope_attention(*out, *qt, *kt, *vt, 0, p);
-      EXPECT_TRUE(st.is_ok()) << st.message();
-      result = {fetch(b, *out), fetch(b, *qt), fetch(b, *kt)};
-      return result;
-    };
-    run(run_of(0, 0, 300), 6800);  // the prompts
-    run(run_of(1, 0, 40), 6900);
-    const AttentionCall decodes[] = {{{300}, {0}}, {{40}, {1}}, {{300, 40}, {0, 1}}};
-    uint64_t call_seed = 7000;
-    for (int solo : {-1, 0}) {
-      cuda::set_decode_solo(solo);
-      for (const AttentionCall& c : decodes) {
-        SCOPED_TRACE(std::to_string(c.positions.size()) + " tokens at position " +
-                     std::to_string(c.positions[0]) + (solo == 0 ? ", solo off" : ""));
-        // [the old paths, a block a warp, the lower rows]: the same rows each time, so the
-        // cache gets the same values.
-        std::vector<std::vector<float>> results[3];
-        for (int variant : {0, 1, 2}) {
-          const ScopedSwitch copy(cuda::set_decode_block_copy, variant == 1);
-          const ScopedSwitch lower(cuda::set_decode_lower_rows, variant == 2);
-          results[variant] = run(c, call_seed);
+  for (const KvCacheType kv : {KvCacheType::fp16, KvCacheType::fp8}) {
+    for (const Shape& sh : shapes) {
+      SCOPED_TRACE(std::string(kv == KvCacheType::fp8 ? "fp8" : "fp16") + " cache, head_dim " +
+                   std::to_string(sh.head_dim) + ", " + std::to_string(sh.n_heads) + " heads");
+      const int64_t q_dim = int64_t(sh.n_heads) * sh.head_dim;
+      const int64_t kv_dim = int64_t(sh.n_kv) * sh.head_dim;
+      ModelConfig config = small_config(256, 256, sh.n_heads, sh.n_kv, sh.head_dim, 64);
+      config.n_layers = 1;
+      ModelWeights weights = random_model(config, WeightFormat::sym_int4, 32, true, seed++);
+      RunShape shape{2, 512, 512, 512};
+      shape.kv_cache = kv;
+      BackendPair pair;
+      ASSERT_TRUE(pair.init(weights, shape));
+      Backend& b = *pair.gpu;
+      const RopeParams p{sh.head_dim, sh.n_heads, sh.n_kv};
+      // rope_attention of call c: [output, q, k] as it leaves them. Tokens at positions from
+      // nan_v_from on get NaN V rows.
+      auto run = [&](const AttentionCall& c, uint64_t call_seed, int32_t nan_v_from = -1) {
+        std::vector<std::vector<float>> result;
+        const int64_t n = int64_t(c.positions.size());
+        const auto io = begin_attention_call(b, pair, c, q_dim, kv_dim);
+        if (!io) return result;
+        const auto& [qt, kt, vt, out] = *io;
+        std::vector<float> v = random_values(size_t(n * kv_dim), call_seed + 2);
+        for (int64_t i = 0; nan_v_from >= 0 && i < n; ++i) {
+          if (c.positions[size_t(i)] < nan_v_from) continue;
+          std::fill_n(v.begin() + i * kv_dim, kv_dim, std::numeric_limits<float>::quiet_NaN());
         }
-        call_seed += 10;
-        ASSERT_EQ(results[0].size(), 3u);
-        EXPECT_TRUE(no_nan(results[0][0])) << "an output left unwritten";
-        const char* const what[] = {"the outputs", "the rotated q", "the rotated k"};
-        for (int variant : {1, 2}) {
-          SCOPED_TRACE(variant == 1 ? "a block a warp" : "the lower rows");
-          ASSERT_EQ(results[variant].size(), 3u);
-          EXPECT_TRUE(no_nan(results[variant][0])) << "an output left unwritten";
-          for (int i = 0; i < 3; ++i) {
-            EXPECT_EQ(bits_differ(results[0][i], results[variant][i]), 0u) << what[i] << " differ";
+        fill(b, qt, random_values(size_t(n * q_dim), call_seed));
+        fill(b, kt, random_values(size_t(n * kv_dim), call_seed + 1));
+        fill(b, vt, v);
+        poison(b, out);
+        const Status st = b.rope_attention(out, qt, kt, vt, 0, p);
+        EXPECT_TRUE(st.is_ok()) << st.message();
+        result = {fetch(b, out), fetch(b, qt), fetch(b, kt)};
+        return result;
+      };
+      run(run_of(0, 0, 300), 6800);  // the prompts
+      run(run_of(1, 0, 64), 6900, 41);
+      const AttentionCall decodes[] = {
+          {{300}, {0}}, {{40}, {1}}, {{300, 40}, {0, 1}}, {{41, 42}, {1, 1}}};
+      uint64_t call_seed = 7000;
+      for (int mode : {0, 1, 2}) {  // solo by default, solo off, one split
+        cuda::set_decode_solo(mode == 1 ? 0 : -1);
+        cuda::set_decode_split_cap(mode == 2 ? 1 : 0);
+        for (const AttentionCall& c : decodes) {
+          SCOPED_TRACE(std::to_string(c.positions.size()) + " tokens at position " +
+                       std::to_string(c.positions[0]) +
+                       (mode == 1   ? ", solo off"
+                        : mode == 2 ? ", one split"
+                                    : ""));
+          // [the old paths, a block a warp, the lower rows]: the same rows each time, so the
+          // cache gets the same values.
+          std::vector<std::vector<float>> results[3];
+          for (int variant : {0, 1, 2}) {
+            const ScopedSwitch copy(cuda::set_decode_block_copy, variant == 1);
+            const ScopedSwitch lower(cuda::set_decode_lower_rows, variant == 2);
+            results[variant] = run(c, call_seed);
+          }
+          call_seed += 10;
+          const char* const what[] = {"the outputs", "the rotated q", "the rotated k"};
+          for (int variant : {0, 1, 2}) {
+            SCOPED_TRACE(variant == 0   ? "the old paths"
+                         : variant == 1 ? "a block a warp"
+                                        : "the lower rows");
+            ASSERT_EQ(results[variant].size(), 3u);
+            EXPECT_TRUE(no_nan(results[variant][0]))
+                << "an output left unwritten, or a row past the context read";
+            if (variant == 0) continue;
+            for (int i = 0; i < 3; ++i) {
+              EXPECT_EQ(bits_differ(results[0][i], results[variant][i]), 0u)
+                  << what[i] << " differ";
+            }
           }
         }
       }

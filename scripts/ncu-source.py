@@ -5,7 +5,7 @@
 Reads exports of one Nsight Compute report of one kernel's launches:
 
   RAW      `ncu -i R --csv --page raw --print-units base [--print-kernel-base mangled]`: a row a
-           launch (grid and block size, smsp__inst_executed.sum and .max)
+           launch (grid and block size, smsp__inst_executed.max)
   SASS     `ncu -i R --csv --page source --print-source sass`: a table a launch, a row an
            instruction (its address and "Instructions Executed", warp-level)
   LISTING  (optional) `nvdisasm -g -c` of the cubin holding the kernel: each instruction's offset
@@ -52,7 +52,7 @@ def number(cell):
 
 
 def launches(raw_path):
-    """([{warps, inst, inst_max}] a launch, the kernel's name as the export gives it)."""
+    """([{warps, inst_max}] a launch, the kernel's name as the export gives it)."""
     header = None
     out = []
     name = ""
@@ -72,7 +72,6 @@ def launches(raw_path):
         out.append(
             {
                 "warps": grid * block / 32.0,
-                "inst": get("smsp__inst_executed.sum"),
                 "inst_max": get("smsp__inst_executed.max"),
             }
         )

@@ -677,8 +677,7 @@ __device__ inline void copy_kv_block_rows(const KvCache& c, int64_t layer, int64
     const int64_t first = key0 + first_row;   // and its first key
     const int64_t base = cache_row(c, layer, seq, kvh, first < kv_len ? first : 0) * kRowBytes;
     // Rows of the block that are live, and the skipped one's (outside 0 .. kBlock - 1: none).
-    const int live_rows =
-        int(kv_len - first < kBlock ? (kv_len > first ? kv_len - first : 0) : kBlock);
+    const int live_rows = int(min(max(kv_len - first, int64_t(0)), int64_t(kBlock)));
     const int skip_row = skip >= first && skip < first + kBlock ? int(skip - first) : -1;
 #pragma unroll
     for (int i = 0; i < kBlockUnits / 32; ++i) {

@@ -2026,17 +2026,20 @@ int row_threads(int head_dim) {
 // set_decode_solo: -1, the workspace's own ws.solo (one tile).
 int decode_solo_override = -1;
 
-// set_decode_block_copy (KESTREL_CUDA_ATTENTION_BLOCK_COPY=1 turns its starting value on):
-// DecodeWorkspace's block_copy for every launch.
+// set_decode_block_copy (KESTREL_CUDA_ATTENTION_BLOCK_COPY=0 turns its starting value off):
+// DecodeWorkspace's block_copy for every launch. H100, one call (PERF.md, thirty-seventh
+// session): tg128 8B b1 +1.1%, 1.5B b16 +1.9%, the others within 0.2%; at 1024 positions the
+// 1.5B's batch-16 step 1.51 -> 1.49 ms.
 std::atomic<bool>& decode_block_copy_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_BLOCK_COPY", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_ATTENTION_BLOCK_COPY", "0")};
   return on;
 }
 
-// set_decode_lower_rows (KESTREL_CUDA_ATTENTION_LOWER_ROWS=1 turns its starting value on):
-// DecodeWorkspace's lower_rows for every launch.
+// set_decode_lower_rows (KESTREL_CUDA_ATTENTION_LOWER_ROWS=0 turns its starting value off):
+// DecodeWorkspace's lower_rows for every launch. H100, one call (PERF.md, thirty-seventh
+// session): tg128 1.5B b1 +1.4%, 8B b1 +0.3%, batch 16 within 0.2%.
 std::atomic<bool>& decode_lower_rows_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_ATTENTION_LOWER_ROWS", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_ATTENTION_LOWER_ROWS", "0")};
   return on;
 }
 

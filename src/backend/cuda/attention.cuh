@@ -116,16 +116,18 @@ struct DecodeWorkspace {
   // others). One tile: two tiles walked by one block lost to two splits and a merge (PERF.md,
   // twenty-second session).
   int solo = 1;
-  // The fp16 decode tiles' copies a cache block at a time (cuda::set_decode_block_copy;
-  // KESTREL_CUDA_ATTENTION_BLOCK_COPY=1 at start-up, off until measured): warp w copies the
-  // tile's cache blocks w, w + 4, ... from one block-table lookup each, instead of every thread
-  // looking up each of its eight rows. The same bytes in the same places.
-  bool block_copy = false;
+  // The fp16 decode tiles' copies a cache block at a time (cuda::set_decode_block_copy; on by
+  // default since the thirty-seventh session, KESTREL_CUDA_ATTENTION_BLOCK_COPY=0 at start-up
+  // turns it off): warp w copies the tile's cache blocks w, w + 4, ... from one block-table
+  // lookup each, instead of every thread looking up each of its eight rows. The same bytes in the
+  // same places.
+  bool block_copy = true;
   // A group of at most 8 query heads skips the mma fragments' rows 8-15, which hold no query:
   // their queries' loads and rotations (zeros instead) and their partial sums' stores
-  // (cuda::set_decode_lower_rows; KESTREL_CUDA_ATTENTION_LOWER_ROWS=1 at start-up, off until
-  // measured). The same bits: those rows' scores and sums are never read.
-  bool lower_rows = false;
+  // (cuda::set_decode_lower_rows; on by default since the thirty-seventh session,
+  // KESTREL_CUDA_ATTENTION_LOWER_ROWS=0 at start-up turns it off). The same bits: those rows'
+  // scores and sums are never read.
+  bool lower_rows = true;
 };
 
 // Splits per (token, KV head) of a decode launch of `tokens` tokens: about four blocks per SM

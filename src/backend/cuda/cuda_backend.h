@@ -190,13 +190,12 @@ void set_decode_split_cap(int cap);
 // default (one tile): a test aid, process-wide like the split cap.
 void set_decode_solo(int tiles);
 // Whether the tensor-core decode attention copies its fp16 tiles a cache block a warp, one
-// block-table lookup a block (off by default until measured; KESTREL_CUDA_ATTENTION_BLOCK_COPY=1
-// sets the starting value on), instead of a lookup a row a thread. The same bits. Returns the
-// setting before.
+// block-table lookup a block (on by default; KESTREL_CUDA_ATTENTION_BLOCK_COPY=0 sets the starting
+// value off), instead of a lookup a row a thread. The same bits. Returns the setting before.
 bool set_decode_block_copy(bool on);
 // Whether the tensor-core decode attention of a group of at most 8 query heads a KV head leaves
-// out the mma fragments' rows 8-15, which hold no query (off by default until measured;
-// KESTREL_CUDA_ATTENTION_LOWER_ROWS=1 sets the starting value on). The same bits. Returns the
+// out the mma fragments' rows 8-15, which hold no query (on by default;
+// KESTREL_CUDA_ATTENTION_LOWER_ROWS=0 sets the starting value off). The same bits. Returns the
 // setting before.
 bool set_decode_lower_rows(bool on);
 

@@ -437,9 +437,10 @@ TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
 // next tile). Two layers: w_down of 2304 rows over 4096 columns at 16 tokens takes two m-tiles
 // (72 tiles of 32 rows, at least half the SMs) and 4 chunks a warp against the two-stage ring;
 // w_down of 1024 rows over 9216 columns takes one (64 tiles of 16 rows) and 9 chunks a warp
-// against five, at 5 and 16 tokens. The other GEMVs of both have a chunk or three a warp, or
-// SwiGLU, or, at 5 tokens, the first layer's 144 one-m-tile tiles: none takes it, and the launch
-// count says only those w_downs did, with the switch on.
+// against five, at 5 and 16 tokens; the first again in asym_int4 (its two-m-tile instance is the
+// one that spills). The other GEMVs of both have a chunk or three a warp, or SwiGLU, or, at 5
+// tokens, the first layer's 144 one-m-tile tiles: none takes it, and the launch count says only
+// those w_downs did, with the switch on.
 TEST(CudaOps, GemvDeepMmaRingGivesTheSameBits) {
   const int sms = device_sms();
   if (sms >= 144 || sms < 72) GTEST_SKIP() << sms << " SMs: another set of deep-ring launches";
@@ -447,20 +448,25 @@ TEST(CudaOps, GemvDeepMmaRingGivesTheSameBits) {
   struct Case {
     int64_t hidden, inter;
     int64_t n;
+    WeightFormat format;
     uint64_t deep_launches;
   };
-  const Case cases[] = {
-      {2304, 4096, 16, 1}, {2304, 4096, 5, 0}, {1024, 9216, 5, 1}, {1024, 9216, 16, 1}};
+  const Case cases[] = {{2304, 4096, 16, WeightFormat::sym_int4, 1},
+                        {2304, 4096, 5, WeightFormat::sym_int4, 0},
+                        {1024, 9216, 5, WeightFormat::sym_int4, 1},
+                        {1024, 9216, 16, WeightFormat::sym_int4, 1},
+                        {2304, 4096, 16, WeightFormat::asym_int4, 1}};
   for (const Case& c : cases) {
-    ModelWeights weights = layer_gemv_model(c.hidden, c.inter, 300, WeightFormat::sym_int4, 32,
-                                            5100 + uint64_t(c.inter));
+    ModelWeights weights =
+        layer_gemv_model(c.hidden, c.inter, 300, c.format, 32, 5100 + uint64_t(c.inter));
     BackendPair pair;
     ASSERT_TRUE(pair.init(weights, kLayerRun));
-    ASSERT_FALSE(int8_inputs(WeightFormat::sym_int4, c.n, c.hidden)) << "the mma path";
+    ASSERT_FALSE(int8_inputs(c.format, c.n, c.hidden)) << "the mma path";
     const std::vector<float> x = random_values(size_t(c.n * c.hidden), 5101 + c.n, 2.0f);
     for (int cap : {0, 3}) {
-      SCOPED_TRACE(std::to_string(c.hidden) + " x " + std::to_string(c.inter) +
-                   ", n=" + std::to_string(c.n) + ", block cap " + std::to_string(cap));
+      SCOPED_TRACE(std::string(format_name(c.format)) + ", " + std::to_string(c.hidden) + " x " +
+                   std::to_string(c.inter) + ", n=" + std::to_string(c.n) + ", block cap " +
+                   std::to_string(cap));
       cuda::set_gemv_block_cap(cap);
       std::vector<float> results[2];  // [the default rings, the deep one]
       uint64_t launches[2];
@@ -471,6 +477,7 @@ TEST(CudaOps, GemvDeepMmaRingGivesTheSameBits) {
         launches[deep] = cuda::gemv_deep_mma_ring_launches() - start;
       }
       ASSERT_FALSE(results[0].empty());
+      EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten";
       EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (the deep ring)";
       EXPECT_EQ(launches[0], 0u) << "the deep ring ran with the switch off";
       EXPECT_EQ(launches[1], c.deep_launches) << "w_down alone takes it, where it qualifies";

@@ -1511,10 +1511,11 @@ bool take_switch(const std::atomic<bool>& on, std::atomic<uint64_t>& taken, bool
   return true;
 }
 
-// Whether an int4 GEMV on the mma path (3-64 tokens, no swiglu) takes the deep ring (Ring::deep:
-// kDeepStages chunks a warp with one m-tile, kDeepStagesTwo with two) where its tiles are no more
-// than the SMs, so every block has one tile and an SM to itself, and a warp's chunks of a tile
-// outnumber the ring it would take (the 8B's wo and w_down at batch 16: 128 tiles of 32 rows,
+// Whether an int4 GEMV on the mma path (3-64 tokens, or 1-2 over more than kMaxDpCols columns; no
+// swiglu) takes the deep ring (Ring::deep: kDeepStages chunks a warp with one m-tile,
+// kDeepStagesTwo with two) where its tiles are no more than the SMs, so every block has one tile
+// and an SM to itself, and a warp's chunks of a tile outnumber the `otherwise` stages of the ring
+// it would take (the 8B's wo and w_down at batch 16: 128 tiles of 32 rows,
 // 4 and 14 chunks a warp, against the two-stage ring; the 1.5B's w_down: 96 tiles of 16 rows, 9
 // chunks a warp, against five). Such a block runs alone on its SM with two or five chunks a warp
 // in flight (at most ~37 KB an SM), and its GEMVs alone reach 41-56% (8B) and 24% (1.5B) of the
@@ -1527,12 +1528,10 @@ std::atomic<bool>& gemv_deep_mma_ring_flag() {
 }
 std::atomic<uint64_t> deep_mma_ring_launches{0};
 
-template <WeightFormat F, int MT>
-bool deep_mma_ring(const GemvParams& p) {
-  constexpr Ring kOtherwise = MT == 2 ? Ring::shallow : Ring::standard;
+bool deep_mma_ring(const GemvParams& p, int otherwise) {
   const int64_t per_warp = ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
   return take_switch(gemv_deep_mma_ring_flag(), deep_mma_ring_launches,
-                     p.n_tiles <= p.sm_count && per_warp > Pipe<F, MT, kOtherwise>::kStages);
+                     p.n_tiles <= p.sm_count && per_warp > otherwise);
 }
 
 template <WeightFormat F>
@@ -1744,7 +1743,18 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
     return launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, kRing>(p, stream);
   };
   if constexpr (!kSwiglu && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)) {
-    if (deep_mma_ring<F, MT>(p)) return mma(std::integral_constant<Ring, Ring::deep>{});
+    // The stages of the ring the launch takes otherwise: two-m-tile launches the shallow ring's
+    // 2 when it is on.
+    const bool shallow = MT == 2 && gemv_shallow_ring_flag().load(std::memory_order_relaxed);
+    if (deep_mma_ring(p, shallow ? 2 : Pipe<F, MT>::kStages)) {
+      if constexpr (MT == 1) return mma(std::integral_constant<Ring, Ring::deep>{});
+      // Two m-tiles at most 8 tokens are launches of at least twice the SMs' tiles
+      // (launch_format), which the deep ring never takes: only the two-n-tile instance exists
+      // (correct for fewer tokens too: its empty token rows are zeros, their sums dropped).
+      if constexpr (MT == 2) {
+        return launch_kernel<F, MT, 2, false, false, 0, false, false, Ring::deep>(p, stream);
+      }
+    }
   }
   if constexpr (MT == 2 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)) {
     if (shallow_ring()) return mma(std::integral_constant<Ring, Ring::shallow>{});

@@ -1528,15 +1528,19 @@ std::atomic<bool>& gemv_deep_mma_ring_flag() {
 }
 std::atomic<uint64_t> deep_mma_ring_launches{0};
 
+// A warp's chunks of a row tile: the chunks over its columns, dealt out to the block's warps.
+int64_t chunks_a_warp(const GemvParams& p) {
+  return ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
+}
+
 bool deep_mma_ring(const GemvParams& p, int otherwise) {
-  const int64_t per_warp = ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
   return take_switch(gemv_deep_mma_ring_flag(), deep_mma_ring_launches,
-                     p.n_tiles <= p.sm_count && per_warp > otherwise);
+                     p.n_tiles <= p.sm_count && chunks_a_warp(p) > otherwise);
 }
 
 template <WeightFormat F>
 bool deep_ring(const GemvParams& p) {
-  const int64_t per_warp = ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
+  const int64_t per_warp = chunks_a_warp(p);
   return take_switch(
       gemv_deep_ring_flag(), deep_ring_launches,
       p.n_tiles <= p.sm_count && per_warp > Pipe<F, 1>::kStages && per_warp <= kDeepStages);
@@ -1744,14 +1748,15 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   };
   if constexpr (!kSwiglu && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)) {
     // The stages of the ring the launch takes otherwise: two-m-tile launches the shallow ring's
-    // 2 when it is on.
+    // when it is on.
     const bool shallow = MT == 2 && gemv_shallow_ring_flag().load(std::memory_order_relaxed);
-    if (deep_mma_ring(p, shallow ? 2 : Pipe<F, MT>::kStages)) {
-      if constexpr (MT == 1) return mma(std::integral_constant<Ring, Ring::deep>{});
-      // Two m-tiles at most 8 tokens are launches of at least twice the SMs' tiles
-      // (launch_format), which the deep ring never takes: only the two-n-tile instance exists
-      // (correct for fewer tokens too: its empty token rows are zeros, their sums dropped).
-      if constexpr (MT == 2) {
+    if (deep_mma_ring(p, shallow ? Pipe<F, 2, Ring::shallow>::kStages : Pipe<F, MT>::kStages)) {
+      if constexpr (MT == 1) {
+        return mma(std::integral_constant<Ring, Ring::deep>{});
+      } else {
+        // Two m-tiles at most 8 tokens are launches of at least twice the SMs' tiles
+        // (launch_format), which the deep ring never takes: only the two-n-tile instance exists
+        // (correct for fewer tokens too: its empty token rows are zeros, their sums dropped).
         return launch_kernel<F, MT, 2, false, false, 0, false, false, Ring::deep>(p, stream);
       }
     }

@@ -352,7 +352,9 @@ TEST(CudaOps, GemvNormTwoBlocksGivesTheSameBits) {
 // groups and from its fp16 shadow, on a wave of blocks and on 3 blocks looping over the tiles (the
 // ring running on into the next tile). The launch count says the deep ring ran with the switch on
 // and not with it off, and not at all over 12320 columns (97 chunks, thirteen a warp: more than
-// the deep ring holds), whose outputs keep their bits too.
+// the deep ring holds), whose outputs keep their bits too. Two tokens likewise under their own
+// switch (set_gemv_deep_ring_two, the two-token dp4a instance; the one-token switch, left on, does
+// not reach them).
 TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
   const NoBlockCapAfter no_cap_after;
   for (int64_t inter : {9248, 12320}) {
@@ -361,28 +363,36 @@ TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
     const ModelConfig& config = weights.config;
     BackendPair pair;
     ASSERT_TRUE(pair.init(weights, kLayerRun));
-    ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, 1, inter));
-    const std::vector<float> x = random_values(size_t(config.hidden_size), 4800, 2.0f);
-    for (bool halves : {true, false}) {
-      const ScopedSwitch halves_switch(cuda::set_gemv_half_groups, halves);
-      for (int cap : {0, 3}) {
-        SCOPED_TRACE(std::to_string(inter) + " columns" + (halves ? ", half groups" : "") +
-                     ", block cap " + std::to_string(cap));
-        cuda::set_gemv_block_cap(cap);
-        std::vector<float> results[2];  // [default ring, deep ring]
-        uint64_t deep_launches[2];
-        for (int deep : {0, 1}) {
-          const ScopedSwitch deep_switch(cuda::set_gemv_deep_ring, deep == 1);
-          const uint64_t launches = cuda::gemv_deep_ring_launches();
-          results[deep] = layer_gemv_outputs(*pair.gpu, pair, weights, 1, x);
-          deep_launches[deep] = cuda::gemv_deep_ring_launches() - launches;
+    for (int64_t n : {1, 2}) {
+      ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, inter));
+      const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4800 + n, 2.0f);
+      bool (*const set_deep)(bool) =
+          n == 1 ? cuda::set_gemv_deep_ring : cuda::set_gemv_deep_ring_two;
+      const ScopedSwitch one_token_on(cuda::set_gemv_deep_ring, true);
+      // Half groups are one token's input; two tokens run once.
+      for (bool halves : n == 1 ? std::vector<bool>{true, false} : std::vector<bool>{true}) {
+        const ScopedSwitch halves_switch(cuda::set_gemv_half_groups, halves);
+        for (int cap : {0, 3}) {
+          SCOPED_TRACE(std::to_string(inter) + " columns, " + std::to_string(n) + " tokens" +
+                       (n == 1 && halves ? ", half groups" : "") + ", block cap " +
+                       std::to_string(cap));
+          cuda::set_gemv_block_cap(cap);
+          std::vector<float> results[2];  // [default ring, deep ring]
+          uint64_t deep_launches[2];
+          for (int deep : {0, 1}) {
+            const ScopedSwitch deep_switch(set_deep, deep == 1);
+            const uint64_t launches = cuda::gemv_deep_ring_launches();
+            results[deep] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+            deep_launches[deep] = cuda::gemv_deep_ring_launches() - launches;
+          }
+          ASSERT_FALSE(results[1].empty());
+          EXPECT_EQ(deep_launches[0], 0u) << "the deep ring ran with the switch off";
+          EXPECT_EQ(deep_launches[1], inter == 9248 ? 1u : 0u)
+              << "w_down alone takes the deep ring, where it holds the tile";
+          EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten";
+          EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (deep ring)";
+          EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
         }
-        ASSERT_FALSE(results[1].empty());
-        EXPECT_EQ(deep_launches[0], 0u) << "the deep ring ran with the switch off";
-        EXPECT_EQ(deep_launches[1], inter == 9248 ? 1u : 0u)
-            << "w_down alone takes the deep ring, where it holds the tile";
-        EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten";
-        EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
       }
     }
   }

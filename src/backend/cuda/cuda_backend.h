@@ -98,6 +98,10 @@ bool gemv_half_groups();
 // the same bits. Process-wide; a captured step keeps the kernel it was captured with, which
 // gives the same bits. Returns the setting before.
 bool set_gemv_deep_ring(bool on);
+// Whether the deep ring is taken at two tokens too, by the same rule (a measurement switch, off by
+// default; KESTREL_CUDA_GEMV_DEEP_RING_TWO=1 turns it on at start-up): the 1.5B's w_down at batch
+// 2. The same bits; its launches count in gemv_deep_ring_launches. Returns the setting before.
+bool set_gemv_deep_ring_two(bool on);
 // GEMV launches that took the deep ring since the process started (host-side count of the calls
 // that chose it, a test aid).
 uint64_t gemv_deep_ring_launches();

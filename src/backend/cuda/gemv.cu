@@ -716,7 +716,7 @@ template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, boo
 __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kWide || (kNorm && kDp == 0), "kWide: the fp16 and int8 fused-norm bound");
-  static_assert(kRing != Ring::deep || (kDp <= 1 && !kSwiglu && !kNorm),
+  static_assert(kRing != Ring::deep || (kDp <= 2 && !kSwiglu && !kNorm),
                 "deep_ring's and deep_mma_ring's instances");
   static_assert(kRing != Ring::shallow || (kDp == 0 && !kNorm), "shallow_ring's instances");
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
@@ -1492,7 +1492,18 @@ std::atomic<bool>& gemv_deep_ring_flag() {
   return on;
 }
 
-// Whether a one-token dp4a GEMV of one-m-tile tiles takes the deep ring (Ring::deep): where the
+// Whether deep_ring may choose the deep ring for two tokens too (set_gemv_deep_ring_two;
+// KESTREL_CUDA_GEMV_DEEP_RING_TWO=1 at start-up): a measurement switch, off by default. The 1.5B's
+// w_down alone on an H100 (PERF.md, thirty-eighth session) takes 5.25 us at one token (the deep
+// ring), 9.16 at two (the two-token dp4a instance, five chunks a warp ahead of the wait) and 7.66
+// at four (the mma path): two tokens are its slowest batch.
+std::atomic<bool>& gemv_deep_ring_two_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_DEEP_RING_TWO", "1")};
+  return on;
+}
+
+// Whether a one-token dp4a GEMV of one-m-tile tiles (two tokens under set_gemv_deep_ring_two)
+// takes the deep ring (Ring::deep): where the
 // tiles are no more than the SMs, so every block has one tile and the SM to itself once the kernel
 // before it leaves, and a warp's chunks of a tile outnumber the default ring's stages but fit
 // the deep one's (the 1.5B's w_down: 96 tiles of 70 chunks, 9 a warp; a wider tile, which the
@@ -1542,7 +1553,7 @@ template <WeightFormat F>
 bool deep_ring(const GemvParams& p) {
   const int64_t per_warp = chunks_a_warp(p);
   return take_switch(
-      gemv_deep_ring_flag(), deep_ring_launches,
+      p.n_tokens == 1 ? gemv_deep_ring_flag() : gemv_deep_ring_two_flag(), deep_ring_launches,
       p.n_tiles <= p.sm_count && per_warp > Pipe<F, 1>::kStages && per_warp <= kDeepStages);
 }
 
@@ -1712,13 +1723,21 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
       }
       if (p.norm.x != nullptr) return launch_kernel<F, MT, 1, kSwiglu, true, 1, kP>(p, stream);
       if constexpr (kMayHalve) {
-        // (p.xh is set for one token only.)
-        const bool deep = p.n_tokens == 1 && deep_ring<F>(p);
-        if (p.xh.q != nullptr) {
-          return deep ? launch_kernel<F, MT, 1, false, false, 1, kP, true, Ring::deep>(p, stream)
-                      : launch_kernel<F, MT, 1, false, false, 1, kP, true>(p, stream);
+        if (p.n_tokens == 1) {
+          // (p.xh is set for one token only.)
+          const bool deep = deep_ring<F>(p);
+          if (p.xh.q != nullptr) {
+            return deep ? launch_kernel<F, MT, 1, false, false, 1, kP, true, Ring::deep>(p, stream)
+                        : launch_kernel<F, MT, 1, false, false, 1, kP, true>(p, stream);
+          }
+          if (deep)
+            return launch_kernel<F, MT, 1, false, false, 1, kP, false, Ring::deep>(p, stream);
+        } else if constexpr (!kP) {
+          // Two tokens (no profile instance: the phase profile is the one-token GEMVs').
+          if (deep_ring<F>(p)) {
+            return launch_kernel<F, MT, 1, false, false, 2, false, false, Ring::deep>(p, stream);
+          }
         }
-        if (deep) return launch_kernel<F, MT, 1, false, false, 1, kP, false, Ring::deep>(p, stream);
       }
       if (p.n_tokens == 1) return launch_kernel<F, MT, 1, kSwiglu, false, 1, kP>(p, stream);
       return launch_kernel<F, MT, 1, kSwiglu, false, 2, kP>(p, stream);
@@ -2040,6 +2059,10 @@ bool set_gemv_half_groups(bool on) {
 
 bool set_gemv_deep_ring(bool on) {
   return gemv_deep_ring_flag().exchange(on);
+}
+
+bool set_gemv_deep_ring_two(bool on) {
+  return gemv_deep_ring_two_flag().exchange(on);
 }
 
 uint64_t gemv_deep_ring_launches() {

@@ -72,17 +72,57 @@ Status check_reservation_fits(const Backend& backend, const ModelConfig& config,
   if (!left) return Status::ok();
   const size_t needed = layout->total_bytes() * size_t(backend.free_memory() == 0 ? host_ranks : 1);
   if (needed <= left->bytes) return Status::ok();
-  const std::string change =
-      left->from_flag
-          ? "raise the memory cap, or lower the context length (max_context) or the tokens per "
-            "call (prefill_chunk)"
-          : "lower the context length (max_context)";
+  const std::string change = (left->from_flag ? "raise the memory cap, or lower " : "lower ") +
+                             what_to_lower(options, shape);
   return Status::error(
       "the KV cache (" + format_bytes(layout->kv_cache_bytes()) + " for " +
       std::to_string(shape.pool_blocks()) + " blocks of " + std::to_string(kKvBlockSize) +
       " positions; " + std::to_string(shape.max_seqs) + " sequences x " +
-      std::to_string(shape.max_context) + " positions) and workspace need " + format_bytes(needed) +
+      std::to_string(shape.max_context) + " positions) and workspace (calls of " +
+      std::to_string(shape.max_batch_tokens) + " tokens) need " + format_bytes(needed) +
       " but only " + format_bytes(left->bytes) + " is free (" + left->source + "); " + change);
+}
+
+// The limits of a reservation that memory has no say in.
+Status check_run_shape(const RunShape& shape) {
+  if (shape.max_seqs <= 0 || shape.max_context <= 0 || shape.max_batch_tokens <= 0 ||
+      shape.max_logit_rows <= 0) {
+    return Status::error(
+        "run shape needs positive sequences, context, batch tokens and logit rows");
+  }
+  if (shape.kv_blocks < 0 || (shape.kv_blocks > 0 && shape.kv_blocks < shape.blocks_per_seq())) {
+    return Status::error("a KV cache pool of " + std::to_string(shape.kv_blocks) +
+                         " blocks cannot hold one full context (" +
+                         std::to_string(shape.blocks_per_seq()) + " blocks of " +
+                         std::to_string(kKvBlockSize) + " positions)");
+  }
+  if (shape.pool_blocks() > std::numeric_limits<int32_t>::max()) {
+    return Status::error("a KV cache pool of " + std::to_string(shape.pool_blocks()) +
+                         " blocks is past the limit of " +
+                         std::to_string(std::numeric_limits<int32_t>::max()));
+  }
+  if (shape.max_context > std::numeric_limits<int32_t>::max()) {
+    return Status::error("context length " + std::to_string(shape.max_context) +
+                         " is past the limit of " +
+                         std::to_string(std::numeric_limits<int32_t>::max()) + " positions");
+  }
+  return Status::ok();
+}
+
+// check_reservation_fits() for the reservation of `shape` on `backend`, or on every rank of `tp`
+// when the model is split (`weights` then the whole model's).
+Status check_ranks_fit(const Backend& backend, const TensorParallel* tp,
+                       const ModelWeights& weights, const RunShape& shape,
+                       const EngineOptions& options) {
+  if (tp == nullptr) {
+    return check_reservation_fits(backend, weights.config, shape, options,
+                                  weights_beside(weights, nullptr, 0));
+  }
+  for (int r = 0; r < tp->world_size(); ++r) {
+    KS_RETURN_IF_ERROR(check_reservation_fits(tp->backend(r), tp->shard(r).config, shape, options,
+                                              weights_beside(weights, tp, r), tp->world_size()));
+  }
+  return Status::ok();
 }
 
 // A synthetic model is built in host memory before it is uploaded (split, each rank builds its
@@ -245,27 +285,42 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
   } else {
     KS_RETURN_IF_ERROR(engine->backend_->upload(*engine->weights_));
   }
-  RunShape shape = requested_shape(options, engine->weights_->config, engine->weights_->format);
-  if (options.run_shape.max_batch_tokens <= 0 && options.kv_memory_fraction > 0) {
-    // Split, every rank holds the same share of each block: rank 0's device sizes the pool.
-    const Backend& backend = engine->backend();
-    const bool host = backend.free_memory() == 0;
-    const ModelConfig& rank_config = engine->tensor_parallel_
-                                         ? engine->tensor_parallel_->shard(0).config
-                                         : engine->weights_->config;
-    std::optional<MemoryBudget> left =
-        memory_left(backend, options,
-                    weights_beside(*engine->weights_, engine->tensor_parallel_.get(), /*rank=*/0));
-    if (!left) return host_available_memory().status();
-    if (host && options.tensor_parallel > 1) {
-      left->bytes /= size_t(options.tensor_parallel);
-      left->source += ", a rank's share";
+  // Split, every rank holds the same share of each block: rank 0's device sizes the pool.
+  const Backend& rank0 = engine->backend();
+  const TensorParallel* tp = engine->tensor_parallel_.get();
+  const ModelConfig& rank_config = tp ? tp->shard(0).config : engine->weights_->config;
+  const std::optional<MemoryBudget> left =
+      memory_left(rank0, options, weights_beside(*engine->weights_, tp, /*rank=*/0));
+  const bool pool_from_memory =
+      options.run_shape.max_batch_tokens <= 0 && options.kv_memory_fraction > 0;
+  if (pool_from_memory && !left) return host_available_memory().status();
+  std::optional<MemoryBudget> share = left;
+  if (share && rank0.free_memory() == 0 && options.tensor_parallel > 1) {
+    share->bytes /= size_t(options.tensor_parallel);
+    share->source += ", a rank's share";
+  }
+  // The largest prefill chunk whose reservation, the pool sized beside it, fits every rank.
+  const FitShape fit = [&](RunShape shape) -> Result<RunShape> {
+    if (pool_from_memory) {
+      KS_ASSIGN_OR_RETURN(shape.kv_blocks, kv_blocks_that_fit(
+                                               [&](const RunShape& s) {
+                                                 return rank0.reserve_layout(rank_config, s);
+                                               },
+                                               shape, *share, options.kv_memory_fraction));
     }
-    KS_ASSIGN_OR_RETURN(shape.kv_blocks, kv_blocks_that_fit(
-                                             [&](const RunShape& s) {
-                                               return backend.reserve_layout(rank_config, s);
-                                             },
-                                             shape, *left, options.kv_memory_fraction));
+    KS_RETURN_IF_ERROR(check_run_shape(shape));
+    KS_RETURN_IF_ERROR(check_ranks_fit(rank0, tp, *engine->weights_, shape, options));
+    return shape;
+  };
+  const ModelConfig& config = engine->weights_->config;
+  const WeightFormat format = engine->weights_->format;
+  KS_ASSIGN_OR_RETURN(const RunShape shape, fit_prefill_chunk(options, config, format, fit));
+  const int64_t wanted = prefill_chunk_of(options, requested_shape(options, config, format));
+  if (const int64_t chunk = prefill_chunk_of(options, shape); chunk < wanted) {
+    // Said once, with the load's warnings (the CLI prints them).
+    engine->weights_->warnings.push_back("prefill chunk " + std::to_string(wanted) + " -> " +
+                                         std::to_string(chunk) + " tokens per call to fit " +
+                                         (left ? left->source : std::string("the free memory")));
   }
   KS_RETURN_IF_ERROR(engine->reserve(shape));
   engine->load_seconds_ = seconds_since(start);
@@ -273,40 +328,11 @@ Result<std::unique_ptr<Engine>> Engine::create(const EngineOptions& options,
 }
 
 Status Engine::reserve(const RunShape& shape) {
-  if (shape.max_seqs <= 0 || shape.max_context <= 0 || shape.max_batch_tokens <= 0 ||
-      shape.max_logit_rows <= 0) {
-    return Status::error(
-        "run shape needs positive sequences, context, batch tokens and logit rows");
-  }
-  if (shape.kv_blocks < 0 || (shape.kv_blocks > 0 && shape.kv_blocks < shape.blocks_per_seq())) {
-    return Status::error("a KV cache pool of " + std::to_string(shape.kv_blocks) +
-                         " blocks cannot hold one full context (" +
-                         std::to_string(shape.blocks_per_seq()) + " blocks of " +
-                         std::to_string(kKvBlockSize) + " positions)");
-  }
-  if (shape.pool_blocks() > std::numeric_limits<int32_t>::max()) {
-    return Status::error("a KV cache pool of " + std::to_string(shape.pool_blocks()) +
-                         " blocks is past the limit of " +
-                         std::to_string(std::numeric_limits<int32_t>::max()));
-  }
-  if (shape.max_context > std::numeric_limits<int32_t>::max()) {
-    return Status::error("context length " + std::to_string(shape.max_context) +
-                         " is past the limit of " +
-                         std::to_string(std::numeric_limits<int32_t>::max()) + " positions");
-  }
+  KS_RETURN_IF_ERROR(check_run_shape(shape));
   // Every check runs before anything is released: a shape refused here leaves the reservation
   // as it was (the Python package asks for a larger one per call, and its user may go on).
-  if (tensor_parallel_) {
-    TensorParallel& tp = *tensor_parallel_;
-    for (int r = 0; r < tp.world_size(); ++r) {
-      KS_RETURN_IF_ERROR(check_reservation_fits(tp.backend(r), tp.shard(r).config, shape, options_,
-                                                weights_beside(*weights_, &tp, r),
-                                                tp.world_size()));
-    }
-  } else {
-    KS_RETURN_IF_ERROR(check_reservation_fits(*backend_, config(), shape, options_,
-                                              weights_beside(*weights_, nullptr, 0)));
-  }
+  KS_RETURN_IF_ERROR(
+      check_ranks_fit(backend(), tensor_parallel_.get(), *weights_, shape, options_));
   const bool had_reservation = kv_cache_ != nullptr;
   const RunShape previous = run_shape_;
   kv_cache_.reset();
@@ -337,7 +363,7 @@ Status Engine::check_reserved() const {
 }
 
 int64_t Engine::chunk_tokens() const {
-  return std::min(options_.prefill_chunk, run_shape_.max_batch_tokens);
+  return prefill_chunk_of(options_, run_shape_);
 }
 
 Status Engine::prepare_kv_cache(const Batch& batch) {

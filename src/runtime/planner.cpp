@@ -268,6 +268,48 @@ Result<size_t> parse_max_memory(const std::string& text) {
   return bytes;
 }
 
+namespace {
+
+// Whether smaller_chunk_shape() has a shape smaller than `shape`.
+bool chunk_can_shrink(const EngineOptions& options, const RunShape& shape) {
+  return options.run_shape.max_batch_tokens <= 0 &&
+         shape.max_batch_tokens > std::max(shape.max_seqs, kMinPrefillChunk);
+}
+
+}  // namespace
+
+std::optional<RunShape> smaller_chunk_shape(const EngineOptions& options, const ModelConfig& config,
+                                            WeightFormat format, const RunShape& shape) {
+  if (!chunk_can_shrink(options, shape)) return std::nullopt;
+  EngineOptions smaller = options;
+  smaller.prefill_chunk = std::max(shape.max_batch_tokens / 2, kMinPrefillChunk);
+  return requested_shape(smaller, config, format);
+}
+
+Result<RunShape> fit_prefill_chunk(const EngineOptions& options, const ModelConfig& config,
+                                   WeightFormat format, const FitShape& fit) {
+  RunShape shape = requested_shape(options, config, format);
+  for (;;) {
+    Result<RunShape> fitted = fit(shape);
+    if (fitted.is_ok()) return fitted;
+    const std::optional<RunShape> smaller = smaller_chunk_shape(options, config, format, shape);
+    if (!smaller) return fitted;
+    shape = *smaller;
+  }
+}
+
+std::string what_to_lower(const EngineOptions& options, const RunShape& shape) {
+  const std::string context = "the context length (max_context)";
+  if (options.run_shape.max_batch_tokens > 0 || chunk_can_shrink(options, shape)) {
+    return context + " or the tokens per call (prefill_chunk)";
+  }
+  return shape.max_seqs > 1 ? context + " or the sequences decoded together (max_seqs)" : context;
+}
+
+int64_t prefill_chunk_of(const EngineOptions& options, const RunShape& shape) {
+  return std::min(options.prefill_chunk, shape.max_batch_tokens);
+}
+
 std::string max_memory_name(const EngineOptions& options) {
   return options.max_memory_text.empty() ? "max_memory " + format_bytes(options.max_memory)
                                          : options.max_memory_text;
@@ -300,32 +342,40 @@ Status check_max_memory(const EngineOptions& options, const Backend& backend) {
                          " allows " + format_bytes(options.max_memory) +
                          "; raise the memory cap, or choose a smaller model or a lower-bit format");
   }
-  const RunShape shape = requested_shape(options, rank->config, rank->format);
   const LayoutOf layout_of = [&](const RunShape& s) {
     return backend.reserve_layout(rank->config, s);
   };
-  const Result<WorkspaceLayout> layout = layout_of(shape);
-  if (!layout.is_ok()) return Status::ok();  // a backend that cannot tell checks for itself
-  if (options.run_shape.max_batch_tokens <= 0 && options.kv_memory_fraction > 0) {
-    // The pool is sized once the weights are loaded; here it must at least hold one context.
-    MemoryBudget left;
-    left.bytes = (options.max_memory - weights) / ranks;
-    left.source =
-        cap + " less the weights' " + format_bytes(weights) + (ranks > 1 ? ", a rank's share" : "");
-    left.from_flag = true;
-    return kv_blocks_that_fit(layout_of, shape, left, options.kv_memory_fraction).status();
+  if (!layout_of(requested_shape(options, rank->config, rank->format)).is_ok()) {
+    return Status::ok();  // a backend that cannot tell checks for itself
   }
-  const size_t needed = weights + ranks * layout->total_bytes();
-  if (needed <= options.max_memory) return Status::ok();
-  return Status::error(
-      options.model + " needs " + format_bytes(needed) + " (weights " + format_bytes(weights) +
-      " + KV cache " + format_bytes(ranks * layout->kv_cache_bytes()) + " for " +
-      std::to_string(shape.max_seqs) + " sequences x " + std::to_string(shape.max_context) +
-      " positions + workspace " + format_bytes(ranks * layout->workspace_bytes()) + " + logits " +
-      format_bytes(ranks * layout->logits_bytes()) + ")" + shards + " but " + cap + " allows " +
-      format_bytes(options.max_memory) +
-      "; raise the memory cap, or lower the context length (max_context) or the tokens per call "
-      "(prefill_chunk)");
+  // With kv_memory_fraction the pool is sized once the weights are loaded; here it must at least
+  // hold one context.
+  const bool pool_from_memory =
+      options.run_shape.max_batch_tokens <= 0 && options.kv_memory_fraction > 0;
+  const MemoryBudget left{
+      (options.max_memory - weights) / ranks,
+      cap + " less the weights' " + format_bytes(weights) + (ranks > 1 ? ", a rank's share" : ""),
+      true};
+  const FitShape fit = [&](const RunShape& shape) -> Result<RunShape> {
+    if (pool_from_memory) {
+      KS_RETURN_IF_ERROR(
+          kv_blocks_that_fit(layout_of, shape, left, options.kv_memory_fraction).status());
+      return shape;
+    }
+    KS_ASSIGN_OR_RETURN(const WorkspaceLayout layout, layout_of(shape));
+    const size_t needed = weights + ranks * layout.total_bytes();
+    if (needed <= options.max_memory) return shape;
+    return Status::error(
+        options.model + " needs " + format_bytes(needed) + " (weights " + format_bytes(weights) +
+        " + KV cache " + format_bytes(ranks * layout.kv_cache_bytes()) + " for " +
+        std::to_string(shape.max_seqs) + " sequences x " + std::to_string(shape.max_context) +
+        " positions + workspace " + format_bytes(ranks * layout.workspace_bytes()) +
+        " at prefill chunk " + std::to_string(prefill_chunk_of(options, shape)) + " + logits " +
+        format_bytes(ranks * layout.logits_bytes()) + ")" + shards + " but " + cap + " allows " +
+        format_bytes(options.max_memory) + "; raise the memory cap, or lower " +
+        what_to_lower(options, shape));
+  };
+  return fit_prefill_chunk(options, rank->config, rank->format, fit).status();
 }
 
 Result<size_t> host_available_memory() {

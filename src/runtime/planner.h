@@ -125,14 +125,42 @@ Result<int64_t> kv_blocks_that_fit(const LayoutOf& layout_of, RunShape shape,
 RunShape requested_shape(const EngineOptions& options, const ModelConfig& config,
                          WeightFormat format);
 
+// The next smaller reservation to try when `shape` (requested_shape() of `options`, or one this
+// gave before) does not fit its memory: requested_shape() with the prefill chunk halved, never
+// below kMinPrefillChunk nor a decode step of max_seqs. Nothing when `shape` is the smallest,
+// or when it is options.run_shape, which the caller decided beforehand (the benchmark, from its
+// own plan) and is reserved as it is.
+std::optional<RunShape> smaller_chunk_shape(const EngineOptions& options, const ModelConfig& config,
+                                            WeightFormat format, const RunShape& shape);
+
+// A reservation made to fit its memory: the shape to reserve (kv_memory_fraction's pool sized
+// in it), or why it does not fit.
+using FitShape = std::function<Result<RunShape>(const RunShape& shape)>;
+
+// What DESIGN.md's memory plan does before a run, for the engine: requested_shape() of
+// `options` as `fit` makes it, and while `fit` refuses, smaller_chunk_shape()'s, so the largest
+// prefill chunk that fits. When none does, `fit`'s error for the smallest.
+Result<RunShape> fit_prefill_chunk(const EngineOptions& options, const ModelConfig& config,
+                                   WeightFormat format, const FitShape& fit);
+
+// What an error about a reservation of `shape` that does not fit says to lower: the context
+// length, and the tokens per call while smaller_chunk_shape() could still shrink them (or the
+// shape is the caller's own); past that the sequences, when there are several.
+std::string what_to_lower(const EngineOptions& options, const RunShape& shape);
+
+// The prefill chunk the engine runs `shape` with: options.prefill_chunk within the shape's
+// tokens per call (Engine::chunk_tokens).
+int64_t prefill_chunk_of(const EngineOptions& options, const RunShape& shape);
+
 // EngineOptions::max_memory as errors name it: max_memory_text, or "max_memory" and its bytes.
 std::string max_memory_name(const EngineOptions& options);
 
 // EngineOptions::max_memory against the plan, before any weight is read or built: the weights
 // options.model loads into (planned_weight_bytes; every rank's when `backend` has no memory of its
-// own, as the ranks then share the host's) and requested_shape()'s reservation on `backend`, or
-// with kv_memory_fraction a pool of one full context, must fit the cap. Ok without a cap, and when
-// the source, the split or the backend's layout cannot be read (the load then says why).
+// own, as the ranks then share the host's) and a reservation on `backend` that
+// fit_prefill_chunk() gives, or with kv_memory_fraction a pool of one full context beside it,
+// must fit the cap. Ok without a cap, and when the source, the split or the backend's layout
+// cannot be read (the load then says why).
 Status check_max_memory(const EngineOptions& options, const Backend& backend);
 
 // Bytes of memory the host could give this process now (MemAvailable of /proc/meminfo): the

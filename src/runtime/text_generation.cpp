@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "io/config.h"
+#include "runtime/planner.h"
 
 namespace kestrel {
 
@@ -66,7 +67,10 @@ Result<TextGenerationStats> TextSession::generate(
   std::vector<int32_t> history = prompt_ids;
 
   auto start = std::chrono::steady_clock::now();
-  const int64_t chunk = std::max<int64_t>(1, engine_.options().prefill_chunk);
+  // The engine's chunk, which it may have shrunk to fit its memory (its reservation holds no
+  // longer call).
+  const int64_t chunk =
+      std::max<int64_t>(1, prefill_chunk_of(engine_.options(), engine_.run_shape()));
   std::vector<float> logits;
   for (size_t begin = reuse; begin < prompt_ids.size(); begin += size_t(chunk)) {
     const size_t end = std::min(prompt_ids.size(), begin + size_t(chunk));

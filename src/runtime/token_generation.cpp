@@ -14,6 +14,7 @@
 #include "kestrel/generate.h"
 #include "model/loader.h"
 #include "runtime/kv_cache.h"
+#include "runtime/planner.h"
 #include "sample/sampler.h"
 #include "sample/stop.h"
 
@@ -190,8 +191,8 @@ Result<TokenGenerationResult> generate_tokens(Engine& engine,
   // Prefill: the prompts packed back to back into calls of up to the chunk; each prompt's last
   // token asks for its logits.
   auto start = std::chrono::steady_clock::now();
-  const int64_t chunk = std::max<int64_t>(
-      1, std::min(engine.options().prefill_chunk, engine.run_shape().max_batch_tokens));
+  const int64_t chunk =
+      std::max<int64_t>(1, prefill_chunk_of(engine.options(), engine.run_shape()));
   const bool first_argmax = argmax_only(0);
   const bool first_drawn = !first_argmax && draws_only(0);
   size_t next_prompt = 0;

@@ -11,8 +11,11 @@
 #include "bench/profile.h"
 #include "core/thread_pool.h"
 #include "kestrel/engine.h"
+#include "kestrel/generate.h"
 #include "model/loader.h"
 #include "runtime/planner.h"
+#include "runtime/text_generation.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kestrel {
 namespace {
@@ -340,6 +343,44 @@ TinyPlan tiny_plan(const EngineOptions& options) {
   return plan;
 }
 
+// Bytes the engine plans for `shape` on the plan's model: its weights and the reservation.
+size_t planned_bytes(const TinyPlan& plan, const RunShape& shape) {
+  auto layout = plan.layout_of(shape);
+  EXPECT_TRUE(layout.is_ok()) << layout.status().message();
+  return plan.weights + (layout.is_ok() ? layout->total_bytes() : 0);
+}
+
+// requested_shape() of `options` with calls of up to `chunk` tokens.
+RunShape shape_at_chunk(EngineOptions options, const TinyPlan& plan, int64_t chunk) {
+  options.prefill_chunk = chunk;
+  return requested_shape(options, plan.spec.config, plan.spec.format);
+}
+
+// The tokens per call the engine may try for `options`, largest first: the wanted one, halved
+// down to kMinPrefillChunk (wanted chunks here are powers of two, so halving is exact).
+std::vector<int64_t> chunk_ladder(const EngineOptions& options, const TinyPlan& plan) {
+  std::vector<int64_t> ladder = {
+      shape_at_chunk(options, plan, options.prefill_chunk).max_batch_tokens};
+  while (ladder.back() > std::max(options.max_seqs, kMinPrefillChunk)) {
+    ladder.push_back(shape_at_chunk(options, plan, ladder.back() / 2).max_batch_tokens);
+  }
+  return ladder;
+}
+
+// What a KV pool costs in `shape`'s reservation: the rest of the reservation, and one block.
+struct PoolCosts {
+  size_t fixed = 0;
+  size_t per_block = 0;
+};
+
+PoolCosts pool_costs(const TinyPlan& plan, RunShape shape) {
+  shape.kv_blocks = 1;
+  const WorkspaceLayout one = *plan.layout_of(shape);
+  shape.kv_blocks = 2;
+  const WorkspaceLayout two = *plan.layout_of(shape);
+  return {one.total_bytes() - one.kv_cache_bytes(), two.kv_cache_bytes() - one.kv_cache_bytes()};
+}
+
 TEST(MaxMemory, ACapBelowTheWeightsFailsBeforeTheyAreBuilt) {
   auto engine = Engine::create(capped_tiny(1000, "1KB"));
   ASSERT_FALSE(engine.is_ok());
@@ -386,26 +427,19 @@ TEST(MaxMemory, TheReservationGetsWhatTheCapLeavesBesideTheWeights) {
   ASSERT_TRUE(layout.is_ok());
   const size_t needed = plan.weights + layout->total_bytes();
 
-  // One byte short: refused before loading, with the numbers and what to change.
+  // One byte short: the prefill chunk is halved (64 -> 32 tokens a call) rather than refused
+  // (MaxMemory.TheChunkIsHalvedToTheLargestThatFits; refusals below).
   auto short_of_one = Engine::create(capped_tiny(needed - 1, "X"));
-  ASSERT_FALSE(short_of_one.is_ok());
-  const std::string message = short_of_one.status().message();
-  EXPECT_NE(message.find("needs " + format_bytes(needed) + " (weights " +
-                         format_bytes(plan.weights) + " + KV cache"),
-            std::string::npos)
-      << message;
-  EXPECT_NE(message.find("2 sequences x 64 positions"), std::string::npos) << message;
-  EXPECT_NE(message.find("but --max-memory X allows"), std::string::npos) << message;
-  EXPECT_NE(message.find("raise the memory cap, or lower the context length (max_context) or "
-                         "the tokens per call (prefill_chunk)"),
-            std::string::npos)
-      << message;
-  // Library errors name EngineOptions fields: a Python user read -c and -b here.
-  EXPECT_EQ(message.find("(-"), std::string::npos) << message;
+  ASSERT_TRUE(short_of_one.is_ok()) << short_of_one.status().message();
+  EXPECT_EQ((*short_of_one)->run_shape().max_batch_tokens, 32);
 
-  // Exactly enough: the engine runs, and generates what it generates without a cap.
+  // Exactly enough: the engine runs with the shape it asked for, without a word, and generates
+  // what it generates without a cap.
   auto capped = Engine::create(capped_tiny(needed, "X"));
   ASSERT_TRUE(capped.is_ok()) << capped.status().message();
+  EXPECT_EQ((*capped)->run_shape().max_batch_tokens, plan.shape.max_batch_tokens);
+  EXPECT_EQ((*capped)->run_shape().max_logit_rows, plan.shape.max_logit_rows);
+  EXPECT_TRUE((*capped)->weights().warnings.empty());
   auto uncapped = Engine::create(capped_tiny(0, ""));
   ASSERT_TRUE(uncapped.is_ok()) << uncapped.status().message();
   EXPECT_EQ((*capped)->weights().resident_bytes(), plan.weights);
@@ -438,14 +472,7 @@ TEST(MaxMemory, AFittedPoolIsSizedFromTheCap) {
   EngineOptions options = capped_tiny(0, "");
   options.kv_memory_fraction = 0.5;
   const TinyPlan plan = tiny_plan(options);
-  RunShape one_block = plan.shape;
-  one_block.kv_blocks = 1;
-  RunShape two_blocks = plan.shape;
-  two_blocks.kv_blocks = 2;
-  const size_t per_block =
-      plan.layout_of(two_blocks)->kv_cache_bytes() - plan.layout_of(one_block)->kv_cache_bytes();
-  const size_t fixed =
-      plan.layout_of(one_block)->total_bytes() - plan.layout_of(one_block)->kv_cache_bytes();
+  const auto [fixed, per_block] = pool_costs(plan, plan.shape);
 
   // Half of the cap's remainder holds exactly 10 blocks beside the workspace.
   options.max_memory = plan.weights + 2 * (fixed + 10 * per_block);
@@ -462,8 +489,10 @@ TEST(MaxMemory, AFittedPoolIsSizedFromTheCap) {
   ASSERT_TRUE(uncapped.is_ok()) << uncapped.status().message();
   EXPECT_GT(*uncapped, 10);
 
-  // A cap whose half cannot hold one full context (4 blocks) is refused, naming it.
-  options.max_memory = plan.weights + 2 * (fixed + 3 * per_block);
+  // A cap whose half cannot hold one full context (4 blocks) even beside the smallest workspace
+  // (16 tokens a call) is refused, naming it.
+  const size_t fixed_16 = pool_costs(plan, shape_at_chunk(options, plan, 16)).fixed;
+  options.max_memory = plan.weights + 2 * (fixed_16 + 3 * per_block);
   auto too_small = Engine::create(options);
   ASSERT_FALSE(too_small.is_ok());
   const std::string message = too_small.status().message();
@@ -472,6 +501,257 @@ TEST(MaxMemory, AFittedPoolIsSizedFromTheCap) {
             std::string::npos)
       << message;
   EXPECT_NE(message.find("raise the memory cap"), std::string::npos) << message;
+}
+
+// capped_tiny() under "--max-memory T" with 1 to 3 slots and a wanted chunk of `smallest_chunk`
+// times 1, 2, ... 2^(chunk_choices - 1); its cap is the caller's to set.
+EngineOptions random_capped_tiny(std::mt19937& rng, int64_t smallest_chunk,
+                                 uint32_t chunk_choices) {
+  EngineOptions options = capped_tiny(0, "T");
+  options.max_seqs = 1 + int64_t(rng() % 3);
+  options.prefill_chunk = smallest_chunk << (rng() % chunk_choices);
+  return options;
+}
+
+std::string described(const EngineOptions& options) {
+  return "max_seqs " + std::to_string(options.max_seqs) + ", prefill_chunk " +
+         std::to_string(options.prefill_chunk) + ", cap " + std::to_string(options.max_memory);
+}
+
+TEST(MaxMemory, ACapThatFitsTheWantedChunkChangesNothing) {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 3; ++trial) {
+    EngineOptions options = random_capped_tiny(rng, 32, 3);
+    const TinyPlan plan = tiny_plan(options);
+    const size_t needed = planned_bytes(plan, plan.shape);
+    // Anywhere from exactly enough to 10 MB more.
+    options.max_memory = needed + rng() % 10000000;
+    SCOPED_TRACE(described(options));
+    EXPECT_TRUE(check_max_memory(options, *plan.backend).is_ok());
+    auto engine = Engine::create(options);
+    ASSERT_TRUE(engine.is_ok()) << engine.status().message();
+    const RunShape& shape = (*engine)->run_shape();
+    EXPECT_EQ(shape.max_batch_tokens, plan.shape.max_batch_tokens);
+    EXPECT_EQ(shape.max_logit_rows, plan.shape.max_logit_rows);
+    EXPECT_EQ(shape.max_seqs, plan.shape.max_seqs);
+    EXPECT_EQ(shape.max_context, plan.shape.max_context);
+    EXPECT_TRUE((*engine)->weights().warnings.empty());
+  }
+}
+
+// DESIGN.md's memory plan: a plan too big for the cap shrinks the prefill chunk, and the engine
+// takes the largest of the halvings that fits.
+TEST(MaxMemory, TheChunkIsHalvedToTheLargestThatFits) {
+  std::mt19937 rng(12);
+  for (int trial = 0; trial < 6; ++trial) {
+    EngineOptions options = random_capped_tiny(rng, 64, 2);
+    const TinyPlan plan = tiny_plan(options);
+    const std::vector<int64_t> ladder = chunk_ladder(options, plan);
+    ASSERT_GE(ladder.size(), 3u);
+    ASSERT_EQ(ladder.back(), kMinPrefillChunk);
+    // 1 to 3 halvings: a cap from the need at the rung to one byte below the rung above.
+    const size_t halvings = 1 + rng() % std::min<size_t>(3, ladder.size() - 1);
+    const size_t fits = planned_bytes(plan, shape_at_chunk(options, plan, ladder[halvings]));
+    const size_t above = planned_bytes(plan, shape_at_chunk(options, plan, ladder[halvings - 1]));
+    ASSERT_LT(fits, above);
+    options.max_memory = fits + rng() % (above - fits);
+    SCOPED_TRACE(described(options) + ", " + std::to_string(halvings) + " halvings");
+
+    EXPECT_TRUE(check_max_memory(options, *plan.backend).is_ok());
+    auto engine = Engine::create(options);
+    ASSERT_TRUE(engine.is_ok()) << engine.status().message();
+    const RunShape& shape = (*engine)->run_shape();
+    const int64_t chosen = shape.max_batch_tokens;
+    EXPECT_EQ(chosen, ladder[halvings]);
+    EXPECT_EQ(shape.max_logit_rows, chosen);
+    EXPECT_EQ(shape.max_context, plan.shape.max_context);
+    EXPECT_EQ(shape.max_seqs, plan.shape.max_seqs);
+    // The chosen chunk fits and twice it does not, each counted from the backend's layout.
+    EXPECT_LE(planned_bytes(plan, shape), options.max_memory);
+    EXPECT_GT(planned_bytes(plan, shape_at_chunk(options, plan, 2 * chosen)), options.max_memory);
+    // Said once, among the load's warnings.
+    const std::vector<std::string>& warnings = (*engine)->weights().warnings;
+    ASSERT_EQ(warnings.size(), 1u);
+    EXPECT_EQ(warnings[0], "prefill chunk " + std::to_string(ladder[0]) + " -> " +
+                               std::to_string(chosen) +
+                               " tokens per call to fit --max-memory T less the weights' " +
+                               format_bytes(plan.weights))
+        << warnings[0];
+  }
+}
+
+TEST(MaxMemory, ACapBelowTheSmallestChunkFailsWithItsNumbers) {
+  std::mt19937 rng(13);
+  for (const int64_t max_seqs : {1, 2}) {
+    EngineOptions options = capped_tiny(0, "T");
+    options.max_seqs = max_seqs;
+    const TinyPlan plan = tiny_plan(options);
+    const RunShape smallest = shape_at_chunk(options, plan, kMinPrefillChunk);
+    const size_t needed = planned_bytes(plan, smallest);
+    // Anywhere from one byte short to 1 MB short (the weights still fit).
+    options.max_memory = needed - 1 - rng() % 1000000;
+    ASSERT_GT(options.max_memory, plan.weights);
+    SCOPED_TRACE("max_seqs " + std::to_string(max_seqs));
+
+    auto engine = Engine::create(options);
+    ASSERT_FALSE(engine.is_ok());
+    const std::string message = engine.status().message();
+    // The numbers of the smallest chunk, the cap, and what to change, which is no longer the
+    // chunk: the engine tried the smallest.
+    EXPECT_NE(message.find("needs " + format_bytes(needed) + " (weights " +
+                           format_bytes(plan.weights) + " + KV cache"),
+              std::string::npos)
+        << message;
+    EXPECT_NE(message.find(std::to_string(max_seqs) + " sequences x 64 positions"),
+              std::string::npos)
+        << message;
+    EXPECT_NE(message.find("at prefill chunk 16"), std::string::npos) << message;
+    EXPECT_NE(message.find("but --max-memory T allows"), std::string::npos) << message;
+    const std::string change =
+        max_seqs > 1 ? "; raise the memory cap, or lower the context length (max_context) or "
+                       "the sequences decoded together (max_seqs)"
+                     : "; raise the memory cap, or lower the context length (max_context)";
+    EXPECT_EQ(message.substr(message.size() - change.size()), change) << message;
+    // Library errors name EngineOptions fields: a Python user read -c and -b here.
+    EXPECT_EQ(message.find("(-"), std::string::npos) << message;
+    // The check made before loading (serve's too) says the same.
+    const Status before_load = check_max_memory(options, *plan.backend);
+    ASSERT_FALSE(before_load.is_ok());
+    EXPECT_EQ(before_load.message(), message);
+
+    // Exactly the smallest chunk's need: the engine runs at 16 tokens a call.
+    options.max_memory = needed;
+    auto smallest_fits = Engine::create(options);
+    ASSERT_TRUE(smallest_fits.is_ok()) << smallest_fits.status().message();
+    EXPECT_EQ((*smallest_fits)->run_shape().max_batch_tokens, kMinPrefillChunk);
+  }
+}
+
+TEST(MaxMemory, ARunShapeSetByTheCallerIsNotShrunk) {
+  // The benchmark sets the shape from its own plan (already shrunk to its budget) and records
+  // that plan: the engine reserves it as it is, or fails.
+  EngineOptions options = capped_tiny(0, "T");
+  const TinyPlan plan = tiny_plan(options);
+  options.run_shape = plan.shape;
+  const size_t needed = planned_bytes(plan, plan.shape);
+  options.max_memory = needed - 1;
+  auto refused = Engine::create(options);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_NE(refused.status().message().find("at prefill chunk 64"), std::string::npos)
+      << refused.status().message();
+  EXPECT_NE(refused.status().message().find("or the tokens per call (prefill_chunk)"),
+            std::string::npos)
+      << refused.status().message();
+  options.max_memory = needed;
+  auto engine = Engine::create(options);
+  ASSERT_TRUE(engine.is_ok()) << engine.status().message();
+  EXPECT_EQ((*engine)->run_shape().max_batch_tokens, plan.shape.max_batch_tokens);
+}
+
+TEST(MaxMemory, AFittedPoolShrinksTheChunkItCannotHoldAContextBeside) {
+  // As serve sizes its pool: half of what the cap leaves beside the weights. At 64 tokens a call
+  // the workspace leaves half of it too little for one context (4 blocks); at 32, 5 blocks.
+  EngineOptions options = capped_tiny(0, "T");
+  options.kv_memory_fraction = 0.5;
+  const TinyPlan plan = tiny_plan(options);
+  const auto [fixed_64, per_block] = pool_costs(plan, plan.shape);
+  const auto [fixed_32, per_block_32] = pool_costs(plan, shape_at_chunk(options, plan, 32));
+  ASSERT_EQ(per_block, per_block_32);
+  ASSERT_GT(fixed_64, fixed_32 + per_block);
+  options.max_memory = plan.weights + 2 * (fixed_32 + 5 * per_block);
+  ASSERT_LT(options.max_memory, plan.weights + 2 * (fixed_64 + 4 * per_block));
+  EXPECT_TRUE(check_max_memory(options, *plan.backend).is_ok());
+  auto engine = Engine::create(options);
+  ASSERT_TRUE(engine.is_ok()) << engine.status().message();
+  EXPECT_EQ((*engine)->run_shape().max_batch_tokens, 32);
+  EXPECT_EQ((*engine)->run_shape().pool_blocks(), 5);
+  ASSERT_EQ((*engine)->weights().warnings.size(), 1u);
+  EXPECT_NE((*engine)->weights().warnings[0].find("prefill chunk 64 -> 32 tokens per call"),
+            std::string::npos);
+}
+
+std::vector<int32_t> prompt_of(int64_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> ids;
+  for (int64_t i = 0; i < n; ++i) ids.push_back(int32_t(rng() % 1000));
+  return ids;
+}
+
+// Every path that chunks a prompt takes the chunk the engine shrank to (a longer call is past
+// its reservation, and the backend refuses it), and computes what an engine asked for that
+// chunk computes.
+TEST(MaxMemory, AShrunkChunkIsTheOneEveryPrefillUses) {
+  EngineOptions options = capped_tiny(0, "");
+  const TinyPlan plan = tiny_plan(options);
+  const size_t at_16 = planned_bytes(plan, shape_at_chunk(options, plan, 16));
+  const size_t at_32 = planned_bytes(plan, shape_at_chunk(options, plan, 32));
+  options.max_memory = at_16 + (at_32 - at_16) / 2;
+  auto shrunk = Engine::create(options);
+  ASSERT_TRUE(shrunk.is_ok()) << shrunk.status().message();
+  ASSERT_EQ((*shrunk)->run_shape().max_batch_tokens, 16);
+  EngineOptions asked = capped_tiny(0, "");
+  asked.prefill_chunk = 16;
+  auto reference = Engine::create(asked);
+  ASSERT_TRUE(reference.is_ok()) << reference.status().message();
+  Engine& a = **shrunk;
+  Engine& b = **reference;
+  const std::vector<int32_t> prompt = prompt_of(40, 5);
+
+  auto greedy_a = a.generate_greedy(prompt, 6);
+  auto greedy_b = b.generate_greedy(prompt, 6);
+  ASSERT_TRUE(greedy_a.is_ok()) << greedy_a.status().message();
+  ASSERT_TRUE(greedy_b.is_ok()) << greedy_b.status().message();
+  EXPECT_EQ(greedy_a->tokens, greedy_b->tokens);
+
+  auto logits_a = a.prompt_logits(prompt, 1);
+  auto logits_b = b.prompt_logits(prompt, 1);
+  ASSERT_TRUE(logits_a.is_ok()) << logits_a.status().message();
+  ASSERT_TRUE(logits_b.is_ok()) << logits_b.status().message();
+  EXPECT_EQ(*logits_a, *logits_b);
+
+  auto prefill_a = a.prefill(prompt, 0);
+  ASSERT_TRUE(prefill_a.is_ok()) << prefill_a.status().message();
+
+  int64_t prefill_calls = 0;
+  StepHooks hooks;
+  hooks.before = [&](const StepInfo& info) {
+    if (info.prefill) {
+      ++prefill_calls;
+      EXPECT_LE(info.n_tokens, 16) << info.describe();
+    }
+    return Status::ok();
+  };
+  const BatchGenerateParams two_copies{2, 1, 4};
+  auto batch_a = a.generate_batch(prompt_of(20, 6), two_copies, hooks);
+  auto batch_b = b.generate_batch(prompt_of(20, 6), two_copies);
+  ASSERT_TRUE(batch_a.is_ok()) << batch_a.status().message();
+  ASSERT_TRUE(batch_b.is_ok()) << batch_b.status().message();
+  EXPECT_EQ(batch_a->tokens, batch_b->tokens);
+  EXPECT_EQ(prefill_calls, 3);  // 2 x 20 prompt tokens in calls of 16
+
+  TokenGenerationParams params;
+  params.max_new_tokens = 4;
+  params.stop_at_eos = false;
+  const std::vector<std::vector<int32_t>> prompts = {prompt_of(30, 7), prompt_of(25, 8)};
+  auto tokens_a = generate_tokens(a, prompts, params);
+  auto tokens_b = generate_tokens(b, prompts, params);
+  ASSERT_TRUE(tokens_a.is_ok()) << tokens_a.status().message();
+  ASSERT_TRUE(tokens_b.is_ok()) << tokens_b.status().message();
+  EXPECT_EQ(tokens_a->tokens, tokens_b->tokens);
+
+  auto tokenizer =
+      Tokenizer::load(std::string(KESTREL_SOURCE_DIR) + "/.cache/tokenizers/qwen3/models");
+  ASSERT_TRUE(tokenizer.is_ok()) << tokenizer.status().message();
+  TextGenerationParams text_params;
+  text_params.max_new_tokens = 4;
+  text_params.stop_at_eos = false;
+  TextSession session_a(a, *tokenizer);
+  TextSession session_b(b, *tokenizer);
+  auto text_a = session_a.generate(prompt, text_params, [](const std::string&) {});
+  auto text_b = session_b.generate(prompt, text_params, [](const std::string&) {});
+  ASSERT_TRUE(text_a.is_ok()) << text_a.status().message();
+  ASSERT_TRUE(text_b.is_ok()) << text_b.status().message();
+  EXPECT_EQ(text_a->tokens, text_b->tokens);
 }
 
 TEST(Planner, StepCostsAndDeadlines) {

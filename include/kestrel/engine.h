@@ -44,11 +44,15 @@ struct EngineOptions {
   // converted directory it must be the one it holds.
   std::optional<WeightFormat> format;
   int block = 32;
-  std::string device = "cpu";   // "cpu", "cuda", or "auto" (CUDA when there is a device)
-  int threads = 0;              // 0: all hardware threads
-  int64_t max_context = 0;      // 0: min(max_position_embeddings, 4096)
-  int64_t max_seqs = 1;         // sequences decoded together
-  int64_t prefill_chunk = 512;  // prompt tokens per forward call
+  std::string device = "cpu";  // "cpu", "cuda", or "auto" (CUDA when there is a device)
+  int threads = 0;             // 0: all hardware threads
+  int64_t max_context = 0;     // 0: min(max_position_embeddings, 4096)
+  int64_t max_seqs = 1;        // sequences decoded together
+  // Prompt tokens per forward call. Where the reservation would not fit the memory (max_memory or
+  // the free memory), Engine::create halves it, down to 16 (and never below max_seqs), takes the
+  // largest that fits and says so among the weights' load warnings; it fails only when the smallest
+  // does not fit. A caller's run_shape is reserved as given.
+  int64_t prefill_chunk = 512;
   // The KV cache is a pool of blocks of kKvBlockSize positions that the sequences share.
   // kv_blocks: its size; 0: enough for every sequence's full context.
   int64_t kv_blocks = 0;

@@ -440,62 +440,6 @@ TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
   }
 }
 
-// The deep ring of the int4 mma GEMVs (set_gemv_deep_mma_ring): where a launch's tiles are no more
-// than the SMs and a warp's chunks of a tile outnumber its ring, a ring of 8 (two m-tiles) or 10
-// (one) chunks a warp. The same arithmetic in the same order, so a layer's GEMV outputs keep their
-// bits, on a wave of blocks and on 3 blocks looping over the tiles (the ring running on into the
-// next tile). Two layers: w_down of 2304 rows over 4096 columns at 16 tokens takes two m-tiles
-// (72 tiles of 32 rows, at least half the SMs) and 4 chunks a warp against the two-stage ring;
-// w_down of 1024 rows over 9216 columns takes one (64 tiles of 16 rows) and 9 chunks a warp
-// against five, at 5 and 16 tokens; the first again in asym_int4 (its two-m-tile instance is the
-// one that spills). The other GEMVs of both have a chunk or three a warp, or SwiGLU, or, at 5
-// tokens, the first layer's 144 one-m-tile tiles: none takes it, and the launch count says only
-// those w_downs did, with the switch on.
-TEST(CudaOps, GemvDeepMmaRingGivesTheSameBits) {
-  const int sms = device_sms();
-  if (sms >= 144 || sms < 72) GTEST_SKIP() << sms << " SMs: another set of deep-ring launches";
-  const NoBlockCapAfter no_cap_after;
-  struct Case {
-    int64_t hidden, inter;
-    int64_t n;
-    WeightFormat format;
-    uint64_t deep_launches;
-  };
-  const Case cases[] = {{2304, 4096, 16, WeightFormat::sym_int4, 1},
-                        {2304, 4096, 5, WeightFormat::sym_int4, 0},
-                        {1024, 9216, 5, WeightFormat::sym_int4, 1},
-                        {1024, 9216, 16, WeightFormat::sym_int4, 1},
-                        {2304, 4096, 16, WeightFormat::asym_int4, 1}};
-  for (const Case& c : cases) {
-    ModelWeights weights =
-        layer_gemv_model(c.hidden, c.inter, 300, c.format, 32, 5100 + uint64_t(c.inter));
-    BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, kLayerRun));
-    ASSERT_FALSE(int8_inputs(c.format, c.n, c.hidden)) << "the mma path";
-    const std::vector<float> x = random_values(size_t(c.n * c.hidden), 5101 + c.n, 2.0f);
-    for (int cap : {0, 3}) {
-      SCOPED_TRACE(std::string(format_name(c.format)) + ", " + std::to_string(c.hidden) + " x " +
-                   std::to_string(c.inter) + ", n=" + std::to_string(c.n) + ", block cap " +
-                   std::to_string(cap));
-      cuda::set_gemv_block_cap(cap);
-      std::vector<float> results[2];  // [the default rings, the deep one]
-      uint64_t launches[2];
-      for (int deep : {0, 1}) {
-        const ScopedSwitch deep_switch(cuda::set_gemv_deep_mma_ring, deep == 1);
-        const uint64_t start = cuda::gemv_deep_mma_ring_launches();
-        results[deep] = layer_gemv_outputs(*pair.gpu, pair, weights, c.n, x);
-        launches[deep] = cuda::gemv_deep_mma_ring_launches() - start;
-      }
-      ASSERT_FALSE(results[0].empty());
-      EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten";
-      EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (the deep ring)";
-      EXPECT_EQ(launches[0], 0u) << "the deep ring ran with the switch off";
-      EXPECT_EQ(launches[1], c.deep_launches) << "w_down alone takes it, where it qualifies";
-      EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
-    }
-  }
-}
-
 // The weights' L2 policy (set_gemv_weight_evict_first): evict_first only changes which lines L2
 // replaces, so every GEMV output of a layer keeps its bits, at one token (the dp4a instances, with
 // their fused norms) and at 16 (the two-m-tile mma instances), in sym_int4 and in sym_int8 (the

@@ -98,22 +98,13 @@ bool gemv_half_groups();
 // the same bits. Process-wide; a captured step keeps the kernel it was captured with, which
 // gives the same bits. Returns the setting before.
 bool set_gemv_deep_ring(bool on);
-// Whether the deep ring is taken at two tokens too, by the same rule (a measurement switch, off by
-// default; KESTREL_CUDA_GEMV_DEEP_RING_TWO=1 turns it on at start-up): the 1.5B's w_down at batch
-// 2. The same bits; its launches count in gemv_deep_ring_launches. Returns the setting before.
+// Whether the deep ring is taken at two tokens too, by the same rule (the default;
+// KESTREL_CUDA_GEMV_DEEP_RING_TWO=0 turns it off at start-up): the 1.5B's w_down at batch 2. The
+// same bits; its launches count in gemv_deep_ring_launches. Returns the setting before.
 bool set_gemv_deep_ring_two(bool on);
 // GEMV launches that took the deep ring since the process started (host-side count of the calls
 // that chose it, a test aid).
 uint64_t gemv_deep_ring_launches();
-// Whether an int4 GEMV on the mma path (3-64 tokens, or 1-2 over more than 16384 columns; no
-// swiglu) whose row tiles are no more than the SMs and whose warps have more chunks of a tile than
-// its ring holds (the 8B's wo and w_down and the 1.5B's w_down at batch 16) takes a deep ring: 8
-// chunks a warp with two m-tiles, 10 with one, where it would take 2 or 5 (off by default, a
-// measurement switch; KESTREL_CUDA_GEMV_DEEP_MMA=1 turns it on at start-up). The same arithmetic in
-// the same order: the same bits. Returns the setting before; gemv_deep_mma_ring_launches counts the
-// launches that took it.
-bool set_gemv_deep_mma_ring(bool on);
-uint64_t gemv_deep_mma_ring_launches();
 // Whether the fp16 and sym_int8 GEMVs with a fused RMSNorm input (one token) take a launch bound
 // of two blocks an SM instead of three, so their loops keep their values in registers (the
 // default; KESTREL_CUDA_GEMV_NORM_TWO_BLOCKS=0 sets the starting value off). The same

@@ -173,8 +173,7 @@ __device__ inline void dequant_quarter(const uint32_t (&w)[words_per_group<F>()]
 // their scales), so a stage needs no barrier: cp.async.wait_group alone says it has landed.
 // Ring::deep: a ring that holds a whole row tile of up to kDeepStages chunks a warp (92 KB at
 // sym_int4 with one m-tile, 100 KB at asym_int4): deep_ring's launches, one tile a block (unless a
-// test's block cap makes blocks loop over tiles); with two m-tiles kDeepStagesTwo (147 KB at
-// sym_int4), for deep_mma_ring's launches of the mma path.
+// test's block cap makes blocks loop over tiles).
 // Ring::shallow: two stages instead of three for the two-m-tile int4 mma GEMV (shallow_ring, the
 // default): sym_int4 at 16 tokens, 52 KiB a block with its exchange instead of 70 (asym_int4 56
 // instead of 76; at 3-8 tokens 44 instead of 62). What it gains (H200: tg128 b16 +1.7% 8B, +0.7%
@@ -182,7 +181,6 @@ __device__ inline void dequant_quarter(const uint32_t (&w)[words_per_group<F>()]
 // stages' 164 KB split (KESTREL_CUDA_L1_READER_CARVEOUT=71) it kept the whole gain (PERF.md,
 // thirty-fourth session).
 constexpr int kDeepStages = 10;
-constexpr int kDeepStagesTwo = 8;
 enum class Ring { standard, deep, shallow };
 
 template <WeightFormat F, int MT, Ring kRing = Ring::standard>
@@ -197,11 +195,12 @@ struct Pipe {
   static constexpr int kScaleWords = kScaleWordsPerKind * (kAsym ? 2 : 1);
   // Deep enough to cover DRAM latency, small enough that three or four blocks share an SM
   // (a stage is 1 KB a warp for int4 with one m-tile).
-  static_assert(kRing != Ring::deep || kTiled, "the deep ring is the int4 GEMV's");
+  static_assert(kRing != Ring::deep || (kTiled && MT == 1),
+                "the deep ring is the one-m-tile int4 GEMV's");
   static_assert(kRing != Ring::shallow || (kTiled && MT == 2),
                 "the shallow ring is the two-m-tile int4 GEMV's");
-  static constexpr int kStages = kRing == Ring::deep      ? (MT == 1 ? kDeepStages : kDeepStagesTwo)
-                                 : kRing == Ring::shallow ? 2
+  static constexpr int kStages = kRing == Ring::deep                      ? kDeepStages
+                                 : kRing == Ring::shallow                 ? 2
                                  : (F == WeightFormat::sym_int4 || kAsym) ? (MT == 1 ? 5 : 3)
                                  : F == WeightFormat::sym_int8            ? (MT == 1 ? 4 : 2)
                                                                           : (MT == 1 ? 3 : 2);
@@ -716,8 +715,8 @@ template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, boo
 __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kWide || (kNorm && kDp == 0), "kWide: the fp16 and int8 fused-norm bound");
-  static_assert(kRing != Ring::deep || (kDp <= 2 && !kSwiglu && !kNorm),
-                "deep_ring's and deep_mma_ring's instances");
+  static_assert(kRing != Ring::deep || (kDp >= 1 && kDp <= 2 && !kSwiglu && !kNorm),
+                "deep_ring's instances");
   static_assert(kRing != Ring::shallow || (kDp == 0 && !kNorm), "shallow_ring's instances");
   static_assert(!kSwiglu || MT == 2, "swiglu pairs one m-tile of gate with one of up");
   static_assert(!kHalves || (kDp == 1 && (kNorm || (!kSwiglu && MT == 1))),
@@ -1492,13 +1491,14 @@ std::atomic<bool>& gemv_deep_ring_flag() {
   return on;
 }
 
-// Whether deep_ring may choose the deep ring for two tokens too (set_gemv_deep_ring_two;
-// KESTREL_CUDA_GEMV_DEEP_RING_TWO=1 at start-up): a measurement switch, off by default. The 1.5B's
-// w_down alone on an H100 (PERF.md, thirty-eighth session) takes 5.25 us at one token (the deep
-// ring), 9.16 at two (the two-token dp4a instance, five chunks a warp ahead of the wait) and 7.66
-// at four (the mma path): two tokens are its slowest batch.
+// Whether deep_ring may choose the deep ring for two tokens too (set_gemv_deep_ring_two): the
+// default since the thirty-eighth session's H100 measurement (PERF.md). The 1.5B's w_down alone
+// took 5.3 us at one token (the deep ring), 9.2 at two (the two-token dp4a instance, five chunks
+// a warp ahead of the wait) and 7.7 at four (the mma path); the deep ring brought two tokens to
+// 7.05 us, and tg128 at batch 2 +4.4% and +4.1% in two calls (2060 -> 2151, 2066 -> 2150 tok/s;
+// the 8B has no such weight). KESTREL_CUDA_GEMV_DEEP_RING_TWO=0 at start-up turns it off.
 std::atomic<bool>& gemv_deep_ring_two_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_DEEP_RING_TWO", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_DEEP_RING_TWO", "0")};
   return on;
 }
 
@@ -1522,31 +1522,9 @@ bool take_switch(const std::atomic<bool>& on, std::atomic<uint64_t>& taken, bool
   return true;
 }
 
-// Whether an int4 GEMV on the mma path (3-64 tokens, or 1-2 over more than kMaxDpCols columns; no
-// swiglu) takes the deep ring (Ring::deep: kDeepStages chunks a warp with one m-tile,
-// kDeepStagesTwo with two) where its tiles are no more than the SMs, so every block has one tile
-// and an SM to itself, and a warp's chunks of a tile outnumber the `otherwise` stages of the ring
-// it would take (the 8B's wo and w_down at batch 16: 128 tiles of 32 rows,
-// 4 and 14 chunks a warp, against the two-stage ring; the 1.5B's w_down: 96 tiles of 16 rows, 9
-// chunks a warp, against five). Such a block runs alone on its SM with two or five chunks a warp
-// in flight (at most ~37 KB an SM), and its GEMVs alone reach 41-56% (8B) and 24% (1.5B) of the
-// copy bandwidth at 16 tokens (PERF.md, thirty-seventh session). A measurement switch, off by
-// default (set_gemv_deep_mma_ring; KESTREL_CUDA_GEMV_DEEP_MMA=1 at start-up); counts the launches
-// it takes (gemv_deep_mma_ring_launches).
-std::atomic<bool>& gemv_deep_mma_ring_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_DEEP_MMA", "1")};
-  return on;
-}
-std::atomic<uint64_t> deep_mma_ring_launches{0};
-
 // A warp's chunks of a row tile: the chunks over its columns, dealt out to the block's warps.
 int64_t chunks_a_warp(const GemvParams& p) {
   return ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
-}
-
-bool deep_mma_ring(const GemvParams& p, int otherwise) {
-  return take_switch(gemv_deep_mma_ring_flag(), deep_mma_ring_launches,
-                     p.n_tiles <= p.sm_count && chunks_a_warp(p) > otherwise);
 }
 
 template <WeightFormat F>
@@ -1765,21 +1743,6 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
     }
     return launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, kRing>(p, stream);
   };
-  if constexpr (!kSwiglu && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)) {
-    // The stages of the ring the launch takes otherwise: two-m-tile launches the shallow ring's
-    // when it is on.
-    const bool shallow = MT == 2 && gemv_shallow_ring_flag().load(std::memory_order_relaxed);
-    if (deep_mma_ring(p, shallow ? Pipe<F, 2, Ring::shallow>::kStages : Pipe<F, MT>::kStages)) {
-      if constexpr (MT == 1) {
-        return mma(std::integral_constant<Ring, Ring::deep>{});
-      } else {
-        // Two m-tiles at most 8 tokens are launches of at least twice the SMs' tiles
-        // (launch_format), which the deep ring never takes: only the two-n-tile instance exists
-        // (correct for fewer tokens too: its empty token rows are zeros, their sums dropped).
-        return launch_kernel<F, MT, 2, false, false, 0, false, false, Ring::deep>(p, stream);
-      }
-    }
-  }
   if constexpr (MT == 2 && (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4)) {
     if (shallow_ring()) return mma(std::integral_constant<Ring, Ring::shallow>{});
   }
@@ -2067,14 +2030,6 @@ bool set_gemv_deep_ring_two(bool on) {
 
 uint64_t gemv_deep_ring_launches() {
   return deep_ring_launches.load(std::memory_order_relaxed);
-}
-
-bool set_gemv_deep_mma_ring(bool on) {
-  return gemv_deep_mma_ring_flag().exchange(on);
-}
-
-uint64_t gemv_deep_mma_ring_launches() {
-  return deep_mma_ring_launches.load(std::memory_order_relaxed);
 }
 
 bool set_gemv_norm_two_blocks(bool on) {

@@ -169,6 +169,9 @@ struct ModelInfo {
   size_t decode_bytes = 0;  // weight bytes one decode step streams (every rank's, when split)
   int tensor_parallel = 1;  // ranks the model is split over
   std::string backend;      // "cpu (avx2)", "cuda (NVIDIA H200)"
+  // What the load went past or changed, one line each (the CLI prints them as warnings): a
+  // config field it ignored, a prefill chunk shrunk to fit the memory.
+  std::vector<std::string> warnings;
 };
 
 class Engine {

@@ -7,6 +7,7 @@ import os
 import re
 import struct
 import threading
+import warnings
 
 from . import _kestrel
 from ._arrays import TokenInput, is_int
@@ -425,6 +426,10 @@ class KestrelForCausalLM:
             max_memory=max_memory,
             max_memory_text=max_memory_text,
         )
+        # What the load went past or changed (a prefill chunk shrunk to fit max_memory, a
+        # config field it ignored), as the CLI prints them: at the caller's from_pretrained.
+        for message in engine.load_warnings:
+            warnings.warn(message, stacklevel=3)
         return cls(engine, path, device)
 
     @property

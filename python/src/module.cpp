@@ -97,6 +97,10 @@ class PyEngine {
     return d;
   }
 
+  // What the load went past or changed (the CLI prints them as "kestrel: warning: ..."): the
+  // package gives each to Python's warnings.
+  std::vector<std::string> load_warnings() const { return engine_->info().warnings; }
+
   int64_t max_context() const { return engine_->max_context(); }
   int64_t max_seqs() const { return engine_->run_shape().max_seqs; }
   bool runs_ahead() const { return engine_->runs_ahead(); }
@@ -269,6 +273,7 @@ PYBIND11_MODULE(_kestrel, m) {
            py::arg("prefill_chunk"), py::arg("progress"), py::arg("run_ahead") = py::none(),
            py::arg("max_memory") = 0, py::arg("max_memory_text") = "")
       .def("info", &PyEngine::info)
+      .def_property_readonly("load_warnings", &PyEngine::load_warnings)
       .def_property_readonly("max_context", &PyEngine::max_context)
       .def_property_readonly("max_seqs", &PyEngine::max_seqs)
       .def_property_readonly("runs_ahead", &PyEngine::runs_ahead)

@@ -351,6 +351,13 @@ def test_max_memory_forms_generate_as_without_a_cap(monkeypatch):
     model = load_("synthetic:tiny-qwen2", max_memory={"cuda:0": "1KB", "cpu": "1GiB"})
     assert model.device == "cpu"
     assert model.generate(prompt, max_new_tokens=8, eos_token_id=None) == want
+    # A cap that the 512-token chunk's logits do not fit: the engine halves the chunk until the
+    # plan fits, the package says so as a warning at this call, and the tokens are the same.
+    with pytest.warns(UserWarning, match=r"prefill chunk 512 -> \d+ tokens per call to fit "
+                      r"max_memory 100MB") as caught:
+        model = load_("synthetic:tiny-qwen2", device="cpu", max_memory="100MB")
+    assert any(w.filename == __file__ for w in caught), [w.filename for w in caught]
+    assert model.generate(prompt, max_new_tokens=8, eos_token_id=None) == want
 
 
 def test_max_memory_too_small_fails_at_load(monkeypatch, golden_dir):

@@ -184,6 +184,7 @@ ModelInfo Engine::info() const {
   info.tensor_parallel = options_.tensor_parallel;
   info.backend = tensor_parallel_ ? tensor_parallel_->backend(0).name() : backend_->name();
   if (tensor_parallel_) info.backend += " x" + std::to_string(tensor_parallel_->world_size());
+  info.warnings = weights_->warnings;
   return info;
 }
 namespace {

@@ -299,11 +299,19 @@ Result<RunShape> fit_prefill_chunk(const EngineOptions& options, const ModelConf
 }
 
 std::string what_to_lower(const EngineOptions& options, const RunShape& shape) {
-  const std::string context = "the context length (max_context)";
-  if (options.run_shape.max_batch_tokens > 0 || chunk_can_shrink(options, shape)) {
-    return context + " or the tokens per call (prefill_chunk)";
+  std::vector<std::string> parts = {"the context length (max_context)"};
+  // The engine halves the chunk no further than kMinPrefillChunk, but a caller may set it lower,
+  // down to a decode step of max_seqs tokens: a call's logit rows can be most of a plan (16 rows
+  // of a 151936-word vocabulary are 9.7 MB).
+  if (options.run_shape.max_batch_tokens > 0 || shape.max_batch_tokens > shape.max_seqs) {
+    parts.push_back("the tokens per call (prefill_chunk)");
   }
-  return shape.max_seqs > 1 ? context + " or the sequences decoded together (max_seqs)" : context;
+  if (shape.max_seqs > 1) parts.push_back("the sequences decoded together (max_seqs)");
+  std::string text = parts[0];
+  for (size_t i = 1; i < parts.size(); ++i) {
+    text += (i + 1 == parts.size() ? " or " : ", ") + parts[i];
+  }
+  return text;
 }
 
 int64_t prefill_chunk_of(const EngineOptions& options, const RunShape& shape) {
@@ -370,7 +378,7 @@ Status check_max_memory(const EngineOptions& options, const Backend& backend) {
         " + KV cache " + format_bytes(ranks * layout.kv_cache_bytes()) + " for " +
         std::to_string(shape.max_seqs) + " sequences x " + std::to_string(shape.max_context) +
         " positions + workspace " + format_bytes(ranks * layout.workspace_bytes()) +
-        " at prefill chunk " + std::to_string(prefill_chunk_of(options, shape)) + " + logits " +
+        " for calls of " + std::to_string(shape.max_batch_tokens) + " tokens + logits " +
         format_bytes(ranks * layout.logits_bytes()) + ")" + shards + " but " + cap + " allows " +
         format_bytes(options.max_memory) + "; raise the memory cap, or lower " +
         what_to_lower(options, shape));

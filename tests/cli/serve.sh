@@ -36,6 +36,23 @@ code=$(curl -s -o /dev/null -w '%{http_code}' -d '{"prompt": "hi", "max_tokens":
 stop_server "$pid" "$work/capped.log"
 echo "ok serve --max-memory sizes the KV pool from the cap ($blocks blocks)"
 
+# A cap that the default 512 tokens a call does not fit (their logit rows alone are 19 MB of the
+# tiny model's 151936-word vocabulary a row at 32 tokens): the engine halves the chunk until the
+# pool holds a context beside it, says so, and a prompt longer than the chunk runs in several
+# calls.
+start_server "$work/shrunk.log" --parallel 2 -c 512 --max-memory 36MB
+chunk=$(sed -n 's|.*prefill chunk 512 -> \([0-9]*\) tokens per call to fit --max-memory 36MB.*|\1|p' \
+  "$work/shrunk.log")
+[ -n "$chunk" ] && [ "$chunk" -ge 16 ] && [ "$chunk" -lt 512 ] ||
+  { echo "serve --max-memory 36MB: want a shrunk prefill chunk named in a warning:"; cat "$work/shrunk.log"; exit 1; }
+prompt=$(printf 'word %.0s' $(seq 120))
+body=$(curl -s -w ' %{http_code}' -d "{\"prompt\": \"$prompt\", \"max_tokens\": 4}" \
+  "http://127.0.0.1:$port/v1/completions")
+[ "${body##* }" = 200 ] && grep -q '"prompt_tokens":1[0-9][0-9]' <<< "$body" ||
+  { echo "a 120-word prompt at chunk $chunk: $body"; cat "$work/shrunk.log"; exit 1; }
+stop_server "$pid" "$work/shrunk.log"
+echo "ok serve shrinks the prefill chunk to fit --max-memory (512 -> $chunk) and runs longer prompts"
+
 start_server "$work/busy.log" --parallel 1 --max-queue 1 -c 8192 --max-tokens 8000 \
   --shutdown-grace 1 --timeout 3
 python3 "$client" busy "$port" "$pid" || { cat "$work/busy.log"; exit 1; }

@@ -156,6 +156,7 @@ void run_serve(ServeFlags flags) {
     fail(created.status().message());
   }
   auto engine = std::move(created).value();
+  print_load_warnings(*engine);
   server::SchedulerOptions scheduler_options;
   scheduler_options.max_queue = flags.max_queue;
   server::Scheduler scheduler(*engine, tokenizer, metrics, scheduler_options);

@@ -398,6 +398,39 @@ TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
   }
 }
 
+// A layer's GEMV outputs (layer_gemv_outputs) on each of `tokens` with a switch off and on, on a
+// wave of blocks and on 3 blocks looping over the tiles: every output written both ways and the
+// same bits, no launch counted with the switch off and `launches_on` with it on.
+void expect_switch_keeps_bits(bool (*set)(bool), uint64_t (*count)(), BackendPair& pair,
+                              const ModelWeights& weights, std::initializer_list<int64_t> tokens,
+                              uint64_t launches_on, uint64_t seed) {
+  const NoBlockCapAfter no_cap_after;
+  for (int64_t n : tokens) {
+    ASSERT_FALSE(int8_inputs(WeightFormat::sym_int4, n, weights.config.hidden_size))
+        << "the mma path";
+    const std::vector<float> x =
+        random_values(size_t(n * weights.config.hidden_size), seed + uint64_t(n), 2.0f);
+    for (int cap : {0, 3}) {
+      SCOPED_TRACE("n=" + std::to_string(n) + ", block cap " + std::to_string(cap));
+      cuda::set_gemv_block_cap(cap);
+      std::vector<float> results[2];  // [off, on]
+      uint64_t launches[2];
+      for (int on : {0, 1}) {
+        const ScopedSwitch switched(set, on == 1);
+        const uint64_t start = count();
+        results[on] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
+        launches[on] = count() - start;
+      }
+      ASSERT_FALSE(results[0].empty());
+      EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten (switch off)";
+      EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (switch on)";
+      EXPECT_EQ(launches[0], 0u) << "a launch took the switch's path with it off";
+      EXPECT_EQ(launches[1], launches_on);
+      EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
+    }
+  }
+}
+
 // The two-stage ring of the two-m-tile int4 mma GEMVs (set_gemv_shallow_ring, the default since the
 // thirty-first session) against three stages: the same arithmetic in the same order, so a layer's
 // GEMV outputs keep their bits at 5 tokens (one n-tile) and 16 (two), on a wave of blocks and on 3
@@ -411,33 +444,30 @@ TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
   // below 69 SMs wo and w_down (34 such tiles) would at 16 tokens too.
   const int sms = device_sms();
   if (sms > 160 || sms < 69) GTEST_SKIP() << sms << " SMs: another set of two-m-tile launches";
-  const NoBlockCapAfter no_cap_after;
   ModelWeights weights = layer_gemv_model(1088, 2080, 10240, WeightFormat::sym_int4, 32, 4900);
-  const ModelConfig& config = weights.config;
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, kLayerRun));
-  for (int64_t n : {5, 16}) {
-    ASSERT_FALSE(int8_inputs(WeightFormat::sym_int4, n, config.hidden_size)) << "the mma path";
-    const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4901 + n, 2.0f);
-    for (int cap : {0, 3}) {
-      SCOPED_TRACE("n=" + std::to_string(n) + ", block cap " + std::to_string(cap));
-      cuda::set_gemv_block_cap(cap);
-      std::vector<float> results[2];  // [three stages, two]
-      uint64_t launches[2];
-      for (int shallow : {0, 1}) {
-        const ScopedSwitch shallow_switch(cuda::set_gemv_shallow_ring, shallow == 1);
-        const uint64_t start = cuda::gemv_shallow_ring_launches();
-        results[shallow] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-        launches[shallow] = cuda::gemv_shallow_ring_launches() - start;
-      }
-      ASSERT_FALSE(results[0].empty());
-      EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten";
-      EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (two stages)";
-      EXPECT_EQ(launches[0], 0u) << "the shallow ring ran with the switch off";
-      EXPECT_EQ(launches[1], 2u) << "gate/up and the lm_head take two m-tiles";
-      EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
-    }
-  }
+  // gate/up and the lm_head take two m-tiles, and with them the shallow ring.
+  expect_switch_keeps_bits(cuda::set_gemv_shallow_ring, cuda::gemv_shallow_ring_launches, pair,
+                           weights, {5, 16}, 2, 4901);
+}
+
+// Two m-tiles at 3-8 tokens down to half a wave (set_gemv_few_tokens_two_mtiles): w_down of 4096
+// rows (128 blocks of 32: between half a wave and two of a 66-263 SM device; H100 and H200 have
+// 132) takes them at 3, 5 and 8 tokens with the switch on; q/k/v (768 rows), the lm_head (300)
+// and gate/up (its own swiglu instance) keep theirs. A row's m-tile is the same mma on the same
+// fragments in either tile, so every output keeps its bits, on a wave of blocks and on 3 blocks
+// looping over the tiles; the launch count says w_down alone took it, and nothing with it off.
+TEST(CudaOps, GemvFewTokensTwoMtilesGiveTheSameBits) {
+  const int sms = device_sms();
+  if (sms < 66 || sms > 263) GTEST_SKIP() << sms << " SMs: w_down's 128 blocks are out of range";
+  ModelWeights weights = layer_gemv_model(4096, 1088, 300, WeightFormat::sym_int4, 32, 5100);
+  BackendPair pair;
+  ASSERT_TRUE(pair.init(weights, kLayerRun));
+  // w_down alone takes two m-tiles.
+  expect_switch_keeps_bits(cuda::set_gemv_few_tokens_two_mtiles,
+                           cuda::gemv_few_tokens_two_mtiles_launches, pair, weights, {3, 5, 8}, 1,
+                           5101);
 }
 
 // The weights' L2 policy (set_gemv_weight_evict_first): evict_first only changes which lines L2

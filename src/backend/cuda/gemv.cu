@@ -1558,6 +1558,26 @@ bool shallow_ring() {
   return take_switch(gemv_shallow_ring_flag(), shallow_ring_launches);
 }
 
+// Whether a GEMV of 3-8 tokens (one n-tile) takes two m-tiles down to half a wave of 32-row
+// blocks, as past 8 tokens, instead of only from two waves on (set_gemv_few_tokens_two_mtiles;
+// KESTREL_CUDA_GEMV_FEW_TOKENS_MT2=1 at start-up): a measurement switch, off by default. The 8B's
+// q/k/v (192 such blocks at 132 SMs), wo and w_down (128) then take two m-tiles at 3-8 tokens; the
+// 1.5B's (48-64 blocks) do not. Alone on an H100 (PERF.md, thirty-eighth session) the 8B's q/k/v
+// took 10.85 / 12.19 us at 4 / 8 tokens with one m-tile and 10.47 at 16 with two; wo 7.28 / 7.78
+// and 8.37, w_down 15.49 / 16.42 and 21.70. The same arithmetic in the same order (a row's
+// m-tile is the same mma on the same fragments whichever tile holds it): the same bits. Counts
+// the launches it takes (gemv_few_tokens_two_mtiles_launches).
+std::atomic<bool>& gemv_few_tokens_two_mtiles_flag() {
+  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_FEW_TOKENS_MT2", "1")};
+  return on;
+}
+std::atomic<uint64_t> few_tokens_two_mtiles_launches{0};
+
+bool few_tokens_two_mtiles(int64_t n_tokens, int blocks32, int sm_count) {
+  return take_switch(gemv_few_tokens_two_mtiles_flag(), few_tokens_two_mtiles_launches,
+                     n_tokens <= 8 && blocks32 < 2 * sm_count && 2 * blocks32 >= sm_count);
+}
+
 // Whether every GEMV's weight copies carry the L2 policy evict_first (weight_l2_policy,
 // common.cuh; set_gemv_weight_evict_first; the default since the thirty-fifth session,
 // KESTREL_CUDA_WEIGHT_EVICT_FIRST=0 at start-up gives the normal priority, that of a copy without a
@@ -1798,7 +1818,8 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
     // of blocks (H200, 8B at 16 tokens: wo 9.5 -> 8.4 us, down 24.8 -> 20.8 us; the 1.5B's
     // 48-block weights lose 25%).
     const bool one_mtile = p.norm_out.out.q != nullptr;  // only those instances prepare norms
-    if (!one_mtile && (blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count))) {
+    if (!one_mtile && (blocks32 >= 2 * sm_count || (p.n_tokens > 8 && 2 * blocks32 >= sm_count) ||
+                       few_tokens_two_mtiles(p.n_tokens, blocks32, sm_count))) {
       return launch_mt<F, 2, false>(p, stream);
     }
   }
@@ -2026,6 +2047,14 @@ bool set_gemv_deep_ring(bool on) {
 
 bool set_gemv_deep_ring_two(bool on) {
   return gemv_deep_ring_two_flag().exchange(on);
+}
+
+bool set_gemv_few_tokens_two_mtiles(bool on) {
+  return gemv_few_tokens_two_mtiles_flag().exchange(on);
+}
+
+uint64_t gemv_few_tokens_two_mtiles_launches() {
+  return few_tokens_two_mtiles_launches.load(std::memory_order_relaxed);
 }
 
 uint64_t gemv_deep_ring_launches() {

@@ -1574,8 +1574,9 @@ std::atomic<bool>& gemv_few_tokens_two_mtiles_flag() {
 std::atomic<uint64_t> few_tokens_two_mtiles_launches{0};
 
 bool few_tokens_two_mtiles(int64_t n_tokens, int blocks32, int sm_count) {
-  return take_switch(gemv_few_tokens_two_mtiles_flag(), few_tokens_two_mtiles_launches,
-                     n_tokens <= 8 && blocks32 < 2 * sm_count && 2 * blocks32 >= sm_count);
+  return take_switch(
+      gemv_few_tokens_two_mtiles_flag(), few_tokens_two_mtiles_launches,
+      n_tokens >= 3 && n_tokens <= 8 && blocks32 < 2 * sm_count && 2 * blocks32 >= sm_count);
 }
 
 // Whether every GEMV's weight copies carry the L2 policy evict_first (weight_l2_policy,

@@ -344,70 +344,17 @@ TEST(CudaOps, GemvNormTwoBlocksGivesTheSameBits) {
   }
 }
 
-// The deep ring (set_gemv_deep_ring): a one-token dp4a GEMV with no more row tiles than SMs whose
-// warps have more chunks of a tile than the default ring's five requests its whole tile before
-// the wait. The same arithmetic in the same order, so every output of a layer's GEMVs keeps its
-// bits: w_down over 9248 columns (73 chunks, ten a warp: the ring holds the tile), 256 rows (16
-// tiles, no more than the SMs of any device the backend runs on), from the swiglu GEMV's half
-// groups and from its fp16 shadow, on a wave of blocks and on 3 blocks looping over the tiles (the
-// ring running on into the next tile). The launch count says the deep ring ran with the switch on
-// and not with it off, and not at all over 12320 columns (97 chunks, thirteen a warp: more than
-// the deep ring holds), whose outputs keep their bits too. Two tokens likewise under their own
-// switch (set_gemv_deep_ring_two, the two-token dp4a instance; the one-token switch, left on, does
-// not reach them).
-TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
-  const NoBlockCapAfter no_cap_after;
-  for (int64_t inter : {9248, 12320}) {
-    ModelWeights weights =
-        layer_gemv_model(256, inter, 300, WeightFormat::sym_int4, 32, 4700 + uint64_t(inter));
-    const ModelConfig& config = weights.config;
-    BackendPair pair;
-    ASSERT_TRUE(pair.init(weights, kLayerRun));
-    for (int64_t n : {1, 2}) {
-      ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, inter));
-      const std::vector<float> x = random_values(size_t(n * config.hidden_size), 4800 + n, 2.0f);
-      bool (*const set_deep)(bool) =
-          n == 1 ? cuda::set_gemv_deep_ring : cuda::set_gemv_deep_ring_two;
-      const ScopedSwitch one_token_on(cuda::set_gemv_deep_ring, true);
-      // Half groups are one token's input; two tokens run once.
-      for (bool halves : n == 1 ? std::vector<bool>{true, false} : std::vector<bool>{true}) {
-        const ScopedSwitch halves_switch(cuda::set_gemv_half_groups, halves);
-        for (int cap : {0, 3}) {
-          SCOPED_TRACE(std::to_string(inter) + " columns, " + std::to_string(n) + " tokens" +
-                       (n == 1 && halves ? ", half groups" : "") + ", block cap " +
-                       std::to_string(cap));
-          cuda::set_gemv_block_cap(cap);
-          std::vector<float> results[2];  // [default ring, deep ring]
-          uint64_t deep_launches[2];
-          for (int deep : {0, 1}) {
-            const ScopedSwitch deep_switch(set_deep, deep == 1);
-            const uint64_t launches = cuda::gemv_deep_ring_launches();
-            results[deep] = layer_gemv_outputs(*pair.gpu, pair, weights, n, x);
-            deep_launches[deep] = cuda::gemv_deep_ring_launches() - launches;
-          }
-          ASSERT_FALSE(results[1].empty());
-          EXPECT_EQ(deep_launches[0], 0u) << "the deep ring ran with the switch off";
-          EXPECT_EQ(deep_launches[1], inter == 9248 ? 1u : 0u)
-              << "w_down alone takes the deep ring, where it holds the tile";
-          EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten";
-          EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (deep ring)";
-          EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
-        }
-      }
-    }
-  }
-}
-
 // A layer's GEMV outputs (layer_gemv_outputs) on each of `tokens` with a switch off and on, on a
 // wave of blocks and on 3 blocks looping over the tiles: every output written both ways and the
-// same bits, no launch counted with the switch off and `launches_on` with it on.
+// same bits, no launch counted with the switch off and `launches_on` (`taken` says which) with it
+// on. `dp4a`: whether the tokens take the dp4a path (else the mma path).
 void expect_switch_keeps_bits(bool (*set)(bool), uint64_t (*count)(), BackendPair& pair,
                               const ModelWeights& weights, std::initializer_list<int64_t> tokens,
-                              uint64_t launches_on, uint64_t seed) {
+                              bool dp4a, uint64_t launches_on, const char* taken, uint64_t seed) {
   const NoBlockCapAfter no_cap_after;
   for (int64_t n : tokens) {
-    ASSERT_FALSE(int8_inputs(WeightFormat::sym_int4, n, weights.config.hidden_size))
-        << "the mma path";
+    ASSERT_EQ(int8_inputs(WeightFormat::sym_int4, n, weights.config.hidden_size), dp4a)
+        << (dp4a ? "the dp4a path" : "the mma path");
     const std::vector<float> x =
         random_values(size_t(n * weights.config.hidden_size), seed + uint64_t(n), 2.0f);
     for (int cap : {0, 3}) {
@@ -422,12 +369,47 @@ void expect_switch_keeps_bits(bool (*set)(bool), uint64_t (*count)(), BackendPai
         launches[on] = count() - start;
       }
       ASSERT_FALSE(results[0].empty());
+      ASSERT_FALSE(results[1].empty());
       EXPECT_TRUE(no_nan(results[0])) << "an output left unwritten (switch off)";
       EXPECT_TRUE(no_nan(results[1])) << "an output left unwritten (switch on)";
       EXPECT_EQ(launches[0], 0u) << "a launch took the switch's path with it off";
-      EXPECT_EQ(launches[1], launches_on);
+      EXPECT_EQ(launches[1], launches_on) << taken;
       EXPECT_EQ(bits_differ(results[0], results[1]), 0u) << "of " << results[0].size();
     }
+  }
+}
+
+// The deep ring (set_gemv_deep_ring): a one-token dp4a GEMV with no more row tiles than SMs whose
+// warps have more chunks of a tile than the default ring's five requests its whole tile before
+// the wait. The same arithmetic in the same order, so every output of a layer's GEMVs keeps its
+// bits: w_down over 9248 columns (73 chunks, ten a warp: the ring holds the tile), 256 rows (16
+// tiles, no more than the SMs of any device the backend runs on), from the swiglu GEMV's half
+// groups and from its fp16 shadow, on a wave of blocks and on 3 blocks looping over the tiles (the
+// ring running on into the next tile). The launch count says the deep ring ran with the switch on
+// and not with it off, and not at all over 12320 columns (97 chunks, thirteen a warp: more than
+// the deep ring holds), whose outputs keep their bits too. Two tokens likewise under their own
+// switch (set_gemv_deep_ring_two, the two-token dp4a instance; the one-token switch, left on, does
+// not reach them).
+TEST(CudaOps, GemvDeepRingGivesTheSameBits) {
+  for (int64_t inter : {9248, 12320}) {
+    ModelWeights weights =
+        layer_gemv_model(256, inter, 300, WeightFormat::sym_int4, 32, 4700 + uint64_t(inter));
+    BackendPair pair;
+    ASSERT_TRUE(pair.init(weights, kLayerRun));
+    const ScopedSwitch one_token_on(cuda::set_gemv_deep_ring, true);
+    const uint64_t launches_on = inter == 9248 ? 1 : 0;
+    const char* taken = "w_down alone takes the deep ring, where it holds the tile";
+    for (int64_t n : {1, 2}) ASSERT_TRUE(int8_inputs(WeightFormat::sym_int4, n, inter));
+    // Half groups are one token's input: one token runs from them and from the fp16 shadow.
+    for (bool halves : {true, false}) {
+      SCOPED_TRACE(std::to_string(inter) + " columns" + (halves ? ", half groups" : ""));
+      const ScopedSwitch halves_switch(cuda::set_gemv_half_groups, halves);
+      expect_switch_keeps_bits(cuda::set_gemv_deep_ring, cuda::gemv_deep_ring_launches, pair,
+                               weights, {1}, true, launches_on, taken, 4800);
+    }
+    SCOPED_TRACE(std::to_string(inter) + " columns");
+    expect_switch_keeps_bits(cuda::set_gemv_deep_ring_two, cuda::gemv_deep_ring_launches, pair,
+                             weights, {2}, true, launches_on, taken, 4800);
   }
 }
 
@@ -449,7 +431,8 @@ TEST(CudaOps, GemvShallowRingGivesTheSameBits) {
   ASSERT_TRUE(pair.init(weights, kLayerRun));
   // gate/up and the lm_head take two m-tiles, and with them the shallow ring.
   expect_switch_keeps_bits(cuda::set_gemv_shallow_ring, cuda::gemv_shallow_ring_launches, pair,
-                           weights, {5, 16}, 2, 4901);
+                           weights, {5, 16}, false, 2, "gate/up and the lm_head take two m-tiles",
+                           4901);
 }
 
 // Two m-tiles at 3-8 tokens down to half a wave (set_gemv_few_tokens_two_mtiles): w_down of 4096
@@ -464,10 +447,9 @@ TEST(CudaOps, GemvFewTokensTwoMtilesGiveTheSameBits) {
   ModelWeights weights = layer_gemv_model(4096, 1088, 300, WeightFormat::sym_int4, 32, 5100);
   BackendPair pair;
   ASSERT_TRUE(pair.init(weights, kLayerRun));
-  // w_down alone takes two m-tiles.
   expect_switch_keeps_bits(cuda::set_gemv_few_tokens_two_mtiles,
-                           cuda::gemv_few_tokens_two_mtiles_launches, pair, weights, {3, 5, 8}, 1,
-                           5101);
+                           cuda::gemv_few_tokens_two_mtiles_launches, pair, weights, {3, 5, 8},
+                           false, 1, "w_down alone takes two m-tiles", 5101);
 }
 
 // The weights' L2 policy (set_gemv_weight_evict_first): evict_first only changes which lines L2

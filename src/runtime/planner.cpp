@@ -268,19 +268,12 @@ Result<size_t> parse_max_memory(const std::string& text) {
   return bytes;
 }
 
-namespace {
-
-// Whether smaller_chunk_shape() has a shape smaller than `shape`.
-bool chunk_can_shrink(const EngineOptions& options, const RunShape& shape) {
-  return options.run_shape.max_batch_tokens <= 0 &&
-         shape.max_batch_tokens > std::max(shape.max_seqs, kMinPrefillChunk);
-}
-
-}  // namespace
-
 std::optional<RunShape> smaller_chunk_shape(const EngineOptions& options, const ModelConfig& config,
                                             WeightFormat format, const RunShape& shape) {
-  if (!chunk_can_shrink(options, shape)) return std::nullopt;
+  if (options.run_shape.max_batch_tokens > 0 ||
+      shape.max_batch_tokens <= std::max(shape.max_seqs, kMinPrefillChunk)) {
+    return std::nullopt;
+  }
   EngineOptions smaller = options;
   smaller.prefill_chunk = std::max(shape.max_batch_tokens / 2, kMinPrefillChunk);
   return requested_shape(smaller, config, format);

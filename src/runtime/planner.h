@@ -144,8 +144,9 @@ Result<RunShape> fit_prefill_chunk(const EngineOptions& options, const ModelConf
                                    WeightFormat format, const FitShape& fit);
 
 // What an error about a reservation of `shape` that does not fit says to lower: the context
-// length, and the tokens per call while smaller_chunk_shape() could still shrink them (or the
-// shape is the caller's own); past that the sequences, when there are several.
+// length; the tokens per call while a call carries more than a decode step of max_seqs (below
+// kMinPrefillChunk too, where the engine stops halving but a caller may not), or the shape is the
+// caller's own; and the sequences, when there are several.
 std::string what_to_lower(const EngineOptions& options, const RunShape& shape);
 
 // The prefill chunk the engine runs `shape` with: options.prefill_chunk within the shape's

@@ -1503,14 +1503,13 @@ std::atomic<bool>& gemv_deep_ring_two_flag() {
 }
 
 // Whether a one-token dp4a GEMV of one-m-tile tiles (two tokens under set_gemv_deep_ring_two)
-// takes the deep ring (Ring::deep): where the
-// tiles are no more than the SMs, so every block has one tile and the SM to itself once the kernel
-// before it leaves, and a warp's chunks of a tile outnumber the default ring's stages but fit
-// the deep one's (the 1.5B's w_down: 96 tiles of 70 chunks, 9 a warp; a wider tile, which the
-// deep ring would not hold, was not measured and keeps the default). The deep ring requests the
-// whole tile before the wait, where the default one requests five chunks a warp and the rest after
-// it (the twenty-sixth session's profile: 4.35 us of that GEMV's 5.22 after the wait were its first
-// tile, at 1484 GB/s).
+// takes the deep ring (Ring::deep): where the tiles are no more than the SMs, so every block has
+// one tile and the SM to itself once the kernel before it leaves, and a warp's chunks of a tile
+// outnumber the default ring's stages but fit the deep one's (the 1.5B's w_down: 96 tiles of 70
+// chunks, 9 a warp; a wider tile, which the deep ring would not hold, was not measured and keeps
+// the default). The deep ring requests the whole tile before the wait, where the default one
+// requests five chunks a warp and the rest after it (the twenty-sixth session's profile: 4.35 us
+// of that GEMV's 5.22 after the wait were its first tile, at 1484 GB/s).
 // Counts the launches it chooses (gemv_deep_ring_launches).
 std::atomic<uint64_t> deep_ring_launches{0};
 
@@ -1522,14 +1521,9 @@ bool take_switch(const std::atomic<bool>& on, std::atomic<uint64_t>& taken, bool
   return true;
 }
 
-// A warp's chunks of a row tile: the chunks over its columns, dealt out to the block's warps.
-int64_t chunks_a_warp(const GemvParams& p) {
-  return ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
-}
-
 template <WeightFormat F>
 bool deep_ring(const GemvParams& p) {
-  const int64_t per_warp = chunks_a_warp(p);
+  const int64_t per_warp = ceil_div(ceil_div(p.n_groups, kChunkGroups), kWarps);
   return take_switch(
       p.n_tokens == 1 ? gemv_deep_ring_flag() : gemv_deep_ring_two_flag(), deep_ring_launches,
       p.n_tiles <= p.sm_count && per_warp > Pipe<F, 1>::kStages && per_warp <= kDeepStages);

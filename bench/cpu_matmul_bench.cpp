@@ -4,7 +4,9 @@
 //
 // Build: `cmake --build build --target cpu_matmul_bench`.
 // Run: build/cpu_matmul_bench [--threads 2] [--format sym_int4] [--block 32] [--prefill-n 128]
-//                            [--roofline-gbs 31] [--avx2]
+//                            [--roofline-gbs GBS] [--avx2]
+// Without --roofline-gbs the roofline is the pool's measured read bandwidth (as `kestrel bench`
+// measures the CPU backend's).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -16,6 +18,7 @@
 
 #include "backend/cpu/cpu_features.h"
 #include "backend/cpu/matmul.h"
+#include "backend/cpu/read_bandwidth.h"
 #include "core/half.h"
 #include "quant/format.h"
 
@@ -30,7 +33,7 @@ struct Options {
   WeightFormat format = WeightFormat::sym_int4;
   int block = 32;
   int64_t prefill_n = 128;
-  double roofline_gbs = 31.0;  // measured read bandwidth of the CI machine with 2 threads
+  double roofline_gbs = 0;  // 0: measured (cpu::measure_read_bandwidth with the pool's threads)
   bool avx2 = false;
 };
 
@@ -248,6 +251,10 @@ bool parse_options(int argc, char** argv, Options* o) {
       o->prefill_n = std::atoll(argv[++i]);
     } else if (a == "--roofline-gbs" && has_value) {
       o->roofline_gbs = std::atof(argv[++i]);
+      if (!(o->roofline_gbs > 0)) {
+        std::fprintf(stderr, "--roofline-gbs must be a positive number\n");
+        return false;
+      }
     } else if (a == "--avx2") {
       o->avx2 = true;
     } else {
@@ -274,6 +281,20 @@ int main(int argc, char** argv) {
   std::printf("# cpu matmul: %s block %d, %d threads, kernels %s (cpu: %s)\n",
               kestrel::format_name(o.format), kestrel::is_quantized(o.format) ? o.block : 0,
               o.threads, kestrel::cpu::matmul_isa(), kestrel::cpu::describe_cpu_features().c_str());
+  if (o.roofline_gbs <= 0) {
+    const auto r = kestrel::cpu::measure_read_bandwidth(
+        pool, kestrel::cpu::read_bandwidth_bytes(pool.size()), 7);
+    if (!r.is_ok()) {
+      std::fprintf(stderr, "read bandwidth: %s (pass --roofline-gbs)\n",
+                   r.status().message().c_str());
+      return 1;
+    }
+    o.roofline_gbs = r->gbs;
+    std::printf("# roofline: %.1f GB/s (measured: %zu MiB read by %d threads, fastest of %d)\n",
+                r->gbs, r->bytes >> 20, r->threads, r->passes);
+  } else {
+    std::printf("# roofline: %.1f GB/s (given)\n", o.roofline_gbs);
+  }
   bench_decode_shapes(o, pool);
   bench_decode_step(o, pool);
   if (o.prefill_n > 0) bench_prefill(o, pool);

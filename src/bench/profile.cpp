@@ -13,8 +13,9 @@ Result<DeviceProfile> device_profile(const std::string& device, int threads) {
   if (device == "cpu") {
     const int workers =
         threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
-    // Read bandwidth measured with 2 threads on the development machine (DESIGN.md); pass
-    // --roofline-gbs to the benchmark for another machine.
+    // Read bandwidth measured with 2 threads on the development machine (DESIGN.md), for the
+    // step deadlines only: the roofline is the backend's measured read bandwidth (or
+    // --roofline-gbs), this figure only where that measurement fails.
     profile.bandwidth_gbs = 31.0;
     profile.compute_gflops = 4.0 * workers;
     // Code pages first touched by a run, thread stacks, allocator arenas and small buffers: the

@@ -467,8 +467,8 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
                     "prompt tokens per forward call, several prompts packed into one (default: "
                     "16384 on CUDA, else 512); the planner halves it to fit memory");
   bench->add_option("--roofline-gbs", flags->roofline_gbs,
-                    "memory bandwidth roofline in GB/s (default: cpu 31; cuda and vulkan "
-                    "measured once per run)");
+                    "memory bandwidth roofline in GB/s (default: measured once per run: the "
+                    "CPU's read bandwidth with -t threads, a GPU's device copy)");
   bench->add_option("--deadline-factor", flags->deadline_factor,
                     "watchdog: a step's deadline is this times its expected time plus a floor");
   bench->add_option("--step-timeout", flags->step_timeout,

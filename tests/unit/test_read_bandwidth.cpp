@@ -1,0 +1,59 @@
+// The CPU backend's decode roofline: the host's read bandwidth, measured with the backend's
+// threads (cpu::measure_read_bandwidth), where it used to be a constant.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "backend/backend.h"
+#include "backend/cpu/read_bandwidth.h"
+#include "core/thread_pool.h"
+
+namespace kestrel {
+namespace {
+
+constexpr size_t kMiB = size_t(1) << 20;
+
+TEST(ReadBandwidth, ReadsWholeMebibytesWithEveryThread) {
+  ThreadPool pool(2);
+  // 3.5 MiB reads 3 whole blocks; each pass's sum is checked inside against the fill's.
+  auto r = cpu::measure_read_bandwidth(pool, 3 * kMiB + kMiB / 2, 3);
+  ASSERT_TRUE(r.is_ok()) << r.status().message();
+  EXPECT_EQ(r->bytes, 3 * kMiB);
+  EXPECT_EQ(r->passes, 3);
+  EXPECT_EQ(r->threads, 2);
+  EXPECT_GT(r->gbs, 0.0);
+  // Less than a block still reads one, and at least one pass runs.
+  auto small = cpu::measure_read_bandwidth(pool, 1000, 0);
+  ASSERT_TRUE(small.is_ok()) << small.status().message();
+  EXPECT_EQ(small->bytes, kMiB);
+  EXPECT_EQ(small->passes, 1);
+  // One thread: the caller's own.
+  ThreadPool one(1);
+  auto single = cpu::measure_read_bandwidth(one, 2 * kMiB, 2);
+  ASSERT_TRUE(single.is_ok()) << single.status().message();
+  EXPECT_EQ(single->threads, 1);
+}
+
+TEST(ReadBandwidth, BufferGrowsWithTheThreadsUpToTwoGibibytes) {
+  EXPECT_EQ(cpu::read_bandwidth_bytes(1), 256 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(8), 256 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(9), 512 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(64), 2048 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(1024), 2048 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(0), 256 * kMiB);
+}
+
+// The backend measures once and says so; the benchmark prints that source beside the figure.
+TEST(ReadBandwidth, CpuBackendRooflineIsMeasuredOnce) {
+  auto backend = make_backend("cpu", 2);
+  ASSERT_TRUE(backend.is_ok()) << backend.status().message();
+  const Roofline first = (*backend)->roofline();
+  EXPECT_GT(first.bandwidth_gbs, 0.0) << first.source;
+  EXPECT_EQ(first.source, "measured: 256 MiB read by 2 threads, fastest of 7 passes");
+  const Roofline again = (*backend)->roofline();
+  EXPECT_EQ(again.bandwidth_gbs, first.bandwidth_gbs);
+  EXPECT_EQ(again.source, first.source);
+}
+
+}  // namespace
+}  // namespace kestrel

@@ -877,28 +877,32 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
   };
   // Activations (the B fragments) come from L1/L2 and are loaded one chunk ahead. From global
   // memory (no fused norm), a lane's rows of the input (token nt * 8 + quad_row, from its group
-  // of chunk 0; null past n_tokens) are set once, so a chunk's loads are one offset from them
-  // and immediates; the fused norm's shared-memory row keeps its per-load indexing (its 32-bit
-  // addresses are cheaper than a generic pointer's, and ptxas spills more in those instances).
+  // of chunk 0) are set once, so a chunk's loads are one offset from them and immediates, and
+  // every load is made, unpredicated: a token slot past n_tokens reads token 0's row (its sums
+  // are never stored), and a lane past the last group (or a chunk past the end, the last
+  // iteration's look-ahead) reads chunk 0's, which it multiplies with weights that consume()
+  // made zero (zero scale, and zero min). Products of zero weights with finite inputs add
+  // nothing; zeroed inputs cost a CS2R and a predicate a load. The fused norm's shared-memory
+  // row keeps its predicated, per-load indexing (its 32-bit addresses are cheaper than a generic
+  // pointer's, and ptxas spills more in those instances).
   const __half* b_rows[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int token = nt * 8 + quad_row;
-    b_rows[nt] = !kNorm && token < p.n_tokens
-                     ? p.x + token * p.x_stride + int64_t(quad_col) * kGroup
-                     : nullptr;
+    b_rows[nt] =
+        kNorm ? nullptr
+              : p.x + (token < p.n_tokens ? token : 0) * p.x_stride + int64_t(quad_col) * kGroup;
   }
   auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
     const int64_t group = chunk * kChunkGroups + quad_col;
     const bool valid = chunk < n_chunks && group < p.n_groups;
-    const int64_t at = chunk * (kChunkGroups * kGroup);
+    const int64_t at = valid ? chunk * (kChunkGroups * kGroup) : 0;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int token = nt * 8 + quad_row;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        const bool live = kNorm ? valid && token < p.n_tokens : valid && b_rows[nt] != nullptr;
-        if (live) {
+        if (kNorm ? valid && token < p.n_tokens : true) {
           const __half* src =
               kNorm ? xs + token * p.x_stride + group * kGroup + u * 8 : b_rows[nt] + at + u * 8;
           const uint4 v = *reinterpret_cast<const uint4*>(src);

@@ -13,7 +13,9 @@ low 12 bits of its first word, named from TABLE (default scripts/sass-opcodes.js
 ?0xNNN), and a BRA's target is decoded from its offset field. For each function whose mangled
 name contains every --match substring, the loop is the span from a branch target to the branch
 back to it that holds the most tensor-core instructions (HMMA, IMMA, HGMMA), the shortest such
-span (the innermost loop); with none, the longest loop. The table gives the loop's length and
+span (the innermost loop); with none, the one with the most dp4a instructions (IDP: the batch-1
+GEMVs' chunk loops, not their longer input stages), the shortest such; with neither, the longest
+loop. The table gives the loop's length and
 its instructions by opcode (the base opcode, modifiers dropped), the N most frequent, and the
 demangled name where c++filt is installed.
 """
@@ -40,6 +42,7 @@ INSTRUCTION = re.compile(
 # nvdisasm names its targets (`(.L_x_12)); cuobjdump -sass gives their addresses (BRA P1, 0x930).
 BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)|(0x[0-9a-f]+)\s*$")
 TENSOR = {"HMMA", "IMMA", "HGMMA", "IGMMA", "QGMMA"}
+DP4A = {"IDP"}  # IDP.4A: __dp4a
 
 
 def parse(lines):
@@ -133,7 +136,8 @@ def parse_cubin(data, table):
 
 def hottest_loop(body):
     """The (label index, branch index) span with the most tensor-core instructions, the shortest
-    of those (the innermost: a tile loop holds its chunk loop's instructions too)."""
+    of those (the innermost: a tile loop holds its chunk loop's instructions too); without any,
+    likewise by dp4a instructions; without those either, the longest loop."""
     where = {value: i for i, (kind, value) in enumerate(body) if kind == "label"}
     where.update({value[2]: i for i, (kind, value) in enumerate(body) if kind == "op"})
     best = None
@@ -147,7 +151,8 @@ def hottest_loop(body):
         i = where[target]
         ops = [v[0] for k, v in body[i:j + 1] if k == "op"]
         tensor = sum(op in TENSOR for op in ops)
-        key = (tensor, -len(ops) if tensor else len(ops))
+        dp4a = sum(op in DP4A for op in ops)
+        key = (tensor, dp4a, -len(ops) if tensor or dp4a else len(ops))
         if best is None or key > best[0]:
             best = (key, i, j)
     return None if best is None else (best[1], best[2])

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # scripts/sass-loops.py (gpu-ab's `sass` benchmark) on a hand-written cuobjdump listing: it finds
-# each kernel's innermost loop with the most tensor-core instructions (not the tile loop around
-# it), counts that loop's opcodes, reads predicated branches and encoding lines right, takes
-# branch targets as labels (nvdisasm) or addresses (cuobjdump -sass), and a filter that matches
-# nothing is an error. Then a hand-built cubin read directly with an opcode table written from a
-# listing (branch offsets decoded), a host object refused, and a table with a clash refused.
+# each kernel's innermost loop with the most tensor-core instructions (not the tile loop around it),
+# or without any the one with the most dp4a instructions (not a longer input stage), counts that
+# loop's opcodes, reads predicated branches and encoding lines right, takes branch targets as labels
+# (nvdisasm) or addresses (cuobjdump -sass), and a filter that matches nothing is an error. Then a
+# hand-built cubin read directly with an opcode table written from a listing (branch offsets
+# decoded), a host object refused, and a table with a clash refused.
 set -euo pipefail
 script="$2/scripts/sass-loops.py"
 work=$(mktemp -d)
@@ -37,6 +38,21 @@ cat >"$work/gemv.sass" <<'SASS'
         /*0040*/                   BRA `(.L_x_8) ;
 .L_x_8:
         /*0050*/                   EXIT ;
+		Function : _Z4dp4av
+.L_x_20:
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   FMNMX R1, R1, R2, !PT ;
+        /*0020*/                   FMNMX R1, R1, R3, !PT ;
+        /*0030*/                   FMUL R1, R1, R4 ;
+        /*0040*/                   F2I.S8 R5, R1 ;
+        /*0050*/                   PRMT R6, R5, 0x3340, R6 ;
+        /*0060*/               @P0 BRA `(.L_x_20) ;
+.L_x_21:
+        /*0070*/                   LDS.128 R8, [R2] ;
+        /*0080*/                   IDP.4A.S8.S8 R12, R8, R4, R12 ;
+        /*0090*/                   IDP.4A.S8.S8 R13, R9, R5, R13 ;
+        /*00a0*/               @P1 BRA `(.L_x_21) ;
+        /*00b0*/                   EXIT ;
 		Function : _Z6dumpedv
         /*0000*/                   S2R R0, SR_TID.X ;                          /* 0x0000000000007919 */
                                                                                /* 0x000e220000002100 */
@@ -54,9 +70,9 @@ cat "$work/out.md"
 python3 - "$work/out.md" <<'PY'
 import sys
 rows = [l for l in open(sys.argv[1]) if l.startswith("| ") and not l.startswith("| kernel")]
-assert len(rows) == 3, rows
+assert len(rows) == 4, rows
 cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
-gemv, copy, dumped = cells
+gemv, copy, dp4a, dumped = cells
 # gemv<2>: 11 instructions; the inner loop (.L_x_2 .. its branch) is 6, two of them HMMA.
 assert gemv[0].endswith("gemv<2>()") or gemv[0] == "_Z4gemvILi2EEvv", gemv
 assert gemv[1:4] == ["11", "6", "2"], gemv
@@ -64,6 +80,10 @@ assert gemv[4] == "HMMA 2, LOP3 2, BRA 1", gemv  # ties by name
 # copy: no tensor-core loop, the longest loop instead (the forward branch is not a loop).
 assert copy[1:4] == ["6", "3", "0"], copy
 assert copy[4] == "BRA 1, LDG 1, STG 1", copy
+# dp4a: no tensor-core loop; the dp4a loop (.L_x_21, 4 instructions), not the longer input
+# stage before it (7).
+assert dp4a[1:4] == ["12", "4", "0"], dp4a
+assert dp4a[4] == "IDP 2, BRA 1, LDS 1", dp4a
 # dumped: branches to addresses; the loop is 0x20 .. 0x50 (the forward BRA 0x80 is none).
 assert dumped[1:4] == ["9", "4", "2"], dumped
 assert dumped[4] == "HMMA 2, BRA 1, LDS 1", dumped

@@ -251,8 +251,8 @@ bool parse_options(int argc, char** argv, Options* o) {
       o->prefill_n = std::atoll(argv[++i]);
     } else if (a == "--roofline-gbs" && has_value) {
       o->roofline_gbs = std::atof(argv[++i]);
-      if (!(o->roofline_gbs > 0)) {
-        std::fprintf(stderr, "--roofline-gbs must be a positive number\n");
+      if (!(o->roofline_gbs >= 0.1 && o->roofline_gbs <= 1e6)) {
+        std::fprintf(stderr, "--roofline-gbs must be a number of GB/s from 0.1 to 1e6\n");
         return false;
       }
     } else if (a == "--avx2") {

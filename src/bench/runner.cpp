@@ -147,12 +147,18 @@ Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
   KS_RETURN_IF_ERROR(runner->ensure_backend());
   if (o.roofline_gbs > 0) {
     runner->roofline_ = Roofline{o.roofline_gbs, "given"};
+  } else if (runner->profile_.host_memory && o.tensor_parallel > 1) {
+    // A split over CPU ranks reads the host's memory with every rank's threads at once, and
+    // its GB/s counts every rank's bytes: the roofline is all the threads' (the spare backend
+    // has one rank's), still one device's.
+    KS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> whole, make_backend(o.device, o.threads));
+    runner->roofline_ = whole->roofline();
   } else {
     runner->roofline_ = runner->spare_backend_->roofline();
-    if (runner->roofline_.bandwidth_gbs <= 0) {
-      runner->roofline_ = Roofline{runner->profile_.bandwidth_gbs,
-                                   "device profile (" + runner->roofline_.source + ")"};
-    }
+  }
+  if (runner->roofline_.bandwidth_gbs <= 0) {  // the measurement failed
+    runner->roofline_ = Roofline{runner->profile_.bandwidth_gbs,
+                                 "device profile (" + runner->roofline_.source + ")"};
   }
   return runner;
 }

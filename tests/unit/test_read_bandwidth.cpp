@@ -35,12 +35,16 @@ TEST(ReadBandwidth, ReadsWholeMebibytesWithEveryThread) {
 }
 
 TEST(ReadBandwidth, BufferGrowsWithTheThreadsUpToTwoGibibytes) {
-  EXPECT_EQ(cpu::read_bandwidth_bytes(1), 256 * kMiB);
-  EXPECT_EQ(cpu::read_bandwidth_bytes(8), 256 * kMiB);
-  EXPECT_EQ(cpu::read_bandwidth_bytes(9), 512 * kMiB);
-  EXPECT_EQ(cpu::read_bandwidth_bytes(64), 2048 * kMiB);
-  EXPECT_EQ(cpu::read_bandwidth_bytes(1024), 2048 * kMiB);
-  EXPECT_EQ(cpu::read_bandwidth_bytes(0), 256 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(1, 128), 256 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(8, 128), 256 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(9, 128), 512 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(64, 128), 2048 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(1024, 128), 2048 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(0, 128), 256 * kMiB);
+  // Threads past the machine's hardware threads add nothing: `-t 64` on two cores reads 256 MiB.
+  EXPECT_EQ(cpu::read_bandwidth_bytes(64, 2), 256 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(64, 16), 512 * kMiB);
+  EXPECT_EQ(cpu::read_bandwidth_bytes(64, 0), 2048 * kMiB);  // unknown: the threads decide
 }
 
 // The backend measures once and says so; the benchmark prints that source beside the figure.

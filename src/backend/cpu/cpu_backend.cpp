@@ -26,6 +26,8 @@ class CpuBackend final : public Backend {
   // fill and seven passes over 256 MiB take ~0.3 s on the development machine) and kept: a
   // constant (DESIGN.md's 31 GB/s) read 128% there, which measured 28-69 GB/s with the same two
   // threads from one minute to the next.
+  // The mutex keeps the measurement to one caller; it runs on pool_, which, like every op here,
+  // takes one caller at a time.
   Roofline roofline() override {
     std::lock_guard<std::mutex> lock(roofline_mutex_);
     if (!roofline_) {

@@ -8,6 +8,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace kestrel::cpu {
@@ -92,9 +93,14 @@ Result<ReadBandwidth> measure_read_bandwidth(ThreadPool& pool, size_t bytes, int
   return r;
 }
 
-size_t read_bandwidth_bytes(int threads) {
+size_t read_bandwidth_bytes(int threads, int hardware_threads) {
   constexpr size_t kMiB = size_t(1) << 20;
-  return std::min(256 * kMiB * size_t(std::max(1, (threads + 7) / 8)), 2048 * kMiB);
+  const int readers = hardware_threads > 0 ? std::min(threads, hardware_threads) : threads;
+  return std::min(256 * kMiB * size_t(std::max(1, (readers + 7) / 8)), 2048 * kMiB);
+}
+
+size_t read_bandwidth_bytes(int threads) {
+  return read_bandwidth_bytes(threads, int(std::thread::hardware_concurrency()));
 }
 
 }  // namespace kestrel::cpu

@@ -26,9 +26,13 @@ struct ReadBandwidth {
 // the buffer cannot be allocated or a sum is wrong.
 Result<ReadBandwidth> measure_read_bandwidth(ThreadPool& pool, size_t bytes, int passes);
 
-// The buffer for `threads` readers: 256 MiB for every 8 threads, at most 2 GiB. At least 8 times
-// the last-level cache a group of 8 cores shares on current x86 servers (32 MiB; 96 MiB with
-// stacked cache), so the passes read memory, not cache.
+// The buffer for `threads` readers on this machine: 256 MiB for every 8 of them that have a
+// hardware thread of their own (threads past std::thread::hardware_concurrency() add no cache and
+// no bandwidth, and `-t 64` on two cores would have filled 2 GiB), at most 2 GiB. At least 8
+// times the last-level cache a group of 8 cores shares on current x86 servers (32 MiB; 96 MiB
+// with stacked cache), so the passes read memory, not cache.
 size_t read_bandwidth_bytes(int threads);
+// The same for a machine of `hardware_threads` (tests).
+size_t read_bandwidth_bytes(int threads, int hardware_threads);
 
 }  // namespace kestrel::cpu

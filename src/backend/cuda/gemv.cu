@@ -878,20 +878,23 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
   // Activations (the B fragments) come from L1/L2 and are loaded one chunk ahead. From global
   // memory (no fused norm), a lane's rows of the input (token nt * 8 + quad_row, from its group
   // of chunk 0) are set once, so a chunk's loads are one offset from them and immediates, and
-  // every load is made, unpredicated: a token slot past n_tokens reads token 0's row (its sums
-  // are never stored), and a lane past the last group (or a chunk past the end, the last
-  // iteration's look-ahead) reads chunk 0's, which it multiplies with weights that consume()
-  // made zero (zero scale, and zero min). Products of zero weights with finite inputs add
-  // nothing; zeroed inputs cost a CS2R and a predicate a load. The fused norm's shared-memory
-  // row keeps its predicated, per-load indexing (its 32-bit addresses are cheaper than a generic
-  // pointer's, and ptxas spills more in those instances).
+  // every load is made, unpredicated (zero-filled fragments cost a CS2R and a predicate a load):
+  // - a token slot past n_tokens reads token 0's row; its sums are never stored;
+  // - a lane with no group in the chunk (past the last group, or the last iteration's look-ahead
+  //   past the last chunk) reads chunk 0, which consume() pairs with zero weights (zero scale
+  //   and min), so its products add nothing. Where the input has fewer groups than a chunk's
+  //   lanes, such a lane's row starts at group 0, so that no load leaves the row. (An fp16 Inf
+  //   in a token's chunk 0 makes those products NaN; every output of that token is non-finite
+  //   already, its column's weight times Inf, and an Inf among them may become NaN.)
+  // The fused norm's shared-memory row keeps its predicated, per-load indexing (its 32-bit
+  // addresses are cheaper than a generic pointer's, and ptxas spills more in those instances).
   const __half* b_rows[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int token = nt * 8 + quad_row;
-    b_rows[nt] =
-        kNorm ? nullptr
-              : p.x + (token < p.n_tokens ? token : 0) * p.x_stride + int64_t(quad_col) * kGroup;
+    b_rows[nt] = kNorm ? nullptr
+                       : p.x + (token < p.n_tokens ? token : 0) * p.x_stride +
+                             int64_t(quad_col < p.n_groups ? quad_col : 0) * kGroup;
   }
   auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
     const int64_t group = chunk * kChunkGroups + quad_col;

@@ -7,6 +7,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/workspace.h"
@@ -53,8 +54,15 @@ struct BatchView {
 // The memory-bandwidth ceiling a decode step is measured against, and where the figure comes
 // from (a measurement on this machine, or a documented figure).
 struct Roofline {
+  Roofline() = default;
+  Roofline(double gbs, std::string from) : bandwidth_gbs(gbs), source(std::move(from)) {}
+
   double bandwidth_gbs = 0;  // 0: unknown
   std::string source;
+  // The matrix rate a prompt's products can reach, in TFLOP/s (1e12 operations, two a
+  // multiply-add, in the arithmetic the backend's prefill uses); 0: unknown.
+  double matrix_tflops = 0;
+  std::string matrix_source;
 };
 
 struct RopeParams {

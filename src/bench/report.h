@@ -59,7 +59,7 @@ struct QuickRow {
   double tps_stddev = 0;     // over trials
   double gbs = -1;           // tg: weights and KV cache read per second; -1: not applicable
   double tflops = -1;        // pp: arithmetic rate; -1: not applicable
-  double roofline_pct = -1;  // tg: gbs / the device's bandwidth roofline
+  double roofline_pct = -1;  // tg: gbs / the device's bandwidth; pp: tflops / its matrix rate
 };
 
 // "md" (a Markdown table like llama-bench's), "csv" or "json" (an array of objects).

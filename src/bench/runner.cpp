@@ -145,9 +145,7 @@ Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
       o.hang_grace_s);
   // A device this build lacks fails here, once, rather than on every row.
   KS_RETURN_IF_ERROR(runner->ensure_backend());
-  if (o.roofline_gbs > 0) {
-    runner->roofline_ = Roofline{o.roofline_gbs, "given"};
-  } else if (runner->profile_.host_memory && o.tensor_parallel > 1) {
+  if (runner->profile_.host_memory && o.tensor_parallel > 1) {
     // A split over CPU ranks reads the host's memory with every rank's threads at once, and
     // its GB/s counts every rank's bytes: the roofline is all the threads' (the spare backend
     // has one rank's), still one device's.
@@ -156,9 +154,13 @@ Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
   } else {
     runner->roofline_ = runner->spare_backend_->roofline();
   }
-  if (runner->roofline_.bandwidth_gbs <= 0) {  // the measurement failed
-    runner->roofline_ = Roofline{runner->profile_.bandwidth_gbs,
-                                 "device profile (" + runner->roofline_.source + ")"};
+  Roofline& r = runner->roofline_;
+  if (o.roofline_gbs > 0) {
+    r.bandwidth_gbs = o.roofline_gbs;
+    r.source = "given";
+  } else if (r.bandwidth_gbs <= 0) {  // the measurement failed
+    r.bandwidth_gbs = runner->profile_.bandwidth_gbs;
+    r.source = "device profile (" + r.source + ")";
   }
   return runner;
 }

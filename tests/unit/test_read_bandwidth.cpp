@@ -1,10 +1,12 @@
-// The CPU backend's decode roofline: the host's read bandwidth, measured with the backend's
-// threads (cpu::measure_read_bandwidth), where it used to be a constant.
+// The CPU backend's rooflines: the host's read bandwidth (cpu::measure_read_bandwidth) and its
+// int8 multiply-add rate (cpu::measure_int8_tops), measured with the backend's threads, where
+// the bandwidth used to be a constant and the matrix rate was not known.
 #include <gtest/gtest.h>
 
 #include <string>
 
 #include "backend/backend.h"
+#include "backend/cpu/matmul.h"
 #include "backend/cpu/read_bandwidth.h"
 #include "core/thread_pool.h"
 
@@ -47,6 +49,22 @@ TEST(ReadBandwidth, BufferGrowsWithTheThreadsUpToTwoGibibytes) {
   EXPECT_EQ(cpu::read_bandwidth_bytes(64, 0), 2048 * kMiB);  // unknown: the threads decide
 }
 
+// The int8 multiply-add rate of both kernel families (AVX2 everywhere, AVX-512 VNNI where the
+// CPU has it): every chain counted, the time its passes took.
+TEST(ReadBandwidth, Int8RateOfEitherKernelFamily) {
+  ThreadPool pool(2);
+  cpu::set_force_avx2(true);
+  const double avx2 = cpu::measure_int8_tops(pool, 2);
+  cpu::set_force_avx2(false);
+  const double native = cpu::measure_int8_tops(pool, 2);
+  EXPECT_GT(avx2, 0.0);
+  EXPECT_GT(native, 0.0);
+  // Far below any machine's possible rate: a chain the compiler hoisted or dropped would count
+  // work that was never done (seen: a loop-invariant product, 1e4 times too fast).
+  EXPECT_LT(avx2, 100.0);
+  EXPECT_LT(native, 100.0);
+}
+
 // The backend measures once and says so; the benchmark prints that source beside the figure.
 TEST(ReadBandwidth, CpuBackendRooflineIsMeasuredOnce) {
   auto backend = make_backend("cpu", 2);
@@ -54,9 +72,14 @@ TEST(ReadBandwidth, CpuBackendRooflineIsMeasuredOnce) {
   const Roofline first = (*backend)->roofline();
   EXPECT_GT(first.bandwidth_gbs, 0.0) << first.source;
   EXPECT_EQ(first.source, "measured: 256 MiB read by 2 threads, fastest of 7 passes");
+  EXPECT_GT(first.matrix_tflops, 0.0) << first.matrix_source;
+  EXPECT_EQ(first.matrix_source, std::string("measured: ") + cpu::matmul_isa() +
+                                     " int8 multiply-adds on 2 threads, registers only, fastest "
+                                     "of 7 passes");
   const Roofline again = (*backend)->roofline();
   EXPECT_EQ(again.bandwidth_gbs, first.bandwidth_gbs);
   EXPECT_EQ(again.source, first.source);
+  EXPECT_EQ(again.matrix_tflops, first.matrix_tflops);
 }
 
 }  // namespace

@@ -192,9 +192,18 @@ class BenchCommand {
 
   void say_roofline(const bench::Runner& runner) {
     if (flags_.quiet) return;
-    char text[256];
-    std::snprintf(text, sizeof(text), "roofline: %.0f GB/s (%s)", runner.roofline().bandwidth_gbs,
-                  runner.roofline().source.c_str());
+    const Roofline& r = runner.roofline();
+    char text[512];
+    std::snprintf(text, sizeof(text), "roofline: %.0f GB/s (%s)", r.bandwidth_gbs,
+                  r.source.c_str());
+    say(text);
+    if (r.matrix_tflops > 0) {
+      std::snprintf(text, sizeof(text), "matrix rate: %.3g TFLOP/s (%s)", r.matrix_tflops,
+                    r.matrix_source.c_str());
+    } else {
+      std::snprintf(text, sizeof(text), "matrix rate: unknown (%s); prompt rows print no %%",
+                    r.matrix_source.empty() ? "none" : r.matrix_source.c_str());
+    }
     say(text);
   }
 
@@ -397,6 +406,9 @@ class BenchCommand {
         if (r.ok && r.first_token_ms > 0) {
           const StepCost cost = prefill_cost(spec, r.bench_case.in_len, r.bench_case.in_len, 4);
           row.tflops = cost.flops * double(row.batch) / (r.first_token_ms / 1e3) / 1e12;
+          // Against the device's matrix rate, where it has one (Roofline::matrix_tflops).
+          const double matrix = runner->roofline().matrix_tflops;
+          if (matrix > 0) row.roofline_pct = row.tflops / matrix * 100.0;
         }
       } else {
         for (double s : r.trial_next_token_s) rates.push_back(double(row.batch) / s);

@@ -31,6 +31,12 @@ void matmul(const QuantWeight& w, const float* x, int64_t n, float* y, const flo
 // The kernel family matmul dispatches to now: "avx512-vnni" or "avx2".
 const char* matmul_isa();
 
+// The host's integer multiply-add rate with the instructions of matmul_isa()'s kernels, every
+// thread of `pool` at once, the fastest of `passes` passes: the matrix rate the CPU's prompt
+// products (int8 activations times integer weight codes) can reach, in TOP/s (1e12, two
+// operations a multiply-add). Weight decoding, scales and memory are not in it: a ceiling.
+double measure_int8_tops(ThreadPool& pool, int passes);
+
 // Makes matmul use the AVX2 kernels even where AVX-512 is available, so tests and benchmarks can
 // cover both paths on one machine. Process-wide; not meant to be flipped while matmuls run.
 void set_force_avx2(bool force);
@@ -81,6 +87,12 @@ struct MatmulArgs {
 // row_end is too, or it is `rows`.
 void matmul_rows_avx2(const MatmulArgs& args, int64_t row_begin, int64_t row_end);
 void matmul_rows_avx512(const MatmulArgs& args, int64_t row_begin, int64_t row_end);
+
+// `iterations` turns of independent chains of the integer kernels' multiply-add instructions
+// (AVX2: VPMADDUBSW, VPMADDWD, VPADDD; AVX-512: VPDPBUSD) on registers alone; returns the
+// multiply-adds done. The result is kept (in a volatile sink), so no chain is optimized away.
+uint64_t int8_macs_avx2(int64_t iterations);
+uint64_t int8_macs_avx512(int64_t iterations);
 
 }  // namespace detail
 

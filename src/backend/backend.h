@@ -59,10 +59,14 @@ struct Roofline {
 
   double bandwidth_gbs = 0;  // 0: unknown
   std::string source;
-  // The matrix rate a prompt's products can reach, in TFLOP/s (1e12 operations, two a
-  // multiply-add, in the arithmetic the backend's prefill uses); 0: unknown.
-  double matrix_tflops = 0;
-  std::string matrix_source;
+};
+
+// The matrix rate a prompt's products can reach on a backend, for the benchmark's prompt rows of
+// integer-format weights: TFLOP/s (1e12 operations, two a multiply-add) of the arithmetic its
+// prefill of those weights uses. 0: unknown.
+struct MatrixRate {
+  double tflops = 0;
+  std::string source;
 };
 
 struct RopeParams {
@@ -124,6 +128,8 @@ class Backend {
   // This device's bandwidth roofline. Device backends measure it (once per backend: it takes a
   // few milliseconds of device time); the default knows none.
   virtual Roofline roofline() { return {}; }
+  // This device's matrix rate (MatrixRate), measured or known once; the default knows none.
+  virtual MatrixRate matrix_rate() { return {}; }
   // Free memory of the device in bytes; 0 when the backend has no memory of its own (the CPU)
   // or cannot tell. The planner compares plans with it; the benchmark measures peaks with it.
   virtual size_t free_memory() const { return 0; }

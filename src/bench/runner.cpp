@@ -145,23 +145,24 @@ Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
       o.hang_grace_s);
   // A device this build lacks fails here, once, rather than on every row.
   KS_RETURN_IF_ERROR(runner->ensure_backend());
+  // A split over CPU ranks reads the host's memory, and multiplies, with every rank's threads at
+  // once, and its rates count every rank's work: its rooflines are all the threads' (the spare
+  // backend has one rank's), still one device's.
+  std::unique_ptr<Backend> whole;
   if (runner->profile_.host_memory && o.tensor_parallel > 1) {
-    // A split over CPU ranks reads the host's memory with every rank's threads at once, and
-    // its GB/s counts every rank's bytes: the roofline is all the threads' (the spare backend
-    // has one rank's), still one device's.
-    KS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> whole, make_backend(o.device, o.threads));
-    runner->roofline_ = whole->roofline();
-  } else {
-    runner->roofline_ = runner->spare_backend_->roofline();
+    KS_ASSIGN_OR_RETURN(whole, make_backend(o.device, o.threads));
   }
+  Backend& measured = whole ? *whole : *runner->spare_backend_;
   Roofline& r = runner->roofline_;
   if (o.roofline_gbs > 0) {
-    r.bandwidth_gbs = o.roofline_gbs;
-    r.source = "given";
-  } else if (r.bandwidth_gbs <= 0) {  // the measurement failed
-    r.bandwidth_gbs = runner->profile_.bandwidth_gbs;
-    r.source = "device profile (" + r.source + ")";
+    r = Roofline(o.roofline_gbs, "given");
+  } else {
+    r = measured.roofline();
+    if (r.bandwidth_gbs <= 0) {  // the measurement failed
+      r = Roofline(runner->profile_.bandwidth_gbs, "device profile (" + r.source + ")");
+    }
   }
+  runner->matrix_rate_ = measured.matrix_rate();
   return runner;
 }
 

@@ -119,6 +119,8 @@ class Runner {
   // The bandwidth the decode rows are compared with, and where that figure comes from.
   double roofline_gbs() const { return roofline_.bandwidth_gbs; }
   const Roofline& roofline() const { return roofline_; }
+  // The matrix rate the prompt rows of integer formats are compared with (MatrixRate).
+  const MatrixRate& matrix_rate() const { return matrix_rate_; }
   // The loaded engine (quick mode reports its model); null before the first configuration.
   const Engine* engine() const { return engine_.get(); }
 
@@ -137,6 +139,7 @@ class Runner {
   RunnerOptions options_;
   DeviceProfile profile_;
   Roofline roofline_;
+  MatrixRate matrix_rate_;
   std::unique_ptr<Watchdog> watchdog_;
   std::unique_ptr<Backend> spare_backend_;  // made for planning, handed to the next engine
   std::unique_ptr<Engine> engine_;

@@ -175,8 +175,18 @@ PY
 grep -q '^| synthetic:tiny-qwen2 .* | *tg8 |' <<< "$("$kestrel" bench -m synthetic:tiny-qwen2 -p 16 -n 8 -r 1 -q 2>/dev/null)"
 # Both rooflines are measured here and say so (issue 10: honest rooflines).
 "$kestrel" bench -m synthetic:tiny-qwen2 -p 16 -n 4 -r 1 2>"$tmp/roof.err" >/dev/null
-grep -q '^roofline: [0-9]* GB/s (measured: 256 MiB read by [0-9]* threads, fastest of 7 passes)$' "$tmp/roof.err"
-grep -q '^matrix rate: [0-9.e+]* TFLOP/s (measured: avx[0-9a-z-]* int8 multiply-adds on [0-9]* threads' "$tmp/roof.err"
+grep -q '^roofline: [0-9]* GB/s (measured: [0-9]* MiB read by [0-9]* threads, fastest of 7 passes)$' "$tmp/roof.err"
+grep -q '^matrix rate, integer formats: [0-9.e+]* TFLOP/s (measured: avx[0-9a-z-]* int8 multiply-adds on [0-9]* threads' "$tmp/roof.err"
 "$kestrel" bench -m synthetic:tiny-qwen2 -p 16 -n 4 -r 1 --roofline-gbs 31 2>"$tmp/given.err" >/dev/null
 grep -q '^roofline: 31 GB/s (given)$' "$tmp/given.err"
+grep -q '^matrix rate, integer formats: ' "$tmp/given.err"
+# A float format's prompt rows have no matrix rate to be compared with (the rate is the int8
+# kernels'), its generation rows still a bandwidth.
+"$kestrel" bench -m synthetic:tiny-qwen2 --low-bit fp32 -p 16 -n 4 -r 1 -o json -q >"$tmp/fp32.json" 2>/dev/null
+python3 - "$tmp/fp32.json" <<'PY'
+import json, sys
+rows = {r["test"]: r for r in json.load(open(sys.argv[1]))}
+assert "roofline_percent" not in rows["pp16"] and rows["pp16"]["achieved_tflops"] > 0, rows
+assert rows["tg4"]["roofline_percent"] > 0, rows
+PY
 echo "ok quick mode"

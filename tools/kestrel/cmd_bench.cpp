@@ -193,16 +193,17 @@ class BenchCommand {
   void say_roofline(const bench::Runner& runner) {
     if (flags_.quiet) return;
     const Roofline& r = runner.roofline();
+    const MatrixRate& m = runner.matrix_rate();
     char text[512];
     std::snprintf(text, sizeof(text), "roofline: %.0f GB/s (%s)", r.bandwidth_gbs,
                   r.source.c_str());
     say(text);
-    if (r.matrix_tflops > 0) {
-      std::snprintf(text, sizeof(text), "matrix rate: %.3g TFLOP/s (%s)", r.matrix_tflops,
-                    r.matrix_source.c_str());
+    if (m.tflops > 0) {
+      std::snprintf(text, sizeof(text), "matrix rate, integer formats: %.3g TFLOP/s (%s)", m.tflops,
+                    m.source.c_str());
     } else {
       std::snprintf(text, sizeof(text), "matrix rate: unknown (%s); prompt rows print no %%",
-                    r.matrix_source.empty() ? "none" : r.matrix_source.c_str());
+                    m.source.empty() ? "none" : m.source.c_str());
     }
     say(text);
   }
@@ -406,9 +407,12 @@ class BenchCommand {
         if (r.ok && r.first_token_ms > 0) {
           const StepCost cost = prefill_cost(spec, r.bench_case.in_len, r.bench_case.in_len, 4);
           row.tflops = cost.flops * double(row.batch) / (r.first_token_ms / 1e3) / 1e12;
-          // Against the device's matrix rate, where it has one (Roofline::matrix_tflops).
-          const double matrix = runner->roofline().matrix_tflops;
-          if (matrix > 0) row.roofline_pct = row.tflops / matrix * 100.0;
+          // Against the device's matrix rate, where it has one (MatrixRate): the rate of the
+          // integer formats' prefill arithmetic (the CPU's int8 kernels, CUDA's fp16 GEMMs of
+          // dequantized weights), so float formats print none.
+          const double matrix = runner->matrix_rate().tflops;
+          if (matrix > 0 && is_quantized(spec.format))
+            row.roofline_pct = row.tflops / matrix * 100.0;
         }
       } else {
         for (double s : r.trial_next_token_s) rates.push_back(double(row.batch) / s);
@@ -480,7 +484,8 @@ void add_bench_command(CLI::App& app, std::vector<Command>& commands) {
                     "16384 on CUDA, else 512); the planner halves it to fit memory");
   bench->add_option("--roofline-gbs", flags->roofline_gbs,
                     "memory bandwidth roofline in GB/s (default: measured once per run: the "
-                    "CPU's read bandwidth with -t threads, a GPU's device copy)");
+                    "CPU's read bandwidth with -t threads, a GPU's device copy; the prompt "
+                    "rows' matrix rate is measured or known apart)");
   bench->add_option("--deadline-factor", flags->deadline_factor,
                     "watchdog: a step's deadline is this times its expected time plus a floor");
   bench->add_option("--step-timeout", flags->step_timeout,

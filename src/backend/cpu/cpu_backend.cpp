@@ -22,12 +22,11 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int threads) : pool_(threads) {}
 
   std::string name() const override { return std::string("cpu (") + cpu::matmul_isa() + ")"; }
-  // The host's read bandwidth with this backend's threads, and its int8 multiply-add rate,
-  // measured at the first call (a fill and seven passes over 256 MiB take ~0.3 s on the
-  // development machine) and kept. A constant (DESIGN.md's 31 GB/s) read 128% there, which
-  // measured 28-69 GB/s with the same two threads from one minute to the next. The mutex keeps
-  // the measurement to one caller; it runs on pool_, which, like every op here, takes one
-  // caller at a time.
+  // The host's read bandwidth with this backend's threads, measured at the first call (a fill
+  // and seven passes over 256 MiB take ~0.3 s on the development machine) and kept. A constant
+  // (DESIGN.md's 31 GB/s) read 128% there, which measured 28-69 GB/s with the same two threads
+  // from one minute to the next. The mutex keeps the measurement to one caller; it runs on
+  // pool_, which, like every op here, takes one caller at a time.
   Roofline roofline() override {
     std::lock_guard<std::mutex> lock(roofline_mutex_);
     if (!roofline_) {
@@ -38,15 +37,22 @@ class CpuBackend final : public Backend {
                                                    " threads, fastest of " +
                                                    std::to_string(r->passes) + " passes")
                             : Roofline(0, "measurement failed: " + r.status().message());
-      // The prompt's products: int8 activations times integer codes, with the kernels' own
-      // multiply-add instructions on every thread (~20 ms).
-      roofline_->matrix_tflops = cpu::measure_int8_tops(pool_, kRooflinePasses);
-      roofline_->matrix_source = std::string("measured: ") + cpu::matmul_isa() +
-                                 " int8 multiply-adds on " + std::to_string(pool_.size()) +
-                                 " threads, registers only, fastest of " +
-                                 std::to_string(kRooflinePasses) + " passes";
     }
     return *roofline_;
+  }
+
+  // The prompt's products of integer weights: int8 activations times integer codes, with the
+  // kernels' own multiply-add instructions on every thread (measure_int8_tops, ~30-60 ms), once.
+  MatrixRate matrix_rate() override {
+    std::lock_guard<std::mutex> lock(roofline_mutex_);
+    if (!matrix_rate_) {
+      matrix_rate_ =
+          MatrixRate{cpu::measure_int8_tops(pool_, kRooflinePasses),
+                     std::string("measured: ") + cpu::matmul_isa() + " int8 multiply-adds on " +
+                         std::to_string(pool_.size()) + " threads, registers only, fastest of " +
+                         std::to_string(kRooflinePasses) + " passes"};
+    }
+    return *matrix_rate_;
   }
 
   Status upload(ModelWeights&) override { return Status::ok(); }
@@ -289,7 +295,8 @@ class CpuBackend final : public Backend {
 
   ThreadPool pool_;
   std::mutex roofline_mutex_;
-  std::optional<Roofline> roofline_;  // roofline()'s measurement, once made
+  std::optional<Roofline> roofline_;       // roofline()'s measurement, once made
+  std::optional<MatrixRate> matrix_rate_;  // matrix_rate()'s
   ModelConfig config_;
   RunShape shape_;
   BatchView batch_;

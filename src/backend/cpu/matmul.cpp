@@ -17,6 +17,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <thread>
 
 #include "backend/cpu/cpu_features.h"
 
@@ -498,32 +499,31 @@ const char* matmul_isa() {
 
 namespace detail {
 
-namespace {
-volatile int g_int8_sink = 0;  // keeps the chains' results, so none is optimized away
-}  // namespace
-
-uint64_t int8_macs_avx2(int64_t iterations) {
-  // Twelve chains of the kernels' three instructions a 32 multiply-adds: each chain's value is
-  // the next VPMADDUBSW's unsigned operand, so nothing in the loop is invariant (the compiler
-  // hoisted a product of constants out of it), and twelve chains cover the chain's latency
-  // (~11 cycles on Zen 4). The signed operand comes from the sink, unknown to the compiler.
-  const int seed = g_int8_sink;
+uint64_t int8_macs_avx2(int64_t iterations, int seed) {
+  // Six independent products a turn, each into its own accumulator: only the add is carried
+  // from turn to turn, so the chains wait on nothing but the multiply units (a product fed into
+  // the next measured the latency, about a third slower). An empty asm makes each unsigned
+  // operand unknown again every turn, so no product is hoisted out of the loop; six operands,
+  // six accumulators, the signed operand and the ones fit AVX2's 16 registers.
+  constexpr int kChains = 6;
   const __m256i x = _mm256_set1_epi8(char(2 + (seed & 3)));
   const __m256i ones = _mm256_set1_epi16(1);
-  constexpr int kChains = 12;
+  __m256i u[kChains];
   __m256i acc[kChains];
-#pragma GCC unroll 12
-  for (int c = 0; c < kChains; ++c) acc[c] = _mm256_set1_epi32(c + seed);
+#pragma GCC unroll 6
+  for (int c = 0; c < kChains; ++c) {
+    u[c] = _mm256_set1_epi8(char(1 + ((seed + c) & 7)));
+    acc[c] = _mm256_setzero_si256();
+  }
   for (int64_t i = 0; i < iterations; ++i) {
-#pragma GCC unroll 12
+#pragma GCC unroll 6
     for (int c = 0; c < kChains; ++c) {
-      acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(acc[c], x), ones));
+      asm volatile("" : "+x"(u[c]));
+      acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(_mm256_maddubs_epi16(u[c], x), ones));
     }
   }
-  __m256i sum = acc[0];
-#pragma GCC unroll 12
-  for (int c = 1; c < kChains; ++c) sum = _mm256_add_epi32(sum, acc[c]);
-  g_int8_sink = _mm256_extract_epi32(sum, 0) & 1;
+#pragma GCC unroll 6
+  for (int c = 0; c < kChains; ++c) asm volatile("" : : "x"(acc[c]));  // the sums are used
   return uint64_t(iterations) * kChains * 32;
 }
 
@@ -531,10 +531,13 @@ uint64_t int8_macs_avx2(int64_t iterations) {
 
 double measure_int8_tops(ThreadPool& pool, int passes) {
   const bool avx512 = use_avx512();
-  // A pass is about 4 ms on the development machine's two cores (AVX-512), well past the
-  // pool's wake-up; four tasks a thread, so a thread that starts late still finds work.
-  const int64_t units = int64_t(pool.size()) * 4;
-  const int64_t iterations = avx512 ? 500000 : 400000;
+  // A pass is about 4-8 ms on the development machine's two cores, well past the pool's
+  // wake-up; four tasks a thread that has a hardware thread (the rate is the cores'; `-t 1024`
+  // on two cores would run 1024 threads' work), so a thread that starts late still finds work.
+  const int hardware = int(std::thread::hardware_concurrency());
+  const int64_t units = int64_t(hardware > 0 ? std::min(pool.size(), hardware) : pool.size()) * 4;
+  const int64_t iterations = avx512 ? 500000 : 300000;
+  const int seed = int(units);  // unknown to the compiler
   double best = 0;
   for (int pass = 0; pass < std::max(1, passes); ++pass) {
     std::atomic<uint64_t> macs{0};
@@ -542,7 +545,8 @@ double measure_int8_tops(ThreadPool& pool, int passes) {
     pool.parallel_for(units, 1, [&](int64_t begin, int64_t end, int) {
       uint64_t done = 0;
       for (int64_t i = begin; i < end; ++i) {
-        done += avx512 ? detail::int8_macs_avx512(iterations) : detail::int8_macs_avx2(iterations);
+        done += avx512 ? detail::int8_macs_avx512(iterations, seed)
+                       : detail::int8_macs_avx2(iterations, seed);
       }
       macs.fetch_add(done, std::memory_order_relaxed);
     });

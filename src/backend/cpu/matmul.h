@@ -90,9 +90,10 @@ void matmul_rows_avx512(const MatmulArgs& args, int64_t row_begin, int64_t row_e
 
 // `iterations` turns of independent chains of the integer kernels' multiply-add instructions
 // (AVX2: VPMADDUBSW, VPMADDWD, VPADDD; AVX-512: VPDPBUSD) on registers alone; returns the
-// multiply-adds done. The result is kept (in a volatile sink), so no chain is optimized away.
-uint64_t int8_macs_avx2(int64_t iterations);
-uint64_t int8_macs_avx512(int64_t iterations);
+// multiply-adds done. Their operands come from `seed` and their sums are used (empty asm
+// statements), so the compiler can neither fold nor drop a chain.
+uint64_t int8_macs_avx2(int64_t iterations, int seed);
+uint64_t int8_macs_avx512(int64_t iterations, int seed);
 
 }  // namespace detail
 

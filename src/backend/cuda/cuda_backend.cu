@@ -77,13 +77,13 @@ float* f32(Tensor t) {
 // device name with the source of each figure"): dense fp16/bf16 tensor-core GEMMs, which the
 // prompt's dequantized weights run through cuBLAS. Measured figures only; a device not listed
 // prints no percentage.
-struct MatrixRate {
+struct KnownMatrixRate {
   const char* device;  // cudaDeviceProp::name
   double tflops;
   const char* source;
 };
-const std::vector<MatrixRate>& matrix_rate_table() {
-  static const std::vector<MatrixRate> table = {
+const std::vector<KnownMatrixRate>& matrix_rate_table() {
+  static const std::vector<KnownMatrixRate> table = {
       {"NVIDIA H200", 790.0,
        "table: bf16 GEMM on large random matrices, measured 2026-12-02 (DESIGN.md)"},
       {"NVIDIA H100 80GB HBM3", 800.0, "table: dense bf16 GEMM, measured (DESIGN.md)"},
@@ -253,22 +253,23 @@ class CudaBackend final : public Backend {
 
   cudaStream_t stream() const { return stream_; }
 
-  // The copy bandwidth is measured; the matrix rate, the prompt's fp16 tensor-core GEMMs (the
-  // weights dequantized for cuBLAS), comes from matrix_rate_table() by the device's name.
+  // The copy bandwidth is measured (matrix_rate() is a table's).
   Roofline roofline() override {
     if (!roofline_) {
       auto gbs = measure_copy_gbs();
       roofline_ = gbs.is_ok() ? Roofline(*gbs, "measured: device-to-device copy, read + write")
                               : Roofline(0, "not measured: " + gbs.status().message());
-      roofline_->matrix_source = "no figure for " + std::string(props_.name);
-      for (const MatrixRate& rate : matrix_rate_table()) {
-        if (std::strcmp(props_.name, rate.device) == 0) {
-          roofline_->matrix_tflops = rate.tflops;
-          roofline_->matrix_source = rate.source;
-        }
-      }
     }
     return *roofline_;
+  }
+
+  // The prompt's fp16 tensor-core GEMMs (integer weights dequantized for cuBLAS): from
+  // matrix_rate_table() by the device's name.
+  MatrixRate matrix_rate() override {
+    for (const KnownMatrixRate& rate : matrix_rate_table()) {
+      if (std::strcmp(props_.name, rate.device) == 0) return MatrixRate{rate.tflops, rate.source};
+    }
+    return MatrixRate{0, "no figure for " + std::string(props_.name)};
   }
 
   Status upload(ModelWeights& weights) override {

@@ -7,7 +7,6 @@
 #include <memory>
 #include <span>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "backend/workspace.h"
@@ -54,9 +53,6 @@ struct BatchView {
 // The memory-bandwidth ceiling a decode step is measured against, and where the figure comes
 // from (a measurement on this machine, or a documented figure).
 struct Roofline {
-  Roofline() = default;
-  Roofline(double gbs, std::string from) : bandwidth_gbs(gbs), source(std::move(from)) {}
-
   double bandwidth_gbs = 0;  // 0: unknown
   std::string source;
 };

@@ -155,11 +155,11 @@ Result<std::unique_ptr<Runner>> Runner::create(RunnerOptions options) {
   Backend& measured = whole ? *whole : *runner->spare_backend_;
   Roofline& r = runner->roofline_;
   if (o.roofline_gbs > 0) {
-    r = Roofline(o.roofline_gbs, "given");
+    r = Roofline{o.roofline_gbs, "given"};
   } else {
     r = measured.roofline();
     if (r.bandwidth_gbs <= 0) {  // the measurement failed
-      r = Roofline(runner->profile_.bandwidth_gbs, "device profile (" + r.source + ")");
+      r = Roofline{runner->profile_.bandwidth_gbs, "device profile (" + r.source + ")"};
     }
   }
   runner->matrix_rate_ = measured.matrix_rate();

@@ -32,11 +32,11 @@ class CpuBackend final : public Backend {
     if (!roofline_) {
       Result<cpu::ReadBandwidth> r = cpu::measure_read_bandwidth(
           pool_, cpu::read_bandwidth_bytes(pool_.size()), kRooflinePasses);
-      roofline_ = r.is_ok() ? Roofline(r->gbs, "measured: " + std::to_string(r->bytes >> 20) +
+      roofline_ = r.is_ok() ? Roofline{r->gbs, "measured: " + std::to_string(r->bytes >> 20) +
                                                    " MiB read by " + std::to_string(r->threads) +
                                                    " threads, fastest of " +
-                                                   std::to_string(r->passes) + " passes")
-                            : Roofline(0, "measurement failed: " + r.status().message());
+                                                   std::to_string(r->passes) + " passes"}
+                            : Roofline{0, "measurement failed: " + r.status().message()};
     }
     return *roofline_;
   }

@@ -257,8 +257,8 @@ class CudaBackend final : public Backend {
   Roofline roofline() override {
     if (!roofline_) {
       auto gbs = measure_copy_gbs();
-      roofline_ = gbs.is_ok() ? Roofline(*gbs, "measured: device-to-device copy, read + write")
-                              : Roofline(0, "not measured: " + gbs.status().message());
+      roofline_ = gbs.is_ok() ? Roofline{*gbs, "measured: device-to-device copy, read + write"}
+                              : Roofline{0, "not measured: " + gbs.status().message()};
     }
     return *roofline_;
   }

@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -20,6 +19,7 @@
 #include <thread>
 
 #include "backend/cpu/cpu_features.h"
+#include "core/stats.h"
 
 namespace kestrel::cpu {
 
@@ -537,11 +537,9 @@ double measure_int8_tops(ThreadPool& pool, int passes) {
   const int hardware = int(std::thread::hardware_concurrency());
   const int64_t units = int64_t(hardware > 0 ? std::min(pool.size(), hardware) : pool.size()) * 4;
   const int64_t iterations = avx512 ? 500000 : 300000;
-  const int seed = int(units);  // unknown to the compiler
-  double best = 0;
-  for (int pass = 0; pass < std::max(1, passes); ++pass) {
-    std::atomic<uint64_t> macs{0};
-    const auto start = std::chrono::steady_clock::now();
+  const int seed = int(units);    // unknown to the compiler
+  std::atomic<uint64_t> macs{0};  // every pass's: each does the same work
+  auto multiply = [&]() -> Status {
     pool.parallel_for(units, 1, [&](int64_t begin, int64_t end, int) {
       uint64_t done = 0;
       for (int64_t i = begin; i < end; ++i) {
@@ -550,11 +548,12 @@ double measure_int8_tops(ThreadPool& pool, int passes) {
       }
       macs.fetch_add(done, std::memory_order_relaxed);
     });
-    const double s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (s > 0) best = std::max(best, 2.0 * double(macs.load()) / s / 1e12);
-  }
-  return best;
+    return Status::ok();
+  };
+  Result<double> best_s = fastest_pass_seconds(passes, multiply);
+  if (!best_s.is_ok()) return 0;
+  const double passes_run = double(std::max(1, passes));
+  return 2.0 * double(macs.load()) / passes_run / *best_s / 1e12;
 }
 
 void set_force_avx2(bool force) {

@@ -3,13 +3,14 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <new>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "core/stats.h"
 
 namespace kestrel::cpu {
 namespace {
@@ -65,26 +66,24 @@ Result<ReadBandwidth> measure_read_bandwidth(ThreadPool& pool, size_t bytes, int
   const uint64_t n = words;
   const uint64_t expected = (n % 2 == 0 ? (n / 2) * (n - 1) : n * ((n - 1) / 2)) * kStep;
   std::vector<Partial> partials(size_t(pool.size()));
-  double best_s = 0;
-  for (int pass = 0; pass < passes; ++pass) {
+  int pass = 0;
+  auto read = [&]() -> Status {
+    ++pass;
     for (Partial& p : partials) p.sum = 0;
-    const auto start = std::chrono::steady_clock::now();
     pool.parallel_for(int64_t(blocks), 1, [&](int64_t begin, int64_t end, int thread) {
       uint64_t sum = 0;
       for (int64_t b = begin; b < end; ++b) sum += sum_block(data + size_t(b) * kBlockWords);
       partials[size_t(thread)].sum += sum;
     });
-    const double s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     uint64_t total = 0;
     for (const Partial& p : partials) total += p.sum;
     if (total != expected) {
-      return Status::error("the read-bandwidth pass " + std::to_string(pass + 1) +
+      return Status::error("the read-bandwidth pass " + std::to_string(pass) +
                            " summed its buffer wrongly");
     }
-    if (s > 0 && (best_s == 0 || s < best_s)) best_s = s;
-  }
-  if (best_s <= 0) return Status::error("the read-bandwidth passes took no measurable time");
+    return Status::ok();
+  };
+  KS_ASSIGN_OR_RETURN(const double best_s, fastest_pass_seconds(passes, read));
   ReadBandwidth r;
   r.bytes = blocks * kBlockBytes;
   r.gbs = double(r.bytes) / best_s / 1e9;

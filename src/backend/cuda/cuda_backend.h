@@ -106,9 +106,9 @@ bool set_gemv_deep_ring_two(bool on);
 // that chose it, a test aid).
 uint64_t gemv_deep_ring_launches();
 // Whether the int4 and sym_int8 GEMVs of 3-8 tokens take two m-tiles where their 32-row blocks
-// are at least half a wave (as past 8 tokens) instead of only from two waves on (a measurement
-// switch, off by default; KESTREL_CUDA_GEMV_FEW_TOKENS_MT2=1 turns it on at start-up): the 8B's
-// q/k/v, wo and w_down at batch 3-8. The same bits. Returns the setting before;
+// are at least half a wave (as past 8 tokens) instead of only from two waves on (the default;
+// KESTREL_CUDA_GEMV_FEW_TOKENS_MT2=0 turns it off at start-up): the 8B's q/k/v, wo and w_down at
+// batch 3-8. The same bits. Returns the setting before;
 // gemv_few_tokens_two_mtiles_launches counts the launches that took it.
 bool set_gemv_few_tokens_two_mtiles(bool on);
 uint64_t gemv_few_tokens_two_mtiles_launches();

@@ -877,35 +877,28 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
   };
   // Activations (the B fragments) come from L1/L2 and are loaded one chunk ahead. From global
   // memory (no fused norm), a lane's rows of the input (token nt * 8 + quad_row, from its group
-  // of chunk 0) are set once, so a chunk's loads are one offset from them and immediates, and
-  // every load is made, unpredicated (zero-filled fragments cost a CS2R and a predicate a load):
-  // - a token slot past n_tokens reads token 0's row; its sums are never stored;
-  // - a lane with no group in the chunk (past the last group, or the last iteration's look-ahead
-  //   past the last chunk) reads chunk 0, which consume() pairs with zero weights (zero scale
-  //   and min), so its products add nothing. Where the input has fewer groups than a chunk's
-  //   lanes, such a lane's row starts at group 0, so that no load leaves the row. (An fp16 Inf
-  //   in a token's chunk 0 makes those products NaN; every output of that token is non-finite
-  //   already, its column's weight times Inf, and an Inf among them may become NaN.)
-  // The fused norm's shared-memory row keeps its predicated, per-load indexing (its 32-bit
+  // of chunk 0; null past n_tokens) are set once, so a chunk's loads are one offset from them
+  // and immediates; the fused norm's shared-memory row keeps its per-load indexing (its 32-bit
   // addresses are cheaper than a generic pointer's, and ptxas spills more in those instances).
   const __half* b_rows[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int token = nt * 8 + quad_row;
-    b_rows[nt] = kNorm ? nullptr
-                       : p.x + (token < p.n_tokens ? token : 0) * p.x_stride +
-                             int64_t(quad_col < p.n_groups ? quad_col : 0) * kGroup;
+    b_rows[nt] = !kNorm && token < p.n_tokens
+                     ? p.x + token * p.x_stride + int64_t(quad_col) * kGroup
+                     : nullptr;
   }
   auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
     const int64_t group = chunk * kChunkGroups + quad_col;
     const bool valid = chunk < n_chunks && group < p.n_groups;
-    const int64_t at = valid ? chunk * (kChunkGroups * kGroup) : 0;
+    const int64_t at = chunk * (kChunkGroups * kGroup);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int token = nt * 8 + quad_row;
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        if (kNorm ? valid && token < p.n_tokens : true) {
+        const bool live = kNorm ? valid && token < p.n_tokens : valid && b_rows[nt] != nullptr;
+        if (live) {
           const __half* src =
               kNorm ? xs + token * p.x_stride + group * kGroup + u * 8 : b_rows[nt] + at + u * 8;
           const uint4 v = *reinterpret_cast<const uint4*>(src);
@@ -1561,15 +1554,17 @@ bool shallow_ring() {
 
 // Whether a GEMV of 3-8 tokens (one n-tile) takes two m-tiles down to half a wave of 32-row
 // blocks, as past 8 tokens, instead of only from two waves on (set_gemv_few_tokens_two_mtiles;
-// KESTREL_CUDA_GEMV_FEW_TOKENS_MT2=1 at start-up): a measurement switch, off by default. The 8B's
-// q/k/v (192 such blocks at 132 SMs), wo and w_down (128) then take two m-tiles at 3-8 tokens; the
-// 1.5B's (48-64 blocks) do not. Alone on an H100 (PERF.md, thirty-eighth session) the 8B's q/k/v
+// the default since the fortieth session, KESTREL_CUDA_GEMV_FEW_TOKENS_MT2=0 at start-up gives
+// the two-wave rule). The 8B's q/k/v (192 such blocks at 132 SMs), wo and w_down (128) take two
+// m-tiles at 3-8 tokens; the 1.5B's (48-64 blocks) do not. In the step (H100, one call, tg128):
+// 8B batch 4 1711.6 -> 1784.3 tok/s (+4.2%), batch 8 3205.8 -> 3423.7 (+6.8%); the 1.5B, batch
+// 1 and batch 16 unchanged. Alone on an H100 (PERF.md, thirty-eighth session) the 8B's q/k/v
 // took 10.85 / 12.19 us at 4 / 8 tokens with one m-tile and 10.47 at 16 with two; wo 7.28 / 7.78
 // and 8.37, w_down 15.49 / 16.42 and 21.70. The same arithmetic in the same order (a row's
 // m-tile is the same mma on the same fragments whichever tile holds it): the same bits. Counts
 // the launches it takes (gemv_few_tokens_two_mtiles_launches).
 std::atomic<bool>& gemv_few_tokens_two_mtiles_flag() {
-  static std::atomic<bool> on{env_is("KESTREL_CUDA_GEMV_FEW_TOKENS_MT2", "1")};
+  static std::atomic<bool> on{!env_is("KESTREL_CUDA_GEMV_FEW_TOKENS_MT2", "0")};
   return on;
 }
 std::atomic<uint64_t> few_tokens_two_mtiles_launches{0};

@@ -223,7 +223,8 @@ void bench_model(const std::string& name) {
 }
 
 // One weight's decode matrix product alone (cuda::time_gemv: graph-replayed, from device memory),
-// for every weight shape of Llama-3.1-8B and Qwen2-1.5B, at 1 to 16 tokens.
+// for every weight shape of Llama-3.1-8B and Qwen2-1.5B, at 1 to 16 tokens, and at 16 from int8
+// half groups.
 TEST(CudaBench, DISABLED_Gemv) {
   struct Shape {
     const char* what;
@@ -248,6 +249,16 @@ TEST(CudaBench, DISABLED_Gemv) {
                   (long long)shape.rows, (long long)shape.cols, n, t->microseconds, gbs,
                   100.0 * gbs / roofline);
     }
+    // 16 tokens from int8 half groups (TokenHalfGroups, the experiment): "16 int8" where the
+    // launches read them, "16 int8 (not taken)" where another kernel (the row-warp one) read the
+    // fp16 input instead.
+    auto t = cuda::time_gemv(WeightFormat::sym_int4, shape.rows, shape.cols, 16, true);
+    ASSERT_TRUE(t.is_ok()) << t.status().message();
+    const double gbs = t->bytes / (t->microseconds * 1e-6) / 1e9;
+    std::printf("| %s %lld x %lld | 16 int8%s | %.2f | %.0f | %.0f%% |\n", shape.what,
+                (long long)shape.rows, (long long)shape.cols,
+                t->int8_activations ? "" : " (not taken)", t->microseconds, gbs,
+                100.0 * gbs / roofline);
   }
   std::fflush(stdout);
 }

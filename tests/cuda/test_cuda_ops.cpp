@@ -452,6 +452,87 @@ TEST(CudaOps, GemvFewTokensTwoMtilesGiveTheSameBits) {
                            false, 1, "w_down alone takes two m-tiles", 5101);
 }
 
+// CPU twin of cuda::quantize_token_half_groups (gemv.cuh, TokenHalfGroups): per token and group
+// of 32 permuted columns, each half's (columns c with (c & 7) >= 4 in the second) largest
+// magnitude over 127 rounded to fp16, the values over it rounded to the nearest integer (ties to
+// even) within +-127, plus 128; NaN, and a half of non-finite maximum or zero scale, give 128.
+void quantize_token_half_groups_host(const std::vector<uint16_t>& x, int64_t stride,
+                                     std::vector<uint8_t>& codes, std::vector<uint32_t>& scales) {
+  const int64_t n_groups = stride / 32;
+  const int64_t n_tokens = int64_t(x.size()) / stride;
+  codes.assign(x.size(), 128);
+  scales.assign(size_t(n_tokens * n_groups), 0);
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    for (int64_t g = 0; g < n_groups; ++g) {
+      const size_t at = size_t(t * stride + g * 32);
+      float amax[2] = {0.0f, 0.0f};
+      for (int c = 0; c < 32; ++c) {
+        const float v = fp16_to_float(x[at + size_t(c)]);
+        if (!std::isnan(v)) amax[(c & 7) >= 4] = std::max(amax[(c & 7) >= 4], std::fabs(v));
+      }
+      uint16_t bits[2] = {0, 0};
+      float scale[2] = {0.0f, 0.0f};
+      for (int h = 0; h < 2; ++h) {
+        const uint16_t s = float_to_fp16(amax[h] / 127.0f);
+        if (std::isfinite(amax[h]) && fp16_to_float(s) > 0.0f) {
+          bits[h] = s;
+          scale[h] = fp16_to_float(s);
+        }
+      }
+      scales[size_t(t * n_groups + g)] = uint32_t(bits[0]) | uint32_t(bits[1]) << 16;
+      for (int c = 0; c < 32; ++c) {
+        const float v = fp16_to_float(x[at + size_t(c)]);
+        const float s = scale[(c & 7) >= 4];
+        float q = s > 0.0f && !std::isnan(v) ? std::nearbyint(v / s) : 0.0f;
+        q = std::min(std::max(q, -127.0f), 127.0f);
+        codes[at + size_t(c)] = uint8_t(int(q) + 128);
+      }
+    }
+  }
+}
+
+// The int8 half-group input of the batch-16 mma path (TokenHalfGroups, an experiment no decode
+// step uses yet): the device quantizer gives its CPU twin's codes and scales (token 0 with a NaN,
+// an Inf, a zero half and halves of subnormal or zero scale where there are 6 groups), and the
+// GEMV of
+// those codes gives the same bits as the GEMV of the fp16 values they stand for (the mma takes
+// exactly those values either way), on 4096 columns (whole chunks), 1568 (a last chunk of one
+// group) and 96, plain and swiglu, at 9, 13 and 16 tokens and at 24 (a 16-token launch that
+// reads the codes and an 8-token one that reads the fp16 values). 4240 rows take two m-tiles
+// when plain (133 blocks of 32 rows: at least half a wave up to 266 SMs), the others one; swiglu
+// always two. The launch count says the codes were read with them given, and never without.
+TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
+  // The row-warp kernel reads x, never the codes: kept off whatever KESTREL_CUDA_GEMV_ROWS_KERNEL
+  // says (none of these shapes would take it by default).
+  cuda::set_gemv_rows_kernel(2);
+  struct RowsKernelBack {
+    ~RowsKernelBack() { cuda::set_gemv_rows_kernel(0); }
+  } rows_kernel_back;
+  const int64_t shapes[][2] = {{4240, 4096}, {400, 1568}, {272, 96}};
+  uint64_t seed = 5200;
+  for (const auto& shape : shapes) {
+    for (const int n : {9, 13, 16, 24}) {
+      for (const bool swiglu : {false, true}) {
+        SCOPED_TRACE(std::to_string(shape[0]) + " x " + std::to_string(shape[1]) +
+                     ", n=" + std::to_string(n) + (swiglu ? ", swiglu" : ""));
+        auto r = cuda::check_gemv_int8_activations(shape[0], shape[1], n, swiglu, seed++);
+        ASSERT_TRUE(r.is_ok()) << r.status().message();
+        std::vector<uint8_t> codes;
+        std::vector<uint32_t> scales;
+        quantize_token_half_groups_host(r->x, shape[1], codes, scales);
+        EXPECT_EQ(codes, r->codes) << "the quantizer's codes differ from the CPU twin's";
+        EXPECT_EQ(scales, r->scales) << "the quantizer's scales differ from the CPU twin's";
+        EXPECT_EQ(r->launches_fp16, 0u) << "a launch read codes it was not given";
+        EXPECT_EQ(r->launches_int8, 1u) << "the 16-token launch did not read the codes";
+        ASSERT_EQ(r->y_fp16.size(), r->y_int8.size());
+        EXPECT_TRUE(no_nan(r->y_fp16)) << "an output left unwritten (fp16 input)";
+        EXPECT_TRUE(no_nan(r->y_int8)) << "an output left unwritten (int8 input)";
+        EXPECT_EQ(bits_differ(r->y_fp16, r->y_int8), 0u) << "of " << r->y_fp16.size();
+      }
+    }
+  }
+}
+
 // The weights' L2 policy (set_gemv_weight_evict_first): evict_first only changes which lines L2
 // replaces, so every GEMV output of a layer keeps its bits, at one token (the dp4a instances, with
 // their fused norms) and at 16 (the two-m-tile mma instances), in sym_int4 and in sym_int8 (the

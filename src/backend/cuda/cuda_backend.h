@@ -226,11 +226,33 @@ Result<double> measure_copy_gbs();
 // The decode GEMV alone: one weight of `rows` x `cols` (random values) times `n_tokens` tokens,
 // 64 calls captured in a graph over enough copies of the weight to miss the L2; the median
 // device time of one call and the weight's bytes.
+// With `int8_activations`, the input is also quantized once into int8 half groups
+// (quantize_token_half_groups) and every call passes them (gemv.cuh, TokenHalfGroups; 9-16
+// tokens of sym_int4): `int8_activations` in the result says whether the launches read them.
 struct GemvTiming {
   double microseconds = 0;
   double bytes = 0;
+  bool int8_activations = false;
 };
-Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, int n_tokens);
+Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, int n_tokens,
+                             bool int8_activations = false);
+
+// A test aid for the int8 half-group input (TokenHalfGroups): random sym_int4 weights (two of
+// them, gate and up, with `swiglu`), a random permuted fp16 input `x` of n_tokens, its
+// quantization by quantize_token_half_groups (`codes`, `scales` as their bits), then the GEMV of
+// the fp16 values the codes stand for (y_fp16) and the GEMV of the codes themselves (y_int8),
+// each job's outputs one after the other. launches_*: the launches that read the codes.
+struct Int8GemvCheck {
+  std::vector<uint16_t> x;
+  std::vector<uint8_t> codes;
+  std::vector<uint32_t> scales;
+  std::vector<float> y_fp16, y_int8;
+  uint64_t launches_fp16 = 0, launches_int8 = 0;
+};
+Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, int n_tokens,
+                                                  bool swiglu, uint64_t seed);
+// GEMV launches that read an int8 half-group input since the process started.
+uint64_t gemv_int8_activation_launches();
 
 // The GEMV's phases, from inside (a measurement aid: KESTREL_CUDA_GEMV_PROFILE=1 or
 // set_gemv_profile before the launches are made or captured). Thread 0 of block 0 of every decode

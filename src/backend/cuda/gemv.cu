@@ -81,10 +81,11 @@ struct GemvParams {
   int first_tile[kMaxGemvJobs];  // each job's first row tile; tiles are numbered job after job
   int n_tiles = 0;
   int n_jobs = 0;
-  ShadowOut shadow;                // swiglu mode: fp16 shadow of jobs[0].y
-  NormInput norm;                  // when norm.x is set, the input is computed from it, x is null
-  const __half* x = nullptr;       // [n_tokens, x_stride] permuted fp16
-  HalfGroupInput xh;               // set: x already quantized in half groups (the kHalves instance)
+  ShadowOut shadow;           // swiglu mode: fp16 shadow of jobs[0].y
+  NormInput norm;             // when norm.x is set, the input is computed from it, x is null
+  const __half* x = nullptr;  // [n_tokens, x_stride] permuted fp16
+  HalfGroupInput xh;          // set: x already quantized in half groups (the kHalves instance)
+  TokenHalfGroups xb;         // set: 9-16 tokens of x as int8 half groups (the kInt8B instance)
   const float* norm_ss = nullptr;  // kNorm with xh: the tiles' sums of squares (NormHalvesIn)
   NormHalvesOut norm_out;          // one token, a residual: prepare its next norm's input
   int sm_count = 0;                // host only: the device's SMs
@@ -710,11 +711,18 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
 // same arithmetic in the same order whichever it is.
 // kWide: two blocks an SM in the launch bound (128 registers) instead of the fused norm's three
 // (80): the fp16 and sym_int8 norm instances' batch-1 loops spill there (norm_two_blocks).
+// kInt8B: the B fragments from p.xb (TokenHalfGroups, gemv_int8_activations): a chunk's codes and
+// scales loaded a chunk ahead (9 registers a token slot instead of 16), each pair of columns
+// turned into the fp16 value (code - 128) * scale as the mma takes it.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false>
+          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false,
+          bool kInt8B = false>
 __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kWide || (kNorm && kDp == 0), "kWide: the fp16 and int8 fused-norm bound");
+  static_assert(
+      !kInt8B || (kDp == 0 && !kNorm && !kHalves && NT == 2 && F == WeightFormat::sym_int4),
+      "int8 half-group B fragments: the sym_int4 mma path past 8 tokens");
   static_assert(kRing != Ring::deep || (kDp >= 1 && kDp <= 2 && !kSwiglu && !kNorm),
                 "deep_ring's instances");
   static_assert(kRing != Ring::shallow || (kDp == 0 && !kNorm), "shallow_ring's instances");
@@ -888,6 +896,39 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
                      ? p.x + token * p.x_stride + int64_t(quad_col) * kGroup
                      : nullptr;
   }
+  // kInt8B: a lane's code row (bytes, one a column) and scale row (a __half2 a group) of each
+  // token slot, from its group of chunk 0; null past n_tokens.
+  const uint8_t* b8_rows[NT];
+  const __half2* bs_rows[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int token = nt * 8 + quad_row;
+    const bool live = kInt8B && token < p.n_tokens;
+    b8_rows[nt] = live ? p.xb.codes + token * p.x_stride + int64_t(quad_col) * kGroup : nullptr;
+    bs_rows[nt] = live ? p.xb.scales + token * p.n_groups + quad_col : nullptr;
+  }
+  // kInt8B: r[nt][0..7] the 32 codes of the lane's group (word k: permuted columns 4k .. 4k + 3),
+  // r[nt][8] its two half scales. Past n_tokens or the last group: codes 128 and scale 0, which
+  // make +0 values as the fp16 path's zero fill.
+  auto load_r = [&](int64_t chunk, uint32_t(&r)[NT][9]) {
+    const int64_t group = chunk * kChunkGroups + quad_col;
+    const bool valid = chunk < n_chunks && group < p.n_groups;
+    const int64_t at = chunk * (kChunkGroups * kGroup);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (valid && b8_rows[nt] != nullptr) {
+        const uint4 v0 = *reinterpret_cast<const uint4*>(b8_rows[nt] + at);
+        const uint4 v1 = *reinterpret_cast<const uint4*>(b8_rows[nt] + at + 16);
+        r[nt][0] = v0.x, r[nt][1] = v0.y, r[nt][2] = v0.z, r[nt][3] = v0.w;
+        r[nt][4] = v1.x, r[nt][5] = v1.y, r[nt][6] = v1.z, r[nt][7] = v1.w;
+        r[nt][8] = *reinterpret_cast<const uint32_t*>(bs_rows[nt] + chunk * kChunkGroups);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) r[nt][i] = 0x80808080u;
+        r[nt][8] = 0u;
+      }
+    }
+  };
   auto load_b = [&](int64_t chunk, uint32_t(&b)[NT][4][4]) {
     const int64_t group = chunk * kChunkGroups + quad_col;
     const bool valid = chunk < n_chunks && group < p.n_groups;
@@ -1026,10 +1067,20 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
 #pragma unroll
         for (int t = 0; t < (kDp > 0 ? kDp : 1); ++t) dacc[mt][h][t] = 0.0f;
     uint32_t b_cur[NT][4][4];
-    if constexpr (kDp == 0) load_b(warp, b_cur);
+    uint32_t r_cur[kInt8B ? NT : 1][9];
+    if constexpr (kInt8B) {
+      load_r(warp, r_cur);
+    } else if constexpr (kDp == 0) {
+      load_b(warp, b_cur);
+    }
     for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
       uint32_t b_next[NT][4][4];
-      if constexpr (kDp == 0) load_b(chunk + kWarps, b_next);
+      uint32_t r_next[kInt8B ? NT : 1][9];
+      if constexpr (kInt8B) {
+        load_r(chunk + kWarps, r_next);
+      } else if constexpr (kDp == 0) {
+        load_b(chunk + kWarps, b_next);
+      }
       cp_async_wait<P::kStages - 1>();
       if (profiled && iter == 0 && chunk == warp) mark(3);  // thread 0's first chunk landed
       Fragment<F, MT> f;
@@ -1099,6 +1150,26 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
         for (int u = 0; u < 4; ++u) {
           uint32_t a[MT][2][4];
           a_fragments(f, u, a);
+          if constexpr (kInt8B) {
+            // Word 2u holds the permuted columns 8u .. 8u + 3 (half 0), word 2u + 1 the next
+            // four (half 1): two columns a byte permute into 1024 + code, less 1152, times the
+            // half's scale, exact but for the multiply's one rounding.
+            const __half2 bias = __half2half2(__ushort_as_half(0x6480));  // 1152
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              const __half2 sc = bits_half2(r_cur[nt][8]);
+              const __half2 s[2] = {__low2half2(sc), __high2half2(sc)};
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const uint32_t pair = __byte_perm(r_cur[nt][2 * u + i / 2], 0x64646464u,
+                                                  i % 2 == 0 ? 0x4140u : 0x4342u);
+                // _rn: each its own rounding, never contracted into one (the fp16 shadow's
+                // value is the product's rounding alone).
+                b_cur[nt][u][i] =
+                    half2_bits(__hmul2_rn(__hsub2_rn(bits_half2(pair), bias), s[i / 2]));
+              }
+            }
+          }
           // Consecutive mmas go to different accumulators, so none waits on the one before.
 #pragma unroll
           for (int half = 0; half < 2; ++half)
@@ -1113,7 +1184,12 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
       // The stage's bytes are in registers now; refill it with the chunk kStages ahead.
       issue_next(stage);
       stage = stage + 1 == P::kStages ? 0 : stage + 1;
-      if constexpr (kDp == 0) {
+      if constexpr (kInt8B) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 9; ++i) r_cur[nt][i] = r_next[nt][i];
+      } else if constexpr (kDp == 0) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -1569,6 +1645,9 @@ std::atomic<bool>& gemv_few_tokens_two_mtiles_flag() {
 }
 std::atomic<uint64_t> few_tokens_two_mtiles_launches{0};
 
+// Launches that read a TokenHalfGroups input (the kInt8B instances; gemv_int8_activation_launches).
+std::atomic<uint64_t> int8_activation_launches{0};
+
 bool few_tokens_two_mtiles(int64_t n_tokens, int blocks32, int sm_count) {
   return take_switch(
       gemv_few_tokens_two_mtiles_flag(), few_tokens_two_mtiles_launches,
@@ -1631,7 +1710,8 @@ bool launch_persistent(bool dp4a) {
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false>
+          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false,
+          bool kInt8B = false>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   using P = Pipe<F, MT, kRing>;
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
@@ -1647,7 +1727,8 @@ Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   constexpr bool kOwnReduce = P::kTiled && kDp == 0;
   const int smem = kOwnReduce ? kPipeBytes + input_bytes + kReduceBytes
                               : std::max(kPipeBytes + input_bytes, kReduceBytes);
-  auto kernel = gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kRing, kWide>;
+  auto kernel =
+      gemv_kernel<F, MT, NT, kSwiglu, kNorm, kDp, kProfile, kHalves, kRing, kWide, kInt8B>;
   static std::atomic<uint64_t> limit_set{0};  // devices, once per instantiation
   KS_CUDA_CHECK("matmul",
                 set_smem_limit_once(reinterpret_cast<const void*>(kernel), kMaxSmem, limit_set));
@@ -1757,6 +1838,15 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
     constexpr Ring kRing = decltype(ring)::value;
     if (p.n_tokens <= 8) {
       return launch_kernel<F, MT, 1, kSwiglu, false, 0, false, false, kRing>(p, stream);
+    }
+    if constexpr (F == WeightFormat::sym_int4) {
+      if (p.xb.codes != nullptr) {
+        KS_RETURN_IF_ERROR(
+            (launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, kRing, false, true>(p,
+                                                                                          stream)));
+        int8_activation_launches.fetch_add(1, std::memory_order_relaxed);
+        return Status::ok();
+      }
     }
     return launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, kRing>(p, stream);
   };
@@ -1932,7 +2022,7 @@ bool triggers_early(bool dp4a) {
 Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
                    int sm_count, cudaStream_t stream, GemvEpilogue epilogue,
                    ShadowOut swiglu_shadow, NormInput norm, bool dp4a, HalfGroupInput halves,
-                   NormHalvesIn norm_halves, NormHalvesOut norm_out) {
+                   NormHalvesIn norm_halves, NormHalvesOut norm_out, TokenHalfGroups tokens_in) {
   GemvParams p;
   p.n_jobs = n_jobs;
   const WeightFormat format = jobs[0].w.format;
@@ -1989,6 +2079,16 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
     }
     p.xh = norm_halves.in;
     p.norm_ss = norm_halves.ss;
+  }
+  // int8 half groups of 9-16 tokens for the mma path (gemv_kernel's kInt8B instances); x stays
+  // the input of every other launch.
+  if (tokens_in.codes != nullptr && !dp4a && norm.x == nullptr && n_tokens > 8 &&
+      format == WeightFormat::sym_int4) {
+    if (tokens_in.scales == nullptr || !aligned16(tokens_in.codes) || x_stride % 16 != 0 ||
+        reinterpret_cast<uintptr_t>(tokens_in.scales) % 4 != 0) {
+      return Status::error("cuda matmul: an int8 half-group input must be whole and aligned");
+    }
+    p.xb = tokens_in;
   }
   // The half-group input replaces the input stage of one token's plain dp4a GEMV; x stays the
   // input of every other instance (it is the same activation's shadow).
@@ -2052,6 +2152,82 @@ bool set_gemv_few_tokens_two_mtiles(bool on) {
 
 uint64_t gemv_few_tokens_two_mtiles_launches() {
   return few_tokens_two_mtiles_launches.load(std::memory_order_relaxed);
+}
+
+uint64_t gemv_int8_activation_launches() {
+  return int8_activation_launches.load(std::memory_order_relaxed);
+}
+
+namespace {
+
+// One thread a group of one token (TokenHalfGroups' layout, quantize_token_half_groups).
+__global__ void quantize_token_half_groups_kernel(const __half* x, int n_tokens, int64_t x_stride,
+                                                  uint8_t* codes, __half2* scales) {
+  const int64_t n_groups = x_stride / kGroup;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(n_tokens) * n_groups) return;
+  const int64_t at = (i / n_groups) * x_stride + (i % n_groups) * kGroup;
+  float v[kGroup];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint4 w = reinterpret_cast<const uint4*>(x + at)[k];
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __half22float2(bits_half2(words[j]));
+      v[8 * k + 2 * j] = f.x;
+      v[8 * k + 2 * j + 1] = f.y;
+    }
+  }
+  // Permuted column c is in half (c & 7) >= 4 (gemv.cuh, TokenHalfGroups).
+  float amax[2] = {0.0f, 0.0f};  // from 0 and by fmaxf: NaN never wins
+#pragma unroll
+  for (int c = 0; c < kGroup; ++c) {
+    const int h = (c & 7) >= 4 ? 1 : 0;
+    amax[h] = fmaxf(amax[h], fabsf(v[c]));
+  }
+  __half scale[2];
+  float scale_f[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const __half s = __float2half_rn(__fdiv_rn(amax[h], 127.0f));
+    const bool usable = isfinite(amax[h]) && __half2float(s) > 0.0f;
+    scale[h] = usable ? s : __ushort_as_half(0);
+    scale_f[h] = usable ? __half2float(s) : 0.0f;
+  }
+  uint32_t out[kGroup / 4];
+#pragma unroll
+  for (int k = 0; k < kGroup / 4; ++k) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = 4 * k + j;
+      const float sf = scale_f[(c & 7) >= 4 ? 1 : 0];
+      float q = sf > 0.0f && v[c] == v[c] ? rintf(__fdiv_rn(v[c], sf)) : 0.0f;
+      q = fminf(fmaxf(q, -127.0f), 127.0f);
+      word |= uint32_t(int(q) + 128) << (8 * j);
+    }
+    out[k] = word;
+  }
+  uint4* dst = reinterpret_cast<uint4*>(codes + at);
+  dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
+  dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
+  scales[i] = __halves2half2(scale[0], scale[1]);
+}
+
+}  // namespace
+
+Status quantize_token_half_groups(const __half* x, int n_tokens, int64_t x_stride, uint8_t* codes,
+                                  __half2* scales, cudaStream_t stream) {
+  if (n_tokens < 1 || x_stride <= 0 || x_stride % kGroup != 0 || !aligned16(x) ||
+      !aligned16(codes) || reinterpret_cast<uintptr_t>(scales) % 4 != 0) {
+    return Status::error("cuda quantize: a half-group input of whole, aligned groups");
+  }
+  const int64_t n = int64_t(n_tokens) * (x_stride / kGroup);
+  quantize_token_half_groups_kernel<<<unsigned(ceil_div(n, 128)), 128, 0, stream>>>(
+      x, n_tokens, x_stride, codes, scales);
+  KS_CUDA_CHECK_LAUNCH("quantize", "quantize_token_half_groups_kernel");
+  return Status::ok();
 }
 
 uint64_t gemv_deep_ring_launches() {
@@ -2145,8 +2321,8 @@ Result<std::vector<GemvProfileRecord>> gemv_profile() {
 
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue, ShadowOut swiglu_shadow,
-            NormInput norm, HalfGroupInput halves, NormHalvesIn norm_halves,
-            NormHalvesOut norm_out) {
+            NormInput norm, HalfGroupInput halves, NormHalvesIn norm_halves, NormHalvesOut norm_out,
+            TokenHalfGroups tokens_in) {
   if (n_jobs < 1 || n_jobs > kMaxGemvJobs) {
     return Status::error("cuda matmul: " + std::to_string(n_jobs) + " weights in one GEMV");
   }
@@ -2156,12 +2332,15 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
   }
   // Every token of a call gets the same arithmetic: the dp4a path (int8 inputs) is chosen by the
   // call's token count, never by a slice's (the last 1-2 tokens of an 18-token call stay fp16).
+  // (With `tokens_in`, a slice of 8 tokens or fewer, and the row-warp kernel, read x instead of
+  // the codes: the same values only where x holds the codes' dequantized values, as gemv.cuh
+  // asks of its callers.)
   const bool dp4a =
       (jobs[0].w.format == WeightFormat::sym_int4 || jobs[0].w.format == WeightFormat::asym_int4) &&
       gemv_uses_dp4a(n_tokens, x_stride);
   if (n_tokens <= kMaxGemvTokens) {
     return gemv_launch(jobs, n_jobs, x, x_stride, n_tokens, sm_count, stream, epilogue,
-                       swiglu_shadow, norm, dp4a, halves, norm_halves, norm_out);
+                       swiglu_shadow, norm, dp4a, halves, norm_halves, norm_out, tokens_in);
   }
   // Slices of 16 tokens, one launch each: every row of the input, outputs and shadow belongs to
   // one token, so a slice is the same call on offset pointers.
@@ -2182,8 +2361,14 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
     if (shadow.halves.q != nullptr || norm_out.out.q != nullptr) {
       return Status::error("cuda matmul: this GEMV cannot write a half-group quantized output");
     }
+    TokenHalfGroups slice_in = tokens_in;
+    if (slice_in.codes != nullptr) {
+      slice_in.codes += int64_t(t0) * x_stride;
+      slice_in.scales += int64_t(t0) * (x_stride / kGroup);
+    }
     KS_RETURN_IF_ERROR(gemv_launch(slice, n_jobs, x + int64_t(t0) * x_stride, x_stride, count,
-                                   sm_count, stream, epilogue, shadow, norm, dp4a, {}, {}, {}));
+                                   sm_count, stream, epilogue, shadow, norm, dp4a, {}, {}, {},
+                                   slice_in));
   }
   return Status::ok();
 }

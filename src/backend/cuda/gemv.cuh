@@ -84,6 +84,30 @@ struct NormHalvesIn {
   const float* ss = nullptr;
 };
 
+// A 9-16-token input quantized in half groups for the int4 mma path (an experiment: producers do
+// not write it yet; gemv()'s `tokens_in`): an int8 value a column in the
+// permuted shadow order (common.cuh), stored plus 128 (128 is zero), and two fp16 scales a group
+// of 32 columns, one a half (natural columns 0-15 and 16-31: in the permuted order, the first and
+// the last four of every eight). A column's value is (code - 128) * scale, rounded to fp16 once:
+// the mma path multiplies exactly those fp16 values, so a GEMV of these is the same bits as one of
+// the fp16 shadow that holds them. It halves the activation bytes the
+// batch-16 chunk loop loads from L1/L2 (16 bytes a column and token for 2 KB of weights a warp),
+// for ~100 more instructions a chunk (a byte permute into the 0x6400 exponent, a subtraction and
+// the scale's multiply a pair of columns).
+struct TokenHalfGroups {
+  const uint8_t* codes = nullptr;   // [n_tokens, x_stride]
+  const __half2* scales = nullptr;  // [n_tokens, x_stride / 32]: {half 0's, half 1's}
+};
+
+// Quantizes `n_tokens` rows of a permuted fp16 shadow `x` ([n_tokens, x_stride], x_stride a
+// multiple of 32) into `codes` and `scales` (TokenHalfGroups' layout). A half's scale is its
+// largest magnitude over 127 (fp32, rounded to fp16), a code the value over that fp16 scale
+// rounded to the nearest integer (ties to even), within +-127; NaN values, and every value of a
+// half whose largest magnitude is not finite or whose scale rounds to 0, get code 0 (128 stored)
+// and that half scale 0. Its CPU twin is the test's (CudaOps.TokenHalfGroups*).
+Status quantize_token_half_groups(const __half* x, int n_tokens, int64_t x_stride, uint8_t* codes,
+                                  __half2* scales, cudaStream_t stream);
+
 enum class GemvEpilogue {
   store,   // y_j = x · w_jᵀ + bias_j
   swiglu,  // two jobs of equal rows (gate, up): y_1 = up, y_0 = silu(gate) * up, plus its shadow
@@ -97,13 +121,19 @@ enum class GemvEpilogue {
 // `halves`, with one token and a store epilogue, is x's half-group quantization (see
 // HalfGroupInput). In swiglu mode, swiglu_shadow.halves receives y_0's (one token, dp4a weights:
 // gemv_writes_halves; an error otherwise).
+// `tokens_in` (9-16 tokens a launch, sym_int4, no fused norm) is x quantized as TokenHalfGroups:
+// the launches of gemv_kernel's mma path read it instead of x (gemv_int8_activation_launches
+// counts them); the row-warp kernel and every other launch read x, which must hold its
+// dequantized values for the call to mean one thing. No decode step passes it yet: time_gemv's
+// int8 rows and the tests do.
 // `norm_halves` (with `norm`, one token): that norm's input as the residual's producer prepared
 // it (NormHalvesOut); norm.x is still the residual (block 0 writes norm.out from it). `norm_out`
 // (one token, one job with a residual): prepare the residual's next norm input.
 Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, int n_tokens,
             int sm_count, cudaStream_t stream, GemvEpilogue epilogue = GemvEpilogue::store,
             ShadowOut swiglu_shadow = {}, NormInput norm = {}, HalfGroupInput halves = {},
-            NormHalvesIn norm_halves = {}, NormHalvesOut norm_out = {});
+            NormHalvesIn norm_halves = {}, NormHalvesOut norm_out = {},
+            TokenHalfGroups tokens_in = {});
 
 // Whether a one-job store gemv() with a residual of `rows` rows over these weights can take a
 // NormHalvesOut.

@@ -117,30 +117,79 @@ Result<double> measure_copy_gbs() {
   return 2.0 * double(kBytes) / (ms * 1e-3) / 1e9;
 }
 
-Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, int n_tokens) {
-  if (format != WeightFormat::sym_int4 && format != WeightFormat::asym_int4 &&
-      format != WeightFormat::sym_int8 && format != WeightFormat::fp16) {
-    return Status::error("bench: no GEMV for this format");
+namespace {
+
+// The bytes one weight of this shape takes on the device (data, scales, mins), and a weight of
+// random values in `a` (seed c: weights of distinct seeds differ), as time_gemv and
+// check_gemv_int8_activations make them.
+struct RandomWeights {
+  WeightFormat format;
+  int64_t rows, cols;
+  static constexpr int kBlock = 32;
+  bool quantized() const { return format != WeightFormat::fp16; }
+  bool tiled() const { return is_tiled(format); }
+  Int4Tiles tiles() const { return Int4Tiles::of(rows, cols, kBlock); }
+  int64_t row_bytes() const {
+    return format == WeightFormat::fp16       ? cols * 2
+           : format == WeightFormat::sym_int8 ? cols
+                                              : cols / 2;
   }
+  size_t data_bytes() const { return size_t(tiled() ? tiles().data_bytes() : rows * row_bytes()); }
+  size_t scale_bytes() const {
+    return !quantized() ? 0
+           : tiled()    ? size_t(tiles().scale_halves() * 2)
+                        : size_t(rows * (cols / kBlock) * 2);
+  }
+  size_t min_bytes() const { return format == WeightFormat::asym_int4 ? scale_bytes() : 0; }
+  size_t bytes() const { return data_bytes() + scale_bytes() + min_bytes(); }
+
+  Result<DeviceWeight> make(Allocations& a, int c) const {
+    DeviceWeight w;
+    w.format = format;
+    w.rows = rows;
+    w.cols = cols;
+    w.block = quantized() ? kBlock : 0;
+    w.row_bytes = tiled() ? 0 : row_bytes();
+    w.tiles = tiles();
+    KS_ASSIGN_OR_RETURN(void* d, a.alloc(data_bytes()));
+    // fp16 weights: values in [2^-7, 2^-6) with random signs; quantized: random codes.
+    KS_RETURN_IF_ERROR(
+        quantized() ? fill_random(d, data_bytes(), 10 + c, 0xffffffffu, 0, a.stream)
+                    : fill_random(d, data_bytes(), 10 + c, 0x83ff83ffu, 0x20002000u, a.stream));
+    w.data = static_cast<const uint8_t*>(d);
+    if (quantized()) {
+      KS_ASSIGN_OR_RETURN(void* sc, a.alloc(scale_bytes()));
+      KS_RETURN_IF_ERROR(
+          fill_random(sc, scale_bytes(), 1000 + c, 0x03ff03ffu, 0x20002000u, a.stream));
+      w.scales = static_cast<const __half*>(sc);
+    }
+    if (min_bytes() > 0) {
+      KS_ASSIGN_OR_RETURN(void* m, a.alloc(min_bytes()));
+      KS_RETURN_IF_ERROR(fill_random(m, min_bytes(), 2000 + c, 0x03ff03ffu, 0xa000a000u, a.stream));
+      w.mins = static_cast<const __half*>(m);
+    }
+    return w;
+  }
+};
+
+bool benchable(WeightFormat format) {
+  return format == WeightFormat::sym_int4 || format == WeightFormat::asym_int4 ||
+         format == WeightFormat::sym_int8 || format == WeightFormat::fp16;
+}
+
+}  // namespace
+
+Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, int n_tokens,
+                             bool int8_activations) {
+  if (!benchable(format)) return Status::error("bench: no GEMV for this format");
   if (cols % 64 != 0 || rows < 1 || n_tokens < 1 || n_tokens > kMaxGemvTokens) {
     return Status::error("bench: GEMV shape out of range");
   }
   int device = 0, sm_count = 0;
   KS_CUDA_CHECK("bench", cudaGetDevice(&device));
   KS_CUDA_CHECK("bench", cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int block = 32;
-  const bool quantized = format != WeightFormat::fp16;
-  const int64_t row_bytes = format == WeightFormat::fp16       ? cols * 2
-                            : format == WeightFormat::sym_int8 ? cols
-                                                               : cols / 2;
-  const bool tiled = is_tiled(format);
-  const Int4Tiles tiles = Int4Tiles::of(rows, cols, block);
-  const size_t data_bytes = size_t(tiled ? tiles.data_bytes() : rows * row_bytes);
-  const size_t scale_bytes = !quantized ? 0
-                             : tiled    ? size_t(tiles.scale_halves() * 2)
-                                        : size_t(rows * (cols / block) * 2);
-  const size_t min_bytes = format == WeightFormat::asym_int4 ? scale_bytes : 0;
-  const size_t weight_bytes = data_bytes + scale_bytes + min_bytes;
+  const RandomWeights shape{format, rows, cols};
+  const size_t weight_bytes = shape.bytes();
   // Enough copies of the weight that one pass over them is several times the 60 MB L2, so
   // every call streams from device memory as a decode step does.
   const int copies =
@@ -149,45 +198,35 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
 
   Allocations a;
   KS_RETURN_IF_ERROR(a.init());
-  std::vector<DeviceWeight> weights(static_cast<size_t>(copies));
+  std::vector<DeviceWeight> weights;
   for (int c = 0; c < copies; ++c) {
-    DeviceWeight& w = weights[size_t(c)];
-    w.format = format;
-    w.rows = rows;
-    w.cols = cols;
-    w.block = quantized ? block : 0;
-    w.row_bytes = tiled ? 0 : row_bytes;
-    w.tiles = tiles;
-    KS_ASSIGN_OR_RETURN(void* d, a.alloc(data_bytes));
-    // fp16 weights: values in [2^-7, 2^-6) with random signs; quantized: random codes.
-    KS_RETURN_IF_ERROR(
-        quantized ? fill_random(d, data_bytes, 10 + c, 0xffffffffu, 0, a.stream)
-                  : fill_random(d, data_bytes, 10 + c, 0x83ff83ffu, 0x20002000u, a.stream));
-    w.data = static_cast<const uint8_t*>(d);
-    if (quantized) {
-      KS_ASSIGN_OR_RETURN(void* s, a.alloc(scale_bytes));
-      KS_RETURN_IF_ERROR(fill_random(s, scale_bytes, 1000 + c, 0x03ff03ffu, 0x20002000u, a.stream));
-      w.scales = static_cast<const __half*>(s);
-    }
-    if (min_bytes > 0) {
-      KS_ASSIGN_OR_RETURN(void* m, a.alloc(min_bytes));
-      KS_RETURN_IF_ERROR(fill_random(m, min_bytes, 2000 + c, 0x03ff03ffu, 0xa000a000u, a.stream));
-      w.mins = static_cast<const __half*>(m);
-    }
+    KS_ASSIGN_OR_RETURN(DeviceWeight w, shape.make(a, c));
+    weights.push_back(w);
   }
   const int64_t x_stride = cols;
   KS_ASSIGN_OR_RETURN(void* x, a.alloc(size_t(n_tokens * x_stride * 2)));
   KS_RETURN_IF_ERROR(
       fill_random(x, size_t(n_tokens * x_stride * 2), 7, 0x83ff83ffu, 0x38003800u, a.stream));
   KS_ASSIGN_OR_RETURN(void* y, a.alloc(size_t(n_tokens * rows * 4)));
+  TokenHalfGroups tokens_in;
+  if (int8_activations) {
+    KS_ASSIGN_OR_RETURN(void* codes, a.alloc(size_t(n_tokens * x_stride)));
+    KS_ASSIGN_OR_RETURN(void* scales, a.alloc(size_t(n_tokens * (x_stride / kGroup) * 4)));
+    KS_RETURN_IF_ERROR(quantize_token_half_groups(static_cast<const __half*>(x), n_tokens, x_stride,
+                                                  static_cast<uint8_t*>(codes),
+                                                  static_cast<__half2*>(scales), a.stream));
+    tokens_in =
+        TokenHalfGroups{static_cast<const uint8_t*>(codes), static_cast<const __half2*>(scales)};
+  }
+  const uint64_t int8_before = gemv_int8_activation_launches();
 
   KS_CUDA_CHECK("bench", cudaStreamBeginCapture(a.stream, cudaStreamCaptureModeThreadLocal));
   for (int i = 0; i < kCallsPerReplay; ++i) {
     GemvJob job;
     job.w = weights[size_t(i % copies)];
     job.y = static_cast<float*>(y);
-    const Status s =
-        gemv(&job, 1, static_cast<const __half*>(x), x_stride, n_tokens, sm_count, a.stream);
+    const Status s = gemv(&job, 1, static_cast<const __half*>(x), x_stride, n_tokens, sm_count,
+                          a.stream, GemvEpilogue::store, {}, {}, {}, {}, {}, tokens_in);
     if (!s.is_ok()) {
       cudaGraph_t g = nullptr;
       cudaStreamEndCapture(a.stream, &g);
@@ -200,7 +239,119 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
   GemvTiming t;
   t.microseconds = ms * 1e3 / kCallsPerReplay;
   t.bytes = double(weight_bytes);
+  t.int8_activations = gemv_int8_activation_launches() > int8_before;
   return t;
+}
+
+Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, int n_tokens,
+                                                  bool swiglu, uint64_t seed) {
+  if (cols % kGroup != 0 || rows < 1 || n_tokens < 1 || n_tokens > kMaxGemvBatchTokens) {
+    return Status::error("check: GEMV shape out of range");
+  }
+  int device = 0, sm_count = 0;
+  KS_CUDA_CHECK("check", cudaGetDevice(&device));
+  KS_CUDA_CHECK("check", cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  const RandomWeights shape{WeightFormat::sym_int4, rows, cols};
+  Allocations a;
+  KS_RETURN_IF_ERROR(a.init());
+  const int n_jobs = swiglu ? 2 : 1;
+  GemvJob jobs[2];
+  for (int j = 0; j < n_jobs; ++j) {
+    KS_ASSIGN_OR_RETURN(jobs[j].w, shape.make(a, int(seed % 1000) * 2 + j));
+  }
+  const int64_t x_stride = cols;
+  const size_t x_halves = size_t(n_tokens * x_stride);
+  const size_t n_scales = size_t(n_tokens * (x_stride / kGroup));
+  KS_ASSIGN_OR_RETURN(void* x, a.alloc(x_halves * 2));
+  // Values in [2^-1, 2) with random signs and mantissas: every half group has its own scale.
+  // Token 0's first groups then get the quantizer's special cases: a NaN and an Inf (their
+  // halves quantize to zeros), a half of zeros, and halves of small values whose scales are
+  // fp16 subnormals (~1e-5 and ~1e-3 over 127) or round to zero (~1e-6).
+  KS_RETURN_IF_ERROR(fill_random(x, x_halves * 2, seed, 0x87ff87ffu, 0x38003800u, a.stream));
+  if (cols >= 6 * kGroup) {
+    std::vector<__half> host(x_halves);
+    KS_CUDA_CHECK("check",
+                  cudaMemcpyAsync(host.data(), x, x_halves * 2, cudaMemcpyDeviceToHost, a.stream));
+    KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));
+    __half_raw nan, inf;
+    nan.x = 0x7e00;
+    inf.x = 0xfc00;             // -Inf
+    host[1] = __half(nan);      // group 0, half 0
+    host[8 + 5] = __half(inf);  // group 0, half 1
+    const float small[3] = {1e-5f, 1e-3f, 1e-6f};
+    for (int c = 0; c < kGroup; ++c) {
+      const bool half0 = (c & 7) < 4;
+      if (half0) host[size_t(kGroup + c)] = __float2half_rn(0.0f);  // group 1, half 0
+      for (int k = 0; k < 3; ++k) {  // groups 2-4, half 0: small values of mixed signs
+        if (half0) {
+          host[size_t((2 + k) * kGroup + c)] = __float2half_rn(small[k] * float((c % 7) - 3));
+        }
+      }
+    }
+    KS_CUDA_CHECK("check",
+                  cudaMemcpyAsync(x, host.data(), x_halves * 2, cudaMemcpyHostToDevice, a.stream));
+  }
+  KS_ASSIGN_OR_RETURN(void* codes, a.alloc(x_halves));
+  KS_ASSIGN_OR_RETURN(void* scales, a.alloc(n_scales * 4));
+  KS_RETURN_IF_ERROR(quantize_token_half_groups(static_cast<const __half*>(x), n_tokens, x_stride,
+                                                static_cast<uint8_t*>(codes),
+                                                static_cast<__half2*>(scales), a.stream));
+  Int8GemvCheck out;
+  out.x.resize(x_halves);
+  out.codes.resize(x_halves);
+  out.scales.resize(n_scales);
+  KS_CUDA_CHECK("check",
+                cudaMemcpyAsync(out.x.data(), x, x_halves * 2, cudaMemcpyDeviceToHost, a.stream));
+  KS_CUDA_CHECK("check", cudaMemcpyAsync(out.codes.data(), codes, x_halves, cudaMemcpyDeviceToHost,
+                                         a.stream));
+  KS_CUDA_CHECK("check", cudaMemcpyAsync(out.scales.data(), scales, n_scales * 4,
+                                         cudaMemcpyDeviceToHost, a.stream));
+  KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));
+  // The fp16 values the codes stand for: (code - 128) * scale, rounded to fp16 once (exact in
+  // fp32 first), in the same permuted places.
+  std::vector<__half> dequantized(x_halves);
+  for (size_t i = 0; i < x_halves; ++i) {
+    const size_t token = i / size_t(x_stride);
+    const size_t column = i % size_t(x_stride);
+    const uint32_t pair = out.scales[token * size_t(x_stride / kGroup) + column / kGroup];
+    const bool high = (column % kGroup & 7) >= 4;
+    const uint16_t bits = uint16_t(high ? pair >> 16 : pair & 0xffffu);
+    __half_raw raw;
+    raw.x = bits;
+    const float scale = __half2float(__half(raw));
+    dequantized[i] = __float2half_rn(float(int(out.codes[i]) - 128) * scale);
+  }
+  KS_ASSIGN_OR_RETURN(void* xd, a.alloc(x_halves * 2));
+  KS_CUDA_CHECK("check", cudaMemcpyAsync(xd, dequantized.data(), x_halves * 2,
+                                         cudaMemcpyHostToDevice, a.stream));
+  const size_t y_floats = size_t(n_tokens * rows);
+  std::vector<float>* results[2] = {&out.y_fp16, &out.y_int8};
+  for (int pass = 0; pass < 2; ++pass) {
+    void* y[2] = {nullptr, nullptr};
+    for (int j = 0; j < n_jobs; ++j) {
+      KS_ASSIGN_OR_RETURN(y[j], a.alloc(y_floats * 4));
+      KS_CUDA_CHECK("check", cudaMemsetAsync(y[j], 0xff, y_floats * 4, a.stream));  // NaN
+      jobs[j].y = static_cast<float*>(y[j]);
+    }
+    TokenHalfGroups tokens_in;
+    if (pass == 1) {
+      tokens_in =
+          TokenHalfGroups{static_cast<const uint8_t*>(codes), static_cast<const __half2*>(scales)};
+    }
+    const uint64_t before = gemv_int8_activation_launches();
+    KS_RETURN_IF_ERROR(gemv(jobs, n_jobs, static_cast<const __half*>(xd), x_stride, n_tokens,
+                            sm_count, a.stream, swiglu ? GemvEpilogue::swiglu : GemvEpilogue::store,
+                            {}, {}, {}, {}, {}, tokens_in));
+    (pass == 0 ? out.launches_fp16 : out.launches_int8) = gemv_int8_activation_launches() - before;
+    std::vector<float>& r = *results[pass];
+    r.resize(y_floats * size_t(n_jobs));
+    for (int j = 0; j < n_jobs; ++j) {
+      KS_CUDA_CHECK("check", cudaMemcpyAsync(r.data() + size_t(j) * y_floats, y[j], y_floats * 4,
+                                             cudaMemcpyDeviceToHost, a.stream));
+    }
+    KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));
+  }
+  return out;
 }
 
 // ---- Dependency chains (time_chain, cuda_backend.h) ----

@@ -249,16 +249,20 @@ TEST(CudaBench, DISABLED_Gemv) {
                   (long long)shape.rows, (long long)shape.cols, n, t->microseconds, gbs,
                   100.0 * gbs / roofline);
     }
-    // 16 tokens from int8 half groups (TokenHalfGroups, the experiment): "16 int8" where the
-    // launches read them, "16 int8 (not taken)" where another kernel (the row-warp one) read the
-    // fp16 input instead.
-    auto t = cuda::time_gemv(WeightFormat::sym_int4, shape.rows, shape.cols, 16, true);
-    ASSERT_TRUE(t.is_ok()) << t.status().message();
-    const double gbs = t->bytes / (t->microseconds * 1e-6) / 1e9;
-    std::printf("| %s %lld x %lld | 16 int8%s | %.2f | %.0f | %.0f%% |\n", shape.what,
-                (long long)shape.rows, (long long)shape.cols,
-                t->int8_activations ? "" : " (not taken)", t->microseconds, gbs,
-                100.0 * gbs / roofline);
+    // 16 tokens from int8 half groups (TokenHalfGroups, the experiment), their codes loaded one
+    // chunk ahead ("16 int8") and two ("16 int8 two ahead"); "(not taken)" where another kernel
+    // (the row-warp one) read the fp16 input instead.
+    for (const int ahead : {1, 2}) {
+      const int before = cuda::set_gemv_int8_ahead(ahead);
+      auto t = cuda::time_gemv(WeightFormat::sym_int4, shape.rows, shape.cols, 16, true);
+      cuda::set_gemv_int8_ahead(before);
+      ASSERT_TRUE(t.is_ok()) << t.status().message();
+      const double gbs = t->bytes / (t->microseconds * 1e-6) / 1e9;
+      std::printf("| %s %lld x %lld | 16 int8%s%s | %.2f | %.0f | %.0f%% |\n", shape.what,
+                  (long long)shape.rows, (long long)shape.cols, ahead == 2 ? " two ahead" : "",
+                  t->int8_activations ? "" : " (not taken)", t->microseconds, gbs,
+                  100.0 * gbs / roofline);
+    }
   }
   std::fflush(stdout);
 }

@@ -494,13 +494,13 @@ void quantize_token_half_groups_host(const std::vector<uint16_t>& x, int64_t str
 // The int8 half-group input of the batch-16 mma path (TokenHalfGroups, an experiment no decode
 // step uses yet): the device quantizer gives its CPU twin's codes and scales (token 0 with a NaN,
 // an Inf, a zero half and halves of subnormal or zero scale where there are 6 groups), and the
-// GEMV of
-// those codes gives the same bits as the GEMV of the fp16 values they stand for (the mma takes
-// exactly those values either way), on 4096 columns (whole chunks), 1568 (a last chunk of one
-// group) and 96, plain and swiglu, at 9, 13 and 16 tokens and at 24 (a 16-token launch that
-// reads the codes and an 8-token one that reads the fp16 values). 4240 rows take two m-tiles
-// when plain (133 blocks of 32 rows: at least half a wave up to 266 SMs), the others one; swiglu
-// always two. The launch count says the codes were read with them given, and never without.
+// GEMV of those codes gives the same bits as the GEMV of the fp16 values they stand for (the mma
+// takes exactly those values either way), on 4096 columns (whole chunks), 1568 (a last chunk of
+// one group) and 96, plain and swiglu, at 9, 13 and 16 tokens and at 24 (a 16-token launch that
+// reads the codes and an 8-token one that reads the fp16 values), with the codes loaded one chunk
+// ahead and two (set_gemv_int8_ahead). 4240 rows take two m-tiles when plain (133 blocks of 32
+// rows: at least half a wave up to 266 SMs), the others one; swiglu always two. The launch count
+// says the codes were read with them given, and never without.
 TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
   // The row-warp kernel reads x, never the codes: kept off whatever KESTREL_CUDA_GEMV_ROWS_KERNEL
   // says (none of these shapes would take it by default).
@@ -508,26 +508,33 @@ TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
   struct RowsKernelBack {
     ~RowsKernelBack() { cuda::set_gemv_rows_kernel(0); }
   } rows_kernel_back;
+  struct AheadBack {
+    ~AheadBack() { cuda::set_gemv_int8_ahead(1); }
+  } ahead_back;
   const int64_t shapes[][2] = {{4240, 4096}, {400, 1568}, {272, 96}};
   uint64_t seed = 5200;
-  for (const auto& shape : shapes) {
-    for (const int n : {9, 13, 16, 24}) {
-      for (const bool swiglu : {false, true}) {
-        SCOPED_TRACE(std::to_string(shape[0]) + " x " + std::to_string(shape[1]) +
-                     ", n=" + std::to_string(n) + (swiglu ? ", swiglu" : ""));
-        auto r = cuda::check_gemv_int8_activations(shape[0], shape[1], n, swiglu, seed++);
-        ASSERT_TRUE(r.is_ok()) << r.status().message();
-        std::vector<uint8_t> codes;
-        std::vector<uint32_t> scales;
-        quantize_token_half_groups_host(r->x, shape[1], codes, scales);
-        EXPECT_EQ(codes, r->codes) << "the quantizer's codes differ from the CPU twin's";
-        EXPECT_EQ(scales, r->scales) << "the quantizer's scales differ from the CPU twin's";
-        EXPECT_EQ(r->launches_fp16, 0u) << "a launch read codes it was not given";
-        EXPECT_EQ(r->launches_int8, 1u) << "the 16-token launch did not read the codes";
-        ASSERT_EQ(r->y_fp16.size(), r->y_int8.size());
-        EXPECT_TRUE(no_nan(r->y_fp16)) << "an output left unwritten (fp16 input)";
-        EXPECT_TRUE(no_nan(r->y_int8)) << "an output left unwritten (int8 input)";
-        EXPECT_EQ(bits_differ(r->y_fp16, r->y_int8), 0u) << "of " << r->y_fp16.size();
+  for (const int ahead : {1, 2}) {
+    cuda::set_gemv_int8_ahead(ahead);
+    for (const auto& shape : shapes) {
+      for (const int n : {9, 13, 16, 24}) {
+        for (const bool swiglu : {false, true}) {
+          SCOPED_TRACE(std::to_string(shape[0]) + " x " + std::to_string(shape[1]) +
+                       ", n=" + std::to_string(n) + (swiglu ? ", swiglu" : "") + ", " +
+                       std::to_string(ahead) + " chunks ahead");
+          auto r = cuda::check_gemv_int8_activations(shape[0], shape[1], n, swiglu, seed++);
+          ASSERT_TRUE(r.is_ok()) << r.status().message();
+          std::vector<uint8_t> codes;
+          std::vector<uint32_t> scales;
+          quantize_token_half_groups_host(r->x, shape[1], codes, scales);
+          EXPECT_EQ(codes, r->codes) << "the quantizer's codes differ from the CPU twin's";
+          EXPECT_EQ(scales, r->scales) << "the quantizer's scales differ from the CPU twin's";
+          EXPECT_EQ(r->launches_fp16, 0u) << "a launch read codes it was not given";
+          EXPECT_EQ(r->launches_int8, 1u) << "the 16-token launch did not read the codes";
+          ASSERT_EQ(r->y_fp16.size(), r->y_int8.size());
+          EXPECT_TRUE(no_nan(r->y_fp16)) << "an output left unwritten (fp16 input)";
+          EXPECT_TRUE(no_nan(r->y_int8)) << "an output left unwritten (int8 input)";
+          EXPECT_EQ(bits_differ(r->y_fp16, r->y_int8), 0u) << "of " << r->y_fp16.size();
+        }
       }
     }
   }

@@ -253,6 +253,9 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
                                                   bool swiglu, uint64_t seed);
 // GEMV launches that read an int8 half-group input since the process started.
 uint64_t gemv_int8_activation_launches();
+// How many chunks ahead those launches load their codes: 1 (the default) or 2
+// (KESTREL_CUDA_GEMV_INT8_AHEAD=2 at start-up). The same bits. Returns the setting before.
+int set_gemv_int8_ahead(int chunks);
 
 // The GEMV's phases, from inside (a measurement aid: KESTREL_CUDA_GEMV_PROFILE=1 or
 // set_gemv_profile before the launches are made or captured). Thread 0 of block 0 of every decode

@@ -711,18 +711,20 @@ __device__ inline void a_fragments(const Fragment<F, MT>& f, int u, uint32_t (&a
 // same arithmetic in the same order whichever it is.
 // kWide: two blocks an SM in the launch bound (128 registers) instead of the fused norm's three
 // (80): the fp16 and sym_int8 norm instances' batch-1 loops spill there (norm_two_blocks).
-// kInt8B: the B fragments from p.xb (TokenHalfGroups, gemv_int8_activations): a chunk's codes and
-// scales loaded a chunk ahead (9 registers a token slot instead of 16), each pair of columns
-// turned into the fp16 value (code - 128) * scale as the mma takes it.
+// kInt8B: the B fragments from p.xb (TokenHalfGroups): a chunk's codes and scales (9 registers a
+// token slot instead of 16) loaded kInt8B chunks ahead (1 as the fp16 fragments, or 2:
+// gemv_int8_ahead), each pair of columns turned into the fp16 value (code - 128) * scale as the
+// mma takes it; 0 for the fp16 fragments.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false,
-          bool kInt8B = false>
+          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false, int kInt8B = 0>
 __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 2)
     gemv_kernel(const __grid_constant__ GemvParams p) {
   static_assert(!kWide || (kNorm && kDp == 0), "kWide: the fp16 and int8 fused-norm bound");
   static_assert(
-      !kInt8B || (kDp == 0 && !kNorm && !kHalves && NT == 2 && F == WeightFormat::sym_int4),
-      "int8 half-group B fragments: the sym_int4 mma path past 8 tokens");
+      kInt8B == 0 ||
+          (kInt8B <= 2 && kDp == 0 && !kNorm && !kHalves && NT == 2 && F == WeightFormat::sym_int4),
+      "int8 half-group B fragments: the sym_int4 mma path past 8 tokens, 1 or 2 chunks ahead");
+  constexpr bool kI8 = kInt8B > 0;
   static_assert(kRing != Ring::deep || (kDp >= 1 && kDp <= 2 && !kSwiglu && !kNorm),
                 "deep_ring's instances");
   static_assert(kRing != Ring::shallow || (kDp == 0 && !kNorm), "shallow_ring's instances");
@@ -903,7 +905,7 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int token = nt * 8 + quad_row;
-    const bool live = kInt8B && token < p.n_tokens;
+    const bool live = kI8 && token < p.n_tokens;
     b8_rows[nt] = live ? p.xb.codes + token * p.x_stride + int64_t(quad_col) * kGroup : nullptr;
     bs_rows[nt] = live ? p.xb.scales + token * p.n_groups + quad_col : nullptr;
   }
@@ -1067,17 +1069,19 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
 #pragma unroll
         for (int t = 0; t < (kDp > 0 ? kDp : 1); ++t) dacc[mt][h][t] = 0.0f;
     uint32_t b_cur[NT][4][4];
-    uint32_t r_cur[kInt8B ? NT : 1][9];
-    if constexpr (kInt8B) {
+    uint32_t r_cur[kI8 ? NT : 1][9];
+    uint32_t r_ahead[kInt8B == 2 ? NT : 1][9];  // two ahead: the next chunk's, loaded before
+    if constexpr (kI8) {
       load_r(warp, r_cur);
+      if constexpr (kInt8B == 2) load_r(warp + kWarps, r_ahead);
     } else if constexpr (kDp == 0) {
       load_b(warp, b_cur);
     }
     for (int64_t chunk = warp; chunk < n_chunks; chunk += kWarps) {
       uint32_t b_next[NT][4][4];
-      uint32_t r_next[kInt8B ? NT : 1][9];
-      if constexpr (kInt8B) {
-        load_r(chunk + kWarps, r_next);
+      uint32_t r_next[kI8 ? NT : 1][9];
+      if constexpr (kI8) {
+        load_r(chunk + kInt8B * kWarps, r_next);
       } else if constexpr (kDp == 0) {
         load_b(chunk + kWarps, b_next);
       }
@@ -1150,7 +1154,7 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
         for (int u = 0; u < 4; ++u) {
           uint32_t a[MT][2][4];
           a_fragments(f, u, a);
-          if constexpr (kInt8B) {
+          if constexpr (kI8) {
             // Word 2u holds the permuted columns 8u .. 8u + 3 (half 0), word 2u + 1 the next
             // four (half 1): two columns a byte permute into 1024 + code, less 1152, times the
             // half's scale, exact but for the multiply's one rounding.
@@ -1184,7 +1188,12 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
       // The stage's bytes are in registers now; refill it with the chunk kStages ahead.
       issue_next(stage);
       stage = stage + 1 == P::kStages ? 0 : stage + 1;
-      if constexpr (kInt8B) {
+      if constexpr (kInt8B == 2) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 9; ++i) r_cur[nt][i] = r_ahead[nt][i], r_ahead[nt][i] = r_next[nt][i];
+      } else if constexpr (kI8) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -1648,6 +1657,16 @@ std::atomic<uint64_t> few_tokens_two_mtiles_launches{0};
 // Launches that read a TokenHalfGroups input (the kInt8B instances; gemv_int8_activation_launches).
 std::atomic<uint64_t> int8_activation_launches{0};
 
+// How many chunks ahead those instances load their codes: 1 (the default, as the fp16
+// fragments) or 2 (KESTREL_CUDA_GEMV_INT8_AHEAD=2 at start-up, set_gemv_int8_ahead; 18 more
+// registers). The same arithmetic: the same bits. Two ahead tests the reading that the batch-16
+// loop waits on its activation loads' latency (PERF.md, fortieth session), one ahead what the
+// halved bytes give alone.
+std::atomic<int>& gemv_int8_ahead_flag() {
+  static std::atomic<int> depth{env_int("KESTREL_CUDA_GEMV_INT8_AHEAD", 1) == 2 ? 2 : 1};
+  return depth;
+}
+
 bool few_tokens_two_mtiles(int64_t n_tokens, int blocks32, int sm_count) {
   return take_switch(
       gemv_few_tokens_two_mtiles_flag(), few_tokens_two_mtiles_launches,
@@ -1710,8 +1729,7 @@ bool launch_persistent(bool dp4a) {
 // boundaries instead of filling and draining once a tile, and the dp4a path's input stage
 // (each block quantizes the whole input) runs once a block. fp16 and int8 take a block a tile.
 template <WeightFormat F, int MT, int NT, bool kSwiglu, bool kNorm, int kDp, bool kProfile = false,
-          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false,
-          bool kInt8B = false>
+          bool kHalves = false, Ring kRing = Ring::standard, bool kWide = false, int kInt8B = 0>
 Status launch_kernel(const GemvParams& p, cudaStream_t stream) {
   using P = Pipe<F, MT, kRing>;
   constexpr int kReduceBytes = kWarps * MT * NT * 4 * 32 * int(sizeof(float));
@@ -1842,8 +1860,11 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
     if constexpr (F == WeightFormat::sym_int4) {
       if (p.xb.codes != nullptr) {
         KS_RETURN_IF_ERROR(
-            (launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, kRing, false, true>(p,
-                                                                                          stream)));
+            gemv_int8_ahead_flag().load(std::memory_order_relaxed) == 2
+                ? (launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, kRing, false, 2>(
+                      p, stream))
+                : (launch_kernel<F, MT, 2, kSwiglu, false, 0, false, false, kRing, false, 1>(
+                      p, stream)));
         int8_activation_launches.fetch_add(1, std::memory_order_relaxed);
         return Status::ok();
       }
@@ -2156,6 +2177,10 @@ uint64_t gemv_few_tokens_two_mtiles_launches() {
 
 uint64_t gemv_int8_activation_launches() {
   return int8_activation_launches.load(std::memory_order_relaxed);
+}
+
+int set_gemv_int8_ahead(int chunks) {
+  return gemv_int8_ahead_flag().exchange(chunks == 2 ? 2 : 1);
 }
 
 namespace {

@@ -173,6 +173,9 @@ def main():
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--opcodes", default=OPCODES)
     ap.add_argument("--write-opcodes")
+    # Kernel names are cut to this many characters (0: whole), so a table stays readable; the
+    # last template arguments (e.g. gemv_kernel's kInt8B) need the whole name.
+    ap.add_argument("--name-width", type=int, default=160)
     args = ap.parse_args()
     if args.sass != "-":
         with open(args.sass, "rb") as f:
@@ -203,6 +206,10 @@ def main():
               file=sys.stderr)
         return 1
     names = demangle(chosen)
+
+    def shown(name):
+        return name if args.name_width <= 0 else name[:args.name_width]
+
     print("| kernel | instructions | loop | tensor-core | most frequent in the loop |")
     print("|---|---:|---:|---:|---|")
     for name in chosen:
@@ -210,14 +217,14 @@ def main():
         total = sum(kind == "op" for kind, _ in body)
         span = hottest_loop(body)
         if span is None:
-            print(f"| {names[name][:160]} | {total} | no loop | | |")
+            print(f"| {shown(names[name])} | {total} | no loop | | |")
             continue
         ops = collections.Counter(v[0] for k, v in body[span[0]:span[1] + 1] if k == "op")
         loop = sum(ops.values())
         tensor = sum(c for op, c in ops.items() if op in TENSOR)
         ranked = sorted(ops.items(), key=lambda item: (-item[1], item[0]))  # ties by name
         common = ", ".join(f"{op} {c}" for op, c in ranked[:args.top])
-        print(f"| {names[name][:160]} | {total} | {loop} | {tensor} | {common} |")
+        print(f"| {shown(names[name])} | {total} | {loop} | {tensor} | {common} |")
     return 0
 
 

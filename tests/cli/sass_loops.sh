@@ -5,7 +5,7 @@
 # loop's opcodes, reads predicated branches and encoding lines right, takes branch targets as labels
 # (nvdisasm) or addresses (cuobjdump -sass), and a filter that matches nothing is an error. Then a
 # hand-built cubin read directly with an opcode table written from a listing (branch offsets
-# decoded), a host object refused, and a table with a clash refused.
+# decoded), its name cut by --name-width, a host object refused, and a table with a clash refused.
 set -euo pipefail
 script="$2/scripts/sass-loops.py"
 work=$(mktemp -d)
@@ -146,6 +146,11 @@ assert cells[0] in ("loop()", "_Z4loopv"), cells
 assert cells[1:4] == ["50", "46", "3"], cells
 assert cells[4] == "?0x111 41, HMMA 3, BRA 1", cells
 PY
+# --name-width cuts the kernel's name (0 keeps it whole).
+python3 "$script" "$work/k.cubin" --opcodes "$work/codes.json" --name-width 3 >"$work/cut.md"
+grep -qE '^\| (loo|_Z4) \| 50 \|' "$work/cut.md"
+python3 "$script" "$work/k.cubin" --opcodes "$work/codes.json" --name-width 0 >"$work/whole.md"
+grep -qE '^\| (loop\(\)|_Z4loopv) \| 50 \|' "$work/whole.md"
 if python3 "$script" "$work/host.o" --opcodes "$work/codes.json" 2>"$work/host.err"; then
   echo "a host object should be refused"
   exit 1

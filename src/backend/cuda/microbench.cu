@@ -8,6 +8,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.cuh"
 #include "backend/cuda/gemv.cuh"
+#include "core/half.h"
 #include "core/stats.h"
 
 namespace kestrel::cuda {
@@ -268,40 +269,32 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
   // halves quantize to zeros), a half of zeros, and halves of small values whose scales are
   // fp16 subnormals (~1e-5 and ~1e-3 over 127) or round to zero (~1e-6).
   KS_RETURN_IF_ERROR(fill_random(x, x_halves * 2, seed, 0x87ff87ffu, 0x38003800u, a.stream));
+  Int8GemvCheck out;
+  out.x.resize(x_halves);
+  KS_CUDA_CHECK("check",
+                cudaMemcpyAsync(out.x.data(), x, x_halves * 2, cudaMemcpyDeviceToHost, a.stream));
+  KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));
   if (cols >= 6 * kGroup) {
-    std::vector<__half> host(x_halves);
-    KS_CUDA_CHECK("check",
-                  cudaMemcpyAsync(host.data(), x, x_halves * 2, cudaMemcpyDeviceToHost, a.stream));
-    KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));
-    __half_raw nan, inf;
-    nan.x = 0x7e00;
-    inf.x = 0xfc00;             // -Inf
-    host[1] = __half(nan);      // group 0, half 0
-    host[8 + 5] = __half(inf);  // group 0, half 1
+    out.x[1] = 0x7e00;      // NaN: group 0, half 0
+    out.x[8 + 5] = 0xfc00;  // -Inf: group 0, half 1
     const float small[3] = {1e-5f, 1e-3f, 1e-6f};
     for (int c = 0; c < kGroup; ++c) {
-      const bool half0 = (c & 7) < 4;
-      if (half0) host[size_t(kGroup + c)] = __float2half_rn(0.0f);  // group 1, half 0
-      for (int k = 0; k < 3; ++k) {  // groups 2-4, half 0: small values of mixed signs
-        if (half0) {
-          host[size_t((2 + k) * kGroup + c)] = __float2half_rn(small[k] * float((c % 7) - 3));
-        }
+      if ((c & 7) >= 4) continue;     // half 0 only
+      out.x[size_t(kGroup + c)] = 0;  // group 1: zeros
+      for (int k = 0; k < 3; ++k) {   // groups 2-4: small values of mixed signs
+        out.x[size_t((2 + k) * kGroup + c)] = float_to_fp16(small[k] * float((c % 7) - 3));
       }
     }
     KS_CUDA_CHECK("check",
-                  cudaMemcpyAsync(x, host.data(), x_halves * 2, cudaMemcpyHostToDevice, a.stream));
+                  cudaMemcpyAsync(x, out.x.data(), x_halves * 2, cudaMemcpyHostToDevice, a.stream));
   }
   KS_ASSIGN_OR_RETURN(void* codes, a.alloc(x_halves));
   KS_ASSIGN_OR_RETURN(void* scales, a.alloc(n_scales * 4));
   KS_RETURN_IF_ERROR(quantize_token_half_groups(static_cast<const __half*>(x), n_tokens, x_stride,
                                                 static_cast<uint8_t*>(codes),
                                                 static_cast<__half2*>(scales), a.stream));
-  Int8GemvCheck out;
-  out.x.resize(x_halves);
   out.codes.resize(x_halves);
   out.scales.resize(n_scales);
-  KS_CUDA_CHECK("check",
-                cudaMemcpyAsync(out.x.data(), x, x_halves * 2, cudaMemcpyDeviceToHost, a.stream));
   KS_CUDA_CHECK("check", cudaMemcpyAsync(out.codes.data(), codes, x_halves, cudaMemcpyDeviceToHost,
                                          a.stream));
   KS_CUDA_CHECK("check", cudaMemcpyAsync(out.scales.data(), scales, n_scales * 4,
@@ -309,17 +302,14 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
   KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));
   // The fp16 values the codes stand for: (code - 128) * scale, rounded to fp16 once (exact in
   // fp32 first), in the same permuted places.
-  std::vector<__half> dequantized(x_halves);
+  std::vector<uint16_t> dequantized(x_halves);
   for (size_t i = 0; i < x_halves; ++i) {
     const size_t token = i / size_t(x_stride);
     const size_t column = i % size_t(x_stride);
     const uint32_t pair = out.scales[token * size_t(x_stride / kGroup) + column / kGroup];
     const bool high = (column % kGroup & 7) >= 4;
-    const uint16_t bits = uint16_t(high ? pair >> 16 : pair & 0xffffu);
-    __half_raw raw;
-    raw.x = bits;
-    const float scale = __half2float(__half(raw));
-    dequantized[i] = __float2half_rn(float(int(out.codes[i]) - 128) * scale);
+    const float scale = fp16_to_float(uint16_t(high ? pair >> 16 : pair & 0xffffu));
+    dequantized[i] = float_to_fp16(float(int(out.codes[i]) - 128) * scale);
   }
   KS_ASSIGN_OR_RETURN(void* xd, a.alloc(x_halves * 2));
   KS_CUDA_CHECK("check", cudaMemcpyAsync(xd, dequantized.data(), x_halves * 2,

@@ -225,6 +225,83 @@ TEST(CudaModel, DecodeWithPreparedInputsMatchesCpu) {
   }
 }
 
+// int8 activations for the batch-16 GEMVs (set_int8_activations): 16 sequences prefilled
+// together, then decode steps of one token each, against the CPU within the bound of the path
+// without them (and within twice that path's error plus 0.01). Mode 1 (the norms before q/k/v
+// and gate/up, and the gate/up GEMV for w_down, write the int8 half groups) and mode 2 (wo's
+// input quantized in place too) read codes (the GEMVs' launch count), only mode 2 quantizes in
+// place, and each changes the logits (the paths ran); the steps replay a graph. qwen2-0.5b in
+// sym_int4: head_dim 64, 896 columns (28 groups), w_down's 4864.
+TEST(CudaModel, DecodeWithInt8ActivationsMatchesCpu) {
+  struct ModeBack {
+    ~ModeBack() { cuda::set_int8_activations(0); }
+  } mode_back;
+  constexpr int kSeqs = 16, kPrompt = 24, kSteps = 4;
+  const std::string model = "synthetic:qwen2-0.5b";
+  auto cpu = make_engine(model, WeightFormat::sym_int4, "cpu", 512, 32, kSeqs);
+  ASSERT_TRUE(cpu);
+  const int64_t vocab = cpu->config().vocab_size;
+  Batch prompt;
+  for (int32_t seq = 0; seq < kSeqs; ++seq) {
+    const std::vector<int32_t> ids = prompt_of(kPrompt, vocab, 17 + uint64_t(seq));
+    for (int32_t i = 0; i < kPrompt; ++i) prompt.add(ids[size_t(i)], i, seq, i + 1 == kPrompt);
+  }
+  // The CPU's steps, each sequence fed its own greedy token.
+  std::vector<float> logits;
+  ASSERT_TRUE(cpu->run(prompt, &logits).is_ok());
+  std::vector<Batch> steps;
+  std::vector<std::vector<float>> cpu_logits;
+  for (int step = 0; step < kSteps; ++step) {
+    Batch next;
+    for (int32_t seq = 0; seq < kSeqs; ++seq) {
+      next.add(argmax(logits.data() + size_t(seq) * size_t(vocab), vocab), kPrompt + step, seq,
+               true);
+    }
+    ASSERT_TRUE(cpu->run(next, &logits).is_ok());
+    steps.push_back(next);
+    cpu_logits.push_back(logits);
+  }
+  cpu.reset();
+  double worst[3] = {};
+  std::vector<float> last[3];
+  for (int mode = 0; mode < 3; ++mode) {
+    SCOPED_TRACE("mode " + std::to_string(mode));
+    cuda::set_int8_activations(mode);
+    auto gpu = make_engine(model, WeightFormat::sym_int4, "cuda", 512, 32, kSeqs);
+    ASSERT_TRUE(gpu);
+    std::vector<float> a;
+    ASSERT_TRUE(gpu->run(prompt, &a).is_ok());
+    const uint64_t reads = cuda::gemv_int8_activation_launches();
+    const uint64_t requantized = cuda::int8_requantize_launches();
+    for (int step = 0; step < kSteps; ++step) {
+      ASSERT_TRUE(gpu->run(steps[size_t(step)], &a).is_ok());
+      worst[mode] =
+          std::max(worst[mode], compare(a, cpu_logits[size_t(step)], vocab).max_rel_error);
+    }
+    last[mode] = a;
+    // The first step is captured (the launches counted on the host), the others replay it.
+    EXPECT_GT(cuda::graph_stats(gpu->backend()).replayed, 0);
+    if (mode == 0) {
+      EXPECT_EQ(cuda::gemv_int8_activation_launches(), reads) << "codes read with the switch off";
+    } else {
+      EXPECT_GT(cuda::gemv_int8_activation_launches(), reads) << "no GEMV read the codes";
+    }
+    EXPECT_EQ(cuda::int8_requantize_launches() > requantized, mode == 2)
+        << "in-place quantization belongs to mode 2 alone";
+  }
+  std::printf(
+      "[ qwen2-0.5b sym_int4 batch-16 decode ] CUDA vs CPU max rel error %.3g, int8 norms %.3g, "
+      "int8 inputs %.3g\n",
+      worst[0], worst[1], worst[2]);
+  EXPECT_LE(worst[0], 5e-2) << "without int8 activations";
+  for (int mode = 1; mode < 3; ++mode) {
+    EXPECT_LE(worst[mode], 5e-2) << "mode " << mode;
+    EXPECT_LE(worst[mode], 2.0 * worst[0] + 1e-2) << "mode " << mode;
+  }
+  EXPECT_NE(last[0], last[1]) << "mode 1's codes were not read";
+  EXPECT_NE(last[1], last[2]) << "mode 2's in-place codes were not read";
+}
+
 // Captured graphs replay exactly what eager execution computes, at every position; for fp32
 // the graphs hold cuBLAS's GEMMs.
 class CudaGraphReplay : public ::testing::TestWithParam<WeightFormat> {};

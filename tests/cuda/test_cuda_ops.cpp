@@ -500,7 +500,9 @@ void quantize_token_half_groups_host(const std::vector<uint16_t>& x, int64_t str
 // reads the codes and an 8-token one that reads the fp16 values), with the codes loaded one chunk
 // ahead and two (set_gemv_int8_ahead). 4240 rows take two m-tiles when plain (133 blocks of 32
 // rows: at least half a wave up to 266 SMs), the others one; swiglu always two. The launch count
-// says the codes were read with them given, and never without.
+// says the codes were read with them given, and never without. 1024 rows (whole groups) at 9-16
+// tokens also check the swiglu launch's int8 output (w_down's input, ShadowOut::tokens) against
+// the twin's quantization of its fp16 shadow.
 TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
   // The row-warp kernel reads x, never the codes: kept off whatever KESTREL_CUDA_GEMV_ROWS_KERNEL
   // says (none of these shapes would take it by default).
@@ -511,8 +513,9 @@ TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
   struct AheadBack {
     ~AheadBack() { cuda::set_gemv_int8_ahead(1); }
   } ahead_back;
-  const int64_t shapes[][2] = {{4240, 4096}, {400, 1568}, {272, 96}};
+  const int64_t shapes[][2] = {{4240, 4096}, {400, 1568}, {272, 96}, {1024, 1568}};
   uint64_t seed = 5200;
+  int swiglu_outputs = 0;
   for (const int ahead : {1, 2}) {
     cuda::set_gemv_int8_ahead(ahead);
     for (const auto& shape : shapes) {
@@ -534,8 +537,74 @@ TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
           EXPECT_TRUE(no_nan(r->y_fp16)) << "an output left unwritten (fp16 input)";
           EXPECT_TRUE(no_nan(r->y_int8)) << "an output left unwritten (int8 input)";
           EXPECT_EQ(bits_differ(r->y_fp16, r->y_int8), 0u) << "of " << r->y_fp16.size();
+          // Swiglu over whole groups of rows at 9-16 tokens: the launch reading codes writes
+          // w_down's input as codes too, the twin's of the gate's fp16 shadow, and the shadow
+          // holds the values they stand for.
+          const bool tokens_out = swiglu && shape[0] % 32 == 0 && n <= 16;
+          ASSERT_EQ(r->swiglu_codes.empty(), !tokens_out);
+          if (!tokens_out) continue;
+          ++swiglu_outputs;
+          std::vector<uint8_t> out_codes;
+          std::vector<uint32_t> out_scales;
+          quantize_token_half_groups_host(r->swiglu_plain, shape[0], out_codes, out_scales);
+          EXPECT_EQ(r->swiglu_codes, out_codes) << "the swiglu epilogue's codes";
+          EXPECT_EQ(r->swiglu_scales, out_scales) << "the swiglu epilogue's scales";
+          size_t differ = 0;
+          for (size_t i = 0; i < out_codes.size(); ++i) {
+            const size_t column = i % size_t(shape[0]);
+            const uint32_t pair =
+                out_scales[i / size_t(shape[0]) * size_t(shape[0] / 32) + column / 32];
+            const float scale =
+                fp16_to_float(uint16_t((column % 32 & 7) >= 4 ? pair >> 16 : pair & 0xffffu));
+            differ += r->swiglu_shadow[i] != float_to_fp16(float(int(out_codes[i]) - 128) * scale);
+          }
+          EXPECT_EQ(differ, 0u) << "swiglu shadow values that are not their codes'";
         }
       }
+    }
+  }
+  EXPECT_EQ(swiglu_outputs, 2 * 3) << "the swiglu int8 outputs checked (two look-aheads, 9-16)";
+}
+
+// The int8 half groups an RMSNorm writes for the batch-16 GEMVs (ShadowOut::tokens,
+// set_int8_activations): the codes and scales of every row are the CPU twin's of the norm's own
+// fp16 shadow (the norm without them), and the shadow then holds the values the codes stand for;
+// requantize_token_half_groups in place does the same to the plain shadow. In the float4 kernel's
+// pass (4096 and 1000 columns: 32 and the padding of a last group) and by the second launch
+// after the row kernel (1566 columns); at 9, 16 and 40 rows; with a NaN and an Inf in every row
+// and halves of zeros, of scales that round to zero and of subnormal scales.
+TEST(CudaOps, NormTokenHalvesMatchTheirTwin) {
+  uint64_t seed = 5300;
+  for (const int64_t cols : {4096, 1000, 1566}) {
+    for (const int64_t rows : {9, 16, 40}) {
+      SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(cols));
+      auto r = cuda::check_norm_token_halves(rows, cols, seed++);
+      ASSERT_TRUE(r.is_ok()) << r.status().message();
+      std::vector<uint8_t> codes;
+      std::vector<uint32_t> scales;
+      quantize_token_half_groups_host(r->plain, r->stride, codes, scales);
+      EXPECT_EQ(r->codes, codes) << "the norm's codes differ from the twin's of its shadow";
+      EXPECT_EQ(r->scales, scales) << "the norm's scales differ from the twin's of its shadow";
+      EXPECT_EQ(r->re_codes, codes) << "the in-place quantizer's codes differ from the twin's";
+      EXPECT_EQ(r->re_scales, scales) << "the in-place quantizer's scales differ from the twin's";
+      // The values the codes stand for: (code - 128) * scale rounded to fp16 once.
+      const int64_t groups = r->stride / 32;
+      size_t differ = 0, re_differ = 0;
+      for (size_t i = 0; i < codes.size(); ++i) {
+        const uint32_t pair =
+            scales[i / size_t(r->stride) * size_t(groups) + i % size_t(r->stride) / 32];
+        const bool high = (i % size_t(r->stride) % 32 & 7) >= 4;
+        const float scale = fp16_to_float(uint16_t(high ? pair >> 16 : pair & 0xffffu));
+        const uint16_t value = float_to_fp16(float(int(codes[i]) - 128) * scale);
+        differ += r->shadow[i] != value;
+        re_differ += r->requantized[i] != value;
+      }
+      EXPECT_EQ(differ, 0u) << "shadow values that are not their codes' (of " << codes.size()
+                            << ")";
+      EXPECT_EQ(re_differ, 0u) << "requantized values that are not their codes'";
+      // The quantization did something: most codes are not zero.
+      EXPECT_GT(std::count_if(codes.begin(), codes.end(), [](uint8_t c) { return c != 128; }),
+                int64_t(codes.size() / 2));
     }
   }
 }

@@ -85,15 +85,27 @@ struct HalfGroupOut {
   int2* scales = nullptr;
 };
 
+// A permuted shadow's rows quantized as int8 half groups for the int4 mma GEMV past 8 tokens
+// (TokenHalfGroups' layout, gemv.cuh): codes [rows, row_stride] (value + 128, a column in the
+// permuted order), scales [rows, row_stride / 32] (each group's two half scales). A producer that
+// writes them writes the fp16 shadow as the values the codes stand for (token_half_value), so
+// that every reader of the shadow takes the same numbers.
+struct TokenHalvesOut {
+  uint8_t* codes = nullptr;
+  __half2* scales = nullptr;
+};
+
 // Where an op writes the fp16 copy of its output; data == nullptr when none is wanted. `halves`,
 // when set, also receives the half-group quantization of a one-token output (the dp4a swiglu
 // GEMV's epilogue and the tensor-core decode attention write it: gemv_writes_halves,
-// attention_writes_halves).
+// attention_writes_halves). `tokens`, when set (a permuted shadow), receives every row's
+// TokenHalvesOut (rms_norm writes it: set_int8_activations in cuda_backend.h).
 struct ShadowOut {
   __half* data = nullptr;
   int64_t row_stride = 0;  // round_up(cols, 32)
   bool permuted = false;
   HalfGroupOut halves;
+  TokenHalvesOut tokens;
 };
 
 // Whether environment variable `name` is set to exactly `value`: the measurement switches'
@@ -170,6 +182,51 @@ __device__ inline int2 quantize_half_group(const float (&v)[kPer], int (&q)[kPer
     sum += q[i];
   }
   return make_int2(__float_as_int(amax / 127.0f), run_sum<kLanes>(sum));
+}
+
+// TokenHalfGroups' quantization, a value at a time (quantize_token_half_groups, the norm's
+// epilogue and their CPU twin in the tests): a half's scale is its largest magnitude (of its fp16
+// values: NaN never wins) over 127, rounded to fp16; 0 (and bits 0) where that maximum is not
+// finite or the scale rounds to 0. Returns the scale as a float; `bits` receives it as fp16.
+__device__ inline float token_half_scale(float amax, __half& bits) {
+  const __half s = __float2half_rn(__fdiv_rn(amax, 127.0f));
+  const bool usable = isfinite(amax) && __half2float(s) > 0.0f;
+  bits = usable ? s : __ushort_as_half(0);
+  return usable ? __half2float(s) : 0.0f;
+}
+
+// A value's integer code under scale `sf` (token_half_scale): v / sf rounded to the nearest
+// integer (ties to even) within +-127; 0 for NaN and for a zero scale. Stored plus 128.
+__device__ inline int token_half_code(float v, float sf) {
+  const float q = sf > 0.0f && v == v ? rintf(__fdiv_rn(v, sf)) : 0.0f;
+  return int(fminf(fmaxf(q, -127.0f), 127.0f));
+}
+
+// The fp16 value a code stands for, as the int8 mma path makes it: (code) * scale rounded once
+// (the product of a 7-bit integer and an fp16 scale is exact in fp32).
+__device__ inline float token_half_value(int q, float sf) {
+  return __half2float(__float2half_rn(float(q) * sf));
+}
+
+// Four fp16 values of one half group (v, already rounded to fp16), held by each lane of a run of
+// four lanes (run_lanes<4>) that call this together: their TokenHalfGroups codes (plus 128) in
+// q, v replaced by the values the codes stand for; returns the half's scale bits.
+__device__ inline __half token_half4(float (&v)[4], uint32_t (&q)[4]) {
+  const unsigned mask = run_lanes<4>();
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = fmaxf(amax, __shfl_xor_sync(mask, amax, 1, 4));
+  amax = fmaxf(amax, __shfl_xor_sync(mask, amax, 2, 4));
+  __half bits;
+  const float sf = token_half_scale(amax, bits);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int c = token_half_code(v[i], sf);
+    q[i] = uint32_t(c + 128);
+    v[i] = token_half_value(c, sf);
+  }
+  return bits;
 }
 
 // Programmatic dependent launch: kernels of a decode step are launched so that the next one

@@ -97,6 +97,18 @@ bool& plan_final_norm_flag() {
   return on;
 }
 
+// set_int8_activations (KESTREL_CUDA_INT8_ACTIVATIONS as its starting value; out of range: 0).
+std::atomic<int>& int8_activations_mode() {
+  static std::atomic<int> mode{[] {
+    const int m = env_int("KESTREL_CUDA_INT8_ACTIVATIONS", 0);
+    return m >= 0 && m <= 2 ? m : 0;
+  }()};
+  return mode;
+}
+
+// The in-place quantizations of shadows no producer quantized (mode 2).
+std::atomic<uint64_t> int8_requantize_count{0};
+
 // The run-time switches that choose a decode step's launches (or their attributes: the
 // shared-memory split), as bits of a captured step's key:
 // a step after one of them changes (the tests' variants) is captured anew instead of failing
@@ -105,7 +117,8 @@ int32_t path_switches() {
   return int32_t(gemv_half_groups()) | int32_t(gemv_norm_halves()) << 1 |
          int32_t(plan_final_norm_flag()) << 2 | int32_t(attention_half_groups()) << 3 |
          smem_split_mode().load(std::memory_order_relaxed) << 4 |
-         (l1_reader_carveout().load(std::memory_order_relaxed) + 1) << 6;
+         (l1_reader_carveout().load(std::memory_order_relaxed) + 1) << 6 |
+         int8_activations_mode().load(std::memory_order_relaxed) << 13;
 }
 
 // Two weights one layer kernel launch may treat alike: the same format, shape and tiling.
@@ -125,6 +138,7 @@ struct ShadowState {
   bool permuted = false;
   int buffer = 0;       // which of the two shadow buffers holds it
   bool halves = false;  // the buffer's half-group quantization (HalfGroupOut) is written too
+  bool tokens = false;  // its rows' int8 half groups (TokenHalvesOut), whose values it holds
 };
 
 // The host-side record of which residual's next norm input (NormHalvesOut) is prepared, and for
@@ -160,6 +174,7 @@ struct GemvCall {
   HalfGroupInput halves;     // the same input quantized in half groups, where its producer wrote it
   NormHalvesIn norm_halves;  // with norm: that norm's input as the residual's producer left it
   NormHalvesOut norm_out;    // a residual add: prepare the residual's next norm input
+  TokenHalfGroups tokens_in;  // the input's int8 half groups (set_int8_activations)
   int64_t x_stride = 0;
   int n_tokens = 0;
 };
@@ -387,6 +402,14 @@ class CudaBackend final : public Backend {
       KS_ASSIGN_OR_RETURN(uint8_t * bytes,
                           reserve_device<uint8_t>(extras.halves_bytes, "int8 activation halves"));
       halves = half_groups_at(bytes);
+    }
+    // Each shadow buffer's rows as int8 half groups (set_int8_activations): codes, then scales.
+    token_rows_ = extras.token_rows;
+    for (TokenHalvesOut& tokens : token_buffers_) {
+      KS_ASSIGN_OR_RETURN(uint8_t * bytes, reserve_device<uint8_t>(extras.tokens_bytes,
+                                                                   "int8 activation half groups"));
+      tokens =
+          TokenHalvesOut{bytes, reinterpret_cast<__half2*>(bytes + token_rows_ * shadow_cols_)};
     }
     gemm_ws_ = GemmWorkspace{};
     gemm_ws_.cublas = cublas_;
@@ -634,7 +657,8 @@ class CudaBackend final : public Backend {
       for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
       return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
     }
-    KS_RETURN_IF_ERROR(launch_norm(normed, x, weight, eps));
+    KS_RETURN_IF_ERROR(launch_norm(normed, x, weight, eps, false,
+                                   wants_token_halves(m, normed, GemvEpilogue::store)));
     return launch_matmul(m, normed);
   }
 
@@ -657,15 +681,21 @@ class CudaBackend final : public Backend {
       const ShadowOut shadow = produce_shadow(gate, writes_halves(m));
       return launch_gemv(m, GemvEpilogue::swiglu, shadow);
     }
-    KS_RETURN_IF_ERROR(launch_norm(normed, x, weight, eps));
-    if (!m.fp32 && x.rows <= kMaxGemvBatchTokens) {
+    const bool gemv = !m.fp32 && x.rows <= kMaxGemvBatchTokens;
+    KS_RETURN_IF_ERROR(launch_norm(normed, x, weight, eps, false,
+                                   gemv && wants_token_halves(m, normed, GemvEpilogue::swiglu)));
+    if (gemv) {
       // gate, up = normed · [w_gate, w_up]ᵀ and gate = silu(gate) * up in one launch, reading
       // the shadow the norm wrote; the gate's shadow goes to the other buffer.
       KS_RETURN_IF_ERROR(ensure_shadow(normed));
       note_write(gate);
       note_write(up);
-      m.x = shadow_buffers_[shadow_.buffer];
-      const ShadowOut shadow = produce_shadow(gate, writes_halves(m));
+      KS_RETURN_IF_ERROR(bind_shadow(m, normed, GemvEpilogue::swiglu));
+      // A launch that reads int8 half groups writes w_down's input as them too (gate's rows
+      // whole groups, one launch: at most 16 tokens).
+      const bool tokens_out = m.tokens_in.codes != nullptr && m.n_tokens <= kMaxGemvTokens &&
+                              m.jobs[0].w.rows % kGroup == 0;
+      const ShadowOut shadow = produce_shadow(gate, writes_halves(m), tokens_out);
       return launch_gemv(m, GemvEpilogue::swiglu, shadow);
     }
     KS_RETURN_IF_ERROR(launch_matmul(m, normed));
@@ -687,8 +717,7 @@ class CudaBackend final : public Backend {
       KS_RETURN_IF_ERROR(ensure_shadow(x));
       note_write(out);
       note_write(residual);
-      m.x = shadow_buffers_[shadow_.buffer];
-      m.halves = shadow_halves(x);
+      KS_RETURN_IF_ERROR(bind_shadow(m, x, GemvEpilogue::store));
       m.jobs[0].residual = f32(residual);
       const float* next_norm = planned_norm(m, residual);
       if (next_norm != nullptr) {
@@ -1100,6 +1129,8 @@ class CudaBackend final : public Backend {
     size_t shadow_bytes = 0;
     size_t halves_bytes = 0;       // one token's int8 values and half-group scales (HalfGroupOut)
     size_t norm_halves_bytes = 0;  // those and a sum of squares a half (NormHalvesBuffer)
+    int64_t token_rows = 0;        // rows of a shadow's int8 half groups (TokenHalvesOut)
+    size_t tokens_bytes = 0;       // their codes and scales
     size_t dequant_bytes = 0;      // dequant_copies fp16 copies of the largest weight
     int dequant_copies = 1;
     size_t cublas_bytes = 0;
@@ -1114,10 +1145,10 @@ class CudaBackend final : public Backend {
     size_t argmax_count_bytes = 0;
     size_t draw_work_bytes = 0;
     size_t total() const {
-      return 2 * shadow_bytes + 2 * halves_bytes + 2 * norm_halves_bytes + dequant_bytes +
-             cublas_bytes + split_o_bytes + split_ml_bytes + arrival_bytes + meta_bytes +
-             2 * rows_bytes + layer_sync_bytes + argmax_partial_bytes + argmax_count_bytes +
-             draw_work_bytes;
+      return 2 * shadow_bytes + 2 * halves_bytes + 2 * norm_halves_bytes + 2 * tokens_bytes +
+             dequant_bytes + cublas_bytes + split_o_bytes + split_ml_bytes + arrival_bytes +
+             meta_bytes + 2 * rows_bytes + layer_sync_bytes + argmax_partial_bytes +
+             argmax_count_bytes + draw_work_bytes;
     }
   };
 
@@ -1130,6 +1161,10 @@ class CudaBackend final : public Backend {
     e.shadow_bytes = size_t(e.shadow_rows * e.shadow_cols) * sizeof(__half);
     e.halves_bytes = size_t(e.shadow_cols + e.shadow_cols / 16 * int64_t(sizeof(int2)));
     e.norm_halves_bytes = e.halves_bytes + size_t(e.shadow_cols / 16) * sizeof(float);
+    // Only permuted shadows (at most kMaxGemvBatchTokens rows) are quantized so.
+    e.token_rows = std::min(e.shadow_rows, int64_t(kMaxGemvBatchTokens));
+    e.tokens_bytes = size_t(e.token_rows * e.shadow_cols) +
+                     size_t(e.token_rows * (e.shadow_cols / kGroup)) * sizeof(__half2);
     const bool prefill_gemm =
         shape.max_batch_tokens > kMaxGemvBatchTokens || shape.max_logit_rows > kMaxGemvBatchTokens;
     // Float weights (fp16 on the device, or an fp32 model's fp32) go to cuBLAS as they are;
@@ -1255,15 +1290,53 @@ class CudaBackend final : public Backend {
   // With `halves` (the producer is a GEMV for which gemv_writes_halves holds, or a decode
   // attention for which attention_writes_halves does), the buffer's half-group quantization is
   // written too, and a one-token GEMV reading the shadow takes it.
-  ShadowOut produce_shadow(Tensor out, bool halves = false) {
+  // With `tokens` (a producer that can write them, for a GEMV that reads them:
+  // wants_token_halves), the rows' int8 half groups too (TokenHalvesOut), and the shadow holds the
+  // values they stand for.
+  ShadowOut produce_shadow(Tensor out, bool halves = false, bool tokens = false) {
     if (!shadow_fits(out)) return ShadowOut{};
     const int buffer = 1 - shadow_.buffer;
     halves = halves && out.rows == 1;
-    shadow_ =
-        ShadowState{out.data, out.rows, out.cols, out.rows <= kMaxGemvBatchTokens, buffer, halves};
+    tokens = tokens && out.rows <= token_rows_;
+    shadow_ = ShadowState{out.data, out.rows, out.cols, out.rows <= kMaxGemvBatchTokens,
+                          buffer,   halves,   tokens};
     ShadowOut shadow = shadow_out(buffer, out.rows, out.cols);
     if (halves) shadow.halves = half_buffers_[buffer];
+    if (tokens) shadow.tokens = token_buffers_[buffer];
     return shadow;
+  }
+
+  // Whether the GEMV of `m` on x reads int8 half groups of its input (set_int8_activations on,
+  // 9-64 tokens of sym_int4 on the mma path: gemv_reads_token_halves).
+  bool wants_token_halves(const GemvCall& m, Tensor x, GemvEpilogue epilogue) const {
+    return int8_activations_mode().load(std::memory_order_relaxed) >= 1 && !m.fp32 &&
+           x.rows <= token_rows_ &&
+           gemv_reads_token_halves(m.jobs, m.n_jobs, m.x_stride, int(x.rows), epilogue,
+                                   props_.multiProcessorCount);
+  }
+
+  // The GEMV of `m` reads the current shadow of x (ensure_shadow first): its fp16 rows, the
+  // one-token half groups its producer wrote, and the rows' int8 half groups where the GEMV
+  // reads them, quantized in place here (a launch) in mode 2 where the producer did not.
+  Status bind_shadow(GemvCall& m, Tensor x, GemvEpilogue epilogue) {
+    m.x = shadow_buffers_[shadow_.buffer];
+    m.halves = shadow_halves(x);
+    m.tokens_in = TokenHalfGroups{};
+    if (!shadow_.permuted || !wants_token_halves(m, x, epilogue)) return Status::ok();
+    const TokenHalvesOut& t = token_buffers_[shadow_.buffer];
+    if (!shadow_.tokens) {
+      if (int8_activations_mode().load(std::memory_order_relaxed) < 2) return Status::ok();
+      __half* data = shadow_buffers_[shadow_.buffer];
+      KS_RETURN_IF_ERROR(launch("quantize (int8 half groups)",
+                                {addr(data), uint64_t(x.rows), uint64_t(m.x_stride)}, [&] {
+                                  int8_requantize_count.fetch_add(1, std::memory_order_relaxed);
+                                  return requantize_token_half_groups(data, int(x.rows), m.x_stride,
+                                                                      t.codes, t.scales, stream_);
+                                }));
+      shadow_.tokens = true;
+    }
+    m.tokens_in = TokenHalfGroups{t.codes, t.scales};
+    return Status::ok();
   }
 
   // Whether the swiglu GEMV of `m` writes its output's half-group quantization (for the GEMV
@@ -1420,9 +1493,11 @@ class CudaBackend final : public Backend {
     if (m.fp32) return matmul_f32(m, x);
     KS_RETURN_IF_ERROR(ensure_shadow(x));
     for (int i = 0; i < m.n_jobs; ++i) note_write(m.outs[i]);
+    if (x.rows <= kMaxGemvBatchTokens) {
+      KS_RETURN_IF_ERROR(bind_shadow(m, x, GemvEpilogue::store));
+      return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
+    }
     m.x = shadow_buffers_[shadow_.buffer];
-    m.halves = shadow_halves(x);
-    if (x.rows <= kMaxGemvBatchTokens) return launch_gemv(m, GemvEpilogue::store, ShadowOut{});
     return launch_gemm(m, x.rows, out);
   }
 
@@ -1481,12 +1556,12 @@ class CudaBackend final : public Backend {
   // One decode GEMV launch: `m`'s jobs with the input stage (m.norm or the shadow m.x) and the
   // epilogue (store, residual add per job, swiglu) the caller chose.
   Status launch_gemv(const GemvCall& m, GemvEpilogue epilogue, ShadowOut shadow) {
-    constexpr int kFixed = 13, kPerJob = 3;
+    constexpr int kFixed = 15, kPerJob = 3;
     uint64_t args[kFixed + kPerJob * kMaxGemvJobs] = {
-        addr(m.x),         uint64_t(m.n_tokens),  uint64_t(epilogue),       addr(shadow.data),
-        addr(m.norm.x),    addr(m.norm.w),        addr(m.norm.out),         bits(m.norm.eps),
-        addr(m.halves.q),  addr(shadow.halves.q), addr(m.norm_halves.in.q), addr(m.norm_out.ss),
-        addr(m.norm_out.w)};
+        addr(m.x),          uint64_t(m.n_tokens),    uint64_t(epilogue),       addr(shadow.data),
+        addr(m.norm.x),     addr(m.norm.w),          addr(m.norm.out),         bits(m.norm.eps),
+        addr(m.halves.q),   addr(shadow.halves.q),   addr(m.norm_halves.in.q), addr(m.norm_out.ss),
+        addr(m.norm_out.w), addr(m.tokens_in.codes), addr(shadow.tokens.codes)};
     for (int i = 0; i < m.n_jobs; ++i) {
       args[kFixed + kPerJob * i] = addr(m.jobs[i].y);
       args[kFixed + kPerJob * i + 1] = addr(m.jobs[i].w.data);
@@ -1500,20 +1575,23 @@ class CudaBackend final : public Backend {
                                                      : "matmul";
     return launch(op, std::span<const uint64_t>(args, size_t(kFixed + kPerJob * m.n_jobs)), [&] {
       return gemv(m.jobs, m.n_jobs, m.x, m.x_stride, m.n_tokens, props_.multiProcessorCount,
-                  stream_, epilogue, shadow, m.norm, m.halves, m.norm_halves, m.norm_out);
+                  stream_, epilogue, shadow, m.norm, m.halves, m.norm_halves, m.norm_out,
+                  m.tokens_in);
     });
   }
 
   // out = rms_norm(x) · w, with out's fp16 shadow for the matmul that reads it; with
-  // `shadow_only` (a shadow that fits), the shadow alone.
-  Status launch_norm(Tensor out, Tensor x, const float* w, float eps, bool shadow_only = false) {
+  // `shadow_only` (a shadow that fits), the shadow alone; with `tokens` (wants_token_halves of
+  // that matmul), the shadow's int8 half groups too.
+  Status launch_norm(Tensor out, Tensor x, const float* w, float eps, bool shadow_only = false,
+                     bool tokens = false) {
     note_write(out);
-    const ShadowOut shadow = produce_shadow(out);
+    const ShadowOut shadow = produce_shadow(out, false, tokens);
     float* y = shadow_only && shadow.data != nullptr ? nullptr : f32(out);
     return launch(
         y == nullptr ? "rms_norm (shadow)" : "rms_norm",
         {addr(y), addr(x.data), uint64_t(x.rows), uint64_t(x.cols), addr(w), bits(eps),
-         addr(shadow.data)},
+         addr(shadow.data), addr(shadow.tokens.codes)},
         [&] { return cuda::rms_norm(y, f32(x), w, eps, x.rows, x.cols, shadow, stream_); });
   }
 
@@ -2042,7 +2120,9 @@ class CudaBackend final : public Backend {
   size_t arena_floats_ = 0;
   size_t scratch_used_ = 0;
   __half* shadow_buffers_[2] = {nullptr, nullptr};
-  HalfGroupOut half_buffers_[2];  // each shadow buffer's half-group quantization (one token)
+  HalfGroupOut half_buffers_[2];     // each shadow buffer's half-group quantization (one token)
+  TokenHalvesOut token_buffers_[2];  // each shadow buffer's rows as int8 half groups
+  int64_t token_rows_ = 0;
   NormHalvesBuffer norm_buffers_[2];
   NormHalvesState norm_halves_;
   // The norm weights the decode composition's two residual adds feed next (this layer's ffn_norm,
@@ -2147,6 +2227,14 @@ Status write_tensor(Backend& backend, Tensor t, const float* host) {
 
 bool set_plan_final_norm(bool on) {
   return std::exchange(plan_final_norm_flag(), on);
+}
+
+int set_int8_activations(int mode) {
+  return int8_activations_mode().exchange(mode >= 0 && mode <= 2 ? mode : 0);
+}
+
+uint64_t int8_requantize_launches() {
+  return int8_requantize_count.load(std::memory_order_relaxed);
 }
 
 int set_smem_split(int mode) {

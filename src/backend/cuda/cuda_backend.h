@@ -150,6 +150,19 @@ bool gemv_norm_halves();
 // input for the lm_head (the default), or only the layers' own norms do. A test aid that shows
 // the lm_head reads it; process-wide. Returns the setting before.
 bool set_plan_final_norm(bool on);
+// int8 activations for the batch-16 int4 GEMVs (an experiment, off by default): with mode 1 the
+// RMSNorms before q/k/v and gate/up also write their output's rows as int8 half groups
+// (TokenHalfGroups, gemv.cuh) where that GEMV's 16-token launches read them (9-64 tokens of
+// sym_int4 on the mma path: gemv_reads_token_halves), and the shadow they write holds the values
+// the codes stand for; a gate/up launch that reads them writes w_down's input so too (9-16 tokens,
+// rows whole groups of 32); mode 2 also quantizes, in a launch of its own, every other such
+// GEMV's input (wo's from attention) in place. They halve the activation
+// bytes the mma loop loads, and results differ within the int8 quantization's error (two scales
+// a group of 32 columns). KESTREL_CUDA_INT8_ACTIVATIONS sets the starting value (0, 1 or 2; else
+// 0). Process-wide; part of a captured step's key. Returns the mode before.
+int set_int8_activations(int mode);
+// The in-place quantization launches of mode 2 since the process started.
+uint64_t int8_requantize_launches();
 // Which kernel launches ask for the SM's largest shared-memory split (the carveout launch
 // attribute; smem_split.h): 0 none, 1 all, 2 all but the column-split GEMVs without a fused norm
 // or dp4a input, which read their input through L1 (the default; KESTREL_CUDA_SMEM_SPLIT sets the
@@ -242,15 +255,36 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
 // quantization by quantize_token_half_groups (`codes`, `scales` as their bits), then the GEMV of
 // the fp16 values the codes stand for (y_fp16) and the GEMV of the codes themselves (y_int8),
 // each job's outputs one after the other. launches_*: the launches that read the codes.
+// Swiglu over whole groups of rows (rows % 32 == 0) in one launch (at most 16 tokens) also writes
+// the gate's permuted shadow: `swiglu_plain` from the fp16 pass, and from the int8 pass
+// `swiglu_shadow` with the int8 half groups the launch writes beside it (`swiglu_codes`,
+// `swiglu_scales`: ShadowOut::tokens, w_down's input); empty otherwise.
 struct Int8GemvCheck {
   std::vector<uint16_t> x;
   std::vector<uint8_t> codes;
   std::vector<uint32_t> scales;
   std::vector<float> y_fp16, y_int8;
   uint64_t launches_fp16 = 0, launches_int8 = 0;
+  std::vector<uint16_t> swiglu_plain, swiglu_shadow;
+  std::vector<uint8_t> swiglu_codes;
+  std::vector<uint32_t> swiglu_scales;
 };
 Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, int n_tokens,
                                                   bool swiglu, uint64_t seed);
+// A test aid for the int8 half groups an RMSNorm writes (ShadowOut::tokens, norm.cuh): random
+// rows of x and a norm weight whose first groups make the quantizer's special cases (a NaN and
+// an Inf a row, a zero half, halves of scales that round to zero or are fp16 subnormals); the
+// norm's permuted shadow without them (`plain`), with them (`shadow`, `codes`, `scales`), and
+// requantize_token_half_groups of a copy of `plain` (`requantized`, `re_codes`, `re_scales`):
+// fp16 bits, codes, and each group's two scales' bits. Rows 1-64, columns 128-8192 (multiples
+// of 4 take the float4 kernel, which writes them in its pass; others a second launch).
+struct NormTokenCheck {
+  int64_t stride = 0;  // round_up(cols, 32)
+  std::vector<uint16_t> plain, shadow, requantized;
+  std::vector<uint8_t> codes, re_codes;
+  std::vector<uint32_t> scales, re_scales;
+};
+Result<NormTokenCheck> check_norm_token_halves(int64_t rows, int64_t cols, uint64_t seed);
 // GEMV launches that read an int8 half-group input since the process started.
 uint64_t gemv_int8_activation_launches();
 // How many chunks ahead those launches load their codes: 1 (the default) or 2

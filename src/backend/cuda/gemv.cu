@@ -554,8 +554,10 @@ __device__ inline float store_output_loaded(const GemvParams& p, int job, int64_
 
 // swiglu: up = u, gate = silu(g) * u, and gate's fp16 shadow. Returns the gate value as the
 // shadow holds it (rounded to fp16), 0 for a row past the end.
+// Without `shadow`, the fp16 value is returned and not stored (the int8 output's epilogue stores
+// the value its code stands for instead).
 __device__ inline float store_swiglu_output(const GemvParams& p, int64_t row, int token, float g,
-                                            float u) {
+                                            float u, bool shadow = true) {
   const GemvJob& gate = p.jobs[0];
   const GemvJob& up = p.jobs[1];
   const int64_t n_rows = gate.w.rows;
@@ -566,7 +568,7 @@ __device__ inline float store_swiglu_output(const GemvParams& p, int64_t row, in
     up.y[int64_t(token) * n_rows + row] = u;
     gate.y[int64_t(token) * n_rows + row] = value;
     const __half h = __float2half_rn(value);
-    if (p.shadow.data != nullptr) {
+    if (shadow && p.shadow.data != nullptr) {
       p.shadow.data[shadow_index(token, row, p.shadow.row_stride, p.shadow.permuted)] = h;
     }
     return __half2float(h);
@@ -594,6 +596,47 @@ __device__ inline void store_half16(const HalfGroupOut& out, int64_t half, int l
   word |= (uint32_t(__shfl_down_sync(kHalfLanes, q, 3, 16)) & 0xffu) << 24;
   if ((lane & 3) == 0) out.q[half * 4 + lane / 4] = word;
   if (lane == 0) out.scales[half] = scale_sum;
+}
+
+// The int8 half groups (p.shadow.tokens, TokenHalvesOut) of a 9-16-token swiglu tile's 16 gate
+// rows from row_base (a multiple of 16: half (row_base / 16) % 2 of group row_base / 32), thread
+// e < 256 of the block holding the fp16 value of row row_base + (e % 32) / 4 + 8 ((e / 32) % 4 >=
+// 2) of token 8 (e / 128) + 2 (e % 4) + (e / 32) % 2 (0 past the rows or tokens; every thread of
+// the block calls this): each token's 16 values meet in `scratch` (256 floats the block may
+// overwrite), their largest magnitude gives the half's scale (token_half_scale), and each thread
+// stores its code, the value the code stands for into the fp16 shadow, and, for row 0 of its
+// token, the half's scale.
+__device__ inline void store_swiglu_tokens(const GemvParams& p, int64_t row_base, float value,
+                                           float* scratch) {
+  static_assert(kThreads == 256, "one thread a (row, token) of a 16 x 16 tile");
+  const int e = int(threadIdx.x);
+  const int l = e & 31;
+  const int idx = e >> 5;
+  const int r = (l >> 2) + ((idx & 3) >= 2 ? 8 : 0);
+  const int token = (idx >> 2) * 8 + (l & 3) * 2 + (idx & 1);
+  __syncthreads();  // scratch held the warps' partial sums
+  scratch[token * 16 + r] = value;
+  __syncthreads();
+  float amax = 0.0f;  // from 0 and by fmaxf: NaN never wins
+#pragma unroll
+  for (int k = 0; k < 16; ++k) amax = fmaxf(amax, fabsf(scratch[token * 16 + k]));
+  __half bits;
+  const float sf = token_half_scale(amax, bits);
+  const int64_t row = row_base + r;
+  if (row < p.jobs[0].w.rows && token < p.n_tokens) {
+    const int q = token_half_code(value, sf);
+    const int64_t stride = p.shadow.row_stride;
+    p.shadow.tokens.codes[token * stride + (row & ~int64_t(kGroup - 1)) +
+                          permuted_slot(int(row & (kGroup - 1)))] = uint8_t(q + 128);
+    p.shadow.data[shadow_index(token, row, stride, true)] =
+        __float2half_rn(token_half_value(q, sf));
+    if (r == 0) {
+      reinterpret_cast<__half*>(
+          p.shadow.tokens
+              .scales)[(token * (stride / kGroup) + row_base / kGroup) * 2 + (row_base / 16) % 2] =
+          bits;
+    }
+  }
 }
 
 // The swiglu shadow's padding past the last row (when rows is not a multiple of 32) is zero:
@@ -1306,6 +1349,11 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
     __syncthreads();
     // A lane's accumulator (i) holds tokens 2 (l % 4) + i % 2 of rows l / 4 + 8 (i / 2).
     if constexpr (kSwiglu) {
+      // kInt8B: w_down's input as int8 half groups too (p.shadow.tokens; gemv_launch checks that
+      // gate's rows are whole groups): the tile's 16 gate rows are one half of a group for each
+      // token.
+      const bool tokens_out = kI8 && p.shadow.tokens.codes != nullptr;
+      float gate_value = 0.0f;
       for (int e = threadIdx.x; e < NT * 4 * 32; e += kThreads) {
         const int l = e & 31;
         const int idx = e >> 5;  // (nt, i) of the gate tile; the up tile follows at + NT * 4
@@ -1316,8 +1364,11 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
           u += partial[wp][NT * 4 + idx][l];
         }
         const int i = idx & 3;
-        store_swiglu_output(p, at.row_base + (l >> 2) + (i >= 2 ? 8 : 0),
-                            (idx >> 2) * 8 + (l & 3) * 2 + (i & 1), g, u);
+        gate_value = store_swiglu_output(p, at.row_base + (l >> 2) + (i >= 2 ? 8 : 0),
+                                         (idx >> 2) * 8 + (l & 3) * 2 + (i & 1), g, u, !tokens_out);
+      }
+      if constexpr (kI8) {
+        if (tokens_out) store_swiglu_tokens(p, at.row_base, gate_value, &partial[0][0][0]);
       }
     } else {
       // Output e is lane l = e % 32's accumulator (mt, nt, i) = e / 32.
@@ -1877,6 +1928,21 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   return mma(std::integral_constant<Ring, Ring::standard>{});
 }
 
+// Whether launch_format gives an int4 call to the row-warp kernel: by default where its units
+// (kRowWarps * 32 rows of every job, or kRowWarps * 16 rows of a swiglu pair) fill a wave of
+// kRowBlocksPerSm blocks an SM; on the mma path (no dp4a, no fused norm) with whole chunks only.
+bool takes_rows_kernel(const GemvJob* jobs, int n_jobs, int64_t n_groups, bool dp4a, bool norm,
+                       GemvEpilogue epilogue, int sm_count) {
+  if (rows_kernel_mode == 2 || dp4a || norm || n_groups % kChunkGroups != 0) return false;
+  int64_t units = 0;
+  if (epilogue == GemvEpilogue::swiglu) {
+    units = ceil_div(jobs[0].w.rows, kRowWarps * 16);
+  } else {
+    for (int j = 0; j < n_jobs; ++j) units += ceil_div(jobs[j].w.rows, kRowWarps * 32);
+  }
+  return rows_kernel_mode == 1 || units >= int64_t(kRowBlocksPerSm) * sm_count;
+}
+
 template <WeightFormat F>
 Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStream_t stream) {
   p.sm_count = sm_count;
@@ -1896,21 +1962,18 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
   // units than a wave an SM holds one or two four-warp blocks, where the column-split kernel
   // keeps sixteen warps.
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
-    const bool applies =
-        rows_kernel_mode != 2 && !p.dp4a && p.norm.x == nullptr && p.n_groups % kChunkGroups == 0;
-    if (applies) {
+    if (takes_rows_kernel(p.jobs, p.n_jobs, p.n_groups, p.dp4a, p.norm.x != nullptr, epilogue,
+                          sm_count)) {
       const int units = epilogue == GemvEpilogue::swiglu
                             ? int(ceil_div(p.jobs[0].w.rows, kRowWarps * 16))
                             : count_tiles(kRowWarps * 32);
-      if (rows_kernel_mode == 1 || units >= kRowBlocksPerSm * sm_count) {
-        p.n_tiles = units;
-        if (epilogue == GemvEpilogue::swiglu) p.first_tile[0] = 0;
-        const bool two = p.n_tokens > 8;
-        if (epilogue == GemvEpilogue::swiglu) {
-          return two ? launch_rows<F, 2, true>(p, stream) : launch_rows<F, 1, true>(p, stream);
-        }
-        return two ? launch_rows<F, 2, false>(p, stream) : launch_rows<F, 1, false>(p, stream);
+      p.n_tiles = units;
+      if (epilogue == GemvEpilogue::swiglu) p.first_tile[0] = 0;
+      const bool two = p.n_tokens > 8;
+      if (epilogue == GemvEpilogue::swiglu) {
+        return two ? launch_rows<F, 2, true>(p, stream) : launch_rows<F, 1, true>(p, stream);
       }
+      return two ? launch_rows<F, 2, false>(p, stream) : launch_rows<F, 1, false>(p, stream);
     }
   }
   if (epilogue == GemvEpilogue::swiglu) {
@@ -1943,6 +2006,13 @@ void set_gemv_block_cap(int blocks) {
 
 void set_gemv_rows_kernel(int mode) {
   rows_kernel_mode = mode == 1 || mode == 2 ? mode : 0;
+}
+
+bool gemv_reads_token_halves(const GemvJob* jobs, int n_jobs, int64_t x_stride, int n_tokens,
+                             GemvEpilogue epilogue, int sm_count) {
+  return n_jobs >= 1 && jobs[0].w.format == WeightFormat::sym_int4 && n_tokens > 8 &&
+         n_tokens <= kMaxGemvBatchTokens && !gemv_uses_dp4a(n_tokens, x_stride) &&
+         !takes_rows_kernel(jobs, n_jobs, x_stride / kGroup, false, false, epilogue, sm_count);
 }
 
 bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols) {
@@ -2111,6 +2181,15 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
     }
     p.xb = tokens_in;
   }
+  // w_down's input as int8 half groups, from a swiglu launch that reads int8 half groups itself
+  // (the kInt8B instances' epilogue, store_swiglu_tokens): gate's rows whole groups.
+  if (swiglu_shadow.tokens.codes != nullptr &&
+      (epilogue != GemvEpilogue::swiglu || p.xb.codes == nullptr || swiglu_shadow.data == nullptr ||
+       !swiglu_shadow.permuted || swiglu_shadow.tokens.scales == nullptr ||
+       jobs[0].w.rows % kGroup != 0 ||
+       takes_rows_kernel(jobs, n_jobs, x_stride / kGroup, dp4a, false, epilogue, sm_count))) {
+    return Status::error("cuda matmul: this GEMV cannot write an int8 half-group output");
+  }
   // The half-group input replaces the input stage of one token's plain dp4a GEMV; x stays the
   // input of every other instance (it is the same activation's shadow).
   if (halves.q != nullptr && dp4a && n_tokens == 1 && norm.x == nullptr &&
@@ -2185,8 +2264,11 @@ int set_gemv_int8_ahead(int chunks) {
 
 namespace {
 
-// One thread a group of one token (TokenHalfGroups' layout, quantize_token_half_groups).
-__global__ void quantize_token_half_groups_kernel(const __half* x, int n_tokens, int64_t x_stride,
+// One thread a group of one token (TokenHalfGroups' layout, quantize_token_half_groups). With
+// kInPlace, x's group is rewritten as the values its codes stand for
+// (requantize_token_half_groups).
+template <bool kInPlace>
+__global__ void quantize_token_half_groups_kernel(__half* x, int n_tokens, int64_t x_stride,
                                                   uint8_t* codes, __half2* scales) {
   const int64_t n_groups = x_stride / kGroup;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -2214,12 +2296,7 @@ __global__ void quantize_token_half_groups_kernel(const __half* x, int n_tokens,
   __half scale[2];
   float scale_f[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const __half s = __float2half_rn(__fdiv_rn(amax[h], 127.0f));
-    const bool usable = isfinite(amax[h]) && __half2float(s) > 0.0f;
-    scale[h] = usable ? s : __ushort_as_half(0);
-    scale_f[h] = usable ? __half2float(s) : 0.0f;
-  }
+  for (int h = 0; h < 2; ++h) scale_f[h] = token_half_scale(amax[h], scale[h]);
   uint32_t out[kGroup / 4];
 #pragma unroll
   for (int k = 0; k < kGroup / 4; ++k) {
@@ -2228,9 +2305,9 @@ __global__ void quantize_token_half_groups_kernel(const __half* x, int n_tokens,
     for (int j = 0; j < 4; ++j) {
       const int c = 4 * k + j;
       const float sf = scale_f[(c & 7) >= 4 ? 1 : 0];
-      float q = sf > 0.0f && v[c] == v[c] ? rintf(__fdiv_rn(v[c], sf)) : 0.0f;
-      q = fminf(fmaxf(q, -127.0f), 127.0f);
-      word |= uint32_t(int(q) + 128) << (8 * j);
+      const int q = token_half_code(v[c], sf);
+      word |= uint32_t(q + 128) << (8 * j);
+      if constexpr (kInPlace) v[c] = token_half_value(q, sf);
     }
     out[k] = word;
   }
@@ -2238,21 +2315,42 @@ __global__ void quantize_token_half_groups_kernel(const __half* x, int n_tokens,
   dst[0] = make_uint4(out[0], out[1], out[2], out[3]);
   dst[1] = make_uint4(out[4], out[5], out[6], out[7]);
   scales[i] = __halves2half2(scale[0], scale[1]);
+  if constexpr (kInPlace) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      reinterpret_cast<uint4*>(x + at)[k] = make_uint4(
+          pack_half2(v[8 * k], v[8 * k + 1]), pack_half2(v[8 * k + 2], v[8 * k + 3]),
+          pack_half2(v[8 * k + 4], v[8 * k + 5]), pack_half2(v[8 * k + 6], v[8 * k + 7]));
+    }
+  }
+}
+
+template <bool kInPlace>
+Status launch_quantize_token_half_groups(__half* x, int n_tokens, int64_t x_stride, uint8_t* codes,
+                                         __half2* scales, cudaStream_t stream) {
+  if (n_tokens < 1 || x_stride <= 0 || x_stride % kGroup != 0 || !aligned16(x) ||
+      !aligned16(codes) || reinterpret_cast<uintptr_t>(scales) % 4 != 0) {
+    return Status::error("cuda quantize: a half-group input of whole, aligned groups");
+  }
+  const int64_t n = int64_t(n_tokens) * (x_stride / kGroup);
+  quantize_token_half_groups_kernel<kInPlace>
+      <<<unsigned(ceil_div(n, 128)), 128, 0, stream>>>(x, n_tokens, x_stride, codes, scales);
+  KS_CUDA_CHECK_LAUNCH("quantize", "quantize_token_half_groups_kernel");
+  return Status::ok();
 }
 
 }  // namespace
 
 Status quantize_token_half_groups(const __half* x, int n_tokens, int64_t x_stride, uint8_t* codes,
                                   __half2* scales, cudaStream_t stream) {
-  if (n_tokens < 1 || x_stride <= 0 || x_stride % kGroup != 0 || !aligned16(x) ||
-      !aligned16(codes) || reinterpret_cast<uintptr_t>(scales) % 4 != 0) {
-    return Status::error("cuda quantize: a half-group input of whole, aligned groups");
-  }
-  const int64_t n = int64_t(n_tokens) * (x_stride / kGroup);
-  quantize_token_half_groups_kernel<<<unsigned(ceil_div(n, 128)), 128, 0, stream>>>(
-      x, n_tokens, x_stride, codes, scales);
-  KS_CUDA_CHECK_LAUNCH("quantize", "quantize_token_half_groups_kernel");
-  return Status::ok();
+  // The kernel only writes x in place.
+  return launch_quantize_token_half_groups<false>(const_cast<__half*>(x), n_tokens, x_stride, codes,
+                                                  scales, stream);
+}
+
+Status requantize_token_half_groups(__half* x, int n_tokens, int64_t x_stride, uint8_t* codes,
+                                    __half2* scales, cudaStream_t stream) {
+  return launch_quantize_token_half_groups<true>(x, n_tokens, x_stride, codes, scales, stream);
 }
 
 uint64_t gemv_deep_ring_launches() {
@@ -2382,8 +2480,9 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
     }
     ShadowOut shadow = swiglu_shadow;
     if (shadow.data != nullptr) shadow.data += int64_t(t0) * shadow.row_stride;
-    // Half groups are one token's: a sliced call has many.
-    if (shadow.halves.q != nullptr || norm_out.out.q != nullptr) {
+    // Half groups are one token's: a sliced call has many (and its int8 half groups of 9-16
+    // tokens are one launch's).
+    if (shadow.halves.q != nullptr || norm_out.out.q != nullptr || shadow.tokens.codes != nullptr) {
       return Status::error("cuda matmul: this GEMV cannot write a half-group quantized output");
     }
     TokenHalfGroups slice_in = tokens_in;

@@ -84,8 +84,8 @@ struct NormHalvesIn {
   const float* ss = nullptr;
 };
 
-// A 9-16-token input quantized in half groups for the int4 mma path (an experiment: producers do
-// not write it yet; gemv()'s `tokens_in`): an int8 value a column in the
+// A 9-16-token input quantized in half groups for the int4 mma path (an experiment behind
+// set_int8_activations, off by default; gemv()'s `tokens_in`): an int8 value a column in the
 // permuted shadow order (common.cuh), stored plus 128 (128 is zero), and two fp16 scales a group
 // of 32 columns, one a half (natural columns 0-15 and 16-31: in the permuted order, the first and
 // the last four of every eight). A column's value is (code - 128) * scale, rounded to fp16 once:
@@ -108,6 +108,13 @@ struct TokenHalfGroups {
 Status quantize_token_half_groups(const __half* x, int n_tokens, int64_t x_stride, uint8_t* codes,
                                   __half2* scales, cudaStream_t stream);
 
+// The same quantization of a shadow whose producer wrote only the fp16 values, and x rewritten
+// in place as the values the codes stand for (token_half_value, common.cuh), so that the launches
+// that read x take the codes' numbers (the decode step's int8 inputs where no producer writes
+// them: set_int8_activations, mode 2).
+Status requantize_token_half_groups(__half* x, int n_tokens, int64_t x_stride, uint8_t* codes,
+                                    __half2* scales, cudaStream_t stream);
+
 enum class GemvEpilogue {
   store,   // y_j = x · w_jᵀ + bias_j
   swiglu,  // two jobs of equal rows (gate, up): y_1 = up, y_0 = silu(gate) * up, plus its shadow
@@ -124,8 +131,8 @@ enum class GemvEpilogue {
 // `tokens_in` (9-16 tokens a launch, sym_int4, no fused norm) is x quantized as TokenHalfGroups:
 // the launches of gemv_kernel's mma path read it instead of x (gemv_int8_activation_launches
 // counts them); the row-warp kernel and every other launch read x, which must hold its
-// dequantized values for the call to mean one thing. No decode step passes it yet: time_gemv's
-// int8 rows and the tests do.
+// dequantized values for the call to mean one thing. The decode step passes it with
+// set_int8_activations on (cuda_backend.h).
 // `norm_halves` (with `norm`, one token): that norm's input as the residual's producer prepared
 // it (NormHalvesOut); norm.x is still the residual (block 0 writes norm.out from it). `norm_out`
 // (one token, one job with a residual): prepare the residual's next norm input.
@@ -134,6 +141,12 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
             ShadowOut swiglu_shadow = {}, NormInput norm = {}, HalfGroupInput halves = {},
             NormHalvesIn norm_halves = {}, NormHalvesOut norm_out = {},
             TokenHalfGroups tokens_in = {});
+
+// Whether a gemv() of these jobs (sym_int4, no fused norm) over `n_tokens` reads a
+// TokenHalfGroups input given one: past 8 tokens, where its 16-token launches take the mma path
+// and not the row-warp kernel (the lm_heads), which reads x.
+bool gemv_reads_token_halves(const GemvJob* jobs, int n_jobs, int64_t x_stride, int n_tokens,
+                             GemvEpilogue epilogue, int sm_count);
 
 // Whether a one-job store gemv() with a residual of `rows` rows over these weights can take a
 // NormHalvesOut.

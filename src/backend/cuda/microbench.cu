@@ -2,12 +2,16 @@
 // roofline), the decode GEMV alone on random weights, and what a dependency between decode stages
 // costs (time_chain), each replayed from a CUDA graph.
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.cuh"
 #include "backend/cuda/gemv.cuh"
+#include "backend/cuda/norm.cuh"
 #include "core/half.h"
 #include "core/stats.h"
 
@@ -244,6 +248,81 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
   return t;
 }
 
+Result<NormTokenCheck> check_norm_token_halves(int64_t rows, int64_t cols, uint64_t seed) {
+  if (rows < 1 || rows > kMaxGemvBatchTokens || cols < 4 * kGroup || cols > 8192) {
+    return Status::error("check: norm shape out of range");
+  }
+  Allocations a;
+  KS_RETURN_IF_ERROR(a.init());
+  NormTokenCheck out;
+  out.stride = round_up(cols, kGroup);
+  const size_t n_halves = size_t(rows * out.stride);
+  const size_t n_scales = size_t(rows * (out.stride / kGroup));
+  // Rows of values in [-2, 2); a norm weight in [0.5, 1.5) but for the quantizer's special cases
+  // in the first groups: a NaN (group 0, half 0) and an Inf (group 0, half 1) in every row, a
+  // half of zeros (group 1), and halves of ~1e-6 (scales that round to zero) and ~1e-4 (fp16
+  // subnormal scales) (groups 2 and 3).
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> value(-2.0f, 2.0f), gain(0.5f, 1.5f);
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  std::vector<float> w(static_cast<size_t>(cols));
+  for (float& v : x) v = value(rng);
+  for (float& v : w) v = gain(rng);
+  w[3] = std::numeric_limits<float>::quiet_NaN();
+  w[20] = std::numeric_limits<float>::infinity();
+  for (int c = 0; c < 16; ++c) {
+    w[size_t(kGroup + c)] = 0.0f;
+    w[size_t(2 * kGroup + c)] = 1e-6f * gain(rng);
+    w[size_t(3 * kGroup + c)] = 1e-4f * gain(rng);
+  }
+  KS_ASSIGN_OR_RETURN(void* xd, a.alloc(x.size() * 4));
+  KS_ASSIGN_OR_RETURN(void* wd, a.alloc(w.size() * 4));
+  KS_CUDA_CHECK("check",
+                cudaMemcpyAsync(xd, x.data(), x.size() * 4, cudaMemcpyHostToDevice, a.stream));
+  KS_CUDA_CHECK("check",
+                cudaMemcpyAsync(wd, w.data(), w.size() * 4, cudaMemcpyHostToDevice, a.stream));
+  void* buffers[7];
+  const size_t sizes[7] = {n_halves * 2, n_halves * 2, n_halves,    n_scales * 4,
+                           n_halves * 2, n_halves,     n_scales * 4};
+  for (int i = 0; i < 7; ++i) {
+    KS_ASSIGN_OR_RETURN(buffers[i], a.alloc(sizes[i]));
+    KS_CUDA_CHECK("check", cudaMemsetAsync(buffers[i], 0x5a, sizes[i], a.stream));  // not zeros
+  }
+  auto* plain = static_cast<__half*>(buffers[0]);
+  auto* shadow = static_cast<__half*>(buffers[1]);
+  auto* requantized = static_cast<__half*>(buffers[4]);
+  const auto* x32 = static_cast<const float*>(xd);
+  const auto* w32 = static_cast<const float*>(wd);
+  const float eps = 1e-6f;
+  KS_RETURN_IF_ERROR(
+      rms_norm(nullptr, x32, w32, eps, rows, cols, ShadowOut{plain, out.stride, true}, a.stream));
+  ShadowOut with{shadow, out.stride, true};
+  with.tokens =
+      TokenHalvesOut{static_cast<uint8_t*>(buffers[2]), static_cast<__half2*>(buffers[3])};
+  KS_RETURN_IF_ERROR(rms_norm(nullptr, x32, w32, eps, rows, cols, with, a.stream));
+  KS_CUDA_CHECK("check", cudaMemcpyAsync(requantized, plain, n_halves * 2, cudaMemcpyDeviceToDevice,
+                                         a.stream));
+  KS_RETURN_IF_ERROR(requantize_token_half_groups(requantized, int(rows), out.stride,
+                                                  static_cast<uint8_t*>(buffers[5]),
+                                                  static_cast<__half2*>(buffers[6]), a.stream));
+  out.plain.resize(n_halves);
+  out.shadow.resize(n_halves);
+  out.requantized.resize(n_halves);
+  out.codes.resize(n_halves);
+  out.re_codes.resize(n_halves);
+  out.scales.resize(n_scales);
+  out.re_scales.resize(n_scales);
+  void* hosts[7] = {out.plain.data(),    out.shadow.data(),      out.codes.data(),
+                    out.scales.data(),   out.requantized.data(), out.re_codes.data(),
+                    out.re_scales.data()};
+  for (int i = 0; i < 7; ++i) {
+    KS_CUDA_CHECK(
+        "check", cudaMemcpyAsync(hosts[i], buffers[i], sizes[i], cudaMemcpyDeviceToHost, a.stream));
+  }
+  KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));
+  return out;
+}
+
 Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, int n_tokens,
                                                   bool swiglu, uint64_t seed) {
   if (cols % kGroup != 0 || rows < 1 || n_tokens < 1 || n_tokens > kMaxGemvBatchTokens) {
@@ -316,6 +395,19 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
                                          cudaMemcpyHostToDevice, a.stream));
   const size_t y_floats = size_t(n_tokens * rows);
   std::vector<float>* results[2] = {&out.y_fp16, &out.y_int8};
+  // Swiglu over whole groups of rows in one launch: the gate's shadow, and from the int8 pass its
+  // int8 half groups too.
+  const bool tokens_out = swiglu && rows % kGroup == 0 && n_tokens <= kMaxGemvTokens;
+  const size_t out_halves = size_t(n_tokens * rows);
+  const size_t out_scales = size_t(n_tokens * (rows / kGroup));
+  void* out_buffers[4] = {nullptr, nullptr, nullptr, nullptr};  // shadows, codes, scales
+  if (tokens_out) {
+    const size_t sizes[4] = {out_halves * 2, out_halves * 2, out_halves, out_scales * 4};
+    for (int i = 0; i < 4; ++i) {
+      KS_ASSIGN_OR_RETURN(out_buffers[i], a.alloc(sizes[i]));
+      KS_CUDA_CHECK("check", cudaMemsetAsync(out_buffers[i], 0x5a, sizes[i], a.stream));
+    }
+  }
   for (int pass = 0; pass < 2; ++pass) {
     void* y[2] = {nullptr, nullptr};
     for (int j = 0; j < n_jobs; ++j) {
@@ -328,15 +420,37 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
       tokens_in =
           TokenHalfGroups{static_cast<const uint8_t*>(codes), static_cast<const __half2*>(scales)};
     }
+    ShadowOut shadow;
+    if (tokens_out) {
+      shadow = ShadowOut{static_cast<__half*>(out_buffers[pass]), rows, true};
+      if (pass == 1) {
+        shadow.tokens = TokenHalvesOut{static_cast<uint8_t*>(out_buffers[2]),
+                                       static_cast<__half2*>(out_buffers[3])};
+      }
+    }
     const uint64_t before = gemv_int8_activation_launches();
     KS_RETURN_IF_ERROR(gemv(jobs, n_jobs, static_cast<const __half*>(xd), x_stride, n_tokens,
                             sm_count, a.stream, swiglu ? GemvEpilogue::swiglu : GemvEpilogue::store,
-                            {}, {}, {}, {}, {}, tokens_in));
+                            shadow, {}, {}, {}, {}, tokens_in));
     (pass == 0 ? out.launches_fp16 : out.launches_int8) = gemv_int8_activation_launches() - before;
     std::vector<float>& r = *results[pass];
     r.resize(y_floats * size_t(n_jobs));
     for (int j = 0; j < n_jobs; ++j) {
       KS_CUDA_CHECK("check", cudaMemcpyAsync(r.data() + size_t(j) * y_floats, y[j], y_floats * 4,
+                                             cudaMemcpyDeviceToHost, a.stream));
+    }
+    KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));
+  }
+  if (tokens_out) {
+    out.swiglu_plain.resize(out_halves);
+    out.swiglu_shadow.resize(out_halves);
+    out.swiglu_codes.resize(out_halves);
+    out.swiglu_scales.resize(out_scales);
+    void* hosts[4] = {out.swiglu_plain.data(), out.swiglu_shadow.data(), out.swiglu_codes.data(),
+                      out.swiglu_scales.data()};
+    const size_t sizes[4] = {out_halves * 2, out_halves * 2, out_halves, out_scales * 4};
+    for (int i = 0; i < 4; ++i) {
+      KS_CUDA_CHECK("check", cudaMemcpyAsync(hosts[i], out_buffers[i], sizes[i],
                                              cudaMemcpyDeviceToHost, a.stream));
     }
     KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));

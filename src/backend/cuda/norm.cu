@@ -1,4 +1,5 @@
 #include "backend/cuda/cuda_check.cuh"
+#include "backend/cuda/gemv.cuh"
 #include "backend/cuda/norm.cuh"
 
 namespace kestrel::cuda {
@@ -30,6 +31,29 @@ __global__ void __launch_bounds__(kNormThreads)
       shadow.data[shadow_index(r, i, shadow.row_stride, shadow.permuted)] = __float2half_rn(value);
     }
   }
+}
+
+// The int8 half groups (shadow.tokens, TokenHalvesOut) of columns 4j .. 4j + 3 of row `row` of a
+// permuted shadow, each lane of a run of eight (a group: lanes 0-3 its first half, 4-7 its
+// second) calling this with its four values: writes their codes (in the slots store_shadow4
+// gives them) and, from the run's first lane, the group's two scales; returns the values the
+// codes stand for, which the shadow then holds.
+__device__ inline float4 store_token_halves(const ShadowOut& shadow, int64_t row, int j, float4 a) {
+  float v[4] = {__half2float(__float2half_rn(a.x)), __half2float(__float2half_rn(a.y)),
+                __half2float(__float2half_rn(a.z)), __half2float(__float2half_rn(a.w))};
+  uint32_t q[4];
+  const __half bits = token_half4(v, q);
+  // store_shadow4's slots: columns o .. o + 3 of the group go to b, b + 2, b + 1, b + 3.
+  const int o = (j & 7) * 4;
+  const int slot = (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
+  reinterpret_cast<uint32_t*>(shadow.tokens.codes + row * shadow.row_stride)[slot / 4] =
+      q[0] | q[2] << 8 | q[1] << 16 | q[3] << 24;
+  const __half second = __shfl_down_sync(run_lanes<8>(), bits, 4, 8);
+  if ((j & 7) == 0) {
+    shadow.tokens.scales[row * (shadow.row_stride / kGroup) + (j >> 3)] =
+        __halves2half2(bits, second);
+  }
+  return make_float4(v[0], v[1], v[2], v[3]);
 }
 
 // The same norm for rows of float4s (cols % 4 == 0, aligned pointers) of at most
@@ -74,16 +98,18 @@ __global__ void __launch_bounds__(kVecThreads)
   uint32_t* s32 = shadow.data != nullptr
                       ? reinterpret_cast<uint32_t*>(shadow.data + row * shadow.row_stride)
                       : nullptr;
+  const bool tokens = s32 != nullptr && shadow.tokens.codes != nullptr;
 #pragma unroll
   for (int r = 0; r < kPer; ++r) {
     const int j = int(threadIdx.x) + r * kVecThreads;  // columns 4j .. 4j + 3
-    if (j >= width4) continue;
+    if (j >= width4) continue;  // width4 is whole groups: a group's 8 lanes go on together
     float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);  // the shadow's padding past cols is zero
     if (j < n4) {
       a = make_float4(g[r].x * (v[r].x * scale), g[r].y * (v[r].y * scale),
                       g[r].z * (v[r].z * scale), g[r].w * (v[r].w * scale));
       if (o4 != nullptr) o4[j] = a;
     }
+    if (tokens) a = store_token_halves(shadow, row, j, a);
     if (s32 != nullptr) store_shadow4(s32, j, a, shadow.permuted);
   }
 }
@@ -106,6 +132,13 @@ Status rms_norm(float* out, const float* x, const float* w, float eps, int64_t r
   if (rows == 0) return Status::ok();
   if (out == nullptr && shadow.data == nullptr) {
     return Status::error("cuda rms_norm: neither an output nor a shadow to write");
+  }
+  if (shadow.tokens.codes != nullptr &&
+      (shadow.data == nullptr || !shadow.permuted || shadow.tokens.scales == nullptr ||
+       (reinterpret_cast<uintptr_t>(shadow.tokens.codes) & 3) != 0 ||
+       (reinterpret_cast<uintptr_t>(shadow.tokens.scales) & 3) != 0)) {
+    return Status::error(
+        "cuda rms_norm: int8 half groups need a permuted shadow and aligned buffers");
   }
   // float4 rows where they fit: the shadow's rows whole groups (its padding in float4s too).
   const int64_t width = shadow.data != nullptr ? shadow.row_stride : cols;
@@ -130,6 +163,11 @@ Status rms_norm(float* out, const float* x, const float* w, float eps, int64_t r
   }
   KS_CUDA_CHECK("rms_norm", launched);
   KS_CUDA_CHECK_LAUNCH("rms_norm", "rms_norm_kernel");
+  // The row kernel writes no int8 half groups: a second launch quantizes its shadow in place.
+  if (shadow.tokens.codes != nullptr && !vec) {
+    return requantize_token_half_groups(shadow.data, int(rows), shadow.row_stride,
+                                        shadow.tokens.codes, shadow.tokens.scales, stream);
+  }
   return Status::ok();
 }
 

@@ -538,8 +538,9 @@ double measure_int8_tops(ThreadPool& pool, int passes) {
   const int64_t units = int64_t(hardware > 0 ? std::min(pool.size(), hardware) : pool.size()) * 4;
   const int64_t iterations = avx512 ? 500000 : 300000;
   const int seed = int(units);    // unknown to the compiler
-  std::atomic<uint64_t> macs{0};  // every pass's: each does the same work
+  std::atomic<uint64_t> macs{0};  // the last pass's; every pass does the same work
   auto multiply = [&]() -> Status {
+    macs.store(0, std::memory_order_relaxed);
     pool.parallel_for(units, 1, [&](int64_t begin, int64_t end, int) {
       uint64_t done = 0;
       for (int64_t i = begin; i < end; ++i) {
@@ -552,8 +553,7 @@ double measure_int8_tops(ThreadPool& pool, int passes) {
   };
   Result<double> best_s = fastest_pass_seconds(passes, multiply);
   if (!best_s.is_ok()) return 0;
-  const double passes_run = double(std::max(1, passes));
-  return 2.0 * double(macs.load()) / passes_run / *best_s / 1e12;
+  return 2.0 * double(macs.load()) / *best_s / 1e12;
 }
 
 void set_force_avx2(bool force) {

@@ -2290,10 +2290,7 @@ Status launch_prefill(const AttentionArgs& args, const KvCache& cache, cudaStrea
   const dim3 grid(unsigned(args.n_heads), unsigned(ceil_div(args.n_tokens, kPrefillRows)));
   int groups = prefill_groups_forced;
   if (groups == 0) {
-    int device = 0, sm_count = 0;
-    KS_CUDA_CHECK("attention", cudaGetDevice(&device));
-    KS_CUDA_CHECK("attention",
-                  cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+    KS_ASSIGN_OR_RETURN(const int sm_count, device_sm_count("attention"));
     groups = int64_t(grid.x) * grid.y <= 2 * int64_t(sm_count) ? 2 : 1;
   }
   if (groups == 2) return launch_prefill_groups<D, kType, 2>(args, cache, grid, stream);

@@ -67,3 +67,15 @@ inline Status cuda_error(const char* op, const char* call, const std::string& wh
           __LINE__);                                                                               \
     }                                                                                              \
   } while (0)
+
+namespace kestrel::cuda {
+
+// The current device's SM count; a failure to read it is `op`'s error.
+inline Result<int> device_sm_count(const char* op) {
+  int device = 0, sm_count = 0;
+  KS_CUDA_CHECK(op, cudaGetDevice(&device));
+  KS_CUDA_CHECK(op, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  return sm_count;
+}
+
+}  // namespace kestrel::cuda

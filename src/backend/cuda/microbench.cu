@@ -111,9 +111,7 @@ Result<double> measure_copy_gbs() {
   KS_ASSIGN_OR_RETURN(void* dst, a.alloc(kBytes));
   KS_RETURN_IF_ERROR(fill_random(src, kBytes, 1, 0xffffffffu, 0, a.stream));
   KS_CUDA_CHECK("bench", cudaStreamBeginCapture(a.stream, cudaStreamCaptureModeThreadLocal));
-  int device = 0, sm_count = 0;
-  KS_CUDA_CHECK("bench", cudaGetDevice(&device));
-  KS_CUDA_CHECK("bench", cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  KS_ASSIGN_OR_RETURN(const int sm_count, device_sm_count("bench"));
   copy_kernel<<<unsigned(sm_count * 4), 512, 0, a.stream>>>(
       static_cast<const uint4*>(src), static_cast<uint4*>(dst), int64_t(kBytes / 16));
   KS_CUDA_CHECK_LAUNCH("bench", "copy_kernel");
@@ -190,9 +188,7 @@ Result<GemvTiming> time_gemv(WeightFormat format, int64_t rows, int64_t cols, in
   if (cols % 64 != 0 || rows < 1 || n_tokens < 1 || n_tokens > kMaxGemvTokens) {
     return Status::error("bench: GEMV shape out of range");
   }
-  int device = 0, sm_count = 0;
-  KS_CUDA_CHECK("bench", cudaGetDevice(&device));
-  KS_CUDA_CHECK("bench", cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  KS_ASSIGN_OR_RETURN(const int sm_count, device_sm_count("bench"));
   const RandomWeights shape{format, rows, cols};
   const size_t weight_bytes = shape.bytes();
   // Enough copies of the weight that one pass over them is several times the 60 MB L2, so
@@ -328,9 +324,7 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
   if (cols % kGroup != 0 || rows < 1 || n_tokens < 1 || n_tokens > kMaxGemvBatchTokens) {
     return Status::error("check: GEMV shape out of range");
   }
-  int device = 0, sm_count = 0;
-  KS_CUDA_CHECK("check", cudaGetDevice(&device));
-  KS_CUDA_CHECK("check", cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  KS_ASSIGN_OR_RETURN(const int sm_count, device_sm_count("check"));
   const RandomWeights shape{WeightFormat::sym_int4, rows, cols};
   Allocations a;
   KS_RETURN_IF_ERROR(a.init());
@@ -703,9 +697,8 @@ Result<ChainTiming> time_chain(ChainMode mode, const std::vector<ChainStage>& st
     units += ceil_div(s.weight_bytes, 16);
     floats += ceil_div(s.outputs, 4) * 4;  // each stage's output 16-byte aligned
   }
-  int device = 0, sm_count = 0, per_sm = 0;
-  KS_CUDA_CHECK("bench", cudaGetDevice(&device));
-  KS_CUDA_CHECK("bench", cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  KS_ASSIGN_OR_RETURN(const int sm_count, device_sm_count("bench"));
+  int per_sm = 0;
   const bool persistent = mode == ChainMode::persistent || mode == ChainMode::persistent_counting;
   if (persistent) {
     KS_CUDA_CHECK("bench", cudaOccupancyMaxActiveBlocksPerMultiprocessor(

@@ -570,12 +570,13 @@ TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
 // set_int8_activations): the codes and scales of every row are the CPU twin's of the norm's own
 // fp16 shadow (the norm without them), and the shadow then holds the values the codes stand for;
 // requantize_token_half_groups in place does the same to the plain shadow. In the float4 kernel's
-// pass (4096 and 1000 columns: 32 and the padding of a last group) and by the second launch
+// pass (4096, 2048, 8192 and 1000 columns: its instances of 4, 2, 8 and 1 float4 a thread, the
+// last with the padding of a last group) and by the second launch
 // after the row kernel (1566 columns); at 9, 16 and 40 rows; with a NaN and an Inf in every row
 // and halves of zeros, of scales that round to zero and of subnormal scales.
 TEST(CudaOps, NormTokenHalvesMatchTheirTwin) {
   uint64_t seed = 5300;
-  for (const int64_t cols : {4096, 1000, 1566}) {
+  for (const int64_t cols : {4096, 1000, 2048, 8192, 1566}) {
     for (const int64_t rows : {9, 16, 40}) {
       SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(cols));
       auto r = cuda::check_norm_token_halves(rows, cols, seed++);

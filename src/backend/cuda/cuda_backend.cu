@@ -1277,7 +1277,11 @@ class CudaBackend final : public Backend {
 
   ShadowOut shadow_out(int buffer, int64_t rows, int64_t cols) const {
     const bool permuted = rows <= kMaxGemvBatchTokens;
-    return ShadowOut{shadow_buffers_[buffer], round_up(cols, kGroup), permuted};
+    ShadowOut shadow;
+    shadow.data = shadow_buffers_[buffer];
+    shadow.row_stride = round_up(cols, kGroup);
+    shadow.permuted = permuted;
+    return shadow;
   }
 
   bool shadow_fits(Tensor t) const {

@@ -2182,11 +2182,12 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
     p.xb = tokens_in;
   }
   // w_down's input as int8 half groups, from a swiglu launch that reads int8 half groups itself
-  // (the kInt8B instances' epilogue, store_swiglu_tokens): gate's rows whole groups.
+  // (the kInt8B instances' epilogue, store_swiglu_tokens): gate's rows whole groups, and the
+  // shadow's rows no wider (no padding group that no tile would write).
   if (swiglu_shadow.tokens.codes != nullptr &&
       (epilogue != GemvEpilogue::swiglu || p.xb.codes == nullptr || swiglu_shadow.data == nullptr ||
        !swiglu_shadow.permuted || swiglu_shadow.tokens.scales == nullptr ||
-       jobs[0].w.rows % kGroup != 0 ||
+       jobs[0].w.rows % kGroup != 0 || swiglu_shadow.row_stride != jobs[0].w.rows ||
        takes_rows_kernel(jobs, n_jobs, x_stride / kGroup, dp4a, false, epilogue, sm_count))) {
     return Status::error("cuda matmul: this GEMV cannot write an int8 half-group output");
   }

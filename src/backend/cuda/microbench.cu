@@ -290,9 +290,13 @@ Result<NormTokenCheck> check_norm_token_halves(int64_t rows, int64_t cols, uint6
   const auto* x32 = static_cast<const float*>(xd);
   const auto* w32 = static_cast<const float*>(wd);
   const float eps = 1e-6f;
-  KS_RETURN_IF_ERROR(
-      rms_norm(nullptr, x32, w32, eps, rows, cols, ShadowOut{plain, out.stride, true}, a.stream));
-  ShadowOut with{shadow, out.stride, true};
+  ShadowOut without;
+  without.data = plain;
+  without.row_stride = out.stride;
+  without.permuted = true;
+  KS_RETURN_IF_ERROR(rms_norm(nullptr, x32, w32, eps, rows, cols, without, a.stream));
+  ShadowOut with = without;
+  with.data = shadow;
   with.tokens =
       TokenHalvesOut{static_cast<uint8_t*>(buffers[2]), static_cast<__half2*>(buffers[3])};
   KS_RETURN_IF_ERROR(rms_norm(nullptr, x32, w32, eps, rows, cols, with, a.stream));
@@ -416,7 +420,9 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
     }
     ShadowOut shadow;
     if (tokens_out) {
-      shadow = ShadowOut{static_cast<__half*>(out_buffers[pass]), rows, true};
+      shadow.data = static_cast<__half*>(out_buffers[pass]);
+      shadow.row_stride = rows;
+      shadow.permuted = true;
       if (pass == 1) {
         shadow.tokens = TokenHalvesOut{static_cast<uint8_t*>(out_buffers[2]),
                                        static_cast<__half2*>(out_buffers[3])};

@@ -135,7 +135,8 @@ Status rms_norm(float* out, const float* x, const float* w, float eps, int64_t r
   }
   if (shadow.tokens.codes != nullptr &&
       (shadow.data == nullptr || !shadow.permuted || shadow.tokens.scales == nullptr ||
-       (reinterpret_cast<uintptr_t>(shadow.tokens.codes) & 3) != 0 ||
+       (reinterpret_cast<uintptr_t>(shadow.tokens.codes) & 15) != 0 ||
+       (reinterpret_cast<uintptr_t>(shadow.data) & 15) != 0 || shadow.row_stride % kGroup != 0 ||
        (reinterpret_cast<uintptr_t>(shadow.tokens.scales) & 3) != 0)) {
     return Status::error(
         "cuda rms_norm: int8 half groups need a permuted shadow and aligned buffers");

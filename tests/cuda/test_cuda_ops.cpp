@@ -454,8 +454,9 @@ TEST(CudaOps, GemvFewTokensTwoMtilesGiveTheSameBits) {
 
 // CPU twin of cuda::quantize_token_half_groups (gemv.cuh, TokenHalfGroups): per token and group
 // of 32 permuted columns, each half's (columns c with (c & 7) >= 4 in the second) largest
-// magnitude over 127 rounded to fp16, the values over it rounded to the nearest integer (ties to
-// even) within +-127, plus 128; NaN, and a half of non-finite maximum or zero scale, give 128.
+// magnitude over 127 rounded to fp16 (at most 515.5), the values over it rounded to the nearest
+// integer (ties to even) within +-127, plus 128; NaN, and a half of non-finite maximum or zero
+// scale, give 128.
 void quantize_token_half_groups_host(const std::vector<uint16_t>& x, int64_t stride,
                                      std::vector<uint8_t>& codes, std::vector<uint32_t>& scales) {
   const int64_t n_groups = stride / 32;
@@ -473,7 +474,8 @@ void quantize_token_half_groups_host(const std::vector<uint16_t>& x, int64_t str
       uint16_t bits[2] = {0, 0};
       float scale[2] = {0.0f, 0.0f};
       for (int h = 0; h < 2; ++h) {
-        const uint16_t s = float_to_fp16(amax[h] / 127.0f);
+        uint16_t s = float_to_fp16(amax[h] / 127.0f);
+        if (fp16_to_float(s) > 515.5f) s = float_to_fp16(515.5f);  // 127 x it stays finite
         if (std::isfinite(amax[h]) && fp16_to_float(s) > 0.0f) {
           bits[h] = s;
           scale[h] = fp16_to_float(s);
@@ -500,9 +502,10 @@ void quantize_token_half_groups_host(const std::vector<uint16_t>& x, int64_t str
 // reads the codes and an 8-token one that reads the fp16 values), with the codes loaded one chunk
 // ahead and two (set_gemv_int8_ahead). 4240 rows take two m-tiles when plain (133 blocks of 32
 // rows: at least half a wave up to 266 SMs), the others one; swiglu always two. The launch count
-// says the codes were read with them given, and never without. 1024 rows (whole groups) at 9-16
-// tokens also check the swiglu launch's int8 output (w_down's input, ShadowOut::tokens) against
-// the twin's quantization of its fp16 shadow.
+// says the codes were read with them given, and never without. Each case runs uncapped (a tile a
+// block) and on 5 blocks (set_gemv_block_cap: several row tiles a block). 1024 rows (whole groups)
+// at 9-16 tokens also check the swiglu launch's int8 output (w_down's input, ShadowOut::tokens)
+// against the twin's quantization of its fp16 shadow.
 TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
   // The row-warp kernel reads x, never the codes: kept off whatever KESTREL_CUDA_GEMV_ROWS_KERNEL
   // says (none of these shapes would take it by default).
@@ -513,57 +516,66 @@ TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
   struct AheadBack {
     ~AheadBack() { cuda::set_gemv_int8_ahead(1); }
   } ahead_back;
+  struct BlockCapBack {
+    ~BlockCapBack() { cuda::set_gemv_block_cap(0); }
+  } block_cap_back;
   const int64_t shapes[][2] = {{4240, 4096}, {400, 1568}, {272, 96}, {1024, 1568}};
   uint64_t seed = 5200;
   int swiglu_outputs = 0;
-  for (const int ahead : {1, 2}) {
-    cuda::set_gemv_int8_ahead(ahead);
-    for (const auto& shape : shapes) {
-      for (const int n : {9, 13, 16, 24}) {
-        for (const bool swiglu : {false, true}) {
-          SCOPED_TRACE(std::to_string(shape[0]) + " x " + std::to_string(shape[1]) +
-                       ", n=" + std::to_string(n) + (swiglu ? ", swiglu" : "") + ", " +
-                       std::to_string(ahead) + " chunks ahead");
-          auto r = cuda::check_gemv_int8_activations(shape[0], shape[1], n, swiglu, seed++);
-          ASSERT_TRUE(r.is_ok()) << r.status().message();
-          std::vector<uint8_t> codes;
-          std::vector<uint32_t> scales;
-          quantize_token_half_groups_host(r->x, shape[1], codes, scales);
-          EXPECT_EQ(codes, r->codes) << "the quantizer's codes differ from the CPU twin's";
-          EXPECT_EQ(scales, r->scales) << "the quantizer's scales differ from the CPU twin's";
-          EXPECT_EQ(r->launches_fp16, 0u) << "a launch read codes it was not given";
-          EXPECT_EQ(r->launches_int8, 1u) << "the 16-token launch did not read the codes";
-          ASSERT_EQ(r->y_fp16.size(), r->y_int8.size());
-          EXPECT_TRUE(no_nan(r->y_fp16)) << "an output left unwritten (fp16 input)";
-          EXPECT_TRUE(no_nan(r->y_int8)) << "an output left unwritten (int8 input)";
-          EXPECT_EQ(bits_differ(r->y_fp16, r->y_int8), 0u) << "of " << r->y_fp16.size();
-          // Swiglu over whole groups of rows at 9-16 tokens: the launch reading codes writes
-          // w_down's input as codes too, the twin's of the gate's fp16 shadow, and the shadow
-          // holds the values they stand for.
-          const bool tokens_out = swiglu && shape[0] % 32 == 0 && n <= 16;
-          ASSERT_EQ(r->swiglu_codes.empty(), !tokens_out);
-          if (!tokens_out) continue;
-          ++swiglu_outputs;
-          std::vector<uint8_t> out_codes;
-          std::vector<uint32_t> out_scales;
-          quantize_token_half_groups_host(r->swiglu_plain, shape[0], out_codes, out_scales);
-          EXPECT_EQ(r->swiglu_codes, out_codes) << "the swiglu epilogue's codes";
-          EXPECT_EQ(r->swiglu_scales, out_scales) << "the swiglu epilogue's scales";
-          size_t differ = 0;
-          for (size_t i = 0; i < out_codes.size(); ++i) {
-            const size_t column = i % size_t(shape[0]);
-            const uint32_t pair =
-                out_scales[i / size_t(shape[0]) * size_t(shape[0] / 32) + column / 32];
-            const float scale =
-                fp16_to_float(uint16_t((column % 32 & 7) >= 4 ? pair >> 16 : pair & 0xffffu));
-            differ += r->swiglu_shadow[i] != float_to_fp16(float(int(out_codes[i]) - 128) * scale);
+  // Uncapped (a tile a block on these shapes) and 5 blocks, each walking several row tiles (the
+  // codes' look-ahead restarting at each tile's first chunk, as the large weights do).
+  for (const int cap : {0, 5})
+    for (const int ahead : {1, 2}) {
+      cuda::set_gemv_block_cap(cap);
+      cuda::set_gemv_int8_ahead(ahead);
+      for (const auto& shape : shapes) {
+        for (const int n : {9, 13, 16, 24}) {
+          for (const bool swiglu : {false, true}) {
+            SCOPED_TRACE(std::to_string(shape[0]) + " x " + std::to_string(shape[1]) +
+                         ", n=" + std::to_string(n) + (swiglu ? ", swiglu" : "") + ", " +
+                         std::to_string(ahead) + " chunks ahead, block cap " + std::to_string(cap));
+            auto r = cuda::check_gemv_int8_activations(shape[0], shape[1], n, swiglu, seed++);
+            ASSERT_TRUE(r.is_ok()) << r.status().message();
+            std::vector<uint8_t> codes;
+            std::vector<uint32_t> scales;
+            quantize_token_half_groups_host(r->x, shape[1], codes, scales);
+            EXPECT_EQ(codes, r->codes) << "the quantizer's codes differ from the CPU twin's";
+            EXPECT_EQ(scales, r->scales) << "the quantizer's scales differ from the CPU twin's";
+            EXPECT_EQ(r->launches_fp16, 0u) << "a launch read codes it was not given";
+            EXPECT_EQ(r->launches_int8, 1u) << "the 16-token launch did not read the codes";
+            ASSERT_EQ(r->y_fp16.size(), r->y_int8.size());
+            EXPECT_TRUE(no_nan(r->y_fp16)) << "an output left unwritten (fp16 input)";
+            EXPECT_TRUE(no_nan(r->y_int8)) << "an output left unwritten (int8 input)";
+            EXPECT_EQ(bits_differ(r->y_fp16, r->y_int8), 0u) << "of " << r->y_fp16.size();
+            // Swiglu over whole groups of rows at 9-16 tokens: the launch reading codes writes
+            // w_down's input as codes too, the twin's of the gate's fp16 shadow, and the shadow
+            // holds the values they stand for.
+            const bool tokens_out = swiglu && shape[0] % 32 == 0 && n <= 16;
+            ASSERT_EQ(r->swiglu_codes.empty(), !tokens_out);
+            if (!tokens_out) continue;
+            ++swiglu_outputs;
+            std::vector<uint8_t> out_codes;
+            std::vector<uint32_t> out_scales;
+            quantize_token_half_groups_host(r->swiglu_plain, shape[0], out_codes, out_scales);
+            EXPECT_EQ(r->swiglu_codes, out_codes) << "the swiglu epilogue's codes";
+            EXPECT_EQ(r->swiglu_scales, out_scales) << "the swiglu epilogue's scales";
+            size_t differ = 0;
+            for (size_t i = 0; i < out_codes.size(); ++i) {
+              const size_t column = i % size_t(shape[0]);
+              const uint32_t pair =
+                  out_scales[i / size_t(shape[0]) * size_t(shape[0] / 32) + column / 32];
+              const float scale =
+                  fp16_to_float(uint16_t((column % 32 & 7) >= 4 ? pair >> 16 : pair & 0xffffu));
+              differ +=
+                  r->swiglu_shadow[i] != float_to_fp16(float(int(out_codes[i]) - 128) * scale);
+            }
+            EXPECT_EQ(differ, 0u) << "swiglu shadow values that are not their codes'";
           }
-          EXPECT_EQ(differ, 0u) << "swiglu shadow values that are not their codes'";
         }
       }
     }
-  }
-  EXPECT_EQ(swiglu_outputs, 2 * 3) << "the swiglu int8 outputs checked (two look-aheads, 9-16)";
+  EXPECT_EQ(swiglu_outputs, 2 * 2 * 3)
+      << "the swiglu int8 outputs checked (two caps, two look-aheads, 9-16 tokens)";
 }
 
 // The int8 half groups an RMSNorm writes for the batch-16 GEMVs (ShadowOut::tokens,

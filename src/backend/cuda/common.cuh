@@ -187,9 +187,13 @@ __device__ inline int2 quantize_half_group(const float (&v)[kPer], int (&q)[kPer
 // TokenHalfGroups' quantization, a value at a time (quantize_token_half_groups, the norm's
 // epilogue and their CPU twin in the tests): a half's scale is its largest magnitude (of its fp16
 // values: NaN never wins) over 127, rounded to fp16; 0 (and bits 0) where that maximum is not
-// finite or the scale rounds to 0. Returns the scale as a float; `bits` receives it as fp16.
+// finite or the scale rounds to 0; at most 515.5, so that code 127 stands for a finite value
+// (127 x 516, the scale of a maximum of 65504, rounds to Inf in fp16; 127 x 515.5 to 65472).
+// Returns the scale as a float; `bits` receives it as fp16.
 __device__ inline float token_half_scale(float amax, __half& bits) {
-  const __half s = __float2half_rn(__fdiv_rn(amax, 127.0f));
+  constexpr float kMaxScale = 515.5f;  // exact in fp16
+  __half s = __float2half_rn(__fdiv_rn(amax, 127.0f));
+  if (__half2float(s) > kMaxScale) s = __float2half_rn(kMaxScale);
   const bool usable = isfinite(amax) && __half2float(s) > 0.0f;
   bits = usable ? s : __ushort_as_half(0);
   return usable ? __half2float(s) : 0.0f;

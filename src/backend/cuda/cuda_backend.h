@@ -58,7 +58,7 @@ bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols);
 // process-wide; set it while no other thread launches. Returns the setting before.
 bool set_argmax_sliced(bool on);
 
-// At most `blocks` blocks for a persistent (dp4a) GEMV launch, 0 for no cap beyond one wave: a
+// At most `blocks` blocks for a persistent (int4) GEMV launch, 0 for no cap beyond one wave: a
 // test aid that makes small weights loop over several row tiles a block. Process-wide; set it
 // only while no other thread launches GEMVs.
 void set_gemv_block_cap(int blocks);

@@ -2175,7 +2175,7 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   // the input of every other launch.
   if (tokens_in.codes != nullptr && !dp4a && norm.x == nullptr && n_tokens > 8 &&
       format == WeightFormat::sym_int4) {
-    if (tokens_in.scales == nullptr || !aligned16(tokens_in.codes) || x_stride % 16 != 0 ||
+    if (tokens_in.scales == nullptr || !aligned16(tokens_in.codes) || x_stride % kGroup != 0 ||
         reinterpret_cast<uintptr_t>(tokens_in.scales) % 4 != 0) {
       return Status::error("cuda matmul: an int8 half-group input must be whole and aligned");
     }

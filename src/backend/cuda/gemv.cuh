@@ -101,10 +101,11 @@ struct TokenHalfGroups {
 
 // Quantizes `n_tokens` rows of a permuted fp16 shadow `x` ([n_tokens, x_stride], x_stride a
 // multiple of 32) into `codes` and `scales` (TokenHalfGroups' layout). A half's scale is its
-// largest magnitude over 127 (fp32, rounded to fp16), a code the value over that fp16 scale
-// rounded to the nearest integer (ties to even), within +-127; NaN values, and every value of a
-// half whose largest magnitude is not finite or whose scale rounds to 0, get code 0 (128 stored)
-// and that half scale 0. Its CPU twin is the test's (CudaOps.TokenHalfGroups*).
+// largest magnitude over 127 (fp32, rounded to fp16; at most 515.5, whose 127 is finite), a code
+// the value over that fp16 scale rounded to the nearest integer (ties to even), within +-127; NaN
+// values, and every value of a half whose largest magnitude is not finite or whose scale rounds to
+// 0, get code 0 (128 stored) and that half scale 0. Its CPU twin is the test's
+// (CudaOps.TokenHalfGroups*).
 Status quantize_token_half_groups(const __half* x, int n_tokens, int64_t x_stride, uint8_t* codes,
                                   __half2* scales, cudaStream_t stream);
 

@@ -344,7 +344,8 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
   // Values in [2^-1, 2) with random signs and mantissas: every half group has its own scale.
   // Token 0's first groups then get the quantizer's special cases: a NaN and an Inf (their
   // halves quantize to zeros), a half of zeros, and halves of small values whose scales are
-  // fp16 subnormals (~1e-5 and ~1e-3 over 127) or round to zero (~1e-6).
+  // fp16 subnormals (~1e-5 and ~1e-3 over 127) or round to zero (~1e-6); and a half whose
+  // largest magnitude, 65504, takes the largest scale (515.5, whose code 127 stays finite).
   KS_RETURN_IF_ERROR(fill_random(x, x_halves * 2, seed, 0x87ff87ffu, 0x38003800u, a.stream));
   Int8GemvCheck out;
   out.x.resize(x_halves);
@@ -362,6 +363,7 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
         out.x[size_t((2 + k) * kGroup + c)] = float_to_fp16(small[k] * float((c % 7) - 3));
       }
     }
+    out.x[5 * kGroup + 2] = 0xfbff;  // -65504: group 5's half 0 takes the largest scale, 515.5
     KS_CUDA_CHECK("check",
                   cudaMemcpyAsync(x, out.x.data(), x_halves * 2, cudaMemcpyHostToDevice, a.stream));
   }

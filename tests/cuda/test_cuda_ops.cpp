@@ -197,6 +197,14 @@ size_t bits_differ(const std::vector<float>& a, const std::vector<float>& b) {
   return differ;
 }
 
+// The same for fp16 bits.
+size_t bits_differ(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  size_t differ = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) differ += a[i] != b[i];
+  return differ;
+}
+
 // The persistent int4 GEMV gives the same bits whichever block takes which row tile, on the dp4a
 // path (one and two tokens) and the mma path (5 tokens: one n-tile; 16: two; 16-row tiles but for
 // gate/up, whose swiglu tiles pair 16 rows of each): every GEMV kind of a layer and the lm_head,
@@ -493,6 +501,21 @@ void quantize_token_half_groups_host(const std::vector<uint16_t>& x, int64_t str
   }
 }
 
+// The fp16 values (bits) that TokenHalfGroups codes and scales of rows of `stride` columns stand
+// for: (code - 128) * its half's scale, rounded to fp16 once.
+std::vector<uint16_t> token_half_values_host(const std::vector<uint8_t>& codes,
+                                             const std::vector<uint32_t>& scales, int64_t stride) {
+  std::vector<uint16_t> values(codes.size());
+  for (size_t i = 0; i < codes.size(); ++i) {
+    const size_t column = i % size_t(stride);
+    const uint32_t pair = scales[i / size_t(stride) * size_t(stride / 32) + column / 32];
+    const float scale =
+        fp16_to_float(uint16_t((column % 32 & 7) >= 4 ? pair >> 16 : pair & 0xffffu));
+    values[i] = float_to_fp16(float(int(codes[i]) - 128) * scale);
+  }
+  return values;
+}
+
 // The int8 half-group input of the batch-16 mma path (TokenHalfGroups, an experiment no decode
 // step uses yet): the device quantizer gives its CPU twin's codes and scales (token 0 with a NaN,
 // an Inf, a zero half and halves of subnormal or zero scale where there are 6 groups), and the
@@ -524,7 +547,7 @@ TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
   int swiglu_outputs = 0;
   // Uncapped (a tile a block on these shapes) and 5 blocks, each walking several row tiles (the
   // codes' look-ahead restarting at each tile's first chunk, as the large weights do).
-  for (const int cap : {0, 5})
+  for (const int cap : {0, 5}) {
     for (const int ahead : {1, 2}) {
       cuda::set_gemv_block_cap(cap);
       cuda::set_gemv_int8_ahead(ahead);
@@ -559,21 +582,15 @@ TEST(CudaOps, TokenHalfGroupsMatchTheirTwinAndKeepTheGemvsBits) {
             quantize_token_half_groups_host(r->swiglu_plain, shape[0], out_codes, out_scales);
             EXPECT_EQ(r->swiglu_codes, out_codes) << "the swiglu epilogue's codes";
             EXPECT_EQ(r->swiglu_scales, out_scales) << "the swiglu epilogue's scales";
-            size_t differ = 0;
-            for (size_t i = 0; i < out_codes.size(); ++i) {
-              const size_t column = i % size_t(shape[0]);
-              const uint32_t pair =
-                  out_scales[i / size_t(shape[0]) * size_t(shape[0] / 32) + column / 32];
-              const float scale =
-                  fp16_to_float(uint16_t((column % 32 & 7) >= 4 ? pair >> 16 : pair & 0xffffu));
-              differ +=
-                  r->swiglu_shadow[i] != float_to_fp16(float(int(out_codes[i]) - 128) * scale);
-            }
-            EXPECT_EQ(differ, 0u) << "swiglu shadow values that are not their codes'";
+            EXPECT_EQ(bits_differ(r->swiglu_shadow,
+                                  token_half_values_host(out_codes, out_scales, shape[0])),
+                      0u)
+                << "swiglu shadow values that are not their codes'";
           }
         }
       }
     }
+  }
   EXPECT_EQ(swiglu_outputs, 2 * 2 * 3)
       << "the swiglu int8 outputs checked (two caps, two look-aheads, 9-16 tokens)";
 }
@@ -600,21 +617,12 @@ TEST(CudaOps, NormTokenHalvesMatchTheirTwin) {
       EXPECT_EQ(r->scales, scales) << "the norm's scales differ from the twin's of its shadow";
       EXPECT_EQ(r->re_codes, codes) << "the in-place quantizer's codes differ from the twin's";
       EXPECT_EQ(r->re_scales, scales) << "the in-place quantizer's scales differ from the twin's";
-      // The values the codes stand for: (code - 128) * scale rounded to fp16 once.
-      const int64_t groups = r->stride / 32;
-      size_t differ = 0, re_differ = 0;
-      for (size_t i = 0; i < codes.size(); ++i) {
-        const uint32_t pair =
-            scales[i / size_t(r->stride) * size_t(groups) + i % size_t(r->stride) / 32];
-        const bool high = (i % size_t(r->stride) % 32 & 7) >= 4;
-        const float scale = fp16_to_float(uint16_t(high ? pair >> 16 : pair & 0xffffu));
-        const uint16_t value = float_to_fp16(float(int(codes[i]) - 128) * scale);
-        differ += r->shadow[i] != value;
-        re_differ += r->requantized[i] != value;
-      }
-      EXPECT_EQ(differ, 0u) << "shadow values that are not their codes' (of " << codes.size()
-                            << ")";
-      EXPECT_EQ(re_differ, 0u) << "requantized values that are not their codes'";
+      // The values the codes stand for.
+      const std::vector<uint16_t> values = token_half_values_host(codes, scales, r->stride);
+      EXPECT_EQ(bits_differ(r->shadow, values), 0u)
+          << "shadow values that are not their codes' (of " << codes.size() << ")";
+      EXPECT_EQ(bits_differ(r->requantized, values), 0u)
+          << "requantized values that are not their codes'";
       // The quantization did something: most codes are not zero.
       EXPECT_GT(std::count_if(codes.begin(), codes.end(), [](uint8_t c) { return c != 128; }),
                 int64_t(codes.size() / 2));

@@ -441,13 +441,18 @@ __device__ inline uint32_t pack_half2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// The first permuted slot b of columns 4j .. 4j + 3 of a row: with group offset o = 4 (j % 8),
+// columns o .. o + 3 go to slots b, b + 2, b + 1, b + 3 (permuted_slot).
+__device__ inline int shadow4_slot(int j) {
+  const int o = (j & 7) * 4;
+  return (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
+}
+
 // Stores columns 4j .. 4j + 3 (a) of a shadow row as fp16, `row32` the row's first 32-bit word.
-// Permuted: group offset o = 4 (j % 8), columns o .. o + 3 go to slots b, b + 2, b + 1, b + 3
-// (permuted_slot), so two 32-bit stores hold (o, o + 2) and (o + 1, o + 3).
+// Permuted: two 32-bit stores hold (o, o + 2) and (o + 1, o + 3) at shadow4_slot(j).
 __device__ inline void store_shadow4(uint32_t* row32, int j, float4 a, bool permuted) {
   if (permuted) {
-    const int o = (j & 7) * 4;
-    const int slot = (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
+    const int slot = shadow4_slot(j);
     row32[slot / 2] = pack_half2(a.x, a.z);
     row32[slot / 2 + 1] = pack_half2(a.y, a.w);
   } else {

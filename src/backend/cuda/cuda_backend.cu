@@ -97,12 +97,14 @@ bool& plan_final_norm_flag() {
   return on;
 }
 
-// set_int8_activations (KESTREL_CUDA_INT8_ACTIVATIONS as its starting value; out of range: 0).
+// set_int8_activations' modes: 0, 1 or 2; anything else is 0.
+int valid_int8_activations(int mode) {
+  return mode >= 0 && mode <= 2 ? mode : 0;
+}
+
+// set_int8_activations (KESTREL_CUDA_INT8_ACTIVATIONS as its starting value).
 std::atomic<int>& int8_activations_mode() {
-  static std::atomic<int> mode{[] {
-    const int m = env_int("KESTREL_CUDA_INT8_ACTIVATIONS", 0);
-    return m >= 0 && m <= 2 ? m : 0;
-  }()};
+  static std::atomic<int> mode{valid_int8_activations(env_int("KESTREL_CUDA_INT8_ACTIVATIONS", 0))};
   return mode;
 }
 
@@ -691,10 +693,10 @@ class CudaBackend final : public Backend {
       note_write(gate);
       note_write(up);
       KS_RETURN_IF_ERROR(bind_shadow(m, normed, GemvEpilogue::swiglu));
-      // A launch that reads int8 half groups writes w_down's input as them too (gate's rows
-      // whole groups, one launch: at most 16 tokens).
-      const bool tokens_out = m.tokens_in.codes != nullptr && m.n_tokens <= kMaxGemvTokens &&
-                              m.jobs[0].w.rows % kGroup == 0;
+      // A launch that reads int8 half groups writes w_down's input as them too, where it can.
+      const bool tokens_out = m.tokens_in.codes != nullptr &&
+                              gemv_writes_token_halves(m.jobs, m.n_jobs, m.x_stride, m.n_tokens,
+                                                       props_.multiProcessorCount);
       const ShadowOut shadow = produce_shadow(gate, writes_halves(m), tokens_out);
       return launch_gemv(m, GemvEpilogue::swiglu, shadow);
     }
@@ -1326,7 +1328,8 @@ class CudaBackend final : public Backend {
     m.x = shadow_buffers_[shadow_.buffer];
     m.halves = shadow_halves(x);
     m.tokens_in = TokenHalfGroups{};
-    if (!shadow_.permuted || !wants_token_halves(m, x, epilogue)) return Status::ok();
+    // (token_rows_ is at most kMaxGemvBatchTokens: such a shadow is permuted.)
+    if (!wants_token_halves(m, x, epilogue)) return Status::ok();
     const TokenHalvesOut& t = token_buffers_[shadow_.buffer];
     if (!shadow_.tokens) {
       if (int8_activations_mode().load(std::memory_order_relaxed) < 2) return Status::ok();
@@ -1339,7 +1342,7 @@ class CudaBackend final : public Backend {
                                 }));
       shadow_.tokens = true;
     }
-    m.tokens_in = TokenHalfGroups{t.codes, t.scales};
+    m.tokens_in = input_of(t);
     return Status::ok();
   }
 
@@ -2234,7 +2237,7 @@ bool set_plan_final_norm(bool on) {
 }
 
 int set_int8_activations(int mode) {
-  return int8_activations_mode().exchange(mode >= 0 && mode <= 2 ? mode : 0);
+  return int8_activations_mode().exchange(valid_int8_activations(mode));
 }
 
 uint64_t int8_requantize_launches() {

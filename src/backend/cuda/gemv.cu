@@ -599,21 +599,15 @@ __device__ inline void store_half16(const HalfGroupOut& out, int64_t half, int l
 }
 
 // The int8 half groups (p.shadow.tokens, TokenHalvesOut) of a 9-16-token swiglu tile's 16 gate
-// rows from row_base (a multiple of 16: half (row_base / 16) % 2 of group row_base / 32), thread
-// e < 256 of the block holding the fp16 value of row row_base + (e % 32) / 4 + 8 ((e / 32) % 4 >=
-// 2) of token 8 (e / 128) + 2 (e % 4) + (e / 32) % 2 (0 past the rows or tokens; every thread of
-// the block calls this): each token's 16 values meet in `scratch` (256 floats the block may
-// overwrite), their largest magnitude gives the half's scale (token_half_scale), and each thread
-// stores its code, the value the code stands for into the fp16 shadow, and, for row 0 of its
-// token, the half's scale.
-__device__ inline void store_swiglu_tokens(const GemvParams& p, int64_t row_base, float value,
-                                           float* scratch) {
+// rows from row_base (a multiple of 16: half (row_base / 16) % 2 of group row_base / 32), each
+// thread of the block (every one calls this) holding the fp16 value of one (row row_base + r,
+// token) of the tile (0 past the rows or tokens): each token's 16 values meet in `scratch` (256
+// floats the block may overwrite), their largest magnitude gives the half's scale
+// (token_half_scale), and each thread stores its code, the value the code stands for into the
+// fp16 shadow, and, for row 0 of its token, the half's scale.
+__device__ inline void store_swiglu_tokens(const GemvParams& p, int64_t row_base, int r, int token,
+                                           float value, float* scratch) {
   static_assert(kThreads == 256, "one thread a (row, token) of a 16 x 16 tile");
-  const int e = int(threadIdx.x);
-  const int l = e & 31;
-  const int idx = e >> 5;
-  const int r = (l >> 2) + ((idx & 3) >= 2 ? 8 : 0);
-  const int token = (idx >> 2) * 8 + (l & 3) * 2 + (idx & 1);
   __syncthreads();  // scratch held the warps' partial sums
   scratch[token * 16 + r] = value;
   __syncthreads();
@@ -1352,8 +1346,10 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
       // kInt8B: w_down's input as int8 half groups too (p.shadow.tokens; gemv_launch checks that
       // gate's rows are whole groups): the tile's 16 gate rows are one half of a group for each
       // token.
+      // (With NT == 2, as every kInt8B instance, each thread takes one (row, token).)
       const bool tokens_out = kI8 && p.shadow.tokens.codes != nullptr;
       float gate_value = 0.0f;
+      int gate_r = 0, gate_token = 0;
       for (int e = threadIdx.x; e < NT * 4 * 32; e += kThreads) {
         const int l = e & 31;
         const int idx = e >> 5;  // (nt, i) of the gate tile; the up tile follows at + NT * 4
@@ -1364,11 +1360,12 @@ __global__ void __launch_bounds__(kThreads, !kWide && (kNorm || kDp == 1) ? 3 : 
           u += partial[wp][NT * 4 + idx][l];
         }
         const int i = idx & 3;
-        gate_value = store_swiglu_output(p, at.row_base + (l >> 2) + (i >= 2 ? 8 : 0),
-                                         (idx >> 2) * 8 + (l & 3) * 2 + (i & 1), g, u, !tokens_out);
+        gate_r = (l >> 2) + (i >= 2 ? 8 : 0);
+        gate_token = (idx >> 2) * 8 + (l & 3) * 2 + (i & 1);
+        gate_value = store_swiglu_output(p, at.row_base + gate_r, gate_token, g, u, !tokens_out);
       }
-      if constexpr (kI8) {
-        if (tokens_out) store_swiglu_tokens(p, at.row_base, gate_value, &partial[0][0][0]);
+      if (tokens_out) {
+        store_swiglu_tokens(p, at.row_base, gate_r, gate_token, gate_value, &partial[0][0][0]);
       }
     } else {
       // Output e is lane l = e % 32's accumulator (mt, nt, i) = e / 32.
@@ -1928,19 +1925,21 @@ Status launch_mt(const GemvParams& p, cudaStream_t stream) {
   return mma(std::integral_constant<Ring, Ring::standard>{});
 }
 
-// Whether launch_format gives an int4 call to the row-warp kernel: by default where its units
-// (kRowWarps * 32 rows of every job, or kRowWarps * 16 rows of a swiglu pair) fill a wave of
-// kRowBlocksPerSm blocks an SM; on the mma path (no dp4a, no fused norm) with whole chunks only.
-bool takes_rows_kernel(const GemvJob* jobs, int n_jobs, int64_t n_groups, bool dp4a, bool norm,
-                       GemvEpilogue epilogue, int sm_count) {
-  if (rows_kernel_mode == 2 || dp4a || norm || n_groups % kChunkGroups != 0) return false;
+// The units (kRowWarps * 32 rows of every job, or kRowWarps * 16 rows of a swiglu pair) of an
+// int4 call that launch_format gives to the row-warp kernel, 0 for a call it does not: by default
+// where they fill a wave of kRowBlocksPerSm blocks an SM; on the mma path (no dp4a, no fused
+// norm) with whole chunks only.
+int rows_kernel_units(const GemvJob* jobs, int n_jobs, int64_t n_groups, bool dp4a, bool norm,
+                      GemvEpilogue epilogue, int sm_count) {
+  if (rows_kernel_mode == 2 || dp4a || norm || n_groups % kChunkGroups != 0) return 0;
   int64_t units = 0;
   if (epilogue == GemvEpilogue::swiglu) {
     units = ceil_div(jobs[0].w.rows, kRowWarps * 16);
   } else {
     for (int j = 0; j < n_jobs; ++j) units += ceil_div(jobs[j].w.rows, kRowWarps * 32);
   }
-  return rows_kernel_mode == 1 || units >= int64_t(kRowBlocksPerSm) * sm_count;
+  const bool taken = rows_kernel_mode == 1 || units >= int64_t(kRowBlocksPerSm) * sm_count;
+  return taken ? int(units) : 0;
 }
 
 template <WeightFormat F>
@@ -1962,13 +1961,15 @@ Status launch_format(GemvParams& p, GemvEpilogue epilogue, int sm_count, cudaStr
   // units than a wave an SM holds one or two four-warp blocks, where the column-split kernel
   // keeps sixteen warps.
   if constexpr (F == WeightFormat::sym_int4 || F == WeightFormat::asym_int4) {
-    if (takes_rows_kernel(p.jobs, p.n_jobs, p.n_groups, p.dp4a, p.norm.x != nullptr, epilogue,
-                          sm_count)) {
-      const int units = epilogue == GemvEpilogue::swiglu
-                            ? int(ceil_div(p.jobs[0].w.rows, kRowWarps * 16))
-                            : count_tiles(kRowWarps * 32);
-      p.n_tiles = units;
-      if (epilogue == GemvEpilogue::swiglu) p.first_tile[0] = 0;
+    if (const int units = rows_kernel_units(p.jobs, p.n_jobs, p.n_groups, p.dp4a,
+                                            p.norm.x != nullptr, epilogue, sm_count);
+        units > 0) {
+      if (epilogue == GemvEpilogue::swiglu) {
+        p.n_tiles = units;
+        p.first_tile[0] = 0;
+      } else {
+        count_tiles(kRowWarps * 32);  // each job's first unit; n_tiles = units
+      }
       const bool two = p.n_tokens > 8;
       if (epilogue == GemvEpilogue::swiglu) {
         return two ? launch_rows<F, 2, true>(p, stream) : launch_rows<F, 1, true>(p, stream);
@@ -2012,7 +2013,13 @@ bool gemv_reads_token_halves(const GemvJob* jobs, int n_jobs, int64_t x_stride, 
                              GemvEpilogue epilogue, int sm_count) {
   return n_jobs >= 1 && jobs[0].w.format == WeightFormat::sym_int4 && n_tokens > 8 &&
          n_tokens <= kMaxGemvBatchTokens && !gemv_uses_dp4a(n_tokens, x_stride) &&
-         !takes_rows_kernel(jobs, n_jobs, x_stride / kGroup, false, false, epilogue, sm_count);
+         rows_kernel_units(jobs, n_jobs, x_stride / kGroup, false, false, epilogue, sm_count) == 0;
+}
+
+bool gemv_writes_token_halves(const GemvJob* jobs, int n_jobs, int64_t x_stride, int n_tokens,
+                              int sm_count) {
+  return n_jobs == 2 && n_tokens <= kMaxGemvTokens && jobs[0].w.rows % kGroup == 0 &&
+         gemv_reads_token_halves(jobs, n_jobs, x_stride, n_tokens, GemvEpilogue::swiglu, sm_count);
 }
 
 bool gemv_uses_dp4a(int64_t n_tokens, int64_t cols) {
@@ -2187,8 +2194,8 @@ Status gemv_launch(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_s
   if (swiglu_shadow.tokens.codes != nullptr &&
       (epilogue != GemvEpilogue::swiglu || p.xb.codes == nullptr || swiglu_shadow.data == nullptr ||
        !swiglu_shadow.permuted || swiglu_shadow.tokens.scales == nullptr ||
-       jobs[0].w.rows % kGroup != 0 || swiglu_shadow.row_stride != jobs[0].w.rows ||
-       takes_rows_kernel(jobs, n_jobs, x_stride / kGroup, dp4a, false, epilogue, sm_count))) {
+       swiglu_shadow.row_stride != jobs[0].w.rows ||
+       !gemv_writes_token_halves(jobs, n_jobs, x_stride, n_tokens, sm_count))) {
     return Status::error("cuda matmul: this GEMV cannot write an int8 half-group output");
   }
   // The half-group input replaces the input stage of one token's plain dp4a GEMV; x stays the

@@ -99,6 +99,11 @@ struct TokenHalfGroups {
   const __half2* scales = nullptr;  // [n_tokens, x_stride / 32]: {half 0's, half 1's}
 };
 
+// The int8 half groups a producer wrote (ShadowOut::tokens), as a GEMV's input.
+inline TokenHalfGroups input_of(const TokenHalvesOut& out) {
+  return TokenHalfGroups{out.codes, out.scales};
+}
+
 // Quantizes `n_tokens` rows of a permuted fp16 shadow `x` ([n_tokens, x_stride], x_stride a
 // multiple of 32) into `codes` and `scales` (TokenHalfGroups' layout). A half's scale is its
 // largest magnitude over 127 (fp32, rounded to fp16; at most 515.5, whose 127 is finite), a code
@@ -148,6 +153,12 @@ Status gemv(const GemvJob* jobs, int n_jobs, const __half* x, int64_t x_stride, 
 // and not the row-warp kernel (the lm_heads), which reads x.
 bool gemv_reads_token_halves(const GemvJob* jobs, int n_jobs, int64_t x_stride, int n_tokens,
                              GemvEpilogue epilogue, int sm_count);
+
+// Whether a swiglu gemv() of gate and up over `n_tokens` that reads a TokenHalfGroups input can
+// also write its output's (swiglu_shadow.tokens: w_down's input): one launch (at most 16
+// tokens), gate's rows whole groups of 32; gemv() refuses a request where this does not hold.
+bool gemv_writes_token_halves(const GemvJob* jobs, int n_jobs, int64_t x_stride, int n_tokens,
+                              int sm_count);
 
 // Whether a one-job store gemv() with a residual of `rows` rows over these weights can take a
 // NormHalvesOut.

@@ -395,17 +395,18 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
                                          cudaMemcpyHostToDevice, a.stream));
   const size_t y_floats = size_t(n_tokens * rows);
   std::vector<float>* results[2] = {&out.y_fp16, &out.y_int8};
-  // Swiglu over whole groups of rows in one launch: the gate's shadow, and from the int8 pass its
-  // int8 half groups too.
-  const bool tokens_out = swiglu && rows % kGroup == 0 && n_tokens <= kMaxGemvTokens;
+  // Swiglu that can write its output's int8 half groups (gemv_writes_token_halves): the gate's
+  // shadow, and from the int8 pass its int8 half groups too.
+  const bool tokens_out =
+      swiglu && gemv_writes_token_halves(jobs, n_jobs, x_stride, n_tokens, sm_count);
   const size_t out_halves = size_t(n_tokens * rows);
   const size_t out_scales = size_t(n_tokens * (rows / kGroup));
   void* out_buffers[4] = {nullptr, nullptr, nullptr, nullptr};  // shadows, codes, scales
+  const size_t out_sizes[4] = {out_halves * 2, out_halves * 2, out_halves, out_scales * 4};
   if (tokens_out) {
-    const size_t sizes[4] = {out_halves * 2, out_halves * 2, out_halves, out_scales * 4};
     for (int i = 0; i < 4; ++i) {
-      KS_ASSIGN_OR_RETURN(out_buffers[i], a.alloc(sizes[i]));
-      KS_CUDA_CHECK("check", cudaMemsetAsync(out_buffers[i], 0x5a, sizes[i], a.stream));
+      KS_ASSIGN_OR_RETURN(out_buffers[i], a.alloc(out_sizes[i]));
+      KS_CUDA_CHECK("check", cudaMemsetAsync(out_buffers[i], 0x5a, out_sizes[i], a.stream));
     }
   }
   for (int pass = 0; pass < 2; ++pass) {
@@ -450,9 +451,8 @@ Result<Int8GemvCheck> check_gemv_int8_activations(int64_t rows, int64_t cols, in
     out.swiglu_scales.resize(out_scales);
     void* hosts[4] = {out.swiglu_plain.data(), out.swiglu_shadow.data(), out.swiglu_codes.data(),
                       out.swiglu_scales.data()};
-    const size_t sizes[4] = {out_halves * 2, out_halves * 2, out_halves, out_scales * 4};
     for (int i = 0; i < 4; ++i) {
-      KS_CUDA_CHECK("check", cudaMemcpyAsync(hosts[i], out_buffers[i], sizes[i],
+      KS_CUDA_CHECK("check", cudaMemcpyAsync(hosts[i], out_buffers[i], out_sizes[i],
                                              cudaMemcpyDeviceToHost, a.stream));
     }
     KS_CUDA_CHECK("check", cudaStreamSynchronize(a.stream));

@@ -43,10 +43,8 @@ __device__ inline float4 store_token_halves(const ShadowOut& shadow, int64_t row
                 __half2float(__float2half_rn(a.z)), __half2float(__float2half_rn(a.w))};
   uint32_t q[4];
   const __half bits = token_half4(v, q);
-  // store_shadow4's slots: columns o .. o + 3 of the group go to b, b + 2, b + 1, b + 3.
-  const int o = (j & 7) * 4;
-  const int slot = (j >> 3) * kGroup + ((o & 15) >> 2) * 8 + (o >= 16 ? 4 : 0);
-  reinterpret_cast<uint32_t*>(shadow.tokens.codes + row * shadow.row_stride)[slot / 4] =
+  // store_shadow4's slots: the four columns go to b, b + 2, b + 1, b + 3.
+  reinterpret_cast<uint32_t*>(shadow.tokens.codes + row * shadow.row_stride)[shadow4_slot(j) / 4] =
       q[0] | q[2] << 8 | q[1] << 16 | q[3] << 24;
   const __half second = __shfl_down_sync(run_lanes<8>(), bits, 4, 8);
   if ((j & 7) == 0) {
